@@ -1,0 +1,100 @@
+# costrouter build. `make` builds ./costrouter; `make run` and `make test`
+# also install what is missing (Debian packages, npm token tables) first.
+#
+# Layout: every module folder's *.c goes into build/libcostrouter.a; each
+# tests/<module>/test_*.c becomes its own Criterion binary linked with it.
+
+BUILD    ?= build
+CC       ?= cc
+OPT      ?= -O2
+SAN      ?=
+CFLAGS   ?= $(OPT) -g
+CFLAGS   += -std=gnu11 -Wall -Wextra -Wno-unused-parameter -I. -I/usr/share/include/llhttp $(SAN) \
+            -MMD -MP
+LDFLAGS  += $(SAN)
+LIBS     := -luv -lssl -lcrypto -lhiredis -lfyaml -lcjson -lpcre2-8 -lxxhash -lm -lpthread
+
+MODULES  := common conf router policy backends cache metrics
+SRCS     := $(foreach m,$(MODULES),$(wildcard $(m)/*.c))
+OBJS     := $(SRCS:%.c=$(BUILD)/%.o)
+LLHTTP_SRCS := $(wildcard /usr/share/llhttp/*.c)
+LLHTTP_OBJS := $(patsubst /usr/share/llhttp/%.c,$(BUILD)/llhttp/%.o,$(LLHTTP_SRCS))
+LIB      := $(BUILD)/libcostrouter.a
+
+MOCK_SRCS := $(wildcard bench/mockllm/*.c)
+MOCK      := $(BUILD)/mockllm
+
+SUPPORT_SRCS := $(wildcard tests/support/*.c)
+SUPPORT_OBJS := $(SUPPORT_SRCS:%.c=$(BUILD)/%.o)
+TEST_SRCS := $(wildcard tests/*/test_*.c)
+TESTS     := $(TEST_SRCS:%.c=$(BUILD)/%)
+
+BIN      := costrouter
+ifneq ($(BUILD),build)
+BIN      := $(BUILD)/costrouter
+endif
+
+APT_PKGS := build-essential pkg-config libuv1-dev node-llhttp libssl-dev libhiredis-dev \
+            libcriterion-dev redis-server libfyaml-dev libcjson-dev libpcre2-dev \
+            libxxhash-dev ca-certificates curl
+
+.PHONY: all deps run test asan all-tests clean bench
+.SECONDARY:
+.DEFAULT_GOAL := all
+
+all: $(BIN) $(if $(MOCK_SRCS),$(MOCK))
+
+# Install missing Debian packages (needs root; skipped when all present).
+deps:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@command -v npm >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
+	@$(MAKE) --no-print-directory -f mk/data.mk data
+
+$(BUILD)/llhttp/%.o: /usr/share/llhttp/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(OPT) -g $(SAN) -w -I/usr/share/include/llhttp -c $< -o $@
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(LIB): $(OBJS) $(LLHTTP_OBJS)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BIN): $(BUILD)/main.o $(LIB)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+$(MOCK): $(MOCK_SRCS:%.c=$(BUILD)/%.o) $(LIB)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+$(BUILD)/tests/%: $(BUILD)/tests/%.o $(SUPPORT_OBJS) $(LIB)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS) -lcriterion
+
+# Run every test binary; each prints Criterion's synthesis line. Stops at
+# the first failing binary with its name.
+test: deps
+	@$(MAKE) --no-print-directory all $(TESTS)
+	@BUILD=$(BUILD) BIN=$(BIN) tests/run.sh $(TESTS)
+
+# The same suite under AddressSanitizer + UndefinedBehaviorSanitizer, in
+# its own build folder. Any sanitizer report fails the run (see run.sh).
+asan: deps
+	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 \
+	  SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
+	  all-tests
+	@BUILD=build-asan BIN=build-asan/costrouter SANITIZED=1 tests/run.sh $(TESTS:$(BUILD)/%=build-asan/%)
+
+all-tests: all $(TESTS)
+
+run: deps all
+	@tests/../conf/demo.sh
+
+clean:
+	rm -rf build build-asan costrouter
+
+-include $(OBJS:.o=.d) $(BUILD)/main.d $(MOCK_SRCS:%.c=$(BUILD)/%.d) $(TEST_SRCS:%.c=$(BUILD)/%.d)

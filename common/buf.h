@@ -1,0 +1,32 @@
+/*
+ * common/buf.h: a growable byte buffer with a read cursor.
+ *
+ * Used for request bodies, response bodies kept for usage parsing and
+ * outgoing bytes. Growth doubles, so appending n bytes costs amortized O(n)
+ * and no allocation per byte.
+ */
+#ifndef COMMON_BUF_H
+#define COMMON_BUF_H
+
+#include <stddef.h>
+
+struct buf {
+    char *data;  /* heap block, or NULL while empty */
+    size_t len;  /* bytes written */
+    size_t cap;  /* bytes allocated */
+};
+
+/* Make room for `extra` more bytes. Returns 0 or -ENOMEM. */
+int buf_reserve(struct buf *b, size_t extra) __attribute__((warn_unused_result));
+/* Append bytes. Returns 0 or -ENOMEM. */
+int buf_append(struct buf *b, const void *p, size_t n) __attribute__((warn_unused_result));
+/* Append printf-formatted text. Returns 0, -ENOMEM or -EINVAL. */
+int buf_printf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Drop the first n bytes, keeping the rest. */
+void buf_consume(struct buf *b, size_t n);
+/* Forget the contents but keep the memory. */
+static inline void buf_reset(struct buf *b) { b->len = 0; }
+/* Free the memory. */
+void buf_free(struct buf *b);
+
+#endif

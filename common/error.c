@@ -1,0 +1,24 @@
+/* common/error.c: the error string constants (see error.h). */
+#include "common/error.h"
+
+const char error_bad_json[] = "request body is not valid JSON";
+const char error_missing_model[] = "request body has no \"model\" string";
+const char error_bad_request[] = "malformed HTTP request";
+const char error_unauthorized[] = "missing or invalid API key";
+const char error_not_found[] = "unknown path";
+const char error_unknown_model[] = "no route for this model";
+const char error_method[] = "method not allowed for this path";
+const char error_timeout_client[] = "timed out waiting for the request";
+const char error_body_too_large[] = "request body too large";
+const char error_headers_too_large[] = "request headers too large";
+const char error_budget_exhausted[] = "budget exhausted";
+const char error_rate_limited[] = "rate limit exceeded";
+const char error_upstream_connect[] = "could not connect to the upstream";
+const char error_upstream_io[] = "upstream connection failed";
+const char error_no_backend[] = "no healthy backend for this model";
+const char error_upstream_connect_timeout[] = "upstream connect timed out";
+const char error_upstream_first_byte_timeout[] = "upstream did not answer in time";
+const char error_upstream_total_timeout[] = "upstream response took too long";
+const char error_store_unavailable[] = "spend store unavailable";
+const char error_internal[] = "internal error";
+const char error_no_memory[] = "out of memory";

@@ -1,0 +1,36 @@
+/*
+ * common/error.h: the error strings that asynchronous failures carry.
+ *
+ * Each module reports a failure with one of these constants (compare by
+ * pointer). router/ maps each constant once to an HTTP status and an
+ * OpenAI-style JSON error, so the mapping lives in one place.
+ */
+#ifndef COMMON_ERROR_H
+#define COMMON_ERROR_H
+
+/* Client-side problems. */
+extern const char error_bad_json[];          /* 400: body is not valid JSON */
+extern const char error_missing_model[];     /* 400: no "model" string */
+extern const char error_bad_request[];       /* 400: malformed HTTP */
+extern const char error_unauthorized[];      /* 401: missing or unknown tenant key */
+extern const char error_not_found[];         /* 404: unknown path */
+extern const char error_unknown_model[];     /* 404: no route for "model" */
+extern const char error_method[];            /* 405: wrong method for path */
+extern const char error_timeout_client[];    /* 408: header/body timeout */
+extern const char error_body_too_large[];    /* 413 */
+extern const char error_headers_too_large[]; /* 431 */
+extern const char error_budget_exhausted[];  /* 429 */
+extern const char error_rate_limited[];      /* 429 */
+/* Upstream problems. */
+extern const char error_upstream_connect[];     /* 502: connect/TLS failed */
+extern const char error_upstream_io[];          /* 502: reset or bad response */
+extern const char error_no_backend[];           /* 503: no healthy candidate */
+extern const char error_upstream_connect_timeout[]; /* 504 */
+extern const char error_upstream_first_byte_timeout[]; /* 504 */
+extern const char error_upstream_total_timeout[]; /* 504 */
+/* Ours. */
+extern const char error_store_unavailable[]; /* 503: store down, fail_closed */
+extern const char error_internal[];          /* 500 */
+extern const char error_no_memory[];         /* 500 */
+
+#endif

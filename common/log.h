@@ -1,0 +1,28 @@
+/*
+ * common/log.h: leveled logging to stderr with file:line.
+ *
+ * log_debug compiles to nothing unless COMMON_LOG_DEBUG is defined, so the
+ * hot path pays nothing for it. Never pass secrets (API keys, tenant keys)
+ * to these macros: logs are read by people who must not see them.
+ */
+#ifndef COMMON_LOG_H
+#define COMMON_LOG_H
+
+enum log_level { LOG_LEVEL_ERROR, LOG_LEVEL_WARN, LOG_LEVEL_INFO, LOG_LEVEL_DEBUG };
+
+/* Messages above this level are dropped; set from -v / config. */
+extern int log_threshold;
+
+void log_write(int level, const char *file, int line, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+#define log_error(...) log_write(LOG_LEVEL_ERROR, __FILE__, __LINE__, __VA_ARGS__)
+#define log_warn(...) log_write(LOG_LEVEL_WARN, __FILE__, __LINE__, __VA_ARGS__)
+#define log_info(...) log_write(LOG_LEVEL_INFO, __FILE__, __LINE__, __VA_ARGS__)
+#ifdef COMMON_LOG_DEBUG
+#define log_debug(...) log_write(LOG_LEVEL_DEBUG, __FILE__, __LINE__, __VA_ARGS__)
+#else
+#define log_debug(...) ((void)0)
+#endif
+
+#endif

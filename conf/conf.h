@@ -1,0 +1,124 @@
+/*
+ * conf/conf.h: the loaded, validated configuration.
+ *
+ * conf_load() parses one YAML file, interpolates ${ENV_VAR}, applies
+ * defaults and cross-checks references, and returns an immutable struct
+ * conf. Everything in it is owned by the struct and freed by conf_free().
+ * Other modules read these fields; none writes them. A reload builds a new
+ * struct conf; requests in flight keep the old one (reference counted).
+ */
+#ifndef CONF_CONF_H
+#define CONF_CONF_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum conf_backend_kind { CONF_BACKEND_API, CONF_BACKEND_SELF_HOSTED };
+enum conf_tokenizer { CONF_TOK_ESTIMATE, CONF_TOK_CL100K, CONF_TOK_O200K, CONF_TOK_LLAMA3 };
+enum conf_on_failure { CONF_FAIL_OPEN, CONF_FAIL_CLOSED };
+enum conf_on_exhausted { CONF_EXHAUSTED_REJECT, CONF_EXHAUSTED_DOWNGRADE };
+
+struct conf_backend {
+    char *name;                 /* unique name, used in routes and logs */
+    int line;                   /* line of this entry in the file */
+    size_t index;               /* position in conf.backends */
+    enum conf_backend_kind kind;
+    char *url;                  /* as written, e.g. https://api.openai.com/v1 */
+    unsigned tls:1;             /* url scheme is https */
+    unsigned tls_verify:1;      /* verify the certificate (default on) */
+    unsigned is_free:1;         /* `free: true`: allowed to have no price */
+    char *host;                 /* host part of url (for connect, SNI, Host:) */
+    uint16_t port;              /* port, default 80/443 */
+    char *base_path;            /* path part of url without trailing '/', e.g. "/v1" */
+    char *ca_file;              /* pinned CA bundle, or NULL for the system store */
+    char *model;                /* upstream's own model name, replaces "model" */
+    char *api_key;              /* secret sent upstream, or NULL; never logged */
+    char *auth_header;          /* header carrying api_key; default "Authorization" (Bearer) */
+    enum conf_tokenizer tokenizer;
+    int quality;                /* higher is better */
+    int64_t context_window;     /* tokens */
+    /* self_hosted */
+    double gpu_hourly_usd;      /* price of one replica per hour */
+    int replicas;
+    int max_concurrency;        /* per replica */
+    double tokens_per_second;   /* measured capacity of one replica */
+    /* api */
+    double input_usd_per_mtok;
+    double output_usd_per_mtok;
+    double cached_input_usd_per_mtok;
+    /* upstream connection limits, milliseconds (defaults in conf.c) */
+    int connect_timeout_ms;
+    int first_byte_timeout_ms;
+    int total_timeout_ms;
+    int max_idle_connections;   /* kept-alive idle upstream connections */
+};
+
+struct conf_route {
+    char *model;                       /* what clients put in "model" */
+    int line;
+    struct conf_backend **candidates;  /* borrowed from conf.backends, in order */
+    size_t ncandidates;
+};
+
+struct conf_tag {
+    char *key;
+    char *value;
+};
+
+struct conf_tenant {
+    char *id;
+    int line;
+    uint8_t (*key_hashes)[32];   /* SHA-256 of each accepted key */
+    size_t nkeys;
+    double daily_usd;            /* 0 = no daily budget */
+    double monthly_usd;          /* 0 = no monthly budget */
+    enum conf_on_exhausted on_exhausted;
+    int max_ttft_ms;             /* 0 = no latency SLO */
+    int min_quality;             /* 0 = any */
+    struct conf_tag *tags;
+    size_t ntags;
+};
+
+struct conf {
+    char *path;                  /* file it was loaded from */
+    char *listen_host;           /* default 127.0.0.1 */
+    uint16_t listen_port;        /* default 8080; 0 = any free port */
+    char *admin_key;             /* secret, or NULL: admin API off */
+    char *cost_log;              /* path, "-" for stdout, NULL for none */
+    char *redis_url;             /* NULL: in-process store */
+    enum conf_on_failure store_on_failure;
+    /* client limits (section `limits:`), all with defaults */
+    size_t max_header_bytes;     /* default 64 KiB -> 431 */
+    size_t max_body_bytes;       /* default 8 MiB -> 413 */
+    int header_timeout_ms;       /* default 10000 -> 408 */
+    int body_timeout_ms;         /* default 30000 -> 408 */
+    int idle_timeout_ms;         /* keep-alive idle, default 60000: close */
+    int max_retries;             /* extra candidates tried on failure, default 2 */
+    size_t max_connections;      /* accepted client connections, default 20000 */
+    struct conf_backend *backends;
+    size_t nbackends;
+    struct conf_route *routes;
+    size_t nroutes;
+    struct conf_tenant *tenants;
+    size_t ntenants;
+};
+
+/*
+ * Load and validate `path`. On success returns the config and sets
+ * *errors to NULL. On failure returns NULL and sets *errors to a malloc'd
+ * text (caller frees) with one line per problem, each
+ * "FILE:LINE: KEY: message", e.g.
+ *   costrouter.yaml:42: routes[0].candidates[1]: unknown backend "gpu-b"
+ */
+struct conf *conf_load(const char *path, char **errors);
+
+/* Free everything conf_load returned. NULL is fine. */
+void conf_free(struct conf *conf);
+
+/* Lookups used at start-up and by the router; O(log n) or O(1). */
+const struct conf_backend *conf_find_backend(const struct conf *conf, const char *name);
+const struct conf_route *conf_find_route(const struct conf *conf, const char *model, size_t len);
+/* Tenant whose key hashes to `sha256`; constant-time compare per key. */
+const struct conf_tenant *conf_find_tenant_by_key(const struct conf *conf, const uint8_t sha256[32]);
+
+#endif

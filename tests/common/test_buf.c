@@ -1,0 +1,44 @@
+/* tests/common/test_buf.c: common/buf.c growth, consume and printf. */
+#include <criterion/criterion.h>
+#include <string.h>
+
+#include "common/buf.h"
+
+Test(buf, append_grows_and_keeps_bytes, .timeout = 5)
+{
+    struct buf b = {0};
+    char chunk[1000];
+
+    memset(chunk, 'x', sizeof(chunk));
+    for (int i = 0; i < 100; i++)
+        cr_assert_eq(buf_append(&b, chunk, sizeof(chunk)), 0);
+    cr_assert_eq(b.len, 100000);
+    cr_assert_geq(b.cap, b.len);
+    cr_assert_eq(b.data[99999], 'x');
+    buf_free(&b);
+    cr_assert_null(b.data);
+}
+
+Test(buf, consume_keeps_the_tail, .timeout = 5)
+{
+    struct buf b = {0};
+
+    cr_assert_eq(buf_append(&b, "hello world", 11), 0);
+    buf_consume(&b, 6);
+    cr_assert_eq(b.len, 5);
+    cr_assert_eq(memcmp(b.data, "world", 5), 0);
+    buf_consume(&b, 50);
+    cr_assert_eq(b.len, 0);
+    buf_free(&b);
+}
+
+Test(buf, printf_appends_formatted_text, .timeout = 5)
+{
+    struct buf b = {0};
+
+    cr_assert_eq(buf_printf(&b, "%s=%d", "n", 42), 0);
+    cr_assert_eq(buf_printf(&b, ";%.2f", 1.5), 0);
+    cr_assert_eq(b.len, strlen("n=42;1.50"));
+    cr_assert_eq(memcmp(b.data, "n=42;1.50", b.len), 0);
+    buf_free(&b);
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs each Criterion test binary given as an argument and fails unless
+# every one ran at least one test and passed. Criterion exits 0 for a
+# binary with no tests and does not fail on LeakSanitizer reports, so both
+# are checked here from its output. Prints "N passed, N failed" at the end.
+set -u
+export COSTROUTER_BIN="${BIN:-costrouter}"
+export MOCKLLM_BIN="${BUILD:-build}/mockllm"
+export COSTROUTER_SRC="$(pwd)"
+logdir="${BUILD:-build}/test-logs"
+mkdir -p "$logdir"
+passed=0 failed=0 bad=0
+for t in "$@"; do
+    name=$(basename "$t")
+    log="$logdir/$name.log"
+    "$t" --jobs 2 >"$log" 2>&1
+    rc=$?
+    synth=$(grep -a 'Synthesis:' "$log" | tail -1)
+    tested=$(sed -n 's/.*Tested: \([0-9]*\).*/\1/p' <<<"$synth")
+    pass=$(sed -n 's/.*Passing: \([0-9]*\).*/\1/p' <<<"$synth")
+    fail=$(( ${tested:-0} - ${pass:-0} ))
+    problem=""
+    [ "$rc" -ne 0 ] && problem="exit $rc"
+    [ "${tested:-0}" -eq 0 ] && problem="$problem no tests ran"
+    if [ -n "${SANITIZED:-}" ] && grep -aqE 'ERROR: (Address|Leak|UndefinedBehavior)Sanitizer|runtime error:' "$log"; then
+        problem="$problem sanitizer report"
+    fi
+    passed=$(( passed + ${pass:-0} ))
+    failed=$(( failed + fail ))
+    if [ -n "$problem" ]; then
+        bad=$(( bad + 1 ))
+        echo "FAIL $name ($problem): log follows"
+        cat "$log"
+    else
+        echo "ok   $name: $synth"
+    fi
+done
+echo "tests: $passed passed, $failed failed"
+[ "$bad" -eq 0 ] && [ "$failed" -eq 0 ]
