@@ -14,7 +14,7 @@ CFLAGS   += -std=gnu11 -Wall -Wextra -Wno-unused-parameter -I. -I/usr/share/incl
 LDFLAGS  += $(SAN)
 LIBS     := -luv -lssl -lcrypto -lhiredis -lfyaml -lcjson -lpcre2-8 -lxxhash -lm -lpthread
 
-MODULES  := common conf router policy backends cache metrics
+MODULES  := common conf router policy backends cache metrics cli
 SRCS     := $(foreach m,$(MODULES),$(wildcard $(m)/*.c))
 OBJS     := $(SRCS:%.c=$(BUILD)/%.o)
 LLHTTP_SRCS := $(wildcard /usr/share/llhttp/*.c)
@@ -42,6 +42,17 @@ APT_PKGS := build-essential pkg-config libuv1-dev node-llhttp libssl-dev libhire
 .SECONDARY:
 .DEFAULT_GOAL := all
 
+# Fragments owned by one feature each (data files to fetch, benchmarks).
+# Each may append to DATA_TARGETS and BENCH_TARGETS.
+DATA_TARGETS  :=
+BENCH_TARGETS :=
+include $(sort $(wildcard mk/*.mk))
+
+.PHONY: data
+data: $(DATA_TARGETS)
+
+bench: all $(BENCH_TARGETS)
+
 all: $(BIN) $(if $(MOCK_SRCS),$(MOCK))
 
 # Install missing Debian packages (needs root; skipped when all present).
@@ -52,7 +63,7 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 	@command -v npm >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
-	@$(MAKE) --no-print-directory -f mk/data.mk data
+	@$(MAKE) --no-print-directory data
 
 $(BUILD)/llhttp/%.o: /usr/share/llhttp/%.c
 	@mkdir -p $(dir $@)
