@@ -257,8 +257,8 @@ static struct fy_document *build_document(struct conf__ctx *ctx, const char *src
             conf__error(ctx, e->line, "(yaml)", "%s", e->msg);
             any = 1;
         }
-        if (!any)
-            conf__error(ctx, 0, "(yaml)", "not a valid YAML document");
+        if (!any) /* libfyaml builds nothing, silently, from a file of comments */
+            conf__error(ctx, 0, "(top level)", "the file is empty");
     }
     fy_diag_destroy(diag);
     return doc;
@@ -281,7 +281,8 @@ struct conf *conf_load(const char *path, char **errors)
         goto done;
     if ((doc = build_document(&ctx, src, len)) == NULL)
         goto done;
-    conf__parse(&ctx, fy_document_root(doc));
+    if (conf__parse(&ctx, fy_document_root(doc)) != 0)
+        goto done;
     conf__defaults(&ctx);
     conf__check(&ctx);
 done:

@@ -104,8 +104,10 @@ int conf__error(struct conf__ctx *ctx, int line, const char *path, const char *f
     __attribute__((format(printf, 4, 5)));
 
 /* Phase 1: parse the top-level mapping `root` (may be NULL) into ctx->conf
- * and the metas. Phase 2: apply defaults and report missing keys. */
-void conf__parse(struct conf__ctx *ctx, struct fy_node *root);
+ * and the metas; returns -1 if `root` is not a mapping at all, when the
+ * later phases would only repeat that. Phase 2: apply defaults and report
+ * missing keys. */
+int conf__parse(struct conf__ctx *ctx, struct fy_node *root);
 void conf__defaults(struct conf__ctx *ctx);
 /* Phase 3: cross-checks, then the sorted indexes (also on error, so that
  * conf_free finds a consistent struct). */

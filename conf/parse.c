@@ -795,14 +795,16 @@ _Static_assert(CONF__B_COUNT <= 64 && CONF__R_COUNT <= 64, "conf__meta.set holds
 
 /* ---- phases ---- */
 
-void conf__parse(struct conf__ctx *ctx, struct fy_node *root)
+int conf__parse(struct conf__ctx *ctx, struct fy_node *root)
 {
     ctx->root.line = node_line(root, 1);
-    if (root == NULL) {
-        conf__error(ctx, 1, "(top level)", "the file is empty");
-        return;
-    }
+    if (root == NULL)
+        return conf__error(ctx, 1, "(top level)", "the file is empty");
+    if (fy_node_get_type(root) != FYNT_MAPPING)
+        return conf__error(ctx, ctx->root.line, "(top level)", "expected a mapping, got %s",
+                           node_kind(root));
     parse_mapping(ctx, &root_table, NULL, ctx->conf, &ctx->root, root, 1, "");
+    return 0;
 }
 
 void conf__defaults(struct conf__ctx *ctx)
