@@ -44,10 +44,11 @@ static int cmp_named(const void *pa, const void *pb)
 }
 
 /* Sort `v` and report each entry whose name repeats an earlier one, at
- * that entry's `key` line. `what` names the kind of thing in the message. */
+ * that entry's `key` line. `what` names the kind of thing in the message.
+ * If `index` is not NULL, the sorted entries are stored there. */
 static void sort_and_find_duplicates(struct conf__ctx *ctx, struct named *v, size_t n,
                                      struct conf__meta *metas, int key, const char *list,
-                                     const char *keyname, const char *what)
+                                     const char *keyname, const char *what, void **index)
 {
     char path[64], q[CONF__QUOTE_SIZE];
 
@@ -64,6 +65,8 @@ static void sort_and_find_duplicates(struct conf__ctx *ctx, struct named *v, siz
                     what, conf__quote(q, v[i].name, strlen(v[i].name)),
                     metas[v[first].index].lines[key]);
     }
+    for (size_t i = 0; index && i < n; i++)
+        index[i] = v[i].entry;
 }
 
 /* Backend keys that only make sense for one kind. */
@@ -123,9 +126,7 @@ static void check_backends(struct conf__ctx *ctx)
             v[n++] = (struct named){c->backends[i].name, i, &c->backends[i]};
     }
     sort_and_find_duplicates(ctx, v, n, ctx->backend_meta, CONF__B_NAME, "backends", "name",
-                             "backend");
-    for (size_t i = 0; i < n; i++)
-        c->_backends_by_name[i] = v[i].entry;
+                             "backend", (void **)c->_backends_by_name);
 out:
     free(v);
 }
@@ -181,9 +182,7 @@ static int check_routes(struct conf__ctx *ctx)
         }
     }
     sort_and_find_duplicates(ctx, v, n, ctx->route_meta, CONF__RT_MODEL, "routes", "model",
-                             "route");
-    for (size_t i = 0; i < n; i++)
-        c->_routes_by_model[i] = v[i].entry;
+                             "route", (void **)c->_routes_by_model);
 out:
     free(v);
     return best;
@@ -277,7 +276,8 @@ static void check_tenants(struct conf__ctx *ctx, int best_quality)
                         t->min_quality, best_quality);
         }
     }
-    sort_and_find_duplicates(ctx, v, n, ctx->tenant_meta, CONF__T_ID, "tenants", "id", "tenant");
+    sort_and_find_duplicates(ctx, v, n, ctx->tenant_meta, CONF__T_ID, "tenants", "id", "tenant",
+                             NULL);
     free(v);
     index_keys(ctx);
 }
