@@ -24,11 +24,13 @@ static int collect(void *arg, const char *p, size_t len)
 
 /* Feed `stream` in pieces of `step` bytes; events must come out whole
  * whatever the split, with \n or \r\n line ends. */
+/* Arrays, not pointers: Criterion runs each case in a re-executed child,
+ * where pointers into the parent's data are meaningless. */
 struct split_case {
-    const char *stream;
+    char stream[64];
     size_t step;
     int events;
-    const char *first;
+    char first[32];
     size_t tail;
 };
 
