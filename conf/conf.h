@@ -13,6 +13,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+struct conf__key;
+
 enum conf_backend_kind { CONF_BACKEND_API, CONF_BACKEND_SELF_HOSTED };
 enum conf_tokenizer { CONF_TOK_ESTIMATE, CONF_TOK_CL100K, CONF_TOK_O200K, CONF_TOK_LLAMA3 };
 enum conf_on_failure { CONF_FAIL_OPEN, CONF_FAIL_CLOSED };
@@ -27,25 +29,29 @@ struct conf_backend {
     unsigned tls:1;             /* url scheme is https */
     unsigned tls_verify:1;      /* verify the certificate (default on) */
     unsigned is_free:1;         /* `free: true`: allowed to have no price */
-    char *host;                 /* host part of url (for connect, SNI, Host:) */
+    char *host;                 /* host part of url (for connect, SNI, Host:); an IPv6
+                                   literal is stored without its brackets */
+    unsigned host_is_ipv6:1;    /* host is an IPv6 literal: bracket it in Host: */
     uint16_t port;              /* port, default 80/443 */
     char *base_path;            /* path part of url without trailing '/', e.g. "/v1" */
     char *ca_file;              /* pinned CA bundle, or NULL for the system store */
     char *model;                /* upstream's own model name, replaces "model" */
     char *api_key;              /* secret sent upstream, or NULL; never logged */
-    char *auth_header;          /* header carrying api_key; default "Authorization" (Bearer) */
+    char *auth_header;          /* header carrying api_key, default "Authorization":
+                                   that one gets "Bearer <key>", any other (e.g.
+                                   x-api-key) the raw key */
     enum conf_tokenizer tokenizer;
     int quality;                /* higher is better */
     int64_t context_window;     /* tokens */
     /* self_hosted */
     double gpu_hourly_usd;      /* price of one replica per hour */
-    int replicas;
-    int max_concurrency;        /* per replica */
-    double tokens_per_second;   /* measured capacity of one replica */
+    int replicas;               /* >= 1 (default 1) */
+    int max_concurrency;        /* per replica; 0 only for a `free` backend that omits it */
+    double tokens_per_second;   /* measured capacity of one replica; 0 as above */
     /* api */
     double input_usd_per_mtok;
     double output_usd_per_mtok;
-    double cached_input_usd_per_mtok;
+    double cached_input_usd_per_mtok; /* defaults to input_usd_per_mtok */
     /* upstream connection limits, milliseconds (defaults in conf.c) */
     int connect_timeout_ms;
     int first_byte_timeout_ms;
@@ -85,7 +91,11 @@ struct conf {
     uint16_t listen_port;        /* default 8080; 0 = any free port */
     char *admin_key;             /* secret, or NULL: admin API off */
     char *cost_log;              /* path, "-" for stdout, NULL for none */
-    char *redis_url;             /* NULL: in-process store */
+    char *redis_url;             /* NULL: in-process store; may hold a password: never log */
+    char *redis_host;            /* parsed from redis_url (redis://[:PASS@]HOST[:PORT][/DB]) */
+    uint16_t redis_port;         /* default 6379 */
+    int redis_db;                /* default 0 */
+    char *redis_password;        /* secret, or NULL */
     enum conf_on_failure store_on_failure;
     /* client limits (section `limits:`), all with defaults */
     size_t max_header_bytes;     /* default 64 KiB -> 431 */
@@ -101,6 +111,11 @@ struct conf {
     size_t nroutes;
     struct conf_tenant *tenants;
     size_t ntenants;
+    /* private: sorted indexes behind the conf_find_* lookups */
+    struct conf_backend **_backends_by_name;
+    struct conf_route **_routes_by_model;
+    struct conf__key *_keys;     /* (key hash, tenant), sorted by hash */
+    size_t _nkeys;
 };
 
 /*
@@ -115,10 +130,14 @@ struct conf *conf_load(const char *path, char **errors);
 /* Free everything conf_load returned. NULL is fine. */
 void conf_free(struct conf *conf);
 
-/* Lookups used at start-up and by the router; O(log n) or O(1). */
+/* Lookups used at start-up and by the router, O(log n) over sorted
+ * indexes; each returns NULL when nothing matches. `name` is a C string;
+ * `model` is `len` bytes, not NUL-terminated (a slice of the request). */
 const struct conf_backend *conf_find_backend(const struct conf *conf, const char *name);
 const struct conf_route *conf_find_route(const struct conf *conf, const char *model, size_t len);
-/* Tenant whose key hashes to `sha256`; constant-time compare per key. */
+/* Tenant whose key hashes to `sha256`. A binary search over the sorted
+ * hashes picks the one candidate; the 32 bytes are then compared with
+ * CRYPTO_memcmp, so the final comparison is constant time. */
 const struct conf_tenant *conf_find_tenant_by_key(const struct conf *conf, const uint8_t sha256[32]);
 
 #endif

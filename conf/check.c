@@ -1,0 +1,355 @@
+/*
+ * conf/check.c: phase 3 of conf_load (checks that span several entries),
+ * the sorted indexes it builds, and the conf_find_* lookups over them.
+ *
+ * Duplicates are found by sorting (name, position) and comparing
+ * neighbours; the same sorted arrays then serve the O(log n) lookups. The
+ * rules here are the ones a single key cannot check: unknown backends in
+ * routes, prices that depend on `kind` and `free`, SLOs no backend can
+ * meet, a tenant key listed twice.
+ */
+#include "conf/conf.h"
+#include "conf/internal.h"
+
+#include <openssl/crypto.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define HAS(meta, key) (((meta)->set >> (key)) & 1)
+
+/* Order of NUL-terminated `b` against the `alen` bytes at `a`: memcmp
+ * order, a prefix first. Sorting and searching both use it. */
+static int cmp_text(const char *a, size_t alen, const char *b)
+{
+    size_t blen = strlen(b);
+    int r = memcmp(a, b, alen < blen ? alen : blen);
+
+    return r ? r : (alen > blen) - (alen < blen);
+}
+
+/* A named entry to sort: its name, its position (ties keep file order). */
+struct named {
+    const char *name; /* borrowed */
+    size_t index;     /* position in its conf array */
+    void *entry;      /* the backend, route or tenant */
+};
+
+static int cmp_named(const void *pa, const void *pb)
+{
+    const struct named *a = pa, *b = pb;
+    int r = cmp_text(a->name, strlen(a->name), b->name);
+
+    return r ? r : (a->index > b->index) - (a->index < b->index);
+}
+
+/* Sort `v` and report each entry whose name repeats an earlier one, at
+ * that entry's `key` line. `what` names the kind of thing in the message. */
+static void sort_and_find_duplicates(struct conf__ctx *ctx, struct named *v, size_t n,
+                                     struct conf__meta *metas, int key, const char *list,
+                                     const char *keyname, const char *what)
+{
+    char path[64], q[CONF__QUOTE_SIZE];
+
+    qsort(v, n, sizeof(*v), cmp_named);
+    for (size_t i = 1; i < n; i++) {
+        size_t first = i - 1;
+
+        if (strcmp(v[first].name, v[i].name) != 0)
+            continue;
+        while (first > 0 && strcmp(v[first - 1].name, v[i].name) == 0)
+            first--;
+        snprintf(path, sizeof(path), "%s[%zu].%s", list, v[i].index, keyname);
+        conf__error(ctx, metas[v[i].index].lines[key], path, "duplicate %s %s (first at line %d)",
+                    what, conf__quote(q, v[i].name, strlen(v[i].name)),
+                    metas[v[first].index].lines[key]);
+    }
+}
+
+/* Backend keys that only make sense for one kind. */
+static const struct {
+    int key;           /* conf__backend_key */
+    const char *name;  /* as written */
+    enum conf_backend_kind kind; /* the kind it belongs to */
+} kind_keys[] = {
+    {CONF__B_GPU_HOURLY_USD, "gpu_hourly_usd", CONF_BACKEND_SELF_HOSTED},
+    {CONF__B_REPLICAS, "replicas", CONF_BACKEND_SELF_HOSTED},
+    {CONF__B_MAX_CONCURRENCY, "max_concurrency", CONF_BACKEND_SELF_HOSTED},
+    {CONF__B_TOKENS_PER_SECOND, "tokens_per_second", CONF_BACKEND_SELF_HOSTED},
+    {CONF__B_INPUT_USD, "input_usd_per_mtok", CONF_BACKEND_API},
+    {CONF__B_OUTPUT_USD, "output_usd_per_mtok", CONF_BACKEND_API},
+    {CONF__B_CACHED_INPUT_USD, "cached_input_usd_per_mtok", CONF_BACKEND_API},
+};
+
+/* Prices and capacity: a backend must say what it costs unless `free`.
+ * Cached input has a default (the input price), so it is not required. */
+static void check_backend(struct conf__ctx *ctx, size_t i)
+{
+    struct conf_backend *b = &ctx->conf->backends[i];
+    struct conf__meta *m = &ctx->backend_meta[i];
+    char path[96];
+
+    if (!HAS(m, CONF__B_KIND))
+        return; /* reported as missing */
+    for (size_t k = 0; k < sizeof(kind_keys) / sizeof(kind_keys[0]); k++) {
+        int given = HAS(m, kind_keys[k].key);
+
+        snprintf(path, sizeof(path), "backends[%zu].%s", i, kind_keys[k].name);
+        if (given && kind_keys[k].kind != b->kind)
+            conf__error(ctx, m->lines[kind_keys[k].key], path, "only applies to kind: %s",
+                        b->kind == CONF_BACKEND_API ? "self_hosted" : "api");
+        else if (!given && kind_keys[k].kind == b->kind && !b->is_free &&
+                 kind_keys[k].key != CONF__B_CACHED_INPUT_USD)
+            conf__error(ctx, m->line, path, "missing: a%s %s backend needs it unless it says "
+                        "free: true", b->kind == CONF_BACKEND_API ? "n" : "",
+                        b->kind == CONF_BACKEND_API ? "api" : "self_hosted");
+    }
+}
+
+static void check_backends(struct conf__ctx *ctx)
+{
+    struct conf *c = ctx->conf;
+    struct named *v = calloc(c->nbackends + 1, sizeof(*v));
+    size_t n = 0;
+
+    c->_backends_by_name = calloc(c->nbackends + 1, sizeof(*c->_backends_by_name));
+    if (v == NULL || c->_backends_by_name == NULL) {
+        ctx->oom = 1;
+        goto out;
+    }
+    for (size_t i = 0; i < c->nbackends; i++) {
+        check_backend(ctx, i);
+        if (c->backends[i].name)
+            v[n++] = (struct named){c->backends[i].name, i, &c->backends[i]};
+    }
+    sort_and_find_duplicates(ctx, v, n, ctx->backend_meta, CONF__B_NAME, "backends", "name",
+                             "backend");
+    for (size_t i = 0; i < n; i++)
+        c->_backends_by_name[i] = v[i].entry;
+out:
+    free(v);
+}
+
+/* Resolve each route's candidate names; returns the best quality among
+ * all resolved candidates (-1 if none). */
+static int check_routes(struct conf__ctx *ctx)
+{
+    struct conf *c = ctx->conf;
+    struct named *v = calloc(c->nroutes + 1, sizeof(*v));
+    size_t n = 0;
+    int best = -1;
+    char path[96], q[CONF__QUOTE_SIZE];
+
+    c->_routes_by_model = calloc(c->nroutes + 1, sizeof(*c->_routes_by_model));
+    if (v == NULL || c->_routes_by_model == NULL) {
+        ctx->oom = 1;
+        goto out;
+    }
+    for (size_t i = 0; i < c->nroutes; i++) {
+        struct conf_route *r = &c->routes[i];
+        struct conf__meta *m = &ctx->route_meta[i];
+
+        if (r->model)
+            v[n++] = (struct named){r->model, i, r};
+        if ((r->candidates = calloc(m->nitems + 1, sizeof(*r->candidates))) == NULL) {
+            ctx->oom = 1;
+            goto out;
+        }
+        for (size_t j = 0; j < m->nitems; j++) {
+            const struct conf_backend *b;
+
+            if (m->items[j] == NULL)
+                continue; /* its value was already reported */
+            snprintf(path, sizeof(path), "routes[%zu].candidates[%zu]", i, j);
+            b = conf_find_backend(c, m->items[j]);
+            if (b == NULL) {
+                conf__error(ctx, m->item_lines[j], path, "unknown backend %s",
+                            conf__quote(q, m->items[j], strlen(m->items[j])));
+                continue;
+            }
+            for (size_t k = 0; k < r->ncandidates; k++)
+                if (r->candidates[k] == b)
+                    b = NULL;
+            if (b == NULL) {
+                conf__error(ctx, m->item_lines[j], path, "backend %s is listed twice",
+                            conf__quote(q, m->items[j], strlen(m->items[j])));
+                continue;
+            }
+            r->candidates[r->ncandidates++] = (struct conf_backend *)b;
+            if (b->quality > best)
+                best = b->quality;
+        }
+    }
+    sort_and_find_duplicates(ctx, v, n, ctx->route_meta, CONF__RT_MODEL, "routes", "model",
+                             "route");
+    for (size_t i = 0; i < n; i++)
+        c->_routes_by_model[i] = v[i].entry;
+out:
+    free(v);
+    return best;
+}
+
+/* A key hash with where it was written, for the duplicate report. */
+struct key_at {
+    struct conf__key key; /* hash and tenant */
+    size_t tenant;        /* tenant index */
+    size_t item;          /* index in its api_keys */
+};
+
+static int cmp_key_at(const void *pa, const void *pb)
+{
+    const struct key_at *a = pa, *b = pb;
+    int r = memcmp(a->key.hash, b->key.hash, sizeof(a->key.hash));
+
+    if (r)
+        return r;
+    if (a->tenant != b->tenant)
+        return a->tenant < b->tenant ? -1 : 1;
+    return (a->item > b->item) - (a->item < b->item);
+}
+
+/* All tenant key hashes in one sorted array; a hash used twice (by one
+ * tenant or two) would make the lookup ambiguous, so it is an error. */
+static void index_keys(struct conf__ctx *ctx)
+{
+    struct conf *c = ctx->conf;
+    struct key_at *v;
+    size_t n = 0;
+    char path[96];
+
+    for (size_t i = 0; i < c->ntenants; i++)
+        n += c->tenants[i].nkeys;
+    v = calloc(n + 1, sizeof(*v));
+    c->_keys = calloc(n + 1, sizeof(*c->_keys));
+    if (v == NULL || c->_keys == NULL) {
+        ctx->oom = 1;
+        goto out;
+    }
+    n = 0;
+    for (size_t i = 0; i < c->ntenants; i++) {
+        for (size_t j = 0; j < c->tenants[i].nkeys; j++) {
+            memcpy(v[n].key.hash, c->tenants[i].key_hashes[j], 32);
+            v[n].key.tenant = &c->tenants[i];
+            v[n].tenant = i;
+            v[n++].item = j;
+        }
+    }
+    qsort(v, n, sizeof(*v), cmp_key_at);
+    for (size_t i = 0; i < n; i++) {
+        if (i > 0 && memcmp(v[i].key.hash, v[i - 1].key.hash, 32) == 0) {
+            size_t first = i - 1;
+
+            while (first > 0 && memcmp(v[first - 1].key.hash, v[i].key.hash, 32) == 0)
+                first--;
+            snprintf(path, sizeof(path), "tenants[%zu].api_keys[%zu]", v[i].tenant, v[i].item);
+            conf__error(ctx, ctx->tenant_meta[v[i].tenant].item_lines[v[i].item], path,
+                        "duplicate key (first at line %d)",
+                        ctx->tenant_meta[v[first].tenant].item_lines[v[first].item]);
+        }
+        c->_keys[i] = v[i].key;
+    }
+    c->_nkeys = n;
+out:
+    free(v);
+}
+
+static void check_tenants(struct conf__ctx *ctx, int best_quality)
+{
+    struct conf *c = ctx->conf;
+    struct named *v = calloc(c->ntenants + 1, sizeof(*v));
+    size_t n = 0;
+    char path[96];
+
+    if (v == NULL) {
+        ctx->oom = 1;
+        return;
+    }
+    for (size_t i = 0; i < c->ntenants; i++) {
+        struct conf_tenant *t = &c->tenants[i];
+        struct conf__meta *m = &ctx->tenant_meta[i];
+
+        if (t->id)
+            v[n++] = (struct named){t->id, i, t};
+        if (best_quality >= 0 && t->min_quality > best_quality) {
+            snprintf(path, sizeof(path), "tenants[%zu].slo.min_quality", i);
+            conf__error(ctx, m->lines[CONF__T_MIN_QUALITY], path,
+                        "%d is above the quality of every route candidate (best: %d)",
+                        t->min_quality, best_quality);
+        }
+    }
+    sort_and_find_duplicates(ctx, v, n, ctx->tenant_meta, CONF__T_ID, "tenants", "id", "tenant");
+    free(v);
+    index_keys(ctx);
+}
+
+void conf__check(struct conf__ctx *ctx)
+{
+    int best;
+
+    check_backends(ctx);
+    best = check_routes(ctx);
+    check_tenants(ctx, best);
+}
+
+/* ---- lookups ---- */
+
+/* Binary search of `n` entries sorted by the C string found at byte
+ * `name_off` of each, for the `len` bytes at `key`. NULL entries only
+ * exist in a failed load and sort last. */
+static const void *search_by_name(void *const *v, size_t n, size_t name_off, const char *key,
+                                  size_t len)
+{
+    size_t lo = 0, hi = v ? n : 0;
+
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        const char *name;
+        int r;
+
+        if (v[mid] == NULL) {
+            hi = mid;
+            continue;
+        }
+        name = *(const char *const *)((const char *)v[mid] + name_off);
+        r = cmp_text(key, len, name);
+        if (r == 0)
+            return v[mid];
+        if (r < 0)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return NULL;
+}
+
+const struct conf_backend *conf_find_backend(const struct conf *conf, const char *name)
+{
+    return search_by_name((void *const *)conf->_backends_by_name, conf->nbackends,
+                          offsetof(struct conf_backend, name), name, strlen(name));
+}
+
+const struct conf_route *conf_find_route(const struct conf *conf, const char *model, size_t len)
+{
+    return search_by_name((void *const *)conf->_routes_by_model, conf->nroutes,
+                          offsetof(struct conf_route, model), model, len);
+}
+
+/* The search only narrows down to the one entry that could match (the
+ * first hash >= the key); whether it does match is decided by
+ * CRYPTO_memcmp, whose time does not depend on where the bytes differ. */
+const struct conf_tenant *conf_find_tenant_by_key(const struct conf *conf, const uint8_t sha256[32])
+{
+    size_t lo = 0, hi = conf->_keys ? conf->_nkeys : 0;
+
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+
+        if (memcmp(conf->_keys[mid].hash, sha256, 32) < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo < conf->_nkeys && CRYPTO_memcmp(conf->_keys[lo].hash, sha256, 32) == 0)
+        return conf->_keys[lo].tenant;
+    return NULL;
+}

@@ -1,0 +1,359 @@
+/*
+ * conf/conf.c: conf_load() and conf_free(), the error report, and ${ENV}
+ * interpolation.
+ *
+ * conf_load reads the file, builds the YAML tree with libfyaml (syntax
+ * errors come back through its diagnostics, with their lines), then runs
+ * the three phases of internal.h. Errors are kept with their line and
+ * printed sorted by line, so the report reads top to bottom like a
+ * compiler's. Nothing here ever prints a value of a secret key.
+ */
+#include "conf/conf.h"
+#include "conf/internal.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <libfyaml.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <openssl/crypto.h>
+
+#define MAX_FILE_BYTES (4u << 20)
+#define MAX_ERRORS 200 /* reported in full; the rest are counted */
+
+int conf__error(struct conf__ctx *ctx, int line, const char *path, const char *fmt, ...)
+{
+    size_t off = ctx->text.len;
+    va_list ap;
+    char msg[512];
+
+    if (ctx->nerrs >= MAX_ERRORS) {
+        ctx->nerrs++;
+        return -1;
+    }
+    if (ctx->nerrs == ctx->caperrs) {
+        size_t cap = ctx->caperrs ? 2 * ctx->caperrs : 16;
+        struct conf__err *e = realloc(ctx->errs, cap * sizeof(*e));
+
+        if (e == NULL)
+            return ctx->oom = 1, -1;
+        ctx->errs = e;
+        ctx->caperrs = cap;
+    }
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (line < 1)
+        line = 1;
+    if (buf_printf(&ctx->text, "%s:%d: %s: %s\n", ctx->file, line, path, msg) != 0)
+        return ctx->oom = 1, -1;
+    ctx->errs[ctx->nerrs++] = (struct conf__err){line, off, ctx->text.len - off};
+    return -1;
+}
+
+const char *conf__quote(char *out, const char *s, size_t len)
+{
+    size_t o = 0, limit = CONF__QUOTE_SIZE - 8; /* room for an escape, "..." and '"' */
+
+    out[o++] = '"';
+    for (size_t i = 0; i < len && o < limit; i++) {
+        unsigned char ch = (unsigned char)s[i];
+
+        if (ch == '"' || ch == '\\')
+            o += (size_t)snprintf(out + o, CONF__QUOTE_SIZE - o, "\\%c", ch);
+        else if (ch < 0x20 || ch == 0x7f)
+            o += (size_t)snprintf(out + o, CONF__QUOTE_SIZE - o, "\\x%02x", ch);
+        else
+            out[o++] = (char)ch;
+        if (o >= limit && i + 1 < len) {
+            memcpy(out + o, "...", 3);
+            o += 3;
+        }
+    }
+    out[o++] = '"';
+    out[o] = '\0';
+    return out;
+}
+
+char *conf__interpolate(struct conf__ctx *ctx, const char *text, size_t len, int line,
+                        const char *path)
+{
+    struct buf out = {0};
+    char name[128];
+    size_t i = 0;
+
+    if (memchr(text, '\0', len)) {
+        conf__error(ctx, line, path, "contains a NUL byte");
+        return NULL;
+    }
+    while (i < len) {
+        const char *close, *value;
+        size_t nlen;
+
+        if (text[i] != '$' || i + 1 >= len || (text[i + 1] != '{' && text[i + 1] != '$')) {
+            if (buf_append(&out, &text[i++], 1) != 0)
+                goto oom;
+            continue;
+        }
+        if (text[i + 1] == '$') { /* "$${" is a literal "${"; "$$" otherwise stays */
+            int esc = i + 2 < len && text[i + 2] == '{';
+
+            if (buf_append(&out, esc ? "${" : "$$", 2) != 0)
+                goto oom;
+            i += esc ? 3 : 2;
+            continue;
+        }
+        close = memchr(text + i + 2, '}', len - i - 2);
+        if (close == NULL) {
+            conf__error(ctx, line, path, "has a \"${\" without its closing \"}\"");
+            goto fail;
+        }
+        nlen = (size_t)(close - (text + i + 2));
+        if (nlen == 0 || nlen >= sizeof(name) || isdigit((unsigned char)text[i + 2])) {
+            conf__error(ctx, line, path, "has an invalid variable name in \"${...}\"");
+            goto fail;
+        }
+        for (size_t k = 0; k < nlen; k++) {
+            char ch = text[i + 2 + k];
+
+            if (!isalnum((unsigned char)ch) && ch != '_') {
+                conf__error(ctx, line, path, "has an invalid variable name in \"${...}\"");
+                goto fail;
+            }
+        }
+        memcpy(name, text + i + 2, nlen);
+        name[nlen] = '\0';
+        if ((value = getenv(name)) == NULL) {
+            conf__error(ctx, line, path, "environment variable %s is not set", name);
+            goto fail;
+        }
+        if (buf_append(&out, value, strlen(value)) != 0)
+            goto oom;
+        i += nlen + 3;
+    }
+    if (buf_append(&out, "", 1) != 0)
+        goto oom;
+    return out.data;
+oom:
+    ctx->oom = 1;
+fail:
+    buf_free(&out);
+    return NULL;
+}
+
+static void free_meta(struct conf__meta *m)
+{
+    for (size_t i = 0; m->items && i < m->nitems; i++)
+        free(m->items[i]);
+    free(m->items);
+    free(m->item_lines);
+}
+
+static void free_metas(struct conf__meta *v, size_t n)
+{
+    for (size_t i = 0; v && i < n; i++)
+        free_meta(&v[i]);
+    free(v);
+}
+
+static int cmp_err(const void *pa, const void *pb)
+{
+    const struct conf__err *a = pa, *b = pb;
+
+    if (a->line != b->line)
+        return a->line < b->line ? -1 : 1;
+    return (a->off > b->off) - (a->off < b->off);
+}
+
+/* The report: every error line sorted by line, then a count of those left
+ * out. Returns a malloc'd string (NULL only if memory ran out). */
+static char *report(struct conf__ctx *ctx)
+{
+    struct buf out = {0};
+    size_t shown = ctx->nerrs < MAX_ERRORS ? ctx->nerrs : MAX_ERRORS;
+    int rc = 0;
+
+    qsort(ctx->errs, shown, sizeof(*ctx->errs), cmp_err);
+    for (size_t i = 0; i < shown; i++)
+        rc |= buf_append(&out, ctx->text.data + ctx->errs[i].off, ctx->errs[i].len);
+    if (ctx->nerrs > shown)
+        rc |= buf_printf(&out, "%s: %zu more errors not shown\n", ctx->file, ctx->nerrs - shown);
+    if (ctx->oom)
+        rc |= buf_printf(&out, "%s: out of memory while loading\n", ctx->file);
+    rc |= buf_append(&out, "", 1);
+    if (rc != 0) {
+        buf_free(&out);
+        return strdup("out of memory\n");
+    }
+    return out.data;
+}
+
+/* Read the whole file; NULL after reporting why not. */
+static char *read_file(struct conf__ctx *ctx, size_t *len)
+{
+    FILE *f = fopen(ctx->file, "rb");
+    char *data = NULL;
+    struct stat st;
+    size_t n;
+
+    if (f == NULL) {
+        conf__error(ctx, 0, "(file)", "cannot open: %s", strerror(errno));
+        return NULL;
+    }
+    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+        conf__error(ctx, 0, "(file)", "is not a regular file");
+        goto out;
+    }
+    if (st.st_size > MAX_FILE_BYTES) {
+        conf__error(ctx, 0, "(file)", "is larger than 4 MiB");
+        goto out;
+    }
+    if ((data = malloc((size_t)st.st_size + 1)) == NULL) {
+        ctx->oom = 1;
+        goto out;
+    }
+    n = fread(data, 1, (size_t)st.st_size, f);
+    if (ferror(f)) {
+        conf__error(ctx, 0, "(file)", "cannot read: %s", strerror(errno));
+        free(data);
+        data = NULL;
+        goto out;
+    }
+    *len = n;
+out:
+    fclose(f);
+    return data;
+}
+
+/* Build the document; on a syntax error report libfyaml's diagnostics,
+ * which carry their own lines, and return NULL. */
+static struct fy_document *build_document(struct conf__ctx *ctx, const char *src, size_t len)
+{
+    struct fy_diag_cfg dcfg;
+    struct fy_diag *diag;
+    struct fy_parse_cfg cfg = {.flags = FYPCF_QUIET | FYPCF_RESOLVE_DOCUMENT};
+    struct fy_document *doc;
+    struct fy_diag_error *e;
+    void *it = NULL;
+    int any = 0;
+
+    fy_diag_cfg_default(&dcfg);
+    dcfg.fp = NULL;
+    if ((diag = fy_diag_create(&dcfg)) == NULL) {
+        ctx->oom = 1;
+        return NULL;
+    }
+    fy_diag_set_collect_errors(diag, true);
+    cfg.diag = diag;
+    doc = fy_document_build_from_string(&cfg, src, len);
+    if (doc == NULL) {
+        while ((e = fy_diag_errors_iterate(diag, &it)) != NULL) {
+            if (e->type < FYET_ERROR)
+                continue;
+            conf__error(ctx, e->line, "(yaml)", "%s", e->msg);
+            any = 1;
+        }
+        if (!any) /* libfyaml builds nothing, silently, from a file of comments */
+            conf__error(ctx, 0, "(top level)", "the file is empty");
+    }
+    fy_diag_destroy(diag);
+    return doc;
+}
+
+struct conf *conf_load(const char *path, char **errors)
+{
+    struct conf__ctx ctx = {.file = path};
+    struct fy_document *doc = NULL;
+    char *src = NULL;
+    size_t len = 0;
+
+    *errors = NULL;
+    if ((ctx.conf = calloc(1, sizeof(*ctx.conf))) == NULL ||
+        (ctx.conf->path = strdup(path)) == NULL) {
+        ctx.oom = 1;
+        goto done;
+    }
+    if ((src = read_file(&ctx, &len)) == NULL)
+        goto done;
+    if ((doc = build_document(&ctx, src, len)) == NULL)
+        goto done;
+    if (conf__parse(&ctx, fy_document_root(doc)) != 0)
+        goto done;
+    conf__defaults(&ctx);
+    conf__check(&ctx);
+done:
+    if (doc)
+        fy_document_destroy(doc);
+    free(src);
+    free_meta(&ctx.root);
+    free_metas(ctx.backend_meta, ctx.conf ? ctx.conf->nbackends : 0);
+    free_metas(ctx.route_meta, ctx.conf ? ctx.conf->nroutes : 0);
+    free_metas(ctx.tenant_meta, ctx.conf ? ctx.conf->ntenants : 0);
+    if (ctx.nerrs || ctx.oom) {
+        *errors = report(&ctx);
+        conf_free(ctx.conf);
+        ctx.conf = NULL;
+    }
+    buf_free(&ctx.text);
+    free(ctx.errs);
+    return ctx.conf;
+}
+
+/* Secrets are wiped before their memory goes back to the allocator. */
+static void free_secret(char *s)
+{
+    if (s)
+        OPENSSL_cleanse(s, strlen(s));
+    free(s);
+}
+
+void conf_free(struct conf *conf)
+{
+    if (conf == NULL)
+        return;
+    for (size_t i = 0; i < conf->nbackends; i++) {
+        struct conf_backend *b = &conf->backends[i];
+
+        free(b->name);
+        free(b->url);
+        free(b->host);
+        free(b->base_path);
+        free(b->ca_file);
+        free(b->model);
+        free_secret(b->api_key);
+        free(b->auth_header);
+    }
+    for (size_t i = 0; i < conf->nroutes; i++) {
+        free(conf->routes[i].model);
+        free(conf->routes[i].candidates);
+    }
+    for (size_t i = 0; i < conf->ntenants; i++) {
+        struct conf_tenant *t = &conf->tenants[i];
+
+        free(t->id);
+        free(t->key_hashes);
+        for (size_t j = 0; j < t->ntags; j++) {
+            free(t->tags[j].key);
+            free(t->tags[j].value);
+        }
+        free(t->tags);
+    }
+    free(conf->backends);
+    free(conf->routes);
+    free(conf->tenants);
+    free(conf->_backends_by_name);
+    free(conf->_routes_by_model);
+    free(conf->_keys);
+    free(conf->path);
+    free(conf->listen_host);
+    free_secret(conf->admin_key);
+    free(conf->cost_log);
+    free(conf->redis_host);
+    free_secret(conf->redis_password);
+    free_secret(conf->redis_url);
+    free(conf);
+}

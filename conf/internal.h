@@ -1,0 +1,141 @@
+/*
+ * conf/internal.h: what the files of conf/ share while loading.
+ *
+ * conf_load() (conf.c) runs three phases over one struct conf__ctx:
+ *   1. parse.c: walk the YAML tree, match each key against a table of
+ *      directives and convert its value into the field at the directive's
+ *      offset, recording which keys were given and on which line;
+ *   2. parse.c: apply each table's defaults to the fields still unset and
+ *      report missing required keys;
+ *   3. check.c: cross-check (duplicates found by sorting, unknown backends,
+ *      prices, impossible SLOs) and build the sorted lookup indexes.
+ * Every problem goes through conf__error() so it reads
+ * "FILE:LINE: KEY: message"; loading carries on to report them all.
+ */
+#ifndef CONF_INTERNAL_H
+#define CONF_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/buf.h"
+
+struct conf;
+struct fy_node;
+
+/* One entry of the tenant key index (conf._keys). */
+struct conf__key {
+    uint8_t hash[32];                 /* SHA-256 of the tenant's key */
+    const struct conf_tenant *tenant; /* owner, in conf.tenants */
+};
+
+/* What phase 1 learnt about one mapping (the top level, a backend, a
+ * route or a tenant), for phases 2 and 3. */
+struct conf__meta {
+    uint64_t set;    /* bit i: directive i of the object's table was given */
+    int line;        /* line of the mapping itself */
+    int lines[64];   /* line of each given directive's value */
+    char **items;    /* route: candidate names as written (owned) */
+    int *item_lines; /* route candidates / tenant api_keys: line of each */
+    size_t nitems;   /* entries in items (routes) or item_lines */
+};
+
+/* One reported problem: a line of conf__ctx.text. */
+struct conf__err {
+    int line;   /* line in the file, to sort the report by */
+    size_t off; /* start of "FILE:LINE: KEY: message\n" in conf__ctx.text */
+    size_t len; /* its length, newline included */
+};
+
+/* Loading state shared by the phases. */
+struct conf__ctx {
+    const char *file;                /* path, as the prefix of every error */
+    struct conf *conf;               /* being filled; owned by conf_load */
+    struct buf text;                 /* the error lines, in the order found */
+    struct conf__err *errs;          /* one per error line */
+    size_t nerrs;                    /* entries in errs */
+    size_t caperrs;                  /* entries allocated */
+    unsigned oom:1;                  /* an allocation failed: the load fails */
+    struct conf__meta root;          /* the top-level mapping */
+    struct conf__meta *backend_meta; /* one per conf.backends entry */
+    struct conf__meta *route_meta;   /* one per conf.routes entry */
+    struct conf__meta *tenant_meta;  /* one per conf.tenants entry */
+};
+
+/* Directive indexes, one enum per table: bit i of conf__meta.set and
+ * lines[i] refer to directive i. check.c names them to find out whether a
+ * key was given and where. */
+enum conf__root_key {
+    CONF__R_LISTEN, CONF__R_ADMIN_KEY, CONF__R_COST_LOG,
+    CONF__R_STORE, CONF__R_REDIS, CONF__R_ON_FAILURE,
+    CONF__R_LIMITS, CONF__R_MAX_HEADER_BYTES, CONF__R_MAX_BODY_BYTES,
+    CONF__R_HEADER_TIMEOUT, CONF__R_BODY_TIMEOUT, CONF__R_IDLE_TIMEOUT,
+    CONF__R_MAX_RETRIES, CONF__R_MAX_CONNECTIONS,
+    CONF__R_BACKENDS, CONF__R_ROUTES, CONF__R_TENANTS,
+    CONF__R_COUNT
+};
+
+enum conf__backend_key {
+    CONF__B_NAME, CONF__B_KIND, CONF__B_URL, CONF__B_MODEL, CONF__B_TOKENIZER,
+    CONF__B_QUALITY, CONF__B_CONTEXT_WINDOW, CONF__B_FREE,
+    CONF__B_GPU_HOURLY_USD, CONF__B_REPLICAS, CONF__B_MAX_CONCURRENCY,
+    CONF__B_TOKENS_PER_SECOND,
+    CONF__B_API_KEY, CONF__B_AUTH_HEADER, CONF__B_INPUT_USD, CONF__B_OUTPUT_USD,
+    CONF__B_CACHED_INPUT_USD,
+    CONF__B_CONNECT_TIMEOUT, CONF__B_FIRST_BYTE_TIMEOUT, CONF__B_TOTAL_TIMEOUT,
+    CONF__B_MAX_IDLE, CONF__B_CA_FILE, CONF__B_TLS_VERIFY,
+    CONF__B_COUNT
+};
+
+enum conf__route_key { CONF__RT_MODEL, CONF__RT_CANDIDATES, CONF__RT_COUNT };
+
+enum conf__tenant_key {
+    CONF__T_ID, CONF__T_API_KEYS,
+    CONF__T_BUDGET, CONF__T_DAILY_USD, CONF__T_MONTHLY_USD, CONF__T_ON_EXHAUSTED,
+    CONF__T_SLO, CONF__T_MAX_TTFT_MS, CONF__T_MIN_QUALITY,
+    CONF__T_TAGS,
+    CONF__T_COUNT
+};
+
+/* Record one problem: "FILE:LINE: PATH: message". A line below 1 is shown
+ * as 1. Never pass a secret in the message. Always returns -1, so callers
+ * can `return conf__error(...)`. */
+int conf__error(struct conf__ctx *ctx, int line, const char *path, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* Phase 1: parse the top-level mapping `root` (may be NULL) into ctx->conf
+ * and the metas; returns -1 if `root` is not a mapping at all, when the
+ * later phases would only repeat that. Phase 2: apply defaults and report
+ * missing keys. */
+int conf__parse(struct conf__ctx *ctx, struct fy_node *root);
+void conf__defaults(struct conf__ctx *ctx);
+/* Phase 3: cross-checks, then the sorted indexes (also on error, so that
+ * conf_free finds a consistent struct). */
+void conf__check(struct conf__ctx *ctx);
+
+/* Split "http[s]://HOST[:PORT][/PATH]" into the backend's tls, host,
+ * host_is_ipv6, port and base_path (trailing '/' dropped). Returns 0, or -1
+ * after reporting the problem at (line, path). Never echoes the url back,
+ * since a url may carry credentials. */
+int conf__parse_url(struct conf__ctx *ctx, struct conf_backend *b, const char *url, int line,
+                    const char *path);
+/* Split "HOST:PORT", "[V6]:PORT" or ":PORT" (any address) into listen_host
+ * and listen_port (0..65535). Returns 0 or -1 as above. */
+int conf__parse_listen(struct conf__ctx *ctx, const char *text, int line, const char *path);
+/* Split "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]" into the redis_*
+ * fields. Returns 0 or -1 as above; the password is never echoed. */
+int conf__parse_redis(struct conf__ctx *ctx, const char *url, int line, const char *path);
+
+/* Replace ${NAME} with the environment variable NAME ("$${" stands for a
+ * literal "${"). Returns a malloc'd string, or NULL after reporting an
+ * unset variable or a malformed reference at (line, path). */
+char *conf__interpolate(struct conf__ctx *ctx, const char *text, size_t len, int line,
+                        const char *path);
+
+/* Write `s` (len bytes) into out[CONF__QUOTE_SIZE] as a double-quoted,
+ * escaped, length-capped string, so an echoed value cannot break the
+ * one-line-per-error format. Returns out. Never use it on a secret. */
+#define CONF__QUOTE_SIZE 96
+const char *conf__quote(char *out, const char *s, size_t len);
+
+#endif

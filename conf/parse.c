@@ -1,0 +1,833 @@
+/*
+ * conf/parse.c: phases 1 and 2 of conf_load (see internal.h).
+ *
+ * Each kind of mapping (top level, backend, route, tenant) has a table of
+ * directives: key name, the section it sits in (`store`, `limits`,
+ * `budget`, `slo`), value type, field offset, range, default and whether
+ * it is required. One generic walker matches keys against a table, so a
+ * new key is one line in a table. Unknown keys are errors, with a
+ * "did you mean" when a known key is close. Every scalar goes through
+ * ${ENV} interpolation before it is converted.
+ */
+#include "conf/conf.h"
+#include "conf/internal.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <libfyaml.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#include "common/util.h"
+
+enum dtype {
+    T_STR,     /* char *; non-empty, no control characters */
+    T_SECRET,  /* char * like T_STR, but its value is never echoed */
+    T_INT,     /* int */
+    T_I64,     /* int64_t */
+    T_SIZE,    /* size_t */
+    T_DOUBLE,  /* double, finite */
+    T_BOOL,    /* through set_flag (the fields are bitfields) */
+    T_ENUM,    /* an enum field; value names in `names`, index = value */
+    T_FN,      /* scalar converted by `fn` alone */
+    T_SECTION, /* nested mapping whose keys have this directive as section */
+    T_NODE,    /* any node, converted by `node_fn` */
+};
+
+struct directive;
+/* Validates (T_STR, T_SECRET) or converts and stores (T_FN) one scalar. */
+typedef int (*scalar_fn)(struct conf__ctx *ctx, void *obj, const char *text, int line,
+                         const char *path);
+/* Converts one non-scalar value. `meta` is the enclosing object's. */
+typedef void (*node_fn)(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
+                        struct fy_node *node, int line, const char *path);
+
+struct directive {
+    const char *name;         /* key as written */
+    const char *section;      /* key of the enclosing section, NULL at the object's top */
+    enum dtype type;          /* how the value is read */
+    size_t offset;            /* field in the object (not for T_BOOL/T_FN/T_NODE) */
+    double min, max;          /* allowed range of numbers */
+    const char *def;          /* default as YAML text, applied in phase 2; NULL: none */
+    const char *const *names; /* T_ENUM value names, NULL-terminated */
+    scalar_fn fn;             /* T_FN converter, or T_STR/T_SECRET validator */
+    node_fn node;             /* T_NODE converter */
+    void (*set_flag)(void *obj, int on); /* T_BOOL setter */
+    unsigned required:1;      /* missing is an error */
+};
+
+struct table {
+    const struct directive *d; /* indexed by the conf__*_key enums */
+    size_t n;                  /* entries in d */
+    size_t line_offset;        /* the object's `int line` field, or (size_t)-1 */
+};
+
+/* ---- node helpers ---- */
+
+/* 1-based line where `n` starts, or `fallback` if it has none (an empty
+ * value or an empty collection). Collections start at their first child. */
+static int node_line(struct fy_node *n, int fallback)
+{
+    struct fy_token *t;
+    struct fy_node_pair *p;
+    void *it = NULL;
+
+    if (n == NULL)
+        return fallback;
+    switch (fy_node_get_type(n)) {
+    case FYNT_SCALAR:
+        t = fy_node_get_scalar_token(n);
+        return t ? fy_token_start_mark(t)->line + 1 : fallback;
+    case FYNT_SEQUENCE:
+        return node_line(fy_node_sequence_iterate(n, &it), fallback);
+    case FYNT_MAPPING:
+        p = fy_node_mapping_iterate(n, &it);
+        return p ? node_line(fy_node_pair_key(p), fallback) : fallback;
+    }
+    return fallback;
+}
+
+/* A plain empty, `~` or `null` scalar (or no node at all): the key is
+ * treated as not given. */
+static int node_is_null(struct fy_node *n)
+{
+    const char *s;
+    size_t len;
+
+    if (n == NULL)
+        return 1;
+    if (fy_node_get_type(n) != FYNT_SCALAR || fy_node_get_style(n) != FYNS_PLAIN)
+        return 0;
+    s = fy_node_get_scalar(n, &len);
+    return len == 0 || (len == 1 && s[0] == '~') ||
+           (len == 4 && strncasecmp(s, "null", 4) == 0);
+}
+
+static const char *node_kind(struct fy_node *n)
+{
+    switch (fy_node_get_type(n)) {
+    case FYNT_SEQUENCE:
+        return "a list";
+    case FYNT_MAPPING:
+        return "a mapping";
+    default:
+        return "a scalar";
+    }
+}
+
+/* The interpolated text of scalar `n`, malloc'd; NULL after an error. */
+static char *scalar_text(struct conf__ctx *ctx, struct fy_node *n, int line, const char *path)
+{
+    const char *s;
+    size_t len;
+
+    if (fy_node_get_type(n) != FYNT_SCALAR) {
+        conf__error(ctx, line, path, "expected a single value, got %s", node_kind(n));
+        return NULL;
+    }
+    s = fy_node_get_scalar(n, &len);
+    return conf__interpolate(ctx, s ? s : "", s ? len : 0, line, path);
+}
+
+static void join_path(char *out, size_t size, const char *path, const char *key)
+{
+    snprintf(out, size, "%s%s%s", path, *path ? "." : "", key);
+}
+
+/* ---- scalar conversion ---- */
+
+static int has_control(const char *s)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || *s == 0x7f)
+            return 1;
+    return 0;
+}
+
+static int parse_bool(const char *s, int *out)
+{
+    static const char *const yes[] = {"true", "yes", "on"}, *const no[] = {"false", "no", "off"};
+
+    for (size_t i = 0; i < ARRAY_SIZE(yes); i++) {
+        if (strcasecmp(s, yes[i]) == 0)
+            return *out = 1, 0;
+        if (strcasecmp(s, no[i]) == 0)
+            return *out = 0, 0;
+    }
+    return -1;
+}
+
+/* Convert `text` for directive `d` and store it into `obj`. */
+static int convert(struct conf__ctx *ctx, const struct directive *d, void *obj, const char *text,
+                   int line, const char *path)
+{
+    char *field = (char *)obj + d->offset, *end, q[CONF__QUOTE_SIZE];
+    long long ll;
+    double v;
+    int flag;
+
+    switch (d->type) {
+    case T_STR:
+    case T_SECRET:
+        if (*text == '\0')
+            return conf__error(ctx, line, path, "must not be empty");
+        if (has_control(text))
+            return conf__error(ctx, line, path, "contains control characters");
+        if (d->fn && d->fn(ctx, obj, text, line, path) != 0)
+            return -1;
+        free(*(char **)field);
+        if ((*(char **)field = strdup(text)) == NULL)
+            return ctx->oom = 1, -1;
+        return 0;
+    case T_INT:
+    case T_I64:
+    case T_SIZE:
+        errno = 0;
+        ll = strtoll(text, &end, 10);
+        if (errno || end == text || *end != '\0')
+            return conf__error(ctx, line, path, "expected an integer, got %s",
+                               conf__quote(q, text, strlen(text)));
+        if ((double)ll < d->min || (double)ll > d->max)
+            return conf__error(ctx, line, path, "%lld is out of range %.0f..%.0f", ll, d->min,
+                               d->max);
+        if (d->type == T_INT)
+            *(int *)field = (int)ll;
+        else if (d->type == T_I64)
+            *(int64_t *)field = ll;
+        else
+            *(size_t *)field = (size_t)ll;
+        return 0;
+    case T_DOUBLE:
+        errno = 0;
+        v = strtod(text, &end);
+        if (errno || end == text || *end != '\0' || !isfinite(v))
+            return conf__error(ctx, line, path, "expected a number, got %s",
+                               conf__quote(q, text, strlen(text)));
+        if (v < d->min || v > d->max)
+            return conf__error(ctx, line, path, "%g is out of range %g..%g", v, d->min, d->max);
+        *(double *)field = v;
+        return 0;
+    case T_BOOL:
+        if (parse_bool(text, &flag) != 0)
+            return conf__error(ctx, line, path, "expected true or false, got %s",
+                               conf__quote(q, text, strlen(text)));
+        d->set_flag(obj, flag);
+        return 0;
+    case T_ENUM: {
+        struct buf all = {0};
+        int rc;
+
+        for (int i = 0; d->names[i]; i++) {
+            if (strcmp(text, d->names[i]) == 0) {
+                _Static_assert(sizeof(enum conf_tokenizer) == sizeof(int), "enum size");
+                *(int *)field = i;
+                return 0;
+            }
+        }
+        for (int i = 0; d->names[i]; i++)
+            if (buf_printf(&all, "%s%s", i ? ", " : "", d->names[i]) != 0)
+                ctx->oom = 1;
+        rc = conf__error(ctx, line, path, "unknown value %s (expected one of: %.*s)",
+                         conf__quote(q, text, strlen(text)), (int)all.len,
+                         all.data ? all.data : "");
+        buf_free(&all);
+        return rc;
+    }
+    case T_FN:
+        return d->fn(ctx, obj, text, line, path);
+    case T_SECTION:
+    case T_NODE:
+        break;
+    }
+    return conf__error(ctx, line, path, "internal: no scalar form");
+}
+
+/* ---- the walker ---- */
+
+/* Edit distance between short strings, capped: enough to suggest a key. */
+static size_t distance(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b), row[33], prev, cur;
+
+    if (la > 32 || lb > 32)
+        return 99;
+    for (size_t j = 0; j <= lb; j++)
+        row[j] = j;
+    for (size_t i = 1; i <= la; i++) {
+        prev = row[0];
+        row[0] = i;
+        for (size_t j = 1; j <= lb; j++) {
+            cur = MIN(MIN(row[j], row[j - 1]) + 1, prev + (a[i - 1] != b[j - 1]));
+            prev = row[j];
+            row[j] = cur;
+        }
+    }
+    return row[lb];
+}
+
+static int same_section(const char *a, const char *b)
+{
+    return a == b || (a && b && strcmp(a, b) == 0);
+}
+
+static void unknown_key(struct conf__ctx *ctx, const struct table *t, const char *section,
+                        const char *key, int line, const char *path)
+{
+    const char *best = NULL;
+    size_t bestd = 3;
+
+    for (size_t i = 0; i < t->n; i++) {
+        size_t dist;
+
+        if (!same_section(t->d[i].section, section))
+            continue;
+        dist = distance(key, t->d[i].name);
+        if (dist < bestd) {
+            bestd = dist;
+            best = t->d[i].name;
+        }
+    }
+    if (best)
+        conf__error(ctx, line, path, "unknown key (did you mean \"%s\"?)", best);
+    else
+        conf__error(ctx, line, path, "unknown key");
+}
+
+/* Parse mapping `map` (whose key sits on `line`) against the directives
+ * of `t` in `section`, into `obj`, recording given keys in `meta`. */
+static void parse_mapping(struct conf__ctx *ctx, const struct table *t, const char *section,
+                          void *obj, struct conf__meta *meta, struct fy_node *map, int line,
+                          const char *path)
+{
+    struct fy_node_pair *pair;
+    void *it = NULL;
+
+    if (fy_node_get_type(map) != FYNT_MAPPING) {
+        conf__error(ctx, line, *path ? path : "(top level)", "expected a mapping, got %s",
+                    node_kind(map));
+        return;
+    }
+    while ((pair = fy_node_mapping_iterate(map, &it)) != NULL) {
+        struct fy_node *key = fy_node_pair_key(pair), *value = fy_node_pair_value(pair);
+        int kline = node_line(key, line), vline = node_line(value, kline);
+        const struct directive *d = NULL;
+        char kpath[256], *text;
+        const char *k;
+        size_t klen, i;
+
+        if (key == NULL || fy_node_get_type(key) != FYNT_SCALAR) {
+            conf__error(ctx, kline, *path ? path : "(top level)", "keys must be plain names");
+            continue;
+        }
+        k = fy_node_get_scalar(key, &klen);
+        snprintf(kpath, sizeof(kpath), "%s%s%.*s", path, *path ? "." : "", (int)klen, k);
+        for (i = 0; i < t->n; i++) {
+            if (same_section(t->d[i].section, section) && strlen(t->d[i].name) == klen &&
+                memcmp(t->d[i].name, k, klen) == 0) {
+                d = &t->d[i];
+                break;
+            }
+        }
+        if (d == NULL) {
+            unknown_key(ctx, t, section, kpath + (*path ? strlen(path) + 1 : 0), kline, kpath);
+            continue;
+        }
+        if (node_is_null(value))
+            continue; /* `key:` or `key: ~` leaves it unset */
+        meta->set |= 1ull << i;
+        meta->lines[i] = kline;
+        switch (d->type) {
+        case T_SECTION:
+            parse_mapping(ctx, t, d->name, obj, meta, value, kline, kpath);
+            break;
+        case T_NODE:
+            d->node(ctx, obj, meta, value, kline, kpath);
+            break;
+        default:
+            if ((text = scalar_text(ctx, value, vline, kpath)) == NULL)
+                break;
+            convert(ctx, d, obj, text, vline, kpath);
+            free(text);
+        }
+    }
+}
+
+/* Phase 2 for one object: defaults for unset keys, errors for missing
+ * required ones (reported at the object's own line). */
+static void apply_defaults(struct conf__ctx *ctx, const struct table *t, void *obj,
+                           struct conf__meta *meta, const char *path)
+{
+    for (size_t i = 0; i < t->n; i++) {
+        const struct directive *d = &t->d[i];
+        char kpath[256];
+
+        if (meta->set & (1ull << i))
+            continue;
+        if (d->section)
+            snprintf(kpath, sizeof(kpath), "%s%s%s.%s", path, *path ? "." : "", d->section,
+                     d->name);
+        else
+            join_path(kpath, sizeof(kpath), path, d->name);
+        if (d->required)
+            conf__error(ctx, meta->line, *path ? path : "(top level)",
+                        "missing required key \"%s\"", d->name);
+        else if (d->def)
+            convert(ctx, d, obj, d->def, meta->line, kpath);
+    }
+}
+
+/* ---- lists of objects ---- */
+
+static const struct table root_table, backend_table, route_table, tenant_table;
+
+/* A list of mappings parsed with table `t` into a calloc'd array. */
+static void parse_objects(struct conf__ctx *ctx, struct fy_node *seq, int line, const char *path,
+                          const struct table *t, size_t elem_size, void **arr, size_t *n,
+                          struct conf__meta **metas)
+{
+    size_t count;
+    struct fy_node *item;
+    void *it = NULL;
+    char ipath[256];
+
+    if (fy_node_get_type(seq) != FYNT_SEQUENCE) {
+        conf__error(ctx, line, path, "expected a list, got %s", node_kind(seq));
+        return;
+    }
+    count = (size_t)fy_node_sequence_item_count(seq);
+    if (count == 0) {
+        conf__error(ctx, line, path, "must not be empty");
+        return;
+    }
+    *arr = calloc(count, elem_size);
+    *metas = calloc(count, sizeof(**metas));
+    if (*arr == NULL || *metas == NULL) {
+        ctx->oom = 1;
+        return;
+    }
+    *n = count;
+    for (size_t i = 0; (item = fy_node_sequence_iterate(seq, &it)) != NULL; i++) {
+        char *obj = (char *)*arr + i * elem_size;
+
+        (*metas)[i].line = node_line(item, line);
+        *(int *)(obj + t->line_offset) = (*metas)[i].line;
+        snprintf(ipath, sizeof(ipath), "%s[%zu]", path, i);
+        parse_mapping(ctx, t, NULL, obj, &(*metas)[i], item, (*metas)[i].line, ipath);
+    }
+}
+
+static void node_backends(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
+                          struct fy_node *n, int line, const char *path)
+{
+    struct conf *c = obj;
+
+    parse_objects(ctx, n, line, path, &backend_table, sizeof(*c->backends),
+                  (void **)&c->backends, &c->nbackends, &ctx->backend_meta);
+    for (size_t i = 0; i < c->nbackends; i++)
+        c->backends[i].index = i;
+}
+
+static void node_routes(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
+                        struct fy_node *n, int line, const char *path)
+{
+    struct conf *c = obj;
+
+    parse_objects(ctx, n, line, path, &route_table, sizeof(*c->routes), (void **)&c->routes,
+                  &c->nroutes, &ctx->route_meta);
+}
+
+static void node_tenants(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
+                         struct fy_node *n, int line, const char *path)
+{
+    struct conf *c = obj;
+
+    parse_objects(ctx, n, line, path, &tenant_table, sizeof(*c->tenants),
+                  (void **)&c->tenants, &c->ntenants, &ctx->tenant_meta);
+}
+
+/* Calls `each` on every item of list `seq` with its text, index, line and
+ * path; returns the item count, or -1 if `seq` is not a non-empty list. */
+static long each_item(struct conf__ctx *ctx, struct fy_node *seq, int line, const char *path,
+                      void (*each)(struct conf__ctx *, void *, char *, size_t, int,
+                                   const char *),
+                      void *arg)
+{
+    struct fy_node *item;
+    void *it = NULL;
+    char ipath[256], *text;
+    size_t i;
+
+    if (fy_node_get_type(seq) != FYNT_SEQUENCE) {
+        conf__error(ctx, line, path, "expected a list, got %s", node_kind(seq));
+        return -1;
+    }
+    if (fy_node_sequence_item_count(seq) == 0) {
+        conf__error(ctx, line, path, "must not be empty");
+        return -1;
+    }
+    for (i = 0; (item = fy_node_sequence_iterate(seq, &it)) != NULL; i++) {
+        int iline = node_line(item, line);
+
+        snprintf(ipath, sizeof(ipath), "%s[%zu]", path, i);
+        text = scalar_text(ctx, item, iline, ipath);
+        each(ctx, arg, text, i, iline, ipath);
+        free(text);
+    }
+    return (long)i;
+}
+
+/* Route candidates are names until check.c resolves them. */
+static void each_candidate(struct conf__ctx *ctx, void *arg, char *text, size_t i, int line,
+                           const char *path)
+{
+    struct conf__meta *meta = arg;
+
+    meta->item_lines[i] = line;
+    if (text && (meta->items[i] = strdup(text)) == NULL)
+        ctx->oom = 1;
+}
+
+static void node_candidates(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
+                            struct fy_node *n, int line, const char *path)
+{
+    int count = fy_node_get_type(n) == FYNT_SEQUENCE ? fy_node_sequence_item_count(n) : 0;
+
+    meta->items = calloc((size_t)count + 1, sizeof(*meta->items));
+    meta->item_lines = calloc((size_t)count + 1, sizeof(*meta->item_lines));
+    if (meta->items == NULL || meta->item_lines == NULL) {
+        ctx->oom = 1;
+        return;
+    }
+    if (each_item(ctx, n, line, path, each_candidate, meta) > 0)
+        meta->nitems = (size_t)count;
+}
+
+static int unhex(int c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    c = tolower(c);
+    return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+struct key_arg {
+    struct conf_tenant *t;    /* owner of the hashes */
+    struct conf__meta *meta;  /* the tenant's meta, for item_lines */
+};
+
+/* Tenant keys are written "sha256:<64 hex>". The text is never echoed: a
+ * malformed entry may well be a raw key pasted by mistake. */
+static void each_key(struct conf__ctx *ctx, void *arg, char *text, size_t i, int line,
+                     const char *path)
+{
+    struct key_arg *ka = arg;
+    uint8_t *h = ka->t->key_hashes[i];
+
+    ka->meta->item_lines[i] = line;
+    if (text == NULL)
+        return;
+    if (strncmp(text, "sha256:", 7) != 0 || strlen(text) != 7 + 64)
+        goto bad;
+    for (size_t j = 0; j < 32; j++) {
+        int hi = unhex(text[7 + 2 * j]), lo = unhex(text[8 + 2 * j]);
+
+        if (hi < 0 || lo < 0)
+            goto bad;
+        h[j] = (uint8_t)(hi << 4 | lo);
+    }
+    return;
+bad:
+    conf__error(ctx, line, path,
+                "expected \"sha256:\" and 64 hex digits (the SHA-256 of the key, never the key "
+                "itself)");
+}
+
+static void node_api_keys(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
+                          struct fy_node *n, int line, const char *path)
+{
+    struct conf_tenant *t = obj;
+    int count = fy_node_get_type(n) == FYNT_SEQUENCE ? fy_node_sequence_item_count(n) : 0;
+    struct key_arg ka = {t, meta};
+
+    t->key_hashes = calloc((size_t)count + 1, sizeof(*t->key_hashes));
+    meta->item_lines = calloc((size_t)count + 1, sizeof(*meta->item_lines));
+    if (t->key_hashes == NULL || meta->item_lines == NULL) {
+        ctx->oom = 1;
+        return;
+    }
+    if (each_item(ctx, n, line, path, each_key, &ka) > 0)
+        t->nkeys = meta->nitems = (size_t)count;
+}
+
+static void node_tags(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
+                      struct fy_node *n, int line, const char *path)
+{
+    struct conf_tenant *t = obj;
+    struct fy_node_pair *pair;
+    void *it = NULL;
+
+    if (fy_node_get_type(n) != FYNT_MAPPING) {
+        conf__error(ctx, line, path, "expected a mapping of names to values, got %s",
+                    node_kind(n));
+        return;
+    }
+    t->tags = calloc((size_t)fy_node_mapping_item_count(n) + 1, sizeof(*t->tags));
+    if (t->tags == NULL) {
+        ctx->oom = 1;
+        return;
+    }
+    while ((pair = fy_node_mapping_iterate(n, &it)) != NULL) {
+        struct fy_node *key = fy_node_pair_key(pair), *value = fy_node_pair_value(pair);
+        int kline = node_line(key, line);
+        struct conf_tag *tag = &t->tags[t->ntags];
+        char tpath[256], *text;
+        const char *k;
+        size_t klen;
+
+        if (key == NULL || fy_node_get_type(key) != FYNT_SCALAR) {
+            conf__error(ctx, kline, path, "tag names must be plain names");
+            continue;
+        }
+        k = fy_node_get_scalar(key, &klen);
+        snprintf(tpath, sizeof(tpath), "%s.%.*s", path, (int)klen, k);
+        if (node_is_null(value)) {
+            conf__error(ctx, kline, tpath, "needs a value");
+            continue;
+        }
+        if ((text = scalar_text(ctx, value, node_line(value, kline), tpath)) == NULL)
+            continue;
+        if (has_control(text)) {
+            conf__error(ctx, kline, tpath, "contains control characters");
+            free(text);
+            continue;
+        }
+        tag->key = strndup(k, klen);
+        tag->value = text;
+        t->ntags++;
+        if (tag->key == NULL)
+            ctx->oom = 1;
+    }
+}
+
+/* ---- validators and setters ---- */
+
+/* Names show up in logs, metrics labels and the cost log. */
+static int check_name(struct conf__ctx *ctx, void *obj, const char *text, int line,
+                      const char *path)
+{
+    for (const char *p = text; *p; p++)
+        if (!isalnum((unsigned char)*p) && !strchr("._-:/@+", *p))
+            return conf__error(ctx, line, path,
+                               "may only hold letters, digits and . _ - : / @ +");
+    return 0;
+}
+
+/* Clients send it in JSON "model"; spaces would only be a typo. */
+static int check_model(struct conf__ctx *ctx, void *obj, const char *text, int line,
+                       const char *path)
+{
+    if (strchr(text, ' '))
+        return conf__error(ctx, line, path, "must not contain spaces");
+    return 0;
+}
+
+/* An HTTP header name (RFC 9110 token). */
+static int check_header(struct conf__ctx *ctx, void *obj, const char *text, int line,
+                        const char *path)
+{
+    for (const char *p = text; *p; p++)
+        if (!isalnum((unsigned char)*p) && !strchr("!#$%&'*+-.^_`|~", *p))
+            return conf__error(ctx, line, path, "is not a valid HTTP header name");
+    return 0;
+}
+
+static int check_readable(struct conf__ctx *ctx, void *obj, const char *text, int line,
+                          const char *path)
+{
+    char q[CONF__QUOTE_SIZE];
+
+    if (access(text, R_OK) != 0)
+        return conf__error(ctx, line, path, "cannot read %s: %s",
+                           conf__quote(q, text, strlen(text)), strerror(errno));
+    return 0;
+}
+
+static int fn_url(struct conf__ctx *ctx, void *obj, const char *text, int line, const char *path)
+{
+    struct conf_backend *b = obj;
+
+    if (conf__parse_url(ctx, b, text, line, path) != 0)
+        return -1;
+    free(b->url);
+    if ((b->url = strdup(text)) == NULL)
+        return ctx->oom = 1, -1;
+    return 0;
+}
+
+static int fn_listen(struct conf__ctx *ctx, void *obj, const char *text, int line,
+                     const char *path)
+{
+    return conf__parse_listen(ctx, text, line, path);
+}
+
+static int fn_redis(struct conf__ctx *ctx, void *obj, const char *text, int line,
+                    const char *path)
+{
+    return conf__parse_redis(ctx, text, line, path);
+}
+
+static void set_tls_verify(void *obj, int on) { ((struct conf_backend *)obj)->tls_verify = on; }
+static void set_free(void *obj, int on) { ((struct conf_backend *)obj)->is_free = on; }
+
+/* ---- the tables ---- */
+
+static const char *const kind_names[] = {"api", "self_hosted", NULL};
+static const char *const tokenizer_names[] = {"estimate", "cl100k_base", "o200k_base", "llama3",
+                                              NULL};
+static const char *const on_failure_names[] = {"fail_open", "fail_closed", NULL};
+static const char *const on_exhausted_names[] = {"reject", "downgrade", NULL};
+
+#define DAY_MS 86400000.0
+#define BIG 1e12
+
+#define R(field) .offset = offsetof(struct conf, field)
+static const struct directive root_directives[CONF__R_COUNT] = {
+    [CONF__R_LISTEN] = {"listen", NULL, T_FN, .fn = fn_listen, .def = "127.0.0.1:8080"},
+    [CONF__R_ADMIN_KEY] = {"admin_key", NULL, T_SECRET, R(admin_key)},
+    [CONF__R_COST_LOG] = {"cost_log", NULL, T_STR, R(cost_log)},
+    [CONF__R_STORE] = {"store", NULL, T_SECTION},
+    [CONF__R_REDIS] = {"redis", "store", T_FN, .fn = fn_redis},
+    [CONF__R_ON_FAILURE] = {"on_failure", "store", T_ENUM, R(store_on_failure),
+                            .names = on_failure_names, .def = "fail_open"},
+    [CONF__R_LIMITS] = {"limits", NULL, T_SECTION},
+    [CONF__R_MAX_HEADER_BYTES] = {"max_header_bytes", "limits", T_SIZE, R(max_header_bytes),
+                                  1024, 16 << 20, "65536"},
+    [CONF__R_MAX_BODY_BYTES] = {"max_body_bytes", "limits", T_SIZE, R(max_body_bytes), 1,
+                                1 << 30, "8388608"},
+    [CONF__R_HEADER_TIMEOUT] = {"header_timeout_ms", "limits", T_INT, R(header_timeout_ms), 1,
+                                DAY_MS, "10000"},
+    [CONF__R_BODY_TIMEOUT] = {"body_timeout_ms", "limits", T_INT, R(body_timeout_ms), 1,
+                              DAY_MS, "30000"},
+    [CONF__R_IDLE_TIMEOUT] = {"idle_timeout_ms", "limits", T_INT, R(idle_timeout_ms), 1,
+                              DAY_MS, "60000"},
+    [CONF__R_MAX_RETRIES] = {"max_retries", "limits", T_INT, R(max_retries), 0, 100, "2"},
+    [CONF__R_MAX_CONNECTIONS] = {"max_connections", "limits", T_SIZE, R(max_connections), 1,
+                                 10000000, "20000"},
+    [CONF__R_BACKENDS] = {"backends", NULL, T_NODE, .node = node_backends, .required = 1},
+    [CONF__R_ROUTES] = {"routes", NULL, T_NODE, .node = node_routes, .required = 1},
+    [CONF__R_TENANTS] = {"tenants", NULL, T_NODE, .node = node_tenants},
+};
+#undef R
+
+#define B(field) .offset = offsetof(struct conf_backend, field)
+static const struct directive backend_directives[CONF__B_COUNT] = {
+    [CONF__B_NAME] = {"name", NULL, T_STR, B(name), .fn = check_name, .required = 1},
+    [CONF__B_KIND] = {"kind", NULL, T_ENUM, B(kind), .names = kind_names, .required = 1},
+    [CONF__B_URL] = {"url", NULL, T_FN, .fn = fn_url, .required = 1},
+    [CONF__B_MODEL] = {"model", NULL, T_STR, B(model), .fn = check_model},
+    [CONF__B_TOKENIZER] = {"tokenizer", NULL, T_ENUM, B(tokenizer), .names = tokenizer_names,
+                           .def = "estimate"},
+    [CONF__B_QUALITY] = {"quality", NULL, T_INT, B(quality), 0, 1000000, "0"},
+    [CONF__B_CONTEXT_WINDOW] = {"context_window", NULL, T_I64, B(context_window), 0, BIG, "0"},
+    [CONF__B_FREE] = {"free", NULL, T_BOOL, .set_flag = set_free, .def = "false"},
+    [CONF__B_GPU_HOURLY_USD] = {"gpu_hourly_usd", NULL, T_DOUBLE, B(gpu_hourly_usd), 0, 1e6,
+                                "0"},
+    [CONF__B_REPLICAS] = {"replicas", NULL, T_INT, B(replicas), 1, 1000000, "1"},
+    [CONF__B_MAX_CONCURRENCY] = {"max_concurrency", NULL, T_INT, B(max_concurrency), 1, 1000000},
+    [CONF__B_TOKENS_PER_SECOND] = {"tokens_per_second", NULL, T_DOUBLE, B(tokens_per_second), 1,
+                                   1e9},
+    [CONF__B_API_KEY] = {"api_key", NULL, T_SECRET, B(api_key)},
+    [CONF__B_AUTH_HEADER] = {"auth_header", NULL, T_STR, B(auth_header), .fn = check_header,
+                             .def = "Authorization"},
+    [CONF__B_INPUT_USD] = {"input_usd_per_mtok", NULL, T_DOUBLE, B(input_usd_per_mtok), 0, 1e6},
+    [CONF__B_OUTPUT_USD] = {"output_usd_per_mtok", NULL, T_DOUBLE, B(output_usd_per_mtok), 0,
+                            1e6},
+    [CONF__B_CACHED_INPUT_USD] = {"cached_input_usd_per_mtok", NULL, T_DOUBLE,
+                                  B(cached_input_usd_per_mtok), 0, 1e6},
+    [CONF__B_CONNECT_TIMEOUT] = {"connect_timeout_ms", NULL, T_INT, B(connect_timeout_ms), 1,
+                                 DAY_MS, "5000"},
+    [CONF__B_FIRST_BYTE_TIMEOUT] = {"first_byte_timeout_ms", NULL, T_INT,
+                                    B(first_byte_timeout_ms), 1, DAY_MS, "60000"},
+    [CONF__B_TOTAL_TIMEOUT] = {"total_timeout_ms", NULL, T_INT, B(total_timeout_ms), 1, DAY_MS,
+                               "600000"},
+    [CONF__B_MAX_IDLE] = {"max_idle_connections", NULL, T_INT, B(max_idle_connections), 0,
+                          1000000, "64"},
+    [CONF__B_CA_FILE] = {"ca_file", NULL, T_STR, B(ca_file), .fn = check_readable},
+    [CONF__B_TLS_VERIFY] = {"tls_verify", NULL, T_BOOL, .set_flag = set_tls_verify,
+                            .def = "true"},
+};
+#undef B
+
+static const struct directive route_directives[CONF__RT_COUNT] = {
+    [CONF__RT_MODEL] = {"model", NULL, T_STR, offsetof(struct conf_route, model),
+                        .fn = check_model, .required = 1},
+    [CONF__RT_CANDIDATES] = {"candidates", NULL, T_NODE, .node = node_candidates,
+                             .required = 1},
+};
+
+#define TN(field) .offset = offsetof(struct conf_tenant, field)
+static const struct directive tenant_directives[CONF__T_COUNT] = {
+    [CONF__T_ID] = {"id", NULL, T_STR, TN(id), .fn = check_name, .required = 1},
+    [CONF__T_API_KEYS] = {"api_keys", NULL, T_NODE, .node = node_api_keys, .required = 1},
+    [CONF__T_BUDGET] = {"budget", NULL, T_SECTION},
+    [CONF__T_DAILY_USD] = {"daily_usd", "budget", T_DOUBLE, TN(daily_usd), 0, BIG, "0"},
+    [CONF__T_MONTHLY_USD] = {"monthly_usd", "budget", T_DOUBLE, TN(monthly_usd), 0, BIG, "0"},
+    [CONF__T_ON_EXHAUSTED] = {"on_exhausted", "budget", T_ENUM, TN(on_exhausted),
+                              .names = on_exhausted_names, .def = "reject"},
+    [CONF__T_SLO] = {"slo", NULL, T_SECTION},
+    [CONF__T_MAX_TTFT_MS] = {"max_ttft_ms", "slo", T_INT, TN(max_ttft_ms), 0, DAY_MS, "0"},
+    [CONF__T_MIN_QUALITY] = {"min_quality", "slo", T_INT, TN(min_quality), 0, 1000000, "0"},
+    [CONF__T_TAGS] = {"tags", NULL, T_NODE, .node = node_tags},
+};
+#undef TN
+
+static const struct table root_table = {root_directives, CONF__R_COUNT, (size_t)-1};
+static const struct table backend_table = {backend_directives, CONF__B_COUNT,
+                                           offsetof(struct conf_backend, line)};
+static const struct table route_table = {route_directives, CONF__RT_COUNT,
+                                         offsetof(struct conf_route, line)};
+static const struct table tenant_table = {tenant_directives, CONF__T_COUNT,
+                                          offsetof(struct conf_tenant, line)};
+_Static_assert(CONF__B_COUNT <= 64 && CONF__R_COUNT <= 64, "conf__meta.set holds 64 bits");
+
+/* ---- phases ---- */
+
+int conf__parse(struct conf__ctx *ctx, struct fy_node *root)
+{
+    ctx->root.line = node_line(root, 1);
+    if (root == NULL)
+        return conf__error(ctx, 1, "(top level)", "the file is empty");
+    if (fy_node_get_type(root) != FYNT_MAPPING)
+        return conf__error(ctx, ctx->root.line, "(top level)", "expected a mapping, got %s",
+                           node_kind(root));
+    parse_mapping(ctx, &root_table, NULL, ctx->conf, &ctx->root, root, 1, "");
+    return 0;
+}
+
+void conf__defaults(struct conf__ctx *ctx)
+{
+    struct conf *c = ctx->conf;
+    char path[64];
+
+    apply_defaults(ctx, &root_table, c, &ctx->root, "");
+    for (size_t i = 0; i < c->nbackends; i++) {
+        struct conf_backend *b = &c->backends[i];
+
+        snprintf(path, sizeof(path), "backends[%zu]", i);
+        apply_defaults(ctx, &backend_table, b, &ctx->backend_meta[i], path);
+        /* no cached-input discount unless one is given */
+        if (!(ctx->backend_meta[i].set & (1ull << CONF__B_CACHED_INPUT_USD)))
+            b->cached_input_usd_per_mtok = b->input_usd_per_mtok;
+    }
+    for (size_t i = 0; i < c->nroutes; i++) {
+        snprintf(path, sizeof(path), "routes[%zu]", i);
+        apply_defaults(ctx, &route_table, &c->routes[i], &ctx->route_meta[i], path);
+    }
+    for (size_t i = 0; i < c->ntenants; i++) {
+        snprintf(path, sizeof(path), "tenants[%zu]", i);
+        apply_defaults(ctx, &tenant_table, &c->tenants[i], &ctx->tenant_meta[i], path);
+    }
+}

@@ -1,0 +1,463 @@
+/*
+ * tests/conf/test_conf.c: conf/ against real files.
+ *
+ * The error cases are a table: each names a file (most in
+ * tests/conf/data/), the environment to load it with, every line the
+ * report must hold (exactly, in order, nothing else) and secrets that must
+ * not appear in it. The other tests load valid files (conf/demo.yaml,
+ * conf/example.yaml, generated ones) and check the parsed values and the
+ * lookups.
+ */
+#include <criterion/criterion.h>
+#include <criterion/parameterized.h>
+#include <openssl/sha.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "conf/conf.h"
+
+/* `rel` under the source tree (COSTROUTER_SRC, set by tests/run.sh). */
+static const char *src_path(const char *rel)
+{
+    static char path[2048];
+    const char *src = getenv("COSTROUTER_SRC");
+
+    snprintf(path, sizeof(path), "%s/%s", src ? src : ".", rel);
+    return path;
+}
+
+/* Apply "NAME=value" settings; "NAME" alone unsets NAME. */
+static void set_env(const char *const *env)
+{
+    for (; env && *env; env++) {
+        const char *eq = strchr(*env, '=');
+        char name[128];
+
+        if (eq == NULL) {
+            unsetenv(*env);
+            continue;
+        }
+        snprintf(name, sizeof(name), "%.*s", (int)(eq - *env), *env);
+        setenv(name, eq + 1, 1);
+    }
+}
+
+static struct conf *load_ok(const char *rel)
+{
+    char *errors = (char *)"unset";
+    struct conf *c = conf_load(src_path(rel), &errors);
+
+    cr_assert_not_null(c, "%s failed to load:\n%s", rel, errors ? errors : "(no text)");
+    cr_assert_null(errors);
+    return c;
+}
+
+/* ---- the error table ---- */
+
+struct error_case {
+    const char *file;          /* relative to the source tree */
+    const char *env[7];        /* "NAME=value" to set, "NAME" to unset; NULL-ended */
+    const char *lines[24];     /* expected report lines, after "PATH:" */
+    const char *absent[5];     /* must not appear anywhere in the report */
+};
+
+#define DATA "tests/conf/data/"
+#define SH "missing: a self_hosted backend needs it unless it says free: true"
+#define API "missing: an api backend needs it unless it says free: true"
+
+static struct error_case error_cases[] = {
+    {.file = DATA "unknown_keys.yaml", .lines =
+     {"3: cost_logg: unknown key (did you mean \"cost_log\"?)",
+      "5: store.redsi: unknown key (did you mean \"redis\"?)",
+      "10: backends[0].qualty: unknown key (did you mean \"quality\"?)",
+      "13: backends[0].colour: unknown key",
+      "20: tenants[0].budget.monthy_usd: unknown key (did you mean \"monthly_usd\"?)"}},
+    {.file = DATA "types.yaml", .lines =
+     {"2: listen: needs HOST:PORT with a port in 0..65535",
+      "4: limits.max_body_bytes: expected an integer, got \"lots\"",
+      "5: limits.max_retries: -1 is out of range 0..100",
+      "6: store.on_failure: unknown value \"fail_sometimes\" (expected one of: fail_open, "
+      "fail_closed)",
+      "11: backends[0].tokenizer: unknown value \"gpt2\" (expected one of: estimate, "
+      "cl100k_base, o200k_base, llama3)",
+      "12: backends[0].quality: -1 is out of range 0..1000000",
+      "13: backends[0].context_window: expected an integer, got \"1.5\"",
+      "14: backends[0].gpu_hourly_usd: -2 is out of range 0..1e+06",
+      "15: backends[0].replicas: 0 is out of range 1..1000000",
+      "18: backends[0].tls_verify: expected true or false, got \"maybe\"",
+      "20: backends[1].kind: unknown value \"apii\" (expected one of: api, self_hosted)",
+      "22: backends[1].input_usd_per_mtok: expected a number, got \"1e400\"",
+      "23: backends[1].output_usd_per_mtok: expected a number, got \"nan\"",
+      "24: backends[1].connect_timeout_ms: 0 is out of range 1..86400000",
+      "25: backends[2].name: may only hold letters, digits and . _ - : / @ +",
+      "29: backends[2].auth_header: is not a valid HTTP header name",
+      "32: routes[0].candidates: expected a list, got a scalar",
+      "33: tenants: expected a list, got a mapping"}},
+    {.file = DATA "cross.yaml", .lines =
+     {"3: backends[0].replicas: " SH, "3: backends[0].max_concurrency: " SH,
+      "3: backends[0].tokens_per_second: " SH,
+      "8: backends[0].input_usd_per_mtok: only applies to kind: api",
+      "9: backends[1].input_usd_per_mtok: " API,
+      "14: backends[1].replicas: only applies to kind: self_hosted",
+      "15: backends[2].name: duplicate backend \"gpu-a\" (first at line 3)",
+      "22: routes[0].candidates[1]: unknown backend \"gpu-b\"",
+      "22: routes[0].candidates[3]: backend \"api-b\" is listed twice",
+      "25: routes[2].model: duplicate route \"chat\" (first at line 21)",
+      "31: tenants[0].slo.min_quality: 3 is above the quality of every route candidate "
+      "(best: 2)",
+      "35: tenants[1].api_keys[1]: duplicate key (first at line 30)",
+      "36: tenants[2].id: duplicate tenant \"t1\" (first at line 28)"}},
+    {.file = DATA "missing.yaml", .lines =
+     {"2: (top level): missing required key \"routes\"",
+      "3: backends[0]: missing required key \"url\"",
+      "7: backends[1]: missing required key \"name\"",
+      "11: tenants[0]: missing required key \"api_keys\""}},
+    {.file = DATA "env.yaml",
+     .env = {"CONF_TEST_HOST", "CONF_TEST_PORT=1", "CONF_TEST_ADMIN", "CONF_TEST_UPSTREAM_KEY",
+      "CONF_TEST_QUALITY", "CONF_TEST_TEAM"},
+     .lines = {"2: listen: environment variable CONF_TEST_HOST is not set",
+      "3: admin_key: environment variable CONF_TEST_ADMIN is not set",
+      "4: cost_log: environment variable CONF_TEST_HOST is not set",
+      "8: backends[0].url: environment variable CONF_TEST_HOST is not set",
+      "9: backends[0].api_key: environment variable CONF_TEST_UPSTREAM_KEY is not set",
+      "11: backends[0].quality: environment variable CONF_TEST_QUALITY is not set",
+      "20: tenants[0].tags.team: environment variable CONF_TEST_TEAM is not set"}},
+    {.file = DATA "env.yaml",
+     .env = {"CONF_TEST_HOST=example.com", "CONF_TEST_PORT=99999", "CONF_TEST_ADMIN=a",
+      "CONF_TEST_UPSTREAM_KEY=sk-upstream-in-env", "CONF_TEST_QUALITY=high",
+      "CONF_TEST_TEAM=t"},
+     .lines = {"2: listen: needs HOST:PORT with a port in 0..65535",
+      "8: backends[0].url: has a port outside 1..65535",
+      "11: backends[0].quality: expected an integer, got \"high\""},
+     .absent = {"sk-upstream-in-env"}},
+    {.file = DATA "secrets.yaml",
+     .env = {"CONF_TEST_SECRET_WITH_NEWLINE=admin-secret-part1\nadmin-secret-part2",
+      "CONF_TEST_UNSET_SECRET"},
+     .lines = {"2: admin_key: contains control characters",
+      "3: store.redis: has a port outside 1..65535",
+      "7: backends[0].url: must not hold credentials: use api_key",
+      "8: backends[0].api_key: environment variable CONF_TEST_UNSET_SECRET is not set",
+      "16: tenants[0].api_keys[0]: expected \"sha256:\" and 64 hex digits (the SHA-256 of the "
+      "key, never the key itself)"},
+     .absent = {"admin-secret", "hunter2", "sk-in-url-secret", "sk-raw-tenant-secret"}},
+    {.file = DATA "urls.yaml", .lines =
+     {"2: listen: has an invalid port",
+      "4: backends[0].url: must start with http:// or https://",
+      "5: backends[1].url: has no host",
+      "6: backends[2].url: must not have a query or fragment",
+      "7: backends[3].url: has a port outside 1..65535",
+      "8: backends[4].url: has an invalid IPv6 address",
+      "9: backends[5].url: must not contain spaces or control characters"}},
+    {.file = DATA "syntax.yaml",
+     .lines = {"5: (yaml): flow sequence without a closing bracket"}},
+    {.file = DATA "empty.yaml", .lines = {"1: (top level): the file is empty"}},
+    {.file = DATA "no-such-file.yaml", .lines =
+     {"1: (file): cannot open: No such file or directory"}},
+    {.file = "conf/example.yaml", .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY"},
+     .lines = {"11: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
+      "48: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
+};
+
+#define NCASES (sizeof(error_cases) / sizeof(error_cases[0]))
+
+/* Criterion copies the parameters into each test process, which is a new
+ * exec with its own address layout: pointers to static strings would
+ * dangle there. So the parameter is an index into error_cases. */
+ParameterizedTestParameters(conf, errors)
+{
+    static size_t index[NCASES];
+
+    for (size_t i = 0; i < NCASES; i++)
+        index[i] = i;
+    return cr_make_param_array(size_t, index, NCASES);
+}
+
+ParameterizedTest(size_t *case_index, conf, errors, .timeout = 10)
+{
+    const struct error_case *tc = &error_cases[*case_index];
+    char *errors = NULL, *line, *save = NULL, want[4096];
+    const char *path = src_path(tc->file);
+    struct conf *c;
+    size_t n = 0;
+
+    set_env(tc->env);
+    c = conf_load(path, &errors);
+    cr_assert_null(c, "%s loaded but should not have", tc->file);
+    cr_assert_not_null(errors);
+    for (size_t i = 0; i < 5 && tc->absent[i]; i++)
+        cr_expect_null(strstr(errors, tc->absent[i]), "%s: a secret leaked into:\n%s", tc->file,
+                       errors);
+    for (line = strtok_r(errors, "\n", &save); line; line = strtok_r(NULL, "\n", &save), n++) {
+        cr_assert_lt(n, 24, "%s: more errors than expected: %s", tc->file, line);
+        cr_assert_not_null(tc->lines[n], "%s: unexpected extra error: %s", tc->file, line);
+        snprintf(want, sizeof(want), "%s:%s", path, tc->lines[n]);
+        cr_expect_str_eq(line, want, "%s: error %zu", tc->file, n);
+    }
+    cr_expect(n == 24 || tc->lines[n] == NULL, "%s: missing error: %s", tc->file,
+              n < 24 ? tc->lines[n] : "");
+    free(errors);
+}
+
+/* ---- valid files ---- */
+
+Test(conf, demo_loads_with_its_values_and_defaults, .timeout = 10)
+{
+    struct conf *c = load_ok("conf/demo.yaml");
+    const struct conf_backend *gpu, *api;
+    const struct conf_tenant *t;
+
+    cr_expect_str_eq(c->listen_host, "127.0.0.1");
+    cr_expect_eq(c->listen_port, 8080);
+    cr_expect_str_eq(c->cost_log, "build/demo-cost.jsonl");
+    cr_expect_null(c->admin_key);
+    cr_expect_null(c->redis_url);
+    cr_expect_eq(c->store_on_failure, CONF_FAIL_OPEN);
+    /* limits: all defaults */
+    cr_expect_eq(c->max_header_bytes, 64 * 1024);
+    cr_expect_eq(c->max_body_bytes, 8 * 1024 * 1024);
+    cr_expect_eq(c->header_timeout_ms, 10000);
+    cr_expect_eq(c->body_timeout_ms, 30000);
+    cr_expect_eq(c->idle_timeout_ms, 60000);
+    cr_expect_eq(c->max_retries, 2);
+    cr_expect_eq(c->max_connections, 20000);
+
+    gpu = conf_find_backend(c, "gpu-llama-8b");
+    cr_assert_not_null(gpu);
+    cr_expect_eq(gpu->kind, CONF_BACKEND_SELF_HOSTED);
+    cr_expect_eq(gpu->tokenizer, CONF_TOK_LLAMA3);
+    cr_expect_eq(gpu->quality, 2);
+    cr_expect_float_eq(gpu->gpu_hourly_usd, 2.50, 1e-9);
+    cr_expect_eq(gpu->replicas, 1);
+    cr_expect_eq(gpu->max_concurrency, 16);
+    cr_expect_float_eq(gpu->tokens_per_second, 1500, 1e-9);
+    cr_expect_eq(gpu->tls, 0);
+    cr_expect_str_eq(gpu->host, "127.0.0.1");
+    cr_expect_eq(gpu->port, 9101);
+    cr_expect_str_eq(gpu->base_path, "/v1");
+    cr_expect_null(gpu->api_key);
+    cr_expect_eq(gpu->connect_timeout_ms, 5000);
+    cr_expect_eq(gpu->first_byte_timeout_ms, 60000);
+    cr_expect_eq(gpu->total_timeout_ms, 600000);
+    cr_expect_eq(gpu->max_idle_connections, 64);
+    cr_expect_eq(gpu->tls_verify, 1);
+    cr_expect_eq(gpu->is_free, 0);
+    cr_expect_str_eq(gpu->auth_header, "Authorization");
+    cr_expect_eq(&c->backends[gpu->index], gpu);
+
+    api = conf_find_backend(c, "api-gpt-4o-mini");
+    cr_assert_not_null(api);
+    cr_expect_eq(api->kind, CONF_BACKEND_API);
+    cr_expect_str_eq(api->api_key, "sk-mock-upstream");
+    cr_expect_str_eq(api->model, "gpt-4o-mini");
+    cr_expect_eq(api->tokenizer, CONF_TOK_O200K);
+    cr_expect_eq(api->quality, 3);
+    cr_expect_float_eq(api->input_usd_per_mtok, 0.15, 1e-12);
+    cr_expect_float_eq(api->output_usd_per_mtok, 0.60, 1e-12);
+    cr_expect_float_eq(api->cached_input_usd_per_mtok, 0.075, 1e-12);
+    cr_expect_eq(api->port, 9102);
+
+    cr_assert_eq(c->ntenants, 1);
+    t = &c->tenants[0];
+    cr_expect_str_eq(t->id, "demo");
+    cr_expect_float_eq(t->daily_usd, 5, 1e-12);
+    cr_expect_float_eq(t->monthly_usd, 50, 1e-12);
+    cr_expect_eq(t->on_exhausted, CONF_EXHAUSTED_DOWNGRADE);
+    cr_expect_eq(t->max_ttft_ms, 800);
+    cr_expect_eq(t->min_quality, 1);
+    cr_assert_eq(t->ntags, 2);
+    cr_expect_str_eq(t->tags[0].key, "team");
+    cr_expect_str_eq(t->tags[0].value, "demo");
+    cr_expect_str_eq(t->tags[1].key, "cost_center");
+    cr_expect_str_eq(t->tags[1].value, "cc-000");
+    conf_free(c);
+}
+
+Test(conf, demo_routes_and_tenant_key, .timeout = 10)
+{
+    struct conf *c = load_ok("conf/demo.yaml");
+    /* the model string as it sits in a request body: not NUL-terminated */
+    static const char body[] = "{\"model\":\"chat\",\"x\":\"text-embedding-3-small\"}";
+    const struct conf_route *r;
+    uint8_t h[32];
+
+    r = conf_find_route(c, body + 10, 4);
+    cr_assert_not_null(r);
+    cr_expect_str_eq(r->model, "chat");
+    cr_assert_eq(r->ncandidates, 2);
+    cr_expect_str_eq(r->candidates[0]->name, "gpu-llama-8b");
+    cr_expect_str_eq(r->candidates[1]->name, "api-gpt-4o-mini");
+    cr_expect_null(conf_find_route(c, body + 10, 3), "a prefix of a route is no route");
+    cr_expect_null(conf_find_route(c, body + 10, 5), "nor is a route plus a byte");
+    r = conf_find_route(c, strstr(body, "text-"), strlen("text-embedding-3-small"));
+    cr_assert_not_null(r);
+    cr_expect_str_eq(r->candidates[0]->model, "text-embedding-3-small");
+    r = conf_find_route(c, "gpt-4o-mini", 11);
+    cr_assert_not_null(r);
+    cr_expect_eq(r->candidates[0], conf_find_backend(c, "api-gpt-4o-mini"));
+    cr_expect_null(conf_find_route(c, "", 0));
+    cr_expect_null(conf_find_backend(c, "gpu-llama"));
+
+    SHA256((const unsigned char *)"sk-demo-tenant", 14, h);
+    cr_expect_eq(conf_find_tenant_by_key(c, h), &c->tenants[0]);
+    h[31] ^= 1;
+    cr_expect_null(conf_find_tenant_by_key(c, h), "one bit off is another key");
+    memset(h, 0, sizeof(h));
+    cr_expect_null(conf_find_tenant_by_key(c, h));
+    memset(h, 0xff, sizeof(h));
+    cr_expect_null(conf_find_tenant_by_key(c, h));
+    conf_free(c);
+}
+
+Test(conf, example_loads_with_its_env, .timeout = 10)
+{
+    struct conf *c;
+    const struct conf_backend *b;
+    uint8_t h[32];
+
+    setenv("COSTROUTER_ADMIN_KEY", "admin-secret", 1);
+    setenv("OPENAI_API_KEY", "sk-openai-secret", 1);
+    c = load_ok("conf/example.yaml");
+    cr_expect_str_eq(c->admin_key, "admin-secret");
+    cr_expect_str_eq(c->redis_url, "redis://127.0.0.1:6379/0");
+    cr_expect_str_eq(c->redis_host, "127.0.0.1");
+    cr_expect_eq(c->redis_port, 6379);
+    cr_expect_eq(c->redis_db, 0);
+    cr_expect_null(c->redis_password);
+    b = conf_find_backend(c, "openai-4o-mini");
+    cr_assert_not_null(b);
+    cr_expect_str_eq(b->api_key, "sk-openai-secret");
+    cr_expect_eq(b->tls, 1);
+    cr_expect_str_eq(b->host, "api.openai.com");
+    cr_expect_eq(b->port, 443);
+    cr_expect_str_eq(b->base_path, "/v1");
+    cr_expect_eq(conf_find_backend(c, "gpu-llama-8b")->replicas, 2);
+    cr_assert_eq(c->ntenants, 2);
+    cr_expect_eq(c->tenants[1].on_exhausted, CONF_EXHAUSTED_REJECT);
+    cr_expect_float_eq(c->tenants[1].daily_usd, 0, 1e-12);
+    SHA256((const unsigned char *)"sk-ads-team-example", 19, h);
+    cr_expect_eq(conf_find_tenant_by_key(c, h), &c->tenants[1]);
+    SHA256((const unsigned char *)"sk-search-team-example", 22, h);
+    cr_expect_eq(conf_find_tenant_by_key(c, h), &c->tenants[0]);
+    conf_free(c);
+}
+
+Test(conf, env_interpolation_in_every_scalar, .timeout = 10)
+{
+    struct conf *c;
+    const struct conf_backend *b;
+
+    setenv("CONF_TEST_HOST", "example.com", 1);
+    setenv("CONF_TEST_PORT", "8443", 1);
+    setenv("CONF_TEST_ADMIN", "admin-from-env", 1);
+    setenv("CONF_TEST_UPSTREAM_KEY", "sk-upstream", 1);
+    setenv("CONF_TEST_QUALITY", "7", 1);
+    setenv("CONF_TEST_TEAM", "${CONF_TEST_HOST}", 1); /* values are not expanded again */
+    c = load_ok(DATA "env.yaml");
+    cr_expect_str_eq(c->listen_host, "example.com");
+    cr_expect_eq(c->listen_port, 8443);
+    cr_expect_str_eq(c->admin_key, "admin-from-env");
+    cr_expect_str_eq(c->cost_log, "/tmp/${not_a_var}-example.com.jsonl");
+    b = &c->backends[0];
+    cr_expect_str_eq(b->url, "https://example.com:8443/openai/v1/");
+    cr_expect_eq(b->tls, 1);
+    cr_expect_str_eq(b->host, "example.com");
+    cr_expect_eq(b->port, 8443);
+    cr_expect_str_eq(b->base_path, "/openai/v1");
+    cr_expect_str_eq(b->api_key, "sk-upstream");
+    cr_expect_str_eq(b->auth_header, "x-api-key");
+    cr_expect_eq(b->quality, 7);
+    cr_expect_float_eq(b->cached_input_usd_per_mtok, 1, 1e-12, "defaults to the input price");
+    cr_expect_str_eq(c->tenants[0].tags[0].value, "${CONF_TEST_HOST}");
+    conf_free(c);
+}
+
+Test(conf, url_forms, .timeout = 10)
+{
+    struct conf *c = load_ok(DATA "urls_ok.yaml");
+    const struct conf_backend *b;
+
+    cr_expect_str_eq(c->listen_host, "::1");
+    cr_expect_eq(c->listen_port, 0);
+    cr_expect_str_eq(c->redis_host, "::1");
+    cr_expect_eq(c->redis_port, 6380);
+    cr_expect_eq(c->redis_db, 3);
+    cr_expect_str_eq(c->redis_password, "pw");
+    cr_expect_eq(c->store_on_failure, CONF_FAIL_CLOSED);
+    b = conf_find_backend(c, "v6");
+    cr_expect_str_eq(b->host, "::1");
+    cr_expect_eq(b->host_is_ipv6, 1);
+    cr_expect_eq(b->port, 8443);
+    cr_expect_str_eq(b->base_path, "/v1");
+    b = conf_find_backend(c, "plain");
+    cr_expect_eq(b->tls, 0);
+    cr_expect_eq(b->port, 80);
+    cr_expect_str_eq(b->base_path, "");
+    cr_expect_eq(b->host_is_ipv6, 0);
+    b = conf_find_backend(c, "tls");
+    cr_expect_eq(b->port, 443);
+    cr_expect_eq(b->tls_verify, 0);
+    cr_expect_str_eq(b->base_path, "/openai/v1");
+    conf_free(c);
+}
+
+/* Many entries written in an order unrelated to their sorted order: every
+ * lookup must still find its own entry through the sorted indexes. */
+Test(conf, lookups_over_many_entries, .timeout = 10)
+{
+    enum { N = 300 };
+    char path[] = "/tmp/conf-test-XXXXXX", name[64], key[64];
+    uint8_t h[32];
+    struct conf *c;
+    char *errors = NULL;
+    FILE *f;
+    int fd = mkstemp(path);
+
+    cr_assert_geq(fd, 0);
+    f = fdopen(fd, "w");
+    fprintf(f, "backends:\n");
+    for (int i = 0; i < N; i++)
+        fprintf(f, "  - {name: b%d, kind: api, url: http://127.0.0.1:%d/v1, free: true}\n",
+                (i * 7919) % N, 1000 + i);
+    fprintf(f, "routes:\n");
+    for (int i = 0; i < N; i++)
+        fprintf(f, "  - {model: m%d, candidates: [b%d]}\n", (i * 7919) % N, (i * 7919) % N);
+    fprintf(f, "tenants:\n");
+    for (int i = 0; i < N; i++) {
+        fprintf(f, "  - id: t%d\n    api_keys:\n", i);
+        for (int k = 0; k < 2; k++) {
+            snprintf(key, sizeof(key), "key-%d-%d", i, k);
+            SHA256((const unsigned char *)key, strlen(key), h);
+            fprintf(f, "      - \"sha256:");
+            for (int j = 0; j < 32; j++)
+                fprintf(f, "%02x", h[j]);
+            fprintf(f, "\"\n");
+        }
+    }
+    fclose(f);
+    c = conf_load(path, &errors);
+    unlink(path);
+    cr_assert_not_null(c, "%s", errors ? errors : "");
+    for (int i = 0; i < N; i++) {
+        const struct conf_route *r;
+
+        snprintf(name, sizeof(name), "b%d", i);
+        cr_assert_not_null(conf_find_backend(c, name), "%s", name);
+        cr_expect_str_eq(conf_find_backend(c, name)->name, name);
+        snprintf(name, sizeof(name), "m%dX", i);
+        r = conf_find_route(c, name, strlen(name) - 1);
+        cr_assert_not_null(r, "%s", name);
+        cr_expect_eq(strncmp(r->model, name, strlen(name) - 1), 0);
+        cr_expect_eq(strcmp(r->candidates[0]->name + 1, r->model + 1), 0);
+        for (int k = 0; k < 2; k++) {
+            snprintf(key, sizeof(key), "key-%d-%d", i, k);
+            SHA256((const unsigned char *)key, strlen(key), h);
+            cr_expect_eq(conf_find_tenant_by_key(c, h), &c->tenants[i], "%s", key);
+        }
+    }
+    SHA256((const unsigned char *)"key-none", 8, h);
+    cr_expect_null(conf_find_tenant_by_key(c, h));
+    cr_expect_null(conf_find_backend(c, "b300"));
+    conf_free(c);
+}
