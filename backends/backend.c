@@ -1,0 +1,140 @@
+/* backends/backend.c: live backend state and circuit breaking. */
+#include "backends/backend.h"
+
+#include <stdlib.h>
+
+#include "common/log.h"
+#include "conf/conf.h"
+
+/* Consecutive failures that open the circuit, and how long it stays open
+ * before a half-open probe is allowed. */
+#define BACKEND_FAILURE_LIMIT 3
+#define BACKEND_EJECT_MS 5000
+/* Weight of a new TTFT sample in the moving average. */
+#define BACKEND_TTFT_ALPHA 0.2
+
+struct backend {
+    const struct conf_backend *conf; /* borrowed from the config */
+    unsigned inflight;               /* attempts started, not ended */
+    unsigned failures;               /* consecutive failures */
+    uint64_t ejected_until_ms;       /* circuit open until this loop time */
+    unsigned probing:1;              /* half-open probe in flight */
+    double ttft_ewma_ms;             /* smoothed time to first byte */
+};
+
+struct backend_set {
+    size_t count;             /* number of backends */
+    struct backend items[];   /* one per conf.backends entry, same order */
+};
+
+struct backend_set *backend_set_create(const struct conf *conf)
+{
+    struct backend_set *set = calloc(1, sizeof(*set) + conf->nbackends * sizeof(struct backend));
+
+    if (set == NULL)
+        return NULL;
+    set->count = conf->nbackends;
+    for (size_t i = 0; i < conf->nbackends; i++)
+        set->items[i].conf = &conf->backends[i];
+    return set;
+}
+
+void backend_set_destroy(struct backend_set *set)
+{
+    free(set);
+}
+
+size_t backend_set_count(const struct backend_set *set)
+{
+    return set->count;
+}
+
+struct backend *backend_set_get(struct backend_set *set, size_t index)
+{
+    return index < set->count ? &set->items[index] : NULL;
+}
+
+const struct conf_backend *backend_conf(const struct backend *b)
+{
+    return b->conf;
+}
+
+static int circuit_open(const struct backend *b, uint64_t now_ms)
+{
+    return b->failures >= BACKEND_FAILURE_LIMIT && now_ms < b->ejected_until_ms;
+}
+
+static int circuit_half_open(const struct backend *b, uint64_t now_ms)
+{
+    return b->failures >= BACKEND_FAILURE_LIMIT && now_ms >= b->ejected_until_ms;
+}
+
+int backend_available(const struct backend *b, uint64_t now_ms)
+{
+    if (circuit_open(b, now_ms))
+        return 0;
+    if (circuit_half_open(b, now_ms))
+        return !b->probing;
+    return 1;
+}
+
+void backend_attempt_start(struct backend *b, uint64_t now_ms)
+{
+    b->inflight++;
+    if (circuit_half_open(b, now_ms))
+        b->probing = 1;
+}
+
+void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_ms)
+{
+    if (b->failures >= BACKEND_FAILURE_LIMIT)
+        log_info("backend %s: circuit closed after a successful probe", b->conf->name);
+    b->failures = 0;
+    b->probing = 0;
+    if (b->ttft_ewma_ms == 0)
+        b->ttft_ewma_ms = (double)ttft_ms;
+    else
+        b->ttft_ewma_ms += BACKEND_TTFT_ALPHA * ((double)ttft_ms - b->ttft_ewma_ms);
+}
+
+void backend_attempt_failure(struct backend *b, uint64_t now_ms)
+{
+    b->failures++;
+    b->probing = 0;
+    if (b->failures >= BACKEND_FAILURE_LIMIT) {
+        if (b->failures == BACKEND_FAILURE_LIMIT)
+            log_warn("backend %s: %u consecutive failures, ejected for %d ms", b->conf->name,
+                     b->failures, BACKEND_EJECT_MS);
+        b->ejected_until_ms = now_ms + BACKEND_EJECT_MS;
+    }
+}
+
+void backend_attempt_end(struct backend *b)
+{
+    if (b->inflight > 0)
+        b->inflight--;
+}
+
+unsigned backend_inflight(const struct backend *b)
+{
+    return b->inflight;
+}
+
+double backend_ttft_ewma_ms(const struct backend *b)
+{
+    return b->ttft_ewma_ms;
+}
+
+unsigned backend_consecutive_failures(const struct backend *b)
+{
+    return b->failures;
+}
+
+const char *backend_circuit_name(const struct backend *b, uint64_t now_ms)
+{
+    if (circuit_open(b, now_ms))
+        return "open";
+    if (circuit_half_open(b, now_ms))
+        return "half-open";
+    return "closed";
+}

@@ -1,0 +1,792 @@
+/*
+ * bench/mockllm/api.c: what mockllm answers.
+ *
+ * Endpoints: POST /v1/chat/completions, POST /v1/completions,
+ * POST /v1/embeddings, GET /v1/models, and for tests GET /mock/stats and
+ * GET /mock/last-request. Bodies are parsed with cJSON; answers are built
+ * with printf into reusable buffers.
+ *
+ * prompt_tokens (deterministic, so tests can predict usage):
+ *   words(s) = number of maximal runs of non-whitespace bytes in s
+ *              (whitespace: space, \t, \n, \r, \f, \v).
+ *   chat:        3 + sum over messages of (4 + words(content)); content is
+ *                a string, or an array of parts whose "text" strings count.
+ *   completions: words of "prompt" (a string, or the sum over an array of
+ *                strings); a token-id array counts its length, an array of
+ *                token-id arrays the sum of their lengths.
+ *   embeddings:  the same rule over "input".
+ * completion_tokens = the token count (--tokens / x-mock-tokens, default 16),
+ * capped by max_completion_tokens or max_tokens (finish_reason "length" when
+ * capped, else "stop"). Token i is the word WORDS[i % 16]; the text is the
+ * tokens joined by single spaces, so a stream's deltas are "The", " quick".
+ *
+ * Timing: a streamed token i goes out at ttft + i * token_delay; the SSE
+ * headers go with token 0. A non-streamed completion goes out whole when
+ * its last token would have: ttft + (completion_tokens - 1) * token_delay.
+ * Embeddings and models wait ttft only. Errors and faults are immediate.
+ */
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "bench/mockllm/internal.h"
+#include "common/log.h"
+
+enum endpoint { EP_CHAT, EP_COMPLETIONS, EP_EMBEDDINGS, EP_MODELS };
+
+#define EMBEDDING_DIM 8
+#define MAX_DELAY_MS 600000
+#define MAX_TOKENS 1000000
+
+static const char *const WORDS[16] = {"The",   "quick",  "brown",  "fox",  "jumps", "over",
+                                      "the",   "lazy",   "dog",    "while", "mock",  "tokens",
+                                      "stream", "past",  "the",    "router"};
+
+static struct buf scratch; /* body or event being built; reused */
+
+/* Out of memory in a test double: fail loudly rather than send a truncated
+ * answer that a test could mistake for a router bug. */
+static void put(struct buf *b, const void *p, size_t n)
+{
+    if (buf_append(b, p, n) != 0) {
+        log_error("out of memory");
+        abort();
+    }
+}
+
+static void puts_(struct buf *b, const char *s)
+{
+    put(b, s, strlen(s));
+}
+
+static void putf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void putf(struct buf *b, const char *fmt, ...)
+{
+    char tmp[512];
+    va_list ap;
+    int n;
+
+    va_start(ap, fmt);
+    n = vsnprintf(tmp, sizeof(tmp), fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n >= sizeof(tmp)) {
+        log_error("putf: formatted piece too long");
+        abort();
+    }
+    put(b, tmp, (size_t)n);
+}
+
+/* Append s as the inside of a JSON string (no quotes). */
+static void put_escaped(struct buf *b, const char *s)
+{
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\') {
+            char e[2] = {'\\', (char)ch};
+            put(b, e, 2);
+        } else if (ch < 0x20) {
+            putf(b, "\\u%04x", ch);
+        } else {
+            put(b, s, 1);
+        }
+    }
+}
+
+static int words(const char *s)
+{
+    int n = 0, in_word = 0;
+
+    for (; *s; s++) {
+        int space = *s == ' ' || (*s >= '\t' && *s <= '\r');
+        if (!space && !in_word)
+            n++;
+        in_word = !space;
+    }
+    return n;
+}
+
+static const char *status_text(int status)
+{
+    switch (status) {
+    case 200: return "OK";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 413: return "Payload Too Large";
+    case 429: return "Too Many Requests";
+    case 500: return "Internal Server Error";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    default: return "Status";
+    }
+}
+
+/* Extra header lines for the connection's reuse: HTTP/1.1 defaults to
+ * keep-alive, HTTP/1.0 must be told. */
+static const char *connection_header(const struct mockllm_conn *c)
+{
+    if (!c->keep_alive)
+        return "Connection: close\r\n";
+    if (c->parser.http_major == 1 && c->parser.http_minor == 0)
+        return "Connection: keep-alive\r\n";
+    return "";
+}
+
+/* Append a whole response with a JSON body (taken from scratch) to b. */
+static void put_response(struct mockllm_conn *c, struct buf *b, int status)
+{
+    putf(b, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n%s\r\n",
+         status, status_text(status), scratch.len, connection_header(c));
+    put(b, scratch.data, scratch.len);
+}
+
+/* Answer now with an OpenAI-style error and finish the request. */
+static void answer_error(struct mockllm_conn *c, int status, const char *type, const char *code,
+                         const char *message)
+{
+    buf_reset(&scratch);
+    puts_(&scratch, "{\"error\":{\"message\":\"");
+    put_escaped(&scratch, message);
+    putf(&scratch, "\",\"type\":\"%s\",\"param\":null,\"code\":", type);
+    if (code != NULL)
+        putf(&scratch, "\"%s\"}}", code);
+    else
+        puts_(&scratch, "null}}");
+    put_response(c, &c->out, status);
+    mockllm__conn_done(c);
+}
+
+int mockllm__fault_parse(const char *s)
+{
+    if (strcmp(s, "none") == 0)
+        return MOCKLLM_FAULT_NONE;
+    if (strcmp(s, "stall") == 0)
+        return MOCKLLM_FAULT_STALL;
+    if (strcmp(s, "close-midstream") == 0)
+        return MOCKLLM_FAULT_CLOSE_MIDSTREAM;
+    if (strcmp(s, "close-before-response") == 0)
+        return MOCKLLM_FAULT_CLOSE_BEFORE;
+    if (strcmp(s, "500") == 0)
+        return MOCKLLM_FAULT_500;
+    return -1;
+}
+
+/* Read an integer header in [0, max]. Returns 0 if absent, 1 if stored,
+ * -1 if malformed. */
+static int header_int(const struct mockllm_request *r, const char *name, int max, int *out)
+{
+    const char *v = mockllm__header(r, name);
+    char *end;
+    long n;
+
+    if (v == NULL)
+        return 0;
+    errno = 0;
+    n = strtol(v, &end, 10);
+    if (errno != 0 || end == v || *end != '\0' || n < 0 || n > max)
+        return -1;
+    *out = (int)n;
+    return 1;
+}
+
+/* xorshift64*, uniform in [0, 1). */
+static double next_random(struct mockllm_server *s)
+{
+    uint64_t x = s->rng;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    s->rng = x;
+    return (double)((x * 2685821657736338717ULL) >> 11) / 9007199254740992.0;
+}
+
+/* FNV-1a, to derive an input's embedding. */
+static uint64_t hash_bytes(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *s = p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ s[i]) * 1099511628211ULL;
+    return h;
+}
+
+/* One input of "prompt" / "input": its token count and a hash of it. */
+typedef void input_fn(void *ctx, int tokens, uint64_t hash);
+
+/* Call fn for each input of a prompt/input field (see the rule above).
+ * Returns 0, or -1 if the value has none of the accepted shapes. */
+static int each_input(const cJSON *in, input_fn *fn, void *ctx)
+{
+    const uint64_t basis = 14695981039346656037ULL;
+    const cJSON *e;
+
+    if (cJSON_IsString(in)) {
+        fn(ctx, words(in->valuestring), hash_bytes(basis, in->valuestring,
+                                                   strlen(in->valuestring)));
+        return 0;
+    }
+    if (!cJSON_IsArray(in))
+        return -1;
+    if (cJSON_IsNumber(cJSON_GetArrayItem(in, 0))) {
+        uint64_t h = basis;
+        int n = 0;
+        cJSON_ArrayForEach(e, in) {
+            h = hash_bytes(h, &e->valuedouble, sizeof(e->valuedouble));
+            n++;
+        }
+        fn(ctx, n, h);
+        return 0;
+    }
+    cJSON_ArrayForEach(e, in) {
+        if (cJSON_IsString(e)) {
+            fn(ctx, words(e->valuestring), hash_bytes(basis, e->valuestring,
+                                                      strlen(e->valuestring)));
+        } else if (cJSON_IsArray(e)) {
+            const cJSON *t;
+            uint64_t h = basis;
+            int n = 0;
+            cJSON_ArrayForEach(t, e) {
+                h = hash_bytes(h, &t->valuedouble, sizeof(t->valuedouble));
+                n++;
+            }
+            fn(ctx, n, h);
+        } else {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void sum_tokens(void *ctx, int tokens, uint64_t hash)
+{
+    *(int *)ctx += tokens;
+}
+
+/* State for building the embeddings "data" array. */
+struct embed_ctx {
+    int index;  /* next input's index */
+    int tokens; /* prompt tokens so far */
+};
+
+static void put_embedding(void *ctx, int tokens, uint64_t hash)
+{
+    struct embed_ctx *e = ctx;
+
+    putf(&scratch, "%s{\"object\":\"embedding\",\"index\":%d,\"embedding\":[",
+         e->index ? "," : "", e->index);
+    for (int d = 0; d < EMBEDDING_DIM; d++) {
+        double v = (double)((hash >> (d * 8)) & 0xff) / 127.5 - 1.0;
+        putf(&scratch, "%s%.4f", d ? "," : "", v);
+    }
+    puts_(&scratch, "]}");
+    e->index++;
+    e->tokens += tokens;
+}
+
+static int chat_prompt_tokens(const cJSON *messages)
+{
+    const cJSON *m;
+    int n = 3;
+
+    cJSON_ArrayForEach(m, messages) {
+        const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
+        n += 4;
+        if (cJSON_IsString(content)) {
+            n += words(content->valuestring);
+        } else if (cJSON_IsArray(content)) {
+            const cJSON *part;
+            cJSON_ArrayForEach(part, content) {
+                const cJSON *text = cJSON_GetObjectItemCaseSensitive(part, "text");
+                if (cJSON_IsString(text))
+                    n += words(text->valuestring);
+            }
+        }
+    }
+    return n;
+}
+
+void mockllm__plan_reset(struct mockllm_plan *p)
+{
+    p->endpoint = EP_CHAT;
+    p->stream = 0;
+    p->include_usage = 0;
+    p->started = 0;
+    p->fault = MOCKLLM_FAULT_NONE;
+    p->token_delay_ms = 0;
+    p->tokens = 0;
+    p->sent = 0;
+    p->prompt_tokens = 0;
+    p->finish = "stop";
+    p->id = 0;
+    p->created = 0;
+    buf_reset(&p->model);
+    buf_reset(&p->deferred);
+}
+
+/* The answer is out: end abruptly for close-midstream, else go on. */
+static void finish(struct mockllm_conn *c)
+{
+    if (c->plan.fault == MOCKLLM_FAULT_CLOSE_MIDSTREAM)
+        mockllm__conn_end(c, 1);
+    else
+        mockllm__conn_done(c);
+}
+
+/* Append `"id":...,"object":...,"created":...,"model":...,` to b. */
+static void put_head(struct buf *b, const struct mockllm_plan *p, const char *object)
+{
+    putf(b, "{\"id\":\"%s-mock-%llu\",\"object\":\"%s\",\"created\":%lld,\"model\":\"",
+         p->endpoint == EP_CHAT ? "chatcmpl" : "cmpl", (unsigned long long)p->id, object,
+         p->created);
+    put(b, p->model.data, p->model.len);
+    puts_(b, "\",");
+}
+
+static void put_usage(struct buf *b, const struct mockllm_plan *p)
+{
+    putf(b, "\"usage\":{\"prompt_tokens\":%d,\"completion_tokens\":%d,\"total_tokens\":%d}",
+         p->prompt_tokens, p->tokens, p->prompt_tokens + p->tokens);
+}
+
+/* Append token i as JSON string content, with its leading space. */
+static void put_token(struct buf *b, int i)
+{
+    if (i > 0)
+        put(b, " ", 1);
+    puts_(b, WORDS[i % 16]);
+}
+
+/* Frame the event in scratch as one HTTP chunk on the connection. */
+static void put_event(struct mockllm_conn *c)
+{
+    putf(&c->out, "%zx\r\n", scratch.len);
+    put(&c->out, scratch.data, scratch.len);
+    put(&c->out, "\r\n", 2);
+}
+
+static void put_token_event(struct mockllm_conn *c)
+{
+    struct mockllm_plan *p = &c->plan;
+    int last = p->sent + 1 == p->tokens;
+
+    buf_reset(&scratch);
+    puts_(&scratch, "data: ");
+    if (p->endpoint == EP_CHAT) {
+        put_head(&scratch, p, "chat.completion.chunk");
+        puts_(&scratch, "\"choices\":[{\"index\":0,\"delta\":{");
+        if (p->sent == 0)
+            puts_(&scratch, "\"role\":\"assistant\",");
+        puts_(&scratch, "\"content\":\"");
+    } else {
+        put_head(&scratch, p, "text_completion");
+        puts_(&scratch, "\"choices\":[{\"index\":0,\"text\":\"");
+    }
+    put_token(&scratch, p->sent);
+    puts_(&scratch, p->endpoint == EP_CHAT ? "\"}" : "\"");
+    putf(&scratch, ",\"logprobs\":null,\"finish_reason\":%s%s%s}]", last ? "\"" : "",
+         last ? p->finish : "null", last ? "\"" : "");
+    if (p->include_usage)
+        puts_(&scratch, ",\"usage\":null");
+    puts_(&scratch, "}\n\n");
+    put_event(c);
+    p->sent++;
+}
+
+/* Send what is due now of a streamed answer, then arm the timer for the
+ * next token or finish. */
+static void stream_tick(struct mockllm_conn *c)
+{
+    struct mockllm_plan *p = &c->plan;
+    int cut = p->tokens < 3 ? p->tokens : 3;
+
+    if (!p->started) {
+        putf(&c->out,
+             "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+             "Transfer-Encoding: chunked\r\n%s\r\n",
+             connection_header(c));
+        p->started = 1;
+    }
+    for (;;) {
+        if (p->fault == MOCKLLM_FAULT_CLOSE_MIDSTREAM && p->sent >= cut) {
+            mockllm__conn_end(c, 1);
+            return;
+        }
+        if (p->sent >= p->tokens)
+            break;
+        put_token_event(c);
+        if (p->token_delay_ms > 0 && p->sent < p->tokens) {
+            uv_timer_start(&c->timer, mockllm__on_timer, (uint64_t)p->token_delay_ms, 0);
+            return;
+        }
+    }
+    if (p->include_usage) {
+        buf_reset(&scratch);
+        puts_(&scratch, "data: ");
+        put_head(&scratch, p, p->endpoint == EP_CHAT ? "chat.completion.chunk"
+                                                     : "text_completion");
+        puts_(&scratch, "\"choices\":[],");
+        put_usage(&scratch, p);
+        puts_(&scratch, "}\n\n");
+        put_event(c);
+    }
+    puts_(&c->out, "e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n");
+    finish(c);
+}
+
+void mockllm__on_timer(uv_timer_t *t)
+{
+    struct mockllm_conn *c = t->data;
+
+    if (c->plan.stream) {
+        stream_tick(c);
+    } else {
+        put(&c->out, c->plan.deferred.data, c->plan.deferred.len);
+        finish(c);
+    }
+    mockllm__conn_flush(c);
+}
+
+/* Build the whole non-streamed body of a completion into scratch. */
+static void build_completion(struct mockllm_plan *p)
+{
+    buf_reset(&scratch);
+    if (p->endpoint == EP_CHAT) {
+        put_head(&scratch, p, "chat.completion");
+        puts_(&scratch, "\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\","
+                        "\"content\":\"");
+    } else {
+        put_head(&scratch, p, "text_completion");
+        puts_(&scratch, "\"choices\":[{\"index\":0,\"text\":\"");
+    }
+    for (int i = 0; i < p->tokens; i++)
+        put_token(&scratch, i);
+    puts_(&scratch, p->endpoint == EP_CHAT ? "\"}" : "\"");
+    putf(&scratch, ",\"logprobs\":null,\"finish_reason\":\"%s\"}],", p->finish);
+    put_usage(&scratch, p);
+    puts_(&scratch, "}");
+}
+
+/* Send the response in plan.deferred after delay_ms (now if 0). For
+ * close-midstream only the headers and half the body go out. */
+static void send_deferred(struct mockllm_conn *c, int delay_ms)
+{
+    struct mockllm_plan *p = &c->plan;
+
+    if (p->fault == MOCKLLM_FAULT_CLOSE_MIDSTREAM)
+        p->deferred.len -= scratch.len - scratch.len / 2;
+    if (delay_ms > 0) {
+        uv_timer_start(&c->timer, mockllm__on_timer, (uint64_t)delay_ms, 0);
+        return;
+    }
+    put(&c->out, p->deferred.data, p->deferred.len);
+    finish(c);
+}
+
+/* Per-request settings from x-mock-* headers over the process defaults. */
+struct overrides {
+    int ttft_ms;        /* x-mock-ttft-ms */
+    int token_delay_ms; /* x-mock-token-delay-ms */
+    int tokens;         /* x-mock-tokens */
+    int status;         /* x-mock-status, 0 if absent */
+    int fault;          /* x-mock-fault */
+};
+
+/* Returns the name of the malformed header, or NULL. */
+static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
+{
+    const struct mockllm_opts *opts = &c->srv->opts;
+    const char *fault = mockllm__header(&c->req, "x-mock-fault");
+
+    o->ttft_ms = opts->ttft_ms;
+    o->token_delay_ms = opts->token_delay_ms;
+    o->tokens = opts->tokens;
+    o->status = 0;
+    o->fault = opts->fault;
+    if (header_int(&c->req, "x-mock-ttft-ms", MAX_DELAY_MS, &o->ttft_ms) < 0)
+        return "x-mock-ttft-ms";
+    if (header_int(&c->req, "x-mock-token-delay-ms", MAX_DELAY_MS, &o->token_delay_ms) < 0)
+        return "x-mock-token-delay-ms";
+    if (header_int(&c->req, "x-mock-tokens", MAX_TOKENS, &o->tokens) < 0)
+        return "x-mock-tokens";
+    if (header_int(&c->req, "x-mock-status", 599, &o->status) < 0 ||
+        (o->status != 0 && o->status < 400))
+        return "x-mock-status";
+    if (fault != NULL && (o->fault = mockllm__fault_parse(fault)) < 0)
+        return "x-mock-fault";
+    return NULL;
+}
+
+/* Fill the plan from a parsed body: model, stream flags, token counts. */
+static int plan_from_body(struct mockllm_conn *c, const cJSON *body, const struct overrides *o)
+{
+    struct mockllm_plan *p = &c->plan;
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(body, "model");
+    const cJSON *stream_options = cJSON_GetObjectItemCaseSensitive(body, "stream_options");
+    const cJSON *max = cJSON_GetObjectItemCaseSensitive(body, "max_completion_tokens");
+
+    if (c->srv->opts.model != NULL)
+        put_escaped(&p->model, c->srv->opts.model);
+    else if (cJSON_IsString(model))
+        put_escaped(&p->model, model->valuestring);
+    else
+        puts_(&p->model, "mock-model");
+    p->stream = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(body, "stream"));
+    p->include_usage = p->stream && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(
+                                        stream_options, "include_usage"));
+    p->tokens = o->tokens;
+    if (!cJSON_IsNumber(max))
+        max = cJSON_GetObjectItemCaseSensitive(body, "max_tokens");
+    if (cJSON_IsNumber(max) && max->valuedouble >= 0 && max->valuedouble < p->tokens) {
+        p->tokens = (int)max->valuedouble;
+        p->finish = "length";
+    }
+    p->token_delay_ms = o->token_delay_ms;
+    p->id = ++c->srv->next_id;
+    p->created = (long long)time(NULL);
+    if (p->endpoint == EP_CHAT) {
+        p->prompt_tokens = chat_prompt_tokens(cJSON_GetObjectItemCaseSensitive(body, "messages"));
+        return 0;
+    }
+    if (p->endpoint == EP_COMPLETIONS)
+        return each_input(cJSON_GetObjectItemCaseSensitive(body, "prompt"), sum_tokens,
+                          &p->prompt_tokens);
+    return 0;
+}
+
+/* Embeddings: the body goes to scratch, then the whole response to deferred. */
+static int build_embeddings(struct mockllm_conn *c, const cJSON *body)
+{
+    struct embed_ctx e = {0};
+
+    buf_reset(&scratch);
+    puts_(&scratch, "{\"object\":\"list\",\"data\":[");
+    if (each_input(cJSON_GetObjectItemCaseSensitive(body, "input"), put_embedding, &e) != 0)
+        return -1;
+    puts_(&scratch, "],\"model\":\"");
+    put(&scratch, c->plan.model.data, c->plan.model.len);
+    putf(&scratch, "\",\"usage\":{\"prompt_tokens\":%d,\"total_tokens\":%d}}", e.tokens,
+         e.tokens);
+    return 0;
+}
+
+static void answer_models(struct mockllm_conn *c, int ttft_ms)
+{
+    const char *model = c->srv->opts.model ? c->srv->opts.model : "mock-model";
+
+    buf_reset(&scratch);
+    puts_(&scratch, "{\"object\":\"list\",\"data\":[{\"id\":\"");
+    put_escaped(&scratch, model);
+    puts_(&scratch, "\",\"object\":\"model\",\"created\":0,\"owned_by\":\"mockllm\"}]}");
+    put_response(c, &c->plan.deferred, 200);
+    send_deferred(c, ttft_ms);
+}
+
+/* Which endpoint a path names; -1 if none. Sets *post when it wants POST. */
+static int route(const char *path, size_t len, int *post)
+{
+    static const struct {
+        const char *path; /* exact path */
+        int endpoint;     /* enum endpoint */
+        int post;         /* method: POST (1) or GET (0) */
+    } table[] = {
+        {"/v1/chat/completions", EP_CHAT, 1},
+        {"/v1/completions", EP_COMPLETIONS, 1},
+        {"/v1/embeddings", EP_EMBEDDINGS, 1},
+        {"/v1/models", EP_MODELS, 0},
+    };
+    for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++) {
+        if (strlen(table[i].path) == len && memcmp(table[i].path, path, len) == 0) {
+            *post = table[i].post;
+            return table[i].endpoint;
+        }
+    }
+    return -1;
+}
+
+/* Answer a /v1 request: auth, overrides, routing, faults, then the answer. */
+static void answer_v1(struct mockllm_conn *c, const char *path, size_t path_len)
+{
+    struct mockllm_server *srv = c->srv;
+    struct mockllm_plan *p = &c->plan;
+    const char *auth = mockllm__header(&c->req, "authorization");
+    const char *bad;
+    struct overrides o;
+    cJSON *body = NULL;
+    int post = 0, delay;
+
+    if (srv->opts.require_key != NULL &&
+        (auth == NULL || strncasecmp(auth, "Bearer ", 7) != 0 ||
+         strcmp(auth + 7, srv->opts.require_key) != 0)) {
+        answer_error(c, 401, "invalid_request_error", "invalid_api_key",
+                     "Incorrect API key provided.");
+        return;
+    }
+    if ((bad = read_overrides(c, &o)) != NULL) {
+        char msg[96];
+        snprintf(msg, sizeof(msg), "mockllm: malformed %s header", bad);
+        answer_error(c, 400, "invalid_request_error", NULL, msg);
+        return;
+    }
+    p->endpoint = route(path, path_len, &post);
+    if (p->endpoint < 0) {
+        answer_error(c, 404, "invalid_request_error", "unknown_url", "Unknown request URL.");
+        return;
+    }
+    if (post != (strcmp(c->req.method, "POST") == 0)) {
+        answer_error(c, 405, "invalid_request_error", NULL, "Method not allowed.");
+        return;
+    }
+    if (post) {
+        body = cJSON_ParseWithLength(c->req.body.data ? c->req.body.data : "", c->req.body.len);
+        if (!cJSON_IsObject(body) || plan_from_body(c, body, &o) != 0 ||
+            (p->endpoint == EP_EMBEDDINGS && build_embeddings(c, body) != 0)) {
+            cJSON_Delete(body);
+            answer_error(c, 400, "invalid_request_error", NULL,
+                         "We could not parse the JSON body of your request.");
+            return;
+        }
+        cJSON_Delete(body);
+    }
+    p->fault = o.fault;
+    /* An x-mock-fault header, even "none", takes the request out of the
+     * random --error-rate draw. */
+    if (mockllm__header(&c->req, "x-mock-fault") == NULL && srv->opts.error_rate > 0 &&
+        next_random(srv) < srv->opts.error_rate)
+        p->fault = MOCKLLM_FAULT_500;
+    if (o.status != 0) {
+        answer_error(c, o.status, o.status == 429 ? "rate_limit_exceeded" : "server_error",
+                     "mock_status", "mockllm: status requested by x-mock-status");
+        return;
+    }
+    switch (p->fault) {
+    case MOCKLLM_FAULT_STALL:
+        return; /* busy forever; the connection goes when the client does */
+    case MOCKLLM_FAULT_CLOSE_BEFORE:
+        mockllm__conn_close(c);
+        return;
+    case MOCKLLM_FAULT_500:
+        answer_error(c, 500, "server_error", "mock_fault", "mockllm: injected failure");
+        return;
+    default:
+        break;
+    }
+    if (p->endpoint == EP_MODELS) {
+        answer_models(c, o.ttft_ms);
+        return;
+    }
+    if (p->endpoint == EP_EMBEDDINGS) {
+        put_response(c, &p->deferred, 200);
+        send_deferred(c, o.ttft_ms);
+        return;
+    }
+    if (p->stream) {
+        if (o.ttft_ms > 0)
+            uv_timer_start(&c->timer, mockllm__on_timer, (uint64_t)o.ttft_ms, 0);
+        else
+            stream_tick(c);
+        return;
+    }
+    build_completion(p);
+    put_response(c, &p->deferred, 200);
+    delay = o.ttft_ms + (p->tokens > 1 ? (p->tokens - 1) * p->token_delay_ms : 0);
+    send_deferred(c, delay);
+}
+
+static void answer_stats(struct mockllm_conn *c)
+{
+    buf_reset(&scratch);
+    putf(&scratch, "{\"requests\":%llu,\"connections\":%llu}",
+         (unsigned long long)c->srv->requests, (unsigned long long)c->srv->connections);
+    put_response(c, &c->out, 200);
+    mockllm__conn_done(c);
+}
+
+/* NUL-terminated copy of a buffer's bytes for cJSON (which needs C strings). */
+static char *cstr(const struct buf *b)
+{
+    char *s = malloc(b->len + 1);
+    if (s == NULL) {
+        log_error("out of memory");
+        abort();
+    }
+    if (b->len > 0)
+        memcpy(s, b->data, b->len);
+    s[b->len] = '\0';
+    return s;
+}
+
+static void answer_last_request(struct mockllm_conn *c)
+{
+    const struct mockllm_request *last = &c->srv->last;
+    cJSON *root = cJSON_CreateObject(), *headers = cJSON_CreateObject();
+    const char *h = last->headers.data, *end = h + last->headers.len;
+    char *url = cstr(&last->url), *body = cstr(&last->body), *text;
+
+    cJSON_AddStringToObject(root, "method", last->method ? last->method : "");
+    cJSON_AddStringToObject(root, "path", url);
+    cJSON_AddItemToObject(root, "headers", headers);
+    cJSON_AddStringToObject(root, "body", body);
+    while (h < end) {
+        const char *value = h + strlen(h) + 1;
+        if (value >= end)
+            break;
+        /* A repeated header keeps its last value. */
+        cJSON_DeleteItemFromObjectCaseSensitive(headers, h);
+        cJSON_AddStringToObject(headers, h, value);
+        h = value + strlen(value) + 1;
+    }
+    text = cJSON_PrintUnformatted(root);
+    buf_reset(&scratch);
+    puts_(&scratch, text ? text : "{}");
+    put_response(c, &c->out, 200);
+    cJSON_free(text);
+    cJSON_Delete(root);
+    free(url);
+    free(body);
+    mockllm__conn_done(c);
+}
+
+/* Keep this request as the last one (swapping buffers, no copy). */
+static void remember(struct mockllm_conn *c)
+{
+    struct mockllm_request tmp = c->srv->last;
+    c->srv->last = c->req;
+    c->req = tmp;
+}
+
+void mockllm__dispatch(struct mockllm_conn *c)
+{
+    const char *url = c->req.url.data ? c->req.url.data : "";
+    const char *q = memchr(url, '?', c->req.url.len);
+    size_t len = q ? (size_t)(q - url) : c->req.url.len;
+    int get = c->req.method && strcmp(c->req.method, "GET") == 0;
+
+    mockllm__plan_reset(&c->plan);
+    if (len == 11 && memcmp(url, "/mock/stats", 11) == 0 && get) {
+        answer_stats(c);
+        return;
+    }
+    if (len == 18 && memcmp(url, "/mock/last-request", 18) == 0 && get) {
+        answer_last_request(c);
+        return;
+    }
+    if (len < 4 || memcmp(url, "/v1/", 4) != 0) {
+        answer_error(c, 404, "invalid_request_error", "unknown_url", "Unknown request URL.");
+        return;
+    }
+    c->srv->requests++;
+    answer_v1(c, url, len);
+    remember(c);
+}
+
+void mockllm__api_cleanup(void)
+{
+    buf_free(&scratch);
+}

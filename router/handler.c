@@ -1,0 +1,332 @@
+/*
+ * router/handler.c: what to do with a complete request.
+ *
+ * Routes by path, authenticates the tenant, validates the JSON body and
+ * finds the route the body's "model" names, then hands over to proxy.c.
+ * Answers it makes itself (errors, /healthz, /v1/models) are complete
+ * responses. Every error goes through router__send_error, where each
+ * errstr constant maps once to a status and an OpenAI-style body.
+ */
+#include <cjson/cJSON.h>
+#include <openssl/sha.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/error.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "conf/conf.h"
+#include "router/internal.h"
+
+/* Buffers bigger than this are freed between requests rather than kept,
+ * so an idle keep-alive connection holds little memory. */
+#define ROUTER_KEEP_BUF 16384
+
+struct error_map {
+    const char *errstr; /* constant from common/error.h */
+    int status;         /* HTTP status */
+    const char *type;   /* OpenAI error type */
+    const char *code;   /* OpenAI error code */
+};
+
+static const struct error_map error_maps[] = {
+    {error_bad_json, 400, "invalid_request_error", "invalid_json"},
+    {error_missing_model, 400, "invalid_request_error", "missing_model"},
+    {error_bad_request, 400, "invalid_request_error", "bad_request"},
+    {error_unauthorized, 401, "invalid_request_error", "invalid_api_key"},
+    {error_not_found, 404, "invalid_request_error", "unknown_url"},
+    {error_unknown_model, 404, "invalid_request_error", "model_not_found"},
+    {error_method, 405, "invalid_request_error", "method_not_allowed"},
+    {error_timeout_client, 408, "invalid_request_error", "request_timeout"},
+    {error_body_too_large, 413, "invalid_request_error", "request_too_large"},
+    {error_headers_too_large, 431, "invalid_request_error", "headers_too_large"},
+    {error_budget_exhausted, 429, "insufficient_quota", "budget_exhausted"},
+    {error_rate_limited, 429, "rate_limit_error", "rate_limit_exceeded"},
+    {error_upstream_connect, 502, "api_error", "upstream_connect_failed"},
+    {error_upstream_io, 502, "api_error", "upstream_error"},
+    {error_no_backend, 503, "api_error", "no_backend_available"},
+    {error_upstream_connect_timeout, 504, "api_error", "upstream_connect_timeout"},
+    {error_upstream_first_byte_timeout, 504, "api_error", "upstream_timeout"},
+    {error_upstream_total_timeout, 504, "api_error", "upstream_timeout"},
+    {error_store_unavailable, 503, "api_error", "store_unavailable"},
+    {error_no_memory, 500, "api_error", "internal_error"},
+    {error_internal, 500, "api_error", "internal_error"},
+};
+
+static const struct error_map *error_lookup(const char *errstr)
+{
+    for (size_t i = 0; i < ARRAY_SIZE(error_maps); i++)
+        if (error_maps[i].errstr == errstr)
+            return &error_maps[i];
+    return &error_maps[ARRAY_SIZE(error_maps) - 1];
+}
+
+const char *router__status_text(int status)
+{
+    switch (status) {
+    case 200: return "OK";
+    case 201: return "Created";
+    case 204: return "No Content";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 413: return "Payload Too Large";
+    case 422: return "Unprocessable Entity";
+    case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    default: return status < 300 ? "OK" : status < 500 ? "Client Error" : "Server Error";
+    }
+}
+
+/* Send a whole response the router made itself. */
+void router__send_response(struct router__client *c, int status, const char *content_type,
+                           const char *extra_headers, const char *body, size_t len)
+{
+    struct router__request *req = &c->req;
+    char head[768];
+    int n;
+
+    req->status = status;
+    n = snprintf(head, sizeof(head),
+                 "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                 "x-request-id: %s\r\n%s%s\r\n",
+                 status, router__status_text(status), content_type, len, req->id_str,
+                 extra_headers ? extra_headers : "",
+                 req->keep_alive ? "" : "Connection: close\r\n");
+    if (n < 0 || (size_t)n >= sizeof(head)) {
+        router__client_close(c);
+        return;
+    }
+    uv_buf_t bufs[2] = {uv_buf_init(head, (unsigned)n), uv_buf_init((char *)body, (unsigned)len)};
+    router__client_sendv(c, bufs, len ? 2 : 1);
+    router__client_response_done(c);
+}
+
+/* The OpenAI error object for `errstr` (detail may add context; it must
+ * never contain a secret). Caller frees. */
+char *router__error_json(const char *errstr, const char *detail, int *status)
+{
+    const struct error_map *m = error_lookup(errstr);
+    cJSON *root = cJSON_CreateObject(), *err = cJSON_AddObjectToObject(root, "error");
+    char msg[512];
+    char *out;
+
+    if (detail && *detail)
+        snprintf(msg, sizeof(msg), "%s: %s", errstr, detail);
+    else
+        snprintf(msg, sizeof(msg), "%s", errstr);
+    cJSON_AddStringToObject(err, "message", msg);
+    cJSON_AddStringToObject(err, "type", m->type);
+    cJSON_AddNullToObject(err, "param");
+    cJSON_AddStringToObject(err, "code", m->code);
+    out = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    *status = m->status;
+    return out;
+}
+
+void router__send_error(struct router__client *c, const char *errstr, const char *detail)
+{
+    int status;
+    char *body = router__error_json(errstr, detail, &status);
+
+    if (body == NULL) {
+        router__client_close(c);
+        return;
+    }
+    if (status >= 500 || status == 408 || status == 413 || status == 431)
+        log_info("request %s: %d %s%s%s", c->req.id_str, status, errstr, detail ? ": " : "",
+                 detail ? detail : "");
+    router__send_response(c, status, "application/json", NULL, body, strlen(body));
+    free(body);
+}
+
+static void buf_trim(struct buf *b)
+{
+    if (b->cap > ROUTER_KEEP_BUF)
+        buf_free(b);
+    else
+        buf_reset(b);
+}
+
+void router__request_reset(struct router__request *req)
+{
+    cJSON_Delete(req->json);
+    buf_trim(&req->url);
+    /* The tenant key is a secret: wipe it, do not just forget it. */
+    if (req->auth.data)
+        memset(req->auth.data, 0, req->auth.len);
+    buf_trim(&req->auth);
+    buf_trim(&req->body);
+    buf_trim(&req->hname);
+    buf_trim(&req->hvalue);
+    buf_trim(&req->fwd);
+    buf_trim(&req->up_body);
+    buf_trim(&req->sse);
+    req->json = NULL;
+    req->head_bytes = 0;
+    req->endpoint = ROUTER_EP_NONE;
+    req->tenant = NULL;
+    req->route = NULL;
+    req->error = NULL;
+    req->stream = req->injected_usage = req->keep_alive = req->response_started = 0;
+    req->chunked = req->is_sse = req->upstream_done = req->broken = 0;
+    req->tried = 0;
+    req->attempts = req->fallbacks = 0;
+    req->candidate = -1;
+    req->reason = NULL;
+    req->pool = NULL;
+    req->up = NULL;
+    req->status = 0;
+    req->prompt_tokens = req->completion_tokens = req->cached_tokens = -1;
+    req->start_ms = req->attempt_start_ms = req->ttft_ms = 0;
+}
+
+/* Path without the query string. */
+static struct slice request_path(const struct router__request *req)
+{
+    struct slice s = {req->url.data, req->url.len};
+    const char *q = s.p ? memchr(s.p, '?', s.len) : NULL;
+
+    if (q)
+        s.len = (size_t)(q - s.p);
+    return s;
+}
+
+struct endpoint_def {
+    const char *path;
+    int method; /* llhttp method */
+    enum router__endpoint endpoint;
+};
+
+static const struct endpoint_def endpoints[] = {
+    {"/v1/chat/completions", HTTP_POST, ROUTER_EP_CHAT},
+    {"/v1/completions", HTTP_POST, ROUTER_EP_COMPLETIONS},
+    {"/v1/embeddings", HTTP_POST, ROUTER_EP_EMBEDDINGS},
+    {"/v1/models", HTTP_GET, ROUTER_EP_MODELS},
+    {"/healthz", HTTP_GET, ROUTER_EP_HEALTHZ},
+};
+
+/* Find the endpoint; sets *errstr to error_not_found or error_method. */
+static enum router__endpoint endpoint_find(struct slice path, int method, const char **errstr)
+{
+    for (size_t i = 0; i < ARRAY_SIZE(endpoints); i++) {
+        if (!slice_eq(path, endpoints[i].path))
+            continue;
+        if (endpoints[i].method == method ||
+            (method == HTTP_HEAD && endpoints[i].method == HTTP_GET))
+            return endpoints[i].endpoint;
+        *errstr = error_method;
+        return ROUTER_EP_NONE;
+    }
+    *errstr = error_not_found;
+    return ROUTER_EP_NONE;
+}
+
+/* Tenant for the request's "Authorization: Bearer KEY", or NULL. The key
+ * is hashed at once; only its hash is compared (in constant time). */
+static const struct conf_tenant *authenticate(struct router__client *c)
+{
+    const struct buf *a = &c->req.auth;
+    uint8_t digest[32];
+    size_t skip = 7;
+
+    if (a->len <= skip || strncasecmp(a->data, "Bearer ", skip) != 0)
+        return NULL;
+    while (skip < a->len && a->data[skip] == ' ')
+        skip++;
+    SHA256((const unsigned char *)a->data + skip, a->len - skip, digest);
+    return conf_find_tenant_by_key(c->router->conf, digest);
+}
+
+static void send_models(struct router__client *c)
+{
+    const struct conf *conf = c->router->conf;
+    cJSON *root = cJSON_CreateObject(), *data = cJSON_AddArrayToObject(root, "data");
+    char *body;
+
+    cJSON_AddStringToObject(root, "object", "list");
+    for (size_t i = 0; i < conf->nroutes; i++) {
+        cJSON *m = cJSON_CreateObject();
+
+        cJSON_AddStringToObject(m, "id", conf->routes[i].model);
+        cJSON_AddStringToObject(m, "object", "model");
+        cJSON_AddNumberToObject(m, "created", 0);
+        cJSON_AddStringToObject(m, "owned_by", "costrouter");
+        cJSON_AddItemToArray(data, m);
+    }
+    body = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    if (body == NULL) {
+        router__send_error(c, error_no_memory, NULL);
+        return;
+    }
+    router__send_response(c, 200, "application/json", NULL, body, strlen(body));
+    free(body);
+}
+
+/* Validate the JSON body and find the route its "model" names. */
+static const char *parse_body(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    const cJSON *model, *stream;
+
+    req->json = cJSON_ParseWithLength(req->body.data ? req->body.data : "", req->body.len);
+    if (req->json == NULL || !cJSON_IsObject(req->json))
+        return error_bad_json;
+    model = cJSON_GetObjectItemCaseSensitive(req->json, "model");
+    if (!cJSON_IsString(model) || model->valuestring[0] == '\0')
+        return error_missing_model;
+    req->route = conf_find_route(c->router->conf, model->valuestring, strlen(model->valuestring));
+    if (req->route == NULL)
+        return error_unknown_model;
+    stream = cJSON_GetObjectItemCaseSensitive(req->json, "stream");
+    req->stream = cJSON_IsTrue(stream) && req->endpoint != ROUTER_EP_EMBEDDINGS;
+    return NULL;
+}
+
+void router__handle(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    const char *errstr = NULL;
+    const char *detail = NULL;
+
+    req->id = ++c->router->next_request_id;
+    snprintf(req->id_str, sizeof(req->id_str), "cr-%llx-%llx",
+             (unsigned long long)c->router->start_id, (unsigned long long)req->id);
+    req->start_ms = router__now(c->router);
+    req->endpoint = endpoint_find(request_path(req), llhttp_get_method(&c->parser), &errstr);
+    if (req->endpoint == ROUTER_EP_NONE)
+        goto fail;
+    if (req->endpoint == ROUTER_EP_HEALTHZ) {
+        static const char ok[] = "{\"status\":\"ok\"}";
+        router__send_response(c, 200, "application/json", NULL, ok, sizeof(ok) - 1);
+        return;
+    }
+    req->tenant = authenticate(c);
+    if (req->tenant == NULL) {
+        errstr = error_unauthorized;
+        goto fail;
+    }
+    if (req->endpoint == ROUTER_EP_MODELS) {
+        send_models(c);
+        return;
+    }
+    errstr = parse_body(c);
+    if (errstr == error_unknown_model)
+        detail = cJSON_GetObjectItemCaseSensitive(req->json, "model")->valuestring;
+    if (errstr != NULL)
+        goto fail;
+    router__proxy_start(c);
+    return;
+fail:
+    router__send_error(c, errstr, detail);
+}

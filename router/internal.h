@@ -1,0 +1,257 @@
+/*
+ * router/internal.h: structures shared by the files of router/.
+ *
+ * How a request flows (one client connection, one request at a time):
+ *
+ *   client socket --read--> llhttp (server.c) --message complete-->
+ *   handler.c: route by path, authenticate, parse JSON, find the route
+ *   --> proxy.c: policy picks a candidate, request rewritten for it
+ *   --> upstream.c: pooled connection (plain or TLS) to the backend
+ *   <-- response parsed by llhttp (response mode); status and headers
+ *       decide: a 5xx/429 or an error before the first byte means
+ *       "try the next candidate"; otherwise the head goes to the client
+ *   <-- body forwarded as it arrives (SSE event by event, usage read on
+ *       the way), then the upstream connection returns to its pool and
+ *       the client parser resumes on any pipelined bytes.
+ *
+ * Ownership: each libuv handle is embedded in its owner and freed only in
+ * its close callback. A client owns its current request. An upstream
+ * connection owns the bytes it writes. A client and an upstream
+ * connection point at each other only while an exchange is in flight;
+ * whichever side closes first detaches the other.
+ */
+#ifndef ROUTER_INTERNAL_H
+#define ROUTER_INTERNAL_H
+
+#include <llhttp.h>
+#include <openssl/ssl.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "common/buf.h"
+#include "common/slice.h"
+
+struct conf;
+struct conf_backend;
+struct conf_route;
+struct conf_tenant;
+struct backend;
+struct backend_set;
+struct router__upstream;
+struct cJSON;
+
+/* One pool of idle upstream connections per backend. */
+struct router__pool {
+    struct router *router;                 /* owner */
+    const struct conf_backend *conf;       /* backend this pool connects to */
+    struct backend *backend;               /* live health state */
+    SSL_CTX *ssl_ctx;                      /* NULL for plain http */
+    struct router__upstream *idle_head;    /* idle connections, most recent first */
+    unsigned nidle;                        /* length of the idle list */
+    unsigned nopen;                        /* all open connections of this pool */
+};
+
+struct router {
+    uv_loop_t *loop;                /* the one loop everything runs on */
+    const struct conf *conf;        /* borrowed */
+    uv_tcp_t listener;              /* accepting socket */
+    struct backend_set *backends;   /* live backend state */
+    struct router__pool *pools;     /* one per conf.backends entry */
+    struct router__client *clients; /* all open client connections (list) */
+    size_t nclients;                /* length of that list */
+    uint64_t next_request_id;       /* counter behind request ids */
+    uint64_t start_id;              /* random per process, makes request ids unique across instances */
+    unsigned stopping:1;            /* router_stop called */
+    unsigned listening:1;           /* listener is open */
+};
+
+/* Which endpoint a request is for. */
+enum router__endpoint {
+    ROUTER_EP_NONE,
+    ROUTER_EP_CHAT,        /* POST /v1/chat/completions */
+    ROUTER_EP_COMPLETIONS, /* POST /v1/completions */
+    ROUTER_EP_EMBEDDINGS,  /* POST /v1/embeddings */
+    ROUTER_EP_MODELS,      /* GET /v1/models */
+    ROUTER_EP_HEALTHZ,     /* GET /healthz */
+};
+
+/* Client connection phases, which decide the timer and what reads mean. */
+enum router__client_phase {
+    ROUTER_CLIENT_IDLE,      /* keep-alive, waiting for a request */
+    ROUTER_CLIENT_HEADERS,   /* reading request head */
+    ROUTER_CLIENT_BODY,      /* reading request body */
+    ROUTER_CLIENT_BUSY,      /* request complete, response in progress */
+};
+
+/* The request in progress on a client connection, reset between requests. */
+struct router__request {
+    uint64_t id;                         /* unique within this process */
+    char id_str[24];                     /* id as sent in x-request-id */
+    struct buf url;                      /* request target as received */
+    struct buf auth;                     /* Authorization value (secret; never logged) */
+    struct buf body;                     /* request body */
+    struct buf hname;                    /* header name being assembled */
+    struct buf hvalue;                   /* header value being assembled */
+    struct buf fwd;                      /* client headers to forward upstream */
+    const char *error;                   /* errstr set by a parser callback */
+    size_t head_bytes;                   /* bytes of request head so far */
+    enum router__endpoint endpoint;      /* what the path asked for */
+    const struct conf_tenant *tenant;    /* authenticated tenant */
+    const struct conf_route *route;      /* route named by "model" */
+    struct cJSON *json;                  /* parsed body (owned) */
+    unsigned stream:1;                   /* "stream": true */
+    unsigned injected_usage:1;           /* we added stream_options.include_usage */
+    unsigned keep_alive:1;               /* client wants the connection kept */
+    unsigned response_started:1;         /* any response byte sent to the client */
+    unsigned chunked:1;                  /* response to client is chunked */
+    unsigned is_sse:1;                   /* upstream answers text/event-stream */
+    unsigned upstream_done:1;            /* upstream response fully received */
+    unsigned broken:1;                   /* upstream broke after the response started */
+    /* proxying */
+    uint64_t tried;                      /* candidates tried (bit per index) */
+    unsigned attempts;                   /* attempts made, first included */
+    unsigned fallbacks;                  /* attempts after the first */
+    int candidate;                       /* current candidate index, -1 none */
+    const char *reason;                  /* x-costrouter-reason of the decision */
+    struct router__pool *pool;           /* pool of the current attempt */
+    struct router__upstream *up;         /* upstream connection in use */
+    int status;                          /* status sent to the client */
+    struct buf up_body;                  /* non-SSE upstream body kept for usage */
+    struct buf sse;                      /* partial SSE event */
+    int64_t prompt_tokens;               /* from usage, -1 unknown */
+    int64_t completion_tokens;           /* from usage, -1 unknown */
+    int64_t cached_tokens;               /* usage.prompt_tokens_details.cached_tokens */
+    uint64_t start_ms;                   /* loop time the request was complete */
+    uint64_t attempt_start_ms;           /* loop time of the current attempt */
+    uint64_t ttft_ms;                    /* first response byte, from start */
+};
+
+struct router__client {
+    uv_tcp_t tcp;                        /* the socket; freed in close cb */
+    uv_timer_t timer;                    /* idle/header/body timeout */
+    struct router *router;               /* owner */
+    struct router__client *next, *prev;  /* router's client list */
+    llhttp_t parser;                     /* request parser */
+    struct buf pending;                  /* unparsed bytes after a pause (pipelining) */
+    enum router__client_phase phase;     /* what we wait for */
+    struct router__request req;          /* current request */
+    unsigned closing:1;                  /* close requested */
+    unsigned handles_open;               /* tcp + timer still to close */
+    unsigned reading:1;                  /* uv_read_start active */
+    unsigned in_process:1;               /* client_process is on the stack */
+};
+
+/* Upstream connection states. */
+enum router__upstream_state {
+    ROUTER_UP_RESOLVING,
+    ROUTER_UP_CONNECTING,
+    ROUTER_UP_HANDSHAKE,   /* TLS */
+    ROUTER_UP_WAITING,     /* request sent, no response byte yet */
+    ROUTER_UP_RECEIVING,   /* response in progress */
+    ROUTER_UP_IDLE,        /* in the pool */
+};
+
+struct router__upstream {
+    uv_tcp_t tcp;                         /* the socket; freed in close cb */
+    uv_timer_t timer;                     /* connect / first byte / total / idle */
+    uv_getaddrinfo_t gai;                 /* name resolution in progress */
+    uv_connect_t connect_req;             /* connect in progress */
+    struct router__pool *pool;            /* owner pool */
+    struct router__client *client;        /* client being served, or NULL */
+    struct router__upstream *next_idle;   /* pool idle list */
+    struct router__upstream *prev_idle;
+    llhttp_t parser;                      /* response parser */
+    enum router__upstream_state state;
+    SSL *ssl;                             /* TLS session, NULL for plain */
+    BIO *net_bio;                         /* our end of the TLS BIO pair */
+    struct buf out;                       /* request bytes not yet handed to TLS/socket */
+    struct buf hname, hvalue;             /* response header being assembled */
+    struct buf headers;                   /* response headers to forward, "Name: value\r\n" each */
+    unsigned is_sse:1;                    /* content-type text/event-stream */
+    unsigned reused:1;                    /* came from the idle pool */
+    unsigned got_bytes:1;                 /* any response byte received */
+    unsigned closing:1;
+    unsigned handles_open;                /* tcp + timer still to close */
+    unsigned tcp_open:1;                  /* tcp handle initialised */
+    unsigned paused:1;                    /* reading paused for backpressure */
+    unsigned resolving:1;                 /* uv_getaddrinfo in flight (holds memory) */
+    unsigned complete:1;                  /* llhttp saw the end of the response */
+    unsigned keep_alive:1;                /* that response allows reuse */
+};
+
+/* server.c: client side */
+void router__client_send(struct router__client *c, const char *p, size_t len);
+void router__client_sendv(struct router__client *c, const uv_buf_t *bufs, unsigned nbufs);
+void router__client_response_done(struct router__client *c);
+void router__client_close(struct router__client *c);
+size_t router__client_write_queue(const struct router__client *c);
+uint64_t router__now(const struct router *r);
+
+/* handler.c: what to do with a complete request */
+void router__handle(struct router__client *c);
+/* Send a complete OpenAI-style error response for `errstr`. */
+void router__send_error(struct router__client *c, const char *errstr, const char *detail);
+/* Send a complete response the router made itself. */
+void router__send_response(struct router__client *c, int status, const char *content_type,
+                           const char *extra_headers, const char *body, size_t len);
+/* {"error":{...}} for errstr; sets *status. Caller frees. */
+char *router__error_json(const char *errstr, const char *detail, int *status);
+const char *router__status_text(int status);
+/* Free per-request state. */
+void router__request_reset(struct router__request *req);
+
+/* proxy.c: one request to upstreams, with fallback */
+void router__proxy_start(struct router__client *c);
+/* upstream.c calls these on the client attached to an upstream */
+void router__proxy_on_connected(struct router__client *c);
+int router__proxy_on_head(struct router__client *c, int status, const struct buf *headers,
+                          int64_t content_length, int is_sse);
+void router__proxy_on_body(struct router__client *c, const char *p, size_t len);
+void router__proxy_on_complete(struct router__client *c);
+void router__proxy_on_error(struct router__client *c, const char *errstr);
+/* the client went away or timed out: drop the upstream side */
+void router__proxy_abort(struct router__client *c);
+/* the client's writes drained: resume a paused upstream */
+void router__proxy_on_client_drain(struct router__client *c);
+
+/* upstream.c: pooled connections */
+int router__pools_init(struct router *r);
+/* Close idle connections (at stop). */
+void router__pools_close(struct router *r);
+/* Free TLS contexts and pools after the loop ended. */
+void router__pools_free(struct router *r);
+/* Get an idle or new connection for `c`'s current attempt; the request
+ * bytes in `request` are copied. Progress is reported through proxy
+ * callbacks. Returns 0 or a negative error (reported synchronously). */
+int router__upstream_send(struct router__pool *pool, struct router__client *c, const char *request,
+                          size_t len);
+/* Detach from the client and close (response not wanted any more). */
+void router__upstream_abort(struct router__upstream *u);
+/* Like router__upstream_send, always on a new connection. */
+int router__upstream_send_fresh(struct router__pool *pool, struct router__client *c,
+                                const char *request, size_t len);
+void router__upstream_pause(struct router__upstream *u);
+void router__upstream_resume(struct router__upstream *u);
+
+/* tls.c */
+SSL_CTX *router__tls_client_ctx(const struct conf_backend *b);
+
+/* sse.c: split SSE bytes into events; usage extraction */
+struct router__usage {
+    int64_t prompt_tokens;     /* -1 when absent */
+    int64_t completion_tokens; /* -1 when absent */
+    int64_t cached_tokens;     /* -1 when absent */
+};
+/* Find complete events in `sse` (appended bytes), call `on_event` for
+ * each with the event bytes including its terminating blank line, and
+ * keep the tail. Returns 0, or the first non-zero on_event result. */
+int router__sse_split(struct buf *sse, int (*on_event)(void *arg, const char *p, size_t len),
+                      void *arg);
+/* Read a usage object out of a JSON text (a response or an SSE data
+ * payload). Returns 1 if usage was found, 0 if not. */
+int router__usage_parse(const char *json, size_t len, struct router__usage *out,
+                        int *choices_empty);
+/* Does an SSE event carry a data line? Sets data and data_len to its payload. */
+int router__sse_data(const char *event, size_t len, const char **data, size_t *data_len);
+
+#endif

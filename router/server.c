@@ -1,0 +1,612 @@
+/*
+ * router/server.c: the listening socket and client connections.
+ *
+ * Reads are parsed in place by llhttp; what must outlive a read (URL,
+ * chosen headers, body) is copied into the request. When a request is
+ * complete the parser is paused, so bytes of a pipelined next request
+ * wait in `pending` until the response is done: responses go out in
+ * request order. Reading goes on while a response is in progress so a
+ * client that hangs up is noticed and its upstream dropped.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/error.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "conf/conf.h"
+#include "router/internal.h"
+#include "router/router.h"
+#include "backends/backend.h"
+
+/* Size of the loop-wide read buffer; everything read is consumed or
+ * copied before the next read, so one buffer serves every socket. */
+#define ROUTER_READ_BUF 65536
+/* Stop reading a busy client once this many pipelined bytes wait. */
+#define ROUTER_PENDING_MAX (1u << 20)
+
+static char router_read_buf[ROUTER_READ_BUF];
+
+/* A write that could not go out at once: owns a copy of its bytes. */
+struct client_write {
+    uv_write_t req;               /* libuv request; data unused */
+    struct router__client *client; /* writer */
+    size_t len;                   /* bytes in data */
+    char data[];                  /* the copy */
+};
+
+static llhttp_settings_t client_settings;
+static void client_process(struct router__client *c);
+static void client_start_reading(struct router__client *c);
+
+uint64_t router__now(const struct router *r)
+{
+    return uv_now(r->loop);
+}
+
+static void read_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    buf->base = router_read_buf;
+    buf->len = sizeof(router_read_buf);
+}
+
+/* ---- closing ---- */
+
+static void client_free(struct router__client *c)
+{
+    struct router *r = c->router;
+
+    router__request_reset(&c->req);
+    buf_free(&c->req.url);
+    buf_free(&c->req.auth);
+    buf_free(&c->req.body);
+    buf_free(&c->req.hname);
+    buf_free(&c->req.hvalue);
+    buf_free(&c->req.fwd);
+    buf_free(&c->req.up_body);
+    buf_free(&c->req.sse);
+    buf_free(&c->pending);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        r->clients = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    r->nclients--;
+    free(c);
+}
+
+static void client_handle_closed(uv_handle_t *h)
+{
+    struct router__client *c = h->data;
+
+    if (--c->handles_open == 0)
+        client_free(c);
+}
+
+/* The one close path: marks the client, drops its upstream, closes both
+ * handles; memory goes in the last close callback. */
+void router__client_close(struct router__client *c)
+{
+    if (c->closing)
+        return;
+    c->closing = 1;
+    router__proxy_abort(c);
+    uv_timer_stop(&c->timer);
+    uv_close((uv_handle_t *)&c->tcp, client_handle_closed);
+    uv_close((uv_handle_t *)&c->timer, client_handle_closed);
+}
+
+static void client_shutdown_done(uv_shutdown_t *req, int status)
+{
+    struct router__client *c = req->data;
+
+    free(req);
+    router__client_close(c);
+}
+
+/* Close after queued writes have gone out (Connection: close). */
+static void client_close_after_writes(struct router__client *c)
+{
+    uv_shutdown_t *req;
+
+    if (c->closing)
+        return;
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    c->reading = 0;
+    req = malloc(sizeof(*req));
+    if (req == NULL) {
+        router__client_close(c);
+        return;
+    }
+    req->data = c;
+    if (uv_shutdown(req, (uv_stream_t *)&c->tcp, client_shutdown_done) != 0) {
+        free(req);
+        router__client_close(c);
+    }
+}
+
+/* ---- writing ---- */
+
+size_t router__client_write_queue(const struct router__client *c)
+{
+    return uv_stream_get_write_queue_size((const uv_stream_t *)&c->tcp);
+}
+
+static void client_write_done(uv_write_t *req, int status)
+{
+    struct client_write *w = container_of(req, struct client_write, req);
+    struct router__client *c = w->client;
+
+    free(w);
+    if (status < 0) {
+        if (status != UV_ECANCELED)
+            router__client_close(c);
+        return;
+    }
+    if (!c->closing && router__client_write_queue(c) == 0)
+        router__proxy_on_client_drain(c);
+}
+
+/* Send bytes, trying a direct write first so the common case copies and
+ * allocates nothing; what the socket does not take is copied once. */
+void router__client_sendv(struct router__client *c, const uv_buf_t *bufs, unsigned nbufs)
+{
+    size_t total = 0, skip = 0, off = 0;
+    struct client_write *w;
+    int n;
+
+    if (c->closing)
+        return;
+    for (unsigned i = 0; i < nbufs; i++)
+        total += bufs[i].len;
+    if (total == 0)
+        return;
+    c->req.response_started = 1;
+    if (router__client_write_queue(c) == 0) {
+        n = uv_try_write((uv_stream_t *)&c->tcp, bufs, nbufs);
+        if (n < 0 && n != UV_EAGAIN) {
+            router__client_close(c);
+            return;
+        }
+        if (n > 0)
+            skip = (size_t)n;
+        if (skip == total)
+            return;
+    }
+    w = malloc(sizeof(*w) + total - skip);
+    if (w == NULL) {
+        router__client_close(c);
+        return;
+    }
+    w->client = c;
+    w->len = total - skip;
+    for (unsigned i = 0; i < nbufs; i++) {
+        size_t len = bufs[i].len;
+        const char *p = bufs[i].base;
+
+        if (skip >= len) {
+            skip -= len;
+            continue;
+        }
+        p += skip;
+        len -= skip;
+        skip = 0;
+        memcpy(w->data + off, p, len);
+        off += len;
+    }
+    uv_buf_t b = uv_buf_init(w->data, (unsigned)w->len);
+    if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, client_write_done) != 0) {
+        free(w);
+        router__client_close(c);
+    }
+}
+
+void router__client_send(struct router__client *c, const char *p, size_t len)
+{
+    uv_buf_t b = uv_buf_init((char *)p, (unsigned)len);
+
+    router__client_sendv(c, &b, 1);
+}
+
+/* ---- timers ---- */
+
+static void client_timeout(uv_timer_t *t)
+{
+    struct router__client *c = container_of(t, struct router__client, timer);
+
+    switch (c->phase) {
+    case ROUTER_CLIENT_IDLE:
+        router__client_close(c);
+        break;
+    case ROUTER_CLIENT_HEADERS:
+    case ROUTER_CLIENT_BODY:
+        c->req.keep_alive = 0;
+        c->phase = ROUTER_CLIENT_BUSY;
+        router__send_error(c, error_timeout_client, NULL);
+        break;
+    case ROUTER_CLIENT_BUSY:
+        break;
+    }
+}
+
+static void client_set_phase(struct router__client *c, enum router__client_phase phase)
+{
+    const struct conf *conf = c->router->conf;
+    int ms = 0;
+
+    c->phase = phase;
+    switch (phase) {
+    case ROUTER_CLIENT_IDLE:
+        ms = conf->idle_timeout_ms;
+        break;
+    case ROUTER_CLIENT_HEADERS:
+        ms = conf->header_timeout_ms;
+        break;
+    case ROUTER_CLIENT_BODY:
+        ms = conf->body_timeout_ms;
+        break;
+    case ROUTER_CLIENT_BUSY:
+        uv_timer_stop(&c->timer);
+        return;
+    }
+    if (ms > 0)
+        uv_timer_start(&c->timer, client_timeout, (uint64_t)ms, 0);
+}
+
+/* ---- llhttp callbacks ---- */
+
+static struct router__client *parser_client(llhttp_t *p)
+{
+    return container_of(p, struct router__client, parser);
+}
+
+/* Count head bytes against the limit; -1 stops the parser with 431. */
+static int head_bytes_add(struct router__client *c, size_t len)
+{
+    c->req.head_bytes += len;
+    if (c->req.head_bytes > c->router->conf->max_header_bytes) {
+        c->req.error = error_headers_too_large;
+        return -1;
+    }
+    return 0;
+}
+
+static int on_message_begin(llhttp_t *p)
+{
+    struct router__client *c = parser_client(p);
+
+    router__request_reset(&c->req);
+    client_set_phase(c, ROUTER_CLIENT_HEADERS);
+    return 0;
+}
+
+static int on_url(llhttp_t *p, const char *at, size_t len)
+{
+    struct router__client *c = parser_client(p);
+
+    if (head_bytes_add(c, len) != 0 || buf_append(&c->req.url, at, len) != 0)
+        return -1;
+    return 0;
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t len)
+{
+    struct router__client *c = parser_client(p);
+
+    if (head_bytes_add(c, len) != 0 || buf_append(&c->req.hname, at, len) != 0)
+        return -1;
+    return 0;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t len)
+{
+    struct router__client *c = parser_client(p);
+
+    if (head_bytes_add(c, len) != 0 || buf_append(&c->req.hvalue, at, len) != 0)
+        return -1;
+    return 0;
+}
+
+/* Headers that describe this hop or that we set ourselves: never
+ * forwarded upstream. accept-encoding is dropped so the upstream answers
+ * uncompressed and its usage can be read. */
+static int request_header_is_ours(struct slice name)
+{
+    static const char *const names[] = {
+        "authorization", "host", "content-length", "transfer-encoding", "connection",
+        "keep-alive", "te", "trailer", "upgrade", "proxy-authorization", "proxy-connection",
+        "accept-encoding", "expect", "x-api-key", "api-key", "cookie",
+    };
+
+    for (size_t i = 0; i < ARRAY_SIZE(names); i++)
+        if (slice_caseeq(name, names[i]))
+            return 1;
+    return 0;
+}
+
+static int on_header_value_complete(llhttp_t *p)
+{
+    struct router__client *c = parser_client(p);
+    struct router__request *req = &c->req;
+    struct slice name = {req->hname.data, req->hname.len};
+    int rc = 0;
+
+    if (slice_caseeq(name, "authorization"))
+        rc = buf_append(&req->auth, req->hvalue.data, req->hvalue.len);
+    else if (!request_header_is_ours(name) && name.len > 0)
+        rc = buf_printf(&req->fwd, "%.*s: %.*s\r\n", (int)name.len, name.p, (int)req->hvalue.len,
+                        req->hvalue.data ? req->hvalue.data : "");
+    buf_reset(&req->hname);
+    buf_reset(&req->hvalue);
+    return rc == 0 ? 0 : -1;
+}
+
+static int on_headers_complete(llhttp_t *p)
+{
+    struct router__client *c = parser_client(p);
+
+    if ((p->flags & F_CONTENT_LENGTH) && p->content_length > c->router->conf->max_body_bytes) {
+        c->req.error = error_body_too_large;
+        return -1;
+    }
+    client_set_phase(c, ROUTER_CLIENT_BODY);
+    return 0;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t len)
+{
+    struct router__client *c = parser_client(p);
+
+    if (c->req.body.len + len > c->router->conf->max_body_bytes) {
+        c->req.error = error_body_too_large;
+        return -1;
+    }
+    return buf_append(&c->req.body, at, len) == 0 ? 0 : -1;
+}
+
+static int on_message_complete(llhttp_t *p)
+{
+    struct router__client *c = parser_client(p);
+
+    c->req.keep_alive = llhttp_should_keep_alive(p) ? 1 : 0;
+    client_set_phase(c, ROUTER_CLIENT_BUSY);
+    return HPE_PAUSED;
+}
+
+/* ---- request processing ---- */
+
+/* Parse `len` bytes at `data`. Returns how many were consumed and sets
+ * *complete when a request is complete (the parser is then paused, and
+ * the rest waits for the response to finish). */
+static size_t client_execute(struct router__client *c, const char *data, size_t len, int *complete)
+{
+    enum llhttp_errno err;
+    const char *pos;
+
+    *complete = 0;
+    llhttp_resume(&c->parser);
+    err = llhttp_execute(&c->parser, data, len);
+    if (err == HPE_OK)
+        return len;
+    if (err == HPE_PAUSED) {
+        pos = llhttp_get_error_pos(&c->parser);
+        *complete = 1;
+        return pos ? (size_t)(pos - data) : len;
+    }
+    /* Malformed or over a limit: answer and close; nothing after it can be
+     * trusted to be framed right. */
+    c->req.keep_alive = 0;
+    client_set_phase(c, ROUTER_CLIENT_BUSY);
+    router__send_error(c, c->req.error ? c->req.error : error_bad_request,
+                       c->req.error ? NULL : llhttp_get_error_reason(&c->parser));
+    return len;
+}
+
+/* Work through pipelined bytes while no response is in progress. A loop,
+ * not recursion: a response finished synchronously (an error, /healthz)
+ * only lets the loop go on (in_process stops the nested call). */
+static void client_process(struct router__client *c)
+{
+    size_t used;
+    int complete;
+
+    c->in_process = 1;
+    while (!c->closing && c->phase != ROUTER_CLIENT_BUSY && c->pending.len > 0) {
+        used = client_execute(c, c->pending.data, c->pending.len, &complete);
+        buf_consume(&c->pending, used);
+        if (complete)
+            router__handle(c);
+    }
+    c->in_process = 0;
+    if (!c->closing && !c->reading)
+        client_start_reading(c);
+}
+
+void router__client_response_done(struct router__client *c)
+{
+    if (c->closing)
+        return;
+    if (!c->req.keep_alive || c->router->stopping) {
+        client_close_after_writes(c);
+        return;
+    }
+    router__request_reset(&c->req);
+    client_set_phase(c, ROUTER_CLIENT_IDLE);
+    if (c->pending.len > 0 && !c->in_process)
+        client_process(c);
+}
+
+static void client_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    struct router__client *c = s->data;
+    size_t used;
+    int complete;
+
+    if (nread == 0)
+        return;
+    if (nread < 0) {
+        /* EOF or reset: a request in flight is abandoned with its upstream. */
+        router__client_close(c);
+        return;
+    }
+    if (c->phase == ROUTER_CLIENT_BUSY || c->pending.len > 0) {
+        if (buf_append(&c->pending, buf->base, (size_t)nread) != 0) {
+            router__client_close(c);
+            return;
+        }
+        if (c->pending.len > ROUTER_PENDING_MAX) {
+            uv_read_stop(s);
+            c->reading = 0;
+        }
+        return;
+    }
+    used = client_execute(c, buf->base, (size_t)nread, &complete);
+    if (used < (size_t)nread && !c->closing &&
+        buf_append(&c->pending, buf->base + used, (size_t)nread - used) != 0) {
+        router__client_close(c);
+        return;
+    }
+    if (complete)
+        router__handle(c);
+}
+
+static void client_start_reading(struct router__client *c)
+{
+    if (uv_read_start((uv_stream_t *)&c->tcp, read_alloc, client_read) == 0)
+        c->reading = 1;
+}
+
+/* ---- accepting ---- */
+
+static void on_connection(uv_stream_t *server, int status)
+{
+    struct router *r = server->data;
+    struct router__client *c;
+
+    if (status < 0) {
+        log_warn("accept: %s", uv_strerror(status));
+        return;
+    }
+    c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return;
+    c->router = r;
+    uv_tcp_init(r->loop, &c->tcp);
+    uv_timer_init(r->loop, &c->timer);
+    c->tcp.data = c;
+    c->timer.data = c;
+    c->handles_open = 2;
+    c->next = r->clients;
+    if (r->clients)
+        r->clients->prev = c;
+    r->clients = c;
+    r->nclients++;
+    if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0 || r->nclients > r->conf->max_connections) {
+        router__client_close(c);
+        return;
+    }
+    uv_tcp_nodelay(&c->tcp, 1);
+    llhttp_init(&c->parser, HTTP_REQUEST, &client_settings);
+    c->req.candidate = -1;
+    client_set_phase(c, ROUTER_CLIENT_IDLE);
+    client_start_reading(c);
+}
+
+/* ---- router lifecycle ---- */
+
+struct router *router_create(uv_loop_t *loop, const struct conf *conf)
+{
+    struct router *r = calloc(1, sizeof(*r));
+
+    if (r == NULL)
+        return NULL;
+    llhttp_settings_init(&client_settings);
+    client_settings.on_message_begin = on_message_begin;
+    client_settings.on_url = on_url;
+    client_settings.on_header_field = on_header_field;
+    client_settings.on_header_value = on_header_value;
+    client_settings.on_header_value_complete = on_header_value_complete;
+    client_settings.on_headers_complete = on_headers_complete;
+    client_settings.on_body = on_body;
+    client_settings.on_message_complete = on_message_complete;
+    r->loop = loop;
+    r->conf = conf;
+    r->backends = backend_set_create(conf);
+    if (r->backends == NULL)
+        goto fail;
+    if (router__pools_init(r) != 0)
+        goto fail;
+    return r;
+fail:
+    router_destroy(r);
+    return NULL;
+}
+
+int router_start(struct router *r)
+{
+    struct sockaddr_storage addr;
+    struct sockaddr_storage bound;
+    char host[64];
+    int namelen = sizeof(bound), rc;
+
+    rc = uv_ip4_addr(r->conf->listen_host, r->conf->listen_port, (struct sockaddr_in *)&addr);
+    if (rc != 0)
+        rc = uv_ip6_addr(r->conf->listen_host, r->conf->listen_port, (struct sockaddr_in6 *)&addr);
+    if (rc != 0) {
+        log_error("listen: bad address %s", r->conf->listen_host);
+        return rc;
+    }
+    uv_tcp_init(r->loop, &r->listener);
+    r->listener.data = r;
+    r->listening = 1;
+    rc = uv_tcp_bind(&r->listener, (struct sockaddr *)&addr, 0);
+    if (rc == 0)
+        rc = uv_listen((uv_stream_t *)&r->listener, 1024, on_connection);
+    if (rc != 0) {
+        log_error("listen on %s:%u: %s", r->conf->listen_host, r->conf->listen_port,
+                  uv_strerror(rc));
+        return rc;
+    }
+    uv_tcp_getsockname(&r->listener, (struct sockaddr *)&bound, &namelen);
+    if (bound.ss_family == AF_INET6)
+        uv_ip6_name((struct sockaddr_in6 *)&bound, host, sizeof(host));
+    else
+        uv_ip4_name((struct sockaddr_in *)&bound, host, sizeof(host));
+    rc = ntohs(((struct sockaddr_in *)&bound)->sin_port);
+    log_info("listening on %s:%d", host, rc);
+    printf("listening on %s:%d\n", host, rc);
+    fflush(stdout);
+    return 0;
+}
+
+void router_stop(struct router *r)
+{
+    struct router__client *c, *next;
+
+    if (r->stopping)
+        return;
+    r->stopping = 1;
+    if (r->listening) {
+        uv_close((uv_handle_t *)&r->listener, NULL);
+        r->listening = 0;
+    }
+    /* Idle clients go now; busy ones close when their response is done. */
+    for (c = r->clients; c != NULL; c = next) {
+        next = c->next;
+        if (c->phase == ROUTER_CLIENT_IDLE)
+            router__client_close(c);
+    }
+    router__pools_close(r);
+}
+
+void router_destroy(struct router *r)
+{
+    if (r == NULL)
+        return;
+    router__pools_free(r);
+    backend_set_destroy(r->backends);
+    free(r);
+}

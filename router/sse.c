@@ -1,0 +1,104 @@
+/*
+ * router/sse.c: server-sent events framing and usage extraction.
+ *
+ * Pure functions over bytes, so they are unit-tested without sockets.
+ * Usage is looked for only in payloads that contain "usage", so most
+ * stream events are forwarded without being parsed as JSON.
+ */
+#define _GNU_SOURCE
+#include <cjson/cJSON.h>
+#include <string.h>
+
+#include "router/internal.h"
+
+/* End of the first event in p[0..len): the index just past its blank
+ * line, or 0 if the event is not complete yet. Lines end in \n or \r\n. */
+static size_t event_end(const char *p, size_t len)
+{
+    const char *nl = p, *end = p + len;
+
+    while ((nl = memchr(nl, '\n', (size_t)(end - nl))) != NULL) {
+        nl++;
+        if (nl < end && *nl == '\n')
+            return (size_t)(nl + 1 - p);
+        if (nl + 1 < end && nl[0] == '\r' && nl[1] == '\n')
+            return (size_t)(nl + 2 - p);
+    }
+    return 0;
+}
+
+int router__sse_split(struct buf *sse, int (*on_event)(void *arg, const char *p, size_t len),
+                      void *arg)
+{
+    size_t off = 0, n;
+    int rc = 0;
+
+    while (off < sse->len && (n = event_end(sse->data + off, sse->len - off)) > 0) {
+        rc = on_event(arg, sse->data + off, n);
+        off += n;
+        if (rc != 0)
+            break;
+    }
+    buf_consume(sse, off);
+    return rc;
+}
+
+int router__sse_data(const char *event, size_t len, const char **data, size_t *data_len)
+{
+    const char *p = event, *end = event + len;
+
+    while (p < end) {
+        const char *eol = memchr(p, '\n', (size_t)(end - p));
+        const char *line_end = eol ? eol : end;
+
+        if (line_end > p && line_end[-1] == '\r')
+            line_end--;
+        if ((size_t)(line_end - p) >= 5 && memcmp(p, "data:", 5) == 0) {
+            p += 5;
+            if (p < line_end && *p == ' ')
+                p++;
+            *data = p;
+            *data_len = (size_t)(line_end - p);
+            return 1;
+        }
+        if (eol == NULL)
+            break;
+        p = eol + 1;
+    }
+    return 0;
+}
+
+static int64_t json_int(const cJSON *obj, const char *name)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, name);
+
+    return cJSON_IsNumber(v) && v->valuedouble >= 0 ? (int64_t)v->valuedouble : -1;
+}
+
+int router__usage_parse(const char *json, size_t len, struct router__usage *out,
+                        int *choices_empty)
+{
+    cJSON *root, *usage, *choices, *details;
+    int found = 0;
+
+    *choices_empty = 0;
+    out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
+    if (memmem(json, len, "\"usage\"", 7) == NULL)
+        return 0;
+    root = cJSON_ParseWithLength(json, len);
+    if (root == NULL)
+        return 0;
+    usage = cJSON_GetObjectItemCaseSensitive(root, "usage");
+    if (cJSON_IsObject(usage)) {
+        out->prompt_tokens = json_int(usage, "prompt_tokens");
+        out->completion_tokens = json_int(usage, "completion_tokens");
+        details = cJSON_GetObjectItemCaseSensitive(usage, "prompt_tokens_details");
+        if (cJSON_IsObject(details))
+            out->cached_tokens = json_int(details, "cached_tokens");
+        found = out->prompt_tokens >= 0 || out->completion_tokens >= 0;
+    }
+    choices = cJSON_GetObjectItemCaseSensitive(root, "choices");
+    *choices_empty = cJSON_IsArray(choices) && cJSON_GetArraySize(choices) == 0;
+    cJSON_Delete(root);
+    return found;
+}

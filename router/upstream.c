@@ -1,0 +1,747 @@
+/*
+ * router/upstream.c: connections to backends, pooled per backend.
+ *
+ * A connection is resolved (uv_getaddrinfo, off the loop), connected,
+ * optionally wrapped in TLS (OpenSSL over memory BIOs: ciphertext moves
+ * through libuv, OpenSSL never touches the socket), then carries one
+ * request at a time. Its response is parsed by llhttp and reported to
+ * proxy.c. When the response ends cleanly and both sides allow
+ * keep-alive, the connection goes back to the idle list of its pool.
+ *
+ * One timer per connection follows its phase: connect (incl. TLS
+ * handshake), first byte, total, and idle time in the pool.
+ *
+ * A reused connection can have been closed by the server just as we
+ * picked it; if it fails before any response byte, the request is sent
+ * again once on a fresh connection to the same backend, which is not a
+ * backend failure.
+ */
+#include <netdb.h>
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <arpa/inet.h>
+
+#include "backends/backend.h"
+#include "common/error.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "conf/conf.h"
+#include "router/internal.h"
+
+/* Close pooled connections idle for this long (servers close theirs too). */
+#define UPSTREAM_IDLE_MS 30000
+
+static llhttp_settings_t upstream_settings;
+static char upstream_read_buf[65536];
+static char upstream_plain_buf[65536];
+
+struct upstream_write {
+    uv_write_t req;  /* libuv request */
+    size_t len;      /* bytes in data */
+    char data[];     /* owned copy */
+};
+
+static void upstream_fail(struct router__upstream *u, const char *errstr);
+static void upstream_close(struct router__upstream *u);
+static void upstream_start_request(struct router__upstream *u);
+static void finish_response(struct router__upstream *u, int can_keep);
+
+/* ---- pool ---- */
+
+static void idle_remove(struct router__upstream *u)
+{
+    struct router__pool *pool = u->pool;
+
+    if (u->state != ROUTER_UP_IDLE)
+        return;
+    if (u->prev_idle)
+        u->prev_idle->next_idle = u->next_idle;
+    else
+        pool->idle_head = u->next_idle;
+    if (u->next_idle)
+        u->next_idle->prev_idle = u->prev_idle;
+    u->next_idle = u->prev_idle = NULL;
+    pool->nidle--;
+}
+
+static void idle_timeout(uv_timer_t *t)
+{
+    upstream_close(t->data);
+}
+
+/* Back to the pool after a clean response, or closed if the pool is full
+ * or the router is stopping. */
+static void upstream_release(struct router__upstream *u)
+{
+    struct router__pool *pool = u->pool;
+
+    u->client = NULL;
+    if (pool->router->stopping || pool->nidle >= (unsigned)pool->conf->max_idle_connections) {
+        upstream_close(u);
+        return;
+    }
+    if (u->paused) {
+        u->paused = 0;
+        router__upstream_resume(u);
+    }
+    u->state = ROUTER_UP_IDLE;
+    u->next_idle = pool->idle_head;
+    u->prev_idle = NULL;
+    if (pool->idle_head)
+        pool->idle_head->prev_idle = u;
+    pool->idle_head = u;
+    pool->nidle++;
+    buf_free(&u->out);
+    uv_timer_start(&u->timer, idle_timeout, UPSTREAM_IDLE_MS, 0);
+}
+
+int router__pools_init(struct router *r)
+{
+    const struct conf *conf = r->conf;
+
+    llhttp_settings_init(&upstream_settings);
+    r->pools = calloc(conf->nbackends ? conf->nbackends : 1, sizeof(*r->pools));
+    if (r->pools == NULL)
+        return -1;
+    for (size_t i = 0; i < conf->nbackends; i++) {
+        struct router__pool *pool = &r->pools[i];
+
+        pool->router = r;
+        pool->conf = &conf->backends[i];
+        pool->backend = backend_set_get(r->backends, i);
+        if (pool->conf->tls) {
+            pool->ssl_ctx = router__tls_client_ctx(pool->conf);
+            if (pool->ssl_ctx == NULL)
+                return -1;
+        }
+    }
+    return 0;
+}
+
+void router__pools_close(struct router *r)
+{
+    for (size_t i = 0; i < r->conf->nbackends; i++)
+        while (r->pools[i].idle_head)
+            upstream_close(r->pools[i].idle_head);
+}
+
+void router__pools_free(struct router *r)
+{
+    if (r->pools == NULL)
+        return;
+    for (size_t i = 0; i < r->conf->nbackends; i++)
+        SSL_CTX_free(r->pools[i].ssl_ctx);
+    free(r->pools);
+    r->pools = NULL;
+}
+
+/* ---- closing ---- */
+
+static void upstream_free(struct router__upstream *u)
+{
+    u->pool->nopen--;
+    if (u->ssl)
+        SSL_free(u->ssl);
+    buf_free(&u->out);
+    buf_free(&u->hname);
+    buf_free(&u->hvalue);
+    buf_free(&u->headers);
+    free(u);
+}
+
+static void upstream_handle_closed(uv_handle_t *h)
+{
+    struct router__upstream *u = h->data;
+
+    if (--u->handles_open == 0 && !u->resolving)
+        upstream_free(u);
+}
+
+static void upstream_close(struct router__upstream *u)
+{
+    if (u->closing)
+        return;
+    u->closing = 1;
+    idle_remove(u);
+    u->client = NULL;
+    if (u->resolving)
+        uv_cancel((uv_req_t *)&u->gai);
+    uv_timer_stop(&u->timer);
+    uv_close((uv_handle_t *)&u->tcp, upstream_handle_closed);
+    uv_close((uv_handle_t *)&u->timer, upstream_handle_closed);
+}
+
+void router__upstream_abort(struct router__upstream *u)
+{
+    u->client = NULL;
+    upstream_close(u);
+}
+
+/* ---- timers ---- */
+
+static void phase_timeout(uv_timer_t *t)
+{
+    struct router__upstream *u = t->data;
+
+    switch (u->state) {
+    case ROUTER_UP_RESOLVING:
+    case ROUTER_UP_CONNECTING:
+    case ROUTER_UP_HANDSHAKE:
+        upstream_fail(u, error_upstream_connect_timeout);
+        break;
+    case ROUTER_UP_WAITING:
+        upstream_fail(u, error_upstream_first_byte_timeout);
+        break;
+    case ROUTER_UP_RECEIVING:
+        upstream_fail(u, error_upstream_total_timeout);
+        break;
+    case ROUTER_UP_IDLE:
+        upstream_close(u);
+        break;
+    }
+}
+
+static void timer_arm(struct router__upstream *u, int ms)
+{
+    if (ms > 0)
+        uv_timer_start(&u->timer, phase_timeout, (uint64_t)ms, 0);
+    else
+        uv_timer_stop(&u->timer);
+}
+
+/* ---- failure ---- */
+
+/* Copy of the request for a second try on a fresh connection. */
+static int upstream_retry_fresh(struct router__upstream *u, struct router__client *c)
+{
+    struct buf req = u->out;
+    int rc;
+
+    u->out = (struct buf){0};
+    rc = router__upstream_send_fresh(u->pool, c, req.data, req.len);
+    buf_free(&req);
+    return rc;
+}
+
+static void upstream_fail(struct router__upstream *u, const char *errstr)
+{
+    struct router__client *c = u->client;
+    int retry_fresh = u->reused && !u->got_bytes && c != NULL;
+
+    if (retry_fresh) {
+        log_debug("backend %s: reused connection failed (%s), retrying on a new one",
+                  u->pool->conf->name, errstr);
+        u->client = NULL;
+        if (upstream_retry_fresh(u, c) == 0) {
+            upstream_close(u);
+            return;
+        }
+    }
+    u->client = NULL;
+    upstream_close(u);
+    if (c)
+        router__proxy_on_error(c, errstr);
+}
+
+/* ---- writing ---- */
+
+static void write_done(uv_write_t *req, int status)
+{
+    struct upstream_write *w = container_of(req, struct upstream_write, req);
+    struct router__upstream *u = req->data;
+
+    free(w);
+    if (status < 0 && status != UV_ECANCELED && !u->closing)
+        upstream_fail(u, error_upstream_io);
+}
+
+static int write_bytes(struct router__upstream *u, const char *p, size_t len)
+{
+    struct upstream_write *w;
+    uv_buf_t b;
+
+    if (len == 0)
+        return 0;
+    w = malloc(sizeof(*w) + len);
+    if (w == NULL)
+        return -1;
+    memcpy(w->data, p, len);
+    w->len = len;
+    w->req.data = u;
+    b = uv_buf_init(w->data, (unsigned)len);
+    if (uv_write(&w->req, (uv_stream_t *)&u->tcp, &b, 1, write_done) != 0) {
+        free(w);
+        return -1;
+    }
+    return 0;
+}
+
+/* Move whatever TLS produced for the network onto the socket. */
+static int tls_flush(struct router__upstream *u)
+{
+    BIO *wbio = SSL_get_wbio(u->ssl);
+    char *p;
+    long n = BIO_get_mem_data(wbio, &p);
+    int rc;
+
+    if (n <= 0)
+        return 0;
+    rc = write_bytes(u, p, (size_t)n);
+    (void)BIO_reset(wbio);
+    return rc;
+}
+
+/* Send the request bytes kept in u->out (kept until the response starts
+ * so a reused connection's failure can resend them). */
+static void upstream_start_request(struct router__upstream *u)
+{
+    int rc;
+
+    u->state = ROUTER_UP_WAITING;
+    timer_arm(u, u->pool->conf->first_byte_timeout_ms);
+    if (u->ssl) {
+        rc = SSL_write(u->ssl, u->out.data, (int)u->out.len) > 0 ? 0 : -1;
+        rc = rc ?: tls_flush(u);
+    } else {
+        rc = write_bytes(u, u->out.data, u->out.len);
+    }
+    if (rc != 0)
+        upstream_fail(u, error_upstream_io);
+}
+
+/* ---- TLS handshake ---- */
+
+static void tls_log_error(struct router__upstream *u, const char *what)
+{
+    unsigned long e = ERR_get_error();
+    char msg[256] = "";
+    long verify = SSL_get_verify_result(u->ssl);
+
+    if (e)
+        ERR_error_string_n(e, msg, sizeof(msg));
+    log_warn("backend %s: TLS %s failed: %s%s%s", u->pool->conf->name, what, msg,
+             verify != X509_V_OK ? " certificate: " : "",
+             verify != X509_V_OK ? X509_verify_cert_error_string(verify) : "");
+    ERR_clear_error();
+}
+
+static void tls_handshake_step(struct router__upstream *u)
+{
+    int rc = SSL_do_handshake(u->ssl);
+
+    if (tls_flush(u) != 0) {
+        upstream_fail(u, error_upstream_connect);
+        return;
+    }
+    if (rc == 1) {
+        upstream_start_request(u);
+        return;
+    }
+    if (SSL_get_error(u->ssl, rc) == SSL_ERROR_WANT_READ)
+        return;
+    tls_log_error(u, "handshake");
+    upstream_fail(u, error_upstream_connect);
+}
+
+static int tls_start(struct router__upstream *u)
+{
+    const struct conf_backend *b = u->pool->conf;
+    struct in6_addr addr;
+    int is_ip = inet_pton(AF_INET, b->host, &addr) == 1 || inet_pton(AF_INET6, b->host, &addr) == 1;
+
+    u->ssl = SSL_new(u->pool->ssl_ctx);
+    if (u->ssl == NULL)
+        return -1;
+    SSL_set_bio(u->ssl, BIO_new(BIO_s_mem()), BIO_new(BIO_s_mem()));
+    SSL_set_connect_state(u->ssl);
+    if (!is_ip && SSL_set_tlsext_host_name(u->ssl, b->host) != 1)
+        return -1;
+    if (b->tls_verify) {
+        X509_VERIFY_PARAM *param = SSL_get0_param(u->ssl);
+
+        if (is_ip ? X509_VERIFY_PARAM_set1_ip_asc(param, b->host) != 1
+                  : X509_VERIFY_PARAM_set1_host(param, b->host, 0) != 1)
+            return -1;
+    }
+    u->state = ROUTER_UP_HANDSHAKE;
+    tls_handshake_step(u);
+    return 0;
+}
+
+/* ---- reading ---- */
+
+static void read_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    buf->base = upstream_read_buf;
+    buf->len = sizeof(upstream_read_buf);
+}
+
+/* Feed response bytes to llhttp. Returns -1 once the connection is gone
+ * or handed back (the caller must stop touching it). */
+static int parse_response(struct router__upstream *u, const char *p, size_t len)
+{
+    enum llhttp_errno err;
+
+    if (u->state == ROUTER_UP_IDLE) {
+        /* Bytes nobody asked for: the connection can't be trusted. */
+        upstream_close(u);
+        return -1;
+    }
+    err = llhttp_execute(&u->parser, p, len);
+    if (err == HPE_OK)
+        return u->closing ? -1 : 0;
+    if (u->closing)
+        return -1; /* abandoned by proxy.c */
+    if (err == HPE_PAUSED && u->complete) {
+        /* Bytes after a complete response are a protocol error: no reuse. */
+        const char *pos = llhttp_get_error_pos(&u->parser);
+        finish_response(u, pos == p + len);
+        return -1;
+    }
+    log_warn("backend %s: bad HTTP response: %s", u->pool->conf->name,
+             llhttp_get_error_reason(&u->parser));
+    upstream_fail(u, error_upstream_io);
+    return -1;
+}
+
+static void on_eof(struct router__upstream *u)
+{
+    /* A response delimited by connection close ends here. */
+    if (u->state == ROUTER_UP_RECEIVING && llhttp_finish(&u->parser) == HPE_PAUSED && u->complete) {
+        finish_response(u, 0);
+        return;
+    }
+    if (u->closing)
+        return;
+    if (u->state == ROUTER_UP_IDLE) {
+        upstream_close(u);
+        return;
+    }
+    upstream_fail(u, error_upstream_io);
+}
+
+static void upstream_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    struct router__upstream *u = s->data;
+    int n;
+
+    if (nread == 0 || u->closing)
+        return;
+    if (nread < 0) {
+        on_eof(u);
+        return;
+    }
+    if (u->ssl == NULL) {
+        parse_response(u, buf->base, (size_t)nread);
+        return;
+    }
+    if (BIO_write(SSL_get_rbio(u->ssl), buf->base, (int)nread) != (int)nread) {
+        upstream_fail(u, error_upstream_io);
+        return;
+    }
+    if (u->state == ROUTER_UP_HANDSHAKE) {
+        tls_handshake_step(u);
+        if (u->closing || u->state == ROUTER_UP_HANDSHAKE)
+            return;
+    }
+    while ((n = SSL_read(u->ssl, upstream_plain_buf, sizeof(upstream_plain_buf))) > 0)
+        if (parse_response(u, upstream_plain_buf, (size_t)n) != 0)
+            return;
+    switch (SSL_get_error(u->ssl, n)) {
+    case SSL_ERROR_WANT_READ:
+        if (tls_flush(u) != 0)
+            upstream_fail(u, error_upstream_io);
+        break;
+    case SSL_ERROR_ZERO_RETURN:
+        on_eof(u);
+        break;
+    default:
+        tls_log_error(u, "read");
+        upstream_fail(u, error_upstream_io);
+    }
+}
+
+void router__upstream_pause(struct router__upstream *u)
+{
+    if (u->paused || u->closing)
+        return;
+    u->paused = 1;
+    uv_read_stop((uv_stream_t *)&u->tcp);
+}
+
+void router__upstream_resume(struct router__upstream *u)
+{
+    if (!u->paused || u->closing)
+        return;
+    u->paused = 0;
+    uv_read_start((uv_stream_t *)&u->tcp, read_alloc, upstream_read);
+}
+
+/* ---- llhttp response callbacks ---- */
+
+static struct router__upstream *parser_upstream(llhttp_t *p)
+{
+    return container_of(p, struct router__upstream, parser);
+}
+
+static int on_message_begin(llhttp_t *p)
+{
+    struct router__upstream *u = parser_upstream(p);
+
+    u->got_bytes = 1;
+    u->is_sse = 0;
+    buf_reset(&u->headers);
+    return 0;
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t len)
+{
+    return buf_append(&parser_upstream(p)->hname, at, len) == 0 ? 0 : -1;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t len)
+{
+    return buf_append(&parser_upstream(p)->hvalue, at, len) == 0 ? 0 : -1;
+}
+
+/* Response headers that describe the upstream hop, or that the router
+ * sets itself, are not forwarded. */
+static int response_header_is_ours(struct slice name)
+{
+    static const char *const names[] = {
+        "connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
+        "upgrade", "proxy-connection", "x-request-id", "x-costrouter-backend",
+        "x-costrouter-reason", "x-costrouter-cost-usd",
+    };
+
+    for (size_t i = 0; i < ARRAY_SIZE(names); i++)
+        if (slice_caseeq(name, names[i]))
+            return 1;
+    return 0;
+}
+
+static int on_header_value_complete(llhttp_t *p)
+{
+    struct router__upstream *u = parser_upstream(p);
+    struct slice name = {u->hname.data, u->hname.len};
+    struct slice value = {u->hvalue.data, u->hvalue.len};
+    int rc = 0;
+
+    if (slice_caseeq(name, "content-type") && value.len >= 17 &&
+        strncasecmp(value.p, "text/event-stream", 17) == 0)
+        u->is_sse = 1;
+    if (!response_header_is_ours(name) && name.len > 0)
+        rc = buf_printf(&u->headers, "%.*s: %.*s\r\n", (int)name.len, name.p, (int)value.len,
+                        value.p ? value.p : "");
+    buf_reset(&u->hname);
+    buf_reset(&u->hvalue);
+    return rc == 0 ? 0 : -1;
+}
+
+static int on_headers_complete(llhttp_t *p)
+{
+    struct router__upstream *u = parser_upstream(p);
+    struct router__client *c = u->client;
+    int64_t length = (p->flags & F_CONTENT_LENGTH) && !(p->flags & F_CHUNKED)
+                         ? (int64_t)p->content_length
+                         : -1;
+    const struct conf_backend *b = u->pool->conf;
+    uint64_t elapsed;
+
+    if (c == NULL)
+        return -1;
+    if (p->status_code < 200)
+        return 0; /* 1xx: the real head follows */
+    /* The request bytes are no longer needed for a resend. */
+    buf_free(&u->out);
+    u->state = ROUTER_UP_RECEIVING;
+    elapsed = uv_now(u->pool->router->loop) - c->req.attempt_start_ms;
+    timer_arm(u, b->total_timeout_ms > (int)elapsed ? b->total_timeout_ms - (int)elapsed : 1);
+    if (router__proxy_on_head(c, p->status_code, &u->headers, length, u->is_sse) != 0)
+        return -1;
+    return u->client ? 0 : -1;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t len)
+{
+    struct router__upstream *u = parser_upstream(p);
+
+    if (u->client == NULL)
+        return -1;
+    router__proxy_on_body(u->client, at, len);
+    return u->client && !u->closing ? 0 : -1;
+}
+
+/* Mark the response complete and pause llhttp; finish_response runs
+ * after llhttp_execute returns, when the parser may be reset. */
+static int on_message_complete(llhttp_t *p)
+{
+    struct router__upstream *u = parser_upstream(p);
+
+    if (p->status_code < 200)
+        return 0;
+    u->complete = 1;
+    u->keep_alive = llhttp_should_keep_alive(p) ? 1 : 0;
+    return HPE_PAUSED;
+}
+
+/* The response ended cleanly: pool or close the connection first (so a
+ * pipelined next request can take it), then tell proxy.c. */
+static void finish_response(struct router__upstream *u, int can_keep)
+{
+    struct router__client *c = u->client;
+
+    u->client = NULL;
+    u->complete = 0;
+    if (can_keep && u->keep_alive) {
+        llhttp_init(&u->parser, HTTP_RESPONSE, &upstream_settings);
+        u->got_bytes = 0;
+        u->reused = 0;
+        upstream_release(u);
+    } else {
+        upstream_close(u);
+    }
+    if (c)
+        router__proxy_on_complete(c);
+}
+
+/* ---- connecting ---- */
+
+static void on_connect(uv_connect_t *req, int status)
+{
+    struct router__upstream *u = req->data;
+
+    if (status == UV_ECANCELED || u->closing)
+        return;
+    if (status < 0) {
+        log_info("backend %s: connect to %s:%u: %s", u->pool->conf->name, u->pool->conf->host,
+                 u->pool->conf->port, uv_strerror(status));
+        upstream_fail(u, error_upstream_connect);
+        return;
+    }
+    uv_tcp_nodelay(&u->tcp, 1);
+    if (uv_read_start((uv_stream_t *)&u->tcp, read_alloc, upstream_read) != 0) {
+        upstream_fail(u, error_upstream_connect);
+        return;
+    }
+    if (u->ssl == NULL && u->pool->ssl_ctx) {
+        if (tls_start(u) != 0) {
+            tls_log_error(u, "setup");
+            upstream_fail(u, error_upstream_connect);
+        }
+        return;
+    }
+    upstream_start_request(u);
+}
+
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
+{
+    struct router__upstream *u = req->data;
+    int rc;
+
+    u->resolving = 0;
+    if (u->closing) {
+        uv_freeaddrinfo(res);
+        if (u->handles_open == 0)
+            upstream_free(u);
+        return;
+    }
+    if (status < 0 || res == NULL) {
+        log_info("backend %s: resolve %s: %s", u->pool->conf->name, u->pool->conf->host,
+                 uv_strerror(status));
+        uv_freeaddrinfo(res);
+        upstream_fail(u, error_upstream_connect);
+        return;
+    }
+    u->state = ROUTER_UP_CONNECTING;
+    u->connect_req.data = u;
+    rc = uv_tcp_connect(&u->connect_req, &u->tcp, res->ai_addr, on_connect);
+    uv_freeaddrinfo(res);
+    if (rc != 0)
+        upstream_fail(u, error_upstream_connect);
+}
+
+static struct router__upstream *upstream_new(struct router__pool *pool)
+{
+    struct router__upstream *u = calloc(1, sizeof(*u));
+    uv_loop_t *loop = pool->router->loop;
+
+    if (u == NULL)
+        return NULL;
+    u->pool = pool;
+    uv_tcp_init(loop, &u->tcp);
+    uv_timer_init(loop, &u->timer);
+    u->tcp.data = u;
+    u->timer.data = u;
+    u->handles_open = 2;
+    llhttp_init(&u->parser, HTTP_RESPONSE, &upstream_settings);
+    pool->nopen++;
+    return u;
+}
+
+static void upstream_settings_init(void)
+{
+    upstream_settings.on_message_begin = on_message_begin;
+    upstream_settings.on_header_field = on_header_field;
+    upstream_settings.on_header_value = on_header_value;
+    upstream_settings.on_header_value_complete = on_header_value_complete;
+    upstream_settings.on_headers_complete = on_headers_complete;
+    upstream_settings.on_body = on_body;
+    upstream_settings.on_message_complete = on_message_complete;
+}
+
+int router__upstream_send_fresh(struct router__pool *pool, struct router__client *c,
+                                const char *request, size_t len)
+{
+    struct router__upstream *u;
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
+    char port[8];
+    int rc;
+
+    if (upstream_settings.on_body == NULL)
+        upstream_settings_init();
+    u = upstream_new(pool);
+    if (u == NULL)
+        return -1;
+    if (buf_append(&u->out, request, len) != 0) {
+        upstream_close(u);
+        return -1;
+    }
+    u->client = c;
+    c->req.up = u;
+    u->state = ROUTER_UP_RESOLVING;
+    u->gai.data = u;
+    snprintf(port, sizeof(port), "%u", pool->conf->port);
+    timer_arm(u, pool->conf->connect_timeout_ms);
+    rc = uv_getaddrinfo(pool->router->loop, &u->gai, on_resolved, pool->conf->host, port, &hints);
+    if (rc != 0) {
+        u->client = NULL;
+        c->req.up = NULL;
+        upstream_close(u);
+        return -1;
+    }
+    u->resolving = 1;
+    return 0;
+}
+
+int router__upstream_send(struct router__pool *pool, struct router__client *c, const char *request,
+                          size_t len)
+{
+    struct router__upstream *u = pool->idle_head;
+
+    if (u == NULL)
+        return router__upstream_send_fresh(pool, c, request, len);
+    idle_remove(u);
+    if (buf_append(&u->out, request, len) != 0) {
+        upstream_close(u);
+        return -1;
+    }
+    u->client = c;
+    u->reused = 1;
+    c->req.up = u;
+    upstream_start_request(u);
+    return 0;
+}

@@ -1,0 +1,560 @@
+/*
+ * tests/bench/test_mockllm.c: the simulated LLM server (bench/mockllm)
+ * driven as a real process over real sockets with tests/support.
+ *
+ * The router's integration tests trust mockllm's usage numbers, timing,
+ * faults and introspection endpoints; these tests pin them down.
+ */
+#define _GNU_SOURCE /* memmem */
+#include <cjson/cJSON.h>
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "tests/support/http.h"
+#include "tests/support/proc.h"
+
+#define TIMEOUT_MS 5000
+
+static struct support_proc mock;
+static struct support_http_response resp;
+static struct buf req;
+static cJSON *json;
+
+static void teardown(void)
+{
+    support_proc_stop(&mock);
+    support_http_response_free(&resp);
+    buf_free(&req);
+    cJSON_Delete(json);
+}
+
+/* One timeout for the suite: a test overriding a suite option makes Criterion
+ * 2.4.1 leak 48 bytes in its runner with --jobs 2 (LeakSanitizer sees it). */
+TestSuite(mockllm, .fini = teardown, .timeout = 30);
+
+/* Stop mockllm and check it exited 0 on SIGTERM. */
+static void stop_clean(void)
+{
+    support_proc_stop(&mock);
+    cr_assert(support_proc_exited_cleanly(&mock), "mockllm wait status %d", mock.status);
+}
+
+/* Send one request on a new connection; the response lands in resp. */
+static int call(const char *method, const char *path, const char *headers, const char *body)
+{
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, method, path, headers, body), 0);
+    return support_http_request(mock.port, req.data, req.len, TIMEOUT_MS, &resp);
+}
+
+/* Parse resp's body as JSON into the global json (freed in teardown). */
+static cJSON *body_json(void)
+{
+    cJSON_Delete(json);
+    json = cJSON_ParseWithLength(resp.body.data, resp.body.len);
+    cr_assert_not_null(json, "body is not JSON: %.*s", (int)resp.body.len, resp.body.data);
+    return json;
+}
+
+/* Number at a path of object keys (array index as a decimal string). */
+static double num(const cJSON *j, const char *a, const char *b)
+{
+    const cJSON *x = cJSON_GetObjectItemCaseSensitive(j, a);
+    if (b != NULL)
+        x = cJSON_GetObjectItemCaseSensitive(x, b);
+    cr_assert(cJSON_IsNumber(x), "no number at %s.%s", a, b ? b : "");
+    return x->valuedouble;
+}
+
+static const char *str(const cJSON *j, const char *a)
+{
+    const cJSON *x = cJSON_GetObjectItemCaseSensitive(j, a);
+    cr_assert(cJSON_IsString(x), "no string at %s", a);
+    return x->valuestring;
+}
+
+static const cJSON *choice0(const cJSON *j)
+{
+    const cJSON *c = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0);
+    cr_assert_not_null(c, "no choices[0]");
+    return c;
+}
+
+static const char chat_body[] =
+    "{\"model\":\"gpt-test\",\"messages\":[{\"role\":\"system\",\"content\":\"You are terse.\"},"
+    "{\"role\":\"user\",\"content\":\"hello  there\\nworld\"}]}";
+/* 3 + (4 + 3 words) + (4 + 3 words) */
+#define CHAT_PROMPT_TOKENS 17
+
+Test(mockllm, chat_usage_is_deterministic)
+{
+    const cJSON *j, *msg;
+
+    cr_assert_eq(support_mockllm_start(&mock, "--tokens", "5", NULL), 0);
+    cr_assert_eq(call("POST", "/v1/chat/completions", NULL, chat_body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "content-type"), "application/json");
+    j = body_json();
+    cr_assert_str_eq(str(j, "object"), "chat.completion");
+    cr_assert_str_eq(str(j, "model"), "gpt-test");
+    cr_assert(strncmp(str(j, "id"), "chatcmpl-", 9) == 0);
+    cr_assert_gt(num(j, "created", NULL), 1.6e9);
+    msg = cJSON_GetObjectItemCaseSensitive(choice0(j), "message");
+    cr_assert_str_eq(str(msg, "role"), "assistant");
+    cr_assert_str_eq(str(msg, "content"), "The quick brown fox jumps");
+    cr_assert_str_eq(str(choice0(j), "finish_reason"), "stop");
+    cr_assert_eq(num(j, "usage", "prompt_tokens"), CHAT_PROMPT_TOKENS);
+    cr_assert_eq(num(j, "usage", "completion_tokens"), 5);
+    cr_assert_eq(num(j, "usage", "total_tokens"), CHAT_PROMPT_TOKENS + 5);
+    stop_clean();
+}
+
+Test(mockllm, completions_text_and_max_tokens)
+{
+    const cJSON *j;
+
+    cr_assert_eq(support_mockllm_start(&mock, NULL), 0);
+    cr_assert_eq(call("POST", "/v1/completions", NULL,
+                      "{\"model\":\"davinci\",\"prompt\":[\"one two\",\"three\"],\"max_tokens\":3}"),
+                 0);
+    cr_assert_eq(resp.status, 200);
+    j = body_json();
+    cr_assert_str_eq(str(j, "object"), "text_completion");
+    cr_assert_str_eq(str(choice0(j), "text"), "The quick brown");
+    cr_assert_str_eq(str(choice0(j), "finish_reason"), "length");
+    cr_assert_eq(num(j, "usage", "prompt_tokens"), 3);
+    cr_assert_eq(num(j, "usage", "completion_tokens"), 3);
+    /* The default is 16 tokens when nothing caps it. */
+    cr_assert_eq(call("POST", "/v1/completions", NULL, "{\"model\":\"m\",\"prompt\":\"x\"}"), 0);
+    cr_assert_eq(num(body_json(), "usage", "completion_tokens"), 16);
+    stop_clean();
+}
+
+Test(mockllm, embeddings_and_models)
+{
+    const cJSON *j, *data, *first;
+
+    cr_assert_eq(support_mockllm_start(&mock, "--model", "served-model", NULL), 0);
+    cr_assert_eq(call("POST", "/v1/embeddings", NULL,
+                      "{\"model\":\"ignored\",\"input\":[\"a b c\",\"d\"]}"), 0);
+    cr_assert_eq(resp.status, 200);
+    j = body_json();
+    cr_assert_str_eq(str(j, "model"), "served-model");
+    data = cJSON_GetObjectItemCaseSensitive(j, "data");
+    cr_assert_eq(cJSON_GetArraySize(data), 2);
+    first = cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(data, 0), "embedding");
+    cr_assert_eq(cJSON_GetArraySize(first), 8);
+    cr_assert_eq(num(j, "usage", "prompt_tokens"), 4);
+    cr_assert_eq(num(j, "usage", "total_tokens"), 4);
+
+    cr_assert_eq(call("GET", "/v1/models", NULL, NULL), 0);
+    j = body_json();
+    cr_assert_str_eq(str(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "data"), 0),
+                         "id"), "served-model");
+    /* --model wins over the requested model in completions too. */
+    cr_assert_eq(call("POST", "/v1/chat/completions", NULL, chat_body), 0);
+    cr_assert_str_eq(str(body_json(), "model"), "served-model");
+    stop_clean();
+}
+
+Test(mockllm, errors_for_bad_requests)
+{
+    cr_assert_eq(support_mockllm_start(&mock, NULL), 0);
+    cr_assert_eq(call("POST", "/v1/chat/completions", NULL, "{not json"), 0);
+    cr_assert_eq(resp.status, 400);
+    cr_assert_not_null(cJSON_GetObjectItemCaseSensitive(body_json(), "error"));
+    cr_assert_eq(call("POST", "/v1/nothing", NULL, "{}"), 0);
+    cr_assert_eq(resp.status, 404);
+    cr_assert_eq(call("GET", "/v1/chat/completions", NULL, NULL), 0);
+    cr_assert_eq(resp.status, 405);
+    cr_assert_eq(call("POST", "/v1/chat/completions", "x-mock-tokens: lots\r\n", chat_body), 0);
+    cr_assert_eq(resp.status, 400);
+    cr_assert_eq(call("POST", "/v1/chat/completions", "x-mock-status: 429\r\n", chat_body), 0);
+    cr_assert_eq(resp.status, 429);
+    buf_reset(&req);
+    cr_assert_eq(buf_printf(&req, "GARBAGE\r\n\r\n"), 0);
+    cr_assert_eq(support_http_request(mock.port, req.data, req.len, TIMEOUT_MS, &resp), 0);
+    cr_assert_eq(resp.status, 400);
+    stop_clean();
+}
+
+/* Stream a chat request; returns the events' data joined by '|' in out
+ * and the number of events (the [DONE] one included). */
+static int stream_events(const char *headers, const char *body, struct buf *out)
+{
+    struct support_sse s;
+    struct support_sse_event ev;
+    int n = 0, rc;
+
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", headers, body), 0);
+    cr_assert_eq(support_sse_open(&s, mock.port, req.data, req.len, TIMEOUT_MS), 0);
+    cr_assert_eq(s.resp.status, 200);
+    cr_assert_str_eq(support_http_header(&s.resp, "content-type"), "text/event-stream");
+    cr_assert_str_eq(support_http_header(&s.resp, "transfer-encoding"), "chunked");
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1) {
+        cr_assert_eq(buf_printf(out, "%s%s", n ? "|" : "", ev.data), 0);
+        n++;
+    }
+    cr_assert_eq(rc, 0, "stream ended with %d", rc);
+    cr_assert(s.resp.raw.len >= 5 &&
+              memcmp(s.resp.raw.data + s.resp.raw.len - 5, "0\r\n\r\n", 5) == 0);
+    support_sse_close(&s);
+    return n;
+}
+
+Test(mockllm, stream_sends_one_event_per_token_then_done)
+{
+    struct buf events = {0};
+    char *last_bar;
+    cJSON *chunk;
+
+    cr_assert_eq(support_mockllm_start(&mock, "--tokens", "4", NULL), 0);
+    cr_assert_eq(stream_events(NULL, "{\"model\":\"m\",\"stream\":true,\"messages\":[]}", &events),
+                 5);
+    cr_assert(strstr(events.data, "\"role\":\"assistant\",\"content\":\"The\"") != NULL);
+    cr_assert(strstr(events.data, "\"content\":\" fox\"},\"logprobs\":null,"
+                                  "\"finish_reason\":\"stop\"") != NULL);
+    cr_assert(strstr(events.data, "usage") == NULL, "usage without include_usage");
+    last_bar = strrchr(events.data, '|');
+    cr_assert_str_eq(last_bar + 1, "[DONE]");
+    *last_bar = '\0';
+    chunk = cJSON_Parse(strrchr(events.data, '|') + 1);
+    cr_assert_not_null(chunk);
+    cr_assert_str_eq(str(chunk, "object"), "chat.completion.chunk");
+    cJSON_Delete(chunk);
+    buf_free(&events);
+    stop_clean();
+}
+
+Test(mockllm, include_usage_adds_a_final_usage_chunk)
+{
+    struct buf events = {0};
+    char *parts[8];
+    int n = 0;
+    cJSON *usage_chunk;
+
+    cr_assert_eq(support_mockllm_start(&mock, "--tokens", "3", NULL), 0);
+    cr_assert_eq(stream_events(NULL,
+                               "{\"model\":\"m\",\"stream\":true,\"stream_options\":"
+                               "{\"include_usage\":true},\"messages\":[{\"role\":\"user\","
+                               "\"content\":\"a b c d\"}]}",
+                               &events),
+                 5);
+    for (char *save = NULL, *t = strtok_r(events.data, "|", &save); t && n < 8;
+         t = strtok_r(NULL, "|", &save))
+        parts[n++] = t;
+    cr_assert_eq(n, 5);
+    cr_assert_str_eq(parts[4], "[DONE]");
+    usage_chunk = cJSON_Parse(parts[3]);
+    cr_assert_not_null(usage_chunk);
+    cr_assert_eq(cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(usage_chunk, "choices")), 0);
+    cr_assert_eq(num(usage_chunk, "usage", "prompt_tokens"), 3 + 4 + 4);
+    cr_assert_eq(num(usage_chunk, "usage", "completion_tokens"), 3);
+    cr_assert_eq(num(usage_chunk, "usage", "total_tokens"), 14);
+    cJSON_Delete(usage_chunk);
+    /* Token chunks carry "usage":null, as OpenAI's do. */
+    cr_assert(strstr(parts[0], "\"usage\":null") != NULL);
+    buf_free(&events);
+    stop_clean();
+}
+
+Test(mockllm, ttft_and_token_delay_are_observed)
+{
+    struct support_sse s;
+    struct support_sse_event ev;
+    double first = -1, last = 0;
+    int n = 0;
+
+    cr_assert_eq(support_mockllm_start(&mock, "--ttft-ms", "150", NULL), 0);
+    cr_assert_eq(call("POST", "/v1/chat/completions", "x-mock-tokens: 1\r\n", chat_body), 0);
+    cr_assert_geq(resp.ttfb_ms, 140, "non-stream answered after %.1f ms", resp.ttfb_ms);
+    /* Per-request headers override the process defaults. */
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
+                                     "x-mock-ttft-ms: 80\r\nx-mock-token-delay-ms: 40\r\n"
+                                     "x-mock-tokens: 4\r\n",
+                                     "{\"stream\":true}"),
+                 0);
+    cr_assert_eq(support_sse_open(&s, mock.port, req.data, req.len, TIMEOUT_MS), 0);
+    cr_assert_geq(s.resp.ttfb_ms, 70);
+    while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1) {
+        if (first < 0)
+            first = ev.t_ms;
+        last = ev.t_ms;
+        n++;
+    }
+    support_sse_close(&s);
+    cr_assert_eq(n, 5);
+    cr_assert_geq(first, 70, "first token after %.1f ms", first);
+    cr_assert_geq(last - first, 3 * 40 - 15, "tokens spread over %.1f ms", last - first);
+    stop_clean();
+}
+
+Test(mockllm, fault_500_and_error_rate)
+{
+    const cJSON *err;
+
+    cr_assert_eq(support_mockllm_start(&mock, NULL), 0);
+    cr_assert_eq(call("POST", "/v1/chat/completions", "x-mock-fault: 500\r\n", chat_body), 0);
+    cr_assert_eq(resp.status, 500);
+    err = cJSON_GetObjectItemCaseSensitive(body_json(), "error");
+    cr_assert(cJSON_IsString(cJSON_GetObjectItemCaseSensitive(err, "message")));
+    cr_assert_str_eq(str(err, "type"), "server_error");
+    cr_assert_eq(call("POST", "/v1/chat/completions", NULL, chat_body), 0);
+    cr_assert_eq(resp.status, 200);
+    stop_clean();
+
+    cr_assert_eq(support_mockllm_start(&mock, "--error-rate", "1", NULL), 0);
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(call("POST", "/v1/chat/completions", NULL, chat_body), 0);
+        cr_assert_eq(resp.status, 500);
+    }
+    /* An x-mock-fault header, even "none", overrides the error rate. */
+    cr_assert_eq(call("POST", "/v1/chat/completions", "x-mock-fault: none\r\n", chat_body), 0);
+    cr_assert_eq(resp.status, 200);
+    stop_clean();
+
+    cr_assert_eq(support_mockllm_start(&mock, "--fault", "500", NULL), 0);
+    cr_assert_eq(call("POST", "/v1/embeddings", NULL, "{\"input\":\"x\"}"), 0);
+    cr_assert_eq(resp.status, 500);
+    stop_clean();
+}
+
+Test(mockllm, close_midstream_ends_without_terminating_chunk)
+{
+    struct support_sse s;
+    struct support_sse_event ev;
+    int n = 0, rc;
+
+    cr_assert_eq(support_mockllm_start(&mock, "--fault", "close-midstream", NULL), 0);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", NULL,
+                                     "{\"stream\":true}"), 0);
+    cr_assert_eq(support_sse_open(&s, mock.port, req.data, req.len, TIMEOUT_MS), 0);
+    cr_assert_eq(s.resp.status, 200);
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1) {
+        cr_assert_str_neq(ev.data, "[DONE]");
+        n++;
+    }
+    cr_assert_eq(rc, -ECONNRESET);
+    cr_assert(n >= 1 && n <= 3, "%d events before the close", n);
+    cr_assert_not(s.resp.complete);
+    support_sse_close(&s);
+
+    /* Non-streamed: headers and part of the body, then the close. */
+    cr_assert_eq(call("POST", "/v1/chat/completions", NULL, chat_body), -ECONNRESET);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_lt(resp.body.len, (size_t)atoi(support_http_header(&resp, "content-length")));
+    stop_clean();
+}
+
+Test(mockllm, close_before_response_and_stall)
+{
+    cr_assert_eq(support_mockllm_start(&mock, NULL), 0);
+    cr_assert_eq(call("POST", "/v1/chat/completions", "x-mock-fault: close-before-response\r\n",
+                      chat_body),
+                 -ECONNRESET);
+    cr_assert_eq(resp.status, 0);
+    cr_assert_eq(resp.raw.len, 0);
+
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
+                                     "x-mock-fault: stall\r\n", chat_body), 0);
+    cr_assert_eq(support_http_request(mock.port, req.data, req.len, 300, &resp), -ETIMEDOUT);
+    cr_assert_eq(resp.raw.len, 0);
+    /* A stalled connection does not block the others. */
+    cr_assert_eq(call("GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    stop_clean();
+}
+
+Test(mockllm, require_key)
+{
+    cr_assert_eq(support_mockllm_start(&mock, "--require-key", "sk-backend", NULL), 0);
+    cr_assert_eq(call("POST", "/v1/chat/completions", NULL, chat_body), 0);
+    cr_assert_eq(resp.status, 401);
+    cr_assert_str_eq(str(cJSON_GetObjectItemCaseSensitive(body_json(), "error"), "code"),
+                     "invalid_api_key");
+    cr_assert_eq(call("POST", "/v1/chat/completions", "Authorization: Bearer sk-other\r\n",
+                      chat_body), 0);
+    cr_assert_eq(resp.status, 401);
+    cr_assert_eq(call("POST", "/v1/chat/completions", "Authorization: Bearer sk-backend\r\n",
+                      chat_body), 0);
+    cr_assert_eq(resp.status, 200);
+    /* Test endpoints need no key. */
+    cr_assert_eq(call("GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    stop_clean();
+}
+
+Test(mockllm, keep_alive_reuses_one_connection)
+{
+    struct support_http_conn c;
+
+    cr_assert_eq(support_mockllm_start(&mock, "--tokens", "2", NULL), 0);
+    cr_assert_eq(support_http_connect(&c, mock.port), 0);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", NULL, chat_body), 0);
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+        cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0);
+        cr_assert_eq(resp.status, 200);
+    }
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0);
+    support_http_close(&c);
+    cr_assert_eq(num(body_json(), "connections", NULL), 1);
+    cr_assert_eq(num(json, "requests", NULL), 2);
+    stop_clean();
+}
+
+Test(mockllm, pipelined_requests_are_answered_in_order)
+{
+    struct support_http_conn c;
+
+    cr_assert_eq(support_mockllm_start(&mock, "--tokens", "2", NULL), 0);
+    buf_reset(&req);
+    /* A slow one first: its answer must still come first. */
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/completions", "x-mock-ttft-ms: 100\r\n",
+                                     "{\"prompt\":\"first\"}"), 0);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", NULL,
+                                     "{\"stream\":true}"), 0);
+    cr_assert_eq(support_http_format(&req, "GET", "/v1/models", NULL, NULL), 0);
+    cr_assert_eq(support_http_connect(&c, mock.port), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0);
+    cr_assert_str_eq(str(body_json(), "object"), "text_completion");
+    cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0);
+    cr_assert_str_eq(support_http_header(&resp, "content-type"), "text/event-stream");
+    cr_assert(strstr(resp.body.data, "data: [DONE]") != NULL);
+    cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0);
+    cr_assert_str_eq(str(body_json(), "object"), "list");
+    support_http_close(&c);
+    stop_clean();
+}
+
+Test(mockllm, last_request_echoes_what_was_received)
+{
+    const char body[] = "{\"model\":\"rewritten\",\"messages\":[]}";
+    struct support_http_conn c;
+    const cJSON *headers;
+
+    cr_assert_eq(support_mockllm_start(&mock, NULL), 0);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions?x=1",
+                                     "Authorization: Bearer sk-up\r\nX-Trace-Id: t-1\r\n"
+                                     "X-Empty:\r\n",
+                                     body), 0);
+    /* Dribble the request in small pieces so fields split across reads. */
+    cr_assert_eq(support_http_connect(&c, mock.port), 0);
+    for (size_t off = 0; off < req.len; off += 7) {
+        size_t n = req.len - off < 7 ? req.len - off : 7;
+        cr_assert_eq(support_http_send(&c, req.data + off, n), 0);
+        usleep(1000);
+    }
+    cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0);
+    cr_assert_eq(resp.status, 200);
+    support_http_close(&c);
+
+    cr_assert_eq(call("GET", "/mock/last-request", NULL, NULL), 0);
+    body_json();
+    cr_assert_str_eq(str(json, "method"), "POST");
+    cr_assert_str_eq(str(json, "path"), "/v1/chat/completions?x=1");
+    cr_assert_str_eq(str(json, "body"), body);
+    headers = cJSON_GetObjectItemCaseSensitive(json, "headers");
+    cr_assert_str_eq(str(headers, "authorization"), "Bearer sk-up");
+    cr_assert_str_eq(str(headers, "x-trace-id"), "t-1");
+    cr_assert_str_eq(str(headers, "x-empty"), "");
+    cr_assert_str_eq(str(headers, "content-type"), "application/json");
+    /* /mock requests are neither counted nor remembered. */
+    cr_assert_eq(call("GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(num(body_json(), "requests", NULL), 1);
+    stop_clean();
+}
+
+Test(mockllm, connection_close_is_honoured)
+{
+    struct support_http_conn c;
+
+    cr_assert_eq(support_mockllm_start(&mock, NULL), 0);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "GET", "/v1/models", "Connection: close\r\n", NULL),
+                 0);
+    cr_assert_eq(support_http_connect(&c, mock.port), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0);
+    cr_assert_str_eq(support_http_header(&resp, "connection"), "close");
+    cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), -ECONNRESET);
+    support_http_close(&c);
+    stop_clean();
+}
+
+Test(mockllm, sigterm_with_open_streams_exits_zero)
+{
+    struct support_http_conn stalled;
+    struct support_sse s;
+    struct support_sse_event ev;
+
+    cr_assert_eq(support_mockllm_start(&mock, "--token-delay-ms", "1000", NULL), 0);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
+                                     "x-mock-fault: stall\r\n", "{}"), 0);
+    cr_assert_eq(support_http_connect(&stalled, mock.port), 0);
+    cr_assert_eq(support_http_send(&stalled, req.data, req.len), 0);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", NULL,
+                                     "{\"stream\":true}"), 0);
+    cr_assert_eq(support_sse_open(&s, mock.port, req.data, req.len, TIMEOUT_MS), 0);
+    cr_assert_eq(support_sse_next(&s, &ev, TIMEOUT_MS), 1);
+    /* Mid-stream and mid-stall, SIGTERM still ends it at once with 0. */
+    stop_clean();
+    cr_assert_eq(support_sse_next(&s, &ev, TIMEOUT_MS), -ECONNRESET);
+    support_sse_close(&s);
+    support_http_close(&stalled);
+}
+
+Test(mockllm, tls_with_the_test_ca)
+{
+    char dir[64], cert[128], key[128], ca[128], url[128];
+    struct buf out = {0};
+
+    cr_assert_eq(support_make_test_ca(dir, sizeof(dir)), 0);
+    snprintf(cert, sizeof(cert), "%s/server.crt", dir);
+    snprintf(key, sizeof(key), "%s/server.key", dir);
+    snprintf(ca, sizeof(ca), "%s/ca.crt", dir);
+    cr_assert_eq(support_mockllm_start(&mock, "--tls-cert", cert, "--tls-key", key, "--tokens",
+                                       "3", NULL), 0);
+    snprintf(url, sizeof(url), "https://127.0.0.1:%d/v1/chat/completions", mock.port);
+    {
+        char *argv[] = {"curl", "-sS", "--cacert", ca, "-H", "Content-Type: application/json",
+                        "-d", (char *)chat_body, url, NULL};
+        cr_assert_eq(support_run(argv, &out, 10000), 0);
+        cr_assert(memmem(out.data, out.len, "\"total_tokens\":20", 17) != NULL, "%.*s",
+                  (int)out.len, out.data);
+    }
+    buf_reset(&out);
+    {
+        char *argv[] = {"curl", "-sS", "-N", "--cacert", ca, "-d",
+                        "{\"stream\":true,\"stream_options\":{\"include_usage\":true}}", url,
+                        NULL};
+        cr_assert_eq(support_run(argv, &out, 10000), 0);
+        cr_assert(memmem(out.data, out.len, "data: [DONE]", 12) != NULL);
+        cr_assert(memmem(out.data, out.len, "\"completion_tokens\":3", 21) != NULL);
+    }
+    {
+        /* Without the CA the certificate does not verify: TLS is real. */
+        char *argv[] = {"curl", "-s", url, NULL};
+        cr_assert_eq(support_run(argv, NULL, 10000), 60);
+    }
+    buf_free(&out);
+    stop_clean();
+    support_remove_tree(dir);
+}

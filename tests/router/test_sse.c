@@ -1,0 +1,106 @@
+/* tests/router/test_sse.c: SSE event splitting and usage extraction (router/sse.c). */
+#include <criterion/criterion.h>
+#include <criterion/parameterized.h>
+#include <string.h>
+
+#include "router/internal.h"
+
+struct collected {
+    char events[8][256]; /* copies of each event seen */
+    int n;               /* how many */
+};
+
+static int collect(void *arg, const char *p, size_t len)
+{
+    struct collected *c = arg;
+
+    cr_assert_lt(c->n, 8);
+    cr_assert_lt(len, sizeof(c->events[0]));
+    memcpy(c->events[c->n], p, len);
+    c->events[c->n][len] = '\0';
+    c->n++;
+    return 0;
+}
+
+/* Feed `stream` in pieces of `step` bytes; events must come out whole
+ * whatever the split, with \n or \r\n line ends. */
+/* Arrays, not pointers: Criterion runs each case in a re-executed child,
+ * where pointers into the parent's data are meaningless. */
+struct split_case {
+    char stream[64];
+    size_t step;
+    int events;
+    char first[32];
+    size_t tail;
+};
+
+ParameterizedTestParameters(sse, split_any_piece_size)
+{
+    static struct split_case cases[] = {
+        {"data: a\n\ndata: b\n\n", 1, 2, "data: a\n\n", 0},
+        {"data: a\n\ndata: b\n\n", 3, 2, "data: a\n\n", 0},
+        {"data: a\r\n\r\ndata: b\r\n\r\n", 1, 2, "data: a\r\n\r\n", 0},
+        {"event: x\ndata: {}\n\ndata: par", 4, 1, "event: x\ndata: {}\n\n", 9},
+        {"data: [DONE]\n\n", 100, 1, "data: [DONE]\n\n", 0},
+        {"data: no end yet\n", 2, 0, "", 17},
+    };
+    return cr_make_param_array(struct split_case, cases, sizeof(cases) / sizeof(cases[0]));
+}
+
+ParameterizedTest(struct split_case *tc, sse, split_any_piece_size, .timeout = 5)
+{
+    struct buf b = {0};
+    struct collected got = {0};
+    size_t len = strlen(tc->stream);
+
+    for (size_t off = 0; off < len; off += tc->step) {
+        size_t n = len - off < tc->step ? len - off : tc->step;
+        cr_assert_eq(buf_append(&b, tc->stream + off, n), 0);
+        cr_assert_eq(router__sse_split(&b, collect, &got), 0);
+    }
+    cr_assert_eq(got.n, tc->events, "events: got %d want %d for %s", got.n, tc->events, tc->stream);
+    if (tc->events > 0)
+        cr_assert_str_eq(got.events[0], tc->first);
+    cr_assert_eq(b.len, tc->tail);
+    buf_free(&b);
+}
+
+Test(sse, data_payload_is_found_after_other_fields, .timeout = 5)
+{
+    const char ev[] = "event: message\r\nid: 7\r\ndata: {\"x\":1}\r\n\r\n";
+    const char *data;
+    size_t len;
+
+    cr_assert(router__sse_data(ev, sizeof(ev) - 1, &data, &len));
+    cr_assert_eq(len, 7);
+    cr_assert_eq(memcmp(data, "{\"x\":1}", 7), 0);
+    cr_assert_not(router__sse_data(": comment\n\n", 12, &data, &len));
+}
+
+Test(usage, final_stream_chunk_with_empty_choices, .timeout = 5)
+{
+    const char js[] = "{\"id\":\"x\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,"
+                      "\"completion_tokens\":34,\"total_tokens\":46,"
+                      "\"prompt_tokens_details\":{\"cached_tokens\":8}}}";
+    struct router__usage u;
+    int empty;
+
+    cr_assert(router__usage_parse(js, sizeof(js) - 1, &u, &empty));
+    cr_assert_eq(u.prompt_tokens, 12);
+    cr_assert_eq(u.completion_tokens, 34);
+    cr_assert_eq(u.cached_tokens, 8);
+    cr_assert(empty);
+}
+
+Test(usage, null_usage_and_no_usage_are_not_found, .timeout = 5)
+{
+    const char with_null[] = "{\"choices\":[{\"delta\":{}}],\"usage\":null}";
+    const char without[] = "{\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}";
+    struct router__usage u;
+    int empty;
+
+    cr_assert_not(router__usage_parse(with_null, sizeof(with_null) - 1, &u, &empty));
+    cr_assert_not(empty);
+    cr_assert_not(router__usage_parse(without, sizeof(without) - 1, &u, &empty));
+    cr_assert_eq(u.prompt_tokens, -1);
+}

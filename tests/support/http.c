@@ -1,0 +1,342 @@
+/* tests/support/http.c: blocking HTTP/1.1 test client (see http.h). */
+#include "tests/support/http.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define READ_CHUNK 16384
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+/* llhttp callbacks: fill c->cur. A field split across two reads arrives in
+ * two callbacks and is simply appended to. */
+
+static struct support_http_response *cur(llhttp_t *p)
+{
+    return ((struct support_http_conn *)p->data)->cur;
+}
+
+static int on_message_begin(llhttp_t *p)
+{
+    struct support_http_conn *c = p->data;
+    c->cur->ttfb_ms = c->read_at - c->sent_at;
+    return 0;
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t n)
+{
+    struct buf *h = &cur(p)->headers;
+
+    if (buf_reserve(h, n) != 0)
+        return -1;
+    for (size_t i = 0; i < n; i++)
+        h->data[h->len++] = (at[i] >= 'A' && at[i] <= 'Z') ? (char)(at[i] + 32) : at[i];
+    return 0;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t n)
+{
+    return buf_append(&cur(p)->headers, at, n) == 0 ? 0 : -1;
+}
+
+static int on_header_end(llhttp_t *p)
+{
+    return buf_append(&cur(p)->headers, "", 1) == 0 ? 0 : -1;
+}
+
+static int on_headers_complete(llhttp_t *p)
+{
+    cur(p)->status = p->status_code;
+    cur(p)->headers_done = 1;
+    return 0;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t n)
+{
+    return buf_append(&cur(p)->body, at, n) == 0 ? 0 : -1;
+}
+
+static int on_message_complete(llhttp_t *p)
+{
+    struct support_http_conn *c = p->data;
+
+    c->cur->complete = 1;
+    c->cur->total_ms = c->read_at - c->sent_at;
+    return HPE_PAUSED; /* the next bytes belong to the next response */
+}
+
+static const llhttp_settings_t settings = {
+    .on_message_begin = on_message_begin,
+    .on_header_field = on_header_field,
+    .on_header_value = on_header_value,
+    .on_header_field_complete = on_header_end,
+    .on_header_value_complete = on_header_end,
+    .on_headers_complete = on_headers_complete,
+    .on_body = on_body,
+    .on_message_complete = on_message_complete,
+};
+
+int support_http_connect(struct support_http_conn *c, int port)
+{
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    int one = 1, err;
+
+    *c = (struct support_http_conn){.fd = -1};
+    llhttp_init(&c->parser, HTTP_RESPONSE, &settings);
+    c->parser.data = c;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    c->fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (c->fd < 0)
+        return -errno;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    if (connect(c->fd, (struct sockaddr *)&addr, sizeof(addr)) != 0) {
+        err = errno;
+        close(c->fd);
+        c->fd = -1;
+        return -err;
+    }
+    return 0;
+}
+
+int support_http_send(struct support_http_conn *c, const void *data, size_t len)
+{
+    const char *p = data;
+
+    while (len > 0) {
+        ssize_t n = send(c->fd, p, len, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        p += n;
+        len -= (size_t)n;
+    }
+    c->sent_at = now_ms();
+    return 0;
+}
+
+/* Parse buffered bytes, or else read once (waiting until deadline).
+ * Returns 1 when c->cur is complete, 0 on progress, or a negative errno. */
+static int pump(struct support_http_conn *c, double deadline)
+{
+    struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
+    double left;
+    ssize_t n;
+
+    if (c->in_off < c->in.len) {
+        const char *start = c->in.data + c->in_off;
+        llhttp_errno_t err = llhttp_execute(&c->parser, start, c->in.len - c->in_off);
+        size_t used = c->in.len - c->in_off;
+
+        if (err == HPE_PAUSED) {
+            used = (size_t)(llhttp_get_error_pos(&c->parser) - start);
+            llhttp_resume(&c->parser);
+        } else if (err != HPE_OK) {
+            return -EPROTO;
+        }
+        if (buf_append(&c->cur->raw, start, used) != 0)
+            return -ENOMEM;
+        c->in_off += used;
+        if (c->in_off == c->in.len) {
+            buf_reset(&c->in);
+            c->in_off = 0;
+        }
+        return err == HPE_PAUSED ? 1 : 0;
+    }
+    if (c->eof) {
+        /* A body delimited by the close completes here. */
+        if (!c->cur->complete && llhttp_get_errno(&c->parser) == HPE_OK)
+            (void)llhttp_finish(&c->parser);
+        return c->cur->complete ? 1 : -ECONNRESET;
+    }
+    left = deadline - now_ms();
+    if (left <= 0)
+        return -ETIMEDOUT;
+    if (poll(&pfd, 1, (int)left + 1) == 0)
+        return -ETIMEDOUT;
+    if (buf_reserve(&c->in, READ_CHUNK) != 0)
+        return -ENOMEM;
+    n = recv(c->fd, c->in.data + c->in.len, c->in.cap - c->in.len, 0);
+    c->read_at = now_ms();
+    if (n < 0 && errno == EINTR)
+        return 0;
+    if (n <= 0)
+        c->eof = 1; /* a reset counts as a close */
+    else
+        c->in.len += (size_t)n;
+    return 0;
+}
+
+/* Point the parser's output at r, emptied. */
+static void begin(struct support_http_conn *c, struct support_http_response *r)
+{
+    buf_reset(&r->headers);
+    buf_reset(&r->body);
+    buf_reset(&r->raw);
+    r->status = 0;
+    r->ttfb_ms = r->total_ms = 0;
+    r->headers_done = r->complete = 0;
+    c->cur = r;
+}
+
+int support_http_read(struct support_http_conn *c, struct support_http_response *r,
+                      int timeout_ms)
+{
+    double deadline = now_ms() + timeout_ms;
+    int rc;
+
+    begin(c, r);
+    while ((rc = pump(c, deadline)) == 0)
+        ;
+    return rc == 1 ? 0 : rc;
+}
+
+void support_http_close(struct support_http_conn *c)
+{
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+    buf_free(&c->in);
+    c->in_off = 0;
+    c->cur = NULL;
+}
+
+int support_http_request(int port, const void *req, size_t len, int timeout_ms,
+                         struct support_http_response *r)
+{
+    struct support_http_conn c;
+    int rc = support_http_connect(&c, port);
+
+    if (rc == 0)
+        rc = support_http_send(&c, req, len);
+    if (rc == 0)
+        rc = support_http_read(&c, r, timeout_ms);
+    support_http_close(&c);
+    return rc;
+}
+
+int support_http_format(struct buf *out, const char *method, const char *path,
+                        const char *extra_headers, const char *body)
+{
+    int rc = buf_printf(out, "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\n%s", method, path,
+                        extra_headers ? extra_headers : "");
+    if (rc == 0 && body != NULL)
+        rc = buf_printf(out, "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n%s",
+                        strlen(body), body);
+    else if (rc == 0)
+        rc = buf_printf(out, "\r\n");
+    return rc;
+}
+
+const char *support_http_header(const struct support_http_response *r, const char *name)
+{
+    const char *p = r->headers.data, *end = p + r->headers.len;
+
+    while (p < end) {
+        const char *value = p + strlen(p) + 1;
+        if (value >= end)
+            break;
+        if (strcmp(p, name) == 0)
+            return value;
+        p = value + strlen(value) + 1;
+    }
+    return NULL;
+}
+
+void support_http_response_free(struct support_http_response *r)
+{
+    buf_free(&r->headers);
+    buf_free(&r->body);
+    buf_free(&r->raw);
+}
+
+int support_sse_open(struct support_sse *s, int port, const void *req, size_t len,
+                     int timeout_ms)
+{
+    double deadline = now_ms() + timeout_ms;
+    int rc;
+
+    *s = (struct support_sse){0};
+    rc = support_http_connect(&s->conn, port);
+    if (rc == 0)
+        rc = support_http_send(&s->conn, req, len);
+    if (rc != 0)
+        return rc;
+    begin(&s->conn, &s->resp);
+    while (!s->resp.headers_done && (rc = pump(&s->conn, deadline)) == 0)
+        ;
+    return rc < 0 ? rc : 0;
+}
+
+/* Take the next complete event from the body into s->event. Returns 1 if
+ * there was one, else 0 (blank lines without data are skipped). */
+static int take_event(struct support_sse *s)
+{
+    const char *base = s->resp.body.data, *p = base + s->body_off;
+    const char *end = base + s->resp.body.len, *nl;
+    int have_data = 0;
+
+    buf_reset(&s->event);
+    while (p < end && (nl = memchr(p, '\n', (size_t)(end - p))) != NULL) {
+        size_t n = (size_t)(nl - p);
+        if (n > 0 && p[n - 1] == '\r')
+            n--;
+        if (n == 0) {
+            s->body_off = (size_t)(nl + 1 - base);
+            if (have_data) {
+                if (buf_append(&s->event, "", 1) != 0)
+                    return 0;
+                s->event.len--; /* keep the NUL out of the length */
+                return 1;
+            }
+        } else if (n >= 5 && memcmp(p, "data:", 5) == 0) {
+            size_t skip = (n > 5 && p[5] == ' ') ? 6 : 5;
+            if ((have_data && buf_append(&s->event, "\n", 1) != 0) ||
+                buf_append(&s->event, p + skip, n - skip) != 0)
+                return 0;
+            have_data = 1;
+        }
+        p = nl + 1;
+    }
+    return 0;
+}
+
+int support_sse_next(struct support_sse *s, struct support_sse_event *ev, int timeout_ms)
+{
+    double deadline = now_ms() + timeout_ms;
+
+    for (;;) {
+        int rc;
+        if (take_event(s)) {
+            ev->data = s->event.data;
+            ev->len = s->event.len;
+            ev->t_ms = s->conn.read_at - s->conn.sent_at;
+            return 1;
+        }
+        if (s->resp.complete)
+            return 0;
+        rc = pump(&s->conn, deadline);
+        if (rc < 0)
+            return rc;
+    }
+}
+
+void support_sse_close(struct support_sse *s)
+{
+    support_http_close(&s->conn);
+    support_http_response_free(&s->resp);
+    buf_free(&s->event);
+}

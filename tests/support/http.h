@@ -1,0 +1,100 @@
+/*
+ * tests/support/http.h: a small blocking HTTP/1.1 client for tests.
+ *
+ * Sends raw request bytes (so tests control every header, and can send
+ * malformed or pipelined requests) to 127.0.0.1 and parses responses with
+ * llhttp in response mode. One connection can carry many requests: each
+ * support_http_read() returns the next response, keeping bytes that belong
+ * to the following one. An SSE reader returns a streamed body event by event
+ * with the time each arrived. Blocking with poll() timeouts: tests only.
+ */
+#ifndef TESTS_SUPPORT_HTTP_H
+#define TESTS_SUPPORT_HTTP_H
+
+#include <llhttp.h>
+#include <stddef.h>
+
+#include "common/buf.h"
+
+/* One response. Zero it, or let support_http_read() do it. */
+struct support_http_response {
+    int status;          /* status code, 0 until the status line is parsed */
+    struct buf headers;  /* "name\0value\0" pairs, names lowercased */
+    struct buf body;     /* body with chunked framing removed */
+    struct buf raw;      /* the bytes of this response as received */
+    double ttfb_ms;      /* its first byte's arrival, ms after the request was sent */
+    double total_ms;     /* its last byte's arrival, ms after the request was sent */
+    unsigned headers_done:1; /* header block complete */
+    unsigned complete:1;     /* message complete (length reached / last chunk) */
+};
+
+/* A client connection. */
+struct support_http_conn {
+    int fd;                 /* socket, -1 when closed */
+    llhttp_t parser;        /* response parser, paused between responses */
+    struct buf in;          /* received bytes, unparsed from in_off */
+    size_t in_off;          /* parse cursor */
+    struct support_http_response *cur; /* response being filled */
+    double sent_at;         /* monotonic ms when the last send finished */
+    double read_at;         /* monotonic ms of the read being parsed */
+    unsigned eof:1;         /* the server closed (or reset) the connection */
+};
+
+/* A streamed response read as Server-Sent Events. */
+struct support_sse {
+    struct support_http_conn conn;      /* its connection */
+    struct support_http_response resp;  /* status and headers; body grows */
+    size_t body_off;                    /* body bytes already returned as events */
+    struct buf event;                   /* data of the last event returned */
+};
+
+/* One event: its data lines joined by '\n' (the "data: " prefix removed). */
+struct support_sse_event {
+    const char *data; /* NUL-terminated; valid until the next call */
+    size_t len;       /* bytes in data */
+    double t_ms;      /* arrival, ms after the request was sent */
+};
+
+/* Connect to 127.0.0.1:port. Returns 0 or a negative errno. */
+int support_http_connect(struct support_http_conn *c, int port)
+    __attribute__((warn_unused_result));
+/* Send all bytes and note the time. Returns 0 or a negative errno. */
+int support_http_send(struct support_http_conn *c, const void *data, size_t len)
+    __attribute__((warn_unused_result));
+/* Read the next response into r (reset first; free it with
+ * support_http_response_free()). Returns 0 when it is complete, -ETIMEDOUT
+ * after timeout_ms, -ECONNRESET if the server closed first, -EPROTO if it
+ * did not parse; r keeps what arrived in every case. */
+int support_http_read(struct support_http_conn *c, struct support_http_response *r,
+                      int timeout_ms);
+/* Close the socket and free the buffers. Safe to call twice. */
+void support_http_close(struct support_http_conn *c);
+
+/* Connect, send, read one response, close. Returns as support_http_read(),
+ * or the connect/send error. */
+int support_http_request(int port, const void *req, size_t len, int timeout_ms,
+                         struct support_http_response *r);
+/* Format a request into out (appended): the request line, Host, the extra
+ * header lines (each ending in "\r\n", or NULL) and, when body is not NULL,
+ * Content-Type: application/json, Content-Length and the body. Returns 0 or
+ * -ENOMEM. */
+int support_http_format(struct buf *out, const char *method, const char *path,
+                        const char *extra_headers, const char *body)
+    __attribute__((warn_unused_result));
+/* Value of a response header by lowercase name, or NULL. */
+const char *support_http_header(const struct support_http_response *r, const char *name);
+/* Free a response's buffers (it can be read into again). */
+void support_http_response_free(struct support_http_response *r);
+
+/* Connect, send the request and read up to the end of the header block.
+ * Returns 0, or as support_http_read(); s->resp has the status and
+ * headers. Close with support_sse_close() in every case. */
+int support_sse_open(struct support_sse *s, int port, const void *req, size_t len,
+                     int timeout_ms);
+/* Next event. Returns 1 with *ev filled, 0 when the response ended cleanly
+ * (terminating chunk) with no more events, -ETIMEDOUT, -ECONNRESET if the
+ * server closed mid-stream, or -EPROTO. */
+int support_sse_next(struct support_sse *s, struct support_sse_event *ev, int timeout_ms);
+void support_sse_close(struct support_sse *s);
+
+#endif
