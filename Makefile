@@ -103,7 +103,7 @@ asan: deps
 all-tests: all $(TESTS)
 
 run: deps all
-	@tests/../conf/demo.sh
+	@BUILD=$(BUILD) conf/demo.sh
 
 clean:
 	rm -rf build build-asan costrouter

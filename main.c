@@ -1,13 +1,172 @@
-/* main.c: command line entry point; placeholder until the router lands. */
+/*
+ * main.c: the costrouter command line.
+ *
+ *   costrouter -c FILE             run the router
+ *   costrouter --check-config FILE validate and exit (non-zero on errors)
+ *   costrouter tokens ...          count tokens (see `costrouter tokens --help`)
+ *   costrouter report ...          summarize cost logs
+ */
+#include <getopt.h>
+#include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <openssl/opensslv.h>
+#include <uv.h>
+
+#include "common/log.h"
+#include "conf/conf.h"
+#include "router/router.h"
+
+#define COSTROUTER_VERSION "0.1.0"
+
+struct app {
+    uv_loop_t *loop;       /* the one event loop */
+    struct conf *conf;     /* current configuration */
+    struct router *router; /* the proxy */
+    uv_signal_t sigterm;   /* graceful stop */
+    uv_signal_t sigint;    /* graceful stop */
+    uv_signal_t sighup;    /* log reopen / reload */
+};
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: costrouter -c FILE              run the router with this config\n"
+            "       costrouter --check-config FILE  validate a config, print every error\n"
+            "       costrouter --version | --help\n"
+            "options:\n"
+            "  -c, --config FILE   configuration file (YAML)\n"
+            "  -t, --check-config  with -c: validate and exit\n"
+            "  -v, --verbose       more logging (repeat for debug)\n"
+            "  -q, --quiet         errors only\n");
+}
+
+/* Load and validate; print every error. Returns the config or NULL. */
+static struct conf *load_config(const char *path)
+{
+    char *errors = NULL;
+    struct conf *conf = conf_load(path, &errors);
+
+    if (conf == NULL) {
+        fprintf(stderr, "%s", errors ? errors : "costrouter: cannot load config\n");
+        if (errors && errors[0] && errors[strlen(errors) - 1] != '\n')
+            fputc('\n', stderr);
+    }
+    free(errors);
+    return conf;
+}
+
+static void on_stop_signal(uv_signal_t *s, int signum)
+{
+    struct app *app = s->data;
+
+    log_info("signal %d: stopping after requests in flight", signum);
+    router_stop(app->router);
+    uv_close((uv_handle_t *)&app->sigterm, NULL);
+    uv_close((uv_handle_t *)&app->sigint, NULL);
+    uv_close((uv_handle_t *)&app->sighup, NULL);
+}
+
+static void on_hup(uv_signal_t *s, int signum)
+{
+    log_info("SIGHUP received");
+}
+
+static int run(const char *path)
+{
+    struct app app = {0};
+    int rc = 1;
+
+    signal(SIGPIPE, SIG_IGN);
+    app.conf = load_config(path);
+    if (app.conf == NULL)
+        return 1;
+    app.loop = uv_default_loop();
+    app.router = router_create(app.loop, app.conf);
+    if (app.router == NULL)
+        goto out;
+    if (router_start(app.router) != 0)
+        goto out;
+    uv_signal_init(app.loop, &app.sigterm);
+    uv_signal_init(app.loop, &app.sigint);
+    uv_signal_init(app.loop, &app.sighup);
+    app.sigterm.data = app.sigint.data = app.sighup.data = &app;
+    uv_signal_start(&app.sigterm, on_stop_signal, SIGTERM);
+    uv_signal_start(&app.sigint, on_stop_signal, SIGINT);
+    uv_signal_start(&app.sighup, on_hup, SIGHUP);
+    uv_run(app.loop, UV_RUN_DEFAULT);
+    rc = 0;
+out:
+    if (app.router && rc != 0) {
+        router_stop(app.router);
+        uv_run(app.loop, UV_RUN_DEFAULT);
+    }
+    router_destroy(app.router);
+    if (app.loop)
+        uv_loop_close(app.loop);
+    conf_free(app.conf);
+    log_info("stopped");
+    return rc;
+}
 
 int main(int argc, char **argv)
 {
-    if (argc > 1 && strcmp(argv[1], "--version") == 0) {
-        puts("costrouter 0.1.0");
+    static const struct option opts[] = {
+        {"config", required_argument, NULL, 'c'},
+        {"check-config", optional_argument, NULL, 't'},
+        {"verbose", no_argument, NULL, 'v'},
+        {"quiet", no_argument, NULL, 'q'},
+        {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, 'V'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *config = NULL;
+    int check = 0, c;
+
+    while ((c = getopt_long(argc, argv, "c:t::vqhV", opts, NULL)) != -1) {
+        switch (c) {
+        case 'c':
+            config = optarg;
+            break;
+        case 't':
+            check = 1;
+            if (optarg)
+                config = optarg;
+            else if (optind < argc && argv[optind][0] != '-')
+                config = argv[optind++];
+            break;
+        case 'v':
+            log_threshold++;
+            break;
+        case 'q':
+            log_threshold = LOG_LEVEL_ERROR;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        case 'V':
+            printf("costrouter %s (libuv %s, %s)\n", COSTROUTER_VERSION, uv_version_string(),
+                   "OpenSSL " OPENSSL_FULL_VERSION_STR);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (config == NULL) {
+        usage(stderr);
+        return 2;
+    }
+    if (check) {
+        struct conf *conf = load_config(config);
+
+        if (conf == NULL)
+            return 1;
+        printf("%s: configuration OK (%zu backends, %zu routes, %zu tenants)\n", config,
+               conf->nbackends, conf->nroutes, conf->ntenants);
+        conf_free(conf);
         return 0;
     }
-    fprintf(stderr, "usage: costrouter -c FILE\n");
-    return 2;
+    return run(config);
 }

@@ -4,7 +4,9 @@
 # binary with no tests and does not fail on LeakSanitizer reports, so both
 # are checked here from its output. Prints "N passed, N failed" at the end.
 set -u
-export COSTROUTER_BIN="${BIN:-costrouter}"
+bin="${BIN:-costrouter}"
+case "$bin" in */*) ;; *) bin="./$bin" ;; esac
+export COSTROUTER_BIN="$bin"
 export MOCKLLM_BIN="${BUILD:-build}/mockllm"
 export COSTROUTER_SRC="$(pwd)"
 logdir="${BUILD:-build}/test-logs"

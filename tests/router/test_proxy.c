@@ -1,0 +1,488 @@
+/*
+ * tests/router/test_proxy.c: the router as a real process in front of real
+ * mockllm processes, driven over loopback sockets.
+ *
+ * Each test writes its own config (ports of the mocks it started), starts
+ * ./costrouter on port 0 and talks raw HTTP to it, so every header and
+ * every malformed byte is under the test's control.
+ */
+#define _GNU_SOURCE
+#include <cjson/cJSON.h>
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <openssl/sha.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "tests/support/http.h"
+#include "tests/support/proc.h"
+
+#define TIMEOUT_MS 5000
+#define TENANT_KEY "sk-test-tenant"
+#define AUTH "Authorization: Bearer " TENANT_KEY "\r\n"
+#define CHAT "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":\"hello there\"}]}"
+
+static struct support_proc router, mock_a, mock_b;
+static struct support_http_response resp;
+static struct buf req;
+static cJSON *json;
+static char conf_path[64];
+static char ca_dir[256];
+
+static void teardown(void)
+{
+    support_proc_stop(&router);
+    support_proc_stop(&mock_a);
+    support_proc_stop(&mock_b);
+    support_http_response_free(&resp);
+    buf_free(&req);
+    cJSON_Delete(json);
+    json = NULL;
+    if (conf_path[0])
+        unlink(conf_path);
+    if (ca_dir[0])
+        support_remove_tree(ca_dir);
+}
+
+TestSuite(proxy, .fini = teardown, .timeout = 60);
+
+static void key_hash(char hex[65])
+{
+    unsigned char d[32];
+
+    SHA256((const unsigned char *)TENANT_KEY, strlen(TENANT_KEY), d);
+    for (int i = 0; i < 32; i++)
+        sprintf(hex + 2 * i, "%02x", d[i]);
+}
+
+/* Write a config: `limits` and `backends` are YAML fragments (backends
+ * is the list body), routes name candidates. Start the router on it. */
+static void start_router(const char *limits, const char *backends, const char *candidates)
+{
+    char hex[65];
+    FILE *f;
+    int fd;
+
+    key_hash(hex);
+    strcpy(conf_path, "/tmp/costrouter-test-XXXXXX");
+    fd = mkstemp(conf_path);
+    cr_assert_geq(fd, 0);
+    f = fdopen(fd, "w");
+    fprintf(f,
+            "listen: 127.0.0.1:0\n"
+            "%s\n"
+            "backends:\n%s\n"
+            "routes:\n"
+            "  - model: chat\n"
+            "    candidates: [%s]\n"
+            "tenants:\n"
+            "  - id: t1\n"
+            "    api_keys: [\"sha256:%s\"]\n",
+            limits ? limits : "", backends, candidates, hex);
+    fclose(f);
+    char *argv[] = {getenv("COSTROUTER_BIN") ? getenv("COSTROUTER_BIN") : "./costrouter", "-q",
+                    "-c", conf_path, NULL};
+    cr_assert_eq(support_proc_start(&router, argv), 0, "router did not start");
+}
+
+/* A backend entry for a mock on `port`. */
+static const char *backend_yaml(char *out, size_t n, const char *name, int port, const char *extra)
+{
+    snprintf(out, n,
+             "  - name: %s\n"
+             "    kind: api\n"
+             "    url: http://127.0.0.1:%d/v1\n"
+             "    model: upstream-%s\n"
+             "    api_key: sk-upstream-%s\n"
+             "    quality: 2\n"
+             "    context_window: 8192\n"
+             "    input_usd_per_mtok: 1\n"
+             "    output_usd_per_mtok: 2\n"
+             "%s",
+             name, port, name, name, extra ? extra : "");
+    return out;
+}
+
+/* Start mock A (and B when two) and the router in front of them. */
+static void start_two(const char *limits, const char *extra_a)
+{
+    char a[1024], b[1024], both[2100];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, "--token-delay-ms", "2", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, "--token-delay-ms", "2", NULL), 0);
+    backend_yaml(a, sizeof(a), "a", mock_a.port, extra_a);
+    backend_yaml(b, sizeof(b), "b", mock_b.port, NULL);
+    snprintf(both, sizeof(both), "%s%s", a, b);
+    start_router(limits, both, "a, b");
+}
+
+static int call_port(int port, const char *method, const char *path, const char *headers,
+                     const char *body)
+{
+    buf_reset(&req);
+    support_http_response_free(&resp);
+    cr_assert_eq(support_http_format(&req, method, path, headers, body), 0);
+    return support_http_request(port, req.data, req.len, TIMEOUT_MS, &resp);
+}
+
+static int call(const char *method, const char *path, const char *headers, const char *body)
+{
+    return call_port(router.port, method, path, headers, body);
+}
+
+static cJSON *body_json(void)
+{
+    cJSON_Delete(json);
+    json = cJSON_ParseWithLength(resp.body.data, resp.body.len);
+    cr_assert_not_null(json, "body is not JSON: %.*s", (int)resp.body.len, resp.body.data);
+    return json;
+}
+
+static const char *json_str(const cJSON *obj, const char *path)
+{
+    char copy[128], *save = NULL, *part;
+    const cJSON *cur = obj;
+
+    snprintf(copy, sizeof(copy), "%s", path);
+    for (part = strtok_r(copy, ".", &save); part && cur; part = strtok_r(NULL, ".", &save))
+        cur = cJSON_GetObjectItemCaseSensitive(cur, part);
+    return cJSON_IsString(cur) ? cur->valuestring : NULL;
+}
+
+static double json_num(const cJSON *obj, const char *path)
+{
+    char copy[128], *save = NULL, *part;
+    const cJSON *cur = obj;
+
+    snprintf(copy, sizeof(copy), "%s", path);
+    for (part = strtok_r(copy, ".", &save); part && cur; part = strtok_r(NULL, ".", &save))
+        cur = cJSON_GetObjectItemCaseSensitive(cur, part);
+    cr_assert(cJSON_IsNumber(cur), "%s is not a number", path);
+    return cur->valuedouble;
+}
+
+/* The error object of an OpenAI-style error body; checks its shape. */
+static void assert_error(int status, const char *code)
+{
+    cJSON *j = body_json();
+
+    cr_assert_eq(resp.status, status, "status %d want %d: %.*s", resp.status, status,
+                 (int)resp.body.len, resp.body.data);
+    cr_assert_not_null(json_str(j, "error.message"));
+    cr_assert_not_null(json_str(j, "error.type"));
+    cr_assert_str_eq(json_str(j, "error.code"), code);
+    cr_assert_str_eq(support_http_header(&resp, "content-type"), "application/json");
+}
+
+/* ---- proxying ---- */
+
+Test(proxy, chat_is_rewritten_for_the_backend_and_usage_passes_through)
+{
+    start_two(NULL, NULL);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-user-id: u1\r\n", CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    cr_assert_not_null(support_http_header(&resp, "x-costrouter-reason"));
+    cr_assert_not_null(support_http_header(&resp, "x-request-id"));
+    cr_assert_gt(json_num(body_json(), "usage.prompt_tokens"), 0);
+
+    /* What the upstream received: its own model name and key, never ours. */
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/last-request", NULL, NULL), 0);
+    cJSON *j = body_json();
+    cr_assert_str_eq(json_str(j, "headers.authorization"), "Bearer sk-upstream-a");
+    cr_assert_str_eq(json_str(j, "headers.x-user-id"), "u1");
+    cr_assert_null(memmem(resp.body.data, resp.body.len, TENANT_KEY, strlen(TENANT_KEY)));
+    cJSON *sent = cJSON_Parse(json_str(j, "body"));
+    cr_assert_str_eq(json_str(sent, "model"), "upstream-a");
+    cJSON_Delete(sent);
+}
+
+Test(proxy, completions_embeddings_models_and_healthz)
+{
+    start_two(NULL, NULL);
+    cr_assert_eq(call("POST", "/v1/completions", AUTH, "{\"model\":\"chat\",\"prompt\":\"hi\"}"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(call("POST", "/v1/embeddings", AUTH, "{\"model\":\"chat\",\"input\":\"hi\"}"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_gt(json_num(body_json(), "usage.prompt_tokens"), 0);
+    cr_assert_eq(call("GET", "/v1/models", AUTH, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    cJSON *data = cJSON_GetObjectItem(body_json(), "data");
+    cr_assert_eq(cJSON_GetArraySize(data), 1);
+    cr_assert_str_eq(json_str(cJSON_GetArrayItem(data, 0), "id"), "chat");
+    cr_assert_eq(call("GET", "/healthz", NULL, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+}
+
+Test(proxy, stream_events_arrive_one_by_one_and_injected_usage_is_hidden)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    int n = 0, rc, saw_done = 0, saw_usage = 0;
+    double first = 0, last = 0;
+
+    start_two(NULL, NULL);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-tokens: 8\r\nx-mock-token-delay-ms: 30\r\n",
+                                     "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}"),
+                 0);
+    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    cr_assert_eq(s.resp.status, 200);
+    cr_assert_str_eq(support_http_header(&s.resp, "transfer-encoding"), "chunked");
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1) {
+        if (n++ == 0)
+            first = ev.t_ms;
+        last = ev.t_ms;
+        if (strcmp(ev.data, "[DONE]") == 0)
+            saw_done = 1;
+        else if (strstr(ev.data, "\"usage\":{"))
+            saw_usage = 1;
+    }
+    support_sse_close(&s);
+    cr_assert_eq(rc, 0, "stream did not end cleanly: %d", rc);
+    cr_assert(saw_done);
+    cr_assert_not(saw_usage, "the router's own include_usage chunk reached the client");
+    cr_assert_eq(n, 9, "8 tokens and [DONE], got %d events", n);
+    /* Passed through as produced, not buffered: 7 gaps of 30 ms. */
+    cr_assert_gt(last - first, 150.0, "events arrived together (%.1f ms)", last - first);
+}
+
+Test(proxy, stream_usage_is_forwarded_when_the_client_asks)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    int saw_usage = 0;
+
+    start_two(NULL, NULL);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH,
+                                     "{\"model\":\"chat\",\"stream\":true,\"messages\":[],"
+                                     "\"stream_options\":{\"include_usage\":true}}"),
+                 0);
+    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1)
+        if (strstr(ev.data, "\"completion_tokens\""))
+            saw_usage = 1;
+    support_sse_close(&s);
+    cr_assert(saw_usage);
+}
+
+Test(proxy, keep_alive_pipelining_and_upstream_reuse)
+{
+    struct support_http_conn c;
+    struct support_http_response r[3] = {0};
+
+    start_two(NULL, NULL);
+    buf_reset(&req);
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0); /* three at once */
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(support_http_read(&c, &r[i], TIMEOUT_MS), 0, "response %d", i);
+        cr_assert_eq(r[i].status, 200);
+        cr_assert_null(support_http_header(&r[i], "connection"));
+    }
+    /* In order: ids increase. */
+    cr_assert_lt(strcmp(support_http_header(&r[0], "x-request-id"),
+                        support_http_header(&r[1], "x-request-id")), 0);
+    for (int i = 0; i < 3; i++)
+        support_http_response_free(&r[i]);
+    support_http_close(&c);
+    /* Three requests, one upstream connection (the second one counted
+     * is this stats call's own). */
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(json_num(body_json(), "requests"), 3);
+    cr_assert_eq(json_num(json, "connections"), 2, "%.*s", (int)resp.body.len, resp.body.data);
+}
+
+/* ---- client errors ---- */
+
+Test(proxy, client_errors_are_openai_json)
+{
+    start_two(NULL, NULL);
+    cr_assert_eq(call("POST", "/v1/chat/completions", NULL, CHAT), 0);
+    assert_error(401, "invalid_api_key");
+    cr_assert_eq(call("POST", "/v1/chat/completions", "Authorization: Bearer sk-wrong\r\n", CHAT), 0);
+    assert_error(401, "invalid_api_key");
+    cr_assert_null(memmem(resp.body.data, resp.body.len, "sk-wrong", 8), "key echoed");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, "{\"model\":"), 0);
+    assert_error(400, "invalid_json");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, "{\"messages\":[]}"), 0);
+    assert_error(400, "missing_model");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, "{\"model\":\"nope\"}"), 0);
+    assert_error(404, "model_not_found");
+    cr_assert_eq(call("GET", "/v2/whatever", AUTH, NULL), 0);
+    assert_error(404, "unknown_url");
+    cr_assert_eq(call("GET", "/v1/chat/completions", AUTH, NULL), 0);
+    assert_error(405, "method_not_allowed");
+    cr_assert_eq(support_http_request(router.port, "BLAH\r\n\r\n", 8, TIMEOUT_MS, &resp), 0);
+    assert_error(400, "bad_request");
+}
+
+Test(proxy, size_limits_give_413_and_431)
+{
+    struct buf big = {0};
+
+    start_two("limits: {max_body_bytes: 1024, max_header_bytes: 2048}", NULL);
+    cr_assert_eq(buf_printf(&big, "{\"model\":\"chat\",\"prompt\":\"%02000d\"}", 0), 0);
+    cr_assert_eq(call("POST", "/v1/completions", AUTH, big.data), 0);
+    assert_error(413, "request_too_large");
+    buf_reset(&big);
+    cr_assert_eq(buf_printf(&big, "x-pad: %03000d\r\n" AUTH, 0), 0);
+    cr_assert_eq(call("POST", "/v1/completions", big.data, CHAT), 0);
+    assert_error(431, "headers_too_large");
+    buf_free(&big);
+}
+
+Test(proxy, slow_client_gets_408)
+{
+    struct support_http_conn c;
+
+    start_two("limits: {header_timeout_ms: 200, body_timeout_ms: 200}", NULL);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    const char part[] = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{";
+    cr_assert_eq(support_http_send(&c, part, sizeof(part) - 1), 0);
+    cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0);
+    assert_error(408, "request_timeout");
+    support_http_close(&c);
+}
+
+/* ---- upstream failures ---- */
+
+Test(proxy, down_backend_falls_back_to_the_next_candidate)
+{
+    start_two(NULL, NULL);
+    support_proc_stop(&mock_a); /* port now refuses */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "fallback");
+}
+
+Test(proxy, upstream_5xx_falls_back_and_4xx_does_not)
+{
+    start_two(NULL, NULL);
+    /* x-mock-status reaches both mocks; only a 5xx/429 moves on. */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-mock-status: 400\r\n", CHAT), 0);
+    cr_assert_eq(resp.status, 400);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    support_proc_stop(&mock_b);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    support_proc_stop(&router);
+    support_proc_stop(&mock_a);
+    cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "500", NULL), 0);
+    char a[1024], b[1024], both[2100];
+    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
+    backend_yaml(b, sizeof(b), "b", mock_b.port, NULL);
+    snprintf(both, sizeof(both), "%s%s", a, b);
+    unlink(conf_path);
+    start_router(NULL, both, "a, b");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+}
+
+Test(proxy, all_backends_down_is_502_then_503_when_ejected)
+{
+    start_two(NULL, NULL);
+    support_proc_stop(&mock_a);
+    support_proc_stop(&mock_b);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    assert_error(502, "upstream_connect_failed");
+    /* After three failures each, both circuits are open: nothing to try. */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    assert_error(503, "no_backend_available");
+}
+
+Test(proxy, stalled_upstream_gives_504_after_first_byte_timeout)
+{
+    char a[1024];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "stall", NULL), 0);
+    backend_yaml(a, sizeof(a), "a", mock_a.port, "    first_byte_timeout_ms: 300\n");
+    start_router("limits: {max_retries: 0}", a, "a");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    assert_error(504, "upstream_timeout");
+    cr_assert_lt(resp.total_ms, 3000.0);
+}
+
+Test(proxy, upstream_dying_mid_stream_is_an_error_event_not_a_clean_end)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    int rc, saw_error = 0, saw_done = 0;
+
+    start_two(NULL, NULL);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-fault: close-midstream\r\n",
+                                     "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}"),
+                 0);
+    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    cr_assert_eq(s.resp.status, 200);
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1) {
+        if (strstr(ev.data, "\"error\""))
+            saw_error = 1;
+        if (strcmp(ev.data, "[DONE]") == 0)
+            saw_done = 1;
+    }
+    support_sse_close(&s);
+    cr_assert(saw_error, "no SSE error event");
+    cr_assert_not(saw_done);
+    cr_assert_neq(rc, 0, "the stream ended as if it were complete");
+}
+
+/* ---- TLS upstream ---- */
+
+static void start_tls(int pin_ca)
+{
+    char a[2048], extra[512], cert[300], key[300];
+
+    cr_assert_eq(support_make_test_ca(ca_dir, sizeof(ca_dir)), 0);
+    snprintf(cert, sizeof(cert), "%s/server.crt", ca_dir);
+    snprintf(key, sizeof(key), "%s/server.key", ca_dir);
+    cr_assert_eq(support_mockllm_start(&mock_a, "--tls-cert", cert, "--tls-key", key, NULL), 0);
+    snprintf(extra, sizeof(extra), pin_ca ? "    ca_file: %s/ca.crt\n" : "", ca_dir);
+    snprintf(a, sizeof(a),
+             "  - name: tls\n    kind: api\n    url: https://localhost:%d/v1\n"
+             "    model: m\n    api_key: sk-up\n    quality: 1\n    context_window: 1000\n"
+             "    input_usd_per_mtok: 1\n    output_usd_per_mtok: 1\n%s",
+             mock_a.port, extra);
+    start_router("limits: {max_retries: 0}", a, "tls");
+}
+
+Test(proxy, tls_upstream_with_pinned_ca_streams)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    int n = 0;
+
+    start_tls(1);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_gt(json_num(body_json(), "usage.completion_tokens"), 0);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH,
+                                     "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}"),
+                 0);
+    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1)
+        n++;
+    support_sse_close(&s);
+    cr_assert_gt(n, 2);
+}
+
+Test(proxy, tls_upstream_with_unknown_ca_is_refused)
+{
+    start_tls(0);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    assert_error(502, "upstream_connect_failed");
+}
