@@ -83,8 +83,8 @@ static int build_request(struct router__client *c, const struct conf_backend *b,
     if (body == NULL)
         return -1;
     size_t len = strlen(body);
-    rc = buf_printf(out, "POST %s%s HTTP/1.1\r\nHost: %s", b->base_path, endpoint_suffix(req->endpoint),
-                    b->host);
+    rc = buf_printf(out, b->host_is_ipv6 ? "POST %s%s HTTP/1.1\r\nHost: [%s]" : "POST %s%s HTTP/1.1\r\nHost: %s",
+                    b->base_path, endpoint_suffix(req->endpoint), b->host);
     if (rc == 0 && b->port != (b->tls ? 443 : 80))
         rc = buf_printf(out, ":%u", b->port);
     rc = rc ?: buf_printf(out, "\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"

@@ -21,6 +21,9 @@
 #include "router/router.h"
 #include "backends/backend.h"
 
+#include <openssl/rand.h>
+#include <unistd.h>
+
 /* Size of the loop-wide read buffer; everything read is consumed or
  * copied before the next read, so one buffer serves every socket. */
 #define ROUTER_READ_BUF 65536
@@ -534,6 +537,11 @@ struct router *router_create(uv_loop_t *loop, const struct conf *conf)
     client_settings.on_message_complete = on_message_complete;
     r->loop = loop;
     r->conf = conf;
+    /* Request ids must not repeat across restarts and instances sharing
+     * one cost log; a random per-process prefix does that. */
+    if (RAND_bytes((unsigned char *)&r->start_id, sizeof(r->start_id)) != 1)
+        r->start_id = uv_hrtime() ^ ((uint64_t)getpid() << 32);
+    r->start_id &= 0xffffffffffULL;
     r->backends = backend_set_create(conf);
     if (r->backends == NULL)
         goto fail;

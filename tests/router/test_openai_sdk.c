@@ -1,0 +1,125 @@
+/*
+ * tests/router/test_openai_sdk.c: the official openai npm client (Node)
+ * talks to the router in front of mockllm, plain and streamed, with only
+ * its base URL changed. The client script is tests/router/openai_client.mjs;
+ * the package is installed by `make deps` (mk/openai.mk).
+ */
+#include <cjson/cJSON.h>
+#include <criterion/criterion.h>
+#include <openssl/sha.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/buf.h"
+#include "tests/support/proc.h"
+
+#define TENANT_KEY "sk-sdk-tenant"
+
+static struct support_proc router, mock;
+static char conf_path[64];
+static cJSON *result;
+
+static void teardown(void)
+{
+    support_proc_stop(&router);
+    support_proc_stop(&mock);
+    if (conf_path[0])
+        unlink(conf_path);
+    cJSON_Delete(result);
+}
+
+TestSuite(openai_sdk, .fini = teardown, .timeout = 60);
+
+static void start(void)
+{
+    unsigned char d[32];
+    char hex[65];
+    FILE *f;
+
+    SHA256((const unsigned char *)TENANT_KEY, strlen(TENANT_KEY), d);
+    for (int i = 0; i < 32; i++)
+        sprintf(hex + 2 * i, "%02x", d[i]);
+    cr_assert_eq(support_mockllm_start(&mock, "--token-delay-ms", "1", NULL), 0);
+    strcpy(conf_path, "/tmp/costrouter-sdk-XXXXXX");
+    f = fdopen(mkstemp(conf_path), "w");
+    cr_assert_not_null(f);
+    fprintf(f,
+            "listen: 127.0.0.1:0\n"
+            "backends:\n"
+            "  - {name: m, kind: api, url: \"http://127.0.0.1:%d/v1\", model: mock-model,\n"
+            "     quality: 1, context_window: 8192, input_usd_per_mtok: 1, output_usd_per_mtok: 2}\n"
+            "routes:\n  - {model: chat, candidates: [m]}\n"
+            "tenants:\n  - {id: sdk, api_keys: [\"sha256:%s\"]}\n",
+            mock.port, hex);
+    fclose(f);
+    char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
+    cr_assert_eq(support_proc_start(&router, argv), 0);
+}
+
+/* Run the Node client in `mode`, parse the JSON line it prints. */
+static cJSON *run_client(const char *mode, const char *key)
+{
+    char port[16], script[512];
+    struct buf out = {0};
+    const char *src = getenv("COSTROUTER_SRC") ? getenv("COSTROUTER_SRC") : ".";
+
+    snprintf(port, sizeof(port), "%d", router.port);
+    snprintf(script, sizeof(script), "%s/tests/router/openai_client.mjs", src);
+    snprintf(script, sizeof(script), "%s/build/npm-openai", src);
+    setenv("OPENAI_NPM_DIR", script, 1);
+    snprintf(script, sizeof(script), "%s/tests/router/openai_client.mjs", src);
+    char *argv[] = {"node", script, port, (char *)key, (char *)mode, NULL};
+    int rc = support_run(argv, &out, 30000);
+    cr_assert_eq(rc, 0, "node exited %d", rc);
+    cJSON_Delete(result);
+    result = cJSON_ParseWithLength(out.data, out.len);
+    cr_assert_not_null(result, "client printed: %.*s", (int)out.len, out.data);
+    buf_free(&out);
+    return result;
+}
+
+static const cJSON *get(const cJSON *o, const char *name)
+{
+    return cJSON_GetObjectItemCaseSensitive(o, name);
+}
+
+Test(openai_sdk, plain_chat_models_and_embeddings)
+{
+    start();
+    cJSON *r = run_client("plain", TENANT_KEY);
+    cr_assert(cJSON_IsTrue(get(r, "ok")), "%s", cJSON_PrintUnformatted(r));
+    cr_assert(cJSON_IsString(get(r, "content")));
+    cr_assert_gt(get(get(r, "usage"), "completion_tokens")->valuedouble, 0);
+    cr_assert_str_eq(cJSON_GetArrayItem(get(r, "models"), 0)->valuestring, "chat");
+    cr_assert_gt(get(r, "embedding_len")->valuedouble, 0);
+}
+
+Test(openai_sdk, streamed_chat_with_usage)
+{
+    start();
+    cJSON *r = run_client("stream", TENANT_KEY);
+    cr_assert(cJSON_IsTrue(get(r, "ok")), "%s", cJSON_PrintUnformatted(r));
+    cr_assert_gt(get(r, "chunks")->valuedouble, 2);
+    cr_assert_gt(strlen(get(r, "text")->valuestring), 0);
+    cr_assert_gt(get(get(r, "usage"), "completion_tokens")->valuedouble, 0);
+}
+
+Test(openai_sdk, bad_key_is_an_authentication_error)
+{
+    start();
+    cJSON *r = run_client("badkey", "sk-not-a-tenant");
+    cr_assert(cJSON_IsFalse(get(r, "ok")));
+    cr_assert_str_eq(get(r, "error_class")->valuestring, "AuthenticationError");
+    cr_assert_eq(get(r, "status")->valuedouble, 401);
+    cr_assert_str_eq(get(r, "code")->valuestring, "invalid_api_key");
+}
+
+Test(openai_sdk, broken_stream_raises_in_the_client)
+{
+    start();
+    cJSON *r = run_client("midstream", TENANT_KEY);
+    cr_assert(cJSON_IsFalse(get(r, "ok")), "a broken stream looked complete: %s",
+              cJSON_PrintUnformatted(r));
+}
