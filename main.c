@@ -27,6 +27,7 @@ struct app {
     uv_signal_t sigterm;   /* graceful stop */
     uv_signal_t sigint;    /* graceful stop */
     uv_signal_t sighup;    /* log reopen / reload */
+    int stopping;          /* a stop signal was received */
 };
 
 static void usage(FILE *out)
@@ -61,11 +62,18 @@ static void on_stop_signal(uv_signal_t *s, int signum)
 {
     struct app *app = s->data;
 
+    if (app->stopping) {
+        log_info("signal %d: already stopping, waiting for requests in flight", signum);
+        return;
+    }
+    app->stopping = 1;
     log_info("signal %d: stopping after requests in flight", signum);
     router_stop(app->router);
-    uv_close((uv_handle_t *)&app->sigterm, NULL);
-    uv_close((uv_handle_t *)&app->sigint, NULL);
-    uv_close((uv_handle_t *)&app->sighup, NULL);
+    /* Keep catching signals (a second SIGTERM must not kill requests in
+     * flight), but let the loop end once the router has closed. */
+    uv_unref((uv_handle_t *)&app->sigterm);
+    uv_unref((uv_handle_t *)&app->sigint);
+    uv_unref((uv_handle_t *)&app->sighup);
 }
 
 static void on_hup(uv_signal_t *s, int signum)
@@ -84,10 +92,12 @@ static int run(const char *path)
         return 1;
     app.loop = uv_default_loop();
     app.router = router_create(app.loop, app.conf);
-    if (app.router == NULL)
-        goto out;
-    if (router_start(app.router) != 0)
-        goto out;
+    if (app.router == NULL) {
+        conf_free(app.conf);
+        return 1;
+    }
+    /* Signal handlers before the "listening on" line, so whoever waits
+     * for that line can stop us gracefully at once. */
     uv_signal_init(app.loop, &app.sigterm);
     uv_signal_init(app.loop, &app.sigint);
     uv_signal_init(app.loop, &app.sighup);
@@ -95,6 +105,8 @@ static int run(const char *path)
     uv_signal_start(&app.sigterm, on_stop_signal, SIGTERM);
     uv_signal_start(&app.sigint, on_stop_signal, SIGINT);
     uv_signal_start(&app.sighup, on_hup, SIGHUP);
+    if (router_start(app.router) != 0)
+        goto out;
     uv_run(app.loop, UV_RUN_DEFAULT);
     rc = 0;
 out:
@@ -102,9 +114,17 @@ out:
         router_stop(app.router);
         uv_run(app.loop, UV_RUN_DEFAULT);
     }
+    uv_close((uv_handle_t *)&app.sigterm, NULL);
+    uv_close((uv_handle_t *)&app.sigint, NULL);
+    uv_close((uv_handle_t *)&app.sighup, NULL);
+    /* Exiting anyway: a late stop signal must not turn a clean exit into
+     * death by signal now that libuv has put the default action back. */
+    signal(SIGTERM, SIG_IGN);
+    signal(SIGINT, SIG_IGN);
+    uv_run(app.loop, UV_RUN_DEFAULT);
     router_destroy(app.router);
-    if (app.loop)
-        uv_loop_close(app.loop);
+    if (uv_loop_close(app.loop) != 0)
+        log_warn("event loop closed with handles still open");
     conf_free(app.conf);
     log_info("stopped");
     return rc;

@@ -95,6 +95,7 @@ void router__send_response(struct router__client *c, int status, const char *con
     int n;
 
     req->status = status;
+    req->response_started = 1;
     n = snprintf(head, sizeof(head),
                  "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
                  "x-request-id: %s\r\n%s%s\r\n",
@@ -178,6 +179,7 @@ void router__request_reset(struct router__request *req)
     req->route = NULL;
     req->error = NULL;
     req->stream = req->injected_usage = req->keep_alive = req->response_started = 0;
+    req->expect_continue = 0;
     req->chunked = req->is_sse = req->upstream_done = req->broken = 0;
     req->tried = 0;
     req->attempts = req->fallbacks = 0;

@@ -102,6 +102,7 @@ struct router__request {
     unsigned stream:1;                   /* "stream": true */
     unsigned injected_usage:1;           /* we added stream_options.include_usage */
     unsigned keep_alive:1;               /* client wants the connection kept */
+    unsigned expect_continue:1;          /* Expect: 100-continue was sent */
     unsigned response_started:1;         /* any response byte sent to the client */
     unsigned chunked:1;                  /* response to client is chunked */
     unsigned is_sse:1;                   /* upstream answers text/event-stream */

@@ -47,9 +47,11 @@ static const char *endpoint_suffix(enum router__endpoint ep)
  * client that did not ask for it). */
 static int rewrite_body(struct router__request *req, const struct conf_backend *b)
 {
-    cJSON *model = cJSON_CreateString(b->model);
-    cJSON *opts, *inc;
+    cJSON *model, *opts, *inc;
 
+    /* A backend without `model` gets the name the client used (the
+     * route's), also after a fallback rewrote it for another backend. */
+    model = cJSON_CreateString(b->model ? b->model : req->route->model);
     if (model == NULL || !cJSON_ReplaceItemInObjectCaseSensitive(req->json, "model", model))
         return -1;
     if (!req->stream || req->endpoint == ROUTER_EP_EMBEDDINGS)
@@ -220,6 +222,7 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
         router__client_close(c);
         return 1;
     }
+    req->response_started = 1;
     router__client_send(c, head.data, head.len);
     buf_free(&head);
     return 0;

@@ -167,7 +167,6 @@ void router__client_sendv(struct router__client *c, const uv_buf_t *bufs, unsign
         total += bufs[i].len;
     if (total == 0)
         return;
-    c->req.response_started = 1;
     if (router__client_write_queue(c) == 0) {
         n = uv_try_write((uv_stream_t *)&c->tcp, bufs, nbufs);
         if (n < 0 && n != UV_EAGAIN) {
@@ -339,6 +338,9 @@ static int on_header_value_complete(llhttp_t *p)
 
     if (slice_caseeq(name, "authorization"))
         rc = buf_append(&req->auth, req->hvalue.data, req->hvalue.len);
+    else if (slice_caseeq(name, "expect"))
+        req->expect_continue = slice_caseeq((struct slice){req->hvalue.data, req->hvalue.len},
+                                            "100-continue");
     else if (!request_header_is_ours(name) && name.len > 0)
         rc = buf_printf(&req->fwd, "%.*s: %.*s\r\n", (int)name.len, name.p, (int)req->hvalue.len,
                         req->hvalue.data ? req->hvalue.data : "");
@@ -355,6 +357,9 @@ static int on_headers_complete(llhttp_t *p)
         c->req.error = error_body_too_large;
         return -1;
     }
+    /* The client waits for this before sending a large body (curl does). */
+    if (c->req.expect_continue)
+        router__client_send(c, "HTTP/1.1 100 Continue\r\n\r\n", 25);
     client_set_phase(c, ROUTER_CLIENT_BODY);
     return 0;
 }

@@ -486,3 +486,49 @@ Test(proxy, tls_upstream_with_unknown_ca_is_refused)
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
     assert_error(502, "upstream_connect_failed");
 }
+
+Test(proxy, expect_100_continue_is_answered_before_the_body)
+{
+    struct support_http_conn c;
+    const char head[] = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" AUTH
+                        "Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                        "Content-Length: 70\r\n\r\n";
+    const char body[] = "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":\"hello there!\"}]}";
+
+    cr_assert_eq(strlen(body), 70);
+    start_two(NULL, NULL);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    cr_assert_eq(support_http_send(&c, head, sizeof(head) - 1), 0);
+    cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0);
+    cr_assert_eq(resp.status, 100);
+    support_http_response_free(&resp);
+    cr_assert_eq(support_http_send(&c, body, sizeof(body) - 1), 0);
+    cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    support_http_close(&c);
+}
+
+Test(proxy, sigterm_lets_a_stream_in_flight_finish)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    int rc, n = 0;
+
+    start_two(NULL, NULL);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-tokens: 10\r\nx-mock-token-delay-ms: 40\r\n",
+                                     "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}"),
+                 0);
+    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    cr_assert_eq(support_sse_next(&s, &ev, TIMEOUT_MS), 1);
+    kill(router.pid, SIGTERM);
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1)
+        n++;
+    support_sse_close(&s);
+    cr_assert_eq(rc, 0, "stream cut by shutdown: %d", rc);
+    cr_assert_eq(n, 10, "9 more tokens and [DONE], got %d", n);
+    support_proc_stop(&router);
+    cr_assert(support_proc_exited_cleanly(&router), "router exit status %d", router.status);
+}
