@@ -110,13 +110,11 @@ static int run(const char *path)
     uv_run(app.loop, UV_RUN_DEFAULT);
     rc = 0;
 out:
-    if (app.router && rc != 0) {
-        router_stop(app.router);
-        uv_run(app.loop, UV_RUN_DEFAULT);
-    }
     uv_close((uv_handle_t *)&app.sigterm, NULL);
     uv_close((uv_handle_t *)&app.sigint, NULL);
     uv_close((uv_handle_t *)&app.sighup, NULL);
+    if (rc != 0)
+        router_stop(app.router);
     /* Exiting anyway: a late stop signal must not turn a clean exit into
      * death by signal now that libuv has put the default action back. */
     signal(SIGTERM, SIG_IGN);

@@ -532,3 +532,30 @@ Test(proxy, sigterm_lets_a_stream_in_flight_finish)
     support_proc_stop(&router);
     cr_assert(support_proc_exited_cleanly(&router), "router exit status %d", router.status);
 }
+
+Test(proxy, a_taken_port_is_an_error_exit_not_a_hang)
+{
+    char second[64], line[128];
+    FILE *in, *out;
+    int fd;
+
+    start_two(NULL, NULL);
+    /* The same config with the first router's port made explicit. */
+    strcpy(second, "/tmp/costrouter-test2-XXXXXX");
+    fd = mkstemp(second);
+    cr_assert_geq(fd, 0);
+    out = fdopen(fd, "w");
+    in = fopen(conf_path, "r");
+    cr_assert_not_null(in);
+    while (fgets(line, sizeof(line), in))
+        if (strncmp(line, "listen:", 7) == 0)
+            fprintf(out, "listen: 127.0.0.1:%d\n", router.port);
+        else
+            fputs(line, out);
+    fclose(in);
+    fclose(out);
+    char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", second, NULL};
+    int rc = support_run(argv, NULL, 5000);
+    unlink(second);
+    cr_assert_eq(rc, 1, "second router: %d (want exit 1, not a hang)", rc);
+}
