@@ -340,9 +340,9 @@ static void finish_close(struct metrics_cost_log *log)
 }
 
 /*
- * Start the next filesystem request if none is in flight: a reopen if one
- * was asked for, else the rest of inflight, else pending when `force`d or
- * big enough. While closing, finish synchronously instead.
+ * Start the next filesystem request if none is in flight: the rest of
+ * inflight, else a reopen if one was asked for, else pending when
+ * `force`d or big enough. While closing, finish synchronously instead.
  */
 static void kick(struct metrics_cost_log *log, int force)
 {
@@ -352,16 +352,17 @@ static void kick(struct metrics_cost_log *log, int force)
         finish_close(log);
         return;
     }
+    if (log->inflight.len > log->inflight_off) {
+        /* first: a line is never split across the old and the new file */
+        start_write(log);
+        return;
+    }
     if (log->reopen_wanted) {
         log->reopen_wanted = 0;
         if (uv_fs_open(log->loop, &log->req, log->path, OPEN_FLAGS, 0640, on_open) == 0) {
             log->busy = 1;
             return;
         }
-    }
-    if (log->inflight.len > log->inflight_off) {
-        start_write(log);
-        return;
     }
     if (log->pending.len == 0 || (!force && log->pending.len < FLUSH_BYTES))
         return;
@@ -438,7 +439,7 @@ void metrics_cost_log_reopen(struct metrics_cost_log *log)
     if (log->path == NULL || log->closing)
         return;
     log->reopen_wanted = 1;
-    kick(log, 0);
+    kick(log, 1);
 }
 
 void metrics_cost_log_close(struct metrics_cost_log *log)

@@ -204,9 +204,11 @@ struct metrics_cost_log *metrics_cost_log_open(struct uv_loop_s *loop, const cha
 int metrics_cost_log_write(struct metrics_cost_log *log, const struct metrics_cost_record *r);
 
 /*
- * Reopen the path (log rotation; the router calls it on SIGHUP): records
- * buffered so far go to the old file, later ones to a file created at the
- * path. Asynchronous; on failure the old file stays in use and an error is
+ * Reopen the path (log rotation; the router calls it on SIGHUP). Records
+ * already buffered are written first (to the old file, unless a write is
+ * in flight: then they may land in the new one); later records go to a
+ * file created at the path. No record is lost or split across files.
+ * Asynchronous; on failure the old file stays in use and an error is
  * logged. No-op for stdout.
  */
 void metrics_cost_log_reopen(struct metrics_cost_log *log);
