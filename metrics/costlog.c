@@ -287,16 +287,21 @@ static void start_write(struct metrics_cost_log *log)
         write_failed(log, rc);
 }
 
-/* Write all of [p, p+len) synchronously; for the final flush. */
+/*
+ * Write all of [p, p+len) synchronously; for the final flush. A
+ * non-blocking stdout nobody drains gets 10 s, so shutdown cannot hang.
+ */
 static int write_sync(uv_file fd, const char *p, size_t len)
 {
+    int waits = 0;
+
     while (len > 0) {
         uv_buf_t b = uv_buf_init((char *)p, (unsigned)MIN(len, (size_t)1 << 30));
         uv_fs_t req;
         int n = uv_fs_write(NULL, &req, fd, &b, 1, -1, NULL);
 
         uv_fs_req_cleanup(&req);
-        if (n == UV_EAGAIN) {
+        if (n == UV_EAGAIN && waits++ < 10) {
             struct pollfd pfd = {.fd = fd, .events = POLLOUT};
             (void)poll(&pfd, 1, 1000);
             continue;
