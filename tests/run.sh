@@ -12,10 +12,15 @@ export COSTROUTER_SRC="$(pwd)"
 logdir="${BUILD:-build}/test-logs"
 mkdir -p "$logdir"
 passed=0 failed=0 bad=0
+# Criterion 2.4.1's runner (parent process) leaks 48 bytes at exit when
+# tests with .timeout run in parallel, which LeakSanitizer reports; the
+# sanitized run uses one job so that only real leaks are reported.
+jobs=2
+[ -n "${SANITIZED:-}" ] && jobs=1
 for t in "$@"; do
     name=$(basename "$t")
     log="$logdir/$name.log"
-    "$t" --jobs 2 >"$log" 2>&1
+    "$t" --jobs "$jobs" >"$log" 2>&1
     rc=$?
     synth=$(grep -a 'Synthesis:' "$log" | tail -1)
     tested=$(sed -n 's/.*Tested: \([0-9]*\).*/\1/p' <<<"$synth")

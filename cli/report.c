@@ -1,0 +1,781 @@
+/*
+ * cli/report.c: `costrouter report` (see report.h).
+ *
+ * One pass over the logs. Each line is parsed with cJSON and added to
+ * (dimension, value) groups held in a small open-addressing table keyed by
+ * xxh3, plus (experiment or route, arm) groups that keep a running mean and
+ * variance of cost per request (Welford) for the arm comparison. Memory is
+ * proportional to the number of distinct groups, not to the log size.
+ */
+#include "cli/report.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+enum format { FORMAT_TABLE, FORMAT_CSV, FORMAT_JSON };
+
+struct stats {
+    uint64_t requests;          /* lines counted */
+    uint64_t errors;            /* status >= 400 */
+    uint64_t prompt_tokens;     /* settled (estimate when not settled) */
+    uint64_t completion_tokens; /* settled (estimate when not settled) */
+    uint64_t cache_hits;        /* cache_hit true */
+    double cost_usd;            /* cost_usd, or cost_usd_est when not settled */
+    double saved_usd;           /* saved_usd */
+    double mean;                /* running mean of cost per request */
+    double m2;                  /* running sum of squared deviations */
+};
+
+struct group {
+    size_t dim;       /* index into report.dims */
+    char *value;      /* group value (tenant id, backend, ...) */
+    struct stats st;  /* what was added */
+};
+
+struct gmap {
+    struct group *items; /* in insertion order */
+    size_t n;            /* items used */
+    size_t cap;          /* items allocated */
+    uint32_t *slots;     /* index + 1 into items, 0 = empty */
+    size_t mask;         /* slots - 1 (power of two) */
+};
+
+struct report {
+    char **dims;          /* interned dimension names ("tenant", "tag.team", route names) */
+    size_t ndims;         /* entries in dims */
+    char **want;          /* --by tokens */
+    size_t nwant;         /* entries in want */
+    struct gmap groups;   /* (dimension, value) -> stats */
+    struct gmap arms;     /* (experiment/route as dim, arm) -> stats */
+    struct stats total;   /* every counted line */
+    uint64_t lines;       /* non-empty lines read */
+    uint64_t bad;         /* lines skipped: not a JSON object */
+};
+
+/* ---- groups ------------------------------------------------------------ */
+
+static size_t intern_dim(struct report *r, const char *name)
+{
+    for (size_t i = 0; i < r->ndims; i++)
+        if (strcmp(r->dims[i], name) == 0)
+            return i;
+    char **dims = realloc(r->dims, (r->ndims + 1) * sizeof(*dims));
+    if (dims == NULL || (dims[r->ndims] = strdup(name)) == NULL) {
+        perror("report");
+        exit(1);
+    }
+    r->dims = dims;
+    return r->ndims++;
+}
+
+static uint64_t gkey(size_t dim, const char *value)
+{
+    return XXH3_64bits_withSeed(value, strlen(value), dim);
+}
+
+static void gmap_rehash(struct gmap *m, size_t size)
+{
+    free(m->slots);
+    m->slots = calloc(size, sizeof(*m->slots));
+    if (m->slots == NULL) {
+        perror("report");
+        exit(1);
+    }
+    m->mask = size - 1;
+    for (size_t i = 0; i < m->n; i++) {
+        size_t j = gkey(m->items[i].dim, m->items[i].value) & m->mask;
+        while (m->slots[j] != 0)
+            j = (j + 1) & m->mask;
+        m->slots[j] = (uint32_t)i + 1;
+    }
+}
+
+/* The stats of (dim, value), created zeroed when new. Exits on ENOMEM. */
+static struct stats *gmap_get(struct gmap *m, size_t dim, const char *value)
+{
+    size_t j;
+
+    if (m->slots == NULL || (m->n + 1) * 2 > m->mask + 1)
+        gmap_rehash(m, m->slots ? (m->mask + 1) * 2 : 64);
+    for (j = gkey(dim, value) & m->mask; m->slots[j] != 0; j = (j + 1) & m->mask) {
+        struct group *g = &m->items[m->slots[j] - 1];
+        if (g->dim == dim && strcmp(g->value, value) == 0)
+            return &g->st;
+    }
+    if (m->n == m->cap) {
+        size_t cap = m->cap ? m->cap * 2 : 64;
+        struct group *items = realloc(m->items, cap * sizeof(*items));
+        if (items == NULL)
+            goto nomem;
+        m->items = items;
+        m->cap = cap;
+    }
+    m->items[m->n] = (struct group){.dim = dim, .value = strdup(value)};
+    if (m->items[m->n].value == NULL)
+        goto nomem;
+    m->slots[j] = (uint32_t)++m->n;
+    return &m->items[m->n - 1].st;
+
+nomem:
+    perror("report");
+    exit(1);
+}
+
+static void gmap_free(struct gmap *m)
+{
+    for (size_t i = 0; i < m->n; i++)
+        free(m->items[i].value);
+    free(m->items);
+    free(m->slots);
+}
+
+/* ---- reading ----------------------------------------------------------- */
+
+struct line {
+    const char *tenant, *backend, *route, *arm, *experiment; /* "-" when absent */
+    const cJSON *tags;       /* object or NULL */
+    int status;              /* HTTP status, 0 when absent */
+    double cost;             /* settled, else estimated, else 0 */
+    double saved;            /* saved_usd or 0 */
+    uint64_t prompt, completion; /* tokens */
+    int cache_hit;           /* cache_hit true */
+};
+
+static const char *str_or_dash(const cJSON *o, const char *key)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    return cJSON_IsString(v) && v->valuestring[0] ? v->valuestring : "-";
+}
+
+/* First of the keys that holds a finite non-negative number, else 0. */
+static double num2(const cJSON *o, const char *key, const char *fallback)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+
+    if (cJSON_IsNumber(v) && isfinite(v->valuedouble) && v->valuedouble >= 0)
+        return v->valuedouble;
+    return fallback ? num2(o, fallback, NULL) : 0;
+}
+
+static void stats_add(struct stats *s, const struct line *l)
+{
+    double d;
+
+    s->requests++;
+    s->errors += l->status >= 400;
+    s->prompt_tokens += l->prompt;
+    s->completion_tokens += l->completion;
+    s->cache_hits += l->cache_hit != 0;
+    s->cost_usd += l->cost;
+    s->saved_usd += l->saved;
+    d = l->cost - s->mean;
+    s->mean += d / (double)s->requests;
+    s->m2 += d * (l->cost - s->mean);
+}
+
+static int wanted(const struct report *r, const char *dim)
+{
+    for (size_t i = 0; i < r->nwant; i++)
+        if (strcmp(r->want[i], dim) == 0 || (strcmp(r->want[i], "tag") == 0 && strncmp(dim, "tag.", 4) == 0))
+            return 1;
+    return 0;
+}
+
+static void add_line(struct report *r, const cJSON *o)
+{
+    const cJSON *status = cJSON_GetObjectItemCaseSensitive(o, "status");
+    struct line l = {
+        .tenant = str_or_dash(o, "tenant"), .backend = str_or_dash(o, "backend"),
+        .route = str_or_dash(o, "route"), .arm = str_or_dash(o, "arm"),
+        .experiment = str_or_dash(o, "experiment"),
+        .tags = cJSON_GetObjectItemCaseSensitive(o, "tags"),
+        .status = cJSON_IsNumber(status) ? status->valueint : 0,
+        .cost = num2(o, "cost_usd", "cost_usd_est"), .saved = num2(o, "saved_usd", NULL),
+        .prompt = (uint64_t)num2(o, "prompt_tokens", "prompt_tokens_est"),
+        .completion = (uint64_t)num2(o, "completion_tokens", "completion_tokens_est"),
+        .cache_hit = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "cache_hit")),
+    };
+    const char *plain[][2] = {{"tenant", l.tenant}, {"backend", l.backend}, {"route", l.route}, {"arm", l.arm}};
+    const cJSON *tag;
+    char dim[256];
+
+    stats_add(&r->total, &l);
+    for (size_t i = 0; i < sizeof(plain) / sizeof(plain[0]); i++)
+        if (wanted(r, plain[i][0]))
+            stats_add(gmap_get(&r->groups, intern_dim(r, plain[i][0]), plain[i][1]), &l);
+    if (cJSON_IsObject(l.tags)) {
+        cJSON_ArrayForEach(tag, l.tags) {
+            snprintf(dim, sizeof(dim), "tag.%s", tag->string);
+            if (cJSON_IsString(tag) && wanted(r, dim))
+                stats_add(gmap_get(&r->groups, intern_dim(r, dim), tag->valuestring), &l);
+        }
+    }
+    if (strcmp(l.arm, "-") != 0) {
+        snprintf(dim, sizeof(dim), "%s\x1f%s", strcmp(l.experiment, "-") ? "experiment" : "route",
+                 strcmp(l.experiment, "-") ? l.experiment : l.route);
+        stats_add(gmap_get(&r->arms, intern_dim(r, dim), l.arm), &l);
+    }
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void progress(const char *name, uint64_t lines, off_t done, off_t size, int last)
+{
+    fprintf(stderr, "\rreport: %s: %llu lines, %.1f MB", name, (unsigned long long)lines, done / 1e6);
+    if (size > 0)
+        fprintf(stderr, " (%d%%)", (int)(100.0 * (double)done / (double)size));
+    fputs(last ? "\n" : "", stderr);
+    fflush(stderr);
+}
+
+/* Add every line of `path` ("-" = stdin). Returns 0 or -1 (message printed). */
+static int read_log(struct report *r, const char *path, int show)
+{
+    FILE *f = strcmp(path, "-") == 0 ? stdin : fopen(path, "r");
+    const char *name = f == stdin ? "stdin" : path;
+    struct stat st;
+    off_t size = 0, done = 0;
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t n;
+    double last = now_s();
+    uint64_t before = r->lines;
+
+    if (f == NULL) {
+        fprintf(stderr, "report: %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    if (fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode))
+        size = st.st_size;
+    while ((n = getline(&line, &cap, f)) > 0) {
+        done += n;
+        while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
+            line[--n] = '\0';
+        if (n == 0)
+            continue;
+        r->lines++;
+        cJSON *o = cJSON_ParseWithLength(line, (size_t)n);
+        if (cJSON_IsObject(o))
+            add_line(r, o);
+        else
+            r->bad++;
+        cJSON_Delete(o);
+        if (show && (r->lines & 0x3fff) == 0 && now_s() - last >= 0.25) {
+            last = now_s();
+            progress(name, r->lines - before, done, size, 0);
+        }
+    }
+    if (show)
+        progress(name, r->lines - before, done, size, 1);
+    free(line);
+    if (ferror(f)) {
+        fprintf(stderr, "report: %s: %s\n", name, strerror(errno));
+        if (f != stdin)
+            fclose(f);
+        return -1;
+    }
+    if (f != stdin)
+        fclose(f);
+    return 0;
+}
+
+/* ---- statistics ----------------------------------------------------------- */
+
+/* Continued fraction of the incomplete beta function (modified Lentz). */
+static double beta_cf(double a, double b, double x)
+{
+    const double tiny = 1e-300;
+    double c = 1, d = 1 - (a + b) * x / (a + 1), h;
+
+    d = 1 / (fabs(d) < tiny ? tiny : d);
+    h = d;
+    for (int m = 1; m <= 500; m++) {
+        double m2 = 2.0 * m, aa, del;
+
+        aa = m * (b - m) * x / ((a - 1 + m2) * (a + m2));
+        d = 1 + aa * d;
+        c = 1 + aa / c;
+        d = 1 / (fabs(d) < tiny ? tiny : d);
+        c = fabs(c) < tiny ? tiny : c;
+        h *= d * c;
+        aa = -(a + m) * (a + b + m) * x / ((a + m2) * (a + 1 + m2));
+        d = 1 + aa * d;
+        c = 1 + aa / c;
+        d = 1 / (fabs(d) < tiny ? tiny : d);
+        c = fabs(c) < tiny ? tiny : c;
+        del = d * c;
+        h *= del;
+        if (fabs(del - 1) < 1e-15)
+            break;
+    }
+    return h;
+}
+
+/* Regularized incomplete beta I_x(a, b). */
+static double beta_inc(double a, double b, double x)
+{
+    double front;
+
+    if (x <= 0)
+        return 0;
+    if (x >= 1)
+        return 1;
+    front = exp(lgamma(a + b) - lgamma(a) - lgamma(b) + a * log(x) + b * log1p(-x));
+    if (x < (a + 1) / (a + b + 2))
+        return front * beta_cf(a, b, x) / a;
+    return 1 - front * beta_cf(b, a, 1 - x) / b;
+}
+
+/* t such that P(T > t) = 0.025 for Student's t with df degrees of freedom. */
+static double t975(double df)
+{
+    double lo = 0, hi = 1000;
+
+    if (!isfinite(df) || df > 1e7)
+        return 1.959963984540054;
+    for (int i = 0; i < 200 && hi - lo > 1e-12; i++) {
+        double t = (lo + hi) / 2;
+        if (0.5 * beta_inc(df / 2, 0.5, df / (df + t * t)) > 0.025)
+            lo = t;
+        else
+            hi = t;
+    }
+    return (lo + hi) / 2;
+}
+
+struct arm_diff {
+    const char *kind;               /* "route" or "experiment" */
+    const char *group;              /* route or experiment name */
+    const struct group *a, *b;      /* arms, a's name sorts first */
+    double diff;                    /* mean(b) - mean(a), USD per request */
+    double lo, hi;                  /* 95% CI; NAN when either arm has n < 2 */
+    double df;                      /* Welch-Satterthwaite degrees of freedom */
+};
+
+static void welch(struct arm_diff *d)
+{
+    double na = (double)d->a->st.requests, nb = (double)d->b->st.requests, va, vb, se2, half;
+
+    d->diff = d->b->st.mean - d->a->st.mean;
+    d->lo = d->hi = d->df = NAN;
+    if (na < 2 || nb < 2)
+        return;
+    va = d->a->st.m2 / (na - 1) / na;
+    vb = d->b->st.m2 / (nb - 1) / nb;
+    se2 = va + vb;
+    d->df = se2 > 0 ? se2 * se2 / (va * va / (na - 1) + vb * vb / (nb - 1)) : INFINITY;
+    half = t975(d->df) * sqrt(se2);
+    d->lo = d->diff - half;
+    d->hi = d->diff + half;
+}
+
+/* ---- output ---------------------------------------------------------------- */
+
+static const char *const columns[] = {"requests",     "errors",  "prompt_tokens",
+                                      "completion_tokens", "cost_usd", "usd_per_1k_requests",
+                                      "cache_hits",   "saved_usd"};
+#define NCOLUMNS (sizeof(columns) / sizeof(columns[0]))
+
+static double column(const struct stats *s, size_t i)
+{
+    switch (i) {
+    case 0: return (double)s->requests;
+    case 1: return (double)s->errors;
+    case 2: return (double)s->prompt_tokens;
+    case 3: return (double)s->completion_tokens;
+    case 4: return s->cost_usd;
+    case 5: return s->requests ? s->cost_usd * 1000 / (double)s->requests : 0;
+    case 6: return (double)s->cache_hits;
+    default: return s->saved_usd;
+    }
+}
+
+static const char *dim_name(const struct report *r, size_t dim)
+{
+    return r->dims[dim];
+}
+
+/* Groups in output order: --by order (tag keys sorted), cost descending. */
+static const struct report *sort_ctx;
+static int cmp_group(const void *pa, const void *pb)
+{
+    const struct group *a = *(const struct group *const *)pa, *b = *(const struct group *const *)pb;
+    const char *da = dim_name(sort_ctx, a->dim), *db = dim_name(sort_ctx, b->dim);
+    size_t ra = sort_ctx->nwant, rb = sort_ctx->nwant;
+
+    for (size_t i = 0; i < sort_ctx->nwant; i++) {
+        const char *w = sort_ctx->want[i];
+        if (ra == sort_ctx->nwant && (strcmp(w, da) == 0 || (strcmp(w, "tag") == 0 && strncmp(da, "tag.", 4) == 0)))
+            ra = i;
+        if (rb == sort_ctx->nwant && (strcmp(w, db) == 0 || (strcmp(w, "tag") == 0 && strncmp(db, "tag.", 4) == 0)))
+            rb = i;
+    }
+    if (ra != rb)
+        return ra < rb ? -1 : 1;
+    if (strcmp(da, db) != 0)
+        return strcmp(da, db);
+    if (a->st.cost_usd != b->st.cost_usd)
+        return a->st.cost_usd > b->st.cost_usd ? -1 : 1;
+    return strcmp(a->value, b->value);
+}
+
+static int cmp_arm(const void *pa, const void *pb)
+{
+    const struct group *a = *(const struct group *const *)pa, *b = *(const struct group *const *)pb;
+    int c = strcmp(dim_name(sort_ctx, a->dim), dim_name(sort_ctx, b->dim));
+    return c ? c : strcmp(a->value, b->value);
+}
+
+static const struct group **sorted(const struct report *r, const struct gmap *m,
+                                   int (*cmp)(const void *, const void *))
+{
+    const struct group **v = malloc((m->n + 1) * sizeof(*v));
+
+    if (v == NULL) {
+        perror("report");
+        exit(1);
+    }
+    for (size_t i = 0; i < m->n; i++)
+        v[i] = &m->items[i];
+    sort_ctx = r;
+    qsort(v, m->n, sizeof(*v), cmp);
+    return v;
+}
+
+/* Every pair of arms within each experiment/route; *n gets the count. */
+static struct arm_diff *arm_diffs(const struct report *r, size_t *n)
+{
+    const struct group **arms = sorted(r, &r->arms, cmp_arm);
+    struct arm_diff *out = NULL;
+    size_t cap = 0;
+
+    *n = 0;
+    for (size_t i = 0; i < r->arms.n; i++)
+        for (size_t j = i + 1; j < r->arms.n && arms[j]->dim == arms[i]->dim; j++) {
+            if (*n == cap) {
+                cap = cap ? cap * 2 : 16;
+                out = realloc(out, cap * sizeof(*out));
+                if (out == NULL) {
+                    perror("report");
+                    exit(1);
+                }
+            }
+            const char *dim = dim_name(r, arms[i]->dim), *sep = strchr(dim, '\x1f');
+            out[*n] = (struct arm_diff){.kind = dim[0] == 'e' ? "experiment" : "route",
+                                        .group = sep + 1, .a = arms[i], .b = arms[j]};
+            welch(&out[(*n)++]);
+        }
+    free(arms);
+    return out;
+}
+
+static void fmt_num(char *out, size_t cap, double v, size_t col)
+{
+    if (col == 4 || col == 5 || col == 7)
+        snprintf(out, cap, "%.6f", v);
+    else
+        snprintf(out, cap, "%.0f", v);
+}
+
+static void print_table(const struct report *r, FILE *out, const struct group **g,
+                        const struct arm_diff *d, size_t nd)
+{
+    char cell[64];
+
+    fprintf(out, "lines: %llu  bad lines skipped: %llu\n", (unsigned long long)r->lines,
+            (unsigned long long)r->bad);
+    fprintf(out, "total: %llu requests, $%.6f, $%.6f per 1K requests, %llu cache hits saved $%.6f\n",
+            (unsigned long long)r->total.requests, r->total.cost_usd, column(&r->total, 5),
+            (unsigned long long)r->total.cache_hits, r->total.saved_usd);
+    for (size_t s = 0; s < r->groups.n;) {
+        size_t e = s, width[NCOLUMNS + 1];
+        const char *dim = dim_name(r, g[s]->dim);
+
+        while (e < r->groups.n && g[e]->dim == g[s]->dim)
+            e++;
+        width[0] = strlen(dim);
+        for (size_t c = 0; c < NCOLUMNS; c++)
+            width[c + 1] = strlen(columns[c]);
+        for (size_t i = s; i < e; i++) {
+            width[0] = strlen(g[i]->value) > width[0] ? strlen(g[i]->value) : width[0];
+            for (size_t c = 0; c < NCOLUMNS; c++) {
+                fmt_num(cell, sizeof(cell), column(&g[i]->st, c), c);
+                width[c + 1] = strlen(cell) > width[c + 1] ? strlen(cell) : width[c + 1];
+            }
+        }
+        fprintf(out, "\nby %s\n%-*s", dim, (int)width[0], dim);
+        for (size_t c = 0; c < NCOLUMNS; c++)
+            fprintf(out, "  %*s", (int)width[c + 1], columns[c]);
+        fputc('\n', out);
+        for (size_t i = s; i < e; i++) {
+            fprintf(out, "%-*s", (int)width[0], g[i]->value);
+            for (size_t c = 0; c < NCOLUMNS; c++) {
+                fmt_num(cell, sizeof(cell), column(&g[i]->st, c), c);
+                fprintf(out, "  %*s", (int)width[c + 1], cell);
+            }
+            fputc('\n', out);
+        }
+        s = e;
+    }
+    if (nd > 0)
+        fprintf(out, "\nA/B arms: difference in mean cost per request (b - a), 95%% CI (Welch)\n");
+    for (size_t i = 0; i < nd; i++) {
+        fprintf(out, "%s %s: %s (n=%llu, $%.6f) vs %s (n=%llu, $%.6f): %+.6f", d[i].kind, d[i].group,
+                d[i].a->value, (unsigned long long)d[i].a->st.requests, d[i].a->st.mean, d[i].b->value,
+                (unsigned long long)d[i].b->st.requests, d[i].b->st.mean, d[i].diff);
+        if (isnan(d[i].lo))
+            fprintf(out, " [CI needs 2+ requests per arm]\n");
+        else
+            fprintf(out, " [%+.6f, %+.6f]\n", d[i].lo, d[i].hi);
+    }
+}
+
+static void csv_field(FILE *out, const char *s)
+{
+    if (strpbrk(s, ",\"\r\n") == NULL) {
+        fputs(s, out);
+        return;
+    }
+    fputc('"', out);
+    for (; *s; s++) {
+        if (*s == '"')
+            fputc('"', out);
+        fputc(*s, out);
+    }
+    fputc('"', out);
+}
+
+static void csv_num(FILE *out, double v)
+{
+    if (isfinite(v))
+        fprintf(out, ",%.15g", v);
+    else
+        fputc(',', out);
+}
+
+static void csv_stats_row(FILE *out, const char *kind, const char *dim, const char *value,
+                          const struct stats *s)
+{
+    fputs(kind, out);
+    fputc(',', out);
+    csv_field(out, dim);
+    fputc(',', out);
+    csv_field(out, value);
+    for (size_t c = 0; c < NCOLUMNS; c++)
+        csv_num(out, column(s, c));
+    fputs(",,,,,,,,,\n", out);
+}
+
+static void print_csv(const struct report *r, FILE *out, const struct group **g,
+                      const struct arm_diff *d, size_t nd)
+{
+    fputs("kind,dimension,value", out);
+    for (size_t c = 0; c < NCOLUMNS; c++)
+        fprintf(out, ",%s", columns[c]);
+    fputs(",arm_a,arm_b,n_a,n_b,mean_a_usd,mean_b_usd,diff_usd,ci95_low_usd,ci95_high_usd\n", out);
+    csv_stats_row(out, "total", "", "", &r->total);
+    for (size_t i = 0; i < r->groups.n; i++)
+        csv_stats_row(out, "group", dim_name(r, g[i]->dim), g[i]->value, &g[i]->st);
+    for (size_t i = 0; i < nd; i++) {
+        fprintf(out, "arm_diff,%s,", d[i].kind);
+        csv_field(out, d[i].group);
+        fputs(",,,,,,,,,", out);
+        csv_field(out, d[i].a->value);
+        fputc(',', out);
+        csv_field(out, d[i].b->value);
+        fprintf(out, ",%llu,%llu", (unsigned long long)d[i].a->st.requests,
+                (unsigned long long)d[i].b->st.requests);
+        csv_num(out, d[i].a->st.mean);
+        csv_num(out, d[i].b->st.mean);
+        csv_num(out, d[i].diff);
+        csv_num(out, d[i].lo);
+        csv_num(out, d[i].hi);
+        fputc('\n', out);
+    }
+}
+
+static cJSON *json_stats(const struct stats *s)
+{
+    cJSON *o = cJSON_CreateObject();
+
+    for (size_t c = 0; c < NCOLUMNS; c++)
+        cJSON_AddNumberToObject(o, columns[c], column(s, c));
+    return o;
+}
+
+static void json_add_finite(cJSON *o, const char *key, double v)
+{
+    if (isfinite(v))
+        cJSON_AddNumberToObject(o, key, v);
+    else
+        cJSON_AddNullToObject(o, key);
+}
+
+static int print_json(const struct report *r, FILE *out, const struct group **g,
+                      const struct arm_diff *d, size_t nd)
+{
+    cJSON *root = cJSON_CreateObject(), *groups, *diffs;
+    char *text;
+
+    cJSON_AddNumberToObject(root, "lines", (double)r->lines);
+    cJSON_AddNumberToObject(root, "bad_lines", (double)r->bad);
+    cJSON_AddItemToObject(root, "total", json_stats(&r->total));
+    groups = cJSON_AddArrayToObject(root, "groups");
+    for (size_t i = 0; i < r->groups.n; i++) {
+        cJSON *o = json_stats(&g[i]->st);
+        cJSON_AddStringToObject(o, "dimension", dim_name(r, g[i]->dim));
+        cJSON_AddStringToObject(o, "value", g[i]->value);
+        cJSON_AddItemToArray(groups, o);
+    }
+    diffs = cJSON_AddArrayToObject(root, "arm_diffs");
+    for (size_t i = 0; i < nd; i++) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, d[i].kind, d[i].group);
+        cJSON_AddStringToObject(o, "arm_a", d[i].a->value);
+        cJSON_AddStringToObject(o, "arm_b", d[i].b->value);
+        cJSON_AddNumberToObject(o, "n_a", (double)d[i].a->st.requests);
+        cJSON_AddNumberToObject(o, "n_b", (double)d[i].b->st.requests);
+        cJSON_AddNumberToObject(o, "mean_a_usd", d[i].a->st.mean);
+        cJSON_AddNumberToObject(o, "mean_b_usd", d[i].b->st.mean);
+        cJSON_AddNumberToObject(o, "diff_usd", d[i].diff);
+        json_add_finite(o, "ci95_low_usd", d[i].lo);
+        json_add_finite(o, "ci95_high_usd", d[i].hi);
+        json_add_finite(o, "df", d[i].df);
+        cJSON_AddItemToArray(diffs, o);
+    }
+    text = cJSON_Print(root);
+    cJSON_Delete(root);
+    if (text == NULL)
+        return -1;
+    fprintf(out, "%s\n", text);
+    cJSON_free(text);
+    return 0;
+}
+
+/* ---- main ---------------------------------------------------------------- */
+
+static void usage(FILE *f)
+{
+    fputs("usage: costrouter report [--format table|csv|json] [--by tenant,tag,backend,route,arm]\n"
+          "                         [--progress] [-o FILE] [FILE|-]...\n",
+          f);
+}
+
+/* Split --by into r->want; returns -1 on an unknown dimension. */
+static int parse_by(struct report *r, char *list)
+{
+    char *save = NULL;
+
+    for (char *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        if (strcmp(t, "tenant") && strcmp(t, "backend") && strcmp(t, "route") && strcmp(t, "arm") &&
+            strcmp(t, "tag") && (strncmp(t, "tag.", 4) || t[4] == '\0')) {
+            fprintf(stderr, "report: --by: unknown dimension \"%s\"\n", t);
+            return -1;
+        }
+        r->want[r->nwant++] = t;
+    }
+    return 0;
+}
+
+int cli_report_main(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"format", required_argument, NULL, 'f'}, {"by", required_argument, NULL, 'b'},
+        {"progress", no_argument, NULL, 'p'},     {"output", required_argument, NULL, 'o'},
+        {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0},
+    };
+    char default_by[] = "tenant,tag,backend,route,arm", *by = NULL, *by_copy = NULL;
+    const char *output = NULL;
+    struct report r = {0};
+    enum format format = FORMAT_TABLE;
+    int show = isatty(2), rc = 2, c;
+    const struct group **g = NULL;
+    struct arm_diff *d = NULL;
+    size_t nd = 0;
+    FILE *out = stdout;
+
+    optind = 0; /* full reset: callable more than once per process */
+    while ((c = getopt_long(argc, argv, "f:b:po:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'f':
+            if (strcmp(optarg, "table") == 0)
+                format = FORMAT_TABLE;
+            else if (strcmp(optarg, "csv") == 0)
+                format = FORMAT_CSV;
+            else if (strcmp(optarg, "json") == 0)
+                format = FORMAT_JSON;
+            else
+                goto usage;
+            break;
+        case 'b': by = optarg; break;
+        case 'p': show = 1; break;
+        case 'o': output = optarg; break;
+        case 'h': usage(stdout); return 0;
+        default: goto usage;
+        }
+    }
+    by_copy = strdup(by ? by : default_by);
+    if (by_copy != NULL)
+        r.want = calloc(strlen(by_copy) / 2 + 1, sizeof(*r.want));
+    if (r.want == NULL) {
+        rc = 1;
+        goto done;
+    }
+    if (parse_by(&r, by_copy) != 0)
+        goto usage;
+    rc = 1;
+    for (int i = optind; i < argc; i++)
+        if (read_log(&r, argv[i], show) != 0)
+            goto done;
+    if (optind == argc && read_log(&r, "-", show) != 0)
+        goto done;
+    if (r.bad > 0)
+        fprintf(stderr, "report: skipped %llu bad lines\n", (unsigned long long)r.bad);
+    if (output != NULL && (out = fopen(output, "w")) == NULL) {
+        fprintf(stderr, "report: %s: %s\n", output, strerror(errno));
+        goto done;
+    }
+    g = sorted(&r, &r.groups, cmp_group);
+    d = arm_diffs(&r, &nd);
+    if (format == FORMAT_TABLE)
+        print_table(&r, out, g, d, nd);
+    else if (format == FORMAT_CSV)
+        print_csv(&r, out, g, d, nd);
+    else if (print_json(&r, out, g, d, nd) != 0)
+        goto done;
+    rc = fflush(out) == 0 && !ferror(out) ? 0 : 1;
+    goto done;
+
+usage:
+    usage(stderr);
+    rc = 2;
+done:
+    if (out != stdout && out != NULL && fclose(out) != 0)
+        rc = 1;
+    free(g);
+    free(d);
+    gmap_free(&r.groups);
+    gmap_free(&r.arms);
+    for (size_t i = 0; i < r.ndims; i++)
+        free(r.dims[i]);
+    free(r.dims);
+    free(r.want);
+    free(by_copy);
+    return rc;
+}

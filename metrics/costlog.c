@@ -1,0 +1,465 @@
+/*
+ * metrics/costlog.c: the per-request cost log, one JSON line per request.
+ *
+ * Records are serialized at once into `pending`. A flush swaps `pending`
+ * and `inflight` and hands `inflight` to uv_fs_write (the threadpool), so
+ * the loop never waits for the disk and records keep arriving while the
+ * write runs. At most one filesystem request (write, open or close) is in
+ * flight at a time, which keeps lines in order and makes reopen simple:
+ *
+ *   write()  -> pending --(timer / 64 KiB)--> inflight --uv_fs_write--> fd
+ *   reopen() -> after the current write: uv_fs_open(path), then close old fd
+ *   close()  -> after the current request: synchronous write of the rest,
+ *               close fd, uv_close(timer) -> free
+ */
+#include "metrics/metrics.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <uv.h>
+
+#include "common/buf.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "conf/conf.h"
+#include "metrics/internal.h"
+
+#define FLUSH_BYTES (64 * 1024)
+#define MAX_BUFFERED (16 * 1024 * 1024)
+#define OPEN_FLAGS (O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC)
+
+struct metrics_cost_log {
+    uv_loop_t *loop;          /* loop the timer and requests run on */
+    uv_timer_t timer;         /* periodic flush; unref'd */
+    uv_fs_t req;              /* the one write/open/close in flight */
+    char *path;               /* file path, NULL for stdout */
+    uv_file fd;               /* current file */
+    uv_file old_fd;           /* file being closed after a reopen, or -1 */
+    struct buf pending;       /* records not yet handed to a write */
+    struct buf inflight;      /* bytes being written */
+    size_t inflight_off;      /* bytes of inflight already written */
+    uint64_t pending_records; /* records in pending */
+    uint64_t inflight_records; /* records in inflight */
+    struct metrics *metrics;  /* for COST_LOG_DROPPED_TOTAL, or NULL */
+    uint64_t records;         /* records accepted */
+    uint64_t dropped;         /* records dropped */
+    int last_error;           /* last write error logged, to log each kind once */
+    unsigned busy:1;          /* req is in flight */
+    unsigned reopen_wanted:1; /* reopen after the current request */
+    unsigned closing:1;       /* metrics_cost_log_close() was called */
+};
+
+/* ---- JSON ------------------------------------------------------------- */
+
+/* Length of the valid UTF-8 sequence at s (n bytes left), or 0 if invalid. */
+static size_t utf8_len(const unsigned char *s, size_t n)
+{
+    size_t len;
+    uint32_t c;
+
+    if (s[0] < 0x80)
+        return 1;
+    if (s[0] >= 0xc2 && s[0] <= 0xdf)
+        len = 2, c = s[0] & 0x1f;
+    else if (s[0] >= 0xe0 && s[0] <= 0xef)
+        len = 3, c = s[0] & 0x0f;
+    else if (s[0] >= 0xf0 && s[0] <= 0xf4)
+        len = 4, c = s[0] & 0x07;
+    else
+        return 0;
+    if (n < len)
+        return 0;
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xc0) != 0x80)
+            return 0;
+        c = (c << 6) | (s[i] & 0x3f);
+    }
+    if ((len == 3 && (c < 0x800 || (c >= 0xd800 && c <= 0xdfff))) || (len == 4 && (c < 0x10000 || c > 0x10ffff)))
+        return 0;
+    return len;
+}
+
+static int put_string(struct buf *out, const char *str)
+{
+    const unsigned char *s = (const unsigned char *)str;
+    size_t n;
+    int rc;
+
+    if (str == NULL)
+        return buf_append(out, "null", 4);
+    n = strlen(str);
+    rc = buf_reserve(out, n + 2) | buf_append(out, "\"", 1);
+    for (size_t i = 0; i < n && rc == 0;) {
+        size_t run = i, len;
+
+        while (i < n && s[i] >= 0x20 && s[i] < 0x80 && s[i] != '"' && s[i] != '\\')
+            i++;
+        rc |= buf_append(out, s + run, i - run);
+        if (i == n)
+            break;
+        len = utf8_len(s + i, n - i);
+        if (s[i] == '"' || s[i] == '\\')
+            rc |= buf_printf(out, "\\%c", s[i]);
+        else if (s[i] == '\n')
+            rc |= buf_append(out, "\\n", 2);
+        else if (s[i] < 0x20)
+            rc |= buf_printf(out, "\\u%04x", s[i]);
+        else if (len == 0)
+            rc |= buf_append(out, "\xef\xbf\xbd", 3); /* U+FFFD */
+        else
+            rc |= buf_append(out, s + i, len);
+        i += len ? len : 1;
+    }
+    rc |= buf_append(out, "\"", 1);
+    return rc ? -ENOMEM : 0;
+}
+
+/* A finite double, or null. */
+static int put_double(struct buf *out, double v)
+{
+    char tmp[32];
+
+    if (!isfinite(v))
+        return buf_append(out, "null", 4);
+    return buf_append(out, tmp, metrics__dtoa(tmp, v));
+}
+
+static int put_int(struct buf *out, int64_t v)
+{
+    if (v < 0)
+        return buf_append(out, "null", 4);
+    return buf_printf(out, "%lld", (long long)v);
+}
+
+static int put_ts(struct buf *out, int64_t ts_ms)
+{
+    time_t secs = (time_t)(ts_ms / 1000);
+    struct tm tm;
+    char tmp[32];
+
+    if (ts_ms < 0 || gmtime_r(&secs, &tm) == NULL)
+        return buf_append(out, "null", 4);
+    strftime(tmp, sizeof(tmp), "%Y-%m-%dT%H:%M:%S", &tm);
+    return buf_printf(out, "\"%s.%03dZ\"", tmp, (int)(ts_ms % 1000));
+}
+
+int metrics_cost_record_json(const struct metrics_cost_record *r, struct buf *out)
+{
+    size_t start = out->len;
+    int rc = 0;
+
+    rc |= buf_append(out, "{\"ts\":", 6) | put_ts(out, r->ts_ms);
+    rc |= buf_append(out, ",\"request_id\":", 14) | put_string(out, r->request_id);
+    rc |= buf_append(out, ",\"tenant\":", 10) | put_string(out, r->tenant);
+    rc |= buf_append(out, ",\"tags\":{", 9);
+    for (size_t i = 0; i < r->ntags; i++) {
+        rc |= buf_append(out, ",", i > 0) | put_string(out, r->tags[i].key);
+        rc |= buf_append(out, ":", 1) | put_string(out, r->tags[i].value);
+    }
+    rc |= buf_append(out, "},\"route\":", 10) | put_string(out, r->route);
+    rc |= buf_append(out, ",\"backend\":", 11) | put_string(out, r->backend);
+    rc |= buf_append(out, ",\"arm\":", 7) | put_string(out, r->arm);
+    rc |= buf_append(out, ",\"reason\":", 10) | put_string(out, r->reason);
+    rc |= buf_append(out, ",\"candidates\":[", 15);
+    for (size_t i = 0; i < r->ncandidates; i++) {
+        const struct metrics_cost_candidate *c = &r->candidates[i];
+        rc |= buf_append(out, ",", i > 0);
+        rc |= buf_append(out, "{\"backend\":", 11) | put_string(out, c->backend);
+        rc |= buf_append(out, ",\"est_cost_usd\":", 16) | put_double(out, c->est_cost_usd);
+        rc |= buf_append(out, ",\"rejected\":", 12) | put_string(out, c->rejected);
+        rc |= buf_append(out, "}", 1);
+    }
+    rc |= buf_append(out, "],\"prompt_tokens_est\":", 22) | put_int(out, r->prompt_tokens_est);
+    rc |= buf_append(out, ",\"prompt_tokens\":", 17) | put_int(out, r->prompt_tokens);
+    rc |= buf_append(out, ",\"completion_tokens_est\":", 25) | put_int(out, r->completion_tokens_est);
+    rc |= buf_append(out, ",\"completion_tokens\":", 21) | put_int(out, r->completion_tokens);
+    rc |= buf_append(out, ",\"cost_usd_est\":", 16) | put_double(out, r->cost_usd_est);
+    rc |= buf_append(out, ",\"cost_usd\":", 12) | put_double(out, r->cost_usd);
+    rc |= buf_printf(out, ",\"cache_hit\":%s", r->cache_hit ? "true" : "false");
+    rc |= buf_append(out, ",\"saved_usd\":", 13) | put_double(out, r->saved_usd);
+    rc |= buf_append(out, ",\"ttft_ms\":", 11) | put_double(out, r->ttft_ms);
+    rc |= buf_append(out, ",\"latency_ms\":", 14) | put_double(out, r->latency_ms);
+    rc |= buf_printf(out, ",\"status\":%d,\"fallbacks\":%d}\n", r->status, r->fallbacks);
+    if (rc != 0) {
+        out->len = start;
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+/* ---- writer ------------------------------------------------------------ */
+
+static void kick(struct metrics_cost_log *log, int force);
+
+static void count_dropped(struct metrics_cost_log *log, uint64_t n)
+{
+    log->dropped += n;
+    if (log->metrics != NULL && n > 0)
+        (void)metrics_add(log->metrics, METRICS_COST_LOG_DROPPED_TOTAL, NULL, (double)n);
+}
+
+static void write_failed(struct metrics_cost_log *log, int err)
+{
+    if (err != log->last_error)
+        log_error("cost log %s: write: %s; dropping records", log->path ? log->path : "stdout",
+                  uv_strerror(err));
+    log->last_error = err;
+    count_dropped(log, log->inflight_records);
+    buf_reset(&log->inflight);
+    log->inflight_off = 0;
+    log->inflight_records = 0;
+}
+
+static void on_write(uv_fs_t *req)
+{
+    struct metrics_cost_log *log = container_of(req, struct metrics_cost_log, req);
+    ssize_t n = req->result;
+
+    uv_fs_req_cleanup(req);
+    log->busy = 0;
+    if (n == UV_EAGAIN) {
+        /* non-blocking stdout is full: keep inflight, retry on the timer */
+        if (log->closing)
+            kick(log, 1);
+        return;
+    }
+    if (n < 0) {
+        write_failed(log, (int)n);
+    } else {
+        log->inflight_off += (size_t)n;
+        if (log->inflight_off == log->inflight.len) {
+            buf_reset(&log->inflight);
+            log->inflight_off = 0;
+            log->inflight_records = 0;
+        }
+    }
+    kick(log, log->closing);
+}
+
+static void on_close_old(uv_fs_t *req)
+{
+    struct metrics_cost_log *log = container_of(req, struct metrics_cost_log, req);
+
+    uv_fs_req_cleanup(req);
+    log->busy = 0;
+    log->old_fd = -1;
+    kick(log, log->closing);
+}
+
+static void on_open(uv_fs_t *req)
+{
+    struct metrics_cost_log *log = container_of(req, struct metrics_cost_log, req);
+    ssize_t fd = req->result;
+
+    uv_fs_req_cleanup(req);
+    log->busy = 0;
+    if (fd < 0) {
+        log_error("cost log %s: reopen: %s; keeping the old file", log->path, uv_strerror((int)fd));
+    } else {
+        log->old_fd = log->fd;
+        log->fd = (uv_file)fd;
+        if (!log->closing && uv_fs_close(log->loop, &log->req, log->old_fd, on_close_old) == 0) {
+            log->busy = 1;
+            return;
+        }
+        uv_fs_t sync;
+        uv_fs_close(NULL, &sync, log->old_fd, NULL);
+        uv_fs_req_cleanup(&sync);
+        log->old_fd = -1;
+    }
+    kick(log, log->closing);
+}
+
+static void start_write(struct metrics_cost_log *log)
+{
+    uv_buf_t b = uv_buf_init(log->inflight.data + log->inflight_off,
+                             (unsigned)(log->inflight.len - log->inflight_off));
+    int rc = uv_fs_write(log->loop, &log->req, log->fd, &b, 1, -1, on_write);
+
+    if (rc == 0)
+        log->busy = 1;
+    else
+        write_failed(log, rc);
+}
+
+/*
+ * Write all of [p, p+len) synchronously; for the final flush. A
+ * non-blocking stdout nobody drains gets 10 s, so shutdown cannot hang.
+ */
+static int write_sync(uv_file fd, const char *p, size_t len)
+{
+    int waits = 0;
+
+    while (len > 0) {
+        uv_buf_t b = uv_buf_init((char *)p, (unsigned)MIN(len, (size_t)1 << 30));
+        uv_fs_t req;
+        int n = uv_fs_write(NULL, &req, fd, &b, 1, -1, NULL);
+
+        uv_fs_req_cleanup(&req);
+        if (n == UV_EAGAIN && waits++ < 10) {
+            struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+            (void)poll(&pfd, 1, 1000);
+            continue;
+        }
+        if (n < 0)
+            return n;
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static void on_timer_closed(uv_handle_t *h)
+{
+    struct metrics_cost_log *log = container_of((uv_timer_t *)h, struct metrics_cost_log, timer);
+
+    buf_free(&log->pending);
+    buf_free(&log->inflight);
+    free(log->path);
+    free(log);
+}
+
+/* Called once nothing is in flight after metrics_cost_log_close(). */
+static void finish_close(struct metrics_cost_log *log)
+{
+    int rc = write_sync(log->fd, log->inflight.data + log->inflight_off,
+                        log->inflight.len - log->inflight_off);
+
+    if (rc == 0)
+        rc = write_sync(log->fd, log->pending.data, log->pending.len);
+    if (rc < 0) {
+        log_error("cost log %s: final write: %s", log->path ? log->path : "stdout", uv_strerror(rc));
+        count_dropped(log, log->inflight_records + log->pending_records);
+    }
+    if (log->path != NULL) {
+        uv_fs_t req;
+        uv_fs_close(NULL, &req, log->fd, NULL);
+        uv_fs_req_cleanup(&req);
+    }
+    uv_close((uv_handle_t *)&log->timer, on_timer_closed);
+}
+
+/*
+ * Start the next filesystem request if none is in flight: the rest of
+ * inflight, else a reopen if one was asked for, else pending when
+ * `force`d or big enough. While closing, finish synchronously instead.
+ */
+static void kick(struct metrics_cost_log *log, int force)
+{
+    if (log->busy)
+        return;
+    if (log->closing) {
+        finish_close(log);
+        return;
+    }
+    if (log->inflight.len > log->inflight_off) {
+        /* first: a line is never split across the old and the new file */
+        start_write(log);
+        return;
+    }
+    if (log->reopen_wanted) {
+        log->reopen_wanted = 0;
+        if (uv_fs_open(log->loop, &log->req, log->path, OPEN_FLAGS, 0640, on_open) == 0) {
+            log->busy = 1;
+            return;
+        }
+    }
+    if (log->pending.len == 0 || (!force && log->pending.len < FLUSH_BYTES))
+        return;
+    struct buf tmp = log->inflight;
+    log->inflight = log->pending;
+    log->pending = tmp;
+    log->inflight_off = 0;
+    log->inflight_records = log->pending_records;
+    log->pending_records = 0;
+    start_write(log);
+}
+
+static void on_timer(uv_timer_t *t)
+{
+    kick(container_of(t, struct metrics_cost_log, timer), 1);
+}
+
+struct metrics_cost_log *metrics_cost_log_open(uv_loop_t *loop, const char *path,
+                                               unsigned flush_ms, struct metrics *m, int *err)
+{
+    struct metrics_cost_log *log = calloc(1, sizeof(*log));
+    int rc = -ENOMEM;
+
+    if (log == NULL)
+        goto fail;
+    log->loop = loop;
+    log->metrics = m;
+    log->old_fd = -1;
+    log->fd = 1;
+    if (strcmp(path, "-") != 0) {
+        uv_fs_t req;
+
+        log->path = strdup(path);
+        if (log->path == NULL)
+            goto fail;
+        rc = uv_fs_open(NULL, &req, path, OPEN_FLAGS, 0640, NULL);
+        uv_fs_req_cleanup(&req);
+        if (rc < 0)
+            goto fail;
+        log->fd = rc;
+    }
+    uv_timer_init(loop, &log->timer);
+    uv_timer_start(&log->timer, on_timer, flush_ms ? flush_ms : 200, flush_ms ? flush_ms : 200);
+    uv_unref((uv_handle_t *)&log->timer);
+    return log;
+
+fail:
+    if (log != NULL)
+        free(log->path);
+    free(log);
+    *err = rc;
+    return NULL;
+}
+
+int metrics_cost_log_write(struct metrics_cost_log *log, const struct metrics_cost_record *r)
+{
+    if (log->closing || log->pending.len + log->inflight.len >= MAX_BUFFERED) {
+        count_dropped(log, 1);
+        return -ENOBUFS;
+    }
+    if (metrics_cost_record_json(r, &log->pending) != 0) {
+        count_dropped(log, 1);
+        return -ENOMEM;
+    }
+    log->records++;
+    log->pending_records++;
+    if (log->pending.len >= FLUSH_BYTES)
+        kick(log, 0);
+    return 0;
+}
+
+void metrics_cost_log_reopen(struct metrics_cost_log *log)
+{
+    if (log->path == NULL || log->closing)
+        return;
+    log->reopen_wanted = 1;
+    kick(log, 1);
+}
+
+void metrics_cost_log_close(struct metrics_cost_log *log)
+{
+    log->closing = 1;
+    uv_timer_stop(&log->timer);
+    kick(log, 1);
+}
+
+uint64_t metrics_cost_log_records(const struct metrics_cost_log *log)
+{
+    return log->records;
+}
+
+uint64_t metrics_cost_log_dropped(const struct metrics_cost_log *log)
+{
+    return log->dropped;
+}

@@ -1,0 +1,229 @@
+/*
+ * metrics/metrics.h: Prometheus metrics, the per-request cost log and the
+ * dashboard page.
+ *
+ * Every metric is one line of METRICS_LIST (name, type, help, label names),
+ * like twemproxy's nc_stats.h. A series (one metric with one set of label
+ * values) is found through a hash table keyed by xxhash over the metric and
+ * its label values, so an update is O(1) and allocates only when a series is
+ * seen for the first time. metrics_render() writes the text exposition
+ * format (version 0.0.4) that GET /metrics answers.
+ *
+ * Label values are tenant ids, backend names, route models, status codes
+ * and the like, never keys or other secrets: every value passed here is
+ * published to whoever can read /metrics.
+ *
+ * Everything here runs on one thread (the loop's); nothing is locked.
+ */
+#ifndef METRICS_METRICS_H
+#define METRICS_METRICS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct buf;
+struct conf_tag;
+struct uv_loop_s;
+
+enum metrics_type { METRICS_COUNTER, METRICS_GAUGE, METRICS_HISTOGRAM };
+
+/*
+ * X(ID, name, type, help, labels): labels is one string of comma-separated
+ * label names ("" for none). Counters only go up; histograms share the
+ * bucket bounds of METRICS_BUCKETS_SECONDS.
+ */
+#define METRICS_LIST(X)                                                                      \
+    X(REQUESTS_TOTAL, "costrouter_requests_total", COUNTER,                                  \
+      "Requests answered, by final HTTP status.", "tenant,backend,route,status")             \
+    X(TOKENS_TOTAL, "costrouter_tokens_total", COUNTER,                                      \
+      "Tokens billed, by kind (prompt or completion).", "tenant,backend,route,kind")         \
+    X(COST_USD_TOTAL, "costrouter_cost_usd_total", COUNTER,                                  \
+      "Settled cost of requests in US dollars.", "tenant,backend,route")                     \
+    X(REQUEST_DURATION_SECONDS, "costrouter_request_duration_seconds", HISTOGRAM,            \
+      "Time from request received to last byte sent.", "backend")                            \
+    X(TTFT_SECONDS, "costrouter_ttft_seconds", HISTOGRAM,                                    \
+      "Time from request received to first token sent.", "backend")                          \
+    X(BUDGET_SPENT_USD, "costrouter_budget_spent_usd", GAUGE,                                \
+      "Spend in the current budget period (day or month).", "tenant,period")                 \
+    X(BUDGET_REMAINING_USD, "costrouter_budget_remaining_usd", GAUGE,                        \
+      "Budget left in the current period (day or month).", "tenant,period")                  \
+    X(CACHE_HITS_TOTAL, "costrouter_cache_hits_total", COUNTER,                              \
+      "Requests answered from the response cache.", "tenant")                                \
+    X(CACHE_SAVED_USD_TOTAL, "costrouter_cache_saved_usd_total", COUNTER,                    \
+      "Cost avoided by cache hits in US dollars.", "tenant")                                 \
+    X(GPU_POOL_UTILIZATION_RATIO, "costrouter_gpu_pool_utilization_ratio", GAUGE,            \
+      "Busy share of a self-hosted pool's capacity (0 to 1).", "backend")                    \
+    X(GPU_POOL_IDLE_COST_USD_TOTAL, "costrouter_gpu_pool_idle_cost_usd_total", COUNTER,      \
+      "GPU cost paid for idle capacity of a self-hosted pool.", "backend")                   \
+    X(STORE_UP, "costrouter_store_up", GAUGE,                                                \
+      "1 while the spend store answers, 0 while it is unavailable.", "store")                \
+    X(TOKEN_ESTIMATE_RATIO, "costrouter_token_estimate_ratio", GAUGE,                        \
+      "Actual over estimated prompt tokens (calibration, 1 is exact).", "backend")           \
+    X(UPSTREAM_CONNECTIONS, "costrouter_upstream_connections", GAUGE,                        \
+      "Open connections to a backend.", "backend")                                           \
+    X(CLIENT_CONNECTIONS, "costrouter_client_connections", GAUGE,                            \
+      "Open client connections.", "")                                                        \
+    X(INFLIGHT_REQUESTS, "costrouter_inflight_requests", GAUGE,                              \
+      "Requests received and not yet answered.", "")                                         \
+    X(COST_LOG_DROPPED_TOTAL, "costrouter_cost_log_dropped_total", COUNTER,                  \
+      "Cost log records dropped (buffer full or write error).", "")
+
+#define METRICS__ENUM(id, name, type, help, labels) METRICS_##id,
+enum metrics_id { METRICS_LIST(METRICS__ENUM) METRICS_NMETRICS };
+#undef METRICS__ENUM
+
+/* Most label names any metric has. */
+#define METRICS_MAX_LABELS 4
+
+/* Upper bounds (seconds) of every histogram's buckets; +Inf is implied. */
+#define METRICS_BUCKETS_SECONDS \
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
+
+/* Content-Type of metrics_render()'s output. */
+extern const char metrics_content_type[];
+
+struct metrics;
+
+/*
+ * Make an empty registry; label-less metrics start at 0. max_series caps
+ * the number of distinct series (0 = 100000) so that a bug feeding unbounded
+ * values cannot eat the memory. Returns NULL on allocation failure.
+ */
+struct metrics *metrics_create(size_t max_series);
+/* Free the registry and every series. NULL is fine. */
+void metrics_free(struct metrics *m);
+
+/*
+ * Update the series of metric `id` whose label values are `values`
+ * (exactly as many NUL-terminated strings as the metric has label names,
+ * in that order; NULL for a label-less metric). Values are copied when a
+ * series is created, so the caller keeps ownership.
+ * - metrics_add: counters (v >= 0) and gauges (any v).
+ * - metrics_set: gauges only.
+ * - metrics_observe: histograms only.
+ * Return 0, -EINVAL (wrong type, negative counter increment, NaN),
+ * -ENOSPC (max_series reached) or -ENOMEM. An update of an existing series
+ * never allocates.
+ */
+int metrics_add(struct metrics *m, enum metrics_id id, const char *const *values, double v);
+int metrics_set(struct metrics *m, enum metrics_id id, const char *const *values, double v);
+int metrics_observe(struct metrics *m, enum metrics_id id, const char *const *values, double v);
+
+/*
+ * Current value of a counter or gauge series, or NAN if the series does
+ * not exist or is a histogram. For the admin API and tests.
+ */
+double metrics_get(const struct metrics *m, enum metrics_id id, const char *const *values);
+
+/* Number of series (all metrics). */
+size_t metrics_series_count(const struct metrics *m);
+
+/*
+ * Append the text exposition format of every metric to `out`: HELP and
+ * TYPE lines, then one line per series in creation order; histograms as
+ * cumulative _bucket{le=...}, _sum and _count. Returns 0 or -ENOMEM (out
+ * then holds a partial text; the caller drops it).
+ */
+int metrics_render(const struct metrics *m, struct buf *out) __attribute__((warn_unused_result));
+
+/*
+ * The dashboard page (metrics/dashboard.html, embedded at build time):
+ * self-contained HTML that reads /admin/tenants, /admin/backends and
+ * /metrics with the admin key the user types in. Static storage; never
+ * freed. Serve it as text/html; charset=utf-8.
+ */
+const char *metrics_dashboard(size_t *len);
+
+/* ---- cost log ------------------------------------------------------- */
+
+/* One candidate the policy considered for a request. */
+struct metrics_cost_candidate {
+    const char *backend;  /* backend name */
+    double est_cost_usd;  /* estimated cost on this backend; NAN = unknown (null) */
+    const char *rejected; /* why it was not chosen, or NULL if eligible/chosen */
+};
+
+/*
+ * Everything the cost log says about one request. Strings are borrowed
+ * for the duration of metrics_cost_log_write() only; NULL strings become
+ * JSON null. Integer fields use -1 and double fields NAN for "unknown"
+ * (null in the log), e.g. completion_tokens of a request that failed.
+ */
+struct metrics_cost_record {
+    int64_t ts_ms;                 /* request start, ms since the Unix epoch (UTC) */
+    const char *request_id;        /* the id the router gave the request */
+    const char *tenant;            /* tenant id (never a key) */
+    const struct conf_tag *tags;   /* tenant/request tags: cost_center, team, ... */
+    size_t ntags;                  /* entries in tags */
+    const char *route;             /* model the client asked for */
+    const char *backend;           /* backend that answered (last tried) */
+    const char *arm;               /* A/B arm name, or NULL */
+    const char *reason;            /* why the policy chose the backend */
+    const struct metrics_cost_candidate *candidates; /* in policy order */
+    size_t ncandidates;            /* entries in candidates */
+    int64_t prompt_tokens_est;     /* estimate before sending */
+    int64_t prompt_tokens;         /* from the upstream's usage */
+    int64_t completion_tokens_est; /* estimate (e.g. max_tokens or a guess) */
+    int64_t completion_tokens;     /* from the upstream's usage */
+    double cost_usd_est;           /* estimate at routing time */
+    double cost_usd;               /* settled cost */
+    unsigned cache_hit:1;          /* answered from the response cache */
+    double saved_usd;              /* cost avoided by the cache hit, 0 otherwise */
+    double ttft_ms;                /* time to first token */
+    double latency_ms;             /* time to last byte */
+    int status;                    /* HTTP status sent to the client */
+    int fallbacks;                 /* backends tried after the first */
+};
+
+/*
+ * Append `r` as one JSON object and a newline to `out`. Strings are
+ * escaped for JSON; invalid UTF-8 bytes become U+FFFD, so every line is
+ * valid JSON. Returns 0 or -ENOMEM.
+ */
+int metrics_cost_record_json(const struct metrics_cost_record *r, struct buf *out)
+    __attribute__((warn_unused_result));
+
+struct metrics_cost_log;
+
+/*
+ * Open the cost log at `path` (appending, created 0640) or stdout for "-"
+ * and attach it to `loop`. Records are buffered and written by
+ * uv_fs_write on the threadpool every flush_ms (0 = 200) or as soon as
+ * 64 KiB are buffered, so the loop never waits for the disk. `m` (may be
+ * NULL) gets COST_LOG_DROPPED_TOTAL. The open itself is synchronous (call
+ * at start-up). Returns NULL and sets *err (negative errno) on failure.
+ */
+struct metrics_cost_log *metrics_cost_log_open(struct uv_loop_s *loop, const char *path,
+                                               unsigned flush_ms, struct metrics *m, int *err);
+
+/*
+ * Serialize `r` into the buffer now (the record's memory can go right
+ * after). Returns 0, -ENOBUFS when 16 MiB are already waiting for the disk
+ * (the record is dropped and counted) or -ENOMEM.
+ */
+int metrics_cost_log_write(struct metrics_cost_log *log, const struct metrics_cost_record *r);
+
+/*
+ * Reopen the path (log rotation; the router calls it on SIGHUP). Records
+ * already buffered are written first (to the old file, unless a write is
+ * in flight: then they may land in the new one); later records go to a
+ * file created at the path. No record is lost or split across files.
+ * Asynchronous; on failure the old file stays in use and an error is
+ * logged. No-op for stdout.
+ */
+void metrics_cost_log_reopen(struct metrics_cost_log *log);
+
+/*
+ * Flush everything and close (at shutdown). Pending records are written
+ * synchronously, after any write already on the threadpool completes; the
+ * structure is freed from the loop once its timer is closed, so the caller
+ * must let the loop run (uv_run until it returns) before uv_loop_close.
+ * `log` must not be used after this call.
+ */
+void metrics_cost_log_close(struct metrics_cost_log *log);
+
+/* Records written to the buffer and records dropped, since open. */
+uint64_t metrics_cost_log_records(const struct metrics_cost_log *log);
+uint64_t metrics_cost_log_dropped(const struct metrics_cost_log *log);
+
+#endif

@@ -1,0 +1,318 @@
+/*
+ * tests/cli/test_report.c: cli/report.c over a cost log generated with
+ * metrics_cost_record_json (the writer's own format) plus junk lines.
+ * Expected totals are computed while generating; costs are multiples of
+ * 1/1024 so every sum is exact in binary floating point.
+ */
+#define _GNU_SOURCE
+#include <cjson/cJSON.h>
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli/report.h"
+#include "common/buf.h"
+#include "conf/conf.h"
+#include "metrics/metrics.h"
+
+static char dir[64], logpath[128], outpath[128];
+
+static void setup(void)
+{
+    strcpy(dir, "/tmp/report-test-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(logpath, sizeof(logpath), "%s/cost.log", dir);
+    snprintf(outpath, sizeof(outpath), "%s/out", dir);
+}
+
+static void teardown(void)
+{
+    char cmd[128];
+
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
+}
+
+TestSuite(report, .init = setup, .fini = teardown);
+
+static const char *const tenants[] = {"acme", "globex", "a,\"b\""};
+static const char *const backends[] = {"gpt-4o", "gpu-a"};
+static const char *const teams[] = {"search", "ads"};
+
+struct expect {
+    double cost_total, cost_tenant[3], cost_backend[2], cost_team[2];
+    unsigned n_tenant[3], n_backend[2], n_team[2], n_total, errors;
+    unsigned long long prompt;
+};
+
+/* Append one record; aborts (crashing the test) if it cannot. */
+static void emit(FILE *f, const struct metrics_cost_record *r)
+{
+    struct buf b = {0};
+
+    if (metrics_cost_record_json(r, &b) != 0 || fwrite(b.data, 1, b.len, f) != b.len)
+        abort();
+    buf_free(&b);
+}
+
+/*
+ * N ordinary records spread over tenants/backends/teams, then the A/B
+ * sample on route "exp": arm a costs {1,2,3}/1024, arm b {3,4,5}/1024
+ * (equal variances and sizes: Welch df = 4 exactly), then junk lines.
+ */
+static void generate(unsigned n, struct expect *e)
+{
+    FILE *f = fopen(logpath, "w");
+    char id[32];
+
+    memset(e, 0, sizeof(*e));
+    cr_assert_not_null(f);
+    for (unsigned i = 0; i < n; i++) {
+        unsigned t = i % 3, b = (i / 3) % 2, tm = (i / 7) % 2;
+        struct conf_tag tags[] = {{"team", (char *)teams[tm]}, {"cost_center", "cc1"}};
+        double cost = (double)(i % 11 + 1) / 1024;
+        int settled = i % 5 != 0;
+        snprintf(id, sizeof(id), "r%u", i);
+        struct metrics_cost_record r = {
+            .ts_ms = 1700000000000LL + i, .request_id = id, .tenant = tenants[t], .tags = tags,
+            .ntags = 2, .route = "chat", .backend = backends[b], .reason = "cheapest",
+            .prompt_tokens_est = 10, .prompt_tokens = 12, .completion_tokens_est = 5,
+            .completion_tokens = 7, .cost_usd_est = settled ? 1 : cost,
+            .cost_usd = settled ? cost : NAN, /* unsettled: the report uses the estimate */
+            .saved_usd = 0, .ttft_ms = 10, .latency_ms = 20, .status = i % 13 ? 200 : 502,
+        };
+        emit(f, &r);
+        e->cost_total += cost;
+        e->cost_tenant[t] += cost;
+        e->cost_backend[b] += cost;
+        e->cost_team[tm] += cost;
+        e->n_tenant[t]++;
+        e->n_backend[b]++;
+        e->n_team[tm]++;
+        e->n_total++;
+        e->errors += r.status >= 400;
+        e->prompt += 12;
+    }
+    for (int i = 0; i < 6; i++) {
+        snprintf(id, sizeof(id), "ab%d", i);
+        double cost = (double)(i < 3 ? i + 1 : i) / 1024; /* a: 1,2,3  b: 3,4,5 */
+        struct metrics_cost_record r = {
+            .ts_ms = 1700000000000LL, .request_id = id, .tenant = "acme", .route = "exp",
+            .backend = "gpu-a", .arm = i < 3 ? "a" : "b", .prompt_tokens_est = -1,
+            .prompt_tokens = -1, .completion_tokens_est = -1, .completion_tokens = -1,
+            .cost_usd_est = NAN, .cost_usd = cost, .saved_usd = NAN, .ttft_ms = NAN,
+            .latency_ms = NAN, .status = 200,
+        };
+        emit(f, &r);
+        e->cost_total += cost;
+        e->cost_tenant[0] += cost;
+        e->cost_backend[1] += cost;
+        e->n_tenant[0]++;
+        e->n_backend[1]++;
+        e->n_total++;
+    }
+    fputs("not json at all\n{\"truncated\": \n[1,2,3]\n\n", f); /* 3 bad, 1 blank */
+    fclose(f);
+}
+
+static int run(const char *a1, const char *a2, const char *a3, const char *a4)
+{
+    char *argv[] = {"report", (char *)a1, (char *)a2, (char *)a3, (char *)a4, "-o", outpath, logpath, NULL};
+    return cli_report_main(8, argv);
+}
+
+static char *slurp(const char *p)
+{
+    FILE *f = fopen(p, "rb");
+    char *data = NULL;
+    size_t cap = 0;
+
+    cr_assert_not_null(f);
+    cr_assert_geq(getdelim(&data, &cap, '\0', f), 0);
+    fclose(f);
+    return data;
+}
+
+static const cJSON *group(const cJSON *root, const char *dim, const char *value)
+{
+    const cJSON *g;
+
+    cJSON_ArrayForEach(g, cJSON_GetObjectItem(root, "groups")) {
+        if (strcmp(cJSON_GetObjectItem(g, "dimension")->valuestring, dim) == 0 &&
+            strcmp(cJSON_GetObjectItem(g, "value")->valuestring, value) == 0)
+            return g;
+    }
+    cr_assert_fail("no group %s=%s", dim, value);
+    return NULL;
+}
+
+static double field(const cJSON *o, const char *key)
+{
+    const cJSON *v = cJSON_GetObjectItem(o, key);
+    cr_assert(cJSON_IsNumber(v), "%s is not a number", key);
+    return v->valuedouble;
+}
+
+Test(report, json_totals_are_exact, .timeout = 20)
+{
+    struct expect e;
+
+    generate(1000, &e);
+    cr_assert_eq(run("--format", "json", "--by", "tenant,tag,backend,arm"), 0);
+    char *text = slurp(outpath);
+    cJSON *root = cJSON_Parse(text);
+    cr_assert_not_null(root, "output is not JSON");
+    cr_assert_eq(field(root, "lines"), e.n_total + 3);
+    cr_assert_eq(field(root, "bad_lines"), 3);
+    const cJSON *tot = cJSON_GetObjectItem(root, "total");
+    cr_assert_eq(field(tot, "requests"), e.n_total);
+    cr_assert_eq(field(tot, "cost_usd"), e.cost_total);
+    cr_assert_eq(field(tot, "errors"), e.errors);
+    cr_assert_eq(field(tot, "prompt_tokens"), e.prompt);
+    cr_assert_float_eq(field(tot, "usd_per_1k_requests"), e.cost_total * 1000 / e.n_total, 1e-12);
+    for (int t = 0; t < 3; t++) {
+        const cJSON *g = group(root, "tenant", tenants[t]);
+        cr_assert_eq(field(g, "requests"), e.n_tenant[t]);
+        cr_assert_eq(field(g, "cost_usd"), e.cost_tenant[t], "tenant %s", tenants[t]);
+    }
+    for (int b = 0; b < 2; b++) {
+        cr_assert_eq(field(group(root, "backend", backends[b]), "requests"), e.n_backend[b]);
+        cr_assert_eq(field(group(root, "backend", backends[b]), "cost_usd"), e.cost_backend[b]);
+        cr_assert_eq(field(group(root, "tag.team", teams[b]), "cost_usd"), e.cost_team[b]);
+        cr_assert_eq(field(group(root, "tag.team", teams[b]), "requests"), e.n_team[b]);
+    }
+    cr_assert_eq(field(group(root, "tag.cost_center", "cc1"), "requests"), 1000);
+    cr_assert_eq(field(group(root, "arm", "a"), "cost_usd"), 6.0 / 1024);
+    cr_assert_eq(field(group(root, "arm", "b"), "cost_usd"), 12.0 / 1024);
+    cr_assert_eq(field(group(root, "arm", "-"), "requests"), 1000);
+    /* route was not asked for */
+    const cJSON *g;
+    cJSON_ArrayForEach(g, cJSON_GetObjectItem(root, "groups"))
+        cr_assert_str_neq(cJSON_GetObjectItem(g, "dimension")->valuestring, "route");
+
+    /* the A/B comparison: diff 2/1024, df 4, t(0.975, 4) = 2.776445 */
+    const cJSON *diffs = cJSON_GetObjectItem(root, "arm_diffs");
+    cr_assert_eq(cJSON_GetArraySize(diffs), 1);
+    const cJSON *d = cJSON_GetArrayItem(diffs, 0);
+    cr_assert_str_eq(cJSON_GetObjectItem(d, "route")->valuestring, "exp");
+    cr_assert_str_eq(cJSON_GetObjectItem(d, "arm_a")->valuestring, "a");
+    cr_assert_eq(field(d, "n_a"), 3);
+    cr_assert_float_eq(field(d, "diff_usd"), 2.0 / 1024, 1e-15);
+    cr_assert_float_eq(field(d, "df"), 4, 1e-9);
+    double half = 2.7764451051977987 * sqrt(2.0 / 3) / 1024;
+    cr_assert_float_eq(field(d, "ci95_low_usd"), 2.0 / 1024 - half, 1e-9 / 1024);
+    cr_assert_float_eq(field(d, "ci95_high_usd"), 2.0 / 1024 + half, 1e-9 / 1024);
+    cJSON_Delete(root);
+    free(text);
+}
+
+/* Split one CSV record (RFC 4180 quoting) into fields; returns the count. */
+static int csv_split(const char *line, char fields[32][128])
+{
+    int n = 0;
+    size_t k = 0;
+    int quoted = 0;
+
+    for (const char *p = line;; p++) {
+        if (quoted) {
+            cr_assert_neq(*p, '\0', "unterminated quote: %s", line);
+            if (*p == '"' && p[1] == '"')
+                fields[n][k++] = *++p;
+            else if (*p == '"')
+                quoted = 0;
+            else
+                fields[n][k++] = *p;
+        } else if (*p == '"' && k == 0) {
+            quoted = 1;
+        } else if (*p == ',' || *p == '\0') {
+            fields[n][k] = '\0';
+            n++, k = 0;
+            if (*p == '\0')
+                return n;
+        } else {
+            cr_assert_neq(*p, '"', "stray quote: %s", line);
+            fields[n][k++] = *p;
+        }
+    }
+}
+
+Test(report, csv_is_valid_and_matches, .timeout = 20)
+{
+    struct expect e;
+    static char f[32][128];
+    int width = 0, seen_tenant = 0, seen_diff = 0;
+
+    generate(300, &e);
+    cr_assert_eq(run("--format", "csv", "--by", "tenant,route"), 0);
+    char *text = slurp(outpath), *save = NULL;
+    for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        int n = csv_split(line, f);
+        if (width == 0) {
+            width = n;
+            cr_assert_str_eq(f[0], "kind");
+            cr_assert_str_eq(f[7], "cost_usd");
+            continue;
+        }
+        cr_assert_eq(n, width, "ragged row: %s", line);
+        if (strcmp(f[0], "total") == 0) {
+            cr_assert_eq(strtod(f[3], NULL), e.n_total);
+            cr_assert_eq(strtod(f[7], NULL), e.cost_total);
+        }
+        if (strcmp(f[0], "group") == 0 && strcmp(f[1], "tenant") == 0 && strcmp(f[2], tenants[2]) == 0) {
+            seen_tenant = 1;
+            cr_assert_eq(strtod(f[3], NULL), e.n_tenant[2]);
+            cr_assert_eq(strtod(f[7], NULL), e.cost_tenant[2]);
+        }
+        if (strcmp(f[0], "arm_diff") == 0) {
+            seen_diff = 1;
+            cr_assert_str_eq(f[2], "exp");
+            cr_assert_float_eq(strtod(f[17], NULL), 2.0 / 1024, 1e-15);
+            cr_assert_lt(strtod(f[18], NULL), strtod(f[19], NULL));
+        }
+    }
+    cr_assert(seen_tenant, "quoted tenant value must round-trip");
+    cr_assert(seen_diff);
+    free(text);
+}
+
+Test(report, table_and_progress, .timeout = 20)
+{
+    struct expect e;
+    char errpath[160];
+    int saved = dup(2);
+
+    generate(50, &e);
+    snprintf(errpath, sizeof(errpath), "%s/stderr", dir);
+    cr_assert_not_null(freopen(errpath, "w", stderr));
+    int rc = run("--format", "table", "--progress", "--by=backend");
+    fflush(stderr);
+    dup2(saved, 2);
+    close(saved);
+    cr_assert_eq(rc, 0);
+    char *text = slurp(outpath), *err = slurp(errpath);
+    cr_assert_not_null(strstr(text, "by backend\n"));
+    cr_assert_not_null(strstr(text, "gpu-a"));
+    cr_assert_not_null(strstr(text, "bad lines skipped: 3"));
+    cr_assert_not_null(strstr(text, "route exp: a (n=3"));
+    cr_assert_null(strstr(text, "by tenant"));
+    cr_assert_not_null(strstr(err, "cost.log: 59 lines"), "progress line: %s", err);
+    cr_assert_not_null(strstr(err, "(100%)"));
+    cr_assert_not_null(strstr(err, "skipped 3 bad lines"));
+    free(text);
+    free(err);
+}
+
+Test(report, usage_errors, .timeout = 10)
+{
+    struct expect e;
+    char *missing[] = {"report", "/nonexistent/cost.log", NULL};
+
+    generate(5, &e);
+    cr_assert_eq(run("--format", "xml", "--by", "tenant"), 2);
+    cr_assert_eq(run("--format", "csv", "--by", "tenant,planet"), 2);
+    cr_assert_eq(cli_report_main(2, missing), 1);
+    cr_assert_eq(run("--format", "csv", "--by", "tag.team"), 0, "runs again after errors");
+}

@@ -1,0 +1,393 @@
+/*
+ * tests/metrics/test_costlog.c: metrics/costlog.c on a real libuv loop
+ * writing real files: JSON validity and keys, flush on the timer, nothing
+ * lost at shutdown with writes in flight, rotation by rename + reopen,
+ * stdout, and write errors counted as drops.
+ */
+#define _GNU_SOURCE
+#include <cjson/cJSON.h>
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "common/buf.h"
+#include "conf/conf.h"
+#include "metrics/metrics.h"
+
+static char dir[64];
+static char path[128];
+static uv_loop_t loop;
+
+static void setup(void)
+{
+    strcpy(dir, "/tmp/costlog-test-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(path, sizeof(path), "%s/cost.log", dir);
+    cr_assert_eq(uv_loop_init(&loop), 0);
+}
+
+static void teardown(void)
+{
+    char cmd[128];
+
+    uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert_eq(uv_loop_close(&loop), 0, "a handle or request was left open");
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
+}
+
+TestSuite(costlog, .init = setup, .fini = teardown);
+
+static const struct conf_tag tags[] = {{"cost_center", "cc-42"}, {"team", "search \"core\""}};
+
+/* A record whose strings depend on i; request_id = "req-<i>". */
+static void make_record(struct metrics_cost_record *r, char *id, size_t idlen, int i,
+                        struct metrics_cost_candidate cands[2])
+{
+    snprintf(id, idlen, "req-%d", i);
+    cands[0] = (struct metrics_cost_candidate){"gpu-a", 0.0005, NULL};
+    cands[1] = (struct metrics_cost_candidate){"gpt-4o", NAN, "over budget"};
+    *r = (struct metrics_cost_record){
+        .ts_ms = 1795000000123LL + i, .request_id = id, .tenant = "acme", .tags = tags, .ntags = 2,
+        .route = "chat", .backend = "gpu-a", .arm = i % 2 ? "b" : "a", .reason = "cheapest",
+        .candidates = cands, .ncandidates = 2, .prompt_tokens_est = 100, .prompt_tokens = 98,
+        .completion_tokens_est = 50, .completion_tokens = -1, .cost_usd_est = 0.0005,
+        .cost_usd = 0.00049, .cache_hit = 0, .saved_usd = 0, .ttft_ms = 12.5, .latency_ms = 80,
+        .status = 200, .fallbacks = i % 3,
+    };
+}
+
+/* Read a whole file (NUL-terminated); *len gets its size. */
+static char *slurp(const char *p, size_t *len)
+{
+    FILE *f = fopen(p, "rb");
+    char *data;
+    long n;
+
+    cr_assert_not_null(f, "%s: %s", p, strerror(errno));
+    fseek(f, 0, SEEK_END);
+    n = ftell(f);
+    rewind(f);
+    data = malloc((size_t)n + 1);
+    cr_assert_eq(fread(data, 1, (size_t)n, f), (size_t)n);
+    data[n] = '\0';
+    fclose(f);
+    *len = (size_t)n;
+    return data;
+}
+
+/*
+ * Check every line of the file is a JSON object with request_id "req-<i>"
+ * and mark seen[i]; returns the number of lines. Counts problems and
+ * asserts once, citing the first bad line.
+ */
+static size_t check_lines(const char *p, char *seen, size_t nseen)
+{
+    size_t len, lines = 0, bad = 0;
+    char *data = slurp(p, &len), *save = NULL, *first_bad = NULL;
+
+    cr_assert(len == 0 || data[len - 1] == '\n', "%s: last line not terminated", p);
+    for (char *line = strtok_r(data, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        cJSON *j = cJSON_Parse(line), *id = cJSON_GetObjectItem(j, "request_id");
+        int i;
+
+        lines++;
+        if (!cJSON_IsString(id) || sscanf(id->valuestring, "req-%d", &i) != 1 || i < 0 ||
+            (size_t)i >= nseen || seen[i]) {
+            bad++;
+            first_bad = first_bad ? first_bad : strdup(line);
+        } else {
+            seen[i] = 1;
+        }
+        cJSON_Delete(j);
+    }
+    cr_assert_eq(bad, 0, "%zu bad or duplicate lines in %s, first: %s", bad, p, first_bad);
+    free(data);
+    return lines;
+}
+
+Test(costlog, lines_are_valid_json_with_every_key, .timeout = 10)
+{
+    static const char *keys[] = {"ts", "request_id", "tenant", "tags", "route", "backend", "arm",
+                                 "reason", "candidates", "prompt_tokens_est", "prompt_tokens",
+                                 "completion_tokens_est", "completion_tokens", "cost_usd_est",
+                                 "cost_usd", "cache_hit", "saved_usd", "ttft_ms", "latency_ms",
+                                 "status", "fallbacks"};
+    struct metrics_cost_candidate cands[2];
+    struct metrics_cost_record r;
+    char id[32];
+    int err = 0;
+    struct metrics_cost_log *log = metrics_cost_log_open(&loop, path, 0, NULL, &err);
+
+    cr_assert_not_null(log, "open: %d", err);
+    make_record(&r, id, sizeof(id), 0, cands);
+    cr_assert_eq(metrics_cost_log_write(log, &r), 0);
+    /* hostile strings: quotes, backslash, control bytes, invalid UTF-8, a valid é */
+    make_record(&r, id, sizeof(id), 1, cands);
+    r.tenant = "t\"x\\y\n\tz\x01\xff\xc3\xa9";
+    r.arm = NULL;
+    cr_assert_eq(metrics_cost_log_write(log, &r), 0);
+    metrics_cost_log_close(log);
+    uv_run(&loop, UV_RUN_DEFAULT);
+
+    size_t len;
+    char *data = slurp(path, &len), *nl = strchr(data, '\n');
+    cr_assert_not_null(nl);
+    *nl = '\0';
+    cJSON *a = cJSON_Parse(data), *b = cJSON_Parse(nl + 1);
+    cr_assert_not_null(a);
+    cr_assert_not_null(b, "hostile line must stay valid JSON: %s", nl + 1);
+    for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
+        cr_assert(cJSON_HasObjectItem(a, keys[i]), "missing key %s", keys[i]);
+    cr_assert_str_eq(cJSON_GetObjectItem(a, "ts")->valuestring, "2026-11-18T11:06:40.123Z");
+    cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(a, "tags"), "team")->valuestring,
+                     "search \"core\"");
+    cr_assert_str_eq(cJSON_GetObjectItem(a, "arm")->valuestring, "a");
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(a, "completion_tokens")));
+    cr_assert_eq(cJSON_GetObjectItem(a, "prompt_tokens")->valuedouble, 98);
+    cr_assert_eq(cJSON_GetObjectItem(a, "cost_usd")->valuedouble, 0.00049);
+    cr_assert(cJSON_IsFalse(cJSON_GetObjectItem(a, "cache_hit")));
+    cJSON *c = cJSON_GetObjectItem(a, "candidates");
+    cr_assert_eq(cJSON_GetArraySize(c), 2);
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(cJSON_GetArrayItem(c, 0), "rejected")));
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(cJSON_GetArrayItem(c, 1), "est_cost_usd")));
+    cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetArrayItem(c, 1), "rejected")->valuestring,
+                     "over budget");
+    cr_assert_str_eq(cJSON_GetObjectItem(b, "tenant")->valuestring, "t\"x\\y\n\tz\x01\xef\xbf\xbd\xc3\xa9");
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(b, "arm")));
+    cJSON_Delete(a);
+    cJSON_Delete(b);
+    free(data);
+}
+
+struct timer_ctx {
+    uv_timer_t timer;             /* the test's own timer */
+    struct metrics_cost_log *log; /* log under test */
+    size_t size_at_write;         /* file size right after the writes */
+    size_t size_at_timer;         /* file size when the test timer fired */
+};
+
+static size_t file_size(const char *p)
+{
+    struct stat st;
+
+    cr_assert_eq(stat(p, &st), 0);
+    return (size_t)st.st_size;
+}
+
+static void on_check(uv_timer_t *t)
+{
+    struct timer_ctx *ctx = (struct timer_ctx *)t;
+
+    ctx->size_at_timer = file_size(path);
+    metrics_cost_log_close(ctx->log);
+    uv_close((uv_handle_t *)t, NULL);
+}
+
+Test(costlog, flushes_on_the_timer, .timeout = 10)
+{
+    struct metrics_cost_candidate cands[2];
+    struct metrics_cost_record r;
+    struct timer_ctx ctx = {0};
+    char id[32];
+    int err;
+
+    ctx.log = metrics_cost_log_open(&loop, path, 50, NULL, &err);
+    cr_assert_not_null(ctx.log);
+    for (int i = 0; i < 3; i++) {
+        make_record(&r, id, sizeof(id), i, cands);
+        cr_assert_eq(metrics_cost_log_write(ctx.log, &r), 0);
+    }
+    ctx.size_at_write = file_size(path);
+    uv_timer_init(&loop, &ctx.timer);
+    uv_timer_start(&ctx.timer, on_check, 400, 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+
+    char seen[3] = {0};
+    cr_assert_eq(ctx.size_at_write, 0, "nothing is written synchronously by write()");
+    cr_assert_gt(ctx.size_at_timer, 0, "the 50 ms timer must have flushed");
+    cr_assert_eq(ctx.size_at_timer, file_size(path), "close found nothing left to write");
+    cr_assert_eq(check_lines(path, seen, 3), 3);
+}
+
+enum { BATCHES = 40, PER_BATCH = 2000 };
+
+struct burst_ctx {
+    uv_idle_t idle;               /* writes one batch per loop iteration */
+    struct metrics_cost_log *log; /* log under test */
+    int batch;                    /* batches written */
+};
+
+static void on_idle(uv_idle_t *h)
+{
+    struct burst_ctx *ctx = (struct burst_ctx *)h;
+    struct metrics_cost_candidate cands[2];
+    struct metrics_cost_record r;
+    char id[32];
+
+    int failed = 0;
+
+    for (int i = 0; i < PER_BATCH; i++) {
+        make_record(&r, id, sizeof(id), ctx->batch * PER_BATCH + i, cands);
+        failed += metrics_cost_log_write(ctx->log, &r) != 0;
+    }
+    cr_assert_eq(failed, 0);
+    if (++ctx->batch == BATCHES) {
+        /* close while a write is most likely still on the threadpool */
+        metrics_cost_log_close(ctx->log);
+        uv_close((uv_handle_t *)h, NULL);
+    }
+}
+
+Test(costlog, nothing_lost_at_shutdown, .timeout = 30)
+{
+    struct burst_ctx ctx = {0};
+    int err;
+    char *seen = calloc(BATCHES * PER_BATCH, 1);
+    struct metrics *m = metrics_create(0);
+
+    ctx.log = metrics_cost_log_open(&loop, path, 1000, m, &err);
+    cr_assert_not_null(ctx.log);
+    uv_idle_init(&loop, &ctx.idle);
+    uv_idle_start(&ctx.idle, on_idle);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert_eq(check_lines(path, seen, BATCHES * PER_BATCH), BATCHES * PER_BATCH);
+    cr_assert_eq(metrics_get(m, METRICS_COST_LOG_DROPPED_TOTAL, NULL), 0);
+    metrics_free(m);
+    free(seen);
+}
+
+struct rotate_ctx {
+    uv_timer_t timer;             /* drives the steps */
+    struct metrics_cost_log *log; /* log under test */
+    int step;                     /* 0: after first batch flushed, 1: after reopen */
+    int next;                     /* next record number */
+};
+
+static void write_some(struct rotate_ctx *ctx, int n)
+{
+    struct metrics_cost_candidate cands[2];
+    struct metrics_cost_record r;
+    char id[32];
+
+    for (int i = 0; i < n; i++) {
+        make_record(&r, id, sizeof(id), ctx->next++, cands);
+        cr_assert_eq(metrics_cost_log_write(ctx->log, &r), 0);
+    }
+}
+
+static void on_rotate_step(uv_timer_t *t)
+{
+    struct rotate_ctx *ctx = (struct rotate_ctx *)t;
+    char old[160];
+
+    if (ctx->step++ == 0) {
+        /* what logrotate does: rename, then signal */
+        snprintf(old, sizeof(old), "%s.1", path);
+        cr_assert_eq(rename(path, old), 0);
+        write_some(ctx, 10); /* buffered before the reopen */
+        metrics_cost_log_reopen(ctx->log);
+        write_some(ctx, 10); /* after */
+        return;
+    }
+    write_some(ctx, 5);
+    metrics_cost_log_close(ctx->log);
+    uv_close((uv_handle_t *)t, NULL);
+}
+
+Test(costlog, reopen_after_rename_rotates, .timeout = 10)
+{
+    struct rotate_ctx ctx = {0};
+    char old[160], seen[40] = {0};
+    int err;
+
+    ctx.log = metrics_cost_log_open(&loop, path, 20, NULL, &err);
+    cr_assert_not_null(ctx.log);
+    write_some(&ctx, 10);
+    uv_timer_init(&loop, &ctx.timer);
+    uv_timer_start(&ctx.timer, on_rotate_step, 200, 200);
+    uv_run(&loop, UV_RUN_DEFAULT);
+
+    snprintf(old, sizeof(old), "%s.1", path);
+    size_t in_old = check_lines(old, seen, 40), in_new = check_lines(path, seen, 40);
+    cr_assert_eq(in_old + in_new, 35, "every record in one of the files");
+    cr_assert_geq(in_old, 10, "records flushed before the rename stay in the old file");
+    cr_assert_geq(in_new, 5, "records after the reopen go to the new file");
+    for (int i = 0; i < 10; i++)
+        cr_assert(seen[i]);
+    /* the last five can only be in the new file */
+    memset(seen, 0, sizeof(seen));
+    check_lines(path, seen, 40);
+    for (int i = 30; i < 35; i++)
+        cr_assert(seen[i], "req-%d not in the new file", i);
+}
+
+Test(costlog, dash_means_stdout, .timeout = 10)
+{
+    struct metrics_cost_candidate cands[2];
+    struct metrics_cost_record r;
+    char id[32], seen[2] = {0};
+    int saved = dup(1), fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600), err;
+
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(dup2(fd, 1), 1);
+    close(fd);
+    struct metrics_cost_log *log = metrics_cost_log_open(&loop, "-", 0, NULL, &err);
+    cr_assert_not_null(log);
+    for (int i = 0; i < 2; i++) {
+        make_record(&r, id, sizeof(id), i, cands);
+        cr_assert_eq(metrics_cost_log_write(log, &r), 0);
+    }
+    metrics_cost_log_reopen(log); /* no-op for stdout */
+    metrics_cost_log_close(log);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert_eq(fcntl(1, F_GETFD), 0, "stdout must stay open");
+    dup2(saved, 1);
+    close(saved);
+    cr_assert_eq(check_lines(path, seen, 2), 2);
+}
+
+static void on_full_step(uv_timer_t *t)
+{
+    struct rotate_ctx *ctx = (struct rotate_ctx *)t;
+
+    /* the first 3 failed on the threadpool; these 2 fail in the final flush */
+    cr_assert_eq(metrics_cost_log_dropped(ctx->log), 3);
+    write_some(ctx, 2);
+    metrics_cost_log_close(ctx->log);
+    uv_close((uv_handle_t *)t, NULL);
+}
+
+Test(costlog, write_errors_count_as_dropped, .timeout = 10)
+{
+    struct rotate_ctx ctx = {0};
+    struct metrics *m = metrics_create(0);
+    int err;
+
+    ctx.log = metrics_cost_log_open(&loop, "/dev/full", 10, m, &err);
+    cr_assert_not_null(ctx.log);
+    write_some(&ctx, 3);
+    cr_assert_eq(metrics_cost_log_records(ctx.log), 3);
+    uv_timer_init(&loop, &ctx.timer);
+    uv_timer_start(&ctx.timer, on_full_step, 200, 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert_eq(metrics_get(m, METRICS_COST_LOG_DROPPED_TOTAL, NULL), 5);
+    metrics_free(m);
+}
+
+Test(costlog, open_failure_reports_errno, .timeout = 5)
+{
+    int err = 0;
+    char bad[160];
+
+    snprintf(bad, sizeof(bad), "%s/no/such/dir/log", dir);
+    cr_assert_null(metrics_cost_log_open(&loop, bad, 0, NULL, &err));
+    cr_assert_eq(err, UV_ENOENT);
+}
