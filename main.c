@@ -15,6 +15,7 @@
 #include <uv.h>
 
 #include "common/log.h"
+#include "cli/report.h"
 #include "conf/conf.h"
 #include "router/router.h"
 
@@ -35,6 +36,7 @@ static void usage(FILE *out)
     fprintf(out,
             "usage: costrouter -c FILE              run the router with this config\n"
             "       costrouter --check-config FILE  validate a config, print every error\n"
+            "       costrouter report [--help] LOG...  totals and cost per 1K requests from cost logs\n"
             "       costrouter --version | --help\n"
             "options:\n"
             "  -c, --config FILE   configuration file (YAML)\n"
@@ -78,7 +80,9 @@ static void on_stop_signal(uv_signal_t *s, int signum)
 
 static void on_hup(uv_signal_t *s, int signum)
 {
-    log_info("SIGHUP received");
+    struct app *app = s->data;
+
+    router_reopen_logs(app->router);
 }
 
 static int run(const char *path)
@@ -110,6 +114,7 @@ static int run(const char *path)
     uv_run(app.loop, UV_RUN_DEFAULT);
     rc = 0;
 out:
+    router_finish(app.router);
     uv_close((uv_handle_t *)&app.sigterm, NULL);
     uv_close((uv_handle_t *)&app.sigint, NULL);
     uv_close((uv_handle_t *)&app.sighup, NULL);
@@ -141,6 +146,9 @@ int main(int argc, char **argv)
     };
     const char *config = NULL;
     int check = 0, c;
+
+    if (argc > 1 && strcmp(argv[1], "report") == 0)
+        return cli_report_main(argc - 1, argv + 1);
 
     while ((c = getopt_long(argc, argv, "c:t::vqhV", opts, NULL)) != -1) {
         switch (c) {

@@ -180,6 +180,7 @@ void router__request_reset(struct router__request *req)
     req->error = NULL;
     req->stream = req->injected_usage = req->keep_alive = req->response_started = 0;
     req->expect_continue = 0;
+    req->accounted = 0;
     req->chunked = req->is_sse = req->upstream_done = req->broken = 0;
     req->tried = 0;
     req->attempts = req->fallbacks = 0;

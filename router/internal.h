@@ -39,6 +39,8 @@ struct backend;
 struct backend_set;
 struct router__upstream;
 struct cJSON;
+struct metrics;
+struct metrics_cost_log;
 
 /* One pool of idle upstream connections per backend. */
 struct router__pool {
@@ -61,6 +63,8 @@ struct router {
     size_t nclients;                /* length of that list */
     uint64_t next_request_id;       /* counter behind request ids */
     uint64_t start_id;              /* random per process, makes request ids unique across instances */
+    struct metrics *metrics;        /* Prometheus registry */
+    struct metrics_cost_log *cost_log; /* one JSON line per request, or NULL */
     unsigned stopping:1;            /* router_stop called */
     unsigned listening:1;           /* listener is open */
 };
@@ -73,6 +77,9 @@ enum router__endpoint {
     ROUTER_EP_EMBEDDINGS,  /* POST /v1/embeddings */
     ROUTER_EP_MODELS,      /* GET /v1/models */
     ROUTER_EP_HEALTHZ,     /* GET /healthz */
+    ROUTER_EP_METRICS,     /* GET /metrics (admin key when one is set) */
+    ROUTER_EP_DASHBOARD,   /* GET /dashboard (page only; its data calls need the key) */
+    ROUTER_EP_ADMIN,       /* /admin/... (admin key) */
 };
 
 /* Client connection phases, which decide the timer and what reads mean. */
@@ -108,6 +115,7 @@ struct router__request {
     unsigned is_sse:1;                   /* upstream answers text/event-stream */
     unsigned upstream_done:1;            /* upstream response fully received */
     unsigned broken:1;                   /* upstream broke after the response started */
+    unsigned accounted:1;                /* cost log line and metrics written */
     /* proxying */
     uint64_t tried;                      /* candidates tried (bit per index) */
     unsigned attempts;                   /* attempts made, first included */
@@ -200,6 +208,9 @@ char *router__error_json(const char *errstr, const char *detail, int *status);
 const char *router__status_text(int status);
 /* Free per-request state. */
 void router__request_reset(struct router__request *req);
+
+/* account.c: cost log line and metrics of a finished /v1 request (once) */
+void router__account(struct router__client *c);
 
 /* proxy.c: one request to upstreams, with fallback */
 void router__proxy_start(struct router__client *c);

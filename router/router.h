@@ -22,6 +22,13 @@ int router_start(struct router *r) __attribute__((warn_unused_result));
  * the loop ends when everything is closed. Safe to call twice. */
 void router_stop(struct router *r);
 
+/* Reopen the cost log (after rotation; SIGHUP). */
+void router_reopen_logs(struct router *r);
+
+/* After router_stop's loop run has ended: flush and close the cost log.
+ * Run the loop once more afterwards to let the last write finish. */
+void router_finish(struct router *r);
+
 /* Free the router after the loop has finished. */
 void router_destroy(struct router *r);
 

@@ -20,6 +20,7 @@
 #include "router/internal.h"
 #include "router/router.h"
 #include "backends/backend.h"
+#include "metrics/metrics.h"
 
 #include <openssl/rand.h>
 #include <unistd.h>
@@ -61,6 +62,7 @@ static void client_free(struct router__client *c)
 {
     struct router *r = c->router;
 
+    router__account(c); /* a request cut short by the client: 499 */
     router__request_reset(&c->req);
     buf_free(&c->req.url);
     buf_free(&c->req.auth);
@@ -78,6 +80,7 @@ static void client_free(struct router__client *c)
     if (c->next)
         c->next->prev = c->prev;
     r->nclients--;
+    metrics_add(r->metrics, METRICS_CLIENT_CONNECTIONS, NULL, -1);
     free(c);
 }
 
@@ -437,6 +440,7 @@ void router__client_response_done(struct router__client *c)
 {
     if (c->closing)
         return;
+    router__account(c);
     if (!c->req.keep_alive || c->router->stopping) {
         client_close_after_writes(c);
         return;
@@ -512,6 +516,7 @@ static void on_connection(uv_stream_t *server, int status)
         r->clients->prev = c;
     r->clients = c;
     r->nclients++;
+    metrics_add(r->metrics, METRICS_CLIENT_CONNECTIONS, NULL, 1);
     if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0 || r->nclients > r->conf->max_connections) {
         router__client_close(c);
         return;
@@ -547,6 +552,18 @@ struct router *router_create(uv_loop_t *loop, const struct conf *conf)
     if (RAND_bytes((unsigned char *)&r->start_id, sizeof(r->start_id)) != 1)
         r->start_id = uv_hrtime() ^ ((uint64_t)getpid() << 32);
     r->start_id &= 0xffffffffffULL;
+    r->metrics = metrics_create(0);
+    if (r->metrics == NULL)
+        goto fail;
+    if (conf->cost_log != NULL) {
+        int err = 0;
+
+        r->cost_log = metrics_cost_log_open(loop, conf->cost_log, 0, r->metrics, &err);
+        if (r->cost_log == NULL) {
+            log_error("cost_log %s: %s", conf->cost_log, uv_strerror(err));
+            goto fail;
+        }
+    }
     r->backends = backend_set_create(conf);
     if (r->backends == NULL)
         goto fail;
@@ -615,10 +632,28 @@ void router_stop(struct router *r)
     router__pools_close(r);
 }
 
+void router_reopen_logs(struct router *r)
+{
+    if (r->cost_log) {
+        log_info("reopening cost log %s", r->conf->cost_log);
+        metrics_cost_log_reopen(r->cost_log);
+    }
+}
+
+void router_finish(struct router *r)
+{
+    if (r->cost_log) {
+        metrics_cost_log_close(r->cost_log);
+        r->cost_log = NULL;
+    }
+}
+
 void router_destroy(struct router *r)
 {
     if (r == NULL)
         return;
+    router_finish(r);
+    metrics_free(r->metrics);
     router__pools_free(r);
     backend_set_destroy(r->backends);
     free(r);

@@ -29,6 +29,7 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "conf/conf.h"
+#include "metrics/metrics.h"
 #include "router/internal.h"
 
 /* Close pooled connections idle for this long (servers close theirs too). */
@@ -142,6 +143,9 @@ void router__pools_free(struct router *r)
 
 static void upstream_free(struct router__upstream *u)
 {
+    const char *labels[] = {u->pool->conf->name};
+
+    metrics_add(u->pool->router->metrics, METRICS_UPSTREAM_CONNECTIONS, labels, -1);
     u->pool->nopen--;
     if (u->ssl)
         SSL_free(u->ssl);
@@ -679,6 +683,8 @@ static struct router__upstream *upstream_new(struct router__pool *pool)
     u->handles_open = 2;
     llhttp_init(&u->parser, HTTP_RESPONSE, &upstream_settings);
     pool->nopen++;
+    const char *labels[] = {pool->conf->name};
+    metrics_add(pool->router->metrics, METRICS_UPSTREAM_CONNECTIONS, labels, 1);
     return u;
 }
 

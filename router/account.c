@@ -1,0 +1,110 @@
+/*
+ * router/account.c: what each finished request leaves behind: one cost
+ * log line and its Prometheus series.
+ *
+ * Label values come from the config (tenant id, route, backend name),
+ * never from what a client sent, so clients cannot mint new series.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <sys/time.h>
+
+#include "conf/conf.h"
+#include "metrics/metrics.h"
+#include "router/internal.h"
+
+/* Wall-clock ms since the epoch, for the cost log's ts. */
+static int64_t wall_ms(void)
+{
+    struct timeval tv;
+
+    gettimeofday(&tv, NULL);
+    return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
+}
+
+static const char *backend_name(const struct router__request *req)
+{
+    return req->pool ? req->pool->conf->name : "none";
+}
+
+/* One candidate verdict per route candidate, in route order: tried and
+ * failed ones say so; the others were not needed. */
+static size_t fill_candidates(const struct router__request *req, struct metrics_cost_candidate *out,
+                              size_t max)
+{
+    size_t n = 0;
+
+    if (req->route == NULL)
+        return 0;
+    for (size_t i = 0; i < req->route->ncandidates && n < max; i++, n++) {
+        int tried = i < 64 && (req->tried & (UINT64_C(1) << i));
+
+        out[n].backend = req->route->candidates[i]->name;
+        out[n].est_cost_usd = NAN;
+        if ((int)i == req->candidate)
+            out[n].rejected = NULL;
+        else
+            out[n].rejected = tried ? "failed" : "not-needed";
+    }
+    return n;
+}
+
+void router__account(struct router__client *c)
+{
+    struct router *r = c->router;
+    struct router__request *req = &c->req;
+    struct metrics_cost_candidate cands[16];
+    struct metrics_cost_record rec = {0};
+    uint64_t now = router__now(r);
+    char status[8];
+    const char *tenant = req->tenant ? req->tenant->id : "unauthenticated";
+    const char *route = req->route ? req->route->model : "unknown";
+    const char *backend = backend_name(req);
+
+    if (req->endpoint < ROUTER_EP_CHAT || req->endpoint > ROUTER_EP_EMBEDDINGS || req->accounted)
+        return;
+    req->accounted = 1;
+    snprintf(status, sizeof(status), "%d", req->status ? req->status : 499);
+
+    const char *req_labels[] = {tenant, backend, route, status};
+    metrics_add(r->metrics, METRICS_REQUESTS_TOTAL, req_labels, 1);
+    if (req->prompt_tokens > 0 || req->completion_tokens > 0) {
+        const char *prompt_labels[] = {tenant, backend, route, "prompt"};
+        const char *completion_labels[] = {tenant, backend, route, "completion"};
+        if (req->prompt_tokens > 0)
+            metrics_add(r->metrics, METRICS_TOKENS_TOTAL, prompt_labels, (double)req->prompt_tokens);
+        if (req->completion_tokens > 0)
+            metrics_add(r->metrics, METRICS_TOKENS_TOTAL, completion_labels,
+                        (double)req->completion_tokens);
+    }
+    if (req->pool) {
+        const char *b_labels[] = {backend};
+        metrics_observe(r->metrics, METRICS_REQUEST_DURATION_SECONDS, b_labels,
+                        (double)(now - req->start_ms) / 1000.0);
+        if (req->response_started && req->ttft_ms > 0)
+            metrics_observe(r->metrics, METRICS_TTFT_SECONDS, b_labels, (double)req->ttft_ms / 1000.0);
+    }
+    if (r->cost_log == NULL)
+        return;
+    rec.ts_ms = wall_ms() - (int64_t)(now - req->start_ms);
+    rec.request_id = req->id_str;
+    rec.tenant = req->tenant ? req->tenant->id : NULL;
+    rec.tags = req->tenant ? req->tenant->tags : NULL;
+    rec.ntags = req->tenant ? req->tenant->ntags : 0;
+    rec.route = req->route ? req->route->model : NULL;
+    rec.backend = req->pool ? req->pool->conf->name : NULL;
+    rec.reason = req->reason;
+    rec.candidates = cands;
+    rec.ncandidates = fill_candidates(req, cands, sizeof(cands) / sizeof(cands[0]));
+    rec.prompt_tokens_est = -1;
+    rec.prompt_tokens = req->prompt_tokens;
+    rec.completion_tokens_est = -1;
+    rec.completion_tokens = req->completion_tokens;
+    rec.cost_usd_est = NAN;
+    rec.cost_usd = NAN;
+    rec.ttft_ms = req->response_started ? (double)req->ttft_ms : NAN;
+    rec.latency_ms = (double)(now - req->start_ms);
+    rec.status = req->status ? req->status : 499;
+    rec.fallbacks = (int)req->fallbacks;
+    metrics_cost_log_write(r->cost_log, &rec);
+}
