@@ -66,7 +66,7 @@ void backend__advance(struct backend *b, uint64_t now_ms)
     b->clock_ms = now_ms;
     if (r == 0)
         return;
-    busy = b->inflight < (unsigned)r ? b->inflight : r;
+    busy = b->inflight < (unsigned)r ? b->inflight : (unsigned)r;
     if (b->inflight > 0)
         b->share_ms += dt * busy / b->inflight;
     b->idle_ms += dt * (r - busy);
