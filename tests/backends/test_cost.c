@@ -1,7 +1,10 @@
 /* tests/backends/test_cost.c: backends/cost.c prices, GPU pool load,
  * marginal cost, predicted TTFT and chargeback accounting. */
 #include <criterion/criterion.h>
+#include <libfyaml.h>
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 
 #include "backends/backend.h"
 #include "conf/conf.h"
@@ -387,4 +390,37 @@ Test(cost, micro_usd_rounding, .timeout = 5)
     cr_assert_eq(backend_usd_to_micro(0.0004504), 450);
     cr_assert_eq(backend_usd_to_micro(0.0004506), 451);
     cr_assert_eq(backend_usd_to_micro(12.5), 12500000);
+}
+
+/* The fixture's API prices are the ones conf/prices.yaml ships, read
+ * with the YAML library the config loader uses. */
+Test(cost, fixture_prices_are_those_of_prices_yaml, .timeout = 5)
+{
+    const char *src = getenv("COSTROUTER_SRC");
+    char path[4096];
+    struct fy_document *doc;
+    struct fx f;
+
+    snprintf(path, sizeof(path), "%s/conf/prices.yaml", src ? src : ".");
+    doc = fy_document_build_from_file(NULL, path);
+    cr_assert_not_null(doc, "cannot parse %s", path);
+    fx_init(&f);
+    for (int i = 0; i < FX_N; i++) {
+        const struct conf_backend *b = &f.backends[i];
+        char fmt[256];
+        double in = -1, out = -1, cached = -1;
+
+        if (b->kind != CONF_BACKEND_API)
+            continue;
+        snprintf(fmt, sizeof(fmt),
+                 "/prices/%s/input_usd_per_mtok %%lf /prices/%s/output_usd_per_mtok %%lf "
+                 "/prices/%s/cached_input_usd_per_mtok %%lf",
+                 b->name, b->name, b->name);
+        cr_assert_eq(fy_document_scanf(doc, fmt, &in, &out, &cached), 3, "%s", b->name);
+        cr_assert_eq(in, b->input_usd_per_mtok, "%s input", b->name);
+        cr_assert_eq(out, b->output_usd_per_mtok, "%s output", b->name);
+        cr_assert_eq(cached, b->cached_input_usd_per_mtok, "%s cached", b->name);
+    }
+    fx_fini(&f);
+    fy_document_destroy(doc);
 }

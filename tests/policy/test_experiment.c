@@ -13,7 +13,7 @@
 
 #define USERS 100000
 
-static const char *const big_models[] = {"gpt-4o", "claude-sonnet"};
+static const char *const big_models[] = {"gpt-4o", "claude-sonnet-4-5"};
 static const char *const acme_only[] = {"acme"};
 
 /* "exp" on route "chat": control (all candidates) 70, big 20, gpu 10. */

@@ -44,7 +44,7 @@ static inline void fx_init(struct fx *f)
     memset(f, 0, sizeof(*f));
     fx_api(&f->backends[FX_MINI], "gpt-4o-mini", 60, 128000, 0.15, 0.60, 0.075);
     fx_api(&f->backends[FX_4O], "gpt-4o", 80, 128000, 2.50, 10.00, 1.25);
-    fx_api(&f->backends[FX_SONNET], "claude-sonnet", 90, 200000, 3.00, 15.00, 0.30);
+    fx_api(&f->backends[FX_SONNET], "claude-sonnet-4-5", 90, 200000, 3.00, 15.00, 0.30);
     f->backends[FX_GPU] = (struct conf_backend){
         .name = "llama-gpu",
         .model = "llama-gpu",
