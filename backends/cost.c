@@ -28,7 +28,7 @@
 #include "conf/conf.h"
 
 /* Marginal cost = list x x^EXPONENT with x the load relative to the SLO
- * knee: 1.6% of list at half the knee, 32% at three quarters. */
+ * knee: 6% of list at half the knee, 32% at three quarters. */
 #define BACKEND_MARGINAL_EXPONENT 4
 /* x is capped here so a pool far past its knee has a finite cost. */
 #define BACKEND_MARGINAL_X_MAX 4.0
