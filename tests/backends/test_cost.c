@@ -298,7 +298,7 @@ static uint32_t lcg(uint32_t *s)
     return *s >> 8;
 }
 
-Test(cost, attributed_plus_idle_is_pool_cost_over_an_hour, .timeout = 10)
+Test(cost, attributed_plus_idle_is_pool_cost_over_an_hour, .timeout = 5)
 {
     enum { MAXQ = 64 };
     struct fx f;

@@ -35,7 +35,7 @@ static size_t user_key(char *buf, size_t cap, unsigned i)
     return (size_t)snprintf(buf, cap, "user-%u", i);
 }
 
-Test(experiment, shares_match_weights_over_100k_users, .timeout = 10)
+Test(experiment, shares_match_weights_over_100k_users, .timeout = 5)
 {
     struct policy_experiment e;
     struct policy_arm arms[3];
@@ -65,7 +65,7 @@ Test(experiment, shares_match_weights_over_100k_users, .timeout = 10)
     cr_assert_lt(chi2, 13.8, "chi-square %.2f", chi2);
 }
 
-Test(experiment, assignment_is_sticky, .timeout = 10)
+Test(experiment, assignment_is_sticky, .timeout = 5)
 {
     struct policy_experiment e, again;
     struct policy_arm arms[3], arms2[3];
@@ -84,7 +84,7 @@ Test(experiment, assignment_is_sticky, .timeout = 10)
     }
 }
 
-Test(experiment, experiments_split_users_independently, .timeout = 10)
+Test(experiment, experiments_split_users_independently, .timeout = 5)
 {
     struct policy_arm a1[2] = {{.name = "x", .weight = 1}, {.name = "y", .weight = 1}};
     struct policy_arm a2[2] = {{.name = "x", .weight = 1}, {.name = "y", .weight = 1}};
@@ -107,7 +107,7 @@ Test(experiment, experiments_split_users_independently, .timeout = 10)
               (double)both / USERS);
 }
 
-Test(experiment, zero_weight_arm_gets_nobody, .timeout = 10)
+Test(experiment, zero_weight_arm_gets_nobody, .timeout = 5)
 {
     struct policy_arm arms[2] = {{.name = "off", .weight = 0}, {.name = "on", .weight = 5}};
     struct policy_experiment e = {.name = "e", .route = "chat", .arms = arms, .narms = 2};
