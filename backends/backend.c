@@ -3,6 +3,7 @@
 
 #include <stdlib.h>
 
+#include "backends/internal.h"
 #include "common/log.h"
 #include "conf/conf.h"
 
@@ -10,17 +11,8 @@
  * before a half-open probe is allowed. */
 #define BACKEND_FAILURE_LIMIT 3
 #define BACKEND_EJECT_MS 5000
-/* Weight of a new TTFT sample in the moving average. */
+/* Weight of a new sample in the moving averages (TTFT, duration). */
 #define BACKEND_TTFT_ALPHA 0.2
-
-struct backend {
-    const struct conf_backend *conf; /* borrowed from the config */
-    unsigned inflight;               /* attempts started, not ended */
-    unsigned failures;               /* consecutive failures */
-    uint64_t ejected_until_ms;       /* circuit open until this loop time */
-    unsigned probing:1;              /* half-open probe in flight */
-    double ttft_ewma_ms;             /* smoothed time to first byte */
-};
 
 struct backend_set {
     size_t count;             /* number of backends */
@@ -42,6 +34,12 @@ struct backend_set *backend_set_create(const struct conf *conf)
 void backend_set_destroy(struct backend_set *set)
 {
     free(set);
+}
+
+void backend_set_start(struct backend_set *set, uint64_t now_ms)
+{
+    for (size_t i = 0; i < set->count; i++)
+        backend__advance(&set->items[i], now_ms);
 }
 
 size_t backend_set_count(const struct backend_set *set)
@@ -80,6 +78,7 @@ int backend_available(const struct backend *b, uint64_t now_ms)
 
 void backend_attempt_start(struct backend *b, uint64_t now_ms)
 {
+    backend__advance(b, now_ms);
     b->inflight++;
     if (circuit_half_open(b, now_ms))
         b->probing = 1;
@@ -91,10 +90,15 @@ void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_m
         log_info("backend %s: circuit closed after a successful probe", b->conf->name);
     b->failures = 0;
     b->probing = 0;
-    if (b->ttft_ewma_ms == 0)
-        b->ttft_ewma_ms = (double)ttft_ms;
+    backend__ewma(&b->ttft_ewma_ms, (double)ttft_ms);
+}
+
+void backend__ewma(double *avg, double sample)
+{
+    if (*avg == 0)
+        *avg = sample;
     else
-        b->ttft_ewma_ms += BACKEND_TTFT_ALPHA * ((double)ttft_ms - b->ttft_ewma_ms);
+        *avg += BACKEND_TTFT_ALPHA * (sample - *avg);
 }
 
 void backend_attempt_failure(struct backend *b, uint64_t now_ms)
@@ -109,6 +113,8 @@ void backend_attempt_failure(struct backend *b, uint64_t now_ms)
     }
 }
 
+/* Without a time, the interval since the last event is left to be
+ * counted with the new in-flight count; backend_attempt_finish is exact. */
 void backend_attempt_end(struct backend *b)
 {
     if (b->inflight > 0)

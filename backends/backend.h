@@ -5,6 +5,18 @@
  * a backend for a while; after that one request at a time probes it
  * (half-open) and a success closes the circuit again. The router reports
  * every attempt's outcome here; policy/ reads the state to choose.
+ *
+ * Cost models (formulas in docs/cost-model.md):
+ * - API tier: list prices per million tokens; cached prompt tokens at the
+ *   cached price.
+ * - Self-hosted GPU pool: paid per replica-hour whether used or not. The
+ *   router reports attempt starts and finishes (with tokens) and this file
+ *   keeps the pool's live load (in flight, tokens/s over a sliding window),
+ *   an accounting clock that splits the pool's GPU-seconds between the
+ *   requests in flight (chargeback) and an idle accumulator, so that
+ *   attributed + idle == replicas x elapsed, exactly.
+ * Money that is stored or settled is integer micro-USD; doubles are used
+ * only inside formulas and for routing comparisons.
  */
 #ifndef BACKENDS_BACKEND_H
 #define BACKENDS_BACKEND_H
@@ -14,6 +26,9 @@
 
 struct conf;
 struct conf_backend;
+
+/* Length of the tokens/s sliding window, seconds (one slot per second). */
+#define BACKEND_WINDOW_S 10
 
 struct backend_set;
 struct backend;
@@ -39,6 +54,88 @@ void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_m
 void backend_attempt_failure(struct backend *b, uint64_t now_ms);
 /* The attempt ended (success or failure): in-flight count goes down. */
 void backend_attempt_end(struct backend *b);
+
+/* Token counts of one request (estimated before, real after). */
+struct backend_tokens {
+    int64_t prompt;     /* prompt tokens, cached ones included */
+    int64_t completion; /* completion (generated) tokens */
+    int64_t cached;     /* prompt tokens the upstream served from its cache */
+};
+
+/* A request's cost estimate on one backend. */
+struct backend_cost {
+    double list_usd;          /* API: price of the tokens; GPU: GPU-time at rated throughput */
+    double marginal_usd;      /* what routing one more request here costs (see cost-model.md) */
+    int64_t reserve_micro;    /* list_usd in micro-USD rounded up: what to reserve */
+};
+
+/* What an attempt started with backend_attempt_begin() remembers. */
+struct backend_ticket {
+    uint64_t start_ms;    /* loop time the attempt started */
+    double share_mark_ms; /* the pool's share clock at start (GPU-ms) */
+};
+
+/* A finished attempt's settled cost. */
+struct backend_charge {
+    uint64_t duration_ms;  /* start to finish */
+    double gpu_seconds;    /* GPU-seconds attributed (self-hosted), 0 for API */
+    double usd;            /* cost before rounding */
+    int64_t micro_usd;     /* cost settled, rounded to the nearest micro-USD */
+};
+
+/* Start the accounting clock of every backend of `set` at `now_ms` (the
+ * pool's cost period starts here). Without it a backend's clock starts at
+ * its first event. */
+void backend_set_start(struct backend_set *set, uint64_t now_ms);
+
+/* backend_attempt_start() that also fills `t` (may be NULL) for
+ * backend_attempt_finish(). */
+void backend_attempt_begin(struct backend *b, uint64_t now_ms, struct backend_ticket *t);
+/* The attempt begun with `t` ended at `now_ms` (success or failure; in
+ * place of backend_attempt_end). `used` are the real token counts (NULL or
+ * zeros when unknown); its completion tokens count as served now unless
+ * already reported with backend_tokens_served(). Returns the cost to
+ * settle: API price of `used`, or the GPU-seconds the attempt used on the
+ * pool (its duration shared with the others in flight) x hourly price. */
+struct backend_charge backend_attempt_finish(struct backend *b, uint64_t now_ms,
+                                             const struct backend_ticket *t,
+                                             const struct backend_tokens *used);
+/* `tokens` generated tokens were streamed to a client at `now_ms` (for the
+ * tokens/s window; call as they arrive, then finish with completion 0). */
+void backend_tokens_served(struct backend *b, uint64_t now_ms, int64_t tokens);
+
+/* Cost of a request of `tok` tokens on `b` at `now_ms`. `slo_ms` is the
+ * tenant's max time to first token (0 = none): a pool's marginal cost
+ * reaches its list cost where its predicted TTFT would break it. A backend
+ * marked free costs 0. */
+struct backend_cost backend_estimate_cost(const struct backend *b, uint64_t now_ms,
+                                          const struct backend_tokens *tok, int slo_ms);
+/* API price of `tok` on `b` in USD (0 for self-hosted or free backends). */
+double backend_api_price_usd(const struct conf_backend *c, const struct backend_tokens *tok);
+/* Chargeback of `gpu_seconds` on the pool of `b`, USD. */
+double backend_attribute_cost_usd(const struct backend *b, double gpu_seconds);
+
+/* Predicted time to first token of a request sent now: the TTFT average,
+ * plus, on a pool whose slots (replicas x max_concurrency) are all busy,
+ * the wait for a slot (queue position x average duration / slots). */
+double backend_predicted_ttft_ms(const struct backend *b, uint64_t now_ms);
+/* A pool's utilization: the larger of in-flight / slots and tokens/s over
+ * the window / (replicas x tokens_per_second). 0 for API backends; may
+ * exceed 1 when requests queue. */
+double backend_pool_utilization(const struct backend *b, uint64_t now_ms);
+/* Generated tokens per second over the last BACKEND_WINDOW_S seconds. */
+double backend_tokens_per_second(const struct backend *b, uint64_t now_ms);
+/* Smoothed duration of finished attempts that produced tokens, ms. */
+double backend_duration_ewma_ms(const struct backend *b);
+/* GPU-seconds of the pool nobody used since its clock started, and their
+ * price; what a pool cost in all over that time. 0 for API backends. */
+double backend_idle_gpu_seconds(const struct backend *b, uint64_t now_ms);
+double backend_idle_cost_usd(const struct backend *b, uint64_t now_ms);
+double backend_pool_cost_usd(const struct backend *b, uint64_t now_ms);
+
+/* USD to integer micro-USD: rounded up (for reservations) or to nearest. */
+int64_t backend_usd_to_micro_ceil(double usd);
+int64_t backend_usd_to_micro(double usd);
 
 /* Readings for policy/ and metrics/. */
 unsigned backend_inflight(const struct backend *b);

@@ -19,6 +19,14 @@ struct backend_set;
 enum policy_reason {
     POLICY_REASON_FIRST_HEALTHY,
     POLICY_REASON_FALLBACK,
+    /* the cost-aware selector (policy/cost.h) */
+    POLICY_REASON_CHEAPEST,           /* cheapest qualifying candidate */
+    POLICY_REASON_ONLY_CANDIDATE,     /* one candidate left to consider */
+    POLICY_REASON_AB,                 /* an A/B arm chose the candidates */
+    POLICY_REASON_DOWNGRADED_BUDGET,  /* budget exhausted, quality floor dropped */
+    POLICY_REASON_DOWNGRADED_SOFT,    /* past the soft limit, quality floor dropped */
+    POLICY_REASON_BUDGET_EXHAUSTED,   /* rejected: no candidate fits the budget */
+    POLICY_REASON_NONE_QUALIFIED,     /* no candidate qualifies (503) */
 };
 
 struct policy_decision {

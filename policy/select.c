@@ -36,6 +36,20 @@ const char *policy_reason_name(enum policy_reason reason)
         return "first-healthy";
     case POLICY_REASON_FALLBACK:
         return "fallback";
+    case POLICY_REASON_CHEAPEST:
+        return "cheapest-qualifying";
+    case POLICY_REASON_ONLY_CANDIDATE:
+        return "only-candidate";
+    case POLICY_REASON_AB:
+        return "ab";
+    case POLICY_REASON_DOWNGRADED_BUDGET:
+        return "downgraded-budget";
+    case POLICY_REASON_DOWNGRADED_SOFT:
+        return "downgraded-soft-limit";
+    case POLICY_REASON_BUDGET_EXHAUSTED:
+        return "budget-exhausted";
+    case POLICY_REASON_NONE_QUALIFIED:
+        return "no-qualifying-candidate";
     }
     return "unknown";
 }

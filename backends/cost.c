@@ -1,0 +1,294 @@
+/*
+ * backends/cost.c: cost models, live load and GPU-time accounting.
+ *
+ * API backends are priced per token. A self-hosted pool is paid per
+ * replica-hour whatever its load, so two questions get two answers:
+ *
+ * - chargeback: who used the GPU-seconds? An accounting clock runs over
+ *   the pool. Between two events (attempt start or finish) with n attempts
+ *   in flight on R replicas, each attempt is attributed min(1, R/n) GPU-s
+ *   per second (a replica to itself while n <= R, an equal share of the R
+ *   replicas beyond) and the R - min(n, R) unused replicas go to the idle
+ *   accumulator. Every interval's R GPU-s per second are split without
+ *   remainder, so sum(attributed) + idle == R x elapsed exactly.
+ *   `share_ms` is the running integral of min(1, R/n) dt: an attempt's
+ *   GPU-ms is its value at finish minus its value at start.
+ *
+ * - routing: what does one more request cost? Near nothing while the pool
+ *   has headroom (its hours are paid anyway), rising to the pool's list
+ *   cost (GPU-time of the tokens at rated throughput) where its predicted
+ *   TTFT would break the tenant's SLO. docs/cost-model.md has the formulas.
+ *
+ * All of it is arithmetic on the loop times the router passes in.
+ */
+#include <math.h>
+
+#include "backends/backend.h"
+#include "backends/internal.h"
+#include "conf/conf.h"
+
+/* Marginal cost = list x x^EXPONENT with x the load relative to the SLO
+ * knee: 6% of list at half the knee, 32% at three quarters. */
+#define BACKEND_MARGINAL_EXPONENT 4
+/* x is capped here so a pool far past its knee has a finite cost. */
+#define BACKEND_MARGINAL_X_MAX 4.0
+
+int backend__replicas(const struct backend *b)
+{
+    if (b->conf->kind != CONF_BACKEND_SELF_HOSTED)
+        return 0;
+    return b->conf->replicas > 0 ? b->conf->replicas : 1;
+}
+
+/* Concurrent request slots of a pool (replicas x max_concurrency), 0 when
+ * unknown or for an API backend. */
+static unsigned pool_slots(const struct backend *b)
+{
+    int r = backend__replicas(b);
+
+    return r > 0 && b->conf->max_concurrency > 0 ? (unsigned)r * (unsigned)b->conf->max_concurrency
+                                                   : 0;
+}
+
+void backend__advance(struct backend *b, uint64_t now_ms)
+{
+    int r = backend__replicas(b);
+    double dt, busy;
+
+    if (!b->clock_started) {
+        b->clock_started = 1;
+        b->clock_start_ms = b->clock_ms = now_ms;
+        return;
+    }
+    if (now_ms <= b->clock_ms)
+        return;
+    dt = (double)(now_ms - b->clock_ms);
+    b->clock_ms = now_ms;
+    if (r == 0)
+        return;
+    busy = b->inflight < (unsigned)r ? b->inflight : (unsigned)r;
+    if (b->inflight > 0)
+        b->share_ms += dt * busy / b->inflight;
+    b->idle_ms += dt * (r - busy);
+}
+
+void backend_attempt_begin(struct backend *b, uint64_t now_ms, struct backend_ticket *t)
+{
+    backend_attempt_start(b, now_ms);
+    if (t != NULL) {
+        t->start_ms = now_ms;
+        t->share_mark_ms = b->share_ms;
+    }
+}
+
+double backend_api_price_usd(const struct conf_backend *c, const struct backend_tokens *tok)
+{
+    double cached_price = c->cached_input_usd_per_mtok > 0 ? c->cached_input_usd_per_mtok
+                                                           : c->input_usd_per_mtok;
+    int64_t prompt = tok->prompt > 0 ? tok->prompt : 0;
+    int64_t cached = tok->cached < 0 ? 0 : tok->cached > prompt ? prompt : tok->cached;
+    int64_t completion = tok->completion > 0 ? tok->completion : 0;
+
+    if (c->kind != CONF_BACKEND_API || c->is_free)
+        return 0;
+    return ((double)(prompt - cached) * c->input_usd_per_mtok + (double)cached * cached_price +
+            (double)completion * c->output_usd_per_mtok) /
+           1e6;
+}
+
+double backend_attribute_cost_usd(const struct backend *b, double gpu_seconds)
+{
+    if (b->conf->is_free)
+        return 0;
+    return b->conf->gpu_hourly_usd / 3600.0 * gpu_seconds;
+}
+
+struct backend_charge backend_attempt_finish(struct backend *b, uint64_t now_ms,
+                                             const struct backend_ticket *t,
+                                             const struct backend_tokens *used)
+{
+    struct backend_charge ch = {0};
+    static const struct backend_tokens none;
+
+    if (used == NULL)
+        used = &none;
+    backend__advance(b, now_ms);
+    if (t != NULL) {
+        ch.duration_ms = now_ms > t->start_ms ? now_ms - t->start_ms : 0;
+        if (backend__replicas(b) > 0)
+            ch.gpu_seconds = (b->share_ms - t->share_mark_ms) / 1000.0;
+    }
+    backend_attempt_end(b);
+    if (used->completion > 0) {
+        backend_tokens_served(b, now_ms, used->completion);
+        if (t != NULL)
+            backend__ewma(&b->duration_ewma_ms, (double)ch.duration_ms);
+    }
+    if (backend__replicas(b) > 0)
+        ch.usd = backend_attribute_cost_usd(b, ch.gpu_seconds);
+    else
+        ch.usd = backend_api_price_usd(b->conf, used);
+    ch.micro_usd = backend_usd_to_micro(ch.usd);
+    return ch;
+}
+
+void backend_tokens_served(struct backend *b, uint64_t now_ms, int64_t tokens)
+{
+    uint64_t sec = now_ms / 1000;
+    unsigned slot = (unsigned)(sec % BACKEND_WINDOW_S);
+
+    backend__advance(b, now_ms);
+    if (b->window_sec[slot] != sec) {
+        b->window_sec[slot] = sec;
+        b->window_tokens[slot] = 0;
+    }
+    if (tokens > 0)
+        b->window_tokens[slot] += tokens;
+}
+
+double backend_tokens_per_second(const struct backend *b, uint64_t now_ms)
+{
+    uint64_t sec = now_ms / 1000;
+    int64_t sum = 0;
+    double span_s, elapsed_s;
+
+    for (unsigned i = 0; i < BACKEND_WINDOW_S; i++)
+        if (b->window_sec[i] <= sec && b->window_sec[i] + BACKEND_WINDOW_S > sec)
+            sum += b->window_tokens[i];
+    /* The window is W-1 whole seconds plus the current partial one, and no
+     * longer than the clock has run; at least 1 s so a first burst does not
+     * read as an enormous rate. */
+    span_s = (BACKEND_WINDOW_S - 1) + (double)(now_ms % 1000) / 1000.0;
+    elapsed_s = b->clock_started && now_ms > b->clock_start_ms
+                    ? (double)(now_ms - b->clock_start_ms) / 1000.0
+                    : 0;
+    if (elapsed_s < span_s)
+        span_s = elapsed_s;
+    if (span_s < 1)
+        span_s = 1;
+    return (double)sum / span_s;
+}
+
+double backend_duration_ewma_ms(const struct backend *b)
+{
+    return b->duration_ewma_ms;
+}
+
+double backend_predicted_ttft_ms(const struct backend *b, uint64_t now_ms)
+{
+    unsigned slots = pool_slots(b);
+    double ttft = b->ttft_ewma_ms;
+
+    (void)now_ms;
+    if (slots > 0 && b->inflight >= slots)
+        ttft += (double)(b->inflight - slots + 1) * b->duration_ewma_ms / slots;
+    return ttft;
+}
+
+/* Throughput utilization: tokens/s over the window / rated pool tokens/s. */
+static double throughput_utilization(const struct backend *b, uint64_t now_ms)
+{
+    int r = backend__replicas(b);
+
+    if (r == 0 || b->conf->tokens_per_second <= 0)
+        return 0;
+    return backend_tokens_per_second(b, now_ms) / (r * b->conf->tokens_per_second);
+}
+
+double backend_pool_utilization(const struct backend *b, uint64_t now_ms)
+{
+    unsigned slots = pool_slots(b);
+    double conc = slots > 0 ? (double)b->inflight / slots : 0;
+    double tput = throughput_utilization(b, now_ms);
+
+    return conc > tput ? conc : tput;
+}
+
+/* Requests in flight (the new one included) at which the predicted TTFT
+ * reaches `slo_ms`: all slots, plus as many queued as the SLO's slack
+ * over the TTFT average allows (each queued request waits duration/slots
+ * longer). 0 when the SLO is broken even with an idle pool. */
+static double knee_requests(const struct backend *b, int slo_ms)
+{
+    unsigned slots = pool_slots(b);
+    double slack = slo_ms - b->ttft_ewma_ms;
+
+    if (slo_ms <= 0 || b->duration_ewma_ms <= 0)
+        return slots;
+    if (slack < 0)
+        return 0;
+    return slots + floor(slack * slots / b->duration_ewma_ms);
+}
+
+struct backend_cost backend_estimate_cost(const struct backend *b, uint64_t now_ms,
+                                          const struct backend_tokens *tok, int slo_ms)
+{
+    struct backend_cost c = {0};
+    const struct conf_backend *cf = b->conf;
+    double x = 0, knee, tput;
+
+    if (cf->is_free)
+        return c;
+    if (backend__replicas(b) == 0) {
+        c.list_usd = c.marginal_usd = backend_api_price_usd(cf, tok);
+    } else {
+        if (cf->tokens_per_second > 0 && tok->completion > 0)
+            c.list_usd = cf->gpu_hourly_usd / 3600.0 * (double)tok->completion /
+                         cf->tokens_per_second;
+        if (pool_slots(b) > 0) {
+            knee = knee_requests(b, slo_ms);
+            x = knee > 0 ? (b->inflight + 1.0) / knee : BACKEND_MARGINAL_X_MAX;
+        }
+        tput = throughput_utilization(b, now_ms);
+        if (tput > x)
+            x = tput;
+        if (x > BACKEND_MARGINAL_X_MAX)
+            x = BACKEND_MARGINAL_X_MAX;
+        c.marginal_usd = c.list_usd * pow(x, BACKEND_MARGINAL_EXPONENT);
+    }
+    c.reserve_micro = backend_usd_to_micro_ceil(c.list_usd);
+    return c;
+}
+
+double backend_idle_gpu_seconds(const struct backend *b, uint64_t now_ms)
+{
+    int r = backend__replicas(b);
+    double idle = b->idle_ms;
+    unsigned busy;
+
+    if (r == 0 || !b->clock_started)
+        return 0;
+    /* The stretch since the last event, not yet folded in. */
+    if (now_ms > b->clock_ms) {
+        busy = b->inflight < (unsigned)r ? b->inflight : (unsigned)r;
+        idle += (double)(now_ms - b->clock_ms) * (r - busy);
+    }
+    return idle / 1000.0;
+}
+
+double backend_idle_cost_usd(const struct backend *b, uint64_t now_ms)
+{
+    return backend_attribute_cost_usd(b, backend_idle_gpu_seconds(b, now_ms));
+}
+
+double backend_pool_cost_usd(const struct backend *b, uint64_t now_ms)
+{
+    int r = backend__replicas(b);
+
+    if (r == 0 || !b->clock_started || now_ms <= b->clock_start_ms)
+        return 0;
+    return backend_attribute_cost_usd(b, r * (double)(now_ms - b->clock_start_ms) / 1000.0);
+}
+
+/* Float noise below a millionth of a micro-USD is not a micro-USD. */
+#define BACKEND_MICRO_EPSILON 1e-6
+
+int64_t backend_usd_to_micro_ceil(double usd)
+{
+    return (int64_t)ceil(usd * 1e6 - BACKEND_MICRO_EPSILON);
+}
+
+int64_t backend_usd_to_micro(double usd)
+{
+    return llround(usd * 1e6);
+}

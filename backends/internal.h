@@ -1,0 +1,44 @@
+/*
+ * backends/internal.h: the backend struct and helpers shared by the files
+ * of backends/ (backend.c: health; cost.c: load, cost and accounting).
+ */
+#ifndef BACKENDS_INTERNAL_H
+#define BACKENDS_INTERNAL_H
+
+#include <stdint.h>
+
+#include "backends/backend.h"
+
+struct backend {
+    const struct conf_backend *conf; /* borrowed from the config */
+    unsigned inflight;               /* attempts started, not ended */
+    unsigned failures;               /* consecutive failures */
+    uint64_t ejected_until_ms;       /* circuit open until this loop time */
+    unsigned probing:1;              /* half-open probe in flight */
+    unsigned clock_started:1;        /* accounting clock running */
+    double ttft_ewma_ms;             /* smoothed time to first byte */
+    double duration_ewma_ms;         /* smoothed duration of attempts that made tokens */
+    /* accounting clock (self-hosted pools), advanced at every event */
+    uint64_t clock_start_ms;         /* loop time the pool's cost period began */
+    uint64_t clock_ms;               /* loop time the sums below run to */
+    double share_ms;                 /* integral of min(1, replicas/inflight) dt while busy:
+                                        GPU-ms one request in flight was attributed */
+    double idle_ms;                  /* integral of replicas - min(inflight, replicas) dt */
+    /* tokens/s window: slot i holds the tokens of second window_sec[i] */
+    uint64_t window_sec[BACKEND_WINDOW_S]; /* which second the slot counts */
+    int64_t window_tokens[BACKEND_WINDOW_S]; /* generated tokens in that second */
+};
+
+/* Move b's accounting clock to `now_ms` with its current in-flight count
+ * (starting it if needed). Times earlier than the clock count as the
+ * clock's time: loop time never goes back, but callers may pass a stale
+ * value. */
+void backend__advance(struct backend *b, uint64_t now_ms);
+
+/* Fold `sample` into the moving average *avg (0 = no sample yet). */
+void backend__ewma(double *avg, double sample);
+
+/* Replicas of a self-hosted pool (at least 1), 0 for an API backend. */
+int backend__replicas(const struct backend *b);
+
+#endif

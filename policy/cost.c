@@ -1,0 +1,172 @@
+/* policy/cost.c: the cost-aware selector (see cost.h). */
+#include "policy/cost.h"
+
+#include "backends/backend.h"
+#include "conf/conf.h"
+
+/* Marginal costs closer than this (USD) are a tie. */
+#define POLICY_COST_TIE_USD 1e-12
+
+/* Is candidate `a` a better pick than `b` (-1 = none yet) by marginal
+ * cost, then predicted TTFT? Earlier route order wins the rest. */
+static int cheaper(const struct policy_verdict *v, int a, int b)
+{
+    double d;
+
+    if (b < 0)
+        return 1;
+    d = v[a].marginal_usd - v[b].marginal_usd;
+    if (d < -POLICY_COST_TIE_USD || d > POLICY_COST_TIE_USD)
+        return d < 0;
+    return v[a].predicted_ttft_ms < v[b].predicted_ttft_ms;
+}
+
+/* For a downgrade: the smaller charge to the tenant's budget first. */
+static int cheaper_for_budget(const struct policy_verdict *v, int a, int b)
+{
+    if (b >= 0 && v[a].cost_micro != v[b].cost_micro)
+        return v[a].cost_micro < v[b].cost_micro;
+    return cheaper(v, a, b);
+}
+
+/* Fold one budget into the budget left and the soft-limit flag. */
+static void read_budget(const struct policy_budget *bu, int soft_pct, int64_t *left, int *soft)
+{
+    if (bu->limit_micro <= 0)
+        return;
+    if (bu->remaining_micro < *left)
+        *left = bu->remaining_micro;
+    /* spent / limit >= soft_pct / 100, in integers */
+    if (soft_pct > 0 &&
+        (bu->limit_micro - bu->remaining_micro) * 100 >= (int64_t)soft_pct * bu->limit_micro)
+        *soft = 1;
+}
+
+/* The verdict on candidate `i` up to (not including) quality and budget,
+ * with its estimates filled in. POLICY_VERDICT_COSTLIER means "passed". */
+static enum policy_verdict_kind qualify(const struct policy_request *req, size_t i,
+                                        struct policy_verdict *v)
+{
+    const struct conf_backend *cb = req->route->candidates[i];
+    const struct backend *b = backend_set_get(req->backends, cb->index);
+    struct backend_tokens tok = {req->prompt_tokens, req->completion_tokens, req->cached_tokens};
+    struct backend_cost est;
+    uint64_t bit = UINT64_C(1) << i;
+
+    if (b == NULL)
+        return POLICY_VERDICT_HEALTH;
+    est = backend_estimate_cost(b, req->now_ms, &tok, req->limits.max_ttft_ms);
+    v->cost_micro = est.reserve_micro;
+    v->marginal_usd = est.marginal_usd;
+    v->predicted_ttft_ms = backend_predicted_ttft_ms(b, req->now_ms);
+    if (req->tried & bit)
+        return POLICY_VERDICT_TRIED;
+    if (req->allowed && !(req->allowed & bit))
+        return POLICY_VERDICT_ARM;
+    if (!backend_available(b, req->now_ms))
+        return POLICY_VERDICT_HEALTH;
+    if (cb->context_window > 0 && cb->context_window < req->prompt_tokens + req->completion_tokens)
+        return POLICY_VERDICT_CONTEXT;
+    if (req->limits.max_ttft_ms > 0 && v->predicted_ttft_ms > req->limits.max_ttft_ms)
+        return POLICY_VERDICT_SLO;
+    return POLICY_VERDICT_COSTLIER;
+}
+
+static struct policy_choice choose_cheapest(const struct policy_request *req,
+                                            struct policy_verdict *v)
+{
+    struct policy_choice ch = {.candidate = -1, .reason = POLICY_REASON_NONE_QUALIFIED};
+    size_t n = req->route->ncandidates < 64 ? req->route->ncandidates : 64;
+    int64_t left = INT64_MAX, over_cost = INT64_MAX;
+    int soft = 0, best = -1, floorless = -1, over_budget = 0;
+    unsigned eligible = 0;
+
+    read_budget(&req->day, req->limits.soft_limit_pct, &left, &soft);
+    read_budget(&req->month, req->limits.soft_limit_pct, &left, &soft);
+    for (size_t i = 0; i < n; i++) {
+        struct policy_verdict *c = &v[i];
+        int quality_ok = req->route->candidates[i]->quality >= req->limits.min_quality;
+
+        *c = (struct policy_verdict){0};
+        c->kind = qualify(req, i, c);
+        if (c->kind != POLICY_VERDICT_TRIED && c->kind != POLICY_VERDICT_ARM)
+            eligible++;
+        if (c->kind != POLICY_VERDICT_COSTLIER)
+            continue;
+        if (c->cost_micro > left) {
+            /* Would it have qualified but for the budget? */
+            c->kind = POLICY_VERDICT_BUDGET;
+            if (quality_ok) {
+                over_budget = 1;
+                if (c->cost_micro < over_cost)
+                    over_cost = c->cost_micro;
+            }
+            continue;
+        }
+        if (cheaper_for_budget(v, (int)i, floorless))
+            floorless = (int)i;
+        if (!quality_ok)
+            c->kind = POLICY_VERDICT_QUALITY;
+        else if (cheaper(v, (int)i, best))
+            best = (int)i;
+    }
+
+    if (best < 0 && over_budget) {
+        /* A soft limit is a request to downgrade: it implies downgrade. */
+        if ((req->limits.downgrade || soft) && floorless >= 0) {
+            ch.candidate = floorless;
+            ch.reason = POLICY_REASON_DOWNGRADED_BUDGET;
+        } else {
+            ch.reason = POLICY_REASON_BUDGET_EXHAUSTED;
+            ch.reject_budget = 1;
+            ch.cost_micro = over_cost;
+        }
+    } else if (soft && floorless >= 0 && floorless != best) {
+        ch.candidate = floorless;
+        ch.reason = POLICY_REASON_DOWNGRADED_SOFT;
+    } else if (best >= 0) {
+        ch.candidate = best;
+        ch.reason = req->tried            ? POLICY_REASON_FALLBACK
+                    : req->ab_reason      ? POLICY_REASON_AB
+                    : eligible == 1       ? POLICY_REASON_ONLY_CANDIDATE
+                                          : POLICY_REASON_CHEAPEST;
+    }
+    ch.reason_text = ch.reason == POLICY_REASON_AB ? req->ab_reason : policy_reason_name(ch.reason);
+    if (ch.candidate >= 0) {
+        v[ch.candidate].kind = POLICY_VERDICT_CHOSEN;
+        ch.cost_micro = v[ch.candidate].cost_micro;
+        ch.marginal_usd = v[ch.candidate].marginal_usd;
+        ch.predicted_ttft_ms = v[ch.candidate].predicted_ttft_ms;
+    }
+    return ch;
+}
+
+const struct policy_cost_selector policy_cost_aware = {
+    .name = "cost-aware",
+    .choose = choose_cheapest,
+};
+
+const char *policy_verdict_name(enum policy_verdict_kind kind)
+{
+    switch (kind) {
+    case POLICY_VERDICT_CHOSEN:
+        return "chosen";
+    case POLICY_VERDICT_COSTLIER:
+        return "costlier";
+    case POLICY_VERDICT_TRIED:
+        return "tried";
+    case POLICY_VERDICT_ARM:
+        return "arm";
+    case POLICY_VERDICT_HEALTH:
+        return "health";
+    case POLICY_VERDICT_CONTEXT:
+        return "context";
+    case POLICY_VERDICT_SLO:
+        return "slo";
+    case POLICY_VERDICT_BUDGET:
+        return "budget";
+    case POLICY_VERDICT_QUALITY:
+        return "quality";
+    }
+    return "unknown";
+}

@@ -1,0 +1,105 @@
+/*
+ * policy/cost.h: the cost-aware selector.
+ *
+ * For one request it looks at every candidate of the route once and
+ * returns the choice plus a verdict per candidate for the cost log:
+ *   1. qualify: not tried, inside the A/B arm, available (circuit
+ *      breaker), context window >= prompt + predicted completion,
+ *      predicted TTFT <= max_ttft_ms, quality >= min_quality, estimated
+ *      cost <= the budget left;
+ *   2. pick the lowest marginal cost, ties by predicted TTFT, then route
+ *      order;
+ *   3. budget: when some candidate qualifies but none fits the budget,
+ *      `reject` answers 429 and `downgrade` takes the cheapest (reserved
+ *      cost) candidate that fits ignoring the quality floor, else 429;
+ *      once a budget is soft_limit_pct spent that downgrade starts early
+ *      (and a soft limit implies `downgrade` when the budget runs out).
+ * O(candidates), no allocation: the caller provides the verdict array.
+ * Pure: reads backend state and the budget snapshot it is given.
+ */
+#ifndef POLICY_COST_H
+#define POLICY_COST_H
+
+#include <stdint.h>
+
+#include "policy/policy.h"
+
+struct conf_route;
+struct backend_set;
+
+/* The tenant's limits that bear on the choice. */
+struct policy_limits {
+    int min_quality;      /* quality floor, 0 = any */
+    int max_ttft_ms;      /* time-to-first-token SLO, 0 = none */
+    unsigned downgrade:1; /* on_exhausted: downgrade (else reject) */
+    int soft_limit_pct;   /* 1-100: downgrade once this % of a budget is spent; 0 = off */
+};
+
+/* One budget (day or month) as the store snapshot has it. */
+struct policy_budget {
+    int64_t limit_micro;     /* the budget, micro-USD; 0 = no budget */
+    int64_t remaining_micro; /* limit - settled - reserved (may be < 0) */
+};
+
+struct policy_request {
+    const struct conf_route *route; /* route of the request's "model" */
+    struct backend_set *backends;   /* live backend state */
+    struct policy_limits limits;    /* the tenant's */
+    int64_t prompt_tokens;          /* estimated prompt tokens */
+    int64_t completion_tokens;      /* predicted completion (max_tokens or a default) */
+    int64_t cached_tokens;          /* prompt tokens expected from the upstream cache */
+    struct policy_budget day;       /* today's budget (UTC) */
+    struct policy_budget month;     /* this month's budget (UTC) */
+    uint64_t tried;                 /* candidates already tried (bit i = candidates[i]) */
+    uint64_t allowed;               /* candidates the A/B arm allows; 0 = all */
+    const char *ab_reason;          /* "ab:<experiment>/<arm>" when an arm applies, else NULL */
+    uint64_t now_ms;                /* loop time */
+};
+
+/* What happened to one candidate. */
+enum policy_verdict_kind {
+    POLICY_VERDICT_CHOSEN,    /* this one */
+    POLICY_VERDICT_COSTLIER,  /* qualified, but another was cheaper */
+    POLICY_VERDICT_TRIED,     /* tried already for this request */
+    POLICY_VERDICT_ARM,       /* outside the request's A/B arm */
+    POLICY_VERDICT_HEALTH,    /* circuit open, or half-open with a probe out */
+    POLICY_VERDICT_CONTEXT,   /* prompt + completion exceed its context window */
+    POLICY_VERDICT_SLO,       /* predicted TTFT above max_ttft_ms */
+    POLICY_VERDICT_BUDGET,    /* its estimated cost exceeds the budget left */
+    POLICY_VERDICT_QUALITY,   /* below the quality floor */
+};
+
+struct policy_verdict {
+    enum policy_verdict_kind kind; /* chosen, or why not */
+    int64_t cost_micro;            /* estimated cost (what a reservation would hold) */
+    double marginal_usd;           /* marginal cost used for ranking */
+    double predicted_ttft_ms;      /* predicted time to first token */
+};
+
+struct policy_choice {
+    int candidate;              /* index into route->candidates, -1 if none */
+    enum policy_reason reason;  /* why (or why none) */
+    const char *reason_text;    /* x-costrouter-reason: policy_reason_name() or ab_reason */
+    unsigned reject_budget:1;   /* answer 429 budget exhausted */
+    int64_t cost_micro;         /* estimate to reserve; with reject_budget the cheapest
+                                   qualifying estimate that did not fit */
+    double marginal_usd;        /* of the chosen candidate */
+    double predicted_ttft_ms;   /* of the chosen candidate */
+};
+
+/* Behind the same vtable idea as policy_selector. */
+struct policy_cost_selector {
+    const char *name;
+    /* Choose for `req`. `verdicts` has room for min(route->ncandidates,
+     * 64) entries, filled in candidate order (caller owns it). */
+    struct policy_choice (*choose)(const struct policy_request *req,
+                                   struct policy_verdict *verdicts);
+};
+
+extern const struct policy_cost_selector policy_cost_aware;
+
+/* "chosen", "costlier", "tried", "arm", "health", "context", "slo",
+ * "budget", "quality". */
+const char *policy_verdict_name(enum policy_verdict_kind kind);
+
+#endif

@@ -1,0 +1,102 @@
+/* policy/experiment.c: sticky weighted A/B assignment (see experiment.h). */
+#include "policy/experiment.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <xxhash.h>
+
+#include "conf/conf.h"
+
+int policy_experiment_prepare(struct policy_experiment *e)
+{
+    uint64_t total = 0;
+
+    if (e->narms == 0 || e->name == NULL)
+        return -EINVAL;
+    for (size_t i = 0; i < e->narms; i++) {
+        struct policy_arm *a = &e->arms[i];
+        int len = snprintf(a->_reason, sizeof(a->_reason), "ab:%s/%s", e->name, a->name);
+
+        if (len < 0 || (size_t)len >= sizeof(a->_reason))
+            return -EINVAL;
+        total += a->weight;
+        a->_cum = total;
+    }
+    if (total == 0)
+        return -EINVAL;
+    e->_total = total;
+    e->_seed = XXH3_64bits(e->name, strlen(e->name));
+    return 0;
+}
+
+const struct policy_arm *policy_experiment_assign(const struct policy_experiment *e,
+                                                  const char *key, size_t len)
+{
+    uint64_t h = XXH3_64bits_withSeed(key, len, e->_seed);
+    /* h scaled onto [0, total): the high word of h x total (Lemire's
+     * multiply-shift), without modulo bias worth the name. */
+    uint64_t r = (uint64_t)(((unsigned __int128)h * e->_total) >> 64);
+
+    for (size_t i = 0; i < e->narms; i++)
+        if (r < e->arms[i]._cum)
+            return &e->arms[i];
+    return &e->arms[e->narms - 1];
+}
+
+static int has_tenant(const struct policy_experiment *e, const char *tenant)
+{
+    if (e->tenants == NULL)
+        return 1;
+    for (size_t i = 0; i < e->ntenants; i++)
+        if (tenant != NULL && strcmp(e->tenants[i], tenant) == 0)
+            return 1;
+    return 0;
+}
+
+/* The route's candidates named by the arm (all when it names none). */
+static uint64_t arm_candidates(const struct policy_arm *a, const struct conf_route *route)
+{
+    size_t n = route->ncandidates < 64 ? route->ncandidates : 64;
+    uint64_t mask = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        if (a->backends == NULL) {
+            mask |= UINT64_C(1) << i;
+            continue;
+        }
+        for (size_t j = 0; j < a->nbackends; j++)
+            if (strcmp(a->backends[j], route->candidates[i]->name) == 0)
+                mask |= UINT64_C(1) << i;
+    }
+    return mask;
+}
+
+const struct policy_arm *policy_experiment_pick(const struct policy_experiment *list, size_t n,
+                                                const struct conf_route *route, const char *tenant,
+                                                const char *user, size_t len, uint64_t *allowed)
+{
+    *allowed = 0;
+    for (size_t i = 0; i < n; i++) {
+        const struct policy_experiment *e = &list[i];
+        const struct policy_arm *arm;
+
+        if (strcmp(e->route, route->model) != 0 || !has_tenant(e, tenant))
+            continue;
+        if (user == NULL) {
+            if (tenant == NULL)
+                return NULL;
+            user = tenant;
+            len = strlen(tenant);
+        }
+        arm = policy_experiment_assign(e, user, len);
+        *allowed = arm_candidates(arm, route);
+        return *allowed ? arm : NULL;
+    }
+    return NULL;
+}
+
+const char *policy_arm_reason(const struct policy_arm *arm)
+{
+    return arm->_reason;
+}

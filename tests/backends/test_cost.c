@@ -1,0 +1,426 @@
+/* tests/backends/test_cost.c: backends/cost.c prices, GPU pool load,
+ * marginal cost, predicted TTFT and chargeback accounting. */
+#include <criterion/criterion.h>
+#include <libfyaml.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "backends/backend.h"
+#include "conf/conf.h"
+#include "tests/support/cost_fixture.h"
+
+/* Money compared at a millionth of a micro-USD. */
+#define USD_EPS 1e-12
+
+struct price_case {
+    const char *name;
+    int backend;            /* FX_ index */
+    int64_t prompt, completion, cached;
+    double usd;             /* by hand, in the comment */
+    int64_t reserve_micro;  /* usd rounded up to micro-USD */
+};
+
+static const struct price_case price_cases[] = {
+    /* 1000 x 0.15/1M + 500 x 0.60/1M = 0.00015 + 0.0003 = 0.00045 */
+    {"mini 1000+500", FX_MINI, 1000, 500, 0, 0.00045, 450},
+    /* 1000 x 2.50/1M + 500 x 10/1M = 0.0025 + 0.005 = 0.0075 */
+    {"4o 1000+500", FX_4O, 1000, 500, 0, 0.0075, 7500},
+    /* 200 x 2.50/1M + 800 x 1.25/1M + 500 x 10/1M = 0.0005 + 0.001 + 0.005 = 0.0065 */
+    {"4o 800 of 1000 cached", FX_4O, 1000, 500, 800, 0.0065, 6500},
+    /* 2000 x 3/1M + 1000 x 15/1M = 0.006 + 0.015 = 0.021 */
+    {"sonnet 2000+1000", FX_SONNET, 2000, 1000, 0, 0.021, 21000},
+    /* 100000 cached of 100000 x 0.30/1M + 0 = 0.03 */
+    {"sonnet all cached", FX_SONNET, 100000, 0, 100000, 0.03, 30000},
+    /* cached > prompt is clamped to the prompt: 10 x 0.075/1M = 0.00000075 */
+    {"mini cached clamped", FX_MINI, 10, 0, 50, 0.00000075, 1},
+    /* 1 x 0.15/1M = 0.00000015: reserve rounds up to 1 micro-USD */
+    {"mini one token", FX_MINI, 1, 0, 0, 0.00000015, 1},
+    {"nothing", FX_4O, 0, 0, 0, 0, 0},
+};
+
+Test(cost, api_prices_by_hand, .timeout = 5)
+{
+    struct fx f;
+
+    fx_init(&f);
+    for (size_t i = 0; i < sizeof(price_cases) / sizeof(price_cases[0]); i++) {
+        const struct price_case *c = &price_cases[i];
+        struct backend_tokens tok = {c->prompt, c->completion, c->cached};
+        struct backend_cost est = backend_estimate_cost(fx_backend(&f, c->backend), 0, &tok, 0);
+
+        cr_assert(fabs(backend_api_price_usd(&f.backends[c->backend], &tok) - c->usd) < USD_EPS,
+                  "%s: price %.12f, want %.12f", c->name,
+                  backend_api_price_usd(&f.backends[c->backend], &tok), c->usd);
+        cr_assert(fabs(est.list_usd - c->usd) < USD_EPS, "%s: list", c->name);
+        /* An API backend's marginal cost is its price. */
+        cr_assert(fabs(est.marginal_usd - c->usd) < USD_EPS, "%s: marginal", c->name);
+        cr_assert_eq(est.reserve_micro, c->reserve_micro, "%s: reserve %lld, want %lld", c->name,
+                     (long long)est.reserve_micro, (long long)c->reserve_micro);
+    }
+    fx_fini(&f);
+}
+
+Test(cost, cached_price_unset_bills_input_price_and_free_is_zero, .timeout = 5)
+{
+    struct fx f;
+    struct backend_tokens tok = {1000, 0, 1000};
+
+    fx_init(&f);
+    /* No cached price: never bill cached tokens below the input price.
+     * 1000 x 0.15/1M = 0.00015. */
+    f.backends[FX_MINI].cached_input_usd_per_mtok = 0;
+    cr_assert(fabs(backend_api_price_usd(&f.backends[FX_MINI], &tok) - 0.00015) < USD_EPS);
+    f.backends[FX_MINI].is_free = 1;
+    cr_assert_eq(backend_api_price_usd(&f.backends[FX_MINI], &tok), 0);
+    cr_assert_eq(backend_estimate_cost(fx_backend(&f, FX_MINI), 0, &tok, 0).reserve_micro, 0);
+    fx_fini(&f);
+}
+
+Test(cost, api_finish_settles_real_usage, .timeout = 5)
+{
+    struct fx f;
+    struct backend *b;
+    struct backend_ticket t;
+    struct backend_tokens used = {1000, 500, 0};
+    struct backend_charge ch;
+
+    fx_init(&f);
+    b = fx_backend(&f, FX_MINI);
+    backend_attempt_begin(b, 100, &t);
+    cr_assert_eq(backend_inflight(b), 1);
+    ch = backend_attempt_finish(b, 1600, &t, &used);
+    cr_assert_eq(backend_inflight(b), 0);
+    cr_assert_eq(ch.duration_ms, 1500);
+    cr_assert_eq(ch.gpu_seconds, 0);
+    cr_assert_eq(ch.micro_usd, 450); /* 0.00045 USD, as above */
+    /* API backends have no pool: no idle cost, no pool cost. */
+    cr_assert_eq(backend_idle_cost_usd(b, 10000), 0);
+    cr_assert_eq(backend_pool_cost_usd(b, 10000), 0);
+    fx_fini(&f);
+}
+
+/* Start `n` attempts on the GPU pool at `now` (their tickets discarded). */
+static void load_pool(struct backend *b, unsigned n, uint64_t now)
+{
+    for (unsigned i = 0; i < n; i++)
+        backend_attempt_begin(b, now, NULL);
+}
+
+struct gpu_case {
+    unsigned inflight;     /* attempts in flight before the new request */
+    double ttft_ms;        /* predicted TTFT */
+    double marginal_share; /* marginal / list */
+};
+
+/* The pool after fx_gpu_history(200 ms TTFT, 2000 ms duration): 8 slots
+ * (2 replicas x 4). A request finding n in flight waits
+ * max(0, n - 8 + 1) x 2000/8 ms for a slot: predicted TTFT
+ * 200 + 250 x max(0, n - 7). With a 1000 ms SLO the knee is at
+ * 8 + floor((1000 - 200) x 8 / 2000) = 11 requests in flight (the new one
+ * included): marginal = list x ((n + 1) / 11)^4. */
+static const struct gpu_case gpu_cases[] = {
+    {0, 200, 1.0 / 14641},           /* (1/11)^4 */
+    {3, 200, 256.0 / 14641},         /* (4/11)^4 = 0.0175 */
+    {5, 200, 1296.0 / 14641},        /* (6/11)^4 = 0.0885 */
+    {7, 200, 4096.0 / 14641},        /* last free slot: (8/11)^4 = 0.28 */
+    {8, 450, 6561.0 / 14641},        /* first queued: 200 + 250 */
+    {10, 950, 1.0},                  /* 200 + 3 x 250: last within the SLO, at list */
+    {11, 1200, 20736.0 / 14641},     /* 200 + 4 x 250 breaks the SLO: (12/11)^4 */
+};
+
+Test(cost, gpu_marginal_rises_to_list_at_the_slo_knee, .timeout = 5)
+{
+    struct backend_tokens tok = {1000, 500, 0};
+
+    for (size_t i = 0; i < sizeof(gpu_cases) / sizeof(gpu_cases[0]); i++) {
+        const struct gpu_case *c = &gpu_cases[i];
+        struct fx g;
+        struct backend *b;
+        struct backend_cost est;
+        /* Well after the history, so its 500 tokens left the window. */
+        uint64_t now = 60000;
+
+        fx_init(&g);
+        fx_gpu_history(&g, 0, 200, 2000);
+        b = fx_backend(&g, FX_GPU);
+        load_pool(b, c->inflight, now);
+        est = backend_estimate_cost(b, now, &tok, 1000);
+        /* list: $2.00/h / 3600 x 500 tokens / 1000 tokens/s = 0.000277... */
+        cr_assert(fabs(est.list_usd - 2.0 / 3600 * 0.5) < USD_EPS, "n=%u list", c->inflight);
+        cr_assert_eq(est.reserve_micro, 278, "n=%u reserve", c->inflight);
+        cr_assert(fabs(backend_predicted_ttft_ms(b, now) - c->ttft_ms) < 1e-9,
+                  "n=%u: predicted %.3f, want %.3f", c->inflight, backend_predicted_ttft_ms(b, now),
+                  c->ttft_ms);
+        cr_assert(fabs(est.marginal_usd - est.list_usd * c->marginal_share) < USD_EPS,
+                  "n=%u: marginal %.12f, want %.12f", c->inflight, est.marginal_usd,
+                  est.list_usd * c->marginal_share);
+        cr_assert(fabs(backend_pool_utilization(b, now) - c->inflight / 8.0) < 1e-12);
+        fx_fini(&g);
+    }
+}
+
+Test(cost, gpu_without_slo_knees_at_capacity, .timeout = 5)
+{
+    struct fx f;
+    struct backend *b;
+    struct backend_tokens tok = {1000, 500, 0};
+    struct backend_cost est;
+
+    fx_init(&f);
+    fx_gpu_history(&f, 0, 200, 2000);
+    b = fx_backend(&f, FX_GPU);
+    /* 7 in flight + this one = the 8 slots: x = 1, marginal = list. */
+    load_pool(b, 7, 60000);
+    est = backend_estimate_cost(b, 60000, &tok, 0);
+    cr_assert(fabs(est.marginal_usd - est.list_usd) < USD_EPS);
+    /* An SLO below the pool's TTFT average is broken even when idle: the
+     * marginal cost is at its cap, 4^4 = 256 x list. */
+    est = backend_estimate_cost(b, 60000, &tok, 150);
+    cr_assert(fabs(est.marginal_usd - 256 * est.list_usd) < USD_EPS);
+    fx_fini(&f);
+}
+
+Test(cost, tokens_per_second_window_drives_utilization, .timeout = 5)
+{
+    struct fx f;
+    struct backend *b;
+    struct backend_tokens tok = {1000, 500, 0};
+    struct backend_cost est;
+
+    fx_init(&f);
+    b = fx_backend(&f, FX_GPU);
+    /* 1500 tokens in each second 0..9. */
+    for (uint64_t s = 0; s < 10; s++)
+        backend_tokens_served(b, s * 1000 + 500, 1500);
+    /* At t = 10 s the window holds seconds 1..10: 9 x 1500 tokens over
+     * 9 s = 1500 tokens/s, of 2 x 1000 rated: utilization 0.75. */
+    cr_assert(fabs(backend_tokens_per_second(b, 10000) - 1500) < 1e-9);
+    cr_assert(fabs(backend_pool_utilization(b, 10000) - 0.75) < 1e-12);
+    /* No request in flight, so the throughput sets the marginal cost:
+     * list x 0.75^4 = list x 0.31640625. */
+    est = backend_estimate_cost(b, 10000, &tok, 0);
+    cr_assert(fabs(est.marginal_usd - est.list_usd * 0.31640625) < USD_EPS);
+    /* Ten seconds later it has all left the window. */
+    cr_assert_eq(backend_tokens_per_second(b, 20000), 0);
+    /* Early on, the rate is over the time since the clock started (at
+     * least 1 s): 3000 tokens by t = 2 s read as 1500/s. */
+    fx_fini(&f);
+    fx_init(&f);
+    b = fx_backend(&f, FX_GPU);
+    backend_tokens_served(b, 500, 1500);
+    backend_tokens_served(b, 1500, 1500);
+    cr_assert(fabs(backend_tokens_per_second(b, 2000) - 1500) < 1e-9);
+    cr_assert(fabs(backend_tokens_per_second(b, 200) - 1500) < 1e-9); /* over 1 s, not 0.2 */
+    fx_fini(&f);
+}
+
+struct span {
+    uint64_t start_ms, end_ms;
+    double gpu_seconds; /* attributed, by hand */
+};
+
+/* Two requests, A [0 s, 10 s] and B [5 s, 15 s], over 20 s at $3.60/h per
+ * replica (0.001 USD = 1000 micro-USD per GPU-second).
+ * One replica: A alone 0-5 (5 GPU-s) then shares with B 5-10 (2.5):
+ * 7.5; B likewise 2.5 + 5 = 7.5; idle 15-20 = 5. 7.5 + 7.5 + 5 = 20 = 1 x 20.
+ * Two replicas: while n <= 2 each has a replica: A = 10, B = 10; idle
+ * 0-5 one replica (5), 10-15 one (5), 15-20 two (10) = 20; 40 = 2 x 20. */
+struct attribution_case {
+    int replicas;
+    struct span spans[2];
+    double idle_gpu_seconds;
+};
+
+static const struct attribution_case attribution_cases[] = {
+    {1, {{0, 10000, 7.5}, {5000, 15000, 7.5}}, 5},
+    {2, {{0, 10000, 10}, {5000, 15000, 10}}, 20},
+};
+
+Test(cost, attribution_by_hand, .timeout = 5)
+{
+    for (size_t i = 0; i < sizeof(attribution_cases) / sizeof(attribution_cases[0]); i++) {
+        const struct attribution_case *c = &attribution_cases[i];
+        struct fx f;
+        struct backend *b;
+        struct backend_ticket ta, tb;
+        struct backend_charge ca, cb;
+
+        fx_init(&f);
+        f.backends[FX_GPU].replicas = c->replicas;
+        f.backends[FX_GPU].gpu_hourly_usd = 3.60;
+        b = fx_backend(&f, FX_GPU);
+        backend_attempt_begin(b, c->spans[0].start_ms, &ta);
+        backend_attempt_begin(b, c->spans[1].start_ms, &tb);
+        ca = backend_attempt_finish(b, c->spans[0].end_ms, &ta, NULL);
+        cb = backend_attempt_finish(b, c->spans[1].end_ms, &tb, NULL);
+        cr_assert(fabs(ca.gpu_seconds - c->spans[0].gpu_seconds) < 1e-9, "R=%d A %.6f",
+                  c->replicas, ca.gpu_seconds);
+        cr_assert(fabs(cb.gpu_seconds - c->spans[1].gpu_seconds) < 1e-9, "R=%d B", c->replicas);
+        cr_assert_eq(ca.micro_usd, (int64_t)(c->spans[0].gpu_seconds * 1000));
+        cr_assert_eq(ca.duration_ms, 10000);
+        cr_assert(fabs(backend_idle_gpu_seconds(b, 20000) - c->idle_gpu_seconds) < 1e-9,
+                  "R=%d idle %.6f", c->replicas, backend_idle_gpu_seconds(b, 20000));
+        cr_assert(fabs(backend_idle_cost_usd(b, 20000) - c->idle_gpu_seconds * 0.001) < USD_EPS);
+        /* 20 s x R replicas x 0.001 USD */
+        cr_assert(fabs(backend_pool_cost_usd(b, 20000) - c->replicas * 20 * 0.001) < USD_EPS);
+        fx_fini(&f);
+    }
+}
+
+Test(cost, three_requests_on_two_replicas_share_two_thirds_each, .timeout = 5)
+{
+    struct fx f;
+    struct backend *b;
+    struct backend_ticket t[3];
+    struct backend_charge ch;
+
+    fx_init(&f);
+    b = fx_backend(&f, FX_GPU);
+    for (int i = 0; i < 3; i++)
+        backend_attempt_begin(b, 0, &t[i]);
+    /* 3 s with 3 in flight on 2 replicas: 2/3 x 3 = 2 GPU-s each. */
+    ch = backend_attempt_finish(b, 3000, &t[0], NULL);
+    cr_assert(fabs(ch.gpu_seconds - 2) < 1e-9);
+    /* Then 2 in flight, one replica each, for 1 s: 2 + 1 = 3. */
+    ch = backend_attempt_finish(b, 4000, &t[1], NULL);
+    cr_assert(fabs(ch.gpu_seconds - 3) < 1e-9);
+    cr_assert(fabs(backend_idle_gpu_seconds(b, 4000) - 0) < 1e-9);
+    /* $2.00/h x 3 GPU-s / 3600 = 0.001666... USD = 1667 micro-USD */
+    cr_assert_eq(ch.micro_usd, 1667);
+    fx_fini(&f);
+}
+
+/* A deterministic pseudo-random sequence (numerical recipes LCG). */
+static uint32_t lcg(uint32_t *s)
+{
+    *s = *s * 1664525u + 1013904223u;
+    return *s >> 8;
+}
+
+Test(cost, attributed_plus_idle_is_pool_cost_over_an_hour, .timeout = 5)
+{
+    enum { MAXQ = 64 };
+    struct fx f;
+    struct backend *b;
+    struct backend_ticket live[MAXQ];
+    uint64_t ends[MAXQ];
+    unsigned nlive = 0, done = 0;
+    uint32_t seed = 42;
+    double gpu_sum = 0;
+    int64_t micro_sum = 0;
+    const uint64_t hour = 3600 * 1000;
+
+    fx_init(&f);
+    b = fx_backend(&f, FX_GPU);
+    /* Arrivals every 0-2 s, each lasting 0.5-30 s, none after 59 min so all
+     * end within the hour. Events are processed in time order. */
+    for (uint64_t now = 0; now < hour; now += 100) {
+        for (unsigned i = 0; i < nlive;) {
+            if (ends[i] <= now) {
+                struct backend_tokens used = {100, 200, 0};
+                struct backend_charge ch = backend_attempt_finish(b, now, &live[i], &used);
+
+                gpu_sum += ch.gpu_seconds;
+                micro_sum += ch.micro_usd;
+                done++;
+                live[i] = live[--nlive];
+                ends[i] = ends[nlive];
+            } else {
+                i++;
+            }
+        }
+        if (now < hour - 60000 && nlive < MAXQ && lcg(&seed) % 20 == 0) {
+            backend_attempt_begin(b, now, &live[nlive]);
+            ends[nlive++] = now + 500 + lcg(&seed) % 29500;
+        }
+    }
+    cr_assert_eq(nlive, 0);
+    cr_assert_gt(done, 1000, "only %u requests", done);
+    /* GPU-seconds: exact up to float rounding. 2 replicas x 3600 s. */
+    cr_assert(fabs(gpu_sum + backend_idle_gpu_seconds(b, hour) - 2 * 3600.0) < 1e-6,
+              "attributed %.6f + idle %.6f", gpu_sum, backend_idle_gpu_seconds(b, hour));
+    /* Money: 2 x $2.00 for the hour = 4 USD; each settled request is
+     * rounded to the micro-USD, so at most half a micro-USD each. */
+    cr_assert(fabs(backend_pool_cost_usd(b, hour) - 4.0) < USD_EPS);
+    cr_assert(llabs(micro_sum + backend_usd_to_micro(backend_idle_cost_usd(b, hour)) - 4000000) <=
+                  (long long)done / 2 + 1,
+              "attributed %lld + idle %lld micro-USD", (long long)micro_sum,
+              (long long)backend_usd_to_micro(backend_idle_cost_usd(b, hour)));
+    /* The pool was neither idle nor full all the time. */
+    cr_assert_gt(gpu_sum, 100);
+    cr_assert_gt(backend_idle_gpu_seconds(b, hour), 100);
+    fx_fini(&f);
+}
+
+Test(cost, health_api_still_works_with_accounting, .timeout = 5)
+{
+    struct fx f;
+    struct backend *b;
+
+    fx_init(&f);
+    b = fx_backend(&f, FX_GPU);
+    backend_attempt_start(b, 1000);
+    cr_assert_eq(backend_inflight(b), 1);
+    backend_attempt_failure(b, 1000);
+    backend_attempt_end(b);
+    cr_assert_eq(backend_inflight(b), 0);
+    backend_attempt_start(b, 1100);
+    backend_attempt_failure(b, 1100);
+    backend_attempt_end(b);
+    backend_attempt_start(b, 1200);
+    backend_attempt_failure(b, 1200);
+    backend_attempt_end(b);
+    cr_assert_str_eq(backend_circuit_name(b, 1300), "open");
+    cr_assert_not(backend_available(b, 1300));
+    cr_assert_str_eq(backend_circuit_name(b, 6200), "half-open");
+    /* Loop time passed in out of order does not run the clock backwards. */
+    backend_attempt_begin(b, 6200, NULL);
+    backend_attempt_begin(b, 6100, NULL);
+    cr_assert_eq(backend_inflight(b), 2);
+    cr_assert(backend_idle_gpu_seconds(b, 6200) >= 0);
+    fx_fini(&f);
+}
+
+Test(cost, micro_usd_rounding, .timeout = 5)
+{
+    cr_assert_eq(backend_usd_to_micro_ceil(0.00045), 450);
+    cr_assert_eq(backend_usd_to_micro_ceil(0.0004501), 451);
+    cr_assert_eq(backend_usd_to_micro_ceil(0), 0);
+    cr_assert_eq(backend_usd_to_micro(0.0004504), 450);
+    cr_assert_eq(backend_usd_to_micro(0.0004506), 451);
+    cr_assert_eq(backend_usd_to_micro(12.5), 12500000);
+}
+
+/* The fixture's API prices are the ones conf/prices.yaml ships, read
+ * with the YAML library the config loader uses. */
+Test(cost, fixture_prices_are_those_of_prices_yaml, .timeout = 5)
+{
+    const char *src = getenv("COSTROUTER_SRC");
+    char path[4096];
+    struct fy_document *doc;
+    struct fx f;
+
+    snprintf(path, sizeof(path), "%s/conf/prices.yaml", src ? src : ".");
+    doc = fy_document_build_from_file(NULL, path);
+    cr_assert_not_null(doc, "cannot parse %s", path);
+    fx_init(&f);
+    for (int i = 0; i < FX_N; i++) {
+        const struct conf_backend *b = &f.backends[i];
+        char fmt[256];
+        double in = -1, out = -1, cached = -1;
+
+        if (b->kind != CONF_BACKEND_API)
+            continue;
+        snprintf(fmt, sizeof(fmt),
+                 "/prices/%s/input_usd_per_mtok %%lf /prices/%s/output_usd_per_mtok %%lf "
+                 "/prices/%s/cached_input_usd_per_mtok %%lf",
+                 b->name, b->name, b->name);
+        cr_assert_eq(fy_document_scanf(doc, fmt, &in, &out, &cached), 3, "%s", b->name);
+        cr_assert_eq(in, b->input_usd_per_mtok, "%s input", b->name);
+        cr_assert_eq(out, b->output_usd_per_mtok, "%s output", b->name);
+        cr_assert_eq(cached, b->cached_input_usd_per_mtok, "%s cached", b->name);
+    }
+    fx_fini(&f);
+    fy_document_destroy(doc);
+}

@@ -1,0 +1,279 @@
+/* tests/policy/test_cost_select.c: policy/cost.c, the cost-aware
+ * selector: each rejection reason, budget reject and downgrade, the soft
+ * limit, ties, A/B arms, and a GPU pool spilling to the API tier exactly
+ * when its predicted TTFT breaks the SLO. */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "backends/backend.h"
+#include "conf/conf.h"
+#include "policy/cost.h"
+#include "tests/support/cost_fixture.h"
+
+/* Estimated costs of 1000 prompt + 500 completion tokens (micro-USD):
+ *   gpt-4o-mini   1000 x 0.15 + 500 x 0.60  = 150 + 300    = 450     (quality 60)
+ *   gpt-4o        1000 x 2.50 + 500 x 10    = 2500 + 5000  = 7500    (quality 80)
+ *   claude-sonnet 1000 x 3    + 500 x 15    = 3000 + 7500  = 10500   (quality 90)
+ *   llama-gpu     $2.00/h / 3600 x 500 / 1000 tokens/s     = 277.8 -> 278 reserved
+ *                 (quality 70); marginal at idle: 277.8 x (1/8)^4 = 0.07 */
+
+/* Backend state set up before a case runs. */
+enum {
+    SET_GPU_DOWN = 1,      /* three failures: circuit open */
+    SET_MINI_SLOW = 2,     /* mini's TTFT average 1500 ms */
+    SET_GPU_SLOW = 4,      /* the pool's TTFT average 2000 ms */
+    SET_SAME_PRICE = 8,    /* sonnet priced as 4o, 4o slower (800 vs 300 ms) */
+    SET_ONE_CANDIDATE = 16, /* the route has only gpt-4o-mini */
+};
+
+struct select_case {
+    const char *name;
+    unsigned setup;            /* SET_ flags */
+    int min_quality, max_ttft_ms, downgrade, soft_pct;
+    int64_t prompt, completion;
+    int64_t day_limit, day_left, month_limit, month_left; /* micro-USD */
+    uint64_t tried, allowed;
+    const char *ab;
+    /* expected */
+    int candidate;
+    const char *reason;
+    int reject;
+    int64_t cost_micro;
+    const char *verdicts; /* per candidate: mini,4o,sonnet,gpu */
+};
+
+#define BIT(i) (UINT64_C(1) << (i))
+
+static const struct select_case cases[] = {
+    {"no limits: the idle pool is cheapest", 0, 0, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
+     FX_GPU, "cheapest-qualifying", 0, 278, "costlier,costlier,costlier,chosen"},
+    {"quality floor 75", 0, 75, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
+     FX_4O, "cheapest-qualifying", 0, 7500, "quality,chosen,costlier,quality"},
+    /* 100000 + 50000 = 150000 tokens: only sonnet's 200000 window holds
+     * them. 100000 x 3/1M + 50000 x 15/1M = 0.3 + 0.75 = 1.05 USD. */
+    {"context", 0, 0, 0, 0, 0, 100000, 50000, 0, 0, 0, 0, 0, 0, NULL,
+     FX_SONNET, "cheapest-qualifying", 0, 1050000, "context,context,chosen,context"},
+    {"health: pool ejected", SET_GPU_DOWN, 0, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
+     FX_MINI, "cheapest-qualifying", 0, 450, "chosen,costlier,costlier,health"},
+    {"slo 1000 ms: mini 1500, pool 2000", SET_MINI_SLOW | SET_GPU_SLOW, 0, 1000, 0, 0, 1000, 500,
+     0, 0, 0, 0, 0, 0, NULL, FX_4O, "cheapest-qualifying", 0, 7500, "slo,chosen,costlier,slo"},
+    {"fallback after the pool", 0, 0, 0, 0, 0, 1000, 500, 0, 0, 0, 0, BIT(FX_GPU), 0, NULL,
+     FX_MINI, "fallback", 0, 450, "chosen,costlier,costlier,tried"},
+    /* Day budget 10000, 400 left: 4o (7500) and sonnet (10500) qualify
+     * but do not fit; mini (450) does not fit either; the pool (278)
+     * fits but is below the floor. */
+    {"budget: reject", 0, 75, 0, 0, 0, 1000, 500, 10000, 400, 0, 0, 0, 0, NULL,
+     -1, "budget-exhausted", 1, 7500, "budget,budget,budget,quality"},
+    {"budget: downgrade to what fits", 0, 75, 0, 1, 0, 1000, 500, 10000, 400, 0, 0, 0, 0, NULL,
+     FX_GPU, "downgraded-budget", 0, 278, "budget,budget,budget,chosen"},
+    {"budget: downgrade, nothing fits", 0, 75, 0, 1, 0, 1000, 500, 10000, 100, 0, 0, 0, 0, NULL,
+     -1, "budget-exhausted", 1, 7500, "budget,budget,budget,budget"},
+    {"budget: downgrade to mini with the pool down", SET_GPU_DOWN, 75, 0, 1, 0, 1000, 500, 10000,
+     500, 0, 0, 0, 0, NULL, FX_MINI, "downgraded-budget", 0, 450, "chosen,budget,budget,health"},
+    {"budget overdrawn (negative left)", 0, 0, 0, 0, 0, 1000, 500, 10000, -5, 0, 0, 0, 0, NULL,
+     -1, "budget-exhausted", 1, 278, "budget,budget,budget,budget"},
+    /* Month is the binding budget: 8000 left of it, the day has plenty. */
+    {"month budget binds", 0, 85, 0, 0, 0, 1000, 500, 1000000, 900000, 5000000, 8000, 0, 0, NULL,
+     -1, "budget-exhausted", 1, 10500, "quality,quality,budget,quality"},
+    {"no budget configured: remaining ignored", 0, 75, 0, 0, 0, 1000, 500, 0, -100, 0, 0, 0, 0,
+     NULL, FX_4O, "cheapest-qualifying", 0, 7500, "quality,chosen,costlier,quality"},
+    /* 85000 of 100000 spent = 85% >= 80%: downgrade early to the pool. */
+    {"soft limit crossed", 0, 75, 0, 0, 80, 1000, 500, 100000, 15000, 0, 0, 0, 0, NULL,
+     FX_GPU, "downgraded-soft-limit", 0, 278, "quality,costlier,costlier,chosen"},
+    /* 75% spent: not yet. */
+    {"soft limit not crossed", 0, 75, 0, 0, 80, 1000, 500, 100000, 25000, 0, 0, 0, 0, NULL,
+     FX_4O, "cheapest-qualifying", 0, 7500, "quality,chosen,costlier,quality"},
+    /* Exactly 80% spent counts. */
+    {"soft limit exactly", 0, 75, 0, 0, 80, 1000, 500, 100000, 20000, 0, 0, 0, 0, NULL,
+     FX_GPU, "downgraded-soft-limit", 0, 278, "quality,costlier,costlier,chosen"},
+    /* Soft limit with a reject tenant and the floor's models out of
+     * budget: the soft limit still downgrades. */
+    {"soft limit implies downgrade", 0, 75, 0, 0, 80, 1000, 500, 100000, 5000, 0, 0, 0, 0, NULL,
+     FX_GPU, "downgraded-budget", 0, 278, "quality,budget,budget,chosen"},
+    /* 4o and sonnet both 7500; sonnet's predicted TTFT 300 < 4o's 800. */
+    {"tie by predicted latency", SET_SAME_PRICE, 75, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
+     FX_SONNET, "cheapest-qualifying", 0, 7500, "quality,costlier,chosen,quality"},
+    {"only candidate", SET_ONE_CANDIDATE, 0, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
+     FX_MINI, "only-candidate", 0, 450, "chosen"},
+    {"only candidate, below the floor", SET_ONE_CANDIDATE, 70, 0, 0, 0, 1000, 500, 0, 0, 0, 0,
+     0, 0, NULL, -1, "no-qualifying-candidate", 0, 0, "quality"},
+    {"a/b arm of 4o and sonnet", 0, 0, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0,
+     BIT(FX_4O) | BIT(FX_SONNET), "ab:exp/big", FX_4O, "ab:exp/big", 0, 7500,
+     "arm,chosen,costlier,arm"},
+    {"nothing qualifies", SET_GPU_DOWN, 95, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
+     -1, "no-qualifying-candidate", 0, 0, "quality,quality,quality,health"},
+};
+
+static void setup(struct fx *f, unsigned flags)
+{
+    struct backend *b;
+
+    if (flags & SET_GPU_DOWN) {
+        b = fx_backend(f, FX_GPU);
+        for (int i = 0; i < 3; i++) {
+            backend_attempt_start(b, 10);
+            backend_attempt_failure(b, 10);
+            backend_attempt_end(b);
+        }
+    }
+    if (flags & SET_MINI_SLOW)
+        backend_attempt_success(fx_backend(f, FX_MINI), 10, 1500);
+    if (flags & SET_GPU_SLOW)
+        backend_attempt_success(fx_backend(f, FX_GPU), 10, 2000);
+    if (flags & SET_SAME_PRICE) {
+        f->backends[FX_SONNET].input_usd_per_mtok = 2.50;
+        f->backends[FX_SONNET].output_usd_per_mtok = 10.00;
+        backend_attempt_success(fx_backend(f, FX_4O), 10, 800);
+        backend_attempt_success(fx_backend(f, FX_SONNET), 10, 300);
+    }
+    if (flags & SET_ONE_CANDIDATE)
+        f->route.ncandidates = 1;
+}
+
+/* "chosen,costlier,..." for the first n verdicts. */
+static void verdict_list(const struct policy_verdict *v, size_t n, char *out, size_t cap)
+{
+    size_t len = 0;
+
+    out[0] = '\0';
+    for (size_t i = 0; i < n; i++)
+        len += (size_t)snprintf(out + len, cap - len, "%s%s", i ? "," : "",
+                                policy_verdict_name(v[i].kind));
+}
+
+Test(cost_select, table, .timeout = 5)
+{
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const struct select_case *c = &cases[i];
+        struct fx f;
+        struct policy_verdict v[FX_N];
+        struct policy_choice ch;
+        char got[128];
+
+        fx_init(&f);
+        setup(&f, c->setup);
+        struct policy_request req = {
+            .route = &f.route,
+            .backends = f.set,
+            .limits = {.min_quality = c->min_quality,
+                       .max_ttft_ms = c->max_ttft_ms,
+                       .downgrade = c->downgrade ? 1 : 0,
+                       .soft_limit_pct = c->soft_pct},
+            .prompt_tokens = c->prompt,
+            .completion_tokens = c->completion,
+            .day = {c->day_limit, c->day_left},
+            .month = {c->month_limit, c->month_left},
+            .tried = c->tried,
+            .allowed = c->allowed,
+            .ab_reason = c->ab,
+            .now_ms = 1000,
+        };
+        ch = policy_cost_aware.choose(&req, v);
+        verdict_list(v, f.route.ncandidates, got, sizeof(got));
+        cr_expect_eq(ch.candidate, c->candidate, "%s: candidate %d, want %d", c->name,
+                     ch.candidate, c->candidate);
+        cr_expect_str_eq(ch.reason_text, c->reason, "%s: reason %s", c->name, ch.reason_text);
+        cr_expect_eq(ch.reject_budget, (unsigned)c->reject, "%s: reject", c->name);
+        cr_expect_eq(ch.cost_micro, c->cost_micro, "%s: cost %lld, want %lld", c->name,
+                     (long long)ch.cost_micro, (long long)c->cost_micro);
+        cr_expect_str_eq(got, c->verdicts, "%s: verdicts %s, want %s", c->name, got, c->verdicts);
+        fx_fini(&f);
+    }
+}
+
+Test(cost_select, verdicts_carry_each_estimate, .timeout = 5)
+{
+    struct fx f;
+    struct policy_verdict v[FX_N];
+    struct policy_request req;
+    static const int64_t want[FX_N] = {450, 7500, 10500, 278};
+
+    fx_init(&f);
+    req = (struct policy_request){.route = &f.route, .backends = f.set, .prompt_tokens = 1000,
+                                  .completion_tokens = 500, .now_ms = 1000};
+    (void)policy_cost_aware.choose(&req, v);
+    for (int i = 0; i < FX_N; i++)
+        cr_assert_eq(v[i].cost_micro, want[i], "candidate %d", i);
+    /* API marginal = price; the idle pool's is a sliver of its list. */
+    cr_assert_float_eq(v[FX_MINI].marginal_usd, 0.00045, 1e-12);
+    cr_assert_lt(v[FX_GPU].marginal_usd, 0.0001);
+    fx_fini(&f);
+}
+
+/* Load the pool to `inflight` requests and choose for a tenant with a
+ * 1000 ms SLO. The pool: 200 ms TTFT, 2000 ms per request, 8 slots, so its
+ * predicted TTFT is 200 + 250 x max(0, n - 7) ms (see test_cost.c). */
+static struct policy_choice choose_at_load(struct fx *f, unsigned inflight,
+                                           struct policy_verdict *v)
+{
+    struct backend *gpu = fx_backend(f, FX_GPU);
+    struct policy_request req = {
+        .route = &f->route,
+        .backends = f->set,
+        .limits = {.max_ttft_ms = 1000},
+        .prompt_tokens = 1000,
+        .completion_tokens = 500,
+        .now_ms = 60000,
+    };
+
+    while (backend_inflight(gpu) < inflight)
+        backend_attempt_begin(gpu, 60000, NULL);
+    return policy_cost_aware.choose(&req, v);
+}
+
+Test(cost_select, pool_spills_to_api_exactly_when_the_slo_breaks, .timeout = 5)
+{
+    struct fx f;
+    struct policy_verdict v[FX_N];
+
+    fx_init(&f);
+    fx_gpu_history(&f, 0, 200, 2000);
+    backend_attempt_success(fx_backend(&f, FX_MINI), 10, 300);
+    for (unsigned n = 0; n <= 16; n++) {
+        struct policy_choice ch = choose_at_load(&f, n, v);
+        double ttft = backend_predicted_ttft_ms(fx_backend(&f, FX_GPU), 60000);
+
+        /* n = 10: 950 ms, still within; n = 11: 1200 ms breaks it. */
+        if (n <= 10) {
+            cr_assert_eq(ch.candidate, FX_GPU, "n=%u (ttft %.0f) should stay on the pool", n, ttft);
+            cr_assert_leq(ttft, 1000);
+        } else {
+            cr_assert_eq(ch.candidate, FX_MINI, "n=%u (ttft %.0f) should spill", n, ttft);
+            cr_assert_gt(ttft, 1000);
+            cr_assert_eq(v[FX_GPU].kind, POLICY_VERDICT_SLO);
+        }
+        cr_assert_str_eq(ch.reason_text, "cheapest-qualifying");
+    }
+    fx_fini(&f);
+}
+
+Test(cost_select, dear_pool_spills_on_marginal_cost_before_the_slo, .timeout = 5)
+{
+    struct fx f;
+    struct policy_verdict v[FX_N];
+    struct policy_choice ch;
+
+    /* At $4.00/h the pool's list cost is 4/3600 x 0.5 = 555.6 micro-USD,
+     * more than mini's 450: its marginal 555.6 x ((n+1)/11)^4 passes 450
+     * when (n+1)/11 > 0.9487, i.e. at n = 10, one request before the SLO
+     * breaks (n = 10 predicts 950 ms). */
+    fx_init(&f);
+    f.backends[FX_GPU].gpu_hourly_usd = 4.00;
+    fx_gpu_history(&f, 0, 200, 2000);
+    ch = choose_at_load(&f, 9, v);
+    cr_assert_eq(ch.candidate, FX_GPU);
+    ch = choose_at_load(&f, 10, v);
+    cr_assert_eq(ch.candidate, FX_MINI);
+    cr_assert_eq(v[FX_GPU].kind, POLICY_VERDICT_COSTLIER);
+    cr_assert_gt(v[FX_GPU].marginal_usd, v[FX_MINI].marginal_usd);
+    fx_fini(&f);
+}
+
+Test(cost_select, reason_and_verdict_names, .timeout = 5)
+{
+    cr_assert_str_eq(policy_reason_name(POLICY_REASON_DOWNGRADED_SOFT), "downgraded-soft-limit");
+    cr_assert_str_eq(policy_reason_name(POLICY_REASON_FALLBACK), "fallback");
+    cr_assert_str_eq(policy_verdict_name(POLICY_VERDICT_SLO), "slo");
+    cr_assert_str_eq(policy_verdict_name(POLICY_VERDICT_TRIED), "tried");
+}
