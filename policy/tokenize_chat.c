@@ -43,6 +43,13 @@ struct tally {
     int err;   /* first negative errno, or 0 */
 };
 
+/* Add a fixed framing cost; the cookbook's enum_init is negative. */
+static void add_fixed(struct tally *s, int n)
+{
+    s->n += n;
+}
+
+/* Add a count, or record it if it is a negative errno. */
 static void add(struct tally *s, int64_t n)
 {
     if (n < 0) {
@@ -232,7 +239,7 @@ static void openai_call(struct policy_tokens *t, enum conf_tokenizer enc, const 
 {
     const char *name = str_field(fn, "name");
     const char *args = str_field(fn, "arguments");
-    add(s, OAI_PER_MESSAGE);
+    add_fixed(s, OAI_PER_MESSAGE);
     if (name)
         add(s, count_str(t, enc, name));
     if (args)
@@ -242,14 +249,14 @@ static void openai_call(struct policy_tokens *t, enum conf_tokenizer enc, const 
 static void openai_message(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *msg,
                            const char *model, struct tally *s)
 {
-    add(s, OAI_PER_MESSAGE);
+    add_fixed(s, OAI_PER_MESSAGE);
     const cJSON *field;
     cJSON_ArrayForEach(field, msg)
     {
         if (cJSON_IsString(field)) {
             add(s, count_str(t, enc, field->valuestring));
             if (field->string && strcmp(field->string, "name") == 0)
-                add(s, OAI_PER_NAME);
+                add_fixed(s, OAI_PER_NAME);
         } else if (field->string && strcmp(field->string, "content") == 0 && cJSON_IsArray(field)) {
             openai_content(t, enc, field, model, s);
         } else if (field->string && strcmp(field->string, "tool_calls") == 0) {
@@ -266,14 +273,14 @@ static void openai_message(struct policy_tokens *t, enum conf_tokenizer enc, con
 static void openai_property(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *prop,
                             const struct tool_costs *c, struct tally *s)
 {
-    add(s, c->prop_key);
+    add_fixed(s, c->prop_key);
     const cJSON *en = cJSON_GetObjectItemCaseSensitive(prop, "enum");
     if (cJSON_IsArray(en)) {
-        add(s, c->enum_init);
+        add_fixed(s, c->enum_init);
         const cJSON *item;
         cJSON_ArrayForEach(item, en)
         {
-            add(s, c->enum_item);
+            add_fixed(s, c->enum_item);
             if (cJSON_IsString(item))
                 add(s, count_str(t, enc, item->valuestring));
         }
@@ -303,7 +310,7 @@ static void openai_tools(struct policy_tokens *t, enum conf_tokenizer enc, const
         const cJSON *fn = cJSON_GetObjectItemCaseSensitive(tool, "function");
         if (!fn)
             fn = tool; /* legacy "functions": the definition itself */
-        add(s, c->func_init);
+        add_fixed(s, c->func_init);
         const char *name = str_field(fn, "name");
         struct buf *b = policy__tokens_line(t);
         int err = buf_append(b, name ? name : "", name ? strlen(name) : 0);
@@ -313,7 +320,7 @@ static void openai_tools(struct policy_tokens *t, enum conf_tokenizer enc, const
         const cJSON *params = cJSON_GetObjectItemCaseSensitive(fn, "parameters");
         const cJSON *props = cJSON_GetObjectItemCaseSensitive(params, "properties");
         if (cJSON_GetArraySize(props) > 0) {
-            add(s, c->prop_init);
+            add_fixed(s, c->prop_init);
             const cJSON *prop;
             cJSON_ArrayForEach(prop, props)
             {
@@ -322,7 +329,7 @@ static void openai_tools(struct policy_tokens *t, enum conf_tokenizer enc, const
             }
         }
     }
-    add(s, c->func_end);
+    add_fixed(s, c->func_end);
 }
 
 /* ---- Llama 3 template ---- */
@@ -399,7 +406,7 @@ static int64_t llama_chat(struct policy_tokens *t, const cJSON *messages, const 
     cJSON_ArrayForEach(msg, messages)
     {
         const char *role = str_field(msg, "role");
-        add(&s, 3); /* <|start_header_id|> <|end_header_id|> <|eot_id|> */
+        add_fixed(&s, 3); /* <|start_header_id|> <|end_header_id|> <|eot_id|> */
         if (role)
             add(&s, count_str(t, CONF_TOK_LLAMA3, role));
         struct buf *b = policy__tokens_line(t);
@@ -407,7 +414,7 @@ static int64_t llama_chat(struct policy_tokens *t, const cJSON *messages, const 
         add(&s, count_buf(t, CONF_TOK_LLAMA3, b, err));
     }
     /* Generation prompt: <|start_header_id|>assistant<|end_header_id|>"\n\n" */
-    add(&s, 2);
+    add_fixed(&s, 2);
     add(&s, count_str(t, CONF_TOK_LLAMA3, "assistant"));
     add(&s, count_str(t, CONF_TOK_LLAMA3, "\n\n"));
     llama_tools(t, req, &s);
@@ -426,7 +433,7 @@ int64_t policy_tokens_chat(struct policy_tokens *t, enum conf_tokenizer enc, con
     const cJSON *msg;
     cJSON_ArrayForEach(msg, messages)
         openai_message(t, enc, msg, model, &s);
-    add(&s, OAI_REPLY);
+    add_fixed(&s, OAI_REPLY);
     openai_tools(t, enc, req, &s);
     return s.err ? s.err : s.n;
 }
