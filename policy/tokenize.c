@@ -10,10 +10,16 @@
  *
  * tiktoken finds the lowest pair by a linear scan, which is quadratic on a
  * long piece (a 1 MB run of one letter is one piece). Short pieces keep
- * that scan, on the stack; long ones use a linked list of parts and a
- * min-heap of (rank, position) entries, discarding stale entries when
- * popped: O(n log n), and the same merges in the same order, because the
- * heap order (rank, then position) is exactly the scan's choice.
+ * that scan, on the stack. Long ones keep the parts in a linked list and
+ * take pairs in exactly the scan's order, (rank, then position), from a
+ * bucket queue: one list of positions per rank, drained lowest rank first
+ * in position order. A merge only creates pairs with other ranks (the new
+ * pair's bytes strictly contain the old pair's), so a bucket being drained
+ * never grows; the rare new pair that ranks at or below the bucket being
+ * drained goes to a small "urgent" heap that is merged in by key. Entries
+ * made stale by a merge are skipped when met. A binary heap of all pairs
+ * would do the same in O(n log n) but misses cache on every level; the
+ * buckets are appended and read almost sequentially.
  */
 #define PCRE2_CODE_UNIT_WIDTH 8
 #define XXH_INLINE_ALL
@@ -50,9 +56,10 @@ struct vocab {
     const uint32_t *ranks;     /* rank of entry i */
     const uint32_t *offsets;   /* entry i is blob[offsets[i]..offsets[i+1]) */
     const uint8_t *blob;       /* token bytes */
-    uint32_t *slots;           /* open-addressing table: entry index + 1, 0 = empty */
+    struct slot *slots;        /* open-addressing table, linear probing */
     uint32_t mask;             /* slot count - 1 (a power of two) */
     uint32_t max_len;          /* longest token, in bytes */
+    uint32_t max_rank;         /* highest rank */
     uint32_t byte_rank[256];   /* rank of each single byte */
     pcre2_code *re;            /* split pattern, JIT-compiled */
     pcre2_match_data *md;      /* reused for every match */
@@ -64,12 +71,46 @@ struct policy_tokens {
     struct vocab v[NENC];      /* indexed by conf_tokenizer - 1 */
     uint8_t *text;             /* scratch: input with invalid UTF-8 replaced */
     size_t text_cap;           /* bytes allocated at text */
-    uint32_t *next;            /* scratch for long pieces: next part start */
-    uint32_t *prev;            /* previous part start, NO_RANK for the first */
-    uint32_t *pair;            /* rank of the pair starting at a part, NO_RANK if none/dead */
-    uint64_t *heap;            /* (rank << 32 | position) min-heap */
-    size_t bpe_cap;            /* piece bytes the arrays above can hold */
+    /* Scratch for long pieces (bpe_large), grown to the longest piece seen
+     * and freed after use when above SCRATCH_KEEP. */
+    struct part *part;         /* by byte position: the part starting there */
+    struct bq_entry *pool;     /* bucket list entries; drained ones are reused */
+    size_t pool_cap;           /* entries allocated at pool */
+    uint32_t *sorted;          /* positions of an unsorted bucket being drained */
+    size_t sorted_cap;         /* entries allocated at sorted */
+    size_t bpe_cap;            /* piece bytes part can hold */
+    uint64_t *urgent;          /* (rank << 32 | position) min-heap, see the top */
+    size_t urgent_cap;         /* its allocated length */
+    uint32_t *bhead;           /* per rank: first pool entry, NO_RANK if empty */
+    uint32_t *btail;           /* per rank: last pool entry */
+    uint8_t *bunsorted;        /* per rank: appended out of position order */
+    uint32_t *rank_heap;       /* min-heap of ranks with a non-empty bucket */
+    uint32_t nranks;           /* length of the per-rank arrays: max rank + 1 */
     struct buf line;           /* scratch for policy__tokens_line */
+};
+
+/*
+ * One hash table slot. Tokens of up to 8 bytes are keyed by the bytes
+ * themselves, so looking them up never touches the blob.
+ */
+struct slot {
+    uint64_t key; /* bytes packed little-endian (len <= 8), else a 64-bit hash */
+    uint32_t len; /* token length, 0 = empty slot */
+    uint32_t rank; /* the token's rank */
+    uint32_t entry; /* its index in the file arrays, to compare long tokens */
+};
+
+/* A part of a long piece being merged, indexed by its first byte. */
+struct part {
+    uint32_t next; /* start of the next part (the piece length for the last) */
+    uint32_t prev; /* start of the previous part, NO_RANK for the first */
+    uint32_t pair; /* rank of this part + the next, NO_RANK if none or dead */
+};
+
+/* One position in a rank's bucket list. */
+struct bq_entry {
+    uint32_t pos;  /* part start whose pair has this rank */
+    uint32_t next; /* next entry of the same bucket, NO_RANK at the end */
 };
 
 /* Where encode writes ids: the first cap of them, count counts all. */
@@ -104,20 +145,44 @@ static const struct {
     {"llama3.tok", pat_cl100k},
 };
 
+/* The bytes of a 1..8 byte string as an integer (overlapping loads). */
+static inline uint64_t pack_short(const uint8_t *p, size_t len)
+{
+    if (len >= 4) {
+        uint32_t lo, hi;
+        memcpy(&lo, p, 4);
+        memcpy(&hi, p + len - 4, 4);
+        return (uint64_t)lo | (uint64_t)hi << (8 * (len - 4));
+    }
+    return (uint64_t)p[0] | (uint64_t)p[len / 2] << (8 * (len / 2)) |
+           (uint64_t)p[len - 1] << (8 * (len - 1));
+}
+
+static inline uint64_t token_key(const uint8_t *p, size_t len)
+{
+    return len <= 8 ? pack_short(p, len) : XXH3_64bits(p, len);
+}
+
+static inline uint32_t slot_of(const struct vocab *v, uint64_t key, size_t len)
+{
+    uint64_t h = (key ^ len) * 0x9E3779B97F4A7C15ull;
+    return (uint32_t)(h >> 32) & v->mask;
+}
+
 static inline uint32_t vocab_rank(const struct vocab *v, const uint8_t *p, size_t len)
 {
     if (len > v->max_len)
         return NO_RANK;
     if (len == 1)
         return v->byte_rank[p[0]];
-    for (uint32_t i = (uint32_t)XXH3_64bits(p, len) & v->mask;; i = (i + 1) & v->mask) {
-        uint32_t e = v->slots[i];
-        if (e == 0)
+    uint64_t key = token_key(p, len);
+    for (uint32_t i = slot_of(v, key, len);; i = (i + 1) & v->mask) {
+        const struct slot *sl = &v->slots[i];
+        if (sl->len == 0)
             return NO_RANK;
-        e--;
-        uint32_t o = v->offsets[e];
-        if (v->offsets[e + 1] - o == len && memcmp(v->blob + o, p, len) == 0)
-            return v->ranks[e];
+        if (sl->key == key && sl->len == len &&
+            (len <= 8 || memcmp(v->blob + v->offsets[sl->entry], p, len) == 0))
+            return sl->rank;
     }
 }
 
@@ -196,11 +261,13 @@ static int vocab_index(struct vocab *v, size_t file_len)
             return -EINVAL;
         if (len == 1)
             v->byte_rank[v->blob[o]] = v->ranks[e];
-        uint32_t i = (uint32_t)XXH3_64bits(v->blob + o, len) & v->mask;
-        while (v->slots[i])
+        uint64_t key = token_key(v->blob + o, len);
+        uint32_t i = slot_of(v, key, len);
+        while (v->slots[i].len)
             i = (i + 1) & v->mask;
-        v->slots[i] = e + 1;
+        v->slots[i] = (struct slot){key, len, v->ranks[e], e};
         v->max_len = MAX(v->max_len, len);
+        v->max_rank = MAX(v->max_rank, v->ranks[e]);
     }
     /* Byte-level BPE must be able to fall back to single bytes. */
     for (int b = 0; b < 256; b++)
@@ -289,13 +356,21 @@ fail:
 
 static void bpe_scratch_free(struct policy_tokens *t)
 {
-    free(t->next);
-    free(t->prev);
-    free(t->pair);
-    free(t->heap);
-    t->next = t->prev = t->pair = NULL;
-    t->heap = NULL;
-    t->bpe_cap = 0;
+    free(t->part);
+    free(t->pool);
+    free(t->sorted);
+    free(t->urgent);
+    free(t->bhead);
+    free(t->btail);
+    free(t->bunsorted);
+    free(t->rank_heap);
+    t->part = NULL;
+    t->sorted = t->bhead = t->btail = t->rank_heap = NULL;
+    t->pool = NULL;
+    t->urgent = NULL;
+    t->bunsorted = NULL;
+    t->bpe_cap = t->urgent_cap = t->pool_cap = t->sorted_cap = 0;
+    t->nranks = 0;
 }
 
 void policy_tokens_free(struct policy_tokens *t)
@@ -462,20 +537,30 @@ static void bpe_small(const struct vocab *v, const uint8_t *p, size_t n, struct 
         sink_put(s, vocab_rank(v, p + st[i], st[i + 1] - st[i]));
 }
 
-static int bpe_reserve(struct policy_tokens *t, size_t n)
+static int bpe_reserve(struct policy_tokens *t, size_t n, uint32_t nranks)
 {
-    if (n <= t->bpe_cap)
+    if (n <= t->bpe_cap && nranks <= t->nranks)
         return 0;
     bpe_scratch_free(t);
-    t->next = malloc(n * sizeof(*t->next));
-    t->prev = malloc(n * sizeof(*t->prev));
-    t->pair = malloc(n * sizeof(*t->pair));
-    t->heap = malloc(3 * n * sizeof(*t->heap));
-    if (!t->next || !t->prev || !t->pair || !t->heap) {
+    t->part = malloc(n * sizeof(*t->part));
+    t->pool_cap = n + 1024;
+    t->pool = malloc(t->pool_cap * sizeof(*t->pool));
+    t->sorted_cap = 1024;
+    t->sorted = malloc(t->sorted_cap * sizeof(*t->sorted));
+    t->urgent_cap = 1024;
+    t->urgent = malloc(t->urgent_cap * sizeof(*t->urgent));
+    t->bhead = malloc(nranks * sizeof(*t->bhead));
+    t->btail = malloc(nranks * sizeof(*t->btail));
+    t->bunsorted = calloc(nranks, 1);
+    t->rank_heap = malloc(nranks * sizeof(*t->rank_heap));
+    if (!t->part || !t->pool || !t->sorted || !t->urgent || !t->bhead ||
+        !t->btail || !t->bunsorted || !t->rank_heap) {
         bpe_scratch_free(t);
         return -ENOMEM;
     }
+    memset(t->bhead, 0xff, nranks * sizeof(*t->bhead));
     t->bpe_cap = n;
+    t->nranks = nranks;
     return 0;
 }
 
@@ -492,80 +577,229 @@ static inline void heap_push(uint64_t *h, size_t *len, uint64_t key)
     h[i] = key;
 }
 
-static inline void heap_sift_down(uint64_t *h, size_t len, size_t i)
+static inline uint64_t heap_pop(uint64_t *h, size_t *len)
 {
-    uint64_t key = h[i];
+    uint64_t top = h[0], key = h[--*len];
+    size_t i = 0, n = *len;
     for (;;) {
         size_t c = 2 * i + 1;
-        if (c >= len)
+        if (c >= n)
             break;
-        if (c + 1 < len && h[c + 1] < h[c])
+        if (c + 1 < n && h[c + 1] < h[c])
             c++;
         if (key <= h[c])
             break;
         h[i] = h[c];
         i = c;
     }
+    if (n)
+        h[i] = key;
+    return top;
+}
+
+/* The same for ranks (u32), a separate small heap. */
+static inline void rank_push(uint32_t *h, size_t *len, uint32_t key)
+{
+    size_t i = (*len)++;
+    while (i > 0 && h[(i - 1) / 2] > key) {
+        h[i] = h[(i - 1) / 2];
+        i = (i - 1) / 2;
+    }
     h[i] = key;
 }
 
-/* Rank of the pair starting at part `i` (parts are linked by next[]). */
-static inline uint32_t pair_rank(const struct vocab *v, const uint8_t *p, size_t n,
-                                 const uint32_t *next, uint32_t i)
+static inline uint32_t rank_pop(uint32_t *h, size_t *len)
 {
-    uint32_t j = next[i];
-    if (j >= n)
-        return NO_RANK;
-    uint32_t end = next[j];
-    return vocab_rank(v, p + i, end - i);
+    uint32_t top = h[0], key = h[--*len];
+    size_t i = 0, n = *len;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= n)
+            break;
+        if (c + 1 < n && h[c + 1] < h[c])
+            c++;
+        if (key <= h[c])
+            break;
+        h[i] = h[c];
+        i = c;
+    }
+    if (n)
+        h[i] = key;
+    return top;
 }
 
-/* The same merges as bpe_small, in O(n log n), for long pieces. */
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Rank of the pair starting at part `i`. */
+static inline uint32_t pair_rank(const struct vocab *v, const uint8_t *p, size_t n,
+                                 const struct part *pt, uint32_t i)
+{
+    uint32_t j = pt[i].next;
+    if (j >= n)
+        return NO_RANK;
+    return vocab_rank(v, p + i, pt[j].next - i);
+}
+
+/* Make room for `want` elements of `size` bytes at *arr (doubling). */
+static int grow(void *arr, size_t *cap, size_t want, size_t size)
+{
+    if (want <= *cap)
+        return 0;
+    size_t ncap = *cap * 2 > want ? *cap * 2 : want;
+    void *na = realloc(*(void **)arr, ncap * size);
+    if (!na)
+        return -ENOMEM;
+    *(void **)arr = na;
+    *cap = ncap;
+    return 0;
+}
+
+/* State of one bpe_large run. */
+struct bq {
+    struct policy_tokens *t; /* owner of the arrays */
+    size_t pool_len;         /* pool entries ever used */
+    uint32_t free_head;      /* first reusable entry, NO_RANK if none */
+    size_t nrank_heap;       /* ranks in rank_heap */
+    size_t nurgent;          /* entries in urgent */
+    uint32_t cur;            /* rank of the bucket being drained, NO_RANK before the first */
+    uint32_t cur_head;       /* its list, handed to the free list when done */
+    uint32_t cur_tail;       /* last entry of that list */
+};
+
+/* File the pair (rank r, part pos) where it will be taken in order. */
+static int bq_add(struct bq *q, uint32_t r, uint32_t pos)
+{
+    struct policy_tokens *t = q->t;
+    if (q->cur != NO_RANK && r <= q->cur) {
+        if (grow(&t->urgent, &t->urgent_cap, q->nurgent + 1, sizeof(*t->urgent)) < 0)
+            return -ENOMEM;
+        heap_push(t->urgent, &q->nurgent, (uint64_t)r << 32 | pos);
+        return 0;
+    }
+    uint32_t e = q->free_head;
+    if (e != NO_RANK) {
+        q->free_head = t->pool[e].next;
+    } else {
+        if (grow(&t->pool, &t->pool_cap, q->pool_len + 1, sizeof(*t->pool)) < 0)
+            return -ENOMEM;
+        e = (uint32_t)q->pool_len++;
+    }
+    t->pool[e].pos = pos;
+    t->pool[e].next = NO_RANK;
+    if (t->bhead[r] == NO_RANK) {
+        t->bhead[r] = e;
+        rank_push(t->rank_heap, &q->nrank_heap, r);
+    } else {
+        if (t->pool[t->btail[r]].pos > pos)
+            t->bunsorted[r] = 1;
+        t->pool[t->btail[r]].next = e;
+    }
+    t->btail[r] = e;
+    return 0;
+}
+
+/* The same merges as bpe_small, in about O(n log n), for long pieces. */
 static int bpe_large(struct policy_tokens *t, const struct vocab *v, const uint8_t *p, size_t n,
                      struct sink *s)
 {
-    if (n >= NO_RANK || bpe_reserve(t, n) < 0)
+    if (n >= NO_RANK / 4 || bpe_reserve(t, n, v->max_rank + 1) < 0)
         return -ENOMEM;
-    uint32_t *next = t->next, *prev = t->prev, *pair = t->pair;
-    uint64_t *heap = t->heap;
-    size_t hlen = 0, parts = n;
+    struct part *pt = t->part;
+    struct bq q = {.t = t, .free_head = NO_RANK, .cur = NO_RANK, .cur_head = NO_RANK};
+    /* The bucket being drained: a sorted array, or its list read in place. */
+    const uint32_t *sorted = NULL;
+    uint32_t walk = NO_RANK;
+    size_t parts = n, nsorted = 0, k = 0;
+    int rc = 0;
     for (uint32_t i = 0; i < n; i++) {
-        next[i] = i + 1;
-        prev[i] = i ? i - 1 : NO_RANK;
+        pt[i].next = i + 1;
+        pt[i].prev = i ? i - 1 : NO_RANK;
     }
     for (uint32_t i = 0; i < n; i++) {
-        pair[i] = pair_rank(v, p, n, next, i);
-        if (pair[i] != NO_RANK)
-            heap[hlen++] = (uint64_t)pair[i] << 32 | i;
+        pt[i].pair = pair_rank(v, p, n, pt, i);
+        if (pt[i].pair != NO_RANK && (rc = bq_add(&q, pt[i].pair, i)) < 0)
+            goto out;
     }
-    for (size_t i = hlen / 2; i-- > 0;)
-        heap_sift_down(heap, hlen, i);
-    while (hlen > 0) {
-        uint64_t top = heap[0];
-        heap[0] = heap[--hlen];
-        heap_sift_down(heap, hlen, 0);
-        uint32_t i = (uint32_t)top, r = (uint32_t)(top >> 32);
-        if (pair[i] != r)
+    for (;;) {
+        uint32_t i, r, have = 0, pos = 0;
+        if (sorted && k < nsorted) {
+            have = 1;
+            pos = sorted[k];
+        } else if (walk != NO_RANK) {
+            have = 1;
+            pos = t->pool[walk].pos;
+        }
+        if (have && (q.nurgent == 0 || ((uint64_t)q.cur << 32 | pos) < t->urgent[0])) {
+            r = q.cur;
+            i = pos;
+            if (sorted)
+                k++;
+            else
+                walk = t->pool[walk].next;
+        } else if (q.nurgent > 0) {
+            uint64_t top = heap_pop(t->urgent, &q.nurgent);
+            r = (uint32_t)(top >> 32);
+            i = (uint32_t)top;
+        } else if (q.nrank_heap > 0) {
+            /* The previous bucket's entries can be reused now. */
+            if (q.cur != NO_RANK && q.cur_head != NO_RANK) {
+                t->pool[q.cur_tail].next = q.free_head;
+                q.free_head = q.cur_head;
+            }
+            /* Next bucket: taken in position order, sorting if needed. */
+            q.cur = rank_pop(t->rank_heap, &q.nrank_heap);
+            q.cur_head = t->bhead[q.cur];
+            q.cur_tail = t->btail[q.cur];
+            sorted = NULL;
+            walk = q.cur_head;
+            if (t->bunsorted[q.cur]) {
+                nsorted = k = 0;
+                for (uint32_t e = q.cur_head; e != NO_RANK; e = t->pool[e].next) {
+                    if ((rc = grow(&t->sorted, &t->sorted_cap, nsorted + 1, sizeof(*t->sorted))) < 0)
+                        goto out;
+                    t->sorted[nsorted++] = t->pool[e].pos;
+                }
+                qsort(t->sorted, nsorted, sizeof(*t->sorted), cmp_u32);
+                sorted = t->sorted;
+                walk = NO_RANK;
+            }
+            t->bhead[q.cur] = NO_RANK;
+            t->bunsorted[q.cur] = 0;
+            continue;
+        } else {
+            break;
+        }
+        if (pt[i].pair != r)
             continue; /* stale: the part died or its pair changed */
-        uint32_t j = next[i];
-        next[i] = next[j];
-        if (next[j] < n)
-            prev[next[j]] = i;
-        pair[j] = NO_RANK;
+        uint32_t j = pt[i].next;
+        pt[i].next = pt[j].next;
+        if (pt[j].next < n)
+            pt[pt[j].next].prev = i;
+        pt[j].pair = NO_RANK;
         parts--;
-        pair[i] = pair_rank(v, p, n, next, i);
-        if (pair[i] != NO_RANK)
-            heap_push(heap, &hlen, (uint64_t)pair[i] << 32 | i);
-        uint32_t h = prev[i];
+        pt[i].pair = pair_rank(v, p, n, pt, i);
+        if (pt[i].pair != NO_RANK && (rc = bq_add(&q, pt[i].pair, i)) < 0)
+            goto out;
+        uint32_t h = pt[i].prev;
         if (h != NO_RANK) {
-            pair[h] = pair_rank(v, p, n, next, h);
-            if (pair[h] != NO_RANK)
-                heap_push(heap, &hlen, (uint64_t)pair[h] << 32 | h);
+            pt[h].pair = pair_rank(v, p, n, pt, h);
+            if (pt[h].pair != NO_RANK && (rc = bq_add(&q, pt[h].pair, h)) < 0)
+                goto out;
         }
     }
+out:
+    if (rc < 0) {
+        /* Leave the buckets empty for the next run. */
+        bpe_scratch_free(t);
+        return rc;
+    }
     if (s->ids) {
-        for (uint32_t i = 0; i < n; i = next[i])
-            sink_put(s, vocab_rank(v, p + i, next[i] - i));
+        for (uint32_t i = 0; i < n; i = pt[i].next)
+            sink_put(s, vocab_rank(v, p + i, pt[i].next - i));
     } else {
         s->count += (int64_t)parts;
     }
