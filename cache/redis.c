@@ -297,7 +297,7 @@ static void redis_down(struct cache__redis *s, const char *errstr)
 
     if (s->state == CACHE_STATE_DOWN)
         return;
-    if (s->state == CACHE_STATE_CONNECTED)
+    if (s->state == CACHE_STATE_CONNECTED && !s->c->closing)
         log_warn("store: lost Redis %s:%d (%s); %s", s->host, s->port, errstr,
                  s->c->opts.on_failure == CACHE_FAIL_OPEN ? "serving from local counters"
                                                           : "failing closed");
@@ -720,6 +720,7 @@ static int copy_value(struct cache_op *op, const char *p, size_t len)
         return -1;
     memcpy(op->value, p, len);
     op->value_len = len;
+    op->result.value_len = len;
     return 0;
 }
 
