@@ -181,11 +181,12 @@ void cache_cancel(struct cache_op *op);
 void cache_stats(const struct cache *c, struct cache_stats *out);
 
 /*
- * Compute the response cache key of a request: SHA-256 over the route, the
- * upstream model and the request with fields that do not change the answer
- * (stream, stream_options, user, metadata, store, n==1 defaults are kept)
- * dropped and object keys sorted. The request is not modified. Returns 0,
- * -EINVAL (request not an object) or -ENOMEM.
+ * Compute the response cache key of a request: SHA-256 over the route (the
+ * model name the client asked for), the upstream model and the request with
+ * the top-level fields that do not change the answer dropped ("stream",
+ * "stream_options", "user", "store", "metadata", and "model", replaced by
+ * the two names) and every object's keys sorted. The request is not
+ * modified. Returns 0, -EINVAL (request not an object) or -ENOMEM.
  */
 int cache_key_make(const char *route, const char *upstream_model, const struct cJSON *request,
                    struct cache_key *out) __attribute__((warn_unused_result));
