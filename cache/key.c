@@ -30,14 +30,16 @@ static int is_ignored(const char *name)
     return 0;
 }
 
+/* Hash "TAG LEN:" then `len` bytes of p, or, with p NULL, only the header
+ * (containers: LEN is then their element count). */
 static int feed(EVP_MD_CTX *md, char tag, const void *p, size_t len)
 {
     char head[24];
     int n = snprintf(head, sizeof(head), "%c%zu:", tag, len);
 
-    return EVP_DigestUpdate(md, head, (size_t)n) == 1 && EVP_DigestUpdate(md, p, len) == 1
-               ? 0
-               : -ENOMEM;
+    if (EVP_DigestUpdate(md, head, (size_t)n) != 1)
+        return -ENOMEM;
+    return p == NULL || EVP_DigestUpdate(md, p, len) == 1 ? 0 : -ENOMEM;
 }
 
 static int by_name(const void *a, const void *b)
@@ -68,7 +70,7 @@ static int encode(EVP_MD_CTX *md, const cJSON *v, int top)
     if (cJSON_IsArray(v)) {
         for (ch = v->child; ch; ch = ch->next)
             n++;
-        if ((rc = feed(md, 'a', "", n)) < 0)
+        if ((rc = feed(md, 'a', NULL, n)) < 0)
             return rc;
         for (ch = v->child; ch && rc == 0; ch = ch->next)
             rc = encode(md, ch, 0);
@@ -86,7 +88,7 @@ static int encode(EVP_MD_CTX *md, const cJSON *v, int top)
         if (!(top && ch->string && is_ignored(ch->string)))
             kids[n++] = ch;
     qsort(kids, n, sizeof(*kids), by_name);
-    rc = feed(md, 'o', "", n);
+    rc = feed(md, 'o', NULL, n);
     for (i = 0; i < n && rc == 0; i++) {
         const char *name = kids[i]->string ? kids[i]->string : "";
         rc = feed(md, 'k', name, strlen(name));

@@ -428,10 +428,18 @@ static void gai_cb(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 
     s->resolving = 0;
     if (status == 0 && res != NULL) {
-        if (res->ai_family == AF_INET6)
-            uv_ip6_name((struct sockaddr_in6 *)res->ai_addr, ip, sizeof(ip));
+        /* Prefer IPv4: "localhost" often lists ::1 first while Redis is
+         * bound to 127.0.0.1 only, and we try a single address. */
+        const struct addrinfo *a = res;
+        for (const struct addrinfo *i = res; i; i = i->ai_next)
+            if (i->ai_family == AF_INET) {
+                a = i;
+                break;
+            }
+        if (a->ai_family == AF_INET6)
+            uv_ip6_name((struct sockaddr_in6 *)a->ai_addr, ip, sizeof(ip));
         else
-            uv_ip4_name((struct sockaddr_in *)res->ai_addr, ip, sizeof(ip));
+            uv_ip4_name((struct sockaddr_in *)a->ai_addr, ip, sizeof(ip));
     }
     uv_freeaddrinfo(res);
     if (s->resolve_counted) {
