@@ -155,10 +155,7 @@ Test(faults, fail_closed_rejects_but_keeps_charges, .timeout = 15)
     cr_assert_eq(st.journal_amount, 80);
     cr_assert_eq(test_redis_restart(&r), 0);
     wait_state(&loop, c, CACHE_STATE_CONNECTED);
-    do {
-        s = wait_spend(&loop, c, "acme");
-        cache_stats(c, &st);
-    } while (st.journal_entries > 0 || st.inflight > 0);
+    wait_drained(&loop, c);
     s = wait_spend(&loop, c, "acme");
     cr_assert_null(s.err);
     cr_assert_eq(s.spend.day_spent, 80);
@@ -204,10 +201,7 @@ Test(faults, killed_mid_load_nothing_lost, .timeout = 30)
     l.remaining = 0;
     while (l.active > 0)
         uv_run(&loop, UV_RUN_ONCE);
-    do {
-        s = wait_spend(&loop, c, "acme");
-        cache_stats(c, &st);
-    } while (st.journal_entries > 0 || st.inflight > 0);
+    wait_drained(&loop, c);
     cr_assert_eq(l.errors, 0);
     s = wait_spend(&loop, c, "acme");
     cr_assert_null(s.err);

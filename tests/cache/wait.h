@@ -140,6 +140,16 @@ static inline void wait_timer_cb(uv_timer_t *t)
 {
 }
 
+/* Turn the loop until the journal is written back and no command is in
+ * flight (bounded by the test's .timeout). */
+static inline void wait_drained(uv_loop_t *loop, struct cache *c)
+{
+    struct cache_stats st;
+
+    for (cache_stats(c, &st); st.journal_entries > 0 || st.inflight > 0; cache_stats(c, &st))
+        uv_run(loop, UV_RUN_ONCE);
+}
+
 /* Let the loop run for `ms` milliseconds. */
 static inline void wait_ms(uv_loop_t *loop, int ms)
 {
