@@ -1,0 +1,226 @@
+/*
+ * cache/internal.h: what the files of cache/ share. Not for other modules.
+ *
+ * struct cache dispatches every operation through a store vtable (struct
+ * cache__type, like redis's ConnectionType): cache__local_type keeps
+ * everything in process, cache__redis_type talks to Redis and falls back to
+ * the same in-process structures (struct cache__local) while Redis is
+ * unreachable. Operations are heap objects (struct cache_op) completed
+ * exactly once through cache__finish(), either from a Redis reply callback
+ * or, for answers known at once, from the idle handle (cache__defer), so no
+ * callback ever runs inside the call that started it.
+ */
+#ifndef CACHE_INTERNAL_H
+#define CACHE_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "cache/cache.h"
+
+#define CACHE__TENANT_MAX 200 /* longest tenant id accepted */
+#define CACHE__NAME_MAX 512   /* longest key name built */
+
+/* ---- hash map (map.c): byte-string keys, chained buckets ---- */
+
+struct cache__map_entry {
+    struct cache__map_entry *next; /* bucket chain */
+    uint64_t hash;                 /* of key */
+    void *value;                   /* owned by the map's user */
+    size_t klen;                   /* key length */
+    char key[];                    /* key bytes, NUL-terminated */
+};
+
+struct cache__map {
+    struct cache__map_entry **buckets; /* nbuckets heads */
+    size_t nbuckets;                   /* power of two, or 0 before first insert */
+    size_t count;                      /* entries */
+};
+
+struct cache__map_entry *cache__map_find(const struct cache__map *m, const void *key, size_t len);
+/* Add an entry (key must be absent) with value NULL; NULL on no memory. */
+struct cache__map_entry *cache__map_add(struct cache__map *m, const void *key, size_t len);
+/* Unlink and free the entry (not its value). */
+void cache__map_del(struct cache__map *m, struct cache__map_entry *e);
+/* Free every entry, calling free_value (may be NULL) on each value. */
+void cache__map_free(struct cache__map *m, void (*free_value)(void *));
+
+/* ---- time ---- */
+
+/* A UTC day and month, the two budget periods. */
+struct cache__period {
+    uint32_t day;   /* days since 1970-01-01 */
+    uint32_t month; /* year * 12 + month (0-11) */
+};
+
+void cache__period_now(struct cache__period *p);
+/* "YYYYMMDD" and "YYYYMM". */
+void cache__period_fmt(const struct cache__period *p, char day[16], char month[16]);
+/* Monotonic milliseconds, for in-process expiry. */
+uint64_t cache__mono_ms(void);
+
+/* ---- in-process store (local.c) ---- */
+
+struct cache__local_entry;
+
+struct cache__local {
+    struct cache__map tenants;           /* tenant id -> struct local_tenant */
+    struct cache__map entries;           /* entry name -> struct cache__local_entry */
+    struct cache__local_entry *oldest;   /* eviction order: oldest first */
+    struct cache__local_entry *newest;   /* last inserted */
+    size_t bytes;                        /* value bytes held */
+    size_t max_bytes;                    /* budget; oldest entries evicted beyond it */
+    int64_t ttl_ms;                      /* reservation lifetime */
+};
+
+void cache__local_init(struct cache__local *l, size_t max_bytes, int64_t reservation_ttl_ms);
+void cache__local_free(struct cache__local *l);
+/* Look `name` up (NULL: no lookup) and reserve `amount` under `seq` unless
+ * over a limit. On a hit *value gets a malloc'd copy. 0 or -ENOMEM. */
+int cache__local_begin(struct cache__local *l, const char *tenant, const char *name,
+                       int64_t amount, int64_t day_limit, int64_t month_limit, uint64_t seq,
+                       struct cache_begin_result *r, char **value);
+/* Drop reservation `seq` (0: none) and charge `real` (0: nothing). */
+int cache__local_settle(struct cache__local *l, const char *tenant, uint64_t seq, int64_t real);
+void cache__local_spend(struct cache__local *l, const char *tenant, struct cache_spend *out);
+int cache__local_put(struct cache__local *l, const char *name, const void *value, size_t len,
+                     int ttl_s);
+/* Overwrite the spend counters with authoritative values (from Redis). */
+int cache__local_sync(struct cache__local *l, const char *tenant, int64_t day_spent,
+                      int64_t month_spent);
+
+/* ---- journal (journal.c): charges waiting for Redis ---- */
+
+struct cache__jentry {
+    struct cache__jentry *next;   /* FIFO */
+    struct cache__map_entry *agg; /* aggregation slot, when merged by tenant+period */
+    struct cache__period period;  /* day and month the charge belongs to */
+    int64_t real;                 /* micro-dollars to charge */
+    uint64_t seq;                 /* Redis reservation to drop with it, 0: none */
+    int64_t res_amount;           /* that reservation's amount (part of its member) */
+    unsigned conditional:1;       /* charge only if the reservation is still known */
+    char tenant[];                /* tenant id */
+};
+
+struct cache__journal {
+    struct cache__jentry *head;   /* oldest */
+    struct cache__jentry *tail;   /* newest */
+    struct cache__map agg;        /* tenant+period -> unconditional, member-less entry */
+    size_t count;                 /* entries */
+    int64_t amount;               /* sum of real */
+};
+
+/* Journal a charge. seq != 0 names a Redis reservation to drop. Returns 0
+ * or -ENOMEM (the charge is then lost and logged). */
+int cache__journal_add(struct cache__journal *j, const char *tenant,
+                       const struct cache__period *p, int64_t real, uint64_t seq,
+                       int64_t res_amount, int conditional);
+/* Detach the oldest entry (caller owns it), or NULL. */
+struct cache__jentry *cache__journal_pop(struct cache__journal *j);
+/* Put back an entry whose write-back failed; `conditional` if it may have
+ * been applied. Takes ownership. */
+void cache__journal_readd(struct cache__journal *j, struct cache__jentry *e, int conditional);
+void cache__journal_free(struct cache__journal *j);
+
+/* ---- operations and the store vtable ---- */
+
+enum cache__kind {
+    CACHE__BEGIN,
+    CACHE__SETTLE,  /* settle and release (real == 0, release flag) */
+    CACHE__SPEND,
+    CACHE__PUT,
+    CACHE__FLUSH,   /* journal write-back, no caller */
+};
+
+struct cache__redis;
+
+struct cache_op {
+    struct cache *cache;              /* owner */
+    struct cache_op *next;            /* ready list or Redis in-flight list */
+    struct cache_op *prev;            /* in-flight list */
+    enum cache__kind kind;            /* what it does */
+    union {
+        cache_begin_cb *begin;
+        cache_spend_cb *spend;
+        cache_done_cb *done;
+    } cb;                             /* caller's callback, may be NULL */
+    void *arg;                        /* caller's argument */
+    const char *errstr;               /* outcome, NULL: success */
+    unsigned cancelled:1;             /* cache_cancel() ran */
+    unsigned release:1;               /* SETTLE: a release */
+    unsigned shared_get:1;            /* BEGIN: cache GET pipelined beside the script */
+    unsigned sent_eval:1;             /* NOSCRIPT fallback already used */
+    unsigned inflight:1;              /* on the Redis in-flight list */
+    int pending;                      /* Redis replies still awaited */
+    uint64_t deadline;                /* loop time (ms) the replies are due */
+    const char *tenant_ref;           /* caller's tenant pointer, for the reservation */
+    struct cache__period period;      /* periods charged / checked */
+    int64_t amount;                   /* BEGIN: to reserve; SETTLE: real cost */
+    int64_t day_limit;                /* BEGIN */
+    int64_t month_limit;              /* BEGIN */
+    struct cache_reservation res;     /* SETTLE: the reservation; BEGIN: the new one */
+    struct cache__jentry *jentry;     /* FLUSH: the entry being written back */
+    char *name;                       /* BEGIN/PUT: cache entry name (no prefix), or NULL */
+    char *value;                      /* owned copy of a cached value */
+    size_t value_len;                 /* its length */
+    int ttl_s;                        /* PUT */
+    struct cache_begin_result result; /* BEGIN outcome */
+    struct cache_spend spend;         /* SPEND outcome */
+    char tenant[];                    /* owned copy of the tenant id */
+};
+
+struct cache__type {
+    const char *name;                          /* "memory" or "redis" */
+    void (*begin)(struct cache_op *op);        /* fill result, then finish or defer */
+    void (*settle)(struct cache_op *op);       /* settle or release */
+    void (*spend)(struct cache_op *op);
+    void (*put)(struct cache_op *op);
+    enum cache_state (*state)(const struct cache *c);
+    /* Drop connections, fail in-flight ops, start closing handles (each
+     * counted in c->handles_open and ended with cache__handle_closed). */
+    void (*close)(struct cache *c);
+    void (*stats)(const struct cache *c, struct cache_stats *out);
+};
+
+extern const struct cache__type cache__local_type;
+extern const struct cache__type cache__redis_type;
+
+struct cache {
+    uv_loop_t *loop;                   /* caller's loop */
+    struct cache_options opts;         /* with defaults; strings point below */
+    char *prefix;                      /* owned key prefix */
+    char *url;                         /* owned redis url, or NULL */
+    const struct cache__type *type;    /* the store */
+    struct cache__local local;         /* in-process data (store or fallback) */
+    struct cache__journal journal;     /* charges waiting for Redis */
+    struct cache__redis *redis;        /* Redis connection, or NULL */
+    struct cache_op *ready_head;       /* ops whose answer is known, to finish */
+    struct cache_op *ready_tail;       /* last of them */
+    uv_idle_t idle;                    /* runs the ready list */
+    char instance[17];                 /* random hex id in reservation members */
+    uint64_t seq;                      /* last reservation number */
+    int handles_open;                  /* handles whose close callback is due */
+    void (*closed)(void *arg);         /* cache_close() callback */
+    void *closed_arg;                  /* its argument */
+    unsigned closing:1;                /* cache_close() ran */
+};
+
+/* Finish `op` now: run its callback unless cancelled, then free it. */
+void cache__finish(struct cache_op *op);
+/* Finish `op` from the loop's next idle turn. */
+void cache__defer(struct cache_op *op);
+/* One handle counted in c->handles_open finished closing. */
+void cache__handle_closed(struct cache *c);
+/* Start a release for a reservation nobody will settle (cancelled begin). */
+void cache__release_orphan(struct cache *c, const char *tenant,
+                           const struct cache_reservation *r);
+/* Entry name of a cache key without prefix: "{tenant}:c:HEX" or "c:{HEX}".
+ * Returns a malloc'd string or NULL. */
+char *cache__entry_name(const struct cache *c, const char *tenant, const struct cache_key *key);
+
+/* Redis side (redis.c). */
+int cache__redis_create(struct cache *c);
+void cache__redis_free(struct cache *c);
+
+#endif

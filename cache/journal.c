@@ -1,0 +1,144 @@
+/*
+ * cache/journal.c: charges made while Redis was unreachable, kept in memory
+ * until the Redis store writes them back.
+ *
+ * Charges with no Redis reservation attached (the bulk of an outage: local
+ * reservations settled locally) are merged per tenant, day and month, so
+ * the journal stays as small as the number of tenants however long the
+ * outage. Charges that must also drop a Redis reservation keep one entry
+ * each; there are at most as many as reservations open when Redis went
+ * away. A "conditional" entry is one whose first write may have reached
+ * Redis (its reply was lost): the write-back then charges only if Redis
+ * still knows the reservation, so it is not counted twice.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cache/internal.h"
+#include "common/log.h"
+
+/* Aggregation key: tenant, NUL, day, month. */
+static size_t agg_key(char *out, const char *tenant, const struct cache__period *p)
+{
+    size_t n = strlen(tenant);
+
+    memcpy(out, tenant, n + 1);
+    memcpy(out + n + 1, &p->day, sizeof(p->day));
+    memcpy(out + n + 1 + sizeof(p->day), &p->month, sizeof(p->month));
+    return n + 1 + sizeof(p->day) + sizeof(p->month);
+}
+
+static void append(struct cache__journal *j, struct cache__jentry *e)
+{
+    e->next = NULL;
+    if (j->tail)
+        j->tail->next = e;
+    else
+        j->head = e;
+    j->tail = e;
+    j->count++;
+    j->amount += e->real;
+}
+
+static int mergeable(const struct cache__jentry *e)
+{
+    return e->seq == 0 && !e->conditional;
+}
+
+/* Merge `real` into the tenant+period slot if there is one; 1 if merged. */
+static int merge(struct cache__journal *j, const char *tenant, const struct cache__period *p,
+                 int64_t real)
+{
+    char key[CACHE__TENANT_MAX + 16];
+    struct cache__map_entry *s = cache__map_find(&j->agg, key, agg_key(key, tenant, p));
+
+    if (s == NULL)
+        return 0;
+    ((struct cache__jentry *)s->value)->real += real;
+    j->amount += real;
+    return 1;
+}
+
+/* Give a mergeable entry its aggregation slot (best effort). */
+static void index_entry(struct cache__journal *j, struct cache__jentry *e)
+{
+    char key[CACHE__TENANT_MAX + 16];
+
+    e->agg = cache__map_add(&j->agg, key, agg_key(key, e->tenant, &e->period));
+    if (e->agg)
+        e->agg->value = e;
+}
+
+int cache__journal_add(struct cache__journal *j, const char *tenant,
+                       const struct cache__period *p, int64_t real, uint64_t seq,
+                       int64_t res_amount, int conditional)
+{
+    struct cache__jentry *e;
+    size_t n = strlen(tenant);
+
+    if (seq == 0)
+        conditional = 0; /* nothing to check against: charge at least once */
+    if (seq == 0 && merge(j, tenant, p, real))
+        return 0;
+    e = malloc(sizeof(*e) + n + 1);
+    if (e == NULL) {
+        log_error("store journal: out of memory, %lld micro-dollars lost", (long long)real);
+        return -ENOMEM;
+    }
+    memcpy(e->tenant, tenant, n + 1);
+    e->period = *p;
+    e->real = real;
+    e->seq = seq;
+    e->res_amount = res_amount;
+    e->conditional = conditional ? 1 : 0;
+    e->agg = NULL;
+    if (mergeable(e))
+        index_entry(j, e);
+    append(j, e);
+    return 0;
+}
+
+struct cache__jentry *cache__journal_pop(struct cache__journal *j)
+{
+    struct cache__jentry *e = j->head;
+
+    if (e == NULL)
+        return NULL;
+    j->head = e->next;
+    if (j->head == NULL)
+        j->tail = NULL;
+    if (e->agg) {
+        cache__map_del(&j->agg, e->agg);
+        e->agg = NULL;
+    }
+    j->count--;
+    j->amount -= e->real;
+    e->next = NULL;
+    return e;
+}
+
+void cache__journal_readd(struct cache__journal *j, struct cache__jentry *e, int conditional)
+{
+    if (conditional && e->seq != 0)
+        e->conditional = 1;
+    if (mergeable(e) && merge(j, e->tenant, &e->period, e->real)) {
+        free(e);
+        return;
+    }
+    if (mergeable(e))
+        index_entry(j, e);
+    append(j, e);
+}
+
+void cache__journal_free(struct cache__journal *j)
+{
+    struct cache__jentry *e;
+
+    if (j->count > 0)
+        log_warn("store journal: %zu entries (%lld micro-dollars) not written back", j->count,
+                 (long long)j->amount);
+    while ((e = cache__journal_pop(j)) != NULL)
+        free(e);
+    cache__map_free(&j->agg, NULL);
+}

@@ -1,0 +1,354 @@
+/*
+ * cache/local.c: the in-process store. Spend counters, reservations and
+ * cached responses in this process's memory: the single-instance default,
+ * and the fallback the Redis store serves from while Redis is unreachable
+ * (fail_open).
+ *
+ * Each tenant keeps its open reservations in a ring ordered by sequence
+ * number. Every reservation lives for the same TTL, so that order is also
+ * expiry order: expired and settled ones are dropped from the head, and a
+ * settle finds its reservation by binary search. Cached values are kept in
+ * insertion order and the oldest are evicted past the byte budget.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cache/internal.h"
+#include "common/error.h"
+
+/* One open reservation; amount < 0 once settled. */
+struct local_res {
+    uint64_t seq;     /* reservation number */
+    int64_t amount;   /* held micro-dollars, -1 when settled */
+    uint64_t expires; /* monotonic ms */
+};
+
+struct local_tenant {
+    struct cache__period period; /* the day and month counted below */
+    int64_t day_spent;           /* settled today */
+    int64_t month_spent;         /* settled this month */
+    int64_t reserved;            /* sum of open reservations */
+    struct local_res *ring;      /* open reservations by seq */
+    size_t cap;                  /* ring slots (power of two) */
+    size_t head;                 /* index of the oldest */
+    size_t count;                /* reservations in the ring */
+};
+
+struct cache__local_entry {
+    struct cache__map_entry *slot;   /* our slot in local.entries */
+    struct cache__local_entry *prev; /* older */
+    struct cache__local_entry *next; /* newer */
+    uint64_t expires;                /* monotonic ms */
+    size_t len;                      /* value bytes */
+    char data[];                     /* the value */
+};
+
+void cache__local_init(struct cache__local *l, size_t max_bytes, int64_t reservation_ttl_ms)
+{
+    memset(l, 0, sizeof(*l));
+    l->max_bytes = max_bytes;
+    l->ttl_ms = reservation_ttl_ms;
+}
+
+static void tenant_free(void *p)
+{
+    struct local_tenant *t = p;
+
+    if (t != NULL)
+        free(t->ring);
+    free(t);
+}
+
+void cache__local_free(struct cache__local *l)
+{
+    cache__map_free(&l->tenants, tenant_free);
+    cache__map_free(&l->entries, free);
+    l->oldest = l->newest = NULL;
+    l->bytes = 0;
+}
+
+static struct local_res *ring_at(struct local_tenant *t, size_t i)
+{
+    return &t->ring[(t->head + i) & (t->cap - 1)];
+}
+
+/* Drop settled and expired reservations from the head; roll the periods. */
+static void tenant_refresh(struct local_tenant *t)
+{
+    struct cache__period now;
+    uint64_t ms = cache__mono_ms();
+
+    while (t->count > 0) {
+        struct local_res *r = ring_at(t, 0);
+        if (r->amount >= 0 && r->expires > ms)
+            break;
+        if (r->amount >= 0)
+            t->reserved -= r->amount;
+        t->head = (t->head + 1) & (t->cap - 1);
+        t->count--;
+    }
+    cache__period_now(&now);
+    if (now.day != t->period.day)
+        t->day_spent = 0;
+    if (now.month != t->period.month)
+        t->month_spent = 0;
+    t->period = now;
+}
+
+static struct local_tenant *tenant_get(struct cache__local *l, const char *id)
+{
+    size_t len = strlen(id);
+    struct cache__map_entry *e = cache__map_find(&l->tenants, id, len);
+    struct local_tenant *t;
+
+    if (e == NULL) {
+        t = calloc(1, sizeof(*t));
+        if (t == NULL)
+            return NULL;
+        e = cache__map_add(&l->tenants, id, len);
+        if (e == NULL) {
+            free(t);
+            return NULL;
+        }
+        e->value = t;
+        cache__period_now(&t->period);
+    }
+    t = e->value;
+    tenant_refresh(t);
+    return t;
+}
+
+static int ring_push(struct local_tenant *t, uint64_t seq, int64_t amount, uint64_t expires)
+{
+    if (t->count == t->cap) {
+        size_t cap = t->cap ? t->cap * 2 : 8;
+        struct local_res *ring = malloc(cap * sizeof(*ring));
+        if (ring == NULL)
+            return -ENOMEM;
+        for (size_t i = 0; i < t->count; i++)
+            ring[i] = *ring_at(t, i);
+        free(t->ring);
+        t->ring = ring;
+        t->cap = cap;
+        t->head = 0;
+    }
+    *ring_at(t, t->count) = (struct local_res){seq, amount, expires};
+    t->count++;
+    return 0;
+}
+
+static void entry_unlink(struct cache__local *l, struct cache__local_entry *e)
+{
+    if (e->prev)
+        e->prev->next = e->next;
+    else
+        l->oldest = e->next;
+    if (e->next)
+        e->next->prev = e->prev;
+    else
+        l->newest = e->prev;
+    l->bytes -= e->len;
+    cache__map_del(&l->entries, e->slot);
+    free(e);
+}
+
+/* The live entry called `name`, dropping it if expired. */
+static struct cache__local_entry *entry_get(struct cache__local *l, const char *name)
+{
+    struct cache__map_entry *s = cache__map_find(&l->entries, name, strlen(name));
+    struct cache__local_entry *e;
+
+    if (s == NULL)
+        return NULL;
+    e = s->value;
+    if (e->expires <= cache__mono_ms()) {
+        entry_unlink(l, e);
+        return NULL;
+    }
+    return e;
+}
+
+int cache__local_begin(struct cache__local *l, const char *tenant, const char *name,
+                       int64_t amount, int64_t day_limit, int64_t month_limit, uint64_t seq,
+                       struct cache_begin_result *r, char **value)
+{
+    struct local_tenant *t = tenant_get(l, tenant);
+    struct cache__local_entry *e;
+
+    if (t == NULL)
+        return -ENOMEM;
+    r->lookup = name ? CACHE_LOOKUP_MISS : CACHE_LOOKUP_NONE;
+    r->granted = 0;
+    r->day_spent = t->day_spent;
+    r->month_spent = t->month_spent;
+    if (name != NULL && (e = entry_get(l, name)) != NULL) {
+        *value = malloc(e->len ? e->len : 1);
+        if (*value == NULL)
+            return -ENOMEM;
+        memcpy(*value, e->data, e->len);
+        r->lookup = CACHE_LOOKUP_HIT;
+        r->value_len = e->len;
+        r->reserved = t->reserved;
+        return 0;
+    }
+    if ((day_limit > 0 && t->day_spent + t->reserved + amount > day_limit) ||
+        (month_limit > 0 && t->month_spent + t->reserved + amount > month_limit)) {
+        r->reserved = t->reserved;
+        return 0;
+    }
+    if (ring_push(t, seq, amount, cache__mono_ms() + (uint64_t)l->ttl_ms) < 0)
+        return -ENOMEM;
+    t->reserved += amount;
+    r->reserved = t->reserved;
+    r->granted = 1;
+    r->reservation.amount = amount;
+    r->reservation.seq = seq;
+    r->reservation.remote = 0;
+    return 0;
+}
+
+int cache__local_settle(struct cache__local *l, const char *tenant, uint64_t seq, int64_t real)
+{
+    struct local_tenant *t = tenant_get(l, tenant);
+    size_t lo = 0, hi;
+
+    if (t == NULL)
+        return -ENOMEM;
+    t->day_spent += real;
+    t->month_spent += real;
+    if (seq == 0)
+        return 0;
+    hi = t->count;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (ring_at(t, mid)->seq < seq)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo < t->count && ring_at(t, lo)->seq == seq && ring_at(t, lo)->amount >= 0) {
+        t->reserved -= ring_at(t, lo)->amount;
+        ring_at(t, lo)->amount = -1;
+        tenant_refresh(t);
+    }
+    return 0;
+}
+
+void cache__local_spend(struct cache__local *l, const char *tenant, struct cache_spend *out)
+{
+    struct cache__map_entry *e = cache__map_find(&l->tenants, tenant, strlen(tenant));
+    struct local_tenant *t = e ? e->value : NULL;
+
+    memset(out, 0, sizeof(*out));
+    if (t == NULL)
+        return;
+    tenant_refresh(t);
+    out->day_spent = t->day_spent;
+    out->month_spent = t->month_spent;
+    out->reserved = t->reserved;
+}
+
+int cache__local_sync(struct cache__local *l, const char *tenant, int64_t day_spent,
+                      int64_t month_spent)
+{
+    struct local_tenant *t = tenant_get(l, tenant);
+
+    if (t == NULL)
+        return -ENOMEM;
+    t->day_spent = day_spent;
+    t->month_spent = month_spent;
+    return 0;
+}
+
+int cache__local_put(struct cache__local *l, const char *name, const void *value, size_t len,
+                     int ttl_s)
+{
+    struct cache__map_entry *s = cache__map_find(&l->entries, name, strlen(name));
+    struct cache__local_entry *e;
+
+    if (s != NULL)
+        entry_unlink(l, s->value);
+    if (len > l->max_bytes)
+        return -EMSGSIZE;
+    while (l->oldest != NULL && l->bytes + len > l->max_bytes)
+        entry_unlink(l, l->oldest);
+    e = malloc(sizeof(*e) + len);
+    if (e == NULL)
+        return -ENOMEM;
+    e->slot = cache__map_add(&l->entries, name, strlen(name));
+    if (e->slot == NULL) {
+        free(e);
+        return -ENOMEM;
+    }
+    e->slot->value = e;
+    e->expires = cache__mono_ms() + (uint64_t)ttl_s * 1000;
+    e->len = len;
+    memcpy(e->data, value, len);
+    e->next = NULL;
+    e->prev = l->newest;
+    if (l->newest)
+        l->newest->next = e;
+    else
+        l->oldest = e;
+    l->newest = e;
+    l->bytes += len;
+    return 0;
+}
+
+/* ---- the in-process store type: every answer is known at once ---- */
+
+static void local_begin(struct cache_op *op)
+{
+    struct cache *c = op->cache;
+
+    if (cache__local_begin(&c->local, op->tenant, op->name, op->amount, op->day_limit,
+                           op->month_limit, ++c->seq, &op->result, &op->value) < 0)
+        op->errstr = error_no_memory;
+    cache__defer(op);
+}
+
+static void local_settle(struct cache_op *op)
+{
+    if (cache__local_settle(&op->cache->local, op->tenant, op->res.seq, op->amount) < 0)
+        op->errstr = error_no_memory;
+    cache__defer(op);
+}
+
+static void local_spend(struct cache_op *op)
+{
+    cache__local_spend(&op->cache->local, op->tenant, &op->spend);
+    cache__defer(op);
+}
+
+static void local_put(struct cache_op *op)
+{
+    if (cache__local_put(&op->cache->local, op->name, op->value, op->value_len, op->ttl_s) < 0)
+        op->errstr = error_no_memory;
+    cache__defer(op);
+}
+
+static enum cache_state local_state(const struct cache *c)
+{
+    return CACHE_STATE_CONNECTED;
+}
+
+static void local_close(struct cache *c)
+{
+}
+
+static void local_stats(const struct cache *c, struct cache_stats *out)
+{
+    out->state = CACHE_STATE_CONNECTED;
+}
+
+const struct cache__type cache__local_type = {
+    .name = "memory",
+    .begin = local_begin,
+    .settle = local_settle,
+    .spend = local_spend,
+    .put = local_put,
+    .state = local_state,
+    .close = local_close,
+    .stats = local_stats,
+};

@@ -1,0 +1,135 @@
+/*
+ * cli/tokens.c: `costrouter tokens`, token counts from the command line.
+ *
+ *   costrouter tokens --encoding cl100k_base|o200k_base|llama3|estimate
+ *                     [--chat] [--ids] [--data DIR] [FILE|-]
+ *
+ * Prints the token count of FILE (default stdin). With --chat the input is
+ * a chat completion request JSON and the count is its prompt tokens as the
+ * API reports them (policy_tokens_chat); --ids prints the token ids too.
+ */
+#include "cli/tokens.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/buf.h"
+#include "policy/tokenize.h"
+
+static const struct {
+    const char *name;         /* --encoding value */
+    enum conf_tokenizer enc;  /* what it selects */
+} names[] = {
+    {"cl100k_base", CONF_TOK_CL100K},
+    {"o200k_base", CONF_TOK_O200K},
+    {"llama3", CONF_TOK_LLAMA3},
+    {"estimate", CONF_TOK_ESTIMATE},
+};
+
+static int usage(void)
+{
+    fprintf(stderr, "usage: costrouter tokens --encoding cl100k_base|o200k_base|llama3|estimate\n"
+                    "                         [--chat] [--ids] [--data DIR] [FILE|-]\n");
+    return 2;
+}
+
+static int read_all(FILE *f, struct buf *b)
+{
+    char chunk[65536];
+    size_t n;
+    while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0)
+        if (buf_append(b, chunk, n) < 0)
+            return -ENOMEM;
+    return ferror(f) ? -EIO : 0;
+}
+
+static int print_ids(struct policy_tokens *t, enum conf_tokenizer enc, const struct buf *in,
+                     int64_t count)
+{
+    uint32_t *ids = malloc(((size_t)count + 1) * sizeof(*ids));
+    if (!ids)
+        return -ENOMEM;
+    policy_tokens_encode(t, enc, in->data, in->len, ids, (size_t)count);
+    for (int64_t i = 0; i < count; i++)
+        printf("%s%u", i ? " " : "", ids[i]);
+    printf("\n");
+    free(ids);
+    return 0;
+}
+
+int cli_tokens_main(int argc, char **argv)
+{
+    const char *enc_name = NULL, *path = "-", *dir = NULL;
+    int chat = 0, want_ids = 0, rc = 1;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--encoding") == 0 && i + 1 < argc)
+            enc_name = argv[++i];
+        else if (strcmp(argv[i], "--data") == 0 && i + 1 < argc)
+            dir = argv[++i];
+        else if (strcmp(argv[i], "--chat") == 0)
+            chat = 1;
+        else if (strcmp(argv[i], "--ids") == 0)
+            want_ids = 1;
+        else if (argv[i][0] != '-' || strcmp(argv[i], "-") == 0)
+            path = argv[i];
+        else
+            return usage();
+    }
+    int found = -1;
+    for (size_t i = 0; enc_name && i < sizeof(names) / sizeof(names[0]); i++)
+        if (strcmp(enc_name, names[i].name) == 0)
+            found = (int)i;
+    if (found < 0)
+        return usage();
+    enum conf_tokenizer enc = names[found].enc;
+
+    struct buf in = {0};
+    struct policy_tokens *t = NULL;
+    cJSON *req = NULL;
+    FILE *f = strcmp(path, "-") == 0 ? stdin : fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "costrouter tokens: %s: %s\n", path, strerror(errno));
+        goto out;
+    }
+    int err = read_all(f, &in);
+    if (f != stdin)
+        fclose(f);
+    if (err < 0) {
+        fprintf(stderr, "costrouter tokens: %s: %s\n", path, strerror(-err));
+        goto out;
+    }
+    err = policy_tokens_load(&t, dir);
+    if (err < 0) {
+        fprintf(stderr, "costrouter tokens: cannot load token tables: %s (run `make data`)\n",
+                strerror(-err));
+        goto out;
+    }
+    int64_t count;
+    if (chat) {
+        req = cJSON_ParseWithLength(in.data ? in.data : "", in.len);
+        if (!req) {
+            fprintf(stderr, "costrouter tokens: %s: not valid JSON\n", path);
+            goto out;
+        }
+        count = policy_tokens_chat(t, enc, req);
+    } else {
+        count = policy_tokens_count(t, enc, in.data, in.len);
+    }
+    if (count < 0) {
+        fprintf(stderr, "costrouter tokens: %s\n",
+                count == -EINVAL ? "request has no \"messages\" array" : strerror((int)-count));
+        goto out;
+    }
+    printf("%lld\n", (long long)count);
+    if (want_ids && !chat && enc != CONF_TOK_ESTIMATE && print_ids(t, enc, &in, count) < 0)
+        goto out;
+    rc = 0;
+out:
+    cJSON_Delete(req);
+    policy_tokens_free(t);
+    buf_free(&in);
+    return rc;
+}

@@ -1,0 +1,143 @@
+/*
+ * policy/tokenize.h: exact prompt token counts, calibrated estimates and
+ * output-token prediction.
+ *
+ * Exact counts use byte-pair encoding identical to tiktoken (cl100k_base,
+ * o200k_base) and to Llama 3's tokenizer, with each encoding's split regex
+ * run by PCRE2's JIT. Rank tables are loaded once at start-up from the
+ * files mk/tokens.mk builds (data/tokens/NAME.tok); counting does no I/O and,
+ * once its scratch buffers have grown to the largest input seen, no
+ * allocation. A struct policy_tokens is not thread-safe (it owns scratch
+ * buffers): use one per event-loop thread.
+ *
+ * Special tokens written in the text (e.g. "<|endoftext|>") count as plain
+ * text, like js-tiktoken's encode(text, [], []). Input that is not valid
+ * UTF-8 is decoded as a WHATWG decoder does (each maximal invalid subpart
+ * becomes U+FFFD), so counts match the reference run on the same bytes.
+ */
+#ifndef POLICY_TOKENIZE_H
+#define POLICY_TOKENIZE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "conf/conf.h"
+
+struct cJSON;
+struct policy_tokens;
+
+/*
+ * Load cl100k_base.tok, o200k_base.tok and llama3.tok from `dir` (NULL:
+ * $COSTROUTER_DATA if set, else "./data/tokens"), build their lookup tables
+ * and JIT-compile the split patterns. On success stores a new object in
+ * *out (free with policy_tokens_free) and returns 0; otherwise returns
+ * -ENOENT (a file is missing), -EINVAL (a file is malformed), -ENOMEM or
+ * another negative errno from reading, and leaves *out NULL.
+ */
+int policy_tokens_load(struct policy_tokens **out, const char *dir)
+    __attribute__((warn_unused_result));
+
+/* Free everything policy_tokens_load made. NULL is fine. */
+void policy_tokens_free(struct policy_tokens *t);
+
+/*
+ * Number of tokens `enc` makes of the `len` bytes at `p` (p may be NULL
+ * when len is 0). For CONF_TOK_ESTIMATE this is the raw byte/char estimate
+ * (see policy_tokens_estimate), before any calibration. Returns the count,
+ * or -ENOMEM if a scratch buffer could not grow.
+ */
+int64_t policy_tokens_count(struct policy_tokens *t, enum conf_tokenizer enc, const char *p,
+                            size_t len);
+
+/*
+ * Like policy_tokens_count, and also writes the first min(count, cap)
+ * token ids to `ids` (CONF_TOK_ESTIMATE writes none). Returns the full
+ * count or -ENOMEM. For tests and the CLI; the router only counts.
+ */
+int64_t policy_tokens_encode(struct policy_tokens *t, enum conf_tokenizer enc, const char *p,
+                             size_t len, uint32_t *ids, size_t cap);
+
+/*
+ * Raw estimate for models whose vocabulary is unknown: a quarter token per
+ * ASCII byte plus 0.4 token per byte of other UTF-8 text, rounded up.
+ * Pure; no object needed.
+ */
+int64_t policy_tokens_estimate(const char *p, size_t len);
+
+/*
+ * Prompt tokens of a parsed chat completion request `req` (the JSON object
+ * with "messages", optional "tools"/"functions") as the upstream reports
+ * them in usage.prompt_tokens:
+ * - OpenAI encodings follow the OpenAI cookbook ("How to count tokens with
+ *   tiktoken"): 3 tokens per message, +1 per "name", 3 to prime the reply;
+ *   tool/function definitions by the cookbook's num_tokens_for_tools rule;
+ *   images by the tile rule (detail "low": 85; otherwise fit in 2048x2048,
+ *   shortest side 768, 170 per 512px tile + 85; gpt-4o-mini models: 2833 +
+ *   5667 per tile), dimensions read from a data: URL's PNG/GIF/JPEG/WebP
+ *   header, else assumed 1024x1024.
+ * - CONF_TOK_LLAMA3 follows Llama 3's chat template: <|begin_of_text|>, per
+ *   message <|start_header_id|>role<|end_header_id|>"\n\n" trimmed content
+ *   <|eot_id|>, then the assistant header; tools are counted as their JSON
+ *   text.
+ * - CONF_TOK_ESTIMATE uses the OpenAI framing with estimated text (raw,
+ *   uncalibrated: apply policy_calib_apply).
+ * Returns the count (>= 0), -EINVAL if req has no "messages" array, or
+ * -ENOMEM.
+ */
+int64_t policy_tokens_chat(struct policy_tokens *t, enum conf_tokenizer enc,
+                           const struct cJSON *req);
+
+/*
+ * Online calibration of estimates for one backend: an exponentially
+ * weighted moving average of reported / estimated prompt tokens. Owned by
+ * the caller (one per backend), zero-initialised by policy_calib_init.
+ */
+struct policy_calib {
+    double ratio;     /* current reported/estimated factor, 1.0 before samples */
+    double alpha;     /* EWMA weight of each new sample, default 0.2 */
+    uint64_t samples; /* observations taken so far (for metrics) */
+};
+
+/* Reset `c` to ratio 1.0, no samples, default weight. */
+void policy_calib_init(struct policy_calib *c);
+
+/* `raw` scaled by the current ratio, rounded to nearest, at least 0. */
+int64_t policy_calib_apply(const struct policy_calib *c, int64_t raw);
+
+/*
+ * Feed one observation: `raw` is the uncalibrated estimate made for a
+ * request, `reported` the upstream's usage.prompt_tokens. Ignored unless
+ * both are > 0. Each sample's ratio is clamped to [0.05, 20] so one bad
+ * report cannot swing the estimate by more than that.
+ */
+void policy_calib_observe(struct policy_calib *c, int64_t raw, int64_t reported);
+
+/*
+ * Output-token prediction for one (tenant, route): a ring of the most
+ * recent observed completion lengths and their cached high quantile.
+ * Owned by the caller (the router keeps one per tenant and route).
+ */
+#define POLICY_OUTPRED_WINDOW 128
+struct policy_outpred {
+    uint32_t ring[POLICY_OUTPRED_WINDOW]; /* recent completion_tokens values */
+    uint32_t n;                           /* valid entries in ring, <= WINDOW */
+    uint32_t next;                        /* ring slot the next sample goes to */
+    uint32_t quantile;                    /* cached P95 of ring, 0 when n == 0 */
+};
+
+/* Empty predictor. */
+void policy_outpred_init(struct policy_outpred *o);
+
+/* Record one response's usage.completion_tokens (negative ignored). O(WINDOW). */
+void policy_outpred_observe(struct policy_outpred *o, int64_t completion_tokens);
+
+/*
+ * Completion tokens to reserve for `req`: its "max_completion_tokens" or
+ * "max_tokens" (the smaller if both) when given and > 0; else the P95 of
+ * recent completions once at least 8 were observed; else `fallback`.
+ * Multiplied by "n" when n > 1. `req` may be NULL. O(1).
+ */
+int64_t policy_outpred_predict(const struct policy_outpred *o, const struct cJSON *req,
+                               int64_t fallback);
+
+#endif

@@ -1,0 +1,289 @@
+/*
+ * tests/cache/test_faults.c: the Redis store under faults, against a real
+ * redis-server: down at start (refused, silent), a stopped server (command
+ * timeout), killed and restarted mid-load with fail_open (journal written
+ * back, nothing lost), fail_closed errors, and several processes hammering
+ * one tenant without overspending.
+ */
+#include <criterion/criterion.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "cache/cache.h"
+#include "common/error.h"
+#include "tests/cache/load.h"
+#include "tests/cache/wait.h"
+#include "tests/support/redis.h"
+
+static struct cache *open_store(uv_loop_t *loop, const char *url, enum cache_on_failure mode,
+                                char *prefix, size_t n, const char *name)
+{
+    struct cache_options o = {
+        .redis_url = url,
+        .on_failure = mode,
+        .command_timeout_ms = 300,
+        .connect_timeout_ms = 5000,
+        .reconnect_min_ms = 50,
+        .reconnect_max_ms = 200,
+    };
+    struct cache *c;
+
+    wait_prefix(prefix, n, name);
+    o.key_prefix = prefix;
+    c = cache_create(loop, &o);
+    cr_assert_not_null(c);
+    return c;
+}
+
+/* Nothing listens: the refusal must reach hiredis at once (a hung adapter
+ * would only be rescued by the 5 s connect timeout, past .timeout). */
+Test(faults, refused_at_start_does_not_hang, .timeout = 3)
+{
+    uv_loop_t loop;
+    char prefix[64], url[64];
+    struct cache *c;
+    struct wait w;
+    struct cache_stats st;
+
+    uv_loop_init(&loop);
+    snprintf(url, sizeof(url), "redis://127.0.0.1:%d", test_free_port());
+    c = open_store(&loop, url, CACHE_FAIL_CLOSED, prefix, sizeof(prefix), "refused");
+    w = wait_begin(&loop, c, "acme", NULL, 10, 0, 0);
+    cr_assert_eq(w.err, error_store_unavailable);
+    wait_state(&loop, c, CACHE_STATE_DOWN);
+    wait_state(&loop, c, CACHE_STATE_CONNECTING); /* backoff, then it tries again */
+    wait_state(&loop, c, CACHE_STATE_DOWN);
+    w = wait_spend(&loop, c, "acme");
+    cr_assert_eq(w.err, error_store_unavailable);
+    cache_stats(c, &st);
+    cr_assert_eq(st.reconnects, 0);
+    wait_close(&loop, c);
+}
+
+/* A peer that accepts TCP but never answers: the connect timeout fires. */
+Test(faults, silent_server_connect_timeout, .timeout = 5)
+{
+    uv_loop_t loop;
+    char prefix[64], url[64];
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof(a);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct cache_options o = {.connect_timeout_ms = 300, .on_failure = CACHE_FAIL_CLOSED};
+    struct cache *c;
+    uint64_t t0;
+
+    cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    cr_assert_eq(listen(fd, 16), 0);
+    getsockname(fd, (struct sockaddr *)&a, &len);
+    snprintf(url, sizeof(url), "redis://localhost:%d", ntohs(a.sin_port));
+    uv_loop_init(&loop);
+    wait_prefix(prefix, sizeof(prefix), "silent");
+    o.redis_url = url;
+    o.key_prefix = prefix;
+    c = cache_create(&loop, &o);
+    cr_assert_not_null(c);
+    t0 = uv_hrtime();
+    wait_state(&loop, c, CACHE_STATE_DOWN);
+    cr_assert_geq((uv_hrtime() - t0) / 1000000, 250, "gave up before the connect timeout");
+    cr_assert_eq(wait_begin(&loop, c, "acme", NULL, 1, 0, 0).err, error_store_unavailable);
+    wait_close(&loop, c);
+    close(fd);
+}
+
+/* A stopped server: the command times out, the store reconnects once the
+ * server is back. */
+Test(faults, stopped_server_command_timeout, .timeout = 15)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache *c;
+    struct wait w;
+    uint64_t t0, ms;
+
+    cr_assert_eq(test_redis_start(&r, 0), 0);
+    uv_loop_init(&loop);
+    c = open_store(&loop, r.url, CACHE_FAIL_CLOSED, prefix, sizeof(prefix), "stopped");
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    cr_assert(wait_begin(&loop, c, "acme", NULL, 1, 0, 0).begin.granted);
+    test_redis_kill(&r, SIGSTOP);
+    t0 = uv_hrtime();
+    w = wait_begin(&loop, c, "acme", NULL, 1, 0, 0);
+    ms = (uv_hrtime() - t0) / 1000000;
+    cr_assert_eq(w.err, error_store_unavailable);
+    cr_assert_geq(ms, 250, "failed after %llu ms, before the command timeout", (unsigned long long)ms);
+    cr_assert_lt(ms, 2000);
+    test_redis_kill(&r, SIGCONT);
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    w = wait_begin(&loop, c, "acme", NULL, 1, 0, 0);
+    cr_assert_null(w.err);
+    cr_assert(w.begin.granted);
+    wait_close(&loop, c);
+    test_redis_stop(&r);
+}
+
+/* fail_closed rejects while Redis is gone, but still keeps the charge of a
+ * request already served and writes it back. */
+Test(faults, fail_closed_rejects_but_keeps_charges, .timeout = 15)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache *c;
+    struct wait w, s;
+    struct cache_stats st;
+
+    cr_assert_eq(test_redis_start(&r, 1), 0);
+    uv_loop_init(&loop);
+    c = open_store(&loop, r.url, CACHE_FAIL_CLOSED, prefix, sizeof(prefix), "closed");
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    w = wait_begin(&loop, c, "acme", NULL, 100, 0, 0);
+    cr_assert(w.begin.granted);
+    test_redis_kill(&r, SIGKILL);
+    wait_state(&loop, c, CACHE_STATE_DOWN);
+    cr_assert_eq(wait_begin(&loop, c, "acme", NULL, 1, 0, 0).err, error_store_unavailable);
+    cr_assert_eq(wait_spend(&loop, c, "acme").err, error_store_unavailable);
+    cr_assert_eq(wait_settle(&loop, c, &w.begin.reservation, 80), error_store_unavailable,
+                 "journaled");
+    cache_stats(c, &st);
+    cr_assert_eq(st.journal_entries, 1);
+    cr_assert_eq(st.journal_amount, 80);
+    cr_assert_eq(test_redis_restart(&r), 0);
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    wait_drained(&loop, c);
+    s = wait_spend(&loop, c, "acme");
+    cr_assert_null(s.err);
+    cr_assert_eq(s.spend.day_spent, 80);
+    cr_assert_eq(s.spend.reserved, 0, "the reservation was dropped with the charge");
+    wait_close(&loop, c);
+    test_redis_stop(&r);
+}
+
+/* Redis killed (SIGKILL) mid-load and restarted from its AOF: fail_open
+ * keeps serving, the journal is written back, and Redis ends with exactly
+ * the sum of every charge made. */
+Test(faults, killed_mid_load_nothing_lost, .timeout = 30)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache *c;
+    struct load l = {.tenant = "acme", .amount = 1000, .remaining = 1000000, .seed = 7};
+    struct load_chain chains[16];
+    struct cache_stats st;
+    struct wait s;
+    long granted_before;
+
+    cr_assert_eq(test_redis_start(&r, 1), 0);
+    uv_loop_init(&loop);
+    c = open_store(&loop, r.url, CACHE_FAIL_OPEN, prefix, sizeof(prefix), "killed");
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    l.c = c;
+    load_start(&l, chains, 16);
+    wait_ms(&loop, 300);
+    cr_assert_gt(l.granted, 0);
+    test_redis_kill(&r, SIGKILL);
+    granted_before = l.granted;
+    wait_ms(&loop, 600);
+    cr_assert_gt(l.granted, granted_before + 50, "fail_open kept serving");
+    cr_assert_gt(l.degraded, 0);
+    cache_stats(c, &st);
+    cr_assert_neq(st.state, CACHE_STATE_CONNECTED);
+    cr_assert_gt(st.journal_amount, 0);
+    cr_assert_eq(test_redis_restart(&r), 0);
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    wait_ms(&loop, 300);
+    l.remaining = 0;
+    while (l.active > 0)
+        uv_run(&loop, UV_RUN_ONCE);
+    wait_drained(&loop, c);
+    cr_assert_eq(l.errors, 0);
+    s = wait_spend(&loop, c, "acme");
+    cr_assert_null(s.err);
+    cr_assert_not(s.spend.degraded);
+    cr_assert_eq(s.spend.day_spent, l.charged, "redis has %lld, charged %lld",
+                 (long long)s.spend.day_spent, (long long)l.charged);
+    cr_assert_eq(s.spend.month_spent, l.charged);
+    wait_close(&loop, c);
+    test_redis_stop(&r);
+}
+
+/* Worker process: its own loop and connection, begin+settle at full
+ * amount against one tenant. Writes how many were granted. */
+static void worker(const char *url, const char *prefix, int out)
+{
+    uv_loop_t loop;
+    struct cache_options o = {.redis_url = url, .key_prefix = prefix,
+                              .on_failure = CACHE_FAIL_CLOSED};
+    struct load l = {.tenant = "acme", .amount = 7, .day_limit = 1000, .remaining = 400,
+                     .fixed_real = 1};
+    struct load_chain chains[8];
+    struct cache *c;
+    int closed = 0;
+
+    uv_loop_init(&loop);
+    c = cache_create(&loop, &o);
+    if (c == NULL)
+        _exit(2);
+    for (struct cache_stats st = {0}; cache_stats(c, &st), st.state != CACHE_STATE_CONNECTED;)
+        uv_run(&loop, UV_RUN_ONCE);
+    l.c = c;
+    load_start(&l, chains, 8);
+    while (l.active > 0)
+        uv_run(&loop, UV_RUN_ONCE);
+    cache_close(c, wait_closed_cb, &closed);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    if (write(out, &l.granted, sizeof(l.granted)) != sizeof(l.granted))
+        _exit(3);
+    _exit(l.errors == 0 && closed && uv_loop_close(&loop) == 0 ? 0 : 4);
+}
+
+Test(faults, processes_hammering_one_tenant_stay_within_budget, .timeout = 30)
+{
+    enum { N = 4 };
+    struct test_redis r;
+    char prefix[64];
+    int fds[2];
+    pid_t pids[N];
+    long total = 0, got;
+    uv_loop_t loop;
+    struct cache *c;
+    struct wait s;
+
+    cr_assert_eq(test_redis_start(&r, 0), 0);
+    wait_prefix(prefix, sizeof(prefix), "procs");
+    cr_assert_eq(pipe(fds), 0);
+    for (int i = 0; i < N; i++) {
+        pids[i] = fork();
+        cr_assert_geq(pids[i], 0);
+        if (pids[i] == 0)
+            worker(r.url, prefix, fds[1]);
+    }
+    for (int i = 0; i < N; i++) {
+        int status;
+        cr_assert_eq(waitpid(pids[i], &status, 0), pids[i]);
+        cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "worker %d failed", i);
+        cr_assert_eq(read(fds[0], &got, sizeof(got)), (ssize_t)sizeof(got));
+        total += got;
+    }
+    uv_loop_init(&loop);
+    {
+        struct cache_options o = {.redis_url = r.url, .key_prefix = prefix};
+        c = cache_create(&loop, &o);
+    }
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    s = wait_spend(&loop, c, "acme");
+    cr_assert_eq(s.spend.day_spent, total * 7, "every granted request charged once");
+    cr_assert_leq(s.spend.day_spent, 1000, "overspent: %lld", (long long)s.spend.day_spent);
+    cr_assert_gt(s.spend.day_spent, 500, "the budget was barely used");
+    cr_assert_eq(s.spend.reserved, 0);
+    wait_close(&loop, c);
+    close(fds[0]);
+    close(fds[1]);
+    test_redis_stop(&r);
+}

@@ -1,0 +1,296 @@
+/*
+ * tests/cache/test_store.c: reservation arithmetic, limits, expiry, the
+ * response cache and cancellation, each run on both stores: in-process and
+ * Redis (a real redis-server per test).
+ */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <string.h>
+
+#include "cache/cache.h"
+#include "common/error.h"
+#include "tests/cache/wait.h"
+#include "tests/support/redis.h"
+
+struct fx {
+    uv_loop_t loop;          /* the test's loop */
+    struct cache *c;         /* store under test */
+    struct test_redis redis; /* server, when use_redis */
+    int use_redis;           /* which store */
+    char prefix[64];         /* unique key prefix */
+};
+
+static void fx_open(struct fx *f, int use_redis, struct cache_options *o, const char *name)
+{
+    memset(f, 0, sizeof(*f));
+    cr_assert_eq(uv_loop_init(&f->loop), 0);
+    f->use_redis = use_redis;
+    wait_prefix(f->prefix, sizeof(f->prefix), name);
+    o->key_prefix = f->prefix;
+    if (use_redis) {
+        cr_assert_eq(test_redis_start(&f->redis, 0), 0, "redis-server did not start");
+        o->redis_url = f->redis.url;
+    }
+    f->c = cache_create(&f->loop, o);
+    cr_assert_not_null(f->c);
+    wait_state(&f->loop, f->c, CACHE_STATE_CONNECTED);
+}
+
+static void fx_close(struct fx *f)
+{
+    wait_close(&f->loop, f->c);
+    if (f->use_redis)
+        test_redis_stop(&f->redis);
+}
+
+#define BOTH(name, secs)                                                                 \
+    static void name##_body(int use_redis);                                              \
+    Test(store_memory, name, .timeout = secs) { name##_body(0); }                        \
+    Test(store_redis, name, .timeout = secs) { name##_body(1); }                         \
+    static void name##_body(int use_redis)
+
+static struct cache_key key_of(int n)
+{
+    struct cache_key k;
+
+    memset(&k, 0, sizeof(k));
+    k.sha256[0] = (uint8_t)n;
+    k.sha256[31] = 0xab;
+    return k;
+}
+
+BOTH(reserve_settle_release_arithmetic, 20)
+{
+    struct cache_options o = {0};
+    struct fx f;
+    struct wait w, s;
+
+    fx_open(&f, use_redis, &o, "arith");
+    w = wait_begin(&f.loop, f.c, "acme", NULL, 100, 1000, 10000);
+    cr_assert_null(w.err);
+    cr_assert(w.begin.granted);
+    cr_assert_eq(w.begin.lookup, CACHE_LOOKUP_NONE);
+    cr_assert_eq(w.begin.day_spent, 0);
+    cr_assert_eq(w.begin.reserved, 100);
+    cr_assert_eq(w.begin.reservation.amount, 100);
+    cr_assert_eq(w.begin.reservation.remote, use_redis);
+    cr_assert_str_eq(w.begin.reservation.tenant, "acme");
+
+    s = wait_spend(&f.loop, f.c, "acme");
+    cr_assert_null(s.err);
+    cr_assert_eq(s.spend.reserved, 100);
+    cr_assert_eq(s.spend.day_spent, 0);
+
+    cr_assert_null(wait_settle(&f.loop, f.c, &w.begin.reservation, 70));
+    s = wait_spend(&f.loop, f.c, "acme");
+    cr_assert_eq(s.spend.day_spent, 70);
+    cr_assert_eq(s.spend.month_spent, 70);
+    cr_assert_eq(s.spend.reserved, 0);
+
+    /* Release: no charge. */
+    w = wait_begin(&f.loop, f.c, "acme", NULL, 50, 1000, 10000);
+    cr_assert(w.begin.granted);
+    cr_assert_eq(w.begin.day_spent, 70);
+    cr_assert_eq(w.begin.reserved, 50);
+    cr_assert_null(wait_release(&f.loop, f.c, &w.begin.reservation));
+    s = wait_spend(&f.loop, f.c, "acme");
+    cr_assert_eq(s.spend.day_spent, 70);
+    cr_assert_eq(s.spend.reserved, 0);
+
+    /* The real cost is charged even beyond the reservation and the limit. */
+    w = wait_begin(&f.loop, f.c, "acme", NULL, 10, 1000, 10000);
+    cr_assert(w.begin.granted);
+    cr_assert_null(wait_settle(&f.loop, f.c, &w.begin.reservation, 5000));
+    s = wait_spend(&f.loop, f.c, "acme");
+    cr_assert_eq(s.spend.day_spent, 5070);
+    cr_assert_eq(s.spend.month_spent, 5070);
+
+    /* Other tenants are untouched. */
+    s = wait_spend(&f.loop, f.c, "other");
+    cr_assert_eq(s.spend.day_spent, 0);
+    cr_assert_eq(s.spend.reserved, 0);
+    fx_close(&f);
+}
+
+BOTH(denial_at_the_limit, 20)
+{
+    struct cache_options o = {0};
+    struct fx f;
+    struct wait w[3], d, s;
+
+    fx_open(&f, use_redis, &o, "limit");
+    for (int i = 0; i < 3; i++) {
+        w[i] = wait_begin(&f.loop, f.c, "acme", NULL, 100, 300, 0);
+        cr_assert(w[i].begin.granted, "reservation %d", i);
+    }
+    /* Exactly at the limit: the next one is denied, without error. */
+    d = wait_begin(&f.loop, f.c, "acme", NULL, 1, 300, 0);
+    cr_assert_null(d.err);
+    cr_assert_not(d.begin.granted);
+    cr_assert_eq(d.begin.reserved, 300);
+
+    cr_assert_null(wait_settle(&f.loop, f.c, &w[0].begin.reservation, 100));
+    d = wait_begin(&f.loop, f.c, "acme", NULL, 1, 300, 0);
+    cr_assert_not(d.begin.granted, "spent 100 + reserved 200 + 1 > 300");
+    cr_assert_eq(d.begin.day_spent, 100);
+
+    cr_assert_null(wait_release(&f.loop, f.c, &w[1].begin.reservation));
+    d = wait_begin(&f.loop, f.c, "acme", NULL, 100, 300, 0);
+    cr_assert(d.begin.granted, "a release frees its budget");
+
+    /* The monthly limit binds on its own. */
+    w[0] = wait_begin(&f.loop, f.c, "beta", NULL, 100, 0, 150);
+    cr_assert(w[0].begin.granted);
+    d = wait_begin(&f.loop, f.c, "beta", NULL, 100, 0, 150);
+    cr_assert_not(d.begin.granted);
+    s = wait_spend(&f.loop, f.c, "beta");
+    cr_assert_eq(s.spend.reserved, 100);
+    fx_close(&f);
+}
+
+BOTH(reservations_expire, 20)
+{
+    struct cache_options o = {.reservation_ttl_ms = 300};
+    struct fx f;
+    struct wait w, d, s;
+
+    fx_open(&f, use_redis, &o, "expiry");
+    w = wait_begin(&f.loop, f.c, "acme", NULL, 100, 100, 0);
+    cr_assert(w.begin.granted);
+    d = wait_begin(&f.loop, f.c, "acme", NULL, 100, 100, 0);
+    cr_assert_not(d.begin.granted);
+    wait_ms(&f.loop, 500);
+    s = wait_spend(&f.loop, f.c, "acme");
+    cr_assert_eq(s.spend.reserved, 0, "an expired reservation holds nothing");
+    d = wait_begin(&f.loop, f.c, "acme", NULL, 100, 100, 0);
+    cr_assert(d.begin.granted);
+    /* Settling the expired one still charges its real cost, once. */
+    cr_assert_null(wait_settle(&f.loop, f.c, &w.begin.reservation, 40));
+    s = wait_spend(&f.loop, f.c, "acme");
+    cr_assert_eq(s.spend.day_spent, 40);
+    cr_assert_eq(s.spend.reserved, 100);
+    fx_close(&f);
+}
+
+BOTH(response_cache_put_get_ttl_size, 20)
+{
+    struct cache_options o = {.max_entry_bytes = 64};
+    struct fx f;
+    struct wait w;
+    struct cache_key k1 = key_of(1), k2 = key_of(2);
+    char big[65];
+
+    fx_open(&f, use_redis, &o, "cache");
+    w = wait_begin(&f.loop, f.c, "acme", &k1, 10, 0, 0);
+    cr_assert_eq(w.begin.lookup, CACHE_LOOKUP_MISS);
+    cr_assert(w.begin.granted);
+    cr_assert_null(wait_release(&f.loop, f.c, &w.begin.reservation));
+
+    cr_assert_null(wait_put(&f.loop, f.c, "acme", &k1, "{\"answer\":42}", 1));
+    w = wait_begin(&f.loop, f.c, "acme", &k1, 10, 0, 0);
+    cr_assert_null(w.err);
+    cr_assert_eq(w.begin.lookup, CACHE_LOOKUP_HIT);
+    cr_assert_str_eq(w.value, "{\"answer\":42}");
+    cr_assert_eq(w.begin.value_len, strlen("{\"answer\":42}"));
+    cr_assert_not(w.begin.granted, "a hit costs nothing");
+    cr_assert_eq(w.begin.reserved, 0);
+
+    /* Scoped per tenant; other keys miss. */
+    w = wait_begin(&f.loop, f.c, "other", &k1, 10, 0, 0);
+    cr_assert_eq(w.begin.lookup, CACHE_LOOKUP_MISS);
+    cr_assert_null(wait_release(&f.loop, f.c, &w.begin.reservation));
+    w = wait_begin(&f.loop, f.c, "acme", &k2, 10, 0, 0);
+    cr_assert_eq(w.begin.lookup, CACHE_LOOKUP_MISS);
+    cr_assert_null(wait_release(&f.loop, f.c, &w.begin.reservation));
+
+    /* Max entry size. */
+    memset(big, 'x', sizeof(big));
+    errno = 0;
+    cr_assert_null(cache_put(f.c, "acme", &k2, big, sizeof(big), 0, wait_done_cb, NULL));
+    cr_assert_eq(errno, EMSGSIZE);
+    cr_assert_not_null(cache_put(f.c, "acme", &k2, big, 64, 0, NULL, NULL));
+
+    /* TTL. */
+    wait_ms(&f.loop, 1200);
+    w = wait_begin(&f.loop, f.c, "acme", &k1, 10, 0, 0);
+    cr_assert_eq(w.begin.lookup, CACHE_LOOKUP_MISS, "expired after its ttl");
+    cr_assert_null(wait_release(&f.loop, f.c, &w.begin.reservation));
+    w = wait_begin(&f.loop, f.c, "acme", &k2, 10, 0, 0);
+    cr_assert_eq(w.begin.lookup, CACHE_LOOKUP_HIT, "default ttl still running");
+    cr_assert_eq(w.begin.value_len, 64);
+    fx_close(&f);
+}
+
+BOTH(shared_cache_across_tenants, 20)
+{
+    struct cache_options o = {.shared_cache = 1};
+    struct fx f;
+    struct wait w, s;
+    struct cache_key k = key_of(7);
+
+    fx_open(&f, use_redis, &o, "shared");
+    cr_assert_null(wait_put(&f.loop, f.c, "acme", &k, "same answer", 0));
+    w = wait_begin(&f.loop, f.c, "other", &k, 10, 0, 0);
+    cr_assert_eq(w.begin.lookup, CACHE_LOOKUP_HIT);
+    cr_assert_str_eq(w.value, "same answer");
+    cr_assert_not(w.begin.granted);
+    /* The reservation made beside the lookup is given back. */
+    for (int i = 0; i < 100; i++) {
+        s = wait_spend(&f.loop, f.c, "other");
+        if (s.spend.reserved == 0)
+            break;
+    }
+    cr_assert_eq(s.spend.reserved, 0);
+    fx_close(&f);
+}
+
+static int cancelled_cb_ran;
+
+static void cancelled_cb(void *arg, const char *err, const struct cache_begin_result *r)
+{
+    cancelled_cb_ran = 1;
+}
+
+BOTH(cancel_releases_the_reservation, 20)
+{
+    struct cache_options o = {0};
+    struct fx f;
+    struct cache_op *op;
+    struct wait s;
+
+    fx_open(&f, use_redis, &o, "cancel");
+    op = cache_begin(f.c, "acme", NULL, 100, 0, 0, cancelled_cb, NULL);
+    cr_assert_not_null(op);
+    cache_cancel(op);
+    for (int i = 0; i < 100; i++) {
+        s = wait_spend(&f.loop, f.c, "acme");
+        if (s.spend.reserved == 0)
+            break;
+    }
+    cr_assert_eq(s.spend.reserved, 0);
+    cr_assert_eq(cancelled_cb_ran, 0);
+    fx_close(&f);
+}
+
+Test(store_memory, bad_arguments, .timeout = 5)
+{
+    uv_loop_t loop;
+    struct cache_options o = {.key_prefix = "bad{prefix"};
+    char tenant[300];
+
+    uv_loop_init(&loop);
+    cr_assert_null(cache_create(&loop, &o), "'{' in the prefix would break hash tags");
+    o.key_prefix = NULL;
+    o.redis_url = "http://nope";
+    cr_assert_null(cache_create(&loop, &o));
+    uv_run(&loop, UV_RUN_DEFAULT);
+    o.redis_url = NULL;
+    struct cache *c = cache_create(&loop, &o);
+    memset(tenant, 'a', sizeof(tenant) - 1);
+    tenant[sizeof(tenant) - 1] = '\0';
+    errno = 0;
+    cr_assert_null(cache_begin(c, tenant, NULL, 1, 0, 0, NULL, NULL));
+    cr_assert_eq(errno, EINVAL);
+    cr_assert_null(cache_begin(c, "acme", NULL, -1, 0, 0, NULL, NULL));
+    wait_close(&loop, c);
+}

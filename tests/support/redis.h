@@ -1,0 +1,34 @@
+/*
+ * tests/support/redis.h: a real redis-server for tests, on a free loopback
+ * port in its own temporary folder, started as our child (it dies with the
+ * test process) and stopped by pid.
+ */
+#ifndef TESTS_SUPPORT_REDIS_H
+#define TESTS_SUPPORT_REDIS_H
+
+#include <sys/types.h>
+
+struct test_redis {
+    pid_t pid;        /* redis-server, 0 when not running */
+    int port;         /* loopback port */
+    int persist;      /* appendonly with fsync always: survives SIGKILL */
+    char dir[128];    /* temp folder: pid file, log, AOF */
+    char url[64];     /* redis://127.0.0.1:PORT */
+};
+
+/* Start on a free port (retrying when the port was taken meanwhile) and
+ * wait until it answers PING. Returns 0 or -1. */
+int test_redis_start(struct test_redis *r, int persist);
+/* Start again on the same port and folder (after test_redis_kill). */
+int test_redis_restart(struct test_redis *r);
+/* Send `sig` and, unless SIGSTOP/SIGCONT, wait for the process to exit. */
+void test_redis_kill(struct test_redis *r, int sig);
+/* Kill it and remove the folder. */
+void test_redis_stop(struct test_redis *r);
+/* Run one command synchronously (tests only: blocks). Integer replies and
+ * integer-looking strings are returned; -1 on error or nil. */
+long long test_redis_int(struct test_redis *r, const char *fmt, ...);
+/* A free loopback TCP port (bound then released). */
+int test_free_port(void);
+
+#endif
