@@ -16,6 +16,7 @@
 
 #include "common/log.h"
 #include "cli/report.h"
+#include "cli/tokens.h"
 #include "conf/conf.h"
 #include "router/router.h"
 
@@ -37,6 +38,7 @@ static void usage(FILE *out)
             "usage: costrouter -c FILE              run the router with this config\n"
             "       costrouter --check-config FILE  validate a config, print every error\n"
             "       costrouter report [--help] LOG...  totals and cost per 1K requests from cost logs\n"
+            "       costrouter tokens --encoding cl100k_base|o200k_base|llama3 [--chat] [FILE|-]\n"
             "       costrouter --version | --help\n"
             "options:\n"
             "  -c, --config FILE   configuration file (YAML)\n"
@@ -149,6 +151,8 @@ int main(int argc, char **argv)
 
     if (argc > 1 && strcmp(argv[1], "report") == 0)
         return cli_report_main(argc - 1, argv + 1);
+    if (argc > 1 && strcmp(argv[1], "tokens") == 0)
+        return cli_tokens_main(argc - 1, argv + 1);
 
     while ((c = getopt_long(argc, argv, "c:t::vqhV", opts, NULL)) != -1) {
         switch (c) {
