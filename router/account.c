@@ -11,6 +11,7 @@
 
 #include "conf/conf.h"
 #include "metrics/metrics.h"
+#include "policy/cost.h"
 #include "router/internal.h"
 
 /* Wall-clock ms since the epoch, for the cost log's ts. */
@@ -27,24 +28,28 @@ static const char *backend_name(const struct router__request *req)
     return req->pool ? req->pool->conf->name : "none";
 }
 
-/* One candidate verdict per route candidate, in route order: tried and
- * failed ones say so; the others were not needed. */
+/* One entry per route candidate, in route order, from the policy's last
+ * verdicts: the chosen one has no rejection; a candidate tried earlier
+ * in this request that failed says "failed". */
 static size_t fill_candidates(const struct router__request *req, struct metrics_cost_candidate *out,
                               size_t max)
 {
     size_t n = 0;
 
-    if (req->route == NULL)
+    if (req->route == NULL || req->verdicts == NULL)
         return 0;
-    for (size_t i = 0; i < req->route->ncandidates && n < max; i++, n++) {
-        int tried = i < 64 && (req->tried & (UINT64_C(1) << i));
+    for (size_t i = 0; i < req->route->ncandidates && i < 64 && n < max; i++, n++) {
+        const struct policy_verdict *v = &req->verdicts[i];
+        int failed = (req->tried & (UINT64_C(1) << i)) && (int)i != req->candidate;
 
         out[n].backend = req->route->candidates[i]->name;
-        out[n].est_cost_usd = NAN;
-        if ((int)i == req->candidate)
+        out[n].est_cost_usd = (double)v->cost_micro / 1e6;
+        if (failed)
+            out[n].rejected = "failed";
+        else if (v->kind == POLICY_VERDICT_CHOSEN && (int)i == req->candidate)
             out[n].rejected = NULL;
         else
-            out[n].rejected = tried ? "failed" : "not-needed";
+            out[n].rejected = policy_verdict_name(v->kind);
     }
     return n;
 }
@@ -77,7 +82,17 @@ void router__account(struct router__client *c)
             metrics_add(r->metrics, METRICS_TOKENS_TOTAL, completion_labels,
                         (double)req->completion_tokens);
     }
-    if (req->pool) {
+    if (req->settled && req->cost_micro > 0) {
+        const char *cost_labels[] = {tenant, backend, route};
+        metrics_add(r->metrics, METRICS_COST_USD_TOTAL, cost_labels, (double)req->cost_micro / 1e6);
+    }
+    if (req->cache_hit) {
+        const char *t_labels[] = {tenant};
+        metrics_add(r->metrics, METRICS_CACHE_HITS_TOTAL, t_labels, 1);
+        metrics_add(r->metrics, METRICS_CACHE_SAVED_USD_TOTAL, t_labels,
+                    (double)req->saved_micro / 1e6);
+    }
+    if (req->pool && !req->cache_hit) {
         const char *b_labels[] = {backend};
         metrics_observe(r->metrics, METRICS_REQUEST_DURATION_SECONDS, b_labels,
                         (double)(now - req->start_ms) / 1000.0);
@@ -96,12 +111,15 @@ void router__account(struct router__client *c)
     rec.reason = req->reason;
     rec.candidates = cands;
     rec.ncandidates = fill_candidates(req, cands, sizeof(cands) / sizeof(cands[0]));
-    rec.prompt_tokens_est = -1;
+    rec.backend = req->cache_hit ? "cache" : rec.backend;
+    rec.prompt_tokens_est = req->prompt_est;
     rec.prompt_tokens = req->prompt_tokens;
-    rec.completion_tokens_est = -1;
+    rec.completion_tokens_est = req->completion_pred;
     rec.completion_tokens = req->completion_tokens;
-    rec.cost_usd_est = NAN;
-    rec.cost_usd = NAN;
+    rec.cost_usd_est = req->choice.candidate >= 0 ? (double)req->choice.cost_micro / 1e6 : NAN;
+    rec.cost_usd = req->settled ? (double)req->cost_micro / 1e6 : (req->route ? 0.0 : NAN);
+    rec.cache_hit = req->cache_hit;
+    rec.saved_usd = (double)req->saved_micro / 1e6;
     rec.ttft_ms = req->response_started ? (double)req->ttft_ms : NAN;
     rec.latency_ms = (double)(now - req->start_ms);
     rec.status = req->status ? req->status : 499;

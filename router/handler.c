@@ -172,6 +172,10 @@ void router__request_reset(struct router__request *req)
     buf_trim(&req->fwd);
     buf_trim(&req->up_body);
     buf_trim(&req->sse);
+    buf_trim(&req->head);
+    buf_free(&req->cached);
+    free(req->verdicts);
+    req->verdicts = NULL;
     req->json = NULL;
     req->head_bytes = 0;
     req->endpoint = ROUTER_EP_NONE;
@@ -191,6 +195,16 @@ void router__request_reset(struct router__request *req)
     req->status = 0;
     req->prompt_tokens = req->completion_tokens = req->cached_tokens = -1;
     req->start_ms = req->attempt_start_ms = req->ttft_ms = 0;
+    req->prompt_est = req->prompt_raw = req->completion_pred = -1;
+    memset(&req->choice, 0, sizeof(req->choice));
+    req->choice.candidate = -1;
+    req->store_op = NULL;
+    memset(&req->res, 0, sizeof(req->res));
+    req->has_res = req->attempt_open = req->cacheable = req->flight_leader = 0;
+    req->flight_waiting = req->cache_hit = req->head_held = req->settled = 0;
+    req->begins = 0;
+    req->events = 0;
+    req->cost_micro = req->saved_micro = 0;
 }
 
 /* Path without the query string. */

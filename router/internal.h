@@ -28,8 +28,12 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "backends/backend.h"
+#include "cache/cache.h"
 #include "common/buf.h"
 #include "common/slice.h"
+#include "policy/cost.h"
+#include "policy/tokenize.h"
 
 struct conf;
 struct conf_backend;
@@ -63,10 +67,24 @@ struct router {
     size_t nclients;                /* length of that list */
     uint64_t next_request_id;       /* counter behind request ids */
     uint64_t start_id;              /* random per process, makes request ids unique across instances */
+    struct policy_tokens *tokens;   /* BPE tables, NULL: byte estimates only */
+    struct cache *store;            /* spend counters, reservations, response cache */
+    struct cache_flight *flights;   /* single flight of identical cache misses */
+    struct router__tenant *tenants; /* per conf.tenants entry, same order */
+    struct policy_calib *calib;     /* per conf.backends entry: prompt estimate calibration */
+    unsigned store_pending;         /* settles/releases/puts not answered yet */
     struct metrics *metrics;        /* Prometheus registry */
     struct metrics_cost_log *cost_log; /* one JSON line per request, or NULL */
     unsigned stopping:1;            /* router_stop called */
     unsigned listening:1;           /* listener is open */
+};
+
+/* What the router keeps per tenant between requests. */
+struct router__tenant {
+    int64_t day_spent;              /* micro-USD, from the store's last answer */
+    int64_t month_spent;            /* micro-USD, same */
+    int64_t reserved;               /* micro-USD held by open reservations */
+    struct policy_outpred *outpred; /* per route: recent completion lengths */
 };
 
 /* Which endpoint a request is for. */
@@ -133,6 +151,31 @@ struct router__request {
     uint64_t start_ms;                   /* loop time the request was complete */
     uint64_t attempt_start_ms;           /* loop time of the current attempt */
     uint64_t ttft_ms;                    /* first response byte, from start */
+    /* cost-aware routing and spend */
+    int64_t prompt_est;                  /* prompt tokens estimated before sending */
+    int64_t prompt_raw;                  /* uncalibrated estimate (tokenizer: estimate) */
+    int64_t completion_pred;             /* completion tokens predicted */
+    struct policy_verdict *verdicts;     /* one per route candidate (heap, per request) */
+    struct policy_choice choice;         /* the current decision */
+    struct cache_op *store_op;           /* cache_begin in flight, or NULL */
+    struct cache_reservation res;        /* budget held for the current attempt */
+    struct cache_key cache_key;          /* response cache key (when cacheable) */
+    struct cache_flight_waiter waiter;   /* as a single-flight follower */
+    struct backend_ticket ticket;        /* the current attempt's accounting */
+    struct buf head;                     /* response head held until the cost is known */
+    struct buf cached;                   /* bytes to put in the response cache */
+    unsigned has_res:1;                  /* res must be settled or released */
+    unsigned attempt_open:1;             /* ticket must be finished */
+    unsigned cacheable:1;                /* deterministic request, cache enabled */
+    unsigned flight_leader:1;            /* we must finish the single flight */
+    unsigned flight_waiting:1;           /* waiting for a leader's answer */
+    unsigned cache_hit:1;                /* answered from the response cache */
+    unsigned head_held:1;                /* head in `head`, not sent yet */
+    unsigned settled:1;                  /* cost settled (cost_micro is real) */
+    unsigned begins;                     /* cache_begin calls for this request */
+    uint64_t events;                     /* SSE data events forwarded (token fallback) */
+    int64_t cost_micro;                  /* settled cost, micro-USD */
+    int64_t saved_micro;                 /* cost a cache hit avoided */
 };
 
 struct router__client {
@@ -212,7 +255,31 @@ void router__request_reset(struct router__request *req);
 /* account.c: cost log line and metrics of a finished /v1 request (once) */
 void router__account(struct router__client *c);
 
+/* spend.c: reservations, settlement and the response cache */
+int router__spend_init(struct router *r);
+void router__spend_close(struct router *r);
+void router__spend_free(struct router *r);
+/* server.c: finish (store, cost log) once stopped and drained */
+void router__maybe_finish(struct router *r);
+/* Reserve the choice's cost (and look the cache up) for the request; on
+ * the answer, router__proxy_reserved() continues. */
+void router__spend_begin(struct router__client *c);
+/* Release the current reservation (failure before any cost). */
+void router__spend_release(struct router__client *c);
+/* Settle the current reservation with `micro` (the real cost). */
+void router__spend_settle(struct router__client *c, int64_t micro);
+/* Put the finished response in the cache and end its single flight. */
+void router__spend_cache_store(struct router__client *c);
+/* Request teardown: cancel store callbacks, end flights, release holds. */
+void router__spend_abandon(struct router__client *c);
+struct router__tenant *router__tenant_state(struct router *r, const struct conf_tenant *t);
+
 /* proxy.c: one request to upstreams, with fallback */
+/* The store answered cache_begin: continue with the reservation granted,
+ * or re-choose / reject when it was denied. */
+void router__proxy_reserved(struct router__client *c, const struct cache_begin_result *res);
+/* A cache hit (ours or a single-flight leader's): answer from `value`. */
+void router__proxy_replay(struct router__client *c, const char *value, size_t len);
 void router__proxy_start(struct router__client *c);
 /* upstream.c calls these on the client attached to an upstream */
 void router__proxy_on_connected(struct router__client *c);

@@ -1,15 +1,29 @@
 /*
- * router/proxy.c: one client request sent upstream, with fallback.
+ * router/proxy.c: one client request sent upstream, cost-aware, with
+ * fallback.
  *
- * An attempt asks policy/ for a candidate not tried yet, rewrites the
- * body for it ("model" becomes the backend's own name; a stream asks for
- * usage) and sends it on a pooled connection. Until the first response
- * byte goes to the client, a failure (connect error, reset, timeout, a 5xx
- * or 429 status) moves on to the next candidate, up to max_retries more.
- * After that the response is the client's: bytes are forwarded as they
- * arrive, SSE event by event, and a break is reported in-band.
+ * The flow of a proxied request:
+ *   estimate  prompt tokens (exact BPE for the route's tokenizer) and the
+ *             completion (max_tokens, or the tenant's recent P95);
+ *   choose    policy/ picks the cheapest qualifying candidate against the
+ *             tenant's spend snapshot (no I/O);
+ *   reserve   spend.c: one store call reserves the estimated cost and, for
+ *             deterministic requests, looks the response cache up;
+ *   send      the body is rewritten for the backend and sent on a pooled
+ *             connection;
+ *   answer    until the first byte reaches the client, a failure releases
+ *             the reservation and goes back to `choose` with the backend
+ *             marked tried; after that the response is the client's:
+ *             streams are forwarded event by event, other bodies are held
+ *             until complete so their head can carry the settled cost;
+ *   settle    the real cost (usage x price, or the GPU-seconds share) is
+ *             charged, logged, and put in x-costrouter-cost-usd (a header,
+ *             or for streams a final SSE comment and a chunked trailer).
  */
+#define _GNU_SOURCE
 #include <cjson/cJSON.h>
+#include <inttypes.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,13 +33,21 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "conf/conf.h"
+#include "metrics/metrics.h"
 #include "policy/policy.h"
 #include "router/internal.h"
 
 /* Pause the upstream when this many bytes wait to go to the client. */
 #define PROXY_CLIENT_HIGH_WATER (256u * 1024)
-/* Keep at most this much of a non-streamed body to read its usage. */
-#define PROXY_USAGE_BODY_MAX (16u * 1024 * 1024)
+/* Hold at most this much of a non-streamed body; past it the head goes
+ * out without the cost header and the rest is forwarded as it comes. */
+#define PROXY_HOLD_BODY_MAX (8u * 1024 * 1024)
+/* Largest response kept for the response cache. */
+#define PROXY_CACHE_VALUE_MAX (1u * 1024 * 1024)
+/* Completion tokens assumed when nothing better is known. */
+#define PROXY_COMPLETION_FALLBACK 256
+/* Store round trips allowed for one request's reservations. */
+#define PROXY_MAX_BEGINS 4
 
 static const char *endpoint_suffix(enum router__endpoint ep)
 {
@@ -71,8 +93,6 @@ static int rewrite_body(struct router__request *req, const struct conf_backend *
     }
     return 0;
 }
-
-/* The bytes of the upstream request for backend `b`, into `out`. */
 static int build_request(struct router__client *c, const struct conf_backend *b, struct buf *out)
 {
     struct router__request *req = &c->req;
@@ -105,62 +125,323 @@ static int build_request(struct router__client *c, const struct conf_backend *b,
     return rc;
 }
 
-static void proxy_fail(struct router__client *c, const char *errstr)
+static int64_t micro_of(double usd)
 {
-    router__send_error(c, errstr, NULL);
+    return (int64_t)llround(usd * 1e6);
 }
 
-/* Start the next attempt, or answer with `last_error` when none is left. */
-static void attempt_next(struct router__client *c, const char *last_error)
+static void format_usd(char *out, size_t n, int64_t micro)
+{
+    snprintf(out, n, "%" PRId64 ".%06" PRId64, micro / 1000000, micro % 1000000);
+}
+
+/* ---- estimate ---- */
+
+/* Text of a completions "prompt" or embeddings "input": a string or an
+ * array of strings. Counted piece by piece. */
+static int64_t count_texts(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *v)
+{
+    int64_t n = 0;
+    const cJSON *item;
+
+    if (cJSON_IsString(v))
+        return t ? policy_tokens_count(t, enc, v->valuestring, strlen(v->valuestring))
+                 : policy_tokens_estimate(v->valuestring, strlen(v->valuestring));
+    if (cJSON_IsArray(v))
+        cJSON_ArrayForEach(item, v) {
+            if (cJSON_IsNumber(item))
+                n++; /* a token id */
+            else
+                n += count_texts(t, enc, item);
+        }
+    return n;
+}
+
+/* Prompt tokens of the request for a backend with tokenizer `enc`. */
+static int64_t count_prompt(struct router__client *c, enum conf_tokenizer enc)
+{
+    struct router__request *req = &c->req;
+    struct policy_tokens *t = c->router->tokens;
+    int64_t n = -1;
+
+    if (req->endpoint == ROUTER_EP_CHAT && t != NULL)
+        n = policy_tokens_chat(t, enc, req->json);
+    else if (req->endpoint == ROUTER_EP_COMPLETIONS)
+        n = count_texts(t, enc, cJSON_GetObjectItemCaseSensitive(req->json, "prompt"));
+    else if (req->endpoint == ROUTER_EP_EMBEDDINGS)
+        n = count_texts(t, enc, cJSON_GetObjectItemCaseSensitive(req->json, "input"));
+    if (n < 0)
+        n = policy_tokens_estimate(req->body.data, req->body.len);
+    return n;
+}
+
+static void estimate(struct router__client *c)
 {
     struct router__request *req = &c->req;
     struct router *r = c->router;
-    struct policy_decision d;
+    const struct conf_backend *first = req->route->candidates[0];
+    struct router__tenant *ts = router__tenant_state(r, req->tenant);
+
+    /* The route's first candidate's tokenizer stands for the route. */
+    req->prompt_raw = count_prompt(c, first->tokenizer);
+    req->prompt_est = first->tokenizer == CONF_TOK_ESTIMATE
+                          ? policy_calib_apply(&r->calib[first->index], req->prompt_raw)
+                          : req->prompt_raw;
+    if (req->endpoint == ROUTER_EP_EMBEDDINGS)
+        req->completion_pred = 0;
+    else
+        req->completion_pred = policy_outpred_predict(&ts->outpred[req->route - r->conf->routes],
+                                                      req->json, PROXY_COMPLETION_FALLBACK);
+}
+
+/* ---- choose ---- */
+
+static struct policy_budget budget_of(double limit_usd, int64_t spent, int64_t reserved)
+{
+    struct policy_budget b = {0, 0};
+
+    if (limit_usd > 0) {
+        b.limit_micro = micro_of(limit_usd);
+        b.remaining_micro = b.limit_micro - spent - reserved;
+    }
+    return b;
+}
+
+/* What the tenant has left today or this month, whichever is less;
+ * negative means no budget is set. */
+static int64_t budget_remaining(struct router__client *c)
+{
+    const struct conf_tenant *t = c->req.tenant;
+    struct router__tenant *ts = router__tenant_state(c->router, t);
+    int64_t rem = -1;
+
+    if (t->daily_usd > 0)
+        rem = micro_of(t->daily_usd) - ts->day_spent - ts->reserved;
+    if (t->monthly_usd > 0) {
+        int64_t m = micro_of(t->monthly_usd) - ts->month_spent - ts->reserved;
+        if (rem < 0 || m < rem)
+            rem = m;
+    }
+    return rem < 0 && (t->daily_usd > 0 || t->monthly_usd > 0) ? 0 : rem;
+}
+
+static void reject_budget(struct router__client *c)
+{
+    char extra[96], usd[32];
+    int status;
+    char *body = router__error_json(error_budget_exhausted, c->req.tenant->id, &status);
+    int64_t rem = budget_remaining(c);
+
+    format_usd(usd, sizeof(usd), rem > 0 ? rem : 0);
+    snprintf(extra, sizeof(extra), "x-costrouter-budget-remaining-usd: %s\r\n", usd);
+    c->req.reason = "budget-exhausted";
+    router__send_response(c, status, "application/json", extra, body ? body : "",
+                          body ? strlen(body) : 0);
+    free(body);
+}
+
+/* Ask policy/ for a candidate. Returns 0 with req->choice set, or -1
+ * after answering the client (429 budget, 503 none, or last error). */
+static int choose(struct router__client *c, const char *last_error)
+{
+    struct router__request *req = &c->req;
+    struct router *r = c->router;
+    const struct conf_tenant *t = req->tenant;
+    struct router__tenant *ts = router__tenant_state(r, t);
+    struct policy_request preq = {0};
+
+    if (req->attempts > (unsigned)r->conf->max_retries) {
+        router__send_error(c, last_error, NULL);
+        return -1;
+    }
+    if (req->verdicts == NULL) {
+        req->verdicts = calloc(MIN(req->route->ncandidates, 64), sizeof(*req->verdicts));
+        if (req->verdicts == NULL) {
+            router__send_error(c, error_no_memory, NULL);
+            return -1;
+        }
+    }
+    preq.route = req->route;
+    preq.backends = r->backends;
+    preq.limits.min_quality = t->min_quality;
+    preq.limits.max_ttft_ms = t->max_ttft_ms;
+    preq.limits.downgrade = t->on_exhausted == CONF_EXHAUSTED_DOWNGRADE;
+    preq.prompt_tokens = req->prompt_est;
+    preq.completion_tokens = req->completion_pred;
+    preq.day = budget_of(t->daily_usd, ts->day_spent, ts->reserved);
+    preq.month = budget_of(t->monthly_usd, ts->month_spent, ts->reserved);
+    preq.tried = req->tried;
+    preq.now_ms = router__now(r);
+    req->choice = policy_cost_aware.choose(&preq, req->verdicts);
+    if (req->choice.reject_budget) {
+        reject_budget(c);
+        return -1;
+    }
+    if (req->choice.candidate < 0) {
+        req->reason = policy_reason_name(req->choice.reason);
+        router__send_error(c, last_error ? last_error : error_no_backend, NULL);
+        return -1;
+    }
+    req->candidate = req->choice.candidate;
+    req->reason = req->choice.reason_text;
+    req->pool = &r->pools[req->route->candidates[req->candidate]->index];
+    return 0;
+}
+
+/* Choose, then reserve (the store answers in router__proxy_reserved). */
+static void choose_and_reserve(struct router__client *c, const char *last_error)
+{
+    struct router__request *req = &c->req;
     const struct conf_backend *b;
+    char route_key[160];
+
+    if (choose(c, last_error) != 0)
+        return;
+    b = req->route->candidates[req->candidate];
+    if (req->cacheable && req->begins == 0) {
+        /* Streams and plain answers are cached apart: each replays as sent. */
+        snprintf(route_key, sizeof(route_key), "%s%s", req->route->model,
+                 req->stream ? "#stream" : "");
+        if (cache_key_make(route_key, b->model ? b->model : req->route->model, req->json,
+                           &req->cache_key) != 0)
+            req->cacheable = 0;
+    }
+    if (req->begins >= PROXY_MAX_BEGINS) {
+        reject_budget(c);
+        return;
+    }
+    router__spend_begin(c);
+}
+
+/* ---- send ---- */
+
+static void send_attempt(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    struct router *r = c->router;
+    const struct conf_backend *b = req->route->candidates[req->candidate];
     struct buf out = {0};
     uint64_t now = router__now(r);
     int rc;
 
-    if (req->attempts > (unsigned)r->conf->max_retries) {
-        proxy_fail(c, last_error);
-        return;
-    }
-    d = policy_first_healthy.select_(req->route, r->backends, req->tried, now);
-    if (d.candidate < 0) {
-        proxy_fail(c, last_error ? last_error : error_no_backend);
-        return;
-    }
-    req->candidate = d.candidate;
-    req->tried |= UINT64_C(1) << d.candidate;
-    req->reason = policy_reason_name(d.reason);
+    req->tried |= UINT64_C(1) << req->candidate;
     if (req->attempts++ > 0)
         req->fallbacks++;
-    b = req->route->candidates[d.candidate];
-    req->pool = &r->pools[b->index];
     req->attempt_start_ms = now;
     if (build_request(c, b, &out) != 0) {
         buf_free(&out);
-        proxy_fail(c, error_no_memory);
+        router__spend_release(c);
+        router__send_error(c, error_no_memory, NULL);
         return;
     }
-    backend_attempt_start(req->pool->backend, now);
+    backend_attempt_begin(req->pool->backend, now, &req->ticket);
+    req->attempt_open = 1;
     rc = router__upstream_send(req->pool, c, out.data, out.len);
     buf_free(&out);
-    if (rc != 0) {
-        backend_attempt_end(req->pool->backend);
-        backend_attempt_failure(req->pool->backend, now);
-        attempt_next(c, error_upstream_connect);
+    if (rc != 0)
+        router__proxy_on_error(c, error_upstream_connect);
+}
+
+static void on_flight_answer(void *arg, const char *value, size_t len)
+{
+    struct router__client *c = arg;
+
+    c->req.flight_waiting = 0;
+    if (value != NULL) {
+        router__spend_release(c);
+        router__proxy_replay(c, value, len);
+        return;
     }
+    send_attempt(c); /* the leader failed: go ourselves */
+}
+
+void router__proxy_reserved(struct router__client *c, const struct cache_begin_result *res)
+{
+    struct router__request *req = &c->req;
+    int role;
+
+    if (!res->granted) {
+        /* Another request or instance spent the budget since our
+         * snapshot: choose again with the store's numbers. */
+        choose_and_reserve(c, NULL);
+        return;
+    }
+    if (req->cacheable && res->lookup == CACHE_LOOKUP_MISS && !req->flight_leader) {
+        role = cache_flight_join(c->router->flights, &req->cache_key, &req->waiter,
+                                 on_flight_answer, c);
+        if (role == CACHE_FLIGHT_FOLLOWER) {
+            req->flight_waiting = 1;
+            return;
+        }
+        req->flight_leader = role == CACHE_FLIGHT_LEADER;
+    }
+    send_attempt(c);
 }
 
 void router__proxy_start(struct router__client *c)
 {
-    attempt_next(c, NULL);
+    struct router__request *req = &c->req;
+
+    estimate(c);
+    req->cacheable = req->endpoint != ROUTER_EP_EMBEDDINGS && cache_cacheable(req->json, 0);
+    choose_and_reserve(c, NULL);
 }
 
-void router__proxy_on_connected(struct router__client *c)
+/* ---- replay from the cache ---- */
+
+void router__proxy_replay(struct router__client *c, const char *value, size_t len)
 {
+    struct router__request *req = &c->req;
+    const char *nl = memchr(value, '\n', len);
+    char extra[256], saved[32];
+    struct buf head = {0};
+
+    if (nl == NULL) {
+        router__send_error(c, error_internal, "bad cache entry");
+        return;
+    }
+    req->saved_micro = strtoll(value, NULL, 10);
+    req->cache_hit = 1;
+    req->settled = 1;
+    req->cost_micro = 0;
+    req->reason = "cache-hit";
+    len -= (size_t)(nl + 1 - value);
+    value = nl + 1;
+    format_usd(saved, sizeof(saved), req->saved_micro);
+    snprintf(extra, sizeof(extra),
+             "x-costrouter-backend: cache\r\nx-costrouter-reason: cache-hit\r\n"
+             "x-costrouter-cost-usd: 0.000000\r\nx-costrouter-saved-usd: %s\r\n",
+             saved);
+    if (!req->stream) {
+        router__send_response(c, 200, "application/json", extra, value, len);
+        return;
+    }
+    req->status = 200;
+    req->response_started = 1;
+    if (buf_printf(&head, "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                          "Cache-Control: no-cache\r\nx-request-id: %s\r\n%s"
+                          "Transfer-Encoding: chunked\r\n%s\r\n",
+                   req->id_str, extra, req->keep_alive ? "" : "Connection: close\r\n") != 0) {
+        buf_free(&head);
+        router__client_close(c);
+        return;
+    }
+    router__client_send(c, head.data, head.len);
+    buf_free(&head);
+    req->chunked = 1;
+    char size[24];
+    uv_buf_t bufs[3] = {
+        uv_buf_init(size, (unsigned)snprintf(size, sizeof(size), "%zx\r\n", len)),
+        uv_buf_init((char *)value, (unsigned)len),
+        uv_buf_init("\r\n0\r\n\r\n", 7),
+    };
+    router__client_sendv(c, bufs, len ? 3 : 0);
+    if (len == 0)
+        router__client_send(c, "0\r\n\r\n", 5);
+    router__client_response_done(c);
 }
+
+/* ---- the response ---- */
 
 /* Is `status` worth another candidate? 5xx and 429 say "this backend,
  * not this request"; other 4xx would fail anywhere. */
@@ -178,6 +459,57 @@ static int more_candidates(const struct router__client *c)
     return (req->tried & all) != all && req->attempts <= (unsigned)c->router->conf->max_retries;
 }
 
+/* End the current attempt's accounting; `used` NULL for a failure. */
+static struct backend_charge finish_attempt(struct router__client *c, const struct backend_tokens *used)
+{
+    struct router__request *req = &c->req;
+    struct backend_charge none = {0};
+
+    if (!req->attempt_open)
+        return none;
+    req->attempt_open = 0;
+    return backend_attempt_finish(req->pool->backend, router__now(c->router), &req->ticket, used);
+}
+
+/* The attempt failed before the client saw anything: free its hold and
+ * choose again, the failed backend now marked tried. */
+static void retry_elsewhere(struct router__client *c, const char *errstr)
+{
+    finish_attempt(c, NULL);
+    router__spend_release(c);
+    choose_and_reserve(c, errstr);
+}
+
+/* Write the held head with the length and, once known, the cost. */
+static void send_held_head(struct router__client *c, int64_t length, int with_cost)
+{
+    struct router__request *req = &c->req;
+    char usd[32];
+    int rc = 0;
+
+    if (!req->head_held)
+        return;
+    req->head_held = 0;
+    if (with_cost) {
+        format_usd(usd, sizeof(usd), req->cost_micro);
+        rc = buf_printf(&req->head, "x-costrouter-cost-usd: %s\r\n", usd);
+    }
+    if (rc == 0 && length >= 0)
+        rc = buf_printf(&req->head, "Content-Length: %" PRId64 "\r\n", length);
+    else if (rc == 0) {
+        rc = buf_printf(&req->head, "Transfer-Encoding: chunked\r\n");
+        req->chunked = 1;
+    }
+    if (rc == 0 && !req->keep_alive)
+        rc = buf_printf(&req->head, "Connection: close\r\n");
+    rc = rc ?: buf_append(&req->head, "\r\n", 2);
+    if (rc != 0) {
+        router__client_close(c);
+        return;
+    }
+    router__client_send(c, req->head.data, req->head.len);
+}
+
 int router__proxy_on_head(struct router__client *c, int status, const struct buf *headers,
                           int64_t content_length, int is_sse)
 {
@@ -185,18 +517,16 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     struct router *r = c->router;
     const struct conf_backend *b = req->pool->conf;
     uint64_t now = router__now(r);
-    struct buf head = {0};
     int rc;
 
     if (status_retryable(status) && more_candidates(c)) {
         log_info("request %s: backend %s answered %d, trying the next candidate", req->id_str,
                  b->name, status);
-        backend_attempt_end(req->pool->backend);
         if (status >= 500)
             backend_attempt_failure(req->pool->backend, now);
         router__upstream_abort(req->up);
         req->up = NULL;
-        attempt_next(c, error_upstream_io);
+        retry_elsewhere(c, error_upstream_io);
         return 1;
     }
     req->ttft_ms = now - req->start_ms;
@@ -204,27 +534,27 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
         backend_attempt_success(req->pool->backend, now, now - req->attempt_start_ms);
     req->status = status;
     req->is_sse = is_sse ? 1 : 0;
-    req->chunked = content_length < 0 || is_sse;
-    rc = buf_printf(&head, "HTTP/1.1 %d %s\r\n", status, router__status_text(status));
-    rc = rc ?: buf_append(&head, headers->data, headers->len);
-    rc = rc ?: buf_printf(&head, "x-request-id: %s\r\nx-costrouter-backend: %s\r\n"
-                                 "x-costrouter-reason: %s\r\n",
+    req->response_started = 1;
+    buf_reset(&req->head);
+    rc = buf_printf(&req->head, "HTTP/1.1 %d %s\r\n", status, router__status_text(status));
+    rc = rc ?: buf_append(&req->head, headers->data, headers->len);
+    rc = rc ?: buf_printf(&req->head, "x-request-id: %s\r\nx-costrouter-backend: %s\r\n"
+                                      "x-costrouter-reason: %s\r\n",
                           req->id_str, b->name, req->reason);
-    if (rc == 0 && req->chunked)
-        rc = buf_printf(&head, "Transfer-Encoding: chunked\r\n");
-    else if (rc == 0)
-        rc = buf_printf(&head, "Content-Length: %lld\r\n", (long long)content_length);
-    if (rc == 0 && !req->keep_alive)
-        rc = buf_printf(&head, "Connection: close\r\n");
-    rc = rc ?: buf_append(&head, "\r\n", 2);
     if (rc != 0) {
-        buf_free(&head);
         router__client_close(c);
         return 1;
     }
-    req->response_started = 1;
-    router__client_send(c, head.data, head.len);
-    buf_free(&head);
+    req->head_held = 1;
+    if (is_sse) {
+        /* Streams go out at once; the cost follows at the end. */
+        rc = buf_printf(&req->head, "Trailer: x-costrouter-cost-usd\r\n");
+        if (rc != 0) {
+            router__client_close(c);
+            return 1;
+        }
+        send_held_head(c, -1, 0);
+    }
     return 0;
 }
 
@@ -257,21 +587,39 @@ static void note_usage(struct router__request *req, const struct router__usage *
         req->cached_tokens = u->cached_tokens;
 }
 
+static void keep_for_cache(struct router__request *req, const char *p, size_t len)
+{
+    if (!req->flight_leader)
+        return;
+    if (req->cached.len + len > PROXY_CACHE_VALUE_MAX || buf_append(&req->cached, p, len) != 0) {
+        /* Too big to cache: the flight finishes without a value. */
+        buf_free(&req->cached);
+        req->cacheable = 0;
+    }
+}
+
 /* One complete SSE event: read usage from it, drop the usage-only event
  * we asked for on the client's behalf, forward the rest. */
 static int on_sse_event(void *arg, const char *p, size_t len)
 {
     struct router__client *c = arg;
+    struct router__request *req = &c->req;
     struct router__usage u;
     const char *data;
     size_t dlen;
     int choices_empty = 0;
 
-    if (router__sse_data(p, len, &data, &dlen) && router__usage_parse(data, dlen, &u, &choices_empty)) {
-        note_usage(&c->req, &u);
-        if (c->req.injected_usage && choices_empty)
-            return 0;
+    if (router__sse_data(p, len, &data, &dlen)) {
+        if (router__usage_parse(data, dlen, &u, &choices_empty)) {
+            note_usage(req, &u);
+            if (req->injected_usage && choices_empty)
+                return 0;
+        }
+        if (!(dlen == 6 && memcmp(data, "[DONE]", 6) == 0))
+            req->events++;
     }
+    if (req->cacheable)
+        keep_for_cache(req, p, len);
     forward(c, p, len);
     return c->closing ? -1 : 0;
 }
@@ -283,12 +631,18 @@ void router__proxy_on_body(struct router__client *c, const char *p, size_t len)
     if (req->is_sse) {
         if (buf_append(&req->sse, p, len) != 0 || router__sse_split(&req->sse, on_sse_event, c) != 0)
             return;
-    } else {
-        if (req->up_body.len + len <= PROXY_USAGE_BODY_MAX &&
-            buf_append(&req->up_body, p, len) != 0) {
+    } else if (req->head_held) {
+        if (req->up_body.len + len > PROXY_HOLD_BODY_MAX) {
+            /* Too big to hold: send what we have and stream the rest. */
+            send_held_head(c, -1, 0);
+            forward(c, req->up_body.data, req->up_body.len);
+            forward(c, p, len);
+            req->cacheable = 0;
+        } else if (buf_append(&req->up_body, p, len) != 0) {
             router__client_close(c);
             return;
         }
+    } else {
         forward(c, p, len);
     }
     if (!c->closing && req->up && router__client_write_queue(c) > PROXY_CLIENT_HIGH_WATER)
@@ -301,19 +655,41 @@ void router__proxy_on_client_drain(struct router__client *c)
         router__upstream_resume(c->req.up);
 }
 
-static void request_finished(struct router__client *c)
+/* Tokens to charge: the upstream's usage, else our estimates (prompt)
+ * and what was streamed (one token per event). */
+static struct backend_tokens tokens_used(const struct router__request *req)
+{
+    struct backend_tokens t;
+
+    t.prompt = req->prompt_tokens >= 0 ? req->prompt_tokens : req->prompt_est;
+    t.completion = req->completion_tokens >= 0 ? req->completion_tokens : (int64_t)req->events;
+    t.cached = req->cached_tokens > 0 ? req->cached_tokens : 0;
+    return t;
+}
+
+/* Charge what the attempt really cost and learn from its usage. */
+static void settle(struct router__client *c)
 {
     struct router__request *req = &c->req;
-    uint64_t now = router__now(c->router);
+    struct router *r = c->router;
+    const struct conf_backend *b = req->pool->conf;
+    struct backend_tokens used = tokens_used(req);
+    struct backend_charge charge = finish_attempt(c, &used);
+    struct router__tenant *ts = router__tenant_state(r, req->tenant);
 
-    log_debug("request %s: tenant=%s route=%s backend=%s status=%d prompt=%lld completion=%lld "
-              "ttft=%llums total=%llums fallbacks=%u",
-              req->id_str, req->tenant ? req->tenant->id : "-", req->route ? req->route->model : "-",
-              req->pool ? req->pool->conf->name : "-", req->status, (long long)req->prompt_tokens,
-              (long long)req->completion_tokens, (unsigned long long)req->ttft_ms,
-              (unsigned long long)(now - req->start_ms), req->fallbacks);
-    (void)now;
-    (void)req;
+    router__spend_settle(c, charge.micro_usd);
+    if (req->prompt_tokens > 0 && b->tokenizer == CONF_TOK_ESTIMATE)
+        policy_calib_observe(&r->calib[b->index],
+                             policy_tokens_estimate(req->body.data, req->body.len),
+                             req->prompt_tokens);
+    if (req->completion_tokens >= 0 && req->endpoint != ROUTER_EP_EMBEDDINGS)
+        policy_outpred_observe(&ts->outpred[req->route - r->conf->routes], req->completion_tokens);
+    if (req->prompt_tokens > 0 && req->prompt_est > 0) {
+        const char *labels[] = {b->name};
+        metrics_set(r->metrics, METRICS_TOKEN_ESTIMATE_RATIO, labels,
+                    b->tokenizer == CONF_TOK_ESTIMATE ? r->calib[b->index].ratio
+                                                      : (double)req->prompt_tokens / req->prompt_est);
+    }
 }
 
 void router__proxy_on_complete(struct router__client *c)
@@ -321,10 +697,11 @@ void router__proxy_on_complete(struct router__client *c)
     struct router__request *req = &c->req;
     struct router__usage u;
     int choices_empty;
+    char usd[32];
+    struct buf tail = {0};
 
     req->up = NULL;
     req->upstream_done = 1;
-    backend_attempt_end(req->pool->backend);
     if (req->is_sse && req->sse.len > 0) {
         forward(c, req->sse.data, req->sse.len);
         buf_reset(&req->sse);
@@ -332,14 +709,29 @@ void router__proxy_on_complete(struct router__client *c)
     if (!req->is_sse && req->up_body.len > 0 &&
         router__usage_parse(req->up_body.data, req->up_body.len, &u, &choices_empty))
         note_usage(req, &u);
-    if (req->chunked)
-        router__client_send(c, "0\r\n\r\n", 5);
-    request_finished(c);
+    settle(c);
+    format_usd(usd, sizeof(usd), req->cost_micro);
+    if (req->head_held) {
+        send_held_head(c, (int64_t)req->up_body.len, 1);
+        router__client_send(c, req->up_body.data, req->up_body.len);
+        if (req->cacheable)
+            keep_for_cache(req, req->up_body.data, req->up_body.len);
+    } else if (req->chunked) {
+        /* An SSE comment clients ignore, then the cost as a trailer. */
+        if (req->is_sse && buf_printf(&tail, ": x-costrouter-cost-usd=%s\n\n", usd) == 0)
+            forward(c, tail.data, tail.len);
+        buf_reset(&tail);
+        if (buf_printf(&tail, "0\r\nx-costrouter-cost-usd: %s\r\n\r\n", usd) == 0)
+            router__client_send(c, tail.data, tail.len);
+    }
+    buf_free(&tail);
+    router__spend_cache_store(c);
     router__client_response_done(c);
 }
 
 /* The upstream broke after the client got the response head: say so in
- * the stream (an SSE error event) and close, never a clean end. */
+ * the stream (an SSE error event) and close, never a clean end. The
+ * tenant pays for what was streamed. */
 static void fail_midstream(struct router__client *c, const char *errstr)
 {
     struct router__request *req = &c->req;
@@ -349,11 +741,20 @@ static void fail_midstream(struct router__client *c, const char *errstr)
 
     req->broken = 1;
     req->keep_alive = 0;
+    settle(c);
+    if (req->head_held) {
+        /* Nothing sent yet: a clean error is still possible. */
+        req->head_held = 0;
+        free(err);
+        router__spend_cache_store(c);
+        router__send_error(c, errstr, NULL);
+        return;
+    }
     if (req->is_sse && err && buf_printf(&ev, "event: error\ndata: %s\n\n", err) == 0)
         forward(c, ev.data, ev.len);
     buf_free(&ev);
     free(err);
-    request_finished(c);
+    router__spend_cache_store(c);
     /* No terminating chunk: the transfer is visibly incomplete too. */
     router__client_response_done(c);
 }
@@ -364,7 +765,6 @@ void router__proxy_on_error(struct router__client *c, const char *errstr)
     uint64_t now = router__now(c->router);
 
     req->up = NULL;
-    backend_attempt_end(req->pool->backend);
     if (req->response_started) {
         log_warn("request %s: backend %s failed mid-response: %s", req->id_str,
                  req->pool->conf->name, errstr);
@@ -373,16 +773,23 @@ void router__proxy_on_error(struct router__client *c, const char *errstr)
     }
     backend_attempt_failure(req->pool->backend, now);
     log_info("request %s: backend %s failed: %s", req->id_str, req->pool->conf->name, errstr);
-    attempt_next(c, errstr);
+    retry_elsewhere(c, errstr);
 }
 
 void router__proxy_abort(struct router__client *c)
 {
     struct router__request *req = &c->req;
 
-    if (req->up == NULL)
-        return;
-    backend_attempt_end(req->pool->backend);
-    router__upstream_abort(req->up);
-    req->up = NULL;
+    if (req->up != NULL) {
+        router__upstream_abort(req->up);
+        req->up = NULL;
+    }
+    if (req->attempt_open) {
+        if (req->response_started) {
+            settle(c); /* the client left mid-response: charge what was sent */
+        } else {
+            finish_attempt(c, NULL);
+        }
+    }
+    router__spend_abandon(c);
 }

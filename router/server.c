@@ -72,6 +72,7 @@ static void client_free(struct router__client *c)
     buf_free(&c->req.fwd);
     buf_free(&c->req.up_body);
     buf_free(&c->req.sse);
+    buf_free(&c->req.head);
     buf_free(&c->pending);
     if (c->prev)
         c->prev->next = c->next;
@@ -82,6 +83,7 @@ static void client_free(struct router__client *c)
     r->nclients--;
     metrics_add(r->metrics, METRICS_CLIENT_CONNECTIONS, NULL, -1);
     free(c);
+    router__maybe_finish(r);
 }
 
 static void client_handle_closed(uv_handle_t *h)
@@ -440,6 +442,7 @@ void router__client_response_done(struct router__client *c)
 {
     if (c->closing)
         return;
+    router__spend_abandon(c); /* nothing may stay held past the response */
     router__account(c);
     if (!c->req.keep_alive || c->router->stopping) {
         client_close_after_writes(c);
@@ -533,6 +536,7 @@ static void on_connection(uv_stream_t *server, int status)
 struct router *router_create(uv_loop_t *loop, const struct conf *conf)
 {
     struct router *r = calloc(1, sizeof(*r));
+    int rc;
 
     if (r == NULL)
         return NULL;
@@ -566,6 +570,15 @@ struct router *router_create(uv_loop_t *loop, const struct conf *conf)
     }
     r->backends = backend_set_create(conf);
     if (r->backends == NULL)
+        goto fail;
+    backend_set_start(r->backends, uv_now(loop));
+    rc = policy_tokens_load(&r->tokens, NULL);
+    if (rc != 0) {
+        log_warn("token tables not loaded (%s): prompt tokens will be estimated from bytes; "
+                 "run `make deps` to fetch them", strerror(-rc));
+        r->tokens = NULL;
+    }
+    if (router__spend_init(r) != 0)
         goto fail;
     if (router__pools_init(r) != 0)
         goto fail;
@@ -630,6 +643,15 @@ void router_stop(struct router *r)
             router__client_close(c);
     }
     router__pools_close(r);
+    router__maybe_finish(r);
+}
+
+/* Once stopping and the last client is gone and every settle has been
+ * answered, close the store and the cost log so the loop can end. */
+void router__maybe_finish(struct router *r)
+{
+    if (r->stopping && r->nclients == 0 && r->store_pending == 0)
+        router_finish(r);
 }
 
 void router_reopen_logs(struct router *r)
@@ -642,6 +664,7 @@ void router_reopen_logs(struct router *r)
 
 void router_finish(struct router *r)
 {
+    router__spend_close(r);
     if (r->cost_log) {
         metrics_cost_log_close(r->cost_log);
         r->cost_log = NULL;
@@ -653,6 +676,8 @@ void router_destroy(struct router *r)
     if (r == NULL)
         return;
     router_finish(r);
+    router__spend_free(r);
+    policy_tokens_free(r->tokens);
     metrics_free(r->metrics);
     router__pools_free(r);
     backend_set_destroy(r->backends);

@@ -276,8 +276,11 @@ Test(proxy, keep_alive_pipelining_and_upstream_reuse)
 {
     struct support_http_conn c;
     struct support_http_response r[3] = {0};
+    char a[1024];
 
-    start_two(NULL, NULL);
+    /* One backend, so every request must reuse its pooled connection. */
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    start_router(NULL, backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), "a");
     buf_reset(&req);
     for (int i = 0; i < 3; i++)
         cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH, CHAT), 0);

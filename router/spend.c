@@ -1,0 +1,216 @@
+/*
+ * router/spend.c: the store side of a request (cache/ behind it).
+ *
+ * Before a request goes upstream, one store call (cache_begin) looks the
+ * response cache up and reserves the estimated cost against the tenant's
+ * day and month budgets, atomically, so instances sharing a Redis cannot
+ * overspend. When the response ends the reservation is settled with the
+ * real cost; a failure before any cost releases it. Every store answer
+ * also refreshes the router's snapshot of the tenant's spend, which the
+ * policy reads for the next choice, so selection itself needs no round
+ * trip.
+ *
+ * Cached responses carry the cost they were bought for, so a hit can log
+ * what it saved: "<micro-USD>\n<bytes>".
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cache/cache.h"
+#include "common/error.h"
+#include "common/log.h"
+#include "conf/conf.h"
+#include "router/internal.h"
+
+static void on_store_state(void *arg, enum cache_state state, const char *errstr)
+{
+    struct router *r = arg;
+
+    (void)r;
+    if (errstr)
+        log_warn("store: %s", errstr);
+}
+
+int router__spend_init(struct router *r)
+{
+    const struct conf *conf = r->conf;
+    struct cache_options opts = {0};
+
+    opts.redis_url = conf->redis_url;
+    opts.on_failure = conf->store_on_failure == CONF_FAIL_CLOSED ? CACHE_FAIL_CLOSED : CACHE_FAIL_OPEN;
+    opts.on_state = on_store_state;
+    opts.on_state_arg = r;
+    r->store = cache_create(r->loop, &opts);
+    r->flights = cache_flight_create();
+    r->tenants = calloc(conf->ntenants ? conf->ntenants : 1, sizeof(*r->tenants));
+    r->calib = calloc(conf->nbackends ? conf->nbackends : 1, sizeof(*r->calib));
+    if (r->store == NULL || r->flights == NULL || r->tenants == NULL || r->calib == NULL)
+        return -ENOMEM;
+    for (size_t i = 0; i < conf->ntenants; i++) {
+        r->tenants[i].outpred = calloc(conf->nroutes ? conf->nroutes : 1, sizeof(struct policy_outpred));
+        if (r->tenants[i].outpred == NULL)
+            return -ENOMEM;
+        for (size_t j = 0; j < conf->nroutes; j++)
+            policy_outpred_init(&r->tenants[i].outpred[j]);
+    }
+    for (size_t i = 0; i < conf->nbackends; i++)
+        policy_calib_init(&r->calib[i]);
+    return 0;
+}
+
+void router__spend_close(struct router *r)
+{
+    if (r->store) {
+        cache_close(r->store, NULL, NULL);
+        r->store = NULL;
+    }
+}
+
+void router__spend_free(struct router *r)
+{
+    if (r->tenants)
+        for (size_t i = 0; i < r->conf->ntenants; i++)
+            free(r->tenants[i].outpred);
+    free(r->tenants);
+    r->tenants = NULL;
+    free(r->calib);
+    r->calib = NULL;
+    if (r->flights)
+        cache_flight_free(r->flights);
+    r->flights = NULL;
+}
+
+struct router__tenant *router__tenant_state(struct router *r, const struct conf_tenant *t)
+{
+    return &r->tenants[t - r->conf->tenants];
+}
+
+/* Settles, releases and puts are counted until answered, so that a
+ * stopping router closes the store only after they were applied. */
+static void on_write_done(void *arg, const char *errstr)
+{
+    struct router *r = arg;
+
+    if (errstr)
+        log_warn("store: %s (charges are journaled and written back later)", errstr);
+    r->store_pending--;
+    router__maybe_finish(r);
+}
+
+static void track(struct router *r, struct cache_op *op)
+{
+    if (op != NULL)
+        r->store_pending++;
+}
+
+static int64_t usd_to_micro(double usd)
+{
+    return (int64_t)(usd * 1e6 + 0.5);
+}
+
+static void on_begin(void *arg, const char *errstr, const struct cache_begin_result *res)
+{
+    struct router__client *c = arg;
+    struct router__request *req = &c->req;
+    struct router__tenant *ts = router__tenant_state(c->router, req->tenant);
+
+    req->store_op = NULL;
+    if (errstr != NULL) {
+        router__send_error(c, error_store_unavailable, NULL);
+        return;
+    }
+    ts->day_spent = res->day_spent;
+    ts->month_spent = res->month_spent;
+    ts->reserved = res->reserved;
+    if (res->granted) {
+        req->res = res->reservation;
+        req->has_res = 1;
+    }
+    if (res->lookup == CACHE_LOOKUP_HIT) {
+        router__proxy_replay(c, res->value, res->value_len);
+        return;
+    }
+    router__proxy_reserved(c, res);
+}
+
+void router__spend_begin(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    const struct conf_tenant *t = req->tenant;
+    int lookup = req->cacheable && req->begins == 0;
+
+    req->begins++;
+    req->store_op = cache_begin(c->router->store, t->id, lookup ? &req->cache_key : NULL,
+                                req->choice.cost_micro, usd_to_micro(t->daily_usd),
+                                usd_to_micro(t->monthly_usd), on_begin, c);
+    if (req->store_op == NULL)
+        router__send_error(c, error_no_memory, NULL);
+}
+
+void router__spend_release(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+
+    if (!req->has_res)
+        return;
+    req->has_res = 0;
+    track(c->router, cache_release(c->router->store, &req->res, on_write_done, c->router));
+}
+
+void router__spend_settle(struct router__client *c, int64_t micro)
+{
+    struct router__request *req = &c->req;
+
+    req->cost_micro = micro;
+    req->settled = 1;
+    if (!req->has_res) {
+        /* No hold (e.g. a free backend): charge anyway, nothing is lost. */
+        struct cache_reservation none = {.tenant = req->tenant->id};
+        track(c->router, cache_settle(c->router->store, &none, micro, on_write_done, c->router));
+        return;
+    }
+    req->has_res = 0;
+    track(c->router, cache_settle(c->router->store, &req->res, micro, on_write_done, c->router));
+}
+
+void router__spend_cache_store(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    struct buf value = {0};
+
+    if (!req->flight_leader)
+        return;
+    req->flight_leader = 0;
+    if (req->status == 200 && !req->broken && req->cached.len > 0 &&
+        buf_printf(&value, "%" PRId64 "\n", req->cost_micro) == 0 &&
+        buf_append(&value, req->cached.data, req->cached.len) == 0) {
+        track(c->router, cache_put(c->router->store, req->tenant->id, &req->cache_key, value.data,
+                                   value.len, 0, on_write_done, c->router));
+        cache_flight_finish(c->router->flights, &req->cache_key, value.data, value.len);
+    } else {
+        cache_flight_finish(c->router->flights, &req->cache_key, NULL, 0);
+    }
+    buf_free(&value);
+}
+
+void router__spend_abandon(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+
+    if (req->store_op) {
+        cache_cancel(req->store_op);
+        req->store_op = NULL;
+    }
+    if (req->flight_waiting) {
+        cache_flight_leave(c->router->flights, &req->waiter);
+        req->flight_waiting = 0;
+    }
+    if (req->flight_leader) {
+        req->flight_leader = 0;
+        cache_flight_finish(c->router->flights, &req->cache_key, NULL, 0);
+    }
+    router__spend_release(c);
+}
