@@ -11,6 +11,8 @@
 
 #include "conf/conf.h"
 #include "metrics/metrics.h"
+#include "backends/backend.h"
+#include "cache/cache.h"
 #include "policy/cost.h"
 #include "router/internal.h"
 
@@ -125,4 +127,48 @@ void router__account(struct router__client *c)
     rec.status = req->status ? req->status : 499;
     rec.fallbacks = (int)req->fallbacks;
     metrics_cost_log_write(r->cost_log, &rec);
+}
+
+void router__refresh_gauges(struct router *r)
+{
+    const struct conf *conf = r->conf;
+    uint64_t now = router__now(r);
+    struct cache_stats st;
+
+    for (size_t i = 0; i < conf->ntenants; i++) {
+        const struct conf_tenant *t = &conf->tenants[i];
+        const struct router__tenant *ts = &r->tenants[i];
+        const char *day[] = {t->id, "day"}, *month[] = {t->id, "month"};
+
+        metrics_set(r->metrics, METRICS_BUDGET_SPENT_USD, day, (double)ts->day_spent / 1e6);
+        metrics_set(r->metrics, METRICS_BUDGET_SPENT_USD, month, (double)ts->month_spent / 1e6);
+        if (t->daily_usd > 0)
+            metrics_set(r->metrics, METRICS_BUDGET_REMAINING_USD, day,
+                        t->daily_usd - (double)ts->day_spent / 1e6);
+        if (t->monthly_usd > 0)
+            metrics_set(r->metrics, METRICS_BUDGET_REMAINING_USD, month,
+                        t->monthly_usd - (double)ts->month_spent / 1e6);
+    }
+    for (size_t i = 0; i < conf->nbackends; i++) {
+        const struct backend *b = backend_set_get(r->backends, i);
+        const char *labels[] = {conf->backends[i].name};
+
+        if (conf->backends[i].kind != CONF_BACKEND_SELF_HOSTED)
+            continue;
+        metrics_set(r->metrics, METRICS_GPU_POOL_UTILIZATION_RATIO, labels,
+                    backend_pool_utilization(b, now));
+        /* The pool accrues idle cost itself; the counter gets the increase. */
+        double idle = backend_idle_cost_usd(b, now);
+        if (idle > r->idle_reported[i]) {
+            metrics_add(r->metrics, METRICS_GPU_POOL_IDLE_COST_USD_TOTAL, labels,
+                        idle - r->idle_reported[i]);
+            r->idle_reported[i] = idle;
+        }
+    }
+    if (r->store) {
+        const char *labels[] = {conf->redis_url ? "redis" : "memory"};
+
+        cache_stats(r->store, &st);
+        metrics_set(r->metrics, METRICS_STORE_UP, labels, st.state == CACHE_STATE_CONNECTED);
+    }
 }

@@ -230,11 +230,19 @@ static const struct endpoint_def endpoints[] = {
     {"/v1/embeddings", HTTP_POST, ROUTER_EP_EMBEDDINGS},
     {"/v1/models", HTTP_GET, ROUTER_EP_MODELS},
     {"/healthz", HTTP_GET, ROUTER_EP_HEALTHZ},
+    {"/metrics", HTTP_GET, ROUTER_EP_METRICS},
+    {"/dashboard", HTTP_GET, ROUTER_EP_DASHBOARD},
 };
 
 /* Find the endpoint; sets *errstr to error_not_found or error_method. */
 static enum router__endpoint endpoint_find(struct slice path, int method, const char **errstr)
 {
+    if (path.len > 7 && memcmp(path.p, "/admin/", 7) == 0) {
+        if (method == HTTP_GET)
+            return ROUTER_EP_ADMIN;
+        *errstr = error_method;
+        return ROUTER_EP_NONE;
+    }
     for (size_t i = 0; i < ARRAY_SIZE(endpoints); i++) {
         if (!slice_eq(path, endpoints[i].path))
             continue;
@@ -326,6 +334,10 @@ void router__handle(struct router__client *c)
     if (req->endpoint == ROUTER_EP_HEALTHZ) {
         static const char ok[] = "{\"status\":\"ok\"}";
         router__send_response(c, 200, "application/json", NULL, ok, sizeof(ok) - 1);
+        return;
+    }
+    if (req->endpoint >= ROUTER_EP_METRICS) {
+        router__admin_handle(c, request_path(req));
         return;
     }
     req->tenant = authenticate(c);

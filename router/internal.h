@@ -72,6 +72,7 @@ struct router {
     struct cache_flight *flights;   /* single flight of identical cache misses */
     struct router__tenant *tenants; /* per conf.tenants entry, same order */
     struct policy_calib *calib;     /* per conf.backends entry: prompt estimate calibration */
+    double *idle_reported;          /* per backend: idle cost already added to metrics */
     unsigned store_pending;         /* settles/releases/puts not answered yet */
     struct metrics *metrics;        /* Prometheus registry */
     struct metrics_cost_log *cost_log; /* one JSON line per request, or NULL */
@@ -176,6 +177,7 @@ struct router__request {
     uint64_t events;                     /* SSE data events forwarded (token fallback) */
     int64_t cost_micro;                  /* settled cost, micro-USD */
     int64_t saved_micro;                 /* cost a cache hit avoided */
+    struct router__admin *admin;         /* admin request waiting for the store */
 };
 
 struct router__client {
@@ -273,6 +275,12 @@ void router__spend_cache_store(struct router__client *c);
 /* Request teardown: cancel store callbacks, end flights, release holds. */
 void router__spend_abandon(struct router__client *c);
 struct router__tenant *router__tenant_state(struct router *r, const struct conf_tenant *t);
+
+/* admin.c: /metrics, /dashboard, /admin/... */
+void router__admin_handle(struct router__client *c, struct slice path);
+void router__admin_abandon(struct router__client *c);
+/* account.c: set gauges that are read, not counted (budgets, pools, store) */
+void router__refresh_gauges(struct router *r);
 
 /* proxy.c: one request to upstreams, with fallback */
 /* The store answered cache_begin: continue with the reservation granted,

@@ -47,7 +47,9 @@ int router__spend_init(struct router *r)
     r->flights = cache_flight_create();
     r->tenants = calloc(conf->ntenants ? conf->ntenants : 1, sizeof(*r->tenants));
     r->calib = calloc(conf->nbackends ? conf->nbackends : 1, sizeof(*r->calib));
-    if (r->store == NULL || r->flights == NULL || r->tenants == NULL || r->calib == NULL)
+    r->idle_reported = calloc(conf->nbackends ? conf->nbackends : 1, sizeof(double));
+    if (r->store == NULL || r->flights == NULL || r->tenants == NULL || r->calib == NULL ||
+        r->idle_reported == NULL)
         return -ENOMEM;
     for (size_t i = 0; i < conf->ntenants; i++) {
         r->tenants[i].outpred = calloc(conf->nroutes ? conf->nroutes : 1, sizeof(struct policy_outpred));
@@ -78,6 +80,8 @@ void router__spend_free(struct router *r)
     r->tenants = NULL;
     free(r->calib);
     r->calib = NULL;
+    free(r->idle_reported);
+    r->idle_reported = NULL;
     if (r->flights)
         cache_flight_free(r->flights);
     r->flights = NULL;
@@ -200,6 +204,7 @@ void router__spend_abandon(struct router__client *c)
 {
     struct router__request *req = &c->req;
 
+    router__admin_abandon(c);
     if (req->store_op) {
         cache_cancel(req->store_op);
         req->store_op = NULL;

@@ -1,0 +1,268 @@
+/*
+ * router/admin.c: the operator's endpoints.
+ *
+ *   GET /metrics                      Prometheus text (admin key when one is set)
+ *   GET /dashboard                    the self-contained page (its data calls need the key)
+ *   GET /admin/tenants                spend vs budget of every tenant
+ *   GET /admin/tenants/{id}/spend     one tenant's spend (across instances with Redis)
+ *   GET /admin/backends               live backend state
+ *
+ * The admin key is compared as a SHA-256 digest with CRYPTO_memcmp, so
+ * neither its content nor its length leaks through timing. Spend comes
+ * from the store, so with Redis it covers every instance.
+ */
+#include <cjson/cJSON.h>
+#include <openssl/crypto.h>
+#include <openssl/sha.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backends/backend.h"
+#include "cache/cache.h"
+#include "common/error.h"
+#include "common/log.h"
+#include "conf/conf.h"
+#include "metrics/metrics.h"
+#include "router/internal.h"
+
+struct router__admin;
+
+/* One spend_get of an admin request. */
+struct spend_slot {
+    struct router__admin *admin;   /* the request */
+    const struct conf_tenant *t;   /* tenant asked about */
+    struct cache_op *op;           /* in flight, or NULL once answered */
+    size_t index;                  /* position in the output array */
+};
+
+/* One admin request waiting for the store: one spend_get per tenant. */
+struct router__admin {
+    struct router__client *client; /* who asked */
+    cJSON *out;                    /* array (list) or object (one tenant) */
+    size_t n;                      /* slots */
+    size_t pending;                /* spend_get answers still to come */
+    int single;                    /* answer one object, not an array */
+    const char *error;             /* first store error */
+    struct spend_slot slots[];     /* one per tenant queried */
+};
+
+int router__admin_authorized(struct router__client *c)
+{
+    const char *key = c->router->conf->admin_key;
+    const struct buf *a = &c->req.auth;
+    uint8_t want[32], got[32];
+
+    if (key == NULL)
+        return 0;
+    if (a->len <= 7 || strncasecmp(a->data, "Bearer ", 7) != 0)
+        return 0;
+    SHA256((const unsigned char *)key, strlen(key), want);
+    SHA256((const unsigned char *)a->data + 7, a->len - 7, got);
+    return CRYPTO_memcmp(want, got, sizeof(want)) == 0;
+}
+
+static void send_json(struct router__client *c, int status, cJSON *j)
+{
+    char *body = cJSON_PrintUnformatted(j);
+
+    if (body == NULL) {
+        router__send_error(c, error_no_memory, NULL);
+        return;
+    }
+    router__send_response(c, status, "application/json", "Cache-Control: no-store\r\n", body,
+                          strlen(body));
+    free(body);
+}
+
+static cJSON *tenant_json(const struct conf_tenant *t, const struct cache_spend *s)
+{
+    cJSON *o = cJSON_CreateObject();
+
+    cJSON_AddStringToObject(o, "tenant", t->id);
+    cJSON_AddNumberToObject(o, "day_usd", (double)s->day_spent / 1e6);
+    cJSON_AddNumberToObject(o, "month_usd", (double)s->month_spent / 1e6);
+    cJSON_AddNumberToObject(o, "day_budget_usd", t->daily_usd);
+    cJSON_AddNumberToObject(o, "month_budget_usd", t->monthly_usd);
+    cJSON_AddNumberToObject(o, "reserved_usd", (double)s->reserved / 1e6);
+    cJSON_AddBoolToObject(o, "degraded", s->degraded);
+    return o;
+}
+
+static void admin_free(struct router__admin *a)
+{
+    cJSON_Delete(a->out);
+    free(a);
+}
+
+static void on_spend(void *arg, const char *errstr, const struct cache_spend *s)
+{
+    struct spend_slot *sa = arg;
+    struct router__admin *a = sa->admin;
+    struct router__client *c = a->client;
+
+    sa->op = NULL;
+    if (errstr != NULL && a->error == NULL)
+        a->error = errstr;
+    if (errstr == NULL) {
+        if (a->single)
+            cJSON_AddItemToObject(a->out, "spend", tenant_json(sa->t, s));
+        else
+            cJSON_ReplaceItemInArray(a->out, (int)sa->index, tenant_json(sa->t, s));
+    }
+    if (--a->pending > 0)
+        return;
+    c->req.admin = NULL;
+    if (a->error) {
+        router__send_error(c, error_store_unavailable, NULL);
+    } else if (a->single) {
+        send_json(c, 200, cJSON_GetObjectItem(a->out, "spend"));
+    } else {
+        send_json(c, 200, a->out);
+    }
+    admin_free(a);
+}
+
+/* Query the store for `n` tenants starting at `first`. */
+static void query_spend(struct router__client *c, const struct conf_tenant *first, size_t n,
+                        int single)
+{
+    struct router__admin *a = calloc(1, sizeof(*a) + n * sizeof(a->slots[0]));
+
+    if (a == NULL) {
+        router__send_error(c, error_no_memory, NULL);
+        return;
+    }
+    a->client = c;
+    a->single = single;
+    a->out = single ? cJSON_CreateObject() : cJSON_CreateArray();
+    if (n == 0) {
+        send_json(c, 200, a->out);
+        admin_free(a);
+        return;
+    }
+    c->req.admin = a;
+    a->n = n;
+    for (size_t i = 0; i < n; i++) {
+        struct spend_slot *sa = &a->slots[i];
+
+        if (!single)
+            cJSON_AddItemToArray(a->out, cJSON_CreateNull());
+        *sa = (struct spend_slot){a, &first[i], NULL, i};
+        sa->op = cache_spend_get(c->router->store, first[i].id, on_spend, sa);
+        if (sa->op != NULL)
+            a->pending++;
+    }
+    if (a->pending == 0) {
+        c->req.admin = NULL;
+        admin_free(a);
+        router__send_error(c, error_no_memory, NULL);
+    }
+}
+
+void router__admin_abandon(struct router__client *c)
+{
+    struct router__admin *a = c->req.admin;
+
+    if (a == NULL)
+        return;
+    c->req.admin = NULL;
+    for (size_t i = 0; i < a->n; i++)
+        if (a->slots[i].op)
+            cache_cancel(a->slots[i].op);
+    admin_free(a);
+}
+
+static void send_backends(struct router__client *c)
+{
+    struct router *r = c->router;
+    uint64_t now = router__now(r);
+    cJSON *arr = cJSON_CreateArray();
+
+    for (size_t i = 0; i < r->conf->nbackends; i++) {
+        const struct backend *b = backend_set_get(r->backends, i);
+        const struct conf_backend *cb = backend_conf(b);
+        cJSON *o = cJSON_CreateObject();
+
+        cJSON_AddStringToObject(o, "backend", cb->name);
+        cJSON_AddStringToObject(o, "kind", cb->kind == CONF_BACKEND_API ? "api" : "self_hosted");
+        cJSON_AddStringToObject(o, "circuit", backend_circuit_name(b, now));
+        cJSON_AddNumberToObject(o, "inflight", backend_inflight(b));
+        cJSON_AddNumberToObject(o, "consecutive_failures", backend_consecutive_failures(b));
+        cJSON_AddNumberToObject(o, "ttft_ewma_ms", backend_ttft_ewma_ms(b));
+        cJSON_AddNumberToObject(o, "predicted_ttft_ms", backend_predicted_ttft_ms(b, now));
+        cJSON_AddNumberToObject(o, "open_connections", r->pools[i].nopen);
+        cJSON_AddNumberToObject(o, "idle_connections", r->pools[i].nidle);
+        if (cb->kind == CONF_BACKEND_SELF_HOSTED) {
+            cJSON_AddNumberToObject(o, "utilization", backend_pool_utilization(b, now));
+            cJSON_AddNumberToObject(o, "tokens_per_second", backend_tokens_per_second(b, now));
+            cJSON_AddNumberToObject(o, "idle_cost_usd", backend_idle_cost_usd(b, now));
+            cJSON_AddNumberToObject(o, "pool_cost_usd", backend_pool_cost_usd(b, now));
+        }
+        cJSON_AddItemToArray(arr, o);
+    }
+    send_json(c, 200, arr);
+    cJSON_Delete(arr);
+}
+
+static void send_metrics(struct router__client *c)
+{
+    struct buf out = {0};
+
+    router__refresh_gauges(c->router);
+    if (metrics_render(c->router->metrics, &out) != 0) {
+        buf_free(&out);
+        router__send_error(c, error_no_memory, NULL);
+        return;
+    }
+    router__send_response(c, 200, metrics_content_type, NULL, out.data, out.len);
+    buf_free(&out);
+}
+
+void router__admin_handle(struct router__client *c, struct slice path)
+{
+    const struct conf *conf = c->router->conf;
+    static const char tenants[] = "/admin/tenants";
+
+    if (slice_eq(path, "/dashboard")) {
+        size_t len;
+        const char *page = metrics_dashboard(&len);
+
+        if (conf->admin_key == NULL) {
+            router__send_error(c, error_not_found, "the admin API is off (no admin_key)");
+            return;
+        }
+        router__send_response(c, 200, "text/html; charset=utf-8", "Cache-Control: no-store\r\n",
+                              page, len);
+        return;
+    }
+    if (slice_eq(path, "/metrics") && conf->admin_key == NULL) {
+        send_metrics(c);
+        return;
+    }
+    if (!router__admin_authorized(c)) {
+        router__send_error(c, conf->admin_key ? error_unauthorized : error_not_found,
+                           conf->admin_key ? "admin key required" : "the admin API is off");
+        return;
+    }
+    if (slice_eq(path, "/metrics")) {
+        send_metrics(c);
+    } else if (slice_eq(path, "/admin/backends")) {
+        send_backends(c);
+    } else if (slice_eq(path, tenants)) {
+        query_spend(c, conf->tenants, conf->ntenants, 0);
+    } else if (path.len > sizeof(tenants) && memcmp(path.p, tenants, sizeof(tenants) - 1) == 0 &&
+               path.p[sizeof(tenants) - 1] == '/' && path.len > 6 &&
+               memcmp(path.p + path.len - 6, "/spend", 6) == 0) {
+        const char *id = path.p + sizeof(tenants);
+        size_t idlen = path.len - sizeof(tenants) - 6;
+
+        for (size_t i = 0; i < conf->ntenants; i++)
+            if (strlen(conf->tenants[i].id) == idlen && memcmp(conf->tenants[i].id, id, idlen) == 0) {
+                query_spend(c, &conf->tenants[i], 1, 1);
+                return;
+            }
+        router__send_error(c, error_not_found, "unknown tenant");
+    } else {
+        router__send_error(c, error_not_found, NULL);
+    }
+}
