@@ -130,10 +130,13 @@ static void check_backend(struct conf__ctx *ctx, size_t i)
     struct conf_backend *b = &ctx->conf->backends[i];
     struct conf__meta *m = &ctx->backend_meta[i];
     char path[96];
+    int priced;
 
     if (!HAS(m, CONF__B_KIND))
         return; /* reported as missing */
     resolve_price(ctx, i);
+    /* an unknown `price:` is reported already: its prices are not missing */
+    priced = b->price != NULL || (b->kind == CONF_BACKEND_API && b->price_name != NULL);
     for (size_t k = 0; k < sizeof(kind_keys) / sizeof(kind_keys[0]); k++) {
         int given = HAS(m, kind_keys[k].key);
 
@@ -142,10 +145,12 @@ static void check_backend(struct conf__ctx *ctx, size_t i)
             conf__error(ctx, m->lines[kind_keys[k].key], path, "only applies to kind: %s",
                         b->kind == CONF_BACKEND_API ? "self_hosted" : "api");
         else if (!given && kind_keys[k].kind == b->kind && kind_keys[k].needed &&
-                 !b->is_free && b->price == NULL)
-            conf__error(ctx, m->line, path, "missing: a%s %s backend needs it unless it says "
-                        "free: true", b->kind == CONF_BACKEND_API ? "n" : "",
-                        b->kind == CONF_BACKEND_API ? "api" : "self_hosted");
+                 !b->is_free && !priced)
+            conf__error(ctx, m->line, path, "missing: %s unless it says free: true",
+                        b->kind == CONF_BACKEND_API
+                            ? "an api backend needs it (or a price entry named by price: or "
+                              "model)"
+                            : "a self_hosted backend needs it");
     }
 }
 
@@ -287,6 +292,8 @@ static void index_keys(struct conf__ctx *ctx)
     n = 0;
     for (size_t i = 0; i < c->ntenants; i++) {
         for (size_t j = 0; j < c->tenants[i].nkeys; j++) {
+            if (ctx->tenant_meta[i].item_lines[j] == 0)
+                continue; /* malformed, reported */
             memcpy(v[n].key.hash, c->tenants[i].keys[j].hash, 32);
             v[n].key.key = &c->tenants[i].keys[j];
             v[n].tenant = i;

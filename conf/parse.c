@@ -607,14 +607,17 @@ struct key_arg {
 };
 
 /* A key is a string (the hash) or a mapping {hash, name, rpm, tpm}, whose
- * few defaults are applied right away: nothing else depends on them. */
+ * few defaults are applied right away: nothing else depends on them. A
+ * key reported malformed gets item line 0, which keeps it out of the key
+ * index (and out of duplicate reports over a hash it never had). */
 static void each_key(struct conf__ctx *ctx, void *arg, struct fy_node *item, char *text,
                      size_t i, int line, const char *path)
 {
     struct key_arg *ka = arg;
     struct conf_key *k = &ka->t->keys[i];
+    size_t nerrs = ctx->nerrs;
 
-    ka->meta->item_lines[i] = k->line = line;
+    k->line = line;
     if (text == NULL && fy_node_get_type(item) == FYNT_MAPPING) {
         struct conf__meta m = {.line = line};
 
@@ -623,6 +626,9 @@ static void each_key(struct conf__ctx *ctx, void *arg, struct fy_node *item, cha
     } else if (text) {
         fn_key_hash(ctx, k, text, line, path);
     }
+    if (text == NULL && fy_node_get_type(item) != FYNT_MAPPING)
+        nerrs = (size_t)-1; /* its value was reported before this call */
+    ka->meta->item_lines[i] = ctx->nerrs == nerrs ? line : 0;
 }
 
 static void node_api_keys(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
@@ -856,12 +862,13 @@ static int check_folder(struct conf__ctx *ctx, void *obj, const char *text, int 
     char q[CONF__QUOTE_SIZE];
     struct stat st;
 
-    if (stat(text, &st) != 0 || access(text, R_OK | X_OK) != 0)
-        return conf__error(ctx, line, path, "cannot read %s: %s",
-                           conf__quote(q, text, strlen(text)), strerror(errno));
+    conf__quote(q, text, strlen(text));
+    if (stat(text, &st) != 0)
+        return conf__error(ctx, line, path, "cannot read %s: %s", q, strerror(errno));
     if (!S_ISDIR(st.st_mode))
-        return conf__error(ctx, line, path, "%s is not a folder",
-                           conf__quote(q, text, strlen(text)));
+        return conf__error(ctx, line, path, "%s is not a folder", q);
+    if (access(text, R_OK | X_OK) != 0)
+        return conf__error(ctx, line, path, "cannot read %s: %s", q, strerror(errno));
     return 0;
 }
 
