@@ -5,18 +5,24 @@
  * Duplicates are found by sorting (name, position) and comparing
  * neighbours; the same sorted arrays then serve the O(log n) lookups. The
  * rules here are the ones a single key cannot check: unknown backends in
- * routes, prices that depend on `kind` and `free`, SLOs no backend can
- * meet, a tenant key listed twice.
+ * routes, prices that depend on `kind`, `free` and the price entries, SLOs
+ * no backend can meet, a tenant key listed twice, experiments whose route,
+ * tenants or arm backends do not exist.
  */
 #include "conf/conf.h"
 #include "conf/internal.h"
 
 #include <openssl/crypto.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define HAS(meta, key) (((meta)->set >> (key)) & 1)
+
+/* Room policy/experiment.h keeps for "ab:<experiment>/<arm>" and its NUL
+ * (POLICY_AB_REASON_MAX; conf/ depends on nothing but common/). */
+#define AB_REASON_MAX 96
 
 /* Order of NUL-terminated `b` against the `alen` bytes at `a`: memcmp
  * order, a prefix first. Sorting and searching both use it. */
@@ -32,7 +38,8 @@ static int cmp_text(const char *a, size_t alen, const char *b)
 struct named {
     const char *name; /* borrowed */
     size_t index;     /* position in its conf array */
-    void *entry;      /* the backend, route or tenant */
+    void *entry;      /* the backend, route, tenant, price, key, experiment or arm */
+    int line;         /* where the name is written */
 };
 
 static int cmp_named(const void *pa, const void *pb)
@@ -44,13 +51,14 @@ static int cmp_named(const void *pa, const void *pb)
 }
 
 /* Sort `v` and report each entry whose name repeats an earlier one, at
- * that entry's `key` line. `what` names the kind of thing in the message.
- * If `index` is not NULL, the sorted entries are stored there. */
+ * that entry's line, as "LIST[i].KEYNAME". `what` names the kind of thing
+ * in the message. If `index` is not NULL, the sorted entries are stored
+ * there. */
 static void sort_and_find_duplicates(struct conf__ctx *ctx, struct named *v, size_t n,
-                                     struct conf__meta *metas, int key, const char *list,
-                                     const char *keyname, const char *what, void **index)
+                                     const char *list, const char *keyname, const char *what,
+                                     void **index)
 {
-    char path[64], q[CONF__QUOTE_SIZE];
+    char path[160], q[CONF__QUOTE_SIZE];
 
     qsort(v, n, sizeof(*v), cmp_named);
     for (size_t i = 1; i < n; i++) {
@@ -61,9 +69,8 @@ static void sort_and_find_duplicates(struct conf__ctx *ctx, struct named *v, siz
         while (first > 0 && strcmp(v[first - 1].name, v[i].name) == 0)
             first--;
         snprintf(path, sizeof(path), "%s[%zu].%s", list, v[i].index, keyname);
-        conf__error(ctx, metas[v[i].index].lines[key], path, "duplicate %s %s (first at line %d)",
-                    what, conf__quote(q, v[i].name, strlen(v[i].name)),
-                    metas[v[first].index].lines[key]);
+        conf__error(ctx, v[i].line, path, "duplicate %s %s (first at line %d)", what,
+                    conf__quote(q, v[i].name, strlen(v[i].name)), v[first].line);
     }
     for (size_t i = 0; index && i < n; i++)
         index[i] = v[i].entry;
@@ -74,15 +81,47 @@ static const struct {
     int key;           /* conf__backend_key */
     const char *name;  /* as written */
     enum conf_backend_kind kind; /* the kind it belongs to */
+    unsigned needed:1; /* required of that kind unless free (or, for api
+                          prices, given by a price entry) */
 } kind_keys[] = {
-    {CONF__B_GPU_HOURLY_USD, "gpu_hourly_usd", CONF_BACKEND_SELF_HOSTED},
-    {CONF__B_REPLICAS, "replicas", CONF_BACKEND_SELF_HOSTED},
-    {CONF__B_MAX_CONCURRENCY, "max_concurrency", CONF_BACKEND_SELF_HOSTED},
-    {CONF__B_TOKENS_PER_SECOND, "tokens_per_second", CONF_BACKEND_SELF_HOSTED},
-    {CONF__B_INPUT_USD, "input_usd_per_mtok", CONF_BACKEND_API},
-    {CONF__B_OUTPUT_USD, "output_usd_per_mtok", CONF_BACKEND_API},
-    {CONF__B_CACHED_INPUT_USD, "cached_input_usd_per_mtok", CONF_BACKEND_API},
+    {CONF__B_GPU_HOURLY_USD, "gpu_hourly_usd", CONF_BACKEND_SELF_HOSTED, 1},
+    {CONF__B_REPLICAS, "replicas", CONF_BACKEND_SELF_HOSTED, 1},
+    {CONF__B_MAX_CONCURRENCY, "max_concurrency", CONF_BACKEND_SELF_HOSTED, 1},
+    {CONF__B_TOKENS_PER_SECOND, "tokens_per_second", CONF_BACKEND_SELF_HOSTED, 1},
+    {CONF__B_PRICE, "price", CONF_BACKEND_API, 0},
+    {CONF__B_INPUT_USD, "input_usd_per_mtok", CONF_BACKEND_API, 1},
+    {CONF__B_OUTPUT_USD, "output_usd_per_mtok", CONF_BACKEND_API, 1},
+    {CONF__B_CACHED_INPUT_USD, "cached_input_usd_per_mtok", CONF_BACKEND_API, 0},
 };
+
+/* An api backend's price entry: the one `price:` names, else the one
+ * named like its `model`, if any. Each price the backend does not give
+ * itself comes from the entry; cached input falls back to the input
+ * price. */
+static void resolve_price(struct conf__ctx *ctx, size_t i)
+{
+    struct conf_backend *b = &ctx->conf->backends[i];
+    struct conf__meta *m = &ctx->backend_meta[i];
+    const char *name = b->price_name ? b->price_name : b->model;
+    const struct conf_price *p = name ? conf_find_price(ctx->conf, name) : NULL;
+    char path[96], q[CONF__QUOTE_SIZE];
+
+    if (b->kind == CONF_BACKEND_API && b->price_name && p == NULL) {
+        snprintf(path, sizeof(path), "backends[%zu].price", i);
+        conf__error(ctx, m->lines[CONF__B_PRICE], path, "unknown price %s%s",
+                    conf__quote(q, name, strlen(name)),
+                    ctx->conf->nprices ? "" : " (no prices are defined: include a price file)");
+    }
+    if (b->kind != CONF_BACKEND_API)
+        p = NULL;
+    b->price = p;
+    if (p && !HAS(m, CONF__B_INPUT_USD))
+        b->input_usd_per_mtok = p->input_usd_per_mtok;
+    if (p && !HAS(m, CONF__B_OUTPUT_USD))
+        b->output_usd_per_mtok = p->output_usd_per_mtok;
+    if (!HAS(m, CONF__B_CACHED_INPUT_USD))
+        b->cached_input_usd_per_mtok = p ? p->cached_input_usd_per_mtok : b->input_usd_per_mtok;
+}
 
 /* Prices and capacity: a backend must say what it costs unless `free`.
  * Cached input has a default (the input price), so it is not required. */
@@ -91,9 +130,13 @@ static void check_backend(struct conf__ctx *ctx, size_t i)
     struct conf_backend *b = &ctx->conf->backends[i];
     struct conf__meta *m = &ctx->backend_meta[i];
     char path[96];
+    int priced;
 
     if (!HAS(m, CONF__B_KIND))
         return; /* reported as missing */
+    resolve_price(ctx, i);
+    /* an unknown `price:` is reported already: its prices are not missing */
+    priced = b->price != NULL || (b->kind == CONF_BACKEND_API && b->price_name != NULL);
     for (size_t k = 0; k < sizeof(kind_keys) / sizeof(kind_keys[0]); k++) {
         int given = HAS(m, kind_keys[k].key);
 
@@ -101,12 +144,33 @@ static void check_backend(struct conf__ctx *ctx, size_t i)
         if (given && kind_keys[k].kind != b->kind)
             conf__error(ctx, m->lines[kind_keys[k].key], path, "only applies to kind: %s",
                         b->kind == CONF_BACKEND_API ? "self_hosted" : "api");
-        else if (!given && kind_keys[k].kind == b->kind && !b->is_free &&
-                 kind_keys[k].key != CONF__B_CACHED_INPUT_USD)
-            conf__error(ctx, m->line, path, "missing: a%s %s backend needs it unless it says "
-                        "free: true", b->kind == CONF_BACKEND_API ? "n" : "",
-                        b->kind == CONF_BACKEND_API ? "api" : "self_hosted");
+        else if (!given && kind_keys[k].kind == b->kind && kind_keys[k].needed &&
+                 !b->is_free && !priced)
+            conf__error(ctx, m->line, path, "missing: %s unless it says free: true",
+                        b->kind == CONF_BACKEND_API
+                            ? "an api backend needs it (or a price entry named by price: or "
+                              "model)"
+                            : "a self_hosted backend needs it");
     }
+}
+
+/* The price entries are unique already (node_prices): only sort them. */
+static void index_prices(struct conf__ctx *ctx)
+{
+    struct conf *c = ctx->conf;
+    struct named *v = calloc(c->nprices + 1, sizeof(*v));
+
+    c->_prices_by_name = calloc(c->nprices + 1, sizeof(*c->_prices_by_name));
+    if (v == NULL || c->_prices_by_name == NULL) {
+        ctx->oom = 1;
+        goto out;
+    }
+    for (size_t i = 0; i < c->nprices; i++)
+        v[i] = (struct named){c->prices[i].name, i, &c->prices[i], c->prices[i].line};
+    sort_and_find_duplicates(ctx, v, c->nprices, "prices", "name", "price",
+                             (void **)c->_prices_by_name);
+out:
+    free(v);
 }
 
 static void check_backends(struct conf__ctx *ctx)
@@ -123,10 +187,11 @@ static void check_backends(struct conf__ctx *ctx)
     for (size_t i = 0; i < c->nbackends; i++) {
         check_backend(ctx, i);
         if (c->backends[i].name)
-            v[n++] = (struct named){c->backends[i].name, i, &c->backends[i]};
+            v[n++] = (struct named){c->backends[i].name, i, &c->backends[i],
+                                    ctx->backend_meta[i].lines[CONF__B_NAME]};
     }
-    sort_and_find_duplicates(ctx, v, n, ctx->backend_meta, CONF__B_NAME, "backends", "name",
-                             "backend", (void **)c->_backends_by_name);
+    sort_and_find_duplicates(ctx, v, n, "backends", "name", "backend",
+                             (void **)c->_backends_by_name);
 out:
     free(v);
 }
@@ -151,7 +216,7 @@ static int check_routes(struct conf__ctx *ctx)
         struct conf__meta *m = &ctx->route_meta[i];
 
         if (r->model)
-            v[n++] = (struct named){r->model, i, r};
+            v[n++] = (struct named){r->model, i, r, m->lines[CONF__RT_MODEL]};
         if ((r->candidates = calloc(m->nitems + 1, sizeof(*r->candidates))) == NULL) {
             ctx->oom = 1;
             goto out;
@@ -181,8 +246,8 @@ static int check_routes(struct conf__ctx *ctx)
                 best = b->quality;
         }
     }
-    sort_and_find_duplicates(ctx, v, n, ctx->route_meta, CONF__RT_MODEL, "routes", "model",
-                             "route", (void **)c->_routes_by_model);
+    sort_and_find_duplicates(ctx, v, n, "routes", "model", "route",
+                             (void **)c->_routes_by_model);
 out:
     free(v);
     return best;
@@ -227,8 +292,10 @@ static void index_keys(struct conf__ctx *ctx)
     n = 0;
     for (size_t i = 0; i < c->ntenants; i++) {
         for (size_t j = 0; j < c->tenants[i].nkeys; j++) {
-            memcpy(v[n].key.hash, c->tenants[i].key_hashes[j], 32);
-            v[n].key.tenant = &c->tenants[i];
+            if (ctx->tenant_meta[i].item_lines[j] == 0)
+                continue; /* malformed, reported */
+            memcpy(v[n].key.hash, c->tenants[i].keys[j].hash, 32);
+            v[n].key.key = &c->tenants[i].keys[j];
             v[n].tenant = i;
             v[n++].item = j;
         }
@@ -252,6 +319,26 @@ out:
     free(v);
 }
 
+/* Key names label metrics and log lines: unique within their tenant. */
+static void check_key_names(struct conf__ctx *ctx, size_t i)
+{
+    struct conf_tenant *t = &ctx->conf->tenants[i];
+    struct named *v = calloc(t->nkeys + 1, sizeof(*v));
+    char list[64];
+    size_t n = 0;
+
+    if (v == NULL) {
+        ctx->oom = 1;
+        return;
+    }
+    for (size_t j = 0; j < t->nkeys; j++)
+        if (t->keys[j].name)
+            v[n++] = (struct named){t->keys[j].name, j, &t->keys[j], t->keys[j].line};
+    snprintf(list, sizeof(list), "tenants[%zu].api_keys", i);
+    sort_and_find_duplicates(ctx, v, n, list, "name", "key name", NULL);
+    free(v);
+}
+
 static void check_tenants(struct conf__ctx *ctx, int best_quality)
 {
     struct conf *c = ctx->conf;
@@ -259,36 +346,168 @@ static void check_tenants(struct conf__ctx *ctx, int best_quality)
     size_t n = 0;
     char path[96];
 
-    if (v == NULL) {
+    c->_tenants_by_id = calloc(c->ntenants + 1, sizeof(*c->_tenants_by_id));
+    if (v == NULL || c->_tenants_by_id == NULL) {
         ctx->oom = 1;
-        return;
+        goto out;
     }
     for (size_t i = 0; i < c->ntenants; i++) {
         struct conf_tenant *t = &c->tenants[i];
         struct conf__meta *m = &ctx->tenant_meta[i];
 
         if (t->id)
-            v[n++] = (struct named){t->id, i, t};
+            v[n++] = (struct named){t->id, i, t, m->lines[CONF__T_ID]};
         if (best_quality >= 0 && t->min_quality > best_quality) {
             snprintf(path, sizeof(path), "tenants[%zu].slo.min_quality", i);
             conf__error(ctx, m->lines[CONF__T_MIN_QUALITY], path,
                         "%d is above the quality of every route candidate (best: %d)",
                         t->min_quality, best_quality);
         }
+        if (t->soft_limit_pct > 0 && t->daily_usd == 0 && t->monthly_usd == 0) {
+            snprintf(path, sizeof(path), "tenants[%zu].budget.soft_limit_pct", i);
+            conf__error(ctx, m->lines[CONF__T_SOFT_LIMIT], path,
+                        "needs a budget (daily_usd or monthly_usd) to apply to");
+        }
+        check_key_names(ctx, i);
     }
-    sort_and_find_duplicates(ctx, v, n, ctx->tenant_meta, CONF__T_ID, "tenants", "id", "tenant",
-                             NULL);
-    free(v);
+    sort_and_find_duplicates(ctx, v, n, "tenants", "id", "tenant", (void **)c->_tenants_by_id);
     index_keys(ctx);
+out:
+    free(v);
+}
+
+/* An arm's backends: known, candidates of the experiment's route (when
+ * that exists), each listed once. */
+static void check_arm_backends(struct conf__ctx *ctx, size_t i, size_t j,
+                               const struct conf_route *route)
+{
+    const struct conf_arm *a = &ctx->conf->experiments[i].arms[j];
+    const struct conf__meta *am = &ctx->experiment_meta[i].sub[j];
+    char path[128], q[CONF__QUOTE_SIZE], q2[CONF__QUOTE_SIZE];
+
+    for (size_t k = 0; k < a->nbackends; k++) {
+        const struct conf_backend *b;
+        size_t c;
+
+        if (a->backends[k] == NULL)
+            continue; /* its value was already reported */
+        snprintf(path, sizeof(path), "experiments[%zu].arms[%zu].backends[%zu]", i, j, k);
+        conf__quote(q, a->backends[k], strlen(a->backends[k]));
+        if ((b = conf_find_backend(ctx->conf, a->backends[k])) == NULL) {
+            conf__error(ctx, am->item_lines[k], path, "unknown backend %s", q);
+            continue;
+        }
+        for (c = 0; route && c < route->ncandidates && route->candidates[c] != b; c++)
+            ;
+        if (route && c == route->ncandidates)
+            conf__error(ctx, am->item_lines[k], path,
+                        "backend %s is not a candidate of route %s", q,
+                        conf__quote(q2, route->model, strlen(route->model)));
+        for (c = 0; c < k; c++)
+            if (a->backends[c] && strcmp(a->backends[c], a->backends[k]) == 0)
+                break;
+        if (c < k)
+            conf__error(ctx, am->item_lines[k], path, "backend %s is listed twice", q);
+    }
+}
+
+/* One experiment: its route and tenants exist, its arms are unique, fit
+ * the reason text, name the route's candidates and carry some weight. */
+static void check_experiment(struct conf__ctx *ctx, size_t i)
+{
+    const struct conf_experiment *e = &ctx->conf->experiments[i];
+    const struct conf__meta *m = &ctx->experiment_meta[i];
+    const struct conf_route *route = NULL;
+    struct named *v = calloc(e->narms + 1, sizeof(*v));
+    char path[128], q[CONF__QUOTE_SIZE];
+    int64_t total = 0;
+    size_t n = 0;
+
+    if (v == NULL) {
+        ctx->oom = 1;
+        return;
+    }
+    if (e->route && (route = conf_find_route(ctx->conf, e->route, strlen(e->route))) == NULL) {
+        snprintf(path, sizeof(path), "experiments[%zu].route", i);
+        conf__error(ctx, m->lines[CONF__E_ROUTE], path, "unknown route %s",
+                    conf__quote(q, e->route, strlen(e->route)));
+    }
+    for (size_t j = 0; j < e->ntenants; j++) {
+        if (e->tenants[j] == NULL || conf_find_tenant(ctx->conf, e->tenants[j]))
+            continue;
+        snprintf(path, sizeof(path), "experiments[%zu].tenants[%zu]", i, j);
+        conf__error(ctx, m->item_lines[j], path, "unknown tenant %s",
+                    conf__quote(q, e->tenants[j], strlen(e->tenants[j])));
+    }
+    for (size_t j = 0; j < e->narms && j < m->nsub; j++) {
+        const struct conf_arm *a = &e->arms[j];
+
+        total += a->weight;
+        if (a->name)
+            v[n++] = (struct named){a->name, j, (void *)a, m->sub[j].lines[CONF__A_NAME]};
+        if (a->name && e->name && 5 + strlen(e->name) + strlen(a->name) > AB_REASON_MAX) {
+            snprintf(path, sizeof(path), "experiments[%zu].arms[%zu].name", i, j);
+            conf__error(ctx, m->sub[j].lines[CONF__A_NAME], path,
+                        "experiment and arm names together must be at most %d characters "
+                        "(they make the reason \"ab:EXPERIMENT/ARM\")", AB_REASON_MAX - 5);
+        }
+        check_arm_backends(ctx, i, j, route);
+    }
+    if (e->narms > 0 && total == 0) {
+        snprintf(path, sizeof(path), "experiments[%zu].arms", i);
+        conf__error(ctx, m->lines[CONF__E_ARMS], path,
+                    "the weights sum to 0: at least one arm needs a weight above 0");
+    }
+    snprintf(path, sizeof(path), "experiments[%zu].arms", i);
+    sort_and_find_duplicates(ctx, v, n, path, "name", "arm", NULL);
+    free(v);
+}
+
+static void check_experiments(struct conf__ctx *ctx)
+{
+    struct conf *c = ctx->conf;
+    struct named *v = calloc(c->nexperiments + 1, sizeof(*v));
+    size_t n = 0;
+
+    if (v == NULL) {
+        ctx->oom = 1;
+        return;
+    }
+    for (size_t i = 0; i < c->nexperiments; i++) {
+        if (c->experiments[i].name)
+            v[n++] = (struct named){c->experiments[i].name, i, &c->experiments[i],
+                                    ctx->experiment_meta[i].lines[CONF__E_NAME]};
+        check_experiment(ctx, i);
+    }
+    sort_and_find_duplicates(ctx, v, n, "experiments", "name", "experiment", NULL);
+    free(v);
+}
+
+/* A local cache smaller than one entry could never hold anything. */
+static void check_cache(struct conf__ctx *ctx)
+{
+    const struct conf *c = ctx->conf;
+    const struct conf__meta *m = &ctx->root;
+
+    if (!c->cache_enabled || c->cache_local_bytes >= c->cache_max_entry_bytes)
+        return;
+    conf__error(ctx,
+                HAS(m, CONF__R_LOCAL_BYTES) ? m->lines[CONF__R_LOCAL_BYTES]
+                                            : m->lines[CONF__R_MAX_ENTRY_BYTES],
+                "cache.local_bytes", "%zu is smaller than cache.max_entry_bytes (%zu)",
+                c->cache_local_bytes, c->cache_max_entry_bytes);
 }
 
 void conf__check(struct conf__ctx *ctx)
 {
     int best;
 
+    index_prices(ctx);
     check_backends(ctx);
     best = check_routes(ctx);
     check_tenants(ctx, best);
+    check_experiments(ctx);
+    check_cache(ctx);
 }
 
 /* ---- lookups ---- */
@@ -334,10 +553,22 @@ const struct conf_route *conf_find_route(const struct conf *conf, const char *mo
                           offsetof(struct conf_route, model), model, len);
 }
 
+const struct conf_tenant *conf_find_tenant(const struct conf *conf, const char *id)
+{
+    return search_by_name((void *const *)conf->_tenants_by_id, conf->ntenants,
+                          offsetof(struct conf_tenant, id), id, strlen(id));
+}
+
+const struct conf_price *conf_find_price(const struct conf *conf, const char *name)
+{
+    return search_by_name((void *const *)conf->_prices_by_name, conf->nprices,
+                          offsetof(struct conf_price, name), name, strlen(name));
+}
+
 /* The search only narrows down to the one entry that could match (the
  * first hash >= the key); whether it does match is decided by
  * CRYPTO_memcmp, whose time does not depend on where the bytes differ. */
-const struct conf_tenant *conf_find_tenant_by_key(const struct conf *conf, const uint8_t sha256[32])
+const struct conf_key *conf_find_key(const struct conf *conf, const uint8_t sha256[32])
 {
     size_t lo = 0, hi = conf->_keys ? conf->_nkeys : 0;
 
@@ -350,6 +581,13 @@ const struct conf_tenant *conf_find_tenant_by_key(const struct conf *conf, const
             hi = mid;
     }
     if (lo < conf->_nkeys && CRYPTO_memcmp(conf->_keys[lo].hash, sha256, 32) == 0)
-        return conf->_keys[lo].tenant;
+        return conf->_keys[lo].key;
     return NULL;
+}
+
+const struct conf_tenant *conf_find_tenant_by_key(const struct conf *conf, const uint8_t sha256[32])
+{
+    const struct conf_key *key = conf_find_key(conf, sha256);
+
+    return key ? key->tenant : NULL;
 }

@@ -4,8 +4,9 @@
  *
  * conf_load reads the file, builds the YAML tree with libfyaml (syntax
  * errors come back through its diagnostics, with their lines), then runs
- * the three phases of internal.h. Errors are kept with their line and
- * printed sorted by line, so the report reads top to bottom like a
+ * the three phases of internal.h; conf__include does the same for each
+ * included price file. Errors are kept with their file and line and
+ * printed sorted by those, so the report reads top to bottom like a
  * compiler's. Nothing here ever prints a value of a secret key.
  */
 #include "conf/conf.h"
@@ -51,7 +52,7 @@ int conf__error(struct conf__ctx *ctx, int line, const char *path, const char *f
         line = 1;
     if (buf_printf(&ctx->text, "%s:%d: %s: %s\n", ctx->file, line, path, msg) != 0)
         return ctx->oom = 1, -1;
-    ctx->errs[ctx->nerrs++] = (struct conf__err){line, off, ctx->text.len - off};
+    ctx->errs[ctx->nerrs++] = (struct conf__err){ctx->file_no, line, off, ctx->text.len - off};
     return -1;
 }
 
@@ -145,12 +146,15 @@ fail:
     return NULL;
 }
 
+static void free_metas(struct conf__meta *v, size_t n);
+
 static void free_meta(struct conf__meta *m)
 {
     for (size_t i = 0; m->items && i < m->nitems; i++)
         free(m->items[i]);
     free(m->items);
     free(m->item_lines);
+    free_metas(m->sub, m->nsub);
 }
 
 static void free_metas(struct conf__meta *v, size_t n)
@@ -164,6 +168,8 @@ static int cmp_err(const void *pa, const void *pb)
 {
     const struct conf__err *a = pa, *b = pb;
 
+    if (a->file != b->file)
+        return a->file < b->file ? -1 : 1;
     if (a->line != b->line)
         return a->line < b->line ? -1 : 1;
     return (a->off > b->off) - (a->off < b->off);
@@ -264,6 +270,48 @@ static struct fy_document *build_document(struct conf__ctx *ctx, const char *src
     return doc;
 }
 
+void conf__include(struct conf__ctx *ctx, const char *rel, int line, const char *path)
+{
+    struct conf *c = ctx->conf;
+    const char *slash = strrchr(c->path, '/'), *saved_file = ctx->file;
+    int saved_no = ctx->file_no;
+    struct fy_document *doc;
+    struct buf full = {0};
+    char **v, *src, q[CONF__QUOTE_SIZE];
+    size_t len = 0;
+    int rc;
+
+    if (rel[0] == '/' || slash == NULL)
+        rc = buf_printf(&full, "%s", rel);
+    else
+        rc = buf_printf(&full, "%.*s/%s", (int)(slash - c->path), c->path, rel);
+    if (rc != 0 || (v = realloc(c->includes, (c->nincludes + 1) * sizeof(*v))) == NULL) {
+        buf_free(&full);
+        ctx->oom = 1;
+        return;
+    }
+    c->includes = v;
+    for (size_t i = 0; i < c->nincludes; i++) {
+        if (strcmp(c->includes[i], full.data) == 0) {
+            conf__error(ctx, line, path, "%s is already included",
+                        conf__quote(q, rel, strlen(rel)));
+            buf_free(&full);
+            return;
+        }
+    }
+    c->includes[c->nincludes++] = full.data; /* owned by conf from here */
+    ctx->file = full.data;
+    ctx->file_no = (int)c->nincludes;
+    if ((src = read_file(ctx, &len)) != NULL &&
+        (doc = build_document(ctx, src, len)) != NULL) {
+        conf__parse_included(ctx, fy_document_root(doc));
+        fy_document_destroy(doc);
+    }
+    free(src);
+    ctx->file = saved_file;
+    ctx->file_no = saved_no;
+}
+
 struct conf *conf_load(const char *path, char **errors)
 {
     struct conf__ctx ctx = {.file = path};
@@ -293,6 +341,7 @@ done:
     free_metas(ctx.backend_meta, ctx.conf ? ctx.conf->nbackends : 0);
     free_metas(ctx.route_meta, ctx.conf ? ctx.conf->nroutes : 0);
     free_metas(ctx.tenant_meta, ctx.conf ? ctx.conf->ntenants : 0);
+    free_metas(ctx.experiment_meta, ctx.conf ? ctx.conf->nexperiments : 0);
     if (ctx.nerrs || ctx.oom) {
         *errors = report(&ctx);
         conf_free(ctx.conf);
@@ -311,6 +360,13 @@ static void free_secret(char *s)
     free(s);
 }
 
+static void free_names(char **v, size_t n)
+{
+    for (size_t i = 0; v && i < n; i++)
+        free(v[i]);
+    free(v);
+}
+
 void conf_free(struct conf *conf)
 {
     if (conf == NULL)
@@ -326,6 +382,7 @@ void conf_free(struct conf *conf)
         free(b->model);
         free_secret(b->api_key);
         free(b->auth_header);
+        free(b->price_name);
     }
     for (size_t i = 0; i < conf->nroutes; i++) {
         free(conf->routes[i].model);
@@ -336,19 +393,44 @@ void conf_free(struct conf *conf)
 
         free(t->id);
         free(t->key_hashes);
+        for (size_t j = 0; t->keys && j < t->nkeys; j++)
+            free(t->keys[j].name);
+        free(t->keys);
         for (size_t j = 0; j < t->ntags; j++) {
             free(t->tags[j].key);
             free(t->tags[j].value);
         }
         free(t->tags);
     }
+    for (size_t i = 0; i < conf->nexperiments; i++) {
+        struct conf_experiment *e = &conf->experiments[i];
+
+        free(e->name);
+        free(e->route);
+        free_names(e->tenants, e->ntenants);
+        free(e->user_header);
+        for (size_t j = 0; j < e->narms; j++) {
+            free(e->arms[j].name);
+            free_names(e->arms[j].backends, e->arms[j].nbackends);
+        }
+        free(e->arms);
+    }
+    for (size_t i = 0; i < conf->nprices; i++)
+        free(conf->prices[i].name);
+    free_names(conf->includes, conf->nincludes);
     free(conf->backends);
     free(conf->routes);
     free(conf->tenants);
+    free(conf->experiments);
+    free(conf->prices);
     free(conf->_backends_by_name);
     free(conf->_routes_by_model);
+    free(conf->_tenants_by_id);
+    free(conf->_prices_by_name);
     free(conf->_keys);
     free(conf->path);
+    free(conf->tokenizer_data);
+    free(conf->store_key_prefix);
     free(conf->listen_host);
     free_secret(conf->admin_key);
     free(conf->cost_log);

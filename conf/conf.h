@@ -1,8 +1,9 @@
 /*
  * conf/conf.h: the loaded, validated configuration.
  *
- * conf_load() parses one YAML file, interpolates ${ENV_VAR}, applies
- * defaults and cross-checks references, and returns an immutable struct
+ * conf_load() parses one YAML file (and the price files it includes),
+ * interpolates ${ENV_VAR}, applies defaults and cross-checks references,
+ * and returns an immutable struct
  * conf. Everything in it is owned by the struct and freed by conf_free().
  * Other modules read these fields; none writes them. A reload builds a new
  * struct conf; requests in flight keep the old one (reference counted).
@@ -19,6 +20,19 @@ enum conf_backend_kind { CONF_BACKEND_API, CONF_BACKEND_SELF_HOSTED };
 enum conf_tokenizer { CONF_TOK_ESTIMATE, CONF_TOK_CL100K, CONF_TOK_O200K, CONF_TOK_LLAMA3 };
 enum conf_on_failure { CONF_FAIL_OPEN, CONF_FAIL_CLOSED };
 enum conf_on_exhausted { CONF_EXHAUSTED_REJECT, CONF_EXHAUSTED_DOWNGRADE };
+/* A stream that outruns its reservation: charge the overrun and go on, or
+ * charge it and cut the stream once the budget is gone. */
+enum conf_on_overrun { CONF_OVERRUN_CHARGE, CONF_OVERRUN_CUT };
+
+/* One entry of a `prices:` mapping (in the config or an included file). */
+struct conf_price {
+    char *name;                 /* entry name, e.g. "gpt-4o-mini" */
+    const char *file;           /* file it was read from: conf.path or one of conf.includes */
+    int line;                   /* line of the entry in that file */
+    double input_usd_per_mtok;  /* USD per million uncached prompt tokens */
+    double output_usd_per_mtok; /* USD per million completion tokens */
+    double cached_input_usd_per_mtok; /* USD per million cached prompt tokens (default: input) */
+};
 
 struct conf_backend {
     char *name;                 /* unique name, used in routes and logs */
@@ -48,7 +62,10 @@ struct conf_backend {
     int replicas;               /* >= 1 (default 1) */
     int max_concurrency;        /* per replica; 0 only for a `free` backend that omits it */
     double tokens_per_second;   /* measured capacity of one replica; 0 as above */
-    /* api */
+    /* api: each of the three prices is the backend's own if given, else
+     * its price entry's; cached input falls back to the input price */
+    char *price_name;           /* `price:` as written, or NULL (then `model` is tried) */
+    const struct conf_price *price; /* the entry prices were taken from, or NULL */
     double input_usd_per_mtok;
     double output_usd_per_mtok;
     double cached_input_usd_per_mtok; /* defaults to input_usd_per_mtok */
@@ -71,32 +88,95 @@ struct conf_tag {
     char *value;
 };
 
+struct conf_tenant;
+
+/* One accepted tenant key: an api_keys entry, written either as a plain
+ * "sha256:..." string or as {hash, name, rpm, tpm}. */
+struct conf_key {
+    uint8_t hash[32];                 /* SHA-256 of the key */
+    char *name;                       /* label for logs and metrics, or NULL; unique in its tenant */
+    int line;                         /* line of the entry */
+    size_t index;                     /* position in tenant->keys */
+    int64_t rpm;                      /* requests per minute through this key, 0 = no limit */
+    int64_t tpm;                      /* tokens per minute through this key, 0 = no limit */
+    const struct conf_tenant *tenant; /* owner */
+};
+
 struct conf_tenant {
     char *id;
     int line;
-    uint8_t (*key_hashes)[32];   /* SHA-256 of each accepted key */
+    uint8_t (*key_hashes)[32];   /* SHA-256 of each accepted key (same as keys[i].hash) */
+    struct conf_key *keys;       /* the keys with their limits, parallel to key_hashes */
     size_t nkeys;
     double daily_usd;            /* 0 = no daily budget */
     double monthly_usd;          /* 0 = no monthly budget */
     enum conf_on_exhausted on_exhausted;
+    int soft_limit_pct;          /* budget.soft_limit_pct: from this share of a budget on,
+                                    behave as if exhausted (downgrade early); 0 = none */
+    enum conf_on_overrun on_overrun; /* budget.on_overrun, default charge */
+    int64_t rpm;                 /* rate_limits.rpm, requests per minute; 0 = no limit */
+    int64_t tpm;                 /* rate_limits.tpm, tokens per minute; 0 = no limit */
     int max_ttft_ms;             /* 0 = no latency SLO */
     int min_quality;             /* 0 = any */
     struct conf_tag *tags;
     size_t ntags;
 };
 
+/* One arm of an experiment. */
+struct conf_arm {
+    char *name;                  /* unique in its experiment */
+    int line;
+    int weight;                  /* relative share, >= 0 (default 1); the arms' sum is > 0 */
+    char **backends;             /* backend names (route candidates) the arm may use;
+                                    NULL = all of the route's candidates */
+    size_t nbackends;            /* length of backends */
+};
+
+/* An A/B experiment over one route (policy/experiment.h takes the same
+ * shape: the strings can be passed as they are). */
+struct conf_experiment {
+    char *name;                  /* unique */
+    int line;
+    char *route;                 /* model name of an existing route */
+    char **tenants;              /* tenant ids taking part; NULL = all tenants */
+    size_t ntenants;             /* length of tenants */
+    char *user_header;           /* request header whose value picks the arm (default
+                                    x-user-id); without it the tenant id is used */
+    struct conf_arm *arms;       /* at least one */
+    size_t narms;                /* length of arms */
+};
+
 struct conf {
     char *path;                  /* file it was loaded from */
+    char **includes;             /* files named by `include:`, resolved against the
+                                    folder of `path`, in order */
+    size_t nincludes;            /* length of includes */
+    char *tokenizer_data;        /* folder of the tokenizer rank files: `tokenizer_data:`,
+                                    else $COSTROUTER_DATA, else "data/tokens" (relative
+                                    to the working directory) */
     char *listen_host;           /* default 127.0.0.1 */
     uint16_t listen_port;        /* default 8080; 0 = any free port */
     char *admin_key;             /* secret, or NULL: admin API off */
     char *cost_log;              /* path, "-" for stdout, NULL for none */
-    char *redis_url;             /* NULL: in-process store; may hold a password: never log */
+    char *redis_url;             /* store.redis exactly as given (after ${ENV}), for
+                                    cache_options.redis_url; NULL: in-process store;
+                                    may hold a password: never log */
     char *redis_host;            /* parsed from redis_url (redis://[:PASS@]HOST[:PORT][/DB]) */
     uint16_t redis_port;         /* default 6379 */
     int redis_db;                /* default 0 */
     char *redis_password;        /* secret, or NULL */
     enum conf_on_failure store_on_failure;
+    char *store_key_prefix;      /* prefix of every Redis key, default "costrouter:"; no '{' */
+    int store_connect_timeout_ms;  /* resolve+connect+AUTH, default 1000 */
+    int store_command_timeout_ms;  /* per Redis command, default 500 */
+    int store_reservation_ttl_ms;  /* unsettled reservations expire, default 600000 */
+    /* response cache (section `cache:`), all with defaults */
+    unsigned cache_enabled:1;    /* default on */
+    unsigned cache_shared:1;     /* one cache for all tenants (default: one per tenant) */
+    unsigned cache_tools:1;      /* also cache requests that carry tools (default off) */
+    int cache_ttl_s;             /* entry lifetime, default 3600 */
+    size_t cache_max_entry_bytes; /* largest cached response, default 1 MiB */
+    size_t cache_local_bytes;    /* in-process cache size, default 64 MiB */
     /* client limits (section `limits:`), all with defaults */
     size_t max_header_bytes;     /* default 64 KiB -> 431 */
     size_t max_body_bytes;       /* default 8 MiB -> 413 */
@@ -111,10 +191,16 @@ struct conf {
     size_t nroutes;
     struct conf_tenant *tenants;
     size_t ntenants;
+    struct conf_price *prices;   /* every price entry read (own `prices:` and includes) */
+    size_t nprices;
+    struct conf_experiment *experiments; /* in file order: the first that applies wins */
+    size_t nexperiments;
     /* private: sorted indexes behind the conf_find_* lookups */
     struct conf_backend **_backends_by_name;
     struct conf_route **_routes_by_model;
-    struct conf__key *_keys;     /* (key hash, tenant), sorted by hash */
+    struct conf_tenant **_tenants_by_id;
+    struct conf_price **_prices_by_name;
+    struct conf__key *_keys;     /* (key hash, key), sorted by hash */
     size_t _nkeys;
 };
 
@@ -139,5 +225,11 @@ const struct conf_route *conf_find_route(const struct conf *conf, const char *mo
  * hashes picks the one candidate; the 32 bytes are then compared with
  * CRYPTO_memcmp, so the final comparison is constant time. */
 const struct conf_tenant *conf_find_tenant_by_key(const struct conf *conf, const uint8_t sha256[32]);
+/* The same search, returning the key entry itself (its name and limits;
+ * ->tenant is its owner), or NULL. */
+const struct conf_key *conf_find_key(const struct conf *conf, const uint8_t sha256[32]);
+/* Tenant by id, price entry by name (C strings); NULL when none. */
+const struct conf_tenant *conf_find_tenant(const struct conf *conf, const char *id);
+const struct conf_price *conf_find_price(const struct conf *conf, const char *name);
 
 #endif

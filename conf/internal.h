@@ -4,11 +4,14 @@
  * conf_load() (conf.c) runs three phases over one struct conf__ctx:
  *   1. parse.c: walk the YAML tree, match each key against a table of
  *      directives and convert its value into the field at the directive's
- *      offset, recording which keys were given and on which line;
+ *      offset, recording which keys were given and on which line; an
+ *      `include:` reads each price file right there (conf__include), with
+ *      ctx->file switched to it so its errors carry its name;
  *   2. parse.c: apply each table's defaults to the fields still unset and
  *      report missing required keys;
  *   3. check.c: cross-check (duplicates found by sorting, unknown backends,
- *      prices, impossible SLOs) and build the sorted lookup indexes.
+ *      prices, impossible SLOs, experiments) and build the sorted lookup
+ *      indexes.
  * Every problem goes through conf__error() so it reads
  * "FILE:LINE: KEY: message"; loading carries on to report them all.
  */
@@ -25,23 +28,28 @@ struct fy_node;
 
 /* One entry of the tenant key index (conf._keys). */
 struct conf__key {
-    uint8_t hash[32];                 /* SHA-256 of the tenant's key */
-    const struct conf_tenant *tenant; /* owner, in conf.tenants */
+    uint8_t hash[32];                 /* SHA-256 of the tenant's key (copied: the
+                                         search reads only this array) */
+    const struct conf_key *key;       /* the entry, in its tenant's keys */
 };
 
 /* What phase 1 learnt about one mapping (the top level, a backend, a
- * route or a tenant), for phases 2 and 3. */
+ * route, a tenant, an experiment or an arm), for phases 2 and 3. */
 struct conf__meta {
     uint64_t set;    /* bit i: directive i of the object's table was given */
     int line;        /* line of the mapping itself */
     int lines[64];   /* line of each given directive's value */
     char **items;    /* route: candidate names as written (owned) */
-    int *item_lines; /* route candidates / tenant api_keys: line of each */
+    int *item_lines; /* the object's one list of names (route candidates, tenant
+                        api_keys, experiment tenants, arm backends): line of each */
     size_t nitems;   /* entries in items (routes) or item_lines */
+    struct conf__meta *sub; /* experiment: one per arm (owned) */
+    size_t nsub;     /* entries in sub */
 };
 
 /* One reported problem: a line of conf__ctx.text. */
 struct conf__err {
+    int file;   /* 0: the config, i: conf.includes[i - 1]; sorted by first */
     int line;   /* line in the file, to sort the report by */
     size_t off; /* start of "FILE:LINE: KEY: message\n" in conf__ctx.text */
     size_t len; /* its length, newline included */
@@ -49,7 +57,10 @@ struct conf__err {
 
 /* Loading state shared by the phases. */
 struct conf__ctx {
-    const char *file;                /* path, as the prefix of every error */
+    const char *file;                /* path, as the prefix of every error: the
+                                        config's, or an included file's while
+                                        that one is read */
+    int file_no;                     /* conf__err.file of errors reported now */
     struct conf *conf;               /* being filled; owned by conf_load */
     struct buf text;                 /* the error lines, in the order found */
     struct conf__err *errs;          /* one per error line */
@@ -60,18 +71,23 @@ struct conf__ctx {
     struct conf__meta *backend_meta; /* one per conf.backends entry */
     struct conf__meta *route_meta;   /* one per conf.routes entry */
     struct conf__meta *tenant_meta;  /* one per conf.tenants entry */
+    struct conf__meta *experiment_meta; /* one per conf.experiments entry */
 };
 
 /* Directive indexes, one enum per table: bit i of conf__meta.set and
  * lines[i] refer to directive i. check.c names them to find out whether a
  * key was given and where. */
 enum conf__root_key {
-    CONF__R_LISTEN, CONF__R_ADMIN_KEY, CONF__R_COST_LOG,
-    CONF__R_STORE, CONF__R_REDIS, CONF__R_ON_FAILURE,
+    CONF__R_LISTEN, CONF__R_ADMIN_KEY, CONF__R_COST_LOG, CONF__R_INCLUDE, CONF__R_PRICES,
+    CONF__R_TOKENIZER_DATA,
+    CONF__R_STORE, CONF__R_REDIS, CONF__R_ON_FAILURE, CONF__R_KEY_PREFIX,
+    CONF__R_STORE_CONNECT_TIMEOUT, CONF__R_COMMAND_TIMEOUT, CONF__R_RESERVATION_TTL,
+    CONF__R_CACHE, CONF__R_CACHE_ENABLED, CONF__R_CACHE_TTL, CONF__R_MAX_ENTRY_BYTES,
+    CONF__R_LOCAL_BYTES, CONF__R_CACHE_SHARED, CONF__R_CACHE_TOOLS,
     CONF__R_LIMITS, CONF__R_MAX_HEADER_BYTES, CONF__R_MAX_BODY_BYTES,
     CONF__R_HEADER_TIMEOUT, CONF__R_BODY_TIMEOUT, CONF__R_IDLE_TIMEOUT,
     CONF__R_MAX_RETRIES, CONF__R_MAX_CONNECTIONS,
-    CONF__R_BACKENDS, CONF__R_ROUTES, CONF__R_TENANTS,
+    CONF__R_BACKENDS, CONF__R_ROUTES, CONF__R_TENANTS, CONF__R_EXPERIMENTS,
     CONF__R_COUNT
 };
 
@@ -80,8 +96,8 @@ enum conf__backend_key {
     CONF__B_QUALITY, CONF__B_CONTEXT_WINDOW, CONF__B_FREE,
     CONF__B_GPU_HOURLY_USD, CONF__B_REPLICAS, CONF__B_MAX_CONCURRENCY,
     CONF__B_TOKENS_PER_SECOND,
-    CONF__B_API_KEY, CONF__B_AUTH_HEADER, CONF__B_INPUT_USD, CONF__B_OUTPUT_USD,
-    CONF__B_CACHED_INPUT_USD,
+    CONF__B_API_KEY, CONF__B_AUTH_HEADER, CONF__B_PRICE, CONF__B_INPUT_USD,
+    CONF__B_OUTPUT_USD, CONF__B_CACHED_INPUT_USD,
     CONF__B_CONNECT_TIMEOUT, CONF__B_FIRST_BYTE_TIMEOUT, CONF__B_TOTAL_TIMEOUT,
     CONF__B_MAX_IDLE, CONF__B_CA_FILE, CONF__B_TLS_VERIFY,
     CONF__B_COUNT
@@ -92,10 +108,28 @@ enum conf__route_key { CONF__RT_MODEL, CONF__RT_CANDIDATES, CONF__RT_COUNT };
 enum conf__tenant_key {
     CONF__T_ID, CONF__T_API_KEYS,
     CONF__T_BUDGET, CONF__T_DAILY_USD, CONF__T_MONTHLY_USD, CONF__T_ON_EXHAUSTED,
+    CONF__T_SOFT_LIMIT, CONF__T_ON_OVERRUN,
+    CONF__T_RATE_LIMITS, CONF__T_RPM, CONF__T_TPM,
     CONF__T_SLO, CONF__T_MAX_TTFT_MS, CONF__T_MIN_QUALITY,
     CONF__T_TAGS,
     CONF__T_COUNT
 };
+
+enum conf__experiment_key {
+    CONF__E_NAME, CONF__E_ROUTE, CONF__E_TENANTS, CONF__E_USER_HEADER, CONF__E_ARMS,
+    CONF__E_COUNT
+};
+
+enum conf__arm_key { CONF__A_NAME, CONF__A_WEIGHT, CONF__A_BACKENDS, CONF__A_COUNT };
+
+enum conf__key_key { CONF__K_HASH, CONF__K_NAME, CONF__K_RPM, CONF__K_TPM, CONF__K_COUNT };
+
+enum conf__price_key {
+    CONF__P_INPUT_USD, CONF__P_OUTPUT_USD, CONF__P_CACHED_INPUT_USD, CONF__P_COUNT
+};
+
+/* The top level of an included file. */
+enum conf__included_key { CONF__I_PRICES, CONF__I_COUNT };
 
 /* Record one problem: "FILE:LINE: PATH: message". A line below 1 is shown
  * as 1. Never pass a secret in the message. Always returns -1, so callers
@@ -112,6 +146,14 @@ void conf__defaults(struct conf__ctx *ctx);
 /* Phase 3: cross-checks, then the sorted indexes (also on error, so that
  * conf_free finds a consistent struct). */
 void conf__check(struct conf__ctx *ctx);
+
+/* Phase 1 of an `include:` entry `rel` (written at `line`, key `path`):
+ * resolve it against the config's folder, read it and parse its prices
+ * into ctx->conf, its errors carrying its own name and lines. */
+void conf__include(struct conf__ctx *ctx, const char *rel, int line, const char *path);
+/* Parse the top-level mapping `root` of an included file (which may only
+ * hold `prices:`). */
+void conf__parse_included(struct conf__ctx *ctx, struct fy_node *root);
 
 /* Split "http[s]://HOST[:PORT][/PATH]" into the backend's tls, host,
  * host_is_ipv6, port and base_path (trailing '/' dropped). Returns 0, or -1

@@ -1,10 +1,11 @@
 /*
  * conf/parse.c: phases 1 and 2 of conf_load (see internal.h).
  *
- * Each kind of mapping (top level, backend, route, tenant) has a table of
- * directives: key name, the section it sits in (`store`, `limits`,
- * `budget`, `slo`), value type, field offset, range, default and whether
- * it is required. One generic walker matches keys against a table, so a
+ * Each kind of mapping (top level, backend, route, tenant, tenant key,
+ * experiment, arm, price entry, included file) has a table of directives:
+ * key name, the section it sits in (`store`, `cache`, `limits`, `budget`,
+ * `rate_limits`, `slo`), value type, field offset, range, default and
+ * whether it is required. One generic walker matches keys against a table, so a
  * new key is one line in a table. Unknown keys are errors, with a
  * "did you mean" when a known key is close. Every scalar goes through
  * ${ENV} interpolation before it is converted.
@@ -19,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common/util.h"
@@ -381,7 +383,10 @@ static void apply_defaults(struct conf__ctx *ctx, const struct table *t, void *o
 
 /* ---- lists of objects ---- */
 
-static const struct table root_table, backend_table, route_table, tenant_table;
+static const struct table root_table, backend_table, route_table, tenant_table, key_table,
+    experiment_table, arm_table, price_table, included_table;
+static int check_name(struct conf__ctx *ctx, void *obj, const char *text, int line,
+                      const char *path);
 
 /* A list of mappings parsed with table `t` into a calloc'd array. */
 static void parse_objects(struct conf__ctx *ctx, struct fy_node *seq, int line, const char *path,
@@ -448,12 +453,34 @@ static void node_tenants(struct conf__ctx *ctx, void *obj, struct conf__meta *me
                   (void **)&c->tenants, &c->ntenants, &ctx->tenant_meta);
 }
 
-/* Calls `each` on every item of list `seq` with its text, index, line and
- * path; returns the item count, or -1 if `seq` is not a non-empty list. */
+static void node_experiments(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
+                             struct fy_node *n, int line, const char *path)
+{
+    struct conf *c = obj;
+
+    parse_objects(ctx, n, line, path, &experiment_table, sizeof(*c->experiments),
+                  (void **)&c->experiments, &c->nexperiments, &ctx->experiment_meta);
+}
+
+/* An experiment's arms keep their metas in the experiment's meta. */
+static void node_arms(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
+                      struct fy_node *n, int line, const char *path)
+{
+    struct conf_experiment *e = obj;
+
+    parse_objects(ctx, n, line, path, &arm_table, sizeof(*e->arms), (void **)&e->arms,
+                  &e->narms, &meta->sub);
+    meta->nsub = e->narms;
+}
+
+/* Calls `each` on every item of list `seq` with its node, text, index,
+ * line and path; returns the item count, or -1 if `seq` is not a non-empty
+ * list. The text is that of a scalar item, NULL after an error or, when
+ * `maps` allows mappings, for a mapping item (which `each` then reads). */
 static long each_item(struct conf__ctx *ctx, struct fy_node *seq, int line, const char *path,
-                      void (*each)(struct conf__ctx *, void *, char *, size_t, int,
-                                   const char *),
-                      void *arg)
+                      void (*each)(struct conf__ctx *, void *, struct fy_node *, char *, size_t,
+                                   int, const char *),
+                      void *arg, int maps)
 {
     struct fy_node *item;
     void *it = NULL;
@@ -472,37 +499,73 @@ static long each_item(struct conf__ctx *ctx, struct fy_node *seq, int line, cons
         int iline = node_line(item, line);
 
         snprintf(ipath, sizeof(ipath), "%s[%zu]", path, i);
-        text = scalar_text(ctx, item, iline, ipath);
-        each(ctx, arg, text, i, iline, ipath);
+        if (maps && fy_node_get_type(item) == FYNT_MAPPING)
+            text = NULL;
+        else
+            text = scalar_text(ctx, item, iline, ipath);
+        each(ctx, arg, item, text, i, iline, ipath);
         free(text);
     }
     return (long)i;
 }
 
-/* Route candidates are names until check.c resolves them. */
-static void each_candidate(struct conf__ctx *ctx, void *arg, char *text, size_t i, int line,
-                           const char *path)
-{
-    struct conf__meta *meta = arg;
+/* Where parse_names puts a list's names and their lines. */
+struct names_arg {
+    char **names; /* one per item, NULL where the item was malformed */
+    int *lines;   /* line of each item */
+};
 
-    meta->item_lines[i] = line;
-    if (text && (meta->items[i] = strdup(text)) == NULL)
+static void each_name(struct conf__ctx *ctx, void *arg, struct fy_node *item, char *text,
+                      size_t i, int line, const char *path)
+{
+    struct names_arg *a = arg;
+
+    a->lines[i] = line;
+    if (text && (a->names[i] = strdup(text)) == NULL)
         ctx->oom = 1;
 }
 
-static void node_candidates(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
-                            struct fy_node *n, int line, const char *path)
+/* A non-empty list of names into a calloc'd *names (owned by the caller
+ * even on error) and *count, their lines into meta->item_lines. The
+ * names are resolved by check.c. */
+static void parse_names(struct conf__ctx *ctx, struct fy_node *n, int line, const char *path,
+                        char ***names, size_t *count, struct conf__meta *meta)
 {
-    int count = fy_node_get_type(n) == FYNT_SEQUENCE ? fy_node_sequence_item_count(n) : 0;
+    int cnt = fy_node_get_type(n) == FYNT_SEQUENCE ? fy_node_sequence_item_count(n) : 0;
+    struct names_arg a;
 
-    meta->items = calloc((size_t)count + 1, sizeof(*meta->items));
-    meta->item_lines = calloc((size_t)count + 1, sizeof(*meta->item_lines));
-    if (meta->items == NULL || meta->item_lines == NULL) {
+    *names = calloc((size_t)cnt + 1, sizeof(**names));
+    meta->item_lines = calloc((size_t)cnt + 1, sizeof(*meta->item_lines));
+    if (*names == NULL || meta->item_lines == NULL) {
         ctx->oom = 1;
         return;
     }
-    if (each_item(ctx, n, line, path, each_candidate, meta) > 0)
-        meta->nitems = (size_t)count;
+    a = (struct names_arg){*names, meta->item_lines};
+    if (each_item(ctx, n, line, path, each_name, &a, 0) > 0)
+        *count = meta->nitems = (size_t)cnt;
+}
+
+/* Route candidates stay in the meta until check.c resolves them. */
+static void node_candidates(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
+                            struct fy_node *n, int line, const char *path)
+{
+    parse_names(ctx, n, line, path, &meta->items, &meta->nitems, meta);
+}
+
+static void node_experiment_tenants(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
+                                    struct fy_node *n, int line, const char *path)
+{
+    struct conf_experiment *e = obj;
+
+    parse_names(ctx, n, line, path, &e->tenants, &e->ntenants, meta);
+}
+
+static void node_arm_backends(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
+                              struct fy_node *n, int line, const char *path)
+{
+    struct conf_arm *a = obj;
+
+    parse_names(ctx, n, line, path, &a->backends, &a->nbackends, meta);
 }
 
 static int unhex(int c)
@@ -513,22 +576,15 @@ static int unhex(int c)
     return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
 }
 
-struct key_arg {
-    struct conf_tenant *t;    /* owner of the hashes */
-    struct conf__meta *meta;  /* the tenant's meta, for item_lines */
-};
-
-/* Tenant keys are written "sha256:<64 hex>". The text is never echoed: a
- * malformed entry may well be a raw key pasted by mistake. */
-static void each_key(struct conf__ctx *ctx, void *arg, char *text, size_t i, int line,
-                     const char *path)
+/* Tenant keys are written "sha256:<64 hex>", as a plain string or as the
+ * `hash` of a key mapping; stored into the struct conf_key `obj`. The
+ * text is never echoed: a malformed entry may well be a raw key pasted by
+ * mistake. */
+static int fn_key_hash(struct conf__ctx *ctx, void *obj, const char *text, int line,
+                       const char *path)
 {
-    struct key_arg *ka = arg;
-    uint8_t *h = ka->t->key_hashes[i];
+    uint8_t *h = ((struct conf_key *)obj)->hash;
 
-    ka->meta->item_lines[i] = line;
-    if (text == NULL)
-        return;
     if (strncmp(text, "sha256:", 7) != 0 || strlen(text) != 7 + 64)
         goto bad;
     for (size_t j = 0; j < 32; j++) {
@@ -538,11 +594,41 @@ static void each_key(struct conf__ctx *ctx, void *arg, char *text, size_t i, int
             goto bad;
         h[j] = (uint8_t)(hi << 4 | lo);
     }
-    return;
+    return 0;
 bad:
-    conf__error(ctx, line, path,
-                "expected \"sha256:\" and 64 hex digits (the SHA-256 of the key, never the key "
-                "itself)");
+    return conf__error(ctx, line, path,
+                       "expected \"sha256:\" and 64 hex digits (the SHA-256 of the key, never "
+                       "the key itself)");
+}
+
+struct key_arg {
+    struct conf_tenant *t;    /* owner of the keys */
+    struct conf__meta *meta;  /* the tenant's meta, for item_lines */
+};
+
+/* A key is a string (the hash) or a mapping {hash, name, rpm, tpm}, whose
+ * few defaults are applied right away: nothing else depends on them. A
+ * key reported malformed gets item line 0, which keeps it out of the key
+ * index (and out of duplicate reports over a hash it never had). */
+static void each_key(struct conf__ctx *ctx, void *arg, struct fy_node *item, char *text,
+                     size_t i, int line, const char *path)
+{
+    struct key_arg *ka = arg;
+    struct conf_key *k = &ka->t->keys[i];
+    size_t nerrs = ctx->nerrs;
+
+    k->line = line;
+    if (text == NULL && fy_node_get_type(item) == FYNT_MAPPING) {
+        struct conf__meta m = {.line = line};
+
+        parse_mapping(ctx, &key_table, NULL, k, &m, item, line, path);
+        apply_defaults(ctx, &key_table, k, &m, path);
+    } else if (text) {
+        fn_key_hash(ctx, k, text, line, path);
+    }
+    if (text == NULL && fy_node_get_type(item) != FYNT_MAPPING)
+        nerrs = (size_t)-1; /* its value was reported before this call */
+    ka->meta->item_lines[i] = ctx->nerrs == nerrs ? line : 0;
 }
 
 static void node_api_keys(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
@@ -553,13 +639,127 @@ static void node_api_keys(struct conf__ctx *ctx, void *obj, struct conf__meta *m
     struct key_arg ka = {t, meta};
 
     t->key_hashes = calloc((size_t)count + 1, sizeof(*t->key_hashes));
+    t->keys = calloc((size_t)count + 1, sizeof(*t->keys));
     meta->item_lines = calloc((size_t)count + 1, sizeof(*meta->item_lines));
-    if (t->key_hashes == NULL || meta->item_lines == NULL) {
+    if (t->key_hashes == NULL || t->keys == NULL || meta->item_lines == NULL) {
         ctx->oom = 1;
         return;
     }
-    if (each_item(ctx, n, line, path, each_key, &ka) > 0)
-        t->nkeys = meta->nitems = (size_t)count;
+    if (each_item(ctx, n, line, path, each_key, &ka, 1) <= 0)
+        return;
+    t->nkeys = meta->nitems = (size_t)count;
+    for (size_t i = 0; i < t->nkeys; i++) {
+        memcpy(t->key_hashes[i], t->keys[i].hash, sizeof(t->key_hashes[i]));
+        t->keys[i].index = i;
+        t->keys[i].tenant = t;
+    }
+}
+
+/* `prices: {NAME: {input_usd_per_mtok, ...}, ...}`, in the config or an
+ * included file: appended to conf.prices. A name defined twice (in any of
+ * the files) is an error; price lists are short, so a linear search
+ * finds it. */
+static void node_prices(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
+                        struct fy_node *n, int line, const char *path)
+{
+    struct conf *c = ctx->conf;
+    struct fy_node_pair *pair;
+    struct conf_price *v;
+    void *it = NULL;
+    int count;
+
+    if (fy_node_get_type(n) != FYNT_MAPPING) {
+        conf__error(ctx, line, path, "expected a mapping of price names to prices, got %s",
+                    node_kind(n));
+        return;
+    }
+    count = fy_node_mapping_item_count(n);
+    if ((v = realloc(c->prices, (c->nprices + (size_t)count + 1) * sizeof(*v))) == NULL) {
+        ctx->oom = 1;
+        return;
+    }
+    c->prices = v;
+    while ((pair = fy_node_mapping_iterate(n, &it)) != NULL) {
+        struct fy_node *key = fy_node_pair_key(pair), *value = fy_node_pair_value(pair);
+        int kline = node_line(key, line);
+        struct conf_price *p = &c->prices[c->nprices];
+        const char *file = ctx->file_no ? c->includes[ctx->file_no - 1] : c->path;
+        struct conf__meta m = {.line = kline};
+        char ppath[256], q[CONF__QUOTE_SIZE];
+        const char *k;
+        size_t klen;
+
+        if (key == NULL || fy_node_get_type(key) != FYNT_SCALAR) {
+            conf__error(ctx, kline, path, "price names must be plain names");
+            continue;
+        }
+        k = fy_node_get_scalar(key, &klen);
+        snprintf(ppath, sizeof(ppath), "%s.%.*s", path, (int)klen, k);
+        memset(p, 0, sizeof(*p));
+        if ((p->name = strndup(k, klen)) == NULL) {
+            ctx->oom = 1;
+            return;
+        }
+        if (check_name(ctx, p, p->name, kline, ppath) != 0)
+            goto skip;
+        for (size_t i = 0; i < c->nprices; i++) {
+            const struct conf_price *o = &c->prices[i];
+
+            if (strcmp(o->name, p->name) != 0)
+                continue;
+            if (o->file == file)
+                conf__error(ctx, kline, ppath, "duplicate price %s (first at line %d)",
+                            conf__quote(q, k, klen), o->line);
+            else
+                conf__error(ctx, kline, ppath, "duplicate price %s (first at %s:%d)",
+                            conf__quote(q, k, klen), o->file, o->line);
+            goto skip;
+        }
+        if (node_is_null(value) || fy_node_get_type(value) != FYNT_MAPPING) {
+            conf__error(ctx, kline, ppath, "expected a mapping of prices, got %s",
+                        node_is_null(value) ? "nothing" : node_kind(value));
+            goto skip;
+        }
+        p->file = file;
+        p->line = kline;
+        parse_mapping(ctx, &price_table, NULL, p, &m, value, kline, ppath);
+        apply_defaults(ctx, &price_table, p, &m, ppath);
+        if (!(m.set & (1ull << CONF__P_CACHED_INPUT_USD)))
+            p->cached_input_usd_per_mtok = p->input_usd_per_mtok;
+        c->nprices++;
+        continue;
+    skip:
+        free(p->name);
+        p->name = NULL;
+    }
+}
+
+static void include_one(struct conf__ctx *ctx, void *arg, struct fy_node *item, char *text,
+                        size_t i, int line, const char *path)
+{
+    if (text == NULL)
+        return;
+    if (*text == '\0') {
+        conf__error(ctx, line, path, "must not be empty");
+        return;
+    }
+    conf__include(ctx, text, line, path);
+}
+
+/* `include: FILE` or `include: [FILE, ...]`. */
+static void node_include(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
+                         struct fy_node *n, int line, const char *path)
+{
+    char *text;
+
+    if (fy_node_get_type(n) == FYNT_SEQUENCE) {
+        each_item(ctx, n, line, path, include_one, NULL, 0);
+        return;
+    }
+    if ((text = scalar_text(ctx, n, node_line(n, line), path)) == NULL)
+        return;
+    include_one(ctx, NULL, n, text, 0, node_line(n, line), path);
+    free(text);
 }
 
 static void node_tags(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
@@ -655,6 +855,32 @@ static int check_readable(struct conf__ctx *ctx, void *obj, const char *text, in
     return 0;
 }
 
+/* A folder read at start-up (given explicitly, so checked now). */
+static int check_folder(struct conf__ctx *ctx, void *obj, const char *text, int line,
+                        const char *path)
+{
+    char q[CONF__QUOTE_SIZE];
+    struct stat st;
+
+    conf__quote(q, text, strlen(text));
+    if (stat(text, &st) != 0)
+        return conf__error(ctx, line, path, "cannot read %s: %s", q, strerror(errno));
+    if (!S_ISDIR(st.st_mode))
+        return conf__error(ctx, line, path, "%s is not a folder", q);
+    if (access(text, R_OK | X_OK) != 0)
+        return conf__error(ctx, line, path, "cannot read %s: %s", q, strerror(errno));
+    return 0;
+}
+
+/* The store puts keys in hash tags of its own: a '{' would break them. */
+static int check_key_prefix(struct conf__ctx *ctx, void *obj, const char *text, int line,
+                            const char *path)
+{
+    if (strpbrk(text, "{} "))
+        return conf__error(ctx, line, path, "must not contain '{', '}' or spaces");
+    return 0;
+}
+
 static int fn_url(struct conf__ctx *ctx, void *obj, const char *text, int line, const char *path)
 {
     struct conf_backend *b = obj;
@@ -681,6 +907,9 @@ static int fn_redis(struct conf__ctx *ctx, void *obj, const char *text, int line
 
 static void set_tls_verify(void *obj, int on) { ((struct conf_backend *)obj)->tls_verify = on; }
 static void set_free(void *obj, int on) { ((struct conf_backend *)obj)->is_free = on; }
+static void set_cache_enabled(void *obj, int on) { ((struct conf *)obj)->cache_enabled = on; }
+static void set_cache_shared(void *obj, int on) { ((struct conf *)obj)->cache_shared = on; }
+static void set_cache_tools(void *obj, int on) { ((struct conf *)obj)->cache_tools = on; }
 
 /* ---- the tables ---- */
 
@@ -689,19 +918,46 @@ static const char *const tokenizer_names[] = {"estimate", "cl100k_base", "o200k_
                                               NULL};
 static const char *const on_failure_names[] = {"fail_open", "fail_closed", NULL};
 static const char *const on_exhausted_names[] = {"reject", "downgrade", NULL};
+static const char *const on_overrun_names[] = {"charge", "cut", NULL};
 
 #define DAY_MS 86400000.0
 #define BIG 1e12
+#define PRICE_MAX 1e6 /* USD per million tokens */
 
 #define R(field) .offset = offsetof(struct conf, field)
 static const struct directive root_directives[CONF__R_COUNT] = {
     [CONF__R_LISTEN] = {"listen", NULL, T_FN, .fn = fn_listen, .def = "127.0.0.1:8080"},
     [CONF__R_ADMIN_KEY] = {"admin_key", NULL, T_SECRET, R(admin_key)},
     [CONF__R_COST_LOG] = {"cost_log", NULL, T_STR, R(cost_log)},
+    [CONF__R_INCLUDE] = {"include", NULL, T_NODE, .node = node_include},
+    [CONF__R_PRICES] = {"prices", NULL, T_NODE, .node = node_prices},
+    /* default (COSTROUTER_DATA or data/tokens) set in conf__defaults */
+    [CONF__R_TOKENIZER_DATA] = {"tokenizer_data", NULL, T_STR, R(tokenizer_data),
+                                .fn = check_folder},
     [CONF__R_STORE] = {"store", NULL, T_SECTION},
     [CONF__R_REDIS] = {"redis", "store", T_FN, .fn = fn_redis},
     [CONF__R_ON_FAILURE] = {"on_failure", "store", T_ENUM, R(store_on_failure),
                             .names = on_failure_names, .def = "fail_open"},
+    [CONF__R_KEY_PREFIX] = {"key_prefix", "store", T_STR, R(store_key_prefix),
+                            .fn = check_key_prefix, .def = "costrouter:"},
+    [CONF__R_STORE_CONNECT_TIMEOUT] = {"connect_timeout_ms", "store", T_INT,
+                                       R(store_connect_timeout_ms), 1, DAY_MS, "1000"},
+    [CONF__R_COMMAND_TIMEOUT] = {"command_timeout_ms", "store", T_INT,
+                                 R(store_command_timeout_ms), 1, DAY_MS, "500"},
+    [CONF__R_RESERVATION_TTL] = {"reservation_ttl_ms", "store", T_INT,
+                                 R(store_reservation_ttl_ms), 1000, 7 * DAY_MS, "600000"},
+    [CONF__R_CACHE] = {"cache", NULL, T_SECTION},
+    [CONF__R_CACHE_ENABLED] = {"enabled", "cache", T_BOOL, .set_flag = set_cache_enabled,
+                               .def = "true"},
+    [CONF__R_CACHE_TTL] = {"ttl_s", "cache", T_INT, R(cache_ttl_s), 1, 365 * 86400.0, "3600"},
+    [CONF__R_MAX_ENTRY_BYTES] = {"max_entry_bytes", "cache", T_SIZE, R(cache_max_entry_bytes),
+                                 1, 512 << 20, "1048576"},
+    [CONF__R_LOCAL_BYTES] = {"local_bytes", "cache", T_SIZE, R(cache_local_bytes), 1,
+                             1099511627776.0, "67108864"},
+    [CONF__R_CACHE_SHARED] = {"shared", "cache", T_BOOL, .set_flag = set_cache_shared,
+                              .def = "false"},
+    [CONF__R_CACHE_TOOLS] = {"cache_tools", "cache", T_BOOL, .set_flag = set_cache_tools,
+                             .def = "false"},
     [CONF__R_LIMITS] = {"limits", NULL, T_SECTION},
     [CONF__R_MAX_HEADER_BYTES] = {"max_header_bytes", "limits", T_SIZE, R(max_header_bytes),
                                   1024, 16 << 20, "65536"},
@@ -719,6 +975,7 @@ static const struct directive root_directives[CONF__R_COUNT] = {
     [CONF__R_BACKENDS] = {"backends", NULL, T_NODE, .node = node_backends, .required = 1},
     [CONF__R_ROUTES] = {"routes", NULL, T_NODE, .node = node_routes, .required = 1},
     [CONF__R_TENANTS] = {"tenants", NULL, T_NODE, .node = node_tenants},
+    [CONF__R_EXPERIMENTS] = {"experiments", NULL, T_NODE, .node = node_experiments},
 };
 #undef R
 
@@ -742,11 +999,13 @@ static const struct directive backend_directives[CONF__B_COUNT] = {
     [CONF__B_API_KEY] = {"api_key", NULL, T_SECRET, B(api_key)},
     [CONF__B_AUTH_HEADER] = {"auth_header", NULL, T_STR, B(auth_header), .fn = check_header,
                              .def = "Authorization"},
-    [CONF__B_INPUT_USD] = {"input_usd_per_mtok", NULL, T_DOUBLE, B(input_usd_per_mtok), 0, 1e6},
+    [CONF__B_PRICE] = {"price", NULL, T_STR, B(price_name), .fn = check_name},
+    [CONF__B_INPUT_USD] = {"input_usd_per_mtok", NULL, T_DOUBLE, B(input_usd_per_mtok), 0,
+                           PRICE_MAX},
     [CONF__B_OUTPUT_USD] = {"output_usd_per_mtok", NULL, T_DOUBLE, B(output_usd_per_mtok), 0,
-                            1e6},
+                            PRICE_MAX},
     [CONF__B_CACHED_INPUT_USD] = {"cached_input_usd_per_mtok", NULL, T_DOUBLE,
-                                  B(cached_input_usd_per_mtok), 0, 1e6},
+                                  B(cached_input_usd_per_mtok), 0, PRICE_MAX},
     [CONF__B_CONNECT_TIMEOUT] = {"connect_timeout_ms", NULL, T_INT, B(connect_timeout_ms), 1,
                                  DAY_MS, "5000"},
     [CONF__B_FIRST_BYTE_TIMEOUT] = {"first_byte_timeout_ms", NULL, T_INT,
@@ -777,12 +1036,63 @@ static const struct directive tenant_directives[CONF__T_COUNT] = {
     [CONF__T_MONTHLY_USD] = {"monthly_usd", "budget", T_DOUBLE, TN(monthly_usd), 0, BIG, "0"},
     [CONF__T_ON_EXHAUSTED] = {"on_exhausted", "budget", T_ENUM, TN(on_exhausted),
                               .names = on_exhausted_names, .def = "reject"},
+    [CONF__T_SOFT_LIMIT] = {"soft_limit_pct", "budget", T_INT, TN(soft_limit_pct), 0, 100,
+                            "0"},
+    [CONF__T_ON_OVERRUN] = {"on_overrun", "budget", T_ENUM, TN(on_overrun),
+                            .names = on_overrun_names, .def = "charge"},
+    [CONF__T_RATE_LIMITS] = {"rate_limits", NULL, T_SECTION},
+    [CONF__T_RPM] = {"rpm", "rate_limits", T_I64, TN(rpm), 0, BIG, "0"},
+    [CONF__T_TPM] = {"tpm", "rate_limits", T_I64, TN(tpm), 0, BIG, "0"},
     [CONF__T_SLO] = {"slo", NULL, T_SECTION},
     [CONF__T_MAX_TTFT_MS] = {"max_ttft_ms", "slo", T_INT, TN(max_ttft_ms), 0, DAY_MS, "0"},
     [CONF__T_MIN_QUALITY] = {"min_quality", "slo", T_INT, TN(min_quality), 0, 1000000, "0"},
     [CONF__T_TAGS] = {"tags", NULL, T_NODE, .node = node_tags},
 };
 #undef TN
+
+#define K(field) .offset = offsetof(struct conf_key, field)
+static const struct directive key_directives[CONF__K_COUNT] = {
+    [CONF__K_HASH] = {"hash", NULL, T_FN, .fn = fn_key_hash, .required = 1},
+    [CONF__K_NAME] = {"name", NULL, T_STR, K(name), .fn = check_name},
+    [CONF__K_RPM] = {"rpm", NULL, T_I64, K(rpm), 0, BIG, "0"},
+    [CONF__K_TPM] = {"tpm", NULL, T_I64, K(tpm), 0, BIG, "0"},
+};
+#undef K
+
+#define E(field) .offset = offsetof(struct conf_experiment, field)
+static const struct directive experiment_directives[CONF__E_COUNT] = {
+    [CONF__E_NAME] = {"name", NULL, T_STR, E(name), .fn = check_name, .required = 1},
+    [CONF__E_ROUTE] = {"route", NULL, T_STR, E(route), .fn = check_model, .required = 1},
+    [CONF__E_TENANTS] = {"tenants", NULL, T_NODE, .node = node_experiment_tenants},
+    [CONF__E_USER_HEADER] = {"user_header", NULL, T_STR, E(user_header), .fn = check_header,
+                             .def = "x-user-id"},
+    [CONF__E_ARMS] = {"arms", NULL, T_NODE, .node = node_arms, .required = 1},
+};
+#undef E
+
+#define A(field) .offset = offsetof(struct conf_arm, field)
+static const struct directive arm_directives[CONF__A_COUNT] = {
+    [CONF__A_NAME] = {"name", NULL, T_STR, A(name), .fn = check_name, .required = 1},
+    [CONF__A_WEIGHT] = {"weight", NULL, T_INT, A(weight), 0, 1000000, "1"},
+    [CONF__A_BACKENDS] = {"backends", NULL, T_NODE, .node = node_arm_backends},
+};
+#undef A
+
+#define P(field) .offset = offsetof(struct conf_price, field)
+static const struct directive price_directives[CONF__P_COUNT] = {
+    [CONF__P_INPUT_USD] = {"input_usd_per_mtok", NULL, T_DOUBLE, P(input_usd_per_mtok), 0,
+                           PRICE_MAX, .required = 1},
+    [CONF__P_OUTPUT_USD] = {"output_usd_per_mtok", NULL, T_DOUBLE, P(output_usd_per_mtok), 0,
+                            PRICE_MAX, .required = 1},
+    /* default (the input price) set by node_prices */
+    [CONF__P_CACHED_INPUT_USD] = {"cached_input_usd_per_mtok", NULL, T_DOUBLE,
+                                  P(cached_input_usd_per_mtok), 0, PRICE_MAX},
+};
+#undef P
+
+static const struct directive included_directives[CONF__I_COUNT] = {
+    [CONF__I_PRICES] = {"prices", NULL, T_NODE, .node = node_prices},
+};
 
 static const struct table root_table = {root_directives, CONF__R_COUNT, (size_t)-1};
 static const struct table backend_table = {backend_directives, CONF__B_COUNT,
@@ -791,7 +1101,17 @@ static const struct table route_table = {route_directives, CONF__RT_COUNT,
                                          offsetof(struct conf_route, line)};
 static const struct table tenant_table = {tenant_directives, CONF__T_COUNT,
                                           offsetof(struct conf_tenant, line)};
-_Static_assert(CONF__B_COUNT <= 64 && CONF__R_COUNT <= 64, "conf__meta.set holds 64 bits");
+static const struct table key_table = {key_directives, CONF__K_COUNT,
+                                       offsetof(struct conf_key, line)};
+static const struct table experiment_table = {experiment_directives, CONF__E_COUNT,
+                                              offsetof(struct conf_experiment, line)};
+static const struct table arm_table = {arm_directives, CONF__A_COUNT,
+                                       offsetof(struct conf_arm, line)};
+static const struct table price_table = {price_directives, CONF__P_COUNT,
+                                         offsetof(struct conf_price, line)};
+static const struct table included_table = {included_directives, CONF__I_COUNT, (size_t)-1};
+_Static_assert(CONF__B_COUNT <= 64 && CONF__R_COUNT <= 64 && CONF__T_COUNT <= 64,
+               "conf__meta.set holds 64 bits");
 
 /* ---- phases ---- */
 
@@ -807,20 +1127,33 @@ int conf__parse(struct conf__ctx *ctx, struct fy_node *root)
     return 0;
 }
 
+void conf__parse_included(struct conf__ctx *ctx, struct fy_node *root)
+{
+    struct conf__meta m = {.line = node_line(root, 1)};
+
+    if (root == NULL) {
+        conf__error(ctx, 1, "(top level)", "the file is empty");
+        return;
+    }
+    parse_mapping(ctx, &included_table, NULL, ctx->conf, &m, root, m.line, "");
+}
+
 void conf__defaults(struct conf__ctx *ctx)
 {
     struct conf *c = ctx->conf;
     char path[64];
 
     apply_defaults(ctx, &root_table, c, &ctx->root, "");
-    for (size_t i = 0; i < c->nbackends; i++) {
-        struct conf_backend *b = &c->backends[i];
+    if (!(ctx->root.set & (1ull << CONF__R_TOKENIZER_DATA))) {
+        const char *env = getenv("COSTROUTER_DATA");
 
+        if ((c->tokenizer_data = strdup(env && *env ? env : "data/tokens")) == NULL)
+            ctx->oom = 1;
+    }
+    /* backend prices are completed by check.c, from the price entries */
+    for (size_t i = 0; i < c->nbackends; i++) {
         snprintf(path, sizeof(path), "backends[%zu]", i);
-        apply_defaults(ctx, &backend_table, b, &ctx->backend_meta[i], path);
-        /* no cached-input discount unless one is given */
-        if (!(ctx->backend_meta[i].set & (1ull << CONF__B_CACHED_INPUT_USD)))
-            b->cached_input_usd_per_mtok = b->input_usd_per_mtok;
+        apply_defaults(ctx, &backend_table, &c->backends[i], &ctx->backend_meta[i], path);
     }
     for (size_t i = 0; i < c->nroutes; i++) {
         snprintf(path, sizeof(path), "routes[%zu]", i);
@@ -829,5 +1162,16 @@ void conf__defaults(struct conf__ctx *ctx)
     for (size_t i = 0; i < c->ntenants; i++) {
         snprintf(path, sizeof(path), "tenants[%zu]", i);
         apply_defaults(ctx, &tenant_table, &c->tenants[i], &ctx->tenant_meta[i], path);
+    }
+    for (size_t i = 0; i < c->nexperiments; i++) {
+        struct conf_experiment *e = &c->experiments[i];
+        struct conf__meta *m = &ctx->experiment_meta[i];
+
+        snprintf(path, sizeof(path), "experiments[%zu]", i);
+        apply_defaults(ctx, &experiment_table, e, m, path);
+        for (size_t j = 0; j < e->narms && j < m->nsub; j++) {
+            snprintf(path, sizeof(path), "experiments[%zu].arms[%zu]", i, j);
+            apply_defaults(ctx, &arm_table, &e->arms[j], &m->sub[j], path);
+        }
     }
 }

@@ -4,7 +4,8 @@
  * The error cases are a table: each names a file (most in
  * tests/conf/data/), the environment to load it with, every line the
  * report must hold (exactly, in order, nothing else) and secrets that must
- * not appear in it. The other tests load valid files (conf/demo.yaml,
+ * not appear in it. A line for an included file starts with its name
+ * relative to the case file's folder. The other tests load valid files (conf/demo.yaml,
  * conf/example.yaml, generated ones) and check the parsed values and the
  * lookups.
  */
@@ -65,7 +66,12 @@ struct error_case {
 
 #define DATA "tests/conf/data/"
 #define SH "missing: a self_hosted backend needs it unless it says free: true"
-#define API "missing: an api backend needs it unless it says free: true"
+#define API                                                                                \
+    "missing: an api backend needs it (or a price entry named by price: or model) unless it "   \
+    "says free: true"
+#define BADKEY "expected \"sha256:\" and 64 hex digits (the SHA-256 of the key, never the key " \
+               "itself)"
+#define RANGE64 "out of range 0..1000000000000"
 
 static struct error_case error_cases[] = {
     {.file = DATA "unknown_keys.yaml", .lines =
@@ -164,8 +170,97 @@ static struct error_case error_cases[] = {
      {"1: (file): cannot open: No such file or directory"}},
     {.file = "conf/example.yaml", .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY"},
      .lines = {"11: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
-      "48: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
+      "72: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
+    {.file = DATA "prices_bad.yaml", .lines =
+     {"5: include[2]: \"inc/prices_bad.yaml\" is already included",
+      "8: prices.custom-x: duplicate price \"custom-x\" (first at {DIR}/inc/prices_bad.yaml:3)",
+      "9: prices.bad name: may only hold letters, digits and . _ - : / @ +",
+      "10: prices.empty-entry: expected a mapping of prices, got nothing",
+      "12: backends[0].price: unknown price \"nope\"",
+      "13: backends[1].input_usd_per_mtok: " API, "13: backends[1].output_usd_per_mtok: " API,
+      "14: backends[2].price: only applies to kind: api",
+      "inc/prices_bad.yaml:6: prices.half: missing required key \"output_usd_per_mtok\"",
+      "inc/prices_bad.yaml:11: prices.typo.cached_inptu_usd_per_mtok: unknown key (did you mean "
+      "\"cached_input_usd_per_mtok\"?)",
+      "inc/prices_bad.yaml:12: prices.neg.input_usd_per_mtok: -1 is out of range 0..1e+06",
+      "inc/prices_bad.yaml:12: prices.neg.output_usd_per_mtok: expected a number, got \"lots\"",
+      "inc/prices_bad.yaml:13: backends: unknown key",
+      "inc/no_such_prices.yaml:1: (file): cannot open: No such file or directory",
+      "inc/syntax.yaml:3: (yaml): missing comma in flow mapping"}},
+    {.file = DATA "tenants_bad.yaml", .lines =
+     {"10: tenants[0].api_keys[1]: missing required key \"hash\"",
+      "11: tenants[0].api_keys[2].hash: " BADKEY,
+      "12: tenants[0].api_keys[3].rpn: unknown key (did you mean \"rpm\"?)",
+      "12: tenants[0].api_keys[3].name: duplicate key name \"k1\" (first at line 9)",
+      "13: tenants[0].api_keys[4].tpm: -5 is " RANGE64,
+      "14: tenants[0].api_keys[5]: expected a single value, got a list",
+      "15: tenants[0].budget.soft_limit_pct: 101 is out of range 0..100",
+      "15: tenants[0].budget.on_overrun: unknown value \"stop\" (expected one of: charge, cut)",
+      "16: tenants[0].rate_limits.rpm: -1 is " RANGE64,
+      "16: tenants[0].rate_limits.tpm: expected an integer, got \"many\"",
+      "16: tenants[0].rate_limits.rps: unknown key (did you mean \"rpm\"?)",
+      "18: tenants[1].api_keys[0]: duplicate key (first at line 9)",
+      "19: tenants[1].budget.soft_limit_pct: needs a budget (daily_usd or monthly_usd) to apply "
+      "to"},
+     .absent = {"sk-raw-secret-in-hash"}},
+    {.file = DATA "experiments_bad.yaml", .lines =
+     {"13: experiments[0].tenants[1]: unknown tenant \"t9\"",
+      "14: experiments[0].user_header: is not a valid HTTP header name",
+      "15: experiments[0].arms: the weights sum to 0: at least one arm needs a weight above 0",
+      "16: experiments[0].arms[0].backends[1]: backend \"c\" is not a candidate of route "
+      "\"chat\"",
+      "16: experiments[0].arms[0].backends[2]: unknown backend \"nope\"",
+      "16: experiments[0].arms[0].backends[3]: backend \"a\" is listed twice",
+      "17: experiments[0].arms[1].name: duplicate arm \"one\" (first at line 16)",
+      "18: experiments[0].arms[2].weight: -1 is out of range 0..1000000",
+      "19: experiments[1].name: duplicate experiment \"e1\" (first at line 11)",
+      "20: experiments[1].route: unknown route \"chatt\"",
+      "25: experiments[2].arms: must not be empty",
+      "26: experiments[3]: missing required key \"name\"",
+      "27: experiments[3].arms[0]: missing required key \"name\"",
+      "30: experiments[4].arms[0].backends: must not be empty",
+      "30: experiments[4].arms[0].name: experiment and arm names together must be at most 91 "
+      "characters (they make the reason \"ab:EXPERIMENT/ARM\")"}},
+    {.file = DATA "store_cache_bad.yaml", .lines =
+     {"2: tokenizer_data: cannot read \"/nonexistent/tokens\": No such file or directory",
+      "4: store.key_prefix: must not contain '{', '}' or spaces",
+      "5: store.connect_timeout_ms: 0 is out of range 1..86400000",
+      "6: store.command_timeout_ms: expected an integer, got \"soon\"",
+      "7: store.reservation_ttl_ms: 10 is out of range 1000..604800000",
+      "9: cache.ttl_s: 0 is out of range 1..31536000",
+      "11: cache.local_bytes: 1024 is smaller than cache.max_entry_bytes (2048)",
+      "12: cache.shraed: unknown key (did you mean \"shared\"?)"}},
+    {.file = DATA "cache_flags.yaml", .lines =
+     {"2: tokenizer_data: \"/dev/null\" is not a folder",
+      "3: cache.enabled: expected true or false, got \"perhaps\"",
+      "3: cache.max_entry_bytes: 0 is out of range 1..536870912",
+      "4: include: must not be empty"}},
 };
+
+/* The expected form of report line `want`: "FILE:" + want, where FILE is
+ * `path`, or its folder + "/" for a line naming an included file; every
+ * "{DIR}" becomes that folder. */
+static void expected_line(char *out, size_t size, const char *path, const char *want)
+{
+    const char *slash = strrchr(path, '/'), *colon = strchr(want, ':'), *dir;
+    int dirlen = slash ? (int)(slash - path) : 1;
+    size_t o;
+
+    dir = slash ? path : ".";
+    if (colon && memchr(want, '.', (size_t)(colon - want)))
+        o = (size_t)snprintf(out, size, "%.*s/", dirlen, dir);
+    else
+        o = (size_t)snprintf(out, size, "%s:", path);
+    for (; *want && o + 1 < size; want++) {
+        if (strncmp(want, "{DIR}", 5) == 0) {
+            o += (size_t)snprintf(out + o, size - o, "%.*s", dirlen, dir);
+            want += 4;
+        } else {
+            out[o++] = *want;
+        }
+    }
+    out[o < size ? o : size - 1] = '\0';
+}
 
 #define NCASES (sizeof(error_cases) / sizeof(error_cases[0]))
 
@@ -199,7 +294,7 @@ ParameterizedTest(size_t *case_index, conf, errors, .timeout = 10)
     for (line = strtok_r(errors, "\n", &save); line; line = strtok_r(NULL, "\n", &save), n++) {
         cr_assert_lt(n, 24, "%s: more errors than expected: %s", tc->file, line);
         cr_assert_not_null(tc->lines[n], "%s: unexpected extra error: %s", tc->file, line);
-        snprintf(want, sizeof(want), "%s:%s", path, tc->lines[n]);
+        expected_line(want, sizeof(want), path, tc->lines[n]);
         cr_expect_str_eq(line, want, "%s: error %zu", tc->file, n);
     }
     cr_expect(n == 24 || tc->lines[n] == NULL, "%s: missing error: %s", tc->file,
@@ -264,6 +359,20 @@ Test(conf, demo_loads_with_its_values_and_defaults, .timeout = 10)
     cr_expect_float_eq(api->output_usd_per_mtok, 0.60, 1e-12);
     cr_expect_float_eq(api->cached_input_usd_per_mtok, 0.075, 1e-12);
     cr_expect_eq(api->port, 9102);
+    /* those three come from conf/prices.yaml, included by the demo */
+    cr_assert_not_null(api->price);
+    cr_expect_str_eq(api->price->name, "gpt-4o-mini");
+    cr_expect_null(api->price_name);
+    cr_expect_null(gpu->price, "self_hosted backends take no price entry");
+    cr_assert_eq(c->nincludes, 1);
+    cr_expect_eq(strcmp(c->includes[0] + strlen(c->includes[0]) - 17, "/conf/prices.yaml"), 0,
+                 "%s", c->includes[0]);
+    cr_expect_eq(api->price->file, c->includes[0]);
+    cr_expect_eq(conf_find_price(c, "gpt-4o-mini"), api->price);
+    api = conf_find_backend(c, "api-embedding-3-small");
+    cr_expect_null(api->price, "no entry of that name: its own prices");
+    cr_expect_float_eq(api->input_usd_per_mtok, 0.02, 1e-12);
+    cr_expect_float_eq(api->cached_input_usd_per_mtok, 0.02, 1e-12);
 
     cr_assert_eq(c->ntenants, 1);
     t = &c->tenants[0];
@@ -273,6 +382,26 @@ Test(conf, demo_loads_with_its_values_and_defaults, .timeout = 10)
     cr_expect_eq(t->on_exhausted, CONF_EXHAUSTED_DOWNGRADE);
     cr_expect_eq(t->max_ttft_ms, 800);
     cr_expect_eq(t->min_quality, 1);
+    cr_expect_eq(t->soft_limit_pct, 80);
+    cr_expect_eq(t->on_overrun, CONF_OVERRUN_CHARGE);
+    cr_expect_eq(t->rpm, 600);
+    cr_expect_eq(t->tpm, 0);
+    cr_assert_eq(t->nkeys, 1);
+    cr_expect_null(t->keys[0].name);
+    cr_expect_eq(t->keys[0].rpm, 0);
+    cr_expect_eq(t->keys[0].tenant, t);
+    cr_expect_eq(c->nexperiments, 0);
+    /* store and cache: all defaults */
+    cr_expect_str_eq(c->store_key_prefix, "costrouter:");
+    cr_expect_eq(c->store_connect_timeout_ms, 1000);
+    cr_expect_eq(c->store_command_timeout_ms, 500);
+    cr_expect_eq(c->store_reservation_ttl_ms, 600000);
+    cr_expect_eq(c->cache_enabled, 1);
+    cr_expect_eq(c->cache_ttl_s, 3600);
+    cr_expect_eq(c->cache_max_entry_bytes, 1048576);
+    cr_expect_eq(c->cache_local_bytes, 67108864);
+    cr_expect_eq(c->cache_shared, 0);
+    cr_expect_eq(c->cache_tools, 0);
     cr_assert_eq(t->ntags, 2);
     cr_expect_str_eq(t->tags[0].key, "team");
     cr_expect_str_eq(t->tags[0].value, "demo");
@@ -347,6 +476,151 @@ Test(conf, example_loads_with_its_env, .timeout = 10)
     cr_expect_eq(conf_find_tenant_by_key(c, h), &c->tenants[1]);
     SHA256((const unsigned char *)"sk-search-team-example", 22, h);
     cr_expect_eq(conf_find_tenant_by_key(c, h), &c->tenants[0]);
+    SHA256((const unsigned char *)"sk-search-batch-example", 23, h);
+    cr_expect_eq(conf_find_tenant_by_key(c, h), &c->tenants[0]);
+    cr_assert_not_null(conf_find_key(c, h));
+    cr_expect_str_eq(conf_find_key(c, h)->name, "nightly-batch");
+    cr_expect_eq(conf_find_key(c, h)->tpm, 200000);
+    cr_expect_eq(c->tenants[0].soft_limit_pct, 80);
+    cr_expect_eq(c->tenants[0].tpm, 2000000);
+    b = conf_find_backend(c, "house-llm-api");
+    cr_expect_float_eq(b->output_usd_per_mtok, 1.20, 1e-12);
+    cr_expect_float_eq(b->cached_input_usd_per_mtok, 0.10, 1e-12);
+    cr_expect_eq(b->price->file, c->path, "an entry of the config itself");
+    cr_assert_eq(c->nexperiments, 1);
+    cr_expect_str_eq(c->experiments[0].user_header, "x-user-id");
+    cr_expect_eq(c->experiments[0].arms[1].weight, 10);
+    conf_free(c);
+}
+
+/* Everything full_ok.yaml sets, read back. */
+Test(conf, prices_keys_experiments_store_cache, .timeout = 10)
+{
+    struct conf *c;
+    const struct conf_backend *b;
+    const struct conf_tenant *t;
+    const struct conf_experiment *e;
+    const struct conf_key *k;
+    uint8_t h[32] = {0};
+
+    c = load_ok(DATA "full_ok.yaml");
+    cr_expect_str_eq(c->tokenizer_data, src_path("tests/conf/data"));
+    cr_assert_eq(c->nincludes, 2);
+    cr_expect_str_eq(c->includes[0], src_path(DATA "inc/prices_small.yaml"));
+    cr_expect_str_eq(c->includes[1], src_path("conf/prices.yaml"), "absolute: taken as is");
+    cr_expect_str_eq(c->redis_url, "redis://:pw@127.0.0.1:6390/2", "the url as written");
+    cr_expect_str_eq(c->redis_password, "pw");
+    cr_expect_str_eq(c->store_key_prefix, "test:conf:");
+    cr_expect_eq(c->store_connect_timeout_ms, 250);
+    cr_expect_eq(c->store_command_timeout_ms, 100);
+    cr_expect_eq(c->store_reservation_ttl_ms, 30000);
+    cr_expect_eq(c->cache_enabled, 0);
+    cr_expect_eq(c->cache_ttl_s, 60);
+    cr_expect_eq(c->cache_max_entry_bytes, 4096);
+    cr_expect_eq(c->cache_local_bytes, 1024);
+    cr_expect_eq(c->cache_shared, 1);
+    cr_expect_eq(c->cache_tools, 1);
+
+    /* prices: by model, by `price:`, overridden field by field */
+    b = conf_find_backend(c, "mini");
+    cr_expect_str_eq(b->price->name, "gpt-4o-mini");
+    cr_expect_float_eq(b->input_usd_per_mtok, 0.15, 1e-12);
+    cr_expect_float_eq(b->output_usd_per_mtok, 0.60, 1e-12);
+    cr_expect_float_eq(b->cached_input_usd_per_mtok, 0.075, 1e-12);
+    b = conf_find_backend(c, "custom");
+    cr_expect_str_eq(b->price_name, "custom-x");
+    cr_expect_eq(b->price, conf_find_price(c, "custom-x"));
+    cr_expect_eq(b->price->file, c->includes[0]);
+    cr_expect_eq(b->price->line, 3);
+    cr_expect_float_eq(b->input_usd_per_mtok, 1, 1e-12);
+    cr_expect_float_eq(b->output_usd_per_mtok, 9, 1e-12, "the backend's own");
+    cr_expect_float_eq(b->cached_input_usd_per_mtok, 0.25, 1e-12);
+    b = conf_find_backend(c, "house");
+    cr_expect_eq(b->price->file, c->path);
+    cr_expect_float_eq(b->output_usd_per_mtok, 1.5, 1e-12);
+    cr_expect_float_eq(b->cached_input_usd_per_mtok, 0.5, 1e-12, "entry's input price");
+    b = conf_find_backend(c, "discounted");
+    cr_expect_float_eq(b->input_usd_per_mtok, 2, 1e-12);
+    cr_expect_float_eq(b->output_usd_per_mtok, 10, 1e-12, "gpt-4o's");
+    cr_expect_float_eq(b->cached_input_usd_per_mtok, 0.2, 1e-12);
+    b = conf_find_backend(c, "local");
+    cr_expect_null(b->price);
+    cr_expect_float_eq(b->input_usd_per_mtok + b->output_usd_per_mtok, 0, 1e-12);
+    cr_expect_null(conf_find_backend(c, "gpu")->price);
+    cr_expect_null(conf_find_price(c, "gpt-4o-min"));
+    cr_expect_gt(c->nprices, 20, "conf/prices.yaml has them all");
+
+    /* tenants, keys and their limits */
+    t = conf_find_tenant(c, "t1");
+    cr_assert_eq(t, &c->tenants[0]);
+    cr_expect_eq(conf_find_tenant(c, "t2"), &c->tenants[1]);
+    cr_expect_null(conf_find_tenant(c, "t"));
+    cr_expect_eq(t->soft_limit_pct, 80);
+    cr_expect_eq(t->on_overrun, CONF_OVERRUN_CUT);
+    cr_expect_eq(t->rpm, 600);
+    cr_expect_eq(t->tpm, 100000);
+    cr_assert_eq(t->nkeys, 3);
+    h[31] = 2;
+    k = conf_find_key(c, h);
+    cr_assert_eq(k, &t->keys[1]);
+    cr_expect_str_eq(k->name, "ci-bot");
+    cr_expect_eq(k->rpm, 10);
+    cr_expect_eq(k->tpm, 5000);
+    cr_expect_eq(k->index, 1);
+    cr_expect_eq(k->line, 45);
+    cr_expect_eq(conf_find_tenant_by_key(c, h), t);
+    cr_expect_eq(memcmp(t->key_hashes[1], h, 32), 0, "key_hashes stays parallel");
+    h[31] = 0xf3;
+    cr_expect_eq(conf_find_key(c, h), &t->keys[2]);
+    cr_expect_null(t->keys[2].name);
+    h[31] = 1;
+    cr_expect_eq(conf_find_key(c, h), &t->keys[0]);
+    cr_expect_eq(t->keys[0].rpm, 0);
+    h[31] = 4;
+    cr_expect_str_eq(conf_find_key(c, h)->name, "ci-bot", "names are unique per tenant only");
+    cr_expect_eq(conf_find_key(c, h)->tenant, &c->tenants[1]);
+    h[31] = 5;
+    cr_expect_null(conf_find_key(c, h));
+
+    /* experiments */
+    cr_assert_eq(c->nexperiments, 2);
+    e = &c->experiments[0];
+    cr_expect_str_eq(e->name, "cheap-vs-house");
+    cr_expect_str_eq(e->route, "chat");
+    cr_assert_eq(e->ntenants, 1);
+    cr_expect_str_eq(e->tenants[0], "t1");
+    cr_expect_str_eq(e->user_header, "x-user-id");
+    cr_assert_eq(e->narms, 2);
+    cr_expect_str_eq(e->arms[0].name, "control");
+    cr_expect_eq(e->arms[0].weight, 90);
+    cr_expect_null(e->arms[0].backends);
+    cr_expect_eq(e->arms[0].nbackends, 0);
+    cr_assert_eq(e->arms[1].nbackends, 2);
+    cr_expect_str_eq(e->arms[1].backends[0], "house");
+    cr_expect_str_eq(e->arms[1].backends[1], "mini");
+    e = &c->experiments[1];
+    cr_expect_null(e->tenants);
+    cr_expect_str_eq(e->user_header, "x-end-user");
+    cr_expect_eq(e->arms[0].weight, 1, "default");
+    cr_expect_eq(e->arms[1].weight, 0);
+    conf_free(c);
+}
+
+Test(conf, tokenizer_data_defaults, .timeout = 10)
+{
+    struct conf *c;
+
+    unsetenv("COSTROUTER_DATA");
+    c = load_ok("conf/demo.yaml");
+    cr_expect_str_eq(c->tokenizer_data, "data/tokens");
+    conf_free(c);
+    setenv("COSTROUTER_DATA", "/opt/costrouter/tokens", 1);
+    c = load_ok("conf/demo.yaml");
+    cr_expect_str_eq(c->tokenizer_data, "/opt/costrouter/tokens");
+    conf_free(c);
+    setenv("COSTROUTER_DATA", "", 1);
+    c = load_ok("conf/demo.yaml");
+    cr_expect_str_eq(c->tokenizer_data, "data/tokens", "empty counts as unset");
     conf_free(c);
 }
 
@@ -436,10 +710,11 @@ Test(conf, lookups_over_many_entries, .timeout = 10)
         for (int k = 0; k < 2; k++) {
             snprintf(key, sizeof(key), "key-%d-%d", i, k);
             SHA256((const unsigned char *)key, strlen(key), h);
-            fprintf(f, "      - \"sha256:");
+            fprintf(f, k ? "      - { name: k%d, rpm: %d, hash: \"sha256:" : "      - \"sha256:",
+                    i, i + 1);
             for (int j = 0; j < 32; j++)
                 fprintf(f, "%02x", h[j]);
-            fprintf(f, "\"\n");
+            fprintf(f, k ? "\" }\n" : "\"\n");
         }
     }
     fclose(f);
@@ -461,7 +736,11 @@ Test(conf, lookups_over_many_entries, .timeout = 10)
             snprintf(key, sizeof(key), "key-%d-%d", i, k);
             SHA256((const unsigned char *)key, strlen(key), h);
             cr_expect_eq(conf_find_tenant_by_key(c, h), &c->tenants[i], "%s", key);
+            cr_expect_eq(conf_find_key(c, h), &c->tenants[i].keys[k], "%s", key);
         }
+        cr_expect_eq(c->tenants[i].keys[1].rpm, i + 1);
+        snprintf(name, sizeof(name), "t%d", i);
+        cr_expect_eq(conf_find_tenant(c, name), &c->tenants[i]);
     }
     SHA256((const unsigned char *)"key-none", 8, h);
     cr_expect_null(conf_find_tenant_by_key(c, h));
