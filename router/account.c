@@ -111,6 +111,7 @@ void router__account(struct router__client *c)
     rec.route = req->route ? req->route->model : NULL;
     rec.backend = req->pool ? req->pool->conf->name : NULL;
     rec.reason = req->reason;
+    rec.arm = req->arm ? req->arm->name : NULL;
     rec.candidates = cands;
     rec.ncandidates = fill_candidates(req, cands, sizeof(cands) / sizeof(cands[0]));
     rec.backend = req->cache_hit ? "cache" : rec.backend;

@@ -180,6 +180,8 @@ void router__request_reset(struct router__request *req)
     req->head_bytes = 0;
     req->endpoint = ROUTER_EP_NONE;
     req->tenant = NULL;
+    req->key = NULL;
+    req->arm = NULL;
     req->route = NULL;
     req->error = NULL;
     req->stream = req->injected_usage = req->keep_alive = req->response_started = 0;
@@ -202,6 +204,8 @@ void router__request_reset(struct router__request *req)
     memset(&req->res, 0, sizeof(req->res));
     req->has_res = req->attempt_open = req->cacheable = req->flight_leader = 0;
     req->flight_waiting = req->cache_hit = req->head_held = req->settled = 0;
+    req->completion_limited = 0;
+    req->arm_allowed = 0;
     req->begins = 0;
     req->events = 0;
     req->cost_micro = req->saved_micro = 0;
@@ -256,9 +260,9 @@ static enum router__endpoint endpoint_find(struct slice path, int method, const 
     return ROUTER_EP_NONE;
 }
 
-/* Tenant for the request's "Authorization: Bearer KEY", or NULL. The key
- * is hashed at once; only its hash is compared (in constant time). */
-static const struct conf_tenant *authenticate(struct router__client *c)
+/* The tenant key of "Authorization: Bearer KEY", or NULL. The key is
+ * hashed at once; only its hash is compared (in constant time). */
+static const struct conf_key *authenticate(struct router__client *c)
 {
     const struct buf *a = &c->req.auth;
     uint8_t digest[32];
@@ -269,7 +273,7 @@ static const struct conf_tenant *authenticate(struct router__client *c)
     while (skip < a->len && a->data[skip] == ' ')
         skip++;
     SHA256((const unsigned char *)a->data + skip, a->len - skip, digest);
-    return conf_find_tenant_by_key(c->router->conf, digest);
+    return conf_find_key(c->router->conf, digest);
 }
 
 static void send_models(struct router__client *c)
@@ -340,7 +344,8 @@ void router__handle(struct router__client *c)
         router__admin_handle(c, request_path(req));
         return;
     }
-    req->tenant = authenticate(c);
+    req->key = authenticate(c);
+    req->tenant = req->key ? req->key->tenant : NULL;
     if (req->tenant == NULL) {
         errstr = error_unauthorized;
         goto fail;

@@ -33,6 +33,8 @@
 #include "common/buf.h"
 #include "common/slice.h"
 #include "policy/cost.h"
+#include "policy/experiment.h"
+#include "policy/ratelimit.h"
 #include "policy/tokenize.h"
 
 struct conf;
@@ -73,6 +75,7 @@ struct router {
     struct router__tenant *tenants; /* per conf.tenants entry, same order */
     struct policy_calib *calib;     /* per conf.backends entry: prompt estimate calibration */
     double *idle_reported;          /* per backend: idle cost already added to metrics */
+    struct policy_experiment *experiments; /* prepared from conf.experiments */
     unsigned store_pending;         /* settles/releases/puts not answered yet */
     struct metrics *metrics;        /* Prometheus registry */
     struct metrics_cost_log *cost_log; /* one JSON line per request, or NULL */
@@ -82,6 +85,8 @@ struct router {
 
 /* What the router keeps per tenant between requests. */
 struct router__tenant {
+    struct policy_ratelimit rl;     /* tenant rpm/tpm */
+    struct policy_ratelimit *key_rl; /* per key of the tenant (conf order) */
     int64_t day_spent;              /* micro-USD, from the store's last answer */
     int64_t month_spent;            /* micro-USD, same */
     int64_t reserved;               /* micro-USD held by open reservations */
@@ -123,6 +128,9 @@ struct router__request {
     size_t head_bytes;                   /* bytes of request head so far */
     enum router__endpoint endpoint;      /* what the path asked for */
     const struct conf_tenant *tenant;    /* authenticated tenant */
+    const struct conf_key *key;          /* the key it used */
+    const struct policy_arm *arm;        /* A/B arm, or NULL */
+    uint64_t arm_allowed;                /* candidates the arm allows */
     const struct conf_route *route;      /* route named by "model" */
     struct cJSON *json;                  /* parsed body (owned) */
     unsigned stream:1;                   /* "stream": true */
@@ -173,6 +181,7 @@ struct router__request {
     unsigned cache_hit:1;                /* answered from the response cache */
     unsigned head_held:1;                /* head in `head`, not sent yet */
     unsigned settled:1;                  /* cost settled (cost_micro is real) */
+    unsigned completion_limited:1;       /* max_tokens / max_completion_tokens given */
     unsigned begins;                     /* cache_begin calls for this request */
     uint64_t events;                     /* SSE data events forwarded (token fallback) */
     int64_t cost_micro;                  /* settled cost, micro-USD */

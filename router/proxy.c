@@ -187,6 +187,9 @@ static void estimate(struct router__client *c)
     req->prompt_est = first->tokenizer == CONF_TOK_ESTIMATE
                           ? policy_calib_apply(&r->calib[first->index], req->prompt_raw)
                           : req->prompt_raw;
+    req->completion_limited =
+        cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_tokens")) ||
+        cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_completion_tokens"));
     if (req->endpoint == ROUTER_EP_EMBEDDINGS)
         req->completion_pred = 0;
     else
@@ -266,6 +269,11 @@ static int choose(struct router__client *c, const char *last_error)
     preq.limits.min_quality = t->min_quality;
     preq.limits.max_ttft_ms = t->max_ttft_ms;
     preq.limits.downgrade = t->on_exhausted == CONF_EXHAUSTED_DOWNGRADE;
+    preq.limits.soft_limit_pct = t->soft_limit_pct;
+    if (req->arm) {
+        preq.allowed = req->arm_allowed;
+        preq.ab_reason = policy_arm_reason(req->arm);
+    }
     preq.prompt_tokens = req->prompt_est;
     preq.completion_tokens = req->completion_pred;
     preq.day = budget_of(t->daily_usd, ts->day_spent, ts->reserved);
@@ -312,6 +320,9 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
     }
     router__spend_begin(c);
 }
+
+static void settle(struct router__client *c);
+static void forward(struct router__client *c, const char *p, size_t len);
 
 /* ---- send ---- */
 
@@ -378,12 +389,98 @@ void router__proxy_reserved(struct router__client *c, const struct cache_begin_r
     send_attempt(c);
 }
 
+/* The tenant's and the key's rate limiters, for policy_ratelimit_*. */
+static void limiters_of(struct router__client *c, struct policy_ratelimit *rl[2])
+{
+    struct router__tenant *ts = router__tenant_state(c->router, c->req.tenant);
+
+    rl[0] = &ts->rl;
+    rl[1] = &ts->key_rl[c->req.key->index];
+}
+
+/* Requests and tokens per minute, per tenant and per key: 429 with
+ * Retry-After when over. Returns 0 when admitted. */
+static int rate_limit(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    struct policy_ratelimit *rl[2];
+    uint64_t retry_ms = 0;
+    enum policy_rate_result res;
+    char extra[64];
+    int status;
+    char *body;
+
+    limiters_of(c, rl);
+    res = policy_ratelimit_admit(rl, 2, router__now(c->router),
+                                 req->prompt_est + MAX(req->completion_pred, 0), &retry_ms);
+    if (res == POLICY_RATE_OK)
+        return 0;
+    body = router__error_json(error_rate_limited,
+                              res == POLICY_RATE_TOO_LARGE ? "request larger than the tokens-per-minute limit"
+                                                           : NULL,
+                              &status);
+    snprintf(extra, sizeof(extra), "Retry-After: %llu\r\n",
+             (unsigned long long)(res == POLICY_RATE_TOO_LARGE ? 60 : (retry_ms + 999) / 1000));
+    req->reason = "rate-limited";
+    router__send_response(c, status, "application/json", extra, body ? body : "",
+                          body ? strlen(body) : 0);
+    free(body);
+    return -1;
+}
+
+/* Value of forwarded request header `name`, or NULL (len set). */
+static const char *request_header(const struct router__request *req, const char *name, size_t *len)
+{
+    size_t n = strlen(name);
+    const char *p = req->fwd.data, *end = p ? p + req->fwd.len : NULL;
+
+    while (p && p < end) {
+        const char *eol = memmem(p, (size_t)(end - p), "\r\n", 2);
+        if (eol == NULL)
+            break;
+        if ((size_t)(eol - p) > n + 1 && strncasecmp(p, name, n) == 0 && p[n] == ':') {
+            const char *v = p + n + 1;
+            while (v < eol && *v == ' ')
+                v++;
+            *len = (size_t)(eol - v);
+            return v;
+        }
+        p = eol + 2;
+    }
+    return NULL;
+}
+
+/* The A/B arm of this request, sticky per end user (the experiment's
+ * user header, else the tenant). */
+static void assign_arm(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    const struct conf *conf = c->router->conf;
+    const char *user = NULL;
+    size_t len = 0;
+
+    if (conf->nexperiments == 0)
+        return;
+    for (size_t i = 0; i < conf->nexperiments; i++)
+        if (strcmp(conf->experiments[i].route, req->route->model) == 0) {
+            user = request_header(req, conf->experiments[i].user_header, &len);
+            break;
+        }
+    req->arm = policy_experiment_pick(c->router->experiments, conf->nexperiments, req->route,
+                                      req->tenant->id, user, len, &req->arm_allowed);
+}
+
 void router__proxy_start(struct router__client *c)
 {
     struct router__request *req = &c->req;
+    const struct conf *conf = c->router->conf;
 
     estimate(c);
-    req->cacheable = req->endpoint != ROUTER_EP_EMBEDDINGS && cache_cacheable(req->json, 0);
+    if (rate_limit(c) != 0)
+        return;
+    assign_arm(c);
+    req->cacheable = conf->cache_enabled && req->endpoint != ROUTER_EP_EMBEDDINGS &&
+                     cache_cacheable(req->json, conf->cache_tools);
     choose_and_reserve(c, NULL);
 }
 
@@ -598,6 +695,49 @@ static void keep_for_cache(struct router__request *req, const char *p, size_t le
     }
 }
 
+/* on_overrun: cut. A stream with no max_tokens whose running cost has
+ * used its reservation and the rest of the budget is ended with an SSE
+ * error event; what was streamed is charged. Returns 1 when cut. */
+static int overrun_cut(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    const struct conf_backend *b = req->pool->conf;
+    struct backend_tokens so_far = {req->prompt_est, (int64_t)req->events, 0};
+    int64_t running, left;
+    int status;
+    char *err;
+    struct buf ev = {0};
+
+    if (req->tenant->on_overrun != CONF_OVERRUN_CUT || req->completion_limited ||
+        b->kind != CONF_BACKEND_API)
+        return 0;
+    left = budget_remaining(c);
+    if (left < 0)
+        return 0; /* no budget set */
+    running = micro_of(backend_api_price_usd(b, &so_far));
+    if (running <= req->res.amount + left)
+        return 0;
+    log_info("request %s: tenant %s over budget mid-stream, cutting it", req->id_str,
+             req->tenant->id);
+    err = router__error_json(error_budget_exhausted, "budget exhausted mid-stream", &status);
+    if (err && buf_printf(&ev, "event: error\ndata: %s\n\n", err) == 0)
+        forward(c, ev.data, ev.len);
+    buf_free(&ev);
+    free(err);
+    if (req->up) {
+        router__upstream_abort(req->up);
+        req->up = NULL;
+    }
+    req->broken = 1;
+    req->keep_alive = 0;
+    req->reason = "budget-cut";
+    settle(c);
+    router__spend_cache_store(c);
+    router__client_send(c, "0\r\n\r\n", 5);
+    router__client_response_done(c);
+    return 1;
+}
+
 /* One complete SSE event: read usage from it, drop the usage-only event
  * we asked for on the client's behalf, forward the rest. */
 static int on_sse_event(void *arg, const char *p, size_t len)
@@ -617,6 +757,8 @@ static int on_sse_event(void *arg, const char *p, size_t len)
         }
         if (!(dlen == 6 && memcmp(data, "[DONE]", 6) == 0))
             req->events++;
+        if (overrun_cut(c))
+            return -1;
     }
     if (req->cacheable)
         keep_for_cache(req, p, len);
@@ -678,6 +820,10 @@ static void settle(struct router__client *c)
     struct router__tenant *ts = router__tenant_state(r, req->tenant);
 
     router__spend_settle(c, charge.micro_usd);
+    struct policy_ratelimit *rl[2];
+    limiters_of(c, rl);
+    policy_ratelimit_settle(rl, 2, router__now(r), req->prompt_est + MAX(req->completion_pred, 0),
+                            used.prompt + used.completion);
     if (req->prompt_tokens > 0 && b->tokenizer == CONF_TOK_ESTIMATE)
         policy_calib_observe(&r->calib[b->index],
                              policy_tokens_estimate(req->body.data, req->body.len),

@@ -572,7 +572,7 @@ struct router *router_create(uv_loop_t *loop, const struct conf *conf)
     if (r->backends == NULL)
         goto fail;
     backend_set_start(r->backends, uv_now(loop));
-    rc = policy_tokens_load(&r->tokens, NULL);
+    rc = policy_tokens_load(&r->tokens, conf->tokenizer_data);
     if (rc != 0) {
         log_warn("token tables not loaded (%s): prompt tokens will be estimated from bytes; "
                  "run `make deps` to fetch them", strerror(-rc));

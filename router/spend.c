@@ -34,6 +34,41 @@ static void on_store_state(void *arg, enum cache_state state, const char *errstr
         log_warn("store: %s", errstr);
 }
 
+/* policy/ takes experiments in its own shape (with prepared weights);
+ * the strings stay the config's. */
+static int experiments_prepare(struct router *r)
+{
+    const struct conf *conf = r->conf;
+
+    if (conf->nexperiments == 0)
+        return 0;
+    r->experiments = calloc(conf->nexperiments, sizeof(*r->experiments));
+    if (r->experiments == NULL)
+        return -ENOMEM;
+    for (size_t i = 0; i < conf->nexperiments; i++) {
+        const struct conf_experiment *ce = &conf->experiments[i];
+        struct policy_experiment *pe = &r->experiments[i];
+
+        pe->name = ce->name;
+        pe->route = ce->route;
+        pe->tenants = (const char *const *)ce->tenants;
+        pe->ntenants = ce->ntenants;
+        pe->narms = ce->narms;
+        pe->arms = calloc(ce->narms, sizeof(*pe->arms));
+        if (pe->arms == NULL)
+            return -ENOMEM;
+        for (size_t a = 0; a < ce->narms; a++) {
+            pe->arms[a].name = ce->arms[a].name;
+            pe->arms[a].weight = (unsigned)ce->arms[a].weight;
+            pe->arms[a].backends = (const char *const *)ce->arms[a].backends;
+            pe->arms[a].nbackends = ce->arms[a].nbackends;
+        }
+        if (policy_experiment_prepare(pe) != 0)
+            return -EINVAL;
+    }
+    return 0;
+}
+
 int router__spend_init(struct router *r)
 {
     const struct conf *conf = r->conf;
@@ -41,6 +76,15 @@ int router__spend_init(struct router *r)
 
     opts.redis_url = conf->redis_url;
     opts.on_failure = conf->store_on_failure == CONF_FAIL_CLOSED ? CACHE_FAIL_CLOSED : CACHE_FAIL_OPEN;
+    opts.key_prefix = conf->store_key_prefix;
+    opts.connect_timeout_ms = conf->store_connect_timeout_ms;
+    opts.command_timeout_ms = conf->store_command_timeout_ms;
+    opts.reservation_ttl_ms = conf->store_reservation_ttl_ms;
+    opts.cache_ttl_s = conf->cache_ttl_s;
+    opts.max_entry_bytes = conf->cache_max_entry_bytes;
+    opts.local_cache_bytes = conf->cache_local_bytes;
+    opts.shared_cache = conf->cache_shared;
+    opts.cache_tools = conf->cache_tools;
     opts.on_state = on_store_state;
     opts.on_state_arg = r;
     r->store = cache_create(r->loop, &opts);
@@ -52,15 +96,25 @@ int router__spend_init(struct router *r)
         r->idle_reported == NULL)
         return -ENOMEM;
     for (size_t i = 0; i < conf->ntenants; i++) {
-        r->tenants[i].outpred = calloc(conf->nroutes ? conf->nroutes : 1, sizeof(struct policy_outpred));
-        if (r->tenants[i].outpred == NULL)
+        const struct conf_tenant *t = &conf->tenants[i];
+        struct router__tenant *ts = &r->tenants[i];
+
+        ts->outpred = calloc(conf->nroutes ? conf->nroutes : 1, sizeof(struct policy_outpred));
+        ts->key_rl = calloc(t->nkeys ? t->nkeys : 1, sizeof(*ts->key_rl));
+        if (ts->outpred == NULL || ts->key_rl == NULL)
             return -ENOMEM;
+        ts->rl.rpm = t->rpm;
+        ts->rl.tpm = t->tpm;
+        for (size_t k = 0; k < t->nkeys; k++) {
+            ts->key_rl[k].rpm = t->keys[k].rpm;
+            ts->key_rl[k].tpm = t->keys[k].tpm;
+        }
         for (size_t j = 0; j < conf->nroutes; j++)
             policy_outpred_init(&r->tenants[i].outpred[j]);
     }
     for (size_t i = 0; i < conf->nbackends; i++)
         policy_calib_init(&r->calib[i]);
-    return 0;
+    return experiments_prepare(r);
 }
 
 void router__spend_close(struct router *r)
@@ -74,8 +128,15 @@ void router__spend_close(struct router *r)
 void router__spend_free(struct router *r)
 {
     if (r->tenants)
-        for (size_t i = 0; i < r->conf->ntenants; i++)
+        for (size_t i = 0; i < r->conf->ntenants; i++) {
             free(r->tenants[i].outpred);
+            free(r->tenants[i].key_rl);
+        }
+    if (r->experiments)
+        for (size_t i = 0; i < r->conf->nexperiments; i++)
+            free(r->experiments[i].arms);
+    free(r->experiments);
+    r->experiments = NULL;
     free(r->tenants);
     r->tenants = NULL;
     free(r->calib);

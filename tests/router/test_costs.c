@@ -415,3 +415,129 @@ Test(costs, routers_sharing_redis_never_overspend_a_budget)
     cr_assert_gt(spent, 0.05 - 0.0019 - workers * excess, "spent only $%f", spent);
     cr_assert_lt(granted, workers * each, "nothing was refused");
 }
+
+Test(costs, rate_limits_answer_429_with_retry_after)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    start_routers(1, "a", "    rate_limits: {rpm: 2}\n");
+    const char body[] = "{\"model\":\"chat\",\"max_tokens\":5," MSG "}";
+    cr_assert_eq(chat(0, NULL, body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(chat(0, NULL, body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(chat(0, NULL, body), 0);
+    cr_assert_eq(resp.status, 429);
+    cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "code")->valuestring,
+                     "rate_limit_exceeded");
+    long retry = strtol(support_http_header(&resp, "retry-after"), NULL, 10);
+    cr_assert(retry >= 1 && retry <= 60, "retry-after %ld", retry);
+}
+
+Test(costs, ab_split_follows_weights_and_sticks_to_a_user)
+{
+    int on_a = 0;
+    const int n = 400;
+    char hdr[64];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    add_backend("b", mock_b.port, 1, 1, 1);
+    cr_assert_eq(buf_printf(&yaml, "experiments:\n  - name: exp\n    route: chat\n    arms:\n"
+                                   "      - {name: control, weight: 70, backends: [a]}\n"
+                                   "      - {name: treat, weight: 30, backends: [b]}\n"),
+                 0);
+    start_routers(1, "a, b", NULL);
+    const char body[] = "{\"model\":\"chat\",\"max_tokens\":5," MSG "}";
+    for (int u = 0; u < n; u++) {
+        snprintf(hdr, sizeof(hdr), "x-user-id: user-%d\r\n", u);
+        cr_assert_eq(chat(0, hdr, body), 0);
+        cr_assert_eq(resp.status, 200);
+        const char *b = support_http_header(&resp, "x-costrouter-backend");
+        const char *reason = support_http_header(&resp, "x-costrouter-reason");
+        cr_assert_str_eq(reason, strcmp(b, "a") == 0 ? "ab:exp/control" : "ab:exp/treat");
+        on_a += strcmp(b, "a") == 0;
+    }
+    /* 70% of 400 = 280, sd = sqrt(400 x 0.7 x 0.3) = 9.2: within 4 sd. */
+    cr_assert(on_a > 280 - 37 && on_a < 280 + 37, "arm a got %d of %d", on_a, n);
+    for (int i = 0; i < 5; i++) {
+        cr_assert_eq(chat(0, "x-user-id: user-7\r\n", body), 0);
+        const char *b = support_http_header(&resp, "x-costrouter-backend");
+        static char first[8];
+        if (i == 0)
+            snprintf(first, sizeof(first), "%s", b);
+        cr_assert_str_eq(b, first, "user-7 changed arm");
+    }
+}
+
+Test(costs, gpu_pool_spills_to_the_api_tier_only_when_the_slo_would_break)
+{
+    struct support_sse s[6];
+    const char *got[6];
+
+    /* The pool: one replica, 2 concurrent, 800 ms a request (8 tokens x
+     * 100 ms). Cheap while it has headroom; the API tier is dear. */
+    cr_assert_eq(support_mockllm_start(&mock_a, "--tokens", "8", "--token-delay-ms", "100", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    cr_assert_eq(buf_printf(&yaml,
+                            "  - {name: gpu, kind: self_hosted, url: \"http://127.0.0.1:%d/v1\",\n"
+                            "     quality: 1, context_window: 100000, gpu_hourly_usd: 1, replicas: 1,\n"
+                            "     max_concurrency: 2, tokens_per_second: 1000}\n",
+                            mock_a.port),
+                 0);
+    add_backend("api", mock_b.port, 1, 1000, 1000);
+    start_routers(1, "gpu, api", "    slo: {max_ttft_ms: 500}\n");
+    const char body[] = "{\"model\":\"chat\",\"stream\":true,\"max_tokens\":8," MSG "}";
+    /* One at a time: always the pool (it teaches the router its 800 ms). */
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(chat(0, NULL, body), 0);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "gpu");
+    }
+    /* Six at once. Predicted TTFT with n in flight is
+     * ttft + max(0, n - 2 + 1) x 800 / 2: n = 0, 1, 2 give <= 400 ms, within
+     * the 500 ms SLO; from n = 3 it is >= 800 ms, so those go to the API. */
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH, body), 0);
+    for (int i = 0; i < 6; i++) {
+        memset(&s[i], 0, sizeof(s[i]));
+        cr_assert_eq(support_sse_open(&s[i], routers[0].port, req.data, req.len, TIMEOUT_MS), 0);
+        got[i] = support_http_header(&s[i].resp, "x-costrouter-backend");
+    }
+    for (int i = 0; i < 6; i++)
+        cr_assert_str_eq(got[i], i < 3 ? "gpu" : "api", "stream %d went to %s", i, got[i]);
+    for (int i = 0; i < 6; i++)
+        support_sse_close(&s[i]);
+}
+
+Test(costs, on_overrun_cut_ends_a_stream_when_the_budget_is_gone)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    int rc, n = 0, saw_error = 0;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 10000); /* $0.01 per completion token */
+    /* No max_tokens: the reservation assumes 256 tokens ($2.56 + prompt);
+     * the budget is $3, so about 44 tokens past the reservation remain. */
+    start_routers(1, "a", "    budget: {daily_usd: 3, on_exhausted: reject, on_overrun: cut}\n");
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-tokens: 1000\r\n",
+                                     "{\"model\":\"chat\",\"stream\":true," MSG "}"),
+                 0);
+    cr_assert_eq(support_sse_open(&s, routers[0].port, req.data, req.len, TIMEOUT_MS), 0);
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1) {
+        if (strstr(ev.data, "budget_exhausted"))
+            saw_error = 1;
+        else
+            n++;
+    }
+    support_sse_close(&s);
+    cr_assert(saw_error, "no budget error event");
+    cr_assert(n >= 290 && n <= 310, "%d tokens streamed before the cut", n);
+    /* What was streamed is charged: the day's spend is about the budget. */
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    double spent = cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble;
+    cr_assert(spent > 2.9 && spent < 3.1, "spent $%f", spent);
+}
