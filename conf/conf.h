@@ -210,6 +210,8 @@ struct conf {
  * text (caller frees) with one line per problem, each
  * "FILE:LINE: KEY: message", e.g.
  *   costrouter.yaml:42: routes[0].candidates[1]: unknown backend "gpu-b"
+ * FILE is `path`, or an included price file for an error inside it; the
+ * lines come sorted by file (the config first), then by line.
  */
 struct conf *conf_load(const char *path, char **errors);
 
