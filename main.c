@@ -24,7 +24,7 @@
 
 struct app {
     uv_loop_t *loop;       /* the one event loop */
-    struct conf *conf;     /* current configuration */
+    const char *path;      /* config file, loaded again on reload */
     struct router *router; /* the proxy */
     uv_signal_t sigterm;   /* graceful stop */
     uv_signal_t sigint;    /* graceful stop */
@@ -80,11 +80,38 @@ static void on_stop_signal(uv_signal_t *s, int signum)
     uv_unref((uv_handle_t *)&app->sighup);
 }
 
+/* Load the config file again and apply it if it is valid; on errors the
+ * running config stays. Returns 0, or -1 with *errors (malloc'd). */
+static int reload(void *arg, char **errors)
+{
+    struct app *app = arg;
+    struct conf *conf = conf_load(app->path, errors);
+    struct router *next;
+
+    if (conf == NULL) {
+        log_warn("reload of %s refused, the running config stays:\n%s", app->path,
+                 *errors ? *errors : "");
+        return -1;
+    }
+    next = router_reload(app->router, conf);
+    if (next == NULL) {
+        *errors = strdup("could not apply the new config (see the log)");
+        return -1;
+    }
+    app->router = next;
+    router_set_reload_hook(next, reload, app);
+    return 0;
+}
+
+/* SIGHUP: reopen the cost log (rotation) and reload the config. */
 static void on_hup(uv_signal_t *s, int signum)
 {
     struct app *app = s->data;
+    char *errors = NULL;
 
     router_reopen_logs(app->router);
+    reload(app, &errors);
+    free(errors);
 }
 
 static int run(const char *path)
@@ -92,16 +119,18 @@ static int run(const char *path)
     struct app app = {0};
     int rc = 1;
 
+    struct conf *conf;
+
     signal(SIGPIPE, SIG_IGN);
-    app.conf = load_config(path);
-    if (app.conf == NULL)
+    conf = load_config(path);
+    if (conf == NULL)
         return 1;
+    app.path = path;
     app.loop = uv_default_loop();
-    app.router = router_create(app.loop, app.conf);
-    if (app.router == NULL) {
-        conf_free(app.conf);
+    app.router = router_create(app.loop, conf); /* owns conf from here */
+    if (app.router == NULL)
         return 1;
-    }
+    router_set_reload_hook(app.router, reload, &app);
     /* Signal handlers before the "listening on" line, so whoever waits
      * for that line can stop us gracefully at once. */
     uv_signal_init(app.loop, &app.sigterm);
@@ -116,7 +145,6 @@ static int run(const char *path)
     uv_run(app.loop, UV_RUN_DEFAULT);
     rc = 0;
 out:
-    router_finish(app.router);
     uv_close((uv_handle_t *)&app.sigterm, NULL);
     uv_close((uv_handle_t *)&app.sigint, NULL);
     uv_close((uv_handle_t *)&app.sighup, NULL);
@@ -130,7 +158,6 @@ out:
     router_destroy(app.router);
     if (uv_loop_close(app.loop) != 0)
         log_warn("event loop closed with handles still open");
-    conf_free(app.conf);
     log_info("stopped");
     return rc;
 }

@@ -218,6 +218,38 @@ static void send_metrics(struct router__client *c)
     buf_free(&out);
 }
 
+/* POST /admin/reload: like SIGHUP. The new config is validated first;
+ * on errors the running one stays and the errors are returned (they name
+ * files, lines and keys, never secrets). */
+static void admin_reload(struct router__client *c)
+{
+    struct router__shared *sh = c->router->shared;
+    char *errors = NULL;
+    cJSON *j;
+
+    if (llhttp_get_method(&c->parser) != HTTP_POST) {
+        router__send_error(c, error_method, "use POST");
+        return;
+    }
+    if (sh->reload == NULL) {
+        router__send_error(c, error_not_found, "reload is not available");
+        return;
+    }
+    j = cJSON_CreateObject();
+    if (sh->reload(sh->reload_arg, &errors) == 0) {
+        cJSON_AddStringToObject(j, "status", "reloaded");
+        send_json(c, 200, j);
+    } else {
+        cJSON *err = cJSON_AddObjectToObject(j, "error");
+        cJSON_AddStringToObject(err, "message", errors ? errors : "reload failed");
+        cJSON_AddStringToObject(err, "type", "invalid_request_error");
+        cJSON_AddStringToObject(err, "code", "invalid_config");
+        send_json(c, 400, j);
+    }
+    cJSON_Delete(j);
+    free(errors);
+}
+
 void router__admin_handle(struct router__client *c, struct slice path)
 {
     const struct conf *conf = c->router->conf;
@@ -244,7 +276,11 @@ void router__admin_handle(struct router__client *c, struct slice path)
                            conf->admin_key ? "admin key required" : "the admin API is off");
         return;
     }
-    if (slice_eq(path, "/metrics")) {
+    if (slice_eq(path, "/admin/reload")) {
+        admin_reload(c);
+    } else if (llhttp_get_method(&c->parser) != HTTP_GET) {
+        router__send_error(c, error_method, NULL);
+    } else if (slice_eq(path, "/metrics")) {
         send_metrics(c);
     } else if (slice_eq(path, "/admin/backends")) {
         send_backends(c);

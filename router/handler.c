@@ -241,12 +241,8 @@ static const struct endpoint_def endpoints[] = {
 /* Find the endpoint; sets *errstr to error_not_found or error_method. */
 static enum router__endpoint endpoint_find(struct slice path, int method, const char **errstr)
 {
-    if (path.len > 7 && memcmp(path.p, "/admin/", 7) == 0) {
-        if (method == HTTP_GET)
-            return ROUTER_EP_ADMIN;
-        *errstr = error_method;
-        return ROUTER_EP_NONE;
-    }
+    if (path.len > 7 && memcmp(path.p, "/admin/", 7) == 0)
+        return ROUTER_EP_ADMIN; /* methods checked per admin path */
     for (size_t i = 0; i < ARRAY_SIZE(endpoints); i++) {
         if (!slice_eq(path, endpoints[i].path))
             continue;

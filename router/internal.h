@@ -59,28 +59,51 @@ struct router__pool {
     unsigned nopen;                        /* all open connections of this pool */
 };
 
+/* What outlives a config reload: the listening socket and the state that
+ * must carry on (spend in the in-process store, metrics, the cost log,
+ * token tables). Each reload makes a new router generation on it; older
+ * generations drain their connections and are freed. */
+struct router__shared {
+    uv_loop_t *loop;                /* the one loop everything runs on */
+    uv_tcp_t listener;              /* accepting socket */
+    unsigned listening:1;           /* listener is open */
+    unsigned stopping:1;            /* router_stop called */
+    struct router *current;         /* the generation new connections go to */
+    struct router *generations;     /* every live generation (list by next_gen) */
+    struct policy_tokens *tokens;   /* owned */
+    struct cache *store;            /* owned */
+    struct cache_flight *flights;   /* owned */
+    struct metrics *metrics;        /* owned */
+    struct metrics_cost_log *cost_log; /* owned, or NULL */
+    int (*reload)(void *arg, char **errors); /* admin reload hook, or NULL */
+    void *reload_arg;               /* passed to reload */
+};
+
 struct router {
     uv_loop_t *loop;                /* the one loop everything runs on */
-    const struct conf *conf;        /* borrowed */
-    uv_tcp_t listener;              /* accepting socket */
+    const struct conf *conf;        /* owned: freed with this generation */
+    struct router__shared *shared;  /* listener and state that survive reloads */
+    struct router *next_gen;        /* shared->generations list */
+    uv_timer_t free_timer;          /* closed to free this generation from the loop */
+    unsigned nupstreams;            /* open upstream connections of this generation */
     struct backend_set *backends;   /* live backend state */
     struct router__pool *pools;     /* one per conf.backends entry */
     struct router__client *clients; /* all open client connections (list) */
     size_t nclients;                /* length of that list */
     uint64_t next_request_id;       /* counter behind request ids */
     uint64_t start_id;              /* random per process, makes request ids unique across instances */
-    struct policy_tokens *tokens;   /* BPE tables, NULL: byte estimates only */
-    struct cache *store;            /* spend counters, reservations, response cache */
-    struct cache_flight *flights;   /* single flight of identical cache misses */
+    struct policy_tokens *tokens;   /* shared->tokens (NULL: byte estimates only) */
+    struct cache *store;            /* shared->store: spend, reservations, response cache */
+    struct cache_flight *flights;   /* shared->flights: single flight of cache misses */
     struct router__tenant *tenants; /* per conf.tenants entry, same order */
     struct policy_calib *calib;     /* per conf.backends entry: prompt estimate calibration */
     double *idle_reported;          /* per backend: idle cost already added to metrics */
     struct policy_experiment *experiments; /* prepared from conf.experiments */
     unsigned store_pending;         /* settles/releases/puts not answered yet */
-    struct metrics *metrics;        /* Prometheus registry */
-    struct metrics_cost_log *cost_log; /* one JSON line per request, or NULL */
-    unsigned stopping:1;            /* router_stop called */
-    unsigned listening:1;           /* listener is open */
+    struct metrics *metrics;        /* shared->metrics */
+    struct metrics_cost_log *cost_log; /* shared->cost_log, or NULL */
+    unsigned stopping:1;            /* draining: no keep-alive, pools closing */
+    unsigned freeing:1;             /* free_timer closing */
 };
 
 /* What the router keeps per tenant between requests. */
@@ -267,10 +290,13 @@ void router__request_reset(struct router__request *req);
 void router__account(struct router__client *c);
 
 /* spend.c: reservations, settlement and the response cache */
+/* The store for `conf` (shared by every generation). */
+struct cache *router__store_create(uv_loop_t *loop, const struct conf *conf);
 int router__spend_init(struct router *r);
-void router__spend_close(struct router *r);
 void router__spend_free(struct router *r);
-/* server.c: finish (store, cost log) once stopped and drained */
+/* server.c: once a stopping generation has no client, upstream or store
+ * write left, free it (and when the last one goes at shutdown, close the
+ * store and the cost log so the loop can end). */
 void router__maybe_finish(struct router *r);
 /* Reserve the choice's cost (and look the cache up) for the request; on
  * the answer, router__proxy_reserved() continues. */

@@ -9,27 +9,35 @@
 struct conf;
 struct router;
 
-/* Create a router for `conf` (borrowed; must outlive the router) on
+/* Create a router for `conf` (owned from now on, freed with it) on
  * `loop`. Builds TLS contexts and backend state. Returns NULL with a
- * logged reason on failure. */
-struct router *router_create(uv_loop_t *loop, const struct conf *conf);
+ * logged reason on failure (conf is then freed too). */
+struct router *router_create(uv_loop_t *loop, struct conf *conf);
+
+/* Apply a new, already validated `conf` (owned from now on): a new
+ * generation takes over the listener, the store, metrics and cost log;
+ * requests in flight finish on the old config, whose connections then
+ * close. Returns the new router (use it from now on), or NULL with the
+ * old one untouched (conf freed). */
+struct router *router_reload(struct router *old, struct conf *conf);
+
+/* Let POST /admin/reload call `reload` (which loads the file and calls
+ * router_reload; on failure it returns -1 and sets *errors, malloc'd). */
+void router_set_reload_hook(struct router *r, int (*reload)(void *arg, char **errors), void *arg);
 
 /* Bind and listen. Logs "listening on HOST:PORT" and prints the same line
  * on stdout (tests and scripts read it). Returns 0 or a libuv error. */
 int router_start(struct router *r) __attribute__((warn_unused_result));
 
-/* Stop accepting, let requests in flight finish, close idle connections;
+/* Stop accepting, let requests in flight (of every generation) finish,
+ * close idle connections, then flush the cost log and close the store;
  * the loop ends when everything is closed. Safe to call twice. */
 void router_stop(struct router *r);
 
 /* Reopen the cost log (after rotation; SIGHUP). */
 void router_reopen_logs(struct router *r);
 
-/* After router_stop's loop run has ended: flush and close the cost log.
- * Run the loop once more afterwards to let the last write finish. */
-void router_finish(struct router *r);
-
-/* Free the router after the loop has finished. */
+/* Free the router (every generation) after the loop has finished. */
 void router_destroy(struct router *r);
 
 #endif

@@ -43,6 +43,7 @@ struct client_write {
 
 static llhttp_settings_t client_settings;
 static void client_process(struct router__client *c);
+static void generation_free(struct router *r);
 static void client_start_reading(struct router__client *c);
 
 uint64_t router__now(const struct router *r)
@@ -498,7 +499,8 @@ static void client_start_reading(struct router__client *c)
 
 static void on_connection(uv_stream_t *server, int status)
 {
-    struct router *r = server->data;
+    struct router__shared *sh = server->data;
+    struct router *r = sh->current;
     struct router__client *c;
 
     if (status < 0) {
@@ -533,13 +535,8 @@ static void on_connection(uv_stream_t *server, int status)
 
 /* ---- router lifecycle ---- */
 
-struct router *router_create(uv_loop_t *loop, const struct conf *conf)
+static void settings_init(void)
 {
-    struct router *r = calloc(1, sizeof(*r));
-    int rc;
-
-    if (r == NULL)
-        return NULL;
     llhttp_settings_init(&client_settings);
     client_settings.on_message_begin = on_message_begin;
     client_settings.on_url = on_url;
@@ -549,47 +546,213 @@ struct router *router_create(uv_loop_t *loop, const struct conf *conf)
     client_settings.on_headers_complete = on_headers_complete;
     client_settings.on_body = on_body;
     client_settings.on_message_complete = on_message_complete;
-    r->loop = loop;
+}
+
+/* The state that outlives reloads, made once with the first config. */
+static struct router__shared *shared_create(uv_loop_t *loop, const struct conf *conf)
+{
+    struct router__shared *sh = calloc(1, sizeof(*sh));
+    int rc;
+
+    if (sh == NULL)
+        return NULL;
+    sh->loop = loop;
+    sh->metrics = metrics_create(0);
+    if (sh->metrics == NULL)
+        goto fail;
+    if (conf->cost_log != NULL) {
+        int err = 0;
+
+        sh->cost_log = metrics_cost_log_open(loop, conf->cost_log, 0, sh->metrics, &err);
+        if (sh->cost_log == NULL) {
+            log_error("cost_log %s: %s", conf->cost_log, uv_strerror(err));
+            goto fail;
+        }
+    }
+    rc = policy_tokens_load(&sh->tokens, conf->tokenizer_data);
+    if (rc != 0) {
+        log_warn("token tables not loaded (%s): prompt tokens will be estimated from bytes; "
+                 "run `make deps` to fetch them", strerror(-rc));
+        sh->tokens = NULL;
+    }
+    sh->store = router__store_create(loop, conf);
+    sh->flights = cache_flight_create();
+    if (sh->store == NULL || sh->flights == NULL)
+        goto fail;
+    return sh;
+fail:
+    if (sh->cost_log)
+        metrics_cost_log_close(sh->cost_log);
+    if (sh->store)
+        cache_close(sh->store, NULL, NULL);
+    if (sh->flights)
+        cache_flight_free(sh->flights);
+    policy_tokens_free(sh->tokens);
+    metrics_free(sh->metrics);
+    free(sh);
+    return NULL;
+}
+
+/* At shutdown, once no generation is left: flush and close what the
+ * loop is still waiting on. */
+static void shared_close(struct router__shared *sh)
+{
+    if (sh->store) {
+        cache_close(sh->store, NULL, NULL);
+        sh->store = NULL;
+    }
+    if (sh->cost_log) {
+        metrics_cost_log_close(sh->cost_log);
+        sh->cost_log = NULL;
+    }
+}
+
+/* One generation: backends, pools and per-tenant state for `conf`. */
+static struct router *generation_create(struct router__shared *sh, struct conf *conf)
+{
+    struct router *r = calloc(1, sizeof(*r));
+
+    if (r == NULL) {
+        conf_free(conf);
+        return NULL;
+    }
+    r->loop = sh->loop;
     r->conf = conf;
+    r->shared = sh;
+    r->metrics = sh->metrics;
+    r->cost_log = sh->cost_log;
+    r->tokens = sh->tokens;
+    r->store = sh->store;
+    r->flights = sh->flights;
+    uv_timer_init(r->loop, &r->free_timer);
+    r->free_timer.data = r;
     /* Request ids must not repeat across restarts and instances sharing
      * one cost log; a random per-process prefix does that. */
     if (RAND_bytes((unsigned char *)&r->start_id, sizeof(r->start_id)) != 1)
         r->start_id = uv_hrtime() ^ ((uint64_t)getpid() << 32);
     r->start_id &= 0xffffffffffULL;
-    r->metrics = metrics_create(0);
-    if (r->metrics == NULL)
-        goto fail;
-    if (conf->cost_log != NULL) {
-        int err = 0;
-
-        r->cost_log = metrics_cost_log_open(loop, conf->cost_log, 0, r->metrics, &err);
-        if (r->cost_log == NULL) {
-            log_error("cost_log %s: %s", conf->cost_log, uv_strerror(err));
-            goto fail;
-        }
-    }
     r->backends = backend_set_create(conf);
-    if (r->backends == NULL)
-        goto fail;
-    backend_set_start(r->backends, uv_now(loop));
-    rc = policy_tokens_load(&r->tokens, conf->tokenizer_data);
-    if (rc != 0) {
-        log_warn("token tables not loaded (%s): prompt tokens will be estimated from bytes; "
-                 "run `make deps` to fetch them", strerror(-rc));
-        r->tokens = NULL;
+    if (r->backends == NULL || router__spend_init(r) != 0 || router__pools_init(r) != 0) {
+        generation_free(r);
+        return NULL;
     }
-    if (router__spend_init(r) != 0)
-        goto fail;
-    if (router__pools_init(r) != 0)
-        goto fail;
+    backend_set_start(r->backends, uv_now(r->loop));
+    r->next_gen = sh->generations;
+    sh->generations = r;
     return r;
-fail:
-    router_destroy(r);
-    return NULL;
+}
+
+static void generation_free(struct router *r)
+{
+    router__spend_free(r);
+    router__pools_free(r);
+    backend_set_destroy(r->backends);
+    conf_free((struct conf *)r->conf);
+    free(r);
+}
+
+static void generation_closed(uv_handle_t *h)
+{
+    generation_free(h->data);
+}
+
+static void generation_unlink(struct router *r)
+{
+    struct router **pp = &r->shared->generations;
+
+    while (*pp && *pp != r)
+        pp = &(*pp)->next_gen;
+    if (*pp)
+        *pp = r->next_gen;
+}
+
+/* Stop taking keep-alive requests, close idle clients and connections. */
+static void generation_drain(struct router *r)
+{
+    struct router__client *c, *next;
+
+    if (r->stopping)
+        return;
+    r->stopping = 1;
+    for (c = r->clients; c != NULL; c = next) {
+        next = c->next;
+        if (c->phase == ROUTER_CLIENT_IDLE)
+            router__client_close(c);
+    }
+    router__pools_close(r);
+    router__maybe_finish(r);
+}
+
+void router__maybe_finish(struct router *r)
+{
+    struct router__shared *sh = r->shared;
+
+    if (!r->stopping || r->freeing || r->nclients > 0 || r->nupstreams > 0 || r->store_pending > 0)
+        return;
+    /* Drained. The current generation stays until the whole router stops,
+     * and then only closes its handle: router_destroy frees it. */
+    if (r == sh->current && !sh->stopping)
+        return;
+    r->freeing = 1;
+    generation_unlink(r);
+    uv_close((uv_handle_t *)&r->free_timer, r == sh->current ? NULL : generation_closed);
+    if (sh->stopping && sh->generations == NULL)
+        shared_close(sh);
+}
+
+struct router *router_create(uv_loop_t *loop, struct conf *conf)
+{
+    struct router__shared *sh;
+    struct router *r;
+
+    settings_init();
+    sh = shared_create(loop, conf);
+    if (sh == NULL) {
+        conf_free(conf);
+        return NULL;
+    }
+    r = generation_create(sh, conf);
+    if (r == NULL) {
+        shared_close(sh);
+        uv_run(loop, UV_RUN_NOWAIT);
+        cache_flight_free(sh->flights);
+        policy_tokens_free(sh->tokens);
+        metrics_free(sh->metrics);
+        free(sh);
+        return NULL;
+    }
+    sh->current = r;
+    return r;
+}
+
+struct router *router_reload(struct router *old, struct conf *conf)
+{
+    struct router__shared *sh = old->shared;
+    struct router *r;
+
+    if (conf->listen_port != old->conf->listen_port ||
+        strcmp(conf->listen_host, old->conf->listen_host) != 0)
+        log_warn("reload: listen cannot change without a restart; still on %s:%u",
+                 old->conf->listen_host, old->conf->listen_port);
+    r = generation_create(sh, conf);
+    if (r == NULL)
+        return NULL;
+    sh->current = r;
+    log_info("config reloaded: %zu backends, %zu routes, %zu tenants", conf->nbackends,
+             conf->nroutes, conf->ntenants);
+    generation_drain(old);
+    return r;
+}
+
+void router_set_reload_hook(struct router *r, int (*reload)(void *arg, char **errors), void *arg)
+{
+    r->shared->reload = reload;
+    r->shared->reload_arg = arg;
 }
 
 int router_start(struct router *r)
 {
+    struct router__shared *sh = r->shared;
     struct sockaddr_storage addr;
     struct sockaddr_storage bound;
     char host[64];
@@ -602,18 +765,18 @@ int router_start(struct router *r)
         log_error("listen: bad address %s", r->conf->listen_host);
         return rc;
     }
-    uv_tcp_init(r->loop, &r->listener);
-    r->listener.data = r;
-    r->listening = 1;
-    rc = uv_tcp_bind(&r->listener, (struct sockaddr *)&addr, 0);
+    uv_tcp_init(sh->loop, &sh->listener);
+    sh->listener.data = sh;
+    sh->listening = 1;
+    rc = uv_tcp_bind(&sh->listener, (struct sockaddr *)&addr, 0);
     if (rc == 0)
-        rc = uv_listen((uv_stream_t *)&r->listener, 1024, on_connection);
+        rc = uv_listen((uv_stream_t *)&sh->listener, 1024, on_connection);
     if (rc != 0) {
         log_error("listen on %s:%u: %s", r->conf->listen_host, r->conf->listen_port,
                   uv_strerror(rc));
         return rc;
     }
-    uv_tcp_getsockname(&r->listener, (struct sockaddr *)&bound, &namelen);
+    uv_tcp_getsockname(&sh->listener, (struct sockaddr *)&bound, &namelen);
     if (bound.ss_family == AF_INET6)
         uv_ip6_name((struct sockaddr_in6 *)&bound, host, sizeof(host));
     else
@@ -627,31 +790,23 @@ int router_start(struct router *r)
 
 void router_stop(struct router *r)
 {
-    struct router__client *c, *next;
+    struct router__shared *sh = r->shared;
+    struct router *g, *next;
 
-    if (r->stopping)
+    if (sh->stopping)
         return;
-    r->stopping = 1;
-    if (r->listening) {
-        uv_close((uv_handle_t *)&r->listener, NULL);
-        r->listening = 0;
+    sh->stopping = 1;
+    if (sh->listening) {
+        uv_close((uv_handle_t *)&sh->listener, NULL);
+        sh->listening = 0;
     }
-    /* Idle clients go now; busy ones close when their response is done. */
-    for (c = r->clients; c != NULL; c = next) {
-        next = c->next;
-        if (c->phase == ROUTER_CLIENT_IDLE)
-            router__client_close(c);
+    for (g = sh->generations; g != NULL; g = next) {
+        next = g->next_gen;
+        generation_drain(g);
+        router__maybe_finish(g); /* an already drained one goes now */
     }
-    router__pools_close(r);
-    router__maybe_finish(r);
-}
-
-/* Once stopping and the last client is gone and every settle has been
- * answered, close the store and the cost log so the loop can end. */
-void router__maybe_finish(struct router *r)
-{
-    if (r->stopping && r->nclients == 0 && r->store_pending == 0)
-        router_finish(r);
+    if (sh->generations == NULL)
+        shared_close(sh);
 }
 
 void router_reopen_logs(struct router *r)
@@ -662,24 +817,26 @@ void router_reopen_logs(struct router *r)
     }
 }
 
-void router_finish(struct router *r)
-{
-    router__spend_close(r);
-    if (r->cost_log) {
-        metrics_cost_log_close(r->cost_log);
-        r->cost_log = NULL;
-    }
-}
-
 void router_destroy(struct router *r)
 {
+    struct router__shared *sh;
+
     if (r == NULL)
         return;
-    router_finish(r);
-    router__spend_free(r);
-    policy_tokens_free(r->tokens);
-    metrics_free(r->metrics);
-    router__pools_free(r);
-    backend_set_destroy(r->backends);
-    free(r);
+    sh = r->shared;
+    /* After the loop: every other generation was freed while draining. */
+    while (sh->generations) {
+        struct router *g = sh->generations;
+
+        sh->generations = g->next_gen;
+        if (g != r)
+            generation_free(g);
+    }
+    generation_free(r);
+    shared_close(sh);
+    if (sh->flights)
+        cache_flight_free(sh->flights);
+    policy_tokens_free(sh->tokens);
+    metrics_free(sh->metrics);
+    free(sh);
 }

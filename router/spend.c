@@ -27,9 +27,6 @@
 
 static void on_store_state(void *arg, enum cache_state state, const char *errstr)
 {
-    struct router *r = arg;
-
-    (void)r;
     if (errstr)
         log_warn("store: %s", errstr);
 }
@@ -69,9 +66,8 @@ static int experiments_prepare(struct router *r)
     return 0;
 }
 
-int router__spend_init(struct router *r)
+struct cache *router__store_create(uv_loop_t *loop, const struct conf *conf)
 {
-    const struct conf *conf = r->conf;
     struct cache_options opts = {0};
 
     opts.redis_url = conf->redis_url;
@@ -86,14 +82,18 @@ int router__spend_init(struct router *r)
     opts.shared_cache = conf->cache_shared;
     opts.cache_tools = conf->cache_tools;
     opts.on_state = on_store_state;
-    opts.on_state_arg = r;
-    r->store = cache_create(r->loop, &opts);
-    r->flights = cache_flight_create();
+    opts.on_state_arg = NULL;
+    return cache_create(loop, &opts);
+}
+
+int router__spend_init(struct router *r)
+{
+    const struct conf *conf = r->conf;
+
     r->tenants = calloc(conf->ntenants ? conf->ntenants : 1, sizeof(*r->tenants));
     r->calib = calloc(conf->nbackends ? conf->nbackends : 1, sizeof(*r->calib));
     r->idle_reported = calloc(conf->nbackends ? conf->nbackends : 1, sizeof(double));
-    if (r->store == NULL || r->flights == NULL || r->tenants == NULL || r->calib == NULL ||
-        r->idle_reported == NULL)
+    if (r->tenants == NULL || r->calib == NULL || r->idle_reported == NULL)
         return -ENOMEM;
     for (size_t i = 0; i < conf->ntenants; i++) {
         const struct conf_tenant *t = &conf->tenants[i];
@@ -117,14 +117,6 @@ int router__spend_init(struct router *r)
     return experiments_prepare(r);
 }
 
-void router__spend_close(struct router *r)
-{
-    if (r->store) {
-        cache_close(r->store, NULL, NULL);
-        r->store = NULL;
-    }
-}
-
 void router__spend_free(struct router *r)
 {
     if (r->tenants)
@@ -143,9 +135,6 @@ void router__spend_free(struct router *r)
     r->calib = NULL;
     free(r->idle_reported);
     r->idle_reported = NULL;
-    if (r->flights)
-        cache_flight_free(r->flights);
-    r->flights = NULL;
 }
 
 struct router__tenant *router__tenant_state(struct router *r, const struct conf_tenant *t)

@@ -145,8 +145,11 @@ static void upstream_free(struct router__upstream *u)
 {
     const char *labels[] = {u->pool->conf->name};
 
-    metrics_add(u->pool->router->metrics, METRICS_UPSTREAM_CONNECTIONS, labels, -1);
+    struct router *r = u->pool->router;
+
+    metrics_add(r->metrics, METRICS_UPSTREAM_CONNECTIONS, labels, -1);
     u->pool->nopen--;
+    r->nupstreams--;
     if (u->ssl)
         SSL_free(u->ssl);
     buf_free(&u->out);
@@ -154,6 +157,7 @@ static void upstream_free(struct router__upstream *u)
     buf_free(&u->hvalue);
     buf_free(&u->headers);
     free(u);
+    router__maybe_finish(r);
 }
 
 static void upstream_handle_closed(uv_handle_t *h)
@@ -683,6 +687,7 @@ static struct router__upstream *upstream_new(struct router__pool *pool)
     u->handles_open = 2;
     llhttp_init(&u->parser, HTTP_RESPONSE, &upstream_settings);
     pool->nopen++;
+    pool->router->nupstreams++;
     const char *labels[] = {pool->conf->name};
     metrics_add(pool->router->metrics, METRICS_UPSTREAM_CONNECTIONS, labels, 1);
     return u;

@@ -81,28 +81,37 @@ static void add_backend(const char *name, int port, int quality, double in, doub
                  0);
 }
 
-/* Finish the config (routes and tenant lines given) and start `n` routers. */
-static void start_routers(int n, const char *route_candidates, const char *tenant_extra)
+/* Write the config: the backends in `yaml`, one route, the tenant. */
+static void write_conf(const char *route_candidates, const char *tenant_extra)
 {
     char hex[65];
     FILE *f;
 
     key_hash(hex);
-    strcpy(log_path, "/tmp/costrouter-costlog-XXXXXX");
-    close(mkstemp(log_path));
-    cr_assert_eq(buf_printf(&yaml,
-                            "routes:\n  - {model: chat, candidates: [%s]}\n"
-                            "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n"
-                            "    tags: {team: search, cost_center: cc-1}\n%s",
-                            route_candidates, hex, tenant_extra ? tenant_extra : ""),
-                 0);
-    strcpy(conf_path, "/tmp/costrouter-costs-XXXXXX");
-    f = fdopen(mkstemp(conf_path), "w");
+    if (conf_path[0] == '\0') {
+        strcpy(conf_path, "/tmp/costrouter-costs-XXXXXX");
+        close(mkstemp(conf_path));
+    }
+    f = fopen(conf_path, "w");
+    cr_assert_not_null(f);
     fprintf(f, "listen: 127.0.0.1:0\nadmin_key: adm-secret\ncost_log: %s\n", log_path);
     if (redis.pid)
         fprintf(f, "store: {redis: \"%s\"}\n", redis.url);
-    fprintf(f, "backends:\n%.*s", (int)yaml.len, yaml.data);
+    fprintf(f,
+            "backends:\n%.*s"
+            "routes:\n  - {model: chat, candidates: [%s]}\n"
+            "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n"
+            "    tags: {team: search, cost_center: cc-1}\n%s",
+            (int)yaml.len, yaml.data, route_candidates, hex, tenant_extra ? tenant_extra : "");
     fclose(f);
+}
+
+/* Finish the config (routes and tenant lines given) and start `n` routers. */
+static void start_routers(int n, const char *route_candidates, const char *tenant_extra)
+{
+    strcpy(log_path, "/tmp/costrouter-costlog-XXXXXX");
+    close(mkstemp(log_path));
+    write_conf(route_candidates, tenant_extra);
     for (int i = 0; i < n; i++) {
         char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
         cr_assert_eq(support_proc_start(&routers[i], argv), 0, "router %d did not start", i);
@@ -540,4 +549,72 @@ Test(costs, on_overrun_cut_ends_a_stream_when_the_budget_is_gone)
     cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
     double spent = cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble;
     cr_assert(spent > 2.9 && spent < 3.1, "spent $%f", spent);
+}
+
+Test(costs, reload_applies_a_valid_config_and_keeps_the_old_on_errors)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    int rc, n = 0;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    add_backend("b", mock_b.port, 1, 100, 300);
+    start_routers(1, "a", "    budget: {daily_usd: 10}\n");
+    int port = routers[0].port;
+    cr_assert_eq(chat(0, "x-mock-tokens: 7\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    double paid = header_usd("x-costrouter-cost-usd");
+
+    /* A stream in flight across the reload finishes on the old config. */
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-tokens: 10\r\nx-mock-token-delay-ms: 50\r\n",
+                                     "{\"model\":\"chat\",\"stream\":true," MSG "}"),
+                 0);
+    cr_assert_eq(support_sse_open(&s, port, req.data, req.len, TIMEOUT_MS), 0);
+    cr_assert_str_eq(support_http_header(&s.resp, "x-costrouter-backend"), "a");
+
+    write_conf("b", "    budget: {daily_usd: 10}\n");
+    cr_assert_eq(call_port(port, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1)
+        n++;
+    support_sse_close(&s);
+    cr_assert_eq(rc, 0, "the stream in flight was cut by the reload");
+    cr_assert_eq(n, 11, "10 tokens and [DONE], got %d", n);
+
+    /* Spend carries over (same in-process store). */
+    cr_assert_eq(call_port(port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_gt(cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble, paid);
+
+    /* A broken config is refused with its errors; the running one stays. */
+    FILE *f = fopen(conf_path, "a");
+    fprintf(f, "bogus_key: 1\n");
+    fclose(f);
+    cr_assert_eq(call_port(port, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 400);
+    const char *msg = cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "message")->valuestring;
+    cr_assert_not_null(strstr(msg, "bogus_key"), "%s", msg);
+    cr_assert_not_null(strstr(msg, conf_path), "errors name the file: %s", msg);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+
+    /* SIGHUP does the same as the endpoint. */
+    write_conf("a", "    budget: {daily_usd: 10}\n");
+    kill(routers[0].pid, SIGHUP);
+    for (int i = 0; i < 50; i++) {
+        usleep(20000);
+        cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+        if (strcmp(support_http_header(&resp, "x-costrouter-backend"), "a") == 0)
+            break;
+    }
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    cr_assert_eq(call_port(port, "GET", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 405);
+    support_proc_stop(&routers[0]);
+    cr_assert(support_proc_exited_cleanly(&routers[0]), "exit status %d", routers[0].status);
 }
