@@ -173,6 +173,8 @@ void router__request_reset(struct router__request *req)
     buf_trim(&req->up_body);
     buf_trim(&req->sse);
     buf_trim(&req->head);
+    buf_trim(&req->batch);
+    req->batching = 0;
     buf_free(&req->cached);
     free(req->verdicts);
     req->verdicts = NULL;

@@ -196,6 +196,7 @@ struct router__request {
     struct backend_ticket ticket;        /* the current attempt's accounting */
     struct buf head;                     /* response head held until the cost is known */
     struct buf cached;                   /* bytes to put in the response cache */
+    struct buf batch;                    /* events of one upstream read, sent in one write */
     unsigned has_res:1;                  /* res must be settled or released */
     unsigned attempt_open:1;             /* ticket must be finished */
     unsigned cacheable:1;                /* deterministic request, cache enabled */
@@ -205,6 +206,7 @@ struct router__request {
     unsigned head_held:1;                /* head in `head`, not sent yet */
     unsigned settled:1;                  /* cost settled (cost_micro is real) */
     unsigned completion_limited:1;       /* max_tokens / max_completion_tokens given */
+    unsigned batching:1;                 /* forward() collects into batch */
     unsigned begins;                     /* cache_begin calls for this request */
     uint64_t events;                     /* SSE data events forwarded (token fallback) */
     int64_t cost_micro;                  /* settled cost, micro-USD */

@@ -655,6 +655,19 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     return 0;
 }
 
+/* Events parsed from one upstream read go out in one write: collected
+ * here while `batching`, sent by flush_batch. */
+static void flush_batch(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+
+    req->batching = 0;
+    if (req->batch.len == 0)
+        return;
+    router__client_send(c, req->batch.data, req->batch.len);
+    buf_reset(&req->batch);
+}
+
 /* Send body bytes as they are, or as one chunk. */
 static void forward(struct router__client *c, const char *p, size_t len)
 {
@@ -662,6 +675,16 @@ static void forward(struct router__client *c, const char *p, size_t len)
 
     if (len == 0)
         return;
+    if (c->req.batching) {
+        struct buf *b = &c->req.batch;
+        int rc = c->req.chunked ? buf_printf(b, "%zx\r\n", len) : 0;
+
+        rc = rc ?: buf_append(b, p, len);
+        rc = rc ?: (c->req.chunked ? buf_append(b, "\r\n", 2) : 0);
+        if (rc != 0)
+            router__client_close(c);
+        return;
+    }
     if (!c->req.chunked) {
         router__client_send(c, p, len);
         return;
@@ -722,6 +745,7 @@ static int overrun_cut(struct router__client *c)
     err = router__error_json(error_budget_exhausted, "budget exhausted mid-stream", &status);
     if (err && buf_printf(&ev, "event: error\ndata: %s\n\n", err) == 0)
         forward(c, ev.data, ev.len);
+    flush_batch(c);
     buf_free(&ev);
     free(err);
     if (req->up) {
@@ -771,8 +795,17 @@ void router__proxy_on_body(struct router__client *c, const char *p, size_t len)
     struct router__request *req = &c->req;
 
     if (req->is_sse) {
-        if (buf_append(&req->sse, p, len) != 0 || router__sse_split(&req->sse, on_sse_event, c) != 0)
+        int rc;
+
+        if (buf_append(&req->sse, p, len) != 0) {
+            router__client_close(c);
             return;
+        }
+        req->batching = 1;
+        rc = router__sse_split(&req->sse, on_sse_event, c);
+        if (rc != 0)
+            return; /* cut or closed: the batch was flushed or dropped */
+        flush_batch(c);
     } else if (req->head_held) {
         if (req->up_body.len + len > PROXY_HOLD_BODY_MAX) {
             /* Too big to hold: send what we have and stream the rest. */

@@ -74,6 +74,7 @@ static void client_free(struct router__client *c)
     buf_free(&c->req.up_body);
     buf_free(&c->req.sse);
     buf_free(&c->req.head);
+    buf_free(&c->req.batch);
     buf_free(&c->pending);
     if (c->prev)
         c->prev->next = c->next;
