@@ -39,18 +39,25 @@ int buf_append(struct buf *b, const void *p, size_t n)
 int buf_printf(struct buf *b, const char *fmt, ...)
 {
     va_list ap;
+    size_t room;
     int n;
 
+    /* Format straight into the spare room; only a miss formats twice. */
+    if (buf_reserve(b, 64) != 0)
+        return -ENOMEM;
+    room = b->cap - b->len;
     va_start(ap, fmt);
-    n = vsnprintf(NULL, 0, fmt, ap);
+    n = vsnprintf(b->data + b->len, room, fmt, ap);
     va_end(ap);
     if (n < 0)
         return -EINVAL;
-    if (buf_reserve(b, (size_t)n + 1) != 0)
-        return -ENOMEM;
-    va_start(ap, fmt);
-    vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
-    va_end(ap);
+    if ((size_t)n >= room) {
+        if (buf_reserve(b, (size_t)n + 1) != 0)
+            return -ENOMEM;
+        va_start(ap, fmt);
+        vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+        va_end(ap);
+    }
     b->len += (size_t)n;
     return 0;
 }

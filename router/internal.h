@@ -335,6 +335,9 @@ void router__proxy_on_complete(struct router__client *c);
 void router__proxy_on_error(struct router__client *c, const char *errstr);
 /* the client went away or timed out: drop the upstream side */
 void router__proxy_abort(struct router__client *c);
+/* around parsing one upstream read: collect SSE events, then one write */
+void router__proxy_batch(struct router__client *c);
+void router__proxy_flush(struct router__client *c);
 /* the client's writes drained: resume a paused upstream */
 void router__proxy_on_client_drain(struct router__client *c);
 

@@ -577,8 +577,10 @@ static void retry_elsewhere(struct router__client *c, const char *errstr)
     choose_and_reserve(c, errstr);
 }
 
-/* Write the held head with the length and, once known, the cost. */
-static void send_held_head(struct router__client *c, int64_t length, int with_cost)
+/* Write the held head with the length and, once known, the cost, and
+ * `body` (may be NULL) in the same write. */
+static void send_held_head(struct router__client *c, int64_t length, int with_cost,
+                           const struct buf *body)
 {
     struct router__request *req = &c->req;
     char usd[32];
@@ -604,7 +606,9 @@ static void send_held_head(struct router__client *c, int64_t length, int with_co
         router__client_close(c);
         return;
     }
-    router__client_send(c, req->head.data, req->head.len);
+    uv_buf_t bufs[2] = {uv_buf_init(req->head.data, (unsigned)req->head.len),
+                        uv_buf_init(body ? body->data : NULL, body ? (unsigned)body->len : 0)};
+    router__client_sendv(c, bufs, body && body->len ? 2 : 1);
 }
 
 int router__proxy_on_head(struct router__client *c, int status, const struct buf *headers,
@@ -650,19 +654,26 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
             router__client_close(c);
             return 1;
         }
-        send_held_head(c, -1, 0);
+        send_held_head(c, -1, 0, NULL);
+        req->batching = 1; /* events in the rest of this read: one write */
     }
     return 0;
 }
 
-/* Events parsed from one upstream read go out in one write: collected
- * here while `batching`, sent by flush_batch. */
-static void flush_batch(struct router__client *c)
+/* Events parsed from one upstream read go out in one write: upstream.c
+ * starts collecting before it parses a read (router__proxy_batch) and
+ * sends them after (router__proxy_flush). */
+void router__proxy_batch(struct router__client *c)
+{
+    c->req.batching = c->req.is_sse;
+}
+
+void router__proxy_flush(struct router__client *c)
 {
     struct router__request *req = &c->req;
 
     req->batching = 0;
-    if (req->batch.len == 0)
+    if (req->batch.len == 0 || c->closing)
         return;
     router__client_send(c, req->batch.data, req->batch.len);
     buf_reset(&req->batch);
@@ -745,7 +756,7 @@ static int overrun_cut(struct router__client *c)
     err = router__error_json(error_budget_exhausted, "budget exhausted mid-stream", &status);
     if (err && buf_printf(&ev, "event: error\ndata: %s\n\n", err) == 0)
         forward(c, ev.data, ev.len);
-    flush_batch(c);
+    router__proxy_flush(c);
     buf_free(&ev);
     free(err);
     if (req->up) {
@@ -801,15 +812,13 @@ void router__proxy_on_body(struct router__client *c, const char *p, size_t len)
             router__client_close(c);
             return;
         }
-        req->batching = 1;
         rc = router__sse_split(&req->sse, on_sse_event, c);
         if (rc != 0)
             return; /* cut or closed: the batch was flushed or dropped */
-        flush_batch(c);
     } else if (req->head_held) {
         if (req->up_body.len + len > PROXY_HOLD_BODY_MAX) {
             /* Too big to hold: send what we have and stream the rest. */
-            send_held_head(c, -1, 0);
+            send_held_head(c, -1, 0, NULL);
             forward(c, req->up_body.data, req->up_body.len);
             forward(c, p, len);
             req->cacheable = 0;
@@ -881,6 +890,7 @@ void router__proxy_on_complete(struct router__client *c)
 
     req->up = NULL;
     req->upstream_done = 1;
+    router__proxy_flush(c);
     if (req->is_sse && req->sse.len > 0) {
         forward(c, req->sse.data, req->sse.len);
         buf_reset(&req->sse);
@@ -891,8 +901,7 @@ void router__proxy_on_complete(struct router__client *c)
     settle(c);
     format_usd(usd, sizeof(usd), req->cost_micro);
     if (req->head_held) {
-        send_held_head(c, (int64_t)req->up_body.len, 1);
-        router__client_send(c, req->up_body.data, req->up_body.len);
+        send_held_head(c, (int64_t)req->up_body.len, 1, &req->up_body);
         if (req->cacheable)
             keep_for_cache(req, req->up_body.data, req->up_body.len);
     } else if (req->chunked) {
@@ -920,6 +929,7 @@ static void fail_midstream(struct router__client *c, const char *errstr)
 
     req->broken = 1;
     req->keep_alive = 0;
+    router__proxy_flush(c);
     settle(c);
     if (req->head_held) {
         /* Nothing sent yet: a clean error is still possible. */

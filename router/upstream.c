@@ -273,6 +273,20 @@ static int write_bytes(struct router__upstream *u, const char *p, size_t len)
 
     if (len == 0)
         return 0;
+    /* Most requests fit the socket buffer: no copy, no queued write. */
+    if (uv_stream_get_write_queue_size((uv_stream_t *)&u->tcp) == 0) {
+        uv_buf_t direct = uv_buf_init((char *)p, (unsigned)len);
+        int n = uv_try_write((uv_stream_t *)&u->tcp, &direct, 1);
+
+        if (n == (int)len)
+            return 0;
+        if (n < 0 && n != UV_EAGAIN)
+            return -1;
+        if (n > 0) {
+            p += n;
+            len -= (size_t)n;
+        }
+    }
     w = malloc(sizeof(*w) + len);
     if (w == NULL)
         return -1;
@@ -391,6 +405,7 @@ static void read_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
  * or handed back (the caller must stop touching it). */
 static int parse_response(struct router__upstream *u, const char *p, size_t len)
 {
+    struct router__client *c;
     enum llhttp_errno err;
 
     if (u->state == ROUTER_UP_IDLE) {
@@ -398,7 +413,12 @@ static int parse_response(struct router__upstream *u, const char *p, size_t len)
         upstream_close(u);
         return -1;
     }
+    c = u->client;
+    if (c)
+        router__proxy_batch(c);
     err = llhttp_execute(&u->parser, p, len);
+    if (c && u->client == c && !u->closing)
+        router__proxy_flush(c);
     if (err == HPE_OK)
         return u->closing ? -1 : 0;
     if (u->closing)
