@@ -22,6 +22,7 @@
 
 #include "tests/support/http.h"
 #include "tests/support/proc.h"
+#include "tests/support/browser.h"
 #include "tests/support/redis.h"
 
 #define TIMEOUT_MS 5000
@@ -619,4 +620,31 @@ Test(costs, reload_applies_a_valid_config_and_keeps_the_old_on_errors)
     cr_assert_eq(resp.status, 405);
     support_proc_stop(&routers[0]);
     cr_assert(support_proc_exited_cleanly(&routers[0]), "exit status %d", routers[0].status);
+}
+
+Test(costs, dashboard_shows_what_the_router_reports)
+{
+    char url[160], profile[] = "/tmp/costrouter-dash-XXXXXX", cmd[96];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    /* 9 prompt + 7 completion tokens at $100000/$300000 per Mtok = $3.00. */
+    add_backend("a", mock_a.port, 1, 100000, 300000);
+    start_routers(1, "a", "    budget: {daily_usd: 10, monthly_usd: 100}\n");
+    cr_assert_eq(chat(0, "x-mock-tokens: 7\r\n", "{\"model\":\"chat\",\"max_tokens\":7," MSG "}"), 0);
+    cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), 3.0, 1e-9);
+    cr_assert_not_null(mkdtemp(profile));
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/dashboard#key=adm-secret", routers[0].port);
+    char *dom = support_dump_dom(url, profile);
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", profile);
+    (void)system(cmd);
+    cr_assert_not_null(strstr(dom, "<td>acme</td><td>day</td><td class=\"num\">$3.00</td>"
+                                   "<td class=\"num\">$10.00</td>"),
+                       "spend vs budget missing");
+    cr_assert_not_null(strstr(dom, "<td class=\"num\">$3.00</td><td class=\"num\">$100.00</td>"),
+                       "month spend missing");
+    /* cost per request of backend a: one request, $3.00 */
+    cr_assert_not_null(strstr(dom, "<td>a</td><td class=\"num\">1</td><td class=\"num\">$3.00</td>"),
+                       "cost per request by backend missing");
+    cr_assert_null(strstr(dom, "adm-secret"), "the admin key is in the page");
+    free(dom);
 }
