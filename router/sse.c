@@ -75,30 +75,70 @@ static int64_t json_int(const cJSON *obj, const char *name)
     return cJSON_IsNumber(v) && v->valuedouble >= 0 ? (int64_t)v->valuedouble : -1;
 }
 
+/* Start of the JSON object that is the value of "usage", or NULL when
+ * usage is absent or null (OpenAI sends "usage":null in every chunk once
+ * include_usage is on, so this must be cheap). */
+static const char *usage_object(const char *json, size_t len)
+{
+    const char *end = json + len, *p = json;
+
+    while ((p = memmem(p, (size_t)(end - p), "\"usage\"", 7)) != NULL) {
+        const char *v = p + 7;
+
+        while (v < end && (*v == ' ' || *v == '\t' || *v == '\n' || *v == '\r'))
+            v++;
+        if (v < end && *v == ':') {
+            v++;
+            while (v < end && (*v == ' ' || *v == '\t' || *v == '\n' || *v == '\r'))
+                v++;
+            if (v < end && *v == '{')
+                return v;
+        }
+        p += 7;
+    }
+    return NULL;
+}
+
+/* Is "choices" an empty array? (the usage-only chunk of a stream) */
+static int choices_empty_array(const char *json, size_t len)
+{
+    const char *end = json + len, *p = memmem(json, len, "\"choices\"", 9);
+
+    if (p == NULL)
+        return 0;
+    p += 9;
+    while (p < end && (*p == ' ' || *p == ':' || *p == '\t'))
+        p++;
+    if (p >= end || *p != '[')
+        return 0;
+    p++;
+    while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
+        p++;
+    return p < end && *p == ']';
+}
+
 int router__usage_parse(const char *json, size_t len, struct router__usage *out,
                         int *choices_empty)
 {
-    cJSON *root, *usage, *choices, *details;
-    int found = 0;
+    const char *start = usage_object(json, len);
+    cJSON *usage, *details;
+    int found;
 
-    *choices_empty = 0;
     out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
-    if (memmem(json, len, "\"usage\"", 7) == NULL)
+    *choices_empty = 0;
+    if (start == NULL)
         return 0;
-    root = cJSON_ParseWithLength(json, len);
-    if (root == NULL)
+    /* Parse the usage object alone, not the whole (possibly large) body. */
+    usage = cJSON_ParseWithLengthOpts(start, (size_t)(json + len - start), NULL, 0);
+    if (usage == NULL)
         return 0;
-    usage = cJSON_GetObjectItemCaseSensitive(root, "usage");
-    if (cJSON_IsObject(usage)) {
-        out->prompt_tokens = json_int(usage, "prompt_tokens");
-        out->completion_tokens = json_int(usage, "completion_tokens");
-        details = cJSON_GetObjectItemCaseSensitive(usage, "prompt_tokens_details");
-        if (cJSON_IsObject(details))
-            out->cached_tokens = json_int(details, "cached_tokens");
-        found = out->prompt_tokens >= 0 || out->completion_tokens >= 0;
-    }
-    choices = cJSON_GetObjectItemCaseSensitive(root, "choices");
-    *choices_empty = cJSON_IsArray(choices) && cJSON_GetArraySize(choices) == 0;
-    cJSON_Delete(root);
+    out->prompt_tokens = json_int(usage, "prompt_tokens");
+    out->completion_tokens = json_int(usage, "completion_tokens");
+    details = cJSON_GetObjectItemCaseSensitive(usage, "prompt_tokens_details");
+    if (cJSON_IsObject(details))
+        out->cached_tokens = json_int(details, "cached_tokens");
+    found = out->prompt_tokens >= 0 || out->completion_tokens >= 0;
+    cJSON_Delete(usage);
+    *choices_empty = choices_empty_array(json, len);
     return found;
 }
