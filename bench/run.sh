@@ -8,7 +8,10 @@
 #     a Bearer key) against: the mock directly, costrouter, nginx with
 #     worker_processes 1 (costrouter runs one loop) and `auto`, and Portkey;
 #     non-streamed and streamed, at each of BENCH_CONNS connections; each
-#     run BENCH_DURATION seconds after a BENCH_WARMUP-second warm-up.
+#     run BENCH_DURATION seconds after a BENCH_WARMUP-second warm-up. The
+#     whole set runs BENCH_ROUNDS times, one round after the other, and the
+#     round with the most requests/s counts for each server and load: this
+#     damps what other work on a shared machine does to one run.
 #     Measured: requests/s, p50/p99 latency, the latency added over direct,
 #     peak RSS of the server's processes (VmHWM, reset before each run).
 #   - time to first streamed token, direct vs through each proxy (bench/probe.c).
@@ -22,8 +25,10 @@ cd "$(dirname "$0")/.."
 
 BUILD=${BUILD:-build}
 BIN=${BIN:-./costrouter}
-DURATION=${BENCH_DURATION:-10}
-WARMUP=${BENCH_WARMUP:-2}
+case $BIN in */*) ;; *) BIN=./$BIN ;; esac
+DURATION=${BENCH_DURATION:-6}
+WARMUP=${BENCH_WARMUP:-1}
+ROUNDS=${BENCH_ROUNDS:-2}
 CONNS=${BENCH_CONNS:-50 256}
 THREADS=${BENCH_THREADS:-2}
 TTFB_N=${BENCH_TTFB_N:-2000}
@@ -93,11 +98,13 @@ wait_port() {
     log "bench/run.sh: nothing listens on 127.0.0.1:$1 (log: $2)"; cat "$2" >&2; return 1
 }
 
-# A loopback port nothing listens on now (for the servers that need one).
+# A loopback port nothing listens on now (for the servers that need one),
+# below the ephemeral range so no client socket can hold it.
+EPHEMERAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
 free_port() {
     local p
     while :; do
-        p=$((20000 + RANDOM % 30000))
+        p=$((10000 + RANDOM % (EPHEMERAL_LOW - 10000)))
         port_open "$p" || { echo "$p"; return; }
     done
 }
@@ -234,11 +241,12 @@ SERVERS="direct costrouter nginx-1 nginx-auto portkey"
 var() { eval "echo \${$1_$(echo "$2" | tr - _)}"; }
 
 # ---- load: wrk ----
+ALL_TSV=$RUN/rounds.tsv
 TSV=$RUN/results.tsv
-: > "$TSV"
+: > "$ALL_TSV"
 COST_LINES=
-run_wrk() { # mode conns server
-    local mode=$1 c=$2 name=$3 script=bench/chat.lua envs="" port pid cmd line
+run_wrk() { # round mode conns server
+    local r=$1 mode=$2 c=$3 name=$4 script=bench/chat.lua envs="" port pid cmd line out
     [ "$mode" = stream ] && script=bench/chat-stream.lua
     [ "$name" = portkey ] && envs="BENCH_PORTKEY_HOST=$PORTKEY_HOST "
     port=$(var PORT "$name"); pid=$(var PID "$name")
@@ -247,24 +255,32 @@ run_wrk() { # mode conns server
         "http://127.0.0.1:$port" > /dev/null
     reset_peak_rss "$pid"
     [ "$name" = costrouter ] && : > "$RUN/cost.jsonl"
-    note_cmd "$envs$cmd"
-    env $envs $cmd > "$RUN/wrk-$mode-$c-$name.txt"
-    line=$(grep '^BENCH ' "$RUN/wrk-$mode-$c-$name.txt" || true)
-    [ -n "$line" ] || { log "no result from: $cmd"; cat "$RUN/wrk-$mode-$c-$name.txt" >&2; return 1; }
-    [ "$name" = costrouter ] && COST_LINES="$COST_LINES $mode/$c:$(wc -l < "$RUN/cost.jsonl")"
-    # mode conns server requests duration_us p50_us p99_us non2xx socket_errors peak_rss_kb
-    echo "$line" | awk -v m="$mode" -v c="$c" -v s="$name" -v rss="$(rss_kb "$pid" VmHWM)" '
+    [ "$r" = 1 ] && note_cmd "$envs$cmd"
+    out=$RUN/wrk-$mode-$c-$name-$r.txt
+    env $envs $cmd > "$out"
+    line=$(grep '^BENCH ' "$out" || true)
+    [ -n "$line" ] || { log "no result from: $cmd"; cat "$out" >&2; return 1; }
+    [ "$name" = costrouter ] && COST_LINES="$COST_LINES $mode/$c/round$r:$(wc -l < "$RUN/cost.jsonl")"
+    # mode conns server requests duration_us p50_us p99_us non2xx socket_errors peak_rss_kb round
+    echo "$line" | awk -v m="$mode" -v c="$c" -v s="$name" -v r="$r" -v rss="$(rss_kb "$pid" VmHWM)" '
         { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } }
         END { print m, c, s, v["requests"], v["duration_us"], v["p50_us"], v["p99_us"], v["non2xx"],
-                    v["connect"] + v["read"] + v["write"] + v["timeout"], rss }' >> "$TSV"
-    log "$(tail -n 1 "$TSV")"
+                    v["connect"] + v["read"] + v["write"] + v["timeout"], rss, r }' >> "$ALL_TSV"
+    log "round $r: $(tail -n 1 "$ALL_TSV")"
 }
 
-for mode in plain stream; do
-    for c in $CONNS; do
-        for s in $SERVERS; do run_wrk "$mode" "$c" "$s"; done
+for r in $(seq "$ROUNDS"); do
+    for mode in plain stream; do
+        for c in $CONNS; do
+            for s in $SERVERS; do run_wrk "$r" "$mode" "$c" "$s"; done
+        done
     done
 done
+# The best round of each server and load, in first-run order.
+awk '{ k = $1 " " $2 " " $3; rps = $4 / $5
+       if (!(k in best)) order[++n] = k
+       if (!(k in best) || rps > best[k]) { best[k] = rps; line[k] = $0 } }
+     END { for (i = 1; i <= n; i++) print line[order[i]] }' "$ALL_TSV" > "$TSV"
 
 # ---- time to first streamed token ----
 TTFB_TSV=$RUN/ttfb.tsv
@@ -311,7 +327,7 @@ kill -TERM "$PID_idle" 2>/dev/null || true
 ver() { "$@" 2>&1 | head -n 1 || true; }
 V_COSTROUTER=$(ver "$BIN" --version)
 V_NGINX=$(ver "$NGINX" -v)
-V_WRK=$(ver wrk -v)
+V_WRK=$(ver wrk -v | sed 's/ Copyright.*//')
 V_NODE=$(ver node --version)
 V_PORTKEY=$(node -p "require('./$PORTKEY_DIR/node_modules/@portkey-ai/gateway/package.json').version")
 V_HONO=$(node -p "require('./$PORTKEY_DIR/node_modules/@hono/node-server/package.json').version")
@@ -326,7 +342,8 @@ cat <<EOF
 
 Written by \`make bench\` (bench/run.sh) on $(date -u '+%Y-%m-%d %H:%M UTC'). Do not edit by hand.
 
-- Machine: $(nproc) CPUs ($CPU), $MEM, $(uname -sr); load average before the run: $LOAD_BEFORE.
+- Machine: $(nproc) CPUs ($CPU), $MEM, $(uname -sr); load average before the run
+  $LOAD_BEFORE, after it $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine shows here).
   Everything (wrk, mockllm, the proxy under test) shares these CPUs on loopback.
 - costrouter: $V_COSTROUTER, commit $GIT_REV. Config: one API backend (the mock), one
   route, one tenant with a budget, cost log on (a JSON line per request), in-process store.
@@ -337,7 +354,8 @@ Written by \`make bench\` (bench/run.sh) on $(date -u '+%Y-%m-%d %H:%M UTC'). Do
   mk/bench.mk) on node $V_NODE, headers x-portkey-provider: openai and
   x-portkey-custom-host: the mock.
 - Backend: mockllm, one process, 16 completion tokens, no delays (\`direct\` = wrk straight to it).
-- Load: $V_WRK; $THREADS threads, ${DURATION} s per run after a ${WARMUP} s warm-up,
+- Load: $V_WRK; $THREADS threads, ${DURATION} s per run after a ${WARMUP} s warm-up, best of
+  $ROUNDS rounds by req/s (the whole set of runs once per round, rounds one after the other),
   POST /v1/chat/completions with the $(wc -c < "$BODY")-byte body of bench/chat.json and a Bearer key.
   Streamed latency is to the last chunk.
 - Peak RSS: VmHWM summed over the server's processes (nginx: master + workers), reset before
@@ -345,20 +363,21 @@ Written by \`make bench\` (bench/run.sh) on $(date -u '+%Y-%m-%d %H:%M UTC'). Do
 
 ## Load (wrk)
 
-| mode | conns | server | req/s | p50 ms | p99 ms | +p50 ms | +p99 ms | peak RSS MB | errors |
-|---|---:|---|---:|---:|---:|---:|---:|---:|---:|
+| mode | conns | server | req/s | p50 ms | p99 ms | +p50 ms | +p99 ms | peak RSS MB | errors | round |
+|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|
 EOF
 awk '
     { key = $1 " " $2
       rps = $4 / ($5 / 1e6); p50 = $6 / 1000; p99 = $7 / 1000
       if ($3 == "direct") { d50[key] = p50; d99[key] = p99 }
-      printf "| %s | %s | %s | %.0f | %.3f | %.3f | %s | %s | %.1f | %s |\n", $1, $2, $3, rps, p50, p99,
+      printf "| %s | %s | %s | %.0f | %.3f | %.3f | %s | %s | %.1f | %s | %s |\n", $1, $2, $3, rps, p50, p99,
              $3 == "direct" ? "-" : sprintf("%+.3f", p50 - d50[key]),
              $3 == "direct" ? "-" : sprintf("%+.3f", p99 - d99[key]),
-             $10 / 1024, ($8 + $9 == 0) ? "0" : sprintf("%d non-2xx, %d socket", $8, $9) }' "$TSV"
+             $10 / 1024, ($8 + $9 == 0) ? "0" : sprintf("%d non-2xx, %d socket", $8, $9), $11 }' "$TSV"
 cat <<EOF
 
-errors: non-2xx answers and socket errors (connect/read/write/timeout) wrk counted.
+errors: non-2xx answers and socket errors (connect/read/write/timeout) wrk counted; round: the
+round shown. Every round's figures: $RUN/rounds.tsv.
 
 ## Ratios
 
@@ -412,7 +431,7 @@ $(cat "$CMDS")
 \`\`\`
 
 Configs: $OUT/costrouter.yaml, $OUT/nginx-1/nginx.conf, $OUT/nginx-auto/nginx.conf (generated
-by bench/run.sh); raw wrk output in $RUN/.
+by bench/run.sh); raw wrk output in $RUN/ (wrk-MODE-CONNS-SERVER-ROUND.txt).
 EOF
 } > "$RESULTS.tmp"
 mv "$RESULTS.tmp" "$RESULTS"
