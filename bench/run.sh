@@ -1,0 +1,439 @@
+#!/usr/bin/env bash
+# bench/run.sh: costrouter side by side with a plain nginx reverse proxy and
+# the Portkey AI gateway, all in front of one mockllm, on loopback (issue 7).
+# Run by `make bench` (mk/bench.mk installs wrk, nginx and Portkey first).
+#
+# One run, ~5 minutes with the defaults:
+#   - wrk (bench/chat.lua, bench/chat-stream.lua: a ~1 KB chat request with
+#     a Bearer key) against: the mock directly, costrouter, nginx with
+#     worker_processes 1 (costrouter runs one loop) and `auto`, and Portkey;
+#     non-streamed and streamed, at each of BENCH_CONNS connections; each
+#     run BENCH_DURATION seconds after a BENCH_WARMUP-second warm-up. The
+#     whole set runs BENCH_ROUNDS times, one round after the other, and the
+#     round with the most requests/s counts for each server and load: this
+#     damps what other work on a shared machine does to one run.
+#     Measured: requests/s, p50/p99 latency, the latency added over direct,
+#     peak RSS of the server's processes (VmHWM, reset before each run).
+#   - time to first streamed token, direct vs through each proxy (bench/probe.c).
+#   - BENCH_IDLE_CONNS idle keep-alive connections held open on costrouter,
+#     and its RSS then.
+# Prints the results and writes them to bench/RESULTS.md with the commands,
+# versions and machine. Work files (configs, logs, raw wrk output) go to
+# $BUILD/bench. Every server is started here and stopped by its pid on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BUILD=${BUILD:-build}
+BIN=${BIN:-./costrouter}
+case $BIN in */*) ;; *) BIN=./$BIN ;; esac
+DURATION=${BENCH_DURATION:-6}
+WARMUP=${BENCH_WARMUP:-1}
+ROUNDS=${BENCH_ROUNDS:-2}
+CONNS=${BENCH_CONNS:-50 256}
+THREADS=${BENCH_THREADS:-2}
+TTFB_N=${BENCH_TTFB_N:-2000}
+IDLE_CONNS=${BENCH_IDLE_CONNS:-10000}
+RESULTS=${BENCH_RESULTS:-bench/RESULTS.md}
+PORTKEY_DIR=${PORTKEY_DIR:-build/npm-portkey}
+PORTKEY_JS=$PORTKEY_DIR/node_modules/@portkey-ai/gateway/build/start-server.js
+MOCK=$BUILD/mockllm
+PROBE=$BUILD/bench/probe
+BODY=bench/chat.json
+OUT=$BUILD/bench
+RUN=$OUT/run
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+for f in "$BIN" "$MOCK" "$PROBE" "$PORTKEY_JS" "$NGINX"; do
+    [ -e "$f" ] || { echo "bench/run.sh: $f is missing (run: make bench)" >&2; exit 1; }
+done
+command -v wrk >/dev/null || { echo "bench/run.sh: wrk is missing (run: make bench)" >&2; exit 1; }
+
+rm -rf "$RUN" "$OUT/nginx-1" "$OUT/nginx-auto"
+mkdir -p "$RUN"
+ABS_OUT=$(cd "$OUT" && pwd)
+
+# ---- processes: every one started here is stopped by pid on exit ----
+PIDS=()
+# Alive and not a zombie (our children stay zombies until reaped).
+running() {
+    local st
+    st=$(awk '{ print $3 }' /proc/"$1"/stat 2>/dev/null || true)
+    [ -n "$st" ] && [ "$st" != Z ]
+}
+cleanup() {
+    local pid alive
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for _ in $(seq 30); do
+        alive=0
+        for pid in "${PIDS[@]}"; do running "$pid" && alive=1; done
+        [ "$alive" = 0 ] && break
+        sleep 0.1
+    done
+    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { printf '%s\n' "$*" >&2; }
+
+# Record a command line for RESULTS.md, then run it.
+CMDS=$RUN/commands.txt
+note_cmd() { printf '%s\n' "$*" >> "$CMDS"; }
+
+# The port a process printed in "listening on HOST:PORT" (in file $1).
+wait_listening() {
+    local port
+    for _ in $(seq 100); do
+        port=$(sed -n 's/^listening on [0-9.]*:\([0-9]*\)$/\1/p' "$1" | head -n 1)
+        [ -n "$port" ] && { echo "$port"; return 0; }
+        sleep 0.05
+    done
+    log "bench/run.sh: no 'listening on' line in $1:"; cat "$1" >&2; return 1
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {
+    for _ in $(seq 200); do port_open "$1" && return 0; sleep 0.05; done
+    log "bench/run.sh: nothing listens on 127.0.0.1:$1 (log: $2)"; cat "$2" >&2; return 1
+}
+
+# A loopback port nothing listens on now (for the servers that need one),
+# below the ephemeral range so no client socket can hold it.
+EPHEMERAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+free_port() {
+    local p
+    while :; do
+        p=$((10000 + RANDOM % (EPHEMERAL_LOW - 10000)))
+        port_open "$p" || { echo "$p"; return; }
+    done
+}
+
+# A process and its descendants (nginx: master and workers).
+tree_pids() {
+    local p
+    echo "$1"
+    for p in $(cat /proc/"$1"/task/*/children 2>/dev/null); do tree_pids "$p"; done
+}
+
+reset_peak_rss() {
+    local p
+    for p in $(tree_pids "$1"); do echo 5 > /proc/"$p"/clear_refs 2>/dev/null || true; done
+}
+
+# Sum of a status field (VmHWM: peak RSS, VmRSS: RSS now) over a process tree, in KiB.
+rss_kb() {
+    local p sum=0 v
+    for p in $(tree_pids "$1"); do
+        v=$(awk -v f="$2:" '$1 == f { print $2 }' /proc/"$p"/status 2>/dev/null || true)
+        sum=$((sum + ${v:-0}))
+    done
+    echo "$sum"
+}
+
+# Open files: the idle-connection check needs more than IDLE_CONNS.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((IDLE_CONNS + 1000)) ]; then
+    IDLE_CONNS=$(( $(ulimit -n) - 1000 ))
+    log "bench/run.sh: open-file limit $(ulimit -n): idle check reduced to $IDLE_CONNS connections"
+fi
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---- servers ----
+log "starting mockllm, costrouter, nginx (1 worker, auto), Portkey"
+note_cmd "$MOCK --listen 127.0.0.1:0 --tokens 16 --token-delay-ms 0"
+"$MOCK" --listen 127.0.0.1:0 --tokens 16 --token-delay-ms 0 > "$RUN/mockllm.log" 2>&1 &
+PIDS+=($!); export PID_direct=$!  # read through var()
+PORT_direct=$(wait_listening "$RUN/mockllm.log")
+UPSTREAM=127.0.0.1:$PORT_direct
+
+# costrouter: one API backend (the mock), one route, one tenant with a
+# budget; the cost log on, the in-process store (no Redis).
+cat > "$OUT/costrouter.yaml" <<EOF
+# Generated by bench/run.sh.
+listen: 127.0.0.1:0
+cost_log: $ABS_OUT/run/cost.jsonl
+backends:
+  - name: mock-api
+    kind: api
+    url: http://$UPSTREAM/v1
+    api_key: sk-mock-upstream
+    model: gpt-4o-mini
+    tokenizer: o200k_base
+    quality: 3
+    context_window: 128000
+    input_usd_per_mtok: 0.15
+    output_usd_per_mtok: 0.60
+    max_idle_connections: 512
+routes:
+  - model: gpt-4o-mini
+    candidates: [mock-api]
+tenants:
+  - id: bench
+    # sha256 of "sk-demo-tenant"
+    api_keys: ["sha256:3289e687808c342fdc5d8a2229cbaa511d4a3e714db4ed69d6d3e20b89979213"]
+    budget: { daily_usd: 1000000, monthly_usd: 10000000, on_exhausted: reject }
+    tags: { team: bench }
+EOF
+note_cmd "$BIN -q -c $OUT/costrouter.yaml"
+"$BIN" -q -c "$OUT/costrouter.yaml" > "$RUN/costrouter.log" 2>&1 &
+PIDS+=($!); PID_costrouter=$!
+PORT_costrouter=$(wait_listening "$RUN/costrouter.log")
+
+# nginx: a plain reverse proxy with upstream keep-alive, in the foreground,
+# everything under its prefix in $OUT.
+start_nginx() { # name worker_processes
+    local name=$1 prefix=$ABS_OUT/$1 port
+    port=$(free_port)
+    mkdir -p "$prefix/logs" "$prefix/tmp"
+    cat > "$prefix/nginx.conf" <<EOF
+# Generated by bench/run.sh.
+worker_processes $2;
+daemon off;
+pid logs/nginx.pid;
+error_log logs/error.log warn;
+worker_rlimit_nofile 65536;
+events { worker_connections 16384; }
+http {
+    access_log off;
+    client_body_temp_path tmp/body;
+    proxy_temp_path tmp/proxy;
+    fastcgi_temp_path tmp/fastcgi;
+    uwsgi_temp_path tmp/uwsgi;
+    scgi_temp_path tmp/scgi;
+    keepalive_requests 1000000;
+    upstream mock {
+        server $UPSTREAM;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$port;
+        location / {
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+}
+EOF
+    note_cmd "$NGINX -p $prefix/ -e logs/error.log -c nginx.conf"
+    "$NGINX" -p "$prefix/" -e logs/error.log -c nginx.conf > "$RUN/$name.log" 2>&1 &
+    PIDS+=($!)
+    eval "PID_$(echo "$name" | tr - _)=$!; PORT_$(echo "$name" | tr - _)=$port"
+    wait_port "$port" "$prefix/logs/error.log"
+}
+start_nginx nginx-1 1
+start_nginx nginx-auto auto
+
+# Portkey: its server listens on every interface unless told a host, which
+# its CLI cannot: bench/loopback.cjs makes it bind 127.0.0.1.
+PORT_portkey=$(free_port)
+note_cmd "NODE_ENV=production node --require bench/loopback.cjs $PORTKEY_JS --port=$PORT_portkey --headless"
+NODE_ENV=production node --require ./bench/loopback.cjs "$PORTKEY_JS" --port="$PORT_portkey" --headless \
+    > "$RUN/portkey.log" 2>&1 &
+PIDS+=($!); export PID_portkey=$!  # read through var()
+wait_port "$PORT_portkey" "$RUN/portkey.log"
+PORTKEY_HOST=http://$UPSTREAM/v1
+
+SERVERS="direct costrouter nginx-1 nginx-auto portkey"
+var() { eval "echo \${$1_$(echo "$2" | tr - _)}"; }
+
+# ---- load: wrk ----
+ALL_TSV=$RUN/rounds.tsv
+TSV=$RUN/results.tsv
+: > "$ALL_TSV"
+COST_LINES=
+run_wrk() { # round mode conns server
+    local r=$1 mode=$2 c=$3 name=$4 script=bench/chat.lua envs="" port pid cmd line out
+    [ "$mode" = stream ] && script=bench/chat-stream.lua
+    [ "$name" = portkey ] && envs="BENCH_PORTKEY_HOST=$PORTKEY_HOST "
+    port=$(var PORT "$name"); pid=$(var PID "$name")
+    cmd="wrk -t$THREADS -c$c -d${DURATION}s --timeout 10s --latency -s $script http://127.0.0.1:$port"
+    env $envs wrk -t"$THREADS" -c"$c" -d"${WARMUP}s" --timeout 10s -s "$script" \
+        "http://127.0.0.1:$port" > /dev/null
+    reset_peak_rss "$pid"
+    [ "$name" = costrouter ] && : > "$RUN/cost.jsonl"
+    [ "$r" = 1 ] && note_cmd "$envs$cmd"
+    out=$RUN/wrk-$mode-$c-$name-$r.txt
+    env $envs $cmd > "$out"
+    line=$(grep '^BENCH ' "$out" || true)
+    [ -n "$line" ] || { log "no result from: $cmd"; cat "$out" >&2; return 1; }
+    [ "$name" = costrouter ] && COST_LINES="$COST_LINES $mode/$c/round$r:$(wc -l < "$RUN/cost.jsonl")"
+    # mode conns server requests duration_us p50_us p99_us non2xx socket_errors peak_rss_kb round
+    echo "$line" | awk -v m="$mode" -v c="$c" -v s="$name" -v r="$r" -v rss="$(rss_kb "$pid" VmHWM)" '
+        { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } }
+        END { print m, c, s, v["requests"], v["duration_us"], v["p50_us"], v["p99_us"], v["non2xx"],
+                    v["connect"] + v["read"] + v["write"] + v["timeout"], rss, r }' >> "$ALL_TSV"
+    log "round $r: $(tail -n 1 "$ALL_TSV")"
+}
+
+for r in $(seq "$ROUNDS"); do
+    for mode in plain stream; do
+        for c in $CONNS; do
+            for s in $SERVERS; do run_wrk "$r" "$mode" "$c" "$s"; done
+        done
+    done
+done
+# The best round of each server and load, in first-run order.
+awk '{ k = $1 " " $2 " " $3; rps = $4 / $5
+       if (!(k in best)) order[++n] = k
+       if (!(k in best) || rps > best[k]) { best[k] = rps; line[k] = $0 } }
+     END { for (i = 1; i <= n; i++) print line[order[i]] }' "$ALL_TSV" > "$TSV"
+
+# ---- time to first streamed token ----
+TTFB_TSV=$RUN/ttfb.tsv
+: > "$TTFB_TSV"
+for s in direct costrouter nginx-1 portkey; do
+    n=$TTFB_N extra=""
+    # Portkey waits 25 ms before passing on a stream's first chunk: fewer samples.
+    [ "$s" = portkey ] && { n=$((TTFB_N / 20 > 20 ? TTFB_N / 20 : 20)); extra=$PORTKEY_HOST; }
+    note_cmd "$PROBE ttfb 127.0.0.1 $(var PORT "$s") $BODY $n $extra"
+    # shellcheck disable=SC2086
+    if line=$("$PROBE" ttfb 127.0.0.1 "$(var PORT "$s")" "$BODY" "$n" $extra 2> "$RUN/ttfb-$s.err"); then
+        echo "$line" | awk -v s="$s" '
+            { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } }
+            END { print s, v["n"], v["p50_us"], v["p90_us"], v["p99_us"] }' >> "$TTFB_TSV"
+    else
+        echo "$s failed: $(head -c 200 "$RUN/ttfb-$s.err" | tr '\n' ' ')" >> "$TTFB_TSV"
+    fi
+    log "ttfb $(tail -n 1 "$TTFB_TSV")"
+done
+
+# ---- idle keep-alive connections on costrouter ----
+RSS_BEFORE=$(rss_kb "$PID_costrouter" VmRSS)
+reset_peak_rss "$PID_costrouter"
+note_cmd "$PROBE idle 127.0.0.1 $PORT_costrouter $BODY $IDLE_CONNS"
+"$PROBE" idle 127.0.0.1 "$PORT_costrouter" "$BODY" "$IDLE_CONNS" > "$RUN/idle.log" 2>&1 &
+PIDS+=($!); PID_idle=$!
+for _ in $(seq 600); do
+    grep -q '^OPEN' "$RUN/idle.log" && break
+    kill -0 "$PID_idle" 2>/dev/null || break
+    sleep 0.1
+done
+if grep -q '^OPEN' "$RUN/idle.log"; then
+    sleep 1
+    IDLE_RSS=$(rss_kb "$PID_costrouter" VmRSS)
+    IDLE_HWM=$(rss_kb "$PID_costrouter" VmHWM)
+    IDLE_OK=1
+else
+    log "idle check failed:"; cat "$RUN/idle.log" >&2
+    IDLE_OK=0
+fi
+kill -TERM "$PID_idle" 2>/dev/null || true
+
+# ---- report ----
+ver() { "$@" 2>&1 | head -n 1 || true; }
+V_COSTROUTER=$(ver "$BIN" --version)
+V_NGINX=$(ver "$NGINX" -v)
+V_WRK=$(ver wrk -v | sed 's/ Copyright.*//')
+V_NODE=$(ver node --version)
+V_PORTKEY=$(node -p "require('./$PORTKEY_DIR/node_modules/@portkey-ai/gateway/package.json').version")
+V_HONO=$(node -p "require('./$PORTKEY_DIR/node_modules/@hono/node-server/package.json').version")
+GIT_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD 2>/dev/null || GIT_REV="$GIT_REV (with uncommitted changes)"
+CPU=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
+MEM=$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
+
+{
+cat <<EOF
+# Proxy benchmark: costrouter vs nginx vs Portkey
+
+Written by \`make bench\` (bench/run.sh) on $(date -u '+%Y-%m-%d %H:%M UTC'). Do not edit by hand.
+
+- Machine: $(nproc) CPUs ($CPU), $MEM, $(uname -sr); load average before the run
+  $LOAD_BEFORE, after it $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine shows here).
+  Everything (wrk, mockllm, the proxy under test) shares these CPUs on loopback.
+- costrouter: $V_COSTROUTER, commit $GIT_REV. Config: one API backend (the mock), one
+  route, one tenant with a budget, cost log on (a JSON line per request), in-process store.
+- nginx: ${V_NGINX#nginx version: }; plain reverse proxy, upstream keepalive 64, HTTP/1.1,
+  proxy_buffering off, access_log off; \`nginx-1\` = worker_processes 1 (costrouter runs one
+  event loop), \`nginx-auto\` = worker_processes auto.
+- Portkey AI gateway: @portkey-ai/gateway $V_PORTKEY (@hono/node-server $V_HONO pinned, see
+  mk/bench.mk) on node $V_NODE, headers x-portkey-provider: openai and
+  x-portkey-custom-host: the mock.
+- Backend: mockllm, one process, 16 completion tokens, no delays (\`direct\` = wrk straight to it).
+- Load: $V_WRK; $THREADS threads, ${DURATION} s per run after a ${WARMUP} s warm-up, best of
+  $ROUNDS rounds by req/s (the whole set of runs once per round, rounds one after the other),
+  POST /v1/chat/completions with the $(wc -c < "$BODY")-byte body of bench/chat.json and a Bearer key.
+  Streamed latency is to the last chunk.
+- Peak RSS: VmHWM summed over the server's processes (nginx: master + workers), reset before
+  each run. Added latency: the server's p50/p99 minus direct's at the same load.
+
+## Load (wrk)
+
+| mode | conns | server | req/s | p50 ms | p99 ms | +p50 ms | +p99 ms | peak RSS MB | errors | round |
+|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|
+EOF
+awk '
+    { key = $1 " " $2
+      rps = $4 / ($5 / 1e6); p50 = $6 / 1000; p99 = $7 / 1000
+      if ($3 == "direct") { d50[key] = p50; d99[key] = p99 }
+      printf "| %s | %s | %s | %.0f | %.3f | %.3f | %s | %s | %.1f | %s | %s |\n", $1, $2, $3, rps, p50, p99,
+             $3 == "direct" ? "-" : sprintf("%+.3f", p50 - d50[key]),
+             $3 == "direct" ? "-" : sprintf("%+.3f", p99 - d99[key]),
+             $10 / 1024, ($8 + $9 == 0) ? "0" : sprintf("%d non-2xx, %d socket", $8, $9), $11 }' "$TSV"
+cat <<EOF
+
+errors: non-2xx answers and socket errors (connect/read/write/timeout) wrk counted; round: the
+round shown. Every round's figures: $RUN/rounds.tsv.
+
+## Ratios
+
+| mode | conns | costrouter / nginx-1 req/s | costrouter / nginx-auto req/s | costrouter / portkey req/s | costrouter +p99 ms | nginx-1 +p99 ms |
+|---|---:|---:|---:|---:|---:|---:|
+EOF
+awk '
+    { key = $1 " " $2; rps[key, $3] = $4 / ($5 / 1e6); p99[key, $3] = $7 / 1000
+      if (!(key in seen)) { seen[key] = 1; order[++n] = key } }
+    END { for (i = 1; i <= n; i++) { k = order[i]; split(k, mc, " ")
+            printf "| %s | %s | %.2fx | %.2fx | %.1fx | %+.3f | %+.3f |\n", mc[1], mc[2],
+                   rps[k, "costrouter"] / rps[k, "nginx-1"], rps[k, "costrouter"] / rps[k, "nginx-auto"],
+                   rps[k, "costrouter"] / rps[k, "portkey"],
+                   p99[k, "costrouter"] - p99[k, "direct"], p99[k, "nginx-1"] - p99[k, "direct"] } }' "$TSV"
+cat <<EOF
+
+## Time to first streamed token (one connection, sequential requests)
+
+| server | requests | p50 us | p90 us | p99 us | +p50 us over direct |
+|---|---:|---:|---:|---:|---:|
+EOF
+awk '$2 == "failed:" { print "| " $0 " |||||"; next }
+     $1 == "direct" { d = $3 }
+     { printf "| %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $1 == "direct" ? "-" : sprintf("%+d", $3 - d) }' \
+    "$TTFB_TSV"
+cat <<EOF
+
+Portkey holds a stream's first chunk for 25 ms before passing it on (a setTimeout in its
+stream reader), hence its figure.
+
+## Idle keep-alive connections (costrouter)
+
+EOF
+if [ "$IDLE_OK" = 1 ]; then
+    awk -v n="$IDLE_CONNS" -v b="$RSS_BEFORE" -v r="$IDLE_RSS" -v h="$IDLE_HWM" 'BEGIN {
+        printf "%d connections, each after one chat request, held open and idle: RSS %.1f MB", n, r / 1024
+        printf " (%.1f MB before them, peak %.1f MB while opening): %.2f KB per connection.\n",
+               b / 1024, h / 1024, (r - b) / n }'
+else
+    echo "The idle check failed (see $RUN/idle.log)."
+fi
+cat <<EOF
+
+Cost log lines written during the measured costrouter runs (each run's requests, plus the
+warm-up's last answers):${COST_LINES}.
+
+## Commands
+
+\`\`\`
+$(cat "$CMDS")
+\`\`\`
+
+Configs: $OUT/costrouter.yaml, $OUT/nginx-1/nginx.conf, $OUT/nginx-auto/nginx.conf (generated
+by bench/run.sh); raw wrk output in $RUN/ (wrk-MODE-CONNS-SERVER-ROUND.txt).
+EOF
+} > "$RESULTS.tmp"
+mv "$RESULTS.tmp" "$RESULTS"
+sed -n '/^## Load/,/^## Commands/p' "$RESULTS" | sed '$d'
+log "written: $RESULTS"
