@@ -320,6 +320,9 @@ void router__admin_abandon(struct router__client *c);
 void router__refresh_gauges(struct router *r);
 
 /* proxy.c: one request to upstreams, with fallback */
+/* [start, end) of the top-level "model" string value in validated JSON;
+ * -1 when it is not written plainly. */
+int router__json_model_span(const char *p, size_t len, size_t *start, size_t *end);
 /* The store answered cache_begin: continue with the reservation granted,
  * or re-choose / reject when it was denied. */
 void router__proxy_reserved(struct router__client *c, const struct cache_begin_result *res);

@@ -93,25 +93,123 @@ static int rewrite_body(struct router__request *req, const struct conf_backend *
     }
     return 0;
 }
+/*
+ * Where the top-level "model" string value lies in the (already
+ * validated) JSON body: [*start, *end) including its quotes. Only a key
+ * written plainly as "model" is found; anything unusual (escapes in the
+ * key) returns -1 and the caller re-serializes with cJSON instead.
+ */
+int router__json_model_span(const char *p, size_t len, size_t *start, size_t *end)
+{
+    int depth = 0;
+    char last = 0; /* last significant character outside strings */
+    size_t i = 0;
+
+    while (i < len) {
+        char ch = p[i];
+
+        if (ch == '"') {
+            size_t s = i++;
+            int is_key = depth == 1 && (last == '{' || last == ',');
+
+            while (i < len && p[i] != '"')
+                i += p[i] == '\\' ? 2 : 1;
+            if (i >= len)
+                return -1;
+            i++; /* past the closing quote */
+            last = '"';
+            if (!is_key || i - s != 7 || memcmp(p + s, "\"model\"", 7) != 0)
+                continue;
+            while (i < len && (p[i] == ' ' || p[i] == '\t' || p[i] == '\n' || p[i] == '\r' || p[i] == ':'))
+                i++;
+            if (i >= len || p[i] != '"')
+                return -1;
+            *start = i++;
+            while (i < len && p[i] != '"')
+                i += p[i] == '\\' ? 2 : 1;
+            if (i >= len)
+                return -1;
+            *end = i + 1;
+            return 0;
+        }
+        if (ch == '{' || ch == '[')
+            depth++;
+        else if (ch == '}' || ch == ']')
+            depth--;
+        if (ch != ' ' && ch != '\t' && ch != '\n' && ch != '\r')
+            last = ch;
+        i++;
+    }
+    return -1;
+}
+
+/* The body for backend `b` into `body`: the client's bytes with the
+ * model value replaced (and, for a stream that did not ask for usage,
+ * stream_options added after the opening brace), so the body is copied
+ * once rather than parsed into a tree and printed again. Falls back to
+ * cJSON for bodies the splice does not handle. */
+static int body_for(struct router__request *req, const struct conf_backend *b, struct buf *body)
+{
+    const char *model = b->model ? b->model : req->route->model;
+    const char *p = req->body.data;
+    size_t start, end, open;
+    int inject = 0, rc;
+    char *printed;
+    cJSON *esc;
+
+    if (req->stream && req->endpoint != ROUTER_EP_EMBEDDINGS) {
+        const cJSON *opts = cJSON_GetObjectItemCaseSensitive(req->json, "stream_options");
+
+        if (opts != NULL &&
+            !cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(opts, "include_usage")))
+            goto print; /* stream_options to amend: rare, let cJSON do it */
+        inject = opts == NULL;
+    }
+    if (router__json_model_span(p, req->body.len, &start, &end) != 0)
+        goto print;
+    open = (size_t)((const char *)memchr(p, '{', req->body.len) - p);
+    esc = cJSON_CreateString(model);
+    printed = esc ? cJSON_PrintUnformatted(esc) : NULL; /* the model name, JSON-escaped */
+    cJSON_Delete(esc);
+    if (printed == NULL)
+        return -1;
+    rc = buf_append(body, p, open + 1);
+    if (rc == 0 && inject)
+        rc = buf_append(body, "\"stream_options\":{\"include_usage\":true},", 40);
+    rc = rc ?: buf_append(body, p + open + 1, start - open - 1);
+    rc = rc ?: buf_append(body, printed, strlen(printed));
+    rc = rc ?: buf_append(body, p + end, req->body.len - end);
+    free(printed);
+    req->injected_usage = inject;
+    return rc;
+print:
+    if (rewrite_body(req, b) != 0)
+        return -1;
+    printed = cJSON_PrintUnformatted(req->json);
+    if (printed == NULL)
+        return -1;
+    rc = buf_append(body, printed, strlen(printed));
+    free(printed);
+    return rc;
+}
+
 static int build_request(struct router__client *c, const struct conf_backend *b, struct buf *out)
 {
     struct router__request *req = &c->req;
-    char *body;
+    struct buf body = {0};
     int rc;
 
-    if (rewrite_body(req, b) != 0)
+    if (body_for(req, b, &body) != 0) {
+        buf_free(&body);
         return -1;
-    body = cJSON_PrintUnformatted(req->json);
-    if (body == NULL)
-        return -1;
-    size_t len = strlen(body);
+    }
     rc = buf_printf(out, b->host_is_ipv6 ? "POST %s%s HTTP/1.1\r\nHost: [%s]" : "POST %s%s HTTP/1.1\r\nHost: %s",
                     b->base_path, endpoint_suffix(req->endpoint), b->host);
     if (rc == 0 && b->port != (b->tls ? 443 : 80))
         rc = buf_printf(out, ":%u", b->port);
     rc = rc ?: buf_printf(out, "\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
                                "x-request-id: %s\r\n",
-                          len, req->id_str);
+                          body.len, req->id_str);
     if (rc == 0 && b->api_key) {
         if (strcasecmp(b->auth_header, "Authorization") == 0)
             rc = buf_printf(out, "Authorization: Bearer %s\r\n", b->api_key);
@@ -120,8 +218,8 @@ static int build_request(struct router__client *c, const struct conf_backend *b,
     }
     rc = rc ?: buf_append(out, req->fwd.data, req->fwd.len);
     rc = rc ?: buf_append(out, "\r\n", 2);
-    rc = rc ?: buf_append(out, body, len);
-    free(body);
+    rc = rc ?: buf_append(out, body.data, body.len);
+    buf_free(&body);
     return rc;
 }
 
