@@ -36,4 +36,13 @@ static inline int slice_caseeq(struct slice a, const char *lit)
     return a.len == n && (n == 0 || strncasecmp(a.p, lit, n) == 0);
 }
 
+/* Is `a` one of the `n` lowercase names (ASCII case-insensitive)? */
+static inline int slice_caseeq_any(struct slice a, const char *const *names, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (slice_caseeq(a, names[i]))
+            return 1;
+    return 0;
+}
+
 #endif

@@ -545,10 +545,7 @@ static int response_header_is_ours(struct slice name)
         "x-costrouter-reason", "x-costrouter-cost-usd",
     };
 
-    for (size_t i = 0; i < ARRAY_SIZE(names); i++)
-        if (slice_caseeq(name, names[i]))
-            return 1;
-    return 0;
+    return slice_caseeq_any(name, names, ARRAY_SIZE(names));
 }
 
 static int on_header_value_complete(llhttp_t *p)
