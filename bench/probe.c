@@ -20,6 +20,7 @@
  *
  * Exit 1 on any error (connect, status other than 200, early close).
  */
+#define _GNU_SOURCE /* memmem */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -173,6 +174,37 @@ static size_t parse_head(long *body_len)
     return (size_t)(end + 4 - rbuf);
 }
 
+/* Whether a chunked body (`len` bytes at `p`) is complete: its chunks
+ * walked by their sizes up to the last (size 0) one, then trailer lines
+ * (costrouter sends x-costrouter-cost-usd there) up to an empty line. */
+static int chunked_complete(const char *p, size_t len)
+{
+    const char *end = p + len, *eol;
+
+    for (;;) {
+        unsigned long size;
+        char *after;
+
+        if (!(eol = memmem(p, (size_t)(end - p), "\r\n", 2)))
+            return 0;
+        size = strtoul(p, &after, 16);
+        if (after == p)
+            return 0;
+        p = eol + 2;
+        if (size == 0)
+            break;
+        if ((size_t)(end - p) < size + 2)
+            return 0;
+        p += size + 2;
+    }
+    while ((eol = memmem(p, (size_t)(end - p), "\r\n", 2)) != NULL) {
+        if (eol == p)
+            return 1;
+        p = eol + 2;
+    }
+    return 0;
+}
+
 /*
  * Write the request, then read one whole answer: up to its Content-Length,
  * or for a chunked one up to the last chunk. Checks the status is 200 and
@@ -216,7 +248,7 @@ static int exchange(int fd, const char *req, size_t req_len, struct probe_answer
         }
         if (head && body_len >= 0 && got >= head + (size_t)body_len)
             return 0;
-        if (head && body_len < 0 && got >= 5 && memcmp(rbuf + got - 5, "0\r\n\r\n", 5) == 0)
+        if (head && body_len < 0 && chunked_complete(rbuf + head, got - head))
             return 0;
         if (got == sizeof(rbuf) - 1) {
             fprintf(stderr, "probe: answer larger than %zu bytes\n", sizeof(rbuf));

@@ -158,6 +158,62 @@ static void buf_trim(struct buf *b)
         buf_reset(b);
 }
 
+/* The request's buffers that live between requests (`cached` does not). */
+static void request_bufs(struct router__request *req, struct buf *out[ROUTER_REQ_NBUFS])
+{
+    struct buf *all[ROUTER_REQ_NBUFS] = {
+        &req->url, &req->auth, &req->body,    &req->hname, &req->hvalue,
+        &req->fwd, &req->up_body, &req->sse, &req->head,  &req->batch,
+    };
+
+    memcpy(out, all, sizeof(all));
+}
+
+void router__request_shelve(struct router *r, struct router__request *req)
+{
+    struct buf *bufs[ROUTER_REQ_NBUFS];
+    struct router__shelf *shelf = &r->shelf;
+
+    if (req->shelved)
+        return;
+    request_bufs(req, bufs);
+    req->shelved = 1;
+    for (int i = 0; i < ROUTER_REQ_NBUFS; i++) {
+        if (shelf->n < ROUTER_SHELF_MAX) {
+            shelf->sets[shelf->n][i] = *bufs[i];
+        } else {
+            buf_free(bufs[i]);
+        }
+        *bufs[i] = (struct buf){0};
+    }
+    if (shelf->n < ROUTER_SHELF_MAX)
+        shelf->n++;
+}
+
+void router__request_unshelve(struct router *r, struct router__request *req)
+{
+    struct buf *bufs[ROUTER_REQ_NBUFS];
+    struct router__shelf *shelf = &r->shelf;
+
+    if (!req->shelved)
+        return;
+    req->shelved = 0;
+    if (shelf->n == 0)
+        return; /* the buffers grow as the request needs them */
+    shelf->n--;
+    request_bufs(req, bufs);
+    for (int i = 0; i < ROUTER_REQ_NBUFS; i++)
+        *bufs[i] = shelf->sets[shelf->n][i];
+}
+
+void router__shelf_free(struct router__shelf *shelf)
+{
+    for (unsigned n = 0; n < shelf->n; n++)
+        for (int i = 0; i < ROUTER_REQ_NBUFS; i++)
+            buf_free(&shelf->sets[n][i]);
+    shelf->n = 0;
+}
+
 void router__request_reset(struct router__request *req)
 {
     cJSON_Delete(req->json);

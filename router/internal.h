@@ -79,6 +79,19 @@ struct router__shared {
     void *reload_arg;               /* passed to reload */
 };
 
+/*
+ * Buffers of requests whose connection went idle. A keep-alive connection
+ * between requests holds none of them (10,000 idle clients would hold
+ * ~4 KB each); the next request on any connection takes a set back, so a
+ * busy connection does not allocate per request.
+ */
+#define ROUTER_REQ_NBUFS 10
+#define ROUTER_SHELF_MAX 256
+struct router__shelf {
+    unsigned n;                                          /* sets on the shelf */
+    struct buf sets[ROUTER_SHELF_MAX][ROUTER_REQ_NBUFS]; /* [0, n) hold memory */
+};
+
 struct router {
     uv_loop_t *loop;                /* the one loop everything runs on */
     const struct conf *conf;        /* owned: freed with this generation */
@@ -102,6 +115,7 @@ struct router {
     unsigned store_pending;         /* settles/releases/puts not answered yet */
     struct metrics *metrics;        /* shared->metrics */
     struct metrics_cost_log *cost_log; /* shared->cost_log, or NULL */
+    struct router__shelf shelf;     /* buffers of idle connections' requests */
     unsigned stopping:1;            /* draining: no keep-alive, pools closing */
     unsigned freeing:1;             /* free_timer closing */
 };
@@ -207,6 +221,7 @@ struct router__request {
     unsigned settled:1;                  /* cost settled (cost_micro is real) */
     unsigned completion_limited:1;       /* max_tokens / max_completion_tokens given */
     unsigned batching:1;                 /* forward() collects into batch */
+    unsigned shelved:1;                  /* buffers given to the shelf (idle) */
     unsigned begins;                     /* cache_begin calls for this request */
     uint64_t events;                     /* SSE data events forwarded (token fallback) */
     int64_t cost_micro;                  /* settled cost, micro-USD */
@@ -287,6 +302,13 @@ char *router__error_json(const char *errstr, const char *detail, int *status);
 const char *router__status_text(int status);
 /* Free per-request state. */
 void router__request_reset(struct router__request *req);
+/* The connection went idle: the request's (reset) buffers go to the shelf,
+ * or are freed when it is full. */
+void router__request_shelve(struct router *r, struct router__request *req);
+/* A request begins: take buffers back from the shelf if it gave its own. */
+void router__request_unshelve(struct router *r, struct router__request *req);
+/* Free what the shelf holds (generation freed). */
+void router__shelf_free(struct router__shelf *shelf);
 
 /* account.c: cost log line and metrics of a finished /v1 request (once) */
 void router__account(struct router__client *c);

@@ -288,6 +288,7 @@ static int on_message_begin(llhttp_t *p)
     struct router__client *c = parser_client(p);
 
     router__request_reset(&c->req);
+    router__request_unshelve(c->router, &c->req);
     client_set_phase(c, ROUTER_CLIENT_HEADERS);
     return 0;
 }
@@ -449,8 +450,12 @@ void router__client_response_done(struct router__client *c)
     }
     router__request_reset(&c->req);
     client_set_phase(c, ROUTER_CLIENT_IDLE);
-    if (c->pending.len > 0 && !c->in_process)
-        client_process(c);
+    if (c->pending.len > 0) {
+        if (!c->in_process)
+            client_process(c);
+    } else {
+        router__request_shelve(c->router, &c->req);
+    }
 }
 
 static void client_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
@@ -509,6 +514,7 @@ static void on_connection(uv_stream_t *server, int status)
     if (c == NULL)
         return;
     c->router = r;
+    c->req.shelved = 1; /* its first request takes buffers from the shelf */
     uv_tcp_init(r->loop, &c->tcp);
     uv_timer_init(r->loop, &c->timer);
     c->tcp.data = c;
@@ -642,6 +648,7 @@ static struct router *generation_create(struct router__shared *sh, struct conf *
 
 static void generation_free(struct router *r)
 {
+    router__shelf_free(&r->shelf);
     router__spend_free(r);
     router__pools_free(r);
     backend_set_destroy(r->backends);
