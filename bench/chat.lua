@@ -27,6 +27,24 @@ if custom_host and custom_host ~= "" then
     wrk.headers["x-portkey-custom-host"] = custom_host
 end
 
+-- The last message differs on every request (" #THREAD-N" appended),
+-- as the newest turn of a real conversation does, while the system prompt
+-- and the earlier turns repeat: a server cannot answer from a cache of
+-- whole bodies, and counts tokens of new text on every request.
+local cut = body:find('"}]}$')
+assert(cut, "chat.json must end with the last message's content")
+local head, tail = body:sub(1, cut - 1), body:sub(cut)
+local threads, n = 0, 0
+thread_id = 0 -- a global: setup() sets it in each thread's Lua state
+function setup(thread)
+    threads = threads + 1
+    thread:set("thread_id", threads)
+end
+function request()
+    n = n + 1
+    return wrk.format(nil, nil, nil, head .. " #" .. thread_id .. "-" .. n .. tail)
+end
+
 function done(summary, latency, requests)
     local e = summary.errors
     io.write(string.format(

@@ -119,33 +119,95 @@ static int put_string(struct buf *out, const char *str)
     return rc ? -ENOMEM : 0;
 }
 
-/* A finite double, or null. */
-static int put_double(struct buf *out, double v)
+/* Decimal digits of v at the end of tmp[24]; returns where they start. */
+static char *u64_digits(char tmp[24], uint64_t v)
 {
-    char tmp[32];
+    char *p = tmp + 24;
+
+    do {
+        *--p = (char)('0' + v % 10);
+        v /= 10;
+    } while (v != 0);
+    return p;
+}
+
+/*
+ * A finite double with at most `decimals` fraction digits (trailing zeros
+ * dropped), or null. The record's values are integers scaled down (costs
+ * are micro-USD / 1e6, times whole ms), so a fixed number of decimals
+ * prints them exactly, and without a printf per number: this runs once per
+ * request for each of six values.
+ */
+static int put_fixed(struct buf *out, double v, int decimals)
+{
+    static const double scales[] = {1, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12};
+    char tmp[48], *p;
+    double scaled;
+    uint64_t whole, frac, unit = 1;
+    int neg = v < 0, n = 0;
 
     if (!isfinite(v))
         return buf_append(out, "null", 4);
-    return buf_append(out, tmp, metrics__dtoa(tmp, v));
+    scaled = fabs(v) * scales[decimals];
+    if (scaled >= 9e18) /* beyond an integer's reach: shortest round trip */
+        return buf_append(out, tmp, metrics__dtoa(tmp, v));
+    for (int i = 0; i < decimals; i++)
+        unit *= 10;
+    whole = (uint64_t)llround(scaled);
+    frac = whole % unit;
+    whole /= unit;
+    if (neg && (whole || frac))
+        tmp[n++] = '-';
+    p = u64_digits(tmp + 24, whole);
+    memmove(tmp + n, p, (size_t)(tmp + 48 - p));
+    n += (int)(tmp + 48 - p);
+    if (frac != 0) {
+        tmp[n++] = '.';
+        for (uint64_t d = unit / 10; frac != 0; d /= 10) {
+            tmp[n++] = (char)('0' + frac / d);
+            frac %= d;
+        }
+    }
+    return buf_append(out, tmp, (size_t)n);
 }
+
+/* A string literal, its length counted by the compiler. */
+#define APPEND_LIT(out, lit) buf_append((out), (lit), sizeof(lit) - 1)
+
+#define USD_DECIMALS 12 /* pico-USD: costs are micro-USD today */
+#define MS_DECIMALS 3  /* microseconds */
 
 static int put_int(struct buf *out, int64_t v)
 {
+    char tmp[24], *p;
+
     if (v < 0)
         return buf_append(out, "null", 4);
-    return buf_printf(out, "%lld", (long long)v);
+    p = u64_digits(tmp, (uint64_t)v);
+    return buf_append(out, p, (size_t)(tmp + 24 - p));
 }
 
+/* "YYYY-MM-DDTHH:MM:SS.mmmZ"; the formatted second is kept, as one line
+ * after another mostly shares it. */
 static int put_ts(struct buf *out, int64_t ts_ms)
 {
+    static __thread time_t last_secs = -1;
+    static __thread char last[32];
     time_t secs = (time_t)(ts_ms / 1000);
+    int ms = (int)(ts_ms % 1000);
+    char frac[8] = {'.', (char)('0' + ms / 100), (char)('0' + ms / 10 % 10), (char)('0' + ms % 10),
+                    'Z', '"'};
     struct tm tm;
-    char tmp[32];
 
-    if (ts_ms < 0 || gmtime_r(&secs, &tm) == NULL)
+    if (ts_ms < 0)
         return buf_append(out, "null", 4);
-    strftime(tmp, sizeof(tmp), "%Y-%m-%dT%H:%M:%S", &tm);
-    return buf_printf(out, "\"%s.%03dZ\"", tmp, (int)(ts_ms % 1000));
+    if (secs != last_secs) {
+        if (gmtime_r(&secs, &tm) == NULL)
+            return buf_append(out, "null", 4);
+        strftime(last, sizeof(last), "\"%Y-%m-%dT%H:%M:%S", &tm);
+        last_secs = secs;
+    }
+    return buf_append(out, last, strlen(last)) | buf_append(out, frac, 6);
 }
 
 int metrics_cost_record_json(const struct metrics_cost_record *r, struct buf *out)
@@ -170,7 +232,7 @@ int metrics_cost_record_json(const struct metrics_cost_record *r, struct buf *ou
         const struct metrics_cost_candidate *c = &r->candidates[i];
         rc |= buf_append(out, ",", i > 0);
         rc |= buf_append(out, "{\"backend\":", 11) | put_string(out, c->backend);
-        rc |= buf_append(out, ",\"est_cost_usd\":", 16) | put_double(out, c->est_cost_usd);
+        rc |= buf_append(out, ",\"est_cost_usd\":", 16) | put_fixed(out, c->est_cost_usd, USD_DECIMALS);
         rc |= buf_append(out, ",\"rejected\":", 12) | put_string(out, c->rejected);
         rc |= buf_append(out, "}", 1);
     }
@@ -178,13 +240,15 @@ int metrics_cost_record_json(const struct metrics_cost_record *r, struct buf *ou
     rc |= buf_append(out, ",\"prompt_tokens\":", 17) | put_int(out, r->prompt_tokens);
     rc |= buf_append(out, ",\"completion_tokens_est\":", 25) | put_int(out, r->completion_tokens_est);
     rc |= buf_append(out, ",\"completion_tokens\":", 21) | put_int(out, r->completion_tokens);
-    rc |= buf_append(out, ",\"cost_usd_est\":", 16) | put_double(out, r->cost_usd_est);
-    rc |= buf_append(out, ",\"cost_usd\":", 12) | put_double(out, r->cost_usd);
-    rc |= buf_printf(out, ",\"cache_hit\":%s", r->cache_hit ? "true" : "false");
-    rc |= buf_append(out, ",\"saved_usd\":", 13) | put_double(out, r->saved_usd);
-    rc |= buf_append(out, ",\"ttft_ms\":", 11) | put_double(out, r->ttft_ms);
-    rc |= buf_append(out, ",\"latency_ms\":", 14) | put_double(out, r->latency_ms);
-    rc |= buf_printf(out, ",\"status\":%d,\"fallbacks\":%d}\n", r->status, r->fallbacks);
+    rc |= buf_append(out, ",\"cost_usd_est\":", 16) | put_fixed(out, r->cost_usd_est, USD_DECIMALS);
+    rc |= buf_append(out, ",\"cost_usd\":", 12) | put_fixed(out, r->cost_usd, USD_DECIMALS);
+    rc |= r->cache_hit ? APPEND_LIT(out, ",\"cache_hit\":true") : APPEND_LIT(out, ",\"cache_hit\":false");
+    rc |= buf_append(out, ",\"saved_usd\":", 13) | put_fixed(out, r->saved_usd, USD_DECIMALS);
+    rc |= buf_append(out, ",\"ttft_ms\":", 11) | put_fixed(out, r->ttft_ms, MS_DECIMALS);
+    rc |= buf_append(out, ",\"latency_ms\":", 14) | put_fixed(out, r->latency_ms, MS_DECIMALS);
+    rc |= APPEND_LIT(out, ",\"status\":") | put_int(out, r->status);
+    rc |= APPEND_LIT(out, ",\"fallbacks\":") | put_int(out, r->fallbacks);
+    rc |= APPEND_LIT(out, "}\n");
     if (rc != 0) {
         out->len = start;
         return -ENOMEM;

@@ -50,6 +50,17 @@ int64_t policy_tokens_count(struct policy_tokens *t, enum conf_tokenizer enc, co
                             size_t len);
 
 /*
+ * policy_tokens_count, remembering the counts of recent strings of 64
+ * bytes or more: the same system prompt or earlier turn of a conversation
+ * is then counted once, not on every request that carries it. Keyed by a
+ * 64-bit hash of the bytes, seeded at random per process (a collision, as
+ * unlikely as 2^-64 per pair, would only skew one estimate: spend settles
+ * on the backend's reported usage). What the router calls.
+ */
+int64_t policy_tokens_count_cached(struct policy_tokens *t, enum conf_tokenizer enc,
+                                   const char *p, size_t len);
+
+/*
  * Like policy_tokens_count, and also writes the first min(count, cap)
  * token ids to `ids` (CONF_TOK_ESTIMATE writes none). Returns the full
  * count or -ENOMEM. For tests and the CLI; the router only counts.

@@ -62,7 +62,7 @@ static void add(struct tally *s, int64_t n)
 
 static int64_t count_str(struct policy_tokens *t, enum conf_tokenizer enc, const char *s)
 {
-    return policy_tokens_count(t, enc, s, strlen(s));
+    return policy_tokens_count_cached(t, enc, s, strlen(s));
 }
 
 static const char *str_field(const cJSON *obj, const char *key)

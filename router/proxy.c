@@ -243,7 +243,7 @@ static int64_t count_texts(struct policy_tokens *t, enum conf_tokenizer enc, con
     const cJSON *item;
 
     if (cJSON_IsString(v))
-        return t ? policy_tokens_count(t, enc, v->valuestring, strlen(v->valuestring))
+        return t ? policy_tokens_count_cached(t, enc, v->valuestring, strlen(v->valuestring))
                  : policy_tokens_estimate(v->valuestring, strlen(v->valuestring));
     if (cJSON_IsArray(v))
         cJSON_ArrayForEach(item, v) {

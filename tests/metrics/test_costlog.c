@@ -391,3 +391,46 @@ Test(costlog, open_failure_reports_errno, .timeout = 5)
     cr_assert_null(metrics_cost_log_open(&loop, bad, 0, NULL, &err));
     cr_assert_eq(err, UV_ENOENT);
 }
+
+/* The numbers are printed without printf: check the text itself. */
+static char *record_line(struct metrics_cost_record *r, struct buf *out)
+{
+    buf_reset(out);
+    cr_assert_eq(metrics_cost_record_json(r, out), 0);
+    cr_assert_eq(buf_append(out, "", 1), 0);
+    return out->data;
+}
+
+Test(costlog, numbers_as_text)
+{
+    struct metrics_cost_candidate cands[2];
+    struct metrics_cost_record r;
+    struct buf out = {0};
+    char id[32], *line;
+
+    make_record(&r, id, sizeof(id), 0, cands);
+    cands[0].est_cost_usd = 0.0000015; /* 1.5 micro-USD */
+    r.cost_usd_est = 12.345678;
+    r.cost_usd = 0;
+    r.saved_usd = 1e12; /* beyond fixed point: shortest round trip */
+    r.ttft_ms = 12.5;
+    r.latency_ms = 80;
+    r.prompt_tokens = 0;
+    line = record_line(&r, &out);
+    cr_assert(strstr(line, "\"est_cost_usd\":0.0000015,"), "%s", line);
+    cr_assert(strstr(line, "\"cost_usd_est\":12.345678,"), "%s", line);
+    cr_assert(strstr(line, "\"cost_usd\":0,"), "%s", line);
+    cr_assert(strstr(line, "\"saved_usd\":1000000000000,"), "%s", line);
+    cr_assert(strstr(line, "\"ttft_ms\":12.5,"), "%s", line);
+    cr_assert(strstr(line, "\"latency_ms\":80,"), "%s", line);
+    cr_assert(strstr(line, "\"prompt_tokens\":0,"), "%s", line);
+    cr_assert(strstr(line, "\"completion_tokens\":null,"), "%s", line);
+    cr_assert(strstr(line, "\"status\":200,\"fallbacks\":0}\n"), "%s", line);
+    /* the same second reuses its text, the next one does not */
+    cr_assert(strstr(line, "\"ts\":\"2026-11-18T11:06:40.123Z\""), "%s", line);
+    r.ts_ms += 876;
+    cr_assert(strstr(record_line(&r, &out), "\"ts\":\"2026-11-18T11:06:40.999Z\""), "%s", out.data);
+    r.ts_ms += 1;
+    cr_assert(strstr(record_line(&r, &out), "\"ts\":\"2026-11-18T11:06:41.000Z\""), "%s", out.data);
+    buf_free(&out);
+}

@@ -172,3 +172,45 @@ Test(tokenize, load_errors, .timeout = 20)
     }
     rmdir(dir);
 }
+
+/* The cached count is the count: on every corpus sample, for each
+ * encoding, asked twice (the second answer comes from the cache, which
+ * must not mix up encodings or strings of the same length). */
+Test(tokenize, cached_counts_equal_counts, .timeout = 120)
+{
+    char path[4096];
+    size_t corpus_len, tsv_len, checked = 0;
+    snprintf(path, sizeof(path), "%s/build/tokens-test/corpus.bin", fixture_src());
+    char *corpus = slurp(path, &corpus_len);
+    snprintf(path, sizeof(path), "%s/build/tokens-test/expected.tsv", fixture_src());
+    char *tsv = slurp(path, &tsv_len);
+    struct policy_tokens *t = fixture_tokens();
+    static const enum conf_tokenizer encs[3] = {CONF_TOK_CL100K, CONF_TOK_O200K, CONF_TOK_LLAMA3};
+    char *save = NULL;
+    for (char *line = strtok_r(tsv, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        unsigned long off, len;
+        cr_assert_eq(sscanf(line, "%*s %lu %lu", &off, &len), 2);
+        for (int round = 0; round < 2; round++)
+            for (int e = 0; e < 3; e++) {
+                int64_t want = policy_tokens_count(t, encs[e], corpus + off, len);
+                int64_t got = policy_tokens_count_cached(t, encs[e], corpus + off, len);
+                cr_assert_eq(got, want, "sample at %lu (%lu bytes), encoding %d, round %d: %lld != %lld",
+                             off, len, e, round, (long long)got, (long long)want);
+                checked++;
+            }
+    }
+    cr_assert_gt(checked, 20000);
+    /* Same length, one byte changed: its own count, not the cached one. */
+    char a[200], b[200];
+    memset(a, 'a', sizeof(a));
+    memcpy(b, a, sizeof(b));
+    b[100] = ' ';
+    int64_t ca = policy_tokens_count_cached(t, CONF_TOK_O200K, a, sizeof(a));
+    int64_t cb = policy_tokens_count_cached(t, CONF_TOK_O200K, b, sizeof(b));
+    cr_assert_eq(ca, policy_tokens_count(t, CONF_TOK_O200K, a, sizeof(a)));
+    cr_assert_eq(cb, policy_tokens_count(t, CONF_TOK_O200K, b, sizeof(b)));
+    cr_assert_neq(ca, cb);
+    policy_tokens_free(t);
+    free(tsv);
+    free(corpus);
+}
