@@ -38,14 +38,21 @@ static char *slurp(const char *path, size_t *len)
     return p;
 }
 
-Test(tokenize, corpus_matches_reference_ids, .timeout = 120)
+/* The corpus (length in *len) and its expected.tsv (in *tsv), from make data. */
+static char *load_corpus(size_t *len, char **tsv)
 {
     char path[4096];
-    size_t corpus_len, tsv_len;
-    snprintf(path, sizeof(path), "%s/build/tokens-test/corpus.bin", fixture_src());
-    char *corpus = slurp(path, &corpus_len);
+    size_t tsv_len;
     snprintf(path, sizeof(path), "%s/build/tokens-test/expected.tsv", fixture_src());
-    char *tsv = slurp(path, &tsv_len);
+    *tsv = slurp(path, &tsv_len);
+    snprintf(path, sizeof(path), "%s/build/tokens-test/corpus.bin", fixture_src());
+    return slurp(path, len);
+}
+
+Test(tokenize, corpus_matches_reference_ids, .timeout = 120)
+{
+    size_t corpus_len;
+    char *tsv, *corpus = load_corpus(&corpus_len, &tsv);
     struct policy_tokens *t = fixture_tokens();
     static const enum conf_tokenizer encs[3] = {CONF_TOK_CL100K, CONF_TOK_O200K, CONF_TOK_LLAMA3};
     static const char *names[3] = {"cl100k_base", "o200k_base", "llama3"};
@@ -178,12 +185,8 @@ Test(tokenize, load_errors, .timeout = 20)
  * must not mix up encodings or strings of the same length). */
 Test(tokenize, cached_counts_equal_counts, .timeout = 120)
 {
-    char path[4096];
-    size_t corpus_len, tsv_len, checked = 0;
-    snprintf(path, sizeof(path), "%s/build/tokens-test/corpus.bin", fixture_src());
-    char *corpus = slurp(path, &corpus_len);
-    snprintf(path, sizeof(path), "%s/build/tokens-test/expected.tsv", fixture_src());
-    char *tsv = slurp(path, &tsv_len);
+    size_t corpus_len, checked = 0;
+    char *tsv, *corpus = load_corpus(&corpus_len, &tsv);
     struct policy_tokens *t = fixture_tokens();
     static const enum conf_tokenizer encs[3] = {CONF_TOK_CL100K, CONF_TOK_O200K, CONF_TOK_LLAMA3};
     char *save = NULL;
