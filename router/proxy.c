@@ -704,6 +704,13 @@ static void send_held_head(struct router__client *c, int64_t length, int with_co
         router__client_close(c);
         return;
     }
+    if (req->batching) {
+        /* the first write of the read being parsed (a stream's head) */
+        if (buf_append(&req->batch, req->head.data, req->head.len) != 0 ||
+            (body && buf_append(&req->batch, body->data, body->len) != 0))
+            router__client_close(c);
+        return;
+    }
     uv_buf_t bufs[2] = {uv_buf_init(req->head.data, (unsigned)req->head.len),
                         uv_buf_init(body ? body->data : NULL, body ? (unsigned)body->len : 0)};
     router__client_sendv(c, bufs, body && body->len ? 2 : 1);
@@ -752,8 +759,9 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
             router__client_close(c);
             return 1;
         }
+        /* The head and the events in the rest of this read: one write. */
+        req->batching = 1;
         send_held_head(c, -1, 0, NULL);
-        req->batching = 1; /* events in the rest of this read: one write */
     }
     return 0;
 }
@@ -775,6 +783,18 @@ void router__proxy_flush(struct router__client *c)
         return;
     router__client_send(c, req->batch.data, req->batch.len);
     buf_reset(&req->batch);
+}
+
+/* Send bytes as they are (not as a chunk): into the batch while one is
+ * being collected, else straight to the client. */
+static void send_raw(struct router__client *c, const char *p, size_t len)
+{
+    if (!c->req.batching) {
+        router__client_send(c, p, len);
+        return;
+    }
+    if (buf_append(&c->req.batch, p, len) != 0)
+        router__client_close(c);
 }
 
 /* Send body bytes as they are, or as one chunk. */
@@ -988,7 +1008,8 @@ void router__proxy_on_complete(struct router__client *c)
 
     req->up = NULL;
     req->upstream_done = 1;
-    router__proxy_flush(c);
+    /* A stream's last events, its cost and its end join the batch of the
+     * read that ended it (if any): one write. */
     if (req->is_sse && req->sse.len > 0) {
         forward(c, req->sse.data, req->sse.len);
         buf_reset(&req->sse);
@@ -1008,8 +1029,9 @@ void router__proxy_on_complete(struct router__client *c)
             forward(c, tail.data, tail.len);
         buf_reset(&tail);
         if (buf_printf(&tail, "0\r\nx-costrouter-cost-usd: %s\r\n\r\n", usd) == 0)
-            router__client_send(c, tail.data, tail.len);
+            send_raw(c, tail.data, tail.len);
     }
+    router__proxy_flush(c);
     buf_free(&tail);
     router__spend_cache_store(c);
     router__client_response_done(c);

@@ -417,7 +417,9 @@ static int parse_response(struct router__upstream *u, const char *p, size_t len)
     if (c)
         router__proxy_batch(c);
     err = llhttp_execute(&u->parser, p, len);
-    if (c && u->client == c && !u->closing)
+    /* A complete response is flushed by router__proxy_on_complete, after
+     * its end has joined the batch. */
+    if (c && u->client == c && !u->closing && !(err == HPE_PAUSED && u->complete))
         router__proxy_flush(c);
     if (err == HPE_OK)
         return u->closing ? -1 : 0;
