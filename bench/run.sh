@@ -3,7 +3,7 @@
 # the Portkey AI gateway, all in front of one mockllm, on loopback (issue 7).
 # Run by `make bench` (mk/bench.mk installs wrk, nginx and Portkey first).
 #
-# One run, ~5 minutes with the defaults:
+# One run, ~10 minutes with the defaults:
 #   - wrk (bench/chat.lua, bench/chat-stream.lua: a ~1 KB chat request with
 #     a Bearer key) against: the mock directly, costrouter, nginx with
 #     worker_processes 1 (costrouter runs one loop) and `auto`, and Portkey;
@@ -30,9 +30,9 @@ cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
 BIN=${BIN:-./costrouter}
 case $BIN in */*) ;; *) BIN=./$BIN ;; esac
-DURATION=${BENCH_DURATION:-6}
+DURATION=${BENCH_DURATION:-5}
 WARMUP=${BENCH_WARMUP:-1}
-ROUNDS=${BENCH_ROUNDS:-2}
+ROUNDS=${BENCH_ROUNDS:-3}
 CONNS=${BENCH_CONNS:-50 256}
 THREADS=${BENCH_THREADS:-2}
 TTFB_N=${BENCH_TTFB_N:-2000}
@@ -50,9 +50,10 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 TOKENIZE=$BUILD/bench/tokenize
 STORE_BENCH=$BUILD/bench/store
 TOKENS_CORPUS=${TOKENS_CORPUS:-$BUILD/tokens-test/corpus.bin}
+TOKENS_NPM=${TOKENS_NPM:-build/npm}
 REDIS=$(command -v redis-server || echo /usr/bin/redis-server)
 
-for f in "$BIN" "$MOCK" "$PROBE" "$PORTKEY_JS" "$NGINX" "$REDIS" "$TOKENIZE" "$STORE_BENCH" "$TOKENS_CORPUS"; do
+for f in "$BIN" "$MOCK" "$PROBE" "$PORTKEY_JS" "$NGINX" "$REDIS" "$TOKENIZE" "$STORE_BENCH" "$TOKENS_CORPUS" "$TOKENS_NPM/node_modules/tiktoken"; do
     [ -e "$f" ] || { echo "bench/run.sh: $f is missing (run: make bench)" >&2; exit 1; }
 done
 command -v wrk >/dev/null || { echo "bench/run.sh: wrk is missing (run: make bench)" >&2; exit 1; }
@@ -357,6 +358,9 @@ kill -TERM "$PID_idle" 2>/dev/null || true
 log "tokenizer benchmark (one core), then the store's"
 note_cmd "taskset -c 0 $TOKENIZE $TOKENS_CORPUS"
 taskset -c 0 "$TOKENIZE" "$TOKENS_CORPUS" > "$RUN/tokenize.txt" 2>&1 || echo "failed" >> "$RUN/tokenize.txt"
+note_cmd "taskset -c 0 node bench/tokenize_tiktoken.mjs $TOKENS_NPM $TOKENS_CORPUS"
+taskset -c 0 node bench/tokenize_tiktoken.mjs "$TOKENS_NPM" "$TOKENS_CORPUS" >> "$RUN/tokenize.txt" 2>&1 \
+    || echo "tiktoken failed" >> "$RUN/tokenize.txt"
 note_cmd "$STORE_BENCH"
 "$STORE_BENCH" > "$RUN/store.txt" 2>&1 || echo "failed" >> "$RUN/store.txt"
 
@@ -469,9 +473,10 @@ warm-up's last answers):${COST_LINES}.
 ## Tokenizer (bench/tokenize.c, one core)
 
 Exact counts with the three encodings: the whole test corpus (English, code, JSON, CJK, emoji,
-long runs, invalid UTF-8), a 1 KB chat prompt, and 1 MB runs (linear time). Uncached: the
+long runs, invalid UTF-8), a 1 KB chat prompt, and 1 MB random bytes; then npm \`tiktoken\`
+(OpenAI's Rust tokenizer as WASM, \`tiktoken_*\` lines) on the same texts. Uncached: the
 router also remembers the counts of recent long strings (system prompts, earlier turns), which
-this does not use. \`make bench-tokenize\` adds npm tiktoken on the same corpus.
+this does not use. \`make bench-tokenize\` adds 1 MB runs of one repeated character.
 
 \`\`\`
 $(grep -v '^run_1mb_' "$RUN/tokenize.txt")
