@@ -87,7 +87,8 @@ struct policy_choice {
     double predicted_ttft_ms;   /* of the chosen candidate */
 };
 
-/* Behind the same vtable idea as policy_selector. */
+/* A selector behind a small vtable (like h2o's balancer.h), so another
+ * policy can replace it without touching the router. */
 struct policy_cost_selector {
     const char *name;
     /* Choose for `req`. `verdicts` has room for min(route->ncandidates,
