@@ -632,69 +632,44 @@ static int bpe_reserve(struct policy_tokens *t, size_t n, uint32_t nranks)
     return 0;
 }
 
-static inline void heap_push(uint64_t *h, size_t *len, uint64_t key)
-{
-    size_t i = (*len)++;
-    while (i > 0) {
-        size_t up = (i - 1) / 2;
-        if (h[up] <= key)
-            break;
-        h[i] = h[up];
-        i = up;
+/*
+ * PREFIX_push and PREFIX_pop: a binary min-heap over an array of TYPE.
+ * Two are needed: the urgent (rank << 32 | position) keys, and the ranks
+ * whose bucket is not empty.
+ */
+#define MIN_HEAP(prefix, type)                                                                 \
+    static inline void prefix##_push(type *h, size_t *len, type key)                           \
+    {                                                                                          \
+        size_t i = (*len)++;                                                                   \
+        while (i > 0 && h[(i - 1) / 2] > key) {                                                \
+            h[i] = h[(i - 1) / 2];                                                             \
+            i = (i - 1) / 2;                                                                   \
+        }                                                                                      \
+        h[i] = key;                                                                            \
+    }                                                                                          \
+                                                                                               \
+    static inline type prefix##_pop(type *h, size_t *len)                                     \
+    {                                                                                          \
+        type top = h[0], key = h[--*len];                                                      \
+        size_t i = 0, n = *len;                                                                \
+        for (;;) {                                                                             \
+            size_t c = 2 * i + 1;                                                              \
+            if (c >= n)                                                                        \
+                break;                                                                         \
+            if (c + 1 < n && h[c + 1] < h[c])                                                  \
+                c++;                                                                           \
+            if (key <= h[c])                                                                   \
+                break;                                                                         \
+            h[i] = h[c];                                                                       \
+            i = c;                                                                             \
+        }                                                                                      \
+        if (n)                                                                                 \
+            h[i] = key;                                                                        \
+        return top;                                                                            \
     }
-    h[i] = key;
-}
 
-static inline uint64_t heap_pop(uint64_t *h, size_t *len)
-{
-    uint64_t top = h[0], key = h[--*len];
-    size_t i = 0, n = *len;
-    for (;;) {
-        size_t c = 2 * i + 1;
-        if (c >= n)
-            break;
-        if (c + 1 < n && h[c + 1] < h[c])
-            c++;
-        if (key <= h[c])
-            break;
-        h[i] = h[c];
-        i = c;
-    }
-    if (n)
-        h[i] = key;
-    return top;
-}
-
-/* The same for ranks (u32), a separate small heap. */
-static inline void rank_push(uint32_t *h, size_t *len, uint32_t key)
-{
-    size_t i = (*len)++;
-    while (i > 0 && h[(i - 1) / 2] > key) {
-        h[i] = h[(i - 1) / 2];
-        i = (i - 1) / 2;
-    }
-    h[i] = key;
-}
-
-static inline uint32_t rank_pop(uint32_t *h, size_t *len)
-{
-    uint32_t top = h[0], key = h[--*len];
-    size_t i = 0, n = *len;
-    for (;;) {
-        size_t c = 2 * i + 1;
-        if (c >= n)
-            break;
-        if (c + 1 < n && h[c + 1] < h[c])
-            c++;
-        if (key <= h[c])
-            break;
-        h[i] = h[c];
-        i = c;
-    }
-    if (n)
-        h[i] = key;
-    return top;
-}
+MIN_HEAP(heap, uint64_t)
+MIN_HEAP(rank, uint32_t)
 
 static int cmp_u32(const void *a, const void *b)
 {
