@@ -12,7 +12,6 @@
 #include <cjson/cJSON.h>
 #include <criterion/criterion.h>
 #include <math.h>
-#include <openssl/sha.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -62,15 +61,6 @@ static void teardown(void)
 
 TestSuite(costs, .fini = teardown, .timeout = 60);
 
-static void key_hash(char hex[65])
-{
-    unsigned char d[32];
-
-    SHA256((const unsigned char *)KEY, strlen(KEY), d);
-    for (int i = 0; i < 32; i++)
-        sprintf(hex + 2 * i, "%02x", d[i]);
-}
-
 /* Append an api backend to the YAML being built. */
 static void add_backend(const char *name, int port, int quality, double in, double out)
 {
@@ -88,7 +78,7 @@ static void write_conf(const char *route_candidates, const char *tenant_extra)
     char hex[65];
     FILE *f;
 
-    key_hash(hex);
+    support_key_sha256_hex(KEY, hex);
     if (conf_path[0] == '\0') {
         strcpy(conf_path, "/tmp/costrouter-costs-XXXXXX");
         close(mkstemp(conf_path));

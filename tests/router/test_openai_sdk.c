@@ -6,7 +6,6 @@
  */
 #include <cjson/cJSON.h>
 #include <criterion/criterion.h>
-#include <openssl/sha.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,13 +33,10 @@ TestSuite(openai_sdk, .fini = teardown, .timeout = 60);
 
 static void start(void)
 {
-    unsigned char d[32];
     char hex[65];
     FILE *f;
 
-    SHA256((const unsigned char *)TENANT_KEY, strlen(TENANT_KEY), d);
-    for (int i = 0; i < 32; i++)
-        sprintf(hex + 2 * i, "%02x", d[i]);
+    support_key_sha256_hex(TENANT_KEY, hex);
     cr_assert_eq(support_mockllm_start(&mock, "--token-delay-ms", "1", NULL), 0);
     strcpy(conf_path, "/tmp/costrouter-sdk-XXXXXX");
     f = fdopen(mkstemp(conf_path), "w");

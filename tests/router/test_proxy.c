@@ -10,7 +10,6 @@
 #include <cjson/cJSON.h>
 #include <criterion/criterion.h>
 #include <errno.h>
-#include <openssl/sha.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -50,15 +49,6 @@ static void teardown(void)
 
 TestSuite(proxy, .fini = teardown, .timeout = 60);
 
-static void key_hash(char hex[65])
-{
-    unsigned char d[32];
-
-    SHA256((const unsigned char *)TENANT_KEY, strlen(TENANT_KEY), d);
-    for (int i = 0; i < 32; i++)
-        sprintf(hex + 2 * i, "%02x", d[i]);
-}
-
 /* Write a config: `limits` and `backends` are YAML fragments (backends
  * is the list body), routes name candidates. Start the router on it. */
 static void start_router(const char *limits, const char *backends, const char *candidates)
@@ -67,7 +57,7 @@ static void start_router(const char *limits, const char *backends, const char *c
     FILE *f;
     int fd;
 
-    key_hash(hex);
+    support_key_sha256_hex(TENANT_KEY, hex);
     strcpy(conf_path, "/tmp/costrouter-test-XXXXXX");
     fd = mkstemp(conf_path);
     cr_assert_geq(fd, 0);

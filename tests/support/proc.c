@@ -3,6 +3,7 @@
 #include "tests/support/proc.h"
 
 #include <errno.h>
+#include <openssl/sha.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -269,4 +270,13 @@ void support_remove_tree(const char *dir)
     if (dir == NULL || strncmp(dir, "/tmp/", 5) != 0)
         return; /* only what support_make_test_ca() made */
     (void)support_run(argv, NULL, 10000);
+}
+
+void support_key_sha256_hex(const char *key, char hex[65])
+{
+    unsigned char d[SHA256_DIGEST_LENGTH];
+
+    SHA256((const unsigned char *)key, strlen(key), d);
+    for (int i = 0; i < SHA256_DIGEST_LENGTH; i++)
+        sprintf(hex + 2 * i, "%02x", d[i]);
 }

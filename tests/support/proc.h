@@ -50,6 +50,10 @@ const char *support_mockllm_bin(void);
 int support_mockllm_start(struct support_proc *p, ... /* const char *, NULL */)
     __attribute__((sentinel, warn_unused_result));
 
+/* The "sha256:" config form of a tenant key, without the prefix: the key's
+ * SHA-256 as 64 lowercase hex digits and a NUL. */
+void support_key_sha256_hex(const char *key, char hex[65]);
+
 /* Run argv to completion (timeout_ms at most, then SIGKILL), appending its
  * stdout to out when out is not NULL; stderr is the test's. Returns the exit
  * code (0-255), 128+signal if killed, or a negative errno (-ETIMEDOUT). */
