@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "common/error.h"
+#include "common/http_status.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "conf/conf.h"
@@ -62,30 +63,6 @@ static const struct error_map *error_lookup(const char *errstr)
     return &error_maps[ARRAY_SIZE(error_maps) - 1];
 }
 
-const char *router__status_text(int status)
-{
-    switch (status) {
-    case 200: return "OK";
-    case 201: return "Created";
-    case 204: return "No Content";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 408: return "Request Timeout";
-    case 413: return "Payload Too Large";
-    case 422: return "Unprocessable Entity";
-    case 429: return "Too Many Requests";
-    case 431: return "Request Header Fields Too Large";
-    case 500: return "Internal Server Error";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    default: return status < 300 ? "OK" : status < 500 ? "Client Error" : "Server Error";
-    }
-}
-
 /* Send a whole response the router made itself. */
 void router__send_response(struct router__client *c, int status, const char *content_type,
                            const char *extra_headers, const char *body, size_t len)
@@ -99,7 +76,7 @@ void router__send_response(struct router__client *c, int status, const char *con
     n = snprintf(head, sizeof(head),
                  "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
                  "x-request-id: %s\r\n%s%s\r\n",
-                 status, router__status_text(status), content_type, len, req->id_str,
+                 status, http_status_text(status), content_type, len, req->id_str,
                  extra_headers ? extra_headers : "",
                  req->keep_alive ? "" : "Connection: close\r\n");
     if (n < 0 || (size_t)n >= sizeof(head)) {

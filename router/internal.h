@@ -299,7 +299,6 @@ void router__send_response(struct router__client *c, int status, const char *con
                            const char *extra_headers, const char *body, size_t len);
 /* {"error":{...}} for errstr; sets *status. Caller frees. */
 char *router__error_json(const char *errstr, const char *detail, int *status);
-const char *router__status_text(int status);
 /* Free per-request state. */
 void router__request_reset(struct router__request *req);
 /* The connection went idle: the request's (reset) buffers go to the shelf,

@@ -30,6 +30,7 @@
 
 #include "backends/backend.h"
 #include "common/error.h"
+#include "common/http_status.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "conf/conf.h"
@@ -742,7 +743,7 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     req->is_sse = is_sse ? 1 : 0;
     req->response_started = 1;
     buf_reset(&req->head);
-    rc = buf_printf(&req->head, "HTTP/1.1 %d %s\r\n", status, router__status_text(status));
+    rc = buf_printf(&req->head, "HTTP/1.1 %d %s\r\n", status, http_status_text(status));
     rc = rc ?: buf_append(&req->head, headers->data, headers->len);
     rc = rc ?: buf_printf(&req->head, "x-request-id: %s\r\nx-costrouter-backend: %s\r\n"
                                       "x-costrouter-reason: %s\r\n",

@@ -34,6 +34,7 @@
 #include <strings.h>
 
 #include "bench/mockllm/internal.h"
+#include "common/http_status.h"
 #include "common/log.h"
 
 enum endpoint { EP_CHAT, EP_COMPLETIONS, EP_EMBEDDINGS, EP_MODELS };
@@ -109,26 +110,6 @@ static int words(const char *s)
     return n;
 }
 
-static const char *status_text(int status)
-{
-    switch (status) {
-    case 200: return "OK";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 408: return "Request Timeout";
-    case 413: return "Payload Too Large";
-    case 429: return "Too Many Requests";
-    case 500: return "Internal Server Error";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    default: return "Status";
-    }
-}
-
 /* Extra header lines for the connection's reuse: HTTP/1.1 defaults to
  * keep-alive, HTTP/1.0 must be told. */
 static const char *connection_header(const struct mockllm_conn *c)
@@ -144,7 +125,7 @@ static const char *connection_header(const struct mockllm_conn *c)
 static void put_response(struct mockllm_conn *c, struct buf *b, int status)
 {
     putf(b, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n%s\r\n",
-         status, status_text(status), scratch.len, connection_header(c));
+         status, http_status_text(status), scratch.len, connection_header(c));
     put(b, scratch.data, scratch.len);
 }
 
