@@ -78,3 +78,18 @@ void buf_free(struct buf *b)
     b->data = NULL;
     b->len = b->cap = 0;
 }
+
+const char *buf_pairs_get(const struct buf *b, const char *name)
+{
+    const char *p = b->data, *end = p + b->len;
+
+    while (p < end) {
+        const char *value = p + strlen(p) + 1;
+        if (value >= end)
+            break;
+        if (strcmp(p, name) == 0)
+            return value;
+        p = value + strlen(value) + 1;
+    }
+    return NULL;
+}

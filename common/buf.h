@@ -28,5 +28,9 @@ void buf_consume(struct buf *b, size_t n);
 static inline void buf_reset(struct buf *b) { b->len = 0; }
 /* Free the memory. */
 void buf_free(struct buf *b);
+/* In a buffer of NUL-terminated name and value strings one after the
+ * other ("name\0value\0..."), the value of the first pair named `name`,
+ * or NULL. */
+const char *buf_pairs_get(const struct buf *b, const char *name);
 
 #endif

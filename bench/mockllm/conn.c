@@ -42,17 +42,7 @@ static void process_input(struct mockllm_conn *c);
 
 const char *mockllm__header(const struct mockllm_request *r, const char *name)
 {
-    const char *p = r->headers.data, *end = p + r->headers.len;
-
-    while (p < end) {
-        const char *value = p + strlen(p) + 1;
-        if (value >= end)
-            break;
-        if (strcmp(p, name) == 0)
-            return value;
-        p = value + strlen(value) + 1;
-    }
-    return NULL;
+    return buf_pairs_get(&r->headers, name);
 }
 
 /* llhttp callbacks: copy the request's parts into c->req. */

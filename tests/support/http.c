@@ -243,17 +243,7 @@ int support_http_format(struct buf *out, const char *method, const char *path,
 
 const char *support_http_header(const struct support_http_response *r, const char *name)
 {
-    const char *p = r->headers.data, *end = p + r->headers.len;
-
-    while (p < end) {
-        const char *value = p + strlen(p) + 1;
-        if (value >= end)
-            break;
-        if (strcmp(p, name) == 0)
-            return value;
-        p = value + strlen(value) + 1;
-    }
-    return NULL;
+    return buf_pairs_get(&r->headers, name);
 }
 
 void support_http_response_free(struct support_http_response *r)
