@@ -676,6 +676,29 @@ static void retry_elsewhere(struct router__client *c, const char *errstr)
     choose_and_reserve(c, errstr);
 }
 
+/* Send bytes to the client: into the batch while one is being collected
+ * (upstream.c parses a read), else at once. */
+static void send_bufs(struct router__client *c, const uv_buf_t *bufs, unsigned nbufs)
+{
+    if (!c->req.batching) {
+        router__client_sendv(c, bufs, nbufs);
+        return;
+    }
+    for (unsigned i = 0; i < nbufs; i++)
+        if (buf_append(&c->req.batch, bufs[i].base, bufs[i].len) != 0) {
+            router__client_close(c);
+            return;
+        }
+}
+
+/* Send bytes as they are (not as a chunk). */
+static void send_raw(struct router__client *c, const char *p, size_t len)
+{
+    uv_buf_t b = uv_buf_init((char *)p, (unsigned)len);
+
+    send_bufs(c, &b, 1);
+}
+
 /* Write the held head with the length and, once known, the cost, and
  * `body` (may be NULL) in the same write. */
 static void send_held_head(struct router__client *c, int64_t length, int with_cost,
@@ -705,16 +728,9 @@ static void send_held_head(struct router__client *c, int64_t length, int with_co
         router__client_close(c);
         return;
     }
-    if (req->batching) {
-        /* the first write of the read being parsed (a stream's head) */
-        if (buf_append(&req->batch, req->head.data, req->head.len) != 0 ||
-            (body && buf_append(&req->batch, body->data, body->len) != 0))
-            router__client_close(c);
-        return;
-    }
     uv_buf_t bufs[2] = {uv_buf_init(req->head.data, (unsigned)req->head.len),
                         uv_buf_init(body ? body->data : NULL, body ? (unsigned)body->len : 0)};
-    router__client_sendv(c, bufs, body && body->len ? 2 : 1);
+    send_bufs(c, bufs, body && body->len ? 2 : 1);
 }
 
 int router__proxy_on_head(struct router__client *c, int status, const struct buf *headers,
@@ -786,18 +802,6 @@ void router__proxy_flush(struct router__client *c)
     buf_reset(&req->batch);
 }
 
-/* Send bytes as they are (not as a chunk): into the batch while one is
- * being collected, else straight to the client. */
-static void send_raw(struct router__client *c, const char *p, size_t len)
-{
-    if (!c->req.batching) {
-        router__client_send(c, p, len);
-        return;
-    }
-    if (buf_append(&c->req.batch, p, len) != 0)
-        router__client_close(c);
-}
-
 /* Send body bytes as they are, or as one chunk. */
 static void forward(struct router__client *c, const char *p, size_t len)
 {
@@ -805,18 +809,8 @@ static void forward(struct router__client *c, const char *p, size_t len)
 
     if (len == 0)
         return;
-    if (c->req.batching) {
-        struct buf *b = &c->req.batch;
-        int rc = c->req.chunked ? buf_printf(b, "%zx\r\n", len) : 0;
-
-        rc = rc ?: buf_append(b, p, len);
-        rc = rc ?: (c->req.chunked ? buf_append(b, "\r\n", 2) : 0);
-        if (rc != 0)
-            router__client_close(c);
-        return;
-    }
     if (!c->req.chunked) {
-        router__client_send(c, p, len);
+        send_raw(c, p, len);
         return;
     }
     uv_buf_t bufs[3] = {
@@ -824,7 +818,7 @@ static void forward(struct router__client *c, const char *p, size_t len)
         uv_buf_init((char *)p, (unsigned)len),
         uv_buf_init("\r\n", 2),
     };
-    router__client_sendv(c, bufs, 3);
+    send_bufs(c, bufs, 3);
 }
 
 static void note_usage(struct router__request *req, const struct router__usage *u)
