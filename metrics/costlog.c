@@ -140,35 +140,33 @@ static char *u64_digits(char tmp[24], uint64_t v)
  */
 static int put_fixed(struct buf *out, double v, int decimals)
 {
-    static const double scales[] = {1, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12};
-    char tmp[48], *p;
-    double scaled;
-    uint64_t whole, frac, unit = 1;
-    int neg = v < 0, n = 0;
+    static const uint64_t pow10[] = {1, 10, 100, 1000, 10000, 100000, 1000000, 10000000,
+                                     100000000, 1000000000, 10000000000, 100000000000,
+                                     1000000000000};
+    char digits[24], frac_text[16], *w;
+    uint64_t units, frac;
+    size_t n = 0;
+    int rc;
 
     if (!isfinite(v))
         return buf_append(out, "null", 4);
-    scaled = fabs(v) * scales[decimals];
-    if (scaled >= 9e18) /* beyond an integer's reach: shortest round trip */
-        return buf_append(out, tmp, metrics__dtoa(tmp, v));
-    for (int i = 0; i < decimals; i++)
-        unit *= 10;
-    whole = (uint64_t)llround(scaled);
-    frac = whole % unit;
-    whole /= unit;
-    if (neg && (whole || frac))
-        tmp[n++] = '-';
-    p = u64_digits(tmp + 24, whole);
-    memmove(tmp + n, p, (size_t)(tmp + 48 - p));
-    n += (int)(tmp + 48 - p);
-    if (frac != 0) {
-        tmp[n++] = '.';
-        for (uint64_t d = unit / 10; frac != 0; d /= 10) {
-            tmp[n++] = (char)('0' + frac / d);
-            frac %= d;
-        }
+    if (fabs(v) * (double)pow10[decimals] >= 9e18) { /* beyond an integer: shortest round trip */
+        char text[32];
+        return buf_append(out, text, metrics__dtoa(text, v));
     }
-    return buf_append(out, tmp, (size_t)n);
+    units = (uint64_t)llround(fabs(v) * (double)pow10[decimals]);
+    frac = units % pow10[decimals];
+    w = u64_digits(digits, units / pow10[decimals]);
+    rc = v < 0 && units != 0 ? buf_append(out, "-", 1) : 0;
+    rc |= buf_append(out, w, (size_t)(digits + sizeof(digits) - w));
+    if (frac == 0)
+        return rc;
+    frac_text[n++] = '.';
+    for (uint64_t d = pow10[decimals] / 10; frac != 0; d /= 10) {
+        frac_text[n++] = (char)('0' + frac / d);
+        frac %= d;
+    }
+    return rc | buf_append(out, frac_text, n);
 }
 
 /* A string literal, its length counted by the compiler. */
