@@ -150,21 +150,20 @@ void router__request_shelve(struct router *r, struct router__request *req)
 {
     struct buf *bufs[ROUTER_REQ_NBUFS];
     struct router__shelf *shelf = &r->shelf;
+    int room = shelf->n < ROUTER_SHELF_MAX;
 
     if (req->shelved)
         return;
     request_bufs(req, bufs);
     req->shelved = 1;
     for (int i = 0; i < ROUTER_REQ_NBUFS; i++) {
-        if (shelf->n < ROUTER_SHELF_MAX) {
+        if (room)
             shelf->sets[shelf->n][i] = *bufs[i];
-        } else {
+        else
             buf_free(bufs[i]);
-        }
         *bufs[i] = (struct buf){0};
     }
-    if (shelf->n < ROUTER_SHELF_MAX)
-        shelf->n++;
+    shelf->n += room;
 }
 
 void router__request_unshelve(struct router *r, struct router__request *req)
@@ -183,6 +182,16 @@ void router__request_unshelve(struct router *r, struct router__request *req)
         *bufs[i] = shelf->sets[shelf->n][i];
 }
 
+void router__request_free(struct router__request *req)
+{
+    struct buf *bufs[ROUTER_REQ_NBUFS];
+
+    router__request_reset(req);
+    request_bufs(req, bufs);
+    for (int i = 0; i < ROUTER_REQ_NBUFS; i++)
+        buf_free(bufs[i]);
+}
+
 void router__shelf_free(struct router__shelf *shelf)
 {
     for (unsigned n = 0; n < shelf->n; n++)
@@ -193,20 +202,15 @@ void router__shelf_free(struct router__shelf *shelf)
 
 void router__request_reset(struct router__request *req)
 {
+    struct buf *bufs[ROUTER_REQ_NBUFS];
+
     cJSON_Delete(req->json);
-    buf_trim(&req->url);
     /* The tenant key is a secret: wipe it, do not just forget it. */
     if (req->auth.data)
         memset(req->auth.data, 0, req->auth.len);
-    buf_trim(&req->auth);
-    buf_trim(&req->body);
-    buf_trim(&req->hname);
-    buf_trim(&req->hvalue);
-    buf_trim(&req->fwd);
-    buf_trim(&req->up_body);
-    buf_trim(&req->sse);
-    buf_trim(&req->head);
-    buf_trim(&req->batch);
+    request_bufs(req, bufs);
+    for (int i = 0; i < ROUTER_REQ_NBUFS; i++)
+        buf_trim(bufs[i]);
     req->batching = 0;
     buf_free(&req->cached);
     free(req->verdicts);

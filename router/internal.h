@@ -301,6 +301,8 @@ void router__send_response(struct router__client *c, int status, const char *con
 char *router__error_json(const char *errstr, const char *detail, int *status);
 /* Free per-request state. */
 void router__request_reset(struct router__request *req);
+/* Reset, then free the request's buffers (the connection is closing). */
+void router__request_free(struct router__request *req);
 /* The connection went idle: the request's (reset) buffers go to the shelf,
  * or are freed when it is full. */
 void router__request_shelve(struct router *r, struct router__request *req);

@@ -64,17 +64,7 @@ static void client_free(struct router__client *c)
     struct router *r = c->router;
 
     router__account(c); /* a request cut short by the client: 499 */
-    router__request_reset(&c->req);
-    buf_free(&c->req.url);
-    buf_free(&c->req.auth);
-    buf_free(&c->req.body);
-    buf_free(&c->req.hname);
-    buf_free(&c->req.hvalue);
-    buf_free(&c->req.fwd);
-    buf_free(&c->req.up_body);
-    buf_free(&c->req.sse);
-    buf_free(&c->req.head);
-    buf_free(&c->req.batch);
+    router__request_free(&c->req);
     buf_free(&c->pending);
     if (c->prev)
         c->prev->next = c->next;
