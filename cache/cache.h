@@ -119,7 +119,7 @@ struct cache_stats {
     size_t journal_entries;  /* charges waiting to be written back */
     int64_t journal_amount;  /* micro-dollars in those entries */
     uint64_t reconnects;     /* successful (re)connections so far */
-    size_t inflight;         /* Redis commands awaiting a reply */
+    size_t inflight;         /* operations sent to Redis or queued for it, not yet answered */
 };
 
 typedef void cache_begin_cb(void *arg, const char *errstr, const struct cache_begin_result *r);

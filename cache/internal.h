@@ -150,8 +150,9 @@ struct cache_op {
     unsigned cancelled:1;             /* cache_cancel() ran */
     unsigned release:1;               /* SETTLE: a release */
     unsigned shared_get:1;            /* BEGIN: cache GET pipelined beside the script */
-    unsigned sent_eval:1;             /* NOSCRIPT fallback already used */
+    unsigned sent_eval:1;             /* SPEND: NOSCRIPT fallback already used */
     unsigned inflight:1;              /* on the Redis in-flight list */
+    unsigned queued:1;                /* waiting in the Redis batch queue */
     int pending;                      /* Redis replies still awaited */
     uint64_t deadline;                /* loop time (ms) the replies are due */
     const char *tenant_ref;           /* caller's tenant pointer, for the reservation */

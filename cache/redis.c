@@ -21,6 +21,14 @@
  * replies behind it are stuck too), which fails every pending command with
  * cache_error_timeout and starts the reconnect.
  *
+ * Begins and settles do not go out one by one: they wait in a queue until
+ * the loop is about to poll (a prepare handle), then the queue is sorted by
+ * tenant and period and each run becomes one script call (struct batch),
+ * up to BATCH_MAX ops. Under load one call then carries every request that
+ * arrived in that loop turn, which is what keeps Redis from being the
+ * bottleneck; alone, an op waits for nothing but the end of its turn. A
+ * tenant's keys share a hash slot, so a batch stays valid on a cluster.
+ *
  * Why our own adapter: hiredis 0.14's libuv adapter ignores a poll error,
  * so a refused or reset connection never reaches hiredis and every callback
  * waits forever. Ours hands a poll error to hiredis as readable+writable so
@@ -45,6 +53,7 @@
 #include <errno.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,7 +69,18 @@
 
 /* ---- scripts ---- */
 
-#define LUA_COMMON                                                                         \
+/* The begins, and the settles, that one loop turn produces for one tenant
+ * and period go to Redis as one script call (see "batches" below): a
+ * script call costs Redis more than the few commands inside it. Each
+ * script handles its ops in order, with the results each would have had
+ * alone. */
+
+#define LUA_SPENT "local function spent(k) return tonumber(redis.call('GET', k) or '0') end\n"
+
+/* Moves expired reservations to the expired set, then reads the reserved
+ * sum and both spend counters with one MGET: each redis.call() costs
+ * about a microsecond of its own. */
+#define LUA_PRUNE                                                                          \
     "local function now_ms()\n"                                                            \
     "  local t = redis.call('TIME')\n"                                                     \
     "  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"                 \
@@ -76,70 +96,104 @@
     "    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - grace)\n"                   \
     "    redis.call('PEXPIRE', KEYS[5], grace)\n"                                          \
     "  end\n"                                                                              \
-    "  local r = tonumber(redis.call('GET', KEYS[4]) or '0')\n"                            \
+    "  local v = redis.call('MGET', KEYS[4], KEYS[1], KEYS[2])\n"                          \
+    "  local r = tonumber(v[1] or '0')\n"                                                  \
     "  if r < 0 then redis.call('SET', KEYS[4], '0'); r = 0 end\n"                         \
-    "  return r\n"                                                                         \
-    "end\n"                                                                                \
-    "local function spent(k) return tonumber(redis.call('GET', k) or '0') end\n"
+    "  return r, tonumber(v[2] or '0'), tonumber(v[3] or '0')\n"                           \
+    "end\n"
 
-/* KEYS day month res reserved exp [entry]; ARGV member amount day_limit
- * month_limit ttl_ms grace_ms. Returns {0 granted | 1 denied | 2 hit, day,
- * month, reserved [, value]}. */
+/* KEYS day month res reserved exp [entry...]; ARGV ttl_ms grace_ms, then
+ * per begin: member amount day_limit month_limit entry (its KEYS index, 0:
+ * no lookup). Returns {day, month, then per begin: 0 granted | 1 denied |
+ * 2 hit, reserved after it; then the value of each hit}: flat, because a
+ * table per begin costs Redis more than the begin itself. */
 static const char lua_begin[] =
-    LUA_COMMON
+    LUA_PRUNE
     "local now = now_ms()\n"
-    "local grace = tonumber(ARGV[6])\n"
-    "local reserved = prune(now, grace)\n"
-    "local day, month = spent(KEYS[1]), spent(KEYS[2])\n"
-    "if KEYS[6] then\n"
-    "  local v = redis.call('GET', KEYS[6])\n"
-    "  if v then return {2, day, month, reserved, v} end\n"
+    "local ttl, grace = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
+    "local reserved, day, month = prune(now, grace)\n"
+    "local added, zadd, out, hits = 0, {}, {day, month}, {}\n"
+    "for i = 3, #ARGV, 5 do\n"
+    "  local e = tonumber(ARGV[i + 4])\n"
+    "  local v = e > 0 and redis.call('GET', KEYS[e])\n"
+    "  local amount, dl, ml = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])\n"
+    "  local st = 0\n"
+    "  if v then\n"
+    "    st = 2\n"
+    "    hits[#hits + 1] = v\n"
+    "  elseif (dl > 0 and day + reserved + amount > dl) or\n"
+    "         (ml > 0 and month + reserved + amount > ml) then\n"
+    "    st = 1\n"
+    "  else\n"
+    "    zadd[#zadd + 1] = now + ttl\n"
+    "    zadd[#zadd + 1] = ARGV[i]\n"
+    "    added = added + amount\n"
+    "    reserved = reserved + amount\n"
+    "  end\n"
+    "  out[#out + 1] = st\n"
+    "  out[#out + 1] = reserved\n"
     "end\n"
-    "local amount, dl, ml = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])\n"
-    "if (dl > 0 and day + reserved + amount > dl) or (ml > 0 and month + reserved + amount > "
-    "ml) then\n"
-    "  return {1, day, month, reserved}\n"
+    "if #zadd > 0 then\n"
+    "  redis.call('ZADD', KEYS[3], unpack(zadd))\n"
+    "  redis.call('INCRBY', KEYS[4], added)\n"
+    "  redis.call('PEXPIRE', KEYS[3], ttl + grace)\n"
+    "  redis.call('PEXPIRE', KEYS[4], ttl + grace)\n"
     "end\n"
-    "local ttl = tonumber(ARGV[5])\n"
-    "redis.call('ZADD', KEYS[3], now + ttl, ARGV[1])\n"
-    "reserved = redis.call('INCRBY', KEYS[4], ARGV[2])\n"
-    "redis.call('PEXPIRE', KEYS[3], ttl + grace)\n"
-    "redis.call('PEXPIRE', KEYS[4], ttl + grace)\n"
-    "return {0, day, month, reserved}\n";
+    "for i = 1, #hits do out[#out + 1] = hits[i] end\n"
+    "return out\n";
 
-/* KEYS day month res reserved exp; ARGV member|'' real force day_ttl
- * month_ttl. Drops the reservation; charges when force, or when the
- * reservation was still known (open or expired). Returns {day, month,
- * charged}. */
+/* KEYS day month res reserved exp; ARGV day_ttl month_ttl, then per settle:
+ * member|'' reserved_amount real force. Drops each reservation; charges
+ * `real` when force, or when the reservation was still known (open or
+ * expired), once even if named twice. Open reservations are looked up and
+ * removed with one command each for the whole batch (ZMSCORE: Redis 6.2).
+ * Returns {day, month} after the batch. The counters get their expiry
+ * when they are created (a day key outlives its day by a week). */
 static const char lua_settle[] =
-    LUA_COMMON
-    "local charge = ARGV[3] == '1'\n"
-    "local m = ARGV[1]\n"
-    "if m ~= '' then\n"
-    "  if redis.call('ZREM', KEYS[3], m) == 1 then\n"
-    "    if redis.call('DECRBY', KEYS[4], string.match(m, ':(%d+)$')) < 0 then\n"
-    "      redis.call('SET', KEYS[4], '0')\n"
-    "    end\n"
-    "    charge = true\n"
-    "  elseif redis.call('ZREM', KEYS[5], m) == 1 then\n"
-    "    charge = true\n"
+    LUA_SPENT
+    "local known, seen, members, at = {}, {}, {}, {}\n"
+    "for i = 3, #ARGV, 4 do\n"
+    "  local m = ARGV[i]\n"
+    "  if m ~= '' and not seen[m] then\n"
+    "    seen[m] = true\n"
+    "    members[#members + 1] = m\n"
+    "    at[#at + 1] = i\n"
     "  end\n"
     "end\n"
-    "if charge and ARGV[2] ~= '0' then\n"
-    "  local d = redis.call('INCRBY', KEYS[1], ARGV[2])\n"
-    "  local mo = redis.call('INCRBY', KEYS[2], ARGV[2])\n"
-    "  redis.call('EXPIRE', KEYS[1], ARGV[4])\n"
-    "  redis.call('EXPIRE', KEYS[2], ARGV[5])\n"
-    "  return {d, mo, 1}\n"
+    "if #members > 0 then\n"
+    "  local scores = redis.call('ZMSCORE', KEYS[3], unpack(members))\n"
+    "  local open, dropped = {}, 0\n"
+    "  for j = 1, #members do\n"
+    "    if scores[j] then\n"
+    "      open[#open + 1] = members[j]\n"
+    "      dropped = dropped + tonumber(ARGV[at[j] + 1])\n"
+    "      known[at[j]] = true\n"
+    "    elseif redis.call('ZREM', KEYS[5], members[j]) == 1 then\n"
+    "      known[at[j]] = true\n"
+    "    end\n"
+    "  end\n"
+    "  if #open > 0 then\n"
+    "    redis.call('ZREM', KEYS[3], unpack(open))\n"
+    "    if redis.call('DECRBY', KEYS[4], dropped) < 0 then redis.call('SET', KEYS[4], '0') end\n"
+    "  end\n"
     "end\n"
-    "return {spent(KEYS[1]), spent(KEYS[2]), 0}\n";
+    "local charged = 0\n"
+    "for i = 3, #ARGV, 4 do\n"
+    "  if known[i] or ARGV[i + 3] == '1' then charged = charged + tonumber(ARGV[i + 2]) end\n"
+    "end\n"
+    "if charged == 0 then return {spent(KEYS[1]), spent(KEYS[2])} end\n"
+    "local day = redis.call('INCRBY', KEYS[1], charged)\n"
+    "local month = redis.call('INCRBY', KEYS[2], charged)\n"
+    "if day == charged then redis.call('EXPIRE', KEYS[1], ARGV[1]) end\n"
+    "if month == charged then redis.call('EXPIRE', KEYS[2], ARGV[2]) end\n"
+    "return {day, month}\n";
 
 /* KEYS day month res reserved exp; ARGV grace_ms. Returns {day, month,
  * reserved}. */
 static const char lua_spend[] =
-    LUA_COMMON
-    "local reserved = prune(now_ms(), tonumber(ARGV[1]))\n"
-    "return {spent(KEYS[1]), spent(KEYS[2]), reserved}\n";
+    LUA_PRUNE
+    "local reserved, day, month = prune(now_ms(), tonumber(ARGV[1]))\n"
+    "return {day, month, reserved}\n";
 
 enum { SCRIPT_BEGIN, SCRIPT_SETTLE, SCRIPT_SPEND, NSCRIPTS };
 
@@ -170,6 +224,12 @@ struct cache__redis {
     size_t ninflight;             /* length of that list */
     uint64_t reconnects;          /* successful connections */
     const char *drop_reason;      /* errstr for replies failed by our own drop */
+    uv_prepare_t prepare;         /* sends the queue just before the loop polls */
+    struct cache_op **queue;      /* begins and settles of this loop turn, not yet sent */
+    size_t nqueue;                /* ops in it */
+    size_t queue_cap;             /* its allocated length */
+    char *scratch;                /* a batch's argv and argument bytes, reused */
+    size_t scratch_cap;           /* its allocated size */
 };
 
 /* The adapter's per-connection state: freed in the poll handle's close
@@ -179,6 +239,8 @@ struct redis_poll {
     redisAsyncContext *ac;   /* NULL once hiredis cleaned up */
     struct cache *c;         /* for handle accounting */
     int events;              /* UV_READABLE | UV_WRITABLE wanted by hiredis */
+    unsigned hold_write:1;   /* queue_send is adding commands: it writes them itself */
+    unsigned write_held:1;   /* hiredis asked for a write meanwhile */
 };
 
 static void redis_connect(struct cache__redis *s);
@@ -230,7 +292,16 @@ static void poll_update(struct redis_poll *p, int add, int del)
 
 static void ev_add_read(void *d) { poll_update(d, UV_READABLE, 0); }
 static void ev_del_read(void *d) { poll_update(d, 0, UV_READABLE); }
-static void ev_add_write(void *d) { poll_update(d, UV_WRITABLE, 0); }
+static void ev_add_write(void *d)
+{
+    struct redis_poll *p = d;
+
+    if (p->hold_write)
+        p->write_held = 1;
+    else
+        poll_update(p, UV_WRITABLE, 0);
+}
+
 static void ev_del_write(void *d) { poll_update(d, 0, UV_WRITABLE); }
 
 static void ev_cleanup(void *d)
@@ -621,92 +692,339 @@ static void keys_build(const struct cache *c, const char *tenant, const struct c
     snprintf(k->entry, sizeof(k->entry), "%s%s", c->prefix, entry ? entry : "");
 }
 
-static void member_fmt(const struct cache *c, uint64_t seq, int64_t amount, char *out, size_t n)
-{
-    snprintf(out, n, "%s-%llu:%lld", c->instance, (unsigned long long)seq, (long long)amount);
-}
-
 static int grace_ms(const struct cache *c)
 {
     return MAX(c->opts.reservation_ttl_ms, GRACE_MIN_MS);
 }
 
-/* Send the op's script; with `eval` the body instead of the SHA. */
-static int send_script(struct cache__redis *s, struct cache_op *op, int eval)
+/* Send the spend script; with `eval` the body instead of the SHA. */
+static int send_spend(struct cache__redis *s, struct cache_op *op, int eval)
 {
-    struct cache *c = s->c;
     struct keys k;
-    char member[64] = "", amount[24], dl[24], ml[24], ttl[24], grace[24], real[24];
-    const char *argv[16];
-    int argc = 0, script, nkeys = 5;
+    char grace[24];
+    const char *argv[] = {eval ? "EVAL" : "EVALSHA",
+                          eval ? scripts[SCRIPT_SPEND] : s->sha[SCRIPT_SPEND],
+                          "5", k.day, k.month, k.res, k.reserved, k.exp, grace};
 
-    snprintf(grace, sizeof(grace), "%d", grace_ms(c));
-    switch (op->kind) {
-    case CACHE__BEGIN:
-        script = SCRIPT_BEGIN;
-        keys_build(c, op->tenant, &op->period, op->name, &k);
-        if (op->name && !c->opts.shared_cache)
-            nkeys = 6;
-        break;
-    case CACHE__SPEND:
-        script = SCRIPT_SPEND;
-        keys_build(c, op->tenant, &op->period, NULL, &k);
-        break;
-    default:
-        script = SCRIPT_SETTLE;
-        keys_build(c, op->jentry ? op->jentry->tenant : op->tenant,
-                   op->jentry ? &op->jentry->period : &op->period, NULL, &k);
-        break;
+    keys_build(s->c, op->tenant, &op->period, NULL, &k);
+    snprintf(grace, sizeof(grace), "%d", grace_ms(s->c));
+    return send_argv(s, op, 9, argv, NULL);
+}
+
+/* ---- batches ---- */
+
+#define BATCH_MAX 64      /* ops per script call: bounds its arguments and its time in Redis */
+#define BATCH_HEAD 10     /* EVALSHA sha numkeys, five keys, two common arguments */
+#define NUM_MAX 24        /* bytes of a formatted int64, with its NUL */
+#define MEMBER_MAX 64     /* "INSTANCE-SEQ:AMOUNT" */
+
+/* One script call: begins, or settles and write-backs, of one tenant and
+ * period. Freed when its reply has been handed to every op. */
+struct batch {
+    struct cache__redis *s;  /* connection it went out on */
+    int begin;               /* the begin script, else the settle script */
+    unsigned sent_eval:1;    /* NOSCRIPT fallback already used */
+    size_t n;                /* ops */
+    struct cache_op *ops[];  /* in script order */
+};
+
+/* A batch's arguments, in s->scratch: argv pointers, then their bytes. */
+struct args {
+    const char **argv;  /* argument pointers */
+    int argc;           /* used */
+    char *p;            /* next free byte */
+    char *end;          /* end of the scratch */
+    int overflow;       /* the size estimate was wrong: do not send */
+};
+
+static const char *op_tenant(const struct cache_op *op)
+{
+    return op->jentry ? op->jentry->tenant : op->tenant;
+}
+
+static const struct cache__period *op_period(const struct cache_op *op)
+{
+    return op->jentry ? &op->jentry->period : &op->period;
+}
+
+/* 0 when two ops can share a script call; else their order. */
+static int batch_cmp(const struct cache_op *x, const struct cache_op *y)
+{
+    const struct cache__period *px = op_period(x), *py = op_period(y);
+    int d = (x->kind != CACHE__BEGIN) - (y->kind != CACHE__BEGIN);
+
+    if (d == 0)
+        d = strcmp(op_tenant(x), op_tenant(y));
+    if (d == 0)
+        d = (px->day > py->day) - (px->day < py->day);
+    if (d == 0)
+        d = (px->month > py->month) - (px->month < py->month);
+    return d;
+}
+
+/* qsort order: by batch, then by reservation number, which for begins is
+ * arrival order (who is first when a limit is near). */
+static int queue_order(const void *a, const void *b)
+{
+    const struct cache_op *x = *(struct cache_op *const *)a, *y = *(struct cache_op *const *)b;
+    int d = batch_cmp(x, y);
+
+    return d ? d : (x->res.seq > y->res.seq) - (x->res.seq < y->res.seq);
+}
+
+static void arg_add(struct args *a, const char *v)
+{
+    a->argv[a->argc++] = v;
+}
+
+static void arg_fmt(struct args *a, const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+
+    va_start(ap, fmt);
+    n = vsnprintf(a->p, (size_t)(a->end - a->p), fmt, ap);
+    va_end(ap);
+    if (n < 0 || n >= a->end - a->p) {
+        a->overflow = 1;
+        a->argv[a->argc++] = "";
+        return;
     }
-    argv[argc++] = eval ? "EVAL" : "EVALSHA";
-    argv[argc++] = eval ? scripts[script] : s->sha[script];
-    argv[argc++] = nkeys == 6 ? "6" : "5";
-    argv[argc++] = k.day;
-    argv[argc++] = k.month;
-    argv[argc++] = k.res;
-    argv[argc++] = k.reserved;
-    argv[argc++] = k.exp;
-    if (nkeys == 6)
-        argv[argc++] = k.entry;
-    switch (op->kind) {
-    case CACHE__BEGIN:
-        member_fmt(c, op->res.seq, op->amount, member, sizeof(member));
-        snprintf(amount, sizeof(amount), "%lld", (long long)op->amount);
-        snprintf(dl, sizeof(dl), "%lld", (long long)op->day_limit);
-        snprintf(ml, sizeof(ml), "%lld", (long long)op->month_limit);
-        snprintf(ttl, sizeof(ttl), "%d", c->opts.reservation_ttl_ms);
-        argv[argc++] = member;
-        argv[argc++] = amount;
-        argv[argc++] = dl;
-        argv[argc++] = ml;
-        argv[argc++] = ttl;
-        argv[argc++] = grace;
-        break;
-    case CACHE__SPEND:
-        argv[argc++] = grace;
-        break;
-    case CACHE__SETTLE:
-        if (op->res.remote)
-            member_fmt(c, op->res.seq, op->res.amount, member, sizeof(member));
-        snprintf(real, sizeof(real), "%lld", (long long)op->amount);
-        argv[argc++] = member;
-        argv[argc++] = real;
-        argv[argc++] = "1";
-        argv[argc++] = DAY_KEY_TTL_S;
-        argv[argc++] = MONTH_KEY_TTL_S;
-        break;
-    default: /* CACHE__FLUSH */
-        if (op->jentry->seq)
-            member_fmt(c, op->jentry->seq, op->jentry->res_amount, member, sizeof(member));
-        snprintf(real, sizeof(real), "%lld", (long long)op->jentry->real);
-        argv[argc++] = member;
-        argv[argc++] = real;
-        argv[argc++] = op->jentry->conditional ? "0" : "1";
-        argv[argc++] = DAY_KEY_TTL_S;
-        argv[argc++] = MONTH_KEY_TTL_S;
-        break;
+    a->argv[a->argc++] = a->p;
+    a->p += n + 1;
+}
+
+static void arg_member(struct args *a, const struct cache *c, uint64_t seq, int64_t amount)
+{
+    arg_fmt(a, "%s-%llu:%lld", c->instance, (unsigned long long)seq, (long long)amount);
+}
+
+/* A reservation's member and amount, or '' and 0 for none (seq 0). */
+static void args_member(struct args *a, const struct cache *c, uint64_t seq, int64_t amount)
+{
+    if (seq == 0) {
+        arg_add(a, "");
+        arg_add(a, "0");
+        return;
     }
-    return send_argv(s, op, argc, argv, NULL);
+    arg_member(a, c, seq, amount);
+    arg_fmt(a, "%lld", (long long)amount);
+}
+
+static int has_entry(const struct cache_op *op)
+{
+    return op->name && !op->cache->opts.shared_cache;
+}
+
+/* Size the scratch for `b` and point `a` into it. */
+static int args_init(struct cache__redis *s, const struct batch *b, struct args *a)
+{
+    size_t nargs = BATCH_HEAD + b->n * 5, bytes = 3 * NUM_MAX, need;
+
+    for (size_t i = 0; i < b->n; i++) {
+        bytes += MEMBER_MAX + 4 * NUM_MAX;
+        if (has_entry(b->ops[i])) {
+            nargs++;
+            bytes += strlen(s->c->prefix) + strlen(b->ops[i]->name) + 1;
+        }
+    }
+    need = nargs * sizeof(char *) + bytes;
+    if (need > s->scratch_cap) {
+        char *p = realloc(s->scratch, need);
+        if (p == NULL)
+            return -1;
+        s->scratch = p;
+        s->scratch_cap = need;
+    }
+    a->argv = (const char **)(void *)s->scratch;
+    a->argc = 0;
+    a->p = s->scratch + nargs * sizeof(char *);
+    a->end = s->scratch + need;
+    a->overflow = 0;
+    return 0;
+}
+
+/* Per begin: member amount day_limit month_limit entry-key-index. */
+static void args_begins(struct args *a, const struct batch *b, int first_entry)
+{
+    const struct cache *c = b->s->c;
+    int entry = first_entry;
+
+    arg_fmt(a, "%d", c->opts.reservation_ttl_ms);
+    arg_fmt(a, "%d", grace_ms(c));
+    for (size_t i = 0; i < b->n; i++) {
+        const struct cache_op *op = b->ops[i];
+        arg_member(a, c, op->res.seq, op->amount);
+        arg_fmt(a, "%lld", (long long)op->amount);
+        arg_fmt(a, "%lld", (long long)op->day_limit);
+        arg_fmt(a, "%lld", (long long)op->month_limit);
+        arg_fmt(a, "%d", has_entry(op) ? entry++ : 0);
+    }
+}
+
+/* Per settle or write-back: member|'' reserved-amount real force. */
+static void args_settles(struct args *a, const struct batch *b)
+{
+    const struct cache *c = b->s->c;
+
+    arg_add(a, DAY_KEY_TTL_S);
+    arg_add(a, MONTH_KEY_TTL_S);
+    for (size_t i = 0; i < b->n; i++) {
+        const struct cache_op *op = b->ops[i];
+        const struct cache__jentry *e = op->jentry;
+        if (e == NULL) { /* a settle: charges whatever happened to the reservation */
+            args_member(a, c, op->res.remote ? op->res.seq : 0, op->res.amount);
+            arg_fmt(a, "%lld", (long long)op->amount);
+            arg_add(a, "1");
+        } else { /* a write-back: a sent one may have been applied already */
+            args_member(a, c, e->seq, e->res_amount);
+            arg_fmt(a, "%lld", (long long)e->real);
+            arg_add(a, e->conditional ? "0" : "1");
+        }
+    }
+}
+
+static void batch_reply_cb(redisAsyncContext *ac, void *r, void *priv);
+
+/* Send `b` (with `eval` the script body instead of its SHA). */
+static int batch_send(struct batch *b, int eval)
+{
+    struct cache__redis *s = b->s;
+    struct cache *c = s->c;
+    int script = b->begin ? SCRIPT_BEGIN : SCRIPT_SETTLE, nkeys = 5;
+    struct keys k;
+    struct args a;
+
+    if (s->ac == NULL || s->state != CACHE_STATE_CONNECTED || args_init(s, b, &a) < 0)
+        return -1;
+    for (size_t i = 0; b->begin && i < b->n; i++)
+        nkeys += has_entry(b->ops[i]);
+    keys_build(c, op_tenant(b->ops[0]), op_period(b->ops[0]), NULL, &k);
+    arg_add(&a, eval ? "EVAL" : "EVALSHA");
+    arg_add(&a, eval ? scripts[script] : s->sha[script]);
+    arg_fmt(&a, "%d", nkeys);
+    arg_add(&a, k.day);
+    arg_add(&a, k.month);
+    arg_add(&a, k.res);
+    arg_add(&a, k.reserved);
+    arg_add(&a, k.exp);
+    for (size_t i = 0; b->begin && i < b->n; i++)
+        if (has_entry(b->ops[i]))
+            arg_fmt(&a, "%s%s", c->prefix, b->ops[i]->name);
+    if (b->begin)
+        args_begins(&a, b, 6);
+    else
+        args_settles(&a, b);
+    if (a.overflow ||
+        redisAsyncCommandArgv(s->ac, batch_reply_cb, b, a.argc, a.argv, NULL) != REDIS_OK)
+        return -1;
+    for (size_t i = 0; i < b->n; i++) {
+        b->ops[i]->pending++;
+        if (!b->ops[i]->inflight)
+            inflight_add(s, b->ops[i]);
+    }
+    return 0;
+}
+
+/* An op that never reached Redis: nothing of it was applied. */
+static void op_unsent(struct cache_op *op)
+{
+    struct cache *c = op->cache;
+
+    if (op->errstr == NULL)
+        op->errstr = error_store_unavailable;
+    if (op->kind == CACHE__FLUSH) {
+        cache__journal_readd(&c->journal, op->jentry, 0);
+        op->jentry = NULL;
+        cache__finish(op);
+    } else if (op->pending == 0) { /* else a begin's GET is out: its reply ends the op */
+        op_ended(op, 1);
+    }
+}
+
+static void batch_start(struct cache__redis *s, struct cache_op **ops, size_t n)
+{
+    struct batch *b = malloc(sizeof(*b) + n * sizeof(b->ops[0]));
+
+    for (size_t i = 0; i < n; i++)
+        ops[i]->queued = 0;
+    if (b != NULL) {
+        b->s = s;
+        b->begin = ops[0]->kind == CACHE__BEGIN;
+        b->sent_eval = 0;
+        b->n = n;
+        memcpy(b->ops, ops, n * sizeof(ops[0]));
+        if (batch_send(b, 0) == 0)
+            return;
+        free(b);
+    }
+    for (size_t i = 0; i < n; i++)
+        op_unsent(ops[i]);
+}
+
+/* Send every queued op, one script call per tenant, period and kind, and
+ * write them at once: the socket is nearly always writable, so waiting for
+ * the loop to say so would only cost two epoll_ctl calls per turn. */
+static void queue_send(struct cache__redis *s)
+{
+    struct cache_op **q = s->queue;
+    size_t n = s->nqueue, cap = s->queue_cap, i, j;
+    redisAsyncContext *ac = s->ac;
+    struct redis_poll *p = ac ? ac->ev.data : NULL;
+
+    uv_prepare_stop(&s->prepare);
+    if (n == 0)
+        return;
+    /* Ending an op below may queue others: they go to a new array. */
+    s->queue = NULL;
+    s->nqueue = s->queue_cap = 0;
+    qsort(q, n, sizeof(*q), queue_order);
+    if (p)
+        p->hold_write = 1;
+    for (i = 0; i < n; i = j) {
+        for (j = i + 1; j < n && j - i < BATCH_MAX && batch_cmp(q[i], q[j]) == 0; j++)
+            ;
+        batch_start(s, q + i, j - i);
+    }
+    if (p && s->ac == ac) { /* ending ops never frees the connection, but be sure */
+        p->hold_write = 0;
+        if (p->write_held) {
+            p->write_held = 0;
+            redisAsyncHandleWrite(ac); /* asks for the poll itself if the socket is full */
+        }
+    }
+    if (s->queue == NULL) {
+        s->queue = q;
+        s->queue_cap = cap;
+    } else {
+        free(q);
+    }
+}
+
+static void prepare_cb(uv_prepare_t *h)
+{
+    queue_send(h->data);
+}
+
+/* Queue a begin, settle or write-back for this turn's script calls; -1
+ * when it cannot go to Redis (not connected, no memory). */
+static int queue_add(struct cache__redis *s, struct cache_op *op)
+{
+    if (s->ac == NULL || s->state != CACHE_STATE_CONNECTED)
+        return -1;
+    if (s->nqueue == s->queue_cap) {
+        size_t cap = s->queue_cap ? 2 * s->queue_cap : 64;
+        struct cache_op **q = realloc(s->queue, cap * sizeof(*q));
+        if (q == NULL)
+            return -1;
+        s->queue = q;
+        s->queue_cap = cap;
+    }
+    s->queue[s->nqueue++] = op;
+    op->queued = 1;
+    if (s->nqueue == 1)
+        uv_prepare_start(&s->prepare, prepare_cb);
+    return 0;
 }
 
 /* ---- reply parsing ---- */
@@ -732,92 +1050,173 @@ static int copy_value(struct cache_op *op, const char *p, size_t len)
     return 0;
 }
 
-/* Apply one reply to the op; sets op->errstr on failure. */
+/* Apply a single command's reply (a shared-cache GET, the spend script, a
+ * SET) to the op; sets op->errstr on failure. */
 static void parse_reply(struct cache_op *op, const redisReply *r)
 {
-    struct cache_begin_result *b = &op->result;
-    int64_t st, day, month, res;
-
-    if (op->shared_get) { /* the pipelined GET answers first */
+    if (op->shared_get) { /* the pipelined GET answers before the begin script */
         op->shared_get = 0;
         if (r->type == REDIS_REPLY_STRING) {
             if (copy_value(op, r->str, r->len) < 0)
                 op->errstr = error_no_memory;
-            b->lookup = CACHE_LOOKUP_HIT;
+            op->result.lookup = CACHE_LOOKUP_HIT;
         } else if (r->type != REDIS_REPLY_NIL) {
             op->errstr = cache_error_protocol;
         }
-        return;
-    }
-    switch (op->kind) {
-    case CACHE__BEGIN:
-        if (int_at(r, 0, &st) < 0 || int_at(r, 1, &day) < 0 || int_at(r, 2, &month) < 0 ||
-            int_at(r, 3, &res) < 0) {
-            op->errstr = cache_error_protocol;
-            return;
-        }
-        b->day_spent = day;
-        b->month_spent = month;
-        b->reserved = res;
-        if (st == 2 && r->elements > 4 && r->element[4]->type == REDIS_REPLY_STRING) {
-            if (copy_value(op, r->element[4]->str, r->element[4]->len) < 0)
-                op->errstr = error_no_memory;
-            b->lookup = CACHE_LOOKUP_HIT;
-        } else if (st == 0) {
-            b->granted = 1;
-            b->reservation.amount = op->amount;
-            b->reservation.seq = op->res.seq;
-            b->reservation.remote = 1;
-        }
-        break;
-    case CACHE__SPEND:
+    } else if (op->kind == CACHE__SPEND) {
         if (int_at(r, 0, &op->spend.day_spent) < 0 || int_at(r, 1, &op->spend.month_spent) < 0 ||
             int_at(r, 2, &op->spend.reserved) < 0)
             op->errstr = cache_error_protocol;
-        break;
-    case CACHE__SETTLE:
-    case CACHE__FLUSH:
-        if (int_at(r, 0, &day) < 0 || int_at(r, 1, &month) < 0) {
-            op->errstr = cache_error_protocol;
-            return;
-        }
-        op->spend.day_spent = day;
-        op->spend.month_spent = month;
-        break;
-    case CACHE__PUT:
-        if (r->type != REDIS_REPLY_STATUS)
-            op->errstr = cache_error_protocol;
-        break;
+    } else if (op->kind != CACHE__PUT || r->type != REDIS_REPLY_STATUS) {
+        op->errstr = cache_error_protocol;
     }
 }
 
+/* One begin's outcome; `value` is its hit's bytes (status 2). */
+static void begin_apply(struct cache_op *op, int64_t day, int64_t month, int64_t st,
+                        int64_t reserved, const redisReply *value)
+{
+    struct cache_begin_result *b = &op->result;
+
+    b->day_spent = day;
+    b->month_spent = month;
+    b->reserved = reserved;
+    if (st == 2) {
+        if (value == NULL || value->type != REDIS_REPLY_STRING)
+            op->errstr = cache_error_protocol;
+        else if (copy_value(op, value->str, value->len) < 0)
+            op->errstr = error_no_memory;
+        b->lookup = CACHE_LOOKUP_HIT;
+    } else if (st == 0) {
+        b->granted = 1;
+        b->reservation.amount = op->amount;
+        b->reservation.seq = op->res.seq;
+        b->reservation.remote = 1;
+    }
+}
+
+/* The begin script's reply: {day, month, status and reserved per begin,
+ * then each hit's value}. Ops already failed are left as they are. */
+static void parse_begins(struct batch *b, const redisReply *r)
+{
+    int64_t day = 0, month = 0, st, reserved;
+    size_t hit = 2 + 2 * b->n;
+    int bad = int_at(r, 0, &day) < 0 || int_at(r, 1, &month) < 0;
+
+    for (size_t i = 0; i < b->n; i++) {
+        struct cache_op *op = b->ops[i];
+        const redisReply *value = NULL;
+        if (bad || int_at(r, 2 + 2 * i, &st) < 0 || int_at(r, 3 + 2 * i, &reserved) < 0) {
+            bad = 1; /* the hit values can no longer be matched up */
+            if (op->errstr == NULL)
+                op->errstr = cache_error_protocol;
+            continue;
+        }
+        if (st == 2 && hit < r->elements)
+            value = r->element[hit++];
+        if (op->errstr == NULL)
+            begin_apply(op, day, month, st, reserved, value);
+    }
+}
+
+/* The settle script's reply: {day, month} after the whole batch. */
+static void parse_settles(struct batch *b, const redisReply *r)
+{
+    int64_t day = 0, month = 0;
+    int bad = int_at(r, 0, &day) < 0 || int_at(r, 1, &month) < 0;
+
+    for (size_t i = 0; i < b->n; i++) {
+        struct cache_op *op = b->ops[i];
+        if (op->errstr != NULL)
+            continue;
+        if (bad) {
+            op->errstr = cache_error_protocol;
+        } else {
+            op->spend.day_spent = day;
+            op->spend.month_spent = month;
+        }
+    }
+}
+
+static const char *reply_error(struct cache__redis *s, const redisReply *reply)
+{
+    if (reply == NULL)
+        return s->drop_reason ? s->drop_reason : error_store_unavailable;
+    log_warn("store: Redis error: %s", reply->str);
+    return cache_error_protocol;
+}
+
+static int is_noscript(const redisReply *reply)
+{
+    return reply && reply->type == REDIS_REPLY_ERROR && strncmp(reply->str, "NOSCRIPT", 8) == 0;
+}
+
+/* One reply of `op` handled: end it when it was the last awaited. */
+static void op_replied(struct cache__redis *s, struct cache_op *op)
+{
+    if (--op->pending > 0 || op->queued)
+        return; /* more replies due, or its script is still to be sent */
+    inflight_del(s, op);
+    op_ended(op, 0);
+}
+
+/* Replies to single commands: a shared-cache GET, a SET, the spend script. */
 static void reply_cb(redisAsyncContext *ac, void *r, void *priv)
 {
     struct cache_op *op = priv;
     struct cache__redis *s = op->cache->redis;
     redisReply *reply = r;
 
-    op->pending--;
-    if (reply == NULL) {
-        if (op->errstr == NULL)
-            op->errstr = s->drop_reason ? s->drop_reason : error_store_unavailable;
-    } else if (reply->type == REDIS_REPLY_ERROR && strncmp(reply->str, "NOSCRIPT", 8) == 0 &&
-               !op->sent_eval && op->errstr == NULL) {
+    if (is_noscript(reply) && op->kind == CACHE__SPEND && !op->sent_eval && op->errstr == NULL) {
         op->sent_eval = 1;
+        op->pending--;
         inflight_del(s, op);
-        if (send_script(s, op, 1) == 0)
+        if (send_spend(s, op, 1) == 0)
             return;
+        op->pending++;
         op->errstr = error_store_unavailable;
-    } else if (reply->type == REDIS_REPLY_ERROR) {
-        log_warn("store: Redis error: %s", reply->str);
-        op->errstr = cache_error_protocol;
+    } else if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
+        const char *err = reply_error(s, reply);
+        if (op->errstr == NULL)
+            op->errstr = err;
     } else if (op->errstr == NULL) {
         parse_reply(op, reply);
     }
-    if (op->pending > 0)
-        return;
-    inflight_del(s, op);
-    op_ended(op, 0);
+    op_replied(s, op);
+}
+
+/* The reply to a batch: element i answers ops[i]. */
+static void batch_reply_cb(redisAsyncContext *ac, void *r, void *priv)
+{
+    struct batch *b = priv;
+    struct cache__redis *s = b->s;
+    redisReply *reply = r;
+    const char *err = NULL;
+
+    if (is_noscript(reply) && !b->sent_eval) { /* SCRIPT FLUSH, failover: send the body */
+        b->sent_eval = 1;
+        for (size_t i = 0; i < b->n; i++)
+            if (--b->ops[i]->pending == 0)
+                inflight_del(s, b->ops[i]);
+        if (batch_send(b, 1) == 0)
+            return;
+        for (size_t i = 0; i < b->n; i++)
+            b->ops[i]->pending++;
+        err = error_store_unavailable;
+    } else if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
+        err = reply_error(s, reply);
+    } else if (b->begin) {
+        parse_begins(b, reply);
+    } else {
+        parse_settles(b, reply);
+    }
+    for (size_t i = 0; i < b->n; i++) {
+        struct cache_op *op = b->ops[i];
+        if (op->errstr == NULL && err != NULL)
+            op->errstr = err;
+        op_replied(s, op);
+    }
+    free(b);
 }
 
 /* ---- operations ---- */
@@ -952,14 +1351,11 @@ static void redis_begin(struct cache_op *op)
             op->shared_get = 1;
     }
     op->result.lookup = op->name ? CACHE_LOOKUP_MISS : CACHE_LOOKUP_NONE;
-    if (send_script(s, op, 0) == 0)
+    if (queue_add(s, op) == 0)
         return;
-    if (op->pending > 0) { /* the GET went out: finish when it answers */
-        op->errstr = error_store_unavailable;
-        return;
-    }
     op->errstr = error_store_unavailable;
-    begin_ended(op, 1);
+    if (op->pending == 0) /* else the GET went out: finish when it answers */
+        begin_ended(op, 1);
 }
 
 static void redis_settle(struct cache_op *op)
@@ -974,7 +1370,7 @@ static void redis_settle(struct cache_op *op)
         cache__defer(op); /* a local release: nothing to tell Redis */
         return;
     }
-    if (send_script(c->redis, op, 0) == 0)
+    if (queue_add(c->redis, op) == 0)
         return;
     op->errstr = error_store_unavailable;
     settle_ended(op, 1); /* never sent: written back unconditionally */
@@ -982,7 +1378,9 @@ static void redis_settle(struct cache_op *op)
 
 static void redis_spend(struct cache_op *op)
 {
-    if (send_script(op->cache->redis, op, 0) == 0)
+    /* A read: what was called before it must reach Redis first. */
+    queue_send(op->cache->redis);
+    if (send_spend(op->cache->redis, op, 0) == 0)
         return;
     op->errstr = error_store_unavailable;
     spend_ended(op, 1);
@@ -1029,7 +1427,7 @@ static void flush_journal(struct cache__redis *s)
         op->cache = c;
         op->kind = CACHE__FLUSH;
         op->jentry = e;
-        if (send_script(s, op, 0) < 0) {
+        if (queue_add(s, op) < 0) {
             cache__journal_readd(&c->journal, e, 0);
             op->jentry = NULL;
             cache__finish(op);
@@ -1043,6 +1441,7 @@ static enum cache_state redis_state(const struct cache *c)
     return c->redis->state;
 }
 
+/* Close callback of the timers and the prepare handle. */
 static void timer_closed(uv_handle_t *h)
 {
     struct cache__redis *s = h->data;
@@ -1057,21 +1456,23 @@ static void redis_close(struct cache *c)
     uv_timer_stop(&s->timer);
     uv_timer_stop(&s->cmd_timer);
     redis_drop(s, cache_error_closed);
+    queue_send(s); /* fails what is queued: the connection is gone */
     if (s->resolving && !s->resolve_counted) {
         s->resolve_counted = 1;
         c->handles_open++;
         uv_cancel((uv_req_t *)&s->gai);
     }
-    c->handles_open += 2;
+    c->handles_open += 3;
     uv_close((uv_handle_t *)&s->timer, timer_closed);
     uv_close((uv_handle_t *)&s->cmd_timer, timer_closed);
+    uv_close((uv_handle_t *)&s->prepare, timer_closed);
 }
 
 static void redis_stats(const struct cache *c, struct cache_stats *out)
 {
     out->state = c->redis->state;
     out->reconnects = c->redis->reconnects;
-    out->inflight = c->redis->ninflight;
+    out->inflight = c->redis->ninflight + c->redis->nqueue;
 }
 
 const struct cache__type cache__redis_type = {
@@ -1101,8 +1502,10 @@ int cache__redis_create(struct cache *c)
     s->state = CACHE_STATE_DOWN;
     uv_timer_init(c->loop, &s->timer);
     uv_timer_init(c->loop, &s->cmd_timer);
+    uv_prepare_init(c->loop, &s->prepare);
     s->timer.data = s;
     s->cmd_timer.data = s;
+    s->prepare.data = s;
     redis_connect(s);
     return 0;
 }
@@ -1115,6 +1518,8 @@ void cache__redis_free(struct cache *c)
         return;
     free(s->host);
     free(s->password);
+    free(s->queue);
+    free(s->scratch);
     free(s);
     c->redis = NULL;
 }

@@ -272,6 +272,87 @@ BOTH(cancel_releases_the_reservation, 20)
     fx_close(&f);
 }
 
+/* Turn the loop until every callback in `w` ran once. */
+static void wait_all(uv_loop_t *loop, struct wait *w, int n)
+{
+    for (int i = 0; i < n; i++)
+        cr_assert_eq(w[i].done, 0, "callback %d ran inside the call", i);
+    for (int i = 0; i < n; i++) {
+        while (!w[i].done)
+            uv_run(loop, UV_RUN_ONCE);
+        cr_assert_eq(w[i].calls, 1);
+    }
+}
+
+/* Begins, and settles, made in one loop turn reach Redis as one script
+ * call per tenant, and each gets the answer it would have had alone: in
+ * call order, the limit admits exactly as many as fit. */
+Test(store_redis, one_turn_is_one_script_call_per_tenant, .timeout = 20)
+{
+    struct cache_options o = {0};
+    struct fx f;
+    struct wait w[25] = {0}, done[15] = {0}, s;
+    struct wait *acme = w, *beta = w + 20;
+    long long calls;
+
+    fx_open(&f, 1, &o, "batch");
+    calls = test_redis_calls(&f.redis, "evalsha");
+    for (int i = 0; i < 20; i++)
+        cr_assert_not_null(cache_begin(f.c, "acme", NULL, 100, 1500, 0, wait_begin_cb, &acme[i]));
+    for (int i = 0; i < 5; i++)
+        cr_assert_not_null(cache_begin(f.c, "beta", NULL, 7, 0, 0, wait_begin_cb, &beta[i]));
+    wait_all(&f.loop, w, 25);
+    cr_assert_eq(test_redis_calls(&f.redis, "evalsha"), calls + 2, "one call per tenant");
+    for (int i = 0; i < 20; i++) {
+        cr_assert_null(acme[i].err);
+        cr_assert_eq(acme[i].begin.granted, i < 15, "begin %d", i);
+        cr_assert_eq(acme[i].begin.reserved, i < 15 ? 100 * (i + 1) : 1500, "begin %d", i);
+    }
+    for (int i = 0; i < 5; i++) {
+        cr_assert(beta[i].begin.granted);
+        cr_assert_eq(beta[i].begin.reserved, 7 * (i + 1));
+    }
+
+    calls = test_redis_calls(&f.redis, "evalsha");
+    for (int i = 0; i < 15; i++)
+        cr_assert_not_null(
+            cache_settle(f.c, &acme[i].begin.reservation, 10 + i, wait_done_cb, &done[i]));
+    wait_all(&f.loop, done, 15);
+    cr_assert_eq(test_redis_calls(&f.redis, "evalsha"), calls + 1);
+    for (int i = 0; i < 15; i++)
+        cr_assert_null(done[i].err);
+    s = wait_spend(&f.loop, f.c, "acme");
+    cr_assert_eq(s.spend.day_spent, 15 * 10 + 14 * 15 / 2);
+    cr_assert_eq(s.spend.month_spent, 15 * 10 + 14 * 15 / 2);
+    cr_assert_eq(s.spend.reserved, 0);
+    s = wait_spend(&f.loop, f.c, "beta");
+    cr_assert_eq(s.spend.reserved, 35);
+    cr_assert_eq(s.spend.day_spent, 0);
+    fx_close(&f);
+}
+
+/* After SCRIPT FLUSH (a restart, a failover) each script is sent whole
+ * once, and the answers are the same. */
+Test(store_redis, flushed_scripts_are_sent_whole, .timeout = 20)
+{
+    struct cache_options o = {0};
+    struct fx f;
+    struct wait w, s;
+
+    fx_open(&f, 1, &o, "noscript");
+    test_redis_int(&f.redis, "SCRIPT FLUSH");
+    w = wait_begin(&f.loop, f.c, "acme", NULL, 100, 1000, 0);
+    cr_assert_null(w.err);
+    cr_assert(w.begin.granted);
+    cr_assert_null(wait_settle(&f.loop, f.c, &w.begin.reservation, 40));
+    s = wait_spend(&f.loop, f.c, "acme");
+    cr_assert_null(s.err);
+    cr_assert_eq(s.spend.day_spent, 40);
+    cr_assert_eq(s.spend.reserved, 0);
+    cr_assert_eq(test_redis_calls(&f.redis, "eval"), 3, "begin, settle and spend once each");
+    fx_close(&f);
+}
+
 Test(store_memory, bad_arguments, .timeout = 5)
 {
     uv_loop_t loop;

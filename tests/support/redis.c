@@ -156,20 +156,28 @@ void test_redis_stop(struct test_redis *r)
     r->dir[0] = '\0';
 }
 
-long long test_redis_int(struct test_redis *r, const char *fmt, ...)
+/* A blocking connection with a 2 s timeout, or NULL. */
+static redisContext *connect_sync(const struct test_redis *r)
 {
     struct timeval tv = {2, 0};
     redisContext *rc = redisConnectWithTimeout("127.0.0.1", r->port, tv);
+
+    if (rc != NULL && rc->err == 0 && redisSetTimeout(rc, tv) == REDIS_OK)
+        return rc;
+    if (rc)
+        redisFree(rc);
+    return NULL;
+}
+
+long long test_redis_int(struct test_redis *r, const char *fmt, ...)
+{
+    redisContext *rc = connect_sync(r);
     redisReply *reply;
     long long v = -1;
     va_list ap;
 
-    if (rc == NULL || rc->err) {
-        if (rc)
-            redisFree(rc);
+    if (rc == NULL)
         return -1;
-    }
-    redisSetTimeout(rc, tv);
     va_start(ap, fmt);
     reply = redisvCommand(rc, fmt, ap);
     va_end(ap);
@@ -181,4 +189,25 @@ long long test_redis_int(struct test_redis *r, const char *fmt, ...)
         freeReplyObject(reply);
     redisFree(rc);
     return v;
+}
+
+long long test_redis_calls(struct test_redis *r, const char *command)
+{
+    redisContext *rc = connect_sync(r);
+    redisReply *reply;
+    long long calls = -1;
+    char field[64];
+
+    if (rc == NULL)
+        return -1;
+    reply = redisCommand(rc, "INFO commandstats");
+    snprintf(field, sizeof(field), "cmdstat_%s:calls=", command);
+    if (reply && reply->type == REDIS_REPLY_STRING) {
+        const char *at = strstr(reply->str, field);
+        calls = at ? strtoll(at + strlen(field), NULL, 10) : 0;
+    }
+    if (reply)
+        freeReplyObject(reply);
+    redisFree(rc);
+    return calls;
 }

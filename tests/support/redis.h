@@ -28,6 +28,9 @@ void test_redis_stop(struct test_redis *r);
 /* Run one command synchronously (tests only: blocks). Integer replies and
  * integer-looking strings are returned; -1 on error or nil. */
 long long test_redis_int(struct test_redis *r, const char *fmt, ...);
+/* How many times the server ran `command` (lower case, as INFO
+ * commandstats names it): 0 if never, -1 on error. */
+long long test_redis_calls(struct test_redis *r, const char *command);
 /* A free loopback TCP port (bound then released). */
 int test_free_port(void);
 
