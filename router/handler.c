@@ -8,7 +8,7 @@
  * errstr constant maps once to a status and an OpenAI-style body.
  */
 #include <cjson/cJSON.h>
-#include <openssl/sha.h>
+#include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -139,8 +139,8 @@ static void buf_trim(struct buf *b)
 static void request_bufs(struct router__request *req, struct buf *out[ROUTER_REQ_NBUFS])
 {
     struct buf *all[ROUTER_REQ_NBUFS] = {
-        &req->url, &req->auth, &req->body,    &req->hname, &req->hvalue,
-        &req->fwd, &req->up_body, &req->sse, &req->head,  &req->batch,
+        &req->url, &req->auth, &req->body,    &req->hname, &req->hvalue, &req->fwd,
+        &req->up_body, &req->sse, &req->head,  &req->batch, &req->json_mem,
     };
 
     memcpy(out, all, sizeof(all));
@@ -204,7 +204,7 @@ void router__request_reset(struct router__request *req)
 {
     struct buf *bufs[ROUTER_REQ_NBUFS];
 
-    cJSON_Delete(req->json);
+    router__json_drop(req);
     /* The tenant key is a secret: wipe it, do not just forget it. */
     if (req->auth.data)
         memset(req->auth.data, 0, req->auth.len);
@@ -307,7 +307,9 @@ static const struct conf_key *authenticate(struct router__client *c)
         return NULL;
     while (skip < a->len && a->data[skip] == ' ')
         skip++;
-    SHA256((const unsigned char *)a->data + skip, a->len - skip, digest);
+    if (EVP_Digest(a->data + skip, a->len - skip, digest, NULL, c->router->shared->sha256,
+                   NULL) != 1)
+        return NULL;
     return conf_find_key(c->router->conf, digest);
 }
 
@@ -343,8 +345,7 @@ static const char *parse_body(struct router__client *c)
     struct router__request *req = &c->req;
     const cJSON *model, *stream;
 
-    req->json = cJSON_ParseWithLength(req->body.data ? req->body.data : "", req->body.len);
-    if (req->json == NULL || !cJSON_IsObject(req->json))
+    if (router__json_parse(req) == NULL || !cJSON_IsObject(req->json))
         return error_bad_json;
     model = cJSON_GetObjectItemCaseSensitive(req->json, "model");
     if (!cJSON_IsString(model) || model->valuestring[0] == '\0')

@@ -57,6 +57,7 @@ struct router__pool {
     struct router__upstream *idle_head;    /* idle connections, most recent first */
     unsigned nidle;                        /* length of the idle list */
     unsigned nopen;                        /* all open connections of this pool */
+    char *model_json;                      /* the backend's model name as a JSON string, or NULL */
 };
 
 /* What outlives a config reload: the listening socket and the state that
@@ -75,6 +76,7 @@ struct router__shared {
     struct cache_flight *flights;   /* owned */
     struct metrics *metrics;        /* owned */
     struct metrics_cost_log *cost_log; /* owned, or NULL */
+    EVP_MD *sha256;                 /* fetched once: SHA256() looks it up on every call */
     int (*reload)(void *arg, char **errors); /* admin reload hook, or NULL */
     void *reload_arg;               /* passed to reload */
 };
@@ -85,7 +87,8 @@ struct router__shared {
  * ~4 KB each); the next request on any connection takes a set back, so a
  * busy connection does not allocate per request.
  */
-#define ROUTER_REQ_NBUFS 10
+#define ROUTER_REQ_NBUFS 11
+#define ROUTER_REQUEST_OUT_KEEP 65536 /* request_out keeps up to this much between requests */
 #define ROUTER_SHELF_MAX 256
 struct router__shelf {
     unsigned n;                                          /* sets on the shelf */
@@ -116,6 +119,7 @@ struct router {
     struct metrics *metrics;        /* shared->metrics */
     struct metrics_cost_log *cost_log; /* shared->cost_log, or NULL */
     struct router__shelf shelf;     /* buffers of idle connections' requests */
+    struct buf request_out;         /* the upstream request being built, reused */
     unsigned stopping:1;            /* draining: no keep-alive, pools closing */
     unsigned freeing:1;             /* free_timer closing */
 };
@@ -211,6 +215,8 @@ struct router__request {
     struct buf head;                     /* response head held until the cost is known */
     struct buf cached;                   /* bytes to put in the response cache */
     struct buf batch;                    /* events of one upstream read, sent in one write */
+    struct buf json_mem;                 /* first block of the body tree's arena (jsonmem.c) */
+    struct router__jsonmem_block *json_more; /* its overflow blocks */
     unsigned has_res:1;                  /* res must be settled or released */
     unsigned attempt_open:1;             /* ticket must be finished */
     unsigned cacheable:1;                /* deterministic request, cache enabled */
@@ -342,10 +348,24 @@ void router__admin_abandon(struct router__client *c);
 /* account.c: set gauges that are read, not counted (budgets, pools, store) */
 void router__refresh_gauges(struct router *r);
 
+/* jsonmem.c: cJSON allocates a request's tree from the request's arena */
+struct router__jsonmem_block;
+/* Make cJSON allocate through us (once per process, before any cJSON use). */
+void router__json_install(void);
+/* Parse req->body into req->json, in the arena; NULL if it is not JSON. */
+struct cJSON *router__json_parse(struct router__request *req);
+/* Around any cJSON call that adds to or removes from req->json. */
+void router__json_enter(struct router__request *req);
+void router__json_leave(void);
+/* Free req->json and the arena. */
+void router__json_drop(struct router__request *req);
+
 /* proxy.c: one request to upstreams, with fallback */
 /* [start, end) of the top-level "model" string value in validated JSON;
  * -1 when it is not written plainly. */
 int router__json_model_span(const char *p, size_t len, size_t *start, size_t *end);
+/* `s` as a JSON string with its quotes (malloc'd), or NULL. */
+char *router__json_quote(const char *s);
 /* The store answered cache_begin: continue with the reservation granted,
  * or re-choose / reject when it was denied. */
 void router__proxy_reserved(struct router__client *c, const struct cache_begin_result *res);

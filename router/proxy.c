@@ -144,20 +144,46 @@ int router__json_model_span(const char *p, size_t len, size_t *start, size_t *en
     return -1;
 }
 
-/* The body for backend `b` into `body`: the client's bytes with the
- * model value replaced (and, for a stream that did not ask for usage,
- * stream_options added after the opening brace), so the body is copied
- * once rather than parsed into a tree and printed again. Falls back to
- * cJSON for bodies the splice does not handle. */
-static int body_for(struct router__request *req, const struct conf_backend *b, struct buf *body)
+char *router__json_quote(const char *s)
 {
-    const char *model = b->model ? b->model : req->route->model;
-    const char *p = req->body.data;
+    cJSON *str = cJSON_CreateString(s);
+    char *printed = str ? cJSON_PrintUnformatted(str) : NULL;
+
+    cJSON_Delete(str);
+    return printed;
+}
+
+/* The body for a backend, as pieces of bytes held elsewhere: written
+ * straight after the head, so the body is copied once. */
+struct body_parts {
+    const char *p[5];  /* pieces, in order */
+    size_t n[5];       /* their lengths */
+    int count;         /* pieces used */
+    size_t len;        /* their sum: the Content-Length */
+    char *owned;       /* malloc'd piece to free afterwards, or NULL */
+};
+
+static void part_add(struct body_parts *bp, const char *p, size_t n)
+{
+    bp->p[bp->count] = p;
+    bp->n[bp->count++] = n;
+    bp->len += n;
+}
+
+/* The body for backend `b`: the client's bytes with the model value
+ * replaced (and, for a stream that did not ask for usage, stream_options
+ * added after the opening brace), so the body is not parsed into a tree
+ * and printed again. Falls back to cJSON for bodies the splice does not
+ * handle. */
+static int body_for(struct router__request *req, const struct router__pool *pool,
+                    struct body_parts *bp)
+{
+    const struct conf_backend *b = pool->conf;
+    const char *p = req->body.data, *model = pool->model_json;
     size_t start, end, open;
     int inject = 0, rc;
-    char *printed;
-    cJSON *esc;
 
+    memset(bp, 0, sizeof(*bp));
     if (req->stream && req->endpoint != ROUTER_EP_EMBEDDINGS) {
         const cJSON *opts = cJSON_GetObjectItemCaseSensitive(req->json, "stream_options");
 
@@ -168,40 +194,39 @@ static int body_for(struct router__request *req, const struct conf_backend *b, s
     }
     if (router__json_model_span(p, req->body.len, &start, &end) != 0)
         goto print;
+    if (model == NULL) /* the backend has no model: the route's name, JSON-escaped */
+        model = bp->owned = router__json_quote(req->route->model);
+    if (model == NULL)
+        return -1;
     open = (size_t)((const char *)memchr(p, '{', req->body.len) - p);
-    esc = cJSON_CreateString(model);
-    printed = esc ? cJSON_PrintUnformatted(esc) : NULL; /* the model name, JSON-escaped */
-    cJSON_Delete(esc);
-    if (printed == NULL)
-        return -1;
-    rc = buf_append(body, p, open + 1);
-    if (rc == 0 && inject)
-        rc = buf_append(body, "\"stream_options\":{\"include_usage\":true},", 40);
-    rc = rc ?: buf_append(body, p + open + 1, start - open - 1);
-    rc = rc ?: buf_append(body, printed, strlen(printed));
-    rc = rc ?: buf_append(body, p + end, req->body.len - end);
-    free(printed);
+    part_add(bp, p, open + 1);
+    if (inject)
+        part_add(bp, "\"stream_options\":{\"include_usage\":true},", 40);
+    part_add(bp, p + open + 1, start - open - 1);
+    part_add(bp, model, strlen(model));
+    part_add(bp, p + end, req->body.len - end);
     req->injected_usage = inject;
-    return rc;
+    return 0;
 print:
-    if (rewrite_body(req, b) != 0)
+    router__json_enter(req);
+    rc = rewrite_body(req, b);
+    router__json_leave();
+    if (rc != 0 || (bp->owned = cJSON_PrintUnformatted(req->json)) == NULL)
         return -1;
-    printed = cJSON_PrintUnformatted(req->json);
-    if (printed == NULL)
-        return -1;
-    rc = buf_append(body, printed, strlen(printed));
-    free(printed);
-    return rc;
+    part_add(bp, bp->owned, strlen(bp->owned));
+    return 0;
 }
 
-static int build_request(struct router__client *c, const struct conf_backend *b, struct buf *out)
+static int build_request(struct router__client *c, const struct router__pool *pool,
+                         struct buf *out)
 {
+    const struct conf_backend *b = pool->conf;
     struct router__request *req = &c->req;
-    struct buf body = {0};
+    struct body_parts body;
     int rc;
 
-    if (body_for(req, b, &body) != 0) {
-        buf_free(&body);
+    if (body_for(req, pool, &body) != 0) {
+        free(body.owned);
         return -1;
     }
     rc = buf_printf(out, b->host_is_ipv6 ? "POST %s%s HTTP/1.1\r\nHost: [%s]" : "POST %s%s HTTP/1.1\r\nHost: %s",
@@ -219,8 +244,10 @@ static int build_request(struct router__client *c, const struct conf_backend *b,
     }
     rc = rc ?: buf_append(out, req->fwd.data, req->fwd.len);
     rc = rc ?: buf_append(out, "\r\n", 2);
-    rc = rc ?: buf_append(out, body.data, body.len);
-    buf_free(&body);
+    rc = rc ?: buf_reserve(out, body.len);
+    for (int i = 0; rc == 0 && i < body.count; i++)
+        rc = buf_append(out, body.p[i], body.n[i]);
+    free(body.owned);
     return rc;
 }
 
@@ -429,8 +456,7 @@ static void send_attempt(struct router__client *c)
 {
     struct router__request *req = &c->req;
     struct router *r = c->router;
-    const struct conf_backend *b = req->route->candidates[req->candidate];
-    struct buf out = {0};
+    struct buf *out = &r->request_out;
     uint64_t now = router__now(r);
     int rc;
 
@@ -438,16 +464,17 @@ static void send_attempt(struct router__client *c)
     if (req->attempts++ > 0)
         req->fallbacks++;
     req->attempt_start_ms = now;
-    if (build_request(c, b, &out) != 0) {
-        buf_free(&out);
+    buf_reset(out);
+    if (build_request(c, req->pool, out) != 0) {
         router__spend_release(c);
         router__send_error(c, error_no_memory, NULL);
         return;
     }
     backend_attempt_begin(req->pool->backend, now, &req->ticket);
     req->attempt_open = 1;
-    rc = router__upstream_send(req->pool, c, out.data, out.len);
-    buf_free(&out);
+    rc = router__upstream_send(req->pool, c, out->data, out->len);
+    if (out->cap > ROUTER_REQUEST_OUT_KEEP)
+        buf_free(out); /* one huge prompt should not stay allocated */
     if (rc != 0)
         router__proxy_on_error(c, error_upstream_connect);
 }

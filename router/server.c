@@ -543,6 +543,17 @@ static void settings_init(void)
 }
 
 /* The state that outlives reloads, made once with the first config. */
+/* What shared_create made that closing the loop's handles does not free. */
+static void shared_free(struct router__shared *sh)
+{
+    if (sh->flights)
+        cache_flight_free(sh->flights);
+    policy_tokens_free(sh->tokens);
+    metrics_free(sh->metrics);
+    EVP_MD_free(sh->sha256);
+    free(sh);
+}
+
 static struct router__shared *shared_create(uv_loop_t *loop, const struct conf *conf)
 {
     struct router__shared *sh = calloc(1, sizeof(*sh));
@@ -552,7 +563,8 @@ static struct router__shared *shared_create(uv_loop_t *loop, const struct conf *
         return NULL;
     sh->loop = loop;
     sh->metrics = metrics_create(0);
-    if (sh->metrics == NULL)
+    sh->sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
+    if (sh->metrics == NULL || sh->sha256 == NULL)
         goto fail;
     if (conf->cost_log != NULL) {
         int err = 0;
@@ -579,11 +591,7 @@ fail:
         metrics_cost_log_close(sh->cost_log);
     if (sh->store)
         cache_close(sh->store, NULL, NULL);
-    if (sh->flights)
-        cache_flight_free(sh->flights);
-    policy_tokens_free(sh->tokens);
-    metrics_free(sh->metrics);
-    free(sh);
+    shared_free(sh);
     return NULL;
 }
 
@@ -639,6 +647,7 @@ static struct router *generation_create(struct router__shared *sh, struct conf *
 static void generation_free(struct router *r)
 {
     router__shelf_free(&r->shelf);
+    buf_free(&r->request_out);
     router__spend_free(r);
     router__pools_free(r);
     backend_set_destroy(r->backends);
@@ -701,6 +710,7 @@ struct router *router_create(uv_loop_t *loop, struct conf *conf)
     struct router *r;
 
     settings_init();
+    router__json_install();
     sh = shared_create(loop, conf);
     if (sh == NULL) {
         conf_free(conf);
@@ -710,10 +720,7 @@ struct router *router_create(uv_loop_t *loop, struct conf *conf)
     if (r == NULL) {
         shared_close(sh);
         uv_run(loop, UV_RUN_NOWAIT);
-        cache_flight_free(sh->flights);
-        policy_tokens_free(sh->tokens);
-        metrics_free(sh->metrics);
-        free(sh);
+        shared_free(sh);
         return NULL;
     }
     sh->current = r;
@@ -829,9 +836,5 @@ void router_destroy(struct router *r)
     }
     generation_free(r);
     shared_close(sh);
-    if (sh->flights)
-        cache_flight_free(sh->flights);
-    policy_tokens_free(sh->tokens);
-    metrics_free(sh->metrics);
-    free(sh);
+    shared_free(sh);
 }

@@ -34,6 +34,7 @@
 
 /* Close pooled connections idle for this long (servers close theirs too). */
 #define UPSTREAM_IDLE_MS 30000
+#define UPSTREAM_OUT_KEEP 16384 /* request buffer a connection keeps between requests */
 
 static llhttp_settings_t upstream_settings;
 static char upstream_read_buf[65536];
@@ -73,6 +74,16 @@ static void idle_timeout(uv_timer_t *t)
     upstream_close(t->data);
 }
 
+/* The request bytes were sent and answered: keep the buffer for the next
+ * request on this connection unless one large prompt made it big. */
+static void out_done(struct router__upstream *u)
+{
+    if (u->out.cap > UPSTREAM_OUT_KEEP)
+        buf_free(&u->out);
+    else
+        buf_reset(&u->out);
+}
+
 /* Back to the pool after a clean response, or closed if the pool is full
  * or the router is stopping. */
 static void upstream_release(struct router__upstream *u)
@@ -95,7 +106,7 @@ static void upstream_release(struct router__upstream *u)
         pool->idle_head->prev_idle = u;
     pool->idle_head = u;
     pool->nidle++;
-    buf_free(&u->out);
+    out_done(u);
     uv_timer_start(&u->timer, idle_timeout, UPSTREAM_IDLE_MS, 0);
 }
 
@@ -113,6 +124,9 @@ int router__pools_init(struct router *r)
         pool->router = r;
         pool->conf = &conf->backends[i];
         pool->backend = backend_set_get(r->backends, i);
+        if (pool->conf->model &&
+            (pool->model_json = router__json_quote(pool->conf->model)) == NULL)
+            return -1;
         if (pool->conf->tls) {
             pool->ssl_ctx = router__tls_client_ctx(pool->conf);
             if (pool->ssl_ctx == NULL)
@@ -133,8 +147,10 @@ void router__pools_free(struct router *r)
 {
     if (r->pools == NULL)
         return;
-    for (size_t i = 0; i < r->conf->nbackends; i++)
+    for (size_t i = 0; i < r->conf->nbackends; i++) {
         SSL_CTX_free(r->pools[i].ssl_ctx);
+        free(r->pools[i].model_json);
+    }
     free(r->pools);
     r->pools = NULL;
 }
@@ -583,7 +599,7 @@ static int on_headers_complete(llhttp_t *p)
     if (p->status_code < 200)
         return 0; /* 1xx: the real head follows */
     /* The request bytes are no longer needed for a resend. */
-    buf_free(&u->out);
+    out_done(u);
     u->state = ROUTER_UP_RECEIVING;
     elapsed = uv_now(u->pool->router->loop) - c->req.attempt_start_ms;
     timer_arm(u, b->total_timeout_ms > (int)elapsed ? b->total_timeout_ms - (int)elapsed : 1);
