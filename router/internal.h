@@ -235,9 +235,22 @@ struct router__request {
     struct router__admin *admin;         /* admin request waiting for the store */
 };
 
+/* A timeout whose deadline moves often (deadline.c). */
+struct router__deadline {
+    uv_timer_t timer;                    /* fires at `due`; data: the owner */
+    uint64_t at;                         /* loop ms of the deadline, 0: none */
+    uint64_t due;                        /* loop ms the timer fires, 0: not armed */
+    void (*on_expire)(void *owner);      /* called once `at` has passed */
+};
+
+void router__deadline_init(uv_loop_t *loop, struct router__deadline *d, void *owner,
+                           void (*on_expire)(void *owner));
+/* Expire `ms` from now; ms <= 0 clears the deadline. */
+void router__deadline_set(struct router__deadline *d, int ms);
+
 struct router__client {
     uv_tcp_t tcp;                        /* the socket; freed in close cb */
-    uv_timer_t timer;                    /* idle/header/body timeout */
+    struct router__deadline timeout;     /* idle/header/body timeout */
     struct router *router;               /* owner */
     struct router__client *next, *prev;  /* router's client list */
     llhttp_t parser;                     /* request parser */
@@ -262,7 +275,7 @@ enum router__upstream_state {
 
 struct router__upstream {
     uv_tcp_t tcp;                         /* the socket; freed in close cb */
-    uv_timer_t timer;                     /* connect / first byte / total / idle */
+    struct router__deadline timeout;      /* connect / first byte / total / idle */
     uv_getaddrinfo_t gai;                 /* name resolution in progress */
     uv_connect_t connect_req;             /* connect in progress */
     struct router__pool *pool;            /* owner pool */

@@ -913,6 +913,18 @@ static int overrun_cut(struct router__client *c)
     return 1;
 }
 
+/* router__usage_parse with its few cJSON nodes in the request's arena. */
+static int usage_of(struct router__request *req, const char *json, size_t len,
+                    struct router__usage *u, int *choices_empty)
+{
+    int found;
+
+    router__json_enter(req);
+    found = router__usage_parse(json, len, u, choices_empty);
+    router__json_leave();
+    return found;
+}
+
 /* One complete SSE event: read usage from it, drop the usage-only event
  * we asked for on the client's behalf, forward the rest. */
 static int on_sse_event(void *arg, const char *p, size_t len)
@@ -925,7 +937,7 @@ static int on_sse_event(void *arg, const char *p, size_t len)
     int choices_empty = 0;
 
     if (router__sse_data(p, len, &data, &dlen)) {
-        if (router__usage_parse(data, dlen, &u, &choices_empty)) {
+        if (usage_of(req, data, dlen, &u, &choices_empty)) {
             note_usage(req, &u);
             if (req->injected_usage && choices_empty)
                 return 0;
@@ -1037,7 +1049,7 @@ void router__proxy_on_complete(struct router__client *c)
         buf_reset(&req->sse);
     }
     if (!req->is_sse && req->up_body.len > 0 &&
-        router__usage_parse(req->up_body.data, req->up_body.len, &u, &choices_empty))
+        usage_of(req, req->up_body.data, req->up_body.len, &u, &choices_empty))
         note_usage(req, &u);
     settle(c);
     format_usd(usd, sizeof(usd), req->cost_micro);

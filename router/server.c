@@ -94,9 +94,8 @@ void router__client_close(struct router__client *c)
         return;
     c->closing = 1;
     router__proxy_abort(c);
-    uv_timer_stop(&c->timer);
     uv_close((uv_handle_t *)&c->tcp, client_handle_closed);
-    uv_close((uv_handle_t *)&c->timer, client_handle_closed);
+    uv_close((uv_handle_t *)&c->timeout.timer, client_handle_closed);
 }
 
 static void client_shutdown_done(uv_shutdown_t *req, int status)
@@ -212,9 +211,9 @@ void router__client_send(struct router__client *c, const char *p, size_t len)
 
 /* ---- timers ---- */
 
-static void client_timeout(uv_timer_t *t)
+static void client_timeout(void *arg)
 {
-    struct router__client *c = container_of(t, struct router__client, timer);
+    struct router__client *c = arg;
 
     switch (c->phase) {
     case ROUTER_CLIENT_IDLE:
@@ -248,11 +247,9 @@ static void client_set_phase(struct router__client *c, enum router__client_phase
         ms = conf->body_timeout_ms;
         break;
     case ROUTER_CLIENT_BUSY:
-        uv_timer_stop(&c->timer);
-        return;
+        break;
     }
-    if (ms > 0)
-        uv_timer_start(&c->timer, client_timeout, (uint64_t)ms, 0);
+    router__deadline_set(&c->timeout, ms);
 }
 
 /* ---- llhttp callbacks ---- */
@@ -506,9 +503,8 @@ static void on_connection(uv_stream_t *server, int status)
     c->router = r;
     c->req.shelved = 1; /* its first request takes buffers from the shelf */
     uv_tcp_init(r->loop, &c->tcp);
-    uv_timer_init(r->loop, &c->timer);
+    router__deadline_init(r->loop, &c->timeout, c, client_timeout);
     c->tcp.data = c;
-    c->timer.data = c;
     c->handles_open = 2;
     c->next = r->clients;
     if (r->clients)

@@ -69,11 +69,6 @@ static void idle_remove(struct router__upstream *u)
     pool->nidle--;
 }
 
-static void idle_timeout(uv_timer_t *t)
-{
-    upstream_close(t->data);
-}
-
 /* The request bytes were sent and answered: keep the buffer for the next
  * request on this connection unless one large prompt made it big. */
 static void out_done(struct router__upstream *u)
@@ -107,7 +102,7 @@ static void upstream_release(struct router__upstream *u)
     pool->idle_head = u;
     pool->nidle++;
     out_done(u);
-    uv_timer_start(&u->timer, idle_timeout, UPSTREAM_IDLE_MS, 0);
+    router__deadline_set(&u->timeout, UPSTREAM_IDLE_MS);
 }
 
 int router__pools_init(struct router *r)
@@ -193,9 +188,8 @@ static void upstream_close(struct router__upstream *u)
     u->client = NULL;
     if (u->resolving)
         uv_cancel((uv_req_t *)&u->gai);
-    uv_timer_stop(&u->timer);
     uv_close((uv_handle_t *)&u->tcp, upstream_handle_closed);
-    uv_close((uv_handle_t *)&u->timer, upstream_handle_closed);
+    uv_close((uv_handle_t *)&u->timeout.timer, upstream_handle_closed);
 }
 
 void router__upstream_abort(struct router__upstream *u)
@@ -206,9 +200,9 @@ void router__upstream_abort(struct router__upstream *u)
 
 /* ---- timers ---- */
 
-static void phase_timeout(uv_timer_t *t)
+static void phase_timeout(void *arg)
 {
-    struct router__upstream *u = t->data;
+    struct router__upstream *u = arg;
 
     switch (u->state) {
     case ROUTER_UP_RESOLVING:
@@ -226,14 +220,6 @@ static void phase_timeout(uv_timer_t *t)
         upstream_close(u);
         break;
     }
-}
-
-static void timer_arm(struct router__upstream *u, int ms)
-{
-    if (ms > 0)
-        uv_timer_start(&u->timer, phase_timeout, (uint64_t)ms, 0);
-    else
-        uv_timer_stop(&u->timer);
 }
 
 /* ---- failure ---- */
@@ -339,7 +325,7 @@ static void upstream_start_request(struct router__upstream *u)
     int rc;
 
     u->state = ROUTER_UP_WAITING;
-    timer_arm(u, u->pool->conf->first_byte_timeout_ms);
+    router__deadline_set(&u->timeout, u->pool->conf->first_byte_timeout_ms);
     if (u->ssl) {
         rc = SSL_write(u->ssl, u->out.data, (int)u->out.len) > 0 ? 0 : -1;
         rc = rc ?: tls_flush(u);
@@ -602,7 +588,7 @@ static int on_headers_complete(llhttp_t *p)
     out_done(u);
     u->state = ROUTER_UP_RECEIVING;
     elapsed = uv_now(u->pool->router->loop) - c->req.attempt_start_ms;
-    timer_arm(u, b->total_timeout_ms > (int)elapsed ? b->total_timeout_ms - (int)elapsed : 1);
+    router__deadline_set(&u->timeout, b->total_timeout_ms > (int)elapsed ? b->total_timeout_ms - (int)elapsed : 1);
     if (router__proxy_on_head(c, p->status_code, &u->headers, length, u->is_sse) != 0)
         return -1;
     return u->client ? 0 : -1;
@@ -716,9 +702,8 @@ static struct router__upstream *upstream_new(struct router__pool *pool)
         return NULL;
     u->pool = pool;
     uv_tcp_init(loop, &u->tcp);
-    uv_timer_init(loop, &u->timer);
+    router__deadline_init(loop, &u->timeout, u, phase_timeout);
     u->tcp.data = u;
-    u->timer.data = u;
     u->handles_open = 2;
     llhttp_init(&u->parser, HTTP_RESPONSE, &upstream_settings);
     pool->nopen++;
@@ -761,7 +746,7 @@ int router__upstream_send_fresh(struct router__pool *pool, struct router__client
     u->state = ROUTER_UP_RESOLVING;
     u->gai.data = u;
     snprintf(port, sizeof(port), "%u", pool->conf->port);
-    timer_arm(u, pool->conf->connect_timeout_ms);
+    router__deadline_set(&u->timeout, pool->conf->connect_timeout_ms);
     rc = uv_getaddrinfo(pool->router->loop, &u->gai, on_resolved, pool->conf->host, port, &hints);
     if (rc != 0) {
         u->client = NULL;
