@@ -36,6 +36,26 @@ int buf_append(struct buf *b, const void *p, size_t n)
     return 0;
 }
 
+int buf_append_header(struct buf *b, struct slice name, struct slice value)
+{
+    char *p;
+
+    if (buf_reserve(b, name.len + value.len + 4) != 0)
+        return -ENOMEM;
+    p = b->data + b->len;
+    memcpy(p, name.p, name.len);
+    p += name.len;
+    *p++ = ':';
+    *p++ = ' ';
+    if (value.len)
+        memcpy(p, value.p, value.len);
+    p += value.len;
+    *p++ = '\r';
+    *p++ = '\n';
+    b->len = (size_t)(p - b->data);
+    return 0;
+}
+
 int buf_printf(struct buf *b, const char *fmt, ...)
 {
     va_list ap;

@@ -10,6 +10,8 @@
 
 #include <stddef.h>
 
+#include "common/slice.h"
+
 struct buf {
     char *data;  /* heap block, or NULL while empty */
     size_t len;  /* bytes written */
@@ -20,6 +22,10 @@ struct buf {
 int buf_reserve(struct buf *b, size_t extra) __attribute__((warn_unused_result));
 /* Append bytes. Returns 0 or -ENOMEM. */
 int buf_append(struct buf *b, const void *p, size_t n) __attribute__((warn_unused_result));
+/* Append the header line "name: value\r\n" (the hot path's most
+ * frequent format, without printf). Returns 0 or -ENOMEM. */
+int buf_append_header(struct buf *b, struct slice name, struct slice value)
+    __attribute__((warn_unused_result));
 /* Append printf-formatted text. Returns 0, -ENOMEM or -EINVAL. */
 int buf_printf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Drop the first n bytes, keeping the rest. */

@@ -256,9 +256,29 @@ static int64_t micro_of(double usd)
     return (int64_t)llround(usd * 1e6);
 }
 
+/* Micro-dollars as "D.DDDDDD", written by hand: it runs once or twice per
+ * request and snprintf cost more than the rest of the cost header. */
 static void format_usd(char *out, size_t n, int64_t micro)
 {
-    snprintf(out, n, "%" PRId64 ".%06" PRId64, micro / 1000000, micro % 1000000);
+    char digits[24];
+    int len = 0;
+    uint64_t v;
+
+    if (micro < 0 || n < 28) {
+        snprintf(out, n, "%" PRId64 ".%06" PRId64, micro / 1000000, micro % 1000000);
+        return;
+    }
+    v = (uint64_t)micro;
+    do { /* at least "0.000000": seven digits */
+        digits[len++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v > 0 || len < 7);
+    for (int i = len - 1; i >= 0; i--) {
+        *out++ = digits[i];
+        if (i == 6)
+            *out++ = '.';
+    }
+    *out = '\0';
 }
 
 /* ---- estimate ---- */

@@ -334,8 +334,7 @@ static int on_header_value_complete(llhttp_t *p)
         req->expect_continue = slice_caseeq((struct slice){req->hvalue.data, req->hvalue.len},
                                             "100-continue");
     else if (!request_header_is_ours(name) && name.len > 0)
-        rc = buf_printf(&req->fwd, "%.*s: %.*s\r\n", (int)name.len, name.p, (int)req->hvalue.len,
-                        req->hvalue.data ? req->hvalue.data : "");
+        rc = buf_append_header(&req->fwd, name, (struct slice){req->hvalue.data, req->hvalue.len});
     buf_reset(&req->hname);
     buf_reset(&req->hvalue);
     return rc == 0 ? 0 : -1;

@@ -563,8 +563,7 @@ static int on_header_value_complete(llhttp_t *p)
         strncasecmp(value.p, "text/event-stream", 17) == 0)
         u->is_sse = 1;
     if (!response_header_is_ours(name) && name.len > 0)
-        rc = buf_printf(&u->headers, "%.*s: %.*s\r\n", (int)name.len, name.p, (int)value.len,
-                        value.p ? value.p : "");
+        rc = buf_append_header(&u->headers, name, value);
     buf_reset(&u->hname);
     buf_reset(&u->hvalue);
     return rc == 0 ? 0 : -1;

@@ -42,3 +42,15 @@ Test(buf, printf_appends_formatted_text, .timeout = 5)
     cr_assert_eq(memcmp(b.data, "n=42;1.50", b.len), 0);
     buf_free(&b);
 }
+
+Test(buf, append_header_writes_one_line, .timeout = 5)
+{
+    struct buf b = {0};
+    const char *want = "x-a: 1\r\nx-empty: \r\n";
+
+    cr_assert_eq(buf_append_header(&b, SLICE_LIT("x-a"), SLICE_LIT("1")), 0);
+    cr_assert_eq(buf_append_header(&b, SLICE_LIT("x-empty"), (struct slice){NULL, 0}), 0);
+    cr_assert_eq(b.len, strlen(want));
+    cr_assert_eq(memcmp(b.data, want, b.len), 0);
+    buf_free(&b);
+}
