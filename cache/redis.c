@@ -11,7 +11,7 @@
  *
  * CONNECTING covers resolving the host (uv_getaddrinfo, never the blocking
  * resolver hiredis would use), the TCP connect, AUTH/SELECT and loading the
- * three scripts; one connect timer bounds all of it. In DOWN the same timer
+ * two scripts; one connect timer bounds all of it. In DOWN the same timer
  * waits for the next attempt, doubling from reconnect_min_ms to
  * reconnect_max_ms. On entering CONNECTED the journal is written back.
  *
@@ -69,13 +69,10 @@
 
 /* ---- scripts ---- */
 
-/* The begins, and the settles, that one loop turn produces for one tenant
- * and period go to Redis as one script call (see "batches" below): a
- * script call costs Redis more than the few commands inside it. Each
- * script handles its ops in order, with the results each would have had
- * alone. */
-
-#define LUA_SPENT "local function spent(k) return tonumber(redis.call('GET', k) or '0') end\n"
+/* The settles and begins that one loop turn produces for one tenant and
+ * period go to Redis as one script call (see "batches" below): a script
+ * call costs Redis more than the few commands inside it. The script
+ * handles its ops in order, with the results each would have had alone. */
 
 /* Moves expired reservations to the expired set, then reads the reserved
  * sum and both spend counters with one MGET: each redis.call() costs
@@ -102,18 +99,78 @@
     "  return r, tonumber(v[2] or '0'), tonumber(v[3] or '0')\n"                           \
     "end\n"
 
-/* KEYS day month res reserved exp [entry...]; ARGV ttl_ms grace_ms, then
- * per begin: member amount day_limit month_limit entry (its KEYS index, 0:
- * no lookup). Returns {day, month, then per begin: 0 granted | 1 denied |
- * 2 hit, reserved after it; then the value of each hit}: flat, because a
- * table per begin costs Redis more than the begin itself. */
-static const char lua_begin[] =
+/* One tenant's settlements and reservations of one loop turn, in that
+ * order (what a settlement frees, a reservation after it can use).
+ *
+ * KEYS day month res reserved exp [entry...]; ARGV ttl_ms grace_ms day_ttl
+ * month_ttl nsettles, then per settle: member|'' reserved_amount real
+ * force, then per begin: member amount day_limit month_limit entry (its
+ * KEYS index, 0: no lookup).
+ *
+ * A settle drops its reservation and charges `real` when force, or when
+ * the reservation was still known (open or expired), once even if named
+ * twice; open reservations are looked up and removed with one command
+ * each for the whole batch (ZMSCORE: Redis 6.2). The counters get their
+ * expiry when created (a day key outlives its day by a week). A begin
+ * answers a cache hit, or reserves `amount` unless a limit would be passed.
+ *
+ * Returns {day, month after the batch, then per begin: 0 granted | 1
+ * denied | 2 hit and reserved after it, then each hit's value}: flat,
+ * because a table per op costs Redis more than the op. */
+static const char lua_turn[] =
     LUA_PRUNE
+    "local ns = tonumber(ARGV[5])\n"
+    "local last = 5 + 4 * ns\n"
+    "local known, seen, members, at = {}, {}, {}, {}\n"
+    "for i = 6, last, 4 do\n"
+    "  local m = ARGV[i]\n"
+    "  if m ~= '' and not seen[m] then\n"
+    "    seen[m] = true\n"
+    "    members[#members + 1] = m\n"
+    "    at[#at + 1] = i\n"
+    "  end\n"
+    "end\n"
+    "if #members > 0 then\n"
+    "  local scores = redis.call('ZMSCORE', KEYS[3], unpack(members))\n"
+    "  local open, dropped = {}, 0\n"
+    "  for j = 1, #members do\n"
+    "    if scores[j] then\n"
+    "      open[#open + 1] = members[j]\n"
+    "      dropped = dropped + tonumber(ARGV[at[j] + 1])\n"
+    "      known[at[j]] = true\n"
+    "    elseif redis.call('ZREM', KEYS[5], members[j]) == 1 then\n"
+    "      known[at[j]] = true\n"
+    "    end\n"
+    "  end\n"
+    "  if #open > 0 then\n"
+    "    redis.call('ZREM', KEYS[3], unpack(open))\n"
+    "    if redis.call('DECRBY', KEYS[4], dropped) < 0 then redis.call('SET', KEYS[4], '0') end\n"
+    "  end\n"
+    "end\n"
+    "local charged = 0\n"
+    "for i = 6, last, 4 do\n"
+    "  if known[i] or ARGV[i + 3] == '1' then charged = charged + tonumber(ARGV[i + 2]) end\n"
+    "end\n"
+    "local day, month\n"
+    "if charged ~= 0 then\n"
+    "  day = redis.call('INCRBY', KEYS[1], charged)\n"
+    "  month = redis.call('INCRBY', KEYS[2], charged)\n"
+    "  if day == charged then redis.call('EXPIRE', KEYS[1], ARGV[3]) end\n"
+    "  if month == charged then redis.call('EXPIRE', KEYS[2], ARGV[4]) end\n"
+    "end\n"
+    "if #ARGV == last then\n"
+    "  if not day then\n"
+    "    local v = redis.call('MGET', KEYS[1], KEYS[2])\n"
+    "    day, month = tonumber(v[1] or '0'), tonumber(v[2] or '0')\n"
+    "  end\n"
+    "  return {day, month}\n"
+    "end\n"
     "local now = now_ms()\n"
     "local ttl, grace = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
-    "local reserved, day, month = prune(now, grace)\n"
+    "local reserved\n"
+    "reserved, day, month = prune(now, grace)\n"
     "local added, zadd, out, hits = 0, {}, {day, month}, {}\n"
-    "for i = 3, #ARGV, 5 do\n"
+    "for i = last + 1, #ARGV, 5 do\n"
     "  local e = tonumber(ARGV[i + 4])\n"
     "  local v = e > 0 and redis.call('GET', KEYS[e])\n"
     "  local amount, dl, ml = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])\n"
@@ -142,52 +199,6 @@ static const char lua_begin[] =
     "for i = 1, #hits do out[#out + 1] = hits[i] end\n"
     "return out\n";
 
-/* KEYS day month res reserved exp; ARGV day_ttl month_ttl, then per settle:
- * member|'' reserved_amount real force. Drops each reservation; charges
- * `real` when force, or when the reservation was still known (open or
- * expired), once even if named twice. Open reservations are looked up and
- * removed with one command each for the whole batch (ZMSCORE: Redis 6.2).
- * Returns {day, month} after the batch. The counters get their expiry
- * when they are created (a day key outlives its day by a week). */
-static const char lua_settle[] =
-    LUA_SPENT
-    "local known, seen, members, at = {}, {}, {}, {}\n"
-    "for i = 3, #ARGV, 4 do\n"
-    "  local m = ARGV[i]\n"
-    "  if m ~= '' and not seen[m] then\n"
-    "    seen[m] = true\n"
-    "    members[#members + 1] = m\n"
-    "    at[#at + 1] = i\n"
-    "  end\n"
-    "end\n"
-    "if #members > 0 then\n"
-    "  local scores = redis.call('ZMSCORE', KEYS[3], unpack(members))\n"
-    "  local open, dropped = {}, 0\n"
-    "  for j = 1, #members do\n"
-    "    if scores[j] then\n"
-    "      open[#open + 1] = members[j]\n"
-    "      dropped = dropped + tonumber(ARGV[at[j] + 1])\n"
-    "      known[at[j]] = true\n"
-    "    elseif redis.call('ZREM', KEYS[5], members[j]) == 1 then\n"
-    "      known[at[j]] = true\n"
-    "    end\n"
-    "  end\n"
-    "  if #open > 0 then\n"
-    "    redis.call('ZREM', KEYS[3], unpack(open))\n"
-    "    if redis.call('DECRBY', KEYS[4], dropped) < 0 then redis.call('SET', KEYS[4], '0') end\n"
-    "  end\n"
-    "end\n"
-    "local charged = 0\n"
-    "for i = 3, #ARGV, 4 do\n"
-    "  if known[i] or ARGV[i + 3] == '1' then charged = charged + tonumber(ARGV[i + 2]) end\n"
-    "end\n"
-    "if charged == 0 then return {spent(KEYS[1]), spent(KEYS[2])} end\n"
-    "local day = redis.call('INCRBY', KEYS[1], charged)\n"
-    "local month = redis.call('INCRBY', KEYS[2], charged)\n"
-    "if day == charged then redis.call('EXPIRE', KEYS[1], ARGV[1]) end\n"
-    "if month == charged then redis.call('EXPIRE', KEYS[2], ARGV[2]) end\n"
-    "return {day, month}\n";
-
 /* KEYS day month res reserved exp; ARGV grace_ms. Returns {day, month,
  * reserved}. */
 static const char lua_spend[] =
@@ -195,9 +206,9 @@ static const char lua_spend[] =
     "local reserved, day, month = prune(now_ms(), tonumber(ARGV[1]))\n"
     "return {day, month, reserved}\n";
 
-enum { SCRIPT_BEGIN, SCRIPT_SETTLE, SCRIPT_SPEND, NSCRIPTS };
+enum { SCRIPT_TURN, SCRIPT_SPEND, NSCRIPTS };
 
-static const char *const scripts[NSCRIPTS] = {lua_begin, lua_settle, lua_spend};
+static const char *const scripts[NSCRIPTS] = {lua_turn, lua_spend};
 
 /* ---- state ---- */
 
@@ -714,17 +725,17 @@ static int send_spend(struct cache__redis *s, struct cache_op *op, int eval)
 /* ---- batches ---- */
 
 #define BATCH_MAX 64      /* ops per script call: bounds its arguments and its time in Redis */
-#define BATCH_HEAD 10     /* EVALSHA sha numkeys, five keys, two common arguments */
+#define BATCH_HEAD 13     /* EVALSHA sha numkeys, five keys, five common arguments */
 #define NUM_MAX 24        /* bytes of a formatted int64, with its NUL */
 #define MEMBER_MAX 64     /* "INSTANCE-SEQ:AMOUNT" */
 
-/* One script call: begins, or settles and write-backs, of one tenant and
- * period. Freed when its reply has been handed to every op. */
+/* One script call: the settles and write-backs, then the begins, of one
+ * tenant and period. Freed when its reply has been handed to every op. */
 struct batch {
     struct cache__redis *s;  /* connection it went out on */
-    int begin;               /* the begin script, else the settle script */
     unsigned sent_eval:1;    /* NOSCRIPT fallback already used */
     size_t n;                /* ops */
+    size_t nsettles;         /* ops[0..nsettles) settle, the rest begin */
     struct cache_op *ops[];  /* in script order */
 };
 
@@ -751,10 +762,8 @@ static const struct cache__period *op_period(const struct cache_op *op)
 static int batch_cmp(const struct cache_op *x, const struct cache_op *y)
 {
     const struct cache__period *px = op_period(x), *py = op_period(y);
-    int d = (x->kind != CACHE__BEGIN) - (y->kind != CACHE__BEGIN);
+    int d = strcmp(op_tenant(x), op_tenant(y));
 
-    if (d == 0)
-        d = strcmp(op_tenant(x), op_tenant(y));
     if (d == 0)
         d = (px->day > py->day) - (px->day < py->day);
     if (d == 0)
@@ -762,13 +771,21 @@ static int batch_cmp(const struct cache_op *x, const struct cache_op *y)
     return d;
 }
 
-/* qsort order: by batch, then by reservation number, which for begins is
+static int is_begin(const struct cache_op *op)
+{
+    return op->kind == CACHE__BEGIN;
+}
+
+/* qsort order: by batch; in a batch the settles first (what they free,
+ * the begins can use), then by reservation number, which for begins is
  * arrival order (who is first when a limit is near). */
 static int queue_order(const void *a, const void *b)
 {
     const struct cache_op *x = *(struct cache_op *const *)a, *y = *(struct cache_op *const *)b;
     int d = batch_cmp(x, y);
 
+    if (d == 0)
+        d = is_begin(x) - is_begin(y);
     return d ? d : (x->res.seq > y->res.seq) - (x->res.seq < y->res.seq);
 }
 
@@ -794,9 +811,61 @@ static void arg_fmt(struct args *a, const char *fmt, ...)
     a->p += n + 1;
 }
 
+/* The decimal digits of v at p; returns the end. Several per request in
+ * a batch's arguments: printf would be most of the batch's cost. */
+static char *put_int(char *p, int64_t v)
+{
+    char tmp[NUM_MAX];
+    uint64_t u = v < 0 ? -(uint64_t)v : (uint64_t)v;
+    int n = 0;
+
+    do {
+        tmp[n++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u > 0);
+    if (v < 0)
+        *p++ = '-';
+    while (n > 0)
+        *p++ = tmp[--n];
+    return p;
+}
+
+static void arg_int(struct args *a, int64_t v)
+{
+    if (a->end - a->p < NUM_MAX) {
+        a->overflow = 1;
+        a->argv[a->argc++] = "";
+        return;
+    }
+    a->argv[a->argc++] = a->p;
+    a->p = put_int(a->p, v);
+    *a->p++ = '\0';
+}
+
+/* "INSTANCE-SEQ:AMOUNT": the instance id, two numbers of at most 20
+ * digits, two separators and the NUL. */
+_Static_assert(sizeof(((struct cache *)0)->instance) + 2 * 20 + 2 <= MEMBER_MAX,
+               "a reservation member fits MEMBER_MAX");
+
 static void arg_member(struct args *a, const struct cache *c, uint64_t seq, int64_t amount)
 {
-    arg_fmt(a, "%s-%llu:%lld", c->instance, (unsigned long long)seq, (long long)amount);
+    size_t n = strlen(c->instance);
+    char *p = a->p;
+
+    if (a->end - a->p < MEMBER_MAX) {
+        a->overflow = 1;
+        a->argv[a->argc++] = "";
+        return;
+    }
+    memcpy(p, c->instance, n);
+    p += n;
+    *p++ = '-';
+    p = put_int(p, (int64_t)seq);
+    *p++ = ':';
+    p = put_int(p, amount);
+    *p++ = '\0';
+    a->argv[a->argc++] = a->p;
+    a->p = p;
 }
 
 /* A reservation's member and amount, or '' and 0 for none (seq 0). */
@@ -808,18 +877,19 @@ static void args_member(struct args *a, const struct cache *c, uint64_t seq, int
         return;
     }
     arg_member(a, c, seq, amount);
-    arg_fmt(a, "%lld", (long long)amount);
+    arg_int(a, amount);
 }
 
+/* A begin that looks up a cache entry of the tenant's (a key of its slot). */
 static int has_entry(const struct cache_op *op)
 {
-    return op->name && !op->cache->opts.shared_cache;
+    return is_begin(op) && op->name && !op->cache->opts.shared_cache;
 }
 
 /* Size the scratch for `b` and point `a` into it. */
 static int args_init(struct cache__redis *s, const struct batch *b, struct args *a)
 {
-    size_t nargs = BATCH_HEAD + b->n * 5, bytes = 3 * NUM_MAX, need;
+    size_t nargs = BATCH_HEAD + b->n * 5, bytes = 4 * NUM_MAX, need;
 
     for (size_t i = 0; i < b->n; i++) {
         bytes += MEMBER_MAX + 4 * NUM_MAX;
@@ -844,44 +914,48 @@ static int args_init(struct cache__redis *s, const struct batch *b, struct args 
     return 0;
 }
 
-/* Per begin: member amount day_limit month_limit entry-key-index. */
-static void args_begins(struct args *a, const struct batch *b, int first_entry)
+/* A settle or write-back: member|'' reserved-amount real force. */
+static void args_settle(struct args *a, const struct cache *c, const struct cache_op *op)
 {
-    const struct cache *c = b->s->c;
-    int entry = first_entry;
+    const struct cache__jentry *e = op->jentry;
 
-    arg_fmt(a, "%d", c->opts.reservation_ttl_ms);
-    arg_fmt(a, "%d", grace_ms(c));
-    for (size_t i = 0; i < b->n; i++) {
-        const struct cache_op *op = b->ops[i];
-        arg_member(a, c, op->res.seq, op->amount);
-        arg_fmt(a, "%lld", (long long)op->amount);
-        arg_fmt(a, "%lld", (long long)op->day_limit);
-        arg_fmt(a, "%lld", (long long)op->month_limit);
-        arg_fmt(a, "%d", has_entry(op) ? entry++ : 0);
+    if (e == NULL) { /* a settle: charges whatever happened to the reservation */
+        args_member(a, c, op->res.remote ? op->res.seq : 0, op->res.amount);
+        arg_int(a, op->amount);
+        arg_add(a, "1");
+    } else { /* a write-back: a sent one may have been applied already */
+        args_member(a, c, e->seq, e->res_amount);
+        arg_int(a, e->real);
+        arg_add(a, e->conditional ? "0" : "1");
     }
 }
 
-/* Per settle or write-back: member|'' reserved-amount real force. */
-static void args_settles(struct args *a, const struct batch *b)
+/* A begin: member amount day_limit month_limit entry-key-index. */
+static void args_begin(struct args *a, const struct cache *c, const struct cache_op *op,
+                       int entry)
+{
+    arg_member(a, c, op->res.seq, op->amount);
+    arg_int(a, op->amount);
+    arg_int(a, op->day_limit);
+    arg_int(a, op->month_limit);
+    arg_int(a, entry);
+}
+
+/* ARGV: ttl grace day_ttl month_ttl nsettles, the settles, the begins. */
+static void args_ops(struct args *a, const struct batch *b)
 {
     const struct cache *c = b->s->c;
+    int entry = 6; /* KEYS index of the first cache entry */
 
+    arg_int(a, c->opts.reservation_ttl_ms);
+    arg_int(a, grace_ms(c));
     arg_add(a, DAY_KEY_TTL_S);
     arg_add(a, MONTH_KEY_TTL_S);
-    for (size_t i = 0; i < b->n; i++) {
-        const struct cache_op *op = b->ops[i];
-        const struct cache__jentry *e = op->jentry;
-        if (e == NULL) { /* a settle: charges whatever happened to the reservation */
-            args_member(a, c, op->res.remote ? op->res.seq : 0, op->res.amount);
-            arg_fmt(a, "%lld", (long long)op->amount);
-            arg_add(a, "1");
-        } else { /* a write-back: a sent one may have been applied already */
-            args_member(a, c, e->seq, e->res_amount);
-            arg_fmt(a, "%lld", (long long)e->real);
-            arg_add(a, e->conditional ? "0" : "1");
-        }
-    }
+    arg_int(a, (int64_t)b->nsettles);
+    for (size_t i = 0; i < b->nsettles; i++)
+        args_settle(a, c, b->ops[i]);
+    for (size_t i = b->nsettles; i < b->n; i++)
+        args_begin(a, c, b->ops[i], has_entry(b->ops[i]) ? entry++ : 0);
 }
 
 static void batch_reply_cb(redisAsyncContext *ac, void *r, void *priv);
@@ -891,30 +965,27 @@ static int batch_send(struct batch *b, int eval)
 {
     struct cache__redis *s = b->s;
     struct cache *c = s->c;
-    int script = b->begin ? SCRIPT_BEGIN : SCRIPT_SETTLE, nkeys = 5;
+    int nkeys = 5;
     struct keys k;
     struct args a;
 
     if (s->ac == NULL || s->state != CACHE_STATE_CONNECTED || args_init(s, b, &a) < 0)
         return -1;
-    for (size_t i = 0; b->begin && i < b->n; i++)
+    for (size_t i = b->nsettles; i < b->n; i++)
         nkeys += has_entry(b->ops[i]);
     keys_build(c, op_tenant(b->ops[0]), op_period(b->ops[0]), NULL, &k);
     arg_add(&a, eval ? "EVAL" : "EVALSHA");
-    arg_add(&a, eval ? scripts[script] : s->sha[script]);
-    arg_fmt(&a, "%d", nkeys);
+    arg_add(&a, eval ? scripts[SCRIPT_TURN] : s->sha[SCRIPT_TURN]);
+    arg_int(&a, nkeys);
     arg_add(&a, k.day);
     arg_add(&a, k.month);
     arg_add(&a, k.res);
     arg_add(&a, k.reserved);
     arg_add(&a, k.exp);
-    for (size_t i = 0; b->begin && i < b->n; i++)
+    for (size_t i = b->nsettles; i < b->n; i++)
         if (has_entry(b->ops[i]))
             arg_fmt(&a, "%s%s", c->prefix, b->ops[i]->name);
-    if (b->begin)
-        args_begins(&a, b, 6);
-    else
-        args_settles(&a, b);
+    args_ops(&a, b);
     if (a.overflow ||
         redisAsyncCommandArgv(s->ac, batch_reply_cb, b, a.argc, a.argv, NULL) != REDIS_OK)
         return -1;
@@ -950,9 +1021,10 @@ static void batch_start(struct cache__redis *s, struct cache_op **ops, size_t n)
         ops[i]->queued = 0;
     if (b != NULL) {
         b->s = s;
-        b->begin = ops[0]->kind == CACHE__BEGIN;
         b->sent_eval = 0;
         b->n = n;
+        for (b->nsettles = 0; b->nsettles < n && !is_begin(ops[b->nsettles]); b->nsettles++)
+            ;
         memcpy(b->ops, ops, n * sizeof(ops[0]));
         if (batch_send(b, 0) == 0)
             return;
@@ -1095,46 +1167,31 @@ static void begin_apply(struct cache_op *op, int64_t day, int64_t month, int64_t
     }
 }
 
-/* The begin script's reply: {day, month, status and reserved per begin,
- * then each hit's value}. Ops already failed are left as they are. */
-static void parse_begins(struct batch *b, const redisReply *r)
+/* The turn script's reply: {day, month, then status and reserved per
+ * begin, then each hit's value}. Ops already failed are left as they are. */
+static void parse_turn(struct batch *b, const redisReply *r)
 {
     int64_t day = 0, month = 0, st, reserved;
-    size_t hit = 2 + 2 * b->n;
+    size_t nbegins = b->n - b->nsettles, hit = 2 + 2 * nbegins;
     int bad = int_at(r, 0, &day) < 0 || int_at(r, 1, &month) < 0;
 
     for (size_t i = 0; i < b->n; i++) {
         struct cache_op *op = b->ops[i];
+        size_t j = i - b->nsettles; /* index among the begins */
         const redisReply *value = NULL;
-        if (bad || int_at(r, 2 + 2 * i, &st) < 0 || int_at(r, 3 + 2 * i, &reserved) < 0) {
-            bad = 1; /* the hit values can no longer be matched up */
-            if (op->errstr == NULL)
-                op->errstr = cache_error_protocol;
-            continue;
-        }
-        if (st == 2 && hit < r->elements)
-            value = r->element[hit++];
-        if (op->errstr == NULL)
-            begin_apply(op, day, month, st, reserved, value);
-    }
-}
-
-/* The settle script's reply: {day, month} after the whole batch. */
-static void parse_settles(struct batch *b, const redisReply *r)
-{
-    int64_t day = 0, month = 0;
-    int bad = int_at(r, 0, &day) < 0 || int_at(r, 1, &month) < 0;
-
-    for (size_t i = 0; i < b->n; i++) {
-        struct cache_op *op = b->ops[i];
-        if (op->errstr != NULL)
-            continue;
-        if (bad) {
-            op->errstr = cache_error_protocol;
-        } else {
+        if (i < b->nsettles) {
             op->spend.day_spent = day;
             op->spend.month_spent = month;
+        } else if (!bad && (int_at(r, 2 + 2 * j, &st) < 0 || int_at(r, 3 + 2 * j, &reserved) < 0)) {
+            bad = 1; /* the hit values can no longer be matched up */
+        } else if (!bad) {
+            if (st == 2 && hit < r->elements)
+                value = r->element[hit++];
+            if (op->errstr == NULL)
+                begin_apply(op, day, month, st, reserved, value);
         }
+        if (bad && op->errstr == NULL)
+            op->errstr = cache_error_protocol;
     }
 }
 
@@ -1205,10 +1262,8 @@ static void batch_reply_cb(redisAsyncContext *ac, void *r, void *priv)
         err = error_store_unavailable;
     } else if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
         err = reply_error(s, reply);
-    } else if (b->begin) {
-        parse_begins(b, reply);
     } else {
-        parse_settles(b, reply);
+        parse_turn(b, reply);
     }
     for (size_t i = 0; i < b->n; i++) {
         struct cache_op *op = b->ops[i];
