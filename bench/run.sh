@@ -52,8 +52,9 @@ STORE_BENCH=$BUILD/bench/store
 TOKENS_CORPUS=${TOKENS_CORPUS:-$BUILD/tokens-test/corpus.bin}
 TOKENS_NPM=${TOKENS_NPM:-build/npm}
 REDIS=$(command -v redis-server || echo /usr/bin/redis-server)
+REDIS_CLI=$(command -v redis-cli || echo /usr/bin/redis-cli)
 
-for f in "$BIN" "$MOCK" "$PROBE" "$PORTKEY_JS" "$NGINX" "$REDIS" "$TOKENIZE" "$STORE_BENCH" "$TOKENS_CORPUS" "$TOKENS_NPM/node_modules/tiktoken"; do
+for f in "$BIN" "$MOCK" "$PROBE" "$PORTKEY_JS" "$NGINX" "$REDIS" "$REDIS_CLI" "$TOKENIZE" "$STORE_BENCH" "$TOKENS_CORPUS" "$TOKENS_NPM/node_modules/tiktoken"; do
     [ -e "$f" ] || { echo "bench/run.sh: $f is missing (run: make bench)" >&2; exit 1; }
 done
 command -v wrk >/dev/null || { echo "bench/run.sh: wrk is missing (run: make bench)" >&2; exit 1; }
@@ -274,6 +275,7 @@ var() { eval "echo \${$1_$(echo "$2" | tr - _)}"; }
 ALL_TSV=$RUN/rounds.tsv
 TSV=$RUN/results.tsv
 : > "$ALL_TSV"
+: > "$RUN/redis-calls.txt"
 COST_LINES=
 run_wrk() { # round mode conns server
     local r=$1 mode=$2 c=$3 name=$4 script=bench/chat.lua envs="" port pid cmd line out
@@ -287,10 +289,15 @@ run_wrk() { # round mode conns server
     [ "$name" = costrouter ] && : > "$RUN/cost.jsonl"
     [ "$name" = costrouter-redis ] && : > "$RUN/cost-redis.jsonl"
     [ "$r" = 1 ] && note_cmd "$envs$cmd"
+    [ "$name" = costrouter-redis ] && "$REDIS_CLI" -p "$PORT_redis" config resetstat > /dev/null
     out=$RUN/wrk-$mode-$c-$name-$r.txt
     env $envs $cmd > "$out"
     line=$(grep '^BENCH ' "$out" || true)
     [ -n "$line" ] || { log "no result from: $cmd"; cat "$out" >&2; return 1; }
+    # Script calls Redis ran during the run: 0 would mean the router fell
+    # back to its local counters and the figure is not Redis's.
+    [ "$name" = costrouter-redis ] && echo "$mode $c $r ${line#BENCH } $("$REDIS_CLI" -p "$PORT_redis" info commandstats |
+        awk -F'[=,:]' '/^cmdstat_eval(sha)?:/ { n += $3 } END { print "calls=" n + 0 }')" >> "$RUN/redis-calls.txt"
     [ "$name" = costrouter ] && COST_LINES="$COST_LINES $mode/$c/round$r:$(wc -l < "$RUN/cost.jsonl")"
     # mode conns server requests duration_us p50_us p99_us non2xx socket_errors peak_rss_kb round
     echo "$line" | awk -v m="$mode" -v c="$c" -v s="$name" -v r="$r" -v rss="$(rss_kb "$pid" VmHWM)" '
@@ -389,7 +396,8 @@ Written by \`make bench\` (bench/run.sh) on $(date -u '+%Y-%m-%d %H:%M UTC'). Do
 - costrouter: $V_COSTROUTER, commit $GIT_REV. Config: one API backend (the mock), one
   route, one tenant with a budget, exact token counting (o200k_base), cost log on (a JSON
   line per request); \`costrouter\`: in-process store, \`costrouter-redis\`: Redis ($(ver "$REDIS" --version | cut -d' ' -f3))
-  on loopback, one round trip before each request and one after.
+  on loopback: a reservation before each request and a settlement after it, each tenant's
+  of one loop turn in one script call.
 - nginx: ${V_NGINX#nginx version: }; plain reverse proxy, upstream keepalive 64, HTTP/1.1,
   proxy_buffering off, access_log off; \`nginx-1\` = worker_processes 1 (costrouter runs one
   event loop), \`nginx-auto\` = worker_processes auto.
@@ -438,6 +446,19 @@ awk '
                    rps[k, "costrouter-redis"] / rps[k, "nginx-1"], rps[k, "costrouter-redis"] / rps[k, "costrouter"],
                    p99[k, "costrouter"] - p99[k, "direct"], p99[k, "costrouter-redis"] - p99[k, "direct"],
                    p99[k, "nginx-1"] - p99[k, "direct"] } }' "$TSV"
+cat <<EOF
+
+costrouter-redis, Redis script calls per run (EVALSHA and EVAL, from \`INFO commandstats\`
+reset before each run; each call carries one tenant's settlements and reservations of one
+loop turn):
+
+| mode | conns | round | requests | script calls | requests per call |
+|---|---:|---:|---:|---:|---:|
+EOF
+awk '{ for (i = 4; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+       printf "| %s | %s | %s | %d | %d | %s |\n", $1, $2, $3, v["requests"], v["calls"],
+              (v["calls"] > 0 ? sprintf("%.1f", v["requests"] / v["calls"]) : "Redis not used") }' \
+    "$RUN/redis-calls.txt"
 cat <<EOF
 
 ## Time to first streamed token (one connection, sequential requests)
