@@ -358,6 +358,18 @@ static const char *parse_body(struct router__client *c)
     return NULL;
 }
 
+/* "cr-START-ID" in hex: unique across restarts and instances. */
+static void request_id_format(char out[32], uint64_t start_id, uint64_t id)
+{
+    size_t n = 3;
+
+    memcpy(out, "cr-", 3);
+    n += router__hex(out + n, start_id);
+    out[n++] = '-';
+    n += router__hex(out + n, id);
+    out[n] = '\0';
+}
+
 void router__handle(struct router__client *c)
 {
     struct router__request *req = &c->req;
@@ -365,8 +377,7 @@ void router__handle(struct router__client *c)
     const char *detail = NULL;
 
     req->id = ++c->router->next_request_id;
-    snprintf(req->id_str, sizeof(req->id_str), "cr-%llx-%llx",
-             (unsigned long long)c->router->start_id, (unsigned long long)req->id);
+    request_id_format(req->id_str, c->router->start_id, req->id);
     req->start_ms = router__now(c->router);
     req->endpoint = endpoint_find(request_path(req), llhttp_get_method(&c->parser), &errstr);
     if (req->endpoint == ROUTER_EP_NONE)

@@ -674,7 +674,7 @@ void router__proxy_replay(struct router__client *c, const char *value, size_t le
     req->chunked = 1;
     char size[24];
     uv_buf_t bufs[3] = {
-        uv_buf_init(size, (unsigned)snprintf(size, sizeof(size), "%zx\r\n", len)),
+        uv_buf_init(size, (unsigned)router__chunk_line(size, len)),
         uv_buf_init((char *)value, (unsigned)len),
         uv_buf_init("\r\n0\r\n\r\n", 7),
     };
@@ -861,7 +861,7 @@ static void forward(struct router__client *c, const char *p, size_t len)
         return;
     }
     uv_buf_t bufs[3] = {
-        uv_buf_init(size, (unsigned)snprintf(size, sizeof(size), "%zx\r\n", len)),
+        uv_buf_init(size, (unsigned)router__chunk_line(size, len)),
         uv_buf_init((char *)p, (unsigned)len),
         uv_buf_init("\r\n", 2),
     };

@@ -177,7 +177,14 @@ Test(proxy, chat_is_rewritten_for_the_backend_and_usage_passes_through)
     cr_assert_eq(resp.status, 200);
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
     cr_assert_not_null(support_http_header(&resp, "x-costrouter-reason"));
-    cr_assert_not_null(support_http_header(&resp, "x-request-id"));
+    const char *id = support_http_header(&resp, "x-request-id");
+    cr_assert_not_null(id);
+    /* "cr-START-SEQ", both lower-case hex */
+    cr_assert_eq(strncmp(id, "cr-", 3), 0, "%s", id);
+    size_t start = strspn(id + 3, "0123456789abcdef");
+    cr_assert(start > 0 && id[3 + start] == '-', "%s", id);
+    cr_assert(strspn(id + 4 + start, "0123456789abcdef") == strlen(id + 4 + start) &&
+                  id[4 + start] != '\0', "%s", id);
     cr_assert_gt(json_num(body_json(), "usage.prompt_tokens"), 0);
 
     /* What the upstream received: its own model name and key, never ours. */
