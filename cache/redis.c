@@ -61,6 +61,7 @@
 #include "common/util.h" /* before uv.h: sys/param.h redefines MIN/MAX silently */
 #include "cache/internal.h"
 #include "common/error.h"
+#include "common/fmt.h"
 #include "common/log.h"
 
 #define DAY_KEY_TTL_S "691200"       /* 8 days */
@@ -815,19 +816,13 @@ static void arg_fmt(struct args *a, const char *fmt, ...)
  * a batch's arguments: printf would be most of the batch's cost. */
 static char *put_int(char *p, int64_t v)
 {
-    char tmp[NUM_MAX];
-    uint64_t u = v < 0 ? -(uint64_t)v : (uint64_t)v;
-    int n = 0;
+    char tmp[FMT_U64_MAX], *d = fmt_u64(tmp + sizeof(tmp), v < 0 ? -(uint64_t)v : (uint64_t)v);
+    size_t n = (size_t)(tmp + sizeof(tmp) - d);
 
-    do {
-        tmp[n++] = (char)('0' + u % 10);
-        u /= 10;
-    } while (u > 0);
     if (v < 0)
         *p++ = '-';
-    while (n > 0)
-        *p++ = tmp[--n];
-    return p;
+    memcpy(p, d, n);
+    return p + n;
 }
 
 static void arg_int(struct args *a, int64_t v)

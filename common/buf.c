@@ -1,5 +1,6 @@
 /* common/buf.c: growable byte buffer (see buf.h). */
 #include "common/buf.h"
+#include "common/fmt.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -34,6 +35,13 @@ int buf_append(struct buf *b, const void *p, size_t n)
     memcpy(b->data + b->len, p, n);
     b->len += n;
     return 0;
+}
+
+int buf_append_u64(struct buf *b, uint64_t v)
+{
+    char tmp[FMT_U64_MAX], *p = fmt_u64(tmp + sizeof(tmp), v);
+
+    return buf_append(b, p, (size_t)(tmp + sizeof(tmp) - p));
 }
 
 int buf_append_header(struct buf *b, struct slice name, struct slice value)

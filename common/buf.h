@@ -9,6 +9,7 @@
 #define COMMON_BUF_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "common/slice.h"
 
@@ -26,6 +27,10 @@ int buf_append(struct buf *b, const void *p, size_t n) __attribute__((warn_unuse
  * frequent format, without printf). Returns 0 or -ENOMEM. */
 int buf_append_header(struct buf *b, struct slice name, struct slice value)
     __attribute__((warn_unused_result));
+/* Append the decimal digits of v. Returns 0 or -ENOMEM. */
+int buf_append_u64(struct buf *b, uint64_t v) __attribute__((warn_unused_result));
+/* Append a string literal, its length counted by the compiler. */
+#define buf_append_lit(b, lit) buf_append((b), "" lit, sizeof(lit) - 1)
 /* Append printf-formatted text. Returns 0, -ENOMEM or -EINVAL. */
 int buf_printf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Drop the first n bytes, keeping the rest. */

@@ -24,6 +24,7 @@
 #include <uv.h>
 
 #include "common/buf.h"
+#include "common/fmt.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "conf/conf.h"
@@ -119,18 +120,6 @@ static int put_string(struct buf *out, const char *str)
     return rc ? -ENOMEM : 0;
 }
 
-/* Decimal digits of v at the end of tmp[24]; returns where they start. */
-static char *u64_digits(char tmp[24], uint64_t v)
-{
-    char *p = tmp + 24;
-
-    do {
-        *--p = (char)('0' + v % 10);
-        v /= 10;
-    } while (v != 0);
-    return p;
-}
-
 /*
  * A finite double with at most `decimals` fraction digits (trailing zeros
  * dropped), or null. The record's values are integers scaled down (costs
@@ -156,7 +145,7 @@ static int put_fixed(struct buf *out, double v, int decimals)
     }
     units = (uint64_t)llround(fabs(v) * (double)pow10[decimals]);
     frac = units % pow10[decimals];
-    w = u64_digits(digits, units / pow10[decimals]);
+    w = fmt_u64(digits + sizeof(digits), units / pow10[decimals]);
     rc = v < 0 && units != 0 ? buf_append(out, "-", 1) : 0;
     rc |= buf_append(out, w, (size_t)(digits + sizeof(digits) - w));
     if (frac == 0)
@@ -169,20 +158,13 @@ static int put_fixed(struct buf *out, double v, int decimals)
     return rc | buf_append(out, frac_text, n);
 }
 
-/* A string literal, its length counted by the compiler. */
-#define APPEND_LIT(out, lit) buf_append((out), (lit), sizeof(lit) - 1)
 
 #define USD_DECIMALS 12 /* pico-USD: costs are micro-USD today */
 #define MS_DECIMALS 3  /* microseconds */
 
 static int put_int(struct buf *out, int64_t v)
 {
-    char tmp[24], *p;
-
-    if (v < 0)
-        return buf_append(out, "null", 4);
-    p = u64_digits(tmp, (uint64_t)v);
-    return buf_append(out, p, (size_t)(tmp + 24 - p));
+    return v < 0 ? buf_append(out, "null", 4) : buf_append_u64(out, (uint64_t)v);
 }
 
 /* "YYYY-MM-DDTHH:MM:SS.mmmZ"; the formatted second is kept, as one line
@@ -240,13 +222,13 @@ int metrics_cost_record_json(const struct metrics_cost_record *r, struct buf *ou
     rc |= buf_append(out, ",\"completion_tokens\":", 21) | put_int(out, r->completion_tokens);
     rc |= buf_append(out, ",\"cost_usd_est\":", 16) | put_fixed(out, r->cost_usd_est, USD_DECIMALS);
     rc |= buf_append(out, ",\"cost_usd\":", 12) | put_fixed(out, r->cost_usd, USD_DECIMALS);
-    rc |= r->cache_hit ? APPEND_LIT(out, ",\"cache_hit\":true") : APPEND_LIT(out, ",\"cache_hit\":false");
+    rc |= r->cache_hit ? buf_append_lit(out, ",\"cache_hit\":true") : buf_append_lit(out, ",\"cache_hit\":false");
     rc |= buf_append(out, ",\"saved_usd\":", 13) | put_fixed(out, r->saved_usd, USD_DECIMALS);
     rc |= buf_append(out, ",\"ttft_ms\":", 11) | put_fixed(out, r->ttft_ms, MS_DECIMALS);
     rc |= buf_append(out, ",\"latency_ms\":", 14) | put_fixed(out, r->latency_ms, MS_DECIMALS);
-    rc |= APPEND_LIT(out, ",\"status\":") | put_int(out, r->status);
-    rc |= APPEND_LIT(out, ",\"fallbacks\":") | put_int(out, r->fallbacks);
-    rc |= APPEND_LIT(out, "}\n");
+    rc |= buf_append_lit(out, ",\"status\":") | put_int(out, r->status);
+    rc |= buf_append_lit(out, ",\"fallbacks\":") | put_int(out, r->fallbacks);
+    rc |= buf_append_lit(out, "}\n");
     if (rc != 0) {
         out->len = start;
         return -ENOMEM;

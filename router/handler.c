@@ -364,9 +364,9 @@ static void request_id_format(char out[32], uint64_t start_id, uint64_t id)
     size_t n = 3;
 
     memcpy(out, "cr-", 3);
-    n += router__hex(out + n, start_id);
+    n += fmt_hex(out + n, start_id);
     out[n++] = '-';
-    n += router__hex(out + n, id);
+    n += fmt_hex(out + n, id);
     out[n] = '\0';
 }
 

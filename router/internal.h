@@ -31,6 +31,7 @@
 #include "backends/backend.h"
 #include "cache/cache.h"
 #include "common/buf.h"
+#include "common/fmt.h"
 #include "common/slice.h"
 #include "policy/cost.h"
 #include "policy/experiment.h"
@@ -58,6 +59,7 @@ struct router__pool {
     unsigned nidle;                        /* length of the idle list */
     unsigned nopen;                        /* all open connections of this pool */
     char *model_json;                      /* the backend's model name as a JSON string, or NULL */
+    struct buf fixed_headers;              /* Host, Content-Type, the key: the same every request */
 };
 
 /* What outlives a config reload: the listening socket and the state that
@@ -373,28 +375,10 @@ void router__json_leave(void);
 /* Free req->json and the arena. */
 void router__json_drop(struct router__request *req);
 
-/* v in lower-case hex at out, without leading zeros (at most 16 digits);
- * returns the digits written. Chunk sizes and request ids: printf for
- * them was a visible share of a streamed request's CPU. */
-static inline size_t router__hex(char *out, uint64_t v)
-{
-    static const char digits[] = "0123456789abcdef";
-    char tmp[16];
-    size_t n = 0, i = 0;
-
-    do {
-        tmp[n++] = digits[v & 15];
-        v >>= 4;
-    } while (v > 0);
-    while (n > 0)
-        out[i++] = tmp[--n];
-    return i;
-}
-
 /* "SIZE\r\n", the line before an HTTP chunk of `len` bytes (out: 18 bytes). */
 static inline size_t router__chunk_line(char *out, size_t len)
 {
-    size_t n = router__hex(out, len);
+    size_t n = fmt_hex(out, len);
 
     out[n++] = '\r';
     out[n++] = '\n';
@@ -407,6 +391,9 @@ static inline size_t router__chunk_line(char *out, size_t len)
 int router__json_model_span(const char *p, size_t len, size_t *start, size_t *end);
 /* `s` as a JSON string with its quotes (malloc'd), or NULL. */
 char *router__json_quote(const char *s);
+/* The upstream request headers that are the same for every request to
+ * backend `b` (holds its API key: never logged). */
+int router__fixed_headers(const struct conf_backend *b, struct buf *out);
 /* The store answered cache_begin: continue with the reservation granted,
  * or re-choose / reject when it was denied. */
 void router__proxy_reserved(struct router__client *c, const struct cache_begin_result *res);

@@ -217,6 +217,22 @@ print:
     return 0;
 }
 
+int router__fixed_headers(const struct conf_backend *b, struct buf *out)
+{
+    int rc = buf_printf(out, b->host_is_ipv6 ? "Host: [%s]" : "Host: %s", b->host);
+
+    if (rc == 0 && b->port != (b->tls ? 443 : 80))
+        rc = buf_printf(out, ":%u", b->port);
+    rc = rc ?: buf_append_lit(out, "\r\nContent-Type: application/json\r\n");
+    if (rc == 0 && b->api_key) {
+        if (strcasecmp(b->auth_header, "Authorization") == 0)
+            rc = buf_printf(out, "Authorization: Bearer %s\r\n", b->api_key);
+        else
+            rc = buf_printf(out, "%s: %s\r\n", b->auth_header, b->api_key);
+    }
+    return rc;
+}
+
 static int build_request(struct router__client *c, const struct router__pool *pool,
                          struct buf *out)
 {
@@ -229,19 +245,17 @@ static int build_request(struct router__client *c, const struct router__pool *po
         free(body.owned);
         return -1;
     }
-    rc = buf_printf(out, b->host_is_ipv6 ? "POST %s%s HTTP/1.1\r\nHost: [%s]" : "POST %s%s HTTP/1.1\r\nHost: %s",
-                    b->base_path, endpoint_suffix(req->endpoint), b->host);
-    if (rc == 0 && b->port != (b->tls ? 443 : 80))
-        rc = buf_printf(out, ":%u", b->port);
-    rc = rc ?: buf_printf(out, "\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
-                               "x-request-id: %s\r\n",
-                          body.len, req->id_str);
-    if (rc == 0 && b->api_key) {
-        if (strcasecmp(b->auth_header, "Authorization") == 0)
-            rc = buf_printf(out, "Authorization: Bearer %s\r\n", b->api_key);
-        else
-            rc = buf_printf(out, "%s: %s\r\n", b->auth_header, b->api_key);
-    }
+    const char *suffix = endpoint_suffix(req->endpoint);
+
+    rc = buf_append_lit(out, "POST ");
+    rc = rc ?: buf_append(out, b->base_path, strlen(b->base_path));
+    rc = rc ?: buf_append(out, suffix, strlen(suffix));
+    rc = rc ?: buf_append_lit(out, " HTTP/1.1\r\n");
+    rc = rc ?: buf_append(out, pool->fixed_headers.data, pool->fixed_headers.len);
+    rc = rc ?: buf_append_lit(out, "Content-Length: ");
+    rc = rc ?: buf_append_u64(out, body.len);
+    rc = rc ?: buf_append_lit(out, "\r\n");
+    rc = rc ?: buf_append_header(out, SLICE_LIT("x-request-id"), slice_from(req->id_str));
     rc = rc ?: buf_append(out, req->fwd.data, req->fwd.len);
     rc = rc ?: buf_append(out, "\r\n", 2);
     rc = rc ?: buf_reserve(out, body.len);
@@ -256,29 +270,24 @@ static int64_t micro_of(double usd)
     return (int64_t)llround(usd * 1e6);
 }
 
-/* Micro-dollars as "D.DDDDDD", written by hand: it runs once or twice per
- * request and snprintf cost more than the rest of the cost header. */
+/* Micro-dollars as "D.DDDDDD" (out: 28 bytes or more), without printf: it
+ * runs once or twice per request. */
 static void format_usd(char *out, size_t n, int64_t micro)
 {
-    char digits[24];
-    int len = 0;
-    uint64_t v;
+    char tmp[FMT_U64_MAX + 8], *end = tmp + sizeof(tmp), *d;
 
-    if (micro < 0 || n < 28) {
+    if (micro < 0 || n < sizeof(tmp)) {
         snprintf(out, n, "%" PRId64 ".%06" PRId64, micro / 1000000, micro % 1000000);
         return;
     }
-    v = (uint64_t)micro;
-    do { /* at least "0.000000": seven digits */
-        digits[len++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v > 0 || len < 7);
-    for (int i = len - 1; i >= 0; i--) {
-        *out++ = digits[i];
-        if (i == 6)
-            *out++ = '.';
-    }
-    *out = '\0';
+    d = fmt_u64(end, (uint64_t)micro);
+    while (end - d < 7) /* at least "0.000000" */
+        *--d = '0';
+    memcpy(out, d, (size_t)(end - d - 6));
+    out += end - d - 6;
+    *out++ = '.';
+    memcpy(out, end - 6, 6);
+    out[6] = '\0';
 }
 
 /* ---- estimate ---- */
@@ -760,16 +769,18 @@ static void send_held_head(struct router__client *c, int64_t length, int with_co
     req->head_held = 0;
     if (with_cost) {
         format_usd(usd, sizeof(usd), req->cost_micro);
-        rc = buf_printf(&req->head, "x-costrouter-cost-usd: %s\r\n", usd);
+        rc = buf_append_header(&req->head, SLICE_LIT("x-costrouter-cost-usd"), slice_from(usd));
     }
-    if (rc == 0 && length >= 0)
-        rc = buf_printf(&req->head, "Content-Length: %" PRId64 "\r\n", length);
-    else if (rc == 0) {
-        rc = buf_printf(&req->head, "Transfer-Encoding: chunked\r\n");
+    if (rc == 0 && length >= 0) {
+        rc = buf_append_lit(&req->head, "Content-Length: ");
+        rc = rc ?: buf_append_u64(&req->head, (uint64_t)length);
+        rc = rc ?: buf_append_lit(&req->head, "\r\n");
+    } else if (rc == 0) {
+        rc = buf_append_lit(&req->head, "Transfer-Encoding: chunked\r\n");
         req->chunked = 1;
     }
     if (rc == 0 && !req->keep_alive)
-        rc = buf_printf(&req->head, "Connection: close\r\n");
+        rc = buf_append_lit(&req->head, "Connection: close\r\n");
     rc = rc ?: buf_append(&req->head, "\r\n", 2);
     if (rc != 0) {
         router__client_close(c);
@@ -806,11 +817,15 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     req->is_sse = is_sse ? 1 : 0;
     req->response_started = 1;
     buf_reset(&req->head);
-    rc = buf_printf(&req->head, "HTTP/1.1 %d %s\r\n", status, http_status_text(status));
+    rc = buf_append_lit(&req->head, "HTTP/1.1 ");
+    rc = rc ?: buf_append_u64(&req->head, (uint64_t)status);
+    rc = rc ?: buf_append_lit(&req->head, " ");
+    rc = rc ?: buf_append(&req->head, http_status_text(status), strlen(http_status_text(status)));
+    rc = rc ?: buf_append_lit(&req->head, "\r\n");
     rc = rc ?: buf_append(&req->head, headers->data, headers->len);
-    rc = rc ?: buf_printf(&req->head, "x-request-id: %s\r\nx-costrouter-backend: %s\r\n"
-                                      "x-costrouter-reason: %s\r\n",
-                          req->id_str, b->name, req->reason);
+    rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-request-id"), slice_from(req->id_str));
+    rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-costrouter-backend"), slice_from(b->name));
+    rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-costrouter-reason"), slice_from(req->reason));
     if (rc != 0) {
         router__client_close(c);
         return 1;
@@ -818,7 +833,7 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     req->head_held = 1;
     if (is_sse) {
         /* Streams go out at once; the cost follows at the end. */
-        rc = buf_printf(&req->head, "Trailer: x-costrouter-cost-usd\r\n");
+        rc = buf_append_lit(&req->head, "Trailer: x-costrouter-cost-usd\r\n");
         if (rc != 0) {
             router__client_close(c);
             return 1;

@@ -122,6 +122,8 @@ int router__pools_init(struct router *r)
         if (pool->conf->model &&
             (pool->model_json = router__json_quote(pool->conf->model)) == NULL)
             return -1;
+        if (router__fixed_headers(pool->conf, &pool->fixed_headers) != 0)
+            return -1;
         if (pool->conf->tls) {
             pool->ssl_ctx = router__tls_client_ctx(pool->conf);
             if (pool->ssl_ctx == NULL)
@@ -145,6 +147,9 @@ void router__pools_free(struct router *r)
     for (size_t i = 0; i < r->conf->nbackends; i++) {
         SSL_CTX_free(r->pools[i].ssl_ctx);
         free(r->pools[i].model_json);
+        if (r->pools[i].fixed_headers.data) /* the API key: wiped, not just freed */
+            memset(r->pools[i].fixed_headers.data, 0, r->pools[i].fixed_headers.len);
+        buf_free(&r->pools[i].fixed_headers);
     }
     free(r->pools);
     r->pools = NULL;

@@ -54,3 +54,18 @@ Test(buf, append_header_writes_one_line, .timeout = 5)
     cr_assert_eq(memcmp(b.data, want, b.len), 0);
     buf_free(&b);
 }
+
+Test(buf, append_u64_and_lit, .timeout = 5)
+{
+    struct buf b = {0};
+    const char *want = "0 18446744073709551615 1234";
+
+    cr_assert_eq(buf_append_u64(&b, 0), 0);
+    cr_assert_eq(buf_append_lit(&b, " "), 0);
+    cr_assert_eq(buf_append_u64(&b, UINT64_MAX), 0);
+    cr_assert_eq(buf_append_lit(&b, " "), 0);
+    cr_assert_eq(buf_append_u64(&b, 1234), 0);
+    cr_assert_eq(b.len, strlen(want));
+    cr_assert_eq(memcmp(b.data, want, b.len), 0);
+    buf_free(&b);
+}
