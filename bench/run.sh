@@ -448,6 +448,29 @@ awk '
                    p99[k, "nginx-1"] - p99[k, "direct"] } }' "$TSV"
 cat <<EOF
 
+The same ratios round by round (the runs of one round are seconds apart, so drift on the
+machine touches both sides alike), and their median: the best rounds above can come from
+different rounds for each server.
+
+| mode | conns | costrouter / nginx-1, each round | median | costrouter-redis / nginx-1, each round | median |
+|---|---:|---|---:|---|---:|
+EOF
+awk '
+    function median(list,   a, n, i, j, t) {
+        n = split(list, a, " ")
+        for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+        return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    { key = $1 " " $2; r = $11; rps[key, $3, r] = $4 / ($5 / 1e6)
+      if (!(key in seen)) { seen[key] = 1; order[++n] = key }
+      if (r > rounds) rounds = r }
+    END { for (i = 1; i <= n; i++) { k = order[i]; split(k, mc, " "); a = b = ""
+            for (r = 1; r <= rounds; r++) {
+                a = a sprintf(" %.2f", rps[k, "costrouter", r] / rps[k, "nginx-1", r])
+                b = b sprintf(" %.2f", rps[k, "costrouter-redis", r] / rps[k, "nginx-1", r]) }
+            printf "| %s | %s |%s | %.2fx |%s | %.2fx |\n", mc[1], mc[2], a, median(a), b, median(b) } }' "$ALL_TSV"
+cat <<EOF
+
 costrouter-redis, Redis script calls per run (EVALSHA and EVAL, from \`INFO commandstats\`
 reset before each run; each call carries one tenant's settlements and reservations of one
 loop turn):
