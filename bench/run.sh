@@ -380,7 +380,9 @@ V_NODE=$(ver node --version)
 V_PORTKEY=$(node -p "require('./$PORTKEY_DIR/node_modules/@portkey-ai/gateway/package.json').version")
 V_HONO=$(node -p "require('./$PORTKEY_DIR/node_modules/@hono/node-server/package.json').version")
 GIT_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD 2>/dev/null || GIT_REV="$GIT_REV (with uncommitted changes)"
+# The results files themselves do not count: the last run left them changed.
+git diff --quiet HEAD -- . ':(exclude)bench/RESULTS*.md' 2>/dev/null ||
+    GIT_REV="$GIT_REV (with uncommitted changes)"
 CPU=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
 MEM=$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
 
