@@ -18,7 +18,9 @@
  * its close callback. A client owns its current request. An upstream
  * connection owns the bytes it writes. A client and an upstream
  * connection point at each other only while an exchange is in flight;
- * whichever side closes first detaches the other.
+ * whichever side closes first detaches the other. The body's JSON tree
+ * lives in the request's arena (jsonmem.c); every timeout of a client or
+ * an upstream connection is one moving deadline (deadline.c).
  */
 #ifndef ROUTER_INTERNAL_H
 #define ROUTER_INTERNAL_H
