@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "tests/support/http.h"
@@ -351,6 +352,39 @@ Test(proxy, slow_client_gets_408)
     cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0);
     assert_error(408, "request_timeout");
     support_http_close(&c);
+}
+
+/* Timeouts move with the connection's phase (router/deadline.c): a
+ * keep-alive connection outlives the header timeout it had while its
+ * first request came in, and is closed once idle_timeout_ms has passed. */
+Test(proxy, idle_connection_closes_at_its_own_timeout)
+{
+    struct support_http_conn c;
+    struct support_http_response r = {0};
+    struct buf req = {0};
+    struct timespec t0, t1;
+    double waited;
+
+    start_two("limits: {header_timeout_ms: 200, idle_timeout_ms: 800}", NULL);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    cr_assert_eq(support_http_read(&c, &r, TIMEOUT_MS), 0);
+    cr_assert_eq(r.status, 200);
+    support_http_response_free(&r);
+    usleep(400 * 1000); /* past the header timeout, within the idle one */
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    cr_assert_eq(support_http_read(&c, &r, TIMEOUT_MS), 0, "closed before its idle timeout");
+    cr_assert_eq(r.status, 200);
+    support_http_response_free(&r);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    cr_assert_eq(support_http_read(&c, &r, 5000), -ECONNRESET, "an idle connection is closed");
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    waited = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6;
+    cr_assert(waited > 600 && waited < 4000, "closed %.0f ms after the response", waited);
+    support_http_response_free(&r);
+    support_http_close(&c);
+    buf_free(&req);
 }
 
 /* ---- upstream failures ---- */
