@@ -53,7 +53,6 @@
 #include <errno.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -795,21 +794,23 @@ static void arg_add(struct args *a, const char *v)
     a->argv[a->argc++] = v;
 }
 
-static void arg_fmt(struct args *a, const char *fmt, ...)
+/* Where the next argument of up to `need` bytes goes, or NULL: the size
+ * estimate was wrong, and the batch will not be sent. */
+static char *arg_room(struct args *a, size_t need)
 {
-    va_list ap;
-    int n;
+    if ((size_t)(a->end - a->p) >= need)
+        return a->p;
+    a->overflow = 1;
+    a->argv[a->argc++] = "";
+    return NULL;
+}
 
-    va_start(ap, fmt);
-    n = vsnprintf(a->p, (size_t)(a->end - a->p), fmt, ap);
-    va_end(ap);
-    if (n < 0 || n >= a->end - a->p) {
-        a->overflow = 1;
-        a->argv[a->argc++] = "";
-        return;
-    }
+/* End the argument begun at a->p just before `end`. */
+static void arg_done(struct args *a, char *end)
+{
+    *end++ = '\0';
     a->argv[a->argc++] = a->p;
-    a->p += n + 1;
+    a->p = end;
 }
 
 /* The decimal digits of v at p; returns the end. Several per request in
@@ -827,14 +828,23 @@ static char *put_int(char *p, int64_t v)
 
 static void arg_int(struct args *a, int64_t v)
 {
-    if (a->end - a->p < NUM_MAX) {
-        a->overflow = 1;
-        a->argv[a->argc++] = "";
+    char *p = arg_room(a, NUM_MAX);
+
+    if (p)
+        arg_done(a, put_int(p, v));
+}
+
+/* x and y joined (a key: the prefix and an entry's name). */
+static void arg_concat(struct args *a, const char *x, const char *y)
+{
+    size_t nx = strlen(x), ny = strlen(y);
+    char *p = arg_room(a, nx + ny + 1);
+
+    if (p == NULL)
         return;
-    }
-    a->argv[a->argc++] = a->p;
-    a->p = put_int(a->p, v);
-    *a->p++ = '\0';
+    memcpy(p, x, nx);
+    memcpy(p + nx, y, ny);
+    arg_done(a, p + nx + ny);
 }
 
 /* "INSTANCE-SEQ:AMOUNT": the instance id, two numbers of at most 20
@@ -845,22 +855,16 @@ _Static_assert(sizeof(((struct cache *)0)->instance) + 2 * 20 + 2 <= MEMBER_MAX,
 static void arg_member(struct args *a, const struct cache *c, uint64_t seq, int64_t amount)
 {
     size_t n = strlen(c->instance);
-    char *p = a->p;
+    char *p = arg_room(a, MEMBER_MAX);
 
-    if (a->end - a->p < MEMBER_MAX) {
-        a->overflow = 1;
-        a->argv[a->argc++] = "";
+    if (p == NULL)
         return;
-    }
     memcpy(p, c->instance, n);
     p += n;
     *p++ = '-';
     p = put_int(p, (int64_t)seq);
     *p++ = ':';
-    p = put_int(p, amount);
-    *p++ = '\0';
-    a->argv[a->argc++] = a->p;
-    a->p = p;
+    arg_done(a, put_int(p, amount));
 }
 
 /* A reservation's member and amount, or '' and 0 for none (seq 0). */
@@ -979,7 +983,7 @@ static int batch_send(struct batch *b, int eval)
     arg_add(&a, k.exp);
     for (size_t i = b->nsettles; i < b->n; i++)
         if (has_entry(b->ops[i]))
-            arg_fmt(&a, "%s%s", c->prefix, b->ops[i]->name);
+            arg_concat(&a, c->prefix, b->ops[i]->name);
     args_ops(&a, b);
     if (a.overflow ||
         redisAsyncCommandArgv(s->ac, batch_reply_cb, b, a.argc, a.argv, NULL) != REDIS_OK)
