@@ -39,6 +39,15 @@ void buf_consume(struct buf *b, size_t n);
 static inline void buf_reset(struct buf *b) { b->len = 0; }
 /* Free the memory. */
 void buf_free(struct buf *b);
+/* Forget the contents and keep the memory for the next use, unless it grew
+ * beyond `keep` bytes: one large request should not stay allocated. */
+static inline void buf_recycle(struct buf *b, size_t keep)
+{
+    if (b->cap > keep)
+        buf_free(b);
+    else
+        buf_reset(b);
+}
 /* In a buffer of NUL-terminated name and value strings one after the
  * other ("name\0value\0..."), the value of the first pair named `name`,
  * or NULL. */

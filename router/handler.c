@@ -127,14 +127,6 @@ void router__send_error(struct router__client *c, const char *errstr, const char
     free(body);
 }
 
-static void buf_trim(struct buf *b)
-{
-    if (b->cap > ROUTER_KEEP_BUF)
-        buf_free(b);
-    else
-        buf_reset(b);
-}
-
 /* The request's buffers that live between requests (`cached` does not). */
 static void request_bufs(struct router__request *req, struct buf *out[ROUTER_REQ_NBUFS])
 {
@@ -210,12 +202,11 @@ void router__request_reset(struct router__request *req)
         memset(req->auth.data, 0, req->auth.len);
     request_bufs(req, bufs);
     for (int i = 0; i < ROUTER_REQ_NBUFS; i++)
-        buf_trim(bufs[i]);
+        buf_recycle(bufs[i], ROUTER_KEEP_BUF);
     req->batching = 0;
     buf_free(&req->cached);
     free(req->verdicts);
     req->verdicts = NULL;
-    req->json = NULL;
     req->head_bytes = 0;
     req->endpoint = ROUTER_EP_NONE;
     req->tenant = NULL;

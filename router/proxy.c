@@ -502,8 +502,7 @@ static void send_attempt(struct router__client *c)
     backend_attempt_begin(req->pool->backend, now, &req->ticket);
     req->attempt_open = 1;
     rc = router__upstream_send(req->pool, c, out->data, out->len);
-    if (out->cap > ROUTER_REQUEST_OUT_KEEP)
-        buf_free(out); /* one huge prompt should not stay allocated */
+    buf_recycle(out, ROUTER_REQUEST_OUT_KEEP);
     if (rc != 0)
         router__proxy_on_error(c, error_upstream_connect);
 }

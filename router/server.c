@@ -537,7 +537,6 @@ static void settings_init(void)
     client_settings.on_message_complete = on_message_complete;
 }
 
-/* The state that outlives reloads, made once with the first config. */
 /* What shared_create made that closing the loop's handles does not free. */
 static void shared_free(struct router__shared *sh)
 {
@@ -549,6 +548,7 @@ static void shared_free(struct router__shared *sh)
     free(sh);
 }
 
+/* The state that outlives reloads, made once with the first config. */
 static struct router__shared *shared_create(uv_loop_t *loop, const struct conf *conf)
 {
     struct router__shared *sh = calloc(1, sizeof(*sh));

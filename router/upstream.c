@@ -69,16 +69,6 @@ static void idle_remove(struct router__upstream *u)
     pool->nidle--;
 }
 
-/* The request bytes were sent and answered: keep the buffer for the next
- * request on this connection unless one large prompt made it big. */
-static void out_done(struct router__upstream *u)
-{
-    if (u->out.cap > UPSTREAM_OUT_KEEP)
-        buf_free(&u->out);
-    else
-        buf_reset(&u->out);
-}
-
 /* Back to the pool after a clean response, or closed if the pool is full
  * or the router is stopping. */
 static void upstream_release(struct router__upstream *u)
@@ -101,7 +91,7 @@ static void upstream_release(struct router__upstream *u)
         pool->idle_head->prev_idle = u;
     pool->idle_head = u;
     pool->nidle++;
-    out_done(u);
+    buf_recycle(&u->out, UPSTREAM_OUT_KEEP);
     router__deadline_set(&u->timeout, UPSTREAM_IDLE_MS);
 }
 
@@ -588,11 +578,13 @@ static int on_headers_complete(llhttp_t *p)
         return -1;
     if (p->status_code < 200)
         return 0; /* 1xx: the real head follows */
-    /* The request bytes are no longer needed for a resend. */
-    out_done(u);
+    /* The request bytes are no longer needed for a resend; the buffer
+     * serves the next request on this connection. */
+    buf_recycle(&u->out, UPSTREAM_OUT_KEEP);
     u->state = ROUTER_UP_RECEIVING;
     elapsed = uv_now(u->pool->router->loop) - c->req.attempt_start_ms;
-    router__deadline_set(&u->timeout, b->total_timeout_ms > (int)elapsed ? b->total_timeout_ms - (int)elapsed : 1);
+    router__deadline_set(&u->timeout,
+                         b->total_timeout_ms > (int)elapsed ? b->total_timeout_ms - (int)elapsed : 1);
     if (router__proxy_on_head(c, p->status_code, &u->headers, length, u->is_sse) != 0)
         return -1;
     return u->client ? 0 : -1;
