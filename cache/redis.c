@@ -679,18 +679,17 @@ static int send_argv(struct cache__redis *s, struct cache_op *op, int argc, cons
     return 0;
 }
 
-/* The five per-tenant keys of a period, plus the cache entry's full name. */
+/* The five per-tenant keys of a period. */
 struct keys {
     char day[CACHE__NAME_MAX];      /* spend that day */
     char month[CACHE__NAME_MAX];    /* spend that month */
     char res[CACHE__NAME_MAX];      /* open reservations */
     char reserved[CACHE__NAME_MAX]; /* their sum */
     char exp[CACHE__NAME_MAX];      /* expired reservations */
-    char entry[CACHE__NAME_MAX];    /* cache entry, when asked */
 };
 
 static void keys_build(const struct cache *c, const char *tenant, const struct cache__period *p,
-                       const char *entry, struct keys *k)
+                       struct keys *k)
 {
     char d[16], m[16];
 
@@ -700,7 +699,6 @@ static void keys_build(const struct cache *c, const char *tenant, const struct c
     snprintf(k->res, sizeof(k->res), "%s{%s}:r", c->prefix, tenant);
     snprintf(k->reserved, sizeof(k->reserved), "%s{%s}:rs", c->prefix, tenant);
     snprintf(k->exp, sizeof(k->exp), "%s{%s}:x", c->prefix, tenant);
-    snprintf(k->entry, sizeof(k->entry), "%s%s", c->prefix, entry ? entry : "");
 }
 
 static int grace_ms(const struct cache *c)
@@ -717,7 +715,7 @@ static int send_spend(struct cache__redis *s, struct cache_op *op, int eval)
                           eval ? scripts[SCRIPT_SPEND] : s->sha[SCRIPT_SPEND],
                           "5", k.day, k.month, k.res, k.reserved, k.exp, grace};
 
-    keys_build(s->c, op->tenant, &op->period, NULL, &k);
+    keys_build(s->c, op->tenant, &op->period, &k);
     snprintf(grace, sizeof(grace), "%d", grace_ms(s->c));
     return send_argv(s, op, 9, argv, NULL);
 }
@@ -972,7 +970,7 @@ static int batch_send(struct batch *b, int eval)
         return -1;
     for (size_t i = b->nsettles; i < b->n; i++)
         nkeys += has_entry(b->ops[i]);
-    keys_build(c, op_tenant(b->ops[0]), op_period(b->ops[0]), NULL, &k);
+    keys_build(c, op_tenant(b->ops[0]), op_period(b->ops[0]), &k);
     arg_add(&a, eval ? "EVAL" : "EVALSHA");
     arg_add(&a, eval ? scripts[SCRIPT_TURN] : s->sha[SCRIPT_TURN]);
     arg_int(&a, nkeys);
@@ -1033,7 +1031,7 @@ static void batch_start(struct cache__redis *s, struct cache_op **ops, size_t n)
         op_unsent(ops[i]);
 }
 
-/* Send every queued op, one script call per tenant, period and kind, and
+/* Send every queued op, one script call per tenant and period, and
  * write them at once: the socket is nearly always writable, so waiting for
  * the loop to say so would only cost two epoll_ctl calls per turn. */
 static void queue_send(struct cache__redis *s)
@@ -1241,7 +1239,7 @@ static void reply_cb(redisAsyncContext *ac, void *r, void *priv)
     op_replied(s, op);
 }
 
-/* The reply to a batch: element i answers ops[i]. */
+/* The reply to a batch: the turn script's flat array (parse_turn). */
 static void batch_reply_cb(redisAsyncContext *ac, void *r, void *priv)
 {
     struct batch *b = priv;
