@@ -158,7 +158,6 @@ static int put_fixed(struct buf *out, double v, int decimals)
     return rc | buf_append(out, frac_text, n);
 }
 
-
 #define USD_DECIMALS 12 /* pico-USD: costs are micro-USD today */
 #define MS_DECIMALS 3  /* microseconds */
 
@@ -195,37 +194,38 @@ int metrics_cost_record_json(const struct metrics_cost_record *r, struct buf *ou
     size_t start = out->len;
     int rc = 0;
 
-    rc |= buf_append(out, "{\"ts\":", 6) | put_ts(out, r->ts_ms);
-    rc |= buf_append(out, ",\"request_id\":", 14) | put_string(out, r->request_id);
-    rc |= buf_append(out, ",\"tenant\":", 10) | put_string(out, r->tenant);
-    rc |= buf_append(out, ",\"tags\":{", 9);
+    rc |= buf_append_lit(out, "{\"ts\":") | put_ts(out, r->ts_ms);
+    rc |= buf_append_lit(out, ",\"request_id\":") | put_string(out, r->request_id);
+    rc |= buf_append_lit(out, ",\"tenant\":") | put_string(out, r->tenant);
+    rc |= buf_append_lit(out, ",\"tags\":{");
     for (size_t i = 0; i < r->ntags; i++) {
         rc |= buf_append(out, ",", i > 0) | put_string(out, r->tags[i].key);
-        rc |= buf_append(out, ":", 1) | put_string(out, r->tags[i].value);
+        rc |= buf_append_lit(out, ":") | put_string(out, r->tags[i].value);
     }
-    rc |= buf_append(out, "},\"route\":", 10) | put_string(out, r->route);
-    rc |= buf_append(out, ",\"backend\":", 11) | put_string(out, r->backend);
-    rc |= buf_append(out, ",\"arm\":", 7) | put_string(out, r->arm);
-    rc |= buf_append(out, ",\"reason\":", 10) | put_string(out, r->reason);
-    rc |= buf_append(out, ",\"candidates\":[", 15);
+    rc |= buf_append_lit(out, "},\"route\":") | put_string(out, r->route);
+    rc |= buf_append_lit(out, ",\"backend\":") | put_string(out, r->backend);
+    rc |= buf_append_lit(out, ",\"arm\":") | put_string(out, r->arm);
+    rc |= buf_append_lit(out, ",\"reason\":") | put_string(out, r->reason);
+    rc |= buf_append_lit(out, ",\"candidates\":[");
     for (size_t i = 0; i < r->ncandidates; i++) {
         const struct metrics_cost_candidate *c = &r->candidates[i];
         rc |= buf_append(out, ",", i > 0);
-        rc |= buf_append(out, "{\"backend\":", 11) | put_string(out, c->backend);
-        rc |= buf_append(out, ",\"est_cost_usd\":", 16) | put_fixed(out, c->est_cost_usd, USD_DECIMALS);
-        rc |= buf_append(out, ",\"rejected\":", 12) | put_string(out, c->rejected);
-        rc |= buf_append(out, "}", 1);
+        rc |= buf_append_lit(out, "{\"backend\":") | put_string(out, c->backend);
+        rc |= buf_append_lit(out, ",\"est_cost_usd\":") | put_fixed(out, c->est_cost_usd, USD_DECIMALS);
+        rc |= buf_append_lit(out, ",\"rejected\":") | put_string(out, c->rejected);
+        rc |= buf_append_lit(out, "}");
     }
-    rc |= buf_append(out, "],\"prompt_tokens_est\":", 22) | put_int(out, r->prompt_tokens_est);
-    rc |= buf_append(out, ",\"prompt_tokens\":", 17) | put_int(out, r->prompt_tokens);
-    rc |= buf_append(out, ",\"completion_tokens_est\":", 25) | put_int(out, r->completion_tokens_est);
-    rc |= buf_append(out, ",\"completion_tokens\":", 21) | put_int(out, r->completion_tokens);
-    rc |= buf_append(out, ",\"cost_usd_est\":", 16) | put_fixed(out, r->cost_usd_est, USD_DECIMALS);
-    rc |= buf_append(out, ",\"cost_usd\":", 12) | put_fixed(out, r->cost_usd, USD_DECIMALS);
-    rc |= r->cache_hit ? buf_append_lit(out, ",\"cache_hit\":true") : buf_append_lit(out, ",\"cache_hit\":false");
-    rc |= buf_append(out, ",\"saved_usd\":", 13) | put_fixed(out, r->saved_usd, USD_DECIMALS);
-    rc |= buf_append(out, ",\"ttft_ms\":", 11) | put_fixed(out, r->ttft_ms, MS_DECIMALS);
-    rc |= buf_append(out, ",\"latency_ms\":", 14) | put_fixed(out, r->latency_ms, MS_DECIMALS);
+    rc |= buf_append_lit(out, "],\"prompt_tokens_est\":") | put_int(out, r->prompt_tokens_est);
+    rc |= buf_append_lit(out, ",\"prompt_tokens\":") | put_int(out, r->prompt_tokens);
+    rc |= buf_append_lit(out, ",\"completion_tokens_est\":") | put_int(out, r->completion_tokens_est);
+    rc |= buf_append_lit(out, ",\"completion_tokens\":") | put_int(out, r->completion_tokens);
+    rc |= buf_append_lit(out, ",\"cost_usd_est\":") | put_fixed(out, r->cost_usd_est, USD_DECIMALS);
+    rc |= buf_append_lit(out, ",\"cost_usd\":") | put_fixed(out, r->cost_usd, USD_DECIMALS);
+    rc |= r->cache_hit ? buf_append_lit(out, ",\"cache_hit\":true")
+                       : buf_append_lit(out, ",\"cache_hit\":false");
+    rc |= buf_append_lit(out, ",\"saved_usd\":") | put_fixed(out, r->saved_usd, USD_DECIMALS);
+    rc |= buf_append_lit(out, ",\"ttft_ms\":") | put_fixed(out, r->ttft_ms, MS_DECIMALS);
+    rc |= buf_append_lit(out, ",\"latency_ms\":") | put_fixed(out, r->latency_ms, MS_DECIMALS);
     rc |= buf_append_lit(out, ",\"status\":") | put_int(out, r->status);
     rc |= buf_append_lit(out, ",\"fallbacks\":") | put_int(out, r->fallbacks);
     rc |= buf_append_lit(out, "}\n");
