@@ -24,8 +24,9 @@
  * Begins and settles do not go out one by one: they wait in a queue until
  * the loop is about to poll (a prepare handle), then the queue is sorted by
  * tenant and period and each run becomes one script call (struct batch),
- * up to BATCH_MAX ops. Under load one call then carries every request that
- * arrived in that loop turn, which is what keeps Redis from being the
+ * up to BATCH_MAX ops. While a turn's calls are out, the queue waits for
+ * their replies (group commit). Under load one call then carries every
+ * request that arrived meanwhile, which is what keeps Redis from being the
  * bottleneck; alone, an op waits for nothing but the end of its turn. A
  * tenant's keys share a hash slot, so a batch stays valid on a cluster.
  *
@@ -43,8 +44,9 @@
  * Key layout, every key of a tenant in one hash slot:
  *   PREFIX{tenant}:d:YYYYMMDD  spent that UTC day (string integer)
  *   PREFIX{tenant}:m:YYYYMM    spent that UTC month
- *   PREFIX{tenant}:r           open reservations, zset member "INSTANCE-SEQ:AMOUNT", score expiry ms
- *   PREFIX{tenant}:rs          sum of the open reservations' amounts
+ *   PREFIX{tenant}:o           open reservations, hash "INSTANCE-SEQ:AMOUNT" -> expiry ms, and
+ *                              field '' -> when the earliest of them expires, at the soonest
+ *   PREFIX{tenant}:os          sum of the open reservations' amounts
  *   PREFIX{tenant}:x           reservations that expired unsettled (kept for a grace period,
  *                              so a late or repeated settle is charged exactly once)
  *   PREFIX{tenant}:c:SHA256    cached response (PREFIXc:{SHA256} when shared across tenants)
@@ -76,41 +78,64 @@
 
 /* Moves expired reservations to the expired set, then reads the reserved
  * sum and both spend counters with one MGET: each redis.call() costs
- * about a microsecond of its own. */
+ * about a microsecond of its own. The open reservations are a hash
+ * (member -> expiry ms) whose field '' says when the earliest of them
+ * expires at the soonest: until then nothing is looked at, and one look
+ * moves at most 256. A hash, not a sorted set, because a small sorted set
+ * is a listpack whose every insert parses each member's score again.
+ * Returns reserved, day, month, and that field (false: none open). */
 #define LUA_PRUNE                                                                          \
     "local function now_ms()\n"                                                            \
     "  local t = redis.call('TIME')\n"                                                     \
     "  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"                 \
     "end\n"                                                                                \
     "local function prune(now, grace)\n"                                                   \
-    "  local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 256)\n"    \
-    "  for i = 1, #old do\n"                                                               \
-    "    redis.call('ZREM', KEYS[3], old[i])\n"                                            \
-    "    redis.call('DECRBY', KEYS[4], string.match(old[i], ':(%d+)$'))\n"                 \
-    "    redis.call('ZADD', KEYS[5], now, old[i])\n"                                       \
-    "  end\n"                                                                              \
-    "  if #old > 0 then\n"                                                                 \
-    "    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - grace)\n"                   \
-    "    redis.call('PEXPIRE', KEYS[5], grace)\n"                                          \
+    "  local due = redis.call('HGET', KEYS[3], '')\n"                                      \
+    "  due = due and tonumber(due)\n"                                                      \
+    "  if due and due <= now then\n"                                                       \
+    "    local all = redis.call('HGETALL', KEYS[3])\n"                                     \
+    "    local gone, moved, sum = {}, {}, 0\n"                                             \
+    "    due = false\n"                                                                    \
+    "    for i = 1, #all, 2 do\n"                                                          \
+    "      local m, at = all[i], tonumber(all[i + 1])\n"                                   \
+    "      if m == '' then\n"                                                              \
+    "      elseif at <= now and #gone < 256 then\n"                                        \
+    "        gone[#gone + 1] = m\n"                                                        \
+    "        moved[#moved + 1] = now\n"                                                    \
+    "        moved[#moved + 1] = m\n"                                                      \
+    "        sum = sum + tonumber(string.match(m, ':(%d+)$'))\n"                           \
+    "      elseif not due or at < due then\n"                                              \
+    "        due = at\n"                                                                   \
+    "      end\n"                                                                          \
+    "    end\n"                                                                            \
+    "    if #gone > 0 then\n"                                                              \
+    "      redis.call('HDEL', KEYS[3], unpack(gone))\n"                                    \
+    "      redis.call('DECRBY', KEYS[4], sum)\n"                                           \
+    "      redis.call('ZADD', KEYS[5], unpack(moved))\n"                                   \
+    "      redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - grace)\n"                 \
+    "      redis.call('PEXPIRE', KEYS[5], grace)\n"                                        \
+    "    end\n"                                                                            \
+    "    if due then redis.call('HSET', KEYS[3], '', due)\n"                               \
+    "    else redis.call('HDEL', KEYS[3], '') end\n"                                       \
     "  end\n"                                                                              \
     "  local v = redis.call('MGET', KEYS[4], KEYS[1], KEYS[2])\n"                          \
     "  local r = tonumber(v[1] or '0')\n"                                                  \
     "  if r < 0 then redis.call('SET', KEYS[4], '0'); r = 0 end\n"                         \
-    "  return r, tonumber(v[2] or '0'), tonumber(v[3] or '0')\n"                           \
+    "  return r, tonumber(v[2] or '0'), tonumber(v[3] or '0'), due\n"                      \
     "end\n"
 
 /* One tenant's settlements and reservations of one loop turn, in that
  * order (what a settlement frees, a reservation after it can use).
  *
  * KEYS day month res reserved exp [entry...]; ARGV ttl_ms grace_ms day_ttl
- * month_ttl nsettles, then per settle: member|'' reserved_amount real
- * force, then per begin: member amount day_limit month_limit entry (its
- * KEYS index, 0: no lookup).
+ * month_ttl nsettles day_limit month_limit (the begins', alike in a
+ * batch), then per settle: member|'' reserved_amount real force, then per
+ * begin: member amount entry (its KEYS index, 0: no lookup).
  *
  * A settle drops its reservation and charges `real` when force, or when
  * the reservation was still known (open or expired), once even if named
  * twice; open reservations are looked up and removed with one command
- * each for the whole batch (ZMSCORE: Redis 6.2). The counters get their
+ * each for the whole batch (HMGET, HDEL). The counters get their
  * expiry when created (a day key outlives its day by a week). A begin
  * answers a cache hit, or reserves `amount` unless a limit would be passed.
  *
@@ -120,9 +145,9 @@
 static const char lua_turn[] =
     LUA_PRUNE
     "local ns = tonumber(ARGV[5])\n"
-    "local last = 5 + 4 * ns\n"
+    "local last = 7 + 4 * ns\n"
     "local known, seen, members, at = {}, {}, {}, {}\n"
-    "for i = 6, last, 4 do\n"
+    "for i = 8, last, 4 do\n"
     "  local m = ARGV[i]\n"
     "  if m ~= '' and not seen[m] then\n"
     "    seen[m] = true\n"
@@ -131,10 +156,10 @@ static const char lua_turn[] =
     "  end\n"
     "end\n"
     "if #members > 0 then\n"
-    "  local scores = redis.call('ZMSCORE', KEYS[3], unpack(members))\n"
+    "  local expiry = redis.call('HMGET', KEYS[3], unpack(members))\n"
     "  local open, dropped = {}, 0\n"
     "  for j = 1, #members do\n"
-    "    if scores[j] then\n"
+    "    if expiry[j] then\n"
     "      open[#open + 1] = members[j]\n"
     "      dropped = dropped + tonumber(ARGV[at[j] + 1])\n"
     "      known[at[j]] = true\n"
@@ -143,12 +168,12 @@ static const char lua_turn[] =
     "    end\n"
     "  end\n"
     "  if #open > 0 then\n"
-    "    redis.call('ZREM', KEYS[3], unpack(open))\n"
+    "    redis.call('HDEL', KEYS[3], unpack(open))\n"
     "    if redis.call('DECRBY', KEYS[4], dropped) < 0 then redis.call('SET', KEYS[4], '0') end\n"
     "  end\n"
     "end\n"
     "local charged = 0\n"
-    "for i = 6, last, 4 do\n"
+    "for i = 8, last, 4 do\n"
     "  if known[i] or ARGV[i + 3] == '1' then charged = charged + tonumber(ARGV[i + 2]) end\n"
     "end\n"
     "local day, month\n"
@@ -167,13 +192,16 @@ static const char lua_turn[] =
     "end\n"
     "local now = now_ms()\n"
     "local ttl, grace = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
-    "local reserved\n"
-    "reserved, day, month = prune(now, grace)\n"
-    "local added, zadd, out, hits = 0, {}, {day, month}, {}\n"
-    "for i = last + 1, #ARGV, 5 do\n"
-    "  local e = tonumber(ARGV[i + 4])\n"
-    "  local v = e > 0 and redis.call('GET', KEYS[e])\n"
-    "  local amount, dl, ml = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])\n"
+    "local reserved, due\n"
+    "reserved, day, month, due = prune(now, grace)\n"
+    "local dl, ml = tonumber(ARGV[6]), tonumber(ARGV[7])\n"
+    "local at = now + ttl\n"
+    "local at_s = tostring(at)\n" /* a number argument is formatted at each use */
+    "local added, hset, nh, out, no, hits = 0, {}, 0, {day, month}, 2, {}\n"
+    "for i = last + 1, #ARGV, 3 do\n"
+    "  local e = ARGV[i + 2]\n"
+    "  local v = e ~= '0' and redis.call('GET', KEYS[tonumber(e)])\n"
+    "  local amount = tonumber(ARGV[i + 1])\n"
     "  local st = 0\n"
     "  if v then\n"
     "    st = 2\n"
@@ -182,21 +210,27 @@ static const char lua_turn[] =
     "         (ml > 0 and month + reserved + amount > ml) then\n"
     "    st = 1\n"
     "  else\n"
-    "    zadd[#zadd + 1] = now + ttl\n"
-    "    zadd[#zadd + 1] = ARGV[i]\n"
+    "    hset[nh + 1] = ARGV[i]\n"
+    "    hset[nh + 2] = at_s\n"
+    "    nh = nh + 2\n"
     "    added = added + amount\n"
     "    reserved = reserved + amount\n"
     "  end\n"
-    "  out[#out + 1] = st\n"
-    "  out[#out + 1] = reserved\n"
+    "  out[no + 1] = st\n"
+    "  out[no + 2] = reserved\n"
+    "  no = no + 2\n"
     "end\n"
-    "if #zadd > 0 then\n"
-    "  redis.call('ZADD', KEYS[3], unpack(zadd))\n"
+    "if nh > 0 then\n"
+    "  if not due or at < due then\n"
+    "    hset[nh + 1] = ''\n"
+    "    hset[nh + 2] = at_s\n"
+    "  end\n"
+    "  redis.call('HSET', KEYS[3], unpack(hset))\n"
     "  redis.call('INCRBY', KEYS[4], added)\n"
     "  redis.call('PEXPIRE', KEYS[3], ttl + grace)\n"
     "  redis.call('PEXPIRE', KEYS[4], ttl + grace)\n"
     "end\n"
-    "for i = 1, #hits do out[#out + 1] = hits[i] end\n"
+    "for i = 1, #hits do out[no + i] = hits[i] end\n"
     "return out\n";
 
 /* KEYS day month res reserved exp; ARGV grace_ms. Returns {day, month,
@@ -239,6 +273,7 @@ struct cache__redis {
     struct cache_op **queue;      /* begins and settles of this loop turn, not yet sent */
     size_t nqueue;                /* ops in it */
     size_t queue_cap;             /* its allocated length */
+    size_t nbatches;              /* batch script calls sent, reply not yet seen */
     char *scratch;                /* a batch's argv and argument bytes, reused */
     size_t scratch_cap;           /* its allocated size */
 };
@@ -696,8 +731,8 @@ static void keys_build(const struct cache *c, const char *tenant, const struct c
     cache__period_fmt(p, d, m);
     snprintf(k->day, sizeof(k->day), "%s{%s}:d:%s", c->prefix, tenant, d);
     snprintf(k->month, sizeof(k->month), "%s{%s}:m:%s", c->prefix, tenant, m);
-    snprintf(k->res, sizeof(k->res), "%s{%s}:r", c->prefix, tenant);
-    snprintf(k->reserved, sizeof(k->reserved), "%s{%s}:rs", c->prefix, tenant);
+    snprintf(k->res, sizeof(k->res), "%s{%s}:o", c->prefix, tenant);
+    snprintf(k->reserved, sizeof(k->reserved), "%s{%s}:os", c->prefix, tenant);
     snprintf(k->exp, sizeof(k->exp), "%s{%s}:x", c->prefix, tenant);
 }
 
@@ -723,7 +758,8 @@ static int send_spend(struct cache__redis *s, struct cache_op *op, int eval)
 /* ---- batches ---- */
 
 #define BATCH_MAX 64      /* ops per script call: bounds its arguments and its time in Redis */
-#define BATCH_HEAD 13     /* EVALSHA sha numkeys, five keys, five common arguments */
+#define QUEUE_HOLD_MAX 256 /* ops held back while a turn is out, at most */
+#define BATCH_HEAD 15     /* EVALSHA sha numkeys, five keys, seven common arguments */
 #define NUM_MAX 24        /* bytes of a formatted int64, with its NUL */
 #define MEMBER_MAX 64     /* "INSTANCE-SEQ:AMOUNT" */
 
@@ -927,18 +963,17 @@ static void args_settle(struct args *a, const struct cache *c, const struct cach
     }
 }
 
-/* A begin: member amount day_limit month_limit entry-key-index. */
+/* A begin: member amount entry-key-index. */
 static void args_begin(struct args *a, const struct cache *c, const struct cache_op *op,
                        int entry)
 {
     arg_member(a, c, op->res.seq, op->amount);
     arg_int(a, op->amount);
-    arg_int(a, op->day_limit);
-    arg_int(a, op->month_limit);
     arg_int(a, entry);
 }
 
-/* ARGV: ttl grace day_ttl month_ttl nsettles, the settles, the begins. */
+/* ARGV: ttl grace day_ttl month_ttl nsettles day_limit month_limit, the
+ * settles, the begins. */
 static void args_ops(struct args *a, const struct batch *b)
 {
     const struct cache *c = b->s->c;
@@ -949,6 +984,8 @@ static void args_ops(struct args *a, const struct batch *b)
     arg_add(a, DAY_KEY_TTL_S);
     arg_add(a, MONTH_KEY_TTL_S);
     arg_int(a, (int64_t)b->nsettles);
+    arg_int(a, b->nsettles < b->n ? b->ops[b->nsettles]->day_limit : 0);
+    arg_int(a, b->nsettles < b->n ? b->ops[b->nsettles]->month_limit : 0);
     for (size_t i = 0; i < b->nsettles; i++)
         args_settle(a, c, b->ops[i]);
     for (size_t i = b->nsettles; i < b->n; i++)
@@ -986,6 +1023,7 @@ static int batch_send(struct batch *b, int eval)
     if (a.overflow ||
         redisAsyncCommandArgv(s->ac, batch_reply_cb, b, a.argc, a.argv, NULL) != REDIS_OK)
         return -1;
+    s->nbatches++;
     for (size_t i = 0; i < b->n; i++) {
         b->ops[i]->pending++;
         if (!b->ops[i]->inflight)
@@ -1031,6 +1069,27 @@ static void batch_start(struct cache__redis *s, struct cache_op **ops, size_t n)
         op_unsent(ops[i]);
 }
 
+/* How many of the sorted q[0..n) share one script call: one tenant and
+ * period, at most BATCH_MAX, and begins of the same limits (the call
+ * carries them once; they differ only across a config reload). */
+static size_t batch_len(struct cache_op *const *q, size_t n)
+{
+    const struct cache_op *begin = NULL;
+    size_t j;
+
+    for (j = 0; j < n && j < BATCH_MAX; j++) {
+        if (j > 0 && batch_cmp(q[0], q[j]) != 0)
+            break;
+        if (!is_begin(q[j]))
+            continue;
+        if (begin == NULL)
+            begin = q[j];
+        else if (q[j]->day_limit != begin->day_limit || q[j]->month_limit != begin->month_limit)
+            break;
+    }
+    return j;
+}
+
 /* Send every queued op, one script call per tenant and period, and
  * write them at once: the socket is nearly always writable, so waiting for
  * the loop to say so would only cost two epoll_ctl calls per turn. */
@@ -1051,8 +1110,7 @@ static void queue_send(struct cache__redis *s)
     if (p)
         p->hold_write = 1;
     for (i = 0; i < n; i = j) {
-        for (j = i + 1; j < n && j - i < BATCH_MAX && batch_cmp(q[i], q[j]) == 0; j++)
-            ;
+        j = i + batch_len(q + i, n - i);
         batch_start(s, q + i, j - i);
     }
     if (p && s->ac == ac) { /* ending ops never frees the connection, but be sure */
@@ -1070,9 +1128,17 @@ static void queue_send(struct cache__redis *s)
     }
 }
 
+/* While a turn's script calls are out, later ops wait for their replies
+ * and then go together (group commit): under load a call carries more ops
+ * and Redis runs fewer calls, alone an op still leaves at once. The queue
+ * is bounded by the requests in flight; QUEUE_HOLD_MAX caps it anyway. */
 static void prepare_cb(uv_prepare_t *h)
 {
-    queue_send(h->data);
+    struct cache__redis *s = h->data;
+
+    if (s->nbatches > 0 && s->nqueue < QUEUE_HOLD_MAX)
+        return;
+    queue_send(s);
 }
 
 /* Queue a begin, settle or write-back for this turn's script calls; -1
@@ -1247,6 +1313,7 @@ static void batch_reply_cb(redisAsyncContext *ac, void *r, void *priv)
     redisReply *reply = r;
     const char *err = NULL;
 
+    s->nbatches--;
     if (is_noscript(reply) && !b->sent_eval) { /* SCRIPT FLUSH, failover: send the body */
         b->sent_eval = 1;
         for (size_t i = 0; i < b->n; i++)

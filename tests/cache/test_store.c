@@ -172,6 +172,35 @@ BOTH(reservations_expire, 20)
     fx_close(&f);
 }
 
+/* Each reservation expires at its own time: one that expired does not
+ * take a younger one with it, and the younger one still expires later. */
+BOTH(reservations_expire_each_at_its_time, 20)
+{
+    struct cache_options o = {.reservation_ttl_ms = 600};
+    struct fx f;
+    struct wait old, young, s;
+
+    fx_open(&f, use_redis, &o, "expiry2");
+    old = wait_begin(&f.loop, f.c, "acme", NULL, 100, 1000, 0);
+    cr_assert(old.begin.granted);
+    wait_ms(&f.loop, 300);
+    young = wait_begin(&f.loop, f.c, "acme", NULL, 30, 1000, 0);
+    cr_assert(young.begin.granted);
+    wait_ms(&f.loop, 400); /* the old one is past its 600 ms, the young one is not */
+    s = wait_spend(&f.loop, f.c, "acme");
+    cr_assert_eq(s.spend.reserved, 30);
+    wait_ms(&f.loop, 400);
+    s = wait_spend(&f.loop, f.c, "acme");
+    cr_assert_eq(s.spend.reserved, 0, "the young one expired in its turn");
+    /* Settled late, each is charged its real cost. */
+    cr_assert_null(wait_settle(&f.loop, f.c, &young.begin.reservation, 20));
+    cr_assert_null(wait_settle(&f.loop, f.c, &old.begin.reservation, 50));
+    s = wait_spend(&f.loop, f.c, "acme");
+    cr_assert_eq(s.spend.day_spent, 70);
+    cr_assert_eq(s.spend.reserved, 0);
+    fx_close(&f);
+}
+
 BOTH(response_cache_put_get_ttl_size, 20)
 {
     struct cache_options o = {.max_entry_bytes = 64};
@@ -342,6 +371,45 @@ Test(store_redis, one_turn_is_one_script_call_per_tenant, .timeout = 20)
     cr_assert_null(turn[1].err);
     cr_assert(turn[0].begin.granted, "the release of the same turn went first");
     cr_assert_eq(turn[0].begin.reserved, 1000);
+    fx_close(&f);
+}
+
+/* While a turn's script call is out, the ops of the turns after it wait
+ * for its reply and then go together, still in arrival order. CLIENT
+ * PAUSE keeps the first call out for as long as the test needs. */
+Test(store_redis, later_turns_wait_for_the_call_out, .timeout = 20)
+{
+    struct cache_options o = {.command_timeout_ms = 5000};
+    struct fx f;
+    struct wait w[14] = {0};
+    struct wait *acme = w, *beta = w + 12;
+    long long calls;
+
+    fx_open(&f, 1, &o, "hold");
+    calls = test_redis_calls(&f.redis, "evalsha");
+    test_redis_int(&f.redis, "CLIENT PAUSE 300");
+    for (int turn = 0; turn < 3; turn++) {
+        for (int i = 4 * turn; i < 4 * turn + 4; i++)
+            cr_assert_not_null(
+                cache_begin(f.c, "acme", NULL, 100, 1000, 0, wait_begin_cb, &acme[i]));
+        if (turn == 2)
+            for (int i = 0; i < 2; i++)
+                cr_assert_not_null(
+                    cache_begin(f.c, "beta", NULL, 7, 0, 0, wait_begin_cb, &beta[i]));
+        uv_run(&f.loop, UV_RUN_NOWAIT);
+    }
+    cr_assert_not(acme[0].done, "Redis was paused: the first call is still out");
+    wait_all(&f.loop, w, 14);
+    /* The first turn's call, then one per tenant for the two held turns:
+     * sent as they came, it would have been four. */
+    cr_assert_eq(test_redis_calls(&f.redis, "evalsha"), calls + 3);
+    for (int i = 0; i < 12; i++) {
+        cr_assert_null(acme[i].err);
+        cr_assert_eq(acme[i].begin.granted, i < 10, "begin %d", i);
+        cr_assert_eq(acme[i].begin.reserved, i < 10 ? 100 * (i + 1) : 1000, "begin %d", i);
+    }
+    cr_assert(beta[0].begin.granted && beta[1].begin.granted);
+    cr_assert_eq(beta[1].begin.reserved, 14);
     fx_close(&f);
 }
 
