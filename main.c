@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <openssl/opensslv.h>
 #include <uv.h>
 
@@ -225,5 +226,6 @@ int main(int argc, char **argv)
         conf_free(conf);
         return 0;
     }
+    tzset(); /* glibc reads the zone file at its first time conversion: not on the loop */
     return run(config);
 }

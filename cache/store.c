@@ -21,14 +21,21 @@ const char cache_error_timeout[] = "spend store timed out";
 const char cache_error_closed[] = "spend store closed";
 const char cache_error_protocol[] = "unexpected reply from the spend store";
 
+/* Called for every begin and settle: the month is worked out once a day
+ * (gmtime_r takes glibc's timezone lock even for UTC). */
 void cache__period_now(struct cache__period *p)
 {
+    static __thread uint32_t last_day = UINT32_MAX, last_month;
     time_t now = time(NULL);
     struct tm tm;
 
-    gmtime_r(&now, &tm);
     p->day = (uint32_t)(now / 86400);
-    p->month = (uint32_t)((tm.tm_year + 1900) * 12 + tm.tm_mon);
+    if (p->day != last_day) {
+        gmtime_r(&now, &tm);
+        last_month = (uint32_t)((tm.tm_year + 1900) * 12 + tm.tm_mon);
+        last_day = p->day;
+    }
+    p->month = last_month;
 }
 
 void cache__period_fmt(const struct cache__period *p, char day[16], char month[16])

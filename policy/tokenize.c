@@ -126,6 +126,7 @@ struct policy_tokens {
     uint32_t *rank_heap;       /* min-heap of ranks with a non-empty bucket */
     uint32_t nranks;           /* length of the per-rank arrays: max rank + 1 */
     struct buf line;           /* scratch for policy__tokens_line */
+    char *dir;                 /* where the .tok files are, for policy_tokens_add */
 };
 
 /*
@@ -366,7 +367,44 @@ static void vocab_free(struct vocab *v)
     memset(v, 0, sizeof(*v));
 }
 
+/* Read, index and compile encoding `i` into t->v[i]; on failure t->v[i]
+ * is left empty. */
+static int vocab_load(struct policy_tokens *t, int i)
+{
+    struct vocab *v = &t->v[i];
+    char path[4096];
+    size_t file_len = 0;
+    int rc;
+
+    v->file_name = encodings[i].file;
+    if (snprintf(path, sizeof(path), "%s/%s", t->dir, v->file_name) >= (int)sizeof(path))
+        return -ENAMETOOLONG;
+    rc = read_file(path, &v->file, &file_len);
+    if (rc < 0) {
+        log_error("token table %s: %s", path, strerror(-rc));
+        goto fail;
+    }
+    rc = vocab_index(v, file_len);
+    if (rc < 0) {
+        log_error("token table %s: %s", path, rc == -EINVAL ? "malformed" : strerror(-rc));
+        goto fail;
+    }
+    /* after indexing, which looks every token up once */
+    v->hot = calloc(HOT_SLOTS, sizeof(*v->hot));
+    rc = v->hot ? vocab_compile(v, encodings[i].pattern) : -ENOMEM;
+    if (rc == 0)
+        return 0;
+fail:
+    vocab_free(v);
+    return rc;
+}
+
 int policy_tokens_load(struct policy_tokens **out, const char *dir)
+{
+    return policy_tokens_load_some(out, dir, POLICY_TOKENS_ALL);
+}
+
+int policy_tokens_load_some(struct policy_tokens **out, const char *dir, unsigned need)
 {
     *out = NULL;
     if (!dir)
@@ -377,48 +415,41 @@ int policy_tokens_load(struct policy_tokens **out, const char *dir)
     if (!t)
         return -ENOMEM;
     int rc = 0;
+    t->dir = strdup(dir);
     t->counted = calloc(COUNTED_SLOTS, sizeof(*t->counted));
-    if (!t->counted) {
+    if (!t->dir || !t->counted) {
         rc = -ENOMEM;
         goto fail;
     }
     /* Unpredictable, but a poor seed only weakens that: no failure here. */
     if (getrandom(&t->counted_seed, sizeof(t->counted_seed), GRND_NONBLOCK) != sizeof(t->counted_seed))
         t->counted_seed = XXH3_64bits(&t, sizeof(t)) ^ (uint64_t)getpid();
-    for (int i = 0; i < NENC; i++) {
-        struct vocab *v = &t->v[i];
-        char path[4096];
-        size_t file_len = 0;
-        v->file_name = encodings[i].file;
-        if (snprintf(path, sizeof(path), "%s/%s", dir, v->file_name) >= (int)sizeof(path)) {
-            rc = -ENAMETOOLONG;
-            goto fail;
-        }
-        rc = read_file(path, &v->file, &file_len);
-        if (rc < 0) {
-            log_error("token table %s: %s", path, strerror(-rc));
-            goto fail;
-        }
-        rc = vocab_index(v, file_len);
-        if (rc < 0) {
-            log_error("token table %s: %s", path, rc == -EINVAL ? "malformed" : strerror(-rc));
-            goto fail;
-        }
-        /* after indexing, which looks every token up once */
-        v->hot = calloc(HOT_SLOTS, sizeof(*v->hot));
-        if (!v->hot) {
-            rc = -ENOMEM;
-            goto fail;
-        }
-        rc = vocab_compile(v, encodings[i].pattern);
-        if (rc < 0)
-            goto fail;
-    }
+    rc = policy_tokens_add(t, need);
+    if (rc < 0)
+        goto fail;
     *out = t;
     return 0;
 fail:
     policy_tokens_free(t);
     return rc;
+}
+
+int policy_tokens_add(struct policy_tokens *t, unsigned need)
+{
+    for (int i = 0; i < NENC; i++) {
+        if (!(need & (1u << (i + 1))) || t->v[i].file != NULL)
+            continue;
+        int rc = vocab_load(t, i);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+int policy_tokens_has(const struct policy_tokens *t, enum conf_tokenizer enc)
+{
+    return enc == CONF_TOK_ESTIMATE ||
+           (t != NULL && enc <= CONF_TOK_LLAMA3 && t->v[enc - 1].file != NULL);
 }
 
 static void bpe_scratch_free(struct policy_tokens *t)
@@ -449,6 +480,7 @@ void policy_tokens_free(struct policy_tokens *t)
     bpe_scratch_free(t);
     free(t->counted);
     free(t->text);
+    free(t->dir);
     buf_free(&t->line);
     free(t);
 }
@@ -884,6 +916,8 @@ int64_t policy_tokens_encode(struct policy_tokens *t, enum conf_tokenizer enc, c
     if (len == 0)
         return 0;
     struct vocab *v = &t->v[enc - 1];
+    if (v->file == NULL)
+        return -ENOENT; /* not loaded: see policy_tokens_has */
     const uint8_t *s = valid_text(t, (const uint8_t *)p, &len);
     if (!s)
         return -ENOMEM;

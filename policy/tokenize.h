@@ -37,6 +37,30 @@ struct policy_tokens;
 int policy_tokens_load(struct policy_tokens **out, const char *dir)
     __attribute__((warn_unused_result));
 
+/* Every encoding, as a `need` mask: bit (1u << e) for enum conf_tokenizer e. */
+#define POLICY_TOKENS_ALL                                                                  \
+    ((1u << CONF_TOK_CL100K) | (1u << CONF_TOK_O200K) | (1u << CONF_TOK_LLAMA3))
+
+/*
+ * policy_tokens_load for only the encodings in `need` (CONF_TOK_ESTIMATE's
+ * bit means nothing): each table costs ~10 MB, so a router loads those its
+ * config names. Counting with one not loaded returns -ENOENT.
+ */
+int policy_tokens_load_some(struct policy_tokens **out, const char *dir, unsigned need)
+    __attribute__((warn_unused_result));
+
+/*
+ * Load the encodings of `need` that `t` lacks, from the folder it was
+ * loaded from (a reloaded config naming a new one). Blocks while it reads
+ * and compiles, ~40 ms an encoding. Returns 0, or the first error as
+ * policy_tokens_load does; the encodings loaded before it stay.
+ */
+int policy_tokens_add(struct policy_tokens *t, unsigned need) __attribute__((warn_unused_result));
+
+/* Whether `t` (NULL: none loaded) can count exactly with `enc`;
+ * CONF_TOK_ESTIMATE always can. */
+int policy_tokens_has(const struct policy_tokens *t, enum conf_tokenizer enc);
+
 /* Free everything policy_tokens_load made. NULL is fine. */
 void policy_tokens_free(struct policy_tokens *t);
 
@@ -44,7 +68,8 @@ void policy_tokens_free(struct policy_tokens *t);
  * Number of tokens `enc` makes of the `len` bytes at `p` (p may be NULL
  * when len is 0). For CONF_TOK_ESTIMATE this is the raw byte/char estimate
  * (see policy_tokens_estimate), before any calibration. Returns the count,
- * or -ENOMEM if a scratch buffer could not grow.
+ * -ENOMEM if a scratch buffer could not grow, or -ENOENT if `enc` was not
+ * loaded.
  */
 int64_t policy_tokens_count(struct policy_tokens *t, enum conf_tokenizer enc, const char *p,
                             size_t len);

@@ -319,6 +319,9 @@ static int64_t count_prompt(struct router__client *c, enum conf_tokenizer enc)
     struct policy_tokens *t = c->router->tokens;
     int64_t n = -1;
 
+    if (!policy_tokens_has(t, enc))
+        t = NULL; /* its table failed to load at a reload: estimate */
+
     if (req->endpoint == ROUTER_EP_CHAT && t != NULL)
         n = policy_tokens_chat(t, enc, req->json);
     else if (req->endpoint == ROUTER_EP_COMPLETIONS)

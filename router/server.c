@@ -548,6 +548,16 @@ static void shared_free(struct router__shared *sh)
     free(sh);
 }
 
+/* The token tables `conf`'s backends count with (policy_tokens_load_some). */
+static unsigned conf_encodings(const struct conf *conf)
+{
+    unsigned need = 0;
+
+    for (size_t i = 0; i < conf->nbackends; i++)
+        need |= 1u << conf->backends[i].tokenizer;
+    return need;
+}
+
 /* The state that outlives reloads, made once with the first config. */
 static struct router__shared *shared_create(uv_loop_t *loop, const struct conf *conf)
 {
@@ -570,7 +580,7 @@ static struct router__shared *shared_create(uv_loop_t *loop, const struct conf *
             goto fail;
         }
     }
-    rc = policy_tokens_load(&sh->tokens, conf->tokenizer_data);
+    rc = policy_tokens_load_some(&sh->tokens, conf->tokenizer_data, conf_encodings(conf));
     if (rc != 0) {
         log_warn("token tables not loaded (%s): prompt tokens will be estimated from bytes; "
                  "run `make deps` to fetch them", strerror(-rc));
@@ -731,6 +741,9 @@ struct router *router_reload(struct router *old, struct conf *conf)
         strcmp(conf->listen_host, old->conf->listen_host) != 0)
         log_warn("reload: listen cannot change without a restart; still on %s:%u",
                  old->conf->listen_host, old->conf->listen_port);
+    if (sh->tokens != NULL && policy_tokens_add(sh->tokens, conf_encodings(conf)) < 0)
+        log_warn("reload: a token table could not be loaded; prompts for its backends are "
+                 "estimated from bytes");
     r = generation_create(sh, conf);
     if (r == NULL)
         return NULL;

@@ -150,6 +150,36 @@ Test(tokenize, empty_and_estimate, .timeout = 20)
     policy_tokens_free(t);
 }
 
+/* A router loads only the tables its config names, and a reload adds
+ * one: counts with it are then the same as with everything loaded. */
+Test(tokenize, load_some_then_add, .timeout = 20)
+{
+    static const char text[] = "Summarise the quarterly GPU spend per team, in euros.";
+    struct policy_tokens *all = fixture_tokens(), *t = NULL;
+    char dir[4096];
+
+    snprintf(dir, sizeof(dir), "%s/data/tokens", fixture_src());
+    cr_assert_eq(policy_tokens_load_some(&t, dir, 1u << CONF_TOK_O200K), 0);
+    cr_assert(policy_tokens_has(t, CONF_TOK_O200K));
+    cr_assert(policy_tokens_has(t, CONF_TOK_ESTIMATE));
+    cr_assert_not(policy_tokens_has(t, CONF_TOK_CL100K));
+    cr_assert_not(policy_tokens_has(t, CONF_TOK_LLAMA3));
+    cr_assert_not(policy_tokens_has(NULL, CONF_TOK_O200K));
+    cr_assert_eq(policy_tokens_count(t, CONF_TOK_O200K, text, strlen(text)),
+                 policy_tokens_count(all, CONF_TOK_O200K, text, strlen(text)));
+    cr_assert_eq(policy_tokens_count(t, CONF_TOK_CL100K, text, strlen(text)), -ENOENT);
+    cr_assert_eq(policy_tokens_count_cached(t, CONF_TOK_LLAMA3, text, strlen(text)), -ENOENT);
+
+    cr_assert_eq(policy_tokens_add(t, (1u << CONF_TOK_CL100K) | (1u << CONF_TOK_O200K)), 0);
+    cr_assert(policy_tokens_has(t, CONF_TOK_CL100K));
+    cr_assert_not(policy_tokens_has(t, CONF_TOK_LLAMA3));
+    cr_assert_gt(policy_tokens_count(t, CONF_TOK_CL100K, text, strlen(text)), 0);
+    cr_assert_eq(policy_tokens_count(t, CONF_TOK_CL100K, text, strlen(text)),
+                 policy_tokens_count(all, CONF_TOK_CL100K, text, strlen(text)));
+    policy_tokens_free(t);
+    policy_tokens_free(all);
+}
+
 Test(tokenize, load_errors, .timeout = 20)
 {
     struct policy_tokens *t = (void *)1;

@@ -23,6 +23,7 @@
 #include "tests/support/proc.h"
 #include "tests/support/browser.h"
 #include "tests/support/redis.h"
+#include "tests/policy/tokens_fixture.h"
 
 #define TIMEOUT_MS 5000
 #define KEY "sk-cost-tenant"
@@ -610,6 +611,57 @@ Test(costs, reload_applies_a_valid_config_and_keeps_the_old_on_errors)
     cr_assert_eq(resp.status, 405);
     support_proc_stop(&routers[0]);
     cr_assert(support_proc_exited_cleanly(&routers[0]), "exit status %d", routers[0].status);
+}
+
+/* The router loads only the token tables its backends name; a reload
+ * that names another loads it, and prompts are then counted with it. */
+Test(costs, reload_loads_a_newly_named_token_table)
+{
+    static const char body[] = "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\","
+                               "\"content\":\"Tally the GPU-hours per team, then euros.\"}]}";
+    struct policy_tokens *t = NULL;
+    char dir[4096], line[4096], last[4096] = "";
+    cJSON *parsed = cJSON_Parse(body), *rec;
+    int64_t exact;
+    FILE *f;
+
+    snprintf(dir, sizeof(dir), "%s/data/tokens", fixture_src());
+    cr_assert_eq(policy_tokens_load_some(&t, dir, 1u << CONF_TOK_LLAMA3), 0);
+    exact = policy_tokens_chat(t, CONF_TOK_LLAMA3, parsed);
+    policy_tokens_free(t);
+    cJSON_Delete(parsed);
+    cr_assert_gt(exact, 0);
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300); /* no tokenizer: byte estimates */
+    start_routers(1, "a", NULL);
+    cr_assert_eq(chat(0, NULL, body), 0);
+    cr_assert_eq(resp.status, 200);
+
+    buf_reset(&yaml);
+    cr_assert_eq(buf_printf(&yaml,
+                            "  - {name: a, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-a,\n"
+                            "     quality: 1, context_window: 100000, input_usd_per_mtok: 100,\n"
+                            "     output_usd_per_mtok: 300, tokenizer: llama3}\n",
+                            mock_a.port),
+                 0);
+    write_conf("a", NULL);
+    cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(chat(0, NULL, body), 0);
+    cr_assert_eq(resp.status, 200);
+    support_proc_stop(&routers[0]);
+
+    f = fopen(log_path, "r");
+    cr_assert_not_null(f);
+    while (fgets(line, sizeof(line), f))
+        strcpy(last, line);
+    fclose(f);
+    rec = cJSON_Parse(last);
+    cr_assert_not_null(rec, "%s", last);
+    cr_assert_eq(cJSON_GetObjectItem(rec, "prompt_tokens_est")->valuedouble, (double)exact,
+                 "counted with the llama3 table loaded at the reload: %s", last);
+    cJSON_Delete(rec);
 }
 
 Test(costs, dashboard_shows_what_the_router_reports)
