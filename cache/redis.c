@@ -44,9 +44,9 @@
  * Key layout, every key of a tenant in one hash slot:
  *   PREFIX{tenant}:d:YYYYMMDD  spent that UTC day (string integer)
  *   PREFIX{tenant}:m:YYYYMM    spent that UTC month
- *   PREFIX{tenant}:o           open reservations, hash "INSTANCE-SEQ:AMOUNT" -> expiry ms, and
- *                              field '' -> when the earliest of them expires, at the soonest
- *   PREFIX{tenant}:os          sum of the open reservations' amounts
+ *   PREFIX{tenant}:open        open reservations, hash "INSTANCE-SEQ:AMOUNT" -> expiry ms,
+ *                              '#' -> the sum of their amounts, '' -> when the earliest of
+ *                              them expires, at the soonest (see LUA_COMMON)
  *   PREFIX{tenant}:x           reservations that expired unsettled (kept for a grace period,
  *                              so a late or repeated settle is charged exactly once)
  *   PREFIX{tenant}:c:SHA256    cached response (PREFIXc:{SHA256} when shared across tenants)
@@ -76,58 +76,68 @@
  * call costs Redis more than the few commands inside it. The script
  * handles its ops in order, with the results each would have had alone. */
 
-/* Moves expired reservations to the expired set, then reads the reserved
- * sum and both spend counters with one MGET: each redis.call() costs
- * about a microsecond of its own. The open reservations are a hash
- * (member -> expiry ms) whose field '' says when the earliest of them
- * expires at the soonest: until then nothing is looked at, and one look
- * moves at most 256. A hash, not a sorted set, because a small sorted set
- * is a listpack whose every insert parses each member's score again.
- * Returns reserved, day, month, and that field (false: none open). */
-#define LUA_PRUNE                                                                          \
+/* What both scripts share. KEYS[3] is the hash of a tenant's open
+ * reservations, member "INSTANCE-SEQ:AMOUNT" -> expiry ms, plus two fields
+ * of its own: '#', the sum of their amounts, and '', when the earliest of
+ * them expires at the soonest (NEVER: none open), so that the sweep
+ * (prune) looks at them only when one may have expired, and then moves at
+ * most 256 to the expired set KEYS[4]. Each redis.call() costs about a
+ * microsecond of its own, hence the sum in the hash: it is read with the
+ * settled members' expiries and written with the new members, no
+ * commands of its own.
+ *
+ * A hash, not a sorted set: a small sorted set is a listpack whose every
+ * insert parses each member's score again. The field '' is padded past
+ * 64 bytes (hash-max-listpack-value) so that Redis makes the hash a hash
+ * table from the start: as a listpack, each HSET, HMGET and HDEL would
+ * scan every open reservation (~14 % of a call's time at 60 open).
+ * tonumber() ignores the padding. */
+#define LUA_COMMON                                                                         \
+    "local NEVER = 9e15\n"                                                                 \
     "local function now_ms()\n"                                                            \
     "  local t = redis.call('TIME')\n"                                                     \
     "  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"                 \
     "end\n"                                                                                \
-    "local function prune(now, grace)\n"                                                   \
-    "  local due = redis.call('HGET', KEYS[3], '')\n"                                      \
-    "  due = due and tonumber(due)\n"                                                      \
-    "  if due and due <= now then\n"                                                       \
-    "    local all = redis.call('HGETALL', KEYS[3])\n"                                     \
-    "    local gone, moved, sum = {}, {}, 0\n"                                             \
-    "    due = false\n"                                                                    \
-    "    for i = 1, #all, 2 do\n"                                                          \
-    "      local m, at = all[i], tonumber(all[i + 1])\n"                                   \
-    "      if m == '' then\n"                                                              \
-    "      elseif at <= now and #gone < 256 then\n"                                        \
-    "        gone[#gone + 1] = m\n"                                                        \
-    "        moved[#moved + 1] = now\n"                                                    \
-    "        moved[#moved + 1] = m\n"                                                      \
-    "        sum = sum + tonumber(string.match(m, ':(%d+)$'))\n"                           \
-    "      elseif not due or at < due then\n"                                              \
-    "        due = at\n"                                                                   \
+    "local function due_value(t)\n"                                                        \
+    "  return tostring(t) .. string.rep(' ', 65)\n"                                        \
+    "end\n"                                                                                \
+    "local function prune(now, grace, reserved, due)\n"                                    \
+    "  if due > now then return reserved, due end\n"                                       \
+    "  local all = redis.call('HGETALL', KEYS[3])\n"                                       \
+    "  local gone, moved, ng = {}, {}, 0\n"                                                \
+    "  due = NEVER\n"                                                                      \
+    "  for i = 1, #all, 2 do\n"                                                            \
+    "    local m = all[i]\n"                                                               \
+    "    if m ~= '' and m ~= '#' then\n"                                                   \
+    "      local t = tonumber(all[i + 1])\n"                                               \
+    "      if t <= now and ng < 256 then\n"                                                \
+    "        ng = ng + 1\n"                                                                \
+    "        gone[ng] = m\n"                                                               \
+    "        moved[2 * ng - 1] = now\n"                                                    \
+    "        moved[2 * ng] = m\n"                                                          \
+    "        reserved = reserved - tonumber(string.match(m, ':(%d+)$'))\n"                 \
+    "      elseif t < due then\n"                                                          \
+    "        due = t\n"                                                                    \
     "      end\n"                                                                          \
     "    end\n"                                                                            \
-    "    if #gone > 0 then\n"                                                              \
-    "      redis.call('HDEL', KEYS[3], unpack(gone))\n"                                    \
-    "      redis.call('DECRBY', KEYS[4], sum)\n"                                           \
-    "      redis.call('ZADD', KEYS[5], unpack(moved))\n"                                   \
-    "      redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - grace)\n"                 \
-    "      redis.call('PEXPIRE', KEYS[5], grace)\n"                                        \
-    "    end\n"                                                                            \
-    "    if due then redis.call('HSET', KEYS[3], '', due)\n"                               \
-    "    else redis.call('HDEL', KEYS[3], '') end\n"                                       \
     "  end\n"                                                                              \
-    "  local v = redis.call('MGET', KEYS[4], KEYS[1], KEYS[2])\n"                          \
-    "  local r = tonumber(v[1] or '0')\n"                                                  \
-    "  if r < 0 then redis.call('SET', KEYS[4], '0'); r = 0 end\n"                         \
-    "  return r, tonumber(v[2] or '0'), tonumber(v[3] or '0'), due\n"                      \
+    "  if ng > 0 then\n"                                                                   \
+    "    redis.call('HDEL', KEYS[3], unpack(gone))\n"                                      \
+    "    redis.call('ZADD', KEYS[4], unpack(moved))\n"                                     \
+    "    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - grace)\n"                   \
+    "    redis.call('PEXPIRE', KEYS[4], grace)\n"                                          \
+    "  end\n"                                                                              \
+    "  return math.max(reserved, 0), due\n"                                                \
+    "end\n"                                                                                \
+    "local function counters()\n"                                                          \
+    "  local v = redis.call('MGET', KEYS[1], KEYS[2])\n"                                   \
+    "  return tonumber(v[1] or '0'), tonumber(v[2] or '0')\n"                              \
     "end\n"
 
 /* One tenant's settlements and reservations of one loop turn, in that
  * order (what a settlement frees, a reservation after it can use).
  *
- * KEYS day month res reserved exp [entry...]; ARGV ttl_ms grace_ms day_ttl
+ * KEYS day month open expired [entry...]; ARGV ttl_ms grace_ms day_ttl
  * month_ttl nsettles day_limit month_limit (the begins', alike in a
  * batch), then per settle: member|'' reserved_amount real force, then per
  * begin: member amount entry (its KEYS index, 0: no lookup).
@@ -143,35 +153,34 @@
  * denied | 2 hit and reserved after it, then each hit's value}: flat,
  * because a table per op costs Redis more than the op. */
 static const char lua_turn[] =
-    LUA_PRUNE
+    LUA_COMMON
     "local ns = tonumber(ARGV[5])\n"
     "local last = 7 + 4 * ns\n"
-    "local known, seen, members, at = {}, {}, {}, {}\n"
+    "local ask, at, na, seen, known = {'', '#'}, {}, 2, {}, {}\n"
     "for i = 8, last, 4 do\n"
     "  local m = ARGV[i]\n"
     "  if m ~= '' and not seen[m] then\n"
     "    seen[m] = true\n"
-    "    members[#members + 1] = m\n"
-    "    at[#at + 1] = i\n"
+    "    na = na + 1\n"
+    "    ask[na] = m\n"
+    "    at[na] = i\n"
     "  end\n"
     "end\n"
-    "if #members > 0 then\n"
-    "  local expiry = redis.call('HMGET', KEYS[3], unpack(members))\n"
-    "  local open, dropped = {}, 0\n"
-    "  for j = 1, #members do\n"
-    "    if expiry[j] then\n"
-    "      open[#open + 1] = members[j]\n"
-    "      dropped = dropped + tonumber(ARGV[at[j] + 1])\n"
-    "      known[at[j]] = true\n"
-    "    elseif redis.call('ZREM', KEYS[5], members[j]) == 1 then\n"
-    "      known[at[j]] = true\n"
-    "    end\n"
-    "  end\n"
-    "  if #open > 0 then\n"
-    "    redis.call('HDEL', KEYS[3], unpack(open))\n"
-    "    if redis.call('DECRBY', KEYS[4], dropped) < 0 then redis.call('SET', KEYS[4], '0') end\n"
+    "local h = redis.call('HMGET', KEYS[3], unpack(ask))\n"
+    "local due, reserved = tonumber(h[1] or NEVER), tonumber(h[2] or '0')\n"
+    "local was, open, no = reserved, {}, 0\n"
+    "for j = 3, na do\n"
+    "  if h[j] then\n"
+    "    no = no + 1\n"
+    "    open[no] = ask[j]\n"
+    "    reserved = reserved - tonumber(ARGV[at[j] + 1])\n"
+    "    known[at[j]] = true\n"
+    "  elseif redis.call('ZREM', KEYS[4], ask[j]) == 1 then\n"
+    "    known[at[j]] = true\n"
     "  end\n"
     "end\n"
+    "if no > 0 then redis.call('HDEL', KEYS[3], unpack(open)) end\n"
+    "reserved = math.max(reserved, 0)\n"
     "local charged = 0\n"
     "for i = 8, last, 4 do\n"
     "  if known[i] or ARGV[i + 3] == '1' then charged = charged + tonumber(ARGV[i + 2]) end\n"
@@ -184,20 +193,19 @@ static const char lua_turn[] =
     "  if month == charged then redis.call('EXPIRE', KEYS[2], ARGV[4]) end\n"
     "end\n"
     "if #ARGV == last then\n"
-    "  if not day then\n"
-    "    local v = redis.call('MGET', KEYS[1], KEYS[2])\n"
-    "    day, month = tonumber(v[1] or '0'), tonumber(v[2] or '0')\n"
-    "  end\n"
+    "  if reserved ~= was then redis.call('HSET', KEYS[3], '#', reserved) end\n"
+    "  if not day then day, month = counters() end\n"
     "  return {day, month}\n"
     "end\n"
     "local now = now_ms()\n"
     "local ttl, grace = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
-    "local reserved, due\n"
-    "reserved, day, month, due = prune(now, grace)\n"
+    "local old_due = due\n"
+    "reserved, due = prune(now, grace, reserved, due)\n"
+    "if not day then day, month = counters() end\n"
     "local dl, ml = tonumber(ARGV[6]), tonumber(ARGV[7])\n"
     "local at = now + ttl\n"
     "local at_s = tostring(at)\n" /* a number argument is formatted at each use */
-    "local added, hset, nh, out, no, hits = 0, {}, 0, {day, month}, 2, {}\n"
+    "local hset, nh, out, no, hits = {}, 0, {day, month}, 2, {}\n"
     "for i = last + 1, #ARGV, 3 do\n"
     "  local e = ARGV[i + 2]\n"
     "  local v = e ~= '0' and redis.call('GET', KEYS[tonumber(e)])\n"
@@ -213,31 +221,38 @@ static const char lua_turn[] =
     "    hset[nh + 1] = ARGV[i]\n"
     "    hset[nh + 2] = at_s\n"
     "    nh = nh + 2\n"
-    "    added = added + amount\n"
     "    reserved = reserved + amount\n"
     "  end\n"
     "  out[no + 1] = st\n"
     "  out[no + 2] = reserved\n"
     "  no = no + 2\n"
     "end\n"
-    "if nh > 0 then\n"
-    "  if not due or at < due then\n"
-    "    hset[nh + 1] = ''\n"
-    "    hset[nh + 2] = at_s\n"
-    "  end\n"
+    "if nh > 0 and at < due then due = at end\n"
+    "if due ~= old_due then\n"
+    "  hset[nh + 1] = ''\n"
+    "  hset[nh + 2] = due_value(due)\n"
+    "  nh = nh + 2\n"
+    "end\n"
+    "if reserved ~= was or nh > 0 then\n"
+    "  hset[nh + 1] = '#'\n"
+    "  hset[nh + 2] = reserved\n"
     "  redis.call('HSET', KEYS[3], unpack(hset))\n"
-    "  redis.call('INCRBY', KEYS[4], added)\n"
     "  redis.call('PEXPIRE', KEYS[3], ttl + grace)\n"
-    "  redis.call('PEXPIRE', KEYS[4], ttl + grace)\n"
     "end\n"
     "for i = 1, #hits do out[no + i] = hits[i] end\n"
     "return out\n";
 
-/* KEYS day month res reserved exp; ARGV grace_ms. Returns {day, month,
+/* KEYS day month open expired; ARGV grace_ms. Returns {day, month,
  * reserved}. */
 static const char lua_spend[] =
-    LUA_PRUNE
-    "local reserved, day, month = prune(now_ms(), tonumber(ARGV[1]))\n"
+    LUA_COMMON
+    "local h = redis.call('HMGET', KEYS[3], '', '#')\n"
+    "local due, was = tonumber(h[1] or NEVER), tonumber(h[2] or '0')\n"
+    "local reserved, now_due = prune(now_ms(), tonumber(ARGV[1]), was, due)\n"
+    "if now_due ~= due then\n"
+    "  redis.call('HSET', KEYS[3], '', due_value(now_due), '#', reserved)\n"
+    "end\n"
+    "local day, month = counters()\n"
     "return {day, month, reserved}\n";
 
 enum { SCRIPT_TURN, SCRIPT_SPEND, NSCRIPTS };
@@ -719,7 +734,6 @@ struct keys {
     char day[CACHE__NAME_MAX];      /* spend that day */
     char month[CACHE__NAME_MAX];    /* spend that month */
     char res[CACHE__NAME_MAX];      /* open reservations */
-    char reserved[CACHE__NAME_MAX]; /* their sum */
     char exp[CACHE__NAME_MAX];      /* expired reservations */
 };
 
@@ -731,8 +745,7 @@ static void keys_build(const struct cache *c, const char *tenant, const struct c
     cache__period_fmt(p, d, m);
     snprintf(k->day, sizeof(k->day), "%s{%s}:d:%s", c->prefix, tenant, d);
     snprintf(k->month, sizeof(k->month), "%s{%s}:m:%s", c->prefix, tenant, m);
-    snprintf(k->res, sizeof(k->res), "%s{%s}:o", c->prefix, tenant);
-    snprintf(k->reserved, sizeof(k->reserved), "%s{%s}:os", c->prefix, tenant);
+    snprintf(k->res, sizeof(k->res), "%s{%s}:open", c->prefix, tenant);
     snprintf(k->exp, sizeof(k->exp), "%s{%s}:x", c->prefix, tenant);
 }
 
@@ -748,18 +761,18 @@ static int send_spend(struct cache__redis *s, struct cache_op *op, int eval)
     char grace[24];
     const char *argv[] = {eval ? "EVAL" : "EVALSHA",
                           eval ? scripts[SCRIPT_SPEND] : s->sha[SCRIPT_SPEND],
-                          "5", k.day, k.month, k.res, k.reserved, k.exp, grace};
+                          "4", k.day, k.month, k.res, k.exp, grace};
 
     keys_build(s->c, op->tenant, &op->period, &k);
     snprintf(grace, sizeof(grace), "%d", grace_ms(s->c));
-    return send_argv(s, op, 9, argv, NULL);
+    return send_argv(s, op, 8, argv, NULL);
 }
 
 /* ---- batches ---- */
 
 #define BATCH_MAX 64      /* ops per script call: bounds its arguments and its time in Redis */
 #define QUEUE_HOLD_MAX 256 /* ops held back while a turn is out, at most */
-#define BATCH_HEAD 15     /* EVALSHA sha numkeys, five keys, seven common arguments */
+#define BATCH_HEAD 14     /* EVALSHA sha numkeys, four keys, seven common arguments */
 #define NUM_MAX 24        /* bytes of a formatted int64, with its NUL */
 #define MEMBER_MAX 64     /* "INSTANCE-SEQ:AMOUNT" */
 
@@ -977,7 +990,7 @@ static void args_begin(struct args *a, const struct cache *c, const struct cache
 static void args_ops(struct args *a, const struct batch *b)
 {
     const struct cache *c = b->s->c;
-    int entry = 6; /* KEYS index of the first cache entry */
+    int entry = 5; /* KEYS index of the first cache entry */
 
     arg_int(a, c->opts.reservation_ttl_ms);
     arg_int(a, grace_ms(c));
@@ -999,7 +1012,7 @@ static int batch_send(struct batch *b, int eval)
 {
     struct cache__redis *s = b->s;
     struct cache *c = s->c;
-    int nkeys = 5;
+    int nkeys = 4;
     struct keys k;
     struct args a;
 
@@ -1014,7 +1027,6 @@ static int batch_send(struct batch *b, int eval)
     arg_add(&a, k.day);
     arg_add(&a, k.month);
     arg_add(&a, k.res);
-    arg_add(&a, k.reserved);
     arg_add(&a, k.exp);
     for (size_t i = b->nsettles; i < b->n; i++)
         if (has_entry(b->ops[i]))

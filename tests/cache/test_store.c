@@ -342,12 +342,21 @@ Test(store_redis, one_turn_is_one_script_call_per_tenant, .timeout = 20)
         cr_assert_eq(beta[i].begin.reserved, 7 * (i + 1));
     }
 
+    /* However many reservations a call settles, they cost one HMGET and
+     * one HDEL, and their sum is written back with one HSET. */
+    long long hash_ops[3];
+    static const char *const hash_cmds[3] = {"hmget", "hdel", "hset"};
+    for (int k = 0; k < 3; k++)
+        hash_ops[k] = test_redis_calls(&f.redis, hash_cmds[k]);
     calls = test_redis_calls(&f.redis, "evalsha");
     for (int i = 0; i < 15; i++)
         cr_assert_not_null(
             cache_settle(f.c, &acme[i].begin.reservation, 10 + i, wait_done_cb, &done[i]));
     wait_all(&f.loop, done, 15);
     cr_assert_eq(test_redis_calls(&f.redis, "evalsha"), calls + 1);
+    for (int k = 0; k < 3; k++)
+        cr_assert_eq(test_redis_calls(&f.redis, hash_cmds[k]), hash_ops[k] + 1, "%s",
+                     hash_cmds[k]);
     for (int i = 0; i < 15; i++)
         cr_assert_null(done[i].err);
     s = wait_spend(&f.loop, f.c, "acme");
