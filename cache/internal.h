@@ -199,6 +199,8 @@ struct cache {
     struct cache_op *ready_head;       /* ops whose answer is known, to finish */
     struct cache_op *ready_tail;       /* last of them */
     uv_idle_t idle;                    /* runs the ready list */
+    struct cache_op *op_pool;          /* finished ops kept for reuse, linked by next */
+    unsigned op_pooled;                /* how many */
     char instance[17];                 /* random hex id in reservation members */
     uint64_t seq;                      /* last reservation number */
     int handles_open;                  /* handles whose close callback is due */
@@ -207,6 +209,9 @@ struct cache {
     unsigned closing:1;                /* cache_close() ran */
 };
 
+/* A zeroed op of `kind` for `tenant` (NULL: none), from the pool of
+ * finished ones when it has any; NULL with errno set on failure. */
+struct cache_op *cache__op_new(struct cache *c, enum cache__kind kind, const char *tenant);
 /* Finish `op` now: run its callback unless cancelled, then free it. */
 void cache__finish(struct cache_op *op);
 /* Finish `op` from the loop's next idle turn. */

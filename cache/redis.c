@@ -149,9 +149,10 @@
  * expiry when created (a day key outlives its day by a week). A begin
  * answers a cache hit, or reserves `amount` unless a limit would be passed.
  *
- * Returns {day, month after the batch, then per begin: 0 granted | 1
- * denied | 2 hit and reserved after it, then each hit's value}: flat,
- * because a table per op costs Redis more than the op. */
+ * Returns {day, month after the batch, then per begin: the reserved sum
+ * after it times 4 plus 0 granted | 1 denied | 2 hit, then each hit's
+ * value}: flat, one integer per begin, because each element of a reply
+ * costs Redis and hiredis (an allocation) more than the number in it. */
 static const char lua_turn[] =
     LUA_COMMON
     "local ns = tonumber(ARGV[5])\n"
@@ -223,9 +224,8 @@ static const char lua_turn[] =
     "    nh = nh + 2\n"
     "    reserved = reserved + amount\n"
     "  end\n"
-    "  out[no + 1] = st\n"
-    "  out[no + 2] = reserved\n"
-    "  no = no + 2\n"
+    "  no = no + 1\n"
+    "  out[no] = reserved * 4 + st\n"
     "end\n"
     "if nh > 0 and at < due then due = at end\n"
     "if due ~= old_due then\n"
@@ -1242,12 +1242,12 @@ static void begin_apply(struct cache_op *op, int64_t day, int64_t month, int64_t
     }
 }
 
-/* The turn script's reply: {day, month, then status and reserved per
+/* The turn script's reply: {day, month, then reserved * 4 + status per
  * begin, then each hit's value}. Ops already failed are left as they are. */
 static void parse_turn(struct batch *b, const redisReply *r)
 {
-    int64_t day = 0, month = 0, st, reserved;
-    size_t nbegins = b->n - b->nsettles, hit = 2 + 2 * nbegins;
+    int64_t day = 0, month = 0, st_reserved;
+    size_t nbegins = b->n - b->nsettles, hit = 2 + nbegins;
     int bad = int_at(r, 0, &day) < 0 || int_at(r, 1, &month) < 0;
 
     for (size_t i = 0; i < b->n; i++) {
@@ -1257,13 +1257,15 @@ static void parse_turn(struct batch *b, const redisReply *r)
         if (i < b->nsettles) {
             op->spend.day_spent = day;
             op->spend.month_spent = month;
-        } else if (!bad && (int_at(r, 2 + 2 * j, &st) < 0 || int_at(r, 3 + 2 * j, &reserved) < 0)) {
+        } else if (!bad && (int_at(r, 2 + j, &st_reserved) < 0 || st_reserved < 0)) {
             bad = 1; /* the hit values can no longer be matched up */
         } else if (!bad) {
+            int64_t st = st_reserved % 4;
+
             if (st == 2 && hit < r->elements)
                 value = r->element[hit++];
             if (op->errstr == NULL)
-                begin_apply(op, day, month, st, reserved, value);
+                begin_apply(op, day, month, st, st_reserved / 4, value);
         }
         if (bad && op->errstr == NULL)
             op->errstr = cache_error_protocol;
@@ -1550,13 +1552,11 @@ static void flush_journal(struct cache__redis *s)
     /* Only the entries present now: a failure re-adds at the tail. */
     for (; n > 0 && s->state == CACHE_STATE_CONNECTED; n--) {
         struct cache__jentry *e = cache__journal_pop(&c->journal);
-        struct cache_op *op = calloc(1, sizeof(*op) + 1);
+        struct cache_op *op = cache__op_new(c, CACHE__FLUSH, NULL);
         if (op == NULL) {
             cache__journal_readd(&c->journal, e, 0);
             return;
         }
-        op->cache = c;
-        op->kind = CACHE__FLUSH;
         op->jentry = e;
         if (queue_add(s, op) < 0) {
             cache__journal_readd(&c->journal, e, 0);

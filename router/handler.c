@@ -132,7 +132,7 @@ static void request_bufs(struct router__request *req, struct buf *out[ROUTER_REQ
 {
     struct buf *all[ROUTER_REQ_NBUFS] = {
         &req->url, &req->auth, &req->body,    &req->hname, &req->hvalue, &req->fwd,
-        &req->up_body, &req->sse, &req->head,  &req->batch, &req->json_mem,
+        &req->up_body, &req->sse, &req->head,  &req->batch, &req->json_mem, &req->verdict_mem,
     };
 
     memcpy(out, all, sizeof(all));
@@ -205,8 +205,7 @@ void router__request_reset(struct router__request *req)
         buf_recycle(bufs[i], ROUTER_KEEP_BUF);
     req->batching = 0;
     buf_free(&req->cached);
-    free(req->verdicts);
-    req->verdicts = NULL;
+    req->verdicts = NULL; /* in verdict_mem */
     req->head_bytes = 0;
     req->endpoint = ROUTER_EP_NONE;
     req->tenant = NULL;
@@ -291,6 +290,7 @@ static enum router__endpoint endpoint_find(struct slice path, int method, const 
 static const struct conf_key *authenticate(struct router__client *c)
 {
     const struct buf *a = &c->req.auth;
+    struct router__shared *sh = c->router->shared;
     uint8_t digest[32];
     size_t skip = 7;
 
@@ -298,8 +298,9 @@ static const struct conf_key *authenticate(struct router__client *c)
         return NULL;
     while (skip < a->len && a->data[skip] == ' ')
         skip++;
-    if (EVP_Digest(a->data + skip, a->len - skip, digest, NULL, c->router->shared->sha256,
-                   NULL) != 1)
+    if (EVP_DigestInit_ex2(sh->sha256_ctx, sh->sha256, NULL) != 1 ||
+        EVP_DigestUpdate(sh->sha256_ctx, a->data + skip, a->len - skip) != 1 ||
+        EVP_DigestFinal_ex(sh->sha256_ctx, digest, NULL) != 1)
         return NULL;
     return conf_find_key(c->router->conf, digest);
 }

@@ -81,6 +81,7 @@ struct router__shared {
     struct metrics *metrics;        /* owned */
     struct metrics_cost_log *cost_log; /* owned, or NULL */
     EVP_MD *sha256;                 /* fetched once: SHA256() looks it up on every call */
+    EVP_MD_CTX *sha256_ctx;         /* reused: EVP_Digest() allocates two per call */
     int (*reload)(void *arg, char **errors); /* admin reload hook, or NULL */
     void *reload_arg;               /* passed to reload */
 };
@@ -91,7 +92,7 @@ struct router__shared {
  * ~4 KB each); the next request on any connection takes a set back, so a
  * busy connection does not allocate per request.
  */
-#define ROUTER_REQ_NBUFS 11
+#define ROUTER_REQ_NBUFS 12
 #define ROUTER_REQUEST_OUT_KEEP 65536 /* request_out keeps up to this much between requests */
 #define ROUTER_SHELF_MAX 256
 struct router__shelf {
@@ -209,7 +210,7 @@ struct router__request {
     int64_t prompt_est;                  /* prompt tokens estimated before sending */
     int64_t prompt_raw;                  /* uncalibrated estimate (tokenizer: estimate) */
     int64_t completion_pred;             /* completion tokens predicted */
-    struct policy_verdict *verdicts;     /* one per route candidate (heap, per request) */
+    struct policy_verdict *verdicts;     /* one per route candidate, in verdict_mem; or NULL */
     struct policy_choice choice;         /* the current decision */
     struct cache_op *store_op;           /* cache_begin in flight, or NULL */
     struct cache_reservation res;        /* budget held for the current attempt */
@@ -220,6 +221,7 @@ struct router__request {
     struct buf cached;                   /* bytes to put in the response cache */
     struct buf batch;                    /* events of one upstream read, sent in one write */
     struct buf json_mem;                 /* first block of the body tree's arena (jsonmem.c) */
+    struct buf verdict_mem;              /* room for verdicts, kept like the other buffers */
     struct router__jsonmem_block *json_more; /* its overflow blocks */
     unsigned has_res:1;                  /* res must be settled or released */
     unsigned attempt_open:1;             /* ticket must be finished */

@@ -415,12 +415,15 @@ static int choose(struct router__client *c, const char *last_error)
         router__send_error(c, last_error, NULL);
         return -1;
     }
-    if (req->verdicts == NULL) {
-        req->verdicts = calloc(MIN(req->route->ncandidates, 64), sizeof(*req->verdicts));
-        if (req->verdicts == NULL) {
+    if (req->verdicts == NULL) { /* a buffer kept from request to request: no malloc */
+        size_t size = MIN(req->route->ncandidates, 64) * sizeof(*req->verdicts);
+
+        if (buf_reserve(&req->verdict_mem, size) < 0) {
             router__send_error(c, error_no_memory, NULL);
             return -1;
         }
+        req->verdicts = (struct policy_verdict *)(void *)req->verdict_mem.data;
+        memset(req->verdicts, 0, size);
     }
     preq.route = req->route;
     preq.backends = r->backends;
@@ -1069,13 +1072,24 @@ static void settle(struct router__client *c)
     }
 }
 
+/* a, b and c end to end in out[96] (b: a formatted amount, under 32
+ * bytes); returns the length. */
+static size_t join3(char out[96], const char *a, const char *b, const char *c)
+{
+    size_t na = strlen(a), nb = strlen(b), nc = strlen(c);
+
+    memcpy(out, a, na);
+    memcpy(out + na, b, nb);
+    memcpy(out + na + nb, c, nc);
+    return na + nb + nc;
+}
+
 void router__proxy_on_complete(struct router__client *c)
 {
     struct router__request *req = &c->req;
     struct router__usage u;
     int choices_empty;
-    char usd[32];
-    struct buf tail = {0};
+    char usd[32], tail[96];
 
     req->up = NULL;
     req->upstream_done = 1;
@@ -1096,14 +1110,11 @@ void router__proxy_on_complete(struct router__client *c)
             keep_for_cache(req, req->up_body.data, req->up_body.len);
     } else if (req->chunked) {
         /* An SSE comment clients ignore, then the cost as a trailer. */
-        if (req->is_sse && buf_printf(&tail, ": x-costrouter-cost-usd=%s\n\n", usd) == 0)
-            forward(c, tail.data, tail.len);
-        buf_reset(&tail);
-        if (buf_printf(&tail, "0\r\nx-costrouter-cost-usd: %s\r\n\r\n", usd) == 0)
-            send_raw(c, tail.data, tail.len);
+        if (req->is_sse)
+            forward(c, tail, join3(tail, ": x-costrouter-cost-usd=", usd, "\n\n"));
+        send_raw(c, tail, join3(tail, "0\r\nx-costrouter-cost-usd: ", usd, "\r\n\r\n"));
     }
     router__proxy_flush(c);
-    buf_free(&tail);
     router__spend_cache_store(c);
     router__client_response_done(c);
 }

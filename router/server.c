@@ -544,6 +544,7 @@ static void shared_free(struct router__shared *sh)
         cache_flight_free(sh->flights);
     policy_tokens_free(sh->tokens);
     metrics_free(sh->metrics);
+    EVP_MD_CTX_free(sh->sha256_ctx);
     EVP_MD_free(sh->sha256);
     free(sh);
 }
@@ -569,7 +570,8 @@ static struct router__shared *shared_create(uv_loop_t *loop, const struct conf *
     sh->loop = loop;
     sh->metrics = metrics_create(0);
     sh->sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
-    if (sh->metrics == NULL || sh->sha256 == NULL)
+    sh->sha256_ctx = EVP_MD_CTX_new();
+    if (sh->metrics == NULL || sh->sha256 == NULL || sh->sha256_ctx == NULL)
         goto fail;
     if (conf->cost_log != NULL) {
         int err = 0;
