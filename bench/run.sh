@@ -19,6 +19,7 @@
 #     and its RSS then.
 #   - costrouter twice: with the in-process store (`costrouter`) and with a
 #     redis-server of its own on loopback (`costrouter-redis`).
+#   - allocations per request of costrouter (bench/alloc_count.c preloaded).
 #   - the tokenizer's and the store's own benchmarks (bench/tokenize.c,
 #     bench/store.c), whose output is copied into the results.
 # Prints the results and writes them to bench/RESULTS.md with the commands,
@@ -361,6 +362,40 @@ else
 fi
 kill -TERM "$PID_idle" 2>/dev/null || true
 
+# ---- allocations per request ----
+# A costrouter of each kind with bench/alloc_count.c preloaded: SIGUSR1
+# zeroes its counts after a warm-up, SIGUSR2 writes them to a file.
+ALLOC_COUNT=$BUILD/bench/alloc_count.so
+: > "$RUN/allocs.txt"
+count_allocs() { # name conf mode
+    local name=$1 conf=$2 mode=$3 script=bench/chat.lua log counts pid port out req
+    [ "$mode" = stream ] && script=bench/chat-stream.lua
+    log=$RUN/allocs-$name-$mode.log; counts=$RUN/allocs-$name-$mode.txt
+    ALLOC_COUNT_OUT=$counts LD_PRELOAD=$ALLOC_COUNT "$BIN" -q -c "$conf" > "$log" 2>&1 &
+    pid=$!; PIDS+=("$pid")
+    port=$(wait_listening "$log")
+    wrk -t"$THREADS" -c50 -d"${WARMUP}s" -s "$script" "http://127.0.0.1:$port" > /dev/null
+    kill -USR1 "$pid"
+    out=$(wrk -t"$THREADS" -c50 -d3s -s "$script" "http://127.0.0.1:$port")
+    kill -USR2 "$pid"
+    for _ in $(seq 50); do [ -s "$counts" ] && break; sleep 0.05; done
+    kill -TERM "$pid" 2>/dev/null || true
+    req=$(echo "$out" | sed -n 's/^BENCH requests=\([0-9]*\).*/\1/p')
+    echo "$name $mode ${req:-0} $(cat "$counts" 2>/dev/null)" >> "$RUN/allocs.txt"
+}
+if [ -f "$ALLOC_COUNT" ]; then
+    log "allocations per request"
+    costrouter_conf "$ABS_OUT/run/cost-allocs.jsonl" > "$OUT/costrouter-allocs.yaml"
+    costrouter_conf "$ABS_OUT/run/cost-allocs-redis.jsonl" \
+        "store: { redis: \"redis://127.0.0.1:$PORT_redis/0\", on_failure: fail_open }" \
+        > "$OUT/costrouter-redis-allocs.yaml"
+    note_cmd "ALLOC_COUNT_OUT=FILE LD_PRELOAD=$ALLOC_COUNT $BIN -q -c $OUT/costrouter-allocs.yaml (and -redis-allocs.yaml); wrk -t$THREADS -c50 -d3s between SIGUSR1 and SIGUSR2"
+    for mode in plain stream; do
+        count_allocs costrouter "$OUT/costrouter-allocs.yaml" "$mode"
+        count_allocs costrouter-redis "$OUT/costrouter-redis-allocs.yaml" "$mode"
+    done
+fi
+
 # ---- the tokenizer's and the store's own benchmarks ----
 log "tokenizer benchmark (one core), then the store's"
 note_cmd "taskset -c 0 $TOKENIZE $TOKENS_CORPUS"
@@ -515,6 +550,20 @@ cat <<EOF
 
 Cost log lines written during the measured costrouter runs (each run's requests, plus the
 warm-up's last answers):${COST_LINES}.
+
+## Allocations per request (costrouter, 50 connections)
+
+malloc, calloc and realloc calls the whole process made during a 3 s wrk run, counted by
+bench/alloc_count.c (preloaded) after a warm-up, divided by the requests served. What is left
+with the in-process store is OpenSSL's (one context per SHA-256 of the tenant key); with Redis,
+hiredis's reply objects and the batch, shared by the requests of one script call.
+
+| server | mode | requests | malloc | calloc | realloc | per request |
+|---|---|---:|---:|---:|---:|---:|
+$(awk '{ for (i = 4; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+         t = v["malloc"] + v["calloc"] + v["realloc"]
+         printf "| %s | %s | %d | %d | %d | %d | %.2f |\n", $1, $2, $3, v["malloc"], v["calloc"],
+                v["realloc"], ($3 > 0 ? t / $3 : 0) }' "$RUN/allocs.txt")
 
 ## Tokenizer (bench/tokenize.c, one core)
 

@@ -15,6 +15,7 @@ PORTKEY_HONO_NODE_SERVER := 1.13.8
 PORTKEY_DIR := build/npm-portkey
 PORTKEY_NPM := $(PORTKEY_DIR)/node_modules/@portkey-ai/gateway/package.json
 BENCH_PROBE := $(BUILD)/bench/probe
+ALLOC_COUNT := $(BUILD)/bench/alloc_count.so
 
 BENCH_TARGETS += bench-proxy
 .PHONY: bench-proxy bench-tools
@@ -25,6 +26,11 @@ bench: deps
 
 $(BENCH_PROBE): $(BUILD)/bench/probe.o
 	$(CC) $(LDFLAGS) -o $@ $^
+
+# A malloc counter preloaded into a costrouter (bench/alloc_count.c).
+$(ALLOC_COUNT): bench/alloc_count.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=gnu11 -O2 -Wall -Wextra -shared -fPIC -o $@ $<
 
 # wrk, nginx and npm from Debian when missing. A temporary policy-rc.d
 # keeps the nginx package from starting its system service on port 80.
@@ -48,6 +54,6 @@ $(PORTKEY_NPM): mk/bench.mk | bench-tools
 
 # The tokenizer's and the store's benchmarks (mk/tokens.mk, mk/store.mk)
 # run inside bench/run.sh too, so RESULTS.md carries their figures.
-bench-proxy: bench-tools $(PORTKEY_NPM) $(BENCH_PROBE) $(BIN) $(MOCK) \
+bench-proxy: bench-tools $(PORTKEY_NPM) $(BENCH_PROBE) $(ALLOC_COUNT) $(BIN) $(MOCK) \
              $(BUILD)/bench/tokenize $(BUILD)/bench/store build/tokens-test/expected.tsv
 	BUILD=$(BUILD) BIN=$(BIN) bench/run.sh
