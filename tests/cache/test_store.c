@@ -201,6 +201,35 @@ BOTH(reservations_expire_each_at_its_time, 20)
     fx_close(&f);
 }
 
+/* Finished ops are reused: one that served a short tenant id then serves
+ * the longest one accepted, and each tenant's spend stays its own. */
+BOTH(reused_ops_keep_tenants_apart, 20)
+{
+    struct cache_options o = {0};
+    struct fx f;
+    struct wait w, s;
+    char longest[201];
+
+    memset(longest, 'z', sizeof(longest) - 1);
+    longest[sizeof(longest) - 1] = '\0';
+    fx_open(&f, use_redis, &o, "reuse");
+    for (int i = 0; i < 20; i++) {
+        w = wait_begin(&f.loop, f.c, i % 2 ? "a" : longest, NULL, 10, 0, 0);
+        cr_assert(w.begin.granted);
+        cr_assert_null(wait_settle(&f.loop, f.c, &w.begin.reservation, i % 2 ? 1 : 100));
+    }
+    s = wait_spend(&f.loop, f.c, "a");
+    cr_assert_eq(s.spend.day_spent, 10);
+    cr_assert_eq(s.spend.reserved, 0);
+    s = wait_spend(&f.loop, f.c, longest);
+    cr_assert_null(s.err);
+    cr_assert_eq(s.spend.day_spent, 1000);
+    longest[sizeof(longest) - 2] = '\0'; /* a different tenant, one byte shorter */
+    s = wait_spend(&f.loop, f.c, longest);
+    cr_assert_eq(s.spend.day_spent, 0);
+    fx_close(&f);
+}
+
 BOTH(response_cache_put_get_ttl_size, 20)
 {
     struct cache_options o = {.max_entry_bytes = 64};
