@@ -157,30 +157,30 @@ static const char lua_turn[] =
     LUA_COMMON
     "local ns = tonumber(ARGV[5])\n"
     "local last = 7 + 4 * ns\n"
-    "local ask, at, na, seen, known = {'', '#'}, {}, 2, {}, {}\n"
+    "local ask, arg_of, na, seen, known = {'', '#'}, {}, 2, {}, {}\n"
     "for i = 8, last, 4 do\n"
     "  local m = ARGV[i]\n"
     "  if m ~= '' and not seen[m] then\n"
     "    seen[m] = true\n"
     "    na = na + 1\n"
     "    ask[na] = m\n"
-    "    at[na] = i\n"
+    "    arg_of[na] = i\n"
     "  end\n"
     "end\n"
     "local h = redis.call('HMGET', KEYS[3], unpack(ask))\n"
     "local due, reserved = tonumber(h[1] or NEVER), tonumber(h[2] or '0')\n"
-    "local was, open, no = reserved, {}, 0\n"
+    "local was, open, nopen = reserved, {}, 0\n"
     "for j = 3, na do\n"
     "  if h[j] then\n"
-    "    no = no + 1\n"
-    "    open[no] = ask[j]\n"
-    "    reserved = reserved - tonumber(ARGV[at[j] + 1])\n"
-    "    known[at[j]] = true\n"
+    "    nopen = nopen + 1\n"
+    "    open[nopen] = ask[j]\n"
+    "    reserved = reserved - tonumber(ARGV[arg_of[j] + 1])\n"
+    "    known[arg_of[j]] = true\n"
     "  elseif redis.call('ZREM', KEYS[4], ask[j]) == 1 then\n"
-    "    known[at[j]] = true\n"
+    "    known[arg_of[j]] = true\n"
     "  end\n"
     "end\n"
-    "if no > 0 then redis.call('HDEL', KEYS[3], unpack(open)) end\n"
+    "if nopen > 0 then redis.call('HDEL', KEYS[3], unpack(open)) end\n"
     "reserved = math.max(reserved, 0)\n"
     "local charged = 0\n"
     "for i = 8, last, 4 do\n"
@@ -204,8 +204,8 @@ static const char lua_turn[] =
     "reserved, due = prune(now, grace, reserved, due)\n"
     "if not day then day, month = counters() end\n"
     "local dl, ml = tonumber(ARGV[6]), tonumber(ARGV[7])\n"
-    "local at = now + ttl\n"
-    "local at_s = tostring(at)\n" /* a number argument is formatted at each use */
+    "local expires = now + ttl\n"
+    "local expires_s = tostring(expires)\n" /* a number argument is formatted at each use */
     "local hset, nh, out, no, hits = {}, 0, {day, month}, 2, {}\n"
     "for i = last + 1, #ARGV, 3 do\n"
     "  local e = ARGV[i + 2]\n"
@@ -220,14 +220,14 @@ static const char lua_turn[] =
     "    st = 1\n"
     "  else\n"
     "    hset[nh + 1] = ARGV[i]\n"
-    "    hset[nh + 2] = at_s\n"
+    "    hset[nh + 2] = expires_s\n"
     "    nh = nh + 2\n"
     "    reserved = reserved + amount\n"
     "  end\n"
     "  no = no + 1\n"
     "  out[no] = reserved * 4 + st\n"
     "end\n"
-    "if nh > 0 and at < due then due = at end\n"
+    "if nh > 0 and expires < due then due = expires end\n"
     "if due ~= old_due then\n"
     "  hset[nh + 1] = ''\n"
     "  hset[nh + 2] = due_value(due)\n"
@@ -729,7 +729,7 @@ static int send_argv(struct cache__redis *s, struct cache_op *op, int argc, cons
     return 0;
 }
 
-/* The five per-tenant keys of a period. */
+/* The four per-tenant keys of a period. */
 struct keys {
     char day[CACHE__NAME_MAX];      /* spend that day */
     char month[CACHE__NAME_MAX];    /* spend that month */
