@@ -16,6 +16,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "common/fmt.h"
+
 extern void *__libc_malloc(size_t n);
 extern void *__libc_calloc(size_t n, size_t size);
 extern void *__libc_realloc(void *p, size_t n);
@@ -46,21 +48,11 @@ static void on_zero(int sig)
     n_malloc = n_calloc = n_realloc = 0;
 }
 
-/* Decimal digits of v before `end`; returns where they start. A signal
- * handler may not call snprintf. */
-static char *put_long(char *end, long v)
-{
-    do {
-        *--end = (char)('0' + v % 10);
-        v /= 10;
-    } while (v > 0);
-    return end;
-}
-
-/* Each write's result is ignored: the reader sees a short line. */
+/* fmt_u64, not snprintf, which a signal handler may not call. Each
+ * write's result is ignored: the reader sees a short line. */
 static void put_field(int fd, const char *name, long v)
 {
-    char digits[24], *p = put_long(digits + sizeof(digits), v);
+    char digits[FMT_U64_MAX], *p = fmt_u64(digits + sizeof(digits), (uint64_t)v);
 
     (void)!write(fd, name, strlen(name));
     (void)!write(fd, p, (size_t)(digits + sizeof(digits) - p));

@@ -28,9 +28,9 @@ $(BENCH_PROBE): $(BUILD)/bench/probe.o
 	$(CC) $(LDFLAGS) -o $@ $^
 
 # A malloc counter preloaded into a costrouter (bench/alloc_count.c).
-$(ALLOC_COUNT): bench/alloc_count.c
+$(ALLOC_COUNT): bench/alloc_count.c common/fmt.h
 	@mkdir -p $(dir $@)
-	$(CC) -std=gnu11 -O2 -Wall -Wextra -shared -fPIC -o $@ $<
+	$(CC) -std=gnu11 -O2 -Wall -Wextra -I. -shared -fPIC -o $@ $<
 
 # wrk, nginx and npm from Debian when missing. A temporary policy-rc.d
 # keeps the nginx package from starting its system service on port 80.
