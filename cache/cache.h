@@ -53,12 +53,18 @@ enum cache_state {
     CACHE_STATE_DOWN,       /* waiting to reconnect (backoff) */
 };
 
+/* Longest tenant id an operation takes (longer: EINVAL), and longest key
+ * prefix cache_create() takes: together they bound every Redis key. */
+#define CACHE_TENANT_MAX 200
+#define CACHE_KEY_PREFIX_MAX 128
+
 /* Filled by the caller; zero fields get the defaults shown. Strings are
  * copied by cache_create(). */
 struct cache_options {
     const char *redis_url;        /* redis://[:password@]host[:port][/db]; NULL: in-process */
     enum cache_on_failure on_failure; /* default CACHE_FAIL_OPEN */
-    const char *key_prefix;       /* prepended to every key; default "costrouter:"; no '{' */
+    const char *key_prefix;       /* prepended to every key; default "costrouter:"; no '{';
+                                   * at most CACHE_KEY_PREFIX_MAX bytes */
     int connect_timeout_ms;       /* resolve+connect+AUTH+SCRIPT LOAD; default 1000 */
     int command_timeout_ms;       /* per command; default 500 */
     int reconnect_min_ms;         /* first backoff delay; default 100 */

@@ -19,7 +19,6 @@
 
 #include "cache/cache.h"
 
-#define CACHE__TENANT_MAX 200 /* longest tenant id accepted */
 #define CACHE__NAME_MAX 512   /* longest key name built */
 
 /* ---- hash map (map.c): byte-string keys, chained buckets ---- */

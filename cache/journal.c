@@ -50,7 +50,7 @@ static int mergeable(const struct cache__jentry *e)
 static int merge(struct cache__journal *j, const char *tenant, const struct cache__period *p,
                  int64_t real)
 {
-    char key[CACHE__TENANT_MAX + 16];
+    char key[CACHE_TENANT_MAX + 16];
     struct cache__map_entry *s = cache__map_find(&j->agg, key, agg_key(key, tenant, p));
 
     if (s == NULL)
@@ -63,7 +63,7 @@ static int merge(struct cache__journal *j, const char *tenant, const struct cach
 /* Give a mergeable entry its aggregation slot (best effort). */
 static void index_entry(struct cache__journal *j, struct cache__jentry *e)
 {
-    char key[CACHE__TENANT_MAX + 16];
+    char key[CACHE_TENANT_MAX + 16];
 
     e->agg = cache__map_add(&j->agg, key, agg_key(key, e->tenant, &e->period));
     if (e->agg)

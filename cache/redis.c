@@ -729,6 +729,28 @@ static int send_argv(struct cache__redis *s, struct cache_op *op, int argc, cons
     return 0;
 }
 
+/* "{TENANT}:c:" and 64 hex digits, the longest entry name (cache__entry_name),
+ * after the longest prefix, and every per-tenant key fit CACHE__NAME_MAX. */
+_Static_assert(CACHE_KEY_PREFIX_MAX + CACHE_TENANT_MAX + sizeof("{}:c:") + 64 <= CACHE__NAME_MAX,
+               "the longest key fits CACHE__NAME_MAX");
+
+/* Bytes of an entry's key, with its NUL. */
+static size_t entry_key_size(const struct cache *c, const char *name)
+{
+    return strlen(c->prefix) + strlen(name) + 1;
+}
+
+/* An entry's key (the prefix, then its name) at `key`, which has
+ * entry_key_size() bytes; returns its length. */
+static size_t entry_key(const struct cache *c, const char *name, char *key)
+{
+    size_t np = strlen(c->prefix), nn = strlen(name);
+
+    memcpy(key, c->prefix, np);
+    memcpy(key + np, name, nn + 1);
+    return np + nn;
+}
+
 /* The four per-tenant keys of a period. */
 struct keys {
     char day[CACHE__NAME_MAX];      /* spend that day */
@@ -881,17 +903,13 @@ static void arg_int(struct args *a, int64_t v)
         arg_done(a, put_int(p, v));
 }
 
-/* x and y joined (a key: the prefix and an entry's name). */
-static void arg_concat(struct args *a, const char *x, const char *y)
+/* A cache entry's key: the prefix and the entry's name. */
+static void arg_entry_key(struct args *a, const struct cache *c, const char *name)
 {
-    size_t nx = strlen(x), ny = strlen(y);
-    char *p = arg_room(a, nx + ny + 1);
+    char *p = arg_room(a, entry_key_size(c, name));
 
-    if (p == NULL)
-        return;
-    memcpy(p, x, nx);
-    memcpy(p + nx, y, ny);
-    arg_done(a, p + nx + ny);
+    if (p)
+        arg_done(a, p + entry_key(c, name, p));
 }
 
 /* "INSTANCE-SEQ:AMOUNT": the instance id, two numbers of at most 20
@@ -941,7 +959,7 @@ static int args_init(struct cache__redis *s, const struct batch *b, struct args 
         bytes += MEMBER_MAX + 4 * NUM_MAX;
         if (has_entry(b->ops[i])) {
             nargs++;
-            bytes += strlen(s->c->prefix) + strlen(b->ops[i]->name) + 1;
+            bytes += entry_key_size(s->c, b->ops[i]->name);
         }
     }
     need = nargs * sizeof(char *) + bytes;
@@ -1030,7 +1048,7 @@ static int batch_send(struct batch *b, int eval)
     arg_add(&a, k.exp);
     for (size_t i = b->nsettles; i < b->n; i++)
         if (has_entry(b->ops[i]))
-            arg_concat(&a, c->prefix, b->ops[i]->name);
+            arg_entry_key(&a, c, b->ops[i]->name);
     args_ops(&a, b);
     if (a.overflow ||
         redisAsyncCommandArgv(s->ac, batch_reply_cb, b, a.argc, a.argv, NULL) != REDIS_OK)
@@ -1479,8 +1497,8 @@ static void redis_begin(struct cache_op *op)
     if (op->name && c->opts.shared_cache && s->state == CACHE_STATE_CONNECTED) {
         char key[CACHE__NAME_MAX];
         const char *argv[] = {"GET", key};
-        snprintf(key, sizeof(key), "%s%s", c->prefix, op->name);
-        if (send_argv(s, op, 2, argv, NULL) == 0)
+        size_t lens[] = {3, entry_key(c, op->name, key)};
+        if (send_argv(s, op, 2, argv, lens) == 0)
             op->shared_get = 1;
     }
     op->result.lookup = op->name ? CACHE_LOOKUP_MISS : CACHE_LOOKUP_NONE;
@@ -1526,9 +1544,8 @@ static void redis_put(struct cache_op *op)
     const char *argv[] = {"SET", key, op->value, "PX", ttl};
     size_t lens[] = {3, 0, op->value_len, 2, 0};
 
-    snprintf(key, sizeof(key), "%s%s", c->prefix, op->name);
+    lens[1] = entry_key(c, op->name, key);
     snprintf(ttl, sizeof(ttl), "%lld", (long long)op->ttl_s * 1000);
-    lens[1] = strlen(key);
     lens[4] = strlen(ttl);
     if (send_argv(c->redis, op, 5, argv, lens) == 0)
         return;

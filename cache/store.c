@@ -114,7 +114,7 @@ void cache__defer(struct cache_op *op)
 #else
 #define OP_POOL_MAX 256
 #endif
-#define OP_SIZE (sizeof(struct cache_op) + CACHE__TENANT_MAX + 1) /* any tenant fits */
+#define OP_SIZE (sizeof(struct cache_op) + CACHE_TENANT_MAX + 1) /* any tenant fits */
 
 static void op_free(struct cache_op *op)
 {
@@ -175,7 +175,7 @@ struct cache_op *cache__op_new(struct cache *c, enum cache__kind kind, const cha
     size_t n = tenant ? strlen(tenant) : 0;
     struct cache_op *op;
 
-    if (c->closing || n > CACHE__TENANT_MAX) {
+    if (c->closing || n > CACHE_TENANT_MAX) {
         errno = EINVAL;
         return NULL;
     }
@@ -237,7 +237,7 @@ static struct cache_op *settle_common(struct cache *c, const struct cache_reserv
     op = cache__op_new(c, CACHE__SETTLE, r->tenant);
     if (op == NULL) {
         /* Never drop a charge silently: journal it if we can. */
-        if (real > 0 && !c->closing && strlen(r->tenant) <= CACHE__TENANT_MAX) {
+        if (real > 0 && !c->closing && strlen(r->tenant) <= CACHE_TENANT_MAX) {
             struct cache__period p;
             cache__period_now(&p);
             cache__journal_add(&c->journal, r->tenant, &p, real, r->remote ? r->seq : 0,
@@ -368,7 +368,8 @@ struct cache *cache_create(uv_loop_t *loop, const struct cache_options *opts)
     c->opts = *opts;
     apply_defaults(&c->opts);
     c->prefix = strdup(opts->key_prefix ? opts->key_prefix : "costrouter:");
-    if (c->prefix == NULL || strchr(c->prefix, '{') || strchr(c->prefix, '}'))
+    if (c->prefix == NULL || strchr(c->prefix, '{') || strchr(c->prefix, '}') ||
+        strlen(c->prefix) > CACHE_KEY_PREFIX_MAX)
         goto fail;
     c->opts.key_prefix = c->prefix;
     if (opts->redis_url) {

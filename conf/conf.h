@@ -16,6 +16,13 @@
 
 struct conf__key;
 
+/* Longest name (of a backend, tenant, price, experiment, arm or key) and
+ * model id, in bytes: the store puts tenant ids in its keys and the
+ * router model ids in cache keys, each within bounds of its own. */
+#define CONF_NAME_MAX 200
+/* Longest store.key_prefix, in bytes. */
+#define CONF_KEY_PREFIX_MAX 128
+
 enum conf_backend_kind { CONF_BACKEND_API, CONF_BACKEND_SELF_HOSTED };
 enum conf_tokenizer { CONF_TOK_ESTIMATE, CONF_TOK_CL100K, CONF_TOK_O200K, CONF_TOK_LLAMA3 };
 enum conf_on_failure { CONF_FAIL_OPEN, CONF_FAIL_CLOSED };

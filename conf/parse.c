@@ -815,9 +815,21 @@ static void node_tags(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
 /* ---- validators and setters ---- */
 
 /* Names show up in logs, metrics labels and the cost log. */
+/* Reports a `text` over `max` bytes. */
+static int too_long(struct conf__ctx *ctx, const char *text, size_t max, int line,
+                    const char *path)
+{
+    if (strlen(text) <= max)
+        return 0;
+    conf__error(ctx, line, path, "is longer than %zu characters", max);
+    return 1;
+}
+
 static int check_name(struct conf__ctx *ctx, void *obj, const char *text, int line,
                       const char *path)
 {
+    if (too_long(ctx, text, CONF_NAME_MAX, line, path))
+        return -1;
     for (const char *p = text; *p; p++)
         if (!isalnum((unsigned char)*p) && !strchr("._-:/@+", *p))
             return conf__error(ctx, line, path,
@@ -829,6 +841,8 @@ static int check_name(struct conf__ctx *ctx, void *obj, const char *text, int li
 static int check_model(struct conf__ctx *ctx, void *obj, const char *text, int line,
                        const char *path)
 {
+    if (too_long(ctx, text, CONF_NAME_MAX, line, path))
+        return -1;
     if (strchr(text, ' '))
         return conf__error(ctx, line, path, "must not contain spaces");
     return 0;
@@ -878,6 +892,8 @@ static int check_key_prefix(struct conf__ctx *ctx, void *obj, const char *text, 
 {
     if (strpbrk(text, "{} "))
         return conf__error(ctx, line, path, "must not contain '{', '}' or spaces");
+    if (too_long(ctx, text, CONF_KEY_PREFIX_MAX, line, path))
+        return -1;
     return 0;
 }
 

@@ -462,7 +462,7 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
 {
     struct router__request *req = &c->req;
     const struct conf_backend *b;
-    char route_key[160];
+    char route_key[CONF_NAME_MAX + sizeof("#stream")];
 
     if (choose(c, last_error) != 0)
         return;

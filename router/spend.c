@@ -25,6 +25,10 @@
 #include "conf/conf.h"
 #include "router/internal.h"
 
+/* What the config accepts, the store takes. */
+_Static_assert(CONF_NAME_MAX <= CACHE_TENANT_MAX, "every tenant id fits the store's keys");
+_Static_assert(CONF_KEY_PREFIX_MAX <= CACHE_KEY_PREFIX_MAX, "every key prefix fits the store");
+
 static void on_store_state(void *arg, enum cache_state state, const char *errstr)
 {
     if (errstr)

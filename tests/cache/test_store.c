@@ -477,10 +477,14 @@ Test(store_memory, bad_arguments, .timeout = 5)
 {
     uv_loop_t loop;
     struct cache_options o = {.key_prefix = "bad{prefix"};
-    char tenant[300];
+    char tenant[CACHE_TENANT_MAX + 2], prefix[CACHE_KEY_PREFIX_MAX + 2];
 
     uv_loop_init(&loop);
     cr_assert_null(cache_create(&loop, &o), "'{' in the prefix would break hash tags");
+    memset(prefix, 'p', sizeof(prefix) - 1);
+    prefix[sizeof(prefix) - 1] = '\0';
+    o.key_prefix = prefix;
+    cr_assert_null(cache_create(&loop, &o), "a prefix this long would not fit the keys");
     o.key_prefix = NULL;
     o.redis_url = "http://nope";
     cr_assert_null(cache_create(&loop, &o));

@@ -230,6 +230,10 @@ static struct error_case error_cases[] = {
       "9: cache.ttl_s: 0 is out of range 1..31536000",
       "11: cache.local_bytes: 1024 is smaller than cache.max_entry_bytes (2048)",
       "12: cache.shraed: unknown key (did you mean \"shared\"?)"}},
+    {.file = DATA "names_long.yaml", .lines =
+     {"4: store.key_prefix: is longer than 128 characters",
+      "9: routes[1].model: is longer than 200 characters",
+      "11: tenants[0].id: is longer than 200 characters"}},
     {.file = DATA "cache_flags.yaml", .lines =
      {"2: tokenizer_data: \"/dev/null\" is not a folder",
       "3: cache.enabled: expected true or false, got \"perhaps\"",

@@ -17,8 +17,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
+#include "conf/conf.h"
 #include "tests/support/http.h"
 #include "tests/support/proc.h"
 #include "tests/support/browser.h"
@@ -40,6 +42,8 @@ static struct support_http_response resp;
 static struct buf req, yaml;
 static cJSON *json;
 static char conf_path[64], log_path[64];
+static const char *tenant_id = "acme";  /* the tenant's id in the config */
+static const char *key_prefix;          /* store.key_prefix, NULL: the default */
 
 static void teardown(void)
 {
@@ -88,13 +92,15 @@ static void write_conf(const char *route_candidates, const char *tenant_extra)
     cr_assert_not_null(f);
     fprintf(f, "listen: 127.0.0.1:0\nadmin_key: adm-secret\ncost_log: %s\n", log_path);
     if (redis.pid)
-        fprintf(f, "store: {redis: \"%s\"}\n", redis.url);
+        fprintf(f, "store: {redis: \"%s\", key_prefix: \"%s\"}\n", redis.url,
+                key_prefix ? key_prefix : "costrouter:");
     fprintf(f,
             "backends:\n%.*s"
             "routes:\n  - {model: chat, candidates: [%s]}\n"
-            "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n"
+            "tenants:\n  - id: %s\n    api_keys: [\"sha256:%s\"]\n"
             "    tags: {team: search, cost_center: cc-1}\n%s",
-            (int)yaml.len, yaml.data, route_candidates, hex, tenant_extra ? tenant_extra : "");
+            (int)yaml.len, yaml.data, route_candidates, tenant_id, hex,
+            tenant_extra ? tenant_extra : "");
     fclose(f);
 }
 
@@ -415,6 +421,41 @@ Test(costs, routers_sharing_redis_never_overspend_a_budget)
      * request's worth stays unspent. */
     cr_assert_gt(spent, 0.05 - 0.0019 - workers * excess, "spent only $%f", spent);
     cr_assert_lt(granted, workers * each, "nothing was refused");
+}
+
+/* The longest tenant id and key prefix the config takes (conf.h) reach
+ * Redis whole: the day's spend is under the full key. Longer ones are
+ * config errors (tests/conf). */
+Test(costs, longest_tenant_id_and_key_prefix_are_charged_in_redis)
+{
+    char id[CONF_NAME_MAX + 1], prefix[CONF_KEY_PREFIX_MAX + 1], path[512], day[16];
+    time_t now = time(NULL);
+    struct tm tm;
+
+    memset(id, 't', CONF_NAME_MAX);
+    id[CONF_NAME_MAX] = '\0';
+    memset(prefix, 'p', CONF_KEY_PREFIX_MAX);
+    prefix[CONF_KEY_PREFIX_MAX] = '\0';
+    tenant_id = id;
+    key_prefix = prefix;
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", "    budget: {daily_usd: 10, on_exhausted: reject}\n");
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(chat(0, "x-mock-tokens: 7\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    }
+    /* A spend read goes to Redis after the settlements before it. */
+    snprintf(path, sizeof(path), "/admin/tenants/%s/spend", id);
+    cr_assert_eq(call_port(routers[0].port, "GET", path, ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_float_eq(cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble,
+                       3 * usd(PROMPT_TOKENS, 7, 100, 300), 1e-9);
+    gmtime_r(&now, &tm);
+    strftime(day, sizeof(day), "%Y%m%d", &tm);
+    cr_assert_eq(test_redis_int(&redis, "GET %s{%s}:d:%s", prefix, id, day),
+                 3 * llround(usd(PROMPT_TOKENS, 7, 100, 300) * 1e6));
 }
 
 Test(costs, rate_limits_answer_429_with_retry_after)
