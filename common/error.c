@@ -11,6 +11,7 @@ const char error_method[] = "method not allowed for this path";
 const char error_timeout_client[] = "timed out waiting for the request";
 const char error_body_too_large[] = "request body too large";
 const char error_headers_too_large[] = "request headers too large";
+const char error_context_length[] = "the request does not fit the context window of any backend";
 const char error_budget_exhausted[] = "budget exhausted";
 const char error_rate_limited[] = "rate limit exceeded";
 const char error_upstream_connect[] = "could not connect to the upstream";

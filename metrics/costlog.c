@@ -27,6 +27,7 @@
 #include "common/fmt.h"
 #include "common/log.h"
 #include "common/util.h"
+#include "common/utf8.h"
 #include "conf/conf.h"
 #include "metrics/internal.h"
 
@@ -57,34 +58,6 @@ struct metrics_cost_log {
 
 /* ---- JSON ------------------------------------------------------------- */
 
-/* Length of the valid UTF-8 sequence at s (n bytes left), or 0 if invalid. */
-static size_t utf8_len(const unsigned char *s, size_t n)
-{
-    size_t len;
-    uint32_t c;
-
-    if (s[0] < 0x80)
-        return 1;
-    if (s[0] >= 0xc2 && s[0] <= 0xdf)
-        len = 2, c = s[0] & 0x1f;
-    else if (s[0] >= 0xe0 && s[0] <= 0xef)
-        len = 3, c = s[0] & 0x0f;
-    else if (s[0] >= 0xf0 && s[0] <= 0xf4)
-        len = 4, c = s[0] & 0x07;
-    else
-        return 0;
-    if (n < len)
-        return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xc0) != 0x80)
-            return 0;
-        c = (c << 6) | (s[i] & 0x3f);
-    }
-    if ((len == 3 && (c < 0x800 || (c >= 0xd800 && c <= 0xdfff))) || (len == 4 && (c < 0x10000 || c > 0x10ffff)))
-        return 0;
-    return len;
-}
-
 static int put_string(struct buf *out, const char *str)
 {
     const unsigned char *s = (const unsigned char *)str;
@@ -103,7 +76,7 @@ static int put_string(struct buf *out, const char *str)
         rc |= buf_append(out, s + run, i - run);
         if (i == n)
             break;
-        len = utf8_len(s + i, n - i);
+        len = utf8_seq_len(s + i, n - i);
         if (s[i] == '"' || s[i] == '\\')
             rc |= buf_printf(out, "\\%c", s[i]);
         else if (s[i] == '\n')
@@ -111,7 +84,7 @@ static int put_string(struct buf *out, const char *str)
         else if (s[i] < 0x20)
             rc |= buf_printf(out, "\\u%04x", s[i]);
         else if (len == 0)
-            rc |= buf_append(out, "\xef\xbf\xbd", 3); /* U+FFFD */
+            rc |= buf_append(out, UTF8_REPLACEMENT, sizeof(UTF8_REPLACEMENT) - 1);
         else
             rc |= buf_append(out, s + i, len);
         i += len ? len : 1;

@@ -2,6 +2,7 @@
 #include "policy/cost.h"
 
 #include "backends/backend.h"
+#include "common/util.h"
 #include "conf/conf.h"
 
 /* Marginal costs closer than this (USD) are a tie. */
@@ -79,7 +80,7 @@ static struct policy_choice choose_cheapest(const struct policy_request *req,
     size_t n = req->route->ncandidates < 64 ? req->route->ncandidates : 64;
     int64_t left = INT64_MAX, over_cost = INT64_MAX;
     int soft = 0, best = -1, floorless = -1, over_budget = 0;
-    unsigned eligible = 0;
+    unsigned eligible = 0, lasting = 0, too_small = 0;
 
     read_budget(&req->day, req->limits.soft_limit_pct, &left, &soft);
     read_budget(&req->month, req->limits.soft_limit_pct, &left, &soft);
@@ -91,6 +92,13 @@ static struct policy_choice choose_cheapest(const struct policy_request *req,
         c->kind = qualify(req, i, c);
         if (c->kind != POLICY_VERDICT_TRIED && c->kind != POLICY_VERDICT_ARM)
             eligible++;
+        if (c->kind == POLICY_VERDICT_ARM || (c->kind == POLICY_VERDICT_COSTLIER && !quality_ok))
+            lasting++;
+        if (c->kind == POLICY_VERDICT_CONTEXT) {
+            lasting++;
+            too_small++;
+            ch.context_window = MAX(ch.context_window, req->route->candidates[i]->context_window);
+        }
         if (c->kind != POLICY_VERDICT_COSTLIER)
             continue;
         if (c->cost_micro > left) {
@@ -124,6 +132,8 @@ static struct policy_choice choose_cheapest(const struct policy_request *req,
     } else if (soft && floorless >= 0 && floorless != best) {
         ch.candidate = floorless;
         ch.reason = POLICY_REASON_DOWNGRADED_SOFT;
+    } else if (best < 0 && too_small > 0 && lasting == n) {
+        ch.reason = POLICY_REASON_CONTEXT_EXCEEDED;
     } else if (best >= 0) {
         ch.candidate = best;
         ch.reason = req->tried            ? POLICY_REASON_FALLBACK

@@ -9,7 +9,11 @@
  *      cost <= the budget left;
  *   2. pick the lowest marginal cost, ties by predicted TTFT, then route
  *      order;
- *   3. budget: when some candidate qualifies but none fits the budget,
+ *   3. none: when every candidate the request may use (outside the A/B
+ *      arm and above the quality floor: what waiting would not change)
+ *      is too small for it, the reason is "context-length-exceeded", for
+ *      a 400 rather than a 503;
+ *   4. budget: when some candidate qualifies but none fits the budget,
  *      `reject` answers 429 and `downgrade` takes the cheapest (reserved
  *      cost) candidate that fits ignoring the quality floor, else 429;
  *      once a budget is soft_limit_pct spent that downgrade starts early
@@ -85,6 +89,7 @@ struct policy_choice {
                                    qualifying estimate that did not fit */
     double marginal_usd;        /* of the chosen candidate */
     double predicted_ttft_ms;   /* of the chosen candidate */
+    int64_t context_window;     /* POLICY_REASON_CONTEXT_EXCEEDED: the largest window */
 };
 
 /* A selector behind a small vtable (like h2o's balancer.h), so another

@@ -17,6 +17,7 @@ enum policy_reason {
     POLICY_REASON_DOWNGRADED_SOFT,    /* past the soft limit, quality floor dropped */
     POLICY_REASON_BUDGET_EXHAUSTED,   /* rejected: no candidate fits the budget */
     POLICY_REASON_NONE_QUALIFIED,     /* no candidate qualifies (503) */
+    POLICY_REASON_CONTEXT_EXCEEDED,   /* too long for every candidate it may use (400) */
 };
 
 const char *policy_reason_name(enum policy_reason reason);

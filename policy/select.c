@@ -20,6 +20,8 @@ const char *policy_reason_name(enum policy_reason reason)
         return "budget-exhausted";
     case POLICY_REASON_NONE_QUALIFIED:
         return "no-qualifying-candidate";
+    case POLICY_REASON_CONTEXT_EXCEEDED:
+        return "context-length-exceeded";
     }
     return "unknown";
 }

@@ -17,6 +17,7 @@
 #include "common/http_status.h"
 #include "common/log.h"
 #include "common/util.h"
+#include "common/utf8.h"
 #include "conf/conf.h"
 #include "router/internal.h"
 
@@ -42,6 +43,7 @@ static const struct error_map error_maps[] = {
     {error_timeout_client, 408, "invalid_request_error", "request_timeout"},
     {error_body_too_large, 413, "invalid_request_error", "request_too_large"},
     {error_headers_too_large, 431, "invalid_request_error", "headers_too_large"},
+    {error_context_length, 400, "invalid_request_error", "context_length_exceeded"},
     {error_budget_exhausted, 429, "insufficient_quota", "budget_exhausted"},
     {error_rate_limited, 429, "rate_limit_error", "rate_limit_exceeded"},
     {error_upstream_connect, 502, "api_error", "upstream_connect_failed"},
@@ -94,13 +96,16 @@ char *router__error_json(const char *errstr, const char *detail, int *status)
 {
     const struct error_map *m = error_lookup(errstr);
     cJSON *root = cJSON_CreateObject(), *err = cJSON_AddObjectToObject(root, "error");
-    char msg[512];
+    char raw[512], msg[512];
     char *out;
 
     if (detail && *detail)
-        snprintf(msg, sizeof(msg), "%s: %s", errstr, detail);
+        snprintf(raw, sizeof(raw), "%s: %s", errstr, detail);
     else
-        snprintf(msg, sizeof(msg), "%s", errstr);
+        snprintf(raw, sizeof(raw), "%s", errstr);
+    /* The detail may quote a client's bytes (a model name), and cJSON
+     * prints strings as they are: JSON must be valid UTF-8. */
+    utf8_copy_valid(msg, sizeof(msg), raw);
     cJSON_AddStringToObject(err, "message", msg);
     cJSON_AddStringToObject(err, "type", m->type);
     cJSON_AddNullToObject(err, "param");

@@ -401,8 +401,22 @@ static void reject_budget(struct router__client *c)
     free(body);
 }
 
+/* A 400 that says by how much the request is too long. */
+static void reject_context(struct router__client *c)
+{
+    const struct router__request *req = &c->req;
+    char detail[160];
+
+    snprintf(detail, sizeof(detail),
+             "about %" PRId64 " prompt tokens + %" PRId64 " for the completion "
+             "(max_tokens), and the largest window is %" PRId64 " tokens",
+             req->prompt_est, req->completion_pred, req->choice.context_window);
+    router__send_error(c, error_context_length, detail);
+}
+
 /* Ask policy/ for a candidate. Returns 0 with req->choice set, or -1
- * after answering the client (429 budget, 503 none, or last error). */
+ * after answering the client (429 budget, 400 too long, 503 none, or
+ * last error). */
 static int choose(struct router__client *c, const char *last_error)
 {
     struct router__request *req = &c->req;
@@ -448,7 +462,10 @@ static int choose(struct router__client *c, const char *last_error)
     }
     if (req->choice.candidate < 0) {
         req->reason = policy_reason_name(req->choice.reason);
-        router__send_error(c, last_error ? last_error : error_no_backend, NULL);
+        if (req->choice.reason == POLICY_REASON_CONTEXT_EXCEEDED)
+            reject_context(c);
+        else
+            router__send_error(c, last_error ? last_error : error_no_backend, NULL);
         return -1;
     }
     req->candidate = req->choice.candidate;

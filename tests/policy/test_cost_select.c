@@ -25,6 +25,7 @@ enum {
     SET_GPU_SLOW = 4,      /* the pool's TTFT average 2000 ms */
     SET_SAME_PRICE = 8,    /* sonnet priced as 4o, 4o slower (800 vs 300 ms) */
     SET_ONE_CANDIDATE = 16, /* the route has only gpt-4o-mini */
+    SET_GPU_LONG = 32,     /* the pool's window 262144 tokens */
 };
 
 struct select_case {
@@ -41,68 +42,85 @@ struct select_case {
     int reject;
     int64_t cost_micro;
     const char *verdicts; /* per candidate: mini,4o,sonnet,gpu */
+    int64_t context_window; /* with "context-length-exceeded": the largest window */
 };
 
 #define BIT(i) (UINT64_C(1) << (i))
 
 static const struct select_case cases[] = {
     {"no limits: the idle pool is cheapest", 0, 0, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
-     FX_GPU, "cheapest-qualifying", 0, 278, "costlier,costlier,costlier,chosen"},
+     FX_GPU, "cheapest-qualifying", 0, 278, "costlier,costlier,costlier,chosen", 0},
     {"quality floor 75", 0, 75, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
-     FX_4O, "cheapest-qualifying", 0, 7500, "quality,chosen,costlier,quality"},
+     FX_4O, "cheapest-qualifying", 0, 7500, "quality,chosen,costlier,quality", 0},
     /* 100000 + 50000 = 150000 tokens: only sonnet's 200000 window holds
      * them. 100000 x 3/1M + 50000 x 15/1M = 0.3 + 0.75 = 1.05 USD. */
     {"context", 0, 0, 0, 0, 0, 100000, 50000, 0, 0, 0, 0, 0, 0, NULL,
-     FX_SONNET, "cheapest-qualifying", 0, 1050000, "context,context,chosen,context"},
+     FX_SONNET, "cheapest-qualifying", 0, 1050000, "context,context,chosen,context", 0},
     {"health: pool ejected", SET_GPU_DOWN, 0, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
-     FX_MINI, "cheapest-qualifying", 0, 450, "chosen,costlier,costlier,health"},
+     FX_MINI, "cheapest-qualifying", 0, 450, "chosen,costlier,costlier,health", 0},
     {"slo 1000 ms: mini 1500, pool 2000", SET_MINI_SLOW | SET_GPU_SLOW, 0, 1000, 0, 0, 1000, 500,
-     0, 0, 0, 0, 0, 0, NULL, FX_4O, "cheapest-qualifying", 0, 7500, "slo,chosen,costlier,slo"},
+     0, 0, 0, 0, 0, 0, NULL, FX_4O, "cheapest-qualifying", 0, 7500, "slo,chosen,costlier,slo", 0},
     {"fallback after the pool", 0, 0, 0, 0, 0, 1000, 500, 0, 0, 0, 0, BIT(FX_GPU), 0, NULL,
-     FX_MINI, "fallback", 0, 450, "chosen,costlier,costlier,tried"},
+     FX_MINI, "fallback", 0, 450, "chosen,costlier,costlier,tried", 0},
     /* Day budget 10000, 400 left: 4o (7500) and sonnet (10500) qualify
      * but do not fit; mini (450) does not fit either; the pool (278)
      * fits but is below the floor. */
     {"budget: reject", 0, 75, 0, 0, 0, 1000, 500, 10000, 400, 0, 0, 0, 0, NULL,
-     -1, "budget-exhausted", 1, 7500, "budget,budget,budget,quality"},
+     -1, "budget-exhausted", 1, 7500, "budget,budget,budget,quality", 0},
     {"budget: downgrade to what fits", 0, 75, 0, 1, 0, 1000, 500, 10000, 400, 0, 0, 0, 0, NULL,
-     FX_GPU, "downgraded-budget", 0, 278, "budget,budget,budget,chosen"},
+     FX_GPU, "downgraded-budget", 0, 278, "budget,budget,budget,chosen", 0},
     {"budget: downgrade, nothing fits", 0, 75, 0, 1, 0, 1000, 500, 10000, 100, 0, 0, 0, 0, NULL,
-     -1, "budget-exhausted", 1, 7500, "budget,budget,budget,budget"},
+     -1, "budget-exhausted", 1, 7500, "budget,budget,budget,budget", 0},
     {"budget: downgrade to mini with the pool down", SET_GPU_DOWN, 75, 0, 1, 0, 1000, 500, 10000,
-     500, 0, 0, 0, 0, NULL, FX_MINI, "downgraded-budget", 0, 450, "chosen,budget,budget,health"},
+     500, 0, 0, 0, 0, NULL, FX_MINI, "downgraded-budget", 0, 450, "chosen,budget,budget,health", 0},
     {"budget overdrawn (negative left)", 0, 0, 0, 0, 0, 1000, 500, 10000, -5, 0, 0, 0, 0, NULL,
-     -1, "budget-exhausted", 1, 278, "budget,budget,budget,budget"},
+     -1, "budget-exhausted", 1, 278, "budget,budget,budget,budget", 0},
     /* Month is the binding budget: 8000 left of it, the day has plenty. */
     {"month budget binds", 0, 85, 0, 0, 0, 1000, 500, 1000000, 900000, 5000000, 8000, 0, 0, NULL,
-     -1, "budget-exhausted", 1, 10500, "quality,quality,budget,quality"},
+     -1, "budget-exhausted", 1, 10500, "quality,quality,budget,quality", 0},
     {"no budget configured: remaining ignored", 0, 75, 0, 0, 0, 1000, 500, 0, -100, 0, 0, 0, 0,
-     NULL, FX_4O, "cheapest-qualifying", 0, 7500, "quality,chosen,costlier,quality"},
+     NULL, FX_4O, "cheapest-qualifying", 0, 7500, "quality,chosen,costlier,quality", 0},
     /* 85000 of 100000 spent = 85% >= 80%: downgrade early to the pool. */
     {"soft limit crossed", 0, 75, 0, 0, 80, 1000, 500, 100000, 15000, 0, 0, 0, 0, NULL,
-     FX_GPU, "downgraded-soft-limit", 0, 278, "quality,costlier,costlier,chosen"},
+     FX_GPU, "downgraded-soft-limit", 0, 278, "quality,costlier,costlier,chosen", 0},
     /* 75% spent: not yet. */
     {"soft limit not crossed", 0, 75, 0, 0, 80, 1000, 500, 100000, 25000, 0, 0, 0, 0, NULL,
-     FX_4O, "cheapest-qualifying", 0, 7500, "quality,chosen,costlier,quality"},
+     FX_4O, "cheapest-qualifying", 0, 7500, "quality,chosen,costlier,quality", 0},
     /* Exactly 80% spent counts. */
     {"soft limit exactly", 0, 75, 0, 0, 80, 1000, 500, 100000, 20000, 0, 0, 0, 0, NULL,
-     FX_GPU, "downgraded-soft-limit", 0, 278, "quality,costlier,costlier,chosen"},
+     FX_GPU, "downgraded-soft-limit", 0, 278, "quality,costlier,costlier,chosen", 0},
     /* Soft limit with a reject tenant and the floor's models out of
      * budget: the soft limit still downgrades. */
     {"soft limit implies downgrade", 0, 75, 0, 0, 80, 1000, 500, 100000, 5000, 0, 0, 0, 0, NULL,
-     FX_GPU, "downgraded-budget", 0, 278, "quality,budget,budget,chosen"},
+     FX_GPU, "downgraded-budget", 0, 278, "quality,budget,budget,chosen", 0},
     /* 4o and sonnet both 7500; sonnet's predicted TTFT 300 < 4o's 800. */
     {"tie by predicted latency", SET_SAME_PRICE, 75, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
-     FX_SONNET, "cheapest-qualifying", 0, 7500, "quality,costlier,chosen,quality"},
+     FX_SONNET, "cheapest-qualifying", 0, 7500, "quality,costlier,chosen,quality", 0},
     {"only candidate", SET_ONE_CANDIDATE, 0, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
-     FX_MINI, "only-candidate", 0, 450, "chosen"},
+     FX_MINI, "only-candidate", 0, 450, "chosen", 0},
     {"only candidate, below the floor", SET_ONE_CANDIDATE, 70, 0, 0, 0, 1000, 500, 0, 0, 0, 0,
-     0, 0, NULL, -1, "no-qualifying-candidate", 0, 0, "quality"},
+     0, 0, NULL, -1, "no-qualifying-candidate", 0, 0, "quality", 0},
     {"a/b arm of 4o and sonnet", 0, 0, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0,
      BIT(FX_4O) | BIT(FX_SONNET), "ab:exp/big", FX_4O, "ab:exp/big", 0, 7500,
-     "arm,chosen,costlier,arm"},
+     "arm,chosen,costlier,arm", 0},
+    /* 250000 + 500 tokens: more than any window (sonnet's 200000 is the
+     * largest), so no wait would help: a 400, not a 503. */
+    {"too long for every window", 0, 0, 0, 0, 0, 250000, 500, 0, 0, 0, 0, 0, 0, NULL,
+     -1, "context-length-exceeded", 0, 0, "context,context,context,context", 200000},
+    {"too long, max_tokens counted", 0, 0, 0, 0, 0, 1000, 199001, 0, 0, 0, 0, 0, 0, NULL,
+     -1, "context-length-exceeded", 0, 0, "context,context,context,context", 200000},
+    {"too long for the arm's backends", 0, 0, 0, 0, 0, 150000, 500, 0, 0, 0, 0, 0,
+     BIT(FX_MINI) | BIT(FX_4O), "ab:exp/small", -1, "context-length-exceeded", 0, 0,
+     "context,context,arm,arm", 128000},
+    /* The pool would hold it but is below the floor of 75. */
+    {"too long above the floor", SET_GPU_LONG, 75, 0, 0, 0, 250000, 500, 0, 0, 0, 0, 0, 0, NULL,
+     -1, "context-length-exceeded", 0, 0, "context,context,context,quality", 200000},
+    /* The pool is down, and might hold it when back: a 503. */
+    {"too long while the long one is down", SET_GPU_LONG | SET_GPU_DOWN, 0, 0, 0, 0, 250000, 500,
+     0, 0, 0, 0, 0, 0, NULL, -1, "no-qualifying-candidate", 0, 0,
+     "context,context,context,health", 0},
     {"nothing qualifies", SET_GPU_DOWN, 95, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
-     -1, "no-qualifying-candidate", 0, 0, "quality,quality,quality,health"},
+     -1, "no-qualifying-candidate", 0, 0, "quality,quality,quality,health", 0},
 };
 
 static void setup(struct fx *f, unsigned flags)
@@ -129,6 +147,8 @@ static void setup(struct fx *f, unsigned flags)
     }
     if (flags & SET_ONE_CANDIDATE)
         f->route.ncandidates = 1;
+    if (flags & SET_GPU_LONG)
+        f->backends[FX_GPU].context_window = 262144;
 }
 
 /* "chosen,costlier,..." for the first n verdicts. */
@@ -178,6 +198,9 @@ Test(cost_select, table, .timeout = 5)
         cr_expect_eq(ch.cost_micro, c->cost_micro, "%s: cost %lld, want %lld", c->name,
                      (long long)ch.cost_micro, (long long)c->cost_micro);
         cr_expect_str_eq(got, c->verdicts, "%s: verdicts %s, want %s", c->name, got, c->verdicts);
+        if (c->context_window)
+            cr_expect_eq(ch.context_window, c->context_window, "%s: window %lld", c->name,
+                         (long long)ch.context_window);
         fx_fini(&f);
     }
 }

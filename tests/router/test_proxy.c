@@ -318,6 +318,22 @@ Test(proxy, client_errors_are_openai_json)
     assert_error(400, "missing_model");
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, "{\"model\":\"nope\"}"), 0);
     assert_error(404, "model_not_found");
+    /* The message quotes the model; bytes that are not UTF-8 become U+FFFD. */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH,
+                      "{\"model\":\"no\xff" "\xc3" "pe\"}"), 0);
+    assert_error(404, "model_not_found");
+    cr_assert_str_eq(json_str(json, "error.message"),
+                     "no route for this model: no\xef\xbf\xbd\xef\xbf\xbdpe");
+    /* max_tokens past both backends' 8192-token window: no wait would help. */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH,
+                      "{\"model\":\"chat\",\"max_tokens\":9000,\"messages\":"
+                      "[{\"role\":\"user\",\"content\":\"hi\"}]}"), 0);
+    assert_error(400, "context_length_exceeded");
+    cr_assert_not_null(strstr(json_str(json, "error.message"), "9000 for the completion"),
+                       "%s", json_str(json, "error.message"));
+    cr_assert_not_null(strstr(json_str(json, "error.message"), "largest window is 8192 tokens"));
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(json_num(body_json(), "requests"), 0, "nothing went upstream");
     cr_assert_eq(call("GET", "/v2/whatever", AUTH, NULL), 0);
     assert_error(404, "unknown_url");
     cr_assert_eq(call("GET", "/v1/chat/completions", AUTH, NULL), 0);
