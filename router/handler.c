@@ -65,6 +65,30 @@ static const struct error_map *error_lookup(const char *errstr)
     return &error_maps[ARRAY_SIZE(error_maps) - 1];
 }
 
+/* "cr-START-ID" in hex: unique across restarts and instances. */
+static void request_id_format(char out[32], uint64_t start_id, uint64_t id)
+{
+    size_t n = 3;
+
+    memcpy(out, "cr-", 3);
+    n += fmt_hex(out + n, start_id);
+    out[n++] = '-';
+    n += fmt_hex(out + n, id);
+    out[n] = '\0';
+}
+
+/* Give the request its id, once: at router__handle, or at an answer to
+ * bytes that never made a request (malformed, over a limit). */
+static void request_number(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+
+    if (req->id != 0)
+        return;
+    req->id = ++c->router->next_request_id;
+    request_id_format(req->id_str, c->router->start_id, req->id);
+}
+
 /* Send a whole response the router made itself. */
 void router__send_response(struct router__client *c, int status, const char *content_type,
                            const char *extra_headers, const char *body, size_t len)
@@ -73,6 +97,7 @@ void router__send_response(struct router__client *c, int status, const char *con
     char head[768];
     int n;
 
+    request_number(c);
     req->status = status;
     req->response_started = 1;
     n = snprintf(head, sizeof(head),
@@ -125,6 +150,7 @@ void router__send_error(struct router__client *c, const char *errstr, const char
         router__client_close(c);
         return;
     }
+    request_number(c); /* for the log line */
     if (status >= 500 || status == 408 || status == 413 || status == 431)
         log_info("request %s: %d %s%s%s", c->req.id_str, status, errstr, detail ? ": " : "",
                  detail ? detail : "");
@@ -243,6 +269,8 @@ void router__request_reset(struct router__request *req)
     req->begins = 0;
     req->events = 0;
     req->cost_micro = req->saved_micro = 0;
+    req->id = 0; /* the next request's is given when it comes */
+    req->id_str[0] = '\0';
 }
 
 /* Path without the query string. */
@@ -355,26 +383,13 @@ static const char *parse_body(struct router__client *c)
     return NULL;
 }
 
-/* "cr-START-ID" in hex: unique across restarts and instances. */
-static void request_id_format(char out[32], uint64_t start_id, uint64_t id)
-{
-    size_t n = 3;
-
-    memcpy(out, "cr-", 3);
-    n += fmt_hex(out + n, start_id);
-    out[n++] = '-';
-    n += fmt_hex(out + n, id);
-    out[n] = '\0';
-}
-
 void router__handle(struct router__client *c)
 {
     struct router__request *req = &c->req;
     const char *errstr = NULL;
     const char *detail = NULL;
 
-    req->id = ++c->router->next_request_id;
-    request_id_format(req->id_str, c->router->start_id, req->id);
+    request_number(c);
     req->start_ms = router__now(c->router);
     req->endpoint = endpoint_find(request_path(req), llhttp_get_method(&c->parser), &errstr);
     if (req->endpoint == ROUTER_EP_NONE)

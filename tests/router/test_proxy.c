@@ -167,6 +167,9 @@ static void assert_error(int status, const char *code)
     cr_assert_not_null(json_str(j, "error.type"));
     cr_assert_str_eq(json_str(j, "error.code"), code);
     cr_assert_str_eq(support_http_header(&resp, "content-type"), "application/json");
+    cr_assert_not_null(support_http_header(&resp, "x-request-id"));
+    cr_assert_eq(strncmp(support_http_header(&resp, "x-request-id"), "cr-", 3), 0,
+                 "x-request-id \"%s\"", support_http_header(&resp, "x-request-id"));
 }
 
 /* ---- proxying ---- */
@@ -354,6 +357,27 @@ Test(proxy, size_limits_give_413_and_431)
     cr_assert_eq(buf_printf(&big, "x-pad: %03000d\r\n" AUTH, 0), 0);
     cr_assert_eq(call("POST", "/v1/completions", big.data, CHAT), 0);
     assert_error(431, "headers_too_large");
+
+    /* A request refused before it was whole has an id of its own, not
+     * the one of the request before it on the connection. */
+    struct support_http_conn conn;
+    struct support_http_response r[2] = {0};
+    buf_reset(&big);
+    cr_assert_eq(support_http_format(&big, "GET", "/healthz", NULL, NULL), 0);
+    cr_assert_eq(buf_printf(&big, "POST /v1/completions HTTP/1.1\r\nHost: x\r\n" AUTH
+                                  "Content-Length: 5000\r\n\r\n"), 0);
+    cr_assert_eq(support_http_connect(&conn, router.port), 0);
+    cr_assert_eq(support_http_send(&conn, big.data, big.len), 0);
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(support_http_read(&conn, &r[i], TIMEOUT_MS), 0, "response %d", i);
+    cr_assert_eq(r[0].status, 200);
+    cr_assert_eq(r[1].status, 413);
+    cr_assert_not_null(support_http_header(&r[1], "x-request-id"));
+    cr_assert_str_neq(support_http_header(&r[0], "x-request-id"),
+                      support_http_header(&r[1], "x-request-id"));
+    for (int i = 0; i < 2; i++)
+        support_http_response_free(&r[i]);
+    support_http_close(&conn);
     buf_free(&big);
 }
 
