@@ -4,7 +4,8 @@
  *   GET /metrics                      Prometheus text (admin key when one is set)
  *   GET /dashboard                    the self-contained page (its data calls need the key)
  *   GET /admin/tenants                spend vs budget of every tenant
- *   GET /admin/tenants/{id}/spend     one tenant's spend (across instances with Redis)
+ *   GET /admin/tenants/{id}/spend     one tenant's spend (across instances with Redis);
+ *                                     the id as it is or percent-encoded
  *   GET /admin/backends               live backend state
  *
  * The admin key is compared as a SHA-256 digest with CRYPTO_memcmp, so
@@ -250,6 +251,54 @@ static void admin_reload(struct router__client *c)
     free(errors);
 }
 
+static int hex_digit(char ch)
+{
+    if (ch >= '0' && ch <= '9')
+        return ch - '0';
+    ch = (char)(ch | 0x20);
+    return ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 : -1;
+}
+
+/* The path segment `in` with %XX decoded (HTTP clients encode what is not
+ * a URL character: "a%2Fb" for the id "a/b") into out[size], NUL-ended;
+ * -1 if it does not fit, a %XX is malformed, or it decodes to a NUL. */
+static int percent_decode(struct slice in, char *out, size_t size)
+{
+    size_t o = 0;
+
+    for (size_t i = 0; i < in.len; i++, o++) {
+        char ch = in.p[i];
+
+        if (ch == '%') {
+            int hi = i + 2 < in.len ? hex_digit(in.p[i + 1]) : -1;
+            int lo = hi >= 0 ? hex_digit(in.p[i + 2]) : -1;
+            if (lo < 0 || (hi | lo) == 0)
+                return -1;
+            ch = (char)(hi << 4 | lo);
+            i += 2;
+        }
+        if (o + 1 >= size)
+            return -1;
+        out[o] = ch;
+    }
+    out[o] = '\0';
+    return 0;
+}
+
+/* GET /admin/tenants/{id}/spend, the id given raw or percent-encoded. */
+static void tenant_spend(struct router__client *c, struct slice id)
+{
+    const struct conf_tenant *t;
+    char name[CONF_NAME_MAX + 1];
+
+    if (percent_decode(id, name, sizeof(name)) < 0 ||
+        (t = conf_find_tenant(c->router->conf, name)) == NULL) {
+        router__send_error(c, error_not_found, "unknown tenant");
+        return;
+    }
+    query_spend(c, t, 1, 1);
+}
+
 void router__admin_handle(struct router__client *c, struct slice path)
 {
     const struct conf *conf = c->router->conf;
@@ -286,18 +335,11 @@ void router__admin_handle(struct router__client *c, struct slice path)
         send_backends(c);
     } else if (slice_eq(path, tenants)) {
         query_spend(c, conf->tenants, conf->ntenants, 0);
-    } else if (path.len > sizeof(tenants) && memcmp(path.p, tenants, sizeof(tenants) - 1) == 0 &&
-               path.p[sizeof(tenants) - 1] == '/' && path.len > 6 &&
+    } else if (path.len > sizeof(tenants) + 6 && memcmp(path.p, tenants, sizeof(tenants) - 1) == 0 &&
+               path.p[sizeof(tenants) - 1] == '/' &&
                memcmp(path.p + path.len - 6, "/spend", 6) == 0) {
-        const char *id = path.p + sizeof(tenants);
-        size_t idlen = path.len - sizeof(tenants) - 6;
-
-        for (size_t i = 0; i < conf->ntenants; i++)
-            if (strlen(conf->tenants[i].id) == idlen && memcmp(conf->tenants[i].id, id, idlen) == 0) {
-                query_spend(c, &conf->tenants[i], 1, 1);
-                return;
-            }
-        router__send_error(c, error_not_found, "unknown tenant");
+        /* "/admin/tenants/" ID "/spend", the ID not empty */
+        tenant_spend(c, (struct slice){path.p + sizeof(tenants), path.len - sizeof(tenants) - 6});
     } else {
         router__send_error(c, error_not_found, NULL);
     }

@@ -338,6 +338,43 @@ Test(costs, admin_api_reports_spend_backends_and_metrics)
     cr_assert_not_null(strstr(support_http_header(&resp, "content-type"), "text/html"));
 }
 
+/* Tenant ids may hold '/', ':', '@' and '+': such an id is found written
+ * as it is or percent-encoded (as URL builders write a path segment). */
+Test(costs, admin_spend_finds_an_id_raw_or_percent_encoded)
+{
+    static const char *const found[] = {
+        "/admin/tenants/team/search@eu+1/spend",
+        "/admin/tenants/team%2Fsearch%40eu%2B1/spend",
+        "/admin/tenants/%74eam%2fsearch@eu+1/spend",
+    };
+    static const char *const not_found[] = {
+        "/admin/tenants/spend", "/admin/tenants//spend", "/admin/tenants/%/spend",
+        "/admin/tenants/team%2/spend", "/admin/tenants/%zzteam/spend",
+        "/admin/tenants/team%00/spend", "/admin/tenants/team/search@eu+1/spend/",
+        "/admin/tenants/team/search/spend",
+    };
+
+    tenant_id = "team/search@eu+1";
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", "    budget: {daily_usd: 10}\n");
+    cr_assert_eq(chat(0, "x-mock-tokens: 7\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+    double paid = header_usd("x-costrouter-cost-usd");
+    for (size_t i = 0; i < sizeof(found) / sizeof(found[0]); i++) {
+        cr_assert_eq(call_port(routers[0].port, "GET", found[i], ADMIN, NULL), 0);
+        cr_assert_eq(resp.status, 200, "%s: %.*s", found[i], (int)resp.body.len, resp.body.data);
+        cr_assert_str_eq(cJSON_GetObjectItem(body_json(), "tenant")->valuestring, tenant_id);
+        cr_assert_float_eq(cJSON_GetObjectItem(json, "day_usd")->valuedouble, paid, 1e-9);
+    }
+    for (size_t i = 0; i < sizeof(not_found) / sizeof(not_found[0]); i++) {
+        cr_assert_eq(call_port(routers[0].port, "GET", not_found[i], ADMIN, NULL), 0);
+        cr_assert_eq(resp.status, 404, "%s: %d", not_found[i], resp.status);
+        cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "code")
+                             ->valuestring,
+                         "unknown_url");
+    }
+}
+
 /* Children hammer the routers; each counts its 200s into a pipe. */
 static void hammer(int port, int n, int fd)
 {
