@@ -236,6 +236,7 @@ struct router__request {
     unsigned shelved:1;                  /* buffers given to the shelf (idle) */
     unsigned begins;                     /* cache_begin calls for this request */
     uint64_t events;                     /* SSE data events forwarded (token fallback) */
+    int64_t completion_counted;          /* a body without usage: its choices' tokens, or -1 */
     int64_t cost_micro;                  /* settled cost, micro-USD */
     int64_t saved_micro;                 /* cost a cache hit avoided */
     struct router__admin *admin;         /* admin request waiting for the store */

@@ -1049,13 +1049,16 @@ void router__proxy_on_client_drain(struct router__client *c)
 }
 
 /* Tokens to charge: the upstream's usage, else our estimates (prompt)
- * and what was streamed (one token per event). */
+ * and what was answered: the counted text of a whole body, or one token
+ * per streamed event. */
 static struct backend_tokens tokens_used(const struct router__request *req)
 {
     struct backend_tokens t;
 
     t.prompt = req->prompt_tokens >= 0 ? req->prompt_tokens : req->prompt_est;
-    t.completion = req->completion_tokens >= 0 ? req->completion_tokens : (int64_t)req->events;
+    t.completion = req->completion_tokens >= 0    ? req->completion_tokens
+                   : req->completion_counted >= 0 ? req->completion_counted
+                                                  : (int64_t)req->events;
     t.cached = req->cached_tokens > 0 ? req->cached_tokens : 0;
     return t;
 }
@@ -1101,6 +1104,39 @@ static size_t join3(char out[96], const char *a, const char *b, const char *c)
     return na + nb + nc;
 }
 
+/* A 2xx chat or completions body with no usage (some self-hosted servers
+ * leave it out): count what its choices say with the backend's
+ * tokenizer, so that the answer is not charged as if it were empty. */
+static void count_completion(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    const struct conf_backend *b = req->pool->conf;
+    struct policy_tokens *t = policy_tokens_has(c->router->tokens, b->tokenizer)
+                                  ? c->router->tokens
+                                  : NULL;
+    cJSON *body, *choice, *calls, *call;
+    int64_t n = 0;
+
+    if (req->status / 100 != 2 ||
+        (req->endpoint != ROUTER_EP_CHAT && req->endpoint != ROUTER_EP_COMPLETIONS))
+        return;
+    body = cJSON_ParseWithLength(req->up_body.data, req->up_body.len);
+    cJSON_ArrayForEach(choice, cJSON_GetObjectItemCaseSensitive(body, "choices")) {
+        const cJSON *msg = cJSON_GetObjectItemCaseSensitive(choice, "message");
+
+        n += count_texts(t, b->tokenizer, cJSON_GetObjectItemCaseSensitive(choice, "text"));
+        n += count_texts(t, b->tokenizer, cJSON_GetObjectItemCaseSensitive(msg, "content"));
+        calls = cJSON_GetObjectItemCaseSensitive(msg, "tool_calls");
+        cJSON_ArrayForEach(call, calls) {
+            const cJSON *fn = cJSON_GetObjectItemCaseSensitive(call, "function");
+            n += count_texts(t, b->tokenizer, cJSON_GetObjectItemCaseSensitive(fn, "arguments"));
+        }
+    }
+    if (body != NULL)
+        req->completion_counted = n;
+    cJSON_Delete(body);
+}
+
 void router__proxy_on_complete(struct router__client *c)
 {
     struct router__request *req = &c->req;
@@ -1119,6 +1155,8 @@ void router__proxy_on_complete(struct router__client *c)
     if (!req->is_sse && req->up_body.len > 0 &&
         usage_of(req, req->up_body.data, req->up_body.len, &u, &choices_empty))
         note_usage(req, &u);
+    if (!req->is_sse && req->completion_tokens < 0 && req->up_body.len > 0)
+        count_completion(c);
     settle(c);
     format_usd(usd, sizeof(usd), req->cost_micro);
     if (req->head_held) {

@@ -298,6 +298,7 @@ void mockllm__plan_reset(struct mockllm_plan *p)
     p->endpoint = EP_CHAT;
     p->stream = 0;
     p->include_usage = 0;
+    p->omit_usage = 0;
     p->started = 0;
     p->fault = MOCKLLM_FAULT_NONE;
     p->token_delay_ms = 0;
@@ -449,8 +450,11 @@ static void build_completion(struct mockllm_plan *p)
     for (int i = 0; i < p->tokens; i++)
         put_token(&scratch, i);
     puts_(&scratch, p->endpoint == EP_CHAT ? "\"}" : "\"");
-    putf(&scratch, ",\"logprobs\":null,\"finish_reason\":\"%s\"}],", p->finish);
-    put_usage(&scratch, p);
+    putf(&scratch, ",\"logprobs\":null,\"finish_reason\":\"%s\"}]", p->finish);
+    if (!p->omit_usage) {
+        puts_(&scratch, ",");
+        put_usage(&scratch, p);
+    }
     puts_(&scratch, "}");
 }
 
@@ -477,6 +481,7 @@ struct overrides {
     int tokens;         /* x-mock-tokens */
     int status;         /* x-mock-status, 0 if absent */
     int fault;          /* x-mock-fault */
+    int omit_usage;     /* x-mock-usage: omit */
 };
 
 /* Returns the name of the malformed header, or NULL. */
@@ -484,6 +489,7 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
 {
     const struct mockllm_opts *opts = &c->srv->opts;
     const char *fault = mockllm__header(&c->req, "x-mock-fault");
+    const char *usage = mockllm__header(&c->req, "x-mock-usage");
 
     o->ttft_ms = opts->ttft_ms;
     o->token_delay_ms = opts->token_delay_ms;
@@ -501,6 +507,9 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
         return "x-mock-status";
     if (fault != NULL && (o->fault = mockllm__fault_parse(fault)) < 0)
         return "x-mock-fault";
+    o->omit_usage = usage != NULL && strcmp(usage, "omit") == 0;
+    if (usage != NULL && !o->omit_usage)
+        return "x-mock-usage";
     return NULL;
 }
 
@@ -519,8 +528,10 @@ static int plan_from_body(struct mockllm_conn *c, const cJSON *body, const struc
     else
         puts_(&p->model, "mock-model");
     p->stream = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(body, "stream"));
-    p->include_usage = p->stream && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(
-                                        stream_options, "include_usage"));
+    p->omit_usage = o->omit_usage ? 1 : 0;
+    p->include_usage = p->stream && !p->omit_usage &&
+                       cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(stream_options,
+                                                                     "include_usage"));
     p->tokens = o->tokens;
     if (!cJSON_IsNumber(max))
         max = cJSON_GetObjectItemCaseSensitive(body, "max_tokens");

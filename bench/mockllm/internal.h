@@ -61,6 +61,7 @@ struct mockllm_plan {
     int endpoint;            /* api.c's enum of endpoints */
     unsigned stream:1;       /* SSE answer */
     unsigned include_usage:1; /* stream_options.include_usage was true */
+    unsigned omit_usage:1;   /* x-mock-usage: omit, as servers that send none */
     unsigned started:1;      /* SSE headers sent */
     enum mockllm_fault fault; /* fault for this request */
     int token_delay_ms;      /* delay between streamed tokens */

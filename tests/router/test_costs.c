@@ -66,15 +66,22 @@ static void teardown(void)
 
 TestSuite(costs, .fini = teardown, .timeout = 60);
 
-/* Append an api backend to the YAML being built. */
-static void add_backend(const char *name, int port, int quality, double in, double out)
+/* Append an api backend to the YAML being built, counting its tokens
+ * with `tokenizer` (NULL: byte estimates). */
+static void add_backend_counted(const char *name, int port, int quality, double in, double out,
+                                const char *tokenizer)
 {
     cr_assert_eq(buf_printf(&yaml,
                             "  - {name: %s, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-%s,\n"
                             "     quality: %d, context_window: 100000, input_usd_per_mtok: %g,\n"
-                            "     output_usd_per_mtok: %g}\n",
-                            name, port, name, quality, in, out),
+                            "     output_usd_per_mtok: %g, tokenizer: %s}\n",
+                            name, port, name, quality, in, out, tokenizer ? tokenizer : "estimate"),
                  0);
+}
+
+static void add_backend(const char *name, int port, int quality, double in, double out)
+{
+    add_backend_counted(name, port, quality, in, out, NULL);
 }
 
 /* Write the config: the backends in `yaml`, one route, the tenant. */
@@ -691,6 +698,62 @@ Test(costs, reload_applies_a_valid_config_and_keeps_the_old_on_errors)
     cr_assert(support_proc_exited_cleanly(&routers[0]), "exit status %d", routers[0].status);
 }
 
+/* The last line of the cost log, parsed (the routers must have stopped). */
+static cJSON *last_cost_record(void)
+{
+    char line[4096], last[4096] = "";
+    FILE *f = fopen(log_path, "r");
+    cJSON *rec;
+
+    cr_assert_not_null(f);
+    while (fgets(line, sizeof(line), f))
+        strcpy(last, line);
+    fclose(f);
+    rec = cJSON_Parse(last);
+    cr_assert_not_null(rec, "%s", last);
+    return rec;
+}
+
+/* A backend that sends no usage is charged for the text it answered,
+ * counted with its tokenizer, not as if the answer were empty. */
+Test(costs, an_answer_without_usage_is_charged_for_its_text)
+{
+    struct policy_tokens *t = NULL;
+    char dir[4096];
+    const char *text;
+    int64_t completion;
+    cJSON *rec;
+
+    snprintf(dir, sizeof(dir), "%s/data/tokens", fixture_src());
+    cr_assert_eq(policy_tokens_load_some(&t, dir, 1u << CONF_TOK_LLAMA3), 0);
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_counted("a", mock_a.port, 1, 100, 300, "llama3");
+    start_routers(1, "a", NULL);
+    cr_assert_eq(chat(0, "x-mock-tokens: 12\r\nx-mock-usage: omit\r\n",
+                      "{\"model\":\"chat\"," MSG "}"),
+                 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_null(cJSON_GetObjectItem(body_json(), "usage"), "the mock sent usage");
+    text = cJSON_GetObjectItem(
+               cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(json, "choices"), 0),
+                                   "message"),
+               "content")
+               ->valuestring;
+    completion = policy_tokens_count(t, CONF_TOK_LLAMA3, text, strlen(text));
+    policy_tokens_free(t);
+    cr_assert_gt(completion, 0);
+    double paid = header_usd("x-costrouter-cost-usd");
+    support_proc_stop(&routers[0]);
+    rec = last_cost_record();
+    double prompt = cJSON_GetObjectItem(rec, "prompt_tokens_est")->valuedouble;
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(rec, "completion_tokens")), "none was reported");
+    cr_assert_float_eq(paid, usd(prompt, (double)completion, 100, 300), 1e-9,
+                       "charged %f for %g prompt + %lld completion tokens", paid, prompt,
+                       (long long)completion);
+    cr_assert_float_eq(cJSON_GetObjectItem(rec, "cost_usd")->valuedouble, paid, 1e-9);
+    cJSON_Delete(rec);
+}
+
 /* The router loads only the token tables its backends name; a reload
  * that names another loads it, and prompts are then counted with it. */
 Test(costs, reload_loads_a_newly_named_token_table)
@@ -698,10 +761,9 @@ Test(costs, reload_loads_a_newly_named_token_table)
     static const char body[] = "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\","
                                "\"content\":\"Tally the GPU-hours per team, then euros.\"}]}";
     struct policy_tokens *t = NULL;
-    char dir[4096], line[4096], last[4096] = "";
+    char dir[4096];
     cJSON *parsed = cJSON_Parse(body), *rec;
     int64_t exact;
-    FILE *f;
 
     snprintf(dir, sizeof(dir), "%s/data/tokens", fixture_src());
     cr_assert_eq(policy_tokens_load_some(&t, dir, 1u << CONF_TOK_LLAMA3), 0);
@@ -717,12 +779,7 @@ Test(costs, reload_loads_a_newly_named_token_table)
     cr_assert_eq(resp.status, 200);
 
     buf_reset(&yaml);
-    cr_assert_eq(buf_printf(&yaml,
-                            "  - {name: a, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-a,\n"
-                            "     quality: 1, context_window: 100000, input_usd_per_mtok: 100,\n"
-                            "     output_usd_per_mtok: 300, tokenizer: llama3}\n",
-                            mock_a.port),
-                 0);
+    add_backend_counted("a", mock_a.port, 1, 100, 300, "llama3");
     write_conf("a", NULL);
     cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
@@ -730,15 +787,9 @@ Test(costs, reload_loads_a_newly_named_token_table)
     cr_assert_eq(resp.status, 200);
     support_proc_stop(&routers[0]);
 
-    f = fopen(log_path, "r");
-    cr_assert_not_null(f);
-    while (fgets(line, sizeof(line), f))
-        strcpy(last, line);
-    fclose(f);
-    rec = cJSON_Parse(last);
-    cr_assert_not_null(rec, "%s", last);
+    rec = last_cost_record();
     cr_assert_eq(cJSON_GetObjectItem(rec, "prompt_tokens_est")->valuedouble, (double)exact,
-                 "counted with the llama3 table loaded at the reload: %s", last);
+                 "counted with the llama3 table loaded at the reload");
     cJSON_Delete(rec);
 }
 
