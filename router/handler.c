@@ -254,7 +254,7 @@ void router__request_reset(struct router__request *req)
     req->reason = NULL;
     req->pool = NULL;
     req->up = NULL;
-    req->status = 0;
+    req->status = req->upstream_status = 0;
     req->prompt_tokens = req->completion_tokens = req->cached_tokens = -1;
     req->start_ms = req->attempt_start_ms = req->ttft_ms = 0;
     req->prompt_est = req->prompt_raw = req->completion_pred = -1;

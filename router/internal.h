@@ -198,6 +198,7 @@ struct router__request {
     struct router__pool *pool;           /* pool of the current attempt */
     struct router__upstream *up;         /* upstream connection in use */
     int status;                          /* status sent to the client */
+    int upstream_status;                 /* status of the backend's answer, 0 before one */
     struct buf up_body;                  /* non-SSE upstream body kept for usage */
     struct buf sse;                      /* partial SSE event */
     int64_t prompt_tokens;               /* from usage, -1 unknown */

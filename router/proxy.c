@@ -793,7 +793,9 @@ static void send_held_head(struct router__client *c, int64_t length, int with_co
         format_usd(usd, sizeof(usd), req->cost_micro);
         rc = buf_append_header(&req->head, SLICE_LIT("x-costrouter-cost-usd"), slice_from(usd));
     }
-    if (rc == 0 && length >= 0) {
+    if (http_status_bodyless(req->status)) {
+        /* no framing: the head is the whole response */
+    } else if (rc == 0 && length >= 0) {
         rc = buf_append_lit(&req->head, "Content-Length: ");
         rc = rc ?: buf_append_u64(&req->head, (uint64_t)length);
         rc = rc ?: buf_append_lit(&req->head, "\r\n");
@@ -833,6 +835,7 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
         return 1;
     }
     req->ttft_ms = now - req->start_ms;
+    req->upstream_status = status;
     if (status < 500)
         backend_attempt_success(req->pool->backend, now, now - req->attempt_start_ms);
     req->status = status;
@@ -1050,11 +1053,14 @@ void router__proxy_on_client_drain(struct router__client *c)
 
 /* Tokens to charge: the upstream's usage, else our estimates (prompt)
  * and what was answered: the counted text of a whole body, or one token
- * per streamed event. */
+ * per streamed event. A backend's own error without usage charges
+ * nothing: APIs do not bill the requests they refuse. */
 static struct backend_tokens tokens_used(const struct router__request *req)
 {
-    struct backend_tokens t;
+    struct backend_tokens t = {0, 0, 0};
 
+    if (req->upstream_status >= 400 && req->prompt_tokens < 0 && req->completion_tokens < 0)
+        return t;
     t.prompt = req->prompt_tokens >= 0 ? req->prompt_tokens : req->prompt_est;
     t.completion = req->completion_tokens >= 0    ? req->completion_tokens
                    : req->completion_counted >= 0 ? req->completion_counted

@@ -26,6 +26,7 @@
 
 #include "backends/backend.h"
 #include "common/error.h"
+#include "common/http_status.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "conf/conf.h"
@@ -568,14 +569,17 @@ static int on_headers_complete(llhttp_t *p)
 {
     struct router__upstream *u = parser_upstream(p);
     struct router__client *c = u->client;
-    int64_t length = (p->flags & F_CONTENT_LENGTH) && !(p->flags & F_CHUNKED)
-                         ? (int64_t)p->content_length
-                         : -1;
+    int bodyless = http_status_bodyless(p->status_code);
+    int64_t length = -1; /* chunked, or until the connection closes */
     const struct conf_backend *b = u->pool->conf;
     uint64_t elapsed;
 
     if (c == NULL)
         return -1;
+    if (bodyless)
+        length = 0;
+    else if ((p->flags & F_CONTENT_LENGTH) && !(p->flags & F_CHUNKED))
+        length = (int64_t)p->content_length;
     if (p->status_code < 200)
         return 0; /* 1xx: the real head follows */
     /* The request bytes are no longer needed for a resend; the buffer
@@ -587,7 +591,9 @@ static int on_headers_complete(llhttp_t *p)
                          b->total_timeout_ms > (int)elapsed ? b->total_timeout_ms - (int)elapsed : 1);
     if (router__proxy_on_head(c, p->status_code, &u->headers, length, u->is_sse) != 0)
         return -1;
-    return u->client ? 0 : -1;
+    /* llhttp 8 reads a 304's Content-Length bytes as its body unless told:
+     * 1 skips the body. */
+    return u->client ? bodyless : -1;
 }
 
 static int on_body(llhttp_t *p, const char *at, size_t len)

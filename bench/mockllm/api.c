@@ -145,6 +145,17 @@ static void answer_error(struct mockllm_conn *c, int status, const char *type, c
     mockllm__conn_done(c);
 }
 
+/* A 204 or 304: the head alone. A 304 says the Content-Length its 200
+ * would have had (RFC 9110 allows it), which a client must not wait for. */
+static void answer_bodyless(struct mockllm_conn *c, int status)
+{
+    putf(&c->out, "HTTP/1.1 %d %s\r\n", status, http_status_text(status));
+    if (status == 304)
+        puts_(&c->out, "Content-Length: 1234\r\n");
+    putf(&c->out, "%s\r\n", connection_header(c));
+    mockllm__conn_done(c);
+}
+
 int mockllm__fault_parse(const char *s)
 {
     if (strcmp(s, "none") == 0)
@@ -503,7 +514,7 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
     if (header_int(&c->req, "x-mock-tokens", MAX_TOKENS, &o->tokens) < 0)
         return "x-mock-tokens";
     if (header_int(&c->req, "x-mock-status", 599, &o->status) < 0 ||
-        (o->status != 0 && o->status < 400))
+        (o->status != 0 && o->status < 400 && o->status != 204 && o->status != 304))
         return "x-mock-status";
     if (fault != NULL && (o->fault = mockllm__fault_parse(fault)) < 0)
         return "x-mock-fault";
@@ -652,6 +663,10 @@ static void answer_v1(struct mockllm_conn *c, const char *path, size_t path_len)
     if (mockllm__header(&c->req, "x-mock-fault") == NULL && srv->opts.error_rate > 0 &&
         next_random(srv) < srv->opts.error_rate)
         p->fault = MOCKLLM_FAULT_500;
+    if (o.status == 204 || o.status == 304) {
+        answer_bodyless(c, o.status);
+        return;
+    }
     if (o.status != 0) {
         answer_error(c, o.status, o.status == 429 ? "rate_limit_exceeded" : "server_error",
                      "mock_status", "mockllm: status requested by x-mock-status");

@@ -34,8 +34,8 @@ static const char usage_text[] =
     "  --tls-cert FILE --tls-key FILE   serve HTTPS\n"
     "  --seed N                 seed for --error-rate (default: from pid and time)\n"
     "Per-request headers: x-mock-ttft-ms, x-mock-token-delay-ms, x-mock-tokens,\n"
-    "x-mock-fault (as --fault, or none), x-mock-status (answer with this 4xx/5xx),\n"
-    "x-mock-usage: omit (no usage object, as some servers answer).\n";
+    "x-mock-fault (as --fault, or none), x-mock-status (answer with this 4xx/5xx,\n"
+    "or 204/304 with no body), x-mock-usage: omit (no usage object, as some servers answer).\n";
 
 /* Parse a whole decimal integer in [0, max]. Returns 0 or -EINVAL. */
 static int parse_int(const char *s, long max, int *out)

@@ -754,6 +754,31 @@ Test(costs, an_answer_without_usage_is_charged_for_its_text)
     cJSON_Delete(rec);
 }
 
+/* A backend's own refusal (a 4xx, or a 429/5xx with no candidate left)
+ * costs the tenant nothing: APIs do not bill what they refuse. */
+Test(costs, a_backend_error_is_not_charged)
+{
+    static const char *const refusals[] = {"400", "429", "503"};
+    char extra[64];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", "    budget: {daily_usd: 10}\n");
+    for (size_t i = 0; i < sizeof(refusals) / sizeof(refusals[0]); i++) {
+        snprintf(extra, sizeof(extra), "x-mock-status: %s\r\n", refusals[i]);
+        cr_assert_eq(chat(0, extra, "{\"model\":\"chat\"," MSG "}"), 0);
+        cr_assert_eq(resp.status, atoi(refusals[i]));
+        cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), 0, 1e-12, "%s", refusals[i]);
+    }
+    cr_assert_eq(chat(0, "x-mock-tokens: 7\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    double paid = header_usd("x-costrouter-cost-usd");
+    cr_assert_gt(paid, 0);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_float_eq(cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble, paid, 1e-9,
+                       "only the answered request is charged");
+}
+
 /* The router loads only the token tables its backends name; a reload
  * that names another loads it, and prompts are then counted with it. */
 Test(costs, reload_loads_a_newly_named_token_table)

@@ -305,6 +305,43 @@ Test(proxy, keep_alive_pipelining_and_upstream_reuse)
     cr_assert_eq(json_num(json, "connections"), 2, "%.*s", (int)resp.body.len, resp.body.data);
 }
 
+/* A 304 ends with its head even when it carries a Content-Length (what
+ * its 200 would have had), a 204 too: neither waits for a body, and both
+ * connections go on serving. */
+Test(proxy, bodyless_answers_end_with_their_head)
+{
+    struct support_http_conn c;
+    struct support_http_response r[4] = {0};
+    static const char *const status[] = {"304", "204", NULL, "304"};
+    static const int want[] = {304, 204, 200, 304};
+    char a[1024], extra[64];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    start_router(NULL, backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), "a");
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    for (int i = 0; i < 4; i++) {
+        snprintf(extra, sizeof(extra), AUTH "%s%s%s", status[i] ? "x-mock-status: " : "",
+                 status[i] ? status[i] : "", status[i] ? "\r\n" : "");
+        buf_reset(&req);
+        cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", extra, CHAT), 0);
+        cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+        cr_assert_eq(support_http_read(&c, &r[i], TIMEOUT_MS), 0, "answer %d did not end", i);
+        cr_assert_eq(r[i].status, want[i]);
+        if (want[i] != 200) {
+            cr_assert_eq(r[i].body.len, 0);
+            cr_assert_null(support_http_header(&r[i], "content-length"));
+            cr_assert_null(support_http_header(&r[i], "transfer-encoding"));
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        support_http_response_free(&r[i]);
+    support_http_close(&c);
+    /* Four answers, one upstream connection (and this stats call's own). */
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(json_num(body_json(), "connections"), 2, "%.*s", (int)resp.body.len,
+                 resp.body.data);
+}
+
 /* ---- client errors ---- */
 
 Test(proxy, client_errors_are_openai_json)
