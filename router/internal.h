@@ -297,6 +297,7 @@ struct router__upstream {
     struct buf out;                       /* request bytes not yet handed to TLS/socket */
     struct buf hname, hvalue;             /* response header being assembled */
     struct buf headers;                   /* response headers to forward, "Name: value\r\n" each */
+    size_t head_bytes;                    /* header bytes of the response so far */
     unsigned is_sse:1;                    /* content-type text/event-stream */
     unsigned reused:1;                    /* came from the idle pool */
     unsigned got_bytes:1;                 /* any response byte received */

@@ -521,17 +521,37 @@ static int on_message_begin(llhttp_t *p)
 
     u->got_bytes = 1;
     u->is_sse = 0;
+    u->head_bytes = 0;
     buf_reset(&u->headers);
     return 0;
 }
 
+/* Count header bytes against limits.max_header_bytes, as the client side
+ * does: a backend that never ends its head would otherwise grow these
+ * buffers until a timeout. Past it, the answer is a bad response (502,
+ * or the next candidate). */
+static int upstream_head_add(llhttp_t *p, size_t len)
+{
+    struct router__upstream *u = parser_upstream(p);
+
+    u->head_bytes += len;
+    if (u->head_bytes <= (size_t)u->pool->router->conf->max_header_bytes)
+        return 0;
+    llhttp_set_error_reason(p, "response head over limits.max_header_bytes");
+    return -1;
+}
+
 static int on_header_field(llhttp_t *p, const char *at, size_t len)
 {
+    if (upstream_head_add(p, len) != 0)
+        return -1;
     return buf_append(&parser_upstream(p)->hname, at, len) == 0 ? 0 : -1;
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t len)
 {
+    if (upstream_head_add(p, len) != 0)
+        return -1;
     return buf_append(&parser_upstream(p)->hvalue, at, len) == 0 ? 0 : -1;
 }
 

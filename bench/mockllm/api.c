@@ -124,8 +124,10 @@ static const char *connection_header(const struct mockllm_conn *c)
 /* Append a whole response with a JSON body (taken from scratch) to b. */
 static void put_response(struct mockllm_conn *c, struct buf *b, int status)
 {
-    putf(b, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n%s\r\n",
-         status, http_status_text(status), scratch.len, connection_header(c));
+    putf(b, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n", status,
+         http_status_text(status), scratch.len);
+    puts_(b, c->srv->pad_header);
+    putf(b, "%s\r\n", connection_header(c));
     put(b, scratch.data, scratch.len);
 }
 
@@ -402,8 +404,9 @@ static void stream_tick(struct mockllm_conn *c)
     if (!p->started) {
         putf(&c->out,
              "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-             "Transfer-Encoding: chunked\r\n%s\r\n",
-             connection_header(c));
+             "Transfer-Encoding: chunked\r\n");
+        puts_(&c->out, c->srv->pad_header);
+        putf(&c->out, "%s\r\n", connection_header(c));
         p->started = 1;
     }
     for (;;) {

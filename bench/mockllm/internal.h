@@ -46,6 +46,7 @@ struct mockllm_opts {
     const char *tls_cert;       /* PEM certificate chain, or NULL for plain */
     const char *tls_key;        /* PEM private key */
     uint64_t seed;              /* PRNG seed for --error-rate */
+    int pad_header_bytes;       /* --pad-header: x-mock-pad value bytes, 0 = none */
 };
 
 /* One parsed request. Buffers are reused from request to request. */
@@ -88,6 +89,7 @@ struct mockllm_server {
     uint64_t connections;          /* connections accepted */
     uint64_t rng;                  /* xorshift state for --error-rate */
     uint64_t next_id;              /* counter for response ids */
+    char *pad_header;              /* "x-mock-pad: aaa...\r\n" for --pad-header, or "" */
     struct mockllm_request last;   /* last /v1 request, for /mock/last-request */
     unsigned stopping:1;           /* a signal came: closing everything */
 };

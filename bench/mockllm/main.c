@@ -33,6 +33,7 @@ static const char usage_text[] =
     "  --require-key KEY        401 unless Authorization: Bearer KEY\n"
     "  --tls-cert FILE --tls-key FILE   serve HTTPS\n"
     "  --seed N                 seed for --error-rate (default: from pid and time)\n"
+    "  --pad-header N           an x-mock-pad header of N bytes in every JSON or SSE answer\n"
     "Per-request headers: x-mock-ttft-ms, x-mock-token-delay-ms, x-mock-tokens,\n"
     "x-mock-fault (as --fault, or none), x-mock-status (answer with this 4xx/5xx,\n"
     "or 204/304 with no body), x-mock-usage: omit (no usage object, as some servers answer).\n";
@@ -55,7 +56,7 @@ static int parse_int(const char *s, long max, int *out)
 static int parse_args(int argc, char **argv, struct mockllm_opts *o)
 {
     enum { O_LISTEN = 256, O_MODEL, O_TTFT, O_DELAY, O_TOKENS, O_ERROR_RATE, O_FAULT,
-           O_CERT, O_KEY, O_REQUIRE_KEY, O_SEED, O_HELP };
+           O_CERT, O_KEY, O_REQUIRE_KEY, O_SEED, O_PAD_HEADER, O_HELP };
     static const struct option longopts[] = {
         {"listen", required_argument, NULL, O_LISTEN},
         {"model", required_argument, NULL, O_MODEL},
@@ -68,6 +69,7 @@ static int parse_args(int argc, char **argv, struct mockllm_opts *o)
         {"tls-key", required_argument, NULL, O_KEY},
         {"require-key", required_argument, NULL, O_REQUIRE_KEY},
         {"seed", required_argument, NULL, O_SEED},
+        {"pad-header", required_argument, NULL, O_PAD_HEADER},
         {"help", no_argument, NULL, O_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -114,6 +116,10 @@ static int parse_args(int argc, char **argv, struct mockllm_opts *o)
             errno = 0;
             o->seed = strtoull(optarg, &end, 10);
             if (errno != 0 || end == optarg || *end != '\0')
+                goto bad;
+            break;
+        case O_PAD_HEADER:
+            if (parse_int(optarg, 16 << 20, &o->pad_header_bytes) != 0)
                 goto bad;
             break;
         case O_HELP: fputs(usage_text, stdout); return 1;
@@ -211,6 +217,23 @@ static int start_listening(struct mockllm_server *srv)
     return 0;
 }
 
+/* The x-mock-pad header line of --pad-header, or "". */
+static char *pad_header_line(int bytes)
+{
+    static const char name[] = "x-mock-pad: ";
+    char *line;
+
+    if (bytes == 0)
+        return strdup("");
+    line = malloc(sizeof(name) - 1 + (size_t)bytes + 3);
+    if (line == NULL)
+        return NULL;
+    memcpy(line, name, sizeof(name) - 1);
+    memset(line + sizeof(name) - 1, 'a', (size_t)bytes);
+    memcpy(line + sizeof(name) - 1 + bytes, "\r\n", 3);
+    return line;
+}
+
 int main(int argc, char **argv)
 {
     static struct mockllm_server srv;
@@ -220,6 +243,8 @@ int main(int argc, char **argv)
     if (rc != 0)
         return rc > 0 ? 0 : 2;
     signal(SIGPIPE, SIG_IGN);
+    if ((srv.pad_header = pad_header_line(srv.opts.pad_header_bytes)) == NULL)
+        return 1;
     srv.loop = uv_default_loop();
     srv.rng = srv.opts.seed;
     if (srv.opts.tls_cert != NULL &&
@@ -249,5 +274,6 @@ out:
     buf_free(&srv.last.body);
     mockllm__api_cleanup();
     mockllm__tls_ctx_free(srv.tls);
+    free(srv.pad_header);
     return rc;
 }

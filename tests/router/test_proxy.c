@@ -499,6 +499,25 @@ Test(proxy, upstream_5xx_falls_back_and_4xx_does_not)
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
 }
 
+/* A backend's head is held to limits.max_header_bytes too: past it the
+ * answer is a bad response, and the next candidate serves. */
+Test(proxy, an_oversized_upstream_head_moves_to_the_next_candidate)
+{
+    char a[1024], b[1024], both[2100];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, "--pad-header", "4096", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, "--pad-header", "1024", NULL), 0);
+    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
+    backend_yaml(b, sizeof(b), "b", mock_b.port, NULL);
+    snprintf(both, sizeof(both), "%s%s", a, b);
+    start_router("limits: {max_header_bytes: 2048}", both, "a, b");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    cr_assert_eq(strlen(support_http_header(&resp, "x-mock-pad")), 1024);
+    cr_assert_eq(json_num(body_json(), "usage.completion_tokens"), 16);
+}
+
 Test(proxy, all_backends_down_is_502_then_503_when_ejected)
 {
     start_two(NULL, NULL);
