@@ -98,17 +98,23 @@ static const char *backend_yaml(char *out, size_t n, const char *name, int port,
     return out;
 }
 
-/* Start mock A (and B when two) and the router in front of them. */
-static void start_two(const char *limits, const char *extra_a)
+/* The router in front of the running mocks A and B, in that order. */
+static void start_router_ab(const char *limits, const char *extra_a)
 {
     char a[1024], b[1024], both[2100];
 
-    cr_assert_eq(support_mockllm_start(&mock_a, "--token-delay-ms", "2", NULL), 0);
-    cr_assert_eq(support_mockllm_start(&mock_b, "--token-delay-ms", "2", NULL), 0);
     backend_yaml(a, sizeof(a), "a", mock_a.port, extra_a);
     backend_yaml(b, sizeof(b), "b", mock_b.port, NULL);
     snprintf(both, sizeof(both), "%s%s", a, b);
     start_router(limits, both, "a, b");
+}
+
+/* Start mocks A and B and the router in front of them. */
+static void start_two(const char *limits, const char *extra_a)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, "--token-delay-ms", "2", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, "--token-delay-ms", "2", NULL), 0);
+    start_router_ab(limits, extra_a);
 }
 
 static int call_port(int port, const char *method, const char *path, const char *headers,
@@ -488,12 +494,8 @@ Test(proxy, upstream_5xx_falls_back_and_4xx_does_not)
     support_proc_stop(&router);
     support_proc_stop(&mock_a);
     cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "500", NULL), 0);
-    char a[1024], b[1024], both[2100];
-    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
-    backend_yaml(b, sizeof(b), "b", mock_b.port, NULL);
-    snprintf(both, sizeof(both), "%s%s", a, b);
     unlink(conf_path);
-    start_router(NULL, both, "a, b");
+    start_router_ab(NULL, NULL);
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
     cr_assert_eq(resp.status, 200);
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
@@ -503,14 +505,9 @@ Test(proxy, upstream_5xx_falls_back_and_4xx_does_not)
  * answer is a bad response, and the next candidate serves. */
 Test(proxy, an_oversized_upstream_head_moves_to_the_next_candidate)
 {
-    char a[1024], b[1024], both[2100];
-
     cr_assert_eq(support_mockllm_start(&mock_a, "--pad-header", "4096", NULL), 0);
     cr_assert_eq(support_mockllm_start(&mock_b, "--pad-header", "1024", NULL), 0);
-    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
-    backend_yaml(b, sizeof(b), "b", mock_b.port, NULL);
-    snprintf(both, sizeof(both), "%s%s", a, b);
-    start_router("limits: {max_header_bytes: 2048}", both, "a, b");
+    start_router_ab("limits: {max_header_bytes: 2048}", NULL);
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
