@@ -668,7 +668,6 @@ void router__proxy_replay(struct router__client *c, const char *value, size_t le
     struct router__request *req = &c->req;
     const char *nl = memchr(value, '\n', len);
     char extra[256], saved[32];
-    struct buf head = {0};
 
     if (nl == NULL) {
         router__send_error(c, error_internal, "bad cache entry");
@@ -684,35 +683,12 @@ void router__proxy_replay(struct router__client *c, const char *value, size_t le
     format_usd(saved, sizeof(saved), req->saved_micro);
     snprintf(extra, sizeof(extra),
              "x-costrouter-backend: cache\r\nx-costrouter-reason: cache-hit\r\n"
-             "x-costrouter-cost-usd: 0.000000\r\nx-costrouter-saved-usd: %s\r\n",
-             saved);
-    if (!req->stream) {
-        router__send_response(c, 200, "application/json", extra, value, len);
-        return;
-    }
-    req->status = 200;
-    req->response_started = 1;
-    if (buf_printf(&head, "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                          "Cache-Control: no-cache\r\nx-request-id: %s\r\n%s"
-                          "Transfer-Encoding: chunked\r\n%s\r\n",
-                   req->id_str, extra, req->keep_alive ? "" : "Connection: close\r\n") != 0) {
-        buf_free(&head);
-        router__client_close(c);
-        return;
-    }
-    router__client_send(c, head.data, head.len);
-    buf_free(&head);
-    req->chunked = 1;
-    char size[24];
-    uv_buf_t bufs[3] = {
-        uv_buf_init(size, (unsigned)router__chunk_line(size, len)),
-        uv_buf_init((char *)value, (unsigned)len),
-        uv_buf_init("\r\n0\r\n\r\n", 7),
-    };
-    router__client_sendv(c, bufs, len ? 3 : 0);
-    if (len == 0)
-        router__client_send(c, "0\r\n\r\n", 5);
-    router__client_response_done(c);
+             "x-costrouter-cost-usd: 0.000000\r\nx-costrouter-saved-usd: %s\r\n%s",
+             saved, req->stream ? "Cache-Control: no-cache\r\n" : "");
+    /* A cached stream is whole: it goes out with its length, like a body
+     * (which HTTP/1.0 clients can read too). */
+    router__send_response(c, 200, req->stream ? "text/event-stream" : "application/json", extra,
+                          value, len);
 }
 
 /* ---- the response ---- */
@@ -777,6 +753,12 @@ static void send_raw(struct router__client *c, const char *p, size_t len)
     send_bufs(c, &b, 1);
 }
 
+/* An HTTP/1.0 client: no chunks, no trailers. */
+static int client_http10(const struct router__client *c)
+{
+    return c->parser.http_major == 1 && c->parser.http_minor == 0;
+}
+
 /* Write the held head with the length and, once known, the cost, and
  * `body` (may be NULL) in the same write. */
 static void send_held_head(struct router__client *c, int64_t length, int with_cost,
@@ -799,6 +781,9 @@ static void send_held_head(struct router__client *c, int64_t length, int with_co
         rc = buf_append_lit(&req->head, "Content-Length: ");
         rc = rc ?: buf_append_u64(&req->head, (uint64_t)length);
         rc = rc ?: buf_append_lit(&req->head, "\r\n");
+    } else if (client_http10(c)) {
+        /* HTTP/1.0 has no chunked coding: the body ends with the connection. */
+        req->keep_alive = 0;
     } else if (rc == 0) {
         rc = buf_append_lit(&req->head, "Transfer-Encoding: chunked\r\n");
         req->chunked = 1;
@@ -858,7 +843,8 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     req->head_held = 1;
     if (is_sse) {
         /* Streams go out at once; the cost follows at the end. */
-        rc = buf_append_lit(&req->head, "Trailer: x-costrouter-cost-usd\r\n");
+        if (!client_http10(c))
+            rc = buf_append_lit(&req->head, "Trailer: x-costrouter-cost-usd\r\n");
         if (rc != 0) {
             router__client_close(c);
             return 1;
@@ -968,7 +954,8 @@ static int overrun_cut(struct router__client *c)
     req->reason = "budget-cut";
     settle(c);
     router__spend_cache_store(c);
-    router__client_send(c, "0\r\n\r\n", 5);
+    if (req->chunked)
+        router__client_send(c, "0\r\n\r\n", 5);
     router__client_response_done(c);
     return 1;
 }
@@ -1169,11 +1156,13 @@ void router__proxy_on_complete(struct router__client *c)
         send_held_head(c, (int64_t)req->up_body.len, 1, &req->up_body);
         if (req->cacheable)
             keep_for_cache(req, req->up_body.data, req->up_body.len);
-    } else if (req->chunked) {
-        /* An SSE comment clients ignore, then the cost as a trailer. */
+    } else {
+        /* An SSE comment clients ignore, then the cost as a trailer (not
+         * for HTTP/1.0, which has neither chunks nor trailers). */
         if (req->is_sse)
             forward(c, tail, join3(tail, ": x-costrouter-cost-usd=", usd, "\n\n"));
-        send_raw(c, tail, join3(tail, "0\r\nx-costrouter-cost-usd: ", usd, "\r\n\r\n"));
+        if (req->chunked)
+            send_raw(c, tail, join3(tail, "0\r\nx-costrouter-cost-usd: ", usd, "\r\n\r\n"));
     }
     router__proxy_flush(c);
     router__spend_cache_store(c);

@@ -294,8 +294,10 @@ Test(costs, deterministic_requests_are_served_from_the_cache)
         buf_reset(&req);
         cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH, sbody), 0);
         cr_assert_eq(support_sse_open(&s, routers[0].port, req.data, req.len, TIMEOUT_MS), 0);
-        if (round == 1)
+        if (round == 1) {
             cr_assert_str_eq(support_http_header(&s.resp, "x-costrouter-backend"), "cache");
+            cr_assert_str_eq(support_http_header(&s.resp, "content-type"), "text/event-stream");
+        }
         while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1)
             events[round]++;
         support_sse_close(&s);

@@ -15,6 +15,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -257,6 +259,55 @@ Test(proxy, stream_events_arrive_one_by_one_and_injected_usage_is_hidden)
     cr_assert_eq(n, 9, "8 tokens and [DONE], got %d events", n);
     /* Passed through as produced, not buffered: 7 gaps of 30 ms. */
     cr_assert_gt(last - first, 150.0, "events arrived together (%.1f ms)", last - first);
+}
+
+/* Everything the router sends on `c` until it closes the connection. */
+static void read_to_close(struct support_http_conn *c, struct buf *out)
+{
+    struct timeval tv = {.tv_sec = TIMEOUT_MS / 1000};
+    char chunk[4096];
+    ssize_t n;
+
+    cr_assert_eq(setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)), 0);
+    while ((n = recv(c->fd, chunk, sizeof(chunk), 0)) > 0)
+        cr_assert_eq(buf_append(out, chunk, (size_t)n), 0);
+    cr_assert_eq(n, 0, "the router did not close the connection: %s", strerror(errno));
+}
+
+/* HTTP/1.0 has neither chunks nor trailers: a stream to a 1.0 client goes
+ * out as it comes, its cost in the SSE comment, and ends when the router
+ * closes the connection. */
+Test(proxy, stream_to_an_http10_client_is_not_chunked)
+{
+    static const char body[] = "{\"model\":\"chat\",\"stream\":true,\"messages\":"
+                               "[{\"role\":\"user\",\"content\":\"hello there\"}]}";
+    struct support_http_conn c;
+    struct buf out = {0};
+    const char *end;
+
+    start_two(NULL, NULL);
+    buf_reset(&req);
+    cr_assert_eq(buf_printf(&req,
+                            "POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\n" AUTH
+                            "Connection: keep-alive\r\nContent-Length: %zu\r\n\r\n%s",
+                            sizeof(body) - 1, body),
+                 0);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    read_to_close(&c, &out);
+    support_http_close(&c);
+    cr_assert_eq(buf_append(&out, "", 1), 0); /* a C string from here */
+    end = strstr(out.data, "\r\n\r\n");
+    cr_assert_not_null(end, "%s", out.data);
+    cr_assert_eq(strncmp(out.data, "HTTP/1.1 200 ", 13), 0, "%s", out.data);
+    cr_assert_null(strcasestr(out.data, "transfer-encoding"), "%s", out.data);
+    cr_assert_null(strcasestr(out.data, "trailer:"), "%s", out.data);
+    cr_assert_not_null(strcasestr(out.data, "connection: close"), "%s", out.data);
+    /* The events as the mock sent them, no chunk sizes between them. */
+    cr_assert_eq(strncmp(end + 4, "data: {", 7), 0, "%s", end + 4);
+    cr_assert_not_null(strstr(end, "data: [DONE]\n\n: x-costrouter-cost-usd="), "%s", end);
+    cr_assert_null(strstr(end, "\r\n0\r\n"), "%s", end);
+    buf_free(&out);
 }
 
 Test(proxy, stream_usage_is_forwarded_when_the_client_asks)
