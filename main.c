@@ -30,6 +30,7 @@ struct app {
     uv_signal_t sigterm;   /* graceful stop */
     uv_signal_t sigint;    /* graceful stop */
     uv_signal_t sighup;    /* log reopen / reload */
+    uv_work_t pool_start;  /* a no-op that makes libuv's worker threads */
     int stopping;          /* a stop signal was received */
 };
 
@@ -115,19 +116,60 @@ static void on_hup(uv_signal_t *s, int signum)
     free(errors);
 }
 
+static void no_work(uv_work_t *req)
+{
+}
+
+static void no_work_done(uv_work_t *req, int status)
+{
+}
+
+/* Only this thread takes SIGTERM and SIGINT: libuv's worker threads are
+ * made now, with both blocked (threads inherit the mask), so that
+ * close_stop_signals() can shut out a signal by blocking it here. */
+static void start_threads_without_stop_signals(struct app *app, const sigset_t *stop)
+{
+    sigset_t old;
+
+    pthread_sigmask(SIG_BLOCK, stop, &old);
+    uv_queue_work(app->loop, &app->pool_start, no_work, no_work_done);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+/* Closing the last watcher of a signal makes libuv put its default
+ * action back, and a stop signal then would kill the process: a second
+ * SIGTERM while exiting turned a clean exit into death by signal. Held
+ * off meanwhile, a signal pending then is ignored. */
+static void close_stop_signals(struct app *app, const sigset_t *stop)
+{
+    sigset_t old;
+
+    pthread_sigmask(SIG_BLOCK, stop, &old);
+    uv_close((uv_handle_t *)&app->sigterm, NULL);
+    uv_close((uv_handle_t *)&app->sigint, NULL);
+    uv_close((uv_handle_t *)&app->sighup, NULL);
+    signal(SIGTERM, SIG_IGN);
+    signal(SIGINT, SIG_IGN);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
 static int run(const char *path)
 {
     struct app app = {0};
     int rc = 1;
-
     struct conf *conf;
+    sigset_t stop;
 
+    sigemptyset(&stop);
+    sigaddset(&stop, SIGTERM);
+    sigaddset(&stop, SIGINT);
     signal(SIGPIPE, SIG_IGN);
     conf = load_config(path);
     if (conf == NULL)
         return 1;
     app.path = path;
     app.loop = uv_default_loop();
+    start_threads_without_stop_signals(&app, &stop);
     app.router = router_create(app.loop, conf); /* owns conf from here */
     if (app.router == NULL)
         return 1;
@@ -146,15 +188,9 @@ static int run(const char *path)
     uv_run(app.loop, UV_RUN_DEFAULT);
     rc = 0;
 out:
-    uv_close((uv_handle_t *)&app.sigterm, NULL);
-    uv_close((uv_handle_t *)&app.sigint, NULL);
-    uv_close((uv_handle_t *)&app.sighup, NULL);
+    close_stop_signals(&app, &stop);
     if (rc != 0)
         router_stop(app.router);
-    /* Exiting anyway: a late stop signal must not turn a clean exit into
-     * death by signal now that libuv has put the default action back. */
-    signal(SIGTERM, SIG_IGN);
-    signal(SIGINT, SIG_IGN);
     uv_run(app.loop, UV_RUN_DEFAULT);
     router_destroy(app.router);
     if (uv_loop_close(app.loop) != 0)

@@ -110,9 +110,10 @@ void cache__defer(struct cache_op *op)
  * next ones instead of going back to malloc. Under AddressSanitizer each
  * op stays its own allocation, so that a use after free still shows. */
 #ifdef __SANITIZE_ADDRESS__
-#define OP_POOL_MAX 0
+#define OP_POOL_ROOM(c) 0
 #else
 #define OP_POOL_MAX 256
+#define OP_POOL_ROOM(c) ((c)->op_pooled < OP_POOL_MAX)
 #endif
 #define OP_SIZE (sizeof(struct cache_op) + CACHE_TENANT_MAX + 1) /* any tenant fits */
 
@@ -123,7 +124,7 @@ static void op_free(struct cache_op *op)
     free(op->name);
     free(op->value);
     free(op->jentry);
-    if (c->op_pooled < OP_POOL_MAX) {
+    if (OP_POOL_ROOM(c)) {
         op->next = c->op_pool;
         c->op_pool = op;
         c->op_pooled++;

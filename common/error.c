@@ -2,6 +2,7 @@
 #include "common/error.h"
 
 const char error_bad_json[] = "request body is not valid JSON";
+const char error_duplicate_key[] = "request body names a key twice";
 const char error_missing_model[] = "request body has no \"model\" string";
 const char error_bad_request[] = "malformed HTTP request";
 const char error_unauthorized[] = "missing or invalid API key";

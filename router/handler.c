@@ -34,6 +34,7 @@ struct error_map {
 
 static const struct error_map error_maps[] = {
     {error_bad_json, 400, "invalid_request_error", "invalid_json"},
+    {error_duplicate_key, 400, "invalid_request_error", "invalid_json"},
     {error_missing_model, 400, "invalid_request_error", "missing_model"},
     {error_bad_request, 400, "invalid_request_error", "bad_request"},
     {error_unauthorized, 401, "invalid_request_error", "invalid_api_key"},
@@ -366,13 +367,67 @@ static void send_models(struct router__client *c)
 }
 
 /* Validate the JSON body and find the route its "model" names. */
-static const char *parse_body(struct router__client *c)
+static int key_cmp(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+#define DUP_SCAN_MAX 16 /* members compared pairwise; more are sorted */
+
+/* A name that appears twice among the `n` members of `obj`, NULL if none,
+ * "" when out of memory. Sorted when there are many, so that an object
+ * of a million keys is not a million squared comparisons. */
+static const char *twice_in(const cJSON *obj, size_t n)
+{
+    const char **names, *found = NULL;
+    size_t i = 0;
+
+    if (n <= DUP_SCAN_MAX) {
+        for (const cJSON *a = obj->child; a; a = a->next)
+            for (const cJSON *b = a->next; b; b = b->next)
+                if (strcmp(a->string, b->string) == 0)
+                    return a->string;
+        return NULL;
+    }
+    if ((names = malloc(n * sizeof(*names))) == NULL)
+        return "";
+    for (const cJSON *a = obj->child; a; a = a->next)
+        names[i++] = a->string;
+    qsort(names, n, sizeof(*names), key_cmp);
+    for (i = 1; i < n && found == NULL; i++)
+        if (strcmp(names[i - 1], names[i]) == 0)
+            found = names[i];
+    free(names);
+    return found;
+}
+
+/* The first name that appears twice in one object of the tree, NULL if
+ * none, "" when out of memory.
+ * Parsers disagree on which of two "model"s or "max_tokens"s counts
+ * (cJSON takes the first, many servers the last), so such a body could
+ * be priced as one request and served as another. */
+static const char *duplicate_key(const cJSON *node)
+{
+    const char *dup = NULL;
+    size_t n = 0;
+
+    for (const cJSON *a = node->child; a && dup == NULL; a = a->next, n++)
+        if (a->child)
+            dup = duplicate_key(a);
+    if (dup == NULL && cJSON_IsObject(node) && n > 1)
+        dup = twice_in(node, n);
+    return dup;
+}
+
+static const char *parse_body(struct router__client *c, const char **detail)
 {
     struct router__request *req = &c->req;
     const cJSON *model, *stream;
 
     if (router__json_parse(req) == NULL || !cJSON_IsObject(req->json))
         return error_bad_json;
+    if ((*detail = duplicate_key(req->json)) != NULL)
+        return **detail ? error_duplicate_key : error_no_memory;
     model = cJSON_GetObjectItemCaseSensitive(req->json, "model");
     if (!cJSON_IsString(model) || model->valuestring[0] == '\0')
         return error_missing_model;
@@ -414,7 +469,7 @@ void router__handle(struct router__client *c)
         send_models(c);
         return;
     }
-    errstr = parse_body(c);
+    errstr = parse_body(c, &detail);
     if (errstr == error_unknown_model)
         detail = cJSON_GetObjectItemCaseSensitive(req->json, "model")->valuestring;
     if (errstr != NULL)
