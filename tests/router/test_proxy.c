@@ -389,11 +389,11 @@ Test(proxy, a_key_given_twice_is_refused)
                                    "\"content\":\"hi\"}]"), 0);
     for (int i = 0; i < 40; i++)
         cr_assert_eq(buf_printf(&many, ",\"k%d\":%d", i, i), 0);
-    cr_assert_eq(buf_append(&many, "}", 2), 0);
+    cr_assert_eq(buf_append(&many, "}", sizeof("}")), 0); /* with its NUL */
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, many.data), 0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     many.len -= 2;
-    cr_assert_eq(buf_append(&many, ",\"k7\":1}", 10), 0);
+    cr_assert_eq(buf_append(&many, ",\"k7\":1}", sizeof(",\"k7\":1}")), 0);
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, many.data), 0);
     assert_error(400, "invalid_json");
     buf_free(&many);
