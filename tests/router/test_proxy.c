@@ -479,6 +479,33 @@ Test(proxy, client_errors_are_openai_json)
     assert_error(400, "bad_request");
 }
 
+/* The scheme in any case, spaces and tabs around the key: the same key. */
+Test(proxy, the_tenant_key_is_read_as_rfc_9110_allows)
+{
+    static const char *const ok[] = {
+        "authorization: bearer " TENANT_KEY "\r\n",
+        "Authorization: BEARER  " TENANT_KEY "\r\n",
+        "Authorization: Bearer " TENANT_KEY " \t \r\n",
+        "Authorization:\tBearer \t" TENANT_KEY "\r\n",
+    };
+    static const char *const refused[] = {
+        "Authorization: Bearer\r\n",
+        "Authorization: Bearer   \r\n",
+        "Authorization: Basic " TENANT_KEY "\r\n",
+        "Authorization: Bearer " TENANT_KEY "x\r\n",
+    };
+
+    start_two(NULL, NULL);
+    for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+        cr_assert_eq(call("POST", "/v1/chat/completions", ok[i], CHAT), 0);
+        cr_assert_eq(resp.status, 200, "%s: %d", ok[i], resp.status);
+    }
+    for (size_t i = 0; i < sizeof(refused) / sizeof(refused[0]); i++) {
+        cr_assert_eq(call("POST", "/v1/chat/completions", refused[i], CHAT), 0);
+        assert_error(401, "invalid_api_key");
+    }
+}
+
 Test(proxy, size_limits_give_413_and_431)
 {
     struct buf big = {0};
