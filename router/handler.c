@@ -327,16 +327,12 @@ static const struct conf_key *authenticate(struct router__client *c)
     const struct buf *a = &c->req.auth;
     struct router__shared *sh = c->router->shared;
     uint8_t digest[32];
-    size_t skip = 7, len = a->len;
+    size_t skip = 7, len = a->len; /* the value's trailing whitespace is gone (server.c) */
 
     if (len <= skip || strncasecmp(a->data, "Bearer ", skip) != 0)
         return NULL;
-    /* Spaces around the key are not part of it (llhttp keeps a header
-     * value's trailing ones). */
     while (skip < len && (a->data[skip] == ' ' || a->data[skip] == '\t'))
         skip++;
-    while (len > skip && (a->data[len - 1] == ' ' || a->data[len - 1] == '\t'))
-        len--;
     if (EVP_DigestInit_ex2(sh->sha256_ctx, sh->sha256, NULL) != 1 ||
         EVP_DigestUpdate(sh->sha256_ctx, a->data + skip, len - skip) != 1 ||
         EVP_DigestFinal_ex(sh->sha256_ctx, digest, NULL) != 1)

@@ -326,15 +326,19 @@ static int on_header_value_complete(llhttp_t *p)
     struct router__client *c = parser_client(p);
     struct router__request *req = &c->req;
     struct slice name = {req->hname.data, req->hname.len};
+    struct slice value = {req->hvalue.data, req->hvalue.len};
     int rc = 0;
 
+    /* Whitespace after a value is not part of it (RFC 9110 5.5); llhttp
+     * drops it before the value only. */
+    while (value.len > 0 && (value.p[value.len - 1] == ' ' || value.p[value.len - 1] == '\t'))
+        value.len--;
     if (slice_caseeq(name, "authorization"))
-        rc = buf_append(&req->auth, req->hvalue.data, req->hvalue.len);
+        rc = buf_append(&req->auth, value.p, value.len);
     else if (slice_caseeq(name, "expect"))
-        req->expect_continue = slice_caseeq((struct slice){req->hvalue.data, req->hvalue.len},
-                                            "100-continue");
+        req->expect_continue = slice_caseeq(value, "100-continue");
     else if (!request_header_is_ours(name) && name.len > 0)
-        rc = buf_append_header(&req->fwd, name, (struct slice){req->hvalue.data, req->hvalue.len});
+        rc = buf_append_header(&req->fwd, name, value);
     buf_reset(&req->hname);
     buf_reset(&req->hvalue);
     return rc == 0 ? 0 : -1;
