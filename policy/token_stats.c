@@ -89,11 +89,23 @@ void policy_outpred_observe(struct policy_outpred *o, int64_t completion_tokens)
     o->next = (o->next + 1) % POLICY_OUTPRED_WINDOW;
     if (o->n < POLICY_OUTPRED_WINDOW)
         o->n++;
-    /* Nearest-rank P95 of the window, cached so predict is O(1). */
+    /* The P95 waits for a request without max_tokens to need it: most
+     * requests give max_tokens, and a selection per response was 2-3% of
+     * the router's instructions. */
+    o->stale = 1;
+}
+
+/* Nearest-rank P95 of the window. */
+static uint32_t outpred_quantile(struct policy_outpred *o)
+{
     uint32_t tmp[POLICY_OUTPRED_WINDOW];
-    memcpy(tmp, o->ring, o->n * sizeof(*tmp));
-    uint32_t rank = (uint32_t)ceil(0.95 * o->n);
-    o->quantile = select_kth(tmp, o->n, rank - 1);
+
+    if (o->stale) {
+        memcpy(tmp, o->ring, o->n * sizeof(*tmp));
+        o->quantile = select_kth(tmp, o->n, (uint32_t)ceil(0.95 * o->n) - 1);
+        o->stale = 0;
+    }
+    return o->quantile;
 }
 
 static int64_t positive_int(const cJSON *req, const char *key)
@@ -104,12 +116,12 @@ static int64_t positive_int(const cJSON *req, const char *key)
     return (int64_t)v->valuedouble;
 }
 
-int64_t policy_outpred_predict(const struct policy_outpred *o, const cJSON *req, int64_t fallback)
+int64_t policy_outpred_predict(struct policy_outpred *o, const cJSON *req, int64_t fallback)
 {
     int64_t a = positive_int(req, "max_completion_tokens"), b = positive_int(req, "max_tokens");
     int64_t n = positive_int(req, "n");
     int64_t per = a && b ? (a < b ? a : b) : a ? a : b;
     if (!per)
-        per = o && o->n >= OUTPRED_MIN_SAMPLES ? (int64_t)o->quantile : fallback;
+        per = o && o->n >= OUTPRED_MIN_SAMPLES ? (int64_t)outpred_quantile(o) : fallback;
     return n > 1 ? per * n : per;
 }

@@ -158,22 +158,24 @@ struct policy_outpred {
     uint32_t ring[POLICY_OUTPRED_WINDOW]; /* recent completion_tokens values */
     uint32_t n;                           /* valid entries in ring, <= WINDOW */
     uint32_t next;                        /* ring slot the next sample goes to */
-    uint32_t quantile;                    /* cached P95 of ring, 0 when n == 0 */
+    uint32_t quantile;                    /* P95 of ring as of the last predict that needed it */
+    unsigned stale:1;                     /* observed since quantile was computed */
 };
 
 /* Empty predictor. */
 void policy_outpred_init(struct policy_outpred *o);
 
-/* Record one response's usage.completion_tokens (negative ignored). O(WINDOW). */
+/* Record one response's usage.completion_tokens (negative ignored). O(1). */
 void policy_outpred_observe(struct policy_outpred *o, int64_t completion_tokens);
 
 /*
  * Completion tokens to reserve for `req`: its "max_completion_tokens" or
  * "max_tokens" (the smaller if both) when given and > 0; else the P95 of
  * recent completions once at least 8 were observed; else `fallback`.
- * Multiplied by "n" when n > 1. `req` may be NULL. O(1).
+ * Multiplied by "n" when n > 1. `req` may be NULL. O(WINDOW) when the
+ * P95 is needed and new samples came since it was last computed, else O(1).
  */
-int64_t policy_outpred_predict(const struct policy_outpred *o, const struct cJSON *req,
+int64_t policy_outpred_predict(struct policy_outpred *o, const struct cJSON *req,
                                int64_t fallback);
 
 #endif

@@ -48,7 +48,7 @@ Test(token_stats, calibration_ignores_bad_reports, .timeout = 10)
     cr_expect_eq(c.ratio, 20.0);
 }
 
-static int64_t predict(const struct policy_outpred *o, const char *json, int64_t fallback)
+static int64_t predict(struct policy_outpred *o, const char *json, int64_t fallback)
 {
     cJSON *req = json ? cJSON_Parse(json) : NULL;
     int64_t n = policy_outpred_predict(o, req, fallback);
