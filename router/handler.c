@@ -327,14 +327,14 @@ static const struct conf_key *authenticate(struct router__client *c)
     const struct buf *a = &c->req.auth;
     struct router__shared *sh = c->router->shared;
     uint8_t digest[32];
-    size_t skip = 7, len = a->len; /* the value's trailing whitespace is gone (server.c) */
+    size_t skip = 7; /* the value's trailing whitespace is gone already (server.c) */
 
-    if (len <= skip || strncasecmp(a->data, "Bearer ", skip) != 0)
+    if (a->len <= skip || strncasecmp(a->data, "Bearer ", skip) != 0)
         return NULL;
-    while (skip < len && (a->data[skip] == ' ' || a->data[skip] == '\t'))
+    while (skip < a->len && (a->data[skip] == ' ' || a->data[skip] == '\t'))
         skip++;
     if (EVP_DigestInit_ex2(sh->sha256_ctx, sh->sha256, NULL) != 1 ||
-        EVP_DigestUpdate(sh->sha256_ctx, a->data + skip, len - skip) != 1 ||
+        EVP_DigestUpdate(sh->sha256_ctx, a->data + skip, a->len - skip) != 1 ||
         EVP_DigestFinal_ex(sh->sha256_ctx, digest, NULL) != 1)
         return NULL;
     return conf_find_key(c->router->conf, digest);
@@ -366,7 +366,6 @@ static void send_models(struct router__client *c)
     free(body);
 }
 
-/* Validate the JSON body and find the route its "model" names. */
 static int key_cmp(const void *a, const void *b)
 {
     return strcmp(*(const char *const *)a, *(const char *const *)b);
@@ -419,6 +418,7 @@ static const char *duplicate_key(const cJSON *node)
     return dup;
 }
 
+/* Validate the JSON body and find the route its "model" names. */
 static const char *parse_body(struct router__client *c, const char **detail)
 {
     struct router__request *req = &c->req;
