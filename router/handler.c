@@ -439,6 +439,26 @@ static const char *parse_body(struct router__client *c, const char **detail)
     return NULL;
 }
 
+void router__refuse(struct router__client *c, const char *errstr, const char *detail)
+{
+    struct router__request *req = &c->req;
+    const char *unused = NULL;
+    enum router__endpoint ep = req->url.len > 0 ? endpoint_find(request_path(req),
+                                                                llhttp_get_method(&c->parser),
+                                                                &unused)
+                                                : ROUTER_EP_NONE;
+
+    request_number(c);
+    if (ep >= ROUTER_EP_CHAT && ep <= ROUTER_EP_EMBEDDINGS) {
+        /* In the cost log and the metrics like any /v1 request, under its
+         * tenant when the key was read before the refusal. */
+        req->endpoint = ep;
+        req->key = authenticate(c);
+        req->tenant = req->key ? req->key->tenant : NULL;
+    }
+    router__send_error(c, errstr, detail);
+}
+
 void router__handle(struct router__client *c)
 {
     struct router__request *req = &c->req;

@@ -320,6 +320,9 @@ uint64_t router__now(const struct router *r);
 
 /* handler.c: what to do with a complete request */
 void router__handle(struct router__client *c);
+/* Answer bytes refused before they made a whole request (malformed, over
+ * a limit, too slow) with `errstr`; a /v1 one is accounted as a request. */
+void router__refuse(struct router__client *c, const char *errstr, const char *detail);
 /* Send a complete OpenAI-style error response for `errstr`. */
 void router__send_error(struct router__client *c, const char *errstr, const char *detail);
 /* Send a complete response the router made itself. */

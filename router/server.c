@@ -223,7 +223,7 @@ static void client_timeout(void *arg)
     case ROUTER_CLIENT_BODY:
         c->req.keep_alive = 0;
         c->phase = ROUTER_CLIENT_BUSY;
-        router__send_error(c, error_timeout_client, NULL);
+        router__refuse(c, error_timeout_client, NULL);
         break;
     case ROUTER_CLIENT_BUSY:
         break;
@@ -276,6 +276,7 @@ static int on_message_begin(llhttp_t *p)
 
     router__request_reset(&c->req);
     router__request_unshelve(c->router, &c->req);
+    c->req.start_ms = router__now(c->router); /* router__handle sets it again */
     client_set_phase(c, ROUTER_CLIENT_HEADERS);
     return 0;
 }
@@ -403,8 +404,8 @@ static size_t client_execute(struct router__client *c, const char *data, size_t 
      * trusted to be framed right. */
     c->req.keep_alive = 0;
     client_set_phase(c, ROUTER_CLIENT_BUSY);
-    router__send_error(c, c->req.error ? c->req.error : error_bad_request,
-                       c->req.error ? NULL : llhttp_get_error_reason(&c->parser));
+    router__refuse(c, c->req.error ? c->req.error : error_bad_request,
+                   c->req.error ? NULL : llhttp_get_error_reason(&c->parser));
     return len;
 }
 

@@ -44,6 +44,7 @@ static cJSON *json;
 static char conf_path[64], log_path[64];
 static const char *tenant_id = "acme";  /* the tenant's id in the config */
 static const char *key_prefix;          /* store.key_prefix, NULL: the default */
+static const char *top_extra = "";      /* more top-level config lines */
 
 static void teardown(void)
 {
@@ -97,7 +98,8 @@ static void write_conf(const char *route_candidates, const char *tenant_extra)
     }
     f = fopen(conf_path, "w");
     cr_assert_not_null(f);
-    fprintf(f, "listen: 127.0.0.1:0\nadmin_key: adm-secret\ncost_log: %s\n", log_path);
+    fprintf(f, "listen: 127.0.0.1:0\nadmin_key: adm-secret\ncost_log: %s\n%s", log_path,
+            top_extra);
     if (redis.pid)
         fprintf(f, "store: {redis: \"%s\", key_prefix: \"%s\"}\n", redis.url,
                 key_prefix ? key_prefix : "costrouter:");
@@ -111,7 +113,27 @@ static void write_conf(const char *route_candidates, const char *tenant_extra)
     fclose(f);
 }
 
-/* Finish the config (routes and tenant lines given) and start `n` routers. */
+static int call_port(int port, const char *method, const char *path, const char *headers,
+                     const char *body);
+
+/* Wait until router `i` has its Redis connection (scripts loaded): before
+ * that it serves from memory and writes back later, which a test that
+ * reads Redis right after a request would see as missing spend. */
+static void wait_store_up(int i)
+{
+    static const char up[] = "\ncostrouter_store_up{store=\"redis\"} 1\n";
+
+    for (int tries = 0; tries < 250; tries++) {
+        cr_assert_eq(call_port(routers[i].port, "GET", "/metrics", ADMIN, NULL), 0);
+        if (memmem(resp.body.data, resp.body.len, up, sizeof(up) - 1))
+            return;
+        usleep(20000);
+    }
+    cr_assert_fail("router %d: the store did not come up", i);
+}
+
+/* Finish the config (routes and tenant lines given) and start `n` routers
+ * (with their store up, when it is Redis). */
 static void start_routers(int n, const char *route_candidates, const char *tenant_extra)
 {
     strcpy(log_path, "/tmp/costrouter-costlog-XXXXXX");
@@ -120,6 +142,8 @@ static void start_routers(int n, const char *route_candidates, const char *tenan
     for (int i = 0; i < n; i++) {
         char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
         cr_assert_eq(support_proc_start(&routers[i], argv), 0, "router %d did not start", i);
+        if (redis.pid)
+            wait_store_up(i);
     }
 }
 
@@ -754,6 +778,58 @@ Test(costs, an_answer_without_usage_is_charged_for_its_text)
                        (long long)completion);
     cr_assert_float_eq(cJSON_GetObjectItem(rec, "cost_usd")->valuedouble, paid, 1e-9);
     cJSON_Delete(rec);
+}
+
+/* Bytes refused before they made a whole request are still a /v1
+ * request in the cost log and the metrics, under the tenant whose key
+ * came before the refusal. */
+Test(costs, refused_requests_are_logged_and_counted)
+{
+    char line[4096];
+    int lines = 0, saw413 = 0, saw400 = 0;
+    FILE *f;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    top_extra = "limits: {max_body_bytes: 1024}\n";
+    start_routers(1, "a", NULL);
+    /* Over max_body_bytes, said by Content-Length: refused at the head. */
+    static const char big[] = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" AUTH
+                              "Content-Length: 5000\r\n\r\n";
+    cr_assert_eq(support_http_request(routers[0].port, big, sizeof(big) - 1, TIMEOUT_MS, &resp),
+                 0);
+    cr_assert_eq(resp.status, 413);
+    /* Malformed after the path: no key read, no tenant. */
+    static const char bad[] = "POST /v1/chat/completions HTTP/1.1\r\nHost x\r\n\r\n";
+    cr_assert_eq(support_http_request(routers[0].port, bad, sizeof(bad) - 1, TIMEOUT_MS, &resp),
+                 0);
+    cr_assert_eq(resp.status, 400, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    static const char series[] = "costrouter_requests_total{tenant=\"acme\",backend=\"none\","
+                                 "route=\"unknown\",status=\"413\"} 1";
+    cr_assert_not_null(memmem(resp.body.data, resp.body.len, series, sizeof(series) - 1), "%.*s",
+                       (int)resp.body.len, resp.body.data);
+    support_proc_stop(&routers[0]);
+    f = fopen(log_path, "r");
+    cr_assert_not_null(f);
+    while (fgets(line, sizeof(line), f)) {
+        cJSON *rec = cJSON_Parse(line);
+        const cJSON *tenant = cJSON_GetObjectItem(rec, "tenant");
+        int status = (int)cJSON_GetObjectItem(rec, "status")->valuedouble;
+
+        cr_assert_not_null(rec, "%s", line);
+        lines++;
+        cr_assert_float_eq(cJSON_GetObjectItem(rec, "cost_usd")->valuedouble, 0, 1e-12);
+        if (status == 413)
+            saw413 = cJSON_IsString(tenant) && strcmp(tenant->valuestring, "acme") == 0;
+        if (status == 400)
+            saw400 = cJSON_IsNull(tenant);
+        cJSON_Delete(rec);
+    }
+    fclose(f);
+    cr_assert_eq(lines, 2);
+    cr_assert(saw413, "the 413 is logged under its tenant");
+    cr_assert(saw400, "the 400 is logged without one");
 }
 
 /* A backend's own refusal (a 4xx, or a 429/5xx with no candidate left)
