@@ -50,6 +50,7 @@ struct conf_backend {
     unsigned tls:1;             /* url scheme is https */
     unsigned tls_verify:1;      /* verify the certificate (default on) */
     unsigned is_free:1;         /* `free: true`: allowed to have no price */
+    unsigned stream_usage:1;    /* ask streams for usage at the end (default on) */
     char *host;                 /* host part of url (for connect, SNI, Host:); an IPv6
                                    literal is stored without its brackets */
     unsigned host_is_ipv6:1;    /* host is an IPv6 literal: bracket it in Host: */

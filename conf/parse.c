@@ -922,6 +922,7 @@ static int fn_redis(struct conf__ctx *ctx, void *obj, const char *text, int line
 }
 
 static void set_tls_verify(void *obj, int on) { ((struct conf_backend *)obj)->tls_verify = on; }
+static void set_stream_usage(void *obj, int on) { ((struct conf_backend *)obj)->stream_usage = on; }
 static void set_free(void *obj, int on) { ((struct conf_backend *)obj)->is_free = on; }
 static void set_cache_enabled(void *obj, int on) { ((struct conf *)obj)->cache_enabled = on; }
 static void set_cache_shared(void *obj, int on) { ((struct conf *)obj)->cache_shared = on; }
@@ -1033,6 +1034,8 @@ static const struct directive backend_directives[CONF__B_COUNT] = {
     [CONF__B_CA_FILE] = {"ca_file", NULL, T_STR, B(ca_file), .fn = check_readable},
     [CONF__B_TLS_VERIFY] = {"tls_verify", NULL, T_BOOL, .set_flag = set_tls_verify,
                             .def = "true"},
+    [CONF__B_STREAM_USAGE] = {"stream_usage", NULL, T_BOOL, .set_flag = set_stream_usage,
+                              .def = "true"},
 };
 #undef B
 

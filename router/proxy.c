@@ -65,9 +65,10 @@ static const char *endpoint_suffix(enum router__endpoint ep)
 }
 
 /* Rewrite the parsed body for backend `b`: its model name, and for a
- * stream, stream_options.include_usage so the real token counts arrive
- * at the end (remembered so the extra usage event is not shown to a
- * client that did not ask for it). */
+ * stream (unless the backend says stream_usage: false),
+ * stream_options.include_usage so the real token counts arrive at the
+ * end (remembered so the extra usage event is not shown to a client that
+ * did not ask for it). */
 static int rewrite_body(struct router__request *req, const struct conf_backend *b)
 {
     cJSON *model, *opts, *inc;
@@ -80,6 +81,12 @@ static int rewrite_body(struct router__request *req, const struct conf_backend *
     if (!req->stream || req->endpoint == ROUTER_EP_EMBEDDINGS)
         return 0;
     opts = cJSON_GetObjectItemCaseSensitive(req->json, "stream_options");
+    if (!b->stream_usage) {
+        if (req->injected_usage) /* added for a backend tried before */
+            cJSON_DeleteItemFromObjectCaseSensitive(opts, "include_usage");
+        req->injected_usage = 0;
+        return 0;
+    }
     if (opts == NULL || cJSON_IsNull(opts)) {
         cJSON_DeleteItemFromObjectCaseSensitive(req->json, "stream_options");
         opts = cJSON_AddObjectToObject(req->json, "stream_options");
@@ -184,7 +191,7 @@ static int body_for(struct router__request *req, const struct router__pool *pool
     int inject = 0, rc;
 
     memset(bp, 0, sizeof(*bp));
-    if (req->stream && req->endpoint != ROUTER_EP_EMBEDDINGS) {
+    if (req->stream && req->endpoint != ROUTER_EP_EMBEDDINGS && b->stream_usage) {
         const cJSON *opts = cJSON_GetObjectItemCaseSensitive(req->json, "stream_options");
 
         if (opts != NULL &&

@@ -331,6 +331,36 @@ Test(proxy, stream_usage_is_forwarded_when_the_client_asks)
     cr_assert(saw_usage);
 }
 
+/* stream_usage: false, for servers that refuse stream_options: nothing is
+ * added, and the stream is charged one completion token per event. */
+Test(proxy, stream_usage_false_adds_no_stream_options)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    int events = 0;
+    const char *cost = NULL;
+
+    start_two(NULL, "    stream_usage: false\n");
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-tokens: 5\r\n",
+                                     "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}"),
+                 0);
+    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1)
+        if (strcmp(ev.data, "[DONE]") != 0)
+            events++;
+    cost = support_http_header(&s.resp, "x-costrouter-cost-usd"); /* the trailer */
+    cr_assert_eq(events, 5);
+    cr_assert_not_null(cost);
+    /* 3 prompt tokens (the estimate) at $1/Mtok, 5 events at $2/Mtok. */
+    cr_assert_float_eq(strtod(cost, NULL), 0.000013, 1e-9, "cost %s", cost);
+    support_sse_close(&s);
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/last-request", NULL, NULL), 0);
+    cr_assert_null(strstr(json_str(body_json(), "body"), "stream_options"), "%s",
+                   json_str(json, "body"));
+}
+
 Test(proxy, keep_alive_pipelining_and_upstream_reuse)
 {
     struct support_http_conn c;
