@@ -181,6 +181,15 @@ static void assert_error(int status, const char *code)
                  "x-request-id \"%s\"", support_http_header(&resp, "x-request-id"));
 }
 
+/* POST `body` (with the tenant key and `headers`) as a stream and read
+ * its head into `s`. */
+static void open_stream(struct support_sse *s, const char *headers, const char *body)
+{
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", headers, body), 0);
+    cr_assert_eq(support_sse_open(s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+}
+
 /* ---- proxying ---- */
 
 Test(proxy, chat_is_rewritten_for_the_backend_and_usage_passes_through)
@@ -236,12 +245,8 @@ Test(proxy, stream_events_arrive_one_by_one_and_injected_usage_is_hidden)
     double first = 0, last = 0;
 
     start_two(NULL, NULL);
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
-                                     AUTH "x-mock-tokens: 8\r\nx-mock-token-delay-ms: 30\r\n",
-                                     "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}"),
-                 0);
-    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    open_stream(&s, AUTH "x-mock-tokens: 8\r\nx-mock-token-delay-ms: 30\r\n",
+                "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}");
     cr_assert_eq(s.resp.status, 200);
     cr_assert_str_eq(support_http_header(&s.resp, "transfer-encoding"), "chunked");
     while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1) {
@@ -318,12 +323,9 @@ Test(proxy, stream_usage_is_forwarded_when_the_client_asks)
     int saw_usage = 0;
 
     start_two(NULL, NULL);
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH,
-                                     "{\"model\":\"chat\",\"stream\":true,\"messages\":[],"
-                                     "\"stream_options\":{\"include_usage\":true}}"),
-                 0);
-    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    open_stream(&s, AUTH,
+                "{\"model\":\"chat\",\"stream\":true,\"messages\":[],"
+                "\"stream_options\":{\"include_usage\":true}}");
     while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1)
         if (strstr(ev.data, "\"completion_tokens\""))
             saw_usage = 1;
@@ -341,12 +343,8 @@ Test(proxy, stream_usage_false_adds_no_stream_options)
     const char *cost = NULL;
 
     start_two(NULL, "    stream_usage: false\n");
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
-                                     AUTH "x-mock-tokens: 5\r\n",
-                                     "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}"),
-                 0);
-    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    open_stream(&s, AUTH "x-mock-tokens: 5\r\n",
+                "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}");
     while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1)
         if (strcmp(ev.data, "[DONE]") != 0)
             events++;
@@ -696,12 +694,8 @@ Test(proxy, upstream_dying_mid_stream_is_an_error_event_not_a_clean_end)
     int rc, saw_error = 0, saw_done = 0;
 
     start_two(NULL, NULL);
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
-                                     AUTH "x-mock-fault: close-midstream\r\n",
-                                     "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}"),
-                 0);
-    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    open_stream(&s, AUTH "x-mock-fault: close-midstream\r\n",
+                "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}");
     cr_assert_eq(s.resp.status, 200);
     while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1) {
         if (strstr(ev.data, "\"error\""))
@@ -744,11 +738,7 @@ Test(proxy, tls_upstream_with_pinned_ca_streams)
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     cr_assert_gt(json_num(body_json(), "usage.completion_tokens"), 0);
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH,
-                                     "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}"),
-                 0);
-    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    open_stream(&s, AUTH, "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}");
     while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1)
         n++;
     support_sse_close(&s);
@@ -791,12 +781,8 @@ Test(proxy, sigterm_lets_a_stream_in_flight_finish)
     int rc, n = 0;
 
     start_two(NULL, NULL);
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
-                                     AUTH "x-mock-tokens: 10\r\nx-mock-token-delay-ms: 40\r\n",
-                                     "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}"),
-                 0);
-    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    open_stream(&s, AUTH "x-mock-tokens: 10\r\nx-mock-token-delay-ms: 40\r\n",
+                "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}");
     cr_assert_eq(support_sse_next(&s, &ev, TIMEOUT_MS), 1);
     kill(router.pid, SIGTERM);
     while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1)
