@@ -121,6 +121,8 @@ struct router {
     double *idle_reported;          /* per backend: idle cost already added to metrics */
     struct policy_experiment *experiments; /* prepared from conf.experiments */
     unsigned store_pending;         /* settles/releases/puts not answered yet */
+    uint64_t store_warned_ms;       /* when a failed write was last logged, 0: never */
+    uint64_t store_unwarned;        /* failed writes since then, not logged */
     struct metrics *metrics;        /* shared->metrics */
     struct metrics_cost_log *cost_log; /* shared->cost_log, or NULL */
     struct router__shelf shelf;     /* buffers of idle connections' requests */

@@ -146,6 +146,25 @@ struct router__tenant *router__tenant_state(struct router *r, const struct conf_
     return &r->tenants[t - r->conf->tenants];
 }
 
+/* A failed write, logged once a second at most: while the store is down
+ * every settlement fails alike, and a line each flooded the log with
+ * thousands a second. The state change itself is logged by
+ * on_store_state. */
+static void warn_write_failed(struct router *r, const char *errstr)
+{
+    uint64_t now = router__now(r);
+
+    if (r->store_warned_ms != 0 && now - r->store_warned_ms < 1000) {
+        r->store_unwarned++;
+        return;
+    }
+    log_warn("store: %s (charges are journaled and written back later; %llu more since the "
+             "last such line)",
+             errstr, (unsigned long long)r->store_unwarned);
+    r->store_warned_ms = now;
+    r->store_unwarned = 0;
+}
+
 /* Settles, releases and puts are counted until answered, so that a
  * stopping router closes the store only after they were applied. */
 static void on_write_done(void *arg, const char *errstr)
@@ -153,7 +172,7 @@ static void on_write_done(void *arg, const char *errstr)
     struct router *r = arg;
 
     if (errstr)
-        log_warn("store: %s (charges are journaled and written back later)", errstr);
+        warn_write_failed(r, errstr);
     r->store_pending--;
     router__maybe_finish(r);
 }

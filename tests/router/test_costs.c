@@ -45,6 +45,7 @@ static char conf_path[64], log_path[64];
 static const char *tenant_id = "acme";  /* the tenant's id in the config */
 static const char *key_prefix;          /* store.key_prefix, NULL: the default */
 static const char *top_extra = "";      /* more top-level config lines */
+static const char *stderr_path;         /* routers log there, at full level; NULL: -q */
 
 static void teardown(void)
 {
@@ -141,7 +142,12 @@ static void start_routers(int n, const char *route_candidates, const char *tenan
     write_conf(route_candidates, tenant_extra);
     for (int i = 0; i < n; i++) {
         char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
-        cr_assert_eq(support_proc_start(&routers[i], argv), 0, "router %d did not start", i);
+        char cmd[512], *logged[] = {"/bin/sh", "-c", cmd, NULL};
+
+        snprintf(cmd, sizeof(cmd), "exec '%s' -c '%s' 2>>'%s'", argv[0], conf_path,
+                 stderr_path ? stderr_path : "");
+        cr_assert_eq(support_proc_start(&routers[i], stderr_path ? logged : argv), 0,
+                     "router %d did not start", i);
         if (redis.pid)
             wait_store_up(i);
     }
@@ -491,6 +497,37 @@ Test(costs, routers_sharing_redis_never_overspend_a_budget)
      * request's worth stays unspent. */
     cr_assert_gt(spent, 0.05 - 0.0019 - workers * excess, "spent only $%f", spent);
     cr_assert_lt(granted, workers * each, "nothing was refused");
+}
+
+/* While the store is down every settlement fails alike: the log says so
+ * about once a second, not once a request (it was thousands of lines a
+ * second under load). */
+Test(costs, a_store_outage_is_logged_once_a_second_not_per_request)
+{
+    char log[64] = "/tmp/costrouter-stderr-XXXXXX", line[1024];
+    int journaled = 0;
+    FILE *f;
+
+    close(mkstemp(log));
+    stderr_path = log;
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    test_redis_kill(&redis, SIGKILL);
+    for (int i = 0; i < 40; i++) {
+        cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+        cr_assert_eq(resp.status, 200, "fail_open serves while Redis is down");
+    }
+    support_proc_stop(&routers[0]);
+    f = fopen(log, "r");
+    cr_assert_not_null(f);
+    while (fgets(line, sizeof(line), f))
+        journaled += strstr(line, "journaled") != NULL;
+    fclose(f);
+    unlink(log);
+    cr_assert_geq(journaled, 1, "the outage is not in the log");
+    cr_assert_leq(journaled, 3, "%d lines for 40 failed settlements", journaled);
 }
 
 /* The longest tenant id and key prefix the config takes (conf.h) reach
