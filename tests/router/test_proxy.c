@@ -333,6 +333,68 @@ Test(proxy, stream_usage_is_forwarded_when_the_client_asks)
     cr_assert(saw_usage);
 }
 
+/* Resident memory of `pid`, in KB. */
+static long rss_kb(pid_t pid)
+{
+    char path[64], line[256];
+    long kb = -1;
+    FILE *f;
+
+    snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+    f = fopen(path, "r");
+    cr_assert_not_null(f);
+    while (fgets(line, sizeof(line), f))
+        if (sscanf(line, "VmRSS: %ld kB", &kb) == 1)
+            break;
+    fclose(f);
+    return kb;
+}
+
+/* A client that does not read pauses the backend: the router holds about
+ * PROXY_CLIENT_HIGH_WATER of a ~40 MB stream, not the stream, and it all
+ * arrives once the client reads. */
+Test(proxy, a_client_that_does_not_read_pauses_the_backend)
+{
+    static const char body[] = "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}";
+    struct support_http_conn c;
+    struct timespec pause = {1, 0};
+    char chunk[65536];
+    long before, held;
+    ssize_t n;
+    size_t total = 0;
+    struct buf tail = {0};
+
+    start_two(NULL, NULL);
+    before = rss_kb(router.pid);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-tokens: 200000\r\nx-mock-token-delay-ms: 0\r\n",
+                                     body),
+                 0);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    nanosleep(&pause, NULL); /* the mock has written it all by now */
+    held = rss_kb(router.pid) - before;
+    cr_assert_lt(held, 8 * 1024, "the router grew by %ld KB for a client that reads nothing", held);
+    struct timeval tv = {.tv_sec = TIMEOUT_MS / 1000};
+    cr_assert_eq(setsockopt(c.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)), 0);
+    static const char end[] = "\r\n0\r\nx-costrouter-cost-usd:";
+    /* Until the last chunk and its trailer, which may straddle two reads:
+     * `tail` keeps the end of the previous read before this one. */
+    while ((n = recv(c.fd, chunk, sizeof(chunk), 0)) > 0) {
+        total += (size_t)n;
+        cr_assert_eq(buf_append(&tail, chunk, (size_t)n), 0);
+        if (memmem(tail.data, tail.len, end, sizeof(end) - 1))
+            break;
+        if (tail.len > 64)
+            buf_consume(&tail, tail.len - 64);
+    }
+    cr_assert_gt(n, 0, "the stream stopped after %zu bytes", total);
+    cr_assert_gt(total, 30u << 20, "only %zu bytes", total);
+    buf_free(&tail);
+    support_http_close(&c);
+}
+
 /* stream_usage: false, for servers that refuse stream_options: nothing is
  * added, and the stream is charged one completion token per event. */
 Test(proxy, stream_usage_false_adds_no_stream_options)
