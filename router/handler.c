@@ -142,6 +142,31 @@ char *router__error_json(const char *errstr, const char *detail, int *status)
     return out;
 }
 
+/* Log an error answer: one line a second per kind at most. Under load a
+ * down backend or store answers thousands of requests alike a second, and
+ * each is in the cost log anyway, with its request id and status. */
+static void log_error_answer(struct router__client *c, int status, const char *errstr,
+                             const char *detail)
+{
+    static uint64_t logged_ms[ARRAY_SIZE(error_maps)];
+    static unsigned long unlogged[ARRAY_SIZE(error_maps)];
+    size_t kind = (size_t)(error_lookup(errstr) - error_maps);
+    uint64_t now = router__now(c->router);
+
+    if (logged_ms[kind] != 0 && now - logged_ms[kind] < 1000) {
+        unlogged[kind]++;
+        return;
+    }
+    if (unlogged[kind] > 0)
+        log_info("request %s: %d %s%s%s (and %lu more since the last such line)", c->req.id_str,
+                 status, errstr, detail ? ": " : "", detail ? detail : "", unlogged[kind]);
+    else
+        log_info("request %s: %d %s%s%s", c->req.id_str, status, errstr, detail ? ": " : "",
+                 detail ? detail : "");
+    logged_ms[kind] = now;
+    unlogged[kind] = 0;
+}
+
 void router__send_error(struct router__client *c, const char *errstr, const char *detail)
 {
     int status;
@@ -153,8 +178,7 @@ void router__send_error(struct router__client *c, const char *errstr, const char
     }
     request_number(c); /* for the log line */
     if (status >= 500 || status == 408 || status == 413 || status == 431)
-        log_info("request %s: %d %s%s%s", c->req.id_str, status, errstr, detail ? ": " : "",
-                 detail ? detail : "");
+        log_error_answer(c, status, errstr, detail);
     router__send_response(c, status, "application/json", NULL, body, strlen(body));
     free(body);
 }

@@ -499,14 +499,52 @@ Test(costs, routers_sharing_redis_never_overspend_a_budget)
     cr_assert_lt(granted, workers * each, "nothing was refused");
 }
 
+/* Lines of the log at `path` that hold `needle`; the file is removed. */
+static int count_log_lines(const char *path, const char *needle)
+{
+    char line[1024];
+    int n = 0;
+    FILE *f = fopen(path, "r");
+
+    cr_assert_not_null(f);
+    while (fgets(line, sizeof(line), f))
+        n += strstr(line, needle) != NULL;
+    fclose(f);
+    unlink(path);
+    return n;
+}
+
+/* A down backend answers every request alike (502, then 503 once its
+ * circuit is open): the log says so once a second per kind of error, with
+ * the count, not once a request. Each request is in the cost log. */
+Test(costs, error_answers_are_logged_once_a_second_per_kind)
+{
+    char log[64] = "/tmp/costrouter-stderr-XXXXXX";
+    int lines;
+
+    close(mkstemp(log));
+    stderr_path = log;
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    support_proc_stop(&mock_a);
+    for (int i = 0; i < 40; i++) {
+        cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+        cr_assert(resp.status == 502 || resp.status == 503, "status %d", resp.status);
+    }
+    support_proc_stop(&routers[0]);
+    lines = count_log_lines(log, ": 50");
+    cr_assert_geq(lines, 2, "a 502 and a 503 line at least");
+    cr_assert_leq(lines, 4, "%d lines for 40 error answers", lines);
+}
+
 /* While the store is down every settlement fails alike: the log says so
  * about once a second, not once a request (it was thousands of lines a
  * second under load). */
 Test(costs, a_store_outage_is_logged_once_a_second_not_per_request)
 {
-    char log[64] = "/tmp/costrouter-stderr-XXXXXX", line[1024];
-    int journaled = 0;
-    FILE *f;
+    char log[64] = "/tmp/costrouter-stderr-XXXXXX";
+    int journaled;
 
     close(mkstemp(log));
     stderr_path = log;
@@ -520,12 +558,7 @@ Test(costs, a_store_outage_is_logged_once_a_second_not_per_request)
         cr_assert_eq(resp.status, 200, "fail_open serves while Redis is down");
     }
     support_proc_stop(&routers[0]);
-    f = fopen(log, "r");
-    cr_assert_not_null(f);
-    while (fgets(line, sizeof(line), f))
-        journaled += strstr(line, "journaled") != NULL;
-    fclose(f);
-    unlink(log);
+    journaled = count_log_lines(log, "journaled");
     cr_assert_geq(journaled, 1, "the outage is not in the log");
     cr_assert_leq(journaled, 3, "%d lines for 40 failed settlements", journaled);
 }
