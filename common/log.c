@@ -9,6 +9,21 @@ int log_threshold = LOG_LEVEL_INFO;
 
 static const char *const level_names[] = {"ERROR", "WARN", "INFO", "DEBUG"};
 
+int log_every_due(struct log_every *t, uint64_t now_ms, char note[LOG_EVERY_NOTE_MAX])
+{
+    if (t->last_ms != 0 && now_ms - t->last_ms < 1000) {
+        t->skipped++;
+        return 0;
+    }
+    note[0] = '\0';
+    if (t->skipped > 0)
+        snprintf(note, LOG_EVERY_NOTE_MAX, " (and %lu more since the last such line)",
+                 t->skipped);
+    t->last_ms = now_ms ? now_ms : 1;
+    t->skipped = 0;
+    return 1;
+}
+
 /* Format one line into a stack buffer and write it with a single fwrite so
  * lines from concurrent processes sharing a terminal do not interleave. */
 void log_write(int level, const char *file, int line, const char *fmt, ...)

@@ -8,6 +8,8 @@
 #ifndef COMMON_LOG_H
 #define COMMON_LOG_H
 
+#include <stdint.h>
+
 enum log_level { LOG_LEVEL_ERROR, LOG_LEVEL_WARN, LOG_LEVEL_INFO, LOG_LEVEL_DEBUG };
 
 /* Messages above this level are dropped; set from -v / config. */
@@ -19,6 +21,21 @@ void log_write(int level, const char *file, int line, const char *fmt, ...)
 #define log_error(...) log_write(LOG_LEVEL_ERROR, __FILE__, __LINE__, __VA_ARGS__)
 #define log_warn(...) log_write(LOG_LEVEL_WARN, __FILE__, __LINE__, __VA_ARGS__)
 #define log_info(...) log_write(LOG_LEVEL_INFO, __FILE__, __LINE__, __VA_ARGS__)
+/* A line that may come thousands of times a second (what every request
+ * meets during an outage): one goes through a second, the rest are
+ * counted, and the next line says how many. Zero it before use. */
+struct log_every {
+    uint64_t last_ms;      /* when one last went through, 0: never */
+    unsigned long skipped; /* held back since */
+};
+
+#define LOG_EVERY_NOTE_MAX 64
+
+/* 1 when a line is due at `now_ms` (ms of a monotonic clock): `note` then
+ * gets " (and N more since the last such line)" or "" to end it with.
+ * Else 0, and the line is counted. */
+int log_every_due(struct log_every *t, uint64_t now_ms, char note[LOG_EVERY_NOTE_MAX]);
+
 #ifdef COMMON_LOG_DEBUG
 #define log_debug(...) log_write(LOG_LEVEL_DEBUG, __FILE__, __LINE__, __VA_ARGS__)
 #else

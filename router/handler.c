@@ -148,23 +148,13 @@ char *router__error_json(const char *errstr, const char *detail, int *status)
 static void log_error_answer(struct router__client *c, int status, const char *errstr,
                              const char *detail)
 {
-    static uint64_t logged_ms[ARRAY_SIZE(error_maps)];
-    static unsigned long unlogged[ARRAY_SIZE(error_maps)];
-    size_t kind = (size_t)(error_lookup(errstr) - error_maps);
-    uint64_t now = router__now(c->router);
+    static struct log_every by_kind[ARRAY_SIZE(error_maps)];
+    struct log_every *t = &by_kind[error_lookup(errstr) - error_maps];
+    char note[LOG_EVERY_NOTE_MAX];
 
-    if (logged_ms[kind] != 0 && now - logged_ms[kind] < 1000) {
-        unlogged[kind]++;
-        return;
-    }
-    if (unlogged[kind] > 0)
-        log_info("request %s: %d %s%s%s (and %lu more since the last such line)", c->req.id_str,
-                 status, errstr, detail ? ": " : "", detail ? detail : "", unlogged[kind]);
-    else
-        log_info("request %s: %d %s%s%s", c->req.id_str, status, errstr, detail ? ": " : "",
-                 detail ? detail : "");
-    logged_ms[kind] = now;
-    unlogged[kind] = 0;
+    if (log_every_due(t, router__now(c->router), note))
+        log_info("request %s: %d %s%s%s%s", c->req.id_str, status, errstr, detail ? ": " : "",
+                 detail ? detail : "", note);
 }
 
 void router__send_error(struct router__client *c, const char *errstr, const char *detail)

@@ -34,6 +34,7 @@
 #include "cache/cache.h"
 #include "common/buf.h"
 #include "common/fmt.h"
+#include "common/log.h"
 #include "common/slice.h"
 #include "policy/cost.h"
 #include "policy/experiment.h"
@@ -62,6 +63,8 @@ struct router__pool {
     unsigned nopen;                        /* all open connections of this pool */
     char *model_json;                      /* the backend's model name as a JSON string, or NULL */
     struct buf fixed_headers;              /* Host, Content-Type, the key: the same every request */
+    struct log_every retry_log;            /* "answered 5xx/429, trying the next" lines */
+    struct log_every fail_log;             /* "failed" lines (connect, reset, timeout) */
 };
 
 /* What outlives a config reload: the listening socket and the state that
@@ -121,8 +124,7 @@ struct router {
     double *idle_reported;          /* per backend: idle cost already added to metrics */
     struct policy_experiment *experiments; /* prepared from conf.experiments */
     unsigned store_pending;         /* settles/releases/puts not answered yet */
-    uint64_t store_warned_ms;       /* when a failed write was last logged, 0: never */
-    uint64_t store_unwarned;        /* failed writes since then, not logged */
+    struct log_every store_warn;    /* failed store writes, logged once a second */
     struct metrics *metrics;        /* shared->metrics */
     struct metrics_cost_log *cost_log; /* shared->cost_log, or NULL */
     struct router__shelf shelf;     /* buffers of idle connections' requests */

@@ -817,8 +817,11 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     int rc;
 
     if (status_retryable(status) && more_candidates(c)) {
-        log_info("request %s: backend %s answered %d, trying the next candidate", req->id_str,
-                 b->name, status);
+        char note[LOG_EVERY_NOTE_MAX];
+
+        if (log_every_due(&req->pool->retry_log, now, note))
+            log_info("request %s: backend %s answered %d, trying the next candidate%s",
+                     req->id_str, b->name, status, note);
         if (status >= 500)
             backend_attempt_failure(req->pool->backend, now);
         router__upstream_abort(req->up);
@@ -1211,6 +1214,7 @@ void router__proxy_on_error(struct router__client *c, const char *errstr)
 {
     struct router__request *req = &c->req;
     uint64_t now = router__now(c->router);
+    char note[LOG_EVERY_NOTE_MAX];
 
     req->up = NULL;
     if (req->response_started) {
@@ -1220,7 +1224,9 @@ void router__proxy_on_error(struct router__client *c, const char *errstr)
         return;
     }
     backend_attempt_failure(req->pool->backend, now);
-    log_info("request %s: backend %s failed: %s", req->id_str, req->pool->conf->name, errstr);
+    if (log_every_due(&req->pool->fail_log, now, note))
+        log_info("request %s: backend %s failed: %s%s", req->id_str, req->pool->conf->name, errstr,
+                 note);
     retry_elsewhere(c, errstr);
 }
 

@@ -152,17 +152,10 @@ struct router__tenant *router__tenant_state(struct router *r, const struct conf_
  * on_store_state. */
 static void warn_write_failed(struct router *r, const char *errstr)
 {
-    uint64_t now = router__now(r);
+    char note[LOG_EVERY_NOTE_MAX];
 
-    if (r->store_warned_ms != 0 && now - r->store_warned_ms < 1000) {
-        r->store_unwarned++;
-        return;
-    }
-    log_warn("store: %s (charges are journaled and written back later; %llu more since the "
-             "last such line)",
-             errstr, (unsigned long long)r->store_unwarned);
-    r->store_warned_ms = now;
-    r->store_unwarned = 0;
+    if (log_every_due(&r->store_warn, router__now(r), note))
+        log_warn("store: %s (charges are journaled and written back later)%s", errstr, note);
 }
 
 /* Settles, releases and puts are counted until answered, so that a
