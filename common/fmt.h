@@ -41,4 +41,14 @@ static inline size_t fmt_hex(char *out, uint64_t v)
     return n;
 }
 
+/* The value of hex digit `c` (either case), or -1: fmt_hex's inverse, for
+ * the hex the config and URLs carry. */
+static inline int fmt_hex_value(int c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    c |= 0x20; /* ASCII lower case */
+    return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
 #endif

@@ -23,6 +23,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "common/fmt.h"
 #include "common/util.h"
 
 enum dtype {
@@ -568,14 +569,6 @@ static void node_arm_backends(struct conf__ctx *ctx, void *obj, struct conf__met
     parse_names(ctx, n, line, path, &a->backends, &a->nbackends, meta);
 }
 
-static int unhex(int c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    c = tolower(c);
-    return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-}
-
 /* Tenant keys are written "sha256:<64 hex>", as a plain string or as the
  * `hash` of a key mapping; stored into the struct conf_key `obj`. The
  * text is never echoed: a malformed entry may well be a raw key pasted by
@@ -588,7 +581,8 @@ static int fn_key_hash(struct conf__ctx *ctx, void *obj, const char *text, int l
     if (strncmp(text, "sha256:", 7) != 0 || strlen(text) != 7 + 64)
         goto bad;
     for (size_t j = 0; j < 32; j++) {
-        int hi = unhex(text[7 + 2 * j]), lo = unhex(text[8 + 2 * j]);
+        int hi = fmt_hex_value((unsigned char)text[7 + 2 * j]);
+        int lo = fmt_hex_value((unsigned char)text[8 + 2 * j]);
 
         if (hi < 0 || lo < 0)
             goto bad;

@@ -21,6 +21,7 @@
 #include "backends/backend.h"
 #include "cache/cache.h"
 #include "common/error.h"
+#include "common/fmt.h"
 #include "common/log.h"
 #include "conf/conf.h"
 #include "metrics/metrics.h"
@@ -251,14 +252,6 @@ static void admin_reload(struct router__client *c)
     free(errors);
 }
 
-static int hex_digit(char ch)
-{
-    if (ch >= '0' && ch <= '9')
-        return ch - '0';
-    ch = (char)(ch | 0x20);
-    return ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 : -1;
-}
-
 /* The path segment `in` with %XX decoded (HTTP clients encode what is not
  * a URL character: "a%2Fb" for the id "a/b") into out[size], NUL-ended;
  * -1 if it does not fit, a %XX is malformed, or it decodes to a NUL. */
@@ -270,8 +263,8 @@ static int percent_decode(struct slice in, char *out, size_t size)
         char ch = in.p[i];
 
         if (ch == '%') {
-            int hi = i + 2 < in.len ? hex_digit(in.p[i + 1]) : -1;
-            int lo = hi >= 0 ? hex_digit(in.p[i + 2]) : -1;
+            int hi = i + 2 < in.len ? fmt_hex_value((unsigned char)in.p[i + 1]) : -1;
+            int lo = hi >= 0 ? fmt_hex_value((unsigned char)in.p[i + 2]) : -1;
             if (lo < 0 || (hi | lo) == 0)
                 return -1;
             ch = (char)(hi << 4 | lo);
