@@ -319,15 +319,19 @@ static int64_t count_texts(struct policy_tokens *t, enum conf_tokenizer enc, con
     return n;
 }
 
+/* The token tables to count `enc` with, or NULL to estimate from bytes
+ * (its table failed to load, at start or at a reload). */
+static struct policy_tokens *tokens_for(const struct router__client *c, enum conf_tokenizer enc)
+{
+    return policy_tokens_has(c->router->tokens, enc) ? c->router->tokens : NULL;
+}
+
 /* Prompt tokens of the request for a backend with tokenizer `enc`. */
 static int64_t count_prompt(struct router__client *c, enum conf_tokenizer enc)
 {
     struct router__request *req = &c->req;
-    struct policy_tokens *t = c->router->tokens;
+    struct policy_tokens *t = tokens_for(c, enc);
     int64_t n = -1;
-
-    if (!policy_tokens_has(t, enc))
-        t = NULL; /* its table failed to load at a reload: estimate */
 
     if (req->endpoint == ROUTER_EP_CHAT && t != NULL)
         n = policy_tokens_chat(t, enc, req->json);
@@ -1114,9 +1118,7 @@ static void count_completion(struct router__client *c)
 {
     struct router__request *req = &c->req;
     const struct conf_backend *b = req->pool->conf;
-    struct policy_tokens *t = policy_tokens_has(c->router->tokens, b->tokenizer)
-                                  ? c->router->tokens
-                                  : NULL;
+    struct policy_tokens *t = tokens_for(c, b->tokenizer);
     cJSON *body, *choice, *calls, *call;
     int64_t n = 0;
 
