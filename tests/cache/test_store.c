@@ -208,7 +208,7 @@ BOTH(reused_ops_keep_tenants_apart, 20)
     struct cache_options o = {0};
     struct fx f;
     struct wait w, s;
-    char longest[201];
+    char longest[CACHE_TENANT_MAX + 1];
 
     memset(longest, 'z', sizeof(longest) - 1);
     longest[sizeof(longest) - 1] = '\0';
