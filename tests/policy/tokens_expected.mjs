@@ -114,6 +114,19 @@ for (let i = 0; i < 3000; i++) {
   add(`rand${i}`, s);
 }
 
+// Random ASCII-only strings: the tokenizer splits all-ASCII text with
+// ASCII twins of the patterns (policy/tokenize.c), so every class edge
+// is drawn often here: each control character, letters of both cases,
+// digits, the contraction suffixes in any case, and runs of white space.
+const ascii = [...Array.from({ length: 128 }, (_, c) => String.fromCharCode(c)),
+  ...'aAzZ09 \n\r\t', "'s", "'S", "'t", "'re", "'VE", "'m", "'Ll", "'d", "'", '  ', '\r\n', ' \n', '/\n'];
+for (let i = 0; i < 2000; i++) {
+  const n = 1 + rnd(i < 1600 ? 24 : 300);
+  let s = '';
+  for (let k = 0; k < n; k++) s += pick(ascii);
+  add(`ascii${i}`, s);
+}
+
 // Invalid UTF-8: random bytes and classic bad sequences inside text.
 const bad = [[0x80], [0xbf], [0xc0, 0x80], [0xc1, 0xbf], [0xe0, 0x80, 0x80], [0xed, 0xa0, 0x80],
   [0xed, 0xbf, 0xbf], [0xf0, 0x80, 0x80, 0x80], [0xf4, 0x90, 0x80, 0x80], [0xf5], [0xff], [0xfe],
