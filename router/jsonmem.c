@@ -9,7 +9,8 @@
  * router__json_enter and router__json_leave), and from malloc otherwise,
  * so cJSON's other uses (admin answers, usage parsing, printing) are
  * untouched. Freeing a piece of the arena does nothing; the arena is
- * dropped with the tree.
+ * dropped with the tree, which is therefore changed only between enter and
+ * leave: a node made outside would be leaked.
  *
  * The arena's first block is one of the request's buffers (req->json_mem),
  * so it is reused from request to request and shelved while the
@@ -123,9 +124,9 @@ cJSON *router__json_parse(struct router__request *req)
 
 void router__json_drop(struct router__request *req)
 {
-    router__json_enter(req);
-    cJSON_Delete(req->json); /* walks the tree; frees only what the arena does not own */
-    router__json_leave();
+    /* No cJSON_Delete: the tree is parsed and changed (rewrite_body) only
+     * between router__json_enter and router__json_leave, so all of it is
+     * in the arena, and walking it to free nothing cost ~3% of a request. */
     req->json = NULL;
     buf_reset(&req->json_mem);
     while (req->json_more) {
