@@ -80,7 +80,17 @@ static int64_t json_int(const cJSON *obj, const char *name)
  * include_usage is on, so this must be cheap). */
 static const char *usage_object(const char *json, size_t len)
 {
+    static const char null_tail[] = "\"usage\":null}";
+    const size_t tail = sizeof(null_tail) - 1;
     const char *end = json + len, *p = json;
+
+    /* Most chunks end so (OpenAI, vLLM): that "usage" is the top-level
+     * one, as the brace after it closes the body, and there is nothing to
+     * search for in the rest. This skips a scan of every chunk. */
+    while (end > json && (end[-1] == ' ' || end[-1] == '\t' || end[-1] == '\n' || end[-1] == '\r'))
+        end--;
+    if ((size_t)(end - json) >= tail && memcmp(end - tail, null_tail, tail) == 0)
+        return NULL;
 
     while ((p = memmem(p, (size_t)(end - p), "\"usage\"", 7)) != NULL) {
         const char *v = p + 7;

@@ -104,3 +104,20 @@ Test(usage, null_usage_and_no_usage_are_not_found, .timeout = 5)
     cr_assert_not(router__usage_parse(without, sizeof(without) - 1, &u, &empty));
     cr_assert_eq(u.prompt_tokens, -1);
 }
+
+/* The shortcut for chunks ending in "usage":null} takes only a top-level
+ * null: a nested one at the end leaves the real usage object found. */
+Test(usage, only_a_top_level_null_usage_ends_the_search, .timeout = 5)
+{
+    const char nested[] = "{\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":6},"
+                          "\"meta\":{\"usage\":null}}";
+    const char spaced[] = "{\"choices\":[],\"usage\":null} \r\n";
+    struct router__usage u;
+    int empty;
+
+    cr_assert(router__usage_parse(nested, sizeof(nested) - 1, &u, &empty));
+    cr_assert_eq(u.prompt_tokens, 5);
+    cr_assert_eq(u.completion_tokens, 6);
+    cr_assert_not(router__usage_parse(spaced, sizeof(spaced) - 1, &u, &empty));
+    cr_assert_eq(u.prompt_tokens, -1);
+}
