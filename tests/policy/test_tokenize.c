@@ -139,6 +139,34 @@ Test(tokenize, long_runs_use_heap_merge_and_agree, .timeout = 60)
     policy_tokens_free(t);
 }
 
+/* A text of millions of pieces: one PCRE2 call walking it stops at the
+ * match limit (10 million steps) and the next goes on from the last piece,
+ * so no piece is lost or counted twice. " a" is one token in every
+ * encoding; the text starts with "a" (ASCII-only text) or "\xc3\xa9" (any
+ * text), so both of an encoding's patterns are walked. */
+Test(tokenize, texts_of_millions_of_pieces_count_every_piece_once, .timeout = 60)
+{
+    struct policy_tokens *t = fixture_tokens();
+    size_t pairs = 4u << 20, n = 2 + 2 * pairs;
+    char *s = malloc(n);
+    static const enum conf_tokenizer encs[] = {CONF_TOK_CL100K, CONF_TOK_O200K, CONF_TOK_LLAMA3};
+
+    for (size_t i = 0; i < pairs; i++)
+        memcpy(s + 2 + 2 * i, " a", 2);
+    for (size_t e = 0; e < 3; e++) {
+        int64_t one = policy_tokens_count(t, encs[e], " a", 2);
+        int64_t head = policy_tokens_count(t, encs[e], "\xc3\xa9", 2);
+        cr_assert_eq(one, 1);
+        memcpy(s, "\xc3\xa9", 2);
+        cr_assert_eq(policy_tokens_count(t, encs[e], s, n), head + (int64_t)pairs);
+        s[0] = ' ';
+        s[1] = 'a';
+        cr_assert_eq(policy_tokens_count(t, encs[e], s, n), 1 + (int64_t)pairs);
+    }
+    free(s);
+    policy_tokens_free(t);
+}
+
 Test(tokenize, empty_and_estimate, .timeout = 20)
 {
     struct policy_tokens *t = fixture_tokens();
