@@ -41,9 +41,14 @@ BENCH_TARGETS += bench-tokenize
 # libFuzzer target: random bytes through all three encodings and --chat.
 # Built with clang in its own folder; run e.g. build-fuzz/fuzz_tokenize -max_total_time=60
 FUZZ_CFLAGS := -std=gnu11 -g -O1 -I. -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
-build-fuzz/fuzz_tokenize: tests/fuzz/fuzz_tokenize.c policy/tokenize.c policy/tokenize_chat.c common/buf.c common/log.c
+# The target includes policy/tokenize.c (to reach its static splitters).
+FUZZ_TOKENIZE_SRCS := tests/fuzz/fuzz_tokenize.c policy/tokenize_chat.c common/buf.c common/log.c
+build-fuzz/fuzz_tokenize: $(FUZZ_TOKENIZE_SRCS) policy/tokenize.c
 	@mkdir -p $(dir $@)
-	clang $(FUZZ_CFLAGS) -o $@ $^ -lpcre2-8 -lcjson -lxxhash -lm
+	clang $(FUZZ_CFLAGS) -o $@ $(FUZZ_TOKENIZE_SRCS) -lpcre2-8 -lcjson -lxxhash -lm
 
 fuzz-tokenize: build-fuzz/fuzz_tokenize $(TOKENS_DATA)/.stamp
-	build-fuzz/fuzz_tokenize -max_total_time=$(or $(FUZZ_SECONDS),30) -max_len=4096 build-fuzz/corpus-tokenize
+	@mkdir -p build-fuzz/corpus-tokenize
+	@cp -n bench/chat.json build-fuzz/corpus-tokenize/
+	build-fuzz/fuzz_tokenize -max_total_time=$(or $(FUZZ_SECONDS),30) -max_len=4096 \
+	    -artifact_prefix=build-fuzz/ build-fuzz/corpus-tokenize

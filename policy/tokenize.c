@@ -1008,12 +1008,12 @@ static int on_piece(pcre2_callout_block *b, void *arg)
     return 0;
 }
 
-/* Split s[0..len) into pieces and encode each into `sink`; see struct
- * splitter. -ENOMEM: no memory for BPE or no JIT stack left. */
-static int split_encode(struct policy_tokens *t, struct vocab *v, const uint8_t *s, size_t len,
-                        struct sink *sink)
+/* Split s[0..len) with `sp` (one of v's) into pieces and encode each
+ * into `sink`; see struct splitter. -ENOMEM: no memory for BPE or no JIT
+ * stack left. */
+static int split_encode(struct policy_tokens *t, struct vocab *v, const struct splitter *sp,
+                        const uint8_t *s, size_t len, struct sink *sink)
 {
-    const struct splitter *sp = &v->split[ascii_run(s, len) == len];
     struct walk w = {t, v, s, 0, sink};
 
     pcre2_set_callout(v->mctx, on_piece, &w);
@@ -1056,7 +1056,7 @@ int64_t policy_tokens_encode(struct policy_tokens *t, enum conf_tokenizer enc, c
     if (!s)
         return -ENOMEM;
     struct sink sink = {ids, cap, 0};
-    if (split_encode(t, v, s, len, &sink) < 0)
+    if (split_encode(t, v, &v->split[ascii_run(s, len) == len], s, len, &sink) < 0)
         return -ENOMEM;
     return sink.count;
 }
