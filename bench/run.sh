@@ -13,7 +13,10 @@
 #     round with the most requests/s counts for each server and load: this
 #     damps what other work on a shared machine does to one run.
 #     Measured: requests/s, p50/p99 latency, the latency added over direct,
-#     peak RSS of the server's processes (VmHWM, reset before each run).
+#     peak RSS of the server's processes (VmHWM, reset before each run),
+#     and the CPU time (user + system, from /proc/PID/stat) the server's
+#     processes spent per request served: unlike requests/s, that figure
+#     hardly depends on what else the shared CPUs are doing.
 #   - time to first streamed token, direct vs through each proxy (bench/probe.c).
 #   - BENCH_IDLE_CONNS idle keep-alive connections held open on costrouter,
 #     and its RSS then.
@@ -143,6 +146,21 @@ rss_kb() {
     echo "$sum"
 }
 
+# CPU time (user + system) a process tree has used so far, in clock ticks.
+# Fields 14 and 15 of /proc/PID/stat, counted after the ") " that ends the
+# command name (which may hold spaces).
+cpu_ticks() {
+    local p sum=0 v
+    for p in "$@"; do
+        for p in $(tree_pids "$p"); do
+            v=$(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' /proc/"$p"/stat 2>/dev/null || true)
+            sum=$((sum + ${v:-0}))
+        done
+    done
+    echo "$sum"
+}
+HZ=$(getconf CLK_TCK)
+
 # Open files: the idle-connection check needs more than IDLE_CONNS.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((IDLE_CONNS + 1000)) ]; then
@@ -202,7 +220,7 @@ PORT_redis=$(free_port)
 note_cmd "$REDIS --bind 127.0.0.1 --port $PORT_redis --save '' --appendonly no"
 "$REDIS" --bind 127.0.0.1 --port "$PORT_redis" --save '' --appendonly no \
     > "$RUN/redis.log" 2>&1 &
-PIDS+=($!)
+PIDS+=($!); PID_redis_server=$!
 wait_port "$PORT_redis" "$RUN/redis.log"
 costrouter_conf "$ABS_OUT/run/cost-redis.jsonl" \
     "store: { redis: \"redis://127.0.0.1:$PORT_redis/0\", on_failure: fail_open }" \
@@ -279,7 +297,7 @@ TSV=$RUN/results.tsv
 : > "$RUN/redis-calls.txt"
 COST_LINES=
 run_wrk() { # round mode conns server
-    local r=$1 mode=$2 c=$3 name=$4 script=bench/chat.lua envs="" port pid cmd line out
+    local r=$1 mode=$2 c=$3 name=$4 script=bench/chat.lua envs="" port pid cmd line out cpu_pids cpu_used
     [ "$mode" = stream ] && script=bench/chat-stream.lua
     [ "$name" = portkey ] && envs="BENCH_PORTKEY_HOST=$PORTKEY_HOST "
     port=$(var PORT "$name"); pid=$(var PID "$name")
@@ -292,7 +310,14 @@ run_wrk() { # round mode conns server
     [ "$r" = 1 ] && note_cmd "$envs$cmd"
     [ "$name" = costrouter-redis ] && "$REDIS_CLI" -p "$PORT_redis" config resetstat > /dev/null
     out=$RUN/wrk-$mode-$c-$name-$r.txt
+    # costrouter-redis's CPU is its own and its redis-server's.
+    cpu_pids=$pid
+    [ "$name" = costrouter-redis ] && cpu_pids="$pid $PID_redis_server"
+    # shellcheck disable=SC2086
+    cpu_used=$(cpu_ticks $cpu_pids)
     env $envs $cmd > "$out"
+    # shellcheck disable=SC2086
+    cpu_used=$(( $(cpu_ticks $cpu_pids) - cpu_used ))
     line=$(grep '^BENCH ' "$out" || true)
     [ -n "$line" ] || { log "no result from: $cmd"; cat "$out" >&2; return 1; }
     # Script calls Redis ran during the run: 0 would mean the router fell
@@ -301,10 +326,13 @@ run_wrk() { # round mode conns server
         awk -F'[=,:]' '/^cmdstat_eval(sha)?:/ { n += $3 } END { print "calls=" n + 0 }')" >> "$RUN/redis-calls.txt"
     [ "$name" = costrouter ] && COST_LINES="$COST_LINES $mode/$c/round$r:$(wc -l < "$RUN/cost.jsonl")"
     # mode conns server requests duration_us p50_us p99_us non2xx socket_errors peak_rss_kb round
-    echo "$line" | awk -v m="$mode" -v c="$c" -v s="$name" -v r="$r" -v rss="$(rss_kb "$pid" VmHWM)" '
+    # cpu_us_per_request
+    echo "$line" | awk -v m="$mode" -v c="$c" -v s="$name" -v r="$r" -v rss="$(rss_kb "$pid" VmHWM)" \
+                       -v ticks="$cpu_used" -v hz="$HZ" '
         { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } }
         END { print m, c, s, v["requests"], v["duration_us"], v["p50_us"], v["p99_us"], v["non2xx"],
-                    v["connect"] + v["read"] + v["write"] + v["timeout"], rss, r }' >> "$ALL_TSV"
+                    v["connect"] + v["read"] + v["write"] + v["timeout"], rss, r,
+                    (v["requests"] > 0 ? sprintf("%.1f", ticks * 1e6 / hz / v["requests"]) : "-") }' >> "$ALL_TSV"
     log "round $r: $(tail -n 1 "$ALL_TSV")"
 }
 
@@ -449,20 +477,24 @@ Written by \`make bench\` (bench/run.sh) on $(date -u '+%Y-%m-%d %H:%M UTC'). Do
   Streamed latency is to the last chunk.
 - Peak RSS: VmHWM summed over the server's processes (nginx: master + workers), reset before
   each run. Added latency: the server's p50/p99 minus direct's at the same load.
+- CPU us/req: user + system CPU time of the server's processes during the run (from
+  /proc/PID/stat; costrouter-redis: the router and its redis-server; direct: mockllm), divided
+  by the requests served. Requests/s depends on how the two CPUs are shared between wrk,
+  mockllm and the server; CPU per request is what the server itself costs.
 
 ## Load (wrk)
 
-| mode | conns | server | req/s | p50 ms | p99 ms | +p50 ms | +p99 ms | peak RSS MB | errors | round |
-|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|
+| mode | conns | server | req/s | p50 ms | p99 ms | +p50 ms | +p99 ms | peak RSS MB | CPU us/req | errors | round |
+|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 EOF
 awk '
     { key = $1 " " $2
       rps = $4 / ($5 / 1e6); p50 = $6 / 1000; p99 = $7 / 1000
       if ($3 == "direct") { d50[key] = p50; d99[key] = p99 }
-      printf "| %s | %s | %s | %.0f | %.3f | %.3f | %s | %s | %.1f | %s | %s |\n", $1, $2, $3, rps, p50, p99,
+      printf "| %s | %s | %s | %.0f | %.3f | %.3f | %s | %s | %.1f | %s | %s | %s |\n", $1, $2, $3, rps, p50, p99,
              $3 == "direct" ? "-" : sprintf("%+.3f", p50 - d50[key]),
              $3 == "direct" ? "-" : sprintf("%+.3f", p99 - d99[key]),
-             $10 / 1024, ($8 + $9 == 0) ? "0" : sprintf("%d non-2xx, %d socket", $8, $9), $11 }' "$TSV"
+             $10 / 1024, $12, ($8 + $9 == 0) ? "0" : sprintf("%d non-2xx, %d socket", $8, $9), $11 }' "$TSV"
 cat <<EOF
 
 errors: non-2xx answers and socket errors (connect/read/write/timeout) wrk counted; round: the
@@ -487,10 +519,12 @@ cat <<EOF
 
 The same ratios round by round (the runs of one round are seconds apart, so drift on the
 machine touches both sides alike), and their median: the best rounds above can come from
-different rounds for each server.
+different rounds for each server. Then the CPU time per request of costrouter over nginx-1's,
+round by round (below 1: costrouter did its work, token counting, routing, budget and cost
+log included, on less CPU than nginx spent passing the request on).
 
-| mode | conns | costrouter / nginx-1, each round | median | costrouter-redis / nginx-1, each round | median |
-|---|---:|---|---:|---|---:|
+| mode | conns | costrouter / nginx-1, each round | median | costrouter-redis / nginx-1, each round | median | CPU per request, costrouter / nginx-1, each round | median |
+|---|---:|---|---:|---|---:|---|---:|
 EOF
 awk '
     function median(list,   a, n, i, j, t) {
@@ -498,14 +532,16 @@ awk '
         for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
         return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
     }
-    { key = $1 " " $2; r = $11; rps[key, $3, r] = $4 / ($5 / 1e6)
+    { key = $1 " " $2; r = $11; rps[key, $3, r] = $4 / ($5 / 1e6); cpu[key, $3, r] = $12
       if (!(key in seen)) { seen[key] = 1; order[++n] = key }
       if (r > rounds) rounds = r }
-    END { for (i = 1; i <= n; i++) { k = order[i]; split(k, mc, " "); a = b = ""
+    END { for (i = 1; i <= n; i++) { k = order[i]; split(k, mc, " "); a = b = c = ""
             for (r = 1; r <= rounds; r++) {
                 a = a sprintf(" %.2f", rps[k, "costrouter", r] / rps[k, "nginx-1", r])
-                b = b sprintf(" %.2f", rps[k, "costrouter-redis", r] / rps[k, "nginx-1", r]) }
-            printf "| %s | %s |%s | %.2fx |%s | %.2fx |\n", mc[1], mc[2], a, median(a), b, median(b) } }' "$ALL_TSV"
+                b = b sprintf(" %.2f", rps[k, "costrouter-redis", r] / rps[k, "nginx-1", r])
+                c = c sprintf(" %.2f", cpu[k, "nginx-1", r] > 0 ? cpu[k, "costrouter", r] / cpu[k, "nginx-1", r] : 0) }
+            printf "| %s | %s |%s | %.2fx |%s | %.2fx |%s | %.2fx |\n", mc[1], mc[2], a, median(a), b, median(b),
+                   c, median(c) } }' "$ALL_TSV"
 cat <<EOF
 
 costrouter-redis, Redis script calls per run (EVALSHA and EVAL, from \`INFO commandstats\`
