@@ -68,11 +68,16 @@ int router__sse_data(const char *event, size_t len, const char **data, size_t *d
     return 0;
 }
 
-static int64_t json_int(const cJSON *obj, const char *name)
+/* A token count as the upstream reports it, or -1: absent, not a number,
+ * negative, or beyond ROUTER__USAGE_COUNT_MAX (the charge then falls back
+ * to the router's own counts, as with no usage at all). */
+static int64_t json_count(const cJSON *obj, const char *name)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, name);
 
-    return cJSON_IsNumber(v) && v->valuedouble >= 0 ? (int64_t)v->valuedouble : -1;
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0 && v->valuedouble <= ROUTER__USAGE_COUNT_MAX))
+        return -1;
+    return (int64_t)v->valuedouble;
 }
 
 /* Start of the JSON object that is the value of "usage", or NULL when
@@ -142,11 +147,11 @@ int router__usage_parse(const char *json, size_t len, struct router__usage *out,
     usage = cJSON_ParseWithLengthOpts(start, (size_t)(json + len - start), NULL, 0);
     if (usage == NULL)
         return 0;
-    out->prompt_tokens = json_int(usage, "prompt_tokens");
-    out->completion_tokens = json_int(usage, "completion_tokens");
+    out->prompt_tokens = json_count(usage, "prompt_tokens");
+    out->completion_tokens = json_count(usage, "completion_tokens");
     details = cJSON_GetObjectItemCaseSensitive(usage, "prompt_tokens_details");
     if (cJSON_IsObject(details))
-        out->cached_tokens = json_int(details, "cached_tokens");
+        out->cached_tokens = json_count(details, "cached_tokens");
     found = out->prompt_tokens >= 0 || out->completion_tokens >= 0;
     cJSON_Delete(usage);
     *choices_empty = choices_empty_array(json, len);

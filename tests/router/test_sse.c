@@ -121,3 +121,22 @@ Test(usage, only_a_top_level_null_usage_ends_the_search, .timeout = 5)
     cr_assert_not(router__usage_parse(spaced, sizeof(spaced) - 1, &u, &empty));
     cr_assert_eq(u.prompt_tokens, -1);
 }
+
+/* A broken or hostile upstream: counts that are not counts are unknown
+ * (the router then charges its own counts), never cast out of range. */
+Test(usage, counts_out_of_range_are_unknown, .timeout = 5)
+{
+    const char some[] = "{\"usage\":{\"prompt_tokens\":1e300,\"completion_tokens\":7,"
+                        "\"prompt_tokens_details\":{\"cached_tokens\":2e12}}}";
+    const char none[] = "{\"usage\":{\"prompt_tokens\":-3,\"completion_tokens\":1e999}}";
+    struct router__usage u;
+    int empty;
+
+    cr_assert(router__usage_parse(some, sizeof(some) - 1, &u, &empty));
+    cr_assert_eq(u.prompt_tokens, -1);
+    cr_assert_eq(u.completion_tokens, 7);
+    cr_assert_eq(u.cached_tokens, -1);
+    cr_assert_not(router__usage_parse(none, sizeof(none) - 1, &u, &empty));
+    cr_assert_eq(u.prompt_tokens, -1);
+    cr_assert_eq(u.completion_tokens, -1);
+}
