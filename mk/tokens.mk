@@ -38,12 +38,11 @@ bench-tokenize: $(BUILD)/bench/tokenize $(TOKENS_DATA)/.stamp $(TOKENS_TESTDATA)
 
 BENCH_TARGETS += bench-tokenize
 
-# libFuzzer target: random bytes through all three encodings and --chat.
-# Built with clang in its own folder; run e.g. build-fuzz/fuzz_tokenize -max_total_time=60
-FUZZ_CFLAGS := -std=gnu11 -g -O1 -I. -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+# libFuzzer target: random bytes through all three encodings and --chat
+# (FUZZ_CFLAGS and clang: mk/fuzz.mk).
 # The target includes policy/tokenize.c (to reach its static splitters).
 FUZZ_TOKENIZE_SRCS := tests/fuzz/fuzz_tokenize.c policy/tokenize_chat.c common/buf.c common/log.c
-build-fuzz/fuzz_tokenize: $(FUZZ_TOKENIZE_SRCS) policy/tokenize.c
+build-fuzz/fuzz_tokenize: $(FUZZ_TOKENIZE_SRCS) policy/tokenize.c | fuzz-tools
 	@mkdir -p $(dir $@)
 	clang $(FUZZ_CFLAGS) -o $@ $(FUZZ_TOKENIZE_SRCS) -lpcre2-8 -lcjson -lxxhash -lm
 

@@ -1,0 +1,30 @@
+# mk/fuzz.mk: libFuzzer targets, built with clang (ASan, UBSan) in their
+# own folder, build-fuzz/. Each runs for FUZZ_SECONDS (30) from a seed
+# corpus; a failing input is written to build-fuzz/crash-*. Replay one with
+# e.g. build-fuzz/fuzz_sse build-fuzz/crash-...
+# fuzz-tokenize (the tokenizer) is in mk/tokens.mk, next to its tables.
+
+FUZZ_CFLAGS := -std=gnu11 -g -O1 -I. -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+
+# clang from Debian when missing (libFuzzer comes with it).
+fuzz-tools:
+	@command -v clang >/dev/null 2>&1 || { echo "installing: clang"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang; }
+
+# What the router reads out of an upstream's answer (router/sse.c).
+FUZZ_SSE_SRCS := tests/fuzz/fuzz_sse.c router/sse.c common/buf.c
+build-fuzz/fuzz_sse: $(FUZZ_SSE_SRCS) router/internal.h | fuzz-tools
+	@mkdir -p $(dir $@)
+	clang $(FUZZ_CFLAGS) -I/usr/share/include/llhttp -o $@ $(FUZZ_SSE_SRCS) -lcjson
+
+# Seeds: a stream's last events and a whole non-streamed answer.
+fuzz-sse: build-fuzz/fuzz_sse
+	@mkdir -p build-fuzz/corpus-sse
+	@printf 'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":16,"prompt_tokens_details":{"cached_tokens":0}}}\n\ndata: [DONE]\n\n' \
+	    > build-fuzz/corpus-sse/stream
+	@printf '{"id":"x","choices":[{"message":{"content":"hi"}}],"usage" : {"prompt_tokens":9,"completion_tokens":16}}' \
+	    > build-fuzz/corpus-sse/body
+	build-fuzz/fuzz_sse -max_total_time=$(or $(FUZZ_SECONDS),30) -max_len=4096 \
+	    -artifact_prefix=build-fuzz/ build-fuzz/corpus-sse
+
+.PHONY: fuzz-tools fuzz-sse
