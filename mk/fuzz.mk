@@ -27,4 +27,20 @@ fuzz-sse: build-fuzz/fuzz_sse
 	build-fuzz/fuzz_sse -max_total_time=$(or $(FUZZ_SECONDS),30) -max_len=4096 \
 	    -artifact_prefix=build-fuzz/ build-fuzz/corpus-sse
 
-.PHONY: fuzz-tools fuzz-sse
+# The cost log line (metrics/costlog.c) from any strings and numbers.
+FUZZ_COSTLOG_SRCS := tests/fuzz/fuzz_costlog.c metrics/costlog.c metrics/metrics.c common/buf.c \
+                     common/utf8.c common/log.c
+build-fuzz/fuzz_costlog: $(FUZZ_COSTLOG_SRCS) metrics/metrics.h | fuzz-tools
+	@mkdir -p $(dir $@)
+	clang $(FUZZ_CFLAGS) -o $@ $(FUZZ_COSTLOG_SRCS) -lcjson -luv -lxxhash -lm
+
+# Seed: a request id, tenant, route, backend, no arm, a reason, a tag, a
+# candidate, then numbers (zeros).
+fuzz-costlog: build-fuzz/fuzz_costlog
+	@mkdir -p build-fuzz/corpus-costlog
+	@printf 'cr-1\0acme\0gpt-4o-mini\0mock-api\0\0cheapest-qualifying\0team\0ml\0mock-api\0' \
+	    > build-fuzz/corpus-costlog/record
+	build-fuzz/fuzz_costlog -max_total_time=$(or $(FUZZ_SECONDS),30) -max_len=1024 \
+	    -artifact_prefix=build-fuzz/ build-fuzz/corpus-costlog
+
+.PHONY: fuzz-tools fuzz-sse fuzz-costlog
