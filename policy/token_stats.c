@@ -111,7 +111,7 @@ static uint32_t outpred_quantile(struct policy_outpred *o)
 static int64_t positive_int(const cJSON *req, const char *key)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(req, key);
-    if (!cJSON_IsNumber(v) || v->valuedouble < 1 || v->valuedouble > 1e12)
+    if (!cJSON_IsNumber(v) || v->valuedouble < 1 || v->valuedouble > POLICY_TOKENS_COUNT_MAX)
         return 0;
     return (int64_t)v->valuedouble;
 }

@@ -37,6 +37,11 @@ struct policy_tokens;
 int policy_tokens_load(struct policy_tokens **out, const char *dir)
     __attribute__((warn_unused_result));
 
+/* The largest token count taken from outside (a request's max_tokens, an
+ * upstream's usage): a bigger number is not a count of anything real, and
+ * one like 1e300 would not fit an int64_t. */
+#define POLICY_TOKENS_COUNT_MAX 1e12
+
 /* Every encoding, as a `need` mask: bit (1u << e) for enum conf_tokenizer e. */
 #define POLICY_TOKENS_ALL                                                                  \
     ((1u << CONF_TOK_CL100K) | (1u << CONF_TOK_O200K) | (1u << CONF_TOK_LLAMA3))

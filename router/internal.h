@@ -452,9 +452,6 @@ void router__upstream_resume(struct router__upstream *u);
 SSL_CTX *router__tls_client_ctx(const struct conf_backend *b);
 
 /* sse.c: split SSE bytes into events; usage extraction */
-/* Larger token counts from an upstream are not counts (and would not fit
- * an int64_t if they came as 1e300): read as unknown. */
-#define ROUTER__USAGE_COUNT_MAX 1e12
 struct router__usage {
     int64_t prompt_tokens;     /* -1 when absent */
     int64_t completion_tokens; /* -1 when absent */

@@ -69,13 +69,13 @@ int router__sse_data(const char *event, size_t len, const char **data, size_t *d
 }
 
 /* A token count as the upstream reports it, or -1: absent, not a number,
- * negative, or beyond ROUTER__USAGE_COUNT_MAX (the charge then falls back
+ * negative, or beyond POLICY_TOKENS_COUNT_MAX (the charge then falls back
  * to the router's own counts, as with no usage at all). */
 static int64_t json_count(const cJSON *obj, const char *name)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, name);
 
-    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0 && v->valuedouble <= ROUTER__USAGE_COUNT_MAX))
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0 && v->valuedouble <= POLICY_TOKENS_COUNT_MAX))
         return -1;
     return (int64_t)v->valuedouble;
 }

@@ -32,7 +32,7 @@ static int64_t reference_count(const cJSON *obj, const char *name)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, name);
 
-    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0 && v->valuedouble <= ROUTER__USAGE_COUNT_MAX))
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0 && v->valuedouble <= POLICY_TOKENS_COUNT_MAX))
         return -1;
     return (int64_t)v->valuedouble;
 }
