@@ -121,7 +121,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     const uint8_t *p = data, *end = data + size;
     char *s[NSTRINGS] = {0};
-    struct metrics_cost_record r = {0};
+    struct metrics_cost_record r;
     struct metrics_cost_candidate cand;
     struct conf_tag tag;
     struct buf out = {0};

@@ -37,14 +37,14 @@ static int64_t reference_count(const cJSON *obj, const char *name)
     return (int64_t)v->valuedouble;
 }
 
-/* Bytes a strict JSON parser accepts between tokens or not at all;
- * cJSON also skips other control bytes, which the router's scan (rightly)
- * does not, so such inputs are left out of the comparison. */
+/* No control bytes but JSON's white space: cJSON also skips the others
+ * between tokens, which the router's scan (rightly) does not, so such
+ * inputs are left out of the comparison. */
 static int only_json_bytes(const char *s, size_t len)
 {
     for (size_t i = 0; i < len; i++) {
         unsigned char c = (unsigned char)s[i];
-        if (c < 0x20 && c != ' ' && c != '\t' && c != '\n' && c != '\r')
+        if (c < 0x20 && c != '\t' && c != '\n' && c != '\r')
             return 0;
     }
     return 1;
@@ -116,12 +116,12 @@ static int collect(void *arg, const char *p, size_t len)
     return 0;
 }
 
-/* Split `text` as it arrives in reads of [0, cut) and [cut, len). */
 static int same_bytes(const char *a, const char *b, size_t len)
 {
     return len == 0 || memcmp(a, b, len) == 0;
 }
 
+/* Split `text` as it arrives in reads of [0, cut) and [cut, len). */
 static void split(const char *text, size_t len, size_t cut, struct events *ev, struct buf *tail)
 {
     if (buf_append(tail, text, cut) != 0 || router__sse_split(tail, collect, ev) != 0 ||

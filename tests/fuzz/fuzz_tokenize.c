@@ -97,6 +97,8 @@ static void check_encoding(int e, const uint8_t *data, size_t size)
         searched = split_walk(v, &v->split[1], s, len, ids_b, ids_cap);
         same_ids(walked, searched, "the ASCII pattern and the Unicode one");
     }
+    /* The cached count twice: the second comes from the cache when the
+     * text is long enough to be kept. */
     if (policy_tokens_count(tokens, enc, (const char *)data, size) != walked ||
         policy_tokens_count_cached(tokens, enc, (const char *)data, size) != walked ||
         policy_tokens_count_cached(tokens, enc, (const char *)data, size) != walked) {
