@@ -113,6 +113,27 @@ void backend_attempt_failure(struct backend *b, uint64_t now_ms)
     }
 }
 
+void backend_rate_limited(struct backend *b, uint64_t now_ms, int64_t retry_after_ms)
+{
+    uint64_t wait = retry_after_ms < 0                          ? BACKEND_COOLDOWN_DEFAULT_MS
+                    : retry_after_ms > BACKEND_COOLDOWN_MAX_MS ? BACKEND_COOLDOWN_MAX_MS
+                                                                : (uint64_t)retry_after_ms;
+
+    /* "Retry-After: 0" asks for no wait; a wait inside the current one
+     * changes nothing. So this logs at most once per cooldown. */
+    if (wait == 0 || now_ms + wait <= b->cooldown_until_ms)
+        return;
+    if (b->cooldown_until_ms <= now_ms)
+        log_info("backend %s: rate limited (429), passed over for %llu ms where another can serve",
+                 b->conf->name, (unsigned long long)wait);
+    b->cooldown_until_ms = now_ms + wait;
+}
+
+uint64_t backend_cooldown_ms(const struct backend *b, uint64_t now_ms)
+{
+    return b->cooldown_until_ms > now_ms ? b->cooldown_until_ms - now_ms : 0;
+}
+
 /* Without a time, the interval since the last event is left to be
  * counted with the new in-flight count; backend_attempt_finish is exact. */
 void backend_attempt_end(struct backend *b)

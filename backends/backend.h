@@ -5,6 +5,9 @@
  * a backend for a while; after that one request at a time probes it
  * (half-open) and a success closes the circuit again. The router reports
  * every attempt's outcome here; policy/ reads the state to choose.
+ * A 429 is not a failure (the backend is up, it is asking for less) but
+ * starts a cooldown for as long as its Retry-After says, which policy/
+ * uses to pass the backend over while another candidate can serve.
  *
  * Cost models (formulas in docs/cost-model.md):
  * - API tier: list prices per million tokens; cached prompt tokens at the
@@ -44,7 +47,9 @@ struct backend *backend_set_get(struct backend_set *set, size_t index);
 const struct conf_backend *backend_conf(const struct backend *b);
 
 /* May a request go to `b` now? True when the circuit is closed, or when
- * it is half-open and no probe is in flight. `now_ms` is loop time. */
+ * it is half-open and no probe is in flight. `now_ms` is loop time. A
+ * cooldown (backend_cooldown_ms) is not counted here: it is a preference
+ * policy/ weighs, not a ban. */
 int backend_available(const struct backend *b, uint64_t now_ms);
 
 /* Outcome of one attempt. A failure is a connect error, a reset or a 5xx
@@ -54,6 +59,18 @@ void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_m
 void backend_attempt_failure(struct backend *b, uint64_t now_ms);
 /* The attempt ended (success or failure): in-flight count goes down. */
 void backend_attempt_end(struct backend *b);
+
+/* Cooldown after a 429 without a usable Retry-After, and the longest one
+ * a Retry-After may ask for (a bogus "86400" must not take a backend out
+ * for a day). */
+#define BACKEND_COOLDOWN_DEFAULT_MS 5000
+#define BACKEND_COOLDOWN_MAX_MS 60000
+/* `b` answered 429 at `now_ms`, asking to wait `retry_after_ms` (-1 when
+ * it did not say): cool down until then, clamped to
+ * BACKEND_COOLDOWN_MAX_MS. A cooldown is never shortened by a later 429. */
+void backend_rate_limited(struct backend *b, uint64_t now_ms, int64_t retry_after_ms);
+/* Milliseconds of cooldown left at `now_ms`, 0 when none. */
+uint64_t backend_cooldown_ms(const struct backend *b, uint64_t now_ms);
 
 /* Token counts of one request (estimated before, real after). */
 struct backend_tokens {

@@ -14,6 +14,7 @@ struct backend {
     unsigned inflight;               /* attempts started, not ended */
     unsigned failures;               /* consecutive failures */
     uint64_t ejected_until_ms;       /* circuit open until this loop time */
+    uint64_t cooldown_until_ms;      /* rate limited (429) until this loop time */
     unsigned probing:1;              /* half-open probe in flight */
     unsigned clock_started:1;        /* accounting clock running */
     double ttft_ewma_ms;             /* smoothed time to first byte */

@@ -59,6 +59,8 @@ enum metrics_type { METRICS_COUNTER, METRICS_GAUGE, METRICS_HISTOGRAM };
       "1 while the spend store answers, 0 while it is unavailable.", "store")                \
     X(TOKEN_ESTIMATE_RATIO, "costrouter_token_estimate_ratio", GAUGE,                        \
       "Actual over estimated prompt tokens (calibration, 1 is exact).", "backend")           \
+    X(BACKEND_RATE_LIMITED_TOTAL, "costrouter_backend_rate_limited_total", COUNTER,          \
+      "429 answers from a backend (each starts or extends its cooldown).", "backend")        \
     X(UPSTREAM_CONNECTIONS, "costrouter_upstream_connections", GAUGE,                        \
       "Open connections to a backend.", "backend")                                           \
     X(CLIENT_CONNECTIONS, "costrouter_client_connections", GAUGE,                            \

@@ -46,7 +46,7 @@ static void read_budget(const struct policy_budget *bu, int soft_pct, int64_t *l
 /* The verdict on candidate `i` up to (not including) quality and budget,
  * with its estimates filled in. POLICY_VERDICT_COSTLIER means "passed". */
 static enum policy_verdict_kind qualify(const struct policy_request *req, size_t i,
-                                        struct policy_verdict *v)
+                                        int take_cooling, struct policy_verdict *v)
 {
     const struct conf_backend *cb = req->route->candidates[i];
     const struct backend *b = backend_set_get(req->backends, cb->index);
@@ -66,6 +66,8 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
         return POLICY_VERDICT_ARM;
     if (!backend_available(b, req->now_ms))
         return POLICY_VERDICT_HEALTH;
+    if (!take_cooling && backend_cooldown_ms(b, req->now_ms) > 0)
+        return POLICY_VERDICT_RATE_LIMITED;
     if (cb->context_window > 0 && cb->context_window < req->prompt_tokens + req->completion_tokens)
         return POLICY_VERDICT_CONTEXT;
     if (req->limits.max_ttft_ms > 0 && v->predicted_ttft_ms > req->limits.max_ttft_ms)
@@ -73,8 +75,11 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
     return POLICY_VERDICT_COSTLIER;
 }
 
-static struct policy_choice choose_cheapest(const struct policy_request *req,
-                                            struct policy_verdict *v)
+/* One look at every candidate; with `take_cooling`, backends cooling
+ * down after a 429 count as any other. `*cooling` gets how many were
+ * passed over for that. */
+static struct policy_choice choose_pass(const struct policy_request *req, int take_cooling,
+                                        struct policy_verdict *v, unsigned *cooling)
 {
     struct policy_choice ch = {.candidate = -1, .reason = POLICY_REASON_NONE_QUALIFIED};
     size_t n = req->route->ncandidates < 64 ? req->route->ncandidates : 64;
@@ -89,7 +94,9 @@ static struct policy_choice choose_cheapest(const struct policy_request *req,
         int quality_ok = req->route->candidates[i]->quality >= req->limits.min_quality;
 
         *c = (struct policy_verdict){0};
-        c->kind = qualify(req, i, c);
+        c->kind = qualify(req, i, take_cooling, c);
+        if (c->kind == POLICY_VERDICT_RATE_LIMITED)
+            (*cooling)++;
         if (c->kind != POLICY_VERDICT_TRIED && c->kind != POLICY_VERDICT_ARM)
             eligible++;
         if (c->kind == POLICY_VERDICT_ARM || (c->kind == POLICY_VERDICT_COSTLIER && !quality_ok))
@@ -151,6 +158,28 @@ static struct policy_choice choose_cheapest(const struct policy_request *req,
     return ch;
 }
 
+/* Backends cooling down after a 429 are passed over while another
+ * candidate can take the request as well. They are looked at again, as if
+ * not cooling, when without them the answer would be none (a 503, or a
+ * 429 for the budget) or a downgrade below the tenant's quality floor
+ * that one of them would avoid: the upstream knows best whether its limit
+ * has reset, and its own 429 with its Retry-After is a truer answer than
+ * one made up here. */
+static struct policy_choice choose_cheapest(const struct policy_request *req,
+                                            struct policy_verdict *v)
+{
+    unsigned cooling = 0;
+    struct policy_choice ch = choose_pass(req, 0, v, &cooling), with_cooling;
+
+    if (cooling == 0 || (ch.candidate >= 0 && ch.reason != POLICY_REASON_DOWNGRADED_BUDGET))
+        return ch;
+    with_cooling = choose_pass(req, 1, v, &cooling);
+    if (ch.candidate < 0 || (with_cooling.candidate >= 0 &&
+                             with_cooling.reason != POLICY_REASON_DOWNGRADED_BUDGET))
+        return with_cooling;
+    return choose_pass(req, 0, v, &cooling); /* the downgrade stands: its verdicts again */
+}
+
 const struct policy_cost_selector policy_cost_aware = {
     .name = "cost-aware",
     .choose = choose_cheapest,
@@ -169,6 +198,8 @@ const char *policy_verdict_name(enum policy_verdict_kind kind)
         return "arm";
     case POLICY_VERDICT_HEALTH:
         return "health";
+    case POLICY_VERDICT_RATE_LIMITED:
+        return "rate-limited";
     case POLICY_VERDICT_CONTEXT:
         return "context";
     case POLICY_VERDICT_SLO:

@@ -4,7 +4,9 @@
  * For one request it looks at every candidate of the route once and
  * returns the choice plus a verdict per candidate for the cost log:
  *   1. qualify: not tried, inside the A/B arm, available (circuit
- *      breaker), context window >= prompt + predicted completion,
+ *      breaker), not cooling down after a 429 (unless no other candidate
+ *      would serve: then it is looked at again as if it were not),
+ *      context window >= prompt + predicted completion,
  *      predicted TTFT <= max_ttft_ms, quality >= min_quality, estimated
  *      cost <= the budget left;
  *   2. pick the lowest marginal cost, ties by predicted TTFT, then route
@@ -67,6 +69,7 @@ enum policy_verdict_kind {
     POLICY_VERDICT_TRIED,     /* tried already for this request */
     POLICY_VERDICT_ARM,       /* outside the request's A/B arm */
     POLICY_VERDICT_HEALTH,    /* circuit open, or half-open with a probe out */
+    POLICY_VERDICT_RATE_LIMITED, /* cooling down after a 429, and another could serve */
     POLICY_VERDICT_CONTEXT,   /* prompt + completion exceed its context window */
     POLICY_VERDICT_SLO,       /* predicted TTFT above max_ttft_ms */
     POLICY_VERDICT_BUDGET,    /* its estimated cost exceeds the budget left */
@@ -104,8 +107,8 @@ struct policy_cost_selector {
 
 extern const struct policy_cost_selector policy_cost_aware;
 
-/* "chosen", "costlier", "tried", "arm", "health", "context", "slo",
- * "budget", "quality". */
+/* "chosen", "costlier", "tried", "arm", "health", "rate-limited",
+ * "context", "slo", "budget", "quality". */
 const char *policy_verdict_name(enum policy_verdict_kind kind);
 
 #endif

@@ -190,6 +190,7 @@ static void send_backends(struct router__client *c)
         cJSON_AddStringToObject(o, "circuit", backend_circuit_name(b, now));
         cJSON_AddNumberToObject(o, "inflight", backend_inflight(b));
         cJSON_AddNumberToObject(o, "consecutive_failures", backend_consecutive_failures(b));
+        cJSON_AddNumberToObject(o, "rate_limited_ms", (double)backend_cooldown_ms(b, now));
         cJSON_AddNumberToObject(o, "ttft_ewma_ms", backend_ttft_ewma_ms(b));
         cJSON_AddNumberToObject(o, "predicted_ttft_ms", backend_predicted_ttft_ms(b, now));
         cJSON_AddNumberToObject(o, "open_connections", r->pools[i].nopen);

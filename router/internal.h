@@ -302,6 +302,8 @@ struct router__upstream {
     struct buf hname, hvalue;             /* response header being assembled */
     struct buf headers;                   /* response headers to forward, "Name: value\r\n" each */
     size_t head_bytes;                    /* header bytes of the response so far */
+    int64_t retry_after_ms;               /* a 429's Retry-After in ms, -1 if none */
+    unsigned retry_after_in_ms:1;         /* that came from retry-after-ms (preferred) */
     unsigned is_sse:1;                    /* content-type text/event-stream */
     unsigned reused:1;                    /* came from the idle pool */
     unsigned got_bytes:1;                 /* any response byte received */
@@ -416,8 +418,10 @@ void router__proxy_replay(struct router__client *c, const char *value, size_t le
 void router__proxy_start(struct router__client *c);
 /* upstream.c calls these on the client attached to an upstream */
 void router__proxy_on_connected(struct router__client *c);
+/* The response head: `retry_after_ms` is what a 429's Retry-After or
+ * retry-after-ms asks for (-1: not said, or not a 429). */
 int router__proxy_on_head(struct router__client *c, int status, const struct buf *headers,
-                          int64_t content_length, int is_sse);
+                          int64_t content_length, int is_sse, int64_t retry_after_ms);
 void router__proxy_on_body(struct router__client *c, const char *p, size_t len);
 void router__proxy_on_complete(struct router__client *c);
 void router__proxy_on_error(struct router__client *c, const char *errstr);

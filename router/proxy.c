@@ -812,7 +812,7 @@ static void send_held_head(struct router__client *c, int64_t length, int with_co
 }
 
 int router__proxy_on_head(struct router__client *c, int status, const struct buf *headers,
-                          int64_t content_length, int is_sse)
+                          int64_t content_length, int is_sse, int64_t retry_after_ms)
 {
     struct router__request *req = &c->req;
     struct router *r = c->router;
@@ -820,6 +820,12 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     uint64_t now = router__now(r);
     int rc;
 
+    if (status == 429) {
+        const char *labels[] = {b->name};
+
+        backend_rate_limited(req->pool->backend, now, retry_after_ms);
+        metrics_add(r->metrics, METRICS_BACKEND_RATE_LIMITED_TOTAL, labels, 1);
+    }
     if (status_retryable(status) && more_candidates(c)) {
         char note[LOG_EVERY_NOTE_MAX];
 

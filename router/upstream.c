@@ -522,6 +522,8 @@ static int on_message_begin(llhttp_t *p)
     u->got_bytes = 1;
     u->is_sse = 0;
     u->head_bytes = 0;
+    u->retry_after_ms = -1;
+    u->retry_after_in_ms = 0;
     buf_reset(&u->headers);
     return 0;
 }
@@ -568,6 +570,29 @@ static int response_header_is_ours(struct slice name)
     return slice_caseeq_any(name, names, ARRAY_SIZE(names));
 }
 
+/* A 429's wait: retry-after-ms (Azure OpenAI) over Retry-After, as
+ * OpenAI's SDKs read them. Other statuses leave it unread. */
+static void note_retry_after(struct router__upstream *u, int status, struct slice name,
+                             struct slice value)
+{
+    int in_ms;
+    int64_t ms;
+
+    if (status != 429)
+        return;
+    if (slice_caseeq(name, "retry-after-ms"))
+        in_ms = 1;
+    else if (slice_caseeq(name, "retry-after") && !u->retry_after_in_ms)
+        in_ms = 0;
+    else
+        return;
+    ms = http_retry_after_ms(value.p, value.len, in_ms, time(NULL));
+    if (ms >= 0) {
+        u->retry_after_ms = ms;
+        u->retry_after_in_ms = in_ms;
+    }
+}
+
 static int on_header_value_complete(llhttp_t *p)
 {
     struct router__upstream *u = parser_upstream(p);
@@ -578,6 +603,7 @@ static int on_header_value_complete(llhttp_t *p)
     if (slice_caseeq(name, "content-type") && value.len >= 17 &&
         strncasecmp(value.p, "text/event-stream", 17) == 0)
         u->is_sse = 1;
+    note_retry_after(u, p->status_code, name, value);
     if (!response_header_is_ours(name) && name.len > 0)
         rc = buf_append_header(&u->headers, name, value);
     buf_reset(&u->hname);
@@ -609,7 +635,8 @@ static int on_headers_complete(llhttp_t *p)
     elapsed = uv_now(u->pool->router->loop) - c->req.attempt_start_ms;
     router__deadline_set(&u->timeout,
                          b->total_timeout_ms > (int)elapsed ? b->total_timeout_ms - (int)elapsed : 1);
-    if (router__proxy_on_head(c, p->status_code, &u->headers, length, u->is_sse) != 0)
+    if (router__proxy_on_head(c, p->status_code, &u->headers, length, u->is_sse,
+                              u->retry_after_ms) != 0)
         return -1;
     /* llhttp 8 reads a 304's Content-Length bytes as its body unless told:
      * 1 skips the body. */

@@ -121,11 +121,29 @@ static const char *connection_header(const struct mockllm_conn *c)
     return "";
 }
 
+/* A 429's Retry-After and retry-after-ms lines: x-mock-retry-after(-ms)
+ * over --retry-after. */
+static void put_retry_after(struct mockllm_conn *c, struct buf *b)
+{
+    const char *secs = mockllm__header(&c->req, "x-mock-retry-after");
+    const char *ms = mockllm__header(&c->req, "x-mock-retry-after-ms");
+
+    if (secs == NULL)
+        secs = c->srv->opts.retry_after;
+    /* The ms one first: a client must prefer it wherever it comes. */
+    if (ms != NULL)
+        putf(b, "retry-after-ms: %s\r\n", ms);
+    if (secs != NULL)
+        putf(b, "Retry-After: %s\r\n", secs);
+}
+
 /* Append a whole response with a JSON body (taken from scratch) to b. */
 static void put_response(struct mockllm_conn *c, struct buf *b, int status)
 {
     putf(b, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n", status,
          http_status_text(status), scratch.len);
+    if (status == 429)
+        put_retry_after(c, b);
     puts_(b, c->srv->pad_header);
     putf(b, "%s\r\n", connection_header(c));
     put(b, scratch.data, scratch.len);
@@ -170,6 +188,8 @@ int mockllm__fault_parse(const char *s)
         return MOCKLLM_FAULT_CLOSE_BEFORE;
     if (strcmp(s, "500") == 0)
         return MOCKLLM_FAULT_500;
+    if (strcmp(s, "429") == 0)
+        return MOCKLLM_FAULT_429;
     return -1;
 }
 
@@ -683,6 +703,9 @@ static void answer_v1(struct mockllm_conn *c, const char *path, size_t path_len)
         return;
     case MOCKLLM_FAULT_500:
         answer_error(c, 500, "server_error", "mock_fault", "mockllm: injected failure");
+        return;
+    case MOCKLLM_FAULT_429:
+        answer_error(c, 429, "rate_limit_exceeded", "mock_fault", "mockllm: rate limited");
         return;
     default:
         break;

@@ -31,6 +31,7 @@ enum mockllm_fault {
     MOCKLLM_FAULT_CLOSE_MIDSTREAM, /* headers and part of the body, then FIN */
     MOCKLLM_FAULT_CLOSE_BEFORE,   /* close without sending a byte */
     MOCKLLM_FAULT_500,            /* 500 with an OpenAI-style error JSON */
+    MOCKLLM_FAULT_429,            /* 429 rate_limit_exceeded (with --retry-after) */
 };
 
 /* Per-process settings from the command line. */
@@ -47,6 +48,7 @@ struct mockllm_opts {
     const char *tls_key;        /* PEM private key */
     uint64_t seed;              /* PRNG seed for --error-rate */
     int pad_header_bytes;       /* --pad-header: x-mock-pad value bytes, 0 = none */
+    const char *retry_after;    /* --retry-after: Retry-After value of every 429, or NULL */
 };
 
 /* One parsed request. Buffers are reused from request to request. */
@@ -146,7 +148,7 @@ void mockllm__on_timer(uv_timer_t *t);
 /* Reset the per-request state of a plan, keeping its buffers. */
 void mockllm__plan_reset(struct mockllm_plan *p);
 /* Parse a fault name (none, stall, close-midstream, close-before-response,
- * 500) to enum mockllm_fault; -1 if unknown. */
+ * 500, 429) to enum mockllm_fault; -1 if unknown. */
 int mockllm__fault_parse(const char *s);
 /* Free api.c's shared scratch buffer (at exit). */
 void mockllm__api_cleanup(void);

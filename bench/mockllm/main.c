@@ -29,14 +29,16 @@ static const char usage_text[] =
     "  --token-delay-ms N       delay between streamed tokens (default 0)\n"
     "  --tokens N               completion tokens per answer (default 16)\n"
     "  --error-rate F           fraction of /v1 requests answered 500 (default 0)\n"
-    "  --fault KIND             stall | close-midstream | close-before-response | 500\n"
+    "  --fault KIND             stall | close-midstream | close-before-response | 500 | 429\n"
+    "  --retry-after VALUE      Retry-After header of every 429 answer (sent as given)\n"
     "  --require-key KEY        401 unless Authorization: Bearer KEY\n"
     "  --tls-cert FILE --tls-key FILE   serve HTTPS\n"
     "  --seed N                 seed for --error-rate (default: from pid and time)\n"
     "  --pad-header N           an x-mock-pad header of N bytes in every JSON or SSE answer\n"
     "Per-request headers: x-mock-ttft-ms, x-mock-token-delay-ms, x-mock-tokens,\n"
     "x-mock-fault (as --fault, or none), x-mock-status (answer with this 4xx/5xx,\n"
-    "or 204/304 with no body), x-mock-usage: omit (no usage object, as some servers answer).\n";
+    "or 204/304 with no body), x-mock-usage: omit (no usage object, as some servers answer),\n"
+    "x-mock-retry-after and x-mock-retry-after-ms (Retry-After / retry-after-ms of a 429).\n";
 
 /* Parse a whole decimal integer in [0, max]. Returns 0 or -EINVAL. */
 static int parse_int(const char *s, long max, int *out)
@@ -56,7 +58,7 @@ static int parse_int(const char *s, long max, int *out)
 static int parse_args(int argc, char **argv, struct mockllm_opts *o)
 {
     enum { O_LISTEN = 256, O_MODEL, O_TTFT, O_DELAY, O_TOKENS, O_ERROR_RATE, O_FAULT,
-           O_CERT, O_KEY, O_REQUIRE_KEY, O_SEED, O_PAD_HEADER, O_HELP };
+           O_CERT, O_KEY, O_REQUIRE_KEY, O_SEED, O_PAD_HEADER, O_RETRY_AFTER, O_HELP };
     static const struct option longopts[] = {
         {"listen", required_argument, NULL, O_LISTEN},
         {"model", required_argument, NULL, O_MODEL},
@@ -70,6 +72,7 @@ static int parse_args(int argc, char **argv, struct mockllm_opts *o)
         {"require-key", required_argument, NULL, O_REQUIRE_KEY},
         {"seed", required_argument, NULL, O_SEED},
         {"pad-header", required_argument, NULL, O_PAD_HEADER},
+        {"retry-after", required_argument, NULL, O_RETRY_AFTER},
         {"help", no_argument, NULL, O_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -122,6 +125,7 @@ static int parse_args(int argc, char **argv, struct mockllm_opts *o)
             if (parse_int(optarg, 16 << 20, &o->pad_header_bytes) != 0)
                 goto bad;
             break;
+        case O_RETRY_AFTER: o->retry_after = optarg; break;
         case O_HELP: fputs(usage_text, stdout); return 1;
         default: fputs(usage_text, stderr); return -EINVAL;
         }

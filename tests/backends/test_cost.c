@@ -382,6 +382,36 @@ Test(cost, health_api_still_works_with_accounting, .timeout = 5)
     fx_fini(&f);
 }
 
+/* A 429 starts a cooldown as long as its Retry-After asks (the default
+ * without one, at most the cap); a later, shorter one does not cut it
+ * short; it is no circuit failure. */
+Test(cost, a_429_cools_a_backend_down_for_its_retry_after, .timeout = 5)
+{
+    struct fx f;
+    struct backend *b;
+
+    fx_init(&f);
+    b = fx_backend(&f, FX_MINI);
+    cr_assert_eq(backend_cooldown_ms(b, 1000), 0);
+    backend_rate_limited(b, 1000, 2500);
+    cr_assert_eq(backend_cooldown_ms(b, 1000), 2500);
+    cr_assert_eq(backend_cooldown_ms(b, 3000), 500);
+    cr_assert_eq(backend_cooldown_ms(b, 3500), 0);
+    backend_rate_limited(b, 4000, 3000);
+    backend_rate_limited(b, 4100, 100);
+    cr_assert_eq(backend_cooldown_ms(b, 4100), 2900, "a shorter wait keeps the longer one");
+    backend_rate_limited(b, 10000, 0);
+    cr_assert_eq(backend_cooldown_ms(b, 10000), 0, "Retry-After: 0 asks for none");
+    backend_rate_limited(b, 10000, -1);
+    cr_assert_eq(backend_cooldown_ms(b, 10000), BACKEND_COOLDOWN_DEFAULT_MS);
+    backend_rate_limited(b, 20000, 86400000);
+    cr_assert_eq(backend_cooldown_ms(b, 20000), BACKEND_COOLDOWN_MAX_MS);
+    cr_assert(backend_available(b, 20000), "a 429 is not a circuit failure");
+    cr_assert_str_eq(backend_circuit_name(b, 20000), "closed");
+    cr_assert_eq(backend_consecutive_failures(b), 0);
+    fx_fini(&f);
+}
+
 Test(cost, micro_usd_rounding, .timeout = 5)
 {
     cr_assert_eq(backend_usd_to_micro_ceil(0.00045), 450);

@@ -326,6 +326,30 @@ Test(mockllm, fault_500_and_error_rate)
     stop_clean();
 }
 
+/* --fault 429 answers as a rate-limited API; --retry-after and the
+ * x-mock-retry-after(-ms) headers set what it asks clients to wait. */
+Test(mockllm, fault_429_with_retry_after)
+{
+    cr_assert_eq(support_mockllm_start(&mock, "--fault", "429", "--retry-after", "3", NULL), 0);
+    cr_assert_eq(call("POST", "/v1/chat/completions", NULL, chat_body), 0);
+    cr_assert_eq(resp.status, 429);
+    cr_assert_str_eq(str(cJSON_GetObjectItemCaseSensitive(body_json(), "error"), "type"),
+                     "rate_limit_exceeded");
+    cr_assert_str_eq(support_http_header(&resp, "retry-after"), "3");
+    cr_assert_null(support_http_header(&resp, "retry-after-ms"));
+    cr_assert_eq(call("POST", "/v1/chat/completions",
+                      "x-mock-retry-after: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
+                      "x-mock-retry-after-ms: 250\r\n",
+                      chat_body),
+                 0);
+    cr_assert_str_eq(support_http_header(&resp, "retry-after"), "Sun, 06 Nov 1994 08:49:37 GMT");
+    cr_assert_str_eq(support_http_header(&resp, "retry-after-ms"), "250");
+    cr_assert_eq(call("POST", "/v1/chat/completions", "x-mock-fault: none\r\n", chat_body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_null(support_http_header(&resp, "retry-after"), "only a 429 says it");
+    stop_clean();
+}
+
 Test(mockllm, close_midstream_ends_without_terminating_chunk)
 {
     struct support_sse s;

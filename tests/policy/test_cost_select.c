@@ -26,6 +26,10 @@ enum {
     SET_SAME_PRICE = 8,    /* sonnet priced as 4o, 4o slower (800 vs 300 ms) */
     SET_ONE_CANDIDATE = 16, /* the route has only gpt-4o-mini */
     SET_GPU_LONG = 32,     /* the pool's window 262144 tokens */
+    SET_GPU_429 = 64,      /* the pool answered 429 at 990, Retry-After 5 s */
+    SET_MINI_429 = 128,    /* mini answered 429 at 990, no Retry-After */
+    SET_GPU_429_OVER = 256, /* the pool answered 429 at 0 with retry-after-ms 500 */
+    SET_4O_429 = 512,      /* 4o answered 429 at 990, Retry-After 2 s */
 };
 
 struct select_case {
@@ -121,6 +125,32 @@ static const struct select_case cases[] = {
      "context,context,context,health", 0},
     {"nothing qualifies", SET_GPU_DOWN, 95, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
      -1, "no-qualifying-candidate", 0, 0, "quality,quality,quality,health", 0},
+    /* A backend cooling down after a 429 is passed over while another can
+     * serve, and taken when none can. */
+    {"429: the pool cools down, mini serves", SET_GPU_429, 0, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0,
+     0, NULL, FX_MINI, "cheapest-qualifying", 0, 450, "chosen,costlier,costlier,rate-limited", 0},
+    {"429: its cooldown is over", SET_GPU_429_OVER, 0, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
+     FX_GPU, "cheapest-qualifying", 0, 278, "costlier,costlier,costlier,chosen", 0},
+    {"429: the only candidate is still tried", SET_ONE_CANDIDATE | SET_MINI_429, 0, 0, 0, 0, 1000,
+     500, 0, 0, 0, 0, 0, 0, NULL, FX_MINI, "only-candidate", 0, 450, "chosen", 0},
+    {"429: the rest tried already", SET_GPU_429, 0, 0, 0, 0, 1000, 500, 0, 0, 0, 0,
+     BIT(FX_MINI) | BIT(FX_4O) | BIT(FX_SONNET), 0, NULL, FX_GPU, "fallback", 0, 278,
+     "tried,tried,tried,chosen", 0},
+    {"429: the cooling one alone fits the budget", SET_MINI_429, 0, 0, 0, 0, 1000, 500, 10000, 460,
+     0, 0, BIT(FX_GPU), 0, NULL, FX_MINI, "fallback", 0, 450, "chosen,budget,budget,tried", 0},
+    /* As "budget: downgrade to what fits", with the pool cooling: still the
+     * pool, not a 429 for the budget. */
+    {"429: the downgrade that fits", SET_GPU_429, 75, 0, 1, 0, 1000, 500, 10000, 400, 0, 0, 0, 0,
+     NULL, FX_GPU, "downgraded-budget", 0, 278, "budget,budget,budget,chosen", 0},
+    /* Both mini and the pool are below the floor: the downgrade goes to
+     * mini rather than to the cooling pool. */
+    {"429: downgrade, not the cooling one", SET_GPU_429, 75, 0, 1, 0, 1000, 500, 10000, 500, 0,
+     0, 0, 0, NULL, FX_MINI, "downgraded-budget", 0, 450, "chosen,budget,budget,rate-limited", 0},
+    /* Without 4o the tenant would be downgraded below its floor (sonnet
+     * does not fit 8000): 4o, cooling, is taken instead. */
+    {"429: no downgrade that the cooling one avoids", SET_4O_429, 75, 0, 1, 0, 1000, 500, 10000,
+     8000, 0, 0, 0, 0, NULL, FX_4O, "cheapest-qualifying", 0, 7500, "quality,chosen,budget,quality",
+     0},
 };
 
 static void setup(struct fx *f, unsigned flags)
@@ -149,6 +179,14 @@ static void setup(struct fx *f, unsigned flags)
         f->route.ncandidates = 1;
     if (flags & SET_GPU_LONG)
         f->backends[FX_GPU].context_window = 262144;
+    if (flags & SET_GPU_429)
+        backend_rate_limited(fx_backend(f, FX_GPU), 990, 5000);
+    if (flags & SET_MINI_429)
+        backend_rate_limited(fx_backend(f, FX_MINI), 990, -1);
+    if (flags & SET_4O_429)
+        backend_rate_limited(fx_backend(f, FX_4O), 990, 2000);
+    if (flags & SET_GPU_429_OVER)
+        backend_rate_limited(fx_backend(f, FX_GPU), 0, 500);
 }
 
 /* "chosen,costlier,..." for the first n verdicts. */
@@ -299,4 +337,5 @@ Test(cost_select, reason_and_verdict_names, .timeout = 5)
     cr_assert_str_eq(policy_reason_name(POLICY_REASON_FALLBACK), "fallback");
     cr_assert_str_eq(policy_verdict_name(POLICY_VERDICT_SLO), "slo");
     cr_assert_str_eq(policy_verdict_name(POLICY_VERDICT_TRIED), "tried");
+    cr_assert_str_eq(policy_verdict_name(POLICY_VERDICT_RATE_LIMITED), "rate-limited");
 }

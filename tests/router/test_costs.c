@@ -927,6 +927,92 @@ Test(costs, a_backend_error_is_not_charged)
                        "only the answered request is charged");
 }
 
+/* /v1 requests mockllm `m` has answered. */
+static int mock_requests(struct support_proc *m)
+{
+    cr_assert_eq(call_port(m->port, "GET", "/mock/stats", NULL, NULL), 0);
+    return (int)cJSON_GetObjectItem(body_json(), "requests")->valuedouble;
+}
+
+/* Cooldown left on backend `index`, from the admin API. */
+static double admin_rate_limited_ms(int index)
+{
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/backends", ADMIN, NULL), 0);
+    return cJSON_GetObjectItem(cJSON_GetArrayItem(body_json(), index), "rate_limited_ms")
+        ->valuedouble;
+}
+
+static void expect_served_by_b(const char *reason)
+{
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), reason);
+}
+
+/* A backend that answers 429 is passed over, while another candidate can
+ * serve, for as long as its Retry-After says (retry-after-ms first), then
+ * tried again; each 429 is counted, the cooldown shows in the admin API
+ * and the passed-over candidate in the cost log. */
+Test(costs, a_rate_limited_backend_is_passed_over_until_its_retry_after)
+{
+    static const char series[] = "costrouter_backend_rate_limited_total{backend=\"a\"} 3";
+
+    cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "429", "--retry-after", "1", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300); /* the cheaper */
+    add_backend("b", mock_b.port, 1, 200, 600);
+    start_routers(1, "a, b", NULL);
+
+    expect_served_by_b("fallback"); /* a answered 429 first */
+    cr_assert_eq(mock_requests(&mock_a), 1);
+    double left = admin_rate_limited_ms(0);
+    cr_assert(left > 0 && left <= 1000, "cooling for %.0f ms, Retry-After said 1 s", left);
+    expect_served_by_b("cheapest-qualifying");
+    cr_assert_eq(mock_requests(&mock_a), 1, "a is not asked while it cools down");
+
+    usleep(1100 * 1000);
+    cr_assert_eq(admin_rate_limited_ms(0), 0);
+    expect_served_by_b("fallback");
+    cr_assert_eq(mock_requests(&mock_a), 2, "asked again once the second has passed");
+
+    /* retry-after-ms wins over Retry-After: 2.5 s, not 1 s. */
+    usleep(1100 * 1000);
+    cr_assert_eq(chat(0, "x-mock-retry-after-ms: 2500\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    cr_assert_eq(mock_requests(&mock_a), 3);
+    left = admin_rate_limited_ms(0);
+    cr_assert(left > 1500 && left <= 2500, "cooling for %.0f ms, retry-after-ms said 2500", left);
+
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_not_null(memmem(resp.body.data, resp.body.len, series, sizeof(series) - 1), "%.*s",
+                       (int)resp.body.len, resp.body.data);
+    support_proc_stop(&routers[0]);
+    /* The second request is the one that passed a over; in the others a
+     * was tried and "failed". */
+    cr_assert_eq(count_log_lines(log_path, "\"rejected\":\"rate-limited\""), 1);
+}
+
+/* The only candidate of a route is asked even while it cools down: the
+ * client gets the upstream's own 429 and Retry-After, not one made up. */
+Test(costs, a_rate_limited_only_candidate_answers_its_own_429)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "429", "--retry-after", "30", NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    for (int i = 1; i <= 2; i++) {
+        cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+        cr_assert_eq(resp.status, 429);
+        cr_assert_str_eq(support_http_header(&resp, "retry-after"), "30");
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+        cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "code")
+                             ->valuestring,
+                         "mock_fault", "the upstream's own error body");
+        cr_assert_eq(mock_requests(&mock_a), i);
+    }
+    cr_assert_gt(admin_rate_limited_ms(0), 25000);
+}
+
 /* The router loads only the token tables its backends name; a reload
  * that names another loads it, and prompts are then counted with it. */
 Test(costs, reload_loads_a_newly_named_token_table)
