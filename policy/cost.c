@@ -44,9 +44,12 @@ static void read_budget(const struct policy_budget *bu, int soft_pct, int64_t *l
 }
 
 /* The verdict on candidate `i` up to (not including) quality and budget,
- * with its estimates filled in. POLICY_VERDICT_COSTLIER means "passed". */
+ * with its estimates filled in. POLICY_VERDICT_COSTLIER means "passed".
+ * A backend with more than `take_cooling_ms` of a 429 cooldown left is
+ * "rate-limited", with that time in *cooldown_ms. */
 static enum policy_verdict_kind qualify(const struct policy_request *req, size_t i,
-                                        int take_cooling, struct policy_verdict *v)
+                                        uint64_t take_cooling_ms, struct policy_verdict *v,
+                                        uint64_t *cooldown_ms)
 {
     const struct conf_backend *cb = req->route->candidates[i];
     const struct backend *b = backend_set_get(req->backends, cb->index);
@@ -66,7 +69,7 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
         return POLICY_VERDICT_ARM;
     if (!backend_available(b, req->now_ms))
         return POLICY_VERDICT_HEALTH;
-    if (!take_cooling && backend_cooldown_ms(b, req->now_ms) > 0)
+    if ((*cooldown_ms = backend_cooldown_ms(b, req->now_ms)) > take_cooling_ms)
         return POLICY_VERDICT_RATE_LIMITED;
     if (cb->context_window > 0 && cb->context_window < req->prompt_tokens + req->completion_tokens)
         return POLICY_VERDICT_CONTEXT;
@@ -75,11 +78,24 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
     return POLICY_VERDICT_COSTLIER;
 }
 
-/* One look at every candidate; with `take_cooling`, backends cooling
- * down after a 429 count as any other. `*cooling` gets how many were
- * passed over for that. */
-static struct policy_choice choose_pass(const struct policy_request *req, int take_cooling,
-                                        struct policy_verdict *v, unsigned *cooling)
+/* Candidates passed over for a cooldown in one pass: how many, and the
+ * shortest and longest cooldown left among them. */
+struct cooling {
+    unsigned count;
+    uint64_t soonest_ms, latest_ms;
+};
+
+static void note_cooling(struct cooling *c, uint64_t left_ms)
+{
+    c->count++;
+    c->soonest_ms = MIN(c->soonest_ms, left_ms);
+    c->latest_ms = MAX(c->latest_ms, left_ms);
+}
+
+/* One look at every candidate. Backends cooling down after a 429 for at
+ * most `take_cooling_ms` more count as any other (0: none do). */
+static struct policy_choice choose_pass(const struct policy_request *req, uint64_t take_cooling_ms,
+                                        struct policy_verdict *v, struct cooling *cooling)
 {
     struct policy_choice ch = {.candidate = -1, .reason = POLICY_REASON_NONE_QUALIFIED};
     size_t n = req->route->ncandidates < 64 ? req->route->ncandidates : 64;
@@ -92,11 +108,12 @@ static struct policy_choice choose_pass(const struct policy_request *req, int ta
     for (size_t i = 0; i < n; i++) {
         struct policy_verdict *c = &v[i];
         int quality_ok = req->route->candidates[i]->quality >= req->limits.min_quality;
+        uint64_t cooldown_ms = 0;
 
         *c = (struct policy_verdict){0};
-        c->kind = qualify(req, i, take_cooling, c);
+        c->kind = qualify(req, i, take_cooling_ms, c, &cooldown_ms);
         if (c->kind == POLICY_VERDICT_RATE_LIMITED)
-            (*cooling)++;
+            note_cooling(cooling, cooldown_ms);
         if (c->kind != POLICY_VERDICT_TRIED && c->kind != POLICY_VERDICT_ARM)
             eligible++;
         if (c->kind == POLICY_VERDICT_ARM || (c->kind == POLICY_VERDICT_COSTLIER && !quality_ok))
@@ -159,25 +176,34 @@ static struct policy_choice choose_pass(const struct policy_request *req, int ta
 }
 
 /* Backends cooling down after a 429 are passed over while another
- * candidate can take the request as well. They are looked at again, as if
- * not cooling, when without them the answer would be none (a 503, or a
- * 429 for the budget) or a downgrade below the tenant's quality floor
- * that one of them would avoid: the upstream knows best whether its limit
- * has reset, and its own 429 with its Retry-After is a truer answer than
- * one made up here. */
+ * candidate can take the request as well. They are looked at again when
+ * without them the answer would be none (a 503, or a 429 for the budget)
+ * or a downgrade below the tenant's quality floor that one of them would
+ * avoid: first those whose cooldown ends soonest (the likeliest to be
+ * served), then all. The upstream knows best whether its limit has reset,
+ * and its own 429 with its Retry-After is a truer answer than one made up
+ * here. */
 static struct policy_choice choose_cheapest(const struct policy_request *req,
                                             struct policy_verdict *v)
 {
-    unsigned cooling = 0;
-    struct policy_choice ch = choose_pass(req, 0, v, &cooling), with_cooling;
+    struct cooling cooling = {0, UINT64_MAX, 0}, again = cooling;
+    struct policy_choice ch = choose_pass(req, 0, v, &cooling), with_cooling = ch;
+    uint64_t limits[2];
 
-    if (cooling == 0 || (ch.candidate >= 0 && ch.reason != POLICY_REASON_DOWNGRADED_BUDGET))
+    if (cooling.count == 0 || (ch.candidate >= 0 && ch.reason != POLICY_REASON_DOWNGRADED_BUDGET))
         return ch;
-    with_cooling = choose_pass(req, 1, v, &cooling);
-    if (ch.candidate < 0 || (with_cooling.candidate >= 0 &&
-                             with_cooling.reason != POLICY_REASON_DOWNGRADED_BUDGET))
+    limits[0] = cooling.soonest_ms;
+    limits[1] = cooling.latest_ms;
+    for (size_t k = 0; k < 2 && (k == 0 || limits[1] > limits[0]); k++) {
+        with_cooling = choose_pass(req, limits[k], v, &again);
+        if (with_cooling.candidate >= 0 && with_cooling.reason != POLICY_REASON_DOWNGRADED_BUDGET)
+            return with_cooling;
+        if (ch.candidate < 0 && with_cooling.candidate >= 0)
+            return with_cooling; /* a downgrade beats no answer */
+    }
+    if (ch.candidate < 0)
         return with_cooling;
-    return choose_pass(req, 0, v, &cooling); /* the downgrade stands: its verdicts again */
+    return choose_pass(req, 0, v, &again); /* the downgrade stands: its verdicts again */
 }
 
 const struct policy_cost_selector policy_cost_aware = {

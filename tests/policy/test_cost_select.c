@@ -30,7 +30,9 @@ enum {
     SET_MINI_429 = 128,    /* mini answered 429 at 990, no Retry-After */
     SET_GPU_429_OVER = 256, /* the pool answered 429 at 0 with retry-after-ms 500 */
     SET_4O_429 = 512,      /* 4o answered 429 at 990, Retry-After 2 s */
+    SET_SONNET_429 = 1024, /* sonnet answered 429 at 990, retry-after-ms 100 */
 };
+#define SET_ALL_429 (SET_GPU_429 | SET_MINI_429 | SET_4O_429 | SET_SONNET_429)
 
 struct select_case {
     const char *name;
@@ -151,6 +153,14 @@ static const struct select_case cases[] = {
     {"429: no downgrade that the cooling one avoids", SET_4O_429, 75, 0, 1, 0, 1000, 500, 10000,
      8000, 0, 0, 0, 0, NULL, FX_4O, "cheapest-qualifying", 0, 7500, "quality,chosen,budget,quality",
      0},
+    /* All cooling: the one whose cooldown ends first (sonnet, 90 ms left)
+     * is the likeliest to be served, dear as it is. */
+    {"429: all cooling, the soonest back is asked", SET_ALL_429, 0, 0, 0, 0, 1000, 500, 0, 0, 0,
+     0, 0, 0, NULL, FX_SONNET, "cheapest-qualifying", 0, 10500,
+     "rate-limited,rate-limited,chosen,rate-limited", 0},
+    /* ... unless it does not fit the budget: then all are looked at. */
+    {"429: all cooling, the soonest too dear", SET_ALL_429, 0, 0, 0, 0, 1000, 500, 10000, 8000, 0,
+     0, 0, 0, NULL, FX_GPU, "cheapest-qualifying", 0, 278, "costlier,costlier,budget,chosen", 0},
 };
 
 static void setup(struct fx *f, unsigned flags)
@@ -185,6 +195,8 @@ static void setup(struct fx *f, unsigned flags)
         backend_rate_limited(fx_backend(f, FX_MINI), 990, -1);
     if (flags & SET_4O_429)
         backend_rate_limited(fx_backend(f, FX_4O), 990, 2000);
+    if (flags & SET_SONNET_429)
+        backend_rate_limited(fx_backend(f, FX_SONNET), 990, 100);
     if (flags & SET_GPU_429_OVER)
         backend_rate_limited(fx_backend(f, FX_GPU), 0, 500);
 }
