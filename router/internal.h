@@ -270,6 +270,7 @@ struct router__client {
     enum router__client_phase phase;     /* what we wait for */
     struct router__request req;          /* current request */
     unsigned closing:1;                  /* close requested */
+    unsigned served:1;                   /* a response went out: idle now means keep-alive */
     unsigned handles_open;               /* tcp + timer still to close */
     unsigned reading:1;                  /* uv_read_start active */
     unsigned in_process:1;               /* client_process is on the stack */

@@ -375,7 +375,8 @@ static int on_message_complete(llhttp_t *p)
 {
     struct router__client *c = parser_client(p);
 
-    c->req.keep_alive = llhttp_should_keep_alive(p) ? 1 : 0;
+    /* A draining router answers with Connection: close, and closes. */
+    c->req.keep_alive = llhttp_should_keep_alive(p) && !c->router->stopping ? 1 : 0;
     client_set_phase(c, ROUTER_CLIENT_BUSY);
     return HPE_PAUSED;
 }
@@ -440,6 +441,7 @@ void router__client_response_done(struct router__client *c)
         return;
     }
     router__request_reset(&c->req);
+    c->served = 1;
     client_set_phase(c, ROUTER_CLIENT_IDLE);
     if (c->pending.len > 0) {
         if (!c->in_process)
@@ -682,8 +684,14 @@ static void generation_unlink(struct router *r)
         *pp = r->next_gen;
 }
 
-/* Stop taking keep-alive requests, close idle clients and connections. */
-static void generation_drain(struct router *r)
+/* Stop taking keep-alive requests, close idle clients and connections.
+ * With `spare_fresh` (a reload, the listener stays), a connection that
+ * has not had a request yet is left to get its one answer: its client
+ * connected a moment ago and its request may be in the socket buffer
+ * already, which a close would answer with a reset. (An idle keep-alive
+ * connection has that race too, as in every HTTP/1.1 server, but its
+ * client knows the connection was used and may have been closed.) */
+static void generation_drain(struct router *r, int spare_fresh)
 {
     struct router__client *c, *next;
 
@@ -692,7 +700,7 @@ static void generation_drain(struct router *r)
     r->stopping = 1;
     for (c = r->clients; c != NULL; c = next) {
         next = c->next;
-        if (c->phase == ROUTER_CLIENT_IDLE)
+        if (c->phase == ROUTER_CLIENT_IDLE && (c->served || !spare_fresh))
             router__client_close(c);
     }
     router__pools_close(r);
@@ -757,7 +765,7 @@ struct router *router_reload(struct router *old, struct conf *conf)
     sh->current = r;
     log_info("config reloaded: %zu backends, %zu routes, %zu tenants", conf->nbackends,
              conf->nroutes, conf->ntenants);
-    generation_drain(old);
+    generation_drain(old, 1);
     return r;
 }
 
@@ -819,7 +827,7 @@ void router_stop(struct router *r)
     }
     for (g = sh->generations; g != NULL; g = next) {
         next = g->next_gen;
-        generation_drain(g);
+        generation_drain(g, 0);
         router__maybe_finish(g); /* an already drained one goes now */
     }
     if (sh->generations == NULL)

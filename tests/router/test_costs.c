@@ -794,6 +794,48 @@ Test(costs, reload_applies_a_valid_config_and_keeps_the_old_on_errors)
     cr_assert(support_proc_exited_cleanly(&routers[0]), "exit status %d", routers[0].status);
 }
 
+/* A reload closes idle keep-alive connections, but not one accepted a
+ * moment before it that has not had its request yet: that request is
+ * answered (on the config it arrived under), then the connection closes.
+ * An idle keep-alive one is closed by the reload. */
+Test(costs, a_reload_answers_a_connection_that_had_no_request_yet)
+{
+    struct support_http_conn fresh, kept;
+    struct support_http_response r = {0};
+    struct buf chat_req = {0};
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    cr_assert_eq(support_http_format(&chat_req, "POST", "/v1/chat/completions", AUTH,
+                                     "{\"model\":\"chat\"," MSG "}"),
+                 0);
+    cr_assert_eq(support_http_connect(&kept, routers[0].port), 0);
+    cr_assert_eq(support_http_send(&kept, chat_req.data, chat_req.len), 0);
+    cr_assert_eq(support_http_read(&kept, &r, TIMEOUT_MS), 0);
+    cr_assert_eq(r.status, 200);
+    support_http_response_free(&r);
+    cr_assert_eq(support_http_connect(&fresh, routers[0].port), 0);
+
+    cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(support_http_send(&fresh, chat_req.data, chat_req.len), 0);
+    cr_assert_eq(support_http_read(&fresh, &r, TIMEOUT_MS), 0, "the fresh connection was dropped");
+    cr_assert_eq(r.status, 200);
+    cr_assert_str_eq(support_http_header(&r, "connection"), "close");
+    support_http_response_free(&r);
+    cr_assert_lt(support_http_read(&fresh, &r, TIMEOUT_MS), 0, "closed after its answer");
+    support_http_response_free(&r);
+    (void)!support_http_send(&kept, chat_req.data, chat_req.len); /* may fail: closed */
+    cr_assert_lt(support_http_read(&kept, &r, TIMEOUT_MS), 0, "the idle keep-alive one is closed");
+    support_http_response_free(&r);
+    support_http_close(&fresh);
+    support_http_close(&kept);
+    buf_free(&chat_req);
+    support_proc_stop(&routers[0]);
+    cr_assert(support_proc_exited_cleanly(&routers[0]), "exit status %d", routers[0].status);
+}
+
 /* The last line of the cost log, parsed (the routers must have stopped). */
 static cJSON *last_cost_record(void)
 {
