@@ -1386,11 +1386,24 @@ static void complete(struct cache_op *op, int in_call)
         cache__finish(op);
 }
 
+/* A begin that went out and got no answer (a command timeout, a lost
+ * connection) may still be applied when Redis reads it: a reservation no
+ * settle would name, holding budget until it expires. Journal its release:
+ * written back as a settle of nothing that drops the reservation only if
+ * Redis holds it. Sent after the reconnect's setup is answered, it comes
+ * after the lost command, which Redis read first. */
+static void journal_lost_begin(struct cache_op *op)
+{
+    cache__journal_add(&op->cache->journal, op->tenant, &op->period, 0, op->res.seq, op->amount, 1);
+}
+
 static void begin_ended(struct cache_op *op, int in_call)
 {
     struct cache *c = op->cache;
     struct cache_begin_result *b = &op->result;
 
+    if (op->errstr != NULL && !in_call && !c->closing)
+        journal_lost_begin(op);
     if (op->errstr == NULL) {
         cache__local_sync(&c->local, op->tenant, b->day_spent, b->month_spent);
         if (b->lookup == CACHE_LOOKUP_HIT && b->granted) {

@@ -127,6 +127,38 @@ Test(faults, stopped_server_command_timeout, .timeout = 15)
     test_redis_stop(&r);
 }
 
+/* A begin sent to a stopped server times out and is served from local
+ * counters (fail_open), but Redis still runs it once it resumes: the
+ * reservation it makes is released by the write-back, not left holding
+ * budget until it expires; the charge is counted once. */
+Test(faults, a_begin_lost_in_a_stopped_server_holds_nothing_after, .timeout = 15)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache *c;
+    struct wait w, s;
+
+    cr_assert_eq(test_redis_start(&r, 0), 0);
+    uv_loop_init(&loop);
+    c = open_store(&loop, r.url, CACHE_FAIL_OPEN, prefix, sizeof(prefix), "lost-begin");
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    test_redis_kill(&r, SIGSTOP);
+    w = wait_begin(&loop, c, "acme", NULL, 100, 0, 0);
+    cr_assert_null(w.err);
+    cr_assert(w.begin.granted && w.begin.degraded, "served from local counters");
+    wait_settle(&loop, c, &w.begin.reservation, 40); /* journaled: Redis is away */
+    test_redis_kill(&r, SIGCONT);
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    wait_drained(&loop, c);
+    s = wait_spend(&loop, c, "acme");
+    cr_assert_null(s.err);
+    cr_assert_eq(s.spend.day_spent, 40);
+    cr_assert_eq(s.spend.reserved, 0, "the lost begin's reservation is still held");
+    wait_close(&loop, c);
+    test_redis_stop(&r);
+}
+
 /* fail_closed rejects while Redis is gone, but still keeps the charge of a
  * request already served and writes it back. */
 Test(faults, fail_closed_rejects_but_keeps_charges, .timeout = 15)
