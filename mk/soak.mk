@@ -1,0 +1,14 @@
+# mk/soak.mk: `make soak` runs bench/soak.sh: the router built with
+# AddressSanitizer and UndefinedBehaviorSanitizer (build-asan, as `make
+# asan`) under a long mixed load with faulty backends, client hang-ups,
+# reloads and a frozen Redis; it fails on a crash, a sanitizer report, or
+# a tenant whose spend in Redis differs from its cost log by a micro-dollar.
+# SOAK_SECONDS sets the length (default 60). Not part of `make test`: it is
+# a load run, and its figures are not benchmarks.
+SOAK_SECONDS ?= 60
+
+.PHONY: soak
+soak: deps bench-tools
+	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 \
+	  SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" all
+	bench/soak.sh $(SOAK_SECONDS)
