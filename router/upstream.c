@@ -38,6 +38,7 @@
 #define UPSTREAM_OUT_KEEP 16384 /* request buffer a connection keeps between requests */
 
 static llhttp_settings_t upstream_settings;
+static void upstream_settings_init(void);
 static char upstream_read_buf[65536];
 static char upstream_plain_buf[65536];
 
@@ -100,7 +101,7 @@ int router__pools_init(struct router *r)
 {
     const struct conf *conf = r->conf;
 
-    llhttp_settings_init(&upstream_settings);
+    upstream_settings_init();
     r->pools = calloc(conf->nbackends ? conf->nbackends : 1, sizeof(*r->pools));
     if (r->pools == NULL)
         return -1;
@@ -762,8 +763,13 @@ static struct router__upstream *upstream_new(struct router__pool *pool)
     return u;
 }
 
+/* Once per process: the parsers of every generation point at these, so a
+ * reload must not reset them while the old one's responses are parsed. */
 static void upstream_settings_init(void)
 {
+    if (upstream_settings.on_body != NULL)
+        return;
+    llhttp_settings_init(&upstream_settings);
     upstream_settings.on_message_begin = on_message_begin;
     upstream_settings.on_header_field = on_header_field;
     upstream_settings.on_header_value = on_header_value;
@@ -781,8 +787,6 @@ int router__upstream_send_fresh(struct router__pool *pool, struct router__client
     char port[8];
     int rc;
 
-    if (upstream_settings.on_body == NULL)
-        upstream_settings_init();
     u = upstream_new(pool);
     if (u == NULL)
         return -1;

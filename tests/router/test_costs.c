@@ -794,6 +794,35 @@ Test(costs, reload_applies_a_valid_config_and_keeps_the_old_on_errors)
     cr_assert(support_proc_exited_cleanly(&routers[0]), "exit status %d", routers[0].status);
 }
 
+/* A response the old config's upstream is still sending when a reload
+ * comes is read to its end (the parsers of both generations share their
+ * callbacks, which the reload must not reset), with no other request to
+ * paper over it. */
+Test(costs, a_reload_lets_answers_in_flight_arrive)
+{
+    struct support_http_conn slow;
+    struct support_http_response r = {0};
+    struct buf chat_req = {0};
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    cr_assert_eq(support_http_format(&chat_req, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-ttft-ms: 400\r\n",
+                                     "{\"model\":\"chat\"," MSG "}"),
+                 0);
+    cr_assert_eq(support_http_connect(&slow, routers[0].port), 0);
+    cr_assert_eq(support_http_send(&slow, chat_req.data, chat_req.len), 0);
+    usleep(100 * 1000); /* the request is with the backend */
+    cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(support_http_read(&slow, &r, 3000), 0, "the answer in flight never came");
+    cr_assert_eq(r.status, 200);
+    support_http_response_free(&r);
+    support_http_close(&slow);
+    buf_free(&chat_req);
+}
+
 /* A reload closes idle keep-alive connections, but not one accepted a
  * moment before it that has not had its request yet: that request is
  * answered (on the config it arrived under), then the connection closes.
