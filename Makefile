@@ -108,4 +108,5 @@ run: deps all
 clean:
 	rm -rf build build-asan costrouter
 
--include $(OBJS:.o=.d) $(BUILD)/main.d $(MOCK_SRCS:%.c=$(BUILD)/%.d) $(TEST_SRCS:%.c=$(BUILD)/%.d)
+-include $(OBJS:.o=.d) $(BUILD)/main.d $(MOCK_SRCS:%.c=$(BUILD)/%.d) $(TEST_SRCS:%.c=$(BUILD)/%.d) \
+         $(SUPPORT_SRCS:%.c=$(BUILD)/%.d)

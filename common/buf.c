@@ -26,10 +26,9 @@ int buf_reserve(struct buf *b, size_t extra)
     return 0;
 }
 
-int buf_append(struct buf *b, const void *p, size_t n)
+/* buf_append's way when the room runs out (buf.h). */
+int buf__append_grow(struct buf *b, const void *p, size_t n)
 {
-    if (n == 0)
-        return 0;
     if (buf_reserve(b, n) != 0)
         return -ENOMEM;
     memcpy(b->data + b->len, p, n);

@@ -10,6 +10,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "common/slice.h"
 
@@ -21,8 +22,21 @@ struct buf {
 
 /* Make room for `extra` more bytes. Returns 0 or -ENOMEM. */
 int buf_reserve(struct buf *b, size_t extra) __attribute__((warn_unused_result));
-/* Append bytes. Returns 0 or -ENOMEM. */
-int buf_append(struct buf *b, const void *p, size_t n) __attribute__((warn_unused_result));
+int buf__append_grow(struct buf *b, const void *p, size_t n) __attribute__((warn_unused_result));
+/* Append bytes. Returns 0 or -ENOMEM. Inline while there is room: the
+ * cost log and the response heads are built from dozens of short appends
+ * a request, most of literals whose copy the compiler then unrolls. */
+__attribute__((warn_unused_result)) static inline int buf_append(struct buf *b, const void *p,
+                                                                 size_t n)
+{
+    if (n == 0)
+        return 0;
+    if (n > b->cap - b->len)
+        return buf__append_grow(b, p, n);
+    memcpy(b->data + b->len, p, n);
+    b->len += n;
+    return 0;
+}
 /* Append the header line "name: value\r\n" (the hot path's most
  * frequent format, without printf). Returns 0 or -ENOMEM. */
 int buf_append_header(struct buf *b, struct slice name, struct slice value)

@@ -19,6 +19,30 @@ Test(buf, append_grows_and_keeps_bytes, .timeout = 5)
     cr_assert_null(b.data);
 }
 
+/* buf_append copies in place while the bytes fit and grows the block
+ * when they do not: the byte that fills the block exactly and the one
+ * after it both land. */
+Test(buf, append_fills_the_block_exactly_then_grows, .timeout = 5)
+{
+    struct buf b = {0};
+
+    cr_assert_eq(buf_append(&b, "", 0), 0);
+    cr_assert_null(b.data, "an empty append allocates nothing");
+    cr_assert_eq(buf_append(&b, "0", 1), 0);
+    size_t cap = b.cap;
+    for (size_t i = 1; i < cap; i++)
+        cr_assert_eq(buf_append(&b, &"0123456789"[i % 10], 1), 0);
+    cr_assert_eq(b.len, cap);
+    cr_assert_eq(b.cap, cap, "no growth while the bytes fit");
+    cr_assert_eq(buf_append_lit(&b, "XY"), 0);
+    cr_assert_gt(b.cap, cap);
+    cr_assert_eq(b.len, cap + 2);
+    for (size_t i = 0; i < cap; i++)
+        cr_assert_eq(b.data[i], "0123456789"[i % 10], "byte %zu", i);
+    cr_assert_eq(memcmp(b.data + cap, "XY", 2), 0);
+    buf_free(&b);
+}
+
 Test(buf, consume_keeps_the_tail, .timeout = 5)
 {
     struct buf b = {0};

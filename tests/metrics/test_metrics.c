@@ -261,6 +261,31 @@ Test(metrics, many_series_each_found_again, .timeout = 10)
     metrics_free(m);
 }
 
+/* A series is its values one by one, not their concatenation: where one
+ * value ends tells series apart. Long values are found again as well. */
+Test(metrics, label_boundaries_and_long_values_make_their_own_series, .timeout = 5)
+{
+    struct metrics *m = metrics_create(0);
+    size_t start = metrics_series_count(m);
+    char long_a[400], long_b[400];
+    const char *ab_c[] = {"ab", "c", "m", "200"}, *a_bc[] = {"a", "bc", "m", "200"};
+    const char *longs[] = {long_a, long_b, "m", "200"};
+
+    memset(long_a, 'a', sizeof(long_a) - 1);
+    long_a[sizeof(long_a) - 1] = '\0';
+    memcpy(long_b, long_a, sizeof(long_a));
+    long_b[sizeof(long_b) - 2] = 'b';
+    cr_assert_eq(metrics_add(m, METRICS_REQUESTS_TOTAL, ab_c, 1), 0);
+    cr_assert_eq(metrics_add(m, METRICS_REQUESTS_TOTAL, a_bc, 2), 0);
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(metrics_add(m, METRICS_REQUESTS_TOTAL, longs, 5), 0);
+    cr_assert_eq(metrics_get(m, METRICS_REQUESTS_TOTAL, ab_c), 1);
+    cr_assert_eq(metrics_get(m, METRICS_REQUESTS_TOTAL, a_bc), 2);
+    cr_assert_eq(metrics_get(m, METRICS_REQUESTS_TOTAL, longs), 15);
+    cr_assert_eq(metrics_series_count(m), start + 3);
+    metrics_free(m);
+}
+
 Test(metrics, series_cap_is_enforced, .timeout = 5)
 {
     struct metrics *m = metrics_create(8);
