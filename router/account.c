@@ -32,7 +32,8 @@ static const char *backend_name(const struct router__request *req)
 
 /* One entry per route candidate, in route order, from the policy's last
  * verdicts: the chosen one has no rejection; a candidate tried earlier
- * in this request that failed says "failed". */
+ * in this request says "rate-limited" if it answered 429 (as one passed
+ * over while cooling down from a 429 does), else "failed". */
 static size_t fill_candidates(const struct router__request *req, struct metrics_cost_candidate *out,
                               size_t max)
 {
@@ -42,12 +43,13 @@ static size_t fill_candidates(const struct router__request *req, struct metrics_
         return 0;
     for (size_t i = 0; i < req->route->ncandidates && i < 64 && n < max; i++, n++) {
         const struct policy_verdict *v = &req->verdicts[i];
-        int failed = (req->tried & (UINT64_C(1) << i)) && (int)i != req->candidate;
+        uint64_t bit = UINT64_C(1) << i;
+        int failed = (req->tried & bit) && (int)i != req->candidate;
 
         out[n].backend = req->route->candidates[i]->name;
         out[n].est_cost_usd = (double)v->cost_micro / 1e6;
         if (failed)
-            out[n].rejected = "failed";
+            out[n].rejected = req->answered_429 & bit ? "rate-limited" : "failed";
         else if (v->kind == POLICY_VERDICT_CHOSEN && (int)i == req->candidate)
             out[n].rejected = NULL;
         else

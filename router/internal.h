@@ -195,6 +195,7 @@ struct router__request {
     unsigned accounted:1;                /* cost log line and metrics written */
     /* proxying */
     uint64_t tried;                      /* candidates tried (bit per index) */
+    uint64_t answered_429;               /* of those, the ones that answered 429 */
     unsigned attempts;                   /* attempts made, first included */
     unsigned fallbacks;                  /* attempts after the first */
     int candidate;                       /* current candidate index, -1 none */

@@ -823,6 +823,7 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     if (status == 429) {
         const char *labels[] = {b->name};
 
+        req->answered_429 |= UINT64_C(1) << req->candidate;
         backend_rate_limited(req->pool->backend, now, retry_after_ms);
         metrics_add(r->metrics, METRICS_BACKEND_RATE_LIMITED_TOTAL, labels, 1);
     }
