@@ -17,15 +17,19 @@ build-fuzz/fuzz_sse: $(FUZZ_SSE_SRCS) router/internal.h | fuzz-tools
 	@mkdir -p $(dir $@)
 	clang $(FUZZ_CFLAGS) -I/usr/share/include/llhttp -o $@ $(FUZZ_SSE_SRCS) -lcjson
 
-# Seeds: a stream's last events and a whole non-streamed answer.
+# Seeds: a stream's last events, a whole non-streamed answer, and one with
+# "usage" and "choices" nested and in a string. The first byte of an input
+# is where it is cut in two reads (tests/fuzz/fuzz_sse.c), hence the 'x'.
 fuzz-sse: build-fuzz/fuzz_sse
 	@mkdir -p build-fuzz/corpus-sse
-	@printf 'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":16,"prompt_tokens_details":{"cached_tokens":0}}}\n\ndata: [DONE]\n\n' \
+	@printf 'xdata: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":16,"prompt_tokens_details":{"cached_tokens":0}}}\n\ndata: [DONE]\n\n' \
 	    > build-fuzz/corpus-sse/stream
-	@printf '{"id":"x","choices":[{"message":{"content":"hi"}}],"usage" : {"prompt_tokens":9,"completion_tokens":16}}' \
+	@printf 'x{"id":"x","choices":[{"message":{"content":"hi"}}],"usage" : {"prompt_tokens":9,"completion_tokens":16}}' \
 	    > build-fuzz/corpus-sse/body
+	@printf 'x{"choices":[{"message":{"usage":{"prompt_tokens":1}},"x":"\\"usage\\":{"}],"meta":{"choices":[]},"usage":{"completion_tokens":2}}' \
+	    > build-fuzz/corpus-sse/nested
 	build-fuzz/fuzz_sse -max_total_time=$(or $(FUZZ_SECONDS),30) -max_len=4096 \
-	    -artifact_prefix=build-fuzz/ build-fuzz/corpus-sse
+	    -dict=tests/fuzz/sse.dict -artifact_prefix=build-fuzz/ build-fuzz/corpus-sse
 
 # The cost log line (metrics/costlog.c) from any strings and numbers.
 FUZZ_COSTLOG_SRCS := tests/fuzz/fuzz_costlog.c metrics/costlog.c metrics/metrics.c common/buf.c \

@@ -468,8 +468,10 @@ struct router__usage {
  * keep the tail. Returns 0, or the first non-zero on_event result. */
 int router__sse_split(struct buf *sse, int (*on_event)(void *arg, const char *p, size_t len),
                       void *arg);
-/* Read a usage object out of a JSON text (a response or an SSE data
- * payload). Returns 1 if usage was found, 0 if not. */
+/* Read the root object's usage out of a JSON text (a response or an SSE
+ * data payload). Returns 1 if usage was found, 0 if not. With usage found
+ * and choices_empty not NULL, also tells whether the root's "choices" is
+ * an empty array (the usage-only event of a stream). */
 int router__usage_parse(const char *json, size_t len, struct router__usage *out,
                         int *choices_empty);
 /* Does an SSE event carry a data line? Sets data and data_len to its payload. */

@@ -1153,7 +1153,6 @@ void router__proxy_on_complete(struct router__client *c)
 {
     struct router__request *req = &c->req;
     struct router__usage u;
-    int choices_empty;
     char usd[32], tail[96];
 
     req->up = NULL;
@@ -1165,7 +1164,7 @@ void router__proxy_on_complete(struct router__client *c)
         buf_reset(&req->sse);
     }
     if (!req->is_sse && req->up_body.len > 0 &&
-        usage_of(req, req->up_body.data, req->up_body.len, &u, &choices_empty))
+        usage_of(req, req->up_body.data, req->up_body.len, &u, NULL))
         note_usage(req, &u);
     if (!req->is_sse && req->completion_tokens < 0 && req->up_body.len > 0)
         count_completion(c);

@@ -7,6 +7,7 @@
  */
 #define _GNU_SOURCE
 #include <cjson/cJSON.h>
+#include <stddef.h>
 #include <string.h>
 
 #include "router/internal.h"
@@ -80,56 +81,145 @@ static int64_t json_count(const cJSON *obj, const char *name)
     return (int64_t)v->valuedouble;
 }
 
-/* Start of the JSON object that is the value of "usage", or NULL when
- * usage is absent or null (OpenAI sends "usage":null in every chunk once
- * include_usage is on, so this must be cheap). */
-static const char *usage_object(const char *json, size_t len)
+static const char *skip_space(const char *p, const char *end)
 {
-    static const char null_tail[] = "\"usage\":null}";
-    const size_t tail = sizeof(null_tail) - 1;
-    const char *end = json + len, *p = json;
+    while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
+        p++;
+    return p;
+}
 
-    /* Most chunks end so (OpenAI, vLLM): that "usage" is the top-level
-     * one, as the brace after it closes the body, and there is nothing to
-     * search for in the rest. This skips a scan of every chunk. */
-    while (end > json && (end[-1] == ' ' || end[-1] == '\t' || end[-1] == '\n' || end[-1] == '\r'))
-        end--;
-    if ((size_t)(end - json) >= tail && memcmp(end - tail, null_tail, tail) == 0)
-        return NULL;
+/* Just past the JSON string that opens at p[0] ('"'), or NULL when it does
+ * not close before `end`. A quote is escaped when an odd number of
+ * backslashes precede it; the opening quote stops the count. */
+static const char *string_end(const char *p, const char *end)
+{
+    for (p++; p < end && (p = memchr(p, '"', (size_t)(end - p))) != NULL; p++) {
+        const char *b = p;
 
-    while ((p = memmem(p, (size_t)(end - p), "\"usage\"", 7)) != NULL) {
-        const char *v = p + 7;
-
-        while (v < end && (*v == ' ' || *v == '\t' || *v == '\n' || *v == '\r'))
-            v++;
-        if (v < end && *v == ':') {
-            v++;
-            while (v < end && (*v == ' ' || *v == '\t' || *v == '\n' || *v == '\r'))
-                v++;
-            if (v < end && *v == '{')
-                return v;
-        }
-        p += 7;
+        while (b[-1] == '\\')
+            b--;
+        if ((p - b) % 2 == 0)
+            return p + 1;
     }
     return NULL;
 }
 
-/* Is "choices" an empty array? (the usage-only chunk of a stream) */
+/* One step of a walk over JSON text: past the string that starts at p,
+ * or past the byte at p, counting brackets in *depth. NULL when a string
+ * does not close before `end`. */
+static const char *walk_step(const char *p, const char *end, ptrdiff_t *depth)
+{
+    switch (*p) {
+    case '"':
+        return string_end(p, end);
+    case '{':
+    case '[':
+        ++*depth;
+        break;
+    case '}':
+    case ']':
+        --*depth;
+        break;
+    }
+    return p + 1;
+}
+
+/* Does the object or array that p is inside close at the very end of
+ * the text? Walked from p: the first bracket that closes more than was
+ * opened since p must be the last byte. */
+static int closes_at_end(const char *p, const char *end)
+{
+    ptrdiff_t depth = 0;
+
+    while (p != NULL && p < end) {
+        p = walk_step(p, end, &depth);
+        if (depth < 0)
+            return p == end;
+    }
+    return 0;
+}
+
+/* The last `key` (quotes included) in json[0..end), or NULL. */
+static const char *last_quoted(const char *json, const char *end, const char *key, size_t klen)
+{
+    const char *q = end;
+
+    while ((q = memrchr(json, '"', (size_t)(q - json))) != NULL) {
+        if ((size_t)(end - q) >= klen && memcmp(q, key, klen) == 0)
+            return q;
+    }
+    return NULL;
+}
+
+/* Where the value of the root object's first member named `key` (quotes
+ * included, as written: escapes in a key are not decoded) starts, or NULL.
+ * Strings and nesting are walked, so the same name in a nested object, or
+ * those bytes inside a string, are not taken for it; the walk ends with
+ * the root object, as cJSON ignores what follows it. */
+static const char *member_value(const char *json, const char *end, const char *key, size_t klen)
+{
+    const char *p = skip_space(json, end), *next, *v;
+    ptrdiff_t depth = 0;
+
+    if (p == end || *p != '{')
+        return NULL;
+    for (; p < end; p = next) {
+        if ((next = walk_step(p, end, &depth)) == NULL || depth == 0)
+            return NULL;
+        if (*p == '"' && depth == 1 && (size_t)(next - p) == klen && memcmp(p, key, klen) == 0) {
+            v = skip_space(next, end);
+            if (v < end && *v == ':')
+                return skip_space(v + 1, end);
+        }
+    }
+    return NULL;
+}
+
+/* Start of the JSON object that is the value of the top-level "usage", or
+ * NULL when usage is absent, null or not an object. OpenAI sends
+ * "usage":null in every chunk once include_usage is on, so this must be
+ * cheap: most chunks are settled by their last bytes, the others by a
+ * backwards search from quote to quote. */
+static const char *usage_object(const char *json, size_t len)
+{
+    static const char null_tail[] = "\"usage\":null}";
+    const size_t tail = sizeof(null_tail) - 1;
+    const char *end = json + len, *key, *v;
+
+    /* Most chunks end so (OpenAI, vLLM): that "usage" is the top-level
+     * one, as the brace after it closes the body, and there is nothing to
+     * search for in the rest. This skips a scan of every chunk. A
+     * backslash before the quote would make it part of a longer key. */
+    while (end > json && (end[-1] == ' ' || end[-1] == '\t' || end[-1] == '\n' || end[-1] == '\r'))
+        end--;
+    if ((size_t)(end - json) > tail && memcmp(end - tail, null_tail, tail) == 0 &&
+        end[-(ptrdiff_t)tail - 1] != '\\')
+        return NULL;
+    if ((key = last_quoted(json, end, "\"usage\"", 7)) == NULL)
+        return NULL;
+    /* Usage comes last or nearly so in the answers of OpenAI, vLLM and
+     * TGI: when the object holding the last "usage" (a name, as an
+     * unescaped quote starts it) closes at the very end, that object is
+     * the root, and only the text after the name was walked. Otherwise
+     * the whole text is. */
+    v = skip_space(key + 7, end);
+    if (key > json && key[-1] != '\\' && v < end && *v == ':' && closes_at_end(v, end))
+        v = skip_space(v + 1, end);
+    else
+        v = member_value(json, end, "\"usage\"", 7);
+    return v != NULL && v < end && *v == '{' ? v : NULL;
+}
+
+/* Is the top-level "choices" an empty array? (the usage-only chunk of a
+ * stream) */
 static int choices_empty_array(const char *json, size_t len)
 {
-    const char *end = json + len, *p = memmem(json, len, "\"choices\"", 9);
+    const char *end = json + len, *v = member_value(json, end, "\"choices\"", 9);
 
-    if (p == NULL)
+    if (v == NULL || v >= end || *v != '[')
         return 0;
-    p += 9;
-    while (p < end && (*p == ' ' || *p == ':' || *p == '\t'))
-        p++;
-    if (p >= end || *p != '[')
-        return 0;
-    p++;
-    while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
-        p++;
-    return p < end && *p == ']';
+    v = skip_space(v + 1, end);
+    return v < end && *v == ']';
 }
 
 int router__usage_parse(const char *json, size_t len, struct router__usage *out,
@@ -140,7 +230,8 @@ int router__usage_parse(const char *json, size_t len, struct router__usage *out,
     int found;
 
     out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
-    *choices_empty = 0;
+    if (choices_empty != NULL)
+        *choices_empty = 0;
     if (start == NULL)
         return 0;
     /* Parse the usage object alone, not the whole (possibly large) body. */
@@ -154,6 +245,7 @@ int router__usage_parse(const char *json, size_t len, struct router__usage *out,
         out->cached_tokens = json_count(details, "cached_tokens");
     found = out->prompt_tokens >= 0 || out->completion_tokens >= 0;
     cJSON_Delete(usage);
-    *choices_empty = choices_empty_array(json, len);
+    if (choices_empty != NULL)
+        *choices_empty = choices_empty_array(json, len);
     return found;
 }

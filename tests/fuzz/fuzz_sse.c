@@ -9,9 +9,14 @@
  *   nothing), each ending in its first blank line, the same events as
  *   when the input arrives in one read;
  * - usage read from each event's data line, and from the whole input as a
- *   non-streamed body, never crashes; when that text is a JSON object
- *   whose only "usage" is its top-level one, the fast scan finds the same
- *   counts as a full cJSON parse (counts out of range read as unknown).
+ *   non-streamed body, never crashes; when that text is one JSON object,
+ *   the scan finds the same counts as a full cJSON parse reads in the
+ *   root's "usage" (counts out of range read as unknown), however many
+ *   other "usage" members and strings the text holds, and the same answer
+ *   to whether the root's "choices" is empty;
+ * - the same again for an answer built from the input's bytes: random
+ *   bytes are seldom valid JSON, so this is what reaches nested and
+ *   escaped names (see "answers built from the input" below).
  */
 #define _GNU_SOURCE /* memmem */
 #include <cjson/cJSON.h>
@@ -50,37 +55,171 @@ static int only_json_bytes(const char *s, size_t len)
     return 1;
 }
 
+/* How many members of the object `obj` are named `name`. */
+static int members_named(const cJSON *obj, const char *name)
+{
+    int n = 0;
+
+    for (const cJSON *m = obj->child; m != NULL; m = m->next)
+        n += m->string != NULL && strcmp(m->string, name) == 0;
+    return n;
+}
+
+/* Is `text` one JSON object, as an upstream's answer or event is, that
+ * the scan and cJSON must read alike? Left out: what cJSON reads
+ * differently by design (control bytes, \u escapes, which it decodes in
+ * names and the scan does not), and names the root holds twice, whose
+ * meaning JSON leaves open (RFC 8259, 4). */
+static cJSON *comparable_object(const char *text, size_t len)
+{
+    const char *rest = NULL;
+    cJSON *root;
+
+    if (!only_json_bytes(text, len) || memmem(text, len, "\\u", 2) != NULL)
+        return NULL;
+    root = cJSON_ParseWithLengthOpts(text, len, &rest, 0);
+    if (root == NULL)
+        return NULL;
+    while (rest < text + len && (*rest == ' ' || *rest == '\t' || *rest == '\n' || *rest == '\r'))
+        rest++;
+    if (rest != text + len || !cJSON_IsObject(root) || members_named(root, "usage") > 1 ||
+        members_named(root, "choices") > 1) {
+        cJSON_Delete(root);
+        return NULL;
+    }
+    return root;
+}
+
+/* The scan finds the root object's "usage" exactly when cJSON does, with
+ * the same counts, and whatever other "usage" the text holds elsewhere;
+ * an empty root "choices" marks the usage-only chunk. */
 static void check_usage_against_cjson(const char *text, size_t len)
 {
     struct router__usage got;
     int choices_empty;
     int found = router__usage_parse(text, len, &got, &choices_empty);
-    const char *first = memmem(text, len, "\"usage\"", 7);
-    cJSON *root, *usage, *details;
+    cJSON *root = comparable_object(text, len), *usage, *details, *choices;
+    int64_t prompt = -1, completion = -1, cached = -1;
+    int want_found, want_empty;
 
-    if (first == NULL || memmem(first + 1, len - (size_t)(first + 1 - text), "\"usage\"", 7) != NULL ||
-        !only_json_bytes(text, len))
+    if (root == NULL)
         return;
-    root = cJSON_ParseWithLength(text, len);
     usage = cJSON_GetObjectItemCaseSensitive(root, "usage");
     if (cJSON_IsObject(usage)) {
-        int64_t prompt = reference_count(usage, "prompt_tokens");
-        int64_t completion = reference_count(usage, "completion_tokens");
-        int64_t cached = -1;
-
+        prompt = reference_count(usage, "prompt_tokens");
+        completion = reference_count(usage, "completion_tokens");
         details = cJSON_GetObjectItemCaseSensitive(usage, "prompt_tokens_details");
         if (cJSON_IsObject(details))
             cached = reference_count(details, "cached_tokens");
-        if (found != (prompt >= 0 || completion >= 0) || got.prompt_tokens != prompt ||
-            got.completion_tokens != completion || got.cached_tokens != cached) {
-            fprintf(stderr, "usage: got %d %lld/%lld/%lld, cJSON %lld/%lld/%lld\n", found,
-                    (long long)got.prompt_tokens, (long long)got.completion_tokens,
-                    (long long)got.cached_tokens, (long long)prompt, (long long)completion,
-                    (long long)cached);
-            abort();
-        }
+    }
+    choices = cJSON_GetObjectItemCaseSensitive(root, "choices");
+    want_found = prompt >= 0 || completion >= 0;
+    want_empty = want_found && cJSON_IsArray(choices) && choices->child == NULL;
+    if (found != want_found || got.prompt_tokens != prompt || got.completion_tokens != completion ||
+        got.cached_tokens != cached || (found && choices_empty != want_empty)) {
+        fprintf(stderr, "usage: got %d %lld/%lld/%lld empty %d, cJSON %lld/%lld/%lld empty %d\n",
+                found, (long long)got.prompt_tokens, (long long)got.completion_tokens,
+                (long long)got.cached_tokens, choices_empty, (long long)prompt,
+                (long long)completion, (long long)cached, want_empty);
+        abort();
     }
     cJSON_Delete(root);
+}
+
+/* ---- answers built from the input ----
+ * Random bytes are almost never valid JSON, and cJSON (a Debian library,
+ * not instrumented) gives the fuzzer no coverage to steer by; so the input
+ * is also read as choices that build a valid object from the names and
+ * values the scan looks for: nested, repeated, in strings and in keys. */
+
+struct gen {
+    const uint8_t *p, *end;
+    struct buf out;
+};
+
+static unsigned gen_pick(struct gen *g, unsigned n)
+{
+    return g->p < g->end ? *g->p++ % n : 0;
+}
+
+static void gen_put(struct gen *g, const char *s)
+{
+    if (buf_append(&g->out, s, strlen(s)) != 0)
+        abort();
+}
+
+static void gen_space(struct gen *g)
+{
+    static const char *const spaces[] = {"", "", " ", "\n", " \r\n\t"};
+
+    gen_put(g, spaces[gen_pick(g, 5)]);
+}
+
+static const char *const gen_names[] = {
+    "\"usage\"", "\"choices\"", "\"prompt_tokens\"", "\"completion_tokens\"",
+    "\"prompt_tokens_details\"", "\"cached_tokens\"", "\"say \\\"usage\"", "\"usage\\\\\"", "\"x\"",
+};
+
+static const char *const gen_scalars[] = {
+    "0", "7", "12", "-3", "1e300", "2.5", "null", "true", "\"usage\"", "\"\\\"usage\\\":{\"",
+    "\"\\\\\"", "\"usage\\\":null}\"", "\"}\"", "\"[\"",
+};
+
+static void gen_value(struct gen *g, int depth);
+
+/* An object (with names) or an array of up to four values. */
+static void gen_container(struct gen *g, int depth, int object)
+{
+    unsigned n = gen_pick(g, 5);
+
+    gen_put(g, object ? "{" : "[");
+    for (unsigned i = 0; i < n; i++) {
+        if (i > 0)
+            gen_put(g, ",");
+        gen_space(g);
+        if (object) {
+            gen_put(g, gen_names[gen_pick(g, sizeof(gen_names) / sizeof(gen_names[0]))]);
+            gen_space(g);
+            gen_put(g, ":");
+            gen_space(g);
+        }
+        gen_value(g, depth + 1);
+    }
+    gen_space(g);
+    gen_put(g, object ? "}" : "]");
+}
+
+static void gen_value(struct gen *g, int depth)
+{
+    unsigned kind = depth >= 6 ? 2 : gen_pick(g, 4);
+
+    if (kind < 2)
+        gen_container(g, depth, kind == 0);
+    else
+        gen_put(g, gen_scalars[gen_pick(g, sizeof(gen_scalars) / sizeof(gen_scalars[0]))]);
+}
+
+/* The input read as an answer (an object), checked as a body and as the
+ * data line of an event. */
+static void check_built_answer(const uint8_t *data, size_t size)
+{
+    struct gen g = {data, data + size, {0}};
+    const char *payload;
+    size_t plen;
+
+    gen_space(&g);
+    gen_container(&g, 0, 1);
+    gen_space(&g);
+    check_usage_against_cjson(g.out.data, g.out.len);
+    g.out.len = 0;
+    gen_put(&g, "data: ");
+    g.p = data;
+    gen_container(&g, 0, 1);
+    gen_put(&g, "\n\n");
+    if (!router__sse_data(g.out.data, g.out.len, &payload, &plen))
+        abort();
+    check_usage_against_cjson(payload, plen);
+    buf_free(&g.out);
 }
 
 /* Does p[0..len) end in a blank line (\n\n or \n\r\n), with none before? */
@@ -152,6 +291,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         abort();
 
     check_usage_against_cjson(text, len);
+    check_built_answer(data, size);
 
     buf_free(&one.all);
     buf_free(&two.all);

@@ -122,6 +122,57 @@ Test(usage, only_a_top_level_null_usage_ends_the_search, .timeout = 5)
     cr_assert_eq(u.prompt_tokens, -1);
 }
 
+/* Only the root object's own "usage" counts: a member of that name in a
+ * nested object before or after it (a provider's extension, a tool's
+ * result) or in a key that merely ends in it is not the bill; members
+ * after the usage (OpenAI's system_fingerprint) do not hide it. */
+Test(usage, a_nested_usage_before_the_top_level_one_is_passed_over, .timeout = 5)
+{
+    const char nested[] = "{\"choices\":[{\"message\":{\"content\":\"hi\","
+                          "\"usage\":{\"prompt_tokens\":900,\"completion_tokens\":900}}}],"
+                          "\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":6}}";
+    const char escaped[] = "{\"say \\\"usage\":{\"prompt_tokens\":900},"
+                           "\"text\":\"\\\"usage\\\":{\",\"usage\" : {\"prompt_tokens\":7}}";
+    const char only_nested[] = "{\"meta\":{\"usage\":{\"prompt_tokens\":900}},\"usage\":null}";
+    const char nested_after[] = "{\"usage\":{\"prompt_tokens\":5},"
+                                "\"meta\":{\"usage\":{\"prompt_tokens\":900}}}";
+    const char members_after[] = "{\"usage\":{\"prompt_tokens\":5,\"prompt_tokens_details\":"
+                                 "{\"cached_tokens\":1}},\"system_fingerprint\":\"fp_}\"}";
+    struct router__usage u;
+    int empty;
+
+    cr_assert(router__usage_parse(nested, sizeof(nested) - 1, &u, &empty));
+    cr_assert_eq(u.prompt_tokens, 5);
+    cr_assert_eq(u.completion_tokens, 6);
+    cr_assert_not(empty);
+    cr_assert(router__usage_parse(escaped, sizeof(escaped) - 1, &u, &empty));
+    cr_assert_eq(u.prompt_tokens, 7);
+    cr_assert_eq(u.completion_tokens, -1);
+    cr_assert_not(router__usage_parse(only_nested, sizeof(only_nested) - 1, &u, &empty));
+    cr_assert_eq(u.prompt_tokens, -1);
+    cr_assert(router__usage_parse(nested_after, sizeof(nested_after) - 1, &u, &empty));
+    cr_assert_eq(u.prompt_tokens, 5);
+    cr_assert(router__usage_parse(members_after, sizeof(members_after) - 1, &u, &empty));
+    cr_assert_eq(u.prompt_tokens, 5);
+    cr_assert_eq(u.cached_tokens, 1);
+}
+
+/* The usage-only chunk is told by the root's "choices" being empty, not by
+ * an empty "choices" array further in. */
+Test(usage, only_the_top_level_choices_decide_the_usage_only_chunk, .timeout = 5)
+{
+    const char js[] = "{\"meta\":{\"choices\":[]},\"choices\":[{\"delta\":{}}],"
+                      "\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}";
+    const char spaced[] = "{\"choices\" : [ \n ],\"usage\":{\"prompt_tokens\":1}}";
+    struct router__usage u;
+    int empty;
+
+    cr_assert(router__usage_parse(js, sizeof(js) - 1, &u, &empty));
+    cr_assert_not(empty);
+    cr_assert(router__usage_parse(spaced, sizeof(spaced) - 1, &u, &empty));
+    cr_assert(empty);
+}
+
 /* A broken or hostile upstream: counts that are not counts are unknown
  * (the router then charges its own counts), never cast out of range. */
 Test(usage, counts_out_of_range_are_unknown, .timeout = 5)
