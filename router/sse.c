@@ -81,9 +81,15 @@ static int64_t json_count(const cJSON *obj, const char *name)
     return (int64_t)v->valuedouble;
 }
 
+/* JSON's white space (RFC 8259, 2): no other byte may stand between tokens. */
+static int json_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
 static const char *skip_space(const char *p, const char *end)
 {
-    while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
+    while (p < end && json_space(*p))
         p++;
     return p;
 }
@@ -190,7 +196,7 @@ static const char *usage_object(const char *json, size_t len)
      * one, as the brace after it closes the body, and there is nothing to
      * search for in the rest. This skips a scan of every chunk. A
      * backslash before the quote would make it part of a longer key. */
-    while (end > json && (end[-1] == ' ' || end[-1] == '\t' || end[-1] == '\n' || end[-1] == '\r'))
+    while (end > json && json_space(end[-1]))
         end--;
     if ((size_t)(end - json) > tail && memcmp(end - tail, null_tail, tail) == 0 &&
         end[-(ptrdiff_t)tail - 1] != '\\')

@@ -211,7 +211,7 @@ static void check_built_answer(const uint8_t *data, size_t size)
     gen_container(&g, 0, 1);
     gen_space(&g);
     check_usage_against_cjson(g.out.data, g.out.len);
-    g.out.len = 0;
+    buf_reset(&g.out);
     gen_put(&g, "data: ");
     g.p = data;
     gen_container(&g, 0, 1);
