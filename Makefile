@@ -8,6 +8,8 @@ BUILD    ?= build
 CC       ?= cc
 OPT      ?= -O2
 SAN      ?=
+# The sanitizers of `make asan` (and of the soak and fuzz-http runs).
+ASAN_SAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 CFLAGS   ?= $(OPT) -g
 CFLAGS   += -std=gnu11 -Wall -Wextra -Wno-unused-parameter -I. -I/usr/share/include/llhttp $(SAN) \
             -MMD -MP
@@ -96,8 +98,7 @@ test: deps
 # its own build folder. Any sanitizer report fails the run (see run.sh).
 asan: deps
 	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 \
-	  SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
-	  all-tests
+	  SAN="$(ASAN_SAN)" all-tests
 	@BUILD=build-asan BIN=build-asan/costrouter SANITIZED=1 tests/run.sh $(TESTS:$(BUILD)/%=build-asan/%)
 
 all-tests: all $(TESTS)

@@ -32,7 +32,8 @@ fuzz-sse: build-fuzz/fuzz_sse
 	    -dict=tests/fuzz/sse.dict -artifact_prefix=build-fuzz/ build-fuzz/corpus-sse
 
 # The cost log line (metrics/costlog.c) from any strings and numbers.
-FUZZ_COSTLOG_SRCS := tests/fuzz/fuzz_costlog.c metrics/costlog.c metrics/metrics.c common/buf.c \
+FUZZ_COSTLOG_SRCS := tests/fuzz/fuzz_costlog.c tests/support/utf8check.c metrics/costlog.c \
+                     metrics/metrics.c common/buf.c \
                      common/utf8.c common/log.c
 build-fuzz/fuzz_costlog: $(FUZZ_COSTLOG_SRCS) metrics/metrics.h | fuzz-tools
 	@mkdir -p $(dir $@)

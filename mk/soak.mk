@@ -10,6 +10,5 @@ SOAK_SECONDS ?= 60
 
 .PHONY: soak
 soak: deps bench-tools
-	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 \
-	  SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" all
+	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 SAN="$(ASAN_SAN)" all
 	bench/soak.sh $(SOAK_SECONDS)

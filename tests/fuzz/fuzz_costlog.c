@@ -26,42 +26,11 @@
 #include "common/buf.h"
 #include "conf/conf.h"
 #include "metrics/metrics.h"
+#include "tests/support/utf8check.h"
 
 #define NSTRINGS 10
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-/* Valid UTF-8 by RFC 3629's table of well-formed byte sequences. */
-static int valid_utf8(const unsigned char *s, size_t n)
-{
-    size_t i = 0;
-
-    while (i < n) {
-        unsigned char c = s[i];
-        unsigned char lo = 0x80, hi = 0xbf;
-        size_t len;
-
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        if (c >= 0xc2 && c <= 0xdf)
-            len = 2;
-        else if (c >= 0xe0 && c <= 0xef)
-            len = 3, lo = c == 0xe0 ? 0xa0 : 0x80, hi = c == 0xed ? 0x9f : 0xbf;
-        else if (c >= 0xf0 && c <= 0xf4)
-            len = 4, lo = c == 0xf0 ? 0x90 : 0x80, hi = c == 0xf4 ? 0x8f : 0xbf;
-        else
-            return 0;
-        if (i + len > n || s[i + 1] < lo || s[i + 1] > hi)
-            return 0;
-        for (size_t k = 2; k < len; k++)
-            if ((s[i + k] & 0xc0) != 0x80)
-                return 0;
-        i += len;
-    }
-    return 1;
-}
 
 /* The next 8 input bytes, or zeros when the input has run out. */
 static uint64_t next_bits(const uint8_t **p, const uint8_t *end)
@@ -94,7 +63,8 @@ static void check_string(const cJSON *obj, const char *name, const char *want)
     }
     if (!cJSON_IsString(v))
         abort();
-    if (valid_utf8((const unsigned char *)want, strlen(want)) && strcmp(v->valuestring, want) != 0)
+    if (support_utf8_valid((const unsigned char *)want, strlen(want)) &&
+        strcmp(v->valuestring, want) != 0)
         abort();
 }
 
@@ -171,7 +141,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     nl = memchr(out.data, '\n', out.len);
     if (out.len == 0 || nl != out.data + out.len - 1)
         abort();
-    if (!valid_utf8((const unsigned char *)out.data, out.len))
+    if (!support_utf8_valid((const unsigned char *)out.data, out.len))
         abort();
     /* JSON has no raw control bytes (cJSON would take them in a string). */
     for (size_t i = 0; i + 1 < out.len; i++)
@@ -187,7 +157,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     check_string(root, "arm", r.arm);
     check_string(root, "reason", r.reason);
     /* A tag is looked up by its key, as written only when that was valid. */
-    if (valid_utf8((const unsigned char *)tag.key, strlen(tag.key)))
+    if (support_utf8_valid((const unsigned char *)tag.key, strlen(tag.key)))
         check_string(cJSON_GetObjectItemCaseSensitive(root, "tags"), tag.key, tag.value);
     check_string(cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(root, "candidates"), 0),
                  "backend", cand.backend);
