@@ -49,3 +49,20 @@ fuzz-costlog: build-fuzz/fuzz_costlog
 	    -artifact_prefix=build-fuzz/ build-fuzz/corpus-costlog
 
 .PHONY: fuzz-tools fuzz-sse fuzz-costlog
+
+# The whole request path, black-box (tests/fuzz/fuzz_http.c): a router
+# built as `make asan` builds it, in front of two mockllm, sent generated
+# requests for FUZZ_SECONDS (30). FUZZ_SEED=N sends a run's requests again.
+# The driver is a plain test program (build/), not a libFuzzer target.
+$(BUILD)/fuzz_http: tests/fuzz/fuzz_http.c $(BUILD)/tests/support/http.o $(BUILD)/tests/support/proc.o \
+                   $(BUILD)/tests/support/utf8check.o $(LIB)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+fuzz-http: deps $(BUILD)/fuzz_http $(MOCK)
+	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 SAN="$(ASAN_SAN)" build-asan/costrouter
+	$(BUILD)/fuzz_http build-asan/costrouter $(MOCK) $(or $(FUZZ_SECONDS),30) $(FUZZ_SEED)
+
+.PHONY: fuzz-http
+
+# `make test` and `make asan` run it briefly (tests/fuzz/test_request_path.c).
+$(BUILD)/tests/fuzz/test_request_path: | $(BUILD)/fuzz_http
