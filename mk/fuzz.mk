@@ -52,15 +52,18 @@ fuzz-costlog: build-fuzz/fuzz_costlog
 
 # The whole request path, black-box (tests/fuzz/fuzz_http.c): a router
 # built as `make asan` builds it, in front of two mockllm, sent generated
-# requests for FUZZ_SECONDS (30). FUZZ_SEED=N sends a run's requests again.
-# The driver is a plain test program (build/), not a libFuzzer target.
+# requests for FUZZ_SECONDS (30), reloaded every 2 s. FUZZ_SEED=N sends a
+# run's requests again; FUZZ_STORE=redis puts the spend in a redis-server
+# of its own, frozen now and then. The driver is a plain test program
+# (build/), not a libFuzzer target.
 $(BUILD)/fuzz_http: tests/fuzz/fuzz_http.c $(BUILD)/tests/support/http.o $(BUILD)/tests/support/proc.o \
-                   $(BUILD)/tests/support/utf8check.o $(LIB)
+                   $(BUILD)/tests/support/redis.o $(BUILD)/tests/support/utf8check.o $(LIB)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS)
 
 fuzz-http: deps $(BUILD)/fuzz_http $(MOCK)
 	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 SAN="$(ASAN_SAN)" build-asan/costrouter
-	$(BUILD)/fuzz_http build-asan/costrouter $(MOCK) $(or $(FUZZ_SECONDS),30) $(FUZZ_SEED)
+	$(BUILD)/fuzz_http $(if $(filter redis,$(FUZZ_STORE)),--redis) build-asan/costrouter $(MOCK) \
+	  $(or $(FUZZ_SECONDS),30) $(FUZZ_SEED)
 
 .PHONY: fuzz-http
 

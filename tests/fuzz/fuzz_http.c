@@ -23,13 +23,20 @@
  * - an upstream, tenant or admin key shows in an answer (a tenant or admin
  *   key only counts when the request held it in its Authorization header
  *   and nowhere else), or in the router's log;
+ * - a reload (POST /admin/reload, every RELOAD_EVERY_S, while a request is
+ *   in flight or on a connection accepted but not yet used) is refused,
+ *   or that request gets no answer;
  * - at the end: the router is not healthy, still holds a reservation, its
  *   month spend per tenant differs from the sum of its cost log by a
  *   micro-dollar, it does not exit 0 on SIGTERM, or its log has a
  *   sanitizer report.
  *
- * Usage: fuzz_http ROUTER MOCKLLM SECONDS [SEED]. The seed fixes the
- * requests generated (not the timing); it is printed at the start.
+ * With --redis the store is a redis-server of its own (on_failure:
+ * fail_open), frozen with SIGSTOP for FREEZE_S every FREEZE_EVERY_S, so
+ * requests also take the journal's way and the write-back after it.
+ *
+ * Usage: fuzz_http [--redis] ROUTER MOCKLLM SECONDS [SEED]. The seed fixes
+ * the requests generated (not the timing); it is printed at the start.
  * Blocking and single-threaded: a test program, not part of the router.
  */
 #define _GNU_SOURCE
@@ -50,6 +57,7 @@
 #include "common/buf.h"
 #include "tests/support/http.h"
 #include "tests/support/proc.h"
+#include "tests/support/redis.h"
 #include "tests/support/utf8check.h"
 
 #define UPSTREAM_KEY "sk-fuzz-upstream-4f1c"
@@ -59,6 +67,10 @@
 #define SURE_TIMEOUT_MS 15000  /* framing intact: an answer must come */
 #define UNSURE_TIMEOUT_MS 2500 /* head mutated: the router may wait for more */
 #define HISTORY 16             /* requests kept for the failure report */
+#define RELOAD_EVERY_S 2.0
+#define FREEZE_EVERY_S 6.0 /* --redis: Redis frozen this often... */
+#define FREEZE_S 1.5       /* ...this long (over command_timeout_ms: Redis down) */
+#define SETTLE_S 2.0       /* after the last freeze: the journal's write-back */
 
 /* ---- randomness (xorshift64*: reproducible from the seed) ---- */
 
@@ -85,6 +97,11 @@ static char fail_path[256];
 static struct buf history[HISTORY];
 static unsigned long nsent;
 static unsigned long nstatus[600]; /* answers by status; [0]: none */
+static int use_redis;
+static struct test_redis redis;
+static unsigned long nreloads, nfreezes;
+static double reload_max_s; /* the slowest reload's answer */
+static double next_reload; /* monotonic seconds */
 
 static void put(struct buf *b, const void *p, size_t n)
 {
@@ -99,6 +116,8 @@ static void stop_all(void)
     support_proc_stop(&router);
     support_proc_stop(&mock_pool);
     support_proc_stop(&mock_api);
+    if (use_redis)
+        test_redis_stop(&redis);
 }
 
 /* Write the last requests (oldest first) where they can be replayed. */
@@ -138,17 +157,21 @@ static void __attribute__((noreturn, format(printf, 1, 2))) fail(const char *fmt
 
 static void write_conf(void)
 {
-    char rich[65], poor[65];
+    char rich[65], poor[65], store[128] = "";
     FILE *f = fopen(conf_path, "w");
 
     if (f == NULL)
         fail("cannot write %s: %s", conf_path, strerror(errno));
     support_key_sha256_hex(KEY_RICH, rich);
     support_key_sha256_hex(KEY_POOR, poor);
+    if (use_redis)
+        snprintf(store, sizeof(store), "store: { redis: \"%s/0\", on_failure: fail_open }\n",
+                 redis.url);
     fprintf(f,
             "listen: 127.0.0.1:0\n"
             "admin_key: %s\n"
             "cost_log: %s\n"
+            "%s"
             "cache: { enabled: true, ttl_s: 60 }\n"
             "limits: { max_header_bytes: 8192, max_body_bytes: 262144, header_timeout_ms: 1000,\n"
             "          body_timeout_ms: 1000, max_retries: 1 }\n"
@@ -187,7 +210,7 @@ static void write_conf(void)
             "    arms:\n"
             "      - { name: a, weight: 50, backends: [pool] }\n"
             "      - { name: b, weight: 50, backends: [api] }\n",
-            ADMIN_KEY, log_path, mock_pool.port, mock_api.port, UPSTREAM_KEY, mock_api.port,
+            ADMIN_KEY, log_path, store, mock_pool.port, mock_api.port, UPSTREAM_KEY, mock_api.port,
             UPSTREAM_KEY, rich, poor, getenv("PWD") ? getenv("PWD") : ".");
     fclose(f);
 }
@@ -205,6 +228,8 @@ static void start_all(const char *router_bin)
     if (support_mockllm_start(&mock_pool, "--tokens", "12", NULL) != 0 ||
         support_mockllm_start(&mock_api, "--require-key", UPSTREAM_KEY, NULL) != 0)
         fail("mockllm did not start");
+    if (use_redis && test_redis_start(&redis, 0) != 0)
+        fail("redis-server did not start");
     write_conf();
     /* ASan's and UBSan's reports go to the log, which is scanned at the end. */
     snprintf(cmd, sizeof(cmd), "exec '%s' -c '%s' 2>>'%s'", router_bin, conf_path, stderr_path);
@@ -640,10 +665,42 @@ static void check_answer(const struct request *r, const struct support_http_resp
 
 /* ---- the loop ---- */
 
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* Reload the config (unchanged) through the admin API; it answers once the
+ * new config is in place. */
+static void admin_reload(void)
+{
+    static const char req[] = "POST /admin/reload HTTP/1.1\r\nHost: x\r\n"
+                              "Authorization: Bearer " ADMIN_KEY "\r\n"
+                              "Content-Length: 0\r\n\r\n";
+    struct support_http_response a = {0};
+    double start = now_s();
+    int rc = support_http_request(router.port, req, sizeof(req) - 1, 5000, &a);
+
+    if (rc != 0 || a.status != 200 || !contains(&a.body, "\"reloaded\""))
+        fail("POST /admin/reload: %s, status %d: %.*s", rc ? strerror(-rc) : "answered",
+             a.status, (int)(a.body.len > 200 ? 200 : a.body.len), a.body.data ? a.body.data : "");
+    support_http_response_free(&a);
+    nreloads++;
+    if (now_s() - start > reload_max_s)
+        reload_max_s = now_s() - start;
+}
+
+/* How a reload meets the request (RELOAD_EVERY_S). */
+enum reload { NO_RELOAD, RELOAD_IN_FLIGHT, RELOAD_BEFORE_SENDING };
+
 /* Send the request (pipelined with the next when both have intact
- * framing) and check the answers. Returns 1 when the connection can carry
- * another request. */
-static int exchange(struct support_http_conn *c, struct request *r, int nreq)
+ * framing) and check the answers. With RELOAD_IN_FLIGHT, reload once it is
+ * sent: its answer must still come, and the connection closes after it
+ * (the old config's). Returns 1 when the connection can carry another
+ * request. */
+static int exchange(struct support_http_conn *c, struct request *r, int nreq, enum reload reload)
 {
     struct buf all = {0};
 
@@ -656,9 +713,13 @@ static int exchange(struct support_http_conn *c, struct request *r, int nreq)
     }
     if (support_http_send(c, all.data, all.len) != 0) {
         buf_free(&all);
+        if (reload == RELOAD_BEFORE_SENDING)
+            fail("a connection accepted before a reload closed before its first request");
         return 0; /* the router closed first (after a refusal): fine */
     }
     buf_free(&all);
+    if (reload == RELOAD_IN_FLIGHT)
+        admin_reload();
     for (int i = 0; i < nreq; i++) {
         struct support_http_response a = {0};
         int timeout = r[i].framing_sure ? SURE_TIMEOUT_MS : UNSURE_TIMEOUT_MS;
@@ -672,7 +733,8 @@ static int exchange(struct support_http_conn *c, struct request *r, int nreq)
         if (rc == -ETIMEDOUT && r[i].framing_sure)
             fail("no answer in %d ms (%zu bytes of it came)", timeout, a.raw.len);
         if (rc == -ECONNRESET && r[i].framing_sure && a.raw.len == 0)
-            fail("the router closed the connection without answering");
+            fail("the router closed the connection without answering%s",
+                 reload ? " (reloaded meanwhile)" : "");
         if (rc != 0) {
             if (a.status == 0)
                 nstatus[0]++;
@@ -690,14 +752,28 @@ static int exchange(struct support_http_conn *c, struct request *r, int nreq)
         if (closing)
             return 0;
     }
-    return 1;
+    return reload == NO_RELOAD;
 }
 
-static double now_s(void)
+/* --redis: freeze Redis now and then, never in the last seconds, so that
+ * the journal is written back before the end checks. */
+static void freeze_or_thaw(double now, double end)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+    static double next_freeze, thaw_at;
+
+    if (!use_redis)
+        return;
+    if (thaw_at > 0 && now >= thaw_at) {
+        test_redis_kill(&redis, SIGCONT);
+        thaw_at = 0;
+    } else if (thaw_at == 0 && next_freeze == 0) {
+        next_freeze = now + FREEZE_EVERY_S / 2;
+    } else if (thaw_at == 0 && now >= next_freeze && now + FREEZE_S + SETTLE_S < end) {
+        test_redis_kill(&redis, SIGSTOP);
+        nfreezes++;
+        thaw_at = now + FREEZE_S;
+        next_freeze = now + FREEZE_EVERY_S;
+    }
 }
 
 static void fuzz(double seconds)
@@ -708,22 +784,39 @@ static void fuzz(double seconds)
     memset(r, 0, sizeof(r));
     double end = now_s() + seconds;
 
-    while (now_s() < end) {
+    next_reload = now_s() + RELOAD_EVERY_S / 2;
+    for (double now; (now = now_s()) < end;) {
         int nreq = 1;
 
+        freeze_or_thaw(now, end);
         make_request(&r[0]);
         if (r[0].framing_sure && !r[0].closes && !r[0].expect && percent(8)) {
             make_request(&r[1]);
             nreq = r[1].framing_sure && !r[1].expect ? 2 : 1;
         }
+        enum reload reload = NO_RELOAD;
+        if (nreq == 1 && r[0].framing_sure && now >= next_reload) {
+            reload = percent(50) ? RELOAD_IN_FLIGHT : RELOAD_BEFORE_SENDING;
+            next_reload = now + RELOAD_EVERY_S;
+        }
+        if (reload == RELOAD_BEFORE_SENDING)
+            support_http_close(&c); /* a fresh connection... */
         if (c.fd < 0 && support_http_connect(&c, router.port) != 0)
             fail("cannot connect to the router: is it still running?");
-        if (!exchange(&c, r, nreq))
+        if (reload == RELOAD_BEFORE_SENDING) {
+            usleep(20000); /* ...accepted by the old config, idle at the reload */
+            admin_reload();
+        }
+        if (!exchange(&c, r, nreq, reload))
             support_http_close(&c);
     }
     support_http_close(&c);
     buf_free(&r[0].bytes);
     buf_free(&r[1].bytes);
+    if (use_redis) {
+        test_redis_kill(&redis, SIGCONT); /* in case */
+        usleep((useconds_t)(SETTLE_S * 1e6));
+    }
 }
 
 /* ---- end checks ---- */
@@ -804,10 +897,12 @@ static void check_log_file(void)
     FILE *f = fopen(stderr_path, "r");
     char *line = NULL;
     size_t cap = 0;
+    unsigned long journaled = 0;
 
     if (f == NULL)
-        return; /* nothing written */
+        fail("no router log at %s", stderr_path);
     while (getline(&line, &cap, f) > 0) {
+        journaled += strstr(line, "charges are journaled") != NULL;
         if (strstr(line, "Sanitizer") || strstr(line, "runtime error:"))
             fail("sanitizer report in the router's log: %s", line);
         if (strstr(line, UPSTREAM_KEY) || strstr(line, KEY_RICH) || strstr(line, KEY_POOR) ||
@@ -816,6 +911,9 @@ static void check_log_file(void)
     }
     free(line);
     fclose(f);
+    /* Else the freezes missed every request, and the journal went untried. */
+    if (nfreezes > 0 && journaled == 0)
+        fail("Redis was frozen %lu times, yet no charge was journaled", nfreezes);
 }
 
 static void finish(void)
@@ -848,7 +946,9 @@ static void finish(void)
 
 static void print_summary(void)
 {
-    printf("fuzz-http: %lu requests; answers by status:", nsent);
+    printf("fuzz-http: %lu requests, %lu reloads (slowest %.0f ms), %lu Redis freezes; "
+           "answers by status:",
+           nsent, nreloads, reload_max_s * 1e3, nfreezes);
     for (int s = 0; s < 600; s++) {
         if (nstatus[s] == 0)
             continue;
@@ -864,8 +964,13 @@ int main(int argc, char **argv)
 {
     double seconds;
 
+    if (argc > 1 && strcmp(argv[1], "--redis") == 0) {
+        use_redis = 1;
+        argc--;
+        argv++;
+    }
     if (argc < 4) {
-        fprintf(stderr, "usage: fuzz_http ROUTER MOCKLLM SECONDS [SEED]\n");
+        fprintf(stderr, "usage: fuzz_http [--redis] ROUTER MOCKLLM SECONDS [SEED]\n");
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
@@ -874,15 +979,14 @@ int main(int argc, char **argv)
     rng_state = argc > 4 ? strtoull(argv[4], NULL, 0) : (uint64_t)time(NULL) ^ (uint64_t)getpid();
     if (rng_state == 0)
         rng_state = 1;
-    printf("fuzz-http: seed %llu, %.0f s, router %s\n", (unsigned long long)rng_state, seconds,
-           argv[1]);
+    printf("fuzz-http: seed %llu, %.0f s, router %s, %s store\n", (unsigned long long)rng_state,
+           seconds, argv[1], use_redis ? "Redis" : "in-process");
     fflush(stdout);
     start_all(argv[1]);
     fuzz(seconds);
     finish();
     print_summary();
-    support_proc_stop(&mock_pool);
-    support_proc_stop(&mock_api);
+    stop_all();
     for (int i = 0; i < HISTORY; i++)
         buf_free(&history[i]);
     unlink(conf_path);

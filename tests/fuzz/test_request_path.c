@@ -4,9 +4,11 @@
  * asan`, against the router under test ($COSTROUTER_BIN: the sanitized one
  * in `make asan`). `make fuzz-http` runs it for longer with a new seed.
  *
- * The driver does the checking (answers, keys, hangs, spend against the
- * cost log, exit status, sanitizer reports); this test holds it to exit 0
- * and to have reached the backends often enough to prove something.
+ * The driver does the checking (answers, keys, hangs, reloads, spend
+ * against the cost log, exit status, sanitizer reports); this test holds it
+ * to exit 0 and to have reached the backends, reloaded and (with Redis)
+ * frozen Redis often enough to prove something. Once with the in-process
+ * store, once with a redis-server of the driver's own.
  */
 #include <criterion/criterion.h>
 #include <stdio.h>
@@ -28,19 +30,34 @@ static long answers_with_status(const char *out, const char *status)
     return p ? strtol(p + strlen(needle), NULL, 10) : -1;
 }
 
-Test(request_path, generated_requests_leave_the_router_sound, .timeout = 150)
+/* The count just before `what` in the summary line ("..., 7 reloads"), or -1. */
+static long count_before(const char *out, const char *what)
 {
-    char driver[256], *argv[6];
+    const char *p = strstr(out, what);
+
+    while (p && p > out && p[-1] >= '0' && p[-1] <= '9')
+        p--;
+    return p && p[0] >= '0' && p[0] <= '9' ? strtol(p, NULL, 10) : -1;
+}
+
+/* Run the driver for 15 s with seed 1 (with --redis when `redis`) and hold
+ * it to a clean end with answers of several kinds, reloads and, with
+ * Redis, freezes. */
+static void run_driver(int redis)
+{
+    char driver[256], *argv[7], **arg = argv;
     struct buf out = {0};
     int rc;
 
     snprintf(driver, sizeof(driver), "%s/fuzz_http", getenv("BUILD") ? getenv("BUILD") : "build");
-    argv[0] = driver;
-    argv[1] = getenv("COSTROUTER_BIN");
-    argv[2] = (char *)support_mockllm_bin();
-    argv[3] = "15"; /* seconds */
-    argv[4] = "1";  /* seed */
-    argv[5] = NULL;
+    *arg++ = driver;
+    if (redis)
+        *arg++ = "--redis";
+    *arg++ = getenv("COSTROUTER_BIN");
+    *arg++ = (char *)support_mockllm_bin();
+    *arg++ = "15"; /* seconds */
+    *arg++ = "1";  /* seed */
+    *arg = NULL;
     rc = support_run(argv, &out, 120000);
     cr_assert_eq(buf_append(&out, "", 1), 0);
     cr_assert_eq(rc, 0, "fuzz_http exited %d:\n%s", rc, out.data);
@@ -49,5 +66,18 @@ Test(request_path, generated_requests_leave_the_router_sound, .timeout = 150)
     cr_assert_gt(answers_with_status(out.data, "200"), 100, "%s", out.data);
     cr_assert_gt(answers_with_status(out.data, "400"), 20, "%s", out.data);
     cr_assert_gt(answers_with_status(out.data, "401"), 20, "%s", out.data);
+    cr_assert_geq(count_before(out.data, " reloads"), 3, "%s", out.data);
+    if (redis)
+        cr_assert_geq(count_before(out.data, " Redis freezes"), 1, "%s", out.data);
     buf_free(&out);
+}
+
+Test(request_path, generated_requests_leave_the_router_sound, .timeout = 150)
+{
+    run_driver(0);
+}
+
+Test(request_path, generated_requests_with_redis_frozen_now_and_then, .timeout = 150)
+{
+    run_driver(1);
 }
