@@ -101,7 +101,7 @@ static int use_redis;
 static struct test_redis redis;
 static unsigned long nreloads, nfreezes;
 static double reload_max_s; /* the slowest reload's answer */
-static double next_reload; /* monotonic seconds */
+static double next_reload, next_freeze; /* monotonic seconds */
 
 static void put(struct buf *b, const void *p, size_t n)
 {
@@ -408,11 +408,9 @@ static void mutate_tree(cJSON *root)
         break;
     case 2:
         if (node->string != NULL) {
-            const char *name = PICK(names);
-            char *s = malloc(strlen(name) + 1);
+            char *s = strdup(PICK(names));
             if (s == NULL)
                 abort();
-            strcpy(s, name);
             if (!(node->type & cJSON_StringIsConst))
                 free(node->string);
             node->type &= ~cJSON_StringIsConst;
@@ -434,12 +432,12 @@ static const char *const tokens[] = {
 };
 
 /* A few byte-level changes to a text: it may stop being valid JSON. */
-static void mutate_bytes(struct buf *b, size_t from)
+static void mutate_bytes(struct buf *b)
 {
     unsigned k = 1 + below(4);
 
-    for (unsigned i = 0; i < k && b->len > from; i++) {
-        size_t span = b->len - from, at = from + below((unsigned)span);
+    for (unsigned i = 0; i < k && b->len > 0; i++) {
+        size_t at = below((unsigned)b->len);
         switch (below(4)) {
         case 0: b->data[at] ^= (char)(1u << below(8)); break;
         case 1: b->len = at; break; /* truncated */
@@ -561,12 +559,12 @@ static void make_body(struct buf *body, unsigned seed)
     puts_(body, text);
     free(text);
     if (percent(12))
-        mutate_bytes(body, 0);
+        mutate_bytes(body);
 }
 
 static void make_request(struct request *r)
 {
-    struct buf head = {0}, body = {0};
+    struct buf head = {0}, body = {0}, chunked = {0}, *after_head = &body;
     int post = percent(85), admin = 0;
     const char *path;
 
@@ -589,29 +587,24 @@ static void make_request(struct request *r)
     add_headers(&head, r);
     if (post && percent(15)) {
         puts_(&head, "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n");
-        put(&r->bytes, head.data, head.len);
-        put_chunked(&r->bytes, &body);
+        put_chunked(&chunked, &body);
+        after_head = &chunked;
     } else {
         if (post)
             buf_printf(&head, "Content-Type: application/json\r\nContent-Length: %zu\r\n",
                        body.len);
         puts_(&head, "\r\n");
-        put(&r->bytes, head.data, head.len);
-        put(&r->bytes, body.data, body.len);
     }
     if (percent(3)) { /* anything can happen to the head: framing unsure */
-        size_t head_len = head.len;
-        struct buf rest = {0};
-        put(&rest, r->bytes.data + head_len, r->bytes.len - head_len);
-        r->bytes.len = head_len;
-        mutate_bytes(&r->bytes, 0);
-        put(&r->bytes, rest.data, rest.len);
-        buf_free(&rest);
+        mutate_bytes(&head);
         r->framing_sure = 0;
         r->closes = 1; /* the connection's state is unknown after it */
     }
+    put(&r->bytes, head.data, head.len);
+    put(&r->bytes, after_head->data, after_head->len);
     buf_free(&head);
     buf_free(&body);
+    buf_free(&chunked);
 }
 
 /* ---- checks on an answer ---- */
@@ -672,16 +665,27 @@ static double now_s(void)
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* One admin API call on a new connection (a POST has an empty body). */
+static int admin_request(const char *method, const char *path, struct support_http_response *a)
+{
+    struct buf req = {0};
+    int rc;
+
+    if (support_http_format(&req, method, path, "Authorization: Bearer " ADMIN_KEY "\r\n",
+                            strcmp(method, "POST") == 0 ? "" : NULL))
+        abort();
+    rc = support_http_request(router.port, req.data, req.len, 5000, a);
+    buf_free(&req);
+    return rc;
+}
+
 /* Reload the config (unchanged) through the admin API; it answers once the
  * new config is in place. */
 static void admin_reload(void)
 {
-    static const char req[] = "POST /admin/reload HTTP/1.1\r\nHost: x\r\n"
-                              "Authorization: Bearer " ADMIN_KEY "\r\n"
-                              "Content-Length: 0\r\n\r\n";
     struct support_http_response a = {0};
     double start = now_s();
-    int rc = support_http_request(router.port, req, sizeof(req) - 1, 5000, &a);
+    int rc = admin_request("POST", "/admin/reload", &a);
 
     if (rc != 0 || a.status != 200 || !contains(&a.body, "\"reloaded\""))
         fail("POST /admin/reload: %s, status %d: %.*s", rc ? strerror(-rc) : "answered",
@@ -759,15 +763,13 @@ static int exchange(struct support_http_conn *c, struct request *r, int nreq, en
  * the journal is written back before the end checks. */
 static void freeze_or_thaw(double now, double end)
 {
-    static double next_freeze, thaw_at;
+    static double thaw_at;
 
     if (!use_redis)
         return;
     if (thaw_at > 0 && now >= thaw_at) {
         test_redis_kill(&redis, SIGCONT);
         thaw_at = 0;
-    } else if (thaw_at == 0 && next_freeze == 0) {
-        next_freeze = now + FREEZE_EVERY_S / 2;
     } else if (thaw_at == 0 && now >= next_freeze && now + FREEZE_S + SETTLE_S < end) {
         test_redis_kill(&redis, SIGSTOP);
         nfreezes++;
@@ -785,6 +787,7 @@ static void fuzz(double seconds)
     double end = now_s() + seconds;
 
     next_reload = now_s() + RELOAD_EVERY_S / 2;
+    next_freeze = now_s() + FREEZE_EVERY_S / 2;
     for (double now; (now = now_s()) < end;) {
         int nreq = 1;
 
@@ -823,17 +826,11 @@ static void fuzz(double seconds)
 
 static cJSON *admin_get(const char *path)
 {
-    struct buf req = {0};
     struct support_http_response a = {0};
     cJSON *j = NULL;
-    int rc;
 
-    if (support_http_format(&req, "GET", path, "Authorization: Bearer " ADMIN_KEY "\r\n", NULL))
-        abort();
-    rc = support_http_request(router.port, req.data, req.len, 5000, &a);
-    if (rc == 0 && a.status == 200)
+    if (admin_request("GET", path, &a) == 0 && a.status == 200)
         j = cJSON_ParseWithLength(a.body.data, a.body.len);
-    buf_free(&req);
     support_http_response_free(&a);
     return j;
 }
