@@ -498,6 +498,22 @@ static void check_cache(struct conf__ctx *ctx)
                 c->cache_local_bytes, c->cache_max_entry_bytes);
 }
 
+/* A certificate is no use without its key, nor a key without it. */
+static void check_tls(struct conf__ctx *ctx)
+{
+    const struct conf__meta *m = &ctx->root;
+    int cert = HAS(m, CONF__R_TLS_CERT_FILE), key = HAS(m, CONF__R_TLS_KEY_FILE);
+
+    if (cert && !key)
+        conf__error(ctx, m->lines[CONF__R_TLS_CERT_FILE], "tls.key_file",
+                    "is required with tls.cert_file");
+    else if (key && !cert)
+        conf__error(ctx, m->lines[CONF__R_TLS_KEY_FILE], "tls.cert_file",
+                    "is required with tls.key_file");
+    else if (HAS(m, CONF__R_TLS) && !cert)
+        conf__error(ctx, m->lines[CONF__R_TLS], "tls", "needs cert_file and key_file");
+}
+
 void conf__check(struct conf__ctx *ctx)
 {
     int best;
@@ -508,6 +524,7 @@ void conf__check(struct conf__ctx *ctx)
     check_tenants(ctx, best);
     check_experiments(ctx);
     check_cache(ctx);
+    check_tls(ctx);
 }
 
 /* ---- lookups ---- */

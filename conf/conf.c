@@ -432,6 +432,8 @@ void conf_free(struct conf *conf)
     free(conf->tokenizer_data);
     free(conf->store_key_prefix);
     free(conf->listen_host);
+    free(conf->tls_cert_file);
+    free(conf->tls_key_file);
     free_secret(conf->admin_key);
     free(conf->cost_log);
     free(conf->redis_host);

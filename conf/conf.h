@@ -164,6 +164,9 @@ struct conf {
                                     to the working directory) */
     char *listen_host;           /* default 127.0.0.1 */
     uint16_t listen_port;        /* default 8080; 0 = any free port */
+    char *tls_cert_file;         /* PEM chain clients are served TLS with, or NULL: plain
+                                    HTTP (section `tls:`, given with tls_key_file) */
+    char *tls_key_file;          /* PEM private key of tls_cert_file */
     char *admin_key;             /* secret, or NULL: admin API off */
     char *cost_log;              /* path, "-" for stdout, NULL for none */
     char *redis_url;             /* store.redis exactly as given (after ${ENV}), for

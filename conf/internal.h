@@ -78,7 +78,8 @@ struct conf__ctx {
  * lines[i] refer to directive i. check.c names them to find out whether a
  * key was given and where. */
 enum conf__root_key {
-    CONF__R_LISTEN, CONF__R_ADMIN_KEY, CONF__R_COST_LOG, CONF__R_INCLUDE, CONF__R_PRICES,
+    CONF__R_LISTEN, CONF__R_TLS, CONF__R_TLS_CERT_FILE, CONF__R_TLS_KEY_FILE,
+    CONF__R_ADMIN_KEY, CONF__R_COST_LOG, CONF__R_INCLUDE, CONF__R_PRICES,
     CONF__R_TOKENIZER_DATA,
     CONF__R_STORE, CONF__R_REDIS, CONF__R_ON_FAILURE, CONF__R_KEY_PREFIX,
     CONF__R_STORE_CONNECT_TIMEOUT, CONF__R_COMMAND_TIMEOUT, CONF__R_RESERVATION_TTL,

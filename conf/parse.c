@@ -938,6 +938,9 @@ static const char *const on_overrun_names[] = {"charge", "cut", NULL};
 #define R(field) .offset = offsetof(struct conf, field)
 static const struct directive root_directives[CONF__R_COUNT] = {
     [CONF__R_LISTEN] = {"listen", NULL, T_FN, .fn = fn_listen, .def = "127.0.0.1:8080"},
+    [CONF__R_TLS] = {"tls", NULL, T_SECTION},
+    [CONF__R_TLS_CERT_FILE] = {"cert_file", "tls", T_STR, R(tls_cert_file), .fn = check_readable},
+    [CONF__R_TLS_KEY_FILE] = {"key_file", "tls", T_STR, R(tls_key_file), .fn = check_readable},
     [CONF__R_ADMIN_KEY] = {"admin_key", NULL, T_SECRET, R(admin_key)},
     [CONF__R_COST_LOG] = {"cost_log", NULL, T_STR, R(cost_log)},
     [CONF__R_INCLUDE] = {"include", NULL, T_NODE, .node = node_include},

@@ -169,8 +169,8 @@ static struct error_case error_cases[] = {
     {.file = DATA "no-such-file.yaml", .lines =
      {"1: (file): cannot open: No such file or directory"}},
     {.file = "conf/example.yaml", .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY"},
-     .lines = {"11: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
-      "72: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
+     .lines = {"15: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
+      "76: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
     {.file = DATA "prices_bad.yaml", .lines =
      {"5: include[2]: \"inc/prices_bad.yaml\" is already included",
       "8: prices.custom-x: duplicate price \"custom-x\" (first at {DIR}/inc/prices_bad.yaml:3)",
@@ -221,6 +221,12 @@ static struct error_case error_cases[] = {
       "30: experiments[4].arms[0].backends: must not be empty",
       "30: experiments[4].arms[0].name: experiment and arm names together must be at most 91 "
       "characters (they make the reason \"ab:EXPERIMENT/ARM\")"}},
+    {.file = DATA "tls_bad.yaml", .lines =
+     {"4: tls.cert_file: cannot read \"/nonexistent/server.crt\": No such file or directory",
+      "4: tls.key_file: is required with tls.cert_file",
+      "5: tls.key_flie: unknown key (did you mean \"key_file\"?)"}},
+    {.file = DATA "tls_key_only.yaml", .lines =
+     {"3: tls.cert_file: is required with tls.key_file"}},
     {.file = DATA "store_cache_bad.yaml", .lines =
      {"2: tokenizer_data: cannot read \"/nonexistent/tokens\": No such file or directory",
       "4: store.key_prefix: must not contain '{', '}' or spaces",
