@@ -90,6 +90,10 @@ static int reload(void *arg, char **errors)
     struct conf *conf = conf_load(app->path, errors);
     struct router *next;
 
+    if (conf != NULL && router_check(conf, errors) != 0) {
+        conf_free(conf);
+        conf = NULL;
+    }
     if (conf == NULL) {
         log_warn("reload of %s refused, the running config stays:\n%s", app->path,
                  *errors ? *errors : "");
@@ -254,9 +258,16 @@ int main(int argc, char **argv)
     }
     if (check) {
         struct conf *conf = load_config(config);
+        char *errors = NULL;
 
         if (conf == NULL)
             return 1;
+        if (router_check(conf, &errors) != 0) {
+            fprintf(stderr, "%s: %s\n", config, errors ? errors : "cannot load");
+            free(errors);
+            conf_free(conf);
+            return 1;
+        }
         printf("%s: configuration OK (%zu backends, %zu routes, %zu tenants)\n", config,
                conf->nbackends, conf->nroutes, conf->ntenants);
         conf_free(conf);

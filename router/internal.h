@@ -129,6 +129,7 @@ struct router {
     struct metrics_cost_log *cost_log; /* shared->cost_log, or NULL */
     struct router__shelf shelf;     /* buffers of idle connections' requests */
     struct buf request_out;         /* the upstream request being built, reused */
+    SSL_CTX *tls_ctx;               /* clients are served TLS with it, or NULL: plain */
     unsigned stopping:1;            /* draining: no keep-alive, pools closing */
     unsigned freeing:1;             /* free_timer closing */
 };
@@ -275,6 +276,7 @@ struct router__client {
     unsigned handles_open;               /* tcp + timer still to close */
     unsigned reading:1;                  /* uv_read_start active */
     unsigned in_process:1;               /* client_process is on the stack */
+    SSL *ssl;                            /* TLS session (memory BIOs), NULL for plain */
 };
 
 /* Upstream connection states. */
@@ -321,6 +323,10 @@ struct router__upstream {
 /* server.c: client side */
 void router__client_send(struct router__client *c, const char *p, size_t len);
 void router__client_sendv(struct router__client *c, const uv_buf_t *bufs, unsigned nbufs);
+/* Put bytes on the socket as they are (TLS records, or plain HTTP). */
+void router__client_send_raw(struct router__client *c, const uv_buf_t *bufs, unsigned nbufs);
+/* Plaintext bytes the client sent: parse them, or keep them for later. */
+void router__client_take(struct router__client *c, const char *p, size_t len);
 void router__client_response_done(struct router__client *c);
 void router__client_close(struct router__client *c);
 size_t router__client_write_queue(const struct router__client *c);
@@ -454,8 +460,22 @@ int router__upstream_send_fresh(struct router__pool *pool, struct router__client
 void router__upstream_pause(struct router__upstream *u);
 void router__upstream_resume(struct router__upstream *u);
 
-/* tls.c */
+/* tls.c: contexts, and the TLS layer of client connections */
 SSL_CTX *router__tls_client_ctx(const struct conf_backend *b);
+/* The context clients are served with (conf's tls.cert_file and
+ * tls.key_file), or NULL with the reason written to why. */
+SSL_CTX *router__tls_server_ctx(const struct conf *conf, char *why, size_t size);
+/* Give client `c` a TLS session in server mode. Returns 0 or -1. */
+int router__tls_client_start(struct router__client *c, SSL_CTX *ctx);
+/* Ciphertext read from the client: decrypt it into router__client_take,
+ * answer the handshake, or close on a TLS error. */
+void router__tls_client_read(struct router__client *c, const char *p, size_t len);
+/* Encrypt and send. */
+void router__tls_client_sendv(struct router__client *c, const uv_buf_t *bufs, unsigned nbufs);
+/* Empty a session's memory write BIO once its bytes have been sent. */
+void router__tls_wbio_clear(SSL *ssl);
+/* Queue close_notify before the connection is shut down. */
+void router__tls_client_shutdown(struct router__client *c);
 
 /* sse.c: split SSE bytes into events; usage extraction */
 struct router__usage {

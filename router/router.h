@@ -9,6 +9,11 @@
 struct conf;
 struct router;
 
+/* Check what conf/ cannot: that the listener's TLS certificate and key
+ * load and belong together. Returns 0, or -1 with *errors set to a
+ * malloc'd line saying why (caller frees). */
+int router_check(const struct conf *conf, char **errors);
+
 /* Create a router for `conf` (owned from now on, freed with it) on
  * `loop`. Builds TLS contexts and backend state. Returns NULL with a
  * logged reason on failure (conf is then freed too). */

@@ -66,6 +66,7 @@ static void client_free(struct router__client *c)
     router__account(c); /* a request cut short by the client: 499 */
     router__request_free(&c->req);
     buf_free(&c->pending);
+    SSL_free(c->ssl);
     if (c->prev)
         c->prev->next = c->next;
     else
@@ -115,6 +116,8 @@ static void client_close_after_writes(struct router__client *c)
         return;
     uv_read_stop((uv_stream_t *)&c->tcp);
     c->reading = 0;
+    if (c->ssl)
+        router__tls_client_shutdown(c);
     req = malloc(sizeof(*req));
     if (req == NULL) {
         router__client_close(c);
@@ -151,7 +154,7 @@ static void client_write_done(uv_write_t *req, int status)
 
 /* Send bytes, trying a direct write first so the common case copies and
  * allocates nothing; what the socket does not take is copied once. */
-void router__client_sendv(struct router__client *c, const uv_buf_t *bufs, unsigned nbufs)
+void router__client_send_raw(struct router__client *c, const uv_buf_t *bufs, unsigned nbufs)
 {
     size_t total = 0, skip = 0, off = 0;
     struct client_write *w;
@@ -200,6 +203,16 @@ void router__client_sendv(struct router__client *c, const uv_buf_t *bufs, unsign
         free(w);
         router__client_close(c);
     }
+}
+
+void router__client_sendv(struct router__client *c, const uv_buf_t *bufs, unsigned nbufs)
+{
+    if (c->closing)
+        return;
+    if (c->ssl)
+        router__tls_client_sendv(c, bufs, nbufs);
+    else
+        router__client_send_raw(c, bufs, nbufs);
 }
 
 void router__client_send(struct router__client *c, const char *p, size_t len)
@@ -451,11 +464,53 @@ void router__client_response_done(struct router__client *c)
     }
 }
 
+void router__client_take(struct router__client *c, const char *p, size_t len)
+{
+    size_t used;
+    int complete;
+
+    if (c->phase == ROUTER_CLIENT_BUSY || c->pending.len > 0) {
+        if (buf_append(&c->pending, p, len) != 0) {
+            router__client_close(c);
+            return;
+        }
+        if (c->pending.len > ROUTER_PENDING_MAX) {
+            uv_read_stop((uv_stream_t *)&c->tcp);
+            c->reading = 0;
+        }
+        return;
+    }
+    used = client_execute(c, p, len, &complete);
+    if (used < len && !c->closing && buf_append(&c->pending, p + used, len - used) != 0) {
+        router__client_close(c);
+        return;
+    }
+    if (complete)
+        router__handle(c);
+}
+
+/* A TLS connection opens with a handshake record (0x16); a method name
+ * there means plain HTTP sent to the TLS port. Tell the client so in its
+ * own protocol, as nginx does, rather than drop it with a TLS alert it
+ * cannot read. */
+static int looks_like_plain_http(const struct router__client *c, char first)
+{
+    return SSL_in_before(c->ssl) && first >= 'A' && first <= 'Z';
+}
+
+static void refuse_plain_http(struct router__client *c)
+{
+    SSL_free(c->ssl);
+    c->ssl = NULL;
+    c->req.start_ms = router__now(c->router);
+    c->req.keep_alive = 0;
+    client_set_phase(c, ROUTER_CLIENT_BUSY);
+    router__refuse(c, error_bad_request, "plain HTTP was sent to the TLS port; use https://");
+}
+
 static void client_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     struct router__client *c = s->data;
-    size_t used;
-    int complete;
 
     if (nread == 0)
         return;
@@ -464,25 +519,12 @@ static void client_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         router__client_close(c);
         return;
     }
-    if (c->phase == ROUTER_CLIENT_BUSY || c->pending.len > 0) {
-        if (buf_append(&c->pending, buf->base, (size_t)nread) != 0) {
-            router__client_close(c);
-            return;
-        }
-        if (c->pending.len > ROUTER_PENDING_MAX) {
-            uv_read_stop(s);
-            c->reading = 0;
-        }
-        return;
-    }
-    used = client_execute(c, buf->base, (size_t)nread, &complete);
-    if (used < (size_t)nread && !c->closing &&
-        buf_append(&c->pending, buf->base + used, (size_t)nread - used) != 0) {
-        router__client_close(c);
-        return;
-    }
-    if (complete)
-        router__handle(c);
+    if (c->ssl == NULL)
+        router__client_take(c, buf->base, (size_t)nread);
+    else if (looks_like_plain_http(c, buf->base[0]))
+        refuse_plain_http(c);
+    else
+        router__tls_client_read(c, buf->base, (size_t)nread);
 }
 
 static void client_start_reading(struct router__client *c)
@@ -519,6 +561,10 @@ static void on_connection(uv_stream_t *server, int status)
     r->nclients++;
     metrics_add(r->metrics, METRICS_CLIENT_CONNECTIONS, NULL, 1);
     if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0 || r->nclients > r->conf->max_connections) {
+        router__client_close(c);
+        return;
+    }
+    if (r->tls_ctx && router__tls_client_start(c, r->tls_ctx) != 0) {
         router__client_close(c);
         return;
     }
@@ -640,18 +686,29 @@ static struct router *generation_create(struct router__shared *sh, struct conf *
     r->tokens = sh->tokens;
     r->store = sh->store;
     r->flights = sh->flights;
-    uv_timer_init(r->loop, &r->free_timer);
-    r->free_timer.data = r;
     /* Request ids must not repeat across restarts and instances sharing
      * one cost log; a random per-process prefix does that. */
     if (RAND_bytes((unsigned char *)&r->start_id, sizeof(r->start_id)) != 1)
         r->start_id = uv_hrtime() ^ ((uint64_t)getpid() << 32);
     r->start_id &= 0xffffffffffULL;
+    if (conf->tls_cert_file) {
+        char why[1024];
+
+        if ((r->tls_ctx = router__tls_server_ctx(conf, why, sizeof(why))) == NULL) {
+            log_error("%s", why);
+            generation_free(r);
+            return NULL;
+        }
+    }
     r->backends = backend_set_create(conf);
     if (r->backends == NULL || router__spend_init(r) != 0 || router__pools_init(r) != 0) {
         generation_free(r);
         return NULL;
     }
+    /* Last: a handle must be closed through the loop, which the failures
+     * above (a reload with a bad certificate) free without. */
+    uv_timer_init(r->loop, &r->free_timer);
+    r->free_timer.data = r;
     backend_set_start(r->backends, uv_now(r->loop));
     r->next_gen = sh->generations;
     sh->generations = r;
@@ -665,6 +722,7 @@ static void generation_free(struct router *r)
     router__spend_free(r);
     router__pools_free(r);
     backend_set_destroy(r->backends);
+    SSL_CTX_free(r->tls_ctx);
     conf_free((struct conf *)r->conf);
     free(r);
 }
@@ -807,7 +865,7 @@ int router_start(struct router *r)
     else
         uv_ip4_name((struct sockaddr_in *)&bound, host, sizeof(host));
     rc = ntohs(((struct sockaddr_in *)&bound)->sin_port);
-    log_info("listening on %s:%d", host, rc);
+    log_info("listening on %s:%d%s", host, rc, r->tls_ctx ? " (TLS)" : "");
     printf("listening on %s:%d\n", host, rc);
     fflush(stdout);
     return 0;

@@ -311,7 +311,7 @@ static int tls_flush(struct router__upstream *u)
     if (n <= 0)
         return 0;
     rc = write_bytes(u, p, (size_t)n);
-    (void)BIO_reset(wbio);
+    router__tls_wbio_clear(u->ssl);
     return rc;
 }
 

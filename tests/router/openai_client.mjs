@@ -1,6 +1,6 @@
 // tests/router/openai_client.mjs: the official openai npm client against
 // the router. Prints one JSON line of what it saw; test_openai_sdk.c
-// asserts on it. Usage: node openai_client.mjs PORT KEY MODE
+// asserts on it. Usage: node openai_client.mjs BASE_URL KEY MODE
 // MODE: plain | stream | badkey | midstream
 import { createRequire } from 'node:module';
 
@@ -9,8 +9,8 @@ import { createRequire } from 'node:module';
 const require = createRequire(`${process.env.OPENAI_NPM_DIR}/`);
 const OpenAI = require('openai');
 
-const [port, key, mode] = process.argv.slice(2);
-const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: key, maxRetries: 0 });
+const [baseURL, key, mode] = process.argv.slice(2);
+const client = new OpenAI({ baseURL, apiKey: key, maxRetries: 0 });
 const messages = [{ role: 'user', content: 'hello from the sdk' }];
 const out = { mode };
 try {

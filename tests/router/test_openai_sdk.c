@@ -1,8 +1,10 @@
 /*
  * tests/router/test_openai_sdk.c: the official openai npm client (Node)
  * talks to the router in front of mockllm, plain and streamed, with only
- * its base URL changed. The client script is tests/router/openai_client.mjs;
- * the package is installed by `make deps` (mk/openai.mk).
+ * its base URL changed, over plain HTTP and over TLS (Node trusting the
+ * test CA through NODE_EXTRA_CA_CERTS). The client script is
+ * tests/router/openai_client.mjs; the package is installed by `make deps`
+ * (mk/openai.mk).
  */
 #include <cjson/cJSON.h>
 #include <criterion/criterion.h>
@@ -18,6 +20,7 @@
 
 static struct support_proc router, mock;
 static char conf_path[64];
+static char ca_dir[256]; /* set when the router serves TLS */
 static cJSON *result;
 
 static void teardown(void)
@@ -26,16 +29,24 @@ static void teardown(void)
     support_proc_stop(&mock);
     if (conf_path[0])
         unlink(conf_path);
+    if (ca_dir[0])
+        support_remove_tree(ca_dir);
     cJSON_Delete(result);
 }
 
 TestSuite(openai_sdk, .fini = teardown, .timeout = 60);
 
-static void start(void)
+/* The router in front of a mock; over TLS with a fresh test CA if `tls`. */
+static void start_with(int tls)
 {
-    char hex[65];
+    char hex[65], tls_yaml[700] = "";
     FILE *f;
 
+    if (tls) {
+        cr_assert_eq(support_make_test_ca(ca_dir, sizeof(ca_dir)), 0);
+        snprintf(tls_yaml, sizeof(tls_yaml),
+                 "tls: {cert_file: %s/server.crt, key_file: %s/server.key}\n", ca_dir, ca_dir);
+    }
     support_key_sha256_hex(TENANT_KEY, hex);
     cr_assert_eq(support_mockllm_start(&mock, "--token-delay-ms", "1", NULL), 0);
     strcpy(conf_path, "/tmp/costrouter-sdk-XXXXXX");
@@ -43,30 +54,40 @@ static void start(void)
     cr_assert_not_null(f);
     fprintf(f,
             "listen: 127.0.0.1:0\n"
+            "%s"
             "backends:\n"
             "  - {name: m, kind: api, url: \"http://127.0.0.1:%d/v1\", model: mock-model,\n"
             "     quality: 1, context_window: 8192, input_usd_per_mtok: 1, output_usd_per_mtok: 2}\n"
             "routes:\n  - {model: chat, candidates: [m]}\n"
             "tenants:\n  - {id: sdk, api_keys: [\"sha256:%s\"]}\n",
-            mock.port, hex);
+            tls_yaml, mock.port, hex);
     fclose(f);
     char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
     cr_assert_eq(support_proc_start(&router, argv), 0);
 }
 
+static void start(void)
+{
+    start_with(0);
+}
+
 /* Run the Node client in `mode`, parse the JSON line it prints. */
 static cJSON *run_client(const char *mode, const char *key)
 {
-    char port[16], script[512];
+    char base[64], script[512];
     struct buf out = {0};
     const char *src = getenv("COSTROUTER_SRC") ? getenv("COSTROUTER_SRC") : ".";
 
-    snprintf(port, sizeof(port), "%d", router.port);
-    snprintf(script, sizeof(script), "%s/tests/router/openai_client.mjs", src);
+    snprintf(base, sizeof(base), "%s://127.0.0.1:%d/v1", ca_dir[0] ? "https" : "http",
+             router.port);
+    if (ca_dir[0]) {
+        snprintf(script, sizeof(script), "%s/ca.crt", ca_dir);
+        setenv("NODE_EXTRA_CA_CERTS", script, 1);
+    }
     snprintf(script, sizeof(script), "%s/build/npm-openai", src);
     setenv("OPENAI_NPM_DIR", script, 1);
     snprintf(script, sizeof(script), "%s/tests/router/openai_client.mjs", src);
-    char *argv[] = {"node", script, port, (char *)key, (char *)mode, NULL};
+    char *argv[] = {"node", script, base, (char *)key, (char *)mode, NULL};
     int rc = support_run(argv, &out, 30000);
     cr_assert_eq(rc, 0, "node exited %d", rc);
     cJSON_Delete(result);
@@ -99,6 +120,18 @@ Test(openai_sdk, streamed_chat_with_usage)
     cr_assert(cJSON_IsTrue(get(r, "ok")), "%s", cJSON_PrintUnformatted(r));
     cr_assert_gt(get(r, "chunks")->valuedouble, 2);
     cr_assert_gt(strlen(get(r, "text")->valuestring), 0);
+    cr_assert_gt(get(get(r, "usage"), "completion_tokens")->valuedouble, 0);
+}
+
+Test(openai_sdk, streamed_and_plain_chat_over_tls)
+{
+    start_with(1);
+    cJSON *r = run_client("stream", TENANT_KEY);
+    cr_assert(cJSON_IsTrue(get(r, "ok")), "%s", cJSON_PrintUnformatted(r));
+    cr_assert_gt(get(r, "chunks")->valuedouble, 2);
+    cr_assert_gt(get(get(r, "usage"), "completion_tokens")->valuedouble, 0);
+    r = run_client("plain", TENANT_KEY);
+    cr_assert(cJSON_IsTrue(get(r, "ok")), "%s", cJSON_PrintUnformatted(r));
     cr_assert_gt(get(get(r, "usage"), "completion_tokens")->valuedouble, 0);
 }
 

@@ -3,6 +3,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -11,6 +12,9 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 
 #define READ_CHUNK 16384
 
@@ -111,10 +115,93 @@ int support_http_connect(struct support_http_conn *c, int port)
     return 0;
 }
 
+/* Wait until fd is ready for `events`, or deadline. Returns 0 or -ETIMEDOUT. */
+static int wait_fd(int fd, short events, double deadline)
+{
+    struct pollfd pfd = {.fd = fd, .events = events};
+    double left = deadline - now_ms();
+
+    if (left <= 0 || poll(&pfd, 1, (int)left + 1) == 0)
+        return -ETIMEDOUT;
+    return 0;
+}
+
+/* After a non-blocking TLS call returned n <= 0: wait for what it needs.
+ * Returns 0 to call again, -ETIMEDOUT, or -EPROTO (a TLS failure). */
+static int tls_wait(struct support_http_conn *c, int n, double deadline)
+{
+    switch (SSL_get_error(c->ssl, n)) {
+    case SSL_ERROR_WANT_READ:
+        return wait_fd(c->fd, POLLIN, deadline);
+    case SSL_ERROR_WANT_WRITE:
+        return wait_fd(c->fd, POLLOUT, deadline);
+    default:
+        ERR_clear_error();
+        return -EPROTO;
+    }
+}
+
+int support_https_connect(struct support_http_conn *c, int port, const char *ca_file,
+                          int timeout_ms)
+{
+    static const unsigned char alpn[] = "\x02h2\x08http/1.1";
+    double deadline = now_ms() + timeout_ms;
+    int rc = support_http_connect(c, port), n;
+
+    if (rc != 0)
+        return rc;
+    c->ssl_ctx = SSL_CTX_new(TLS_client_method());
+    if (c->ssl_ctx == NULL || SSL_CTX_load_verify_locations(c->ssl_ctx, ca_file, NULL) != 1)
+        return -EPROTO;
+    SSL_CTX_set_verify(c->ssl_ctx, SSL_VERIFY_PEER, NULL);
+    SSL_CTX_set_mode(c->ssl_ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    SSL_CTX_set_alpn_protos(c->ssl_ctx, alpn, sizeof(alpn) - 1);
+    c->ssl = SSL_new(c->ssl_ctx);
+    if (c->ssl == NULL || SSL_set_fd(c->ssl, c->fd) != 1 ||
+        X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c->ssl), "127.0.0.1") != 1)
+        return -EPROTO;
+    fcntl(c->fd, F_SETFL, fcntl(c->fd, F_GETFL) | O_NONBLOCK);
+    while ((n = SSL_connect(c->ssl)) != 1)
+        if ((rc = tls_wait(c, n, deadline)) != 0)
+            return rc;
+    return 0;
+}
+
+const char *support_https_alpn(const struct support_http_conn *c, char *out, size_t size)
+{
+    const unsigned char *p = NULL;
+    unsigned len = 0;
+
+    if (c->ssl)
+        SSL_get0_alpn_selected(c->ssl, &p, &len);
+    snprintf(out, size, "%.*s", (int)len, p ? (const char *)p : "");
+    return out;
+}
+
+static int tls_send(struct support_http_conn *c, const char *p, size_t len)
+{
+    double deadline = now_ms() + 10000;
+    int n, rc;
+
+    while (len > 0) {
+        n = SSL_write(c->ssl, p, (int)len);
+        if (n > 0) {
+            p += n;
+            len -= (size_t)n;
+        } else if ((rc = tls_wait(c, n, deadline)) != 0) {
+            return rc;
+        }
+    }
+    c->sent_at = now_ms();
+    return 0;
+}
+
 int support_http_send(struct support_http_conn *c, const void *data, size_t len)
 {
     const char *p = data;
 
+    if (c->ssl)
+        return tls_send(c, p, len);
     while (len > 0) {
         ssize_t n = send(c->fd, p, len, MSG_NOSIGNAL);
         if (n < 0 && errno == EINTR)
@@ -125,6 +212,23 @@ int support_http_send(struct support_http_conn *c, const void *data, size_t len)
         len -= (size_t)n;
     }
     c->sent_at = now_ms();
+    return 0;
+}
+
+/* One SSL_read into c->in. A record not yet whole is no progress; a
+ * close_notify, a reset or a TLS error is the end of the connection. */
+static int tls_recv(struct support_http_conn *c)
+{
+    int n = SSL_read(c->ssl, c->in.data + c->in.len, (int)(c->in.cap - c->in.len));
+
+    c->read_at = now_ms();
+    if (n > 0) {
+        c->in.len += (size_t)n;
+        return 0;
+    }
+    if (SSL_get_error(c->ssl, n) != SSL_ERROR_WANT_READ)
+        c->eof = 1;
+    ERR_clear_error();
     return 0;
 }
 
@@ -162,13 +266,17 @@ static int pump(struct support_http_conn *c, double deadline)
             (void)llhttp_finish(&c->parser);
         return c->cur->complete ? 1 : -ECONNRESET;
     }
-    left = deadline - now_ms();
-    if (left <= 0)
-        return -ETIMEDOUT;
-    if (poll(&pfd, 1, (int)left + 1) == 0)
-        return -ETIMEDOUT;
+    if (c->ssl == NULL || SSL_pending(c->ssl) == 0) {
+        left = deadline - now_ms();
+        if (left <= 0)
+            return -ETIMEDOUT;
+        if (poll(&pfd, 1, (int)left + 1) == 0)
+            return -ETIMEDOUT;
+    }
     if (buf_reserve(&c->in, READ_CHUNK) != 0)
         return -ENOMEM;
+    if (c->ssl)
+        return tls_recv(c);
     n = recv(c->fd, c->in.data + c->in.len, c->in.cap - c->in.len, 0);
     c->read_at = now_ms();
     if (n < 0 && errno == EINTR)
@@ -206,6 +314,10 @@ int support_http_read(struct support_http_conn *c, struct support_http_response 
 
 void support_http_close(struct support_http_conn *c)
 {
+    SSL_free(c->ssl);
+    SSL_CTX_free(c->ssl_ctx);
+    c->ssl = NULL;
+    c->ssl_ctx = NULL;
     if (c->fd >= 0)
         close(c->fd);
     c->fd = -1;
@@ -256,13 +368,20 @@ void support_http_response_free(struct support_http_response *r)
 int support_sse_open(struct support_sse *s, int port, const void *req, size_t len,
                      int timeout_ms)
 {
-    double deadline = now_ms() + timeout_ms;
     int rc;
 
     *s = (struct support_sse){0};
     rc = support_http_connect(&s->conn, port);
-    if (rc == 0)
-        rc = support_http_send(&s->conn, req, len);
+    if (rc != 0)
+        return rc;
+    return support_sse_begin(s, req, len, timeout_ms);
+}
+
+int support_sse_begin(struct support_sse *s, const void *req, size_t len, int timeout_ms)
+{
+    double deadline = now_ms() + timeout_ms;
+    int rc = support_http_send(&s->conn, req, len);
+
     if (rc != 0)
         return rc;
     begin(&s->conn, &s->resp);

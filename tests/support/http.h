@@ -12,6 +12,7 @@
 #define TESTS_SUPPORT_HTTP_H
 
 #include <llhttp.h>
+#include <openssl/ssl.h>
 #include <stddef.h>
 
 #include "common/buf.h"
@@ -38,6 +39,8 @@ struct support_http_conn {
     double sent_at;         /* monotonic ms when the last send finished */
     double read_at;         /* monotonic ms of the read being parsed */
     unsigned eof:1;         /* the server closed (or reset) the connection */
+    SSL_CTX *ssl_ctx;       /* TLS (support_https_connect), else NULL */
+    SSL *ssl;               /* its session, over the non-blocking fd */
 };
 
 /* A streamed response read as Server-Sent Events. */
@@ -58,6 +61,15 @@ struct support_sse_event {
 /* Connect to 127.0.0.1:port. Returns 0 or a negative errno. */
 int support_http_connect(struct support_http_conn *c, int port)
     __attribute__((warn_unused_result));
+/* Connect and do a TLS handshake as a client would: the certificate is
+ * verified against ca_file for IP 127.0.0.1, and ALPN offers h2 and
+ * http/1.1. Sends, reads and closes on c then go through TLS. Returns 0, a
+ * negative errno, -ETIMEDOUT after timeout_ms, or -EPROTO when the
+ * handshake or the verification fails; close c in every case. */
+int support_https_connect(struct support_http_conn *c, int port, const char *ca_file,
+                          int timeout_ms) __attribute__((warn_unused_result));
+/* The protocol the server chose by ALPN, "" for none, written to out. */
+const char *support_https_alpn(const struct support_http_conn *c, char *out, size_t size);
 /* Send all bytes and note the time. Returns 0 or a negative errno. */
 int support_http_send(struct support_http_conn *c, const void *data, size_t len)
     __attribute__((warn_unused_result));
@@ -91,6 +103,9 @@ void support_http_response_free(struct support_http_response *r);
  * headers. Close with support_sse_close() in every case. */
 int support_sse_open(struct support_sse *s, int port, const void *req, size_t len,
                      int timeout_ms);
+/* As support_sse_open, on s->conn already connected (e.g. by
+ * support_https_connect on a zeroed s). */
+int support_sse_begin(struct support_sse *s, const void *req, size_t len, int timeout_ms);
 /* Next event. Returns 1 with *ev filled, 0 when the response ended cleanly
  * (terminating chunk) with no more events, -ETIMEDOUT, -ECONNRESET if the
  * server closed mid-stream, or -EPROTO. */
