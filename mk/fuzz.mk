@@ -54,7 +54,8 @@ fuzz-costlog: build-fuzz/fuzz_costlog
 # built as `make asan` builds it, in front of two mockllm, sent generated
 # requests for FUZZ_SECONDS (30), reloaded every 2 s. FUZZ_SEED=N sends a
 # run's requests again; FUZZ_STORE=redis puts the spend in a redis-server
-# of its own, frozen now and then. The driver is a plain test program
+# of its own, frozen now and then; FUZZ_TLS=1 has the router serve TLS
+# (a throwaway test CA) and the driver connect over it. The driver is a plain test program
 # (build/), not a libFuzzer target.
 $(BUILD)/fuzz_http: tests/fuzz/fuzz_http.c $(BUILD)/tests/support/http.o $(BUILD)/tests/support/proc.o \
                    $(BUILD)/tests/support/redis.o $(BUILD)/tests/support/utf8check.o $(LIB)
@@ -62,7 +63,8 @@ $(BUILD)/fuzz_http: tests/fuzz/fuzz_http.c $(BUILD)/tests/support/http.o $(BUILD
 
 fuzz-http: deps $(BUILD)/fuzz_http $(MOCK)
 	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 SAN="$(ASAN_SAN)" build-asan/costrouter
-	$(BUILD)/fuzz_http $(if $(filter redis,$(FUZZ_STORE)),--redis) build-asan/costrouter $(MOCK) \
+	$(BUILD)/fuzz_http $(if $(filter redis,$(FUZZ_STORE)),--redis) $(if $(FUZZ_TLS),--tls) \
+	  build-asan/costrouter $(MOCK) \
 	  $(or $(FUZZ_SECONDS),30) $(FUZZ_SEED)
 
 .PHONY: fuzz-http

@@ -34,8 +34,10 @@
  * With --redis the store is a redis-server of its own (on_failure:
  * fail_open), frozen with SIGSTOP for FREEZE_S every FREEZE_EVERY_S, so
  * requests also take the journal's way and the write-back after it.
+ * With --tls the router serves TLS (a test CA's certificate) and every
+ * connection, the admin API's included, is verified TLS.
  *
- * Usage: fuzz_http [--redis] ROUTER MOCKLLM SECONDS [SEED]. The seed fixes
+ * Usage: fuzz_http [--redis] [--tls] ROUTER MOCKLLM SECONDS [SEED]. The seed fixes
  * the requests generated (not the timing); it is printed at the start.
  * Blocking and single-threaded: a test program, not part of the router.
  */
@@ -98,6 +100,8 @@ static struct buf history[HISTORY];
 static unsigned long nsent;
 static unsigned long nstatus[600]; /* answers by status; [0]: none */
 static int use_redis;
+static int use_tls;
+static char ca_dir[256]; /* --tls: the test CA's folder */
 static struct test_redis redis;
 static unsigned long nreloads, nfreezes;
 static double reload_max_s; /* the slowest reload's answer */
@@ -157,7 +161,7 @@ static void __attribute__((noreturn, format(printf, 1, 2))) fail(const char *fmt
 
 static void write_conf(void)
 {
-    char rich[65], poor[65], store[128] = "";
+    char rich[65], poor[65], store[128] = "", tls[700] = "";
     FILE *f = fopen(conf_path, "w");
 
     if (f == NULL)
@@ -167,11 +171,14 @@ static void write_conf(void)
     if (use_redis)
         snprintf(store, sizeof(store), "store: { redis: \"%s/0\", on_failure: fail_open }\n",
                  redis.url);
+    if (use_tls)
+        snprintf(tls, sizeof(tls), "tls: { cert_file: %s/server.crt, key_file: %s/server.key }\n",
+                 ca_dir, ca_dir);
     fprintf(f,
             "listen: 127.0.0.1:0\n"
             "admin_key: %s\n"
             "cost_log: %s\n"
-            "%s"
+            "%s%s"
             "cache: { enabled: true, ttl_s: 60 }\n"
             "limits: { max_header_bytes: 8192, max_body_bytes: 262144, header_timeout_ms: 1000,\n"
             "          body_timeout_ms: 1000, max_retries: 1 }\n"
@@ -210,8 +217,8 @@ static void write_conf(void)
             "    arms:\n"
             "      - { name: a, weight: 50, backends: [pool] }\n"
             "      - { name: b, weight: 50, backends: [api] }\n",
-            ADMIN_KEY, log_path, store, mock_pool.port, mock_api.port, UPSTREAM_KEY, mock_api.port,
-            UPSTREAM_KEY, rich, poor, getenv("PWD") ? getenv("PWD") : ".");
+            ADMIN_KEY, log_path, store, tls, mock_pool.port, mock_api.port, UPSTREAM_KEY,
+            mock_api.port, UPSTREAM_KEY, rich, poor, getenv("PWD") ? getenv("PWD") : ".");
     fclose(f);
 }
 
@@ -230,6 +237,8 @@ static void start_all(const char *router_bin)
         fail("mockllm did not start");
     if (use_redis && test_redis_start(&redis, 0) != 0)
         fail("redis-server did not start");
+    if (use_tls && support_make_test_ca(ca_dir, sizeof(ca_dir)) != 0)
+        fail("no test CA");
     write_conf();
     /* ASan's and UBSan's reports go to the log, which is scanned at the end. */
     snprintf(cmd, sizeof(cmd), "exec '%s' -c '%s' 2>>'%s'", router_bin, conf_path, stderr_path);
@@ -665,6 +674,31 @@ static double now_s(void)
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* A new connection to the router: TLS, verified, with --tls. */
+static int connect_router(struct support_http_conn *c)
+{
+    char ca[300];
+
+    if (!use_tls)
+        return support_http_connect(c, router.port);
+    snprintf(ca, sizeof(ca), "%s/ca.crt", ca_dir);
+    return support_https_connect(c, router.port, ca, 5000);
+}
+
+/* One request on a new connection, closed after its answer. */
+static int request_once(const char *req, size_t len, struct support_http_response *a)
+{
+    struct support_http_conn c = {.fd = -1};
+    int rc = connect_router(&c);
+
+    if (rc == 0)
+        rc = support_http_send(&c, req, len);
+    if (rc == 0)
+        rc = support_http_read(&c, a, 5000);
+    support_http_close(&c);
+    return rc;
+}
+
 /* One admin API call on a new connection (a POST has an empty body). */
 static int admin_request(const char *method, const char *path, struct support_http_response *a)
 {
@@ -674,7 +708,7 @@ static int admin_request(const char *method, const char *path, struct support_ht
     if (support_http_format(&req, method, path, "Authorization: Bearer " ADMIN_KEY "\r\n",
                             strcmp(method, "POST") == 0 ? "" : NULL))
         abort();
-    rc = support_http_request(router.port, req.data, req.len, 5000, a);
+    rc = request_once(req.data, req.len, a);
     buf_free(&req);
     return rc;
 }
@@ -804,7 +838,7 @@ static void fuzz(double seconds)
         }
         if (reload == RELOAD_BEFORE_SENDING)
             support_http_close(&c); /* a fresh connection... */
-        if (c.fd < 0 && support_http_connect(&c, router.port) != 0)
+        if (c.fd < 0 && connect_router(&c) != 0)
             fail("cannot connect to the router: is it still running?");
         if (reload == RELOAD_BEFORE_SENDING) {
             usleep(20000); /* ...accepted by the old config, idle at the reload */
@@ -921,8 +955,7 @@ static void finish(void)
     unsigned long lines[2] = {0, 0};
     static const char health[] = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
 
-    if (support_http_request(router.port, health, sizeof(health) - 1, 5000, &a) != 0 ||
-        a.status != 200)
+    if (request_once(health, sizeof(health) - 1, &a) != 0 || a.status != 200)
         fail("GET /healthz after the run: status %d", a.status);
     support_http_response_free(&a);
     for (int i = 0; i < 2; i++)
@@ -961,13 +994,21 @@ int main(int argc, char **argv)
 {
     double seconds;
 
-    if (argc > 1 && strcmp(argv[1], "--redis") == 0) {
-        use_redis = 1;
-        argc--;
-        argv++;
+    static const char usage[] =
+        "usage: fuzz_http [--redis] [--tls] ROUTER MOCKLLM SECONDS [SEED]\n";
+
+    for (; argc > 1 && strncmp(argv[1], "--", 2) == 0; argc--, argv++) {
+        if (strcmp(argv[1], "--redis") == 0) {
+            use_redis = 1;
+        } else if (strcmp(argv[1], "--tls") == 0) {
+            use_tls = 1;
+        } else {
+            fputs(usage, stderr);
+            return 2;
+        }
     }
     if (argc < 4) {
-        fprintf(stderr, "usage: fuzz_http [--redis] ROUTER MOCKLLM SECONDS [SEED]\n");
+        fputs(usage, stderr);
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
@@ -976,8 +1017,9 @@ int main(int argc, char **argv)
     rng_state = argc > 4 ? strtoull(argv[4], NULL, 0) : (uint64_t)time(NULL) ^ (uint64_t)getpid();
     if (rng_state == 0)
         rng_state = 1;
-    printf("fuzz-http: seed %llu, %.0f s, router %s, %s store\n", (unsigned long long)rng_state,
-           seconds, argv[1], use_redis ? "Redis" : "in-process");
+    printf("fuzz-http: seed %llu, %.0f s, router %s, %s store, %s\n",
+           (unsigned long long)rng_state, seconds, argv[1], use_redis ? "Redis" : "in-process",
+           use_tls ? "TLS" : "plain HTTP");
     fflush(stdout);
     start_all(argv[1]);
     fuzz(seconds);
@@ -990,5 +1032,7 @@ int main(int argc, char **argv)
     unlink(log_path);
     unlink(stderr_path);
     rmdir(workdir);
+    if (ca_dir[0])
+        support_remove_tree(ca_dir);
     return 0;
 }

@@ -8,7 +8,8 @@
  * against the cost log, exit status, sanitizer reports); this test holds it
  * to exit 0 and to have reached the backends, reloaded and (with Redis)
  * frozen Redis often enough to prove something. Once with the in-process
- * store, once with a redis-server of the driver's own.
+ * store over plain HTTP, once with a redis-server of the driver's own and
+ * the router serving TLS.
  */
 #include <criterion/criterion.h>
 #include <stdio.h>
@@ -40,19 +41,21 @@ static long count_before(const char *out, const char *what)
     return p && p[0] >= '0' && p[0] <= '9' ? strtol(p, NULL, 10) : -1;
 }
 
-/* Run the driver for 15 s with seed 1 (with --redis when `redis`) and hold
- * it to a clean end with answers of several kinds, reloads and, with
- * Redis, freezes. */
-static void run_driver(int redis)
+/* Run the driver for 15 s with seed 1 (with --redis and --tls when
+ * `redis_tls`) and hold it to a clean end with answers of several kinds,
+ * reloads and, with Redis, freezes. */
+static void run_driver(int redis_tls)
 {
-    char driver[256], *argv[7], **arg = argv;
+    char driver[256], *argv[8], **arg = argv;
     struct buf out = {0};
     int rc;
 
     snprintf(driver, sizeof(driver), "%s/fuzz_http", getenv("BUILD") ? getenv("BUILD") : "build");
     *arg++ = driver;
-    if (redis)
+    if (redis_tls) {
         *arg++ = "--redis";
+        *arg++ = "--tls";
+    }
     *arg++ = getenv("COSTROUTER_BIN");
     *arg++ = (char *)support_mockllm_bin();
     *arg++ = "15"; /* seconds */
@@ -67,8 +70,10 @@ static void run_driver(int redis)
     cr_assert_gt(answers_with_status(out.data, "400"), 20, "%s", out.data);
     cr_assert_gt(answers_with_status(out.data, "401"), 20, "%s", out.data);
     cr_assert_geq(count_before(out.data, " reloads"), 3, "%s", out.data);
-    if (redis)
+    if (redis_tls) {
         cr_assert_geq(count_before(out.data, " Redis freezes"), 1, "%s", out.data);
+        cr_assert(strstr(out.data, "store, TLS\n") != NULL, "%s", out.data);
+    }
     buf_free(&out);
 }
 
@@ -77,7 +82,7 @@ Test(request_path, generated_requests_leave_the_router_sound, .timeout = 150)
     run_driver(0);
 }
 
-Test(request_path, generated_requests_with_redis_frozen_now_and_then, .timeout = 150)
+Test(request_path, generated_requests_over_tls_with_redis_frozen_now_and_then, .timeout = 150)
 {
     run_driver(1);
 }
