@@ -163,6 +163,7 @@ enum router__client_phase {
     ROUTER_CLIENT_HEADERS,   /* reading request head */
     ROUTER_CLIENT_BODY,      /* reading request body */
     ROUTER_CLIENT_BUSY,      /* request complete, response in progress */
+    ROUTER_CLIENT_LINGER,    /* answered and closing: reading what the client still sends */
 };
 
 /* The request in progress on a client connection, reset between requests. */
@@ -276,6 +277,8 @@ struct router__client {
     unsigned handles_open;               /* tcp + timer still to close */
     unsigned reading:1;                  /* uv_read_start active */
     unsigned in_process:1;               /* client_process is on the stack */
+    unsigned cut_short:1;                /* refused before its request was read to the end */
+    uint64_t linger_end;                 /* LINGER: close by then (loop ms) */
     SSL *ssl;                            /* TLS session (memory BIOs), NULL for plain */
 };
 

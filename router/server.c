@@ -30,6 +30,12 @@
 #define ROUTER_READ_BUF 65536
 /* Stop reading a busy client once this many pipelined bytes wait. */
 #define ROUTER_PENDING_MAX (1u << 20)
+/* Lingering close (as nginx's lingering_timeout and lingering_time): a
+ * client refused before it had sent its whole request is read from, and
+ * what it sends dropped, until it stops for this long... */
+#define ROUTER_LINGER_IDLE_MS 5000
+/* ...or for this long at most, then closed. */
+#define ROUTER_LINGER_MAX_MS 30000
 
 static char router_read_buf[ROUTER_READ_BUF];
 
@@ -45,6 +51,7 @@ static llhttp_settings_t client_settings;
 static void client_process(struct router__client *c);
 static void generation_free(struct router *r);
 static void client_start_reading(struct router__client *c);
+static void client_set_phase(struct router__client *c, enum router__client_phase phase);
 
 uint64_t router__now(const struct router *r)
 {
@@ -104,7 +111,24 @@ static void client_shutdown_done(uv_shutdown_t *req, int status)
     struct router__client *c = req->data;
 
     free(req);
-    router__client_close(c);
+    if (c->phase != ROUTER_CLIENT_LINGER || status < 0)
+        router__client_close(c);
+}
+
+/* A client refused in the middle of sending (a body over the limit, a
+ * malformed head) may still be writing. Closing with its bytes unread
+ * would reset the connection, and a client still sending would see the
+ * reset, not the answer already written (most HTTP clients do not read
+ * before they have sent). So, after the answer and our FIN, what it sends
+ * is read and dropped until it stops or closes (client_read), for a
+ * bounded time (client_timeout). */
+static void client_linger(struct router__client *c)
+{
+    c->linger_end = router__now(c->router) + ROUTER_LINGER_MAX_MS;
+    client_set_phase(c, ROUTER_CLIENT_LINGER);
+    buf_free(&c->pending);
+    if (!c->reading)
+        client_start_reading(c);
 }
 
 /* Close after queued writes have gone out (Connection: close). */
@@ -114,8 +138,12 @@ static void client_close_after_writes(struct router__client *c)
 
     if (c->closing)
         return;
-    uv_read_stop((uv_stream_t *)&c->tcp);
-    c->reading = 0;
+    if (c->cut_short) {
+        client_linger(c);
+    } else {
+        uv_read_stop((uv_stream_t *)&c->tcp);
+        c->reading = 0;
+    }
     if (c->ssl)
         router__tls_client_shutdown(c);
     req = malloc(sizeof(*req));
@@ -240,6 +268,9 @@ static void client_timeout(void *arg)
         break;
     case ROUTER_CLIENT_BUSY:
         break;
+    case ROUTER_CLIENT_LINGER:
+        router__client_close(c);
+        break;
     }
 }
 
@@ -260,6 +291,9 @@ static void client_set_phase(struct router__client *c, enum router__client_phase
         ms = conf->body_timeout_ms;
         break;
     case ROUTER_CLIENT_BUSY:
+        break;
+    case ROUTER_CLIENT_LINGER:
+        ms = ROUTER_LINGER_IDLE_MS;
         break;
     }
     router__deadline_set(&c->timeout, ms);
@@ -417,6 +451,7 @@ static size_t client_execute(struct router__client *c, const char *data, size_t 
     /* Malformed or over a limit: answer and close; nothing after it can be
      * trusted to be framed right. */
     c->req.keep_alive = 0;
+    c->cut_short = 1;
     client_set_phase(c, ROUTER_CLIENT_BUSY);
     router__refuse(c, c->req.error ? c->req.error : error_bad_request,
                    c->req.error ? NULL : llhttp_get_error_reason(&c->parser));
@@ -464,11 +499,28 @@ void router__client_response_done(struct router__client *c)
     }
 }
 
+/* LINGER: drop what the client sends; wait for more at most
+ * ROUTER_LINGER_IDLE_MS, and never past linger_end. */
+static void client_drop(struct router__client *c)
+{
+    uint64_t now = router__now(c->router);
+
+    if (now >= c->linger_end) {
+        router__client_close(c);
+        return;
+    }
+    router__deadline_set(&c->timeout, (int)MIN(ROUTER_LINGER_IDLE_MS, c->linger_end - now));
+}
+
 void router__client_take(struct router__client *c, const char *p, size_t len)
 {
     size_t used;
     int complete;
 
+    if (c->phase == ROUTER_CLIENT_LINGER) { /* the rest of a TLS read */
+        client_drop(c);
+        return;
+    }
     if (c->phase == ROUTER_CLIENT_BUSY || c->pending.len > 0) {
         if (buf_append(&c->pending, p, len) != 0) {
             router__client_close(c);
@@ -504,6 +556,7 @@ static void refuse_plain_http(struct router__client *c)
     c->ssl = NULL;
     c->req.start_ms = router__now(c->router);
     c->req.keep_alive = 0;
+    c->cut_short = 1;
     client_set_phase(c, ROUTER_CLIENT_BUSY);
     router__refuse(c, error_bad_request, "plain HTTP was sent to the TLS port; use https://");
 }
@@ -519,7 +572,9 @@ static void client_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         router__client_close(c);
         return;
     }
-    if (c->ssl == NULL)
+    if (c->phase == ROUTER_CLIENT_LINGER)
+        client_drop(c);
+    else if (c->ssl == NULL)
         router__client_take(c, buf->base, (size_t)nread);
     else if (looks_like_plain_http(c, buf->base[0]))
         refuse_plain_http(c);
@@ -758,7 +813,10 @@ static void generation_drain(struct router *r, int spare_fresh)
     r->stopping = 1;
     for (c = r->clients; c != NULL; c = next) {
         next = c->next;
-        if (c->phase == ROUTER_CLIENT_IDLE && (c->served || !spare_fresh))
+        /* A lingering one has its answer: at a reload it may finish
+         * reading what its client still sends. */
+        if ((c->phase == ROUTER_CLIENT_IDLE && (c->served || !spare_fresh)) ||
+            (c->phase == ROUTER_CLIENT_LINGER && !spare_fresh))
             router__client_close(c);
     }
     router__pools_close(r);

@@ -194,20 +194,35 @@ static int closed_by_peer(int fd)
     return 0;
 }
 
-/* The value of an unlabelled metric in /metrics (fetched over TLS). */
-static double metric(const char *name)
+/* The sum of a metric's series in /metrics (fetched over TLS) whose
+ * labels hold `labels` ("" for any, NULL for the unlabelled series). */
+static double metric_sum(const char *name, const char *labels)
 {
     size_t len = strlen(name);
-    const char *p;
+    double sum = 0;
+    int found = 0;
 
     cr_assert_eq(https_call(ca_file, "GET", "/metrics", ADMIN, NULL), 0);
     cr_assert_eq(resp.status, 200);
     cr_assert_eq(buf_append(&resp.body, "", 1), 0); /* NUL for strstr */
-    for (p = resp.body.data; (p = strstr(p, name)) != NULL; p += len)
-        if ((p == resp.body.data || p[-1] == '\n') && p[len] == ' ')
-            return strtod(p + len + 1, NULL);
-    cr_assert_fail("%s not in /metrics", name);
-    return -1;
+    for (char *line = strtok(resp.body.data, "\n"); line; line = strtok(NULL, "\n")) {
+        char *value = strrchr(line, ' ');
+        char *at = labels ? strstr(line, labels) : NULL;
+
+        if (strncmp(line, name, len) != 0 || value == NULL)
+            continue;
+        if (labels ? line[len] == '{' && at != NULL && at < value : line[len] == ' ') {
+            sum += strtod(value + 1, NULL);
+            found = 1;
+        }
+    }
+    cr_assert(found || labels, "%s not in /metrics", name);
+    return sum;
+}
+
+static double metric(const char *name)
+{
+    return metric_sum(name, NULL);
 }
 
 Test(client_tls, chat_big_bodies_and_a_stream_on_one_verified_connection)
@@ -276,6 +291,31 @@ Test(client_tls, plain_http_on_the_tls_port_gets_a_json_400)
     /* Then the router closes: nothing after a misdirected request is trusted. */
     cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), -ECONNRESET);
     support_http_close(&c);
+}
+
+/* As over plain HTTP: the rest of a refused body is read and dropped, so
+ * the client, still sending, gets its 413 rather than a reset. */
+Test(client_tls, an_oversized_body_gets_its_413_not_a_reset)
+{
+    size_t n = 9 << 20; /* over the default max_body_bytes, 8 MiB */
+    char *body = malloc(n);
+
+    cr_assert_not_null(body);
+    memset(body, 'x', n);
+    start();
+    buf_reset(&req);
+    cr_assert_eq(buf_printf(&req, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" AUTH
+                                  "Content-Length: %zu\r\n\r\n", n), 0);
+    cr_assert_eq(buf_append(&req, body, n), 0);
+    free(body);
+    cr_assert_eq(support_https_connect(&conn, router.port, ca_file, TIMEOUT_MS), 0);
+    cr_assert_eq(support_http_send(&conn, req.data, req.len), 0, "the router reset the connection");
+    cr_assert_eq(support_http_read(&conn, &resp, TIMEOUT_MS), 0);
+    cr_assert_eq(resp.status, 413);
+    cr_assert_str_eq(cJSON_GetStringValue(json_at("error", "code")), "request_too_large");
+    cr_assert_eq(support_http_read(&conn, &resp, TIMEOUT_MS), -ECONNRESET, "not closed after it");
+    /* One request, one answer: what followed in the same read was dropped. */
+    cr_assert_eq(metric_sum("costrouter_requests_total", "status=\"413\""), 1);
 }
 
 Test(client_tls, failed_handshakes_are_counted_and_serving_goes_on)

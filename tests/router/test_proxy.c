@@ -632,6 +632,32 @@ Test(proxy, size_limits_give_413_and_431)
     buf_free(&big);
 }
 
+/* A client still sending a body the router refused gets the 413 rather
+ * than a reset: the router reads and drops the rest (lingering close),
+ * then closes. Most clients read nothing before they have sent all. */
+Test(proxy, an_oversized_body_is_read_to_its_end_so_its_413_arrives)
+{
+    struct support_http_conn c;
+    size_t n = 8 << 20; /* far over what socket buffers hold */
+    char *body = malloc(n);
+
+    cr_assert_not_null(body);
+    memset(body, 'x', n);
+    start_two("limits: {max_body_bytes: 1024}", NULL);
+    buf_reset(&req);
+    cr_assert_eq(buf_printf(&req, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" AUTH
+                                  "Content-Length: %zu\r\n\r\n", n), 0);
+    cr_assert_eq(buf_append(&req, body, n), 0);
+    free(body);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0, "the router reset the connection");
+    cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0);
+    assert_error(413, "request_too_large");
+    cr_assert_str_eq(support_http_header(&resp, "connection"), "close");
+    cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), -ECONNRESET, "not closed after it");
+    support_http_close(&c);
+}
+
 Test(proxy, slow_client_gets_408)
 {
     struct support_http_conn c;
