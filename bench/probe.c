@@ -18,7 +18,10 @@
  *     carried a real request; then prints "OPEN N" and keeps them all open
  *     and idle until it is killed. The caller raises `ulimit -n` above N.
  *
- * Exit 1 on any error (connect, status other than 200, early close).
+ * With PROBE_TLS_CA=FILE in the environment both speak TLS, verifying the
+ * server's certificate against FILE (for IP HOST), as an HTTPS client does.
+ *
+ * Exit 1 on any error (connect, TLS, status other than 200, early close).
  */
 #define _GNU_SOURCE /* memmem */
 #include <arpa/inet.h>
@@ -33,10 +36,21 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
 #define PROBE_WARMUP 20
 
 /* Receive buffer: one answer is read whole before the next request. */
 static char rbuf[1 << 20];
+
+/* One connection: plain, or TLS when tls_ctx is set (PROBE_TLS_CA). */
+struct probe_conn {
+    int fd;
+    SSL *ssl;
+};
+
+static SSL_CTX *tls_ctx;
 
 /* What one answer looked like, filled by read_answer(). */
 struct probe_answer {
@@ -133,7 +147,7 @@ out:
 }
 
 /* A connected TCP socket to host:port, or -1 with a message. */
-static int connect_to(const char *host, const char *port)
+static int connect_tcp(const char *host, const char *port)
 {
     struct sockaddr_in sa = {0};
     int fd, one = 1;
@@ -153,6 +167,55 @@ static int connect_to(const char *host, const char *port)
     }
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     return fd;
+}
+
+/* A connection to host:port, TLS (verified) with PROBE_TLS_CA; 0 or -1. */
+static int connect_to(struct probe_conn *c, const char *host, const char *port)
+{
+    c->ssl = NULL;
+    if ((c->fd = connect_tcp(host, port)) < 0)
+        return -1;
+    if (tls_ctx == NULL)
+        return 0;
+    c->ssl = SSL_new(tls_ctx);
+    if (c->ssl == NULL || SSL_set_fd(c->ssl, c->fd) != 1 ||
+        X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c->ssl), host) != 1 ||
+        SSL_connect(c->ssl) != 1) {
+        char err[256];
+
+        ERR_error_string_n(ERR_get_error(), err, sizeof(err));
+        fprintf(stderr, "probe: TLS handshake with %s:%s: %s\n", host, port, err);
+        return -1;
+    }
+    return 0;
+}
+
+static ssize_t conn_write(struct probe_conn *c, const char *p, size_t len)
+{
+    if (c->ssl)
+        return SSL_write(c->ssl, p, (int)len);
+    return write(c->fd, p, len);
+}
+
+static ssize_t conn_read(struct probe_conn *c, char *p, size_t len)
+{
+    if (c->ssl)
+        return SSL_read(c->ssl, p, (int)len);
+    return read(c->fd, p, len);
+}
+
+/* The client context for PROBE_TLS_CA, or NULL with a message. */
+static SSL_CTX *tls_client(const char *ca_file)
+{
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+
+    if (ctx == NULL || SSL_CTX_load_verify_locations(ctx, ca_file, NULL) != 1) {
+        fprintf(stderr, "probe: cannot load the CA file %s\n", ca_file);
+        SSL_CTX_free(ctx);
+        return NULL;
+    }
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    return ctx;
 }
 
 /* Offset just past the headers and the body length if the answer has a
@@ -210,7 +273,7 @@ static int chunked_complete(const char *p, size_t len)
  * or for a chunked one up to the last chunk. Checks the status is 200 and
  * records when the first "data:" byte arrived. 0, or -1 with a message.
  */
-static int exchange(int fd, const char *req, size_t req_len, struct probe_answer *a)
+static int exchange(struct probe_conn *c, const char *req, size_t req_len, struct probe_answer *a)
 {
     double t0 = now_us();
     size_t got = 0, head = 0;
@@ -218,7 +281,7 @@ static int exchange(int fd, const char *req, size_t req_len, struct probe_answer
 
     a->first_data_us = -1;
     while (req_len > 0) {
-        ssize_t n = write(fd, req, req_len);
+        ssize_t n = conn_write(c, req, req_len);
 
         if (n < 0 && errno == EINTR)
             continue;
@@ -230,7 +293,7 @@ static int exchange(int fd, const char *req, size_t req_len, struct probe_answer
         req_len -= (size_t)n;
     }
     for (;;) {
-        ssize_t n = read(fd, rbuf + got, sizeof(rbuf) - 1 - got);
+        ssize_t n = conn_read(c, rbuf + got, sizeof(rbuf) - 1 - got);
 
         if (n < 0 && errno == EINTR)
             continue;
@@ -261,12 +324,12 @@ static int run_ttfb(const char *host, const char *port, const char *req, size_t 
 {
     struct probe_answer a;
     double *samples = calloc((size_t)n, sizeof(*samples));
-    int fd = connect_to(host, port);
+    struct probe_conn c;
 
-    if (!samples || fd < 0)
+    if (!samples || connect_to(&c, host, port) < 0)
         return 1;
     for (int i = 0; i < PROBE_WARMUP + n; i++) {
-        if (exchange(fd, req, req_len, &a) < 0)
+        if (exchange(&c, req, req_len, &a) < 0)
             return 1;
         if (a.first_data_us < 0) {
             fprintf(stderr, "probe: streamed answer without SSE data\n");
@@ -278,7 +341,8 @@ static int run_ttfb(const char *host, const char *port, const char *req, size_t 
     qsort(samples, (size_t)n, sizeof(*samples), cmp_double);
     printf("TTFB n=%d p50_us=%.0f p90_us=%.0f p99_us=%.0f\n", n, samples[n / 2],
            samples[(size_t)(n * 0.90)], samples[(size_t)(n * 0.99)]);
-    close(fd);
+    SSL_free(c.ssl);
+    close(c.fd);
     free(samples);
     return 0;
 }
@@ -288,13 +352,13 @@ static int run_idle(const char *host, const char *port, const char *req, size_t 
     struct probe_answer a;
 
     for (int i = 0; i < n; i++) {
-        int fd = connect_to(host, port);
+        struct probe_conn c;
 
-        if (fd < 0 || exchange(fd, req, req_len, &a) < 0) {
+        if (connect_to(&c, host, port) < 0 || exchange(&c, req, req_len, &a) < 0) {
             fprintf(stderr, "probe: connection %d failed\n", i);
             return 1;
         }
-        /* fd stays open, idle, until the process is killed. */
+        /* It stays open, idle, until the process is killed. */
     }
     printf("OPEN %d\n", n);
     fflush(stdout);
@@ -315,6 +379,8 @@ int main(int argc, char **argv)
                         "       probe idle HOST PORT BODY_FILE N\n");
         return 2;
     }
+    if (getenv("PROBE_TLS_CA") && (tls_ctx = tls_client(getenv("PROBE_TLS_CA"))) == NULL)
+        return 2;
     req = build_request(argv[2], argv[3], argv[4], ttfb, argc == 7 ? argv[6] : NULL, &req_len);
     if (!req)
         return 2;

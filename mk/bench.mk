@@ -25,7 +25,7 @@ BENCH_TARGETS += bench-proxy
 bench: deps
 
 $(BENCH_PROBE): $(BUILD)/bench/probe.o
-	$(CC) $(LDFLAGS) -o $@ $^
+	$(CC) $(LDFLAGS) -o $@ $^ -lssl -lcrypto
 
 # A malloc counter preloaded into a costrouter (bench/alloc_count.c).
 $(ALLOC_COUNT): bench/alloc_count.c common/fmt.h
@@ -57,3 +57,10 @@ $(PORTKEY_NPM): mk/bench.mk | bench-tools
 bench-proxy: bench-tools $(PORTKEY_NPM) $(BENCH_PROBE) $(ALLOC_COUNT) $(BIN) $(MOCK) \
              $(BUILD)/bench/tokenize $(BUILD)/bench/store build/tokens-test/expected.tsv
 	BUILD=$(BUILD) BIN=$(BIN) bench/run.sh
+
+# What serving clients over TLS costs: costrouter and nginx, each plain and
+# TLS, side by side (bench/tls.sh, ~5 minutes); writes bench/RESULTS-tls.md.
+# Not part of `make bench`.
+.PHONY: bench-tls
+bench-tls: deps bench-tools $(BENCH_PROBE) $(BIN) $(MOCK)
+	BUILD=$(BUILD) BIN=$(BIN) bench/tls.sh
