@@ -192,9 +192,9 @@ Written by \`make bench-tls\` (bench/tls.sh) on $(date -u '+%Y-%m-%d %H:%M UTC')
   token counting, budget, cost log, in-process store), with \`tls:\` for \`costrouter-tls\`.
 - nginx: $(ver "$NGINX" -v | sed 's/^nginx version: //'), worker_processes 1, the reverse proxy
   of bench/run.sh, with \`listen ... ssl\` for \`nginx-1-tls\` (its defaults otherwise).
-- Certificate: P-256 ECDSA from tests/support/make-test-ca.sh, the same for both. wrk
-  $(ver wrk -v | sed 's/ Copyright.*//') negotiates TLS 1.3 on keep-alive connections, so
-  handshakes are a small part of the load; the idle check makes one handshake per connection.
+- Certificate: P-256 ECDSA from tests/support/make-test-ca.sh, the same for both. The load,
+  $(ver wrk -v | sed 's/ Copyright.*//'), negotiates TLS 1.3 on keep-alive connections, so
+  handshakes are a small part of it; the idle check makes one handshake per connection.
 - Each figure: the best of $ROUNDS rounds of ${DURATION} s (after ${WARMUP} s of warm-up), the
   servers taking turns in each round; CPU is the server's own (user + system) per request.
 
