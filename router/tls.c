@@ -22,8 +22,8 @@
 #include "metrics/metrics.h"
 #include "router/internal.h"
 
-/* Largest write buffer a TLS session keeps once it has been sent. */
-#define TLS_WBIO_KEEP 65536
+/* Largest buffer a TLS session's memory BIO keeps once it is empty. */
+#define TLS_BIO_KEEP 16384
 
 /* Plaintext of one client read; a TLS record holds at most 16 KiB. */
 static char tls_plain_buf[16384];
@@ -159,20 +159,40 @@ int router__tls_client_start(struct router__client *c, SSL_CTX *ctx)
     return 0;
 }
 
-void router__tls_wbio_clear(SSL *ssl)
+/* A memory BIO keeps the capacity of the most it ever held (a large
+ * answer, a 64 KB read of a large upload) for the connection's life, and
+ * a reset zeroes all of it (12 us once it has held 1 MB, at every later
+ * flush). Past TLS_BIO_KEEP a new, empty BIO is cheaper, and an idle
+ * connection gives the memory back. */
+static BIO *tls_bio_oversized(BIO *bio)
 {
-    BIO *wbio = SSL_get_wbio(ssl), *fresh;
     BUF_MEM *mem = NULL;
 
-    /* A reset zeroes the memory BIO's whole capacity (12 us once it has
-     * held a 1 MB answer, at every later flush): past a size, a new BIO
-     * is cheaper, and an idle connection gives the memory back. */
-    BIO_get_mem_ptr(wbio, &mem);
-    if (mem != NULL && mem->max > TLS_WBIO_KEEP && (fresh = BIO_new(BIO_s_mem())) != NULL) {
+    BIO_get_mem_ptr(bio, &mem);
+    if (mem == NULL || mem->max <= TLS_BIO_KEEP)
+        return NULL;
+    return BIO_new(BIO_s_mem());
+}
+
+void router__tls_wbio_clear(SSL *ssl)
+{
+    BIO *fresh = tls_bio_oversized(SSL_get_wbio(ssl));
+
+    if (fresh != NULL)
         SSL_set0_wbio(ssl, fresh); /* frees the old one */
-        return;
-    }
-    (void)BIO_reset(wbio);
+    else
+        (void)BIO_reset(SSL_get_wbio(ssl));
+}
+
+/* Once OpenSSL has taken all the ciphertext read (a record cut short
+ * waits in its own buffer, not in the BIO). */
+static void tls_rbio_trim(SSL *ssl)
+{
+    BIO *fresh;
+
+    if (BIO_ctrl_pending(SSL_get_rbio(ssl)) == 0 &&
+        (fresh = tls_bio_oversized(SSL_get_rbio(ssl))) != NULL)
+        SSL_set0_rbio(ssl, fresh); /* frees the old one */
 }
 
 /* Send what OpenSSL wrote for the network, and empty its buffer. */
@@ -205,6 +225,7 @@ void router__tls_client_read(struct router__client *c, const char *p, size_t len
         return;
     switch (SSL_get_error(c->ssl, n)) {
     case SSL_ERROR_WANT_READ:
+        tls_rbio_trim(c->ssl);
         tls_client_flush(c); /* handshake messages, session tickets */
         return;
     case SSL_ERROR_ZERO_RETURN:
