@@ -144,7 +144,11 @@ static void client_close_after_writes(struct router__client *c)
         uv_read_stop((uv_stream_t *)&c->tcp);
         c->reading = 0;
     }
-    if (c->ssl)
+    /* close_notify says the data ended where it should. An answer cut
+     * short (the upstream broke, or the budget ran out mid-stream) goes
+     * without it, so that a TLS client sees the truncation even where
+     * HTTP cannot show it (an HTTP/1.0 body delimited by the close). */
+    if (c->ssl && !c->req.broken)
         router__tls_client_shutdown(c);
     req = malloc(sizeof(*req));
     if (req == NULL) {

@@ -273,6 +273,40 @@ Test(client_tls, chat_big_bodies_and_a_stream_on_one_verified_connection)
     cr_assert_geq(events, 21, "20 tokens and [DONE], got %d events", events);
 }
 
+/* A whole answer on a closing connection ends with close_notify; one the
+ * upstream broke mid-stream ends without it, so the client can tell the
+ * truncation from a clean end at the TLS level too. */
+Test(client_tls, close_notify_ends_whole_answers_only)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    int rc, events = 0;
+
+    start();
+    cr_assert_eq(support_https_connect(&conn, router.port, ca_file, TIMEOUT_MS), 0);
+    cr_assert_eq(send_on(&conn, "POST", "/v1/chat/completions", AUTH "Connection: close\r\n",
+                         CHAT),
+                 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(support_http_read(&conn, &resp, TIMEOUT_MS), -ECONNRESET);
+    cr_assert(conn.close_notify, "a whole answer ended without close_notify");
+
+    cr_assert_eq(support_https_connect(&s.conn, router.port, ca_file, TIMEOUT_MS), 0);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-fault: close-midstream\r\n",
+                                     "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}"),
+                 0);
+    cr_assert_eq(support_sse_begin(&s, req.data, req.len, TIMEOUT_MS), 0);
+    cr_assert_eq(s.resp.status, 200);
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1)
+        events++;
+    cr_assert_eq(rc, -ECONNRESET, "the broken stream did not end as broken (%d)", rc);
+    cr_assert_gt(events, 0);
+    cr_assert_not(s.conn.close_notify, "a broken answer ended with close_notify");
+    support_sse_close(&s);
+}
+
 Test(client_tls, plain_http_on_the_tls_port_gets_a_json_400)
 {
     struct support_http_conn c;

@@ -226,8 +226,16 @@ static int tls_recv(struct support_http_conn *c)
         c->in.len += (size_t)n;
         return 0;
     }
-    if (SSL_get_error(c->ssl, n) != SSL_ERROR_WANT_READ)
+    switch (SSL_get_error(c->ssl, n)) {
+    case SSL_ERROR_WANT_READ:
+        break;
+    case SSL_ERROR_ZERO_RETURN:
+        c->close_notify = 1;
         c->eof = 1;
+        break;
+    default: /* a reset, or a close without close_notify */
+        c->eof = 1;
+    }
     ERR_clear_error();
     return 0;
 }

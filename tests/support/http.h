@@ -41,6 +41,7 @@ struct support_http_conn {
     unsigned eof:1;         /* the server closed (or reset) the connection */
     SSL_CTX *ssl_ctx;       /* TLS (support_https_connect), else NULL */
     SSL *ssl;               /* its session, over the non-blocking fd */
+    unsigned close_notify:1; /* TLS: the server ended with close_notify (a clean end) */
 };
 
 /* A streamed response read as Server-Sent Events. */
