@@ -164,6 +164,18 @@ static const cJSON *json_at(const char *a, const char *b)
     return cJSON_GetObjectItemCaseSensitive(obj, b);
 }
 
+/* Send a streamed chat request with `headers` on s->conn (connected) and
+ * read its head: 200. */
+static void begin_stream(struct support_sse *s, const char *headers)
+{
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", headers,
+                                     "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}"),
+                 0);
+    cr_assert_eq(support_sse_begin(s, req.data, req.len, TIMEOUT_MS), 0);
+    cr_assert_eq(s->resp.status, 200);
+}
+
 /* A chat request whose user message is `n` bytes of words. */
 static char *big_chat(size_t n)
 {
@@ -256,13 +268,7 @@ Test(client_tls, chat_big_bodies_and_a_stream_on_one_verified_connection)
     cr_assert_eq(cJSON_GetNumberValue(json_at("usage", "completion_tokens")), 16000);
 
     /* Same connection again, streamed. */
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
-                                     AUTH "x-mock-tokens: 20\r\n",
-                                     "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}"),
-                 0);
-    cr_assert_eq(support_sse_begin(&s, req.data, req.len, TIMEOUT_MS), 0);
-    cr_assert_eq(s.resp.status, 200);
+    begin_stream(&s, AUTH "x-mock-tokens: 20\r\n");
     while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1) {
         events++;
         done = strcmp(ev.data, "[DONE]") == 0;
@@ -292,13 +298,7 @@ Test(client_tls, close_notify_ends_whole_answers_only)
     cr_assert(conn.close_notify, "a whole answer ended without close_notify");
 
     cr_assert_eq(support_https_connect(&s.conn, router.port, ca_file, TIMEOUT_MS), 0);
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
-                                     AUTH "x-mock-fault: close-midstream\r\n",
-                                     "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}"),
-                 0);
-    cr_assert_eq(support_sse_begin(&s, req.data, req.len, TIMEOUT_MS), 0);
-    cr_assert_eq(s.resp.status, 200);
+    begin_stream(&s, AUTH "x-mock-fault: close-midstream\r\n");
     while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1)
         events++;
     cr_assert_eq(rc, -ECONNRESET, "the broken stream did not end as broken (%d)", rc);
