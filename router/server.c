@@ -565,6 +565,20 @@ static void refuse_plain_http(struct router__client *c)
     router__refuse(c, error_bad_request, "plain HTTP was sent to the TLS port; use https://");
 }
 
+/* The handshake has header_timeout_ms, as a request head has (a client
+ * that stalls in it holds a connection no longer than one stalling in
+ * its head); once done, the connection waits for its first request as a
+ * plain one does. */
+static void client_tls_read(struct router__client *c, const char *p, size_t len)
+{
+    int was_ready = SSL_is_init_finished(c->ssl);
+
+    router__tls_client_read(c, p, len);
+    if (!was_ready && !c->closing && SSL_is_init_finished(c->ssl) &&
+        c->phase == ROUTER_CLIENT_IDLE)
+        client_set_phase(c, ROUTER_CLIENT_IDLE);
+}
+
 static void client_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     struct router__client *c = s->data;
@@ -583,7 +597,7 @@ static void client_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     else if (looks_like_plain_http(c, buf->base[0]))
         refuse_plain_http(c);
     else
-        router__tls_client_read(c, buf->base, (size_t)nread);
+        client_tls_read(c, buf->base, (size_t)nread);
 }
 
 static void client_start_reading(struct router__client *c)
@@ -631,6 +645,8 @@ static void on_connection(uv_stream_t *server, int status)
     llhttp_init(&c->parser, HTTP_REQUEST, &client_settings);
     c->req.candidate = -1;
     client_set_phase(c, ROUTER_CLIENT_IDLE);
+    if (c->ssl) /* until the handshake is done (client_tls_read) */
+        router__deadline_set(&c->timeout, r->conf->header_timeout_ms);
     client_start_reading(c);
 }
 

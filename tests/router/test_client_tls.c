@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -36,6 +37,7 @@ static cJSON *json;
 static char conf_path[64];
 static char ca_dir[256], other_ca_dir[256];
 static char ca_file[300], other_ca_file[300];
+static const char *conf_extra = ""; /* more top-level YAML (limits:) */
 
 static void teardown(void)
 {
@@ -80,7 +82,7 @@ static void write_conf(const char *dir, const char *cert, const char *key)
     cr_assert_not_null(f);
     fprintf(f,
             "listen: 127.0.0.1:%d\n"
-            "%s"
+            "%s%s"
             "admin_key: adm-tls-secret\n"
             "backends:\n"
             "  - name: a\n"
@@ -98,7 +100,7 @@ static void write_conf(const char *dir, const char *cert, const char *key)
             "tenants:\n"
             "  - id: t1\n"
             "    api_keys: [\"sha256:%s\"]\n",
-            router.port, tls, mock.port, hex);
+            router.port, tls, conf_extra, mock.port, hex);
     fclose(f);
 }
 
@@ -350,6 +352,33 @@ Test(client_tls, an_oversized_body_gets_its_413_not_a_reset)
     cr_assert_eq(support_http_read(&conn, &resp, TIMEOUT_MS), -ECONNRESET, "not closed after it");
     /* One request, one answer: what followed in the same read was dropped. */
     cr_assert_eq(metric_sum("costrouter_requests_total", "status=\"413\""), 1);
+}
+
+/* A client stalling in the handshake holds its connection for
+ * header_timeout_ms, as one stalling in its request head would, not for
+ * the idle timeout; a connection past its handshake waits as long as a
+ * plain one. */
+Test(client_tls, a_stalled_handshake_is_closed_after_header_timeout_ms)
+{
+    static const char part_of_a_hello[] = "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
+    struct support_http_conn stalled;
+    struct timespec t0, t1;
+    double ms;
+
+    conf_extra = "limits: {header_timeout_ms: 300, idle_timeout_ms: 20000}\n";
+    start();
+    cr_assert_eq(support_https_connect(&conn, router.port, ca_file, TIMEOUT_MS), 0);
+    cr_assert_eq(support_http_connect(&stalled, router.port), 0);
+    cr_assert_eq(support_http_send(&stalled, part_of_a_hello, sizeof(part_of_a_hello) - 1), 0);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    cr_assert(closed_by_peer(stalled.fd), "a stalled handshake was kept past 5 s");
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    support_http_close(&stalled);
+    ms = (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) / 1e6;
+    cr_assert_geq(ms, 250, "closed after %.0f ms, before header_timeout_ms", ms);
+    /* The handshaken connection, idle all that time, still serves. */
+    cr_assert_eq(send_on(&conn, "GET", "/healthz", NULL, NULL), 0);
+    cr_assert_eq(resp.status, 200);
 }
 
 Test(client_tls, failed_handshakes_are_counted_and_serving_goes_on)
