@@ -90,18 +90,15 @@ static int reload(void *arg, char **errors)
     struct conf *conf = conf_load(app->path, errors);
     struct router *next;
 
-    if (conf != NULL && router_check(conf, errors) != 0) {
-        conf_free(conf);
-        conf = NULL;
-    }
     if (conf == NULL) {
         log_warn("reload of %s refused, the running config stays:\n%s", app->path,
                  *errors ? *errors : "");
         return -1;
     }
-    next = router_reload(app->router, conf);
+    next = router_reload(app->router, conf, errors);
     if (next == NULL) {
-        *errors = strdup("could not apply the new config (see the log)");
+        if (*errors == NULL)
+            *errors = strdup("could not apply the new config (see the log)");
         return -1;
     }
     app->router = next;

@@ -23,8 +23,9 @@ struct router *router_create(uv_loop_t *loop, struct conf *conf);
  * generation takes over the listener, the store, metrics and cost log;
  * requests in flight finish on the old config, whose connections then
  * close. Returns the new router (use it from now on), or NULL with the
- * old one untouched (conf freed). */
-struct router *router_reload(struct router *old, struct conf *conf);
+ * old one untouched (conf freed) and, when the reason is the listener's
+ * certificate or key, *errors set to it (malloc'd; else left NULL). */
+struct router *router_reload(struct router *old, struct conf *conf, char **errors);
 
 /* Let POST /admin/reload call `reload` (which loads the file and calls
  * router_reload; on failure it returns -1 and sets *errors, malloc'd). */

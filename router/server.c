@@ -744,8 +744,11 @@ static void shared_close(struct router__shared *sh)
     }
 }
 
-/* One generation: backends, pools and per-tenant state for `conf`. */
-static struct router *generation_create(struct router__shared *sh, struct conf *conf)
+/* One generation: backends, pools and per-tenant state for `conf`. When
+ * the listener's certificate or key will not load, the reason is logged
+ * and, if errors is not NULL, set there (malloc'd). */
+static struct router *generation_create(struct router__shared *sh, struct conf *conf,
+                                        char **errors)
 {
     struct router *r = calloc(1, sizeof(*r));
 
@@ -771,6 +774,8 @@ static struct router *generation_create(struct router__shared *sh, struct conf *
 
         if ((r->tls_ctx = router__tls_server_ctx(conf, why, sizeof(why))) == NULL) {
             log_error("%s", why);
+            if (errors)
+                *errors = strdup(why);
             generation_free(r);
             return NULL;
         }
@@ -872,7 +877,7 @@ struct router *router_create(uv_loop_t *loop, struct conf *conf)
         conf_free(conf);
         return NULL;
     }
-    r = generation_create(sh, conf);
+    r = generation_create(sh, conf, NULL);
     if (r == NULL) {
         shared_close(sh);
         uv_run(loop, UV_RUN_NOWAIT);
@@ -883,7 +888,7 @@ struct router *router_create(uv_loop_t *loop, struct conf *conf)
     return r;
 }
 
-struct router *router_reload(struct router *old, struct conf *conf)
+struct router *router_reload(struct router *old, struct conf *conf, char **errors)
 {
     struct router__shared *sh = old->shared;
     struct router *r;
@@ -895,7 +900,7 @@ struct router *router_reload(struct router *old, struct conf *conf)
     if (sh->tokens != NULL && policy_tokens_add(sh->tokens, conf_encodings(conf)) < 0)
         log_warn("reload: a token table could not be loaded; prompts for its backends are "
                  "estimated from bytes");
-    r = generation_create(sh, conf);
+    r = generation_create(sh, conf, errors);
     if (r == NULL)
         return NULL;
     sh->current = r;
