@@ -102,6 +102,7 @@ static unsigned long nstatus[600]; /* answers by status; [0]: none */
 static int use_redis;
 static int use_tls;
 static char ca_dir[256]; /* --tls: the test CA's folder */
+static char ca_file[300]; /* --tls: its ca.crt, which clients verify against */
 static struct test_redis redis;
 static unsigned long nreloads, nfreezes;
 static double reload_max_s; /* the slowest reload's answer */
@@ -239,6 +240,7 @@ static void start_all(const char *router_bin)
         fail("redis-server did not start");
     if (use_tls && support_make_test_ca(ca_dir, sizeof(ca_dir)) != 0)
         fail("no test CA");
+    snprintf(ca_file, sizeof(ca_file), "%s/ca.crt", ca_dir);
     write_conf();
     /* ASan's and UBSan's reports go to the log, which is scanned at the end. */
     snprintf(cmd, sizeof(cmd), "exec '%s' -c '%s' 2>>'%s'", router_bin, conf_path, stderr_path);
@@ -677,26 +679,17 @@ static double now_s(void)
 /* A new connection to the router: TLS, verified, with --tls. */
 static int connect_router(struct support_http_conn *c)
 {
-    char ca[300];
-
-    if (!use_tls)
-        return support_http_connect(c, router.port);
-    snprintf(ca, sizeof(ca), "%s/ca.crt", ca_dir);
-    return support_https_connect(c, router.port, ca, 5000);
+    if (use_tls)
+        return support_https_connect(c, router.port, ca_file, 5000);
+    return support_http_connect(c, router.port);
 }
 
 /* One request on a new connection, closed after its answer. */
 static int request_once(const char *req, size_t len, struct support_http_response *a)
 {
-    struct support_http_conn c = {.fd = -1};
-    int rc = connect_router(&c);
-
-    if (rc == 0)
-        rc = support_http_send(&c, req, len);
-    if (rc == 0)
-        rc = support_http_read(&c, a, 5000);
-    support_http_close(&c);
-    return rc;
+    if (use_tls)
+        return support_https_request(router.port, ca_file, req, len, 5000, a);
+    return support_http_request(router.port, req, len, 5000, a);
 }
 
 /* One admin API call on a new connection (a POST has an empty body). */

@@ -244,8 +244,6 @@ static int tls_recv(struct support_http_conn *c)
  * Returns 1 when c->cur is complete, 0 on progress, or a negative errno. */
 static int pump(struct support_http_conn *c, double deadline)
 {
-    struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
-    double left;
     ssize_t n;
 
     if (c->in_off < c->in.len) {
@@ -274,13 +272,9 @@ static int pump(struct support_http_conn *c, double deadline)
             (void)llhttp_finish(&c->parser);
         return c->cur->complete ? 1 : -ECONNRESET;
     }
-    if (c->ssl == NULL || SSL_pending(c->ssl) == 0) {
-        left = deadline - now_ms();
-        if (left <= 0)
-            return -ETIMEDOUT;
-        if (poll(&pfd, 1, (int)left + 1) == 0)
-            return -ETIMEDOUT;
-    }
+    /* OpenSSL may hold decrypted bytes the socket no longer shows. */
+    if ((c->ssl == NULL || SSL_pending(c->ssl) == 0) && wait_fd(c->fd, POLLIN, deadline) != 0)
+        return -ETIMEDOUT;
     if (buf_reserve(&c->in, READ_CHUNK) != 0)
         return -ENOMEM;
     if (c->ssl)
@@ -334,18 +328,33 @@ void support_http_close(struct support_http_conn *c)
     c->cur = NULL;
 }
 
+/* Send on c, connected with status rc, and read one response; close c. */
+static int request_once(struct support_http_conn *c, int rc, const void *req, size_t len,
+                        int timeout_ms, struct support_http_response *r)
+{
+    if (rc == 0)
+        rc = support_http_send(c, req, len);
+    if (rc == 0)
+        rc = support_http_read(c, r, timeout_ms);
+    support_http_close(c);
+    return rc;
+}
+
 int support_http_request(int port, const void *req, size_t len, int timeout_ms,
                          struct support_http_response *r)
 {
     struct support_http_conn c;
-    int rc = support_http_connect(&c, port);
 
-    if (rc == 0)
-        rc = support_http_send(&c, req, len);
-    if (rc == 0)
-        rc = support_http_read(&c, r, timeout_ms);
-    support_http_close(&c);
-    return rc;
+    return request_once(&c, support_http_connect(&c, port), req, len, timeout_ms, r);
+}
+
+int support_https_request(int port, const char *ca_file, const void *req, size_t len,
+                          int timeout_ms, struct support_http_response *r)
+{
+    struct support_http_conn c;
+
+    return request_once(&c, support_https_connect(&c, port, ca_file, timeout_ms), req, len,
+                        timeout_ms, r);
 }
 
 int support_http_format(struct buf *out, const char *method, const char *path,

@@ -87,6 +87,9 @@ void support_http_close(struct support_http_conn *c);
  * or the connect/send error. */
 int support_http_request(int port, const void *req, size_t len, int timeout_ms,
                          struct support_http_response *r);
+/* The same over TLS, as support_https_connect() connects. */
+int support_https_request(int port, const char *ca_file, const void *req, size_t len,
+                          int timeout_ms, struct support_http_response *r);
 /* Format a request into out (appended): the request line, Host, the extra
  * header lines (each ending in "\r\n", or NULL) and, when body is not NULL,
  * Content-Type: application/json, Content-Length and the body. Returns 0 or
