@@ -54,6 +54,7 @@ static const struct error_map error_maps[] = {
     {error_upstream_first_byte_timeout, 504, "api_error", "upstream_timeout"},
     {error_upstream_total_timeout, 504, "api_error", "upstream_timeout"},
     {error_store_unavailable, 503, "api_error", "store_unavailable"},
+    {error_no_descriptors, 503, "api_error", "router_overloaded"},
     {error_no_memory, 500, "api_error", "internal_error"},
     {error_internal, 500, "api_error", "internal_error"},
 };
@@ -169,7 +170,10 @@ void router__send_error(struct router__client *c, const char *errstr, const char
     request_number(c); /* for the log line */
     if (status >= 500 || status == 408 || status == 413 || status == 431)
         log_error_answer(c, status, errstr, detail);
-    router__send_response(c, status, "application/json", NULL, body, strlen(body));
+    /* Descriptors free up as connections close: worth a retry soon. */
+    router__send_response(c, status, "application/json",
+                          errstr == error_no_descriptors ? "Retry-After: 1\r\n" : NULL, body,
+                          strlen(body));
     free(body);
 }
 

@@ -74,6 +74,9 @@ struct router__pool {
 struct router__shared {
     uv_loop_t *loop;                /* the one loop everything runs on */
     uv_tcp_t listener;              /* accepting socket */
+    size_t nclients;                /* client connections of every generation */
+    struct log_every refuse_log;    /* "at max connections" lines */
+    struct log_every nofile_log;    /* "no descriptor for a backend connection" lines */
     unsigned listening:1;           /* listener is open */
     unsigned stopping:1;            /* router_stop called */
     struct router *current;         /* the generation new connections go to */
@@ -114,6 +117,7 @@ struct router {
     struct router__pool *pools;     /* one per conf.backends entry */
     struct router__client *clients; /* all open client connections (list) */
     size_t nclients;                /* length of that list */
+    size_t max_clients;             /* limits.max_connections, or fewer if the open-file limit says so */
     uint64_t next_request_id;       /* counter behind request ids */
     uint64_t start_id;              /* random per process, makes request ids unique across instances */
     struct policy_tokens *tokens;   /* shared->tokens (NULL: byte estimates only) */
@@ -462,6 +466,10 @@ int router__upstream_send_fresh(struct router__pool *pool, struct router__client
                                 const char *request, size_t len);
 void router__upstream_pause(struct router__upstream *u);
 void router__upstream_resume(struct router__upstream *u);
+
+/* fdlimit.c: raise the open-file limit to what `conf` needs if the hard
+ * limit allows; returns the client connections to accept at once. */
+size_t router__fd_budget(const struct conf *conf);
 
 /* tls.c: contexts, and the TLS layer of client connections */
 SSL_CTX *router__tls_client_ctx(const struct conf_backend *b);

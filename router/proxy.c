@@ -1231,6 +1231,12 @@ void router__proxy_on_error(struct router__client *c, const char *errstr)
         fail_midstream(c, errstr);
         return;
     }
+    if (errstr == error_no_descriptors) { /* ours: no other backend fares better */
+        finish_attempt(c, NULL);
+        router__spend_release(c);
+        router__send_error(c, errstr, NULL);
+        return;
+    }
     backend_attempt_failure(req->pool->backend, now);
     if (log_every_due(&req->pool->fail_log, now, note))
         log_info("request %s: backend %s failed: %s%s", req->id_str, req->pool->conf->name, errstr,

@@ -81,6 +81,7 @@ static void client_free(struct router__client *c)
     if (c->next)
         c->next->prev = c->prev;
     r->nclients--;
+    r->shared->nclients--;
     metrics_add(r->metrics, METRICS_CLIENT_CONNECTIONS, NULL, -1);
     free(c);
     router__maybe_finish(r);
@@ -608,6 +609,21 @@ static void client_start_reading(struct router__client *c)
 
 /* ---- accepting ---- */
 
+/* Over the connection limit: closed at once (taking it off the backlog
+ * is the only way to stop libuv reporting it again), counted, logged. */
+static void refuse_client(struct router__client *c)
+{
+    struct router *r = c->router;
+    uint64_t now = router__now(r);
+    char note[LOG_EVERY_NOTE_MAX];
+
+    metrics_add(r->metrics, METRICS_CLIENT_CONNECTIONS_REFUSED_TOTAL, NULL, 1);
+    if (log_every_due(&r->shared->refuse_log, now, note))
+        log_warn("client connection refused: %zu open, the most this router takes%s",
+                 r->max_clients, note);
+    router__client_close(c);
+}
+
 static void on_connection(uv_stream_t *server, int status)
 {
     struct router__shared *sh = server->data;
@@ -632,9 +648,14 @@ static void on_connection(uv_stream_t *server, int status)
         r->clients->prev = c;
     r->clients = c;
     r->nclients++;
+    sh->nclients++;
     metrics_add(r->metrics, METRICS_CLIENT_CONNECTIONS, NULL, 1);
-    if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0 || r->nclients > r->conf->max_connections) {
+    if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
         router__client_close(c);
+        return;
+    }
+    if (sh->nclients > r->max_clients) {
+        refuse_client(c);
         return;
     }
     if (r->tls_ctx && router__tls_client_start(c, r->tls_ctx) != 0) {
@@ -780,6 +801,7 @@ static struct router *generation_create(struct router__shared *sh, struct conf *
             return NULL;
         }
     }
+    r->max_clients = router__fd_budget(conf);
     r->backends = backend_set_create(conf);
     if (r->backends == NULL || router__spend_init(r) != 0 || router__pools_init(r) != 0) {
         generation_free(r);

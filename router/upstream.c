@@ -689,6 +689,23 @@ static void finish_response(struct router__upstream *u, int can_keep)
 
 /* ---- connecting ---- */
 
+/* Why a connect could not start. Out of descriptors is the router's own
+ * limit, not the backend's failure: it must not open the backend's
+ * circuit or send the request to a dearer backend. */
+static const char *connect_error(struct router__upstream *u, int rc)
+{
+    struct router *r = u->pool->router;
+    char note[LOG_EVERY_NOTE_MAX];
+
+    if (rc != UV_EMFILE && rc != UV_ENFILE)
+        return error_upstream_connect;
+    if (log_every_due(&r->shared->nofile_log, router__now(r), note))
+        log_warn("backend %s: no descriptor for a new connection (%s): answering 503; raise "
+                 "the open-file limit or lower limits.max_connections%s",
+                 u->pool->conf->name, uv_strerror(rc), note);
+    return error_no_descriptors;
+}
+
 static void on_connect(uv_connect_t *req, int status)
 {
     struct router__upstream *u = req->data;
@@ -732,7 +749,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
         log_info("backend %s: resolve %s: %s", u->pool->conf->name, u->pool->conf->host,
                  uv_strerror(status));
         uv_freeaddrinfo(res);
-        upstream_fail(u, error_upstream_connect);
+        upstream_fail(u, connect_error(u, status));
         return;
     }
     u->state = ROUTER_UP_CONNECTING;
@@ -740,7 +757,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
     rc = uv_tcp_connect(&u->connect_req, &u->tcp, res->ai_addr, on_connect);
     uv_freeaddrinfo(res);
     if (rc != 0)
-        upstream_fail(u, error_upstream_connect);
+        upstream_fail(u, connect_error(u, rc));
 }
 
 static struct router__upstream *upstream_new(struct router__pool *pool)
