@@ -224,7 +224,7 @@ struct router__request {
     int64_t completion_pred;             /* completion tokens predicted */
     struct policy_verdict *verdicts;     /* one per route candidate, in verdict_mem; or NULL */
     struct policy_choice choice;         /* the current decision */
-    struct cache_op *store_op;           /* cache_begin in flight, or NULL */
+    struct cache_op *store_op;           /* cache_begin or spend check in flight, or NULL */
     struct cache_reservation res;        /* budget held for the current attempt */
     struct cache_key cache_key;          /* response cache key (when cacheable) */
     struct cache_flight_waiter waiter;   /* as a single-flight follower */
@@ -247,6 +247,8 @@ struct router__request {
     unsigned batching:1;                 /* forward() collects into batch */
     unsigned shelved:1;                  /* buffers given to the shelf (idle) */
     unsigned begins;                     /* cache_begin calls for this request */
+    unsigned budget_checked:1;           /* the store was asked before a 429 budget */
+    const char *last_error;              /* the failed attempt's error, kept across a check */
     uint64_t events;                     /* SSE data events forwarded (token fallback) */
     int64_t completion_counted;          /* a body without usage: its choices' tokens, or -1 */
     int64_t cost_micro;                  /* settled cost, micro-USD */
@@ -378,6 +380,9 @@ void router__maybe_finish(struct router *r);
 /* Reserve the choice's cost (and look the cache up) for the request; on
  * the answer, router__proxy_reserved() continues. */
 void router__spend_begin(struct router__client *c);
+/* Read the tenant's spend and holds from the store into its snapshot;
+ * then router__proxy_budget_checked() continues. */
+void router__spend_check(struct router__client *c);
 /* Release the current reservation (failure before any cost). */
 void router__spend_release(struct router__client *c);
 /* Settle the current reservation with `micro` (the real cost). */
@@ -428,6 +433,8 @@ int router__fixed_headers(const struct conf_backend *b, struct buf *out);
 /* The store answered cache_begin: continue with the reservation granted,
  * or re-choose / reject when it was denied. */
 void router__proxy_reserved(struct router__client *c, const struct cache_begin_result *res);
+/* The store answered router__spend_check: choose again. */
+void router__proxy_budget_checked(struct router__client *c);
 /* A cache hit (ours or a single-flight leader's): answer from `value`. */
 void router__proxy_replay(struct router__client *c, const char *value, size_t len);
 void router__proxy_start(struct router__client *c);

@@ -397,15 +397,42 @@ static int64_t budget_remaining(struct router__client *c)
     return rem < 0 && (t->daily_usd > 0 || t->monthly_usd > 0) ? 0 : rem;
 }
 
+/* What the tenant's settled spend alone leaves (reservations of requests
+ * in flight not counted), or INT64_MAX with no budget set. */
+static int64_t budget_left_when_settled(struct router__client *c)
+{
+    const struct conf_tenant *t = c->req.tenant;
+    struct router__tenant *ts = router__tenant_state(c->router, t);
+    int64_t rem = INT64_MAX;
+
+    if (t->daily_usd > 0)
+        rem = micro_of(t->daily_usd) - ts->day_spent;
+    if (t->monthly_usd > 0)
+        rem = MIN(rem, micro_of(t->monthly_usd) - ts->month_spent);
+    return rem;
+}
+
+/*
+ * 429 budget_exhausted. Whether a retry can help differs, and clients
+ * should know: the OpenAI SDKs retry every 429 twice unless told not to
+ * (x-should-retry: false), after Retry-After when there is one. If the
+ * money is spent, nothing changes until the period turns or the budget
+ * is raised. If it is only held by reservations of requests in flight
+ * (which settle at their real, usually smaller, cost) or the store kept
+ * refusing reservations under contention, a retry soon may pass.
+ */
 static void reject_budget(struct router__client *c)
 {
-    char extra[96], usd[32];
+    char extra[160], usd[32];
     int status;
     char *body = router__error_json(error_budget_exhausted, c->req.tenant->id, &status);
     int64_t rem = budget_remaining(c);
+    int spent = c->req.choice.reject_budget &&
+                c->req.choice.cost_micro > budget_left_when_settled(c);
 
     format_usd(usd, sizeof(usd), rem > 0 ? rem : 0);
-    snprintf(extra, sizeof(extra), "x-costrouter-budget-remaining-usd: %s\r\n", usd);
+    snprintf(extra, sizeof(extra), "x-costrouter-budget-remaining-usd: %s\r\n%s", usd,
+             spent ? "x-should-retry: false\r\n" : "Retry-After: 1\r\n");
     c->req.reason = "budget-exhausted";
     router__send_response(c, status, "application/json", extra, body ? body : "",
                           body ? strlen(body) : 0);
@@ -427,7 +454,8 @@ static void reject_context(struct router__client *c)
 
 /* Ask policy/ for a candidate. Returns 0 with req->choice set, or -1
  * after answering the client (429 budget, 400 too long, 503 none, or
- * last error). */
+ * last error) or asking the store for fresh spend first (the answer
+ * comes back to router__proxy_budget_checked). */
 static int choose(struct router__client *c, const char *last_error)
 {
     struct router__request *req = &c->req;
@@ -467,6 +495,16 @@ static int choose(struct router__client *c, const char *last_error)
     preq.tried = req->tried;
     preq.now_ms = router__now(r);
     req->choice = policy_cost_aware.choose(&preq, req->verdicts);
+    if (req->choice.reject_budget && req->begins == 0 && !req->budget_checked) {
+        /* The numbers are the store's answer to an earlier request. Since
+         * then, requests in flight may have settled below what they held,
+         * other instances too, or the day or month turned: without asking,
+         * a tenant could be refused until a reload. */
+        req->budget_checked = 1;
+        req->last_error = last_error;
+        router__spend_check(c);
+        return -1;
+    }
     if (req->choice.reject_budget) {
         reject_budget(c);
         return -1;
@@ -575,6 +613,11 @@ void router__proxy_reserved(struct router__client *c, const struct cache_begin_r
         req->flight_leader = role == CACHE_FLIGHT_LEADER;
     }
     send_attempt(c);
+}
+
+void router__proxy_budget_checked(struct router__client *c)
+{
+    choose_and_reserve(c, c->req.last_error);
 }
 
 /* The tenant's and the key's rate limiters, for policy_ratelimit_*. */

@@ -220,6 +220,29 @@ void router__spend_begin(struct router__client *c)
         router__send_error(c, error_no_memory, NULL);
 }
 
+static void on_check(void *arg, const char *errstr, const struct cache_spend *s)
+{
+    struct router__client *c = arg;
+    struct router__tenant *ts = router__tenant_state(c->router, c->req.tenant);
+
+    c->req.store_op = NULL;
+    if (errstr == NULL) { /* else the old numbers stand: refuse as they say */
+        ts->day_spent = s->day_spent;
+        ts->month_spent = s->month_spent;
+        ts->reserved = s->reserved;
+    }
+    router__proxy_budget_checked(c);
+}
+
+void router__spend_check(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+
+    req->store_op = cache_spend_get(c->router->store, req->tenant->id, on_check, c);
+    if (req->store_op == NULL)
+        router__send_error(c, error_no_memory, NULL);
+}
+
 void router__spend_release(struct router__client *c)
 {
     struct router__request *req = &c->req;

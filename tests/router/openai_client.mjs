@@ -1,7 +1,8 @@
 // tests/router/openai_client.mjs: the official openai npm client against
 // the router. Prints one JSON line of what it saw; test_openai_sdk.c
 // asserts on it. Usage: node openai_client.mjs BASE_URL KEY MODE
-// MODE: plain | stream | badkey | midstream
+// MODE: plain | stream | badkey | midstream | retries (a chat with the
+// SDK's default of 2 retries)
 import { createRequire } from 'node:module';
 
 // The package lives in build/npm-openai (installed by make deps), not
@@ -10,7 +11,7 @@ const require = createRequire(`${process.env.OPENAI_NPM_DIR}/`);
 const OpenAI = require('openai');
 
 const [baseURL, key, mode] = process.argv.slice(2);
-const client = new OpenAI({ baseURL, apiKey: key, maxRetries: 0 });
+const client = new OpenAI({ baseURL, apiKey: key, maxRetries: mode === 'retries' ? 2 : 0 });
 const messages = [{ role: 'user', content: 'hello from the sdk' }];
 const out = { mode };
 try {
@@ -33,7 +34,7 @@ try {
             if (chunk.choices.length) out.text += chunk.choices[0].delta.content ?? '';
             if (chunk.usage) out.usage = chunk.usage;
         }
-    } else if (mode === 'badkey') {
+    } else if (mode === 'badkey' || mode === 'retries') {
         await client.chat.completions.create({ model: 'chat', messages });
     }
     out.ok = true;

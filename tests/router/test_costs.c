@@ -273,6 +273,57 @@ Test(costs, budget_reject_answers_429_with_remaining)
     cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "code")->valuestring,
                      "budget_exhausted");
     cr_assert_float_eq(header_usd("x-costrouter-budget-remaining-usd"), 0.005 - 2 * 0.0019, 1e-9);
+    /* Spent, not held: a retry cannot pass, so the SDKs are told not to. */
+    cr_assert_str_eq(support_http_header(&resp, "x-should-retry"), "false");
+    cr_assert_null(support_http_header(&resp, "retry-after"));
+}
+
+/* A request held by router 0 for a second keeps the next, sent to router
+ * `other`, under the budget: 429 with Retry-After, no x-should-retry:
+ * false. Once the first has settled below what it held, the retry passes,
+ * though `other` refused it from the store's numbers of an instant ago. */
+static void budget_held_then_freed(int other)
+{
+    struct support_http_conn slow = {.fd = -1};
+    struct support_http_response slow_resp = {0};
+    struct buf slow_req = {0};
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 100);
+    /* Reserving 9 + 10 tokens at $100/Mtok = $0.0019: one fits $0.003, two
+     * do not. The first request settles at 9 + 1 tokens ($0.001). */
+    start_routers(other + 1, "a", "    budget: {daily_usd: 0.003, on_exhausted: reject}\n");
+    const char body[] = "{\"model\":\"chat\",\"max_tokens\":10," MSG "}";
+    cr_assert_eq(support_http_format(&slow_req, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-tokens: 1\r\nx-mock-ttft-ms: 1000\r\n", body),
+                 0);
+    cr_assert_eq(support_http_connect(&slow, routers[0].port), 0);
+    cr_assert_eq(support_http_send(&slow, slow_req.data, slow_req.len), 0);
+    usleep(300 * 1000); /* reserved and sent upstream by now */
+
+    cr_assert_eq(chat(other, "x-mock-tokens: 1\r\n", body), 0);
+    cr_assert_eq(resp.status, 429, "while the first is in flight: %d", resp.status);
+    cr_assert_str_eq(support_http_header(&resp, "retry-after"), "1");
+    cr_assert_null(support_http_header(&resp, "x-should-retry"));
+
+    cr_assert_eq(support_http_read(&slow, &slow_resp, TIMEOUT_MS), 0);
+    cr_assert_eq(slow_resp.status, 200);
+    cr_assert_eq(chat(other, "x-mock-tokens: 1\r\n", body), 0);
+    cr_assert_eq(resp.status, 200, "the retry after the first settled: %d", resp.status);
+    support_http_close(&slow);
+    support_http_response_free(&slow_resp);
+    buf_free(&slow_req);
+}
+
+Test(costs, budget_held_by_a_request_in_flight_answers_429_worth_a_retry)
+{
+    budget_held_then_freed(0);
+}
+
+Test(costs, budget_held_on_another_instance_is_checked_in_redis_before_a_429)
+{
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    budget_held_then_freed(1);
 }
 
 Test(costs, exhausted_budget_downgrades_below_the_quality_floor)

@@ -14,9 +14,11 @@
 #include <unistd.h>
 
 #include "common/buf.h"
+#include "tests/support/http.h"
 #include "tests/support/proc.h"
 
 #define TENANT_KEY "sk-sdk-tenant"
+#define BROKE_KEY "sk-sdk-broke"  /* a tenant whose budget covers no request */
 
 static struct support_proc router, mock;
 static char conf_path[64];
@@ -39,7 +41,7 @@ TestSuite(openai_sdk, .fini = teardown, .timeout = 60);
 /* The router in front of a mock; over TLS with a fresh test CA if `tls`. */
 static void start_with(int tls)
 {
-    char hex[65], tls_yaml[700] = "";
+    char hex[65], broke_hex[65], tls_yaml[700] = "";
     FILE *f;
 
     if (tls) {
@@ -48,6 +50,7 @@ static void start_with(int tls)
                  "tls: {cert_file: %s/server.crt, key_file: %s/server.key}\n", ca_dir, ca_dir);
     }
     support_key_sha256_hex(TENANT_KEY, hex);
+    support_key_sha256_hex(BROKE_KEY, broke_hex);
     cr_assert_eq(support_mockllm_start(&mock, "--token-delay-ms", "1", NULL), 0);
     strcpy(conf_path, "/tmp/costrouter-sdk-XXXXXX");
     f = fdopen(mkstemp(conf_path), "w");
@@ -59,8 +62,10 @@ static void start_with(int tls)
             "  - {name: m, kind: api, url: \"http://127.0.0.1:%d/v1\", model: mock-model,\n"
             "     quality: 1, context_window: 8192, input_usd_per_mtok: 1, output_usd_per_mtok: 2}\n"
             "routes:\n  - {model: chat, candidates: [m]}\n"
-            "tenants:\n  - {id: sdk, api_keys: [\"sha256:%s\"]}\n",
-            tls_yaml, mock.port, hex);
+            "tenants:\n  - {id: sdk, api_keys: [\"sha256:%s\"]}\n"
+            "  - {id: broke, api_keys: [\"sha256:%s\"],\n"
+            "     budget: {daily_usd: 0.000001, on_exhausted: reject}}\n",
+            tls_yaml, mock.port, hex, broke_hex);
     fclose(f);
     char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
     cr_assert_eq(support_proc_start(&router, argv), 0);
@@ -151,4 +156,35 @@ Test(openai_sdk, broken_stream_raises_in_the_client)
     cJSON *r = run_client("midstream", TENANT_KEY);
     cr_assert(cJSON_IsFalse(get(r, "ok")), "a broken stream looked complete: %s",
               cJSON_PrintUnformatted(r));
+}
+
+/* The sum of costrouter_requests_total's series whose labels hold `labels`. */
+static double requests_answered(const char *labels)
+{
+    static const char name[] = "costrouter_requests_total{";
+    static const char get[] = "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n";
+    struct support_http_response r = {0};
+    double sum = 0;
+
+    cr_assert_eq(support_http_request(router.port, get, sizeof(get) - 1, 5000, &r), 0);
+    cr_assert_eq(buf_append(&r.body, "", 1), 0);
+    for (char *line = strtok(r.body.data, "\n"); line; line = strtok(NULL, "\n"))
+        if (strncmp(line, name, sizeof(name) - 1) == 0 && strstr(line, labels))
+            sum += strtod(strrchr(line, ' ') + 1, NULL);
+    support_http_response_free(&r);
+    return sum;
+}
+
+/* The SDK retries every 429 twice by default; a spent budget says
+ * x-should-retry: false, so it asks once and raises at once. */
+Test(openai_sdk, spent_budget_is_not_retried_by_the_client)
+{
+    start();
+    cJSON *r = run_client("retries", BROKE_KEY);
+    cr_assert(cJSON_IsFalse(get(r, "ok")));
+    cr_assert_str_eq(get(r, "error_class")->valuestring, "RateLimitError");
+    cr_assert_eq(get(r, "status")->valuedouble, 429);
+    cr_assert_str_eq(get(r, "code")->valuestring, "budget_exhausted");
+    cr_assert_eq(requests_answered("tenant=\"broke\""), 1, "the client asked %g times",
+                 requests_answered("tenant=\"broke\""));
 }
