@@ -287,7 +287,7 @@ void router__request_reset(struct router__request *req)
     req->completion_limited = 0;
     req->arm_allowed = 0;
     req->begins = 0;
-    req->budget_checked = 0;
+    req->budget_checked = req->overrun_checked = 0;
     req->last_error = NULL;
     req->events = 0;
     req->cost_micro = req->saved_micro = 0;

@@ -248,6 +248,7 @@ struct router__request {
     unsigned shelved:1;                  /* buffers given to the shelf (idle) */
     unsigned begins;                     /* cache_begin calls for this request */
     unsigned budget_checked:1;           /* the store was asked before a 429 budget */
+    unsigned overrun_checked:1;          /* ... and before cutting a stream (on_overrun) */
     const char *last_error;              /* the failed attempt's error, kept across a check */
     uint64_t events;                     /* SSE data events forwarded (token fallback) */
     int64_t completion_counted;          /* a body without usage: its choices' tokens, or -1 */
@@ -381,8 +382,9 @@ void router__maybe_finish(struct router *r);
  * the answer, router__proxy_reserved() continues. */
 void router__spend_begin(struct router__client *c);
 /* Read the tenant's spend and holds from the store into its snapshot;
- * then router__proxy_budget_checked() continues. */
-void router__spend_check(struct router__client *c);
+ * then router__proxy_budget_checked() continues. Returns 0, or -1 (no
+ * memory: no callback). */
+int router__spend_check(struct router__client *c);
 /* Release the current reservation (failure before any cost). */
 void router__spend_release(struct router__client *c);
 /* Settle the current reservation with `micro` (the real cost). */
@@ -433,7 +435,8 @@ int router__fixed_headers(const struct conf_backend *b, struct buf *out);
 /* The store answered cache_begin: continue with the reservation granted,
  * or re-choose / reject when it was denied. */
 void router__proxy_reserved(struct router__client *c, const struct cache_begin_result *res);
-/* The store answered router__spend_check: choose again. */
+/* The store answered router__spend_check: choose again (or, mid-stream,
+ * let the next event decide on a cut). */
 void router__proxy_budget_checked(struct router__client *c);
 /* A cache hit (ours or a single-flight leader's): answer from `value`. */
 void router__proxy_replay(struct router__client *c, const char *value, size_t len);

@@ -502,7 +502,8 @@ static int choose(struct router__client *c, const char *last_error)
          * a tenant could be refused until a reload. */
         req->budget_checked = 1;
         req->last_error = last_error;
-        router__spend_check(c);
+        if (router__spend_check(c) != 0)
+            router__send_error(c, error_no_memory, NULL);
         return -1;
     }
     if (req->choice.reject_budget) {
@@ -617,6 +618,8 @@ void router__proxy_reserved(struct router__client *c, const struct cache_begin_r
 
 void router__proxy_budget_checked(struct router__client *c)
 {
+    if (c->req.response_started)
+        return; /* overrun_cut's check: the stream's next event decides */
     choose_and_reserve(c, c->req.last_error);
 }
 
@@ -999,6 +1002,14 @@ static int overrun_cut(struct router__client *c)
     if (left < 0)
         return 0; /* no budget set */
     running = micro_of(backend_api_price_usd(b, &so_far));
+    if (running > req->res.amount && !req->overrun_checked && req->store_op == NULL) {
+        /* Past its own hold the stream spends what the tenant has left,
+         * by numbers that may count holds settled since. Read them afresh
+         * once, now, so that the cut below (while the answer is out, by
+         * the old numbers) is judged by the store's by the time it nears. */
+        req->overrun_checked = 1;
+        router__spend_check(c);
+    }
     if (running <= req->res.amount + left)
         return 0;
     log_info("request %s: tenant %s over budget mid-stream, cutting it", req->id_str,

@@ -234,13 +234,12 @@ static void on_check(void *arg, const char *errstr, const struct cache_spend *s)
     router__proxy_budget_checked(c);
 }
 
-void router__spend_check(struct router__client *c)
+int router__spend_check(struct router__client *c)
 {
     struct router__request *req = &c->req;
 
     req->store_op = cache_spend_get(c->router->store, req->tenant->id, on_check, c);
-    if (req->store_op == NULL)
-        router__send_error(c, error_no_memory, NULL);
+    return req->store_op != NULL ? 0 : -1;
 }
 
 void router__spend_release(struct router__client *c)

@@ -778,6 +778,54 @@ Test(costs, on_overrun_cut_ends_a_stream_when_the_budget_is_gone)
     cr_assert(spent > 2.9 && spent < 3.1, "spent $%f", spent);
 }
 
+/* The stream's own reservation answer counted another request's hold,
+ * which then settled at a fraction of it: the cut waits for the money
+ * really left, checked in the store, not for what the hold had left. */
+Test(costs, on_overrun_cut_checks_the_store_before_cutting)
+{
+    struct support_http_conn hold = {.fd = -1};
+    struct support_http_response hold_resp = {0};
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    struct buf hold_req = {0};
+    int rc, n = 0, saw_error = 0;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 10000); /* $0.01 per completion token */
+    /* The hold reserves 250 tokens ($2.50) for half a second and settles
+     * at 1 ($0.01). The stream reserves 256 ($2.56): with the hold counted
+     * it could run to about 350 tokens of the $6; without, to about 600. */
+    start_routers(1, "a", "    budget: {daily_usd: 6, on_exhausted: reject, on_overrun: cut}\n");
+    cr_assert_eq(support_http_format(&hold_req, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-tokens: 1\r\nx-mock-ttft-ms: 500\r\n",
+                                     "{\"model\":\"chat\",\"max_tokens\":250," MSG "}"),
+                 0);
+    cr_assert_eq(support_http_connect(&hold, routers[0].port), 0);
+    cr_assert_eq(support_http_send(&hold, hold_req.data, hold_req.len), 0);
+    usleep(200 * 1000); /* reserved by now */
+
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-tokens: 1000\r\nx-mock-token-delay-ms: 2\r\n",
+                                     "{\"model\":\"chat\",\"stream\":true," MSG "}"),
+                 0);
+    cr_assert_eq(support_sse_open(&s, routers[0].port, req.data, req.len, TIMEOUT_MS), 0);
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1) {
+        if (strstr(ev.data, "budget_exhausted"))
+            saw_error = 1;
+        else
+            n++;
+    }
+    support_sse_close(&s);
+    cr_assert_eq(support_http_read(&hold, &hold_resp, TIMEOUT_MS), 0);
+    cr_assert_eq(hold_resp.status, 200);
+    cr_assert(saw_error, "no budget error event");
+    cr_assert(n >= 580 && n <= 620, "%d tokens streamed before the cut", n);
+    support_http_close(&hold);
+    support_http_response_free(&hold_resp);
+    buf_free(&hold_req);
+}
+
 Test(costs, reload_applies_a_valid_config_and_keeps_the_old_on_errors)
 {
     struct support_sse s = {0};
