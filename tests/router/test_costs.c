@@ -746,24 +746,23 @@ Test(costs, gpu_pool_spills_to_the_api_tier_only_when_the_slo_would_break)
         cr_assert_str_eq(got[i], i < 3 ? "gpu" : "api", "stream %d went to %s", i, got[i]);
 }
 
-Test(costs, on_overrun_cut_ends_a_stream_when_the_budget_is_gone)
+/* Stream 1000 tokens from router 0 with `headers` (after AUTH, each line
+ * ending in CRLF): the events before a budget_exhausted error event, which
+ * must come. */
+static int tokens_before_the_cut(const char *headers)
 {
     struct support_sse s = {0};
     struct support_sse_event ev;
-    int rc, n = 0, saw_error = 0;
+    char all[256];
+    int n = 0, saw_error = 0;
 
-    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    add_backend("a", mock_a.port, 1, 1, 10000); /* $0.01 per completion token */
-    /* No max_tokens: the reservation assumes 256 tokens ($2.56 + prompt);
-     * the budget is $3, so about 44 tokens past the reservation remain. */
-    start_routers(1, "a", "    budget: {daily_usd: 3, on_exhausted: reject, on_overrun: cut}\n");
+    snprintf(all, sizeof(all), AUTH "x-mock-tokens: 1000\r\n%s", headers);
     buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
-                                     AUTH "x-mock-tokens: 1000\r\n",
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", all,
                                      "{\"model\":\"chat\",\"stream\":true," MSG "}"),
                  0);
     cr_assert_eq(support_sse_open(&s, routers[0].port, req.data, req.len, TIMEOUT_MS), 0);
-    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1) {
+    while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1) {
         if (strstr(ev.data, "budget_exhausted"))
             saw_error = 1;
         else
@@ -771,6 +770,19 @@ Test(costs, on_overrun_cut_ends_a_stream_when_the_budget_is_gone)
     }
     support_sse_close(&s);
     cr_assert(saw_error, "no budget error event");
+    return n;
+}
+
+Test(costs, on_overrun_cut_ends_a_stream_when_the_budget_is_gone)
+{
+    int n;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 10000); /* $0.01 per completion token */
+    /* No max_tokens: the reservation assumes 256 tokens ($2.56 + prompt);
+     * the budget is $3, so about 44 tokens past the reservation remain. */
+    start_routers(1, "a", "    budget: {daily_usd: 3, on_exhausted: reject, on_overrun: cut}\n");
+    n = tokens_before_the_cut("");
     cr_assert(n >= 290 && n <= 310, "%d tokens streamed before the cut", n);
     /* What was streamed is charged: the day's spend is about the budget. */
     cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
@@ -785,10 +797,8 @@ Test(costs, on_overrun_cut_checks_the_store_before_cutting)
 {
     struct support_http_conn hold = {.fd = -1};
     struct support_http_response hold_resp = {0};
-    struct support_sse s = {0};
-    struct support_sse_event ev;
     struct buf hold_req = {0};
-    int rc, n = 0, saw_error = 0;
+    int n;
 
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     add_backend("a", mock_a.port, 1, 1, 10000); /* $0.01 per completion token */
@@ -804,22 +814,9 @@ Test(costs, on_overrun_cut_checks_the_store_before_cutting)
     cr_assert_eq(support_http_send(&hold, hold_req.data, hold_req.len), 0);
     usleep(200 * 1000); /* reserved by now */
 
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
-                                     AUTH "x-mock-tokens: 1000\r\nx-mock-token-delay-ms: 2\r\n",
-                                     "{\"model\":\"chat\",\"stream\":true," MSG "}"),
-                 0);
-    cr_assert_eq(support_sse_open(&s, routers[0].port, req.data, req.len, TIMEOUT_MS), 0);
-    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1) {
-        if (strstr(ev.data, "budget_exhausted"))
-            saw_error = 1;
-        else
-            n++;
-    }
-    support_sse_close(&s);
+    n = tokens_before_the_cut("x-mock-token-delay-ms: 2\r\n");
     cr_assert_eq(support_http_read(&hold, &hold_resp, TIMEOUT_MS), 0);
     cr_assert_eq(hold_resp.status, 200);
-    cr_assert(saw_error, "no budget error event");
     cr_assert(n >= 580 && n <= 620, "%d tokens streamed before the cut", n);
     support_http_close(&hold);
     support_http_response_free(&hold_resp);
