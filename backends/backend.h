@@ -90,6 +90,7 @@ struct backend_cost {
 struct backend_ticket {
     uint64_t start_ms;    /* loop time the attempt started */
     double share_mark_ms; /* the pool's share clock at start (GPU-ms) */
+    uint64_t probe;       /* the half-open probe's number if it is one, else 0 */
 };
 
 /* A finished attempt's settled cost. */

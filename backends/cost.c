@@ -74,10 +74,13 @@ void backend__advance(struct backend *b, uint64_t now_ms)
 
 void backend_attempt_begin(struct backend *b, uint64_t now_ms, struct backend_ticket *t)
 {
+    int was_probing = b->probing;
+
     backend_attempt_start(b, now_ms);
     if (t != NULL) {
         t->start_ms = now_ms;
         t->share_mark_ms = b->share_ms;
+        t->probe = b->probing && !was_probing ? ++b->probes : 0;
     }
 }
 
@@ -113,6 +116,12 @@ struct backend_charge backend_attempt_finish(struct backend *b, uint64_t now_ms,
     if (used == NULL)
         used = &none;
     backend__advance(b, now_ms);
+    if (t != NULL && t->probe != 0 && t->probe == b->probes) {
+        /* A probe that ends with neither a success nor a failure (its
+         * client left, the router ran out of descriptors) told nothing:
+         * the next request probes, or the circuit would never close. */
+        b->probing = 0;
+    }
     if (t != NULL) {
         ch.duration_ms = now_ms > t->start_ms ? now_ms - t->start_ms : 0;
         if (backend__replicas(b) > 0)

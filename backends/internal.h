@@ -16,6 +16,7 @@ struct backend {
     uint64_t ejected_until_ms;       /* circuit open until this loop time */
     uint64_t cooldown_until_ms;      /* rate limited (429) until this loop time */
     unsigned probing:1;              /* half-open probe in flight */
+    uint64_t probes;                 /* half-open probes started: the current one's number */
     unsigned clock_started:1;        /* accounting clock running */
     double ttft_ewma_ms;             /* smoothed time to first byte */
     double duration_ewma_ms;         /* smoothed duration of attempts that made tokens */

@@ -763,6 +763,44 @@ Test(proxy, all_backends_down_is_502_then_503_when_ejected)
     assert_error(503, "no_backend_available");
 }
 
+/* The half-open probe of a recovered backend belongs to a client that
+ * gives up before the answer (a short client timeout against a slow first
+ * request is common): the probe told nothing, so the next request probes
+ * again. The backend must not stay shut out until a reload. */
+Test(proxy, a_probe_whose_client_left_lets_the_next_request_probe)
+{
+    struct support_http_conn probe = {.fd = -1};
+    char a[1024];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
+    start_router("limits: {max_retries: 0}", a, "a");
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(call("POST", "/v1/chat/completions",
+                          AUTH "x-mock-fault: close-before-response\r\n", CHAT),
+                     0);
+        cr_assert_eq(resp.status, 502);
+    }
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    assert_error(503, "no_backend_available"); /* open for 5 s */
+    usleep(5200 * 1000);
+
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-ttft-ms: 3000\r\n", CHAT),
+                 0);
+    cr_assert_eq(support_http_connect(&probe, router.port), 0);
+    cr_assert_eq(support_http_send(&probe, req.data, req.len), 0);
+    usleep(300 * 1000);
+    support_http_close(&probe); /* the probe's client gives up */
+    usleep(200 * 1000);
+
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "after the new probe closed the circuit");
+}
+
 Test(proxy, stalled_upstream_gives_504_after_first_byte_timeout)
 {
     char a[1024];
