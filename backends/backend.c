@@ -11,6 +11,8 @@
  * before a half-open probe is allowed. */
 #define BACKEND_FAILURE_LIMIT 3
 #define BACKEND_EJECT_MS 5000
+/* What to tell clients to wait while a half-open probe is out. */
+#define BACKEND_PROBE_WAIT_MS 1000
 /* Weight of a new sample in the moving averages (TTFT, duration). */
 #define BACKEND_TTFT_ALPHA 0.2
 
@@ -74,6 +76,15 @@ int backend_available(const struct backend *b, uint64_t now_ms)
     if (circuit_half_open(b, now_ms))
         return !b->probing;
     return 1;
+}
+
+uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms)
+{
+    if (circuit_open(b, now_ms))
+        return b->ejected_until_ms - now_ms;
+    if (circuit_half_open(b, now_ms) && b->probing)
+        return BACKEND_PROBE_WAIT_MS;
+    return 0;
 }
 
 void backend_attempt_start(struct backend *b, uint64_t now_ms)

@@ -51,6 +51,9 @@ const struct conf_backend *backend_conf(const struct backend *b);
  * cooldown (backend_cooldown_ms) is not counted here: it is a preference
  * policy/ weighs, not a ban. */
 int backend_available(const struct backend *b, uint64_t now_ms);
+/* When backend_available() is 0: in how many ms it may say 1 (the open
+ * circuit's time left; a second while a half-open probe is out). Else 0. */
+uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms);
 
 /* Outcome of one attempt. A failure is a connect error, a reset or a 5xx
  * before the response started. */

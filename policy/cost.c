@@ -206,9 +206,36 @@ static struct policy_choice choose_cheapest(const struct policy_request *req,
     return choose_pass(req, 0, v, &again); /* the downgrade stands: its verdicts again */
 }
 
+/* No candidate: when the soonest of those shut by their circuit opens. */
+static uint64_t soonest_reopening(const struct policy_request *req, const struct policy_verdict *v)
+{
+    size_t n = req->route->ncandidates < 64 ? req->route->ncandidates : 64;
+    uint64_t soonest = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        const struct backend *b = backend_set_get(req->backends, req->route->candidates[i]->index);
+        uint64_t ms = v[i].kind == POLICY_VERDICT_HEALTH && b ? backend_unavailable_ms(b, req->now_ms)
+                                                              : 0;
+
+        if (ms > 0 && (soonest == 0 || ms < soonest))
+            soonest = ms;
+    }
+    return soonest;
+}
+
+static struct policy_choice choose_cost_aware(const struct policy_request *req,
+                                              struct policy_verdict *v)
+{
+    struct policy_choice ch = choose_cheapest(req, v);
+
+    if (ch.candidate < 0 && !ch.reject_budget)
+        ch.retry_after_ms = soonest_reopening(req, v);
+    return ch;
+}
+
 const struct policy_cost_selector policy_cost_aware = {
     .name = "cost-aware",
-    .choose = choose_cheapest,
+    .choose = choose_cost_aware,
 };
 
 const char *policy_verdict_name(enum policy_verdict_kind kind)

@@ -93,6 +93,8 @@ struct policy_choice {
     double marginal_usd;        /* of the chosen candidate */
     double predicted_ttft_ms;   /* of the chosen candidate */
     int64_t context_window;     /* POLICY_REASON_CONTEXT_EXCEEDED: the largest window */
+    uint64_t retry_after_ms;    /* none chosen: when the soonest candidate shut by its
+                                   circuit may be tried again; 0 if none is shut */
 };
 
 /* A selector behind a small vtable (like h2o's balancer.h), so another

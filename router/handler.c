@@ -160,6 +160,14 @@ static void log_error_answer(struct router__client *c, int status, const char *e
 
 void router__send_error(struct router__client *c, const char *errstr, const char *detail)
 {
+    /* Descriptors free up as connections close: worth a retry soon. */
+    router__send_error_with(c, errstr, detail,
+                            errstr == error_no_descriptors ? "Retry-After: 1\r\n" : NULL);
+}
+
+void router__send_error_with(struct router__client *c, const char *errstr, const char *detail,
+                             const char *extra_headers)
+{
     int status;
     char *body = router__error_json(errstr, detail, &status);
 
@@ -170,10 +178,7 @@ void router__send_error(struct router__client *c, const char *errstr, const char
     request_number(c); /* for the log line */
     if (status >= 500 || status == 408 || status == 413 || status == 431)
         log_error_answer(c, status, errstr, detail);
-    /* Descriptors free up as connections close: worth a retry soon. */
-    router__send_response(c, status, "application/json",
-                          errstr == error_no_descriptors ? "Retry-After: 1\r\n" : NULL, body,
-                          strlen(body));
+    router__send_response(c, status, "application/json", extra_headers, body, strlen(body));
     free(body);
 }
 

@@ -349,6 +349,9 @@ void router__handle(struct router__client *c);
 void router__refuse(struct router__client *c, const char *errstr, const char *detail);
 /* Send a complete OpenAI-style error response for `errstr`. */
 void router__send_error(struct router__client *c, const char *errstr, const char *detail);
+/* The same with more header lines (each ending in CRLF), or NULL. */
+void router__send_error_with(struct router__client *c, const char *errstr, const char *detail,
+                             const char *extra_headers);
 /* Send a complete response the router made itself. */
 void router__send_response(struct router__client *c, int status, const char *content_type,
                            const char *extra_headers, const char *body, size_t len);

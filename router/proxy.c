@@ -452,6 +452,24 @@ static void reject_context(struct router__client *c)
     router__send_error(c, error_context_length, detail);
 }
 
+/* No candidate (or none left after failures). When some are shut by
+ * their circuit, say when the soonest may serve again: the OpenAI SDKs
+ * retry 5xx twice, after retry-after-ms or Retry-After when given, else
+ * after 0.5-1 s and 1-2 s, both inside a 5 s circuit. */
+static void reject_none(struct router__client *c, const char *errstr)
+{
+    uint64_t ms = c->req.choice.retry_after_ms;
+    char extra[80];
+
+    if (ms == 0) {
+        router__send_error(c, errstr, NULL);
+        return;
+    }
+    snprintf(extra, sizeof(extra), "Retry-After: %llu\r\nretry-after-ms: %llu\r\n",
+             (unsigned long long)((ms + 999) / 1000), (unsigned long long)ms);
+    router__send_error_with(c, errstr, NULL, extra);
+}
+
 /* Ask policy/ for a candidate. Returns 0 with req->choice set, or -1
  * after answering the client (429 budget, 400 too long, 503 none, or
  * last error) or asking the store for fresh spend first (the answer
@@ -515,7 +533,7 @@ static int choose(struct router__client *c, const char *last_error)
         if (req->choice.reason == POLICY_REASON_CONTEXT_EXCEEDED)
             reject_context(c);
         else
-            router__send_error(c, last_error ? last_error : error_no_backend, NULL);
+            reject_none(c, last_error ? last_error : error_no_backend);
         return -1;
     }
     req->candidate = req->choice.candidate;

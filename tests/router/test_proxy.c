@@ -761,6 +761,11 @@ Test(proxy, all_backends_down_is_502_then_503_when_ejected)
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
     assert_error(503, "no_backend_available");
+    /* ... for 5 s: the answer says when to come back, as the SDKs read it. */
+    const char *ms = support_http_header(&resp, "retry-after-ms");
+    cr_assert_not_null(ms, "no retry-after-ms");
+    cr_assert(atoi(ms) > 4000 && atoi(ms) <= 5000, "retry-after-ms: %s", ms);
+    cr_assert_str_eq(support_http_header(&resp, "retry-after"), "5");
 }
 
 /* The half-open probe of a recovered backend belongs to a client that
