@@ -82,10 +82,10 @@ static void upstream_release(struct router__upstream *u)
         upstream_close(u);
         return;
     }
-    if (u->paused) {
-        u->paused = 0;
-        router__upstream_resume(u);
-    }
+    /* Paused for a slow client in the read that also ended the answer:
+     * an idle connection must read, or the next request on it waits for
+     * first_byte_timeout_ms and is sent again elsewhere (billed twice). */
+    router__upstream_resume(u);
     u->state = ROUTER_UP_IDLE;
     u->next_idle = pool->idle_head;
     u->prev_idle = NULL;
