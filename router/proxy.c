@@ -452,6 +452,13 @@ static void reject_context(struct router__client *c)
     router__send_error(c, error_context_length, detail);
 }
 
+/* A choice the budget decided: refused, or downgraded. */
+static int budget_bound(const struct policy_choice *ch)
+{
+    return ch->reject_budget || ch->reason == POLICY_REASON_DOWNGRADED_BUDGET ||
+           ch->reason == POLICY_REASON_DOWNGRADED_SOFT;
+}
+
 /* No candidate (or none left after failures). When some are shut by
  * their circuit, say when the soonest may serve again: the OpenAI SDKs
  * retry 5xx twice, after retry-after-ms or Retry-After when given, else
@@ -513,11 +520,12 @@ static int choose(struct router__client *c, const char *last_error)
     preq.tried = req->tried;
     preq.now_ms = router__now(r);
     req->choice = policy_cost_aware.choose(&preq, req->verdicts);
-    if (req->choice.reject_budget && req->begins == 0 && !req->budget_checked) {
+    if (budget_bound(&req->choice) && req->begins == 0 && !req->budget_checked) {
         /* The numbers are the store's answer to an earlier request. Since
          * then, requests in flight may have settled below what they held,
          * other instances too, or the day or month turned: without asking,
-         * a tenant could be refused until a reload. */
+         * a tenant could be refused until a reload, or downgraded on every
+         * other request (each one's own settled hold still counted). */
         req->budget_checked = 1;
         req->last_error = last_error;
         if (router__spend_check(c) != 0)

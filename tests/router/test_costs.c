@@ -326,6 +326,27 @@ Test(costs, budget_held_on_another_instance_is_checked_in_redis_before_a_429)
     budget_held_then_freed(1);
 }
 
+/* The first request holds $0.10 and settles at a hundredth of a cent: the
+ * second, though the numbers from the first's reservation say $0.05 is
+ * left, finds the money in the store and is not downgraded. */
+Test(costs, a_settled_hold_does_not_downgrade_the_next_request)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend("good", mock_a.port, 3, 1, 100); /* max_tokens 1000: $0.10 held */
+    add_backend("cheap", mock_b.port, 1, 1, 1);
+    start_routers(1, "good, cheap",
+                  "    budget: {daily_usd: 0.15, on_exhausted: downgrade}\n"
+                  "    slo: {min_quality: 2}\n");
+    const char body[] = "{\"model\":\"chat\",\"max_tokens\":1000," MSG "}";
+    for (int i = 0; i < 4; i++) {
+        cr_assert_eq(chat(0, "x-mock-tokens: 1\r\n", body), 0);
+        cr_assert_eq(resp.status, 200);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "good",
+                         "request %d: %s", i, support_http_header(&resp, "x-costrouter-reason"));
+    }
+}
+
 Test(costs, exhausted_budget_downgrades_below_the_quality_floor)
 {
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
