@@ -58,6 +58,13 @@ char *support_dump_dom(const char *url, const char *profile)
         else if (exited)
             break; /* exited and nothing more to read */
     }
+    /* EOF can come a moment before the exit: wait for it, to the deadline. */
+    while (!exited && time(NULL) < deadline) {
+        if (waitpid(pid, &status, WNOHANG) == pid)
+            exited = 1;
+        else
+            usleep(20000);
+    }
     if (!exited) {
         if (waitpid(pid, &status, WNOHANG) != pid) {
             kill(pid, SIGKILL);
