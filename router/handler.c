@@ -30,33 +30,35 @@ struct error_map {
     int status;         /* HTTP status */
     const char *type;   /* OpenAI error type */
     const char *code;   /* OpenAI error code */
+    const char *headers; /* header lines the answer always has, or NULL */
 };
 
 static const struct error_map error_maps[] = {
-    {error_bad_json, 400, "invalid_request_error", "invalid_json"},
-    {error_duplicate_key, 400, "invalid_request_error", "invalid_json"},
-    {error_missing_model, 400, "invalid_request_error", "missing_model"},
-    {error_bad_request, 400, "invalid_request_error", "bad_request"},
-    {error_unauthorized, 401, "invalid_request_error", "invalid_api_key"},
-    {error_not_found, 404, "invalid_request_error", "unknown_url"},
-    {error_unknown_model, 404, "invalid_request_error", "model_not_found"},
-    {error_method, 405, "invalid_request_error", "method_not_allowed"},
-    {error_timeout_client, 408, "invalid_request_error", "request_timeout"},
-    {error_body_too_large, 413, "invalid_request_error", "request_too_large"},
-    {error_headers_too_large, 431, "invalid_request_error", "headers_too_large"},
-    {error_context_length, 400, "invalid_request_error", "context_length_exceeded"},
-    {error_budget_exhausted, 429, "insufficient_quota", "budget_exhausted"},
-    {error_rate_limited, 429, "rate_limit_error", "rate_limit_exceeded"},
-    {error_upstream_connect, 502, "api_error", "upstream_connect_failed"},
-    {error_upstream_io, 502, "api_error", "upstream_error"},
-    {error_no_backend, 503, "api_error", "no_backend_available"},
-    {error_upstream_connect_timeout, 504, "api_error", "upstream_connect_timeout"},
-    {error_upstream_first_byte_timeout, 504, "api_error", "upstream_timeout"},
-    {error_upstream_total_timeout, 504, "api_error", "upstream_timeout"},
-    {error_store_unavailable, 503, "api_error", "store_unavailable"},
-    {error_no_descriptors, 503, "api_error", "router_overloaded"},
-    {error_no_memory, 500, "api_error", "internal_error"},
-    {error_internal, 500, "api_error", "internal_error"},
+    {error_bad_json, 400, "invalid_request_error", "invalid_json", NULL},
+    {error_duplicate_key, 400, "invalid_request_error", "invalid_json", NULL},
+    {error_missing_model, 400, "invalid_request_error", "missing_model", NULL},
+    {error_bad_request, 400, "invalid_request_error", "bad_request", NULL},
+    {error_unauthorized, 401, "invalid_request_error", "invalid_api_key", NULL},
+    {error_not_found, 404, "invalid_request_error", "unknown_url", NULL},
+    {error_unknown_model, 404, "invalid_request_error", "model_not_found", NULL},
+    {error_method, 405, "invalid_request_error", "method_not_allowed", NULL},
+    {error_timeout_client, 408, "invalid_request_error", "request_timeout", NULL},
+    {error_body_too_large, 413, "invalid_request_error", "request_too_large", NULL},
+    {error_headers_too_large, 431, "invalid_request_error", "headers_too_large", NULL},
+    {error_context_length, 400, "invalid_request_error", "context_length_exceeded", NULL},
+    {error_budget_exhausted, 429, "insufficient_quota", "budget_exhausted", NULL},
+    {error_rate_limited, 429, "rate_limit_error", "rate_limit_exceeded", NULL},
+    {error_upstream_connect, 502, "api_error", "upstream_connect_failed", NULL},
+    {error_upstream_io, 502, "api_error", "upstream_error", NULL},
+    {error_no_backend, 503, "api_error", "no_backend_available", NULL},
+    {error_upstream_connect_timeout, 504, "api_error", "upstream_connect_timeout", NULL},
+    {error_upstream_first_byte_timeout, 504, "api_error", "upstream_timeout", NULL},
+    {error_upstream_total_timeout, 504, "api_error", "upstream_timeout", NULL},
+    {error_store_unavailable, 503, "api_error", "store_unavailable", NULL},
+    /* Descriptors free up as connections close: worth a retry soon. */
+    {error_no_descriptors, 503, "api_error", "router_overloaded", "Retry-After: 1\r\n"},
+    {error_no_memory, 500, "api_error", "internal_error", NULL},
+    {error_internal, 500, "api_error", "internal_error", NULL},
 };
 
 static const struct error_map *error_lookup(const char *errstr)
@@ -160,9 +162,7 @@ static void log_error_answer(struct router__client *c, int status, const char *e
 
 void router__send_error(struct router__client *c, const char *errstr, const char *detail)
 {
-    /* Descriptors free up as connections close: worth a retry soon. */
-    router__send_error_with(c, errstr, detail,
-                            errstr == error_no_descriptors ? "Retry-After: 1\r\n" : NULL);
+    router__send_error_with(c, errstr, detail, error_lookup(errstr)->headers);
 }
 
 void router__send_error_with(struct router__client *c, const char *errstr, const char *detail,

@@ -170,6 +170,16 @@ static int chat(int router, const char *extra_headers, const char *body)
     return call_port(routers[router].port, "POST", "/v1/chat/completions", headers, body);
 }
 
+/* Send a chat request to router 0 on `conn` (connected here) without
+ * reading its answer: a request kept in flight while others run. */
+static void send_unanswered(struct support_http_conn *conn, struct buf *out, const char *headers,
+                            const char *body)
+{
+    cr_assert_eq(support_http_format(out, "POST", "/v1/chat/completions", headers, body), 0);
+    cr_assert_eq(support_http_connect(conn, routers[0].port), 0);
+    cr_assert_eq(support_http_send(conn, out->data, out->len), 0);
+}
+
 static cJSON *body_json(void)
 {
     cJSON_Delete(json);
@@ -294,11 +304,7 @@ static void budget_held_then_freed(int other)
      * do not. The first request settles at 9 + 1 tokens ($0.001). */
     start_routers(other + 1, "a", "    budget: {daily_usd: 0.003, on_exhausted: reject}\n");
     const char body[] = "{\"model\":\"chat\",\"max_tokens\":10," MSG "}";
-    cr_assert_eq(support_http_format(&slow_req, "POST", "/v1/chat/completions",
-                                     AUTH "x-mock-tokens: 1\r\nx-mock-ttft-ms: 1000\r\n", body),
-                 0);
-    cr_assert_eq(support_http_connect(&slow, routers[0].port), 0);
-    cr_assert_eq(support_http_send(&slow, slow_req.data, slow_req.len), 0);
+    send_unanswered(&slow, &slow_req, AUTH "x-mock-tokens: 1\r\nx-mock-ttft-ms: 1000\r\n", body);
     usleep(300 * 1000); /* reserved and sent upstream by now */
 
     cr_assert_eq(chat(other, "x-mock-tokens: 1\r\n", body), 0);
@@ -827,12 +833,8 @@ Test(costs, on_overrun_cut_checks_the_store_before_cutting)
      * at 1 ($0.01). The stream reserves 256 ($2.56): with the hold counted
      * it could run to about 350 tokens of the $6; without, to about 600. */
     start_routers(1, "a", "    budget: {daily_usd: 6, on_exhausted: reject, on_overrun: cut}\n");
-    cr_assert_eq(support_http_format(&hold_req, "POST", "/v1/chat/completions",
-                                     AUTH "x-mock-tokens: 1\r\nx-mock-ttft-ms: 500\r\n",
-                                     "{\"model\":\"chat\",\"max_tokens\":250," MSG "}"),
-                 0);
-    cr_assert_eq(support_http_connect(&hold, routers[0].port), 0);
-    cr_assert_eq(support_http_send(&hold, hold_req.data, hold_req.len), 0);
+    send_unanswered(&hold, &hold_req, AUTH "x-mock-tokens: 1\r\nx-mock-ttft-ms: 500\r\n",
+                    "{\"model\":\"chat\",\"max_tokens\":250," MSG "}");
     usleep(200 * 1000); /* reserved by now */
 
     n = tokens_before_the_cut("x-mock-token-delay-ms: 2\r\n");
@@ -925,12 +927,8 @@ Test(costs, a_reload_lets_answers_in_flight_arrive)
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     add_backend("a", mock_a.port, 1, 100, 300);
     start_routers(1, "a", NULL);
-    cr_assert_eq(support_http_format(&chat_req, "POST", "/v1/chat/completions",
-                                     AUTH "x-mock-ttft-ms: 400\r\n",
-                                     "{\"model\":\"chat\"," MSG "}"),
-                 0);
-    cr_assert_eq(support_http_connect(&slow, routers[0].port), 0);
-    cr_assert_eq(support_http_send(&slow, chat_req.data, chat_req.len), 0);
+    send_unanswered(&slow, &chat_req, AUTH "x-mock-ttft-ms: 400\r\n",
+                    "{\"model\":\"chat\"," MSG "}");
     usleep(100 * 1000); /* the request is with the backend */
     cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
