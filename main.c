@@ -172,8 +172,14 @@ static int run(const char *path)
     app.loop = uv_default_loop();
     start_threads_without_stop_signals(&app, &stop);
     app.router = router_create(app.loop, conf); /* owns conf from here */
-    if (app.router == NULL)
+    if (app.router == NULL) {
+        /* The worker threads' start-up work still refers to `app`, on
+         * this stack: returning before it is done crashed, or hung the
+         * exit, on a config that failed here (a wrong TLS key). */
+        uv_run(app.loop, UV_RUN_DEFAULT);
+        uv_loop_close(app.loop);
         return 1;
+    }
     router_set_reload_hook(app.router, reload, &app);
     /* Signal handlers before the "listening on" line, so whoever waits
      * for that line can stop us gracefully at once. */
