@@ -43,6 +43,20 @@ static void read_budget(const struct policy_budget *bu, int soft_pct, int64_t *l
         *soft = 1;
 }
 
+/* The completion to count on backend `cb`. A predicted one (the request
+ * gave no max_tokens) cannot outgrow what the context window leaves after
+ * the prompt: the backend stops there. Without this cap, one long answer
+ * seen on a big-window backend made every later request without
+ * max_tokens "too long" for the smaller windows, or for all of them, and
+ * refused requests teach the prediction nothing, so it never came down. */
+static int64_t completion_on(const struct policy_request *req, const struct conf_backend *cb)
+{
+    if (req->completion_predicted && cb->context_window > 0 &&
+        req->prompt_tokens < cb->context_window)
+        return MIN(req->completion_tokens, cb->context_window - req->prompt_tokens);
+    return req->completion_tokens;
+}
+
 /* The verdict on candidate `i` up to (not including) quality and budget,
  * with its estimates filled in. POLICY_VERDICT_COSTLIER means "passed".
  * A backend with more than `take_cooling_ms` of a 429 cooldown left is
@@ -53,7 +67,7 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
 {
     const struct conf_backend *cb = req->route->candidates[i];
     const struct backend *b = backend_set_get(req->backends, cb->index);
-    struct backend_tokens tok = {req->prompt_tokens, req->completion_tokens, req->cached_tokens};
+    struct backend_tokens tok = {req->prompt_tokens, completion_on(req, cb), req->cached_tokens};
     struct backend_cost est;
     uint64_t bit = UINT64_C(1) << i;
 
@@ -71,7 +85,7 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
         return POLICY_VERDICT_HEALTH;
     if ((*cooldown_ms = backend_cooldown_ms(b, req->now_ms)) > take_cooling_ms)
         return POLICY_VERDICT_RATE_LIMITED;
-    if (cb->context_window > 0 && cb->context_window < req->prompt_tokens + req->completion_tokens)
+    if (cb->context_window > 0 && cb->context_window < req->prompt_tokens + tok.completion)
         return POLICY_VERDICT_CONTEXT;
     if (req->limits.max_ttft_ms > 0 && v->predicted_ttft_ms > req->limits.max_ttft_ms)
         return POLICY_VERDICT_SLO;

@@ -53,6 +53,7 @@ struct policy_request {
     struct policy_limits limits;    /* the tenant's */
     int64_t prompt_tokens;          /* estimated prompt tokens */
     int64_t completion_tokens;      /* predicted completion (max_tokens or a default) */
+    int completion_predicted;       /* 1: completion_tokens is a guess (no max_tokens) */
     int64_t cached_tokens;          /* prompt tokens expected from the upstream cache */
     struct policy_budget day;       /* today's budget (UTC) */
     struct policy_budget month;     /* this month's budget (UTC) */

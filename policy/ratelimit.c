@@ -82,6 +82,17 @@ enum policy_rate_result policy_ratelimit_admit(struct policy_ratelimit *const *r
     return POLICY_RATE_OK;
 }
 
+int64_t policy_ratelimit_fit(struct policy_ratelimit *const *rl, size_t n, int64_t sure,
+                             int64_t guess)
+{
+    int64_t total = sure + (guess > 0 ? guess : 0);
+
+    for (size_t i = 0; i < n; i++)
+        if (rl[i] != NULL && rl[i]->tpm > 0 && total > rl[i]->tpm)
+            total = sure > rl[i]->tpm ? sure : rl[i]->tpm;
+    return total;
+}
+
 void policy_ratelimit_settle(struct policy_ratelimit *const *rl, size_t n, uint64_t now_ms,
                              int64_t estimated, int64_t actual)
 {

@@ -44,6 +44,15 @@ enum policy_rate_result policy_ratelimit_admit(struct policy_ratelimit *const *r
                                                uint64_t now_ms, int64_t tokens,
                                                uint64_t *retry_after_ms);
 
+/* Tokens to admit a request at that needs `sure` tokens (its prompt, and
+ * its max_tokens if given) and may use `guess` more (a predicted
+ * completion): the guess is cut so that the total fits a minute of the
+ * smallest tokens-per-minute limit among `rl`. A guess alone never makes
+ * a request POLICY_RATE_TOO_LARGE; such a request waits for a full
+ * bucket instead, and its real count is settled as usual. */
+int64_t policy_ratelimit_fit(struct policy_ratelimit *const *rl, size_t n, int64_t sure,
+                             int64_t guess);
+
 /* The request admitted with `estimated` tokens used `actual`: take the
  * difference from (or give it back to) each limiter's token bucket. */
 void policy_ratelimit_settle(struct policy_ratelimit *const *rl, size_t n, uint64_t now_ms,

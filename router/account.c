@@ -70,6 +70,10 @@ void router__account(struct router__client *c)
     const char *route = req->route ? req->route->model : "unknown";
     const char *backend = backend_name(req);
 
+    if (req->inflight) {
+        req->inflight = 0;
+        metrics_add(r->metrics, METRICS_INFLIGHT_REQUESTS, NULL, -1);
+    }
     if (req->endpoint < ROUTER_EP_CHAT || req->endpoint > ROUTER_EP_EMBEDDINGS || req->accounted)
         return;
     req->accounted = 1;

@@ -19,6 +19,7 @@
 #include "common/util.h"
 #include "common/utf8.h"
 #include "conf/conf.h"
+#include "metrics/metrics.h"
 #include "router/internal.h"
 
 /* Buffers bigger than this are freed between requests rather than kept,
@@ -292,7 +293,8 @@ void router__request_reset(struct router__request *req)
     req->completion_limited = 0;
     req->arm_allowed = 0;
     req->begins = 0;
-    req->budget_checked = req->overrun_checked = 0;
+    req->budget_checked = req->overrun_checked = req->rate_held = 0;
+    req->rate_tokens = 0;
     req->last_error = NULL;
     req->events = 0;
     req->cost_micro = req->saved_micro = 0;
@@ -503,6 +505,10 @@ void router__handle(struct router__client *c)
     if (req->endpoint >= ROUTER_EP_METRICS) {
         router__admin_handle(c, request_path(req));
         return;
+    }
+    if (req->endpoint >= ROUTER_EP_CHAT && req->endpoint <= ROUTER_EP_EMBEDDINGS) {
+        req->inflight = 1; /* until router__account */
+        metrics_add(c->router->metrics, METRICS_INFLIGHT_REQUESTS, NULL, 1);
     }
     req->key = authenticate(c);
     req->tenant = req->key ? req->key->tenant : NULL;

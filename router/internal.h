@@ -249,6 +249,9 @@ struct router__request {
     unsigned begins;                     /* cache_begin calls for this request */
     unsigned budget_checked:1;           /* the store was asked before a 429 budget */
     unsigned overrun_checked:1;          /* ... and before cutting a stream (on_overrun) */
+    unsigned rate_held:1;                /* rate_tokens taken from the tpm limits, not settled */
+    unsigned inflight:1;                 /* counted in costrouter_inflight_requests */
+    int64_t rate_tokens;                 /* tokens taken at admission (rate_limit) */
     const char *last_error;              /* the failed attempt's error, kept across a check */
     uint64_t events;                     /* SSE data events forwarded (token fallback) */
     int64_t completion_counted;          /* a body without usage: its choices' tokens, or -1 */
@@ -455,6 +458,9 @@ void router__proxy_on_complete(struct router__client *c);
 void router__proxy_on_error(struct router__client *c, const char *errstr);
 /* the client went away or timed out: drop the upstream side */
 void router__proxy_abort(struct router__client *c);
+/* Give back the tokens a request took from its tpm limits at admission
+ * and did not use: it ends without an upstream answer. */
+void router__proxy_rate_release(struct router__client *c);
 /* around parsing one upstream read: collect SSE events, then one write */
 void router__proxy_batch(struct router__client *c);
 void router__proxy_flush(struct router__client *c);

@@ -379,37 +379,22 @@ static struct policy_budget budget_of(double limit_usd, int64_t spent, int64_t r
     return b;
 }
 
-/* What the tenant has left today or this month, whichever is less;
- * negative means no budget is set. */
-static int64_t budget_remaining(struct router__client *c)
+#define BUDGET_NONE INT64_MAX
+
+/* What the tenant has left today or this month, whichever is less (may
+ * be negative: overspent), minus the reservations of requests in flight
+ * when `count_holds`. BUDGET_NONE when it has no budget. */
+static int64_t budget_left(struct router__client *c, int count_holds)
 {
     const struct conf_tenant *t = c->req.tenant;
     struct router__tenant *ts = router__tenant_state(c->router, t);
-    int64_t rem = -1;
+    int64_t held = count_holds ? ts->reserved : 0, left = BUDGET_NONE;
 
     if (t->daily_usd > 0)
-        rem = micro_of(t->daily_usd) - ts->day_spent - ts->reserved;
-    if (t->monthly_usd > 0) {
-        int64_t m = micro_of(t->monthly_usd) - ts->month_spent - ts->reserved;
-        if (rem < 0 || m < rem)
-            rem = m;
-    }
-    return rem < 0 && (t->daily_usd > 0 || t->monthly_usd > 0) ? 0 : rem;
-}
-
-/* What the tenant's settled spend alone leaves (reservations of requests
- * in flight not counted), or INT64_MAX with no budget set. */
-static int64_t budget_left_when_settled(struct router__client *c)
-{
-    const struct conf_tenant *t = c->req.tenant;
-    struct router__tenant *ts = router__tenant_state(c->router, t);
-    int64_t rem = INT64_MAX;
-
-    if (t->daily_usd > 0)
-        rem = micro_of(t->daily_usd) - ts->day_spent;
+        left = micro_of(t->daily_usd) - ts->day_spent - held;
     if (t->monthly_usd > 0)
-        rem = MIN(rem, micro_of(t->monthly_usd) - ts->month_spent);
-    return rem;
+        left = MIN(left, micro_of(t->monthly_usd) - ts->month_spent - held);
+    return left;
 }
 
 /*
@@ -423,15 +408,17 @@ static int64_t budget_left_when_settled(struct router__client *c)
  */
 static void reject_budget(struct router__client *c)
 {
-    char extra[160], usd[32];
+    char extra[160], remaining[80] = "", usd[32];
     int status;
     char *body = router__error_json(error_budget_exhausted, c->req.tenant->id, &status);
-    int64_t rem = budget_remaining(c);
-    int spent = c->req.choice.reject_budget &&
-                c->req.choice.cost_micro > budget_left_when_settled(c);
+    int64_t left = budget_left(c, 1);
+    int spent = c->req.choice.reject_budget && c->req.choice.cost_micro > budget_left(c, 0);
 
-    format_usd(usd, sizeof(usd), rem > 0 ? rem : 0);
-    snprintf(extra, sizeof(extra), "x-costrouter-budget-remaining-usd: %s\r\n%s", usd,
+    if (left != BUDGET_NONE) {
+        format_usd(usd, sizeof(usd), MAX(left, 0));
+        snprintf(remaining, sizeof(remaining), "x-costrouter-budget-remaining-usd: %s\r\n", usd);
+    }
+    snprintf(extra, sizeof(extra), "%s%s", remaining,
              spent ? "x-should-retry: false\r\n" : "Retry-After: 1\r\n");
     c->req.reason = "budget-exhausted";
     router__send_response(c, status, "application/json", extra, body ? body : "",
@@ -445,10 +432,15 @@ static void reject_context(struct router__client *c)
     const struct router__request *req = &c->req;
     char detail[160];
 
-    snprintf(detail, sizeof(detail),
-             "about %" PRId64 " prompt tokens + %" PRId64 " for the completion "
-             "(max_tokens), and the largest window is %" PRId64 " tokens",
-             req->prompt_est, req->completion_pred, req->choice.context_window);
+    if (req->completion_limited)
+        snprintf(detail, sizeof(detail),
+                 "about %" PRId64 " prompt tokens + %" PRId64 " for the completion "
+                 "(max_tokens), and the largest window is %" PRId64 " tokens",
+                 req->prompt_est, req->completion_pred, req->choice.context_window);
+    else
+        snprintf(detail, sizeof(detail),
+                 "about %" PRId64 " prompt tokens, and the largest window is %" PRId64 " tokens",
+                 req->prompt_est, req->choice.context_window);
     router__send_error(c, error_context_length, detail);
 }
 
@@ -515,6 +507,7 @@ static int choose(struct router__client *c, const char *last_error)
     }
     preq.prompt_tokens = req->prompt_est;
     preq.completion_tokens = req->completion_pred;
+    preq.completion_predicted = !req->completion_limited;
     preq.day = budget_of(t->daily_usd, ts->day_spent, ts->reserved);
     preq.month = budget_of(t->monthly_usd, ts->month_spent, ts->reserved);
     preq.tried = req->tried;
@@ -664,6 +657,7 @@ static int rate_limit(struct router__client *c)
 {
     struct router__request *req = &c->req;
     struct policy_ratelimit *rl[2];
+    int64_t pred = MAX(req->completion_pred, 0);
     uint64_t retry_ms = 0;
     enum policy_rate_result res;
     char extra[64];
@@ -671,10 +665,13 @@ static int rate_limit(struct router__client *c)
     char *body;
 
     limiters_of(c, rl);
-    res = policy_ratelimit_admit(rl, 2, router__now(c->router),
-                                 req->prompt_est + MAX(req->completion_pred, 0), &retry_ms);
-    if (res == POLICY_RATE_OK)
+    req->rate_tokens = policy_ratelimit_fit(rl, 2, req->prompt_est + (req->completion_limited ? pred : 0),
+                                            req->completion_limited ? 0 : pred);
+    res = policy_ratelimit_admit(rl, 2, router__now(c->router), req->rate_tokens, &retry_ms);
+    if (res == POLICY_RATE_OK) {
+        req->rate_held = 1;
         return 0;
+    }
     body = router__error_json(error_rate_limited,
                               res == POLICY_RATE_TOO_LARGE ? "request larger than the tokens-per-minute limit"
                                                            : NULL,
@@ -686,6 +683,25 @@ static int rate_limit(struct router__client *c)
                           body ? strlen(body) : 0);
     free(body);
     return -1;
+}
+
+/* Correct the tokens taken at admission by what the request used: its
+ * real count, or none for one refused after it (context, budget, no
+ * backend) or answered from the cache. Once per request. */
+static void rate_settle(struct router__client *c, int64_t actual)
+{
+    struct policy_ratelimit *rl[2];
+
+    if (!c->req.rate_held)
+        return;
+    c->req.rate_held = 0;
+    limiters_of(c, rl);
+    policy_ratelimit_settle(rl, 2, router__now(c->router), c->req.rate_tokens, actual);
+}
+
+void router__proxy_rate_release(struct router__client *c)
+{
+    rate_settle(c, 0);
 }
 
 /* Value of forwarded request header `name`, or NULL (len set). */
@@ -1024,9 +1040,10 @@ static int overrun_cut(struct router__client *c)
     if (req->tenant->on_overrun != CONF_OVERRUN_CUT || req->completion_limited ||
         b->kind != CONF_BACKEND_API)
         return 0;
-    left = budget_remaining(c);
-    if (left < 0)
-        return 0; /* no budget set */
+    left = budget_left(c, 1);
+    if (left == BUDGET_NONE)
+        return 0;
+    left = MAX(left, 0); /* its own hold is its to spend */
     running = micro_of(backend_api_price_usd(b, &so_far));
     if (running > req->res.amount && !req->overrun_checked && req->store_op == NULL) {
         /* Past its own hold the stream spends what the tenant has left,
@@ -1168,10 +1185,7 @@ static void settle(struct router__client *c)
     struct router__tenant *ts = router__tenant_state(r, req->tenant);
 
     router__spend_settle(c, charge.micro_usd);
-    struct policy_ratelimit *rl[2];
-    limiters_of(c, rl);
-    policy_ratelimit_settle(rl, 2, router__now(r), req->prompt_est + MAX(req->completion_pred, 0),
-                            used.prompt + used.completion);
+    rate_settle(c, used.prompt + used.completion);
     if (req->prompt_tokens > 0 && b->tokenizer == CONF_TOK_ESTIMATE)
         policy_calib_observe(&r->calib[b->index],
                              policy_tokens_estimate(req->body.data, req->body.len),
@@ -1339,5 +1353,6 @@ void router__proxy_abort(struct router__client *c)
             finish_attempt(c, NULL);
         }
     }
+    rate_settle(c, 0);
     router__spend_abandon(c);
 }

@@ -137,3 +137,22 @@ Test(ratelimit, clock_going_back_adds_nothing, .timeout = 5)
     cr_assert_eq(policy_ratelimit_admit(list, 1, 50000, 0, NULL), POLICY_RATE_LIMITED);
     cr_assert_eq(policy_ratelimit_admit(list, 1, 160000, 0, NULL), POLICY_RATE_OK);
 }
+
+/* A predicted completion is cut to the smallest tpm among the limiters;
+ * what the request surely needs is not. */
+Test(ratelimit, a_guess_is_cut_to_the_smallest_tpm, .timeout = 5)
+{
+    struct policy_ratelimit tenant = {.tpm = 5000}, key = {.tpm = 800}, open = {0};
+    struct policy_ratelimit *both[] = {&tenant, &key}, *none[] = {&open, NULL};
+
+    cr_assert_eq(policy_ratelimit_fit(none, 2, 9, 900), 909);
+    cr_assert_eq(policy_ratelimit_fit(both, 2, 9, 700), 709);
+    cr_assert_eq(policy_ratelimit_fit(both, 2, 9, 900), 800);
+    cr_assert_eq(policy_ratelimit_fit(both, 2, 900, 50), 900, "the sure part stays");
+    cr_assert_eq(policy_ratelimit_fit(both, 2, 9, -1), 9);
+    /* The cut request is admitted on a full bucket; the sure one never. */
+    cr_assert_eq(policy_ratelimit_admit(both, 2, 0, policy_ratelimit_fit(both, 2, 9, 900), NULL),
+                 POLICY_RATE_OK);
+    cr_assert_eq(policy_ratelimit_admit(both, 2, 0, policy_ratelimit_fit(both, 2, 900, 0), NULL),
+                 POLICY_RATE_TOO_LARGE);
+}

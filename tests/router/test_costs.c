@@ -46,6 +46,7 @@ static const char *tenant_id = "acme";  /* the tenant's id in the config */
 static const char *key_prefix;          /* store.key_prefix, NULL: the default */
 static const char *top_extra = "";      /* more top-level config lines */
 static const char *stderr_path;         /* routers log there, at full level; NULL: -q */
+static const char *more_keys = "";      /* more api_keys entries of the tenant, each ", {...}" */
 
 static void teardown(void)
 {
@@ -107,9 +108,9 @@ static void write_conf(const char *route_candidates, const char *tenant_extra)
     fprintf(f,
             "backends:\n%.*s"
             "routes:\n  - {model: chat, candidates: [%s]}\n"
-            "tenants:\n  - id: %s\n    api_keys: [\"sha256:%s\"]\n"
+            "tenants:\n  - id: %s\n    api_keys: [\"sha256:%s\"%s]\n"
             "    tags: {team: search, cost_center: cc-1}\n%s",
-            (int)yaml.len, yaml.data, route_candidates, tenant_id, hex,
+            (int)yaml.len, yaml.data, route_candidates, tenant_id, hex, more_keys,
             tenant_extra ? tenant_extra : "");
     fclose(f);
 }
@@ -288,6 +289,24 @@ Test(costs, budget_reject_answers_429_with_remaining)
     cr_assert_null(support_http_header(&resp, "retry-after"));
 }
 
+/* Today's budget overspent (a request without max_tokens ran long) and
+ * this month's not: what is left is today's, nothing; not the month's. */
+Test(costs, an_overspent_day_leaves_nothing_though_the_month_has_money)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    start_routers(1, "a", "    budget: {daily_usd: 0.005, monthly_usd: 100, on_exhausted: reject}\n");
+    /* Admitted at 9 + 256 predicted tokens ($0.000265); it makes 6000:
+     * $0.006009 settled, past the day's $0.005. */
+    cr_assert_eq(chat(0, "x-mock-tokens: 6000\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), usd(PROMPT_TOKENS, 6000, 1, 1), 1e-9);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"max_tokens\":10," MSG "}"), 0);
+    cr_assert_eq(resp.status, 429);
+    cr_assert_float_eq(header_usd("x-costrouter-budget-remaining-usd"), 0, 1e-9);
+    cr_assert_str_eq(support_http_header(&resp, "x-should-retry"), "false");
+}
+
 /* A request held by router 0 for a second keeps the next, sent to router
  * `other`, under the budget: 429 with Retry-After, no x-should-retry:
  * false. Once the first has settled below what it held, the retry passes,
@@ -415,6 +434,45 @@ Test(costs, deterministic_requests_are_served_from_the_cache)
     /* The upstream saw two requests: one plain, one stream. */
     cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
     cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 2);
+}
+
+/* Value of the unlabelled metric `name` in resp's /metrics body, or -1. */
+static double metric_value(const char *name)
+{
+    char want[128];
+    const char *p;
+
+    snprintf(want, sizeof(want), "\n%s ", name);
+    p = memmem(resp.body.data, resp.body.len, want, strlen(want));
+    return p ? strtod(p + strlen(want), NULL) : -1;
+}
+
+Test(costs, inflight_gauge_counts_requests_until_answered)
+{
+    struct support_http_conn slow = {.fd = -1};
+    struct support_http_response slow_resp = {0};
+    struct buf slow_req = {0};
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    start_routers(1, "a", NULL);
+    send_unanswered(&slow, &slow_req, AUTH "x-mock-ttft-ms: 1000\r\n", "{\"model\":\"chat\"," MSG "}");
+    usleep(300 * 1000);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_eq(metric_value("costrouter_inflight_requests"), 1, "%.*s", (int)resp.body.len,
+                 resp.body.data);
+    cr_assert_eq(support_http_read(&slow, &slow_resp, TIMEOUT_MS), 0);
+    cr_assert_eq(slow_resp.status, 200);
+    /* A refused one (unknown model) and an answered one leave it at 0. */
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"nope\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 404);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_eq(metric_value("costrouter_inflight_requests"), 0);
+    support_http_close(&slow);
+    support_http_response_free(&slow_resp);
+    buf_free(&slow_req);
 }
 
 Test(costs, admin_api_reports_spend_backends_and_metrics)
@@ -693,6 +751,93 @@ Test(costs, rate_limits_answer_429_with_retry_after)
                      "rate_limit_exceeded");
     long retry = strtol(support_http_header(&resp, "retry-after"), NULL, 10);
     cr_assert(retry >= 1 && retry <= 60, "retry-after %ld", retry);
+}
+
+/* A backend `a` on mock_a with a context window of `window` tokens. */
+static void add_backend_with_window(int window)
+{
+    cr_assert_eq(buf_printf(&yaml,
+                            "  - {name: a, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-a,\n"
+                            "     quality: 1, context_window: %d, input_usd_per_mtok: 1,\n"
+                            "     output_usd_per_mtok: 1}\n",
+                            mock_a.port, window),
+                 0);
+}
+
+/* A chat body without max_tokens whose one message is `words` words. */
+static const char *chat_of_words(struct buf *out, int words)
+{
+    buf_reset(out);
+    cr_assert_eq(buf_printf(out, "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":\""), 0);
+    for (int i = 0; i < words; i++)
+        cr_assert_eq(buf_append(out, "w ", 2), 0);
+    cr_assert_eq(buf_printf(out, "\"}]}%c", '\0'), 0);
+    return out->data;
+}
+
+/*
+ * A request without max_tokens is predicted at the P95 of the tenant's
+ * recent completions on the route: after one long answer among few, that
+ * long answer. A refusal made by that guess alone would last: refused
+ * requests teach the prediction nothing. So the guess is capped by what
+ * the window leaves after the prompt (the backend stops there), and by a
+ * minute of the smallest tokens-per-minute limit.
+ */
+Test(costs, one_long_answer_does_not_shut_out_requests_without_max_tokens)
+{
+    char hex[65], keys[160];
+    struct buf body = {0};
+    const char *msg;
+
+#define KEY_SMALL "sk-cost-small"
+    support_key_sha256_hex(KEY_SMALL, hex);
+    snprintf(keys, sizeof(keys), ", {name: small, tpm: 800, hash: \"sha256:%s\"}", hex);
+    more_keys = keys;
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_with_window(1000);
+    start_routers(1, "a", NULL);
+    /* Eight answers, the least the prediction learns from; one is 900
+     * tokens long, so requests without max_tokens are predicted at 900. */
+    for (int i = 0; i < 8; i++) {
+        cr_assert_eq(chat(0, i == 3 ? "x-mock-tokens: 900\r\n" : "x-mock-tokens: 10\r\n",
+                          "{\"model\":\"chat\"," MSG "}"),
+                     0);
+        cr_assert_eq(resp.status, 200, "answer %d: %d %.*s", i, resp.status, (int)resp.body.len,
+                     resp.body.data);
+    }
+    /* A prompt of some 300 tokens fits the window; 300 + 900 does not. */
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", chat_of_words(&body, 1200)), 0);
+    cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    /* A prompt too long by itself is still refused, and told so. */
+    cr_assert_eq(chat(0, NULL, chat_of_words(&body, 6000)), 0);
+    cr_assert_eq(resp.status, 400, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    msg = cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "message"));
+    cr_assert_not_null(strstr(msg, " prompt tokens, and the largest window is 1000 tokens"), "%s", msg);
+    /* The key `small` allows 800 tokens a minute: 9 + 900 predicted is
+     * more, but a guess does not make a request "larger than the limit". */
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/chat/completions",
+                           "Authorization: Bearer " KEY_SMALL "\r\nx-mock-tokens: 10\r\n",
+                           "{\"model\":\"chat\"," MSG "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    buf_free(&body);
+    more_keys = "";
+}
+
+/* Tokens a request took from the tokens-per-minute limit at admission go
+ * back when it is refused after (here: too long for the window). */
+Test(costs, a_refused_request_gives_its_tokens_back_to_the_tpm_limit)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_with_window(500);
+    start_routers(1, "a", "    rate_limits: {tpm: 1000}\n");
+    /* 9 + 600 tokens: admitted by the limit, too long for the window. */
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"max_tokens\":600," MSG "}"), 0);
+    cr_assert_eq(resp.status, 400, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    /* 9 + 450: fits the window, and the minute's 1000 tokens only if the
+     * 609 came back. */
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"max_tokens\":450," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
 }
 
 Test(costs, ab_split_follows_weights_and_sticks_to_a_user)
