@@ -1180,10 +1180,19 @@ static void settle(struct router__client *c)
     struct router__request *req = &c->req;
     struct router *r = c->router;
     const struct conf_backend *b = req->pool->conf;
-    struct backend_tokens used = tokens_used(req);
-    struct backend_charge charge = finish_attempt(c, &used);
+    struct backend_tokens used;
+    struct backend_charge charge;
     struct router__tenant *ts = router__tenant_state(r, req->tenant);
 
+    /* Once. A write that fails while the end of a response goes out
+     * (router__proxy_on_complete at an upstream's EOF, not batched)
+     * closes the client, and its abort settles what was sent; the
+     * second settle wrote $0 over the real cost (which the cost log
+     * records) and fed the statistics twice. */
+    if (req->settled)
+        return;
+    used = tokens_used(req);
+    charge = finish_attempt(c, &used);
     router__spend_settle(c, charge.micro_usd);
     rate_settle(c, used.prompt + used.completion);
     if (req->prompt_tokens > 0 && b->tokenizer == CONF_TOK_ESTIMATE)
