@@ -1,4 +1,19 @@
-/* backends/backend.c: live backend state and circuit breaking. */
+/*
+ * backends/backend.c: live backend state, circuit breaking and latency
+ * probes.
+ *
+ * The TTFT average has the same blind spot as an open circuit: it learns
+ * only from requests sent to the backend, and policy/ sends none to a
+ * backend whose average breaks the tenant's SLO. After one slow spell a
+ * backend could be shut out of SLO traffic for good, fast again or not.
+ * So an average older than the backend's ttft_stale_ms is treated like a
+ * half-open circuit: the next request may go there as if the TTFT were
+ * unknown (a latency probe), one at a time so that a burst does not all
+ * land on a backend that may still be slow, and the probe's sample
+ * replaces the stale average instead of being blended into it (one fast
+ * sample would barely move an old slow average, and the backend would
+ * wait another interval per step down).
+ */
 #include "backends/backend.h"
 
 #include <stdlib.h>
@@ -87,12 +102,34 @@ uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms)
     return 0;
 }
 
+/* Is the TTFT average older than the backend's ttft_stale_ms (0: never)?
+ * A backend without an average has nothing to re-check: it is predicted
+ * at 0 anyway. */
+static int ttft_stale(const struct backend *b, uint64_t now_ms)
+{
+    int stale_ms = b->conf->ttft_stale_ms;
+
+    return stale_ms > 0 && b->ttft_ewma_ms > 0 && now_ms >= b->ttft_at_ms + (uint64_t)stale_ms;
+}
+
+int backend_latency_probe_due(const struct backend *b, uint64_t now_ms)
+{
+    return ttft_stale(b, now_ms) && !b->ttft_probing;
+}
+
+double backend__ttft_ms(const struct backend *b, uint64_t now_ms)
+{
+    return backend_latency_probe_due(b, now_ms) ? 0 : b->ttft_ewma_ms;
+}
+
 void backend_attempt_start(struct backend *b, uint64_t now_ms)
 {
     backend__advance(b, now_ms);
     b->inflight++;
     if (circuit_half_open(b, now_ms))
         b->probing = 1;
+    if (backend_latency_probe_due(b, now_ms))
+        b->ttft_probing = 1;
 }
 
 void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_ms)
@@ -101,7 +138,11 @@ void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_m
         log_info("backend %s: circuit closed after a successful probe", b->conf->name);
     b->failures = 0;
     b->probing = 0;
+    b->ttft_probing = 0;
+    if (ttft_stale(b, now_ms))
+        b->ttft_ewma_ms = 0; /* the fresh sample replaces the stale average */
     backend__ewma(&b->ttft_ewma_ms, (double)ttft_ms);
+    b->ttft_at_ms = now_ms;
 }
 
 void backend__ewma(double *avg, double sample)
@@ -116,6 +157,7 @@ void backend_attempt_failure(struct backend *b, uint64_t now_ms)
 {
     b->failures++;
     b->probing = 0;
+    b->ttft_probing = 0; /* no sample: the next request may measure */
     if (b->failures >= BACKEND_FAILURE_LIMIT) {
         if (b->failures == BACKEND_FAILURE_LIMIT)
             log_warn("backend %s: %u consecutive failures, ejected for %d ms", b->conf->name,

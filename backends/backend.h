@@ -8,6 +8,11 @@
  * A 429 is not a failure (the backend is up, it is asking for less) but
  * starts a cooldown for as long as its Retry-After says, which policy/
  * uses to pass the backend over while another candidate can serve.
+ * Latency works the same way as health: the TTFT average only learns from
+ * requests sent to the backend, and one above a tenant's SLO keeps them
+ * away, so once the average is older than the backend's ttft_stale_ms one
+ * request at a time (a latency probe) is let through as if the TTFT were
+ * unknown, and its sample replaces the stale average.
  *
  * Cost models (formulas in docs/cost-model.md):
  * - API tier: list prices per million tokens; cached prompt tokens at the
@@ -94,6 +99,7 @@ struct backend_ticket {
     uint64_t start_ms;    /* loop time the attempt started */
     double share_mark_ms; /* the pool's share clock at start (GPU-ms) */
     uint64_t probe;       /* the half-open probe's number if it is one, else 0 */
+    uint64_t ttft_probe;  /* the latency probe's number if it is one, else 0 */
 };
 
 /* A finished attempt's settled cost. */
@@ -136,9 +142,11 @@ double backend_api_price_usd(const struct conf_backend *c, const struct backend_
 /* Chargeback of `gpu_seconds` on the pool of `b`, USD. */
 double backend_attribute_cost_usd(const struct backend *b, double gpu_seconds);
 
-/* Predicted time to first token of a request sent now: the TTFT average,
- * plus, on a pool whose slots (replicas x max_concurrency) are all busy,
- * the wait for a slot (queue position x average duration / slots). */
+/* Predicted time to first token of a request sent now: the TTFT average
+ * (0 while a latency probe is due: the average is stale and nobody is
+ * re-measuring it), plus, on a pool whose slots (replicas x
+ * max_concurrency) are all busy, the wait for a slot (queue position x
+ * average duration / slots). */
 double backend_predicted_ttft_ms(const struct backend *b, uint64_t now_ms);
 /* A pool's utilization: the larger of in-flight / slots and tokens/s over
  * the window / (replicas x tokens_per_second). 0 for API backends; may
@@ -162,6 +170,10 @@ int64_t backend_usd_to_micro(double usd);
 unsigned backend_inflight(const struct backend *b);
 /* Smoothed time to first byte, ms; 0 until the first success. */
 double backend_ttft_ewma_ms(const struct backend *b);
+/* Is the TTFT average older than the backend's ttft_stale_ms with no
+ * request re-measuring it? Then the next attempt begun there is a latency
+ * probe, and backend_predicted_ttft_ms() leaves the average out. */
+int backend_latency_probe_due(const struct backend *b, uint64_t now_ms);
 unsigned backend_consecutive_failures(const struct backend *b);
 /* "closed", "open" or "half-open". */
 const char *backend_circuit_name(const struct backend *b, uint64_t now_ms);

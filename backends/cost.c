@@ -74,13 +74,14 @@ void backend__advance(struct backend *b, uint64_t now_ms)
 
 void backend_attempt_begin(struct backend *b, uint64_t now_ms, struct backend_ticket *t)
 {
-    int was_probing = b->probing;
+    int was_probing = b->probing, was_ttft_probing = b->ttft_probing;
 
     backend_attempt_start(b, now_ms);
     if (t != NULL) {
         t->start_ms = now_ms;
         t->share_mark_ms = b->share_ms;
         t->probe = b->probing && !was_probing ? ++b->probes : 0;
+        t->ttft_probe = b->ttft_probing && !was_ttft_probing ? ++b->ttft_probes : 0;
     }
 }
 
@@ -121,6 +122,11 @@ struct backend_charge backend_attempt_finish(struct backend *b, uint64_t now_ms,
          * client left, the router ran out of descriptors) told nothing:
          * the next request probes, or the circuit would never close. */
         b->probing = 0;
+    }
+    if (t != NULL && t->ttft_probe != 0 && t->ttft_probe == b->ttft_probes) {
+        /* Likewise a latency probe without a first byte: the average is
+         * still stale, and nobody else would re-measure it. */
+        b->ttft_probing = 0;
     }
     if (t != NULL) {
         ch.duration_ms = now_ms > t->start_ms ? now_ms - t->start_ms : 0;
@@ -186,9 +192,8 @@ double backend_duration_ewma_ms(const struct backend *b)
 double backend_predicted_ttft_ms(const struct backend *b, uint64_t now_ms)
 {
     unsigned slots = pool_slots(b);
-    double ttft = b->ttft_ewma_ms;
+    double ttft = backend__ttft_ms(b, now_ms);
 
-    (void)now_ms;
     if (slots > 0 && b->inflight >= slots)
         ttft += (double)(b->inflight - slots + 1) * b->duration_ewma_ms / slots;
     return ttft;
@@ -216,11 +221,17 @@ double backend_pool_utilization(const struct backend *b, uint64_t now_ms)
 /* Requests in flight (the new one included) at which the predicted TTFT
  * reaches `slo_ms`: all slots, plus as many queued as the SLO's slack
  * over the TTFT average allows (each queued request waits duration/slots
- * longer). 0 when the SLO is broken even with an idle pool. */
-static double knee_requests(const struct backend *b, int slo_ms)
+ * longer). 0 when the SLO is broken even with an idle pool.
+ * The duration average is not re-checked when stale as the TTFT one is:
+ * it only prices the queue, and a pool nobody is sent to drains, so with
+ * slack >= 0 the knee is at least the slots and an idle pool costs at
+ * most its list price whatever the average says: it cannot shut a
+ * backend out. Whatever the backend serves, probes included, refreshes
+ * it. */
+static double knee_requests(const struct backend *b, uint64_t now_ms, int slo_ms)
 {
     unsigned slots = pool_slots(b);
-    double slack = slo_ms - b->ttft_ewma_ms;
+    double slack = slo_ms - backend__ttft_ms(b, now_ms);
 
     if (slo_ms <= 0 || b->duration_ewma_ms <= 0)
         return slots;
@@ -245,7 +256,7 @@ struct backend_cost backend_estimate_cost(const struct backend *b, uint64_t now_
             c.list_usd = cf->gpu_hourly_usd / 3600.0 * (double)tok->completion /
                          cf->tokens_per_second;
         if (pool_slots(b) > 0) {
-            knee = knee_requests(b, slo_ms);
+            knee = knee_requests(b, now_ms, slo_ms);
             x = knee > 0 ? (b->inflight + 1.0) / knee : BACKEND_MARGINAL_X_MAX;
         }
         tput = throughput_utilization(b, now_ms);

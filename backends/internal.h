@@ -19,6 +19,10 @@ struct backend {
     uint64_t probes;                 /* half-open probes started: the current one's number */
     unsigned clock_started:1;        /* accounting clock running */
     double ttft_ewma_ms;             /* smoothed time to first byte */
+    uint64_t ttft_at_ms;             /* loop time of the last TTFT sample (0: none yet) */
+    unsigned ttft_probing:1;         /* latency probe in flight: one request re-measuring
+                                        a stale TTFT average */
+    uint64_t ttft_probes;            /* latency probes started: the current one's number */
     double duration_ewma_ms;         /* smoothed duration of attempts that made tokens */
     /* accounting clock (self-hosted pools), advanced at every event */
     uint64_t clock_start_ms;         /* loop time the pool's cost period began */
@@ -39,6 +43,10 @@ void backend__advance(struct backend *b, uint64_t now_ms);
 
 /* Fold `sample` into the moving average *avg (0 = no sample yet). */
 void backend__ewma(double *avg, double sample);
+
+/* The TTFT average routing should count on at `now_ms`: 0 ("unknown")
+ * while a latency probe is due (see backend.c), else the average. */
+double backend__ttft_ms(const struct backend *b, uint64_t now_ms);
 
 /* Replicas of a self-hosted pool (at least 1), 0 for an API backend. */
 int backend__replicas(const struct backend *b);

@@ -82,6 +82,8 @@ struct conf_backend {
     int first_byte_timeout_ms;
     int total_timeout_ms;
     int max_idle_connections;   /* kept-alive idle upstream connections */
+    int ttft_stale_ms;          /* a TTFT average this old is re-measured by one
+                                   request (a latency probe); 0 = never */
 };
 
 struct conf_route {

@@ -1028,6 +1028,8 @@ static const struct directive backend_directives[CONF__B_COUNT] = {
                                "600000"},
     [CONF__B_MAX_IDLE] = {"max_idle_connections", NULL, T_INT, B(max_idle_connections), 0,
                           1000000, "64"},
+    [CONF__B_TTFT_STALE] = {"ttft_stale_ms", NULL, T_INT, B(ttft_stale_ms), 0, DAY_MS,
+                            "30000"},
     [CONF__B_CA_FILE] = {"ca_file", NULL, T_STR, B(ca_file), .fn = check_readable},
     [CONF__B_TLS_VERIFY] = {"tls_verify", NULL, T_BOOL, .set_flag = set_tls_verify,
                             .def = "true"},

@@ -382,6 +382,59 @@ Test(cost, health_api_still_works_with_accounting, .timeout = 5)
     fx_fini(&f);
 }
 
+/* A TTFT average older than ttft_stale_ms is left out of the prediction
+ * for one request at a time (the latency probe); others keep the old one.
+ * A probe that ends without a first byte frees the slot; the probe's
+ * sample replaces the stale average; fresh samples blend as before. */
+Test(cost, a_stale_ttft_average_is_re_measured_by_one_request_at_a_time, .timeout = 5)
+{
+    struct fx f;
+    struct backend *b;
+    struct backend_ticket t0, t1, t2, t3;
+
+    fx_init(&f);
+    f.backends[FX_MINI].ttft_stale_ms = 1000;
+    b = fx_backend(&f, FX_MINI);
+    backend_attempt_begin(b, 0, &t0);
+    cr_assert_eq(t0.ttft_probe, 0, "no average yet: nothing to re-measure");
+    backend_attempt_success(b, 900, 900);
+    (void)backend_attempt_finish(b, 1000, &t0, NULL);
+    cr_assert_float_eq(backend_predicted_ttft_ms(b, 1899), 900, 1e-9);
+    cr_assert_not(backend_latency_probe_due(b, 1899));
+
+    /* 1000 ms after the sample: stale. */
+    cr_assert(backend_latency_probe_due(b, 1900));
+    cr_assert_float_eq(backend_predicted_ttft_ms(b, 1900), 0, 1e-9);
+    backend_attempt_begin(b, 1900, &t1);
+    cr_assert_neq(t1.ttft_probe, 0);
+    cr_assert_not(backend_latency_probe_due(b, 1900));
+    cr_assert_float_eq(backend_predicted_ttft_ms(b, 1900), 900, 1e-9, "one probe at a time");
+    backend_attempt_begin(b, 1950, &t2);
+    cr_assert_eq(t2.ttft_probe, 0);
+    (void)backend_attempt_finish(b, 2000, &t2, NULL); /* not the probe: it stays out */
+    cr_assert_not(backend_latency_probe_due(b, 2000));
+    (void)backend_attempt_finish(b, 2100, &t1, NULL); /* the probe's client left */
+    cr_assert(backend_latency_probe_due(b, 2100), "the probe's slot was not released");
+
+    backend_attempt_begin(b, 2200, &t3);
+    cr_assert_gt(t3.ttft_probe, t1.ttft_probe);
+    backend_attempt_success(b, 2250, 50);
+    (void)backend_attempt_finish(b, 2300, &t3, NULL);
+    /* Replaced: blended, 900 + 0.2 x (50 - 900) = 730 would still break
+     * a 500 ms SLO and wait another interval. */
+    cr_assert_float_eq(backend_ttft_ewma_ms(b), 50, 1e-9);
+    cr_assert_not(backend_latency_probe_due(b, 2300));
+    backend_attempt_begin(b, 2300, NULL);
+    backend_attempt_success(b, 2400, 150);
+    backend_attempt_end(b);
+    cr_assert_float_eq(backend_ttft_ewma_ms(b), 70, 1e-9, "fresh samples blend");
+
+    f.backends[FX_MINI].ttft_stale_ms = 0; /* never re-checked */
+    cr_assert_not(backend_latency_probe_due(b, 1000000));
+    cr_assert_float_eq(backend_predicted_ttft_ms(b, 1000000), 70, 1e-9);
+    fx_fini(&f);
+}
+
 /* A 429 starts a cooldown as long as its Retry-After asks (the default
  * without one, at most the cap); a later, shorter one does not cut it
  * short; it is no circuit failure. */

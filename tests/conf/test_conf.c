@@ -97,11 +97,12 @@ static struct error_case error_cases[] = {
       "22: backends[1].input_usd_per_mtok: expected a number, got \"1e400\"",
       "23: backends[1].output_usd_per_mtok: expected a number, got \"nan\"",
       "24: backends[1].connect_timeout_ms: 0 is out of range 1..86400000",
-      "25: backends[2].name: may only hold letters, digits and . _ - : / @ +",
-      "29: backends[2].auth_header: is not a valid HTTP header name",
-      "30: backends[2].ca_file: cannot read \"/nonexistent/ca.pem\": No such file or directory",
-      "33: routes[0].candidates: expected a list, got a scalar",
-      "34: tenants: expected a list, got a mapping"}},
+      "25: backends[1].ttft_stale_ms: -1 is out of range 0..86400000",
+      "26: backends[2].name: may only hold letters, digits and . _ - : / @ +",
+      "30: backends[2].auth_header: is not a valid HTTP header name",
+      "31: backends[2].ca_file: cannot read \"/nonexistent/ca.pem\": No such file or directory",
+      "34: routes[0].candidates: expected a list, got a scalar",
+      "35: tenants: expected a list, got a mapping"}},
     {.file = DATA "cross.yaml", .lines =
      {"3: backends[0].replicas: " SH, "3: backends[0].max_concurrency: " SH,
       "3: backends[0].tokens_per_second: " SH,
@@ -170,7 +171,7 @@ static struct error_case error_cases[] = {
      {"1: (file): cannot open: No such file or directory"}},
     {.file = "conf/example.yaml", .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY"},
      .lines = {"15: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
-      "76: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
+      "77: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
     {.file = DATA "prices_bad.yaml", .lines =
      {"5: include[2]: \"inc/prices_bad.yaml\" is already included",
       "8: prices.custom-x: duplicate price \"custom-x\" (first at {DIR}/inc/prices_bad.yaml:3)",
@@ -353,6 +354,7 @@ Test(conf, demo_loads_with_its_values_and_defaults, .timeout = 10)
     cr_expect_eq(gpu->first_byte_timeout_ms, 60000);
     cr_expect_eq(gpu->total_timeout_ms, 600000);
     cr_expect_eq(gpu->max_idle_connections, 64);
+    cr_expect_eq(gpu->ttft_stale_ms, 30000);
     cr_expect_eq(gpu->tls_verify, 1);
     cr_expect_eq(gpu->is_free, 0);
     cr_expect_str_eq(gpu->auth_header, "Authorization");

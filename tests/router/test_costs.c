@@ -70,21 +70,29 @@ static void teardown(void)
 TestSuite(costs, .fini = teardown, .timeout = 60);
 
 /* Append an api backend to the YAML being built, counting its tokens
- * with `tokenizer` (NULL: byte estimates). */
-static void add_backend_counted(const char *name, int port, int quality, double in, double out,
-                                const char *tokenizer)
+ * with `tokenizer` (NULL: byte estimates), with `more` keys (", key: value"
+ * pairs, or ""). */
+static void add_backend_with(const char *name, int port, int quality, double in, double out,
+                             const char *tokenizer, const char *more)
 {
     cr_assert_eq(buf_printf(&yaml,
                             "  - {name: %s, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-%s,\n"
                             "     quality: %d, context_window: 100000, input_usd_per_mtok: %g,\n"
-                            "     output_usd_per_mtok: %g, tokenizer: %s}\n",
-                            name, port, name, quality, in, out, tokenizer ? tokenizer : "estimate"),
+                            "     output_usd_per_mtok: %g, tokenizer: %s%s}\n",
+                            name, port, name, quality, in, out, tokenizer ? tokenizer : "estimate",
+                            more),
                  0);
+}
+
+static void add_backend_counted(const char *name, int port, int quality, double in, double out,
+                                const char *tokenizer)
+{
+    add_backend_with(name, port, quality, in, out, tokenizer, "");
 }
 
 static void add_backend(const char *name, int port, int quality, double in, double out)
 {
-    add_backend_counted(name, port, quality, in, out, NULL);
+    add_backend_with(name, port, quality, in, out, NULL, "");
 }
 
 /* Write the config: the backends in `yaml`, one route, the tenant. */
@@ -916,6 +924,65 @@ Test(costs, gpu_pool_spills_to_the_api_tier_only_when_the_slo_would_break)
         support_sse_close(&s[i]);
     for (int i = 0; i < 6; i++)
         cr_assert_str_eq(got[i], i < 3 ? "gpu" : "api", "stream %d went to %s", i, got[i]);
+}
+
+/* A chat on router 0 with `headers` (after AUTH): the backend that served. */
+static const char *served_by(const char *headers)
+{
+    cr_assert_eq(chat(0, headers, "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    return support_http_header(&resp, "x-costrouter-backend");
+}
+
+/* Send a chat to router 0 that its backend answers after `ttft_ms`, and
+ * wait until the router has sent it on. */
+static void start_slow(struct support_http_conn *conn, struct buf *out, int ttft_ms)
+{
+    char headers[128];
+
+    snprintf(headers, sizeof(headers), AUTH "x-mock-ttft-ms: %d\r\n", ttft_ms);
+    buf_reset(out);
+    send_unanswered(conn, out, headers, "{\"model\":\"chat\"," MSG "}");
+    usleep(200 * 1000);
+}
+
+/* The cheap backend had a slow spell: its TTFT average broke the tenant's
+ * 300 ms SLO and the dear one served. Nothing goes to the cheap one then,
+ * so without a re-check its average would never learn that it is fast
+ * again. Once the average is older than ttft_stale_ms (1 s here), one
+ * request at a time re-measures it (the others keep to the dear one
+ * meanwhile): a slow probe keeps it out another interval, a probe whose
+ * client left lets the next request probe, a fast probe brings it back. */
+Test(costs, a_backend_shut_out_by_a_stale_ttft_average_is_re_checked)
+{
+    struct support_http_conn probe = {.fd = -1};
+    struct support_http_response probe_resp = {0};
+    struct buf probe_req = {0};
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend_with("cheap", mock_a.port, 1, 1, 1, NULL, ", ttft_stale_ms: 1000");
+    add_backend("dear", mock_b.port, 1, 100, 100);
+    start_routers(1, "cheap, dear", "    slo: {max_ttft_ms: 300}\n");
+    cr_assert_str_eq(served_by("x-mock-ttft-ms: 600\r\n"), "cheap"); /* the slow spell */
+    cr_assert_str_eq(served_by(NULL), "dear");
+
+    usleep(1100 * 1000);
+    start_slow(&probe, &probe_req, 600); /* the probe: still slow */
+    cr_assert_str_eq(served_by(NULL), "dear", "a second probe while the first is out");
+    cr_assert_eq(support_http_read(&probe, &probe_resp, TIMEOUT_MS), 0);
+    cr_assert_str_eq(support_http_header(&probe_resp, "x-costrouter-backend"), "cheap");
+    support_http_close(&probe);
+    cr_assert_str_eq(served_by(NULL), "dear", "600 ms, fresh from the probe");
+
+    usleep(1100 * 1000);
+    start_slow(&probe, &probe_req, 3000);
+    support_http_close(&probe); /* the probe's client gives up */
+    usleep(200 * 1000);
+    cr_assert_str_eq(served_by(NULL), "cheap", "the next request probes");
+    cr_assert_str_eq(served_by(NULL), "cheap", "fast again: chosen again");
+    support_http_response_free(&probe_resp);
+    buf_free(&probe_req);
 }
 
 /* Stream 1000 tokens from router 0 with `headers` (after AUTH, each line
