@@ -61,7 +61,7 @@ int backend_available(const struct backend *b, uint64_t now_ms);
 uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms);
 
 /* Outcome of one attempt. A failure is a connect error, a reset or a 5xx
- * before the response started. */
+ * before the response started; a 429 is neither (backend_rate_limited). */
 void backend_attempt_start(struct backend *b, uint64_t now_ms);
 void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_ms);
 void backend_attempt_failure(struct backend *b, uint64_t now_ms);

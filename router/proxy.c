@@ -930,7 +930,13 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     }
     req->ttft_ms = now - req->start_ms;
     req->upstream_status = status;
-    if (status < 500)
+    /* As when another candidate follows: a 5xx is a failure (else a
+     * route's last or only backend answering 500s never had its circuit
+     * opened), a 429 neither a failure nor a latency sample (a fast
+     * refusal says nothing of how fast it serves). */
+    if (status >= 500)
+        backend_attempt_failure(req->pool->backend, now);
+    else if (status != 429)
         backend_attempt_success(req->pool->backend, now, now - req->attempt_start_ms);
     req->status = status;
     req->is_sse = is_sse ? 1 : 0;

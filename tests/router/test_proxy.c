@@ -768,6 +768,24 @@ Test(proxy, all_backends_down_is_502_then_503_when_ejected)
     cr_assert_str_eq(support_http_header(&resp, "retry-after"), "5");
 }
 
+/* A route's only backend answering 5xx: each goes to the client, and the
+ * three in a row open its circuit as three resets would. */
+Test(proxy, five_hundreds_from_the_last_candidate_open_its_circuit)
+{
+    char a[1024];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
+    start_router("limits: {max_retries: 0}", a, "a");
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-mock-status: 500\r\n", CHAT), 0);
+        cr_assert_eq(resp.status, 500);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    }
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    assert_error(503, "no_backend_available");
+}
+
 /* The half-open probe of a recovered backend belongs to a client that
  * gives up before the answer (a short client timeout against a slow first
  * request is common): the probe told nothing, so the next request probes
