@@ -21,9 +21,11 @@
  * tokens joined by single spaces, so a stream's deltas are "The", " quick".
  *
  * Timing: a streamed token i goes out at ttft + i * token_delay; the SSE
- * headers go with token 0. A non-streamed completion goes out whole when
- * its last token would have: ttft + (completion_tokens - 1) * token_delay.
- * Embeddings and models wait ttft only. Errors and faults are immediate.
+ * headers go with token 0, the end (usage chunk, [DONE]) with the last
+ * token, or done_delay after it. A non-streamed completion goes out whole
+ * when its last token would have: ttft + (completion_tokens - 1) *
+ * token_delay. Embeddings and models wait ttft only. Errors and faults are
+ * immediate.
  */
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -42,6 +44,7 @@ enum endpoint { EP_CHAT, EP_COMPLETIONS, EP_EMBEDDINGS, EP_MODELS };
 #define EMBEDDING_DIM 8
 #define MAX_DELAY_MS 600000
 #define MAX_TOKENS 1000000
+#define MAX_EVENT_PAD (64 << 20)
 
 static const char *const WORDS[16] = {"The",   "quick",  "brown",  "fox",  "jumps", "over",
                                       "the",   "lazy",   "dog",    "while", "mock",  "tokens",
@@ -334,7 +337,10 @@ void mockllm__plan_reset(struct mockllm_plan *p)
     p->omit_usage = 0;
     p->started = 0;
     p->fault = MOCKLLM_FAULT_NONE;
+    p->end_waited = 0;
     p->token_delay_ms = 0;
+    p->event_pad = 0;
+    p->done_delay_ms = 0;
     p->tokens = 0;
     p->sent = 0;
     p->prompt_tokens = 0;
@@ -378,6 +384,21 @@ static void put_token(struct buf *b, int i)
     puts_(b, WORDS[i % 16]);
 }
 
+/* Append `"x_mock_pad":"xx...",` with n filler bytes (x-mock-event-pad):
+ * events as large as long tool-call arguments or logprobs make, so tests
+ * can push megabytes through the router in a few events. */
+static void put_pad(struct buf *b, int n)
+{
+    puts_(b, "\"x_mock_pad\":\"");
+    if (buf_reserve(b, (size_t)n) != 0) {
+        log_error("out of memory");
+        abort();
+    }
+    memset(b->data + b->len, 'x', (size_t)n);
+    b->len += (size_t)n;
+    puts_(b, "\",");
+}
+
 /* Frame the event in scratch as one HTTP chunk on the connection. */
 static void put_event(struct mockllm_conn *c)
 {
@@ -395,12 +416,16 @@ static void put_token_event(struct mockllm_conn *c)
     puts_(&scratch, "data: ");
     if (p->endpoint == EP_CHAT) {
         put_head(&scratch, p, "chat.completion.chunk");
+        if (p->event_pad > 0)
+            put_pad(&scratch, p->event_pad);
         puts_(&scratch, "\"choices\":[{\"index\":0,\"delta\":{");
         if (p->sent == 0)
             puts_(&scratch, "\"role\":\"assistant\",");
         puts_(&scratch, "\"content\":\"");
     } else {
         put_head(&scratch, p, "text_completion");
+        if (p->event_pad > 0)
+            put_pad(&scratch, p->event_pad);
         puts_(&scratch, "\"choices\":[{\"index\":0,\"text\":\"");
     }
     put_token(&scratch, p->sent);
@@ -441,6 +466,13 @@ static void stream_tick(struct mockllm_conn *c)
             uv_timer_start(&c->timer, mockllm__on_timer, (uint64_t)p->token_delay_ms, 0);
             return;
         }
+    }
+    /* The end as its own write, after a pause: what a server sends once
+     * generation is over (usage, [DONE]) arrives in a read of its own. */
+    if (p->done_delay_ms > 0 && !p->end_waited) {
+        p->end_waited = 1;
+        uv_timer_start(&c->timer, mockllm__on_timer, (uint64_t)p->done_delay_ms, 0);
+        return;
     }
     if (p->include_usage) {
         buf_reset(&scratch);
@@ -516,6 +548,8 @@ struct overrides {
     int status;         /* x-mock-status, 0 if absent */
     int fault;          /* x-mock-fault */
     int omit_usage;     /* x-mock-usage: omit */
+    int event_pad;      /* x-mock-event-pad */
+    int done_delay_ms;  /* x-mock-done-delay-ms */
 };
 
 /* Returns the name of the malformed header, or NULL. */
@@ -530,12 +564,18 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
     o->tokens = opts->tokens;
     o->status = 0;
     o->fault = opts->fault;
+    o->event_pad = 0;
+    o->done_delay_ms = 0;
     if (header_int(&c->req, "x-mock-ttft-ms", MAX_DELAY_MS, &o->ttft_ms) < 0)
         return "x-mock-ttft-ms";
     if (header_int(&c->req, "x-mock-token-delay-ms", MAX_DELAY_MS, &o->token_delay_ms) < 0)
         return "x-mock-token-delay-ms";
     if (header_int(&c->req, "x-mock-tokens", MAX_TOKENS, &o->tokens) < 0)
         return "x-mock-tokens";
+    if (header_int(&c->req, "x-mock-event-pad", MAX_EVENT_PAD, &o->event_pad) < 0)
+        return "x-mock-event-pad";
+    if (header_int(&c->req, "x-mock-done-delay-ms", MAX_DELAY_MS, &o->done_delay_ms) < 0)
+        return "x-mock-done-delay-ms";
     if (header_int(&c->req, "x-mock-status", 599, &o->status) < 0 ||
         (o->status != 0 && o->status < 400 && o->status != 204 && o->status != 304))
         return "x-mock-status";
@@ -574,6 +614,8 @@ static int plan_from_body(struct mockllm_conn *c, const cJSON *body, const struc
         p->finish = "length";
     }
     p->token_delay_ms = o->token_delay_ms;
+    p->event_pad = o->event_pad;
+    p->done_delay_ms = o->done_delay_ms;
     p->id = ++c->srv->next_id;
     p->created = (long long)time(NULL);
     if (p->endpoint == EP_CHAT) {

@@ -66,8 +66,11 @@ struct mockllm_plan {
     unsigned include_usage:1; /* stream_options.include_usage was true */
     unsigned omit_usage:1;   /* x-mock-usage: omit, as servers that send none */
     unsigned started:1;      /* SSE headers sent */
+    unsigned end_waited:1;   /* done_delay_ms before the stream's end has passed */
     enum mockllm_fault fault; /* fault for this request */
     int token_delay_ms;      /* delay between streamed tokens */
+    int event_pad;           /* x-mock-event-pad: filler bytes in each token event */
+    int done_delay_ms;       /* x-mock-done-delay-ms: wait after the last token */
     int tokens;              /* completion tokens to produce */
     int sent;                /* tokens streamed so far */
     int prompt_tokens;       /* see the counting rule in api.c */

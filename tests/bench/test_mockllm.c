@@ -183,6 +183,15 @@ Test(mockllm, errors_for_bad_requests)
     stop_clean();
 }
 
+/* POST a chat request with `headers` and read the head of its answer
+ * into s. Close s with support_sse_close(). */
+static void open_stream(struct support_sse *s, const char *headers, const char *body)
+{
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", headers, body), 0);
+    cr_assert_eq(support_sse_open(s, mock.port, req.data, req.len, TIMEOUT_MS), 0);
+}
+
 /* Stream a chat request; returns the events' data joined by '|' in out
  * and the number of events (the [DONE] one included). */
 static int stream_events(const char *headers, const char *body, struct buf *out)
@@ -191,9 +200,7 @@ static int stream_events(const char *headers, const char *body, struct buf *out)
     struct support_sse_event ev;
     int n = 0, rc;
 
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", headers, body), 0);
-    cr_assert_eq(support_sse_open(&s, mock.port, req.data, req.len, TIMEOUT_MS), 0);
+    open_stream(&s, headers, body);
     cr_assert_eq(s.resp.status, 200);
     cr_assert_str_eq(support_http_header(&s.resp, "content-type"), "text/event-stream");
     cr_assert_str_eq(support_http_header(&s.resp, "transfer-encoding"), "chunked");
@@ -275,13 +282,8 @@ Test(mockllm, ttft_and_token_delay_are_observed)
     cr_assert_eq(call("POST", "/v1/chat/completions", "x-mock-tokens: 1\r\n", chat_body), 0);
     cr_assert_geq(resp.ttfb_ms, 140, "non-stream answered after %.1f ms", resp.ttfb_ms);
     /* Per-request headers override the process defaults. */
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
-                                     "x-mock-ttft-ms: 80\r\nx-mock-token-delay-ms: 40\r\n"
-                                     "x-mock-tokens: 4\r\n",
-                                     "{\"stream\":true}"),
-                 0);
-    cr_assert_eq(support_sse_open(&s, mock.port, req.data, req.len, TIMEOUT_MS), 0);
+    open_stream(&s, "x-mock-ttft-ms: 80\r\nx-mock-token-delay-ms: 40\r\nx-mock-tokens: 4\r\n",
+                "{\"stream\":true}");
     cr_assert_geq(s.resp.ttfb_ms, 70);
     while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1) {
         if (first < 0)
@@ -293,6 +295,39 @@ Test(mockllm, ttft_and_token_delay_are_observed)
     cr_assert_eq(n, 5);
     cr_assert_geq(first, 70, "first token after %.1f ms", first);
     cr_assert_geq(last - first, 3 * 40 - 15, "tokens spread over %.1f ms", last - first);
+    stop_clean();
+}
+
+/* x-mock-event-pad fills each token event (still one JSON chunk) and
+ * x-mock-done-delay-ms holds the end back after the last token. */
+Test(mockllm, event_pad_and_done_delay_shape_a_stream)
+{
+    struct support_sse s;
+    struct support_sse_event ev;
+    double last_token = 0;
+    int n = 0;
+    cJSON *chunk;
+
+    cr_assert_eq(support_mockllm_start(&mock, NULL), 0);
+    open_stream(&s,
+                "x-mock-tokens: 2\r\nx-mock-event-pad: 100000\r\nx-mock-done-delay-ms: 150\r\n",
+                "{\"stream\":true}");
+    while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1) {
+        n++;
+        if (strcmp(ev.data, "[DONE]") == 0) {
+            cr_assert_geq(ev.t_ms - last_token, 140, "[DONE] %.1f ms after the last token",
+                          ev.t_ms - last_token);
+            continue;
+        }
+        chunk = cJSON_Parse(ev.data);
+        cr_assert_not_null(chunk);
+        cr_assert_eq(strlen(str(chunk, "x_mock_pad")), 100000);
+        cr_assert_not_null(cJSON_GetObjectItemCaseSensitive(choice0(chunk), "delta"));
+        cJSON_Delete(chunk);
+        last_token = ev.t_ms;
+    }
+    support_sse_close(&s);
+    cr_assert_eq(n, 3);
     stop_clean();
 }
 

@@ -27,6 +27,8 @@
 #define TIMEOUT_MS 5000
 #define TENANT_KEY "sk-test-tenant"
 #define AUTH "Authorization: Bearer " TENANT_KEY "\r\n"
+#define ADMIN_KEY "adm-test"
+#define ADMIN "Authorization: Bearer " ADMIN_KEY "\r\n"
 #define CHAT "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":\"hello there\"}]}"
 
 static struct support_proc router, mock_a, mock_b;
@@ -393,6 +395,89 @@ Test(proxy, a_client_that_does_not_read_pauses_the_backend)
     cr_assert_gt(total, 30u << 20, "only %zu bytes", total);
     buf_free(&tail);
     support_http_close(&c);
+}
+
+/* Filler bytes for one event bigger than any socket path to the client
+ * holds: past the largest send buffer TCP autotuning may give the
+ * router's socket (net.ipv4.tcp_wmem's max, 4 MB by default) by 1 MB, so
+ * whatever the kernel takes, over PROXY_CLIENT_HIGH_WATER is left queued. */
+static int pad_past_send_buffers(void)
+{
+    long min, def, max = 4L << 20;
+    FILE *f = fopen("/proc/sys/net/ipv4/tcp_wmem", "r");
+
+    if (f != NULL) {
+        if (fscanf(f, "%ld %ld %ld", &min, &def, &max) != 3)
+            max = 4L << 20;
+        fclose(f);
+    }
+    max += 1L << 20;
+    return (int)(max < (64L << 20) ? max : (64L << 20));
+}
+
+/* Poll the admin API until the only backend's pool holds `idle`
+ * connections: the router has read the end of an answer. */
+static void wait_pool_idle(int idle)
+{
+    struct timespec tick = {0, 20 * 1000 * 1000};
+
+    for (int i = 0; i < TIMEOUT_MS / 20; i++) {
+        cr_assert_eq(call("GET", "/admin/backends", ADMIN, NULL), 0);
+        if (json_num(cJSON_GetArrayItem(body_json(), 0), "idle_connections") == idle)
+            return;
+        nanosleep(&tick, NULL);
+    }
+    cr_assert_fail("the pool never held %d idle connection(s): %.*s", idle, (int)resp.body.len,
+                   resp.body.data);
+}
+
+/* A connection paused for a slow client by the very read that ended its
+ * answer goes back to the pool reading (d091a66). The stream is one huge
+ * event, forwarded whole when its last byte is read, so the write queue
+ * jumps past PROXY_CLIENT_HIGH_WATER in that read; the stream's end comes
+ * 500 ms later (the sanitized router needs ~100 ms for the event) in a
+ * read of its own, which pauses the upstream and ends the answer. Left
+ * paused, the pooled connection never reads the next answer: the next
+ * request waits first_byte_timeout_ms and is sent again on a new
+ * connection, so the backend serves (and bills) it twice. */
+Test(proxy, a_connection_paused_by_its_last_read_is_pooled_reading)
+{
+    static const char body[] = "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}";
+    struct support_http_conn c;
+    struct support_http_response r = {0};
+    char a[1024], headers[256];
+    int pad = pad_past_send_buffers();
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    backend_yaml(a, sizeof(a), "a", mock_a.port, "    first_byte_timeout_ms: 2000\n");
+    start_router("admin_key: " ADMIN_KEY, a, "a");
+    snprintf(headers, sizeof(headers),
+             AUTH "x-mock-tokens: 1\r\nx-mock-event-pad: %d\r\nx-mock-done-delay-ms: 500\r\n",
+             pad);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", headers, body), 0);
+    /* A client with a tiny receive buffer that reads nothing until the
+     * router has read the whole answer. */
+    cr_assert_eq(support_http_connect_rcvbuf(&c, router.port, 4096), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    wait_pool_idle(1);
+    cr_assert_eq(support_http_read(&c, &r, TIMEOUT_MS), 0);
+    cr_assert_eq(r.status, 200);
+    cr_assert_gt(r.body.len, (size_t)pad);
+    cr_assert_not_null(memmem(r.body.data, r.body.len, "data: [DONE]", 12));
+    support_http_response_free(&r);
+    support_http_close(&c);
+
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_expect_lt(resp.total_ms, 1000.0, "the pooled connection answered after %.0f ms",
+                 resp.total_ms);
+    /* Two requests on one upstream connection (the second one counted is
+     * this stats call's own): no resend. */
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(json_num(body_json(), "requests"), 2, "%.*s", (int)resp.body.len,
+                 resp.body.data);
+    cr_assert_eq(json_num(json, "connections"), 2, "%.*s", (int)resp.body.len, resp.body.data);
 }
 
 /* stream_usage: false, for servers that refuse stream_options: nothing is

@@ -95,6 +95,11 @@ static const llhttp_settings_t settings = {
 
 int support_http_connect(struct support_http_conn *c, int port)
 {
+    return support_http_connect_rcvbuf(c, port, 0);
+}
+
+int support_http_connect_rcvbuf(struct support_http_conn *c, int port, int rcvbuf)
+{
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     int one = 1, err;
 
@@ -106,6 +111,13 @@ int support_http_connect(struct support_http_conn *c, int port)
     if (c->fd < 0)
         return -errno;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    /* Before connect: the window scale is agreed in the handshake. */
+    if (rcvbuf > 0 && setsockopt(c->fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf)) != 0) {
+        err = errno;
+        close(c->fd);
+        c->fd = -1;
+        return -err;
+    }
     if (connect(c->fd, (struct sockaddr *)&addr, sizeof(addr)) != 0) {
         err = errno;
         close(c->fd);

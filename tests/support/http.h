@@ -62,6 +62,10 @@ struct support_sse_event {
 /* Connect to 127.0.0.1:port. Returns 0 or a negative errno. */
 int support_http_connect(struct support_http_conn *c, int port)
     __attribute__((warn_unused_result));
+/* The same with SO_RCVBUF set to rcvbuf bytes first (Linux doubles it; 0
+ * leaves the default): a client that takes in little at a time. */
+int support_http_connect_rcvbuf(struct support_http_conn *c, int port, int rcvbuf)
+    __attribute__((warn_unused_result));
 /* Connect and do a TLS handshake as a client would: the certificate is
  * verified against ca_file for IP 127.0.0.1, and ALPN offers h2 and
  * http/1.1. Sends, reads and closes on c then go through TLS. Returns 0, a
