@@ -212,6 +212,7 @@ struct router__request {
     int upstream_status;                 /* status of the backend's answer, 0 before one */
     struct buf up_body;                  /* non-SSE upstream body kept for usage */
     struct buf sse;                      /* partial SSE event */
+    size_t sse_scanned;                  /* bytes of it searched for its end */
     int64_t prompt_tokens;               /* from usage, -1 unknown */
     int64_t completion_tokens;           /* from usage, -1 unknown */
     int64_t cached_tokens;               /* usage.prompt_tokens_details.cached_tokens */
@@ -515,9 +516,11 @@ struct router__usage {
 };
 /* Find complete events in `sse` (appended bytes), call `on_event` for
  * each with the event bytes including its terminating blank line, and
- * keep the tail. Returns 0, or the first non-zero on_event result. */
-int router__sse_split(struct buf *sse, int (*on_event)(void *arg, const char *p, size_t len),
-                      void *arg);
+ * keep the tail. *scanned (0 for a new stream) remembers how much of the
+ * tail was searched, for the next call. Returns 0, or the first non-zero
+ * on_event result. */
+int router__sse_split(struct buf *sse, size_t *scanned,
+                      int (*on_event)(void *arg, const char *p, size_t len), void *arg);
 /* Read the root object's usage out of a JSON text (a response or an SSE
  * data payload). Returns 1 if usage was found, 0 if not. With usage found
  * and choices_empty not NULL, also tells whether the root's "choices" is

@@ -43,6 +43,11 @@
 /* Hold at most this much of a non-streamed body; past it the head goes
  * out without the cost header and the rest is forwarded as it comes. */
 #define PROXY_HOLD_BODY_MAX (8u * 1024 * 1024)
+/* One SSE event is held until its blank line: usage, the token count and
+ * on_overrun read whole events. An event longer than this (chat chunks
+ * are a few hundred bytes; a streamed image part a few MB) is an upstream
+ * that does not frame its stream, whose bytes would pile up unbounded. */
+#define PROXY_SSE_EVENT_MAX (16u * 1024 * 1024)
 /* Largest response kept for the response cache. */
 #define PROXY_CACHE_VALUE_MAX (1u * 1024 * 1024)
 /* Completion tokens assumed when nothing better is known. */
@@ -569,6 +574,7 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
 }
 
 static void settle(struct router__client *c);
+static void fail_midstream(struct router__client *c, const char *errstr, const char *detail);
 static void forward(struct router__client *c, const char *p, size_t len);
 
 /* ---- send ---- */
@@ -1135,9 +1141,17 @@ void router__proxy_on_body(struct router__client *c, const char *p, size_t len)
             router__client_close(c);
             return;
         }
-        rc = router__sse_split(&req->sse, on_sse_event, c);
+        rc = router__sse_split(&req->sse, &req->sse_scanned, on_sse_event, c);
         if (rc != 0)
             return; /* cut or closed: the batch was flushed or dropped */
+        if (req->sse.len > PROXY_SSE_EVENT_MAX) {
+            log_warn("request %s: backend %s sent an SSE event over %u bytes, ending the stream",
+                     req->id_str, req->pool->conf->name, PROXY_SSE_EVENT_MAX);
+            router__upstream_abort(req->up);
+            req->up = NULL;
+            fail_midstream(c, error_upstream_io, "an event of the upstream's stream was too long");
+            return;
+        }
     } else if (req->head_held) {
         if (req->up_body.len + len > PROXY_HOLD_BODY_MAX) {
             /* Too big to hold: send what we have and stream the rest. */
@@ -1271,6 +1285,7 @@ void router__proxy_on_complete(struct router__client *c)
     if (req->is_sse && req->sse.len > 0) {
         forward(c, req->sse.data, req->sse.len);
         buf_reset(&req->sse);
+        req->sse_scanned = 0;
     }
     if (!req->is_sse && req->up_body.len > 0 &&
         usage_of(req, req->up_body.data, req->up_body.len, &u, NULL))
@@ -1299,11 +1314,11 @@ void router__proxy_on_complete(struct router__client *c)
 /* The upstream broke after the client got the response head: say so in
  * the stream (an SSE error event) and close, never a clean end. The
  * tenant pays for what was streamed. */
-static void fail_midstream(struct router__client *c, const char *errstr)
+static void fail_midstream(struct router__client *c, const char *errstr, const char *detail)
 {
     struct router__request *req = &c->req;
     int status;
-    char *err = router__error_json(errstr, "the upstream connection broke mid-response", &status);
+    char *err = router__error_json(errstr, detail, &status);
     struct buf ev = {0};
 
     req->broken = 1;
@@ -1337,7 +1352,7 @@ void router__proxy_on_error(struct router__client *c, const char *errstr)
     if (req->response_started) {
         log_warn("request %s: backend %s failed mid-response: %s", req->id_str,
                  req->pool->conf->name, errstr);
-        fail_midstream(c, errstr);
+        fail_midstream(c, errstr, "the upstream connection broke mid-response");
         return;
     }
     if (errstr == error_no_descriptors) { /* ours: no other backend fares better */

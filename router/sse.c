@@ -13,10 +13,11 @@
 #include "router/internal.h"
 
 /* End of the first event in p[0..len): the index just past its blank
- * line, or 0 if the event is not complete yet. Lines end in \n or \r\n. */
-static size_t event_end(const char *p, size_t len)
+ * line, or 0 if the event is not complete yet. Lines end in \n or \r\n.
+ * The search starts at p[from]: bytes before it hold no blank line. */
+static size_t event_end(const char *p, size_t len, size_t from)
 {
-    const char *nl = p, *end = p + len;
+    const char *nl = p + from, *end = p + len;
 
     while ((nl = memchr(nl, '\n', (size_t)(end - nl))) != NULL) {
         nl++;
@@ -28,19 +29,24 @@ static size_t event_end(const char *p, size_t len)
     return 0;
 }
 
-int router__sse_split(struct buf *sse, int (*on_event)(void *arg, const char *p, size_t len),
-                      void *arg)
+int router__sse_split(struct buf *sse, size_t *scanned,
+                      int (*on_event)(void *arg, const char *p, size_t len), void *arg)
 {
-    size_t off = 0, n;
+    /* A blank line is 2 or 3 bytes: one that began in the last 2 bytes
+     * scanned may end in the new ones. Scanning an unfinished event from
+     * its start at every read would be quadratic in its size. */
+    size_t off = 0, n, from = *scanned > 2 && *scanned <= sse->len ? *scanned - 2 : 0;
     int rc = 0;
 
-    while (off < sse->len && (n = event_end(sse->data + off, sse->len - off)) > 0) {
+    while (off < sse->len && (n = event_end(sse->data + off, sse->len - off, from)) > 0) {
         rc = on_event(arg, sse->data + off, n);
         off += n;
+        from = 0;
         if (rc != 0)
             break;
     }
     buf_consume(sse, off);
+    *scanned = rc == 0 ? sse->len : 0;
     return rc;
 }
 

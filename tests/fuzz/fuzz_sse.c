@@ -263,8 +263,11 @@ static int same_bytes(const char *a, const char *b, size_t len)
 /* Split `text` as it arrives in reads of [0, cut) and [cut, len). */
 static void split(const char *text, size_t len, size_t cut, struct events *ev, struct buf *tail)
 {
-    if (buf_append(tail, text, cut) != 0 || router__sse_split(tail, collect, ev) != 0 ||
-        buf_append(tail, text + cut, len - cut) != 0 || router__sse_split(tail, collect, ev) != 0)
+    size_t scanned = 0;
+
+    if (buf_append(tail, text, cut) != 0 || router__sse_split(tail, &scanned, collect, ev) != 0 ||
+        buf_append(tail, text + cut, len - cut) != 0 ||
+        router__sse_split(tail, &scanned, collect, ev) != 0)
         abort();
 }
 

@@ -480,6 +480,30 @@ Test(proxy, a_connection_paused_by_its_last_read_is_pooled_reading)
     cr_assert_eq(json_num(json, "connections"), 2, "%.*s", (int)resp.body.len, resp.body.data);
 }
 
+/* An SSE event that never ends within 16 MiB (here 17 MiB of padding in
+ * one token event) is an upstream that does not frame its stream: the
+ * router ends the stream with an error event, visibly broken, instead of
+ * holding its bytes without bound, and goes on serving. */
+Test(proxy, an_sse_event_over_16_mib_ends_the_stream)
+{
+    char a[1024];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
+    start_router(NULL, a, "a");
+    cr_assert_eq(call("POST", "/v1/chat/completions",
+                      AUTH "x-mock-tokens: 1\r\nx-mock-event-pad: 17825792\r\n",
+                      "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}"),
+                 -ECONNRESET, "the stream ended cleanly");
+    cr_assert_eq(resp.status, 200);
+    cr_assert_lt(resp.body.len, (size_t)4096, "the event's bytes were sent");
+    cr_assert_not_null(memmem(resp.body.data, resp.body.len, "event: error", 12), "%.*s",
+                       (int)resp.body.len, resp.body.data);
+    cr_assert_not_null(memmem(resp.body.data, resp.body.len, "too long", 8));
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+}
+
 /* stream_usage: false, for servers that refuse stream_options: nothing is
  * added, and the stream is charged one completion token per event. */
 Test(proxy, stream_usage_false_adds_no_stream_options)

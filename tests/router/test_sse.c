@@ -51,12 +51,13 @@ ParameterizedTest(struct split_case *tc, sse, split_any_piece_size, .timeout = 5
 {
     struct buf b = {0};
     struct collected got = {0};
-    size_t len = strlen(tc->stream);
+    size_t len = strlen(tc->stream), scanned = 0;
 
     for (size_t off = 0; off < len; off += tc->step) {
         size_t n = len - off < tc->step ? len - off : tc->step;
         cr_assert_eq(buf_append(&b, tc->stream + off, n), 0);
-        cr_assert_eq(router__sse_split(&b, collect, &got), 0);
+        cr_assert_eq(router__sse_split(&b, &scanned, collect, &got), 0);
+        cr_assert_eq(scanned, b.len);
     }
     cr_assert_eq(got.n, tc->events, "events: got %d want %d for %s", got.n, tc->events, tc->stream);
     if (tc->events > 0)
