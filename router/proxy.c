@@ -413,11 +413,23 @@ static int64_t budget_left(struct router__client *c, int count_holds)
  */
 static void reject_budget(struct router__client *c)
 {
-    char extra[160], remaining[80] = "", usd[32];
+    const struct router__request *req = &c->req;
+    char extra[160], remaining[80] = "", usd[32], detail[CONF_NAME_MAX + 160];
     int status;
-    char *body = router__error_json(error_budget_exhausted, c->req.tenant->id, &status);
+    char *body;
     int64_t left = budget_left(c, 1);
-    int spent = c->req.choice.reject_budget && c->req.choice.cost_micro > budget_left(c, 0);
+    int spent = req->choice.reject_budget && req->choice.cost_micro > budget_left(c, 0);
+
+    /* Without max_tokens the hold is for a guess (the P95 of recent
+     * completions), which the client cannot see and can replace. */
+    if (req->choice.reject_budget && !req->completion_limited && req->completion_pred > 0)
+        snprintf(detail, sizeof(detail),
+                 "%s (the completion, without max_tokens, was estimated at %" PRId64
+                 " tokens; a request with a smaller max_tokens may fit)",
+                 req->tenant->id, req->completion_pred);
+    else
+        snprintf(detail, sizeof(detail), "%s", req->tenant->id);
+    body = router__error_json(error_budget_exhausted, detail, &status);
 
     if (left != BUDGET_NONE) {
         format_usd(usd, sizeof(usd), MAX(left, 0));

@@ -313,6 +313,12 @@ Test(costs, an_overspent_day_leaves_nothing_though_the_month_has_money)
     cr_assert_eq(resp.status, 429);
     cr_assert_float_eq(header_usd("x-costrouter-budget-remaining-usd"), 0, 1e-9);
     cr_assert_str_eq(support_http_header(&resp, "x-should-retry"), "false");
+    /* Without max_tokens, the message says what the hold was for. */
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 429);
+    const char *msg = cJSON_GetStringValue(
+        cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "message"));
+    cr_assert_not_null(strstr(msg, "without max_tokens, was estimated at 256 tokens"), "%s", msg);
 }
 
 /* A request held by router 0 for a second keeps the next, sent to router
