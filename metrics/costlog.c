@@ -2,15 +2,23 @@
  * metrics/costlog.c: the per-request cost log, one JSON line per request.
  *
  * Records are serialized at once into `pending`. A flush swaps `pending`
- * and `inflight` and hands `inflight` to uv_fs_write (the threadpool), so
- * the loop never waits for the disk and records keep arriving while the
+ * and `inflight` and hands `inflight` to a write on the threadpool, so
+ * the loop does not wait for the disk and records keep arriving while the
  * write runs. At most one filesystem request (write, open or close) is in
  * flight at a time, which keeps lines in order and makes reopen simple:
  *
- *   write()  -> pending --(timer / 64 KiB)--> inflight --uv_fs_write--> fd
+ *   write()  -> pending --(timer / 64 KiB)--> inflight --work_write--> fd
  *   reopen() -> after the current write: uv_fs_open(path), then close old fd
  *   close()  -> after the current request: synchronous write of the rest,
  *               close fd, uv_close(timer) -> free
+ *
+ * Records are money (chargeback), so none is dropped for want of room.
+ * When 16 MiB wait for the disk (a disk, or a threadpool, slower than the
+ * requests), write() waits for the write in flight and writes the rest
+ * itself, on the loop: back-pressure, the router slows to the disk's pace
+ * while memory stays bounded. That is why the write is our own work item
+ * rather than uv_fs_write: the loop can wait for it (a condition variable)
+ * or take it back (uv_cancel), which libuv offers for neither.
  */
 #include "metrics/metrics.h"
 
@@ -21,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #include <uv.h>
 
 #include "common/buf.h"
@@ -38,7 +47,14 @@
 struct metrics_cost_log {
     uv_loop_t *loop;          /* loop the timer and requests run on */
     uv_timer_t timer;         /* periodic flush; unref'd */
-    uv_fs_t req;              /* the one write/open/close in flight */
+    uv_fs_t req;              /* the open or close in flight */
+    uv_work_t work;           /* the write in flight */
+    uv_mutex_t lock;          /* guards work_done and work_result */
+    uv_cond_t work_cond;      /* signalled when work_write returns */
+    uv_buf_t work_buf;        /* what work_write writes (part of inflight) */
+    uv_file work_fd;          /* where work_write writes */
+    ssize_t work_result;      /* bytes work_write wrote, or a negative errno */
+    int work_done;            /* work_write returned (under lock) */
     char *path;               /* file path, NULL for stdout */
     uv_file fd;               /* current file */
     uv_file old_fd;           /* file being closed after a reopen, or -1 */
@@ -47,11 +63,15 @@ struct metrics_cost_log {
     size_t inflight_off;      /* bytes of inflight already written */
     uint64_t pending_records; /* records in pending */
     uint64_t inflight_records; /* records in inflight */
-    struct metrics *metrics;  /* for COST_LOG_DROPPED_TOTAL, or NULL */
+    struct metrics *metrics;  /* for COST_LOG_DROPPED_TOTAL and _WAITS_TOTAL, or NULL */
     uint64_t records;         /* records accepted */
     uint64_t dropped;         /* records dropped */
     int last_error;           /* last write error logged, to log each kind once */
-    unsigned busy:1;          /* req is in flight */
+    struct log_every wait_log; /* "waited for the disk", once a second at most */
+    struct log_every nomem_log; /* "no memory for a record", once a second at most */
+    unsigned busy:1;          /* req or work is in flight */
+    unsigned writing:1;       /* ... and it is work */
+    unsigned result_taken:1;  /* work_result already applied to inflight */
     unsigned reopen_wanted:1; /* reopen after the current request */
     unsigned closing:1;       /* metrics_cost_log_close() was called */
 };
@@ -232,19 +252,20 @@ static void write_failed(struct metrics_cost_log *log, int err)
     log->inflight_records = 0;
 }
 
-static void on_write(uv_fs_t *req)
+/*
+ * Apply work_write's result to inflight, once: from after_write, or
+ * earlier from make_room. Returns 1 when a non-blocking stdout was full
+ * (inflight is kept for a retry).
+ */
+static int take_result(struct metrics_cost_log *log)
 {
-    struct metrics_cost_log *log = container_of(req, struct metrics_cost_log, req);
-    ssize_t n = req->result;
+    ssize_t n = log->work_result;
 
-    uv_fs_req_cleanup(req);
-    log->busy = 0;
-    if (n == UV_EAGAIN) {
-        /* non-blocking stdout is full: keep inflight, retry on the timer */
-        if (log->closing)
-            kick(log, 1);
-        return;
-    }
+    if (log->result_taken)
+        return 0;
+    log->result_taken = 1;
+    if (n == UV_EAGAIN)
+        return 1;
     if (n < 0) {
         write_failed(log, (int)n);
     } else {
@@ -255,6 +276,38 @@ static void on_write(uv_fs_t *req)
             log->inflight_records = 0;
         }
     }
+    return 0;
+}
+
+/* On the threadpool: one write(2), as uv_fs_write would do, then tell a
+ * loop waiting in make_room. Touches nothing of `log` the loop changes
+ * meanwhile. */
+static void work_write(uv_work_t *w)
+{
+    struct metrics_cost_log *log = container_of(w, struct metrics_cost_log, work);
+    ssize_t n;
+
+    do
+        n = write(log->work_fd, log->work_buf.base, log->work_buf.len);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        n = -errno; /* libuv's error codes are negative errnos on Unix */
+    uv_mutex_lock(&log->lock);
+    log->work_result = n;
+    log->work_done = 1;
+    uv_cond_signal(&log->work_cond);
+    uv_mutex_unlock(&log->lock);
+}
+
+static void after_write(uv_work_t *w, int status)
+{
+    struct metrics_cost_log *log = container_of(w, struct metrics_cost_log, work);
+
+    (void)status; /* UV_ECANCELED: make_room took the write back, result_taken is set */
+    log->busy = 0;
+    log->writing = 0;
+    if (take_result(log) && !log->closing)
+        return; /* non-blocking stdout is full: keep inflight, retry on the timer */
     kick(log, log->closing);
 }
 
@@ -294,14 +347,20 @@ static void on_open(uv_fs_t *req)
 
 static void start_write(struct metrics_cost_log *log)
 {
-    uv_buf_t b = uv_buf_init(log->inflight.data + log->inflight_off,
-                             (unsigned)(log->inflight.len - log->inflight_off));
-    int rc = uv_fs_write(log->loop, &log->req, log->fd, &b, 1, -1, on_write);
+    int rc;
 
-    if (rc == 0)
+    log->work_buf = uv_buf_init(log->inflight.data + log->inflight_off,
+                                (unsigned)(log->inflight.len - log->inflight_off));
+    log->work_fd = log->fd;
+    log->work_done = 0;
+    log->result_taken = 0;
+    rc = uv_queue_work(log->loop, &log->work, work_write, after_write);
+    if (rc == 0) {
         log->busy = 1;
-    else
+        log->writing = 1;
+    } else {
         write_failed(log, rc);
+    }
 }
 
 /*
@@ -335,14 +394,20 @@ static void on_timer_closed(uv_handle_t *h)
 {
     struct metrics_cost_log *log = container_of((uv_timer_t *)h, struct metrics_cost_log, timer);
 
+    uv_cond_destroy(&log->work_cond);
+    uv_mutex_destroy(&log->lock);
     buf_free(&log->pending);
     buf_free(&log->inflight);
     free(log->path);
     free(log);
 }
 
-/* Called once nothing is in flight after metrics_cost_log_close(). */
-static void finish_close(struct metrics_cost_log *log)
+/*
+ * Write the rest of inflight, then pending, synchronously on the loop,
+ * leaving both empty; what cannot be written is counted as dropped. Only
+ * when no write is in flight, so that lines stay whole and in order.
+ */
+static void write_all_now(struct metrics_cost_log *log, const char *what)
 {
     int rc = write_sync(log->fd, log->inflight.data + log->inflight_off,
                         log->inflight.len - log->inflight_off);
@@ -350,15 +415,62 @@ static void finish_close(struct metrics_cost_log *log)
     if (rc == 0)
         rc = write_sync(log->fd, log->pending.data, log->pending.len);
     if (rc < 0) {
-        log_error("cost log %s: final write: %s", log->path ? log->path : "stdout", uv_strerror(rc));
+        log_error("cost log %s: %s: %s; dropping records", log->path ? log->path : "stdout", what,
+                  uv_strerror(rc));
         count_dropped(log, log->inflight_records + log->pending_records);
     }
+    buf_reset(&log->inflight);
+    buf_reset(&log->pending);
+    log->inflight_off = 0;
+    log->inflight_records = 0;
+    log->pending_records = 0;
+}
+
+/* Called once nothing is in flight after metrics_cost_log_close(). */
+static void finish_close(struct metrics_cost_log *log)
+{
+    write_all_now(log, "final write");
     if (log->path != NULL) {
         uv_fs_t req;
         uv_fs_close(NULL, &req, log->fd, NULL);
         uv_fs_req_cleanup(&req);
     }
     uv_close((uv_handle_t *)&log->timer, on_timer_closed);
+}
+
+/*
+ * Back-pressure, when 16 MiB are buffered: get the write in flight out of
+ * the way, then write everything on the loop, waiting for the disk. A
+ * write still queued (the threadpool busy, e.g. with DNS lookups) is
+ * cancelled and its bytes written here; one already running is waited
+ * for, as its bytes must land first. An open or close in flight writes
+ * nothing, so it needs no wait (and kick() starts one only once inflight
+ * is written). after_write still runs later and finds result_taken set.
+ */
+static void make_room(struct metrics_cost_log *log)
+{
+    uint64_t start = uv_hrtime(), waited_ms;
+    char note[LOG_EVERY_NOTE_MAX];
+
+    if (log->writing && !log->result_taken) {
+        if (uv_cancel((uv_req_t *)&log->work) == 0) {
+            log->result_taken = 1; /* never ran: its bytes are still in inflight */
+        } else {
+            uv_mutex_lock(&log->lock);
+            while (!log->work_done)
+                uv_cond_wait(&log->work_cond, &log->lock);
+            uv_mutex_unlock(&log->lock);
+            (void)take_result(log); /* EAGAIN: write_sync retries the rest */
+        }
+    }
+    write_all_now(log, "write");
+    waited_ms = (uv_hrtime() - start) / 1000000;
+    if (log->metrics != NULL)
+        (void)metrics_add(log->metrics, METRICS_COST_LOG_WAITS_TOTAL, NULL, 1);
+    if (log_every_due(&log->wait_log, uv_hrtime() / 1000000, note))
+        log_warn("cost log %s: %d MiB waiting for the disk; the loop wrote them itself in %llu "
+                 "ms%s", log->path ? log->path : "stdout", MAX_BUFFERED >> 20,
+                 (unsigned long long)waited_ms, note);
 }
 
 /*
@@ -406,7 +518,7 @@ struct metrics_cost_log *metrics_cost_log_open(uv_loop_t *loop, const char *path
                                                unsigned flush_ms, struct metrics *m, int *err)
 {
     struct metrics_cost_log *log = calloc(1, sizeof(*log));
-    int rc = -ENOMEM;
+    int rc = -ENOMEM, sync_made = 0;
 
     if (log == NULL)
         goto fail;
@@ -414,6 +526,14 @@ struct metrics_cost_log *metrics_cost_log_open(uv_loop_t *loop, const char *path
     log->metrics = m;
     log->old_fd = -1;
     log->fd = 1;
+    if ((rc = uv_mutex_init(&log->lock)) != 0)
+        goto fail;
+    if ((rc = uv_cond_init(&log->work_cond)) != 0) {
+        uv_mutex_destroy(&log->lock);
+        goto fail;
+    }
+    sync_made = 1;
+    rc = -ENOMEM;
     if (strcmp(path, "-") != 0) {
         uv_fs_t req;
 
@@ -432,6 +552,10 @@ struct metrics_cost_log *metrics_cost_log_open(uv_loop_t *loop, const char *path
     return log;
 
 fail:
+    if (sync_made) {
+        uv_cond_destroy(&log->work_cond);
+        uv_mutex_destroy(&log->lock);
+    }
     if (log != NULL)
         free(log->path);
     free(log);
@@ -441,12 +565,19 @@ fail:
 
 int metrics_cost_log_write(struct metrics_cost_log *log, const struct metrics_cost_record *r)
 {
-    if (log->closing || log->pending.len + log->inflight.len >= MAX_BUFFERED) {
+    char note[LOG_EVERY_NOTE_MAX];
+
+    if (log->closing) {
         count_dropped(log, 1);
         return -ENOBUFS;
     }
+    if (log->pending.len + log->inflight.len >= MAX_BUFFERED)
+        make_room(log);
     if (metrics_cost_record_json(r, &log->pending) != 0) {
         count_dropped(log, 1);
+        if (log_every_due(&log->nomem_log, uv_hrtime() / 1000000, note))
+            log_error("cost log %s: no memory for a record; dropping it%s",
+                      log->path ? log->path : "stdout", note);
         return -ENOMEM;
     }
     log->records++;

@@ -72,7 +72,9 @@ enum metrics_type { METRICS_COUNTER, METRICS_GAUGE, METRICS_HISTOGRAM };
     X(INFLIGHT_REQUESTS, "costrouter_inflight_requests", GAUGE,                              \
       "Requests received and not yet answered.", "")                                         \
     X(COST_LOG_DROPPED_TOTAL, "costrouter_cost_log_dropped_total", COUNTER,                  \
-      "Cost log records dropped (buffer full or write error).", "")
+      "Cost log records lost: a write failed, or no memory to format them.", "")             \
+    X(COST_LOG_WAITS_TOTAL, "costrouter_cost_log_waits_total", COUNTER,                      \
+      "Times the cost log fell 16 MiB behind and the loop waited for the disk to write it.", "")
 
 #define METRICS__ENUM(id, name, type, help, labels) METRICS_##id,
 enum metrics_id { METRICS_LIST(METRICS__ENUM) METRICS_NMETRICS };
@@ -193,19 +195,24 @@ struct metrics_cost_log;
 
 /*
  * Open the cost log at `path` (appending, created 0640) or stdout for "-"
- * and attach it to `loop`. Records are buffered and written by
- * uv_fs_write on the threadpool every flush_ms (0 = 200) or as soon as
- * 64 KiB are buffered, so the loop never waits for the disk. `m` (may be
- * NULL) gets COST_LOG_DROPPED_TOTAL. The open itself is synchronous (call
- * at start-up). Returns NULL and sets *err (negative errno) on failure.
+ * and attach it to `loop`. Records are buffered and written on the
+ * threadpool every flush_ms (0 = 200) or as soon as 64 KiB are buffered,
+ * so the loop does not wait for the disk unless it falls 16 MiB behind
+ * (see metrics_cost_log_write). `m` (may be NULL) gets
+ * COST_LOG_DROPPED_TOTAL and COST_LOG_WAITS_TOTAL. The open itself is
+ * synchronous (call at start-up). Returns NULL and sets *err (negative
+ * errno) on failure.
  */
 struct metrics_cost_log *metrics_cost_log_open(struct uv_loop_s *loop, const char *path,
                                                unsigned flush_ms, struct metrics *m, int *err);
 
 /*
  * Serialize `r` into the buffer now (the record's memory can go right
- * after). Returns 0, -ENOBUFS when 16 MiB are already waiting for the disk
- * (the record is dropped and counted) or -ENOMEM.
+ * after). When 16 MiB are already waiting for the disk, first waits for
+ * the write in flight and writes them all on the calling (loop) thread:
+ * back-pressure rather than a lost record, counted in COST_LOG_WAITS_TOTAL
+ * and logged. Returns 0, or -ENOMEM (the record is dropped, counted and
+ * logged); -ENOBUFS (also counted) if called after metrics_cost_log_close.
  */
 int metrics_cost_log_write(struct metrics_cost_log *log, const struct metrics_cost_record *r);
 

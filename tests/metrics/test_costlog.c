@@ -1,8 +1,9 @@
 /*
  * tests/metrics/test_costlog.c: metrics/costlog.c on a real libuv loop
  * writing real files: JSON validity and keys, flush on the timer, nothing
- * lost at shutdown with writes in flight, rotation by rename + reopen,
- * stdout, and write errors counted as drops.
+ * lost at shutdown with writes in flight, a full buffer waiting for the
+ * disk instead of refusing records, rotation by rename + reopen, stdout,
+ * and write errors counted as drops.
  */
 #define _GNU_SOURCE
 #include <cjson/cJSON.h>
@@ -238,7 +239,7 @@ static void on_idle(uv_idle_t *h)
         make_record(&r, id, sizeof(id), ctx->batch * PER_BATCH + i, cands);
         failed += metrics_cost_log_write(ctx->log, &r) != 0;
     }
-    cr_assert_eq(failed, 0);
+    cr_assert_eq(failed, 0, "batch %d: %d records refused", ctx->batch, failed);
     if (++ctx->batch == BATCHES) {
         /* close while a write is most likely still on the threadpool */
         metrics_cost_log_close(ctx->log);
@@ -262,6 +263,147 @@ Test(costlog, nothing_lost_at_shutdown, .timeout = 30)
     cr_assert_eq(metrics_get(m, METRICS_COST_LOG_DROPPED_TOTAL, NULL), 0);
     metrics_free(m);
     free(seen);
+}
+
+enum { OVER_CAP = 40000 }; /* about 22 MB of records, more than the 16 MiB buffer */
+
+/*
+ * Write OVER_CAP records from one call, so that no completed write is
+ * taken in between (that needs the loop): the buffer reaches 16 MiB
+ * however fast the disk is. Asserts that none was refused and that the
+ * log waited for the disk instead; then closes it and runs the loop.
+ */
+static void burst_over_cap(struct metrics_cost_log *log, struct metrics *m, void (*after)(void *),
+                           void *arg)
+{
+    struct metrics_cost_candidate cands[2];
+    struct metrics_cost_record r;
+    char id[32];
+    int failed = 0;
+
+    for (int i = 0; i < OVER_CAP; i++) {
+        make_record(&r, id, sizeof(id), i, cands);
+        failed += metrics_cost_log_write(log, &r) != 0;
+    }
+    after(arg);
+    cr_assert_eq(failed, 0, "%d of %d records refused", failed, OVER_CAP);
+    cr_assert_geq(metrics_get(m, METRICS_COST_LOG_WAITS_TOTAL, NULL), 1, "the buffer never filled");
+    metrics_cost_log_close(log);
+    uv_run(&loop, UV_RUN_DEFAULT);
+}
+
+/* Every record of burst_over_cap() once in `file`, none dropped. */
+static void check_over_cap(const char *file, struct metrics *m)
+{
+    char *seen = calloc(OVER_CAP, 1);
+
+    cr_assert_eq(check_lines(file, seen, OVER_CAP), OVER_CAP);
+    cr_assert_eq(metrics_get(m, METRICS_COST_LOG_DROPPED_TOTAL, NULL), 0);
+    free(seen);
+}
+
+enum { BLOCKERS = 4 }; /* libuv's default threadpool size */
+
+/* Work that holds a threadpool thread until `go` is posted. */
+struct pool_blocker {
+    uv_work_t work[BLOCKERS]; /* one per thread */
+    uv_sem_t go;              /* posted once per work item to let it end */
+};
+
+static void wait_go(uv_work_t *w)
+{
+    uv_sem_wait(&((struct pool_blocker *)w->data)->go);
+}
+
+static void after_go(uv_work_t *w, int status)
+{
+    (void)w;
+    (void)status;
+}
+
+static void release_pool(void *arg)
+{
+    struct pool_blocker *pb = arg;
+
+    for (int k = 0; k < BLOCKERS; k++)
+        uv_sem_post(&pb->go);
+}
+
+/*
+ * The threadpool is busy with other work (as with slow DNS lookups), so
+ * the write queued behind it has not started when the buffer fills: the
+ * log must take it back and write everything itself.
+ */
+Test(costlog, full_buffer_with_a_busy_threadpool, .timeout = 30)
+{
+    struct pool_blocker pb;
+    struct metrics *m = metrics_create(0);
+    struct metrics_cost_log *log;
+    int err;
+
+    /* read at the threadpool's first use, which is in this test's process */
+    setenv("UV_THREADPOOL_SIZE", "1", 1);
+    cr_assert_eq(uv_sem_init(&pb.go, 0), 0);
+    for (int k = 0; k < BLOCKERS; k++) {
+        pb.work[k].data = &pb;
+        cr_assert_eq(uv_queue_work(&loop, &pb.work[k], wait_go, after_go), 0);
+    }
+    log = metrics_cost_log_open(&loop, path, 1000, m, &err);
+    cr_assert_not_null(log);
+    burst_over_cap(log, m, release_pool, &pb);
+    uv_sem_destroy(&pb.go);
+    check_over_cap(path, m);
+    metrics_free(m);
+}
+
+struct fifo_reader {
+    uv_thread_t thread; /* drains the FIFO into `out` */
+    char out[160];      /* regular file that gets what was read */
+};
+
+/* Open the FIFO at `path`, read nothing for 200 ms, so that the write on
+ * the threadpool blocks on the full pipe, then copy all to rd->out. */
+static void drain_fifo(void *arg)
+{
+    struct fifo_reader *rd = arg;
+    int in = open(path, O_RDONLY), out = open(rd->out, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    static char data[1 << 16];
+    ssize_t n;
+
+    uv_sleep(200);
+    while ((n = read(in, data, sizeof(data))) > 0)
+        if (write(out, data, (size_t)n) != n)
+            break;
+    close(in);
+    close(out);
+}
+
+static void nothing(void *arg)
+{
+    (void)arg;
+}
+
+/*
+ * A consumer slower than the router: the threadpool's write is stuck in
+ * write(2) when the buffer fills, so the loop must wait for it before
+ * writing the rest itself, and lines stay whole.
+ */
+Test(costlog, full_buffer_waits_for_a_stuck_write, .timeout = 30)
+{
+    struct fifo_reader rd;
+    struct metrics *m = metrics_create(0);
+    struct metrics_cost_log *log;
+    int err;
+
+    snprintf(rd.out, sizeof(rd.out), "%s/drained.log", dir);
+    cr_assert_eq(mkfifo(path, 0600), 0);
+    cr_assert_eq(uv_thread_create(&rd.thread, drain_fifo, &rd), 0);
+    log = metrics_cost_log_open(&loop, path, 1000, m, &err);
+    cr_assert_not_null(log);
+    burst_over_cap(log, m, nothing, NULL);
+    cr_assert_eq(uv_thread_join(&rd.thread), 0);
+    check_over_cap(rd.out, m);
+    metrics_free(m);
 }
 
 struct rotate_ctx {
