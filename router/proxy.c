@@ -565,15 +565,24 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
 {
     struct router__request *req = &c->req;
     const struct conf_backend *b;
-    char route_key[CONF_NAME_MAX + sizeof("#stream")];
+    char route_key[2 * CONF_NAME_MAX + sizeof("#stream tenant=:") + 20];
 
     if (choose(c, last_error) != 0)
         return;
     b = req->route->candidates[req->candidate];
     if (req->cacheable && req->begins == 0) {
-        /* Streams and plain answers are cached apart: each replays as sent. */
-        snprintf(route_key, sizeof(route_key), "%s%s", req->route->model,
-                 req->stream ? "#stream" : "");
+        /* Streams and plain answers are cached apart: each replays as sent.
+         * Unless the cache is shared, so are tenants: the store names
+         * entries per tenant, but the single flight goes by this key
+         * alone, and joined one tenant's request to another's answer
+         * (billed to the first, telling the second that someone sends
+         * the same prompt). */
+        if (c->router->conf->cache_shared)
+            snprintf(route_key, sizeof(route_key), "%s%s", req->route->model,
+                     req->stream ? "#stream" : "");
+        else
+            snprintf(route_key, sizeof(route_key), "%s%s tenant=%zu:%s", req->route->model,
+                     req->stream ? "#stream" : "", strlen(req->tenant->id), req->tenant->id);
         if (cache_key_make(route_key, b->model ? b->model : req->route->model, req->json,
                            &req->cache_key) != 0)
             req->cacheable = 0;

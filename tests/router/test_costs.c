@@ -405,6 +405,40 @@ Test(costs, exhausted_budget_downgrades_below_the_quality_floor)
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "downgraded-budget");
 }
 
+/* With a cache per tenant (the default), a request identical to another
+ * tenant's in flight is not joined to it: it goes upstream and is charged
+ * to its own tenant, who learns nothing of the other's prompt. */
+Test(costs, single_flight_does_not_join_two_tenants)
+{
+    struct support_http_conn slow = {.fd = -1};
+    struct support_http_response slow_resp = {0};
+    struct buf slow_req = {0};
+    char tenants[256], hex[65];
+    const char body[] = "{\"model\":\"chat\",\"temperature\":0," MSG "}";
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    support_key_sha256_hex("sk-other-tenant", hex);
+    snprintf(tenants, sizeof(tenants), "  - id: other\n    api_keys: [\"sha256:%s\"]\n", hex);
+    start_routers(1, "a", tenants);
+    send_unanswered(&slow, &slow_req, AUTH "x-mock-ttft-ms: 1000\r\n", body);
+    usleep(300 * 1000); /* the first is upstream, the flight's leader */
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/chat/completions",
+                           "Authorization: Bearer sk-other-tenant\r\n", body),
+                 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a",
+                     "joined the other tenant's request");
+    cr_assert_gt(header_usd("x-costrouter-cost-usd"), 0);
+    cr_assert_eq(support_http_read(&slow, &slow_resp, TIMEOUT_MS), 0);
+    cr_assert_eq(slow_resp.status, 200);
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 2);
+    support_http_close(&slow);
+    support_http_response_free(&slow_resp);
+    buf_free(&slow_req);
+}
+
 Test(costs, deterministic_requests_are_served_from_the_cache)
 {
     struct support_sse s = {0};
