@@ -911,10 +911,61 @@ struct router *router_create(uv_loop_t *loop, struct conf *conf)
     return r;
 }
 
+static int differ(const char *a, const char *b)
+{
+    return a == NULL || b == NULL ? a != b : strcmp(a, b) != 0;
+}
+
+/* The first setting that the state made once at start (the store with its
+ * connection and cache, the cost log file) was made from and that `next`
+ * changes, or NULL. A reload cannot apply such a change; run on the old
+ * values while the file says otherwise, a router moved to Redis would
+ * keep its budgets to itself. Names only: store.redis may hold a
+ * password. */
+static const char *restart_only_change(const struct conf *now, const struct conf *next)
+{
+    if (differ(now->redis_url, next->redis_url))
+        return "store.redis";
+    if (now->store_on_failure != next->store_on_failure)
+        return "store.on_failure";
+    if (differ(now->store_key_prefix, next->store_key_prefix))
+        return "store.key_prefix";
+    if (now->store_connect_timeout_ms != next->store_connect_timeout_ms)
+        return "store.connect_timeout_ms";
+    if (now->store_command_timeout_ms != next->store_command_timeout_ms)
+        return "store.command_timeout_ms";
+    if (now->store_reservation_ttl_ms != next->store_reservation_ttl_ms)
+        return "store.reservation_ttl_ms";
+    if (now->cache_ttl_s != next->cache_ttl_s)
+        return "cache.ttl_s";
+    if (now->cache_max_entry_bytes != next->cache_max_entry_bytes)
+        return "cache.max_entry_bytes";
+    if (now->cache_local_bytes != next->cache_local_bytes)
+        return "cache.local_bytes";
+    if (now->cache_shared != next->cache_shared)
+        return "cache.shared";
+    if (differ(now->cost_log, next->cost_log))
+        return "cost_log";
+    return NULL;
+}
+
 struct router *router_reload(struct router *old, struct conf *conf, char **errors)
 {
     struct router__shared *sh = old->shared;
+    const char *fixed = restart_only_change(old->conf, conf);
     struct router *r;
+
+    if (fixed != NULL) {
+        char why[128];
+
+        snprintf(why, sizeof(why), "%s cannot change without a restart; the config was not reloaded",
+                 fixed);
+        log_error("reload: %s", why);
+        if (errors)
+            *errors = strdup(why);
+        conf_free(conf);
+        return NULL;
+    }
 
     if (conf->listen_port != old->conf->listen_port ||
         strcmp(conf->listen_host, old->conf->listen_host) != 0)

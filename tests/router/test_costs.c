@@ -439,6 +439,31 @@ Test(costs, single_flight_does_not_join_two_tenants)
     buf_free(&slow_req);
 }
 
+/* The store is made once, at start: a reload that moves it (here from
+ * in-process to Redis) is refused, saying which key, never its value (a
+ * Redis URL may hold a password); other changes still reload. */
+Test(costs, a_reload_that_changes_the_store_is_refused)
+{
+    const char *msg;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    top_extra = "store: {redis: \"redis://:pw-in-url@127.0.0.1:1\"}\n";
+    write_conf("a", NULL);
+    cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 400, "%.*s", (int)resp.body.len, resp.body.data);
+    msg = cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "message"));
+    cr_assert_not_null(strstr(msg, "store.redis cannot change without a restart"), "%s", msg);
+    cr_assert_null(memmem(resp.body.data, resp.body.len, "pw-in-url", 9));
+    top_extra = "";
+    write_conf("a", "    budget: {daily_usd: 0.000001, on_exhausted: reject}\n");
+    cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"max_tokens\":10," MSG "}"), 0);
+    cr_assert_eq(resp.status, 429, "the new budget applies");
+}
+
 Test(costs, deterministic_requests_are_served_from_the_cache)
 {
     struct support_sse s = {0};
