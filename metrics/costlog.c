@@ -28,6 +28,7 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include <uv.h>
@@ -74,6 +75,7 @@ struct metrics_cost_log {
     unsigned result_taken:1;  /* work_result already applied to inflight */
     unsigned reopen_wanted:1; /* reopen after the current request */
     unsigned closing:1;       /* metrics_cost_log_close() was called */
+    unsigned line_cut:1;      /* the file ends inside a line: the next write starts "\n" */
 };
 
 /* ---- JSON ------------------------------------------------------------- */
@@ -240,16 +242,42 @@ static void count_dropped(struct metrics_cost_log *log, uint64_t n)
         (void)metrics_add(log->metrics, METRICS_COST_LOG_DROPPED_TOTAL, NULL, (double)n);
 }
 
+/* Records wholly in p[0..len): one per newline. */
+static uint64_t lines_in(const char *p, size_t len)
+{
+    uint64_t n = 0;
+    const char *end = p + len;
+
+    while (p < end && (p = memchr(p, '\n', (size_t)(end - p))) != NULL) {
+        n++;
+        p++;
+    }
+    return n;
+}
+
+/*
+ * The rest of inflight could not be written: its records are dropped,
+ * not those written before the error. If the error cut a line, that part
+ * stays in the file, and the next record must not be glued to it (one
+ * line that is no JSON: `costrouter report` would skip both): inflight
+ * keeps a lone newline, written before anything else.
+ */
 static void write_failed(struct metrics_cost_log *log, int err)
 {
+    size_t off = log->inflight_off;
+
     if (err != log->last_error)
         log_error("cost log %s: write: %s; dropping records", log->path ? log->path : "stdout",
                   uv_strerror(err));
     log->last_error = err;
-    count_dropped(log, log->inflight_records);
+    count_dropped(log, log->inflight_records - lines_in(log->inflight.data, off));
+    if (off > 0 && log->inflight.data[off - 1] != '\n')
+        log->line_cut = 1;
     buf_reset(&log->inflight);
     log->inflight_off = 0;
     log->inflight_records = 0;
+    if (log->line_cut && buf_append(&log->inflight, "\n", 1) != 0)
+        log->line_cut = 0; /* no memory for one byte: that line stays glued */
 }
 
 /*
@@ -269,6 +297,8 @@ static int take_result(struct metrics_cost_log *log)
     if (n < 0) {
         write_failed(log, (int)n);
     } else {
+        if (n > 0)
+            log->line_cut = 0; /* the newline went first */
         log->inflight_off += (size_t)n;
         if (log->inflight_off == log->inflight.len) {
             buf_reset(&log->inflight);
@@ -514,6 +544,23 @@ static void on_timer(uv_timer_t *t)
     kick(container_of(t, struct metrics_cost_log, timer), 1);
 }
 
+/* Does the file end inside a line? A router killed in the middle of a
+ * write (SIGKILL, the OOM killer, power) leaves one; its successor must
+ * not append its first record to it. At start, before the loop runs. */
+static int ends_inside_a_line(const char *path)
+{
+    struct stat st;
+    char last;
+    int fd = open(path, O_RDONLY | O_CLOEXEC), cut;
+
+    if (fd < 0)
+        return 0;
+    cut = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 &&
+          pread(fd, &last, 1, st.st_size - 1) == 1 && last != '\n';
+    close(fd);
+    return cut;
+}
+
 struct metrics_cost_log *metrics_cost_log_open(uv_loop_t *loop, const char *path,
                                                unsigned flush_ms, struct metrics *m, int *err)
 {
@@ -545,6 +592,10 @@ struct metrics_cost_log *metrics_cost_log_open(uv_loop_t *loop, const char *path
         if (rc < 0)
             goto fail;
         log->fd = rc;
+        if (ends_inside_a_line(path) && buf_append(&log->pending, "\n", 1) != 0) {
+            rc = -ENOMEM;
+            goto fail;
+        }
     }
     uv_timer_init(loop, &log->timer);
     uv_timer_start(&log->timer, on_timer, flush_ms ? flush_ms : 200, flush_ms ? flush_ms : 200);

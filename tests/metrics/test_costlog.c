@@ -14,6 +14,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <uv.h>
@@ -522,6 +524,94 @@ Test(costlog, write_errors_count_as_dropped, .timeout = 10)
     uv_run(&loop, UV_RUN_DEFAULT);
     cr_assert_eq(metrics_get(m, METRICS_COST_LOG_DROPPED_TOTAL, NULL), 5);
     metrics_free(m);
+}
+
+/* The file's lines: each NUL-terminated in the returned buffer (free
+ * it), at most `max`; *n gets how many. */
+static char *lines_of(const char *p, char **lines, size_t max, size_t *n)
+{
+    size_t len;
+    char *data = slurp(p, &len), *save = NULL;
+
+    *n = 0;
+    for (char *line = strtok_r(data, "\n", &save); line && *n < max; line = strtok_r(NULL, "\n", &save))
+        lines[(*n)++] = line;
+    return data;
+}
+
+static void assert_record(const char *line, const char *id)
+{
+    cJSON *j = cJSON_Parse(line);
+
+    cr_assert_str_eq(cJSON_GetStringValue(cJSON_GetObjectItem(j, "request_id")), id, "line: %s",
+                     line);
+    cJSON_Delete(j);
+}
+
+/* A router killed in the middle of a write leaves a cut line: the next
+ * one's first record starts on a line of its own. */
+Test(costlog, a_file_that_ends_inside_a_line_gets_a_new_line_first, .timeout = 10)
+{
+    struct rotate_ctx ctx = {0};
+    FILE *f = fopen(path, "w");
+    char *lines[4], *data;
+    size_t n;
+    int err;
+
+    cr_assert_not_null(f);
+    fputs("{\"request_id\":\"cut", f);
+    fclose(f);
+    ctx.log = metrics_cost_log_open(&loop, path, 0, NULL, &err);
+    cr_assert_not_null(ctx.log);
+    write_some(&ctx, 1);
+    metrics_cost_log_close(ctx.log);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    data = lines_of(path, lines, 4, &n);
+    cr_assert_eq(n, 2);
+    cr_assert_str_eq(lines[0], "{\"request_id\":\"cut");
+    assert_record(lines[1], "req-0");
+    free(data);
+}
+
+static void on_cut_step(uv_timer_t *t)
+{
+    struct rotate_ctx *ctx = (struct rotate_ctx *)t;
+    struct rlimit unlimited = {RLIM_INFINITY, RLIM_INFINITY};
+
+    /* 3 records were handed to one write; 1000 bytes went in, the rest
+     * failed (EFBIG). With room again, one more. */
+    cr_assert_eq(metrics_cost_log_dropped(ctx->log), 2, "the record written whole is no drop");
+    cr_assert_eq(setrlimit(RLIMIT_FSIZE, &unlimited), 0);
+    write_some(ctx, 1);
+    metrics_cost_log_close(ctx->log);
+    uv_close((uv_handle_t *)t, NULL);
+}
+
+/* A write cut short by an error (here the file size limit, as a full disk
+ * would) leaves part of a line in the file. The next record is not glued
+ * to it: it would make one line that is no JSON, losing both. */
+Test(costlog, a_write_cut_short_keeps_the_next_record_whole, .timeout = 10)
+{
+    struct rotate_ctx ctx = {0};
+    struct rlimit small = {1000, RLIM_INFINITY};
+    char *lines[8], *data;
+    size_t n;
+    int err;
+
+    signal(SIGXFSZ, SIG_IGN);
+    ctx.log = metrics_cost_log_open(&loop, path, 10, NULL, &err);
+    cr_assert_not_null(ctx.log);
+    cr_assert_eq(setrlimit(RLIMIT_FSIZE, &small), 0);
+    write_some(&ctx, 3); /* some 560 bytes each */
+    uv_timer_init(&loop, &ctx.timer);
+    uv_timer_start(&ctx.timer, on_cut_step, 300, 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    data = lines_of(path, lines, 8, &n);
+    cr_assert_eq(n, 3);
+    assert_record(lines[0], "req-0");
+    cr_assert_null(cJSON_Parse(lines[1]), "the cut line: %s", lines[1]);
+    assert_record(lines[2], "req-3");
+    free(data);
 }
 
 Test(costlog, open_failure_reports_errno, .timeout = 5)
