@@ -81,10 +81,23 @@ static uint32_t select_kth(uint32_t *a, uint32_t n, uint32_t k)
     return a[k];
 }
 
-void policy_outpred_observe(struct policy_outpred *o, int64_t completion_tokens)
+static int64_t positive_int(const cJSON *req, const char *key)
 {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(req, key);
+    if (!cJSON_IsNumber(v) || v->valuedouble < 1 || v->valuedouble > POLICY_TOKENS_COUNT_MAX)
+        return 0;
+    return (int64_t)v->valuedouble;
+}
+
+void policy_outpred_observe(struct policy_outpred *o, int64_t completion_tokens,
+                            const cJSON *req)
+{
+    int64_t n = positive_int(req, "n");
+
     if (completion_tokens < 0)
         return;
+    if (n > 1)
+        completion_tokens /= n;
     o->ring[o->next] = completion_tokens > UINT32_MAX ? UINT32_MAX : (uint32_t)completion_tokens;
     o->next = (o->next + 1) % POLICY_OUTPRED_WINDOW;
     if (o->n < POLICY_OUTPRED_WINDOW)
@@ -108,13 +121,6 @@ static uint32_t outpred_quantile(struct policy_outpred *o)
     return o->quantile;
 }
 
-static int64_t positive_int(const cJSON *req, const char *key)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(req, key);
-    if (!cJSON_IsNumber(v) || v->valuedouble < 1 || v->valuedouble > POLICY_TOKENS_COUNT_MAX)
-        return 0;
-    return (int64_t)v->valuedouble;
-}
 
 int64_t policy_outpred_predict(struct policy_outpred *o, const cJSON *req, int64_t fallback)
 {

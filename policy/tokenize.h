@@ -170,8 +170,11 @@ struct policy_outpred {
 /* Empty predictor. */
 void policy_outpred_init(struct policy_outpred *o);
 
-/* Record one response's usage.completion_tokens (negative ignored). O(1). */
-void policy_outpred_observe(struct policy_outpred *o, int64_t completion_tokens);
+/* Record the usage.completion_tokens of the answer to `req` (may be NULL;
+ * negative ignored), per choice: divided by "n" when n > 1, since
+ * policy_outpred_predict multiplies by it. O(1). */
+void policy_outpred_observe(struct policy_outpred *o, int64_t completion_tokens,
+                            const struct cJSON *req);
 
 /*
  * Completion tokens to reserve for `req`: its "max_completion_tokens" or

@@ -25,8 +25,13 @@ static int64_t wall_ms(void)
     return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
 }
 
+/* The backend label of the metrics: as in the cost log, "cache" for a
+ * cache hit (its pool is the one chosen before the lookup, which did no
+ * work for it). */
 static const char *backend_name(const struct router__request *req)
 {
+    if (req->cache_hit)
+        return "cache";
     return req->pool ? req->pool->conf->name : "none";
 }
 

@@ -560,12 +560,23 @@ static int choose(struct router__client *c, const char *last_error)
     return 0;
 }
 
+/* Did the client ask for the usage event at the end of its stream? A
+ * cached stream replays the events its first client got, so those with
+ * and those without it are cached apart. */
+static int client_wants_usage(const struct router__request *req)
+{
+    const cJSON *opts = cJSON_GetObjectItemCaseSensitive(req->json, "stream_options");
+
+    return cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(opts, "include_usage"));
+}
+
 /* Choose, then reserve (the store answers in router__proxy_reserved). */
 static void choose_and_reserve(struct router__client *c, const char *last_error)
 {
     struct router__request *req = &c->req;
     const struct conf_backend *b;
-    char route_key[2 * CONF_NAME_MAX + sizeof("#stream tenant=:") + 20];
+    char route_key[2 * CONF_NAME_MAX + sizeof("#stream+usage tenant=:") + 20];
+    const char *kind;
 
     if (choose(c, last_error) != 0)
         return;
@@ -577,12 +588,12 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
          * alone, and joined one tenant's request to another's answer
          * (billed to the first, telling the second that someone sends
          * the same prompt). */
+        kind = !req->stream ? "" : client_wants_usage(req) ? "#stream+usage" : "#stream";
         if (c->router->conf->cache_shared)
-            snprintf(route_key, sizeof(route_key), "%s%s", req->route->model,
-                     req->stream ? "#stream" : "");
+            snprintf(route_key, sizeof(route_key), "%s%s", req->route->model, kind);
         else
-            snprintf(route_key, sizeof(route_key), "%s%s tenant=%zu:%s", req->route->model,
-                     req->stream ? "#stream" : "", strlen(req->tenant->id), req->tenant->id);
+            snprintf(route_key, sizeof(route_key), "%s%s tenant=%zu:%s", req->route->model, kind,
+                     strlen(req->tenant->id), req->tenant->id);
         if (cache_key_make(route_key, b->model ? b->model : req->route->model, req->json,
                            &req->cache_key) != 0)
             req->cacheable = 0;
@@ -1057,14 +1068,17 @@ static void keep_for_cache(struct router__request *req, const char *p, size_t le
     }
 }
 
-/* on_overrun: cut. A stream with no max_tokens whose running cost has
- * used its reservation and the rest of the budget is ended with an SSE
- * error event; what was streamed is charged. Returns 1 when cut. */
+static void end_with_cost(struct router__client *c);
+
+/* on_overrun: cut. A stream with no max_tokens whose running cost, with
+ * the event about to go, would pass its reservation and the rest of the
+ * budget is ended instead with an SSE error event, then the cost as at
+ * any end; what was streamed is charged. Returns 1 when cut. */
 static int overrun_cut(struct router__client *c)
 {
     struct router__request *req = &c->req;
     const struct conf_backend *b = req->pool->conf;
-    struct backend_tokens so_far = {req->prompt_est, (int64_t)req->events, 0};
+    struct backend_tokens so_far = {req->prompt_est, (int64_t)req->events + 1, 0};
     int64_t running, left;
     int status;
     char *err;
@@ -1105,8 +1119,7 @@ static int overrun_cut(struct router__client *c)
     req->reason = "budget-cut";
     settle(c);
     router__spend_cache_store(c);
-    if (req->chunked)
-        router__client_send(c, "0\r\n\r\n", 5);
+    end_with_cost(c);
     router__client_response_done(c);
     return 1;
 }
@@ -1140,10 +1153,11 @@ static int on_sse_event(void *arg, const char *p, size_t len)
             if (req->injected_usage && choices_empty)
                 return 0;
         }
-        if (!(dlen == 6 && memcmp(data, "[DONE]", 6) == 0))
+        if (!(dlen == 6 && memcmp(data, "[DONE]", 6) == 0)) {
+            if (overrun_cut(c))
+                return -1; /* before this event went: not charged */
             req->events++;
-        if (overrun_cut(c))
-            return -1;
+        }
     }
     if (req->cacheable)
         keep_for_cache(req, p, len);
@@ -1241,7 +1255,8 @@ static void settle(struct router__client *c)
                              policy_tokens_estimate(req->body.data, req->body.len),
                              req->prompt_tokens);
     if (req->completion_tokens >= 0 && req->endpoint != ROUTER_EP_EMBEDDINGS)
-        policy_outpred_observe(&ts->outpred[req->route - r->conf->routes], req->completion_tokens);
+        policy_outpred_observe(&ts->outpred[req->route - r->conf->routes], req->completion_tokens,
+                               req->json);
     if (req->prompt_tokens > 0 && req->prompt_est > 0) {
         const char *labels[] = {b->name};
         metrics_set(r->metrics, METRICS_TOKEN_ESTIMATE_RATIO, labels,
@@ -1260,6 +1275,21 @@ static size_t join3(char out[96], const char *a, const char *b, const char *c)
     memcpy(out + na, b, nb);
     memcpy(out + na + nb, c, nc);
     return na + nb + nc;
+}
+
+/* The end of a response that went out as it came: the settled cost as an
+ * SSE comment clients ignore, then as a trailer in the last chunk (not for
+ * HTTP/1.0, which has neither chunks nor trailers). */
+static void end_with_cost(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    char usd[32], tail[96];
+
+    format_usd(usd, sizeof(usd), req->cost_micro);
+    if (req->is_sse)
+        forward(c, tail, join3(tail, ": x-costrouter-cost-usd=", usd, "\n\n"));
+    if (req->chunked)
+        send_raw(c, tail, join3(tail, "0\r\nx-costrouter-cost-usd: ", usd, "\r\n\r\n"));
 }
 
 /* A 2xx chat or completions body with no usage (some self-hosted servers
@@ -1297,7 +1327,6 @@ void router__proxy_on_complete(struct router__client *c)
 {
     struct router__request *req = &c->req;
     struct router__usage u;
-    char usd[32], tail[96];
 
     req->up = NULL;
     req->upstream_done = 1;
@@ -1314,18 +1343,12 @@ void router__proxy_on_complete(struct router__client *c)
     if (!req->is_sse && req->completion_tokens < 0 && req->up_body.len > 0)
         count_completion(c);
     settle(c);
-    format_usd(usd, sizeof(usd), req->cost_micro);
     if (req->head_held) {
         send_held_head(c, (int64_t)req->up_body.len, 1, &req->up_body);
         if (req->cacheable)
             keep_for_cache(req, req->up_body.data, req->up_body.len);
     } else {
-        /* An SSE comment clients ignore, then the cost as a trailer (not
-         * for HTTP/1.0, which has neither chunks nor trailers). */
-        if (req->is_sse)
-            forward(c, tail, join3(tail, ": x-costrouter-cost-usd=", usd, "\n\n"));
-        if (req->chunked)
-            send_raw(c, tail, join3(tail, "0\r\nx-costrouter-cost-usd: ", usd, "\r\n\r\n"));
+        end_with_cost(c);
     }
     router__proxy_flush(c);
     router__spend_cache_store(c);
@@ -1363,6 +1386,18 @@ static void fail_midstream(struct router__client *c, const char *errstr, const c
     router__client_response_done(c);
 }
 
+/* Undo what router__proxy_on_head noted of an answer held back and not
+ * sent, for another attempt. */
+static void forget_response(struct router__request *req)
+{
+    req->response_started = 0;
+    req->head_held = 0;
+    req->status = req->upstream_status = 0;
+    req->ttft_ms = 0;
+    buf_reset(&req->head);
+    buf_reset(&req->up_body);
+}
+
 void router__proxy_on_error(struct router__client *c, const char *errstr)
 {
     struct router__request *req = &c->req;
@@ -1370,6 +1405,13 @@ void router__proxy_on_error(struct router__client *c, const char *errstr)
     char note[LOG_EVERY_NOTE_MAX];
 
     req->up = NULL;
+    if (req->response_started && req->head_held && !req->is_sse) {
+        /* A plain answer is held whole until it ends (for its length and
+         * cost): cut before that, the client has seen nothing, so this is
+         * a failure before the response like any other. Not charged, and
+         * the next candidate may serve. */
+        forget_response(req);
+    }
     if (req->response_started) {
         log_warn("request %s: backend %s failed mid-response: %s", req->id_str,
                  req->pool->conf->name, errstr);
@@ -1393,6 +1435,10 @@ void router__proxy_abort(struct router__client *c)
 {
     struct router__request *req = &c->req;
 
+    /* The client left before the answer ended: 499 in the log and the
+     * metrics, as before the head, not the upstream's 200. */
+    if (!req->accounted && req->response_started && !req->upstream_done)
+        req->status = 499;
     if (req->up != NULL) {
         router__upstream_abort(req->up);
         req->up = NULL;

@@ -242,6 +242,21 @@ int router__spend_check(struct router__client *c)
     return req->store_op != NULL ? 0 : -1;
 }
 
+/*
+ * The tenant's numbers are the store's answer to its last begin or check,
+ * which counted this request's hold and not its charge. Kept up to date
+ * with this instance's own settles and releases until the next answer
+ * replaces them: the spend gauges showed every tenant a request behind
+ * (an idle tenant's last requests never), and the next choice counted a
+ * hold that was gone.
+ */
+static void forget_hold(struct router__client *c)
+{
+    struct router__tenant *ts = router__tenant_state(c->router, c->req.tenant);
+
+    ts->reserved = ts->reserved > c->req.res.amount ? ts->reserved - c->req.res.amount : 0;
+}
+
 void router__spend_release(struct router__client *c)
 {
     struct router__request *req = &c->req;
@@ -249,15 +264,19 @@ void router__spend_release(struct router__client *c)
     if (!req->has_res)
         return;
     req->has_res = 0;
+    forget_hold(c);
     track(c->router, cache_release(c->router->store, &req->res, on_write_done, c->router));
 }
 
 void router__spend_settle(struct router__client *c, int64_t micro)
 {
     struct router__request *req = &c->req;
+    struct router__tenant *ts = router__tenant_state(c->router, req->tenant);
 
     req->cost_micro = micro;
     req->settled = 1;
+    ts->day_spent += micro;
+    ts->month_spent += micro;
     if (!req->has_res) {
         /* No hold (e.g. a free backend): charge anyway, nothing is lost. */
         struct cache_reservation none = {.tenant = req->tenant->id};
@@ -265,6 +284,7 @@ void router__spend_settle(struct router__client *c, int64_t micro)
         return;
     }
     req->has_res = 0;
+    forget_hold(c);
     track(c->router, cache_settle(c->router->store, &req->res, micro, on_write_done, c->router));
 }
 

@@ -73,20 +73,36 @@ Test(token_stats, prediction_uses_p95_of_recent, .timeout = 10)
     struct policy_outpred o;
     policy_outpred_init(&o);
     for (int i = 1; i <= 7; i++)
-        policy_outpred_observe(&o, 1000);
+        policy_outpred_observe(&o, 1000, NULL);
     cr_expect_eq(predict(&o, "{}", 50), 50, "fewer than 8 samples: fallback");
     policy_outpred_init(&o);
     /* 1..100 in a scrambled order: nearest-rank P95 is 95. */
     for (int i = 0; i < 100; i++)
-        policy_outpred_observe(&o, 1 + (i * 37) % 100);
+        policy_outpred_observe(&o, 1 + (i * 37) % 100, NULL);
     cr_expect_eq(predict(&o, "{}", 50), 95);
     /* The window forgets: after a full window of 1000s, P95 is 1000. */
     for (int i = 0; i < POLICY_OUTPRED_WINDOW; i++)
-        policy_outpred_observe(&o, 1000);
+        policy_outpred_observe(&o, 1000, NULL);
     cr_expect_eq(predict(&o, "{}", 50), 1000);
     /* A 10% tail of long answers pushes P95 to the tail. */
     policy_outpred_init(&o);
     for (int i = 0; i < 100; i++)
-        policy_outpred_observe(&o, i % 10 == 0 ? 2000 : 100);
+        policy_outpred_observe(&o, i % 10 == 0 ? 2000 : 100, NULL);
     cr_expect_eq(predict(&o, "{}", 50), 2000);
+}
+
+/* An answer to n choices reports their total: learnt per choice, since the
+ * prediction for a request with n multiplies by n. */
+Test(token_stats, answers_with_n_choices_are_learnt_per_choice, .timeout = 10)
+{
+    struct policy_outpred o;
+    cJSON *four = cJSON_Parse("{\"n\":4}"), *one = cJSON_Parse("{}");
+
+    policy_outpred_init(&o);
+    for (int i = 0; i < 10; i++)
+        policy_outpred_observe(&o, 400, four);
+    cr_assert_eq(policy_outpred_predict(&o, one, 256), 100);
+    cr_assert_eq(policy_outpred_predict(&o, four, 256), 400);
+    cJSON_Delete(four);
+    cJSON_Delete(one);
 }

@@ -405,6 +405,45 @@ Test(costs, exhausted_budget_downgrades_below_the_quality_floor)
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "downgraded-budget");
 }
 
+/* A client that leaves mid-stream: 499 in the cost log and the metrics
+ * (not the upstream's 200), charged for what was streamed. */
+Test(costs, a_client_leaving_mid_stream_is_logged_499)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    char line[4096];
+    FILE *f;
+    cJSON *rec;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-tokens: 50\r\nx-mock-token-delay-ms: 20\r\n",
+                                     "{\"model\":\"chat\",\"stream\":true," MSG "}"),
+                 0);
+    cr_assert_eq(support_sse_open(&s, routers[0].port, req.data, req.len, TIMEOUT_MS), 0);
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(support_sse_next(&s, &ev, TIMEOUT_MS), 1);
+    support_sse_close(&s);
+    usleep(300 * 1000);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    static const char series[] =
+        "costrouter_requests_total{tenant=\"acme\",backend=\"a\",route=\"chat\",status=\"499\"} 1";
+    cr_assert_not_null(memmem(resp.body.data, resp.body.len, series, sizeof(series) - 1), "%.*s",
+                       (int)resp.body.len, resp.body.data);
+    support_proc_stop(&routers[0]);
+    f = fopen(log_path, "r");
+    cr_assert_not_null(f);
+    cr_assert_not_null(fgets(line, sizeof(line), f), "cost log is empty");
+    fclose(f);
+    rec = cJSON_Parse(line);
+    cr_assert_eq(cJSON_GetObjectItem(rec, "status")->valuedouble, 499, "%s", line);
+    cr_assert_gt(cJSON_GetObjectItem(rec, "cost_usd")->valuedouble, usd(PROMPT_TOKENS, 0, 100, 300));
+    cJSON_Delete(rec);
+}
+
 /* With a cache per tenant (the default), a request identical to another
  * tenant's in flight is not joined to it: it goes upstream and is charged
  * to its own tenant, who learns nothing of the other's prompt. */
@@ -487,6 +526,15 @@ Test(costs, deterministic_requests_are_served_from_the_cache)
     cr_assert_eq(resp.body.len, first.len);
     cr_assert_eq(memcmp(resp.body.data, first.data, first.len), 0, "replay differs");
     buf_free(&first);
+    /* The metrics say so too, as the cost log does. */
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    static const char hit[] =
+        "costrouter_requests_total{tenant=\"acme\",backend=\"cache\",route=\"chat\",status=\"200\"} 1\n";
+    static const char miss[] =
+        "costrouter_requests_total{tenant=\"acme\",backend=\"a\",route=\"chat\",status=\"200\"} 1\n";
+    cr_assert_not_null(memmem(resp.body.data, resp.body.len, hit, sizeof(hit) - 1), "%.*s",
+                       (int)resp.body.len, resp.body.data);
+    cr_assert_not_null(memmem(resp.body.data, resp.body.len, miss, sizeof(miss) - 1));
 
     /* Streams are cached apart and replayed as SSE. */
     const char sbody[] = "{\"model\":\"chat\",\"temperature\":0,\"stream\":true," MSG "}";
@@ -504,9 +552,25 @@ Test(costs, deterministic_requests_are_served_from_the_cache)
     }
     cr_assert_eq(events[0], events[1]);
     cr_assert_gt(events[0], 2);
-    /* The upstream saw two requests: one plain, one stream. */
+    /* A client asking for the usage event gets it: its streams are cached
+     * apart from those of clients that did not ask. */
+    const char ubody[] = "{\"model\":\"chat\",\"temperature\":0,\"stream\":true,"
+                         "\"stream_options\":{\"include_usage\":true}," MSG "}";
+    for (int round = 0; round < 2; round++) {
+        int usage = 0;
+
+        buf_reset(&req);
+        cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH, ubody), 0);
+        cr_assert_eq(support_sse_open(&s, routers[0].port, req.data, req.len, TIMEOUT_MS), 0);
+        cr_assert_str_eq(support_http_header(&s.resp, "x-costrouter-backend"), round ? "cache" : "a");
+        while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1)
+            usage |= strstr(ev.data, "\"usage\":{") != NULL;
+        support_sse_close(&s);
+        cr_assert(usage, "round %d: no usage event", round);
+    }
+    /* The upstream saw three requests: plain, stream, stream with usage. */
     cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
-    cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 2);
+    cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 3);
 }
 
 /* Value of the unlabelled metric `name` in resp's /metrics body, or -1. */
@@ -546,6 +610,27 @@ Test(costs, inflight_gauge_counts_requests_until_answered)
     support_http_close(&slow);
     support_http_response_free(&slow_resp);
     buf_free(&slow_req);
+}
+
+/* The spend gauges count every settled request, the last one too. */
+Test(costs, spend_gauges_count_the_last_request)
+{
+    double paid = 0;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", "    budget: {daily_usd: 10}\n");
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(chat(0, "x-mock-tokens: 7\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+        cr_assert_eq(resp.status, 200);
+        paid += header_usd("x-costrouter-cost-usd");
+    }
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_float_eq(metric_value("costrouter_budget_spent_usd{tenant=\"acme\",period=\"day\"}"),
+                       paid, 1e-9, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_float_eq(
+        metric_value("costrouter_budget_remaining_usd{tenant=\"acme\",period=\"day\"}"),
+        10 - paid, 1e-9);
 }
 
 Test(costs, admin_api_reports_spend_backends_and_metrics)
@@ -1053,11 +1138,12 @@ Test(costs, a_backend_shut_out_by_a_stale_ttft_average_is_re_checked)
 /* Stream 1000 tokens from router 0 with `headers` (after AUTH, each line
  * ending in CRLF): the events before a budget_exhausted error event, which
  * must come. */
-static int tokens_before_the_cut(const char *headers)
+static int tokens_before_the_cut_cost(const char *headers, double *cost)
 {
     struct support_sse s = {0};
     struct support_sse_event ev;
     char all[256];
+    const char *trailer;
     int n = 0, saw_error = 0;
 
     snprintf(all, sizeof(all), AUTH "x-mock-tokens: 1000\r\n%s", headers);
@@ -1072,9 +1158,20 @@ static int tokens_before_the_cut(const char *headers)
         else
             n++;
     }
-    support_sse_close(&s);
     cr_assert(saw_error, "no budget error event");
+    /* The cut stream ends as any other: with what it cost. */
+    trailer = support_http_header(&s.resp, "x-costrouter-cost-usd");
+    cr_assert_not_null(trailer, "no cost trailer after the cut");
+    *cost = strtod(trailer, NULL);
+    support_sse_close(&s);
     return n;
+}
+
+static int tokens_before_the_cut(const char *headers)
+{
+    double cost;
+
+    return tokens_before_the_cut_cost(headers, &cost);
 }
 
 Test(costs, on_overrun_cut_ends_a_stream_when_the_budget_is_gone)
@@ -1086,12 +1183,18 @@ Test(costs, on_overrun_cut_ends_a_stream_when_the_budget_is_gone)
     /* No max_tokens: the reservation assumes 256 tokens ($2.56 + prompt);
      * the budget is $3, so about 44 tokens past the reservation remain. */
     start_routers(1, "a", "    budget: {daily_usd: 3, on_exhausted: reject, on_overrun: cut}\n");
-    n = tokens_before_the_cut("");
+    double cost;
+
+    n = tokens_before_the_cut_cost("", &cost);
     cr_assert(n >= 290 && n <= 310, "%d tokens streamed before the cut", n);
-    /* What was streamed is charged: the day's spend is about the budget. */
+    /* What was streamed is charged, not the event the cut held back: the
+     * tokens the client got, and the prompt's (under $0.0001 here). */
+    cr_assert(cost - n * 0.01 >= 0 && cost - n * 0.01 < 0.0001, "charged $%f for %d tokens",
+              cost, n);
     cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
     double spent = cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble;
-    cr_assert(spent > 2.9 && spent < 3.1, "spent $%f", spent);
+    cr_assert_float_eq(spent, cost, 1e-9);
+    cr_assert(spent <= 3, "spent $%f, over the budget", spent);
 }
 
 /* The stream's own reservation answer counted another request's hold,

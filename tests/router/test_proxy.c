@@ -945,6 +945,20 @@ Test(proxy, stalled_upstream_gives_504_after_first_byte_timeout)
     cr_assert_lt(resp.total_ms, 3000.0);
 }
 
+/* A plain answer is held until it ends: one cut after its head has shown
+ * the client nothing, so the next candidate serves it, and the cut
+ * attempt is not charged. */
+Test(proxy, a_plain_answer_cut_after_its_head_falls_back)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "close-midstream", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    start_router_ab(NULL, NULL);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    cr_assert_eq(json_num(body_json(), "usage.completion_tokens"), 16);
+}
+
 Test(proxy, upstream_dying_mid_stream_is_an_error_event_not_a_clean_end)
 {
     struct support_sse s = {0};
