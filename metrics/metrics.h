@@ -54,7 +54,7 @@ enum metrics_type { METRICS_COUNTER, METRICS_GAUGE, METRICS_HISTOGRAM };
     X(GPU_POOL_UTILIZATION_RATIO, "costrouter_gpu_pool_utilization_ratio", GAUGE,            \
       "Busy share of a self-hosted pool's capacity (0 to 1).", "backend")                    \
     X(GPU_POOL_IDLE_COST_USD_TOTAL, "costrouter_gpu_pool_idle_cost_usd_total", COUNTER,      \
-      "GPU cost paid for idle capacity of a self-hosted pool.", "backend")                   \
+      "GPU cost of a self-hosted pool billed to no request (idle or failed).", "backend")    \
     X(STORE_UP, "costrouter_store_up", GAUGE,                                                \
       "1 while the spend store answers, 0 while it is unavailable.", "store")                \
     X(TOKEN_ESTIMATE_RATIO, "costrouter_token_estimate_ratio", GAUGE,                        \

@@ -1391,6 +1391,93 @@ Test(costs, a_backend_error_is_not_charged)
                        "only the answered request is charged");
 }
 
+/* Append a GPU pool backend: one replica at $36/h, 10 micro-USD per
+ * GPU-ms, so that a few hundred ms are plain to see; `more` as in
+ * add_backend_with. */
+static void add_pool(const char *name, int port, const char *more)
+{
+    cr_assert_eq(buf_printf(&yaml,
+                            "  - {name: %s, kind: self_hosted, url: \"http://127.0.0.1:%d/v1\",\n"
+                            "     quality: 1, context_window: 100000, gpu_hourly_usd: 36,\n"
+                            "     replicas: 1, max_concurrency: 4, tokens_per_second: 1000%s}\n",
+                            name, port, more),
+                 0);
+}
+
+/* The tenant's spend today, USD (admin API). */
+static double day_spend(void)
+{
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    return cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble;
+}
+
+/* What backend `index`'s pool cost since the router started less its
+ * idle (unattributed) cost, both read at one instant of the router's
+ * clock: the USD its requests must have been charged, to the identity
+ * attributed + idle = R x h x period. */
+static double pool_attributed_usd(int index)
+{
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/backends", ADMIN, NULL), 0);
+    cJSON *b = cJSON_GetArrayItem(body_json(), index);
+    return cJSON_GetObjectItem(b, "pool_cost_usd")->valuedouble -
+           cJSON_GetObjectItem(b, "idle_cost_usd")->valuedouble;
+}
+
+/* A pool that works 300 ms and then refuses (the error goes to the
+ * client) is not charged for it, as an API would not be; that time is
+ * the pool's idle cost, so the pool's cost is still what its one served
+ * request was charged plus its idle cost. */
+Test(costs, a_gpu_pool_error_answer_is_not_charged_and_its_time_is_idle)
+{
+    static const char *const refusals[] = {"400", "500", "503", "429"};
+    char extra[96];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_pool("gpu", mock_a.port, "");
+    start_routers(1, "gpu", "    budget: {daily_usd: 10}\n");
+    cr_assert_eq(chat(0, "x-mock-ttft-ms: 200\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    double paid = header_usd("x-costrouter-cost-usd");
+    cr_assert_geq(paid, 0.002, "200 ms of the pool at 10 micro-USD a ms: %f", paid);
+    for (size_t i = 0; i < sizeof(refusals) / sizeof(refusals[0]); i++) {
+        snprintf(extra, sizeof(extra), "x-mock-status: %s\r\nx-mock-ttft-ms: 300\r\n",
+                 refusals[i]);
+        cr_assert_eq(chat(0, extra, "{\"model\":\"chat\"," MSG "}"), 0);
+        cr_assert_eq(resp.status, atoi(refusals[i]));
+        cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), 0, 1e-12, "%s", refusals[i]);
+    }
+    cr_assert_float_eq(day_spend(), paid, 1e-9, "only the answered request is charged");
+    /* Settled costs are rounded to the micro-USD: half of one each. */
+    cr_assert_float_eq(pool_attributed_usd(0), paid, 0.6e-6);
+}
+
+/* A pool attempt that fails (here: no first byte within its 500 ms) and
+ * whose request another candidate serves is charged to nobody; its time
+ * is the pool's idle cost, so attributed + idle is still the pool's
+ * whole cost. */
+Test(costs, a_failed_gpu_attempt_is_idle_time_of_the_pool)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "stall", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_pool("gpu", mock_a.port, ", first_byte_timeout_ms: 500");
+    add_backend("api", mock_b.port, 1, 100, 300);
+    start_routers(1, "gpu, api", "    budget: {daily_usd: 10}\n");
+    cr_assert_eq(chat(0, "x-mock-fault: none\r\nx-mock-ttft-ms: 100\r\n",
+                      "{\"model\":\"chat\"," MSG "}"),
+                 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "gpu");
+    double on_pool = header_usd("x-costrouter-cost-usd");
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "api");
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "fallback");
+    double on_api = header_usd("x-costrouter-cost-usd");
+    cr_assert_float_eq(on_api, usd(PROMPT_TOKENS, 16, 100, 300), 1e-9, "the API's price alone");
+    cr_assert_float_eq(day_spend(), on_pool + on_api, 1e-9);
+    cr_assert_float_eq(pool_attributed_usd(0), on_pool, 1.1e-6,
+                       "the failed attempt's 500 ms (0.005 USD) went unaccounted");
+}
+
 /* /v1 requests mockllm `m` has answered. */
 static int mock_requests(struct support_proc *m)
 {
