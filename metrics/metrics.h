@@ -173,6 +173,12 @@ struct metrics_cost_record {
     int64_t prompt_tokens;         /* from the upstream's usage */
     int64_t completion_tokens_est; /* estimate (e.g. max_tokens or a guess) */
     int64_t completion_tokens;     /* from the upstream's usage */
+    /* The tokens the request was charged for (cost_usd prices them; a GPU
+     * pool by its time): the usage, else the router's own count; 0 for
+     * what was not charged (an error without usage, a refusal, a cache
+     * hit). */
+    int64_t billed_prompt_tokens;     /* prompt tokens charged */
+    int64_t billed_completion_tokens; /* completion tokens charged */
     double cost_usd_est;           /* estimate at routing time */
     double cost_usd;               /* settled cost */
     unsigned cache_hit:1;          /* answered from the response cache */

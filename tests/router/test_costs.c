@@ -1478,6 +1478,96 @@ Test(costs, a_failed_gpu_attempt_is_idle_time_of_the_pool)
                        "the failed attempt's 500 ms (0.005 USD) went unaccounted");
 }
 
+/* `costrouter report --format json --by route` over the cost log: the
+ * group of route "chat", parsed into `json`. */
+static const cJSON *report_chat_route(void)
+{
+    char cmd[512], chunk[4096];
+    struct buf out = {0};
+    const cJSON *g;
+    size_t n;
+    FILE *p;
+
+    snprintf(cmd, sizeof(cmd), "'%s' report --format json --by route '%s' 2>/dev/null",
+             getenv("COSTROUTER_BIN"), log_path);
+    p = popen(cmd, "r");
+    cr_assert_not_null(p);
+    while ((n = fread(chunk, 1, sizeof(chunk), p)) > 0)
+        cr_assert_eq(buf_append(&out, chunk, n), 0);
+    cr_assert_eq(pclose(p), 0, "%s", cmd);
+    cJSON_Delete(json);
+    json = cJSON_ParseWithLength(out.data, out.len);
+    cr_assert_not_null(json, "not JSON: %.*s", (int)out.len, out.data);
+    buf_free(&out);
+    cJSON_ArrayForEach(g, cJSON_GetObjectItem(json, "groups"))
+        if (strcmp(cJSON_GetObjectItem(g, "value")->valuestring, "chat") == 0)
+            return g;
+    cr_assert_fail("no route group in the report");
+    return NULL;
+}
+
+/* The tokens the cost log, `costrouter report` and costrouter_tokens_total
+ * give are those the charge was computed from, not the estimates: a
+ * stream from a backend that sends no usage (stream_usage: false) is
+ * billed on the prompt estimate and one token per event, 16; an upstream
+ * 400 without usage is billed nothing. */
+Test(costs, the_tokens_reported_are_the_tokens_billed)
+{
+    static const char completion_series[] =
+        "costrouter_tokens_total{tenant=\"acme\",backend=\"nu\",route=\"chat\",kind=\"completion\"} 16\n";
+    char line[4096], prompt_series[160];
+    double prompt_est = -1;
+    int lines = 0;
+    FILE *f;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_with("nu", mock_a.port, 1, 100, 300, "o200k_base", ", stream_usage: false");
+    start_routers(1, "nu", NULL);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"stream\":true," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(chat(0, "x-mock-status: 400\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 400);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    char *metrics = strndup(resp.body.data, resp.body.len);
+    support_proc_stop(&routers[0]);
+
+    f = fopen(log_path, "r");
+    cr_assert_not_null(f);
+    while (fgets(line, sizeof(line), f)) {
+        cJSON *rec = cJSON_Parse(line);
+        double billed_p, billed_c, cost;
+
+        cr_assert_not_null(rec, "%s", line);
+        billed_p = cJSON_GetObjectItem(rec, "billed_prompt_tokens")->valuedouble;
+        billed_c = cJSON_GetObjectItem(rec, "billed_completion_tokens")->valuedouble;
+        cost = cJSON_GetObjectItem(rec, "cost_usd")->valuedouble;
+        cr_assert(cJSON_IsNull(cJSON_GetObjectItem(rec, "completion_tokens")), "no usage: %s", line);
+        cr_assert_float_eq(cost, usd(billed_p, billed_c, 100, 300), 1e-9, "%s", line);
+        if (lines++ == 0) {
+            prompt_est = cJSON_GetObjectItem(rec, "prompt_tokens_est")->valuedouble;
+            cr_assert_eq(billed_p, prompt_est, "%s", line);
+            cr_assert_eq(billed_c, 16, "one token per event: %s", line);
+        } else {
+            cr_assert_eq(billed_p + billed_c, 0, "the 400 billed nothing: %s", line);
+        }
+        cJSON_Delete(rec);
+    }
+    fclose(f);
+    cr_assert_eq(lines, 2);
+    cr_assert_gt(prompt_est, 0);
+
+    const cJSON *g = report_chat_route();
+    cr_assert_eq(cJSON_GetObjectItem(g, "prompt_tokens")->valuedouble, prompt_est);
+    cr_assert_eq(cJSON_GetObjectItem(g, "completion_tokens")->valuedouble, 16);
+    snprintf(prompt_series, sizeof(prompt_series),
+             "costrouter_tokens_total{tenant=\"acme\",backend=\"nu\",route=\"chat\","
+             "kind=\"prompt\"} %g\n",
+             prompt_est);
+    cr_assert_not_null(strstr(metrics, prompt_series), "%s", metrics);
+    cr_assert_not_null(strstr(metrics, completion_series), "%s", metrics);
+    free(metrics);
+}
+
 /* /v1 requests mockllm `m` has answered. */
 static int mock_requests(struct support_proc *m)
 {
