@@ -119,11 +119,14 @@ void backend_set_start(struct backend_set *set, uint64_t now_ms);
  * backend_attempt_finish(). */
 void backend_attempt_begin(struct backend *b, uint64_t now_ms, struct backend_ticket *t);
 /* The attempt begun with `t` ended at `now_ms` (success or failure; in
- * place of backend_attempt_end). `used` are the real token counts (NULL or
- * zeros when unknown); its completion tokens count as served now unless
- * already reported with backend_tokens_served(). Returns the cost to
- * settle: API price of `used`, or the GPU-seconds the attempt used on the
- * pool (its duration shared with the others in flight) x hourly price. */
+ * place of backend_attempt_end). `used` are the tokens it is billed for:
+ * NULL for a failure, zeros for an answer nobody bills (an error without
+ * usage); its completion tokens count as served now unless already
+ * reported with backend_tokens_served(). Returns the cost to settle: API
+ * price of `used`, or the GPU-seconds the attempt used on the pool (its
+ * duration shared with the others in flight) x hourly price. An attempt
+ * that bills no tokens costs nothing on a pool either: its GPU-seconds go
+ * to the idle accumulator, so attributed + idle stays exact. */
 struct backend_charge backend_attempt_finish(struct backend *b, uint64_t now_ms,
                                              const struct backend_ticket *t,
                                              const struct backend_tokens *used);
@@ -156,7 +159,8 @@ double backend_pool_utilization(const struct backend *b, uint64_t now_ms);
 double backend_tokens_per_second(const struct backend *b, uint64_t now_ms);
 /* Smoothed duration of finished attempts that produced tokens, ms. */
 double backend_duration_ewma_ms(const struct backend *b);
-/* GPU-seconds of the pool nobody used since its clock started, and their
+/* GPU-seconds of the pool attributed to no request since its clock
+ * started (unused, or used by attempts with nothing to bill), and their
  * price; what a pool cost in all over that time. 0 for API backends. */
 double backend_idle_gpu_seconds(const struct backend *b, uint64_t now_ms);
 double backend_idle_cost_usd(const struct backend *b, uint64_t now_ms);

@@ -10,7 +10,10 @@
  *   per second (a replica to itself while n <= R, an equal share of the R
  *   replicas beyond) and the R - min(n, R) unused replicas go to the idle
  *   accumulator. Every interval's R GPU-s per second are split without
- *   remainder, so sum(attributed) + idle == R x elapsed exactly.
+ *   remainder, so sum(attributed) + idle == R x elapsed exactly. An
+ *   attempt with nothing to bill (a failure, an error answer without
+ *   usage) is charged nothing: its share moves to the idle accumulator
+ *   when it ends, which keeps the sum exact.
  *   `share_ms` is the running integral of min(1, R/n) dt: an attempt's
  *   GPU-ms is its value at finish minus its value at start.
  *
@@ -107,6 +110,13 @@ double backend_attribute_cost_usd(const struct backend *b, double gpu_seconds)
     return b->conf->gpu_hourly_usd / 3600.0 * gpu_seconds;
 }
 
+/* Did an attempt that ended with `used` produce something to bill? A
+ * failure (no `used`) and an error answer without usage bill no tokens. */
+static int billable(const struct backend_tokens *used)
+{
+    return used->prompt > 0 || used->completion > 0;
+}
+
 struct backend_charge backend_attempt_finish(struct backend *b, uint64_t now_ms,
                                              const struct backend_ticket *t,
                                              const struct backend_tokens *used)
@@ -138,6 +148,13 @@ struct backend_charge backend_attempt_finish(struct backend *b, uint64_t now_ms,
         backend_tokens_served(b, now_ms, used->completion);
         if (t != NULL)
             backend__ewma(&b->duration_ewma_ms, (double)ch.duration_ms);
+    }
+    if (!billable(used)) {
+        /* Nobody is charged for it, as an API does not bill what it
+         * refuses; the pool's time still passed, so it is unattributed
+         * (idle) and attributed + idle stays R x elapsed. */
+        b->idle_ms += ch.gpu_seconds * 1000.0;
+        ch.gpu_seconds = 0;
     }
     if (backend__replicas(b) > 0)
         ch.usd = backend_attribute_cost_usd(b, ch.gpu_seconds);

@@ -29,7 +29,8 @@ struct backend {
     uint64_t clock_ms;               /* loop time the sums below run to */
     double share_ms;                 /* integral of min(1, replicas/inflight) dt while busy:
                                         GPU-ms one request in flight was attributed */
-    double idle_ms;                  /* integral of replicas - min(inflight, replicas) dt */
+    double idle_ms;                  /* integral of replicas - min(inflight, replicas) dt,
+                                        plus the share of attempts that billed nothing */
     /* tokens/s window: slot i holds the tokens of second window_sec[i] */
     uint64_t window_sec[BACKEND_WINDOW_S]; /* which second the slot counts */
     int64_t window_tokens[BACKEND_WINDOW_S]; /* generated tokens in that second */

@@ -27,8 +27,8 @@ enum format { FORMAT_TABLE, FORMAT_CSV, FORMAT_JSON };
 struct stats {
     uint64_t requests;          /* lines counted */
     uint64_t errors;            /* status >= 400 */
-    uint64_t prompt_tokens;     /* settled (estimate when not settled) */
-    uint64_t completion_tokens; /* settled (estimate when not settled) */
+    uint64_t prompt_tokens;     /* billed (see line_tokens) */
+    uint64_t completion_tokens; /* billed (see line_tokens) */
     uint64_t cache_hits;        /* cache_hit true */
     double cost_usd;            /* cost_usd, or cost_usd_est when not settled */
     double saved_usd;           /* saved_usd */
@@ -167,6 +167,17 @@ static double num2(const cJSON *o, const char *key, const char *fallback)
     return fallback ? num2(o, fallback, NULL) : 0;
 }
 
+/* A line's tokens of one kind: `billed` (billed_prompt_tokens, ...) in a
+ * log that has the key, what the charge was computed from (null: nothing
+ * was charged); in an older log, the upstream's `usage` count, else the
+ * estimate `est`, as the report read them before. */
+static uint64_t line_tokens(const cJSON *o, const char *billed, const char *usage, const char *est)
+{
+    if (cJSON_HasObjectItem(o, billed))
+        return (uint64_t)num2(o, billed, NULL);
+    return (uint64_t)num2(o, usage, est);
+}
+
 static void stats_add(struct stats *s, const struct line *l)
 {
     double d;
@@ -201,8 +212,9 @@ static void add_line(struct report *r, const cJSON *o)
         .tags = cJSON_GetObjectItemCaseSensitive(o, "tags"),
         .status = cJSON_IsNumber(status) ? status->valueint : 0,
         .cost = num2(o, "cost_usd", "cost_usd_est"), .saved = num2(o, "saved_usd", NULL),
-        .prompt = (uint64_t)num2(o, "prompt_tokens", "prompt_tokens_est"),
-        .completion = (uint64_t)num2(o, "completion_tokens", "completion_tokens_est"),
+        .prompt = line_tokens(o, "billed_prompt_tokens", "prompt_tokens", "prompt_tokens_est"),
+        .completion = line_tokens(o, "billed_completion_tokens", "completion_tokens",
+                                  "completion_tokens_est"),
         .cache_hit = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "cache_hit")),
     };
     const char *plain[][2] = {{"tenant", l.tenant}, {"backend", l.backend}, {"route", l.route}, {"arm", l.arm}};

@@ -13,7 +13,9 @@
  * Groups requests by each chosen dimension; for A/B arms (per experiment
  * key if present, else per route) prints the difference of mean cost per
  * request between each pair of arms with a 95% Welch confidence interval.
- * Lines that are not JSON objects are skipped and counted. A progress line
+ * Token columns count what was billed (billed_*_tokens; a log older than
+ * those keys: the upstream's usage, else the estimate). Lines that are not
+ * JSON objects are skipped and counted. A progress line
  * goes to stderr when it is a terminal or with --progress.
  * Returns 0, 1 (a file could not be read or written) or 2 (usage).
  */

@@ -54,7 +54,7 @@ enum metrics_type { METRICS_COUNTER, METRICS_GAUGE, METRICS_HISTOGRAM };
     X(GPU_POOL_UTILIZATION_RATIO, "costrouter_gpu_pool_utilization_ratio", GAUGE,            \
       "Busy share of a self-hosted pool's capacity (0 to 1).", "backend")                    \
     X(GPU_POOL_IDLE_COST_USD_TOTAL, "costrouter_gpu_pool_idle_cost_usd_total", COUNTER,      \
-      "GPU cost paid for idle capacity of a self-hosted pool.", "backend")                   \
+      "GPU cost of a self-hosted pool billed to no request (idle or failed).", "backend")    \
     X(STORE_UP, "costrouter_store_up", GAUGE,                                                \
       "1 while the spend store answers, 0 while it is unavailable.", "store")                \
     X(TOKEN_ESTIMATE_RATIO, "costrouter_token_estimate_ratio", GAUGE,                        \
@@ -173,6 +173,12 @@ struct metrics_cost_record {
     int64_t prompt_tokens;         /* from the upstream's usage */
     int64_t completion_tokens_est; /* estimate (e.g. max_tokens or a guess) */
     int64_t completion_tokens;     /* from the upstream's usage */
+    /* The tokens the request was charged for (cost_usd prices them; a GPU
+     * pool by its time): the usage, else the router's own count; 0 for
+     * what was not charged (an error without usage, a refusal, a cache
+     * hit). */
+    int64_t billed_prompt_tokens;     /* prompt tokens charged */
+    int64_t billed_completion_tokens; /* completion tokens charged */
     double cost_usd_est;           /* estimate at routing time */
     double cost_usd;               /* settled cost */
     unsigned cache_hit:1;          /* answered from the response cache */

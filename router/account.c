@@ -86,14 +86,16 @@ void router__account(struct router__client *c)
 
     const char *req_labels[] = {tenant, backend, route, status};
     metrics_add(r->metrics, METRICS_REQUESTS_TOTAL, req_labels, 1);
-    if (req->prompt_tokens > 0 || req->completion_tokens > 0) {
+    /* The tokens charged: the upstream's usage, or the router's own count
+     * when it sent none (usage alone would leave those requests out). */
+    if (req->billed.prompt > 0 || req->billed.completion > 0) {
         const char *prompt_labels[] = {tenant, backend, route, "prompt"};
         const char *completion_labels[] = {tenant, backend, route, "completion"};
-        if (req->prompt_tokens > 0)
-            metrics_add(r->metrics, METRICS_TOKENS_TOTAL, prompt_labels, (double)req->prompt_tokens);
-        if (req->completion_tokens > 0)
+        if (req->billed.prompt > 0)
+            metrics_add(r->metrics, METRICS_TOKENS_TOTAL, prompt_labels, (double)req->billed.prompt);
+        if (req->billed.completion > 0)
             metrics_add(r->metrics, METRICS_TOKENS_TOTAL, completion_labels,
-                        (double)req->completion_tokens);
+                        (double)req->billed.completion);
     }
     if (req->settled && req->cost_micro > 0) {
         const char *cost_labels[] = {tenant, backend, route};
@@ -130,6 +132,9 @@ void router__account(struct router__client *c)
     rec.prompt_tokens = req->prompt_tokens;
     rec.completion_tokens_est = req->completion_pred;
     rec.completion_tokens = req->completion_tokens;
+    /* Known (0 when nothing was settled) wherever cost_usd is. */
+    rec.billed_prompt_tokens = req->settled || req->route ? req->billed.prompt : -1;
+    rec.billed_completion_tokens = req->settled || req->route ? req->billed.completion : -1;
     rec.cost_usd_est = req->choice.candidate >= 0 ? (double)req->choice.cost_micro / 1e6 : NAN;
     rec.cost_usd = req->settled ? (double)req->cost_micro / 1e6 : (req->route ? 0.0 : NAN);
     rec.cache_hit = req->cache_hit;

@@ -257,6 +257,8 @@ struct router__request {
     uint64_t events;                     /* SSE data events forwarded (token fallback) */
     int64_t completion_counted;          /* a body without usage: its choices' tokens, or -1 */
     int64_t cost_micro;                  /* settled cost, micro-USD */
+    struct backend_tokens billed;        /* tokens cost_micro was settled on (tokens_used());
+                                            zeros when nothing was settled from tokens */
     int64_t saved_micro;                 /* cost a cache hit avoided */
     struct router__admin *admin;         /* admin request waiting for the store */
 };

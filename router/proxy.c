@@ -1246,7 +1246,7 @@ static void settle(struct router__client *c)
      * records) and fed the statistics twice. */
     if (req->settled)
         return;
-    used = tokens_used(req);
+    used = req->billed = tokens_used(req);
     charge = finish_attempt(c, &used);
     router__spend_settle(c, charge.micro_usd);
     rate_settle(c, used.prompt + used.completion);

@@ -152,9 +152,8 @@ static void put_response(struct mockllm_conn *c, struct buf *b, int status)
     put(b, scratch.data, scratch.len);
 }
 
-/* Answer now with an OpenAI-style error and finish the request. */
-static void answer_error(struct mockllm_conn *c, int status, const char *type, const char *code,
-                         const char *message)
+/* An OpenAI-style error body into scratch. */
+static void put_error_body(const char *type, const char *code, const char *message)
 {
     buf_reset(&scratch);
     puts_(&scratch, "{\"error\":{\"message\":\"");
@@ -164,6 +163,13 @@ static void answer_error(struct mockllm_conn *c, int status, const char *type, c
         putf(&scratch, "\"%s\"}}", code);
     else
         puts_(&scratch, "null}}");
+}
+
+/* Answer now with an OpenAI-style error and finish the request. */
+static void answer_error(struct mockllm_conn *c, int status, const char *type, const char *code,
+                         const char *message)
+{
+    put_error_body(type, code, message);
     put_response(c, &c->out, status);
     mockllm__conn_done(c);
 }
@@ -540,6 +546,26 @@ static void send_deferred(struct mockllm_conn *c, int delay_ms)
     finish(c);
 }
 
+/* The error x-mock-status asked for, after `delay_ms` (the request's
+ * TTFT): a server that works a while before it fails, which on a pool is
+ * GPU time spent. The status is the answer, whatever else was asked. */
+static void answer_status_after(struct mockllm_conn *c, int status, int delay_ms)
+{
+    struct mockllm_plan *p = &c->plan;
+    const char *type = status == 429 ? "rate_limit_exceeded" : "server_error";
+    static const char message[] = "mockllm: status requested by x-mock-status";
+
+    if (delay_ms <= 0) {
+        answer_error(c, status, type, "mock_status", message);
+        return;
+    }
+    p->stream = 0;
+    p->fault = MOCKLLM_FAULT_NONE;
+    put_error_body(type, "mock_status", message);
+    put_response(c, &p->deferred, status);
+    send_deferred(c, delay_ms);
+}
+
 /* Per-request settings from x-mock-* headers over the process defaults. */
 struct overrides {
     int ttft_ms;        /* x-mock-ttft-ms */
@@ -733,8 +759,7 @@ static void answer_v1(struct mockllm_conn *c, const char *path, size_t path_len)
         return;
     }
     if (o.status != 0) {
-        answer_error(c, o.status, o.status == 429 ? "rate_limit_exceeded" : "server_error",
-                     "mock_status", "mockllm: status requested by x-mock-status");
+        answer_status_after(c, o.status, o.ttft_ms);
         return;
     }
     switch (p->fault) {

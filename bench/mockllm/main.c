@@ -36,8 +36,8 @@ static const char usage_text[] =
     "  --seed N                 seed for --error-rate (default: from pid and time)\n"
     "  --pad-header N           an x-mock-pad header of N bytes in every JSON or SSE answer\n"
     "Per-request headers: x-mock-ttft-ms, x-mock-token-delay-ms, x-mock-tokens,\n"
-    "x-mock-fault (as --fault, or none), x-mock-status (answer with this 4xx/5xx,\n"
-    "or 204/304 with no body), x-mock-usage: omit (no usage object, as some servers answer),\n"
+    "x-mock-fault (as --fault, or none), x-mock-status (answer with this 4xx/5xx\n"
+    "after the TTFT, or 204/304 with no body), x-mock-usage: omit (no usage object, as some servers answer),\n"
     "x-mock-retry-after and x-mock-retry-after-ms (Retry-After / retry-after-ms of a 429).\n";
 
 /* Parse a whole decimal integer in [0, max]. Returns 0 or -EINVAL. */

@@ -215,9 +215,14 @@ Test(cost, tokens_per_second_window_drives_utilization, .timeout = 5)
     fx_fini(&f);
 }
 
+/* Tokens an attempt ends with: an answer billed for them, an error answer
+ * without usage (nothing billed), or a failure (NULL). */
+static const struct backend_tokens served = {100, 200, 0}, unbilled = {0, 0, 0};
+
 struct span {
     uint64_t start_ms, end_ms;
-    double gpu_seconds; /* attributed, by hand */
+    double gpu_seconds;                /* its share of the pool, by hand */
+    const struct backend_tokens *used; /* what it ended with */
 };
 
 /* Two requests, A [0 s, 10 s] and B [5 s, 15 s], over 20 s at $3.60/h per
@@ -225,7 +230,9 @@ struct span {
  * One replica: A alone 0-5 (5 GPU-s) then shares with B 5-10 (2.5):
  * 7.5; B likewise 2.5 + 5 = 7.5; idle 15-20 = 5. 7.5 + 7.5 + 5 = 20 = 1 x 20.
  * Two replicas: while n <= 2 each has a replica: A = 10, B = 10; idle
- * 0-5 one replica (5), 10-15 one (5), 15-20 two (10) = 20; 40 = 2 x 20. */
+ * 0-5 one replica (5), 10-15 one (5), 15-20 two (10) = 20; 40 = 2 x 20.
+ * An attempt that bills nothing (failed, or an error without usage) is
+ * charged 0 and its share is idle: 5 + 7.5 = 12.5, 20 + 10 = 30. */
 struct attribution_case {
     int replicas;
     struct span spans[2];
@@ -233,9 +240,17 @@ struct attribution_case {
 };
 
 static const struct attribution_case attribution_cases[] = {
-    {1, {{0, 10000, 7.5}, {5000, 15000, 7.5}}, 5},
-    {2, {{0, 10000, 10}, {5000, 15000, 10}}, 20},
+    {1, {{0, 10000, 7.5, &served}, {5000, 15000, 7.5, &served}}, 5},
+    {2, {{0, 10000, 10, &served}, {5000, 15000, 10, &served}}, 20},
+    {1, {{0, 10000, 7.5, &served}, {5000, 15000, 7.5, NULL}}, 12.5},
+    {2, {{0, 10000, 10, &unbilled}, {5000, 15000, 10, &served}}, 30},
 };
+
+/* GPU-seconds span `s` is charged for. */
+static double charged(const struct span *s)
+{
+    return s->used == &served ? s->gpu_seconds : 0;
+}
 
 Test(cost, attribution_by_hand, .timeout = 5)
 {
@@ -252,15 +267,17 @@ Test(cost, attribution_by_hand, .timeout = 5)
         b = fx_backend(&f, FX_GPU);
         backend_attempt_begin(b, c->spans[0].start_ms, &ta);
         backend_attempt_begin(b, c->spans[1].start_ms, &tb);
-        ca = backend_attempt_finish(b, c->spans[0].end_ms, &ta, NULL);
-        cb = backend_attempt_finish(b, c->spans[1].end_ms, &tb, NULL);
-        cr_assert(fabs(ca.gpu_seconds - c->spans[0].gpu_seconds) < 1e-9, "R=%d A %.6f",
-                  c->replicas, ca.gpu_seconds);
-        cr_assert(fabs(cb.gpu_seconds - c->spans[1].gpu_seconds) < 1e-9, "R=%d B", c->replicas);
-        cr_assert_eq(ca.micro_usd, (int64_t)(c->spans[0].gpu_seconds * 1000));
+        ca = backend_attempt_finish(b, c->spans[0].end_ms, &ta, c->spans[0].used);
+        cb = backend_attempt_finish(b, c->spans[1].end_ms, &tb, c->spans[1].used);
+        cr_assert(fabs(ca.gpu_seconds - charged(&c->spans[0])) < 1e-9, "case %zu A %.6f", i,
+                  ca.gpu_seconds);
+        cr_assert(fabs(cb.gpu_seconds - charged(&c->spans[1])) < 1e-9, "case %zu B %.6f", i,
+                  cb.gpu_seconds);
+        cr_assert_eq(ca.micro_usd, (int64_t)(charged(&c->spans[0]) * 1000), "case %zu", i);
+        cr_assert_eq(cb.micro_usd, (int64_t)(charged(&c->spans[1]) * 1000), "case %zu", i);
         cr_assert_eq(ca.duration_ms, 10000);
         cr_assert(fabs(backend_idle_gpu_seconds(b, 20000) - c->idle_gpu_seconds) < 1e-9,
-                  "R=%d idle %.6f", c->replicas, backend_idle_gpu_seconds(b, 20000));
+                  "case %zu idle %.6f", i, backend_idle_gpu_seconds(b, 20000));
         cr_assert(fabs(backend_idle_cost_usd(b, 20000) - c->idle_gpu_seconds * 0.001) < USD_EPS);
         /* 20 s x R replicas x 0.001 USD */
         cr_assert(fabs(backend_pool_cost_usd(b, 20000) - c->replicas * 20 * 0.001) < USD_EPS);
@@ -280,10 +297,10 @@ Test(cost, three_requests_on_two_replicas_share_two_thirds_each, .timeout = 5)
     for (int i = 0; i < 3; i++)
         backend_attempt_begin(b, 0, &t[i]);
     /* 3 s with 3 in flight on 2 replicas: 2/3 x 3 = 2 GPU-s each. */
-    ch = backend_attempt_finish(b, 3000, &t[0], NULL);
+    ch = backend_attempt_finish(b, 3000, &t[0], &served);
     cr_assert(fabs(ch.gpu_seconds - 2) < 1e-9);
     /* Then 2 in flight, one replica each, for 1 s: 2 + 1 = 3. */
-    ch = backend_attempt_finish(b, 4000, &t[1], NULL);
+    ch = backend_attempt_finish(b, 4000, &t[1], &served);
     cr_assert(fabs(ch.gpu_seconds - 3) < 1e-9);
     cr_assert(fabs(backend_idle_gpu_seconds(b, 4000) - 0) < 1e-9);
     /* $2.00/h x 3 GPU-s / 3600 = 0.001666... USD = 1667 micro-USD */
@@ -318,9 +335,15 @@ Test(cost, attributed_plus_idle_is_pool_cost_over_an_hour, .timeout = 5)
     for (uint64_t now = 0; now < hour; now += 100) {
         for (unsigned i = 0; i < nlive;) {
             if (ends[i] <= now) {
-                struct backend_tokens used = {100, 200, 0};
-                struct backend_charge ch = backend_attempt_finish(b, now, &live[i], &used);
+                /* One in seven fails, one in eleven is an error answer
+                 * without usage: charged nothing, their time is idle. */
+                const struct backend_tokens *used = done % 7 == 3    ? NULL
+                                                    : done % 11 == 5 ? &unbilled
+                                                                     : &served;
+                struct backend_charge ch = backend_attempt_finish(b, now, &live[i], used);
 
+                if (used != &served)
+                    cr_assert_eq(ch.micro_usd, 0, "request %u billed nothing", done);
                 gpu_sum += ch.gpu_seconds;
                 micro_sum += ch.micro_usd;
                 done++;

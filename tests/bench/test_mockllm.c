@@ -281,6 +281,15 @@ Test(mockllm, ttft_and_token_delay_are_observed)
     cr_assert_eq(support_mockllm_start(&mock, "--ttft-ms", "150", NULL), 0);
     cr_assert_eq(call("POST", "/v1/chat/completions", "x-mock-tokens: 1\r\n", chat_body), 0);
     cr_assert_geq(resp.ttfb_ms, 140, "non-stream answered after %.1f ms", resp.ttfb_ms);
+    /* An x-mock-status error waits the TTFT too (a server that fails
+     * after working a while), a stream's as well, and is still the error. */
+    cr_assert_eq(call("POST", "/v1/chat/completions", "x-mock-status: 503\r\nx-mock-ttft-ms: 120\r\n",
+                      "{\"stream\":true}"),
+                 0);
+    cr_assert_eq(resp.status, 503);
+    cr_assert_geq(resp.ttfb_ms, 110, "error answered after %.1f ms", resp.ttfb_ms);
+    cr_assert_not_null(memmem(resp.body.data, resp.body.len, "\"mock_status\"", 13), "%.*s",
+                       (int)resp.body.len, resp.body.data);
     /* Per-request headers override the process defaults. */
     open_stream(&s, "x-mock-ttft-ms: 80\r\nx-mock-token-delay-ms: 40\r\nx-mock-tokens: 4\r\n",
                 "{\"stream\":true}");

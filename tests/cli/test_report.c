@@ -80,7 +80,8 @@ static void generate(unsigned n, struct expect *e)
             .ts_ms = 1700000000000LL + i, .request_id = id, .tenant = tenants[t], .tags = tags,
             .ntags = 2, .route = "chat", .backend = backends[b], .reason = "cheapest",
             .prompt_tokens_est = 10, .prompt_tokens = 12, .completion_tokens_est = 5,
-            .completion_tokens = 7, .cost_usd_est = settled ? 1 : cost,
+            .completion_tokens = 7, .billed_prompt_tokens = settled ? 12 : -1,
+            .billed_completion_tokens = settled ? 7 : -1, .cost_usd_est = settled ? 1 : cost,
             .cost_usd = settled ? cost : NAN, /* unsettled: the report uses the estimate */
             .saved_usd = 0, .ttft_ms = 10, .latency_ms = 20, .status = i % 13 ? 200 : 502,
         };
@@ -94,7 +95,7 @@ static void generate(unsigned n, struct expect *e)
         e->n_team[tm]++;
         e->n_total++;
         e->errors += r.status >= 400;
-        e->prompt += 12;
+        e->prompt += settled ? 12 : 0; /* unsettled: nothing billed */
     }
     for (int i = 0; i < 6; i++) {
         snprintf(id, sizeof(id), "ab%d", i);
@@ -103,6 +104,7 @@ static void generate(unsigned n, struct expect *e)
             .ts_ms = 1700000000000LL, .request_id = id, .tenant = "acme", .route = "exp",
             .backend = "gpu-a", .arm = i < 3 ? "a" : "b", .prompt_tokens_est = -1,
             .prompt_tokens = -1, .completion_tokens_est = -1, .completion_tokens = -1,
+            .billed_prompt_tokens = -1, .billed_completion_tokens = -1,
             .cost_usd_est = NAN, .cost_usd = cost, .saved_usd = NAN, .ttft_ms = NAN,
             .latency_ms = NAN, .status = 200,
         };
@@ -303,6 +305,47 @@ Test(report, table_and_progress, .timeout = 20)
     cr_assert_not_null(strstr(err, "skipped 3 bad lines"));
     free(text);
     free(err);
+}
+
+/* Tokens are what was billed, which the estimates are not: a stream
+ * without usage billed on the router's count, an upstream error billed
+ * nothing. A log older than the billed_* keys is read as before: usage,
+ * else the estimates. */
+Test(report, tokens_are_what_was_billed, .timeout = 10)
+{
+    static const char *const lines[] = {
+        "{\"route\":\"nu\",\"prompt_tokens_est\":9,\"prompt_tokens\":null,"
+        "\"completion_tokens_est\":256,\"completion_tokens\":null,"
+        "\"billed_prompt_tokens\":9,\"billed_completion_tokens\":16,\"cost_usd\":0.000041}",
+        "{\"route\":\"api\",\"prompt_tokens_est\":9,\"prompt_tokens\":null,"
+        "\"completion_tokens_est\":256,\"completion_tokens\":null,"
+        "\"billed_prompt_tokens\":0,\"billed_completion_tokens\":0,\"cost_usd\":0,\"status\":400}",
+        "{\"route\":\"old\",\"prompt_tokens_est\":10,\"prompt_tokens\":null,"
+        "\"completion_tokens_est\":5,\"completion_tokens\":null,\"cost_usd\":0}",
+        "{\"route\":\"old\",\"prompt_tokens_est\":10,\"prompt_tokens\":12,"
+        "\"completion_tokens_est\":5,\"completion_tokens\":7,\"cost_usd\":0}",
+    };
+    static const struct {
+        const char *route;
+        double prompt, completion;
+    } want[] = {{"nu", 9, 16}, {"api", 0, 0}, {"old", 10 + 12, 5 + 7}};
+    FILE *f = fopen(logpath, "w");
+
+    cr_assert_not_null(f);
+    for (size_t i = 0; i < sizeof(lines) / sizeof(lines[0]); i++)
+        fprintf(f, "%s\n", lines[i]);
+    fclose(f);
+    cr_assert_eq(run("--format", "json", "--by", "route"), 0);
+    char *text = slurp(outpath);
+    cJSON *root = cJSON_Parse(text);
+    cr_assert_not_null(root, "output is not JSON: %s", text);
+    for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+        const cJSON *g = group(root, "route", want[i].route);
+        cr_assert_eq(field(g, "prompt_tokens"), want[i].prompt, "%s", want[i].route);
+        cr_assert_eq(field(g, "completion_tokens"), want[i].completion, "%s", want[i].route);
+    }
+    cJSON_Delete(root);
+    free(text);
 }
 
 Test(report, usage_errors, .timeout = 10)

@@ -134,6 +134,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         .latency_ms = next_double(&p, end),
         .status = (int)next_bits(&p, end),
         .fallbacks = (int)next_bits(&p, end),
+        .billed_prompt_tokens = (int64_t)next_bits(&p, end),
+        .billed_completion_tokens = (int64_t)next_bits(&p, end),
     };
     if (metrics_cost_record_json(&r, &out) != 0)
         abort();
@@ -165,6 +167,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     check_int(root, "prompt_tokens", r.prompt_tokens);
     check_int(root, "completion_tokens_est", r.completion_tokens_est);
     check_int(root, "completion_tokens", r.completion_tokens);
+    check_int(root, "billed_prompt_tokens", r.billed_prompt_tokens);
+    check_int(root, "billed_completion_tokens", r.billed_completion_tokens);
     check_int(root, "status", r.status);
     check_int(root, "fallbacks", r.fallbacks);
     check_number(root, "cost_usd_est", r.cost_usd_est);

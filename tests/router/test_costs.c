@@ -1494,6 +1494,183 @@ Test(costs, a_backend_error_is_not_charged)
                        "only the answered request is charged");
 }
 
+/* Append a GPU pool backend: one replica at $36/h, 10 micro-USD per
+ * GPU-ms, so that a few hundred ms are plain to see; `more` as in
+ * add_backend_with. */
+static void add_pool(const char *name, int port, const char *more)
+{
+    cr_assert_eq(buf_printf(&yaml,
+                            "  - {name: %s, kind: self_hosted, url: \"http://127.0.0.1:%d/v1\",\n"
+                            "     quality: 1, context_window: 100000, gpu_hourly_usd: 36,\n"
+                            "     replicas: 1, max_concurrency: 4, tokens_per_second: 1000%s}\n",
+                            name, port, more),
+                 0);
+}
+
+/* The tenant's spend today, USD (admin API). */
+static double day_spend(void)
+{
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    return cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble;
+}
+
+/* What backend `index`'s pool cost since the router started less its
+ * idle (unattributed) cost, both read at one instant of the router's
+ * clock: the USD its requests must have been charged, to the identity
+ * attributed + idle = R x h x period. */
+static double pool_attributed_usd(int index)
+{
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/backends", ADMIN, NULL), 0);
+    cJSON *b = cJSON_GetArrayItem(body_json(), index);
+    return cJSON_GetObjectItem(b, "pool_cost_usd")->valuedouble -
+           cJSON_GetObjectItem(b, "idle_cost_usd")->valuedouble;
+}
+
+/* A pool that works 300 ms and then refuses (the error goes to the
+ * client) is not charged for it, as an API would not be; that time is
+ * the pool's idle cost, so the pool's cost is still what its one served
+ * request was charged plus its idle cost. */
+Test(costs, a_gpu_pool_error_answer_is_not_charged_and_its_time_is_idle)
+{
+    static const char *const refusals[] = {"400", "500", "503", "429"};
+    char extra[96];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_pool("gpu", mock_a.port, "");
+    start_routers(1, "gpu", "    budget: {daily_usd: 10}\n");
+    cr_assert_eq(chat(0, "x-mock-ttft-ms: 200\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    double paid = header_usd("x-costrouter-cost-usd");
+    cr_assert_geq(paid, 0.002, "200 ms of the pool at 10 micro-USD a ms: %f", paid);
+    for (size_t i = 0; i < sizeof(refusals) / sizeof(refusals[0]); i++) {
+        snprintf(extra, sizeof(extra), "x-mock-status: %s\r\nx-mock-ttft-ms: 300\r\n",
+                 refusals[i]);
+        cr_assert_eq(chat(0, extra, "{\"model\":\"chat\"," MSG "}"), 0);
+        cr_assert_eq(resp.status, atoi(refusals[i]));
+        cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), 0, 1e-12, "%s", refusals[i]);
+    }
+    cr_assert_float_eq(day_spend(), paid, 1e-9, "only the answered request is charged");
+    /* Settled costs are rounded to the micro-USD: half of one each. */
+    cr_assert_float_eq(pool_attributed_usd(0), paid, 0.6e-6);
+}
+
+/* A pool attempt that fails (here: no first byte within its 500 ms) and
+ * whose request another candidate serves is charged to nobody; its time
+ * is the pool's idle cost, so attributed + idle is still the pool's
+ * whole cost. */
+Test(costs, a_failed_gpu_attempt_is_idle_time_of_the_pool)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "stall", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_pool("gpu", mock_a.port, ", first_byte_timeout_ms: 500");
+    add_backend("api", mock_b.port, 1, 100, 300);
+    start_routers(1, "gpu, api", "    budget: {daily_usd: 10}\n");
+    cr_assert_eq(chat(0, "x-mock-fault: none\r\nx-mock-ttft-ms: 100\r\n",
+                      "{\"model\":\"chat\"," MSG "}"),
+                 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "gpu");
+    double on_pool = header_usd("x-costrouter-cost-usd");
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "api");
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "fallback");
+    double on_api = header_usd("x-costrouter-cost-usd");
+    cr_assert_float_eq(on_api, usd(PROMPT_TOKENS, 16, 100, 300), 1e-9, "the API's price alone");
+    cr_assert_float_eq(day_spend(), on_pool + on_api, 1e-9);
+    cr_assert_float_eq(pool_attributed_usd(0), on_pool, 1.1e-6,
+                       "the failed attempt's 500 ms (0.005 USD) went unaccounted");
+}
+
+/* `costrouter report --format json --by route` over the cost log: the
+ * group of route "chat", parsed into `json`. */
+static const cJSON *report_chat_route(void)
+{
+    char cmd[512], chunk[4096];
+    struct buf out = {0};
+    const cJSON *g;
+    size_t n;
+    FILE *p;
+
+    snprintf(cmd, sizeof(cmd), "'%s' report --format json --by route '%s' 2>/dev/null",
+             getenv("COSTROUTER_BIN"), log_path);
+    p = popen(cmd, "r");
+    cr_assert_not_null(p);
+    while ((n = fread(chunk, 1, sizeof(chunk), p)) > 0)
+        cr_assert_eq(buf_append(&out, chunk, n), 0);
+    cr_assert_eq(pclose(p), 0, "%s", cmd);
+    cJSON_Delete(json);
+    json = cJSON_ParseWithLength(out.data, out.len);
+    cr_assert_not_null(json, "not JSON: %.*s", (int)out.len, out.data);
+    buf_free(&out);
+    cJSON_ArrayForEach(g, cJSON_GetObjectItem(json, "groups"))
+        if (strcmp(cJSON_GetObjectItem(g, "value")->valuestring, "chat") == 0)
+            return g;
+    cr_assert_fail("no route group in the report");
+    return NULL;
+}
+
+/* The tokens the cost log, `costrouter report` and costrouter_tokens_total
+ * give are those the charge was computed from, not the estimates: a
+ * stream from a backend that sends no usage (stream_usage: false) is
+ * billed on the prompt estimate and one token per event, 16; an upstream
+ * 400 without usage is billed nothing. */
+Test(costs, the_tokens_reported_are_the_tokens_billed)
+{
+    static const char completion_series[] =
+        "costrouter_tokens_total{tenant=\"acme\",backend=\"nu\",route=\"chat\",kind=\"completion\"} 16\n";
+    char line[4096], prompt_series[160];
+    double prompt_est = -1;
+    int lines = 0;
+    FILE *f;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_with("nu", mock_a.port, 1, 100, 300, "o200k_base", ", stream_usage: false");
+    start_routers(1, "nu", NULL);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"stream\":true," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(chat(0, "x-mock-status: 400\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 400);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    char *metrics = strndup(resp.body.data, resp.body.len);
+    support_proc_stop(&routers[0]);
+
+    f = fopen(log_path, "r");
+    cr_assert_not_null(f);
+    while (fgets(line, sizeof(line), f)) {
+        cJSON *rec = cJSON_Parse(line);
+        double billed_p, billed_c, cost;
+
+        cr_assert_not_null(rec, "%s", line);
+        billed_p = cJSON_GetObjectItem(rec, "billed_prompt_tokens")->valuedouble;
+        billed_c = cJSON_GetObjectItem(rec, "billed_completion_tokens")->valuedouble;
+        cost = cJSON_GetObjectItem(rec, "cost_usd")->valuedouble;
+        cr_assert(cJSON_IsNull(cJSON_GetObjectItem(rec, "completion_tokens")), "no usage: %s", line);
+        cr_assert_float_eq(cost, usd(billed_p, billed_c, 100, 300), 1e-9, "%s", line);
+        if (lines++ == 0) {
+            prompt_est = cJSON_GetObjectItem(rec, "prompt_tokens_est")->valuedouble;
+            cr_assert_eq(billed_p, prompt_est, "%s", line);
+            cr_assert_eq(billed_c, 16, "one token per event: %s", line);
+        } else {
+            cr_assert_eq(billed_p + billed_c, 0, "the 400 billed nothing: %s", line);
+        }
+        cJSON_Delete(rec);
+    }
+    fclose(f);
+    cr_assert_eq(lines, 2);
+    cr_assert_gt(prompt_est, 0);
+
+    const cJSON *g = report_chat_route();
+    cr_assert_eq(cJSON_GetObjectItem(g, "prompt_tokens")->valuedouble, prompt_est);
+    cr_assert_eq(cJSON_GetObjectItem(g, "completion_tokens")->valuedouble, 16);
+    snprintf(prompt_series, sizeof(prompt_series),
+             "costrouter_tokens_total{tenant=\"acme\",backend=\"nu\",route=\"chat\","
+             "kind=\"prompt\"} %g\n",
+             prompt_est);
+    cr_assert_not_null(strstr(metrics, prompt_series), "%s", metrics);
+    cr_assert_not_null(strstr(metrics, completion_series), "%s", metrics);
+    free(metrics);
+}
+
 /* /v1 requests mockllm `m` has answered. */
 static int mock_requests(struct support_proc *m)
 {
