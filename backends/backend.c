@@ -93,6 +93,11 @@ int backend_available(const struct backend *b, uint64_t now_ms)
     return 1;
 }
 
+int backend_probe_due(const struct backend *b, uint64_t now_ms)
+{
+    return (circuit_half_open(b, now_ms) && !b->probing) || backend_latency_probe_due(b, now_ms);
+}
+
 uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms)
 {
     if (circuit_open(b, now_ms))

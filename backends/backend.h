@@ -56,6 +56,10 @@ const struct conf_backend *backend_conf(const struct backend *b);
  * cooldown (backend_cooldown_ms) is not counted here: it is a preference
  * policy/ weighs, not a ban. */
 int backend_available(const struct backend *b, uint64_t now_ms);
+/* Would an attempt begun on `b` now be a probe: of a half-open circuit
+ * with none out, or of a stale TTFT average (backend_latency_probe_due)?
+ * Such a choice holds only for the first request to begin there. */
+int backend_probe_due(const struct backend *b, uint64_t now_ms);
 /* When backend_available() is 0: in how many ms it may say 1 (the open
  * circuit's time left; a second while a half-open probe is out). Else 0. */
 uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms);

@@ -252,6 +252,7 @@ struct router__request {
     unsigned overrun_checked:1;          /* ... and before cutting a stream (on_overrun) */
     unsigned rate_held:1;                /* rate_tokens taken from the tpm limits, not settled */
     unsigned inflight:1;                 /* counted in costrouter_inflight_requests */
+    unsigned probe_chosen:1;             /* its backend was due a probe when chosen */
     int64_t rate_tokens;                 /* tokens taken at admission (rate_limit) */
     const char *last_error;              /* the failed attempt's error, kept across a check */
     uint64_t events;                     /* SSE data events forwarded (token fallback) */

@@ -557,6 +557,7 @@ static int choose(struct router__client *c, const char *last_error)
     req->candidate = req->choice.candidate;
     req->reason = req->choice.reason_text;
     req->pool = &r->pools[req->route->candidates[req->candidate]->index];
+    req->probe_chosen = backend_probe_due(req->pool->backend, preq.now_ms);
     return 0;
 }
 
@@ -658,6 +659,16 @@ void router__proxy_reserved(struct router__client *c, const struct cache_begin_r
     if (!res->granted) {
         /* Another request or instance spent the budget since our
          * snapshot: choose again with the store's numbers. */
+        choose_and_reserve(c, NULL);
+        return;
+    }
+    if (req->probe_chosen && !backend_probe_due(req->pool->backend, router__now(c->router))) {
+        /* Chosen as a backend's one probe (half-open circuit, stale TTFT),
+         * but a request that chose it too began there while this one's
+         * hold was being made: a burst at the moment a backend may come
+         * back went to it whole. Choose again, with that probe out. */
+        req->probe_chosen = 0;
+        router__spend_release(c);
         choose_and_reserve(c, NULL);
         return;
     }

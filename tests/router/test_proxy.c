@@ -933,6 +933,46 @@ Test(proxy, a_probe_whose_client_left_lets_the_next_request_probe)
     cr_assert_eq(resp.status, 200, "after the new probe closed the circuit");
 }
 
+/* A burst when the circuit turns half-open: all its requests chose the
+ * backend as the probe before any began there. Only the first to begin
+ * is the probe; the others choose again and, with the probe out and no
+ * other candidate, are told to come back. */
+Test(proxy, a_burst_at_half_open_sends_one_probe)
+{
+    struct support_http_conn conns[6];
+    struct support_http_response r = {0};
+    char a[1024];
+    int served = 0, refused = 0;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
+    start_router("limits: {max_retries: 0}", a, "a");
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(call("POST", "/v1/chat/completions",
+                          AUTH "x-mock-fault: close-before-response\r\n", CHAT),
+                     0);
+        cr_assert_eq(resp.status, 502);
+    }
+    usleep(5200 * 1000); /* the circuit is half-open */
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-ttft-ms: 300\r\n", CHAT),
+                 0);
+    for (int i = 0; i < 6; i++)
+        cr_assert_eq(support_http_connect(&conns[i], router.port), 0);
+    for (int i = 0; i < 6; i++) /* back to back: one read of the router's, or few */
+        cr_assert_eq(support_http_send(&conns[i], req.data, req.len), 0);
+    for (int i = 0; i < 6; i++) {
+        cr_assert_eq(support_http_read(&conns[i], &r, TIMEOUT_MS), 0);
+        served += r.status == 200;
+        refused += r.status == 503;
+        support_http_response_free(&r);
+        support_http_close(&conns[i]);
+    }
+    cr_assert_eq(served, 1, "%d requests went to the half-open backend", served);
+    cr_assert_eq(refused, 5);
+}
+
 Test(proxy, stalled_upstream_gives_504_after_first_byte_timeout)
 {
     char a[1024];
