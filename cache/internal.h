@@ -118,7 +118,7 @@ int cache__journal_add(struct cache__journal *j, const char *tenant,
 /* Detach the oldest entry (caller owns it), or NULL. */
 struct cache__jentry *cache__journal_pop(struct cache__journal *j);
 /* Put back an entry whose write-back failed; `conditional` if it may have
- * been applied. Takes ownership. */
+ * been applied (an entry once conditional stays so). Takes ownership. */
 void cache__journal_readd(struct cache__journal *j, struct cache__jentry *e, int conditional);
 void cache__journal_free(struct cache__journal *j);
 
@@ -152,6 +152,7 @@ struct cache_op {
     unsigned sent_eval:1;             /* SPEND: NOSCRIPT fallback already used */
     unsigned inflight:1;              /* on the Redis in-flight list */
     unsigned queued:1;                /* waiting in the Redis batch queue */
+    unsigned refused:1;               /* Redis refused the write: nothing of it was applied */
     int pending;                      /* Redis replies still awaited */
     uint64_t deadline;                /* loop time (ms) the replies are due */
     const char *tenant_ref;           /* caller's tenant pointer, for the reservation */

@@ -68,6 +68,8 @@
 #define DAY_KEY_TTL_S "691200"       /* 8 days */
 #define MONTH_KEY_TTL_S "34560000"   /* 400 days */
 #define GRACE_MIN_MS 3600000         /* expired reservations remembered at least 1 h */
+#define RETRY_MIN_MS 1000            /* first journal write-back retry while connected */
+#define RETRY_MAX_MS 30000           /* its ceiling */
 
 /* ---- scripts ---- */
 
@@ -291,6 +293,10 @@ struct cache__redis {
     size_t nbatches;              /* batch script calls sent, reply not yet seen */
     char *scratch;                /* a batch's argv and argument bytes, reused */
     size_t scratch_cap;           /* its allocated size */
+    uv_timer_t retry;             /* journal write-back again while connected (see journal_retry) */
+    int retry_ms;                 /* its next delay */
+    size_t nflushing;             /* write-backs out (queued or in flight) */
+    unsigned refusing:1;          /* the last script write was refused (OOM, MISCONF, ...) */
 };
 
 /* The adapter's per-connection state: freed in the poll handle's close
@@ -306,6 +312,7 @@ struct redis_poll {
 
 static void redis_connect(struct cache__redis *s);
 static void flush_journal(struct cache__redis *s);
+static void journal_retry(struct cache__redis *s);
 static void op_ended(struct cache_op *op, int in_call);
 
 /* ---- adapter ---- */
@@ -434,6 +441,7 @@ static void redis_down(struct cache__redis *s, const char *errstr)
                  s->c->opts.on_failure == CACHE_FAIL_OPEN ? "serving from local counters"
                                                           : "failing closed");
     s->setup_pending = 0;
+    uv_timer_stop(&s->retry); /* the reconnect writes the journal back */
     set_state(s, CACHE_STATE_DOWN, errstr);
     if (s->c->closing)
         return;
@@ -487,6 +495,7 @@ static void redis_up(struct cache__redis *s)
     s->reconnects++;
     log_info("store: connected to Redis %s:%d", s->host, s->port);
     set_state(s, CACHE_STATE_CONNECTED, NULL);
+    s->retry_ms = RETRY_MIN_MS;
     flush_journal(s);
 }
 
@@ -1072,7 +1081,9 @@ static void op_unsent(struct cache_op *op)
     if (op->kind == CACHE__FLUSH) {
         cache__journal_readd(&c->journal, op->jentry, 0);
         op->jentry = NULL;
+        c->redis->nflushing--;
         cache__finish(op);
+        journal_retry(c->redis);
     } else if (op->pending == 0) { /* else a begin's GET is out: its reply ends the op */
         op_ended(op, 1);
     }
@@ -1298,6 +1309,58 @@ static const char *reply_error(struct cache__redis *s, const redisReply *reply)
     return cache_error_protocol;
 }
 
+/* An error Redis gives a write it refuses while it keeps the connection:
+ * out of memory under noeviction, a failed BGSAVE or AOF write (MISCONF),
+ * too few replicas (NOREPLICAS), a replica (READONLY). Inside our scripts
+ * these hit the first write command, so nothing of the call was applied.
+ * Redis 7 keeps the code at the start; older versions wrap it in "ERR Error
+ * running script ...: -CODE ...". */
+static int is_refusal(const redisReply *reply)
+{
+    static const char *const codes[] = {"OOM", "MISCONF", "NOREPLICAS", "READONLY"};
+    char wrapped[16];
+
+    if (reply == NULL || reply->type != REDIS_REPLY_ERROR)
+        return 0;
+    for (size_t i = 0; i < ARRAY_SIZE(codes); i++) {
+        size_t n = strlen(codes[i]);
+        snprintf(wrapped, sizeof(wrapped), ": -%s ", codes[i]);
+        if ((strncmp(reply->str, codes[i], n) == 0 && reply->str[n] == ' ') ||
+            strstr(reply->str, wrapped) != NULL)
+            return 1;
+    }
+    return 0;
+}
+
+/* Whether Redis takes writes, from the replies to script calls: a refused
+ * write sets it (the store then counts as not up, see cache_stats), one
+ * that went through clears it. Logged on change only: while Redis refuses,
+ * every request would log. */
+static void writes_refused(struct cache__redis *s, int refused, const char *why)
+{
+    if (refused == s->refusing)
+        return;
+    s->refusing = refused ? 1 : 0;
+    if (refused)
+        log_error("store: Redis %s:%d refuses writes (%s); charges are journaled and written "
+                  "back once it takes them again",
+                  s->host, s->port, why);
+    else
+        log_info("store: Redis %s:%d takes writes again", s->host, s->port);
+}
+
+/* A batch that got through wrote if it charged, dropped a reservation or
+ * made one (settles first, then begins). */
+static int batch_wrote(const struct batch *b)
+{
+    if (b->nsettles > 0)
+        return 1;
+    for (size_t i = 0; i < b->n; i++)
+        if (b->ops[i]->errstr == NULL && b->ops[i]->result.granted)
+            return 1;
+    return 0;
+}
+
 static int is_noscript(const redisReply *reply)
 {
     return reply && reply->type == REDIS_REPLY_ERROR && strncmp(reply->str, "NOSCRIPT", 8) == 0;
@@ -1356,10 +1419,17 @@ static void batch_reply_cb(redisAsyncContext *ac, void *r, void *priv)
         for (size_t i = 0; i < b->n; i++)
             b->ops[i]->pending++;
         err = error_store_unavailable;
+    } else if (is_refusal(reply)) {
+        err = error_store_unavailable;
+        writes_refused(s, 1, reply->str);
+        for (size_t i = 0; i < b->n; i++)
+            b->ops[i]->refused = 1;
     } else if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
         err = reply_error(s, reply);
     } else {
         parse_turn(b, reply);
+        if (batch_wrote(b))
+            writes_refused(s, 0, NULL);
     }
     for (size_t i = 0; i < b->n; i++) {
         struct cache_op *op = b->ops[i];
@@ -1402,7 +1472,7 @@ static void begin_ended(struct cache_op *op, int in_call)
     struct cache *c = op->cache;
     struct cache_begin_result *b = &op->result;
 
-    if (op->errstr != NULL && !in_call && !c->closing)
+    if (op->errstr != NULL && !in_call && !c->closing && !op->refused)
         journal_lost_begin(op);
     if (op->errstr == NULL) {
         cache__local_sync(&c->local, op->tenant, b->day_spent, b->month_spent);
@@ -1440,10 +1510,11 @@ static void settle_ended(struct cache_op *op, int in_call)
     } else if (c->closing) {
         op->errstr = cache_error_closed;
     } else {
-        /* A command that was sent may have been applied: its write-back
-         * then only charges if Redis still holds the reservation. */
+        /* A command that was sent may have been applied (unless Redis
+         * refused it): its write-back then only charges if Redis still
+         * holds the reservation. */
         cache__journal_add(&c->journal, op->tenant, &op->period, op->amount,
-                           r->remote ? r->seq : 0, r->amount, !in_call);
+                           r->remote ? r->seq : 0, r->amount, !in_call && !op->refused);
         op->errstr = error_store_unavailable;
     }
     complete(op, in_call);
@@ -1471,15 +1542,22 @@ static void flush_ended(struct cache_op *op)
 {
     struct cache *c = op->cache;
 
-    if (op->errstr != NULL && !c->closing) {
-        cache__journal_readd(&c->journal, op->jentry, 1);
+    c->redis->nflushing--;
+    if (op->errstr == NULL) {
+        c->redis->retry_ms = RETRY_MIN_MS;
+    } else if (!c->closing) {
+        cache__journal_readd(&c->journal, op->jentry, !op->refused);
         op->jentry = NULL;
     }
     cache__finish(op);
 }
 
+/* `op` got its answer (or none will come): hand it on. Whatever it added to
+ * the journal while connected is written back by journal_retry. */
 static void op_ended(struct cache_op *op, int in_call)
 {
+    struct cache__redis *s = op->cache->redis;
+
     switch (op->kind) {
     case CACHE__BEGIN:
         begin_ended(op, in_call);
@@ -1499,6 +1577,7 @@ static void op_ended(struct cache_op *op, int in_call)
         flush_ended(op);
         break;
     }
+    journal_retry(s);
 }
 
 static void redis_begin(struct cache_op *op)
@@ -1585,16 +1664,40 @@ static void flush_journal(struct cache__redis *s)
         struct cache_op *op = cache__op_new(c, CACHE__FLUSH, NULL);
         if (op == NULL) {
             cache__journal_readd(&c->journal, e, 0);
-            return;
+            break;
         }
         op->jentry = e;
         if (queue_add(s, op) < 0) {
             cache__journal_readd(&c->journal, e, 0);
             op->jentry = NULL;
             cache__finish(op);
-            return;
+            break;
         }
+        s->nflushing++;
     }
+    journal_retry(s);
+}
+
+static void retry_cb(uv_timer_t *t)
+{
+    flush_journal(t->data);
+}
+
+/* Charges journaled while connected (Redis refused them, or answered with
+ * an error) wait for no reconnect: write them back on a timer, from
+ * RETRY_MIN_MS doubling to RETRY_MAX_MS while the write-backs fail, so a
+ * Redis that refuses writes for long costs one script call per tenant every
+ * RETRY_MAX_MS. Started only when no write-back is out: its end calls this
+ * again. A disconnect stops it (redis_up writes the journal back). */
+static void journal_retry(struct cache__redis *s)
+{
+    struct cache *c = s->c;
+
+    if (c->journal.count == 0 || c->closing || s->state != CACHE_STATE_CONNECTED ||
+        s->nflushing > 0 || uv_is_active((uv_handle_t *)&s->retry))
+        return;
+    uv_timer_start(&s->retry, retry_cb, (uint64_t)s->retry_ms, 0);
+    s->retry_ms = MIN(s->retry_ms * 2, RETRY_MAX_MS);
 }
 
 static enum cache_state redis_state(const struct cache *c)
@@ -1616,6 +1719,7 @@ static void redis_close(struct cache *c)
 
     uv_timer_stop(&s->timer);
     uv_timer_stop(&s->cmd_timer);
+    uv_timer_stop(&s->retry);
     redis_drop(s, cache_error_closed);
     queue_send(s); /* fails what is queued: the connection is gone */
     if (s->resolving && !s->resolve_counted) {
@@ -1623,9 +1727,10 @@ static void redis_close(struct cache *c)
         c->handles_open++;
         uv_cancel((uv_req_t *)&s->gai);
     }
-    c->handles_open += 3;
+    c->handles_open += 4;
     uv_close((uv_handle_t *)&s->timer, timer_closed);
     uv_close((uv_handle_t *)&s->cmd_timer, timer_closed);
+    uv_close((uv_handle_t *)&s->retry, timer_closed);
     uv_close((uv_handle_t *)&s->prepare, timer_closed);
 }
 
@@ -1634,6 +1739,7 @@ static void redis_stats(const struct cache *c, struct cache_stats *out)
     out->state = c->redis->state;
     out->reconnects = c->redis->reconnects;
     out->inflight = c->redis->ninflight + c->redis->nqueue;
+    out->writes_refused = c->redis->refusing;
 }
 
 const struct cache__type cache__redis_type = {
@@ -1663,9 +1769,12 @@ int cache__redis_create(struct cache *c)
     s->state = CACHE_STATE_DOWN;
     uv_timer_init(c->loop, &s->timer);
     uv_timer_init(c->loop, &s->cmd_timer);
+    uv_timer_init(c->loop, &s->retry);
     uv_prepare_init(c->loop, &s->prepare);
     s->timer.data = s;
     s->cmd_timer.data = s;
+    s->retry.data = s;
+    s->retry_ms = RETRY_MIN_MS;
     s->prepare.data = s;
     redis_connect(s);
     return 0;

@@ -2,8 +2,8 @@
  * tests/cache/test_faults.c: the Redis store under faults, against a real
  * redis-server: down at start (refused, silent), a stopped server (command
  * timeout), killed and restarted mid-load with fail_open (journal written
- * back, nothing lost), fail_closed errors, and several processes hammering
- * one tenant without overspending.
+ * back, nothing lost), fail_closed errors, a Redis that answers but refuses
+ * writes, and several processes hammering one tenant without overspending.
  */
 #include <criterion/criterion.h>
 #include <netinet/in.h>
@@ -241,6 +241,69 @@ Test(faults, killed_mid_load_nothing_lost, .timeout = 30)
     cr_assert_eq(s.spend.day_spent, l.charged, "redis has %lld, charged %lld",
                  (long long)s.spend.day_spent, (long long)l.charged);
     cr_assert_eq(s.spend.month_spent, l.charged);
+    wait_close(&loop, c);
+    test_redis_stop(&r);
+}
+
+/* Turn the loop until the journal is written back and nothing is in
+ * flight, for at most `ms`; whether it drained. */
+static int drained_within(uv_loop_t *loop, struct cache *c, int ms)
+{
+    struct cache_stats st;
+
+    for (int waited = 0; waited < ms; waited += 50) {
+        cache_stats(c, &st);
+        if (st.journal_entries == 0 && st.inflight == 0)
+            return 1;
+        wait_ms(loop, 50);
+    }
+    return 0;
+}
+
+/* Redis answers but refuses writes (min-replicas-to-write with no replica;
+ * MISCONF and OOM under noeviction answer alike) and keeps the connection:
+ * charges are journaled, the store says writes are refused, refused begins
+ * leave nothing to release (the journal does not grow by one entry per
+ * request), and once Redis takes writes again the journal is written back
+ * on the same connection, without waiting for a reconnect. */
+Test(faults, refused_writes_are_written_back_without_a_reconnect, .timeout = 30)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache *c;
+    struct wait w, s;
+    struct cache_stats st;
+
+    cr_assert_eq(test_redis_start(&r, 0), 0);
+    uv_loop_init(&loop);
+    c = open_store(&loop, r.url, CACHE_FAIL_OPEN, prefix, sizeof(prefix), "refused-writes");
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    w = wait_begin(&loop, c, "acme", NULL, 100, 0, 0);
+    cr_assert(w.begin.granted && w.begin.reservation.remote);
+    test_redis_int(&r, "CONFIG SET min-replicas-to-write 1");
+    cr_assert_eq(wait_settle(&loop, c, &w.begin.reservation, 40), error_store_unavailable,
+                 "journaled: Redis refused the write");
+    for (int i = 0; i < 10; i++) {
+        struct wait d = wait_begin(&loop, c, "acme", NULL, 10, 0, 0);
+        cr_assert_null(d.err);
+        cr_assert(d.begin.granted && d.begin.degraded, "served from local counters");
+        cr_assert_eq(wait_settle(&loop, c, &d.begin.reservation, 5), error_store_unavailable);
+    }
+    cache_stats(c, &st);
+    cr_assert_eq(st.state, CACHE_STATE_CONNECTED, "the connection stays");
+    cr_assert(st.writes_refused, "the store says Redis refuses writes");
+    cr_assert_eq(st.journal_amount, 90);
+    cr_assert_leq(st.journal_entries, 2, "%zu entries for 11 charges", st.journal_entries);
+    test_redis_int(&r, "CONFIG SET min-replicas-to-write 0");
+    cr_assert(drained_within(&loop, c, 10000), "the journal was not written back");
+    cache_stats(c, &st);
+    cr_assert_eq(st.reconnects, 1, "written back without a reconnect");
+    cr_assert_not(st.writes_refused);
+    s = wait_spend(&loop, c, "acme");
+    cr_assert_null(s.err);
+    cr_assert_eq(s.spend.day_spent, 90);
+    cr_assert_eq(s.spend.reserved, 0, "the refused settle's reservation is still held");
     wait_close(&loop, c);
     test_redis_stop(&r);
 }
