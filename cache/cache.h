@@ -23,10 +23,11 @@
  * in-process counters (seeded from the last values Redis returned) while
  * Redis is unreachable or refuses writes, and journals every charge in
  * memory; the journal is written back when Redis returns, and while
- * connected retried on a timer (1 s doubling to 30 s). With
- * CACHE_FAIL_CLOSED, cache_begin and cache_spend_get fail with
- * error_store_unavailable, but charges are still journaled: the cost of a
- * request already served is never dropped.
+ * connected retried on a timer (1 s doubling to 30 s). Charges without a
+ * Redis reservation carry an id, so one sent twice (its reply lost) is
+ * applied once. With CACHE_FAIL_CLOSED, cache_begin and cache_spend_get
+ * fail with error_store_unavailable, but charges are still journaled: the
+ * cost of a request already served is never dropped.
  */
 #ifndef CACHE_CACHE_H
 #define CACHE_CACHE_H

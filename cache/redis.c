@@ -49,6 +49,9 @@
  *                              them expires, at the soonest (see LUA_COMMON)
  *   PREFIX{tenant}:x           reservations that expired unsettled (kept for a grace period,
  *                              so a late or repeated settle is charged exactly once)
+ *   PREFIX{tenant}:applied     ids of the charges without a reservation applied within the
+ *                              grace period (sorted set, id -> when), so that one sent again
+ *                              after its reply was lost is charged exactly once
  *   PREFIX{tenant}:c:SHA256    cached response (PREFIXc:{SHA256} when shared across tenants)
  */
 #include <arpa/inet.h>
@@ -139,16 +142,19 @@
 /* One tenant's settlements and reservations of one loop turn, in that
  * order (what a settlement frees, a reservation after it can use).
  *
- * KEYS day month open expired [entry...]; ARGV ttl_ms grace_ms day_ttl
- * month_ttl nsettles day_limit month_limit (the begins', alike in a
- * batch), then per settle: member|'' reserved_amount real force, then per
+ * KEYS day month open expired applied [entry...]; ARGV ttl_ms grace_ms
+ * day_ttl month_ttl nsettles day_limit month_limit (the begins', alike in a
+ * batch), then per settle: member|'' reserved_amount real how, then per
  * begin: member amount entry (its KEYS index, 0: no lookup).
  *
- * A settle drops its reservation and charges `real` when force, or when
- * the reservation was still known (open or expired), once even if named
- * twice; open reservations are looked up and removed with one command
- * each for the whole batch (HMGET, HDEL). The counters get their
- * expiry when created (a day key outlives its day by a week). A begin
+ * A settle drops its reservation and charges `real` when `how` is '1', or
+ * when the reservation was still known (open or expired), once even if
+ * named twice; open reservations are looked up and removed with one command
+ * each for the whole batch (HMGET, HDEL). A charge without a reservation
+ * has its id as `how`: charged unless that id is in the applied set
+ * (KEYS[5], id -> when applied, kept for the grace period), so that one
+ * sent again after its reply was lost is not counted twice. The counters
+ * get their expiry when created (a day key outlives its day by a week). A begin
  * answers a cache hit, or reserves `amount` unless a limit would be passed.
  *
  * Returns {day, month after the batch, then per begin: the reserved sum
@@ -184,9 +190,21 @@ static const char lua_turn[] =
     "end\n"
     "if nopen > 0 then redis.call('HDEL', KEYS[3], unpack(open)) end\n"
     "reserved = math.max(reserved, 0)\n"
-    "local charged = 0\n"
+    "local charged, now = 0, nil\n"
     "for i = 8, last, 4 do\n"
-    "  if known[i] or ARGV[i + 3] == '1' then charged = charged + tonumber(ARGV[i + 2]) end\n"
+    "  local how = ARGV[i + 3]\n"
+    "  if known[i] or how == '1' then\n"
+    "    charged = charged + tonumber(ARGV[i + 2])\n"
+    "  elseif how ~= '0' then\n"
+    "    now = now or now_ms()\n"
+    "    if redis.call('ZADD', KEYS[5], 'NX', now, how) == 1 then\n"
+    "      charged = charged + tonumber(ARGV[i + 2])\n"
+    "    end\n"
+    "  end\n"
+    "end\n"
+    "if now then\n"
+    "  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[2]))\n"
+    "  redis.call('PEXPIRE', KEYS[5], ARGV[2])\n"
     "end\n"
     "local day, month\n"
     "if charged ~= 0 then\n"
@@ -200,7 +218,7 @@ static const char lua_turn[] =
     "  if not day then day, month = counters() end\n"
     "  return {day, month}\n"
     "end\n"
-    "local now = now_ms()\n"
+    "now = now or now_ms()\n"
     "local ttl, grace = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
     "local old_due = due\n"
     "reserved, due = prune(now, grace, reserved, due)\n"
@@ -766,6 +784,7 @@ struct keys {
     char month[CACHE__NAME_MAX];    /* spend that month */
     char res[CACHE__NAME_MAX];      /* open reservations */
     char exp[CACHE__NAME_MAX];      /* expired reservations */
+    char applied[CACHE__NAME_MAX];  /* ids of charges applied without a reservation */
 };
 
 static void keys_build(const struct cache *c, const char *tenant, const struct cache__period *p,
@@ -778,6 +797,7 @@ static void keys_build(const struct cache *c, const char *tenant, const struct c
     snprintf(k->month, sizeof(k->month), "%s{%s}:m:%s", c->prefix, tenant, m);
     snprintf(k->res, sizeof(k->res), "%s{%s}:open", c->prefix, tenant);
     snprintf(k->exp, sizeof(k->exp), "%s{%s}:x", c->prefix, tenant);
+    snprintf(k->applied, sizeof(k->applied), "%s{%s}:applied", c->prefix, tenant);
 }
 
 static int grace_ms(const struct cache *c)
@@ -803,7 +823,7 @@ static int send_spend(struct cache__redis *s, struct cache_op *op, int eval)
 
 #define BATCH_MAX 64      /* ops per script call: bounds its arguments and its time in Redis */
 #define QUEUE_HOLD_MAX 256 /* ops held back while a turn is out, at most */
-#define BATCH_HEAD 14     /* EVALSHA sha numkeys, four keys, seven common arguments */
+#define BATCH_HEAD 15     /* EVALSHA sha numkeys, five keys, seven common arguments */
 #define NUM_MAX 24        /* bytes of a formatted int64, with its NUL */
 #define MEMBER_MAX 64     /* "INSTANCE-SEQ:AMOUNT" */
 
@@ -926,19 +946,35 @@ static void arg_entry_key(struct args *a, const struct cache *c, const char *nam
 _Static_assert(sizeof(((struct cache *)0)->instance) + 2 * 20 + 2 <= MEMBER_MAX,
                "a reservation member fits MEMBER_MAX");
 
-static void arg_member(struct args *a, const struct cache *c, uint64_t seq, int64_t amount)
+/* "INSTANCE-SEQ" at p, the start of a member and a whole charge id; returns
+ * the end. */
+static char *put_instance_seq(char *p, const struct cache *c, uint64_t seq)
 {
     size_t n = strlen(c->instance);
+
+    memcpy(p, c->instance, n);
+    p[n] = '-';
+    return put_int(p + n + 1, (int64_t)seq);
+}
+
+static void arg_member(struct args *a, const struct cache *c, uint64_t seq, int64_t amount)
+{
     char *p = arg_room(a, MEMBER_MAX);
 
     if (p == NULL)
         return;
-    memcpy(p, c->instance, n);
-    p += n;
-    *p++ = '-';
-    p = put_int(p, (int64_t)seq);
+    p = put_instance_seq(p, c, seq);
     *p++ = ':';
     arg_done(a, put_int(p, amount));
+}
+
+/* A charge's id, "INSTANCE-ID": unique across instances, as members are. */
+static void arg_id(struct args *a, const struct cache *c, uint64_t id)
+{
+    char *p = arg_room(a, MEMBER_MAX);
+
+    if (p)
+        arg_done(a, put_instance_seq(p, c, id));
 }
 
 /* A reservation's member and amount, or '' and 0 for none (seq 0). */
@@ -987,19 +1023,29 @@ static int args_init(struct cache__redis *s, const struct batch *b, struct args 
     return 0;
 }
 
-/* A settle or write-back: member|'' reserved-amount real force. */
+/* A settle or write-back: member|'' reserved-amount real how. A charge
+ * without a reservation always goes with its id: its reply may be lost
+ * after Redis applied it, and only the id tells the second send apart. */
 static void args_settle(struct args *a, const struct cache *c, const struct cache_op *op)
 {
     const struct cache__jentry *e = op->jentry;
 
-    if (e == NULL) { /* a settle: charges whatever happened to the reservation */
-        args_member(a, c, op->res.remote ? op->res.seq : 0, op->res.amount);
+    if (e == NULL && op->res.remote) { /* charges whatever happened to the reservation */
+        args_member(a, c, op->res.seq, op->res.amount);
         arg_int(a, op->amount);
         arg_add(a, "1");
-    } else { /* a write-back: a sent one may have been applied already */
+    } else if (e == NULL) {
+        args_member(a, c, 0, 0);
+        arg_int(a, op->amount);
+        arg_id(a, c, op->charge_id);
+    } else if (e->seq != 0) { /* a sent one may have been applied already */
         args_member(a, c, e->seq, e->res_amount);
         arg_int(a, e->real);
         arg_add(a, e->conditional ? "0" : "1");
+    } else {
+        args_member(a, c, 0, 0);
+        arg_int(a, e->real);
+        arg_id(a, c, e->id);
     }
 }
 
@@ -1017,7 +1063,7 @@ static void args_begin(struct args *a, const struct cache *c, const struct cache
 static void args_ops(struct args *a, const struct batch *b)
 {
     const struct cache *c = b->s->c;
-    int entry = 5; /* KEYS index of the first cache entry */
+    int entry = 6; /* KEYS index of the first cache entry */
 
     arg_int(a, c->opts.reservation_ttl_ms);
     arg_int(a, grace_ms(c));
@@ -1039,7 +1085,7 @@ static int batch_send(struct batch *b, int eval)
 {
     struct cache__redis *s = b->s;
     struct cache *c = s->c;
-    int nkeys = 4;
+    int nkeys = 5;
     struct keys k;
     struct args a;
 
@@ -1055,6 +1101,7 @@ static int batch_send(struct batch *b, int eval)
     arg_add(&a, k.month);
     arg_add(&a, k.res);
     arg_add(&a, k.exp);
+    arg_add(&a, k.applied);
     for (size_t i = b->nsettles; i < b->n; i++)
         if (has_entry(b->ops[i]))
             arg_entry_key(&a, c, b->ops[i]->name);
@@ -1464,7 +1511,8 @@ static void complete(struct cache_op *op, int in_call)
  * after the lost command, which Redis read first. */
 static void journal_lost_begin(struct cache_op *op)
 {
-    cache__journal_add(&op->cache->journal, op->tenant, &op->period, 0, op->res.seq, op->amount, 1);
+    cache__journal_add(&op->cache->journal, op->tenant, &op->period, 0, op->res.seq, op->amount,
+                       0, 1);
 }
 
 static void begin_ended(struct cache_op *op, int in_call)
@@ -1512,9 +1560,10 @@ static void settle_ended(struct cache_op *op, int in_call)
     } else {
         /* A command that was sent may have been applied (unless Redis
          * refused it): its write-back then only charges if Redis still
-         * holds the reservation. */
+         * holds the reservation, or has not seen the charge's id. */
         cache__journal_add(&c->journal, op->tenant, &op->period, op->amount,
-                           r->remote ? r->seq : 0, r->amount, !in_call && !op->refused);
+                           r->remote ? r->seq : 0, r->amount, op->charge_id,
+                           !in_call && !op->refused);
         op->errstr = error_store_unavailable;
     }
     complete(op, in_call);
@@ -1613,6 +1662,8 @@ static void redis_settle(struct cache_op *op)
         cache__defer(op); /* a local release: nothing to tell Redis */
         return;
     }
+    if (!r->remote)
+        op->charge_id = ++c->seq; /* nothing else tells Redis it applied this one */
     if (queue_add(c->redis, op) == 0)
         return;
     op->errstr = error_store_unavailable;
@@ -1666,6 +1717,8 @@ static void flush_journal(struct cache__redis *s)
             cache__journal_readd(&c->journal, e, 0);
             break;
         }
+        if (e->seq == 0 && e->id == 0)
+            e->id = ++c->seq; /* kept from now on: see journal.c */
         op->jentry = e;
         if (queue_add(s, op) < 0) {
             cache__journal_readd(&c->journal, e, 0);
