@@ -140,9 +140,13 @@ void cache__journal_free(struct cache__journal *j)
 {
     struct cache__jentry *e;
 
+    /* Only cache_close() gets here with entries: stopped while Redis was
+     * away or refused writes. Those charges are lost to Redis (the cost
+     * log still has them), which whoever reconciles spend must hear. */
     if (j->count > 0)
-        log_warn("store journal: %zu entries (%lld micro-dollars) not written back", j->count,
-                 (long long)j->amount);
+        log_error("store journal: %zu entries (%lld micro-dollars) not written back to Redis: "
+                  "lost from the shared spend (the cost log has them)",
+                  j->count, (long long)j->amount);
     while ((e = cache__journal_pop(j)) != NULL)
         free(e);
     cache__map_free(&j->agg, NULL);

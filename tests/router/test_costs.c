@@ -690,11 +690,12 @@ Test(costs, error_answers_are_logged_once_a_second_per_kind)
 
 /* While the store is down every settlement fails alike: the log says so
  * about once a second, not once a request (it was thousands of lines a
- * second under load). */
+ * second under load). Stopped before Redis is back, the router says at
+ * error level that the journaled charges never reached Redis. */
 Test(costs, a_store_outage_is_logged_once_a_second_not_per_request)
 {
     char log[64] = "/tmp/costrouter-stderr-XXXXXX";
-    int journaled;
+    int journaled, lost;
 
     close(mkstemp(log));
     stderr_path = log;
@@ -709,9 +710,11 @@ Test(costs, a_store_outage_is_logged_once_a_second_not_per_request)
     }
     support_proc_stop(&routers[0]);
     journaled = count_log_lines(log, "journaled");
+    lost = count_log_lines(log, " ERROR cache/journal.c:");
     unlink(log);
     cr_assert_geq(journaled, 1, "the outage is not in the log");
     cr_assert_leq(journaled, 3, "%d lines for 40 failed settlements", journaled);
+    cr_assert_eq(lost, 1, "the charges lost at the stop are not logged as an error");
 }
 
 /* Redis answers but refuses writes (too few replicas; MISCONF and OOM
