@@ -345,10 +345,13 @@ static struct cache_reservation degraded_begin(struct relayed *x, long long amou
     return w.begin.reservation;
 }
 
-/* Once written back, Redis holds `want` for the day; then close all. */
+/* Once written back, Redis holds `want` for the day, and the ids it keeps
+ * to apply each charge once expire with the grace period (1 h here); then
+ * close all. */
 static void relayed_check_close(struct relayed *x, long long want)
 {
     struct wait s;
+    long long ttl;
 
     wait_state(&x->loop, x->c, CACHE_STATE_CONNECTED);
     wait_drained(&x->loop, x->c);
@@ -357,6 +360,8 @@ static void relayed_check_close(struct relayed *x, long long want)
     cr_assert_null(s.err);
     cr_assert_eq(s.spend.day_spent, want, "charged %lld for %lld", (long long)s.spend.day_spent,
                  want);
+    ttl = test_redis_int(&x->r, "PTTL %s{acme}:applied", x->prefix);
+    cr_assert(ttl > 0 && ttl <= 3600000, "the applied ids expire in %lld ms", ttl);
     wait_close(&x->loop, x->c);
     test_relay_stop(x->relay);
     test_redis_stop(&x->r);
