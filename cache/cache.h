@@ -21,10 +21,13 @@
  *
  * Faults (Redis store): with CACHE_FAIL_OPEN the store keeps serving from
  * in-process counters (seeded from the last values Redis returned) while
- * Redis is unreachable, and journals every charge in memory; the journal is
- * written back when Redis returns. With CACHE_FAIL_CLOSED, cache_begin and
- * cache_spend_get fail with error_store_unavailable, but charges are still
- * journaled: the cost of a request already served is never dropped.
+ * Redis is unreachable or refuses writes, and journals every charge in
+ * memory; the journal is written back when Redis returns, and while
+ * connected retried on a timer (1 s doubling to 30 s). Charges without a
+ * Redis reservation carry an id, so one sent twice (its reply lost) is
+ * applied once. With CACHE_FAIL_CLOSED, cache_begin and cache_spend_get
+ * fail with error_store_unavailable, but charges are still journaled: the
+ * cost of a request already served is never dropped.
  */
 #ifndef CACHE_CACHE_H
 #define CACHE_CACHE_H
@@ -126,6 +129,8 @@ struct cache_stats {
     int64_t journal_amount;  /* micro-dollars in those entries */
     uint64_t reconnects;     /* successful (re)connections so far */
     size_t inflight;         /* operations sent to Redis or queued for it, not yet answered */
+    unsigned writes_refused:1; /* connected, but Redis refused the last write (OOM, MISCONF,
+                                * NOREPLICAS, READONLY): charges are being journaled */
 };
 
 typedef void cache_begin_cb(void *arg, const char *errstr, const struct cache_begin_result *r);

@@ -98,7 +98,10 @@ struct cache__jentry {
     int64_t real;                 /* micro-dollars to charge */
     uint64_t seq;                 /* Redis reservation to drop with it, 0: none */
     int64_t res_amount;           /* that reservation's amount (part of its member) */
-    unsigned conditional:1;       /* charge only if the reservation is still known */
+    uint64_t id;                  /* seq 0: the charge's id, sent with it so that Redis applies
+                                   * it once (0: never sent yet) */
+    unsigned conditional:1;       /* may have been applied: charge only if the reservation is
+                                   * still known (seq), or if Redis has not seen the id */
     char tenant[];                /* tenant id */
 };
 
@@ -110,15 +113,17 @@ struct cache__journal {
     int64_t amount;               /* sum of real */
 };
 
-/* Journal a charge. seq != 0 names a Redis reservation to drop. Returns 0
- * or -ENOMEM (the charge is then lost and logged). */
+/* Journal a charge. seq != 0 names a Redis reservation to drop; else `id`
+ * (0: none) is the charge's id if it was sent. `conditional`: it was sent
+ * and may have been applied. Returns 0 or -ENOMEM (the charge is then lost
+ * and logged). */
 int cache__journal_add(struct cache__journal *j, const char *tenant,
                        const struct cache__period *p, int64_t real, uint64_t seq,
-                       int64_t res_amount, int conditional);
+                       int64_t res_amount, uint64_t id, int conditional);
 /* Detach the oldest entry (caller owns it), or NULL. */
 struct cache__jentry *cache__journal_pop(struct cache__journal *j);
 /* Put back an entry whose write-back failed; `conditional` if it may have
- * been applied. Takes ownership. */
+ * been applied (an entry once conditional stays so). Takes ownership. */
 void cache__journal_readd(struct cache__journal *j, struct cache__jentry *e, int conditional);
 void cache__journal_free(struct cache__journal *j);
 
@@ -152,6 +157,7 @@ struct cache_op {
     unsigned sent_eval:1;             /* SPEND: NOSCRIPT fallback already used */
     unsigned inflight:1;              /* on the Redis in-flight list */
     unsigned queued:1;                /* waiting in the Redis batch queue */
+    unsigned refused:1;               /* Redis refused the write: nothing of it was applied */
     int pending;                      /* Redis replies still awaited */
     uint64_t deadline;                /* loop time (ms) the replies are due */
     const char *tenant_ref;           /* caller's tenant pointer, for the reservation */
@@ -160,6 +166,7 @@ struct cache_op {
     int64_t day_limit;                /* BEGIN */
     int64_t month_limit;              /* BEGIN */
     struct cache_reservation res;     /* SETTLE: the reservation; BEGIN: the new one */
+    uint64_t charge_id;               /* SETTLE without a Redis reservation: its id (0: none) */
     struct cache__jentry *jentry;     /* FLUSH: the entry being written back */
     char *name;                       /* BEGIN/PUT: cache entry name (no prefix), or NULL */
     char *value;                      /* owned copy of a cached value */

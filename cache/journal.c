@@ -9,7 +9,11 @@
  * each; there are at most as many as reservations open when Redis went
  * away. A "conditional" entry is one whose first write may have reached
  * Redis (its reply was lost): the write-back then charges only if Redis
- * still knows the reservation, so it is not counted twice.
+ * still knows the reservation, so it is not counted twice. A charge with no
+ * reservation has nothing Redis could know it by but the id it was sent
+ * with (cache_op.charge_id, jentry.id): Redis records the ids it applied
+ * and skips one it has seen. A conditional entry is never merged into, as
+ * its amount must stay the one sent under its id.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -72,14 +76,14 @@ static void index_entry(struct cache__journal *j, struct cache__jentry *e)
 
 int cache__journal_add(struct cache__journal *j, const char *tenant,
                        const struct cache__period *p, int64_t real, uint64_t seq,
-                       int64_t res_amount, int conditional)
+                       int64_t res_amount, uint64_t id, int conditional)
 {
     struct cache__jentry *e;
     size_t n = strlen(tenant);
 
-    if (seq == 0)
+    if (seq == 0 && id == 0)
         conditional = 0; /* nothing to check against: charge at least once */
-    if (seq == 0 && merge(j, tenant, p, real))
+    if (seq == 0 && !conditional && merge(j, tenant, p, real))
         return 0;
     e = malloc(sizeof(*e) + n + 1);
     if (e == NULL) {
@@ -91,6 +95,7 @@ int cache__journal_add(struct cache__journal *j, const char *tenant,
     e->real = real;
     e->seq = seq;
     e->res_amount = res_amount;
+    e->id = seq == 0 ? id : 0;
     e->conditional = conditional ? 1 : 0;
     e->agg = NULL;
     if (mergeable(e))
@@ -120,7 +125,7 @@ struct cache__jentry *cache__journal_pop(struct cache__journal *j)
 
 void cache__journal_readd(struct cache__journal *j, struct cache__jentry *e, int conditional)
 {
-    if (conditional && e->seq != 0)
+    if (conditional && (e->seq != 0 || e->id != 0))
         e->conditional = 1;
     if (mergeable(e) && merge(j, e->tenant, &e->period, e->real)) {
         free(e);
@@ -135,9 +140,13 @@ void cache__journal_free(struct cache__journal *j)
 {
     struct cache__jentry *e;
 
+    /* Only cache_close() gets here with entries: stopped while Redis was
+     * away or refused writes. Those charges are lost to Redis (the cost
+     * log still has them), which whoever reconciles spend must hear. */
     if (j->count > 0)
-        log_warn("store journal: %zu entries (%lld micro-dollars) not written back", j->count,
-                 (long long)j->amount);
+        log_error("store journal: %zu entries (%lld micro-dollars) not written back to Redis: "
+                  "lost from the shared spend (the cost log has them)",
+                  j->count, (long long)j->amount);
     while ((e = cache__journal_pop(j)) != NULL)
         free(e);
     cache__map_free(&j->agg, NULL);

@@ -49,6 +49,9 @@
  *                              them expires, at the soonest (see LUA_COMMON)
  *   PREFIX{tenant}:x           reservations that expired unsettled (kept for a grace period,
  *                              so a late or repeated settle is charged exactly once)
+ *   PREFIX{tenant}:applied     ids of the charges without a reservation applied within the
+ *                              grace period (sorted set, id -> when), so that one sent again
+ *                              after its reply was lost is charged exactly once
  *   PREFIX{tenant}:c:SHA256    cached response (PREFIXc:{SHA256} when shared across tenants)
  */
 #include <arpa/inet.h>
@@ -68,6 +71,8 @@
 #define DAY_KEY_TTL_S "691200"       /* 8 days */
 #define MONTH_KEY_TTL_S "34560000"   /* 400 days */
 #define GRACE_MIN_MS 3600000         /* expired reservations remembered at least 1 h */
+#define RETRY_MIN_MS 1000            /* first journal write-back retry while connected */
+#define RETRY_MAX_MS 30000           /* its ceiling */
 
 /* ---- scripts ---- */
 
@@ -137,16 +142,19 @@
 /* One tenant's settlements and reservations of one loop turn, in that
  * order (what a settlement frees, a reservation after it can use).
  *
- * KEYS day month open expired [entry...]; ARGV ttl_ms grace_ms day_ttl
- * month_ttl nsettles day_limit month_limit (the begins', alike in a
- * batch), then per settle: member|'' reserved_amount real force, then per
+ * KEYS day month open expired applied [entry...]; ARGV ttl_ms grace_ms
+ * day_ttl month_ttl nsettles day_limit month_limit (the begins', alike in a
+ * batch), then per settle: member|'' reserved_amount real how, then per
  * begin: member amount entry (its KEYS index, 0: no lookup).
  *
- * A settle drops its reservation and charges `real` when force, or when
- * the reservation was still known (open or expired), once even if named
- * twice; open reservations are looked up and removed with one command
- * each for the whole batch (HMGET, HDEL). The counters get their
- * expiry when created (a day key outlives its day by a week). A begin
+ * A settle drops its reservation and charges `real` when `how` is '1', or
+ * when the reservation was still known (open or expired), once even if
+ * named twice; open reservations are looked up and removed with one command
+ * each for the whole batch (HMGET, HDEL). A charge without a reservation
+ * has its id as `how`: charged unless that id is in the applied set
+ * (KEYS[5], id -> when applied, kept for the grace period), so that one
+ * sent again after its reply was lost is not counted twice. The counters
+ * get their expiry when created (a day key outlives its day by a week). A begin
  * answers a cache hit, or reserves `amount` unless a limit would be passed.
  *
  * Returns {day, month after the batch, then per begin: the reserved sum
@@ -182,9 +190,21 @@ static const char lua_turn[] =
     "end\n"
     "if nopen > 0 then redis.call('HDEL', KEYS[3], unpack(open)) end\n"
     "reserved = math.max(reserved, 0)\n"
-    "local charged = 0\n"
+    "local charged, now = 0, nil\n"
     "for i = 8, last, 4 do\n"
-    "  if known[i] or ARGV[i + 3] == '1' then charged = charged + tonumber(ARGV[i + 2]) end\n"
+    "  local how = ARGV[i + 3]\n"
+    "  if known[i] or how == '1' then\n"
+    "    charged = charged + tonumber(ARGV[i + 2])\n"
+    "  elseif how ~= '0' then\n"
+    "    now = now or now_ms()\n"
+    "    if redis.call('ZADD', KEYS[5], 'NX', now, how) == 1 then\n"
+    "      charged = charged + tonumber(ARGV[i + 2])\n"
+    "    end\n"
+    "  end\n"
+    "end\n"
+    "if now then\n"
+    "  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[2]))\n"
+    "  redis.call('PEXPIRE', KEYS[5], ARGV[2])\n"
     "end\n"
     "local day, month\n"
     "if charged ~= 0 then\n"
@@ -198,7 +218,7 @@ static const char lua_turn[] =
     "  if not day then day, month = counters() end\n"
     "  return {day, month}\n"
     "end\n"
-    "local now = now_ms()\n"
+    "now = now or now_ms()\n"
     "local ttl, grace = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
     "local old_due = due\n"
     "reserved, due = prune(now, grace, reserved, due)\n"
@@ -291,6 +311,10 @@ struct cache__redis {
     size_t nbatches;              /* batch script calls sent, reply not yet seen */
     char *scratch;                /* a batch's argv and argument bytes, reused */
     size_t scratch_cap;           /* its allocated size */
+    uv_timer_t retry;             /* journal write-back again while connected (see journal_retry) */
+    int retry_ms;                 /* its next delay */
+    size_t nflushing;             /* write-backs out (queued or in flight) */
+    unsigned refusing:1;          /* the last script write was refused (OOM, MISCONF, ...) */
 };
 
 /* The adapter's per-connection state: freed in the poll handle's close
@@ -306,6 +330,7 @@ struct redis_poll {
 
 static void redis_connect(struct cache__redis *s);
 static void flush_journal(struct cache__redis *s);
+static void journal_retry(struct cache__redis *s);
 static void op_ended(struct cache_op *op, int in_call);
 
 /* ---- adapter ---- */
@@ -434,6 +459,7 @@ static void redis_down(struct cache__redis *s, const char *errstr)
                  s->c->opts.on_failure == CACHE_FAIL_OPEN ? "serving from local counters"
                                                           : "failing closed");
     s->setup_pending = 0;
+    uv_timer_stop(&s->retry); /* the reconnect writes the journal back */
     set_state(s, CACHE_STATE_DOWN, errstr);
     if (s->c->closing)
         return;
@@ -487,6 +513,7 @@ static void redis_up(struct cache__redis *s)
     s->reconnects++;
     log_info("store: connected to Redis %s:%d", s->host, s->port);
     set_state(s, CACHE_STATE_CONNECTED, NULL);
+    s->retry_ms = RETRY_MIN_MS;
     flush_journal(s);
 }
 
@@ -757,6 +784,7 @@ struct keys {
     char month[CACHE__NAME_MAX];    /* spend that month */
     char res[CACHE__NAME_MAX];      /* open reservations */
     char exp[CACHE__NAME_MAX];      /* expired reservations */
+    char applied[CACHE__NAME_MAX];  /* ids of charges applied without a reservation */
 };
 
 static void keys_build(const struct cache *c, const char *tenant, const struct cache__period *p,
@@ -769,6 +797,7 @@ static void keys_build(const struct cache *c, const char *tenant, const struct c
     snprintf(k->month, sizeof(k->month), "%s{%s}:m:%s", c->prefix, tenant, m);
     snprintf(k->res, sizeof(k->res), "%s{%s}:open", c->prefix, tenant);
     snprintf(k->exp, sizeof(k->exp), "%s{%s}:x", c->prefix, tenant);
+    snprintf(k->applied, sizeof(k->applied), "%s{%s}:applied", c->prefix, tenant);
 }
 
 static int grace_ms(const struct cache *c)
@@ -794,7 +823,7 @@ static int send_spend(struct cache__redis *s, struct cache_op *op, int eval)
 
 #define BATCH_MAX 64      /* ops per script call: bounds its arguments and its time in Redis */
 #define QUEUE_HOLD_MAX 256 /* ops held back while a turn is out, at most */
-#define BATCH_HEAD 14     /* EVALSHA sha numkeys, four keys, seven common arguments */
+#define BATCH_HEAD 15     /* EVALSHA sha numkeys, five keys, seven common arguments */
 #define NUM_MAX 24        /* bytes of a formatted int64, with its NUL */
 #define MEMBER_MAX 64     /* "INSTANCE-SEQ:AMOUNT" */
 
@@ -917,19 +946,35 @@ static void arg_entry_key(struct args *a, const struct cache *c, const char *nam
 _Static_assert(sizeof(((struct cache *)0)->instance) + 2 * 20 + 2 <= MEMBER_MAX,
                "a reservation member fits MEMBER_MAX");
 
-static void arg_member(struct args *a, const struct cache *c, uint64_t seq, int64_t amount)
+/* "INSTANCE-SEQ" at p, the start of a member and a whole charge id; returns
+ * the end. */
+static char *put_instance_seq(char *p, const struct cache *c, uint64_t seq)
 {
     size_t n = strlen(c->instance);
+
+    memcpy(p, c->instance, n);
+    p[n] = '-';
+    return put_int(p + n + 1, (int64_t)seq);
+}
+
+static void arg_member(struct args *a, const struct cache *c, uint64_t seq, int64_t amount)
+{
     char *p = arg_room(a, MEMBER_MAX);
 
     if (p == NULL)
         return;
-    memcpy(p, c->instance, n);
-    p += n;
-    *p++ = '-';
-    p = put_int(p, (int64_t)seq);
+    p = put_instance_seq(p, c, seq);
     *p++ = ':';
     arg_done(a, put_int(p, amount));
+}
+
+/* A charge's id, "INSTANCE-ID": unique across instances, as members are. */
+static void arg_id(struct args *a, const struct cache *c, uint64_t id)
+{
+    char *p = arg_room(a, MEMBER_MAX);
+
+    if (p)
+        arg_done(a, put_instance_seq(p, c, id));
 }
 
 /* A reservation's member and amount, or '' and 0 for none (seq 0). */
@@ -978,19 +1023,29 @@ static int args_init(struct cache__redis *s, const struct batch *b, struct args 
     return 0;
 }
 
-/* A settle or write-back: member|'' reserved-amount real force. */
+/* A settle or write-back: member|'' reserved-amount real how. A charge
+ * without a reservation always goes with its id: its reply may be lost
+ * after Redis applied it, and only the id tells the second send apart. */
 static void args_settle(struct args *a, const struct cache *c, const struct cache_op *op)
 {
     const struct cache__jentry *e = op->jentry;
 
-    if (e == NULL) { /* a settle: charges whatever happened to the reservation */
-        args_member(a, c, op->res.remote ? op->res.seq : 0, op->res.amount);
+    if (e == NULL && op->res.remote) { /* charges whatever happened to the reservation */
+        args_member(a, c, op->res.seq, op->res.amount);
         arg_int(a, op->amount);
         arg_add(a, "1");
-    } else { /* a write-back: a sent one may have been applied already */
+    } else if (e == NULL) {
+        args_member(a, c, 0, 0);
+        arg_int(a, op->amount);
+        arg_id(a, c, op->charge_id);
+    } else if (e->seq != 0) { /* a sent one may have been applied already */
         args_member(a, c, e->seq, e->res_amount);
         arg_int(a, e->real);
         arg_add(a, e->conditional ? "0" : "1");
+    } else {
+        args_member(a, c, 0, 0);
+        arg_int(a, e->real);
+        arg_id(a, c, e->id);
     }
 }
 
@@ -1008,7 +1063,7 @@ static void args_begin(struct args *a, const struct cache *c, const struct cache
 static void args_ops(struct args *a, const struct batch *b)
 {
     const struct cache *c = b->s->c;
-    int entry = 5; /* KEYS index of the first cache entry */
+    int entry = 6; /* KEYS index of the first cache entry */
 
     arg_int(a, c->opts.reservation_ttl_ms);
     arg_int(a, grace_ms(c));
@@ -1030,7 +1085,7 @@ static int batch_send(struct batch *b, int eval)
 {
     struct cache__redis *s = b->s;
     struct cache *c = s->c;
-    int nkeys = 4;
+    int nkeys = 5;
     struct keys k;
     struct args a;
 
@@ -1046,6 +1101,7 @@ static int batch_send(struct batch *b, int eval)
     arg_add(&a, k.month);
     arg_add(&a, k.res);
     arg_add(&a, k.exp);
+    arg_add(&a, k.applied);
     for (size_t i = b->nsettles; i < b->n; i++)
         if (has_entry(b->ops[i]))
             arg_entry_key(&a, c, b->ops[i]->name);
@@ -1072,7 +1128,9 @@ static void op_unsent(struct cache_op *op)
     if (op->kind == CACHE__FLUSH) {
         cache__journal_readd(&c->journal, op->jentry, 0);
         op->jentry = NULL;
+        c->redis->nflushing--;
         cache__finish(op);
+        journal_retry(c->redis);
     } else if (op->pending == 0) { /* else a begin's GET is out: its reply ends the op */
         op_ended(op, 1);
     }
@@ -1298,6 +1356,58 @@ static const char *reply_error(struct cache__redis *s, const redisReply *reply)
     return cache_error_protocol;
 }
 
+/* An error Redis gives a write it refuses while it keeps the connection:
+ * out of memory under noeviction, a failed BGSAVE or AOF write (MISCONF),
+ * too few replicas (NOREPLICAS), a replica (READONLY). Inside our scripts
+ * these hit the first write command, so nothing of the call was applied.
+ * Redis 7 keeps the code at the start; older versions wrap it in "ERR Error
+ * running script ...: -CODE ...". */
+static int is_refusal(const redisReply *reply)
+{
+    static const char *const codes[] = {"OOM", "MISCONF", "NOREPLICAS", "READONLY"};
+    char wrapped[16];
+
+    if (reply == NULL || reply->type != REDIS_REPLY_ERROR)
+        return 0;
+    for (size_t i = 0; i < ARRAY_SIZE(codes); i++) {
+        size_t n = strlen(codes[i]);
+        snprintf(wrapped, sizeof(wrapped), ": -%s ", codes[i]);
+        if ((strncmp(reply->str, codes[i], n) == 0 && reply->str[n] == ' ') ||
+            strstr(reply->str, wrapped) != NULL)
+            return 1;
+    }
+    return 0;
+}
+
+/* Whether Redis takes writes, from the replies to script calls: a refused
+ * write sets it (the store then counts as not up, see cache_stats), one
+ * that went through clears it. Logged on change only: while Redis refuses,
+ * every request would log. */
+static void writes_refused(struct cache__redis *s, int refused, const char *why)
+{
+    if (refused == s->refusing)
+        return;
+    s->refusing = refused ? 1 : 0;
+    if (refused)
+        log_error("store: Redis %s:%d refuses writes (%s); charges are journaled and written "
+                  "back once it takes them again",
+                  s->host, s->port, why);
+    else
+        log_info("store: Redis %s:%d takes writes again", s->host, s->port);
+}
+
+/* A batch that got through wrote if it charged, dropped a reservation or
+ * made one (settles first, then begins). */
+static int batch_wrote(const struct batch *b)
+{
+    if (b->nsettles > 0)
+        return 1;
+    for (size_t i = 0; i < b->n; i++)
+        if (b->ops[i]->errstr == NULL && b->ops[i]->result.granted)
+            return 1;
+    return 0;
+}
+
 static int is_noscript(const redisReply *reply)
 {
     return reply && reply->type == REDIS_REPLY_ERROR && strncmp(reply->str, "NOSCRIPT", 8) == 0;
@@ -1356,10 +1466,17 @@ static void batch_reply_cb(redisAsyncContext *ac, void *r, void *priv)
         for (size_t i = 0; i < b->n; i++)
             b->ops[i]->pending++;
         err = error_store_unavailable;
+    } else if (is_refusal(reply)) {
+        err = error_store_unavailable;
+        writes_refused(s, 1, reply->str);
+        for (size_t i = 0; i < b->n; i++)
+            b->ops[i]->refused = 1;
     } else if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
         err = reply_error(s, reply);
     } else {
         parse_turn(b, reply);
+        if (batch_wrote(b))
+            writes_refused(s, 0, NULL);
     }
     for (size_t i = 0; i < b->n; i++) {
         struct cache_op *op = b->ops[i];
@@ -1394,7 +1511,8 @@ static void complete(struct cache_op *op, int in_call)
  * after the lost command, which Redis read first. */
 static void journal_lost_begin(struct cache_op *op)
 {
-    cache__journal_add(&op->cache->journal, op->tenant, &op->period, 0, op->res.seq, op->amount, 1);
+    cache__journal_add(&op->cache->journal, op->tenant, &op->period, 0, op->res.seq, op->amount,
+                       0, 1);
 }
 
 static void begin_ended(struct cache_op *op, int in_call)
@@ -1402,7 +1520,7 @@ static void begin_ended(struct cache_op *op, int in_call)
     struct cache *c = op->cache;
     struct cache_begin_result *b = &op->result;
 
-    if (op->errstr != NULL && !in_call && !c->closing)
+    if (op->errstr != NULL && !in_call && !c->closing && !op->refused)
         journal_lost_begin(op);
     if (op->errstr == NULL) {
         cache__local_sync(&c->local, op->tenant, b->day_spent, b->month_spent);
@@ -1440,10 +1558,12 @@ static void settle_ended(struct cache_op *op, int in_call)
     } else if (c->closing) {
         op->errstr = cache_error_closed;
     } else {
-        /* A command that was sent may have been applied: its write-back
-         * then only charges if Redis still holds the reservation. */
+        /* A command that was sent may have been applied (unless Redis
+         * refused it): its write-back then only charges if Redis still
+         * holds the reservation, or has not seen the charge's id. */
         cache__journal_add(&c->journal, op->tenant, &op->period, op->amount,
-                           r->remote ? r->seq : 0, r->amount, !in_call);
+                           r->remote ? r->seq : 0, r->amount, op->charge_id,
+                           !in_call && !op->refused);
         op->errstr = error_store_unavailable;
     }
     complete(op, in_call);
@@ -1471,15 +1591,22 @@ static void flush_ended(struct cache_op *op)
 {
     struct cache *c = op->cache;
 
-    if (op->errstr != NULL && !c->closing) {
-        cache__journal_readd(&c->journal, op->jentry, 1);
+    c->redis->nflushing--;
+    if (op->errstr == NULL) {
+        c->redis->retry_ms = RETRY_MIN_MS;
+    } else if (!c->closing) {
+        cache__journal_readd(&c->journal, op->jentry, !op->refused);
         op->jentry = NULL;
     }
     cache__finish(op);
 }
 
+/* `op` got its answer (or none will come): hand it on. Whatever it added to
+ * the journal while connected is written back by journal_retry. */
 static void op_ended(struct cache_op *op, int in_call)
 {
+    struct cache__redis *s = op->cache->redis;
+
     switch (op->kind) {
     case CACHE__BEGIN:
         begin_ended(op, in_call);
@@ -1499,6 +1626,7 @@ static void op_ended(struct cache_op *op, int in_call)
         flush_ended(op);
         break;
     }
+    journal_retry(s);
 }
 
 static void redis_begin(struct cache_op *op)
@@ -1534,6 +1662,8 @@ static void redis_settle(struct cache_op *op)
         cache__defer(op); /* a local release: nothing to tell Redis */
         return;
     }
+    if (!r->remote)
+        op->charge_id = ++c->seq; /* nothing else tells Redis it applied this one */
     if (queue_add(c->redis, op) == 0)
         return;
     op->errstr = error_store_unavailable;
@@ -1585,16 +1715,42 @@ static void flush_journal(struct cache__redis *s)
         struct cache_op *op = cache__op_new(c, CACHE__FLUSH, NULL);
         if (op == NULL) {
             cache__journal_readd(&c->journal, e, 0);
-            return;
+            break;
         }
+        if (e->seq == 0 && e->id == 0)
+            e->id = ++c->seq; /* kept from now on: see journal.c */
         op->jentry = e;
         if (queue_add(s, op) < 0) {
             cache__journal_readd(&c->journal, e, 0);
             op->jentry = NULL;
             cache__finish(op);
-            return;
+            break;
         }
+        s->nflushing++;
     }
+    journal_retry(s);
+}
+
+static void retry_cb(uv_timer_t *t)
+{
+    flush_journal(t->data);
+}
+
+/* Charges journaled while connected (Redis refused them, or answered with
+ * an error) wait for no reconnect: write them back on a timer, from
+ * RETRY_MIN_MS doubling to RETRY_MAX_MS while the write-backs fail, so a
+ * Redis that refuses writes for long costs one script call per tenant every
+ * RETRY_MAX_MS. Started only when no write-back is out: its end calls this
+ * again. A disconnect stops it (redis_up writes the journal back). */
+static void journal_retry(struct cache__redis *s)
+{
+    struct cache *c = s->c;
+
+    if (c->journal.count == 0 || c->closing || s->state != CACHE_STATE_CONNECTED ||
+        s->nflushing > 0 || uv_is_active((uv_handle_t *)&s->retry))
+        return;
+    uv_timer_start(&s->retry, retry_cb, (uint64_t)s->retry_ms, 0);
+    s->retry_ms = MIN(s->retry_ms * 2, RETRY_MAX_MS);
 }
 
 static enum cache_state redis_state(const struct cache *c)
@@ -1616,6 +1772,7 @@ static void redis_close(struct cache *c)
 
     uv_timer_stop(&s->timer);
     uv_timer_stop(&s->cmd_timer);
+    uv_timer_stop(&s->retry);
     redis_drop(s, cache_error_closed);
     queue_send(s); /* fails what is queued: the connection is gone */
     if (s->resolving && !s->resolve_counted) {
@@ -1623,9 +1780,10 @@ static void redis_close(struct cache *c)
         c->handles_open++;
         uv_cancel((uv_req_t *)&s->gai);
     }
-    c->handles_open += 3;
+    c->handles_open += 4;
     uv_close((uv_handle_t *)&s->timer, timer_closed);
     uv_close((uv_handle_t *)&s->cmd_timer, timer_closed);
+    uv_close((uv_handle_t *)&s->retry, timer_closed);
     uv_close((uv_handle_t *)&s->prepare, timer_closed);
 }
 
@@ -1634,6 +1792,7 @@ static void redis_stats(const struct cache *c, struct cache_stats *out)
     out->state = c->redis->state;
     out->reconnects = c->redis->reconnects;
     out->inflight = c->redis->ninflight + c->redis->nqueue;
+    out->writes_refused = c->redis->refusing;
 }
 
 const struct cache__type cache__redis_type = {
@@ -1663,9 +1822,12 @@ int cache__redis_create(struct cache *c)
     s->state = CACHE_STATE_DOWN;
     uv_timer_init(c->loop, &s->timer);
     uv_timer_init(c->loop, &s->cmd_timer);
+    uv_timer_init(c->loop, &s->retry);
     uv_prepare_init(c->loop, &s->prepare);
     s->timer.data = s;
     s->cmd_timer.data = s;
+    s->retry.data = s;
+    s->retry_ms = RETRY_MIN_MS;
     s->prepare.data = s;
     redis_connect(s);
     return 0;

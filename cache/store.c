@@ -242,7 +242,7 @@ static struct cache_op *settle_common(struct cache *c, const struct cache_reserv
             struct cache__period p;
             cache__period_now(&p);
             cache__journal_add(&c->journal, r->tenant, &p, real, r->remote ? r->seq : 0,
-                               r->amount, 0);
+                               r->amount, 0, 0);
         }
         return NULL;
     }

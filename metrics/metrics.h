@@ -56,7 +56,8 @@ enum metrics_type { METRICS_COUNTER, METRICS_GAUGE, METRICS_HISTOGRAM };
     X(GPU_POOL_IDLE_COST_USD_TOTAL, "costrouter_gpu_pool_idle_cost_usd_total", COUNTER,      \
       "GPU cost of a self-hosted pool billed to no request (idle or failed).", "backend")    \
     X(STORE_UP, "costrouter_store_up", GAUGE,                                                \
-      "1 while the spend store answers, 0 while it is unavailable.", "store")                \
+      "1 while the spend store answers and takes writes, 0 while it is unavailable or "      \
+      "refuses writes.", "store")                                                            \
     X(TOKEN_ESTIMATE_RATIO, "costrouter_token_estimate_ratio", GAUGE,                        \
       "Actual over estimated prompt tokens (calibration, 1 is exact).", "backend")           \
     X(BACKEND_RATE_LIMITED_TOTAL, "costrouter_backend_rate_limited_total", COUNTER,          \

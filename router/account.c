@@ -186,6 +186,9 @@ void router__refresh_gauges(struct router *r)
         const char *labels[] = {conf->redis_url ? "redis" : "memory"};
 
         cache_stats(r->store, &st);
-        metrics_set(r->metrics, METRICS_STORE_UP, labels, st.state == CACHE_STATE_CONNECTED);
+        /* Connected but refusing writes is not up: every charge is being
+         * journaled, and shared budgets no longer see this instance's spend. */
+        metrics_set(r->metrics, METRICS_STORE_UP, labels,
+                    st.state == CACHE_STATE_CONNECTED && !st.writes_refused);
     }
 }

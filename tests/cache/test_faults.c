@@ -2,8 +2,9 @@
  * tests/cache/test_faults.c: the Redis store under faults, against a real
  * redis-server: down at start (refused, silent), a stopped server (command
  * timeout), killed and restarted mid-load with fail_open (journal written
- * back, nothing lost), fail_closed errors, and several processes hammering
- * one tenant without overspending.
+ * back, nothing lost), fail_closed errors, a Redis that answers but refuses
+ * writes, replies lost after Redis applied a charge (through a relay), and
+ * several processes hammering one tenant without overspending.
  */
 #include <criterion/criterion.h>
 #include <netinet/in.h>
@@ -19,6 +20,7 @@
 #include "tests/cache/load.h"
 #include "tests/cache/wait.h"
 #include "tests/support/redis.h"
+#include "tests/support/relay.h"
 
 static struct cache *open_store(uv_loop_t *loop, const char *url, enum cache_on_failure mode,
                                 char *prefix, size_t n, const char *name)
@@ -243,6 +245,170 @@ Test(faults, killed_mid_load_nothing_lost, .timeout = 30)
     cr_assert_eq(s.spend.month_spent, l.charged);
     wait_close(&loop, c);
     test_redis_stop(&r);
+}
+
+/* Turn the loop until the journal is written back and nothing is in
+ * flight, for at most `ms`; whether it drained. */
+static int drained_within(uv_loop_t *loop, struct cache *c, int ms)
+{
+    struct cache_stats st;
+
+    for (int waited = 0; waited < ms; waited += 50) {
+        cache_stats(c, &st);
+        if (st.journal_entries == 0 && st.inflight == 0)
+            return 1;
+        wait_ms(loop, 50);
+    }
+    return 0;
+}
+
+/* Redis answers but refuses writes (min-replicas-to-write with no replica;
+ * MISCONF and OOM under noeviction answer alike) and keeps the connection:
+ * charges are journaled, the store says writes are refused, refused begins
+ * leave nothing to release (the journal does not grow by one entry per
+ * request), and once Redis takes writes again the journal is written back
+ * on the same connection, without waiting for a reconnect. */
+Test(faults, refused_writes_are_written_back_without_a_reconnect, .timeout = 30)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache *c;
+    struct wait w, s;
+    struct cache_stats st;
+
+    cr_assert_eq(test_redis_start(&r, 0), 0);
+    uv_loop_init(&loop);
+    c = open_store(&loop, r.url, CACHE_FAIL_OPEN, prefix, sizeof(prefix), "refused-writes");
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    w = wait_begin(&loop, c, "acme", NULL, 100, 0, 0);
+    cr_assert(w.begin.granted && w.begin.reservation.remote);
+    test_redis_int(&r, "CONFIG SET min-replicas-to-write 1");
+    cr_assert_eq(wait_settle(&loop, c, &w.begin.reservation, 40), error_store_unavailable,
+                 "journaled: Redis refused the write");
+    for (int i = 0; i < 10; i++) {
+        struct wait d = wait_begin(&loop, c, "acme", NULL, 10, 0, 0);
+        cr_assert_null(d.err);
+        cr_assert(d.begin.granted && d.begin.degraded, "served from local counters");
+        cr_assert_eq(wait_settle(&loop, c, &d.begin.reservation, 5), error_store_unavailable);
+    }
+    cache_stats(c, &st);
+    cr_assert_eq(st.state, CACHE_STATE_CONNECTED, "the connection stays");
+    cr_assert(st.writes_refused, "the store says Redis refuses writes");
+    cr_assert_eq(st.journal_amount, 90);
+    cr_assert_leq(st.journal_entries, 2, "%zu entries for 11 charges", st.journal_entries);
+    test_redis_int(&r, "CONFIG SET min-replicas-to-write 0");
+    cr_assert(drained_within(&loop, c, 10000), "the journal was not written back");
+    cache_stats(c, &st);
+    cr_assert_eq(st.reconnects, 1, "written back without a reconnect");
+    cr_assert_not(st.writes_refused);
+    s = wait_spend(&loop, c, "acme");
+    cr_assert_null(s.err);
+    cr_assert_eq(s.spend.day_spent, 90);
+    cr_assert_eq(s.spend.reserved, 0, "the refused settle's reservation is still held");
+    wait_close(&loop, c);
+    test_redis_stop(&r);
+}
+
+/* A fail_open store talking to its own redis-server through a relay. */
+struct relayed {
+    uv_loop_t loop;            /* the test's loop */
+    struct test_redis r;       /* the server */
+    struct test_relay *relay;  /* between the store and the server */
+    struct cache *c;           /* the store */
+    char prefix[64];           /* its key prefix */
+};
+
+/* Open it, connect, then take Redis away (the store DOWN). */
+static void relayed_open_down(struct relayed *x, const char *name)
+{
+    char url[64];
+
+    cr_assert_eq(test_redis_start(&x->r, 0), 0);
+    x->relay = test_relay_start(x->r.port);
+    cr_assert_not_null(x->relay);
+    uv_loop_init(&x->loop);
+    snprintf(url, sizeof(url), "redis://127.0.0.1:%d", test_relay_port(x->relay));
+    x->c = open_store(&x->loop, url, CACHE_FAIL_OPEN, x->prefix, sizeof(x->prefix), name);
+    wait_state(&x->loop, x->c, CACHE_STATE_CONNECTED);
+    test_relay_down(x->relay, 1);
+    wait_state(&x->loop, x->c, CACHE_STATE_DOWN);
+}
+
+/* A reservation of `amount` made on local counters (Redis away). */
+static struct cache_reservation degraded_begin(struct relayed *x, long long amount)
+{
+    struct wait w = wait_begin(&x->loop, x->c, "acme", NULL, amount, 0, 0);
+
+    cr_assert_null(w.err);
+    cr_assert(w.begin.granted && w.begin.degraded && !w.begin.reservation.remote);
+    return w.begin.reservation;
+}
+
+/* Once written back, Redis holds `want` for the day, and the ids it keeps
+ * to apply each charge once expire with the grace period (1 h here); then
+ * close all. */
+static void relayed_check_close(struct relayed *x, long long want)
+{
+    struct wait s;
+    long long ttl;
+
+    wait_state(&x->loop, x->c, CACHE_STATE_CONNECTED);
+    wait_drained(&x->loop, x->c);
+    cr_assert_eq(test_relay_lost(x->relay), 1, "no reply was lost");
+    s = wait_spend(&x->loop, x->c, "acme");
+    cr_assert_null(s.err);
+    cr_assert_eq(s.spend.day_spent, want, "charged %lld for %lld", (long long)s.spend.day_spent,
+                 want);
+    ttl = test_redis_int(&x->r, "PTTL %s{acme}:applied", x->prefix);
+    cr_assert(ttl > 0 && ttl <= 3600000, "the applied ids expire in %lld ms", ttl);
+    wait_close(&x->loop, x->c);
+    test_relay_stop(x->relay);
+    test_redis_stop(&x->r);
+}
+
+/* A charge journaled during an outage is written back when Redis returns;
+ * Redis applies it but the reply is lost (command timeout). It is written
+ * back again on the next connection, and must not be counted twice; a
+ * charge journaled meanwhile must not be folded into it (it would be
+ * skipped with it). */
+Test(faults, a_write_back_whose_reply_is_lost_is_charged_once, .timeout = 20)
+{
+    struct relayed x;
+    struct cache_reservation res;
+
+    relayed_open_down(&x, "lost-writeback");
+    res = degraded_begin(&x, 100);
+    cr_assert_eq(wait_settle(&x.loop, x.c, &res, 40), error_store_unavailable);
+    test_relay_lose_next(x.relay);
+    test_relay_down(x.relay, 0);
+    while (test_relay_lost(x.relay) == 0)
+        wait_ms(&x.loop, 5);
+    test_relay_down(x.relay, 1); /* the write-back is out: keep Redis away after it */
+    wait_state(&x.loop, x.c, CACHE_STATE_DOWN);
+    res = degraded_begin(&x, 100);
+    cr_assert_eq(wait_settle(&x.loop, x.c, &res, 25), error_store_unavailable);
+    test_relay_down(x.relay, 0);
+    relayed_check_close(&x, 65);
+}
+
+/* A request admitted on local counters during an outage (no Redis
+ * reservation) settles once Redis is back; Redis applies the settle but
+ * its reply is lost. The charge is journaled and written back, and must
+ * not be counted twice. */
+Test(faults, an_unreserved_settle_whose_reply_is_lost_is_charged_once, .timeout = 20)
+{
+    struct relayed x;
+    struct cache_reservation res;
+
+    relayed_open_down(&x, "lost-settle");
+    res = degraded_begin(&x, 100);
+    test_relay_lose_next(x.relay);
+    test_relay_down(x.relay, 0);
+    wait_state(&x.loop, x.c, CACHE_STATE_CONNECTED);
+    cr_assert_eq(wait_settle(&x.loop, x.c, &res, 40), error_store_unavailable,
+                 "the reply was lost: journaled");
+    relayed_check_close(&x, 40);
 }
 
 /* Worker process: its own loop and connection, begin+settle at full

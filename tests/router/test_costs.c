@@ -834,11 +834,12 @@ Test(costs, error_answers_are_logged_once_a_second_per_kind)
 
 /* While the store is down every settlement fails alike: the log says so
  * about once a second, not once a request (it was thousands of lines a
- * second under load). */
+ * second under load). Stopped before Redis is back, the router says at
+ * error level that the journaled charges never reached Redis. */
 Test(costs, a_store_outage_is_logged_once_a_second_not_per_request)
 {
     char log[64] = "/tmp/costrouter-stderr-XXXXXX";
-    int journaled;
+    int journaled, lost;
 
     close(mkstemp(log));
     stderr_path = log;
@@ -853,9 +854,46 @@ Test(costs, a_store_outage_is_logged_once_a_second_not_per_request)
     }
     support_proc_stop(&routers[0]);
     journaled = count_log_lines(log, "journaled");
+    lost = count_log_lines(log, " ERROR cache/journal.c:");
     unlink(log);
     cr_assert_geq(journaled, 1, "the outage is not in the log");
     cr_assert_leq(journaled, 3, "%d lines for 40 failed settlements", journaled);
+    cr_assert_eq(lost, 1, "the charges lost at the stop are not logged as an error");
+}
+
+/* Redis answers but refuses writes (too few replicas; MISCONF and OOM
+ * under noeviction alike): fail_open keeps serving, costrouter_store_up
+ * says 0 although the connection stays, and once Redis takes writes again
+ * every charge reaches it without a reconnect. */
+Test(costs, a_redis_refusing_writes_is_reported_down_and_charged_after)
+{
+    static const char down[] = "\ncostrouter_store_up{store=\"redis\"} 0\n";
+    char path[256], day[16];
+    time_t now = time(NULL);
+    struct tm tm;
+    long long want = 4 * llround(usd(PROMPT_TOKENS, 7, 100, 300) * 1e6);
+
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    cr_assert_eq(chat(0, "x-mock-tokens: 7\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+    test_redis_int(&redis, "CONFIG SET min-replicas-to-write 1");
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(chat(0, "x-mock-tokens: 7\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+        cr_assert_eq(resp.status, 200, "fail_open serves while Redis refuses writes");
+    }
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert(memmem(resp.body.data, resp.body.len, down, sizeof(down) - 1),
+              "the store is reported up while Redis refuses every write");
+    test_redis_int(&redis, "CONFIG SET min-replicas-to-write 0");
+    wait_store_up(0);
+    gmtime_r(&now, &tm);
+    strftime(day, sizeof(day), "%Y%m%d", &tm);
+    snprintf(path, sizeof(path), "costrouter:{%s}:d:%s", tenant_id, day);
+    for (int tries = 0; tries < 100 && test_redis_int(&redis, "GET %s", path) != want; tries++)
+        usleep(20000);
+    cr_assert_eq(test_redis_int(&redis, "GET %s", path), want, "charges missing in Redis");
 }
 
 /* The longest tenant id and key prefix the config takes (conf.h) reach
