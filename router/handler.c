@@ -7,6 +7,7 @@
  * responses. Every error goes through router__send_error, where each
  * errstr constant maps once to a status and an OpenAI-style body.
  */
+#define _GNU_SOURCE /* memmem */
 #include <cjson/cJSON.h>
 #include <openssl/evp.h>
 #include <stdio.h>
@@ -449,6 +450,27 @@ static const char *duplicate_key(const cJSON *node)
 }
 
 /* Validate the JSON body and find the route its "model" names. */
+/* Does the body hold U+0000, raw or escaped (\u0000, after an odd run of
+ * backslashes)? cJSON's strings end there: the router would count, price
+ * and limit a prompt cut short at it while the backend got all of it. */
+static int holds_nul(const char *p, size_t len)
+{
+    const char *end = p + len, *q = p, *b;
+
+    if (len == 0)
+        return 0;
+    if (memchr(p, '\0', len) != NULL)
+        return 1;
+    while ((q = memmem(q, (size_t)(end - q), "u0000", 5)) != NULL) {
+        for (b = q; b > p && b[-1] == '\\'; b--)
+            ;
+        if ((q - b) % 2 == 1)
+            return 1;
+        q += 5;
+    }
+    return 0;
+}
+
 static const char *parse_body(struct router__client *c, const char **detail)
 {
     struct router__request *req = &c->req;
@@ -456,6 +478,10 @@ static const char *parse_body(struct router__client *c, const char **detail)
 
     if (router__json_parse(req) == NULL || !cJSON_IsObject(req->json))
         return error_bad_json;
+    if (holds_nul(req->body.data, req->body.len)) {
+        *detail = "a string holds U+0000";
+        return error_bad_json;
+    }
     if ((*detail = duplicate_key(req->json)) != NULL)
         return **detail ? error_duplicate_key : error_no_memory;
     model = cJSON_GetObjectItemCaseSensitive(req->json, "model");

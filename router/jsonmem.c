@@ -112,13 +112,24 @@ void router__json_leave(void)
 
 cJSON *router__json_parse(struct router__request *req)
 {
+    const char *body = req->body.data ? req->body.data : "", *end = NULL;
+
     /* Room for the tree of most bodies in one block (nodes are 64 bytes,
      * strings are copied); without it, overflow blocks serve. */
     if (buf_reserve(&req->json_mem, 2 * req->body.len + 4096) != 0)
         buf_free(&req->json_mem);
+
     router__json_enter(req);
-    req->json = cJSON_ParseWithLength(req->body.data ? req->body.data : "", req->body.len);
+    req->json = cJSON_ParseWithLengthOpts(body, req->body.len, &end, 0);
     router__json_leave();
+    /* Text after the value (`{...} {...}`) is no JSON document: the
+     * router would price the first value while the backend, forwarded
+     * all of it, may read another or refuse. */
+    while (req->json != NULL && end < body + req->body.len &&
+           (*end == ' ' || *end == '\t' || *end == '\n' || *end == '\r'))
+        end++;
+    if (req->json != NULL && end != body + req->body.len)
+        req->json = NULL; /* in the arena: dropped with it */
     return req->json;
 }
 

@@ -999,6 +999,30 @@ Test(proxy, a_plain_answer_cut_after_its_head_falls_back)
     cr_assert_eq(json_num(body_json(), "usage.completion_tokens"), 16);
 }
 
+/* Bodies the router would read differently from the backend: a string
+ * with U+0000 (its C string ends there, so the prompt would be counted
+ * and priced cut short) and text after the JSON value. Both 400; an
+ * escaped backslash before "u0000" and trailing white space are fine. */
+Test(proxy, bodies_read_two_ways_are_refused)
+{
+    start_two(NULL, NULL);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH,
+                      "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\","
+                      "\"content\":\"hi\\u0000 and 100 KB more\"}]}"),
+                 0);
+    assert_error(400, "invalid_json");
+    cr_assert_not_null(strstr(json_str(json, "error.message"), "U+0000"));
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH,
+                      "{\"model\":\"chat\",\"messages\":[]} {\"model\":\"other\"}"),
+                 0);
+    assert_error(400, "invalid_json");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH,
+                      "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\","
+                      "\"content\":\"a path C:\\\\u0000\"}]} \r\n"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+}
+
 Test(proxy, upstream_dying_mid_stream_is_an_error_event_not_a_clean_end)
 {
     struct support_sse s = {0};
