@@ -163,9 +163,12 @@ static int parse_bool(const char *s, int *out)
     return -1;
 }
 
-/* Convert `text` for directive `d` and store it into `obj`. */
+/* Convert `text` for directive `d` and store it into `obj`. A value it
+ * refuses is quoted as written (`written`, `wlen`: before ${ENV}
+ * interpolation), so that a secret put in the wrong key by mistake is not
+ * echoed in the error (--check-config, the reload's 400). */
 static int convert(struct conf__ctx *ctx, const struct directive *d, void *obj, const char *text,
-                   int line, const char *path)
+                   const char *written, size_t wlen, int line, const char *path)
 {
     char *field = (char *)obj + d->offset, *end, q[CONF__QUOTE_SIZE];
     long long ll;
@@ -192,7 +195,7 @@ static int convert(struct conf__ctx *ctx, const struct directive *d, void *obj, 
         ll = strtoll(text, &end, 10);
         if (errno || end == text || *end != '\0')
             return conf__error(ctx, line, path, "expected an integer, got %s",
-                               conf__quote(q, text, strlen(text)));
+                               conf__quote(q, written, wlen));
         if ((double)ll < d->min || (double)ll > d->max)
             return conf__error(ctx, line, path, "%lld is out of range %.0f..%.0f", ll, d->min,
                                d->max);
@@ -208,7 +211,7 @@ static int convert(struct conf__ctx *ctx, const struct directive *d, void *obj, 
         v = strtod(text, &end);
         if (errno || end == text || *end != '\0' || !isfinite(v))
             return conf__error(ctx, line, path, "expected a number, got %s",
-                               conf__quote(q, text, strlen(text)));
+                               conf__quote(q, written, wlen));
         if (v < d->min || v > d->max)
             return conf__error(ctx, line, path, "%g is out of range %g..%g", v, d->min, d->max);
         *(double *)field = v;
@@ -216,7 +219,7 @@ static int convert(struct conf__ctx *ctx, const struct directive *d, void *obj, 
     case T_BOOL:
         if (parse_bool(text, &flag) != 0)
             return conf__error(ctx, line, path, "expected true or false, got %s",
-                               conf__quote(q, text, strlen(text)));
+                               conf__quote(q, written, wlen));
         d->set_flag(obj, flag);
         return 0;
     case T_ENUM: {
@@ -234,7 +237,7 @@ static int convert(struct conf__ctx *ctx, const struct directive *d, void *obj, 
             if (buf_printf(&all, "%s%s", i ? ", " : "", d->names[i]) != 0)
                 ctx->oom = 1;
         rc = conf__error(ctx, line, path, "unknown value %s (expected one of: %.*s)",
-                         conf__quote(q, text, strlen(text)), (int)all.len,
+                         conf__quote(q, written, wlen), (int)all.len,
                          all.data ? all.data : "");
         buf_free(&all);
         return rc;
@@ -318,8 +321,8 @@ static void parse_mapping(struct conf__ctx *ctx, const struct table *t, const ch
         int kline = node_line(key, line), vline = node_line(value, kline);
         const struct directive *d = NULL;
         char kpath[256], *text;
-        const char *k;
-        size_t klen, i;
+        const char *k, *written;
+        size_t klen, wlen, i;
 
         if (key == NULL || fy_node_get_type(key) != FYNT_SCALAR) {
             conf__error(ctx, kline, *path ? path : "(top level)", "keys must be plain names");
@@ -352,7 +355,8 @@ static void parse_mapping(struct conf__ctx *ctx, const struct table *t, const ch
         default:
             if ((text = scalar_text(ctx, value, vline, kpath)) == NULL)
                 break;
-            convert(ctx, d, obj, text, vline, kpath);
+            written = fy_node_get_scalar(value, &wlen);
+            convert(ctx, d, obj, text, written ? written : "", written ? wlen : 0, vline, kpath);
             free(text);
         }
     }
@@ -378,7 +382,7 @@ static void apply_defaults(struct conf__ctx *ctx, const struct table *t, void *o
             conf__error(ctx, meta->line, *path ? path : "(top level)",
                         "missing required key \"%s\"", d->name);
         else if (d->def)
-            convert(ctx, d, obj, d->def, meta->line, kpath);
+            convert(ctx, d, obj, d->def, d->def, strlen(d->def), meta->line, kpath);
     }
 }
 
