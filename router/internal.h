@@ -292,6 +292,7 @@ struct router__client {
     unsigned reading:1;                  /* uv_read_start active */
     unsigned in_process:1;               /* client_process is on the stack */
     unsigned cut_short:1;                /* refused before its request was read to the end */
+    unsigned backed_up:1;                /* reading held: answers queued past the high-water mark */
     uint64_t linger_end;                 /* LINGER: close by then (loop ms) */
     SSL *ssl;                            /* TLS session (memory BIOs), NULL for plain */
 };

@@ -10,6 +10,8 @@
 #include <cjson/cJSON.h>
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -560,6 +562,80 @@ Test(proxy, keep_alive_pipelining_and_upstream_reuse)
     cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
     cr_assert_eq(json_num(body_json(), "requests"), 3);
     cr_assert_eq(json_num(json, "connections"), 2, "%.*s", (int)resp.body.len, resp.body.data);
+}
+
+/* The number at the end of an x-request-id ("cr-START-N", hex). */
+static unsigned long long request_seq(const struct support_http_response *r)
+{
+    const char *id = support_http_header(r, "x-request-id");
+
+    cr_assert_not_null(id);
+    return strtoull(strrchr(id, '-') + 1, NULL, 16);
+}
+
+/* Send from `p` until `limit` bytes went or the socket took nothing for
+ * a second (the peer stopped reading). Returns the bytes sent. */
+static size_t send_until_blocked(int fd, const char *p, size_t chunk, size_t limit)
+{
+    struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+    size_t sent = 0;
+    ssize_t n;
+
+    while (sent < limit) {
+        n = send(fd, p + sent % chunk, chunk - sent % chunk, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n > 0) {
+            sent += (size_t)n;
+            continue;
+        }
+        cr_assert(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK), "send: %s",
+                  strerror(errno));
+        if (poll(&pfd, 1, 1000) == 0)
+            break;
+    }
+    return sent;
+}
+
+/* A client that pipelines requests and reads none of the answers is held
+ * once a little of them waits (the router stops reading it), rather than
+ * having every answer built and queued (hundreds of MB). Once it reads,
+ * every answer arrives, in order. */
+Test(proxy, a_pipelining_client_that_does_not_read_is_held, .timeout = 120)
+{
+    static const char one[] = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    const size_t len = sizeof(one) - 1, limit = 32u << 20;
+    struct support_http_conn c;
+    struct support_http_response r = {0};
+    size_t chunk = (65536 / len) * len, sent, answers;
+    char *many = malloc(chunk);
+    unsigned long long first = 0;
+    long before, grown;
+
+    cr_assert_not_null(many);
+    for (size_t off = 0; off < chunk; off += len)
+        memcpy(many + off, one, len);
+    start_two(NULL, NULL);
+    cr_assert_eq(support_http_connect_rcvbuf(&c, router.port, 4096), 0);
+    before = rss_kb(router.pid);
+    sent = send_until_blocked(c.fd, many, chunk, limit);
+    grown = rss_kb(router.pid) - before;
+    cr_assert_lt(grown, 64 * 1024, "the router grew by %ld KB for %zu bytes of requests", grown,
+                 sent);
+    cr_assert_lt(sent, limit, "the router read all %zu bytes", sent);
+    /* The last request may be cut: finish it once the router reads. */
+    answers = (sent + len - 1) / len;
+    for (size_t i = 0; i < answers; i++) {
+        if (i == sent / len && sent % len != 0)
+            cr_assert_eq(support_http_send(&c, one + sent % len, len - sent % len), 0);
+        cr_assert_eq(support_http_read(&c, &r, TIMEOUT_MS), 0, "answer %zu of %zu", i, answers);
+        cr_assert_eq(r.status, 200, "answer %zu", i);
+        if (i == 0)
+            first = request_seq(&r);
+        else
+            cr_assert_eq(request_seq(&r), first + i, "answer %zu out of order", i);
+    }
+    support_http_response_free(&r);
+    support_http_close(&c);
+    free(many);
 }
 
 /* A key given twice in one object is refused: parsers disagree on which
