@@ -427,6 +427,19 @@ static int on_headers_complete(llhttp_t *p)
 {
     struct router__client *c = parser_client(p);
 
+    /* CONNECT asks for a tunnel, which the router is not: what follows
+     * its head is no HTTP, so it is answered 405 and the connection
+     * closed. */
+    if (p->method == HTTP_CONNECT) {
+        c->req.error = error_method;
+        return -1;
+    }
+    /* An Upgrade offer (curl --http2 sends h2c on http://) is declined
+     * by answering in HTTP/1.1 (RFC 9110 7.8). llhttp would stop after
+     * the message, taking the rest of the connection as the new
+     * protocol: cleared here, before llhttp__after_headers_complete reads
+     * it, the next request parses as any keep-alive one. */
+    p->upgrade = 0;
     if ((p->flags & F_CONTENT_LENGTH) && p->content_length > c->router->conf->max_body_bytes) {
         c->req.error = error_body_too_large;
         return -1;

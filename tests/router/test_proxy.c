@@ -638,6 +638,48 @@ Test(proxy, a_pipelining_client_that_does_not_read_is_held, .timeout = 120)
     free(many);
 }
 
+/* An Upgrade offer (curl --http2 on http:// sends h2c) is declined by
+ * answering in HTTP/1.1, and the connection goes on: a GET, a POST with
+ * a body and a plain request after them all get 200. CONNECT gets 405
+ * and the connection is closed. */
+Test(proxy, an_upgrade_offer_is_declined_and_connect_refused)
+{
+    static const char h2c[] = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                              "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n";
+    struct support_http_conn c;
+    struct support_http_response r = {0};
+
+    start_two(NULL, NULL);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    for (int i = 0; i < 3; i++) {
+        buf_reset(&req);
+        if (i == 0)
+            cr_assert_eq(support_http_format(&req, "GET", "/healthz", h2c, NULL), 0);
+        else
+            cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
+                                             i == 1 ? AUTH "Connection: Upgrade\r\n"
+                                                           "Upgrade: websocket\r\n"
+                                                    : AUTH,
+                                             CHAT),
+                         0);
+        cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+        cr_assert_eq(support_http_read(&c, &r, TIMEOUT_MS), 0, "request %d", i);
+        cr_assert_eq(r.status, 200, "request %d: %d %.*s", i, r.status, (int)r.body.len,
+                     r.body.data);
+        cr_assert_null(support_http_header(&r, "connection"), "request %d", i);
+        cr_assert_null(support_http_header(&r, "upgrade"), "request %d", i);
+    }
+    support_http_response_free(&r);
+    support_http_close(&c);
+
+    static const char connect[] = "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n";
+    support_http_response_free(&resp);
+    cr_assert_eq(support_http_request(router.port, connect, sizeof(connect) - 1, TIMEOUT_MS, &resp),
+                 0);
+    assert_error(405, "method_not_allowed");
+    cr_assert_str_eq(support_http_header(&resp, "connection"), "close");
+}
+
 /* A key given twice in one object is refused: parsers disagree on which
  * counts, so the router could price one request while the backend serves
  * another (a second "model", a larger "max_tokens", a longer "content"). */
