@@ -368,11 +368,23 @@ static int on_url(llhttp_t *p, const char *at, size_t len)
     return 0;
 }
 
+/* Whether the header callbacks are for a chunked body's trailer: llhttp
+ * reports its fields as it does the head's. A trailer arrives after the
+ * request was read and checked, so it is no part of it: an Authorization
+ * there must not authenticate, nor any field in it reach the backend.
+ * Its bytes still count against max_header_bytes. */
+static int in_trailer(const struct router__client *c)
+{
+    return c->phase == ROUTER_CLIENT_BODY;
+}
+
 static int on_header_field(llhttp_t *p, const char *at, size_t len)
 {
     struct router__client *c = parser_client(p);
 
-    if (head_bytes_add(c, len) != 0 || buf_append(&c->req.hname, at, len) != 0)
+    if (head_bytes_add(c, len) != 0)
+        return -1;
+    if (!in_trailer(c) && buf_append(&c->req.hname, at, len) != 0)
         return -1;
     return 0;
 }
@@ -381,7 +393,9 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
 {
     struct router__client *c = parser_client(p);
 
-    if (head_bytes_add(c, len) != 0 || buf_append(&c->req.hvalue, at, len) != 0)
+    if (head_bytes_add(c, len) != 0)
+        return -1;
+    if (!in_trailer(c) && buf_append(&c->req.hvalue, at, len) != 0)
         return -1;
     return 0;
 }
@@ -408,6 +422,8 @@ static int on_header_value_complete(llhttp_t *p)
     struct slice value = {req->hvalue.data, req->hvalue.len};
     int rc = 0;
 
+    if (in_trailer(c))
+        return 0; /* dropped */
     /* Whitespace after a value is not part of it (RFC 9110 5.5); llhttp
      * drops it before the value only. */
     while (value.len > 0 && (value.p[value.len - 1] == ' ' || value.p[value.len - 1] == '\t'))

@@ -680,6 +680,39 @@ Test(proxy, an_upgrade_offer_is_declined_and_connect_refused)
     cr_assert_str_eq(support_http_header(&resp, "connection"), "close");
 }
 
+/* A chunked body's trailer is not part of the request's head: an
+ * Authorization in it does not authenticate, and its fields do not reach
+ * the backend. */
+Test(proxy, a_chunked_trailer_neither_authenticates_nor_is_forwarded)
+{
+    static const char *const heads[] = {"", AUTH};
+    static const char *const trailers[] = {AUTH, "x-trailer-probe: leaked\r\n"};
+    static const int want[] = {401, 200};
+    char one[1024], a[1024];
+
+    /* One backend: the request that passes is its last one. */
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    start_router(NULL, backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), "a");
+    for (int i = 0; i < 2; i++) {
+        snprintf(one, sizeof(one),
+                 "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%s"
+                 "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 "%zx\r\n%s\r\n0\r\n%s\r\n",
+                 heads[i], strlen(CHAT), CHAT, trailers[i]);
+        support_http_response_free(&resp);
+        cr_assert_eq(support_http_request(router.port, one, strlen(one), TIMEOUT_MS, &resp), 0);
+        cr_assert_eq(resp.status, want[i], "%d: %d %.*s", i, resp.status, (int)resp.body.len,
+                     resp.body.data);
+        if (want[i] == 401)
+            assert_error(401, "invalid_api_key");
+    }
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/last-request", NULL, NULL), 0);
+    cr_assert_null(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "headers"),
+                                       "x-trailer-probe"),
+                   "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_not_null(json_str(json, "headers.authorization"));
+}
+
 /* A key given twice in one object is refused: parsers disagree on which
  * counts, so the router could price one request while the backend serves
  * another (a second "model", a larger "max_tokens", a longer "content"). */
