@@ -39,6 +39,7 @@ static const struct error_map error_maps[] = {
     {error_duplicate_key, 400, "invalid_request_error", "invalid_json", NULL},
     {error_missing_model, 400, "invalid_request_error", "missing_model", NULL},
     {error_bad_request, 400, "invalid_request_error", "bad_request", NULL},
+    {error_auth_twice, 400, "invalid_request_error", "bad_request", NULL},
     {error_unauthorized, 401, "invalid_request_error", "invalid_api_key", NULL},
     {error_not_found, 404, "invalid_request_error", "unknown_url", NULL},
     {error_unknown_model, 404, "invalid_request_error", "model_not_found", NULL},
@@ -271,6 +272,7 @@ void router__request_reset(struct router__request *req)
     req->error = NULL;
     req->stream = req->injected_usage = req->keep_alive = req->response_started = 0;
     req->expect_continue = 0;
+    req->auth_seen = 0;
     req->accounted = 0;
     req->chunked = req->is_sse = req->upstream_done = req->broken = 0;
     req->tried = req->answered_429 = 0;

@@ -414,6 +414,21 @@ static int request_header_is_ours(struct slice name)
     return slice_caseeq_any(name, names, ARRAY_SIZE(names));
 }
 
+/* Keep the Authorization value. A second one is refused, not joined
+ * (RFC 9110 5.3 allows joining only list-valued fields): "Bearer sk-ten"
+ * and "ant-A" must not make the key "sk-tenant-A", and neither may be
+ * chosen over the other, as proxies in front of the router may choose the
+ * other one. */
+static int auth_take(struct router__request *req, struct slice value)
+{
+    if (req->auth_seen) {
+        req->error = error_auth_twice;
+        return -1;
+    }
+    req->auth_seen = 1;
+    return buf_append(&req->auth, value.p, value.len);
+}
+
 static int on_header_value_complete(llhttp_t *p)
 {
     struct router__client *c = parser_client(p);
@@ -429,7 +444,7 @@ static int on_header_value_complete(llhttp_t *p)
     while (value.len > 0 && (value.p[value.len - 1] == ' ' || value.p[value.len - 1] == '\t'))
         value.len--;
     if (slice_caseeq(name, "authorization"))
-        rc = buf_append(&req->auth, value.p, value.len);
+        rc = auth_take(req, value);
     else if (slice_caseeq(name, "expect"))
         req->expect_continue = slice_caseeq(value, "100-continue");
     else if (!request_header_is_ours(name) && name.len > 0)

@@ -856,6 +856,31 @@ Test(proxy, the_tenant_key_is_read_as_rfc_9110_allows)
     }
 }
 
+/* Two Authorization headers are refused, never joined or chosen between:
+ * "Bearer sk-test" and "-tenant" made the tenant's key. */
+Test(proxy, two_authorization_headers_are_refused)
+{
+    static const char *const twice[] = {
+        "Authorization: Bearer sk-test\r\nAuthorization: -tenant\r\n",
+        AUTH AUTH,
+        AUTH "authorization: Bearer sk-wrong\r\n",
+    };
+
+    start_two(NULL, NULL);
+    for (size_t i = 0; i < sizeof(twice) / sizeof(twice[0]); i++) {
+        cr_assert_eq(call("POST", "/v1/chat/completions", twice[i], CHAT), 0);
+        assert_error(400, "bad_request");
+        cr_assert_not_null(strstr(json_str(json, "error.message"), "Authorization"), "%s",
+                           json_str(json, "error.message"));
+        cr_assert_str_eq(support_http_header(&resp, "connection"), "close");
+    }
+    for (int m = 0; m < 2; m++) {
+        cr_assert_eq(call_port(m ? mock_b.port : mock_a.port, "GET", "/mock/stats", NULL, NULL),
+                     0);
+        cr_assert_eq(json_num(body_json(), "requests"), 0, "nothing went upstream");
+    }
+}
+
 Test(proxy, size_limits_give_413_and_431)
 {
     struct buf big = {0};
