@@ -194,6 +194,7 @@ struct router__request {
     unsigned keep_alive:1;               /* client wants the connection kept */
     unsigned expect_continue:1;          /* Expect: 100-continue was sent */
     unsigned auth_seen:1;                /* an Authorization header was read */
+    unsigned head_method:1;              /* HEAD: answers carry no body */
     unsigned response_started:1;         /* any response byte sent to the client */
     unsigned chunked:1;                  /* response to client is chunked */
     unsigned is_sse:1;                   /* upstream answers text/event-stream */

@@ -363,6 +363,9 @@ static int on_url(llhttp_t *p, const char *at, size_t len)
 {
     struct router__client *c = parser_client(p);
 
+    /* Read here, not from the parser when answering: a request refused
+     * before its method was parsed must not take the one before's. */
+    c->req.head_method = llhttp_get_method(p) == HTTP_HEAD;
     if (head_bytes_add(c, len) != 0 || buf_append(&c->req.url, at, len) != 0)
         return -1;
     return 0;

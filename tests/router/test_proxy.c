@@ -789,6 +789,36 @@ Test(proxy, bodyless_answers_end_with_their_head)
                  resp.body.data);
 }
 
+/* Answers to HEAD are heads alone, with the Content-Length a GET's body
+ * would have: /healthz, /v1/models and an error. The GET pipelined after
+ * them parses as the next answer, with its body. */
+Test(proxy, answers_to_head_have_no_body)
+{
+    static const char *const paths[] = {"/healthz", "/v1/models", "/nope"};
+    static const int want[] = {200, 200, 404};
+    struct support_http_conn c;
+    struct support_http_response r = {0};
+
+    start_two(NULL, NULL);
+    buf_reset(&req);
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(support_http_format(&req, "HEAD", paths[i], AUTH, NULL), 0);
+    cr_assert_eq(support_http_format(&req, "GET", "/healthz", NULL, NULL), 0);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(support_http_read_head(&c, &r, TIMEOUT_MS), 0, "%s", paths[i]);
+        cr_assert_eq(r.status, want[i], "%s", paths[i]);
+        cr_assert_gt(atoi(support_http_header(&r, "content-length")), 0, "%s", paths[i]);
+    }
+    cr_assert_eq(support_http_read(&c, &r, TIMEOUT_MS), 0, "%.*s", (int)r.raw.len, r.raw.data);
+    cr_assert_eq(r.status, 200);
+    cr_assert_eq(r.body.len, 15);
+    cr_assert_eq(memcmp(r.body.data, "{\"status\":\"ok\"}", 15), 0);
+    support_http_response_free(&r);
+    support_http_close(&c);
+}
+
 /* ---- client errors ---- */
 
 Test(proxy, client_errors_are_openai_json)
