@@ -337,23 +337,6 @@ Test(proxy, stream_usage_is_forwarded_when_the_client_asks)
     cr_assert(saw_usage);
 }
 
-/* Resident memory of `pid`, in KB. */
-static long rss_kb(pid_t pid)
-{
-    char path[64], line[256];
-    long kb = -1;
-    FILE *f;
-
-    snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
-    f = fopen(path, "r");
-    cr_assert_not_null(f);
-    while (fgets(line, sizeof(line), f))
-        if (sscanf(line, "VmRSS: %ld kB", &kb) == 1)
-            break;
-    fclose(f);
-    return kb;
-}
-
 /* A client that does not read pauses the backend: the router holds about
  * PROXY_CLIENT_HIGH_WATER of a ~40 MB stream, not the stream, and it all
  * arrives once the client reads. */
@@ -369,7 +352,8 @@ Test(proxy, a_client_that_does_not_read_pauses_the_backend)
     struct buf tail = {0};
 
     start_two(NULL, NULL);
-    before = rss_kb(router.pid);
+    before = support_proc_rss_kb(router.pid);
+    cr_assert_gt(before, 0);
     buf_reset(&req);
     cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
                                      AUTH "x-mock-tokens: 200000\r\nx-mock-token-delay-ms: 0\r\n",
@@ -378,7 +362,7 @@ Test(proxy, a_client_that_does_not_read_pauses_the_backend)
     cr_assert_eq(support_http_connect(&c, router.port), 0);
     cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
     nanosleep(&pause, NULL); /* the mock has written it all by now */
-    held = rss_kb(router.pid) - before;
+    held = support_proc_rss_kb(router.pid) - before;
     cr_assert_lt(held, 8 * 1024, "the router grew by %ld KB for a client that reads nothing", held);
     struct timeval tv = {.tv_sec = TIMEOUT_MS / 1000};
     cr_assert_eq(setsockopt(c.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)), 0);
@@ -615,9 +599,10 @@ Test(proxy, a_pipelining_client_that_does_not_read_is_held, .timeout = 120)
         memcpy(many + off, one, len);
     start_two(NULL, NULL);
     cr_assert_eq(support_http_connect_rcvbuf(&c, router.port, 4096), 0);
-    before = rss_kb(router.pid);
+    before = support_proc_rss_kb(router.pid);
+    cr_assert_gt(before, 0);
     sent = send_until_blocked(c.fd, many, chunk, limit);
-    grown = rss_kb(router.pid) - before;
+    grown = support_proc_rss_kb(router.pid) - before;
     cr_assert_lt(grown, 64 * 1024, "the router grew by %ld KB for %zu bytes of requests", grown,
                  sent);
     cr_assert_lt(sent, limit, "the router read all %zu bytes", sent);

@@ -39,6 +39,9 @@ void support_proc_stop(struct support_proc *p);
 /* True when p->status says the child exited on its own with code 0. */
 int support_proc_exited_cleanly(const struct support_proc *p);
 
+/* Resident memory of process `pid` in KB (VmRSS), or -1 when unknown. */
+long support_proc_rss_kb(pid_t pid);
+
 /* The mockllm binary: $MOCKLLM_BIN (set by tests/run.sh), else
  * build/mockllm. */
 const char *support_mockllm_bin(void);
