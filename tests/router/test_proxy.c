@@ -590,13 +590,13 @@ Test(proxy, a_pipelining_client_that_does_not_read_is_held, .timeout = 120)
     struct support_http_conn c;
     struct support_http_response r = {0};
     size_t chunk = (65536 / len) * len, sent, answers;
-    char *many = malloc(chunk);
+    static char many[65536];
     unsigned long long first = 0;
     long before, grown;
 
-    cr_assert_not_null(many);
     for (size_t off = 0; off < chunk; off += len)
         memcpy(many + off, one, len);
+    support_proc_small_quarantine();
     start_two(NULL, NULL);
     cr_assert_eq(support_http_connect_rcvbuf(&c, router.port, 4096), 0);
     before = support_proc_rss_kb(router.pid);
@@ -620,7 +620,6 @@ Test(proxy, a_pipelining_client_that_does_not_read_is_held, .timeout = 120)
     }
     support_http_response_free(&r);
     support_http_close(&c);
-    free(many);
 }
 
 /* An Upgrade offer (curl --http2 on http:// sends h2c) is declined by

@@ -186,6 +186,15 @@ long support_proc_rss_kb(pid_t pid)
     return kb;
 }
 
+void support_proc_small_quarantine(void)
+{
+    const char *was = getenv("ASAN_OPTIONS");
+    char opts[512];
+
+    snprintf(opts, sizeof(opts), "%s%squarantine_size_mb=4", was ? was : "", was ? ":" : "");
+    setenv("ASAN_OPTIONS", opts, 1);
+}
+
 const char *support_mockllm_bin(void)
 {
     const char *bin = getenv("MOCKLLM_BIN");
