@@ -557,9 +557,12 @@ static void client_process(struct router__client *c)
         return;
     /* A response in progress keeps reading, to notice a client that
      * leaves; its backend is paused instead (proxy.c). */
-    if (c->phase == ROUTER_CLIENT_IDLE && client_full(c))
+    if (c->phase == ROUTER_CLIENT_IDLE && client_full(c)) {
         client_hold(c); /* client_write_done goes on */
-    else if (!c->reading)
+        return;
+    }
+    c->backed_up = 0;
+    if (!c->reading)
         client_start_reading(c);
 }
 
