@@ -31,6 +31,8 @@
 #define AUTH "Authorization: Bearer " TENANT_KEY "\r\n"
 #define ADMIN_KEY "adm-test"
 #define ADMIN "Authorization: Bearer " ADMIN_KEY "\r\n"
+#define PAD64 "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+#define PAD256 PAD64 PAD64 PAD64 PAD64
 #define CHAT "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":\"hello there\"}]}"
 
 static struct support_proc router, mock_a, mock_b;
@@ -666,18 +668,20 @@ Test(proxy, an_upgrade_offer_is_declined_and_connect_refused)
 
 /* A chunked body's trailer is not part of the request's head: an
  * Authorization in it does not authenticate, and its fields do not reach
- * the backend. */
+ * the backend. Its bytes still count against max_header_bytes. */
 Test(proxy, a_chunked_trailer_neither_authenticates_nor_is_forwarded)
 {
-    static const char *const heads[] = {"", AUTH};
-    static const char *const trailers[] = {AUTH, "x-trailer-probe: leaked\r\n"};
-    static const int want[] = {401, 200};
-    char one[1024], a[1024];
+    static const char *const heads[] = {AUTH, "", AUTH};
+    static const char *const trailers[] = {
+        "x-pad: " PAD256 PAD256 PAD256 PAD256 "\r\n", AUTH, "x-trailer-probe: leaked\r\n"};
+    static const int want[] = {431, 401, 200};
+    char one[4096], a[1024];
 
     /* One backend: the request that passes is its last one. */
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    start_router(NULL, backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), "a");
-    for (int i = 0; i < 2; i++) {
+    start_router("limits: { max_header_bytes: 1024 }",
+                 backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), "a");
+    for (int i = 0; i < 3; i++) {
         snprintf(one, sizeof(one),
                  "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%s"
                  "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -687,8 +691,8 @@ Test(proxy, a_chunked_trailer_neither_authenticates_nor_is_forwarded)
         cr_assert_eq(support_http_request(router.port, one, strlen(one), TIMEOUT_MS, &resp), 0);
         cr_assert_eq(resp.status, want[i], "%d: %d %.*s", i, resp.status, (int)resp.body.len,
                      resp.body.data);
-        if (want[i] == 401)
-            assert_error(401, "invalid_api_key");
+        if (want[i] != 200)
+            assert_error(want[i], want[i] == 401 ? "invalid_api_key" : "headers_too_large");
     }
     cr_assert_eq(call_port(mock_a.port, "GET", "/mock/last-request", NULL, NULL), 0);
     cr_assert_null(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "headers"),
