@@ -40,6 +40,7 @@ static const struct error_map error_maps[] = {
     {error_duplicate_key, 400, "invalid_request_error", "invalid_json", NULL},
     {error_missing_model, 400, "invalid_request_error", "missing_model", NULL},
     {error_bad_request, 400, "invalid_request_error", "bad_request", NULL},
+    {error_auth_twice, 400, "invalid_request_error", "bad_request", NULL},
     {error_unauthorized, 401, "invalid_request_error", "invalid_api_key", NULL},
     {error_not_found, 404, "invalid_request_error", "unknown_url", NULL},
     {error_unknown_model, 404, "invalid_request_error", "model_not_found", NULL},
@@ -95,7 +96,9 @@ static void request_number(struct router__client *c)
     request_id_format(req->id_str, c->router->start_id, req->id);
 }
 
-/* Send a whole response the router made itself. */
+/* Send a whole response the router made itself. The answer to HEAD is
+ * the head alone, with the Content-Length the body would have had (RFC
+ * 9110 9.3.2): a body after it would be read as the next answer's start. */
 void router__send_response(struct router__client *c, int status, const char *content_type,
                            const char *extra_headers, const char *body, size_t len)
 {
@@ -117,7 +120,7 @@ void router__send_response(struct router__client *c, int status, const char *con
         return;
     }
     uv_buf_t bufs[2] = {uv_buf_init(head, (unsigned)n), uv_buf_init((char *)body, (unsigned)len)};
-    router__client_sendv(c, bufs, len ? 2 : 1);
+    router__client_sendv(c, bufs, len && !req->head_method ? 2 : 1);
     router__client_response_done(c);
 }
 
@@ -272,6 +275,7 @@ void router__request_reset(struct router__request *req)
     req->error = NULL;
     req->stream = req->injected_usage = req->keep_alive = req->response_started = 0;
     req->expect_continue = 0;
+    req->auth_seen = req->head_method = 0;
     req->accounted = 0;
     req->chunked = req->is_sse = req->upstream_done = req->broken = 0;
     req->tried = req->answered_429 = 0;

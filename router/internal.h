@@ -193,6 +193,8 @@ struct router__request {
     unsigned injected_usage:1;           /* we added stream_options.include_usage */
     unsigned keep_alive:1;               /* client wants the connection kept */
     unsigned expect_continue:1;          /* Expect: 100-continue was sent */
+    unsigned auth_seen:1;                /* an Authorization header was read */
+    unsigned head_method:1;              /* HEAD: answers carry no body */
     unsigned response_started:1;         /* any response byte sent to the client */
     unsigned chunked:1;                  /* response to client is chunked */
     unsigned is_sse:1;                   /* upstream answers text/event-stream */
@@ -292,6 +294,7 @@ struct router__client {
     unsigned reading:1;                  /* uv_read_start active */
     unsigned in_process:1;               /* client_process is on the stack */
     unsigned cut_short:1;                /* refused before its request was read to the end */
+    unsigned backed_up:1;                /* reading held: answers queued past the high-water mark */
     uint64_t linger_end;                 /* LINGER: close by then (loop ms) */
     SSL *ssl;                            /* TLS session (memory BIOs), NULL for plain */
 };

@@ -30,6 +30,12 @@
 #define ROUTER_READ_BUF 65536
 /* Stop reading a busy client once this many pipelined bytes wait. */
 #define ROUTER_PENDING_MAX (1u << 20)
+/* Stop reading a client, and answering its pipelined requests, while
+ * more than this many bytes of answers wait for it to read them (as
+ * PROXY_CLIENT_HIGH_WATER pauses a backend): every answer is queued
+ * whole, so a client that sends requests and never reads would
+ * otherwise make the router hold all their answers. */
+#define ROUTER_CLIENT_HIGH_WATER (256u * 1024)
 /* Lingering close (as nginx's lingering_timeout and lingering_time): a
  * client refused before it had sent its whole request is read from, and
  * what it sends dropped, until it stops for this long... */
@@ -51,6 +57,7 @@ static llhttp_settings_t client_settings;
 static void client_process(struct router__client *c);
 static void generation_free(struct router *r);
 static void client_start_reading(struct router__client *c);
+static void client_stop_reading(struct router__client *c);
 static void client_set_phase(struct router__client *c, enum router__client_phase phase);
 
 uint64_t router__now(const struct router *r)
@@ -139,12 +146,11 @@ static void client_close_after_writes(struct router__client *c)
 
     if (c->closing)
         return;
-    if (c->cut_short) {
+    c->backed_up = 0; /* no more requests: nothing to resume */
+    if (c->cut_short)
         client_linger(c);
-    } else {
-        uv_read_stop((uv_stream_t *)&c->tcp);
-        c->reading = 0;
-    }
+    else
+        client_stop_reading(c);
     /* close_notify says the data ended where it should. An answer cut
      * short (the upstream broke, or the budget ran out mid-stream) goes
      * without it, so that a TLS client sees the truncation even where
@@ -170,6 +176,21 @@ size_t router__client_write_queue(const struct router__client *c)
     return uv_stream_get_write_queue_size((const uv_stream_t *)&c->tcp);
 }
 
+/* Whether the client has left more answers unread than it may: then its
+ * next request waits, and so does reading it (client_hold). */
+static int client_full(const struct router__client *c)
+{
+    return router__client_write_queue(c) > ROUTER_CLIENT_HIGH_WATER;
+}
+
+/* Stop reading until the client has read its answers: what it sends then
+ * waits in the kernel's buffers and, once they fill, in the client. */
+static void client_hold(struct router__client *c)
+{
+    c->backed_up = 1;
+    client_stop_reading(c);
+}
+
 static void client_write_done(uv_write_t *req, int status)
 {
     struct client_write *w = container_of(req, struct client_write, req);
@@ -181,8 +202,13 @@ static void client_write_done(uv_write_t *req, int status)
             router__client_close(c);
         return;
     }
-    if (!c->closing && router__client_write_queue(c) == 0)
-        router__proxy_on_client_drain(c);
+    if (c->closing || router__client_write_queue(c) != 0)
+        return;
+    router__proxy_on_client_drain(c);
+    if (c->backed_up && !c->closing && !c->in_process) {
+        c->backed_up = 0;
+        client_process(c); /* the requests that waited, then reading */
+    }
 }
 
 /* Send bytes, trying a direct write first so the common case copies and
@@ -337,16 +363,31 @@ static int on_url(llhttp_t *p, const char *at, size_t len)
 {
     struct router__client *c = parser_client(p);
 
+    /* Read here, not from the parser when answering: a request refused
+     * before its method was parsed must not take the one before's. */
+    c->req.head_method = llhttp_get_method(p) == HTTP_HEAD;
     if (head_bytes_add(c, len) != 0 || buf_append(&c->req.url, at, len) != 0)
         return -1;
     return 0;
+}
+
+/* Whether the header callbacks are for a chunked body's trailer: llhttp
+ * reports its fields as it does the head's. A trailer arrives after the
+ * request was read and checked, so it is no part of it: an Authorization
+ * there must not authenticate, nor any field in it reach the backend.
+ * Its bytes still count against max_header_bytes. */
+static int in_trailer(const struct router__client *c)
+{
+    return c->phase == ROUTER_CLIENT_BODY;
 }
 
 static int on_header_field(llhttp_t *p, const char *at, size_t len)
 {
     struct router__client *c = parser_client(p);
 
-    if (head_bytes_add(c, len) != 0 || buf_append(&c->req.hname, at, len) != 0)
+    if (head_bytes_add(c, len) != 0)
+        return -1;
+    if (!in_trailer(c) && buf_append(&c->req.hname, at, len) != 0)
         return -1;
     return 0;
 }
@@ -355,7 +396,9 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
 {
     struct router__client *c = parser_client(p);
 
-    if (head_bytes_add(c, len) != 0 || buf_append(&c->req.hvalue, at, len) != 0)
+    if (head_bytes_add(c, len) != 0)
+        return -1;
+    if (!in_trailer(c) && buf_append(&c->req.hvalue, at, len) != 0)
         return -1;
     return 0;
 }
@@ -374,6 +417,21 @@ static int request_header_is_ours(struct slice name)
     return slice_caseeq_any(name, names, ARRAY_SIZE(names));
 }
 
+/* Keep the Authorization value. A second one is refused, not joined
+ * (RFC 9110 5.3 allows joining only list-valued fields): "Bearer sk-ten"
+ * and "ant-A" must not make the key "sk-tenant-A", and neither may be
+ * chosen over the other, as proxies in front of the router may choose the
+ * other one. */
+static int auth_take(struct router__request *req, struct slice value)
+{
+    if (req->auth_seen) {
+        req->error = error_auth_twice;
+        return -1;
+    }
+    req->auth_seen = 1;
+    return buf_append(&req->auth, value.p, value.len);
+}
+
 static int on_header_value_complete(llhttp_t *p)
 {
     struct router__client *c = parser_client(p);
@@ -382,12 +440,14 @@ static int on_header_value_complete(llhttp_t *p)
     struct slice value = {req->hvalue.data, req->hvalue.len};
     int rc = 0;
 
+    if (in_trailer(c))
+        return 0; /* dropped */
     /* Whitespace after a value is not part of it (RFC 9110 5.5); llhttp
      * drops it before the value only. */
     while (value.len > 0 && (value.p[value.len - 1] == ' ' || value.p[value.len - 1] == '\t'))
         value.len--;
     if (slice_caseeq(name, "authorization"))
-        rc = buf_append(&req->auth, value.p, value.len);
+        rc = auth_take(req, value);
     else if (slice_caseeq(name, "expect"))
         req->expect_continue = slice_caseeq(value, "100-continue");
     else if (!request_header_is_ours(name) && name.len > 0)
@@ -401,6 +461,19 @@ static int on_headers_complete(llhttp_t *p)
 {
     struct router__client *c = parser_client(p);
 
+    /* CONNECT asks for a tunnel, which the router is not: what follows
+     * its head is no HTTP, so it is answered 405 and the connection
+     * closed. */
+    if (p->method == HTTP_CONNECT) {
+        c->req.error = error_method;
+        return -1;
+    }
+    /* An Upgrade offer (curl --http2 sends h2c on http://) is declined
+     * by answering in HTTP/1.1 (RFC 9110 7.8). llhttp would stop after
+     * the message, taking the rest of the connection as the new
+     * protocol: cleared here, before llhttp__after_headers_complete reads
+     * it, the next request parses as any keep-alive one. */
+    p->upgrade = 0;
     if ((p->flags & F_CONTENT_LENGTH) && p->content_length > c->router->conf->max_body_bytes) {
         c->req.error = error_body_too_large;
         return -1;
@@ -472,14 +545,24 @@ static void client_process(struct router__client *c)
     int complete;
 
     c->in_process = 1;
-    while (!c->closing && c->phase != ROUTER_CLIENT_BUSY && c->pending.len > 0) {
+    while (!c->closing && c->phase != ROUTER_CLIENT_BUSY && c->pending.len > 0 &&
+           !client_full(c)) {
         used = client_execute(c, c->pending.data, c->pending.len, &complete);
         buf_consume(&c->pending, used);
         if (complete)
             router__handle(c);
     }
     c->in_process = 0;
-    if (!c->closing && !c->reading)
+    if (c->closing)
+        return;
+    /* A response in progress keeps reading, to notice a client that
+     * leaves; its backend is paused instead (proxy.c). */
+    if (c->phase == ROUTER_CLIENT_IDLE && client_full(c)) {
+        client_hold(c); /* client_write_done goes on */
+        return;
+    }
+    c->backed_up = 0;
+    if (!c->reading)
         client_start_reading(c);
 }
 
@@ -527,15 +610,15 @@ void router__client_take(struct router__client *c, const char *p, size_t len)
         client_drop(c);
         return;
     }
-    if (c->phase == ROUTER_CLIENT_BUSY || c->pending.len > 0) {
+    if (c->phase == ROUTER_CLIENT_IDLE && !c->backed_up && client_full(c))
+        client_hold(c); /* the answer before is still unread */
+    if (c->phase == ROUTER_CLIENT_BUSY || c->pending.len > 0 || c->backed_up) {
         if (buf_append(&c->pending, p, len) != 0) {
             router__client_close(c);
             return;
         }
-        if (c->pending.len > ROUTER_PENDING_MAX) {
-            uv_read_stop((uv_stream_t *)&c->tcp);
-            c->reading = 0;
-        }
+        if (c->pending.len > ROUTER_PENDING_MAX)
+            client_stop_reading(c);
         return;
     }
     used = client_execute(c, p, len, &complete);
@@ -606,6 +689,12 @@ static void client_start_reading(struct router__client *c)
 {
     if (uv_read_start((uv_stream_t *)&c->tcp, read_alloc, client_read) == 0)
         c->reading = 1;
+}
+
+static void client_stop_reading(struct router__client *c)
+{
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    c->reading = 0;
 }
 
 /* ---- accepting ---- */

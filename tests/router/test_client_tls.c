@@ -281,6 +281,54 @@ Test(client_tls, chat_big_bodies_and_a_stream_on_one_verified_connection)
     cr_assert_geq(events, 21, "20 tokens and [DONE], got %d events", events);
 }
 
+/* Over TLS too, a client that pipelines requests and reads none of the
+ * answers is held once a little of them waits, not answered into the
+ * router's memory; once it reads, each request it sent whole is answered,
+ * in order. Records of whole requests are written until the socket takes
+ * nothing for a second (the one then cut is never finished). */
+Test(client_tls, a_pipelining_client_that_does_not_read_is_held, .timeout = 120)
+{
+    static const char one[] = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    const size_t len = sizeof(one) - 1, limit = 32u << 20;
+    struct pollfd pfd = {.events = POLLOUT};
+    size_t chunk = (16384 / len) * len, sent = 0;
+    static char many[16384];
+    unsigned long long first = 0, seq;
+    long before, grown;
+    int n;
+
+    for (size_t off = 0; off < chunk; off += len)
+        memcpy(many + off, one, len);
+    support_proc_small_quarantine();
+    start();
+    cr_assert_eq(support_https_connect(&conn, router.port, ca_file, TIMEOUT_MS), 0);
+    pfd.fd = conn.fd;
+    before = support_proc_rss_kb(router.pid);
+    cr_assert_gt(before, 0);
+    while (sent < limit) {
+        if ((n = SSL_write(conn.ssl, many, (int)chunk)) > 0) {
+            sent += (size_t)n;
+            continue;
+        }
+        cr_assert_eq(SSL_get_error(conn.ssl, n), SSL_ERROR_WANT_WRITE);
+        if (poll(&pfd, 1, 1000) == 0)
+            break;
+    }
+    grown = support_proc_rss_kb(router.pid) - before;
+    cr_assert_lt(grown, 64 * 1024, "the router grew by %ld KB for %zu bytes of requests", grown,
+                 sent);
+    cr_assert_lt(sent, limit, "the router read all %zu bytes", sent);
+    for (size_t i = 0; i < sent / len; i++) {
+        cr_assert_eq(support_http_read(&conn, &resp, TIMEOUT_MS), 0, "answer %zu of %zu", i,
+                     sent / len);
+        cr_assert_eq(resp.status, 200, "answer %zu", i);
+        seq = strtoull(strrchr(support_http_header(&resp, "x-request-id"), '-') + 1, NULL, 16);
+        if (i == 0)
+            first = seq;
+        cr_assert_eq(seq, first + i, "answer %zu out of order", i);
+    }
+}
+
 /* A whole answer on a closing connection ends with close_notify; one the
  * upstream broke mid-stream ends without it, so the client can tell the
  * truncation from a clean end at the TLS level too. */

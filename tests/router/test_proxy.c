@@ -10,6 +10,8 @@
 #include <cjson/cJSON.h>
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -29,6 +31,8 @@
 #define AUTH "Authorization: Bearer " TENANT_KEY "\r\n"
 #define ADMIN_KEY "adm-test"
 #define ADMIN "Authorization: Bearer " ADMIN_KEY "\r\n"
+#define PAD64 "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+#define PAD256 PAD64 PAD64 PAD64 PAD64
 #define CHAT "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":\"hello there\"}]}"
 
 static struct support_proc router, mock_a, mock_b;
@@ -335,23 +339,6 @@ Test(proxy, stream_usage_is_forwarded_when_the_client_asks)
     cr_assert(saw_usage);
 }
 
-/* Resident memory of `pid`, in KB. */
-static long rss_kb(pid_t pid)
-{
-    char path[64], line[256];
-    long kb = -1;
-    FILE *f;
-
-    snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
-    f = fopen(path, "r");
-    cr_assert_not_null(f);
-    while (fgets(line, sizeof(line), f))
-        if (sscanf(line, "VmRSS: %ld kB", &kb) == 1)
-            break;
-    fclose(f);
-    return kb;
-}
-
 /* A client that does not read pauses the backend: the router holds about
  * PROXY_CLIENT_HIGH_WATER of a ~40 MB stream, not the stream, and it all
  * arrives once the client reads. */
@@ -367,7 +354,8 @@ Test(proxy, a_client_that_does_not_read_pauses_the_backend)
     struct buf tail = {0};
 
     start_two(NULL, NULL);
-    before = rss_kb(router.pid);
+    before = support_proc_rss_kb(router.pid);
+    cr_assert_gt(before, 0);
     buf_reset(&req);
     cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
                                      AUTH "x-mock-tokens: 200000\r\nx-mock-token-delay-ms: 0\r\n",
@@ -376,7 +364,7 @@ Test(proxy, a_client_that_does_not_read_pauses_the_backend)
     cr_assert_eq(support_http_connect(&c, router.port), 0);
     cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
     nanosleep(&pause, NULL); /* the mock has written it all by now */
-    held = rss_kb(router.pid) - before;
+    held = support_proc_rss_kb(router.pid) - before;
     cr_assert_lt(held, 8 * 1024, "the router grew by %ld KB for a client that reads nothing", held);
     struct timeval tv = {.tv_sec = TIMEOUT_MS / 1000};
     cr_assert_eq(setsockopt(c.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)), 0);
@@ -562,6 +550,157 @@ Test(proxy, keep_alive_pipelining_and_upstream_reuse)
     cr_assert_eq(json_num(json, "connections"), 2, "%.*s", (int)resp.body.len, resp.body.data);
 }
 
+/* The number at the end of an x-request-id ("cr-START-N", hex). */
+static unsigned long long request_seq(const struct support_http_response *r)
+{
+    const char *id = support_http_header(r, "x-request-id");
+
+    cr_assert_not_null(id);
+    return strtoull(strrchr(id, '-') + 1, NULL, 16);
+}
+
+/* Send from `p` until `limit` bytes went or the socket took nothing for
+ * a second (the peer stopped reading). Returns the bytes sent. */
+static size_t send_until_blocked(int fd, const char *p, size_t chunk, size_t limit)
+{
+    struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+    size_t sent = 0;
+    ssize_t n;
+
+    while (sent < limit) {
+        n = send(fd, p + sent % chunk, chunk - sent % chunk, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n > 0) {
+            sent += (size_t)n;
+            continue;
+        }
+        cr_assert(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK), "send: %s",
+                  strerror(errno));
+        if (poll(&pfd, 1, 1000) == 0)
+            break;
+    }
+    return sent;
+}
+
+/* A client that pipelines requests and reads none of the answers is held
+ * once a little of them waits (the router stops reading it), rather than
+ * having every answer built and queued (hundreds of MB). Once it reads,
+ * every answer arrives, in order. */
+Test(proxy, a_pipelining_client_that_does_not_read_is_held, .timeout = 120)
+{
+    static const char one[] = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    const size_t len = sizeof(one) - 1, limit = 32u << 20;
+    struct support_http_conn c;
+    struct support_http_response r = {0};
+    size_t chunk = (65536 / len) * len, sent, answers;
+    static char many[65536];
+    unsigned long long first = 0;
+    long before, grown;
+
+    for (size_t off = 0; off < chunk; off += len)
+        memcpy(many + off, one, len);
+    support_proc_small_quarantine();
+    start_two(NULL, NULL);
+    cr_assert_eq(support_http_connect_rcvbuf(&c, router.port, 4096), 0);
+    before = support_proc_rss_kb(router.pid);
+    cr_assert_gt(before, 0);
+    sent = send_until_blocked(c.fd, many, chunk, limit);
+    grown = support_proc_rss_kb(router.pid) - before;
+    cr_assert_lt(grown, 64 * 1024, "the router grew by %ld KB for %zu bytes of requests", grown,
+                 sent);
+    cr_assert_lt(sent, limit, "the router read all %zu bytes", sent);
+    /* The last request may be cut: finish it once the router reads. */
+    answers = (sent + len - 1) / len;
+    for (size_t i = 0; i < answers; i++) {
+        if (i == sent / len && sent % len != 0)
+            cr_assert_eq(support_http_send(&c, one + sent % len, len - sent % len), 0);
+        cr_assert_eq(support_http_read(&c, &r, TIMEOUT_MS), 0, "answer %zu of %zu", i, answers);
+        cr_assert_eq(r.status, 200, "answer %zu", i);
+        if (i == 0)
+            first = request_seq(&r);
+        else
+            cr_assert_eq(request_seq(&r), first + i, "answer %zu out of order", i);
+    }
+    support_http_response_free(&r);
+    support_http_close(&c);
+}
+
+/* An Upgrade offer (curl --http2 on http:// sends h2c) is declined by
+ * answering in HTTP/1.1, and the connection goes on: a GET, a POST with
+ * a body and a plain request after them all get 200. CONNECT gets 405
+ * and the connection is closed. */
+Test(proxy, an_upgrade_offer_is_declined_and_connect_refused)
+{
+    static const char h2c[] = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                              "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n";
+    struct support_http_conn c;
+    struct support_http_response r = {0};
+
+    start_two(NULL, NULL);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    for (int i = 0; i < 3; i++) {
+        buf_reset(&req);
+        if (i == 0)
+            cr_assert_eq(support_http_format(&req, "GET", "/healthz", h2c, NULL), 0);
+        else
+            cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
+                                             i == 1 ? AUTH "Connection: Upgrade\r\n"
+                                                           "Upgrade: websocket\r\n"
+                                                    : AUTH,
+                                             CHAT),
+                         0);
+        cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+        cr_assert_eq(support_http_read(&c, &r, TIMEOUT_MS), 0, "request %d", i);
+        cr_assert_eq(r.status, 200, "request %d: %d %.*s", i, r.status, (int)r.body.len,
+                     r.body.data);
+        cr_assert_null(support_http_header(&r, "connection"), "request %d", i);
+        cr_assert_null(support_http_header(&r, "upgrade"), "request %d", i);
+    }
+    support_http_response_free(&r);
+    support_http_close(&c);
+
+    static const char connect[] = "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n";
+    support_http_response_free(&resp);
+    cr_assert_eq(support_http_request(router.port, connect, sizeof(connect) - 1, TIMEOUT_MS, &resp),
+                 0);
+    assert_error(405, "method_not_allowed");
+    cr_assert_str_eq(support_http_header(&resp, "connection"), "close");
+}
+
+/* A chunked body's trailer is not part of the request's head: an
+ * Authorization in it does not authenticate, and its fields do not reach
+ * the backend. Its bytes still count against max_header_bytes. */
+Test(proxy, a_chunked_trailer_neither_authenticates_nor_is_forwarded)
+{
+    static const char *const heads[] = {AUTH, "", AUTH};
+    static const char *const trailers[] = {
+        "x-pad: " PAD256 PAD256 PAD256 PAD256 "\r\n", AUTH, "x-trailer-probe: leaked\r\n"};
+    static const int want[] = {431, 401, 200};
+    char one[4096], a[1024];
+
+    /* One backend: the request that passes is its last one. */
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    start_router("limits: { max_header_bytes: 1024 }",
+                 backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), "a");
+    for (int i = 0; i < 3; i++) {
+        snprintf(one, sizeof(one),
+                 "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%s"
+                 "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 "%zx\r\n%s\r\n0\r\n%s\r\n",
+                 heads[i], strlen(CHAT), CHAT, trailers[i]);
+        support_http_response_free(&resp);
+        cr_assert_eq(support_http_request(router.port, one, strlen(one), TIMEOUT_MS, &resp), 0);
+        cr_assert_eq(resp.status, want[i], "%d: %d %.*s", i, resp.status, (int)resp.body.len,
+                     resp.body.data);
+        if (want[i] != 200)
+            assert_error(want[i], want[i] == 401 ? "invalid_api_key" : "headers_too_large");
+    }
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/last-request", NULL, NULL), 0);
+    cr_assert_null(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "headers"),
+                                       "x-trailer-probe"),
+                   "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_not_null(json_str(json, "headers.authorization"));
+}
+
 /* A key given twice in one object is refused: parsers disagree on which
  * counts, so the router could price one request while the backend serves
  * another (a second "model", a larger "max_tokens", a longer "content"). */
@@ -638,6 +777,36 @@ Test(proxy, bodyless_answers_end_with_their_head)
                  resp.body.data);
 }
 
+/* Answers to HEAD are heads alone, with the Content-Length a GET's body
+ * would have: /healthz, /v1/models and an error. The GET pipelined after
+ * them parses as the next answer, with its body. */
+Test(proxy, answers_to_head_have_no_body)
+{
+    static const char *const paths[] = {"/healthz", "/v1/models", "/nope"};
+    static const int want[] = {200, 200, 404};
+    struct support_http_conn c;
+    struct support_http_response r = {0};
+
+    start_two(NULL, NULL);
+    buf_reset(&req);
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(support_http_format(&req, "HEAD", paths[i], AUTH, NULL), 0);
+    cr_assert_eq(support_http_format(&req, "GET", "/healthz", NULL, NULL), 0);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(support_http_read_head(&c, &r, TIMEOUT_MS), 0, "%s", paths[i]);
+        cr_assert_eq(r.status, want[i], "%s", paths[i]);
+        cr_assert_gt(atoi(support_http_header(&r, "content-length")), 0, "%s", paths[i]);
+    }
+    cr_assert_eq(support_http_read(&c, &r, TIMEOUT_MS), 0, "%.*s", (int)r.raw.len, r.raw.data);
+    cr_assert_eq(r.status, 200);
+    cr_assert_eq(r.body.len, 15);
+    cr_assert_eq(memcmp(r.body.data, "{\"status\":\"ok\"}", 15), 0);
+    support_http_response_free(&r);
+    support_http_close(&c);
+}
+
 /* ---- client errors ---- */
 
 Test(proxy, client_errors_are_openai_json)
@@ -702,6 +871,31 @@ Test(proxy, the_tenant_key_is_read_as_rfc_9110_allows)
     for (size_t i = 0; i < sizeof(refused) / sizeof(refused[0]); i++) {
         cr_assert_eq(call("POST", "/v1/chat/completions", refused[i], CHAT), 0);
         assert_error(401, "invalid_api_key");
+    }
+}
+
+/* Two Authorization headers are refused, never joined or chosen between:
+ * "Bearer sk-test" and "-tenant" made the tenant's key. */
+Test(proxy, two_authorization_headers_are_refused)
+{
+    static const char *const twice[] = {
+        "Authorization: Bearer sk-test\r\nAuthorization: -tenant\r\n",
+        AUTH AUTH,
+        AUTH "authorization: Bearer sk-wrong\r\n",
+    };
+
+    start_two(NULL, NULL);
+    for (size_t i = 0; i < sizeof(twice) / sizeof(twice[0]); i++) {
+        cr_assert_eq(call("POST", "/v1/chat/completions", twice[i], CHAT), 0);
+        assert_error(400, "bad_request");
+        cr_assert_not_null(strstr(json_str(json, "error.message"), "Authorization"), "%s",
+                           json_str(json, "error.message"));
+        cr_assert_str_eq(support_http_header(&resp, "connection"), "close");
+    }
+    for (int m = 0; m < 2; m++) {
+        cr_assert_eq(call_port(m ? mock_b.port : mock_a.port, "GET", "/mock/stats", NULL, NULL),
+                     0);
+        cr_assert_eq(json_num(body_json(), "requests"), 0, "nothing went upstream");
     }
 }
 

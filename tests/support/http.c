@@ -63,9 +63,11 @@ static int on_header_end(llhttp_t *p)
 
 static int on_headers_complete(llhttp_t *p)
 {
+    struct support_http_conn *c = p->data;
+
     cur(p)->status = p->status_code;
     cur(p)->headers_done = 1;
-    return 0;
+    return c->head ? 1 : 0; /* 1: no body follows */
 }
 
 static int on_body(llhttp_t *p, const char *at, size_t n)
@@ -324,6 +326,17 @@ int support_http_read(struct support_http_conn *c, struct support_http_response 
     while ((rc = pump(c, deadline)) == 0)
         ;
     return rc == 1 ? 0 : rc;
+}
+
+int support_http_read_head(struct support_http_conn *c, struct support_http_response *r,
+                           int timeout_ms)
+{
+    int rc;
+
+    c->head = 1;
+    rc = support_http_read(c, r, timeout_ms);
+    c->head = 0;
+    return rc;
 }
 
 void support_http_close(struct support_http_conn *c)

@@ -42,6 +42,7 @@ struct support_http_conn {
     SSL_CTX *ssl_ctx;       /* TLS (support_https_connect), else NULL */
     SSL *ssl;               /* its session, over the non-blocking fd */
     unsigned close_notify:1; /* TLS: the server ended with close_notify (a clean end) */
+    unsigned head:1;        /* the response being read answers HEAD: it has no body */
 };
 
 /* A streamed response read as Server-Sent Events. */
@@ -84,6 +85,10 @@ int support_http_send(struct support_http_conn *c, const void *data, size_t len)
  * did not parse; r keeps what arrived in every case. */
 int support_http_read(struct support_http_conn *c, struct support_http_response *r,
                       int timeout_ms);
+/* The same for the answer to a HEAD request, which ends with its head
+ * whatever its Content-Length says. */
+int support_http_read_head(struct support_http_conn *c, struct support_http_response *r,
+                           int timeout_ms);
 /* Close the socket and free the buffers. Safe to call twice. */
 void support_http_close(struct support_http_conn *c);
 

@@ -170,6 +170,31 @@ int support_proc_exited_cleanly(const struct support_proc *p)
     return p->status != -1 && WIFEXITED(p->status) && WEXITSTATUS(p->status) == 0;
 }
 
+long support_proc_rss_kb(pid_t pid)
+{
+    char path[64], line[256];
+    long kb = -1;
+    FILE *f;
+
+    snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+    if ((f = fopen(path, "r")) == NULL)
+        return -1;
+    while (fgets(line, sizeof(line), f))
+        if (sscanf(line, "VmRSS: %ld kB", &kb) == 1)
+            break;
+    fclose(f);
+    return kb;
+}
+
+void support_proc_small_quarantine(void)
+{
+    const char *was = getenv("ASAN_OPTIONS");
+    char opts[512];
+
+    snprintf(opts, sizeof(opts), "%s%squarantine_size_mb=4", was ? was : "", was ? ":" : "");
+    setenv("ASAN_OPTIONS", opts, 1);
+}
+
 const char *support_mockllm_bin(void)
 {
     const char *bin = getenv("MOCKLLM_BIN");

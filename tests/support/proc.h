@@ -39,6 +39,14 @@ void support_proc_stop(struct support_proc *p);
 /* True when p->status says the child exited on its own with code 0. */
 int support_proc_exited_cleanly(const struct support_proc *p);
 
+/* Resident memory of process `pid` in KB (VmRSS), or -1 when unknown. */
+long support_proc_rss_kb(pid_t pid);
+/* For a test that bounds a child's RSS, call before starting the child:
+ * under AddressSanitizer (make asan) freed memory waits in a quarantine of
+ * 256 MB, counted as resident; this makes the children's 4 MB. It does
+ * nothing to a child built without sanitizers. */
+void support_proc_small_quarantine(void);
+
 /* The mockllm binary: $MOCKLLM_BIN (set by tests/run.sh), else
  * build/mockllm. */
 const char *support_mockllm_bin(void);
