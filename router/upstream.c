@@ -612,6 +612,21 @@ static int on_header_value_complete(llhttp_t *p)
     return rc == 0 ? 0 : -1;
 }
 
+/* A 1xx (100, 103; 101 ends as an upgrade) is followed by the real
+ * head. RFC 9112 6.3: it ends at its blank line whatever it says, and
+ * RFC 9110 8.6 forbids it a Content-Length. One that announces a body
+ * anyway is a bad response: whether its bytes are that body or the next
+ * head is a guess, and a wrong guess puts the backend's bytes into the
+ * client's connection as an answer of their own. */
+static int interim_head(llhttp_t *p)
+{
+    if ((p->flags & F_CHUNKED) || ((p->flags & F_CONTENT_LENGTH) && p->content_length > 0)) {
+        llhttp_set_error_reason(p, "1xx response with a body");
+        return -1;
+    }
+    return 1; /* no body: llhttp reads the next head */
+}
+
 static int on_headers_complete(llhttp_t *p)
 {
     struct router__upstream *u = parser_upstream(p);
@@ -627,8 +642,12 @@ static int on_headers_complete(llhttp_t *p)
         length = 0;
     else if ((p->flags & F_CONTENT_LENGTH) && !(p->flags & F_CHUNKED))
         length = (int64_t)p->content_length;
+    if (p->status_code < 100 || p->status_code > 999) {
+        llhttp_set_error_reason(p, "response status out of 100-999");
+        return -1;
+    }
     if (p->status_code < 200)
-        return 0; /* 1xx: the real head follows */
+        return interim_head(p);
     /* The request bytes are no longer needed for a resend; the buffer
      * serves the next request on this connection. */
     buf_recycle(&u->out, UPSTREAM_OUT_KEEP);
@@ -649,6 +668,10 @@ static int on_body(llhttp_t *p, const char *at, size_t len)
     struct router__upstream *u = parser_upstream(p);
 
     if (u->client == NULL)
+        return -1;
+    /* Never forward what is not the final answer's body (interim_head
+     * refuses a 1xx body; this keeps it so). */
+    if (p->status_code < 200)
         return -1;
     router__proxy_on_body(u->client, at, len);
     return u->client && !u->closing ? 0 : -1;
