@@ -362,12 +362,13 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
 
 /* Headers that describe this hop or that we set ourselves: never
  * forwarded upstream. accept-encoding is dropped so the upstream answers
- * uncompressed and its usage can be read. */
+ * uncompressed and its usage can be read. Connection is kept for now:
+ * proxy.c drops it with the headers it names, which may come after it. */
 static int request_header_is_ours(struct slice name)
 {
     static const char *const names[] = {
-        "authorization", "host", "content-length", "transfer-encoding", "connection",
-        "keep-alive", "te", "trailer", "upgrade", "proxy-authorization", "proxy-connection",
+        "authorization", "host", "content-length", "transfer-encoding", "keep-alive", "te",
+        "trailer", "upgrade", "proxy-authorization", "proxy-connection", "http2-settings",
         "accept-encoding", "expect", "x-api-key", "api-key", "cookie",
     };
 

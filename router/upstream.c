@@ -26,6 +26,7 @@
 
 #include "backends/backend.h"
 #include "common/error.h"
+#include "common/http_hop.h"
 #include "common/http_status.h"
 #include "common/log.h"
 #include "common/util.h"
@@ -163,6 +164,7 @@ static void upstream_free(struct router__upstream *u)
     buf_free(&u->out);
     buf_free(&u->hname);
     buf_free(&u->hvalue);
+    buf_free(&u->conn);
     buf_free(&u->headers);
     free(u);
     router__maybe_finish(r);
@@ -526,6 +528,7 @@ static int on_message_begin(llhttp_t *p)
     u->retry_after_ms = -1;
     u->retry_after_in_ms = 0;
     buf_reset(&u->headers);
+    buf_reset(&u->conn);
     return 0;
 }
 
@@ -605,7 +608,10 @@ static int on_header_value_complete(llhttp_t *p)
         strncasecmp(value.p, "text/event-stream", 17) == 0)
         u->is_sse = 1;
     note_retry_after(u, p->status_code, name, value);
-    if (!response_header_is_ours(name) && name.len > 0)
+    if (slice_caseeq(name, "connection"))
+        rc = (u->conn.len > 0 ? buf_append_lit(&u->conn, ",") : 0) ?:
+             buf_append(&u->conn, value.p, value.len);
+    else if (!response_header_is_ours(name) && name.len > 0)
         rc = buf_append_header(&u->headers, name, value);
     buf_reset(&u->hname);
     buf_reset(&u->hvalue);
@@ -625,6 +631,20 @@ static int interim_head(llhttp_t *p)
         return -1;
     }
     return 1; /* no body: llhttp reads the next head */
+}
+
+/* Drop the headers the backend's Connection named (they describe its hop
+ * to us only). They may come before Connection, so this runs on the whole
+ * head, in place. */
+static void drop_named_hop_headers(struct router__upstream *u)
+{
+    struct http_hop_names hop = {.n = 0};
+
+    if (u->conn.len == 0)
+        return;
+    http_hop_names_add(&hop, (struct slice){u->conn.data, u->conn.len});
+    u->headers.len = http_hop_filter(u->headers.data, u->headers.data, u->headers.len, &hop,
+                                     (struct slice){NULL, 0});
 }
 
 static int on_headers_complete(llhttp_t *p)
@@ -648,6 +668,7 @@ static int on_headers_complete(llhttp_t *p)
     }
     if (p->status_code < 200)
         return interim_head(p);
+    drop_named_hop_headers(u);
     /* The request bytes are no longer needed for a resend; the buffer
      * serves the next request on this connection. */
     buf_recycle(&u->out, UPSTREAM_OUT_KEEP);

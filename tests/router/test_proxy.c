@@ -1127,6 +1127,69 @@ Test(proxy, interim_1xx_heads_are_skipped_and_the_real_answer_follows)
     cr_assert_eq(resp.body.len, strlen(OK_BODY), "%s", resp.raw.data);
 }
 
+/* The lines of `head` named `name` (case-insensitive): how many, and the
+ * first one's value into value (size n). */
+static int head_lines(const char *head, const char *name, char *value, size_t n)
+{
+    size_t len = strlen(name);
+    int count = 0;
+
+    if (value)
+        value[0] = '\0';
+    for (const char *p = head; p && *p; p = strstr(p, "\r\n"), p = p ? p + 2 : NULL) {
+        if (strncasecmp(p, name, len) != 0 || p[len] != ':')
+            continue;
+        if (count++ == 0 && value) {
+            const char *v = p + len + 1 + strspn(p + len + 1, " ");
+            snprintf(value, n, "%.*s", (int)strcspn(v, "\r"), v);
+        }
+    }
+    return count;
+}
+
+/* The request head a canned upstream got for one chat request with the
+ * client's `headers`, its backend configured with `extra`. */
+static const char *head_sent_for(const char *headers, const char *extra)
+{
+    char a[1024];
+
+    start_canned(OK_ANSWER(""));
+    start_router(NULL, backend_yaml(a, sizeof(a), "a", support_canned_port(canned), extra), "a");
+    cr_assert_eq(call("POST", "/v1/chat/completions", headers, CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(support_canned_requests(canned), 1);
+    return support_canned_heads(canned);
+}
+
+/* Connection names headers of the client's hop only (RFC 9110 7.6.1):
+ * they stay behind, before or after it, and so does HTTP2-Settings. */
+Test(proxy, headers_the_clients_connection_names_are_not_forwarded)
+{
+    const char *head = head_sent_for(AUTH "X-Early: e\r\nConnection: keep-alive, X-Early, x-hop\r\n"
+                                          "X-Hop: h\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+                                          "X-Kept: yes\r\n",
+                                     NULL);
+    char v[64];
+
+    cr_assert_eq(head_lines(head, "x-hop", NULL, 0), 0, "%s", head);
+    cr_assert_eq(head_lines(head, "x-early", NULL, 0), 0, "%s", head);
+    cr_assert_eq(head_lines(head, "http2-settings", NULL, 0), 0, "%s", head);
+    cr_assert_eq(head_lines(head, "connection", NULL, 0), 0, "%s", head);
+    cr_assert_eq(head_lines(head, "x-kept", v, sizeof(v)), 1, "%s", head);
+    cr_assert_str_eq(v, "yes");
+}
+
+/* A backend's Connection names headers of its hop to the router, before
+ * or after it: they go no further. */
+Test(proxy, headers_a_backends_connection_names_stay_behind)
+{
+    answer_through_router(OK_ANSWER("X-Early-Hop: e\r\nConnection: X-Secret-Hop, x-early-hop\r\n"
+                                    "X-Secret-Hop: internal\r\nX-Kept: yes\r\n"));
+    cr_assert_null(support_http_header(&resp, "x-secret-hop"), "%s", resp.raw.data);
+    cr_assert_null(support_http_header(&resp, "x-early-hop"), "%s", resp.raw.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-kept"), "yes");
+}
+
 /* ---- TLS upstream ---- */
 
 static void start_tls(int pin_ca)
