@@ -248,9 +248,11 @@ int router__fixed_headers(const struct conf_backend *b, struct buf *out)
 }
 
 /* The client's headers that go on: not Connection nor those it names
- * (they describe the client's hop only, and may come before it, so
- * server.c's filter at parse time cannot drop them). */
-static int append_client_headers(struct buf *out, const struct buf *fwd)
+ * (they describe the client's hop only), nor the backend's key header,
+ * which is the router's to set. The rest of server.c's filter ran at
+ * parse time, when the backend was not known yet. */
+static int append_client_headers(struct buf *out, const struct buf *fwd,
+                                 const struct conf_backend *b)
 {
     struct http_hop_names hop = {.n = 0};
 
@@ -260,7 +262,7 @@ static int append_client_headers(struct buf *out, const struct buf *fwd)
         return -ENOMEM;
     http_hop_names_scan(&hop, fwd->data, fwd->len);
     out->len += http_hop_filter(out->data + out->len, fwd->data, fwd->len, &hop,
-                                (struct slice){NULL, 0});
+                                slice_from(b->auth_header));
     return 0;
 }
 
@@ -287,7 +289,7 @@ static int build_request(struct router__client *c, const struct router__pool *po
     rc = rc ?: buf_append_u64(out, body.len);
     rc = rc ?: buf_append_lit(out, "\r\n");
     rc = rc ?: buf_append_header(out, SLICE_LIT("x-request-id"), slice_from(req->id_str));
-    rc = rc ?: append_client_headers(out, &req->fwd);
+    rc = rc ?: append_client_headers(out, &req->fwd, b);
     rc = rc ?: buf_append(out, "\r\n", 2);
     rc = rc ?: buf_reserve(out, body.len);
     for (int i = 0; rc == 0 && i < body.count; i++)

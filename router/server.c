@@ -363,7 +363,8 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
 /* Headers that describe this hop or that we set ourselves: never
  * forwarded upstream. accept-encoding is dropped so the upstream answers
  * uncompressed and its usage can be read. Connection is kept for now:
- * proxy.c drops it with the headers it names, which may come after it. */
+ * proxy.c drops it with the headers it names, which may come after it,
+ * and the backend's own key header, once the backend is known. */
 static int request_header_is_ours(struct slice name)
 {
     static const char *const names[] = {

@@ -1190,6 +1190,19 @@ Test(proxy, headers_a_backends_connection_names_stay_behind)
     cr_assert_str_eq(support_http_header(&resp, "x-kept"), "yes");
 }
 
+/* A client's copy of the backend's key header never follows the
+ * router's: the backend might read either. */
+Test(proxy, a_clients_copy_of_the_backends_key_header_is_not_forwarded)
+{
+    const char *head = head_sent_for(AUTH "X-Goog-Api-Key: TENANT-SUPPLIED\r\n",
+                                     "    auth_header: x-goog-api-key\n");
+    char v[64];
+
+    cr_assert_eq(head_lines(head, "x-goog-api-key", v, sizeof(v)), 1, "%s", head);
+    cr_assert_str_eq(v, "sk-upstream-a");
+    cr_assert_null(strstr(head, "TENANT-SUPPLIED"), "%s", head);
+}
+
 /* ---- TLS upstream ---- */
 
 static void start_tls(int pin_ca)
