@@ -1203,6 +1203,20 @@ Test(proxy, a_clients_copy_of_the_backends_key_header_is_not_forwarded)
     cr_assert_null(strstr(head, "TENANT-SUPPLIED"), "%s", head);
 }
 
+/* The router sets x-request-id and Content-Type itself; the client's
+ * go no further, so the backend sees one of each. */
+Test(proxy, the_clients_request_id_and_content_type_are_not_sent_twice)
+{
+    const char *head =
+        head_sent_for(AUTH "x-request-id: spoofed\r\nContent-Type: text/plain\r\n", NULL);
+    char v[64];
+
+    cr_assert_eq(head_lines(head, "x-request-id", v, sizeof(v)), 1, "%s", head);
+    cr_assert_eq(strncmp(v, "cr-", 3), 0, "%s", head);
+    cr_assert_eq(head_lines(head, "content-type", v, sizeof(v)), 1, "%s", head);
+    cr_assert_str_eq(v, "application/json");
+}
+
 /* ---- TLS upstream ---- */
 
 static void start_tls(int pin_ca)
