@@ -562,15 +562,18 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
 }
 
 /* Response headers that describe the upstream hop, or that the router
- * sets itself, are not forwarded. */
+ * sets itself, are not forwarded. The whole x-costrouter- prefix is the
+ * router's: a backend's x-costrouter-saved-usd or -budget-remaining-usd
+ * would pass for the router's own word to the client. */
 static int response_header_is_ours(struct slice name)
 {
     static const char *const names[] = {
         "connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
-        "upgrade", "proxy-connection", "x-request-id", "x-costrouter-backend",
-        "x-costrouter-reason", "x-costrouter-cost-usd",
+        "upgrade", "proxy-connection", "x-request-id",
     };
 
+    if (name.len >= 13 && strncasecmp(name.p, "x-costrouter-", 13) == 0)
+        return 1;
     return slice_caseeq_any(name, names, ARRAY_SIZE(names));
 }
 

@@ -1217,6 +1217,22 @@ Test(proxy, the_clients_request_id_and_content_type_are_not_sent_twice)
     cr_assert_str_eq(v, "application/json");
 }
 
+/* x-costrouter-* headers are the router's word to the client; a
+ * backend's (a saving, a budget) never pass for it. */
+Test(proxy, a_backends_x_costrouter_headers_stay_behind)
+{
+    answer_through_router(OK_ANSWER("x-costrouter-saved-usd: 99\r\n"
+                                    "X-Costrouter-Budget-Remaining-Usd: 1000\r\n"
+                                    "x-costrouter-backend: gpu\r\nX-Kept: yes\r\n"));
+    cr_assert_null(support_http_header(&resp, "x-costrouter-saved-usd"), "%s", resp.raw.data);
+    cr_assert_null(support_http_header(&resp, "x-costrouter-budget-remaining-usd"), "%s",
+                   resp.raw.data);
+    cr_assert_eq(head_lines(resp.raw.data, "x-costrouter-backend", NULL, 0), 1, "%s",
+                 resp.raw.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    cr_assert_str_eq(support_http_header(&resp, "x-kept"), "yes");
+}
+
 /* ---- TLS upstream ---- */
 
 static void start_tls(int pin_ca)
