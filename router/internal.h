@@ -325,6 +325,7 @@ struct router__upstream {
     struct buf out;                       /* request bytes not yet handed to TLS/socket */
     struct buf hname, hvalue;             /* response header being assembled */
     struct buf headers;                   /* response headers to forward, "Name: value\r\n" each */
+    struct buf conn;                      /* its Connection values, comma-joined: names to drop */
     size_t head_bytes;                    /* header bytes of the response so far */
     int64_t retry_after_ms;               /* a 429's Retry-After in ms, -1 if none */
     unsigned retry_after_in_ms:1;         /* that came from retry-after-ms (preferred) */

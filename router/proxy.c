@@ -22,6 +22,7 @@
  */
 #define _GNU_SOURCE
 #include <cjson/cJSON.h>
+#include <errno.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
@@ -30,6 +31,7 @@
 
 #include "backends/backend.h"
 #include "common/error.h"
+#include "common/http_hop.h"
 #include "common/http_status.h"
 #include "common/log.h"
 #include "common/util.h"
@@ -245,6 +247,25 @@ int router__fixed_headers(const struct conf_backend *b, struct buf *out)
     return rc;
 }
 
+/* The client's headers that go on: not Connection nor those it names
+ * (they describe the client's hop only), nor the backend's key header,
+ * which is the router's to set. The rest of server.c's filter ran at
+ * parse time, when the backend was not known yet. */
+static int append_client_headers(struct buf *out, const struct buf *fwd,
+                                 const struct conf_backend *b)
+{
+    struct http_hop_names hop = {.n = 0};
+
+    if (fwd->len == 0)
+        return 0;
+    if (buf_reserve(out, fwd->len) != 0)
+        return -ENOMEM;
+    http_hop_names_scan(&hop, fwd->data, fwd->len);
+    out->len += http_hop_filter(out->data + out->len, fwd->data, fwd->len, &hop,
+                                slice_from(b->auth_header));
+    return 0;
+}
+
 static int build_request(struct router__client *c, const struct router__pool *pool,
                          struct buf *out)
 {
@@ -268,7 +289,7 @@ static int build_request(struct router__client *c, const struct router__pool *po
     rc = rc ?: buf_append_u64(out, body.len);
     rc = rc ?: buf_append_lit(out, "\r\n");
     rc = rc ?: buf_append_header(out, SLICE_LIT("x-request-id"), slice_from(req->id_str));
-    rc = rc ?: buf_append(out, req->fwd.data, req->fwd.len);
+    rc = rc ?: append_client_headers(out, &req->fwd, b);
     rc = rc ?: buf_append(out, "\r\n", 2);
     rc = rc ?: buf_reserve(out, body.len);
     for (int i = 0; rc == 0 && i < body.count; i++)

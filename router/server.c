@@ -403,15 +403,19 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
     return 0;
 }
 
-/* Headers that describe this hop or that we set ourselves: never
- * forwarded upstream. accept-encoding is dropped so the upstream answers
- * uncompressed and its usage can be read. */
+/* Headers that describe this hop or that we set ourselves (content-type,
+ * x-request-id: a second copy would contradict ours): never forwarded
+ * upstream. accept-encoding is dropped so the upstream answers
+ * uncompressed and its usage can be read. Connection is kept for now:
+ * proxy.c drops it with the headers it names, which may come after it,
+ * and the backend's own key header, once the backend is known. */
 static int request_header_is_ours(struct slice name)
 {
     static const char *const names[] = {
-        "authorization", "host", "content-length", "transfer-encoding", "connection",
-        "keep-alive", "te", "trailer", "upgrade", "proxy-authorization", "proxy-connection",
-        "accept-encoding", "expect", "x-api-key", "api-key", "cookie",
+        "authorization", "host", "content-length", "transfer-encoding", "keep-alive", "te",
+        "trailer", "upgrade", "proxy-authorization", "proxy-connection", "http2-settings",
+        "accept-encoding", "expect", "x-api-key", "api-key", "cookie", "content-type",
+        "x-request-id",
     };
 
     return slice_caseeq_any(name, names, ARRAY_SIZE(names));

@@ -26,6 +26,7 @@
 
 #include "backends/backend.h"
 #include "common/error.h"
+#include "common/http_hop.h"
 #include "common/http_status.h"
 #include "common/log.h"
 #include "common/util.h"
@@ -163,6 +164,7 @@ static void upstream_free(struct router__upstream *u)
     buf_free(&u->out);
     buf_free(&u->hname);
     buf_free(&u->hvalue);
+    buf_free(&u->conn);
     buf_free(&u->headers);
     free(u);
     router__maybe_finish(r);
@@ -526,6 +528,7 @@ static int on_message_begin(llhttp_t *p)
     u->retry_after_ms = -1;
     u->retry_after_in_ms = 0;
     buf_reset(&u->headers);
+    buf_reset(&u->conn);
     return 0;
 }
 
@@ -559,15 +562,18 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
 }
 
 /* Response headers that describe the upstream hop, or that the router
- * sets itself, are not forwarded. */
+ * sets itself, are not forwarded. The whole x-costrouter- prefix is the
+ * router's: a backend's x-costrouter-saved-usd or -budget-remaining-usd
+ * would pass for the router's own word to the client. */
 static int response_header_is_ours(struct slice name)
 {
     static const char *const names[] = {
         "connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
-        "upgrade", "proxy-connection", "x-request-id", "x-costrouter-backend",
-        "x-costrouter-reason", "x-costrouter-cost-usd",
+        "upgrade", "proxy-connection", "x-request-id",
     };
 
+    if (name.len >= 13 && strncasecmp(name.p, "x-costrouter-", 13) == 0)
+        return 1;
     return slice_caseeq_any(name, names, ARRAY_SIZE(names));
 }
 
@@ -605,11 +611,43 @@ static int on_header_value_complete(llhttp_t *p)
         strncasecmp(value.p, "text/event-stream", 17) == 0)
         u->is_sse = 1;
     note_retry_after(u, p->status_code, name, value);
-    if (!response_header_is_ours(name) && name.len > 0)
+    if (slice_caseeq(name, "connection"))
+        rc = (u->conn.len > 0 ? buf_append_lit(&u->conn, ",") : 0) ?:
+             buf_append(&u->conn, value.p, value.len);
+    else if (!response_header_is_ours(name) && name.len > 0)
         rc = buf_append_header(&u->headers, name, value);
     buf_reset(&u->hname);
     buf_reset(&u->hvalue);
     return rc == 0 ? 0 : -1;
+}
+
+/* A 1xx (100, 103; 101 ends as an upgrade) is followed by the real
+ * head. RFC 9112 6.3: it ends at its blank line whatever it says, and
+ * RFC 9110 8.6 forbids it a Content-Length. One that announces a body
+ * anyway is a bad response: whether its bytes are that body or the next
+ * head is a guess, and a wrong guess puts the backend's bytes into the
+ * client's connection as an answer of their own. */
+static int interim_head(llhttp_t *p)
+{
+    if ((p->flags & F_CHUNKED) || ((p->flags & F_CONTENT_LENGTH) && p->content_length > 0)) {
+        llhttp_set_error_reason(p, "1xx response with a body");
+        return -1;
+    }
+    return 1; /* no body: llhttp reads the next head */
+}
+
+/* Drop the headers the backend's Connection named (they describe its hop
+ * to us only). They may come before Connection, so this runs on the whole
+ * head, in place. */
+static void drop_named_hop_headers(struct router__upstream *u)
+{
+    struct http_hop_names hop = {.n = 0};
+
+    if (u->conn.len == 0)
+        return;
+    http_hop_names_add(&hop, (struct slice){u->conn.data, u->conn.len});
+    u->headers.len = http_hop_filter(u->headers.data, u->headers.data, u->headers.len, &hop,
+                                     (struct slice){NULL, 0});
 }
 
 static int on_headers_complete(llhttp_t *p)
@@ -627,8 +665,13 @@ static int on_headers_complete(llhttp_t *p)
         length = 0;
     else if ((p->flags & F_CONTENT_LENGTH) && !(p->flags & F_CHUNKED))
         length = (int64_t)p->content_length;
+    if (p->status_code < 100 || p->status_code > 999) {
+        llhttp_set_error_reason(p, "response status out of 100-999");
+        return -1;
+    }
     if (p->status_code < 200)
-        return 0; /* 1xx: the real head follows */
+        return interim_head(p);
+    drop_named_hop_headers(u);
     /* The request bytes are no longer needed for a resend; the buffer
      * serves the next request on this connection. */
     buf_recycle(&u->out, UPSTREAM_OUT_KEEP);
@@ -649,6 +692,10 @@ static int on_body(llhttp_t *p, const char *at, size_t len)
     struct router__upstream *u = parser_upstream(p);
 
     if (u->client == NULL)
+        return -1;
+    /* Never forward what is not the final answer's body (interim_head
+     * refuses a 1xx body; this keeps it so). */
+    if (p->status_code < 200)
         return -1;
     router__proxy_on_body(u->client, at, len);
     return u->client && !u->closing ? 0 : -1;

@@ -23,6 +23,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "tests/support/canned.h"
 #include "tests/support/http.h"
 #include "tests/support/proc.h"
 
@@ -36,6 +37,7 @@
 #define CHAT "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":\"hello there\"}]}"
 
 static struct support_proc router, mock_a, mock_b;
+static struct support_canned *canned; /* a raw upstream, for answers mockllm will not give */
 static struct support_http_response resp;
 static struct buf req;
 static cJSON *json;
@@ -47,6 +49,8 @@ static void teardown(void)
     support_proc_stop(&router);
     support_proc_stop(&mock_a);
     support_proc_stop(&mock_b);
+    support_canned_stop(canned);
+    canned = NULL;
     support_http_response_free(&resp);
     buf_free(&req);
     cJSON_Delete(json);
@@ -1237,6 +1241,214 @@ Test(proxy, upstream_dying_mid_stream_is_an_error_event_not_a_clean_end)
     cr_assert(saw_error, "no SSE error event");
     cr_assert_not(saw_done);
     cr_assert_neq(rc, 0, "the stream ended as if it were complete");
+}
+
+/* ---- what crosses the router from a raw upstream ---- */
+
+#define OK_BODY                                                                                \
+    "{\"choices\":[{\"message\":{\"content\":\"hi\"}}],"                                          \
+    "\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}"
+#define OK_ANSWER(headers)                                                                     \
+    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" headers "Content-Length: 92\r\n"  \
+    "Connection: close\r\n\r\n" OK_BODY
+/* A whole response, to be sent as if it were the body of something else. */
+#define INJECTED                                                                               \
+    "HTTP/1.1 200 OK\r\nx-costrouter-backend: injected\r\nContent-Length: 19\r\n\r\n"           \
+    "{\"injected\":\"yes\"}\n"
+
+static void start_canned(const char *answer)
+{
+    canned = support_canned_start(answer, strlen(answer));
+    cr_assert_not_null(canned);
+}
+
+/* The router in front of a canned upstream (a) that answers `answer`,
+ * then mockllm (b). */
+static void start_canned_then_b(const char *answer)
+{
+    char a[1024], b[1024], both[2100];
+
+    start_canned(answer);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    backend_yaml(a, sizeof(a), "a", support_canned_port(canned), NULL);
+    backend_yaml(b, sizeof(b), "b", mock_b.port, NULL);
+    snprintf(both, sizeof(both), "%s%s", a, b);
+    start_router(NULL, both, "a, b");
+}
+
+/* The response a canned upstream's `answer` becomes, through the router
+ * (resp; its raw bytes NUL-terminated, for the messages). */
+static void answer_through_router(const char *answer)
+{
+    char a[1024];
+
+    start_canned(answer);
+    start_router(NULL, backend_yaml(a, sizeof(a), "a", support_canned_port(canned), NULL), "a");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(buf_append(&resp.raw, "", 1), 0);
+}
+
+/* A 1xx carrying a body (150, 199, and 099, which is no status at all)
+ * is a bad response: the client gets the next candidate's answer, never
+ * the bytes the backend passed off as that body, on a connection that
+ * stays in step. */
+Test(proxy, a_1xx_with_a_body_is_a_bad_response_not_an_injected_answer)
+{
+    static const char *const status[] = {"150", "199", "099"};
+    struct support_http_conn c;
+    char answer[512];
+
+    start_canned_then_b("");
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    for (int i = 0; i < 3; i++) {
+        snprintf(answer, sizeof(answer), "HTTP/1.1 %s X\r\nContent-Length: %zu\r\n\r\n%s",
+                 status[i], strlen(INJECTED), INJECTED);
+        support_canned_set(canned, answer, strlen(answer));
+        buf_reset(&req);
+        cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH, CHAT), 0);
+        cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+        support_http_response_free(&resp);
+        cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0, "status %s: no answer",
+                     status[i]);
+        cr_assert_eq(support_canned_requests(canned), i + 1, "status %s: a not tried", status[i]);
+        cr_assert_null(memmem(resp.raw.data, resp.raw.len, "injected", 8),
+                       "status %s: the backend's bytes reached the client: %.*s", status[i],
+                       (int)resp.raw.len, resp.raw.data);
+        cr_assert_eq(resp.status, 200, "status %s: %d", status[i], resp.status);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    }
+    support_http_close(&c);
+}
+
+/* A status below 100 is no interim head to skip, even without a body:
+ * the answer after it is not trusted, the next candidate serves. */
+Test(proxy, a_status_below_100_is_a_bad_response)
+{
+    start_canned_then_b("HTTP/1.1 099 X\r\n\r\n" OK_ANSWER("X-From: a\r\n"));
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(support_canned_requests(canned), 1);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    cr_assert_null(support_http_header(&resp, "x-from"));
+}
+
+/* 100 and 103 without a body are followed by the real answer, which the
+ * client gets alone: no interim head, none of the 103's headers. */
+Test(proxy, interim_1xx_heads_are_skipped_and_the_real_answer_follows)
+{
+    answer_through_router("HTTP/1.1 100 Continue\r\n\r\n"
+                          "HTTP/1.1 103 Early Hints\r\nLink: </hint>\r\n\r\n" OK_ANSWER(""));
+    cr_assert_eq(strncmp(resp.raw.data, "HTTP/1.1 200", 12), 0, "%.*s", (int)resp.raw.len,
+                 resp.raw.data);
+    cr_assert_null(support_http_header(&resp, "link"));
+    cr_assert_eq(resp.body.len, strlen(OK_BODY), "%s", resp.raw.data);
+}
+
+/* The lines of `head` named `name` (case-insensitive): how many, and the
+ * first one's value into value (size n). */
+static int head_lines(const char *head, const char *name, char *value, size_t n)
+{
+    size_t len = strlen(name);
+    int count = 0;
+
+    if (value)
+        value[0] = '\0';
+    for (const char *p = head; p && *p; p = strstr(p, "\r\n"), p = p ? p + 2 : NULL) {
+        if (strncasecmp(p, name, len) != 0 || p[len] != ':')
+            continue;
+        if (count++ == 0 && value) {
+            const char *v = p + len + 1 + strspn(p + len + 1, " ");
+            snprintf(value, n, "%.*s", (int)strcspn(v, "\r"), v);
+        }
+    }
+    return count;
+}
+
+/* The request head a canned upstream got for one chat request with the
+ * client's `headers`, its backend configured with `extra`. */
+static const char *head_sent_for(const char *headers, const char *extra)
+{
+    char a[1024];
+
+    start_canned(OK_ANSWER(""));
+    start_router(NULL, backend_yaml(a, sizeof(a), "a", support_canned_port(canned), extra), "a");
+    cr_assert_eq(call("POST", "/v1/chat/completions", headers, CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(support_canned_requests(canned), 1);
+    return support_canned_heads(canned);
+}
+
+/* Connection names headers of the client's hop only (RFC 9110 7.6.1):
+ * they stay behind, before or after it, and so does HTTP2-Settings. */
+Test(proxy, headers_the_clients_connection_names_are_not_forwarded)
+{
+    const char *head = head_sent_for(AUTH "X-Early: e\r\nConnection: keep-alive, X-Early, x-hop\r\n"
+                                          "X-Hop: h\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+                                          "X-Kept: yes\r\n",
+                                     NULL);
+    char v[64];
+
+    cr_assert_eq(head_lines(head, "x-hop", NULL, 0), 0, "%s", head);
+    cr_assert_eq(head_lines(head, "x-early", NULL, 0), 0, "%s", head);
+    cr_assert_eq(head_lines(head, "http2-settings", NULL, 0), 0, "%s", head);
+    cr_assert_eq(head_lines(head, "connection", NULL, 0), 0, "%s", head);
+    cr_assert_eq(head_lines(head, "x-kept", v, sizeof(v)), 1, "%s", head);
+    cr_assert_str_eq(v, "yes");
+}
+
+/* A backend's Connection names headers of its hop to the router, before
+ * or after it: they go no further. */
+Test(proxy, headers_a_backends_connection_names_stay_behind)
+{
+    answer_through_router(OK_ANSWER("X-Early-Hop: e\r\nConnection: X-Secret-Hop, x-early-hop\r\n"
+                                    "X-Secret-Hop: internal\r\nX-Kept: yes\r\n"));
+    cr_assert_null(support_http_header(&resp, "x-secret-hop"), "%s", resp.raw.data);
+    cr_assert_null(support_http_header(&resp, "x-early-hop"), "%s", resp.raw.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-kept"), "yes");
+}
+
+/* A client's copy of the backend's key header never follows the
+ * router's: the backend might read either. */
+Test(proxy, a_clients_copy_of_the_backends_key_header_is_not_forwarded)
+{
+    const char *head = head_sent_for(AUTH "X-Goog-Api-Key: TENANT-SUPPLIED\r\n",
+                                     "    auth_header: x-goog-api-key\n");
+    char v[64];
+
+    cr_assert_eq(head_lines(head, "x-goog-api-key", v, sizeof(v)), 1, "%s", head);
+    cr_assert_str_eq(v, "sk-upstream-a");
+    cr_assert_null(strstr(head, "TENANT-SUPPLIED"), "%s", head);
+}
+
+/* The router sets x-request-id and Content-Type itself; the client's
+ * go no further, so the backend sees one of each. */
+Test(proxy, the_clients_request_id_and_content_type_are_not_sent_twice)
+{
+    const char *head =
+        head_sent_for(AUTH "x-request-id: spoofed\r\nContent-Type: text/plain\r\n", NULL);
+    char v[64];
+
+    cr_assert_eq(head_lines(head, "x-request-id", v, sizeof(v)), 1, "%s", head);
+    cr_assert_eq(strncmp(v, "cr-", 3), 0, "%s", head);
+    cr_assert_eq(head_lines(head, "content-type", v, sizeof(v)), 1, "%s", head);
+    cr_assert_str_eq(v, "application/json");
+}
+
+/* x-costrouter-* headers are the router's word to the client; a
+ * backend's (a saving, a budget) never pass for it. */
+Test(proxy, a_backends_x_costrouter_headers_stay_behind)
+{
+    answer_through_router(OK_ANSWER("x-costrouter-saved-usd: 99\r\n"
+                                    "X-Costrouter-Budget-Remaining-Usd: 1000\r\n"
+                                    "x-costrouter-backend: gpu\r\nX-Kept: yes\r\n"));
+    cr_assert_null(support_http_header(&resp, "x-costrouter-saved-usd"), "%s", resp.raw.data);
+    cr_assert_null(support_http_header(&resp, "x-costrouter-budget-remaining-usd"), "%s",
+                   resp.raw.data);
+    cr_assert_eq(head_lines(resp.raw.data, "x-costrouter-backend", NULL, 0), 1, "%s",
+                 resp.raw.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    cr_assert_str_eq(support_http_header(&resp, "x-kept"), "yes");
 }
 
 /* ---- TLS upstream ---- */

@@ -1,0 +1,183 @@
+/*
+ * tests/support/canned.c: see canned.h. One thread accepts and serves one
+ * connection at a time with blocking reads (a 5 s receive timeout); the
+ * test thread only reads the heads under the mutex.
+ */
+#define _GNU_SOURCE /* memmem */
+#include "tests/support/canned.h"
+
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include "common/buf.h"
+
+struct support_canned {
+    pthread_t thread;     /* the accept loop */
+    pthread_mutex_t lock; /* guards heads and copy */
+    int listen_fd;        /* accepting */
+    int wake[2];          /* pipe: stop */
+    int port;             /* our port */
+    char *answer;         /* what every request gets */
+    size_t answer_len;    /* its bytes */
+    struct buf heads;     /* request heads received, back to back */
+    int requests;         /* how many */
+    struct buf copy;      /* heads as last returned, NUL-terminated */
+};
+
+/* Content-Length of a request head, 0 without one. */
+static size_t head_content_length(const char *head, size_t len)
+{
+    const char *p = head, *end = head + len;
+
+    while (p < end) {
+        const char *eol = memmem(p, (size_t)(end - p), "\r\n", 2);
+        if (eol == NULL)
+            break;
+        if (eol - p > 15 && strncasecmp(p, "content-length:", 15) == 0)
+            return (size_t)strtoul(p + 15, NULL, 10);
+        p = eol + 2;
+    }
+    return 0;
+}
+
+static void serve(struct support_canned *u, int fd)
+{
+    struct timeval tv = {5, 0};
+    struct buf in = {0};
+    char chunk[4096];
+    const char *end = NULL;
+    size_t want = 0;
+    ssize_t n;
+
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    while ((n = read(fd, chunk, sizeof(chunk))) > 0) {
+        if (buf_append(&in, chunk, (size_t)n) != 0)
+            break;
+        if (end == NULL && (end = memmem(in.data, in.len, "\r\n\r\n", 4)) != NULL)
+            want = (size_t)(end + 4 - in.data) + head_content_length(in.data, in.len);
+        if (end != NULL && in.len >= want)
+            break;
+    }
+    if (end != NULL) {
+        pthread_mutex_lock(&u->lock);
+        if (buf_append(&u->heads, in.data, (size_t)(end + 4 - in.data)) != 0)
+            abort();
+        u->requests++;
+        for (size_t off = 0; off < u->answer_len; off += (size_t)n)
+            if ((n = write(fd, u->answer + off, u->answer_len - off)) <= 0)
+                break;
+        pthread_mutex_unlock(&u->lock);
+    }
+    buf_free(&in);
+    close(fd);
+}
+
+static void *canned_loop(void *arg)
+{
+    struct support_canned *u = arg;
+    struct pollfd pf[2] = {{u->listen_fd, POLLIN, 0}, {u->wake[0], POLLIN, 0}};
+
+    while (poll(pf, 2, -1) >= 0 && !(pf[1].revents & POLLIN)) {
+        int fd = accept(u->listen_fd, NULL, NULL);
+        if (fd >= 0)
+            serve(u, fd);
+    }
+    return NULL;
+}
+
+struct support_canned *support_canned_start(const char *answer, size_t len)
+{
+    struct support_canned *u = calloc(1, sizeof(*u));
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t alen = sizeof(a);
+
+    if (u == NULL)
+        return NULL;
+    u->wake[0] = u->wake[1] = u->listen_fd = -1;
+    pthread_mutex_init(&u->lock, NULL);
+    support_canned_set(u, answer, len);
+    u->listen_fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (u->listen_fd < 0 || bind(u->listen_fd, (struct sockaddr *)&a, sizeof(a)) != 0 ||
+        listen(u->listen_fd, 16) != 0 ||
+        getsockname(u->listen_fd, (struct sockaddr *)&a, &alen) != 0 || pipe(u->wake) != 0)
+        goto fail;
+    u->port = ntohs(a.sin_port);
+    if (pthread_create(&u->thread, NULL, canned_loop, u) != 0)
+        goto fail;
+    return u;
+fail:
+    if (u) {
+        if (u->listen_fd >= 0)
+            close(u->listen_fd);
+        if (u->wake[0] >= 0) {
+            close(u->wake[0]);
+            close(u->wake[1]);
+        }
+        free(u->answer);
+        free(u);
+    }
+    return NULL;
+}
+
+void support_canned_set(struct support_canned *u, const char *answer, size_t len)
+{
+    char *copy = malloc(len ? len : 1);
+
+    if (copy == NULL)
+        abort();
+    memcpy(copy, answer, len);
+    pthread_mutex_lock(&u->lock);
+    free(u->answer);
+    u->answer = copy;
+    u->answer_len = len;
+    pthread_mutex_unlock(&u->lock);
+}
+
+int support_canned_requests(struct support_canned *u)
+{
+    int n;
+
+    pthread_mutex_lock(&u->lock);
+    n = u->requests;
+    pthread_mutex_unlock(&u->lock);
+    return n;
+}
+
+int support_canned_port(const struct support_canned *u)
+{
+    return u->port;
+}
+
+const char *support_canned_heads(struct support_canned *u)
+{
+    pthread_mutex_lock(&u->lock);
+    buf_reset(&u->copy);
+    if (buf_append(&u->copy, u->heads.data, u->heads.len) != 0 || buf_append(&u->copy, "", 1) != 0)
+        abort();
+    pthread_mutex_unlock(&u->lock);
+    return u->copy.data;
+}
+
+void support_canned_stop(struct support_canned *u)
+{
+    if (u == NULL)
+        return;
+    if (write(u->wake[1], "x", 1) != 1)
+        abort();
+    pthread_join(u->thread, NULL);
+    close(u->listen_fd);
+    close(u->wake[0]);
+    close(u->wake[1]);
+    pthread_mutex_destroy(&u->lock);
+    buf_free(&u->heads);
+    buf_free(&u->copy);
+    free(u->answer);
+    free(u);
+}

@@ -1,0 +1,30 @@
+/*
+ * tests/support/canned.h: a raw upstream on a thread of its own that
+ * answers every request with the same bytes, whatever they are (a
+ * misbehaving backend), and keeps the request heads it got, so tests see
+ * exactly what the router sent, duplicates included.
+ */
+#ifndef TESTS_SUPPORT_CANNED_H
+#define TESTS_SUPPORT_CANNED_H
+
+#include <stddef.h>
+
+struct support_canned;
+
+/* Listen on a free loopback port. Each connection: read one request (head
+ * and Content-Length body), write `answer` (len bytes), close. NULL on
+ * failure. */
+struct support_canned *support_canned_start(const char *answer, size_t len);
+/* Answer the following requests with these bytes instead. */
+void support_canned_set(struct support_canned *u, const char *answer, size_t len);
+/* How many requests it read. */
+int support_canned_requests(struct support_canned *u);
+/* The port it listens on. */
+int support_canned_port(const struct support_canned *u);
+/* The heads received so far, one after the other, NUL-terminated; valid
+ * until the next call or support_canned_stop. */
+const char *support_canned_heads(struct support_canned *u);
+/* Close everything and join the thread. NULL is fine. */
+void support_canned_stop(struct support_canned *u);
+
+#endif
