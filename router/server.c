@@ -409,13 +409,19 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
  * uncompressed and its usage can be read. Connection is kept for now:
  * proxy.c drops it with the headers it names, which may come after it,
  * and the backend's own key header, once the backend is known. */
+/* Client headers never forwarded: framing and hop-by-hop ones, the
+ * tenant's credentials, what the router sets itself, and the OpenAI
+ * organization and project, which pick the account the backend's key
+ * bills: with the operator's key, a tenant could move its requests' cost
+ * to another account of the operator's, out of its chargeback (LiteLLM
+ * drops them too unless told to forward them). */
 static int request_header_is_ours(struct slice name)
 {
     static const char *const names[] = {
         "authorization", "host", "content-length", "transfer-encoding", "keep-alive", "te",
         "trailer", "upgrade", "proxy-authorization", "proxy-connection", "http2-settings",
         "accept-encoding", "expect", "x-api-key", "api-key", "cookie", "content-type",
-        "x-request-id",
+        "x-request-id", "openai-organization", "openai-project",
     };
 
     return slice_caseeq_any(name, names, ARRAY_SIZE(names));

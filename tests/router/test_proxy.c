@@ -205,7 +205,11 @@ static void open_stream(struct support_sse *s, const char *headers, const char *
 Test(proxy, chat_is_rewritten_for_the_backend_and_usage_passes_through)
 {
     start_two(NULL, NULL);
-    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-user-id: u1\r\n", CHAT), 0);
+    cr_assert_eq(call("POST", "/v1/chat/completions",
+                      AUTH "x-user-id: u1\r\nOpenAI-Organization: org-other\r\n"
+                           "OpenAI-Project: proj-other\r\n",
+                      CHAT),
+                 0);
     cr_assert_eq(resp.status, 200);
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
     cr_assert_not_null(support_http_header(&resp, "x-costrouter-reason"));
@@ -224,6 +228,9 @@ Test(proxy, chat_is_rewritten_for_the_backend_and_usage_passes_through)
     cJSON *j = body_json();
     cr_assert_str_eq(json_str(j, "headers.authorization"), "Bearer sk-upstream-a");
     cr_assert_str_eq(json_str(j, "headers.x-user-id"), "u1");
+    /* The account the backend's key bills is not the tenant's to pick. */
+    cr_assert_null(json_str(j, "headers.openai-organization"));
+    cr_assert_null(json_str(j, "headers.openai-project"));
     cr_assert_null(memmem(resp.body.data, resp.body.len, TENANT_KEY, strlen(TENANT_KEY)));
     cJSON *sent = cJSON_Parse(json_str(j, "body"));
     cr_assert_str_eq(json_str(sent, "model"), "upstream-a");
