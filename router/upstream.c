@@ -665,8 +665,10 @@ static int on_headers_complete(llhttp_t *p)
         length = 0;
     else if ((p->flags & F_CONTENT_LENGTH) && !(p->flags & F_CHUNKED))
         length = (int64_t)p->content_length;
-    if (p->status_code < 100 || p->status_code > 999) {
-        llhttp_set_error_reason(p, "response status out of 100-999");
+    /* RFC 9110 15: a status is 100-599; the router and its clients give
+     * no meaning to others (what class is a 999?). */
+    if (p->status_code < 100 || p->status_code > 599) {
+        llhttp_set_error_reason(p, "response status out of 100-599");
         return -1;
     }
     if (p->status_code < 200)

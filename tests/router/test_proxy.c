@@ -1340,6 +1340,19 @@ Test(proxy, a_status_below_100_is_a_bad_response)
     cr_assert_null(support_http_header(&resp, "x-from"));
 }
 
+/* Nor is one above 599 (no status class says what it means): from the
+ * only candidate, the client gets a 502, not a 999. */
+Test(proxy, a_status_above_599_is_a_bad_response)
+{
+    char a[1024];
+
+    start_canned("HTTP/1.1 999 Server Error\r\nContent-Length: 0\r\n\r\n");
+    start_router("limits: {max_retries: 0}",
+                 backend_yaml(a, sizeof(a), "a", support_canned_port(canned), NULL), "a");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    assert_error(502, "upstream_error");
+}
+
 /* 100 and 103 without a body are followed by the real answer, which the
  * client gets alone: no interim head, none of the 103's headers. */
 Test(proxy, interim_1xx_heads_are_skipped_and_the_real_answer_follows)
