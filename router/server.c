@@ -442,6 +442,23 @@ static int auth_take(struct router__request *req, struct slice value)
     return buf_append(&req->auth, value.p, value.len);
 }
 
+/* Is every byte of `name` a tchar (RFC 9110 5.6.2)? llhttp lets a space
+ * through ("X Bad Name: 1"), which would go upstream as it is, for the
+ * backend (or a proxy before it) to read as it likes. */
+static int header_name_valid(struct slice name)
+{
+    static const unsigned char tchar[256] = {
+        ['0' ... '9'] = 1, ['A' ... 'Z'] = 1, ['a' ... 'z'] = 1, ['!'] = 1, ['#'] = 1,
+        ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1, ['-'] = 1,
+        ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1,
+    };
+
+    for (size_t i = 0; i < name.len; i++)
+        if (!tchar[(unsigned char)name.p[i]])
+            return 0;
+    return name.len > 0;
+}
+
 static int on_header_value_complete(llhttp_t *p)
 {
     struct router__client *c = parser_client(p);
@@ -452,6 +469,10 @@ static int on_header_value_complete(llhttp_t *p)
 
     if (in_trailer(c))
         return 0; /* dropped */
+    if (!header_name_valid(name)) {
+        llhttp_set_error_reason(p, "invalid character in a header name");
+        return -1;
+    }
     /* Whitespace after a value is not part of it (RFC 9110 5.5); llhttp
      * drops it before the value only. */
     while (value.len > 0 && (value.p[value.len - 1] == ' ' || value.p[value.len - 1] == '\t'))

@@ -856,6 +856,12 @@ Test(proxy, client_errors_are_openai_json)
     assert_error(405, "method_not_allowed");
     cr_assert_eq(support_http_request(router.port, "BLAH\r\n\r\n", 8, TIMEOUT_MS, &resp), 0);
     assert_error(400, "bad_request");
+    /* A header name that is not a token (a space in it) would go upstream
+     * for the backend to read as it likes. */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "X Bad Name: 1\r\n", CHAT), 0);
+    assert_error(400, "bad_request");
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(json_num(body_json(), "requests"), 0, "it went upstream");
 }
 
 /* The scheme in any case, spaces and tabs around the key: the same key. */
