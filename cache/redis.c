@@ -1379,6 +1379,18 @@ static int is_refusal(const redisReply *reply)
     return 0;
 }
 
+/* READONLY: the server is a replica now, which after a failover is the
+ * old primary, while the name we connect to (a DNS name that moved, a
+ * proxy) leads to the new one. Unlike the other refusals, waiting on this
+ * connection would not help: it is dropped, and the reconnect (which
+ * resolves the name again) finds the primary, or meets the replica again
+ * after the usual backoff. */
+static int is_readonly(const redisReply *reply)
+{
+    return reply != NULL && reply->type == REDIS_REPLY_ERROR &&
+           (strncmp(reply->str, "READONLY ", 9) == 0 || strstr(reply->str, ": -READONLY ") != NULL);
+}
+
 /* Whether Redis takes writes, from the replies to script calls: a refused
  * write sets it (the store then counts as not up, see cache_stats), one
  * that went through clears it. Logged on change only: while Redis refuses,
@@ -1484,6 +1496,8 @@ static void batch_reply_cb(redisAsyncContext *ac, void *r, void *priv)
             op->errstr = err;
         op_replied(s, op);
     }
+    if (is_readonly(reply) && ac == s->ac)
+        redis_drop(s, error_store_unavailable);
     free(b);
 }
 

@@ -310,6 +310,42 @@ Test(faults, refused_writes_are_written_back_without_a_reconnect, .timeout = 30)
     test_redis_stop(&r);
 }
 
+/* READONLY (the server became a replica: after a failover, the old
+ * primary) is the one refusal a reconnect can cure, as the name may lead
+ * to the new primary now: the store drops the connection, and once a
+ * server takes writes again the journal is written back. */
+Test(faults, a_readonly_server_is_left_for_a_reconnect, .timeout = 30)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache *c;
+    struct wait w, s;
+    struct cache_stats st;
+
+    cr_assert_eq(test_redis_start(&r, 0), 0);
+    uv_loop_init(&loop);
+    c = open_store(&loop, r.url, CACHE_FAIL_OPEN, prefix, sizeof(prefix), "readonly");
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    w = wait_begin(&loop, c, "acme", NULL, 100, 0, 0);
+    cr_assert(w.begin.granted && w.begin.reservation.remote);
+    test_redis_int(&r, "REPLICAOF 127.0.0.1 1"); /* a master that is not there */
+    cr_assert_eq(wait_settle(&loop, c, &w.begin.reservation, 40), error_store_unavailable,
+                 "journaled: Redis refused the write");
+    cache_stats(c, &st);
+    cr_assert_neq(st.state, CACHE_STATE_CONNECTED, "the connection to a replica stays");
+    test_redis_int(&r, "REPLICAOF NO ONE");
+    cr_assert(drained_within(&loop, c, 10000), "the journal was not written back");
+    cache_stats(c, &st);
+    cr_assert_geq(st.reconnects, 2);
+    s = wait_spend(&loop, c, "acme");
+    cr_assert_null(s.err);
+    cr_assert_eq(s.spend.day_spent, 40);
+    cr_assert_eq(s.spend.reserved, 0);
+    wait_close(&loop, c);
+    test_redis_stop(&r);
+}
+
 /* A fail_open store talking to its own redis-server through a relay. */
 struct relayed {
     uv_loop_t loop;            /* the test's loop */
