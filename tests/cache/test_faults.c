@@ -268,6 +268,22 @@ static int drained_within(uv_loop_t *loop, struct cache *c, int ms)
  * leave nothing to release (the journal does not grow by one entry per
  * request), and once Redis takes writes again the journal is written back
  * on the same connection, without waiting for a reconnect. */
+/* Start a redis-server and a fail_open store on it, connected, with one
+ * hold of 100 taken in Redis for tenant acme. */
+static struct wait held_in_redis(uv_loop_t *loop, struct test_redis *r, struct cache **c,
+                                 char *prefix, size_t n, const char *name)
+{
+    struct wait w;
+
+    cr_assert_eq(test_redis_start(r, 0), 0);
+    uv_loop_init(loop);
+    *c = open_store(loop, r->url, CACHE_FAIL_OPEN, prefix, n, name);
+    wait_state(loop, *c, CACHE_STATE_CONNECTED);
+    w = wait_begin(loop, *c, "acme", NULL, 100, 0, 0);
+    cr_assert(w.begin.granted && w.begin.reservation.remote);
+    return w;
+}
+
 Test(faults, refused_writes_are_written_back_without_a_reconnect, .timeout = 30)
 {
     uv_loop_t loop;
@@ -277,12 +293,7 @@ Test(faults, refused_writes_are_written_back_without_a_reconnect, .timeout = 30)
     struct wait w, s;
     struct cache_stats st;
 
-    cr_assert_eq(test_redis_start(&r, 0), 0);
-    uv_loop_init(&loop);
-    c = open_store(&loop, r.url, CACHE_FAIL_OPEN, prefix, sizeof(prefix), "refused-writes");
-    wait_state(&loop, c, CACHE_STATE_CONNECTED);
-    w = wait_begin(&loop, c, "acme", NULL, 100, 0, 0);
-    cr_assert(w.begin.granted && w.begin.reservation.remote);
+    w = held_in_redis(&loop, &r, &c, prefix, sizeof(prefix), "refused-writes");
     test_redis_int(&r, "CONFIG SET min-replicas-to-write 1");
     cr_assert_eq(wait_settle(&loop, c, &w.begin.reservation, 40), error_store_unavailable,
                  "journaled: Redis refused the write");
@@ -323,12 +334,7 @@ Test(faults, a_readonly_server_is_left_for_a_reconnect, .timeout = 30)
     struct wait w, s;
     struct cache_stats st;
 
-    cr_assert_eq(test_redis_start(&r, 0), 0);
-    uv_loop_init(&loop);
-    c = open_store(&loop, r.url, CACHE_FAIL_OPEN, prefix, sizeof(prefix), "readonly");
-    wait_state(&loop, c, CACHE_STATE_CONNECTED);
-    w = wait_begin(&loop, c, "acme", NULL, 100, 0, 0);
-    cr_assert(w.begin.granted && w.begin.reservation.remote);
+    w = held_in_redis(&loop, &r, &c, prefix, sizeof(prefix), "readonly");
     test_redis_int(&r, "REPLICAOF 127.0.0.1 1"); /* a master that is not there */
     cr_assert_eq(wait_settle(&loop, c, &w.begin.reservation, 40), error_store_unavailable,
                  "journaled: Redis refused the write");
