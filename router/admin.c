@@ -321,7 +321,9 @@ void router__admin_handle(struct router__client *c, struct slice path)
     }
     if (slice_eq(path, "/admin/reload")) {
         admin_reload(c);
-    } else if (llhttp_get_method(&c->parser) != HTTP_GET) {
+    } else if (llhttp_get_method(&c->parser) != HTTP_GET &&
+               llhttp_get_method(&c->parser) != HTTP_HEAD) {
+        /* HEAD as everywhere: the head alone (router__send_response). */
         router__send_error(c, error_method, NULL);
     } else if (slice_eq(path, "/metrics")) {
         send_metrics(c);

@@ -793,19 +793,19 @@ Test(proxy, bodyless_answers_end_with_their_head)
  * them parses as the next answer, with its body. */
 Test(proxy, answers_to_head_have_no_body)
 {
-    static const char *const paths[] = {"/healthz", "/v1/models", "/nope"};
-    static const int want[] = {200, 200, 404};
+    static const char *const paths[] = {"/healthz", "/v1/models", "/nope", "/metrics"};
+    static const int want[] = {200, 200, 404, 200};
     struct support_http_conn c;
     struct support_http_response r = {0};
 
-    start_two(NULL, NULL);
+    start_two("admin_key: " ADMIN_KEY, NULL);
     buf_reset(&req);
-    for (int i = 0; i < 3; i++)
-        cr_assert_eq(support_http_format(&req, "HEAD", paths[i], AUTH, NULL), 0);
+    for (int i = 0; i < 4; i++)
+        cr_assert_eq(support_http_format(&req, "HEAD", paths[i], i == 3 ? ADMIN : AUTH, NULL), 0);
     cr_assert_eq(support_http_format(&req, "GET", "/healthz", NULL, NULL), 0);
     cr_assert_eq(support_http_connect(&c, router.port), 0);
     cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 4; i++) {
         cr_assert_eq(support_http_read_head(&c, &r, TIMEOUT_MS), 0, "%s", paths[i]);
         cr_assert_eq(r.status, want[i], "%s", paths[i]);
         cr_assert_gt(atoi(support_http_header(&r, "content-length")), 0, "%s", paths[i]);
