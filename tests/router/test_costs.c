@@ -1156,6 +1156,10 @@ Test(costs, a_backend_shut_out_by_a_stale_ttft_average_is_re_checked)
     cr_assert_str_eq(served_by(NULL), "dear");
 
     usleep(1100 * 1000);
+    /* The admin API says why cheap's prediction has dropped. */
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/backends", ADMIN, NULL), 0);
+    cr_assert(cJSON_IsTrue(cJSON_GetObjectItem(cJSON_GetArrayItem(body_json(), 0), "ttft_probe_due")),
+              "%.*s", (int)resp.body.len, resp.body.data);
     start_slow(&probe, &probe_req, 600); /* the probe: still slow */
     cr_assert_str_eq(served_by(NULL), "dear", "a second probe while the first is out");
     cr_assert_eq(support_http_read(&probe, &probe_resp, TIMEOUT_MS), 0);
