@@ -564,12 +564,15 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
 /* Response headers that describe the upstream hop, or that the router
  * sets itself, are not forwarded. The whole x-costrouter- prefix is the
  * router's: a backend's x-costrouter-saved-usd or -budget-remaining-usd
- * would pass for the router's own word to the client. */
+ * would pass for the router's own word to the client. Nor is Set-Cookie:
+ * the router never sends a client's cookies on, so a backend's (a CDN's
+ * in front of an API) would be kept by clients of the router's site for
+ * nothing, one tenant's next to another's. */
 static int response_header_is_ours(struct slice name)
 {
     static const char *const names[] = {
         "connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
-        "upgrade", "proxy-connection", "x-request-id",
+        "upgrade", "proxy-connection", "x-request-id", "set-cookie",
     };
 
     if (name.len >= 13 && strncasecmp(name.p, "x-costrouter-", 13) == 0)

@@ -1428,9 +1428,12 @@ Test(proxy, headers_the_clients_connection_names_are_not_forwarded)
 Test(proxy, headers_a_backends_connection_names_stay_behind)
 {
     answer_through_router(OK_ANSWER("X-Early-Hop: e\r\nConnection: X-Secret-Hop, x-early-hop\r\n"
-                                    "X-Secret-Hop: internal\r\nX-Kept: yes\r\n"));
+                                    "X-Secret-Hop: internal\r\nX-Kept: yes\r\n"
+                                    "Set-Cookie: __cf_bm=backend; path=/\r\n"));
     cr_assert_null(support_http_header(&resp, "x-secret-hop"), "%s", resp.raw.data);
     cr_assert_null(support_http_header(&resp, "x-early-hop"), "%s", resp.raw.data);
+    /* The client's cookies are not sent on, nor are the backend's sent back. */
+    cr_assert_null(support_http_header(&resp, "set-cookie"), "%s", resp.raw.data);
     cr_assert_str_eq(support_http_header(&resp, "x-kept"), "yes");
 }
 
