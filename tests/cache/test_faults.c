@@ -129,6 +129,21 @@ Test(faults, stopped_server_command_timeout, .timeout = 15)
     test_redis_stop(&r);
 }
 
+/* Redis has day_spent `day` of tenant acme and holds nothing for it
+ * (`held`: what a hold left behind would mean); then close the store and
+ * stop the server. */
+static void spent_then_close(uv_loop_t *loop, struct cache *c, struct test_redis *r,
+                             int64_t day, const char *held)
+{
+    struct wait s = wait_spend(loop, c, "acme");
+
+    cr_assert_null(s.err);
+    cr_assert_eq(s.spend.day_spent, day);
+    cr_assert_eq(s.spend.reserved, 0, "%s", held);
+    wait_close(loop, c);
+    test_redis_stop(r);
+}
+
 /* A begin sent to a stopped server times out and is served from local
  * counters (fail_open), but Redis still runs it once it resumes: the
  * reservation it makes is released by the write-back, not left holding
@@ -139,7 +154,7 @@ Test(faults, a_begin_lost_in_a_stopped_server_holds_nothing_after, .timeout = 15
     struct test_redis r;
     char prefix[64];
     struct cache *c;
-    struct wait w, s;
+    struct wait w;
 
     cr_assert_eq(test_redis_start(&r, 0), 0);
     uv_loop_init(&loop);
@@ -153,12 +168,7 @@ Test(faults, a_begin_lost_in_a_stopped_server_holds_nothing_after, .timeout = 15
     test_redis_kill(&r, SIGCONT);
     wait_state(&loop, c, CACHE_STATE_CONNECTED);
     wait_drained(&loop, c);
-    s = wait_spend(&loop, c, "acme");
-    cr_assert_null(s.err);
-    cr_assert_eq(s.spend.day_spent, 40);
-    cr_assert_eq(s.spend.reserved, 0, "the lost begin's reservation is still held");
-    wait_close(&loop, c);
-    test_redis_stop(&r);
+    spent_then_close(&loop, c, &r, 40, "the lost begin's reservation is still held");
 }
 
 /* fail_closed rejects while Redis is gone, but still keeps the charge of a
@@ -169,7 +179,7 @@ Test(faults, fail_closed_rejects_but_keeps_charges, .timeout = 15)
     struct test_redis r;
     char prefix[64];
     struct cache *c;
-    struct wait w, s;
+    struct wait w;
     struct cache_stats st;
 
     cr_assert_eq(test_redis_start(&r, 1), 0);
@@ -190,12 +200,7 @@ Test(faults, fail_closed_rejects_but_keeps_charges, .timeout = 15)
     cr_assert_eq(test_redis_restart(&r), 0);
     wait_state(&loop, c, CACHE_STATE_CONNECTED);
     wait_drained(&loop, c);
-    s = wait_spend(&loop, c, "acme");
-    cr_assert_null(s.err);
-    cr_assert_eq(s.spend.day_spent, 80);
-    cr_assert_eq(s.spend.reserved, 0, "the reservation was dropped with the charge");
-    wait_close(&loop, c);
-    test_redis_stop(&r);
+    spent_then_close(&loop, c, &r, 80, "the reservation was dropped with the charge");
 }
 
 /* Redis killed (SIGKILL) mid-load and restarted from its AOF: fail_open
@@ -290,7 +295,7 @@ Test(faults, refused_writes_are_written_back_without_a_reconnect, .timeout = 30)
     struct test_redis r;
     char prefix[64];
     struct cache *c;
-    struct wait w, s;
+    struct wait w;
     struct cache_stats st;
 
     w = held_in_redis(&loop, &r, &c, prefix, sizeof(prefix), "refused-writes");
@@ -313,12 +318,7 @@ Test(faults, refused_writes_are_written_back_without_a_reconnect, .timeout = 30)
     cache_stats(c, &st);
     cr_assert_eq(st.reconnects, 1, "written back without a reconnect");
     cr_assert_not(st.writes_refused);
-    s = wait_spend(&loop, c, "acme");
-    cr_assert_null(s.err);
-    cr_assert_eq(s.spend.day_spent, 90);
-    cr_assert_eq(s.spend.reserved, 0, "the refused settle's reservation is still held");
-    wait_close(&loop, c);
-    test_redis_stop(&r);
+    spent_then_close(&loop, c, &r, 90, "the refused settle's reservation is still held");
 }
 
 /* READONLY (the server became a replica: after a failover, the old
@@ -331,7 +331,7 @@ Test(faults, a_readonly_server_is_left_for_a_reconnect, .timeout = 30)
     struct test_redis r;
     char prefix[64];
     struct cache *c;
-    struct wait w, s;
+    struct wait w;
     struct cache_stats st;
 
     w = held_in_redis(&loop, &r, &c, prefix, sizeof(prefix), "readonly");
@@ -344,12 +344,7 @@ Test(faults, a_readonly_server_is_left_for_a_reconnect, .timeout = 30)
     cr_assert(drained_within(&loop, c, 10000), "the journal was not written back");
     cache_stats(c, &st);
     cr_assert_geq(st.reconnects, 2);
-    s = wait_spend(&loop, c, "acme");
-    cr_assert_null(s.err);
-    cr_assert_eq(s.spend.day_spent, 40);
-    cr_assert_eq(s.spend.reserved, 0);
-    wait_close(&loop, c);
-    test_redis_stop(&r);
+    spent_then_close(&loop, c, &r, 40, "a hold stays after the write-back");
 }
 
 /* A fail_open store talking to its own redis-server through a relay. */
