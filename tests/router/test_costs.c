@@ -189,6 +189,15 @@ static void send_unanswered(struct support_http_conn *conn, struct buf *out, con
     cr_assert_eq(support_http_send(conn, out->data, out->len), 0);
 }
 
+/* Send a chat request with `headers` (the Authorization included) and
+ * `body` to router 0 and read the stream's head into s. */
+static void open_chat_stream(struct support_sse *s, const char *headers, const char *body)
+{
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", headers, body), 0);
+    cr_assert_eq(support_sse_open(s, routers[0].port, req.data, req.len, TIMEOUT_MS), 0);
+}
+
 static cJSON *body_json(void)
 {
     cJSON_Delete(json);
@@ -254,12 +263,8 @@ Test(costs, streamed_cost_arrives_as_sse_comment_and_trailer)
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     add_backend("a", mock_a.port, 1, 100, 300);
     start_routers(1, "a", NULL);
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
-                                     AUTH "x-mock-tokens: 5\r\n",
-                                     "{\"model\":\"chat\",\"stream\":true," MSG "}"),
-                 0);
-    cr_assert_eq(support_sse_open(&s, routers[0].port, req.data, req.len, TIMEOUT_MS), 0);
+    open_chat_stream(&s, AUTH "x-mock-tokens: 5\r\n",
+                     "{\"model\":\"chat\",\"stream\":true," MSG "}");
     cr_assert_str_eq(support_http_header(&s.resp, "trailer"), "x-costrouter-cost-usd");
     while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1)
         ;
@@ -418,12 +423,8 @@ Test(costs, a_client_leaving_mid_stream_is_logged_499)
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     add_backend("a", mock_a.port, 1, 100, 300);
     start_routers(1, "a", NULL);
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
-                                     AUTH "x-mock-tokens: 50\r\nx-mock-token-delay-ms: 20\r\n",
-                                     "{\"model\":\"chat\",\"stream\":true," MSG "}"),
-                 0);
-    cr_assert_eq(support_sse_open(&s, routers[0].port, req.data, req.len, TIMEOUT_MS), 0);
+    open_chat_stream(&s, AUTH "x-mock-tokens: 50\r\nx-mock-token-delay-ms: 20\r\n",
+                     "{\"model\":\"chat\",\"stream\":true," MSG "}");
     for (int i = 0; i < 3; i++)
         cr_assert_eq(support_sse_next(&s, &ev, TIMEOUT_MS), 1);
     support_sse_close(&s);
@@ -539,9 +540,7 @@ Test(costs, deterministic_requests_are_served_from_the_cache)
     /* Streams are cached apart and replayed as SSE. */
     const char sbody[] = "{\"model\":\"chat\",\"temperature\":0,\"stream\":true," MSG "}";
     for (int round = 0; round < 2; round++) {
-        buf_reset(&req);
-        cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH, sbody), 0);
-        cr_assert_eq(support_sse_open(&s, routers[0].port, req.data, req.len, TIMEOUT_MS), 0);
+        open_chat_stream(&s, AUTH, sbody);
         if (round == 1) {
             cr_assert_str_eq(support_http_header(&s.resp, "x-costrouter-backend"), "cache");
             cr_assert_str_eq(support_http_header(&s.resp, "content-type"), "text/event-stream");
@@ -559,9 +558,7 @@ Test(costs, deterministic_requests_are_served_from_the_cache)
     for (int round = 0; round < 2; round++) {
         int usage = 0;
 
-        buf_reset(&req);
-        cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH, ubody), 0);
-        cr_assert_eq(support_sse_open(&s, routers[0].port, req.data, req.len, TIMEOUT_MS), 0);
+        open_chat_stream(&s, AUTH, ubody);
         cr_assert_str_eq(support_http_header(&s.resp, "x-costrouter-backend"), round ? "cache" : "a");
         while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1)
             usage |= strstr(ev.data, "\"usage\":{") != NULL;
@@ -1189,11 +1186,7 @@ static int tokens_before_the_cut_cost(const char *headers, double *cost)
     int n = 0, saw_error = 0;
 
     snprintf(all, sizeof(all), AUTH "x-mock-tokens: 1000\r\n%s", headers);
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", all,
-                                     "{\"model\":\"chat\",\"stream\":true," MSG "}"),
-                 0);
-    cr_assert_eq(support_sse_open(&s, routers[0].port, req.data, req.len, TIMEOUT_MS), 0);
+    open_chat_stream(&s, all, "{\"model\":\"chat\",\"stream\":true," MSG "}");
     while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1) {
         if (strstr(ev.data, "budget_exhausted"))
             saw_error = 1;
