@@ -1106,13 +1106,10 @@ Test(proxy, five_hundreds_from_the_last_candidate_open_its_circuit)
     assert_error(503, "no_backend_available");
 }
 
-/* The half-open probe of a recovered backend belongs to a client that
- * gives up before the answer (a short client timeout against a slow first
- * request is common): the probe told nothing, so the next request probes
- * again. The backend must not stay shut out until a reload. */
-Test(proxy, a_probe_whose_client_left_lets_the_next_request_probe)
+/* A router whose one backend, a (mockllm), failed three times in a row
+ * (closed before answering): its circuit is open for 5 s. */
+static void open_the_circuit_of_a(void)
 {
-    struct support_http_conn probe = {.fd = -1};
     char a[1024];
 
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
@@ -1124,6 +1121,17 @@ Test(proxy, a_probe_whose_client_left_lets_the_next_request_probe)
                      0);
         cr_assert_eq(resp.status, 502);
     }
+}
+
+/* The half-open probe of a recovered backend belongs to a client that
+ * gives up before the answer (a short client timeout against a slow first
+ * request is common): the probe told nothing, so the next request probes
+ * again. The backend must not stay shut out until a reload. */
+Test(proxy, a_probe_whose_client_left_lets_the_next_request_probe)
+{
+    struct support_http_conn probe = {.fd = -1};
+
+    open_the_circuit_of_a();
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
     assert_error(503, "no_backend_available"); /* open for 5 s */
     usleep(5200 * 1000);
@@ -1152,18 +1160,9 @@ Test(proxy, a_burst_at_half_open_sends_one_probe)
 {
     struct support_http_conn conns[6];
     struct support_http_response r = {0};
-    char a[1024];
     int served = 0, refused = 0;
 
-    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
-    start_router("limits: {max_retries: 0}", a, "a");
-    for (int i = 0; i < 3; i++) {
-        cr_assert_eq(call("POST", "/v1/chat/completions",
-                          AUTH "x-mock-fault: close-before-response\r\n", CHAT),
-                     0);
-        cr_assert_eq(resp.status, 502);
-    }
+    open_the_circuit_of_a();
     usleep(5200 * 1000); /* the circuit is half-open */
     buf_reset(&req);
     cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
