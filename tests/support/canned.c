@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "common/buf.h"
+#include "tests/support/http.h"
 
 struct support_canned {
     pthread_t thread;     /* the accept loop */
@@ -95,20 +96,15 @@ static void *canned_loop(void *arg)
 struct support_canned *support_canned_start(const char *answer, size_t len)
 {
     struct support_canned *u = calloc(1, sizeof(*u));
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t alen = sizeof(a);
 
     if (u == NULL)
         return NULL;
     u->wake[0] = u->wake[1] = u->listen_fd = -1;
     pthread_mutex_init(&u->lock, NULL);
     support_canned_set(u, answer, len);
-    u->listen_fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (u->listen_fd < 0 || bind(u->listen_fd, (struct sockaddr *)&a, sizeof(a)) != 0 ||
-        listen(u->listen_fd, 16) != 0 ||
-        getsockname(u->listen_fd, (struct sockaddr *)&a, &alen) != 0 || pipe(u->wake) != 0)
+    u->listen_fd = support_http_listen(&u->port);
+    if (u->listen_fd < 0 || pipe(u->wake) != 0)
         goto fail;
-    u->port = ntohs(a.sin_port);
     if (pthread_create(&u->thread, NULL, canned_loop, u) != 0)
         goto fail;
     return u;

@@ -63,6 +63,9 @@ struct support_sse_event {
 /* Connect to 127.0.0.1:port. Returns 0 or a negative errno. */
 int support_http_connect(struct support_http_conn *c, int port)
     __attribute__((warn_unused_result));
+/* A socket listening on a free loopback port, put in *port: for an
+ * upstream or a relay a test plays itself. Returns the fd, or -1. */
+int support_http_listen(int *port);
 /* The same with SO_RCVBUF set to rcvbuf bytes first (Linux doubles it; 0
  * leaves the default): a client that takes in little at a time. */
 int support_http_connect_rcvbuf(struct support_http_conn *c, int port, int rcvbuf)

@@ -15,6 +15,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "tests/support/http.h"
+
 #define RELAY_MAX 16 /* connections at once */
 
 struct relay_pair {
@@ -161,8 +163,6 @@ static void *relay_main(void *arg)
 struct test_relay *test_relay_start(int port)
 {
     struct test_relay *r = calloc(1, sizeof(*r));
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof(a);
 
     if (r == NULL)
         return NULL;
@@ -170,12 +170,9 @@ struct test_relay *test_relay_start(int port)
     for (int i = 0; i < RELAY_MAX; i++)
         r->pairs[i].client = r->pairs[i].server = -1;
     pthread_mutex_init(&r->lock, NULL);
-    r->listen_fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (r->listen_fd < 0 || bind(r->listen_fd, (struct sockaddr *)&a, sizeof(a)) != 0 ||
-        listen(r->listen_fd, 16) != 0 ||
-        getsockname(r->listen_fd, (struct sockaddr *)&a, &len) != 0 || pipe(r->wake) != 0)
+    r->listen_fd = support_http_listen(&r->port);
+    if (r->listen_fd < 0 || pipe(r->wake) != 0)
         goto fail;
-    r->port = ntohs(a.sin_port);
     if (pthread_create(&r->thread, NULL, relay_main, r) != 0)
         goto fail;
     return r;
