@@ -3,10 +3,39 @@
 
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <xxhash.h>
 
 #include "conf/conf.h"
+
+static int compare_names(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* The tenant filter is looked up on every request of the route, and a
+ * config may list thousands of tenants: sorted once here, searched in
+ * log n there. A copy, as the config's order is the user's. */
+static int sort_tenants(struct policy_experiment *e)
+{
+    free(e->_tenants_sorted);
+    e->_tenants_sorted = NULL;
+    if (e->tenants == NULL || e->ntenants == 0)
+        return 0;
+    e->_tenants_sorted = malloc(e->ntenants * sizeof(*e->_tenants_sorted));
+    if (e->_tenants_sorted == NULL)
+        return -ENOMEM;
+    memcpy(e->_tenants_sorted, e->tenants, e->ntenants * sizeof(*e->_tenants_sorted));
+    qsort(e->_tenants_sorted, e->ntenants, sizeof(*e->_tenants_sorted), compare_names);
+    return 0;
+}
+
+void policy_experiment_release(struct policy_experiment *e)
+{
+    free(e->_tenants_sorted);
+    e->_tenants_sorted = NULL;
+}
 
 int policy_experiment_prepare(struct policy_experiment *e)
 {
@@ -27,7 +56,7 @@ int policy_experiment_prepare(struct policy_experiment *e)
         return -EINVAL;
     e->_total = total;
     e->_seed = XXH3_64bits(e->name, strlen(e->name));
-    return 0;
+    return sort_tenants(e);
 }
 
 const struct policy_arm *policy_experiment_assign(const struct policy_experiment *e,
@@ -48,10 +77,10 @@ static int has_tenant(const struct policy_experiment *e, const char *tenant)
 {
     if (e->tenants == NULL)
         return 1;
-    for (size_t i = 0; i < e->ntenants; i++)
-        if (tenant != NULL && strcmp(e->tenants[i], tenant) == 0)
-            return 1;
-    return 0;
+    if (tenant == NULL || e->_tenants_sorted == NULL)
+        return 0;
+    return bsearch(&tenant, e->_tenants_sorted, e->ntenants, sizeof(*e->_tenants_sorted),
+                   compare_names) != NULL;
 }
 
 /* The route's candidates named by the arm (all when it names none). */

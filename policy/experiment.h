@@ -41,11 +41,16 @@ struct policy_experiment {
     size_t narms;                 /* length of arms */
     uint64_t _total;              /* prepare: sum of weights */
     uint64_t _seed;               /* prepare: hash seed, from the name */
+    const char **_tenants_sorted; /* prepare: tenants sorted, for a binary search */
 };
 
-/* Check `e` and fill its private fields. Returns 0, or -EINVAL when it has
- * no arm, weights summing to 0, or names too long for the reason text. */
+/* Check `e` and fill its private fields (again after a change to the
+ * public ones). Returns 0, -EINVAL when it has no arm, weights summing to
+ * 0, or names too long for the reason text, or -ENOMEM. */
 int policy_experiment_prepare(struct policy_experiment *e) __attribute__((warn_unused_result));
+
+/* Free what policy_experiment_prepare() allocated. */
+void policy_experiment_release(struct policy_experiment *e);
 
 /* The arm of end user `key` (len bytes) in the prepared experiment `e`. */
 const struct policy_arm *policy_experiment_assign(const struct policy_experiment *e,

@@ -49,6 +49,7 @@ static int experiments_prepare(struct router *r)
     for (size_t i = 0; i < conf->nexperiments; i++) {
         const struct conf_experiment *ce = &conf->experiments[i];
         struct policy_experiment *pe = &r->experiments[i];
+        int rc;
 
         pe->name = ce->name;
         pe->route = ce->route;
@@ -64,8 +65,8 @@ static int experiments_prepare(struct router *r)
             pe->arms[a].backends = (const char *const *)ce->arms[a].backends;
             pe->arms[a].nbackends = ce->arms[a].nbackends;
         }
-        if (policy_experiment_prepare(pe) != 0)
-            return -EINVAL;
+        if ((rc = policy_experiment_prepare(pe)) != 0)
+            return rc;
     }
     return 0;
 }
@@ -129,8 +130,10 @@ void router__spend_free(struct router *r)
             free(r->tenants[i].key_rl);
         }
     if (r->experiments)
-        for (size_t i = 0; i < r->conf->nexperiments; i++)
+        for (size_t i = 0; i < r->conf->nexperiments; i++) {
+            policy_experiment_release(&r->experiments[i]);
             free(r->experiments[i].arms);
+        }
     free(r->experiments);
     r->experiments = NULL;
     free(r->tenants);

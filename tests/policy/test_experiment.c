@@ -174,6 +174,7 @@ Test(experiment, pick_by_route_tenant_and_user, .timeout = 5)
     /* A tenant filter. */
     e.tenants = acme_only;
     e.ntenants = 1;
+    cr_assert_eq(policy_experiment_prepare(&e), 0);
     cr_assert_null(policy_experiment_pick(&e, 1, &f.route, "globex", "u", 1, &allowed));
     cr_assert_not_null(policy_experiment_pick(&e, 1, &f.route, "acme", "u", 1, &allowed));
     /* An arm naming none of the route's candidates applies to nobody. */
@@ -183,6 +184,42 @@ Test(experiment, pick_by_route_tenant_and_user, .timeout = 5)
     arms[2].backends = acme_only;
     cr_assert_null(policy_experiment_pick(&e, 1, &f.route, "acme", "u", 1, &allowed));
     cr_assert_eq(allowed, 0);
+    policy_experiment_release(&e);
+    fx_fini(&f);
+}
+
+/* A tenant filter of thousands, listed out of order: every listed tenant
+ * takes part and no other does (it is searched, not scanned). */
+Test(experiment, a_long_tenant_list_lets_in_exactly_its_tenants, .timeout = 5)
+{
+    enum { TENANTS = 3000 };
+    static char names[TENANTS][16];
+    static const char *listed[TENANTS / 2];
+    struct fx f;
+    struct policy_experiment e;
+    struct policy_arm arms[3];
+    uint64_t allowed;
+
+    fx_init(&f);
+    f.route.model = "chat";
+    make_experiment(&e, arms);
+    for (unsigned i = 0; i < TENANTS; i++)
+        snprintf(names[i], sizeof(names[i]), "t-%u", (i * 7919u) % TENANTS);
+    for (unsigned i = 0; i < TENANTS / 2; i++)
+        listed[i] = names[2 * i];
+    e.tenants = listed;
+    e.ntenants = TENANTS / 2;
+    cr_assert_eq(policy_experiment_prepare(&e), 0);
+    for (unsigned i = 0; i < TENANTS; i++) {
+        const struct policy_arm *a = policy_experiment_pick(&e, 1, &f.route, names[i], "u", 1,
+                                                            &allowed);
+
+        cr_assert_eq(a != NULL, i % 2 == 0, "tenant %s (listed: %d)", names[i], i % 2 == 0);
+    }
+    cr_assert_null(policy_experiment_pick(&e, 1, &f.route, NULL, "u", 1, &allowed));
+    cr_assert_null(policy_experiment_pick(&e, 1, &f.route, "t-", "u", 1, &allowed));
+    cr_assert_str_eq(e.tenants[0], names[0], "the config's order is left as it was");
+    policy_experiment_release(&e);
     fx_fini(&f);
 }
 
