@@ -196,6 +196,8 @@ struct router__request {
     unsigned auth_seen:1;                /* an Authorization header was read */
     unsigned head_method:1;              /* HEAD: answers carry no body */
     unsigned response_started:1;         /* any response byte sent to the client */
+    unsigned request_sent:1;             /* the attempt's request went whole onto its upstream
+                                            socket (upstream.c): the backend may bill it */
     unsigned chunked:1;                  /* response to client is chunked */
     unsigned is_sse:1;                   /* upstream answers text/event-stream */
     unsigned upstream_done:1;            /* upstream response fully received */
