@@ -307,6 +307,7 @@ void router__request_reset(struct router__request *req)
     req->last_error = NULL;
     req->events = 0;
     req->cost_micro = req->saved_micro = 0;
+    req->cost_usd = 0;
     req->id = 0; /* the next request's is given when it comes */
     req->id_str[0] = '\0';
 }

@@ -846,6 +846,7 @@ void router__proxy_replay(struct router__client *c, const char *value, size_t le
     req->cache_hit = 1;
     req->settled = 1;
     req->cost_micro = 0;
+    req->cost_usd = 0;
     req->reason = "cache-hit";
     len -= (size_t)(nl + 1 - value);
     value = nl + 1;
@@ -1280,7 +1281,7 @@ static void settle(struct router__client *c)
         return;
     used = req->billed = tokens_used(req);
     charge = finish_attempt(c, &used);
-    router__spend_settle(c, charge.micro_usd);
+    router__spend_settle(c, charge.usd);
     rate_settle(c, used.prompt + used.completion);
     if (req->prompt_tokens > 0 && b->tokenizer == CONF_TOK_ESTIMATE)
         policy_calib_observe(&r->calib[b->index],
@@ -1310,7 +1311,7 @@ static void settle_prompt(struct router__client *c)
 
     req->billed = used;
     charge = finish_attempt(c, &used);
-    router__spend_settle(c, charge.micro_usd);
+    router__spend_settle(c, charge.usd);
     rate_settle(c, used.prompt);
 }
 
