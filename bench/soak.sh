@@ -18,7 +18,8 @@
 #     journals, and writes back after SIGCONT.
 # Checks: each router exits 0 on SIGTERM; their logs have no sanitizer
 # report; for each tenant the spend Redis holds equals the sum of the two
-# cost logs to the micro-dollar, with nothing left reserved; no request
+# cost logs to a micro-dollar (what the two routers carry, half of one
+# each), with nothing left reserved; no request
 # took over 10 s; some requests were served.
 # Every process is stopped by pid. Work files: build/soak/.
 set -u
@@ -186,7 +187,9 @@ for t in rich poor; do
     s=$(awk -v v="${stored:-nan}" 'BEGIN { printf "%.0f", v * 1e6 }')
     l=$(awk -v v="${logged:-nan}" 'BEGIN { printf "%.0f", v * 1e6 }')
     echo "soak: $t: Redis $stored USD, cost log $logged USD, reserved ${reserved:-?}"
-    [ -n "$stored" ] && [ -n "$logged" ] && [ "$s" = "$l" ] ||
+    # Each router carries up to half a micro-dollar per tenant (the store
+    # is charged whole ones), and the report rounds to the micro-dollar.
+    [ -n "$stored" ] && [ -n "$logged" ] && [ "$s" -ge $((l - 1)) ] && [ "$s" -le $((l + 1)) ] ||
         fail "$t: Redis holds $stored USD, the cost log sums to $logged USD"
     [ "${reserved:-x}" = 0 ] || fail "$t: $reserved USD still reserved after the load"
 done

@@ -117,10 +117,11 @@ static int put_string(struct buf *out, const char *str)
 
 /*
  * A finite double with at most `decimals` fraction digits (trailing zeros
- * dropped), or null. The record's values are integers scaled down (costs
- * are micro-USD / 1e6, times whole ms), so a fixed number of decimals
- * prints them exactly, and without a printf per number: this runs once per
- * request for each of six values.
+ * dropped), or null. Estimates and savings are micro-USD / 1e6 and times
+ * whole ms, which a fixed number of decimals prints exactly; a settled
+ * cost is exact to the pico-USD, which is below anything a price can tell
+ * apart. No printf per number: this runs once per request for each of
+ * six values.
  */
 static int put_fixed(struct buf *out, double v, int decimals)
 {
@@ -153,7 +154,7 @@ static int put_fixed(struct buf *out, double v, int decimals)
     return rc | buf_append(out, frac_text, n);
 }
 
-#define USD_DECIMALS 12 /* pico-USD: costs are micro-USD today */
+#define USD_DECIMALS 12 /* pico-USD: a cost of a few tokens at cents per Mtok shows */
 #define MS_DECIMALS 3  /* microseconds */
 
 static int put_int(struct buf *out, int64_t v)

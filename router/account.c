@@ -97,9 +97,9 @@ void router__account(struct router__client *c)
             metrics_add(r->metrics, METRICS_TOKENS_TOTAL, completion_labels,
                         (double)req->billed.completion);
     }
-    if (req->settled && req->cost_micro > 0) {
+    if (req->settled && req->cost_usd > 0) {
         const char *cost_labels[] = {tenant, backend, route};
-        metrics_add(r->metrics, METRICS_COST_USD_TOTAL, cost_labels, (double)req->cost_micro / 1e6);
+        metrics_add(r->metrics, METRICS_COST_USD_TOTAL, cost_labels, req->cost_usd);
     }
     if (req->cache_hit) {
         const char *t_labels[] = {tenant};
@@ -136,7 +136,7 @@ void router__account(struct router__client *c)
     rec.billed_prompt_tokens = req->settled || req->route ? req->billed.prompt : -1;
     rec.billed_completion_tokens = req->settled || req->route ? req->billed.completion : -1;
     rec.cost_usd_est = req->choice.candidate >= 0 ? (double)req->choice.cost_micro / 1e6 : NAN;
-    rec.cost_usd = req->settled ? (double)req->cost_micro / 1e6 : (req->route ? 0.0 : NAN);
+    rec.cost_usd = req->settled ? req->cost_usd : (req->route ? 0.0 : NAN);
     rec.cache_hit = req->cache_hit;
     rec.saved_usd = (double)req->saved_micro / 1e6;
     rec.ttft_ms = req->response_started ? (double)req->ttft_ms : NAN;

@@ -278,6 +278,7 @@ void router__request_reset(struct router__request *req)
     req->auth_seen = req->head_method = 0;
     req->accounted = 0;
     req->chunked = req->is_sse = req->upstream_done = req->broken = 0;
+    req->request_sent = 0;
     req->tried = req->answered_429 = 0;
     req->attempts = req->fallbacks = 0;
     req->candidate = -1;
@@ -306,6 +307,7 @@ void router__request_reset(struct router__request *req)
     req->last_error = NULL;
     req->events = 0;
     req->cost_micro = req->saved_micro = 0;
+    req->cost_usd = 0;
     req->id = 0; /* the next request's is given when it comes */
     req->id_str[0] = '\0';
 }

@@ -138,6 +138,14 @@ struct router {
     unsigned freeing:1;             /* free_timer closing */
 };
 
+/* What a tenant's settled costs came to beyond the whole micro-USD the
+ * store was charged (spend.c). Shared by the generations that know the
+ * tenant, so that a reload neither drops it nor counts it twice. */
+struct router__carry {
+    double micro;                   /* in [-0.5, 0.5]: charged ahead (< 0) or still owed */
+    unsigned refs;                  /* generations pointing at it */
+};
+
 /* What the router keeps per tenant between requests. */
 struct router__tenant {
     struct policy_ratelimit rl;     /* tenant rpm/tpm */
@@ -146,6 +154,7 @@ struct router__tenant {
     int64_t month_spent;            /* micro-USD, same */
     int64_t reserved;               /* micro-USD held by open reservations */
     struct policy_outpred *outpred; /* per route: recent completion lengths */
+    struct router__carry *carry;    /* sub-micro-USD remainder of its charges */
 };
 
 /* Which endpoint a request is for. */
@@ -196,6 +205,8 @@ struct router__request {
     unsigned auth_seen:1;                /* an Authorization header was read */
     unsigned head_method:1;              /* HEAD: answers carry no body */
     unsigned response_started:1;         /* any response byte sent to the client */
+    unsigned request_sent:1;             /* the attempt's request went whole onto its upstream
+                                            socket (upstream.c): the backend may bill it */
     unsigned chunked:1;                  /* response to client is chunked */
     unsigned is_sse:1;                   /* upstream answers text/event-stream */
     unsigned upstream_done:1;            /* upstream response fully received */
@@ -259,7 +270,8 @@ struct router__request {
     const char *last_error;              /* the failed attempt's error, kept across a check */
     uint64_t events;                     /* SSE data events forwarded (token fallback) */
     int64_t completion_counted;          /* a body without usage: its choices' tokens, or -1 */
-    int64_t cost_micro;                  /* settled cost, micro-USD */
+    int64_t cost_micro;                  /* settled cost, micro-USD (to the nearest) */
+    double cost_usd;                     /* the same, exact (what the cost log says) */
     struct backend_tokens billed;        /* tokens cost_micro was settled on (tokens_used());
                                             zeros when nothing was settled from tokens */
     int64_t saved_micro;                 /* cost a cache hit avoided */
@@ -401,8 +413,10 @@ void router__spend_begin(struct router__client *c);
 int router__spend_check(struct router__client *c);
 /* Release the current reservation (failure before any cost). */
 void router__spend_release(struct router__client *c);
-/* Settle the current reservation with `micro` (the real cost). */
-void router__spend_settle(struct router__client *c, int64_t micro);
+/* Settle the current reservation with `usd`, the real cost: the store is
+ * charged whole micro-USD, the tenant's remainder carried to its next
+ * charge. */
+void router__spend_settle(struct router__client *c, double usd);
 /* Put the finished response in the cache and end its single flight. */
 void router__spend_cache_store(struct router__client *c);
 /* Request teardown: cancel store callbacks, end flights, release holds. */

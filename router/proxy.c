@@ -846,6 +846,7 @@ void router__proxy_replay(struct router__client *c, const char *value, size_t le
     req->cache_hit = 1;
     req->settled = 1;
     req->cost_micro = 0;
+    req->cost_usd = 0;
     req->reason = "cache-hit";
     len -= (size_t)(nl + 1 - value);
     value = nl + 1;
@@ -1280,7 +1281,7 @@ static void settle(struct router__client *c)
         return;
     used = req->billed = tokens_used(req);
     charge = finish_attempt(c, &used);
-    router__spend_settle(c, charge.micro_usd);
+    router__spend_settle(c, charge.usd);
     rate_settle(c, used.prompt + used.completion);
     if (req->prompt_tokens > 0 && b->tokenizer == CONF_TOK_ESTIMATE)
         policy_calib_observe(&r->calib[b->index],
@@ -1295,6 +1296,23 @@ static void settle(struct router__client *c)
                     b->tokenizer == CONF_TOK_ESTIMATE ? r->calib[b->index].ratio
                                                       : (double)req->prompt_tokens / req->prompt_est);
     }
+}
+
+/* The client left after its request went whole to an API backend and
+ * before any answer: the provider bills the prompt it began on, so the
+ * tenant is charged the prompt tokens the router counted. The completion
+ * is unknown and charged nothing: the provider may bill a few tokens it
+ * generated before it noticed, but a guess would over-charge. */
+static void settle_prompt(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    struct backend_tokens used = {req->prompt_est, 0, 0};
+    struct backend_charge charge;
+
+    req->billed = used;
+    charge = finish_attempt(c, &used);
+    router__spend_settle(c, charge.usd);
+    rate_settle(c, used.prompt);
 }
 
 /* a, b and c end to end in out[96] (b: a formatted amount, under 32
@@ -1476,11 +1494,12 @@ void router__proxy_abort(struct router__client *c)
         req->up = NULL;
     }
     if (req->attempt_open) {
-        if (req->response_started) {
+        if (req->response_started)
             settle(c); /* the client left mid-response: charge what was sent */
-        } else {
-            finish_attempt(c, NULL);
-        }
+        else if (req->request_sent && req->pool->conf->kind == CONF_BACKEND_API)
+            settle_prompt(c);
+        else
+            finish_attempt(c, NULL); /* a pool's time for it is idle, as for any failure */
     }
     rate_settle(c, 0);
     router__spend_abandon(c);

@@ -15,10 +15,12 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "backends/backend.h"
 #include "cache/cache.h"
 #include "common/error.h"
 #include "common/log.h"
@@ -91,6 +93,24 @@ struct cache *router__store_create(uv_loop_t *loop, const struct conf *conf)
     return cache_create(loop, &opts);
 }
 
+/*
+ * The carry of tenant `t` in generation `r`: the one of the generation
+ * being replaced (shared->current while a reload builds `r`) when it
+ * knows the tenant too, else a new one. Requests of both generations
+ * then settle into the same remainder.
+ */
+static struct router__carry *carry_for(struct router *r, const struct conf_tenant *t)
+{
+    const struct router *prev = r->shared->current;
+    const struct conf_tenant *old = prev ? conf_find_tenant(prev->conf, t->id) : NULL;
+    struct router__carry *carry = old ? prev->tenants[old - prev->conf->tenants].carry
+                                      : calloc(1, sizeof(*carry));
+
+    if (carry != NULL)
+        carry->refs++;
+    return carry;
+}
+
 int router__spend_init(struct router *r)
 {
     const struct conf *conf = r->conf;
@@ -106,7 +126,8 @@ int router__spend_init(struct router *r)
 
         ts->outpred = calloc(conf->nroutes ? conf->nroutes : 1, sizeof(struct policy_outpred));
         ts->key_rl = calloc(t->nkeys ? t->nkeys : 1, sizeof(*ts->key_rl));
-        if (ts->outpred == NULL || ts->key_rl == NULL)
+        ts->carry = carry_for(r, t);
+        if (ts->outpred == NULL || ts->key_rl == NULL || ts->carry == NULL)
             return -ENOMEM;
         ts->rl.rpm = t->rpm;
         ts->rl.tpm = t->tpm;
@@ -126,8 +147,12 @@ void router__spend_free(struct router *r)
 {
     if (r->tenants)
         for (size_t i = 0; i < r->conf->ntenants; i++) {
+            struct router__carry *carry = r->tenants[i].carry;
+
             free(r->tenants[i].outpred);
             free(r->tenants[i].key_rl);
+            if (carry != NULL && --carry->refs == 0)
+                free(carry);
         }
     if (r->experiments)
         for (size_t i = 0; i < r->conf->nexperiments; i++) {
@@ -271,12 +296,36 @@ void router__spend_release(struct router__client *c)
     track(c->router, cache_release(c->router->store, &req->res, on_write_done, c->router));
 }
 
-void router__spend_settle(struct router__client *c, int64_t micro)
+/*
+ * The whole micro-USD to charge for `usd`: the cost plus what the tenant's
+ * earlier charges left over, to the nearest; the rest is carried. Summed
+ * over a tenant's requests the store stays within half a micro-USD of
+ * their exact costs (the cost log's), where rounding each one alone
+ * charged $0 for any request under half a micro-USD, however many. A
+ * cost of 0 (nothing billed) leaves the carry alone: nothing is charged
+ * for it, and a charge is never negative.
+ */
+static int64_t carry_charge(struct router__carry *carry, double usd)
+{
+    double exact;
+    int64_t micro;
+
+    if (!(usd > 0))
+        return 0;
+    exact = usd * 1e6 + carry->micro;
+    micro = llround(exact);
+    carry->micro = exact - (double)micro;
+    return micro;
+}
+
+void router__spend_settle(struct router__client *c, double usd)
 {
     struct router__request *req = &c->req;
     struct router__tenant *ts = router__tenant_state(c->router, req->tenant);
+    int64_t micro = carry_charge(ts->carry, usd);
 
-    req->cost_micro = micro;
+    req->cost_usd = usd > 0 ? usd : 0;
+    req->cost_micro = backend_usd_to_micro(req->cost_usd);
     req->settled = 1;
     ts->day_spent += micro;
     ts->month_spent += micro;

@@ -257,6 +257,17 @@ static void upstream_fail(struct router__upstream *u, const char *errstr)
 
 /* ---- writing ---- */
 
+/* The request is the backend's once the socket has taken its last byte
+ * (into the kernel: whether the backend read it, the router cannot
+ * know). From then on an API bills its prompt, and a client that leaves
+ * is charged it (proxy.c). */
+static void note_request_sent(struct router__upstream *u)
+{
+    if (u->client != NULL && u->state == ROUTER_UP_WAITING &&
+        uv_stream_get_write_queue_size((uv_stream_t *)&u->tcp) == 0)
+        u->client->req.request_sent = 1;
+}
+
 static void write_done(uv_write_t *req, int status)
 {
     struct upstream_write *w = container_of(req, struct upstream_write, req);
@@ -265,6 +276,8 @@ static void write_done(uv_write_t *req, int status)
     free(w);
     if (status < 0 && status != UV_ECANCELED && !u->closing)
         upstream_fail(u, error_upstream_io);
+    else if (status == 0 && !u->closing)
+        note_request_sent(u);
 }
 
 static int write_bytes(struct router__upstream *u, const char *p, size_t len)
@@ -333,6 +346,8 @@ static void upstream_start_request(struct router__upstream *u)
     }
     if (rc != 0)
         upstream_fail(u, error_upstream_io);
+    else
+        note_request_sent(u);
 }
 
 /* ---- TLS handshake ---- */
@@ -865,6 +880,7 @@ int router__upstream_send_fresh(struct router__pool *pool, struct router__client
     }
     u->client = c;
     c->req.up = u;
+    c->req.request_sent = 0; /* a resend after a reused connection failed: not yet */
     u->state = ROUTER_UP_RESOLVING;
     u->gai.data = u;
     snprintf(port, sizeof(port), "%u", pool->conf->port);
@@ -895,6 +911,7 @@ int router__upstream_send(struct router__pool *pool, struct router__client *c, c
     u->client = c;
     u->reused = 1;
     c->req.up = u;
+    c->req.request_sent = 0;
     upstream_start_request(u);
     return 0;
 }

@@ -12,10 +12,12 @@
 #include <cjson/cJSON.h>
 #include <criterion/criterion.h>
 #include <math.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -1857,4 +1859,230 @@ Test(costs, dashboard_shows_what_the_router_reports)
                        "cost per request by backend missing");
     cr_assert_null(strstr(dom, "adm-secret"), "the admin key is in the page");
     free(dom);
+}
+
+/* The tenant's spend today, USD, once nothing is held any more (the hold
+ * of a request whose client left is settled or released by then). */
+static double day_spend_settled(void)
+{
+    for (int tries = 0; tries < 250; tries++) {
+        cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+        if (cJSON_GetObjectItem(body_json(), "reserved_usd")->valuedouble == 0)
+            return cJSON_GetObjectItem(json, "day_usd")->valuedouble;
+        usleep(20000);
+    }
+    cr_assert_fail("the request's hold was neither settled nor released");
+    return -1;
+}
+
+/* The tenant's spend once nothing is held, and in *counted backend a's
+ * costrouter_cost_usd_total, USD; then router 0 stops, its cost log
+ * whole. */
+static double spent_then_stop(double *counted)
+{
+    double spent = day_spend_settled();
+
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    *counted = metric_value(
+        "costrouter_cost_usd_total{tenant=\"acme\",backend=\"a\",route=\"chat\"}");
+    support_proc_stop(&routers[0]);
+    return spent;
+}
+
+/* Send a chat request that the backend does not answer for a while,
+ * wait for `reached` (or 300 ms) and hang up before any answer. */
+static void chat_and_leave(int (*reached)(void))
+{
+    struct support_http_conn conn;
+    struct buf out = {0};
+
+    send_unanswered(&conn, &out, AUTH "x-mock-ttft-ms: 3000\r\n", "{\"model\":\"chat\"," MSG "}");
+    for (int tries = 0; tries < 250 && reached != NULL && !reached(); tries++)
+        usleep(20000);
+    if (reached == NULL)
+        usleep(300 * 1000);
+    cr_assert(reached == NULL || reached(), "the request never reached the backend");
+    support_http_close(&conn);
+    buf_free(&out);
+}
+
+static int mock_a_has_it(void)
+{
+    return mock_requests(&mock_a) == 1;
+}
+
+/* A client that leaves after its request went whole to an API backend
+ * (the mock has read it and waits 3 s before answering) is charged the
+ * prompt, which the provider bills: in the store, the metrics and the
+ * cost log (499), the completion at nothing. Returns the charge, USD. */
+static double leave_once_the_backend_has_it(void)
+{
+    cJSON *rec;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_counted("a", mock_a.port, 1, 100, 300, "o200k_base");
+    start_routers(1, "a", "    budget: {daily_usd: 10}\n");
+    chat_and_leave(mock_a_has_it);
+    double counted, spent = spent_then_stop(&counted);
+    rec = last_cost_record();
+    double prompt = cJSON_GetObjectItem(rec, "billed_prompt_tokens")->valuedouble;
+    double want = usd(prompt, 0, 100, 300);
+    cr_assert_eq(cJSON_GetObjectItem(rec, "status")->valuedouble, 499);
+    cr_assert_gt(prompt, 0, "the prompt was not billed");
+    cr_assert_eq(prompt, cJSON_GetObjectItem(rec, "prompt_tokens_est")->valuedouble,
+                 "the router's own count of the prompt");
+    cr_assert_eq(cJSON_GetObjectItem(rec, "billed_completion_tokens")->valuedouble, 0);
+    cr_assert_float_eq(cJSON_GetObjectItem(rec, "cost_usd")->valuedouble, want, 1e-12);
+    cr_assert_float_eq(spent, want, 1e-12, "the store holds %.6f USD", spent);
+    cr_assert_float_eq(counted, want, 1e-12, "costrouter_cost_usd_total says %g", counted);
+    cJSON_Delete(rec);
+    return want;
+}
+
+Test(costs, a_client_leaving_before_the_answer_pays_the_prompt_the_backend_has)
+{
+    leave_once_the_backend_has_it();
+}
+
+Test(costs, a_client_leaving_before_the_answer_pays_the_prompt_in_redis)
+{
+    char path[256], day[16];
+    time_t now = time(NULL);
+    struct tm tm;
+
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    double want = leave_once_the_backend_has_it();
+    gmtime_r(&now, &tm);
+    strftime(day, sizeof(day), "%Y%m%d", &tm);
+    snprintf(path, sizeof(path), "costrouter:{%s}:d:%s", tenant_id, day);
+    cr_assert_eq(test_redis_int(&redis, "GET %s", path), llround(want * 1e6));
+}
+
+/* A client that leaves while the router is still connecting (to a
+ * listener whose one-place backlog is taken, so the handshake never
+ * completes): the backend has nothing to bill, the tenant pays nothing
+ * and its hold is released. */
+Test(costs, a_client_leaving_before_its_request_reached_the_backend_pays_nothing)
+{
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t alen = sizeof(a);
+    struct support_http_conn filler;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    cJSON *rec;
+
+    cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    cr_assert_eq(listen(fd, 0), 0);
+    cr_assert_eq(getsockname(fd, (struct sockaddr *)&a, &alen), 0);
+    cr_assert_eq(support_http_connect(&filler, ntohs(a.sin_port)), 0);
+    add_backend_with("a", ntohs(a.sin_port), 1, 100, 300, "o200k_base",
+                     ", connect_timeout_ms: 10000");
+    start_routers(1, "a", "    budget: {daily_usd: 10}\n");
+    chat_and_leave(NULL);
+    cr_assert_float_eq(day_spend_settled(), 0, 1e-12);
+    support_proc_stop(&routers[0]);
+    support_http_close(&filler);
+    close(fd);
+    rec = last_cost_record();
+    cr_assert_eq(cJSON_GetObjectItem(rec, "status")->valuedouble, 499);
+    cr_assert_eq(cJSON_GetObjectItem(rec, "billed_prompt_tokens")->valuedouble, 0);
+    cr_assert_float_eq(cJSON_GetObjectItem(rec, "cost_usd")->valuedouble, 0, 1e-12);
+    cJSON_Delete(rec);
+}
+
+/* The cost log's cost_usd and its lines, summed (the routers must have
+ * stopped). */
+static double logged_usd(int *lines)
+{
+    char line[4096];
+    double sum = 0;
+    FILE *f = fopen(log_path, "r");
+
+    cr_assert_not_null(f);
+    *lines = 0;
+    while (fgets(line, sizeof(line), f)) {
+        cJSON *rec = cJSON_Parse(line);
+
+        cr_assert_not_null(rec, "%s", line);
+        sum += cJSON_GetObjectItem(rec, "cost_usd")->valuedouble;
+        (*lines)++;
+        cJSON_Delete(rec);
+    }
+    fclose(f);
+    return sum;
+}
+
+/* An embedding of "hello there": 2 tokens (the mock's count of words), at
+ * $0.1 per million tokens 0.2 micro-USD, under half of one. */
+#define TINY_USD (2 * 0.1 / 1e6)
+
+static void embed_tiny(int n)
+{
+    for (int i = 0; i < n; i++) {
+        cr_assert_eq(call_port(routers[0].port, "POST", "/v1/embeddings", AUTH,
+                               "{\"model\":\"chat\",\"input\":\"hello there\"}"),
+                     0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    }
+}
+
+/* `n` requests of 0.2 micro-USD each (and the reloads `reload` does
+ * between them) are charged what the cost log says they cost, to within
+ * the half micro-USD a tenant may carry; each alone rounded to $0. Returns
+ * the store's spend, USD. */
+static double many_tiny_charges(int n, void (*reload)(int n))
+{
+    int lines;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 0.1, 0.1);
+    start_routers(1, "a", "    budget: {daily_usd: 10}\n");
+    if (reload != NULL)
+        reload(n);
+    else
+        embed_tiny(n);
+    double counted, spent = spent_then_stop(&counted);
+    double logged = logged_usd(&lines);
+    cr_assert_eq(lines, n);
+    cr_assert_float_eq(logged, n * TINY_USD, 1e-12, "the cost log has each request's cost");
+    cr_assert_float_eq(counted, logged, 1e-12, "costrouter_cost_usd_total says %g", counted);
+    cr_assert_float_eq(spent, logged, 0.5e-6 + 1e-12,
+                       "the store holds %.6f USD, the cost log sums to %.9f USD", spent, logged);
+    return spent;
+}
+
+Test(costs, many_requests_under_half_a_micro_dollar_are_charged_their_sum)
+{
+    many_tiny_charges(40, NULL); /* 8 micro-USD */
+}
+
+Test(costs, many_requests_under_half_a_micro_dollar_are_charged_their_sum_in_redis)
+{
+    char path[256], day[16];
+    time_t now = time(NULL);
+    struct tm tm;
+
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    double spent = many_tiny_charges(40, NULL);
+    gmtime_r(&now, &tm);
+    strftime(day, sizeof(day), "%Y%m%d", &tm);
+    snprintf(path, sizeof(path), "costrouter:{%s}:d:%s", tenant_id, day);
+    cr_assert_eq(test_redis_int(&redis, "GET %s", path), llround(spent * 1e6));
+    cr_assert_geq(spent, 7.5e-6, "each was rounded to $0 alone");
+}
+
+/* Two requests (0.4 micro-USD carried), then a reload, four times. */
+static void embed_across_reloads(int n)
+{
+    for (int i = 0; i < n / 2; i++) {
+        embed_tiny(2);
+        cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    }
+}
+
+/* A reload keeps what each tenant carries: dropping it would lose 0.4
+ * micro-USD at each of these reloads, 1.6 in all. */
+Test(costs, a_reload_keeps_the_fraction_a_tenant_carries)
+{
+    many_tiny_charges(8, embed_across_reloads);
 }
