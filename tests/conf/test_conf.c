@@ -238,6 +238,11 @@ static struct error_case error_cases[] = {
       "9: cache.ttl_s: 0 is out of range 1..31536000",
       "11: cache.local_bytes: 1024 is smaller than cache.max_entry_bytes (2048)",
       "12: cache.shraed: unknown key (did you mean \"shared\"?)"}},
+    {.file = DATA "journal_file_no_redis.yaml", .lines =
+     {"3: store.journal_file: needs store.redis (the in-process store has no journal)"}},
+    {.file = DATA "journal_file_bad.yaml", .lines =
+     {"4: store.journal_file: cannot write files in the folder of \"/nonexistent/journal.jsonl\": "
+      "No such file or directory"}},
     {.file = DATA "names_long.yaml", .lines =
      {"4: store.key_prefix: is longer than 128 characters",
       "9: routes[1].model: is longer than 200 characters",
