@@ -4,8 +4,9 @@
  * always, so that a restart keeps what Redis had: spend, open
  * reservations, applied ids). Charges journaled while Redis is down are
  * saved at a stop and written back after the next start, once; a file
- * left by a crash after its write-back charges nothing again; a corrupt
- * file or one another router holds stops the start.
+ * left by a crash after its write-back charges nothing again; a charge
+ * that may have been applied longer ago than Redis remembers is not sent;
+ * a corrupt file or one another router holds stops the start.
  *
  * mockllm counts 9 prompt tokens for MSG and streams x-mock-tokens: 7, so
  * every request costs 9 * $100 + 7 * $300 per million tokens = 3000
@@ -315,6 +316,37 @@ Test(jfile, a_file_loaded_again_after_its_write_back_charges_nothing_twice)
     cr_assert_eq(start(&router), 0);
     wait_store_up();
     wait_written_back(total);
+}
+
+/* Redis forgets the id of an applied charge after the grace period (1 h
+ * here): a charge that may have been applied longer ago than that (its
+ * reply was lost in 1970) is not sent, lest it be charged twice, and is
+ * logged; the one beside it, never sent, is charged. */
+Test(jfile, a_maybe_applied_charge_past_the_grace_is_not_sent)
+{
+    char day[16], text[1024], *log;
+    time_t now = time(NULL);
+    struct tm tm;
+
+    gmtime_r(&now, &tm);
+    strftime(day, sizeof(day), "%Y-%m-%d", &tm);
+    snprintf(text, sizeof(text),
+             "{\"costrouter_journal\":1,\"saved_ms\":1,\"entries\":2,\"micro_usd\":65}\n"
+             "{\"tenant\":\"acme\",\"day\":\"%s\",\"micro_usd\":40,\"origin\":\"0123456789abcdef\","
+             "\"id\":7,\"conditional\":true,\"since_ms\":1000}\n"
+             "{\"tenant\":\"acme\",\"day\":\"%s\",\"micro_usd\":25,\"origin\":\"0123456789abcdef\","
+             "\"id\":8,\"conditional\":false}\n",
+             day, day);
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    cr_assert_eq(support_mockllm_start(&mock, NULL), 0);
+    write_conf(redis.url);
+    spill(jfile, text);
+    cr_assert_eq(start(&router), 0);
+    wait_store_up();
+    wait_written_back(25);
+    log = slurp(err_path);
+    cr_assert_not_null(strstr(log, "of 40 micro-dollars to tenant acme"), "not logged: %s", log);
+    free(log);
 }
 
 /* A file the router cannot read whole stops the start, says where, and
