@@ -84,6 +84,8 @@ static int entry_line(struct buf *out, const struct cache__jentry *e, int all_co
     char day[16], *text;
     int rc = -1;
     int conditional = e->conditional || all_conditional;
+    /* Not conditional until now: nothing of it was applied before this. */
+    double since = e->conditional ? (double)e->since_ms : (double)cache__wall_ms();
 
     day_text(&e->period, day);
     if (o == NULL || !cJSON_AddStringToObject(o, "tenant", e->tenant) ||
@@ -97,9 +99,7 @@ static int entry_line(struct buf *out, const struct cache__jentry *e, int all_co
         goto out;
     if (!cJSON_AddBoolToObject(o, "conditional", conditional))
         goto out;
-    /* Not conditional until now: nothing of it was applied before this. */
-    if (conditional && !cJSON_AddNumberToObject(o, "since_ms", e->conditional ? (double)e->since_ms
-                                                                              : (double)cache__wall_ms()))
+    if (conditional && !cJSON_AddNumberToObject(o, "since_ms", since))
         goto out;
     text = cJSON_PrintUnformatted(o);
     if (text != NULL) {

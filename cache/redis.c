@@ -1719,14 +1719,13 @@ static void redis_put(struct cache_op *op)
 }
 
 /* Whether `e` (popped) may have been applied so long ago that Redis has
- * forgotten the id that would tell: its reservation's member, or its id
- * in the applied set, is kept for the grace period after it was applied
- * (on Redis's clock, whose difference from ours CLOCK_SKEW_MS allows for),
- * and the first send that may have applied it left at most a command
- * timeout before since_ms. A reservation entry is safe at any age (an
- * unknown member is not charged): only an id entry is too late. Sending
- * it could charge it twice; it is dropped instead, logged with its
- * amount (the cost log has the request). */
+ * forgotten the id that would tell: the applied set keeps an id for the
+ * grace period after it was applied (on Redis's clock, which CLOCK_SKEW_MS
+ * allows to differ from ours), and the first send that may have applied
+ * it left at most a command timeout before since_ms. A reservation entry
+ * is safe at any age: a member Redis no longer knows is not charged. An id
+ * entry sent this late could be charged twice; it is dropped instead,
+ * logged with its amount (the cost log has the request). */
 static int too_late_to_check(const struct cache *c, const struct cache__jentry *e)
 {
     int64_t window = (int64_t)grace_ms(c) - c->opts.command_timeout_ms - CLOCK_SKEW_MS;
@@ -1790,7 +1789,7 @@ static void journal_retry(struct cache__redis *s)
 {
     struct cache *c = s->c;
 
-    if (c->journal.count == 0 && s->nflushing == 0 && !c->closing)
+    if (c->jfile_held && c->journal.count == 0 && s->nflushing == 0 && !c->closing)
         cache__jfile_written_back(c); /* every entry it held is in Redis */
     if (c->journal.count == 0 || c->closing || s->state != CACHE_STATE_CONNECTED ||
         s->nflushing > 0 || uv_is_active((uv_handle_t *)&s->retry))
