@@ -58,6 +58,8 @@ void cache__period_now(struct cache__period *p);
 void cache__period_fmt(const struct cache__period *p, char day[16], char month[16]);
 /* Monotonic milliseconds, for in-process expiry. */
 uint64_t cache__mono_ms(void);
+/* Wall-clock milliseconds since 1970 (what Redis's TIME counts in). */
+int64_t cache__wall_ms(void);
 
 /* ---- in-process store (local.c) ---- */
 
@@ -100,8 +102,12 @@ struct cache__jentry {
     int64_t res_amount;           /* that reservation's amount (part of its member) */
     uint64_t id;                  /* seq 0: the charge's id, sent with it so that Redis applies
                                    * it once (0: never sent yet) */
+    int64_t since_ms;             /* conditional, seq 0: wall-clock ms before which its id
+                                   * was not applied (Redis forgets ids after the grace) */
     unsigned conditional:1;       /* may have been applied: charge only if the reservation is
                                    * still known (seq), or if Redis has not seen the id */
+    char origin[17];              /* instance id in its reservation member or id: this
+                                   * instance's, or the one that saved it (jfile.c) */
     char tenant[];                /* tenant id */
 };
 
@@ -111,6 +117,7 @@ struct cache__journal {
     struct cache__map agg;        /* tenant+period -> unconditional, member-less entry */
     size_t count;                 /* entries */
     int64_t amount;               /* sum of real */
+    const char *instance;         /* this instance's id: the origin of the entries it adds */
 };
 
 /* Journal a charge. seq != 0 names a Redis reservation to drop; else `id`
@@ -125,7 +132,22 @@ struct cache__jentry *cache__journal_pop(struct cache__journal *j);
 /* Put back an entry whose write-back failed; `conditional` if it may have
  * been applied (an entry once conditional stays so). Takes ownership. */
 void cache__journal_readd(struct cache__journal *j, struct cache__jentry *e, int conditional);
+/* Mark `e` as possibly applied from now on (keeps an earlier since_ms). */
+void cache__journal_mark_conditional(struct cache__jentry *e);
+/* Free every entry; those left are logged at error level as lost to Redis. */
 void cache__journal_free(struct cache__journal *j);
+
+/* ---- journal file (jfile.c): the journal kept across a stop ---- */
+
+/* Lock c->opts.journal_file and load what a stop saved there into the
+ * journal. 0, or -1 (logged): the store must not start. */
+int cache__jfile_open(struct cache *c);
+/* The journal is empty and no write-back is out: a loaded file is no
+ * longer needed. */
+void cache__jfile_written_back(struct cache *c);
+/* At the end: save what the journal still holds (and empty it), or remove
+ * a file whose entries all reached Redis; release the lock. */
+void cache__jfile_close(struct cache *c);
 
 /* ---- operations and the store vtable ---- */
 
@@ -213,6 +235,9 @@ struct cache {
     void (*closed)(void *arg);         /* cache_close() callback */
     void *closed_arg;                  /* its argument */
     unsigned closing:1;                /* cache_close() ran */
+    char *jfile;                       /* owned opts.journal_file, or NULL */
+    int jfile_lock;                    /* fd holding the flock on JFILE.lock, -1: none */
+    unsigned jfile_held:1;             /* the file holds entries not yet confirmed by Redis */
 };
 
 /* A zeroed op of `kind` for `tenant` (NULL: none), from the pool of

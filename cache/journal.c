@@ -14,6 +14,13 @@
  * with (cache_op.charge_id, jentry.id): Redis records the ids it applied
  * and skips one it has seen. A conditional entry is never merged into, as
  * its amount must stay the one sent under its id.
+ *
+ * Redis forgets an applied id after the grace period, so a conditional
+ * entry without a reservation remembers when it may first have been
+ * applied (since_ms); the write-back gives up on one older than that
+ * window rather than charge it twice (redis.c, too_late_to_check). Each
+ * entry also names the instance whose ids it carries (origin): its own, or
+ * for entries loaded from the journal file, the router that saved them.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -96,7 +103,11 @@ int cache__journal_add(struct cache__journal *j, const char *tenant,
     e->seq = seq;
     e->res_amount = res_amount;
     e->id = seq == 0 ? id : 0;
-    e->conditional = conditional ? 1 : 0;
+    e->conditional = 0;
+    e->since_ms = 0;
+    if (conditional)
+        cache__journal_mark_conditional(e);
+    memcpy(e->origin, j->instance, sizeof(e->origin));
     e->agg = NULL;
     if (mergeable(e))
         index_entry(j, e);
@@ -123,10 +134,18 @@ struct cache__jentry *cache__journal_pop(struct cache__journal *j)
     return e;
 }
 
+void cache__journal_mark_conditional(struct cache__jentry *e)
+{
+    if (e->conditional)
+        return; /* it may have been applied since it first went out */
+    e->conditional = 1;
+    e->since_ms = cache__wall_ms();
+}
+
 void cache__journal_readd(struct cache__journal *j, struct cache__jentry *e, int conditional)
 {
     if (conditional && (e->seq != 0 || e->id != 0))
-        e->conditional = 1;
+        cache__journal_mark_conditional(e);
     if (mergeable(e) && merge(j, e->tenant, &e->period, e->real)) {
         free(e);
         return;
@@ -141,8 +160,9 @@ void cache__journal_free(struct cache__journal *j)
     struct cache__jentry *e;
 
     /* Only cache_close() gets here with entries: stopped while Redis was
-     * away or refused writes. Those charges are lost to Redis (the cost
-     * log still has them), which whoever reconciles spend must hear. */
+     * away or refused writes, with no journal file (or one that could not
+     * be written). Those charges are lost to Redis (the cost log still has
+     * them), which whoever reconciles spend must hear. */
     if (j->count > 0)
         log_error("store journal: %zu entries (%lld micro-dollars) not written back to Redis: "
                   "lost from the shared spend (the cost log has them)",

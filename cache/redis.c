@@ -73,6 +73,7 @@
 #define GRACE_MIN_MS 3600000         /* expired reservations remembered at least 1 h */
 #define RETRY_MIN_MS 1000            /* first journal write-back retry while connected */
 #define RETRY_MAX_MS 30000           /* its ceiling */
+#define CLOCK_SKEW_MS 60000          /* how far our clock may be from Redis's */
 
 /* ---- scripts ---- */
 
@@ -947,45 +948,45 @@ _Static_assert(sizeof(((struct cache *)0)->instance) + 2 * 20 + 2 <= MEMBER_MAX,
                "a reservation member fits MEMBER_MAX");
 
 /* "INSTANCE-SEQ" at p, the start of a member and a whole charge id; returns
- * the end. */
-static char *put_instance_seq(char *p, const struct cache *c, uint64_t seq)
+ * the end. `instance` is this store's, or a journal entry's origin. */
+static char *put_instance_seq(char *p, const char *instance, uint64_t seq)
 {
-    size_t n = strlen(c->instance);
+    size_t n = strlen(instance);
 
-    memcpy(p, c->instance, n);
+    memcpy(p, instance, n);
     p[n] = '-';
     return put_int(p + n + 1, (int64_t)seq);
 }
 
-static void arg_member(struct args *a, const struct cache *c, uint64_t seq, int64_t amount)
+static void arg_member(struct args *a, const char *instance, uint64_t seq, int64_t amount)
 {
     char *p = arg_room(a, MEMBER_MAX);
 
     if (p == NULL)
         return;
-    p = put_instance_seq(p, c, seq);
+    p = put_instance_seq(p, instance, seq);
     *p++ = ':';
     arg_done(a, put_int(p, amount));
 }
 
 /* A charge's id, "INSTANCE-ID": unique across instances, as members are. */
-static void arg_id(struct args *a, const struct cache *c, uint64_t id)
+static void arg_id(struct args *a, const char *instance, uint64_t id)
 {
     char *p = arg_room(a, MEMBER_MAX);
 
     if (p)
-        arg_done(a, put_instance_seq(p, c, id));
+        arg_done(a, put_instance_seq(p, instance, id));
 }
 
 /* A reservation's member and amount, or '' and 0 for none (seq 0). */
-static void args_member(struct args *a, const struct cache *c, uint64_t seq, int64_t amount)
+static void args_member(struct args *a, const char *instance, uint64_t seq, int64_t amount)
 {
     if (seq == 0) {
         arg_add(a, "");
         arg_add(a, "0");
         return;
     }
-    arg_member(a, c, seq, amount);
+    arg_member(a, instance, seq, amount);
     arg_int(a, amount);
 }
 
@@ -1031,21 +1032,21 @@ static void args_settle(struct args *a, const struct cache *c, const struct cach
     const struct cache__jentry *e = op->jentry;
 
     if (e == NULL && op->res.remote) { /* charges whatever happened to the reservation */
-        args_member(a, c, op->res.seq, op->res.amount);
+        args_member(a, c->instance, op->res.seq, op->res.amount);
         arg_int(a, op->amount);
         arg_add(a, "1");
     } else if (e == NULL) {
-        args_member(a, c, 0, 0);
+        args_member(a, c->instance, 0, 0);
         arg_int(a, op->amount);
-        arg_id(a, c, op->charge_id);
+        arg_id(a, c->instance, op->charge_id);
     } else if (e->seq != 0) { /* a sent one may have been applied already */
-        args_member(a, c, e->seq, e->res_amount);
+        args_member(a, e->origin, e->seq, e->res_amount);
         arg_int(a, e->real);
         arg_add(a, e->conditional ? "0" : "1");
     } else {
-        args_member(a, c, 0, 0);
+        args_member(a, e->origin, 0, 0);
         arg_int(a, e->real);
-        arg_id(a, c, e->id);
+        arg_id(a, e->origin, e->id);
     }
 }
 
@@ -1053,7 +1054,7 @@ static void args_settle(struct args *a, const struct cache *c, const struct cach
 static void args_begin(struct args *a, const struct cache *c, const struct cache_op *op,
                        int entry)
 {
-    arg_member(a, c, op->res.seq, op->amount);
+    arg_member(a, c->instance, op->res.seq, op->amount);
     arg_int(a, op->amount);
     arg_int(a, entry);
 }
@@ -1608,7 +1609,9 @@ static void flush_ended(struct cache_op *op)
     c->redis->nflushing--;
     if (op->errstr == NULL) {
         c->redis->retry_ms = RETRY_MIN_MS;
-    } else if (!c->closing) {
+    } else {
+        /* Closing too: the journal file saves it, or the close counts it
+         * among the charges lost to Redis. */
         cache__journal_readd(&c->journal, op->jentry, !op->refused);
         op->jentry = NULL;
     }
@@ -1715,6 +1718,27 @@ static void redis_put(struct cache_op *op)
     cache__defer(op);
 }
 
+/* Whether `e` (popped) may have been applied so long ago that Redis has
+ * forgotten the id that would tell: the applied set keeps an id for the
+ * grace period after it was applied (on Redis's clock, which CLOCK_SKEW_MS
+ * allows to differ from ours), and the first send that may have applied
+ * it left at most a command timeout before since_ms. A reservation entry
+ * is safe at any age: a member Redis no longer knows is not charged. An id
+ * entry sent this late could be charged twice; it is dropped instead,
+ * logged with its amount (the cost log has the request). */
+static int too_late_to_check(const struct cache *c, const struct cache__jentry *e)
+{
+    int64_t window = (int64_t)grace_ms(c) - c->opts.command_timeout_ms - CLOCK_SKEW_MS;
+
+    if (e->seq != 0 || !e->conditional || cache__wall_ms() - e->since_ms < window)
+        return 0;
+    log_error("store: a journaled charge of %lld micro-dollars to tenant %s may have been "
+              "applied more than the grace period ago, when Redis no longer knows: not "
+              "written back, lest it be charged twice (the cost log has it)",
+              (long long)e->real, e->tenant);
+    return 1;
+}
+
 static void flush_journal(struct cache__redis *s)
 {
     struct cache *c = s->c;
@@ -1726,7 +1750,12 @@ static void flush_journal(struct cache__redis *s)
     /* Only the entries present now: a failure re-adds at the tail. */
     for (; n > 0 && s->state == CACHE_STATE_CONNECTED; n--) {
         struct cache__jentry *e = cache__journal_pop(&c->journal);
-        struct cache_op *op = cache__op_new(c, CACHE__FLUSH, NULL);
+        struct cache_op *op;
+        if (too_late_to_check(c, e)) {
+            free(e);
+            continue;
+        }
+        op = cache__op_new(c, CACHE__FLUSH, NULL);
         if (op == NULL) {
             cache__journal_readd(&c->journal, e, 0);
             break;
@@ -1760,6 +1789,8 @@ static void journal_retry(struct cache__redis *s)
 {
     struct cache *c = s->c;
 
+    if (c->jfile_held && c->journal.count == 0 && s->nflushing == 0 && !c->closing)
+        cache__jfile_written_back(c); /* every entry it held is in Redis */
     if (c->journal.count == 0 || c->closing || s->state != CACHE_STATE_CONNECTED ||
         s->nflushing > 0 || uv_is_active((uv_handle_t *)&s->retry))
         return;

@@ -57,6 +57,14 @@ uint64_t cache__mono_ms(void)
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
+int64_t cache__wall_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 char *cache__entry_name(const struct cache *c, const char *tenant, const struct cache_key *key)
 {
     char hex[65];
@@ -379,17 +387,27 @@ struct cache *cache_create(uv_loop_t *loop, const struct cache_options *opts)
             goto fail;
         c->opts.redis_url = c->url;
     }
+    c->jfile_lock = -1;
+    if (c->url && opts->journal_file) {
+        c->jfile = strdup(opts->journal_file);
+        if (c->jfile == NULL)
+            goto fail;
+    }
+    c->opts.journal_file = c->jfile;
     if (RAND_bytes(id, sizeof(id)) != 1)
         goto fail;
     for (size_t i = 0; i < sizeof(id); i++)
         snprintf(c->instance + 2 * i, 3, "%02x", id[i]);
+    c->journal.instance = c->instance;
     cache__local_init(&c->local, c->opts.local_cache_bytes, c->opts.reservation_ttl_ms);
     uv_idle_init(loop, &c->idle);
     c->handles_open = 1;
     c->type = &cache__local_type;
     if (c->url) {
         c->type = &cache__redis_type;
-        if (cache__redis_create(c) < 0) {
+        /* The file first: its entries are in the journal before the
+         * connection, whose setup writes the journal back. */
+        if ((c->jfile && cache__jfile_open(c) < 0) || cache__redis_create(c) < 0) {
             /* Only the idle handle exists: close it, free from its callback. */
             c->closing = 1;
             c->type = &cache__local_type;
@@ -402,6 +420,7 @@ struct cache *cache_create(uv_loop_t *loop, const struct cache_options *opts)
 fail:
     free(c->prefix);
     free(c->url);
+    free(c->jfile);
     free(c);
     return NULL;
 }
@@ -418,10 +437,13 @@ static void cache_free(struct cache *c)
         free(op);
     }
     cache__redis_free(c);
+    if (c->jfile)
+        cache__jfile_close(c);
     cache__journal_free(&c->journal);
     cache__local_free(&c->local);
     free(c->prefix);
     free(c->url);
+    free(c->jfile);
     free(c);
     if (closed)
         closed(arg);

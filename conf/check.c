@@ -514,6 +514,17 @@ static void check_tls(struct conf__ctx *ctx)
         conf__error(ctx, m->lines[CONF__R_TLS], "tls", "needs cert_file and key_file");
 }
 
+/* The journal exists only with Redis: a file named without it would
+ * promise a safety that is not there. */
+static void check_store(struct conf__ctx *ctx)
+{
+    const struct conf__meta *m = &ctx->root;
+
+    if (HAS(m, CONF__R_JOURNAL_FILE) && ctx->conf->redis_url == NULL)
+        conf__error(ctx, m->lines[CONF__R_JOURNAL_FILE], "store.journal_file",
+                    "needs store.redis (the in-process store has no journal)");
+}
+
 void conf__check(struct conf__ctx *ctx)
 {
     int best;
@@ -524,6 +535,7 @@ void conf__check(struct conf__ctx *ctx)
     check_tenants(ctx, best);
     check_experiments(ctx);
     check_cache(ctx);
+    check_store(ctx);
     check_tls(ctx);
 }
 

@@ -16,6 +16,8 @@
 #include <ctype.h>
 #include <errno.h>
 #include <libfyaml.h>
+#include <libgen.h>
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -884,6 +886,26 @@ static int check_folder(struct conf__ctx *ctx, void *obj, const char *text, int 
     return 0;
 }
 
+/* A file the router replaces at stop (FILE.tmp renamed over it) and locks
+ * (FILE.lock): its folder must exist and take new files, and the name
+ * must not be a folder. */
+static int check_journal_file(struct conf__ctx *ctx, void *obj, const char *text, int line,
+                              const char *path)
+{
+    char q[CONF__QUOTE_SIZE], folder[PATH_MAX];
+    struct stat st;
+
+    conf__quote(q, text, strlen(text));
+    if (text[0] == '\0' || snprintf(folder, sizeof(folder), "%s", text) >= (int)sizeof(folder))
+        return conf__error(ctx, line, path, "%s is not a file name", q);
+    if (stat(text, &st) == 0 && !S_ISREG(st.st_mode))
+        return conf__error(ctx, line, path, "%s is not a regular file", q);
+    if (access(dirname(folder), W_OK | X_OK) != 0)
+        return conf__error(ctx, line, path, "cannot write files in the folder of %s: %s", q,
+                           strerror(errno));
+    return 0;
+}
+
 /* The store puts keys in hash tags of its own: a '{' would break them. */
 static int check_key_prefix(struct conf__ctx *ctx, void *obj, const char *text, int line,
                             const char *path)
@@ -964,6 +986,8 @@ static const struct directive root_directives[CONF__R_COUNT] = {
                                  R(store_command_timeout_ms), 1, DAY_MS, "500"},
     [CONF__R_RESERVATION_TTL] = {"reservation_ttl_ms", "store", T_INT,
                                  R(store_reservation_ttl_ms), 1000, 7 * DAY_MS, "600000"},
+    [CONF__R_JOURNAL_FILE] = {"journal_file", "store", T_STR, R(store_journal_file),
+                              .fn = check_journal_file},
     [CONF__R_CACHE] = {"cache", NULL, T_SECTION},
     [CONF__R_CACHE_ENABLED] = {"enabled", "cache", T_BOOL, .set_flag = set_cache_enabled,
                                .def = "true"},

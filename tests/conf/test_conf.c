@@ -172,7 +172,7 @@ static struct error_case error_cases[] = {
      {"1: (file): cannot open: No such file or directory"}},
     {.file = "conf/example.yaml", .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY"},
      .lines = {"15: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
-      "77: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
+      "81: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
     {.file = DATA "prices_bad.yaml", .lines =
      {"5: include[2]: \"inc/prices_bad.yaml\" is already included",
       "8: prices.custom-x: duplicate price \"custom-x\" (first at {DIR}/inc/prices_bad.yaml:3)",
@@ -238,6 +238,11 @@ static struct error_case error_cases[] = {
       "9: cache.ttl_s: 0 is out of range 1..31536000",
       "11: cache.local_bytes: 1024 is smaller than cache.max_entry_bytes (2048)",
       "12: cache.shraed: unknown key (did you mean \"shared\"?)"}},
+    {.file = DATA "journal_file_no_redis.yaml", .lines =
+     {"3: store.journal_file: needs store.redis (the in-process store has no journal)"}},
+    {.file = DATA "journal_file_bad.yaml", .lines =
+     {"4: store.journal_file: cannot write files in the folder of \"/nonexistent/journal.jsonl\": "
+      "No such file or directory"}},
     {.file = DATA "names_long.yaml", .lines =
      {"4: store.key_prefix: is longer than 128 characters",
       "9: routes[1].model: is longer than 200 characters",

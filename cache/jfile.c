@@ -1,0 +1,457 @@
+/*
+ * cache/jfile.c: the journal kept across a stop (store.journal_file).
+ *
+ * A router stopped while Redis is down or refusing writes would lose the
+ * journal's charges from Redis. With a journal file, the close saves them
+ * there, and the next start loads them back into the journal, to be written
+ * back when Redis answers like any other entry. The file goes once they
+ * are all in Redis (journal empty, no write-back out), or is replaced by
+ * the next stop's save. A router killed (SIGKILL, a crash) loses what only
+ * its memory held, as without a file: it never reaches the save.
+ *
+ * Format: one JSON object per line. The first is a header
+ *   {"costrouter_journal":1,"saved_ms":T,"entries":N,"micro_usd":SUM}
+ * then N entries
+ *   {"tenant":"acme","day":"2026-12-04","micro_usd":40,"origin":"<16 hex>",
+ *    "id":7 | "seq":3,"reserved_micro_usd":100, "conditional":true,"since_ms":T}
+ * The header's count and sum must match the entries: a file cut short or
+ * edited wrong is refused (the router does not start, saying where), never
+ * half loaded: its money would be silently gone otherwise. Saved as a
+ * temporary file, fsync'd and renamed over the old one, so a crash during
+ * the save leaves the old file whole.
+ *
+ * Why each entry is written back at most once. An entry is re-checked by
+ * Redis with what it was sent with, which is why it keeps its origin (the
+ * instance id that saved it) rather than taking the new router's:
+ * - with a reservation (seq): charged only if Redis still holds the
+ *   member "ORIGIN-SEQ:AMOUNT" (open or expired); charging drops it, so a
+ *   second send finds nothing and charges nothing. The worst a late write-
+ *   back does is charge nothing (the reservation was forgotten: lost from
+ *   Redis, never doubled).
+ * - without one: sent with its id "ORIGIN-ID", skipped if Redis applied
+ *   that id within the grace period. Every entry saved has an id (one is
+ *   given at save to those never sent), so a reloaded one is recognised.
+ *   Past the grace period Redis has forgotten the id: a conditional entry
+ *   (maybe applied) older than that is dropped and logged, not sent (see
+ *   redis.c, too_late_to_check).
+ * A crash after the load and before the file is removed loads it again,
+ * after some entries may have been written back. So the load saves the
+ * file again with every entry conditional (charged only if Redis does not
+ * know it yet), and in memory the id entries are conditional from the load
+ * on (never merged with others, which would send their money under another
+ * id); reservation entries keep their flag in memory, where it is exact.
+ *
+ * File access blocks the loop: it happens at start (cache_create) and at
+ * the end (cache_close), never per request.
+ */
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cache/internal.h"
+#include "common/buf.h"
+#include "common/log.h"
+
+#define JFILE_VERSION 1
+#define JFILE_LINE_MAX 4096    /* longer: not a line we wrote */
+#define JFILE_INT_MAX 9007199254740992.0 /* 2^53: integers a JSON number holds exactly */
+
+/* ---- saving ---- */
+
+/* "YYYY-MM-DD" of a period's day. */
+static void day_text(const struct cache__period *p, char out[16])
+{
+    time_t t = (time_t)p->day * 86400;
+    struct tm tm;
+
+    gmtime_r(&t, &tm);
+    strftime(out, 16, "%Y-%m-%d", &tm);
+}
+
+/* One entry as a JSON line appended to `out`; -1 on no memory. */
+static int entry_line(struct buf *out, const struct cache__jentry *e, int all_conditional)
+{
+    cJSON *o = cJSON_CreateObject();
+    char day[16], *text;
+    int rc = -1;
+    int conditional = e->conditional || all_conditional;
+    /* Not conditional until now: nothing of it was applied before this. */
+    double since = e->conditional ? (double)e->since_ms : (double)cache__wall_ms();
+
+    day_text(&e->period, day);
+    if (o == NULL || !cJSON_AddStringToObject(o, "tenant", e->tenant) ||
+        !cJSON_AddStringToObject(o, "day", day) ||
+        !cJSON_AddNumberToObject(o, "micro_usd", (double)e->real) ||
+        !cJSON_AddStringToObject(o, "origin", e->origin))
+        goto out;
+    if (e->seq != 0 ? !cJSON_AddNumberToObject(o, "seq", (double)e->seq) ||
+                          !cJSON_AddNumberToObject(o, "reserved_micro_usd", (double)e->res_amount)
+                    : !cJSON_AddNumberToObject(o, "id", (double)e->id))
+        goto out;
+    if (!cJSON_AddBoolToObject(o, "conditional", conditional))
+        goto out;
+    if (conditional && !cJSON_AddNumberToObject(o, "since_ms", since))
+        goto out;
+    text = cJSON_PrintUnformatted(o);
+    if (text != NULL) {
+        rc = buf_append(out, text, strlen(text)) < 0 || buf_append_lit(out, "\n") < 0 ? -1 : 0;
+        free(text);
+    }
+out:
+    cJSON_Delete(o);
+    return rc;
+}
+
+/* The whole file: header, then the entries. */
+static int file_text(struct buf *out, const struct cache__journal *j, int all_conditional)
+{
+    if (buf_printf(out, "{\"costrouter_journal\":%d,\"saved_ms\":%lld,\"entries\":%zu,"
+                        "\"micro_usd\":%lld}\n",
+                   JFILE_VERSION, (long long)cache__wall_ms(), j->count, (long long)j->amount) < 0)
+        return -1;
+    for (const struct cache__jentry *e = j->head; e; e = e->next)
+        if (entry_line(out, e, all_conditional) < 0)
+            return -1;
+    return 0;
+}
+
+static int write_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0)
+            return -1;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* fsync the folder holding `path`, so that a rename or unlink in it
+ * survives a power cut. */
+static int sync_folder(const char *path)
+{
+    char copy[PATH_MAX];
+    int fd, rc;
+
+    snprintf(copy, sizeof(copy), "%s", path);
+    fd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    rc = fsync(fd);
+    close(fd);
+    return rc;
+}
+
+/* Write `data` to `path` atomically: PATH.tmp, fsync, rename. 0 or -1
+ * with errno set. */
+static int replace_file(const char *path, const struct buf *data)
+{
+    char tmp[PATH_MAX];
+    int fd, err;
+
+    if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp))
+        return errno = ENAMETOOLONG, -1;
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return -1;
+    if (write_all(fd, data->data, data->len) < 0 || fsync(fd) < 0) {
+        err = errno;
+        close(fd);
+        unlink(tmp);
+        return errno = err, -1;
+    }
+    if (close(fd) < 0 || rename(tmp, path) < 0) {
+        err = errno;
+        unlink(tmp);
+        return errno = err, -1;
+    }
+    return sync_folder(path);
+}
+
+/* Save the journal to the file; `all_conditional`: mark every entry as
+ * possibly applied (the load's copy, see the top). 0 or -1 (logged). */
+static int save(struct cache *c, int all_conditional)
+{
+    struct buf text = {0};
+    int rc;
+
+    /* An id for every entry never sent: written back after a reload
+     * that may be repeated, it must be known by one. */
+    for (struct cache__jentry *e = c->journal.head; e; e = e->next)
+        if (e->seq == 0 && e->id == 0)
+            e->id = ++c->seq;
+    rc = file_text(&text, &c->journal, all_conditional);
+    if (rc < 0)
+        errno = ENOMEM;
+    else
+        rc = replace_file(c->jfile, &text);
+    if (rc < 0)
+        log_error("store.journal_file %s: cannot write it: %s", c->jfile, strerror(errno));
+    buf_free(&text);
+    return rc;
+}
+
+/* ---- loading ---- */
+
+/* A whole number in [0, 2^53] under `name` of `o`; -1 if absent or not. */
+static int get_int(const cJSON *o, const char *name, int64_t *out)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
+
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0) || v->valuedouble > JFILE_INT_MAX ||
+        v->valuedouble != floor(v->valuedouble))
+        return -1;
+    *out = (int64_t)v->valuedouble;
+    return 0;
+}
+
+/* "YYYY-MM-DD" to the day and month it belongs to; -1 if not a date. */
+static int parse_day(const char *s, struct cache__period *p)
+{
+    struct tm tm = {0};
+    int y, m, d, n = 0;
+    time_t t;
+
+    if (sscanf(s, "%4d-%2d-%2d%n", &y, &m, &d, &n) != 3 || s[n] != '\0' || y < 1970 ||
+        m < 1 || m > 12 || d < 1 || d > 31)
+        return -1;
+    tm.tm_year = y - 1900;
+    tm.tm_mon = m - 1;
+    tm.tm_mday = d;
+    t = timegm(&tm);
+    if (t < 0 || tm.tm_mday != d) /* 31 February rolled over */
+        return -1;
+    p->day = (uint32_t)(t / 86400);
+    p->month = (uint32_t)(y * 12 + m - 1);
+    return 0;
+}
+
+static int is_origin(const char *s)
+{
+    size_t n = strspn(s, "0123456789abcdef");
+
+    return n == 16 && s[n] == '\0';
+}
+
+/* The entry a line describes, or NULL with *why saying what is wrong. */
+static struct cache__jentry *parse_entry(const cJSON *o, const char **why)
+{
+    const cJSON *tenant = cJSON_GetObjectItemCaseSensitive(o, "tenant");
+    const cJSON *day = cJSON_GetObjectItemCaseSensitive(o, "day");
+    const cJSON *origin = cJSON_GetObjectItemCaseSensitive(o, "origin");
+    const cJSON *cond = cJSON_GetObjectItemCaseSensitive(o, "conditional");
+    struct cache__jentry *e;
+    struct cache__period p;
+    int64_t real, seq = 0, res = 0, id = 0, since = 0;
+    size_t n;
+
+    *why = "not a journal entry";
+    if (!cJSON_IsString(tenant) || !cJSON_IsString(day) || !cJSON_IsString(origin) ||
+        !cJSON_IsBool(cond) || get_int(o, "micro_usd", &real) < 0)
+        return NULL;
+    n = strlen(tenant->valuestring);
+    if (n == 0 || n > CACHE_TENANT_MAX)
+        return *why = "bad tenant", NULL;
+    if (parse_day(day->valuestring, &p) < 0)
+        return *why = "bad day (YYYY-MM-DD)", NULL;
+    if (!is_origin(origin->valuestring))
+        return *why = "bad origin (16 hex digits)", NULL;
+    if (cJSON_HasObjectItem(o, "seq")
+            ? get_int(o, "seq", &seq) < 0 || seq == 0 || get_int(o, "reserved_micro_usd", &res) < 0
+            : get_int(o, "id", &id) < 0 || id == 0)
+        return *why = "needs a seq and reserved_micro_usd, or an id (each > 0)", NULL;
+    if (cJSON_IsTrue(cond) && get_int(o, "since_ms", &since) < 0)
+        return *why = "a conditional entry needs since_ms", NULL;
+    e = calloc(1, sizeof(*e) + n + 1);
+    if (e == NULL)
+        return *why = "out of memory", NULL;
+    memcpy(e->tenant, tenant->valuestring, n + 1);
+    memcpy(e->origin, origin->valuestring, sizeof(e->origin));
+    e->period = p;
+    e->real = real;
+    e->seq = (uint64_t)seq;
+    e->res_amount = res;
+    e->id = (uint64_t)id;
+    e->conditional = cJSON_IsTrue(cond);
+    e->since_ms = since;
+    if (e->seq == 0) /* see the top: its id may be applied from now on */
+        cache__journal_mark_conditional(e);
+    *why = NULL;
+    return e;
+}
+
+/* The header's entry count and sum, or -1. */
+static int parse_header(const cJSON *o, int64_t *count, int64_t *sum)
+{
+    int64_t version;
+
+    if (get_int(o, "costrouter_journal", &version) < 0 || version != JFILE_VERSION ||
+        get_int(o, "entries", count) < 0 || get_int(o, "micro_usd", sum) < 0)
+        return -1;
+    return 0;
+}
+
+/* Line `lineno` (1 is the header) into the journal. NULL or what is wrong. */
+static const char *load_line(struct cache *c, const char *line, size_t lineno, int64_t *count,
+                             int64_t *sum)
+{
+    cJSON *o = cJSON_Parse(line);
+    const char *why = NULL;
+
+    if (!cJSON_IsObject(o))
+        why = "not a JSON object";
+    else if (lineno == 1 && parse_header(o, count, sum) < 0)
+        why = "not a costrouter journal header (version 1)";
+    else if (lineno > 1) {
+        struct cache__jentry *e = parse_entry(o, &why);
+        if (e)
+            cache__journal_readd(&c->journal, e, 0);
+    }
+    cJSON_Delete(o);
+    return why;
+}
+
+/* Load `f` (the file) into the journal; 0 or -1 (logged). */
+static int load(struct cache *c, FILE *f)
+{
+    char *line = NULL;
+    size_t cap = 0, lineno = 0;
+    ssize_t len;
+    int64_t count = -1, sum = 0;
+    const char *why = NULL;
+
+    while (why == NULL && (len = getline(&line, &cap, f)) >= 0) {
+        lineno++;
+        if (len > JFILE_LINE_MAX || (size_t)len != strlen(line))
+            why = "line too long or holds a NUL";
+        else
+            why = load_line(c, line, lineno, &count, &sum);
+    }
+    free(line);
+    if (why == NULL && ferror(f))
+        why = strerror(errno);
+    if (why == NULL && (lineno == 0 || (int64_t)c->journal.count != count ||
+                        c->journal.amount != sum)) {
+        why = "entries or micro_usd differ from the header's (cut short?)";
+        lineno = lineno ? 1 : 0;
+    }
+    if (why == NULL)
+        return 0;
+    log_error("store.journal_file %s:%zu: %s; the router does not start: its charges are not in "
+              "Redis yet (repair the file, or move it aside and reconcile from the cost log)",
+              c->jfile, lineno, why);
+    return -1;
+}
+
+/* ---- the lock ---- */
+
+/* flock JFILE.lock for as long as the store lives: two routers writing
+ * one file would each replace the other's charges. */
+static int lock(struct cache *c)
+{
+    char path[PATH_MAX];
+
+    if (snprintf(path, sizeof(path), "%s.lock", c->jfile) >= (int)sizeof(path)) {
+        log_error("store.journal_file %s: path too long", c->jfile);
+        return -1;
+    }
+    c->jfile_lock = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (c->jfile_lock < 0) {
+        log_error("store.journal_file %s: cannot open %s: %s", c->jfile, path, strerror(errno));
+        return -1;
+    }
+    if (flock(c->jfile_lock, LOCK_EX | LOCK_NB) < 0) {
+        log_error("store.journal_file %s: %s", c->jfile,
+                  errno == EWOULDBLOCK ? "in use by another router (each needs a file of its own)"
+                                       : strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- the store's side ---- */
+
+/* Drop the journal's entries without a word: the file has them. */
+static void journal_forget(struct cache__journal *j)
+{
+    struct cache__jentry *e;
+
+    while ((e = cache__journal_pop(j)) != NULL)
+        free(e);
+}
+
+/* Undo a failed open: the file stays as it is, the store does not use it. */
+static int open_failed(struct cache *c)
+{
+    journal_forget(&c->journal);
+    if (c->jfile_lock >= 0)
+        close(c->jfile_lock);
+    c->jfile_lock = -1;
+    free(c->jfile);
+    c->jfile = NULL;
+    c->opts.journal_file = NULL;
+    return -1;
+}
+
+int cache__jfile_open(struct cache *c)
+{
+    FILE *f;
+    int rc;
+
+    if (lock(c) < 0)
+        return open_failed(c);
+    f = fopen(c->jfile, "re");
+    if (f == NULL && errno == ENOENT)
+        return 0;
+    if (f == NULL) {
+        log_error("store.journal_file %s: cannot read it: %s", c->jfile, strerror(errno));
+        return open_failed(c);
+    }
+    rc = load(c, f);
+    fclose(f);
+    if (rc < 0 || save(c, 1) < 0)
+        return open_failed(c);
+    c->jfile_held = 1;
+    log_warn("store: %zu journaled charges (%lld micro-dollars) loaded from %s, to be written "
+             "back to Redis",
+             c->journal.count, (long long)c->journal.amount, c->jfile);
+    return 0;
+}
+
+void cache__jfile_written_back(struct cache *c)
+{
+    if (!c->jfile_held)
+        return;
+    c->jfile_held = 0;
+    if (unlink(c->jfile) < 0 && errno != ENOENT)
+        log_error("store.journal_file %s: cannot remove it: %s", c->jfile, strerror(errno));
+    else
+        log_info("store: the charges loaded from %s are written back; file removed", c->jfile);
+}
+
+void cache__jfile_close(struct cache *c)
+{
+    if (c->journal.count > 0 && save(c, 0) == 0) {
+        log_warn("store: %zu journaled charges (%lld micro-dollars) not written back to Redis: "
+                 "saved to %s for the next start",
+                 c->journal.count, (long long)c->journal.amount, c->jfile);
+        journal_forget(&c->journal);
+    } else if (c->journal.count == 0) {
+        cache__jfile_written_back(c);
+    }
+    if (c->jfile_lock >= 0)
+        close(c->jfile_lock);
+    c->jfile_lock = -1;
+}
