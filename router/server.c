@@ -846,7 +846,7 @@ static struct router__shared *shared_create(uv_loop_t *loop, const struct conf *
     if (conf->cost_log != NULL) {
         int err = 0;
 
-        sh->cost_log = metrics_cost_log_open(loop, conf->cost_log, 0, sh->metrics, &err);
+        sh->cost_log = metrics_cost_log_open(loop, conf->cost_log, 0, 0, 0, sh->metrics, &err);
         if (sh->cost_log == NULL) {
             log_error("cost_log %s: %s", conf->cost_log, uv_strerror(err));
             goto fail;
