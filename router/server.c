@@ -846,7 +846,8 @@ static struct router__shared *shared_create(uv_loop_t *loop, const struct conf *
     if (conf->cost_log != NULL) {
         int err = 0;
 
-        sh->cost_log = metrics_cost_log_open(loop, conf->cost_log, 0, 0, 0, sh->metrics, &err);
+        sh->cost_log = metrics_cost_log_open(loop, conf->cost_log, 0, conf->cost_log_buffer_max,
+                                             (unsigned)conf->cost_log_wait_ms, sh->metrics, &err);
         if (sh->cost_log == NULL) {
             log_error("cost_log %s: %s", conf->cost_log, uv_strerror(err));
             goto fail;
@@ -1066,6 +1067,10 @@ static const char *restart_only_change(const struct conf *now, const struct conf
         return "cache.shared";
     if (differ(now->cost_log, next->cost_log))
         return "cost_log";
+    if (now->cost_log_buffer_max != next->cost_log_buffer_max)
+        return "cost_log_buffer_max";
+    if (now->cost_log_wait_ms != next->cost_log_wait_ms)
+        return "cost_log_wait_ms";
     return NULL;
 }
 
