@@ -60,6 +60,7 @@ static struct {
     int started;      /* the reader runs: fifo_finish joins it */
     pthread_t thread; /* the reader */
     sem_t go;         /* posted to let it read */
+    int in;           /* its end of the FIFO */
     char out[64];     /* what it read */
 } fifo;
 static void fifo_finish(void);
@@ -159,33 +160,37 @@ static void wait_store_up(int i)
     cr_assert_fail("router %d: the store did not come up", i);
 }
 
-/* The FIFO's reader: opens it (the router's open waits for that), makes
- * its pipe one page, the least Linux allows, and reads nothing until
- * released; then copies all to fifo.out until the router closes its end. */
+/* The FIFO's reader: reads nothing until released, then copies all to
+ * fifo.out until the router closes its end. */
 static void *fifo_read(void *arg)
 {
-    int in = open(log_path, O_RDONLY), out = open(fifo.out, O_WRONLY | O_TRUNC);
+    int out = open(fifo.out, O_WRONLY | O_TRUNC);
     char data[4096];
     ssize_t n;
 
     (void)arg;
-    (void)fcntl(in, F_SETPIPE_SZ, 4096);
     sem_wait(&fifo.go);
-    while ((n = read(in, data, sizeof(data))) > 0)
+    while ((n = read(fifo.in, data, sizeof(data))) > 0)
         if (write(out, data, (size_t)n) != n)
             break;
-    close(in);
+    close(fifo.in);
     close(out);
     return NULL;
 }
 
-/* Replace the cost log file by a FIFO and start its reader. */
+/* Replace the cost log file by a FIFO, open its reading end (the router's
+ * open waits for one) with a pipe of one page, the least Linux allows,
+ * before the router can write, and start its reader. */
 static void use_fifo_log(void)
 {
     strcpy(fifo.out, "/tmp/costrouter-fifo-out-XXXXXX");
     close(mkstemp(fifo.out));
     cr_assert_eq(unlink(log_path), 0);
     cr_assert_eq(mkfifo(log_path, 0600), 0);
+    fifo.in = open(log_path, O_RDONLY | O_NONBLOCK);
+    cr_assert_geq(fifo.in, 0);
+    cr_assert_eq(fcntl(fifo.in, F_SETPIPE_SZ, 4096), 4096);
+    cr_assert_eq(fcntl(fifo.in, F_SETFL, 0), 0); /* the reader's reads wait */
     cr_assert_eq(sem_init(&fifo.go, 0, 0), 0);
     cr_assert_eq(pthread_create(&fifo.thread, NULL, fifo_read, NULL), 0);
     fifo.started = 1;
@@ -197,17 +202,12 @@ static void fifo_release(void)
     sem_post(&fifo.go);
 }
 
-/* Release the reader and wait for it to see the end (the router stopped):
- * a reader still in its open (no router opened the FIFO) is let through. */
+/* Release the reader and wait for it to see the end (the router stopped). */
 static void fifo_join(void)
 {
-    int w;
-
     if (!fifo.started)
         return;
     fifo_release();
-    if ((w = open(log_path, O_WRONLY | O_NONBLOCK)) >= 0)
-        close(w);
     pthread_join(fifo.thread, NULL);
     fifo.started = 0;
 }
