@@ -25,5 +25,7 @@ const char error_upstream_total_timeout[] = "upstream response took too long";
 const char error_store_unavailable[] = "spend store unavailable";
 const char error_no_descriptors[] = "the router is at its open-file limit and could not open a "
                                     "connection to the backend; retry shortly";
+const char error_cost_log_behind[] = "the cost log is behind the disk; the request was not "
+                                     "started and nothing was charged";
 const char error_internal[] = "internal error";
 const char error_no_memory[] = "out of memory";

@@ -34,6 +34,7 @@ extern const char error_upstream_total_timeout[]; /* 504 */
 /* Ours. */
 extern const char error_store_unavailable[]; /* 503: store down, fail_closed */
 extern const char error_no_descriptors[];    /* 503: open-file limit reached */
+extern const char error_cost_log_behind[];   /* 503: parked too long while the cost log was behind */
 extern const char error_internal[];          /* 500 */
 extern const char error_no_memory[];         /* 500 */
 

@@ -171,6 +171,10 @@ struct conf {
     char *tls_key_file;          /* PEM private key of tls_cert_file */
     char *admin_key;             /* secret, or NULL: admin API off */
     char *cost_log;              /* path, "-" for stdout, NULL for none */
+    size_t cost_log_buffer_max;  /* bytes waiting for the disk that hold new requests,
+                                    default 16 MiB (until half are written) */
+    int cost_log_wait_ms;        /* a held request waits this long (then 503); at exit,
+                                    the longest wait for one write; default 30000 */
     char *redis_url;             /* store.redis exactly as given (after ${ENV}), for
                                     cache_options.redis_url; NULL: in-process store;
                                     may hold a password: never log */

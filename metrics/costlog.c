@@ -2,23 +2,30 @@
  * metrics/costlog.c: the per-request cost log, one JSON line per request.
  *
  * Records are serialized at once into `pending`. A flush swaps `pending`
- * and `inflight` and hands `inflight` to a write on the threadpool, so
- * the loop does not wait for the disk and records keep arriving while the
+ * and `inflight` and hands `inflight` to the log's own writer thread, so
+ * the loop never waits for the disk and records keep arriving while the
  * write runs. At most one filesystem request (write, open or close) is in
  * flight at a time, which keeps lines in order and makes reopen simple:
  *
- *   write()  -> pending --(timer / 64 KiB)--> inflight --work_write--> fd
+ *   write()  -> pending --(timer / 64 KiB)--> inflight --writer thread--> fd
  *   reopen() -> after the current write: uv_fs_open(path), then close old fd
- *   close()  -> after the current request: synchronous write of the rest,
- *               close fd, uv_close(timer) -> free
+ *   close()  -> after the current request: the rest written the same way,
+ *               close fd, close the handles -> free
  *
- * Records are money (chargeback), so none is dropped for want of room.
- * When 16 MiB wait for the disk (a disk, or a threadpool, slower than the
- * requests), write() waits for the write in flight and writes the rest
- * itself, on the loop: back-pressure, the router slows to the disk's pace
- * while memory stays bounded. That is why the write is our own work item
- * rather than uv_fs_write: the loop can wait for it (a condition variable)
- * or take it back (uv_cancel), which libuv offers for neither.
+ * Records are money (chargeback), so none is dropped for want of room,
+ * and the loop never blocks on the disk either: when `buffer_max` bytes
+ * wait for it (a disk, a FIFO or a stdout pipe slower than the requests,
+ * or stuck), the log is "behind" and says so (metrics_cost_log_behind,
+ * COST_LOG_BEHIND). The router then starts no new request until the log
+ * is back under half of that and calls it back; requests already in
+ * flight still append theirs, so memory is bounded by buffer_max plus
+ * what the requests in flight add.
+ *
+ * The writer is a thread of ours, not libuv's threadpool: a write stuck
+ * for good must not take one of the pool's four threads (DNS lookups run
+ * there) for ever, and at exit the log can give up on it (after wait_ms
+ * without progress) and let the process end, while libuv would join its
+ * threads at exit and hang on the stuck one.
  */
 #include "metrics/metrics.h"
 
@@ -26,6 +33,8 @@
 #include <fcntl.h>
 #include <math.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -42,20 +51,28 @@
 #include "metrics/internal.h"
 
 #define FLUSH_BYTES (64 * 1024)
-#define MAX_BUFFERED (16 * 1024 * 1024)
+#define DEFAULT_BUFFER_MAX (16 * 1024 * 1024)
+#define DEFAULT_WAIT_MS 30000
 #define OPEN_FLAGS (O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC)
 
 struct metrics_cost_log {
-    uv_loop_t *loop;          /* loop the timer and requests run on */
-    uv_timer_t timer;         /* periodic flush; unref'd */
+    uv_loop_t *loop;          /* loop the handles and requests run on */
+    uv_timer_t timer;         /* periodic flush (unref'd); after close, the deadline of a write */
+    uv_async_t written;       /* the writer finished a write; unref'd until close */
     uv_fs_t req;              /* the open or close in flight */
-    uv_work_t work;           /* the write in flight */
-    uv_mutex_t lock;          /* guards work_done and work_result */
-    uv_cond_t work_cond;      /* signalled when work_write returns */
-    uv_buf_t work_buf;        /* what work_write writes (part of inflight) */
-    uv_file work_fd;          /* where work_write writes */
-    ssize_t work_result;      /* bytes work_write wrote, or a negative errno */
-    int work_done;            /* work_write returned (under lock) */
+    uv_thread_t thread;       /* the writer */
+    uv_mutex_t lock;          /* guards the job_* fields and the writer's flags below */
+    uv_cond_t job_cond;       /* the writer waits here for a job */
+    uv_buf_t job_buf;         /* (lock) what the writer writes (part of inflight) */
+    uv_file job_fd;           /* (lock) where it writes */
+    ssize_t job_result;       /* (lock) bytes written, or a negative errno */
+    int job_queued;           /* (lock) a job waits for the writer */
+    int job_done;             /* (lock) job_result is set and not yet taken */
+    int in_write;             /* (lock) the writer is in write(2) */
+    int quit;                 /* (lock) the writer returns */
+    int detached;             /* (lock) the handles are closing: no uv_async_send */
+    int orphaned;             /* (lock) the writer frees the log when its write returns */
+    unsigned handles_open;    /* timer + written still to close */
     char *path;               /* file path, NULL for stdout */
     uv_file fd;               /* current file */
     uv_file old_fd;           /* file being closed after a reopen, or -1 */
@@ -64,15 +81,20 @@ struct metrics_cost_log {
     size_t inflight_off;      /* bytes of inflight already written */
     uint64_t pending_records; /* records in pending */
     uint64_t inflight_records; /* records in inflight */
-    struct metrics *metrics;  /* for COST_LOG_DROPPED_TOTAL and _WAITS_TOTAL, or NULL */
+    size_t buffer_max;        /* bytes waiting that make the log behind */
+    unsigned wait_ms;         /* at exit: longest wait for one write */
+    void (*on_caught_up)(void *arg); /* told when the log is no longer behind, or NULL */
+    void *caught_up_arg;      /* its argument */
+    uint64_t behind_since;    /* loop ms the log fell behind */
+    struct metrics *metrics;  /* for COST_LOG_DROPPED_TOTAL and _BEHIND, or NULL */
     uint64_t records;         /* records accepted */
     uint64_t dropped;         /* records dropped */
     int last_error;           /* last write error logged, to log each kind once */
-    struct log_every wait_log; /* "waited for the disk", once a second at most */
+    struct log_every behind_log; /* "behind the disk", once a second at most */
     struct log_every nomem_log; /* "no memory for a record", once a second at most */
-    unsigned busy:1;          /* req or work is in flight */
-    unsigned writing:1;       /* ... and it is work */
-    unsigned result_taken:1;  /* work_result already applied to inflight */
+    unsigned busy:1;          /* req or a write is in flight */
+    unsigned writing:1;       /* ... and it is a write */
+    unsigned behind:1;        /* buffer_max reached, not yet back under half */
     unsigned reopen_wanted:1; /* reopen after the current request */
     unsigned closing:1;       /* metrics_cost_log_close() was called */
     unsigned line_cut:1;      /* the file ends inside a line: the next write starts "\n" */
@@ -239,6 +261,11 @@ int metrics_cost_record_json(const struct metrics_cost_record *r, struct buf *ou
 
 static void kick(struct metrics_cost_log *log, int force);
 
+static const char *log_name(const struct metrics_cost_log *log)
+{
+    return log->path ? log->path : "stdout";
+}
+
 static void count_dropped(struct metrics_cost_log *log, uint64_t n)
 {
     log->dropped += n;
@@ -259,6 +286,20 @@ static uint64_t lines_in(const char *p, size_t len)
     return n;
 }
 
+/* Bytes waiting for the disk: the rest of inflight and all of pending. */
+static size_t waiting(const struct metrics_cost_log *log)
+{
+    return log->pending.len + log->inflight.len - log->inflight_off;
+}
+
+/* Records not written yet: those of pending, and of inflight those not
+ * wholly written. */
+static uint64_t unwritten_records(const struct metrics_cost_log *log)
+{
+    return log->pending_records + log->inflight_records -
+           lines_in(log->inflight.data, log->inflight_off);
+}
+
 /*
  * The rest of inflight could not be written: its records are dropped,
  * not those written before the error. If the error cut a line, that part
@@ -271,8 +312,7 @@ static void write_failed(struct metrics_cost_log *log, int err)
     size_t off = log->inflight_off;
 
     if (err != log->last_error)
-        log_error("cost log %s: write: %s; dropping records", log->path ? log->path : "stdout",
-                  uv_strerror(err));
+        log_error("cost log %s: write: %s; dropping records", log_name(log), uv_strerror(err));
     log->last_error = err;
     count_dropped(log, log->inflight_records - lines_in(log->inflight.data, off));
     if (off > 0 && log->inflight.data[off - 1] != '\n')
@@ -284,65 +324,241 @@ static void write_failed(struct metrics_cost_log *log, int err)
         log->line_cut = 0; /* no memory for one byte: that line stays glued */
 }
 
-/*
- * Apply work_write's result to inflight, once: from after_write, or
- * earlier from make_room. Returns 1 when a non-blocking stdout was full
- * (inflight is kept for a retry).
- */
-static int take_result(struct metrics_cost_log *log)
+/* Apply a write's result (bytes written, or a negative errno) to inflight. */
+static void take_result(struct metrics_cost_log *log, ssize_t n)
 {
-    ssize_t n = log->work_result;
-
-    if (log->result_taken)
-        return 0;
-    log->result_taken = 1;
-    if (n == UV_EAGAIN)
-        return 1;
     if (n < 0) {
         write_failed(log, (int)n);
-    } else {
-        if (n > 0)
-            log->line_cut = 0; /* the newline went first */
-        log->inflight_off += (size_t)n;
-        if (log->inflight_off == log->inflight.len) {
-            buf_reset(&log->inflight);
-            log->inflight_off = 0;
-            log->inflight_records = 0;
-        }
+        return;
     }
-    return 0;
+    if (n > 0)
+        log->line_cut = 0; /* the newline went first */
+    log->inflight_off += (size_t)n;
+    if (log->inflight_off == log->inflight.len) {
+        buf_reset(&log->inflight);
+        log->inflight_off = 0;
+        log->inflight_records = 0;
+    }
 }
 
-/* On the threadpool: one write(2), as uv_fs_write would do, then tell a
- * loop waiting in make_room. Touches nothing of `log` the loop changes
- * meanwhile. */
-static void work_write(uv_work_t *w)
+static void log_free(struct metrics_cost_log *log)
 {
-    struct metrics_cost_log *log = container_of(w, struct metrics_cost_log, work);
+    uv_cond_destroy(&log->job_cond);
+    uv_mutex_destroy(&log->lock);
+    buf_free(&log->pending);
+    buf_free(&log->inflight);
+    free(log->path);
+    free(log);
+}
+
+/*
+ * One write(2) of what `b` holds; a non-blocking stdout that is full is
+ * waited for here (poll), off the loop, so that to the loop it is just a
+ * slow write.
+ */
+static ssize_t write_once(uv_file fd, uv_buf_t b)
+{
+    for (;;) {
+        ssize_t n = write(fd, b.base, b.len);
+        struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+
+        if (n >= 0)
+            return n;
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            (void)poll(&pfd, 1, -1);
+        else if (errno != EINTR)
+            return -errno; /* libuv's error codes are negative errnos on Unix */
+    }
+}
+
+/*
+ * The writer thread: one job at a time, each answered through `written`.
+ * Once the loop has given up on a stuck write (orphaned), the log is the
+ * writer's to free, when that write returns, if ever.
+ */
+static void writer_main(void *arg)
+{
+    struct metrics_cost_log *log = arg;
+    int orphaned;
+
+    uv_mutex_lock(&log->lock);
+    for (;;) {
+        while (!log->job_queued && !log->quit)
+            uv_cond_wait(&log->job_cond, &log->lock);
+        if (!log->job_queued)
+            break;
+        uv_buf_t b = log->job_buf;
+        uv_file fd = log->job_fd;
+        log->job_queued = 0;
+        log->in_write = 1;
+        uv_mutex_unlock(&log->lock);
+        ssize_t n = write_once(fd, b);
+        uv_mutex_lock(&log->lock);
+        log->in_write = 0;
+        if (log->orphaned)
+            break;
+        log->job_result = n;
+        log->job_done = 1;
+        if (!log->detached)
+            uv_async_send(&log->written);
+    }
+    orphaned = log->orphaned;
+    uv_mutex_unlock(&log->lock);
+    if (!orphaned)
+        return;
+    if (log->path != NULL) /* so that a FIFO's reader sees its end */
+        close(log->fd);
+    log_free(log);
+}
+
+/* Start the writer with every signal blocked: the router's stop signals
+ * are meant for the loop's thread alone (main.c), and the writer has no
+ * use for any. */
+static int writer_start(struct metrics_cost_log *log)
+{
+    sigset_t all, old;
+    int rc;
+
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    rc = uv_thread_create(&log->thread, writer_main, log);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return rc;
+}
+
+/* The last handle closed: end the writer and free, or, when it is stuck
+ * in a write, leave both to it. */
+static void on_handle_closed(uv_handle_t *h)
+{
+    struct metrics_cost_log *log = h->data;
+    uv_thread_t thread = log->thread;
+    int stuck;
+
+    if (--log->handles_open > 0)
+        return;
+    uv_mutex_lock(&log->lock);
+    stuck = log->in_write || log->job_queued;
+    if (stuck)
+        log->orphaned = 1;
+    else
+        log->quit = 1;
+    uv_cond_signal(&log->job_cond);
+    uv_mutex_unlock(&log->lock);
+    if (stuck) {
+        pthread_detach(thread); /* the process may end with it in write(2) */
+        return;
+    }
+    uv_thread_join(&log->thread);
+    log_free(log);
+}
+
+/* Close both handles; the last close frees the log (on_handle_closed). */
+static void release_loop(struct metrics_cost_log *log)
+{
+    uv_mutex_lock(&log->lock);
+    log->detached = 1;
+    uv_mutex_unlock(&log->lock);
+    uv_close((uv_handle_t *)&log->timer, on_handle_closed);
+    uv_close((uv_handle_t *)&log->written, on_handle_closed);
+}
+
+/* Called once nothing is in flight or waiting after metrics_cost_log_close(). */
+static void finish_close(struct metrics_cost_log *log)
+{
+    if (log->path != NULL) {
+        uv_fs_t req;
+        uv_fs_close(NULL, &req, log->fd, NULL);
+        uv_fs_req_cleanup(&req);
+    }
+    release_loop(log);
+}
+
+/*
+ * At exit, a write has not returned for wait_ms: the disk (or whoever
+ * reads the FIFO or pipe) stopped answering. Waiting longer could hang
+ * the exit for ever, so what is not written is given up, counted and
+ * logged; the write itself stays with the writer thread (on_handle_closed)
+ * and may still land.
+ */
+static void on_stuck(uv_timer_t *t)
+{
+    struct metrics_cost_log *log = container_of(t, struct metrics_cost_log, timer);
+    uint64_t lost = unwritten_records(log);
+
+    if (!log->writing) { /* an open or close in flight: libuv waits for it anyway */
+        uv_timer_start(&log->timer, on_stuck, log->wait_ms, 0);
+        return;
+    }
+    log_error("cost log %s: no write went through for %u ms at exit; giving up %llu records "
+              "(%zu bytes) not written", log_name(log), log->wait_ms, (unsigned long long)lost,
+              waiting(log));
+    count_dropped(log, lost);
+    release_loop(log);
+}
+
+static void start_write(struct metrics_cost_log *log)
+{
+    uv_mutex_lock(&log->lock);
+    log->job_buf = uv_buf_init(log->inflight.data + log->inflight_off,
+                               (unsigned)MIN(log->inflight.len - log->inflight_off,
+                                             (size_t)1 << 30));
+    log->job_fd = log->fd;
+    log->job_queued = 1;
+    uv_cond_signal(&log->job_cond);
+    uv_mutex_unlock(&log->lock);
+    log->busy = 1;
+    log->writing = 1;
+}
+
+/* Over buffer_max: new requests are to wait (metrics_cost_log_behind). */
+static void fall_behind(struct metrics_cost_log *log)
+{
+    char note[LOG_EVERY_NOTE_MAX];
+    uint64_t now = uv_now(log->loop);
+
+    log->behind = 1;
+    log->behind_since = now;
+    if (log->metrics != NULL)
+        (void)metrics_set(log->metrics, METRICS_COST_LOG_BEHIND, NULL, 1);
+    if (log_every_due(&log->behind_log, now, note))
+        log_warn("cost log %s: %zu bytes wait for the disk; new requests wait until half of "
+                 "them are written%s", log_name(log), waiting(log), note);
+}
+
+/* Back under half of buffer_max after falling behind: tell the router. */
+static void maybe_caught_up(struct metrics_cost_log *log)
+{
+    if (!log->behind || log->closing || waiting(log) >= log->buffer_max / 2)
+        return;
+    log->behind = 0;
+    if (log->metrics != NULL)
+        (void)metrics_set(log->metrics, METRICS_COST_LOG_BEHIND, NULL, 0);
+    log_info("cost log %s: caught up with the disk after %llu ms", log_name(log),
+             (unsigned long long)(uv_now(log->loop) - log->behind_since));
+    if (log->on_caught_up != NULL)
+        log->on_caught_up(log->caught_up_arg);
+}
+
+static void on_written(uv_async_t *a)
+{
+    struct metrics_cost_log *log = container_of(a, struct metrics_cost_log, written);
     ssize_t n;
 
-    do
-        n = write(log->work_fd, log->work_buf.base, log->work_buf.len);
-    while (n < 0 && errno == EINTR);
-    if (n < 0)
-        n = -errno; /* libuv's error codes are negative errnos on Unix */
     uv_mutex_lock(&log->lock);
-    log->work_result = n;
-    log->work_done = 1;
-    uv_cond_signal(&log->work_cond);
+    if (!log->job_done) { /* sends are coalesced; this one was taken already */
+        uv_mutex_unlock(&log->lock);
+        return;
+    }
+    n = log->job_result;
+    log->job_done = 0;
     uv_mutex_unlock(&log->lock);
-}
-
-static void after_write(uv_work_t *w, int status)
-{
-    struct metrics_cost_log *log = container_of(w, struct metrics_cost_log, work);
-
-    (void)status; /* UV_ECANCELED: make_room took the write back, result_taken is set */
     log->busy = 0;
     log->writing = 0;
-    if (take_result(log) && !log->closing)
-        return; /* non-blocking stdout is full: keep inflight, retry on the timer */
+    take_result(log, n);
+    if (log->closing) /* the disk answered: it gets wait_ms again */
+        uv_timer_start(&log->timer, on_stuck, log->wait_ms, 0);
     kick(log, log->closing);
+    maybe_caught_up(log);
 }
 
 static void on_close_old(uv_fs_t *req)
@@ -379,161 +595,32 @@ static void on_open(uv_fs_t *req)
     kick(log, log->closing);
 }
 
-static void start_write(struct metrics_cost_log *log)
-{
-    int rc;
-
-    log->work_buf = uv_buf_init(log->inflight.data + log->inflight_off,
-                                (unsigned)(log->inflight.len - log->inflight_off));
-    log->work_fd = log->fd;
-    log->work_done = 0;
-    log->result_taken = 0;
-    rc = uv_queue_work(log->loop, &log->work, work_write, after_write);
-    if (rc == 0) {
-        log->busy = 1;
-        log->writing = 1;
-    } else {
-        write_failed(log, rc);
-    }
-}
-
-/*
- * Write all of [p, p+len) synchronously; for the final flush. A
- * non-blocking stdout nobody drains gets 10 s, so shutdown cannot hang.
- */
-static int write_sync(uv_file fd, const char *p, size_t len)
-{
-    int waits = 0;
-
-    while (len > 0) {
-        uv_buf_t b = uv_buf_init((char *)p, (unsigned)MIN(len, (size_t)1 << 30));
-        uv_fs_t req;
-        int n = uv_fs_write(NULL, &req, fd, &b, 1, -1, NULL);
-
-        uv_fs_req_cleanup(&req);
-        if (n == UV_EAGAIN && waits++ < 10) {
-            struct pollfd pfd = {.fd = fd, .events = POLLOUT};
-            (void)poll(&pfd, 1, 1000);
-            continue;
-        }
-        if (n < 0)
-            return n;
-        p += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
-static void on_timer_closed(uv_handle_t *h)
-{
-    struct metrics_cost_log *log = container_of((uv_timer_t *)h, struct metrics_cost_log, timer);
-
-    uv_cond_destroy(&log->work_cond);
-    uv_mutex_destroy(&log->lock);
-    buf_free(&log->pending);
-    buf_free(&log->inflight);
-    free(log->path);
-    free(log);
-}
-
-/*
- * Write the rest of inflight, then pending, synchronously on the loop,
- * leaving both empty; what cannot be written is counted as dropped. Only
- * when no write is in flight, so that lines stay whole and in order.
- */
-static void write_all_now(struct metrics_cost_log *log, const char *what)
-{
-    int rc = write_sync(log->fd, log->inflight.data + log->inflight_off,
-                        log->inflight.len - log->inflight_off);
-
-    if (rc == 0)
-        rc = write_sync(log->fd, log->pending.data, log->pending.len);
-    if (rc < 0) {
-        log_error("cost log %s: %s: %s; dropping records", log->path ? log->path : "stdout", what,
-                  uv_strerror(rc));
-        count_dropped(log, log->inflight_records + log->pending_records);
-    }
-    buf_reset(&log->inflight);
-    buf_reset(&log->pending);
-    log->inflight_off = 0;
-    log->inflight_records = 0;
-    log->pending_records = 0;
-}
-
-/* Called once nothing is in flight after metrics_cost_log_close(). */
-static void finish_close(struct metrics_cost_log *log)
-{
-    write_all_now(log, "final write");
-    if (log->path != NULL) {
-        uv_fs_t req;
-        uv_fs_close(NULL, &req, log->fd, NULL);
-        uv_fs_req_cleanup(&req);
-    }
-    uv_close((uv_handle_t *)&log->timer, on_timer_closed);
-}
-
-/*
- * Back-pressure, when 16 MiB are buffered: get the write in flight out of
- * the way, then write everything on the loop, waiting for the disk. A
- * write still queued (the threadpool busy, e.g. with DNS lookups) is
- * cancelled and its bytes written here; one already running is waited
- * for, as its bytes must land first. An open or close in flight writes
- * nothing, so it needs no wait (and kick() starts one only once inflight
- * is written). after_write still runs later and finds result_taken set.
- */
-static void make_room(struct metrics_cost_log *log)
-{
-    uint64_t start = uv_hrtime(), waited_ms;
-    char note[LOG_EVERY_NOTE_MAX];
-
-    if (log->writing && !log->result_taken) {
-        if (uv_cancel((uv_req_t *)&log->work) == 0) {
-            log->result_taken = 1; /* never ran: its bytes are still in inflight */
-        } else {
-            uv_mutex_lock(&log->lock);
-            while (!log->work_done)
-                uv_cond_wait(&log->work_cond, &log->lock);
-            uv_mutex_unlock(&log->lock);
-            (void)take_result(log); /* EAGAIN: write_sync retries the rest */
-        }
-    }
-    write_all_now(log, "write");
-    waited_ms = (uv_hrtime() - start) / 1000000;
-    if (log->metrics != NULL)
-        (void)metrics_add(log->metrics, METRICS_COST_LOG_WAITS_TOTAL, NULL, 1);
-    if (log_every_due(&log->wait_log, uv_hrtime() / 1000000, note))
-        log_warn("cost log %s: %d MiB waiting for the disk; the loop wrote them itself in %llu "
-                 "ms%s", log->path ? log->path : "stdout", MAX_BUFFERED >> 20,
-                 (unsigned long long)waited_ms, note);
-}
-
 /*
  * Start the next filesystem request if none is in flight: the rest of
  * inflight, else a reopen if one was asked for, else pending when
- * `force`d or big enough. While closing, finish synchronously instead.
+ * `force`d or big enough. Once closing and all is written, finish.
  */
 static void kick(struct metrics_cost_log *log, int force)
 {
     if (log->busy)
         return;
-    if (log->closing) {
-        finish_close(log);
-        return;
-    }
     if (log->inflight.len > log->inflight_off) {
         /* first: a line is never split across the old and the new file */
         start_write(log);
         return;
     }
-    if (log->reopen_wanted) {
+    if (log->reopen_wanted && !log->closing) {
         log->reopen_wanted = 0;
         if (uv_fs_open(log->loop, &log->req, log->path, OPEN_FLAGS, 0640, on_open) == 0) {
             log->busy = 1;
             return;
         }
     }
-    if (log->pending.len == 0 || (!force && log->pending.len < FLUSH_BYTES))
+    if (log->pending.len == 0 || (!force && log->pending.len < FLUSH_BYTES)) {
+        if (log->closing && log->pending.len == 0)
+            finish_close(log);
         return;
+    }
     struct buf tmp = log->inflight;
     log->inflight = log->pending;
     log->pending = tmp;
@@ -565,8 +652,61 @@ static int ends_inside_a_line(const char *path)
     return cut;
 }
 
+/* Open the file (synchronously: at start-up) unless it is stdout. */
+static int open_file(struct metrics_cost_log *log, const char *path)
+{
+    uv_fs_t req;
+    int rc;
+
+    if (strcmp(path, "-") == 0)
+        return 0;
+    log->fd = -1;
+    if ((log->path = strdup(path)) == NULL)
+        return -ENOMEM;
+    rc = uv_fs_open(NULL, &req, path, OPEN_FLAGS, 0640, NULL);
+    uv_fs_req_cleanup(&req);
+    if (rc < 0)
+        return rc;
+    log->fd = rc;
+    if (ends_inside_a_line(path) && buf_append(&log->pending, "\n", 1) != 0)
+        return -ENOMEM;
+    return 0;
+}
+
+/* Stop a writer that never had a job (open failed after it started). */
+static void writer_stop(struct metrics_cost_log *log)
+{
+    uv_mutex_lock(&log->lock);
+    log->quit = 1;
+    uv_cond_signal(&log->job_cond);
+    uv_mutex_unlock(&log->lock);
+    uv_thread_join(&log->thread);
+}
+
+/* The writer, then the handles; on failure nothing is left running. */
+static int start_log(struct metrics_cost_log *log, unsigned flush_ms)
+{
+    int rc = writer_start(log);
+
+    if (rc != 0)
+        return rc;
+    if ((rc = uv_async_init(log->loop, &log->written, on_written)) != 0) {
+        writer_stop(log);
+        return rc;
+    }
+    log->written.data = log;
+    uv_unref((uv_handle_t *)&log->written); /* until close: the loop need not wait for the log */
+    uv_timer_init(log->loop, &log->timer);
+    log->timer.data = log;
+    log->handles_open = 2;
+    uv_timer_start(&log->timer, on_timer, flush_ms ? flush_ms : 200, flush_ms ? flush_ms : 200);
+    uv_unref((uv_handle_t *)&log->timer);
+    return 0;
+}
+
 struct metrics_cost_log *metrics_cost_log_open(uv_loop_t *loop, const char *path,
-                                               unsigned flush_ms, struct metrics *m, int *err)
+                                               unsigned flush_ms, size_t buffer_max,
+                                               unsigned wait_ms, struct metrics *m, int *err)
 {
     struct metrics_cost_log *log = calloc(1, sizeof(*log));
     int rc = -ENOMEM, sync_made = 0;
@@ -577,42 +717,30 @@ struct metrics_cost_log *metrics_cost_log_open(uv_loop_t *loop, const char *path
     log->metrics = m;
     log->old_fd = -1;
     log->fd = 1;
+    log->buffer_max = buffer_max ? buffer_max : DEFAULT_BUFFER_MAX;
+    log->wait_ms = wait_ms ? wait_ms : DEFAULT_WAIT_MS;
     if ((rc = uv_mutex_init(&log->lock)) != 0)
         goto fail;
-    if ((rc = uv_cond_init(&log->work_cond)) != 0) {
+    if ((rc = uv_cond_init(&log->job_cond)) != 0) {
         uv_mutex_destroy(&log->lock);
         goto fail;
     }
     sync_made = 1;
-    rc = -ENOMEM;
-    if (strcmp(path, "-") != 0) {
-        uv_fs_t req;
-
-        log->path = strdup(path);
-        if (log->path == NULL)
-            goto fail;
-        rc = uv_fs_open(NULL, &req, path, OPEN_FLAGS, 0640, NULL);
-        uv_fs_req_cleanup(&req);
-        if (rc < 0)
-            goto fail;
-        log->fd = rc;
-        if (ends_inside_a_line(path) && buf_append(&log->pending, "\n", 1) != 0) {
-            rc = -ENOMEM;
-            goto fail;
-        }
-    }
-    uv_timer_init(loop, &log->timer);
-    uv_timer_start(&log->timer, on_timer, flush_ms ? flush_ms : 200, flush_ms ? flush_ms : 200);
-    uv_unref((uv_handle_t *)&log->timer);
+    if ((rc = open_file(log, path)) != 0 || (rc = start_log(log, flush_ms)) != 0)
+        goto fail;
     return log;
 
 fail:
+    if (log != NULL && log->path != NULL && log->fd >= 0)
+        close(log->fd);
     if (sync_made) {
-        uv_cond_destroy(&log->work_cond);
+        uv_cond_destroy(&log->job_cond);
         uv_mutex_destroy(&log->lock);
     }
-    if (log != NULL)
+    if (log != NULL) {
+        buf_free(&log->pending);
         free(log->path);
+    }
     free(log);
     *err = rc;
     return NULL;
@@ -626,20 +754,31 @@ int metrics_cost_log_write(struct metrics_cost_log *log, const struct metrics_co
         count_dropped(log, 1);
         return -ENOBUFS;
     }
-    if (log->pending.len + log->inflight.len >= MAX_BUFFERED)
-        make_room(log);
     if (metrics_cost_record_json(r, &log->pending) != 0) {
         count_dropped(log, 1);
         if (log_every_due(&log->nomem_log, uv_hrtime() / 1000000, note))
-            log_error("cost log %s: no memory for a record; dropping it%s",
-                      log->path ? log->path : "stdout", note);
+            log_error("cost log %s: no memory for a record; dropping it%s", log_name(log), note);
         return -ENOMEM;
     }
     log->records++;
     log->pending_records++;
-    if (log->pending.len >= FLUSH_BYTES)
-        kick(log, 0);
+    if (!log->behind && waiting(log) >= log->buffer_max)
+        fall_behind(log);
+    /* Behind, the disk gets the next bytes as soon as it takes them. */
+    if (log->pending.len >= FLUSH_BYTES || log->behind)
+        kick(log, log->behind);
     return 0;
+}
+
+int metrics_cost_log_behind(const struct metrics_cost_log *log)
+{
+    return log->behind;
+}
+
+void metrics_cost_log_on_caught_up(struct metrics_cost_log *log, void (*cb)(void *arg), void *arg)
+{
+    log->on_caught_up = cb;
+    log->caught_up_arg = arg;
 }
 
 void metrics_cost_log_reopen(struct metrics_cost_log *log)
@@ -653,7 +792,9 @@ void metrics_cost_log_reopen(struct metrics_cost_log *log)
 void metrics_cost_log_close(struct metrics_cost_log *log)
 {
     log->closing = 1;
-    uv_timer_stop(&log->timer);
+    /* From now on the loop waits for the log, each write for wait_ms. */
+    uv_ref((uv_handle_t *)&log->written);
+    uv_timer_start(&log->timer, on_stuck, log->wait_ms, 0);
     kick(log, 1);
 }
 

@@ -13,7 +13,8 @@
  * and the like, never keys or other secrets: every value passed here is
  * published to whoever can read /metrics.
  *
- * Everything here runs on one thread (the loop's); nothing is locked.
+ * Everything here runs on one thread (the loop's); nothing is locked,
+ * except inside the cost log, which writes from a thread of its own.
  */
 #ifndef METRICS_METRICS_H
 #define METRICS_METRICS_H
@@ -74,8 +75,11 @@ enum metrics_type { METRICS_COUNTER, METRICS_GAUGE, METRICS_HISTOGRAM };
       "Requests received and not yet answered.", "")                                         \
     X(COST_LOG_DROPPED_TOTAL, "costrouter_cost_log_dropped_total", COUNTER,                  \
       "Cost log records lost: a write failed, or no memory to format them.", "")             \
-    X(COST_LOG_WAITS_TOTAL, "costrouter_cost_log_waits_total", COUNTER,                      \
-      "Times the cost log fell 16 MiB behind and the loop waited for the disk to write it.", "")
+    X(COST_LOG_BEHIND, "costrouter_cost_log_behind", GAUGE,                                  \
+      "1 while cost_log_buffer_max bytes of the cost log wait for the disk (until half are "  \
+      "written): new requests wait.", "")                                                    \
+    X(COST_LOG_PARKED_TOTAL, "costrouter_cost_log_parked_requests_total", COUNTER,              \
+      "Requests parked before they started because the cost log was behind.", "")
 
 #define METRICS__ENUM(id, name, type, help, labels) METRICS_##id,
 enum metrics_id { METRICS_LIST(METRICS__ENUM) METRICS_NMETRICS };
@@ -202,26 +206,42 @@ struct metrics_cost_log;
 
 /*
  * Open the cost log at `path` (appending, created 0640) or stdout for "-"
- * and attach it to `loop`. Records are buffered and written on the
- * threadpool every flush_ms (0 = 200) or as soon as 64 KiB are buffered,
- * so the loop does not wait for the disk unless it falls 16 MiB behind
- * (see metrics_cost_log_write). `m` (may be NULL) gets
- * COST_LOG_DROPPED_TOTAL and COST_LOG_WAITS_TOTAL. The open itself is
+ * and attach it to `loop`. Records are buffered and written by a thread
+ * of the log's own every flush_ms (0 = 200) or as soon as 64 KiB are
+ * buffered, so the loop never waits for the disk. When buffer_max bytes
+ * (0 = 16 MiB) wait for it, the log is behind (metrics_cost_log_behind)
+ * until half of them are written. wait_ms (0 = 30000) bounds how long
+ * metrics_cost_log_close waits for one write. `m` (may be NULL) gets
+ * COST_LOG_DROPPED_TOTAL and COST_LOG_BEHIND. The open itself is
  * synchronous (call at start-up). Returns NULL and sets *err (negative
  * errno) on failure.
  */
 struct metrics_cost_log *metrics_cost_log_open(struct uv_loop_s *loop, const char *path,
-                                               unsigned flush_ms, struct metrics *m, int *err);
+                                               unsigned flush_ms, size_t buffer_max,
+                                               unsigned wait_ms, struct metrics *m, int *err);
 
 /*
  * Serialize `r` into the buffer now (the record's memory can go right
- * after). When 16 MiB are already waiting for the disk, first waits for
- * the write in flight and writes them all on the calling (loop) thread:
- * back-pressure rather than a lost record, counted in COST_LOG_WAITS_TOTAL
- * and logged. Returns 0, or -ENOMEM (the record is dropped, counted and
- * logged); -ENOBUFS (also counted) if called after metrics_cost_log_close.
+ * after). Never waits for the disk and never drops a record for want of
+ * room: past buffer_max the log is behind, and it is for the caller to
+ * stop making records (metrics_cost_log_behind). Returns 0, or -ENOMEM
+ * (the record is dropped, counted and logged); -ENOBUFS (also counted)
+ * if called after metrics_cost_log_close.
  */
 int metrics_cost_log_write(struct metrics_cost_log *log, const struct metrics_cost_record *r);
+
+/*
+ * Whether buffer_max bytes wait for the disk (since then, not yet back
+ * under half of it): start no new request that will write a record.
+ */
+int metrics_cost_log_behind(const struct metrics_cost_log *log);
+
+/*
+ * Have cb(arg) called on the loop each time the log is back under half of
+ * buffer_max after being behind (not after metrics_cost_log_close). cb
+ * may write records (which may make the log behind again). NULL: none.
+ */
+void metrics_cost_log_on_caught_up(struct metrics_cost_log *log, void (*cb)(void *arg), void *arg);
 
 /*
  * Reopen the path (log rotation; the router calls it on SIGHUP). Records
@@ -234,10 +254,13 @@ int metrics_cost_log_write(struct metrics_cost_log *log, const struct metrics_co
 void metrics_cost_log_reopen(struct metrics_cost_log *log);
 
 /*
- * Flush everything and close (at shutdown). Pending records are written
- * synchronously, after any write already on the threadpool completes; the
- * structure is freed from the loop once its timer is closed, so the caller
- * must let the loop run (uv_run until it returns) before uv_loop_close.
+ * Flush everything and close (at shutdown). The records still buffered
+ * are written as before, off the loop, which this call makes wait for
+ * them: the caller must let the loop run (uv_run until it returns) before
+ * uv_loop_close. A write that does not return for wait_ms (the disk or
+ * the FIFO's reader stopped answering) is given up: the records not
+ * written are counted as dropped and logged, and the loop can end; the
+ * stuck write stays with the log's thread, which the process's exit ends.
  * `log` must not be used after this call.
  */
 void metrics_cost_log_close(struct metrics_cost_log *log);

@@ -60,6 +60,8 @@ static const struct error_map error_maps[] = {
     {error_store_unavailable, 503, "api_error", "store_unavailable", NULL},
     /* Descriptors free up as connections close: worth a retry soon. */
     {error_no_descriptors, 503, "api_error", "router_overloaded", "Retry-After: 1\r\n"},
+    /* Parked and not started: the log may catch up in a moment. */
+    {error_cost_log_behind, 503, "api_error", "cost_log_behind", "Retry-After: 1\r\n"},
     {error_no_memory, 500, "api_error", "internal_error", NULL},
     {error_internal, 500, "api_error", "internal_error", NULL},
 };
@@ -541,12 +543,27 @@ void router__handle(struct router__client *c)
         router__admin_handle(c, request_path(req));
         return;
     }
+    req->key = authenticate(c);
+    req->tenant = req->key ? req->key->tenant : NULL;
     if (req->endpoint >= ROUTER_EP_CHAT && req->endpoint <= ROUTER_EP_EMBEDDINGS) {
         req->inflight = 1; /* until router__account */
         metrics_add(c->router->metrics, METRICS_INFLIGHT_REQUESTS, NULL, 1);
+        /* It will write a cost log record: not while the log is behind. */
+        if (router__park(c))
+            return;
     }
-    req->key = authenticate(c);
-    req->tenant = req->key ? req->key->tenant : NULL;
+    router__handle_resume(c);
+    return;
+fail:
+    router__send_error(c, errstr, detail);
+}
+
+void router__handle_resume(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    const char *errstr = NULL;
+    const char *detail = NULL;
+
     if (req->tenant == NULL) {
         errstr = error_unauthorized;
         goto fail;

@@ -86,6 +86,8 @@ struct router__shared {
     struct cache_flight *flights;   /* owned */
     struct metrics *metrics;        /* owned */
     struct metrics_cost_log *cost_log; /* owned, or NULL */
+    struct router__client *parked_head; /* requests parked while the cost log is behind (park.c), */
+    struct router__client *parked_tail; /* oldest first, of every generation */
     EVP_MD *sha256;                 /* fetched once: SHA256() looks it up on every call */
     EVP_MD_CTX *sha256_ctx;         /* reused: EVP_Digest() allocates two per call */
     int (*reload)(void *arg, char **errors); /* admin reload hook, or NULL */
@@ -307,6 +309,8 @@ struct router__client {
     unsigned in_process:1;               /* client_process is on the stack */
     unsigned cut_short:1;                /* refused before its request was read to the end */
     unsigned backed_up:1;                /* reading held: answers queued past the high-water mark */
+    unsigned parked:1;                   /* its request waits for the cost log (park.c) */
+    struct router__client *park_next, *park_prev; /* shared->parked list */
     uint64_t linger_end;                 /* LINGER: close by then (loop ms) */
     SSL *ssl;                            /* TLS session (memory BIOs), NULL for plain */
 };
@@ -391,6 +395,24 @@ void router__request_shelve(struct router *r, struct router__request *req);
 void router__request_unshelve(struct router *r, struct router__request *req);
 /* Free what the shelf holds (generation freed). */
 void router__shelf_free(struct router__shelf *shelf);
+
+/* The rest of router__handle, for a /v1 request authenticated and let
+ * start (at once, or when router__park_resume takes it). */
+void router__handle_resume(struct router__client *c);
+
+/* park.c: /v1 requests wait while the cost log is behind the disk */
+/* Park c's request if the log is behind (or others wait): returns 1 and
+ * the request is resumed, refused or dropped later; 0: go on now. */
+int router__park(struct router__client *c);
+/* The client is closing: forget its parked request, if any. */
+void router__park_remove(struct router__client *c);
+/* Its cost_log_wait_ms passed: 503. */
+void router__park_expire(struct router__client *c);
+/* metrics_cost_log_on_caught_up's callback (arg: the router__shared):
+ * resume parked requests in arrival order while the log is not behind. */
+void router__park_resume(void *arg);
+/* At stop: answer every parked request 503. */
+void router__park_refuse_all(struct router__shared *sh);
 
 /* account.c: cost log line and metrics of a finished /v1 request (once) */
 void router__account(struct router__client *c);

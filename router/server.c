@@ -109,6 +109,7 @@ void router__client_close(struct router__client *c)
     if (c->closing)
         return;
     c->closing = 1;
+    router__park_remove(c);
     router__proxy_abort(c);
     uv_close((uv_handle_t *)&c->tcp, client_handle_closed);
     uv_close((uv_handle_t *)&c->timeout.timer, client_handle_closed);
@@ -298,6 +299,8 @@ static void client_timeout(void *arg)
         router__refuse(c, error_timeout_client, NULL);
         break;
     case ROUTER_CLIENT_BUSY:
+        if (c->parked)
+            router__park_expire(c);
         break;
     case ROUTER_CLIENT_LINGER:
         router__client_close(c);
@@ -846,11 +849,13 @@ static struct router__shared *shared_create(uv_loop_t *loop, const struct conf *
     if (conf->cost_log != NULL) {
         int err = 0;
 
-        sh->cost_log = metrics_cost_log_open(loop, conf->cost_log, 0, sh->metrics, &err);
+        sh->cost_log = metrics_cost_log_open(loop, conf->cost_log, 0, conf->cost_log_buffer_max,
+                                             (unsigned)conf->cost_log_wait_ms, sh->metrics, &err);
         if (sh->cost_log == NULL) {
             log_error("cost_log %s: %s", conf->cost_log, uv_strerror(err));
             goto fail;
         }
+        metrics_cost_log_on_caught_up(sh->cost_log, router__park_resume, sh);
     }
     rc = policy_tokens_load_some(&sh->tokens, conf->tokenizer_data, conf_encodings(conf));
     if (rc != 0) {
@@ -1068,6 +1073,10 @@ static const char *restart_only_change(const struct conf *now, const struct conf
         return "cache.shared";
     if (differ(now->cost_log, next->cost_log))
         return "cost_log";
+    if (now->cost_log_buffer_max != next->cost_log_buffer_max)
+        return "cost_log_buffer_max";
+    if (now->cost_log_wait_ms != next->cost_log_wait_ms)
+        return "cost_log_wait_ms";
     return NULL;
 }
 
@@ -1167,6 +1176,8 @@ void router_stop(struct router *r)
         generation_drain(g, 0);
         router__maybe_finish(g); /* an already drained one goes now */
     }
+    /* Not started yet: a stop does not wait for the disk on their behalf. */
+    router__park_refuse_all(sh);
     if (sh->generations == NULL)
         shared_close(sh);
 }

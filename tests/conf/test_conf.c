@@ -172,7 +172,7 @@ static struct error_case error_cases[] = {
      {"1: (file): cannot open: No such file or directory"}},
     {.file = "conf/example.yaml", .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY"},
      .lines = {"15: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
-      "81: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
+      "85: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
     {.file = DATA "prices_bad.yaml", .lines =
      {"5: include[2]: \"inc/prices_bad.yaml\" is already included",
       "8: prices.custom-x: duplicate price \"custom-x\" (first at {DIR}/inc/prices_bad.yaml:3)",
@@ -237,7 +237,9 @@ static struct error_case error_cases[] = {
       "7: store.reservation_ttl_ms: 10 is out of range 1000..604800000",
       "9: cache.ttl_s: 0 is out of range 1..31536000",
       "11: cache.local_bytes: 1024 is smaller than cache.max_entry_bytes (2048)",
-      "12: cache.shraed: unknown key (did you mean \"shared\"?)"}},
+      "12: cache.shraed: unknown key (did you mean \"shared\"?)",
+      "18: cost_log_buffer_max: 1024 is out of range 4096..1073741824",
+      "19: cost_log_wait_ms: 0 is out of range 1..86400000"}},
     {.file = DATA "journal_file_no_redis.yaml", .lines =
      {"3: store.journal_file: needs store.redis (the in-process store has no journal)"}},
     {.file = DATA "journal_file_bad.yaml", .lines =
@@ -330,6 +332,8 @@ Test(conf, demo_loads_with_its_values_and_defaults, .timeout = 10)
     cr_expect_str_eq(c->listen_host, "127.0.0.1");
     cr_expect_eq(c->listen_port, 8080);
     cr_expect_str_eq(c->cost_log, "build/demo-cost.jsonl");
+    cr_expect_eq(c->cost_log_buffer_max, 16 * 1024 * 1024);
+    cr_expect_eq(c->cost_log_wait_ms, 30000);
     cr_expect_null(c->admin_key);
     cr_expect_null(c->redis_url);
     cr_expect_eq(c->store_on_failure, CONF_FAIL_OPEN);

@@ -1,9 +1,10 @@
 /*
  * tests/metrics/test_costlog.c: metrics/costlog.c on a real libuv loop
- * writing real files: JSON validity and keys, flush on the timer, nothing
- * lost at shutdown with writes in flight, a full buffer waiting for the
- * disk instead of refusing records, rotation by rename + reopen, stdout,
- * and write errors counted as drops.
+ * writing real files and FIFOs: JSON validity and keys, flush on the
+ * timer, nothing lost at shutdown with writes in flight, a full buffer
+ * making the log behind (and calling back under half) instead of refusing
+ * records or waiting, a stuck write given up at close, rotation by
+ * rename + reopen, stdout, and write errors counted as drops.
  */
 #define _GNU_SOURCE
 #include <cjson/cJSON.h>
@@ -129,7 +130,7 @@ Test(costlog, lines_are_valid_json_with_every_key, .timeout = 10)
     struct metrics_cost_record r;
     char id[32];
     int err = 0;
-    struct metrics_cost_log *log = metrics_cost_log_open(&loop, path, 0, NULL, &err);
+    struct metrics_cost_log *log = metrics_cost_log_open(&loop, path, 0, 0, 0, NULL, &err);
 
     cr_assert_not_null(log, "open: %d", err);
     make_record(&r, id, sizeof(id), 0, cands);
@@ -205,7 +206,7 @@ Test(costlog, flushes_on_the_timer, .timeout = 10)
     char id[32];
     int err;
 
-    ctx.log = metrics_cost_log_open(&loop, path, 50, NULL, &err);
+    ctx.log = metrics_cost_log_open(&loop, path, 50, 0, 0, NULL, &err);
     cr_assert_not_null(ctx.log);
     for (int i = 0; i < 3; i++) {
         make_record(&r, id, sizeof(id), i, cands);
@@ -259,7 +260,7 @@ Test(costlog, nothing_lost_at_shutdown, .timeout = 30)
     char *seen = calloc(BATCHES * PER_BATCH, 1);
     struct metrics *m = metrics_create(0);
 
-    ctx.log = metrics_cost_log_open(&loop, path, 1000, m, &err);
+    ctx.log = metrics_cost_log_open(&loop, path, 1000, 0, 0, m, &err);
     cr_assert_not_null(ctx.log);
     uv_idle_init(&loop, &ctx.idle);
     uv_idle_start(&ctx.idle, on_idle);
@@ -274,12 +275,11 @@ enum { OVER_CAP = 40000 }; /* about 22 MB of records, more than the 16 MiB buffe
 
 /*
  * Write OVER_CAP records from one call, so that no completed write is
- * taken in between (that needs the loop): the buffer reaches 16 MiB
- * however fast the disk is. Asserts that none was refused and that the
- * log waited for the disk instead; then closes it and runs the loop.
+ * taken in between (that needs the loop): 16 MiB wait for the disk
+ * however fast it is. Asserts that none was refused and that the log says
+ * it is behind instead (the loop did not wait for the disk).
  */
-static void burst_over_cap(struct metrics_cost_log *log, struct metrics *m, void (*after)(void *),
-                           void *arg)
+static void burst_over_cap(struct metrics_cost_log *log, struct metrics *m)
 {
     struct metrics_cost_candidate cands[2];
     struct metrics_cost_record r;
@@ -290,11 +290,9 @@ static void burst_over_cap(struct metrics_cost_log *log, struct metrics *m, void
         make_record(&r, id, sizeof(id), i, cands);
         failed += metrics_cost_log_write(log, &r) != 0;
     }
-    after(arg);
     cr_assert_eq(failed, 0, "%d of %d records refused", failed, OVER_CAP);
-    cr_assert_geq(metrics_get(m, METRICS_COST_LOG_WAITS_TOTAL, NULL), 1, "the buffer never filled");
-    metrics_cost_log_close(log);
-    uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert(metrics_cost_log_behind(log), "16 MiB waiting, and the log is not behind");
+    cr_assert_eq(metrics_get(m, METRICS_COST_LOG_BEHIND, NULL), 1);
 }
 
 /* Every record of burst_over_cap() once in `file`, none dropped. */
@@ -305,6 +303,21 @@ static void check_over_cap(const char *file, struct metrics *m)
     cr_assert_eq(check_lines(file, seen, OVER_CAP), OVER_CAP);
     cr_assert_eq(metrics_get(m, METRICS_COST_LOG_DROPPED_TOTAL, NULL), 0);
     free(seen);
+}
+
+/* Newlines in the file (0 if it is missing). */
+static size_t newlines_in(const char *file)
+{
+    FILE *f = fopen(file, "rb");
+    size_t n = 0;
+    int ch;
+
+    if (f == NULL)
+        return 0;
+    while ((ch = getc_unlocked(f)) != EOF)
+        n += ch == '\n';
+    fclose(f);
+    return n;
 }
 
 enum { BLOCKERS = 4 }; /* libuv's default threadpool size */
@@ -326,24 +339,17 @@ static void after_go(uv_work_t *w, int status)
     (void)status;
 }
 
-static void release_pool(void *arg)
-{
-    struct pool_blocker *pb = arg;
-
-    for (int k = 0; k < BLOCKERS; k++)
-        uv_sem_post(&pb->go);
-}
-
 /*
- * The threadpool is busy with other work (as with slow DNS lookups), so
- * the write queued behind it has not started when the buffer fills: the
- * log must take it back and write everything itself.
+ * The threadpool is busy with other work (as with slow DNS lookups): the
+ * log, which writes from a thread of its own, writes everything and
+ * closes all the same, while the pool is still held.
  */
-Test(costlog, full_buffer_with_a_busy_threadpool, .timeout = 30)
+Test(costlog, a_busy_threadpool_does_not_hold_the_log, .timeout = 30)
 {
     struct pool_blocker pb;
     struct metrics *m = metrics_create(0);
     struct metrics_cost_log *log;
+    uint64_t until = uv_hrtime() + 20 * (uint64_t)1000000000;
     int err;
 
     /* read at the threadpool's first use, which is in this test's process */
@@ -353,9 +359,18 @@ Test(costlog, full_buffer_with_a_busy_threadpool, .timeout = 30)
         pb.work[k].data = &pb;
         cr_assert_eq(uv_queue_work(&loop, &pb.work[k], wait_go, after_go), 0);
     }
-    log = metrics_cost_log_open(&loop, path, 1000, m, &err);
+    log = metrics_cost_log_open(&loop, path, 1000, 0, 0, m, &err);
     cr_assert_not_null(log);
-    burst_over_cap(log, m, release_pool, &pb);
+    burst_over_cap(log, m);
+    metrics_cost_log_close(log);
+    while (newlines_in(path) < OVER_CAP && uv_hrtime() < until) {
+        uv_run(&loop, UV_RUN_NOWAIT);
+        uv_sleep(10);
+    }
+    cr_assert_eq(newlines_in(path), OVER_CAP, "the log waited for the threadpool");
+    for (int k = 0; k < BLOCKERS; k++)
+        uv_sem_post(&pb.go);
+    uv_run(&loop, UV_RUN_DEFAULT);
     uv_sem_destroy(&pb.go);
     check_over_cap(path, m);
     metrics_free(m);
@@ -364,36 +379,40 @@ Test(costlog, full_buffer_with_a_busy_threadpool, .timeout = 30)
 struct fifo_reader {
     uv_thread_t thread; /* drains the FIFO into `out` */
     char out[160];      /* regular file that gets what was read */
+    uv_sem_t go;        /* posted to let it read (drain_fifo_when_told) */
+    int in;             /* its end of the FIFO */
 };
 
-/* Open the FIFO at `path`, read nothing for 200 ms, so that the write on
- * the threadpool blocks on the full pipe, then copy all to rd->out. */
-static void drain_fifo(void *arg)
+/* Copy all the FIFO gives to rd->out. */
+static void copy_fifo(struct fifo_reader *rd)
 {
-    struct fifo_reader *rd = arg;
-    int in = open(path, O_RDONLY), out = open(rd->out, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    int out = open(rd->out, O_WRONLY | O_CREAT | O_TRUNC, 0600);
     static char data[1 << 16];
     ssize_t n;
 
-    uv_sleep(200);
-    while ((n = read(in, data, sizeof(data))) > 0)
+    while ((n = read(rd->in, data, sizeof(data))) > 0)
         if (write(out, data, (size_t)n) != n)
             break;
-    close(in);
+    close(rd->in);
     close(out);
 }
 
-static void nothing(void *arg)
+/* Open the FIFO at `path`, read nothing for 200 ms, so that the write
+ * blocks on the full pipe, then copy all to rd->out. */
+static void drain_fifo(void *arg)
 {
-    (void)arg;
+    struct fifo_reader *rd = arg;
+
+    rd->in = open(path, O_RDONLY);
+    uv_sleep(200);
+    copy_fifo(rd);
 }
 
 /*
- * A consumer slower than the router: the threadpool's write is stuck in
- * write(2) when the buffer fills, so the loop must wait for it before
- * writing the rest itself, and lines stay whole.
+ * A consumer slower than the router: the write is stuck in write(2)
+ * while 16 MiB pile up; the log is behind, and loses nothing.
  */
-Test(costlog, full_buffer_waits_for_a_stuck_write, .timeout = 30)
+Test(costlog, full_buffer_with_a_stuck_write_loses_nothing, .timeout = 30)
 {
     struct fifo_reader rd;
     struct metrics *m = metrics_create(0);
@@ -403,11 +422,144 @@ Test(costlog, full_buffer_waits_for_a_stuck_write, .timeout = 30)
     snprintf(rd.out, sizeof(rd.out), "%s/drained.log", dir);
     cr_assert_eq(mkfifo(path, 0600), 0);
     cr_assert_eq(uv_thread_create(&rd.thread, drain_fifo, &rd), 0);
-    log = metrics_cost_log_open(&loop, path, 1000, m, &err);
+    log = metrics_cost_log_open(&loop, path, 1000, 0, 0, m, &err);
     cr_assert_not_null(log);
-    burst_over_cap(log, m, nothing, NULL);
+    burst_over_cap(log, m);
+    metrics_cost_log_close(log);
+    uv_run(&loop, UV_RUN_DEFAULT);
     cr_assert_eq(uv_thread_join(&rd.thread), 0);
     check_over_cap(rd.out, m);
+    metrics_free(m);
+}
+
+/* Open the FIFO at `path` and read nothing until rd->go is posted, then
+ * copy all to rd->out. */
+static void drain_fifo_when_told(void *arg)
+{
+    struct fifo_reader *rd = arg;
+
+    rd->in = open(path, O_RDONLY);
+    uv_sem_wait(&rd->go);
+    copy_fifo(rd);
+}
+
+/* Write `n` records numbered from `first`; all must be taken. */
+static void write_records(struct metrics_cost_log *log, int first, int n)
+{
+    struct metrics_cost_candidate cands[2];
+    struct metrics_cost_record r;
+    char id[32];
+
+    for (int i = first; i < first + n; i++) {
+        make_record(&r, id, sizeof(id), i, cands);
+        cr_assert_eq(metrics_cost_log_write(log, &r), 0);
+    }
+}
+
+struct behind_ctx {
+    uv_timer_t timer;             /* lets the reader go */
+    struct metrics_cost_log *log; /* log under test */
+    struct fifo_reader *rd;       /* the stuck reader */
+    struct metrics *m;            /* the log's metrics */
+    int calls;                    /* on_caught_up calls */
+    int ticks;                    /* let_the_reader_go calls */
+    int behind_then;              /* metrics_cost_log_behind() in the call */
+};
+
+static void on_caught_up(void *arg)
+{
+    struct behind_ctx *ctx = arg;
+
+    ctx->calls++;
+    ctx->behind_then = metrics_cost_log_behind(ctx->log);
+    write_records(ctx->log, 100000, 1); /* the callback may write */
+    metrics_cost_log_close(ctx->log);
+}
+
+/* Once, then every 50 ms until the call back came: the log's own handles
+ * do not keep the loop running before it is closed. */
+static void let_the_reader_go(uv_timer_t *t)
+{
+    struct behind_ctx *ctx = (struct behind_ctx *)t;
+
+    if (ctx->calls > 0) {
+        uv_close((uv_handle_t *)t, NULL);
+        return;
+    }
+    if (uv_timer_get_repeat(t) != 0) {
+        cr_assert_lt(++ctx->ticks, 100, "not called back 5 s after the reader went on");
+        return;
+    }
+    /* 300 ms on, the pipe took what it holds and no more: still behind */
+    cr_assert(metrics_cost_log_behind(ctx->log));
+    cr_assert_eq(metrics_get(ctx->m, METRICS_COST_LOG_BEHIND, NULL), 1);
+    cr_assert_eq(ctx->calls, 0, "called back while behind");
+    uv_sem_post(&ctx->rd->go);
+    uv_timer_start(t, let_the_reader_go, 50, 50);
+}
+
+enum { BEHIND_AT = 512 * 1024 }; /* well over the pipe's 64 KiB */
+
+/* Behind at buffer_max, whatever the disk; called back once the writes
+ * bring it under half, with nothing lost. */
+Test(costlog, behind_at_buffer_max_and_called_back_under_half, .timeout = 30)
+{
+    struct fifo_reader rd;
+    struct behind_ctx ctx = {.rd = &rd, .m = metrics_create(0)};
+    int err, n = 0;
+    char *seen;
+
+    snprintf(rd.out, sizeof(rd.out), "%s/drained.log", dir);
+    cr_assert_eq(uv_sem_init(&rd.go, 0), 0);
+    cr_assert_eq(mkfifo(path, 0600), 0);
+    cr_assert_eq(uv_thread_create(&rd.thread, drain_fifo_when_told, &rd), 0);
+    ctx.log = metrics_cost_log_open(&loop, path, 20, BEHIND_AT, 0, ctx.m, &err);
+    cr_assert_not_null(ctx.log);
+    metrics_cost_log_on_caught_up(ctx.log, on_caught_up, &ctx);
+    while (!metrics_cost_log_behind(ctx.log))
+        write_records(ctx.log, n++, 1);
+    cr_assert_gt(n, BEHIND_AT / 1000, "behind after %d records", n);
+    uv_timer_init(&loop, &ctx.timer);
+    uv_timer_start(&ctx.timer, let_the_reader_go, 300, 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert_eq(uv_thread_join(&rd.thread), 0);
+    cr_assert_eq(ctx.calls, 1);
+    cr_assert_eq(ctx.behind_then, 0);
+    cr_assert_eq(metrics_get(ctx.m, METRICS_COST_LOG_BEHIND, NULL), 0);
+    seen = calloc(100001, 1);
+    cr_assert_eq(check_lines(rd.out, seen, 100001), (size_t)n + 1);
+    cr_assert(seen[100000], "the callback's record");
+    free(seen);
+    uv_sem_destroy(&rd.go);
+    metrics_free(ctx.m);
+}
+
+/* A FIFO nobody reads at exit: close gives up on the stuck write after
+ * wait_ms, counts what was not written as dropped, and the loop ends. */
+Test(costlog, close_gives_up_on_a_write_stuck_for_wait_ms, .timeout = 30)
+{
+    struct fifo_reader rd;
+    struct metrics *m = metrics_create(0);
+    struct metrics_cost_log *log;
+    uint64_t start;
+    int err;
+
+    snprintf(rd.out, sizeof(rd.out), "%s/drained.log", dir);
+    cr_assert_eq(uv_sem_init(&rd.go, 0), 0);
+    cr_assert_eq(mkfifo(path, 0600), 0);
+    cr_assert_eq(uv_thread_create(&rd.thread, drain_fifo_when_told, &rd), 0);
+    log = metrics_cost_log_open(&loop, path, 1000, 0, 300, m, &err);
+    cr_assert_not_null(log);
+    write_records(log, 0, 400); /* some 220 KB: more than the pipe holds */
+    start = uv_hrtime();
+    metrics_cost_log_close(log);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert_lt((uv_hrtime() - start) / 1000000, 5000, "close waited for the stuck write");
+    cr_assert_gt(metrics_get(m, METRICS_COST_LOG_DROPPED_TOTAL, NULL), 0);
+    cr_assert_leq(metrics_get(m, METRICS_COST_LOG_DROPPED_TOTAL, NULL), 400);
+    uv_sem_post(&rd.go); /* the stuck write ends; its thread frees the log */
+    cr_assert_eq(uv_thread_join(&rd.thread), 0);
+    uv_sem_destroy(&rd.go);
     metrics_free(m);
 }
 
@@ -455,7 +607,7 @@ Test(costlog, reopen_after_rename_rotates, .timeout = 10)
     char old[160], seen[40] = {0};
     int err;
 
-    ctx.log = metrics_cost_log_open(&loop, path, 20, NULL, &err);
+    ctx.log = metrics_cost_log_open(&loop, path, 20, 0, 0, NULL, &err);
     cr_assert_not_null(ctx.log);
     write_some(&ctx, 10);
     uv_timer_init(&loop, &ctx.timer);
@@ -486,7 +638,7 @@ Test(costlog, dash_means_stdout, .timeout = 10)
     cr_assert_geq(fd, 0);
     cr_assert_eq(dup2(fd, 1), 1);
     close(fd);
-    struct metrics_cost_log *log = metrics_cost_log_open(&loop, "-", 0, NULL, &err);
+    struct metrics_cost_log *log = metrics_cost_log_open(&loop, "-", 0, 0, 0, NULL, &err);
     cr_assert_not_null(log);
     for (int i = 0; i < 2; i++) {
         make_record(&r, id, sizeof(id), i, cands);
@@ -518,7 +670,7 @@ Test(costlog, write_errors_count_as_dropped, .timeout = 10)
     struct metrics *m = metrics_create(0);
     int err;
 
-    ctx.log = metrics_cost_log_open(&loop, "/dev/full", 10, m, &err);
+    ctx.log = metrics_cost_log_open(&loop, "/dev/full", 10, 0, 0, m, &err);
     cr_assert_not_null(ctx.log);
     write_some(&ctx, 3);
     cr_assert_eq(metrics_cost_log_records(ctx.log), 3);
@@ -564,7 +716,7 @@ Test(costlog, a_file_that_ends_inside_a_line_gets_a_new_line_first, .timeout = 1
     cr_assert_not_null(f);
     fputs("{\"request_id\":\"cut", f);
     fclose(f);
-    ctx.log = metrics_cost_log_open(&loop, path, 0, NULL, &err);
+    ctx.log = metrics_cost_log_open(&loop, path, 0, 0, 0, NULL, &err);
     cr_assert_not_null(ctx.log);
     write_some(&ctx, 1);
     metrics_cost_log_close(ctx.log);
@@ -602,7 +754,7 @@ Test(costlog, a_write_cut_short_keeps_the_next_record_whole, .timeout = 10)
     int err;
 
     signal(SIGXFSZ, SIG_IGN);
-    ctx.log = metrics_cost_log_open(&loop, path, 10, NULL, &err);
+    ctx.log = metrics_cost_log_open(&loop, path, 10, 0, 0, NULL, &err);
     cr_assert_not_null(ctx.log);
     cr_assert_eq(setrlimit(RLIMIT_FSIZE, &small), 0);
     write_some(&ctx, 3); /* some 560 bytes each */
@@ -623,7 +775,7 @@ Test(costlog, open_failure_reports_errno, .timeout = 5)
     char bad[160];
 
     snprintf(bad, sizeof(bad), "%s/no/such/dir/log", dir);
-    cr_assert_null(metrics_cost_log_open(&loop, bad, 0, NULL, &err));
+    cr_assert_null(metrics_cost_log_open(&loop, bad, 0, 0, 0, NULL, &err));
     cr_assert_eq(err, UV_ENOENT);
 }
 

@@ -11,13 +11,18 @@
 #define _GNU_SOURCE
 #include <cjson/cJSON.h>
 #include <criterion/criterion.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <netinet/in.h>
+#include <pthread.h>
+#include <semaphore.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -50,10 +55,23 @@ static const char *top_extra = "";      /* more top-level config lines */
 static const char *stderr_path;         /* routers log there, at full level; NULL: -q */
 static const char *more_keys = "";      /* more api_keys entries of the tenant, each ", {...}" */
 
+/* The cost log as a FIFO whose reader is stuck until released: a disk
+ * that stops answering, made to order (use_fifo_log). */
+static struct {
+    int wanted;       /* start_routers makes the cost log a FIFO */
+    int started;      /* the reader runs: fifo_finish joins it */
+    pthread_t thread; /* the reader */
+    sem_t go;         /* posted to let it read */
+    int in;           /* its end of the FIFO */
+    char out[64];     /* what it read */
+} fifo;
+static void fifo_finish(void);
+
 static void teardown(void)
 {
     for (int i = 0; i < NROUTERS; i++)
         support_proc_stop(&routers[i]);
+    fifo_finish();
     support_proc_stop(&mock_a);
     support_proc_stop(&mock_b);
     if (redis.pid)
@@ -144,12 +162,76 @@ static void wait_store_up(int i)
     cr_assert_fail("router %d: the store did not come up", i);
 }
 
+/* The FIFO's reader: reads nothing until released, then copies all to
+ * fifo.out until the router closes its end. */
+static void *fifo_read(void *arg)
+{
+    int out = open(fifo.out, O_WRONLY | O_TRUNC);
+    char data[4096];
+    ssize_t n;
+
+    (void)arg;
+    sem_wait(&fifo.go);
+    while ((n = read(fifo.in, data, sizeof(data))) > 0)
+        if (write(out, data, (size_t)n) != n)
+            break;
+    close(fifo.in);
+    close(out);
+    return NULL;
+}
+
+/* Replace the cost log file by a FIFO, open its reading end (the router's
+ * open waits for one) with a pipe of one page, the least Linux allows,
+ * before the router can write, and start its reader. */
+static void use_fifo_log(void)
+{
+    strcpy(fifo.out, "/tmp/costrouter-fifo-out-XXXXXX");
+    close(mkstemp(fifo.out));
+    cr_assert_eq(unlink(log_path), 0);
+    cr_assert_eq(mkfifo(log_path, 0600), 0);
+    fifo.in = open(log_path, O_RDONLY | O_NONBLOCK);
+    cr_assert_geq(fifo.in, 0);
+    cr_assert_eq(fcntl(fifo.in, F_SETPIPE_SZ, 4096), 4096);
+    cr_assert_eq(fcntl(fifo.in, F_SETFL, 0), 0); /* the reader's reads wait */
+    cr_assert_eq(sem_init(&fifo.go, 0, 0), 0);
+    cr_assert_eq(pthread_create(&fifo.thread, NULL, fifo_read, NULL), 0);
+    fifo.started = 1;
+}
+
+/* Let the reader read. */
+static void fifo_release(void)
+{
+    sem_post(&fifo.go);
+}
+
+/* Release the reader and wait for it to see the end (the router stopped). */
+static void fifo_join(void)
+{
+    if (!fifo.started)
+        return;
+    fifo_release();
+    pthread_join(fifo.thread, NULL);
+    fifo.started = 0;
+}
+
+static void fifo_finish(void)
+{
+    fifo_join();
+    if (fifo.out[0]) {
+        sem_destroy(&fifo.go);
+        unlink(fifo.out);
+    }
+    memset(&fifo, 0, sizeof(fifo));
+}
+
 /* Finish the config (routes and tenant lines given) and start `n` routers
  * (with their store up, when it is Redis). */
 static void start_routers(int n, const char *route_candidates, const char *tenant_extra)
 {
     strcpy(log_path, "/tmp/costrouter-costlog-XXXXXX");
     close(mkstemp(log_path));
+    if (fifo.wanted)
+        use_fifo_log();
     write_conf(route_candidates, tenant_extra);
     for (int i = 0; i < n; i++) {
         char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
@@ -2085,4 +2167,163 @@ static void embed_across_reloads(int n)
 Test(costs, a_reload_keeps_the_fraction_a_tenant_carries)
 {
     many_tiny_charges(8, embed_across_reloads);
+}
+
+/* ---- the cost log behind the disk ---- */
+
+#define BEHIND_CONF(wait_ms) "cost_log_buffer_max: 8192\ncost_log_wait_ms: " #wait_ms "\n"
+
+/* A router whose cost log is a FIFO nobody reads yet, with a small
+ * cost_log_buffer_max, fed chats one after another until its log is
+ * behind; returns how many (each answered, each a record). */
+static int start_behind(const char *conf)
+{
+    fifo.wanted = 1;
+    top_extra = conf;
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    start_routers(1, "a", NULL);
+    for (int n = 1; n <= 300; n++) {
+        cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+        cr_assert_eq(resp.status, 200, "request %d", n);
+        cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+        if (metric_value("costrouter_cost_log_behind") == 1)
+            return n;
+    }
+    cr_assert_fail("the cost log never fell behind");
+    return 0;
+}
+
+/* Once the router has stopped: the records the FIFO's reader got, and
+ * how many of them have `needle`. */
+static int fifo_records(const char *needle, int *with)
+{
+    fifo_join();
+    *with = count_log_lines(fifo.out, needle);
+    return count_log_lines(fifo.out, "\"request_id\":");
+}
+
+/* Let the reader go, stop the router (it must exit 0), and check that the
+ * FIFO got `want` records, one of them with `needle`. */
+static void drain_stop_and_count(int want, const char *needle)
+{
+    int with;
+
+    fifo_release();
+    support_proc_stop(&routers[0]);
+    cr_assert(support_proc_exited_cleanly(&routers[0]));
+    cr_assert_eq(fifo_records(needle, &with), want, "a record lost");
+    cr_assert_eq(with, 1, "one record with %s", needle);
+}
+
+/* A chat request on a connection of its own, not answered. */
+struct held_chat {
+    struct support_http_conn conn;
+    struct support_http_response resp;
+    struct buf req;
+};
+
+/* Send one, and see it unanswered for quiet_ms: parked. */
+static void hold_chat(struct held_chat *h, int quiet_ms)
+{
+    *h = (struct held_chat){.conn = {.fd = -1}};
+    send_unanswered(&h->conn, &h->req, AUTH, "{\"model\":\"chat\"," MSG "}");
+    cr_assert_eq(support_http_read(&h->conn, &h->resp, quiet_ms), -ETIMEDOUT,
+                 "answered %d while the cost log was behind", h->resp.status);
+}
+
+static void held_chat_free(struct held_chat *h)
+{
+    support_http_close(&h->conn);
+    support_http_response_free(&h->resp);
+    buf_free(&h->req);
+}
+
+/* While the cost log is behind, what writes no record (/healthz, /metrics)
+ * is answered at once, and a chat request is parked unanswered until the
+ * log catches up; one whose client leaves meanwhile is dropped cleanly
+ * (and logged 499). No record is lost. */
+Test(costs, a_cost_log_behind_parks_new_requests_until_it_catches_up)
+{
+    struct held_chat held, gone;
+    int n = start_behind(BEHIND_CONF(20000));
+
+    cr_assert_eq(call_port(routers[0].port, "GET", "/healthz", NULL, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    hold_chat(&held, 300);
+    hold_chat(&gone, 200);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_eq(metric_value("costrouter_cost_log_parked_requests_total"), 2);
+    cr_assert_eq(metric_value("costrouter_inflight_requests"), 2);
+    held_chat_free(&gone);
+    usleep(200 * 1000); /* the router sees it leave */
+    fifo_release();
+    cr_assert_eq(support_http_read(&held.conn, &held.resp, TIMEOUT_MS), 0);
+    cr_assert_eq(held.resp.status, 200);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_eq(metric_value("costrouter_cost_log_behind"), 0);
+    drain_stop_and_count(n + 2, "\"status\":499");
+    held_chat_free(&held);
+}
+
+/* Parked longer than cost_log_wait_ms: 503 cost_log_behind, Retry-After,
+ * nothing charged; its record is written like any other. */
+Test(costs, a_request_parked_for_cost_log_wait_ms_gets_503)
+{
+    struct held_chat held;
+    int n = start_behind(BEHIND_CONF(300));
+    cJSON *body;
+
+    hold_chat(&held, 200);
+    cr_assert_eq(support_http_read(&held.conn, &held.resp, 3000), 0);
+    cr_assert_eq(held.resp.status, 503);
+    cr_assert_str_eq(support_http_header(&held.resp, "retry-after"), "1");
+    cr_assert_null(support_http_header(&held.resp, "x-costrouter-cost-usd"));
+    body = cJSON_ParseWithLength(held.resp.body.data, held.resp.body.len);
+    cr_assert_str_eq(cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(body, "error"),
+                                                              "code")),
+                     "cost_log_behind");
+    cJSON_Delete(body);
+    drain_stop_and_count(n + 1, "\"status\":503");
+    held_chat_free(&held);
+}
+
+/* SIGTERM while behind: the parked request is answered 503 at once (it
+ * never started), and the router waits for the disk to take every record
+ * before it exits 0. */
+Test(costs, sigterm_while_the_cost_log_is_behind_refuses_parked_requests_and_loses_nothing)
+{
+    struct held_chat held;
+    int n = start_behind(BEHIND_CONF(20000)), status;
+
+    hold_chat(&held, 300);
+    kill(routers[0].pid, SIGTERM);
+    cr_assert_eq(support_http_read(&held.conn, &held.resp, 2000), 0, "parked through the stop");
+    cr_assert_eq(held.resp.status, 503);
+    usleep(300 * 1000);
+    cr_assert_eq(waitpid(routers[0].pid, &status, WNOHANG), 0,
+                 "exited with records the disk had not taken");
+    drain_stop_and_count(n + 1, "\"status\":503");
+    held_chat_free(&held);
+}
+
+/* SIGTERM with a cost log that never drains: after cost_log_wait_ms with
+ * no write going through, the router gives the records up (and says so)
+ * rather than hang; it exits 0 within the stop's grace. */
+Test(costs, sigterm_with_a_cost_log_that_never_drains_exits_after_cost_log_wait_ms)
+{
+    char log[64] = "/tmp/costrouter-stderr-XXXXXX";
+    uint64_t start;
+    int lines;
+
+    close(mkstemp(log));
+    stderr_path = log;
+    start_behind(BEHIND_CONF(500));
+    start = (uint64_t)time(NULL);
+    support_proc_stop(&routers[0]);
+    lines = count_log_lines(log, "at exit; giving up");
+    unlink(log);
+    cr_assert(support_proc_exited_cleanly(&routers[0]), "hung on the stuck cost log");
+    cr_assert_leq((uint64_t)time(NULL) - start, 3);
+    cr_assert_eq(lines, 1);
 }

@@ -72,7 +72,9 @@ static void teardown(void)
 TestSuite(jfile, .init = setup, .fini = teardown, .timeout = 60);
 
 /* The config: one backend (mock), tenant acme, the Redis store at `url`
- * with the journal file. */
+ * with the journal file. Redis's outages here are kills, seen at once; a
+ * long command timeout keeps a machine busy with other tests from making
+ * one of its own (a reservation taken locally, not in Redis). */
 static void write_conf(const char *url)
 {
     char hex[65];
@@ -82,7 +84,7 @@ static void write_conf(const char *url)
     support_key_sha256_hex(KEY, hex);
     fprintf(f,
             "listen: 127.0.0.1:0\nadmin_key: adm-secret\ncost_log: %s\n"
-            "store: {redis: \"%s\", journal_file: %s}\n"
+            "store: {redis: \"%s\", journal_file: %s, command_timeout_ms: 5000}\n"
             "backends:\n"
             "  - {name: a, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-a, quality: 1,\n"
             "     context_window: 100000, input_usd_per_mtok: 100, output_usd_per_mtok: 300}\n"
