@@ -948,6 +948,51 @@ Test(costs, rate_limits_answer_429_with_retry_after)
     cr_assert(retry >= 1 && retry <= 60, "retry-after %ld", retry);
 }
 
+/* The status of a chat through key `key` (NULL: the tenant's first). */
+static int chat_status_with(const char *key, const char *body)
+{
+    char headers[128];
+
+    snprintf(headers, sizeof(headers), "Authorization: Bearer %s\r\n", key);
+    cr_assert_eq(key ? call_port(routers[0].port, "POST", "/v1/chat/completions", headers, body)
+                     : chat(0, NULL, body),
+                 0);
+    return resp.status;
+}
+
+static void reload_router(void)
+{
+    cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+}
+
+/* A reload keeps what the tenant and each key used of their limits:
+ * fresh buckets let every reload grant another minute's worth. */
+Test(costs, a_reload_keeps_what_the_rate_limits_have_used)
+{
+    char hex[65], keys[160];
+    const char body[] = "{\"model\":\"chat\",\"max_tokens\":5," MSG "}";
+
+#define KEY_ONE_RPM "sk-cost-one-rpm"
+    support_key_sha256_hex(KEY_ONE_RPM, hex);
+    snprintf(keys, sizeof(keys), ", {name: one, rpm: 1, hash: \"sha256:%s\"}", hex);
+    more_keys = keys;
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    start_routers(1, "a", "    rate_limits: {rpm: 3}\n");
+    cr_assert_eq(chat_status_with(KEY_ONE_RPM, body), 200);
+    cr_assert_eq(chat_status_with(KEY_ONE_RPM, body), 429);
+    reload_router();
+    /* The tenant has two requests left: only the key's limit refuses. */
+    cr_assert_eq(chat_status_with(KEY_ONE_RPM, body), 429, "the key's minute came back");
+    cr_assert_eq(chat_status_with(NULL, body), 200);
+    cr_assert_eq(chat_status_with(NULL, body), 200);
+    cr_assert_eq(chat_status_with(NULL, body), 429);
+    reload_router();
+    cr_assert_eq(chat_status_with(NULL, body), 429, "the tenant's minute came back");
+    more_keys = "";
+}
+
 /* A backend `a` on mock_a with a context window of `window` tokens. */
 static void add_backend_with_window(int window)
 {
