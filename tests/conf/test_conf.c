@@ -167,6 +167,12 @@ static struct error_case error_cases[] = {
       "9: backends[5].url: must not contain spaces or control characters"}},
     {.file = DATA "syntax.yaml",
      .lines = {"5: (yaml): flow sequence without a closing bracket"}},
+    {.file = DATA "alias_bomb.yaml",
+     .lines = {"7: (yaml): aliases expand to more than 100000 nodes, or nest more than 256 deep"}},
+    {.file = DATA "two_documents.yaml",
+     .lines = {"7: (yaml): a second document: a config file holds one (no \"---\" after the first)"}},
+    {.file = DATA "second_document_broken.yaml",
+     .lines = {"7: (yaml): flow sequence without a closing bracket"}},
     {.file = DATA "empty.yaml", .lines = {"1: (top level): the file is empty"}},
     {.file = DATA "no-such-file.yaml", .lines =
      {"1: (file): cannot open: No such file or directory"}},
@@ -621,6 +627,19 @@ Test(conf, prices_keys_experiments_store_cache, .timeout = 10)
     cr_expect_str_eq(e->user_header, "x-end-user");
     cr_expect_eq(e->arms[0].weight, 1, "default");
     cr_expect_eq(e->arms[1].weight, 0);
+    conf_free(c);
+}
+
+Test(conf, anchors_aliases_and_merge_keys_load_as_written_out, .timeout = 10)
+{
+    struct conf *c = load_ok(DATA "anchors_ok.yaml");
+
+    cr_expect_str_eq(c->backends[1].name, "b");
+    cr_expect_eq(c->backends[1].quality, 3, "merged from a");
+    cr_expect_float_eq(c->backends[1].input_usd_per_mtok, 1, 1e-12);
+    cr_expect_float_eq(c->backends[1].output_usd_per_mtok, 4, 1e-12, "its own value wins");
+    cr_expect_float_eq(c->tenants[1].daily_usd, 10, 1e-12);
+    cr_expect_eq(c->tenants[1].on_exhausted, CONF_EXHAUSTED_DOWNGRADE);
     conf_free(c);
 }
 
