@@ -65,6 +65,10 @@ struct error_case {
 };
 
 #define DATA "tests/conf/data/"
+/* experiments[2] of experiments_bad.yaml is for all tenants of its route. */
+#define SHADOWED_BY_2                                                                              \
+    "never applies: experiments[2] on the same route takes every tenant first (the first "        \
+    "experiment that applies wins)"
 #define SH "missing: a self_hosted backend needs it unless it says free: true"
 #define API                                                                                \
     "missing: an api backend needs it (or a price entry named by price: or model) unless it "   \
@@ -167,6 +171,11 @@ static struct error_case error_cases[] = {
       "9: backends[5].url: must not contain spaces or control characters"}},
     {.file = DATA "syntax.yaml",
      .lines = {"5: (yaml): flow sequence without a closing bracket"}},
+    {.file = DATA "experiments_shadowed.yaml",
+     .lines = {"15: experiments[1].tenants[1]: never applies to tenant \"t\": experiments[0] on the "
+               "same route takes it first (the first experiment that applies wins)",
+               "17: experiments[3].route: never applies: experiments[2] on the same route takes "
+               "every tenant first (the first experiment that applies wins)"}},
     {.file = DATA "alias_bomb.yaml",
      .lines = {"7: (yaml): aliases expand to more than 100000 nodes, or nest more than 256 deep"}},
     {.file = DATA "two_documents.yaml",
@@ -225,7 +234,9 @@ static struct error_case error_cases[] = {
       "20: experiments[1].route: unknown route \"chatt\"",
       "25: experiments[2].arms: must not be empty",
       "26: experiments[3]: missing required key \"name\"",
+      "26: experiments[3].route: " SHADOWED_BY_2,
       "27: experiments[3].arms[0]: missing required key \"name\"",
+      "29: experiments[4].route: " SHADOWED_BY_2,
       "30: experiments[4].arms[0].backends: must not be empty",
       "30: experiments[4].arms[0].name: experiment and arm names together must be at most 91 "
       "characters (they make the reason \"ab:EXPERIMENT/ARM\")"}},
