@@ -221,6 +221,13 @@ static int check_routes(struct conf__ctx *ctx)
             ctx->oom = 1;
             goto out;
         }
+        if (m->nitems > CONF_CANDIDATES_MAX) {
+            /* The selector would never look past them. */
+            snprintf(path, sizeof(path), "routes[%zu].candidates", i);
+            conf__error(ctx, m->lines[CONF__RT_CANDIDATES], path,
+                        "has %zu backends, more than the %d a route may have", m->nitems,
+                        CONF_CANDIDATES_MAX);
+        }
         for (size_t j = 0; j < m->nitems; j++) {
             const struct conf_backend *b;
 

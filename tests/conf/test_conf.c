@@ -171,6 +171,8 @@ static struct error_case error_cases[] = {
       "9: backends[5].url: must not contain spaces or control characters"}},
     {.file = DATA "syntax.yaml",
      .lines = {"5: (yaml): flow sequence without a closing bracket"}},
+    {.file = DATA "candidates_too_many.yaml",
+     .lines = {"72: routes[1].candidates: has 65 backends, more than the 64 a route may have"}},
     {.file = DATA "experiments_shadowed.yaml",
      .lines = {"15: experiments[1].tenants[1]: never applies to tenant \"t\": experiments[0] on the "
                "same route takes it first (the first experiment that applies wins)",
