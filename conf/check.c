@@ -7,7 +7,7 @@
  * rules here are the ones a single key cannot check: unknown backends in
  * routes, prices that depend on `kind`, `free` and the price entries, SLOs
  * no backend can meet, a tenant key listed twice, experiments whose route,
- * tenants or arm backends do not exist.
+ * tenants or arm backends do not exist or that an earlier one shadows.
  */
 #include "conf/conf.h"
 #include "conf/internal.h"
@@ -220,6 +220,13 @@ static int check_routes(struct conf__ctx *ctx)
         if ((r->candidates = calloc(m->nitems + 1, sizeof(*r->candidates))) == NULL) {
             ctx->oom = 1;
             goto out;
+        }
+        if (m->nitems > CONF_CANDIDATES_MAX) {
+            /* The selector would never look past them. */
+            snprintf(path, sizeof(path), "routes[%zu].candidates", i);
+            conf__error(ctx, m->lines[CONF__RT_CANDIDATES], path,
+                        "has %zu backends, more than the %d a route may have", m->nitems,
+                        CONF_CANDIDATES_MAX);
         }
         for (size_t j = 0; j < m->nitems; j++) {
             const struct conf_backend *b;
@@ -463,6 +470,51 @@ static void check_experiment(struct conf__ctx *ctx, size_t i)
     free(v);
 }
 
+/* Does experiment `e` take part for `tenant` (all, when it lists none)? */
+static int experiment_has(const struct conf_experiment *e, const char *tenant)
+{
+    if (e->ntenants == 0)
+        return 1;
+    for (size_t j = 0; j < e->ntenants; j++)
+        if (e->tenants[j] && strcmp(e->tenants[j], tenant) == 0)
+            return 1;
+    return 0;
+}
+
+/* The first experiment of a route that applies to a tenant is its only
+ * one, so an experiment that an earlier one of its route shadows (for all
+ * tenants, or for one it lists) would load and never split that traffic.
+ * Quadratic, but at load time only, over experiments of one route. */
+static void check_shadowed(struct conf__ctx *ctx, size_t i)
+{
+    const struct conf_experiment *e = &ctx->conf->experiments[i];
+    const struct conf__meta *m = &ctx->experiment_meta[i];
+    char path[128], q[CONF__QUOTE_SIZE];
+
+    for (size_t k = 0; k < i && e->route; k++) {
+        const struct conf_experiment *first = &ctx->conf->experiments[k];
+
+        if (first->route == NULL || strcmp(first->route, e->route) != 0)
+            continue;
+        if (first->ntenants == 0) {
+            snprintf(path, sizeof(path), "experiments[%zu].route", i);
+            conf__error(ctx, m->lines[CONF__E_ROUTE], path,
+                        "never applies: experiments[%zu] on the same route takes every tenant "
+                        "first (the first experiment that applies wins)", k);
+            return;
+        }
+        for (size_t j = 0; j < e->ntenants; j++) {
+            if (e->tenants[j] == NULL || !experiment_has(first, e->tenants[j]))
+                continue;
+            snprintf(path, sizeof(path), "experiments[%zu].tenants[%zu]", i, j);
+            conf__error(ctx, m->item_lines[j], path,
+                        "never applies to tenant %s: experiments[%zu] on the same route takes it "
+                        "first (the first experiment that applies wins)",
+                        conf__quote(q, e->tenants[j], strlen(e->tenants[j])), k);
+        }
+    }
+}
+
 static void check_experiments(struct conf__ctx *ctx)
 {
     struct conf *c = ctx->conf;
@@ -478,6 +530,7 @@ static void check_experiments(struct conf__ctx *ctx)
             v[n++] = (struct named){c->experiments[i].name, i, &c->experiments[i],
                                     ctx->experiment_meta[i].lines[CONF__E_NAME]};
         check_experiment(ctx, i);
+        check_shadowed(ctx, i);
     }
     sort_and_find_duplicates(ctx, v, n, "experiments", "name", "experiment", NULL);
     free(v);

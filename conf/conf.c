@@ -235,17 +235,118 @@ out:
     return data;
 }
 
-/* Build the document; on a syntax error report libfyaml's diagnostics,
- * which carry their own lines, and return NULL. */
+/* Nodes that aliases may add to a document once expanded. YAML's
+ * aliases nest: ten anchors of ten aliases each expand a few hundred
+ * bytes to 10^10 nodes (the "billion laughs"), which held --check-config,
+ * a start or a reload for minutes and gigabytes. A real config shares a
+ * budget or a backend's settings, a few nodes per use. */
+#define CONF_ALIAS_NODES_MAX 100000
+/* Aliases within aliases deeper than this are refused with the rest:
+ * the walk below recurses once per level. */
+#define CONF_ALIAS_DEPTH_MAX 256
+
+/* Walk `n` as it will be once its aliases are expanded, taking a node
+ * from *left for each one reached through an alias (`aliased`). -1 when
+ * they run out or nest too deep, with *line where. */
+static int walk_aliases(struct fy_node *n, int aliased, int depth, long *left, int *line)
+{
+    struct fy_node_pair *pair;
+    struct fy_node *item;
+    struct fy_token *t;
+    void *it = NULL;
+
+    if (n == NULL)
+        return 0;
+    if ((aliased && --*left < 0) || depth > CONF_ALIAS_DEPTH_MAX)
+        return -1;
+    if (fy_node_is_alias(n)) {
+        if (!aliased && (t = fy_node_get_scalar_token(n)) != NULL)
+            *line = fy_token_start_mark(t)->line + 1;
+        /* An alias of no anchor is reported when the document resolves. */
+        return walk_aliases(fy_node_resolve_alias(n), 1, depth + 1, left, line);
+    }
+    switch (fy_node_get_type(n)) {
+    case FYNT_SEQUENCE:
+        while ((item = fy_node_sequence_iterate(n, &it)) != NULL)
+            if (walk_aliases(item, aliased, depth + 1, left, line) != 0)
+                return -1;
+        break;
+    case FYNT_MAPPING:
+        while ((pair = fy_node_mapping_iterate(n, &it)) != NULL)
+            if (walk_aliases(fy_node_pair_key(pair), aliased, depth + 1, left, line) != 0 ||
+                walk_aliases(fy_node_pair_value(pair), aliased, depth + 1, left, line) != 0)
+                return -1;
+        break;
+    case FYNT_SCALAR:
+        break;
+    }
+    return 0;
+}
+
+/* Report libfyaml's collected errors, which carry their own lines. */
+static void report_yaml_errors(struct conf__ctx *ctx, struct fy_diag *diag)
+{
+    struct fy_diag_error *e;
+    void *it = NULL;
+    int any = 0;
+
+    while ((e = fy_diag_errors_iterate(diag, &it)) != NULL) {
+        if (e->type < FYET_ERROR)
+            continue;
+        conf__error(ctx, e->line, "(yaml)", "%s", e->msg);
+        any = 1;
+    }
+    if (!any) /* libfyaml builds nothing, silently, from a file of comments */
+        conf__error(ctx, 0, "(top level)", "the file is empty");
+}
+
+/* Line of the first node of `doc` (1-based), 0 if it has none. */
+static int document_line(struct fy_document *doc)
+{
+    struct fy_document_state *st = fy_document_get_document_state(doc);
+    const struct fy_mark *m = st ? fy_document_state_start_mark(st) : NULL;
+
+    return m ? m->line + 1 : 0;
+}
+
+/* The file's one document, aliases checked then resolved; NULL after an
+ * error (reported here, or left in the parser's diagnostics). A second
+ * document (after "---") is an error: only the first was read, so what
+ * the second said (a garbled line even) went unseen. */
+static struct fy_document *load_document(struct conf__ctx *ctx, struct fy_parser *fyp)
+{
+    struct fy_document *doc = fy_parse_load_document(fyp), *next;
+    long left = CONF_ALIAS_NODES_MAX;
+    int line = 0;
+
+    if (doc == NULL)
+        return NULL;
+    if ((next = fy_parse_load_document(fyp)) != NULL) {
+        conf__error(ctx, document_line(next), "(yaml)",
+                    "a second document: a config file holds one (no \"---\" after the first)");
+        fy_parse_document_destroy(fyp, next);
+    } else if (fy_parser_get_stream_error(fyp)) {
+        /* a broken second document: the caller reports libfyaml's error */
+    } else if (walk_aliases(fy_document_root(doc), 0, 0, &left, &line) != 0) {
+        conf__error(ctx, line, "(yaml)",
+                    "aliases expand to more than %d nodes, or nest more than %d deep",
+                    CONF_ALIAS_NODES_MAX, CONF_ALIAS_DEPTH_MAX);
+    } else if (fy_document_resolve(doc) == 0) {
+        return doc;
+    }
+    fy_parse_document_destroy(fyp, doc);
+    return NULL;
+}
+
+/* Build the document; on an error report it and return NULL. */
 static struct fy_document *build_document(struct conf__ctx *ctx, const char *src, size_t len)
 {
     struct fy_diag_cfg dcfg;
     struct fy_diag *diag;
-    struct fy_parse_cfg cfg = {.flags = FYPCF_QUIET | FYPCF_RESOLVE_DOCUMENT};
-    struct fy_document *doc;
-    struct fy_diag_error *e;
-    void *it = NULL;
-    int any = 0;
+    struct fy_parse_cfg cfg = {.flags = FYPCF_QUIET};
+    struct fy_parser *fyp = NULL;
+    struct fy_document *doc = NULL;
+    size_t nerrs = ctx->nerrs;
 
     fy_diag_cfg_default(&dcfg);
     dcfg.fp = NULL;
@@ -255,17 +356,13 @@ static struct fy_document *build_document(struct conf__ctx *ctx, const char *src
     }
     fy_diag_set_collect_errors(diag, true);
     cfg.diag = diag;
-    doc = fy_document_build_from_string(&cfg, src, len);
-    if (doc == NULL) {
-        while ((e = fy_diag_errors_iterate(diag, &it)) != NULL) {
-            if (e->type < FYET_ERROR)
-                continue;
-            conf__error(ctx, e->line, "(yaml)", "%s", e->msg);
-            any = 1;
-        }
-        if (!any) /* libfyaml builds nothing, silently, from a file of comments */
-            conf__error(ctx, 0, "(top level)", "the file is empty");
-    }
+    if ((fyp = fy_parser_create(&cfg)) == NULL || fy_parser_set_string(fyp, src, len) != 0)
+        ctx->oom = 1;
+    else
+        doc = load_document(ctx, fyp);
+    if (doc == NULL && !ctx->oom && ctx->nerrs == nerrs)
+        report_yaml_errors(ctx, diag);
+    fy_parser_destroy(fyp);
     fy_diag_destroy(diag);
     return doc;
 }

@@ -20,6 +20,9 @@ struct conf__key;
  * model id, in bytes: the store puts tenant ids in its keys and the
  * router model ids in cache keys, each within bounds of its own. */
 #define CONF_NAME_MAX 200
+/* Most candidates a route may have: policy/ keeps a request's tried
+ * candidates and its A/B arm's as bits of a 64-bit mask. */
+#define CONF_CANDIDATES_MAX 64
 /* Longest store.key_prefix, in bytes. */
 #define CONF_KEY_PREFIX_MAX 128
 

@@ -37,9 +37,11 @@ static void read_budget(const struct policy_budget *bu, int soft_pct, int64_t *l
         return;
     if (bu->remaining_micro < *left)
         *left = bu->remaining_micro;
-    /* spent / limit >= soft_pct / 100, in integers */
-    if (soft_pct > 0 &&
-        (bu->limit_micro - bu->remaining_micro) * 100 >= (int64_t)soft_pct * bu->limit_micro)
+    /* spent / limit >= soft_pct / 100, in 128-bit integers: a config may
+     * give a budget up to 1e18 micro-USD, and pct x that overflows 64 bits
+     * (read as negative, every request was downgraded from the first). */
+    if (soft_pct > 0 && ((__int128)bu->limit_micro - bu->remaining_micro) * 100 >=
+                            (__int128)soft_pct * bu->limit_micro)
         *soft = 1;
 }
 

@@ -101,28 +101,42 @@ static uint64_t arm_candidates(const struct policy_arm *a, const struct conf_rou
     return mask;
 }
 
+const struct policy_experiment *policy_experiment_find(const struct policy_experiment *list,
+                                                      size_t n, const struct conf_route *route,
+                                                      const char *tenant)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(list[i].route, route->model) == 0 && has_tenant(&list[i], tenant))
+            return &list[i];
+    return NULL;
+}
+
+const struct policy_arm *policy_experiment_arm(const struct policy_experiment *e,
+                                               const struct conf_route *route, const char *tenant,
+                                               const char *user, size_t len, uint64_t *allowed)
+{
+    const struct policy_arm *arm;
+
+    *allowed = 0;
+    if (user == NULL) {
+        if (tenant == NULL)
+            return NULL;
+        user = tenant;
+        len = strlen(tenant);
+    }
+    arm = policy_experiment_assign(e, user, len);
+    *allowed = arm_candidates(arm, route);
+    return *allowed ? arm : NULL;
+}
+
 const struct policy_arm *policy_experiment_pick(const struct policy_experiment *list, size_t n,
                                                 const struct conf_route *route, const char *tenant,
                                                 const char *user, size_t len, uint64_t *allowed)
 {
-    *allowed = 0;
-    for (size_t i = 0; i < n; i++) {
-        const struct policy_experiment *e = &list[i];
-        const struct policy_arm *arm;
+    const struct policy_experiment *e = policy_experiment_find(list, n, route, tenant);
 
-        if (strcmp(e->route, route->model) != 0 || !has_tenant(e, tenant))
-            continue;
-        if (user == NULL) {
-            if (tenant == NULL)
-                return NULL;
-            user = tenant;
-            len = strlen(tenant);
-        }
-        arm = policy_experiment_assign(e, user, len);
-        *allowed = arm_candidates(arm, route);
-        return *allowed ? arm : NULL;
-    }
-    return NULL;
+    *allowed = 0;
+    return e ? policy_experiment_arm(e, route, tenant, user, len, allowed) : NULL;
 }
 
 const char *policy_arm_reason(const struct policy_arm *arm)

@@ -796,24 +796,23 @@ static const char *request_header(const struct router__request *req, const char 
     return NULL;
 }
 
-/* The A/B arm of this request, sticky per end user (the experiment's
- * user header, else the tenant). */
+/* The A/B arm of this request, sticky per end user (the user header of
+ * the experiment that applies, else the tenant). Not the header of the
+ * route's first experiment: that one may be for other tenants, and
+ * keying by a header their clients do not send put all users in one arm. */
 static void assign_arm(struct router__client *c)
 {
     struct router__request *req = &c->req;
-    const struct conf *conf = c->router->conf;
-    const char *user = NULL;
+    const struct router *r = c->router;
+    const struct policy_experiment *e;
+    const char *user;
     size_t len = 0;
 
-    if (conf->nexperiments == 0)
+    e = policy_experiment_find(r->experiments, r->conf->nexperiments, req->route, req->tenant->id);
+    if (e == NULL)
         return;
-    for (size_t i = 0; i < conf->nexperiments; i++)
-        if (strcmp(conf->experiments[i].route, req->route->model) == 0) {
-            user = request_header(req, conf->experiments[i].user_header, &len);
-            break;
-        }
-    req->arm = policy_experiment_pick(c->router->experiments, conf->nexperiments, req->route,
-                                      req->tenant->id, user, len, &req->arm_allowed);
+    user = request_header(req, r->conf->experiments[e - r->experiments].user_header, &len);
+    req->arm = policy_experiment_arm(e, req->route, req->tenant->id, user, len, &req->arm_allowed);
 }
 
 void router__proxy_start(struct router__client *c)

@@ -94,6 +94,16 @@ struct cache *router__store_create(uv_loop_t *loop, const struct conf *conf)
     return cache_create(loop, &opts);
 }
 
+/* The generation being replaced's state of tenant `t`, or NULL when it
+ * has none (the first config, or a tenant the reload adds). */
+static const struct router__tenant *previous_state(struct router *r, const struct conf_tenant *t)
+{
+    const struct router *prev = r->shared->current;
+    const struct conf_tenant *old = prev ? conf_find_tenant(prev->conf, t->id) : NULL;
+
+    return old ? &prev->tenants[old - prev->conf->tenants] : NULL;
+}
+
 /*
  * The carry of tenant `t` in generation `r`: the one of the generation
  * being replaced (shared->current while a reload builds `r`) when it
@@ -102,14 +112,38 @@ struct cache *router__store_create(uv_loop_t *loop, const struct conf *conf)
  */
 static struct router__carry *carry_for(struct router *r, const struct conf_tenant *t)
 {
-    const struct router *prev = r->shared->current;
-    const struct conf_tenant *old = prev ? conf_find_tenant(prev->conf, t->id) : NULL;
-    struct router__carry *carry = old ? prev->tenants[old - prev->conf->tenants].carry
-                                      : calloc(1, sizeof(*carry));
+    const struct router__tenant *old = previous_state(r, t);
+    struct router__carry *carry = old ? old->carry : calloc(1, sizeof(*carry));
 
     if (carry != NULL)
         carry->refs++;
     return carry;
+}
+
+static void copy_buckets(struct policy_ratelimit *to, const struct policy_ratelimit *from)
+{
+    to->requests = from->requests;
+    to->tokens = from->tokens;
+}
+
+/* A reload keeps what the tenant, and each key it still has (by hash),
+ * used of its rate limits: fresh buckets gave every reload a new minute's
+ * worth and forgave the debt of long answers. A lowered limit caps the
+ * level at its next refill. The token corrections of requests still in
+ * flight on the old generation land in its buckets, not these. */
+static void carry_limits(struct router *r, const struct conf_tenant *t, struct router__tenant *ts)
+{
+    const struct router__tenant *old = previous_state(r, t);
+    const struct conf_key *k;
+
+    if (old == NULL)
+        return;
+    copy_buckets(&ts->rl, &old->rl);
+    for (size_t i = 0; i < t->nkeys; i++) {
+        k = conf_find_key(r->shared->current->conf, t->keys[i].hash);
+        if (k != NULL && strcmp(k->tenant->id, t->id) == 0)
+            copy_buckets(&ts->key_rl[i], &old->key_rl[k->index]);
+    }
 }
 
 int router__spend_init(struct router *r)
@@ -136,6 +170,7 @@ int router__spend_init(struct router *r)
             ts->key_rl[k].rpm = t->keys[k].rpm;
             ts->key_rl[k].tpm = t->keys[k].tpm;
         }
+        carry_limits(r, t, ts);
         for (size_t j = 0; j < conf->nroutes; j++)
             policy_outpred_init(&r->tenants[i].outpred[j]);
     }

@@ -65,6 +65,10 @@ struct error_case {
 };
 
 #define DATA "tests/conf/data/"
+/* experiments[2] of experiments_bad.yaml is for all tenants of its route. */
+#define SHADOWED_BY_2                                                                              \
+    "never applies: experiments[2] on the same route takes every tenant first (the first "        \
+    "experiment that applies wins)"
 #define SH "missing: a self_hosted backend needs it unless it says free: true"
 #define API                                                                                \
     "missing: an api backend needs it (or a price entry named by price: or model) unless it "   \
@@ -167,6 +171,19 @@ static struct error_case error_cases[] = {
       "9: backends[5].url: must not contain spaces or control characters"}},
     {.file = DATA "syntax.yaml",
      .lines = {"5: (yaml): flow sequence without a closing bracket"}},
+    {.file = DATA "candidates_too_many.yaml",
+     .lines = {"72: routes[1].candidates: has 65 backends, more than the 64 a route may have"}},
+    {.file = DATA "experiments_shadowed.yaml",
+     .lines = {"15: experiments[1].tenants[1]: never applies to tenant \"t\": experiments[0] on the "
+               "same route takes it first (the first experiment that applies wins)",
+               "17: experiments[3].route: never applies: experiments[2] on the same route takes "
+               "every tenant first (the first experiment that applies wins)"}},
+    {.file = DATA "alias_bomb.yaml",
+     .lines = {"7: (yaml): aliases expand to more than 100000 nodes, or nest more than 256 deep"}},
+    {.file = DATA "two_documents.yaml",
+     .lines = {"7: (yaml): a second document: a config file holds one (no \"---\" after the first)"}},
+    {.file = DATA "second_document_broken.yaml",
+     .lines = {"7: (yaml): flow sequence without a closing bracket"}},
     {.file = DATA "empty.yaml", .lines = {"1: (top level): the file is empty"}},
     {.file = DATA "no-such-file.yaml", .lines =
      {"1: (file): cannot open: No such file or directory"}},
@@ -219,7 +236,9 @@ static struct error_case error_cases[] = {
       "20: experiments[1].route: unknown route \"chatt\"",
       "25: experiments[2].arms: must not be empty",
       "26: experiments[3]: missing required key \"name\"",
+      "26: experiments[3].route: " SHADOWED_BY_2,
       "27: experiments[3].arms[0]: missing required key \"name\"",
+      "29: experiments[4].route: " SHADOWED_BY_2,
       "30: experiments[4].arms[0].backends: must not be empty",
       "30: experiments[4].arms[0].name: experiment and arm names together must be at most 91 "
       "characters (they make the reason \"ab:EXPERIMENT/ARM\")"}},
@@ -625,6 +644,19 @@ Test(conf, prices_keys_experiments_store_cache, .timeout = 10)
     cr_expect_str_eq(e->user_header, "x-end-user");
     cr_expect_eq(e->arms[0].weight, 1, "default");
     cr_expect_eq(e->arms[1].weight, 0);
+    conf_free(c);
+}
+
+Test(conf, anchors_aliases_and_merge_keys_load_as_written_out, .timeout = 10)
+{
+    struct conf *c = load_ok(DATA "anchors_ok.yaml");
+
+    cr_expect_str_eq(c->backends[1].name, "b");
+    cr_expect_eq(c->backends[1].quality, 3, "merged from a");
+    cr_expect_float_eq(c->backends[1].input_usd_per_mtok, 1, 1e-12);
+    cr_expect_float_eq(c->backends[1].output_usd_per_mtok, 4, 1e-12, "its own value wins");
+    cr_expect_float_eq(c->tenants[1].daily_usd, 10, 1e-12);
+    cr_expect_eq(c->tenants[1].on_exhausted, CONF_EXHAUSTED_DOWNGRADE);
     conf_free(c);
 }
 

@@ -95,6 +95,15 @@ static const struct select_case cases[] = {
     /* Exactly 80% spent counts. */
     {"soft limit exactly", 0, 75, 0, 0, 80, 1000, 500, 100000, 20000, 0, 0, 0, 0, NULL,
      FX_GPU, "downgraded-soft-limit", 0, 278, "quality,costlier,costlier,chosen", 0},
+    /* The largest budget a config allows (1e12 USD = 1e18 micro-USD),
+     * nothing spent: 50% x limit passes 64 bits, and read as negative
+     * it downgraded every request from the first. */
+    {"soft limit of the largest budget, untouched", 0, 75, 0, 0, 50, 1000, 500,
+     INT64_C(1000000000000000000), INT64_C(1000000000000000000), 0, 0, 0, 0, NULL,
+     FX_4O, "cheapest-qualifying", 0, 7500, "quality,chosen,costlier,quality", 0},
+    {"soft limit of the largest budget, crossed", 0, 75, 0, 0, 50, 1000, 500,
+     INT64_C(1000000000000000000), INT64_C(400000000000000000), 0, 0, 0, 0, NULL,
+     FX_GPU, "downgraded-soft-limit", 0, 278, "quality,costlier,costlier,chosen", 0},
     /* Soft limit with a reject tenant and the floor's models out of
      * budget: the soft limit still downgrades. */
     {"soft limit implies downgrade", 0, 75, 0, 0, 80, 1000, 500, 100000, 5000, 0, 0, 0, 0, NULL,

@@ -1030,6 +1030,51 @@ Test(costs, rate_limits_answer_429_with_retry_after)
     cr_assert(retry >= 1 && retry <= 60, "retry-after %ld", retry);
 }
 
+/* The status of a chat through key `key` (NULL: the tenant's first). */
+static int chat_status_with(const char *key, const char *body)
+{
+    char headers[128];
+
+    snprintf(headers, sizeof(headers), "Authorization: Bearer %s\r\n", key);
+    cr_assert_eq(key ? call_port(routers[0].port, "POST", "/v1/chat/completions", headers, body)
+                     : chat(0, NULL, body),
+                 0);
+    return resp.status;
+}
+
+static void reload_router(void)
+{
+    cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+}
+
+/* A reload keeps what the tenant and each key used of their limits:
+ * fresh buckets let every reload grant another minute's worth. */
+Test(costs, a_reload_keeps_what_the_rate_limits_have_used)
+{
+    char hex[65], keys[160];
+    const char body[] = "{\"model\":\"chat\",\"max_tokens\":5," MSG "}";
+
+#define KEY_ONE_RPM "sk-cost-one-rpm"
+    support_key_sha256_hex(KEY_ONE_RPM, hex);
+    snprintf(keys, sizeof(keys), ", {name: one, rpm: 1, hash: \"sha256:%s\"}", hex);
+    more_keys = keys;
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    start_routers(1, "a", "    rate_limits: {rpm: 3}\n");
+    cr_assert_eq(chat_status_with(KEY_ONE_RPM, body), 200);
+    cr_assert_eq(chat_status_with(KEY_ONE_RPM, body), 429);
+    reload_router();
+    /* The tenant has two requests left: only the key's limit refuses. */
+    cr_assert_eq(chat_status_with(KEY_ONE_RPM, body), 429, "the key's minute came back");
+    cr_assert_eq(chat_status_with(NULL, body), 200);
+    cr_assert_eq(chat_status_with(NULL, body), 200);
+    cr_assert_eq(chat_status_with(NULL, body), 429);
+    reload_router();
+    cr_assert_eq(chat_status_with(NULL, body), 429, "the tenant's minute came back");
+    more_keys = "";
+}
+
 /* A backend `a` on mock_a with a context window of `window` tokens. */
 static void add_backend_with_window(int window)
 {
@@ -1151,6 +1196,50 @@ Test(costs, ab_split_follows_weights_and_sticks_to_a_user)
         if (i == 0)
             snprintf(first, sizeof(first), "%s", b);
         cr_assert_str_eq(b, first, "user-7 changed arm");
+    }
+}
+
+/* The experiment that applies to the tenant keys it by its own user
+ * header, not by that of the route's first experiment (here for another
+ * tenant): keyed by a header the clients do not send, every user fell back
+ * to the tenant id and so into one arm. */
+Test(costs, ab_split_keys_by_the_user_header_of_the_experiment_that_applies)
+{
+    const char body[] = "{\"model\":\"chat\",\"max_tokens\":5," MSG "}";
+    char hdr[64], first[8] = "";
+    int on_a = 0;
+    const int n = 40;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    add_backend("b", mock_b.port, 1, 1, 1);
+    cr_assert_eq(buf_printf(&yaml,
+                            "experiments:\n"
+                            "  - {name: theirs, route: chat, tenants: [other], arms: [{name: x}]}\n"
+                            "  - name: ours\n    route: chat\n    tenants: [%s]\n"
+                            "    user_header: x-end-user\n    arms:\n"
+                            "      - {name: on-a, backends: [a]}\n"
+                            "      - {name: on-b, backends: [b]}\n",
+                            tenant_id),
+                 0);
+    start_routers(1, "a, b",
+                  "  - id: other\n    api_keys: [\"sha256:"
+                  "b1bb78df5125918b38d2067043ec3dbd73dcca0ceb554bd9083b80beafdf1dd1\"]\n");
+    for (int u = 0; u < n; u++) {
+        snprintf(hdr, sizeof(hdr), "x-end-user: user-%d\r\n", u);
+        cr_assert_eq(chat(0, hdr, body), 0);
+        cr_assert_eq(resp.status, 200);
+        on_a += strcmp(support_http_header(&resp, "x-costrouter-backend"), "a") == 0;
+    }
+    /* 50/50 over 40 users: all in one arm has a chance of 2^-39. */
+    cr_assert(on_a > 0 && on_a < n, "arm on-a got %d of %d users", on_a, n);
+    for (int i = 0; i < 5; i++) {
+        cr_assert_eq(chat(0, "x-end-user: user-7\r\n", body), 0);
+        if (i == 0)
+            snprintf(first, sizeof(first), "%s", support_http_header(&resp, "x-costrouter-backend"));
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), first,
+                         "user-7 changed arm");
     }
 }
 
