@@ -14,6 +14,7 @@ const char error_timeout_client[] = "timed out waiting for the request";
 const char error_body_too_large[] = "request body too large";
 const char error_headers_too_large[] = "request headers too large";
 const char error_context_length[] = "the request does not fit the context window of any backend";
+const char error_below_quality_floor[] = "no backend of this model meets the quality floor of this key's tenant";
 const char error_budget_exhausted[] = "budget exhausted";
 const char error_rate_limited[] = "rate limit exceeded";
 const char error_upstream_connect[] = "could not connect to the upstream";

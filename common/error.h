@@ -22,6 +22,7 @@ extern const char error_timeout_client[];    /* 408: header/body timeout */
 extern const char error_body_too_large[];    /* 413 */
 extern const char error_headers_too_large[]; /* 431 */
 extern const char error_context_length[];    /* 400: too long for every candidate */
+extern const char error_below_quality_floor[]; /* 403: every candidate below the tenant's floor */
 extern const char error_budget_exhausted[];  /* 429 */
 extern const char error_rate_limited[];      /* 429 */
 /* Upstream problems. */

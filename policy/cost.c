@@ -117,7 +117,7 @@ static struct policy_choice choose_pass(const struct policy_request *req, uint64
     size_t n = req->route->ncandidates < 64 ? req->route->ncandidates : 64;
     int64_t left = INT64_MAX, over_cost = INT64_MAX;
     int soft = 0, best = -1, floorless = -1, over_budget = 0;
-    unsigned eligible = 0, lasting = 0, too_small = 0;
+    unsigned eligible = 0, lasting = 0, too_small = 0, below_floor = 0, arm_out = 0;
 
     read_budget(&req->day, req->limits.soft_limit_pct, &left, &soft);
     read_budget(&req->month, req->limits.soft_limit_pct, &left, &soft);
@@ -132,6 +132,12 @@ static struct policy_choice choose_pass(const struct policy_request *req, uint64
             note_cooling(cooling, cooldown_ms);
         if (c->kind != POLICY_VERDICT_TRIED && c->kind != POLICY_VERDICT_ARM)
             eligible++;
+        if (c->kind == POLICY_VERDICT_ARM)
+            arm_out++;
+        else if (!quality_ok) {
+            below_floor++;
+            ch.best_quality = MAX(ch.best_quality, req->route->candidates[i]->quality);
+        }
         if (c->kind == POLICY_VERDICT_ARM || (c->kind == POLICY_VERDICT_COSTLIER && !quality_ok))
             lasting++;
         if (c->kind == POLICY_VERDICT_CONTEXT) {
@@ -174,6 +180,10 @@ static struct policy_choice choose_pass(const struct policy_request *req, uint64
         ch.reason = POLICY_REASON_DOWNGRADED_SOFT;
     } else if (best < 0 && too_small > 0 && lasting == n) {
         ch.reason = POLICY_REASON_CONTEXT_EXCEEDED;
+    } else if (best < 0 && below_floor > 0 && below_floor + arm_out == n) {
+        /* Not "not now": no wait or retry helps while the config stands.
+         * (Past its soft limit, the floor is dropped: chosen above.) */
+        ch.reason = POLICY_REASON_BELOW_QUALITY_FLOOR;
     } else if (best >= 0) {
         ch.candidate = best;
         ch.reason = req->tried            ? POLICY_REASON_FALLBACK

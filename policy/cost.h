@@ -14,7 +14,9 @@
  *   3. none: when every candidate the request may use (outside the A/B
  *      arm and above the quality floor: what waiting would not change)
  *      is too small for it, the reason is "context-length-exceeded", for
- *      a 400 rather than a 503;
+ *      a 400 rather than a 503; when every one it may use is below the
+ *      tenant's quality floor, "below-quality-floor", for a 403: waiting
+ *      would not change that either;
  *   4. budget: when some candidate qualifies but none fits the budget,
  *      `reject` answers 429 and `downgrade` takes the cheapest (reserved
  *      cost) candidate that fits ignoring the quality floor, else 429;
@@ -94,6 +96,7 @@ struct policy_choice {
     double marginal_usd;        /* of the chosen candidate */
     double predicted_ttft_ms;   /* of the chosen candidate */
     int64_t context_window;     /* POLICY_REASON_CONTEXT_EXCEEDED: the largest window */
+    int best_quality;           /* POLICY_REASON_BELOW_QUALITY_FLOOR: the best on offer */
     uint64_t retry_after_ms;    /* none chosen: when the soonest candidate shut by its
                                    circuit may be tried again; 0 if none is shut */
 };

@@ -18,6 +18,8 @@ enum policy_reason {
     POLICY_REASON_BUDGET_EXHAUSTED,   /* rejected: no candidate fits the budget */
     POLICY_REASON_NONE_QUALIFIED,     /* no candidate qualifies (503) */
     POLICY_REASON_CONTEXT_EXCEEDED,   /* too long for every candidate it may use (400) */
+    POLICY_REASON_BELOW_QUALITY_FLOOR, /* every candidate it may use is below the tenant's
+                                          floor: never served while the config stands (403) */
 };
 
 const char *policy_reason_name(enum policy_reason reason);

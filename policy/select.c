@@ -22,6 +22,8 @@ const char *policy_reason_name(enum policy_reason reason)
         return "no-qualifying-candidate";
     case POLICY_REASON_CONTEXT_EXCEEDED:
         return "context-length-exceeded";
+    case POLICY_REASON_BELOW_QUALITY_FLOOR:
+        return "below-quality-floor";
     }
     return "unknown";
 }

@@ -49,6 +49,8 @@ static const struct error_map error_maps[] = {
     {error_body_too_large, 413, "invalid_request_error", "request_too_large", NULL},
     {error_headers_too_large, 431, "invalid_request_error", "headers_too_large", NULL},
     {error_context_length, 400, "invalid_request_error", "context_length_exceeded", NULL},
+    /* Not retried by the SDKs (a 503 is, in vain): the config decides it. */
+    {error_below_quality_floor, 403, "invalid_request_error", "below_quality_floor", NULL},
     {error_budget_exhausted, 429, "insufficient_quota", "budget_exhausted", NULL},
     {error_rate_limited, 429, "rate_limit_error", "rate_limit_exceeded", NULL},
     {error_upstream_connect, 502, "api_error", "upstream_connect_failed", NULL},

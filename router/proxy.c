@@ -482,6 +482,20 @@ static void reject_context(struct router__client *c)
     router__send_error(c, error_context_length, detail);
 }
 
+/* Every candidate the request may use is below its tenant's quality
+ * floor: say which model and what is on offer, so whoever runs the
+ * config sees the mismatch. */
+static void reject_quality(struct router__client *c)
+{
+    const struct router__request *req = &c->req;
+    char detail[320];
+
+    snprintf(detail, sizeof(detail),
+             "model \"%s\": the best backend it may use has quality %d, the floor is %d",
+             req->route->model, req->choice.best_quality, req->tenant->min_quality);
+    router__send_error(c, error_below_quality_floor, detail);
+}
+
 /* A choice the budget decided: refused, or downgraded. */
 static int budget_bound(const struct policy_choice *ch)
 {
@@ -571,6 +585,8 @@ static int choose(struct router__client *c, const char *last_error)
         req->reason = policy_reason_name(req->choice.reason);
         if (req->choice.reason == POLICY_REASON_CONTEXT_EXCEEDED)
             reject_context(c);
+        else if (req->choice.reason == POLICY_REASON_BELOW_QUALITY_FLOOR)
+            reject_quality(c);
         else
             reject_none(c, last_error ? last_error : error_no_backend);
         return -1;

@@ -114,7 +114,7 @@ static const struct select_case cases[] = {
     {"only candidate", SET_ONE_CANDIDATE, 0, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
      FX_MINI, "only-candidate", 0, 450, "chosen", 0},
     {"only candidate, below the floor", SET_ONE_CANDIDATE, 70, 0, 0, 0, 1000, 500, 0, 0, 0, 0,
-     0, 0, NULL, -1, "no-qualifying-candidate", 0, 0, "quality", 0},
+     0, 0, NULL, -1, "below-quality-floor", 0, 0, "quality", 0},
     {"a/b arm of 4o and sonnet", 0, 0, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0,
      BIT(FX_4O) | BIT(FX_SONNET), "ab:exp/big", FX_4O, "ab:exp/big", 0, 7500,
      "arm,chosen,costlier,arm", 0},
@@ -134,8 +134,22 @@ static const struct select_case cases[] = {
     {"too long while the long one is down", SET_GPU_LONG | SET_GPU_DOWN, 0, 0, 0, 0, 250000, 500,
      0, 0, 0, 0, 0, 0, NULL, -1, "no-qualifying-candidate", 0, 0,
      "context,context,context,health", 0},
-    {"nothing qualifies", SET_GPU_DOWN, 95, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
-     -1, "no-qualifying-candidate", 0, 0, "quality,quality,quality,health", 0},
+    /* Every candidate below the floor (the pool, down, too): no wait
+     * helps, a 403 rather than a 503. */
+    {"all below the floor", SET_GPU_DOWN, 95, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
+     -1, "below-quality-floor", 0, 0, "quality,quality,quality,health", 0},
+    /* Sonnet, the one at the floor, is outside the arm: the same. */
+    {"the arm's candidates below the floor", 0, 85, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0,
+     BIT(FX_MINI) | BIT(FX_4O), "ab:exp/small", -1, "below-quality-floor", 0, 0,
+     "quality,quality,arm,arm", 0},
+    /* Sonnet was tried and failed: the rest are below the floor, but that
+     * is this request's bad luck, not the config's: none qualifies. */
+    {"the one at the floor was tried", 0, 85, 0, 0, 0, 1000, 500, 0, 0, 0, 0, BIT(FX_SONNET), 0,
+     NULL, -1, "no-qualifying-candidate", 0, 0, "quality,quality,tried,quality", 0},
+    /* The arm's one at the floor is down: it may come back, a 503. */
+    {"the arm's one at the floor is down", SET_GPU_DOWN, 70, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0,
+     BIT(FX_MINI) | BIT(FX_GPU), "ab:exp/cheap", -1, "no-qualifying-candidate", 0, 0,
+     "quality,arm,arm,health", 0},
     /* A backend cooling down after a 429 is passed over while another can
      * serve, and taken when none can. */
     {"429: the pool cools down, mini serves", SET_GPU_429, 0, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0,

@@ -1585,6 +1585,45 @@ static cJSON *last_cost_record(void)
     return rec;
 }
 
+/* A tenant whose quality floor no backend of the route reaches is never
+ * served there however long it waits: a 403 naming the model and the
+ * qualities (a 503 would have the SDKs retry in vain), nothing upstream,
+ * and the reason in the cost log. */
+Test(costs, a_route_below_the_tenants_quality_floor_is_a_403)
+{
+    cJSON *rec;
+    const char *msg;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend("good", mock_a.port, 3, 1, 1);
+    add_backend("cheap", mock_b.port, 1, 1, 1);
+    add_backend("great", mock_b.port, 9, 1, 1);
+    /* Route "chat" below the floor; a second route, "premium", above it
+     * (a floor above every route's candidates is a config error). */
+    start_routers(1, "good, cheap]}\n  - {model: premium, candidates: [great",
+                  "    slo: {min_quality: 5}\n");
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 403, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_null(support_http_header(&resp, "retry-after"));
+    cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "code")
+                         ->valuestring,
+                     "below_quality_floor");
+    msg = cJSON_GetObjectItem(cJSON_GetObjectItem(json, "error"), "message")->valuestring;
+    cr_assert_not_null(strstr(msg, "model \"chat\": the best backend it may use has quality 3, "
+                                   "the floor is 5"),
+                       "%s", msg);
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 0);
+    cr_assert_eq(call_port(mock_b.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 0);
+    support_proc_stop(&routers[0]);
+    rec = last_cost_record();
+    cr_assert_str_eq(cJSON_GetObjectItem(rec, "reason")->valuestring, "below-quality-floor");
+    cr_assert_eq(cJSON_GetObjectItem(rec, "status")->valuedouble, 403);
+    cJSON_Delete(rec);
+}
+
 /* A backend that sends no usage is charged for the text it answered,
  * counted with its tokenizer, not as if the answer were empty. */
 Test(costs, an_answer_without_usage_is_charged_for_its_text)
