@@ -154,9 +154,10 @@ void router__refresh_gauges(struct router *r)
 
     for (size_t i = 0; i < conf->ntenants; i++) {
         const struct conf_tenant *t = &conf->tenants[i];
-        const struct router__tenant *ts = &r->tenants[i];
+        struct router__tenant *ts = &r->tenants[i];
         const char *day[] = {t->id, "day"}, *month[] = {t->id, "month"};
 
+        router__tenant_roll(ts);
         metrics_set(r->metrics, METRICS_BUDGET_SPENT_USD, day, (double)ts->day_spent / 1e6);
         metrics_set(r->metrics, METRICS_BUDGET_SPENT_USD, month, (double)ts->month_spent / 1e6);
         if (t->daily_usd > 0)

@@ -94,22 +94,43 @@ struct cache *router__store_create(uv_loop_t *loop, const struct conf *conf)
     return cache_create(loop, &opts);
 }
 
-/*
- * The carry of tenant `t` in generation `r`: the one of the generation
- * being replaced (shared->current while a reload builds `r`) when it
- * knows the tenant too, else a new one. Requests of both generations
- * then settle into the same remainder.
- */
-static struct router__carry *carry_for(struct router *r, const struct conf_tenant *t)
+/* Tenant `t`'s state in the generation being replaced (shared->current
+ * while a reload builds `r`), or NULL when that one does not know it. */
+static const struct router__tenant *prev_state(const struct router *r, const struct conf_tenant *t)
 {
     const struct router *prev = r->shared->current;
     const struct conf_tenant *old = prev ? conf_find_tenant(prev->conf, t->id) : NULL;
-    struct router__carry *carry = old ? prev->tenants[old - prev->conf->tenants].carry
-                                      : calloc(1, sizeof(*carry));
+
+    return old ? &prev->tenants[old - prev->conf->tenants] : NULL;
+}
+
+/*
+ * The carry of tenant `t` in generation `r`: the one of the generation
+ * being replaced when it knows the tenant too, else a new one. Requests
+ * of both generations then settle into the same remainder.
+ */
+static struct router__carry *carry_for(struct router *r, const struct conf_tenant *t)
+{
+    const struct router__tenant *old = prev_state(r, t);
+    struct router__carry *carry = old ? old->carry : calloc(1, sizeof(*carry));
 
     if (carry != NULL)
         carry->refs++;
     return carry;
+}
+
+/* The store's last numbers for the tenant, from the generation being
+ * replaced: a reload that started them at 0 had the spend gauges show
+ * nothing spent and the whole budget left until each tenant's next
+ * request. */
+static void inherit_spend(struct router__tenant *ts, const struct router__tenant *old)
+{
+    if (old == NULL)
+        return;
+    ts->day_spent = old->day_spent;
+    ts->month_spent = old->month_spent;
+    ts->reserved = old->reserved;
+    ts->period = old->period;
 }
 
 int router__spend_init(struct router *r)
@@ -128,6 +149,7 @@ int router__spend_init(struct router *r)
         ts->outpred = calloc(conf->nroutes ? conf->nroutes : 1, sizeof(struct policy_outpred));
         ts->key_rl = calloc(t->nkeys ? t->nkeys : 1, sizeof(*ts->key_rl));
         ts->carry = carry_for(r, t);
+        inherit_spend(ts, prev_state(r, t));
         if (ts->outpred == NULL || ts->key_rl == NULL || ts->carry == NULL)
             return -ENOMEM;
         ts->rl.rpm = t->rpm;
@@ -210,6 +232,27 @@ static int64_t usd_to_micro(double usd)
     return (int64_t)(usd * 1e6 + 0.5);
 }
 
+/* The store's answer for the tenant, as of the periods it was read in. */
+static void store_said(struct router__tenant *ts, int64_t day, int64_t month, int64_t reserved)
+{
+    ts->day_spent = day;
+    ts->month_spent = month;
+    ts->reserved = reserved;
+    cache_period_now(&ts->period);
+}
+
+void router__tenant_roll(struct router__tenant *ts)
+{
+    struct cache_period now;
+
+    cache_period_now(&now);
+    if (now.day != ts->period.day)
+        ts->day_spent = 0;
+    if (now.month != ts->period.month)
+        ts->month_spent = 0;
+    ts->period = now;
+}
+
 static void on_begin(void *arg, const char *errstr, const struct cache_begin_result *res)
 {
     struct router__client *c = arg;
@@ -221,9 +264,7 @@ static void on_begin(void *arg, const char *errstr, const struct cache_begin_res
         router__send_error(c, error_store_unavailable, NULL);
         return;
     }
-    ts->day_spent = res->day_spent;
-    ts->month_spent = res->month_spent;
-    ts->reserved = res->reserved;
+    store_said(ts, res->day_spent, res->month_spent, res->reserved);
     if (res->granted) {
         req->res = res->reservation;
         req->has_res = 1;
@@ -255,11 +296,8 @@ static void on_check(void *arg, const char *errstr, const struct cache_spend *s)
     struct router__tenant *ts = router__tenant_state(c->router, c->req.tenant);
 
     c->req.store_op = NULL;
-    if (errstr == NULL) { /* else the old numbers stand: refuse as they say */
-        ts->day_spent = s->day_spent;
-        ts->month_spent = s->month_spent;
-        ts->reserved = s->reserved;
-    }
+    if (errstr == NULL) /* else the old numbers stand: refuse as they say */
+        store_said(ts, s->day_spent, s->month_spent, s->reserved);
     router__proxy_budget_checked(c);
 }
 
@@ -328,6 +366,7 @@ void router__spend_settle(struct router__client *c, double usd)
     req->cost_usd = usd > 0 ? usd : 0;
     req->cost_micro = backend_usd_to_micro(req->cost_usd);
     req->settled = 1;
+    router__tenant_roll(ts);
     ts->day_spent += micro;
     ts->month_spent += micro;
     if (!req->has_res) {
