@@ -146,6 +146,27 @@ void router__account(struct router__client *c)
     metrics_cost_log_write(r->cost_log, &rec);
 }
 
+void router__account_idle(struct router *r)
+{
+    const struct conf *conf = r->conf;
+    uint64_t now = router__now(r);
+
+    for (size_t i = 0; i < conf->nbackends; i++) {
+        const char *labels[] = {conf->backends[i].name};
+        double idle;
+
+        if (conf->backends[i].kind != CONF_BACKEND_SELF_HOSTED)
+            continue;
+        /* The pool accrues idle cost itself; the counter gets the increase. */
+        idle = backend_idle_cost_usd(backend_set_get(r->backends, i), now);
+        if (idle > r->idle_reported[i]) {
+            metrics_add(r->metrics, METRICS_GPU_POOL_IDLE_COST_USD_TOTAL, labels,
+                        idle - r->idle_reported[i]);
+            r->idle_reported[i] = idle;
+        }
+    }
+}
+
 void router__refresh_gauges(struct router *r)
 {
     const struct conf *conf = r->conf;
@@ -175,14 +196,8 @@ void router__refresh_gauges(struct router *r)
             continue;
         metrics_set(r->metrics, METRICS_GPU_POOL_UTILIZATION_RATIO, labels,
                     backend_pool_utilization(b, now));
-        /* The pool accrues idle cost itself; the counter gets the increase. */
-        double idle = backend_idle_cost_usd(b, now);
-        if (idle > r->idle_reported[i]) {
-            metrics_add(r->metrics, METRICS_GPU_POOL_IDLE_COST_USD_TOTAL, labels,
-                        idle - r->idle_reported[i]);
-            r->idle_reported[i] = idle;
-        }
     }
+    router__account_idle(r);
     if (r->store) {
         const char *labels[] = {conf->redis_url ? "redis" : "memory"};
 

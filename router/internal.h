@@ -434,6 +434,10 @@ void router__admin_handle(struct router__client *c, struct slice path);
 void router__admin_abandon(struct router__client *c);
 /* account.c: set gauges that are read, not counted (budgets, pools, store) */
 void router__refresh_gauges(struct router *r);
+/* Add the GPU pools' idle cost accrued since it was last added to its
+ * counter (at each scrape, and for the generation a reload replaces:
+ * its pools' accrual ends there, the new generation's starts at 0). */
+void router__account_idle(struct router *r);
 
 /* jsonmem.c: cJSON allocates a request's tree from the request's arena */
 struct router__jsonmem_block;

@@ -1100,6 +1100,7 @@ struct router *router_reload(struct router *old, struct conf *conf, char **error
     if (r == NULL)
         return NULL;
     sh->current = r;
+    router__account_idle(old);
     log_info("config reloaded: %zu backends, %zu routes, %zu tenants", conf->nbackends,
              conf->nroutes, conf->ntenants);
     generation_drain(old, 1);
