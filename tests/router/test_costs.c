@@ -1627,6 +1627,41 @@ static double pool_attributed_usd(int index)
            cJSON_GetObjectItem(b, "idle_cost_usd")->valuedouble;
 }
 
+static double mono_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+/* An idle pool's cost counter gains what it cost between two scrapes
+ * with a reload between them: the replaced generation's idle time up to
+ * the reload counts, then the new one's. */
+Test(costs, a_reload_keeps_the_idle_cost_of_a_gpu_pool)
+{
+    static const char idle[] = "costrouter_gpu_pool_idle_cost_usd_total{backend=\"gpu\"}";
+    double t0, t1, before, after;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_pool("gpu", mock_a.port, "");
+    start_routers(1, "gpu", NULL);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    t0 = mono_ms();
+    before = metric_value(idle);
+    cr_assert_geq(before, 0, "%.*s", (int)resp.body.len, resp.body.data);
+    usleep(400 * 1000);
+    cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    after = metric_value(idle);
+    t1 = mono_ms();
+    /* 10 micro-USD a ms; a ms of the router's clock either side. */
+    cr_assert_geq(after - before, 400 * 10e-6, "%f USD in %.0f ms", after - before, t1 - t0);
+    cr_assert_leq(after - before, (t1 - t0 + 2) * 10e-6, "%f USD in %.0f ms", after - before,
+                  t1 - t0);
+}
+
 /* A pool that works 300 ms and then refuses (the error goes to the
  * client) is not charged for it, as an API would not be; that time is
  * the pool's idle cost, so the pool's cost is still what its one served
