@@ -167,6 +167,15 @@ void router__account_idle(struct router *r)
     }
 }
 
+void router__forget_gauges(struct router *r)
+{
+    static const enum metrics_id set_afresh[] = {
+        METRICS_BUDGET_SPENT_USD, METRICS_BUDGET_REMAINING_USD, METRICS_GPU_POOL_UTILIZATION_RATIO};
+
+    for (size_t i = 0; i < sizeof(set_afresh) / sizeof(set_afresh[0]); i++)
+        metrics_clear(r->metrics, set_afresh[i]);
+}
+
 void router__refresh_gauges(struct router *r)
 {
     const struct conf *conf = r->conf;

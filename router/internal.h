@@ -434,6 +434,11 @@ void router__admin_handle(struct router__client *c, struct slice path);
 void router__admin_abandon(struct router__client *c);
 /* account.c: set gauges that are read, not counted (budgets, pools, store) */
 void router__refresh_gauges(struct router *r);
+/* Drop the series router__refresh_gauges sets (at a reload): those of a
+ * tenant or pool the new config no longer has, or of a budget it no
+ * longer sets, kept their last value forever. The next scrape sets the
+ * current ones. */
+void router__forget_gauges(struct router *r);
 /* Add the GPU pools' idle cost accrued since it was last added to its
  * counter (at each scrape, and for the generation a reload replaces:
  * its pools' accrual ends there, the new generation's starts at 0). */
