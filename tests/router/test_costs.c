@@ -664,6 +664,36 @@ Test(costs, spend_gauges_survive_a_reload)
     cr_assert_float_eq(metric_value(left), 10 - paid, 1e-9);
 }
 
+/* A reload that drops the tenant's monthly budget drops its monthly
+ * remaining gauge, and one that drops a tenant drops its gauges: not
+ * left at their last value. */
+Test(costs, a_reload_drops_the_gauges_of_what_it_removed)
+{
+    static const char month_left[] = "costrouter_budget_remaining_usd{tenant=\"acme\",period=\"month\"}";
+    static const char acme[] = "{tenant=\"acme\"";
+    static const char acme_spent[] = "budget_spent_usd{tenant=\"acme\"";
+
+    one_paid_chat("    budget: {daily_usd: 10, monthly_usd: 100}\n");
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_gt(metric_value(month_left), 99);
+    write_conf("a", "    budget: {daily_usd: 10}\n");
+    cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_eq(metric_value(month_left), -1, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_gt(metric_value("costrouter_budget_remaining_usd{tenant=\"acme\",period=\"day\"}"), 9);
+
+    tenant_id = "other";
+    write_conf("a", NULL);
+    cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_null(memmem(resp.body.data, resp.body.len, acme_spent, sizeof(acme_spent) - 1),
+                   "%.*s", (int)resp.body.len, resp.body.data);
+    /* Its counters stay: they are what it cost. */
+    cr_assert_not_null(memmem(resp.body.data, resp.body.len, acme, sizeof(acme) - 1));
+}
+
 /* Past UTC midnight, a tenant idle since yesterday has spent nothing
  * today: the day's spend gauge says 0 and the day's budget is whole
  * again, while the month's spend stays. The router runs under faketime,
