@@ -38,7 +38,7 @@ endif
 
 APT_PKGS := build-essential pkg-config libuv1-dev node-llhttp libssl-dev libhiredis-dev \
             libcriterion-dev redis-server libfyaml-dev libcjson-dev libpcre2-dev \
-            libxxhash-dev ca-certificates curl
+            libxxhash-dev ca-certificates curl faketime
 
 .PHONY: all deps run test asan all-tests clean bench
 .SECONDARY:

@@ -124,6 +124,16 @@ struct cache_spend {
     unsigned degraded:1; /* from local counters (Redis unreachable) */
 };
 
+/* A UTC day and month: the periods spend is counted in. */
+struct cache_period {
+    uint32_t day;   /* days since 1970-01-01 */
+    uint32_t month; /* year * 12 + month (0-11) */
+};
+
+/* The periods the store counts spend in now. Numbers read from the store
+ * in an earlier day or month are no longer that period's. */
+void cache_period_now(struct cache_period *p);
+
 /* Metrics snapshot. */
 struct cache_stats {
     enum cache_state state;  /* see enum cache_state */

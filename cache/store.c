@@ -38,6 +38,15 @@ void cache__period_now(struct cache__period *p)
     p->month = last_month;
 }
 
+void cache_period_now(struct cache_period *p)
+{
+    struct cache__period now;
+
+    cache__period_now(&now);
+    p->day = now.day;
+    p->month = now.month;
+}
+
 void cache__period_fmt(const struct cache__period *p, char day[16], char month[16])
 {
     time_t t = (time_t)p->day * 86400;

@@ -376,7 +376,8 @@ struct arm_diff {
     const char *group;              /* route or experiment name */
     const struct group *a, *b;      /* arms, a's name sorts first */
     double diff;                    /* mean(b) - mean(a), USD per request */
-    double lo, hi;                  /* 95% CI; NAN when either arm has n < 2 */
+    double lo, hi;                  /* 95% CI; NAN when either arm has n < 2 or
+                                       neither arm's cost varies */
     double df;                      /* Welch-Satterthwaite degrees of freedom */
 };
 
@@ -391,7 +392,12 @@ static void welch(struct arm_diff *d)
     va = d->a->st.m2 / (na - 1) / na;
     vb = d->b->st.m2 / (nb - 1) / nb;
     se2 = va + vb;
-    d->df = se2 > 0 ? se2 * se2 / (va * va / (na - 1) + vb * vb / (nb - 1)) : INFINITY;
+    /* Both samples constant: Welch's df is 0/0 and the interval would be
+     * the difference alone, a certainty two requests an arm cannot give
+     * (R's t.test refuses such data too). */
+    if (!(se2 > 0))
+        return;
+    d->df = se2 * se2 / (va * va / (na - 1) + vb * vb / (nb - 1));
     half = t975(d->df) * sqrt(se2);
     d->lo = d->diff - half;
     d->hi = d->diff + half;
@@ -551,8 +557,10 @@ static void print_table(const struct report *r, FILE *out, const struct group **
         fprintf(out, "%s %s: %s (n=%llu, $%.6f) vs %s (n=%llu, $%.6f): %+.6f", d[i].kind, d[i].group,
                 d[i].a->value, (unsigned long long)d[i].a->st.requests, d[i].a->st.mean, d[i].b->value,
                 (unsigned long long)d[i].b->st.requests, d[i].b->st.mean, d[i].diff);
-        if (isnan(d[i].lo))
+        if (isnan(d[i].lo) && (d[i].a->st.requests < 2 || d[i].b->st.requests < 2))
             fprintf(out, " [CI needs 2+ requests per arm]\n");
+        else if (isnan(d[i].lo))
+            fprintf(out, " [no CI: neither arm's cost varies]\n");
         else
             fprintf(out, " [%+.6f, %+.6f]\n", d[i].lo, d[i].hi);
     }

@@ -173,6 +173,20 @@ out:
     free(v);
 }
 
+/* A name the router writes itself where a backend or tenant would be:
+ * the metrics' and cost log's backend "cache" (a cache hit) and "none"
+ * (no backend chosen), the metrics' tenant "unauthenticated". One of the
+ * config's so named would be counted together with them. */
+static void refuse_reserved(struct conf__ctx *ctx, const char *name, const char *const *reserved,
+                            int line, const char *path)
+{
+    for (; name != NULL && *reserved != NULL; reserved++)
+        if (strcmp(name, *reserved) == 0)
+            conf__error(ctx, line, path,
+                        "\"%s\" is reserved: the router's metrics use it for their own",
+                        name);
+}
+
 static void check_backends(struct conf__ctx *ctx)
 {
     struct conf *c = ctx->conf;
@@ -185,6 +199,12 @@ static void check_backends(struct conf__ctx *ctx)
         goto out;
     }
     for (size_t i = 0; i < c->nbackends; i++) {
+        static const char *const reserved[] = {"cache", "none", NULL};
+        char path[48];
+
+        snprintf(path, sizeof(path), "backends[%zu].name", i);
+        refuse_reserved(ctx, c->backends[i].name, reserved, ctx->backend_meta[i].lines[CONF__B_NAME],
+                        path);
         check_backend(ctx, i);
         if (c->backends[i].name)
             v[n++] = (struct named){c->backends[i].name, i, &c->backends[i],
@@ -362,6 +382,10 @@ static void check_tenants(struct conf__ctx *ctx, int best_quality)
         struct conf_tenant *t = &c->tenants[i];
         struct conf__meta *m = &ctx->tenant_meta[i];
 
+        static const char *const reserved[] = {"unauthenticated", NULL};
+
+        snprintf(path, sizeof(path), "tenants[%zu].id", i);
+        refuse_reserved(ctx, t->id, reserved, m->lines[CONF__T_ID], path);
         if (t->id)
             v[n++] = (struct named){t->id, i, t, m->lines[CONF__T_ID]};
         if (best_quality >= 0 && t->min_quality > best_quality) {

@@ -104,6 +104,16 @@ static struct series **find_slot(const struct metrics *m, uint64_t hash, enum me
     return &m->slots[i];
 }
 
+/* Put `s` in the first free slot from its hash on (it is not there yet). */
+static void place(struct metrics *m, struct series *s)
+{
+    size_t j = (size_t)s->hash & m->mask;
+
+    while (m->slots[j] != NULL)
+        j = (j + 1) & m->mask;
+    m->slots[j] = s;
+}
+
 static int grow(struct metrics *m)
 {
     size_t size = (m->mask + 1) * 2;
@@ -113,14 +123,9 @@ static int grow(struct metrics *m)
         return -ENOMEM;
     m->slots = slots;
     m->mask = size - 1;
-    for (size_t i = 0; i < size / 2; i++) {
-        if (old[i] == NULL)
-            continue;
-        size_t j = (size_t)old[i]->hash & m->mask;
-        while (slots[j] != NULL)
-            j = (j + 1) & m->mask;
-        slots[j] = old[i];
-    }
+    for (size_t i = 0; i < size / 2; i++)
+        if (old[i] != NULL)
+            place(m, old[i]);
     free(old);
     return 0;
 }
@@ -235,6 +240,29 @@ void metrics_free(struct metrics *m)
     free(m->slots);
     free(m->names);
     free(m);
+}
+
+int metrics_clear(struct metrics *m, enum metrics_id id)
+{
+    struct family *f;
+    struct series *s, *next;
+
+    if ((unsigned)id >= METRICS_NMETRICS || descs[id].type != METRICS_GAUGE ||
+        m->fam[id].nlabels == 0)
+        return -EINVAL;
+    f = &m->fam[id];
+    for (s = f->head; s != NULL; s = next) {
+        next = s->next;
+        free(s);
+        m->nseries--;
+    }
+    f->head = f->tail = NULL;
+    /* Linear probing has no deletion: the table is filled again. */
+    memset(m->slots, 0, (m->mask + 1) * sizeof(*m->slots));
+    for (size_t i = 0; i < METRICS_NMETRICS; i++)
+        for (s = m->fam[i].head; s != NULL; s = s->next)
+            place(m, s);
+    return 0;
 }
 
 static int update(struct metrics *m, enum metrics_id id, const char *const *values, double v,

@@ -123,6 +123,15 @@ int metrics_set(struct metrics *m, enum metrics_id id, const char *const *values
 int metrics_observe(struct metrics *m, enum metrics_id id, const char *const *values, double v);
 
 /*
+ * Remove every series of the labelled gauge `id`, for values that are set
+ * afresh from the current state: one whose tenant or backend is gone
+ * would else be shown at its last value forever. Not on the hot path: it
+ * refills the whole table. Returns 0, or -EINVAL for a counter, a
+ * histogram or a label-less gauge.
+ */
+int metrics_clear(struct metrics *m, enum metrics_id id);
+
+/*
  * Current value of a counter or gauge series, or NAN if the series does
  * not exist or is a histogram. For the admin API and tests.
  */

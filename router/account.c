@@ -146,6 +146,36 @@ void router__account(struct router__client *c)
     metrics_cost_log_write(r->cost_log, &rec);
 }
 
+void router__account_idle(struct router *r)
+{
+    const struct conf *conf = r->conf;
+    uint64_t now = router__now(r);
+
+    for (size_t i = 0; i < conf->nbackends; i++) {
+        const char *labels[] = {conf->backends[i].name};
+        double idle;
+
+        if (conf->backends[i].kind != CONF_BACKEND_SELF_HOSTED)
+            continue;
+        /* The pool accrues idle cost itself; the counter gets the increase. */
+        idle = backend_idle_cost_usd(backend_set_get(r->backends, i), now);
+        if (idle > r->idle_reported[i]) {
+            metrics_add(r->metrics, METRICS_GPU_POOL_IDLE_COST_USD_TOTAL, labels,
+                        idle - r->idle_reported[i]);
+            r->idle_reported[i] = idle;
+        }
+    }
+}
+
+void router__forget_gauges(struct router *r)
+{
+    static const enum metrics_id set_afresh[] = {
+        METRICS_BUDGET_SPENT_USD, METRICS_BUDGET_REMAINING_USD, METRICS_GPU_POOL_UTILIZATION_RATIO};
+
+    for (size_t i = 0; i < sizeof(set_afresh) / sizeof(set_afresh[0]); i++)
+        metrics_clear(r->metrics, set_afresh[i]);
+}
+
 void router__refresh_gauges(struct router *r)
 {
     const struct conf *conf = r->conf;
@@ -154,9 +184,10 @@ void router__refresh_gauges(struct router *r)
 
     for (size_t i = 0; i < conf->ntenants; i++) {
         const struct conf_tenant *t = &conf->tenants[i];
-        const struct router__tenant *ts = &r->tenants[i];
+        struct router__tenant *ts = &r->tenants[i];
         const char *day[] = {t->id, "day"}, *month[] = {t->id, "month"};
 
+        router__tenant_roll(ts);
         metrics_set(r->metrics, METRICS_BUDGET_SPENT_USD, day, (double)ts->day_spent / 1e6);
         metrics_set(r->metrics, METRICS_BUDGET_SPENT_USD, month, (double)ts->month_spent / 1e6);
         if (t->daily_usd > 0)
@@ -174,14 +205,8 @@ void router__refresh_gauges(struct router *r)
             continue;
         metrics_set(r->metrics, METRICS_GPU_POOL_UTILIZATION_RATIO, labels,
                     backend_pool_utilization(b, now));
-        /* The pool accrues idle cost itself; the counter gets the increase. */
-        double idle = backend_idle_cost_usd(b, now);
-        if (idle > r->idle_reported[i]) {
-            metrics_add(r->metrics, METRICS_GPU_POOL_IDLE_COST_USD_TOTAL, labels,
-                        idle - r->idle_reported[i]);
-            r->idle_reported[i] = idle;
-        }
     }
+    router__account_idle(r);
     if (r->store) {
         const char *labels[] = {conf->redis_url ? "redis" : "memory"};
 

@@ -155,6 +155,7 @@ struct router__tenant {
     int64_t day_spent;              /* micro-USD, from the store's last answer */
     int64_t month_spent;            /* micro-USD, same */
     int64_t reserved;               /* micro-USD held by open reservations */
+    struct cache_period period;     /* day and month of day_spent and month_spent */
     struct policy_outpred *outpred; /* per route: recent completion lengths */
     struct router__carry *carry;    /* sub-micro-USD remainder of its charges */
 };
@@ -444,12 +445,26 @@ void router__spend_cache_store(struct router__client *c);
 /* Request teardown: cancel store callbacks, end flights, release holds. */
 void router__spend_abandon(struct router__client *c);
 struct router__tenant *router__tenant_state(struct router *r, const struct conf_tenant *t);
+/* Bring the tenant's numbers to the current day and month: those of a
+ * period that has ended since the store's answer become 0, as the store
+ * counts the new period from 0. Else a tenant idle since midnight showed
+ * yesterday's spend as today's in the spend gauges. */
+void router__tenant_roll(struct router__tenant *ts);
 
 /* admin.c: /metrics, /dashboard, /admin/... */
 void router__admin_handle(struct router__client *c, struct slice path);
 void router__admin_abandon(struct router__client *c);
 /* account.c: set gauges that are read, not counted (budgets, pools, store) */
 void router__refresh_gauges(struct router *r);
+/* Drop the series router__refresh_gauges sets (at a reload): those of a
+ * tenant or pool the new config no longer has, or of a budget it no
+ * longer sets, kept their last value forever. The next scrape sets the
+ * current ones. */
+void router__forget_gauges(struct router *r);
+/* Add the GPU pools' idle cost accrued since it was last added to its
+ * counter (at each scrape, and for the generation a reload replaces:
+ * its pools' accrual ends there, the new generation's starts at 0). */
+void router__account_idle(struct router *r);
 
 /* jsonmem.c: cJSON allocates a request's tree from the request's arena */
 struct router__jsonmem_block;

@@ -1109,6 +1109,8 @@ struct router *router_reload(struct router *old, struct conf *conf, char **error
     if (r == NULL)
         return NULL;
     sh->current = r;
+    router__account_idle(old);
+    router__forget_gauges(r);
     log_info("config reloaded: %zu backends, %zu routes, %zu tenants", conf->nbackends,
              conf->nroutes, conf->ntenants);
     generation_drain(old, 1);

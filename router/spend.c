@@ -146,6 +146,20 @@ static void carry_limits(struct router *r, const struct conf_tenant *t, struct r
     }
 }
 
+/* The store's last numbers for the tenant, from the generation being
+ * replaced: a reload that started them at 0 had the spend gauges show
+ * nothing spent and the whole budget left until each tenant's next
+ * request. */
+static void inherit_spend(struct router__tenant *ts, const struct router__tenant *old)
+{
+    if (old == NULL)
+        return;
+    ts->day_spent = old->day_spent;
+    ts->month_spent = old->month_spent;
+    ts->reserved = old->reserved;
+    ts->period = old->period;
+}
+
 int router__spend_init(struct router *r)
 {
     const struct conf *conf = r->conf;
@@ -162,6 +176,7 @@ int router__spend_init(struct router *r)
         ts->outpred = calloc(conf->nroutes ? conf->nroutes : 1, sizeof(struct policy_outpred));
         ts->key_rl = calloc(t->nkeys ? t->nkeys : 1, sizeof(*ts->key_rl));
         ts->carry = carry_for(r, t);
+        inherit_spend(ts, previous_state(r, t));
         if (ts->outpred == NULL || ts->key_rl == NULL || ts->carry == NULL)
             return -ENOMEM;
         ts->rl.rpm = t->rpm;
@@ -245,6 +260,27 @@ static int64_t usd_to_micro(double usd)
     return (int64_t)(usd * 1e6 + 0.5);
 }
 
+/* The store's answer for the tenant, as of the periods it was read in. */
+static void store_said(struct router__tenant *ts, int64_t day, int64_t month, int64_t reserved)
+{
+    ts->day_spent = day;
+    ts->month_spent = month;
+    ts->reserved = reserved;
+    cache_period_now(&ts->period);
+}
+
+void router__tenant_roll(struct router__tenant *ts)
+{
+    struct cache_period now;
+
+    cache_period_now(&now);
+    if (now.day != ts->period.day)
+        ts->day_spent = 0;
+    if (now.month != ts->period.month)
+        ts->month_spent = 0;
+    ts->period = now;
+}
+
 static void on_begin(void *arg, const char *errstr, const struct cache_begin_result *res)
 {
     struct router__client *c = arg;
@@ -256,9 +292,7 @@ static void on_begin(void *arg, const char *errstr, const struct cache_begin_res
         router__send_error(c, error_store_unavailable, NULL);
         return;
     }
-    ts->day_spent = res->day_spent;
-    ts->month_spent = res->month_spent;
-    ts->reserved = res->reserved;
+    store_said(ts, res->day_spent, res->month_spent, res->reserved);
     if (res->granted) {
         req->res = res->reservation;
         req->has_res = 1;
@@ -290,11 +324,8 @@ static void on_check(void *arg, const char *errstr, const struct cache_spend *s)
     struct router__tenant *ts = router__tenant_state(c->router, c->req.tenant);
 
     c->req.store_op = NULL;
-    if (errstr == NULL) { /* else the old numbers stand: refuse as they say */
-        ts->day_spent = s->day_spent;
-        ts->month_spent = s->month_spent;
-        ts->reserved = s->reserved;
-    }
+    if (errstr == NULL) /* else the old numbers stand: refuse as they say */
+        store_said(ts, s->day_spent, s->month_spent, s->reserved);
     router__proxy_budget_checked(c);
 }
 
@@ -363,6 +394,7 @@ void router__spend_settle(struct router__client *c, double usd)
     req->cost_usd = usd > 0 ? usd : 0;
     req->cost_micro = backend_usd_to_micro(req->cost_usd);
     req->settled = 1;
+    router__tenant_roll(ts);
     ts->day_spent += micro;
     ts->month_spent += micro;
     if (!req->has_res) {

@@ -307,6 +307,17 @@ Test(report, table_and_progress, .timeout = 20)
     free(err);
 }
 
+/* Write `lines` (n of them) as the log. */
+static void write_log(const char *const *lines, size_t n)
+{
+    FILE *f = fopen(logpath, "w");
+
+    cr_assert_not_null(f);
+    for (size_t i = 0; i < n; i++)
+        fprintf(f, "%s\n", lines[i]);
+    fclose(f);
+}
+
 /* Tokens are what was billed, which the estimates are not: a stream
  * without usage billed on the router's count, an upstream error billed
  * nothing. A log older than the billed_* keys is read as before: usage,
@@ -329,12 +340,8 @@ Test(report, tokens_are_what_was_billed, .timeout = 10)
         const char *route;
         double prompt, completion;
     } want[] = {{"nu", 9, 16}, {"api", 0, 0}, {"old", 10 + 12, 5 + 7}};
-    FILE *f = fopen(logpath, "w");
 
-    cr_assert_not_null(f);
-    for (size_t i = 0; i < sizeof(lines) / sizeof(lines[0]); i++)
-        fprintf(f, "%s\n", lines[i]);
-    fclose(f);
+    write_log(lines, sizeof(lines) / sizeof(lines[0]));
     cr_assert_eq(run("--format", "json", "--by", "route"), 0);
     char *text = slurp(outpath);
     cJSON *root = cJSON_Parse(text);
@@ -345,6 +352,52 @@ Test(report, tokens_are_what_was_billed, .timeout = 10)
         cr_assert_eq(field(g, "completion_tokens"), want[i].completion, "%s", want[i].route);
     }
     cJSON_Delete(root);
+    free(text);
+}
+
+/* Two arms whose costs never vary have no interval (Welch's df is 0/0;
+ * a zero-width one claimed certainty from two requests an arm); one
+ * constant arm beside a varying one has the interval of the other's
+ * variance alone, with its n - 1 degrees of freedom. */
+Test(report, constant_arms_have_no_confidence_interval, .timeout = 10)
+{
+    static const char *const lines[] = {
+        "{\"route\":\"c\",\"arm\":\"a\",\"cost_usd\":0.0009765625}",
+        "{\"route\":\"c\",\"arm\":\"a\",\"cost_usd\":0.0009765625}",
+        "{\"route\":\"c\",\"arm\":\"b\",\"cost_usd\":0.001953125}",
+        "{\"route\":\"c\",\"arm\":\"b\",\"cost_usd\":0.001953125}",
+        "{\"route\":\"v\",\"arm\":\"a\",\"cost_usd\":0.0009765625}",
+        "{\"route\":\"v\",\"arm\":\"a\",\"cost_usd\":0.0009765625}",
+        "{\"route\":\"v\",\"arm\":\"a\",\"cost_usd\":0.0009765625}",
+        "{\"route\":\"v\",\"arm\":\"b\",\"cost_usd\":0}",
+        "{\"route\":\"v\",\"arm\":\"b\",\"cost_usd\":0.001953125}",
+    };
+    const cJSON *d;
+
+    write_log(lines, sizeof(lines) / sizeof(lines[0]));
+    cr_assert_eq(run("--format", "json", "--by", "arm"), 0);
+    char *text = slurp(outpath);
+    cJSON *root = cJSON_Parse(text);
+    cr_assert_not_null(root, "output is not JSON: %s", text);
+    cr_assert_eq(cJSON_GetArraySize(cJSON_GetObjectItem(root, "arm_diffs")), 2);
+    d = cJSON_GetArrayItem(cJSON_GetObjectItem(root, "arm_diffs"), 0);
+    cr_assert_str_eq(cJSON_GetObjectItem(d, "route")->valuestring, "c");
+    cr_assert_eq(field(d, "diff_usd"), 1.0 / 1024);
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(d, "ci95_low_usd")), "%s", text);
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(d, "ci95_high_usd")));
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(d, "df")));
+    /* b: {0, 2}/1024, variance 2/1024^2, over 2: the standard error is
+     * 1/1024 and df = 1, where t = 12.7062. */
+    d = cJSON_GetArrayItem(cJSON_GetObjectItem(root, "arm_diffs"), 1);
+    cr_assert_eq(field(d, "df"), 1);
+    cr_assert_float_eq(field(d, "ci95_high_usd"), 12.7062047361747 / 1024, 1e-12);
+    cJSON_Delete(root);
+    free(text);
+    cr_assert_eq(run("--format", "table", "--by", "arm"), 0);
+    text = slurp(outpath);
+    cr_assert_not_null(strstr(text, "route c: a (n=2, $0.000977) vs b (n=2, $0.001953): +0.000977 "
+                                    "[no CI: neither arm's cost varies]"),
+                       "%s", text);
     free(text);
 }
 

@@ -268,6 +268,11 @@ static struct error_case error_cases[] = {
      {"4: store.key_prefix: is longer than 128 characters",
       "9: routes[1].model: is longer than 200 characters",
       "11: tenants[0].id: is longer than 200 characters"}},
+    {.file = DATA "names_reserved.yaml", .lines =
+     {"5: backends[0].name: \"cache\" is reserved: the router's metrics use it for their own",
+      "6: backends[1].name: \"none\" is reserved: the router's metrics use it for their own",
+      "11: tenants[0].id: \"unauthenticated\" is reserved: the router's metrics use it for "
+      "their own"}},
     {.file = DATA "cache_flags.yaml", .lines =
      {"2: tokenizer_data: \"/dev/null\" is not a folder",
       "3: cache.enabled: expected true or false, got \"perhaps\"",

@@ -286,6 +286,46 @@ Test(metrics, label_boundaries_and_long_values_make_their_own_series, .timeout =
     metrics_free(m);
 }
 
+/* A cleared gauge has no series left, not in the text either; every
+ * other series (thousands, so the table had grown) is still found and
+ * updated in place, and the gauge takes new series again. */
+Test(metrics, a_cleared_gauge_leaves_the_other_series_whole, .timeout = 5)
+{
+    enum { TENANTS = 2000 };
+    static const char gone[] = "spent_usd{tenant=\"tenant-";
+    struct metrics *m = metrics_create(0);
+    size_t start = metrics_series_count(m);
+    struct buf out = {0};
+    char t[32];
+    int bad = 0;
+
+    for (int i = 0; i < TENANTS; i++) {
+        snprintf(t, sizeof(t), "tenant-%d", i);
+        bad += metrics_set(m, METRICS_BUDGET_SPENT_USD, (const char *[]){t, "day"}, i) != 0;
+        bad += metrics_add(m, METRICS_CACHE_HITS_TOTAL, (const char *[]){t}, i) != 0;
+    }
+    cr_assert_eq(bad, 0);
+    cr_assert_eq(metrics_clear(m, METRICS_BUDGET_SPENT_USD), 0);
+    cr_assert_eq(metrics_series_count(m), start + TENANTS);
+    for (int i = 0; i < TENANTS; i++) {
+        snprintf(t, sizeof(t), "tenant-%d", i);
+        bad += !isnan(metrics_get(m, METRICS_BUDGET_SPENT_USD, (const char *[]){t, "day"}));
+        bad += metrics_add(m, METRICS_CACHE_HITS_TOTAL, (const char *[]){t}, 1) != 0;
+        bad += metrics_get(m, METRICS_CACHE_HITS_TOTAL, (const char *[]){t}) != i + 1;
+    }
+    cr_assert_eq(bad, 0, "%d series wrong after the clear", bad);
+    cr_assert_eq(metrics_series_count(m), start + TENANTS, "a series was made twice");
+    cr_assert_eq(metrics_set(m, METRICS_BUDGET_SPENT_USD, (const char *[]){"new", "day"}, 2), 0);
+    cr_assert_eq(metrics_get(m, METRICS_BUDGET_SPENT_USD, (const char *[]){"new", "day"}), 2);
+    cr_assert_eq(metrics_render(m, &out), 0);
+    cr_assert_null(memmem(out.data, out.len, gone, sizeof(gone) - 1), "%.*s", 300, out.data);
+    /* Counters only go up: they are never cleared. */
+    cr_assert_eq(metrics_clear(m, METRICS_CACHE_HITS_TOTAL), -EINVAL);
+    cr_assert_eq(metrics_clear(m, METRICS_INFLIGHT_REQUESTS), -EINVAL);
+    buf_free(&out);
+    metrics_free(m);
+}
+
 Test(metrics, series_cap_is_enforced, .timeout = 5)
 {
     struct metrics *m = metrics_create(8);

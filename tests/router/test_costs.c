@@ -54,6 +54,8 @@ static const char *key_prefix;          /* store.key_prefix, NULL: the default *
 static const char *top_extra = "";      /* more top-level config lines */
 static const char *stderr_path;         /* routers log there, at full level; NULL: -q */
 static const char *more_keys = "";      /* more api_keys entries of the tenant, each ", {...}" */
+static const char *run_under;           /* shell words the routers run under, e.g. a
+                                         * faketime command; NULL: none */
 
 /* The cost log as a FIFO whose reader is stuck until released: a disk
  * that stops answering, made to order (use_fifo_log). */
@@ -237,9 +239,10 @@ static void start_routers(int n, const char *route_candidates, const char *tenan
         char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
         char cmd[512], *logged[] = {"/bin/sh", "-c", cmd, NULL};
 
-        snprintf(cmd, sizeof(cmd), "exec '%s' -c '%s' 2>>'%s'", argv[0], conf_path,
-                 stderr_path ? stderr_path : "");
-        cr_assert_eq(support_proc_start(&routers[i], stderr_path ? logged : argv), 0,
+        snprintf(cmd, sizeof(cmd), "exec %s '%s' -c '%s' %s%s%s", run_under ? run_under : "",
+                 argv[0], conf_path, stderr_path ? "2>>'" : "-q", stderr_path ? stderr_path : "",
+                 stderr_path ? "'" : "");
+        cr_assert_eq(support_proc_start(&routers[i], stderr_path || run_under ? logged : argv), 0,
                      "router %d did not start", i);
         if (redis.pid)
             wait_store_up(i);
@@ -712,6 +715,97 @@ Test(costs, spend_gauges_count_the_last_request)
     cr_assert_float_eq(
         metric_value("costrouter_budget_remaining_usd{tenant=\"acme\",period=\"day\"}"),
         10 - paid, 1e-9);
+}
+
+/* Start one router before backend "a" ($100/$300 per Mtok) with the
+ * tenant's `budget` line, send it one chat; returns what it cost. */
+static double one_paid_chat(const char *budget)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", budget);
+    cr_assert_eq(chat(0, "x-mock-tokens: 7\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    return header_usd("x-costrouter-cost-usd");
+}
+
+/* A reload keeps what the spend gauges say: the tenant's spend is the
+ * same before and after it, not 0 until its next request. */
+Test(costs, spend_gauges_survive_a_reload)
+{
+    static const char spent[] = "costrouter_budget_spent_usd{tenant=\"acme\",period=\"month\"}";
+    static const char left[] = "costrouter_budget_remaining_usd{tenant=\"acme\",period=\"day\"}";
+
+    double paid = one_paid_chat("    budget: {daily_usd: 10}\n");
+
+    cr_assert_gt(paid, 0);
+    cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_float_eq(metric_value(spent), paid, 1e-9, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_float_eq(metric_value(left), 10 - paid, 1e-9);
+}
+
+/* A reload that drops the tenant's monthly budget drops its monthly
+ * remaining gauge, and one that drops a tenant drops its gauges: not
+ * left at their last value. */
+Test(costs, a_reload_drops_the_gauges_of_what_it_removed)
+{
+    static const char month_left[] = "costrouter_budget_remaining_usd{tenant=\"acme\",period=\"month\"}";
+    static const char acme[] = "{tenant=\"acme\"";
+    static const char acme_spent[] = "budget_spent_usd{tenant=\"acme\"";
+
+    one_paid_chat("    budget: {daily_usd: 10, monthly_usd: 100}\n");
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_gt(metric_value(month_left), 99);
+    write_conf("a", "    budget: {daily_usd: 10}\n");
+    cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_eq(metric_value(month_left), -1, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_gt(metric_value("costrouter_budget_remaining_usd{tenant=\"acme\",period=\"day\"}"), 9);
+
+    tenant_id = "other";
+    write_conf("a", NULL);
+    cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_null(memmem(resp.body.data, resp.body.len, acme_spent, sizeof(acme_spent) - 1),
+                   "%.*s", (int)resp.body.len, resp.body.data);
+    /* Its counters stay: they are what it cost. */
+    cr_assert_not_null(memmem(resp.body.data, resp.body.len, acme, sizeof(acme) - 1));
+}
+
+/* Past UTC midnight, a tenant idle since yesterday has spent nothing
+ * today: the day's spend gauge says 0 and the day's budget is whole
+ * again, while the month's spend stays. The router runs under faketime,
+ * started two seconds before a midnight that is no month's end (its
+ * loop's monotonic clock left alone). */
+Test(costs, spend_gauges_start_a_new_day_at_midnight)
+{
+    static const char *const gauges[] = {
+        "costrouter_budget_spent_usd{tenant=\"acme\",period=\"day\"}",
+        "costrouter_budget_remaining_usd{tenant=\"acme\",period=\"day\"}",
+        "costrouter_budget_spent_usd{tenant=\"acme\",period=\"month\"}",
+    };
+
+    /* libfaketime preloaded, not through the faketime command, which
+     * forks: its child would outlive the stop. ASan wants its runtime
+     * first in the list; the loader expands $LIB. */
+    run_under = "env ASAN_OPTIONS=\"${ASAN_OPTIONS:+$ASAN_OPTIONS:}verify_asan_link_order=0\" "
+                "LD_PRELOAD='/usr/$LIB/faketime/libfaketimeMT.so.1' "
+                "FAKETIME='@2026-12-06 23:59:58' FAKETIME_DONT_FAKE_MONOTONIC=1";
+    double paid = one_paid_chat("    budget: {daily_usd: 10, monthly_usd: 100}\n");
+
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_float_eq(metric_value(gauges[0]), paid, 1e-9, "before midnight");
+    usleep(2500 * 1000);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_eq(cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble, 0, "not past midnight");
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_eq(metric_value(gauges[0]), 0, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_float_eq(metric_value(gauges[1]), 10, 1e-9);
+    cr_assert_float_eq(metric_value(gauges[2]), paid, 1e-9);
 }
 
 Test(costs, admin_api_reports_spend_backends_and_metrics)
@@ -1771,6 +1865,41 @@ static double pool_attributed_usd(int index)
     cJSON *b = cJSON_GetArrayItem(body_json(), index);
     return cJSON_GetObjectItem(b, "pool_cost_usd")->valuedouble -
            cJSON_GetObjectItem(b, "idle_cost_usd")->valuedouble;
+}
+
+static double mono_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+/* An idle pool's cost counter gains what it cost between two scrapes
+ * with a reload between them: the replaced generation's idle time up to
+ * the reload counts, then the new one's. */
+Test(costs, a_reload_keeps_the_idle_cost_of_a_gpu_pool)
+{
+    static const char idle[] = "costrouter_gpu_pool_idle_cost_usd_total{backend=\"gpu\"}";
+    double t0, t1, before, after;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_pool("gpu", mock_a.port, "");
+    start_routers(1, "gpu", NULL);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    t0 = mono_ms();
+    before = metric_value(idle);
+    cr_assert_geq(before, 0, "%.*s", (int)resp.body.len, resp.body.data);
+    usleep(400 * 1000);
+    cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    after = metric_value(idle);
+    t1 = mono_ms();
+    /* 10 micro-USD a ms; a ms of the router's clock either side. */
+    cr_assert_geq(after - before, 400 * 10e-6, "%f USD in %.0f ms", after - before, t1 - t0);
+    cr_assert_leq(after - before, (t1 - t0 + 2) * 10e-6, "%f USD in %.0f ms", after - before,
+                  t1 - t0);
 }
 
 /* A pool that works 300 ms and then refuses (the error goes to the
