@@ -59,7 +59,7 @@ struct report {
     struct gmap arms;     /* (experiment/route as dim, arm) -> stats */
     struct stats total;   /* every counted line */
     uint64_t lines;       /* non-empty lines read */
-    uint64_t bad;         /* lines skipped: not a JSON object */
+    uint64_t bad;         /* lines skipped: not a JSON object, or out of range */
 };
 
 /* ---- groups ------------------------------------------------------------ */
@@ -157,25 +157,51 @@ static const char *str_or_dash(const cJSON *o, const char *key)
     return cJSON_IsString(v) && v->valuestring[0] ? v->valuestring : "-";
 }
 
-/* First of the keys that holds a finite non-negative number, else 0. */
-static double num2(const cJSON *o, const char *key, const char *fallback)
+/*
+ * Bounds of a line's numbers. A line with a number outside them was not
+ * written by the router (nor by any sane tool): it is skipped and counted
+ * as a bad line, like a line cut short, rather than clamped, as a clamped
+ * value is a number the log never said; every figure of the report stays
+ * a sum of what its lines said, and the count of bad lines says some were
+ * left out. The bounds also make every conversion and sum defined:
+ * - an amount (USD) is at most 2^63 - 1 micro-dollars, the most the spend
+ *   store can count: a sum over any number of lines, and the variance of
+ *   an arm, then stay finite doubles (JSON has no infinity);
+ * - a token count is at most 10^15 - 1, the most the CSV and JSON outputs
+ *   print exactly (15 significant digits, DBL_DIG; below 2^53, so a double
+ *   holds it exactly too); a line that would take a total of tokens past
+ *   it is skipped too (see add_line), so no sum wraps and every token
+ *   figure prints exactly.
+ */
+#define COST_MAX ((double)INT64_MAX / 1e6)
+#define TOKENS_MAX UINT64_C(999999999999999)
+
+/* The number at `key`, else at `fallback` (a key absent, null or not a
+ * number is passed over), else 0. A number outside [0, max] (negative,
+ * infinite: cJSON reads 1e400 as inf) sets *bad and gives 0. */
+static double num2(const cJSON *o, const char *key, const char *fallback, double max, int *bad)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
 
-    if (cJSON_IsNumber(v) && isfinite(v->valuedouble) && v->valuedouble >= 0)
+    if (!cJSON_IsNumber(v))
+        return fallback ? num2(o, fallback, NULL, max, bad) : 0;
+    if (v->valuedouble >= 0 && v->valuedouble <= max)
         return v->valuedouble;
-    return fallback ? num2(o, fallback, NULL) : 0;
+    *bad = 1;
+    return 0;
 }
 
 /* A line's tokens of one kind: `billed` (billed_prompt_tokens, ...) in a
  * log that has the key, what the charge was computed from (null: nothing
  * was charged); in an older log, the upstream's `usage` count, else the
- * estimate `est`, as the report read them before. */
-static uint64_t line_tokens(const cJSON *o, const char *billed, const char *usage, const char *est)
+ * estimate `est`, as the report read them before. In range (num2), so the
+ * conversion is defined. */
+static uint64_t line_tokens(const cJSON *o, const char *billed, const char *usage, const char *est,
+                            int *bad)
 {
     if (cJSON_HasObjectItem(o, billed))
-        return (uint64_t)num2(o, billed, NULL);
-    return (uint64_t)num2(o, usage, est);
+        return (uint64_t)num2(o, billed, NULL, (double)TOKENS_MAX, bad);
+    return (uint64_t)num2(o, usage, est, (double)TOKENS_MAX, bad);
 }
 
 static void stats_add(struct stats *s, const struct line *l)
@@ -202,21 +228,39 @@ static int wanted(const struct report *r, const char *dim)
     return 0;
 }
 
-static void add_line(struct report *r, const cJSON *o)
+/* Read the line `o` into *l. Returns -1 when a number of it is out of
+ * range (see COST_MAX), else 0. */
+static int read_line(const cJSON *o, struct line *l)
 {
     const cJSON *status = cJSON_GetObjectItemCaseSensitive(o, "status");
-    struct line l = {
+    int bad = 0;
+
+    *l = (struct line){
         .tenant = str_or_dash(o, "tenant"), .backend = str_or_dash(o, "backend"),
         .route = str_or_dash(o, "route"), .arm = str_or_dash(o, "arm"),
         .experiment = str_or_dash(o, "experiment"),
         .tags = cJSON_GetObjectItemCaseSensitive(o, "tags"),
-        .status = cJSON_IsNumber(status) ? status->valueint : 0,
-        .cost = num2(o, "cost_usd", "cost_usd_est"), .saved = num2(o, "saved_usd", NULL),
-        .prompt = line_tokens(o, "billed_prompt_tokens", "prompt_tokens", "prompt_tokens_est"),
-        .completion = line_tokens(o, "billed_completion_tokens", "completion_tokens",
-                                  "completion_tokens_est"),
+        .status = cJSON_IsNumber(status) ? status->valueint : 0, /* cJSON saturates valueint */
         .cache_hit = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "cache_hit")),
     };
+    l->cost = num2(o, "cost_usd", "cost_usd_est", COST_MAX, &bad);
+    l->saved = num2(o, "saved_usd", NULL, COST_MAX, &bad);
+    l->prompt = line_tokens(o, "billed_prompt_tokens", "prompt_tokens", "prompt_tokens_est", &bad);
+    l->completion = line_tokens(o, "billed_completion_tokens", "completion_tokens",
+                                "completion_tokens_est", &bad);
+    return bad ? -1 : 0;
+}
+
+/* Add the line `o` to the total and its groups. Returns -1, adding
+ * nothing, for a line out of range, or one whose tokens would take the
+ * total past TOKENS_MAX: every group's sum is at most the total's. */
+static int add_line(struct report *r, const cJSON *o)
+{
+    struct line l;
+
+    if (read_line(o, &l) != 0 || l.prompt > TOKENS_MAX - r->total.prompt_tokens ||
+        l.completion > TOKENS_MAX - r->total.completion_tokens)
+        return -1;
     const char *plain[][2] = {{"tenant", l.tenant}, {"backend", l.backend}, {"route", l.route}, {"arm", l.arm}};
     const cJSON *tag;
     char dim[256];
@@ -237,6 +281,7 @@ static void add_line(struct report *r, const cJSON *o)
                  strcmp(l.experiment, "-") ? l.experiment : l.route);
         stats_add(gmap_get(&r->arms, intern_dim(r, dim), l.arm), &l);
     }
+    return 0;
 }
 
 static double now_s(void)
@@ -283,9 +328,7 @@ static int read_log(struct report *r, const char *path, int show)
             continue;
         r->lines++;
         cJSON *o = cJSON_ParseWithLength(line, (size_t)n);
-        if (cJSON_IsObject(o))
-            add_line(r, o);
-        else
+        if (!cJSON_IsObject(o) || add_line(r, o) != 0)
             r->bad++;
         cJSON_Delete(o);
         if (show && (r->lines & 0x3fff) == 0 && now_s() - last >= 0.25) {
