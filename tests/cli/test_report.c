@@ -11,12 +11,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "cli/report.h"
 #include "common/buf.h"
 #include "conf/conf.h"
 #include "metrics/metrics.h"
+#include "tests/support/proc.h"
 
 static char dir[64], logpath[128], outpath[128];
 
@@ -399,6 +401,125 @@ Test(report, constant_arms_have_no_confidence_interval, .timeout = 10)
                                     "[no CI: neither arm's cost varies]"),
                        "%s", text);
     free(text);
+}
+
+/* `costrouter report` (the binary, $COSTROUTER_BIN) over the log with
+ * `format`; its stdout, NUL-terminated, goes to out. */
+static void run_binary(const char *format, struct buf *out)
+{
+    const char *bin = getenv("COSTROUTER_BIN") ? getenv("COSTROUTER_BIN") : "./costrouter";
+    char *argv[] = {(char *)bin, "report", "--format", (char *)format, "--by", "tenant,arm",
+                    logpath, NULL};
+
+    buf_reset(out);
+    cr_assert_eq(support_run(argv, out, 10000), 0, "report --format %s", format);
+    cr_assert_eq(buf_append(out, "", 1), 0);
+}
+
+/* Every number in a JSON document is finite (cJSON prints an infinity as
+ * null, so a null where a number belongs fails too, at its caller). */
+static int json_all_finite(const cJSON *o)
+{
+    const cJSON *c;
+
+    if (cJSON_IsNumber(o))
+        return isfinite(o->valuedouble);
+    cJSON_ArrayForEach(c, o)
+        if (!json_all_finite(c))
+            return 0;
+    return 1;
+}
+
+/* No word of `text` (a table or CSV) is an infinity or a NaN as printf
+ * writes them ("inf", "-nan", "+inf", ...). Returns the first found, or
+ * NULL. */
+static const char *non_finite_word(const char *text)
+{
+    static char word[64];
+    const char *p = text;
+
+    while (*p) {
+        size_t n = strcspn(p, " ,\n$[]()");
+        if (n > 0 && n < sizeof(word)) {
+            memcpy(word, p, n);
+            word[n] = '\0';
+            const char *w = word + (word[0] == '+' || word[0] == '-');
+            if (strcasecmp(w, "inf") == 0 || strcasecmp(w, "nan") == 0)
+                return word;
+        }
+        p += n + (p[n] != '\0');
+    }
+    return NULL;
+}
+
+/* Numbers no router writes, yet valid JSON: a token count of 10^15, 2^64
+ * or 1e30 (converting those to an integer was undefined), an amount whose
+ * sum is infinite (it printed $inf, and null in JSON), a negative one (it
+ * fell back to the estimate). Each such line is skipped and counted as
+ * bad; so is one taking the total of tokens past 10^15 - 1. The bounds
+ * themselves are taken: the totals are exact, every output has finite
+ * numbers. */
+Test(report, numbers_out_of_range_make_a_bad_line, .timeout = 20)
+{
+    static const char *const lines[] = {
+        "{\"tenant\":\"big\",\"arm\":\"a\",\"cost_usd\":9223372036854.775,"
+        "\"billed_prompt_tokens\":999999999999998,\"billed_completion_tokens\":1}",
+        "{\"tenant\":\"ok\",\"arm\":\"a\",\"cost_usd\":0.5,"
+        "\"billed_prompt_tokens\":1,\"billed_completion_tokens\":2}",
+        "{\"tenant\":\"ok\",\"arm\":\"b\",\"cost_usd\":9223372036854.775}",
+        "{\"tenant\":\"ok\",\"arm\":\"b\",\"cost_usd\":0}",
+        /* the total of prompt tokens is 10^15 - 1 now */
+        "{\"tenant\":\"bad\",\"arm\":\"b\",\"billed_prompt_tokens\":1}",
+        "{\"tenant\":\"bad\",\"arm\":\"b\",\"prompt_tokens\":1e30,\"completion_tokens\":5}",
+        "{\"tenant\":\"bad\",\"arm\":\"b\",\"billed_completion_tokens\":18446744073709551616}",
+        "{\"tenant\":\"bad\",\"arm\":\"b\",\"billed_completion_tokens\":1000000000000000}",
+        "{\"tenant\":\"bad\",\"arm\":\"b\",\"completion_tokens\":null,\"completion_tokens_est\":-3}",
+        "{\"tenant\":\"bad\",\"arm\":\"b\",\"cost_usd\":1e308}",
+        "{\"tenant\":\"bad\",\"arm\":\"b\",\"cost_usd\":1e308}",
+        "{\"tenant\":\"bad\",\"arm\":\"b\",\"cost_usd\":1e400}",
+        "{\"tenant\":\"bad\",\"arm\":\"b\",\"cost_usd\":-0.5,\"cost_usd_est\":0.25}",
+        "{\"tenant\":\"bad\",\"arm\":\"b\",\"cost_usd\":0,\"saved_usd\":-1}",
+    };
+    const size_t n = sizeof(lines) / sizeof(lines[0]), bad = n - 4;
+    const double cost = 9223372036854.775 + 0.5 + 9223372036854.775;
+    struct buf out = {0};
+    static char f[32][128];
+
+    write_log(lines, n);
+    run_binary("json", &out);
+    cJSON *root = cJSON_Parse(out.data);
+    cr_assert_not_null(root, "output is not JSON: %s", out.data);
+    cr_assert(json_all_finite(root), "%s", out.data);
+    cr_assert_eq(field(root, "lines"), n);
+    cr_assert_eq(field(root, "bad_lines"), bad, "%s", out.data);
+    const cJSON *tot = cJSON_GetObjectItem(root, "total");
+    cr_assert_eq(field(tot, "requests"), 4);
+    cr_assert_eq(field(tot, "prompt_tokens"), 999999999999999.0);
+    cr_assert_eq(field(tot, "completion_tokens"), 3);
+    cr_assert_eq(field(tot, "cost_usd"), cost, "%s", out.data);
+    cr_assert_eq(field(group(root, "tenant", "ok"), "requests"), 3);
+    const cJSON *g;
+    cJSON_ArrayForEach(g, cJSON_GetObjectItem(root, "groups"))
+        cr_assert_str_neq(cJSON_GetObjectItem(g, "value")->valuestring, "bad");
+    const cJSON *d = cJSON_GetArrayItem(cJSON_GetObjectItem(root, "arm_diffs"), 0);
+    cr_assert_not_null(d);
+    cr_assert_lt(field(d, "ci95_low_usd"), field(d, "ci95_high_usd"), "%s", out.data);
+    cJSON_Delete(root);
+
+    run_binary("table", &out);
+    cr_assert_null(non_finite_word(out.data), "%s", out.data);
+    cr_assert_not_null(strstr(out.data, "bad lines skipped: 10\n"), "%s", out.data);
+    cr_assert_not_null(strstr(out.data, " 999999999999999 "), "%s", out.data);
+
+    run_binary("csv", &out);
+    cr_assert_null(non_finite_word(out.data), "%s", out.data);
+    *strchr(strchr(out.data, '\n') + 1, '\n') = '\0'; /* the total row */
+    cr_assert_gt(csv_split(strchr(out.data, '\n') + 1, f), 10);
+    cr_assert_str_eq(f[0], "total");
+    cr_assert_str_eq(f[5], "999999999999999", "%s", out.data);
+    /* 15 significant digits, as CSV numbers all have */
+    cr_assert_float_eq(strtod(f[7], NULL), cost, cost * 1e-14, "%s", out.data);
+    buf_free(&out);
 }
 
 Test(report, usage_errors, .timeout = 10)
