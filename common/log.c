@@ -11,7 +11,7 @@ static const char *const level_names[] = {"ERROR", "WARN", "INFO", "DEBUG"};
 
 int log_every_due(struct log_every *t, uint64_t now_ms, char note[LOG_EVERY_NOTE_MAX])
 {
-    if (t->last_ms != 0 && now_ms - t->last_ms < 1000) {
+    if (t->last_ms != 0 && now_ms - t->last_ms < (t->interval_ms ? t->interval_ms : 1000)) {
         t->skipped++;
         return 0;
     }

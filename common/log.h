@@ -22,11 +22,13 @@ void log_write(int level, const char *file, int line, const char *fmt, ...)
 #define log_warn(...) log_write(LOG_LEVEL_WARN, __FILE__, __LINE__, __VA_ARGS__)
 #define log_info(...) log_write(LOG_LEVEL_INFO, __FILE__, __LINE__, __VA_ARGS__)
 /* A line that may come thousands of times a second (what every request
- * meets during an outage): one goes through a second, the rest are
- * counted, and the next line says how many. Zero it before use. */
+ * meets during an outage): one goes through a second (or every
+ * interval_ms), the rest are counted, and the next line says how many.
+ * Zero it before use. */
 struct log_every {
     uint64_t last_ms;      /* when one last went through, 0: never */
     unsigned long skipped; /* held back since */
+    unsigned interval_ms;  /* between two lines; 0: 1000 */
 };
 
 #define LOG_EVERY_NOTE_MAX 64
