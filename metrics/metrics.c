@@ -16,9 +16,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <uv.h>
 #include <xxhash.h>
 
 #include "common/buf.h"
+#include "common/log.h"
 #include "metrics/internal.h"
 
 const char metrics_content_type[] = "text/plain; version=0.0.4; charset=utf-8";
@@ -61,6 +63,8 @@ struct metrics {
     size_t mask;                         /* table size - 1 */
     size_t nseries;                      /* series in the table */
     size_t max_series;                   /* cap on nseries */
+    struct series *dropped;              /* SERIES_DROPPED_TOTAL's series */
+    struct log_every drop_log;           /* "series dropped", once a minute at most */
     char *names;                         /* all label names, split in place */
 };
 
@@ -130,6 +134,22 @@ static int grow(struct metrics *m)
     return 0;
 }
 
+/* An update of metric `id` that would make a series past the cap is
+ * lost: counted, and logged, else the dashboards miss series without a
+ * word. Once a minute is enough: when the cap is reached, most requests
+ * meet it. */
+static void drop_series(struct metrics *m, enum metrics_id id)
+{
+    char note[LOG_EVERY_NOTE_MAX];
+
+    if (m->dropped != NULL)
+        m->dropped->value++;
+    if (log_every_due(&m->drop_log, uv_hrtime() / 1000000, note))
+        log_warn("metrics: the cap of %zu series is reached: a new series of %s was dropped; "
+                 "each update that would make a series is lost, counted in %s%s",
+                 m->max_series, descs[id].name, descs[METRICS_SERIES_DROPPED_TOTAL].name, note);
+}
+
 /* Find or create the series; NULL with *err set on failure. */
 static struct series *lookup(struct metrics *m, enum metrics_id id, const char *const *values,
                              int *err)
@@ -143,6 +163,7 @@ static struct series *lookup(struct metrics *m, enum metrics_id id, const char *
     if (*slot != NULL)
         return *slot;
     if (m->nseries >= m->max_series) {
+        drop_series(m, id);
         *err = -ENOSPC;
         return NULL;
     }
@@ -192,6 +213,7 @@ struct metrics *metrics_create(size_t max_series)
     if (m == NULL)
         return NULL;
     m->max_series = max_series ? max_series : 100000;
+    m->drop_log.interval_ms = 60000;
     m->mask = 63;
     m->slots = calloc(m->mask + 1, sizeof(*m->slots));
     for (size_t i = 0; i < METRICS_NMETRICS; i++)
@@ -219,6 +241,7 @@ struct metrics *metrics_create(size_t max_series)
                 goto fail;
         }
     }
+    m->dropped = m->fam[METRICS_SERIES_DROPPED_TOTAL].head;
     return m;
 
 fail:

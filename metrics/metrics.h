@@ -79,7 +79,10 @@ enum metrics_type { METRICS_COUNTER, METRICS_GAUGE, METRICS_HISTOGRAM };
       "1 while cost_log_buffer_max bytes of the cost log wait for the disk (until half are "  \
       "written): new requests wait.", "")                                                    \
     X(COST_LOG_PARKED_TOTAL, "costrouter_cost_log_parked_requests_total", COUNTER,              \
-      "Requests parked before they started because the cost log was behind.", "")
+      "Requests parked before they started because the cost log was behind.", "")             \
+    X(SERIES_DROPPED_TOTAL, "costrouter_metrics_series_dropped_total", COUNTER,              \
+      "Updates lost because they would have made a new series past the cap on series: "      \
+      "those series are missing.", "")
 
 #define METRICS__ENUM(id, name, type, help, labels) METRICS_##id,
 enum metrics_id { METRICS_LIST(METRICS__ENUM) METRICS_NMETRICS };
@@ -100,7 +103,9 @@ struct metrics;
 /*
  * Make an empty registry; label-less metrics start at 0. max_series caps
  * the number of distinct series (0 = 100000) so that a bug feeding unbounded
- * values cannot eat the memory. Returns NULL on allocation failure.
+ * values cannot eat the memory. An update that would make a series past it
+ * is lost: counted in SERIES_DROPPED_TOTAL and logged, once a minute at
+ * most. Returns NULL on allocation failure.
  */
 struct metrics *metrics_create(size_t max_series);
 /* Free the registry and every series. NULL is fine. */
