@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/buf.h"
 #include "metrics/metrics.h"
@@ -326,10 +327,20 @@ Test(metrics, a_cleared_gauge_leaves_the_other_series_whole, .timeout = 5)
     metrics_free(m);
 }
 
+/* Series a fresh registry has: those of the label-less metrics. */
+static size_t fixed_series(void)
+{
+    struct metrics *m = metrics_create(0);
+    size_t n = metrics_series_count(m);
+
+    metrics_free(m);
+    return n;
+}
+
 Test(metrics, series_cap_is_enforced, .timeout = 5)
 {
-    struct metrics *m = metrics_create(8);
-    size_t start = metrics_series_count(m);
+    size_t start = fixed_series();
+    struct metrics *m = metrics_create(start + 8);
     char t[16];
     int rc = 0, made = 0;
 
@@ -339,10 +350,68 @@ Test(metrics, series_cap_is_enforced, .timeout = 5)
         made += rc == 0;
     }
     cr_assert_eq(rc, -ENOSPC);
-    cr_assert_eq((size_t)made, 8 - start);
+    cr_assert_eq(made, 8);
     /* existing series still update */
     cr_assert_eq(metrics_add(m, METRICS_CACHE_HITS_TOTAL, (const char *[]){"t0"}, 1), 0);
     cr_assert_eq(metrics_get(m, METRICS_CACHE_HITS_TOTAL, (const char *[]){"t0"}), 2);
+    metrics_free(m);
+}
+
+/* Past the cap, each update that would make a series (of a counter, a
+ * gauge or a histogram) is counted, in the text a scraper reads, and
+ * logged once, not once per update: a dashboard missing series says so.
+ * Updates of series that exist count nothing. */
+Test(metrics, series_past_the_cap_are_counted_and_logged_once, .timeout = 5)
+{
+    struct metrics *m = metrics_create(fixed_series() + 8);
+    char t[16], errpath[] = "/tmp/metrics-test-XXXXXX";
+    int saved = dup(2), fd = mkstemp(errpath), lost = 0;
+    struct buf b = {0};
+    struct parsed p;
+
+    cr_assert_geq(fd, 0);
+    cr_assert_geq(dup2(fd, 2), 0);
+    for (int i = 0; i < 20; i++) {
+        snprintf(t, sizeof(t), "t%d", i);
+        lost += metrics_add(m, METRICS_CACHE_HITS_TOTAL, (const char *[]){t}, 1) == -ENOSPC;
+        cr_assert_eq(metrics_add(m, METRICS_CACHE_HITS_TOTAL, (const char *[]){"t0"}, 1), 0);
+    }
+    lost += metrics_set(m, METRICS_BUDGET_SPENT_USD, (const char *[]){"t0", "day"}, 1) == -ENOSPC;
+    lost += metrics_observe(m, METRICS_TTFT_SECONDS, (const char *[]){"gpu"}, 1) == -ENOSPC;
+    fflush(stderr);
+    dup2(saved, 2);
+    close(saved);
+    cr_assert_eq(lost, 12 + 2);
+    cr_assert_eq(metrics_get(m, METRICS_SERIES_DROPPED_TOTAL, NULL), 14);
+    cr_assert_eq(metrics_render(m, &b), 0);
+    parse(&b, &p);
+    const struct sample *s = find(&p, "costrouter_metrics_series_dropped_total", NULL);
+    cr_assert_not_null(s, "%.*s", (int)b.len, b.data);
+    cr_assert_eq(s->value, 14);
+    cr_assert_null(find(&p, "costrouter_cache_hits_total", "tenant", "t8", NULL));
+    size_t types = 0;
+    for (size_t i = 0; i < p.ntypes; i++)
+        types += strcmp(p.types[i], "costrouter_metrics_series_dropped_total counter") == 0;
+    cr_assert_eq(types, 1);
+
+    char *err = NULL;
+    size_t cap = 0, lines = 0;
+    FILE *f = fdopen(fd, "r");
+    cr_assert_not_null(f);
+    rewind(f);
+    cr_assert_gt(getdelim(&err, &cap, '\0', f), 0, "nothing logged");
+    for (const char *nl = err; (nl = strchr(nl, '\n')) != NULL; nl++)
+        lines++;
+    cr_assert_eq(lines, 1, "one line for 14 updates lost, not one each:\n%s", err);
+    cr_assert_not_null(strstr(err, "WARN"), "%s", err);
+    cr_assert_not_null(strstr(err, "cap of"), "%s", err);
+    cr_assert_not_null(strstr(err, "costrouter_cache_hits_total"), "%s", err);
+    cr_assert_not_null(strstr(err, "costrouter_metrics_series_dropped_total"), "%s", err);
+    free(err);
+    fclose(f);
+    unlink(errpath);
+    free(p.s);
+    buf_free(&b);
     metrics_free(m);
 }
 
