@@ -338,29 +338,64 @@ static struct fy_document *load_document(struct conf__ctx *ctx, struct fy_parser
     return NULL;
 }
 
-/* Build the document; on an error report it and return NULL. */
-static struct fy_document *build_document(struct conf__ctx *ctx, const char *src, size_t len)
+/* A quiet parser of `src` with `flags`, its diagnostics kept (not
+ * printed) in *diag; NULL when memory ran out (ctx->oom set). The caller
+ * destroys both (either may be NULL). */
+static struct fy_parser *open_parser(struct conf__ctx *ctx, unsigned flags, const char *src,
+                                     size_t len, struct fy_diag **diag)
 {
     struct fy_diag_cfg dcfg;
-    struct fy_diag *diag;
-    struct fy_parse_cfg cfg = {.flags = FYPCF_QUIET};
-    struct fy_parser *fyp = NULL;
-    struct fy_document *doc = NULL;
-    size_t nerrs = ctx->nerrs;
+    struct fy_parse_cfg cfg = {.flags = FYPCF_QUIET | flags};
+    struct fy_parser *fyp;
 
     fy_diag_cfg_default(&dcfg);
     dcfg.fp = NULL;
-    if ((diag = fy_diag_create(&dcfg)) == NULL) {
-        ctx->oom = 1;
-        return NULL;
+    if ((*diag = fy_diag_create(&dcfg)) == NULL)
+        return ctx->oom = 1, NULL;
+    fy_diag_set_collect_errors(*diag, true);
+    cfg.diag = *diag;
+    if ((fyp = fy_parser_create(&cfg)) == NULL || fy_parser_set_string(fyp, src, len) != 0) {
+        fy_parser_destroy(fyp);
+        return ctx->oom = 1, NULL;
     }
-    fy_diag_set_collect_errors(diag, true);
-    cfg.diag = diag;
-    if ((fyp = fy_parser_create(&cfg)) == NULL || fy_parser_set_string(fyp, src, len) != 0)
-        ctx->oom = 1;
-    else
+    return fyp;
+}
+
+/* After libfyaml refused the document: read it again with duplicate keys
+ * allowed and, unresolved (no alias expanded, merge keys as written),
+ * name each duplicate with its path and the line of the first. Only
+ * here: allowing them also changes how merge keys resolve (the merged
+ * pairs come after, and win over, the keys beside them), so what loads
+ * is still what libfyaml alone accepts. Returns how many it reported;
+ * 0 leaves libfyaml's own message to report. */
+static size_t report_duplicate_keys(struct conf__ctx *ctx, const char *src, size_t len)
+{
+    struct fy_diag *diag = NULL;
+    struct fy_parser *fyp = open_parser(ctx, FYPCF_ALLOW_DUPLICATE_KEYS, src, len, &diag);
+    struct fy_document *doc = fyp ? fy_parse_load_document(fyp) : NULL;
+    size_t found = 0;
+
+    if (doc) {
+        found = conf__duplicate_keys(ctx, fy_document_root(doc));
+        fy_parse_document_destroy(fyp, doc);
+    }
+    fy_parser_destroy(fyp);
+    fy_diag_destroy(diag);
+    return found;
+}
+
+/* Build the document; on an error report it and return NULL. */
+static struct fy_document *build_document(struct conf__ctx *ctx, const char *src, size_t len)
+{
+    struct fy_diag *diag = NULL;
+    struct fy_parser *fyp = open_parser(ctx, 0, src, len, &diag);
+    struct fy_document *doc = NULL;
+    size_t nerrs = ctx->nerrs;
+
+    if (fyp)
         doc = load_document(ctx, fyp);
-    if (doc == NULL && !ctx->oom && ctx->nerrs == nerrs)
+    if (doc == NULL && !ctx->oom && ctx->nerrs == nerrs &&
+        report_duplicate_keys(ctx, src, len) == 0)
         report_yaml_errors(ctx, diag);
     fy_parser_destroy(fyp);
     fy_diag_destroy(diag);

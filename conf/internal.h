@@ -159,6 +159,12 @@ void conf__include(struct conf__ctx *ctx, const char *rel, int line, const char 
  * hold `prices:`). */
 void conf__parse_included(struct conf__ctx *ctx, struct fy_node *root);
 
+/* Reports every key that a mapping under `root` gives twice, by its path,
+ * at the second with the line of the first; returns how many. For a
+ * document libfyaml refused, read again with duplicate keys allowed:
+ * libfyaml names neither the key nor the first, and stops at one. */
+size_t conf__duplicate_keys(struct conf__ctx *ctx, struct fy_node *root);
+
 /* Split "http[s]://HOST[:PORT][/PATH]" into the backend's tls, host,
  * host_is_ipv6, port and base_path (trailing '/' dropped). Returns 0, or -1
  * after reporting the problem at (line, path). Never echoes the url back,

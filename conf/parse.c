@@ -142,6 +142,12 @@ static void join_path(char *out, size_t size, const char *path, const char *key)
     snprintf(out, size, "%s%s%s", path, *path ? "." : "", key);
 }
 
+/* join_path for a key as libfyaml holds it: `len` bytes, no NUL. */
+static void join_key(char *out, size_t size, const char *path, const char *key, size_t len)
+{
+    snprintf(out, size, "%s%s%.*s", path, *path ? "." : "", (int)len, key);
+}
+
 /* ---- scalar conversion ---- */
 
 static int has_control(const char *s)
@@ -331,7 +337,7 @@ static void parse_mapping(struct conf__ctx *ctx, const struct table *t, const ch
             continue;
         }
         k = fy_node_get_scalar(key, &klen);
-        snprintf(kpath, sizeof(kpath), "%s%s%.*s", path, *path ? "." : "", (int)klen, k);
+        join_key(kpath, sizeof(kpath), path, k, klen);
         for (i = 0; i < t->n; i++) {
             if (same_section(t->d[i].section, section) && strlen(t->d[i].name) == klen &&
                 memcmp(t->d[i].name, k, klen) == 0) {
@@ -1162,6 +1168,127 @@ static const struct table price_table = {price_directives, CONF__P_COUNT,
 static const struct table included_table = {included_directives, CONF__I_COUNT, (size_t)-1};
 _Static_assert(CONF__B_COUNT <= 64 && CONF__R_COUNT <= 64 && CONF__T_COUNT <= 64,
                "conf__meta.set holds 64 bits");
+
+/* ---- duplicate keys ---- */
+
+/* One key of a mapping, for finding those given twice. */
+struct map_key {
+    const char *text; /* the key's scalar text (an alias's: its anchor's) */
+    size_t len;       /* bytes in text */
+    int line;         /* where the key is written */
+    size_t order;     /* its place in the mapping, so the first comes first */
+};
+
+static int cmp_map_key(const void *pa, const void *pb)
+{
+    const struct map_key *a = pa, *b = pb;
+    int c = memcmp(a->text, b->text, MIN(a->len, b->len));
+
+    if (c != 0)
+        return c;
+    if (a->len != b->len)
+        return a->len < b->len ? -1 : 1;
+    return (a->order > b->order) - (a->order < b->order);
+}
+
+/* The text of `key`, through an alias to a scalar as libfyaml compares it
+ * once it resolves; -1 for a key of no text (a list or mapping, an alias
+ * of nothing), which is left to libfyaml's own message. */
+static int key_text(struct fy_node *key, const char **text, size_t *len)
+{
+    struct fy_node *k = key && fy_node_is_alias(key) ? fy_node_resolve_alias(key) : key;
+
+    if (k == NULL || fy_node_get_type(k) != FYNT_SCALAR || fy_node_is_alias(k))
+        return -1;
+    *text = fy_node_get_scalar(k, len);
+    *len = *text ? *len : 0;
+    *text = *text ? *text : "";
+    return 0;
+}
+
+/* Report each key of mapping `map` (at `path`) that an earlier key of it
+ * already gave, as its text compares: `a`, "a" and 'a' are one key.
+ * Sorted, as check.c finds duplicate names: a long mapping costs no more
+ * than its sort. Returns the number reported. */
+static size_t mapping_duplicates(struct conf__ctx *ctx, struct fy_node *map, const char *path)
+{
+    int count = fy_node_mapping_item_count(map);
+    struct map_key *v = calloc((size_t)(count > 0 ? count : 1), sizeof(*v));
+    struct fy_node_pair *pair;
+    void *it = NULL;
+    size_t n = 0, found = 0;
+
+    if (v == NULL)
+        return ctx->oom = 1, 0;
+    while ((pair = fy_node_mapping_iterate(map, &it)) != NULL && n < (size_t)count) {
+        struct fy_node *key = fy_node_pair_key(pair);
+
+        if (key_text(key, &v[n].text, &v[n].len) == 0) {
+            /* an empty key has no token: its value is the nearest line */
+            v[n].line = node_line(key, node_line(fy_node_pair_value(pair), 1));
+            v[n].order = n;
+            n++;
+        }
+    }
+    qsort(v, n, sizeof(*v), cmp_map_key);
+    for (size_t i = 1, first = 0; i < n; i++) {
+        char kpath[256];
+
+        if (v[i].len != v[first].len || memcmp(v[i].text, v[first].text, v[i].len) != 0) {
+            first = i;
+            continue;
+        }
+        join_key(kpath, sizeof(kpath), path, v[i].text, v[i].len);
+        conf__error(ctx, v[i].line, *kpath ? kpath : "(top level)",
+                    "duplicate key%s (first at line %d)", v[i].len ? "" : " \"\"",
+                    v[first].line);
+        found++;
+    }
+    free(v);
+    return found;
+}
+
+/* Every mapping under `n` (at `path`), its own keys then its values'.
+ * Aliases are not followed: a mapping is reported where it is written,
+ * once however often it is used. The recursion is as deep as the
+ * document, which libfyaml's parser bounds. */
+static size_t walk_duplicates(struct conf__ctx *ctx, struct fy_node *n, const char *path)
+{
+    struct fy_node_pair *pair;
+    struct fy_node *item;
+    void *it = NULL;
+    char sub[256];
+    size_t found = 0, i = 0;
+    const char *k;
+    size_t klen;
+
+    switch (n ? fy_node_get_type(n) : FYNT_SCALAR) {
+    case FYNT_SEQUENCE:
+        while ((item = fy_node_sequence_iterate(n, &it)) != NULL) {
+            snprintf(sub, sizeof(sub), "%s[%zu]", path, i++);
+            found += walk_duplicates(ctx, item, sub);
+        }
+        break;
+    case FYNT_MAPPING:
+        found += mapping_duplicates(ctx, n, path);
+        while ((pair = fy_node_mapping_iterate(n, &it)) != NULL) {
+            if (key_text(fy_node_pair_key(pair), &k, &klen) == 0)
+                join_key(sub, sizeof(sub), path, k, klen);
+            else
+                snprintf(sub, sizeof(sub), "%s", path);
+            found += walk_duplicates(ctx, fy_node_pair_value(pair), sub);
+        }
+        break;
+    case FYNT_SCALAR:
+        break;
+    }
+    return found;
+}
+
+size_t conf__duplicate_keys(struct conf__ctx *ctx, struct fy_node *root)
+{
+    return walk_duplicates(ctx, root, "");
+}
 
 /* ---- phases ---- */
 

@@ -184,6 +184,23 @@ static struct error_case error_cases[] = {
      .lines = {"7: (yaml): a second document: a config file holds one (no \"---\" after the first)"}},
     {.file = DATA "second_document_broken.yaml",
      .lines = {"7: (yaml): flow sequence without a closing bracket"}},
+    {.file = DATA "dupkeys.yaml", .lines =
+     {"4: listen: duplicate key (first at line 3)",
+      "5: listen: duplicate key (first at line 3)",
+      "8: limits.max_retries: duplicate key (first at line 7)",
+      "9: cache.ttl_s: duplicate key (first at line 9)",
+      "16: backends[2].<<: duplicate key (first at line 16)",
+      "19: backends[3].name: duplicate key (first at line 17)",
+      "28: tenants[0].budget.daily_usd: duplicate key (first at line 28)",
+      "29: tenants[0].tags.team: duplicate key (first at line 29)"}},
+    {.file = DATA "dupkeys_alias.yaml",
+     .lines = {"4: cost_log: duplicate key (first at line 3)"}},
+    {.file = DATA "dupkeys_empty.yaml",
+     .lines = {"5: (top level): duplicate key \"\" (first at line 3)"}},
+    {.file = DATA "dupkeys_complex.yaml", .lines = {"4: (yaml): duplicate key"}},
+    {.file = DATA "dupkeys_include.yaml", .lines =
+     {"4: backends[0].price: unknown price \"x\" (no prices are defined: include a price file)",
+      "inc/dupkeys.yaml:6: prices.x.input_usd_per_mtok: duplicate key (first at line 4)"}},
     {.file = DATA "empty.yaml", .lines = {"1: (top level): the file is empty"}},
     {.file = DATA "no-such-file.yaml", .lines =
      {"1: (file): cannot open: No such file or directory"}},
