@@ -583,6 +583,12 @@ Test(costs, a_reload_that_changes_the_store_is_refused)
     cr_assert_eq(resp.status, 400, "%.*s", (int)resp.body.len, resp.body.data);
     msg = cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "message"));
     cr_assert_not_null(strstr(msg, "store.redis cannot change without a restart"), "%s", msg);
+    /* OpenAI-style, as every error: message, type, param (null), code. */
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(cJSON_GetObjectItem(json, "error"), "param")),
+              "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(json, "error"),
+                                                              "code")),
+                     "invalid_config");
     cr_assert_null(memmem(resp.body.data, resp.body.len, "pw-in-url", 9));
     top_extra = "";
     write_conf("a", "    budget: {daily_usd: 0.000001, on_exhausted: reject}\n");
