@@ -248,6 +248,7 @@ static void admin_reload(struct router__client *c)
         cJSON *err = cJSON_AddObjectToObject(j, "error");
         cJSON_AddStringToObject(err, "message", errors ? errors : "reload failed");
         cJSON_AddStringToObject(err, "type", "invalid_request_error");
+        cJSON_AddNullToObject(err, "param"); /* the shape of every other error */
         cJSON_AddStringToObject(err, "code", "invalid_config");
         send_json(c, 400, j);
     }

@@ -78,6 +78,9 @@ struct router__shared {
     struct log_every refuse_log;    /* "at max connections" lines */
     struct log_every nofile_log;    /* "no descriptor for a backend connection" lines */
     unsigned listening:1;           /* listener is open */
+    char listen_host[64];           /* `listen` of the config at start: what a reload */
+    uint16_t listen_port;           /* compares with, as the listener keeps it */
+    char listen_at[80];             /* HOST:PORT the listener has, for the log */
     unsigned stopping:1;            /* router_stop called */
     struct router *current;         /* the generation new connections go to */
     struct router *generations;     /* every live generation (list by next_gen) */

@@ -1098,10 +1098,10 @@ struct router *router_reload(struct router *old, struct conf *conf, char **error
         return NULL;
     }
 
-    if (conf->listen_port != old->conf->listen_port ||
-        strcmp(conf->listen_host, old->conf->listen_host) != 0)
-        log_warn("reload: listen cannot change without a restart; still on %s:%u",
-                 old->conf->listen_host, old->conf->listen_port);
+    /* Compared with the config at start, not the last reload's: that one
+     * may name an address the listener never moved to. */
+    if (conf->listen_port != sh->listen_port || strcmp(conf->listen_host, sh->listen_host) != 0)
+        log_warn("reload: listen cannot change without a restart; still on %s", sh->listen_at);
     if (sh->tokens != NULL && policy_tokens_add(sh->tokens, conf_encodings(conf)) < 0)
         log_warn("reload: a token table could not be loaded; prompts for its backends are "
                  "estimated from bytes");
@@ -1155,6 +1155,9 @@ int router_start(struct router *r)
     else
         uv_ip4_name((struct sockaddr_in *)&bound, host, sizeof(host));
     rc = ntohs(((struct sockaddr_in *)&bound)->sin_port);
+    snprintf(sh->listen_host, sizeof(sh->listen_host), "%s", r->conf->listen_host);
+    sh->listen_port = r->conf->listen_port;
+    snprintf(sh->listen_at, sizeof(sh->listen_at), "%s:%d", host, rc);
     log_info("listening on %s:%d%s", host, rc, r->tls_ctx ? " (TLS)" : "");
     printf("listening on %s:%d\n", host, rc);
     fflush(stdout);

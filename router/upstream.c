@@ -235,10 +235,14 @@ static int upstream_retry_fresh(struct router__upstream *u, struct router__clien
     return rc;
 }
 
+/* A reused connection that is reset or closed before any answer byte was
+ * most likely closed by the backend as it sat idle: the request goes again
+ * on a fresh one. A timeout is not that: the backend has the request and
+ * is slow, and sending it again would have it served (and billed) twice. */
 static void upstream_fail(struct router__upstream *u, const char *errstr)
 {
     struct router__client *c = u->client;
-    int retry_fresh = u->reused && !u->got_bytes && c != NULL;
+    int retry_fresh = u->reused && !u->got_bytes && c != NULL && errstr == error_upstream_io;
 
     if (retry_fresh) {
         log_debug("backend %s: reused connection failed (%s), retrying on a new one",

@@ -52,6 +52,7 @@ static char conf_path[64], log_path[64];
 static const char *tenant_id = "acme";  /* the tenant's id in the config */
 static const char *key_prefix;          /* store.key_prefix, NULL: the default */
 static const char *top_extra = "";      /* more top-level config lines */
+static const char *listen_at = "127.0.0.1:0"; /* the config's listen */
 static const char *stderr_path;         /* routers log there, at full level; NULL: -q */
 static const char *more_keys = "";      /* more api_keys entries of the tenant, each ", {...}" */
 static const char *run_under;           /* shell words the routers run under, e.g. a
@@ -130,7 +131,7 @@ static void write_conf(const char *route_candidates, const char *tenant_extra)
     }
     f = fopen(conf_path, "w");
     cr_assert_not_null(f);
-    fprintf(f, "listen: 127.0.0.1:0\nadmin_key: adm-secret\ncost_log: %s\n%s", log_path,
+    fprintf(f, "listen: %s\nadmin_key: adm-secret\ncost_log: %s\n%s", listen_at, log_path,
             top_extra);
     if (redis.pid)
         fprintf(f, "store: {redis: \"%s\", key_prefix: \"%s\"}\n", redis.url,
@@ -582,6 +583,12 @@ Test(costs, a_reload_that_changes_the_store_is_refused)
     cr_assert_eq(resp.status, 400, "%.*s", (int)resp.body.len, resp.body.data);
     msg = cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "message"));
     cr_assert_not_null(strstr(msg, "store.redis cannot change without a restart"), "%s", msg);
+    /* OpenAI-style, as every error: message, type, param (null), code. */
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(cJSON_GetObjectItem(json, "error"), "param")),
+              "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(json, "error"),
+                                                              "code")),
+                     "invalid_config");
     cr_assert_null(memmem(resp.body.data, resp.body.len, "pw-in-url", 9));
     top_extra = "";
     write_conf("a", "    budget: {daily_usd: 0.000001, on_exhausted: reject}\n");
@@ -1005,6 +1012,45 @@ Test(costs, error_answers_are_logged_once_a_second_per_kind)
     unlink(log);
     cr_assert_geq(lines, 2, "a 502 and a 503 line at least");
     cr_assert_leq(lines, 4, "%d lines for 40 error answers", lines);
+}
+
+/* Write the config with the route's candidates again (listen_at as it is
+ * now) and reload router 0, which takes it. */
+static void reload_listen_at(const char *route_candidates)
+{
+    write_conf(route_candidates, NULL);
+    cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+}
+
+/* `listen` cannot move on a reload: the warning names where the router
+ * listens, and a later reload is compared with that, not with the address
+ * the refused move named: going back to it is no change, and the warning
+ * never claims an address the router does not listen on. */
+Test(costs, a_reload_that_moves_listen_warns_with_the_address_kept)
+{
+    char log[64] = "/tmp/costrouter-stderr-XXXXXX", kept[96];
+    int warned, false_claim;
+
+    close(mkstemp(log));
+    stderr_path = log;
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    listen_at = "127.0.0.2:0";
+    reload_listen_at("a");
+    listen_at = "127.0.0.1:0";
+    reload_listen_at("a");
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200, "still serving where it listened");
+    support_proc_stop(&routers[0]);
+    snprintf(kept, sizeof(kept), "listen cannot change without a restart; still on 127.0.0.1:%d\n",
+             routers[0].port);
+    warned = count_log_lines(log, kept);
+    false_claim = count_log_lines(log, "127.0.0.2");
+    unlink(log);
+    cr_assert_eq(warned, 1, "the move is not warned of once, with the address kept");
+    cr_assert_eq(false_claim, 0, "the log claims the address the router never moved to");
 }
 
 /* While the store is down every settlement fails alike: the log says so

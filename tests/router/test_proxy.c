@@ -1195,6 +1195,32 @@ Test(proxy, stalled_upstream_gives_504_after_first_byte_timeout)
     cr_assert_lt(resp.total_ms, 3000.0);
 }
 
+/* A pooled connection that times out waiting for its first byte was not
+ * closed under the router: the backend has the request and is working
+ * on it. Only a reset or close is sent again on a fresh connection; a
+ * timeout is the backend's failure, so the backend is not sent (and an
+ * API does not bill) the request twice, nor the client kept waiting for
+ * two timeouts. */
+Test(proxy, a_pooled_connection_that_times_out_is_not_sent_again)
+{
+    char a[1024];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    backend_yaml(a, sizeof(a), "a", mock_a.port, "    first_byte_timeout_ms: 300\n");
+    start_router("admin_key: " ADMIN_KEY "\nlimits: {max_retries: 0}", a, "a");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    wait_pool_idle(1);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-mock-fault: stall\r\n", CHAT), 0);
+    assert_error(504, "upstream_timeout");
+    /* Two requests on the one pooled connection (the second connection
+     * counted is this stats call's own): the stalled one went once. */
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(json_num(body_json(), "requests"), 2, "%.*s", (int)resp.body.len,
+                 resp.body.data);
+    cr_assert_eq(json_num(json, "connections"), 2, "%.*s", (int)resp.body.len, resp.body.data);
+}
+
 /* A plain answer is held until it ends: one cut after its head has shown
  * the client nothing, so the next candidate serves it, and the cut
  * attempt is not charged. */
