@@ -37,6 +37,20 @@ static struct support_http_response resp;
 static char conf_path[64], log_path[64];
 static int fifo_fd = -1; /* the test's writing end of the config FIFO */
 
+/* The router's log to the test's stderr, where tests/run.sh looks for
+ * sanitizer reports (make asan). */
+static void log_show(void)
+{
+    FILE *f = fopen(log_path, "r");
+    char line[2048];
+
+    if (f == NULL)
+        return;
+    while (fgets(line, sizeof(line), f))
+        fprintf(stderr, "router: %s", line);
+    fclose(f);
+}
+
 static void teardown(void)
 {
     support_proc_stop(&router);
@@ -48,8 +62,10 @@ static void teardown(void)
     support_http_response_free(&resp);
     if (conf_path[0])
         unlink(conf_path);
-    if (log_path[0])
+    if (log_path[0]) {
+        log_show();
         unlink(log_path);
+    }
 }
 
 TestSuite(reload, .fini = teardown, .timeout = 90);
