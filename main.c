@@ -53,8 +53,10 @@ struct app {
  * (libfyaml's duplicate-key check is quadratic in a mapping's size; a
  * FIFO waits for its writer) would hold every client meanwhile. One load
  * runs at a time, on a thread of its own (conf_load touches no state of
- * the loop's: it logs nothing and returns the errors), and its result is
- * applied on the loop with router_reload. A reload asked for while one
+ * the loop's: it logs nothing, returns the errors, and reads only the
+ * environment, which nothing sets; and one load at a time means libfyaml
+ * is never used by two threads at once), and its result is applied on the
+ * loop with router_reload. A reload asked for while one
  * runs (SIGHUP or POST /admin/reload; any number of them) makes one more
  * load after it, which reads the file again, so the content last written
  * wins; the admin requests asked meanwhile are answered with that load's
