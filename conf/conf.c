@@ -198,38 +198,60 @@ static char *report(struct conf__ctx *ctx)
     return out.data;
 }
 
-/* Read the whole file; NULL after reporting why not. */
+/* Read the whole file; NULL after reporting why not. A FIFO or a device
+ * is read to its end like a file, within the same bound: a config a
+ * process writes as it is read (reloads do it off the loop, so one that
+ * waits for its writer holds no request). */
 static char *read_file(struct conf__ctx *ctx, size_t *len)
 {
     FILE *f = fopen(ctx->file, "rb");
-    char *data = NULL;
+    char *data = NULL, *more;
     struct stat st;
-    size_t n;
+    size_t n = 0, cap;
 
     if (f == NULL) {
         conf__error(ctx, 0, "(file)", "cannot open: %s", strerror(errno));
         return NULL;
     }
-    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
-        conf__error(ctx, 0, "(file)", "is not a regular file");
+    if (fstat(fileno(f), &st) != 0) {
+        conf__error(ctx, 0, "(file)", "cannot read: %s", strerror(errno));
         goto out;
     }
-    if (st.st_size > MAX_FILE_BYTES) {
-        conf__error(ctx, 0, "(file)", "is larger than 4 MiB");
+    if (S_ISDIR(st.st_mode)) {
+        conf__error(ctx, 0, "(file)", "is a folder, not a file");
         goto out;
     }
-    if ((data = malloc((size_t)st.st_size + 1)) == NULL) {
+    if (S_ISREG(st.st_mode) && st.st_size > MAX_FILE_BYTES)
+        goto too_large;
+    cap = S_ISREG(st.st_mode) ? (size_t)st.st_size + 1 : 4096;
+    if ((data = malloc(cap)) == NULL) {
         ctx->oom = 1;
         goto out;
     }
-    n = fread(data, 1, (size_t)st.st_size, f);
+    while (!feof(f) && !ferror(f)) {
+        if (n == cap) {
+            if (cap > MAX_FILE_BYTES)
+                goto too_large;
+            cap = cap * 2 > MAX_FILE_BYTES + 1 ? MAX_FILE_BYTES + 1 : cap * 2;
+            if ((more = realloc(data, cap)) == NULL) {
+                ctx->oom = 1;
+                goto fail;
+            }
+            data = more;
+        }
+        n += fread(data + n, 1, cap - n, f);
+    }
     if (ferror(f)) {
         conf__error(ctx, 0, "(file)", "cannot read: %s", strerror(errno));
-        free(data);
-        data = NULL;
-        goto out;
+        goto fail;
     }
     *len = n;
+    goto out;
+too_large:
+    conf__error(ctx, 0, "(file)", "is larger than 4 MiB");
+fail:
+    free(data);
+    data = NULL;
 out:
     fclose(f);
     return data;

@@ -5,7 +5,9 @@
  * interpolates ${ENV_VAR}, applies defaults and cross-checks references,
  * and returns an immutable struct
  * conf. Everything in it is owned by the struct and freed by conf_free().
- * Other modules read these fields; none writes them. A reload builds a new
+ * Other modules read these fields; none writes them. conf_load logs
+ * nothing and keeps no state between calls: a reload runs it off the
+ * event loop, on a thread of its own. A reload builds a new
  * struct conf; requests in flight keep the old one (reference counted).
  */
 #ifndef CONF_CONF_H

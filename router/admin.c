@@ -48,6 +48,13 @@ struct router__admin {
     struct spend_slot slots[];     /* one per tenant queried */
 };
 
+/* A POST /admin/reload waiting for its reload, which runs off the loop.
+ * The hook holds it until its done callback; the client may go first
+ * (router__admin_abandon), and then the answer has no one to go to. */
+struct router__reload_wait {
+    struct router__client *client; /* who asked, or NULL once it left */
+};
+
 int router__admin_authorized(struct router__client *c)
 {
     const char *key = c->router->conf->admin_key;
@@ -165,6 +172,10 @@ void router__admin_abandon(struct router__client *c)
 {
     struct router__admin *a = c->req.admin;
 
+    if (c->req.reload_wait != NULL) {
+        c->req.reload_wait->client = NULL; /* freed by its done callback */
+        c->req.reload_wait = NULL;
+    }
     if (a == NULL)
         return;
     c->req.admin = NULL;
@@ -223,14 +234,56 @@ static void send_metrics(struct router__client *c)
     buf_free(&out);
 }
 
-/* POST /admin/reload: like SIGHUP. The new config is validated first;
- * on errors the running one stays and the errors are returned (they name
- * files, lines and keys, never secrets). */
+/* {"error":{...}} with `status` for a reload that did not apply. */
+static void send_reload_error(struct router__client *c, int status, const char *message,
+                              const char *type, const char *code)
+{
+    cJSON *j = cJSON_CreateObject();
+    cJSON *err = cJSON_AddObjectToObject(j, "error");
+
+    cJSON_AddStringToObject(err, "message", message);
+    cJSON_AddStringToObject(err, "type", type);
+    cJSON_AddNullToObject(err, "param"); /* the shape of every other error */
+    cJSON_AddStringToObject(err, "code", code);
+    send_json(c, status, j);
+    cJSON_Delete(j);
+}
+
+static void on_reloaded(void *arg, enum router_reload_result result, const char *why)
+{
+    struct router__reload_wait *w = arg;
+    struct router__client *c = w->client;
+    cJSON *j;
+
+    free(w);
+    if (c == NULL)
+        return;
+    c->req.reload_wait = NULL;
+    switch (result) {
+    case ROUTER_RELOADED:
+        j = cJSON_CreateObject();
+        cJSON_AddStringToObject(j, "status", "reloaded");
+        send_json(c, 200, j);
+        cJSON_Delete(j);
+        break;
+    case ROUTER_RELOAD_REFUSED:
+        send_reload_error(c, 400, why ? why : "reload failed", "invalid_request_error",
+                          "invalid_config");
+        break;
+    case ROUTER_RELOAD_STOPPED:
+        send_reload_error(c, 503, why ? why : "the router is stopping", "server_error",
+                          "stopping");
+        break;
+    }
+}
+
+/* POST /admin/reload: like SIGHUP, answered when the reload is over. The
+ * new config is validated first; on errors the running one stays and the
+ * errors are returned (they name files, lines and keys, never secrets). */
 static void admin_reload(struct router__client *c)
 {
     struct router__shared *sh = c->router->shared;
-    char *errors = NULL;
-    cJSON *j;
+    struct router__reload_wait *w;
 
     if (llhttp_get_method(&c->parser) != HTTP_POST) {
         router__send_error(c, error_method, "use POST");
@@ -240,20 +293,13 @@ static void admin_reload(struct router__client *c)
         router__send_error(c, error_not_found, "reload is not available");
         return;
     }
-    j = cJSON_CreateObject();
-    if (sh->reload(sh->reload_arg, &errors) == 0) {
-        cJSON_AddStringToObject(j, "status", "reloaded");
-        send_json(c, 200, j);
-    } else {
-        cJSON *err = cJSON_AddObjectToObject(j, "error");
-        cJSON_AddStringToObject(err, "message", errors ? errors : "reload failed");
-        cJSON_AddStringToObject(err, "type", "invalid_request_error");
-        cJSON_AddNullToObject(err, "param"); /* the shape of every other error */
-        cJSON_AddStringToObject(err, "code", "invalid_config");
-        send_json(c, 400, j);
+    if ((w = malloc(sizeof(*w))) == NULL) {
+        router__send_error(c, error_no_memory, NULL);
+        return;
     }
-    cJSON_Delete(j);
-    free(errors);
+    w->client = c;
+    c->req.reload_wait = w;
+    sh->reload(sh->reload_arg, on_reloaded, w);
 }
 
 /* The path segment `in` with %XX decoded (HTTP clients encode what is not

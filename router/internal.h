@@ -40,6 +40,7 @@
 #include "policy/experiment.h"
 #include "policy/ratelimit.h"
 #include "policy/tokenize.h"
+#include "router/router.h"
 
 struct conf;
 struct conf_backend;
@@ -93,7 +94,7 @@ struct router__shared {
     struct router__client *parked_tail; /* oldest first, of every generation */
     EVP_MD *sha256;                 /* fetched once: SHA256() looks it up on every call */
     EVP_MD_CTX *sha256_ctx;         /* reused: EVP_Digest() allocates two per call */
-    int (*reload)(void *arg, char **errors); /* admin reload hook, or NULL */
+    router_reload_hook *reload;     /* admin reload hook, or NULL */
     void *reload_arg;               /* passed to reload */
 };
 
@@ -282,6 +283,7 @@ struct router__request {
                                             zeros when nothing was settled from tokens */
     int64_t saved_micro;                 /* cost a cache hit avoided */
     struct router__admin *admin;         /* admin request waiting for the store */
+    struct router__reload_wait *reload_wait; /* POST /admin/reload waiting for its reload */
 };
 
 /* A timeout whose deadline moves often (deadline.c). */

@@ -27,9 +27,23 @@ struct router *router_create(uv_loop_t *loop, struct conf *conf);
  * certificate or key, *errors set to it (malloc'd; else left NULL). */
 struct router *router_reload(struct router *old, struct conf *conf, char **errors);
 
-/* Let POST /admin/reload call `reload` (which loads the file and calls
- * router_reload; on failure it returns -1 and sets *errors, malloc'd). */
-void router_set_reload_hook(struct router *r, int (*reload)(void *arg, char **errors), void *arg);
+/* How a reload asked for through the hook ended. */
+enum router_reload_result {
+    ROUTER_RELOADED,       /* the new config applies */
+    ROUTER_RELOAD_REFUSED, /* it did not load or apply: the running one stays */
+    ROUTER_RELOAD_STOPPED, /* the router stopped first: nothing was applied */
+};
+/* Called on the loop once per reload asked for, with why when it did not
+ * apply (valid during the call only; names files, lines and keys, never
+ * secrets), else NULL. */
+typedef void router_reload_done_cb(void *arg, enum router_reload_result result, const char *why);
+/* What POST /admin/reload calls: start a reload (or join the next one)
+ * and call done(done_arg, ...) exactly once when it is over, maybe before
+ * returning (a reload asked for while stopping). */
+typedef void router_reload_hook(void *arg, router_reload_done_cb *done, void *done_arg);
+
+/* Let POST /admin/reload call `reload` with `arg`. */
+void router_set_reload_hook(struct router *r, router_reload_hook *reload, void *arg);
 
 /* Bind and listen. Logs "listening on HOST:PORT" and prints the same line
  * on stdout (tests and scripts read it). Returns 0 or a libuv error. */

@@ -1102,6 +1102,10 @@ struct router *router_reload(struct router *old, struct conf *conf, char **error
      * may name an address the listener never moved to. */
     if (conf->listen_port != sh->listen_port || strcmp(conf->listen_host, sh->listen_host) != 0)
         log_warn("reload: listen cannot change without a restart; still on %s", sh->listen_at);
+    /* Still on the loop (~40 ms a table, once per process for each new
+     * one): the tables live in sh->tokens, which the loop counts with and
+     * which is not thread-safe, so a load off the loop would need a way to
+     * move a table loaded apart into it, which policy/ does not have yet. */
     if (sh->tokens != NULL && policy_tokens_add(sh->tokens, conf_encodings(conf)) < 0)
         log_warn("reload: a token table could not be loaded; prompts for its backends are "
                  "estimated from bytes");
@@ -1117,7 +1121,7 @@ struct router *router_reload(struct router *old, struct conf *conf, char **error
     return r;
 }
 
-void router_set_reload_hook(struct router *r, int (*reload)(void *arg, char **errors), void *arg)
+void router_set_reload_hook(struct router *r, router_reload_hook *reload, void *arg)
 {
     r->shared->reload = reload;
     r->shared->reload_arg = arg;

@@ -11,10 +11,15 @@
  */
 #include <criterion/criterion.h>
 #include <criterion/parameterized.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <openssl/sha.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "conf/conf.h"
@@ -822,4 +827,79 @@ Test(conf, lookups_over_many_entries, .timeout = 10)
     cr_expect_null(conf_find_tenant_by_key(c, h));
     cr_expect_null(conf_find_backend(c, "b300"));
     conf_free(c);
+}
+
+/* What fifo_writer writes: a price file behind a comment longer than a
+ * pipe holds, so that the reader takes it in many reads. */
+struct fifo_job {
+    char path[256]; /* the FIFO */
+    char *text;     /* what to write */
+    size_t len;
+};
+
+static void *fifo_writer(void *arg)
+{
+    struct fifo_job *j = arg;
+    int fd = open(j->path, O_WRONLY); /* waits for conf_load to open it */
+
+    if (fd >= 0) {
+        for (size_t off = 0; off < j->len;) {
+            ssize_t n = write(fd, j->text + off, j->len - off);
+            if (n <= 0)
+                break;
+            off += (size_t)n;
+        }
+        close(fd);
+    }
+    return NULL;
+}
+
+/* A FIFO (a file a process writes as it is read) is read to its end, as
+ * an included price file here; a folder, and a device past 4 MiB, are
+ * refused with the reason. */
+Test(conf, a_fifo_is_read_to_its_end_a_folder_is_not, .timeout = 20)
+{
+    char dir[] = "/tmp/costrouter-conf-fifo-XXXXXX", conf_file[300], *errors = NULL, cmd[4400];
+    struct fifo_job job = {0};
+    struct conf *want = load_ok("conf/demo.yaml"), *got;
+    FILE *f = fopen(src_path("conf/prices.yaml"), "r");
+    size_t pad = 100000, n;
+    pthread_t writer;
+
+    signal(SIGPIPE, SIG_IGN); /* a reader that stops early fails the test, not kills it */
+    cr_assert_not_null(mkdtemp(dir));
+    cr_assert_not_null(f);
+    job.text = malloc(pad + (4u << 20));
+    memset(job.text, '#', pad);
+    job.text[pad - 1] = '\n';
+    n = fread(job.text + pad, 1, 4u << 20, f);
+    fclose(f);
+    job.len = pad + n;
+    snprintf(job.path, sizeof(job.path), "%s/prices.yaml", dir);
+    snprintf(conf_file, sizeof(conf_file), "%s/demo.yaml", dir);
+    snprintf(cmd, sizeof(cmd), "cp '%s' '%s'", src_path("conf/demo.yaml"), conf_file);
+    cr_assert_eq(system(cmd), 0);
+    cr_assert_eq(mkfifo(job.path, 0600), 0);
+    cr_assert_eq(pthread_create(&writer, NULL, fifo_writer, &job), 0);
+    got = conf_load(conf_file, &errors);
+    pthread_join(writer, NULL);
+    cr_assert_not_null(got, "%s", errors ? errors : "");
+    cr_assert_eq(got->nbackends, want->nbackends);
+    for (size_t i = 0; i < want->nbackends; i++) {
+        cr_expect_eq(got->backends[i].input_usd_per_mtok, want->backends[i].input_usd_per_mtok);
+        cr_expect_eq(got->backends[i].output_usd_per_mtok, want->backends[i].output_usd_per_mtok);
+    }
+    conf_free(got);
+    conf_free(want);
+
+    cr_assert_null(conf_load(dir, &errors));
+    cr_assert_not_null(strstr(errors, "(file): is a folder, not a file"), "%s", errors);
+    free(errors);
+    cr_assert_null(conf_load("/dev/zero", &errors));
+    cr_assert_not_null(strstr(errors, "(file): is larger than 4 MiB"), "%s", errors);
+    free(errors);
+    unlink(job.path);
+    unlink(conf_file);
+    rmdir(dir);
+    free(job.text);
 }

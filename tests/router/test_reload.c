@@ -1,0 +1,336 @@
+/*
+ * tests/router/test_reload.c: config reloads run off the event loop, one
+ * at a time, through the real router in front of real mockllm processes.
+ *
+ * The config file is swapped for a FIFO once the router runs, so a reload
+ * waits, reading it, for as long as the test likes: what the router does
+ * meanwhile (serve requests, queue more reloads, stop) is then seen from
+ * outside, with no timing to guess.
+ */
+#define _GNU_SOURCE
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common/buf.h"
+#include "tests/support/http.h"
+#include "tests/support/proc.h"
+
+#define TIMEOUT_MS 5000
+/* A reload that has to read a file the test wrote a moment ago. */
+#define RELOAD_TIMEOUT_MS 15000
+#define KEY "sk-reload-tenant"
+#define AUTH "Authorization: Bearer " KEY "\r\n"
+#define ADMIN "Authorization: Bearer adm-reload\r\n"
+#define MSG "\"messages\":[{\"role\":\"user\",\"content\":\"hello there\"}]"
+/* What main.c logs for a reload asked for while one runs. */
+#define QUEUED_LINE "reload asked for while one runs"
+
+static struct support_proc router, mock_a, mock_b;
+static struct support_http_response resp;
+static char conf_path[64], log_path[64];
+static int fifo_fd = -1; /* the test's writing end of the config FIFO */
+
+/* The router's log to the test's stderr, where tests/run.sh looks for
+ * sanitizer reports (make asan). */
+static void log_show(void)
+{
+    FILE *f = fopen(log_path, "r");
+    char line[2048];
+
+    if (f == NULL)
+        return;
+    while (fgets(line, sizeof(line), f))
+        fprintf(stderr, "router: %s", line);
+    fclose(f);
+}
+
+static void teardown(void)
+{
+    support_proc_stop(&router);
+    support_proc_stop(&mock_a);
+    support_proc_stop(&mock_b);
+    if (fifo_fd >= 0)
+        close(fifo_fd);
+    fifo_fd = -1;
+    support_http_response_free(&resp);
+    if (conf_path[0])
+        unlink(conf_path);
+    if (log_path[0]) {
+        log_show();
+        unlink(log_path);
+    }
+}
+
+TestSuite(reload, .fini = teardown, .timeout = 90);
+
+/* The config: backends a and b on the two mocks, `routes` as YAML list
+ * items, one tenant. */
+static void conf_text(struct buf *out, const char *routes)
+{
+    char hex[65];
+
+    support_key_sha256_hex(KEY, hex);
+    buf_reset(out);
+    cr_assert_eq(buf_printf(out,
+                            "listen: 127.0.0.1:0\nadmin_key: adm-reload\nbackends:\n"
+                            "  - {name: a, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-a,\n"
+                            "     quality: 1, context_window: 100000, input_usd_per_mtok: 1,\n"
+                            "     output_usd_per_mtok: 1, tokenizer: estimate}\n"
+                            "  - {name: b, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-b,\n"
+                            "     quality: 1, context_window: 100000, input_usd_per_mtok: 1,\n"
+                            "     output_usd_per_mtok: 1, tokenizer: estimate}\n"
+                            "routes:\n%s"
+                            "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n",
+                            mock_a.port, mock_b.port, routes, hex),
+                 0);
+}
+
+/* Start the mocks and the router on a config with `routes`, logging to
+ * log_path; then put a FIFO where its config file was, so that the next
+ * reload waits for the test to write it. */
+static void start(const char *routes)
+{
+    struct buf text = {0};
+    char cmd[512], *argv[] = {"/bin/sh", "-c", cmd, NULL};
+    FILE *f;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    strcpy(conf_path, "/tmp/costrouter-reload-XXXXXX");
+    close(mkstemp(conf_path));
+    strcpy(log_path, "/tmp/costrouter-reload-log-XXXXXX");
+    close(mkstemp(log_path));
+    conf_text(&text, routes);
+    f = fopen(conf_path, "w");
+    cr_assert_not_null(f);
+    fwrite(text.data, 1, text.len, f);
+    fclose(f);
+    buf_free(&text);
+    snprintf(cmd, sizeof(cmd), "exec '%s' -c '%s' 2>>'%s'", getenv("COSTROUTER_BIN"), conf_path,
+             log_path);
+    cr_assert_eq(support_proc_start(&router, argv), 0, "the router did not start");
+    cr_assert_eq(unlink(conf_path), 0);
+    cr_assert_eq(mkfifo(conf_path, 0600), 0);
+}
+
+/* Open the FIFO's writing end once a reload has opened it to read (it
+ * then waits in read() for what the test writes). */
+static int fifo_open_writer(void)
+{
+    for (int i = 0; i < RELOAD_TIMEOUT_MS / 10; i++) {
+        int fd = open(conf_path, O_WRONLY | O_NONBLOCK);
+
+        if (fd >= 0) {
+            cr_assert_eq(fcntl(fd, F_SETFL, 0), 0);
+            return fd;
+        }
+        cr_assert_eq(errno, ENXIO, "open: %s", strerror(errno));
+        usleep(10000);
+    }
+    cr_assert_fail("no reload opened the config to read it");
+    return -1;
+}
+
+/* Write a config with `routes` into the FIFO and close it: the reload
+ * reading it gets the whole file. */
+static void fifo_write_conf(const char *routes)
+{
+    struct buf text = {0};
+
+    conf_text(&text, routes);
+    cr_assert_eq(write(fifo_fd, text.data, text.len), (ssize_t)text.len);
+    close(fifo_fd);
+    fifo_fd = -1;
+    buf_free(&text);
+}
+
+static int call(const char *method, const char *path, const char *headers, const char *body)
+{
+    struct buf req = {0};
+    int rc;
+
+    support_http_response_free(&resp);
+    cr_assert_eq(support_http_format(&req, method, path, headers, body), 0);
+    rc = support_http_request(router.port, req.data, req.len, TIMEOUT_MS, &resp);
+    buf_free(&req);
+    return rc;
+}
+
+/* A chat request for `model`: 0 and resp filled, or the error. */
+static int chat(const char *model)
+{
+    char body[256];
+
+    snprintf(body, sizeof(body), "{\"model\":\"%s\"," MSG "}", model);
+    return call("POST", "/v1/chat/completions", AUTH, body);
+}
+
+/* Send POST /admin/reload on a connection of its own, answer unread. */
+static void send_reload(struct support_http_conn *conn)
+{
+    struct buf req = {0};
+
+    cr_assert_eq(support_http_format(&req, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(support_http_connect(conn, router.port), 0);
+    cr_assert_eq(support_http_send(conn, req.data, req.len), 0);
+    buf_free(&req);
+}
+
+/* The reload on `conn` has not been answered yet. */
+static void assert_unanswered(struct support_http_conn *conn, const char *what)
+{
+    struct support_http_response r = {0};
+
+    cr_assert_eq(support_http_read(conn, &r, 300), -ETIMEDOUT, "%s was answered %d: %.*s", what,
+                 r.status, (int)r.body.len, r.body.data ? r.body.data : "");
+    support_http_response_free(&r);
+}
+
+/* Read the reload's answer on `conn` and close it: its status. */
+static int reload_answer(struct support_http_conn *conn, struct support_http_response *r)
+{
+    int rc = support_http_read(conn, r, RELOAD_TIMEOUT_MS);
+
+    support_http_close(conn);
+    cr_assert_eq(rc, 0, "the reload was not answered (%d)", rc);
+    return r->status;
+}
+
+/* Lines of the router's log that hold `text`. */
+static int log_count(const char *text)
+{
+    FILE *f = fopen(log_path, "r");
+    char line[2048];
+    int n = 0;
+
+    cr_assert_not_null(f);
+    while (fgets(line, sizeof(line), f))
+        n += strstr(line, text) != NULL;
+    fclose(f);
+    return n;
+}
+
+/* Wait until the router has logged `n` reloads queued behind the one
+ * that runs. */
+static void wait_queued(int n)
+{
+    for (int i = 0; i < RELOAD_TIMEOUT_MS / 10 && log_count(QUEUED_LINE) < n; i++)
+        usleep(10000);
+    cr_assert_eq(log_count(QUEUED_LINE), n, "reload %d was not queued", n);
+}
+
+/* While a reload waits to read its file, the loop serves requests and
+ * /metrics; the reload is answered once the file is written, and the new
+ * config applies. Before reloads ran off the loop, the chat request here
+ * waited for the whole reload: it timed out. */
+Test(reload, the_loop_serves_while_a_reload_reads_its_file)
+{
+    struct support_http_conn admin;
+    struct support_http_response r = {0};
+
+    start("  - {model: chat, candidates: [a]}\n");
+    cr_assert_eq(chat("chat"), 0);
+    cr_assert_eq(resp.status, 200);
+    send_reload(&admin);
+    fifo_fd = fifo_open_writer(); /* the reload now waits in read() */
+
+    cr_assert_eq(chat("chat"), 0, "a request waited for the reload");
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    cr_assert_eq(call("GET", "/metrics", ADMIN, NULL), 0, "/metrics waited for the reload");
+    cr_assert_eq(resp.status, 200);
+    assert_unanswered(&admin, "the reload of a file not written yet");
+
+    fifo_write_conf("  - {model: chat, candidates: [b]}\n  - {model: chat2, candidates: [b]}\n");
+    cr_assert_eq(reload_answer(&admin, &r), 200, "%.*s", (int)r.body.len, r.body.data);
+    cr_assert_not_null(strstr(r.body.data, "\"reloaded\""), "%.*s", (int)r.body.len, r.body.data);
+    support_http_response_free(&r);
+    cr_assert_eq(chat("chat2"), 0);
+    cr_assert_eq(resp.status, 200, "the new route is not there");
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    support_proc_stop(&router);
+    cr_assert(support_proc_exited_cleanly(&router), "exit status %d", router.status);
+}
+
+/* Reloads asked for while one runs (admin requests, SIGHUPs, a client
+ * that leaves before its answer) wait for it and then make one more load
+ * of the file, which reads what was written last: the first request gets
+ * the first load's outcome, those asked meanwhile the second's. */
+Test(reload, reloads_asked_for_while_one_runs_make_one_more_after_it)
+{
+    struct support_http_conn first, second, gone;
+    struct support_http_response r = {0};
+
+    start("  - {model: chat, candidates: [a]}\n");
+    send_reload(&first);
+    fifo_fd = fifo_open_writer();
+    send_reload(&second);
+    wait_queued(1);
+    send_reload(&gone);
+    wait_queued(2);
+    kill(router.pid, SIGHUP); /* one at a time: two pending at once are one */
+    wait_queued(3);
+    kill(router.pid, SIGHUP);
+    wait_queued(4);
+    support_http_close(&gone); /* its answer will have no one to go to */
+    assert_unanswered(&second, "a reload queued behind one that runs");
+
+    /* The first load ends: its request is answered, the one queued starts
+     * and reads the file again. */
+    fifo_write_conf("  - {model: chat, candidates: [b]}\n");
+    cr_assert_eq(reload_answer(&first, &r), 200, "%.*s", (int)r.body.len, r.body.data);
+    support_http_response_free(&r);
+    cr_assert_eq(chat("chat"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    fifo_fd = fifo_open_writer();
+    assert_unanswered(&second, "a reload whose load has not read the file");
+
+    /* The second: a broken file now, so its requests get its errors. */
+    cr_assert_eq(write(fifo_fd, "bogus_key: 1\n", 13), 13);
+    close(fifo_fd);
+    fifo_fd = -1;
+    cr_assert_eq(reload_answer(&second, &r), 400, "%.*s", (int)r.body.len, r.body.data);
+    cr_assert_not_null(strstr(r.body.data, "bogus_key"), "%.*s", (int)r.body.len, r.body.data);
+    support_http_response_free(&r);
+    cr_assert_eq(log_count("config reloaded"), 1);
+    cr_assert_eq(chat("chat"), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b", "the running config stays");
+
+    /* Six requests, two loads: no third one opens the file. */
+    usleep(300 * 1000);
+    cr_assert_lt(open(conf_path, O_WRONLY | O_NONBLOCK), 0, "a third load read the file");
+    cr_assert_eq(errno, ENXIO);
+    support_proc_stop(&router);
+    cr_assert(support_proc_exited_cleanly(&router), "exit status %d", router.status);
+}
+
+/* SIGTERM while a reload waits for good on its file: the router stops at
+ * once and cleanly (exit 0, nothing leaked under the sanitizers), the
+ * waiting admin request answered 503, the loaded config never applied. */
+Test(reload, a_stop_does_not_wait_for_a_reload_stuck_reading)
+{
+    struct support_http_conn admin;
+    struct support_http_response r = {0};
+
+    start("  - {model: chat, candidates: [a]}\n");
+    send_reload(&admin);
+    fifo_fd = fifo_open_writer(); /* never written: the reload is stuck */
+    cr_assert_eq(chat("chat"), 0);
+    cr_assert_eq(resp.status, 200);
+
+    support_proc_stop(&router); /* SIGTERM, SIGKILL after 3 s */
+    cr_assert(support_proc_exited_cleanly(&router), "exit status %d (stuck on the reload?)",
+              router.status);
+    cr_assert_eq(reload_answer(&admin, &r), 503, "%.*s", (int)r.body.len, r.body.data);
+    cr_assert_not_null(strstr(r.body.data, "not reloaded"), "%.*s", (int)r.body.len, r.body.data);
+    support_http_response_free(&r);
+    cr_assert_eq(log_count("config reloaded"), 0);
+}
