@@ -18,8 +18,13 @@
  * or stuck), the log is "behind" and says so (metrics_cost_log_behind,
  * COST_LOG_BEHIND). The router then starts no new request until the log
  * is back under half of that and calls it back; requests already in
- * flight still append theirs, so memory is bounded by buffer_max plus
- * what the requests in flight add.
+ * flight still append theirs. Records that carry no money (refusals
+ * before anything was reserved: of bytes that never made a request, of
+ * a parked request) are skipped while behind, counted and logged: the
+ * router cannot stop a client from sending malformed requests on one
+ * connection after another, and their lines would else grow the buffer
+ * for as long as the disk is away. So memory is bounded by buffer_max
+ * plus what the requests in flight add.
  *
  * The writer is a thread of ours, not libuv's threadpool: a write stuck
  * for good must not take one of the pool's four threads (DNS lookups run
@@ -86,12 +91,15 @@ struct metrics_cost_log {
     void (*on_caught_up)(void *arg); /* told when the log is no longer behind, or NULL */
     void *caught_up_arg;      /* its argument */
     uint64_t behind_since;    /* loop ms the log fell behind */
-    struct metrics *metrics;  /* for COST_LOG_DROPPED_TOTAL and _BEHIND, or NULL */
+    struct metrics *metrics;  /* for COST_LOG_DROPPED_TOTAL, _SKIPPED_TOTAL, _BEHIND, or NULL */
     uint64_t records;         /* records accepted */
     uint64_t dropped;         /* records dropped */
+    uint64_t skipped;         /* costless records skipped while behind */
+    uint64_t skipped_before;  /* skipped when the log last fell behind */
     int last_error;           /* last write error logged, to log each kind once */
     struct log_every behind_log; /* "behind the disk", once a second at most */
     struct log_every nomem_log; /* "no memory for a record", once a second at most */
+    struct log_every skip_log; /* "skipping costless records", once a minute at most */
     unsigned busy:1;          /* req or a write is in flight */
     unsigned writing:1;       /* ... and it is a write */
     unsigned behind:1;        /* buffer_max reached, not yet back under half */
@@ -518,6 +526,7 @@ static void fall_behind(struct metrics_cost_log *log)
 
     log->behind = 1;
     log->behind_since = now;
+    log->skipped_before = log->skipped;
     if (log->metrics != NULL)
         (void)metrics_set(log->metrics, METRICS_COST_LOG_BEHIND, NULL, 1);
     if (log_every_due(&log->behind_log, now, note))
@@ -533,8 +542,10 @@ static void maybe_caught_up(struct metrics_cost_log *log)
     log->behind = 0;
     if (log->metrics != NULL)
         (void)metrics_set(log->metrics, METRICS_COST_LOG_BEHIND, NULL, 0);
-    log_info("cost log %s: caught up with the disk after %llu ms", log_name(log),
-             (unsigned long long)(uv_now(log->loop) - log->behind_since));
+    log_info("cost log %s: caught up with the disk after %llu ms; %llu records that carry no "
+             "cost were skipped meanwhile", log_name(log),
+             (unsigned long long)(uv_now(log->loop) - log->behind_since),
+             (unsigned long long)(log->skipped - log->skipped_before));
     if (log->on_caught_up != NULL)
         log->on_caught_up(log->caught_up_arg);
 }
@@ -719,6 +730,7 @@ struct metrics_cost_log *metrics_cost_log_open(uv_loop_t *loop, const char *path
     log->fd = 1;
     log->buffer_max = buffer_max ? buffer_max : DEFAULT_BUFFER_MAX;
     log->wait_ms = wait_ms ? wait_ms : DEFAULT_WAIT_MS;
+    log->skip_log.interval_ms = 60000; /* one line for a whole flood of refusals */
     if ((rc = uv_mutex_init(&log->lock)) != 0)
         goto fail;
     if ((rc = uv_cond_init(&log->job_cond)) != 0) {
@@ -746,6 +758,21 @@ fail:
     return NULL;
 }
 
+/* A costless record while behind: counted, not written. */
+static void skip(struct metrics_cost_log *log)
+{
+    char note[LOG_EVERY_NOTE_MAX];
+
+    log->skipped++;
+    if (log->metrics != NULL)
+        (void)metrics_add(log->metrics, METRICS_COST_LOG_SKIPPED_TOTAL, NULL, 1);
+    if (log_every_due(&log->skip_log, uv_now(log->loop), note))
+        log_warn("cost log %s: behind the disk: records that carry no cost (refusals: nothing "
+                 "reserved, charged or saved) are skipped, counted in "
+                 "costrouter_cost_log_skipped_total; %llu skipped in all%s",
+                 log_name(log), (unsigned long long)log->skipped, note);
+}
+
 int metrics_cost_log_write(struct metrics_cost_log *log, const struct metrics_cost_record *r)
 {
     char note[LOG_EVERY_NOTE_MAX];
@@ -753,6 +780,10 @@ int metrics_cost_log_write(struct metrics_cost_log *log, const struct metrics_co
     if (log->closing) {
         count_dropped(log, 1);
         return -ENOBUFS;
+    }
+    if (log->behind && r->costless) {
+        skip(log);
+        return 0;
     }
     if (metrics_cost_record_json(r, &log->pending) != 0) {
         count_dropped(log, 1);
@@ -806,4 +837,14 @@ uint64_t metrics_cost_log_records(const struct metrics_cost_log *log)
 uint64_t metrics_cost_log_dropped(const struct metrics_cost_log *log)
 {
     return log->dropped;
+}
+
+uint64_t metrics_cost_log_skipped(const struct metrics_cost_log *log)
+{
+    return log->skipped;
+}
+
+size_t metrics_cost_log_waiting(const struct metrics_cost_log *log)
+{
+    return waiting(log);
 }

@@ -80,6 +80,12 @@ enum metrics_type { METRICS_COUNTER, METRICS_GAUGE, METRICS_HISTOGRAM };
       "written): new requests wait.", "")                                                    \
     X(COST_LOG_PARKED_TOTAL, "costrouter_cost_log_parked_requests_total", COUNTER,              \
       "Requests parked before they started because the cost log was behind.", "")             \
+    X(COST_LOG_SKIPPED_TOTAL, "costrouter_cost_log_skipped_total", COUNTER,                  \
+      "Cost log records carrying no cost (refusals of unread requests, and others refused "  \
+      "before anything was reserved, charged or saved) skipped while the log was behind.", "") \
+    X(COST_LOG_WAITING_BYTES, "costrouter_cost_log_waiting_bytes", GAUGE,                    \
+      "Bytes of the cost log waiting for the disk (cost_log_buffer_max of them make it "     \
+      "behind).", "")                                                                        \
     X(SERIES_DROPPED_TOTAL, "costrouter_metrics_series_dropped_total", COUNTER,              \
       "Updates lost because they would have made a new series past the cap on series: "      \
       "those series are missing.", "")
@@ -206,6 +212,11 @@ struct metrics_cost_record {
     double latency_ms;             /* time to last byte */
     int status;                    /* HTTP status sent to the client */
     int fallbacks;                 /* backends tried after the first */
+    /* The record carries no money: nothing was reserved, charged or saved
+     * for the request (a refusal before any of that). The writer decides
+     * this, as only it knows what the request held; the log skips such a
+     * record while it is behind (metrics_cost_log_write). */
+    unsigned costless:1;
 };
 
 /*
@@ -226,7 +237,7 @@ struct metrics_cost_log;
  * (0 = 16 MiB) wait for it, the log is behind (metrics_cost_log_behind)
  * until half of them are written. wait_ms (0 = 30000) bounds how long
  * metrics_cost_log_close waits for one write. `m` (may be NULL) gets
- * COST_LOG_DROPPED_TOTAL and COST_LOG_BEHIND. The open itself is
+ * COST_LOG_DROPPED_TOTAL, COST_LOG_SKIPPED_TOTAL and COST_LOG_BEHIND. The open itself is
  * synchronous (call at start-up). Returns NULL and sets *err (negative
  * errno) on failure.
  */
@@ -236,11 +247,16 @@ struct metrics_cost_log *metrics_cost_log_open(struct uv_loop_s *loop, const cha
 
 /*
  * Serialize `r` into the buffer now (the record's memory can go right
- * after). Never waits for the disk and never drops a record for want of
- * room: past buffer_max the log is behind, and it is for the caller to
- * stop making records (metrics_cost_log_behind). Returns 0, or -ENOMEM
- * (the record is dropped, counted and logged); -ENOBUFS (also counted)
- * if called after metrics_cost_log_close.
+ * after). Never waits for the disk and never drops a record with money
+ * for want of room: past buffer_max the log is behind, and it is for the
+ * caller to stop making records (metrics_cost_log_behind). A `costless`
+ * record is not written while the log is behind: it is counted in
+ * COST_LOG_SKIPPED_TOTAL and logged (a warning, once a minute at most),
+ * so that refusals, which callers cannot stop (a client sending
+ * malformed requests), do not grow the buffer while the disk is away.
+ * Returns 0 (written, or skipped), or -ENOMEM (the record is dropped,
+ * counted and logged); -ENOBUFS (also counted) if called after
+ * metrics_cost_log_close.
  */
 int metrics_cost_log_write(struct metrics_cost_log *log, const struct metrics_cost_record *r);
 
@@ -279,8 +295,14 @@ void metrics_cost_log_reopen(struct metrics_cost_log *log);
  */
 void metrics_cost_log_close(struct metrics_cost_log *log);
 
-/* Records written to the buffer and records dropped, since open. */
+/* Records written to the buffer, records dropped and costless records
+ * skipped while behind, since open. */
 uint64_t metrics_cost_log_records(const struct metrics_cost_log *log);
 uint64_t metrics_cost_log_dropped(const struct metrics_cost_log *log);
+uint64_t metrics_cost_log_skipped(const struct metrics_cost_log *log);
+
+/* Bytes waiting for the disk now (formatted, not yet written); the
+ * router shows them as COST_LOG_WAITING_BYTES when /metrics is read. */
+size_t metrics_cost_log_waiting(const struct metrics_cost_log *log);
 
 #endif

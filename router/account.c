@@ -63,6 +63,24 @@ static size_t fill_candidates(const struct router__request *req, struct metrics_
     return n;
 }
 
+/*
+ * Whether the request's record carries no money, which the cost log may
+ * skip while it is behind (metrics_cost_record.costless). Every
+ * reservation and every cache lookup is made through the store's begin
+ * (router__spend_begin counts them in `begins`), and every backend call
+ * comes after one: a request with neither was refused before any of
+ * them (unread, malformed, unauthenticated, parked, rate limited, over
+ * budget before asking for a reservation). The other fields follow from
+ * those today; they are checked all the same, so that a path added later
+ * that charges or saves without a begin keeps its record.
+ */
+static int carries_no_money(const struct router__request *req)
+{
+    return req->begins == 0 && req->tried == 0 && !req->has_res && !req->settled &&
+           !req->cache_hit && req->saved_micro == 0 && req->billed.prompt == 0 &&
+           req->billed.completion == 0;
+}
+
 void router__account(struct router__client *c)
 {
     struct router *r = c->router;
@@ -143,6 +161,7 @@ void router__account(struct router__client *c)
     rec.latency_ms = (double)(now - req->start_ms);
     rec.status = req->status ? req->status : 499;
     rec.fallbacks = (int)req->fallbacks;
+    rec.costless = carries_no_money(req);
     metrics_cost_log_write(r->cost_log, &rec);
 }
 
@@ -207,6 +226,9 @@ void router__refresh_gauges(struct router *r)
                     backend_pool_utilization(b, now));
     }
     router__account_idle(r);
+    if (r->cost_log)
+        metrics_set(r->metrics, METRICS_COST_LOG_WAITING_BYTES, NULL,
+                    (double)metrics_cost_log_waiting(r->cost_log));
     if (r->store) {
         const char *labels[] = {conf->redis_url ? "redis" : "memory"};
 

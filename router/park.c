@@ -1,11 +1,12 @@
 /*
  * router/park.c: requests parked while the cost log is behind.
  *
- * Every /v1 request writes a cost log record when it ends. When the log
- * falls behind the disk (metrics_cost_log_behind: cost_log_buffer_max
- * bytes wait), a request that arrives is parked before it starts: it is
- * authenticated (so that its record names its tenant) but holds no rate
- * limit, no reservation and no upstream. Parked requests wait in one
+ * Every /v1 request writes a cost log record when it ends (while the
+ * log is behind, one refused at no cost is skipped instead: account.c).
+ * When the log falls behind the disk (metrics_cost_log_behind:
+ * cost_log_buffer_max bytes wait), a request that arrives is parked
+ * before it starts: it is authenticated (so that its record names its
+ * tenant) but holds no rate limit, no reservation and no upstream. Parked requests wait in one
  * list, in arrival order, and are resumed from its head when the log
  * calls back (back under half), answered 503 after cost_log_wait_ms, or
  * answered 503 at once when the router stops. The loop itself never

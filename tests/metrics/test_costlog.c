@@ -4,7 +4,8 @@
  * timer, nothing lost at shutdown with writes in flight, a full buffer
  * making the log behind (and calling back under half) instead of refusing
  * records or waiting, a stuck write given up at close, rotation by
- * rename + reopen, stdout, and write errors counted as drops.
+ * rename + reopen, stdout, write errors counted as drops, and records
+ * that carry no money skipped while behind.
  */
 #define _GNU_SOURCE
 #include <cjson/cJSON.h>
@@ -443,6 +444,24 @@ static void drain_fifo_when_told(void *arg)
     copy_fifo(rd);
 }
 
+/* A log on a FIFO whose reader (rd) reads nothing until rd->go is
+ * posted. */
+static struct metrics_cost_log *open_on_stuck_fifo(struct fifo_reader *rd, unsigned flush_ms,
+                                                   size_t buffer_max, unsigned wait_ms,
+                                                   struct metrics *m)
+{
+    struct metrics_cost_log *log;
+    int err;
+
+    snprintf(rd->out, sizeof(rd->out), "%s/drained.log", dir);
+    cr_assert_eq(uv_sem_init(&rd->go, 0), 0);
+    cr_assert_eq(mkfifo(path, 0600), 0);
+    cr_assert_eq(uv_thread_create(&rd->thread, drain_fifo_when_told, rd), 0);
+    log = metrics_cost_log_open(&loop, path, flush_ms, buffer_max, wait_ms, m, &err);
+    cr_assert_not_null(log, "%s", uv_strerror(err));
+    return log;
+}
+
 /* Write `n` records numbered from `first`; all must be taken. */
 static void write_records(struct metrics_cost_log *log, int first, int n)
 {
@@ -506,15 +525,10 @@ Test(costlog, behind_at_buffer_max_and_called_back_under_half, .timeout = 30)
 {
     struct fifo_reader rd;
     struct behind_ctx ctx = {.rd = &rd, .m = metrics_create(0)};
-    int err, n = 0;
+    int n = 0;
     char *seen;
 
-    snprintf(rd.out, sizeof(rd.out), "%s/drained.log", dir);
-    cr_assert_eq(uv_sem_init(&rd.go, 0), 0);
-    cr_assert_eq(mkfifo(path, 0600), 0);
-    cr_assert_eq(uv_thread_create(&rd.thread, drain_fifo_when_told, &rd), 0);
-    ctx.log = metrics_cost_log_open(&loop, path, 20, BEHIND_AT, 0, ctx.m, &err);
-    cr_assert_not_null(ctx.log);
+    ctx.log = open_on_stuck_fifo(&rd, 20, BEHIND_AT, 0, ctx.m);
     metrics_cost_log_on_caught_up(ctx.log, on_caught_up, &ctx);
     while (!metrics_cost_log_behind(ctx.log))
         write_records(ctx.log, n++, 1);
@@ -534,22 +548,103 @@ Test(costlog, behind_at_buffer_max_and_called_back_under_half, .timeout = 30)
     metrics_free(ctx.m);
 }
 
+struct skip_ctx {
+    uv_timer_t timer;             /* keeps the loop up until the call back */
+    struct metrics_cost_log *log; /* log under test */
+    int calls;                    /* on_caught_up_skip calls */
+    int ticks;                    /* wait_caught_up calls */
+};
+
+/* Costless record number i (a refusal: no tenant, no route, no cost). */
+static int write_costless(struct metrics_cost_log *log, int i)
+{
+    struct metrics_cost_record r = {.ts_ms = 1795000000123LL, .prompt_tokens_est = -1,
+                                    .prompt_tokens = -1, .completion_tokens_est = -1,
+                                    .completion_tokens = -1, .billed_prompt_tokens = -1,
+                                    .billed_completion_tokens = -1, .cost_usd_est = NAN,
+                                    .cost_usd = NAN, .ttft_ms = NAN, .latency_ms = 1,
+                                    .status = 400, .costless = 1};
+    char id[32];
+
+    snprintf(id, sizeof(id), "req-%d", i);
+    r.request_id = id;
+    return metrics_cost_log_write(log, &r);
+}
+
+/* Caught up: costless records are written again. */
+static void on_caught_up_skip(void *arg)
+{
+    struct skip_ctx *ctx = arg;
+
+    ctx->calls++;
+    cr_assert_eq(write_costless(ctx->log, 200001), 0);
+    metrics_cost_log_close(ctx->log);
+}
+
+static void wait_caught_up(uv_timer_t *t)
+{
+    struct skip_ctx *ctx = (struct skip_ctx *)t;
+
+    if (ctx->calls > 0)
+        uv_close((uv_handle_t *)t, NULL);
+    else
+        cr_assert_lt(++ctx->ticks, 100, "not called back 5 s after the reader went on");
+}
+
+/* While behind, a record that carries no money (a refusal) is skipped and
+ * counted, and adds nothing to what waits; a record with money is still
+ * taken. Before and after, costless records are written like any. */
+Test(costlog, costless_records_are_skipped_while_behind, .timeout = 30)
+{
+    struct fifo_reader rd;
+    struct skip_ctx ctx = {0};
+    struct metrics *m = metrics_create(0);
+    size_t before;
+    int n = 0;
+    char *seen;
+
+    ctx.log = open_on_stuck_fifo(&rd, 20, BEHIND_AT, 0, m);
+    metrics_cost_log_on_caught_up(ctx.log, on_caught_up_skip, &ctx);
+    cr_assert_eq(write_costless(ctx.log, 200000), 0);
+    while (!metrics_cost_log_behind(ctx.log))
+        write_records(ctx.log, n++, 1);
+    before = metrics_cost_log_waiting(ctx.log);
+    cr_assert_geq(before, BEHIND_AT);
+    for (int i = 0; i < 1000; i++)
+        cr_assert_eq(write_costless(ctx.log, 300000 + i), 0);
+    cr_assert_eq(metrics_cost_log_skipped(ctx.log), 1000);
+    cr_assert_eq(metrics_get(m, METRICS_COST_LOG_SKIPPED_TOTAL, NULL), 1000);
+    cr_assert_eq(metrics_cost_log_waiting(ctx.log), before, "skipped records wait for the disk");
+    write_records(ctx.log, 100000, 1); /* money: taken, behind or not */
+    cr_assert_gt(metrics_cost_log_waiting(ctx.log), before);
+    cr_assert_eq(metrics_cost_log_records(ctx.log), (uint64_t)n + 2);
+    uv_sem_post(&rd.go);
+    uv_timer_init(&loop, &ctx.timer);
+    uv_timer_start(&ctx.timer, wait_caught_up, 50, 50);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert_eq(uv_thread_join(&rd.thread), 0);
+    cr_assert_eq(ctx.calls, 1);
+    seen = calloc(301000, 1);
+    cr_assert_eq(check_lines(rd.out, seen, 301000), (size_t)n + 3);
+    cr_assert(seen[200000] && seen[200001], "a costless record written while not behind");
+    cr_assert(seen[100000], "the record with money written while behind");
+    for (int i = 0; i < 1000; i++)
+        cr_assert_not(seen[300000 + i], "skipped record %d written", 300000 + i);
+    cr_assert_eq(metrics_get(m, METRICS_COST_LOG_DROPPED_TOTAL, NULL), 0);
+    free(seen);
+    uv_sem_destroy(&rd.go);
+    metrics_free(m);
+}
+
 /* A FIFO nobody reads at exit: close gives up on the stuck write after
  * wait_ms, counts what was not written as dropped, and the loop ends. */
 Test(costlog, close_gives_up_on_a_write_stuck_for_wait_ms, .timeout = 30)
 {
     struct fifo_reader rd;
     struct metrics *m = metrics_create(0);
-    struct metrics_cost_log *log;
+    struct metrics_cost_log *log = open_on_stuck_fifo(&rd, 1000, 0, 300, m);
     uint64_t start;
-    int err;
 
-    snprintf(rd.out, sizeof(rd.out), "%s/drained.log", dir);
-    cr_assert_eq(uv_sem_init(&rd.go, 0), 0);
-    cr_assert_eq(mkfifo(path, 0600), 0);
-    cr_assert_eq(uv_thread_create(&rd.thread, drain_fifo_when_told, &rd), 0);
-    log = metrics_cost_log_open(&loop, path, 1000, 0, 300, m, &err);
-    cr_assert_not_null(log);
     write_records(log, 0, 400); /* some 220 KB: more than the pipe holds */
     start = uv_hrtime();
     metrics_cost_log_close(log);

@@ -2476,16 +2476,21 @@ Test(costs, a_reload_keeps_the_fraction_a_tenant_carries)
 
 #define BEHIND_CONF(wait_ms) "cost_log_buffer_max: 8192\ncost_log_wait_ms: " #wait_ms "\n"
 
-/* A router whose cost log is a FIFO nobody reads yet, with a small
- * cost_log_buffer_max, fed chats one after another until its log is
- * behind; returns how many (each answered, each a record). */
-static int start_behind(const char *conf)
+/* A router whose cost log is a FIFO nobody reads yet, with `conf` (a
+ * small cost_log_buffer_max). */
+static void start_fifo_router(const char *conf)
 {
     fifo.wanted = 1;
     top_extra = conf;
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     add_backend("a", mock_a.port, 1, 1, 1);
     start_routers(1, "a", NULL);
+}
+
+/* Feed it chats one after another until its log is behind; returns how
+ * many (each answered, each a record with its cost). */
+static int fill_until_behind(void)
+{
     for (int n = 1; n <= 300; n++) {
         cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
         cr_assert_eq(resp.status, 200, "request %d", n);
@@ -2495,6 +2500,12 @@ static int start_behind(const char *conf)
     }
     cr_assert_fail("the cost log never fell behind");
     return 0;
+}
+
+static int start_behind(const char *conf)
+{
+    start_fifo_router(conf);
+    return fill_until_behind();
 }
 
 /* Once the router has stopped: the records the FIFO's reader got, and
@@ -2507,16 +2518,28 @@ static int fifo_records(const char *needle, int *with)
 }
 
 /* Let the reader go, stop the router (it must exit 0), and check that the
- * FIFO got `want` records, one of them with `needle`. */
-static void drain_stop_and_count(int want, const char *needle)
+ * FIFO got `want` records, `want_with` of them with `needle`. */
+static void drain_stop_and_count(int want, const char *needle, int want_with)
 {
     int with;
 
     fifo_release();
     support_proc_stop(&routers[0]);
     cr_assert(support_proc_exited_cleanly(&routers[0]));
-    cr_assert_eq(fifo_records(needle, &with), want, "a record lost");
-    cr_assert_eq(with, 1, "one record with %s", needle);
+    cr_assert_eq(fifo_records(needle, &with), want, "a record lost, or one skipped written");
+    cr_assert_eq(with, want_with, "%d records with %s", with, needle);
+}
+
+/* Read /metrics until `name` is `want` (5 s at most). */
+static void wait_metric(const char *name, double want)
+{
+    for (int tries = 0; tries < 250; tries++) {
+        cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+        if (metric_value(name) == want)
+            return;
+        usleep(20000);
+    }
+    cr_assert_fail("%s is %g, not %g", name, metric_value(name), want);
 }
 
 /* A chat request on a connection of its own, not answered. */
@@ -2544,8 +2567,9 @@ static void held_chat_free(struct held_chat *h)
 
 /* While the cost log is behind, what writes no record (/healthz, /metrics)
  * is answered at once, and a chat request is parked unanswered until the
- * log catches up; one whose client leaves meanwhile is dropped cleanly
- * (and logged 499). No record is lost. */
+ * log catches up; one whose client leaves meanwhile is dropped cleanly:
+ * its 499 carries no cost, and the log, behind, skips it and counts it.
+ * No record with a cost is lost. */
 Test(costs, a_cost_log_behind_parks_new_requests_until_it_catches_up)
 {
     struct held_chat held, gone;
@@ -2559,18 +2583,19 @@ Test(costs, a_cost_log_behind_parks_new_requests_until_it_catches_up)
     cr_assert_eq(metric_value("costrouter_cost_log_parked_requests_total"), 2);
     cr_assert_eq(metric_value("costrouter_inflight_requests"), 2);
     held_chat_free(&gone);
-    usleep(200 * 1000); /* the router sees it leave */
+    wait_metric("costrouter_cost_log_skipped_total", 1); /* the router saw it leave */
     fifo_release();
     cr_assert_eq(support_http_read(&held.conn, &held.resp, TIMEOUT_MS), 0);
     cr_assert_eq(held.resp.status, 200);
     cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
     cr_assert_eq(metric_value("costrouter_cost_log_behind"), 0);
-    drain_stop_and_count(n + 2, "\"status\":499");
+    drain_stop_and_count(n + 1, "\"status\":499", 0);
     held_chat_free(&held);
 }
 
 /* Parked longer than cost_log_wait_ms: 503 cost_log_behind, Retry-After,
- * nothing charged; its record is written like any other. */
+ * nothing charged; its record, carrying no cost, is skipped while the
+ * log is behind, and counted. */
 Test(costs, a_request_parked_for_cost_log_wait_ms_gets_503)
 {
     struct held_chat held;
@@ -2587,13 +2612,15 @@ Test(costs, a_request_parked_for_cost_log_wait_ms_gets_503)
                                                               "code")),
                      "cost_log_behind");
     cJSON_Delete(body);
-    drain_stop_and_count(n + 1, "\"status\":503");
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_eq(metric_value("costrouter_cost_log_skipped_total"), 1);
+    drain_stop_and_count(n, "\"status\":503", 0);
     held_chat_free(&held);
 }
 
 /* SIGTERM while behind: the parked request is answered 503 at once (it
- * never started), and the router waits for the disk to take every record
- * before it exits 0. */
+ * never started; its record, with no cost, is skipped), and the router
+ * waits for the disk to take every record before it exits 0. */
 Test(costs, sigterm_while_the_cost_log_is_behind_refuses_parked_requests_and_loses_nothing)
 {
     struct held_chat held;
@@ -2606,8 +2633,77 @@ Test(costs, sigterm_while_the_cost_log_is_behind_refuses_parked_requests_and_los
     usleep(300 * 1000);
     cr_assert_eq(waitpid(routers[0].pid, &status, WNOHANG), 0,
                  "exited with records the disk had not taken");
-    drain_stop_and_count(n + 1, "\"status\":503");
+    drain_stop_and_count(n, "\"status\":503", 0);
     held_chat_free(&held);
+}
+
+/*
+ * While the cost log is behind, refusals of unread requests (a malformed
+ * head, with a key before the fault or none) are answered as ever but
+ * their records, which carry no cost, are skipped: counted, logged once,
+ * and nothing more waits for the disk however many come. A request with a
+ * reservation in flight meanwhile still gets its record (a 499 when its
+ * client leaves), and once the reader reads, the log catches up.
+ */
+Test(costs, refusals_of_unread_requests_are_skipped_while_the_cost_log_is_behind)
+{
+    static const char keyed[] = "POST /v1/chat/completions HTTP/1.1\r\n" AUTH "Host x\r\n\r\n";
+    static const char bare[] = "POST /v1/chat/completions HTTP/1.1\r\nHost x\r\n\r\n";
+    static const char series[] = "costrouter_requests_total{tenant=\"acme\",backend=\"none\","
+                                 "route=\"unknown\",status=\"400\"} ";
+    enum { REFUSALS = 60 };
+    char log[64] = "/tmp/costrouter-stderr-XXXXXX";
+    struct support_http_conn slow = {.fd = -1};
+    struct buf slow_req = {0};
+    double before;
+    int n, warned, with;
+
+    close(mkstemp(log));
+    stderr_path = log;
+    start_fifo_router(BEHIND_CONF(20000));
+    /* Reserved, sent, and answered only when the client has long gone. */
+    send_unanswered(&slow, &slow_req, AUTH "x-mock-ttft-ms: 600000\r\n",
+                    "{\"model\":\"chat\"," MSG "}");
+    wait_metric("costrouter_inflight_requests", 1);
+    n = fill_until_behind();
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    before = metric_value("costrouter_cost_log_waiting_bytes");
+    cr_assert_geq(before, 8192, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(metric_value("costrouter_cost_log_skipped_total"), 0);
+    for (int i = 0; i < REFUSALS; i++) {
+        const char *raw = i % 2 ? keyed : bare;
+        size_t len = i % 2 ? sizeof(keyed) - 1 : sizeof(bare) - 1;
+
+        cr_assert_eq(support_http_request(routers[0].port, raw, len, TIMEOUT_MS, &resp), 0);
+        cr_assert_eq(resp.status, 400, "refusal %d: %d", i, resp.status);
+        cr_assert_not_null(cJSON_GetObjectItem(body_json(), "error"), "refusal %d", i);
+    }
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_eq(metric_value("costrouter_cost_log_behind"), 1);
+    cr_assert_eq(metric_value("costrouter_cost_log_skipped_total"), REFUSALS);
+    cr_assert_leq(metric_value("costrouter_cost_log_waiting_bytes"), before,
+                  "the refusals' records wait for the disk");
+    /* The metrics count them as ever, those with the key under its tenant. */
+    const char *p = memmem(resp.body.data, resp.body.len, series, sizeof(series) - 1);
+    cr_assert_not_null(p, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(strtod(p + sizeof(series) - 1, NULL), REFUSALS / 2);
+    /* The request with money leaves while behind: its record is taken. */
+    support_http_close(&slow);
+    wait_metric("costrouter_inflight_requests", 0);
+    cr_assert_gt(metric_value("costrouter_cost_log_waiting_bytes"), before);
+    cr_assert_eq(metric_value("costrouter_cost_log_skipped_total"), REFUSALS);
+    fifo_release();
+    wait_metric("costrouter_cost_log_behind", 0);
+    support_proc_stop(&routers[0]);
+    cr_assert(support_proc_exited_cleanly(&routers[0]));
+    warned = count_log_lines(log, "costrouter_cost_log_skipped_total");
+    unlink(log);
+    cr_assert_eq(fifo_records("\"status\":499", &with), n + 1, "a record lost, or a refusal written");
+    cr_assert_eq(with, 1, "the record of the request with money that was in flight");
+    cr_assert_eq(count_log_lines(fifo.out, "\"status\":400"), 0);
+    cr_assert_eq(count_log_lines(fifo.out, "\"status\":200"), n);
+    cr_assert_eq(warned, 1, "the skips are logged once a minute, not once each");
+    buf_free(&slow_req);
 }
 
 /* SIGTERM with a cost log that never drains: after cost_log_wait_ms with
