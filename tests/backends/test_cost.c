@@ -376,6 +376,54 @@ Test(cost, attributed_plus_idle_is_pool_cost_over_an_hour, .timeout = 5)
     fx_fini(&f);
 }
 
+/* Work with a prompt and no completion (an embedding) is billed on a
+ * pool: 3.6 s alone on 2 replicas is 3.6 GPU-s, $2.00/h x 3.6 / 3600 =
+ * $0.002; the other replica's 3.6 s are idle. */
+Test(cost, a_prompt_without_completion_is_billed_on_a_pool, .timeout = 5)
+{
+    static const struct backend_tokens embedded = {100, 0, 0};
+    struct fx f;
+    struct backend *b;
+    struct backend_ticket t;
+    struct backend_charge ch;
+
+    fx_init(&f);
+    b = fx_backend(&f, FX_GPU);
+    backend_attempt_begin(b, 0, &t);
+    ch = backend_attempt_finish(b, 3600, &t, &embedded);
+    cr_assert(fabs(ch.gpu_seconds - 3.6) < 1e-9, "%.6f GPU-s", ch.gpu_seconds);
+    cr_assert_eq(ch.micro_usd, 2000);
+    cr_assert(fabs(backend_idle_gpu_seconds(b, 3600) - 3.6) < 1e-9);
+    fx_fini(&f);
+}
+
+/* A pool that says free: true costs nothing, its hourly price given or
+ * not: no hold, no marginal cost, no charge for what it served. */
+Test(cost, a_free_pool_reserves_and_charges_nothing, .timeout = 5)
+{
+    struct backend_tokens tok = {1000, 500, 0};
+    struct fx f;
+    struct backend *b;
+    struct backend_ticket t;
+    struct backend_cost est;
+    struct backend_charge ch;
+
+    fx_init(&f);
+    f.backends[FX_GPU].is_free = 1;
+    b = fx_backend(&f, FX_GPU);
+    est = backend_estimate_cost(b, 0, &tok, 0);
+    cr_assert_eq(est.reserve_micro, 0);
+    cr_assert_eq(est.list_usd, 0);
+    cr_assert_eq(est.marginal_usd, 0);
+    backend_attempt_begin(b, 0, &t);
+    ch = backend_attempt_finish(b, 3600, &t, &served);
+    cr_assert(fabs(ch.gpu_seconds - 3.6) < 1e-9, "its time is still accounted");
+    cr_assert_eq(ch.usd, 0);
+    cr_assert_eq(ch.micro_usd, 0);
+    cr_assert_eq(backend_idle_cost_usd(b, 3600), 0);
+    fx_fini(&f);
+}
+
 Test(cost, health_api_still_works_with_accounting, .timeout = 5)
 {
     struct fx f;
