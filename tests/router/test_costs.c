@@ -861,6 +861,9 @@ Test(costs, spend_gauges_start_a_new_day_at_midnight)
         metric_value("costrouter_budget_remaining_usd{tenant=\"acme\",period=\"day\"}"), 10, 1e-9);
     cr_assert_float_eq(
         metric_value("costrouter_budget_spent_usd{tenant=\"acme\",period=\"month\"}"), paid, 1e-9);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_float_eq(cJSON_GetObjectItem(body_json(), "month_usd")->valuedouble, paid, 1e-9,
+                       "the store kept the month's spend");
 }
 
 /* Past the midnight that ends a month, the month's spend is 0 too and
