@@ -225,6 +225,27 @@ BOTH(a_settled_reservation_behind_an_open_one_is_freed_once, 20)
     fx_close(&f);
 }
 
+/* A hit holds nothing itself but reports the tenant's numbers as a miss
+ * does: the router's next choice counts the holds of requests in flight. */
+BOTH(a_hit_reports_the_holds_in_flight, 20)
+{
+    struct cache_options o = {0};
+    struct fx f;
+    struct wait held, hit;
+    struct cache_key k = key_of(3);
+
+    fx_open(&f, use_redis, &o, "hit-holds");
+    cr_assert_null(wait_put(&f.loop, f.c, "acme", &k, "cached", 0));
+    held = wait_begin(&f.loop, f.c, "acme", NULL, 70, 1000, 0);
+    cr_assert(held.begin.granted);
+    hit = wait_begin(&f.loop, f.c, "acme", &k, 10, 1000, 0);
+    cr_assert_eq(hit.begin.lookup, CACHE_LOOKUP_HIT);
+    cr_assert_not(hit.begin.granted);
+    cr_assert_eq(hit.begin.reserved, 70);
+    cr_assert_null(wait_release(&f.loop, f.c, &held.begin.reservation));
+    fx_close(&f);
+}
+
 /* Finished ops are reused: one that served a short tenant id then serves
  * the longest one accepted, and each tenant's spend stays its own. */
 BOTH(reused_ops_keep_tenants_apart, 20)
