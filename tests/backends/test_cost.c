@@ -212,6 +212,15 @@ Test(cost, tokens_per_second_window_drives_utilization, .timeout = 5)
     backend_tokens_served(b, 1500, 1500);
     cr_assert(fabs(backend_tokens_per_second(b, 2000) - 1500) < 1e-9);
     cr_assert(fabs(backend_tokens_per_second(b, 200) - 1500) < 1e-9); /* over 1 s, not 0.2 */
+    /* Far past its rated throughput the marginal cost stops at list x
+     * 4^4: 40000 more tokens by t = 2 s, (3000 + 40000) / 2 s = 21500/s of
+     * 2000 rated, a utilization of 10.75, is taken as 4. */
+    backend_tokens_served(b, 1900, 40000);
+    cr_assert(fabs(backend_pool_utilization(b, 2000) - 10.75) < 1e-9);
+    est = backend_estimate_cost(b, 2000, &tok, 0);
+    cr_assert(est.list_usd > 0);
+    cr_assert(fabs(est.marginal_usd - est.list_usd * 256) < USD_EPS, "marginal %.9f, list %.9f",
+              est.marginal_usd, est.list_usd);
     fx_fini(&f);
 }
 
@@ -376,6 +385,56 @@ Test(cost, attributed_plus_idle_is_pool_cost_over_an_hour, .timeout = 5)
     fx_fini(&f);
 }
 
+/* Work with a prompt and no completion (an embedding) is billed on a
+ * pool: 3.6 s alone on 2 replicas is 3.6 GPU-s, $2.00/h x 3.6 / 3600 =
+ * $0.002; the other replica's 3.6 s are idle. */
+Test(cost, a_prompt_without_completion_is_billed_on_a_pool, .timeout = 5)
+{
+    static const struct backend_tokens embedded = {100, 0, 0};
+    struct fx f;
+    struct backend *b;
+    struct backend_ticket t;
+    struct backend_charge ch;
+
+    fx_init(&f);
+    b = fx_backend(&f, FX_GPU);
+    backend_attempt_begin(b, 0, &t);
+    /* Half way, with no event since the start: one replica idle 1.8 s. */
+    cr_assert(fabs(backend_idle_gpu_seconds(b, 1800) - 1.8) < 1e-9);
+    ch = backend_attempt_finish(b, 3600, &t, &embedded);
+    cr_assert(fabs(ch.gpu_seconds - 3.6) < 1e-9, "%.6f GPU-s", ch.gpu_seconds);
+    cr_assert_eq(ch.micro_usd, 2000);
+    cr_assert(fabs(backend_idle_gpu_seconds(b, 3600) - 3.6) < 1e-9);
+    fx_fini(&f);
+}
+
+/* A pool that says free: true costs nothing, its hourly price given or
+ * not: no hold, no marginal cost, no charge for what it served. */
+Test(cost, a_free_pool_reserves_and_charges_nothing, .timeout = 5)
+{
+    struct backend_tokens tok = {1000, 500, 0};
+    struct fx f;
+    struct backend *b;
+    struct backend_ticket t;
+    struct backend_cost est;
+    struct backend_charge ch;
+
+    fx_init(&f);
+    f.backends[FX_GPU].is_free = 1;
+    b = fx_backend(&f, FX_GPU);
+    est = backend_estimate_cost(b, 0, &tok, 0);
+    cr_assert_eq(est.reserve_micro, 0);
+    cr_assert_eq(est.list_usd, 0);
+    cr_assert_eq(est.marginal_usd, 0);
+    backend_attempt_begin(b, 0, &t);
+    ch = backend_attempt_finish(b, 3600, &t, &served);
+    cr_assert(fabs(ch.gpu_seconds - 3.6) < 1e-9, "its time is still accounted");
+    cr_assert_eq(ch.usd, 0);
+    cr_assert_eq(ch.micro_usd, 0);
+    cr_assert_eq(backend_idle_cost_usd(b, 3600), 0);
+    fx_fini(&f);
+}
+
 Test(cost, health_api_still_works_with_accounting, .timeout = 5)
 {
     struct fx f;
@@ -493,6 +552,8 @@ Test(cost, micro_usd_rounding, .timeout = 5)
     cr_assert_eq(backend_usd_to_micro_ceil(0.00045), 450);
     cr_assert_eq(backend_usd_to_micro_ceil(0.0004501), 451);
     cr_assert_eq(backend_usd_to_micro_ceil(0), 0);
+    /* Half a thousandth of a micro-USD over is more than float noise: held. */
+    cr_assert_eq(backend_usd_to_micro_ceil(0.0010000005), 1001);
     cr_assert_eq(backend_usd_to_micro(0.0004504), 450);
     cr_assert_eq(backend_usd_to_micro(0.0004506), 451);
     cr_assert_eq(backend_usd_to_micro(12.5), 12500000);

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cache/cache.h"
@@ -169,6 +170,46 @@ Test(faults, a_begin_lost_in_a_stopped_server_holds_nothing_after, .timeout = 15
     wait_state(&loop, c, CACHE_STATE_CONNECTED);
     wait_drained(&loop, c);
     spent_then_close(&loop, c, &r, 40, "the lost begin's reservation is still held");
+}
+
+/* The local counters that serve while Redis is away hold the month's
+ * spend, not the day's: 900 micro-USD spent on earlier days and 50 today
+ * leave 50 of a month's 1000, whatever today's 50 say. */
+Test(faults, local_counters_hold_the_month_spent_on_other_days, .timeout = 15)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64], month[16];
+    struct cache *c;
+    struct wait w, fits;
+    time_t now = time(NULL);
+    struct tm tm;
+
+    cr_assert_eq(test_redis_start(&r, 0), 0);
+    uv_loop_init(&loop);
+    c = open_store(&loop, r.url, CACHE_FAIL_OPEN, prefix, sizeof(prefix), "month-local");
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    gmtime_r(&now, &tm);
+    strftime(month, sizeof(month), "%Y%m", &tm);
+    cr_assert_eq(test_redis_int(&r, "INCRBY %s{acme}:m:%s 900", prefix, month), 900);
+    w = wait_begin(&loop, c, "acme", NULL, 50, 0, 1000);
+    cr_assert(w.begin.granted && !w.begin.degraded);
+    cr_assert_eq(w.begin.month_spent, 900);
+    cr_assert_null(wait_settle(&loop, c, &w.begin.reservation, 50));
+    cr_assert_eq(wait_spend(&loop, c, "acme").spend.month_spent, 950);
+
+    test_redis_kill(&r, SIGSTOP);
+    w = wait_begin(&loop, c, "acme", NULL, 51, 0, 1000);
+    cr_assert_null(w.err);
+    cr_assert(w.begin.degraded, "served from local counters");
+    cr_assert_not(w.begin.granted, "950 + 51 is past the month's 1000");
+    fits = wait_begin(&loop, c, "acme", NULL, 50, 0, 1000);
+    cr_assert(fits.begin.granted && fits.begin.degraded, "950 + 50 fits");
+    wait_release(&loop, c, &fits.begin.reservation);
+    test_redis_kill(&r, SIGCONT);
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    wait_drained(&loop, c);
+    spent_then_close(&loop, c, &r, 50, "the local reservation was released");
 }
 
 /* fail_closed rejects while Redis is gone, but still keeps the charge of a

@@ -201,6 +201,51 @@ BOTH(reservations_expire_each_at_its_time, 20)
     fx_close(&f);
 }
 
+/* A reservation settled while an older one is still open (not first in
+ * line) is freed once: named again it frees nothing, and when the older
+ * one expires nothing of the settled one is freed a second time. */
+BOTH(a_settled_reservation_behind_an_open_one_is_freed_once, 20)
+{
+    struct cache_options o = {.reservation_ttl_ms = 300};
+    struct fx f;
+    struct wait older, younger, s;
+
+    fx_open(&f, use_redis, &o, "behind");
+    older = wait_begin(&f.loop, f.c, "acme", NULL, 100, 1000, 0);
+    younger = wait_begin(&f.loop, f.c, "acme", NULL, 30, 1000, 0);
+    cr_assert(older.begin.granted && younger.begin.granted);
+    cr_assert_null(wait_settle(&f.loop, f.c, &younger.begin.reservation, 20));
+    cr_assert_null(wait_settle(&f.loop, f.c, &younger.begin.reservation, 0));
+    s = wait_spend(&f.loop, f.c, "acme");
+    cr_assert_eq(s.spend.reserved, 100, "the older one's hold, all of it");
+    cr_assert_eq(s.spend.day_spent, 20);
+    wait_ms(&f.loop, 500);
+    s = wait_spend(&f.loop, f.c, "acme");
+    cr_assert_eq(s.spend.reserved, 0, "both gone, neither freed twice");
+    fx_close(&f);
+}
+
+/* A hit holds nothing itself but reports the tenant's numbers as a miss
+ * does: the router's next choice counts the holds of requests in flight. */
+BOTH(a_hit_reports_the_holds_in_flight, 20)
+{
+    struct cache_options o = {0};
+    struct fx f;
+    struct wait held, hit;
+    struct cache_key k = key_of(3);
+
+    fx_open(&f, use_redis, &o, "hit-holds");
+    cr_assert_null(wait_put(&f.loop, f.c, "acme", &k, "cached", 0));
+    held = wait_begin(&f.loop, f.c, "acme", NULL, 70, 1000, 0);
+    cr_assert(held.begin.granted);
+    hit = wait_begin(&f.loop, f.c, "acme", &k, 10, 1000, 0);
+    cr_assert_eq(hit.begin.lookup, CACHE_LOOKUP_HIT);
+    cr_assert_not(hit.begin.granted);
+    cr_assert_eq(hit.begin.reserved, 70);
+    cr_assert_null(wait_release(&f.loop, f.c, &held.begin.reservation));
+    fx_close(&f);
+}
+
 /* Finished ops are reused: one that served a short tenant id then serves
  * the longest one accepted, and each tenant's spend stays its own. */
 BOTH(reused_ops_keep_tenants_apart, 20)

@@ -31,6 +31,7 @@ enum {
     SET_GPU_429_OVER = 256, /* the pool answered 429 at 0 with retry-after-ms 500 */
     SET_4O_429 = 512,      /* 4o answered 429 at 990, Retry-After 2 s */
     SET_SONNET_429 = 1024, /* sonnet answered 429 at 990, retry-after-ms 100 */
+    SET_GPU_DEAR = 2048,   /* the pool at $20/h: 2778 reserved, 0.68 marginal at idle */
 };
 #define SET_ALL_429 (SET_GPU_429 | SET_MINI_429 | SET_4O_429 | SET_SONNET_429)
 
@@ -75,6 +76,12 @@ static const struct select_case cases[] = {
      -1, "budget-exhausted", 1, 7500, "budget,budget,budget,quality", 0},
     {"budget: downgrade to what fits", 0, 75, 0, 1, 0, 1000, 500, 10000, 400, 0, 0, 0, 0, NULL,
      FX_GPU, "downgraded-budget", 0, 278, "budget,budget,budget,chosen", 0},
+    /* The pool at $20/h: $20 / 3600 x 500 / 1000 tokens/s = 2777.8 -> 2778
+     * reserved, marginal 2777.8 x (1/8)^4 = 0.68. Both it and mini (450)
+     * fit the 3000 left, below the floor: the downgrade takes the smaller
+     * charge to the budget, mini, not the pool's smaller marginal cost. */
+    {"budget: downgrade to the smaller hold", SET_GPU_DEAR, 75, 0, 1, 0, 1000, 500, 10000, 3000,
+     0, 0, 0, 0, NULL, FX_MINI, "downgraded-budget", 0, 450, "chosen,budget,budget,quality", 0},
     {"budget: downgrade, nothing fits", 0, 75, 0, 1, 0, 1000, 500, 10000, 100, 0, 0, 0, 0, NULL,
      -1, "budget-exhausted", 1, 7500, "budget,budget,budget,budget", 0},
     {"budget: downgrade to mini with the pool down", SET_GPU_DOWN, 75, 0, 1, 0, 1000, 500, 10000,
@@ -220,6 +227,8 @@ static void setup(struct fx *f, unsigned flags)
         backend_rate_limited(fx_backend(f, FX_4O), 990, 2000);
     if (flags & SET_SONNET_429)
         backend_rate_limited(fx_backend(f, FX_SONNET), 990, 100);
+    if (flags & SET_GPU_DEAR)
+        f->backends[FX_GPU].gpu_hourly_usd = 20.00;
     if (flags & SET_GPU_429_OVER)
         backend_rate_limited(fx_backend(f, FX_GPU), 0, 500);
 }

@@ -414,21 +414,57 @@ Test(costs, an_overspent_day_leaves_nothing_though_the_month_has_money)
     cr_assert_not_null(strstr(msg, "without max_tokens, was estimated at 256 tokens"), "%s", msg);
 }
 
+/* A budget of $0.001001 is 1001 micro-USD, though 0.001001 x 1e6 is
+ * 1000.9999999999999 in doubles: a request that costs exactly that much
+ * fits, and spends it all. At $1/Mtok both ways, 9 prompt tokens (counted
+ * exactly, as the mock does) and
+ * max_tokens 992 hold 9 + 992 = 1001 micro-USD and, the mock making all
+ * 992, settle at as much. */
+Test(costs, a_request_costing_exactly_the_budget_fits_and_spends_it_all)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_counted("a", mock_a.port, 1, 1, 1, "cl100k_base");
+    start_routers(1, "a", "    budget: {daily_usd: 0.001001, on_exhausted: reject}\n");
+    cr_assert_eq(chat(0, "x-mock-tokens: 992\r\n", "{\"model\":\"chat\",\"max_tokens\":992," MSG "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), 0.001001, 1e-9);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"max_tokens\":1," MSG "}"), 0);
+    cr_assert_eq(resp.status, 429);
+    cr_assert_float_eq(header_usd("x-costrouter-budget-remaining-usd"), 0, 1e-9);
+}
+
+/* Wait until Redis holds nothing for the tenant: the answer reaches the
+ * client before the settle that follows it reaches Redis. */
+static void wait_settled_in_redis(void)
+{
+    for (int tries = 0; tries < 250; tries++) {
+        if (test_redis_int(&redis, "HGET %s{%s}:open #", key_prefix ? key_prefix : "costrouter:",
+                           tenant_id) <= 0)
+            return;
+        usleep(20000);
+    }
+    cr_assert_fail("the first request's hold is still in Redis");
+}
+
 /* A request held by router 0 for a second keeps the next, sent to router
  * `other`, under the budget: 429 with Retry-After, no x-should-retry:
  * false. Once the first has settled below what it held, the retry passes,
- * though `other` refused it from the store's numbers of an instant ago. */
-static void budget_held_then_freed(int other)
+ * though `other` refused it from the store's numbers of an instant ago.
+ * `period` is the budget's: "daily" or "monthly". */
+static void budget_held_then_freed(int other, const char *period)
 {
     struct support_http_conn slow = {.fd = -1};
     struct support_http_response slow_resp = {0};
     struct buf slow_req = {0};
+    char budget[128];
 
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     add_backend("a", mock_a.port, 1, 100, 100);
     /* Reserving 9 + 10 tokens at $100/Mtok = $0.0019: one fits $0.003, two
      * do not. The first request settles at 9 + 1 tokens ($0.001). */
-    start_routers(other + 1, "a", "    budget: {daily_usd: 0.003, on_exhausted: reject}\n");
+    snprintf(budget, sizeof(budget), "    budget: {%s_usd: 0.003, on_exhausted: reject}\n", period);
+    start_routers(other + 1, "a", budget);
     const char body[] = "{\"model\":\"chat\",\"max_tokens\":10," MSG "}";
     send_unanswered(&slow, &slow_req, AUTH "x-mock-tokens: 1\r\nx-mock-ttft-ms: 1000\r\n", body);
     usleep(300 * 1000); /* reserved and sent upstream by now */
@@ -440,6 +476,8 @@ static void budget_held_then_freed(int other)
 
     cr_assert_eq(support_http_read(&slow, &slow_resp, TIMEOUT_MS), 0);
     cr_assert_eq(slow_resp.status, 200);
+    if (redis.pid)
+        wait_settled_in_redis();
     cr_assert_eq(chat(other, "x-mock-tokens: 1\r\n", body), 0);
     cr_assert_eq(resp.status, 200, "the retry after the first settled: %d", resp.status);
     support_http_close(&slow);
@@ -449,13 +487,20 @@ static void budget_held_then_freed(int other)
 
 Test(costs, budget_held_by_a_request_in_flight_answers_429_worth_a_retry)
 {
-    budget_held_then_freed(0);
+    budget_held_then_freed(0, "daily");
 }
 
 Test(costs, budget_held_on_another_instance_is_checked_in_redis_before_a_429)
 {
     cr_assert_eq(test_redis_start(&redis, 0), 0);
-    budget_held_then_freed(1);
+    budget_held_then_freed(1, "daily");
+}
+
+/* The same with a monthly budget alone: the store checks the month's. */
+Test(costs, a_monthly_budget_held_on_another_instance_is_checked_in_redis)
+{
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    budget_held_then_freed(1, "monthly");
 }
 
 /* The first request holds $0.10 and settles at a hundredth of a cent: the
@@ -783,36 +828,98 @@ Test(costs, a_reload_drops_the_gauges_of_what_it_removed)
     cr_assert_not_null(memmem(resp.body.data, resp.body.len, acme, sizeof(acme) - 1));
 }
 
-/* Past UTC midnight, a tenant idle since yesterday has spent nothing
- * today: the day's spend gauge says 0 and the day's budget is whole
- * again, while the month's spend stays. The router runs under faketime,
- * started two seconds before a midnight that is no month's end (its
- * loop's monotonic clock left alone). */
-Test(costs, spend_gauges_start_a_new_day_at_midnight)
+/* Have the routers run with their wall clock started at `when` (UTC),
+ * their loop's monotonic clock left alone. libfaketime is preloaded, not
+ * run through the faketime command, which forks: its child would outlive
+ * the stop. ASan wants its runtime first in the list; the loader expands
+ * $LIB. */
+static void run_from(const char *when)
 {
-    static const char *const gauges[] = {
-        "costrouter_budget_spent_usd{tenant=\"acme\",period=\"day\"}",
-        "costrouter_budget_remaining_usd{tenant=\"acme\",period=\"day\"}",
-        "costrouter_budget_spent_usd{tenant=\"acme\",period=\"month\"}",
-    };
+    static char words[512];
 
-    /* libfaketime preloaded, not through the faketime command, which
-     * forks: its child would outlive the stop. ASan wants its runtime
-     * first in the list; the loader expands $LIB. */
-    run_under = "env ASAN_OPTIONS=\"${ASAN_OPTIONS:+$ASAN_OPTIONS:}verify_asan_link_order=0\" "
-                "LD_PRELOAD='/usr/$LIB/faketime/libfaketimeMT.so.1' "
-                "FAKETIME='@2026-12-06 23:59:58' FAKETIME_DONT_FAKE_MONOTONIC=1";
+    snprintf(words, sizeof(words),
+             "env ASAN_OPTIONS=\"${ASAN_OPTIONS:+$ASAN_OPTIONS:}verify_asan_link_order=0\" "
+             "LD_PRELOAD='/usr/$LIB/faketime/libfaketimeMT.so.1' "
+             "FAKETIME='@%s' FAKETIME_DONT_FAKE_MONOTONIC=1",
+             when);
+    run_under = words;
+}
+
+/* One paid chat to a router whose clock starts at `when`, two seconds
+ * before a midnight, then the tenant idle past it: `period` ("day" or
+ * "month") has its spend gauge at the chat's cost before and at 0 after,
+ * in the admin answer (the store's numbers) too. Returns the cost; the
+ * last /metrics answer stays in resp. */
+static double paid_then_idle_past_midnight(const char *when, const char *period)
+{
+    char gauge[128], field[16];
+
+    run_from(when);
     double paid = one_paid_chat("    budget: {daily_usd: 10, monthly_usd: 100}\n");
 
+    cr_assert_gt(paid, 0);
+    snprintf(gauge, sizeof(gauge), "costrouter_budget_spent_usd{tenant=\"acme\",period=\"%s\"}",
+             period);
+    snprintf(field, sizeof(field), "%s_usd", period);
     cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
-    cr_assert_float_eq(metric_value(gauges[0]), paid, 1e-9, "before midnight");
+    cr_assert_float_eq(metric_value(gauge), paid, 1e-9, "before midnight");
     usleep(2500 * 1000);
     cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
-    cr_assert_eq(cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble, 0, "not past midnight");
+    cr_assert_eq(cJSON_GetObjectItem(body_json(), field)->valuedouble, 0, "not past midnight");
     cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
-    cr_assert_eq(metric_value(gauges[0]), 0, "%.*s", (int)resp.body.len, resp.body.data);
-    cr_assert_float_eq(metric_value(gauges[1]), 10, 1e-9);
-    cr_assert_float_eq(metric_value(gauges[2]), paid, 1e-9);
+    cr_assert_eq(metric_value(gauge), 0, "%.*s", (int)resp.body.len, resp.body.data);
+    return paid;
+}
+
+/* Past UTC midnight, a tenant idle since yesterday has spent nothing
+ * today: the day's spend gauge says 0 and the day's budget is whole
+ * again, while the month's spend stays (a midnight that is no month's
+ * end). */
+Test(costs, spend_gauges_start_a_new_day_at_midnight)
+{
+    double paid = paid_then_idle_past_midnight("2026-12-06 23:59:58", "day");
+
+    cr_assert_float_eq(
+        metric_value("costrouter_budget_remaining_usd{tenant=\"acme\",period=\"day\"}"), 10, 1e-9);
+    cr_assert_float_eq(
+        metric_value("costrouter_budget_spent_usd{tenant=\"acme\",period=\"month\"}"), paid, 1e-9);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_float_eq(cJSON_GetObjectItem(body_json(), "month_usd")->valuedouble, paid, 1e-9,
+                       "the store kept the month's spend");
+}
+
+/* Past the midnight that ends a month, the month's spend is 0 too and
+ * its budget whole again. */
+Test(costs, spend_gauges_start_a_new_month_at_its_first_midnight)
+{
+    paid_then_idle_past_midnight("2026-11-30 23:59:58", "month");
+    cr_assert_float_eq(
+        metric_value("costrouter_budget_remaining_usd{tenant=\"acme\",period=\"month\"}"), 100,
+        1e-9);
+}
+
+/* A request reserved before midnight and settled after it is the new
+ * day's spend, in the store and in the gauges alike (its cost: 9 x $100
+ * + 7 x $300 per Mtok = $0.003); yesterday's is gone from both. */
+Test(costs, a_request_settled_past_midnight_is_spent_on_the_new_day)
+{
+    static const char spent[] = "costrouter_budget_spent_usd{tenant=\"acme\",period=\"day\"}";
+
+    run_from("2026-12-06 23:59:58");
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", "    budget: {daily_usd: 10}\n");
+    cr_assert_eq(chat(0, "x-mock-tokens: 7\r\nx-mock-ttft-ms: 3000\r\n",
+                      "{\"model\":\"chat\"," MSG "}"),
+                 0);
+    cr_assert_eq(resp.status, 200);
+    double paid = header_usd("x-costrouter-cost-usd");
+    cr_assert_float_eq(paid, usd(PROMPT_TOKENS, 7, 100, 300), 1e-9);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_float_eq(cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble, paid, 1e-9);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_float_eq(metric_value(spent), paid, 1e-9, "%.*s", (int)resp.body.len,
+                       resp.body.data);
 }
 
 Test(costs, admin_api_reports_spend_backends_and_metrics)
