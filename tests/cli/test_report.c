@@ -557,15 +557,15 @@ Test(report, amounts_add_up_exactly, .timeout = 20)
         "{\"tenant\":\"a\",\"cost_usd\":0.000000000002,\"saved_usd\":0.2}",
         "{\"tenant\":\"b\",\"cost_usd\":0.1}",
         "{\"tenant\":\"b\",\"cost_usd\":0.2}",
-        "{\"tenant\":\"b\",\"cost_usd\":0.000001}",
+        "{\"tenant\":\"b\",\"cost_usd\":0.000002}",
     };
     static const char *const wrote[][2] = {
         {"cost_usd", "1000.000000000001"},          /* a */
         {"saved_usd", "0.3"},                       /* a and the total */
         {"usd_per_1k_requests", "500000.0000000005"}, /* a */
-        {"cost_usd", "0.300001"},                   /* b */
-        {"usd_per_1k_requests", "100.000333333333"}, /* b: 100.000333... */
-        {"cost_usd", "1000.300001000001"},          /* the total */
+        {"cost_usd", "0.300002"},                   /* b */
+        {"usd_per_1k_requests", "100.000666666667"}, /* b: 100.0006666... */
+        {"cost_usd", "1000.300002000001"},          /* the total */
     };
     struct buf out = {0};
     static char f[32][128];
@@ -583,12 +583,13 @@ Test(report, amounts_add_up_exactly, .timeout = 20)
     *strchr(strchr(out.data, '\n') + 1, '\n') = '\0'; /* the total row */
     cr_assert_gt(csv_split(strchr(out.data, '\n') + 1, f), 10);
     cr_assert_str_eq(f[0], "total");
-    cr_assert_str_eq(f[7], "1000.300001000001", "%s", out.data);
+    cr_assert_str_eq(f[7], "1000.300002000001", "%s", out.data);
     cr_assert_str_eq(f[10], "0.3", "%s", out.data);
 
     run_binary("table", &out);
-    cr_assert_not_null(strstr(out.data, "$1000.300001, $200060.000200 per 1K requests"), "%s",
+    cr_assert_not_null(strstr(out.data, "$1000.300002, $200060.000400 per 1K requests"), "%s",
                        out.data);
+    cr_assert_not_null(strstr(out.data, " 100.000667 "), "b, rounded: %s", out.data);
     buf_free(&out);
 }
 
@@ -632,6 +633,33 @@ Test(report, a_fraction_of_a_token_makes_a_bad_line, .timeout = 10)
     cr_assert_eq(field(tot, "requests"), 2);
     cr_assert_eq(field(tot, "prompt_tokens"), 1003);
     cr_assert_eq(field(tot, "completion_tokens"), 6);
+    cJSON_Delete(root);
+    free(text);
+}
+
+/* Amounts are bounded in total as tokens are: 108 lines of the largest
+ * amount a line may have ($9,223,372,036,854.775807) come to under
+ * $10^15, the 109th would take the total past it and is a bad line,
+ * and so are those after it; a smaller one still fits. Costs and savings
+ * alike. */
+Test(report, amounts_past_a_total_of_10e15_usd_make_bad_lines, .timeout = 20)
+{
+    static const char *lines[223];
+    const double most = 108 * 9223372036854.775;
+
+    for (size_t i = 0; i < 111; i++) {
+        lines[i] = "{\"tenant\":\"a\",\"cost_usd\":9223372036854.775}";
+        lines[111 + i] = "{\"tenant\":\"a\",\"cost_usd\":0,\"saved_usd\":9223372036854.775}";
+    }
+    lines[222] = "{\"tenant\":\"a\",\"cost_usd\":0.5,\"saved_usd\":0.5}";
+    char *text;
+    cJSON *root = json_report_of(lines, 223, "tenant", &text);
+    const cJSON *tot = cJSON_GetObjectItem(root, "total");
+
+    cr_assert_eq(field(root, "bad_lines"), 6, "%s", text);
+    cr_assert_eq(field(tot, "requests"), 217);
+    cr_assert_float_eq(field(tot, "cost_usd"), most + 0.5, most * 1e-15);
+    cr_assert_float_eq(field(tot, "saved_usd"), most + 0.5, most * 1e-15);
     cJSON_Delete(root);
     free(text);
 }
