@@ -170,7 +170,19 @@ double backend_idle_gpu_seconds(const struct backend *b, uint64_t now_ms);
 double backend_idle_cost_usd(const struct backend *b, uint64_t now_ms);
 double backend_pool_cost_usd(const struct backend *b, uint64_t now_ms);
 
-/* USD to integer micro-USD: rounded up (for reservations) or to nearest. */
+/*
+ * USD to integer micro-USD: the one conversion of money, for costs, holds
+ * and budgets alike, so that the router's budget checks and the store's
+ * limits agree to the micro-dollar. backend_usd_to_micro() rounds to the
+ * nearest (halves away from zero); backend_usd_to_micro_ceil() rounds up,
+ * for reservations (a hold never falls short of the price), ignoring float
+ * noise below a millionth of a micro-USD. Both give 0 for a negative
+ * amount, -0 or NaN (no money converted is negative: costs, prices and
+ * budgets are not), and BACKEND_MICRO_MAX for an amount at or past it,
+ * +inf included: the integer conversion stays defined, and a few such
+ * amounts still add up without overflow.
+ */
+#define BACKEND_MICRO_MAX ((int64_t)1 << 62) /* about $4.6e12 */
 int64_t backend_usd_to_micro_ceil(double usd);
 int64_t backend_usd_to_micro(double usd);
 

@@ -320,12 +320,34 @@ double backend_pool_cost_usd(const struct backend *b, uint64_t now_ms)
 /* Float noise below a millionth of a micro-USD is not a micro-USD. */
 #define BACKEND_MICRO_EPSILON 1e-6
 
+/* The clamps both roundings share, on micro-USD still a double: nothing
+ * for what is not a positive amount (a NaN fails every comparison), the
+ * ceiling past it, so that the conversion to an integer is defined. */
+static int micro_clamped(double micro, int64_t *out)
+{
+    if (!(micro > 0)) {
+        *out = 0;
+        return 1;
+    }
+    if (micro >= (double)BACKEND_MICRO_MAX) {
+        *out = BACKEND_MICRO_MAX;
+        return 1;
+    }
+    return 0;
+}
+
 int64_t backend_usd_to_micro_ceil(double usd)
 {
-    return (int64_t)ceil(usd * 1e6 - BACKEND_MICRO_EPSILON);
+    double micro = ceil(usd * 1e6 - BACKEND_MICRO_EPSILON);
+    int64_t out;
+
+    return micro_clamped(micro, &out) ? out : (int64_t)micro;
 }
 
 int64_t backend_usd_to_micro(double usd)
 {
-    return llround(usd * 1e6);
+    double micro = usd * 1e6;
+    int64_t out;
+
+    return micro_clamped(micro, &out) ? out : llround(micro);
 }

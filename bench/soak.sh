@@ -188,7 +188,8 @@ for t in rich poor; do
     l=$(awk -v v="${logged:-nan}" 'BEGIN { printf "%.0f", v * 1e6 }')
     echo "soak: $t: Redis $stored USD, cost log $logged USD, reserved ${reserved:-?}"
     # Each router carries up to half a micro-dollar per tenant (the store
-    # is charged whole ones), and the report rounds to the micro-dollar.
+    # is charged whole ones), and both sums are rounded to the micro-dollar
+    # here (the report's CSV is exact to the pico-dollar).
     [ -n "$stored" ] && [ -n "$logged" ] && [ "$s" -ge $((l - 1)) ] && [ "$s" -le $((l + 1)) ] ||
         fail "$t: Redis holds $stored USD, the cost log sums to $logged USD"
     [ "${reserved:-x}" = 0 ] || fail "$t: $reserved USD still reserved after the load"

@@ -182,7 +182,10 @@ struct cache_op *cache_begin(struct cache *c, const char *tenant, const struct c
 /* Remove the reservation and charge `real` (>= 0, may exceed the reserved
  * amount and the limits: the real cost is always charged) to today's and
  * this month's spend. cb may be NULL. Returns the operation or NULL (ENOMEM:
- * the charge is journaled anyway when possible, see errno). */
+ * the charge is journaled anyway when possible, see errno). A reservation
+ * settled again is charged again by both stores and frees nothing: Redis
+ * cannot tell a second settle from a late one of a reservation it forgot
+ * after the grace period, which must be charged. */
 struct cache_op *cache_settle(struct cache *c, const struct cache_reservation *r, int64_t real,
                               cache_done_cb *cb, void *arg);
 

@@ -6,12 +6,17 @@
  * xxh3, plus (experiment or route, arm) groups that keep a running mean and
  * variance of cost per request (Welford) for the arm comparison. Memory is
  * proportional to the number of distinct groups, not to the log size.
+ *
+ * Amounts are summed in integer pico-USD (the cost log's precision), so
+ * that a total is the exact sum of its lines, and printed from those
+ * integers: exact in CSV and JSON, to the micro-dollar in the table.
  */
 #include "cli/report.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <getopt.h>
+#include <inttypes.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -30,9 +35,9 @@ struct stats {
     uint64_t prompt_tokens;     /* billed (see line_tokens) */
     uint64_t completion_tokens; /* billed (see line_tokens) */
     uint64_t cache_hits;        /* cache_hit true */
-    double cost_usd;            /* cost_usd, or cost_usd_est when not settled */
-    double saved_usd;           /* saved_usd */
-    double mean;                /* running mean of cost per request */
+    __int128 cost_pico;         /* cost_usd, pico-USD */
+    __int128 saved_pico;        /* saved_usd, pico-USD */
+    double mean;                /* running mean of cost per request, USD */
     double m2;                  /* running sum of squared deviations */
 };
 
@@ -145,8 +150,9 @@ struct line {
     const char *tenant, *backend, *route, *arm, *experiment; /* "-" when absent */
     const cJSON *tags;       /* object or NULL */
     int status;              /* HTTP status, 0 when absent */
-    double cost;             /* settled, else estimated, else 0 */
-    double saved;            /* saved_usd or 0 */
+    double cost;             /* cost_usd or 0 */
+    __int128 cost_pico;      /* the same, pico-USD */
+    __int128 saved_pico;     /* saved_usd or 0, pico-USD */
     uint64_t prompt, completion; /* tokens */
     int cache_hit;           /* cache_hit true */
 };
@@ -167,14 +173,36 @@ static const char *str_or_dash(const cJSON *o, const char *key)
  * - an amount (USD) is at most 2^63 - 1 micro-dollars, the most the spend
  *   store can count: a sum over any number of lines, and the variance of
  *   an arm, then stay finite doubles (JSON has no infinity);
- * - a token count is at most 10^15 - 1, the most the CSV and JSON outputs
- *   print exactly (15 significant digits, DBL_DIG; below 2^53, so a double
- *   holds it exactly too); a line that would take a total of tokens past
- *   it is skipped too (see add_line), so no sum wraps and every token
- *   figure prints exactly.
+ * - an amount whose total would pass COST_TOTAL_MAX ($10^15) is skipped
+ *   too (see add_line): every amount printed, even per 1K requests of one
+ *   request, then has whole dollars that fit a uint64_t;
+ * - a token count is a whole number (the router counts whole tokens; one
+ *   with a fraction was cut to a number the log never said) of at most
+ *   10^15 - 1 (below 2^53: a double holds it, and a JSON reader's double
+ *   too); a line that would take a total of tokens past it is skipped
+ *   too (see add_line), so no sum wraps and every token figure is exact.
  */
 #define COST_MAX ((double)INT64_MAX / 1e6)
+#define PICO_PER_USD 1000000000000 /* 10^12 */
+#define COST_TOTAL_MAX ((__int128)1000000000000000 * PICO_PER_USD)
 #define TOKENS_MAX UINT64_C(999999999999999)
+
+/* `usd` (in [0, COST_MAX]) in pico-USD, to the nearest (halves up): the
+ * double's exact value, which for an amount written with at most 12
+ * decimals (as the cost log writes them) below $8,192 (2^13, where a
+ * double's step passes a pico-USD) is that amount. By integers, not usd x
+ * 1e12 in doubles, which would round a second time. */
+static __int128 pico_of(double usd)
+{
+    int e, shift;
+    double m = frexp(usd, &e); /* usd = m x 2^e, m in [0.5, 1) */
+    __int128 n = (__int128)ldexp(m, 53) * PICO_PER_USD;
+
+    shift = 53 - e; /* usd x 10^12 = n / 2^shift; shift >= 9 up to COST_MAX */
+    if (shift > 100) /* n < 2^93: under half a pico-USD */
+        return 0;
+    return (n + ((__int128)1 << (shift - 1))) >> shift;
+}
 
 /* The number at `key`, else at `fallback` (a key absent, null or not a
  * number is passed over), else 0. A number outside [0, max] (negative,
@@ -195,13 +223,16 @@ static double num2(const cJSON *o, const char *key, const char *fallback, double
  * log that has the key, what the charge was computed from (null: nothing
  * was charged); in an older log, the upstream's `usage` count, else the
  * estimate `est`, as the report read them before. In range (num2), so the
- * conversion is defined. */
+ * conversion is defined; a count with a fraction sets *bad. */
 static uint64_t line_tokens(const cJSON *o, const char *billed, const char *usage, const char *est,
                             int *bad)
 {
-    if (cJSON_HasObjectItem(o, billed))
-        return (uint64_t)num2(o, billed, NULL, (double)TOKENS_MAX, bad);
-    return (uint64_t)num2(o, usage, est, (double)TOKENS_MAX, bad);
+    double n = cJSON_HasObjectItem(o, billed) ? num2(o, billed, NULL, (double)TOKENS_MAX, bad)
+                                              : num2(o, usage, est, (double)TOKENS_MAX, bad);
+
+    if (n != floor(n))
+        *bad = 1;
+    return (uint64_t)n;
 }
 
 static void stats_add(struct stats *s, const struct line *l)
@@ -213,8 +244,8 @@ static void stats_add(struct stats *s, const struct line *l)
     s->prompt_tokens += l->prompt;
     s->completion_tokens += l->completion;
     s->cache_hits += l->cache_hit != 0;
-    s->cost_usd += l->cost;
-    s->saved_usd += l->saved;
+    s->cost_pico += l->cost_pico;
+    s->saved_pico += l->saved_pico;
     d = l->cost - s->mean;
     s->mean += d / (double)s->requests;
     s->m2 += d * (l->cost - s->mean);
@@ -243,8 +274,11 @@ static int read_line(const cJSON *o, struct line *l)
         .status = cJSON_IsNumber(status) ? status->valueint : 0, /* cJSON saturates valueint */
         .cache_hit = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "cache_hit")),
     };
-    l->cost = num2(o, "cost_usd", "cost_usd_est", COST_MAX, &bad);
-    l->saved = num2(o, "saved_usd", NULL, COST_MAX, &bad);
+    /* cost_usd alone: the router writes it (0 when nothing was settled)
+     * wherever it writes an estimate, and an estimate is no spend. */
+    l->cost = num2(o, "cost_usd", NULL, COST_MAX, &bad);
+    l->cost_pico = pico_of(l->cost);
+    l->saved_pico = pico_of(num2(o, "saved_usd", NULL, COST_MAX, &bad));
     l->prompt = line_tokens(o, "billed_prompt_tokens", "prompt_tokens", "prompt_tokens_est", &bad);
     l->completion = line_tokens(o, "billed_completion_tokens", "completion_tokens",
                                 "completion_tokens_est", &bad);
@@ -252,14 +286,17 @@ static int read_line(const cJSON *o, struct line *l)
 }
 
 /* Add the line `o` to the total and its groups. Returns -1, adding
- * nothing, for a line out of range, or one whose tokens would take the
- * total past TOKENS_MAX: every group's sum is at most the total's. */
+ * nothing, for a line out of range, or one whose tokens or amounts would
+ * take the total past TOKENS_MAX or COST_TOTAL_MAX: every group's sum is
+ * at most the total's. */
 static int add_line(struct report *r, const cJSON *o)
 {
     struct line l;
 
     if (read_line(o, &l) != 0 || l.prompt > TOKENS_MAX - r->total.prompt_tokens ||
-        l.completion > TOKENS_MAX - r->total.completion_tokens)
+        l.completion > TOKENS_MAX - r->total.completion_tokens ||
+        l.cost_pico > COST_TOTAL_MAX - r->total.cost_pico ||
+        l.saved_pico > COST_TOTAL_MAX - r->total.saved_pico)
         return -1;
     const char *plain[][2] = {{"tenant", l.tenant}, {"backend", l.backend}, {"route", l.route}, {"arm", l.arm}};
     const cJSON *tag;
@@ -452,19 +489,66 @@ static const char *const columns[] = {"requests",     "errors",  "prompt_tokens"
                                       "completion_tokens", "cost_usd", "usd_per_1k_requests",
                                       "cache_hits",   "saved_usd"};
 #define NCOLUMNS (sizeof(columns) / sizeof(columns[0]))
+#define TABLE_DECIMALS 6  /* the table's amounts: to the micro-dollar */
+#define EXACT_DECIMALS 12 /* CSV's and JSON's: to the pico-dollar, exact */
 
-static double column(const struct stats *s, size_t i)
+/* An amount column's pico-USD (per 1K requests: to the nearest), or -1
+ * for a count column. */
+static __int128 column_pico(const struct stats *s, size_t i)
+{
+    __int128 n = (__int128)s->requests;
+
+    switch (i) {
+    case 4: return s->cost_pico;
+    case 5: return n ? (s->cost_pico * 1000 + n / 2) / n : 0;
+    case 7: return s->saved_pico;
+    default: return -1;
+    }
+}
+
+static uint64_t column_count(const struct stats *s, size_t i)
 {
     switch (i) {
-    case 0: return (double)s->requests;
-    case 1: return (double)s->errors;
-    case 2: return (double)s->prompt_tokens;
-    case 3: return (double)s->completion_tokens;
-    case 4: return s->cost_usd;
-    case 5: return s->requests ? s->cost_usd * 1000 / (double)s->requests : 0;
-    case 6: return (double)s->cache_hits;
-    default: return s->saved_usd;
+    case 0: return s->requests;
+    case 1: return s->errors;
+    case 2: return s->prompt_tokens;
+    case 3: return s->completion_tokens;
+    default: return s->cache_hits;
     }
+}
+
+/* Pico-USD as USD with `decimals` fraction digits (at most
+ * EXACT_DECIMALS), rounded, halves up. With EXACT_DECIMALS it is exact and
+ * trailing zeros are dropped (CSV and JSON: a reader with a decimal type
+ * gets the very sum). Its whole dollars fit a uint64_t (COST_TOTAL_MAX);
+ * `out` has room for 40 bytes. */
+static void usd_text(char *out, size_t cap, __int128 pico, int decimals)
+{
+    uint64_t unit = 1, scale = 1;
+    int n;
+
+    for (int i = 0; i < EXACT_DECIMALS; i++)
+        *(i < decimals ? &scale : &unit) *= 10;
+    pico = (pico + (__int128)(unit / 2)) / (__int128)unit;
+    n = snprintf(out, cap, "%" PRIu64 ".%0*" PRIu64, (uint64_t)(pico / (__int128)scale), decimals,
+                 (uint64_t)(pico % (__int128)scale));
+    if (decimals < EXACT_DECIMALS || n <= 0 || (size_t)n >= cap)
+        return;
+    while (out[n - 1] == '0')
+        n--;
+    out[n - (out[n - 1] == '.')] = '\0';
+}
+
+/* Column `i` of `s` as text: a count as an integer, an amount by
+ * usd_text() with `decimals`. */
+static void column_text(char *out, size_t cap, const struct stats *s, size_t i, int decimals)
+{
+    __int128 pico = column_pico(s, i);
+
+    if (pico >= 0)
+        usd_text(out, cap, pico, decimals);
+    else
+        snprintf(out, cap, "%" PRIu64, column_count(s, i));
 }
 
 static const char *dim_name(const struct report *r, size_t dim)
@@ -491,8 +575,8 @@ static int cmp_group(const void *pa, const void *pb)
         return ra < rb ? -1 : 1;
     if (strcmp(da, db) != 0)
         return strcmp(da, db);
-    if (a->st.cost_usd != b->st.cost_usd)
-        return a->st.cost_usd > b->st.cost_usd ? -1 : 1;
+    if (a->st.cost_pico != b->st.cost_pico)
+        return a->st.cost_pico > b->st.cost_pico ? -1 : 1;
     return strcmp(a->value, b->value);
 }
 
@@ -546,24 +630,19 @@ static struct arm_diff *arm_diffs(const struct report *r, size_t *n)
     return out;
 }
 
-static void fmt_num(char *out, size_t cap, double v, size_t col)
-{
-    if (col == 4 || col == 5 || col == 7)
-        snprintf(out, cap, "%.6f", v);
-    else
-        snprintf(out, cap, "%.0f", v);
-}
-
 static void print_table(const struct report *r, FILE *out, const struct group **g,
                         const struct arm_diff *d, size_t nd)
 {
-    char cell[64];
+    char cell[64], cost[48], per_1k[48], saved[48];
 
     fprintf(out, "lines: %llu  bad lines skipped: %llu\n", (unsigned long long)r->lines,
             (unsigned long long)r->bad);
-    fprintf(out, "total: %llu requests, $%.6f, $%.6f per 1K requests, %llu cache hits saved $%.6f\n",
-            (unsigned long long)r->total.requests, r->total.cost_usd, column(&r->total, 5),
-            (unsigned long long)r->total.cache_hits, r->total.saved_usd);
+    column_text(cost, sizeof(cost), &r->total, 4, TABLE_DECIMALS);
+    column_text(per_1k, sizeof(per_1k), &r->total, 5, TABLE_DECIMALS);
+    column_text(saved, sizeof(saved), &r->total, 7, TABLE_DECIMALS);
+    fprintf(out, "total: %llu requests, $%s, $%s per 1K requests, %llu cache hits saved $%s\n",
+            (unsigned long long)r->total.requests, cost, per_1k,
+            (unsigned long long)r->total.cache_hits, saved);
     for (size_t s = 0; s < r->groups.n;) {
         size_t e = s, width[NCOLUMNS + 1];
         const char *dim = dim_name(r, g[s]->dim);
@@ -576,7 +655,7 @@ static void print_table(const struct report *r, FILE *out, const struct group **
         for (size_t i = s; i < e; i++) {
             width[0] = strlen(g[i]->value) > width[0] ? strlen(g[i]->value) : width[0];
             for (size_t c = 0; c < NCOLUMNS; c++) {
-                fmt_num(cell, sizeof(cell), column(&g[i]->st, c), c);
+                column_text(cell, sizeof(cell), &g[i]->st, c, TABLE_DECIMALS);
                 width[c + 1] = strlen(cell) > width[c + 1] ? strlen(cell) : width[c + 1];
             }
         }
@@ -587,7 +666,7 @@ static void print_table(const struct report *r, FILE *out, const struct group **
         for (size_t i = s; i < e; i++) {
             fprintf(out, "%-*s", (int)width[0], g[i]->value);
             for (size_t c = 0; c < NCOLUMNS; c++) {
-                fmt_num(cell, sizeof(cell), column(&g[i]->st, c), c);
+                column_text(cell, sizeof(cell), &g[i]->st, c, TABLE_DECIMALS);
                 fprintf(out, "  %*s", (int)width[c + 1], cell);
             }
             fputc('\n', out);
@@ -624,12 +703,22 @@ static void csv_field(FILE *out, const char *s)
     fputc('"', out);
 }
 
+/* A finite double as the shortest %g that reads back as the same double
+ * (as cJSON writes JSON numbers); nothing else. */
 static void csv_num(FILE *out, double v)
 {
-    if (isfinite(v))
-        fprintf(out, ",%.15g", v);
-    else
+    char text[32];
+
+    if (!isfinite(v)) {
         fputc(',', out);
+        return;
+    }
+    for (int digits = 15; digits <= 17; digits++) {
+        snprintf(text, sizeof(text), "%.*g", digits, v);
+        if (strtod(text, NULL) == v)
+            break;
+    }
+    fprintf(out, ",%s", text);
 }
 
 static void csv_stats_row(FILE *out, const char *kind, const char *dim, const char *value,
@@ -640,8 +729,12 @@ static void csv_stats_row(FILE *out, const char *kind, const char *dim, const ch
     csv_field(out, dim);
     fputc(',', out);
     csv_field(out, value);
-    for (size_t c = 0; c < NCOLUMNS; c++)
-        csv_num(out, column(s, c));
+    char cell[48];
+
+    for (size_t c = 0; c < NCOLUMNS; c++) {
+        column_text(cell, sizeof(cell), s, c, EXACT_DECIMALS);
+        fprintf(out, ",%s", cell);
+    }
     fputs(",,,,,,,,,\n", out);
 }
 
@@ -676,9 +769,14 @@ static void print_csv(const struct report *r, FILE *out, const struct group **g,
 static cJSON *json_stats(const struct stats *s)
 {
     cJSON *o = cJSON_CreateObject();
+    char cell[48];
 
-    for (size_t c = 0; c < NCOLUMNS; c++)
-        cJSON_AddNumberToObject(o, columns[c], column(s, c));
+    /* As text: a double would round the sum (cJSON would write it back as
+     * the double, 0.1 + 0.2 as 0.30000000000000004). */
+    for (size_t c = 0; c < NCOLUMNS; c++) {
+        column_text(cell, sizeof(cell), s, c, EXACT_DECIMALS);
+        cJSON_AddRawToObject(o, columns[c], cell);
+    }
     return o;
 }
 

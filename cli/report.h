@@ -14,8 +14,11 @@
  * key if present, else per route) prints the difference of mean cost per
  * request between each pair of arms with a 95% Welch confidence interval.
  * Token columns count what was billed (billed_*_tokens; a log older than
- * those keys: the upstream's usage, else the estimate). Lines that are not
- * JSON objects are skipped and counted. A progress line
+ * those keys: the upstream's usage, else the estimate). Amounts are
+ * cost_usd and saved_usd, summed exactly to the pico-USD; CSV and JSON
+ * print the sums exactly, the table to the micro-USD. Lines that are not
+ * JSON objects, or have numbers no router writes, are skipped and
+ * counted. A progress line
  * goes to stderr when it is a terminal or with --progress.
  * Returns 0, 1 (a file could not be read or written) or 2 (usage).
  */

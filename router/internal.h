@@ -432,6 +432,11 @@ void router__spend_free(struct router *r);
  * write left, free it (and when the last one goes at shutdown, close the
  * store and the cost log so the loop can end). */
 void router__maybe_finish(struct router *r);
+/* A tenant's budget in USD (daily_usd, monthly_usd) as the store's limit
+ * and the policy's: micro-USD by backend_usd_to_micro(), so that the
+ * router's checks and the store's reservations agree, except that a
+ * positive budget is at least 1 (0 means no budget to both). */
+int64_t router__budget_micro(double usd);
 /* Reserve the choice's cost (and look the cache up) for the request; on
  * the answer, router__proxy_reserved() continues. */
 void router__spend_begin(struct router__client *c);

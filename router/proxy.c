@@ -298,11 +298,6 @@ static int build_request(struct router__client *c, const struct router__pool *po
     return rc;
 }
 
-static int64_t micro_of(double usd)
-{
-    return (int64_t)llround(usd * 1e6);
-}
-
 /* Micro-dollars as "D.DDDDDD" (out: 28 bytes or more), without printf: it
  * runs once or twice per request. */
 static void format_usd(char *out, size_t n, int64_t micro)
@@ -399,7 +394,7 @@ static struct policy_budget budget_of(double limit_usd, int64_t spent, int64_t r
     struct policy_budget b = {0, 0};
 
     if (limit_usd > 0) {
-        b.limit_micro = micro_of(limit_usd);
+        b.limit_micro = router__budget_micro(limit_usd);
         b.remaining_micro = b.limit_micro - spent - reserved;
     }
     return b;
@@ -417,9 +412,9 @@ static int64_t budget_left(struct router__client *c, int count_holds)
     int64_t held = count_holds ? ts->reserved : 0, left = BUDGET_NONE;
 
     if (t->daily_usd > 0)
-        left = micro_of(t->daily_usd) - ts->day_spent - held;
+        left = router__budget_micro(t->daily_usd) - ts->day_spent - held;
     if (t->monthly_usd > 0)
-        left = MIN(left, micro_of(t->monthly_usd) - ts->month_spent - held);
+        left = MIN(left, router__budget_micro(t->monthly_usd) - ts->month_spent - held);
     return left;
 }
 
@@ -1139,7 +1134,7 @@ static int overrun_cut(struct router__client *c)
     if (left == BUDGET_NONE)
         return 0;
     left = MAX(left, 0); /* its own hold is its to spend */
-    running = micro_of(backend_api_price_usd(b, &so_far));
+    running = backend_usd_to_micro(backend_api_price_usd(b, &so_far));
     if (running > req->res.amount && !req->overrun_checked && req->store_op == NULL) {
         /* Past its own hold the stream spends what the tenant has left,
          * by numbers that may count holds settled since. Read them afresh

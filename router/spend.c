@@ -255,9 +255,13 @@ static void track(struct router *r, struct cache_op *op)
         r->store_pending++;
 }
 
-static int64_t usd_to_micro(double usd)
+int64_t router__budget_micro(double usd)
 {
-    return (int64_t)(usd * 1e6 + 0.5);
+    int64_t micro = backend_usd_to_micro(usd);
+
+    /* 0 is no budget to the store and the policy: a positive budget under
+     * half a micro-dollar is the least budget there is, not none. */
+    return usd > 0 && micro == 0 ? 1 : micro;
 }
 
 /* The store's answer for the tenant, as of the periods it was read in. */
@@ -312,8 +316,8 @@ void router__spend_begin(struct router__client *c)
 
     req->begins++;
     req->store_op = cache_begin(c->router->store, t->id, lookup ? &req->cache_key : NULL,
-                                req->choice.cost_micro, usd_to_micro(t->daily_usd),
-                                usd_to_micro(t->monthly_usd), on_begin, c);
+                                req->choice.cost_micro, router__budget_micro(t->daily_usd),
+                                router__budget_micro(t->monthly_usd), on_begin, c);
     if (req->store_op == NULL)
         router__send_error(c, error_no_memory, NULL);
 }

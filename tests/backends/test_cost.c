@@ -559,6 +559,31 @@ Test(cost, micro_usd_rounding, .timeout = 5)
     cr_assert_eq(backend_usd_to_micro(12.5), 12500000);
 }
 
+/* The one conversion of money, at its edges. What is not a positive
+ * amount is 0 (a NaN was INT64_MIN through llround); past
+ * BACKEND_MICRO_MAX, +inf included, it is that (the conversion to an
+ * integer was undefined). Large budgets round as small ones: 2^52 + 1
+ * micro-USD is odd, where adding 0.5 before truncating (the store's
+ * limits did) rounds to the even 2^52 + 2, one more than the router's
+ * checks allowed. */
+Test(cost, micro_usd_edges, .timeout = 5)
+{
+    cr_assert_eq(backend_usd_to_micro(NAN), 0);
+    cr_assert_eq(backend_usd_to_micro_ceil(NAN), 0);
+    cr_assert_eq(backend_usd_to_micro(-1), 0);
+    cr_assert_eq(backend_usd_to_micro(-0.0), 0);
+    cr_assert_eq(backend_usd_to_micro_ceil(-1), 0);
+    cr_assert_eq(backend_usd_to_micro(0.0000004), 0);
+    cr_assert_eq(backend_usd_to_micro(0.0000005), 1, "a half rounds away from zero");
+    cr_assert_eq(backend_usd_to_micro(INFINITY), BACKEND_MICRO_MAX);
+    cr_assert_eq(backend_usd_to_micro_ceil(INFINITY), BACKEND_MICRO_MAX);
+    cr_assert_eq(backend_usd_to_micro(1e300), BACKEND_MICRO_MAX);
+    cr_assert_eq(backend_usd_to_micro_ceil(1e300), BACKEND_MICRO_MAX);
+    cr_assert_eq(backend_usd_to_micro(1e12), 1000000000000000000, "the largest budget");
+    cr_assert_eq(backend_usd_to_micro(4503599627.370497), 4503599627370497);
+    cr_assert_eq(backend_usd_to_micro_ceil(4503599627.370497), 4503599627370497);
+}
+
 /* The fixture's API prices are the ones conf/prices.yaml ships, read
  * with the YAML library the config loader uses. */
 Test(cost, fixture_prices_are_those_of_prices_yaml, .timeout = 5)

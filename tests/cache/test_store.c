@@ -225,6 +225,30 @@ BOTH(a_settled_reservation_behind_an_open_one_is_freed_once, 20)
     fx_close(&f);
 }
 
+/* Both stores treat a settle named again alike: its charge is charged
+ * (the real cost is always charged, and Redis cannot tell a second settle
+ * from a late one of a reservation it forgot after the grace period),
+ * and it frees nothing a second time. Callers settle once. */
+BOTH(a_second_settle_of_one_reservation_is_charged_and_frees_nothing, 20)
+{
+    struct cache_options o = {0};
+    struct fx f;
+    struct wait w, other, s;
+
+    fx_open(&f, use_redis, &o, "twice");
+    other = wait_begin(&f.loop, f.c, "acme", NULL, 30, 1000, 0); /* keeps w in the ring */
+    w = wait_begin(&f.loop, f.c, "acme", NULL, 100, 1000, 0);
+    cr_assert(w.begin.granted && other.begin.granted);
+    cr_assert_null(wait_settle(&f.loop, f.c, &w.begin.reservation, 40));
+    cr_assert_null(wait_settle(&f.loop, f.c, &w.begin.reservation, 40));
+    s = wait_spend(&f.loop, f.c, "acme");
+    cr_assert_eq(s.spend.day_spent, 80);
+    cr_assert_eq(s.spend.month_spent, 80);
+    cr_assert_eq(s.spend.reserved, 30, "the other hold stands");
+    cr_assert_null(wait_release(&f.loop, f.c, &other.begin.reservation));
+    fx_close(&f);
+}
+
 /* A hit holds nothing itself but reports the tenant's numbers as a miss
  * does: the router's next choice counts the holds of requests in flight. */
 BOTH(a_hit_reports_the_holds_in_flight, 20)

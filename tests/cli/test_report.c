@@ -75,16 +75,18 @@ static void generate(unsigned n, struct expect *e)
     for (unsigned i = 0; i < n; i++) {
         unsigned t = i % 3, b = (i / 3) % 2, tm = (i / 7) % 2;
         struct conf_tag tags[] = {{"team", (char *)teams[tm]}, {"cost_center", "cc1"}};
-        double cost = (double)(i % 11 + 1) / 1024;
         int settled = i % 5 != 0;
+        /* unsettled: the router writes cost_usd 0; null here, beside an
+         * estimate, which is no spend: it counts 0 */
+        double cost = settled ? (double)(i % 11 + 1) / 1024 : 0;
         snprintf(id, sizeof(id), "r%u", i);
         struct metrics_cost_record r = {
             .ts_ms = 1700000000000LL + i, .request_id = id, .tenant = tenants[t], .tags = tags,
             .ntags = 2, .route = "chat", .backend = backends[b], .reason = "cheapest",
             .prompt_tokens_est = 10, .prompt_tokens = 12, .completion_tokens_est = 5,
             .completion_tokens = 7, .billed_prompt_tokens = settled ? 12 : -1,
-            .billed_completion_tokens = settled ? 7 : -1, .cost_usd_est = settled ? 1 : cost,
-            .cost_usd = settled ? cost : NAN, /* unsettled: the report uses the estimate */
+            .billed_completion_tokens = settled ? 7 : -1, .cost_usd_est = settled ? 1 : 0.5,
+            .cost_usd = settled ? cost : NAN,
             .saved_usd = 0, .ttft_ms = 10, .latency_ms = 20, .status = i % 13 ? 200 : 502,
         };
         emit(f, &r);
@@ -320,6 +322,20 @@ static void write_log(const char *const *lines, size_t n)
     fclose(f);
 }
 
+/* The report in JSON, --by `by`, of the log `lines` (n of them); *text
+ * gets its text (to free). */
+static cJSON *json_report_of(const char *const *lines, size_t n, const char *by, char **text)
+{
+    cJSON *root;
+
+    write_log(lines, n);
+    cr_assert_eq(run("--format", "json", "--by", by), 0);
+    *text = slurp(outpath);
+    root = cJSON_Parse(*text);
+    cr_assert_not_null(root, "output is not JSON: %s", *text);
+    return root;
+}
+
 /* Tokens are what was billed, which the estimates are not: a stream
  * without usage billed on the router's count, an upstream error billed
  * nothing. A log older than the billed_* keys is read as before: usage,
@@ -342,12 +358,9 @@ Test(report, tokens_are_what_was_billed, .timeout = 10)
         const char *route;
         double prompt, completion;
     } want[] = {{"nu", 9, 16}, {"api", 0, 0}, {"old", 10 + 12, 5 + 7}};
+    char *text;
+    cJSON *root = json_report_of(lines, sizeof(lines) / sizeof(lines[0]), "route", &text);
 
-    write_log(lines, sizeof(lines) / sizeof(lines[0]));
-    cr_assert_eq(run("--format", "json", "--by", "route"), 0);
-    char *text = slurp(outpath);
-    cJSON *root = cJSON_Parse(text);
-    cr_assert_not_null(root, "output is not JSON: %s", text);
     for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
         const cJSON *g = group(root, "route", want[i].route);
         cr_assert_eq(field(g, "prompt_tokens"), want[i].prompt, "%s", want[i].route);
@@ -375,12 +388,9 @@ Test(report, constant_arms_have_no_confidence_interval, .timeout = 10)
         "{\"route\":\"v\",\"arm\":\"b\",\"cost_usd\":0.001953125}",
     };
     const cJSON *d;
+    char *text;
+    cJSON *root = json_report_of(lines, sizeof(lines) / sizeof(lines[0]), "arm", &text);
 
-    write_log(lines, sizeof(lines) / sizeof(lines[0]));
-    cr_assert_eq(run("--format", "json", "--by", "arm"), 0);
-    char *text = slurp(outpath);
-    cJSON *root = cJSON_Parse(text);
-    cr_assert_not_null(root, "output is not JSON: %s", text);
     cr_assert_eq(cJSON_GetArraySize(cJSON_GetObjectItem(root, "arm_diffs")), 2);
     d = cJSON_GetArrayItem(cJSON_GetObjectItem(root, "arm_diffs"), 0);
     cr_assert_str_eq(cJSON_GetObjectItem(d, "route")->valuestring, "c");
@@ -517,9 +527,141 @@ Test(report, numbers_out_of_range_make_a_bad_line, .timeout = 20)
     cr_assert_gt(csv_split(strchr(out.data, '\n') + 1, f), 10);
     cr_assert_str_eq(f[0], "total");
     cr_assert_str_eq(f[5], "999999999999999", "%s", out.data);
-    /* 15 significant digits, as CSV numbers all have */
-    cr_assert_float_eq(strtod(f[7], NULL), cost, cost * 1e-14, "%s", out.data);
+    cr_assert_eq(strtod(f[7], NULL), cost, "%s", out.data);
     buf_free(&out);
+}
+
+/* Did the report's JSON `out` write `key` with the number text `value`
+ * (as written: a parser would make a double of it)? */
+static int json_wrote(const char *out, const char *key, const char *value)
+{
+    char pair[128];
+    const char *p;
+
+    snprintf(pair, sizeof(pair), "\"%s\":\t%s", key, value);
+    for (p = strstr(out, pair); p != NULL; p = strstr(p + 1, pair))
+        if (p[strlen(pair)] == ',' || p[strlen(pair)] == '\n')
+            return 1;
+    return 0;
+}
+
+/* Amounts are summed exactly, to the pico-dollar the cost log writes, and
+ * printed so in CSV and JSON: 999.999999999999 + 0.000000000002 is
+ * 1000.000000000001, which in doubles was 1000.0000000000009 (JSON) or
+ * 1000 (CSV, 15 digits); 0.1 + 0.2 is 0.3, not 0.30000000000000004. The
+ * cost per 1K requests is rounded to the pico-dollar. */
+Test(report, amounts_add_up_exactly, .timeout = 20)
+{
+    static const char *const lines[] = {
+        "{\"tenant\":\"a\",\"cost_usd\":999.999999999999,\"saved_usd\":0.1}",
+        "{\"tenant\":\"a\",\"cost_usd\":0.000000000002,\"saved_usd\":0.2}",
+        "{\"tenant\":\"b\",\"cost_usd\":0.1}",
+        "{\"tenant\":\"b\",\"cost_usd\":0.2}",
+        "{\"tenant\":\"b\",\"cost_usd\":0.000002}",
+    };
+    static const char *const wrote[][2] = {
+        {"cost_usd", "1000.000000000001"},          /* a */
+        {"saved_usd", "0.3"},                       /* a and the total */
+        {"usd_per_1k_requests", "500000.0000000005"}, /* a */
+        {"cost_usd", "0.300002"},                   /* b */
+        {"usd_per_1k_requests", "100.000666666667"}, /* b: 100.0006666... */
+        {"cost_usd", "1000.300002000001"},          /* the total */
+    };
+    struct buf out = {0};
+    static char f[32][128];
+
+    write_log(lines, sizeof(lines) / sizeof(lines[0]));
+    run_binary("json", &out);
+    cJSON *root = cJSON_Parse(out.data);
+    cr_assert_not_null(root, "output is not JSON: %s", out.data);
+    cJSON_Delete(root);
+    for (size_t i = 0; i < sizeof(wrote) / sizeof(wrote[0]); i++)
+        cr_assert(json_wrote(out.data, wrote[i][0], wrote[i][1]), "%s %s: %s", wrote[i][0],
+                  wrote[i][1], out.data);
+
+    run_binary("csv", &out);
+    *strchr(strchr(out.data, '\n') + 1, '\n') = '\0'; /* the total row */
+    cr_assert_gt(csv_split(strchr(out.data, '\n') + 1, f), 10);
+    cr_assert_str_eq(f[0], "total");
+    cr_assert_str_eq(f[7], "1000.300002000001", "%s", out.data);
+    cr_assert_str_eq(f[10], "0.3", "%s", out.data);
+
+    run_binary("table", &out);
+    cr_assert_not_null(strstr(out.data, "$1000.300002, $200060.000400 per 1K requests"), "%s",
+                       out.data);
+    cr_assert_not_null(strstr(out.data, " 100.000667 "), "b, rounded: %s", out.data);
+    buf_free(&out);
+}
+
+/* The cost is cost_usd alone. The router writes it wherever it writes an
+ * estimate (0 when nothing was settled); a line with the estimate and no
+ * cost (null, or hand-made) spent nothing, where the report counted the
+ * estimate as spent. */
+Test(report, an_estimate_is_not_spend, .timeout = 10)
+{
+    static const char *const lines[] = {
+        "{\"tenant\":\"a\",\"cost_usd\":null,\"cost_usd_est\":0.5}",
+        "{\"tenant\":\"a\",\"cost_usd_est\":0.25}",
+        "{\"tenant\":\"a\",\"cost_usd\":0.125,\"cost_usd_est\":0.5}",
+    };
+    char *text;
+    cJSON *root = json_report_of(lines, sizeof(lines) / sizeof(lines[0]), "tenant", &text);
+
+    cr_assert_eq(field(group(root, "tenant", "a"), "requests"), 3);
+    cr_assert_eq(field(group(root, "tenant", "a"), "cost_usd"), 0.125, "%s", text);
+    cJSON_Delete(root);
+    free(text);
+}
+
+/* The router counts whole tokens: a count with a fraction is no router's,
+ * and the line is a bad one, as one out of range is; it was cut to the
+ * whole tokens below, a number the log never said. */
+Test(report, a_fraction_of_a_token_makes_a_bad_line, .timeout = 10)
+{
+    static const char *const lines[] = {
+        "{\"tenant\":\"a\",\"billed_prompt_tokens\":3,\"billed_completion_tokens\":4}",
+        "{\"tenant\":\"a\",\"billed_prompt_tokens\":2.5,\"billed_completion_tokens\":1}",
+        "{\"tenant\":\"a\",\"prompt_tokens\":1,\"completion_tokens\":null,"
+        "\"completion_tokens_est\":0.5}",
+        "{\"tenant\":\"a\",\"prompt_tokens\":1e3,\"completion_tokens\":2.0}",
+    };
+    char *text;
+    cJSON *root = json_report_of(lines, sizeof(lines) / sizeof(lines[0]), "tenant", &text);
+
+    cr_assert_eq(field(root, "bad_lines"), 2, "%s", text);
+    const cJSON *tot = cJSON_GetObjectItem(root, "total");
+    cr_assert_eq(field(tot, "requests"), 2);
+    cr_assert_eq(field(tot, "prompt_tokens"), 1003);
+    cr_assert_eq(field(tot, "completion_tokens"), 6);
+    cJSON_Delete(root);
+    free(text);
+}
+
+/* Amounts are bounded in total as tokens are: 108 lines of the largest
+ * amount a line may have ($9,223,372,036,854.775807) come to under
+ * $10^15, the 109th would take the total past it and is a bad line,
+ * and so are those after it; a smaller one still fits. Costs and savings
+ * alike. */
+Test(report, amounts_past_a_total_of_10e15_usd_make_bad_lines, .timeout = 20)
+{
+    static const char *lines[223];
+    const double most = 108 * 9223372036854.775;
+
+    for (size_t i = 0; i < 111; i++) {
+        lines[i] = "{\"tenant\":\"a\",\"cost_usd\":9223372036854.775}";
+        lines[111 + i] = "{\"tenant\":\"a\",\"cost_usd\":0,\"saved_usd\":9223372036854.775}";
+    }
+    lines[222] = "{\"tenant\":\"a\",\"cost_usd\":0.5,\"saved_usd\":0.5}";
+    char *text;
+    cJSON *root = json_report_of(lines, 223, "tenant", &text);
+    const cJSON *tot = cJSON_GetObjectItem(root, "total");
+
+    cr_assert_eq(field(root, "bad_lines"), 6, "%s", text);
+    cr_assert_eq(field(tot, "requests"), 217);
+    cr_assert_float_eq(field(tot, "cost_usd"), most + 0.5, most * 1e-15);
+    cr_assert_float_eq(field(tot, "saved_usd"), most + 0.5, most * 1e-15);
+    cJSON_Delete(root);
+    free(text);
 }
 
 Test(report, usage_errors, .timeout = 10)

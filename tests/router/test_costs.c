@@ -434,6 +434,22 @@ Test(costs, a_request_costing_exactly_the_budget_fits_and_spends_it_all)
     cr_assert_float_eq(header_usd("x-costrouter-budget-remaining-usd"), 0, 1e-9);
 }
 
+/* A budget of $0.0000004 is less than a micro-dollar, but a budget: to
+ * the nearest micro-USD it was 0, which the policy and the store both
+ * read as no budget at all, and the tenant spent without limit. It is 1
+ * micro-USD, which no request fits in. */
+Test(costs, a_budget_under_half_a_micro_dollar_is_not_unlimited)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    start_routers(1, "a", "    budget: {daily_usd: 0.0000004, on_exhausted: reject}\n");
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"max_tokens\":1," MSG "}"), 0);
+    cr_assert_eq(resp.status, 429, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(cJSON_GetStringValue(cJSON_GetObjectItem(
+                         cJSON_GetObjectItem(body_json(), "error"), "code")),
+                     "budget_exhausted");
+}
+
 /* Wait until Redis holds nothing for the tenant: the answer reaches the
  * client before the settle that follows it reaches Redis. */
 static void wait_settled_in_redis(void)
