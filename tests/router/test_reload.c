@@ -37,20 +37,6 @@ static struct support_http_response resp;
 static char conf_path[64], log_path[64];
 static int fifo_fd = -1; /* the test's writing end of the config FIFO */
 
-/* The router's log to the test's stderr, where tests/run.sh looks for
- * sanitizer reports (make asan). */
-static void log_show(void)
-{
-    FILE *f = fopen(log_path, "r");
-    char line[2048];
-
-    if (f == NULL)
-        return;
-    while (fgets(line, sizeof(line), f))
-        fprintf(stderr, "router: %s", line);
-    fclose(f);
-}
-
 static void teardown(void)
 {
     support_proc_stop(&router);
@@ -63,7 +49,7 @@ static void teardown(void)
     if (conf_path[0])
         unlink(conf_path);
     if (log_path[0]) {
-        log_show();
+        support_log_show(log_path, "router");
         unlink(log_path);
     }
 }
@@ -206,14 +192,9 @@ static int reload_answer(struct support_http_conn *conn, struct support_http_res
 /* Lines of the router's log that hold `text`. */
 static int log_count(const char *text)
 {
-    FILE *f = fopen(log_path, "r");
-    char line[2048];
-    int n = 0;
+    int n = support_log_count(log_path, text);
 
-    cr_assert_not_null(f);
-    while (fgets(line, sizeof(line), f))
-        n += strstr(line, text) != NULL;
-    fclose(f);
+    cr_assert_geq(n, 0, "%s: %s", log_path, strerror(errno));
     return n;
 }
 
