@@ -78,6 +78,8 @@ struct router__shared {
     size_t nclients;                /* client connections of every generation */
     struct log_every refuse_log;    /* "at max connections" lines */
     struct log_every nofile_log;    /* "no descriptor for a backend connection" lines */
+    uv_timer_t accept_retry;        /* accepts again after no memory for a client (server.c) */
+    struct log_every accept_log;    /* "no memory to accept" lines, once a minute */
     unsigned listening:1;           /* listener is open */
     char listen_host[64];           /* `listen` of the config at start: what a reload */
     uint16_t listen_port;           /* compares with, as the listener keeps it */
