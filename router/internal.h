@@ -461,6 +461,9 @@ void router__tenant_roll(struct router__tenant *ts);
 /* admin.c: /metrics, /dashboard, /admin/... */
 void router__admin_handle(struct router__client *c, struct slice path);
 void router__admin_abandon(struct router__client *c);
+/* A POST /admin/reload waited admin_reload_timeout_ms: answer 504, and
+ * leave the reload to go on without it. */
+void router__admin_reload_expire(struct router__client *c);
 /* account.c: set gauges that are read, not counted (budgets, pools, store) */
 void router__refresh_gauges(struct router *r);
 /* Drop the series router__refresh_gauges sets (at a reload): those of a

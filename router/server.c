@@ -306,6 +306,8 @@ static void client_timeout(void *arg)
     case ROUTER_CLIENT_BUSY:
         if (c->parked)
             router__park_expire(c);
+        else if (c->req.reload_wait != NULL)
+            router__admin_reload_expire(c);
         break;
     case ROUTER_CLIENT_LINGER:
         router__client_close(c);
