@@ -6,6 +6,7 @@
  *   costrouter tokens ...          count tokens (see `costrouter tokens --help`)
  *   costrouter report ...          summarize cost logs
  */
+#include <ctype.h>
 #include <getopt.h>
 #include <pthread.h>
 #include <signal.h>
@@ -258,6 +259,18 @@ static int reload_apply(struct app *app, struct conf *conf, char **errors)
 
 static void reload_start(struct app *app);
 
+/* Cut the whitespace off the end of `s`: conf_load ends each error with a
+ * newline, which would end the admin answer's message and make an empty
+ * line in the log. */
+static void trim_end(char *s)
+{
+    size_t n = strlen(s);
+
+    while (n > 0 && isspace((unsigned char)s[n - 1]))
+        n--;
+    s[n] = '\0';
+}
+
 /* The thread is done: apply its result, answer those who waited for it,
  * and start the load asked for meanwhile, if any. */
 static void on_loaded(uv_async_t *h)
@@ -275,6 +288,8 @@ static void on_loaded(uv_async_t *h)
     l->conf = NULL;
     l->errors = NULL;
     uv_mutex_unlock(&l->lock);
+    if (errors != NULL)
+        trim_end(errors);
     uv_close((uv_handle_t *)&l->done, load_closed);
     app->load = NULL;
     app->waiting = NULL;

@@ -8,7 +8,9 @@
  * outside, with no timing to guess.
  */
 #define _GNU_SOURCE
+#include <cjson/cJSON.h>
 #include <criterion/criterion.h>
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -372,6 +374,47 @@ Test(reload, the_answer_waits_no_longer_than_admin_reload_timeout_ms)
     support_http_response_free(&r);
     cr_assert_eq(chat("chat2"), 0);
     cr_assert_eq(resp.status, 200, "the later reload did not apply");
+    support_proc_stop(&router);
+    cr_assert(support_proc_exited_cleanly(&router), "exit status %d", router.status);
+}
+
+/* Reload with `text` written into the FIFO as the config: the 400 answer's
+ * error message must hold `want` and end without whitespace. */
+static void assert_refused_with(const char *text, const char *want)
+{
+    struct support_http_conn admin;
+    struct support_http_response r = {0};
+    const cJSON *message;
+    cJSON *body;
+    size_t len;
+
+    send_reload(&admin);
+    fifo_fd = fifo_open_writer();
+    cr_assert_eq(write(fifo_fd, text, strlen(text)), (ssize_t)strlen(text));
+    close(fifo_fd);
+    fifo_fd = -1;
+    cr_assert_eq(reload_answer(&admin, &r), 400, "%.*s", (int)r.body.len, r.body.data);
+    body = cJSON_ParseWithLength(r.body.data, r.body.len);
+    message = cJSON_GetObjectItem(cJSON_GetObjectItem(body, "error"), "message");
+    cr_assert(cJSON_IsString(message), "%.*s", (int)r.body.len, r.body.data);
+    len = strlen(message->valuestring);
+    cr_assert_not_null(strstr(message->valuestring, want), "%s", message->valuestring);
+    cr_assert(len > 0 && !isspace((unsigned char)message->valuestring[len - 1]),
+              "the message ends with whitespace: \"%s\"", message->valuestring);
+    cJSON_Delete(body);
+    support_http_response_free(&r);
+}
+
+/* The 400 of a refused reload carries the config's errors, one a line,
+ * with no newline after the last: libfyaml's (a YAML syntax error) and
+ * the router's own (an unknown key, two errors). Each ended with one. */
+Test(reload, the_400_message_ends_without_a_newline)
+{
+    start("  - {model: chat, candidates: [a]}\n");
+    assert_refused_with("listen: [unclosed\n", "(yaml)");
+    assert_refused_with("bogus_key: 1\nother_bogus_key: 2\n", "other_bogus_key");
+    cr_assert_eq(chat("chat"), 0);
+    cr_assert_eq(resp.status, 200, "the running config stays");
     support_proc_stop(&router);
     cr_assert(support_proc_exited_cleanly(&router), "exit status %d", router.status);
 }
