@@ -470,6 +470,26 @@ out:
     return rc;
 }
 
+/* --check-config: load, validate and try what the router would make of
+ * it; the exit status. */
+static int check_config(const char *path)
+{
+    struct conf *conf = load_config(path);
+    char *errors = NULL, summary[128];
+
+    if (conf == NULL)
+        return 1;
+    if (router_check(conf, &errors) != 0) {
+        fprintf(stderr, "%s: %s\n", path, errors ? errors : "cannot load");
+        free(errors);
+        conf_free(conf);
+        return 1;
+    }
+    printf("%s: configuration OK (%s)\n", path, conf_summary(conf, summary, sizeof(summary)));
+    conf_free(conf);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -523,23 +543,8 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    if (check) {
-        struct conf *conf = load_config(config);
-        char *errors = NULL;
-
-        if (conf == NULL)
-            return 1;
-        if (router_check(conf, &errors) != 0) {
-            fprintf(stderr, "%s: %s\n", config, errors ? errors : "cannot load");
-            free(errors);
-            conf_free(conf);
-            return 1;
-        }
-        printf("%s: configuration OK (%zu backends, %zu routes, %zu tenants)\n", config,
-               conf->nbackends, conf->nroutes, conf->ntenants);
-        conf_free(conf);
-        return 0;
-    }
+    if (check)
+        return check_config(config);
     tzset(); /* glibc reads the zone file at its first time conversion: not on the loop */
     return run(config);
 }

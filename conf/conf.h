@@ -243,6 +243,10 @@ struct conf *conf_load(const char *path, char **errors);
 /* Free everything conf_load returned. NULL is fine. */
 void conf_free(struct conf *conf);
 
+/* "N backends, N routes, N tenants" (each noun singular for one) into
+ * out[size]: what the config holds, for --check-config and the log. */
+const char *conf_summary(const struct conf *conf, char *out, size_t size);
+
 /* Lookups used at start-up and by the router, O(log n) over sorted
  * indexes; each returns NULL when nothing matches. `name` is a C string;
  * `model` is `len` bytes, not NUL-terminated (a slice of the request). */

@@ -1118,6 +1118,7 @@ struct router *router_reload(struct router *old, struct conf *conf, char **error
 {
     struct router__shared *sh = old->shared;
     const char *fixed = restart_only_change(old->conf, conf);
+    char summary[128];
     struct router *r;
 
     if (fixed != NULL) {
@@ -1149,8 +1150,7 @@ struct router *router_reload(struct router *old, struct conf *conf, char **error
     sh->current = r;
     router__account_idle(old);
     router__forget_gauges(r);
-    log_info("config reloaded: %zu backends, %zu routes, %zu tenants", conf->nbackends,
-             conf->nroutes, conf->ntenants);
+    log_info("config reloaded: %s", conf_summary(conf, summary, sizeof(summary)));
     generation_drain(old, 1);
     return r;
 }
