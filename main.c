@@ -86,13 +86,16 @@ static void usage(FILE *out)
             "usage: costrouter -c FILE              run the router with this config\n"
             "       costrouter --check-config FILE  validate a config, print every error\n"
             "       costrouter report [--help] LOG...  totals and cost per 1K requests from cost logs\n"
-            "       costrouter tokens --encoding cl100k_base|o200k_base|llama3 [--chat] [FILE|-]\n"
+            "       costrouter " CLI_TOKENS_SYNOPSIS "\n"
+            "                                       count tokens as a backend does\n"
             "       costrouter --version | --help\n"
             "options:\n"
             "  -c, --config FILE   configuration file (YAML)\n"
             "  -t, --check-config  with -c: validate and exit\n"
             "  -v, --verbose       more logging (repeat for debug)\n"
-            "  -q, --quiet         errors only\n");
+            "  -q, --quiet         errors only\n"
+            "tokens options (also `costrouter tokens --help`):\n");
+    cli_tokens_options(out);
 }
 
 /* Load and validate; print every error. Returns the config or NULL. */

@@ -92,3 +92,55 @@ Test(commands, check_config_counts_in_the_singular_and_the_plural)
              conf_path);
     cr_assert_str_eq(out.data, want);
 }
+
+/* The options `costrouter tokens --help` lists ("  --NAME" lines). */
+static void tokens_options(char names[][32], int *n)
+{
+    char *line, *save = NULL;
+
+    cr_assert_eq(run("tokens", "--help", NULL), 0, "tokens --help exits 0");
+    *n = 0;
+    for (line = strtok_r(out.data, "\n", &save); line; line = strtok_r(NULL, "\n", &save))
+        if (strncmp(line, "  --", 4) == 0 && *n < 16)
+            sscanf(line + 2, "%31s", names[(*n)++]);
+}
+
+/* Lines of the README that show `costrouter tokens`, NUL-terminated. */
+static void readme_tokens_lines(struct buf *lines)
+{
+    char path[512], line[1024];
+    const char *src = getenv("COSTROUTER_SRC");
+    FILE *f;
+
+    snprintf(path, sizeof(path), "%s/README.md", src ? src : ".");
+    cr_assert_not_null(f = fopen(path, "r"), "%s", path);
+    while (fgets(line, sizeof(line), f))
+        if (strstr(line, "costrouter tokens"))
+            cr_assert_eq(buf_append(lines, line, strlen(line)), 0);
+    fclose(f);
+    cr_assert_eq(buf_append(lines, "", 1), 0);
+}
+
+/* `costrouter --help` lists the tokens subcommand's options, each of
+ * them, and so does `costrouter tokens --help` (which went to stderr with
+ * status 2, as a usage error); the README shows every one. Before, the
+ * main help named neither --ids nor --data nor the estimate encoding. */
+Test(commands, help_lists_the_tokens_options_as_the_readme_does)
+{
+    char names[16][32];
+    struct buf readme = {0};
+    int n;
+
+    tokens_options(names, &n);
+    cr_assert_geq(n, 4, "tokens --help lists %d options:\n%s", n, out.data);
+    cr_assert_eq(run("--help", NULL, NULL), 0);
+    readme_tokens_lines(&readme);
+    for (int i = 0; i < n; i++) {
+        cr_assert_not_null(strstr(out.data, names[i]), "costrouter --help lacks %s:\n%s",
+                           names[i], out.data);
+        cr_assert_not_null(strstr(readme.data, names[i]), "the README shows no %s", names[i]);
+    }
+    cr_assert_not_null(strstr(out.data, "estimate"), "%s", out.data);
+    cr_assert_not_null(strstr(out.data, "costrouter tokens --help"), "%s", out.data);
+    buf_free(&readme);
+}
