@@ -30,6 +30,9 @@ SUPPORT_SRCS := $(wildcard tests/support/*.c)
 SUPPORT_OBJS := $(SUPPORT_SRCS:%.c=$(BUILD)/%.o)
 TEST_SRCS := $(wildcard tests/*/test_*.c)
 TESTS     := $(TEST_SRCS:%.c=$(BUILD)/%)
+# LD_PRELOAD shims that tests put under the router (tests/support/preload).
+PRELOAD_SRCS := $(wildcard tests/support/preload/*.c)
+PRELOADS     := $(PRELOAD_SRCS:%.c=$(BUILD)/%.so)
 
 BIN      := costrouter
 ifneq ($(BUILD),build)
@@ -87,6 +90,14 @@ $(MOCK): $(MOCK_SRCS:%.c=$(BUILD)/%.o) $(LIB)
 
 $(BUILD)/tests/%: $(BUILD)/tests/%.o $(SUPPORT_OBJS) $(LIB)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS) -lcriterion
+
+# Without the sanitizers, which a shim loaded before their runtime could
+# not initialize; they pass on to the next definition (ASan's, if any).
+$(BUILD)/tests/support/preload/%.so: tests/support/preload/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(OPT) -g -std=gnu11 -Wall -Wextra -fPIC -shared -o $@ $< -ldl
+
+$(TESTS): | $(PRELOADS)
 
 # Run every test binary; each prints Criterion's synthesis line. Stops at
 # the first failing binary with its name.

@@ -6,6 +6,7 @@
  *   costrouter tokens ...          count tokens (see `costrouter tokens --help`)
  *   costrouter report ...          summarize cost logs
  */
+#include <ctype.h>
 #include <getopt.h>
 #include <pthread.h>
 #include <signal.h>
@@ -85,13 +86,16 @@ static void usage(FILE *out)
             "usage: costrouter -c FILE              run the router with this config\n"
             "       costrouter --check-config FILE  validate a config, print every error\n"
             "       costrouter report [--help] LOG...  totals and cost per 1K requests from cost logs\n"
-            "       costrouter tokens --encoding cl100k_base|o200k_base|llama3 [--chat] [FILE|-]\n"
+            "       costrouter " CLI_TOKENS_SYNOPSIS "\n"
+            "                                       count tokens as a backend does\n"
             "       costrouter --version | --help\n"
             "options:\n"
             "  -c, --config FILE   configuration file (YAML)\n"
             "  -t, --check-config  with -c: validate and exit\n"
             "  -v, --verbose       more logging (repeat for debug)\n"
-            "  -q, --quiet         errors only\n");
+            "  -q, --quiet         errors only\n"
+            "tokens options (also `costrouter tokens --help`):\n");
+    cli_tokens_options(out);
 }
 
 /* Load and validate; print every error. Returns the config or NULL. */
@@ -258,6 +262,18 @@ static int reload_apply(struct app *app, struct conf *conf, char **errors)
 
 static void reload_start(struct app *app);
 
+/* Cut the whitespace off the end of `s`: conf_load ends each error with a
+ * newline, which would end the admin answer's message and make an empty
+ * line in the log. */
+static void trim_end(char *s)
+{
+    size_t n = strlen(s);
+
+    while (n > 0 && isspace((unsigned char)s[n - 1]))
+        n--;
+    s[n] = '\0';
+}
+
 /* The thread is done: apply its result, answer those who waited for it,
  * and start the load asked for meanwhile, if any. */
 static void on_loaded(uv_async_t *h)
@@ -275,6 +291,8 @@ static void on_loaded(uv_async_t *h)
     l->conf = NULL;
     l->errors = NULL;
     uv_mutex_unlock(&l->lock);
+    if (errors != NULL)
+        trim_end(errors);
     uv_close((uv_handle_t *)&l->done, load_closed);
     app->load = NULL;
     app->waiting = NULL;
@@ -455,6 +473,26 @@ out:
     return rc;
 }
 
+/* --check-config: load, validate and try what the router would make of
+ * it; the exit status. */
+static int check_config(const char *path)
+{
+    struct conf *conf = load_config(path);
+    char *errors = NULL, summary[128];
+
+    if (conf == NULL)
+        return 1;
+    if (router_check(conf, &errors) != 0) {
+        fprintf(stderr, "%s: %s\n", path, errors ? errors : "cannot load");
+        free(errors);
+        conf_free(conf);
+        return 1;
+    }
+    printf("%s: configuration OK (%s)\n", path, conf_summary(conf, summary, sizeof(summary)));
+    conf_free(conf);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -508,23 +546,8 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    if (check) {
-        struct conf *conf = load_config(config);
-        char *errors = NULL;
-
-        if (conf == NULL)
-            return 1;
-        if (router_check(conf, &errors) != 0) {
-            fprintf(stderr, "%s: %s\n", config, errors ? errors : "cannot load");
-            free(errors);
-            conf_free(conf);
-            return 1;
-        }
-        printf("%s: configuration OK (%zu backends, %zu routes, %zu tenants)\n", config,
-               conf->nbackends, conf->nroutes, conf->ntenants);
-        conf_free(conf);
-        return 0;
-    }
+    if (check)
+        return check_config(config);
     tzset(); /* glibc reads the zone file at its first time conversion: not on the loop */
     return run(config);
 }

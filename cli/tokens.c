@@ -2,7 +2,7 @@
  * cli/tokens.c: `costrouter tokens`, token counts from the command line.
  *
  *   costrouter tokens --encoding cl100k_base|o200k_base|llama3|estimate
- *                     [--chat] [--ids] [--data DIR] [FILE|-]
+ *                     [--chat] [--ids] [--data DIR] [FILE|-]   (--help: usage)
  *
  * Prints the token count of FILE (default stdin). With --chat the input is
  * a chat completion request JSON and the count is its prompt tokens as the
@@ -29,11 +29,24 @@ static const struct {
     {"estimate", CONF_TOK_ESTIMATE},
 };
 
-static int usage(void)
+void cli_tokens_options(FILE *f)
 {
-    fprintf(stderr, "usage: costrouter tokens --encoding cl100k_base|o200k_base|llama3|estimate\n"
-                    "                         [--chat] [--ids] [--data DIR] [FILE|-]\n");
-    return 2;
+    fputs("  --encoding ENC      cl100k_base, o200k_base, llama3, or estimate (from bytes)\n"
+          "  --chat              the input is a chat completion request (JSON): count its\n"
+          "                      prompt tokens as the API bills them\n"
+          "  --ids               print the token ids too, on a second line (plain text only)\n"
+          "  --data DIR          folder of the token tables (default: $COSTROUTER_DATA, else\n"
+          "                      data/tokens)\n"
+          "  FILE|-              the input (default: standard input)\n",
+          f);
+}
+
+/* The usage to `f`; returns the exit status `rc`. */
+static int usage(FILE *f, int rc)
+{
+    fputs("usage: costrouter " CLI_TOKENS_SYNOPSIS "\n", f);
+    cli_tokens_options(f);
+    return rc;
 }
 
 static int read_all(FILE *f, struct buf *b)
@@ -73,17 +86,19 @@ int cli_tokens_main(int argc, char **argv)
             chat = 1;
         else if (strcmp(argv[i], "--ids") == 0)
             want_ids = 1;
+        else if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0)
+            return usage(stdout, 0);
         else if (argv[i][0] != '-' || strcmp(argv[i], "-") == 0)
             path = argv[i];
         else
-            return usage();
+            return usage(stderr, 2);
     }
     int found = -1;
     for (size_t i = 0; enc_name && i < sizeof(names) / sizeof(names[0]); i++)
         if (strcmp(enc_name, names[i].name) == 0)
             found = (int)i;
     if (found < 0)
-        return usage();
+        return usage(stderr, 2);
     enum conf_tokenizer enc = names[found].enc;
 
     struct buf in = {0};

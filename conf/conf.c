@@ -506,6 +506,14 @@ done:
     return ctx.conf;
 }
 
+const char *conf_summary(const struct conf *conf, char *out, size_t size)
+{
+    snprintf(out, size, "%zu backend%s, %zu route%s, %zu tenant%s", conf->nbackends,
+             conf->nbackends == 1 ? "" : "s", conf->nroutes, conf->nroutes == 1 ? "" : "s",
+             conf->ntenants, conf->ntenants == 1 ? "" : "s");
+    return out;
+}
+
 /* Secrets are wiped before their memory goes back to the allocator. */
 static void free_secret(char *s)
 {

@@ -175,6 +175,8 @@ struct conf {
                                     HTTP (section `tls:`, given with tls_key_file) */
     char *tls_key_file;          /* PEM private key of tls_cert_file */
     char *admin_key;             /* secret, or NULL: admin API off */
+    int admin_reload_timeout_ms; /* POST /admin/reload answers 504 once its reload has run
+                                    this long (the reload goes on), default 30000 */
     char *cost_log;              /* path, "-" for stdout, NULL for none */
     size_t cost_log_buffer_max;  /* bytes waiting for the disk that hold new requests,
                                     default 16 MiB (until half are written) */
@@ -240,6 +242,10 @@ struct conf *conf_load(const char *path, char **errors);
 
 /* Free everything conf_load returned. NULL is fine. */
 void conf_free(struct conf *conf);
+
+/* "N backends, N routes, N tenants" (each noun singular for one) into
+ * out[size]: what the config holds, for --check-config and the log. */
+const char *conf_summary(const struct conf *conf, char *out, size_t size);
 
 /* Lookups used at start-up and by the router, O(log n) over sorted
  * indexes; each returns NULL when nothing matches. `name` is a C string;

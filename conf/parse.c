@@ -974,6 +974,8 @@ static const struct directive root_directives[CONF__R_COUNT] = {
     [CONF__R_TLS_CERT_FILE] = {"cert_file", "tls", T_STR, R(tls_cert_file), .fn = check_readable},
     [CONF__R_TLS_KEY_FILE] = {"key_file", "tls", T_STR, R(tls_key_file), .fn = check_readable},
     [CONF__R_ADMIN_KEY] = {"admin_key", NULL, T_SECRET, R(admin_key)},
+    [CONF__R_ADMIN_RELOAD_TIMEOUT] = {"admin_reload_timeout_ms", NULL, T_INT,
+                                      R(admin_reload_timeout_ms), 1, DAY_MS, "30000"},
     [CONF__R_COST_LOG] = {"cost_log", NULL, T_STR, R(cost_log)},
     [CONF__R_COST_LOG_BUFFER_MAX] = {"cost_log_buffer_max", NULL, T_SIZE, R(cost_log_buffer_max),
                                      4096, 1 << 30, "16777216"},

@@ -69,6 +69,9 @@ enum metrics_type { METRICS_COUNTER, METRICS_GAUGE, METRICS_HISTOGRAM };
       "Open client connections.", "")                                                        \
     X(CLIENT_CONNECTIONS_REFUSED_TOTAL, "costrouter_client_connections_refused_total",       \
       COUNTER, "Client connections closed on accept: limits.max_connections or the open-file limit reached.", "") \
+    X(CLIENT_ACCEPT_RETRIES_TOTAL, "costrouter_client_accept_retries_total", COUNTER,        \
+      "Accepts of a client connection put off for lack of memory (tried again 50 ms later).", \
+      "")                                                                                    \
     X(CLIENT_TLS_HANDSHAKE_FAILURES_TOTAL, "costrouter_client_tls_handshake_failures_total",   \
       COUNTER, "Client connections closed because their TLS handshake failed.", "")           \
     X(INFLIGHT_REQUESTS, "costrouter_inflight_requests", GAUGE,                              \

@@ -168,14 +168,19 @@ static void query_spend(struct router__client *c, const struct conf_tenant *firs
     }
 }
 
+/* Stop waiting for the reload: its outcome, when it comes, goes to no one. */
+static void reload_wait_detach(struct router__client *c)
+{
+    c->req.reload_wait->client = NULL; /* freed by its done callback */
+    c->req.reload_wait = NULL;
+}
+
 void router__admin_abandon(struct router__client *c)
 {
     struct router__admin *a = c->req.admin;
 
-    if (c->req.reload_wait != NULL) {
-        c->req.reload_wait->client = NULL; /* freed by its done callback */
-        c->req.reload_wait = NULL;
-    }
+    if (c->req.reload_wait != NULL)
+        reload_wait_detach(c);
     if (a == NULL)
         return;
     c->req.admin = NULL;
@@ -259,6 +264,7 @@ static void on_reloaded(void *arg, enum router_reload_result result, const char 
     if (c == NULL)
         return;
     c->req.reload_wait = NULL;
+    router__deadline_set(&c->timeout, 0); /* before the answer sets the idle one */
     switch (result) {
     case ROUTER_RELOADED:
         j = cJSON_CreateObject();
@@ -277,9 +283,28 @@ static void on_reloaded(void *arg, enum router_reload_result result, const char 
     }
 }
 
-/* POST /admin/reload: like SIGHUP, answered when the reload is over. The
- * new config is validated first; on errors the running one stays and the
- * errors are returned (they name files, lines and keys, never secrets). */
+void router__admin_reload_expire(struct router__client *c)
+{
+    int ms = c->router->conf->admin_reload_timeout_ms;
+    char why[256];
+
+    reload_wait_detach(c);
+    log_warn("reload: POST /admin/reload answered 504 after %d ms (admin_reload_timeout_ms); "
+             "the reload goes on",
+             ms);
+    snprintf(why, sizeof(why),
+             "the reload was not done within %d ms (admin_reload_timeout_ms); it goes on, and "
+             "its config is applied if it loads without errors: see the log",
+             ms);
+    send_reload_error(c, 504, why, "server_error", "reload_timeout");
+}
+
+/* POST /admin/reload: like SIGHUP, answered when the reload is over, or
+ * 504 after admin_reload_timeout_ms (router__admin_reload_expire): a
+ * file that takes for ever to read (a FIFO no one writes, a hung mount)
+ * must not hold the request for ever. The new config is validated first;
+ * on errors the running one stays and the errors are returned (they name
+ * files, lines and keys, never secrets). */
 static void admin_reload(struct router__client *c)
 {
     struct router__shared *sh = c->router->shared;
@@ -299,6 +324,8 @@ static void admin_reload(struct router__client *c)
     }
     w->client = c;
     c->req.reload_wait = w;
+    /* Before the hook, which may answer at once (and clear it). */
+    router__deadline_set(&c->timeout, c->router->conf->admin_reload_timeout_ms);
     sh->reload(sh->reload_arg, on_reloaded, w);
 }
 

@@ -78,6 +78,8 @@ struct router__shared {
     size_t nclients;                /* client connections of every generation */
     struct log_every refuse_log;    /* "at max connections" lines */
     struct log_every nofile_log;    /* "no descriptor for a backend connection" lines */
+    uv_timer_t accept_retry;        /* accepts again after no memory for a client (server.c) */
+    struct log_every accept_log;    /* "no memory to accept" lines, once a minute */
     unsigned listening:1;           /* listener is open */
     char listen_host[64];           /* `listen` of the config at start: what a reload */
     uint16_t listen_port;           /* compares with, as the listener keeps it */
@@ -464,6 +466,9 @@ void router__tenant_roll(struct router__tenant *ts);
 /* admin.c: /metrics, /dashboard, /admin/... */
 void router__admin_handle(struct router__client *c, struct slice path);
 void router__admin_abandon(struct router__client *c);
+/* A POST /admin/reload waited admin_reload_timeout_ms: answer 504, and
+ * leave the reload to go on without it. */
+void router__admin_reload_expire(struct router__client *c);
 /* account.c: set gauges that are read, not counted (budgets, pools, store) */
 void router__refresh_gauges(struct router *r);
 /* Drop the series router__refresh_gauges sets (at a reload): those of a

@@ -35,7 +35,7 @@ enum router_reload_result {
 };
 /* Called on the loop once per reload asked for, with why when it did not
  * apply (valid during the call only; names files, lines and keys, never
- * secrets), else NULL. */
+ * secrets; lines apart, no newline at its end), else NULL. */
 typedef void router_reload_done_cb(void *arg, enum router_reload_result result, const char *why);
 /* What POST /admin/reload calls: start a reload (or join the next one)
  * and call done(done_arg, ...) exactly once when it is over, maybe before

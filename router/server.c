@@ -42,6 +42,11 @@
 #define ROUTER_LINGER_IDLE_MS 5000
 /* ...or for this long at most, then closed. */
 #define ROUTER_LINGER_MAX_MS 30000
+/* With no memory for a client, its connection waits this long before the
+ * accept is tried again (accept_later). */
+#define ROUTER_ACCEPT_RETRY_MS 50
+/* At most one "no memory to accept" warning this often. */
+#define ROUTER_ACCEPT_LOG_MS 60000
 
 static char router_read_buf[ROUTER_READ_BUF];
 
@@ -301,6 +306,8 @@ static void client_timeout(void *arg)
     case ROUTER_CLIENT_BUSY:
         if (c->parked)
             router__park_expire(c);
+        else if (c->req.reload_wait != NULL)
+            router__admin_reload_expire(c);
         break;
     case ROUTER_CLIENT_LINGER:
         router__client_close(c);
@@ -748,6 +755,31 @@ static void refuse_client(struct router__client *c)
     router__client_close(c);
 }
 
+static void on_connection(uv_stream_t *server, int status);
+
+static void accept_retry(uv_timer_t *t)
+{
+    struct router__shared *sh = container_of(t, struct router__shared, accept_retry);
+
+    on_connection((uv_stream_t *)&sh->listener, 0);
+}
+
+/* No memory for a client: its connection is left where libuv holds it
+ * and taken later. Returning from on_connection without uv_accept makes
+ * libuv stop watching the listener until uv_accept is called, so without
+ * this timer the router would never accept again; with it, the backlog
+ * waits in the kernel meanwhile, as libuv intends. */
+static void accept_later(struct router__shared *sh)
+{
+    char note[LOG_EVERY_NOTE_MAX];
+
+    metrics_add(sh->metrics, METRICS_CLIENT_ACCEPT_RETRIES_TOTAL, NULL, 1);
+    if (log_every_due(&sh->accept_log, uv_now(sh->loop), note))
+        log_warn("no memory for a client connection: accepting it again in %d ms%s",
+                 ROUTER_ACCEPT_RETRY_MS, note);
+    uv_timer_start(&sh->accept_retry, accept_retry, ROUTER_ACCEPT_RETRY_MS, 0);
+}
+
 static void on_connection(uv_stream_t *server, int status)
 {
     struct router__shared *sh = server->data;
@@ -759,8 +791,10 @@ static void on_connection(uv_stream_t *server, int status)
         return;
     }
     c = calloc(1, sizeof(*c));
-    if (c == NULL)
+    if (c == NULL) {
+        accept_later(sh);
         return;
+    }
     c->router = r;
     c->req.shelved = 1; /* its first request takes buffers from the shelf */
     uv_tcp_init(r->loop, &c->tcp);
@@ -1084,6 +1118,7 @@ struct router *router_reload(struct router *old, struct conf *conf, char **error
 {
     struct router__shared *sh = old->shared;
     const char *fixed = restart_only_change(old->conf, conf);
+    char summary[128];
     struct router *r;
 
     if (fixed != NULL) {
@@ -1115,8 +1150,7 @@ struct router *router_reload(struct router *old, struct conf *conf, char **error
     sh->current = r;
     router__account_idle(old);
     router__forget_gauges(r);
-    log_info("config reloaded: %zu backends, %zu routes, %zu tenants", conf->nbackends,
-             conf->nroutes, conf->ntenants);
+    log_info("config reloaded: %s", conf_summary(conf, summary, sizeof(summary)));
     generation_drain(old, 1);
     return r;
 }
@@ -1144,6 +1178,8 @@ int router_start(struct router *r)
     }
     uv_tcp_init(sh->loop, &sh->listener);
     sh->listener.data = sh;
+    uv_timer_init(sh->loop, &sh->accept_retry); /* closed with the listener */
+    sh->accept_log.interval_ms = ROUTER_ACCEPT_LOG_MS;
     sh->listening = 1;
     rc = uv_tcp_bind(&sh->listener, (struct sockaddr *)&addr, 0);
     if (rc == 0)
@@ -1177,6 +1213,8 @@ void router_stop(struct router *r)
         return;
     sh->stopping = 1;
     if (sh->listening) {
+        /* A connection put off for memory goes with the listener. */
+        uv_close((uv_handle_t *)&sh->accept_retry, NULL);
         uv_close((uv_handle_t *)&sh->listener, NULL);
         sh->listening = 0;
     }

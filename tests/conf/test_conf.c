@@ -211,7 +211,7 @@ static struct error_case error_cases[] = {
      {"1: (file): cannot open: No such file or directory"}},
     {.file = "conf/example.yaml", .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY"},
      .lines = {"15: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
-      "85: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
+      "87: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
     {.file = DATA "prices_bad.yaml", .lines =
      {"5: include[2]: \"inc/prices_bad.yaml\" is already included",
       "8: prices.custom-x: duplicate price \"custom-x\" (first at {DIR}/inc/prices_bad.yaml:3)",
@@ -381,6 +381,7 @@ Test(conf, demo_loads_with_its_values_and_defaults, .timeout = 10)
     cr_expect_eq(c->cost_log_buffer_max, 16 * 1024 * 1024);
     cr_expect_eq(c->cost_log_wait_ms, 30000);
     cr_expect_null(c->admin_key);
+    cr_expect_eq(c->admin_reload_timeout_ms, 30000);
     cr_expect_null(c->redis_url);
     cr_expect_eq(c->store_on_failure, CONF_FAIL_OPEN);
     /* limits: all defaults */

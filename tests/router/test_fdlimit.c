@@ -8,6 +8,7 @@
 #include <cjson/cJSON.h>
 #include <criterion/criterion.h>
 #include <dirent.h>
+#include <math.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -134,16 +135,13 @@ static const cJSON *backend_a(int i)
 /* The unlabelled series `name` of /metrics, asked on conns[i]. */
 static double metric(int i, const char *name)
 {
-    size_t len = strlen(name);
+    double v;
 
     cr_assert_eq(call(i, "GET", "/metrics", ADMIN, NULL), 0);
     cr_assert_eq(resp.status, 200);
-    cr_assert_eq(buf_append(&resp.body, "", 1), 0);
-    for (char *line = strtok(resp.body.data, "\n"); line; line = strtok(NULL, "\n"))
-        if (strncmp(line, name, len) == 0 && line[len] == ' ')
-            return strtod(line + len + 1, NULL);
-    cr_assert_fail("%s not in /metrics", name);
-    return -1;
+    v = support_metrics_value(&resp, name);
+    cr_assert(!isnan(v), "%s not in /metrics", name);
+    return v;
 }
 
 /* "Max open files" soft limit of process `pid`, from /proc. */

@@ -8,7 +8,9 @@
  * outside, with no timing to guess.
  */
 #define _GNU_SOURCE
+#include <cjson/cJSON.h>
 #include <criterion/criterion.h>
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -16,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/buf.h"
@@ -37,20 +40,6 @@ static struct support_http_response resp;
 static char conf_path[64], log_path[64];
 static int fifo_fd = -1; /* the test's writing end of the config FIFO */
 
-/* The router's log to the test's stderr, where tests/run.sh looks for
- * sanitizer reports (make asan). */
-static void log_show(void)
-{
-    FILE *f = fopen(log_path, "r");
-    char line[2048];
-
-    if (f == NULL)
-        return;
-    while (fgets(line, sizeof(line), f))
-        fprintf(stderr, "router: %s", line);
-    fclose(f);
-}
-
 static void teardown(void)
 {
     support_proc_stop(&router);
@@ -63,23 +52,23 @@ static void teardown(void)
     if (conf_path[0])
         unlink(conf_path);
     if (log_path[0]) {
-        log_show();
+        support_log_show(log_path, "router");
         unlink(log_path);
     }
 }
 
 TestSuite(reload, .fini = teardown, .timeout = 90);
 
-/* The config: backends a and b on the two mocks, `routes` as YAML list
- * items, one tenant. */
-static void conf_text(struct buf *out, const char *routes)
+/* The config: `top` (top-level keys, may be ""), backends a and b on the
+ * two mocks, `routes` as YAML list items, one tenant. */
+static void conf_text(struct buf *out, const char *top, const char *routes)
 {
     char hex[65];
 
     support_key_sha256_hex(KEY, hex);
     buf_reset(out);
     cr_assert_eq(buf_printf(out,
-                            "listen: 127.0.0.1:0\nadmin_key: adm-reload\nbackends:\n"
+                            "listen: 127.0.0.1:0\nadmin_key: adm-reload\n%sbackends:\n"
                             "  - {name: a, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-a,\n"
                             "     quality: 1, context_window: 100000, input_usd_per_mtok: 1,\n"
                             "     output_usd_per_mtok: 1, tokenizer: estimate}\n"
@@ -88,14 +77,14 @@ static void conf_text(struct buf *out, const char *routes)
                             "     output_usd_per_mtok: 1, tokenizer: estimate}\n"
                             "routes:\n%s"
                             "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n",
-                            mock_a.port, mock_b.port, routes, hex),
+                            top, mock_a.port, mock_b.port, routes, hex),
                  0);
 }
 
-/* Start the mocks and the router on a config with `routes`, logging to
- * log_path; then put a FIFO where its config file was, so that the next
- * reload waits for the test to write it. */
-static void start(const char *routes)
+/* Start the mocks and the router on a config with `top` and `routes`,
+ * logging to log_path; then put a FIFO where its config file was, so
+ * that the next reload waits for the test to write it. */
+static void start_with(const char *top, const char *routes)
 {
     struct buf text = {0};
     char cmd[512], *argv[] = {"/bin/sh", "-c", cmd, NULL};
@@ -107,7 +96,7 @@ static void start(const char *routes)
     close(mkstemp(conf_path));
     strcpy(log_path, "/tmp/costrouter-reload-log-XXXXXX");
     close(mkstemp(log_path));
-    conf_text(&text, routes);
+    conf_text(&text, top, routes);
     f = fopen(conf_path, "w");
     cr_assert_not_null(f);
     fwrite(text.data, 1, text.len, f);
@@ -118,6 +107,11 @@ static void start(const char *routes)
     cr_assert_eq(support_proc_start(&router, argv), 0, "the router did not start");
     cr_assert_eq(unlink(conf_path), 0);
     cr_assert_eq(mkfifo(conf_path, 0600), 0);
+}
+
+static void start(const char *routes)
+{
+    start_with("", routes);
 }
 
 /* Open the FIFO's writing end once a reload has opened it to read (it
@@ -144,7 +138,7 @@ static void fifo_write_conf(const char *routes)
 {
     struct buf text = {0};
 
-    conf_text(&text, routes);
+    conf_text(&text, "", routes);
     cr_assert_eq(write(fifo_fd, text.data, text.len), (ssize_t)text.len);
     close(fifo_fd);
     fifo_fd = -1;
@@ -206,14 +200,9 @@ static int reload_answer(struct support_http_conn *conn, struct support_http_res
 /* Lines of the router's log that hold `text`. */
 static int log_count(const char *text)
 {
-    FILE *f = fopen(log_path, "r");
-    char line[2048];
-    int n = 0;
+    int n = support_log_count(log_path, text);
 
-    cr_assert_not_null(f);
-    while (fgets(line, sizeof(line), f))
-        n += strstr(line, text) != NULL;
-    fclose(f);
+    cr_assert_geq(n, 0, "%s: %s", log_path, strerror(errno));
     return n;
 }
 
@@ -333,4 +322,99 @@ Test(reload, a_stop_does_not_wait_for_a_reload_stuck_reading)
     cr_assert_not_null(strstr(r.body.data, "not reloaded"), "%.*s", (int)r.body.len, r.body.data);
     support_http_response_free(&r);
     cr_assert_eq(log_count("config reloaded"), 0);
+}
+
+static long long now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* A reload whose file is not written within admin_reload_timeout_ms: its
+ * request is answered 504 reload_timeout then, while the load goes on;
+ * once the file is written, that load is applied, and later reloads work
+ * as ever. Before the bound, the request waited as long as the file did:
+ * the first answer below never came. */
+Test(reload, the_answer_waits_no_longer_than_admin_reload_timeout_ms)
+{
+    struct support_http_conn admin;
+    struct support_http_response r = {0};
+    long long t0;
+
+    start_with("admin_reload_timeout_ms: 500\n", "  - {model: chat, candidates: [a]}\n");
+    t0 = now_ms();
+    send_reload(&admin);
+    fifo_fd = fifo_open_writer(); /* not written for now: the load waits */
+    cr_assert_eq(reload_answer(&admin, &r), 504, "%.*s", (int)r.body.len, r.body.data);
+    cr_assert_geq(now_ms() - t0, 450, "answered before its time");
+    cr_assert_not_null(strstr(r.body.data, "\"code\":\"reload_timeout\""), "%.*s",
+                       (int)r.body.len, r.body.data);
+    cr_assert_not_null(strstr(r.body.data, "\"param\":null"), "%.*s", (int)r.body.len,
+                       r.body.data);
+    cr_assert_not_null(strstr(r.body.data, "goes on"), "%.*s", (int)r.body.len, r.body.data);
+    support_http_response_free(&r);
+    cr_assert_eq(chat("chat"), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+
+    /* The load was not given up: written now, its config applies. */
+    fifo_write_conf("  - {model: chat, candidates: [b]}\n");
+    for (int i = 0; i < RELOAD_TIMEOUT_MS / 10 && log_count("config reloaded") == 0; i++)
+        usleep(10000);
+    cr_assert_eq(log_count("config reloaded"), 1, "the load that timed out was not applied");
+    cr_assert_eq(chat("chat"), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+
+    /* A later reload (the file's default bound now: 30 s) is answered. */
+    send_reload(&admin);
+    fifo_fd = fifo_open_writer();
+    fifo_write_conf("  - {model: chat, candidates: [b]}\n  - {model: chat2, candidates: [a]}\n");
+    cr_assert_eq(reload_answer(&admin, &r), 200, "%.*s", (int)r.body.len, r.body.data);
+    support_http_response_free(&r);
+    cr_assert_eq(chat("chat2"), 0);
+    cr_assert_eq(resp.status, 200, "the later reload did not apply");
+    support_proc_stop(&router);
+    cr_assert(support_proc_exited_cleanly(&router), "exit status %d", router.status);
+}
+
+/* Reload with `text` written into the FIFO as the config: the 400 answer's
+ * error message must hold `want` and end without whitespace. */
+static void assert_refused_with(const char *text, const char *want)
+{
+    struct support_http_conn admin;
+    struct support_http_response r = {0};
+    const cJSON *message;
+    cJSON *body;
+    size_t len;
+
+    send_reload(&admin);
+    fifo_fd = fifo_open_writer();
+    cr_assert_eq(write(fifo_fd, text, strlen(text)), (ssize_t)strlen(text));
+    close(fifo_fd);
+    fifo_fd = -1;
+    cr_assert_eq(reload_answer(&admin, &r), 400, "%.*s", (int)r.body.len, r.body.data);
+    body = cJSON_ParseWithLength(r.body.data, r.body.len);
+    message = cJSON_GetObjectItem(cJSON_GetObjectItem(body, "error"), "message");
+    cr_assert(cJSON_IsString(message), "%.*s", (int)r.body.len, r.body.data);
+    len = strlen(message->valuestring);
+    cr_assert_not_null(strstr(message->valuestring, want), "%s", message->valuestring);
+    cr_assert(len > 0 && !isspace((unsigned char)message->valuestring[len - 1]),
+              "the message ends with whitespace: \"%s\"", message->valuestring);
+    cJSON_Delete(body);
+    support_http_response_free(&r);
+}
+
+/* The 400 of a refused reload carries the config's errors, one a line,
+ * with no newline after the last: libfyaml's (a YAML syntax error) and
+ * the router's own (an unknown key, two errors). Each ended with one. */
+Test(reload, the_400_message_ends_without_a_newline)
+{
+    start("  - {model: chat, candidates: [a]}\n");
+    assert_refused_with("listen: [unclosed\n", "(yaml)");
+    assert_refused_with("bogus_key: 1\nother_bogus_key: 2\n", "other_bogus_key");
+    cr_assert_eq(chat("chat"), 0);
+    cr_assert_eq(resp.status, 200, "the running config stays");
+    support_proc_stop(&router);
+    cr_assert(support_proc_exited_cleanly(&router), "exit status %d", router.status);
 }

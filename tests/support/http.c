@@ -4,10 +4,12 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -415,6 +417,25 @@ int support_http_format(struct buf *out, const char *method, const char *path,
 const char *support_http_header(const struct support_http_response *r, const char *name)
 {
     return buf_pairs_get(&r->headers, name);
+}
+
+double support_metrics_value(const struct support_http_response *r, const char *name)
+{
+    const char *p = r->body.data, *end = p + r->body.len;
+    size_t len = strlen(name);
+
+    while (p != NULL && p < end) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        const char *eol = nl ? nl : end;
+        char value[64];
+
+        if ((size_t)(eol - p) > len + 1 && memcmp(p, name, len) == 0 && p[len] == ' ') {
+            snprintf(value, sizeof(value), "%.*s", (int)(eol - p - len - 1), p + len + 1);
+            return strtod(value, NULL);
+        }
+        p = nl ? nl + 1 : NULL;
+    }
+    return NAN;
 }
 
 void support_http_response_free(struct support_http_response *r)

@@ -111,6 +111,9 @@ int support_http_format(struct buf *out, const char *method, const char *path,
     __attribute__((warn_unused_result));
 /* Value of a response header by lowercase name, or NULL. */
 const char *support_http_header(const struct support_http_response *r, const char *name);
+/* The value of the unlabelled series `name` in r's body (a /metrics
+ * answer), or NAN when there is none. */
+double support_metrics_value(const struct support_http_response *r, const char *name);
 /* Free a response's buffers (it can be read into again). */
 void support_http_response_free(struct support_http_response *r);
 

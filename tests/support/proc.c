@@ -264,6 +264,32 @@ int support_run(char *const argv[], struct buf *out, int timeout_ms)
     return WEXITSTATUS(status);
 }
 
+int support_log_count(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "r");
+    char line[2048];
+    int n = 0;
+
+    if (f == NULL)
+        return -1;
+    while (fgets(line, sizeof(line), f))
+        n += strstr(line, text) != NULL;
+    fclose(f);
+    return n;
+}
+
+void support_log_show(const char *path, const char *who)
+{
+    FILE *f = fopen(path, "r");
+    char line[2048];
+
+    if (f == NULL)
+        return;
+    while (fgets(line, sizeof(line), f))
+        fprintf(stderr, "%s: %s", who, line);
+    fclose(f);
+}
+
 int support_make_test_ca(char *dir, size_t size)
 {
     const char *src = getenv("COSTROUTER_SRC");

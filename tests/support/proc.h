@@ -67,6 +67,15 @@ void support_key_sha256_hex(const char *key, char hex[65]);
  * code (0-255), 128+signal if killed, or a negative errno (-ETIMEDOUT). */
 int support_run(char *const argv[], struct buf *out, int timeout_ms);
 
+/* Lines of the file at `path` (a child's log) that hold `text`, or -1
+ * when it cannot be read. */
+int support_log_count(const char *path, const char *text);
+
+/* Copy the file at `path` (a child's log) to stderr, each line after
+ * "WHO: ": where a failed test is read, and where tests/run.sh looks for
+ * sanitizer reports (make asan). Nothing if it cannot be read. */
+void support_log_show(const char *path, const char *who);
+
 /* Create a fresh temporary folder and run tests/support/make-test-ca.sh in
  * it (found under $COSTROUTER_SRC, else the current folder): it holds
  * ca.crt, ca.key, server.crt and server.key for 127.0.0.1 and localhost.
