@@ -231,6 +231,8 @@ struct router__request {
     int status;                          /* status sent to the client */
     int upstream_status;                 /* status of the backend's answer, 0 before one */
     struct buf up_body;                  /* non-SSE upstream body kept for usage */
+    struct router__bigusage *big_usage;  /* reads the usage of a plain answer too big to
+                                            hold, until it is found; or NULL */
     struct buf sse;                      /* partial SSE event */
     size_t sse_scanned;                  /* bytes of it searched for its end */
     int64_t prompt_tokens;               /* from usage, -1 unknown */
