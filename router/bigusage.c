@@ -73,9 +73,12 @@ static const struct {
     const char *key;       /* its member */
     enum bigusage_role to; /* what the member's value is */
 } bigusage_paths[] = {
-    {BIGUSAGE_ROOT, "choices", BIGUSAGE_CHOICES},   {BIGUSAGE_CHOICE, "text", BIGUSAGE_TEXT},
-    {BIGUSAGE_CHOICE, "message", BIGUSAGE_MESSAGE}, {BIGUSAGE_MESSAGE, "content", BIGUSAGE_TEXT},
-    {BIGUSAGE_MESSAGE, "tool_calls", BIGUSAGE_CALLS}, {BIGUSAGE_CALL, "function", BIGUSAGE_FUNCTION},
+    {BIGUSAGE_ROOT, "choices", BIGUSAGE_CHOICES},
+    {BIGUSAGE_CHOICE, "text", BIGUSAGE_TEXT},
+    {BIGUSAGE_CHOICE, "message", BIGUSAGE_MESSAGE},
+    {BIGUSAGE_MESSAGE, "content", BIGUSAGE_TEXT},
+    {BIGUSAGE_MESSAGE, "tool_calls", BIGUSAGE_CALLS},
+    {BIGUSAGE_CALL, "function", BIGUSAGE_FUNCTION},
     {BIGUSAGE_FUNCTION, "arguments", BIGUSAGE_TEXT},
 };
 
@@ -133,8 +136,8 @@ static int bigusage_value_end(struct router__bigusage *b)
     return b->state == BIGUSAGE_READING || b->state == BIGUSAGE_CAPTURE;
 }
 
-/* Common to every event: record the token, copy it while capturing
- * (gs: yajl_gen's status for it). */
+/* After a value's event: the capture fails if yajl_gen refused its copy
+ * (gs), and ends if it was the usage's whole value. */
 static int bigusage_event(struct router__bigusage *b, yajl_gen_status gs)
 {
     if (b->state == BIGUSAGE_CAPTURE && gs != yajl_gen_status_ok)

@@ -96,7 +96,8 @@ static cJSON *comparable_object(const char *text, size_t len)
 
 /* The reader of a big answer, fed `text` in reads of about len/2 bytes,
  * reads what the scan reads, unless it gave up. */
-static void check_big_usage(const char *text, size_t len, int found, const struct router__usage *want)
+static void check_big_usage(const char *text, size_t len, int found,
+                            const struct router__usage *want)
 {
     struct router__bigusage *b = router__bigusage_new(NULL, NULL);
     struct router__usage got = {-1, -1, -1};

@@ -220,7 +220,8 @@ static int big_usage_of(const char *json, size_t step, struct router__usage *u)
  * and those bytes written inside a string, with its numbers as written. */
 Test(bigusage, only_the_root_usage_is_read_whatever_the_split, .timeout = 5)
 {
-    const char js[] = "{\"choices\":[{\"message\":{\"content\":\"say \\\"usage\\\":{\\\"prompt_tokens\\\":1}\","
+    const char js[] = "{\"choices\":[{\"message\":{"
+                      "\"content\":\"say \\\"usage\\\":{\\\"prompt_tokens\\\":1}\","
                       "\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3}}}],"
                       "\"meta\":{\"usage\":{\"prompt_tokens\":4}},"
                       "\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34,"
@@ -293,16 +294,18 @@ static void join_text(void *arg, const char *text, size_t len)
 Test(bigusage, the_answered_texts_are_handed_over_to_be_counted, .timeout = 5)
 {
     const char js[] =
-        "{\"content\":\"no\",\"choices\":[{\"text\":\"t\\u00e9\",\"logprobs\":{\"content\":[{\"token\":\"x\"}]},"
-        "\"message\":{\"content\":[\"c1\",7,[\"c2\"],{\"text\":\"no\"}],\"tool_calls\":[{\"function\":"
+        "{\"content\":\"no\",\"choices\":[{\"text\":\"t\\u00e9\","
+        "\"logprobs\":{\"content\":[{\"token\":\"x\"}]},"
+        "\"message\":{\"content\":[\"c1\",7,[\"c2\"],{\"text\":\"no\"}],"
+        "\"tool_calls\":[{\"function\":"
         "{\"name\":\"no\",\"arguments\":\"{}\"}}]}},{\"message\":{\"content\":\"second\"}}],"
         "\"meta\":{\"text\":\"no\",\"choices\":[{\"text\":\"no\"}]}}";
     char got[256] = "";
     struct router__bigusage *b = router__bigusage_new(join_text, got);
 
     cr_assert_not_null(b);
-    for (size_t off = 0; off < sizeof(js) - 1; off += 3)
-        cr_assert_eq(router__bigusage_feed(b, js + off, sizeof(js) - 1 - off < 3 ? sizeof(js) - 1 - off : 3), 0);
+    for (size_t off = 0, len = sizeof(js) - 1; off < len; off += 3)
+        cr_assert_eq(router__bigusage_feed(b, js + off, len - off < 3 ? len - off : 3), 0);
     router__bigusage_free(b);
     cr_assert_str_eq(got, "|t\xc3\xa9|c1|#|c2|{}|second");
 }
