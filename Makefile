@@ -14,7 +14,7 @@ CFLAGS   ?= $(OPT) -g
 CFLAGS   += -std=gnu11 -Wall -Wextra -Wno-unused-parameter -I. -I/usr/share/include/llhttp $(SAN) \
             -MMD -MP
 LDFLAGS  += $(SAN)
-LIBS     := -luv -lssl -lcrypto -lhiredis -lfyaml -lcjson -lpcre2-8 -lxxhash -lm -lpthread
+LIBS     := -luv -lssl -lcrypto -lhiredis -lfyaml -lcjson -lyajl -lpcre2-8 -lxxhash -lm -lpthread
 
 MODULES  := common conf router policy backends cache metrics cli
 SRCS     := $(foreach m,$(MODULES),$(wildcard $(m)/*.c))
@@ -41,7 +41,7 @@ endif
 
 APT_PKGS := build-essential pkg-config libuv1-dev node-llhttp libssl-dev libhiredis-dev \
             libcriterion-dev redis-server libfyaml-dev libcjson-dev libpcre2-dev \
-            libxxhash-dev ca-certificates curl faketime
+            libxxhash-dev libyajl-dev ca-certificates curl faketime
 
 .PHONY: all deps run test asan all-tests clean bench
 .SECONDARY:

@@ -11,11 +11,12 @@ fuzz-tools:
 	@command -v clang >/dev/null 2>&1 || { echo "installing: clang"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang; }
 
-# What the router reads out of an upstream's answer (router/sse.c).
-FUZZ_SSE_SRCS := tests/fuzz/fuzz_sse.c router/sse.c common/buf.c
+# What the router reads out of an upstream's answer (router/sse.c, and
+# router/bigusage.c for answers too big to hold).
+FUZZ_SSE_SRCS := tests/fuzz/fuzz_sse.c router/sse.c router/bigusage.c common/buf.c
 build-fuzz/fuzz_sse: $(FUZZ_SSE_SRCS) router/internal.h | fuzz-tools
 	@mkdir -p $(dir $@)
-	clang $(FUZZ_CFLAGS) -I/usr/share/include/llhttp -o $@ $(FUZZ_SSE_SRCS) -lcjson
+	clang $(FUZZ_CFLAGS) -I/usr/share/include/llhttp -o $@ $(FUZZ_SSE_SRCS) -lcjson -lyajl
 
 # Seeds: a stream's last events, a whole non-streamed answer, and one with
 # "usage" and "choices" nested and in a string. The first byte of an input

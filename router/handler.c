@@ -261,6 +261,10 @@ void router__request_reset(struct router__request *req)
     struct buf *bufs[ROUTER_REQ_NBUFS];
 
     router__json_drop(req);
+    /* Every end of an answer read as it passed comes here: complete,
+     * broken off, timed out, or the client gone. */
+    router__bigusage_free(req->big_usage);
+    req->big_usage = NULL;
     /* The tenant key is a secret: wipe it, do not just forget it. */
     if (req->auth.data)
         memset(req->auth.data, 0, req->auth.len);

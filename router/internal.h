@@ -233,6 +233,8 @@ struct router__request {
     int status;                          /* status sent to the client */
     int upstream_status;                 /* status of the backend's answer, 0 before one */
     struct buf up_body;                  /* non-SSE upstream body kept for usage */
+    struct router__bigusage *big_usage;  /* reads the usage of a plain answer too big to
+                                            hold, until it is found; or NULL */
     struct buf sse;                      /* partial SSE event */
     size_t sse_scanned;                  /* bytes of it searched for its end */
     int64_t prompt_tokens;               /* from usage, -1 unknown */
@@ -602,5 +604,24 @@ int router__usage_parse(const char *json, size_t len, struct router__usage *out,
                         int *choices_empty);
 /* Does an SSE event carry a data line? Sets data and data_len to its payload. */
 int router__sse_data(const char *event, size_t len, const char **data, size_t *data_len);
+
+/* bigusage.c: the root usage of a plain answer too big to hold, and the
+ * text it answered, read as it passes (yajl), in bounded memory. */
+struct router__bigusage;
+/* A reader for one answer; NULL when out of memory. `on_text` (NULL: no
+ * counting) gets each piece of answered text, decoded, as a held body's
+ * is counted: the choices' text, message content and tool call
+ * arguments; text NULL is a token id in an array of them. */
+struct router__bigusage *router__bigusage_new(void (*on_text)(void *arg, const char *text,
+                                                                size_t len),
+                                               void *arg);
+/* The answer's next bytes. Returns 0 while the usage may still come, 1
+ * once the root object's first "usage" value is whole (read it with
+ * router__bigusage_text), -1 when none will be read (not JSON, or past a
+ * size or depth limit). Bytes after a non-zero result are ignored. */
+int router__bigusage_feed(struct router__bigusage *b, const char *p, size_t len);
+/* After a 1: {"usage":<its value>} for router__usage_parse. */
+const char *router__bigusage_text(const struct router__bigusage *b, size_t *len);
+void router__bigusage_free(struct router__bigusage *b);
 
 #endif

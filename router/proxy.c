@@ -15,7 +15,9 @@
  *             the reservation and goes back to `choose` with the backend
  *             marked tried; after that the response is the client's:
  *             streams are forwarded event by event, other bodies are held
- *             until complete so their head can carry the settled cost;
+ *             until complete so their head can carry the settled cost
+ *             (one over 8 MiB goes out as it comes, its usage read as it
+ *             passes: bigusage.c);
  *   settle    the real cost (usage x price, or the GPU-seconds share) is
  *             charged, logged, and put in x-costrouter-cost-usd (a header,
  *             or for streams a final SSE comment and a chunked trailer).
@@ -43,7 +45,8 @@
 /* Pause the upstream when this many bytes wait to go to the client. */
 #define PROXY_CLIENT_HIGH_WATER (256u * 1024)
 /* Hold at most this much of a non-streamed body; past it the head goes
- * out without the cost header and the rest is forwarded as it comes. */
+ * out without the cost header (it is in the trailer) and the rest is
+ * forwarded as it comes, its usage and text read as they pass. */
 #define PROXY_HOLD_BODY_MAX (8u * 1024 * 1024)
 /* One SSE event is held until its blank line: usage, the token count and
  * on_overrun read whole events. An event longer than this (chat chunks
@@ -320,6 +323,14 @@ static void format_usd(char *out, size_t n, int64_t micro)
 
 /* ---- estimate ---- */
 
+/* Tokens of one piece of text: with the tables, or from its bytes
+ * without them (t NULL). */
+static int64_t count_text(struct policy_tokens *t, enum conf_tokenizer enc, const char *s,
+                          size_t len)
+{
+    return t ? policy_tokens_count_cached(t, enc, s, len) : policy_tokens_estimate(s, len);
+}
+
 /* Text of a completions "prompt" or embeddings "input": a string or an
  * array of strings. Counted piece by piece. */
 static int64_t count_texts(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *v)
@@ -328,8 +339,7 @@ static int64_t count_texts(struct policy_tokens *t, enum conf_tokenizer enc, con
     const cJSON *item;
 
     if (cJSON_IsString(v))
-        return t ? policy_tokens_count_cached(t, enc, v->valuestring, strlen(v->valuestring))
-                 : policy_tokens_estimate(v->valuestring, strlen(v->valuestring));
+        return count_text(t, enc, v->valuestring, strlen(v->valuestring));
     if (cJSON_IsArray(v))
         cJSON_ArrayForEach(item, v) {
             if (cJSON_IsNumber(item))
@@ -1208,6 +1218,87 @@ static int on_sse_event(void *arg, const char *p, size_t len)
     return c->closing ? -1 : 0;
 }
 
+/* Is the text of an answer without usage counted? A 2xx of chat or
+ * completions: an embedding has no text, an error no completion. */
+static int answer_counted(const struct router__request *req)
+{
+    return req->status / 100 == 2 &&
+           (req->endpoint == ROUTER_EP_CHAT || req->endpoint == ROUTER_EP_COMPLETIONS);
+}
+
+/* A piece of the text of an answer too big to hold, as it passes (text
+ * NULL: a token id): counted as count_completion counts a held body's, in
+ * case no usage comes. */
+static void count_big_text(void *arg, const char *text, size_t len)
+{
+    struct router__client *c = arg;
+    struct router__request *req = &c->req;
+    enum conf_tokenizer enc = req->pool->conf->tokenizer;
+    int64_t n = text != NULL ? count_text(tokens_for(c, enc), enc, text, len) : 1;
+
+    req->completion_counted += MAX(n, 0);
+}
+
+/* The answer passing has no usage to read, or no more: say why (its
+ * charge is then that of an answer without usage) and let the reader go. */
+static void big_usage_stop(struct router__request *req, const char *why)
+{
+    if (why != NULL)
+        log_info("request %s: backend %s's answer over %u bytes %s; charged as one without usage",
+                 req->id_str, req->pool->conf->name, PROXY_HOLD_BODY_MAX, why);
+    router__bigusage_free(req->big_usage);
+    req->big_usage = NULL;
+}
+
+/* Bytes of a plain answer that goes out as it comes: its usage, once the
+ * reader finds it whole, is noted as a held body's would be. */
+static void read_big_usage(struct router__request *req, const char *p, size_t len)
+{
+    struct router__usage u;
+    const char *text;
+    size_t tlen;
+    int rc = router__bigusage_feed(req->big_usage, p, len);
+
+    if (rc == 0)
+        return;
+    if (rc < 0) {
+        big_usage_stop(req, "is not JSON or passed a limit of its reader");
+        return;
+    }
+    text = router__bigusage_text(req->big_usage, &tlen);
+    if (!usage_of(req, text, tlen, &u, NULL)) {
+        big_usage_stop(req, "has a usage without token counts");
+        return;
+    }
+    note_usage(req, &u);
+    big_usage_stop(req, NULL);
+}
+
+/* A plain answer too big to hold: the head goes without the cost (it is
+ * in the trailer), then what was held and the rest as it comes. Its usage
+ * is read as it passes, so that it is charged as a held body would be. */
+static void pass_big_body(struct router__client *c, const char *p, size_t len)
+{
+    struct router__request *req = &c->req;
+
+    send_held_head(c, -1, 0, NULL);
+    forward(c, req->up_body.data, req->up_body.len);
+    forward(c, p, len);
+    req->cacheable = 0;
+    if (!c->closing) {
+        int counted = answer_counted(req);
+
+        if (counted)
+            req->completion_counted = 0;
+        req->big_usage = router__bigusage_new(counted ? count_big_text : NULL, c);
+        if (req->big_usage != NULL)
+            read_big_usage(req, req->up_body.data, req->up_body.len);
+        if (req->big_usage != NULL)
+            read_big_usage(req, p, len);
+    }
+    buf_free(&req->up_body); /* sent: the memory of a held body goes now */
+}
+
 void router__proxy_on_body(struct router__client *c, const char *p, size_t len)
 {
     struct router__request *req = &c->req;
@@ -1231,17 +1322,15 @@ void router__proxy_on_body(struct router__client *c, const char *p, size_t len)
             return;
         }
     } else if (req->head_held) {
-        if (req->up_body.len + len > PROXY_HOLD_BODY_MAX) {
-            /* Too big to hold: send what we have and stream the rest. */
-            send_held_head(c, -1, 0, NULL);
-            forward(c, req->up_body.data, req->up_body.len);
-            forward(c, p, len);
-            req->cacheable = 0;
-        } else if (buf_append(&req->up_body, p, len) != 0) {
+        if (req->up_body.len + len > PROXY_HOLD_BODY_MAX)
+            pass_big_body(c, p, len);
+        else if (buf_append(&req->up_body, p, len) != 0) {
             router__client_close(c);
             return;
         }
     } else {
+        if (req->big_usage != NULL)
+            read_big_usage(req, p, len);
         forward(c, p, len);
     }
     if (!c->closing && req->up && router__client_write_queue(c) > PROXY_CLIENT_HIGH_WATER)
@@ -1363,8 +1452,7 @@ static void count_completion(struct router__client *c)
     cJSON *body, *choice, *calls, *call;
     int64_t n = 0;
 
-    if (req->status / 100 != 2 ||
-        (req->endpoint != ROUTER_EP_CHAT && req->endpoint != ROUTER_EP_COMPLETIONS))
+    if (!answer_counted(req))
         return;
     body = cJSON_ParseWithLength(req->up_body.data, req->up_body.len);
     cJSON_ArrayForEach(choice, cJSON_GetObjectItemCaseSensitive(body, "choices")) {
@@ -1402,6 +1490,8 @@ void router__proxy_on_complete(struct router__client *c)
         note_usage(req, &u);
     if (!req->is_sse && req->completion_tokens < 0 && req->up_body.len > 0)
         count_completion(c);
+    if (req->big_usage != NULL)
+        big_usage_stop(req, "ended without usage");
     settle(c);
     if (req->head_held) {
         send_held_head(c, (int64_t)req->up_body.len, 1, &req->up_body);

@@ -16,7 +16,11 @@
  *   to whether the root's "choices" is empty;
  * - the same again for an answer built from the input's bytes: random
  *   bytes are seldom valid JSON, so this is what reaches nested and
- *   escaped names (see "answers built from the input" below).
+ *   escaped names (see "answers built from the input" below);
+ * - the reader of answers too big to hold (router/bigusage.c), fed the
+ *   same text in two reads, never crashes or leaks, and unless it gives
+ *   up (text yajl refuses, or past its limits), finds the same usage as
+ *   the scan.
  */
 #define _GNU_SOURCE /* memmem */
 #include <cjson/cJSON.h>
@@ -90,6 +94,40 @@ static cJSON *comparable_object(const char *text, size_t len)
     return root;
 }
 
+/* The reader of a big answer, fed `text` in reads of about len/2 bytes,
+ * reads what the scan reads, unless it gave up. */
+static void check_big_usage(const char *text, size_t len, int found,
+                            const struct router__usage *want)
+{
+    struct router__bigusage *b = router__bigusage_new(NULL, NULL);
+    struct router__usage got = {-1, -1, -1};
+    size_t half = len / 2, tlen;
+    int rc, got_found = 0;
+    const char *t;
+
+    if (b == NULL)
+        abort();
+    rc = router__bigusage_feed(b, text, half);
+    if (rc == 0)
+        rc = router__bigusage_feed(b, text + half, len - half);
+    if (rc == 1) {
+        t = router__bigusage_text(b, &tlen);
+        got_found = router__usage_parse(t, tlen, &got, NULL);
+    }
+    router__bigusage_free(b);
+    if (rc < 0)
+        return;
+    if (got_found != found || got.prompt_tokens != want->prompt_tokens ||
+        got.completion_tokens != want->completion_tokens ||
+        got.cached_tokens != want->cached_tokens) {
+        fprintf(stderr, "big usage: got %d %lld/%lld/%lld, scan %d %lld/%lld/%lld\n", got_found,
+                (long long)got.prompt_tokens, (long long)got.completion_tokens,
+                (long long)got.cached_tokens, found, (long long)want->prompt_tokens,
+                (long long)want->completion_tokens, (long long)want->cached_tokens);
+        abort();
+    }
+}
+
 /* The scan finds the root object's "usage" exactly when cJSON does, with
  * the same counts, and whatever other "usage" the text holds elsewhere;
  * an empty root "choices" marks the usage-only chunk. */
@@ -124,6 +162,7 @@ static void check_usage_against_cjson(const char *text, size_t len)
         abort();
     }
     cJSON_Delete(root);
+    check_big_usage(text, len, found, &got);
 }
 
 /* ---- answers built from the input ----

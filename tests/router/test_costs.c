@@ -31,6 +31,7 @@
 #include "tests/support/http.h"
 #include "tests/support/proc.h"
 #include "tests/support/browser.h"
+#include "tests/support/canned.h"
 #include "tests/support/redis.h"
 #include "tests/policy/tokens_fixture.h"
 
@@ -44,6 +45,7 @@
 
 #define NROUTERS 3
 static struct support_proc routers[NROUTERS], mock_a, mock_b;
+static struct support_canned *canned; /* a raw upstream, when the test needs one */
 static struct test_redis redis;
 static struct support_http_response resp;
 static struct buf req, yaml;
@@ -77,6 +79,8 @@ static void teardown(void)
     fifo_finish();
     support_proc_stop(&mock_a);
     support_proc_stop(&mock_b);
+    support_canned_stop(canned);
+    canned = NULL;
     if (redis.pid)
         test_redis_stop(&redis);
     support_http_response_free(&resp);
@@ -1919,6 +1923,265 @@ Test(costs, an_answer_without_usage_is_charged_for_its_text)
                        "charged %f for %g prompt + %lld completion tokens", paid, prompt,
                        (long long)completion);
     cr_assert_float_eq(cJSON_GetObjectItem(rec, "cost_usd")->valuedouble, paid, 1e-9);
+    cJSON_Delete(rec);
+}
+
+/* ---- a plain answer too big to hold (over 8 MiB) ---- */
+
+/* The bill of the big answers below: 234 prompt tokens at $100/Mtok,
+ * 1000 cached at $10 and 56789 completion tokens at $300. */
+#define BIG_USAGE                                                                              \
+    "\"usage\":{\"prompt_tokens\":1234,\"completion_tokens\":56789,"                            \
+    "\"prompt_tokens_details\":{\"cached_tokens\":1000}}"
+#define BIG_USD ((234 * 100 + 1000 * 10 + 56789 * 300) / 1e6)
+#define BIG_BACKEND_MORE ", cached_input_usd_per_mtok: 10"
+
+/* The message content of the big answers below, and its arguments. */
+#define BIG_TEXT "The answer is long, and every word of it is paid for. "
+#define BIG_ARGS "{\"city\":\"Paris\"}"
+
+/* A raw answer of a 200 whose body is a chat completion of over 9 MiB,
+ * most of it logprobs (small tokens, as a real one): `first` opens the
+ * root object's members, `last` (with its comma) closes them; the
+ * message's content is BIG_TEXT 200 times, with a tool call whose
+ * arguments are BIG_ARGS. The head declares `missing` bytes more than
+ * follow: the upstream breaks off. */
+static char *big_answer(const char *first, const char *last, size_t missing, size_t *len)
+{
+    struct buf body = {0}, out = {0};
+
+    cr_assert_eq(buf_printf(&body,
+                            "{\"id\":\"chatcmpl-big\",\"object\":\"chat.completion\",%s"
+                            "\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\","
+                            "\"content\":\"",
+                            first),
+                 0);
+    for (int i = 0; i < 200; i++)
+        cr_assert_eq(buf_append_lit(&body, BIG_TEXT), 0);
+    cr_assert_eq(buf_append_lit(&body, "\",\"tool_calls\":[{\"id\":\"c1\",\"type\":\"function\","
+                                       "\"function\":{\"name\":\"weather\",\"arguments\":"
+                                       "\"{\\\"city\\\":\\\"Paris\\\"}\"}}]},"
+                                       "\"logprobs\":{\"content\":["),
+                 0);
+    for (int i = 0; body.len < (9u << 20); i++)
+        cr_assert_eq(buf_printf(&body,
+                                "%s{\"token\":\"ab\",\"logprob\":-0.%d,\"bytes\":[97,98],"
+                                "\"top_logprobs\":[]}",
+                                i ? "," : "", i),
+                     0);
+    cr_assert_eq(buf_printf(&body, "]},\"finish_reason\":\"stop\"}]%s}", last), 0);
+    cr_assert_eq(buf_printf(&out,
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                            "Content-Length: %zu\r\nConnection: close\r\n\r\n",
+                            body.len + missing),
+                 0);
+    cr_assert_eq(buf_append(&out, body.data, body.len), 0);
+    buf_free(&body);
+    *len = out.len;
+    return out.data;
+}
+
+/* A router in front of a canned upstream (backend "a") that answers
+ * `answer`, freed here. */
+static void start_big(char *answer, size_t len)
+{
+    canned = support_canned_start(answer, len);
+    free(answer);
+    cr_assert_not_null(canned);
+    add_backend_with("a", support_canned_port(canned), 1, 100, 300, NULL, BIG_BACKEND_MORE);
+    start_routers(1, "a", NULL);
+}
+
+/* The settled cost in the chunked trailer of the last answer. */
+static double trailer_usd(void)
+{
+    static const char name[] = "\r\nx-costrouter-cost-usd: ";
+    const char *p = memmem(resp.raw.data, resp.raw.len, name, sizeof(name) - 1);
+
+    cr_assert_not_null(p, "no cost trailer");
+    return strtod(p + sizeof(name) - 1, NULL);
+}
+
+/* The cost log's tokens and cost for the big answers' usage. */
+static void assert_big_usage_billed(const cJSON *rec)
+{
+    cr_assert_eq(cJSON_GetObjectItem(rec, "prompt_tokens")->valuedouble, 1234);
+    cr_assert_eq(cJSON_GetObjectItem(rec, "completion_tokens")->valuedouble, 56789);
+    cr_assert_eq(cJSON_GetObjectItem(rec, "billed_prompt_tokens")->valuedouble, 1234);
+    cr_assert_eq(cJSON_GetObjectItem(rec, "billed_completion_tokens")->valuedouble, 56789);
+    cr_assert_float_eq(cJSON_GetObjectItem(rec, "cost_usd")->valuedouble, BIG_USD, 1e-9);
+}
+
+/* An answer too big to hold goes out as it comes, and is charged the
+ * usage at its end (cached tokens at their price): in the trailer, the
+ * cost log and the token statistics, as a held answer would be. */
+Test(costs, an_answer_over_8_mib_is_charged_its_usage)
+{
+    static const char completion_series[] =
+        "costrouter_tokens_total{tenant=\"acme\",backend=\"a\",route=\"chat\",kind=\"completion\"} "
+        "56789\n";
+    size_t len;
+    char *answer = big_answer("", "," BIG_USAGE, 0, &len);
+    cJSON *rec;
+
+    start_big(answer, len);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_gt(resp.body.len, 9u << 20);
+    const char *head_end = memmem(resp.raw.data, resp.raw.len, "\r\n\r\n", 4);
+    cr_assert_not_null(head_end);
+    cr_assert_null(memmem(resp.raw.data, (size_t)(head_end - resp.raw.data), "cost-usd", 8),
+                   "the head was held");
+    cr_assert_float_eq(trailer_usd(), BIG_USD, 1e-9);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_not_null(memmem(resp.body.data, resp.body.len, completion_series,
+                              sizeof(completion_series) - 1),
+                       "%.*s", (int)resp.body.len, resp.body.data);
+    support_proc_stop(&routers[0]);
+    rec = last_cost_record();
+    assert_big_usage_billed(rec);
+    cr_assert_eq(cJSON_GetObjectItem(rec, "status")->valuedouble, 200);
+    cJSON_Delete(rec);
+}
+
+/* Only the root object's own usage is the bill: a "usage" in a choice's
+ * message, in another object, and written inside a string, all before
+ * it and all smaller, are passed over. */
+Test(costs, an_answer_over_8_mib_is_charged_its_root_usage_only)
+{
+    size_t len;
+    char *answer = big_answer(
+        "\"note\":\"\\\"usage\\\":{\\\"prompt_tokens\\\":1,\\\"completion_tokens\\\":1}\","
+        "\"meta\":{\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":2}},"
+        "\"extra\":[{\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":3}}],",
+        "," BIG_USAGE, 0, &len);
+    cJSON *rec;
+
+    start_big(answer, len);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_float_eq(trailer_usd(), BIG_USD, 1e-9);
+    support_proc_stop(&routers[0]);
+    rec = last_cost_record();
+    assert_big_usage_billed(rec);
+    cJSON_Delete(rec);
+}
+
+/* The completion tokens of the big answers' text, counted as the router
+ * counts an answer without usage (a backend with tokenizer: estimate). */
+static int64_t big_text_tokens(void)
+{
+    struct buf text = {0};
+    int64_t n;
+
+    for (int i = 0; i < 200; i++)
+        cr_assert_eq(buf_append_lit(&text, BIG_TEXT), 0);
+    n = policy_tokens_estimate(text.data, text.len) +
+        policy_tokens_estimate(BIG_ARGS, strlen(BIG_ARGS));
+    buf_free(&text);
+    return n;
+}
+
+/* The cost log's charge for an answer without usage: the prompt estimate
+ * and `completion` tokens counted. */
+static void assert_counted_billed(const cJSON *rec, int64_t completion)
+{
+    double prompt = cJSON_GetObjectItem(rec, "prompt_tokens_est")->valuedouble;
+
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(rec, "completion_tokens")), "none was reported");
+    cr_assert_eq(cJSON_GetObjectItem(rec, "billed_prompt_tokens")->valuedouble, prompt);
+    cr_assert_eq(cJSON_GetObjectItem(rec, "billed_completion_tokens")->valuedouble,
+                 (double)completion);
+    cr_assert_float_eq(cJSON_GetObjectItem(rec, "cost_usd")->valuedouble,
+                       usd(prompt, (double)completion, 100, 300), 1e-9);
+}
+
+/* Without usage, an answer too big to hold is charged as a held one is:
+ * the prompt estimate and its text counted with the backend's tokenizer
+ * (here the byte estimate), its logprobs not counted. */
+Test(costs, an_answer_over_8_mib_without_usage_is_charged_for_its_text)
+{
+    size_t len;
+    char *answer = big_answer("", "", 0, &len);
+    int64_t completion = big_text_tokens();
+    cJSON *rec;
+
+    start_big(answer, len);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    double paid = trailer_usd();
+    support_proc_stop(&routers[0]);
+    rec = last_cost_record();
+    assert_counted_billed(rec, completion);
+    cr_assert_float_eq(paid, cJSON_GetObjectItem(rec, "cost_usd")->valuedouble, 1e-9);
+    cJSON_Delete(rec);
+}
+
+/* An answer too big to hold that breaks off after 9 MiB reached the
+ * client: its usage, read before the break, is what is charged... */
+Test(costs, an_answer_over_8_mib_cut_after_its_usage_is_charged_its_usage)
+{
+    size_t len;
+    char *answer = big_answer(BIG_USAGE ",", "", 1u << 20, &len);
+    cJSON *rec;
+
+    start_big(answer, len);
+    chat(0, NULL, "{\"model\":\"chat\"," MSG "}"); /* an error: the answer is cut */
+    cr_assert_eq(resp.status, 200);
+    cr_assert_null(memmem(resp.raw.data, resp.raw.len, "x-costrouter-cost-usd", 21),
+                   "a cut answer ended cleanly");
+    support_proc_stop(&routers[0]);
+    cr_assert(support_proc_exited_cleanly(&routers[0]), "exit status %d", routers[0].status);
+    rec = last_cost_record();
+    assert_big_usage_billed(rec);
+    cJSON_Delete(rec);
+}
+
+/* ... and without usage, the text that passed, counted. */
+Test(costs, an_answer_over_8_mib_cut_without_usage_is_charged_for_its_text)
+{
+    size_t len;
+    char *answer = big_answer("", "", 1u << 20, &len);
+    int64_t completion = big_text_tokens();
+    cJSON *rec;
+
+    start_big(answer, len);
+    chat(0, NULL, "{\"model\":\"chat\"," MSG "}");
+    cr_assert_eq(resp.status, 200);
+    support_proc_stop(&routers[0]);
+    cr_assert(support_proc_exited_cleanly(&routers[0]), "exit status %d", routers[0].status);
+    rec = last_cost_record();
+    assert_counted_billed(rec, completion);
+    cJSON_Delete(rec);
+}
+
+/* A client that leaves while an answer too big to hold passes to it: 499,
+ * charged the prompt estimate and the text that had passed (the reader
+ * it had is freed: `make asan` finds no leak). */
+Test(costs, a_client_leaving_an_answer_over_8_mib_pays_for_the_text_that_passed)
+{
+    struct support_http_conn conn;
+    size_t len;
+    char *answer = big_answer("", "," BIG_USAGE, 0, &len), got[65536];
+    ssize_t n;
+    cJSON *rec;
+
+    signal(SIGPIPE, SIG_IGN); /* the canned upstream writes on after the router closes */
+    start_big(answer, len);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH,
+                                     "{\"model\":\"chat\"," MSG "}"),
+                 0);
+    cr_assert_eq(support_http_connect_rcvbuf(&conn, routers[0].port, 4096), 0);
+    cr_assert_eq(support_http_send(&conn, req.data, req.len), 0);
+    n = recv(conn.fd, got, sizeof(got) - 1, MSG_WAITALL);
+    cr_assert_gt(n, 12);
+    cr_assert_eq(strncmp(got, "HTTP/1.1 200", 12), 0, "%.*s", (int)n, got);
+    support_http_close(&conn);
+    usleep(300 * 1000);
+    support_proc_stop(&routers[0]);
+    rec = last_cost_record();
+    cr_assert_eq(cJSON_GetObjectItem(rec, "status")->valuedouble, 499);
+    assert_counted_billed(rec, big_text_tokens());
     cJSON_Delete(rec);
 }
 

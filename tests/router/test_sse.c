@@ -192,3 +192,120 @@ Test(usage, counts_out_of_range_are_unknown, .timeout = 5)
     cr_assert_eq(u.prompt_tokens, -1);
     cr_assert_eq(u.completion_tokens, -1);
 }
+
+/* ---- the usage of an answer too big to hold (router/bigusage.c) ---- */
+
+/* Feed `json` to a reader in pieces of `step` bytes, as reads would
+ * bring it; the last result, and the usage read when it is 1. */
+static int big_usage_of(const char *json, size_t step, struct router__usage *u)
+{
+    struct router__bigusage *b = router__bigusage_new(NULL, NULL);
+    size_t len = strlen(json), tlen;
+    const char *text;
+    int rc = 0;
+
+    cr_assert_not_null(b);
+    for (size_t off = 0; off < len && rc == 0; off += step)
+        rc = router__bigusage_feed(b, json + off, len - off < step ? len - off : step);
+    u->prompt_tokens = u->completion_tokens = u->cached_tokens = -1;
+    if (rc == 1) {
+        text = router__bigusage_text(b, &tlen);
+        cr_assert(router__usage_parse(text, tlen, u, NULL), "%.*s", (int)tlen, text);
+    }
+    router__bigusage_free(b);
+    return rc;
+}
+
+/* The root's usage is found whatever the split, past a nested "usage"
+ * and those bytes written inside a string, with its numbers as written. */
+Test(bigusage, only_the_root_usage_is_read_whatever_the_split, .timeout = 5)
+{
+    const char js[] = "{\"choices\":[{\"message\":{"
+                      "\"content\":\"say \\\"usage\\\":{\\\"prompt_tokens\\\":1}\","
+                      "\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3}}}],"
+                      "\"meta\":{\"usage\":{\"prompt_tokens\":4}},"
+                      "\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34,"
+                      "\"prompt_tokens_details\":{\"cached_tokens\":8,\"x\":[1,true,null,\"s\"]}}}";
+    struct router__usage u;
+
+    for (size_t step = 1; step <= sizeof(js); step += 7) {
+        cr_assert_eq(big_usage_of(js, step, &u), 1, "step %zu", step);
+        cr_assert_eq(u.prompt_tokens, 12, "step %zu", step);
+        cr_assert_eq(u.completion_tokens, 34, "step %zu", step);
+        cr_assert_eq(u.cached_tokens, 8, "step %zu", step);
+    }
+}
+
+/* No root usage, text that is not JSON, a root that is an array and
+ * nesting deeper than any answer: no usage, never a crash. */
+Test(bigusage, no_usage_is_read_where_the_root_has_none, .timeout = 5)
+{
+    struct router__usage u;
+    char deep[200];
+
+    cr_assert_eq(big_usage_of("{\"choices\":[{\"usage\":{\"prompt_tokens\":1}}]}", 5, &u), 0);
+    cr_assert_eq(big_usage_of("not json {\"usage\":{\"prompt_tokens\":1}}", 5, &u), -1);
+    cr_assert_eq(big_usage_of("[{\"usage\":{\"prompt_tokens\":1}}]", 5, &u), 0);
+    memset(deep, '[', sizeof(deep) - 1);
+    deep[sizeof(deep) - 1] = '\0';
+    cr_assert_eq(big_usage_of(deep, 5, &u), -1);
+    cr_assert_eq(u.prompt_tokens, -1);
+}
+
+/* What the reader keeps is bounded: a usage over 4 KiB is absurd and
+ * ignored, and a token over 4 MiB ends the reading before it is whole. */
+Test(bigusage, a_huge_usage_or_token_is_given_up, .timeout = 10)
+{
+    size_t n = 5u << 20;
+    char *js = malloc(n + 64);
+    struct router__usage u;
+    size_t at;
+
+    cr_assert_not_null(js);
+    strcpy(js, "{\"usage\":{\"prompt_tokens\":1,\"x\":\"");
+    at = strlen(js);
+    memset(js + at, 'a', 5000);
+    strcpy(js + at + 5000, "\"}}");
+    cr_assert_eq(big_usage_of(js, 4096, &u), -1);
+    strcpy(js, "{\"choices\":\"");
+    memset(js + 12, 'a', n);
+    strcpy(js + 12 + n, "\",\"usage\":{\"prompt_tokens\":1}}");
+    cr_assert_eq(big_usage_of(js, 64 * 1024, &u), -1);
+    /* The same, 1 MiB long, is read through. */
+    strcpy(js + 12 + (1u << 20), "\",\"usage\":{\"prompt_tokens\":1}}");
+    cr_assert_eq(big_usage_of(js, 64 * 1024, &u), 1);
+    cr_assert_eq(u.prompt_tokens, 1);
+    free(js);
+}
+
+/* The texts handed over for counting, joined with '|' ('#' for a token id). */
+static void join_text(void *arg, const char *text, size_t len)
+{
+    char *out = arg;
+
+    strcat(out, "|");
+    strncat(out, text ? text : "#", text ? len : 1);
+}
+
+/* An answer without usage is counted from the texts a held body's count
+ * reads (choices' text, message content, tool call arguments; an array
+ * of strings and token ids), decoded, and nothing else: not the same
+ * names elsewhere, not logprobs, not keys. */
+Test(bigusage, the_answered_texts_are_handed_over_to_be_counted, .timeout = 5)
+{
+    const char js[] =
+        "{\"content\":\"no\",\"choices\":[{\"text\":\"t\\u00e9\","
+        "\"logprobs\":{\"content\":[{\"token\":\"x\"}]},"
+        "\"message\":{\"content\":[\"c1\",7,[\"c2\"],{\"text\":\"no\"}],"
+        "\"tool_calls\":[{\"function\":"
+        "{\"name\":\"no\",\"arguments\":\"{}\"}}]}},{\"message\":{\"content\":\"second\"}}],"
+        "\"meta\":{\"text\":\"no\",\"choices\":[{\"text\":\"no\"}]}}";
+    char got[256] = "";
+    struct router__bigusage *b = router__bigusage_new(join_text, got);
+
+    cr_assert_not_null(b);
+    for (size_t off = 0, len = sizeof(js) - 1; off < len; off += 3)
+        cr_assert_eq(router__bigusage_feed(b, js + off, len - off < 3 ? len - off : 3), 0);
+    router__bigusage_free(b);
+    cr_assert_str_eq(got, "|t\xc3\xa9|c1|#|c2|{}|second");
+}
