@@ -976,6 +976,9 @@ static void send_held_head(struct router__client *c, int64_t length, int with_co
         req->keep_alive = 0;
     } else if (rc == 0) {
         rc = buf_append_lit(&req->head, "Transfer-Encoding: chunked\r\n");
+        /* Announced, as RFC 9110 asks, where it comes only at the end. */
+        if (!with_cost)
+            rc = rc ?: buf_append_lit(&req->head, "Trailer: x-costrouter-cost-usd\r\n");
         req->chunked = 1;
     }
     if (rc == 0 && !req->keep_alive)
@@ -1048,14 +1051,8 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     }
     req->head_held = 1;
     if (is_sse) {
-        /* Streams go out at once; the cost follows at the end. */
-        if (!client_http10(c))
-            rc = buf_append_lit(&req->head, "Trailer: x-costrouter-cost-usd\r\n");
-        if (rc != 0) {
-            router__client_close(c);
-            return 1;
-        }
-        /* The head and the events in the rest of this read: one write. */
+        /* Streams go out at once; the cost follows at the end. The head
+         * and the events in the rest of this read: one write. */
         req->batching = 1;
         send_held_head(c, -1, 0, NULL);
     }

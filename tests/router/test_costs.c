@@ -2030,8 +2030,11 @@ Test(costs, an_answer_over_8_mib_is_charged_its_usage)
     cr_assert_gt(resp.body.len, 9u << 20);
     const char *head_end = memmem(resp.raw.data, resp.raw.len, "\r\n\r\n", 4);
     cr_assert_not_null(head_end);
-    cr_assert_null(memmem(resp.raw.data, (size_t)(head_end - resp.raw.data), "cost-usd", 8),
+    cr_assert_null(memmem(resp.raw.data, (size_t)(head_end - resp.raw.data),
+                          "\r\nx-costrouter-cost-usd:", 24),
                    "the head was held");
+    cr_assert_str_eq(support_http_header(&resp, "trailer"), "x-costrouter-cost-usd",
+                     "the head announces the trailer");
     cr_assert_float_eq(trailer_usd(), BIG_USD, 1e-9);
     cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
     cr_assert_not_null(memmem(resp.body.data, resp.body.len, completion_series,
@@ -2128,7 +2131,7 @@ Test(costs, an_answer_over_8_mib_cut_after_its_usage_is_charged_its_usage)
     start_big(answer, len);
     chat(0, NULL, "{\"model\":\"chat\"," MSG "}"); /* an error: the answer is cut */
     cr_assert_eq(resp.status, 200);
-    cr_assert_null(memmem(resp.raw.data, resp.raw.len, "x-costrouter-cost-usd", 21),
+    cr_assert_null(memmem(resp.raw.data, resp.raw.len, "\r\nx-costrouter-cost-usd:", 24),
                    "a cut answer ended cleanly");
     support_proc_stop(&routers[0]);
     cr_assert(support_proc_exited_cleanly(&routers[0]), "exit status %d", routers[0].status);
