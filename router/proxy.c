@@ -943,23 +943,25 @@ static void key_refused(struct router__client *c, int status, uint64_t now)
     retry_elsewhere(c, error_upstream_auth);
 }
 
-/* Keys shorter than this are not blanked out of error bodies: masking
- * every "ab" would mangle the JSON, and such a key guards nothing. */
+/* Keys shorter than this are not blanked out of answers: masking every
+ * "ab" would mangle the JSON, and such a key guards nothing. */
 #define PROXY_SCRUB_KEY_MIN 8
 
-/* A backend's own error answer, held whole (head and body), may quote the
- * key the router sent it: blank each copy out before it goes to the
- * client. Error answers only (small, read once); a 2xx is not scanned. */
-static void scrub_key(struct router__request *req)
+/* A backend's answer may quote the key the router sent it (a self-hosted
+ * server echoing the request it refused, a debugging proxy copying a
+ * header): blank each copy out of `b`, the answer's head or the held body
+ * of an error, before it goes to the client. A few hundred bytes of head,
+ * and error bodies, which are small and read once; a 2xx body is not
+ * scanned. */
+static void scrub_key(struct router__request *req, struct buf *b, const char *what)
 {
     const char *key = req->pool->conf->api_key;
     size_t n = key ? strlen(key) : 0;
 
-    if (req->status < 400 || n < PROXY_SCRUB_KEY_MIN)
-        return;
-    if (buf_mask(&req->head, key, n, '*') + buf_mask(&req->up_body, key, n, '*') > 0)
-        log_info("request %s: backend %s quoted the router's key in its %d answer; blanked out",
-                 req->id_str, req->pool->conf->name, req->status);
+    if (n >= PROXY_SCRUB_KEY_MIN && buf_mask(b, key, n, '*') > 0)
+        log_info("request %s: backend %s quoted the router's key in its %d answer's %s; "
+                 "blanked out",
+                 req->id_str, req->pool->conf->name, req->status, what);
 }
 
 /* Send bytes to the client: into the batch while one is being collected
@@ -1077,7 +1079,7 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
         backend_attempt_success(req->pool->backend, now, now - req->attempt_start_ms);
     req->status = status;
     /* An error answer is held whole even when it says it is a stream, so
-     * that scrub_key sees all of it before the client does. */
+     * that scrub_key sees all of its body before the client does. */
     req->is_sse = is_sse && status < 400;
     req->response_started = 1;
     buf_reset(&req->head);
@@ -1087,6 +1089,7 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     rc = rc ?: buf_append(&req->head, http_status_text(status), strlen(http_status_text(status)));
     rc = rc ?: buf_append_lit(&req->head, "\r\n");
     rc = rc ?: buf_append(&req->head, headers->data, headers->len);
+    scrub_key(req, &req->head, "head");
     rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-request-id"), slice_from(req->id_str));
     rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-costrouter-backend"), slice_from(b->name));
     rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-costrouter-reason"), slice_from(req->reason));
@@ -1462,7 +1465,8 @@ void router__proxy_on_complete(struct router__client *c)
         count_completion(c);
     settle(c);
     if (req->head_held) {
-        scrub_key(req);
+        if (req->status >= 400)
+            scrub_key(req, &req->up_body, "body");
         send_held_head(c, (int64_t)req->up_body.len, 1, &req->up_body);
         if (req->cacheable)
             keep_for_cache(req, req->up_body.data, req->up_body.len);

@@ -290,6 +290,22 @@ static void echo_status(const char *status)
     echo_status_as(status, 0);
 }
 
+/* Set both echoing upstreams to answer 200, plain or streamed, with the
+ * request they got quoted in a header. */
+static void echo_ok(int sse)
+{
+    static const char answer[] =
+        "{\"id\":\"x\",\"object\":\"chat.completion\",\"choices\":[{\"index\":0,"
+        "\"message\":{\"role\":\"assistant\",\"content\":\"hi\"},\"finish_reason\":\"stop\"}],"
+        "\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":1,\"total_tokens\":10}}";
+    char head[128];
+
+    snprintf(head, sizeof(head), "HTTP/1.1 200 OK\r\nContent-Type: %s\r\nx-echo: $REQUEST\r\n",
+             sse ? "text/event-stream" : "application/json");
+    support_canned_echo(echo, head, sse ? "data: {}\n\ndata: [DONE]\n\n" : answer);
+    support_canned_echo(echox, head, sse ? "data: {}\n\ndata: [DONE]\n\n" : answer);
+}
+
 /* Requests a client may send, good and bad, to the mock. */
 static void drive_clients(void)
 {
@@ -411,6 +427,13 @@ static void drive_echoing_upstreams(void)
         cr_assert_eq(call("POST", "/v1/chat/completions", AUTH(KEY_ACME), body), 500);
         echo_status("429 Too Many Requests");
         cr_assert_eq(call("POST", "/v1/chat/completions", AUTH(KEY_ACME), body), 429);
+        /* Answers that quote the request in a header. */
+        echo_ok(0);
+        cr_assert_eq(call("POST", "/v1/chat/completions", AUTH(KEY_ACME), body), 200);
+        cr_assert_not_null(support_http_header(&resp, "x-echo"));
+        echo_ok(1);
+        cr_assert_eq(call("POST", "/v1/chat/completions", AUTH(KEY_ACME), stream), 200);
+        cr_assert_not_null(support_http_header(&resp, "x-echo"));
         echo_status_as("500 Internal Server Error", 1); /* an error that says it streams */
         cr_assert_eq(call("POST", "/v1/chat/completions", AUTH(KEY_ACME), stream), 500);
         cr_assert_not_null(memmem(resp.body.data, resp.body.len, "data: {", 7));

@@ -58,21 +58,31 @@ static void json_escaped(struct buf *out, const char *p, size_t n)
     }
 }
 
+/* `template` with each ECHO_MARK replaced by the request head (len
+ * bytes), escaped, appended to out. */
+static void fill(struct buf *out, const char *template, const char *head, size_t len)
+{
+    const char *t = template, *mark;
+
+    while ((mark = strstr(t, ECHO_MARK)) != NULL) {
+        if (buf_append(out, t, (size_t)(mark - t)) != 0)
+            abort();
+        json_escaped(out, head, len);
+        t = mark + strlen(ECHO_MARK);
+    }
+    if (buf_append(out, t, strlen(t)) != 0)
+        abort();
+}
+
 /* The echo answer to a request whose head is `head` (len bytes). */
 static void echo_answer(const struct support_canned *u, const char *head, size_t len,
                         struct buf *out)
 {
     struct buf body = {0};
-    const char *t = u->echo_body, *mark;
 
-    while ((mark = strstr(t, ECHO_MARK)) != NULL) {
-        if (buf_append(&body, t, (size_t)(mark - t)) != 0)
-            abort();
-        json_escaped(&body, head, len);
-        t = mark + strlen(ECHO_MARK);
-    }
-    if (buf_append(&body, t, strlen(t)) != 0 ||
-        buf_printf(out, "%sContent-Length: %zu\r\n\r\n", u->echo_head, body.len) != 0 ||
+    fill(&body, u->echo_body, head, len);
+    fill(out, u->echo_head, head, len);
+    if (buf_printf(out, "Content-Length: %zu\r\n\r\n", body.len) != 0 ||
         buf_append(out, body.data, body.len) != 0)
         abort();
     buf_free(&body);

@@ -20,9 +20,10 @@ struct support_canned *support_canned_start(const char *answer, size_t len);
 void support_canned_set(struct support_canned *u, const char *answer, size_t len);
 /* Answer the following requests with `head` (a status line and header
  * lines, each ending in "\r\n", without Content-Length) and `body`, in
- * which each "$REQUEST" becomes the head of the request received, escaped
- * for a JSON string: an upstream that quotes back what it was sent (the
- * key in its Authorization too). support_canned_set ends it. */
+ * both of which each "$REQUEST" becomes the head of the request received,
+ * escaped for a JSON string (so on one line): an upstream that quotes
+ * back what it was sent (the key in its Authorization too).
+ * support_canned_set ends it. */
 void support_canned_echo(struct support_canned *u, const char *head, const char *body);
 /* How many requests it read. */
 int support_canned_requests(struct support_canned *u);
