@@ -1,4 +1,5 @@
 /* common/buf.c: growable byte buffer (see buf.h). */
+#define _GNU_SOURCE /* memmem */
 #include "common/buf.h"
 #include "common/fmt.h"
 
@@ -97,6 +98,21 @@ void buf_consume(struct buf *b, size_t n)
     }
     memmove(b->data, b->data + n, b->len - n);
     b->len -= n;
+}
+
+size_t buf_mask(struct buf *b, const char *needle, size_t n, char with)
+{
+    size_t found = 0, off = 0;
+    char *at;
+
+    if (n == 0)
+        return 0;
+    while (off < b->len && (at = memmem(b->data + off, b->len - off, needle, n)) != NULL) {
+        memset(at, with, n);
+        off = (size_t)(at - b->data) + n;
+        found++;
+    }
+    return found;
 }
 
 void buf_free(struct buf *b)

@@ -49,6 +49,10 @@ int buf_append_u64(struct buf *b, uint64_t v) __attribute__((warn_unused_result)
 int buf_printf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Drop the first n bytes, keeping the rest. */
 void buf_consume(struct buf *b, size_t n);
+/* Overwrite every occurrence of the n bytes at `needle` with as many
+ * `with` bytes, in place (the length stays). Returns how many were found.
+ * For blanking a secret out of bytes held before they go out. */
+size_t buf_mask(struct buf *b, const char *needle, size_t n, char with);
 /* Forget the contents but keep the memory. */
 static inline void buf_reset(struct buf *b) { b->len = 0; }
 /* Free the memory. */

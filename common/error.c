@@ -19,6 +19,8 @@ const char error_budget_exhausted[] = "budget exhausted";
 const char error_rate_limited[] = "rate limit exceeded";
 const char error_upstream_connect[] = "could not connect to the upstream";
 const char error_upstream_io[] = "upstream connection failed";
+const char error_upstream_auth[] = "the backend refused the router's credentials for it (a "
+                                  "problem of the router's configuration, not of your key)";
 const char error_no_backend[] = "no healthy backend for this model";
 const char error_upstream_connect_timeout[] = "upstream connect timed out";
 const char error_upstream_first_byte_timeout[] = "upstream did not answer in time";

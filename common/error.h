@@ -28,6 +28,7 @@ extern const char error_rate_limited[];      /* 429 */
 /* Upstream problems. */
 extern const char error_upstream_connect[];     /* 502: connect/TLS failed */
 extern const char error_upstream_io[];          /* 502: reset or bad response */
+extern const char error_upstream_auth[];        /* 502: the backend refused the router's key (401/403) */
 extern const char error_no_backend[];           /* 503: no healthy candidate */
 extern const char error_upstream_connect_timeout[]; /* 504 */
 extern const char error_upstream_first_byte_timeout[]; /* 504 */

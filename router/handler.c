@@ -55,6 +55,9 @@ static const struct error_map error_maps[] = {
     {error_rate_limited, 429, "rate_limit_error", "rate_limit_exceeded", NULL},
     {error_upstream_connect, 502, "api_error", "upstream_connect_failed", NULL},
     {error_upstream_io, 502, "api_error", "upstream_error", NULL},
+    /* Not a 401: the tenant's key was fine, and the SDKs would tell the
+     * user to change theirs. */
+    {error_upstream_auth, 502, "api_error", "upstream_auth_failed", NULL},
     {error_no_backend, 503, "api_error", "no_backend_available", NULL},
     {error_upstream_connect_timeout, 504, "api_error", "upstream_connect_timeout", NULL},
     {error_upstream_first_byte_timeout, 504, "api_error", "upstream_timeout", NULL},

@@ -66,6 +66,7 @@ struct router__pool {
     struct buf fixed_headers;              /* Host, Content-Type, the key: the same every request */
     struct log_every retry_log;            /* "answered 5xx/429, trying the next" lines */
     struct log_every fail_log;             /* "failed" lines (connect, reset, timeout) */
+    struct log_every auth_log;             /* "refused the router's key" lines (401/403) */
 };
 
 /* What outlives a config reload: the listening socket and the state that

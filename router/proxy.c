@@ -890,6 +890,13 @@ static int status_retryable(int status)
     return status >= 500 || status == 429;
 }
 
+/* A 401 or 403 from a backend refuses the router's key for it, not the
+ * tenant's, which the router checked itself. */
+static int refuses_router_key(int status)
+{
+    return status == 401 || status == 403;
+}
+
 static int more_candidates(const struct router__client *c)
 {
     const struct router__request *req = &c->req;
@@ -918,6 +925,48 @@ static void retry_elsewhere(struct router__client *c, const char *errstr)
     finish_attempt(c, NULL);
     router__spend_release(c);
     choose_and_reserve(c, errstr);
+}
+
+/* The backend refused the router's key. Its answer never reaches the
+ * client: the body may quote the key it was sent (a self-hosted server
+ * echoing its request), and a 401 would have the client's SDK tell its
+ * user to change a key that is fine. As for a 5xx, the backend failed:
+ * its circuit counts it and another candidate may serve; with none left
+ * the client gets the router's 502 upstream_auth_failed. The operator
+ * learns of it from the log, which names the backend, not the key. */
+static void key_refused(struct router__client *c, int status, uint64_t now)
+{
+    struct router__request *req = &c->req;
+    char note[LOG_EVERY_NOTE_MAX];
+
+    if (log_every_due(&req->pool->auth_log, now, note))
+        log_warn("request %s: backend %s answered %d to the router's key: check its api_key%s",
+                 req->id_str, req->pool->conf->name, status, note);
+    backend_attempt_failure(req->pool->backend, now);
+    router__upstream_abort(req->up);
+    req->up = NULL;
+    retry_elsewhere(c, error_upstream_auth);
+}
+
+/* Keys shorter than this are not blanked out of answers: masking every
+ * "ab" would mangle the JSON, and such a key guards nothing. */
+#define PROXY_SCRUB_KEY_MIN 8
+
+/* A backend's answer may quote the key the router sent it (a self-hosted
+ * server echoing the request it refused, a debugging proxy copying a
+ * header): blank each copy out of `b`, the answer's head or the held body
+ * of an error, before it goes to the client. A few hundred bytes of head,
+ * and error bodies, which are small and read once; a 2xx body is not
+ * scanned. */
+static void scrub_key(struct router__request *req, struct buf *b, const char *what)
+{
+    const char *key = req->pool->conf->api_key;
+    size_t n = key ? strlen(key) : 0;
+
+    if (n >= PROXY_SCRUB_KEY_MIN && buf_mask(b, key, n, '*') > 0)
+        log_info("request %s: backend %s quoted the router's key in its %d answer's %s; "
+                 "blanked out",
+                 req->id_str, req->pool->conf->name, req->status, what);
 }
 
 /* Send bytes to the client: into the batch while one is being collected
@@ -1009,6 +1058,10 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
         backend_rate_limited(req->pool->backend, now, retry_after_ms);
         metrics_add(r->metrics, METRICS_BACKEND_RATE_LIMITED_TOTAL, labels, 1);
     }
+    if (refuses_router_key(status)) {
+        key_refused(c, status, now);
+        return 1;
+    }
     if (status_retryable(status) && more_candidates(c)) {
         char note[LOG_EVERY_NOTE_MAX];
 
@@ -1033,7 +1086,9 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     else if (status != 429)
         backend_attempt_success(req->pool->backend, now, now - req->attempt_start_ms);
     req->status = status;
-    req->is_sse = is_sse ? 1 : 0;
+    /* An error answer is held whole even when it says it is a stream, so
+     * that scrub_key sees all of its body before the client does. */
+    req->is_sse = is_sse && status < 400;
     req->response_started = 1;
     buf_reset(&req->head);
     rc = buf_append_lit(&req->head, "HTTP/1.1 ");
@@ -1042,6 +1097,7 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     rc = rc ?: buf_append(&req->head, http_status_text(status), strlen(http_status_text(status)));
     rc = rc ?: buf_append_lit(&req->head, "\r\n");
     rc = rc ?: buf_append(&req->head, headers->data, headers->len);
+    scrub_key(req, &req->head, "head");
     rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-request-id"), slice_from(req->id_str));
     rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-costrouter-backend"), slice_from(b->name));
     rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-costrouter-reason"), slice_from(req->reason));
@@ -1050,7 +1106,7 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
         return 1;
     }
     req->head_held = 1;
-    if (is_sse) {
+    if (req->is_sse) {
         /* Streams go out at once; the cost follows at the end. The head
          * and the events in the rest of this read: one write. */
         req->batching = 1;
@@ -1491,6 +1547,8 @@ void router__proxy_on_complete(struct router__client *c)
         big_usage_stop(req, "ended without usage");
     settle(c);
     if (req->head_held) {
+        if (req->status >= 400)
+            scrub_key(req, &req->up_body, "body");
         send_held_head(c, (int64_t)req->up_body.len, 1, &req->up_body);
         if (req->cacheable)
             keep_for_cache(req, req->up_body.data, req->up_body.len);

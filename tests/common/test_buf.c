@@ -1,4 +1,4 @@
-/* tests/common/test_buf.c: common/buf.c growth, consume and printf. */
+/* tests/common/test_buf.c: common/buf.c growth, consume, printf and mask. */
 #include <criterion/criterion.h>
 #include <string.h>
 
@@ -91,5 +91,21 @@ Test(buf, append_u64_and_lit, .timeout = 5)
     cr_assert_eq(buf_append_u64(&b, 1234), 0);
     cr_assert_eq(b.len, strlen(want));
     cr_assert_eq(memcmp(b.data, want, b.len), 0);
+    buf_free(&b);
+}
+
+/* buf_mask blanks every copy, also back to back and at both ends, and
+ * keeps the length; an empty needle or an empty buffer changes nothing. */
+Test(buf, mask_blanks_every_copy_in_place, .timeout = 5)
+{
+    struct buf b = {0};
+
+    cr_assert_eq(buf_mask(&b, "key", 3, '*'), 0);
+    cr_assert_eq(buf_append_lit(&b, "keykey: a key, keyke key"), 0);
+    cr_assert_eq(buf_mask(&b, "key", 3, '*'), 5);
+    cr_assert_eq(b.len, 24);
+    cr_assert_eq(memcmp(b.data, "******: a ***, ***ke ***", 24), 0);
+    cr_assert_eq(buf_mask(&b, "", 0, '*'), 0);
+    cr_assert_eq(buf_mask(&b, "key", 3, '*'), 0);
     buf_free(&b);
 }

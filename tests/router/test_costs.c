@@ -150,23 +150,13 @@ static void write_conf(const char *route_candidates, const char *tenant_extra)
     fclose(f);
 }
 
-static int call_port(int port, const char *method, const char *path, const char *headers,
-                     const char *body);
-
 /* Wait until router `i` has its Redis connection (scripts loaded): before
  * that it serves from memory and writes back later, which a test that
  * reads Redis right after a request would see as missing spend. */
 static void wait_store_up(int i)
 {
-    static const char up[] = "\ncostrouter_store_up{store=\"redis\"} 1\n";
-
-    for (int tries = 0; tries < 250; tries++) {
-        cr_assert_eq(call_port(routers[i].port, "GET", "/metrics", ADMIN, NULL), 0);
-        if (memmem(resp.body.data, resp.body.len, up, sizeof(up) - 1))
-            return;
-        usleep(20000);
-    }
-    cr_assert_fail("router %d: the store did not come up", i);
+    cr_assert_eq(support_router_store_up(routers[i].port, ADMIN), 1,
+                 "router %d: the store did not come up", i);
 }
 
 /* The FIFO's reader: reads nothing until released, then copies all to

@@ -120,15 +120,7 @@ static void chat(void)
 /* Wait until the router has its Redis connection. */
 static void wait_store_up(void)
 {
-    static const char up[] = "\ncostrouter_store_up{store=\"redis\"} 1\n";
-
-    for (int tries = 0; tries < 250; tries++) {
-        cr_assert_eq(call("GET", "/metrics", ADMIN, NULL), 0);
-        if (memmem(resp.body.data, resp.body.len, up, sizeof(up) - 1))
-            return;
-        usleep(20000);
-    }
-    cr_assert_fail("the store did not come up");
+    cr_assert_eq(support_router_store_up(router.port, ADMIN), 1, "the store did not come up");
 }
 
 /* Today's spend of acme in Redis (-1: none). */

@@ -30,7 +30,63 @@ struct support_canned {
     struct buf heads;     /* request heads received, back to back */
     int requests;         /* how many */
     struct buf copy;      /* heads as last returned, NUL-terminated */
+    char *echo_head;      /* support_canned_echo's head, or NULL: answer is sent */
+    char *echo_body;      /* its body template */
 };
+
+#define ECHO_MARK "$REQUEST"
+
+/* `p` (n bytes) escaped for the inside of a JSON string, appended. */
+static void json_escaped(struct buf *out, const char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)p[i];
+        int rc;
+
+        if (ch == '"' || ch == '\\')
+            rc = buf_printf(out, "\\%c", ch);
+        else if (ch == '\r')
+            rc = buf_append_lit(out, "\\r");
+        else if (ch == '\n')
+            rc = buf_append_lit(out, "\\n");
+        else if (ch < 0x20)
+            rc = buf_printf(out, "\\u%04x", ch);
+        else
+            rc = buf_append(out, p + i, 1);
+        if (rc != 0)
+            abort();
+    }
+}
+
+/* `template` with each ECHO_MARK replaced by the request head (len
+ * bytes), escaped, appended to out. */
+static void fill(struct buf *out, const char *template, const char *head, size_t len)
+{
+    const char *t = template, *mark;
+
+    while ((mark = strstr(t, ECHO_MARK)) != NULL) {
+        if (buf_append(out, t, (size_t)(mark - t)) != 0)
+            abort();
+        json_escaped(out, head, len);
+        t = mark + strlen(ECHO_MARK);
+    }
+    if (buf_append(out, t, strlen(t)) != 0)
+        abort();
+}
+
+/* The echo answer to a request whose head is `head` (len bytes). */
+static void echo_answer(const struct support_canned *u, const char *head, size_t len,
+                        struct buf *out)
+{
+    struct buf body = {0};
+
+    fill(&body, u->echo_body, head, len);
+    fill(out, u->echo_head, head, len);
+    if (buf_printf(out, "Content-Length: %zu\r\n\r\n", body.len) != 0 ||
+        buf_append(out, body.data, body.len) != 0)
+        abort();
+    buf_free(&body);
+}
 
 /* Content-Length of a request head, 0 without one. */
 static size_t head_content_length(const char *head, size_t len)
@@ -48,10 +104,19 @@ static size_t head_content_length(const char *head, size_t len)
     return 0;
 }
 
+static void write_all(int fd, const char *p, size_t len)
+{
+    ssize_t n;
+
+    for (size_t off = 0; off < len; off += (size_t)n)
+        if ((n = write(fd, p + off, len - off)) <= 0)
+            break;
+}
+
 static void serve(struct support_canned *u, int fd)
 {
     struct timeval tv = {5, 0};
-    struct buf in = {0};
+    struct buf in = {0}, echo = {0};
     char chunk[4096];
     const char *end = NULL;
     size_t want = 0;
@@ -71,11 +136,13 @@ static void serve(struct support_canned *u, int fd)
         if (buf_append(&u->heads, in.data, (size_t)(end + 4 - in.data)) != 0)
             abort();
         u->requests++;
-        for (size_t off = 0; off < u->answer_len; off += (size_t)n)
-            if ((n = write(fd, u->answer + off, u->answer_len - off)) <= 0)
-                break;
+        if (u->echo_head)
+            echo_answer(u, in.data, (size_t)(end + 4 - in.data), &echo);
+        write_all(fd, u->echo_head ? echo.data : u->answer,
+                  u->echo_head ? echo.len : u->answer_len);
         pthread_mutex_unlock(&u->lock);
     }
+    buf_free(&echo);
     buf_free(&in);
     close(fd);
 }
@@ -133,6 +200,23 @@ void support_canned_set(struct support_canned *u, const char *answer, size_t len
     free(u->answer);
     u->answer = copy;
     u->answer_len = len;
+    free(u->echo_head);
+    free(u->echo_body);
+    u->echo_head = u->echo_body = NULL;
+    pthread_mutex_unlock(&u->lock);
+}
+
+void support_canned_echo(struct support_canned *u, const char *head, const char *body)
+{
+    char *h = strdup(head), *b = strdup(body);
+
+    if (h == NULL || b == NULL)
+        abort();
+    pthread_mutex_lock(&u->lock);
+    free(u->echo_head);
+    free(u->echo_body);
+    u->echo_head = h;
+    u->echo_body = b;
     pthread_mutex_unlock(&u->lock);
 }
 
@@ -175,5 +259,7 @@ void support_canned_stop(struct support_canned *u)
     buf_free(&u->heads);
     buf_free(&u->copy);
     free(u->answer);
+    free(u->echo_head);
+    free(u->echo_body);
     free(u);
 }

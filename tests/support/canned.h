@@ -1,7 +1,8 @@
 /*
  * tests/support/canned.h: a raw upstream on a thread of its own that
  * answers every request with the same bytes, whatever they are (a
- * misbehaving backend), and keeps the request heads it got, so tests see
+ * misbehaving backend), or with a template filled from the request (one
+ * that echoes it), and keeps the request heads it got, so tests see
  * exactly what the router sent, duplicates included.
  */
 #ifndef TESTS_SUPPORT_CANNED_H
@@ -17,6 +18,13 @@ struct support_canned;
 struct support_canned *support_canned_start(const char *answer, size_t len);
 /* Answer the following requests with these bytes instead. */
 void support_canned_set(struct support_canned *u, const char *answer, size_t len);
+/* Answer the following requests with `head` (a status line and header
+ * lines, each ending in "\r\n", without Content-Length) and `body`, in
+ * both of which each "$REQUEST" becomes the head of the request received,
+ * escaped for a JSON string (so on one line): an upstream that quotes
+ * back what it was sent (the key in its Authorization too).
+ * support_canned_set ends it. */
+void support_canned_echo(struct support_canned *u, const char *head, const char *body);
 /* How many requests it read. */
 int support_canned_requests(struct support_canned *u);
 /* The port it listens on. */

@@ -1,4 +1,5 @@
 /* tests/support/http.c: blocking HTTP/1.1 test client (see http.h). */
+#define _GNU_SOURCE /* memmem */
 #include "tests/support/http.h"
 
 #include <arpa/inet.h>
@@ -399,6 +400,24 @@ int support_https_request(int port, const char *ca_file, const void *req, size_t
 
     return request_once(&c, support_https_connect(&c, port, ca_file, timeout_ms), req, len,
                         timeout_ms, r);
+}
+
+int support_router_store_up(int port, const char *admin_headers)
+{
+    static const char up[] = "\ncostrouter_store_up{store=\"redis\"} 1\n";
+    struct support_http_response r = {0};
+    struct buf req = {0};
+    int found = 0, rc = support_http_format(&req, "GET", "/metrics", admin_headers, NULL);
+
+    for (int tries = 0; rc == 0 && !found && tries < 250; tries++) {
+        if (tries > 0)
+            nanosleep(&(struct timespec){0, 20000000}, NULL);
+        rc = support_http_request(port, req.data, req.len, 5000, &r);
+        found = rc == 0 && memmem(r.body.data, r.body.len, up, sizeof(up) - 1) != NULL;
+    }
+    support_http_response_free(&r);
+    buf_free(&req);
+    return rc != 0 ? rc : found;
 }
 
 int support_http_format(struct buf *out, const char *method, const char *path,

@@ -109,6 +109,11 @@ int support_https_request(int port, const char *ca_file, const void *req, size_t
 int support_http_format(struct buf *out, const char *method, const char *path,
                         const char *extra_headers, const char *body)
     __attribute__((warn_unused_result));
+/* Wait (5 s at most) until the router on `port` says in /metrics, asked
+ * with `admin_headers` (header lines), that it has its Redis connection:
+ * before that it serves from memory and writes back later. Returns 1 once
+ * it has, 0 if it never did, or a request's negative errno. */
+int support_router_store_up(int port, const char *admin_headers);
 /* Value of a response header by lowercase name, or NULL. */
 const char *support_http_header(const struct support_http_response *r, const char *name);
 /* The value of the unlabelled series `name` in r's body (a /metrics

@@ -57,7 +57,9 @@ static int ping(int port)
     }
     redisSetTimeout(rc, tv);
     reply = redisCommand(rc, "PING");
-    ok = reply && reply->type == REDIS_REPLY_STATUS && strcmp(reply->str, "PONG") == 0;
+    /* Up, also when it wants a password first. */
+    ok = reply && ((reply->type == REDIS_REPLY_STATUS && strcmp(reply->str, "PONG") == 0) ||
+                   (reply->type == REDIS_REPLY_ERROR && strncmp(reply->str, "NOAUTH", 6) == 0));
     if (reply)
         freeReplyObject(reply);
     redisFree(rc);
@@ -82,10 +84,12 @@ static int spawn(struct test_redis *r)
         dup2(null, 0);
         dup2(null, 1);
         dup2(null, 2);
-        execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1", "--save",
-               "", "--appendonly", r->persist ? "yes" : "no", "--appendfsync", "always",
-               "--dir", r->dir, "--pidfile", pidfile, "--logfile", logfile, "--daemonize", "no",
-               (char *)NULL);
+        char *argv[] = {"redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", r->persist ? "yes" : "no", "--appendfsync", "always",
+                        "--dir", r->dir, "--pidfile", pidfile, "--logfile", logfile,
+                        "--daemonize", "no", r->password[0] ? "--requirepass" : NULL,
+                        r->password, NULL};
+        execvp("redis-server", argv);
         _exit(127);
     }
     r->pid = pid;
@@ -105,8 +109,15 @@ static int spawn(struct test_redis *r)
 
 int test_redis_start(struct test_redis *r, int persist)
 {
+    return test_redis_start_password(r, persist, NULL);
+}
+
+int test_redis_start_password(struct test_redis *r, int persist, const char *password)
+{
     memset(r, 0, sizeof(*r));
     r->persist = persist;
+    if (password)
+        snprintf(r->password, sizeof(r->password), "%s", password);
     snprintf(r->dir, sizeof(r->dir), "/tmp/costrouter-redis-XXXXXX");
     if (mkdtemp(r->dir) == NULL)
         return -1;
@@ -162,8 +173,15 @@ static redisContext *connect_sync(const struct test_redis *r)
     struct timeval tv = {2, 0};
     redisContext *rc = redisConnectWithTimeout("127.0.0.1", r->port, tv);
 
-    if (rc != NULL && rc->err == 0 && redisSetTimeout(rc, tv) == REDIS_OK)
-        return rc;
+    if (rc != NULL && rc->err == 0 && redisSetTimeout(rc, tv) == REDIS_OK) {
+        redisReply *reply = r->password[0] ? redisCommand(rc, "AUTH %s", r->password) : NULL;
+        int ok = !r->password[0] || (reply && reply->type == REDIS_REPLY_STATUS);
+
+        if (reply)
+            freeReplyObject(reply);
+        if (ok)
+            return rc;
+    }
     if (rc)
         redisFree(rc);
     return NULL;

@@ -13,12 +13,16 @@ struct test_redis {
     int port;         /* loopback port */
     int persist;      /* appendonly with fsync always: survives SIGKILL */
     char dir[128];    /* temp folder: pid file, log, AOF */
-    char url[64];     /* redis://127.0.0.1:PORT */
+    char url[64];     /* redis://127.0.0.1:PORT (without the password) */
+    char password[64]; /* requirepass, "" for none */
 };
 
 /* Start on a free port (retrying when the port was taken meanwhile) and
  * wait until it answers PING. Returns 0 or -1. */
 int test_redis_start(struct test_redis *r, int persist);
+/* The same with `requirepass password` (NULL: none); the test_redis_*
+ * calls below authenticate with it. */
+int test_redis_start_password(struct test_redis *r, int persist, const char *password);
 /* Start again on the same port and folder (after test_redis_kill). */
 int test_redis_restart(struct test_redis *r);
 /* Send `sig` and, unless SIGSTOP/SIGCONT, wait for the process to exit. */
