@@ -368,21 +368,32 @@ static enum router__endpoint endpoint_find(struct slice path, int method, const 
     return ROUTER_EP_NONE;
 }
 
-/* The tenant key of "Authorization: Bearer KEY", or NULL. The key is
- * hashed at once; only its hash is compared (in constant time). */
-static const struct conf_key *authenticate(struct router__client *c)
+const char *router__bearer(const struct router__client *c, size_t *len)
 {
     const struct buf *a = &c->req.auth;
-    struct router__shared *sh = c->router->shared;
-    uint8_t digest[32];
     size_t skip = 7; /* the value's trailing whitespace is gone already (server.c) */
 
     if (a->len <= skip || strncasecmp(a->data, "Bearer ", skip) != 0)
         return NULL;
     while (skip < a->len && (a->data[skip] == ' ' || a->data[skip] == '\t'))
         skip++;
+    *len = a->len - skip;
+    return a->data + skip;
+}
+
+/* The tenant key of "Authorization: Bearer KEY", or NULL. The key is
+ * hashed at once; only its hash is compared (in constant time). */
+static const struct conf_key *authenticate(struct router__client *c)
+{
+    struct router__shared *sh = c->router->shared;
+    uint8_t digest[32];
+    size_t len;
+    const char *key = router__bearer(c, &len);
+
+    if (key == NULL || len == 0)
+        return NULL;
     if (EVP_DigestInit_ex2(sh->sha256_ctx, sh->sha256, NULL) != 1 ||
-        EVP_DigestUpdate(sh->sha256_ctx, a->data + skip, a->len - skip) != 1 ||
+        EVP_DigestUpdate(sh->sha256_ctx, key, len) != 1 ||
         EVP_DigestFinal_ex(sh->sha256_ctx, digest, NULL) != 1)
         return NULL;
     return conf_find_key(c->router->conf, digest);

@@ -385,6 +385,12 @@ void router__handle(struct router__client *c);
 /* Answer bytes refused before they made a whole request (malformed, over
  * a limit, too slow) with `errstr`; a /v1 one is accounted as a request. */
 void router__refuse(struct router__client *c, const char *errstr, const char *detail);
+/* The credential of the request's "Authorization: Bearer KEY" (the
+ * scheme in any case, the blanks after it skipped) and its length, or
+ * NULL: the one reading of a key for tenants and for the admin API. */
+const char *router__bearer(const struct router__client *c, size_t *len);
+/* Whether the request carries the admin key (admin.c). */
+int router__admin_authorized(struct router__client *c);
 /* Send a complete OpenAI-style error response for `errstr`. */
 void router__send_error(struct router__client *c, const char *errstr, const char *detail);
 /* The same with more header lines (each ending in CRLF), or NULL. */

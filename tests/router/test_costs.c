@@ -965,6 +965,15 @@ Test(costs, admin_api_reports_spend_backends_and_metrics)
     cr_assert_null(memmem(resp.body.data, resp.body.len, KEY, strlen(KEY)), "a key in /metrics");
     cr_assert_eq(call_port(port, "GET", "/metrics", NULL, NULL), 0);
     cr_assert_eq(resp.status, 401);
+    /* The admin key is read as a tenant's is: the scheme in any case,
+     * blanks after it skipped; nothing else is the key. */
+    cr_assert_eq(call_port(port, "GET", "/metrics", "Authorization: bearer \t adm-secret\r\n",
+                           NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(call_port(port, "GET", "/metrics", "Authorization: Bearer adm-secre\r\n", NULL), 0);
+    cr_assert_eq(resp.status, 401);
+    cr_assert_eq(call_port(port, "GET", "/metrics", "Authorization: Bearer  \r\n", NULL), 0);
+    cr_assert_eq(resp.status, 401);
     cr_assert_eq(call_port(port, "GET", "/dashboard", NULL, NULL), 0);
     cr_assert_eq(resp.status, 200);
     cr_assert_not_null(strstr(support_http_header(&resp, "content-type"), "text/html"));
