@@ -470,6 +470,17 @@ static void release_loop(struct metrics_cost_log *log)
     uv_close((uv_handle_t *)&log->written, on_handle_closed);
 }
 
+/* Has the writer's write returned, its answer not yet taken? */
+static int write_returned(struct metrics_cost_log *log)
+{
+    int done;
+
+    uv_mutex_lock(&log->lock);
+    done = log->job_done;
+    uv_mutex_unlock(&log->lock);
+    return done;
+}
+
 /* Called once nothing is in flight or waiting after metrics_cost_log_close(). */
 static void finish_close(struct metrics_cost_log *log)
 {
@@ -493,7 +504,10 @@ static void on_stuck(uv_timer_t *t)
     struct metrics_cost_log *log = container_of(t, struct metrics_cost_log, timer);
     uint64_t lost = unwritten_records(log);
 
-    if (!log->writing) { /* an open or close in flight: libuv waits for it anyway */
+    /* An open or close in flight: libuv waits for it anyway. A write that
+     * came back as the time ran out: its answer (on_written) is due in
+     * this same turn of the loop, after the timers, and the disk took it. */
+    if (!log->writing || write_returned(log)) {
         uv_timer_start(&log->timer, on_stuck, log->wait_ms, 0);
         return;
     }
