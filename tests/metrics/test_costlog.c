@@ -692,6 +692,7 @@ static int reader_saw_the_end(struct fifo_reader *rd)
 struct late_ctx {
     uv_timer_t timer;       /* fires before the log's wait_ms is over */
     uv_check_t check;       /* runs after the I/O of a turn of the loop */
+    uv_prepare_t prepare;   /* runs after the timers of a turn of the loop */
     struct fifo_reader *rd; /* the stuck reader */
     struct metrics *m;      /* the log's metrics */
     unsigned wait_ms;       /* the log's */
@@ -739,6 +740,42 @@ Test(costlog, a_write_back_just_as_wait_ms_runs_out_is_not_given_up, .timeout = 
     cr_assert(reader_saw_the_end(&rd), "the log's file was left open");
     cr_assert_eq(uv_thread_join(&rd.thread), 0);
     cr_assert_eq(newlines_in(rd.out), 400);
+    uv_sem_destroy(&rd.go);
+    metrics_free(ctx.m);
+}
+
+/* Once the log gave up (dropped records counted), in that same turn of
+ * the loop, before the log's handles are closed: let the write return. */
+static void on_late_prepare(uv_prepare_t *p)
+{
+    struct late_ctx *ctx = container_of(p, struct late_ctx, prepare);
+
+    if (metrics_get(ctx->m, METRICS_COST_LOG_DROPPED_TOTAL, NULL) == 0)
+        return;
+    let_go_and_hold_the_loop(ctx->rd, 0);
+    uv_close((uv_handle_t *)p, NULL);
+}
+
+/*
+ * The log gave up on a stuck write at exit, and the write returns before
+ * the log's handles are closed: the writer is then not stuck, the log is
+ * freed on the loop, and its file must be closed there (else a FIFO's
+ * reader waits for the end for ever, and a file stays open).
+ */
+Test(costlog, a_write_back_after_the_log_gave_up_still_closes_the_file, .timeout = 30)
+{
+    struct fifo_reader rd = {.done = 0};
+    struct late_ctx ctx = {.rd = &rd, .m = metrics_create(0), .wait_ms = 300};
+    struct metrics_cost_log *log = open_on_stuck_fifo(&rd, 1000, 0, ctx.wait_ms, ctx.m);
+
+    write_records(log, 0, 400);
+    metrics_cost_log_close(log);
+    uv_prepare_init(&loop, &ctx.prepare);
+    uv_prepare_start(&ctx.prepare, on_late_prepare);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert_gt(metrics_get(ctx.m, METRICS_COST_LOG_DROPPED_TOTAL, NULL), 0);
+    cr_assert(reader_saw_the_end(&rd), "the log's file was left open");
+    cr_assert_eq(uv_thread_join(&rd.thread), 0);
     uv_sem_destroy(&rd.go);
     metrics_free(ctx.m);
 }
