@@ -21,7 +21,7 @@ passed=0 failed=0 bad=0
 # sanitized run uses one job so that only real leaks are reported.
 jobs=2
 [ -n "${SANITIZED:-}" ] && jobs=1
-tsandir="$logdir/tsan"
+tsandir="$(cd "$logdir" && pwd)/tsan" # absolute: a process may run elsewhere
 if [ -n "${TSAN:-}" ]; then
     rm -rf "$tsandir"
     mkdir -p "$tsandir"
