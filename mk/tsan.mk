@@ -16,8 +16,9 @@ TSAN_INPROC := metrics/test_costlog
 TSAN_RUNNER := tests/support/tsan/runner.c
 
 # An in-process test against the stand-in (only with BUILD=build-tsan). No
-# tests/support/*.o: they are built against the real Criterion.
-$(BUILD)/tsan/%-tsan: tests/%.c $(TSAN_RUNNER) $(LIB)
+# tests/support/*.o: they are built against the real Criterion. A header
+# the test includes changes $(LIB) too, which rebuilds it.
+$(BUILD)/tsan/%-tsan: tests/%.c $(TSAN_RUNNER) tests/support/tsan/criterion/criterion.h $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Itests/support/tsan $(LDFLAGS) -o $@ $< $(TSAN_RUNNER) $(LIB) $(LIBS)
 
