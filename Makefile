@@ -118,7 +118,7 @@ run: deps all
 	@BUILD=$(BUILD) conf/demo.sh
 
 clean:
-	rm -rf build build-asan costrouter
+	rm -rf build build-asan build-tsan costrouter
 
 -include $(OBJS:.o=.d) $(BUILD)/main.d $(MOCK_SRCS:%.c=$(BUILD)/%.d) $(TEST_SRCS:%.c=$(BUILD)/%.d) \
          $(SUPPORT_SRCS:%.c=$(BUILD)/%.d)

@@ -4,6 +4,11 @@
  * log_debug compiles to nothing unless COMMON_LOG_DEBUG is defined, so the
  * hot path pays nothing for it. Never pass secrets (API keys, tenant keys)
  * to these macros: logs are read by people who must not see them.
+ *
+ * Threads: log_write may be called from any thread (a stack buffer,
+ * gmtime_r and one fwrite, which stdio locks); log_threshold is set only
+ * while the options are read, before any thread starts. A struct log_every
+ * belongs to one thread (the loop's, so far): log_every_due is not locked.
  */
 #ifndef COMMON_LOG_H
 #define COMMON_LOG_H

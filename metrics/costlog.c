@@ -349,6 +349,16 @@ static void take_result(struct metrics_cost_log *log, ssize_t n)
     }
 }
 
+/* Close the file unless it is stdout or closed already, so that a FIFO's
+ * reader sees its end. By whoever frees the log: the loop, or the writer
+ * once orphaned. */
+static void close_file(struct metrics_cost_log *log)
+{
+    if (log->path != NULL && log->fd >= 0)
+        close(log->fd);
+    log->fd = -1;
+}
+
 static void log_free(struct metrics_cost_log *log)
 {
     uv_cond_destroy(&log->job_cond);
@@ -414,8 +424,7 @@ static void writer_main(void *arg)
     uv_mutex_unlock(&log->lock);
     if (!orphaned)
         return;
-    if (log->path != NULL) /* so that a FIFO's reader sees its end */
-        close(log->fd);
+    close_file(log);
     log_free(log);
 }
 
@@ -457,6 +466,9 @@ static void on_handle_closed(uv_handle_t *h)
         return;
     }
     uv_thread_join(&log->thread);
+    /* After finish_close the file is closed; after on_stuck it is not, and
+     * the write given up may have come back since. */
+    close_file(log);
     log_free(log);
 }
 
@@ -470,14 +482,21 @@ static void release_loop(struct metrics_cost_log *log)
     uv_close((uv_handle_t *)&log->written, on_handle_closed);
 }
 
+/* Has the writer's write returned, its answer not yet taken? */
+static int write_returned(struct metrics_cost_log *log)
+{
+    int done;
+
+    uv_mutex_lock(&log->lock);
+    done = log->job_done;
+    uv_mutex_unlock(&log->lock);
+    return done;
+}
+
 /* Called once nothing is in flight or waiting after metrics_cost_log_close(). */
 static void finish_close(struct metrics_cost_log *log)
 {
-    if (log->path != NULL) {
-        uv_fs_t req;
-        uv_fs_close(NULL, &req, log->fd, NULL);
-        uv_fs_req_cleanup(&req);
-    }
+    close_file(log);
     release_loop(log);
 }
 
@@ -493,7 +512,10 @@ static void on_stuck(uv_timer_t *t)
     struct metrics_cost_log *log = container_of(t, struct metrics_cost_log, timer);
     uint64_t lost = unwritten_records(log);
 
-    if (!log->writing) { /* an open or close in flight: libuv waits for it anyway */
+    /* An open or close in flight: libuv waits for it anyway. A write that
+     * came back as the time ran out: its answer (on_written) is due in
+     * this same turn of the loop, after the timers, and the disk took it. */
+    if (!log->writing || write_returned(log)) {
         uv_timer_start(&log->timer, on_stuck, log->wait_ms, 0);
         return;
     }
@@ -743,8 +765,8 @@ struct metrics_cost_log *metrics_cost_log_open(uv_loop_t *loop, const char *path
     return log;
 
 fail:
-    if (log != NULL && log->path != NULL && log->fd >= 0)
-        close(log->fd);
+    if (log != NULL)
+        close_file(log);
     if (sync_made) {
         uv_cond_destroy(&log->job_cond);
         uv_mutex_destroy(&log->lock);

@@ -3,6 +3,10 @@
 # every one ran at least one test and passed. Criterion exits 0 for a
 # binary with no tests and does not fail on LeakSanitizer reports, so both
 # are checked here from its output. Prints "N passed, N failed" at the end.
+# With TSAN set (make tsan), every process stops at its first
+# ThreadSanitizer report and writes it under $logdir/tsan/, which fails
+# the binary that was running: reports do not depend on where a test sends
+# a router's stderr.
 set -u
 bin="${BIN:-costrouter}"
 case "$bin" in */*) ;; *) bin="./$bin" ;; esac
@@ -17,9 +21,15 @@ passed=0 failed=0 bad=0
 # sanitized run uses one job so that only real leaks are reported.
 jobs=2
 [ -n "${SANITIZED:-}" ] && jobs=1
+tsandir="$(cd "$logdir" && pwd)/tsan" # absolute: a process may run elsewhere
+if [ -n "${TSAN:-}" ]; then
+    rm -rf "$tsandir"
+    mkdir -p "$tsandir"
+fi
 for t in "$@"; do
     name=$(basename "$t")
     log="$logdir/$name.log"
+    [ -n "${TSAN:-}" ] && export TSAN_OPTIONS="halt_on_error=1 exitcode=66 log_path=$tsandir/$name"
     "$t" --jobs "$jobs" >"$log" 2>&1
     rc=$?
     synth=$(grep -a 'Synthesis:' "$log" | tail -1)
@@ -31,6 +41,10 @@ for t in "$@"; do
     [ "${tested:-0}" -eq 0 ] && problem="$problem no tests ran"
     if [ -n "${SANITIZED:-}" ] && grep -aqE 'ERROR: (Address|Leak|UndefinedBehavior)Sanitizer|runtime error:' "$log"; then
         problem="$problem sanitizer report"
+    fi
+    if [ -n "${TSAN:-}" ] && ls "$tsandir/$name".* >/dev/null 2>&1; then
+        problem="$problem ThreadSanitizer report"
+        cat "$tsandir/$name".* >>"$log"
     fi
     passed=$(( passed + ${pass:-0} ))
     failed=$(( failed + fail ))

@@ -23,6 +23,7 @@
 #include <uv.h>
 
 #include "common/buf.h"
+#include "common/util.h"
 #include "conf/conf.h"
 #include "metrics/metrics.h"
 
@@ -382,6 +383,7 @@ struct fifo_reader {
     char out[160];      /* regular file that gets what was read */
     uv_sem_t go;        /* posted to let it read (drain_fifo_when_told) */
     int in;             /* its end of the FIFO */
+    int done;           /* (atomic) it read the FIFO's end */
 };
 
 /* Copy all the FIFO gives to rd->out. */
@@ -396,6 +398,7 @@ static void copy_fifo(struct fifo_reader *rd)
             break;
     close(rd->in);
     close(out);
+    __atomic_store_n(&rd->done, 1, __ATOMIC_RELEASE);
 }
 
 /* Open the FIFO at `path`, read nothing for 200 ms, so that the write
@@ -656,6 +659,125 @@ Test(costlog, close_gives_up_on_a_write_stuck_for_wait_ms, .timeout = 30)
     cr_assert_eq(uv_thread_join(&rd.thread), 0);
     uv_sem_destroy(&rd.go);
     metrics_free(m);
+}
+
+/*
+ * Hold the loop (from a callback of the test) until the FIFO's reader,
+ * let go now, has had the stuck write whole (its copy stops growing) and
+ * wait_ms is over: when the loop goes on, the write's answer and the log's
+ * deadline for it are both due.
+ */
+static void let_go_and_hold_the_loop(struct fifo_reader *rd, unsigned wait_ms)
+{
+    uint64_t start = uv_hrtime();
+    size_t lines = 0, was;
+
+    uv_sem_post(&rd->go);
+    do {
+        was = lines;
+        uv_sleep(100);
+        lines = newlines_in(rd->out);
+        cr_assert_lt((uv_hrtime() - start) / 1000000, 5000, "the stuck write did not end");
+    } while (lines == 0 || lines != was || (uv_hrtime() - start) / 1000000 < wait_ms);
+}
+
+/* Did the reader see the FIFO's end (the log closed its file) within 5 s? */
+static int reader_saw_the_end(struct fifo_reader *rd)
+{
+    for (int i = 0; i < 500 && !__atomic_load_n(&rd->done, __ATOMIC_ACQUIRE); i++)
+        uv_sleep(10);
+    return __atomic_load_n(&rd->done, __ATOMIC_ACQUIRE);
+}
+
+struct late_ctx {
+    uv_timer_t timer;       /* fires before the log's wait_ms is over */
+    uv_check_t check;       /* runs after the I/O of a turn of the loop */
+    uv_prepare_t prepare;   /* runs after the timers of a turn of the loop */
+    struct fifo_reader *rd; /* the stuck reader */
+    struct metrics *m;      /* the log's metrics */
+    unsigned wait_ms;       /* the log's */
+};
+
+/* After this turn's I/O: the next turn starts with the timers. */
+static void on_late_check(uv_check_t *c)
+{
+    struct late_ctx *ctx = container_of(c, struct late_ctx, check);
+
+    let_go_and_hold_the_loop(ctx->rd, ctx->wait_ms);
+    uv_close((uv_handle_t *)c, NULL);
+}
+
+static void on_late_timer(uv_timer_t *t)
+{
+    struct late_ctx *ctx = (struct late_ctx *)t;
+
+    uv_check_init(&loop, &ctx->check);
+    uv_check_start(&ctx->check, on_late_check);
+    uv_close((uv_handle_t *)t, NULL);
+}
+
+/*
+ * At exit, the write that was stuck returns just as wait_ms runs out: its
+ * answer (an async wake-up) and the deadline are due in the same turn of
+ * the loop, and libuv runs timers before it polls. The log must see that the write
+ * came back, take its answer and write the rest, not give up records that
+ * are written or would be (and leave its file open, so that the FIFO's
+ * reader never sees the end).
+ */
+Test(costlog, a_write_back_just_as_wait_ms_runs_out_is_not_given_up, .timeout = 30)
+{
+    struct fifo_reader rd = {.done = 0};
+    struct late_ctx ctx = {.rd = &rd, .m = metrics_create(0), .wait_ms = 300};
+    struct metrics_cost_log *log = open_on_stuck_fifo(&rd, 1000, 0, ctx.wait_ms, ctx.m);
+
+    write_records(log, 0, 400); /* a 64 KiB write that sticks, and 150 KB after it */
+    metrics_cost_log_close(log);
+    uv_timer_init(&loop, &ctx.timer);
+    uv_timer_start(&ctx.timer, on_late_timer, 100, 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert_eq(metrics_get(ctx.m, METRICS_COST_LOG_DROPPED_TOTAL, NULL), 0,
+                 "records given up though the write came back");
+    cr_assert(reader_saw_the_end(&rd), "the log's file was left open");
+    cr_assert_eq(uv_thread_join(&rd.thread), 0);
+    cr_assert_eq(newlines_in(rd.out), 400);
+    uv_sem_destroy(&rd.go);
+    metrics_free(ctx.m);
+}
+
+/* Once the log gave up (dropped records counted), in that same turn of
+ * the loop, before the log's handles are closed: let the write return. */
+static void on_late_prepare(uv_prepare_t *p)
+{
+    struct late_ctx *ctx = container_of(p, struct late_ctx, prepare);
+
+    if (metrics_get(ctx->m, METRICS_COST_LOG_DROPPED_TOTAL, NULL) == 0)
+        return;
+    let_go_and_hold_the_loop(ctx->rd, 0);
+    uv_close((uv_handle_t *)p, NULL);
+}
+
+/*
+ * The log gave up on a stuck write at exit, and the write returns before
+ * the log's handles are closed: the writer is then not stuck, the log is
+ * freed on the loop, and its file must be closed there (else a FIFO's
+ * reader waits for the end for ever, and a file stays open).
+ */
+Test(costlog, a_write_back_after_the_log_gave_up_still_closes_the_file, .timeout = 30)
+{
+    struct fifo_reader rd = {.done = 0};
+    struct late_ctx ctx = {.rd = &rd, .m = metrics_create(0), .wait_ms = 300};
+    struct metrics_cost_log *log = open_on_stuck_fifo(&rd, 1000, 0, ctx.wait_ms, ctx.m);
+
+    write_records(log, 0, 400);
+    metrics_cost_log_close(log);
+    uv_prepare_init(&loop, &ctx.prepare);
+    uv_prepare_start(&ctx.prepare, on_late_prepare);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert_gt(metrics_get(ctx.m, METRICS_COST_LOG_DROPPED_TOTAL, NULL), 0);
+    cr_assert(reader_saw_the_end(&rd), "the log's file was left open");
+    cr_assert_eq(uv_thread_join(&rd.thread), 0);
+    uv_sem_destroy(&rd.go);
+    metrics_free(ctx.m);
 }
 
 struct rotate_ctx {
