@@ -1,0 +1,870 @@
+/*
+ * tests/router/test_multi.c: the headline promise end to end. Three real
+ * routers with one config share one real redis-server, each with a cost
+ * log of its own, in front of a real mockllm priced as an API. Forked
+ * clients (36, twelve a router, each with one request at a time) hammer
+ * them with plain and streamed requests, some without max_tokens, some
+ * leaving mid-stream, until every one is refused for good (429
+ * budget_exhausted, x-should-retry: false). Then the answers, the cost
+ * logs and Redis must agree:
+ *   1. Redis's spend is the sum of the cost logs, to the micro-dollar;
+ *   2. it passes the budget by no more than the README allows;
+ *   3. every 2xx answer's cost is its cost log line's;
+ *   4. every answer has one cost log line on its router, and every line
+ *      one answer (by request id);
+ *   5. the routers exit 0 on SIGTERM and leave nothing reserved in Redis.
+ * A second run freezes Redis (SIGSTOP) in the middle, under fail_open:
+ * charges go through the journal, and 1, 3, 4 and 5 must hold all the same.
+ *
+ * mockllm counts the prompt as 3 + sum(4 + words) over the messages, as
+ * cl100k_base's chat framing does for the message below, and answers
+ * exactly x-mock-tokens completion tokens, so the holds of requests with
+ * max_tokens are exact. Prices of $10 and $30 a million tokens make every
+ * cost a whole number of micro-dollars: no carry, so sums are exact.
+ */
+#define _GNU_SOURCE
+#include <cjson/cJSON.h>
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "tests/support/http.h"
+#include "tests/support/proc.h"
+#include "tests/support/redis.h"
+
+#define NROUTERS 3
+#define NCLIENTS 45          /* each with one request at a time */
+#define TIMEOUT_MS 10000
+#define CLIENT_SECONDS 30    /* a client that is not refused for good by then fails the test */
+#define KEY "sk-multi-tenant"
+#define AUTH "Authorization: Bearer " KEY "\r\n"
+#define ADMIN "Authorization: Bearer adm-multi\r\n"
+#define TENANT "acme"
+#define PREFIX "costrouter:"
+#define MSG "\"messages\":[{\"role\":\"user\",\"content\":\"hello there\"}]"
+#define BUDGET_MICRO 60000   /* $0.06: some 100-150 answers */
+#define PLAIN_MICRO 390      /* 9 prompt tokens at $10/M, 10 completion at $30/M */
+
+/* What a client sends, one kind per client. */
+enum kind { K_PLAIN, K_STREAM, K_GUESS, K_LEAVE, K_EARLY, K_N };
+
+/* One answer as a client saw it; amounts in micro-USD, -1 when absent. */
+struct answer {
+    int router, kind, status;
+    char id[64];       /* x-request-id */
+    char code[48];     /* error.code of an error answer, "-" else */
+    long long head;    /* x-costrouter-cost-usd in the head */
+    long long trailer; /* the same in a stream's trailer */
+    long long comment; /* the same in a stream's SSE comment */
+    int final;         /* x-should-retry: false */
+    int left;          /* the client hung up after the first event */
+};
+
+/* One cost log line. */
+struct line {
+    char id[64];
+    int status, router, seen;
+    long long cost_pico, est_micro;
+};
+
+static struct support_proc routers[NROUTERS], mock;
+static struct test_redis redis;
+static char dir[64], conf_path[128];
+static struct answer *answers;
+static size_t nanswers;
+static struct line *lines;
+static size_t nlines;
+
+static void teardown(void)
+{
+    char path[192];
+
+    for (int i = 0; i < NROUTERS; i++) {
+        support_proc_stop(&routers[i]);
+        snprintf(path, sizeof(path), "%s/router-%d.log", dir, i);
+        support_log_show(path, "router");
+    }
+    support_proc_stop(&mock);
+    if (redis.pid)
+        test_redis_stop(&redis);
+    free(answers);
+    free(lines);
+    if (dir[0])
+        support_remove_tree(dir);
+}
+
+TestSuite(multi, .fini = teardown, .timeout = 90);
+
+/* An answer not yet had: no status, id, code or costs. */
+static struct answer answer_new(int router, enum kind k)
+{
+    return (struct answer){.router = router, .kind = k, .id = "-", .code = "-", .head = -1,
+                           .trailer = -1, .comment = -1};
+}
+
+static long long micro_of(const char *usd)
+{
+    return usd ? llround(strtod(usd, NULL) * 1e6) : -1;
+}
+
+/* ---- the clients (forked: no Criterion calls in them) ---- */
+
+/* Completion tokens for a client's n-th request: fixed for the kinds with
+ * max_tokens; for K_GUESS 2-24, and 60 every fifth, so that the P95 its
+ * hold is for falls short at times and the real cost passes the hold. */
+static int tokens_for(enum kind k, int n)
+{
+    static const int fixed[K_N] = {[K_PLAIN] = 10, [K_STREAM] = 20, [K_LEAVE] = 30, [K_EARLY] = 10};
+
+    if (k != K_GUESS)
+        return fixed[k];
+    return n % 5 == 4 ? 60 : 2 + (n * 13) % 23;
+}
+
+static int format_request(struct buf *out, enum kind k, int n)
+{
+    static const char *const bodies[K_N] = {
+        [K_PLAIN] = "{\"model\":\"chat\",\"max_tokens\":10," MSG "}",
+        [K_STREAM] = "{\"model\":\"chat\",\"stream\":true,\"max_tokens\":20," MSG "}",
+        [K_GUESS] = "{\"model\":\"chat\"," MSG "}",
+        [K_LEAVE] = "{\"model\":\"chat\",\"stream\":true,\"max_tokens\":30," MSG "}",
+        [K_EARLY] = "{\"model\":\"chat\",\"max_tokens\":10," MSG "}",
+    };
+    static const char *const delays[K_N] = {
+        /* The leaver's stream lasts 600 ms: it is gone long before the
+         * end. The early leaver's answer starts after 300 ms: it is gone
+         * before. */
+        [K_LEAVE] = "x-mock-token-delay-ms: 20\r\n",
+        [K_EARLY] = "x-mock-ttft-ms: 300\r\n",
+    };
+    char headers[256];
+
+    snprintf(headers, sizeof(headers), AUTH "x-mock-tokens: %d\r\n%s", tokens_for(k, n),
+             delays[k] ? delays[k] : "");
+    return support_http_format(out, "POST", "/v1/chat/completions", headers, bodies[k]);
+}
+
+/* The head's and the body's parts of an answer that every kind has. */
+static void note_answer(struct answer *a, const struct support_http_response *r)
+{
+    const char *id = support_http_header(r, "x-request-id");
+    const char *retry = support_http_header(r, "x-should-retry");
+    cJSON *body, *code;
+
+    a->status = r->status;
+    snprintf(a->id, sizeof(a->id), "%s", id ? id : "-");
+    a->final = retry && strcmp(retry, "false") == 0;
+    snprintf(a->code, sizeof(a->code), "-");
+    if (r->status < 400 || (body = cJSON_ParseWithLength(r->body.data, r->body.len)) == NULL)
+        return;
+    code = cJSON_GetObjectItem(cJSON_GetObjectItem(body, "error"), "code");
+    if (cJSON_IsString(code))
+        snprintf(a->code, sizeof(a->code), "%s", code->valuestring);
+    cJSON_Delete(body);
+}
+
+static void plain_request(struct answer *a, int port, const struct buf *q)
+{
+    struct support_http_response r = {0};
+
+    if (support_http_request(port, q->data, q->len, TIMEOUT_MS, &r) == 0) {
+        note_answer(a, &r);
+        a->head = micro_of(support_http_header(&r, "x-costrouter-cost-usd"));
+    }
+    support_http_response_free(&r);
+}
+
+/* The cost the router puts in an SSE comment at a stream's end. */
+static long long comment_micro(const struct buf *body)
+{
+    static const char mark[] = ": x-costrouter-cost-usd=";
+    const char *p = memmem(body->data, body->len, mark, sizeof(mark) - 1);
+    char usd[32] = "";
+
+    if (p == NULL)
+        return -1;
+    p += sizeof(mark) - 1;
+    for (size_t i = 0; i < sizeof(usd) - 1 && p + i < body->data + body->len && p[i] != '\n'; i++)
+        usd[i] = p[i];
+    return micro_of(usd);
+}
+
+/* A stream read to its end, or (leave) left after its first event. */
+static void stream_request(struct answer *a, int port, const struct buf *q, int leave)
+{
+    struct support_sse s;
+    struct support_sse_event ev;
+    int rc = support_sse_open(&s, port, q->data, q->len, TIMEOUT_MS);
+
+    if (rc == 0)
+        while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1 && !(leave && s.resp.status == 200))
+            ;
+    a->left = leave && rc == 1;
+    if (rc == 0 || a->left) {
+        note_answer(a, &s.resp);
+        a->trailer = micro_of(support_http_header(&s.resp, "x-costrouter-cost-usd"));
+        a->comment = comment_micro(&s.resp.body);
+    }
+    support_sse_close(&s);
+}
+
+/* A request whose client hangs up 30 ms after sending it, unless its
+ * answer (a refusal) came by then. One that left before the head has no
+ * request id: its cost log line is found by elimination. */
+static void early_request(struct answer *a, int port, const struct buf *q)
+{
+    struct support_http_conn conn;
+    struct support_http_response r = {0};
+    int rc = support_http_connect(&conn, port);
+
+    if (rc == 0 && (rc = support_http_send(&conn, q->data, q->len)) == 0 &&
+        (rc = support_http_read(&conn, &r, 30)) != 0 && r.headers_done == 0) {
+        a->left = 1;
+        a->status = -1;
+    } else if (rc == 0 || r.headers_done) {
+        note_answer(a, &r);
+        a->left = rc != 0;
+        a->head = micro_of(support_http_header(&r, "x-costrouter-cost-usd"));
+    }
+    support_http_close(&conn);
+    support_http_response_free(&r);
+}
+
+static void one_request(struct answer *a, int port, enum kind k, int n)
+{
+    struct buf q = {0};
+
+    if (format_request(&q, k, n) != 0)
+        _exit(3);
+    if (k == K_PLAIN || k == K_GUESS)
+        plain_request(a, port, &q);
+    else if (k == K_EARLY)
+        early_request(a, port, &q);
+    else
+        stream_request(a, port, &q, k == K_LEAVE);
+    buf_free(&q);
+}
+
+static double mono_s(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void write_answer(FILE *f, const struct answer *a)
+{
+    fprintf(f, "%d %d %d %s %s %lld %lld %lld %d %d\n", a->router, a->kind, a->status, a->id,
+            a->code, a->head, a->trailer, a->comment, a->final, a->left);
+}
+
+/* Client `c`: requests of its kind to its router until refused for good
+ * (each answer a line in its file); a 429 worth a retry waits 10 ms. */
+static void client(int c, const char *path)
+{
+    FILE *f = fopen(path, "w");
+    double until = mono_s() + CLIENT_SECONDS;
+    int router = c % NROUTERS;
+    enum kind k = (enum kind)(c / NROUTERS % K_N);
+
+    if (f == NULL)
+        _exit(3);
+    for (int n = 0; mono_s() < until; n++) {
+        struct answer a = answer_new(router, k);
+
+        one_request(&a, routers[router].port, k, n);
+        write_answer(f, &a);
+        if (a.status == 429 && a.final)
+            _exit(fclose(f) == 0 ? 0 : 3);
+        if (a.status == 429 || a.status == 503)
+            usleep(10000);
+    }
+    fclose(f);
+    _exit(4); /* never refused for good */
+}
+
+static void client_path(char *out, size_t size, int c)
+{
+    snprintf(out, size, "%s/client-%d", dir, c);
+}
+
+static void start_clients(pid_t pids[NCLIENTS])
+{
+    char path[192];
+
+    for (int c = 0; c < NCLIENTS; c++) {
+        client_path(path, sizeof(path), c);
+        pids[c] = fork();
+        cr_assert_geq(pids[c], 0);
+        if (pids[c] == 0)
+            client(c, path);
+    }
+}
+
+/* Only the clients: the servers are children too. */
+static void wait_clients(pid_t pids[NCLIENTS])
+{
+    for (int c = 0; c < NCLIENTS; c++) {
+        int status = 0;
+
+        cr_assert_eq(waitpid(pids[c], &status, 0), pids[c]);
+        cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                  "client %d (router %d, kind %d) ended with status %#x", c, c % NROUTERS,
+                  c / NROUTERS % K_N, status);
+    }
+}
+
+/* ---- setup ---- */
+
+/* The backend every request goes to, with %d for mockllm's port. The API
+ * at $10 and $30 a million tokens: every cost whole micro-dollars. */
+#define API_BACKEND                                                                                \
+    "  - {name: api, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-api,\n"                \
+    "     tokenizer: cl100k_base, quality: 1, context_window: 100000,\n"                          \
+    "     input_usd_per_mtok: 10, output_usd_per_mtok: 30}\n"
+/* A GPU pool at $360 an hour a replica: a request costs its share of the
+ * pool's time, in fractions of a micro-dollar, and holds its marginal
+ * cost, far less. */
+#define POOL_BACKEND                                                                               \
+    "  - {name: api, kind: self_hosted, url: \"http://127.0.0.1:%d/v1\", model: m-pool,\n"       \
+    "     tokenizer: cl100k_base, quality: 1, context_window: 100000,\n"                          \
+    "     gpu_hourly_usd: 360, replicas: 2, max_concurrency: 8, tokens_per_second: 1000}\n"
+
+static void write_conf(const char *store_extra, const char *backend)
+{
+    char hex[65];
+    FILE *f;
+
+    support_key_sha256_hex(KEY, hex);
+    snprintf(conf_path, sizeof(conf_path), "%s/costrouter.yaml", dir);
+    f = fopen(conf_path, "w");
+    cr_assert_not_null(f);
+    /* One config for all: each router's cost log comes from its
+     * environment. */
+    fprintf(f,
+            "listen: 127.0.0.1:0\nadmin_key: adm-multi\ncost_log: ${MULTI_COST_LOG}\n"
+            "store: {redis: \"%s\", key_prefix: \"" PREFIX "\"%s}\nbackends:\n",
+            redis.url, store_extra);
+    fprintf(f, backend, mock.port);
+    fprintf(f,
+            "routes:\n  - {model: chat, candidates: [api]}\n"
+            "tenants:\n  - id: " TENANT "\n    api_keys: [\"sha256:%s\"]\n"
+            "    budget: {daily_usd: %g, on_exhausted: reject}\n",
+            hex, BUDGET_MICRO / 1e6);
+    fclose(f);
+}
+
+static int http_get(int port, const char *path, struct support_http_response *r)
+{
+    struct buf q = {0};
+    int rc = support_http_format(&q, "GET", path, ADMIN, NULL);
+
+    if (rc == 0)
+        rc = support_http_request(port, q.data, q.len, TIMEOUT_MS, r);
+    buf_free(&q);
+    return rc;
+}
+
+/* Wait until router `i` has its Redis connection: before that it serves
+ * from memory (and writes back later). */
+static void wait_store_up(int i)
+{
+    static const char up[] = "\ncostrouter_store_up{store=\"redis\"} 1\n";
+
+    for (int tries = 0; tries < 500; tries++) {
+        struct support_http_response r = {0};
+        int found = http_get(routers[i].port, "/metrics", &r) == 0 &&
+                    memmem(r.body.data, r.body.len, up, sizeof(up) - 1) != NULL;
+
+        support_http_response_free(&r);
+        if (found)
+            return;
+        usleep(20000);
+    }
+    cr_assert_fail("router %d: the store is not up", i);
+}
+
+static void start_router(int i)
+{
+    char cmd[512], costlog[192];
+    char *argv[] = {"/bin/sh", "-c", cmd, NULL};
+
+    snprintf(costlog, sizeof(costlog), "%s/cost-%d.jsonl", dir, i);
+    cr_assert_eq(setenv("MULTI_COST_LOG", costlog, 1), 0);
+    snprintf(cmd, sizeof(cmd), "exec '%s' -c '%s' 2>>'%s/router-%d.log'", getenv("COSTROUTER_BIN"),
+             conf_path, dir, i);
+    cr_assert_eq(support_proc_start(&routers[i], argv), 0, "router %d did not start", i);
+    wait_store_up(i);
+}
+
+/* Redis, mockllm (1 ms a token) and the routers, with `store_extra` in
+ * the config's store mapping and `backend` (API_BACKEND, POOL_BACKEND). */
+static void start_all(const char *store_extra, const char *backend, int persist)
+{
+    strcpy(dir, "/tmp/costrouter-multi-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    cr_assert_eq(test_redis_start(&redis, persist), 0);
+    cr_assert_eq(support_mockllm_start(&mock, "--token-delay-ms", "1", NULL), 0);
+    write_conf(store_extra, backend);
+    for (int i = 0; i < NROUTERS; i++)
+        start_router(i);
+}
+
+/* ---- what the clients saw ---- */
+
+/* `array` (of n items of `size` bytes, room for *cap) with room for one
+ * more. */
+static void *room_for_one(void *array, size_t n, size_t *cap, size_t size)
+{
+    if (n < *cap)
+        return array;
+    *cap = *cap ? 2 * *cap : 256;
+    array = realloc(array, *cap * size);
+    cr_assert_not_null(array);
+    return array;
+}
+
+static void add_answer(const struct answer *a)
+{
+    static size_t cap;
+
+    answers = room_for_one(answers, nanswers, &cap, sizeof(*answers));
+    answers[nanswers++] = *a;
+}
+
+static void read_client(int c)
+{
+    char path[192], text[512];
+    FILE *f;
+
+    client_path(path, sizeof(path), c);
+    f = fopen(path, "r");
+    cr_assert_not_null(f, "client %d wrote nothing", c);
+    while (fgets(text, sizeof(text), f)) {
+        struct answer a = {0};
+
+        cr_assert_eq(sscanf(text, "%d %d %d %63s %47s %lld %lld %lld %d %d", &a.router, &a.kind,
+                            &a.status, a.id, a.code, &a.head, &a.trailer, &a.comment, &a.final,
+                            &a.left),
+                     10, "client %d: %s", c, text);
+        cr_assert_neq(a.status, 0, "client %d got no answer (router %d, kind %d)", c, a.router,
+                      a.kind);
+        add_answer(&a);
+    }
+    fclose(f);
+}
+
+/* After the clients: every router refuses a plain request for good. */
+static void every_router_refuses(void)
+{
+    for (int i = 0; i < NROUTERS; i++) {
+        struct answer a = answer_new(i, K_PLAIN);
+        struct buf q = {0};
+
+        cr_assert_eq(format_request(&q, K_PLAIN, 0), 0);
+        plain_request(&a, routers[i].port, &q);
+        buf_free(&q);
+        cr_assert_eq(a.status, 429, "router %d: %d", i, a.status);
+        cr_assert_str_eq(a.code, "budget_exhausted");
+        cr_assert(a.final, "router %d: a 429 worth a retry when nothing is in flight", i);
+        add_answer(&a);
+    }
+}
+
+/* ---- the cost logs ---- */
+
+static void add_line(const struct line *l)
+{
+    static size_t cap;
+
+    lines = room_for_one(lines, nlines, &cap, sizeof(*lines));
+    lines[nlines++] = *l;
+}
+
+static double number_of(const cJSON *rec, const char *name)
+{
+    const cJSON *v = cJSON_GetObjectItem(rec, name);
+
+    return cJSON_IsNumber(v) ? v->valuedouble : NAN;
+}
+
+static void read_cost_log(int router)
+{
+    char path[192], text[8192];
+    FILE *f;
+
+    snprintf(path, sizeof(path), "%s/cost-%d.jsonl", dir, router);
+    f = fopen(path, "r");
+    cr_assert_not_null(f, "no cost log for router %d", router);
+    while (fgets(text, sizeof(text), f)) {
+        cJSON *rec = cJSON_Parse(text);
+        const cJSON *id = cJSON_GetObjectItem(rec, "request_id");
+        double est = number_of(rec, "cost_usd_est");
+        struct line l = {.router = router};
+
+        cr_assert(cJSON_IsString(id), "router %d: bad cost log line: %s", router, text);
+        snprintf(l.id, sizeof(l.id), "%s", id->valuestring);
+        l.status = (int)number_of(rec, "status");
+        l.cost_pico = llround(number_of(rec, "cost_usd") * 1e12);
+        l.est_micro = isnan(est) ? 0 : llround(est * 1e6);
+        add_line(&l);
+        cJSON_Delete(rec);
+    }
+    fclose(f);
+}
+
+static int by_id(const void *a, const void *b)
+{
+    return strcmp(((const struct line *)a)->id, ((const struct line *)b)->id);
+}
+
+static struct line *line_of(const char *id)
+{
+    struct line key;
+
+    snprintf(key.id, sizeof(key.id), "%s", id);
+    return bsearch(&key, lines, nlines, sizeof(*lines), by_id);
+}
+
+/* 3: what the answer said it cost is what its line says (to the nearest
+ * micro-dollar, as the header gives it). */
+static void answer_cost_is_logged(const struct answer *a, const struct line *l)
+{
+    long long logged = llround(l->cost_pico / 1e6);
+
+    if (a->left) { /* it saw no cost: its line says why */
+        cr_assert(l->status == 499 || l->status == a->status, "%s: left, logged %d", a->id,
+                  l->status);
+        return;
+    }
+    cr_assert_eq(l->status, a->status, "%s: answered %d, logged %d", a->id, a->status, l->status);
+    if (a->status != 200)
+        return;
+    if (a->kind == K_PLAIN || a->kind == K_GUESS) {
+        cr_assert_eq(a->head, logged, "%s: header %lld, logged %lld", a->id, a->head, logged);
+    } else {
+        cr_assert_eq(a->trailer, logged, "%s: trailer %lld, logged %lld", a->id, a->trailer, logged);
+        cr_assert_eq(a->comment, logged, "%s: comment %lld, logged %lld", a->id, a->comment, logged);
+    }
+}
+
+/* 3 and 4: each answer has one line on its router, each line one answer;
+ * the lines no answer names are those of the clients that left before
+ * their answer's head, as many on each router. */
+static void answers_match_lines(void)
+{
+    int leavers = 0, unnamed[NROUTERS] = {0};
+
+    qsort(lines, nlines, sizeof(*lines), by_id);
+    for (size_t i = 1; i < nlines; i++)
+        cr_assert_str_neq(lines[i - 1].id, lines[i].id, "request id logged twice");
+    for (size_t i = 0; i < nanswers; i++) {
+        const struct answer *a = &answers[i];
+        struct line *l;
+
+        if (a->status == -1) {
+            unnamed[a->router]++;
+            continue;
+        }
+        l = line_of(a->id);
+        cr_assert_not_null(l, "answer %s (router %d, status %d) has no cost log line", a->id,
+                           a->router, a->status);
+        cr_assert_eq(l->router, a->router, "%s logged by router %d, answered by %d", a->id,
+                     l->router, a->router);
+        cr_assert_eq(l->seen, 0, "two answers with request id %s", a->id);
+        l->seen = 1;
+        answer_cost_is_logged(a, l);
+    }
+    for (size_t i = 0; i < nlines; i++) {
+        leavers += lines[i].status == 499;
+        /* Not always 499: an answer may have gone out just after its
+         * client left. */
+        unnamed[lines[i].router] -= !lines[i].seen;
+    }
+    for (int i = 0; i < NROUTERS; i++)
+        cr_assert_eq(unnamed[i], 0, "router %d: %d clients left unanswered and not logged", i,
+                     unnamed[i]);
+    cr_assert_eq(nlines, nanswers, "%zu cost log lines for %zu answers", nlines, nanswers);
+    cr_assert_gt(leavers, 0, "no client left: the test proves less than it says");
+}
+
+static long long logged_pico(void)
+{
+    long long sum = 0;
+
+    for (size_t i = 0; i < nlines; i++)
+        sum += lines[i].cost_pico;
+    return sum;
+}
+
+static int by_excess_desc(const void *a, const void *b)
+{
+    long long x = *(const long long *)a, y = *(const long long *)b;
+
+    return (x < y) - (x > y);
+}
+
+/* What a line was charged at most: its cost, plus the carry, is under
+ * one micro-dollar more, so the cost rounded up. */
+static long long charged_at_most(const struct line *l)
+{
+    return (l->cost_pico + 999999) / 1000000;
+}
+
+/* The sum of the k largest amounts by which lines of `router` (-1: of
+ * all) were charged beyond their holds. */
+static long long largest_excesses(int router, size_t k)
+{
+    long long *excess = calloc(nlines ? nlines : 1, sizeof(*excess)), sum = 0;
+    size_t n = 0;
+
+    cr_assert_not_null(excess);
+    for (size_t i = 0; i < nlines; i++) {
+        long long over = charged_at_most(&lines[i]) - lines[i].est_micro;
+
+        if (router < 0 || lines[i].router == router)
+            excess[n++] = over > 0 ? over : 0;
+    }
+    qsort(excess, n, sizeof(*excess), by_excess_desc);
+    for (size_t i = 0; i < n && i < k; i++)
+        sum += excess[i];
+    free(excess);
+    return sum;
+}
+
+/*
+ * 2: the README's bound. A request is admitted only while the settled
+ * spend plus the open holds plus its own hold fit the budget, so the
+ * spend passes the budget at most by what the requests in flight at the
+ * last admission were charged beyond their holds. With one request at a
+ * time per client, at most NCLIENTS are in flight: the NCLIENTS largest
+ * excesses bound it.
+ */
+static void budget_held(long long spent)
+{
+    long long bound = largest_excesses(-1, NCLIENTS);
+
+    cr_assert_leq(spent, BUDGET_MICRO + bound, "spent %lld micro-USD, budget %d + excess %lld",
+                  spent, BUDGET_MICRO, bound);
+}
+
+/* ---- Redis ---- */
+
+static long long redis_day_spend(void)
+{
+    return test_redis_day_spend(&redis, PREFIX, TENANT);
+}
+
+static long long redis_reserved(void)
+{
+    long long held = test_redis_int(&redis, "HGET " PREFIX "{" TENANT "}:open #");
+
+    return held < 0 ? 0 : held; /* no hash: nothing held */
+}
+
+/* Settles go to Redis after the answers: wait until nothing is held. */
+static void wait_nothing_reserved(void)
+{
+    for (int tries = 0; tries < 250 && redis_reserved() != 0; tries++)
+        usleep(20000);
+    cr_assert_eq(redis_reserved(), 0, "still reserved in Redis");
+}
+
+/* Every router's admin API reports Redis's spend and nothing held. */
+static void admin_spend_is_redis(long long spent)
+{
+    for (int i = 0; i < NROUTERS; i++) {
+        struct support_http_response r = {0};
+        cJSON *body;
+
+        cr_assert_eq(http_get(routers[i].port, "/admin/tenants/" TENANT "/spend", &r), 0);
+        body = cJSON_ParseWithLength(r.body.data, r.body.len);
+        cr_assert_not_null(body);
+        cr_assert_eq(llround(number_of(body, "day_usd") * 1e6), spent, "router %d", i);
+        cr_assert_eq(llround(number_of(body, "reserved_usd") * 1e6), 0, "router %d", i);
+        cr_assert(cJSON_IsFalse(cJSON_GetObjectItem(body, "degraded")), "router %d", i);
+        cJSON_Delete(body);
+        support_http_response_free(&r);
+    }
+}
+
+/* 5: SIGTERM, exit 0, nothing left reserved. */
+static void stop_routers(void)
+{
+    for (int i = 0; i < NROUTERS; i++) {
+        support_proc_stop(&routers[i]);
+        cr_assert(support_proc_exited_cleanly(&routers[i]), "router %d: status %#x", i,
+                  routers[i].status);
+    }
+    cr_assert_eq(redis_reserved(), 0, "reserved in Redis after the stop");
+}
+
+/* After the clients: the routers refuse, settle, stop; then 1, 3, 4.
+ * `carried`: costs in fractions of a micro-dollar, which each router
+ * carries to the tenant's next charge. */
+static long long finish_and_check(int carried)
+{
+    long long spent;
+
+    every_router_refuses();
+    wait_nothing_reserved();
+    spent = redis_day_spend();
+    admin_spend_is_redis(spent);
+    stop_routers();
+    cr_assert_eq(redis_day_spend(), spent, "spend moved after the answers");
+    for (int i = 0; i < NROUTERS; i++)
+        read_cost_log(i);
+    answers_match_lines();
+    /* 1: each router carries at most half a micro-dollar; with whole
+     * micro-dollar costs, none. */
+    cr_assert_leq(llabs(spent * 1000000 - logged_pico()), carried ? NROUTERS * 500000 : 0,
+                  "Redis %lld micro-USD, cost logs %.6f", spent, logged_pico() / 1e12);
+    return spent;
+}
+
+static void read_clients(void)
+{
+    for (int c = 0; c < NCLIENTS; c++)
+        read_client(c);
+}
+
+Test(multi, routers_sharing_redis_hold_the_budget_and_agree_with_their_cost_logs)
+{
+    pid_t pids[NCLIENTS];
+    long long spent;
+
+    start_all("", API_BACKEND, 0);
+    start_clients(pids);
+    wait_clients(pids);
+    read_clients();
+    spent = finish_and_check(0);
+    budget_held(spent);
+    /* And refused for good only once a plain request no longer fit. */
+    cr_assert_gt(spent, BUDGET_MICRO - PLAIN_MICRO, "spent only %lld micro-USD", spent);
+}
+
+/* The same in front of a GPU pool, whose costs have fractions of a
+ * micro-dollar: each router's carry is in Redis's sum, the cost log's
+ * exact costs are not, and the headers round them. */
+Test(multi, routers_sharing_a_gpu_pool_agree_with_their_cost_logs_to_the_carry)
+{
+    pid_t pids[NCLIENTS];
+
+    start_all("", POOL_BACKEND, 0);
+    start_clients(pids);
+    wait_clients(pids);
+    read_clients();
+    budget_held(finish_and_check(1));
+}
+
+/* How Redis goes away in the middle of a run. */
+enum outage {
+    FREEZE,  /* SIGSTOP, later SIGCONT: connections hang */
+    RESTART, /* SIGKILL, later started again on its append-only file */
+};
+
+static int store_up_is(int router, int up)
+{
+    char want[64];
+    struct support_http_response r = {0};
+    int yes;
+
+    snprintf(want, sizeof(want), "\ncostrouter_store_up{store=\"redis\"} %d\n", up);
+    yes = http_get(routers[router].port, "/metrics", &r) == 0 &&
+          memmem(r.body.data, r.body.len, want, strlen(want)) != NULL;
+    support_http_response_free(&r);
+    return yes;
+}
+
+/* Once a quarter of the budget is spent, Redis goes away for 1.5 s:
+ * longer than the command timeout, so the routers take it for down,
+ * serve or refuse as store.on_failure says, and journal the charges. */
+static void outage_midway(enum outage how)
+{
+    for (int tries = 0; tries < 1500 && redis_day_spend() < BUDGET_MICRO / 4; tries++)
+        usleep(10000);
+    test_redis_kill(&redis, how == FREEZE ? SIGSTOP : SIGKILL);
+    usleep(500 * 1000);
+    cr_assert(store_up_is(0, 0), "Redis is away, yet router 0 has it up");
+    usleep(1000 * 1000);
+    if (how == FREEZE)
+        test_redis_kill(&redis, SIGCONT);
+    else
+        cr_assert_eq(test_redis_restart(&redis), 0);
+}
+
+static int journaled(void)
+{
+    char path[192];
+    int n = 0;
+
+    for (int i = 0; i < NROUTERS; i++) {
+        snprintf(path, sizeof(path), "%s/router-%d.log", dir, i);
+        n += support_log_count(path, "charges are journaled");
+    }
+    return n;
+}
+
+/*
+ * What fail_open promises while Redis is away: each router admits against
+ * the spend Redis last told it plus its own charges since, so each one's
+ * charges pass the budget only as in budget_held, by what its requests in
+ * flight (one per client of its) cost beyond their holds; together they
+ * can pass it by more.
+ */
+static void each_router_within_budget(void)
+{
+    for (int r = 0; r < NROUTERS; r++) {
+        long long charged = 0, bound = largest_excesses(r, NCLIENTS / NROUTERS);
+
+        for (size_t i = 0; i < nlines; i++)
+            charged += lines[i].router == r ? charged_at_most(&lines[i]) : 0;
+        cr_assert_leq(charged, BUDGET_MICRO + bound, "router %d charged %lld micro-USD", r,
+                      charged);
+    }
+}
+
+/* A run with an outage midway, with `on_failure` as the store's. The
+ * clients take a 503 store_unavailable as a 429 worth a retry. */
+static void run_with_outage(const char *on_failure, enum outage how)
+{
+    char store[128];
+    pid_t pids[NCLIENTS];
+
+    snprintf(store, sizeof(store), ", on_failure: %s, command_timeout_ms: 200", on_failure);
+    start_all(store, API_BACKEND, how == RESTART);
+    start_clients(pids);
+    outage_midway(how);
+    wait_clients(pids);
+    for (int i = 0; i < NROUTERS; i++)
+        wait_store_up(i);
+    read_clients();
+    cr_assert_gt(journaled(), 0, "Redis was away, yet no charge was journaled");
+    finish_and_check(0);
+}
+
+Test(multi, a_frozen_redis_under_fail_open_still_agrees_with_the_cost_logs)
+{
+    run_with_outage("fail_open", FREEZE);
+    each_router_within_budget();
+}
+
+Test(multi, a_restarted_redis_under_fail_open_still_agrees_with_the_cost_logs)
+{
+    run_with_outage("fail_open", RESTART);
+    each_router_within_budget();
+}
+
+Test(multi, a_frozen_redis_under_fail_closed_still_agrees_with_the_cost_logs)
+{
+    run_with_outage("fail_closed", FREEZE);
+    budget_held(redis_day_spend());
+}
