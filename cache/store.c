@@ -254,6 +254,8 @@ static struct cache_op *settle_common(struct cache *c, const struct cache_reserv
     }
     op = cache__op_new(c, CACHE__SETTLE, r->tenant);
     if (op == NULL) {
+        if (r->remote)
+            cache__local_hold_remote(&c->local, r->tenant, -r->amount);
         /* Never drop a charge silently: journal it if we can. */
         if (real > 0 && !c->closing && strlen(r->tenant) <= CACHE_TENANT_MAX) {
             struct cache__period p;

@@ -929,3 +929,67 @@ Test(multi, a_frozen_redis_under_fail_closed_still_agrees_with_the_cost_logs)
     run_with_outage("fail_closed", FREEZE);
     budget_held(redis_day_spend());
 }
+
+/* A chat request to router 0 of `tokens` completion tokens (max_tokens
+ * too, so that its hold is its cost) answered after `ttft_ms`, sent on
+ * `conn` without reading the answer. */
+static void send_chat(struct support_http_conn *conn, int tokens, int ttft_ms)
+{
+    char headers[256], body[256];
+    struct buf q = {0};
+
+    snprintf(headers, sizeof(headers),
+             AUTH "x-mock-tokens: %d\r\nx-mock-ttft-ms: %d\r\nx-mock-token-delay-ms: 0\r\n", tokens,
+             ttft_ms);
+    snprintf(body, sizeof(body), "{\"model\":\"chat\",\"max_tokens\":%d," MSG "}", tokens);
+    cr_assert_eq(support_http_format(&q, "POST", "/v1/chat/completions", headers, body), 0);
+    cr_assert_eq(support_http_connect(conn, routers[0].port), 0);
+    cr_assert_eq(support_http_send(conn, q.data, q.len), 0);
+    buf_free(&q);
+}
+
+static int chat_status(int tokens)
+{
+    struct support_http_conn conn;
+    struct support_http_response r = {0};
+    int status;
+
+    send_chat(&conn, tokens, 0);
+    cr_assert_eq(support_http_read(&conn, &r, TIMEOUT_MS), 0);
+    status = r.status;
+    support_http_close(&conn);
+    support_http_response_free(&r);
+    return status;
+}
+
+/*
+ * A router serving from its own counters (Redis frozen, fail_open) counts
+ * the holds it made in Redis before, for requests still in flight: else
+ * it let others take the money one of them holds, and the spend passed
+ * the budget by that hold, though every request cost exactly its hold.
+ */
+Test(multi, serving_from_local_counters_counts_the_holds_made_in_redis)
+{
+    struct support_http_conn slow;
+    struct support_http_response r = {0};
+    int granted = 0;
+
+    start_all(", on_failure: fail_open, command_timeout_ms: 200", API_BACKEND, 0);
+    /* 1000 tokens: 90 + 30040 micro-USD, half the budget, for 3 s. */
+    send_chat(&slow, 1000, 3000);
+    for (int tries = 0; tries < 250 && redis_reserved() == 0; tries++)
+        usleep(10000);
+    cr_assert_eq(redis_reserved(), 30130, "the slow request's hold is not in Redis");
+    test_redis_kill(&redis, SIGSTOP);
+    while (granted < 200 && chat_status(10) == 200)
+        granted++;
+    cr_assert_eq(support_http_read(&slow, &r, TIMEOUT_MS), 0);
+    cr_assert_eq(r.status, 200);
+    support_http_close(&slow);
+    support_http_response_free(&r);
+    test_redis_kill(&redis, SIGCONT);
+    wait_store_up(0);
+    wait_nothing_reserved();
+    cr_assert_leq(redis_day_spend(), budget_micro, "%d requests of 390.4 micro-USD admitted",
+                  granted);
+}
