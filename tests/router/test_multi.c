@@ -62,14 +62,15 @@ enum kind { K_PLAIN, K_STREAM, K_GUESS, K_LEAVE, K_EARLY, K_N };
 
 /* One answer as a client saw it; amounts in micro-USD, -1 when absent. */
 struct answer {
-    int router, kind, status;
+    int router, kind;
+    int status;        /* -1: the client left before any; 0: none came (the router stopping) */
     char id[64];       /* x-request-id */
     char code[48];     /* error.code of an error answer, "-" else */
     long long head;    /* x-costrouter-cost-usd in the head */
     long long trailer; /* the same in a stream's trailer */
     long long comment; /* the same in a stream's SSE comment */
     int final;         /* x-should-retry: false */
-    int left;          /* the client hung up after the first event */
+    int left;          /* the client hung up before the end */
 };
 
 /* One cost log line. */
