@@ -31,6 +31,7 @@
 #include <cjson/cJSON.h>
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
@@ -295,6 +296,39 @@ static void write_answer(FILE *f, const struct answer *a)
             a->code, a->head, a->trailer, a->comment, a->final, a->left);
 }
 
+/*
+ * The clients of an outage run meet the test after PHASE_ONE requests
+ * each: once all are there, it lets them go and takes Redis away at once.
+ * So the outage comes while they all still run, however loaded the
+ * machine (watching the spend, the test could see a quarter of the budget
+ * spent only after all of it was). Pipes, -1 when unused: the clients
+ * write a byte to `ready` when there (or done before), and read `go`
+ * until the test closes it.
+ */
+#define PHASE_ONE 2
+static int ready[2] = {-1, -1}, go[2] = {-1, -1};
+
+static void client_ready(void)
+{
+    if (ready[1] < 0)
+        return;
+    if (write(ready[1], "r", 1) != 1)
+        _exit(3);
+    close(ready[1]);
+    ready[1] = -1;
+}
+
+static void client_meet(void)
+{
+    char byte;
+
+    if (ready[1] < 0)
+        return;
+    client_ready();
+    while (read(go[0], &byte, 1) > 0)
+        ;
+}
+
 /* Client `c`: requests of its kind to its router until refused for good
  * or the router stopped (each answer a line in its file, status 0 for
  * none); a 429 worth a retry waits 10 ms. */
@@ -311,10 +345,14 @@ static void client(int c, const char *path)
     for (int n = 0; mono_s() < until; n++) {
         struct answer a = answer_new(router, k);
 
+        if (n == PHASE_ONE)
+            client_meet();
         one_request(&a, routers[router].port, k, n, &conn);
         write_answer(f, &a);
-        if ((a.status == 429 && a.final) || (a.status == 0 && router_gone(routers[router].port)))
+        if ((a.status == 429 && a.final) || (a.status == 0 && router_gone(routers[router].port))) {
+            client_ready();
             _exit(fclose(f) == 0 ? 0 : 3);
+        }
         if (a.status == 429 || a.status == 503)
             usleep(10000);
     }
@@ -327,17 +365,46 @@ static void client_path(char *out, size_t size, int c)
     snprintf(out, size, "%s/client-%d", dir, c);
 }
 
-static void start_clients(pid_t pids[NCLIENTS])
+/* `meet`: the clients meet the test after PHASE_ONE requests (see
+ * client_meet; let them go with clients_go). */
+static void start_clients(pid_t pids[NCLIENTS], int meet)
 {
     char path[192];
 
+    if (meet) {
+        cr_assert_eq(pipe2(ready, O_CLOEXEC), 0);
+        cr_assert_eq(pipe2(go, O_CLOEXEC), 0);
+    }
     for (int c = 0; c < NCLIENTS; c++) {
         client_path(path, sizeof(path), c);
         pids[c] = fork();
         cr_assert_geq(pids[c], 0);
-        if (pids[c] == 0)
+        if (pids[c] == 0) {
+            if (meet) {
+                close(ready[0]);
+                close(go[1]);
+            }
             client(c, path);
+        }
     }
+    if (meet) {
+        close(ready[1]);
+        close(go[0]);
+    }
+}
+
+/* Once every client is at the meeting (or done), let them all go. */
+static void clients_go(void)
+{
+    char bytes[NCLIENTS];
+    size_t got = 0;
+    ssize_t n;
+
+    while (got < NCLIENTS && (n = read(ready[0], bytes, sizeof(bytes))) > 0)
+        got += (size_t)n;
+    cr_assert_eq(got, NCLIENTS, "%zu clients met", got);
+    close(ready[0]);
+    close(go[1]);
 }
 
 /* Only the clients: the servers are children too. */
@@ -790,7 +857,7 @@ Test(multi, routers_sharing_redis_hold_the_budget_and_agree_with_their_cost_logs
     long long spent;
 
     start_all("", API_BACKEND, 0);
-    start_clients(pids);
+    start_clients(pids, 0);
     wait_clients(pids);
     read_clients(0);
     spent = finish_and_check();
@@ -806,23 +873,18 @@ Test(multi, routers_sharing_a_gpu_pool_hold_the_budget_and_agree_with_their_cost
     pid_t pids[NCLIENTS];
 
     start_all("", POOL_BACKEND, 0);
-    start_clients(pids);
+    start_clients(pids, 0);
     wait_clients(pids);
     read_clients(0);
     budget_held(finish_and_check());
 }
 
-/* Until a quarter of the budget is spent (15 s at most); the spend seen
- * last. */
-static long long wait_quarter_spent(void)
+/* Until a quarter of the budget is spent (15 s at most). On a loaded
+ * machine the test may see it only later. */
+static void wait_quarter_spent(void)
 {
-    long long spent = redis_day_spend();
-
-    for (int tries = 0; tries < 1500 && spent < budget_micro / 4; tries++) {
+    for (int tries = 0; tries < 1500 && redis_day_spend() < budget_micro / 4; tries++)
         usleep(10000);
-        spent = redis_day_spend();
-    }
-    return spent;
 }
 
 /* The routers stop (SIGTERM) while their clients keep sending: requests
@@ -833,7 +895,7 @@ Test(multi, routers_stopped_mid_run_leave_nothing_reserved_and_agree_with_their_
     pid_t pids[NCLIENTS];
 
     start_all("", API_BACKEND, 0);
-    start_clients(pids);
+    start_clients(pids, 0);
     wait_quarter_spent();
     stop_routers();
     wait_clients(pids);
@@ -860,18 +922,19 @@ static int store_up_is(int router, int up)
     return yes;
 }
 
-/* Once a quarter of the budget is spent, Redis goes away for 1.5 s:
- * longer than the command timeout, so the routers take it for down,
- * serve or refuse as store.on_failure says, and journal the charges. A
- * router notices only when a command of its times out (the one whose
- * clients are done may not), and a loaded machine may take a while to
- * let it: one that does within the 1.5 s is enough here. */
+/* Once the clients have made PHASE_ONE requests each, they go on and
+ * Redis goes away for 1.5 s: longer than the command timeout, so the
+ * routers take it for down, serve or refuse as store.on_failure says, and
+ * journal the charges. A router notices when a command of its times out,
+ * and a loaded machine may take a while to let it: one that does within
+ * the 1.5 s is enough here. */
 static void outage_midway(enum outage how)
 {
     double until;
     int noticed = 0;
-    long long spent = wait_quarter_spent();
+    long long spent = redis_day_spend();
 
+    clients_go();
     until = mono_s() + 1.5;
     test_redis_kill(&redis, how == FREEZE ? SIGSTOP : SIGKILL);
     while (!noticed && mono_s() < until - 0.1) {
@@ -920,8 +983,8 @@ static void each_router_within_budget(void)
 
 /* A run with an outage midway, with `on_failure` as the store's. The
  * clients take a 503 store_unavailable as a 429 worth a retry. The budget
- * is four times the others' so that clients still run when a loaded
- * machine lets the test see a quarter of it spent. */
+ * is four times the others', so that the first PHASE_ONE requests of each
+ * client spend only some of it. */
 static void run_with_outage(const char *on_failure, enum outage how)
 {
     char store[128];
@@ -930,7 +993,7 @@ static void run_with_outage(const char *on_failure, enum outage how)
     budget_micro = 4 * BUDGET_MICRO;
     snprintf(store, sizeof(store), ", on_failure: %s, command_timeout_ms: 200", on_failure);
     start_all(store, API_BACKEND, how == RESTART);
-    start_clients(pids);
+    start_clients(pids, 1);
     outage_midway(how);
     wait_clients(pids);
     for (int i = 0; i < NROUTERS; i++)
