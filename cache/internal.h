@@ -238,7 +238,8 @@ struct cache {
     int handles_open;                  /* handles whose close callback is due */
     void (*closed)(void *arg);         /* cache_close() callback */
     void *closed_arg;                  /* its argument */
-    unsigned closing:1;                /* cache_close() ran */
+    unsigned closing:1;                /* cache_close() closed the store */
+    unsigned draining:1;               /* cache_close() waits for commands in flight first */
     char *jfile;                       /* owned opts.journal_file, or NULL */
     int jfile_lock;                    /* fd holding the flock on JFILE.lock, -1: none */
     unsigned jfile_held:1;             /* the file holds entries not yet confirmed by Redis */
