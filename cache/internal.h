@@ -87,6 +87,10 @@ int cache__local_settle(struct cache__local *l, const char *tenant, uint64_t seq
 void cache__local_spend(struct cache__local *l, const char *tenant, struct cache_spend *out);
 int cache__local_put(struct cache__local *l, const char *name, const void *value, size_t len,
                      int ttl_s);
+/* Count (amount > 0) or drop (amount < 0) a hold this instance has in
+ * Redis, for a request in flight: serving from these counters while Redis
+ * is away, the money it holds is not free for others. 0 or -ENOMEM. */
+int cache__local_hold_remote(struct cache__local *l, const char *tenant, int64_t amount);
 /* Overwrite the spend counters with authoritative values (from Redis). */
 int cache__local_sync(struct cache__local *l, const char *tenant, int64_t day_spent,
                       int64_t month_spent);
@@ -234,7 +238,8 @@ struct cache {
     int handles_open;                  /* handles whose close callback is due */
     void (*closed)(void *arg);         /* cache_close() callback */
     void *closed_arg;                  /* its argument */
-    unsigned closing:1;                /* cache_close() ran */
+    unsigned closing:1;                /* cache_close() closed the store */
+    unsigned draining:1;               /* cache_close() waits for commands in flight first */
     char *jfile;                       /* owned opts.journal_file, or NULL */
     int jfile_lock;                    /* fd holding the flock on JFILE.lock, -1: none */
     unsigned jfile_held:1;             /* the file holds entries not yet confirmed by Redis */

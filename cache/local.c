@@ -29,6 +29,7 @@ struct local_tenant {
     int64_t day_spent;           /* settled today */
     int64_t month_spent;         /* settled this month */
     int64_t reserved;            /* sum of open reservations */
+    int64_t remote;              /* sum of our holds in Redis (cache__local_hold_remote) */
     struct local_res *ring;      /* open reservations by seq */
     size_t cap;                  /* ring slots (power of two) */
     size_t head;                 /* index of the oldest */
@@ -119,6 +120,12 @@ static struct local_tenant *tenant_get(struct cache__local *l, const char *id)
     return t;
 }
 
+/* Money held by requests in flight: here, and ours in Redis. */
+static int64_t held(const struct local_tenant *t)
+{
+    return t->reserved + t->remote;
+}
+
 static int ring_push(struct local_tenant *t, uint64_t seq, int64_t amount, uint64_t expires)
 {
     if (t->count == t->cap) {
@@ -189,18 +196,18 @@ int cache__local_begin(struct cache__local *l, const char *tenant, const char *n
         memcpy(*value, e->data, e->len);
         r->lookup = CACHE_LOOKUP_HIT;
         r->value_len = e->len;
-        r->reserved = t->reserved;
+        r->reserved = held(t);
         return 0;
     }
-    if ((day_limit > 0 && t->day_spent + t->reserved + amount > day_limit) ||
-        (month_limit > 0 && t->month_spent + t->reserved + amount > month_limit)) {
-        r->reserved = t->reserved;
+    if ((day_limit > 0 && t->day_spent + held(t) + amount > day_limit) ||
+        (month_limit > 0 && t->month_spent + held(t) + amount > month_limit)) {
+        r->reserved = held(t);
         return 0;
     }
     if (ring_push(t, seq, amount, cache__mono_ms() + (uint64_t)l->ttl_ms) < 0)
         return -ENOMEM;
     t->reserved += amount;
-    r->reserved = t->reserved;
+    r->reserved = held(t);
     r->granted = 1;
     r->reservation.amount = amount;
     r->reservation.seq = seq;
@@ -246,7 +253,19 @@ void cache__local_spend(struct cache__local *l, const char *tenant, struct cache
     tenant_refresh(t);
     out->day_spent = t->day_spent;
     out->month_spent = t->month_spent;
-    out->reserved = t->reserved;
+    out->reserved = held(t);
+}
+
+int cache__local_hold_remote(struct cache__local *l, const char *tenant, int64_t amount)
+{
+    struct local_tenant *t = tenant_get(l, tenant);
+
+    if (t == NULL)
+        return -ENOMEM;
+    /* Never below 0: a hold that could not be counted (no memory then)
+     * is dropped all the same. */
+    t->remote = t->remote + amount > 0 ? t->remote + amount : 0;
+    return 0;
 }
 
 int cache__local_sync(struct cache__local *l, const char *tenant, int64_t day_spent,

@@ -1539,6 +1539,8 @@ static void begin_ended(struct cache_op *op, int in_call)
         journal_lost_begin(op);
     if (op->errstr == NULL) {
         cache__local_sync(&c->local, op->tenant, b->day_spent, b->month_spent);
+        if (b->granted) /* until its settle: see cache__local_hold_remote */
+            cache__local_hold_remote(&c->local, op->tenant, b->reservation.amount);
         if (b->lookup == CACHE_LOOKUP_HIT && b->granted) {
             /* Shared cache: the reservation made beside the GET is not needed. */
             cache__release_orphan(c, op->tenant, &b->reservation);
@@ -1672,9 +1674,11 @@ static void redis_settle(struct cache_op *op)
     struct cache *c = op->cache;
     const struct cache_reservation *r = &op->res;
 
-    /* The local counters follow every charge, so that serving from them
-     * after a failure starts from the right place. */
+    /* The local counters follow every charge and hold, so that serving
+     * from them after a failure starts from the right place. */
     cache__local_settle(&c->local, op->tenant, r->remote ? 0 : r->seq, op->amount);
+    if (r->remote)
+        cache__local_hold_remote(&c->local, op->tenant, -r->amount);
     if (!r->remote && op->amount == 0) {
         cache__defer(op); /* a local release: nothing to tell Redis */
         return;

@@ -93,6 +93,9 @@ char *cache__entry_name(const struct cache *c, const char *tenant, const struct 
     return name;
 }
 
+static void close_now(struct cache *c);
+static int commands_out(const struct cache *c);
+
 static void idle_cb(uv_idle_t *h)
 {
     struct cache *c = container_of(h, struct cache, idle);
@@ -108,6 +111,8 @@ static void idle_cb(uv_idle_t *h)
         cache__finish(op);
         op = next;
     }
+    if (c->draining && c->ready_head == NULL && !commands_out(c))
+        close_now(c);
 }
 
 void cache__defer(struct cache_op *op)
@@ -180,6 +185,8 @@ void cache__finish(struct cache_op *op)
         }
     }
     op_free(op);
+    if (c->draining) /* the last answer? idle_cb checks, outside any reply */
+        uv_idle_start(&c->idle, idle_cb);
 }
 
 void cache_cancel(struct cache_op *op)
@@ -254,6 +261,8 @@ static struct cache_op *settle_common(struct cache *c, const struct cache_reserv
     }
     op = cache__op_new(c, CACHE__SETTLE, r->tenant);
     if (op == NULL) {
+        if (r->remote)
+            cache__local_hold_remote(&c->local, r->tenant, -r->amount);
         /* Never drop a charge silently: journal it if we can. */
         if (real > 0 && !c->closing && strlen(r->tenant) <= CACHE_TENANT_MAX) {
             struct cache__period p;
@@ -469,11 +478,39 @@ static void idle_closed(uv_handle_t *h)
     cache__handle_closed(container_of((uv_idle_t *)h, struct cache, idle));
 }
 
+/* Commands sent to Redis, or queued for it, not answered yet. */
+static int commands_out(const struct cache *c)
+{
+    struct cache_stats st = {0};
+
+    c->type->stats(c, &st);
+    return st.inflight > 0;
+}
+
+/*
+ * The commands already out may be reservations whose requests are gone
+ * (their client left, and the router cancelled them): their answers
+ * release them (cache__finish). Closing at once dropped the connection
+ * with them in it, and Redis, which runs what it read, kept them held
+ * until they expired, on every instance sharing it. So the store waits
+ * for those answers first, which the command timeout bounds, and the
+ * releases they send.
+ */
 void cache_close(struct cache *c, void (*closed)(void *arg), void *arg)
 {
-    c->closing = 1;
     c->closed = closed;
     c->closed_arg = arg;
+    if (!c->closing && commands_out(c)) {
+        c->draining = 1;
+        return;
+    }
+    close_now(c);
+}
+
+static void close_now(struct cache *c)
+{
+    c->draining = 0;
+    c->closing = 1;
     c->type->close(c);
     /* Answers already known are delivered as they are. */
     while (c->ready_head) {

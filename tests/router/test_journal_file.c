@@ -126,13 +126,7 @@ static void wait_store_up(void)
 /* Today's spend of acme in Redis (-1: none). */
 static long long redis_day(void)
 {
-    char day[16];
-    time_t now = time(NULL);
-    struct tm tm;
-
-    gmtime_r(&now, &tm);
-    strftime(day, sizeof(day), "%Y%m%d", &tm);
-    return test_redis_int(&redis, "GET costrouter:{acme}:d:%s", day);
+    return test_redis_day_spend(&redis, "costrouter:", "acme");
 }
 
 /* What Redis holds for acme's open reservations (their sum). */

@@ -209,6 +209,17 @@ long long test_redis_int(struct test_redis *r, const char *fmt, ...)
     return v;
 }
 
+long long test_redis_day_spend(struct test_redis *r, const char *prefix, const char *tenant)
+{
+    char day[16];
+    time_t now = time(NULL);
+    struct tm tm;
+
+    gmtime_r(&now, &tm);
+    strftime(day, sizeof(day), "%Y%m%d", &tm);
+    return test_redis_int(r, "GET %s{%s}:d:%s", prefix, tenant, day);
+}
+
 long long test_redis_calls(struct test_redis *r, const char *command)
 {
     redisContext *rc = connect_sync(r);

@@ -32,6 +32,9 @@ void test_redis_stop(struct test_redis *r);
 /* Run one command synchronously (tests only: blocks). Integer replies and
  * integer-looking strings are returned; -1 on error or nil. */
 long long test_redis_int(struct test_redis *r, const char *fmt, ...);
+/* Today's (UTC) spend of `tenant` in micro-USD, as the store keeps it
+ * under key prefix `prefix` ("costrouter:" by default): -1 when none. */
+long long test_redis_day_spend(struct test_redis *r, const char *prefix, const char *tenant);
 /* How many times the server ran `command` (lower case, as INFO
  * commandstats names it): 0 if never, -1 on error. */
 long long test_redis_calls(struct test_redis *r, const char *command);

@@ -1,0 +1,1146 @@
+/*
+ * tests/router/test_multi.c: the headline promise end to end. Three real
+ * routers with one config share one real redis-server, each with a cost
+ * log of its own, in front of a real mockllm (priced as an API, or as a
+ * GPU pool). Forked clients (45, fifteen a router, each with one request
+ * at a time) hammer them with plain and streamed requests, some without
+ * max_tokens, some leaving mid-stream, some before the answer, until every
+ * one is refused for good (429 budget_exhausted, x-should-retry: false).
+ * Then the answers, the cost logs and Redis must agree:
+ *   1. Redis's spend is the sum of the cost logs, to the micro-dollar;
+ *   2. it passes the budget by no more than the README allows;
+ *   3. every 2xx answer's cost is its cost log line's;
+ *   4. every answer has one cost log line on its router, and every line
+ *      one answer (by request id);
+ *   5. the routers exit 0 on SIGTERM and leave nothing reserved in Redis.
+ * Other runs stop the routers while the clients still send, or take Redis
+ * away midway (frozen with SIGSTOP, or killed and restarted) under
+ * fail_open and fail_closed: charges go through the journal, and what the
+ * README promises then must hold.
+ *
+ * mockllm counts the prompt as 3 + sum(4 + words) over the messages, as
+ * cl100k_base's chat framing does for the message below, and answers
+ * exactly x-mock-tokens completion tokens, so the holds of requests with
+ * max_tokens are exact (rounded up to the micro-dollar). Costs have
+ * fractions of a micro-dollar, which each router carries to the tenant's
+ * next charge: Redis's sum is within half a micro-dollar per router of
+ * the cost logs', as the README says, and a router that rounded each
+ * charge alone would drift from them by about 0.4 a request.
+ */
+#define _GNU_SOURCE
+#include <cjson/cJSON.h>
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "tests/support/http.h"
+#include "tests/support/proc.h"
+#include "tests/support/redis.h"
+
+#define NROUTERS 3
+#define NCLIENTS 45          /* each with one request at a time */
+#define TIMEOUT_MS 10000
+#define CLIENT_SECONDS 30    /* a client that is not refused for good by then fails the test */
+#define KEY "sk-multi-tenant"
+#define AUTH "Authorization: Bearer " KEY "\r\n"
+#define ADMIN "Authorization: Bearer adm-multi\r\n"
+#define TENANT "acme"
+#define PREFIX "costrouter:"
+#define MSG "\"messages\":[{\"role\":\"user\",\"content\":\"hello there\"}]"
+#define BUDGET_MICRO 60000   /* $0.06: some 150 answers */
+#define PLAIN_HOLD 391       /* 9 prompt tokens at $10/M, 10 completion at $30.04/M: 390.4 */
+
+/* What a client sends, one kind per client. */
+enum kind { K_PLAIN, K_STREAM, K_GUESS, K_LEAVE, K_EARLY, K_N };
+
+/* One answer as a client saw it; amounts in micro-USD, -1 when absent. */
+struct answer {
+    int router, kind;
+    int status;        /* -1: the client left before any; 0: none came (the router stopping) */
+    char id[64];       /* x-request-id */
+    char code[48];     /* error.code of an error answer, "-" else */
+    long long head;    /* x-costrouter-cost-usd in the head */
+    long long trailer; /* the same in a stream's trailer */
+    long long comment; /* the same in a stream's SSE comment */
+    int final;         /* x-should-retry: false */
+    int left;          /* the client hung up before the end */
+};
+
+/* One cost log line. */
+struct line {
+    char id[64];
+    int status, router, seen;
+    long long cost_pico, est_micro;
+};
+
+static struct support_proc routers[NROUTERS], mock;
+static struct test_redis redis;
+static char dir[64], conf_path[128];
+static long long budget_micro = BUDGET_MICRO; /* the tenant's daily budget */
+static struct answer *answers;
+static size_t nanswers;
+static struct line *lines;
+static size_t nlines;
+
+static void teardown(void)
+{
+    char path[192];
+
+    for (int i = 0; i < NROUTERS; i++) {
+        support_proc_stop(&routers[i]);
+        snprintf(path, sizeof(path), "%s/router-%d.log", dir, i);
+        support_log_show(path, "router");
+    }
+    support_proc_stop(&mock);
+    if (redis.pid)
+        test_redis_stop(&redis);
+    free(answers);
+    free(lines);
+    if (dir[0])
+        support_remove_tree(dir);
+}
+
+TestSuite(multi, .fini = teardown, .timeout = 90);
+
+/* An answer not yet had: no status, id, code or costs. */
+static struct answer answer_new(int router, enum kind k)
+{
+    return (struct answer){.router = router, .kind = k, .id = "-", .code = "-", .head = -1,
+                           .trailer = -1, .comment = -1};
+}
+
+static long long micro_of(const char *usd)
+{
+    return usd ? llround(strtod(usd, NULL) * 1e6) : -1;
+}
+
+/* ---- the clients (forked: no Criterion calls in them) ---- */
+
+/* Completion tokens for a client's n-th request: fixed for the kinds with
+ * max_tokens; for K_GUESS 2-24, and 60 every fifth, so that the P95 its
+ * hold is for falls short at times and the real cost passes the hold. */
+static int tokens_for(enum kind k, int n)
+{
+    static const int fixed[K_N] = {[K_PLAIN] = 10, [K_STREAM] = 20, [K_LEAVE] = 30, [K_EARLY] = 10};
+
+    if (k != K_GUESS)
+        return fixed[k];
+    return n % 5 == 4 ? 60 : 2 + (n * 13) % 23;
+}
+
+static int format_request(struct buf *out, enum kind k, int n)
+{
+    static const char *const bodies[K_N] = {
+        [K_PLAIN] = "{\"model\":\"chat\",\"max_tokens\":10," MSG "}",
+        [K_STREAM] = "{\"model\":\"chat\",\"stream\":true,\"max_tokens\":20," MSG "}",
+        [K_GUESS] = "{\"model\":\"chat\"," MSG "}",
+        [K_LEAVE] = "{\"model\":\"chat\",\"stream\":true,\"max_tokens\":30," MSG "}",
+        [K_EARLY] = "{\"model\":\"chat\",\"max_tokens\":10," MSG "}",
+    };
+    static const char *const delays[K_N] = {
+        /* The leaver's stream lasts 600 ms: it is gone long before the
+         * end. The early leaver's answer starts after 300 ms: it is gone
+         * before. */
+        [K_LEAVE] = "x-mock-token-delay-ms: 20\r\n",
+        [K_EARLY] = "x-mock-ttft-ms: 300\r\n",
+    };
+    char headers[256];
+
+    snprintf(headers, sizeof(headers), AUTH "x-mock-tokens: %d\r\n%s", tokens_for(k, n),
+             delays[k] ? delays[k] : "");
+    return support_http_format(out, "POST", "/v1/chat/completions", headers, bodies[k]);
+}
+
+/* The head's and the body's parts of an answer that every kind has. */
+static void note_answer(struct answer *a, const struct support_http_response *r)
+{
+    const char *id = support_http_header(r, "x-request-id");
+    const char *retry = support_http_header(r, "x-should-retry");
+    cJSON *body, *code;
+
+    a->status = r->status;
+    snprintf(a->id, sizeof(a->id), "%s", id ? id : "-");
+    a->final = retry && strcmp(retry, "false") == 0;
+    snprintf(a->code, sizeof(a->code), "-");
+    if (r->status < 400 || (body = cJSON_ParseWithLength(r->body.data, r->body.len)) == NULL)
+        return;
+    code = cJSON_GetObjectItem(cJSON_GetObjectItem(body, "error"), "code");
+    if (cJSON_IsString(code))
+        snprintf(a->code, sizeof(a->code), "%s", code->valuestring);
+    cJSON_Delete(body);
+}
+
+/* A whole answer, on `conn` when it is open (keep-alive: K_PLAIN's
+ * clients keep theirs), else on a connection of its own. */
+static void plain_request(struct answer *a, int port, const struct buf *q,
+                          struct support_http_conn *conn)
+{
+    struct support_http_response r = {0};
+    int rc;
+
+    if (conn == NULL)
+        rc = support_http_request(port, q->data, q->len, TIMEOUT_MS, &r);
+    else if ((conn->fd >= 0 || (rc = support_http_connect(conn, port)) == 0) &&
+             (rc = support_http_send(conn, q->data, q->len)) == 0)
+        rc = support_http_read(conn, &r, TIMEOUT_MS);
+    if (rc == 0) {
+        note_answer(a, &r);
+        a->head = micro_of(support_http_header(&r, "x-costrouter-cost-usd"));
+    } else if (conn != NULL) {
+        support_http_close(conn); /* the next request connects again */
+    }
+    support_http_response_free(&r);
+}
+
+/* The cost the router puts in an SSE comment at a stream's end. */
+static long long comment_micro(const struct buf *body)
+{
+    static const char mark[] = ": x-costrouter-cost-usd=";
+    const char *p = memmem(body->data, body->len, mark, sizeof(mark) - 1);
+    char usd[32] = "";
+
+    if (p == NULL)
+        return -1;
+    p += sizeof(mark) - 1;
+    for (size_t i = 0; i < sizeof(usd) - 1 && p + i < body->data + body->len && p[i] != '\n'; i++)
+        usd[i] = p[i];
+    return micro_of(usd);
+}
+
+/* A stream read to its end, or (leave) left after its first event. */
+static void stream_request(struct answer *a, int port, const struct buf *q, int leave)
+{
+    struct support_sse s;
+    struct support_sse_event ev;
+    int rc = support_sse_open(&s, port, q->data, q->len, TIMEOUT_MS);
+
+    if (rc == 0)
+        while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1 && !(leave && s.resp.status == 200))
+            ;
+    a->left = leave && rc == 1;
+    if (rc == 0 || a->left) {
+        note_answer(a, &s.resp);
+        a->trailer = micro_of(support_http_header(&s.resp, "x-costrouter-cost-usd"));
+        a->comment = comment_micro(&s.resp.body);
+    }
+    support_sse_close(&s);
+}
+
+/* A request whose client hangs up 30 ms after sending it, unless its
+ * answer (a refusal) came by then. One that left before the head has no
+ * request id: its cost log line is found by elimination. */
+static void early_request(struct answer *a, int port, const struct buf *q)
+{
+    struct support_http_conn conn;
+    struct support_http_response r = {0};
+    int rc = support_http_connect(&conn, port);
+
+    if (rc == 0 && (rc = support_http_send(&conn, q->data, q->len)) == 0 &&
+        (rc = support_http_read(&conn, &r, 30)) == -ETIMEDOUT && r.headers_done == 0) {
+        a->left = 1;
+        a->status = -1;
+    } else if (rc == 0 || r.headers_done) { /* else no answer: status 0 */
+        note_answer(a, &r);
+        a->left = rc != 0;
+        a->head = micro_of(support_http_header(&r, "x-costrouter-cost-usd"));
+    }
+    support_http_close(&conn);
+    support_http_response_free(&r);
+}
+
+static void one_request(struct answer *a, int port, enum kind k, int n,
+                        struct support_http_conn *conn)
+{
+    struct buf q = {0};
+
+    if (format_request(&q, k, n) != 0)
+        _exit(3);
+    if (k == K_PLAIN || k == K_GUESS)
+        plain_request(a, port, &q, k == K_PLAIN ? conn : NULL);
+    else if (k == K_EARLY)
+        early_request(a, port, &q);
+    else
+        stream_request(a, port, &q, k == K_LEAVE);
+    buf_free(&q);
+}
+
+static double mono_s(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* Its listener is closed: the router stopped. */
+static int router_gone(int port)
+{
+    struct support_http_conn conn;
+    int rc = support_http_connect(&conn, port);
+
+    support_http_close(&conn);
+    return rc == -ECONNREFUSED;
+}
+
+static void write_answer(FILE *f, const struct answer *a)
+{
+    fprintf(f, "%d %d %d %s %s %lld %lld %lld %d %d\n", a->router, a->kind, a->status, a->id,
+            a->code, a->head, a->trailer, a->comment, a->final, a->left);
+}
+
+/*
+ * The clients of an outage run meet the test after PHASE_ONE requests
+ * each: once all are there, it lets them go and takes Redis away at once.
+ * So the outage comes while they all still run, however loaded the
+ * machine (watching the spend, the test could see a quarter of the budget
+ * spent only after all of it was). Pipes, -1 when unused: the clients
+ * write a byte to `ready` when there (or done before), and read `go`
+ * until the test closes it.
+ */
+#define PHASE_ONE 2
+static int ready[2] = {-1, -1}, go[2] = {-1, -1};
+
+static void client_ready(void)
+{
+    if (ready[1] < 0)
+        return;
+    if (write(ready[1], "r", 1) != 1)
+        _exit(3);
+    close(ready[1]);
+    ready[1] = -1;
+}
+
+static void client_meet(void)
+{
+    char byte;
+
+    if (ready[1] < 0)
+        return;
+    client_ready();
+    while (read(go[0], &byte, 1) > 0)
+        ;
+}
+
+/* Client `c`: requests of its kind to its router until refused for good
+ * or the router stopped (each answer a line in its file, status 0 for
+ * none); a 429 worth a retry waits 10 ms. */
+static void client(int c, const char *path)
+{
+    FILE *f = fopen(path, "w");
+    struct support_http_conn conn = {.fd = -1};
+    double until = mono_s() + CLIENT_SECONDS;
+    int router = c % NROUTERS;
+    enum kind k = (enum kind)(c / NROUTERS % K_N);
+
+    if (f == NULL)
+        _exit(3);
+    for (int n = 0; mono_s() < until; n++) {
+        struct answer a = answer_new(router, k);
+
+        if (n == PHASE_ONE)
+            client_meet();
+        one_request(&a, routers[router].port, k, n, &conn);
+        write_answer(f, &a);
+        if ((a.status == 429 && a.final) || (a.status == 0 && router_gone(routers[router].port))) {
+            client_ready();
+            _exit(fclose(f) == 0 ? 0 : 3);
+        }
+        if (a.status == 429 || a.status == 503)
+            usleep(10000);
+    }
+    fclose(f);
+    _exit(4); /* never refused for good */
+}
+
+static void client_path(char *out, size_t size, int c)
+{
+    snprintf(out, size, "%s/client-%d", dir, c);
+}
+
+/* `meet`: the clients meet the test after PHASE_ONE requests (see
+ * client_meet; let them go with clients_go). */
+static void start_clients(pid_t pids[NCLIENTS], int meet)
+{
+    char path[192];
+
+    if (meet) {
+        cr_assert_eq(pipe2(ready, O_CLOEXEC), 0);
+        cr_assert_eq(pipe2(go, O_CLOEXEC), 0);
+    }
+    for (int c = 0; c < NCLIENTS; c++) {
+        client_path(path, sizeof(path), c);
+        pids[c] = fork();
+        cr_assert_geq(pids[c], 0);
+        if (pids[c] == 0) {
+            if (meet) {
+                close(ready[0]);
+                close(go[1]);
+            }
+            client(c, path);
+        }
+    }
+    if (meet) {
+        close(ready[1]);
+        close(go[0]);
+    }
+}
+
+/* Once every client is at the meeting (or done), let them all go. */
+static void clients_go(void)
+{
+    char bytes[NCLIENTS];
+    size_t got = 0;
+    ssize_t n;
+
+    while (got < NCLIENTS && (n = read(ready[0], bytes, sizeof(bytes))) > 0)
+        got += (size_t)n;
+    cr_assert_eq(got, NCLIENTS, "%zu clients met", got);
+    close(ready[0]);
+    close(go[1]);
+}
+
+/* Only the clients: the servers are children too. */
+static void wait_clients(pid_t pids[NCLIENTS])
+{
+    for (int c = 0; c < NCLIENTS; c++) {
+        int status = 0;
+
+        cr_assert_eq(waitpid(pids[c], &status, 0), pids[c]);
+        cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                  "client %d (router %d, kind %d) ended with status %#x", c, c % NROUTERS,
+                  c / NROUTERS % K_N, status);
+    }
+}
+
+/* ---- setup ---- */
+
+/* The backend every request goes to, with %d for mockllm's port. The API
+ * at $10 and $30.04 a million tokens: the completion's cost has a
+ * fraction of a micro-dollar (0.04 a token), which the routers carry. */
+#define API_BACKEND                                                                                \
+    "  - {name: api, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-api,\n"                \
+    "     tokenizer: cl100k_base, quality: 1, context_window: 100000,\n"                          \
+    "     input_usd_per_mtok: 10, output_usd_per_mtok: 30.04}\n"
+/* A GPU pool at $360 an hour a replica: a request costs its share of the
+ * pool's time, in fractions of a micro-dollar, and holds its marginal
+ * cost, far less. */
+#define POOL_BACKEND                                                                               \
+    "  - {name: api, kind: self_hosted, url: \"http://127.0.0.1:%d/v1\", model: m-pool,\n"       \
+    "     tokenizer: cl100k_base, quality: 1, context_window: 100000,\n"                          \
+    "     gpu_hourly_usd: 360, replicas: 2, max_concurrency: 8, tokens_per_second: 1000}\n"
+
+static void write_conf(const char *store_extra, const char *backend)
+{
+    char hex[65];
+    FILE *f;
+
+    support_key_sha256_hex(KEY, hex);
+    snprintf(conf_path, sizeof(conf_path), "%s/costrouter.yaml", dir);
+    f = fopen(conf_path, "w");
+    cr_assert_not_null(f);
+    /* One config for all: each router's cost log comes from its
+     * environment. */
+    fprintf(f,
+            "listen: 127.0.0.1:0\nadmin_key: adm-multi\ncost_log: ${MULTI_COST_LOG}\n"
+            "store: {redis: \"%s\", key_prefix: \"" PREFIX "\"%s}\nbackends:\n",
+            redis.url, store_extra);
+    fprintf(f, backend, mock.port);
+    fprintf(f,
+            "routes:\n  - {model: chat, candidates: [api]}\n"
+            "tenants:\n  - id: " TENANT "\n    api_keys: [\"sha256:%s\"]\n"
+            "    budget: {daily_usd: %g, on_exhausted: reject}\n",
+            hex, budget_micro / 1e6);
+    fclose(f);
+}
+
+static int http_get(int port, const char *path, struct support_http_response *r)
+{
+    struct buf q = {0};
+    int rc = support_http_format(&q, "GET", path, ADMIN, NULL);
+
+    if (rc == 0)
+        rc = support_http_request(port, q.data, q.len, TIMEOUT_MS, r);
+    buf_free(&q);
+    return rc;
+}
+
+/* Wait until router `i` has its Redis connection: before that it serves
+ * from memory (and writes back later). */
+static void wait_store_up(int i)
+{
+    static const char up[] = "\ncostrouter_store_up{store=\"redis\"} 1\n";
+
+    for (int tries = 0; tries < 500; tries++) {
+        struct support_http_response r = {0};
+        int found = http_get(routers[i].port, "/metrics", &r) == 0 &&
+                    memmem(r.body.data, r.body.len, up, sizeof(up) - 1) != NULL;
+
+        support_http_response_free(&r);
+        if (found)
+            return;
+        usleep(20000);
+    }
+    cr_assert_fail("router %d: the store is not up", i);
+}
+
+static void start_router(int i)
+{
+    char cmd[512], costlog[192];
+    char *argv[] = {"/bin/sh", "-c", cmd, NULL};
+
+    snprintf(costlog, sizeof(costlog), "%s/cost-%d.jsonl", dir, i);
+    cr_assert_eq(setenv("MULTI_COST_LOG", costlog, 1), 0);
+    snprintf(cmd, sizeof(cmd), "exec '%s' -c '%s' 2>>'%s/router-%d.log'", getenv("COSTROUTER_BIN"),
+             conf_path, dir, i);
+    cr_assert_eq(support_proc_start(&routers[i], argv), 0, "router %d did not start", i);
+    wait_store_up(i);
+}
+
+/* Redis, mockllm (1 ms a token) and the routers, with `store_extra` in
+ * the config's store mapping and `backend` (API_BACKEND, POOL_BACKEND). */
+static void start_all(const char *store_extra, const char *backend, int persist)
+{
+    strcpy(dir, "/tmp/costrouter-multi-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    cr_assert_eq(test_redis_start(&redis, persist), 0);
+    cr_assert_eq(support_mockllm_start(&mock, "--token-delay-ms", "1", NULL), 0);
+    write_conf(store_extra, backend);
+    for (int i = 0; i < NROUTERS; i++)
+        start_router(i);
+}
+
+/* ---- what the clients saw ---- */
+
+/* `array` (of n items of `size` bytes, room for *cap) with room for one
+ * more. */
+static void *room_for_one(void *array, size_t n, size_t *cap, size_t size)
+{
+    if (n < *cap)
+        return array;
+    *cap = *cap ? 2 * *cap : 256;
+    array = realloc(array, *cap * size);
+    cr_assert_not_null(array);
+    return array;
+}
+
+static void add_answer(const struct answer *a)
+{
+    static size_t cap;
+
+    answers = room_for_one(answers, nanswers, &cap, sizeof(*answers));
+    answers[nanswers++] = *a;
+}
+
+/* `unanswered_ok`: the routers were stopped while the client ran. */
+static void read_client(int c, int unanswered_ok)
+{
+    char path[192], text[512];
+    FILE *f;
+
+    client_path(path, sizeof(path), c);
+    f = fopen(path, "r");
+    cr_assert_not_null(f, "client %d wrote nothing", c);
+    while (fgets(text, sizeof(text), f)) {
+        struct answer a = {0};
+
+        cr_assert_eq(sscanf(text, "%d %d %d %63s %47s %lld %lld %lld %d %d", &a.router, &a.kind,
+                            &a.status, a.id, a.code, &a.head, &a.trailer, &a.comment, &a.final,
+                            &a.left),
+                     10, "client %d: %s", c, text);
+        cr_assert(a.status != 0 || unanswered_ok, "client %d got no answer (router %d, kind %d)",
+                  c, a.router, a.kind);
+        add_answer(&a);
+    }
+    fclose(f);
+}
+
+/* After the clients: every router refuses a plain request for good. */
+static void every_router_refuses(void)
+{
+    for (int i = 0; i < NROUTERS; i++) {
+        struct answer a = answer_new(i, K_PLAIN);
+        struct buf q = {0};
+
+        cr_assert_eq(format_request(&q, K_PLAIN, 0), 0);
+        plain_request(&a, routers[i].port, &q, NULL);
+        buf_free(&q);
+        cr_assert_eq(a.status, 429, "router %d: %d", i, a.status);
+        cr_assert_str_eq(a.code, "budget_exhausted");
+        cr_assert(a.final, "router %d: a 429 worth a retry when nothing is in flight", i);
+        add_answer(&a);
+    }
+}
+
+/* ---- the cost logs ---- */
+
+static void add_line(const struct line *l)
+{
+    static size_t cap;
+
+    lines = room_for_one(lines, nlines, &cap, sizeof(*lines));
+    lines[nlines++] = *l;
+}
+
+static double number_of(const cJSON *rec, const char *name)
+{
+    const cJSON *v = cJSON_GetObjectItem(rec, name);
+
+    return cJSON_IsNumber(v) ? v->valuedouble : NAN;
+}
+
+static void read_cost_log(int router)
+{
+    char path[192], text[8192];
+    FILE *f;
+
+    snprintf(path, sizeof(path), "%s/cost-%d.jsonl", dir, router);
+    f = fopen(path, "r");
+    cr_assert_not_null(f, "no cost log for router %d", router);
+    while (fgets(text, sizeof(text), f)) {
+        cJSON *rec = cJSON_Parse(text);
+        const cJSON *id = cJSON_GetObjectItem(rec, "request_id");
+        double est = number_of(rec, "cost_usd_est");
+        struct line l = {.router = router};
+
+        cr_assert(cJSON_IsString(id), "router %d: bad cost log line: %s", router, text);
+        snprintf(l.id, sizeof(l.id), "%s", id->valuestring);
+        l.status = (int)number_of(rec, "status");
+        l.cost_pico = llround(number_of(rec, "cost_usd") * 1e12);
+        l.est_micro = isnan(est) ? 0 : llround(est * 1e6);
+        add_line(&l);
+        cJSON_Delete(rec);
+    }
+    fclose(f);
+}
+
+static int by_id(const void *a, const void *b)
+{
+    return strcmp(((const struct line *)a)->id, ((const struct line *)b)->id);
+}
+
+static struct line *line_of(const char *id)
+{
+    struct line key;
+
+    snprintf(key.id, sizeof(key.id), "%s", id);
+    return bsearch(&key, lines, nlines, sizeof(*lines), by_id);
+}
+
+/* 3: what the answer said it cost is what its line says (to the nearest
+ * micro-dollar, as the header gives it). */
+static void answer_cost_is_logged(const struct answer *a, const struct line *l)
+{
+    long long logged = llround(l->cost_pico / 1e6);
+
+    if (a->left) { /* it saw no cost: its line says why */
+        cr_assert(l->status == 499 || l->status == a->status, "%s: left, logged %d", a->id,
+                  l->status);
+        return;
+    }
+    cr_assert_eq(l->status, a->status, "%s: answered %d, logged %d", a->id, a->status, l->status);
+    if (a->status != 200)
+        return;
+    if (a->kind != K_STREAM && a->kind != K_LEAVE) {
+        /* K_EARLY too: a client kept off the CPU past its 30 ms finds
+         * its whole answer there */
+        cr_assert_eq(a->head, logged, "%s: header %lld, logged %lld", a->id, a->head, logged);
+    } else {
+        cr_assert_eq(a->trailer, logged, "%s: trailer %lld, logged %lld", a->id, a->trailer, logged);
+        cr_assert_eq(a->comment, logged, "%s: comment %lld, logged %lld", a->id, a->comment, logged);
+    }
+}
+
+/* 3 and 4: each answer has one line on its router, each line one answer;
+ * the lines no answer names are those of the clients that left before
+ * their answer's head, as many on each router. A request that got no
+ * answer at all (its router stopping) has none. */
+static void answers_match_lines(int stopped)
+{
+    int leavers = 0, unnamed[NROUTERS] = {0};
+    size_t unanswered = 0;
+
+    qsort(lines, nlines, sizeof(*lines), by_id);
+    for (size_t i = 1; i < nlines; i++)
+        cr_assert_str_neq(lines[i - 1].id, lines[i].id, "request id logged twice");
+    for (size_t i = 0; i < nanswers; i++) {
+        const struct answer *a = &answers[i];
+        struct line *l;
+
+        if (a->status <= 0) {
+            unnamed[a->router] += a->status == -1;
+            unanswered += a->status == 0;
+            continue;
+        }
+        l = line_of(a->id);
+        cr_assert_not_null(l, "answer %s (router %d, status %d) has no cost log line", a->id,
+                           a->router, a->status);
+        cr_assert_eq(l->router, a->router, "%s logged by router %d, answered by %d", a->id,
+                     l->router, a->router);
+        cr_assert_eq(l->seen, 0, "two answers with request id %s", a->id);
+        l->seen = 1;
+        answer_cost_is_logged(a, l);
+    }
+    for (size_t i = 0; i < nlines; i++) {
+        leavers += lines[i].status == 499;
+        /* Not always 499: an answer may have gone out just after its
+         * client left. */
+        unnamed[lines[i].router] -= !lines[i].seen;
+    }
+    /* A router stopping may close a connection it never read from (in
+     * the listen backlog still): a client that left before has no line. */
+    for (int i = 0; i < NROUTERS; i++) {
+        cr_assert(unnamed[i] == 0 || (stopped && unnamed[i] > 0),
+                  "router %d: %d clients left unanswered and not logged", i, unnamed[i]);
+        unanswered += (size_t)unnamed[i];
+    }
+    cr_assert_eq(nlines, nanswers - unanswered, "%zu cost log lines for %zu answers", nlines,
+                 nanswers - unanswered);
+    cr_assert_gt(leavers, 0, "no client left: the test proves less than it says");
+}
+
+static long long logged_pico(void)
+{
+    long long sum = 0;
+
+    for (size_t i = 0; i < nlines; i++)
+        sum += lines[i].cost_pico;
+    return sum;
+}
+
+static int by_excess_desc(const void *a, const void *b)
+{
+    long long x = *(const long long *)a, y = *(const long long *)b;
+
+    return (x < y) - (x > y);
+}
+
+/* What a line was charged at most: its cost, plus the carry, is under
+ * one micro-dollar more, so the cost rounded up. */
+static long long charged_at_most(const struct line *l)
+{
+    return (l->cost_pico + 999999) / 1000000;
+}
+
+/* The sum of the k largest amounts by which lines of `router` (-1: of
+ * all) were charged beyond their holds. */
+static long long largest_excesses(int router, size_t k)
+{
+    long long *excess = calloc(nlines ? nlines : 1, sizeof(*excess)), sum = 0;
+    size_t n = 0;
+
+    cr_assert_not_null(excess);
+    for (size_t i = 0; i < nlines; i++) {
+        long long over = charged_at_most(&lines[i]) - lines[i].est_micro;
+
+        if (router < 0 || lines[i].router == router)
+            excess[n++] = over > 0 ? over : 0;
+    }
+    qsort(excess, n, sizeof(*excess), by_excess_desc);
+    for (size_t i = 0; i < n && i < k; i++)
+        sum += excess[i];
+    free(excess);
+    return sum;
+}
+
+/*
+ * 2: the README's bound. A request is admitted only while the settled
+ * spend plus the open holds plus its own hold fit the budget, so the
+ * spend passes the budget at most by what the requests in flight at the
+ * last admission were charged beyond their holds. With one request at a
+ * time per client, at most NCLIENTS are in flight: the NCLIENTS largest
+ * excesses bound it.
+ */
+static void budget_held(long long spent)
+{
+    long long bound = largest_excesses(-1, NCLIENTS);
+
+    cr_assert_leq(spent, budget_micro + bound, "spent %lld micro-USD, budget %lld + excess %lld",
+                  spent, budget_micro, bound);
+}
+
+/* ---- Redis ---- */
+
+static long long redis_day_spend(void)
+{
+    return test_redis_day_spend(&redis, PREFIX, TENANT);
+}
+
+static long long redis_reserved(void)
+{
+    long long held = test_redis_int(&redis, "HGET " PREFIX "{" TENANT "}:open #");
+
+    return held < 0 ? 0 : held; /* no hash: nothing held */
+}
+
+/* Settles go to Redis after the answers: wait until nothing is held. */
+static void wait_nothing_reserved(void)
+{
+    for (int tries = 0; tries < 250 && redis_reserved() != 0; tries++)
+        usleep(20000);
+    cr_assert_eq(redis_reserved(), 0, "still reserved in Redis");
+}
+
+/* Every router's admin API reports Redis's spend and nothing held. */
+static void admin_spend_is_redis(long long spent)
+{
+    for (int i = 0; i < NROUTERS; i++) {
+        struct support_http_response r = {0};
+        cJSON *body;
+
+        cr_assert_eq(http_get(routers[i].port, "/admin/tenants/" TENANT "/spend", &r), 0);
+        body = cJSON_ParseWithLength(r.body.data, r.body.len);
+        cr_assert_not_null(body);
+        cr_assert_eq(llround(number_of(body, "day_usd") * 1e6), spent, "router %d", i);
+        cr_assert_eq(llround(number_of(body, "reserved_usd") * 1e6), 0, "router %d", i);
+        cr_assert(cJSON_IsFalse(cJSON_GetObjectItem(body, "degraded")), "router %d", i);
+        cJSON_Delete(body);
+        support_http_response_free(&r);
+    }
+}
+
+/* 5: SIGTERM, exit 0, nothing left reserved. All are told at once; a
+ * second SIGTERM from support_proc_stop changes nothing. */
+static void stop_routers(void)
+{
+    for (int i = 0; i < NROUTERS; i++)
+        kill(routers[i].pid, SIGTERM);
+    for (int i = 0; i < NROUTERS; i++) {
+        support_proc_stop(&routers[i]);
+        cr_assert(support_proc_exited_cleanly(&routers[i]), "router %d: status %#x", i,
+                  routers[i].status);
+    }
+    cr_assert_eq(redis_reserved(), 0, "reserved in Redis after the stop");
+}
+
+/* 3 and 4, then 1: the stopped routers' cost logs against Redis's
+ * `spent`. `stopped`: they were stopped while their clients ran. */
+static void logs_agree_with(long long spent, int stopped)
+{
+    for (int i = 0; i < NROUTERS; i++)
+        read_cost_log(i);
+    answers_match_lines(stopped);
+    /* each router carries at most half a micro-dollar */
+    cr_assert_leq(llabs(spent * 1000000 - logged_pico()), NROUTERS * 500000,
+                  "Redis %lld micro-USD, cost logs %.6f", spent, logged_pico() / 1e12);
+}
+
+/* After the clients: the routers refuse, settle, stop; then 1, 3, 4. */
+static long long finish_and_check(void)
+{
+    long long spent;
+
+    every_router_refuses();
+    wait_nothing_reserved();
+    spent = redis_day_spend();
+    admin_spend_is_redis(spent);
+    stop_routers();
+    cr_assert_eq(redis_day_spend(), spent, "spend moved after the answers");
+    logs_agree_with(spent, 0);
+    return spent;
+}
+
+static void read_clients(int unanswered_ok)
+{
+    for (int c = 0; c < NCLIENTS; c++)
+        read_client(c, unanswered_ok);
+}
+
+Test(multi, routers_sharing_redis_hold_the_budget_and_agree_with_their_cost_logs)
+{
+    pid_t pids[NCLIENTS];
+    long long spent;
+
+    start_all("", API_BACKEND, 0);
+    start_clients(pids, 0);
+    wait_clients(pids);
+    read_clients(0);
+    spent = finish_and_check();
+    budget_held(spent);
+    /* And refused for good only once a plain request no longer fit. */
+    cr_assert_gt(spent, budget_micro - PLAIN_HOLD, "spent only %lld micro-USD", spent);
+}
+
+/* The same in front of a GPU pool: each request costs its share of the
+ * pool's time, which may pass its hold whether it says max_tokens or not. */
+Test(multi, routers_sharing_a_gpu_pool_hold_the_budget_and_agree_with_their_cost_logs)
+{
+    pid_t pids[NCLIENTS];
+
+    start_all("", POOL_BACKEND, 0);
+    start_clients(pids, 0);
+    wait_clients(pids);
+    read_clients(0);
+    budget_held(finish_and_check());
+}
+
+/* Until a quarter of the budget is spent (15 s at most). On a loaded
+ * machine the test may see it only later. */
+static void wait_quarter_spent(void)
+{
+    for (int tries = 0; tries < 1500 && redis_day_spend() < budget_micro / 4; tries++)
+        usleep(10000);
+}
+
+/* The routers stop (SIGTERM) while their clients keep sending: requests
+ * in flight end, answered and logged; the rest get no answer and leave no
+ * line. The stop leaves nothing reserved. */
+Test(multi, routers_stopped_mid_run_leave_nothing_reserved_and_agree_with_their_cost_logs)
+{
+    pid_t pids[NCLIENTS];
+
+    start_all("", API_BACKEND, 0);
+    start_clients(pids, 0);
+    wait_quarter_spent();
+    stop_routers();
+    wait_clients(pids);
+    read_clients(1);
+    logs_agree_with(redis_day_spend(), 1);
+}
+
+/* A chat request to router 0 of `tokens` completion tokens (max_tokens
+ * too, so that its hold is its cost) answered after `ttft_ms`, sent on
+ * `conn` without reading the answer. */
+static void send_chat(struct support_http_conn *conn, int tokens, int ttft_ms)
+{
+    char headers[256], body[256];
+    struct buf q = {0};
+
+    snprintf(headers, sizeof(headers),
+             AUTH "x-mock-tokens: %d\r\nx-mock-ttft-ms: %d\r\nx-mock-token-delay-ms: 0\r\n", tokens,
+             ttft_ms);
+    snprintf(body, sizeof(body), "{\"model\":\"chat\",\"max_tokens\":%d," MSG "}", tokens);
+    cr_assert_eq(support_http_format(&q, "POST", "/v1/chat/completions", headers, body), 0);
+    cr_assert_eq(support_http_connect(conn, routers[0].port), 0);
+    cr_assert_eq(support_http_send(conn, q.data, q.len), 0);
+    buf_free(&q);
+}
+
+static int chat_status(int tokens)
+{
+    struct support_http_conn conn;
+    struct support_http_response r = {0};
+    int status;
+
+    send_chat(&conn, tokens, 0);
+    cr_assert_eq(support_http_read(&conn, &r, TIMEOUT_MS), 0);
+    status = r.status;
+    support_http_close(&conn);
+    support_http_response_free(&r);
+    return status;
+}
+
+/* How Redis goes away in the middle of a run. */
+enum outage {
+    FREEZE,  /* SIGSTOP, later SIGCONT: connections hang */
+    RESTART, /* SIGKILL, later started again on its append-only file */
+};
+
+static int store_up_is(int router, int up)
+{
+    char want[64];
+    struct support_http_response r = {0};
+    int yes;
+
+    snprintf(want, sizeof(want), "\ncostrouter_store_up{store=\"redis\"} %d\n", up);
+    yes = http_get(routers[router].port, "/metrics", &r) == 0 &&
+          memmem(r.body.data, r.body.len, want, strlen(want)) != NULL;
+    support_http_response_free(&r);
+    return yes;
+}
+
+/*
+ * Whatever the clients do meanwhile, one request goes through the journal:
+ * the test's own to router 0, held in Redis just before Redis goes away
+ * and ending 1.2 s later, within the outage. It holds 30130 micro-USD
+ * (1000 tokens), more than any client's, so that the wait sees its hold.
+ */
+static void hold_across(struct support_http_conn *slow)
+{
+    send_chat(slow, 1000, 1200);
+    for (int tries = 0; tries < 500 && redis_reserved() < 30130; tries++)
+        usleep(10000);
+    cr_assert_geq(redis_reserved(), 30130, "the test's request holds nothing in Redis");
+}
+
+/* Its answer, as a client's. */
+static void hold_across_answered(struct support_http_conn *slow)
+{
+    struct support_http_response r = {0};
+    struct answer a = answer_new(0, K_PLAIN);
+
+    cr_assert_eq(support_http_read(slow, &r, TIMEOUT_MS), 0);
+    cr_assert_eq(r.status, 200);
+    note_answer(&a, &r);
+    a.head = micro_of(support_http_header(&r, "x-costrouter-cost-usd"));
+    add_answer(&a);
+    support_http_close(slow);
+    support_http_response_free(&r);
+}
+
+/* Once the clients have made PHASE_ONE requests each, they go on and
+ * Redis goes away for 1.5 s: longer than the command timeout, so the
+ * routers take it for down, serve or refuse as store.on_failure says, and
+ * journal the charges. A router notices when a command of its times out,
+ * and a loaded machine may take a while to let it: one that does within
+ * the 1.5 s is enough here. */
+static void outage_midway(enum outage how, struct support_http_conn *slow)
+{
+    double until;
+    int noticed = 0;
+    long long spent = redis_day_spend();
+
+    hold_across(slow);
+    clients_go();
+    until = mono_s() + 1.5;
+    test_redis_kill(&redis, how == FREEZE ? SIGSTOP : SIGKILL);
+    while (!noticed && mono_s() < until - 0.1) {
+        usleep(50000);
+        noticed = store_up_is(0, 0) || store_up_is(1, 0) || store_up_is(2, 0);
+    }
+    cr_assert(noticed, "Redis is away (%lld of %lld micro-USD spent), yet every router has it up",
+              spent, budget_micro);
+    usleep((useconds_t)(fmax(until - mono_s(), 0) * 1e6));
+    if (how == FREEZE)
+        test_redis_kill(&redis, SIGCONT);
+    else
+        cr_assert_eq(test_redis_restart(&redis), 0);
+}
+
+static int journaled(void)
+{
+    char path[192];
+    int n = 0;
+
+    for (int i = 0; i < NROUTERS; i++) {
+        snprintf(path, sizeof(path), "%s/router-%d.log", dir, i);
+        n += support_log_count(path, "charges are journaled");
+    }
+    return n;
+}
+
+/*
+ * What fail_open promises while Redis is away: each router admits against
+ * the spend Redis last told it plus its own charges since, so each one's
+ * charges pass the budget only as in budget_held, by what its requests in
+ * flight (one per client of its) cost beyond their holds; together they
+ * can pass it by more.
+ */
+static void each_router_within_budget(void)
+{
+    for (int r = 0; r < NROUTERS; r++) {
+        long long charged = 0, bound = largest_excesses(r, NCLIENTS / NROUTERS);
+
+        for (size_t i = 0; i < nlines; i++)
+            charged += lines[i].router == r ? charged_at_most(&lines[i]) : 0;
+        cr_assert_leq(charged, budget_micro + bound, "router %d charged %lld micro-USD", r,
+                      charged);
+    }
+}
+
+/* A run with an outage midway, with `on_failure` as the store's. The
+ * clients take a 503 store_unavailable as a 429 worth a retry. The budget
+ * is four times the others', so that the first PHASE_ONE requests of each
+ * client spend only some of it. */
+static void run_with_outage(const char *on_failure, enum outage how)
+{
+    char store[128];
+    pid_t pids[NCLIENTS];
+    struct support_http_conn slow;
+
+    budget_micro = 4 * BUDGET_MICRO;
+    snprintf(store, sizeof(store), ", on_failure: %s, command_timeout_ms: 200", on_failure);
+    start_all(store, API_BACKEND, how == RESTART);
+    start_clients(pids, 1);
+    outage_midway(how, &slow);
+    wait_clients(pids);
+    for (int i = 0; i < NROUTERS; i++)
+        wait_store_up(i);
+    read_clients(0);
+    hold_across_answered(&slow);
+    cr_assert_gt(journaled(), 0, "Redis was away, yet no charge was journaled");
+    finish_and_check();
+}
+
+Test(multi, a_frozen_redis_under_fail_open_still_agrees_with_the_cost_logs)
+{
+    run_with_outage("fail_open", FREEZE);
+    each_router_within_budget();
+}
+
+Test(multi, a_restarted_redis_under_fail_open_still_agrees_with_the_cost_logs)
+{
+    run_with_outage("fail_open", RESTART);
+    each_router_within_budget();
+}
+
+Test(multi, a_frozen_redis_under_fail_closed_still_agrees_with_the_cost_logs)
+{
+    run_with_outage("fail_closed", FREEZE);
+    budget_held(redis_day_spend());
+}
+
+/*
+ * A router serving from its own counters (Redis frozen, fail_open) counts
+ * the holds it made in Redis before, for requests still in flight: else
+ * it let others take the money one of them holds, and the spend passed
+ * the budget by that hold, though every request cost exactly its hold.
+ */
+Test(multi, serving_from_local_counters_counts_the_holds_made_in_redis)
+{
+    struct support_http_conn slow;
+    struct support_http_response r = {0};
+    int granted = 0;
+
+    start_all(", on_failure: fail_open, command_timeout_ms: 200", API_BACKEND, 0);
+    /* 1000 tokens: 90 + 30040 micro-USD, half the budget, for 3 s. */
+    send_chat(&slow, 1000, 3000);
+    for (int tries = 0; tries < 250 && redis_reserved() == 0; tries++)
+        usleep(10000);
+    cr_assert_eq(redis_reserved(), 30130, "the slow request's hold is not in Redis");
+    test_redis_kill(&redis, SIGSTOP);
+    while (granted < 200 && chat_status(10) == 200)
+        granted++;
+    cr_assert_eq(support_http_read(&slow, &r, TIMEOUT_MS), 0);
+    cr_assert_eq(r.status, 200);
+    support_http_close(&slow);
+    support_http_response_free(&r);
+    test_redis_kill(&redis, SIGCONT);
+    wait_store_up(0);
+    stop_routers(); /* the journal written back */
+    cr_assert_leq(redis_day_spend(), budget_micro, "%d requests of 390.4 micro-USD admitted",
+                  granted);
+}
+
+/*
+ * A router told to stop while Redis has yet to answer a reservation whose
+ * client has left waits for that answer and releases the reservation,
+ * rather than leave it held in Redis until it expires: once no request is
+ * in flight the router stops, and closing its store had dropped the
+ * connection with the reservation's command in it, which Redis then ran.
+ */
+Test(multi, a_router_stopping_releases_a_hold_whose_client_left)
+{
+    struct support_http_conn gone;
+
+    start_all(", command_timeout_ms: 2000", API_BACKEND, 0);
+    test_redis_kill(&redis, SIGSTOP);
+    send_chat(&gone, 10, 0); /* its reservation waits in Redis's socket */
+    usleep(100 * 1000);
+    support_http_close(&gone);
+    usleep(100 * 1000);
+    kill(routers[0].pid, SIGTERM);
+    usleep(300 * 1000);
+    test_redis_kill(&redis, SIGCONT);
+    support_proc_stop(&routers[0]);
+    cr_assert(support_proc_exited_cleanly(&routers[0]), "status %#x", routers[0].status);
+    usleep(100 * 1000); /* what Redis read before the router left, it runs */
+    cr_assert_eq(redis_reserved(), 0, "held in Redis after the stop");
+}
