@@ -466,12 +466,13 @@ void conf__include(struct conf__ctx *ctx, const char *rel, int line, const char 
     ctx->file_no = saved_no;
 }
 
-struct conf *conf_load(const char *path, char **errors)
+/* conf_load, of the text `text` (len bytes) or, when it is NULL, of the
+ * file at `path`. */
+static struct conf *load(const char *path, const char *text, size_t len, char **errors)
 {
     struct conf__ctx ctx = {.file = path};
     struct fy_document *doc = NULL;
     char *src = NULL;
-    size_t len = 0;
 
     *errors = NULL;
     if ((ctx.conf = calloc(1, sizeof(*ctx.conf))) == NULL ||
@@ -479,9 +480,9 @@ struct conf *conf_load(const char *path, char **errors)
         ctx.oom = 1;
         goto done;
     }
-    if ((src = read_file(&ctx, &len)) == NULL)
+    if (text == NULL && (text = src = read_file(&ctx, &len)) == NULL)
         goto done;
-    if ((doc = build_document(&ctx, src, len)) == NULL)
+    if ((doc = build_document(&ctx, text, len)) == NULL)
         goto done;
     if (conf__parse(&ctx, fy_document_root(doc)) != 0)
         goto done;
@@ -504,6 +505,16 @@ done:
     buf_free(&ctx.text);
     free(ctx.errs);
     return ctx.conf;
+}
+
+struct conf *conf_load(const char *path, char **errors)
+{
+    return load(path, NULL, 0, errors);
+}
+
+struct conf *conf__load_text(const char *path, const char *text, size_t len, char **errors)
+{
+    return load(path, text, len, errors);
 }
 
 const char *conf_summary(const struct conf *conf, char *out, size_t size)
