@@ -300,6 +300,12 @@ static struct error_case error_cases[] = {
       "3: cache.enabled: expected true or false, got \"perhaps\"",
       "3: cache.max_entry_bytes: 0 is out of range 1..536870912",
       "4: include: must not be empty"}},
+    {.file = DATA "control_chars.yaml", .lines =
+     {"3: cost\\x0alog: unknown key",
+      "4: include: contains control characters",
+      "6: backends[0].x\\x09y: unknown key",
+      "10: prices.p\\x0dq: may only hold letters, digits and . _ - : / @ +",
+      "14: tenants[0].tags.te\\x1bam: needs a value"}},
 };
 
 /* The expected form of report line `want`: "FILE:" + want, where FILE is
