@@ -53,7 +53,7 @@ fuzz-costlog: build-fuzz/fuzz_costlog
 # validation, addresses. It runs at start, on --check-config and on every
 # reload, on a thread of the serving router.
 FUZZ_CONF_SRCS := tests/fuzz/fuzz_conf.c conf/conf.c conf/parse.c conf/check.c conf/addr.c \
-                  common/buf.c
+                  common/buf.c common/utf8.c
 build-fuzz/fuzz_conf: $(FUZZ_CONF_SRCS) conf/conf.h conf/internal.h | fuzz-tools
 	@mkdir -p $(dir $@)
 	clang $(FUZZ_CFLAGS) -o $@ $(FUZZ_CONF_SRCS) -lfyaml -lcrypto -lm

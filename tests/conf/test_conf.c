@@ -306,6 +306,11 @@ static struct error_case error_cases[] = {
       "6: backends[0].x\\x09y: unknown key",
       "10: prices.p\\x0dq: may only hold letters, digits and . _ - : / @ +",
       "14: tenants[0].tags.te\\x1bam: needs a value"}},
+    {.file = DATA "utf8_bad.yaml", .lines =
+     {"7: (yaml): not UTF-8 text: byte 0xe9 at column 6"}},
+    {.file = DATA "nul_byte.yaml", .lines = {"6: (yaml): a NUL byte at column 11"}},
+    {.file = DATA "directive_utf8.yaml", .lines =
+     {"2: (yaml): not UTF-8 text: byte 0xff at column 3"}},
 };
 
 /* The expected form of report line `want`: "FILE:" + want, where FILE is
