@@ -841,6 +841,41 @@ Test(conf, lookups_over_many_entries, .timeout = 10)
     conf_free(c);
 }
 
+/* Whether an earlier experiment shadows a later one is found by sorting,
+ * not by comparing each tenant of each experiment with each of every
+ * earlier one's: that held a load (a reload's thread, --check-config) for
+ * hours on two experiments of one route listing 200000 tenants each
+ * (about 1.6 MB of config). */
+Test(conf, shadowed_experiments_over_long_tenant_lists, .timeout = 30)
+{
+    enum { N = 200000 };
+    char path[] = "/tmp/conf-test-XXXXXX", *errors = NULL;
+    struct conf *c;
+    FILE *f;
+    int fd = mkstemp(path);
+
+    cr_assert_geq(fd, 0);
+    f = fdopen(fd, "w");
+    fprintf(f, "backends:\n  - {name: a, kind: api, url: \"http://127.0.0.1:1/v1\", free: true}\n"
+               "routes:\n  - {model: chat, candidates: [a]}\ntenants:\n");
+    for (int i = 0; i < 2; i++)
+        fprintf(f, "  - {id: %c, api_keys: [\"sha256:%064d\"]}\n", "tu"[i], i);
+    fprintf(f, "experiments:\n");
+    for (int i = 0; i < 2; i++) {
+        fprintf(f, "  - {name: e%d, route: chat, arms: [{name: x}], tenants: [", i);
+        for (int j = 0; j < N; j++)
+            fprintf(f, "%s%c", j ? "," : "", "ut"[i]);
+        fprintf(f, "]}\n");
+    }
+    fclose(f);
+    c = conf_load(path, &errors);
+    unlink(path);
+    cr_assert_not_null(c, "%s", errors ? errors : "");
+    cr_expect_eq(c->nexperiments, 2);
+    cr_expect_eq(c->experiments[1].ntenants, N);
+    conf_free(c);
+}
+
 /* What fifo_writer writes: a price file behind a comment longer than a
  * pipe holds, so that the reader takes it in many reads. */
 struct fifo_job {
