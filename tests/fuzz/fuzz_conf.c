@@ -9,15 +9,21 @@
  * were the file ROOT/config.yaml, ROOT being the folder `make fuzz-conf`
  * fills (FUZZ_CONF_ROOT, default build-fuzz/conf-root): the price files
  * the seeds include are there under the names they use, and
- * COSTROUTER_SRC and the seeds' other variables point into it. Then:
+ * COSTROUTER_SRC and the seeds' other variables point into it. What
+ * follows a line "#%inc%" is written to ROOT/fuzz-inc.yaml first (empty
+ * without one), so that a config can include a price file that is fuzzed
+ * too. Then:
  * - a load either returns a config and no error text, or NULL and a
  *   report of lines "FILE:LINE: KEY: message", each ending in its only
  *   newline, none with another control byte;
  * - a config's lookups find each of its own backends, routes, tenants,
  *   keys and prices again, and its route candidates are its backends;
+ * - loading the same text again gives the same outcome, the same report
+ *   word for word (a load keeps no state: reloads repeat it);
  * - ASan's leak check at exit finds nothing: an invalid config leaves
  *   nothing behind.
  */
+#define _GNU_SOURCE /* memmem */
 #include <limits.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -31,6 +37,10 @@ int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static char config_path[PATH_MAX];
+static char include_path[PATH_MAX];
+
+/* Splits the input into the config and fuzz-inc.yaml. */
+#define INCLUDE_MARK "\n#%inc%\n"
 
 /* The seeds' variables (tests/conf/test_conf.c sets the same), with
  * values that pass, plus a name of each kind for the dictionary's
@@ -59,6 +69,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
         exit(2);
     }
     snprintf(config_path, sizeof(config_path), "%s/config.yaml", abs);
+    snprintf(include_path, sizeof(include_path), "%s/fuzz-inc.yaml", abs);
     setenv("COSTROUTER_SRC", abs, 1);
     unsetenv("COSTROUTER_DATA");
     for (size_t i = 0; i < sizeof(env) / sizeof(env[0]); i++)
@@ -126,19 +137,41 @@ static void check_lookups(const struct conf *c)
             abort();
 }
 
+/* Write the input's part after INCLUDE_MARK (if any) to fuzz-inc.yaml;
+ * returns the length of the config's part. */
+static size_t write_include(const uint8_t *data, size_t size)
+{
+    const uint8_t *mark = memmem(data, size, INCLUDE_MARK, strlen(INCLUDE_MARK));
+    size_t len = mark ? (size_t)(mark - data) : size;
+    size_t skip = mark ? len + strlen(INCLUDE_MARK) : size;
+    FILE *f = fopen(include_path, "wb");
+
+    if (f == NULL || fwrite(data + skip, 1, size - skip, f) != size - skip || fclose(f) != 0)
+        abort();
+    return len;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    char *errors = (char *)"unset";
-    struct conf *c = conf__load_text(config_path, (const char *)data, size, &errors);
+    char *errors = (char *)"unset", *again = (char *)"unset";
+    size_t len = write_include(data, size);
+    struct conf *c = conf__load_text(config_path, (const char *)data, len, &errors);
+    struct conf *c2 = conf__load_text(config_path, (const char *)data, len, &again);
 
+    if ((c == NULL) != (c2 == NULL))
+        abort();
     if (c) {
-        if (errors != NULL)
+        if (errors != NULL || again != NULL)
             abort();
         check_lookups(c);
-        conf_free(c);
     } else {
         check_report(errors);
-        free(errors);
+        if (strcmp(errors, again) != 0)
+            abort();
     }
+    conf_free(c);
+    conf_free(c2);
+    free(errors);
+    free(again);
     return 0;
 }
