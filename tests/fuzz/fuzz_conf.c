@@ -26,7 +26,7 @@
  * Inputs holding four quotes in a row are skipped: libfyaml 0.7.12 leaks
  * its chunk array (512 bytes and up) inside fy_node_get_scalar when it
  * reads a single-quoted scalar with runs of escaped quotes, e.g.
- * 'a''''''''b' (its issue #233, fixed after 0.7.12). Its stack, unwound
+ * 'a''''''''''''b' (its issue #233, fixed after 0.7.12). Its stack, unwound
  * fast, names no function a suppression could match without hiding every
  * leak of libfyaml's memory, ours included.
  */
