@@ -14,6 +14,7 @@
 
 #include <openssl/crypto.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -494,49 +495,115 @@ static void check_experiment(struct conf__ctx *ctx, size_t i)
     free(v);
 }
 
-/* Does experiment `e` take part for `tenant` (all, when it lists none)? */
-static int experiment_has(const struct conf_experiment *e, const char *tenant)
+/* One experiment, or one tenant an experiment lists, by its route, for
+ * finding those an earlier experiment shadows. */
+struct shadow_key {
+    const char *route;  /* the experiment's route (borrowed) */
+    const char *tenant; /* a tenant it lists (borrowed), or NULL: the experiment */
+    size_t exp;         /* index of the experiment */
+    size_t item;        /* index of the tenant in its list */
+};
+
+static int cmp_shadow_key(const void *pa, const void *pb)
 {
-    if (e->ntenants == 0)
-        return 1;
-    for (size_t j = 0; j < e->ntenants; j++)
-        if (e->tenants[j] && strcmp(e->tenants[j], tenant) == 0)
-            return 1;
-    return 0;
+    const struct shadow_key *a = pa, *b = pb;
+    int r = strcmp(a->route, b->route);
+
+    if (r == 0 && a->tenant != b->tenant)
+        r = !a->tenant ? -1 : !b->tenant ? 1 : strcmp(a->tenant, b->tenant);
+    if (r == 0)
+        r = (a->exp > b->exp) - (a->exp < b->exp);
+    return r ? r : (a->item > b->item) - (a->item < b->item);
+}
+
+/* Of `v`, sorted, the end of the run that shares v[i]'s route and tenant. */
+static size_t shadow_run(const struct shadow_key *v, size_t n, size_t i)
+{
+    size_t end = i + 1;
+
+    while (end < n && strcmp(v[end].route, v[i].route) == 0 &&
+           (v[end].tenant == v[i].tenant ||
+            (v[end].tenant && v[i].tenant && strcmp(v[end].tenant, v[i].tenant) == 0)))
+        end++;
+    return end;
+}
+
+/* Fill `v` with one key per experiment that has a route (tenant NULL)
+ * and one per tenant it lists; returns how many. */
+static size_t shadow_keys(const struct conf *c, struct shadow_key *v)
+{
+    size_t n = 0;
+
+    for (size_t i = 0; i < c->nexperiments; i++) {
+        const struct conf_experiment *e = &c->experiments[i];
+
+        if (e->route == NULL)
+            continue;
+        v[n++] = (struct shadow_key){e->route, NULL, i, 0};
+        for (size_t j = 0; j < e->ntenants; j++)
+            if (e->tenants[j])
+                v[n++] = (struct shadow_key){e->route, e->tenants[j], i, j};
+    }
+    return n;
 }
 
 /* The first experiment of a route that applies to a tenant is its only
  * one, so an experiment that an earlier one of its route shadows (for all
  * tenants, or for one it lists) would load and never split that traffic.
- * Quadratic, but at load time only, over experiments of one route. */
-static void check_shadowed(struct conf__ctx *ctx, size_t i)
+ * Sorted by (route, tenant, position), as duplicates are found: a run of
+ * one route and tenant starts at the experiment that takes it first, and
+ * a run of one route's experiments tells which take every tenant. An
+ * experiment an earlier one for all tenants shadows is reported once, at
+ * its route. */
+static void check_shadowed(struct conf__ctx *ctx)
 {
-    const struct conf_experiment *e = &ctx->conf->experiments[i];
-    const struct conf__meta *m = &ctx->experiment_meta[i];
+    const struct conf *c = ctx->conf;
+    size_t n = 0, total = c->nexperiments, end;
+    struct shadow_key *v;
+    unsigned char *whole; /* experiment i is shadowed whole */
     char path[128], q[CONF__QUOTE_SIZE];
 
-    for (size_t k = 0; k < i && e->route; k++) {
-        const struct conf_experiment *first = &ctx->conf->experiments[k];
+    for (size_t i = 0; i < c->nexperiments; i++)
+        total += c->experiments[i].ntenants;
+    v = calloc(total + 1, sizeof(*v));
+    whole = calloc(c->nexperiments + 1, 1);
+    if (v == NULL || whole == NULL) {
+        ctx->oom = 1;
+        goto out;
+    }
+    n = shadow_keys(c, v);
+    qsort(v, n, sizeof(*v), cmp_shadow_key);
+    for (size_t i = 0; i < n; i = end) { /* the experiments of one route */
+        size_t all = SIZE_MAX;
 
-        if (first->route == NULL || strcmp(first->route, e->route) != 0)
-            continue;
-        if (first->ntenants == 0) {
-            snprintf(path, sizeof(path), "experiments[%zu].route", i);
-            conf__error(ctx, m->lines[CONF__E_ROUTE], path,
-                        "never applies: experiments[%zu] on the same route takes every tenant "
-                        "first (the first experiment that applies wins)", k);
-            return;
-        }
-        for (size_t j = 0; j < e->ntenants; j++) {
-            if (e->tenants[j] == NULL || !experiment_has(first, e->tenants[j]))
-                continue;
-            snprintf(path, sizeof(path), "experiments[%zu].tenants[%zu]", i, j);
-            conf__error(ctx, m->item_lines[j], path,
-                        "never applies to tenant %s: experiments[%zu] on the same route takes it "
-                        "first (the first experiment that applies wins)",
-                        conf__quote(q, e->tenants[j], strlen(e->tenants[j])), k);
+        end = shadow_run(v, n, i);
+        for (size_t k = i; k < end && v[i].tenant == NULL; k++) {
+            if (all != SIZE_MAX) {
+                whole[v[k].exp] = 1;
+                snprintf(path, sizeof(path), "experiments[%zu].route", v[k].exp);
+                conf__error(ctx, ctx->experiment_meta[v[k].exp].lines[CONF__E_ROUTE], path,
+                            "never applies: experiments[%zu] on the same route takes every "
+                            "tenant first (the first experiment that applies wins)", all);
+            } else if (c->experiments[v[k].exp].ntenants == 0) {
+                all = v[k].exp;
+            }
         }
     }
+    for (size_t i = 0; i < n; i = end) { /* the experiments listing one tenant */
+        end = shadow_run(v, n, i);
+        for (size_t k = i + 1; k < end && v[i].tenant; k++) {
+            if (v[k].exp == v[i].exp || whole[v[k].exp])
+                continue;
+            snprintf(path, sizeof(path), "experiments[%zu].tenants[%zu]", v[k].exp, v[k].item);
+            conf__error(ctx, ctx->experiment_meta[v[k].exp].item_lines[v[k].item], path,
+                        "never applies to tenant %s: experiments[%zu] on the same route takes "
+                        "it first (the first experiment that applies wins)",
+                        conf__quote(q, v[k].tenant, strlen(v[k].tenant)), v[i].exp);
+        }
+    }
+out:
+    free(v);
+    free(whole);
 }
 
 static void check_experiments(struct conf__ctx *ctx)
@@ -554,8 +621,8 @@ static void check_experiments(struct conf__ctx *ctx)
             v[n++] = (struct named){c->experiments[i].name, i, &c->experiments[i],
                                     ctx->experiment_meta[i].lines[CONF__E_NAME]};
         check_experiment(ctx, i);
-        check_shadowed(ctx, i);
     }
+    check_shadowed(ctx);
     sort_and_find_duplicates(ctx, v, n, "experiments", "name", "experiment", NULL);
     free(v);
 }

@@ -23,6 +23,8 @@
 
 #include <openssl/crypto.h>
 
+#include "common/utf8.h"
+
 #define MAX_FILE_BYTES (4u << 20)
 #define MAX_ERRORS 200 /* reported in full; the rest are counted */
 
@@ -406,14 +408,44 @@ static size_t report_duplicate_keys(struct conf__ctx *ctx, const char *src, size
     return found;
 }
 
+/* Refuse text libfyaml (0.7) would misread: at a NUL byte, or one that
+ * is not UTF-8, at the start of a comment or a plain value it stops
+ * reading without a word, and what followed loaded as if it were not
+ * there (a Latin-1 "caf\xe9" in a comment hid the keys below it); in a
+ * directive ("% \xff") it loops forever. A YAML file is Unicode text,
+ * and libfyaml reads it only as UTF-8. Returns 0, or -1 after reporting
+ * the first such byte. */
+static int check_text(struct conf__ctx *ctx, const char *src, size_t len)
+{
+    const unsigned char *s = (const unsigned char *)src;
+    size_t i = 0, line_start = 0, n;
+    int line = 1;
+
+    for (; i < len; i += n) {
+        if ((n = s[i] ? utf8_seq_len(s + i, len - i) : 0) == 0)
+            break;
+        if (s[i] == '\n')
+            line++, line_start = i + 1;
+    }
+    if (i == len)
+        return 0;
+    if (s[i] == 0)
+        return conf__error(ctx, line, "(yaml)", "a NUL byte at column %zu", i - line_start + 1);
+    return conf__error(ctx, line, "(yaml)", "not UTF-8 text: byte 0x%02x at column %zu", s[i],
+                       i - line_start + 1);
+}
+
 /* Build the document; on an error report it and return NULL. */
 static struct fy_document *build_document(struct conf__ctx *ctx, const char *src, size_t len)
 {
     struct fy_diag *diag = NULL;
-    struct fy_parser *fyp = open_parser(ctx, 0, src, len, &diag);
+    struct fy_parser *fyp;
     struct fy_document *doc = NULL;
     size_t nerrs = ctx->nerrs;
 
+    if (check_text(ctx, src, len) != 0)
+        return NULL;
+    fyp = open_parser(ctx, 0, src, len, &diag);
     if (fyp)
         doc = load_document(ctx, fyp);
     if (doc == NULL && !ctx->oom && ctx->nerrs == nerrs &&
@@ -466,12 +498,13 @@ void conf__include(struct conf__ctx *ctx, const char *rel, int line, const char 
     ctx->file_no = saved_no;
 }
 
-struct conf *conf_load(const char *path, char **errors)
+/* conf_load, of the text `text` (len bytes) or, when it is NULL, of the
+ * file at `path`. */
+static struct conf *load(const char *path, const char *text, size_t len, char **errors)
 {
     struct conf__ctx ctx = {.file = path};
     struct fy_document *doc = NULL;
     char *src = NULL;
-    size_t len = 0;
 
     *errors = NULL;
     if ((ctx.conf = calloc(1, sizeof(*ctx.conf))) == NULL ||
@@ -479,9 +512,9 @@ struct conf *conf_load(const char *path, char **errors)
         ctx.oom = 1;
         goto done;
     }
-    if ((src = read_file(&ctx, &len)) == NULL)
+    if (text == NULL && (text = src = read_file(&ctx, &len)) == NULL)
         goto done;
-    if ((doc = build_document(&ctx, src, len)) == NULL)
+    if ((doc = build_document(&ctx, text, len)) == NULL)
         goto done;
     if (conf__parse(&ctx, fy_document_root(doc)) != 0)
         goto done;
@@ -504,6 +537,16 @@ done:
     buf_free(&ctx.text);
     free(ctx.errs);
     return ctx.conf;
+}
+
+struct conf *conf_load(const char *path, char **errors)
+{
+    return load(path, NULL, 0, errors);
+}
+
+struct conf *conf__load_text(const char *path, const char *text, size_t len, char **errors)
+{
+    return load(path, text, len, errors);
 }
 
 const char *conf_summary(const struct conf *conf, char *out, size_t size)

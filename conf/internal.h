@@ -74,6 +74,12 @@ struct conf__ctx {
     struct conf__meta *experiment_meta; /* one per conf.experiments entry */
 };
 
+/* conf_load() of `len` bytes of config text, as if read from `path`:
+ * errors name it, and `include:` resolves against its folder (price
+ * files are still read from disk). For the fuzz target
+ * (tests/fuzz/fuzz_conf.c), which has no file to give. */
+struct conf *conf__load_text(const char *path, const char *text, size_t len, char **errors);
+
 /* Directive indexes, one enum per table: bit i of conf__meta.set and
  * lines[i] refer to directive i. check.c names them to find out whether a
  * key was given and where. */

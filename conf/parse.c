@@ -142,10 +142,23 @@ static void join_path(char *out, size_t size, const char *path, const char *key)
     snprintf(out, size, "%s%s%s", path, *path ? "." : "", key);
 }
 
-/* join_path for a key as libfyaml holds it: `len` bytes, no NUL. */
+/* join_path for a key as libfyaml holds it: `len` bytes, no NUL. Its
+ * control bytes (a quoted key may hold any) are written \xNN: a raw
+ * newline would cut the report's line in two. */
 static void join_key(char *out, size_t size, const char *path, const char *key, size_t len)
 {
-    snprintf(out, size, "%s%s%.*s", path, *path ? "." : "", (int)len, key);
+    int n = snprintf(out, size, "%s%s", path, *path ? "." : "");
+    size_t o = n < 0 ? 0 : MIN((size_t)n, size - 1);
+
+    for (size_t i = 0; i < len && o + 5 < size; i++) {
+        unsigned char ch = (unsigned char)key[i];
+
+        if (ch < 0x20 || ch == 0x7f)
+            o += (size_t)snprintf(out + o, size - o, "\\x%02x", ch);
+        else
+            out[o++] = (char)ch;
+    }
+    out[o] = '\0';
 }
 
 /* ---- scalar conversion ---- */
@@ -700,7 +713,7 @@ static void node_prices(struct conf__ctx *ctx, void *obj, struct conf__meta *met
             continue;
         }
         k = fy_node_get_scalar(key, &klen);
-        snprintf(ppath, sizeof(ppath), "%s.%.*s", path, (int)klen, k);
+        join_key(ppath, sizeof(ppath), path, k, klen);
         memset(p, 0, sizeof(*p));
         if ((p->name = strndup(k, klen)) == NULL) {
             ctx->oom = 1;
@@ -747,6 +760,10 @@ static void include_one(struct conf__ctx *ctx, void *arg, struct fy_node *item, 
         return;
     if (*text == '\0') {
         conf__error(ctx, line, path, "must not be empty");
+        return;
+    }
+    if (has_control(text)) { /* its name starts the lines of its errors */
+        conf__error(ctx, line, path, "contains control characters");
         return;
     }
     conf__include(ctx, text, line, path);
@@ -798,7 +815,7 @@ static void node_tags(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
             continue;
         }
         k = fy_node_get_scalar(key, &klen);
-        snprintf(tpath, sizeof(tpath), "%s.%.*s", path, (int)klen, k);
+        join_key(tpath, sizeof(tpath), path, k, klen);
         if (node_is_null(value)) {
             conf__error(ctx, kline, tpath, "needs a value");
             continue;

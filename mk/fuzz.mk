@@ -49,7 +49,39 @@ fuzz-costlog: build-fuzz/fuzz_costlog
 	build-fuzz/fuzz_costlog -max_total_time=$(or $(FUZZ_SECONDS),30) -max_len=1024 \
 	    -artifact_prefix=build-fuzz/ build-fuzz/corpus-costlog
 
-.PHONY: fuzz-tools fuzz-sse fuzz-costlog
+# The config loader (conf/): YAML, ${ENV}, included price files,
+# validation, addresses. It runs at start, on --check-config and on every
+# reload, on a thread of the serving router.
+FUZZ_CONF_SRCS := tests/fuzz/fuzz_conf.c conf/conf.c conf/parse.c conf/check.c conf/addr.c \
+                  common/buf.c common/utf8.c
+build-fuzz/fuzz_conf: $(FUZZ_CONF_SRCS) conf/conf.h conf/internal.h | fuzz-tools
+	@mkdir -p $(dir $@)
+	clang $(FUZZ_CFLAGS) -o $@ $(FUZZ_CONF_SRCS) -lfyaml -lcrypto -lm
+
+# Seeds: the shipped configs and the test suite's (valid and not). The
+# harness loads each input as build-fuzz/conf-root/config.yaml, with the
+# price files the seeds include under the names they use, and
+# COSTROUTER_SRC set to that folder; the part of an input after a line
+# "#%inc%" is its fuzz-inc.yaml (seed-include includes it). Inputs stay under 16 KiB: libfyaml's
+# duplicate-key check is quadratic in a mapping's keys (20k keys take
+# seconds), which would only time the fuzzer out. -rss_limit_mb and
+# -timeout catch memory blowups and hangs, -detect_leaks (ASan's default,
+# said outright) what an invalid config leaves behind.
+fuzz-conf: build-fuzz/fuzz_conf
+	@mkdir -p build-fuzz/corpus-conf build-fuzz/conf-root/conf build-fuzz/conf-root/inc \
+	    build-fuzz/conf-root/tests/conf/data
+	@cp conf/prices.yaml build-fuzz/conf-root/
+	@cp conf/prices.yaml build-fuzz/conf-root/conf/
+	@cp tests/conf/data/inc/*.yaml build-fuzz/conf-root/inc/
+	@for f in conf/*.yaml tests/conf/data/*.yaml tests/conf/data/inc/*.yaml; do \
+	    cp $$f build-fuzz/corpus-conf/seed-$$(echo $$f | tr / -); done
+	@{ sed 's/^include: prices.yaml/include: [prices.yaml, fuzz-inc.yaml]/' conf/demo.yaml; \
+	    echo '#%inc%'; cat tests/conf/data/inc/prices_small.yaml; } > build-fuzz/corpus-conf/seed-include
+	build-fuzz/fuzz_conf -max_total_time=$(or $(FUZZ_SECONDS),30) -max_len=16384 \
+	    -rss_limit_mb=2048 -timeout=10 -detect_leaks=1 -dict=tests/fuzz/conf.dict \
+	    -artifact_prefix=build-fuzz/ build-fuzz/corpus-conf
+
+.PHONY: fuzz-tools fuzz-sse fuzz-costlog fuzz-conf
 
 # The whole request path, black-box (tests/fuzz/fuzz_http.c): a router
 # built as `make asan` builds it, in front of two mockllm, sent generated
