@@ -14,12 +14,14 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <libfyaml.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <openssl/crypto.h>
 
@@ -206,16 +208,20 @@ static char *report(struct conf__ctx *ctx)
  * waits for its writer holds no request). */
 static char *read_file(struct conf__ctx *ctx, size_t *len)
 {
-    FILE *f = fopen(ctx->file, "rb");
+    /* read(2), not stdio: a reload may still be reading (a FIFO no one
+     * writes) when the router exits, and exit() unbuffers every open FILE
+     * under a thread that is using it. A bare descriptor is left alone. */
+    int fd = open(ctx->file, O_RDONLY | O_CLOEXEC);
     char *data = NULL, *more;
     struct stat st;
     size_t n = 0, cap;
+    ssize_t got = 1;
 
-    if (f == NULL) {
+    if (fd < 0) {
         conf__error(ctx, 0, "(file)", "cannot open: %s", strerror(errno));
         return NULL;
     }
-    if (fstat(fileno(f), &st) != 0) {
+    if (fstat(fd, &st) != 0) {
         conf__error(ctx, 0, "(file)", "cannot read: %s", strerror(errno));
         goto out;
     }
@@ -230,7 +236,7 @@ static char *read_file(struct conf__ctx *ctx, size_t *len)
         ctx->oom = 1;
         goto out;
     }
-    while (!feof(f) && !ferror(f)) {
+    while (got != 0) {
         if (n == cap) {
             if (cap > MAX_FILE_BYTES)
                 goto too_large;
@@ -241,11 +247,13 @@ static char *read_file(struct conf__ctx *ctx, size_t *len)
             }
             data = more;
         }
-        n += fread(data + n, 1, cap - n, f);
-    }
-    if (ferror(f)) {
-        conf__error(ctx, 0, "(file)", "cannot read: %s", strerror(errno));
-        goto fail;
+        got = read(fd, data + n, cap - n);
+        if (got < 0 && errno != EINTR) {
+            conf__error(ctx, 0, "(file)", "cannot read: %s", strerror(errno));
+            goto fail;
+        }
+        n += got > 0 ? (size_t)got : 0;
+        got = got < 0 ? 1 : got; /* EINTR: read again */
     }
     *len = n;
     goto out;
@@ -255,7 +263,7 @@ fail:
     free(data);
     data = NULL;
 out:
-    fclose(f);
+    close(fd);
     return data;
 }
 
