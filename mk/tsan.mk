@@ -26,7 +26,7 @@ tsan: deps
 	@$(MAKE) --no-print-directory all $(TESTS)
 	@$(MAKE) --no-print-directory BUILD=build-tsan OPT=-O1 SAN="$(TSAN_SAN)" \
 	  build-tsan/costrouter build-tsan/mockllm build-tsan/fuzz_http \
-	  $(TSAN_INPROC:%=build-tsan/tsan/%-tsan)
+	  $(PRELOAD_SRCS:%.c=build-tsan/%.so) $(TSAN_INPROC:%=build-tsan/tsan/%-tsan)
 	@BUILD=build-tsan BIN=build-tsan/costrouter TSAN=1 tests/run.sh \
 	  $(TSAN_INPROC:%=build-tsan/tsan/%-tsan) $(TESTS)
 
