@@ -121,4 +121,4 @@ clean:
 	rm -rf build build-asan build-tsan costrouter
 
 -include $(OBJS:.o=.d) $(BUILD)/main.d $(MOCK_SRCS:%.c=$(BUILD)/%.d) $(TEST_SRCS:%.c=$(BUILD)/%.d) \
-         $(SUPPORT_SRCS:%.c=$(BUILD)/%.d)
+         $(SUPPORT_SRCS:%.c=$(BUILD)/%.d) $(wildcard $(BUILD)/bench/*.d)
