@@ -1061,8 +1061,11 @@ struct router *router_create(uv_loop_t *loop, struct conf *conf)
     }
     r = generation_create(sh, conf, NULL);
     if (r == NULL) {
+        /* Until every close is done: a cost log write still out would
+         * count what it gave up in the metrics freed below (bounded by
+         * cost_log_wait_ms; main runs the loop to its end next anyway). */
         shared_close(sh);
-        uv_run(loop, UV_RUN_NOWAIT);
+        uv_run(loop, UV_RUN_DEFAULT);
         shared_free(sh);
         return NULL;
     }
