@@ -504,13 +504,21 @@ struct shadow_key {
     size_t item;        /* index of the tenant in its list */
 };
 
-static int cmp_shadow_key(const void *pa, const void *pb)
+/* By route, then tenant (an experiment's own key, tenant NULL, first). */
+static int cmp_route_tenant(const struct shadow_key *a, const struct shadow_key *b)
 {
-    const struct shadow_key *a = pa, *b = pb;
     int r = strcmp(a->route, b->route);
 
     if (r == 0 && a->tenant != b->tenant)
         r = !a->tenant ? -1 : !b->tenant ? 1 : strcmp(a->tenant, b->tenant);
+    return r;
+}
+
+static int cmp_shadow_key(const void *pa, const void *pb)
+{
+    const struct shadow_key *a = pa, *b = pb;
+    int r = cmp_route_tenant(a, b);
+
     if (r == 0)
         r = (a->exp > b->exp) - (a->exp < b->exp);
     return r ? r : (a->item > b->item) - (a->item < b->item);
@@ -521,9 +529,7 @@ static size_t shadow_run(const struct shadow_key *v, size_t n, size_t i)
 {
     size_t end = i + 1;
 
-    while (end < n && strcmp(v[end].route, v[i].route) == 0 &&
-           (v[end].tenant == v[i].tenant ||
-            (v[end].tenant && v[i].tenant && strcmp(v[end].tenant, v[i].tenant) == 0)))
+    while (end < n && cmp_route_tenant(&v[end], &v[i]) == 0)
         end++;
     return end;
 }
