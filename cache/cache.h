@@ -21,8 +21,10 @@
  *
  * Faults (Redis store): with CACHE_FAIL_OPEN the store keeps serving from
  * in-process counters (seeded from the last values Redis returned) while
- * Redis is unreachable or refuses writes, and journals every charge in
- * memory; the journal is written back when Redis returns, and while
+ * Redis is unreachable or refuses writes, each instance within 1/N of what
+ * Redis last said was left of a budget, N being the instances alive in
+ * Redis (each renews a mark there every second), and journals every charge
+ * in memory; the journal is written back when Redis returns, and while
  * connected retried on a timer (1 s doubling to 30 s). Charges without a
  * Redis reservation carry an id, so one sent twice (its reply lost) is
  * applied once. With CACHE_FAIL_CLOSED, cache_begin and cache_spend_get
@@ -141,6 +143,8 @@ struct cache_stats {
     int64_t journal_amount;  /* micro-dollars in those entries */
     uint64_t reconnects;     /* successful (re)connections so far */
     size_t inflight;         /* operations sent to Redis or queued for it, not yet answered */
+    unsigned instances;      /* instances sharing the store, this one included, as Redis
+                              * last listed them (1 until it does; 1 in process) */
     unsigned writes_refused:1; /* connected, but Redis refused the last write (OOM, MISCONF,
                                 * NOREPLICAS, READONLY): charges are being journaled */
 };

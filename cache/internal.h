@@ -78,10 +78,13 @@ struct cache__local {
 void cache__local_init(struct cache__local *l, size_t max_bytes, int64_t reservation_ttl_ms);
 void cache__local_free(struct cache__local *l);
 /* Look `name` up (NULL: no lookup) and reserve `amount` under `seq` unless
- * over a limit. On a hit *value gets a malloc'd copy. 0 or -ENOMEM. */
+ * over a limit. `share` 0: these counters are the store; n > 0: they stand
+ * in for a Redis that n instances share (this one included), and this one
+ * may use 1/n of what Redis last said was left. On a hit *value gets a
+ * malloc'd copy. 0 or -ENOMEM. */
 int cache__local_begin(struct cache__local *l, const char *tenant, const char *name,
-                       int64_t amount, int64_t day_limit, int64_t month_limit, uint64_t seq,
-                       struct cache_begin_result *r, char **value);
+                       int64_t amount, int64_t day_limit, int64_t month_limit, unsigned share,
+                       uint64_t seq, struct cache_begin_result *r, char **value);
 /* Drop reservation `seq` (0: none) and charge `real` (0: nothing). */
 int cache__local_settle(struct cache__local *l, const char *tenant, uint64_t seq, int64_t real);
 void cache__local_spend(struct cache__local *l, const char *tenant, struct cache_spend *out);
@@ -91,9 +94,11 @@ int cache__local_put(struct cache__local *l, const char *name, const void *value
  * Redis, for a request in flight: serving from these counters while Redis
  * is away, the money it holds is not free for others. 0 or -ENOMEM. */
 int cache__local_hold_remote(struct cache__local *l, const char *tenant, int64_t amount);
-/* Overwrite the spend counters with authoritative values (from Redis). */
+/* Overwrite the spend counters with authoritative values (from Redis),
+ * and with `reserved` >= 0 (all instances' holds; -1: not in the reply)
+ * note what the other instances hold. */
 int cache__local_sync(struct cache__local *l, const char *tenant, int64_t day_spent,
-                      int64_t month_spent);
+                      int64_t month_spent, int64_t reserved);
 
 /* ---- journal (journal.c): charges waiting for Redis ---- */
 
@@ -161,6 +166,7 @@ enum cache__kind {
     CACHE__SPEND,
     CACHE__PUT,
     CACHE__FLUSH,   /* journal write-back, no caller */
+    CACHE__LIVE,    /* this instance's mark in Redis's list of live ones, no caller */
 };
 
 struct cache__redis;
@@ -213,6 +219,9 @@ struct cache__type {
     /* Drop connections, fail in-flight ops, start closing handles (each
      * counted in c->handles_open and ended with cache__handle_closed). */
     void (*close)(struct cache *c);
+    /* cache_close() is about to close: say goodbye to what is shared
+     * (the commands it sends are waited for like any). May be NULL. */
+    void (*leave)(struct cache *c);
     void (*stats)(const struct cache *c, struct cache_stats *out);
 };
 

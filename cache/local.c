@@ -30,6 +30,9 @@ struct local_tenant {
     int64_t month_spent;         /* settled this month */
     int64_t reserved;            /* sum of open reservations */
     int64_t remote;              /* sum of our holds in Redis (cache__local_hold_remote) */
+    int64_t base_day;            /* day_spent as Redis last answered it (cache__local_sync) */
+    int64_t base_month;          /* month_spent likewise */
+    int64_t others;              /* what other instances held in Redis then */
     struct local_res *ring;      /* open reservations by seq */
     size_t cap;                  /* ring slots (power of two) */
     size_t head;                 /* index of the oldest */
@@ -91,9 +94,9 @@ static void tenant_refresh(struct local_tenant *t)
     }
     cache__period_now(&now);
     if (now.day != t->period.day)
-        t->day_spent = 0;
+        t->day_spent = t->base_day = 0;
     if (now.month != t->period.month)
-        t->month_spent = 0;
+        t->month_spent = t->base_month = 0;
     t->period = now;
 }
 
@@ -176,9 +179,45 @@ static struct cache__local_entry *entry_get(struct cache__local *l, const char *
     return e;
 }
 
+/*
+ * The most a limit lets this instance's counters reach while it serves
+ * for a Redis shared by `share` instances that it cannot reach: its part
+ * of what Redis last told it was left (the limit less the spend and the
+ * other instances' holds then). Alone, it can see what it spends and
+ * holds itself; the others' spend since is out of sight, so each takes
+ * 1/share and together they stay within what was left.
+ */
+static int64_t share_cap(int64_t limit, int64_t base, int64_t others, unsigned share)
+{
+    int64_t left = limit - base - others;
+
+    return base + (left > 0 ? left / (int64_t)share : 0);
+}
+
+/* Whether `need` more on `spent` passes `limit` (0: none); `share` as in
+ * cache__local_begin, `base` being what Redis last said `spent` was. */
+static int passes(int64_t limit, int64_t spent, int64_t base, int64_t others, unsigned share,
+                  int64_t need)
+{
+    if (limit <= 0)
+        return 0;
+    if (share > 0)
+        limit = share_cap(limit, base, others, share);
+    return spent + need > limit;
+}
+
+static int over_limit(const struct local_tenant *t, int64_t amount, int64_t day_limit,
+                      int64_t month_limit, unsigned share)
+{
+    int64_t need = held(t) + amount;
+
+    return passes(day_limit, t->day_spent, t->base_day, t->others, share, need) ||
+           passes(month_limit, t->month_spent, t->base_month, t->others, share, need);
+}
+
 int cache__local_begin(struct cache__local *l, const char *tenant, const char *name,
-                       int64_t amount, int64_t day_limit, int64_t month_limit, uint64_t seq,
-                       struct cache_begin_result *r, char **value)
+                       int64_t amount, int64_t day_limit, int64_t month_limit, unsigned share,
+                       uint64_t seq, struct cache_begin_result *r, char **value)
 {
     struct local_tenant *t = tenant_get(l, tenant);
     struct cache__local_entry *e;
@@ -199,8 +238,7 @@ int cache__local_begin(struct cache__local *l, const char *tenant, const char *n
         r->reserved = held(t);
         return 0;
     }
-    if ((day_limit > 0 && t->day_spent + held(t) + amount > day_limit) ||
-        (month_limit > 0 && t->month_spent + held(t) + amount > month_limit)) {
+    if (over_limit(t, amount, day_limit, month_limit, share)) {
         r->reserved = held(t);
         return 0;
     }
@@ -269,14 +307,18 @@ int cache__local_hold_remote(struct cache__local *l, const char *tenant, int64_t
 }
 
 int cache__local_sync(struct cache__local *l, const char *tenant, int64_t day_spent,
-                      int64_t month_spent)
+                      int64_t month_spent, int64_t reserved)
 {
     struct local_tenant *t = tenant_get(l, tenant);
 
     if (t == NULL)
         return -ENOMEM;
-    t->day_spent = day_spent;
-    t->month_spent = month_spent;
+    t->day_spent = t->base_day = day_spent;
+    t->month_spent = t->base_month = month_spent;
+    /* Never below 0: our settles already sent are no longer in t->remote
+     * but may still be in `reserved`, which then only makes us careful. */
+    if (reserved >= 0)
+        t->others = reserved - t->remote > 0 ? reserved - t->remote : 0;
     return 0;
 }
 
@@ -322,7 +364,7 @@ static void local_begin(struct cache_op *op)
     struct cache *c = op->cache;
 
     if (cache__local_begin(&c->local, op->tenant, op->name, op->amount, op->day_limit,
-                           op->month_limit, ++c->seq, &op->result, &op->value) < 0)
+                           op->month_limit, 0, ++c->seq, &op->result, &op->value) < 0)
         op->errstr = error_no_memory;
     cache__defer(op);
 }
@@ -359,6 +401,7 @@ static void local_close(struct cache *c)
 static void local_stats(const struct cache *c, struct cache_stats *out)
 {
     out->state = CACHE_STATE_CONNECTED;
+    out->instances = 1;
 }
 
 const struct cache__type cache__local_type = {

@@ -53,6 +53,8 @@
  *                              grace period (sorted set, id -> when), so that one sent again
  *                              after its reply was lost is charged exactly once
  *   PREFIX{tenant}:c:SHA256    cached response (PREFIXc:{SHA256} when shared across tenants)
+ *   PREFIXlive                 the instances alive (sorted set, instance id -> when its mark
+ *                              lapses): how many share the budgets, for fail_open
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -74,6 +76,8 @@
 #define RETRY_MIN_MS 1000            /* first journal write-back retry while connected */
 #define RETRY_MAX_MS 30000           /* its ceiling */
 #define CLOCK_SKEW_MS 60000          /* how far our clock may be from Redis's */
+#define LIVE_EVERY_MS 1000           /* an instance renews its mark in PREFIXlive this often */
+#define LIVE_TTL_MS 3500             /* and a mark lapses after this (three beats missed) */
 
 /* ---- scripts ---- */
 
@@ -276,9 +280,21 @@ static const char lua_spend[] =
     "local day, month = counters()\n"
     "return {day, month, reserved}\n";
 
-enum { SCRIPT_TURN, SCRIPT_SPEND, NSCRIPTS };
+/* KEYS live; ARGV instance, ttl_ms. Renews the instance's mark, drops
+ * the lapsed ones and returns how many are alive. Redis's clock, not
+ * ours: instances' clocks may differ by more than a mark lives. */
+static const char lua_live[] =
+    "local t = redis.call('TIME')\n"
+    "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+    "local ttl = tonumber(ARGV[2])\n"
+    "redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])\n"
+    "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)\n"
+    "redis.call('PEXPIRE', KEYS[1], ttl)\n"
+    "return redis.call('ZCARD', KEYS[1])\n";
 
-static const char *const scripts[NSCRIPTS] = {lua_turn, lua_spend};
+enum { SCRIPT_TURN, SCRIPT_SPEND, SCRIPT_LIVE, NSCRIPTS };
+
+static const char *const scripts[NSCRIPTS] = {lua_turn, lua_spend, lua_live};
 
 /* ---- state ---- */
 
@@ -316,6 +332,10 @@ struct cache__redis {
     int retry_ms;                 /* its next delay */
     size_t nflushing;             /* write-backs out (queued or in flight) */
     unsigned refusing:1;          /* the last script write was refused (OOM, MISCONF, ...) */
+    uv_timer_t live_timer;        /* renews this instance's mark in PREFIXlive */
+    unsigned live;                /* instances alive at the last renewal, this one included */
+    unsigned live_out:1;          /* a renewal is out */
+    unsigned live_noscript:1;     /* Redis lost the script: load it before the next renewal */
 };
 
 /* The adapter's per-connection state: freed in the poll handle's close
@@ -331,6 +351,8 @@ struct redis_poll {
 
 static void redis_connect(struct cache__redis *s);
 static void flush_journal(struct cache__redis *s);
+static void send_live(struct cache__redis *s, int leaving);
+static void live_timer_cb(uv_timer_t *t);
 static void journal_retry(struct cache__redis *s);
 static void op_ended(struct cache_op *op, int in_call);
 
@@ -461,6 +483,7 @@ static void redis_down(struct cache__redis *s, const char *errstr)
                                                           : "failing closed");
     s->setup_pending = 0;
     uv_timer_stop(&s->retry); /* the reconnect writes the journal back */
+    uv_timer_stop(&s->live_timer);
     set_state(s, CACHE_STATE_DOWN, errstr);
     if (s->c->closing)
         return;
@@ -516,6 +539,8 @@ static void redis_up(struct cache__redis *s)
     set_state(s, CACHE_STATE_CONNECTED, NULL);
     s->retry_ms = RETRY_MIN_MS;
     flush_journal(s);
+    send_live(s, 0);
+    uv_timer_start(&s->live_timer, live_timer_cb, LIVE_EVERY_MS, LIVE_EVERY_MS);
 }
 
 /* Replies to AUTH, SELECT and SCRIPT LOAD; privdata is the script index + 1
@@ -755,6 +780,41 @@ static int send_argv(struct cache__redis *s, struct cache_op *op, int argc, cons
     if (!op->inflight)
         inflight_add(s, op);
     return 0;
+}
+
+/* Renew this instance's mark in PREFIXlive, or with `leaving` remove it.
+ * The count it answers (parse_reply) is what fail_open divides a budget's
+ * remainder by while Redis is away (cache__local_begin). After a NOSCRIPT
+ * the script is loaded again ahead of it (its reply unread): sending it
+ * whole each second would cost Redis a compile each time. */
+static void send_live(struct cache__redis *s, int leaving)
+{
+    struct cache *c = s->c;
+    struct cache_op *op;
+    char key[CACHE_KEY_PREFIX_MAX + sizeof("live")], ttl[16];
+    const char *load[] = {"SCRIPT", "LOAD", lua_live};
+    const char *renew[] = {"EVALSHA", s->sha[SCRIPT_LIVE], "1", key, c->instance, ttl};
+    const char *remove[] = {"ZREM", key, c->instance};
+
+    if (s->live_out || s->state != CACHE_STATE_CONNECTED ||
+        (op = cache__op_new(c, CACHE__LIVE, NULL)) == NULL)
+        return;
+    snprintf(key, sizeof(key), "%slive", c->prefix);
+    snprintf(ttl, sizeof(ttl), "%d", LIVE_TTL_MS);
+    op->release = leaving;
+    if (!leaving && s->live_noscript &&
+        redisAsyncCommandArgv(s->ac, NULL, NULL, 3, load, NULL) == REDIS_OK)
+        s->live_noscript = 0;
+    if ((leaving ? send_argv(s, op, 3, remove, NULL) : send_argv(s, op, 6, renew, NULL)) < 0) {
+        cache__finish(op);
+        return;
+    }
+    s->live_out = 1;
+}
+
+static void live_timer_cb(uv_timer_t *t)
+{
+    send_live(t->data, 0);
 }
 
 /* "{TENANT}:c:" and 64 hex digits, the longest entry name (cache__entry_name),
@@ -1291,6 +1351,11 @@ static void parse_reply(struct cache_op *op, const redisReply *r)
         if (int_at(r, 0, &op->spend.day_spent) < 0 || int_at(r, 1, &op->spend.month_spent) < 0 ||
             int_at(r, 2, &op->spend.reserved) < 0)
             op->errstr = cache_error_protocol;
+    } else if (op->kind == CACHE__LIVE) {
+        if (r->type != REDIS_REPLY_INTEGER)
+            op->errstr = cache_error_protocol;
+        else if (!op->release) /* our own mark is in the count, unless it lapsed meanwhile */
+            op->cache->redis->live = r->integer > 1 ? (unsigned)MIN(r->integer, 1000000) : 1;
     } else if (op->kind != CACHE__PUT || r->type != REDIS_REPLY_STATUS) {
         op->errstr = cache_error_protocol;
     }
@@ -1450,6 +1515,9 @@ static void reply_cb(redisAsyncContext *ac, void *r, void *priv)
             return;
         op->pending++;
         op->errstr = error_store_unavailable;
+    } else if (is_noscript(reply) && op->kind == CACHE__LIVE) {
+        s->live_noscript = 1; /* a flushed script cache: no error worth a log line */
+        op->errstr = cache_error_protocol;
     } else if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
         const char *err = reply_error(s, reply);
         if (op->errstr == NULL)
@@ -1538,9 +1606,9 @@ static void begin_ended(struct cache_op *op, int in_call)
     if (op->errstr != NULL && !in_call && !c->closing && !op->refused)
         journal_lost_begin(op);
     if (op->errstr == NULL) {
-        cache__local_sync(&c->local, op->tenant, b->day_spent, b->month_spent);
         if (b->granted) /* until its settle: see cache__local_hold_remote */
             cache__local_hold_remote(&c->local, op->tenant, b->reservation.amount);
+        cache__local_sync(&c->local, op->tenant, b->day_spent, b->month_spent, b->reserved);
         if (b->lookup == CACHE_LOOKUP_HIT && b->granted) {
             /* Shared cache: the reservation made beside the GET is not needed. */
             cache__release_orphan(c, op->tenant, &b->reservation);
@@ -1555,7 +1623,7 @@ static void begin_ended(struct cache_op *op, int in_call)
         memset(b, 0, sizeof(*b));
         op->errstr = NULL;
         if (cache__local_begin(&c->local, op->tenant, op->name, op->amount, op->day_limit,
-                               op->month_limit, ++c->seq, b, &value) < 0)
+                               op->month_limit, c->redis->live, ++c->seq, b, &value) < 0)
             op->errstr = error_no_memory;
         op->value = value;
         b->degraded = 1;
@@ -1571,7 +1639,7 @@ static void settle_ended(struct cache_op *op, int in_call)
     const struct cache_reservation *r = &op->res;
 
     if (op->errstr == NULL) {
-        cache__local_sync(&c->local, op->tenant, op->spend.day_spent, op->spend.month_spent);
+        cache__local_sync(&c->local, op->tenant, op->spend.day_spent, op->spend.month_spent, -1);
     } else if (c->closing) {
         op->errstr = cache_error_closed;
     } else {
@@ -1591,7 +1659,8 @@ static void spend_ended(struct cache_op *op, int in_call)
     struct cache *c = op->cache;
 
     if (op->errstr == NULL) {
-        cache__local_sync(&c->local, op->tenant, op->spend.day_spent, op->spend.month_spent);
+        cache__local_sync(&c->local, op->tenant, op->spend.day_spent, op->spend.month_spent,
+                          op->spend.reserved);
     } else if (c->closing) {
         op->errstr = cache_error_closed;
     } else if (fail_open(c)) {
@@ -1643,6 +1712,10 @@ static void op_ended(struct cache_op *op, int in_call)
         break;
     case CACHE__FLUSH:
         flush_ended(op);
+        break;
+    case CACHE__LIVE: /* a failure keeps the count Redis gave last */
+        s->live_out = 0;
+        cache__finish(op);
         break;
     }
     journal_retry(s);
@@ -1822,6 +1895,7 @@ static void redis_close(struct cache *c)
     uv_timer_stop(&s->timer);
     uv_timer_stop(&s->cmd_timer);
     uv_timer_stop(&s->retry);
+    uv_timer_stop(&s->live_timer);
     redis_drop(s, cache_error_closed);
     queue_send(s); /* fails what is queued: the connection is gone */
     if (s->resolving && !s->resolve_counted) {
@@ -1829,7 +1903,8 @@ static void redis_close(struct cache *c)
         c->handles_open++;
         uv_cancel((uv_req_t *)&s->gai);
     }
-    c->handles_open += 4;
+    c->handles_open += 5;
+    uv_close((uv_handle_t *)&s->live_timer, timer_closed);
     uv_close((uv_handle_t *)&s->timer, timer_closed);
     uv_close((uv_handle_t *)&s->cmd_timer, timer_closed);
     uv_close((uv_handle_t *)&s->retry, timer_closed);
@@ -1842,6 +1917,17 @@ static void redis_stats(const struct cache *c, struct cache_stats *out)
     out->reconnects = c->redis->reconnects;
     out->inflight = c->redis->ninflight + c->redis->nqueue;
     out->writes_refused = c->redis->refusing;
+    out->instances = c->redis->live;
+}
+
+/* A stopping instance no longer counts among those sharing the budgets. */
+static void redis_leave(struct cache *c)
+{
+    struct cache__redis *s = c->redis;
+
+    uv_timer_stop(&s->live_timer);
+    s->live_out = 0; /* a renewal out is answered first: Redis answers in order */
+    send_live(s, 1);
 }
 
 const struct cache__type cache__redis_type = {
@@ -1852,6 +1938,7 @@ const struct cache__type cache__redis_type = {
     .put = redis_put,
     .state = redis_state,
     .close = redis_close,
+    .leave = redis_leave,
     .stats = redis_stats,
 };
 
@@ -1873,6 +1960,9 @@ int cache__redis_create(struct cache *c)
     uv_timer_init(c->loop, &s->cmd_timer);
     uv_timer_init(c->loop, &s->retry);
     uv_prepare_init(c->loop, &s->prepare);
+    uv_timer_init(c->loop, &s->live_timer);
+    s->live_timer.data = s;
+    s->live = 1;
     s->timer.data = s;
     s->cmd_timer.data = s;
     s->retry.data = s;

@@ -181,6 +181,7 @@ void cache__finish(struct cache_op *op)
                 op->cb.done(op->arg, op->errstr);
             break;
         case CACHE__FLUSH:
+        case CACHE__LIVE:
             break;
         }
     }
@@ -500,6 +501,8 @@ void cache_close(struct cache *c, void (*closed)(void *arg), void *arg)
 {
     c->closed = closed;
     c->closed_arg = arg;
+    if (!c->closing && !c->draining && c->type->leave)
+        c->type->leave(c);
     if (!c->closing && commands_out(c)) {
         c->draining = 1;
         return;

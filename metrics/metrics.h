@@ -59,6 +59,9 @@ enum metrics_type { METRICS_COUNTER, METRICS_GAUGE, METRICS_HISTOGRAM };
     X(STORE_UP, "costrouter_store_up", GAUGE,                                                \
       "1 while the spend store answers and takes writes, 0 while it is unavailable or "      \
       "refuses writes.", "store")                                                            \
+    X(STORE_INSTANCES, "costrouter_store_instances", GAUGE,                                  \
+      "Routers sharing the spend store, this one included, as Redis last listed them "       \
+      "(fail_open splits what is left of a budget by it while Redis is away).", "store")     \
     X(TOKEN_ESTIMATE_RATIO, "costrouter_token_estimate_ratio", GAUGE,                        \
       "Actual over estimated prompt tokens (calibration, 1 is exact).", "backend")           \
     X(BACKEND_RATE_LIMITED_TOTAL, "costrouter_backend_rate_limited_total", COUNTER,          \

@@ -237,5 +237,6 @@ void router__refresh_gauges(struct router *r)
          * journaled, and shared budgets no longer see this instance's spend. */
         metrics_set(r->metrics, METRICS_STORE_UP, labels,
                     st.state == CACHE_STATE_CONNECTED && !st.writes_refused);
+        metrics_set(r->metrics, METRICS_STORE_INSTANCES, labels, st.instances);
     }
 }

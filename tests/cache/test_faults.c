@@ -212,6 +212,110 @@ Test(faults, local_counters_hold_the_month_spent_on_other_days, .timeout = 15)
     spent_then_close(&loop, c, &r, 50, "the local reservation was released");
 }
 
+/* Turn the loop until `c` counts `n` instances sharing its Redis, for at
+ * most `ms`; how long it took, or -1. */
+static int instances_within(uv_loop_t *loop, struct cache *c, unsigned n, int ms)
+{
+    uint64_t t0 = uv_hrtime();
+    struct cache_stats st;
+
+    for (;;) {
+        int took = (int)((uv_hrtime() - t0) / 1000000);
+        cache_stats(c, &st);
+        if (st.instances == n)
+            return took;
+        if (took > ms)
+            return -1;
+        wait_ms(loop, 20);
+    }
+}
+
+/* Grants of `amount` (each settled at once, journaled) `c` makes from its
+ * local counters before it refuses one. */
+static int64_t degraded_grants(uv_loop_t *loop, struct cache *c, int64_t amount, int64_t limit)
+{
+    int64_t granted = 0;
+
+    for (;;) {
+        struct wait w = wait_begin(loop, c, "acme", NULL, amount, limit, 0);
+        cr_assert_null(w.err);
+        cr_assert(w.begin.degraded, "served from local counters");
+        if (!w.begin.granted)
+            return granted;
+        granted += amount;
+        cr_assert_eq(wait_settle(loop, c, &w.begin.reservation, amount),
+                     error_store_unavailable, "journaled");
+        cr_assert_leq(granted, limit, "never stops");
+    }
+}
+
+/* Two instances share one Redis, which then stops answering. Each serves
+ * from its own counters and cannot see the other's spend, so each may use
+ * half of what Redis last told it was left (the budget less the spend and
+ * the other's holds): together they stay within the budget. Each alone
+ * used to take all of it. And an instance that stops leaves the list at
+ * once, not when its mark lapses. */
+Test(faults, instances_split_what_is_left_while_redis_is_away, .timeout = 30)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache *a, *b;
+    struct wait w, held, sync;
+    int64_t by_a, by_b;
+    int took, closed;
+
+    cr_assert_eq(test_redis_start(&r, 0), 0);
+    uv_loop_init(&loop);
+    a = open_store(&loop, r.url, CACHE_FAIL_OPEN, prefix, sizeof(prefix), "split");
+    b = open_store(&loop, r.url, CACHE_FAIL_OPEN, prefix, sizeof(prefix), "split");
+    wait_state(&loop, a, CACHE_STATE_CONNECTED);
+    wait_state(&loop, b, CACHE_STATE_CONNECTED);
+    cr_assert_geq(instances_within(&loop, a, 2, 3000), 0, "a sees both");
+    cr_assert_geq(instances_within(&loop, b, 2, 3000), 0, "b sees both");
+
+    w = wait_begin(&loop, a, "acme", NULL, 400, 1000, 0);
+    cr_assert(w.begin.granted && !w.begin.degraded);
+    cr_assert_null(wait_settle(&loop, a, &w.begin.reservation, 400));
+    held = wait_begin(&loop, b, "acme", NULL, 100, 1000, 0); /* in flight at the outage */
+    cr_assert(held.begin.granted && !held.begin.degraded);
+    sync = wait_begin(&loop, a, "acme", NULL, 1, 1000, 0); /* a hears of b's hold */
+    cr_assert(sync.begin.granted && !sync.begin.degraded);
+    cr_assert_eq(sync.begin.reserved, 101);
+    cr_assert_null(wait_release(&loop, a, &sync.begin.reservation));
+
+    test_redis_kill(&r, SIGSTOP);
+    /* a: 1000 - 400 spent - 100 held by b = 500 left, half of it. */
+    by_a = degraded_grants(&loop, a, 10, 1000);
+    cr_assert_eq(by_a, 250, "a took %lld", (long long)by_a);
+    /* b: 1000 - 400 = 600 left as b heard it (its own hold in it), half of
+     * it less the 100 it holds. */
+    by_b = degraded_grants(&loop, b, 10, 1000);
+    cr_assert_eq(by_b, 200, "b took %lld", (long long)by_b);
+    cr_assert_eq(wait_settle(&loop, b, &held.begin.reservation, 100), error_store_unavailable);
+
+    test_redis_kill(&r, SIGCONT);
+    wait_state(&loop, a, CACHE_STATE_CONNECTED);
+    wait_state(&loop, b, CACHE_STATE_CONNECTED);
+    wait_drained(&loop, a);
+    wait_drained(&loop, b);
+    w = wait_spend(&loop, b, "acme");
+    cr_assert_null(w.err);
+    cr_assert_eq(w.spend.day_spent, 400 + 250 + 200 + 100, "within the budget of 1000");
+    cr_assert_eq(w.spend.reserved, 0);
+
+    cr_assert_geq(instances_within(&loop, b, 2, 3000), 0, "both renewed their marks");
+    closed = 0;
+    cache_close(a, wait_closed_cb, &closed); /* b keeps the loop alive: no wait_close */
+    while (!closed)
+        uv_run(&loop, UV_RUN_ONCE);
+    took = instances_within(&loop, b, 1, 3000);
+    cr_assert_geq(took, 0, "b still counts a after it stopped");
+    cr_assert_lt(took, 1500, "a's mark lapsed (%d ms) rather than being removed", took);
+    wait_close(&loop, b);
+    test_redis_stop(&r);
+}
+
 /* fail_closed rejects while Redis is gone, but still keeps the charge of a
  * request already served and writes it back. */
 Test(faults, fail_closed_rejects_but_keeps_charges, .timeout = 15)

@@ -36,6 +36,14 @@ static void fx_open(struct fx *f, int use_redis, struct cache_options *o, const 
     wait_state(&f->loop, f->c, CACHE_STATE_CONNECTED);
 }
 
+/* The store's script calls for its ops so far. Every instance also
+ * renews its mark in Redis's list of live instances each second, with a
+ * script call of its own: one that alone calls ZCARD. */
+static long long op_calls(struct fx *f)
+{
+    return test_redis_calls_less(&f->redis, "evalsha", "zcard");
+}
+
 static void fx_close(struct fx *f)
 {
     wait_close(&f->loop, f->c);
@@ -423,13 +431,13 @@ Test(store_redis, one_turn_is_one_script_call_per_tenant, .timeout = 20)
     long long calls;
 
     fx_open(&f, 1, &o, "batch");
-    calls = test_redis_calls(&f.redis, "evalsha");
+    calls = op_calls(&f);
     for (int i = 0; i < 20; i++)
         cr_assert_not_null(cache_begin(f.c, "acme", NULL, 100, 1500, 0, wait_begin_cb, &acme[i]));
     for (int i = 0; i < 5; i++)
         cr_assert_not_null(cache_begin(f.c, "beta", NULL, 7, 0, 0, wait_begin_cb, &beta[i]));
     wait_all(&f.loop, w, 25);
-    cr_assert_eq(test_redis_calls(&f.redis, "evalsha"), calls + 2, "one call per tenant");
+    cr_assert_eq(op_calls(&f), calls + 2, "one call per tenant");
     for (int i = 0; i < 20; i++) {
         cr_assert_null(acme[i].err);
         cr_assert_eq(acme[i].begin.granted, i < 15, "begin %d", i);
@@ -446,12 +454,12 @@ Test(store_redis, one_turn_is_one_script_call_per_tenant, .timeout = 20)
     static const char *const hash_cmds[3] = {"hmget", "hdel", "hset"};
     for (int k = 0; k < 3; k++)
         hash_ops[k] = test_redis_calls(&f.redis, hash_cmds[k]);
-    calls = test_redis_calls(&f.redis, "evalsha");
+    calls = op_calls(&f);
     for (int i = 0; i < 15; i++)
         cr_assert_not_null(
             cache_settle(f.c, &acme[i].begin.reservation, 10 + i, wait_done_cb, &done[i]));
     wait_all(&f.loop, done, 15);
-    cr_assert_eq(test_redis_calls(&f.redis, "evalsha"), calls + 1);
+    cr_assert_eq(op_calls(&f), calls + 1);
     for (int k = 0; k < 3; k++)
         cr_assert_eq(test_redis_calls(&f.redis, hash_cmds[k]), hash_ops[k] + 1, "%s",
                      hash_cmds[k]);
@@ -470,11 +478,11 @@ Test(store_redis, one_turn_is_one_script_call_per_tenant, .timeout = 20)
      * reservation still held it would not). */
     struct wait held = wait_begin(&f.loop, f.c, "acme", NULL, 1000, 1500, 0), turn[2] = {0};
     cr_assert(held.begin.granted);
-    calls = test_redis_calls(&f.redis, "evalsha");
+    calls = op_calls(&f);
     cr_assert_not_null(cache_begin(f.c, "acme", NULL, 1000, 1500, 0, wait_begin_cb, &turn[0]));
     cr_assert_not_null(cache_release(f.c, &held.begin.reservation, wait_done_cb, &turn[1]));
     wait_all(&f.loop, turn, 2);
-    cr_assert_eq(test_redis_calls(&f.redis, "evalsha"), calls + 1);
+    cr_assert_eq(op_calls(&f), calls + 1);
     cr_assert_null(turn[1].err);
     cr_assert(turn[0].begin.granted, "the release of the same turn went first");
     cr_assert_eq(turn[0].begin.reserved, 1000);
@@ -493,7 +501,7 @@ Test(store_redis, later_turns_wait_for_the_call_out, .timeout = 20)
     long long calls;
 
     fx_open(&f, 1, &o, "hold");
-    calls = test_redis_calls(&f.redis, "evalsha");
+    calls = op_calls(&f);
     test_redis_int(&f.redis, "CLIENT PAUSE 300");
     for (int turn = 0; turn < 3; turn++) {
         for (int i = 4 * turn; i < 4 * turn + 4; i++)
@@ -509,7 +517,7 @@ Test(store_redis, later_turns_wait_for_the_call_out, .timeout = 20)
     wait_all(&f.loop, w, 14);
     /* The first turn's call, then one per tenant for the two held turns:
      * sent as they came, it would have been four. */
-    cr_assert_eq(test_redis_calls(&f.redis, "evalsha"), calls + 3);
+    cr_assert_eq(op_calls(&f), calls + 3);
     for (int i = 0; i < 12; i++) {
         cr_assert_null(acme[i].err);
         cr_assert_eq(acme[i].begin.granted, i < 10, "begin %d", i);
@@ -539,6 +547,29 @@ Test(store_redis, flushed_scripts_are_sent_whole, .timeout = 20)
     cr_assert_eq(s.spend.day_spent, 40);
     cr_assert_eq(s.spend.reserved, 0);
     cr_assert_eq(test_redis_calls(&f.redis, "eval"), 2, "each of the two scripts once");
+    fx_close(&f);
+}
+
+/* The store's mark in the list of live instances (what fail_open splits
+ * a budget by) is renewed each second, through a script call: after a
+ * SCRIPT FLUSH the script is loaded again, and the mark comes back. */
+Test(store_redis, the_live_mark_is_renewed_after_a_script_flush, .timeout = 20)
+{
+    struct cache_options o = {0};
+    struct fx f;
+    long long n = 0;
+
+    fx_open(&f, 1, &o, "live");
+    for (int tries = 0; tries < 150 && n != 1; tries++, wait_ms(&f.loop, 20))
+        n = test_redis_int(&f.redis, "ZCARD %slive", f.prefix);
+    cr_assert_eq(n, 1, "the store is not in the list");
+    test_redis_int(&f.redis, "SCRIPT FLUSH");
+    test_redis_int(&f.redis, "DEL %slive", f.prefix);
+    for (int tries = 0; tries < 150 && (n = test_redis_int(&f.redis, "ZCARD %slive", f.prefix)) == 0;
+         tries++)
+        wait_ms(&f.loop, 20);
+    cr_assert_eq(n, 1, "not renewed after the flush");
+    cr_assert_eq(test_redis_calls(&f.redis, "eval"), 0, "the script was loaded, not sent whole");
     fx_close(&f);
 }
 

@@ -220,23 +220,35 @@ long long test_redis_day_spend(struct test_redis *r, const char *prefix, const c
     return test_redis_int(r, "GET %s{%s}:d:%s", prefix, tenant, day);
 }
 
-long long test_redis_calls(struct test_redis *r, const char *command)
+/* The calls of `command` in an INFO commandstats text: 0 if never. */
+static long long calls_in(const char *info, const char *command)
+{
+    char field[64];
+    const char *at;
+
+    snprintf(field, sizeof(field), "cmdstat_%s:calls=", command);
+    at = strstr(info, field);
+    return at ? strtoll(at + strlen(field), NULL, 10) : 0;
+}
+
+long long test_redis_calls_less(struct test_redis *r, const char *command, const char *less)
 {
     redisContext *rc = connect_sync(r);
     redisReply *reply;
     long long calls = -1;
-    char field[64];
 
     if (rc == NULL)
         return -1;
     reply = redisCommand(rc, "INFO commandstats");
-    snprintf(field, sizeof(field), "cmdstat_%s:calls=", command);
-    if (reply && reply->type == REDIS_REPLY_STRING) {
-        const char *at = strstr(reply->str, field);
-        calls = at ? strtoll(at + strlen(field), NULL, 10) : 0;
-    }
+    if (reply && reply->type == REDIS_REPLY_STRING)
+        calls = calls_in(reply->str, command) - (less ? calls_in(reply->str, less) : 0);
     if (reply)
         freeReplyObject(reply);
     redisFree(rc);
     return calls;
+}
+
+long long test_redis_calls(struct test_redis *r, const char *command)
+{
+    return test_redis_calls_less(r, command, NULL);
 }

@@ -38,6 +38,9 @@ long long test_redis_day_spend(struct test_redis *r, const char *prefix, const c
 /* How many times the server ran `command` (lower case, as INFO
  * commandstats names it): 0 if never, -1 on error. */
 long long test_redis_calls(struct test_redis *r, const char *command);
+/* Calls of `command` less calls of `less` (NULL: none), read from one
+ * INFO reply, so that a call landing between two reads cannot skew it. */
+long long test_redis_calls_less(struct test_redis *r, const char *command, const char *less);
 /* A free loopback TCP port (bound then released). */
 int test_free_port(void);
 
