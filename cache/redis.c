@@ -336,6 +336,7 @@ struct cache__redis {
     unsigned live;                /* instances alive at the last renewal, this one included */
     unsigned live_out:1;          /* a renewal is out */
     unsigned live_noscript:1;     /* Redis lost the script: load it before the next renewal */
+    unsigned live_warned:1;       /* a renewal's error was logged; quiet until one succeeds */
 };
 
 /* The adapter's per-connection state: freed in the poll handle's close
@@ -1354,8 +1355,10 @@ static void parse_reply(struct cache_op *op, const redisReply *r)
     } else if (op->kind == CACHE__LIVE) {
         if (r->type != REDIS_REPLY_INTEGER)
             op->errstr = cache_error_protocol;
-        else if (!op->release) /* our own mark is in the count, unless it lapsed meanwhile */
+        else if (!op->release) { /* our own mark is in the count, unless it lapsed meanwhile */
             op->cache->redis->live = r->integer > 1 ? (unsigned)MIN(r->integer, 1000000) : 1;
+            op->cache->redis->live_warned = 0;
+        }
     } else if (op->kind != CACHE__PUT || r->type != REDIS_REPLY_STATUS) {
         op->errstr = cache_error_protocol;
     }
@@ -1500,6 +1503,19 @@ static void op_replied(struct cache__redis *s, struct cache_op *op)
     op_ended(op, 0);
 }
 
+/* A renewal of our live mark failed. NOSCRIPT (a flushed script cache)
+ * reloads it; a refused write (OOM, ...) is the batches' to report; any
+ * other error is logged once until a renewal goes through, not every
+ * second. The count Redis gave last stays. */
+static void live_error(struct cache__redis *s, const redisReply *reply)
+{
+    if (is_noscript(reply))
+        s->live_noscript = 1;
+    else if (!is_refusal(reply) && !s->live_warned)
+        log_warn("store: Redis refused this instance's live mark: %s", reply->str);
+    s->live_warned |= !is_noscript(reply) && !is_refusal(reply);
+}
+
 /* Replies to single commands: a shared-cache GET, a SET, the spend script. */
 static void reply_cb(redisAsyncContext *ac, void *r, void *priv)
 {
@@ -1515,8 +1531,8 @@ static void reply_cb(redisAsyncContext *ac, void *r, void *priv)
             return;
         op->pending++;
         op->errstr = error_store_unavailable;
-    } else if (is_noscript(reply) && op->kind == CACHE__LIVE) {
-        s->live_noscript = 1; /* a flushed script cache: no error worth a log line */
+    } else if (op->kind == CACHE__LIVE && reply != NULL && reply->type == REDIS_REPLY_ERROR) {
+        live_error(s, reply);
         op->errstr = cache_error_protocol;
     } else if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
         const char *err = reply_error(s, reply);

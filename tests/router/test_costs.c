@@ -1206,15 +1206,19 @@ Test(costs, a_store_outage_is_logged_once_a_second_not_per_request)
 /* Redis answers but refuses writes (too few replicas; MISCONF and OOM
  * under noeviction alike): fail_open keeps serving, costrouter_store_up
  * says 0 although the connection stays, and once Redis takes writes again
- * every charge reaches it without a reconnect. */
+ * every charge reaches it without a reconnect. The refusal is logged once,
+ * not again at each renewal of the router's live mark (every second). */
 Test(costs, a_redis_refusing_writes_is_reported_down_and_charged_after)
 {
     static const char down[] = "\ncostrouter_store_up{store=\"redis\"} 0\n";
-    char path[256], day[16];
+    char path[256], day[16], log[64] = "/tmp/costrouter-stderr-XXXXXX";
     time_t now = time(NULL);
     struct tm tm;
     long long want = 4 * llround(usd(PROMPT_TOKENS, 7, 100, 300) * 1e6);
+    int refusals;
 
+    close(mkstemp(log));
+    stderr_path = log;
     cr_assert_eq(test_redis_start(&redis, 0), 0);
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     add_backend("a", mock_a.port, 1, 100, 300);
@@ -1228,6 +1232,7 @@ Test(costs, a_redis_refusing_writes_is_reported_down_and_charged_after)
     cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
     cr_assert(memmem(resp.body.data, resp.body.len, down, sizeof(down) - 1),
               "the store is reported up while Redis refuses every write");
+    usleep(2500 * 1000); /* two renewals of the live mark, refused */
     test_redis_int(&redis, "CONFIG SET min-replicas-to-write 0");
     wait_store_up(0);
     gmtime_r(&now, &tm);
@@ -1236,6 +1241,10 @@ Test(costs, a_redis_refusing_writes_is_reported_down_and_charged_after)
     for (int tries = 0; tries < 100 && test_redis_int(&redis, "GET %s", path) != want; tries++)
         usleep(20000);
     cr_assert_eq(test_redis_int(&redis, "GET %s", path), want, "charges missing in Redis");
+    support_proc_stop(&routers[0]);
+    refusals = count_log_lines(log, "NOREPLICAS");
+    unlink(log);
+    cr_assert_eq(refusals, 1, "%d log lines for one refusal", refusals);
 }
 
 /* The longest tenant id and key prefix the config takes (conf.h) reach
