@@ -4,12 +4,13 @@
  * Records are serialized at once into `pending`. A flush swaps `pending`
  * and `inflight` and hands `inflight` to the log's own writer thread, so
  * the loop never waits for the disk and records keep arriving while the
- * write runs. At most one filesystem request (write, open or close) is in
- * flight at a time, which keeps lines in order and makes reopen simple:
+ * write runs. At most one filesystem job (write, open or close, all run by
+ * the writer) is out at a time, which keeps lines in order and makes
+ * reopen simple:
  *
  *   write()  -> pending --(timer / 64 KiB)--> inflight --writer thread--> fd
- *   reopen() -> after the current write: uv_fs_open(path), then close old fd
- *   close()  -> after the current request: the rest written the same way,
+ *   reopen() -> after the current job: open(path), then close the old fd
+ *   close()  -> after the current job: the rest written the same way,
  *               close fd, close the handles -> free
  *
  * Records are money (chargeback), so none is dropped for want of room,
@@ -30,7 +31,9 @@
  * for good must not take one of the pool's four threads (DNS lookups run
  * there) for ever, and at exit the log can give up on it (after wait_ms
  * without progress) and let the process end, while libuv would join its
- * threads at exit and hang on the stuck one.
+ * threads at exit and hang on the stuck one. The same goes for the open
+ * and the closes (a hung mount, a FIFO no one reads yet): they are the
+ * writer's jobs too.
  */
 #include "metrics/metrics.h"
 
@@ -60,20 +63,28 @@
 #define DEFAULT_WAIT_MS 30000
 #define OPEN_FLAGS (O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC)
 
+/* What the writer is asked to do. */
+enum job_kind {
+    JOB_WRITE,      /* job_buf to job_fd */
+    JOB_OPEN,       /* path again (reopen): the result is the new fd */
+    JOB_CLOSE_OLD,  /* job_fd, the file a reopen replaced */
+    JOB_CLOSE_LAST, /* job_fd, at the end of metrics_cost_log_close */
+};
+
 struct metrics_cost_log {
     uv_loop_t *loop;          /* loop the handles and requests run on */
     uv_timer_t timer;         /* periodic flush (unref'd); after close, the deadline of a write */
-    uv_async_t written;       /* the writer finished a write; unref'd until close */
-    uv_fs_t req;              /* the open or close in flight */
+    uv_async_t written;       /* the writer finished a job; unref'd until close */
     uv_thread_t thread;       /* the writer */
     uv_mutex_t lock;          /* guards the job_* fields and the writer's flags below */
     uv_cond_t job_cond;       /* the writer waits here for a job */
+    enum job_kind job_kind;   /* (lock) the job asked for */
     uv_buf_t job_buf;         /* (lock) what the writer writes (part of inflight) */
-    uv_file job_fd;           /* (lock) where it writes */
-    ssize_t job_result;       /* (lock) bytes written, or a negative errno */
+    uv_file job_fd;           /* (lock) where it writes, or what it closes */
+    ssize_t job_result;       /* (lock) bytes written, the fd opened, 0, or a negative errno */
     int job_queued;           /* (lock) a job waits for the writer */
     int job_done;             /* (lock) job_result is set and not yet taken */
-    int in_write;             /* (lock) the writer is in write(2) */
+    int in_job;               /* (lock) the writer is in write(2), open(2) or close(2) */
     int quit;                 /* (lock) the writer returns */
     int detached;             /* (lock) the handles are closing: no uv_async_send */
     int orphaned;             /* (lock) the writer frees the log when its write returns */
@@ -100,10 +111,10 @@ struct metrics_cost_log {
     struct log_every behind_log; /* "behind the disk", once a second at most */
     struct log_every nomem_log; /* "no memory for a record", once a second at most */
     struct log_every skip_log; /* "skipping costless records", once a minute at most */
-    unsigned busy:1;          /* req or a write is in flight */
-    unsigned writing:1;       /* ... and it is a write */
+    enum job_kind job;        /* loop side: the kind of the job out, while busy */
+    unsigned busy:1;          /* a job is out */
     unsigned behind:1;        /* buffer_max reached, not yet back under half */
-    unsigned reopen_wanted:1; /* reopen after the current request */
+    unsigned reopen_wanted:1; /* reopen after the current job */
     unsigned closing:1;       /* metrics_cost_log_close() was called */
     unsigned line_cut:1;      /* the file ends inside a line: the next write starts "\n" */
 };
@@ -389,10 +400,29 @@ static ssize_t write_once(uv_file fd, uv_buf_t b)
     }
 }
 
+/* One job, off the loop: bytes written, the fd opened, 0, or -errno. */
+static ssize_t run_job(enum job_kind kind, uv_file fd, uv_buf_t b, const char *path)
+{
+    int rc;
+
+    switch (kind) {
+    case JOB_OPEN:
+        rc = open(path, OPEN_FLAGS, 0640);
+        return rc >= 0 ? rc : -errno;
+    case JOB_CLOSE_OLD:
+    case JOB_CLOSE_LAST:
+        return close(fd) == 0 || errno == EINTR ? 0 : -errno; /* EINTR: closed all the same */
+    case JOB_WRITE:
+        break;
+    }
+    return write_once(fd, b);
+}
+
 /*
  * The writer thread: one job at a time, each answered through `written`.
- * Once the loop has given up on a stuck write (orphaned), the log is the
- * writer's to free, when that write returns, if ever.
+ * Once the loop has given up on a stuck job (orphaned), the log is the
+ * writer's to free, when that job returns, if ever; a file it opened
+ * then is no one's, and is closed.
  */
 static void writer_main(void *arg)
 {
@@ -405,16 +435,20 @@ static void writer_main(void *arg)
             uv_cond_wait(&log->job_cond, &log->lock);
         if (!log->job_queued)
             break;
+        enum job_kind kind = log->job_kind;
         uv_buf_t b = log->job_buf;
         uv_file fd = log->job_fd;
         log->job_queued = 0;
-        log->in_write = 1;
+        log->in_job = 1;
         uv_mutex_unlock(&log->lock);
-        ssize_t n = write_once(fd, b);
+        ssize_t n = run_job(kind, fd, b, log->path);
         uv_mutex_lock(&log->lock);
-        log->in_write = 0;
-        if (log->orphaned)
+        log->in_job = 0;
+        if (log->orphaned) {
+            if (kind == JOB_OPEN && n >= 0)
+                close((int)n);
             break;
+        }
         log->job_result = n;
         log->job_done = 1;
         if (!log->detached)
@@ -454,7 +488,7 @@ static void on_handle_closed(uv_handle_t *h)
     if (--log->handles_open > 0)
         return;
     uv_mutex_lock(&log->lock);
-    stuck = log->in_write || log->job_queued;
+    stuck = log->in_job || log->job_queued;
     if (stuck)
         log->orphaned = 1;
     else
@@ -466,8 +500,8 @@ static void on_handle_closed(uv_handle_t *h)
         return;
     }
     uv_thread_join(&log->thread);
-    /* After finish_close the file is closed; after on_stuck it is not, and
-     * the write given up may have come back since. */
+    /* After finish_close the file is closed; after on_stuck it may not be,
+     * and the job given up may have come back since. */
     close_file(log);
     log_free(log);
 }
@@ -482,8 +516,8 @@ static void release_loop(struct metrics_cost_log *log)
     uv_close((uv_handle_t *)&log->written, on_handle_closed);
 }
 
-/* Has the writer's write returned, its answer not yet taken? */
-static int write_returned(struct metrics_cost_log *log)
+/* Has the writer's job returned, its answer not yet taken? */
+static int job_returned(struct metrics_cost_log *log)
 {
     int done;
 
@@ -493,51 +527,68 @@ static int write_returned(struct metrics_cost_log *log)
     return done;
 }
 
-/* Called once nothing is in flight or waiting after metrics_cost_log_close(). */
+static void start_job(struct metrics_cost_log *log, enum job_kind kind, uv_file fd, uv_buf_t b);
+
+/* Called once nothing is in flight or waiting after metrics_cost_log_close():
+ * the file is closed by the writer (a close can hang too: NFS), then the
+ * handles. */
 static void finish_close(struct metrics_cost_log *log)
 {
-    close_file(log);
-    release_loop(log);
+    uv_file fd = log->fd;
+
+    if (log->path == NULL || fd < 0) {
+        release_loop(log);
+        return;
+    }
+    log->fd = -1; /* the writer's now: close_file must not close it again */
+    start_job(log, JOB_CLOSE_LAST, fd, uv_buf_init(NULL, 0));
 }
 
 /*
- * At exit, a write has not returned for wait_ms: the disk (or whoever
- * reads the FIFO or pipe) stopped answering. Waiting longer could hang
- * the exit for ever, so what is not written is given up, counted and
- * logged; the write itself stays with the writer thread (on_handle_closed)
- * and may still land.
+ * At exit, a job (a write, the open of a reopen, a close) has not returned
+ * for wait_ms: the disk (or whoever reads the FIFO or pipe, or a hung
+ * mount) stopped answering. Waiting longer could hang the exit for ever,
+ * so what is not written is given up, counted and logged; the job itself
+ * stays with the writer thread (on_handle_closed) and may still end.
  */
 static void on_stuck(uv_timer_t *t)
 {
     struct metrics_cost_log *log = container_of(t, struct metrics_cost_log, timer);
     uint64_t lost = unwritten_records(log);
 
-    /* An open or close in flight: libuv waits for it anyway. A write that
-     * came back as the time ran out: its answer (on_written) is due in
-     * this same turn of the loop, after the timers, and the disk took it. */
-    if (!log->writing || write_returned(log)) {
+    /* A job that came back as the time ran out: its answer (on_written) is
+     * due in this same turn of the loop, after the timers, and the disk
+     * took it. */
+    if (!log->busy || job_returned(log)) {
         uv_timer_start(&log->timer, on_stuck, log->wait_ms, 0);
         return;
     }
-    log_error("cost log %s: no write went through for %u ms at exit; giving up %llu records "
-              "(%zu bytes) not written", log_name(log), log->wait_ms, (unsigned long long)lost,
-              waiting(log));
+    log_error("cost log %s: no %s went through for %u ms at exit; giving up %llu records "
+              "(%zu bytes) not written", log_name(log),
+              log->job == JOB_WRITE ? "write" : log->job == JOB_OPEN ? "reopen" : "close",
+              log->wait_ms, (unsigned long long)lost, waiting(log));
     count_dropped(log, lost);
     release_loop(log);
 }
 
-static void start_write(struct metrics_cost_log *log)
+static void start_job(struct metrics_cost_log *log, enum job_kind kind, uv_file fd, uv_buf_t b)
 {
     uv_mutex_lock(&log->lock);
-    log->job_buf = uv_buf_init(log->inflight.data + log->inflight_off,
-                               (unsigned)MIN(log->inflight.len - log->inflight_off,
-                                             (size_t)1 << 30));
-    log->job_fd = log->fd;
+    log->job_kind = kind;
+    log->job_buf = b;
+    log->job_fd = fd;
     log->job_queued = 1;
     uv_cond_signal(&log->job_cond);
     uv_mutex_unlock(&log->lock);
     log->busy = 1;
-    log->writing = 1;
+    log->job = kind;
+}
+
+static void start_write(struct metrics_cost_log *log)
+{
+    start_job(log, JOB_WRITE, log->fd,
+              uv_buf_init(log->inflight.data + log->inflight_off,
+                          (unsigned)MIN(log->inflight.len - log->inflight_off, (size_t)1 << 30)));
 }
 
 /* Over buffer_max: new requests are to wait (metrics_cost_log_behind). */
@@ -572,6 +623,19 @@ static void maybe_caught_up(struct metrics_cost_log *log)
         log->on_caught_up(log->caught_up_arg);
 }
 
+/* The reopen's open returned: on success the new file takes the records
+ * from now on, and the old one is closed (the next job). */
+static void reopened(struct metrics_cost_log *log, ssize_t fd)
+{
+    if (fd < 0) {
+        log_error("cost log %s: reopen: %s; keeping the old file", log->path, uv_strerror((int)fd));
+        return;
+    }
+    log->old_fd = log->fd;
+    log->fd = (uv_file)fd;
+    start_job(log, JOB_CLOSE_OLD, log->old_fd, uv_buf_init(NULL, 0));
+}
+
 static void on_written(uv_async_t *a)
 {
     struct metrics_cost_log *log = container_of(a, struct metrics_cost_log, written);
@@ -586,52 +650,30 @@ static void on_written(uv_async_t *a)
     log->job_done = 0;
     uv_mutex_unlock(&log->lock);
     log->busy = 0;
-    log->writing = 0;
-    take_result(log, n);
+    switch (log->job) {
+    case JOB_WRITE:
+        take_result(log, n);
+        break;
+    case JOB_OPEN:
+        reopened(log, n);
+        break;
+    case JOB_CLOSE_OLD:
+        log->old_fd = -1;
+        break;
+    case JOB_CLOSE_LAST:
+        release_loop(log);
+        return;
+    }
     if (log->closing) /* the disk answered: it gets wait_ms again */
         uv_timer_start(&log->timer, on_stuck, log->wait_ms, 0);
     kick(log, log->closing);
     maybe_caught_up(log);
 }
 
-static void on_close_old(uv_fs_t *req)
-{
-    struct metrics_cost_log *log = container_of(req, struct metrics_cost_log, req);
-
-    uv_fs_req_cleanup(req);
-    log->busy = 0;
-    log->old_fd = -1;
-    kick(log, log->closing);
-}
-
-static void on_open(uv_fs_t *req)
-{
-    struct metrics_cost_log *log = container_of(req, struct metrics_cost_log, req);
-    ssize_t fd = req->result;
-
-    uv_fs_req_cleanup(req);
-    log->busy = 0;
-    if (fd < 0) {
-        log_error("cost log %s: reopen: %s; keeping the old file", log->path, uv_strerror((int)fd));
-    } else {
-        log->old_fd = log->fd;
-        log->fd = (uv_file)fd;
-        if (!log->closing && uv_fs_close(log->loop, &log->req, log->old_fd, on_close_old) == 0) {
-            log->busy = 1;
-            return;
-        }
-        uv_fs_t sync;
-        uv_fs_close(NULL, &sync, log->old_fd, NULL);
-        uv_fs_req_cleanup(&sync);
-        log->old_fd = -1;
-    }
-    kick(log, log->closing);
-}
-
 /*
- * Start the next filesystem request if none is in flight: the rest of
- * inflight, else a reopen if one was asked for, else pending when
- * `force`d or big enough. Once closing and all is written, finish.
+ * Start the next job if none is out: the rest of inflight, else a reopen
+ * if one was asked for, else pending when `force`d or big enough. Once
+ * closing and all is written, finish.
  */
 static void kick(struct metrics_cost_log *log, int force)
 {
@@ -644,10 +686,8 @@ static void kick(struct metrics_cost_log *log, int force)
     }
     if (log->reopen_wanted && !log->closing) {
         log->reopen_wanted = 0;
-        if (uv_fs_open(log->loop, &log->req, log->path, OPEN_FLAGS, 0640, on_open) == 0) {
-            log->busy = 1;
-            return;
-        }
+        start_job(log, JOB_OPEN, -1, uv_buf_init(NULL, 0));
+        return;
     }
     if (log->pending.len == 0 || (!force && log->pending.len < FLUSH_BYTES)) {
         if (log->closing && log->pending.len == 0)

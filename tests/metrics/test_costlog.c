@@ -845,6 +845,63 @@ Test(costlog, reopen_after_rename_rotates, .timeout = 10)
         cr_assert(seen[i], "req-%d not in the new file", i);
 }
 
+static void on_run_for(uv_timer_t *t)
+{
+}
+
+/* Give the loop `ms` milliseconds (a timer of its own). */
+static void run_for(unsigned ms)
+{
+    uv_timer_t t;
+
+    uv_timer_init(&loop, &t);
+    uv_timer_start(&t, on_run_for, ms, 0);
+    while (uv_is_active((uv_handle_t *)&t))
+        uv_run(&loop, UV_RUN_ONCE);
+    uv_close((uv_handle_t *)&t, NULL);
+    uv_run(&loop, UV_RUN_NOWAIT);
+}
+
+/*
+ * The reopen after a rotation finds, where the file was, something whose
+ * open hangs: here a FIFO no one reads (a hung mount would do the same).
+ * The open is the writer's, so the loop goes on, and at exit the log
+ * gives up on it after wait_ms like on a stuck write; it used to be a
+ * libuv threadpool request, which the exit waited for, for ever. Once
+ * the open returns (a reader comes), the writer closes what it opened:
+ * the reader sees the end.
+ */
+Test(costlog, close_gives_up_on_a_reopen_stuck_for_wait_ms, .timeout = 30)
+{
+    struct metrics *m = metrics_create(0);
+    struct metrics_cost_log *log;
+    char old[160], seen[20] = {0}, buf[64];
+    uint64_t start;
+    int err, rd;
+
+    log = metrics_cost_log_open(&loop, path, 20, 0, 300, m, &err);
+    cr_assert_not_null(log);
+    write_records(log, 0, 10);
+    run_for(100); /* flushed to the file */
+    snprintf(old, sizeof(old), "%s.1", path);
+    cr_assert_eq(rename(path, old), 0);
+    cr_assert_eq(mkfifo(path, 0600), 0);
+    metrics_cost_log_reopen(log);
+    write_records(log, 10, 5);
+    run_for(200); /* the loop runs while the open hangs */
+    start = uv_hrtime();
+    metrics_cost_log_close(log);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert_lt((uv_hrtime() - start) / 1000000, 5000, "close waited for the stuck reopen");
+    cr_assert_eq(metrics_get(m, METRICS_COST_LOG_DROPPED_TOTAL, NULL), 5);
+    cr_assert_eq(check_lines(old, seen, 20), 10, "the old file has what came before");
+    rd = open(path, O_RDONLY); /* the writer's open returns: it closes that file */
+    cr_assert_geq(rd, 0);
+    cr_assert_eq(read(rd, buf, sizeof(buf)), 0, "the writer left the file it opened open");
+    close(rd);
+    metrics_free(m);
+}
+
 Test(costlog, dash_means_stdout, .timeout = 10)
 {
     struct metrics_cost_candidate cands[2];
