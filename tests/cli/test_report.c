@@ -675,3 +675,27 @@ Test(report, usage_errors, .timeout = 10)
     cr_assert_eq(cli_report_main(2, missing), 1);
     cr_assert_eq(run("--format", "csv", "--by", "tag.team"), 0, "runs again after errors");
 }
+
+/* A whole-dollar amount is written without a point ("1", not "1."), and
+ * a dimension's values come dearest first. */
+Test(report, whole_dollars_and_the_dearest_first, .timeout = 10)
+{
+    static const char *const lines[] = {
+        "{\"tenant\":\"c\",\"cost_usd\":1}",
+        "{\"tenant\":\"d\",\"cost_usd\":2.5}",
+        "{\"tenant\":\"e\",\"cost_usd\":0.25}",
+    };
+    struct buf out = {0};
+    const char *c, *d, *e;
+
+    write_log(lines, sizeof(lines) / sizeof(lines[0]));
+    run_binary("csv", &out);
+    c = strstr(out.data, "\ngroup,tenant,c,1,0,0,0,1,1000,");
+    d = strstr(out.data, "\ngroup,tenant,d,1,0,0,0,2.5,2500,");
+    e = strstr(out.data, "\ngroup,tenant,e,1,0,0,0,0.25,250,");
+    cr_assert(c && d && e, "%s", out.data);
+    cr_assert(d < c && c < e, "not dearest first: %s", out.data);
+    run_binary("json", &out);
+    cr_assert(json_wrote(out.data, "cost_usd", "1"), "%s", out.data);
+    buf_free(&out);
+}

@@ -109,3 +109,35 @@ Test(buf, mask_blanks_every_copy_in_place, .timeout = 5)
     cr_assert_eq(buf_mask(&b, "key", 3, '*'), 0);
     buf_free(&b);
 }
+
+/* Copies are counted as they stand in the bytes before the masking, one
+ * after the other: a needle made of the mask byte itself is not found
+ * again in what was just blanked. */
+Test(buf, mask_counts_copies_that_do_not_overlap, .timeout = 5)
+{
+    struct buf b = {0};
+
+    cr_assert_eq(buf_append_lit(&b, "*****"), 0);
+    cr_assert_eq(buf_mask(&b, "**", 2, '*'), 2);
+    cr_assert_eq(memcmp(b.data, "*****", 5), 0);
+    buf_reset(&b);
+    cr_assert_eq(buf_append_lit(&b, "aaaaa"), 0);
+    cr_assert_eq(buf_mask(&b, "aa", 2, 'a'), 2);
+    buf_free(&b);
+}
+
+/* A copy that ends the bytes is blanked: right after another one, and
+ * when it is all there is. */
+Test(buf, mask_reaches_the_last_byte, .timeout = 5)
+{
+    struct buf b = {0};
+
+    cr_assert_eq(buf_append_lit(&b, "keykey"), 0);
+    cr_assert_eq(buf_mask(&b, "key", 3, '*'), 2);
+    cr_assert_eq(memcmp(b.data, "******", 6), 0);
+    buf_reset(&b);
+    cr_assert_eq(buf_append_lit(&b, "key"), 0);
+    cr_assert_eq(buf_mask(&b, "key", 3, '*'), 1);
+    cr_assert_eq(memcmp(b.data, "***", 3), 0);
+    buf_free(&b);
+}

@@ -81,6 +81,9 @@ struct error_case {
 #define BADKEY "expected \"sha256:\" and 64 hex digits (the SHA-256 of the key, never the key " \
                "itself)"
 #define RANGE64 "out of range 0..1000000000000"
+/* The key of control_long.yaml as far as its error's path holds it. */
+#define X01_8 "\\x01\\x01\\x01\\x01\\x01\\x01\\x01\\x01"
+#define X01_59 X01_8 X01_8 X01_8 X01_8 X01_8 X01_8 X01_8 "\\x01\\x01\\x01"
 
 static struct error_case error_cases[] = {
     {.file = DATA "unknown_keys.yaml", .lines =
@@ -111,7 +114,8 @@ static struct error_case error_cases[] = {
       "30: backends[2].auth_header: is not a valid HTTP header name",
       "31: backends[2].ca_file: cannot read \"/nonexistent/ca.pem\": No such file or directory",
       "34: routes[0].candidates: expected a list, got a scalar",
-      "35: tenants: expected a list, got a mapping"}},
+      "35: tenants: expected a list, got a mapping",
+      "36: admin_reload_timeout_ms: 0 is out of range 1..86400000"}},
     {.file = DATA "cross.yaml", .lines =
      {"3: backends[0].replicas: " SH, "3: backends[0].max_concurrency: " SH,
       "3: backends[0].tokens_per_second: " SH,
@@ -183,6 +187,13 @@ static struct error_case error_cases[] = {
                "same route takes it first (the first experiment that applies wins)",
                "17: experiments[3].route: never applies: experiments[2] on the same route takes "
                "every tenant first (the first experiment that applies wins)"}},
+    {.file = DATA "experiments_shadowed_more.yaml",
+     .lines = {"20: experiments[2].route: never applies: experiments[1] on the same route takes "
+               "every tenant first (the first experiment that applies wins)",
+               "22: experiments[4]: missing required key \"route\"",
+               "23: experiments[5].tenants[1]: expected a single value, got a mapping",
+               "23: experiments[5].route: never applies: experiments[1] on the same route takes "
+               "every tenant first (the first experiment that applies wins)"}},
     {.file = DATA "alias_bomb.yaml",
      .lines = {"7: (yaml): aliases expand to more than 100000 nodes, or nest more than 256 deep"}},
     {.file = DATA "two_documents.yaml",
@@ -207,6 +218,7 @@ static struct error_case error_cases[] = {
      {"4: backends[0].price: unknown price \"x\" (no prices are defined: include a price file)",
       "inc/dupkeys.yaml:6: prices.x.input_usd_per_mtok: duplicate key (first at line 4)"}},
     {.file = DATA "empty.yaml", .lines = {"1: (top level): the file is empty"}},
+    {.file = DATA "zero_bytes.yaml", .lines = {"1: (top level): the file is empty"}},
     {.file = DATA "no-such-file.yaml", .lines =
      {"1: (file): cannot open: No such file or directory"}},
     {.file = "conf/example.yaml", .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY"},
@@ -305,7 +317,11 @@ static struct error_case error_cases[] = {
       "4: include: contains control characters",
       "6: backends[0].x\\x09y: unknown key",
       "10: prices.p\\x0dq: may only hold letters, digits and . _ - : / @ +",
-      "14: tenants[0].tags.te\\x1bam: needs a value"}},
+      "14: tenants[0].tags.te\\x1bam: needs a value",
+      "15: u\\x1fv\\x7fw: unknown key"}},
+    /* 59 of its 70 escapes fit the path's 256 bytes. */
+    {.file = DATA "control_long.yaml", .lines =
+     {"10: tenants[0].tags." X01_59 ": needs a value"}},
     {.file = DATA "utf8_bad.yaml", .lines =
      {"7: (yaml): not UTF-8 text: byte 0xe9 at column 6"}},
     {.file = DATA "nul_byte.yaml", .lines = {"6: (yaml): a NUL byte at column 11"}},
@@ -949,4 +965,65 @@ Test(conf, a_fifo_is_read_to_its_end_a_folder_is_not, .timeout = 20)
     unlink(conf_file);
     rmdir(dir);
     free(job.text);
+}
+
+/* A config of `size` bytes: a valid one, padded out with a comment. */
+static char *config_of_size(size_t size)
+{
+    static const char text[] =
+        "backends:\n  - {name: a, kind: api, url: \"http://127.0.0.1:9/v1\", free: true}\n"
+        "routes:\n  - {model: chat, candidates: [a]}\n#";
+    char *s = malloc(size);
+
+    cr_assert_not_null(s);
+    memcpy(s, text, sizeof(text) - 1);
+    memset(s + sizeof(text) - 1, 'x', size - sizeof(text));
+    s[size - 1] = '\n';
+    return s;
+}
+
+/* A config of 4 MiB, the most a file may hold, loads; one of a byte
+ * more is refused: as a regular file, whose size is known before it is
+ * read, and from a FIFO, whose is not. */
+Test(conf, a_config_of_4_mib_loads_one_byte_more_is_refused, .timeout = 30)
+{
+    char dir[] = "/tmp/costrouter-conf-size-XXXXXX", file[300], *errors = NULL;
+    struct fifo_job job = {0};
+    pthread_t writer;
+
+    signal(SIGPIPE, SIG_IGN); /* the router stops reading past 4 MiB */
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(file, sizeof(file), "%s/costrouter.yaml", dir);
+    snprintf(job.path, sizeof(job.path), "%s/fifo.yaml", dir);
+    cr_assert_eq(mkfifo(job.path, 0600), 0);
+    for (size_t size = 4u << 20; size <= (4u << 20) + 1; size++) {
+        int ok = size == 4u << 20;
+        struct conf *c;
+        FILE *f = fopen(file, "w");
+
+        job.text = config_of_size(size);
+        job.len = size;
+        cr_assert_not_null(f);
+        cr_assert_eq(fwrite(job.text, 1, size, f), size);
+        cr_assert_eq(fclose(f), 0);
+        c = conf_load(file, &errors);
+        cr_assert_eq(c != NULL, ok, "a file of %zu bytes: %s", size, errors ? errors : "loaded");
+        cr_assert(ok || strstr(errors, "(file): is larger than 4 MiB"), "%s", errors);
+        conf_free(c);
+        free(errors);
+        errors = NULL;
+
+        cr_assert_eq(pthread_create(&writer, NULL, fifo_writer, &job), 0);
+        c = conf_load(job.path, &errors);
+        pthread_join(writer, NULL);
+        cr_assert_eq(c != NULL, ok, "a FIFO of %zu bytes: %s", size, errors ? errors : "loaded");
+        cr_assert(ok || strstr(errors, "(file): is larger than 4 MiB"), "%s", errors);
+        conf_free(c);
+        free(errors);
+        errors = NULL;
+        free(job.text);
+    }
+    unlink(job.path);
+    unlink(file);
+    rmdir(dir);
 }

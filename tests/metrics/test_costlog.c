@@ -12,6 +12,7 @@
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1094,4 +1095,100 @@ Test(costlog, numbers_as_text)
     r.ts_ms += 1;
     cr_assert(strstr(record_line(&r, &out), "\"ts\":\"2026-11-18T11:06:41.000Z\""), "%s", out.data);
     buf_free(&out);
+}
+
+/* The descriptor of this process open on `p`, or -1. */
+static int fd_of(const char *p)
+{
+    char link[64], target[256];
+
+    for (int fd = 0; fd < 1024; fd++) {
+        ssize_t n;
+
+        snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+        n = readlink(link, target, sizeof(target) - 1);
+        if (n <= 0)
+            continue;
+        target[n] = '\0';
+        if (strcmp(target, p) == 0)
+            return fd;
+    }
+    return -1;
+}
+
+/* A log with nothing to write closes its file at once, and only once: a
+ * file the process opens next under the same number (a reload's new cost
+ * log, a client's socket) is not closed when the log is freed. */
+Test(costlog, the_file_is_closed_once, .timeout = 10)
+{
+    char real[PATH_MAX];
+    int err, fd, devnull;
+    struct metrics_cost_log *log = metrics_cost_log_open(&loop, path, 20, 0, 0, NULL, &err);
+
+    cr_assert_not_null(log);
+    cr_assert_not_null(realpath(path, real));
+    fd = fd_of(real);
+    cr_assert_geq(fd, 0, "the log's file is not open");
+    metrics_cost_log_close(log);
+    cr_assert_eq(fcntl(fd, F_GETFD), -1, "closed at once: nothing was waiting");
+    devnull = open("/dev/null", O_RDONLY); /* most likely takes fd, the lowest free */
+    cr_assert_geq(devnull, 0);
+    if (devnull != fd) {
+        cr_assert_eq(dup2(devnull, fd), fd);
+        close(devnull);
+    }
+    uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert_neq(fcntl(fd, F_GETFD), -1, "the log closed descriptor %d again", fd);
+    close(fd);
+}
+
+/* Occurrences of `text` in the file at `p`. */
+static int count_in_file(const char *p, const char *text)
+{
+    size_t len;
+    char *data = slurp(p, &len);
+    int n = 0;
+
+    for (const char *at = data; (at = strstr(at, text)) != NULL; at++)
+        n++;
+    free(data);
+    return n;
+}
+
+/* While behind, the warning that costless records are skipped comes once
+ * a minute, not once a second as other repeated lines do: refusals that
+ * go on for seconds are one line, not one a second. */
+Test(costlog, skipped_records_are_warned_of_once_a_minute, .timeout = 30)
+{
+    struct fifo_reader rd;
+    struct skip_ctx ctx = {0};
+    char err_path[160];
+    int saved = dup(2), fd, n = 0;
+
+    snprintf(err_path, sizeof(err_path), "%s/stderr.log", dir);
+    fd = open(err_path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    cr_assert(saved >= 0 && fd >= 0);
+    cr_assert_eq(dup2(fd, 2), 2);
+    close(fd);
+    ctx.log = open_on_stuck_fifo(&rd, 20, BEHIND_AT, 0, NULL);
+    metrics_cost_log_on_caught_up(ctx.log, on_caught_up_skip, &ctx);
+    while (!metrics_cost_log_behind(ctx.log))
+        write_records(ctx.log, n++, 1);
+    cr_assert_eq(write_costless(ctx.log, 300000), 0);
+    uv_sleep(1100); /* past log_every's default second */
+    uv_update_time(&loop);
+    cr_assert_eq(write_costless(ctx.log, 300001), 0);
+    cr_assert_eq(metrics_cost_log_skipped(ctx.log), 2);
+    uv_sem_post(&rd.go);
+    uv_timer_init(&loop, &ctx.timer);
+    uv_timer_start(&ctx.timer, wait_caught_up, 50, 50);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert_eq(uv_thread_join(&rd.thread), 0);
+    uv_sem_destroy(&rd.go);
+    fflush(stderr);
+    cr_assert_eq(dup2(saved, 2), 2);
+    close(saved);
+    cr_assert_eq(count_in_file(err_path, "are skipped, counted in"), 1);
+    cr_assert_eq(count_in_file(err_path, "; 2 records that carry no cost were skipped meanwhile"),
+                 1);
 }

@@ -1948,6 +1948,36 @@ Test(costs, an_answer_without_usage_is_charged_for_its_text)
 #define BIG_TEXT "The answer is long, and every word of it is paid for. "
 #define BIG_ARGS "{\"city\":\"Paris\"}"
 
+/* The raw answer of a 200 with `body` (freed here) as its body, whose
+ * head declares `missing` bytes more than follow: the upstream breaks off
+ * unless it is 0. */
+static char *answer_with_body(struct buf *body, size_t missing, size_t *len)
+{
+    struct buf out = {0};
+
+    cr_assert_eq(buf_printf(&out,
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                            "Content-Length: %zu\r\nConnection: close\r\n\r\n",
+                            body->len + missing),
+                 0);
+    cr_assert_eq(buf_append(&out, body->data, body->len), 0);
+    buf_free(body);
+    *len = out.len;
+    return out.data;
+}
+
+/* Logprobs (small tokens, as a real answer's) into `body` until it is
+ * `size` bytes or a little more. */
+static void logprobs_until(struct buf *body, size_t size)
+{
+    for (int i = 0; body->len < size; i++)
+        cr_assert_eq(buf_printf(body,
+                                "%s{\"token\":\"ab\",\"logprob\":-0.%d,\"bytes\":[97,98],"
+                                "\"top_logprobs\":[]}",
+                                i ? "," : "", i),
+                     0);
+}
+
 /* A raw answer of a 200 whose body is a chat completion of over 9 MiB,
  * most of it logprobs (small tokens, as a real one): `first` opens the
  * root object's members, `last` (with its comma) closes them; the
@@ -1956,7 +1986,7 @@ Test(costs, an_answer_without_usage_is_charged_for_its_text)
  * follow: the upstream breaks off. */
 static char *big_answer(const char *first, const char *last, size_t missing, size_t *len)
 {
-    struct buf body = {0}, out = {0};
+    struct buf body = {0};
 
     cr_assert_eq(buf_printf(&body,
                             "{\"id\":\"chatcmpl-big\",\"object\":\"chat.completion\",%s"
@@ -1971,22 +2001,9 @@ static char *big_answer(const char *first, const char *last, size_t missing, siz
                                        "\"{\\\"city\\\":\\\"Paris\\\"}\"}}]},"
                                        "\"logprobs\":{\"content\":["),
                  0);
-    for (int i = 0; body.len < (9u << 20); i++)
-        cr_assert_eq(buf_printf(&body,
-                                "%s{\"token\":\"ab\",\"logprob\":-0.%d,\"bytes\":[97,98],"
-                                "\"top_logprobs\":[]}",
-                                i ? "," : "", i),
-                     0);
+    logprobs_until(&body, 9u << 20);
     cr_assert_eq(buf_printf(&body, "]},\"finish_reason\":\"stop\"}]%s}", last), 0);
-    cr_assert_eq(buf_printf(&out,
-                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                            "Content-Length: %zu\r\nConnection: close\r\n\r\n",
-                            body.len + missing),
-                 0);
-    cr_assert_eq(buf_append(&out, body.data, body.len), 0);
-    buf_free(&body);
-    *len = out.len;
-    return out.data;
+    return answer_with_body(&body, missing, len);
 }
 
 /* A router in front of a canned upstream (backend "a") that answers
@@ -2018,6 +2035,23 @@ static void assert_big_usage_billed(const cJSON *rec)
     cr_assert_eq(cJSON_GetObjectItem(rec, "billed_prompt_tokens")->valuedouble, 1234);
     cr_assert_eq(cJSON_GetObjectItem(rec, "billed_completion_tokens")->valuedouble, 56789);
     cr_assert_float_eq(cJSON_GetObjectItem(rec, "cost_usd")->valuedouble, BIG_USD, 1e-9);
+}
+
+/* A router in front of an upstream answering `answer` (freed here),
+ * asked once: the big answers' usage is charged, in the trailer and the
+ * cost log. */
+static void assert_big_answer_charged_its_usage(char *answer, size_t len)
+{
+    cJSON *rec;
+
+    start_big(answer, len);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_float_eq(trailer_usd(), BIG_USD, 1e-9);
+    support_proc_stop(&routers[0]);
+    rec = last_cost_record();
+    assert_big_usage_billed(rec);
+    cJSON_Delete(rec);
 }
 
 /* An answer too big to hold goes out as it comes, and is charged the
@@ -2066,16 +2100,8 @@ Test(costs, an_answer_over_8_mib_is_charged_its_root_usage_only)
         "\"meta\":{\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":2}},"
         "\"extra\":[{\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":3}}],",
         "," BIG_USAGE, 0, &len);
-    cJSON *rec;
 
-    start_big(answer, len);
-    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
-    cr_assert_eq(resp.status, 200);
-    cr_assert_float_eq(trailer_usd(), BIG_USD, 1e-9);
-    support_proc_stop(&routers[0]);
-    rec = last_cost_record();
-    assert_big_usage_billed(rec);
-    cJSON_Delete(rec);
+    assert_big_answer_charged_its_usage(answer, len);
 }
 
 /* The completion tokens of the big answers' text, counted as the router
@@ -2193,6 +2219,90 @@ Test(costs, a_client_leaving_an_answer_over_8_mib_pays_for_the_text_that_passed)
     rec = last_cost_record();
     cr_assert_eq(cJSON_GetObjectItem(rec, "status")->valuedouble, 499);
     assert_counted_billed(rec, big_text_tokens());
+    cJSON_Delete(rec);
+}
+
+/* The read that takes an answer past 8 MiB is read for its usage too,
+ * not only forwarded: a usage across the 8 MiB mark is the bill. The
+ * answer is spaced out so that byte 8 MiB is inside the usage, in the
+ * read that crosses the mark whatever the reads are. */
+Test(costs, an_answer_with_its_usage_across_the_8_mib_mark_is_charged_it)
+{
+    const size_t mark = 8u << 20;
+    struct buf body = {0};
+    size_t len;
+    char *answer;
+
+    cr_assert_eq(buf_append_lit(&body, "{\"id\":\"chatcmpl-big\",\"object\":\"chat.completion\","
+                                       "\"choices\":[{\"index\":0,\"message\":{\"role\":"
+                                       "\"assistant\",\"content\":\"" BIG_TEXT "\"},"
+                                       "\"logprobs\":{\"content\":["),
+                 0);
+    logprobs_until(&body, mark - 200);
+    cr_assert_eq(buf_append_lit(&body, "]},\"finish_reason\":\"stop\"}]"), 0);
+    while (body.len < mark - 20)
+        cr_assert_eq(buf_append_lit(&body, " "), 0);
+    cr_assert_eq(buf_append_lit(&body, "," BIG_USAGE ",\"system_fingerprint\":\"fp\",\"pad\":["), 0);
+    logprobs_until(&body, mark + (1u << 20));
+    cr_assert_eq(buf_append_lit(&body, "]}"), 0);
+    answer = answer_with_body(&body, 0, &len);
+    assert_big_answer_charged_its_usage(answer, len);
+}
+
+/* A usage without token counts (only the cached ones) is no usage, as
+ * in a held answer: the text is charged, and no prompt token at the
+ * cached price. */
+Test(costs, an_answer_over_8_mib_whose_usage_has_no_token_counts_is_charged_for_its_text)
+{
+    size_t len;
+    char *answer =
+        big_answer("", ",\"usage\":{\"prompt_tokens_details\":{\"cached_tokens\":1000}}", 0, &len);
+    cJSON *rec;
+
+    start_big(answer, len);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    support_proc_stop(&routers[0]);
+    rec = last_cost_record();
+    assert_counted_billed(rec, big_text_tokens());
+    cJSON_Delete(rec);
+}
+
+/* A completion (/v1/completions) too big to hold and without usage is
+ * charged for its choices' text as a held one is: a string counted, an
+ * array of token ids one token each. */
+Test(costs, a_completion_over_8_mib_without_usage_is_charged_for_its_text)
+{
+    struct buf body = {0}, text = {0};
+    size_t len;
+    char *answer;
+    int64_t completion;
+    cJSON *rec;
+
+    for (int i = 0; i < 200; i++)
+        cr_assert_eq(buf_append_lit(&text, BIG_TEXT), 0);
+    completion = policy_tokens_estimate(text.data, text.len) + 3;
+    cr_assert_eq(buf_printf(&body,
+                            "{\"id\":\"cmpl-big\",\"object\":\"text_completion\",\"choices\":["
+                            "{\"index\":0,\"text\":\"%.*s\",\"logprobs\":{\"tokens\":[",
+                            (int)text.len, text.data),
+                 0);
+    buf_free(&text);
+    for (int i = 0; body.len < (9u << 20); i++)
+        cr_assert_eq(buf_printf(&body, "%s\"t%d\"", i ? "," : "", i), 0);
+    cr_assert_eq(buf_append_lit(&body, "]},\"finish_reason\":\"stop\"},"
+                                       "{\"index\":1,\"text\":[101,102,103]}]}"),
+                 0);
+    answer = answer_with_body(&body, 0, &len);
+    start_big(answer, len);
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/completions", AUTH,
+                           "{\"model\":\"chat\",\"prompt\":\"hello there\"}"),
+                 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_gt(resp.body.len, 9u << 20);
+    support_proc_stop(&routers[0]);
+    rec = last_cost_record();
+    assert_counted_billed(rec, completion);
     cJSON_Delete(rec);
 }
 

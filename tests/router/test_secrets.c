@@ -614,3 +614,99 @@ Test(secrets, a_backend_refusing_the_routers_key_is_a_502_and_the_next_candidate
                            memmem(resp.body.data, resp.body.len, "Authorization: Bearer ****", 26),
                        "%.*s", (int)resp.body.len, resp.body.data);
 }
+
+/* Keys of 8 and 7 bytes, the shortest blanked out of answers and one
+ * byte less. */
+#define KEY_8 "k8Ab3xYz"
+#define KEY_7 "k7Ab3xY"
+
+/* A router with no store in front of the two echoing upstreams, set to
+ * answer `status`: echo as backend "eight", whose api_key is KEY_8,
+ * echox as "seven" (KEY_7). Routes: eight, seven, and both, eight first. */
+static void start_short_keys(const char *status)
+{
+    char tenant[65];
+    FILE *f;
+
+    echo = support_canned_start("", 0);
+    echox = support_canned_start("", 0);
+    cr_assert(echo && echox);
+    echo_status(status);
+    support_key_sha256_hex(KEY_ACME, tenant);
+    f = fopen(conf_path, "w");
+    cr_assert_not_null(f);
+    fprintf(f,
+            "listen: 127.0.0.1:0\n"
+            "backends:\n"
+            "  - {name: eight, kind: api, url: \"http://127.0.0.1:%d/v1\", api_key: " KEY_8 ",\n"
+            "     input_usd_per_mtok: 1, output_usd_per_mtok: 2}\n"
+            "  - {name: seven, kind: api, url: \"http://127.0.0.1:%d/v1\", api_key: " KEY_7 ",\n"
+            "     input_usd_per_mtok: 1, output_usd_per_mtok: 2}\n"
+            "routes:\n"
+            "  - {model: eight, candidates: [eight]}\n"
+            "  - {model: seven, candidates: [seven]}\n"
+            "  - {model: both, candidates: [eight, seven]}\n"
+            "tenants:\n"
+            "  - {id: acme, api_keys: [\"sha256:%s\"]}\n",
+            support_canned_port(echo), support_canned_port(echox), tenant);
+    fclose(f);
+    start_router();
+}
+
+/* Does the answer's body quote the Authorization header as `value`? */
+static int body_quotes_bearer(const char *value)
+{
+    char want[64];
+    int n = snprintf(want, sizeof(want), "Bearer %s\\r\\n", value); /* as JSON escapes it */
+
+    return memmem(resp.body.data, resp.body.len, want, (size_t)n) != NULL;
+}
+
+/* The shortest key blanked out of an answer is 8 bytes: one of 8 that an
+ * upstream quotes in its error is starred out whole, one of 7 (too short
+ * to guard anything, and blanking every copy of it would mangle JSON) is
+ * left as it is. */
+Test(secrets, a_backend_key_of_8_bytes_is_blanked_out_one_of_7_is_not)
+{
+    start_short_keys("500 Internal Server Error");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH(KEY_ACME), BODY("eight")), 500);
+    cr_assert(body_quotes_bearer("********"), "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_null(memmem(resp.body.data, resp.body.len, KEY_8, 8));
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH(KEY_ACME), BODY("seven")), 500);
+    cr_assert(body_quotes_bearer(KEY_7), "%.*s", (int)resp.body.len, resp.body.data);
+}
+
+/* Errors other than 401 and 403 pass to the client with the key blanked
+ * out: a 400 that says it streams (held whole like any error, so that
+ * all of it is scrubbed), and a 407, which is not the backend refusing
+ * the router's key. */
+Test(secrets, other_errors_pass_with_the_key_blanked_out)
+{
+    start_short_keys("400 Bad Request");
+    echo_status_as("400 Bad Request", 1);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH(KEY_ACME), STREAM("eight")), 400);
+    cr_assert(body_quotes_bearer("********"), "%.*s", (int)resp.body.len, resp.body.data);
+    echo_status("407 Proxy Authentication Required");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH(KEY_ACME), BODY("eight")), 407);
+    cr_assert(body_quotes_bearer("********"), "%.*s", (int)resp.body.len, resp.body.data);
+}
+
+/* A backend that refuses the router's key fails as a 5xx does: after
+ * three refusals its circuit opens, and the next candidate serves
+ * without it being tried first. */
+Test(secrets, a_backend_refusing_the_routers_key_opens_its_circuit)
+{
+    start_short_keys("401 Unauthorized");
+    support_canned_echo(echox, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n",
+                        "{\"id\":\"x\",\"object\":\"chat.completion\",\"choices\":[{\"index\":0,"
+                        "\"message\":{\"role\":\"assistant\",\"content\":\"hi\"},"
+                        "\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":9,"
+                        "\"completion_tokens\":1,\"total_tokens\":10}}");
+    for (int i = 0; i < 6; i++) {
+        cr_assert_eq(call("POST", "/v1/chat/completions", AUTH(KEY_ACME), BODY("both")), 200,
+                     "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "seven");
+    }
+    cr_assert_eq(support_canned_requests(echo), 3, "tried after its circuit opened");
+    cr_assert_eq(support_canned_requests(echox), 6);
+}

@@ -278,6 +278,29 @@ Test(bigusage, a_huge_usage_or_token_is_given_up, .timeout = 10)
     free(js);
 }
 
+/* The usage read is kept as {"usage":...} in 4 KiB: one that fills them
+ * exactly is read, one byte more (its last brace) is given up, not read
+ * cut short. */
+Test(bigusage, a_usage_of_exactly_4_kib_is_read_one_byte_more_is_not, .timeout = 5)
+{
+    /* {"usage":{"prompt_tokens":7,"x":"aa...a"}}: 36 bytes and the a's. */
+    static const char head[] = "{\"usage\":{\"prompt_tokens\":7,\"x\":\"";
+    char js[4200];
+    struct router__usage u;
+
+    for (size_t total = 4095; total <= 4097; total++) {
+        size_t k = total - 36;
+        int rc;
+
+        strcpy(js, head);
+        memset(js + sizeof(head) - 1, 'a', k);
+        strcpy(js + sizeof(head) - 1 + k, "\"}}");
+        rc = big_usage_of(js, 100, &u);
+        cr_assert_eq(rc, total <= 4096 ? 1 : -1, "a usage of %zu bytes: %d", total, rc);
+        cr_assert_eq(u.prompt_tokens, total <= 4096 ? 7 : -1, "a usage of %zu bytes", total);
+    }
+}
+
 /* The texts handed over for counting, joined with '|' ('#' for a token id). */
 static void join_text(void *arg, const char *text, size_t len)
 {
@@ -308,4 +331,74 @@ Test(bigusage, the_answered_texts_are_handed_over_to_be_counted, .timeout = 5)
         cr_assert_eq(router__bigusage_feed(b, js + off, len - off < 3 ? len - off : 3), 0);
     router__bigusage_free(b);
     cr_assert_str_eq(got, "|t\xc3\xa9|c1|#|c2|{}|second");
+}
+
+/* Only those names, whole, lead to a text: "tex" and "con" are not
+ * "text" and "content", and a number where a text is (not in an array
+ * of token ids) is no text, as a held body's count has it. */
+Test(bigusage, a_prefix_of_a_name_or_a_bare_number_is_not_counted, .timeout = 5)
+{
+    const char js[] = "{\"choices\":[{\"tex\":\"no\",\"text\":5,\"message\":{\"con\":\"no\","
+                      "\"content\":7,\"tool_calls\":[{\"function\":{\"arg\":\"no\","
+                      "\"arguments\":9}}]}},{\"text\":\"yes\"}]}";
+    char got[256] = "";
+    struct router__bigusage *b = router__bigusage_new(join_text, got);
+
+    cr_assert_not_null(b);
+    cr_assert_eq(router__bigusage_feed(b, js, sizeof(js) - 1), 0);
+    router__bigusage_free(b);
+    cr_assert_str_eq(got, "|yes");
+}
+
+/* Strings that are not UTF-8 (a Latin-1 answer) are the client's affair:
+ * the usage after them is still read. */
+Test(bigusage, a_string_that_is_not_utf8_does_not_lose_the_usage, .timeout = 5)
+{
+    struct router__usage u;
+
+    cr_assert_eq(big_usage_of("{\"choices\":[{\"text\":\"caf\xe9 \xff\"}],"
+                              "\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}",
+                              7, &u),
+                 1);
+    cr_assert_eq(u.prompt_tokens, 3);
+    cr_assert_eq(u.completion_tokens, 4);
+}
+
+/* The 8 MiB held before an answer is known to be too big come in one
+ * piece: a token over 4 MiB in them is given up all the same, not
+ * waited for whole. */
+Test(bigusage, a_huge_token_given_in_one_piece_is_given_up, .timeout = 10)
+{
+    size_t n = 5u << 20;
+    char *js = malloc(n + 64);
+    struct router__usage u;
+
+    cr_assert_not_null(js);
+    strcpy(js, "{\"choices\":\"");
+    memset(js + 12, 'a', n);
+    strcpy(js + 12 + n, "\",\"usage\":{\"prompt_tokens\":1}}");
+    cr_assert_eq(big_usage_of(js, n + 64, &u), -1);
+    cr_assert_eq(u.prompt_tokens, -1);
+    free(js);
+}
+
+/* Nesting is read 64 deep (the root included), and no deeper: the
+ * frames the reader keeps are that many. */
+Test(bigusage, nesting_is_read_64_deep_and_no_deeper, .timeout = 5)
+{
+    char js[512];
+    struct router__usage u;
+
+    for (int depth = 63; depth <= 65; depth++) {
+        size_t o = 0;
+
+        o += (size_t)snprintf(js + o, sizeof(js) - o, "{\"a\":");
+        for (int i = 1; i < depth; i++)
+            js[o++] = '[';
+        for (int i = 1; i < depth; i++)
+            js[o++] = ']';
+        snprintf(js + o, sizeof(js) - o, ",\"usage\":{\"prompt_tokens\":5}}");
+        cr_assert_eq(big_usage_of(js, 16, &u), depth <= 64 ? 1 : -1, "%d deep", depth);
+        cr_assert_eq(u.prompt_tokens, depth <= 64 ? 5 : -1, "%d deep", depth);
+    }
 }
