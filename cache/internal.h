@@ -184,7 +184,7 @@ struct cache_op {
     void *arg;                        /* caller's argument */
     const char *errstr;               /* outcome, NULL: success */
     unsigned cancelled:1;             /* cache_cancel() ran */
-    unsigned release:1;               /* SETTLE: a release */
+    unsigned release:1;               /* SETTLE: a release; LIVE: the mark's removal */
     unsigned shared_get:1;            /* BEGIN: cache GET pipelined beside the script */
     unsigned sent_eval:1;             /* SPEND: NOSCRIPT fallback already used */
     unsigned inflight:1;              /* on the Redis in-flight list */

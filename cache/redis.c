@@ -1977,6 +1977,7 @@ int cache__redis_create(struct cache *c)
     uv_timer_init(c->loop, &s->retry);
     uv_prepare_init(c->loop, &s->prepare);
     uv_timer_init(c->loop, &s->live_timer);
+    uv_unref((uv_handle_t *)&s->live_timer); /* a renewal alone keeps no loop alive */
     s->live_timer.data = s;
     s->live = 1;
     s->timer.data = s;
