@@ -16,6 +16,7 @@
 
 #include "cache/internal.h"
 #include "common/error.h"
+#include "common/util.h"
 
 /* One open reservation; amount < 0 once settled. */
 struct local_res {
@@ -302,7 +303,7 @@ int cache__local_hold_remote(struct cache__local *l, const char *tenant, int64_t
         return -ENOMEM;
     /* Never below 0: a hold that could not be counted (no memory then)
      * is dropped all the same. */
-    t->remote = t->remote + amount > 0 ? t->remote + amount : 0;
+    t->remote = MAX(t->remote + amount, 0);
     return 0;
 }
 
@@ -318,7 +319,7 @@ int cache__local_sync(struct cache__local *l, const char *tenant, int64_t day_sp
     /* Never below 0: our settles already sent are no longer in t->remote
      * but may still be in `reserved`, which then only makes us careful. */
     if (reserved >= 0)
-        t->others = reserved - t->remote > 0 ? reserved - t->remote : 0;
+        t->others = MAX(reserved - t->remote, 0);
     return 0;
 }
 

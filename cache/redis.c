@@ -1509,11 +1509,14 @@ static void op_replied(struct cache__redis *s, struct cache_op *op)
  * second. The count Redis gave last stays. */
 static void live_error(struct cache__redis *s, const redisReply *reply)
 {
-    if (is_noscript(reply))
+    if (is_noscript(reply)) {
         s->live_noscript = 1;
-    else if (!is_refusal(reply) && !s->live_warned)
-        log_warn("store: Redis refused this instance's live mark: %s", reply->str);
-    s->live_warned |= !is_noscript(reply) && !is_refusal(reply);
+        return;
+    }
+    if (is_refusal(reply) || s->live_warned)
+        return;
+    log_warn("store: Redis refused this instance's live mark: %s", reply->str);
+    s->live_warned = 1;
 }
 
 /* Replies to single commands: a shared-cache GET, a SET, the spend script. */

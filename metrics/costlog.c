@@ -78,7 +78,8 @@ struct metrics_cost_log {
     uv_thread_t thread;       /* the writer */
     uv_mutex_t lock;          /* guards the job_* fields and the writer's flags below */
     uv_cond_t job_cond;       /* the writer waits here for a job */
-    enum job_kind job_kind;   /* (lock) the job asked for */
+    enum job_kind job_kind;   /* the job asked for: written by the loop under the lock, so the
+                               * loop reads it without (the writer only reads it) */
     uv_buf_t job_buf;         /* (lock) what the writer writes (part of inflight) */
     uv_file job_fd;           /* (lock) where it writes, or what it closes */
     ssize_t job_result;       /* (lock) bytes written, the fd opened, 0, or a negative errno */
@@ -91,7 +92,6 @@ struct metrics_cost_log {
     unsigned handles_open;    /* timer + written still to close */
     char *path;               /* file path, NULL for stdout */
     uv_file fd;               /* current file */
-    uv_file old_fd;           /* file being closed after a reopen, or -1 */
     struct buf pending;       /* records not yet handed to a write */
     struct buf inflight;      /* bytes being written */
     size_t inflight_off;      /* bytes of inflight already written */
@@ -111,7 +111,6 @@ struct metrics_cost_log {
     struct log_every behind_log; /* "behind the disk", once a second at most */
     struct log_every nomem_log; /* "no memory for a record", once a second at most */
     struct log_every skip_log; /* "skipping costless records", once a minute at most */
-    enum job_kind job;        /* loop side: the kind of the job out, while busy */
     unsigned busy:1;          /* a job is out */
     unsigned behind:1;        /* buffer_max reached, not yet back under half */
     unsigned reopen_wanted:1; /* reopen after the current job */
@@ -565,7 +564,9 @@ static void on_stuck(uv_timer_t *t)
     }
     log_error("cost log %s: no %s went through for %u ms at exit; giving up %llu records "
               "(%zu bytes) not written", log_name(log),
-              log->job == JOB_WRITE ? "write" : log->job == JOB_OPEN ? "reopen" : "close",
+              log->job_kind == JOB_WRITE  ? "write"
+              : log->job_kind == JOB_OPEN ? "reopen"
+                                          : "close",
               log->wait_ms, (unsigned long long)lost, waiting(log));
     count_dropped(log, lost);
     release_loop(log);
@@ -581,7 +582,6 @@ static void start_job(struct metrics_cost_log *log, enum job_kind kind, uv_file 
     uv_cond_signal(&log->job_cond);
     uv_mutex_unlock(&log->lock);
     log->busy = 1;
-    log->job = kind;
 }
 
 static void start_write(struct metrics_cost_log *log)
@@ -631,9 +631,8 @@ static void reopened(struct metrics_cost_log *log, ssize_t fd)
         log_error("cost log %s: reopen: %s; keeping the old file", log->path, uv_strerror((int)fd));
         return;
     }
-    log->old_fd = log->fd;
+    start_job(log, JOB_CLOSE_OLD, log->fd, uv_buf_init(NULL, 0));
     log->fd = (uv_file)fd;
-    start_job(log, JOB_CLOSE_OLD, log->old_fd, uv_buf_init(NULL, 0));
 }
 
 static void on_written(uv_async_t *a)
@@ -650,15 +649,14 @@ static void on_written(uv_async_t *a)
     log->job_done = 0;
     uv_mutex_unlock(&log->lock);
     log->busy = 0;
-    switch (log->job) {
+    switch (log->job_kind) {
     case JOB_WRITE:
         take_result(log, n);
         break;
     case JOB_OPEN:
         reopened(log, n);
         break;
-    case JOB_CLOSE_OLD:
-        log->old_fd = -1;
+    case JOB_CLOSE_OLD: /* an error is the old file's, which nothing writes to now */
         break;
     case JOB_CLOSE_LAST:
         release_loop(log);
@@ -788,7 +786,6 @@ struct metrics_cost_log *metrics_cost_log_open(uv_loop_t *loop, const char *path
         goto fail;
     log->loop = loop;
     log->metrics = m;
-    log->old_fd = -1;
     log->fd = 1;
     log->buffer_max = buffer_max ? buffer_max : DEFAULT_BUFFER_MAX;
     log->wait_ms = wait_ms ? wait_ms : DEFAULT_WAIT_MS;

@@ -472,23 +472,34 @@ static int http_get(int port, const char *path, struct support_http_response *r)
     return rc;
 }
 
+/* Whether router `router`'s /metrics has `line` (with its newlines). */
+static int metrics_have(int router, const char *line)
+{
+    struct support_http_response r = {0};
+    int yes = http_get(routers[router].port, "/metrics", &r) == 0 &&
+              memmem(r.body.data, r.body.len, line, strlen(line)) != NULL;
+
+    support_http_response_free(&r);
+    return yes;
+}
+
+/* Whether router `router`'s /metrics has `line` within `tries` looks,
+ * 20 ms apart. */
+static int metrics_have_within(int router, const char *line, int tries)
+{
+    for (int i = 0; i < tries; i++, usleep(20000))
+        if (metrics_have(router, line))
+            return 1;
+    return 0;
+}
+
 /* Wait until router `i` has its Redis connection: before that it serves
  * from memory (and writes back later). */
 static void wait_store_up(int i)
 {
     static const char up[] = "\ncostrouter_store_up{store=\"redis\"} 1\n";
 
-    for (int tries = 0; tries < 500; tries++) {
-        struct support_http_response r = {0};
-        int found = http_get(routers[i].port, "/metrics", &r) == 0 &&
-                    memmem(r.body.data, r.body.len, up, sizeof(up) - 1) != NULL;
-
-        support_http_response_free(&r);
-        if (found)
-            return;
-        usleep(20000);
-    }
-    cr_assert_fail("router %d: the store is not up", i);
+    cr_assert(metrics_have_within(i, up, 500), "router %d: the store is not up", i);
 }
 
 static void start_router(int i)
@@ -944,17 +955,6 @@ enum outage {
     RESTART, /* SIGKILL, later started again on its append-only file */
 };
 
-/* Whether router `router`'s /metrics has `line` (with its newlines). */
-static int metrics_have(int router, const char *line)
-{
-    struct support_http_response r = {0};
-    int yes = http_get(routers[router].port, "/metrics", &r) == 0 &&
-              memmem(r.body.data, r.body.len, line, strlen(line)) != NULL;
-
-    support_http_response_free(&r);
-    return yes;
-}
-
 static int store_up_is(int router, int up)
 {
     char want[64];
@@ -970,9 +970,8 @@ static void wait_instances(int router, int n)
     char want[80];
 
     snprintf(want, sizeof(want), "\ncostrouter_store_instances{store=\"redis\"} %d\n", n);
-    for (int tries = 0; tries < 250 && !metrics_have(router, want); tries++)
-        usleep(20000);
-    cr_assert(metrics_have(router, want), "router %d does not count %d routers", router, n);
+    cr_assert(metrics_have_within(router, want, 250), "router %d does not count %d routers",
+              router, n);
 }
 
 /*
