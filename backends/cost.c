@@ -90,16 +90,23 @@ void backend_attempt_begin(struct backend *b, uint64_t now_ms, struct backend_ti
 
 double backend_api_price_usd(const struct conf_backend *c, const struct backend_tokens *tok)
 {
-    double cached_price = c->cached_input_usd_per_mtok > 0 ? c->cached_input_usd_per_mtok
-                                                           : c->input_usd_per_mtok;
     int64_t prompt = tok->prompt > 0 ? tok->prompt : 0;
     int64_t cached = tok->cached < 0 ? 0 : tok->cached > prompt ? prompt : tok->cached;
     int64_t completion = tok->completion > 0 ? tok->completion : 0;
+    const struct conf_long_context *l = &c->long_context;
+    /* Past the size, the provider bills the whole request at the long
+     * rates, not only the tokens beyond it. */
+    int is_long = l->above_prompt_tokens > 0 && prompt > l->above_prompt_tokens;
+    double input = is_long ? l->input_usd_per_mtok : c->input_usd_per_mtok;
+    double output = is_long ? l->output_usd_per_mtok : c->output_usd_per_mtok;
+    double cached_price = is_long ? l->cached_input_usd_per_mtok : c->cached_input_usd_per_mtok;
 
     if (c->kind != CONF_BACKEND_API || c->is_free)
         return 0;
-    return ((double)(prompt - cached) * c->input_usd_per_mtok + (double)cached * cached_price +
-            (double)completion * c->output_usd_per_mtok) /
+    if (cached_price <= 0)
+        cached_price = input;
+    return ((double)(prompt - cached) * input + (double)cached * cached_price +
+            (double)completion * output) /
            1e6;
 }
 

@@ -93,7 +93,54 @@ static const struct {
     {CONF__B_INPUT_USD, "input_usd_per_mtok", CONF_BACKEND_API, 1},
     {CONF__B_OUTPUT_USD, "output_usd_per_mtok", CONF_BACKEND_API, 1},
     {CONF__B_CACHED_INPUT_USD, "cached_input_usd_per_mtok", CONF_BACKEND_API, 0},
+    {CONF__B_LONG_CONTEXT, "long_context", CONF_BACKEND_API, 0},
 };
+
+/* An api backend's long-prompt tier, key by key like its other prices:
+ * its own, else its entry's (complete whenever the entry has a tier, see
+ * complete_long_context). A size with no rate to bill at, its own or its
+ * entry's, is an error, and so are rates with no size. */
+static void resolve_long_context(struct conf__ctx *ctx, size_t i, const struct conf_price *p)
+{
+    struct conf_backend *b = &ctx->conf->backends[i];
+    const struct conf__meta *m = &ctx->backend_meta[i];
+    struct conf_long_context *l = &b->long_context;
+    const struct conf_long_context *pl = p && p->long_context.above_prompt_tokens > 0
+                                             ? &p->long_context
+                                             : NULL;
+    static const struct {
+        int key;
+        const char *name;
+    } rates[] = {{CONF__B_LONG_INPUT_USD, "input_usd_per_mtok"},
+                 {CONF__B_LONG_OUTPUT_USD, "output_usd_per_mtok"}};
+    char path[96];
+
+    if (b->kind != CONF_BACKEND_API || (!HAS(m, CONF__B_LONG_CONTEXT) && pl == NULL))
+        return;
+    if (!HAS(m, CONF__B_LONG_ABOVE))
+        l->above_prompt_tokens = pl ? pl->above_prompt_tokens : 0;
+    if (pl && !HAS(m, CONF__B_LONG_INPUT_USD))
+        l->input_usd_per_mtok = pl->input_usd_per_mtok;
+    if (pl && !HAS(m, CONF__B_LONG_OUTPUT_USD))
+        l->output_usd_per_mtok = pl->output_usd_per_mtok;
+    if (!HAS(m, CONF__B_LONG_CACHED_INPUT_USD))
+        l->cached_input_usd_per_mtok = pl ? pl->cached_input_usd_per_mtok : l->input_usd_per_mtok;
+    if (HAS(m, CONF__B_LONG_ABOVE) && l->above_prompt_tokens == 0)
+        return; /* the entry's tier turned off */
+    if (l->above_prompt_tokens == 0) {
+        snprintf(path, sizeof(path), "backends[%zu].long_context", i);
+        conf__error(ctx, m->lines[CONF__B_LONG_CONTEXT], path,
+                    "missing required key \"above_prompt_tokens\" (no price entry gives one)");
+        return;
+    }
+    for (size_t k = 0; pl == NULL && k < sizeof(rates) / sizeof(rates[0]); k++) {
+        if (HAS(m, rates[k].key))
+            continue;
+        snprintf(path, sizeof(path), "backends[%zu].long_context", i);
+        conf__error(ctx, m->lines[CONF__B_LONG_CONTEXT], path,
+                    "missing required key \"%s\" (no price entry gives one)", rates[k].name);
+    }
+}
 
 /* An api backend's price entry: the one `price:` names, else the one
  * named like its `model`, if any. Each price the backend does not give
@@ -122,6 +169,7 @@ static void resolve_price(struct conf__ctx *ctx, size_t i)
         b->output_usd_per_mtok = p->output_usd_per_mtok;
     if (!HAS(m, CONF__B_CACHED_INPUT_USD))
         b->cached_input_usd_per_mtok = p ? p->cached_input_usd_per_mtok : b->input_usd_per_mtok;
+    resolve_long_context(ctx, i, p);
 }
 
 /* Prices and capacity: a backend must say what it costs unless `free`.

@@ -36,6 +36,16 @@ enum conf_on_exhausted { CONF_EXHAUSTED_REJECT, CONF_EXHAUSTED_DOWNGRADE };
  * charge it and cut the stream once the budget is gone. */
 enum conf_on_overrun { CONF_OVERRUN_CHARGE, CONF_OVERRUN_CUT };
 
+/* Prices for a long prompt: some APIs bill a whole request at higher rates
+ * once its prompt (cached tokens included) passes a size, e.g. Gemini 2.5
+ * Pro and Claude Sonnet 4 past 200k tokens. */
+struct conf_long_context {
+    int64_t above_prompt_tokens;      /* past this many prompt tokens; 0 = no such tier */
+    double input_usd_per_mtok;        /* the rates that then bill every token */
+    double output_usd_per_mtok;
+    double cached_input_usd_per_mtok; /* default: this tier's input price */
+};
+
 /* One entry of a `prices:` mapping (in the config or an included file). */
 struct conf_price {
     char *name;                 /* entry name, e.g. "gpt-4o-mini" */
@@ -44,6 +54,7 @@ struct conf_price {
     double input_usd_per_mtok;  /* USD per million uncached prompt tokens */
     double output_usd_per_mtok; /* USD per million completion tokens */
     double cached_input_usd_per_mtok; /* USD per million cached prompt tokens (default: input) */
+    struct conf_long_context long_context; /* complete when its above_prompt_tokens > 0 */
 };
 
 struct conf_backend {
@@ -82,6 +93,7 @@ struct conf_backend {
     double input_usd_per_mtok;
     double output_usd_per_mtok;
     double cached_input_usd_per_mtok; /* defaults to input_usd_per_mtok */
+    struct conf_long_context long_context; /* each key the backend's own, else the entry's */
     /* upstream connection limits, milliseconds (defaults in conf.c) */
     int connect_timeout_ms;
     int first_byte_timeout_ms;

@@ -674,6 +674,28 @@ static void node_api_keys(struct conf__ctx *ctx, void *obj, struct conf__meta *m
     }
 }
 
+/* A price entry's `long_context:`, when given, needs its size and both
+ * rates, so that an entry's tier is complete whenever it has one (a
+ * backend relies on that, check.c); its cached rate defaults to its input
+ * rate. Key lines are the entry's own (`m`). */
+static void complete_long_context(struct conf__ctx *ctx, struct conf_price *p,
+                                  const struct conf__meta *m, const char *path)
+{
+    static const int needed[] = {CONF__P_LONG_ABOVE, CONF__P_LONG_INPUT_USD,
+                                 CONF__P_LONG_OUTPUT_USD};
+    char lpath[300];
+
+    if (!(m->set & (1ull << CONF__P_LONG_CONTEXT)))
+        return;
+    join_path(lpath, sizeof(lpath), path, "long_context");
+    for (size_t i = 0; i < sizeof(needed) / sizeof(needed[0]); i++)
+        if (!(m->set & (1ull << needed[i])))
+            conf__error(ctx, m->lines[CONF__P_LONG_CONTEXT], lpath,
+                        "missing required key \"%s\"", price_table.d[needed[i]].name);
+    if (!(m->set & (1ull << CONF__P_LONG_CACHED_INPUT_USD)))
+        p->long_context.cached_input_usd_per_mtok = p->long_context.input_usd_per_mtok;
+}
+
 /* `prices: {NAME: {input_usd_per_mtok, ...}, ...}`, in the config or an
  * included file: appended to conf.prices. A name defined twice (in any of
  * the files) is an error; price lists are short, so a linear search
@@ -745,6 +767,7 @@ static void node_prices(struct conf__ctx *ctx, void *obj, struct conf__meta *met
         apply_defaults(ctx, &price_table, p, &m, ppath);
         if (!(m.set & (1ull << CONF__P_CACHED_INPUT_USD)))
             p->cached_input_usd_per_mtok = p->input_usd_per_mtok;
+        complete_long_context(ctx, p, &m, ppath);
         c->nprices++;
         continue;
     skip:
@@ -1092,6 +1115,16 @@ static const struct directive backend_directives[CONF__B_COUNT] = {
                             .def = "true"},
     [CONF__B_STREAM_USAGE] = {"stream_usage", NULL, T_BOOL, .set_flag = set_stream_usage,
                               .def = "true"},
+    /* completed from the price entry by check.c; 0 turns the entry's tier off */
+    [CONF__B_LONG_CONTEXT] = {"long_context", NULL, T_SECTION},
+    [CONF__B_LONG_ABOVE] = {"above_prompt_tokens", "long_context", T_I64,
+                            B(long_context.above_prompt_tokens), 0, BIG},
+    [CONF__B_LONG_INPUT_USD] = {"input_usd_per_mtok", "long_context", T_DOUBLE,
+                                B(long_context.input_usd_per_mtok), 0, PRICE_MAX},
+    [CONF__B_LONG_OUTPUT_USD] = {"output_usd_per_mtok", "long_context", T_DOUBLE,
+                                 B(long_context.output_usd_per_mtok), 0, PRICE_MAX},
+    [CONF__B_LONG_CACHED_INPUT_USD] = {"cached_input_usd_per_mtok", "long_context", T_DOUBLE,
+                                       B(long_context.cached_input_usd_per_mtok), 0, PRICE_MAX},
 };
 #undef B
 
@@ -1162,6 +1195,16 @@ static const struct directive price_directives[CONF__P_COUNT] = {
     /* default (the input price) set by node_prices */
     [CONF__P_CACHED_INPUT_USD] = {"cached_input_usd_per_mtok", NULL, T_DOUBLE,
                                   P(cached_input_usd_per_mtok), 0, PRICE_MAX},
+    /* checked and completed by complete_long_context */
+    [CONF__P_LONG_CONTEXT] = {"long_context", NULL, T_SECTION},
+    [CONF__P_LONG_ABOVE] = {"above_prompt_tokens", "long_context", T_I64,
+                            P(long_context.above_prompt_tokens), 1, BIG},
+    [CONF__P_LONG_INPUT_USD] = {"input_usd_per_mtok", "long_context", T_DOUBLE,
+                                P(long_context.input_usd_per_mtok), 0, PRICE_MAX},
+    [CONF__P_LONG_OUTPUT_USD] = {"output_usd_per_mtok", "long_context", T_DOUBLE,
+                                 P(long_context.output_usd_per_mtok), 0, PRICE_MAX},
+    [CONF__P_LONG_CACHED_INPUT_USD] = {"cached_input_usd_per_mtok", "long_context", T_DOUBLE,
+                                       P(long_context.cached_input_usd_per_mtok), 0, PRICE_MAX},
 };
 #undef P
 

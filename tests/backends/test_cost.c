@@ -77,6 +77,61 @@ Test(cost, cached_price_unset_bills_input_price_and_free_is_zero, .timeout = 5)
     fx_fini(&f);
 }
 
+/* Claude Sonnet's 1M-context rates (conf/prices.yaml): past 200k prompt
+ * tokens every token of the request is billed at them. */
+static void fx_sonnet_long(struct fx *f)
+{
+    f->backends[FX_SONNET].long_context = (struct conf_long_context){200000, 6.00, 22.50, 0.60};
+}
+
+Test(cost, long_context_rates_bill_the_whole_request_past_the_size, .timeout = 5)
+{
+    static const struct price_case cases[] = {
+        /* at the size, not past it: 200000 x 3/1M + 1000 x 15/1M = 0.6 + 0.015 */
+        {"sonnet at 200k", FX_SONNET, 200000, 1000, 0, 0.615, 615000},
+        /* one token past: 200001 x 6/1M + 1000 x 22.5/1M = 1.200006 + 0.0225 */
+        {"sonnet 200k+1", FX_SONNET, 200001, 1000, 0, 1.222506, 1222506},
+        /* 200000 x 6/1M + 100000 cached x 0.6/1M = 1.2 + 0.06: cached count toward the size */
+        {"sonnet 300k, 100k cached", FX_SONNET, 300000, 0, 100000, 1.26, 1260000},
+        /* 150000 of them cached, still past: 50001 x 6/1M + 150000 x 0.6/1M + 0 */
+        {"sonnet mostly cached", FX_SONNET, 200001, 0, 150000, 0.390006, 390006},
+    };
+    struct fx f;
+
+    fx_init(&f);
+    fx_sonnet_long(&f);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const struct price_case *c = &cases[i];
+        struct backend_tokens tok = {c->prompt, c->completion, c->cached};
+        struct backend_cost est = backend_estimate_cost(fx_backend(&f, c->backend), 0, &tok, 0);
+        double got = backend_api_price_usd(&f.backends[c->backend], &tok);
+
+        cr_assert(fabs(got - c->usd) < USD_EPS, "%s: price %.12f, want %.12f", c->name, got,
+                  c->usd);
+        cr_assert(fabs(est.marginal_usd - c->usd) < USD_EPS, "%s: ranked by it", c->name);
+        cr_assert_eq(est.reserve_micro, c->reserve_micro, "%s: reserve %lld, want %lld", c->name,
+                     (long long)est.reserve_micro, (long long)c->reserve_micro);
+    }
+    fx_fini(&f);
+}
+
+Test(cost, long_context_without_a_size_or_cached_rate, .timeout = 5)
+{
+    struct backend_tokens tok = {300000, 0, 300000};
+    struct fx f;
+
+    fx_init(&f);
+    fx_sonnet_long(&f);
+    /* No cached rate in the tier: its input rate, 300000 x 6/1M, as the
+     * base rates fall back to theirs. */
+    f.backends[FX_SONNET].long_context.cached_input_usd_per_mtok = 0;
+    cr_assert(fabs(backend_api_price_usd(&f.backends[FX_SONNET], &tok) - 1.8) < USD_EPS);
+    /* Size 0: no tier, whatever the rates say: 300000 x 0.30/1M. */
+    f.backends[FX_SONNET].long_context.above_prompt_tokens = 0;
+    cr_assert(fabs(backend_api_price_usd(&f.backends[FX_SONNET], &tok) - 0.09) < USD_EPS);
+    fx_fini(&f);
+}
+
 Test(cost, api_finish_settles_real_usage, .timeout = 5)
 {
     struct fx f;

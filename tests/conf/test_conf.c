@@ -223,7 +223,7 @@ static struct error_case error_cases[] = {
      {"1: (file): cannot open: No such file or directory"}},
     {.file = "conf/example.yaml", .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY"},
      .lines = {"15: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
-      "87: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
+      "92: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
     {.file = DATA "prices_bad.yaml", .lines =
      {"5: include[2]: \"inc/prices_bad.yaml\" is already included",
       "8: prices.custom-x: duplicate price \"custom-x\" (first at {DIR}/inc/prices_bad.yaml:3)",
@@ -232,12 +232,24 @@ static struct error_case error_cases[] = {
       "12: backends[0].price: unknown price \"nope\"",
       "13: backends[1].input_usd_per_mtok: " API, "13: backends[1].output_usd_per_mtok: " API,
       "14: backends[2].price: only applies to kind: api",
+      "18: backends[4].long_context: missing required key \"above_prompt_tokens\" (no price "
+      "entry gives one)",
+      "20: backends[5].long_context: missing required key \"input_usd_per_mtok\" (no price "
+      "entry gives one)",
+      "20: backends[5].long_context: missing required key \"output_usd_per_mtok\" (no price "
+      "entry gives one)",
+      "22: backends[6].long_context: only applies to kind: api",
       "inc/prices_bad.yaml:6: prices.half: missing required key \"output_usd_per_mtok\"",
       "inc/prices_bad.yaml:11: prices.typo.cached_inptu_usd_per_mtok: unknown key (did you mean "
       "\"cached_input_usd_per_mtok\"?)",
       "inc/prices_bad.yaml:12: prices.neg.input_usd_per_mtok: -1 is out of range 0..1e+06",
       "inc/prices_bad.yaml:12: prices.neg.output_usd_per_mtok: expected a number, got \"lots\"",
-      "inc/prices_bad.yaml:13: backends: unknown key",
+      "inc/prices_bad.yaml:16: prices.long-half.long_context: missing required key "
+      "\"output_usd_per_mtok\"",
+      "inc/prices_bad.yaml:20: prices.long-zero.long_context.above_prompt_tokens: 0 is out of "
+      "range 1..1000000000000",
+      "inc/prices_bad.yaml:21: prices.long-zero.long_context.cached_input: unknown key",
+      "inc/prices_bad.yaml:22: backends: unknown key",
       "inc/no_such_prices.yaml:1: (file): cannot open: No such file or directory",
       "inc/syntax.yaml:3: (yaml): missing comma in flow mapping"}},
     {.file = DATA "tenants_bad.yaml", .lines =
@@ -565,6 +577,9 @@ Test(conf, example_loads_with_its_env, .timeout = 10)
     cr_expect_eq(b->port, 443);
     cr_expect_str_eq(b->base_path, "/v1");
     cr_expect_eq(conf_find_backend(c, "gpu-llama-8b")->replicas, 2);
+    b = conf_find_backend(c, "house-llm-api");
+    cr_expect_eq(b->long_context.above_prompt_tokens, 128000, "the house-llm entry's");
+    cr_expect_float_eq(b->long_context.cached_input_usd_per_mtok, 0.20, 1e-12);
     cr_assert_eq(c->ntenants, 2);
     cr_expect_eq(c->tenants[1].on_exhausted, CONF_EXHAUSTED_REJECT);
     cr_expect_float_eq(c->tenants[1].daily_usd, 0, 1e-12);
@@ -644,6 +659,27 @@ Test(conf, prices_keys_experiments_store_cache, .timeout = 10)
     cr_expect_float_eq(b->input_usd_per_mtok + b->output_usd_per_mtok, 0, 1e-12);
     cr_expect_null(conf_find_backend(c, "gpu")->price);
     cr_expect_null(conf_find_price(c, "gpt-4o-min"));
+    cr_expect_eq(conf_find_backend(c, "mini")->long_context.above_prompt_tokens, 0, "none");
+
+    /* long-prompt tiers: conf/prices.yaml's gemini-2.5-pro, then key by key */
+    b = conf_find_backend(c, "gemini");
+    cr_expect_eq(b->long_context.above_prompt_tokens, 200000);
+    cr_expect_float_eq(b->long_context.input_usd_per_mtok, 2.5, 1e-12);
+    cr_expect_float_eq(b->long_context.output_usd_per_mtok, 15, 1e-12);
+    cr_expect_float_eq(b->long_context.cached_input_usd_per_mtok, 0.25, 1e-12);
+    b = conf_find_backend(c, "gemini-sooner");
+    cr_expect_eq(b->long_context.above_prompt_tokens, 100000, "the backend's own");
+    cr_expect_float_eq(b->long_context.input_usd_per_mtok, 2.5, 1e-12, "the entry's");
+    cr_expect_float_eq(b->long_context.output_usd_per_mtok, 20, 1e-12, "the backend's own");
+    cr_expect_float_eq(b->long_context.cached_input_usd_per_mtok, 0.25, 1e-12);
+    cr_expect_eq(conf_find_backend(c, "gemini-flat")->long_context.above_prompt_tokens, 0);
+    b = conf_find_backend(c, "house-long");
+    cr_expect_eq(b->long_context.above_prompt_tokens, 1000);
+    cr_expect_float_eq(b->long_context.cached_input_usd_per_mtok, 1, 1e-12, "tier's input");
+    b = conf_find_backend(c, "mini-long");
+    cr_expect_eq(b->long_context.above_prompt_tokens, 50000);
+    cr_expect_float_eq(b->long_context.output_usd_per_mtok, 1.2, 1e-12);
+    cr_expect_float_eq(b->long_context.cached_input_usd_per_mtok, 0.3, 1e-12, "tier's input");
     cr_expect_gt(c->nprices, 20, "conf/prices.yaml has them all");
 
     /* tenants, keys and their limits */
@@ -663,7 +699,7 @@ Test(conf, prices_keys_experiments_store_cache, .timeout = 10)
     cr_expect_eq(k->rpm, 10);
     cr_expect_eq(k->tpm, 5000);
     cr_expect_eq(k->index, 1);
-    cr_expect_eq(k->line, 45);
+    cr_expect_eq(k->line, 59);
     cr_expect_eq(conf_find_tenant_by_key(c, h), t);
     cr_expect_eq(memcmp(t->key_hashes[1], h, 32), 0, "key_hashes stays parallel");
     h[31] = 0xf3;

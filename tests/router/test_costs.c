@@ -553,6 +553,64 @@ Test(costs, exhausted_budget_downgrades_below_the_quality_floor)
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "downgraded-budget");
 }
 
+/* 1 message of 30 words: 3 + 4 + 30 = 37 prompt tokens, past the long
+ * tiers of 20 below. */
+#define LONG_MSG                                                                             \
+    "\"messages\":[{\"role\":\"user\",\"content\":\"a b c d e f g h i j k l m n o p q r s t u " \
+    "v w x y z a b c d\"}]"
+#define LONG_PROMPT_TOKENS 37
+#define LONG_TIER ", long_context: {above_prompt_tokens: 20, input_usd_per_mtok: 10, " \
+                  "output_usd_per_mtok: 20}"
+
+/* A prompt past a backend's long_context size is billed, every token of
+ * it, at the tier's rates, and held at them: the budget that fits a
+ * long request at the base rates many times over holds only one. */
+Test(costs, a_long_prompt_is_billed_and_held_at_the_long_context_rates)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_with("a", mock_a.port, 1, 1, 2, "cl100k_base", LONG_TIER);
+    start_routers(1, "a", "    budget: {daily_usd: 0.001, on_exhausted: reject}\n");
+    const char short_body[] = "{\"model\":\"chat\",\"max_tokens\":10," MSG "}";
+    const char long_body[] = "{\"model\":\"chat\",\"max_tokens\":10," LONG_MSG "}";
+
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", short_body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), usd(PROMPT_TOKENS, 10, 1, 2), 1e-9,
+                       "9 tokens: the base rates");
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", long_body), 0);
+    cr_assert_eq(resp.status, 200);
+    /* 37 x 10 + 10 x 20 = 570 micro-USD, where the base rates give 57 */
+    cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), usd(LONG_PROMPT_TOKENS, 10, 10, 20),
+                       1e-9);
+    /* $0.001 - 29 - 570 micro left: less than a long request's hold (570
+     * or more), more than ten of them at the base rates */
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", long_body), 0);
+    cr_assert_eq(resp.status, 429, "a second long request: %d", resp.status);
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", short_body), 0);
+    cr_assert_eq(resp.status, 200, "a short one still fits");
+}
+
+/* Routing ranks candidates by what the prompt would cost on each: a long
+ * prompt leaves the backend that is cheaper only for short ones. */
+Test(costs, a_long_prompt_goes_where_it_costs_least_at_its_size)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend_with("tiered", mock_a.port, 1, 1, 2, "cl100k_base", LONG_TIER);
+    add_backend_counted("flat", mock_b.port, 1, 5, 5, "cl100k_base");
+    start_routers(1, "tiered, flat", NULL);
+
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", "{\"model\":\"chat\",\"max_tokens\":10," MSG "}"),
+                 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "tiered");
+    cr_assert_eq(
+        chat(0, "x-mock-tokens: 10\r\n", "{\"model\":\"chat\",\"max_tokens\":10," LONG_MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "flat");
+    cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), usd(LONG_PROMPT_TOKENS, 10, 5, 5),
+                       1e-9);
+}
+
 /* A client that leaves mid-stream: 499 in the cost log and the metrics
  * (not the upstream's 200), charged for what was streamed. */
 Test(costs, a_client_leaving_mid_stream_is_logged_499)
