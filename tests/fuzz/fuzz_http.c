@@ -191,6 +191,8 @@ static void write_conf(void)
             "      first_byte_timeout_ms: 300, total_timeout_ms: 2000 }\n"
             "  - { name: api, kind: api, url: \"http://127.0.0.1:%d/v1\", api_key: %s,\n"
             "      model: gpt-4o-mini, tokenizer: o200k_base, quality: 3, context_window: 128000,\n"
+            "      long_context: { above_prompt_tokens: 300, input_usd_per_mtok: 0.3,\n"
+            "                      output_usd_per_mtok: 1.2 },\n"
             "      first_byte_timeout_ms: 300, total_timeout_ms: 2000 }\n"
             "  - { name: embed, kind: api, url: \"http://127.0.0.1:%d/v1\", api_key: %s,\n"
             "      model: text-embedding-3-small, tokenizer: cl100k_base, quality: 3,\n"
