@@ -928,6 +928,94 @@ Test(conf, shadowed_experiments_over_long_tenant_lists, .timeout = 30)
     conf_free(c);
 }
 
+/* Write `n` price entries model-0 .. model-(n-1) to DIR/NAME, then
+ * `tail` (more YAML, may be ""). Line of model-i: i + 2. */
+static void write_price_file(const char *dir, const char *name, int n, const char *tail)
+{
+    char path[256];
+    FILE *f;
+
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    cr_assert_not_null(f = fopen(path, "w"));
+    fprintf(f, "prices:\n");
+    for (int i = 0; i < n; i++)
+        fprintf(f, "  model-%d: {input_usd_per_mtok: %d, output_usd_per_mtok: 2}\n", i, i);
+    fprintf(f, "%s", tail);
+    fclose(f);
+}
+
+/* Load DIR/config.yaml including `includes` (a YAML list), with one
+ * backend priced by model-19999. */
+static struct conf *load_with_prices(const char *dir, const char *includes, char **errors)
+{
+    char path[256];
+    FILE *f;
+
+    snprintf(path, sizeof(path), "%s/config.yaml", dir);
+    cr_assert_not_null(f = fopen(path, "w"));
+    fprintf(f, "include: %s\n"
+               "backends:\n  - {name: a, kind: api, url: \"http://127.0.0.1:1/v1\", "
+               "model: model-19999}\n"
+               "routes:\n  - {model: chat, candidates: [a]}\n",
+            includes);
+    fclose(f);
+    *errors = NULL;
+    return conf_load(path, errors);
+}
+
+/* A price file of 20,000 entries in one mapping loads in well under a
+ * second: its duplicate keys are found by sorting each mapping's keys,
+ * and its duplicate price names by sorting all entries, where libfyaml's
+ * own check and a search per entry compared each with those before it
+ * (26 s for this file). */
+Test(conf, a_price_mapping_of_20000_entries_and_its_duplicates, .timeout = 20)
+{
+    enum { N = 20000 };
+    char dir[] = "/tmp/conf-test-XXXXXX", want[512], *errors;
+    struct conf *c;
+
+    cr_assert_not_null(mkdtemp(dir));
+    write_price_file(dir, "big.yaml", N, "");
+    c = load_with_prices(dir, "[big.yaml]", &errors);
+    cr_assert_not_null(c, "%s", errors ? errors : "");
+    cr_expect_eq(c->nprices, N);
+    cr_expect_float_eq(conf_find_price(c, "model-12345")->input_usd_per_mtok, 12345, 1e-9);
+    cr_expect_float_eq(conf_find_backend(c, "a")->input_usd_per_mtok, 19999, 1e-9);
+    conf_free(c);
+
+    /* the same name in another file: named once, at the second */
+    write_price_file(dir, "again.yaml", 0, "  x: {input_usd_per_mtok: 1, output_usd_per_mtok: 1}\n"
+                                            "  model-19999: {input_usd_per_mtok: 1, "
+                                            "output_usd_per_mtok: 1}\n");
+    c = load_with_prices(dir, "[big.yaml, again.yaml]", &errors);
+    cr_assert_null(c);
+    snprintf(want, sizeof(want),
+             "%s/again.yaml:3: prices.model-19999: duplicate price \"model-19999\" (first at "
+             "%s/big.yaml:20001)\n",
+             dir, dir);
+    cr_expect_str_eq(errors, want);
+    free(errors);
+
+    /* a key twice in the one mapping: a YAML error, with both lines (the
+     * file is refused, so the backend has no price either) */
+    write_price_file(dir, "big.yaml", N, "  model-7: {input_usd_per_mtok: 1, output_usd_per_mtok: 1}\n");
+    c = load_with_prices(dir, "[big.yaml]", &errors);
+    cr_assert_null(c);
+    snprintf(want, sizeof(want),
+             "\n%s/big.yaml:20002: prices.model-7: duplicate key (first at line 9)\n", dir);
+    cr_expect_not_null(strstr(errors, want), "%s", errors);
+    free(errors);
+    for (const char *const *f = (const char *const[]){"big.yaml", "again.yaml", "config.yaml",
+                                                       NULL};
+         *f; f++) {
+        char path[256];
+
+        snprintf(path, sizeof(path), "%s/%s", dir, *f);
+        unlink(path);
+    }
+    rmdir(dir);
+}
+
 /* What fifo_writer writes: a price file behind a comment longer than a
  * pipe holds, so that the reader takes it in many reads. */
 struct fifo_job {
