@@ -65,6 +65,10 @@ struct report {
     struct stats total;   /* every counted line */
     uint64_t lines;       /* non-empty lines read */
     uint64_t bad;         /* lines skipped: not a JSON object, or out of range */
+    int64_t since_ms;     /* --since: lines before it are left out; -1 = none */
+    int64_t until_ms;     /* --until: lines at or after it are left out; -1 = none */
+    uint64_t outside;     /* lines left out by --since or --until */
+    uint64_t untimed;     /* lines left out for want of a `ts` to place them */
 };
 
 /* ---- groups ------------------------------------------------------------ */
@@ -321,6 +325,88 @@ static int add_line(struct report *r, const cJSON *o)
     return 0;
 }
 
+/* The `k` digits at `s` as a number, or -1 if they are not all digits. */
+static int digits_at(const char *s, int k)
+{
+    int v = 0;
+
+    for (int i = 0; i < k; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return -1;
+        v = v * 10 + (s[i] - '0');
+    }
+    return v;
+}
+
+/* Milliseconds since 1970 of a UTC time written YYYY-MM-DD, optionally
+ * followed by THH:MM, :SS and a fraction, and a Z: the cost log writes
+ * YYYY-MM-DDTHH:MM:SS.mmmZ. -1 if `s` is not so written or names no such
+ * day or time (2026-02-30, 24:00). A fraction is cut to the millisecond. */
+static int64_t utc_ms(const char *s)
+{
+    int f[6] = {digits_at(s, 4), -1, -1, 0, 0, 0}, ms = 0, places = 0;
+    struct tm tm = {0}, back;
+    time_t t;
+
+    if (f[0] < 0 || s[4] != '-' || (f[1] = digits_at(s + 5, 2)) < 0 || s[7] != '-' ||
+        (f[2] = digits_at(s + 8, 2)) < 0)
+        return -1;
+    s += 10;
+    if (*s == 'T') {
+        if ((f[3] = digits_at(s + 1, 2)) < 0 || s[3] != ':' || (f[4] = digits_at(s + 4, 2)) < 0)
+            return -1;
+        s += 6;
+        if (*s == ':') {
+            if ((f[5] = digits_at(s + 1, 2)) < 0)
+                return -1;
+            s += 3;
+            if (*s == '.') {
+                for (s++; *s >= '0' && *s <= '9'; s++, places++)
+                    if (places < 3)
+                        ms = ms * 10 + (*s - '0');
+                if (places == 0)
+                    return -1;
+                for (; places < 3; places++)
+                    ms *= 10;
+            }
+        }
+    }
+    s += *s == 'Z';
+    if (*s != '\0')
+        return -1;
+    tm = (struct tm){.tm_year = f[0] - 1900, .tm_mon = f[1] - 1, .tm_mday = f[2],
+                     .tm_hour = f[3], .tm_min = f[4], .tm_sec = f[5]};
+    t = timegm(&tm);
+    /* timegm carries what is out of range (February 30th is March 2nd):
+     * a time that does not come back as written was no such time */
+    if (gmtime_r(&t, &back) == NULL || back.tm_year != f[0] - 1900 || back.tm_mon != f[1] - 1 ||
+        back.tm_mday != f[2] || back.tm_hour != f[3] || back.tm_min != f[4] ||
+        back.tm_sec != f[5])
+        return -1;
+    return (int64_t)t * 1000 + ms;
+}
+
+/* Is line `o` in the period --since and --until give? 1 if it is (or no
+ * period was given); 0, counted, if it is not or has no `ts` to tell. */
+static int in_period(struct report *r, const cJSON *o)
+{
+    const cJSON *ts;
+    int64_t ms;
+
+    if (r->since_ms < 0 && r->until_ms < 0)
+        return 1;
+    ts = cJSON_GetObjectItemCaseSensitive(o, "ts");
+    if (!cJSON_IsString(ts) || (ms = utc_ms(ts->valuestring)) < 0) {
+        r->untimed++;
+        return 0;
+    }
+    if ((r->since_ms >= 0 && ms < r->since_ms) || (r->until_ms >= 0 && ms >= r->until_ms)) {
+        r->outside++;
+        return 0;
+    }
+    return 1;
+}
+
 static double now_s(void)
 {
     struct timespec ts;
@@ -365,7 +451,7 @@ static int read_log(struct report *r, const char *path, int show)
             continue;
         r->lines++;
         cJSON *o = cJSON_ParseWithLength(line, (size_t)n);
-        if (!cJSON_IsObject(o) || add_line(r, o) != 0)
+        if (!cJSON_IsObject(o) || (in_period(r, o) && add_line(r, o) != 0))
             r->bad++;
         cJSON_Delete(o);
         if (show && (r->lines & 0x3fff) == 0 && now_s() - last >= 0.25) {
@@ -630,13 +716,45 @@ static struct arm_diff *arm_diffs(const struct report *r, size_t *n)
     return out;
 }
 
+/* `ms` (a --since or --until) as the cost log writes a time; NULL when
+ * it is -1 (no bound). */
+static const char *time_text(char *out, size_t cap, int64_t ms)
+{
+    time_t secs = (time_t)(ms / 1000);
+    struct tm tm;
+
+    if (ms < 0 || gmtime_r(&secs, &tm) == NULL || cap < 25)
+        return NULL;
+    strftime(out, cap, "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(out + 19, cap - 19, ".%03dZ", (int)(ms % 1000));
+    return out;
+}
+
+static void json_add_time(cJSON *o, const char *key, int64_t ms)
+{
+    char text[32];
+
+    if (time_text(text, sizeof(text), ms) == NULL)
+        cJSON_AddNullToObject(o, key);
+    else
+        cJSON_AddStringToObject(o, key, text);
+}
+
 static void print_table(const struct report *r, FILE *out, const struct group **g,
                         const struct arm_diff *d, size_t nd)
 {
     char cell[64], cost[48], per_1k[48], saved[48];
 
+    char since[32], until[32];
+
     fprintf(out, "lines: %llu  bad lines skipped: %llu\n", (unsigned long long)r->lines,
             (unsigned long long)r->bad);
+    if (r->since_ms >= 0 || r->until_ms >= 0)
+        fprintf(out, "period: from %s until %s; left out: %llu lines outside it, %llu without "
+                     "a time\n",
+                time_text(since, sizeof(since), r->since_ms) ? since : "the start",
+                time_text(until, sizeof(until), r->until_ms) ? until : "the end",
+                (unsigned long long)r->outside, (unsigned long long)r->untimed);
     column_text(cost, sizeof(cost), &r->total, 4, TABLE_DECIMALS);
     column_text(per_1k, sizeof(per_1k), &r->total, 5, TABLE_DECIMALS);
     column_text(saved, sizeof(saved), &r->total, 7, TABLE_DECIMALS);
@@ -796,6 +914,10 @@ static int print_json(const struct report *r, FILE *out, const struct group **g,
 
     cJSON_AddNumberToObject(root, "lines", (double)r->lines);
     cJSON_AddNumberToObject(root, "bad_lines", (double)r->bad);
+    json_add_time(root, "since", r->since_ms);
+    json_add_time(root, "until", r->until_ms);
+    cJSON_AddNumberToObject(root, "outside_lines", (double)r->outside);
+    cJSON_AddNumberToObject(root, "untimed_lines", (double)r->untimed);
     cJSON_AddItemToObject(root, "total", json_stats(&r->total));
     groups = cJSON_AddArrayToObject(root, "groups");
     for (size_t i = 0; i < r->groups.n; i++) {
@@ -834,7 +956,9 @@ static int print_json(const struct report *r, FILE *out, const struct group **g,
 static void usage(FILE *f)
 {
     fputs("usage: costrouter report [--format table|csv|json] [--by tenant,tag,backend,route,arm]\n"
-          "                         [--progress] [-o FILE] [FILE|-]...\n",
+          "                         [--since TIME] [--until TIME] [--progress] [-o FILE]\n"
+          "                         [FILE|-]...\n"
+          "TIME is UTC: YYYY-MM-DD[THH:MM[:SS[.fff]]][Z]; --since is in the period, --until not\n",
           f);
 }
 
@@ -859,11 +983,12 @@ int cli_report_main(int argc, char **argv)
     static const struct option opts[] = {
         {"format", required_argument, NULL, 'f'}, {"by", required_argument, NULL, 'b'},
         {"progress", no_argument, NULL, 'p'},     {"output", required_argument, NULL, 'o'},
+        {"since", required_argument, NULL, 's'},  {"until", required_argument, NULL, 'u'},
         {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0},
     };
     char default_by[] = "tenant,tag,backend,route,arm", *by = NULL, *by_copy = NULL;
     const char *output = NULL;
-    struct report r = {0};
+    struct report r = {.since_ms = -1, .until_ms = -1};
     enum format format = FORMAT_TABLE;
     int show = isatty(2), rc = 2, c;
     const struct group **g = NULL;
@@ -887,6 +1012,14 @@ int cli_report_main(int argc, char **argv)
         case 'b': by = optarg; break;
         case 'p': show = 1; break;
         case 'o': output = optarg; break;
+        case 's':
+        case 'u':
+            if ((*(c == 's' ? &r.since_ms : &r.until_ms) = utc_ms(optarg)) < 0) {
+                fprintf(stderr, "report: --%s: not a UTC time: \"%s\"\n",
+                        c == 's' ? "since" : "until", optarg);
+                goto usage;
+            }
+            break;
         case 'h': usage(stdout); return 0;
         default: goto usage;
         }
@@ -900,6 +1033,10 @@ int cli_report_main(int argc, char **argv)
     }
     if (parse_by(&r, by_copy) != 0)
         goto usage;
+    if (r.since_ms >= 0 && r.until_ms >= 0 && r.until_ms <= r.since_ms) {
+        fprintf(stderr, "report: --until is not after --since: the period is empty\n");
+        goto usage;
+    }
     rc = 1;
     for (int i = optind; i < argc; i++)
         if (read_log(&r, argv[i], show) != 0)
@@ -908,6 +1045,12 @@ int cli_report_main(int argc, char **argv)
         goto done;
     if (r.bad > 0)
         fprintf(stderr, "report: skipped %llu bad lines\n", (unsigned long long)r.bad);
+    if (r.outside > 0)
+        fprintf(stderr, "report: left out %llu lines outside the period\n",
+                (unsigned long long)r.outside);
+    if (r.untimed > 0)
+        fprintf(stderr, "report: left out %llu lines without a time (ts) to place them\n",
+                (unsigned long long)r.untimed);
     if (output != NULL && (out = fopen(output, "w")) == NULL) {
         fprintf(stderr, "report: %s: %s\n", output, strerror(errno));
         goto done;

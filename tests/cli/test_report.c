@@ -699,3 +699,105 @@ Test(report, whole_dollars_and_the_dearest_first, .timeout = 10)
     cr_assert(json_wrote(out.data, "cost_usd", "1"), "%s", out.data);
     buf_free(&out);
 }
+
+/* A record of `usd` for `tenant` at `ts_ms` (-1: the writer's null), in
+ * the writer's own format. */
+static void emit_at(FILE *f, int64_t ts_ms, const char *tenant, double usd)
+{
+    struct metrics_cost_record r = {
+        .ts_ms = ts_ms, .request_id = "r", .tenant = tenant, .route = "chat", .backend = "b",
+        .reason = "cheapest", .prompt_tokens_est = -1, .prompt_tokens = -1,
+        .completion_tokens_est = -1, .completion_tokens = -1, .billed_prompt_tokens = -1,
+        .billed_completion_tokens = -1, .cost_usd_est = NAN, .cost_usd = usd, .saved_usd = NAN,
+        .ttft_ms = NAN, .latency_ms = NAN, .status = 200,
+    };
+
+    emit(f, &r);
+}
+
+/* `report --since --until` on the log, JSON by tenant; the exit status. */
+static int run_period(const char *since, const char *until)
+{
+    char *argv[14] = {"report", "--format", "json", "--by", "tenant", "-o", outpath};
+    int argc = 7;
+
+    if (since)
+        argv[argc++] = "--since", argv[argc++] = (char *)since;
+    if (until)
+        argv[argc++] = "--until", argv[argc++] = (char *)until;
+    argv[argc++] = logpath;
+    argv[argc] = NULL;
+    return cli_report_main(argc, argv);
+}
+
+/* A month's chargeback from a log that runs past it: --since is in the
+ * period, --until is not, to the millisecond of the records' `ts`; a
+ * record without one is left out and counted, not taken as bad. */
+Test(report, since_and_until_keep_the_records_of_a_period, .timeout = 10)
+{
+    const int64_t dec1 = 1796083200000LL; /* 2026-12-01T00:00:00.000Z */
+    const int64_t jan1 = 1798761600000LL; /* 2027-01-01T00:00:00.000Z */
+    FILE *f = fopen(logpath, "w");
+    char *text;
+    cJSON *root;
+
+    cr_assert_not_null(f);
+    emit_at(f, dec1 - 1, "acme", 1.0 / 1024);  /* 2026-11-30T23:59:59.999Z: out */
+    emit_at(f, dec1, "acme", 2.0 / 1024);      /* in */
+    emit_at(f, jan1 - 1, "globex", 4.0 / 1024); /* in */
+    emit_at(f, jan1, "globex", 8.0 / 1024);    /* out */
+    emit_at(f, -1, "acme", 16.0 / 1024);       /* "ts":null: untimed */
+    fputs("{\"tenant\":\"acme\",\"cost_usd\":1}\n", f); /* no ts: untimed */
+    fputs("not json\n", f);                          /* bad */
+    fclose(f);
+
+    cr_assert_eq(run_period("2026-12-01", "2027-01-01T00:00:00Z"), 0);
+    root = cJSON_Parse(text = slurp(outpath));
+    cr_assert_not_null(root, "%s", text);
+    cr_expect_eq(cJSON_GetObjectItem(root, "lines")->valuedouble, 7);
+    cr_expect_eq(cJSON_GetObjectItem(root, "bad_lines")->valuedouble, 1);
+    cr_expect_eq(cJSON_GetObjectItem(root, "outside_lines")->valuedouble, 2);
+    cr_expect_eq(cJSON_GetObjectItem(root, "untimed_lines")->valuedouble, 2);
+    cr_expect_str_eq(cJSON_GetObjectItem(root, "since")->valuestring, "2026-12-01T00:00:00.000Z");
+    cr_expect_str_eq(cJSON_GetObjectItem(root, "until")->valuestring, "2027-01-01T00:00:00.000Z");
+    cr_expect_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(root, "total"), "requests")->valuedouble, 2);
+    cr_expect_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(root, "total"), "cost_usd")->valuedouble,
+                 6.0 / 1024);
+    cr_expect_eq(cJSON_GetObjectItem(group(root, "tenant", "acme"), "cost_usd")->valuedouble,
+                 2.0 / 1024);
+    cr_expect_eq(cJSON_GetObjectItem(group(root, "tenant", "globex"), "cost_usd")->valuedouble,
+                 4.0 / 1024);
+    cJSON_Delete(root);
+    free(text);
+
+    /* a bound alone, to the millisecond: the last one of November onward */
+    cr_assert_eq(run_period("2026-11-30T23:59:59.999", NULL), 0);
+    root = cJSON_Parse(text = slurp(outpath));
+    cr_expect_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(root, "total"), "requests")->valuedouble, 4);
+    cr_expect(cJSON_IsNull(cJSON_GetObjectItem(root, "until")));
+    cJSON_Delete(root);
+    free(text);
+
+    /* without a period every line counts, and none is left out */
+    cr_assert_eq(run_period(NULL, NULL), 0);
+    root = cJSON_Parse(text = slurp(outpath));
+    cr_expect_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(root, "total"), "requests")->valuedouble, 6);
+    cr_expect_eq(cJSON_GetObjectItem(root, "untimed_lines")->valuedouble, 0);
+    cJSON_Delete(root);
+    free(text);
+}
+
+/* A time that is not one, and an empty period, are usage errors. */
+Test(report, since_and_until_refuse_what_is_not_a_utc_time, .timeout = 10)
+{
+    static const char *const bad[] = {"2026-02-30", "2026-12-01T24:00", "2026-12-1",
+                                      "2026-12-01T10:00+02:00", "2026-12-01T10", "yesterday",
+                                      "2026-12-01T10:00:00.", ""};
+
+    write_log((const char *const[]){"{\"ts\":\"2026-12-01T00:00:00.000Z\",\"cost_usd\":1}"}, 1);
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        cr_expect_eq(run_period(bad[i], NULL), 2, "--since \"%s\"", bad[i]);
+    cr_expect_eq(run_period("2026-12-02", "2026-12-01"), 2, "until before since");
+    cr_expect_eq(run_period("2026-12-01", "2026-12-01"), 2, "an empty period");
+    cr_expect_eq(run_period("2024-02-29T23:59:59.5Z", "2026-12-01T00:00:00.001"), 0);
+}
