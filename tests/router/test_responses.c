@@ -3,8 +3,8 @@
  * API) through the real router in front of a real mockllm: the settled
  * cost of plain and streamed answers in the head, the stream's SSE
  * comment and trailer and the cost log; cached input tokens at the cached
- * rate; no stream_options sent upstream; a stream without usage charged
- * for its text deltas alone; the hold of max_output_tokens against a
+ * rate; no stream_options sent upstream; a stream without usage, or
+ * broken, charged for its text deltas alone; the hold of max_output_tokens against a
  * budget; a wrongly typed input refused; never the response cache.
  *
  * mockllm counts a Responses prompt by its chat rule: 3, plus 4 + the
@@ -21,6 +21,7 @@
 #define _GNU_SOURCE
 #include <cjson/cJSON.h>
 #include <criterion/criterion.h>
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -288,6 +289,36 @@ Test(responses, a_stream_without_usage_is_charged_for_its_text_deltas_alone)
     cJSON_Delete(rec);
     cr_assert_float_eq(stream_usd(&s), usd(prompt, 0, 5), 1e-9);
     support_sse_close(&s);
+}
+
+/* A stream that breaks before response.completed: the client sees an
+ * error event and no clean end; the tenant pays the estimated prompt and
+ * the three deltas that passed, not the response.created before them. */
+Test(responses, a_broken_stream_is_charged_for_the_deltas_that_passed)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    char headers[256];
+    int rc, error_event = 0;
+
+    start("");
+    snprintf(headers, sizeof(headers), AUTH "x-mock-tokens: 8\r\nx-mock-fault: close-midstream\r\n");
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/responses", headers,
+                                     "{\"model\":\"chat\",\"stream\":true," INPUT "}"),
+                 0);
+    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1)
+        error_event |= strstr(ev.data, "\"error\"") != NULL;
+    cr_assert_eq(rc, -ECONNRESET, "a broken stream ended cleanly");
+    cr_assert(error_event, "no error event");
+    support_sse_close(&s);
+    cJSON *rec = last_cost_record();
+    double prompt = num(rec, "billed_prompt_tokens");
+    cr_assert_gt(prompt, 0);
+    cr_assert_eq(num(rec, "billed_completion_tokens"), 3);
+    cr_assert_float_eq(num(rec, "cost_usd"), usd(prompt, 0, 3), 1e-9);
+    cJSON_Delete(rec);
 }
 
 Test(responses, a_budget_refuses_a_hold_of_max_output_tokens_that_does_not_fit)
