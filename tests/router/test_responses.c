@@ -176,14 +176,17 @@ static void assert_logged(double prompt, double completion, double cost)
 static cJSON *upstream_body(void)
 {
     const cJSON *body;
+    cJSON *inner;
 
     cr_assert_eq(call(mock.port, "GET", "/mock/last-request", NULL, NULL), 0);
     cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(body_json(), "path")->valuestring,
                      "/v1/responses");
     body = cJSON_GetObjectItemCaseSensitive(json, "body");
     cr_assert(cJSON_IsString(body));
-    json = cJSON_Parse(body->valuestring);
-    cr_assert_not_null(json);
+    inner = cJSON_Parse(body->valuestring);
+    cr_assert_not_null(inner);
+    cJSON_Delete(json);
+    json = inner;
     return json;
 }
 
