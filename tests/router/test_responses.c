@@ -3,8 +3,9 @@
  * API) through the real router in front of a real mockllm: the settled
  * cost of plain and streamed answers in the head, the stream's SSE
  * comment and trailer and the cost log; cached input tokens at the cached
- * rate; no stream_options sent upstream; a stream without usage, or
- * broken, charged for its text deltas alone; the hold of max_output_tokens against a
+ * rate; no stream_options sent upstream; an answer without usage charged
+ * for its output text, a stream without usage, or broken, for its text
+ * deltas alone; the hold of max_output_tokens against a
  * budget; a wrongly typed input refused; never the response cache.
  *
  * mockllm counts a Responses prompt by its chat rule: 3, plus 4 + the
@@ -83,7 +84,7 @@ static void start(const char *tenant_extra)
             "backends:\n"
             "  - {name: a, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-a, quality: 1,\n"
             "     context_window: 100000, input_usd_per_mtok: %d, cached_input_usd_per_mtok: %d,\n"
-            "     output_usd_per_mtok: %d}\n"
+            "     output_usd_per_mtok: %d, tokenizer: o200k_base}\n"
             "routes:\n  - {model: chat, candidates: [a]}\n"
             "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n%s",
             log_path, mock.port, IN_USD, CACHED_USD, OUT_USD, hex, tenant_extra);
@@ -209,6 +210,25 @@ Test(responses, plain_cost_is_usage_times_price_in_header_and_log)
     cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(upstream_body(), "model")->valuestring,
                      "m-a");
     assert_logged(PROMPT_TOKENS, 7, want);
+}
+
+/* A whole answer without usage is charged the estimated prompt and its
+ * output text counted with the backend's tokenizer: "The quick brown
+ * fox" is 4 tokens in o200k_base. */
+Test(responses, a_plain_answer_without_usage_is_charged_for_its_output_text)
+{
+    start("");
+    cr_assert_eq(responses("x-mock-tokens: 4\r\nx-mock-usage: omit\r\n",
+                           "{\"model\":\"chat\"," INPUT "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_null(cJSON_GetObjectItemCaseSensitive(body_json(), "usage"));
+    /* "hello there" as a user message, by the chat framing: 3 + 1 + 2 + 3. */
+    cr_assert_float_eq(header_usd(), usd(9, 0, 4), 1e-9);
+    cJSON *rec = last_cost_record();
+    cr_assert_eq(num(rec, "billed_prompt_tokens"), 9);
+    cr_assert_eq(num(rec, "billed_completion_tokens"), 4);
+    cJSON_Delete(rec);
 }
 
 Test(responses, cached_input_tokens_are_priced_at_the_cached_rate)
