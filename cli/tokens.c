@@ -2,11 +2,14 @@
  * cli/tokens.c: `costrouter tokens`, token counts from the command line.
  *
  *   costrouter tokens --encoding cl100k_base|o200k_base|llama3|estimate
- *                     [--chat] [--ids] [--data DIR] [FILE|-]   (--help: usage)
+ *                     [--chat|--responses] [--ids] [--data DIR] [FILE|-]   (--help: usage)
  *
  * Prints the token count of FILE (default stdin). With --chat the input is
  * a chat completion request JSON and the count is its prompt tokens as the
- * API reports them (policy_tokens_chat); --ids prints the token ids too.
+ * API reports them (policy_tokens_chat); with --responses a Responses API
+ * request (policy_tokens_responses, the chat framing standing for the
+ * Responses API's, which is not documented); --ids prints the token ids
+ * too.
  */
 #include "cli/tokens.h"
 
@@ -34,6 +37,8 @@ void cli_tokens_options(FILE *f)
     fputs("  --encoding ENC      cl100k_base, o200k_base, llama3, or estimate (from bytes)\n"
           "  --chat              the input is a chat completion request (JSON): count its\n"
           "                      prompt tokens as the API bills them\n"
+          "  --responses         the input is a Responses API request (JSON): count its prompt\n"
+          "                      as --chat would count the same messages\n"
           "  --ids               print the token ids too, on a second line (plain text only)\n"
           "  --data DIR          folder of the token tables (default: $COSTROUTER_DATA, else\n"
           "                      data/tokens)\n"
@@ -76,14 +81,18 @@ static int print_ids(struct policy_tokens *t, enum conf_tokenizer enc, const str
 int cli_tokens_main(int argc, char **argv)
 {
     const char *enc_name = NULL, *path = "-", *dir = NULL;
-    int chat = 0, want_ids = 0, rc = 1;
+    int want_ids = 0, rc = 1;
+    /* The prompt counter of a request (--chat, --responses), or NULL: text. */
+    int64_t (*prompt)(struct policy_tokens *, enum conf_tokenizer, const cJSON *) = NULL;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--encoding") == 0 && i + 1 < argc)
             enc_name = argv[++i];
         else if (strcmp(argv[i], "--data") == 0 && i + 1 < argc)
             dir = argv[++i];
         else if (strcmp(argv[i], "--chat") == 0)
-            chat = 1;
+            prompt = policy_tokens_chat;
+        else if (strcmp(argv[i], "--responses") == 0)
+            prompt = policy_tokens_responses;
         else if (strcmp(argv[i], "--ids") == 0)
             want_ids = 1;
         else if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0)
@@ -123,13 +132,13 @@ int cli_tokens_main(int argc, char **argv)
         goto out;
     }
     int64_t count;
-    if (chat) {
+    if (prompt) {
         req = cJSON_ParseWithLength(in.data ? in.data : "", in.len);
         if (!req) {
             fprintf(stderr, "costrouter tokens: %s: not valid JSON\n", path);
             goto out;
         }
-        count = policy_tokens_chat(t, enc, req);
+        count = prompt(t, enc, req);
     } else {
         count = policy_tokens_count(t, enc, in.data, in.len);
     }
@@ -139,7 +148,7 @@ int cli_tokens_main(int argc, char **argv)
         goto out;
     }
     printf("%lld\n", (long long)count);
-    if (want_ids && !chat && enc != CONF_TOK_ESTIMATE && print_ids(t, enc, &in, count) < 0)
+    if (want_ids && !prompt && enc != CONF_TOK_ESTIMATE && print_ids(t, enc, &in, count) < 0)
         goto out;
     rc = 0;
 out:

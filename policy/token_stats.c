@@ -127,6 +127,9 @@ int64_t policy_outpred_predict(struct policy_outpred *o, const cJSON *req, int64
     int64_t a = positive_int(req, "max_completion_tokens"), b = positive_int(req, "max_tokens");
     int64_t n = positive_int(req, "n");
     int64_t per = a && b ? (a < b ? a : b) : a ? a : b;
+
+    if (!per) /* the Responses API's name for the cap */
+        per = positive_int(req, "max_output_tokens");
     if (!per)
         per = o && o->n >= OUTPRED_MIN_SAMPLES ? (int64_t)outpred_quantile(o) : fallback;
     return n > 1 ? per * n : per;

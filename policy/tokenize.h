@@ -129,6 +129,27 @@ int64_t policy_tokens_chat(struct policy_tokens *t, enum conf_tokenizer enc,
                            const struct cJSON *req);
 
 /*
+ * Prompt tokens of a Responses API request (POST /v1/responses), by the
+ * chat framing of `enc`: the API does not document its own, so each
+ * message is framed as a chat message is (calibration and the settled
+ * usage correct the difference). Counted: "instructions" (a system
+ * message); "input" as a string (a user message) or as items: messages
+ * {role, content} whose content is a string or parts (input_text and
+ * output_text by their "text", input_image as the chat path prices an
+ * image; input_file and other parts are not counted), function_call items
+ * (name and arguments, as an earlier tool call in chat) and
+ * function_call_output items ("output", as a tool message); other items
+ * (reasoning, item references, built-in tool calls) are not counted; and
+ * "tools" as the chat path counts them (the Responses API writes a
+ * function's name, description and parameters at the tool's top level,
+ * which that count reads). What previous_response_id or conversation
+ * bring in is not in the request and not counted. Returns the count
+ * (>= 0) or -ENOMEM.
+ */
+int64_t policy_tokens_responses(struct policy_tokens *t, enum conf_tokenizer enc,
+                                const struct cJSON *req);
+
+/*
  * Online calibration of estimates for one backend: an exponentially
  * weighted moving average of reported / estimated prompt tokens. Owned by
  * the caller (one per backend), zero-initialised by policy_calib_init.
@@ -178,7 +199,8 @@ void policy_outpred_observe(struct policy_outpred *o, int64_t completion_tokens,
 
 /*
  * Completion tokens to reserve for `req`: its "max_completion_tokens" or
- * "max_tokens" (the smaller if both) when given and > 0; else the P95 of
+ * "max_tokens" (the smaller if both) when given and > 0, or a Responses
+ * request's "max_output_tokens"; else the P95 of
  * recent completions once at least 8 were observed; else `fallback`.
  * Multiplied by "n" when n > 1. `req` may be NULL. O(WINDOW) when the
  * P95 is needed and new samples came since it was last computed, else O(1).

@@ -8,7 +8,9 @@
  * checks against the API's usage.prompt_tokens: 129 (gpt-3.5-turbo/gpt-4,
  * cl100k) and 124 (gpt-4o, o200k) for its example messages; 105 and 101
  * for its weather-tool example. Image tiles follow OpenAI's vision guide.
- * Llama 3 follows Meta's chat template.
+ * Llama 3 follows Meta's chat template. Responses API requests
+ * (policy_tokens_responses) are counted by the same framing, message by
+ * message: the API documents none of its own.
  */
 #include "policy/tokenize.h"
 
@@ -184,11 +186,10 @@ static int image_size(const char *b64, size_t len, uint32_t *w, uint32_t *h)
     return *w && *h ? 0 : -1;
 }
 
-/* OpenAI's tile rule for one image_url part. */
-static int64_t image_tokens(const cJSON *image_url, const char *model)
+/* OpenAI's tile rule for one image at `url` (NULL: not given, as with a
+ * file id) with `detail` (NULL: auto). */
+static int64_t image_tokens_of(const char *url, const char *detail, const char *model)
 {
-    const char *url = cJSON_IsString(image_url) ? image_url->valuestring : str_field(image_url, "url");
-    const char *detail = cJSON_IsObject(image_url) ? str_field(image_url, "detail") : NULL;
     int mini = model && strstr(model, "4o-mini") != NULL;
     int64_t base = mini ? 2833 : 85, tile = mini ? 5667 : 170;
     if (detail && strcmp(detail, "low") == 0)
@@ -216,6 +217,15 @@ static int64_t image_tokens(const cJSON *image_url, const char *model)
     return base + tile * (int64_t)ceil(dw / 512) * (int64_t)ceil(dh / 512);
 }
 
+/* A chat image_url part's value: a URL, or {url, detail}. */
+static int64_t image_tokens(const cJSON *image_url, const char *model)
+{
+    const char *url = cJSON_IsString(image_url) ? image_url->valuestring : str_field(image_url, "url");
+    const char *detail = cJSON_IsObject(image_url) ? str_field(image_url, "detail") : NULL;
+
+    return image_tokens_of(url, detail, model);
+}
+
 /* ---- OpenAI framing ---- */
 
 static void openai_content(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *content,
@@ -230,6 +240,8 @@ static void openai_content(struct policy_tokens *t, enum conf_tokenizer enc, con
             add(s, count_str(t, enc, text));
         else if (type && strcmp(type, "image_url") == 0)
             add(s, image_tokens(cJSON_GetObjectItemCaseSensitive(part, "image_url"), model));
+        else if (type && strcmp(type, "input_image") == 0) /* Responses: URL and detail here */
+            add(s, image_tokens_of(str_field(part, "image_url"), str_field(part, "detail"), model));
     }
 }
 
@@ -399,26 +411,37 @@ static void llama_tools(struct policy_tokens *t, const cJSON *req, struct tally 
     }
 }
 
+/* One message of `role` (NULL: none) whose content is `content`. */
+static void llama_message(struct policy_tokens *t, const char *role, const cJSON *content,
+                          struct tally *s)
+{
+    add_fixed(s, 3); /* <|start_header_id|> <|end_header_id|> <|eot_id|> */
+    if (role)
+        add(s, count_str(t, CONF_TOK_LLAMA3, role));
+    struct buf *b = policy__tokens_line(t);
+    int err = llama_body(b, content);
+    add(s, count_buf(t, CONF_TOK_LLAMA3, b, err));
+}
+
+/* After the messages: the generation prompt, then the tools. */
+static int64_t llama_end(struct policy_tokens *t, const cJSON *req, struct tally *s)
+{
+    /* <|start_header_id|>assistant<|end_header_id|>"\n\n" */
+    add_fixed(s, 2);
+    add(s, count_str(t, CONF_TOK_LLAMA3, "assistant"));
+    add(s, count_str(t, CONF_TOK_LLAMA3, "\n\n"));
+    llama_tools(t, req, s);
+    return s->err ? s->err : s->n;
+}
+
 static int64_t llama_chat(struct policy_tokens *t, const cJSON *messages, const cJSON *req)
 {
     struct tally s = {1, 0}; /* <|begin_of_text|> */
     const cJSON *msg;
     cJSON_ArrayForEach(msg, messages)
-    {
-        const char *role = str_field(msg, "role");
-        add_fixed(&s, 3); /* <|start_header_id|> <|end_header_id|> <|eot_id|> */
-        if (role)
-            add(&s, count_str(t, CONF_TOK_LLAMA3, role));
-        struct buf *b = policy__tokens_line(t);
-        int err = llama_body(b, cJSON_GetObjectItemCaseSensitive(msg, "content"));
-        add(&s, count_buf(t, CONF_TOK_LLAMA3, b, err));
-    }
-    /* Generation prompt: <|start_header_id|>assistant<|end_header_id|>"\n\n" */
-    add_fixed(&s, 2);
-    add(&s, count_str(t, CONF_TOK_LLAMA3, "assistant"));
-    add(&s, count_str(t, CONF_TOK_LLAMA3, "\n\n"));
-    llama_tools(t, req, &s);
-    return s.err ? s.err : s.n;
+        llama_message(t, str_field(msg, "role"), cJSON_GetObjectItemCaseSensitive(msg, "content"),
+                      &s);
+    return llama_end(t, req, &s);
 }
 
 int64_t policy_tokens_chat(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *req)
@@ -433,6 +456,67 @@ int64_t policy_tokens_chat(struct policy_tokens *t, enum conf_tokenizer enc, con
     const cJSON *msg;
     cJSON_ArrayForEach(msg, messages)
         openai_message(t, enc, msg, model, &s);
+    add_fixed(&s, OAI_REPLY);
+    openai_tools(t, enc, req, &s);
+    return s.err ? s.err : s.n;
+}
+
+/* ---- Responses API ---- */
+
+/* One message, framed as a chat message of `role` (NULL: none). */
+static void responses_message(struct policy_tokens *t, enum conf_tokenizer enc, const char *role,
+                              const cJSON *content, const char *model, struct tally *s)
+{
+    if (enc == CONF_TOK_LLAMA3) {
+        llama_message(t, role, content, s);
+        return;
+    }
+    add_fixed(s, OAI_PER_MESSAGE);
+    if (role)
+        add(s, count_str(t, enc, role));
+    if (cJSON_IsString(content))
+        add(s, count_str(t, enc, content->valuestring));
+    else if (cJSON_IsArray(content))
+        openai_content(t, enc, content, model, s); /* input_image, input_text, ...; no files */
+}
+
+/* One item of "input": a message (typed or not), a function call the
+ * model made, or its output; other kinds are not counted. */
+static void responses_item(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *item,
+                           const char *model, struct tally *s)
+{
+    const char *type = str_field(item, "type");
+
+    if (type == NULL || strcmp(type, "message") == 0)
+        responses_message(t, enc, str_field(item, "role"),
+                          cJSON_GetObjectItemCaseSensitive(item, "content"), model, s);
+    else if (strcmp(type, "function_call") == 0 && enc != CONF_TOK_LLAMA3)
+        openai_call(t, enc, item, s);
+    else if (strcmp(type, "function_call") == 0)
+        responses_message(t, enc, "assistant", cJSON_GetObjectItemCaseSensitive(item, "arguments"),
+                          model, s);
+    else if (strcmp(type, "function_call_output") == 0)
+        responses_message(t, enc, "tool", cJSON_GetObjectItemCaseSensitive(item, "output"), model,
+                          s);
+}
+
+int64_t policy_tokens_responses(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *req)
+{
+    const cJSON *input = cJSON_GetObjectItemCaseSensitive(req, "input");
+    const cJSON *instructions = cJSON_GetObjectItemCaseSensitive(req, "instructions");
+    const char *model = str_field(req, "model");
+    struct tally s = {enc == CONF_TOK_LLAMA3 ? 1 : 0, 0}; /* Llama: <|begin_of_text|> */
+    const cJSON *item;
+
+    if (cJSON_IsString(instructions))
+        responses_message(t, enc, "system", instructions, model, &s);
+    if (cJSON_IsString(input))
+        responses_message(t, enc, "user", input, model, &s);
+    else
+        cJSON_ArrayForEach(item, input)
+            responses_item(t, enc, item, model, &s);
+    if (enc == CONF_TOK_LLAMA3)
+        return llama_end(t, req, &s);
     add_fixed(&s, OAI_REPLY);
     openai_tools(t, enc, req, &s);
     return s.err ? s.err : s.n;

@@ -97,7 +97,7 @@ void router__account(struct router__client *c)
         req->inflight = 0;
         metrics_add(r->metrics, METRICS_INFLIGHT_REQUESTS, NULL, -1);
     }
-    if (req->endpoint < ROUTER_EP_CHAT || req->endpoint > ROUTER_EP_EMBEDDINGS || req->accounted)
+    if (!ROUTER_EP_PROXIED(req->endpoint) || req->accounted)
         return;
     req->accounted = 1;
     snprintf(status, sizeof(status), "%d", req->status ? req->status : 499);

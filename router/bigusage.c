@@ -13,7 +13,8 @@
  * Usage comes last, so whether it comes at all is known only at the end:
  * the texts a held body without usage is charged for (count_completion in
  * proxy.c: choices[].text, choices[].message.content and its tool calls'
- * function.arguments) are handed to `on_text` as they pass, for counting.
+ * function.arguments; of a Responses answer, output[].content[].text and
+ * output[].arguments) are handed to `on_text` as they pass, for counting.
  *
  * Bounded: the answer itself is never kept. yajl keeps a token that is
  * cut between two reads (a long string) until it ends, so a token longer
@@ -64,6 +65,10 @@ enum bigusage_role {
     BIGUSAGE_CALLS,    /* the message's "tool_calls" */
     BIGUSAGE_CALL,     /* one of them */
     BIGUSAGE_FUNCTION, /* a call's "function" */
+    BIGUSAGE_OUTPUT,   /* the root's "output" (a Responses answer) */
+    BIGUSAGE_ITEM,     /* one of its items: a message, a function call */
+    BIGUSAGE_PARTS,    /* a message item's "content" */
+    BIGUSAGE_PART,     /* one of them */
     BIGUSAGE_TEXT,     /* counted: a string, or an array of strings and token ids */
 };
 
@@ -80,6 +85,10 @@ static const struct {
     {BIGUSAGE_MESSAGE, "tool_calls", BIGUSAGE_CALLS},
     {BIGUSAGE_CALL, "function", BIGUSAGE_FUNCTION},
     {BIGUSAGE_FUNCTION, "arguments", BIGUSAGE_TEXT},
+    {BIGUSAGE_ROOT, "output", BIGUSAGE_OUTPUT},
+    {BIGUSAGE_ITEM, "content", BIGUSAGE_PARTS},
+    {BIGUSAGE_ITEM, "arguments", BIGUSAGE_TEXT},
+    {BIGUSAGE_PART, "text", BIGUSAGE_TEXT},
 };
 
 /* A map or an array open at some depth. */
@@ -159,6 +168,10 @@ static enum bigusage_role bigusage_value_role(const struct router__bigusage *b)
         return BIGUSAGE_CHOICE;
     case BIGUSAGE_CALLS:
         return BIGUSAGE_CALL;
+    case BIGUSAGE_OUTPUT:
+        return BIGUSAGE_ITEM;
+    case BIGUSAGE_PARTS:
+        return BIGUSAGE_PART;
     case BIGUSAGE_TEXT:
         return BIGUSAGE_TEXT;
     default:
@@ -172,6 +185,8 @@ static enum bigusage_role bigusage_container_role(enum bigusage_role role, int a
     switch (role) {
     case BIGUSAGE_CHOICES:
     case BIGUSAGE_CALLS:
+    case BIGUSAGE_OUTPUT:
+    case BIGUSAGE_PARTS:
     case BIGUSAGE_TEXT:
         return array ? role : BIGUSAGE_OTHER;
     case BIGUSAGE_OTHER:

@@ -40,6 +40,7 @@ static const struct error_map error_maps[] = {
     {error_duplicate_key, 400, "invalid_request_error", "invalid_json", NULL},
     {error_missing_model, 400, "invalid_request_error", "missing_model", NULL},
     {error_bad_request, 400, "invalid_request_error", "bad_request", NULL},
+    {error_invalid_type, 400, "invalid_request_error", "invalid_type", NULL},
     {error_auth_twice, 400, "invalid_request_error", "bad_request", NULL},
     {error_unauthorized, 401, "invalid_request_error", "invalid_api_key", NULL},
     {error_not_found, 404, "invalid_request_error", "unknown_url", NULL},
@@ -344,6 +345,7 @@ static const struct endpoint_def endpoints[] = {
     {"/v1/chat/completions", HTTP_POST, ROUTER_EP_CHAT},
     {"/v1/completions", HTTP_POST, ROUTER_EP_COMPLETIONS},
     {"/v1/embeddings", HTTP_POST, ROUTER_EP_EMBEDDINGS},
+    {"/v1/responses", HTTP_POST, ROUTER_EP_RESPONSES},
     {"/v1/models", HTTP_GET, ROUTER_EP_MODELS},
     {"/healthz", HTTP_GET, ROUTER_EP_HEALTHZ},
     {"/metrics", HTTP_GET, ROUTER_EP_METRICS},
@@ -499,6 +501,37 @@ static int holds_nul(const char *p, size_t len)
     return 0;
 }
 
+/* Is `v` absent, null, or of a JSON type in `types` (cJSON type bits)? */
+static int absent_or(const cJSON *v, int types)
+{
+    return v == NULL || cJSON_IsNull(v) || (v->type & 0xff & types) != 0;
+}
+
+/* A /v1/responses body whose members the estimate reads have types the
+ * API refuses too: answered 400 here, as OpenAI would, rather than priced
+ * as something else and sent. NULL when fine, else what is wrong. */
+static const char *responses_shape_error(const cJSON *body)
+{
+    const cJSON *input = cJSON_GetObjectItemCaseSensitive(body, "input"), *item;
+
+    if (!absent_or(cJSON_GetObjectItemCaseSensitive(body, "instructions"), cJSON_String))
+        return "'instructions' must be a string";
+    if (!absent_or(cJSON_GetObjectItemCaseSensitive(body, "max_output_tokens"), cJSON_Number))
+        return "'max_output_tokens' must be an integer";
+    if (!absent_or(input, cJSON_String | cJSON_Array))
+        return "'input' must be a string or an array of input items";
+    if (!cJSON_IsArray(input))
+        return NULL;
+    cJSON_ArrayForEach(item, input) {
+        if (!cJSON_IsObject(item))
+            return "each item of 'input' must be an object";
+        if (!absent_or(cJSON_GetObjectItemCaseSensitive(item, "content"),
+                       cJSON_String | cJSON_Array))
+            return "an input message's 'content' must be a string or an array of parts";
+    }
+    return NULL;
+}
+
 static const char *parse_body(struct router__client *c, const char **detail)
 {
     struct router__request *req = &c->req;
@@ -518,6 +551,8 @@ static const char *parse_body(struct router__client *c, const char **detail)
     req->route = conf_find_route(c->router->conf, model->valuestring, strlen(model->valuestring));
     if (req->route == NULL)
         return error_unknown_model;
+    if (req->endpoint == ROUTER_EP_RESPONSES && (*detail = responses_shape_error(req->json)))
+        return error_invalid_type;
     stream = cJSON_GetObjectItemCaseSensitive(req->json, "stream");
     req->stream = cJSON_IsTrue(stream) && req->endpoint != ROUTER_EP_EMBEDDINGS;
     return NULL;
@@ -533,7 +568,7 @@ void router__refuse(struct router__client *c, const char *errstr, const char *de
                                                 : ROUTER_EP_NONE;
 
     request_number(c);
-    if (ep >= ROUTER_EP_CHAT && ep <= ROUTER_EP_EMBEDDINGS) {
+    if (ROUTER_EP_PROXIED(ep)) {
         /* In the cost log and the metrics like any /v1 request, under its
          * tenant when the key was read before the refusal. */
         req->endpoint = ep;
@@ -565,7 +600,7 @@ void router__handle(struct router__client *c)
     }
     req->key = authenticate(c);
     req->tenant = req->key ? req->key->tenant : NULL;
-    if (req->endpoint >= ROUTER_EP_CHAT && req->endpoint <= ROUTER_EP_EMBEDDINGS) {
+    if (ROUTER_EP_PROXIED(req->endpoint)) {
         req->inflight = 1; /* until router__account */
         metrics_add(c->router->metrics, METRICS_INFLIGHT_REQUESTS, NULL, 1);
         /* It will write a cost log record: not while the log is behind. */

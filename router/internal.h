@@ -173,12 +173,17 @@ enum router__endpoint {
     ROUTER_EP_CHAT,        /* POST /v1/chat/completions */
     ROUTER_EP_COMPLETIONS, /* POST /v1/completions */
     ROUTER_EP_EMBEDDINGS,  /* POST /v1/embeddings */
+    ROUTER_EP_RESPONSES,   /* POST /v1/responses (OpenAI's Responses API) */
     ROUTER_EP_MODELS,      /* GET /v1/models */
     ROUTER_EP_HEALTHZ,     /* GET /healthz */
     ROUTER_EP_METRICS,     /* GET /metrics (admin key when one is set) */
     ROUTER_EP_DASHBOARD,   /* GET /dashboard (page only; its data calls need the key) */
     ROUTER_EP_ADMIN,       /* /admin/... (admin key) */
 };
+
+/* Is `ep` one of the proxied /v1 endpoints (routed by model, priced,
+ * in the cost log)? They are the enum's first run. */
+#define ROUTER_EP_PROXIED(ep) ((ep) >= ROUTER_EP_CHAT && (ep) <= ROUTER_EP_RESPONSES)
 
 /* Client connection phases, which decide the timer and what reads mean. */
 enum router__client_phase {
@@ -609,6 +614,13 @@ int router__sse_split(struct buf *sse, size_t *scanned,
  * an empty array (the usage-only event of a stream). */
 int router__usage_parse(const char *json, size_t len, struct router__usage *out,
                         int *choices_empty);
+/* One event of a /v1/responses stream (its data payload): *text_delta is
+ * set when its type is response.output_text.delta (the events an answer
+ * without usage is charged by); returns 1 with the usage of a terminal
+ * event (response.completed, .incomplete or .failed), read from its
+ * "response" object as router__usage_parse reads a body's, else 0. */
+int router__responses_event(const char *json, size_t len, struct router__usage *out,
+                            int *text_delta);
 /* Does an SSE event carry a data line? Sets data and data_len to its payload. */
 int router__sse_data(const char *event, size_t len, const char **data, size_t *data_len);
 

@@ -69,9 +69,21 @@ static const char *endpoint_suffix(enum router__endpoint ep)
         return "/completions";
     case ROUTER_EP_EMBEDDINGS:
         return "/embeddings";
+    case ROUTER_EP_RESPONSES:
+        return "/responses";
     default:
         return "";
     }
+}
+
+/* Does the stream to `b` need stream_options.include_usage added? Chat
+ * and completions streams carry their usage only when asked. The
+ * Responses API has no such option (a server refuses it) and always ends
+ * its stream with the usage, in response.completed. */
+static int asks_stream_usage(const struct router__request *req, const struct conf_backend *b)
+{
+    return req->stream && b->stream_usage &&
+           (req->endpoint == ROUTER_EP_CHAT || req->endpoint == ROUTER_EP_COMPLETIONS);
 }
 
 /* Rewrite the parsed body for backend `b`: its model name, and for a
@@ -88,10 +100,11 @@ static int rewrite_body(struct router__request *req, const struct conf_backend *
     model = cJSON_CreateString(b->model ? b->model : req->route->model);
     if (model == NULL || !cJSON_ReplaceItemInObjectCaseSensitive(req->json, "model", model))
         return -1;
-    if (!req->stream || req->endpoint == ROUTER_EP_EMBEDDINGS)
+    if (!req->stream || req->endpoint == ROUTER_EP_EMBEDDINGS ||
+        req->endpoint == ROUTER_EP_RESPONSES)
         return 0;
     opts = cJSON_GetObjectItemCaseSensitive(req->json, "stream_options");
-    if (!b->stream_usage) {
+    if (!asks_stream_usage(req, b)) {
         if (req->injected_usage) /* added for a backend tried before */
             cJSON_DeleteItemFromObjectCaseSensitive(opts, "include_usage");
         req->injected_usage = 0;
@@ -201,7 +214,7 @@ static int body_for(struct router__request *req, const struct router__pool *pool
     int inject = 0, rc;
 
     memset(bp, 0, sizeof(*bp));
-    if (req->stream && req->endpoint != ROUTER_EP_EMBEDDINGS && b->stream_usage) {
+    if (asks_stream_usage(req, b)) {
         const cJSON *opts = cJSON_GetObjectItemCaseSensitive(req->json, "stream_options");
 
         if (opts != NULL &&
@@ -370,6 +383,8 @@ static int64_t count_prompt(struct router__client *c, enum conf_tokenizer enc)
         n = count_texts(t, enc, cJSON_GetObjectItemCaseSensitive(req->json, "prompt"));
     else if (req->endpoint == ROUTER_EP_EMBEDDINGS)
         n = count_texts(t, enc, cJSON_GetObjectItemCaseSensitive(req->json, "input"));
+    else if (req->endpoint == ROUTER_EP_RESPONSES && t != NULL)
+        n = policy_tokens_responses(t, enc, req->json);
     if (n < 0)
         n = policy_tokens_estimate(req->body.data, req->body.len);
     return n;
@@ -389,7 +404,8 @@ static void estimate(struct router__client *c)
                           : req->prompt_raw;
     req->completion_limited =
         cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_tokens")) ||
-        cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_completion_tokens"));
+        cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_completion_tokens")) ||
+        cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_output_tokens"));
     if (req->endpoint == ROUTER_EP_EMBEDDINGS)
         req->completion_pred = 0;
     else
@@ -845,7 +861,11 @@ void router__proxy_start(struct router__client *c)
     if (rate_limit(c) != 0)
         return;
     assign_arm(c);
+    /* Not /v1/responses: the API stores each response by default, and its
+     * id may be chained (previous_response_id); a replay would hand two
+     * clients one id, one of them for a response never made for it. */
     req->cacheable = conf->cache_enabled && req->endpoint != ROUTER_EP_EMBEDDINGS &&
+                     req->endpoint != ROUTER_EP_RESPONSES &&
                      cache_cacheable(req->json, conf->cache_tools);
     choose_and_reserve(c, NULL);
 }
@@ -1243,7 +1263,8 @@ static int usage_of(struct router__request *req, const char *json, size_t len,
 }
 
 /* One complete SSE event: read usage from it, drop the usage-only event
- * we asked for on the client's behalf, forward the rest. */
+ * we asked for on the client's behalf, forward the rest. A /v1/responses
+ * stream has its usage in its terminal event and no [DONE]. */
 static int on_sse_event(void *arg, const char *p, size_t len)
 {
     struct router__client *c = arg;
@@ -1254,12 +1275,27 @@ static int on_sse_event(void *arg, const char *p, size_t len)
     int choices_empty = 0;
 
     if (router__sse_data(p, len, &data, &dlen)) {
-        if (usage_of(req, data, dlen, &u, &choices_empty)) {
-            note_usage(req, &u);
-            if (req->injected_usage && choices_empty)
-                return 0;
+        int counted; /* an event that stands for a token, should no usage come */
+
+        if (req->endpoint == ROUTER_EP_RESPONSES) {
+            int found;
+
+            router__json_enter(req); /* usage's few cJSON nodes in the request's arena */
+            found = router__responses_event(data, dlen, &u, &counted);
+            router__json_leave();
+            if (found)
+                note_usage(req, &u);
+            /* Only text deltas: the lifecycle events (created, item
+             * added, part done, ...) are no tokens of the answer. */
+        } else {
+            if (usage_of(req, data, dlen, &u, &choices_empty)) {
+                note_usage(req, &u);
+                if (req->injected_usage && choices_empty)
+                    return 0;
+            }
+            counted = !(dlen == 6 && memcmp(data, "[DONE]", 6) == 0);
         }
-        if (!(dlen == 6 && memcmp(data, "[DONE]", 6) == 0)) {
+        if (counted) {
             if (overrun_cut(c))
                 return -1; /* before this event went: not charged */
             req->events++;
@@ -1271,12 +1307,12 @@ static int on_sse_event(void *arg, const char *p, size_t len)
     return c->closing ? -1 : 0;
 }
 
-/* Is the text of an answer without usage counted? A 2xx of chat or
- * completions: an embedding has no text, an error no completion. */
+/* Is the text of an answer without usage counted? A 2xx of chat,
+ * completions or responses: an embedding has no text, an error no
+ * completion. */
 static int answer_counted(const struct router__request *req)
 {
-    return req->status / 100 == 2 &&
-           (req->endpoint == ROUTER_EP_CHAT || req->endpoint == ROUTER_EP_COMPLETIONS);
+    return req->status / 100 == 2 && req->endpoint != ROUTER_EP_EMBEDDINGS;
 }
 
 /* A piece of the text of an answer too big to hold, as it passes (text
@@ -1496,7 +1532,9 @@ static void end_with_cost(struct router__client *c)
 
 /* A 2xx chat or completions body with no usage (some self-hosted servers
  * leave it out): count what its choices say with the backend's
- * tokenizer, so that the answer is not charged as if it were empty. */
+ * tokenizer, so that the answer is not charged as if it were empty. A
+ * Responses answer has its text in "output": its messages' content parts
+ * ("text") and its function calls' "arguments". */
 static void count_completion(struct router__client *c)
 {
     struct router__request *req = &c->req;
@@ -1518,6 +1556,13 @@ static void count_completion(struct router__client *c)
             const cJSON *fn = cJSON_GetObjectItemCaseSensitive(call, "function");
             n += count_texts(t, b->tokenizer, cJSON_GetObjectItemCaseSensitive(fn, "arguments"));
         }
+    }
+    cJSON_ArrayForEach(choice, cJSON_GetObjectItemCaseSensitive(body, "output")) {
+        const cJSON *part;
+
+        n += count_texts(t, b->tokenizer, cJSON_GetObjectItemCaseSensitive(choice, "arguments"));
+        cJSON_ArrayForEach(part, cJSON_GetObjectItemCaseSensitive(choice, "content"))
+            n += count_texts(t, b->tokenizer, cJSON_GetObjectItemCaseSensitive(part, "text"));
     }
     if (body != NULL)
         req->completion_counted = n;

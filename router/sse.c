@@ -4,6 +4,13 @@
  * Pure functions over bytes, so they are unit-tested without sockets.
  * Usage is looked for only in payloads that contain "usage", so most
  * stream events are forwarded without being parsed as JSON.
+ *
+ * Two APIs name the counts differently: chat and completions say
+ * prompt_tokens, completion_tokens and prompt_tokens_details.cached_tokens;
+ * the Responses API input_tokens, output_tokens and
+ * input_tokens_details.cached_tokens. Both are read, the first where a
+ * usage had both. A Responses stream has its usage one level down, in the
+ * terminal event's "response" (router__responses_event).
  */
 #define _GNU_SOURCE
 #include <cjson/cJSON.h>
@@ -251,8 +258,14 @@ int router__usage_parse(const char *json, size_t len, struct router__usage *out,
     if (usage == NULL)
         return 0;
     out->prompt_tokens = json_count(usage, "prompt_tokens");
+    if (out->prompt_tokens < 0)
+        out->prompt_tokens = json_count(usage, "input_tokens");
     out->completion_tokens = json_count(usage, "completion_tokens");
+    if (out->completion_tokens < 0)
+        out->completion_tokens = json_count(usage, "output_tokens");
     details = cJSON_GetObjectItemCaseSensitive(usage, "prompt_tokens_details");
+    if (!cJSON_IsObject(details))
+        details = cJSON_GetObjectItemCaseSensitive(usage, "input_tokens_details");
     if (cJSON_IsObject(details))
         out->cached_tokens = json_count(details, "cached_tokens");
     found = out->prompt_tokens >= 0 || out->completion_tokens >= 0;
@@ -260,4 +273,46 @@ int router__usage_parse(const char *json, size_t len, struct router__usage *out,
     if (choices_empty != NULL)
         *choices_empty = choices_empty_array(json, len);
     return found;
+}
+
+/* Is the JSON value at v (in [v, end)) the string `quoted`, as written? */
+static int value_is(const char *v, const char *end, const char *quoted, size_t qlen)
+{
+    return v != NULL && (size_t)(end - v) >= qlen && memcmp(v, quoted, qlen) == 0;
+}
+
+#define LIT(s) s, sizeof(s) - 1
+
+/* Just past the object or array that opens at p, or NULL when it does
+ * not close before `end`. */
+static const char *value_end(const char *p, const char *end)
+{
+    ptrdiff_t depth = 0;
+
+    do
+        p = walk_step(p, end, &depth);
+    while (p != NULL && p < end && depth > 0);
+    return p != NULL && depth == 0 ? p : NULL;
+}
+
+int router__responses_event(const char *json, size_t len, struct router__usage *out,
+                            int *text_delta)
+{
+    const char *end = json + len, *type = member_value(json, end, LIT("\"type\""));
+    const char *resp, *resp_end;
+
+    out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
+    *text_delta = value_is(type, end, LIT("\"response.output_text.delta\""));
+    /* Only a terminal event's usage is the answer's: response.created and
+     * response.in_progress carry the same object with "usage": null. */
+    if (*text_delta || !(value_is(type, end, LIT("\"response.completed\"")) ||
+                         value_is(type, end, LIT("\"response.incomplete\"")) ||
+                         value_is(type, end, LIT("\"response.failed\""))))
+        return 0;
+    resp = member_value(json, end, LIT("\"response\""));
+    if (resp == NULL || *resp != '{' || (resp_end = value_end(resp, end)) == NULL)
+        return 0;
+    /* The response object alone is a root of its own: its usage is found
+     * as a body's is, and no "usage" of the event's own can stand in. */
+    return router__usage_parse(resp, (size_t)(resp_end - resp), out, NULL);
 }

@@ -2,8 +2,8 @@
  * bench/mockllm/api.c: what mockllm answers.
  *
  * Endpoints: POST /v1/chat/completions, POST /v1/completions,
- * POST /v1/embeddings, GET /v1/models, and for tests GET /mock/stats and
- * GET /mock/last-request. Bodies are parsed with cJSON; answers are built
+ * POST /v1/embeddings, POST /v1/responses, GET /v1/models, and for tests
+ * GET /mock/stats and GET /mock/last-request. Bodies are parsed with cJSON; answers are built
  * with printf into reusable buffers.
  *
  * prompt_tokens (deterministic, so tests can predict usage):
@@ -15,9 +15,17 @@
  *                strings); a token-id array counts its length, an array of
  *                token-id arrays the sum of their lengths.
  *   embeddings:  the same rule over "input".
+ *   responses:   the chat rule with each message that the request carries
+ *                counted as a chat message: 3 + (4 + words(instructions))
+ *                when given + for "input" as a string 4 + words(input),
+ *                as an array, per item 4 + words of its text (a message's
+ *                content string or its parts' "text", a function_call's
+ *                "arguments", a function_call_output's "output").
  * completion_tokens = the token count (--tokens / x-mock-tokens, default 16),
- * capped by max_completion_tokens or max_tokens (finish_reason "length" when
- * capped, else "stop"). Token i is the word WORDS[i % 16]; the text is the
+ * capped by max_completion_tokens or max_tokens, or for responses
+ * max_output_tokens (finish_reason "length", or status "incomplete", when
+ * capped, else "stop"). Responses report x-mock-cached-tokens (capped by
+ * the prompt) as input_tokens_details.cached_tokens. Token i is the word WORDS[i % 16]; the text is the
  * tokens joined by single spaces, so a stream's deltas are "The", " quick".
  *
  * Timing: a streamed token i goes out at ttft + i * token_delay; the SSE
@@ -39,7 +47,7 @@
 #include "common/http_status.h"
 #include "common/log.h"
 
-enum endpoint { EP_CHAT, EP_COMPLETIONS, EP_EMBEDDINGS, EP_MODELS };
+enum endpoint { EP_CHAT, EP_COMPLETIONS, EP_EMBEDDINGS, EP_RESPONSES, EP_MODELS };
 
 #define EMBEDDING_DIM 8
 #define MAX_DELAY_MS 600000
@@ -313,24 +321,48 @@ static void put_embedding(void *ctx, int tokens, uint64_t hash)
     e->tokens += tokens;
 }
 
+/* Words of a message's content: a string, or the "text" of its parts. */
+static int content_words(const cJSON *content)
+{
+    const cJSON *part;
+    int n = 0;
+
+    if (cJSON_IsString(content))
+        return words(content->valuestring);
+    cJSON_ArrayForEach(part, content) {
+        const cJSON *text = cJSON_GetObjectItemCaseSensitive(part, "text");
+        if (cJSON_IsString(text))
+            n += words(text->valuestring);
+    }
+    return n;
+}
+
 static int chat_prompt_tokens(const cJSON *messages)
 {
     const cJSON *m;
     int n = 3;
 
-    cJSON_ArrayForEach(m, messages) {
-        const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
+    cJSON_ArrayForEach(m, messages)
+        n += 4 + content_words(cJSON_GetObjectItemCaseSensitive(m, "content"));
+    return n;
+}
+
+/* The chat rule over what a Responses request carries (see the top). */
+static int responses_prompt_tokens(const cJSON *body)
+{
+    static const char *const texts[] = {"content", "arguments", "output"};
+    const cJSON *instructions = cJSON_GetObjectItemCaseSensitive(body, "instructions");
+    const cJSON *input = cJSON_GetObjectItemCaseSensitive(body, "input"), *item;
+    int n = 3;
+
+    if (cJSON_IsString(instructions))
+        n += 4 + words(instructions->valuestring);
+    if (cJSON_IsString(input))
+        return n + 4 + words(input->valuestring);
+    cJSON_ArrayForEach(item, input) {
         n += 4;
-        if (cJSON_IsString(content)) {
-            n += words(content->valuestring);
-        } else if (cJSON_IsArray(content)) {
-            const cJSON *part;
-            cJSON_ArrayForEach(part, content) {
-                const cJSON *text = cJSON_GetObjectItemCaseSensitive(part, "text");
-                if (cJSON_IsString(text))
-                    n += words(text->valuestring);
-            }
-        }
+        for (size_t i = 0; i < sizeof(texts) / sizeof(texts[0]); i++)
+            n += content_words(cJSON_GetObjectItemCaseSensitive(item, texts[i]));
     }
     return n;
 }
@@ -350,6 +382,7 @@ void mockllm__plan_reset(struct mockllm_plan *p)
     p->tokens = 0;
     p->sent = 0;
     p->prompt_tokens = 0;
+    p->cached_tokens = 0;
     p->finish = "stop";
     p->id = 0;
     p->created = 0;
@@ -405,6 +438,48 @@ static void put_pad(struct buf *b, int n)
     puts_(b, "\",");
 }
 
+/* Append a Responses API response object to b: in progress (no output
+ * yet, usage null), or done: "completed", or "incomplete" when
+ * max_output_tokens cut it, with its one message and its usage (left
+ * out under x-mock-usage: omit). */
+static void put_response_object(struct buf *b, const struct mockllm_plan *p, int done)
+{
+    int cut = p->finish[0] == 'l'; /* "length" */
+
+    putf(b, "{\"id\":\"resp_mock-%llu\",\"object\":\"response\",\"created_at\":%lld,"
+            "\"status\":\"%s\",\"model\":\"",
+         (unsigned long long)p->id, p->created,
+         !done ? "in_progress" : cut ? "incomplete" : "completed");
+    put(b, p->model.data, p->model.len);
+    puts_(b, "\",\"output\":[");
+    if (done) {
+        putf(b, "{\"type\":\"message\",\"id\":\"msg_mock-%llu\",\"status\":\"%s\","
+                "\"role\":\"assistant\",\"content\":[{\"type\":\"output_text\",\"text\":\"",
+             (unsigned long long)p->id, cut ? "incomplete" : "completed");
+        for (int i = 0; i < p->tokens; i++)
+            put_token(b, i);
+        puts_(b, "\",\"annotations\":[]}]}");
+    }
+    putf(b, "],\"incomplete_details\":%s",
+         done && cut ? "{\"reason\":\"max_output_tokens\"}" : "null");
+    if (!done)
+        puts_(b, ",\"usage\":null");
+    else if (!p->omit_usage)
+        putf(b, ",\"usage\":{\"input_tokens\":%d,\"input_tokens_details\":{\"cached_tokens\":%d},"
+                "\"output_tokens\":%d,\"output_tokens_details\":{\"reasoning_tokens\":0},"
+                "\"total_tokens\":%d}",
+             p->prompt_tokens, p->cached_tokens, p->tokens, p->prompt_tokens + p->tokens);
+    puts_(b, "}");
+}
+
+/* Start a Responses stream event of `type` in scratch: its event line
+ * and the data's first members. */
+static void start_responses_event(const char *type, int seq)
+{
+    buf_reset(&scratch);
+    putf(&scratch, "event: %s\ndata: {\"type\":\"%s\",\"sequence_number\":%d,", type, type, seq);
+}
+
 /* Frame the event in scratch as one HTTP chunk on the connection. */
 static void put_event(struct mockllm_conn *c)
 {
@@ -413,11 +488,47 @@ static void put_event(struct mockllm_conn *c)
     put(&c->out, "\r\n", 2);
 }
 
+/* The lifecycle event a Responses stream begins or ends with (`done`):
+ * response.created, then response.completed (or .incomplete) with the
+ * whole response and its usage. */
+static void put_responses_edge(struct mockllm_conn *c, int done)
+{
+    struct mockllm_plan *p = &c->plan;
+    const char *type = !done ? "response.created"
+                       : p->finish[0] == 'l' ? "response.incomplete" : "response.completed";
+
+    start_responses_event(type, done ? p->tokens + 1 : 0);
+    puts_(&scratch, "\"response\":");
+    put_response_object(&scratch, p, done);
+    puts_(&scratch, "}\n\n");
+    put_event(c);
+}
+
+/* Token p->sent as a response.output_text.delta event. */
+static void put_responses_delta(struct mockllm_conn *c)
+{
+    struct mockllm_plan *p = &c->plan;
+
+    start_responses_event("response.output_text.delta", p->sent + 1);
+    if (p->event_pad > 0)
+        put_pad(&scratch, p->event_pad);
+    putf(&scratch, "\"item_id\":\"msg_mock-%llu\",\"output_index\":0,\"content_index\":0,"
+                   "\"delta\":\"", (unsigned long long)p->id);
+    put_token(&scratch, p->sent);
+    puts_(&scratch, "\"}\n\n");
+    put_event(c);
+    p->sent++;
+}
+
 static void put_token_event(struct mockllm_conn *c)
 {
     struct mockllm_plan *p = &c->plan;
     int last = p->sent + 1 == p->tokens;
 
+    if (p->endpoint == EP_RESPONSES) {
+        put_responses_delta(c);
+        return;
+    }
     buf_reset(&scratch);
     puts_(&scratch, "data: ");
     if (p->endpoint == EP_CHAT) {
@@ -459,6 +570,8 @@ static void stream_tick(struct mockllm_conn *c)
         puts_(&c->out, c->srv->pad_header);
         putf(&c->out, "%s\r\n", connection_header(c));
         p->started = 1;
+        if (p->endpoint == EP_RESPONSES)
+            put_responses_edge(c, 0);
     }
     for (;;) {
         if (p->fault == MOCKLLM_FAULT_CLOSE_MIDSTREAM && p->sent >= cut) {
@@ -478,6 +591,13 @@ static void stream_tick(struct mockllm_conn *c)
     if (p->done_delay_ms > 0 && !p->end_waited) {
         p->end_waited = 1;
         uv_timer_start(&c->timer, mockllm__on_timer, (uint64_t)p->done_delay_ms, 0);
+        return;
+    }
+    if (p->endpoint == EP_RESPONSES) {
+        /* Its usage always comes, in the last event; no [DONE]. */
+        put_responses_edge(c, 1);
+        puts_(&c->out, "0\r\n\r\n");
+        finish(c);
         return;
     }
     if (p->include_usage) {
@@ -511,6 +631,10 @@ void mockllm__on_timer(uv_timer_t *t)
 static void build_completion(struct mockllm_plan *p)
 {
     buf_reset(&scratch);
+    if (p->endpoint == EP_RESPONSES) {
+        put_response_object(&scratch, p, 1);
+        return;
+    }
     if (p->endpoint == EP_CHAT) {
         put_head(&scratch, p, "chat.completion");
         puts_(&scratch, "\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\","
@@ -576,6 +700,7 @@ struct overrides {
     int omit_usage;     /* x-mock-usage: omit */
     int event_pad;      /* x-mock-event-pad */
     int done_delay_ms;  /* x-mock-done-delay-ms */
+    int cached_tokens;  /* x-mock-cached-tokens (responses) */
 };
 
 /* Returns the name of the malformed header, or NULL. */
@@ -592,6 +717,9 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
     o->fault = opts->fault;
     o->event_pad = 0;
     o->done_delay_ms = 0;
+    o->cached_tokens = 0;
+    if (header_int(&c->req, "x-mock-cached-tokens", MAX_TOKENS, &o->cached_tokens) < 0)
+        return "x-mock-cached-tokens";
     if (header_int(&c->req, "x-mock-ttft-ms", MAX_DELAY_MS, &o->ttft_ms) < 0)
         return "x-mock-ttft-ms";
     if (header_int(&c->req, "x-mock-token-delay-ms", MAX_DELAY_MS, &o->token_delay_ms) < 0)
@@ -633,6 +761,8 @@ static int plan_from_body(struct mockllm_conn *c, const cJSON *body, const struc
                        cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(stream_options,
                                                                      "include_usage"));
     p->tokens = o->tokens;
+    if (p->endpoint == EP_RESPONSES)
+        max = cJSON_GetObjectItemCaseSensitive(body, "max_output_tokens");
     if (!cJSON_IsNumber(max))
         max = cJSON_GetObjectItemCaseSensitive(body, "max_tokens");
     if (cJSON_IsNumber(max) && max->valuedouble >= 0 && max->valuedouble < p->tokens) {
@@ -646,6 +776,13 @@ static int plan_from_body(struct mockllm_conn *c, const cJSON *body, const struc
     p->created = (long long)time(NULL);
     if (p->endpoint == EP_CHAT) {
         p->prompt_tokens = chat_prompt_tokens(cJSON_GetObjectItemCaseSensitive(body, "messages"));
+        return 0;
+    }
+    if (p->endpoint == EP_RESPONSES) {
+        p->include_usage = 0; /* refused before this: see answer_v1 */
+        p->prompt_tokens = responses_prompt_tokens(body);
+        p->cached_tokens = o->cached_tokens < p->prompt_tokens ? o->cached_tokens
+                                                               : p->prompt_tokens;
         return 0;
     }
     if (p->endpoint == EP_COMPLETIONS)
@@ -693,6 +830,7 @@ static int route(const char *path, size_t len, int *post)
         {"/v1/chat/completions", EP_CHAT, 1},
         {"/v1/completions", EP_COMPLETIONS, 1},
         {"/v1/embeddings", EP_EMBEDDINGS, 1},
+        {"/v1/responses", EP_RESPONSES, 1},
         {"/v1/models", EP_MODELS, 0},
     };
     for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++) {
@@ -739,6 +877,16 @@ static void answer_v1(struct mockllm_conn *c, const char *path, size_t path_len)
     }
     if (post) {
         body = cJSON_ParseWithLength(c->req.body.data ? c->req.body.data : "", c->req.body.len);
+        if (p->endpoint == EP_RESPONSES && cJSON_IsObject(body) &&
+            cJSON_HasObjectItem(cJSON_GetObjectItemCaseSensitive(body, "stream_options"),
+                                "include_usage")) {
+            /* The Responses API has no such option: a router that adds
+             * it, as it must for chat streams, breaks every request. */
+            cJSON_Delete(body);
+            answer_error(c, 400, "invalid_request_error", "unknown_parameter",
+                         "Unknown parameter: 'stream_options.include_usage'.");
+            return;
+        }
         if (!cJSON_IsObject(body) || plan_from_body(c, body, &o) != 0 ||
             (p->endpoint == EP_EMBEDDINGS && build_embeddings(c, body) != 0)) {
             cJSON_Delete(body);

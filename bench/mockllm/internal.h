@@ -74,6 +74,7 @@ struct mockllm_plan {
     int tokens;              /* completion tokens to produce */
     int sent;                /* tokens streamed so far */
     int prompt_tokens;       /* see the counting rule in api.c */
+    int cached_tokens;       /* x-mock-cached-tokens (responses), at most prompt_tokens */
     const char *finish;      /* "stop" or "length" */
     uint64_t id;             /* number in the response id */
     long long created;       /* unix seconds */

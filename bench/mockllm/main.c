@@ -38,7 +38,8 @@ static const char usage_text[] =
     "Per-request headers: x-mock-ttft-ms, x-mock-token-delay-ms, x-mock-tokens,\n"
     "x-mock-fault (as --fault, or none), x-mock-status (answer with this 4xx/5xx\n"
     "after the TTFT, or 204/304 with no body), x-mock-usage: omit (no usage object, as some servers answer),\n"
-    "x-mock-retry-after and x-mock-retry-after-ms (Retry-After / retry-after-ms of a 429).\n";
+    "x-mock-retry-after and x-mock-retry-after-ms (Retry-After / retry-after-ms of a 429),\n"
+    "x-mock-cached-tokens (responses: input_tokens_details.cached_tokens).\n";
 
 /* Parse a whole decimal integer in [0, max]. Returns 0 or -EINVAL. */
 static int parse_int(const char *s, long max, int *out)

@@ -183,12 +183,15 @@ Test(mockllm, errors_for_bad_requests)
     stop_clean();
 }
 
-/* POST a chat request with `headers` and read the head of its answer
- * into s. Close s with support_sse_close(). */
+/* Where open_stream sends its request. */
+static const char *stream_path = "/v1/chat/completions";
+
+/* POST a chat request (or one to stream_path) with `headers` and read the
+ * head of its answer into s. Close s with support_sse_close(). */
 static void open_stream(struct support_sse *s, const char *headers, const char *body)
 {
     buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", headers, body), 0);
+    cr_assert_eq(support_http_format(&req, "POST", stream_path, headers, body), 0);
     cr_assert_eq(support_sse_open(s, mock.port, req.data, req.len, TIMEOUT_MS), 0);
 }
 
@@ -212,6 +215,17 @@ static int stream_events(const char *headers, const char *body, struct buf *out)
     cr_assert(s.resp.raw.len >= 5 &&
               memcmp(s.resp.raw.data + s.resp.raw.len - 5, "0\r\n\r\n", 5) == 0);
     support_sse_close(&s);
+    return n;
+}
+
+/* Split stream_events' output into its events, 8 at most; how many. */
+static int split_events(char *joined, char *parts[8])
+{
+    int n = 0;
+
+    for (char *save = NULL, *t = strtok_r(joined, "|", &save); t && n < 8;
+         t = strtok_r(NULL, "|", &save))
+        parts[n++] = t;
     return n;
 }
 
@@ -243,7 +257,7 @@ Test(mockllm, include_usage_adds_a_final_usage_chunk)
 {
     struct buf events = {0};
     char *parts[8];
-    int n = 0;
+    int n;
     cJSON *usage_chunk;
 
     cr_assert_eq(support_mockllm_start(&mock, "--tokens", "3", NULL), 0);
@@ -253,9 +267,7 @@ Test(mockllm, include_usage_adds_a_final_usage_chunk)
                                "\"content\":\"a b c d\"}]}",
                                &events),
                  5);
-    for (char *save = NULL, *t = strtok_r(events.data, "|", &save); t && n < 8;
-         t = strtok_r(NULL, "|", &save))
-        parts[n++] = t;
+    n = split_events(events.data, parts);
     cr_assert_eq(n, 5);
     cr_assert_str_eq(parts[4], "[DONE]");
     usage_chunk = cJSON_Parse(parts[3]);
@@ -628,4 +640,105 @@ Test(mockllm, tls_with_the_test_ca)
     buf_free(&out);
     stop_clean();
     support_remove_tree(dir);
+}
+
+/* ---- POST /v1/responses ---- */
+
+/* instructions (2 words) and one item of each kind counted: 3 + (4 + 2)
+ * + (4 + 3) + (4 + 1) + (4 + 2) + (4 + 1); a reasoning item counts 4. */
+static const char responses_body[] =
+    "{\"model\":\"gpt-test\",\"instructions\":\"be terse\",\"input\":["
+    "{\"role\":\"user\",\"content\":[{\"type\":\"input_text\",\"text\":\"one two\"},"
+    "{\"type\":\"input_text\",\"text\":\"three\"}]},"
+    "{\"type\":\"message\",\"role\":\"assistant\",\"content\":\"four\"},"
+    "{\"type\":\"function_call\",\"call_id\":\"c\",\"name\":\"f\",\"arguments\":\"{\\\"a\\\": 1}\"},"
+    "{\"type\":\"function_call_output\",\"call_id\":\"c\",\"output\":\"done\"},"
+    "{\"type\":\"reasoning\",\"summary\":[]}]";
+#define RESPONSES_PROMPT_TOKENS (3 + 6 + 7 + 5 + 6 + 5 + 4)
+
+Test(mockllm, responses_whole_with_usage_cached_tokens_and_max_output_tokens)
+{
+    const cJSON *j, *item, *part;
+    char body[1024];
+
+    cr_assert_eq(support_mockllm_start(&mock, "--tokens", "5", NULL), 0);
+    snprintf(body, sizeof(body), "%s}", responses_body);
+    cr_assert_eq(call("POST", "/v1/responses", "x-mock-cached-tokens: 4\r\n", body), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    j = body_json();
+    cr_assert_str_eq(str(j, "object"), "response");
+    cr_assert_str_eq(str(j, "status"), "completed");
+    cr_assert(strncmp(str(j, "id"), "resp_", 5) == 0);
+    item = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "output"), 0);
+    cr_assert_str_eq(str(item, "type"), "message");
+    part = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(item, "content"), 0);
+    cr_assert_str_eq(str(part, "type"), "output_text");
+    cr_assert_str_eq(str(part, "text"), "The quick brown fox jumps");
+    cr_assert_eq(num(j, "usage", "input_tokens"), RESPONSES_PROMPT_TOKENS);
+    cr_assert_eq(num(j, "usage", "output_tokens"), 5);
+    cr_assert_eq(num(cJSON_GetObjectItemCaseSensitive(j, "usage"), "input_tokens_details",
+                     "cached_tokens"),
+                 4);
+    /* max_output_tokens caps it: status incomplete, and why. */
+    snprintf(body, sizeof(body), "%s,\"max_output_tokens\":2}", responses_body);
+    cr_assert_eq(call("POST", "/v1/responses", NULL, body), 0);
+    j = body_json();
+    cr_assert_str_eq(str(j, "status"), "incomplete");
+    cr_assert_str_eq(str(cJSON_GetObjectItemCaseSensitive(j, "incomplete_details"), "reason"),
+                     "max_output_tokens");
+    cr_assert_eq(num(j, "usage", "output_tokens"), 2);
+    cr_assert_eq(num(cJSON_GetObjectItemCaseSensitive(j, "usage"), "input_tokens_details",
+                     "cached_tokens"),
+                 0);
+    /* Under x-mock-usage: omit there is none. */
+    cr_assert_eq(call("POST", "/v1/responses", "x-mock-usage: omit\r\n", body), 0);
+    cr_assert_null(cJSON_GetObjectItemCaseSensitive(body_json(), "usage"));
+    stop_clean();
+}
+
+Test(mockllm, responses_stream_created_deltas_then_completed_without_done)
+{
+    struct buf events = {0};
+    char *parts[8];
+    int n;
+    cJSON *last;
+
+    cr_assert_eq(support_mockllm_start(&mock, "--tokens", "3", NULL), 0);
+    stream_path = "/v1/responses";
+    cr_assert_eq(stream_events(NULL,
+                               "{\"model\":\"m\",\"stream\":true,\"input\":\"a b c d\"}",
+                               &events),
+                 5);
+    n = split_events(events.data, parts);
+    cr_assert_eq(n, 5);
+    cr_assert(strstr(parts[0], "\"type\":\"response.created\"") != NULL, "%s", parts[0]);
+    cr_assert(strstr(parts[0], "\"usage\":null") != NULL, "%s", parts[0]);
+    cr_assert(strstr(parts[1], "\"type\":\"response.output_text.delta\"") != NULL);
+    cr_assert(strstr(parts[1], "\"delta\":\"The\"") != NULL, "%s", parts[1]);
+    cr_assert(strstr(parts[3], "\"delta\":\" brown\"") != NULL, "%s", parts[3]);
+    last = cJSON_Parse(parts[4]);
+    cr_assert_not_null(last);
+    cr_assert_str_eq(str(last, "type"), "response.completed");
+    cr_assert_eq(num(cJSON_GetObjectItemCaseSensitive(last, "response"), "usage", "input_tokens"),
+                 3 + 4 + 4);
+    cr_assert_eq(num(cJSON_GetObjectItemCaseSensitive(last, "response"), "usage", "output_tokens"),
+                 3);
+    cJSON_Delete(last);
+    buf_free(&events);
+    stop_clean();
+}
+
+/* The Responses API has no stream_options.include_usage: a body that has
+ * it is refused, so a router adding it is seen at once. */
+Test(mockllm, responses_refuse_stream_options_include_usage)
+{
+    cr_assert_eq(support_mockllm_start(&mock, NULL), 0);
+    cr_assert_eq(call("POST", "/v1/responses", NULL,
+                      "{\"model\":\"m\",\"stream\":true,\"input\":\"hi\","
+                      "\"stream_options\":{\"include_usage\":true}}"),
+                 0);
+    cr_assert_eq(resp.status, 400);
+    cr_assert_str_eq(str(cJSON_GetObjectItemCaseSensitive(body_json(), "error"), "code"),
+                     "unknown_parameter");
+    stop_clean();
 }

@@ -144,3 +144,34 @@ Test(commands, help_lists_the_tokens_options_as_the_readme_does)
     cr_assert_not_null(strstr(out.data, "costrouter tokens --help"), "%s", out.data);
     buf_free(&readme);
 }
+
+/* What `costrouter tokens --encoding o200k_base MODE` prints for `json`. */
+static long prompt_tokens_of(char *mode, const char *json)
+{
+    char path[] = "/tmp/costrouter-cli-req-XXXXXX";
+    int fd = mkstemp(path);
+    char *argv[] = {bin(), "tokens", "--encoding", "o200k_base", mode, path, NULL};
+
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(write(fd, json, strlen(json)), (ssize_t)strlen(json));
+    close(fd);
+    buf_reset(&out);
+    cr_assert_eq(support_run(argv, &out, RUN_TIMEOUT_MS), 0, "tokens %s failed", mode);
+    unlink(path);
+    cr_assert_eq(buf_append(&out, "", 1), 0);
+    return strtol(out.data, NULL, 10);
+}
+
+/* --responses counts a Responses API request as --chat counts the same
+ * messages: the estimate the router holds it for. */
+Test(commands, tokens_counts_a_responses_request_as_its_chat_twin)
+{
+    long chat = prompt_tokens_of("--chat", "{\"messages\":[{\"role\":\"system\",\"content\":"
+                                           "\"Be terse.\"},{\"role\":\"user\",\"content\":"
+                                           "\"Hello there\"}]}");
+    long responses = prompt_tokens_of("--responses", "{\"instructions\":\"Be terse.\","
+                                                     "\"input\":\"Hello there\"}");
+
+    cr_assert_gt(chat, 0);
+    cr_assert_eq(responses, chat);
+}

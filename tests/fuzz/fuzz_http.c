@@ -270,11 +270,21 @@ static const char *const seed_bodies[] = {
     "\"tool\",\"tool_call_id\":\"c1\",\"content\":\"found\"}],\"n\":1,\"user\":\"u-1\"}",
     "{\"model\":\"text-embedding-3-small\",\"input\":[\"first text\",\"second, longer text\"]}",
     "{\"model\":\"chat\",\"prompt\":\"Once upon a time\",\"max_tokens\":16,\"stream\":false}",
+    "{\"model\":\"chat\",\"instructions\":\"Be terse.\",\"input\":\"Hello there\","
+    "\"max_output_tokens\":32,\"temperature\":0}",
+    "{\"model\":\"gpt-4o-mini\",\"stream\":true,\"previous_response_id\":\"resp_1\",\"input\":["
+    "{\"role\":\"user\",\"content\":[{\"type\":\"input_text\",\"text\":\"What is this?\"},"
+    "{\"type\":\"input_image\",\"image_url\":\"data:image/png;base64,iVBORw0KGgo=\","
+    "\"detail\":\"low\"}]},{\"type\":\"function_call\",\"call_id\":\"c1\",\"name\":\"lookup\","
+    "\"arguments\":\"{}\"},{\"type\":\"function_call_output\",\"call_id\":\"c1\","
+    "\"output\":\"found\"}],\"tools\":[{\"type\":\"function\",\"name\":\"lookup\","
+    "\"parameters\":{\"type\":\"object\",\"properties\":{\"q\":{\"type\":\"string\"}}}}]}",
 };
 
 static const char *const seed_paths[] = {
     "/v1/chat/completions", "/v1/chat/completions", "/v1/chat/completions",
-    "/v1/chat/completions", "/v1/embeddings", "/v1/completions",
+    "/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses",
+    "/v1/responses",
 };
 
 /* Paths without a body: GET, some needing the admin key. */
@@ -289,6 +299,8 @@ static const char *const names[] = {
     "n", "tools", "stream_options", "include_usage", "input", "prompt", "user", "type", "text",
     "image_url", "name", "tool_calls", "functions", "response_format", "logprobs", "top_logprobs",
     "seed", "stop", "temperature", "detail", "url", "parameters", "tool_choice",
+    "instructions", "max_output_tokens", "previous_response_id", "arguments", "output",
+    "call_id",
 };
 
 static const char *const models[] = {
@@ -299,7 +311,8 @@ static const char *const models[] = {
 static const char *const strings[] = {
     "", " ", "\xc3\xa9t\xc3\xa9 \xe4\xb8\x96\xe7\x95\x8c \xf0\x9f\x99\x82", "<|endoftext|>",
     "<|im_start|>system", "\t\n\r", "\\u0000", "data:image/png;base64,", "user", "system",
-    "assistant", "tool", "function", "image_url", "text", "auto", "none",
+    "assistant", "tool", "function", "image_url", "text", "auto", "none", "input_text",
+    "input_image", "function_call", "function_call_output", "message",
 };
 
 static double interesting_number(void)

@@ -39,13 +39,22 @@ static const char cookbook_tools[] =
     "unit of temperature to return\",\"enum\":[\"celsius\",\"fahrenheit\"]}},\"required\":"
     "[\"location\"]}}}]}";
 
-static int64_t chat(struct policy_tokens *t, enum conf_tokenizer enc, const char *json)
+/* What `count` (policy_tokens_chat, policy_tokens_responses) says of a
+ * request body. */
+static int64_t count_body(int64_t (*count)(struct policy_tokens *, enum conf_tokenizer,
+                                           const cJSON *),
+                          struct policy_tokens *t, enum conf_tokenizer enc, const char *json)
 {
     cJSON *req = cJSON_Parse(json);
     cr_assert_not_null(req, "bad test JSON: %s", json);
-    int64_t n = policy_tokens_chat(t, enc, req);
+    int64_t n = count(t, enc, req);
     cJSON_Delete(req);
     return n;
+}
+
+static int64_t chat(struct policy_tokens *t, enum conf_tokenizer enc, const char *json)
+{
+    return count_body(policy_tokens_chat, t, enc, json);
 }
 
 static int64_t messages_req(struct policy_tokens *t, enum conf_tokenizer enc, const char *msgs)
@@ -137,5 +146,98 @@ Test(tokenize_chat, estimate_and_errors, .timeout = 20)
                                           "\"tools\":[{},{\"function\":{\"parameters\":{\"properties\":{\"a\":{}}}}}]}"),
                   0);
     cr_expect_geq(chat(t, CONF_TOK_LLAMA3, "{\"messages\":[{\"content\":[{\"text\":\" \"}]}],\"tools\":[{\"a\":1}]}"), 0);
+    policy_tokens_free(t);
+}
+
+/* ---- Responses API requests (policy_tokens_responses) ---- */
+
+static int64_t responses(struct policy_tokens *t, enum conf_tokenizer enc, const char *json)
+{
+    return count_body(policy_tokens_responses, t, enc, json);
+}
+
+/* The Responses API documents no framing: each message it carries is
+ * counted as the same chat message would be, so a request counts what
+ * its chat twin does, by every tokenizer, and the cookbook's tool example
+ * (tools flat, as the Responses API writes them) what OpenAI bills for
+ * it in chat. */
+Test(tokenize_chat, responses_count_as_their_chat_twins, .timeout = 20)
+{
+    static const struct {
+        const char *responses; /* a /v1/responses body */
+        const char *chat;      /* the same as /v1/chat/completions */
+    } twins[] = {
+        {"{\"instructions\":\"You are a helpful assistant.\","
+         "\"input\":\"  What's the capital of France?\\n\"}",
+         "{\"messages\":[{\"role\":\"system\",\"content\":\"You are a helpful assistant.\"},"
+         "{\"role\":\"user\",\"content\":\"  What's the capital of France?\\n\"}]}"},
+        {"{\"input\":[{\"role\":\"developer\",\"content\":\"Be brief.\"},{\"type\":\"message\","
+         "\"role\":\"user\",\"content\":[{\"type\":\"input_text\",\"text\":\"Hello\"},"
+         "{\"type\":\"input_text\",\"text\":\"there\"},{\"type\":\"input_file\",\"file_id\":\"f\"}]},"
+         "{\"role\":\"assistant\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hi!\"}]}]}",
+         "{\"messages\":[{\"role\":\"developer\",\"content\":\"Be brief.\"},{\"role\":\"user\","
+         "\"content\":[{\"type\":\"text\",\"text\":\"Hello\"},{\"type\":\"text\",\"text\":\"there\"}]},"
+         "{\"role\":\"assistant\",\"content\":[{\"type\":\"text\",\"text\":\"Hi!\"}]}]}"},
+        {"{\"input\":[{\"type\":\"function_call_output\",\"call_id\":\"c1\",\"output\":\"22 C\"}]}",
+         "{\"messages\":[{\"role\":\"tool\",\"content\":\"22 C\"}]}"},
+        {"{\"instructions\":\"You are a helpful assistant that can answer to questions about the "
+         "weather.\",\"input\":\"What's the weather like in San Francisco?\","
+         "\"tools\":[{\"type\":\"function\",\"name\":\"get_current_weather\","
+         "\"description\":\"Get the current weather in a given location\",\"parameters\":{\"type\":"
+         "\"object\",\"properties\":{\"location\":{\"type\":\"string\",\"description\":\"The city "
+         "and state, e.g. San Francisco, CA\"},\"unit\":{\"type\":\"string\",\"description\":\"The "
+         "unit of temperature to return\",\"enum\":[\"celsius\",\"fahrenheit\"]}},\"required\":"
+         "[\"location\"]}}]}",
+         cookbook_tools},
+    };
+    static const enum conf_tokenizer encs[] = {CONF_TOK_CL100K, CONF_TOK_O200K, CONF_TOK_LLAMA3};
+    struct policy_tokens *t = fixture_tokens();
+
+    /* Llama counts tools as the JSON text written, flat or not: the
+     * tools twin is OpenAI's alone. */
+    for (size_t i = 0; i < sizeof(twins) / sizeof(twins[0]); i++)
+        for (size_t e = 0; e < (i == 3 ? 2 : sizeof(encs) / sizeof(encs[0])); e++)
+            cr_expect_eq(responses(t, encs[e], twins[i].responses), chat(t, encs[e], twins[i].chat),
+                         "twin %zu, encoding %zu", i, e);
+    cr_expect_eq(responses(t, CONF_TOK_O200K, twins[3].responses), 101);
+    cr_expect_eq(responses(t, CONF_TOK_CL100K, twins[3].responses), 105);
+    policy_tokens_free(t);
+}
+
+/* A function call is counted as chat counts an earlier tool call, an
+ * input_image by the tile rule; other items are not counted, odd shapes
+ * are not crashed on. */
+Test(tokenize_chat, responses_calls_images_and_odd_shapes, .timeout = 20)
+{
+    struct policy_tokens *t = fixture_tokens();
+    int64_t base = responses(t, CONF_TOK_O200K, "{\"input\":[]}");
+    char body[1024];
+
+    cr_expect_eq(base, 3); /* the reply priming */
+    cr_expect_eq(responses(t, CONF_TOK_O200K,
+                           "{\"input\":[{\"type\":\"function_call\",\"call_id\":\"c\","
+                           "\"name\":\"get_weather\",\"arguments\":\"{}\"}]}") - base,
+                 3 + policy_tokens_count(t, CONF_TOK_O200K, "get_weather", 11) +
+                     policy_tokens_count(t, CONF_TOK_O200K, "{}", 2));
+    snprintf(body, sizeof(body),
+             "{\"input\":[{\"role\":\"user\",\"content\":[{\"type\":\"input_image\","
+             "\"image_url\":\"%s\"%s}]}]}", png_2048x4096, "");
+    int64_t with_role = responses(t, CONF_TOK_O200K, "{\"input\":[{\"role\":\"user\",\"content\":[]}]}");
+    cr_expect_eq(responses(t, CONF_TOK_O200K, body) - with_role, 1105);
+    snprintf(body, sizeof(body),
+             "{\"input\":[{\"role\":\"user\",\"content\":[{\"type\":\"input_image\","
+             "\"image_url\":\"%s\"%s}]}]}", png_2048x4096, ",\"detail\":\"low\"");
+    cr_expect_eq(responses(t, CONF_TOK_O200K, body) - with_role, 85);
+    cr_expect_eq(responses(t, CONF_TOK_O200K,
+                           "{\"input\":[{\"type\":\"reasoning\",\"summary\":[]},"
+                           "{\"type\":\"item_reference\",\"id\":\"x\"}]}"),
+                 base);
+    for (int e = CONF_TOK_CL100K; e <= CONF_TOK_LLAMA3; e++) {
+        cr_expect_geq(responses(t, e, "{\"input\":5,\"instructions\":[1]}"), 0);
+        cr_expect_geq(responses(t, e, "{\"input\":[1,null,{\"content\":{}},{\"type\":7},"
+                                      "{\"type\":\"function_call\"},{\"content\":[{\"type\":"
+                                      "\"input_image\"}]}],\"tools\":[{}]}"),
+                      0);
+    }
     policy_tokens_free(t);
 }

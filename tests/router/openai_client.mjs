@@ -2,7 +2,8 @@
 // the router. Prints one JSON line of what it saw; test_openai_sdk.c
 // asserts on it. Usage: node openai_client.mjs BASE_URL KEY MODE
 // MODE: plain | stream | badkey | midstream | retries (a chat with the
-// SDK's default of 2 retries)
+// SDK's default of 2 retries) | responses | responses-stream (the Responses
+// API: client.responses.create, whole and streamed)
 import { createRequire } from 'node:module';
 
 // The package lives in build/npm-openai (installed by make deps), not
@@ -33,6 +34,23 @@ try {
             out.chunks++;
             if (chunk.choices.length) out.text += chunk.choices[0].delta.content ?? '';
             if (chunk.usage) out.usage = chunk.usage;
+        }
+    } else if (mode === 'responses') {
+        const r = await client.responses.create({
+            model: 'chat', instructions: 'be brief', input: 'hello from the sdk',
+            max_output_tokens: 5 });
+        out.status = r.status;
+        out.text = r.output_text;
+        out.usage = r.usage;
+    } else if (mode === 'responses-stream') {
+        const stream = await client.responses.create({
+            model: 'chat', input: [{ role: 'user', content: 'hello from the sdk' }], stream: true });
+        out.types = [];
+        out.text = '';
+        for await (const event of stream) {
+            out.types.push(event.type);
+            if (event.type === 'response.output_text.delta') out.text += event.delta;
+            if (event.type === 'response.completed') out.usage = event.response.usage;
         }
     } else if (mode === 'badkey' || mode === 'retries') {
         await client.chat.completions.create({ model: 'chat', messages });

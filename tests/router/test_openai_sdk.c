@@ -140,6 +140,30 @@ Test(openai_sdk, streamed_and_plain_chat_over_tls)
     cr_assert_gt(get(get(r, "usage"), "completion_tokens")->valuedouble, 0);
 }
 
+/* mockllm's Responses prompt: 3 + (4 + words(instructions)) + (4 +
+ * words(input)) for a string input, 3 + (4 + words(content)) for one
+ * message; 16 output tokens unless max_output_tokens caps them. */
+Test(openai_sdk, responses_plain_and_streamed)
+{
+    start();
+    cJSON *r = run_client("responses", TENANT_KEY);
+    cr_assert(cJSON_IsTrue(get(r, "ok")), "%s", cJSON_PrintUnformatted(r));
+    cr_assert_str_eq(get(r, "status")->valuestring, "incomplete"); /* max_output_tokens: 5 */
+    cr_assert_str_eq(get(r, "text")->valuestring, "The quick brown fox jumps");
+    cr_assert_eq(get(get(r, "usage"), "input_tokens")->valuedouble, 3 + 6 + 8);
+    cr_assert_eq(get(get(r, "usage"), "output_tokens")->valuedouble, 5);
+    r = run_client("responses-stream", TENANT_KEY);
+    cr_assert(cJSON_IsTrue(get(r, "ok")), "%s", cJSON_PrintUnformatted(r));
+    const cJSON *types = get(r, "types");
+    int n = cJSON_GetArraySize(types);
+    cr_assert_eq(n, 18, "%s", cJSON_PrintUnformatted(types)); /* created, 16 deltas, completed */
+    cr_assert_str_eq(cJSON_GetArrayItem(types, 0)->valuestring, "response.created");
+    cr_assert_str_eq(cJSON_GetArrayItem(types, n - 1)->valuestring, "response.completed");
+    cr_assert_gt(strlen(get(r, "text")->valuestring), 0);
+    cr_assert_eq(get(get(r, "usage"), "input_tokens")->valuedouble, 3 + 8);
+    cr_assert_eq(get(get(r, "usage"), "output_tokens")->valuedouble, 16);
+}
+
 Test(openai_sdk, bad_key_is_an_authentication_error)
 {
     start();

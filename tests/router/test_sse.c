@@ -310,6 +310,18 @@ static void join_text(void *arg, const char *text, size_t len)
     strncat(out, text ? text : "#", text ? len : 1);
 }
 
+/* Feed `js` (no usage in it) 3 bytes at a time to a reader that joins
+ * the texts it hands over into got, each after a '|' ('#' for a number). */
+static void texts_handed_over(const char *js, char *got)
+{
+    struct router__bigusage *b = router__bigusage_new(join_text, got);
+
+    cr_assert_not_null(b);
+    for (size_t off = 0, len = strlen(js); off < len; off += 3)
+        cr_assert_eq(router__bigusage_feed(b, js + off, len - off < 3 ? len - off : 3), 0);
+    router__bigusage_free(b);
+}
+
 /* An answer without usage is counted from the texts a held body's count
  * reads (choices' text, message content, tool call arguments; an array
  * of strings and token ids), decoded, and nothing else: not the same
@@ -324,12 +336,8 @@ Test(bigusage, the_answered_texts_are_handed_over_to_be_counted, .timeout = 5)
         "{\"name\":\"no\",\"arguments\":\"{}\"}}]}},{\"message\":{\"content\":\"second\"}}],"
         "\"meta\":{\"text\":\"no\",\"choices\":[{\"text\":\"no\"}]}}";
     char got[256] = "";
-    struct router__bigusage *b = router__bigusage_new(join_text, got);
 
-    cr_assert_not_null(b);
-    for (size_t off = 0, len = sizeof(js) - 1; off < len; off += 3)
-        cr_assert_eq(router__bigusage_feed(b, js + off, len - off < 3 ? len - off : 3), 0);
-    router__bigusage_free(b);
+    texts_handed_over(js, got);
     cr_assert_str_eq(got, "|t\xc3\xa9|c1|#|c2|{}|second");
 }
 
@@ -401,4 +409,82 @@ Test(bigusage, nesting_is_read_64_deep_and_no_deeper, .timeout = 5)
         cr_assert_eq(big_usage_of(js, 16, &u), depth <= 64 ? 1 : -1, "%d deep", depth);
         cr_assert_eq(u.prompt_tokens, depth <= 64 ? 5 : -1, "%d deep", depth);
     }
+}
+
+/* ---- the Responses API (POST /v1/responses) ---- */
+
+/* Its usage names mean what chat's do, in a held body and in one too big
+ * to hold alike: input, output and cached input tokens. */
+Test(usage, the_responses_names_are_read_as_chat_names, .timeout = 5)
+{
+    const char js[] = "{\"id\":\"resp_1\",\"object\":\"response\",\"output\":[],"
+                      "\"usage\":{\"input_tokens\":12,\"input_tokens_details\":{\"cached_tokens\":8},"
+                      "\"output_tokens\":34,\"output_tokens_details\":{\"reasoning_tokens\":30},"
+                      "\"total_tokens\":46}}";
+    struct router__usage u;
+
+    cr_assert(router__usage_parse(js, sizeof(js) - 1, &u, NULL));
+    cr_assert_eq(u.prompt_tokens, 12);
+    cr_assert_eq(u.completion_tokens, 34);
+    cr_assert_eq(u.cached_tokens, 8);
+    cr_assert_eq(big_usage_of(js, 5, &u), 1);
+    cr_assert_eq(u.prompt_tokens, 12);
+    cr_assert_eq(u.completion_tokens, 34);
+    cr_assert_eq(u.cached_tokens, 8);
+}
+
+/* A stream's usage is its terminal event's response.usage; the events
+ * before carry "usage": null, the deltas none, and a "usage" of the
+ * event's own beside the response is not the answer's. */
+Test(usage, a_responses_stream_has_its_usage_in_the_terminal_event, .timeout = 5)
+{
+    static const struct {
+        const char *data; /* the event's data */
+        int found;        /* usage read */
+        int delta;        /* a text delta */
+    } cases[] = {
+        {"{\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"r\","
+         "\"usage\":null}}", 0, 0},
+        {"{\"type\":\"response.output_text.delta\",\"delta\":\"usage\"}", 0, 1},
+        {"{\"type\":\"response.output_text.done\",\"text\":\"\\\"usage\\\":{}\"}", 0, 0},
+        {"{\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":5,"
+         "\"output_tokens\":7}},\"sequence_number\":9}", 1, 0},
+        {"{\"type\":\"response.incomplete\",\"sequence_number\":9,\"response\":{\"output\":"
+         "[{\"usage\":{\"input_tokens\":1}}],\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}}",
+         1, 0},
+        {"{\"type\":\"response.failed\",\"response\":{\"usage\":{\"input_tokens\":5,"
+         "\"output_tokens\":7}}}", 1, 0},
+        {"{\"type\":\"response.completed\",\"response\":{\"usage\":null},"
+         "\"usage\":{\"input_tokens\":1,\"output_tokens\":1}}", 0, 0},
+        {"{\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":5", 0, 0},
+    };
+    struct router__usage u;
+    int delta;
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        int found = router__responses_event(cases[i].data, strlen(cases[i].data), &u, &delta);
+
+        cr_assert_eq(found, cases[i].found, "case %zu", i);
+        cr_assert_eq(delta, cases[i].delta, "case %zu", i);
+        if (found) {
+            cr_assert_eq(u.prompt_tokens, 5, "case %zu", i);
+            cr_assert_eq(u.completion_tokens, 7, "case %zu", i);
+        }
+    }
+}
+
+/* An answer too big to hold without usage is counted from the output's
+ * message text parts and function call arguments, as a held one is. */
+Test(bigusage, a_responses_answer_hands_over_its_output_texts, .timeout = 5)
+{
+    const char js[] = "{\"object\":\"response\",\"instructions\":\"no\",\"output\":["
+                      "{\"type\":\"reasoning\",\"summary\":[{\"type\":\"summary_text\",\"text\":\"no\"}]},"
+                      "{\"type\":\"message\",\"role\":\"assistant\",\"content\":[{\"type\":"
+                      "\"output_text\",\"text\":\"hi\",\"annotations\":[]},{\"type\":\"output_text\","
+                      "\"text\":\"there\"}]},"
+                      "{\"type\":\"function_call\",\"name\":\"no\",\"arguments\":\"{}\"}]}";
+    char got[256] = "";
+
+    texts_handed_over(js, got);
+    cr_assert_str_eq(got, "|hi|there|{}");
 }

@@ -1,0 +1,409 @@
+/*
+ * tests/router/test_responses.c: POST /v1/responses (OpenAI's Responses
+ * API) through the real router in front of a real mockllm: the settled
+ * cost of plain and streamed answers in the head, the stream's SSE
+ * comment and trailer and the cost log; cached input tokens at the cached
+ * rate; no stream_options sent upstream; an answer without usage charged
+ * for its output text, a stream without usage, or broken, for its text
+ * deltas alone; the hold of max_output_tokens against a
+ * budget; a wrongly typed input refused; never the response cache.
+ *
+ * mockllm counts a Responses prompt by its chat rule: 3, plus 4 + the
+ * words of "instructions" when given, plus for "input" as a string 4 +
+ * its words, or as an array 4 + the words of each item's text (a
+ * message's content or its parts' "text", a function call's "arguments",
+ * a function_call_output's "output"); a word is a run of non-whitespace
+ * bytes. It answers x-mock-tokens output tokens (capped by
+ * max_output_tokens) and reports x-mock-cached-tokens as
+ * input_tokens_details.cached_tokens, so every cost below is computed by
+ * hand from the configured prices. It answers 400 to a body with
+ * stream_options.include_usage, as the Responses API has no such option.
+ */
+#define _GNU_SOURCE
+#include <cjson/cJSON.h>
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "tests/support/http.h"
+#include "tests/support/proc.h"
+
+#define TIMEOUT_MS 5000
+#define KEY "sk-responses-tenant"
+#define AUTH "Authorization: Bearer " KEY "\r\n"
+/* Prices of the backend, USD per million tokens. */
+#define IN_USD 100
+#define CACHED_USD 10
+#define OUT_USD 300
+/* "hello there" as the input string: 3 + 4 + 2 = 9 prompt tokens. */
+#define INPUT "\"input\":\"hello there\""
+#define PROMPT_TOKENS 9
+
+static struct support_proc router, mock;
+static struct support_http_response resp;
+static struct buf req;
+static cJSON *json;
+static char conf_path[64], log_path[64];
+
+static void teardown(void)
+{
+    support_proc_stop(&router);
+    support_proc_stop(&mock);
+    support_http_response_free(&resp);
+    buf_free(&req);
+    cJSON_Delete(json);
+    json = NULL;
+    if (conf_path[0])
+        unlink(conf_path);
+    if (log_path[0])
+        unlink(log_path);
+}
+
+TestSuite(responses, .fini = teardown, .timeout = 60);
+
+/* mockllm and the router in front of it, the tenant with `tenant_extra`
+ * (config lines, or ""). */
+static void start(const char *tenant_extra)
+{
+    char hex[65];
+    FILE *f;
+
+    cr_assert_eq(support_mockllm_start(&mock, NULL), 0);
+    support_key_sha256_hex(KEY, hex);
+    strcpy(log_path, "/tmp/costrouter-resp-log-XXXXXX");
+    close(mkstemp(log_path));
+    strcpy(conf_path, "/tmp/costrouter-resp-XXXXXX");
+    f = fdopen(mkstemp(conf_path), "w");
+    cr_assert_not_null(f);
+    fprintf(f,
+            "listen: 127.0.0.1:0\ncost_log: %s\n"
+            "backends:\n"
+            "  - {name: a, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-a, quality: 1,\n"
+            "     context_window: 100000, input_usd_per_mtok: %d, cached_input_usd_per_mtok: %d,\n"
+            "     output_usd_per_mtok: %d, tokenizer: o200k_base}\n"
+            "routes:\n  - {model: chat, candidates: [a]}\n"
+            "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n%s",
+            log_path, mock.port, IN_USD, CACHED_USD, OUT_USD, hex, tenant_extra);
+    fclose(f);
+    char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
+    cr_assert_eq(support_proc_start(&router, argv), 0);
+}
+
+static int call(int port, const char *method, const char *path, const char *headers,
+                const char *body)
+{
+    buf_reset(&req);
+    support_http_response_free(&resp);
+    cr_assert_eq(support_http_format(&req, method, path, headers, body), 0);
+    return support_http_request(port, req.data, req.len, TIMEOUT_MS, &resp);
+}
+
+/* POST /v1/responses to the router with `extra` header lines. */
+static int responses(const char *extra, const char *body)
+{
+    char headers[512];
+
+    snprintf(headers, sizeof(headers), AUTH "%s", extra ? extra : "");
+    return call(router.port, "POST", "/v1/responses", headers, body);
+}
+
+static cJSON *body_json(void)
+{
+    cJSON_Delete(json);
+    json = cJSON_ParseWithLength(resp.body.data, resp.body.len);
+    cr_assert_not_null(json, "not JSON: %.*s", (int)resp.body.len, resp.body.data);
+    return json;
+}
+
+static double header_usd(void)
+{
+    const char *v = support_http_header(&resp, "x-costrouter-cost-usd");
+
+    cr_assert_not_null(v, "no x-costrouter-cost-usd header");
+    return strtod(v, NULL);
+}
+
+/* USD of `prompt` input tokens (of which `cached` from the cache) and
+ * `output` tokens, rounded to the micro-dollar as settled. */
+static double usd(double prompt, double cached, double output)
+{
+    return round((prompt - cached) * IN_USD + cached * CACHED_USD + output * OUT_USD) / 1e6;
+}
+
+/* The last line of the cost log, once the router has stopped (caller
+ * frees). */
+static cJSON *last_cost_record(void)
+{
+    char line[4096], last[4096] = "";
+    FILE *f;
+    cJSON *rec;
+
+    support_proc_stop(&router);
+    f = fopen(log_path, "r");
+    cr_assert_not_null(f);
+    while (fgets(line, sizeof(line), f))
+        strcpy(last, line);
+    fclose(f);
+    rec = cJSON_Parse(last);
+    cr_assert_not_null(rec, "cost log: %s", last);
+    return rec;
+}
+
+static double num(const cJSON *o, const char *name)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
+
+    cr_assert(cJSON_IsNumber(v), "no number %s", name);
+    return v->valuedouble;
+}
+
+/* The cost log's line has these tokens and this cost. */
+static void assert_logged(double prompt, double completion, double cost)
+{
+    cJSON *rec = last_cost_record();
+
+    cr_assert_eq(num(rec, "prompt_tokens"), prompt);
+    cr_assert_eq(num(rec, "completion_tokens"), completion);
+    cr_assert_float_eq(num(rec, "cost_usd"), cost, 1e-9);
+    cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(rec, "route")->valuestring, "chat");
+    cJSON_Delete(rec);
+}
+
+/* The body mockllm last received, as JSON (in `json`). */
+static cJSON *upstream_body(void)
+{
+    const cJSON *body;
+    cJSON *inner;
+
+    cr_assert_eq(call(mock.port, "GET", "/mock/last-request", NULL, NULL), 0);
+    cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(body_json(), "path")->valuestring,
+                     "/v1/responses");
+    body = cJSON_GetObjectItemCaseSensitive(json, "body");
+    cr_assert(cJSON_IsString(body));
+    inner = cJSON_Parse(body->valuestring);
+    cr_assert_not_null(inner);
+    cJSON_Delete(json);
+    json = inner;
+    return json;
+}
+
+static double mock_requests(void)
+{
+    cr_assert_eq(call(mock.port, "GET", "/mock/stats", NULL, NULL), 0);
+    return num(body_json(), "requests");
+}
+
+Test(responses, plain_cost_is_usage_times_price_in_header_and_log)
+{
+    start("");
+    cr_assert_eq(responses("x-mock-tokens: 7\r\n", "{\"model\":\"chat\"," INPUT "}"), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(body_json(), "object")->valuestring,
+                     "response");
+    double want = usd(PROMPT_TOKENS, 0, 7); /* 900 + 2100 micro */
+    cr_assert_float_eq(header_usd(), want, 1e-9);
+    /* Sent to the backend's /responses with its own model name. */
+    cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(upstream_body(), "model")->valuestring,
+                     "m-a");
+    assert_logged(PROMPT_TOKENS, 7, want);
+}
+
+/* A whole answer without usage is charged the estimated prompt and its
+ * output text counted with the backend's tokenizer: "The quick brown
+ * fox" is 4 tokens in o200k_base. */
+Test(responses, a_plain_answer_without_usage_is_charged_for_its_output_text)
+{
+    start("");
+    cr_assert_eq(responses("x-mock-tokens: 4\r\nx-mock-usage: omit\r\n",
+                           "{\"model\":\"chat\"," INPUT "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_null(cJSON_GetObjectItemCaseSensitive(body_json(), "usage"));
+    /* "hello there" as a user message, by the chat framing: 3 + 1 + 2 + 3. */
+    cr_assert_float_eq(header_usd(), usd(9, 0, 4), 1e-9);
+    cJSON *rec = last_cost_record();
+    cr_assert_eq(num(rec, "billed_prompt_tokens"), 9);
+    cr_assert_eq(num(rec, "billed_completion_tokens"), 4);
+    cJSON_Delete(rec);
+}
+
+Test(responses, cached_input_tokens_are_priced_at_the_cached_rate)
+{
+    start("");
+    /* instructions (2 words) and an input item with two text parts:
+     * 3 + (4 + 2) + (4 + 3 + 1) = 17 prompt tokens, 5 of them cached. */
+    cr_assert_eq(responses("x-mock-tokens: 4\r\nx-mock-cached-tokens: 5\r\n",
+                           "{\"model\":\"chat\",\"instructions\":\"be brief\",\"input\":[{\"role\":"
+                           "\"user\",\"content\":[{\"type\":\"input_text\",\"text\":\"one two "
+                           "three\"},{\"type\":\"input_text\",\"text\":\"four\"}]}]}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    double want = usd(17, 5, 4); /* 1200 + 50 + 1200 micro */
+    cr_assert_float_eq(header_usd(), want, 1e-9);
+    assert_logged(17, 4, want);
+}
+
+/* Read the stream of "hello there" with x-mock-tokens: 5 and the header
+ * lines `extra` whole: response.created, 5 deltas, response.completed. */
+static void read_stream(struct support_sse *s, const char *extra)
+{
+    static const char body[] = "{\"model\":\"chat\",\"stream\":true," INPUT "}";
+    struct support_sse_event ev;
+    char headers[512];
+    int n = 0, rc;
+
+    snprintf(headers, sizeof(headers), AUTH "x-mock-tokens: 5\r\n%s", extra);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/responses", headers, body), 0);
+    cr_assert_eq(support_sse_open(s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    cr_assert_eq(s->resp.status, 200);
+    while ((rc = support_sse_next(s, &ev, TIMEOUT_MS)) == 1)
+        n++;
+    cr_assert_eq(rc, 0, "the stream did not end cleanly: %d", rc);
+    cr_assert_eq(n, 7, "%d events", n);
+}
+
+/* The stream's cost, from its SSE comment, which its trailer repeats. */
+static double stream_usd(const struct support_sse *s)
+{
+    const char *c = memmem(s->resp.raw.data, s->resp.raw.len, ": x-costrouter-cost-usd=", 24);
+    const char *t = memmem(s->resp.raw.data, s->resp.raw.len, "x-costrouter-cost-usd: ", 23);
+
+    cr_assert_not_null(c, "no cost comment in the stream");
+    cr_assert_not_null(t, "no cost trailer");
+    cr_assert_float_eq(strtod(c + 24, NULL), strtod(t + 23, NULL), 1e-12);
+    return strtod(c + 24, NULL);
+}
+
+Test(responses, streamed_cost_comes_from_response_completed_without_stream_options)
+{
+    struct support_sse s = {0};
+
+    start("");
+    read_stream(&s, "");
+    cr_assert_str_eq(support_http_header(&s.resp, "trailer"), "x-costrouter-cost-usd");
+    cr_assert_null(memmem(s.resp.raw.data, s.resp.raw.len, "[DONE]", 6));
+    double want = usd(PROMPT_TOKENS, 0, 5);
+    cr_assert_float_eq(stream_usd(&s), want, 1e-9);
+    support_sse_close(&s);
+    /* mockllm refuses stream_options.include_usage on /v1/responses (the
+     * stream above would have been a 400): the router added none. */
+    cr_assert_null(cJSON_GetObjectItemCaseSensitive(upstream_body(), "stream_options"));
+    assert_logged(PROMPT_TOKENS, 5, want);
+}
+
+Test(responses, a_stream_without_usage_is_charged_for_its_text_deltas_alone)
+{
+    struct support_sse s = {0};
+
+    start("");
+    read_stream(&s, "x-mock-usage: omit\r\n");
+    /* The prompt as the router estimated it, and one token per delta:
+     * not the created and completed events. */
+    cJSON *rec = last_cost_record();
+    double prompt = num(rec, "billed_prompt_tokens");
+    cr_assert_eq(num(rec, "billed_completion_tokens"), 5);
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(rec, "completion_tokens")));
+    cr_assert_float_eq(num(rec, "cost_usd"), usd(prompt, 0, 5), 1e-9);
+    cJSON_Delete(rec);
+    cr_assert_float_eq(stream_usd(&s), usd(prompt, 0, 5), 1e-9);
+    support_sse_close(&s);
+}
+
+/* A stream that breaks before response.completed: the client sees an
+ * error event and no clean end; the tenant pays the estimated prompt and
+ * the three deltas that passed, not the response.created before them. */
+Test(responses, a_broken_stream_is_charged_for_the_deltas_that_passed)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    char headers[256];
+    int rc, error_event = 0;
+
+    start("");
+    snprintf(headers, sizeof(headers), AUTH "x-mock-tokens: 8\r\nx-mock-fault: close-midstream\r\n");
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/responses", headers,
+                                     "{\"model\":\"chat\",\"stream\":true," INPUT "}"),
+                 0);
+    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1)
+        error_event |= strstr(ev.data, "\"error\"") != NULL;
+    cr_assert_eq(rc, -ECONNRESET, "a broken stream ended cleanly");
+    cr_assert(error_event, "no error event");
+    support_sse_close(&s);
+    cJSON *rec = last_cost_record();
+    double prompt = num(rec, "billed_prompt_tokens");
+    cr_assert_gt(prompt, 0);
+    cr_assert_eq(num(rec, "billed_completion_tokens"), 3);
+    cr_assert_float_eq(num(rec, "cost_usd"), usd(prompt, 0, 3), 1e-9);
+    cJSON_Delete(rec);
+}
+
+Test(responses, a_budget_refuses_a_hold_of_max_output_tokens_that_does_not_fit)
+{
+    /* $0.01 a day: 1000 output tokens at $300/M hold $0.30, 10 hold
+     * $0.003 and the prompt. */
+    start("    budget: {daily_usd: 0.01, on_exhausted: reject}\n");
+    cr_assert_eq(responses(NULL, "{\"model\":\"chat\",\"max_output_tokens\":1000," INPUT "}"), 0);
+    cr_assert_eq(resp.status, 429, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(
+                         cJSON_GetObjectItemCaseSensitive(body_json(), "error"), "code")
+                         ->valuestring,
+                     "budget_exhausted");
+    cr_assert_eq(mock_requests(), 0);
+    cr_assert_eq(responses(NULL, "{\"model\":\"chat\",\"max_output_tokens\":10," INPUT "}"), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    /* mockllm stopped at the cap, and the cost says so. */
+    cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(body_json(), "status")->valuestring,
+                     "incomplete");
+    cr_assert_float_eq(header_usd(), usd(PROMPT_TOKENS, 0, 10), 1e-9);
+}
+
+Test(responses, a_wrongly_typed_input_is_a_400_openai_error)
+{
+    static const char *const bodies[] = {
+        "{\"model\":\"chat\",\"input\":5}",
+        "{\"model\":\"chat\",\"input\":{\"role\":\"user\",\"content\":\"hi\"}}",
+        "{\"model\":\"chat\",\"input\":[\"hi\"]}",
+        "{\"model\":\"chat\",\"input\":[{\"role\":\"user\",\"content\":5}]}",
+        "{\"model\":\"chat\",\"instructions\":[1]," INPUT "}",
+        "{\"model\":\"chat\",\"max_output_tokens\":\"10\"," INPUT "}",
+    };
+
+    start("");
+    for (size_t i = 0; i < sizeof(bodies) / sizeof(bodies[0]); i++) {
+        cr_assert_eq(responses(NULL, bodies[i]), 0);
+        cr_assert_eq(resp.status, 400, "%s: %d", bodies[i], resp.status);
+        cr_assert_str_eq(support_http_header(&resp, "content-type"), "application/json");
+        const cJSON *err = cJSON_GetObjectItemCaseSensitive(body_json(), "error");
+        cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(err, "type")->valuestring,
+                         "invalid_request_error");
+        cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(err, "code")->valuestring,
+                         "invalid_type", "%s", bodies[i]);
+        cr_assert(cJSON_IsString(cJSON_GetObjectItemCaseSensitive(err, "message")));
+    }
+    cr_assert_eq(mock_requests(), 0);
+}
+
+Test(responses, an_answer_is_never_served_from_the_cache)
+{
+    static const char body[] = "{\"model\":\"chat\",\"temperature\":0," INPUT "}";
+    char first_id[64];
+
+    start("");
+    cr_assert_eq(responses(NULL, body), 0);
+    cr_assert_eq(resp.status, 200);
+    snprintf(first_id, sizeof(first_id), "%s",
+             cJSON_GetObjectItemCaseSensitive(body_json(), "id")->valuestring);
+    cr_assert_eq(responses(NULL, body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    /* A response of its own, with an id a client may chain. */
+    cr_assert_str_neq(cJSON_GetObjectItemCaseSensitive(body_json(), "id")->valuestring, first_id);
+    cr_assert_eq(mock_requests(), 2);
+}
