@@ -345,7 +345,7 @@ static int digits_at(const char *s, int k)
 static int64_t utc_ms(const char *s)
 {
     int f[6] = {digits_at(s, 4), -1, -1, 0, 0, 0}, ms = 0, places = 0;
-    struct tm tm = {0}, back;
+    struct tm tm;
     time_t t;
 
     if (f[0] < 0 || s[4] != '-' || (f[1] = digits_at(s + 5, 2)) < 0 || s[7] != '-' ||
@@ -377,11 +377,10 @@ static int64_t utc_ms(const char *s)
     tm = (struct tm){.tm_year = f[0] - 1900, .tm_mon = f[1] - 1, .tm_mday = f[2],
                      .tm_hour = f[3], .tm_min = f[4], .tm_sec = f[5]};
     t = timegm(&tm);
-    /* timegm carries what is out of range (February 30th is March 2nd):
-     * a time that does not come back as written was no such time */
-    if (gmtime_r(&t, &back) == NULL || back.tm_year != f[0] - 1900 || back.tm_mon != f[1] - 1 ||
-        back.tm_mday != f[2] || back.tm_hour != f[3] || back.tm_min != f[4] ||
-        back.tm_sec != f[5])
+    /* timegm carries what is out of range into tm (February 30th becomes
+     * March 2nd): a time that does not stay as written was no such time */
+    if (tm.tm_year != f[0] - 1900 || tm.tm_mon != f[1] - 1 || tm.tm_mday != f[2] ||
+        tm.tm_hour != f[3] || tm.tm_min != f[4] || tm.tm_sec != f[5])
         return -1;
     return (int64_t)t * 1000 + ms;
 }

@@ -491,10 +491,10 @@ static int check_text(struct conf__ctx *ctx, const char *src, size_t len)
  * it, pair by pair: a price file of 20,000 entries took 26 s. */
 static struct fy_document *build_resolved(struct conf__ctx *ctx, const char *src, size_t len)
 {
+    size_t nerrs = ctx->nerrs; /* before load_document, which may report */
     struct fy_diag *diag = NULL;
     struct fy_parser *fyp = open_parser(ctx, 0, src, len, &diag);
     struct fy_document *doc = fyp ? load_document(ctx, fyp, 1) : NULL;
-    size_t nerrs = ctx->nerrs;
 
     if (doc == NULL && !ctx->oom && ctx->nerrs == nerrs &&
         report_duplicate_keys(ctx, src, len) == 0)
@@ -522,10 +522,8 @@ static struct fy_document *build_document(struct conf__ctx *ctx, const char *src
     fyp = open_parser(ctx, FYPCF_ALLOW_DUPLICATE_KEYS, src, len, &diag);
     if (fyp)
         doc = load_document(ctx, fyp, 0);
-    if (doc && (again = needs_libfyaml(fy_document_root(doc))) != 0) {
-        fy_parse_document_destroy(fyp, doc);
-        doc = NULL;
-    } else if (doc && conf__duplicate_keys(ctx, fy_document_root(doc)) > 0) {
+    if (doc && ((again = needs_libfyaml(fy_document_root(doc))) != 0 ||
+                conf__duplicate_keys(ctx, fy_document_root(doc)) > 0)) {
         fy_parse_document_destroy(fyp, doc);
         doc = NULL;
     } else if (doc == NULL && !ctx->oom && ctx->nerrs == nerrs) {

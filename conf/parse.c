@@ -823,15 +823,12 @@ static void drop_duplicate_prices(struct conf__ctx *ctx)
         else
             conf__error(ctx, p->line, ppath, "duplicate price %s (first at %s:%d)",
                         conf__quote(q, p->name, strlen(p->name)), o->file, o->line);
-        v[i].name = NULL; /* dropped below: o keeps comparing against its own name */
+        /* dropped below; the next entries are compared with o, never p */
+        free(p->name);
+        p->name = NULL;
     }
     ctx->file = saved_file;
     ctx->file_no = saved_no;
-    for (size_t i = 0; i < c->nprices; i++)
-        if (v[i].name == NULL) {
-            free(c->prices[v[i].index].name);
-            c->prices[v[i].index].name = NULL;
-        }
     for (size_t i = 0; i < c->nprices; i++)
         if (c->prices[i].name != NULL)
             c->prices[kept++] = c->prices[i];
