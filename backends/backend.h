@@ -89,6 +89,7 @@ struct backend_tokens {
     int64_t prompt;     /* prompt tokens, cached ones included */
     int64_t completion; /* completion (generated) tokens */
     int64_t cached;     /* prompt tokens the upstream served from its cache */
+    int tier;           /* enum conf_service_tier whose rates bill them (API backends) */
 };
 
 /* A request's cost estimate on one backend. */
@@ -144,7 +145,9 @@ void backend_tokens_served(struct backend *b, uint64_t now_ms, int64_t tokens);
  * marked free costs 0. */
 struct backend_cost backend_estimate_cost(const struct backend *b, uint64_t now_ms,
                                           const struct backend_tokens *tok, int slo_ms);
-/* API price of `tok` on `b` in USD (0 for self-hosted or free backends). */
+/* API price of `tok` on `b` in USD (0 for self-hosted or free backends):
+ * at the rates of its service tier when `b` prices that tier, else at the
+ * standard rates (the long-prompt ones past long_context's size). */
 double backend_api_price_usd(const struct conf_backend *c, const struct backend_tokens *tok);
 /* Chargeback of `gpu_seconds` on the pool of `b`, USD. */
 double backend_attribute_cost_usd(const struct backend *b, double gpu_seconds);

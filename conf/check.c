@@ -94,6 +94,8 @@ static const struct {
     {CONF__B_OUTPUT_USD, "output_usd_per_mtok", CONF_BACKEND_API, 1},
     {CONF__B_CACHED_INPUT_USD, "cached_input_usd_per_mtok", CONF_BACKEND_API, 0},
     {CONF__B_LONG_CONTEXT, "long_context", CONF_BACKEND_API, 0},
+    {CONF__B_FLEX, "flex", CONF_BACKEND_API, 0},
+    {CONF__B_PRIORITY, "priority", CONF_BACKEND_API, 0},
 };
 
 /* An api backend's long-prompt tier, key by key like its other prices:
@@ -142,6 +144,43 @@ static void resolve_long_context(struct conf__ctx *ctx, size_t i, const struct c
     }
 }
 
+/* An api backend's service tiers, key by key like its other prices: its
+ * own, else its entry's (complete whenever the entry prices the tier, see
+ * complete_tiers). A tier of its own needs both rates unless its entry
+ * gives them. */
+static void resolve_tiers(struct conf__ctx *ctx, size_t i, const struct conf_price *p)
+{
+    struct conf_backend *b = &ctx->conf->backends[i];
+    const struct conf__meta *m = &ctx->backend_meta[i];
+    char path[96];
+
+    for (int tier = CONF_TIER_FLEX; tier < CONF_TIER_COUNT && b->kind == CONF_BACKEND_API; tier++) {
+        int key = CONF__B_FLEX + (tier - CONF_TIER_FLEX) * CONF__TIER_KEYS;
+        struct conf_tier_rates *r = &b->tiers[tier];
+        const struct conf_tier_rates *pr = p && p->tiers[tier].priced ? &p->tiers[tier] : NULL;
+
+        if (!HAS(m, key) && pr == NULL)
+            continue;
+        if (pr && !HAS(m, key + CONF__TIER_INPUT))
+            r->input_usd_per_mtok = pr->input_usd_per_mtok;
+        if (pr && !HAS(m, key + CONF__TIER_OUTPUT))
+            r->output_usd_per_mtok = pr->output_usd_per_mtok;
+        if (!HAS(m, key + CONF__TIER_CACHED))
+            r->cached_input_usd_per_mtok = pr ? pr->cached_input_usd_per_mtok
+                                              : r->input_usd_per_mtok;
+        for (int k = CONF__TIER_INPUT; pr == NULL && k <= CONF__TIER_OUTPUT; k++) {
+            if (HAS(m, key + k))
+                continue;
+            snprintf(path, sizeof(path), "backends[%zu].%s", i, conf_tier_name(tier));
+            conf__error(ctx, m->lines[key], path,
+                        "missing required key \"%s\" (no price entry gives one)",
+                        k == CONF__TIER_INPUT ? "input_usd_per_mtok" : "output_usd_per_mtok");
+        }
+        r->priced = 1;
+        b->tiered = 1;
+    }
+}
+
 /* An api backend's price entry: the one `price:` names, else the one
  * named like its `model`, if any. Each price the backend does not give
  * itself comes from the entry; cached input falls back to the input
@@ -170,6 +209,7 @@ static void resolve_price(struct conf__ctx *ctx, size_t i)
     if (!HAS(m, CONF__B_CACHED_INPUT_USD))
         b->cached_input_usd_per_mtok = p ? p->cached_input_usd_per_mtok : b->input_usd_per_mtok;
     resolve_long_context(ctx, i, p);
+    resolve_tiers(ctx, i, p);
 }
 
 /* Prices and capacity: a backend must say what it costs unless `free`.
@@ -790,6 +830,21 @@ const struct conf_price *conf_find_price(const struct conf *conf, const char *na
 {
     return search_by_name((void *const *)conf->_prices_by_name, conf->nprices,
                           offsetof(struct conf_price, name), name, strlen(name));
+}
+
+static const char *const tier_names[CONF_TIER_COUNT] = {"default", "flex", "priority"};
+
+const char *conf_tier_name(enum conf_service_tier tier)
+{
+    return (unsigned)tier < CONF_TIER_COUNT ? tier_names[tier] : tier_names[CONF_TIER_STANDARD];
+}
+
+enum conf_service_tier conf_tier_of(const char *s, size_t len)
+{
+    for (int t = CONF_TIER_FLEX; t < CONF_TIER_COUNT; t++)
+        if (strlen(tier_names[t]) == len && memcmp(s, tier_names[t], len) == 0)
+            return (enum conf_service_tier)t;
+    return CONF_TIER_STANDARD;
 }
 
 /* The search only narrows down to the one entry that could match (the

@@ -46,6 +46,22 @@ struct conf_long_context {
     double cached_input_usd_per_mtok; /* default: this tier's input price */
 };
 
+/* OpenAI's per-request processing tiers: a request's `service_tier`
+ * ("flex": slower, about half price; "priority": faster, about twice) and
+ * the answer's, which says what was billed. Any other tier ("default",
+ * "auto", "scale") is billed at the standard rates. */
+enum conf_service_tier { CONF_TIER_STANDARD, CONF_TIER_FLEX, CONF_TIER_PRIORITY, CONF_TIER_COUNT };
+
+/* The rates of one service tier (`flex:` or `priority:` on a price entry
+ * or a backend). They replace the standard rates, long_context's too:
+ * OpenAI, the one API with such tiers, has no long-prompt rates. */
+struct conf_tier_rates {
+    unsigned priced:1;                /* the tier has rates; else it bills at the standard ones */
+    double input_usd_per_mtok;
+    double output_usd_per_mtok;
+    double cached_input_usd_per_mtok; /* default: this tier's input price */
+};
+
 /* One entry of a `prices:` mapping (in the config or an included file). */
 struct conf_price {
     char *name;                 /* entry name, e.g. "gpt-4o-mini" */
@@ -55,6 +71,7 @@ struct conf_price {
     double output_usd_per_mtok; /* USD per million completion tokens */
     double cached_input_usd_per_mtok; /* USD per million cached prompt tokens (default: input) */
     struct conf_long_context long_context; /* complete when its above_prompt_tokens > 0 */
+    struct conf_tier_rates tiers[CONF_TIER_COUNT]; /* flex and priority; [STANDARD] unused */
 };
 
 struct conf_backend {
@@ -94,6 +111,8 @@ struct conf_backend {
     double output_usd_per_mtok;
     double cached_input_usd_per_mtok; /* defaults to input_usd_per_mtok */
     struct conf_long_context long_context; /* each key the backend's own, else the entry's */
+    struct conf_tier_rates tiers[CONF_TIER_COUNT]; /* likewise; [STANDARD] unused */
+    unsigned tiered:1;          /* a tier is priced: the answer's service_tier is read */
     /* upstream connection limits, milliseconds (defaults in conf.c) */
     int connect_timeout_ms;
     int first_byte_timeout_ms;
@@ -274,5 +293,11 @@ const struct conf_key *conf_find_key(const struct conf *conf, const uint8_t sha2
 /* Tenant by id, price entry by name (C strings); NULL when none. */
 const struct conf_tenant *conf_find_tenant(const struct conf *conf, const char *id);
 const struct conf_price *conf_find_price(const struct conf *conf, const char *name);
+/* A service tier's name as the config and the API write it ("flex",
+ * "priority"; "default" for the standard tier), and the tier a request or
+ * an answer names with `len` bytes at `s`: any name but flex and priority
+ * is the standard tier. */
+const char *conf_tier_name(enum conf_service_tier tier);
+enum conf_service_tier conf_tier_of(const char *s, size_t len);
 
 #endif

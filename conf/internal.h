@@ -112,6 +112,10 @@ enum conf__backend_key {
     CONF__B_STREAM_USAGE,
     CONF__B_LONG_CONTEXT, CONF__B_LONG_ABOVE, CONF__B_LONG_INPUT_USD, CONF__B_LONG_OUTPUT_USD,
     CONF__B_LONG_CACHED_INPUT_USD,
+    /* per service tier, CONF__TIER_KEYS keys in this order (check.c counts on it) */
+    CONF__B_FLEX, CONF__B_FLEX_INPUT_USD, CONF__B_FLEX_OUTPUT_USD, CONF__B_FLEX_CACHED_INPUT_USD,
+    CONF__B_PRIORITY, CONF__B_PRIORITY_INPUT_USD, CONF__B_PRIORITY_OUTPUT_USD,
+    CONF__B_PRIORITY_CACHED_INPUT_USD,
     CONF__B_COUNT
 };
 
@@ -140,8 +144,17 @@ enum conf__price_key {
     CONF__P_INPUT_USD, CONF__P_OUTPUT_USD, CONF__P_CACHED_INPUT_USD,
     CONF__P_LONG_CONTEXT, CONF__P_LONG_ABOVE, CONF__P_LONG_INPUT_USD, CONF__P_LONG_OUTPUT_USD,
     CONF__P_LONG_CACHED_INPUT_USD,
+    CONF__P_FLEX, CONF__P_FLEX_INPUT_USD, CONF__P_FLEX_OUTPUT_USD, CONF__P_FLEX_CACHED_INPUT_USD,
+    CONF__P_PRIORITY, CONF__P_PRIORITY_INPUT_USD, CONF__P_PRIORITY_OUTPUT_USD,
+    CONF__P_PRIORITY_CACHED_INPUT_USD,
     CONF__P_COUNT
 };
+
+/* A service tier's keys, from its section key (CONF__B_FLEX, CONF__P_FLEX,
+ * ...): the section, then the input, output and cached input rates. The
+ * tier's section key is that of flex plus (tier - CONF_TIER_FLEX) x this. */
+#define CONF__TIER_KEYS 4
+enum { CONF__TIER_INPUT = 1, CONF__TIER_OUTPUT = 2, CONF__TIER_CACHED = 3 };
 
 /* The top level of an included file. */
 enum conf__included_key { CONF__I_PRICES, CONF__I_COUNT };

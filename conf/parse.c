@@ -696,6 +696,29 @@ static void complete_long_context(struct conf__ctx *ctx, struct conf_price *p,
         p->long_context.cached_input_usd_per_mtok = p->long_context.input_usd_per_mtok;
 }
 
+/* A price entry's `flex:` and `priority:` need both rates; their cached
+ * rate defaults to the tier's input rate. */
+static void complete_tiers(struct conf__ctx *ctx, struct conf_price *p,
+                           const struct conf__meta *m, const char *path)
+{
+    for (int tier = CONF_TIER_FLEX; tier < CONF_TIER_COUNT; tier++) {
+        int key = CONF__P_FLEX + (tier - CONF_TIER_FLEX) * CONF__TIER_KEYS;
+        struct conf_tier_rates *r = &p->tiers[tier];
+        char tpath[300];
+
+        if (!(m->set & (1ull << key)))
+            continue;
+        join_path(tpath, sizeof(tpath), path, conf_tier_name(tier));
+        for (int k = CONF__TIER_INPUT; k <= CONF__TIER_OUTPUT; k++)
+            if (!(m->set & (1ull << (key + k))))
+                conf__error(ctx, m->lines[key], tpath, "missing required key \"%s\"",
+                            price_table.d[key + k].name);
+        if (!(m->set & (1ull << (key + CONF__TIER_CACHED))))
+            r->cached_input_usd_per_mtok = r->input_usd_per_mtok;
+        r->priced = 1;
+    }
+}
+
 /* `prices: {NAME: {input_usd_per_mtok, ...}, ...}`, in the config or an
  * included file: appended to conf.prices. A name defined twice (in any of
  * the files) is found once all are read (drop_duplicate_prices). */
@@ -754,6 +777,7 @@ static void node_prices(struct conf__ctx *ctx, void *obj, struct conf__meta *met
         if (!(m.set & (1ull << CONF__P_CACHED_INPUT_USD)))
             p->cached_input_usd_per_mtok = p->input_usd_per_mtok;
         complete_long_context(ctx, p, &m, ppath);
+        complete_tiers(ctx, p, &m, ppath);
         c->nprices++;
         continue;
     skip:
@@ -1133,6 +1157,17 @@ static const struct directive root_directives[CONF__R_COUNT] = {
 };
 #undef R
 
+/* A service tier's section and rates (the order of CONF__TIER_KEYS), in
+ * the table whose offset macro is OFF. */
+#define TIER_DIRECTIVES(OFF, key, name, tier)                                                    \
+    [key] = {name, NULL, T_SECTION},                                                             \
+    [key + CONF__TIER_INPUT] = {"input_usd_per_mtok", name, T_DOUBLE,                             \
+                                OFF(tiers[tier].input_usd_per_mtok), 0, PRICE_MAX},              \
+    [key + CONF__TIER_OUTPUT] = {"output_usd_per_mtok", name, T_DOUBLE,                           \
+                                 OFF(tiers[tier].output_usd_per_mtok), 0, PRICE_MAX},            \
+    [key + CONF__TIER_CACHED] = {"cached_input_usd_per_mtok", name, T_DOUBLE,                     \
+                                 OFF(tiers[tier].cached_input_usd_per_mtok), 0, PRICE_MAX}
+
 #define B(field) .offset = offsetof(struct conf_backend, field)
 static const struct directive backend_directives[CONF__B_COUNT] = {
     [CONF__B_NAME] = {"name", NULL, T_STR, B(name), .fn = check_name, .required = 1},
@@ -1185,6 +1220,9 @@ static const struct directive backend_directives[CONF__B_COUNT] = {
                                  B(long_context.output_usd_per_mtok), 0, PRICE_MAX},
     [CONF__B_LONG_CACHED_INPUT_USD] = {"cached_input_usd_per_mtok", "long_context", T_DOUBLE,
                                        B(long_context.cached_input_usd_per_mtok), 0, PRICE_MAX},
+    /* completed from the price entry by check.c */
+    TIER_DIRECTIVES(B, CONF__B_FLEX, "flex", CONF_TIER_FLEX),
+    TIER_DIRECTIVES(B, CONF__B_PRIORITY, "priority", CONF_TIER_PRIORITY),
 };
 #undef B
 
@@ -1265,6 +1303,9 @@ static const struct directive price_directives[CONF__P_COUNT] = {
                                  P(long_context.output_usd_per_mtok), 0, PRICE_MAX},
     [CONF__P_LONG_CACHED_INPUT_USD] = {"cached_input_usd_per_mtok", "long_context", T_DOUBLE,
                                        P(long_context.cached_input_usd_per_mtok), 0, PRICE_MAX},
+    /* checked and completed by complete_tiers */
+    TIER_DIRECTIVES(P, CONF__P_FLEX, "flex", CONF_TIER_FLEX),
+    TIER_DIRECTIVES(P, CONF__P_PRIORITY, "priority", CONF_TIER_PRIORITY),
 };
 #undef P
 

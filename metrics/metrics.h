@@ -210,6 +210,8 @@ struct metrics_cost_record {
      * hit). */
     int64_t billed_prompt_tokens;     /* prompt tokens charged */
     int64_t billed_completion_tokens; /* completion tokens charged */
+    const char *service_tier;      /* the service tier whose rates priced them ("flex",
+                                      "priority"), or NULL for the standard rates */
     double cost_usd_est;           /* estimate at routing time */
     double cost_usd;               /* settled cost */
     unsigned cache_hit:1;          /* answered from the response cache */

@@ -57,6 +57,7 @@ struct policy_request {
     int64_t completion_tokens;      /* predicted completion (max_tokens or a default) */
     int completion_predicted;       /* 1: completion_tokens is a guess (no max_tokens) */
     int64_t cached_tokens;          /* prompt tokens expected from the upstream cache */
+    int service_tier;               /* enum conf_service_tier the request asks for */
     struct policy_budget day;       /* today's budget (UTC) */
     struct policy_budget month;     /* this month's budget (UTC) */
     uint64_t tried;                 /* candidates already tried (bit i = candidates[i]) */

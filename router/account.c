@@ -81,6 +81,18 @@ static int carries_no_money(const struct router__request *req)
            req->billed.completion == 0;
 }
 
+/* The tier whose rates priced the settled tokens, NULL for the standard
+ * rates (a tier the backend gives no rates for bills at those). */
+static const char *billed_tier_name(const struct router__request *req)
+{
+    int tier = req->billed.tier;
+
+    if (!req->settled || req->pool == NULL || tier <= CONF_TIER_STANDARD ||
+        tier >= CONF_TIER_COUNT || !req->pool->conf->tiers[tier].priced)
+        return NULL;
+    return conf_tier_name((enum conf_service_tier)tier);
+}
+
 void router__account(struct router__client *c)
 {
     struct router *r = c->router;
@@ -153,6 +165,7 @@ void router__account(struct router__client *c)
     /* Known (0 when nothing was settled) wherever cost_usd is. */
     rec.billed_prompt_tokens = req->settled || req->route ? req->billed.prompt : -1;
     rec.billed_completion_tokens = req->settled || req->route ? req->billed.completion : -1;
+    rec.service_tier = billed_tier_name(req);
     rec.cost_usd_est = req->choice.candidate >= 0 ? (double)req->choice.cost_micro / 1e6 : NAN;
     rec.cost_usd = req->settled ? req->cost_usd : (req->route ? 0.0 : NAN);
     rec.cache_hit = req->cache_hit;

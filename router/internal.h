@@ -246,6 +246,8 @@ struct router__request {
     int64_t prompt_tokens;               /* from usage, -1 unknown */
     int64_t completion_tokens;           /* from usage, -1 unknown */
     int64_t cached_tokens;               /* usage.prompt_tokens_details.cached_tokens */
+    int8_t asked_tier;                   /* enum conf_service_tier of its "service_tier" */
+    int8_t answered_tier;                /* the answer's (tiered backends), -1 unknown */
     uint64_t start_ms;                   /* loop time the request was complete */
     uint64_t attempt_start_ms;           /* loop time of the current attempt */
     uint64_t ttft_ms;                    /* first response byte, from start */
@@ -621,6 +623,15 @@ int router__usage_parse(const char *json, size_t len, struct router__usage *out,
  * "response" object as router__usage_parse reads a body's, else 0. */
 int router__responses_event(const char *json, size_t len, struct router__usage *out,
                             int *text_delta);
+/* The service tier an answer says it was billed at: the root object's
+ * "service_tier" (a whole answer, or a stream's chunk) as an enum
+ * conf_service_tier, any name but flex and priority being the standard
+ * tier; -1 when absent or not a string. router__responses_tier reads it
+ * from a /v1/responses terminal event's "response" (-1 for any other
+ * event). Only called for backends that price tiers: it may walk the
+ * text. */
+int router__service_tier(const char *json, size_t len);
+int router__responses_tier(const char *json, size_t len);
 /* Does an SSE event carry a data line? Sets data and data_len to its payload. */
 int router__sse_data(const char *event, size_t len, const char **data, size_t *data_len);
 

@@ -390,6 +390,17 @@ static int64_t count_prompt(struct router__client *c, enum conf_tokenizer enc)
     return n;
 }
 
+/* The service tier a request asks for ("service_tier": "flex" or
+ * "priority"), the standard one otherwise: what its estimate and hold are
+ * priced at until the answer says what it was billed at. */
+static enum conf_service_tier asked_tier(const cJSON *json)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(json, "service_tier");
+
+    return cJSON_IsString(v) ? conf_tier_of(v->valuestring, strlen(v->valuestring))
+                             : CONF_TIER_STANDARD;
+}
+
 static void estimate(struct router__client *c)
 {
     struct router__request *req = &c->req;
@@ -406,6 +417,7 @@ static void estimate(struct router__client *c)
         cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_tokens")) ||
         cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_completion_tokens")) ||
         cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_output_tokens"));
+    req->asked_tier = (int8_t)asked_tier(req->json);
     if (req->endpoint == ROUTER_EP_EMBEDDINGS)
         req->completion_pred = 0;
     else
@@ -581,6 +593,7 @@ static int choose(struct router__client *c, const char *last_error)
     preq.prompt_tokens = req->prompt_est;
     preq.completion_tokens = req->completion_pred;
     preq.completion_predicted = !req->completion_limited;
+    preq.service_tier = req->asked_tier;
     preq.day = budget_of(t->daily_usd, ts->day_spent, ts->reserved);
     preq.month = budget_of(t->monthly_usd, ts->month_spent, ts->reserved);
     preq.tried = req->tried;
@@ -1196,6 +1209,13 @@ static void keep_for_cache(struct router__request *req, const char *p, size_t le
 
 static void end_with_cost(struct router__client *c);
 
+/* The tier a request is billed at: the answer's when it said one, else
+ * the one asked for (an answer too big to hold, a stream without it). */
+static int billed_tier(const struct router__request *req)
+{
+    return req->answered_tier >= 0 ? req->answered_tier : req->asked_tier;
+}
+
 /* on_overrun: cut. A stream with no max_tokens whose running cost, with
  * the event about to go, would pass its reservation and the rest of the
  * budget is ended instead with an SSE error event, then the cost as at
@@ -1204,7 +1224,9 @@ static int overrun_cut(struct router__client *c)
 {
     struct router__request *req = &c->req;
     const struct conf_backend *b = req->pool->conf;
-    struct backend_tokens so_far = {req->prompt_est, (int64_t)req->events + 1, 0};
+    struct backend_tokens so_far = {.prompt = req->prompt_est,
+                                    .completion = (int64_t)req->events + 1,
+                                    .tier = billed_tier(req)};
     int64_t running, left;
     int status;
     char *err;
@@ -1285,9 +1307,14 @@ static int on_sse_event(void *arg, const char *p, size_t len)
             router__json_leave();
             if (found)
                 note_usage(req, &u);
+            if (found && req->pool->conf->tiered)
+                req->answered_tier = (int8_t)router__responses_tier(data, dlen);
             /* Only text deltas: the lifecycle events (created, item
              * added, part done, ...) are no tokens of the answer. */
         } else {
+            /* Every chunk of OpenAI's names the tier: the first says it. */
+            if (req->answered_tier < 0 && req->pool->conf->tiered)
+                req->answered_tier = (int8_t)router__service_tier(data, dlen);
             if (usage_of(req, data, dlen, &u, &choices_empty)) {
                 note_usage(req, &u);
                 if (req->injected_usage && choices_empty)
@@ -1438,10 +1465,10 @@ void router__proxy_on_client_drain(struct router__client *c)
  * nothing: APIs do not bill the requests they refuse. */
 static struct backend_tokens tokens_used(const struct router__request *req)
 {
-    struct backend_tokens t = {0, 0, 0};
+    struct backend_tokens t = {.tier = billed_tier(req)};
 
     if (req->upstream_status >= 400 && req->prompt_tokens < 0 && req->completion_tokens < 0)
-        return t;
+        return (struct backend_tokens){0};
     t.prompt = req->prompt_tokens >= 0 ? req->prompt_tokens : req->prompt_est;
     t.completion = req->completion_tokens >= 0    ? req->completion_tokens
                    : req->completion_counted >= 0 ? req->completion_counted
@@ -1494,7 +1521,7 @@ static void settle(struct router__client *c)
 static void settle_prompt(struct router__client *c)
 {
     struct router__request *req = &c->req;
-    struct backend_tokens used = {req->prompt_est, 0, 0};
+    struct backend_tokens used = {.prompt = req->prompt_est, .tier = req->asked_tier};
     struct backend_charge charge;
 
     req->billed = used;
@@ -1586,6 +1613,8 @@ void router__proxy_on_complete(struct router__client *c)
     if (!req->is_sse && req->up_body.len > 0 &&
         usage_of(req, req->up_body.data, req->up_body.len, &u, NULL))
         note_usage(req, &u);
+    if (!req->is_sse && req->up_body.len > 0 && req->pool->conf->tiered)
+        req->answered_tier = (int8_t)router__service_tier(req->up_body.data, req->up_body.len);
     if (!req->is_sse && req->completion_tokens < 0 && req->up_body.len > 0)
         count_completion(c);
     if (req->big_usage != NULL)

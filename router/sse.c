@@ -17,6 +17,7 @@
 #include <stddef.h>
 #include <string.h>
 
+#include "conf/conf.h"
 #include "router/internal.h"
 
 /* End of the first event in p[0..len): the index just past its blank
@@ -194,6 +195,32 @@ static const char *member_value(const char *json, const char *end, const char *k
     return NULL;
 }
 
+/* Where the value of the root object's member `key` (quotes included)
+ * starts, or NULL; `end` has no white space before it. The last such name
+ * is tried first: usage comes last or nearly so in the answers of OpenAI,
+ * vLLM and TGI, service_tier just after it. When the object holding the
+ * last name (a name, as an unescaped quote starts it) closes at the very
+ * end, that object is the root, and only the text after the name was
+ * walked. Otherwise the whole text is. */
+static const char *root_value(const char *json, const char *end, const char *key, size_t klen)
+{
+    const char *k = last_quoted(json, end, key, klen), *v;
+
+    if (k == NULL)
+        return NULL;
+    v = skip_space(k + klen, end);
+    if (k > json && k[-1] != '\\' && v < end && *v == ':' && closes_at_end(v, end))
+        return skip_space(v + 1, end);
+    return member_value(json, end, key, klen);
+}
+
+static const char *trim_end(const char *json, const char *end)
+{
+    while (end > json && json_space(end[-1]))
+        end--;
+    return end;
+}
+
 /* Start of the JSON object that is the value of the top-level "usage", or
  * NULL when usage is absent, null or not an object. OpenAI sends
  * "usage":null in every chunk once include_usage is on, so this must be
@@ -203,29 +230,16 @@ static const char *usage_object(const char *json, size_t len)
 {
     static const char null_tail[] = "\"usage\":null}";
     const size_t tail = sizeof(null_tail) - 1;
-    const char *end = json + len, *key, *v;
+    const char *end = trim_end(json, json + len), *v;
 
     /* Most chunks end so (OpenAI, vLLM): that "usage" is the top-level
      * one, as the brace after it closes the body, and there is nothing to
      * search for in the rest. This skips a scan of every chunk. A
      * backslash before the quote would make it part of a longer key. */
-    while (end > json && json_space(end[-1]))
-        end--;
     if ((size_t)(end - json) > tail && memcmp(end - tail, null_tail, tail) == 0 &&
         end[-(ptrdiff_t)tail - 1] != '\\')
         return NULL;
-    if ((key = last_quoted(json, end, "\"usage\"", 7)) == NULL)
-        return NULL;
-    /* Usage comes last or nearly so in the answers of OpenAI, vLLM and
-     * TGI: when the object holding the last "usage" (a name, as an
-     * unescaped quote starts it) closes at the very end, that object is
-     * the root, and only the text after the name was walked. Otherwise
-     * the whole text is. */
-    v = skip_space(key + 7, end);
-    if (key > json && key[-1] != '\\' && v < end && *v == ':' && closes_at_end(v, end))
-        v = skip_space(v + 1, end);
-    else
-        v = member_value(json, end, "\"usage\"", 7);
+    v = root_value(json, end, "\"usage\"", 7);
     return v != NULL && v < end && *v == '{' ? v : NULL;
 }
 
@@ -295,6 +309,21 @@ static const char *value_end(const char *p, const char *end)
     return p != NULL && depth == 0 ? p : NULL;
 }
 
+/* The "response" object of a terminal /v1/responses event, in
+ * [*resp, *resp_end), or 0 when the event is no such one. Only a terminal
+ * event's object is the answer's: response.created and
+ * response.in_progress carry the same object with "usage": null. */
+static int terminal_response(const char *json, const char *end, const char *type,
+                             const char **resp, const char **resp_end)
+{
+    if (!(value_is(type, end, LIT("\"response.completed\"")) ||
+          value_is(type, end, LIT("\"response.incomplete\"")) ||
+          value_is(type, end, LIT("\"response.failed\""))))
+        return 0;
+    *resp = member_value(json, end, LIT("\"response\""));
+    return *resp != NULL && **resp == '{' && (*resp_end = value_end(*resp, end)) != NULL;
+}
+
 int router__responses_event(const char *json, size_t len, struct router__usage *out,
                             int *text_delta)
 {
@@ -303,16 +332,29 @@ int router__responses_event(const char *json, size_t len, struct router__usage *
 
     out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
     *text_delta = value_is(type, end, LIT("\"response.output_text.delta\""));
-    /* Only a terminal event's usage is the answer's: response.created and
-     * response.in_progress carry the same object with "usage": null. */
-    if (*text_delta || !(value_is(type, end, LIT("\"response.completed\"")) ||
-                         value_is(type, end, LIT("\"response.incomplete\"")) ||
-                         value_is(type, end, LIT("\"response.failed\""))))
-        return 0;
-    resp = member_value(json, end, LIT("\"response\""));
-    if (resp == NULL || *resp != '{' || (resp_end = value_end(resp, end)) == NULL)
+    if (*text_delta || !terminal_response(json, end, type, &resp, &resp_end))
         return 0;
     /* The response object alone is a root of its own: its usage is found
      * as a body's is, and no "usage" of the event's own can stand in. */
     return router__usage_parse(resp, (size_t)(resp_end - resp), out, NULL);
+}
+
+int router__service_tier(const char *json, size_t len)
+{
+    const char *end = trim_end(json, json + len);
+    const char *v = root_value(json, end, LIT("\"service_tier\"")), *v_end;
+
+    if (v == NULL || v >= end || *v != '"' || (v_end = string_end(v, end)) == NULL)
+        return -1;
+    return (int)conf_tier_of(v + 1, (size_t)(v_end - v - 2));
+}
+
+int router__responses_tier(const char *json, size_t len)
+{
+    const char *end = json + len, *type = member_value(json, end, LIT("\"type\""));
+    const char *resp, *resp_end;
+
+    if (!terminal_response(json, end, type, &resp, &resp_end))
+        return -1;
+    return router__service_tier(resp, (size_t)(resp_end - resp));
 }

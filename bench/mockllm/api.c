@@ -384,6 +384,7 @@ void mockllm__plan_reset(struct mockllm_plan *p)
     p->prompt_tokens = 0;
     p->cached_tokens = 0;
     p->finish = "stop";
+    p->service_tier = NULL;
     p->id = 0;
     p->created = 0;
     buf_reset(&p->model);
@@ -413,6 +414,21 @@ static void put_usage(struct buf *b, const struct mockllm_plan *p)
 {
     putf(b, "\"usage\":{\"prompt_tokens\":%d,\"completion_tokens\":%d,\"total_tokens\":%d}",
          p->prompt_tokens, p->tokens, p->prompt_tokens + p->tokens);
+}
+
+/* Append `"service_tier":"...",` when the answer names one: OpenAI puts
+ * it after "model" in a stream's chunks, after "usage" in a whole answer
+ * (put_tier_last). */
+static void put_tier(struct buf *b, const struct mockllm_plan *p)
+{
+    if (p->service_tier != NULL)
+        putf(b, "\"service_tier\":\"%s\",", p->service_tier);
+}
+
+static void put_tier_last(struct buf *b, const struct mockllm_plan *p)
+{
+    if (p->service_tier != NULL)
+        putf(b, ",\"service_tier\":\"%s\"", p->service_tier);
 }
 
 /* Append token i as JSON string content, with its leading space. */
@@ -462,6 +478,7 @@ static void put_response_object(struct buf *b, const struct mockllm_plan *p, int
     }
     putf(b, "],\"incomplete_details\":%s",
          done && cut ? "{\"reason\":\"max_output_tokens\"}" : "null");
+    put_tier_last(b, p);
     if (!done)
         puts_(b, ",\"usage\":null");
     else if (!p->omit_usage)
@@ -533,6 +550,7 @@ static void put_token_event(struct mockllm_conn *c)
     puts_(&scratch, "data: ");
     if (p->endpoint == EP_CHAT) {
         put_head(&scratch, p, "chat.completion.chunk");
+        put_tier(&scratch, p);
         if (p->event_pad > 0)
             put_pad(&scratch, p->event_pad);
         puts_(&scratch, "\"choices\":[{\"index\":0,\"delta\":{");
@@ -541,6 +559,7 @@ static void put_token_event(struct mockllm_conn *c)
         puts_(&scratch, "\"content\":\"");
     } else {
         put_head(&scratch, p, "text_completion");
+        put_tier(&scratch, p);
         if (p->event_pad > 0)
             put_pad(&scratch, p->event_pad);
         puts_(&scratch, "\"choices\":[{\"index\":0,\"text\":\"");
@@ -605,6 +624,7 @@ static void stream_tick(struct mockllm_conn *c)
         puts_(&scratch, "data: ");
         put_head(&scratch, p, p->endpoint == EP_CHAT ? "chat.completion.chunk"
                                                      : "text_completion");
+        put_tier(&scratch, p);
         puts_(&scratch, "\"choices\":[],");
         put_usage(&scratch, p);
         puts_(&scratch, "}\n\n");
@@ -651,6 +671,7 @@ static void build_completion(struct mockllm_plan *p)
         puts_(&scratch, ",");
         put_usage(&scratch, p);
     }
+    put_tier_last(&scratch, p);
     puts_(&scratch, "}");
 }
 
@@ -701,7 +722,33 @@ struct overrides {
     int event_pad;      /* x-mock-event-pad */
     int done_delay_ms;  /* x-mock-done-delay-ms */
     int cached_tokens;  /* x-mock-cached-tokens (responses) */
+    const char *service_tier; /* x-mock-service-tier, or NULL */
 };
+
+/* The tier an answer names: x-mock-service-tier's if given (default,
+ * flex, priority or scale: what was "billed", say a priority request run
+ * at default), else the one the body asks for, as OpenAI answers ("auto"
+ * and "default" run at default), else none. */
+static const char *const TIERS[] = {"default", "flex", "priority", "scale"};
+
+static const char *tier_named(const char *name)
+{
+    for (size_t i = 0; name != NULL && i < sizeof(TIERS) / sizeof(TIERS[0]); i++)
+        if (strcmp(name, TIERS[i]) == 0)
+            return TIERS[i];
+    return NULL;
+}
+
+static const char *answered_tier(const cJSON *body, const struct overrides *o)
+{
+    const cJSON *asked = cJSON_GetObjectItemCaseSensitive(body, "service_tier");
+
+    if (o->service_tier != NULL)
+        return o->service_tier;
+    if (!cJSON_IsString(asked))
+        return NULL;
+    return strcmp(asked->valuestring, "auto") == 0 ? TIERS[0] : tier_named(asked->valuestring);
+}
 
 /* Returns the name of the malformed header, or NULL. */
 static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
@@ -709,6 +756,7 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
     const struct mockllm_opts *opts = &c->srv->opts;
     const char *fault = mockllm__header(&c->req, "x-mock-fault");
     const char *usage = mockllm__header(&c->req, "x-mock-usage");
+    const char *tier = mockllm__header(&c->req, "x-mock-service-tier");
 
     o->ttft_ms = opts->ttft_ms;
     o->token_delay_ms = opts->token_delay_ms;
@@ -718,6 +766,9 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
     o->event_pad = 0;
     o->done_delay_ms = 0;
     o->cached_tokens = 0;
+    o->service_tier = NULL;
+    if (tier != NULL && (o->service_tier = tier_named(tier)) == NULL)
+        return "x-mock-service-tier";
     if (header_int(&c->req, "x-mock-cached-tokens", MAX_TOKENS, &o->cached_tokens) < 0)
         return "x-mock-cached-tokens";
     if (header_int(&c->req, "x-mock-ttft-ms", MAX_DELAY_MS, &o->ttft_ms) < 0)
@@ -772,6 +823,7 @@ static int plan_from_body(struct mockllm_conn *c, const cJSON *body, const struc
     p->token_delay_ms = o->token_delay_ms;
     p->event_pad = o->event_pad;
     p->done_delay_ms = o->done_delay_ms;
+    p->service_tier = answered_tier(body, o);
     p->id = ++c->srv->next_id;
     p->created = (long long)time(NULL);
     if (p->endpoint == EP_CHAT) {

@@ -76,6 +76,7 @@ struct mockllm_plan {
     int prompt_tokens;       /* see the counting rule in api.c */
     int cached_tokens;       /* x-mock-cached-tokens (responses), at most prompt_tokens */
     const char *finish;      /* "stop" or "length" */
+    const char *service_tier; /* the "service_tier" the answer names, or NULL for none */
     uint64_t id;             /* number in the response id */
     long long created;       /* unix seconds */
     struct buf model;        /* model name, JSON-escaped */

@@ -46,7 +46,7 @@ Test(cost, api_prices_by_hand, .timeout = 5)
     fx_init(&f);
     for (size_t i = 0; i < sizeof(price_cases) / sizeof(price_cases[0]); i++) {
         const struct price_case *c = &price_cases[i];
-        struct backend_tokens tok = {c->prompt, c->completion, c->cached};
+        struct backend_tokens tok = {c->prompt, c->completion, c->cached, CONF_TIER_STANDARD};
         struct backend_cost est = backend_estimate_cost(fx_backend(&f, c->backend), 0, &tok, 0);
 
         cr_assert(fabs(backend_api_price_usd(&f.backends[c->backend], &tok) - c->usd) < USD_EPS,
@@ -64,7 +64,7 @@ Test(cost, api_prices_by_hand, .timeout = 5)
 Test(cost, cached_price_unset_bills_input_price_and_free_is_zero, .timeout = 5)
 {
     struct fx f;
-    struct backend_tokens tok = {1000, 0, 1000};
+    struct backend_tokens tok = {1000, 0, 1000, CONF_TIER_STANDARD};
 
     fx_init(&f);
     /* No cached price: never bill cached tokens below the input price.
@@ -102,7 +102,7 @@ Test(cost, long_context_rates_bill_the_whole_request_past_the_size, .timeout = 5
     fx_sonnet_long(&f);
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         const struct price_case *c = &cases[i];
-        struct backend_tokens tok = {c->prompt, c->completion, c->cached};
+        struct backend_tokens tok = {c->prompt, c->completion, c->cached, CONF_TIER_STANDARD};
         struct backend_cost est = backend_estimate_cost(fx_backend(&f, c->backend), 0, &tok, 0);
         double got = backend_api_price_usd(&f.backends[c->backend], &tok);
 
@@ -117,7 +117,7 @@ Test(cost, long_context_rates_bill_the_whole_request_past_the_size, .timeout = 5
 
 Test(cost, long_context_without_a_size_or_cached_rate, .timeout = 5)
 {
-    struct backend_tokens tok = {300000, 0, 300000};
+    struct backend_tokens tok = {300000, 0, 300000, CONF_TIER_STANDARD};
     struct fx f;
 
     fx_init(&f);
@@ -132,12 +132,46 @@ Test(cost, long_context_without_a_size_or_cached_rate, .timeout = 5)
     fx_fini(&f);
 }
 
+/* A service tier's rates replace the standard ones, the long-prompt
+ * ones too; a tier the backend gives no rates for bills at the standard
+ * rates. gpt-4o: standard 2.50 / 10 / 1.25, flex here 1 / 4 / 0.5,
+ * priority not priced. */
+Test(cost, a_service_tier_bills_at_its_rates, .timeout = 5)
+{
+    struct backend_tokens tok = {.prompt = 1000, .completion = 500, .cached = 400};
+    struct conf_backend *b;
+    struct fx f;
+
+    fx_init(&f);
+    b = &f.backends[FX_4O];
+    b->tiers[CONF_TIER_FLEX] = (struct conf_tier_rates){
+        .priced = 1, .input_usd_per_mtok = 1, .output_usd_per_mtok = 4,
+        .cached_input_usd_per_mtok = 0.5};
+    b->long_context = (struct conf_long_context){.above_prompt_tokens = 10,
+                                                 .input_usd_per_mtok = 100,
+                                                 .output_usd_per_mtok = 100,
+                                                 .cached_input_usd_per_mtok = 100};
+    tok.tier = CONF_TIER_FLEX; /* 600 x 1 + 400 x 0.5 + 500 x 4 */
+    cr_assert(fabs(backend_api_price_usd(b, &tok) - 0.0028) < USD_EPS, "%.9f",
+              backend_api_price_usd(b, &tok));
+    cr_assert_eq(backend_estimate_cost(fx_backend(&f, FX_4O), 0, &tok, 0).reserve_micro, 2800,
+                 "held at them");
+    tok.tier = CONF_TIER_PRIORITY; /* not priced: standard, long past 10 tokens */
+    cr_assert(fabs(backend_api_price_usd(b, &tok) - 0.15) < USD_EPS);
+    b->long_context.above_prompt_tokens = 0;
+    cr_assert(fabs(backend_api_price_usd(b, &tok) - 0.0070) < USD_EPS, "%.9f",
+              backend_api_price_usd(b, &tok)); /* 600 x 2.5 + 400 x 1.25 + 500 x 10 */
+    tok.tier = CONF_TIER_COUNT; /* out of range: standard */
+    cr_assert(fabs(backend_api_price_usd(b, &tok) - 0.0070) < USD_EPS);
+    fx_fini(&f);
+}
+
 Test(cost, api_finish_settles_real_usage, .timeout = 5)
 {
     struct fx f;
     struct backend *b;
     struct backend_ticket t;
-    struct backend_tokens used = {1000, 500, 0};
+    struct backend_tokens used = {1000, 500, 0, CONF_TIER_STANDARD};
     struct backend_charge ch;
 
     fx_init(&f);
@@ -186,7 +220,7 @@ static const struct gpu_case gpu_cases[] = {
 
 Test(cost, gpu_marginal_rises_to_list_at_the_slo_knee, .timeout = 5)
 {
-    struct backend_tokens tok = {1000, 500, 0};
+    struct backend_tokens tok = {1000, 500, 0, CONF_TIER_STANDARD};
 
     for (size_t i = 0; i < sizeof(gpu_cases) / sizeof(gpu_cases[0]); i++) {
         const struct gpu_case *c = &gpu_cases[i];
@@ -219,7 +253,7 @@ Test(cost, gpu_without_slo_knees_at_capacity, .timeout = 5)
 {
     struct fx f;
     struct backend *b;
-    struct backend_tokens tok = {1000, 500, 0};
+    struct backend_tokens tok = {1000, 500, 0, CONF_TIER_STANDARD};
     struct backend_cost est;
 
     fx_init(&f);
@@ -240,7 +274,7 @@ Test(cost, tokens_per_second_window_drives_utilization, .timeout = 5)
 {
     struct fx f;
     struct backend *b;
-    struct backend_tokens tok = {1000, 500, 0};
+    struct backend_tokens tok = {1000, 500, 0, CONF_TIER_STANDARD};
     struct backend_cost est;
 
     fx_init(&f);
@@ -281,7 +315,8 @@ Test(cost, tokens_per_second_window_drives_utilization, .timeout = 5)
 
 /* Tokens an attempt ends with: an answer billed for them, an error answer
  * without usage (nothing billed), or a failure (NULL). */
-static const struct backend_tokens served = {100, 200, 0}, unbilled = {0, 0, 0};
+static const struct backend_tokens served = {100, 200, 0, CONF_TIER_STANDARD},
+                                   unbilled = {0, 0, 0, CONF_TIER_STANDARD};
 
 struct span {
     uint64_t start_ms, end_ms;
@@ -445,7 +480,7 @@ Test(cost, attributed_plus_idle_is_pool_cost_over_an_hour, .timeout = 5)
  * $0.002; the other replica's 3.6 s are idle. */
 Test(cost, a_prompt_without_completion_is_billed_on_a_pool, .timeout = 5)
 {
-    static const struct backend_tokens embedded = {100, 0, 0};
+    static const struct backend_tokens embedded = {100, 0, 0, CONF_TIER_STANDARD};
     struct fx f;
     struct backend *b;
     struct backend_ticket t;
@@ -467,7 +502,7 @@ Test(cost, a_prompt_without_completion_is_billed_on_a_pool, .timeout = 5)
  * not: no hold, no marginal cost, no charge for what it served. */
 Test(cost, a_free_pool_reserves_and_charges_nothing, .timeout = 5)
 {
-    struct backend_tokens tok = {1000, 500, 0};
+    struct backend_tokens tok = {1000, 500, 0, CONF_TIER_STANDARD};
     struct fx f;
     struct backend *b;
     struct backend_ticket t;

@@ -742,3 +742,46 @@ Test(mockllm, responses_refuse_stream_options_include_usage)
                      "unknown_parameter");
     stop_clean();
 }
+
+/* The service tier an answer names, as OpenAI's do: the one asked for
+ * ("auto" runs at default), or x-mock-service-tier's (what a request was
+ * "run at"), after the usage of a whole answer, in every chunk of a
+ * stream, in a Responses object; none when neither says; a tier that is
+ * none of OpenAI's is a 400. */
+Test(mockllm, service_tier_as_asked_or_as_told)
+{
+    struct buf events = {0};
+    char *parts[8];
+
+    cr_assert_eq(support_mockllm_start(&mock, "--tokens", "2", NULL), 0);
+    cr_assert_eq(call("POST", "/v1/chat/completions", NULL,
+                      "{\"model\":\"m\",\"service_tier\":\"flex\",\"messages\":[]}"),
+                 0);
+    cr_assert_str_eq(str(body_json(), "service_tier"), "flex");
+    cr_assert_not_null(strstr(resp.body.data, "},\"service_tier\":\"flex\"}"), "after the usage");
+    cr_assert_eq(call("POST", "/v1/chat/completions", NULL,
+                      "{\"model\":\"m\",\"service_tier\":\"auto\",\"messages\":[]}"),
+                 0);
+    cr_assert_str_eq(str(body_json(), "service_tier"), "default");
+    cr_assert_eq(call("POST", "/v1/chat/completions", NULL, "{\"model\":\"m\",\"messages\":[]}"),
+                 0);
+    cr_assert_null(cJSON_GetObjectItemCaseSensitive(body_json(), "service_tier"));
+    cr_assert_eq(call("POST", "/v1/responses", "x-mock-service-tier: priority\r\n",
+                      "{\"model\":\"m\",\"service_tier\":\"flex\",\"input\":\"hi\"}"),
+                 0);
+    cr_assert_str_eq(str(body_json(), "service_tier"), "priority");
+    cr_assert_eq(call("POST", "/v1/chat/completions", "x-mock-service-tier: cheap\r\n",
+                      "{\"model\":\"m\",\"messages\":[]}"),
+                 0);
+    cr_assert_eq(resp.status, 400);
+    cr_assert_eq(stream_events("x-mock-service-tier: flex\r\n",
+                               "{\"model\":\"m\",\"stream\":true,\"messages\":[],"
+                               "\"stream_options\":{\"include_usage\":true}}",
+                               &events),
+                 4);
+    cr_assert_eq(split_events(events.data, parts), 4);
+    for (int i = 0; i < 3; i++)
+        cr_assert_not_null(strstr(parts[i], "\"service_tier\":\"flex\""), "%s", parts[i]);
+    buf_free(&events);
+    stop_clean();
+}

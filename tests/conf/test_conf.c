@@ -62,10 +62,12 @@ static struct conf *load_ok(const char *rel)
 
 /* ---- the error table ---- */
 
+#define ERROR_LINES_MAX 32 /* report lines a case may expect */
+
 struct error_case {
     const char *file;          /* relative to the source tree */
     const char *env[7];        /* "NAME=value" to set, "NAME" to unset; NULL-ended */
-    const char *lines[24];     /* expected report lines, after "PATH:" */
+    const char *lines[ERROR_LINES_MAX]; /* expected report lines, after "PATH:" */
     const char *absent[5];     /* must not appear anywhere in the report */
 };
 
@@ -239,6 +241,9 @@ static struct error_case error_cases[] = {
       "20: backends[5].long_context: missing required key \"output_usd_per_mtok\" (no price "
       "entry gives one)",
       "22: backends[6].long_context: only applies to kind: api",
+      "25: backends[7].flex: missing required key \"output_usd_per_mtok\" (no price entry "
+      "gives one)",
+      "27: backends[8].priority: only applies to kind: api",
       "inc/prices_bad.yaml:6: prices.half: missing required key \"output_usd_per_mtok\"",
       "inc/prices_bad.yaml:11: prices.typo.cached_inptu_usd_per_mtok: unknown key (did you mean "
       "\"cached_input_usd_per_mtok\"?)",
@@ -249,7 +254,10 @@ static struct error_case error_cases[] = {
       "inc/prices_bad.yaml:20: prices.long-zero.long_context.above_prompt_tokens: 0 is out of "
       "range 1..1000000000000",
       "inc/prices_bad.yaml:21: prices.long-zero.long_context.cached_input: unknown key",
-      "inc/prices_bad.yaml:22: backends: unknown key",
+      "inc/prices_bad.yaml:25: prices.flex-half.priority: missing required key "
+      "\"input_usd_per_mtok\"",
+      "inc/prices_bad.yaml:26: prices.flex-half.flex.above_prompt_tokens: unknown key",
+      "inc/prices_bad.yaml:27: backends: unknown key",
       "inc/no_such_prices.yaml:1: (file): cannot open: No such file or directory",
       "inc/syntax.yaml:3: (yaml): missing comma in flow mapping"}},
     {.file = DATA "tenants_bad.yaml", .lines =
@@ -396,13 +404,13 @@ ParameterizedTest(size_t *case_index, conf, errors, .timeout = 10)
         cr_expect_null(strstr(errors, tc->absent[i]), "%s: a secret leaked into:\n%s", tc->file,
                        errors);
     for (line = strtok_r(errors, "\n", &save); line; line = strtok_r(NULL, "\n", &save), n++) {
-        cr_assert_lt(n, 24, "%s: more errors than expected: %s", tc->file, line);
+        cr_assert_lt(n, ERROR_LINES_MAX, "%s: more errors than expected: %s", tc->file, line);
         cr_assert_not_null(tc->lines[n], "%s: unexpected extra error: %s", tc->file, line);
         expected_line(want, sizeof(want), path, tc->lines[n]);
         cr_expect_str_eq(line, want, "%s: error %zu", tc->file, n);
     }
-    cr_expect(n == 24 || tc->lines[n] == NULL, "%s: missing error: %s", tc->file,
-              n < 24 ? tc->lines[n] : "");
+    cr_expect(n == ERROR_LINES_MAX || tc->lines[n] == NULL, "%s: missing error: %s", tc->file,
+              n < ERROR_LINES_MAX ? tc->lines[n] : "");
     free(errors);
 }
 
@@ -682,6 +690,31 @@ Test(conf, prices_keys_experiments_store_cache, .timeout = 10)
     cr_expect_float_eq(b->long_context.cached_input_usd_per_mtok, 0.3, 1e-12, "tier's input");
     cr_expect_gt(c->nprices, 20, "conf/prices.yaml has them all");
 
+    /* service tiers: conf/prices.yaml's gpt-5, then key by key */
+    b = conf_find_backend(c, "gpt5");
+    cr_expect(b->tiered);
+    cr_expect(b->tiers[CONF_TIER_FLEX].priced);
+    cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].input_usd_per_mtok, 0.625, 1e-12);
+    cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].output_usd_per_mtok, 5, 1e-12);
+    cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].cached_input_usd_per_mtok, 0.0625, 1e-12);
+    cr_expect(b->tiers[CONF_TIER_PRIORITY].priced);
+    cr_expect_float_eq(b->tiers[CONF_TIER_PRIORITY].output_usd_per_mtok, 20, 1e-12);
+    b = conf_find_backend(c, "gpt5-own");
+    cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].input_usd_per_mtok, 0.625, 1e-12, "the entry's");
+    cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].output_usd_per_mtok, 4, 1e-12, "its own");
+    cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].cached_input_usd_per_mtok, 0.0625, 1e-12);
+    cr_expect(b->tiers[CONF_TIER_PRIORITY].priced, "the entry's");
+    b = conf_find_backend(c, "house-flex");
+    cr_expect(b->tiered);
+    cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].cached_input_usd_per_mtok, 0.5, 1e-12,
+                       "tier's input");
+    cr_expect_not(b->tiers[CONF_TIER_PRIORITY].priced);
+    cr_expect_not(conf_find_backend(c, "house-long")->tiered, "its entry has no tiers");
+    cr_expect_not(conf_find_backend(c, "gemini")->tiered);
+    cr_expect_not(conf_find_backend(c, "gpu")->tiered, "self-hosted");
+    cr_expect(conf_find_price(c, "gpt-4o")->tiers[CONF_TIER_PRIORITY].priced);
+    cr_expect_not(conf_find_price(c, "gpt-4o")->tiers[CONF_TIER_FLEX].priced);
+
     /* tenants, keys and their limits */
     t = conf_find_tenant(c, "t1");
     cr_assert_eq(t, &c->tenants[0]);
@@ -699,7 +732,7 @@ Test(conf, prices_keys_experiments_store_cache, .timeout = 10)
     cr_expect_eq(k->rpm, 10);
     cr_expect_eq(k->tpm, 5000);
     cr_expect_eq(k->index, 1);
-    cr_expect_eq(k->line, 59);
+    cr_expect_eq(k->line, 65);
     cr_expect_eq(conf_find_tenant_by_key(c, h), t);
     cr_expect_eq(memcmp(t->key_hashes[1], h, 32), 0, "key_hashes stays parallel");
     h[31] = 0xf3;

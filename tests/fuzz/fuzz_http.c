@@ -193,6 +193,7 @@ static void write_conf(void)
             "      model: gpt-4o-mini, tokenizer: o200k_base, quality: 3, context_window: 128000,\n"
             "      long_context: { above_prompt_tokens: 300, input_usd_per_mtok: 0.3,\n"
             "                      output_usd_per_mtok: 1.2 },\n"
+            "      flex: { input_usd_per_mtok: 0.075, output_usd_per_mtok: 0.3 },\n"
             "      first_byte_timeout_ms: 300, total_timeout_ms: 2000 }\n"
             "  - { name: embed, kind: api, url: \"http://127.0.0.1:%d/v1\", api_key: %s,\n"
             "      model: text-embedding-3-small, tokenizer: cl100k_base, quality: 3,\n"
@@ -255,7 +256,8 @@ static void start_all(const char *router_bin)
 
 static const char *const seed_bodies[] = {
     "{\"model\":\"chat\",\"messages\":[{\"role\":\"system\",\"content\":\"You are terse.\"},"
-    "{\"role\":\"user\",\"content\":\"Hello there, how are you?\"}],\"max_tokens\":32}",
+    "{\"role\":\"user\",\"content\":\"Hello there, how are you?\"}],\"max_tokens\":32,"
+    "\"service_tier\":\"priority\"}",
     "{\"model\":\"chat\",\"stream\":true,\"stream_options\":{\"include_usage\":true},"
     "\"messages\":[{\"role\":\"user\",\"content\":\"Count to five.\"}],\"temperature\":0.2}",
     "{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\","
@@ -271,7 +273,7 @@ static const char *const seed_bodies[] = {
     "{\"model\":\"text-embedding-3-small\",\"input\":[\"first text\",\"second, longer text\"]}",
     "{\"model\":\"chat\",\"prompt\":\"Once upon a time\",\"max_tokens\":16,\"stream\":false}",
     "{\"model\":\"chat\",\"instructions\":\"Be terse.\",\"input\":\"Hello there\","
-    "\"max_output_tokens\":32,\"temperature\":0}",
+    "\"max_output_tokens\":32,\"temperature\":0,\"service_tier\":\"flex\"}",
     "{\"model\":\"gpt-4o-mini\",\"stream\":true,\"previous_response_id\":\"resp_1\",\"input\":["
     "{\"role\":\"user\",\"content\":[{\"type\":\"input_text\",\"text\":\"What is this?\"},"
     "{\"type\":\"input_image\",\"image_url\":\"data:image/png;base64,iVBORw0KGgo=\","
@@ -300,7 +302,7 @@ static const char *const names[] = {
     "image_url", "name", "tool_calls", "functions", "response_format", "logprobs", "top_logprobs",
     "seed", "stop", "temperature", "detail", "url", "parameters", "tool_choice",
     "instructions", "max_output_tokens", "previous_response_id", "arguments", "output",
-    "call_id",
+    "call_id", "service_tier", "flex", "priority",
 };
 
 static const char *const models[] = {
@@ -525,6 +527,7 @@ static void add_headers(struct buf *h, struct request *r)
         "x-mock-status: 503\r\n", "x-mock-status: 204\r\n", "x-mock-usage: omit\r\n",
         "x-mock-tokens: 0\r\n", "x-mock-tokens: 400\r\n", "x-mock-ttft-ms: 30\r\n",
         "x-mock-retry-after: 0\r\n", "x-mock-token-delay-ms: 1\r\n",
+        "x-mock-service-tier: flex\r\n", "x-mock-service-tier: default\r\n",
     };
     static const char *const other[] = {
         "Accept: text/event-stream\r\n", "Accept-Encoding: gzip\r\n",

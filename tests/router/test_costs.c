@@ -611,6 +611,130 @@ Test(costs, a_long_prompt_goes_where_it_costs_least_at_its_size)
                        1e-9);
 }
 
+/* Service tiers: a backend's standard rates 2 / 4, flex 1 / 2, priority
+ * 6 / 12 (USD per 1M tokens). 9 prompt and 10 completion tokens cost 58
+ * micro-USD standard, 29 flex, 174 priority. */
+#define TIERS ", flex: {input_usd_per_mtok: 1, output_usd_per_mtok: 2}, " \
+              "priority: {input_usd_per_mtok: 6, output_usd_per_mtok: 12}"
+#define TIER_BODY(tier, more) \
+    "{\"model\":\"chat\",\"max_tokens\":10,\"service_tier\":\"" tier "\"" more "," MSG "}"
+
+static cJSON *last_cost_record(void);
+static double trailer_usd(void);
+
+/* The cost log's "service_tier" of its last line ("-" when absent); the
+ * routers must have stopped. */
+static const char *logged_tier(void)
+{
+    static char tier[16];
+    cJSON *rec = last_cost_record();
+    const cJSON *t = cJSON_GetObjectItem(rec, "service_tier");
+
+    snprintf(tier, sizeof(tier), "%s", cJSON_IsString(t) ? t->valuestring : "-");
+    cJSON_Delete(rec);
+    return tier;
+}
+
+/* A request asking for a tier is held at the tier's rates: a budget that
+ * fits a standard request refuses a priority one before it is sent, and
+ * a flex one is billed at the flex rates, which the cost log names. */
+Test(costs, a_request_for_a_service_tier_is_held_and_billed_at_its_rates)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_with("a", mock_a.port, 1, 2, 4, "cl100k_base", TIERS);
+    start_routers(1, "a", "    budget: {daily_usd: 0.0001, on_exhausted: reject}\n");
+
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", TIER_BODY("priority", "")), 0);
+    cr_assert_eq(resp.status, 429, "174 micro-USD held where 100 are left: %d", resp.status);
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", TIER_BODY("flex", "")), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), usd(PROMPT_TOKENS, 10, 1, 2), 1e-9);
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", "{\"model\":\"chat\",\"max_tokens\":10," MSG "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "58 micro-USD held where 71 are left: %d", resp.status);
+    cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), usd(PROMPT_TOKENS, 10, 2, 4), 1e-9);
+    support_proc_stop(&routers[0]);
+    cr_assert_str_eq(logged_tier(), "-", "the standard rates are not named");
+}
+
+/* What the answer says it was billed at decides: a priority request run
+ * at default costs the standard rates, an "auto" one run at flex the
+ * flex rates; the same read from a stream's chunks and from Responses
+ * answers, whole and streamed. */
+Test(costs, the_answers_service_tier_decides_the_bill)
+{
+    static const char responses_body[] =
+        "{\"model\":\"chat\",\"input\":\"hello there\",\"stream\":%s}";
+    char body[128];
+    const cJSON *usage;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_with("a", mock_a.port, 1, 2, 4, "cl100k_base", TIERS);
+    start_routers(1, "a", NULL);
+
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\nx-mock-service-tier: default\r\n",
+                      TIER_BODY("priority", "")),
+                 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), usd(PROMPT_TOKENS, 10, 2, 4), 1e-9,
+                       "run at default: the standard rates");
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\nx-mock-service-tier: flex\r\n",
+                      TIER_BODY("auto", "")),
+                 0);
+    cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), usd(PROMPT_TOKENS, 10, 1, 2), 1e-9);
+    /* streamed: every chunk names the tier, the usage comes last */
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\nx-mock-service-tier: priority\r\n",
+                      "{\"model\":\"chat\",\"stream\":true," MSG "}"),
+                 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_float_eq(trailer_usd(), usd(PROMPT_TOKENS, 10, 6, 12), 1e-9);
+    /* the Responses API: the tier in the response object */
+    for (int stream = 0; stream < 2; stream++) {
+        snprintf(body, sizeof(body), responses_body, stream ? "true" : "false");
+        cr_assert_eq(call_port(routers[0].port, "POST", "/v1/responses",
+                               AUTH "x-mock-tokens: 10\r\nx-mock-service-tier: flex\r\n", body),
+                     0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        if (stream) {
+            cr_assert_float_eq(trailer_usd(), usd(PROMPT_TOKENS, 10, 1, 2), 1e-9, "streamed: 3 + 4 + 2 tokens");
+            continue;
+        }
+        usage = cJSON_GetObjectItem(body_json(), "usage");
+        cr_assert_float_eq(header_usd("x-costrouter-cost-usd"),
+                           usd(cJSON_GetObjectItem(usage, "input_tokens")->valuedouble,
+                               cJSON_GetObjectItem(usage, "output_tokens")->valuedouble, 1, 2),
+                           1e-9, "whole");
+    }
+    support_proc_stop(&routers[0]);
+    cr_assert_str_eq(logged_tier(), "flex");
+}
+
+/* Routing prices each candidate at the tier asked for: the backend that
+ * is dearer at the standard rates wins a flex request with its flex
+ * rates; one without flex rates is priced at its standard ones. */
+Test(costs, a_flex_request_goes_where_flex_costs_least)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend_with("tiered", mock_a.port, 1, 2, 4, "cl100k_base", TIERS);
+    add_backend_counted("flat", mock_b.port, 1, 1.5, 3, "cl100k_base");
+    start_routers(1, "tiered, flat", NULL);
+
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", "{\"model\":\"chat\",\"max_tokens\":10," MSG "}"),
+                 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "flat");
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", TIER_BODY("flex", "")), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "tiered");
+    cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), usd(PROMPT_TOKENS, 10, 1, 2), 1e-9);
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", TIER_BODY("priority", "")), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "flat",
+                     "no priority rates: its standard ones");
+    cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), usd(PROMPT_TOKENS, 10, 1.5, 3), 1e-9);
+    support_proc_stop(&routers[0]);
+    cr_assert_str_eq(logged_tier(), "-", "billed at flat's standard rates");
+}
+
 /* A client that leaves mid-stream: 499 in the cost log and the metrics
  * (not the upstream's 200), charged for what was streamed. */
 Test(costs, a_client_leaving_mid_stream_is_logged_499)

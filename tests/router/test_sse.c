@@ -473,6 +473,58 @@ Test(usage, a_responses_stream_has_its_usage_in_the_terminal_event, .timeout = 5
     }
 }
 
+/* ---- service tiers ---- */
+
+/* The tier an answer names: the root's "service_tier", after the usage
+ * in a whole answer, before the choices in a stream's chunk; not one in
+ * a nested object or in a string; any name but flex and priority is the
+ * standard tier; not a string, or none, is unknown (-1). */
+Test(usage, the_answers_service_tier_is_the_roots, .timeout = 5)
+{
+    static const struct {
+        const char *json;
+        int tier;
+    } cases[] = {
+        {"{\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":1},"
+         "\"service_tier\":\"flex\",\"system_fingerprint\":null}\n", CONF_TIER_FLEX},
+        {"{\"id\":\"c\",\"model\":\"m\",\"service_tier\":\"priority\",\"choices\":[{\"delta\":"
+         "{\"content\":\"hi\"}}],\"usage\":null}", CONF_TIER_PRIORITY},
+        {"{\"service_tier\":\"default\",\"choices\":[]}", CONF_TIER_STANDARD},
+        {"{\"service_tier\":\"scale\"}", CONF_TIER_STANDARD},
+        {"{\"service_tier\":\"flexible\"}", CONF_TIER_STANDARD},
+        {"{\"service_tier\":\"priority\",\"choices\":[{\"service_tier\":\"flex\"}]}",
+         CONF_TIER_PRIORITY},
+        {"{\"choices\":[{\"message\":{\"service_tier\":\"flex\"}}]}", -1},
+        {"{\"choices\":[{\"text\":\"\\\"service_tier\\\":\\\"flex\\\"\"}]}", -1},
+        {"{\"service_tier\":null}", -1},
+        {"{\"service_tier\":2}", -1},
+        {"{\"service_tier\":\"flex", -1},
+        {"[\"service_tier\",\"flex\"]", -1},
+        {"", -1},
+    };
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+        cr_assert_eq(router__service_tier(cases[i].json, strlen(cases[i].json)), cases[i].tier,
+                     "case %zu: %s", i, cases[i].json);
+}
+
+/* A Responses stream names it in its terminal event's response object,
+ * not in the event itself. */
+Test(usage, a_responses_stream_names_its_tier_in_the_terminal_event, .timeout = 5)
+{
+    static const char completed[] =
+        "{\"type\":\"response.completed\",\"response\":{\"id\":\"r\",\"output\":[],"
+        "\"service_tier\":\"flex\",\"usage\":{\"input_tokens\":5}},\"sequence_number\":9}";
+    static const char created[] =
+        "{\"type\":\"response.created\",\"response\":{\"service_tier\":\"flex\"}}";
+    static const char outside[] =
+        "{\"type\":\"response.completed\",\"service_tier\":\"flex\",\"response\":{}}";
+
+    cr_assert_eq(router__responses_tier(completed, sizeof(completed) - 1), CONF_TIER_FLEX);
+    cr_assert_eq(router__responses_tier(created, sizeof(created) - 1), -1, "not terminal");
+    cr_assert_eq(router__responses_tier(outside, sizeof(outside) - 1), -1, "not the response's");
+}
+
 /* An answer too big to hold without usage is counted from the output's
  * message text parts and function call arguments, as a held one is. */
 Test(bigusage, a_responses_answer_hands_over_its_output_texts, .timeout = 5)
