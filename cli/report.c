@@ -152,6 +152,7 @@ static void gmap_free(struct gmap *m)
 
 struct line {
     const char *tenant, *backend, *route, *arm, *experiment; /* "-" when absent */
+    const char *service_tier; /* the tier whose rates priced it; "default" when absent */
     const cJSON *tags;       /* object or NULL */
     int status;              /* HTTP status, 0 when absent */
     double cost;             /* cost_usd or 0 */
@@ -274,10 +275,15 @@ static int read_line(const cJSON *o, struct line *l)
         .tenant = str_or_dash(o, "tenant"), .backend = str_or_dash(o, "backend"),
         .route = str_or_dash(o, "route"), .arm = str_or_dash(o, "arm"),
         .experiment = str_or_dash(o, "experiment"),
+        .service_tier = str_or_dash(o, "service_tier"),
         .tags = cJSON_GetObjectItemCaseSensitive(o, "tags"),
         .status = cJSON_IsNumber(status) ? status->valueint : 0, /* cJSON saturates valueint */
         .cache_hit = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "cache_hit")),
     };
+    /* The router names a tier only when its rates priced the request
+     * (flex, priority): the others were billed at the standard rates. */
+    if (strcmp(l->service_tier, "-") == 0)
+        l->service_tier = "default";
     /* cost_usd alone: the router writes it (0 when nothing was settled)
      * wherever it writes an estimate, and an estimate is no spend. */
     l->cost = num2(o, "cost_usd", NULL, COST_MAX, &bad);
@@ -302,7 +308,8 @@ static int add_line(struct report *r, const cJSON *o)
         l.cost_pico > COST_TOTAL_MAX - r->total.cost_pico ||
         l.saved_pico > COST_TOTAL_MAX - r->total.saved_pico)
         return -1;
-    const char *plain[][2] = {{"tenant", l.tenant}, {"backend", l.backend}, {"route", l.route}, {"arm", l.arm}};
+    const char *plain[][2] = {{"tenant", l.tenant}, {"backend", l.backend}, {"route", l.route},
+                              {"arm", l.arm}, {"service_tier", l.service_tier}};
     const cJSON *tag;
     char dim[256];
 
@@ -954,7 +961,8 @@ static int print_json(const struct report *r, FILE *out, const struct group **g,
 
 static void usage(FILE *f)
 {
-    fputs("usage: costrouter report [--format table|csv|json] [--by tenant,tag,backend,route,arm]\n"
+    fputs("usage: costrouter report [--format table|csv|json]\n"
+          "                         [--by tenant,tag,backend,route,arm,service_tier]\n"
           "                         [--since TIME] [--until TIME] [--progress] [-o FILE]\n"
           "                         [FILE|-]...\n"
           "TIME is UTC: YYYY-MM-DD[THH:MM[:SS[.fff]]][Z]; --since is in the period, --until not\n",
@@ -968,7 +976,7 @@ static int parse_by(struct report *r, char *list)
 
     for (char *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
         if (strcmp(t, "tenant") && strcmp(t, "backend") && strcmp(t, "route") && strcmp(t, "arm") &&
-            strcmp(t, "tag") && (strncmp(t, "tag.", 4) || t[4] == '\0')) {
+            strcmp(t, "service_tier") && strcmp(t, "tag") && (strncmp(t, "tag.", 4) || t[4] == '\0')) {
             fprintf(stderr, "report: --by: unknown dimension \"%s\"\n", t);
             return -1;
         }

@@ -370,6 +370,36 @@ Test(report, tokens_are_what_was_billed, .timeout = 10)
     free(text);
 }
 
+/* By service tier: the tier whose rates priced a line, "default" for a
+ * line that names none (billed at the standard rates, as every line
+ * written before tiers were priced); not among the groups unless asked. */
+Test(report, by_service_tier, .timeout = 10)
+{
+    static const char *const lines[] = {
+        "{\"route\":\"r\",\"service_tier\":\"flex\",\"cost_usd\":0.25}",
+        "{\"route\":\"r\",\"service_tier\":\"flex\",\"cost_usd\":0.5}",
+        "{\"route\":\"r\",\"service_tier\":\"priority\",\"cost_usd\":2}",
+        "{\"route\":\"r\",\"cost_usd\":1}",
+        "{\"route\":\"r\",\"service_tier\":null,\"cost_usd\":1}",
+    };
+    char *text;
+    cJSON *root = json_report_of(lines, sizeof(lines) / sizeof(lines[0]), "service_tier", &text);
+    const cJSON *g;
+
+    cr_assert_eq(field(group(root, "service_tier", "flex"), "cost_usd"), 0.75);
+    cr_assert_eq(field(group(root, "service_tier", "flex"), "requests"), 2);
+    cr_assert_eq(field(group(root, "service_tier", "priority"), "cost_usd"), 2);
+    cr_assert_eq(field(group(root, "service_tier", "default"), "requests"), 2);
+    cJSON_Delete(root);
+    free(text);
+    root = json_report_of(lines, sizeof(lines) / sizeof(lines[0]), "tenant,tag,backend,route,arm",
+                          &text);
+    cJSON_ArrayForEach(g, cJSON_GetObjectItem(root, "groups"))
+        cr_assert_str_neq(cJSON_GetObjectItem(g, "dimension")->valuestring, "service_tier");
+    cJSON_Delete(root);
+    free(text);
+}
+
 /* Two arms whose costs never vary have no interval (Welch's df is 0/0;
  * a zero-width one claimed certainty from two requests an arm); one
  * constant arm beside a varying one has the interval of the other's
