@@ -647,8 +647,8 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
 {
     struct router__request *req = &c->req;
     const struct conf_backend *b;
-    char route_key[2 * CONF_NAME_MAX + sizeof("#stream+usage tenant=:") + 20];
-    const char *kind;
+    char route_key[2 * CONF_NAME_MAX + sizeof("#completions#stream+usage tenant=:") + 20];
+    const char *kind, *api;
 
     if (choose(c, last_error) != 0)
         return;
@@ -661,11 +661,15 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
          * (billed to the first, telling the second that someone sends
          * the same prompt). */
         kind = !req->stream ? "" : client_wants_usage(req) ? "#stream+usage" : "#stream";
+        /* and so are the endpoints: one body may mean two requests */
+        api = req->endpoint == ROUTER_EP_COMPLETIONS ? "#completions"
+              : req->endpoint == ROUTER_EP_RESPONSES ? "#responses"
+                                                     : "";
         if (c->router->conf->cache_shared)
-            snprintf(route_key, sizeof(route_key), "%s%s", req->route->model, kind);
+            snprintf(route_key, sizeof(route_key), "%s%s%s", req->route->model, api, kind);
         else
-            snprintf(route_key, sizeof(route_key), "%s%s tenant=%zu:%s", req->route->model, kind,
-                     strlen(req->tenant->id), req->tenant->id);
+            snprintf(route_key, sizeof(route_key), "%s%s%s tenant=%zu:%s", req->route->model, api,
+                     kind, strlen(req->tenant->id), req->tenant->id);
         if (cache_key_make(route_key, b->model ? b->model : req->route->model, req->json,
                            &req->cache_key) != 0)
             req->cacheable = 0;
@@ -865,6 +869,27 @@ static void assign_arm(struct router__client *c)
     req->arm = policy_experiment_arm(e, req->route, req->tenant->id, user, len, &req->arm_allowed);
 }
 
+/* May a /v1/responses request be answered from the cache? The API stores
+ * each response by default under an id a client may chain
+ * (previous_response_id): a replay would hand two clients one id, one of
+ * them for a response never made for it. With "store": false the id
+ * names nothing; and a request that chains none (no previous_response_id,
+ * no conversation) depends on nothing kept upstream. */
+static int responses_cacheable(const cJSON *json)
+{
+    static const char *const chained[] = {"previous_response_id", "conversation"};
+
+    if (!cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(json, "store")))
+        return 0;
+    for (size_t i = 0; i < sizeof(chained) / sizeof(chained[0]); i++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(json, chained[i]);
+
+        if (v != NULL && !cJSON_IsNull(v))
+            return 0;
+    }
+    return 1;
+}
+
 void router__proxy_start(struct router__client *c)
 {
     struct router__request *req = &c->req;
@@ -874,11 +899,8 @@ void router__proxy_start(struct router__client *c)
     if (rate_limit(c) != 0)
         return;
     assign_arm(c);
-    /* Not /v1/responses: the API stores each response by default, and its
-     * id may be chained (previous_response_id); a replay would hand two
-     * clients one id, one of them for a response never made for it. */
     req->cacheable = conf->cache_enabled && req->endpoint != ROUTER_EP_EMBEDDINGS &&
-                     req->endpoint != ROUTER_EP_RESPONSES &&
+                     (req->endpoint != ROUTER_EP_RESPONSES || responses_cacheable(req->json)) &&
                      cache_cacheable(req->json, conf->cache_tools);
     choose_and_reserve(c, NULL);
 }

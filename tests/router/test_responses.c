@@ -6,7 +6,8 @@
  * rate; no stream_options sent upstream; an answer without usage charged
  * for its output text, a stream without usage, or broken, for its text
  * deltas alone; the hold of max_output_tokens against a
- * budget; a wrongly typed input refused; never the response cache.
+ * budget; a wrongly typed input refused; the response cache only for an
+ * unstored, unchained answer.
  *
  * mockllm counts a Responses prompt by its chat rule: 3, plus 4 + the
  * words of "instructions" when given, plus for "input" as a string 4 +
@@ -390,20 +391,74 @@ Test(responses, a_wrongly_typed_input_is_a_400_openai_error)
     cr_assert_eq(mock_requests(), 0);
 }
 
-Test(responses, an_answer_is_never_served_from_the_cache)
+/* The API stores a response under its id unless told "store": false, and
+ * a client may chain it (previous_response_id): such an answer is never
+ * replayed to another request, which would get an id that names a
+ * response not made for it. An unstored, unchained one is cached as a
+ * chat answer is (temperature 0), streamed or not. */
+Test(responses, only_an_unstored_unchained_answer_is_served_from_the_cache)
 {
-    static const char body[] = "{\"model\":\"chat\",\"temperature\":0," INPUT "}";
+    static const char stored[] = "{\"model\":\"chat\",\"temperature\":0," INPUT "}";
+    static const char unstored[] = "{\"model\":\"chat\",\"temperature\":0,\"store\":false," INPUT "}";
+    static const char chained[] = "{\"model\":\"chat\",\"temperature\":0,\"store\":false,"
+                                  "\"previous_response_id\":\"resp_1\"," INPUT "}";
+    static const char streamed[] =
+        "{\"model\":\"chat\",\"temperature\":0,\"store\":false,\"stream\":true," INPUT "}";
     char first_id[64];
+    struct buf first = {0};
 
     start("");
-    cr_assert_eq(responses(NULL, body), 0);
+    cr_assert_eq(responses(NULL, stored), 0);
     cr_assert_eq(resp.status, 200);
     snprintf(first_id, sizeof(first_id), "%s",
              cJSON_GetObjectItemCaseSensitive(body_json(), "id")->valuestring);
-    cr_assert_eq(responses(NULL, body), 0);
+    cr_assert_eq(responses(NULL, stored), 0);
     cr_assert_eq(resp.status, 200);
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
     /* A response of its own, with an id a client may chain. */
     cr_assert_str_neq(cJSON_GetObjectItemCaseSensitive(body_json(), "id")->valuestring, first_id);
+    cr_assert_eq(mock_requests(), 2);
+
+    cr_assert_eq(responses(NULL, unstored), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    cr_assert_eq(buf_append(&first, resp.body.data, resp.body.len), 0);
+    cr_assert_eq(responses(NULL, unstored), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
+    cr_assert(resp.body.len == first.len && memcmp(resp.body.data, first.data, first.len) == 0,
+              "the replay differs");
+    cr_assert_eq(mock_requests(), 3);
+
+    for (int round = 0; round < 2; round++) {
+        cr_assert_eq(responses(NULL, chained), 0);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a", "chained");
+    }
+    for (int round = 0; round < 2; round++) {
+        cr_assert_eq(responses(NULL, streamed), 0);
+        cr_assert_eq(resp.status, 200);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), round ? "cache" : "a",
+                         "streamed, round %d", round);
+    }
+    cr_assert_eq(mock_requests(), 6);
+    buf_free(&first);
+}
+
+/* One body may mean two requests: sent to /v1/completions (its prompt)
+ * and to /v1/responses (its input), each answer is cached for its own
+ * endpoint and never replayed for the other. */
+Test(responses, the_cache_keeps_endpoints_apart)
+{
+    static const char body[] = "{\"model\":\"chat\",\"temperature\":0,\"store\":false,"
+                               "\"prompt\":\"hello there\"," INPUT "}";
+    static const char *const paths[] = {"/v1/completions", "/v1/responses"};
+
+    start("");
+    for (int round = 0; round < 2; round++)
+        for (int i = 0; i < 2; i++) {
+            cr_assert_eq(call(router.port, "POST", paths[i], AUTH, body), 0);
+            cr_assert_eq(resp.status, 200, "%s", paths[i]);
+            cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"),
+                             round ? "cache" : "a", "%s, round %d", paths[i], round);
+        }
     cr_assert_eq(mock_requests(), 2);
 }
