@@ -103,7 +103,8 @@ double backend_api_price_usd(const struct conf_backend *c, const struct backend_
 
     if (c->kind != CONF_BACKEND_API || c->is_free)
         return 0;
-    if (tok->tier > CONF_TIER_STANDARD && tok->tier < CONF_TIER_COUNT && c->tiers[tok->tier].priced) {
+    if (tok->tier > CONF_TIER_STANDARD && tok->tier < CONF_TIER_COUNT &&
+        c->tiers[tok->tier].priced) {
         const struct conf_tier_rates *t = &c->tiers[tok->tier];
 
         input = t->input_usd_per_mtok;

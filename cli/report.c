@@ -976,7 +976,8 @@ static int parse_by(struct report *r, char *list)
 
     for (char *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
         if (strcmp(t, "tenant") && strcmp(t, "backend") && strcmp(t, "route") && strcmp(t, "arm") &&
-            strcmp(t, "service_tier") && strcmp(t, "tag") && (strncmp(t, "tag.", 4) || t[4] == '\0')) {
+            strcmp(t, "service_tier") && strcmp(t, "tag") &&
+            (strncmp(t, "tag.", 4) || t[4] == '\0')) {
             fprintf(stderr, "report: --by: unknown dimension \"%s\"\n", t);
             return -1;
         }
