@@ -832,21 +832,6 @@ const struct conf_price *conf_find_price(const struct conf *conf, const char *na
                           offsetof(struct conf_price, name), name, strlen(name));
 }
 
-static const char *const tier_names[CONF_TIER_COUNT] = {"default", "flex", "priority"};
-
-const char *conf_tier_name(enum conf_service_tier tier)
-{
-    return (unsigned)tier < CONF_TIER_COUNT ? tier_names[tier] : tier_names[CONF_TIER_STANDARD];
-}
-
-enum conf_service_tier conf_tier_of(const char *s, size_t len)
-{
-    for (int t = CONF_TIER_FLEX; t < CONF_TIER_COUNT; t++)
-        if (strlen(tier_names[t]) == len && memcmp(s, tier_names[t], len) == 0)
-            return (enum conf_service_tier)t;
-    return CONF_TIER_STANDARD;
-}
-
 /* The search only narrows down to the one entry that could match (the
  * first hash >= the key); whether it does match is decided by
  * CRYPTO_memcmp, whose time does not depend on where the bytes differ. */

@@ -13,8 +13,8 @@ fuzz-tools:
 
 # What the router reads out of an upstream's answer (router/sse.c, and
 # router/bigusage.c for answers too big to hold).
-FUZZ_SSE_SRCS := tests/fuzz/fuzz_sse.c router/sse.c router/bigusage.c common/buf.c
-build-fuzz/fuzz_sse: $(FUZZ_SSE_SRCS) router/internal.h | fuzz-tools
+FUZZ_SSE_SRCS := tests/fuzz/fuzz_sse.c router/sse.c router/bigusage.c common/buf.c conf/tier.c
+build-fuzz/fuzz_sse: $(FUZZ_SSE_SRCS) router/internal.h conf/conf.h | fuzz-tools
 	@mkdir -p $(dir $@)
 	clang $(FUZZ_CFLAGS) -I/usr/share/include/llhttp -o $@ $(FUZZ_SSE_SRCS) -lcjson -lyajl
 
@@ -52,7 +52,7 @@ fuzz-costlog: build-fuzz/fuzz_costlog
 # The config loader (conf/): YAML, ${ENV}, included price files,
 # validation, addresses. It runs at start, on --check-config and on every
 # reload, on a thread of the serving router.
-FUZZ_CONF_SRCS := tests/fuzz/fuzz_conf.c conf/conf.c conf/parse.c conf/check.c conf/addr.c \
+FUZZ_CONF_SRCS := tests/fuzz/fuzz_conf.c conf/conf.c conf/parse.c conf/check.c conf/addr.c conf/tier.c \
                   common/buf.c common/utf8.c
 build-fuzz/fuzz_conf: $(FUZZ_CONF_SRCS) conf/conf.h conf/internal.h | fuzz-tools
 	@mkdir -p $(dir $@)

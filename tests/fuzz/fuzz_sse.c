@@ -165,6 +165,31 @@ static void check_usage_against_cjson(const char *text, size_t len)
     check_big_usage(text, len, found, &got);
 }
 
+/* The scan's service tier is the root's "service_tier" as cJSON reads
+ * it: flex or priority by name, any other string the standard tier, no
+ * string -1. */
+static void check_tier_against_cjson(const char *text, size_t len)
+{
+    int got = router__service_tier(text, len), want = -1;
+    cJSON *root = comparable_object(text, len);
+    const cJSON *tier;
+
+    if (root == NULL)
+        return;
+    if (members_named(root, "service_tier") > 1) {
+        cJSON_Delete(root);
+        return;
+    }
+    tier = cJSON_GetObjectItemCaseSensitive(root, "service_tier");
+    if (cJSON_IsString(tier))
+        want = (int)conf_tier_of(tier->valuestring, strlen(tier->valuestring));
+    if (got != want) {
+        fprintf(stderr, "service_tier: got %d, cJSON %d\n", got, want);
+        abort();
+    }
+    cJSON_Delete(root);
+}
+
 /* ---- answers built from the input ----
  * Random bytes are almost never valid JSON, and cJSON (a Debian library,
  * not instrumented) gives the fuzzer no coverage to steer by; so the input
@@ -197,11 +222,13 @@ static void gen_space(struct gen *g)
 static const char *const gen_names[] = {
     "\"usage\"", "\"choices\"", "\"prompt_tokens\"", "\"completion_tokens\"",
     "\"prompt_tokens_details\"", "\"cached_tokens\"", "\"say \\\"usage\"", "\"usage\\\\\"", "\"x\"",
+    "\"service_tier\"",
 };
 
 static const char *const gen_scalars[] = {
     "0", "7", "12", "-3", "1e300", "2.5", "null", "true", "\"usage\"", "\"\\\"usage\\\":{\"",
-    "\"\\\\\"", "\"usage\\\":null}\"", "\"}\"", "\"[\"",
+    "\"\\\\\"", "\"usage\\\":null}\"", "\"}\"", "\"[\"", "\"flex\"", "\"priority\"",
+    "\"\\\"service_tier\\\":\\\"flex\"",
 };
 
 static void gen_value(struct gen *g, int depth);
@@ -250,6 +277,7 @@ static void check_built_answer(const uint8_t *data, size_t size)
     gen_container(&g, 0, 1);
     gen_space(&g);
     check_usage_against_cjson(g.out.data, g.out.len);
+    check_tier_against_cjson(g.out.data, g.out.len);
     buf_reset(&g.out);
     gen_put(&g, "data: ");
     g.p = data;
@@ -258,6 +286,7 @@ static void check_built_answer(const uint8_t *data, size_t size)
     if (!router__sse_data(g.out.data, g.out.len, &payload, &plen))
         abort();
     check_usage_against_cjson(payload, plen);
+    check_tier_against_cjson(payload, plen);
     buf_free(&g.out);
 }
 
