@@ -10,6 +10,7 @@ const char error_auth_twice[] = "the Authorization header was given more than on
 const char error_unauthorized[] = "missing or invalid API key";
 const char error_not_found[] = "unknown path";
 const char error_unknown_model[] = "no route for this model";
+const char error_model_not_allowed[] = "the tenant may not use this model";
 const char error_method[] = "method not allowed for this path";
 const char error_timeout_client[] = "timed out waiting for the request";
 const char error_body_too_large[] = "request body too large";

@@ -455,6 +455,75 @@ static void check_key_names(struct conf__ctx *ctx, size_t i)
     free(v);
 }
 
+static int cmp_route_ptr(const void *a, const void *b)
+{
+    const struct conf_route *x = *(const struct conf_route *const *)a;
+    const struct conf_route *y = *(const struct conf_route *const *)b;
+
+    return (x > y) - (x < y);
+}
+
+/* One resolved entry of a tenant's `models:`. */
+struct model_ref {
+    const struct conf_route *route;
+    size_t item; /* its position in the list */
+};
+
+static int cmp_model_ref(const void *a, const void *b)
+{
+    const struct model_ref *x = a, *y = b;
+    int c = cmp_route_ptr(&x->route, &y->route);
+
+    return c ? c : (x->item > y->item) - (x->item < y->item);
+}
+
+/* A tenant's `models:`: each the model of a route, each listed once;
+ * sorted by address for conf_tenant_allows (once: a long list stays
+ * n log n). */
+static void resolve_tenant_models(struct conf__ctx *ctx, size_t i)
+{
+    struct conf *c = ctx->conf;
+    struct conf_tenant *t = &c->tenants[i];
+    const struct conf__meta *m = ctx->tenant_meta[i].sub;
+    struct model_ref *v;
+    size_t n = 0;
+    char path[96], q[CONF__QUOTE_SIZE];
+
+    if (m == NULL)
+        return;
+    v = calloc(m->nitems + 1, sizeof(*v));
+    t->models = calloc(m->nitems + 1, sizeof(*t->models));
+    if (v == NULL || t->models == NULL) {
+        ctx->oom = 1;
+        free(v);
+        return;
+    }
+    for (size_t j = 0; j < m->nitems; j++) {
+        const struct conf_route *r;
+
+        if (m->items[j] == NULL)
+            continue; /* its value was already reported */
+        if ((r = conf_find_route(c, m->items[j], strlen(m->items[j]))) != NULL) {
+            v[n++] = (struct model_ref){r, j};
+            continue;
+        }
+        snprintf(path, sizeof(path), "tenants[%zu].models[%zu]", i, j);
+        conf__error(ctx, m->item_lines[j], path, "unknown model %s (no route has it)",
+                    conf__quote(q, m->items[j], strlen(m->items[j])));
+    }
+    qsort(v, n, sizeof(*v), cmp_model_ref);
+    for (size_t k = 0; k < n; k++) {
+        if (t->nmodels == 0 || t->models[t->nmodels - 1] != v[k].route) {
+            t->models[t->nmodels++] = v[k].route;
+            continue;
+        }
+        snprintf(path, sizeof(path), "tenants[%zu].models[%zu]", i, v[k].item);
+        conf__error(ctx, m->item_lines[v[k].item], path, "model %s is listed twice",
+                    conf__quote(q, v[k].route->model, strlen(v[k].route->model)));
+    }
+    free(v);
+}
+
 static void check_tenants(struct conf__ctx *ctx, int best_quality)
 {
     struct conf *c = ctx->conf;
@@ -489,6 +558,7 @@ static void check_tenants(struct conf__ctx *ctx, int best_quality)
                         "needs a budget (daily_usd or monthly_usd) to apply to");
         }
         check_key_names(ctx, i);
+        resolve_tenant_models(ctx, i);
     }
     sort_and_find_duplicates(ctx, v, n, "tenants", "id", "tenant", (void **)c->_tenants_by_id);
     index_keys(ctx);
@@ -778,6 +848,12 @@ void conf__check(struct conf__ctx *ctx)
 }
 
 /* ---- lookups ---- */
+
+int conf_tenant_allows(const struct conf_tenant *t, const struct conf_route *r)
+{
+    return t->models == NULL ||
+           bsearch(&r, t->models, t->nmodels, sizeof(*t->models), cmp_route_ptr) != NULL;
+}
 
 /* Binary search of `n` entries sorted by the C string found at byte
  * `name_off` of each, for the `len` bytes at `key`. NULL entries only

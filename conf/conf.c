@@ -684,6 +684,7 @@ void conf_free(struct conf *conf)
             free(t->tags[j].value);
         }
         free(t->tags);
+        free(t->models);
     }
     for (size_t i = 0; i < conf->nexperiments; i++) {
         struct conf_experiment *e = &conf->experiments[i];

@@ -166,6 +166,10 @@ struct conf_tenant {
     int min_quality;             /* 0 = any */
     struct conf_tag *tags;
     size_t ntags;
+    /* `models:` the routes (by the "model" clients send) it may use, sorted
+     * by address for conf_tenant_allows; NULL = every route. */
+    const struct conf_route **models;
+    size_t nmodels;
 };
 
 /* One arm of an experiment. */
@@ -290,6 +294,9 @@ const struct conf_tenant *conf_find_tenant_by_key(const struct conf *conf, const
 /* The same search, returning the key entry itself (its name and limits;
  * ->tenant is its owner), or NULL. */
 const struct conf_key *conf_find_key(const struct conf *conf, const uint8_t sha256[32]);
+/* May tenant `t` send requests to route `r` (of the same conf)? A binary
+ * search of its `models:`, if it has any. */
+int conf_tenant_allows(const struct conf_tenant *t, const struct conf_route *r);
 /* Tenant by id, price entry by name (C strings); NULL when none. */
 const struct conf_tenant *conf_find_tenant(const struct conf *conf, const char *id);
 const struct conf_price *conf_find_price(const struct conf *conf, const char *name);

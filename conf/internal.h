@@ -43,7 +43,8 @@ struct conf__meta {
     int *item_lines; /* the object's one list of names (route candidates, tenant
                         api_keys, experiment tenants, arm backends): line of each */
     size_t nitems;   /* entries in items (routes) or item_lines */
-    struct conf__meta *sub; /* experiment: one per arm (owned) */
+    struct conf__meta *sub; /* experiment: one per arm; tenant: its models' names
+                               (its own list is its api_keys) (owned) */
     size_t nsub;     /* entries in sub */
 };
 
@@ -127,7 +128,7 @@ enum conf__tenant_key {
     CONF__T_SOFT_LIMIT, CONF__T_ON_OVERRUN,
     CONF__T_RATE_LIMITS, CONF__T_RPM, CONF__T_TPM,
     CONF__T_SLO, CONF__T_MAX_TTFT_MS, CONF__T_MIN_QUALITY,
-    CONF__T_TAGS,
+    CONF__T_TAGS, CONF__T_MODELS,
     CONF__T_COUNT
 };
 

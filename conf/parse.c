@@ -586,6 +586,23 @@ static void node_experiment_tenants(struct conf__ctx *ctx, void *obj, struct con
     parse_names(ctx, n, line, path, &e->tenants, &e->ntenants, meta);
 }
 
+/* A tenant's models: the names, in a sub-meta of the tenant's (whose own
+ * list is its api_keys), until check.c resolves them to routes. */
+static void node_tenant_models(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
+                               struct fy_node *n, int line, const char *path)
+{
+    (void)obj;
+    if (meta->sub != NULL)
+        return; /* a duplicate key, reported as such */
+    if ((meta->sub = calloc(1, sizeof(*meta->sub))) == NULL) {
+        ctx->oom = 1;
+        return;
+    }
+    meta->nsub = 1;
+    meta->sub->line = line;
+    parse_names(ctx, n, line, path, &meta->sub->items, &meta->sub->nitems, meta->sub);
+}
+
 static void node_arm_backends(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
                               struct fy_node *n, int line, const char *path)
 {
@@ -1253,6 +1270,7 @@ static const struct directive tenant_directives[CONF__T_COUNT] = {
     [CONF__T_MAX_TTFT_MS] = {"max_ttft_ms", "slo", T_INT, TN(max_ttft_ms), 0, DAY_MS, "0"},
     [CONF__T_MIN_QUALITY] = {"min_quality", "slo", T_INT, TN(min_quality), 0, 1000000, "0"},
     [CONF__T_TAGS] = {"tags", NULL, T_NODE, .node = node_tags},
+    [CONF__T_MODELS] = {"models", NULL, T_NODE, .node = node_tenant_models},
 };
 #undef TN
 

@@ -45,6 +45,8 @@ static const struct error_map error_maps[] = {
     {error_unauthorized, 401, "invalid_request_error", "invalid_api_key", NULL},
     {error_not_found, 404, "invalid_request_error", "unknown_url", NULL},
     {error_unknown_model, 404, "invalid_request_error", "model_not_found", NULL},
+    /* OpenAI's answer to a project without access to a model */
+    {error_model_not_allowed, 403, "invalid_request_error", "model_not_found", NULL},
     {error_method, 405, "invalid_request_error", "method_not_allowed", NULL},
     {error_timeout_client, 408, "invalid_request_error", "request_timeout", NULL},
     {error_body_too_large, 413, "invalid_request_error", "request_too_large", NULL},
@@ -403,6 +405,7 @@ static const struct conf_key *authenticate(struct router__client *c)
     return conf_find_key(c->router->conf, digest);
 }
 
+/* The routes the tenant may use, as OpenAI lists models. */
 static void send_models(struct router__client *c)
 {
     const struct conf *conf = c->router->conf;
@@ -411,7 +414,11 @@ static void send_models(struct router__client *c)
 
     cJSON_AddStringToObject(root, "object", "list");
     for (size_t i = 0; i < conf->nroutes; i++) {
-        cJSON *m = cJSON_CreateObject();
+        cJSON *m;
+
+        if (!conf_tenant_allows(c->req.tenant, &conf->routes[i]))
+            continue;
+        m = cJSON_CreateObject();
 
         cJSON_AddStringToObject(m, "id", conf->routes[i].model);
         cJSON_AddStringToObject(m, "object", "model");
@@ -553,6 +560,8 @@ static const char *parse_body(struct router__client *c, const char **detail)
     req->route = conf_find_route(c->router->conf, model->valuestring, strlen(model->valuestring));
     if (req->route == NULL)
         return error_unknown_model;
+    if (!conf_tenant_allows(req->tenant, req->route))
+        return error_model_not_allowed;
     if (req->endpoint == ROUTER_EP_RESPONSES && (*detail = responses_shape_error(req->json)))
         return error_invalid_type;
     stream = cJSON_GetObjectItemCaseSensitive(req->json, "stream");
@@ -630,7 +639,7 @@ void router__handle_resume(struct router__client *c)
         return;
     }
     errstr = parse_body(c, &detail);
-    if (errstr == error_unknown_model)
+    if (errstr == error_unknown_model || errstr == error_model_not_allowed)
         detail = cJSON_GetObjectItemCaseSensitive(req->json, "model")->valuestring;
     if (errstr != NULL)
         goto fail;

@@ -225,7 +225,7 @@ static struct error_case error_cases[] = {
      {"1: (file): cannot open: No such file or directory"}},
     {.file = "conf/example.yaml", .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY"},
      .lines = {"15: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
-      "92: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
+      "95: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
     {.file = DATA "prices_bad.yaml", .lines =
      {"5: include[2]: \"inc/prices_bad.yaml\" is already included",
       "8: prices.custom-x: duplicate price \"custom-x\" (first at {DIR}/inc/prices_bad.yaml:3)",
@@ -274,7 +274,12 @@ static struct error_case error_cases[] = {
       "16: tenants[0].rate_limits.rps: unknown key (did you mean \"rpm\"?)",
       "18: tenants[1].api_keys[0]: duplicate key (first at line 9)",
       "19: tenants[1].budget.soft_limit_pct: needs a budget (daily_usd or monthly_usd) to apply "
-      "to"},
+      "to",
+      "20: tenants[1].models[4]: expected a single value, got a list",
+      "20: tenants[1].models[1]: unknown model \"nope\" (no route has it)",
+      "20: tenants[1].models[3]: unknown model \"\" (no route has it)",
+      "20: tenants[1].models[2]: model \"chat\" is listed twice",
+      "23: tenants[2].models: must not be empty"},
      .absent = {"sk-raw-secret-in-hash"}},
     {.file = DATA "experiments_bad.yaml", .lines =
      {"13: experiments[0].tenants[1]: unknown tenant \"t9\"",
@@ -715,8 +720,14 @@ Test(conf, prices_keys_experiments_store_cache, .timeout = 10)
     cr_expect(conf_find_price(c, "gpt-4o")->tiers[CONF_TIER_PRIORITY].priced);
     cr_expect_not(conf_find_price(c, "gpt-4o")->tiers[CONF_TIER_FLEX].priced);
 
-    /* tenants, keys and their limits */
+    /* tenants, keys and their limits; the models a tenant may use */
     t = conf_find_tenant(c, "t1");
+    cr_expect_null(t->models, "every model");
+    cr_expect(conf_tenant_allows(t, conf_find_route(c, "chat", 4)));
+    cr_expect(conf_tenant_allows(t, conf_find_route(c, "big", 3)));
+    cr_assert_eq(conf_find_tenant(c, "t2")->nmodels, 1);
+    cr_expect(conf_tenant_allows(conf_find_tenant(c, "t2"), conf_find_route(c, "big", 3)));
+    cr_expect_not(conf_tenant_allows(conf_find_tenant(c, "t2"), conf_find_route(c, "chat", 4)));
     cr_assert_eq(t, &c->tenants[0]);
     cr_expect_eq(conf_find_tenant(c, "t2"), &c->tenants[1]);
     cr_expect_null(conf_find_tenant(c, "t"));

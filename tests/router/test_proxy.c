@@ -1645,3 +1645,58 @@ Test(proxy, a_taken_port_is_an_error_exit_not_a_hang)
     unlink(second);
     cr_assert_eq(rc, 1, "second router: %d (want exit 1, not a hang)", rc);
 }
+
+/* ---- the models a tenant may use ---- */
+
+#define OTHER_KEY "sk-test-other"
+
+/* A tenant limited to `models: [mini]` beside one that may use every
+ * route: the other routes are a 403 for it (OpenAI's answer to a project
+ * without access to a model), nothing goes upstream, and /v1/models lists
+ * only its own. */
+Test(proxy, a_tenant_uses_only_its_models)
+{
+    char a[1024], hex[65], other_hex[65];
+    FILE *f;
+    int fd;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    support_key_sha256_hex(TENANT_KEY, hex);
+    support_key_sha256_hex(OTHER_KEY, other_hex);
+    strcpy(conf_path, "/tmp/costrouter-test-XXXXXX");
+    fd = mkstemp(conf_path);
+    cr_assert_geq(fd, 0);
+    f = fdopen(fd, "w");
+    fprintf(f,
+            "listen: 127.0.0.1:0\nbackends:\n%s"
+            "routes:\n  - {model: chat, candidates: [a]}\n  - {model: mini, candidates: [a]}\n"
+            "  - {model: big, candidates: [a]}\n"
+            "tenants:\n  - {id: all, api_keys: [\"sha256:%s\"]}\n"
+            "  - {id: limited, api_keys: [\"sha256:%s\"], models: [mini, big]}\n",
+            backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), hex, other_hex);
+    fclose(f);
+    char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
+    cr_assert_eq(support_proc_start(&router, argv), 0, "router did not start");
+
+    cr_assert_eq(call("POST", "/v1/chat/completions", "Authorization: Bearer " OTHER_KEY "\r\n",
+                      CHAT),
+                 0);
+    assert_error(403, "model_not_found");
+    cr_assert_str_eq(json_str(json, "error.message"), "the tenant may not use this model: chat");
+    cr_assert_eq(call("POST", "/v1/chat/completions", "Authorization: Bearer " OTHER_KEY "\r\n",
+                      "{\"model\":\"mini\",\"messages\":[]}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "the other tenant may");
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(json_num(body_json(), "requests"), 2, "the refused one never went upstream");
+
+    cr_assert_eq(call("GET", "/v1/models", "Authorization: Bearer " OTHER_KEY "\r\n", NULL), 0);
+    cJSON *data = cJSON_GetObjectItem(body_json(), "data");
+    cr_assert_eq(cJSON_GetArraySize(data), 2);
+    cr_assert_str_eq(json_str(cJSON_GetArrayItem(data, 0), "id"), "mini");
+    cr_assert_str_eq(json_str(cJSON_GetArrayItem(data, 1), "id"), "big");
+    cr_assert_eq(call("GET", "/v1/models", AUTH, NULL), 0);
+    cr_assert_eq(cJSON_GetArraySize(cJSON_GetObjectItem(body_json(), "data")), 3);
+}
