@@ -63,34 +63,44 @@ static void teardown(void)
 
 TestSuite(proxy, .fini = teardown, .timeout = 60);
 
+/* Write the config `fmt` (printf) and start the router on it. */
+static void start_router_with(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void start_router_with(const char *fmt, ...)
+{
+    va_list ap;
+    FILE *f;
+    int fd;
+
+    strcpy(conf_path, "/tmp/costrouter-test-XXXXXX");
+    fd = mkstemp(conf_path);
+    cr_assert_geq(fd, 0);
+    f = fdopen(fd, "w");
+    va_start(ap, fmt);
+    vfprintf(f, fmt, ap);
+    va_end(ap);
+    fclose(f);
+    char *argv[] = {getenv("COSTROUTER_BIN") ? getenv("COSTROUTER_BIN") : "./costrouter", "-q",
+                    "-c", conf_path, NULL};
+    cr_assert_eq(support_proc_start(&router, argv), 0, "router did not start");
+}
+
 /* Write a config: `limits` and `backends` are YAML fragments (backends
  * is the list body), routes name candidates. Start the router on it. */
 static void start_router(const char *limits, const char *backends, const char *candidates)
 {
     char hex[65];
-    FILE *f;
-    int fd;
 
     support_key_sha256_hex(TENANT_KEY, hex);
-    strcpy(conf_path, "/tmp/costrouter-test-XXXXXX");
-    fd = mkstemp(conf_path);
-    cr_assert_geq(fd, 0);
-    f = fdopen(fd, "w");
-    fprintf(f,
-            "listen: 127.0.0.1:0\n"
-            "%s\n"
-            "backends:\n%s\n"
-            "routes:\n"
-            "  - model: chat\n"
-            "    candidates: [%s]\n"
-            "tenants:\n"
-            "  - id: t1\n"
-            "    api_keys: [\"sha256:%s\"]\n",
-            limits ? limits : "", backends, candidates, hex);
-    fclose(f);
-    char *argv[] = {getenv("COSTROUTER_BIN") ? getenv("COSTROUTER_BIN") : "./costrouter", "-q",
-                    "-c", conf_path, NULL};
-    cr_assert_eq(support_proc_start(&router, argv), 0, "router did not start");
+    start_router_with("listen: 127.0.0.1:0\n"
+                      "%s\n"
+                      "backends:\n%s\n"
+                      "routes:\n"
+                      "  - model: chat\n"
+                      "    candidates: [%s]\n"
+                      "tenants:\n"
+                      "  - id: t1\n"
+                      "    api_keys: [\"sha256:%s\"]\n",
+                      limits ? limits : "", backends, candidates, hex);
 }
 
 /* A backend entry for a mock on `port`. */
@@ -1657,26 +1667,17 @@ Test(proxy, a_taken_port_is_an_error_exit_not_a_hang)
 Test(proxy, a_tenant_uses_only_its_models)
 {
     char a[1024], hex[65], other_hex[65];
-    FILE *f;
-    int fd;
 
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     support_key_sha256_hex(TENANT_KEY, hex);
     support_key_sha256_hex(OTHER_KEY, other_hex);
-    strcpy(conf_path, "/tmp/costrouter-test-XXXXXX");
-    fd = mkstemp(conf_path);
-    cr_assert_geq(fd, 0);
-    f = fdopen(fd, "w");
-    fprintf(f,
-            "listen: 127.0.0.1:0\nbackends:\n%s"
-            "routes:\n  - {model: chat, candidates: [a]}\n  - {model: mini, candidates: [a]}\n"
-            "  - {model: big, candidates: [a]}\n"
-            "tenants:\n  - {id: all, api_keys: [\"sha256:%s\"]}\n"
-            "  - {id: limited, api_keys: [\"sha256:%s\"], models: [mini, big]}\n",
-            backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), hex, other_hex);
-    fclose(f);
-    char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
-    cr_assert_eq(support_proc_start(&router, argv), 0, "router did not start");
+    start_router_with(
+        "listen: 127.0.0.1:0\nbackends:\n%s"
+        "routes:\n  - {model: chat, candidates: [a]}\n  - {model: mini, candidates: [a]}\n"
+        "  - {model: big, candidates: [a]}\n"
+        "tenants:\n  - {id: all, api_keys: [\"sha256:%s\"]}\n"
+        "  - {id: limited, api_keys: [\"sha256:%s\"], models: [mini, big]}\n",
+        backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), hex, other_hex);
 
     cr_assert_eq(call("POST", "/v1/chat/completions", "Authorization: Bearer " OTHER_KEY "\r\n",
                       CHAT),
