@@ -5,6 +5,7 @@ const char error_bad_json[] = "request body is not valid JSON";
 const char error_duplicate_key[] = "request body names a key twice";
 const char error_missing_model[] = "request body has no \"model\" string";
 const char error_bad_request[] = "malformed HTTP request";
+const char error_invalid_tags[] = "invalid x-costrouter-tags";
 const char error_invalid_type[] = "invalid type";
 const char error_auth_twice[] = "the Authorization header was given more than once";
 const char error_unauthorized[] = "missing or invalid API key";

@@ -13,6 +13,7 @@ extern const char error_bad_json[];          /* 400: body is not valid JSON */
 extern const char error_duplicate_key[];     /* 400: an object names a key twice */
 extern const char error_missing_model[];     /* 400: no "model" string */
 extern const char error_bad_request[];       /* 400: malformed HTTP */
+extern const char error_invalid_tags[];      /* 400: x-costrouter-tags malformed */
 extern const char error_invalid_type[];      /* 400: a body member of the wrong JSON type */
 extern const char error_auth_twice[];        /* 400: two Authorization headers */
 extern const char error_unauthorized[];      /* 401: missing or unknown tenant key */

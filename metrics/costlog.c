@@ -234,9 +234,11 @@ int metrics_cost_record_json(const struct metrics_cost_record *r, struct buf *ou
     rc |= buf_append_lit(out, ",\"request_id\":") | put_string(out, r->request_id);
     rc |= buf_append_lit(out, ",\"tenant\":") | put_string(out, r->tenant);
     rc |= buf_append_lit(out, ",\"tags\":{");
-    for (size_t i = 0; i < r->ntags; i++) {
-        rc |= buf_append(out, ",", i > 0) | put_string(out, r->tags[i].key);
-        rc |= buf_append_lit(out, ":") | put_string(out, r->tags[i].value);
+    for (size_t i = 0; i < r->ntags + r->nrequest_tags; i++) {
+        const struct conf_tag *t = i < r->ntags ? &r->tags[i] : &r->request_tags[i - r->ntags];
+
+        rc |= buf_append(out, ",", i > 0) | put_string(out, t->key);
+        rc |= buf_append_lit(out, ":") | put_string(out, t->value);
     }
     rc |= buf_append_lit(out, "},\"route\":") | put_string(out, r->route);
     rc |= buf_append_lit(out, ",\"backend\":") | put_string(out, r->backend);

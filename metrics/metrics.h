@@ -192,8 +192,11 @@ struct metrics_cost_record {
     int64_t ts_ms;                 /* request start, ms since the Unix epoch (UTC) */
     const char *request_id;        /* the id the router gave the request */
     const char *tenant;            /* tenant id (never a key) */
-    const struct conf_tag *tags;   /* tenant/request tags: cost_center, team, ... */
+    const struct conf_tag *tags;   /* the tenant's tags: cost_center, team, ... */
     size_t ntags;                  /* entries in tags */
+    const struct conf_tag *request_tags; /* the request's own (x-costrouter-tags), written
+                                            after the tenant's in the same "tags" */
+    size_t nrequest_tags;          /* entries in request_tags */
     const char *route;             /* model the client asked for */
     const char *backend;           /* backend that answered (last tried) */
     const char *arm;               /* A/B arm name, or NULL */

@@ -151,6 +151,8 @@ void router__account(struct router__client *c)
     rec.tenant = req->tenant ? req->tenant->id : NULL;
     rec.tags = req->tenant ? req->tenant->tags : NULL;
     rec.ntags = req->tenant ? req->tenant->ntags : 0;
+    rec.request_tags = req->tags;
+    rec.nrequest_tags = req->ntags;
     rec.route = req->route ? req->route->model : NULL;
     rec.backend = req->pool ? req->pool->conf->name : NULL;
     rec.reason = req->reason;

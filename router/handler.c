@@ -41,6 +41,7 @@ static const struct error_map error_maps[] = {
     {error_missing_model, 400, "invalid_request_error", "missing_model", NULL},
     {error_bad_request, 400, "invalid_request_error", "bad_request", NULL},
     {error_invalid_type, 400, "invalid_request_error", "invalid_type", NULL},
+    {error_invalid_tags, 400, "invalid_request_error", "invalid_tags", NULL},
     {error_auth_twice, 400, "invalid_request_error", "bad_request", NULL},
     {error_unauthorized, 401, "invalid_request_error", "invalid_api_key", NULL},
     {error_not_found, 404, "invalid_request_error", "unknown_url", NULL},
@@ -201,8 +202,9 @@ void router__send_error_with(struct router__client *c, const char *errstr, const
 static void request_bufs(struct router__request *req, struct buf *out[ROUTER_REQ_NBUFS])
 {
     struct buf *all[ROUTER_REQ_NBUFS] = {
-        &req->url, &req->auth, &req->body,    &req->hname, &req->hvalue, &req->fwd,
-        &req->up_body, &req->sse, &req->head,  &req->batch, &req->json_mem, &req->verdict_mem,
+        &req->url,     &req->auth, &req->body, &req->hname, &req->hvalue,   &req->fwd,
+        &req->tag_text, &req->up_body, &req->sse, &req->head, &req->batch, &req->json_mem,
+        &req->verdict_mem,
     };
 
     memcpy(out, all, sizeof(all));
@@ -282,6 +284,7 @@ void router__request_reset(struct router__request *req)
     req->verdicts = NULL; /* in verdict_mem */
     req->head_bytes = 0;
     req->endpoint = ROUTER_EP_NONE;
+    req->ntags = 0;
     req->tenant = NULL;
     req->key = NULL;
     req->arm = NULL;
@@ -569,6 +572,83 @@ static const char *parse_body(struct router__client *c, const char **detail)
     return NULL;
 }
 
+/* Bytes a tag key may hold: a name for the report's tag.KEY groups. */
+static int tag_key_byte(unsigned char ch)
+{
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+           ch == '_' || ch == '-' || ch == '.';
+}
+
+/* `s` with blanks cut from both ends. */
+static struct slice trim_blanks(struct slice s)
+{
+    while (s.len > 0 && (s.p[0] == ' ' || s.p[0] == '\t'))
+        s.p++, s.len--;
+    while (s.len > 0 && (s.p[s.len - 1] == ' ' || s.p[s.len - 1] == '\t'))
+        s.len--;
+    return s;
+}
+
+/* Why the tag `key`=`value` cannot be taken (`has_value`: an '=' was
+ * there), or NULL. */
+static const char *tag_problem(const struct router__request *req, struct slice key,
+                               struct slice value, int has_value)
+{
+    if (!has_value || key.len == 0 || value.len == 0)
+        return "each tag is KEY=VALUE, both non-empty";
+    if (key.len > ROUTER_TAG_KEY_MAX || value.len > ROUTER_TAG_VALUE_MAX)
+        return "a tag key has at most 64 bytes, a value 128";
+    for (size_t i = 0; i < key.len; i++)
+        if (!tag_key_byte((unsigned char)key.p[i]))
+            return "a tag key holds letters, digits and _ - . only";
+    for (size_t i = 0; i < value.len; i++)
+        if ((unsigned char)value.p[i] < 0x20 || (unsigned char)value.p[i] > 0x7e)
+            return "a tag value holds printable ASCII only";
+    for (size_t i = 0; i < req->tenant->ntags; i++)
+        if (slice_eq(key, req->tenant->tags[i].key))
+            return "a tag the tenant's config sets cannot be set by a request";
+    for (unsigned i = 0; i < req->ntags; i++)
+        if (slice_eq(key, req->tags[i].key))
+            return "a tag is given twice";
+    if (req->ntags == ROUTER_REQUEST_TAGS_MAX)
+        return "at most 8 tags";
+    return NULL;
+}
+
+/* The request's own tags (x-costrouter-tags: KEY=VALUE, ...), beside the
+ * tenant's in its cost log line: what it is for (a feature, an app), for
+ * chargeback. They are cut out of tag_text in place (NUL-ended). The
+ * tenant's own tags stay the operator's: a request cannot set those. */
+static const char *parse_tags(struct router__request *req, const char **detail)
+{
+    char *p, *end;
+
+    if (req->tag_text.len == 0)
+        return NULL;
+    if (buf_append(&req->tag_text, "", 1) != 0) /* a NUL after the last value */
+        return error_no_memory;
+    p = req->tag_text.data;
+    end = p + req->tag_text.len - 1;
+    while (p < end) {
+        char *comma = memchr(p, ',', (size_t)(end - p)), *stop = comma ? comma : end;
+        char *eq = memchr(p, '=', (size_t)(stop - p));
+        struct slice whole = trim_blanks((struct slice){p, (size_t)(stop - p)});
+        struct slice key = trim_blanks((struct slice){p, (size_t)((eq ? eq : stop) - p)});
+        struct slice value = eq ? trim_blanks((struct slice){eq + 1, (size_t)(stop - eq - 1)})
+                                : (struct slice){stop, 0};
+
+        p = stop + 1;
+        if (whole.len == 0)
+            continue; /* an empty element of the list ("a=b, ,c=d"), as RFC 9110 5.6.1 allows */
+        if ((*detail = tag_problem(req, key, value, eq != NULL)) != NULL)
+            return error_invalid_tags;
+        ((char *)key.p)[key.len] = '\0';
+        ((char *)value.p)[value.len] = '\0';
+        req->tags[req->ntags++] = (struct conf_tag){(char *)key.p, (char *)value.p};
+    }
+    return NULL;
+}
+
 void router__refuse(struct router__client *c, const char *errstr, const char *detail)
 {
     struct router__request *req = &c->req;
@@ -639,6 +719,8 @@ void router__handle_resume(struct router__client *c)
         return;
     }
     errstr = parse_body(c, &detail);
+    if (errstr == NULL)
+        errstr = parse_tags(req, &detail);
     if (errstr == error_unknown_model || errstr == error_model_not_allowed)
         detail = cJSON_GetObjectItemCaseSensitive(req->json, "model")->valuestring;
     if (errstr != NULL)

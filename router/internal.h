@@ -36,6 +36,7 @@
 #include "common/fmt.h"
 #include "common/log.h"
 #include "common/slice.h"
+#include "conf/conf.h"
 #include "policy/cost.h"
 #include "policy/experiment.h"
 #include "policy/ratelimit.h"
@@ -107,7 +108,12 @@ struct router__shared {
  * ~4 KB each); the next request on any connection takes a set back, so a
  * busy connection does not allocate per request.
  */
-#define ROUTER_REQ_NBUFS 12
+#define ROUTER_REQ_NBUFS 13
+/* Tags a request may carry in x-costrouter-tags (its own, beside the
+ * tenant's), and their longest key and value. */
+#define ROUTER_REQUEST_TAGS_MAX 8
+#define ROUTER_TAG_KEY_MAX 64
+#define ROUTER_TAG_VALUE_MAX 128
 #define ROUTER_REQUEST_OUT_KEEP 65536 /* request_out keeps up to this much between requests */
 #define ROUTER_SHELF_MAX 256
 struct router__shelf {
@@ -204,6 +210,10 @@ struct router__request {
     struct buf hname;                    /* header name being assembled */
     struct buf hvalue;                   /* header value being assembled */
     struct buf fwd;                      /* client headers to forward upstream */
+    struct buf tag_text;                 /* x-costrouter-tags (lines joined by ','); its
+                                            tags point into it once parsed */
+    struct conf_tag tags[ROUTER_REQUEST_TAGS_MAX]; /* the request's own tags */
+    unsigned ntags;                      /* entries in tags */
     const char *error;                   /* errstr set by a parser callback */
     size_t head_bytes;                   /* bytes of request head so far */
     enum router__endpoint endpoint;      /* what the path asked for */

@@ -437,6 +437,15 @@ static int request_header_is_ours(struct slice name)
     return slice_caseeq_any(name, names, ARRAY_SIZE(names));
 }
 
+/* Keep the request's own tags for handler.c to read: several lines are
+ * one list, as RFC 9110 5.3 joins list-valued fields. Never forwarded. */
+static int tags_take(struct router__request *req, struct slice value)
+{
+    if (req->tag_text.len > 0 && buf_append(&req->tag_text, ",", 1) != 0)
+        return -1;
+    return buf_append(&req->tag_text, value.p, value.len);
+}
+
 /* Keep the Authorization value. A second one is refused, not joined
  * (RFC 9110 5.3 allows joining only list-valued fields): "Bearer sk-ten"
  * and "ant-A" must not make the key "sk-tenant-A", and neither may be
@@ -491,6 +500,8 @@ static int on_header_value_complete(llhttp_t *p)
         rc = auth_take(req, value);
     else if (slice_caseeq(name, "expect"))
         req->expect_continue = slice_caseeq(value, "100-continue");
+    else if (slice_caseeq(name, "x-costrouter-tags"))
+        rc = tags_take(req, value);
     else if (!request_header_is_ours(name) && name.len > 0)
         rc = buf_append_header(&req->fwd, name, value);
     buf_reset(&req->hname);

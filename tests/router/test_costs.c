@@ -3448,3 +3448,56 @@ Test(costs, sigterm_with_a_cost_log_that_never_drains_exits_after_cost_log_wait_
     cr_assert_leq((uint64_t)time(NULL) - start, 3);
     cr_assert_eq(lines, 1);
 }
+
+/* ---- the request's own tags ---- */
+
+/* x-costrouter-tags puts the request's own tags (what it is for: a
+ * feature, an app) beside the tenant's in its cost log line, for
+ * chargeback; several lines are one list; the header never goes
+ * upstream; a tag the tenant's config sets, a malformed list or more than
+ * 8 tags is a 400 and nothing is sent. */
+Test(costs, a_request_tags_its_cost_log_line)
+{
+    static const char *const bad[] = {
+        "x-costrouter-tags: team=ads\r\n",  /* the tenant's */
+        "x-costrouter-tags: feature\r\n",   /* no value */
+        "x-costrouter-tags: =x\r\n",        /* no key */
+        "x-costrouter-tags: a b=x\r\n",     /* not a key */
+        "x-costrouter-tags: a=1, a=2\r\n",  /* twice */
+        "x-costrouter-tags: a=1,b=2,c=3,d=4,e=5,f=6,g=7,h=8,i=9\r\n",
+    };
+    const cJSON *tags, *headers;
+    cJSON *rec;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        cr_assert_eq(chat(0, bad[i], "{\"model\":\"chat\"," MSG "}"), 0);
+        cr_assert_eq(resp.status, 400, "%s", bad[i]);
+        cr_assert_str_eq(
+            cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "code")->valuestring,
+            "invalid_tags", "%s", bad[i]);
+    }
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 0, "none sent");
+
+    cr_assert_eq(chat(0, "x-costrouter-tags: feature=summarize , , app = web\r\n"
+                         "X-Costrouter-Tags: release=2026.12\r\n",
+                      "{\"model\":\"chat\"," MSG "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/last-request", NULL, NULL), 0);
+    headers = cJSON_GetObjectItem(body_json(), "headers");
+    cr_assert_null(cJSON_GetObjectItem(headers, "x-costrouter-tags"), "sent upstream");
+    support_proc_stop(&routers[0]);
+    rec = last_cost_record();
+    tags = cJSON_GetObjectItem(rec, "tags");
+    cr_assert_eq(cJSON_GetArraySize(tags), 5);
+    cr_assert_str_eq(cJSON_GetObjectItem(tags, "team")->valuestring, "search");
+    cr_assert_str_eq(cJSON_GetObjectItem(tags, "cost_center")->valuestring, "cc-1");
+    cr_assert_str_eq(cJSON_GetObjectItem(tags, "feature")->valuestring, "summarize");
+    cr_assert_str_eq(cJSON_GetObjectItem(tags, "app")->valuestring, "web");
+    cr_assert_str_eq(cJSON_GetObjectItem(tags, "release")->valuestring, "2026.12");
+    cJSON_Delete(rec);
+}
