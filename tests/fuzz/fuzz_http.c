@@ -531,6 +531,8 @@ static void add_headers(struct buf *h, struct request *r)
     };
     static const char *const other[] = {
         "Accept: text/event-stream\r\n", "Accept-Encoding: gzip\r\n",
+        "x-costrouter-tags: feature=fuzz, app=a.b-c\r\n", "x-costrouter-tags: team=x\r\n",
+        "x-costrouter-tags: ,=,\r\n", "X-Costrouter-Tags: k=\xc3\xa9\r\n",
         "X-User-Id: user-7\r\n", "X-User-Id: \r\n", "Content-Type: text/plain\r\n",
         "Cookie: a=b\r\n", "X-Request-Id: r-\"1\"\r\n", "Upgrade: websocket\r\n",
         "Transfer-Encoding: gzip\r\n", "Host: other.example\r\n",
