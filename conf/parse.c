@@ -694,6 +694,9 @@ static void complete_long_context(struct conf__ctx *ctx, struct conf_price *p,
                         "missing required key \"%s\"", price_table.d[needed[i]].name);
     if (!(m->set & (1ull << CONF__P_LONG_CACHED_INPUT_USD)))
         p->long_context.cached_input_usd_per_mtok = p->long_context.input_usd_per_mtok;
+    if (!(m->set & (1ull << CONF__P_LONG_CACHE_WRITE_USD)))
+        p->long_context.cache_write_usd_per_mtok =
+            CONF_CACHE_WRITE_FACTOR * p->long_context.input_usd_per_mtok;
 }
 
 /* `prices: {NAME: {input_usd_per_mtok, ...}, ...}`, in the config or an
@@ -753,6 +756,8 @@ static void node_prices(struct conf__ctx *ctx, void *obj, struct conf__meta *met
         apply_defaults(ctx, &price_table, p, &m, ppath);
         if (!(m.set & (1ull << CONF__P_CACHED_INPUT_USD)))
             p->cached_input_usd_per_mtok = p->input_usd_per_mtok;
+        if (!(m.set & (1ull << CONF__P_CACHE_WRITE_USD)))
+            p->cache_write_usd_per_mtok = CONF_CACHE_WRITE_FACTOR * p->input_usd_per_mtok;
         complete_long_context(ctx, p, &m, ppath);
         c->nprices++;
         continue;
@@ -1057,6 +1062,7 @@ static void set_cache_tools(void *obj, int on) { ((struct conf *)obj)->cache_too
 /* ---- the tables ---- */
 
 static const char *const kind_names[] = {"api", "self_hosted", NULL};
+static const char *const api_names[] = {"openai", "anthropic", NULL};
 static const char *const tokenizer_names[] = {"estimate", "cl100k_base", "o200k_base", "llama3",
                                               NULL};
 static const char *const on_failure_names[] = {"fail_open", "fail_closed", NULL};
@@ -1185,6 +1191,12 @@ static const struct directive backend_directives[CONF__B_COUNT] = {
                                  B(long_context.output_usd_per_mtok), 0, PRICE_MAX},
     [CONF__B_LONG_CACHED_INPUT_USD] = {"cached_input_usd_per_mtok", "long_context", T_DOUBLE,
                                        B(long_context.cached_input_usd_per_mtok), 0, PRICE_MAX},
+    [CONF__B_API] = {"api", NULL, T_ENUM, B(api), .names = api_names, .def = "openai"},
+    /* defaults (1.25 x input) set by check.c, as cached input's are */
+    [CONF__B_CACHE_WRITE_USD] = {"cache_write_usd_per_mtok", NULL, T_DOUBLE,
+                                 B(cache_write_usd_per_mtok), 0, PRICE_MAX},
+    [CONF__B_LONG_CACHE_WRITE_USD] = {"cache_write_usd_per_mtok", "long_context", T_DOUBLE,
+                                      B(long_context.cache_write_usd_per_mtok), 0, PRICE_MAX},
 };
 #undef B
 
@@ -1265,6 +1277,11 @@ static const struct directive price_directives[CONF__P_COUNT] = {
                                  P(long_context.output_usd_per_mtok), 0, PRICE_MAX},
     [CONF__P_LONG_CACHED_INPUT_USD] = {"cached_input_usd_per_mtok", "long_context", T_DOUBLE,
                                        P(long_context.cached_input_usd_per_mtok), 0, PRICE_MAX},
+    /* default (1.25 x the input price) set by node_prices and complete_long_context */
+    [CONF__P_CACHE_WRITE_USD] = {"cache_write_usd_per_mtok", NULL, T_DOUBLE,
+                                 P(cache_write_usd_per_mtok), 0, PRICE_MAX},
+    [CONF__P_LONG_CACHE_WRITE_USD] = {"cache_write_usd_per_mtok", "long_context", T_DOUBLE,
+                                      P(long_context.cache_write_usd_per_mtok), 0, PRICE_MAX},
 };
 #undef P
 
