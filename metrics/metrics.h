@@ -210,6 +210,10 @@ struct metrics_cost_record {
      * hit). */
     int64_t billed_prompt_tokens;     /* prompt tokens charged */
     int64_t billed_completion_tokens; /* completion tokens charged */
+    int64_t billed_cached_tokens;     /* of the prompt tokens, those read from the
+                                         provider's cache (at the cached rate) */
+    int64_t billed_cache_write_tokens; /* of the prompt tokens, those written to the
+                                          provider's cache (at the cache write rate) */
     double cost_usd_est;           /* estimate at routing time */
     double cost_usd;               /* settled cost */
     unsigned cache_hit:1;          /* answered from the response cache */
