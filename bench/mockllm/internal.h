@@ -74,7 +74,10 @@ struct mockllm_plan {
     int tokens;              /* completion tokens to produce */
     int sent;                /* tokens streamed so far */
     int prompt_tokens;       /* see the counting rule in api.c */
-    int cached_tokens;       /* x-mock-cached-tokens (responses), at most prompt_tokens */
+    int cached_tokens;       /* x-mock-cached-tokens (responses, messages), at most
+                                prompt_tokens */
+    int cache_write_tokens;  /* x-mock-cache-write-tokens (messages), at most what
+                                prompt_tokens leaves after cached_tokens */
     const char *finish;      /* "stop" or "length" */
     uint64_t id;             /* number in the response id */
     long long created;       /* unix seconds */
