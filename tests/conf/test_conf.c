@@ -226,9 +226,11 @@ static struct error_case error_cases[] = {
     {.file = DATA "zero_bytes.yaml", .lines = {"1: (top level): the file is empty"}},
     {.file = DATA "no-such-file.yaml", .lines =
      {"1: (file): cannot open: No such file or directory"}},
-    {.file = "conf/example.yaml", .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY"},
+    {.file = "conf/example.yaml",
+     .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"},
      .lines = {"15: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
-      "92: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
+      "96: backends[1].api_key: environment variable OPENAI_API_KEY is not set",
+      "134: backends[3].api_key: environment variable ANTHROPIC_API_KEY is not set"}},
     {.file = DATA "prices_bad.yaml", .lines =
      {"5: include[2]: \"inc/prices_bad.yaml\" is already included",
       "8: prices.custom-x: duplicate price \"custom-x\" (first at {DIR}/inc/prices_bad.yaml:3)",
@@ -567,6 +569,7 @@ Test(conf, example_loads_with_its_env, .timeout = 10)
 
     setenv("COSTROUTER_ADMIN_KEY", "admin-secret", 1);
     setenv("OPENAI_API_KEY", "sk-openai-secret", 1);
+    setenv("ANTHROPIC_API_KEY", "sk-ant-secret", 1);
     c = load_ok("conf/example.yaml");
     cr_expect_str_eq(c->admin_key, "admin-secret");
     cr_expect_str_eq(c->redis_url, "redis://127.0.0.1:6379/0");
@@ -582,6 +585,10 @@ Test(conf, example_loads_with_its_env, .timeout = 10)
     cr_expect_eq(b->port, 443);
     cr_expect_str_eq(b->base_path, "/v1");
     cr_expect_eq(conf_find_backend(c, "gpu-llama-8b")->replicas, 2);
+    b = conf_find_backend(c, "claude-sonnet");
+    cr_expect_eq(b->api, CONF_API_ANTHROPIC);
+    cr_expect_str_eq(b->auth_header, "x-api-key");
+    cr_expect_float_eq(b->cache_write_usd_per_mtok, 3.75, 1e-12);
     b = conf_find_backend(c, "house-llm-api");
     cr_expect_eq(b->long_context.above_prompt_tokens, 128000, "the house-llm entry's");
     cr_expect_float_eq(b->long_context.cached_input_usd_per_mtok, 0.20, 1e-12);
@@ -769,6 +776,9 @@ Test(conf, anthropic_backends_and_cache_write_prices, .timeout = 10)
     cr_expect_str_eq(b->auth_header, "Authorization");
     cr_expect_float_eq(b->cache_write_usd_per_mtok, 2.5, 1e-12, "1.25x its own input");
     cr_expect_float_eq(b->long_context.cache_write_usd_per_mtok, 5, 1e-12);
+    b = conf_find_backend(c, "housed");
+    cr_expect_float_eq(b->cache_write_usd_per_mtok, 2.5, 1e-12, "1.25x the entry's input");
+    cr_expect_float_eq(b->long_context.cache_write_usd_per_mtok, 5, 1e-12, "1.25x the tier's");
     cr_assert_not_null(r);
     cr_expect_eq(r->speaks[CONF_API_OPENAI], 1);
     cr_expect_eq(r->speaks[CONF_API_ANTHROPIC], 6);

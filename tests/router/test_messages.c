@@ -70,7 +70,8 @@ TestSuite(messages, .fini = teardown, .timeout = 60);
 
 /* An Anthropic mockllm (`mock`, wanting UPSTREAM_KEY) and an OpenAI one
  * (`oai`), and the router: backend `a` (Anthropic) and `o` (OpenAI,
- * priced at `o_in` and `o_out`); routes "claude" [a], "mix" [o, a] and
+ * priced at `o_in` and `o_out`), both serving model claude-x (an
+ * OpenAI-compatible gateway in front of the same model); routes "claude" [a], "mix" [o, a] and
  * "gpt" [o]; tenant acme with `tenant_extra` (config lines, or ""), and
  * `root_extra` at the top level. */
 static void start_with(const char *root_extra, const char *tenant_extra, int o_in, int o_out)
@@ -93,7 +94,7 @@ static void start_with(const char *root_extra, const char *tenant_extra, int o_i
             "     api_key: %s, model: claude-x, quality: 1, context_window: 100000,\n"
             "     input_usd_per_mtok: %d, cached_input_usd_per_mtok: %d,\n"
             "     cache_write_usd_per_mtok: %d, output_usd_per_mtok: %d, tokenizer: o200k_base}\n"
-            "  - {name: o, kind: api, url: \"http://127.0.0.1:%d/v1\", model: gpt-x, quality: 1,\n"
+            "  - {name: o, kind: api, url: \"http://127.0.0.1:%d/v1\", model: claude-x, quality: 1,\n"
             "     context_window: 100000, input_usd_per_mtok: %d, output_usd_per_mtok: %d,\n"
             "     tokenizer: o200k_base}\n"
             "routes:\n  - {model: claude, candidates: [a]}\n"
@@ -543,7 +544,7 @@ Test(messages, a_budget_refuses_a_hold_of_max_tokens_that_does_not_fit)
 
 /* Deterministic requests are cached on chat's rules, keyed by endpoint
  * too: the same body on /v1/messages is a hit, an OpenAI request of the
- * same route and body is not. */
+ * same route, body and upstream model name is not. */
 Test(messages, the_response_cache_keys_the_endpoint)
 {
     static const char body[] = "{\"model\":\"mix\",\"max_tokens\":5,\"temperature\":0," MSGS "}";
@@ -562,4 +563,23 @@ Test(messages, the_response_cache_keys_the_endpoint)
     cr_assert_eq(resp.status, 200);
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "o");
     cr_assert_str_eq(get(body_json(), "object")->valuestring, "chat.completion");
+}
+
+/* A whole answer without usage is charged the estimated prompt and its
+ * content's text counted with the backend's tokenizer: "The quick brown
+ * fox" is 4 tokens in o200k_base; "hello there" as a user message, by the
+ * chat framing, 3 + 1 + 2 + 3. */
+Test(messages, a_plain_answer_without_usage_is_charged_for_its_content_text)
+{
+    start("");
+    cr_assert_eq(messages("x-mock-tokens: 4\r\nx-mock-usage: omit\r\n",
+                          "{\"model\":\"claude\",\"max_tokens\":100," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_null(get(body_json(), "usage"));
+    cr_assert_float_eq(header_usd(), usd(9, 0, 0, 4), 1e-9);
+    cJSON *rec = last_cost_record();
+    cr_assert_eq(num(rec, "billed_prompt_tokens"), 9);
+    cr_assert_eq(num(rec, "billed_completion_tokens"), 4);
+    cJSON_Delete(rec);
 }

@@ -499,6 +499,13 @@ static void drive_anthropic(void)
     echo_ok(0);
     cr_assert_eq(call("POST", "/v1/messages", XKEY(KEY_ACME), ABODY("echoa")), 200);
     cr_assert_not_null(support_http_header(&resp, "x-echo"));
+    /* x-api-key on an OpenAI endpoint, to a backend keyed by Authorization:
+     * the client's x-api-key is not that backend's key header, and must
+     * not go on either. */
+    cr_assert_eq(call("POST", "/v1/chat/completions", XKEY(KEY_ACME), BODY("echo")), 200);
+    cr_assert_not_null(support_http_header(&resp, "x-echo"));
+    echo_status("400 Bad Request");
+    cr_assert_eq(call("POST", "/v1/chat/completions", XKEY(KEY_ACME), BODY("echo")), 400);
     echo_status("401 Unauthorized");
 }
 
