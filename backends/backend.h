@@ -91,6 +91,7 @@ struct backend_tokens {
     int64_t cached;     /* prompt tokens the upstream served from its cache */
     int64_t cache_write; /* prompt tokens the upstream wrote to its cache (Anthropic's
                             cache_creation_input_tokens), priced at the cache write rate */
+    int64_t cache_write_1h; /* of those, written to its 1-hour cache, at that rate */
 };
 
 /* A request's cost estimate on one backend. */

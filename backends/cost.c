@@ -101,17 +101,24 @@ double backend_api_price_usd(const struct conf_backend *c, const struct backend_
     double output = is_long ? l->output_usd_per_mtok : c->output_usd_per_mtok;
     double cached_price = is_long ? l->cached_input_usd_per_mtok : c->cached_input_usd_per_mtok;
     double write_price = is_long ? l->cache_write_usd_per_mtok : c->cache_write_usd_per_mtok;
-    /* Written tokens are prompt tokens too, neither cached nor plain. */
+    double write_1h_price = is_long ? l->cache_write_1h_usd_per_mtok
+                                    : c->cache_write_1h_usd_per_mtok;
+    /* Written tokens are prompt tokens too, neither cached nor plain; of
+     * them, those kept an hour cost more. */
     int64_t written = tok->cache_write < 0                 ? 0
                       : tok->cache_write > prompt - cached ? prompt - cached
                                                            : tok->cache_write;
+    int64_t hour = tok->cache_write_1h < 0         ? 0
+                   : tok->cache_write_1h > written ? written
+                                                   : tok->cache_write_1h;
 
     if (c->kind != CONF_BACKEND_API || c->is_free)
         return 0;
     if (cached_price <= 0)
         cached_price = input;
     return ((double)(prompt - cached - written) * input + (double)cached * cached_price +
-            (double)written * write_price + (double)completion * output) /
+            (double)(written - hour) * write_price + (double)hour * write_1h_price +
+            (double)completion * output) /
            1e6;
 }
 

@@ -94,6 +94,7 @@ static const struct {
     {CONF__B_OUTPUT_USD, "output_usd_per_mtok", CONF_BACKEND_API, 1},
     {CONF__B_CACHED_INPUT_USD, "cached_input_usd_per_mtok", CONF_BACKEND_API, 0},
     {CONF__B_CACHE_WRITE_USD, "cache_write_usd_per_mtok", CONF_BACKEND_API, 0},
+    {CONF__B_CACHE_WRITE_1H_USD, "cache_write_1h_usd_per_mtok", CONF_BACKEND_API, 0},
     {CONF__B_LONG_CONTEXT, "long_context", CONF_BACKEND_API, 0},
 };
 
@@ -129,6 +130,9 @@ static void resolve_long_context(struct conf__ctx *ctx, size_t i, const struct c
     if (!HAS(m, CONF__B_LONG_CACHE_WRITE_USD))
         l->cache_write_usd_per_mtok = pl ? pl->cache_write_usd_per_mtok
                                          : CONF_CACHE_WRITE_FACTOR * l->input_usd_per_mtok;
+    if (!HAS(m, CONF__B_LONG_CACHE_WRITE_1H_USD))
+        l->cache_write_1h_usd_per_mtok = pl ? pl->cache_write_1h_usd_per_mtok
+                                            : CONF_CACHE_WRITE_1H_FACTOR * l->input_usd_per_mtok;
     if (HAS(m, CONF__B_LONG_ABOVE) && l->above_prompt_tokens == 0)
         return; /* the entry's tier turned off */
     if (l->above_prompt_tokens == 0) {
@@ -176,6 +180,9 @@ static void resolve_price(struct conf__ctx *ctx, size_t i)
     if (!HAS(m, CONF__B_CACHE_WRITE_USD))
         b->cache_write_usd_per_mtok =
             p ? p->cache_write_usd_per_mtok : CONF_CACHE_WRITE_FACTOR * b->input_usd_per_mtok;
+    if (!HAS(m, CONF__B_CACHE_WRITE_1H_USD))
+        b->cache_write_1h_usd_per_mtok =
+            p ? p->cache_write_1h_usd_per_mtok : CONF_CACHE_WRITE_1H_FACTOR * b->input_usd_per_mtok;
     resolve_long_context(ctx, i, p);
 }
 

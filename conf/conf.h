@@ -49,11 +49,14 @@ struct conf_long_context {
     double output_usd_per_mtok;
     double cached_input_usd_per_mtok; /* default: this tier's input price */
     double cache_write_usd_per_mtok;  /* default: 1.25 x this tier's input price */
+    double cache_write_1h_usd_per_mtok; /* default: 2 x this tier's input price */
 };
 
-/* Anthropic's 5-minute cache write price, relative to the input price:
- * the default of cache_write_usd_per_mtok wherever it is not given. */
+/* Anthropic's cache write prices, relative to the input price: 5-minute
+ * writes (cache_write_usd_per_mtok) and 1-hour ones
+ * (cache_write_1h_usd_per_mtok), the defaults wherever they are not given. */
 #define CONF_CACHE_WRITE_FACTOR 1.25
+#define CONF_CACHE_WRITE_1H_FACTOR 2.0
 
 /* One entry of a `prices:` mapping (in the config or an included file). */
 struct conf_price {
@@ -65,6 +68,8 @@ struct conf_price {
     double cached_input_usd_per_mtok; /* USD per million cached prompt tokens (default: input) */
     double cache_write_usd_per_mtok;  /* USD per million prompt tokens written to the
                                          provider's cache (default: 1.25 x input) */
+    double cache_write_1h_usd_per_mtok; /* of those, written to its 1-hour cache
+                                           (default: 2 x input) */
     struct conf_long_context long_context; /* complete when its above_prompt_tokens > 0 */
 };
 
@@ -106,6 +111,7 @@ struct conf_backend {
     double output_usd_per_mtok;
     double cached_input_usd_per_mtok; /* defaults to input_usd_per_mtok */
     double cache_write_usd_per_mtok;  /* defaults to 1.25 x input_usd_per_mtok */
+    double cache_write_1h_usd_per_mtok; /* defaults to 2 x input_usd_per_mtok */
     struct conf_long_context long_context; /* each key the backend's own, else the entry's */
     /* upstream connection limits, milliseconds (defaults in conf.c) */
     int connect_timeout_ms;

@@ -697,6 +697,9 @@ static void complete_long_context(struct conf__ctx *ctx, struct conf_price *p,
     if (!(m->set & (1ull << CONF__P_LONG_CACHE_WRITE_USD)))
         p->long_context.cache_write_usd_per_mtok =
             CONF_CACHE_WRITE_FACTOR * p->long_context.input_usd_per_mtok;
+    if (!(m->set & (1ull << CONF__P_LONG_CACHE_WRITE_1H_USD)))
+        p->long_context.cache_write_1h_usd_per_mtok =
+            CONF_CACHE_WRITE_1H_FACTOR * p->long_context.input_usd_per_mtok;
 }
 
 /* `prices: {NAME: {input_usd_per_mtok, ...}, ...}`, in the config or an
@@ -758,6 +761,8 @@ static void node_prices(struct conf__ctx *ctx, void *obj, struct conf__meta *met
             p->cached_input_usd_per_mtok = p->input_usd_per_mtok;
         if (!(m.set & (1ull << CONF__P_CACHE_WRITE_USD)))
             p->cache_write_usd_per_mtok = CONF_CACHE_WRITE_FACTOR * p->input_usd_per_mtok;
+        if (!(m.set & (1ull << CONF__P_CACHE_WRITE_1H_USD)))
+            p->cache_write_1h_usd_per_mtok = CONF_CACHE_WRITE_1H_FACTOR * p->input_usd_per_mtok;
         complete_long_context(ctx, p, &m, ppath);
         c->nprices++;
         continue;
@@ -1197,6 +1202,11 @@ static const struct directive backend_directives[CONF__B_COUNT] = {
                                  B(cache_write_usd_per_mtok), 0, PRICE_MAX},
     [CONF__B_LONG_CACHE_WRITE_USD] = {"cache_write_usd_per_mtok", "long_context", T_DOUBLE,
                                       B(long_context.cache_write_usd_per_mtok), 0, PRICE_MAX},
+    [CONF__B_CACHE_WRITE_1H_USD] = {"cache_write_1h_usd_per_mtok", NULL, T_DOUBLE,
+                                    B(cache_write_1h_usd_per_mtok), 0, PRICE_MAX},
+    [CONF__B_LONG_CACHE_WRITE_1H_USD] = {"cache_write_1h_usd_per_mtok", "long_context", T_DOUBLE,
+                                         B(long_context.cache_write_1h_usd_per_mtok), 0,
+                                         PRICE_MAX},
 };
 #undef B
 
@@ -1282,6 +1292,11 @@ static const struct directive price_directives[CONF__P_COUNT] = {
                                  P(cache_write_usd_per_mtok), 0, PRICE_MAX},
     [CONF__P_LONG_CACHE_WRITE_USD] = {"cache_write_usd_per_mtok", "long_context", T_DOUBLE,
                                       P(long_context.cache_write_usd_per_mtok), 0, PRICE_MAX},
+    [CONF__P_CACHE_WRITE_1H_USD] = {"cache_write_1h_usd_per_mtok", NULL, T_DOUBLE,
+                                    P(cache_write_1h_usd_per_mtok), 0, PRICE_MAX},
+    [CONF__P_LONG_CACHE_WRITE_1H_USD] = {"cache_write_1h_usd_per_mtok", "long_context", T_DOUBLE,
+                                         P(long_context.cache_write_1h_usd_per_mtok), 0,
+                                         PRICE_MAX},
 };
 #undef P
 

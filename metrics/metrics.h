@@ -214,6 +214,7 @@ struct metrics_cost_record {
                                          provider's cache (at the cached rate) */
     int64_t billed_cache_write_tokens; /* of the prompt tokens, those written to the
                                           provider's cache (at the cache write rate) */
+    int64_t billed_cache_write_1h_tokens; /* of those, the ones written to its 1-hour cache */
     double cost_usd_est;           /* estimate at routing time */
     double cost_usd;               /* settled cost */
     unsigned cache_hit:1;          /* answered from the response cache */

@@ -69,7 +69,9 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
 {
     const struct conf_backend *cb = req->route->candidates[i];
     const struct backend *b = backend_set_get(req->backends, cb->index);
-    struct backend_tokens tok = {req->prompt_tokens, completion_on(req, cb), req->cached_tokens, 0};
+    struct backend_tokens tok = {.prompt = req->prompt_tokens,
+                                 .completion = completion_on(req, cb),
+                                 .cached = req->cached_tokens};
     struct backend_cost est;
     uint64_t bit = UINT64_C(1) << i;
 

@@ -258,6 +258,7 @@ struct router__request {
     int64_t cached_tokens;               /* usage.prompt_tokens_details.cached_tokens
                                             (Anthropic: cache_read_input_tokens) */
     int64_t cache_write_tokens;          /* Anthropic's cache_creation_input_tokens, -1 unknown */
+    int64_t cache_write_1h_tokens;       /* of those, written to the 1-hour cache, -1 unknown */
     int64_t input_tokens;                /* Anthropic's input_tokens (neither read from nor
                                             written to the cache), -1 unknown */
     uint64_t start_ms;                   /* loop time the request was complete */
@@ -619,6 +620,8 @@ struct router__usage {
     int64_t completion_tokens; /* -1 when absent */
     int64_t cached_tokens;     /* -1 when absent (Anthropic: cache_read_input_tokens) */
     int64_t cache_write_tokens; /* Anthropic's cache_creation_input_tokens, -1 when absent */
+    int64_t cache_write_1h_tokens; /* of those, its cache_creation.ephemeral_1h_input_tokens,
+                                      -1 when absent */
 };
 /* Find complete events in `sse` (appended bytes), call `on_event` for
  * each with the event bytes including its terminating blank line, and

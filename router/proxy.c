@@ -1208,6 +1208,8 @@ static void note_usage(struct router__request *req, const struct router__usage *
         req->input_tokens = u->prompt_tokens;
     if (u->cache_write_tokens >= 0)
         req->cache_write_tokens = u->cache_write_tokens;
+    if (u->cache_write_1h_tokens >= 0)
+        req->cache_write_1h_tokens = u->cache_write_1h_tokens;
     if (req->input_tokens >= 0)
         req->prompt_tokens = req->input_tokens + MAX(req->cache_write_tokens, 0) +
                              MAX(req->cached_tokens, 0);
@@ -1234,7 +1236,8 @@ static int overrun_cut(struct router__client *c)
 {
     struct router__request *req = &c->req;
     const struct conf_backend *b = req->pool->conf;
-    struct backend_tokens so_far = {req->prompt_est, (int64_t)req->events + 1, 0, 0};
+    struct backend_tokens so_far = {.prompt = req->prompt_est,
+                                    .completion = (int64_t)req->events + 1};
     int64_t running, left;
     int status;
     char *err;
@@ -1471,7 +1474,7 @@ void router__proxy_on_client_drain(struct router__client *c)
  * nothing: APIs do not bill the requests they refuse. */
 static struct backend_tokens tokens_used(const struct router__request *req)
 {
-    struct backend_tokens t = {0, 0, 0, 0};
+    struct backend_tokens t = {0};
 
     if (req->upstream_status >= 400 && req->prompt_tokens < 0 && req->completion_tokens < 0)
         return t;
@@ -1481,6 +1484,7 @@ static struct backend_tokens tokens_used(const struct router__request *req)
                                                   : (int64_t)req->events;
     t.cached = req->cached_tokens > 0 ? req->cached_tokens : 0;
     t.cache_write = req->cache_write_tokens > 0 ? req->cache_write_tokens : 0;
+    t.cache_write_1h = req->cache_write_1h_tokens > 0 ? req->cache_write_1h_tokens : 0;
     return t;
 }
 
@@ -1528,7 +1532,7 @@ static void settle(struct router__client *c)
 static void settle_prompt(struct router__client *c)
 {
     struct router__request *req = &c->req;
-    struct backend_tokens used = {req->prompt_est, 0, 0, 0};
+    struct backend_tokens used = {.prompt = req->prompt_est};
     struct backend_charge charge;
 
     req->billed = used;

@@ -254,7 +254,7 @@ int router__usage_parse(const char *json, size_t len, struct router__usage *out,
     int found;
 
     out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
-    out->cache_write_tokens = -1;
+    out->cache_write_tokens = out->cache_write_1h_tokens = -1;
     if (choices_empty != NULL)
         *choices_empty = 0;
     if (start == NULL)
@@ -277,6 +277,10 @@ int router__usage_parse(const char *json, size_t len, struct router__usage *out,
     else
         out->cached_tokens = json_count(usage, "cache_read_input_tokens");
     out->cache_write_tokens = json_count(usage, "cache_creation_input_tokens");
+    /* The 1-hour writes among them, which cost more than the 5-minute ones. */
+    details = cJSON_GetObjectItemCaseSensitive(usage, "cache_creation");
+    if (cJSON_IsObject(details))
+        out->cache_write_1h_tokens = json_count(details, "ephemeral_1h_input_tokens");
     found = out->prompt_tokens >= 0 || out->completion_tokens >= 0;
     cJSON_Delete(usage);
     if (choices_empty != NULL)
@@ -311,7 +315,7 @@ int router__responses_event(const char *json, size_t len, struct router__usage *
     const char *resp, *resp_end;
 
     out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
-    out->cache_write_tokens = -1;
+    out->cache_write_tokens = out->cache_write_1h_tokens = -1;
     *text_delta = value_is(type, end, LIT("\"response.output_text.delta\""));
     /* Only a terminal event's usage is the answer's: response.created and
      * response.in_progress carry the same object with "usage": null. */
@@ -334,7 +338,7 @@ int router__messages_event(const char *json, size_t len, struct router__usage *o
     const char *msg, *msg_end, *delta, *dtype;
 
     out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
-    out->cache_write_tokens = -1;
+    out->cache_write_tokens = out->cache_write_1h_tokens = -1;
     *text_delta = 0;
     if (value_is(type, end, LIT("\"content_block_delta\""))) {
         /* Text and a tool call's input as it is written: the answer's

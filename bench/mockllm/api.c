@@ -405,7 +405,7 @@ void mockllm__plan_reset(struct mockllm_plan *p)
     p->sent = 0;
     p->prompt_tokens = 0;
     p->cached_tokens = 0;
-    p->cache_write_tokens = 0;
+    p->cache_write_tokens = p->cache_write_1h_tokens = 0;
     p->finish = "stop";
     p->id = 0;
     p->created = 0;
@@ -502,9 +502,11 @@ static void put_event(struct mockllm_conn *c);
 static void put_messages_usage(struct buf *b, const struct mockllm_plan *p, int output_tokens)
 {
     putf(b, "{\"input_tokens\":%d,\"cache_creation_input_tokens\":%d,"
-            "\"cache_read_input_tokens\":%d,\"output_tokens\":%d}",
+            "\"cache_read_input_tokens\":%d,\"cache_creation\":{\"ephemeral_5m_input_tokens\":%d,"
+            "\"ephemeral_1h_input_tokens\":%d},\"output_tokens\":%d}",
          p->prompt_tokens - p->cached_tokens - p->cache_write_tokens, p->cache_write_tokens,
-         p->cached_tokens, output_tokens);
+         p->cached_tokens, p->cache_write_tokens - p->cache_write_1h_tokens,
+         p->cache_write_1h_tokens, output_tokens);
 }
 
 /* Append an Anthropic message object to b: whole (`done`: its text and
@@ -847,6 +849,7 @@ struct overrides {
     int done_delay_ms;  /* x-mock-done-delay-ms */
     int cached_tokens;  /* x-mock-cached-tokens (responses, messages) */
     int cache_write_tokens; /* x-mock-cache-write-tokens (messages) */
+    int cache_write_1h_tokens; /* x-mock-cache-write-1h-tokens (messages) */
 };
 
 /* Returns the name of the malformed header, or NULL. */
@@ -863,11 +866,14 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
     o->fault = opts->fault;
     o->event_pad = 0;
     o->done_delay_ms = 0;
-    o->cached_tokens = o->cache_write_tokens = 0;
+    o->cached_tokens = o->cache_write_tokens = o->cache_write_1h_tokens = 0;
     if (header_int(&c->req, "x-mock-cached-tokens", MAX_TOKENS, &o->cached_tokens) < 0)
         return "x-mock-cached-tokens";
     if (header_int(&c->req, "x-mock-cache-write-tokens", MAX_TOKENS, &o->cache_write_tokens) < 0)
         return "x-mock-cache-write-tokens";
+    if (header_int(&c->req, "x-mock-cache-write-1h-tokens", MAX_TOKENS,
+                   &o->cache_write_1h_tokens) < 0)
+        return "x-mock-cache-write-1h-tokens";
     if (header_int(&c->req, "x-mock-ttft-ms", MAX_DELAY_MS, &o->ttft_ms) < 0)
         return "x-mock-ttft-ms";
     if (header_int(&c->req, "x-mock-token-delay-ms", MAX_DELAY_MS, &o->token_delay_ms) < 0)
@@ -940,6 +946,9 @@ static int plan_from_body(struct mockllm_conn *c, const cJSON *body, const struc
         p->cache_write_tokens = o->cache_write_tokens < p->prompt_tokens - p->cached_tokens
                                     ? o->cache_write_tokens
                                     : p->prompt_tokens - p->cached_tokens;
+        p->cache_write_1h_tokens = o->cache_write_1h_tokens < p->cache_write_tokens
+                                       ? o->cache_write_1h_tokens
+                                       : p->cache_write_tokens;
         return 0;
     }
     if (p->endpoint == EP_COMPLETIONS)

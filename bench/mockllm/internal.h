@@ -78,6 +78,7 @@ struct mockllm_plan {
                                 prompt_tokens */
     int cache_write_tokens;  /* x-mock-cache-write-tokens (messages), at most what
                                 prompt_tokens leaves after cached_tokens */
+    int cache_write_1h_tokens; /* x-mock-cache-write-1h-tokens: of those, the 1-hour ones */
     const char *finish;      /* "stop" or "length" */
     uint64_t id;             /* number in the response id */
     long long created;       /* unix seconds */

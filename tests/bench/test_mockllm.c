@@ -771,7 +771,9 @@ Test(mockllm, messages_whole_with_cache_counts_and_max_tokens)
     cr_assert_eq(support_mockllm_start(&mock, "--tokens", "5", NULL), 0);
     snprintf(body, sizeof(body), messages_body, 100, "");
     cr_assert_eq(call("POST", "/v1/messages",
-                      ANTHROPIC "x-mock-cached-tokens: 4\r\nx-mock-cache-write-tokens: 6\r\n", body),
+                      ANTHROPIC "x-mock-cached-tokens: 4\r\nx-mock-cache-write-tokens: 6\r\n"
+                                "x-mock-cache-write-1h-tokens: 2\r\n",
+                      body),
                  0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     j = body_json();
@@ -786,6 +788,12 @@ Test(mockllm, messages_whole_with_cache_counts_and_max_tokens)
     cr_assert_eq(num(j, "usage", "input_tokens"), MESSAGES_PROMPT_TOKENS - 4 - 6);
     cr_assert_eq(num(j, "usage", "cache_read_input_tokens"), 4);
     cr_assert_eq(num(j, "usage", "cache_creation_input_tokens"), 6);
+    cr_assert_eq(num(cJSON_GetObjectItemCaseSensitive(j, "usage"), "cache_creation",
+                     "ephemeral_5m_input_tokens"),
+                 4);
+    cr_assert_eq(num(cJSON_GetObjectItemCaseSensitive(j, "usage"), "cache_creation",
+                     "ephemeral_1h_input_tokens"),
+                 2);
     cr_assert_eq(num(j, "usage", "output_tokens"), 5);
     snprintf(body, sizeof(body), messages_body, 2, "");
     cr_assert_eq(call("POST", "/v1/messages", ANTHROPIC, body), 0);

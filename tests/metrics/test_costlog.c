@@ -128,7 +128,8 @@ Test(costlog, lines_are_valid_json_with_every_key, .timeout = 10)
                                  "reason", "candidates", "prompt_tokens_est", "prompt_tokens",
                                  "completion_tokens_est", "completion_tokens",
                                  "billed_prompt_tokens", "billed_completion_tokens",
-                                 "billed_cached_tokens", "billed_cache_write_tokens", "cost_usd_est",
+                                 "billed_cached_tokens", "billed_cache_write_tokens",
+                                 "billed_cache_write_1h_tokens", "cost_usd_est",
                                  "cost_usd", "cache_hit", "saved_usd", "ttft_ms", "latency_ms",
                                  "status", "fallbacks"};
     struct metrics_cost_candidate cands[2];

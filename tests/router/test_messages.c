@@ -40,6 +40,7 @@
 #define IN_USD 100
 #define CACHED_USD 10
 #define WRITE_USD 125
+#define WRITE_1H_USD 200
 #define OUT_USD 300
 /* "hello there" as the one message: 3 + 4 + 2 = 9 prompt tokens. */
 #define MSGS "\"messages\":[{\"role\":\"user\",\"content\":\"hello there\"}]"
@@ -93,7 +94,8 @@ static void start_with(const char *root_extra, const char *tenant_extra, int o_i
             "  - {name: a, kind: api, api: anthropic, url: \"http://127.0.0.1:%d/v1\",\n"
             "     api_key: %s, model: claude-x, quality: 1, context_window: 100000,\n"
             "     input_usd_per_mtok: %d, cached_input_usd_per_mtok: %d,\n"
-            "     cache_write_usd_per_mtok: %d, output_usd_per_mtok: %d, tokenizer: o200k_base}\n"
+            "     cache_write_usd_per_mtok: %d, cache_write_1h_usd_per_mtok: %d,\n"
+            "     output_usd_per_mtok: %d, tokenizer: o200k_base}\n"
             "  - {name: o, kind: api, url: \"http://127.0.0.1:%d/v1\", model: claude-x, quality: 1,\n"
             "     context_window: 100000, input_usd_per_mtok: %d, output_usd_per_mtok: %d,\n"
             "     tokenizer: o200k_base}\n"
@@ -102,7 +104,7 @@ static void start_with(const char *root_extra, const char *tenant_extra, int o_i
             "  - {model: gpt, candidates: [o]}\n"
             "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n%s",
             log_path, root_extra, mock.port, UPSTREAM_KEY, IN_USD, CACHED_USD, WRITE_USD,
-            OUT_USD, oai.port, o_in, o_out, hex, tenant_extra);
+            WRITE_1H_USD, OUT_USD, oai.port, o_in, o_out, hex, tenant_extra);
     fclose(f);
     char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
     cr_assert_eq(support_proc_start(&router, argv), 0);
@@ -574,5 +576,29 @@ Test(messages, a_plain_answer_without_usage_is_charged_for_its_content_text)
     cJSON *rec = last_cost_record();
     cr_assert_eq(num(rec, "billed_prompt_tokens"), 9);
     cr_assert_eq(num(rec, "billed_completion_tokens"), 4);
+    cJSON_Delete(rec);
+}
+
+/* Of the cache writes, those to the 1-hour cache (usage.cache_creation.
+ * ephemeral_1h_input_tokens) at the 1-hour rate, the rest at the 5-minute
+ * one. */
+Test(messages, one_hour_cache_writes_are_priced_at_their_own_rate)
+{
+    start("");
+    /* 3 + 4 + 5 = 12 prompt tokens: 6 written, 4 of them for an hour */
+    cr_assert_eq(messages("x-mock-tokens: 2\r\nx-mock-cache-write-tokens: 6\r\n"
+                          "x-mock-cache-write-1h-tokens: 4\r\n",
+                          "{\"model\":\"claude\",\"max_tokens\":50,\"messages\":[{\"role\":"
+                          "\"user\",\"content\":\"one two three four five\"}]}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    /* 6 x 100 + 2 x 125 + 4 x 200 + 2 x 300 micro */
+    double want = round(6 * IN_USD + 2 * WRITE_USD + 4 * WRITE_1H_USD + 2 * OUT_USD) / 1e6;
+    cr_assert_float_eq(header_usd(), want, 1e-9);
+    cJSON *rec = last_cost_record();
+    cr_assert_eq(num(rec, "billed_prompt_tokens"), 12);
+    cr_assert_eq(num(rec, "billed_cache_write_tokens"), 6);
+    cr_assert_eq(num(rec, "billed_cache_write_1h_tokens"), 4);
+    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
     cJSON_Delete(rec);
 }

@@ -480,7 +480,8 @@ Test(usage, an_anthropic_body_has_its_cache_reads_and_writes, .timeout = 5)
     const char js[] = "{\"id\":\"msg_1\",\"type\":\"message\",\"content\":[{\"type\":\"text\","
                       "\"text\":\"\\\"usage\\\":{}\"}],\"usage\":{\"input_tokens\":12,"
                       "\"cache_creation_input_tokens\":30,\"cache_read_input_tokens\":8,"
-                      "\"output_tokens\":34}}";
+                      "\"cache_creation\":{\"ephemeral_5m_input_tokens\":18,"
+                      "\"ephemeral_1h_input_tokens\":12},\"output_tokens\":34}}";
     struct router__usage u;
 
     cr_assert(router__usage_parse(js, sizeof(js) - 1, &u, NULL));
@@ -488,6 +489,7 @@ Test(usage, an_anthropic_body_has_its_cache_reads_and_writes, .timeout = 5)
     cr_assert_eq(u.completion_tokens, 34);
     cr_assert_eq(u.cached_tokens, 8);
     cr_assert_eq(u.cache_write_tokens, 30);
+    cr_assert_eq(u.cache_write_1h_tokens, 12);
 }
 
 /* An Anthropic stream: the input counts in message_start's message (its
