@@ -27,7 +27,9 @@
  *                and "messages" (content a string or blocks, by "text").
  *                Reported as Anthropic does: input_tokens is that count
  *                less x-mock-cached-tokens (cache_read_input_tokens) and
- *                x-mock-cache-write-tokens (cache_creation_input_tokens).
+ *                x-mock-cache-write-tokens (cache_creation_input_tokens), of which
+ *                x-mock-cache-write-1h-tokens are for an hour (cache_creation's
+ *                ephemeral_1h_input_tokens, the rest ephemeral_5m_input_tokens).
  *                Requires x-api-key (the --require-key value when given;
  *                401 authentication_error without) and anthropic-version
  *                (400 without), as Anthropic's API does.
