@@ -545,6 +545,7 @@ static void add_headers(struct buf *h, struct request *r)
         "x-mock-tokens: 0\r\n", "x-mock-tokens: 400\r\n", "x-mock-ttft-ms: 30\r\n",
         "x-mock-retry-after: 0\r\n", "x-mock-token-delay-ms: 1\r\n",
         "x-mock-cached-tokens: 3\r\n", "x-mock-cache-write-tokens: 5\r\n",
+        "x-mock-cache-write-1h-tokens: 2\r\n",
         "anthropic-version: 2023-06-01\r\n", "anthropic-beta: fuzz-1\r\n",
     };
     static const char *const other[] = {
