@@ -16,7 +16,7 @@
  *
  * Cost models (formulas in docs/cost-model.md):
  * - API tier: list prices per million tokens; cached prompt tokens at the
- *   cached price.
+ *   cached price, tokens written to the provider's cache at the cache write price.
  * - Self-hosted GPU pool: paid per replica-hour whether used or not. The
  *   router reports attempt starts and finishes (with tokens) and this file
  *   keeps the pool's live load (in flight, tokens/s over a sliding window),
@@ -89,6 +89,9 @@ struct backend_tokens {
     int64_t prompt;     /* prompt tokens, cached ones included */
     int64_t completion; /* completion (generated) tokens */
     int64_t cached;     /* prompt tokens the upstream served from its cache */
+    int64_t cache_write; /* prompt tokens the upstream wrote to its cache (Anthropic's
+                            cache_creation_input_tokens), priced at the cache write rate */
+    int64_t cache_write_1h; /* of those, written to its 1-hour cache, at that rate */
     int tier;           /* enum conf_service_tier whose rates bill them (API backends) */
 };
 

@@ -100,6 +100,17 @@ double backend_api_price_usd(const struct conf_backend *c, const struct backend_
     double input = is_long ? l->input_usd_per_mtok : c->input_usd_per_mtok;
     double output = is_long ? l->output_usd_per_mtok : c->output_usd_per_mtok;
     double cached_price = is_long ? l->cached_input_usd_per_mtok : c->cached_input_usd_per_mtok;
+    double write_price = is_long ? l->cache_write_usd_per_mtok : c->cache_write_usd_per_mtok;
+    double write_1h_price = is_long ? l->cache_write_1h_usd_per_mtok
+                                    : c->cache_write_1h_usd_per_mtok;
+    /* Written tokens are prompt tokens too, neither cached nor plain; of
+     * them, those kept an hour cost more. */
+    int64_t written = tok->cache_write < 0                 ? 0
+                      : tok->cache_write > prompt - cached ? prompt - cached
+                                                           : tok->cache_write;
+    int64_t hour = tok->cache_write_1h < 0         ? 0
+                   : tok->cache_write_1h > written ? written
+                                                   : tok->cache_write_1h;
 
     if (c->kind != CONF_BACKEND_API || c->is_free)
         return 0;
@@ -113,7 +124,8 @@ double backend_api_price_usd(const struct conf_backend *c, const struct backend_
     }
     if (cached_price <= 0)
         cached_price = input;
-    return ((double)(prompt - cached) * input + (double)cached * cached_price +
+    return ((double)(prompt - cached - written) * input + (double)cached * cached_price +
+            (double)(written - hour) * write_price + (double)hour * write_1h_price +
             (double)completion * output) /
            1e6;
 }

@@ -2,14 +2,16 @@
  * cli/tokens.c: `costrouter tokens`, token counts from the command line.
  *
  *   costrouter tokens --encoding cl100k_base|o200k_base|llama3|estimate
- *                     [--chat|--responses] [--ids] [--data DIR] [FILE|-]   (--help: usage)
+ *                     [--chat|--responses|--messages] [--ids] [--data DIR] [FILE|-]
+ *                     (--help: usage)
  *
  * Prints the token count of FILE (default stdin). With --chat the input is
  * a chat completion request JSON and the count is its prompt tokens as the
  * API reports them (policy_tokens_chat); with --responses a Responses API
  * request (policy_tokens_responses, the chat framing standing for the
- * Responses API's, which is not documented); --ids prints the token ids
- * too.
+ * Responses API's, which is not documented); with --messages an Anthropic
+ * Messages API request (policy_tokens_messages: an estimate, Claude's
+ * tokenizer not being public); --ids prints the token ids too.
  */
 #include "cli/tokens.h"
 
@@ -39,6 +41,8 @@ void cli_tokens_options(FILE *f)
           "                      prompt tokens as the API bills them\n"
           "  --responses         the input is a Responses API request (JSON): count its prompt\n"
           "                      as --chat would count the same messages\n"
+          "  --messages          the input is an Anthropic Messages API request (JSON): the\n"
+          "                      router's estimate of its prompt with ENC\n"
           "  --ids               print the token ids too, on a second line (plain text only)\n"
           "  --data DIR          folder of the token tables (default: $COSTROUTER_DATA, else\n"
           "                      data/tokens)\n"
@@ -93,6 +97,8 @@ int cli_tokens_main(int argc, char **argv)
             prompt = policy_tokens_chat;
         else if (strcmp(argv[i], "--responses") == 0)
             prompt = policy_tokens_responses;
+        else if (strcmp(argv[i], "--messages") == 0)
+            prompt = policy_tokens_messages;
         else if (strcmp(argv[i], "--ids") == 0)
             want_ids = 1;
         else if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0)

@@ -5,7 +5,8 @@
 #include <stdio.h>
 
 /* Its arguments, as usage lines show them after "costrouter ". */
-#define CLI_TOKENS_SYNOPSIS "tokens --encoding ENC [--chat|--responses] [--ids] [--data DIR] [FILE|-]"
+#define CLI_TOKENS_SYNOPSIS                                                                        \
+    "tokens --encoding ENC [--chat|--responses|--messages] [--ids] [--data DIR] [FILE|-]"
 
 /* Print what each of its options does, a line or two each, to `f`: for
  * `costrouter tokens --help` and `costrouter --help`. */

@@ -16,6 +16,8 @@ extern const char error_bad_request[];       /* 400: malformed HTTP */
 extern const char error_invalid_tags[];      /* 400: x-costrouter-tags malformed */
 extern const char error_invalid_type[];      /* 400: a body member of the wrong JSON type */
 extern const char error_auth_twice[];        /* 400: two Authorization headers */
+extern const char error_xkey_twice[];        /* 400: two x-api-key headers */
+extern const char error_auth_conflict[];     /* 400: Authorization and x-api-key differ */
 extern const char error_unauthorized[];      /* 401: missing or unknown tenant key */
 extern const char error_not_found[];         /* 404: unknown path */
 extern const char error_unknown_model[];     /* 404: no route for "model" */

@@ -93,6 +93,8 @@ static const struct {
     {CONF__B_INPUT_USD, "input_usd_per_mtok", CONF_BACKEND_API, 1},
     {CONF__B_OUTPUT_USD, "output_usd_per_mtok", CONF_BACKEND_API, 1},
     {CONF__B_CACHED_INPUT_USD, "cached_input_usd_per_mtok", CONF_BACKEND_API, 0},
+    {CONF__B_CACHE_WRITE_USD, "cache_write_usd_per_mtok", CONF_BACKEND_API, 0},
+    {CONF__B_CACHE_WRITE_1H_USD, "cache_write_1h_usd_per_mtok", CONF_BACKEND_API, 0},
     {CONF__B_LONG_CONTEXT, "long_context", CONF_BACKEND_API, 0},
     {CONF__B_FLEX, "flex", CONF_BACKEND_API, 0},
     {CONF__B_PRIORITY, "priority", CONF_BACKEND_API, 0},
@@ -127,6 +129,12 @@ static void resolve_long_context(struct conf__ctx *ctx, size_t i, const struct c
         l->output_usd_per_mtok = pl->output_usd_per_mtok;
     if (!HAS(m, CONF__B_LONG_CACHED_INPUT_USD))
         l->cached_input_usd_per_mtok = pl ? pl->cached_input_usd_per_mtok : l->input_usd_per_mtok;
+    if (!HAS(m, CONF__B_LONG_CACHE_WRITE_USD))
+        l->cache_write_usd_per_mtok = pl ? pl->cache_write_usd_per_mtok
+                                         : CONF_CACHE_WRITE_FACTOR * l->input_usd_per_mtok;
+    if (!HAS(m, CONF__B_LONG_CACHE_WRITE_1H_USD))
+        l->cache_write_1h_usd_per_mtok = pl ? pl->cache_write_1h_usd_per_mtok
+                                            : CONF_CACHE_WRITE_1H_FACTOR * l->input_usd_per_mtok;
     if (HAS(m, CONF__B_LONG_ABOVE) && l->above_prompt_tokens == 0)
         return; /* the entry's tier turned off */
     if (l->above_prompt_tokens == 0) {
@@ -208,6 +216,12 @@ static void resolve_price(struct conf__ctx *ctx, size_t i)
         b->output_usd_per_mtok = p->output_usd_per_mtok;
     if (!HAS(m, CONF__B_CACHED_INPUT_USD))
         b->cached_input_usd_per_mtok = p ? p->cached_input_usd_per_mtok : b->input_usd_per_mtok;
+    if (!HAS(m, CONF__B_CACHE_WRITE_USD))
+        b->cache_write_usd_per_mtok =
+            p ? p->cache_write_usd_per_mtok : CONF_CACHE_WRITE_FACTOR * b->input_usd_per_mtok;
+    if (!HAS(m, CONF__B_CACHE_WRITE_1H_USD))
+        b->cache_write_1h_usd_per_mtok =
+            p ? p->cache_write_1h_usd_per_mtok : CONF_CACHE_WRITE_1H_FACTOR * b->input_usd_per_mtok;
     resolve_long_context(ctx, i, p);
     resolve_tiers(ctx, i, p);
 }
@@ -223,6 +237,12 @@ static void check_backend(struct conf__ctx *ctx, size_t i)
 
     if (!HAS(m, CONF__B_KIND))
         return; /* reported as missing */
+    /* Anthropic's API takes its key as x-api-key, not as a Bearer token. */
+    if (b->api == CONF_API_ANTHROPIC && !HAS(m, CONF__B_AUTH_HEADER)) {
+        free(b->auth_header);
+        if ((b->auth_header = strdup("x-api-key")) == NULL)
+            ctx->oom = 1;
+    }
     resolve_price(ctx, i);
     /* an unknown `price:` is reported already: its prices are not missing */
     priced = b->price != NULL || (b->kind == CONF_BACKEND_API && b->price_name != NULL);
@@ -357,6 +377,8 @@ static int check_routes(struct conf__ctx *ctx)
                             conf__quote(q, m->items[j], strlen(m->items[j])));
                 continue;
             }
+            if (r->ncandidates < CONF_CANDIDATES_MAX) /* the selector's mask has 64 bits */
+                r->speaks[b->api] |= UINT64_C(1) << r->ncandidates;
             r->candidates[r->ncandidates++] = (struct conf_backend *)b;
             if (b->quality > best)
                 best = b->quality;

@@ -30,6 +30,10 @@ struct conf__key;
 
 enum conf_backend_kind { CONF_BACKEND_API, CONF_BACKEND_SELF_HOSTED };
 enum conf_tokenizer { CONF_TOK_ESTIMATE, CONF_TOK_CL100K, CONF_TOK_O200K, CONF_TOK_LLAMA3 };
+/* The API a backend speaks: OpenAI's (chat/completions, completions,
+ * embeddings, responses) or Anthropic's Messages API (/messages). A
+ * request goes only to candidates that speak its endpoint's API. */
+enum conf_api { CONF_API_OPENAI, CONF_API_ANTHROPIC, CONF_API_COUNT };
 enum conf_on_failure { CONF_FAIL_OPEN, CONF_FAIL_CLOSED };
 enum conf_on_exhausted { CONF_EXHAUSTED_REJECT, CONF_EXHAUSTED_DOWNGRADE };
 /* A stream that outruns its reservation: charge the overrun and go on, or
@@ -44,6 +48,8 @@ struct conf_long_context {
     double input_usd_per_mtok;        /* the rates that then bill every token */
     double output_usd_per_mtok;
     double cached_input_usd_per_mtok; /* default: this tier's input price */
+    double cache_write_usd_per_mtok;  /* default: 1.25 x this tier's input price */
+    double cache_write_1h_usd_per_mtok; /* default: 2 x this tier's input price */
 };
 
 /* OpenAI's per-request processing tiers: a request's `service_tier`
@@ -61,6 +67,11 @@ struct conf_tier_rates {
     double output_usd_per_mtok;
     double cached_input_usd_per_mtok; /* default: this tier's input price */
 };
+/* Anthropic's cache write prices, relative to the input price: 5-minute
+ * writes (cache_write_usd_per_mtok) and 1-hour ones
+ * (cache_write_1h_usd_per_mtok), the defaults wherever they are not given. */
+#define CONF_CACHE_WRITE_FACTOR 1.25
+#define CONF_CACHE_WRITE_1H_FACTOR 2.0
 
 /* One entry of a `prices:` mapping (in the config or an included file). */
 struct conf_price {
@@ -70,6 +81,10 @@ struct conf_price {
     double input_usd_per_mtok;  /* USD per million uncached prompt tokens */
     double output_usd_per_mtok; /* USD per million completion tokens */
     double cached_input_usd_per_mtok; /* USD per million cached prompt tokens (default: input) */
+    double cache_write_usd_per_mtok;  /* USD per million prompt tokens written to the
+                                         provider's cache (default: 1.25 x input) */
+    double cache_write_1h_usd_per_mtok; /* of those, written to its 1-hour cache
+                                           (default: 2 x input) */
     struct conf_long_context long_context; /* complete when its above_prompt_tokens > 0 */
     struct conf_tier_rates tiers[CONF_TIER_COUNT]; /* flex and priority; [STANDARD] unused */
 };
@@ -79,6 +94,7 @@ struct conf_backend {
     int line;                   /* line of this entry in the file */
     size_t index;               /* position in conf.backends */
     enum conf_backend_kind kind;
+    enum conf_api api;          /* `api:`, default openai */
     char *url;                  /* as written, e.g. https://api.openai.com/v1 */
     unsigned tls:1;             /* url scheme is https */
     unsigned tls_verify:1;      /* verify the certificate (default on) */
@@ -110,6 +126,8 @@ struct conf_backend {
     double input_usd_per_mtok;
     double output_usd_per_mtok;
     double cached_input_usd_per_mtok; /* defaults to input_usd_per_mtok */
+    double cache_write_usd_per_mtok;  /* defaults to 1.25 x input_usd_per_mtok */
+    double cache_write_1h_usd_per_mtok; /* defaults to 2 x input_usd_per_mtok */
     struct conf_long_context long_context; /* each key the backend's own, else the entry's */
     struct conf_tier_rates tiers[CONF_TIER_COUNT]; /* likewise; [STANDARD] unused */
     unsigned tiered:1;          /* a tier is priced: the answer's service_tier is read */
@@ -127,6 +145,8 @@ struct conf_route {
     int line;
     struct conf_backend **candidates;  /* borrowed from conf.backends, in order */
     size_t ncandidates;
+    uint64_t speaks[CONF_API_COUNT];   /* bit i: candidates[i] speaks that API; 0: none
+                                          does (the route is unknown to that API) */
 };
 
 struct conf_tag {

@@ -711,6 +711,12 @@ static void complete_long_context(struct conf__ctx *ctx, struct conf_price *p,
                         "missing required key \"%s\"", price_table.d[needed[i]].name);
     if (!(m->set & (1ull << CONF__P_LONG_CACHED_INPUT_USD)))
         p->long_context.cached_input_usd_per_mtok = p->long_context.input_usd_per_mtok;
+    if (!(m->set & (1ull << CONF__P_LONG_CACHE_WRITE_USD)))
+        p->long_context.cache_write_usd_per_mtok =
+            CONF_CACHE_WRITE_FACTOR * p->long_context.input_usd_per_mtok;
+    if (!(m->set & (1ull << CONF__P_LONG_CACHE_WRITE_1H_USD)))
+        p->long_context.cache_write_1h_usd_per_mtok =
+            CONF_CACHE_WRITE_1H_FACTOR * p->long_context.input_usd_per_mtok;
 }
 
 /* A price entry's `flex:` and `priority:` need both rates; their cached
@@ -793,6 +799,10 @@ static void node_prices(struct conf__ctx *ctx, void *obj, struct conf__meta *met
         apply_defaults(ctx, &price_table, p, &m, ppath);
         if (!(m.set & (1ull << CONF__P_CACHED_INPUT_USD)))
             p->cached_input_usd_per_mtok = p->input_usd_per_mtok;
+        if (!(m.set & (1ull << CONF__P_CACHE_WRITE_USD)))
+            p->cache_write_usd_per_mtok = CONF_CACHE_WRITE_FACTOR * p->input_usd_per_mtok;
+        if (!(m.set & (1ull << CONF__P_CACHE_WRITE_1H_USD)))
+            p->cache_write_1h_usd_per_mtok = CONF_CACHE_WRITE_1H_FACTOR * p->input_usd_per_mtok;
         complete_long_context(ctx, p, &m, ppath);
         complete_tiers(ctx, p, &m, ppath);
         c->nprices++;
@@ -1098,6 +1108,7 @@ static void set_cache_tools(void *obj, int on) { ((struct conf *)obj)->cache_too
 /* ---- the tables ---- */
 
 static const char *const kind_names[] = {"api", "self_hosted", NULL};
+static const char *const api_names[] = {"openai", "anthropic", NULL};
 static const char *const tokenizer_names[] = {"estimate", "cl100k_base", "o200k_base", "llama3",
                                               NULL};
 static const char *const on_failure_names[] = {"fail_open", "fail_closed", NULL};
@@ -1240,6 +1251,17 @@ static const struct directive backend_directives[CONF__B_COUNT] = {
     /* completed from the price entry by check.c */
     TIER_DIRECTIVES(B, CONF__B_FLEX, "flex", CONF_TIER_FLEX),
     TIER_DIRECTIVES(B, CONF__B_PRIORITY, "priority", CONF_TIER_PRIORITY),
+    [CONF__B_API] = {"api", NULL, T_ENUM, B(api), .names = api_names, .def = "openai"},
+    /* defaults (1.25 x input) set by check.c, as cached input's are */
+    [CONF__B_CACHE_WRITE_USD] = {"cache_write_usd_per_mtok", NULL, T_DOUBLE,
+                                 B(cache_write_usd_per_mtok), 0, PRICE_MAX},
+    [CONF__B_LONG_CACHE_WRITE_USD] = {"cache_write_usd_per_mtok", "long_context", T_DOUBLE,
+                                      B(long_context.cache_write_usd_per_mtok), 0, PRICE_MAX},
+    [CONF__B_CACHE_WRITE_1H_USD] = {"cache_write_1h_usd_per_mtok", NULL, T_DOUBLE,
+                                    B(cache_write_1h_usd_per_mtok), 0, PRICE_MAX},
+    [CONF__B_LONG_CACHE_WRITE_1H_USD] = {"cache_write_1h_usd_per_mtok", "long_context", T_DOUBLE,
+                                         B(long_context.cache_write_1h_usd_per_mtok), 0,
+                                         PRICE_MAX},
 };
 #undef B
 
@@ -1324,6 +1346,16 @@ static const struct directive price_directives[CONF__P_COUNT] = {
     /* checked and completed by complete_tiers */
     TIER_DIRECTIVES(P, CONF__P_FLEX, "flex", CONF_TIER_FLEX),
     TIER_DIRECTIVES(P, CONF__P_PRIORITY, "priority", CONF_TIER_PRIORITY),
+    /* default (1.25 x the input price) set by node_prices and complete_long_context */
+    [CONF__P_CACHE_WRITE_USD] = {"cache_write_usd_per_mtok", NULL, T_DOUBLE,
+                                 P(cache_write_usd_per_mtok), 0, PRICE_MAX},
+    [CONF__P_LONG_CACHE_WRITE_USD] = {"cache_write_usd_per_mtok", "long_context", T_DOUBLE,
+                                      P(long_context.cache_write_usd_per_mtok), 0, PRICE_MAX},
+    [CONF__P_CACHE_WRITE_1H_USD] = {"cache_write_1h_usd_per_mtok", NULL, T_DOUBLE,
+                                    P(cache_write_1h_usd_per_mtok), 0, PRICE_MAX},
+    [CONF__P_LONG_CACHE_WRITE_1H_USD] = {"cache_write_1h_usd_per_mtok", "long_context", T_DOUBLE,
+                                         P(long_context.cache_write_1h_usd_per_mtok), 0,
+                                         PRICE_MAX},
 };
 #undef P
 

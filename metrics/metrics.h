@@ -215,6 +215,11 @@ struct metrics_cost_record {
     int64_t billed_completion_tokens; /* completion tokens charged */
     const char *service_tier;      /* the service tier whose rates priced them ("flex",
                                       "priority"), or NULL for the standard rates */
+    int64_t billed_cached_tokens;     /* of the prompt tokens, those read from the
+                                         provider's cache (at the cached rate) */
+    int64_t billed_cache_write_tokens; /* of the prompt tokens, those written to the
+                                          provider's cache (at the cache write rate) */
+    int64_t billed_cache_write_1h_tokens; /* of those, the ones written to its 1-hour cache */
     double cost_usd_est;           /* estimate at routing time */
     double cost_usd;               /* settled cost */
     unsigned cache_hit:1;          /* answered from the response cache */

@@ -84,6 +84,8 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
     v->predicted_ttft_ms = backend_predicted_ttft_ms(b, req->now_ms);
     if (req->tried & bit)
         return POLICY_VERDICT_TRIED;
+    if (req->speaks && !(req->speaks & bit))
+        return POLICY_VERDICT_API;
     if (req->allowed && !(req->allowed & bit))
         return POLICY_VERDICT_ARM;
     if (!backend_available(b, req->now_ms))
@@ -95,6 +97,13 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
     if (req->limits.max_ttft_ms > 0 && v->predicted_ttft_ms > req->limits.max_ttft_ms)
         return POLICY_VERDICT_SLO;
     return POLICY_VERDICT_COSTLIER;
+}
+
+/* Outside the request's A/B arm, or speaking another API than its
+ * endpoint's: no wait or retry brings such a candidate in reach. */
+static int out_of_reach(enum policy_verdict_kind kind)
+{
+    return kind == POLICY_VERDICT_ARM || kind == POLICY_VERDICT_API;
 }
 
 /* Candidates passed over for a cooldown in one pass: how many, and the
@@ -133,15 +142,15 @@ static struct policy_choice choose_pass(const struct policy_request *req, uint64
         c->kind = qualify(req, i, take_cooling_ms, c, &cooldown_ms);
         if (c->kind == POLICY_VERDICT_RATE_LIMITED)
             note_cooling(cooling, cooldown_ms);
-        if (c->kind != POLICY_VERDICT_TRIED && c->kind != POLICY_VERDICT_ARM)
+        if (c->kind != POLICY_VERDICT_TRIED && !out_of_reach(c->kind))
             eligible++;
-        if (c->kind == POLICY_VERDICT_ARM)
+        if (out_of_reach(c->kind))
             arm_out++;
         else if (!quality_ok) {
             below_floor++;
             ch.best_quality = MAX(ch.best_quality, req->route->candidates[i]->quality);
         }
-        if (c->kind == POLICY_VERDICT_ARM || (c->kind == POLICY_VERDICT_COSTLIER && !quality_ok))
+        if (out_of_reach(c->kind) || (c->kind == POLICY_VERDICT_COSTLIER && !quality_ok))
             lasting++;
         if (c->kind == POLICY_VERDICT_CONTEXT) {
             lasting++;
@@ -278,6 +287,8 @@ const char *policy_verdict_name(enum policy_verdict_kind kind)
         return "tried";
     case POLICY_VERDICT_ARM:
         return "arm";
+    case POLICY_VERDICT_API:
+        return "api";
     case POLICY_VERDICT_HEALTH:
         return "health";
     case POLICY_VERDICT_RATE_LIMITED:

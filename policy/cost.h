@@ -62,6 +62,8 @@ struct policy_request {
     struct policy_budget month;     /* this month's budget (UTC) */
     uint64_t tried;                 /* candidates already tried (bit i = candidates[i]) */
     uint64_t allowed;               /* candidates the A/B arm allows; 0 = all */
+    uint64_t speaks;                /* candidates that speak the request's API (the
+                                       route's conf_route.speaks); 0 = all */
     const char *ab_reason;          /* "ab:<experiment>/<arm>" when an arm applies, else NULL */
     uint64_t now_ms;                /* loop time */
 };
@@ -72,6 +74,7 @@ enum policy_verdict_kind {
     POLICY_VERDICT_COSTLIER,  /* qualified, but another was cheaper */
     POLICY_VERDICT_TRIED,     /* tried already for this request */
     POLICY_VERDICT_ARM,       /* outside the request's A/B arm */
+    POLICY_VERDICT_API,       /* speaks another API than the request's endpoint */
     POLICY_VERDICT_HEALTH,    /* circuit open, or half-open with a probe out */
     POLICY_VERDICT_RATE_LIMITED, /* cooling down after a 429, and another could serve */
     POLICY_VERDICT_CONTEXT,   /* prompt + completion exceed its context window */

@@ -150,6 +150,24 @@ int64_t policy_tokens_responses(struct policy_tokens *t, enum conf_tokenizer enc
                                 const struct cJSON *req);
 
 /*
+ * Prompt tokens of an Anthropic Messages API request (POST /v1/messages),
+ * counted with `enc`, the backend's tokenizer: Claude's own is not public,
+ * so this is an estimate that the calibration and the settled usage
+ * correct. Each message, the system prompt and each tool is framed as an
+ * OpenAI chat message is (3 tokens), plus 3 for the reply. Counted:
+ * "system" (a string or text blocks); "messages" whose content is a
+ * string or blocks: text, image (about width x height / 750, the long
+ * edge scaled to 1568 px, at most 1600; an image of unknown size as
+ * 1024 x 1024), tool_use (name and input as compact JSON), tool_result
+ * (its content, a string or blocks, the same way); "tools" (name,
+ * description and input_schema as compact JSON). Not counted: document
+ * blocks, thinking blocks, server tool blocks and other types. Returns
+ * the count (>= 0), -EINVAL when "messages" is not an array, or -ENOMEM.
+ */
+int64_t policy_tokens_messages(struct policy_tokens *t, enum conf_tokenizer enc,
+                               const struct cJSON *req);
+
+/*
  * Online calibration of estimates for one backend: an exponentially
  * weighted moving average of reported / estimated prompt tokens. Owned by
  * the caller (one per backend), zero-initialised by policy_calib_init.

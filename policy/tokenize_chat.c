@@ -521,3 +521,121 @@ int64_t policy_tokens_responses(struct policy_tokens *t, enum conf_tokenizer enc
     openai_tools(t, enc, req, &s);
     return s.err ? s.err : s.n;
 }
+
+/* ---- Anthropic Messages API ---- */
+
+/* Anthropic's image rule (vision guide): about width x height / 750
+ * tokens, after an image whose long edge passes 1568 px is scaled down to
+ * it, and at most about 1600 (the API scales larger ones down too). An
+ * image whose size the request does not show (a URL, a file id) is
+ * taken at the chat rule's unknown size, 1024 x 1024. */
+static int64_t anthropic_image_tokens(const cJSON *block)
+{
+    const cJSON *source = cJSON_GetObjectItemCaseSensitive(block, "source");
+    const char *data = str_field(source, "type") && strcmp(str_field(source, "type"), "base64") == 0
+                           ? str_field(source, "data")
+                           : NULL;
+    uint32_t w = 1024, h = 1024, iw, ih;
+    double dw, dh, n;
+
+    if (data && image_size(data, strlen(data), &iw, &ih) == 0) {
+        w = iw;
+        h = ih;
+    }
+    dw = w;
+    dh = h;
+    if (dw > 1568 || dh > 1568) {
+        double s = 1568 / (dw > dh ? dw : dh);
+        dw *= s;
+        dh *= s;
+    }
+    n = ceil(dw * dh / 750);
+    return n > 1600 ? 1600 : (int64_t)n;
+}
+
+/* The compact JSON text of `v` (a tool call's input, a tool's
+ * input_schema), counted as the model reads it. */
+static int64_t count_json(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *v)
+{
+    char *text;
+    int64_t n;
+
+    if (v == NULL)
+        return 0;
+    if ((text = cJSON_PrintUnformatted(v)) == NULL)
+        return -ENOMEM;
+    n = count_str(t, enc, text);
+    cJSON_free(text);
+    return n;
+}
+
+/* A message's (or a system prompt's, or a tool result's) content: a
+ * string, or blocks. Counted: text, image (anthropic_image_tokens),
+ * tool_use (name and input), tool_result (its content, the same way).
+ * Not counted: document (PDF pages are billed as text and images the
+ * request does not show), thinking, redacted_thinking, server tool
+ * blocks and any other type. */
+static void anthropic_content(struct policy_tokens *t, enum conf_tokenizer enc,
+                              const cJSON *content, int depth, struct tally *s)
+{
+    const cJSON *block;
+
+    if (cJSON_IsString(content)) {
+        add(s, count_str(t, enc, content->valuestring));
+        return;
+    }
+    if (!cJSON_IsArray(content))
+        return;
+    cJSON_ArrayForEach(block, content) {
+        const char *type = str_field(block, "type"), *text = str_field(block, "text");
+
+        if (type == NULL)
+            continue;
+        if (strcmp(type, "text") == 0 && text)
+            add(s, count_str(t, enc, text));
+        else if (strcmp(type, "image") == 0)
+            add(s, anthropic_image_tokens(block));
+        else if (strcmp(type, "tool_use") == 0) {
+            const char *name = str_field(block, "name");
+
+            if (name)
+                add(s, count_str(t, enc, name));
+            add(s, count_json(t, enc, cJSON_GetObjectItemCaseSensitive(block, "input")));
+        } else if (strcmp(type, "tool_result") == 0 && depth == 0)
+            anthropic_content(t, enc, cJSON_GetObjectItemCaseSensitive(block, "content"), 1, s);
+    }
+}
+
+int64_t policy_tokens_messages(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *req)
+{
+    const cJSON *messages = cJSON_GetObjectItemCaseSensitive(req, "messages");
+    const cJSON *msg, *tool;
+    struct tally s = {0, 0};
+
+    if (!cJSON_IsArray(messages))
+        return -EINVAL;
+    if (cJSON_GetObjectItemCaseSensitive(req, "system") != NULL) {
+        add_fixed(&s, OAI_PER_MESSAGE);
+        anthropic_content(t, enc, cJSON_GetObjectItemCaseSensitive(req, "system"), 0, &s);
+    }
+    cJSON_ArrayForEach(msg, messages) {
+        const char *role = str_field(msg, "role");
+
+        add_fixed(&s, OAI_PER_MESSAGE);
+        if (role)
+            add(&s, count_str(t, enc, role));
+        anthropic_content(t, enc, cJSON_GetObjectItemCaseSensitive(msg, "content"), 0, &s);
+    }
+    add_fixed(&s, OAI_REPLY);
+    cJSON_ArrayForEach(tool, cJSON_GetObjectItemCaseSensitive(req, "tools")) {
+        const char *name = str_field(tool, "name"), *desc = str_field(tool, "description");
+
+        add_fixed(&s, OAI_PER_MESSAGE);
+        if (name)
+            add(&s, count_str(t, enc, name));
+        if (desc)
+            add(&s, count_str(t, enc, desc));
+        add(&s, count_json(t, enc, cJSON_GetObjectItemCaseSensitive(tool, "input_schema")));
+    }
+    return s.err ? s.err : s.n;
+}

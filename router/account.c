@@ -168,6 +168,10 @@ void router__account(struct router__client *c)
     rec.billed_prompt_tokens = req->settled || req->route ? req->billed.prompt : -1;
     rec.billed_completion_tokens = req->settled || req->route ? req->billed.completion : -1;
     rec.service_tier = billed_tier_name(req);
+    rec.billed_cached_tokens = req->settled || req->route ? req->billed.cached : -1;
+    rec.billed_cache_write_tokens = req->settled || req->route ? req->billed.cache_write : -1;
+    rec.billed_cache_write_1h_tokens =
+        req->settled || req->route ? req->billed.cache_write_1h : -1;
     rec.cost_usd_est = req->choice.candidate >= 0 ? (double)req->choice.cost_micro / 1e6 : NAN;
     rec.cost_usd = req->settled ? req->cost_usd : (req->route ? 0.0 : NAN);
     rec.cache_hit = req->cache_hit;

@@ -43,6 +43,8 @@ static const struct error_map error_maps[] = {
     {error_invalid_type, 400, "invalid_request_error", "invalid_type", NULL},
     {error_invalid_tags, 400, "invalid_request_error", "invalid_tags", NULL},
     {error_auth_twice, 400, "invalid_request_error", "bad_request", NULL},
+    {error_xkey_twice, 400, "invalid_request_error", "bad_request", NULL},
+    {error_auth_conflict, 400, "invalid_request_error", "bad_request", NULL},
     {error_unauthorized, 401, "invalid_request_error", "invalid_api_key", NULL},
     {error_not_found, 404, "invalid_request_error", "unknown_url", NULL},
     {error_unknown_model, 404, "invalid_request_error", "model_not_found", NULL},
@@ -135,14 +137,38 @@ void router__send_response(struct router__client *c, int status, const char *con
     router__client_response_done(c);
 }
 
-/* The OpenAI error object for `errstr` (detail may add context; it must
- * never contain a secret). Caller frees. */
-char *router__error_json(const char *errstr, const char *detail, int *status)
+/* Anthropic's error type for an answer of `status`: its API has one type
+ * per status (docs "Errors"), where OpenAI's has codes. */
+static const char *anthropic_error_type(int status)
+{
+    switch (status) {
+    case 401: return "authentication_error";
+    case 403: return "permission_error";
+    case 404: return "not_found_error";
+    case 413: /* fall through */
+    case 431: return "request_too_large";
+    case 429: return "rate_limit_error";
+    case 503: return "overloaded_error";
+    default: return status < 500 ? "invalid_request_error" : "api_error";
+    }
+}
+
+/* The error object for `errstr` in the language of endpoint `ep` (detail
+ * may add context; it must never contain a secret): Anthropic's
+ * {"type":"error","error":{"type","message"}} on /v1/messages, whose SDKs
+ * read no other, else OpenAI's. Caller frees. */
+char *router__error_json(enum router__endpoint ep, const char *errstr, const char *detail,
+                         int *status)
 {
     const struct error_map *m = error_lookup(errstr);
-    cJSON *root = cJSON_CreateObject(), *err = cJSON_AddObjectToObject(root, "error");
+    int anthropic = ep == ROUTER_EP_MESSAGES;
+    cJSON *root = cJSON_CreateObject(), *err;
     char raw[512], msg[512];
     char *out;
+
+    if (anthropic)
+        cJSON_AddStringToObject(root, "type", "error");
+    err = cJSON_AddObjectToObject(root, "error");
 
     if (detail && *detail)
         snprintf(raw, sizeof(raw), "%s: %s", errstr, detail);
@@ -151,10 +177,15 @@ char *router__error_json(const char *errstr, const char *detail, int *status)
     /* The detail may quote a client's bytes (a model name), and cJSON
      * prints strings as they are: JSON must be valid UTF-8. */
     utf8_copy_valid(msg, sizeof(msg), raw);
-    cJSON_AddStringToObject(err, "message", msg);
-    cJSON_AddStringToObject(err, "type", m->type);
-    cJSON_AddNullToObject(err, "param");
-    cJSON_AddStringToObject(err, "code", m->code);
+    if (anthropic) {
+        cJSON_AddStringToObject(err, "type", anthropic_error_type(m->status));
+        cJSON_AddStringToObject(err, "message", msg);
+    } else {
+        cJSON_AddStringToObject(err, "message", msg);
+        cJSON_AddStringToObject(err, "type", m->type);
+        cJSON_AddNullToObject(err, "param");
+        cJSON_AddStringToObject(err, "code", m->code);
+    }
     out = cJSON_PrintUnformatted(root);
     cJSON_Delete(root);
     *status = m->status;
@@ -185,7 +216,7 @@ void router__send_error_with(struct router__client *c, const char *errstr, const
                              const char *extra_headers)
 {
     int status;
-    char *body = router__error_json(errstr, detail, &status);
+    char *body = router__error_json(c->req.endpoint, errstr, detail, &status);
 
     if (body == NULL) {
         router__client_close(c);
@@ -292,7 +323,7 @@ void router__request_reset(struct router__request *req)
     req->error = NULL;
     req->stream = req->injected_usage = req->keep_alive = req->response_started = 0;
     req->expect_continue = 0;
-    req->auth_seen = req->head_method = 0;
+    req->auth_seen = req->xkey_seen = req->head_method = 0;
     req->accounted = 0;
     req->chunked = req->is_sse = req->upstream_done = req->broken = 0;
     req->request_sent = 0;
@@ -306,6 +337,7 @@ void router__request_reset(struct router__request *req)
     req->prompt_tokens = req->completion_tokens = req->cached_tokens = -1;
     req->asked_tier = CONF_TIER_STANDARD;
     req->answered_tier = -1;
+    req->cache_write_tokens = req->cache_write_1h_tokens = req->input_tokens = -1;
     req->start_ms = req->attempt_start_ms = req->ttft_ms = 0;
     req->prompt_est = req->prompt_raw = req->completion_pred = -1;
     req->completion_counted = -1;
@@ -353,6 +385,7 @@ static const struct endpoint_def endpoints[] = {
     {"/v1/completions", HTTP_POST, ROUTER_EP_COMPLETIONS},
     {"/v1/embeddings", HTTP_POST, ROUTER_EP_EMBEDDINGS},
     {"/v1/responses", HTTP_POST, ROUTER_EP_RESPONSES},
+    {"/v1/messages", HTTP_POST, ROUTER_EP_MESSAGES},
     {"/v1/models", HTTP_GET, ROUTER_EP_MODELS},
     {"/healthz", HTTP_GET, ROUTER_EP_HEALTHZ},
     {"/metrics", HTTP_GET, ROUTER_EP_METRICS},
@@ -544,6 +577,45 @@ static const char *responses_shape_error(const cJSON *body)
     return NULL;
 }
 
+/* A /v1/messages body whose members the estimate reads have types
+ * Anthropic's API refuses too (or without the max_tokens it requires):
+ * answered 400 here, as the API would, rather than priced as something
+ * else and sent. NULL when fine, else what is wrong. */
+static const char *messages_shape_error(const cJSON *body)
+{
+    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(body, "messages"), *m, *block;
+    const cJSON *system = cJSON_GetObjectItemCaseSensitive(body, "system"), *tool;
+
+    if (!cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(body, "max_tokens")))
+        return "max_tokens: Field required (an integer)";
+    if (!cJSON_IsArray(msgs))
+        return "messages: Field required (an array of messages)";
+    if (!absent_or(system, cJSON_String | cJSON_Array))
+        return "system: must be a string or an array of text blocks";
+    if (cJSON_IsArray(system))
+        cJSON_ArrayForEach(block, system)
+            if (!cJSON_IsObject(block))
+                return "system: each block must be an object";
+    if (!absent_or(cJSON_GetObjectItemCaseSensitive(body, "tools"), cJSON_Array))
+        return "tools: must be an array";
+    cJSON_ArrayForEach(tool, cJSON_GetObjectItemCaseSensitive(body, "tools"))
+        if (!cJSON_IsObject(tool))
+            return "tools: each tool must be an object";
+    cJSON_ArrayForEach(m, msgs) {
+        const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
+
+        if (!cJSON_IsObject(m))
+            return "messages: each message must be an object";
+        if (!cJSON_IsString(content) && !cJSON_IsArray(content))
+            return "messages: a message's content must be a string or an array of blocks";
+        if (cJSON_IsArray(content))
+            cJSON_ArrayForEach(block, content)
+                if (!cJSON_IsObject(block))
+                    return "messages: each content block must be an object";
+    }
+    return NULL;
+}
+
 static const char *parse_body(struct router__client *c, const char **detail)
 {
     struct router__request *req = &c->req;
@@ -561,11 +633,15 @@ static const char *parse_body(struct router__client *c, const char **detail)
     if (!cJSON_IsString(model) || model->valuestring[0] == '\0')
         return error_missing_model;
     req->route = conf_find_route(c->router->conf, model->valuestring, strlen(model->valuestring));
-    if (req->route == NULL)
+    /* A route none of whose candidates speaks the endpoint's API is, to
+     * that API, no model at all: answered as an unknown one. */
+    if (req->route == NULL || req->route->speaks[router__endpoint_api(req->endpoint)] == 0)
         return error_unknown_model;
     if (!conf_tenant_allows(req->tenant, req->route))
         return error_model_not_allowed;
     if (req->endpoint == ROUTER_EP_RESPONSES && (*detail = responses_shape_error(req->json)))
+        return error_invalid_type;
+    if (req->endpoint == ROUTER_EP_MESSAGES && (*detail = messages_shape_error(req->json)))
         return error_invalid_type;
     stream = cJSON_GetObjectItemCaseSensitive(req->json, "stream");
     req->stream = cJSON_IsTrue(stream) && req->endpoint != ROUTER_EP_EMBEDDINGS;

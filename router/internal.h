@@ -180,6 +180,7 @@ enum router__endpoint {
     ROUTER_EP_COMPLETIONS, /* POST /v1/completions */
     ROUTER_EP_EMBEDDINGS,  /* POST /v1/embeddings */
     ROUTER_EP_RESPONSES,   /* POST /v1/responses (OpenAI's Responses API) */
+    ROUTER_EP_MESSAGES,    /* POST /v1/messages (Anthropic's Messages API) */
     ROUTER_EP_MODELS,      /* GET /v1/models */
     ROUTER_EP_HEALTHZ,     /* GET /healthz */
     ROUTER_EP_METRICS,     /* GET /metrics (admin key when one is set) */
@@ -189,7 +190,14 @@ enum router__endpoint {
 
 /* Is `ep` one of the proxied /v1 endpoints (routed by model, priced,
  * in the cost log)? They are the enum's first run. */
-#define ROUTER_EP_PROXIED(ep) ((ep) >= ROUTER_EP_CHAT && (ep) <= ROUTER_EP_RESPONSES)
+#define ROUTER_EP_PROXIED(ep) ((ep) >= ROUTER_EP_CHAT && (ep) <= ROUTER_EP_MESSAGES)
+
+/* anthropic-version sent to an Anthropic backend when the client sent none:
+ * the Messages API's first, whose shape every later one keeps. */
+#define ROUTER_ANTHROPIC_VERSION "2023-06-01"
+
+/* The API an endpoint speaks, which the backends serving it must speak. */
+#define router__endpoint_api(ep) ((ep) == ROUTER_EP_MESSAGES ? CONF_API_ANTHROPIC : CONF_API_OPENAI)
 
 /* Client connection phases, which decide the timer and what reads mean. */
 enum router__client_phase {
@@ -228,6 +236,8 @@ struct router__request {
     unsigned keep_alive:1;               /* client wants the connection kept */
     unsigned expect_continue:1;          /* Expect: 100-continue was sent */
     unsigned auth_seen:1;                /* an Authorization header was read */
+    unsigned xkey_seen:1;                /* an x-api-key header was read (kept in `auth`
+                                            as "Bearer KEY" when no Authorization came) */
     unsigned head_method:1;              /* HEAD: answers carry no body */
     unsigned response_started:1;         /* any response byte sent to the client */
     unsigned request_sent:1;             /* the attempt's request went whole onto its upstream
@@ -255,7 +265,12 @@ struct router__request {
     size_t sse_scanned;                  /* bytes of it searched for its end */
     int64_t prompt_tokens;               /* from usage, -1 unknown */
     int64_t completion_tokens;           /* from usage, -1 unknown */
-    int64_t cached_tokens;               /* usage.prompt_tokens_details.cached_tokens */
+    int64_t cached_tokens;               /* usage.prompt_tokens_details.cached_tokens
+                                            (Anthropic: cache_read_input_tokens) */
+    int64_t cache_write_tokens;          /* Anthropic's cache_creation_input_tokens, -1 unknown */
+    int64_t cache_write_1h_tokens;       /* of those, written to the 1-hour cache, -1 unknown */
+    int64_t input_tokens;                /* Anthropic's input_tokens (neither read from nor
+                                            written to the cache), -1 unknown */
     int8_t asked_tier;                   /* enum conf_service_tier of its "service_tier" */
     int8_t answered_tier;                /* the answer's (tiered backends), -1 unknown */
     uint64_t start_ms;                   /* loop time the request was complete */
@@ -416,8 +431,11 @@ void router__send_error_with(struct router__client *c, const char *errstr, const
 /* Send a complete response the router made itself. */
 void router__send_response(struct router__client *c, int status, const char *content_type,
                            const char *extra_headers, const char *body, size_t len);
-/* {"error":{...}} for errstr; sets *status. Caller frees. */
-char *router__error_json(const char *errstr, const char *detail, int *status);
+/* The error body for errstr in the language of endpoint `ep`: Anthropic's
+ * {"type":"error","error":{...}} on /v1/messages, else OpenAI's
+ * {"error":{...}}; sets *status. Caller frees. */
+char *router__error_json(enum router__endpoint ep, const char *errstr, const char *detail,
+                         int *status);
 /* Free per-request state. */
 void router__request_reset(struct router__request *req);
 /* Reset, then free the request's buffers (the connection is closing). */
@@ -609,9 +627,13 @@ void router__tls_client_shutdown(struct router__client *c);
 
 /* sse.c: split SSE bytes into events; usage extraction */
 struct router__usage {
-    int64_t prompt_tokens;     /* -1 when absent */
+    int64_t prompt_tokens;     /* -1 when absent (Anthropic: input_tokens, which counts
+                                  no cached or cache-written token) */
     int64_t completion_tokens; /* -1 when absent */
-    int64_t cached_tokens;     /* -1 when absent */
+    int64_t cached_tokens;     /* -1 when absent (Anthropic: cache_read_input_tokens) */
+    int64_t cache_write_tokens; /* Anthropic's cache_creation_input_tokens, -1 when absent */
+    int64_t cache_write_1h_tokens; /* of those, its cache_creation.ephemeral_1h_input_tokens,
+                                      -1 when absent */
 };
 /* Find complete events in `sse` (appended bytes), call `on_event` for
  * each with the event bytes including its terminating blank line, and
@@ -642,6 +664,15 @@ int router__responses_event(const char *json, size_t len, struct router__usage *
  * text. */
 int router__service_tier(const char *json, size_t len);
 int router__responses_tier(const char *json, size_t len);
+/* One event of a /v1/messages stream (its data payload): *text_delta is
+ * set for a content_block_delta whose delta is a text_delta or an
+ * input_json_delta (the events an answer without usage is charged by);
+ * returns 1 with the usage of message_start (its "message"'s, without
+ * its output_tokens, which count the answer so far) or message_delta
+ * (its own), read as router__usage_parse reads a body's, else 0. Counts
+ * an event leaves out stay -1: the caller keeps the last seen of each. */
+int router__messages_event(const char *json, size_t len, struct router__usage *out,
+                           int *text_delta);
 /* Does an SSE event carry a data line? Sets data and data_len to its payload. */
 int router__sse_data(const char *event, size_t len, const char **data, size_t *data_len);
 

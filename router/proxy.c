@@ -71,10 +71,15 @@ static const char *endpoint_suffix(enum router__endpoint ep)
         return "/embeddings";
     case ROUTER_EP_RESPONSES:
         return "/responses";
+    case ROUTER_EP_MESSAGES:
+        return "/messages";
     default:
         return "";
     }
 }
+
+static const char *request_header(const struct router__request *req, const char *name,
+                                  size_t *len);
 
 /* Does the stream to `b` need stream_options.include_usage added? Chat
  * and completions streams carry their usage only when asked. The
@@ -306,6 +311,11 @@ static int build_request(struct router__client *c, const struct router__pool *po
     rc = rc ?: buf_append_lit(out, "\r\n");
     rc = rc ?: buf_append_header(out, SLICE_LIT("x-request-id"), slice_from(req->id_str));
     rc = rc ?: append_client_headers(out, &req->fwd, b);
+    /* Anthropic's API refuses a request without its version; a client's
+     * own (and its anthropic-beta) went on with its headers. */
+    if (rc == 0 && req->endpoint == ROUTER_EP_MESSAGES &&
+        request_header(req, "anthropic-version", &(size_t){0}) == NULL)
+        rc = buf_append_lit(out, "anthropic-version: " ROUTER_ANTHROPIC_VERSION "\r\n");
     rc = rc ?: buf_append(out, "\r\n", 2);
     rc = rc ?: buf_reserve(out, body.len);
     for (int i = 0; rc == 0 && i < body.count; i++)
@@ -385,6 +395,8 @@ static int64_t count_prompt(struct router__client *c, enum conf_tokenizer enc)
         n = count_texts(t, enc, cJSON_GetObjectItemCaseSensitive(req->json, "input"));
     else if (req->endpoint == ROUTER_EP_RESPONSES && t != NULL)
         n = policy_tokens_responses(t, enc, req->json);
+    else if (req->endpoint == ROUTER_EP_MESSAGES && t != NULL)
+        n = policy_tokens_messages(t, enc, req->json);
     if (n < 0)
         n = policy_tokens_estimate(req->body.data, req->body.len);
     return n;
@@ -483,7 +495,7 @@ static void reject_budget(struct router__client *c)
                  req->tenant->id, req->completion_pred);
     else
         snprintf(detail, sizeof(detail), "%s", req->tenant->id);
-    body = router__error_json(error_budget_exhausted, detail, &status);
+    body = router__error_json(req->endpoint, error_budget_exhausted, detail, &status);
 
     if (left != BUDGET_NONE) {
         format_usd(usd, sizeof(usd), MAX(left, 0));
@@ -586,6 +598,7 @@ static int choose(struct router__client *c, const char *last_error)
     preq.limits.max_ttft_ms = t->max_ttft_ms;
     preq.limits.downgrade = t->on_exhausted == CONF_EXHAUSTED_DOWNGRADE;
     preq.limits.soft_limit_pct = t->soft_limit_pct;
+    preq.speaks = req->route->speaks[router__endpoint_api(req->endpoint)];
     if (req->arm) {
         preq.allowed = req->arm_allowed;
         preq.ab_reason = policy_arm_reason(req->arm);
@@ -661,9 +674,11 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
          * (billed to the first, telling the second that someone sends
          * the same prompt). */
         kind = !req->stream ? "" : client_wants_usage(req) ? "#stream+usage" : "#stream";
-        /* and so are the endpoints: one body may mean two requests */
+        /* and so are the endpoints: one body may mean two requests, and an
+         * Anthropic answer is no chat answer */
         api = req->endpoint == ROUTER_EP_COMPLETIONS ? "#completions"
               : req->endpoint == ROUTER_EP_RESPONSES ? "#responses"
+              : req->endpoint == ROUTER_EP_MESSAGES  ? "#messages"
                                                      : "";
         if (c->router->conf->cache_shared)
             snprintf(route_key, sizeof(route_key), "%s%s%s", req->route->model, api, kind);
@@ -796,7 +811,7 @@ static int rate_limit(struct router__client *c)
         req->rate_held = 1;
         return 0;
     }
-    body = router__error_json(error_rate_limited,
+    body = router__error_json(req->endpoint, error_rate_limited,
                               res == POLICY_RATE_TOO_LARGE ? "request larger than the tokens-per-minute limit"
                                                            : NULL,
                               &status);
@@ -1208,14 +1223,30 @@ static void forward(struct router__client *c, const char *p, size_t len)
     send_bufs(c, bufs, 3);
 }
 
+/* Keep the counts `u` has, the last seen of each. Anthropic's
+ * input_tokens counts neither the tokens read from the cache nor those
+ * written to it: its prompt, as the router counts prompts (cached ones
+ * included), is the sum of the three, of which the read ones are cached. */
 static void note_usage(struct router__request *req, const struct router__usage *u)
 {
-    if (u->prompt_tokens >= 0)
-        req->prompt_tokens = u->prompt_tokens;
     if (u->completion_tokens >= 0)
         req->completion_tokens = u->completion_tokens;
     if (u->cached_tokens >= 0)
         req->cached_tokens = u->cached_tokens;
+    if (req->endpoint != ROUTER_EP_MESSAGES) {
+        if (u->prompt_tokens >= 0)
+            req->prompt_tokens = u->prompt_tokens;
+        return;
+    }
+    if (u->prompt_tokens >= 0)
+        req->input_tokens = u->prompt_tokens;
+    if (u->cache_write_tokens >= 0)
+        req->cache_write_tokens = u->cache_write_tokens;
+    if (u->cache_write_1h_tokens >= 0)
+        req->cache_write_1h_tokens = u->cache_write_1h_tokens;
+    if (req->input_tokens >= 0)
+        req->prompt_tokens = req->input_tokens + MAX(req->cache_write_tokens, 0) +
+                             MAX(req->cached_tokens, 0);
 }
 
 static void keep_for_cache(struct router__request *req, const char *p, size_t len)
@@ -1274,7 +1305,8 @@ static int overrun_cut(struct router__client *c)
         return 0;
     log_info("request %s: tenant %s over budget mid-stream, cutting it", req->id_str,
              req->tenant->id);
-    err = router__error_json(error_budget_exhausted, "budget exhausted mid-stream", &status);
+    err = router__error_json(req->endpoint, error_budget_exhausted, "budget exhausted mid-stream",
+                             &status);
     if (err && buf_printf(&ev, "event: error\ndata: %s\n\n", err) == 0)
         forward(c, ev.data, ev.len);
     router__proxy_flush(c);
@@ -1321,18 +1353,20 @@ static int on_sse_event(void *arg, const char *p, size_t len)
     if (router__sse_data(p, len, &data, &dlen)) {
         int counted; /* an event that stands for a token, should no usage come */
 
-        if (req->endpoint == ROUTER_EP_RESPONSES) {
-            int found;
+        if (req->endpoint == ROUTER_EP_RESPONSES || req->endpoint == ROUTER_EP_MESSAGES) {
+            int found, messages = req->endpoint == ROUTER_EP_MESSAGES;
 
             router__json_enter(req); /* usage's few cJSON nodes in the request's arena */
-            found = router__responses_event(data, dlen, &u, &counted);
+            found = messages ? router__messages_event(data, dlen, &u, &counted)
+                             : router__responses_event(data, dlen, &u, &counted);
             router__json_leave();
             if (found)
                 note_usage(req, &u);
-            if (found && req->pool->conf->tiered)
+            if (found && !messages && req->pool->conf->tiered)
                 req->answered_tier = (int8_t)router__responses_tier(data, dlen);
             /* Only text deltas: the lifecycle events (created, item
-             * added, part done, ...) are no tokens of the answer. */
+             * added, part done, ...; message_start, content_block_start,
+             * ping, ...) are no tokens of the answer. */
         } else {
             /* Every chunk of OpenAI's names the tier: the first says it. */
             if (req->answered_tier < 0 && req->pool->conf->tiered)
@@ -1496,6 +1530,8 @@ static struct backend_tokens tokens_used(const struct router__request *req)
                    : req->completion_counted >= 0 ? req->completion_counted
                                                   : (int64_t)req->events;
     t.cached = req->cached_tokens > 0 ? req->cached_tokens : 0;
+    t.cache_write = req->cache_write_tokens > 0 ? req->cache_write_tokens : 0;
+    t.cache_write_1h = req->cache_write_1h_tokens > 0 ? req->cache_write_1h_tokens : 0;
     return t;
 }
 
@@ -1613,6 +1649,17 @@ static void count_completion(struct router__client *c)
         cJSON_ArrayForEach(part, cJSON_GetObjectItemCaseSensitive(choice, "content"))
             n += count_texts(t, b->tokenizer, cJSON_GetObjectItemCaseSensitive(part, "text"));
     }
+    /* An Anthropic answer: its content blocks' text and its tool calls'
+     * input (as compact JSON, as it was streamed). */
+    cJSON_ArrayForEach(choice, cJSON_GetObjectItemCaseSensitive(body, "content")) {
+        const cJSON *input = cJSON_GetObjectItemCaseSensitive(choice, "input");
+        char *json = input ? cJSON_PrintUnformatted(input) : NULL;
+
+        n += count_texts(t, b->tokenizer, cJSON_GetObjectItemCaseSensitive(choice, "text"));
+        if (json)
+            n += count_text(t, b->tokenizer, json, strlen(json));
+        cJSON_free(json);
+    }
     if (body != NULL)
         req->completion_counted = n;
     cJSON_Delete(body);
@@ -1663,7 +1710,7 @@ static void fail_midstream(struct router__client *c, const char *errstr, const c
 {
     struct router__request *req = &c->req;
     int status;
-    char *err = router__error_json(errstr, detail, &status);
+    char *err = router__error_json(c->req.endpoint, errstr, detail, &status);
     struct buf ev = {0};
 
     req->broken = 1;

@@ -22,6 +22,7 @@
 #include "backends/backend.h"
 #include "metrics/metrics.h"
 
+#include <openssl/crypto.h>
 #include <openssl/rand.h>
 #include <unistd.h>
 
@@ -451,6 +452,29 @@ static int tags_take(struct router__request *req, struct slice value)
  * and "ant-A" must not make the key "sk-tenant-A", and neither may be
  * chosen over the other, as proxies in front of the router may choose the
  * other one. */
+/* The key of an Authorization value "Bearer KEY" (the scheme in any
+ * case, the blanks after it skipped), as router__bearer reads it; an
+ * empty slice when it is none. */
+static struct slice bearer_key(const char *p, size_t len)
+{
+    size_t skip = 7;
+
+    if (len <= skip || strncasecmp(p, "Bearer ", skip) != 0)
+        return (struct slice){p, 0};
+    while (skip < len && (p[skip] == ' ' || p[skip] == '\t'))
+        skip++;
+    return (struct slice){p + skip, len - skip};
+}
+
+/* Do the tenant key held in `auth` and `key` (the other header's) name
+ * the same key? Compared in constant time, as keys are. */
+static int same_key(const struct buf *auth, struct slice key)
+{
+    struct slice held = bearer_key(auth->data, auth->len);
+
+    return key.len > 0 && held.len == key.len && CRYPTO_memcmp(held.p, key.p, key.len) == 0;
+}
+
 static int auth_take(struct router__request *req, struct slice value)
 {
     if (req->auth_seen) {
@@ -458,7 +482,41 @@ static int auth_take(struct router__request *req, struct slice value)
         return -1;
     }
     req->auth_seen = 1;
-    return buf_append(&req->auth, value.p, value.len);
+    if (!req->xkey_seen)
+        return buf_append(&req->auth, value.p, value.len);
+    /* x-api-key came first and is held as "Bearer KEY": this one must
+     * name the same key (see xkey_take). */
+    if (!same_key(&req->auth, bearer_key(value.p, value.len))) {
+        req->error = error_auth_conflict;
+        return -1;
+    }
+    return 0;
+}
+
+/* Anthropic's SDKs send the key as x-api-key: KEY. It authenticates as
+ * Authorization: Bearer KEY does (held in `auth` in that form when it
+ * comes alone). Both may be sent (an SDK given a key and a token), but
+ * then they must name the same key: of two different keys neither is
+ * chosen, for a proxy in front of the router may choose the other one,
+ * and the request is refused (400). Twice is refused as Authorization
+ * twice is. The value is never forwarded (request_header_is_ours). */
+static int xkey_take(struct router__request *req, struct slice value)
+{
+    if (req->xkey_seen) {
+        req->error = error_xkey_twice;
+        return -1;
+    }
+    req->xkey_seen = 1;
+    if (!req->auth_seen) {
+        if (buf_append(&req->auth, "Bearer ", 7) != 0)
+            return -1;
+        return buf_append(&req->auth, value.p, value.len);
+    }
+    if (!same_key(&req->auth, value)) {
+        req->error = error_auth_conflict;
+        return -1;
+    }
+    return 0;
 }
 
 /* Is every byte of `name` a tchar (RFC 9110 5.6.2)? llhttp lets a space
@@ -498,6 +556,8 @@ static int on_header_value_complete(llhttp_t *p)
         value.len--;
     if (slice_caseeq(name, "authorization"))
         rc = auth_take(req, value);
+    else if (slice_caseeq(name, "x-api-key"))
+        rc = xkey_take(req, value);
     else if (slice_caseeq(name, "expect"))
         req->expect_continue = slice_caseeq(value, "100-continue");
     else if (slice_caseeq(name, "x-costrouter-tags"))

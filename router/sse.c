@@ -10,7 +10,12 @@
  * the Responses API input_tokens, output_tokens and
  * input_tokens_details.cached_tokens. Both are read, the first where a
  * usage had both. A Responses stream has its usage one level down, in the
- * terminal event's "response" (router__responses_event).
+ * terminal event's "response" (router__responses_event). Anthropic's
+ * Messages API says input_tokens and output_tokens too, with
+ * cache_read_input_tokens and cache_creation_input_tokens beside them
+ * (read as they are: its input_tokens counts neither, and proxy.c adds
+ * them up); a stream has them in message_start's "message" and in
+ * message_delta (router__messages_event).
  */
 #define _GNU_SOURCE
 #include <cjson/cJSON.h>
@@ -263,6 +268,7 @@ int router__usage_parse(const char *json, size_t len, struct router__usage *out,
     int found;
 
     out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
+    out->cache_write_tokens = out->cache_write_1h_tokens = -1;
     if (choices_empty != NULL)
         *choices_empty = 0;
     if (start == NULL)
@@ -282,6 +288,13 @@ int router__usage_parse(const char *json, size_t len, struct router__usage *out,
         details = cJSON_GetObjectItemCaseSensitive(usage, "input_tokens_details");
     if (cJSON_IsObject(details))
         out->cached_tokens = json_count(details, "cached_tokens");
+    else
+        out->cached_tokens = json_count(usage, "cache_read_input_tokens");
+    out->cache_write_tokens = json_count(usage, "cache_creation_input_tokens");
+    /* The 1-hour writes among them, which cost more than the 5-minute ones. */
+    details = cJSON_GetObjectItemCaseSensitive(usage, "cache_creation");
+    if (cJSON_IsObject(details))
+        out->cache_write_1h_tokens = json_count(details, "ephemeral_1h_input_tokens");
     found = out->prompt_tokens >= 0 || out->completion_tokens >= 0;
     cJSON_Delete(usage);
     if (choices_empty != NULL)
@@ -331,6 +344,7 @@ int router__responses_event(const char *json, size_t len, struct router__usage *
     const char *resp, *resp_end;
 
     out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
+    out->cache_write_tokens = out->cache_write_1h_tokens = -1;
     *text_delta = value_is(type, end, LIT("\"response.output_text.delta\""));
     if (*text_delta || !terminal_response(json, end, type, &resp, &resp_end))
         return 0;
@@ -357,4 +371,38 @@ int router__responses_tier(const char *json, size_t len)
     if (!terminal_response(json, end, type, &resp, &resp_end))
         return -1;
     return router__service_tier(resp, (size_t)(resp_end - resp));
+}
+
+int router__messages_event(const char *json, size_t len, struct router__usage *out,
+                           int *text_delta)
+{
+    const char *end = json + len, *type = member_value(json, end, LIT("\"type\""));
+    const char *msg, *msg_end, *delta, *dtype;
+
+    out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
+    out->cache_write_tokens = out->cache_write_1h_tokens = -1;
+    *text_delta = 0;
+    if (value_is(type, end, LIT("\"content_block_delta\""))) {
+        /* Text and a tool call's input as it is written: the answer's
+         * tokens. thinking_delta and signature_delta are not counted. */
+        delta = member_value(json, end, LIT("\"delta\""));
+        if (delta != NULL && *delta == '{' && (msg_end = value_end(delta, end)) != NULL) {
+            dtype = member_value(delta, msg_end, LIT("\"type\""));
+            *text_delta = value_is(dtype, msg_end, LIT("\"text_delta\"")) ||
+                          value_is(dtype, msg_end, LIT("\"input_json_delta\""));
+        }
+        return 0;
+    }
+    if (value_is(type, end, LIT("\"message_delta\"")))
+        return router__usage_parse(json, len, out, NULL);
+    if (!value_is(type, end, LIT("\"message_start\"")))
+        return 0;
+    msg = member_value(json, end, LIT("\"message\""));
+    if (msg == NULL || *msg != '{' || (msg_end = value_end(msg, end)) == NULL ||
+        !router__usage_parse(msg, (size_t)(msg_end - msg), out, NULL))
+        return 0;
+    /* Its output_tokens is the count so far (1 or so), not the answer's:
+     * a stream that ends before a message_delta is charged its deltas. */
+    out->completion_tokens = -1;
+    return out->prompt_tokens >= 0;
 }

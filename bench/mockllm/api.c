@@ -2,7 +2,8 @@
  * bench/mockllm/api.c: what mockllm answers.
  *
  * Endpoints: POST /v1/chat/completions, POST /v1/completions,
- * POST /v1/embeddings, POST /v1/responses, GET /v1/models, and for tests
+ * POST /v1/embeddings, POST /v1/responses, POST /v1/messages (Anthropic),
+ * GET /v1/models, and for tests
  * GET /mock/stats and GET /mock/last-request. Bodies are parsed with cJSON; answers are built
  * with printf into reusable buffers.
  *
@@ -21,8 +22,20 @@
  *                as an array, per item 4 + words of its text (a message's
  *                content string or its parts' "text", a function_call's
  *                "arguments", a function_call_output's "output").
+ *   messages:    (Anthropic's) the chat rule over "system" (when given, a
+ *                message of 4 + words of its string or its blocks' "text")
+ *                and "messages" (content a string or blocks, by "text").
+ *                Reported as Anthropic does: input_tokens is that count
+ *                less x-mock-cached-tokens (cache_read_input_tokens) and
+ *                x-mock-cache-write-tokens (cache_creation_input_tokens), of which
+ *                x-mock-cache-write-1h-tokens are for an hour (cache_creation's
+ *                ephemeral_1h_input_tokens, the rest ephemeral_5m_input_tokens).
+ *                Requires x-api-key (the --require-key value when given;
+ *                401 authentication_error without) and anthropic-version
+ *                (400 without), as Anthropic's API does.
  * completion_tokens = the token count (--tokens / x-mock-tokens, default 16),
- * capped by max_completion_tokens or max_tokens, or for responses
+ * capped by max_completion_tokens or max_tokens (messages: max_tokens,
+ * stop_reason "max_tokens" when capped, else "end_turn"), or for responses
  * max_output_tokens (finish_reason "length", or status "incomplete", when
  * capped, else "stop"). Responses report x-mock-cached-tokens (capped by
  * the prompt) as input_tokens_details.cached_tokens. Token i is the word WORDS[i % 16]; the text is the
@@ -47,7 +60,7 @@
 #include "common/http_status.h"
 #include "common/log.h"
 
-enum endpoint { EP_CHAT, EP_COMPLETIONS, EP_EMBEDDINGS, EP_RESPONSES, EP_MODELS };
+enum endpoint { EP_CHAT, EP_COMPLETIONS, EP_EMBEDDINGS, EP_RESPONSES, EP_MESSAGES, EP_MODELS };
 
 #define EMBEDDING_DIM 8
 #define MAX_DELAY_MS 600000
@@ -367,6 +380,17 @@ static int responses_prompt_tokens(const cJSON *body)
     return n;
 }
 
+/* The chat rule over an Anthropic request's system prompt and messages. */
+static int messages_prompt_tokens(const cJSON *body)
+{
+    const cJSON *system = cJSON_GetObjectItemCaseSensitive(body, "system");
+    int n = chat_prompt_tokens(cJSON_GetObjectItemCaseSensitive(body, "messages"));
+
+    if (system != NULL)
+        n += 4 + content_words(system);
+    return n;
+}
+
 void mockllm__plan_reset(struct mockllm_plan *p)
 {
     p->endpoint = EP_CHAT;
@@ -383,6 +407,7 @@ void mockllm__plan_reset(struct mockllm_plan *p)
     p->sent = 0;
     p->prompt_tokens = 0;
     p->cached_tokens = 0;
+    p->cache_write_tokens = p->cache_write_1h_tokens = 0;
     p->finish = "stop";
     p->service_tier = NULL;
     p->id = 0;
@@ -489,6 +514,117 @@ static void put_response_object(struct buf *b, const struct mockllm_plan *p, int
     puts_(b, "}");
 }
 
+static void put_event(struct mockllm_conn *c);
+
+/* Anthropic's usage object: input_tokens counts neither the cached nor
+ * the cache-written tokens. */
+static void put_messages_usage(struct buf *b, const struct mockllm_plan *p, int output_tokens)
+{
+    putf(b, "{\"input_tokens\":%d,\"cache_creation_input_tokens\":%d,"
+            "\"cache_read_input_tokens\":%d,\"cache_creation\":{\"ephemeral_5m_input_tokens\":%d,"
+            "\"ephemeral_1h_input_tokens\":%d},\"output_tokens\":%d}",
+         p->prompt_tokens - p->cached_tokens - p->cache_write_tokens, p->cache_write_tokens,
+         p->cached_tokens, p->cache_write_tokens - p->cache_write_1h_tokens,
+         p->cache_write_1h_tokens, output_tokens);
+}
+
+/* Append an Anthropic message object to b: whole (`done`: its text and
+ * stop_reason) or as message_start has it (no content yet). */
+static void put_message_object(struct buf *b, const struct mockllm_plan *p, int done)
+{
+    putf(b, "{\"id\":\"msg_mock-%llu\",\"type\":\"message\",\"role\":\"assistant\","
+            "\"model\":\"",
+         (unsigned long long)p->id);
+    put(b, p->model.data, p->model.len);
+    puts_(b, "\",\"content\":[");
+    if (done) {
+        puts_(b, "{\"type\":\"text\",\"text\":\"");
+        for (int i = 0; i < p->tokens; i++)
+            put_token(b, i);
+        puts_(b, "\"}");
+    }
+    puts_(b, "],\"stop_reason\":");
+    if (done)
+        putf(b, "\"%s\"", p->finish[0] == 'l' ? "max_tokens" : "end_turn");
+    else
+        puts_(b, "null");
+    puts_(b, ",\"stop_sequence\":null");
+    if (!done || !p->omit_usage) {
+        puts_(b, ",\"usage\":");
+        put_messages_usage(b, p, done ? p->tokens : 1);
+    }
+    puts_(b, "}");
+}
+
+/* One event of an Anthropic stream: `event: TYPE` and its data, whose
+ * members after "type" are `rest` (printf). */
+static void put_messages_event(struct mockllm_conn *c, const char *type, const char *rest, ...)
+    __attribute__((format(printf, 3, 4)));
+static void put_messages_event(struct mockllm_conn *c, const char *type, const char *rest, ...)
+{
+    va_list ap;
+    char more[256];
+
+    va_start(ap, rest);
+    vsnprintf(more, sizeof(more), rest, ap);
+    va_end(ap);
+    buf_reset(&scratch);
+    putf(&scratch, "event: %s\ndata: {\"type\":\"%s\"%s}\n\n", type, type, more);
+    put_event(c);
+}
+
+/* The start of an Anthropic stream: message_start (with the input
+ * counts), content_block_start, ping. */
+static void put_messages_start(struct mockllm_conn *c)
+{
+    buf_reset(&scratch);
+    puts_(&scratch, "event: message_start\ndata: {\"type\":\"message_start\",\"message\":");
+    put_message_object(&scratch, &c->plan, 0);
+    puts_(&scratch, "}\n\n");
+    put_event(c);
+    put_messages_event(c, "content_block_start",
+                       ",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}");
+    put_messages_event(c, "ping", "%s", "");
+}
+
+/* Token p->sent as a content_block_delta (text_delta) event. */
+static void put_messages_delta(struct mockllm_conn *c)
+{
+    struct mockllm_plan *p = &c->plan;
+
+    buf_reset(&scratch);
+    puts_(&scratch, "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",");
+    if (p->event_pad > 0)
+        put_pad(&scratch, p->event_pad);
+    puts_(&scratch, "\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"");
+    put_token(&scratch, p->sent);
+    puts_(&scratch, "\"}}\n\n");
+    put_event(c);
+    p->sent++;
+}
+
+/* The end of an Anthropic stream: content_block_stop, message_delta with
+ * the stop reason and the output count (and, as newer API versions do,
+ * the input counts again; no usage under x-mock-usage: omit), then
+ * message_stop. */
+static void put_messages_end(struct mockllm_conn *c)
+{
+    struct mockllm_plan *p = &c->plan;
+
+    put_messages_event(c, "content_block_stop", ",\"index\":0");
+    buf_reset(&scratch);
+    putf(&scratch, "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":"
+                   "{\"stop_reason\":\"%s\",\"stop_sequence\":null}",
+         p->finish[0] == 'l' ? "max_tokens" : "end_turn");
+    if (!p->omit_usage) {
+        puts_(&scratch, ",\"usage\":");
+        put_messages_usage(&scratch, p, p->tokens);
+    }
+    puts_(&scratch, "}\n\n");
+    put_event(c);
+    put_messages_event(c, "message_stop", "%s", "");
+}
+
 /* Start a Responses stream event of `type` in scratch: its event line
  * and the data's first members. */
 static void start_responses_event(const char *type, int seq)
@@ -546,6 +682,10 @@ static void put_token_event(struct mockllm_conn *c)
         put_responses_delta(c);
         return;
     }
+    if (p->endpoint == EP_MESSAGES) {
+        put_messages_delta(c);
+        return;
+    }
     buf_reset(&scratch);
     puts_(&scratch, "data: ");
     if (p->endpoint == EP_CHAT) {
@@ -591,6 +731,8 @@ static void stream_tick(struct mockllm_conn *c)
         p->started = 1;
         if (p->endpoint == EP_RESPONSES)
             put_responses_edge(c, 0);
+        if (p->endpoint == EP_MESSAGES)
+            put_messages_start(c);
     }
     for (;;) {
         if (p->fault == MOCKLLM_FAULT_CLOSE_MIDSTREAM && p->sent >= cut) {
@@ -612,9 +754,12 @@ static void stream_tick(struct mockllm_conn *c)
         uv_timer_start(&c->timer, mockllm__on_timer, (uint64_t)p->done_delay_ms, 0);
         return;
     }
-    if (p->endpoint == EP_RESPONSES) {
-        /* Its usage always comes, in the last event; no [DONE]. */
-        put_responses_edge(c, 1);
+    if (p->endpoint == EP_RESPONSES || p->endpoint == EP_MESSAGES) {
+        /* Its usage always comes, in the last events; no [DONE]. */
+        if (p->endpoint == EP_MESSAGES)
+            put_messages_end(c);
+        else
+            put_responses_edge(c, 1);
         puts_(&c->out, "0\r\n\r\n");
         finish(c);
         return;
@@ -653,6 +798,10 @@ static void build_completion(struct mockllm_plan *p)
     buf_reset(&scratch);
     if (p->endpoint == EP_RESPONSES) {
         put_response_object(&scratch, p, 1);
+        return;
+    }
+    if (p->endpoint == EP_MESSAGES) {
+        put_message_object(&scratch, p, 1);
         return;
     }
     if (p->endpoint == EP_CHAT) {
@@ -721,7 +870,9 @@ struct overrides {
     int omit_usage;     /* x-mock-usage: omit */
     int event_pad;      /* x-mock-event-pad */
     int done_delay_ms;  /* x-mock-done-delay-ms */
-    int cached_tokens;  /* x-mock-cached-tokens (responses) */
+    int cached_tokens;  /* x-mock-cached-tokens (responses, messages) */
+    int cache_write_tokens; /* x-mock-cache-write-tokens (messages) */
+    int cache_write_1h_tokens; /* x-mock-cache-write-1h-tokens (messages) */
     const char *service_tier; /* x-mock-service-tier, or NULL */
 };
 
@@ -765,12 +916,17 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
     o->fault = opts->fault;
     o->event_pad = 0;
     o->done_delay_ms = 0;
-    o->cached_tokens = 0;
+    o->cached_tokens = o->cache_write_tokens = o->cache_write_1h_tokens = 0;
     o->service_tier = NULL;
     if (tier != NULL && (o->service_tier = tier_named(tier)) == NULL)
         return "x-mock-service-tier";
     if (header_int(&c->req, "x-mock-cached-tokens", MAX_TOKENS, &o->cached_tokens) < 0)
         return "x-mock-cached-tokens";
+    if (header_int(&c->req, "x-mock-cache-write-tokens", MAX_TOKENS, &o->cache_write_tokens) < 0)
+        return "x-mock-cache-write-tokens";
+    if (header_int(&c->req, "x-mock-cache-write-1h-tokens", MAX_TOKENS,
+                   &o->cache_write_1h_tokens) < 0)
+        return "x-mock-cache-write-1h-tokens";
     if (header_int(&c->req, "x-mock-ttft-ms", MAX_DELAY_MS, &o->ttft_ms) < 0)
         return "x-mock-ttft-ms";
     if (header_int(&c->req, "x-mock-token-delay-ms", MAX_DELAY_MS, &o->token_delay_ms) < 0)
@@ -837,6 +993,18 @@ static int plan_from_body(struct mockllm_conn *c, const cJSON *body, const struc
                                                                : p->prompt_tokens;
         return 0;
     }
+    if (p->endpoint == EP_MESSAGES) {
+        p->prompt_tokens = messages_prompt_tokens(body);
+        p->cached_tokens = o->cached_tokens < p->prompt_tokens ? o->cached_tokens
+                                                               : p->prompt_tokens;
+        p->cache_write_tokens = o->cache_write_tokens < p->prompt_tokens - p->cached_tokens
+                                    ? o->cache_write_tokens
+                                    : p->prompt_tokens - p->cached_tokens;
+        p->cache_write_1h_tokens = o->cache_write_1h_tokens < p->cache_write_tokens
+                                       ? o->cache_write_1h_tokens
+                                       : p->cache_write_tokens;
+        return 0;
+    }
     if (p->endpoint == EP_COMPLETIONS)
         return each_input(cJSON_GetObjectItemCaseSensitive(body, "prompt"), sum_tokens,
                           &p->prompt_tokens);
@@ -883,6 +1051,7 @@ static int route(const char *path, size_t len, int *post)
         {"/v1/completions", EP_COMPLETIONS, 1},
         {"/v1/embeddings", EP_EMBEDDINGS, 1},
         {"/v1/responses", EP_RESPONSES, 1},
+        {"/v1/messages", EP_MESSAGES, 1},
         {"/v1/models", EP_MODELS, 0},
     };
     for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++) {
@@ -892,6 +1061,38 @@ static int route(const char *path, size_t len, int *post)
         }
     }
     return -1;
+}
+
+/* Answer now with an Anthropic-style error and finish the request. */
+static void answer_anthropic_error(struct mockllm_conn *c, int status, const char *type,
+                                   const char *message)
+{
+    buf_reset(&scratch);
+    putf(&scratch, "{\"type\":\"error\",\"error\":{\"type\":\"%s\",\"message\":\"", type);
+    put_escaped(&scratch, message);
+    puts_(&scratch, "\"}}");
+    put_response(c, &c->out, status);
+    mockllm__conn_done(c);
+}
+
+/* Anthropic's API wants x-api-key (the --require-key value when one is
+ * set, else any) and anthropic-version: answers as it would without
+ * them, so a router that forgets them is caught. Returns 1 if it did. */
+static int messages_auth(struct mockllm_conn *c)
+{
+    const char *key = mockllm__header(&c->req, "x-api-key");
+    const char *want = c->srv->opts.require_key;
+
+    if (key == NULL || *key == '\0' || (want != NULL && strcmp(key, want) != 0)) {
+        answer_anthropic_error(c, 401, "authentication_error", "invalid x-api-key");
+        return 1;
+    }
+    if (mockllm__header(&c->req, "anthropic-version") == NULL) {
+        answer_anthropic_error(c, 400, "invalid_request_error",
+                               "anthropic-version: header is required");
+        return 1;
+    }
+    return 0;
 }
 
 /* Answer a /v1 request: auth, overrides, routing, faults, then the answer. */
@@ -905,7 +1106,10 @@ static void answer_v1(struct mockllm_conn *c, const char *path, size_t path_len)
     cJSON *body = NULL;
     int post = 0, delay;
 
-    if (srv->opts.require_key != NULL &&
+    if (route(path, path_len, &post) == EP_MESSAGES) {
+        if (messages_auth(c))
+            return;
+    } else if (srv->opts.require_key != NULL &&
         (auth == NULL || strncasecmp(auth, "Bearer ", 7) != 0 ||
          strcmp(auth + 7, srv->opts.require_key) != 0)) {
         answer_error(c, 401, "invalid_request_error", "invalid_api_key",

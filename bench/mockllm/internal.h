@@ -74,7 +74,11 @@ struct mockllm_plan {
     int tokens;              /* completion tokens to produce */
     int sent;                /* tokens streamed so far */
     int prompt_tokens;       /* see the counting rule in api.c */
-    int cached_tokens;       /* x-mock-cached-tokens (responses), at most prompt_tokens */
+    int cached_tokens;       /* x-mock-cached-tokens (responses, messages), at most
+                                prompt_tokens */
+    int cache_write_tokens;  /* x-mock-cache-write-tokens (messages), at most what
+                                prompt_tokens leaves after cached_tokens */
+    int cache_write_1h_tokens; /* x-mock-cache-write-1h-tokens: of those, the 1-hour ones */
     const char *finish;      /* "stop" or "length" */
     const char *service_tier; /* the "service_tier" the answer names, or NULL for none */
     uint64_t id;             /* number in the response id */

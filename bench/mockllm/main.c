@@ -32,6 +32,7 @@ static const char usage_text[] =
     "  --fault KIND             stall | close-midstream | close-before-response | 500 | 429\n"
     "  --retry-after VALUE      Retry-After header of every 429 answer (sent as given)\n"
     "  --require-key KEY        401 unless Authorization: Bearer KEY\n"
+          "                           (/v1/messages: x-api-key: KEY)\n"
     "  --tls-cert FILE --tls-key FILE   serve HTTPS\n"
     "  --seed N                 seed for --error-rate (default: from pid and time)\n"
     "  --pad-header N           an x-mock-pad header of N bytes in every JSON or SSE answer\n"
@@ -39,7 +40,10 @@ static const char usage_text[] =
     "x-mock-fault (as --fault, or none), x-mock-status (answer with this 4xx/5xx\n"
     "after the TTFT, or 204/304 with no body), x-mock-usage: omit (no usage object, as some servers answer),\n"
     "x-mock-retry-after and x-mock-retry-after-ms (Retry-After / retry-after-ms of a 429),\n"
-    "x-mock-cached-tokens (responses: input_tokens_details.cached_tokens).\n";
+    "x-mock-cached-tokens (responses: input_tokens_details.cached_tokens; messages:\n"
+          "cache_read_input_tokens), x-mock-cache-write-tokens (messages:\n"
+          "cache_creation_input_tokens), x-mock-cache-write-1h-tokens (messages: of those,\n"
+          "cache_creation.ephemeral_1h_input_tokens).\n";
 
 /* Parse a whole decimal integer in [0, max]. Returns 0 or -EINVAL. */
 static int parse_int(const char *s, long max, int *out)

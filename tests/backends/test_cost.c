@@ -46,7 +46,8 @@ Test(cost, api_prices_by_hand, .timeout = 5)
     fx_init(&f);
     for (size_t i = 0; i < sizeof(price_cases) / sizeof(price_cases[0]); i++) {
         const struct price_case *c = &price_cases[i];
-        struct backend_tokens tok = {c->prompt, c->completion, c->cached, CONF_TIER_STANDARD};
+        struct backend_tokens tok = {.prompt = c->prompt, .completion = c->completion,
+                                     .cached = c->cached};
         struct backend_cost est = backend_estimate_cost(fx_backend(&f, c->backend), 0, &tok, 0);
 
         cr_assert(fabs(backend_api_price_usd(&f.backends[c->backend], &tok) - c->usd) < USD_EPS,
@@ -64,7 +65,7 @@ Test(cost, api_prices_by_hand, .timeout = 5)
 Test(cost, cached_price_unset_bills_input_price_and_free_is_zero, .timeout = 5)
 {
     struct fx f;
-    struct backend_tokens tok = {1000, 0, 1000, CONF_TIER_STANDARD};
+    struct backend_tokens tok = {1000, 0, 1000, 0, 0, CONF_TIER_STANDARD};
 
     fx_init(&f);
     /* No cached price: never bill cached tokens below the input price.
@@ -81,7 +82,8 @@ Test(cost, cached_price_unset_bills_input_price_and_free_is_zero, .timeout = 5)
  * tokens every token of the request is billed at them. */
 static void fx_sonnet_long(struct fx *f)
 {
-    f->backends[FX_SONNET].long_context = (struct conf_long_context){200000, 6.00, 22.50, 0.60};
+    f->backends[FX_SONNET].long_context =
+        (struct conf_long_context){200000, 6.00, 22.50, 0.60, 7.50, 12.00};
 }
 
 Test(cost, long_context_rates_bill_the_whole_request_past_the_size, .timeout = 5)
@@ -102,7 +104,8 @@ Test(cost, long_context_rates_bill_the_whole_request_past_the_size, .timeout = 5
     fx_sonnet_long(&f);
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         const struct price_case *c = &cases[i];
-        struct backend_tokens tok = {c->prompt, c->completion, c->cached, CONF_TIER_STANDARD};
+        struct backend_tokens tok = {.prompt = c->prompt, .completion = c->completion,
+                                     .cached = c->cached};
         struct backend_cost est = backend_estimate_cost(fx_backend(&f, c->backend), 0, &tok, 0);
         double got = backend_api_price_usd(&f.backends[c->backend], &tok);
 
@@ -117,7 +120,7 @@ Test(cost, long_context_rates_bill_the_whole_request_past_the_size, .timeout = 5
 
 Test(cost, long_context_without_a_size_or_cached_rate, .timeout = 5)
 {
-    struct backend_tokens tok = {300000, 0, 300000, CONF_TIER_STANDARD};
+    struct backend_tokens tok = {300000, 0, 300000, 0, 0, CONF_TIER_STANDARD};
     struct fx f;
 
     fx_init(&f);
@@ -171,7 +174,7 @@ Test(cost, api_finish_settles_real_usage, .timeout = 5)
     struct fx f;
     struct backend *b;
     struct backend_ticket t;
-    struct backend_tokens used = {1000, 500, 0, CONF_TIER_STANDARD};
+    struct backend_tokens used = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD};
     struct backend_charge ch;
 
     fx_init(&f);
@@ -220,7 +223,7 @@ static const struct gpu_case gpu_cases[] = {
 
 Test(cost, gpu_marginal_rises_to_list_at_the_slo_knee, .timeout = 5)
 {
-    struct backend_tokens tok = {1000, 500, 0, CONF_TIER_STANDARD};
+    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD};
 
     for (size_t i = 0; i < sizeof(gpu_cases) / sizeof(gpu_cases[0]); i++) {
         const struct gpu_case *c = &gpu_cases[i];
@@ -253,7 +256,7 @@ Test(cost, gpu_without_slo_knees_at_capacity, .timeout = 5)
 {
     struct fx f;
     struct backend *b;
-    struct backend_tokens tok = {1000, 500, 0, CONF_TIER_STANDARD};
+    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD};
     struct backend_cost est;
 
     fx_init(&f);
@@ -274,7 +277,7 @@ Test(cost, tokens_per_second_window_drives_utilization, .timeout = 5)
 {
     struct fx f;
     struct backend *b;
-    struct backend_tokens tok = {1000, 500, 0, CONF_TIER_STANDARD};
+    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD};
     struct backend_cost est;
 
     fx_init(&f);
@@ -315,8 +318,8 @@ Test(cost, tokens_per_second_window_drives_utilization, .timeout = 5)
 
 /* Tokens an attempt ends with: an answer billed for them, an error answer
  * without usage (nothing billed), or a failure (NULL). */
-static const struct backend_tokens served = {100, 200, 0, CONF_TIER_STANDARD},
-                                   unbilled = {0, 0, 0, CONF_TIER_STANDARD};
+static const struct backend_tokens served = {100, 200, 0, 0, 0, CONF_TIER_STANDARD},
+                                   unbilled = {0, 0, 0, 0, 0, CONF_TIER_STANDARD};
 
 struct span {
     uint64_t start_ms, end_ms;
@@ -480,7 +483,7 @@ Test(cost, attributed_plus_idle_is_pool_cost_over_an_hour, .timeout = 5)
  * $0.002; the other replica's 3.6 s are idle. */
 Test(cost, a_prompt_without_completion_is_billed_on_a_pool, .timeout = 5)
 {
-    static const struct backend_tokens embedded = {100, 0, 0, CONF_TIER_STANDARD};
+    static const struct backend_tokens embedded = {100, 0, 0, 0, 0, CONF_TIER_STANDARD};
     struct fx f;
     struct backend *b;
     struct backend_ticket t;
@@ -502,7 +505,7 @@ Test(cost, a_prompt_without_completion_is_billed_on_a_pool, .timeout = 5)
  * not: no hold, no marginal cost, no charge for what it served. */
 Test(cost, a_free_pool_reserves_and_charges_nothing, .timeout = 5)
 {
-    struct backend_tokens tok = {1000, 500, 0, CONF_TIER_STANDARD};
+    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD};
     struct fx f;
     struct backend *b;
     struct backend_ticket t;
@@ -705,4 +708,40 @@ Test(cost, fixture_prices_are_those_of_prices_yaml, .timeout = 5)
     }
     fx_fini(&f);
     fy_document_destroy(doc);
+}
+
+/* Anthropic's cache writes: prompt tokens at their own rate, neither the
+ * input nor the cached one; in the long-prompt tier at the tier's. */
+Test(cost, cache_writes_are_billed_at_the_cache_write_rate, .timeout = 5)
+{
+    struct fx f;
+    /* 2000 prompt tokens: 500 read from the cache, 1000 written to it,
+     * 500 plain; 100 out. */
+    struct backend_tokens tok = {2000, 100, 500, 1000, 0, CONF_TIER_STANDARD};
+    /* writes past what is left: clamped to 6 */
+    struct backend_tokens over = {10, 0, 4, 50, 0, CONF_TIER_STANDARD};
+
+    fx_init(&f);
+    f.backends[FX_SONNET].cache_write_usd_per_mtok = 3.75;
+    /* 500 x 3 + 500 x 0.3 + 1000 x 3.75 + 100 x 15 = 1500 + 150 + 3750 + 1500 micro */
+    cr_assert(fabs(backend_api_price_usd(&f.backends[FX_SONNET], &tok) - 0.0069) < USD_EPS,
+              "%.12f", backend_api_price_usd(&f.backends[FX_SONNET], &tok));
+    /* 4 x 0.3 + 6 x 3.75 = 1.2 + 22.5 */
+    cr_assert(fabs(backend_api_price_usd(&f.backends[FX_SONNET], &over) - 0.0000237) < USD_EPS,
+              "%.12f", backend_api_price_usd(&f.backends[FX_SONNET], &over));
+    /* 400 of the 1000 written to the 1-hour cache, at 6: 600 x 3.75 + 400 x 6 = 4650 */
+    tok.cache_write_1h = 400;
+    f.backends[FX_SONNET].cache_write_1h_usd_per_mtok = 6;
+    cr_assert(fabs(backend_api_price_usd(&f.backends[FX_SONNET], &tok) - 0.0078) < USD_EPS,
+              "%.12f", backend_api_price_usd(&f.backends[FX_SONNET], &tok));
+    tok.cache_write_1h = 5000; /* more than were written: clamped to all 1000 */
+    cr_assert(fabs(backend_api_price_usd(&f.backends[FX_SONNET], &tok) - 0.00915) < USD_EPS,
+              "%.12f", backend_api_price_usd(&f.backends[FX_SONNET], &tok));
+    tok.cache_write_1h = 0;
+    fx_sonnet_long(&f);
+    f.backends[FX_SONNET].long_context.cache_write_usd_per_mtok = 7.5;
+    tok.prompt = 300000; /* past 200k: 298500 x 6 + 500 x 0.6 + 1000 x 7.5 + 100 x 22.5 */
+    cr_assert(fabs(backend_api_price_usd(&f.backends[FX_SONNET], &tok) - 1.80105) < USD_EPS,
+              "%.12f", backend_api_price_usd(&f.backends[FX_SONNET], &tok));
+    fx_fini(&f);
 }

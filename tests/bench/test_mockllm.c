@@ -785,3 +785,130 @@ Test(mockllm, service_tier_as_asked_or_as_told)
     buf_free(&events);
     stop_clean();
 }
+
+/* ---- POST /v1/messages (Anthropic) ---- */
+
+/* system (2 words as a text block) and two messages: 3 + (4 + 2) + (4 +
+ * 3) + (4 + 1). */
+static const char messages_body[] =
+    "{\"model\":\"claude-test\",\"max_tokens\":%d,%s\"system\":[{\"type\":\"text\",\"text\":"
+    "\"be terse\"}],\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\","
+    "\"text\":\"one two three\"}]},{\"role\":\"assistant\",\"content\":\"four\"}]}";
+#define MESSAGES_PROMPT_TOKENS (3 + 6 + 7 + 5)
+#define ANTHROPIC "x-api-key: sk-ant\r\nanthropic-version: 2023-06-01\r\n"
+
+/* The error in an Anthropic-shaped answer: {"type":"error","error":{type}}. */
+static const char *anthropic_error_type(void)
+{
+    const cJSON *j = body_json();
+
+    cr_assert_str_eq(str(j, "type"), "error");
+    return str(cJSON_GetObjectItemCaseSensitive(j, "error"), "type");
+}
+
+Test(mockllm, messages_whole_with_cache_counts_and_max_tokens)
+{
+    const cJSON *j, *block;
+    char body[1024];
+
+    cr_assert_eq(support_mockllm_start(&mock, "--tokens", "5", NULL), 0);
+    snprintf(body, sizeof(body), messages_body, 100, "");
+    cr_assert_eq(call("POST", "/v1/messages",
+                      ANTHROPIC "x-mock-cached-tokens: 4\r\nx-mock-cache-write-tokens: 6\r\n"
+                                "x-mock-cache-write-1h-tokens: 2\r\n",
+                      body),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    j = body_json();
+    cr_assert_str_eq(str(j, "type"), "message");
+    cr_assert_str_eq(str(j, "role"), "assistant");
+    cr_assert_str_eq(str(j, "model"), "claude-test");
+    cr_assert_str_eq(str(j, "stop_reason"), "end_turn");
+    block = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "content"), 0);
+    cr_assert_str_eq(str(block, "type"), "text");
+    cr_assert_str_eq(str(block, "text"), "The quick brown fox jumps");
+    /* input_tokens excludes both cache counts, as Anthropic's does */
+    cr_assert_eq(num(j, "usage", "input_tokens"), MESSAGES_PROMPT_TOKENS - 4 - 6);
+    cr_assert_eq(num(j, "usage", "cache_read_input_tokens"), 4);
+    cr_assert_eq(num(j, "usage", "cache_creation_input_tokens"), 6);
+    cr_assert_eq(num(cJSON_GetObjectItemCaseSensitive(j, "usage"), "cache_creation",
+                     "ephemeral_5m_input_tokens"),
+                 4);
+    cr_assert_eq(num(cJSON_GetObjectItemCaseSensitive(j, "usage"), "cache_creation",
+                     "ephemeral_1h_input_tokens"),
+                 2);
+    cr_assert_eq(num(j, "usage", "output_tokens"), 5);
+    snprintf(body, sizeof(body), messages_body, 2, "");
+    cr_assert_eq(call("POST", "/v1/messages", ANTHROPIC, body), 0);
+    j = body_json();
+    cr_assert_str_eq(str(j, "stop_reason"), "max_tokens");
+    cr_assert_eq(num(j, "usage", "output_tokens"), 2);
+    cr_assert_eq(num(j, "usage", "input_tokens"), MESSAGES_PROMPT_TOKENS);
+    cr_assert_eq(call("POST", "/v1/messages", ANTHROPIC "x-mock-usage: omit\r\n", body), 0);
+    cr_assert_null(cJSON_GetObjectItemCaseSensitive(body_json(), "usage"));
+    stop_clean();
+}
+
+/* message_start (input counts, output 1), content_block_start, ping, one
+ * text_delta per token, content_block_stop, message_delta (the output
+ * count), message_stop; no [DONE]. */
+Test(mockllm, messages_stream_is_anthropic_shaped)
+{
+    static const char *const types[] = {"message_start", "content_block_start", "ping",
+                                        "content_block_delta", "content_block_delta",
+                                        "content_block_stop", "message_delta", "message_stop"};
+    struct buf events = {0};
+    char *parts[8], body[1024];
+    cJSON *e;
+
+    cr_assert_eq(support_mockllm_start(&mock, "--tokens", "2", NULL), 0);
+    stream_path = "/v1/messages";
+    snprintf(body, sizeof(body), messages_body, 100, "\"stream\":true,");
+    cr_assert_eq(stream_events(ANTHROPIC "x-mock-cached-tokens: 3\r\n", body, &events), 8);
+    cr_assert_eq(split_events(events.data, parts), 8);
+    for (int i = 0; i < 8; i++) {
+        e = cJSON_Parse(parts[i]);
+        cr_assert_not_null(e, "%s", parts[i]);
+        cr_assert_str_eq(str(e, "type"), types[i]);
+        if (i == 0) {
+            const cJSON *m = cJSON_GetObjectItemCaseSensitive(e, "message");
+            cr_assert_eq(num(m, "usage", "input_tokens"), MESSAGES_PROMPT_TOKENS - 3);
+            cr_assert_eq(num(m, "usage", "cache_read_input_tokens"), 3);
+            cr_assert_eq(num(m, "usage", "output_tokens"), 1);
+        }
+        if (i == 4)
+            cr_assert_str_eq(str(cJSON_GetObjectItemCaseSensitive(e, "delta"), "text"), " quick");
+        if (i == 6)
+            cr_assert_eq(num(e, "usage", "output_tokens"), 2);
+        cJSON_Delete(e);
+    }
+    buf_free(&events);
+    stop_clean();
+}
+
+/* Without x-api-key (or with another than --require-key) a 401
+ * authentication_error; without anthropic-version a 400. */
+Test(mockllm, messages_require_x_api_key_and_anthropic_version)
+{
+    char body[1024];
+
+    cr_assert_eq(support_mockllm_start(&mock, "--require-key", "sk-ant", NULL), 0);
+    snprintf(body, sizeof(body), messages_body, 5, "");
+    cr_assert_eq(call("POST", "/v1/messages", "anthropic-version: 2023-06-01\r\n", body), 0);
+    cr_assert_eq(resp.status, 401);
+    cr_assert_str_eq(anthropic_error_type(), "authentication_error");
+    cr_assert_eq(call("POST", "/v1/messages",
+                      "x-api-key: sk-other\r\nanthropic-version: 2023-06-01\r\n", body),
+                 0);
+    cr_assert_eq(resp.status, 401);
+    cr_assert_eq(call("POST", "/v1/messages", "Authorization: Bearer sk-ant\r\n"
+                                              "anthropic-version: 2023-06-01\r\n", body),
+                 0);
+    cr_assert_eq(resp.status, 401, "a Bearer token is not Anthropic's way");
+    cr_assert_eq(call("POST", "/v1/messages", "x-api-key: sk-ant\r\n", body), 0);
+    cr_assert_eq(resp.status, 400);
+    cr_assert_str_eq(anthropic_error_type(), "invalid_request_error");
+    cr_assert_eq(call("POST", "/v1/messages", ANTHROPIC, body), 0);
+    cr_assert_eq(resp.status, 200);
+    stop_clean();
+}

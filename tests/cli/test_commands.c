@@ -175,3 +175,20 @@ Test(commands, tokens_counts_a_responses_request_as_its_chat_twin)
     cr_assert_gt(chat, 0);
     cr_assert_eq(responses, chat);
 }
+
+/* --messages prints the router's estimate of an Anthropic Messages
+ * request: its system prompt and message framed as chat's are, but for
+ * the system prompt's role name, which the Messages API does not carry
+ * ("system" is one o200k token). */
+Test(commands, tokens_counts_a_messages_request_as_the_router_estimates_it)
+{
+    long chat = prompt_tokens_of("--chat", "{\"messages\":[{\"role\":\"system\",\"content\":"
+                                           "\"Be terse.\"},{\"role\":\"user\",\"content\":"
+                                           "\"Hello there\"}]}");
+    long messages = prompt_tokens_of("--messages", "{\"system\":\"Be terse.\",\"max_tokens\":5,"
+                                                   "\"messages\":[{\"role\":\"user\",\"content\":"
+                                                   "[{\"type\":\"text\",\"text\":\"Hello there\"}]}]}");
+
+    cr_assert_gt(chat, 0);
+    cr_assert_eq(messages, chat - 1);
+}

@@ -353,11 +353,16 @@ Test(report, tokens_are_what_was_billed, .timeout = 10)
         "\"completion_tokens_est\":5,\"completion_tokens\":null,\"cost_usd\":0}",
         "{\"route\":\"old\",\"prompt_tokens_est\":10,\"prompt_tokens\":12,"
         "\"completion_tokens_est\":5,\"completion_tokens\":7,\"cost_usd\":0}",
+        /* a line with the cache counts of an Anthropic answer (2026-12-07) */
+        "{\"route\":\"anth\",\"prompt_tokens_est\":17,\"prompt_tokens\":18,"
+        "\"completion_tokens_est\":50,\"completion_tokens\":3,\"billed_prompt_tokens\":18,"
+        "\"billed_completion_tokens\":3,\"billed_cached_tokens\":4,"
+        "\"billed_cache_write_tokens\":6,\"cost_usd\":0.00249}",
     };
     static const struct {
         const char *route;
         double prompt, completion;
-    } want[] = {{"nu", 9, 16}, {"api", 0, 0}, {"old", 10 + 12, 5 + 7}};
+    } want[] = {{"nu", 9, 16}, {"api", 0, 0}, {"old", 10 + 12, 5 + 7}, {"anth", 18, 3}};
     char *text;
     cJSON *root = json_report_of(lines, sizeof(lines) / sizeof(lines[0]), "route", &text);
 

@@ -88,6 +88,11 @@ struct error_case {
 #define X01_59 X01_8 X01_8 X01_8 X01_8 X01_8 X01_8 X01_8 "\\x01\\x01\\x01"
 
 static struct error_case error_cases[] = {
+    {.file = DATA "anthropic_bad.yaml", .lines =
+     {"4: backends[0].api: unknown value \"antropic\" (expected one of: openai, anthropic)",
+      "8: backends[0].cache_write_usd_per_mtok: -1 is out of range 0..1e+06",
+      "16: backends[1].cache_write_usd_per_mtok: only applies to kind: api",
+      "18: prices.p.cache_write_usd_per_mtok: expected a number, got \"lots\""}},
     {.file = DATA "unknown_keys.yaml", .lines =
      {"3: cost_logg: unknown key (did you mean \"cost_log\"?)",
       "5: store.redsi: unknown key (did you mean \"redis\"?)",
@@ -223,9 +228,11 @@ static struct error_case error_cases[] = {
     {.file = DATA "zero_bytes.yaml", .lines = {"1: (top level): the file is empty"}},
     {.file = DATA "no-such-file.yaml", .lines =
      {"1: (file): cannot open: No such file or directory"}},
-    {.file = "conf/example.yaml", .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY"},
+    {.file = "conf/example.yaml",
+     .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"},
      .lines = {"15: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
-      "95: backends[1].api_key: environment variable OPENAI_API_KEY is not set"}},
+      "101: backends[1].api_key: environment variable OPENAI_API_KEY is not set",
+      "143: backends[3].api_key: environment variable ANTHROPIC_API_KEY is not set"}},
     {.file = DATA "prices_bad.yaml", .lines =
      {"5: include[2]: \"inc/prices_bad.yaml\" is already included",
       "8: prices.custom-x: duplicate price \"custom-x\" (first at {DIR}/inc/prices_bad.yaml:3)",
@@ -575,6 +582,7 @@ Test(conf, example_loads_with_its_env, .timeout = 10)
 
     setenv("COSTROUTER_ADMIN_KEY", "admin-secret", 1);
     setenv("OPENAI_API_KEY", "sk-openai-secret", 1);
+    setenv("ANTHROPIC_API_KEY", "sk-ant-secret", 1);
     c = load_ok("conf/example.yaml");
     cr_expect_str_eq(c->admin_key, "admin-secret");
     cr_expect_str_eq(c->redis_url, "redis://127.0.0.1:6379/0");
@@ -590,6 +598,10 @@ Test(conf, example_loads_with_its_env, .timeout = 10)
     cr_expect_eq(b->port, 443);
     cr_expect_str_eq(b->base_path, "/v1");
     cr_expect_eq(conf_find_backend(c, "gpu-llama-8b")->replicas, 2);
+    b = conf_find_backend(c, "claude-sonnet");
+    cr_expect_eq(b->api, CONF_API_ANTHROPIC);
+    cr_expect_str_eq(b->auth_header, "x-api-key");
+    cr_expect_float_eq(b->cache_write_usd_per_mtok, 3.75, 1e-12);
     b = conf_find_backend(c, "house-llm-api");
     cr_expect_eq(b->long_context.above_prompt_tokens, 128000, "the house-llm entry's");
     cr_expect_float_eq(b->long_context.cached_input_usd_per_mtok, 0.20, 1e-12);
@@ -779,6 +791,50 @@ Test(conf, prices_keys_experiments_store_cache, .timeout = 10)
     cr_expect_str_eq(e->user_header, "x-end-user");
     cr_expect_eq(e->arms[0].weight, 1, "default");
     cr_expect_eq(e->arms[1].weight, 0);
+    conf_free(c);
+}
+
+/* api: anthropic sends the key as x-api-key unless auth_header says
+ * otherwise; cache writes cost 1.25x the input price unless an entry or
+ * the backend says otherwise, in the long-prompt tier too; a route knows
+ * which of its candidates speak which API. */
+Test(conf, anthropic_backends_and_cache_write_prices, .timeout = 10)
+{
+    struct conf *c = load_ok(DATA "anthropic_ok.yaml");
+    const struct conf_backend *b = conf_find_backend(c, "sonnet");
+    const struct conf_route *r = conf_find_route(c, "mixed", 5);
+
+    cr_expect_eq(b->api, CONF_API_ANTHROPIC);
+    cr_expect_str_eq(b->auth_header, "x-api-key");
+    cr_expect_float_eq(b->input_usd_per_mtok, 3, 1e-12, "conf/prices.yaml's claude-sonnet-4-5");
+    cr_expect_float_eq(b->cache_write_usd_per_mtok, 3.75, 1e-12, "the entry's, 1.25x input");
+    cr_expect_float_eq(b->cached_input_usd_per_mtok, 0.30, 1e-12);
+    cr_expect_eq(b->long_context.above_prompt_tokens, 200000);
+    cr_expect_float_eq(b->long_context.cache_write_usd_per_mtok, 7.5, 1e-12, "1.25x the tier's");
+    cr_expect_float_eq(b->cache_write_1h_usd_per_mtok, 6, 1e-12, "the entry's, 2x input");
+    cr_expect_float_eq(b->long_context.cache_write_1h_usd_per_mtok, 12, 1e-12);
+    b = conf_find_backend(c, "sonnet-own");
+    cr_expect_str_eq(b->auth_header, "authorization");
+    cr_expect_float_eq(b->cache_write_usd_per_mtok, 4, 1e-12);
+    cr_expect_float_eq(b->long_context.cache_write_usd_per_mtok, 9, 1e-12);
+    cr_expect_float_eq(b->cache_write_1h_usd_per_mtok, 5, 1e-12, "its own");
+    b = conf_find_backend(c, "plain");
+    cr_expect_eq(b->api, CONF_API_OPENAI);
+    cr_expect_str_eq(b->auth_header, "Authorization");
+    cr_expect_float_eq(b->cache_write_usd_per_mtok, 2.5, 1e-12, "1.25x its own input");
+    cr_expect_float_eq(b->long_context.cache_write_usd_per_mtok, 5, 1e-12);
+    cr_expect_float_eq(b->cache_write_1h_usd_per_mtok, 4, 1e-12, "2x its own input");
+    cr_expect_float_eq(b->long_context.cache_write_1h_usd_per_mtok, 8, 1e-12);
+    b = conf_find_backend(c, "housed");
+    cr_expect_float_eq(b->cache_write_usd_per_mtok, 2.5, 1e-12, "1.25x the entry's input");
+    cr_expect_float_eq(b->long_context.cache_write_usd_per_mtok, 5, 1e-12, "1.25x the tier's");
+    cr_expect_float_eq(b->cache_write_1h_usd_per_mtok, 4, 1e-12, "2x the entry's input");
+    cr_expect_float_eq(b->long_context.cache_write_1h_usd_per_mtok, 8, 1e-12, "2x the tier's");
+    cr_assert_not_null(r);
+    cr_expect_eq(r->speaks[CONF_API_OPENAI], 1);
+    cr_expect_eq(r->speaks[CONF_API_ANTHROPIC], 6);
+    cr_expect_float_eq(conf_find_price(c, "claude-haiku-4-5")->cache_write_usd_per_mtok, 1.25,
+                       1e-12);
     conf_free(c);
 }
 

@@ -195,13 +195,17 @@ static void write_conf(void)
             "                      output_usd_per_mtok: 1.2 },\n"
             "      flex: { input_usd_per_mtok: 0.075, output_usd_per_mtok: 0.3 },\n"
             "      first_byte_timeout_ms: 300, total_timeout_ms: 2000 }\n"
+            "  - { name: claude, kind: api, api: anthropic, url: \"http://127.0.0.1:%d/v1\",\n"
+            "      api_key: %s, model: claude-sonnet-4-5, tokenizer: cl100k_base, quality: 3,\n"
+            "      context_window: 200000, first_byte_timeout_ms: 300, total_timeout_ms: 2000 }\n"
             "  - { name: embed, kind: api, url: \"http://127.0.0.1:%d/v1\", api_key: %s,\n"
             "      model: text-embedding-3-small, tokenizer: cl100k_base, quality: 3,\n"
             "      context_window: 8191, input_usd_per_mtok: 0.02, output_usd_per_mtok: 0,\n"
             "      first_byte_timeout_ms: 300, total_timeout_ms: 2000 }\n"
             "routes:\n"
-            "  - { model: chat, candidates: [pool, api] }\n"
+            "  - { model: chat, candidates: [pool, api, claude] }\n"
             "  - { model: gpt-4o-mini, candidates: [api] }\n"
+            "  - { model: claude, candidates: [claude] }\n"
             "  - { model: text-embedding-3-small, candidates: [embed] }\n"
             "tenants:\n"
             "  - id: rich\n"
@@ -223,7 +227,7 @@ static void write_conf(void)
             "      - { name: a, weight: 50, backends: [pool] }\n"
             "      - { name: b, weight: 50, backends: [api] }\n",
             ADMIN_KEY, log_path, store, tls, mock_pool.port, mock_api.port, UPSTREAM_KEY,
-            mock_api.port, UPSTREAM_KEY, rich, poor, getenv("PWD") ? getenv("PWD") : ".");
+            mock_api.port, UPSTREAM_KEY, mock_api.port, UPSTREAM_KEY, rich, poor, getenv("PWD") ? getenv("PWD") : ".");
     fclose(f);
 }
 
@@ -281,12 +285,24 @@ static const char *const seed_bodies[] = {
     "\"arguments\":\"{}\"},{\"type\":\"function_call_output\",\"call_id\":\"c1\","
     "\"output\":\"found\"}],\"tools\":[{\"type\":\"function\",\"name\":\"lookup\","
     "\"parameters\":{\"type\":\"object\",\"properties\":{\"q\":{\"type\":\"string\"}}}}]}",
+    "{\"model\":\"claude\",\"max_tokens\":64,\"system\":\"Be terse.\",\"temperature\":0,"
+    "\"messages\":[{\"role\":\"user\",\"content\":\"Hello there\"}]}",
+    "{\"model\":\"chat\",\"max_tokens\":32,\"stream\":true,\"system\":[{\"type\":\"text\","
+    "\"text\":\"Be terse.\",\"cache_control\":{\"type\":\"ephemeral\"}}],\"messages\":["
+    "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"What is this?\"},"
+    "{\"type\":\"image\",\"source\":{\"type\":\"base64\",\"media_type\":\"image/png\","
+    "\"data\":\"iVBORw0KGgoAAAANSUhEUgAAA+gAAAH0CAYAAAA=\"}}]},{\"role\":\"assistant\","
+    "\"content\":[{\"type\":\"tool_use\",\"id\":\"t1\",\"name\":\"lookup\",\"input\":"
+    "{\"q\":\"x\"}}]},{\"role\":\"user\",\"content\":[{\"type\":\"tool_result\","
+    "\"tool_use_id\":\"t1\",\"content\":[{\"type\":\"text\",\"text\":\"found\"}]}]}],"
+    "\"tools\":[{\"name\":\"lookup\",\"description\":\"Look up\",\"input_schema\":"
+    "{\"type\":\"object\",\"properties\":{\"q\":{\"type\":\"string\"}}}}]}",
 };
 
 static const char *const seed_paths[] = {
     "/v1/chat/completions", "/v1/chat/completions", "/v1/chat/completions",
     "/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses",
-    "/v1/responses",
+    "/v1/responses", "/v1/messages", "/v1/messages",
 };
 
 /* Paths without a body: GET, some needing the admin key. */
@@ -302,7 +318,8 @@ static const char *const names[] = {
     "image_url", "name", "tool_calls", "functions", "response_format", "logprobs", "top_logprobs",
     "seed", "stop", "temperature", "detail", "url", "parameters", "tool_choice",
     "instructions", "max_output_tokens", "previous_response_id", "arguments", "output",
-    "call_id", "service_tier", "flex", "priority", "store", "conversation",
+    "call_id", "service_tier", "flex", "priority", "store", "conversation", "system", "source",
+    "data", "media_type", "tool_use_id", "input_schema", "cache_control",
 };
 
 static const char *const models[] = {
@@ -314,7 +331,8 @@ static const char *const strings[] = {
     "", " ", "\xc3\xa9t\xc3\xa9 \xe4\xb8\x96\xe7\x95\x8c \xf0\x9f\x99\x82", "<|endoftext|>",
     "<|im_start|>system", "\t\n\r", "\\u0000", "data:image/png;base64,", "user", "system",
     "assistant", "tool", "function", "image_url", "text", "auto", "none", "input_text",
-    "input_image", "function_call", "function_call_output", "message",
+    "input_image", "function_call", "function_call_output", "message", "tool_use",
+    "tool_result", "image", "base64", "ephemeral",
 };
 
 static double interesting_number(void)
@@ -509,7 +527,8 @@ static void add_auth(struct buf *h, struct request *r, int admin_path)
 
     if (k < 17) {
         r->key = admin_path && k >= 5 ? ADMIN_KEY : k % 3 == 0 ? KEY_POOR : KEY_RICH;
-        puts_(h, "Authorization: Bearer ");
+        /* as Anthropic's SDKs send it, now and then */
+        puts_(h, percent(25) ? "x-api-key: " : "Authorization: Bearer ");
         puts_(h, r->key);
         puts_(h, "\r\n");
     } else if (k < 19) {
@@ -528,6 +547,9 @@ static void add_headers(struct buf *h, struct request *r)
         "x-mock-tokens: 0\r\n", "x-mock-tokens: 400\r\n", "x-mock-ttft-ms: 30\r\n",
         "x-mock-retry-after: 0\r\n", "x-mock-token-delay-ms: 1\r\n",
         "x-mock-service-tier: flex\r\n", "x-mock-service-tier: default\r\n",
+        "x-mock-cached-tokens: 3\r\n", "x-mock-cache-write-tokens: 5\r\n",
+        "x-mock-cache-write-1h-tokens: 2\r\n",
+        "anthropic-version: 2023-06-01\r\n", "anthropic-beta: fuzz-1\r\n",
     };
     static const char *const other[] = {
         "Accept: text/event-stream\r\n", "Accept-Encoding: gzip\r\n",

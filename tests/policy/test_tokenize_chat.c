@@ -11,6 +11,7 @@
  */
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <string.h>
 
 #include "tests/policy/tokens_fixture.h"
 
@@ -239,5 +240,100 @@ Test(tokenize_chat, responses_calls_images_and_odd_shapes, .timeout = 20)
                                       "\"input_image\"}]}],\"tools\":[{}]}"),
                       0);
     }
+    policy_tokens_free(t);
+}
+
+/* ---- Anthropic Messages API requests (policy_tokens_messages) ---- */
+
+static int64_t anthropic(struct policy_tokens *t, const char *json)
+{
+    return count_body(policy_tokens_messages, t, CONF_TOK_O200K, json);
+}
+
+static int64_t o200k(struct policy_tokens *t, const char *s)
+{
+    return policy_tokens_count(t, CONF_TOK_O200K, s, strlen(s));
+}
+
+/* PNG headers in base64: 1000x500 and 3000x3000. */
+#define PNG_1000x500 "iVBORw0KGgoAAAANSUhEUgAAA+gAAAH0CAYAAAA="
+#define PNG_3000x3000 "iVBORw0KGgoAAAANSUhEUgAAC7gAAAu4CAYAAAA="
+
+/* Framing: 3 per message (and per system prompt, per tool), 3 for the
+ * reply; the texts by the backend's tokenizer. */
+Test(tokenize_chat, messages_system_text_and_framing, .timeout = 20)
+{
+    struct policy_tokens *t = fixture_tokens();
+    int64_t base = anthropic(t, "{\"messages\":[]}");
+
+    cr_expect_eq(base, 3);
+    cr_expect_eq(anthropic(t, "{\"system\":\"Be terse.\",\"messages\":[{\"role\":\"user\","
+                              "\"content\":\"Hello there\"}]}"),
+                 3 + o200k(t, "Be terse.") + 3 + o200k(t, "user") + o200k(t, "Hello there") + 3);
+    /* system as text blocks, content as blocks: the same count */
+    cr_expect_eq(anthropic(t, "{\"system\":[{\"type\":\"text\",\"text\":\"Be terse.\"}],"
+                              "\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\","
+                              "\"text\":\"Hello there\"}]}]}"),
+                 anthropic(t, "{\"system\":\"Be terse.\",\"messages\":[{\"role\":\"user\","
+                              "\"content\":\"Hello there\"}]}"));
+    cr_expect_eq(anthropic(t, "{\"system\":5}"), -EINVAL); /* no messages */
+    policy_tokens_free(t);
+}
+
+/* Images by Anthropic's rule: w x h / 750, the long edge scaled to 1568,
+ * at most 1600; of unknown size, as 1024 x 1024 (1399). */
+Test(tokenize_chat, messages_images_by_anthropics_rule, .timeout = 20)
+{
+    struct policy_tokens *t = fixture_tokens();
+    static const char fmt[] = "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image\","
+                              "\"source\":%s}]}]}";
+    int64_t empty = anthropic(t, "{\"messages\":[{\"role\":\"user\",\"content\":[]}]}");
+    char body[512];
+
+    snprintf(body, sizeof(body), fmt,
+             "{\"type\":\"base64\",\"media_type\":\"image/png\",\"data\":\"" PNG_1000x500 "\"}");
+    cr_expect_eq(anthropic(t, body) - empty, 667);
+    snprintf(body, sizeof(body), fmt,
+             "{\"type\":\"base64\",\"media_type\":\"image/png\",\"data\":\"" PNG_3000x3000 "\"}");
+    cr_expect_eq(anthropic(t, body) - empty, 1600);
+    snprintf(body, sizeof(body), fmt, "{\"type\":\"url\",\"url\":\"https://x/y.png\"}");
+    cr_expect_eq(anthropic(t, body) - empty, 1399);
+    policy_tokens_free(t);
+}
+
+/* tool_use by its name and input as compact JSON; tool_result by its
+ * content (string or blocks); tools by name, description and
+ * input_schema; documents and thinking blocks not at all. */
+Test(tokenize_chat, messages_tools_results_and_what_is_not_counted, .timeout = 20)
+{
+    struct policy_tokens *t = fixture_tokens();
+    int64_t empty = anthropic(t, "{\"messages\":[{\"role\":\"user\",\"content\":[]}]}");
+
+    cr_expect_eq(anthropic(t, "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+                              "\"tool_use\",\"id\":\"t1\",\"name\":\"get_weather\",\"input\":"
+                              "{ \"city\" : \"Paris\" }}]}]}") - empty,
+                 o200k(t, "get_weather") + o200k(t, "{\"city\":\"Paris\"}"));
+    cr_expect_eq(anthropic(t, "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+                              "\"tool_result\",\"tool_use_id\":\"t1\",\"content\":\"sunny\"}]}]}") -
+                     empty,
+                 o200k(t, "sunny"));
+    cr_expect_eq(anthropic(t, "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+                              "\"tool_result\",\"tool_use_id\":\"t1\",\"content\":[{\"type\":"
+                              "\"text\",\"text\":\"sunny\"}]}]}]}") - empty,
+                 o200k(t, "sunny"));
+    cr_expect_eq(anthropic(t, "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+                              "\"document\",\"source\":{\"type\":\"text\",\"data\":\"a long "
+                              "text\"}},{\"type\":\"thinking\",\"thinking\":\"hmm\"}]}]}"),
+                 empty);
+    cr_expect_eq(anthropic(t, "{\"messages\":[],\"tools\":[{\"name\":\"get_weather\","
+                              "\"description\":\"Weather now\",\"input_schema\":{\"type\":"
+                              "\"object\"}}]}") - 3,
+                 3 + o200k(t, "get_weather") + o200k(t, "Weather now") +
+                     o200k(t, "{\"type\":\"object\"}"));
+    /* odd shapes are not crashed on */
+    cr_expect_geq(anthropic(t, "{\"messages\":[1,null,{\"content\":{}},{\"content\":[5,{}]},"
+                               "{\"content\":[{\"type\":\"image\"},{\"type\":\"tool_result\"}]}],"
+                               "\"tools\":[{},5],\"system\":[1]}"),
+                  0);
     policy_tokens_free(t);
 }

@@ -2024,16 +2024,9 @@ Test(costs, a_reload_answers_a_connection_that_had_no_request_yet)
 /* The last line of the cost log, parsed (the routers must have stopped). */
 static cJSON *last_cost_record(void)
 {
-    char line[4096], last[4096] = "";
-    FILE *f = fopen(log_path, "r");
-    cJSON *rec;
+    cJSON *rec = support_last_json_line(log_path);
 
-    cr_assert_not_null(f);
-    while (fgets(line, sizeof(line), f))
-        strcpy(last, line);
-    fclose(f);
-    rec = cJSON_Parse(last);
-    cr_assert_not_null(rec, "%s", last);
+    cr_assert_not_null(rec, "no record in the cost log %s", log_path);
     return rec;
 }
 

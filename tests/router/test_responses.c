@@ -139,18 +139,11 @@ static double usd(double prompt, double cached, double output)
  * frees). */
 static cJSON *last_cost_record(void)
 {
-    char line[4096], last[4096] = "";
-    FILE *f;
     cJSON *rec;
 
     support_proc_stop(&router);
-    f = fopen(log_path, "r");
-    cr_assert_not_null(f);
-    while (fgets(line, sizeof(line), f))
-        strcpy(last, line);
-    fclose(f);
-    rec = cJSON_Parse(last);
-    cr_assert_not_null(rec, "cost log: %s", last);
+    rec = support_last_json_line(log_path);
+    cr_assert_not_null(rec, "no record in the cost log %s", log_path);
     return rec;
 }
 
@@ -271,13 +264,11 @@ static void read_stream(struct support_sse *s, const char *extra)
 /* The stream's cost, from its SSE comment, which its trailer repeats. */
 static double stream_usd(const struct support_sse *s)
 {
-    const char *c = memmem(s->resp.raw.data, s->resp.raw.len, ": x-costrouter-cost-usd=", 24);
-    const char *t = memmem(s->resp.raw.data, s->resp.raw.len, "x-costrouter-cost-usd: ", 23);
+    double comment, trailer;
 
-    cr_assert_not_null(c, "no cost comment in the stream");
-    cr_assert_not_null(t, "no cost trailer");
-    cr_assert_float_eq(strtod(c + 24, NULL), strtod(t + 23, NULL), 1e-12);
-    return strtod(c + 24, NULL);
+    cr_assert_eq(support_sse_cost(s, &comment, &trailer), 0, "no cost comment or trailer");
+    cr_assert_float_eq(comment, trailer, 1e-12);
+    return comment;
 }
 
 Test(responses, streamed_cost_comes_from_response_completed_without_stream_options)

@@ -167,8 +167,16 @@ static void write_conf(void)
             "  - {name: echox, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-echox,\n"
             "     auth_header: x-api-key, api_key: %s, quality: 1, context_window: 100000,\n"
             "     input_usd_per_mtok: 1, output_usd_per_mtok: 2, tokenizer: estimate}\n"
+            "  - {name: anth, kind: api, api: anthropic, url: \"http://127.0.0.1:%d/v1\",\n"
+            "     model: m-anth, api_key: %s, quality: 1, context_window: 100000,\n"
+            "     input_usd_per_mtok: 1, output_usd_per_mtok: 2, tokenizer: estimate}\n"
+            "  - {name: echoa, kind: api, api: anthropic, url: \"http://127.0.0.1:%d/v1\",\n"
+            "     model: m-echoa, api_key: %s, quality: 1, context_window: 100000,\n"
+            "     input_usd_per_mtok: 1, output_usd_per_mtok: 2, tokenizer: estimate}\n"
             "routes:\n"
             "  - {model: chat, candidates: [mock]}\n"
+            "  - {model: anth, candidates: [anth]}\n"
+            "  - {model: echoa, candidates: [echoa]}\n"
             "  - {model: echo, candidates: [echo]}\n"
             "  - {model: echox, candidates: [echox]}\n"
             "  - {model: fallback, candidates: [echo, mock]}\n"
@@ -178,7 +186,8 @@ static void write_conf(void)
             "     budget: {daily_usd: 0.000001, on_exhausted: reject}}\n"
             "  - {id: slow, api_keys: [{hash: \"sha256:%s\", name: ci}], rate_limits: {rpm: 1}}\n",
             ADMIN_KEY, log_path, redis_pw, redis.port, mock.port, UP_LITERAL,
-            support_canned_port(echo), support_canned_port(echox), UP_XKEY, acme, poor, slow);
+            support_canned_port(echo), support_canned_port(echox), UP_XKEY, mock.port, UP_LITERAL,
+            support_canned_port(echox), UP_XKEY, acme, poor, slow);
     fclose(f);
 }
 
@@ -441,6 +450,65 @@ static void drive_echoing_upstreams(void)
     echo_status("401 Unauthorized");
 }
 
+#define XKEY(key) "x-api-key: " key "\r\n"
+#define ABODY(model) "{\"model\":\"" model "\",\"max_tokens\":5," MSG "}"
+
+/* /v1/messages: the tenant's key as x-api-key (the way Anthropic's SDKs
+ * send it) is never forwarded nor quoted back, whether the request
+ * succeeds, is refused, or the upstream answers an error that quotes
+ * the head it got; and the backend's, sent as x-api-key, is blanked. */
+static void drive_anthropic(void)
+{
+    static const char *const malformed[] = {
+        /* x-api-key twice, with Authorization naming another key, empty */
+        "POST /v1/messages HTTP/1.1\r\nHost: x\r\n" XKEY(KEY_ACME) XKEY(KEY_WRONG)
+        "Content-Length: 2\r\n\r\n{}",
+        "POST /v1/messages HTTP/1.1\r\nHost: x\r\n" XKEY(KEY_ACME) AUTH(KEY_WRONG)
+        "Content-Length: 2\r\n\r\n{}",
+        "POST /v1/messages HTTP/1.1\r\nHost: x\r\n" AUTH(KEY_WRONG) XKEY(KEY_ACME)
+        "Content-Length: 2\r\n\r\n{}",
+        "POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: \r\nContent-Length: 2\r\n\r\n{}",
+        "POST /v1/messages HTTP/1.1\r\nHost: x\r\n" XKEY(KEY_ACME "\x01")
+        "Content-Length: 2\r\n\r\n{}",
+    };
+
+    cr_assert_eq(call("POST", "/v1/messages", XKEY(KEY_ACME), ABODY("anth")), 200, "%.*s",
+                 (int)resp.body.len, resp.body.data);
+    cr_assert_eq(call("POST", "/v1/messages", XKEY(KEY_ACME) AUTH(KEY_ACME), ABODY("anth")), 200);
+    cr_assert_eq(call("POST", "/v1/messages", XKEY(KEY_ACME),
+                      "{\"model\":\"anth\",\"max_tokens\":5,\"stream\":true," MSG "}"),
+                 200);
+    cr_assert_eq(call("POST", "/v1/messages", XKEY(KEY_WRONG), ABODY("anth")), 401);
+    cr_assert_eq(call("POST", "/v1/messages", XKEY(KEY_ACME), "{\"model\":"), 400);
+    cr_assert_eq(call("POST", "/v1/messages", XKEY(KEY_ACME), ABODY("chat")), 404);
+    cr_assert_eq(call("POST", "/v1/messages", XKEY(KEY_POOR), ABODY("anth")), 429);
+    cr_assert_eq(call("POST", "/v1/messages", XKEY(KEY_ACME) "x-mock-fault: close-before-response\r\n",
+                      ABODY("anth")), 502);
+    for (size_t i = 0; i < sizeof(malformed) / sizeof(malformed[0]); i++) {
+        int status = send_raw(malformed[i], strlen(malformed[i]), TIMEOUT_MS);
+        cr_assert(status >= 400 && status < 500, "malformed %zu: %d", i, status);
+    }
+    /* An upstream quoting the head it got, in an error and in a header. */
+    echo_status("400 Bad Request");
+    cr_assert_eq(call("POST", "/v1/messages", XKEY(KEY_ACME), ABODY("echoa")), 400);
+    cr_assert_not_null(memmem(resp.body.data, resp.body.len, "x-api-key: ****", 15),
+                       "the upstream's own body, its key blanked: %.*s", (int)resp.body.len,
+                       resp.body.data);
+    echo_status("401 Unauthorized");
+    cr_assert_eq(call("POST", "/v1/messages", XKEY(KEY_ACME), ABODY("echoa")), 502);
+    echo_ok(0);
+    cr_assert_eq(call("POST", "/v1/messages", XKEY(KEY_ACME), ABODY("echoa")), 200);
+    cr_assert_not_null(support_http_header(&resp, "x-echo"));
+    /* x-api-key on an OpenAI endpoint, to a backend keyed by Authorization:
+     * the client's x-api-key is not that backend's key header, and must
+     * not go on either. */
+    cr_assert_eq(call("POST", "/v1/chat/completions", XKEY(KEY_ACME), BODY("echo")), 200);
+    cr_assert_not_null(support_http_header(&resp, "x-echo"));
+    echo_status("400 Bad Request");
+    cr_assert_eq(call("POST", "/v1/chat/completions", XKEY(KEY_ACME), BODY("echo")), 400);
+    echo_status("401 Unauthorized");
+}
+
 /* Every admin endpoint with the right key, a wrong one, none, and a
  * tenant's key. */
 static void drive_admin(void)
@@ -578,6 +646,7 @@ Test(secrets, never_leave_the_router)
     wait_store_up();
     drive_clients();
     drive_echoing_upstreams();
+    drive_anthropic();
     drive_admin();
     drive_reloads();
     support_proc_stop(&router);

@@ -525,6 +525,77 @@ Test(usage, a_responses_stream_names_its_tier_in_the_terminal_event, .timeout = 
     cr_assert_eq(router__responses_tier(outside, sizeof(outside) - 1), -1, "not the response's");
 }
 
+/* Anthropic's usage names its cache reads and writes beside input_tokens
+ * (which counts neither); read as they are, proxy.c adds them up. */
+Test(usage, an_anthropic_body_has_its_cache_reads_and_writes, .timeout = 5)
+{
+    const char js[] = "{\"id\":\"msg_1\",\"type\":\"message\",\"content\":[{\"type\":\"text\","
+                      "\"text\":\"\\\"usage\\\":{}\"}],\"usage\":{\"input_tokens\":12,"
+                      "\"cache_creation_input_tokens\":30,\"cache_read_input_tokens\":8,"
+                      "\"cache_creation\":{\"ephemeral_5m_input_tokens\":18,"
+                      "\"ephemeral_1h_input_tokens\":12},\"output_tokens\":34}}";
+    struct router__usage u;
+
+    cr_assert(router__usage_parse(js, sizeof(js) - 1, &u, NULL));
+    cr_assert_eq(u.prompt_tokens, 12);
+    cr_assert_eq(u.completion_tokens, 34);
+    cr_assert_eq(u.cached_tokens, 8);
+    cr_assert_eq(u.cache_write_tokens, 30);
+    cr_assert_eq(u.cache_write_1h_tokens, 12);
+}
+
+/* An Anthropic stream: the input counts in message_start's message (its
+ * output_tokens, the count so far, left out), the output count in
+ * message_delta's own usage; text and tool-input deltas stand for
+ * tokens, no other event does. */
+Test(usage, an_anthropic_stream_has_its_usage_in_message_start_and_message_delta, .timeout = 5)
+{
+    static const struct {
+        const char *data; /* the event's data */
+        int found;        /* usage read */
+        int delta;        /* a content delta */
+        int64_t prompt, completion, read, write; /* when found */
+    } cases[] = {
+        {"{\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"content\":[],\"usage\":"
+         "{\"input_tokens\":5,\"cache_creation_input_tokens\":3,\"cache_read_input_tokens\":2,"
+         "\"output_tokens\":1}}}", 1, 0, 5, -1, 2, 3},
+        {"{\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\","
+         "\"text\":\"\"}}", 0, 0, 0, 0, 0, 0},
+        {"{\"type\":\"ping\"}", 0, 0, 0, 0, 0, 0},
+        {"{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\","
+         "\"text\":\"usage\"}}", 0, 1, 0, 0, 0, 0},
+        {"{\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":"
+         "\"input_json_delta\",\"partial_json\":\"{\\\"a\\\"\"}}", 0, 1, 0, 0, 0, 0},
+        {"{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\","
+         "\"thinking\":\"hm\"}}", 0, 0, 0, 0, 0, 0},
+        {"{\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":"
+         "{\"output_tokens\":15}}", 1, 0, -1, 15, -1, -1},
+        {"{\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":"
+         "{\"input_tokens\":6,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":4,"
+         "\"output_tokens\":15}}", 1, 0, 6, 15, 4, 0},
+        {"{\"type\":\"message_stop\"}", 0, 0, 0, 0, 0, 0},
+        {"{\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"x\"}}", 0,
+         0, 0, 0, 0, 0},
+        {"{\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":5", 0, 0, 0, 0,
+         0, 0},
+    };
+    struct router__usage u;
+    int delta;
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        int found = router__messages_event(cases[i].data, strlen(cases[i].data), &u, &delta);
+
+        cr_assert_eq(found, cases[i].found, "case %zu", i);
+        cr_assert_eq(delta, cases[i].delta, "case %zu", i);
+        if (!found)
+            continue;
+        cr_assert_eq(u.prompt_tokens, cases[i].prompt, "case %zu", i);
+        cr_assert_eq(u.completion_tokens, cases[i].completion, "case %zu", i);
+        cr_assert_eq(u.cached_tokens, cases[i].read, "case %zu", i);
+        cr_assert_eq(u.cache_write_tokens, cases[i].write, "case %zu", i);
+    }
+}
+
 /* An answer too big to hold without usage is counted from the output's
  * message text parts and function call arguments, as a held one is. */
 Test(bigusage, a_responses_answer_hands_over_its_output_texts, .timeout = 5)

@@ -1,6 +1,7 @@
 /* tests/support/http.c: blocking HTTP/1.1 test client (see http.h). */
 #define _GNU_SOURCE /* memmem */
 #include "tests/support/http.h"
+#include <cjson/cJSON.h>
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -547,4 +548,29 @@ void support_sse_close(struct support_sse *s)
     support_http_close(&s->conn);
     support_http_response_free(&s->resp);
     buf_free(&s->event);
+}
+
+int support_sse_cost(const struct support_sse *s, double *comment, double *trailer)
+{
+    const char *c = memmem(s->resp.raw.data, s->resp.raw.len, ": x-costrouter-cost-usd=", 24);
+    const char *t = memmem(s->resp.raw.data, s->resp.raw.len, "x-costrouter-cost-usd: ", 23);
+
+    if (c == NULL || t == NULL)
+        return -1;
+    *comment = strtod(c + 24, NULL);
+    *trailer = strtod(t + 23, NULL);
+    return 0;
+}
+
+cJSON *support_last_json_line(const char *path)
+{
+    char line[4096], last[4096] = "";
+    FILE *f = fopen(path, "r");
+
+    if (f == NULL)
+        return NULL;
+    while (fgets(line, sizeof(line), f))
+        strcpy(last, line);
+    fclose(f);
+    return cJSON_Parse(last);
 }

@@ -135,5 +135,15 @@ int support_sse_begin(struct support_sse *s, const void *req, size_t len, int ti
  * server closed mid-stream, or -EPROTO. */
 int support_sse_next(struct support_sse *s, struct support_sse_event *ev, int timeout_ms);
 void support_sse_close(struct support_sse *s);
+/* The router's cost of a finished stream: the `: x-costrouter-cost-usd=`
+ * SSE comment in *comment and the trailer's value in *trailer. Returns 0,
+ * or -1 when either is missing. */
+int support_sse_cost(const struct support_sse *s, double *comment, double *trailer);
+
+struct cJSON;
+/* The last line of the file at `path`, parsed (NULL when the file cannot
+ * be read or the line is no JSON; caller frees with cJSON_Delete): a cost
+ * log's newest record. */
+struct cJSON *support_last_json_line(const char *path);
 
 #endif

@@ -1,0 +1,604 @@
+/*
+ * tests/router/test_messages.c: POST /v1/messages (Anthropic's Messages
+ * API) through the real router in front of real mockllms: the settled
+ * cost of plain and streamed answers (head, SSE comment and trailer, cost
+ * log line) with cache reads and writes priced at their rates; the
+ * tenant's key from x-api-key, never forwarded, and the backend's sent as
+ * x-api-key with anthropic-version; Anthropic-shaped errors with the
+ * router's statuses; a route mixing an OpenAI and an Anthropic backend
+ * sending each API only to its kind; the hold of max_tokens against a
+ * budget; a broken stream, and one without final usage, charged for the
+ * deltas that passed; the response cache keyed by endpoint.
+ *
+ * mockllm counts a Messages prompt by its chat rule: 3, plus 4 + the
+ * words of "system" when given, plus 4 + the words of each message's
+ * content (a string, or its blocks' "text"). It answers x-mock-tokens
+ * output tokens (capped by max_tokens) and reports x-mock-cached-tokens as
+ * cache_read_input_tokens and x-mock-cache-write-tokens as
+ * cache_creation_input_tokens, with input_tokens the rest, as Anthropic
+ * does. With --require-key it answers 401 (Anthropic-shaped) unless
+ * x-api-key is that key, and 400 without anthropic-version.
+ */
+#define _GNU_SOURCE
+#include <cjson/cJSON.h>
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "tests/support/http.h"
+#include "tests/support/proc.h"
+
+#define TIMEOUT_MS 5000
+#define KEY "sk-messages-tenant"
+#define XKEY "x-api-key: " KEY "\r\n"
+#define UPSTREAM_KEY "sk-ant-upstream-key"
+/* Prices of the Anthropic backend, USD per million tokens. */
+#define IN_USD 100
+#define CACHED_USD 10
+#define WRITE_USD 125
+#define WRITE_1H_USD 200
+#define OUT_USD 300
+/* "hello there" as the one message: 3 + 4 + 2 = 9 prompt tokens. */
+#define MSGS "\"messages\":[{\"role\":\"user\",\"content\":\"hello there\"}]"
+#define PROMPT_TOKENS 9
+
+static struct support_proc router, mock, oai;
+static struct support_http_response resp;
+static struct buf req;
+static cJSON *json;
+static char conf_path[64], log_path[64];
+
+static void teardown(void)
+{
+    support_proc_stop(&router);
+    support_proc_stop(&mock);
+    support_proc_stop(&oai);
+    support_http_response_free(&resp);
+    buf_free(&req);
+    cJSON_Delete(json);
+    json = NULL;
+    if (conf_path[0])
+        unlink(conf_path);
+    if (log_path[0])
+        unlink(log_path);
+}
+
+TestSuite(messages, .fini = teardown, .timeout = 60);
+
+/* An Anthropic mockllm (`mock`, wanting UPSTREAM_KEY) and an OpenAI one
+ * (`oai`), and the router: backend `a` (Anthropic) and `o` (OpenAI,
+ * priced at `o_in` and `o_out`), both serving model claude-x (an
+ * OpenAI-compatible gateway in front of the same model); routes "claude" [a], "mix" [o, a] and
+ * "gpt" [o]; tenant acme with `tenant_extra` (config lines, or ""), and
+ * `root_extra` at the top level. */
+static void start_with(const char *root_extra, const char *tenant_extra, int o_in, int o_out)
+{
+    char hex[65];
+    FILE *f;
+
+    cr_assert_eq(support_mockllm_start(&mock, "--require-key", UPSTREAM_KEY, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&oai, NULL), 0);
+    support_key_sha256_hex(KEY, hex);
+    strcpy(log_path, "/tmp/costrouter-msg-log-XXXXXX");
+    close(mkstemp(log_path));
+    strcpy(conf_path, "/tmp/costrouter-msg-XXXXXX");
+    f = fdopen(mkstemp(conf_path), "w");
+    cr_assert_not_null(f);
+    fprintf(f,
+            "listen: 127.0.0.1:0\ncost_log: %s\n%s"
+            "backends:\n"
+            "  - {name: a, kind: api, api: anthropic, url: \"http://127.0.0.1:%d/v1\",\n"
+            "     api_key: %s, model: claude-x, quality: 1, context_window: 100000,\n"
+            "     input_usd_per_mtok: %d, cached_input_usd_per_mtok: %d,\n"
+            "     cache_write_usd_per_mtok: %d, cache_write_1h_usd_per_mtok: %d,\n"
+            "     output_usd_per_mtok: %d, tokenizer: o200k_base}\n"
+            "  - {name: o, kind: api, url: \"http://127.0.0.1:%d/v1\", model: claude-x, quality: 1,\n"
+            "     context_window: 100000, input_usd_per_mtok: %d, output_usd_per_mtok: %d,\n"
+            "     tokenizer: o200k_base}\n"
+            "routes:\n  - {model: claude, candidates: [a]}\n"
+            "  - {model: mix, candidates: [o, a]}\n"
+            "  - {model: gpt, candidates: [o]}\n"
+            "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n%s",
+            log_path, root_extra, mock.port, UPSTREAM_KEY, IN_USD, CACHED_USD, WRITE_USD,
+            WRITE_1H_USD, OUT_USD, oai.port, o_in, o_out, hex, tenant_extra);
+    fclose(f);
+    char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
+    cr_assert_eq(support_proc_start(&router, argv), 0);
+}
+
+static void start(const char *tenant_extra)
+{
+    start_with("", tenant_extra, 1000, 1000); /* o dearer than a */
+}
+
+static int call(int port, const char *method, const char *path, const char *headers,
+                const char *body)
+{
+    buf_reset(&req);
+    support_http_response_free(&resp);
+    cr_assert_eq(support_http_format(&req, method, path, headers, body), 0);
+    return support_http_request(port, req.data, req.len, TIMEOUT_MS, &resp);
+}
+
+/* POST /v1/messages to the router with the tenant's x-api-key and `extra`
+ * header lines. */
+static int messages(const char *extra, const char *body)
+{
+    char headers[512];
+
+    snprintf(headers, sizeof(headers), XKEY "%s", extra ? extra : "");
+    return call(router.port, "POST", "/v1/messages", headers, body);
+}
+
+static cJSON *body_json(void)
+{
+    cJSON_Delete(json);
+    json = cJSON_ParseWithLength(resp.body.data, resp.body.len);
+    cr_assert_not_null(json, "not JSON: %.*s", (int)resp.body.len, resp.body.data);
+    return json;
+}
+
+static const cJSON *get(const cJSON *o, const char *name)
+{
+    return cJSON_GetObjectItemCaseSensitive(o, name);
+}
+
+static double header_usd(void)
+{
+    const char *v = support_http_header(&resp, "x-costrouter-cost-usd");
+
+    cr_assert_not_null(v, "no x-costrouter-cost-usd header");
+    return strtod(v, NULL);
+}
+
+/* USD of a prompt of `input` plain, `read` cached and `written` tokens
+ * and `output` tokens, rounded to the micro-dollar as settled. */
+static double usd(double input, double read, double written, double output)
+{
+    return round(input * IN_USD + read * CACHED_USD + written * WRITE_USD + output * OUT_USD) /
+           1e6;
+}
+
+/* The last line of the cost log, once the router has stopped (caller
+ * frees). */
+static cJSON *last_cost_record(void)
+{
+    cJSON *rec;
+
+    support_proc_stop(&router);
+    rec = support_last_json_line(log_path);
+    cr_assert_not_null(rec, "no record in the cost log %s", log_path);
+    return rec;
+}
+
+static double num(const cJSON *o, const char *name)
+{
+    const cJSON *v = get(o, name);
+
+    cr_assert(cJSON_IsNumber(v), "no number %s", name);
+    return v->valuedouble;
+}
+
+/* The request `m` last received (in `json`): {method, path, headers, body}. */
+static const cJSON *last_request(struct support_proc *m)
+{
+    cr_assert_eq(call(m->port, "GET", "/mock/last-request", NULL, NULL), 0);
+    return body_json();
+}
+
+static double requests_of(struct support_proc *m)
+{
+    cr_assert_eq(call(m->port, "GET", "/mock/stats", NULL, NULL), 0);
+    return num(body_json(), "requests");
+}
+
+/* The Anthropic error in the last answer: its status, and its
+ * error.type. */
+static void assert_anthropic_error(int status, const char *type)
+{
+    const cJSON *err;
+
+    cr_assert_eq(resp.status, status, "%d: %.*s", resp.status, (int)resp.body.len,
+                 resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "content-type"), "application/json");
+    cr_assert_str_eq(get(body_json(), "type")->valuestring, "error", "%.*s", (int)resp.body.len,
+                     resp.body.data);
+    err = get(json, "error");
+    cr_assert_str_eq(get(err, "type")->valuestring, type, "%.*s", (int)resp.body.len,
+                     resp.body.data);
+    cr_assert(cJSON_IsString(get(err, "message")));
+    cr_assert_null(get(err, "code"), "an OpenAI member in an Anthropic error");
+}
+
+Test(messages, plain_cost_is_usage_times_price_and_the_backend_gets_its_own_headers)
+{
+    start("");
+    cr_assert_eq(messages("x-mock-tokens: 7\r\n",
+                          "{\"model\":\"claude\",\"max_tokens\":100," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(get(body_json(), "type")->valuestring, "message");
+    cr_assert_eq(num(get(json, "usage"), "input_tokens"), PROMPT_TOKENS);
+    double want = usd(PROMPT_TOKENS, 0, 0, 7);
+    cr_assert_float_eq(header_usd(), want, 1e-9);
+    /* mockllm answered (it wants UPSTREAM_KEY as x-api-key and an
+     * anthropic-version); the tenant's key went nowhere. */
+    const cJSON *r = last_request(&mock), *h = get(r, "headers");
+    cr_assert_str_eq(get(r, "path")->valuestring, "/v1/messages");
+    cr_assert_str_eq(get(h, "x-api-key")->valuestring, UPSTREAM_KEY);
+    cr_assert_str_eq(get(h, "anthropic-version")->valuestring, "2023-06-01");
+    cr_assert_null(get(h, "authorization"));
+    char *seen = cJSON_PrintUnformatted(r);
+    cr_assert_null(strstr(seen, KEY), "the tenant key went upstream");
+    cJSON_free(seen);
+    cJSON *rec = last_cost_record();
+    cr_assert_eq(num(rec, "prompt_tokens"), PROMPT_TOKENS);
+    cr_assert_eq(num(rec, "completion_tokens"), 7);
+    cr_assert_eq(num(rec, "billed_cache_write_tokens"), 0);
+    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
+    cr_assert_str_eq(get(rec, "backend")->valuestring, "a");
+    cJSON_Delete(rec);
+}
+
+/* The client's own anthropic-version and anthropic-beta go on as sent. */
+Test(messages, a_clients_anthropic_version_and_beta_are_forwarded)
+{
+    start("");
+    cr_assert_eq(messages("anthropic-version: 2099-01-01\r\nanthropic-beta: some-beta\r\n",
+                          "{\"model\":\"claude\",\"max_tokens\":5," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    const cJSON *h = get(last_request(&mock), "headers");
+    cr_assert_str_eq(get(h, "anthropic-version")->valuestring, "2099-01-01");
+    cr_assert_str_eq(get(h, "anthropic-beta")->valuestring, "some-beta");
+}
+
+/* input_tokens excludes both cache counts: the prompt is their sum, the
+ * reads at the cached rate, the writes at the cache write rate. */
+Test(messages, cache_reads_and_writes_are_priced_at_their_rates)
+{
+    start("");
+    /* system (2 words) and one message of 5: 3 + 6 + 9 = 18 tokens, 4
+     * read from the cache and 6 written to it. */
+    cr_assert_eq(messages("x-mock-tokens: 3\r\nx-mock-cached-tokens: 4\r\n"
+                          "x-mock-cache-write-tokens: 6\r\n",
+                          "{\"model\":\"claude\",\"max_tokens\":50,\"system\":[{\"type\":\"text\","
+                          "\"text\":\"be brief\"}],\"messages\":[{\"role\":\"user\",\"content\":"
+                          "[{\"type\":\"text\",\"text\":\"one two three four five\"}]}]}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    const cJSON *u = get(body_json(), "usage");
+    cr_assert_eq(num(u, "input_tokens"), 8);
+    cr_assert_eq(num(u, "cache_read_input_tokens"), 4);
+    cr_assert_eq(num(u, "cache_creation_input_tokens"), 6);
+    double want = usd(8, 4, 6, 3); /* 800 + 40 + 750 + 900 micro */
+    cr_assert_float_eq(header_usd(), want, 1e-9);
+    cJSON *rec = last_cost_record();
+    cr_assert_eq(num(rec, "prompt_tokens"), 18);
+    cr_assert_eq(num(rec, "billed_prompt_tokens"), 18);
+    cr_assert_eq(num(rec, "billed_cached_tokens"), 4);
+    cr_assert_eq(num(rec, "billed_cache_write_tokens"), 6);
+    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
+    cJSON_Delete(rec);
+}
+
+/* Read a stream of "hello there" with the header lines `extra` to its
+ * end; returns the number of events, and sets *clean when it ended
+ * cleanly. */
+static int read_stream(struct support_sse *s, const char *extra, int *clean)
+{
+    static const char body[] = "{\"model\":\"claude\",\"max_tokens\":64,\"stream\":true," MSGS "}";
+    struct support_sse_event ev;
+    char headers[512];
+    int n = 0, rc;
+
+    snprintf(headers, sizeof(headers), XKEY "%s", extra);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/messages", headers, body), 0);
+    cr_assert_eq(support_sse_open(s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    cr_assert_eq(s->resp.status, 200);
+    while ((rc = support_sse_next(s, &ev, TIMEOUT_MS)) == 1)
+        n++;
+    *clean = rc == 0;
+    return n;
+}
+
+/* The stream's cost, from its SSE comment, which its trailer repeats. */
+static double stream_usd(const struct support_sse *s)
+{
+    double comment, trailer;
+
+    cr_assert_eq(support_sse_cost(s, &comment, &trailer), 0, "no cost comment or trailer");
+    cr_assert_float_eq(comment, trailer, 1e-12);
+    return comment;
+}
+
+/* message_start has the input counts (and output_tokens 1), the last
+ * message_delta the output count: 5 tokens, not 1 and not 6. */
+Test(messages, streamed_cost_comes_from_message_start_and_message_delta)
+{
+    struct support_sse s = {0};
+    int clean;
+
+    start("");
+    /* message_start, content_block_start, ping, 5 deltas,
+     * content_block_stop, message_delta, message_stop */
+    cr_assert_eq(read_stream(&s, "x-mock-tokens: 5\r\nx-mock-cache-write-tokens: 2\r\n", &clean),
+                 11);
+    cr_assert(clean, "the stream did not end cleanly");
+    cr_assert_str_eq(support_http_header(&s.resp, "content-type"), "text/event-stream");
+    cr_assert_str_eq(support_http_header(&s.resp, "trailer"), "x-costrouter-cost-usd");
+    cr_assert_null(memmem(s.resp.raw.data, s.resp.raw.len, "[DONE]", 6));
+    double want = usd(PROMPT_TOKENS - 2, 0, 2, 5);
+    cr_assert_float_eq(stream_usd(&s), want, 1e-9);
+    support_sse_close(&s);
+    /* No stream_options went to Anthropic (it has none). */
+    cJSON *up = cJSON_Parse(get(last_request(&mock), "body")->valuestring);
+    cr_assert_null(get(up, "stream_options"));
+    cJSON_Delete(up);
+    cJSON *rec = last_cost_record();
+    cr_assert_eq(num(rec, "prompt_tokens"), PROMPT_TOKENS);
+    cr_assert_eq(num(rec, "completion_tokens"), 5);
+    cr_assert_eq(num(rec, "billed_cache_write_tokens"), 2);
+    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
+    cJSON_Delete(rec);
+}
+
+/* No usage in message_delta: the input counts of message_start, and one
+ * token per text delta (not per message_start, ping, block start or
+ * stop). */
+Test(messages, a_stream_without_final_usage_is_charged_for_its_text_deltas)
+{
+    struct support_sse s = {0};
+    int clean;
+
+    start("");
+    read_stream(&s, "x-mock-tokens: 5\r\nx-mock-usage: omit\r\n", &clean);
+    cr_assert(clean);
+    cr_assert_float_eq(stream_usd(&s), usd(PROMPT_TOKENS, 0, 0, 5), 1e-9);
+    support_sse_close(&s);
+    cJSON *rec = last_cost_record();
+    cr_assert_eq(num(rec, "billed_prompt_tokens"), PROMPT_TOKENS);
+    cr_assert_eq(num(rec, "billed_completion_tokens"), 5);
+    cr_assert(cJSON_IsNull(get(rec, "completion_tokens")));
+    cJSON_Delete(rec);
+}
+
+/* A stream that breaks mid-way: an Anthropic error event, no clean end,
+ * and the three deltas that passed charged with the prompt. */
+Test(messages, a_broken_stream_is_charged_for_the_deltas_that_passed)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    char headers[256];
+    int rc, error_event = 0;
+
+    start("");
+    snprintf(headers, sizeof(headers), XKEY "x-mock-tokens: 8\r\nx-mock-fault: close-midstream\r\n");
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/messages", headers,
+                                     "{\"model\":\"claude\",\"max_tokens\":64,\"stream\":true," MSGS
+                                     "}"),
+                 0);
+    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1)
+        error_event |= strstr(ev.data, "{\"type\":\"error\",\"error\":{\"type\":\"api_error\"") !=
+                       NULL;
+    cr_assert_eq(rc, -ECONNRESET, "a broken stream ended cleanly");
+    cr_assert(error_event, "no Anthropic error event");
+    support_sse_close(&s);
+    cJSON *rec = last_cost_record();
+    cr_assert_eq(num(rec, "billed_prompt_tokens"), PROMPT_TOKENS);
+    cr_assert_eq(num(rec, "billed_completion_tokens"), 3);
+    cr_assert_float_eq(num(rec, "cost_usd"), usd(PROMPT_TOKENS, 0, 0, 3), 1e-9);
+    cJSON_Delete(rec);
+}
+
+/* The tenant's key from x-api-key or Authorization: Bearer, both when
+ * they name the same key; two different keys are refused. */
+Test(messages, the_tenant_key_comes_from_x_api_key_or_bearer)
+{
+    static const char body[] = "{\"model\":\"claude\",\"max_tokens\":5," MSGS "}";
+
+    start("");
+    cr_assert_eq(messages(NULL, body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(call(router.port, "POST", "/v1/messages", "Authorization: Bearer " KEY "\r\n",
+                      body),
+                 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(messages("Authorization: Bearer " KEY "\r\n", body), 0);
+    cr_assert_eq(resp.status, 200);
+    /* and on the OpenAI endpoints too */
+    cr_assert_eq(call(router.port, "POST", "/v1/chat/completions", XKEY,
+                      "{\"model\":\"gpt\"," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(messages("x-api-key: sk-someone-else\r\n", body), 0);
+    assert_anthropic_error(400, "invalid_request_error");
+    cr_assert_eq(messages("Authorization: Bearer sk-someone-else\r\n", body), 0);
+    assert_anthropic_error(400, "invalid_request_error");
+    cr_assert_eq(call(router.port, "POST", "/v1/messages", "x-api-key: sk-wrong\r\n", body), 0);
+    assert_anthropic_error(401, "authentication_error");
+    cr_assert_eq(call(router.port, "POST", "/v1/messages", NULL, body), 0);
+    assert_anthropic_error(401, "authentication_error");
+    cr_assert_eq(requests_of(&mock), 3);
+}
+
+/* Every error the router makes itself on /v1/messages is Anthropic's
+ * shape, with the status the router gives it elsewhere. */
+Test(messages, router_errors_are_anthropic_shaped_with_their_status)
+{
+    static const struct {
+        const char *body;
+        int status;
+        const char *type;
+    } cases[] = {
+        {"{\"model\":", 400, "invalid_request_error"},
+        {"{\"max_tokens\":5," MSGS "}", 400, "invalid_request_error"},
+        {"{\"model\":\"nope\",\"max_tokens\":5," MSGS "}", 404, "not_found_error"},
+        {"{\"model\":\"gpt\",\"max_tokens\":5," MSGS "}", 404, "not_found_error"},
+        {"{\"model\":\"claude\"," MSGS "}", 400, "invalid_request_error"},
+        {"{\"model\":\"claude\",\"max_tokens\":\"5\"," MSGS "}", 400, "invalid_request_error"},
+        {"{\"model\":\"claude\",\"max_tokens\":5,\"messages\":{}}", 400, "invalid_request_error"},
+        {"{\"model\":\"claude\",\"max_tokens\":5,\"messages\":[\"hi\"]}", 400,
+         "invalid_request_error"},
+        {"{\"model\":\"claude\",\"max_tokens\":5,\"messages\":[{\"role\":\"user\","
+         "\"content\":5}]}",
+         400, "invalid_request_error"},
+        {"{\"model\":\"claude\",\"max_tokens\":5,\"messages\":[{\"role\":\"user\","
+         "\"content\":[\"hi\"]}]}",
+         400, "invalid_request_error"},
+        {"{\"model\":\"claude\",\"max_tokens\":5,\"system\":5," MSGS "}", 400,
+         "invalid_request_error"},
+        {"{\"model\":\"claude\",\"max_tokens\":5,\"tools\":{}," MSGS "}", 400,
+         "invalid_request_error"},
+        /* past the 0.01 budget */
+        {"{\"model\":\"claude\",\"max_tokens\":50000," MSGS "}", 429, "rate_limit_error"},
+    };
+
+    start_with("limits: {max_body_bytes: 4096}\n",
+               "    budget: {daily_usd: 0.01, on_exhausted: reject}\n", 1000, 1000);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        cr_assert_eq(messages(NULL, cases[i].body), 0);
+        assert_anthropic_error(cases[i].status, cases[i].type);
+    }
+    /* 413: a body over max_body_bytes */
+    char big[6000];
+    memset(big, ' ', sizeof(big) - 1);
+    big[sizeof(big) - 1] = '\0';
+    memcpy(big, "{\"model\":\"claude\"", 17);
+    big[sizeof(big) - 2] = '}';
+    cr_assert_eq(messages(NULL, big), 0);
+    assert_anthropic_error(413, "request_too_large");
+    cr_assert_eq(requests_of(&mock), 0);
+    /* The same router's OpenAI endpoints keep OpenAI's shape. */
+    cr_assert_eq(call(router.port, "POST", "/v1/chat/completions", XKEY, "{\"model\":\"nope\"}"),
+                 0);
+    cr_assert_eq(resp.status, 404);
+    cr_assert_str_eq(get(get(body_json(), "error"), "code")->valuestring, "model_not_found");
+    cr_assert_null(get(json, "type"));
+}
+
+/* An upstream that is down: 502 api_error; the client's SDK sees the
+ * API's own kind of error. */
+Test(messages, an_upstream_down_is_a_502_api_error)
+{
+    start("");
+    support_proc_stop(&mock);
+    cr_assert_eq(messages(NULL, "{\"model\":\"claude\",\"max_tokens\":5," MSGS "}"), 0);
+    cr_assert(resp.status == 502 || resp.status == 503, "%d", resp.status);
+    assert_anthropic_error(resp.status, resp.status == 502 ? "api_error" : "overloaded_error");
+}
+
+/* A route with an OpenAI backend and an Anthropic one: each API goes to
+ * its own kind alone, whichever is cheaper. */
+Test(messages, a_mixed_route_sends_each_api_only_to_its_kind)
+{
+    static const char chat[] = "{\"model\":\"mix\"," MSGS "}";
+    static const char msg[] = "{\"model\":\"mix\",\"max_tokens\":5," MSGS "}";
+
+    start_with("", "", 1, 1); /* o far cheaper than a */
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(messages(NULL, msg), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+        cr_assert_str_eq(get(body_json(), "type")->valuestring, "message");
+    }
+    support_proc_stop(&router);
+    support_proc_stop(&mock);
+    support_proc_stop(&oai);
+    start_with("", "", 1000, 1000); /* now a is the cheaper one */
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(call(router.port, "POST", "/v1/chat/completions", XKEY, chat), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "o");
+    }
+    cr_assert_eq(requests_of(&mock), 0);
+    cr_assert_eq(requests_of(&oai), 3);
+    cr_assert_str_eq(get(last_request(&oai), "path")->valuestring, "/v1/chat/completions");
+}
+
+Test(messages, a_budget_refuses_a_hold_of_max_tokens_that_does_not_fit)
+{
+    /* $0.01 a day: 1000 output tokens at $300/M hold $0.30, 10 hold
+     * $0.003 and the prompt. */
+    start("    budget: {daily_usd: 0.01, on_exhausted: reject}\n");
+    cr_assert_eq(messages(NULL, "{\"model\":\"claude\",\"max_tokens\":1000," MSGS "}"), 0);
+    assert_anthropic_error(429, "rate_limit_error");
+    cr_assert_eq(requests_of(&mock), 0);
+    cr_assert_eq(messages(NULL, "{\"model\":\"claude\",\"max_tokens\":10," MSGS "}"), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(get(body_json(), "stop_reason")->valuestring, "max_tokens");
+    cr_assert_float_eq(header_usd(), usd(PROMPT_TOKENS, 0, 0, 10), 1e-9);
+}
+
+/* Deterministic requests are cached on chat's rules, keyed by endpoint
+ * too: the same body on /v1/messages is a hit, an OpenAI request of the
+ * same route, body and upstream model name is not. */
+Test(messages, the_response_cache_keys_the_endpoint)
+{
+    static const char body[] = "{\"model\":\"mix\",\"max_tokens\":5,\"temperature\":0," MSGS "}";
+    char first_id[64];
+
+    start("");
+    cr_assert_eq(messages(NULL, body), 0);
+    cr_assert_eq(resp.status, 200);
+    snprintf(first_id, sizeof(first_id), "%s", get(body_json(), "id")->valuestring);
+    cr_assert_eq(messages(NULL, body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
+    cr_assert_str_eq(get(body_json(), "id")->valuestring, first_id);
+    cr_assert_eq(requests_of(&mock), 1);
+    cr_assert_eq(call(router.port, "POST", "/v1/chat/completions", XKEY, body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "o");
+    cr_assert_str_eq(get(body_json(), "object")->valuestring, "chat.completion");
+}
+
+/* A whole answer without usage is charged the estimated prompt and its
+ * content's text counted with the backend's tokenizer: "The quick brown
+ * fox" is 4 tokens in o200k_base; "hello there" as a user message, by the
+ * chat framing, 3 + 1 + 2 + 3. */
+Test(messages, a_plain_answer_without_usage_is_charged_for_its_content_text)
+{
+    start("");
+    cr_assert_eq(messages("x-mock-tokens: 4\r\nx-mock-usage: omit\r\n",
+                          "{\"model\":\"claude\",\"max_tokens\":100," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_null(get(body_json(), "usage"));
+    cr_assert_float_eq(header_usd(), usd(9, 0, 0, 4), 1e-9);
+    cJSON *rec = last_cost_record();
+    cr_assert_eq(num(rec, "billed_prompt_tokens"), 9);
+    cr_assert_eq(num(rec, "billed_completion_tokens"), 4);
+    cJSON_Delete(rec);
+}
+
+/* Of the cache writes, those to the 1-hour cache (usage.cache_creation.
+ * ephemeral_1h_input_tokens) at the 1-hour rate, the rest at the 5-minute
+ * one. */
+Test(messages, one_hour_cache_writes_are_priced_at_their_own_rate)
+{
+    start("");
+    /* 3 + 4 + 5 = 12 prompt tokens: 6 written, 4 of them for an hour */
+    cr_assert_eq(messages("x-mock-tokens: 2\r\nx-mock-cache-write-tokens: 6\r\n"
+                          "x-mock-cache-write-1h-tokens: 4\r\n",
+                          "{\"model\":\"claude\",\"max_tokens\":50,\"messages\":[{\"role\":"
+                          "\"user\",\"content\":\"one two three four five\"}]}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    /* 6 x 100 + 2 x 125 + 4 x 200 + 2 x 300 micro */
+    double want = round(6 * IN_USD + 2 * WRITE_USD + 4 * WRITE_1H_USD + 2 * OUT_USD) / 1e6;
+    cr_assert_float_eq(header_usd(), want, 1e-9);
+    cJSON *rec = last_cost_record();
+    cr_assert_eq(num(rec, "billed_prompt_tokens"), 12);
+    cr_assert_eq(num(rec, "billed_cache_write_tokens"), 6);
+    cr_assert_eq(num(rec, "billed_cache_write_1h_tokens"), 4);
+    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
+    cJSON_Delete(rec);
+}
