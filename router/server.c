@@ -447,11 +447,6 @@ static int tags_take(struct router__request *req, struct slice value)
     return buf_append(&req->tag_text, value.p, value.len);
 }
 
-/* Keep the Authorization value. A second one is refused, not joined
- * (RFC 9110 5.3 allows joining only list-valued fields): "Bearer sk-ten"
- * and "ant-A" must not make the key "sk-tenant-A", and neither may be
- * chosen over the other, as proxies in front of the router may choose the
- * other one. */
 /* The key of an Authorization value "Bearer KEY" (the scheme in any
  * case, the blanks after it skipped), as router__bearer reads it; an
  * empty slice when it is none. */
@@ -475,6 +470,11 @@ static int same_key(const struct buf *auth, struct slice key)
     return key.len > 0 && held.len == key.len && CRYPTO_memcmp(held.p, key.p, key.len) == 0;
 }
 
+/* Keep the Authorization value. A second one is refused, not joined
+ * (RFC 9110 5.3 allows joining only list-valued fields): "Bearer sk-ten"
+ * and "ant-A" must not make the key "sk-tenant-A", and neither may be
+ * chosen over the other, as proxies in front of the router may choose the
+ * other one. */
 static int auth_take(struct router__request *req, struct slice value)
 {
     if (req->auth_seen) {
