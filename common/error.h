@@ -21,7 +21,7 @@ extern const char error_auth_conflict[];     /* 400: Authorization and x-api-key
 extern const char error_unauthorized[];      /* 401: missing or unknown tenant key */
 extern const char error_not_found[];         /* 404: unknown path */
 extern const char error_unknown_model[];     /* 404: no route for "model" */
-extern const char error_model_not_allowed[]; /* 403: not among the tenant's models */
+extern const char error_model_not_allowed[]; /* 403: not among the tenant's or key's models */
 extern const char error_method[];            /* 405: wrong method for path */
 extern const char error_timeout_client[];    /* 408: header/body timeout */
 extern const char error_body_too_large[];    /* 413 */

@@ -499,51 +499,74 @@ static int cmp_model_ref(const void *a, const void *b)
     return c ? c : (x->item > y->item) - (x->item < y->item);
 }
 
-/* A tenant's `models:`: each the model of a route, each listed once;
- * sorted by address for conf_tenant_allows (once: a long list stays
- * n log n). */
-static void resolve_tenant_models(struct conf__ctx *ctx, size_t i)
+/* A `models:` list (a tenant's or a key's: `n` names as written, NULL
+ * where a value was reported already, and their lines): each the model
+ * of a route, each listed once. Resolved into *out, sorted by address for
+ * conf_tenant_allows (sorted once: a long list stays n log n). `path` is
+ * the list's, e.g. "tenants[0].models". */
+static void resolve_models(struct conf__ctx *ctx, char *const *names, const int *lines, size_t n,
+                           const char *path, const struct conf_route ***out, size_t *nout)
 {
     struct conf *c = ctx->conf;
-    struct conf_tenant *t = &c->tenants[i];
-    const struct conf__meta *m = ctx->tenant_meta[i].sub;
-    struct model_ref *v;
-    size_t n = 0;
-    char path[96], q[CONF__QUOTE_SIZE];
+    struct model_ref *v = calloc(n + 1, sizeof(*v));
+    size_t nv = 0;
+    char ipath[160], q[CONF__QUOTE_SIZE];
 
-    if (m == NULL)
-        return;
-    v = calloc(m->nitems + 1, sizeof(*v));
-    t->models = calloc(m->nitems + 1, sizeof(*t->models));
-    if (v == NULL || t->models == NULL) {
+    *out = calloc(n + 1, sizeof(**out));
+    if (v == NULL || *out == NULL) {
         ctx->oom = 1;
         free(v);
         return;
     }
-    for (size_t j = 0; j < m->nitems; j++) {
+    for (size_t j = 0; j < n; j++) {
         const struct conf_route *r;
 
-        if (m->items[j] == NULL)
+        if (names[j] == NULL)
             continue; /* its value was already reported */
-        if ((r = conf_find_route(c, m->items[j], strlen(m->items[j]))) != NULL) {
-            v[n++] = (struct model_ref){r, j};
+        if ((r = conf_find_route(c, names[j], strlen(names[j]))) != NULL) {
+            v[nv++] = (struct model_ref){r, j};
             continue;
         }
-        snprintf(path, sizeof(path), "tenants[%zu].models[%zu]", i, j);
-        conf__error(ctx, m->item_lines[j], path, "unknown model %s (no route has it)",
-                    conf__quote(q, m->items[j], strlen(m->items[j])));
+        snprintf(ipath, sizeof(ipath), "%s[%zu]", path, j);
+        conf__error(ctx, lines[j], ipath, "unknown model %s (no route has it)",
+                    conf__quote(q, names[j], strlen(names[j])));
     }
-    qsort(v, n, sizeof(*v), cmp_model_ref);
-    for (size_t k = 0; k < n; k++) {
-        if (t->nmodels == 0 || t->models[t->nmodels - 1] != v[k].route) {
-            t->models[t->nmodels++] = v[k].route;
+    qsort(v, nv, sizeof(*v), cmp_model_ref);
+    for (size_t k = 0; k < nv; k++) {
+        if (*nout == 0 || (*out)[*nout - 1] != v[k].route) {
+            (*out)[(*nout)++] = v[k].route;
             continue;
         }
-        snprintf(path, sizeof(path), "tenants[%zu].models[%zu]", i, v[k].item);
-        conf__error(ctx, m->item_lines[v[k].item], path, "model %s is listed twice",
+        snprintf(ipath, sizeof(ipath), "%s[%zu]", path, v[k].item);
+        conf__error(ctx, lines[v[k].item], ipath, "model %s is listed twice",
                     conf__quote(q, v[k].route->model, strlen(v[k].route->model)));
     }
     free(v);
+}
+
+/* The `models:` of tenant `i` and of its keys. A key's names were kept
+ * on it until now (its own meta lasts only while it is parsed): freed
+ * here once resolved. */
+static void resolve_tenant_models(struct conf__ctx *ctx, size_t i)
+{
+    struct conf_tenant *t = &ctx->conf->tenants[i];
+    const struct conf__meta *m = ctx->tenant_meta[i].sub;
+    char path[96];
+
+    if (m != NULL) {
+        snprintf(path, sizeof(path), "tenants[%zu].models", i);
+        resolve_models(ctx, m->items, m->item_lines, m->nitems, path, &t->models, &t->nmodels);
+    }
+    for (size_t j = 0; t->keys && j < t->nkeys; j++) {
+        struct conf_key *k = &t->keys[j];
+
+        if (k->model_names == NULL)
+            continue;
+        snprintf(path, sizeof(path), "tenants[%zu].api_keys[%zu].models", i, j);
+        resolve_models(ctx, k->model_names, k->model_lines, k->nmodel_names, path, &k->models,
+                       &k->nmodels);
+        conf__key_names_free(k);
+    }
 }
 
 static void check_tenants(struct conf__ctx *ctx, int best_quality)
@@ -871,10 +894,19 @@ void conf__check(struct conf__ctx *ctx)
 
 /* ---- lookups ---- */
 
+static int listed(const struct conf_route *const *v, size_t n, const struct conf_route *r)
+{
+    return v == NULL || bsearch(&r, v, n, sizeof(*v), cmp_route_ptr) != NULL;
+}
+
 int conf_tenant_allows(const struct conf_tenant *t, const struct conf_route *r)
 {
-    return t->models == NULL ||
-           bsearch(&r, t->models, t->nmodels, sizeof(*t->models), cmp_route_ptr) != NULL;
+    return listed(t->models, t->nmodels, r);
+}
+
+int conf_key_allows(const struct conf_key *k, const struct conf_route *r)
+{
+    return conf_tenant_allows(k->tenant, r) && listed(k->models, k->nmodels, r);
 }
 
 /* Binary search of `n` entries sorted by the C string found at byte

@@ -650,6 +650,15 @@ static void free_names(char **v, size_t n)
     free(v);
 }
 
+void conf__key_names_free(struct conf_key *k)
+{
+    free_names(k->model_names, k->nmodel_names);
+    free(k->model_lines);
+    k->model_names = NULL;
+    k->model_lines = NULL;
+    k->nmodel_names = 0;
+}
+
 void conf_free(struct conf *conf)
 {
     if (conf == NULL)
@@ -676,8 +685,11 @@ void conf_free(struct conf *conf)
 
         free(t->id);
         free(t->key_hashes);
-        for (size_t j = 0; t->keys && j < t->nkeys; j++)
+        for (size_t j = 0; t->keys && j < t->nkeys; j++) {
             free(t->keys[j].name);
+            free(t->keys[j].models);
+            conf__key_names_free(&t->keys[j]);
+        }
         free(t->keys);
         for (size_t j = 0; j < t->ntags; j++) {
             free(t->tags[j].key);

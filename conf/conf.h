@@ -166,6 +166,13 @@ struct conf_key {
     int64_t rpm;                      /* requests per minute through this key, 0 = no limit */
     int64_t tpm;                      /* tokens per minute through this key, 0 = no limit */
     const struct conf_tenant *tenant; /* owner */
+    /* `models:` of the key, within its tenant's: as conf_tenant.models */
+    const struct conf_route **models;
+    size_t nmodels;
+    /* its names as written and their lines, until check.c resolves them */
+    char **model_names;
+    int *model_lines;
+    size_t nmodel_names;
 };
 
 struct conf_tenant {
@@ -317,6 +324,9 @@ const struct conf_key *conf_find_key(const struct conf *conf, const uint8_t sha2
 /* May tenant `t` send requests to route `r` (of the same conf)? A binary
  * search of its `models:`, if it has any. */
 int conf_tenant_allows(const struct conf_tenant *t, const struct conf_route *r);
+/* The same for a request made with key `k`: its tenant's `models:` and
+ * its own must both allow `r`. */
+int conf_key_allows(const struct conf_key *k, const struct conf_route *r);
 /* Tenant by id, price entry by name (C strings); NULL when none. */
 const struct conf_tenant *conf_find_tenant(const struct conf *conf, const char *id);
 const struct conf_price *conf_find_price(const struct conf *conf, const char *name);

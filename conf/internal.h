@@ -141,7 +141,9 @@ enum conf__experiment_key {
 
 enum conf__arm_key { CONF__A_NAME, CONF__A_WEIGHT, CONF__A_BACKENDS, CONF__A_COUNT };
 
-enum conf__key_key { CONF__K_HASH, CONF__K_NAME, CONF__K_RPM, CONF__K_TPM, CONF__K_COUNT };
+enum conf__key_key {
+    CONF__K_HASH, CONF__K_NAME, CONF__K_RPM, CONF__K_TPM, CONF__K_MODELS, CONF__K_COUNT
+};
 
 enum conf__price_key {
     CONF__P_INPUT_USD, CONF__P_OUTPUT_USD, CONF__P_CACHED_INPUT_USD,
@@ -169,6 +171,9 @@ enum conf__included_key { CONF__I_PRICES, CONF__I_COUNT };
  * can `return conf__error(...)`. */
 int conf__error(struct conf__ctx *ctx, int line, const char *path, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
+
+/* Free a key's `models:` names and lines (kept from phase 1 to 3). */
+void conf__key_names_free(struct conf_key *k);
 
 /* Phase 1: parse the top-level mapping `root` (may be NULL) into ctx->conf
  * and the metas; returns -1 if `root` is not a mapping at all, when the

@@ -603,6 +603,21 @@ static void node_tenant_models(struct conf__ctx *ctx, void *obj, struct conf__me
     parse_names(ctx, n, line, path, &meta->sub->items, &meta->sub->nitems, meta->sub);
 }
 
+/* A key's models: kept on the key, names and lines, until check.c
+ * resolves them (the key's own meta lasts only while it is parsed). */
+static void node_key_models(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
+                            struct fy_node *n, int line, const char *path)
+{
+    struct conf_key *k = obj;
+    struct conf__meta km = {.line = line};
+
+    (void)meta;
+    if (k->model_names != NULL)
+        return; /* a duplicate key, reported as such */
+    parse_names(ctx, n, line, path, &k->model_names, &k->nmodel_names, &km);
+    k->model_lines = km.item_lines;
+}
+
 static void node_arm_backends(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
                               struct fy_node *n, int line, const char *path)
 {
@@ -1302,6 +1317,7 @@ static const struct directive key_directives[CONF__K_COUNT] = {
     [CONF__K_NAME] = {"name", NULL, T_STR, K(name), .fn = check_name},
     [CONF__K_RPM] = {"rpm", NULL, T_I64, K(rpm), 0, BIG, "0"},
     [CONF__K_TPM] = {"tpm", NULL, T_I64, K(tpm), 0, BIG, "0"},
+    [CONF__K_MODELS] = {"models", NULL, T_NODE, .node = node_key_models},
 };
 #undef K
 

@@ -452,7 +452,7 @@ static void send_models(struct router__client *c)
     for (size_t i = 0; i < conf->nroutes; i++) {
         cJSON *m;
 
-        if (!conf_tenant_allows(c->req.tenant, &conf->routes[i]))
+        if (!conf_key_allows(c->req.key, &conf->routes[i]))
             continue;
         m = cJSON_CreateObject();
 
@@ -637,7 +637,7 @@ static const char *parse_body(struct router__client *c, const char **detail)
      * that API, no model at all: answered as an unknown one. */
     if (req->route == NULL || req->route->speaks[router__endpoint_api(req->endpoint)] == 0)
         return error_unknown_model;
-    if (!conf_tenant_allows(req->tenant, req->route))
+    if (!conf_key_allows(req->key, req->route))
         return error_model_not_allowed;
     if (req->endpoint == ROUTER_EP_RESPONSES && (*detail = responses_shape_error(req->json)))
         return error_invalid_type;

@@ -286,7 +286,9 @@ static struct error_case error_cases[] = {
       "20: tenants[1].models[1]: unknown model \"nope\" (no route has it)",
       "20: tenants[1].models[3]: unknown model \"\" (no route has it)",
       "20: tenants[1].models[2]: model \"chat\" is listed twice",
-      "23: tenants[2].models: must not be empty"},
+      "23: tenants[2].models: must not be empty",
+      "27: tenants[3].api_keys[0].models[0]: unknown model \"nope\" (no route has it)",
+      "27: tenants[3].api_keys[0].models[2]: model \"chat\" is listed twice"},
      .absent = {"sk-raw-secret-in-hash"}},
     {.file = DATA "experiments_bad.yaml", .lines =
      {"13: experiments[0].tenants[1]: unknown tenant \"t9\"",
@@ -740,6 +742,14 @@ Test(conf, prices_keys_experiments_store_cache, .timeout = 10)
     cr_assert_eq(conf_find_tenant(c, "t2")->nmodels, 1);
     cr_expect(conf_tenant_allows(conf_find_tenant(c, "t2"), conf_find_route(c, "big", 3)));
     cr_expect_not(conf_tenant_allows(conf_find_tenant(c, "t2"), conf_find_route(c, "chat", 4)));
+    /* a key's own list, within its tenant's: t1's ci-bot has models: [big] */
+    cr_assert_eq(t->keys[1].nmodels, 1);
+    cr_expect(conf_key_allows(&t->keys[1], conf_find_route(c, "big", 3)));
+    cr_expect_not(conf_key_allows(&t->keys[1], conf_find_route(c, "chat", 4)));
+    cr_expect(conf_key_allows(&t->keys[0], conf_find_route(c, "chat", 4)), "no list: all");
+    cr_expect_not(conf_key_allows(&conf_find_tenant(c, "t2")->keys[0],
+                                  conf_find_route(c, "chat", 4)),
+                  "the tenant's list binds its keys");
     cr_assert_eq(t, &c->tenants[0]);
     cr_expect_eq(conf_find_tenant(c, "t2"), &c->tenants[1]);
     cr_expect_null(conf_find_tenant(c, "t"));

@@ -1659,31 +1659,34 @@ Test(proxy, a_taken_port_is_an_error_exit_not_a_hang)
 /* ---- the models a tenant may use ---- */
 
 #define OTHER_KEY "sk-test-other"
+#define BOT_KEY "sk-test-bot"
 
-/* A tenant limited to `models: [mini]` beside one that may use every
- * route: the other routes are a 403 for it (OpenAI's answer to a project
- * without access to a model), nothing goes upstream, and /v1/models lists
- * only its own. */
+/* A tenant limited to `models: [mini, big]` beside one that may use
+ * every route: the other routes are a 403 for it (OpenAI's answer to a
+ * project without access to a model), nothing goes upstream, and
+ * /v1/models lists only its own. A key of the latter limited to
+ * `models: [big]` has that alone. */
 Test(proxy, a_tenant_uses_only_its_models)
 {
-    char a[1024], hex[65], other_hex[65];
+    char a[1024], hex[65], other_hex[65], bot_hex[65];
 
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     support_key_sha256_hex(TENANT_KEY, hex);
     support_key_sha256_hex(OTHER_KEY, other_hex);
+    support_key_sha256_hex(BOT_KEY, bot_hex);
     start_router_with(
         "listen: 127.0.0.1:0\nbackends:\n%s"
         "routes:\n  - {model: chat, candidates: [a]}\n  - {model: mini, candidates: [a]}\n"
         "  - {model: big, candidates: [a]}\n"
-        "tenants:\n  - {id: all, api_keys: [\"sha256:%s\"]}\n"
+        "tenants:\n  - {id: all, api_keys: [\"sha256:%s\", {hash: \"sha256:%s\", models: [big]}]}\n"
         "  - {id: limited, api_keys: [\"sha256:%s\"], models: [mini, big]}\n",
-        backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), hex, other_hex);
+        backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), hex, bot_hex, other_hex);
 
     cr_assert_eq(call("POST", "/v1/chat/completions", "Authorization: Bearer " OTHER_KEY "\r\n",
                       CHAT),
                  0);
     assert_error(403, "model_not_found");
-    cr_assert_str_eq(json_str(json, "error.message"), "the tenant may not use this model: chat");
+    cr_assert_str_eq(json_str(json, "error.message"), "this key may not use this model: chat");
     cr_assert_eq(call("POST", "/v1/chat/completions", "Authorization: Bearer " OTHER_KEY "\r\n",
                       "{\"model\":\"mini\",\"messages\":[]}"),
                  0);
@@ -1700,4 +1703,17 @@ Test(proxy, a_tenant_uses_only_its_models)
     cr_assert_str_eq(json_str(cJSON_GetArrayItem(data, 1), "id"), "big");
     cr_assert_eq(call("GET", "/v1/models", AUTH, NULL), 0);
     cr_assert_eq(cJSON_GetArraySize(cJSON_GetObjectItem(body_json(), "data")), 3);
+
+    cr_assert_eq(call("POST", "/v1/chat/completions", "Authorization: Bearer " BOT_KEY "\r\n",
+                      CHAT),
+                 0);
+    assert_error(403, "model_not_found");
+    cr_assert_eq(call("GET", "/v1/models", "Authorization: Bearer " BOT_KEY "\r\n", NULL), 0);
+    data = cJSON_GetObjectItem(body_json(), "data");
+    cr_assert_eq(cJSON_GetArraySize(data), 1);
+    cr_assert_str_eq(json_str(cJSON_GetArrayItem(data, 0), "id"), "big");
+    cr_assert_eq(call("POST", "/v1/chat/completions", "Authorization: Bearer " BOT_KEY "\r\n",
+                      "{\"model\":\"big\",\"messages\":[]}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
 }
