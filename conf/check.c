@@ -485,7 +485,7 @@ static int cmp_route_ptr(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* One resolved entry of a tenant's `models:`. */
+/* One resolved entry of a `models:` list. */
 struct model_ref {
     const struct conf_route *route;
     size_t item; /* its position in the list */
@@ -499,73 +499,66 @@ static int cmp_model_ref(const void *a, const void *b)
     return c ? c : (x->item > y->item) - (x->item < y->item);
 }
 
-/* A `models:` list (a tenant's or a key's: `n` names as written, NULL
- * where a value was reported already, and their lines): each the model
- * of a route, each listed once. Resolved into *out, sorted by address for
- * conf_tenant_allows (sorted once: a long list stays n log n). `path` is
- * the list's, e.g. "tenants[0].models". */
-static void resolve_models(struct conf__ctx *ctx, char *const *names, const int *lines, size_t n,
-                           const char *path, const struct conf_route ***out, size_t *nout)
+/* A `models:` list (a tenant's or a key's; a NULL name is a value
+ * reported already): each the model of a route, each listed once.
+ * Resolved into m->routes, sorted by address for the conf_*_allows
+ * lookups (sorted once: a long list stays n log n); the names are freed.
+ * `path` is the list's, e.g. "tenants[0].models". */
+static void resolve_models(struct conf__ctx *ctx, struct conf_models *m, const char *path)
 {
     struct conf *c = ctx->conf;
-    struct model_ref *v = calloc(n + 1, sizeof(*v));
+    struct model_ref *v = calloc(m->nnames + 1, sizeof(*v));
     size_t nv = 0;
     char ipath[160], q[CONF__QUOTE_SIZE];
 
-    *out = calloc(n + 1, sizeof(**out));
-    if (v == NULL || *out == NULL) {
+    m->routes = calloc(m->nnames + 1, sizeof(*m->routes));
+    if (v == NULL || m->routes == NULL) {
         ctx->oom = 1;
-        free(v);
-        return;
+        goto out;
     }
-    for (size_t j = 0; j < n; j++) {
+    for (size_t j = 0; j < m->nnames; j++) {
         const struct conf_route *r;
 
-        if (names[j] == NULL)
+        if (m->names[j] == NULL)
             continue; /* its value was already reported */
-        if ((r = conf_find_route(c, names[j], strlen(names[j]))) != NULL) {
+        if ((r = conf_find_route(c, m->names[j], strlen(m->names[j]))) != NULL) {
             v[nv++] = (struct model_ref){r, j};
             continue;
         }
         snprintf(ipath, sizeof(ipath), "%s[%zu]", path, j);
-        conf__error(ctx, lines[j], ipath, "unknown model %s (no route has it)",
-                    conf__quote(q, names[j], strlen(names[j])));
+        conf__error(ctx, m->lines[j], ipath, "unknown model %s (no route has it)",
+                    conf__quote(q, m->names[j], strlen(m->names[j])));
     }
     qsort(v, nv, sizeof(*v), cmp_model_ref);
     for (size_t k = 0; k < nv; k++) {
-        if (*nout == 0 || (*out)[*nout - 1] != v[k].route) {
-            (*out)[(*nout)++] = v[k].route;
+        if (m->n == 0 || m->routes[m->n - 1] != v[k].route) {
+            m->routes[m->n++] = v[k].route;
             continue;
         }
         snprintf(ipath, sizeof(ipath), "%s[%zu]", path, v[k].item);
-        conf__error(ctx, lines[v[k].item], ipath, "model %s is listed twice",
+        conf__error(ctx, m->lines[v[k].item], ipath, "model %s is listed twice",
                     conf__quote(q, v[k].route->model, strlen(v[k].route->model)));
     }
+out:
     free(v);
+    conf__models_names_free(m);
 }
 
-/* The `models:` of tenant `i` and of its keys. A key's names were kept
- * on it until now (its own meta lasts only while it is parsed): freed
- * here once resolved. */
+/* The `models:` of tenant `i` and of its keys. */
 static void resolve_tenant_models(struct conf__ctx *ctx, size_t i)
 {
     struct conf_tenant *t = &ctx->conf->tenants[i];
-    const struct conf__meta *m = ctx->tenant_meta[i].sub;
     char path[96];
 
-    if (m != NULL) {
+    if (t->models.names != NULL) {
         snprintf(path, sizeof(path), "tenants[%zu].models", i);
-        resolve_models(ctx, m->items, m->item_lines, m->nitems, path, &t->models, &t->nmodels);
+        resolve_models(ctx, &t->models, path);
     }
     for (size_t j = 0; t->keys && j < t->nkeys; j++) {
-        struct conf_key *k = &t->keys[j];
-
-        if (k->model_names == NULL)
+        if (t->keys[j].models.names == NULL)
             continue;
         snprintf(path, sizeof(path), "tenants[%zu].api_keys[%zu].models", i, j);
-        resolve_models(ctx, k->model_names, k->model_lines, k->nmodel_names, path, &k->models,
-                       &k->nmodels);
-        conf__key_names_free(k);
+        resolve_models(ctx, &t->keys[j].models, path);
     }
 }
 
@@ -894,19 +887,20 @@ void conf__check(struct conf__ctx *ctx)
 
 /* ---- lookups ---- */
 
-static int listed(const struct conf_route *const *v, size_t n, const struct conf_route *r)
+static int listed(const struct conf_models *m, const struct conf_route *r)
 {
-    return v == NULL || bsearch(&r, v, n, sizeof(*v), cmp_route_ptr) != NULL;
+    return m->routes == NULL ||
+           bsearch(&r, m->routes, m->n, sizeof(*m->routes), cmp_route_ptr) != NULL;
 }
 
 int conf_tenant_allows(const struct conf_tenant *t, const struct conf_route *r)
 {
-    return listed(t->models, t->nmodels, r);
+    return listed(&t->models, r);
 }
 
 int conf_key_allows(const struct conf_key *k, const struct conf_route *r)
 {
-    return conf_tenant_allows(k->tenant, r) && listed(k->models, k->nmodels, r);
+    return conf_tenant_allows(k->tenant, r) && listed(&k->models, r);
 }
 
 /* Binary search of `n` entries sorted by the C string found at byte

@@ -650,13 +650,19 @@ static void free_names(char **v, size_t n)
     free(v);
 }
 
-void conf__key_names_free(struct conf_key *k)
+void conf__models_names_free(struct conf_models *m)
 {
-    free_names(k->model_names, k->nmodel_names);
-    free(k->model_lines);
-    k->model_names = NULL;
-    k->model_lines = NULL;
-    k->nmodel_names = 0;
+    free_names(m->names, m->nnames);
+    free(m->lines);
+    m->names = NULL;
+    m->lines = NULL;
+    m->nnames = 0;
+}
+
+static void free_models(struct conf_models *m)
+{
+    conf__models_names_free(m);
+    free(m->routes);
 }
 
 void conf_free(struct conf *conf)
@@ -687,8 +693,7 @@ void conf_free(struct conf *conf)
         free(t->key_hashes);
         for (size_t j = 0; t->keys && j < t->nkeys; j++) {
             free(t->keys[j].name);
-            free(t->keys[j].models);
-            conf__key_names_free(&t->keys[j]);
+            free_models(&t->keys[j].models);
         }
         free(t->keys);
         for (size_t j = 0; j < t->ntags; j++) {
@@ -696,7 +701,7 @@ void conf_free(struct conf *conf)
             free(t->tags[j].value);
         }
         free(t->tags);
-        free(t->models);
+        free_models(&t->models);
     }
     for (size_t i = 0; i < conf->nexperiments; i++) {
         struct conf_experiment *e = &conf->experiments[i];

@@ -158,6 +158,17 @@ struct conf_tenant;
 
 /* One accepted tenant key: an api_keys entry, written either as a plain
  * "sha256:..." string or as {hash, name, rpm, tpm}. */
+/* A `models:` list, a tenant's or a key's: the routes (by the "model"
+ * clients send) it allows. */
+struct conf_models {
+    const struct conf_route **routes; /* sorted by address for the conf_*_allows
+                                         lookups; NULL = every route */
+    size_t n;                         /* entries in routes */
+    char **names;                     /* as written, and their lines: kept from parsing */
+    int *lines;                       /* until check.c resolves them, then freed */
+    size_t nnames;
+};
+
 struct conf_key {
     uint8_t hash[32];                 /* SHA-256 of the key */
     char *name;                       /* label for logs and metrics, or NULL; unique in its tenant */
@@ -166,13 +177,7 @@ struct conf_key {
     int64_t rpm;                      /* requests per minute through this key, 0 = no limit */
     int64_t tpm;                      /* tokens per minute through this key, 0 = no limit */
     const struct conf_tenant *tenant; /* owner */
-    /* `models:` of the key, within its tenant's: as conf_tenant.models */
-    const struct conf_route **models;
-    size_t nmodels;
-    /* its names as written and their lines, until check.c resolves them */
-    char **model_names;
-    int *model_lines;
-    size_t nmodel_names;
+    struct conf_models models;        /* `models:`, within its tenant's */
 };
 
 struct conf_tenant {
@@ -193,10 +198,7 @@ struct conf_tenant {
     int min_quality;             /* 0 = any */
     struct conf_tag *tags;
     size_t ntags;
-    /* `models:` the routes (by the "model" clients send) it may use, sorted
-     * by address for conf_tenant_allows; NULL = every route. */
-    const struct conf_route **models;
-    size_t nmodels;
+    struct conf_models models;   /* `models:` the routes it may use */
 };
 
 /* One arm of an experiment. */

@@ -43,8 +43,7 @@ struct conf__meta {
     int *item_lines; /* the object's one list of names (route candidates, tenant
                         api_keys, experiment tenants, arm backends): line of each */
     size_t nitems;   /* entries in items (routes) or item_lines */
-    struct conf__meta *sub; /* experiment: one per arm; tenant: its models' names
-                               (its own list is its api_keys) (owned) */
+    struct conf__meta *sub; /* experiment: one per arm (owned) */
     size_t nsub;     /* entries in sub */
 };
 
@@ -172,8 +171,8 @@ enum conf__included_key { CONF__I_PRICES, CONF__I_COUNT };
 int conf__error(struct conf__ctx *ctx, int line, const char *path, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
-/* Free a key's `models:` names and lines (kept from phase 1 to 3). */
-void conf__key_names_free(struct conf_key *k);
+/* Free a `models:` list's names and lines (kept from phase 1 to 3). */
+void conf__models_names_free(struct conf_models *m);
 
 /* Phase 1: parse the top-level mapping `root` (may be NULL) into ctx->conf
  * and the metas; returns -1 if `root` is not a mapping at all, when the

@@ -586,36 +586,33 @@ static void node_experiment_tenants(struct conf__ctx *ctx, void *obj, struct con
     parse_names(ctx, n, line, path, &e->tenants, &e->ntenants, meta);
 }
 
-/* A tenant's models: the names, in a sub-meta of the tenant's (whose own
- * list is its api_keys), until check.c resolves them to routes. */
+/* A `models:` list (a tenant's or a key's): its names and their lines,
+ * kept on the list until check.c resolves them to routes (a key's meta
+ * lasts only while the key is parsed, and a tenant's holds its keys'
+ * lines). */
+static void parse_models(struct conf__ctx *ctx, struct conf_models *m, struct fy_node *n,
+                         int line, const char *path)
+{
+    struct conf__meta lm = {.line = line};
+
+    if (m->names != NULL)
+        return; /* a duplicate key, reported as such */
+    parse_names(ctx, n, line, path, &m->names, &m->nnames, &lm);
+    m->lines = lm.item_lines;
+}
+
 static void node_tenant_models(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
                                struct fy_node *n, int line, const char *path)
 {
-    (void)obj;
-    if (meta->sub != NULL)
-        return; /* a duplicate key, reported as such */
-    if ((meta->sub = calloc(1, sizeof(*meta->sub))) == NULL) {
-        ctx->oom = 1;
-        return;
-    }
-    meta->nsub = 1;
-    meta->sub->line = line;
-    parse_names(ctx, n, line, path, &meta->sub->items, &meta->sub->nitems, meta->sub);
+    (void)meta;
+    parse_models(ctx, &((struct conf_tenant *)obj)->models, n, line, path);
 }
 
-/* A key's models: kept on the key, names and lines, until check.c
- * resolves them (the key's own meta lasts only while it is parsed). */
 static void node_key_models(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
                             struct fy_node *n, int line, const char *path)
 {
-    struct conf_key *k = obj;
-    struct conf__meta km = {.line = line};
-
     (void)meta;
-    if (k->model_names != NULL)
-        return; /* a duplicate key, reported as such */
-    parse_names(ctx, n, line, path, &k->model_names, &k->nmodel_names, &km);
-    k->model_lines = km.item_lines;
+    parse_models(ctx, &((struct conf_key *)obj)->models, n, line, path);
 }
 
 static void node_arm_backends(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,

@@ -736,14 +736,14 @@ Test(conf, prices_keys_experiments_store_cache, .timeout = 10)
 
     /* tenants, keys and their limits; the models a tenant may use */
     t = conf_find_tenant(c, "t1");
-    cr_expect_null(t->models, "every model");
+    cr_expect_null(t->models.routes, "every model");
     cr_expect(conf_tenant_allows(t, conf_find_route(c, "chat", 4)));
     cr_expect(conf_tenant_allows(t, conf_find_route(c, "big", 3)));
-    cr_assert_eq(conf_find_tenant(c, "t2")->nmodels, 1);
+    cr_assert_eq(conf_find_tenant(c, "t2")->models.n, 1);
     cr_expect(conf_tenant_allows(conf_find_tenant(c, "t2"), conf_find_route(c, "big", 3)));
     cr_expect_not(conf_tenant_allows(conf_find_tenant(c, "t2"), conf_find_route(c, "chat", 4)));
     /* a key's own list, within its tenant's: t1's ci-bot has models: [big] */
-    cr_assert_eq(t->keys[1].nmodels, 1);
+    cr_assert_eq(t->keys[1].models.n, 1);
     cr_expect(conf_key_allows(&t->keys[1], conf_find_route(c, "big", 3)));
     cr_expect_not(conf_key_allows(&t->keys[1], conf_find_route(c, "chat", 4)));
     cr_expect(conf_key_allows(&t->keys[0], conf_find_route(c, "chat", 4)), "no list: all");
