@@ -660,7 +660,7 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
 {
     struct router__request *req = &c->req;
     const struct conf_backend *b;
-    char route_key[2 * CONF_NAME_MAX + sizeof("#completions#stream+usage tenant=:") + 20];
+    char route_key[2 * CONF_NAME_MAX + sizeof("/chat/completions#stream+usage tenant=:") + 20];
     const char *kind, *api;
 
     if (choose(c, last_error) != 0)
@@ -676,10 +676,7 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
         kind = !req->stream ? "" : client_wants_usage(req) ? "#stream+usage" : "#stream";
         /* and so are the endpoints: one body may mean two requests, and an
          * Anthropic answer is no chat answer */
-        api = req->endpoint == ROUTER_EP_COMPLETIONS ? "#completions"
-              : req->endpoint == ROUTER_EP_RESPONSES ? "#responses"
-              : req->endpoint == ROUTER_EP_MESSAGES  ? "#messages"
-                                                     : "";
+        api = endpoint_suffix(req->endpoint);
         if (c->router->conf->cache_shared)
             snprintf(route_key, sizeof(route_key), "%s%s%s", req->route->model, api, kind);
         else
