@@ -260,6 +260,13 @@ static int choices_empty_array(const char *json, size_t len)
     return v < end && *v == ']';
 }
 
+/* Every count of `out` unknown: what an event or body without them leaves. */
+static void usage_unknown(struct router__usage *out)
+{
+    out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
+    out->cache_write_tokens = out->cache_write_1h_tokens = -1;
+}
+
 int router__usage_parse(const char *json, size_t len, struct router__usage *out,
                         int *choices_empty)
 {
@@ -267,8 +274,7 @@ int router__usage_parse(const char *json, size_t len, struct router__usage *out,
     cJSON *usage, *details;
     int found;
 
-    out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
-    out->cache_write_tokens = out->cache_write_1h_tokens = -1;
+    usage_unknown(out);
     if (choices_empty != NULL)
         *choices_empty = 0;
     if (start == NULL)
@@ -322,6 +328,18 @@ static const char *value_end(const char *p, const char *end)
     return p != NULL && depth == 0 ? p : NULL;
 }
 
+/* The value of the root member `key` when it is an object: its start,
+ * with *obj_end just past it; NULL otherwise. */
+static const char *member_object(const char *json, const char *end, const char *key,
+                                 size_t klen, const char **obj_end)
+{
+    const char *v = member_value(json, end, key, klen);
+
+    if (v == NULL || v >= end || *v != '{' || (*obj_end = value_end(v, end)) == NULL)
+        return NULL;
+    return v;
+}
+
 /* The "response" object of a terminal /v1/responses event, in
  * [*resp, *resp_end), or 0 when the event is no such one. Only a terminal
  * event's object is the answer's: response.created and
@@ -333,8 +351,7 @@ static int terminal_response(const char *json, const char *end, const char *type
           value_is(type, end, LIT("\"response.incomplete\"")) ||
           value_is(type, end, LIT("\"response.failed\""))))
         return 0;
-    *resp = member_value(json, end, LIT("\"response\""));
-    return *resp != NULL && **resp == '{' && (*resp_end = value_end(*resp, end)) != NULL;
+    return (*resp = member_object(json, end, LIT("\"response\""), resp_end)) != NULL;
 }
 
 int router__responses_event(const char *json, size_t len, struct router__usage *out,
@@ -343,8 +360,7 @@ int router__responses_event(const char *json, size_t len, struct router__usage *
     const char *end = json + len, *type = member_value(json, end, LIT("\"type\""));
     const char *resp, *resp_end;
 
-    out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
-    out->cache_write_tokens = out->cache_write_1h_tokens = -1;
+    usage_unknown(out);
     *text_delta = value_is(type, end, LIT("\"response.output_text.delta\""));
     if (*text_delta || !terminal_response(json, end, type, &resp, &resp_end))
         return 0;
@@ -379,14 +395,12 @@ int router__messages_event(const char *json, size_t len, struct router__usage *o
     const char *end = json + len, *type = member_value(json, end, LIT("\"type\""));
     const char *msg, *msg_end, *delta, *dtype;
 
-    out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
-    out->cache_write_tokens = out->cache_write_1h_tokens = -1;
+    usage_unknown(out);
     *text_delta = 0;
     if (value_is(type, end, LIT("\"content_block_delta\""))) {
         /* Text and a tool call's input as it is written: the answer's
          * tokens. thinking_delta and signature_delta are not counted. */
-        delta = member_value(json, end, LIT("\"delta\""));
-        if (delta != NULL && *delta == '{' && (msg_end = value_end(delta, end)) != NULL) {
+        if ((delta = member_object(json, end, LIT("\"delta\""), &msg_end)) != NULL) {
             dtype = member_value(delta, msg_end, LIT("\"type\""));
             *text_delta = value_is(dtype, msg_end, LIT("\"text_delta\"")) ||
                           value_is(dtype, msg_end, LIT("\"input_json_delta\""));
@@ -397,9 +411,8 @@ int router__messages_event(const char *json, size_t len, struct router__usage *o
         return router__usage_parse(json, len, out, NULL);
     if (!value_is(type, end, LIT("\"message_start\"")))
         return 0;
-    msg = member_value(json, end, LIT("\"message\""));
-    if (msg == NULL || *msg != '{' || (msg_end = value_end(msg, end)) == NULL ||
-        !router__usage_parse(msg, (size_t)(msg_end - msg), out, NULL))
+    msg = member_object(json, end, LIT("\"message\""), &msg_end);
+    if (msg == NULL || !router__usage_parse(msg, (size_t)(msg_end - msg), out, NULL))
         return 0;
     /* Its output_tokens is the count so far (1 or so), not the answer's:
      * a stream that ends before a message_delta is charged its deltas. */
