@@ -79,6 +79,7 @@ struct line {
     char id[64];
     int status, router, seen;
     long long cost_pico, est_micro;
+    long long ts_ms; /* when the request started, -1: unknown */
 };
 
 static struct support_proc routers[NROUTERS], mock;
@@ -607,6 +608,22 @@ static double number_of(const cJSON *rec, const char *name)
     return cJSON_IsNumber(v) ? v->valuedouble : NAN;
 }
 
+/* Wall-clock ms of a log line ("2026-12-07T05:39:30.123Z info ...") or a
+ * cost log line's "ts", -1
+ * when it has no time. */
+static long long log_line_ms(const char *line)
+{
+    struct tm tm = {0};
+    int ms;
+
+    if (sscanf(line, "%4d-%2d-%2dT%2d:%2d:%2d.%3dZ", &tm.tm_year, &tm.tm_mon, &tm.tm_mday,
+               &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &ms) != 7)
+        return -1;
+    tm.tm_year -= 1900;
+    tm.tm_mon -= 1;
+    return (long long)timegm(&tm) * 1000 + ms;
+}
+
 static void read_cost_log(int router)
 {
     char path[192], text[8192];
@@ -618,6 +635,7 @@ static void read_cost_log(int router)
     while (fgets(text, sizeof(text), f)) {
         cJSON *rec = cJSON_Parse(text);
         const cJSON *id = cJSON_GetObjectItem(rec, "request_id");
+        const cJSON *ts = cJSON_GetObjectItem(rec, "ts");
         double est = number_of(rec, "cost_usd_est");
         struct line l = {.router = router};
 
@@ -626,6 +644,7 @@ static void read_cost_log(int router)
         l.status = (int)number_of(rec, "status");
         l.cost_pico = llround(number_of(rec, "cost_usd") * 1e12);
         l.est_micro = isnan(est) ? 0 : llround(est * 1e6);
+        l.ts_ms = cJSON_IsString(ts) ? log_line_ms(ts->valuestring) : -1;
         add_line(&l);
         cJSON_Delete(rec);
     }
@@ -769,12 +788,18 @@ static long long largest_excesses(int router, size_t k)
  * time per client, at most NCLIENTS are in flight: the NCLIENTS largest
  * excesses bound it.
  */
-static void budget_held(long long spent)
+static void budget_held_beside(long long spent, long long skew)
 {
     long long bound = largest_excesses(-1, NCLIENTS);
 
-    cr_assert_leq(spent, budget_micro + bound, "spent %lld micro-USD, budget %lld + excess %lld",
-                  spent, budget_micro, bound);
+    cr_assert_leq(spent, budget_micro + bound + skew,
+                  "spent %lld micro-USD, budget %lld + excess %lld + reconnect skew %lld", spent,
+                  budget_micro, bound, skew);
+}
+
+static void budget_held(long long spent)
+{
+    budget_held_beside(spent, 0);
 }
 
 /* ---- Redis ---- */
@@ -1003,6 +1028,17 @@ static void hold_across_answered(struct support_http_conn *slow)
     support_http_response_free(&r);
 }
 
+/* When Redis went away and came back, in the routers' log clock. */
+static long long outage_ms, back_ms;
+
+static long long wall_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 /* Once the clients have made PHASE_ONE requests each, they go on and
  * Redis goes away for 1.5 s: longer than the command timeout, so the
  * routers take it for down, serve or refuse as store.on_failure says, and
@@ -1018,6 +1054,7 @@ static void outage_midway(enum outage how, struct support_http_conn *slow)
     hold_across(slow);
     clients_go();
     until = mono_s() + 1.5;
+    outage_ms = wall_ms();
     test_redis_kill(&redis, how == FREEZE ? SIGSTOP : SIGKILL);
     while (!noticed && mono_s() < until - 0.1) {
         usleep(50000);
@@ -1030,6 +1067,7 @@ static void outage_midway(enum outage how, struct support_http_conn *slow)
         test_redis_kill(&redis, SIGCONT);
     else
         cr_assert_eq(test_redis_restart(&redis), 0);
+    back_ms = wall_ms();
 }
 
 static int journaled(void)
@@ -1044,14 +1082,105 @@ static int journaled(void)
     return n;
 }
 
+/* How router `router` lived through the outage, from its log. */
+struct reconnect {
+    long long connected_ms; /* back on Redis: the last connect since the outage,
+                             * or when Redis came back if it never lost it */
+    long long first_ms;     /* its first connect since the outage (or as above) */
+    long long journal;      /* micro-USD it wrote back from its journal (the most
+                             * one write-back line names), 0: none */
+};
+
+static void read_reconnect(int router, struct reconnect *out)
+{
+    char path[192], line[1024];
+    const char *wb;
+    long long ms, amount;
+    int lost = 0;
+    FILE *f;
+
+    snprintf(path, sizeof(path), "%s/router-%d.log", dir, router);
+    f = fopen(path, "r");
+    cr_assert_not_null(f, "%s", path);
+    *out = (struct reconnect){-1, -1, 0};
+    while (fgets(line, sizeof(line), f) != NULL) {
+        ms = log_line_ms(line);
+        if (ms < outage_ms)
+            continue;
+        if (strstr(line, "store: lost Redis") != NULL) {
+            lost = 1;
+        } else if (strstr(line, "store: connected to Redis") != NULL) {
+            out->connected_ms = ms;
+            if (out->first_ms < 0)
+                out->first_ms = ms;
+        } else if ((wb = strstr(line, "store: writing back ")) != NULL &&
+                   sscanf(wb, "store: writing back %*[0-9] journaled charges (%lld", &amount) == 1 &&
+                   amount > out->journal) {
+            out->journal = amount;
+        }
+    }
+    fclose(f);
+    if (!lost || out->connected_ms < 0)
+        out->connected_ms = out->first_ms = back_ms;
+}
+
+/* What router `router`'s cost log says it charged for requests that
+ * started from `from_ms` to `to_ms` (micro-USD, rounded up). */
+static long long charged_between(int router, long long from_ms, long long to_ms)
+{
+    long long pico = 0;
+
+    for (size_t i = 0; i < nlines; i++)
+        if (lines[i].router == router && lines[i].ts_ms >= from_ms && lines[i].ts_ms <= to_ms)
+            pico += lines[i].cost_pico;
+    return (pico + 999999) / 1000000;
+}
+
+/*
+ * What README Status allows beyond budget_held under fail_open: a router
+ * still on its own counters while another is back on Redis's exact
+ * counts, which miss the first one's journaled spend, lets the budget pass
+ * by that spend (at most its share). A router writes its journal back as
+ * it reconnects, before it admits anything there, so router d's journal
+ * is missed only by what the routers back before it admitted meanwhile:
+ * the requests they started from their reconnect to d's (20 ms more, for
+ * d's write-back to reach Redis on a loaded machine). On an idle machine
+ * the three reconnect within a few ms and this is a few requests; on a
+ * loaded one a router's reconnect can lag by a second.
+ */
+static long long reconnect_skew(void)
+{
+    struct reconnect r[NROUTERS];
+    long long skew = 0;
+
+    for (int i = 0; i < NROUTERS; i++)
+        read_reconnect(i, &r[i]);
+    for (int d = 0; d < NROUTERS; d++) {
+        long long missed = 0;
+
+        for (int j = 0; j < NROUTERS; j++)
+            if (j != d && r[j].first_ms < r[d].connected_ms + 20)
+                missed += charged_between(j, r[j].first_ms, r[d].connected_ms + 20);
+        if (missed > r[d].journal)
+            missed = r[d].journal;
+        if (missed > 0)
+            cr_log_info("router %d back on Redis after others, %lld micro-USD journaled, "
+                        "%lld admitted by the others meanwhile",
+                        d, r[d].journal, missed);
+        skew += missed;
+    }
+    return skew;
+}
+
 /*
  * What fail_open promises while Redis is away: each router admits against
  * its share of what Redis last told it was left of the budget (1/3 here,
  * once all three count each other), plus what it spends and holds itself,
- * so together they pass the budget only as in budget_held. Before the
- * shares each router could spend all that was left: up to 3x.
- */
-/* A run with an outage midway, with `on_failure` as the store's. The
+ * so together they pass the budget only as in budget_held, and by the
+ * reconnect skew when they come back to Redis one after the other.
+ * Before the shares each router could spend all that was left: up to 3x.
+ *
+ * A run with an outage midway, with `on_failure` as the store's. The
  * clients take a 503 store_unavailable as a 429 worth a retry. The budget
  * is four times the others', so that the first PHASE_ONE requests of each
  * client spend only some of it. */
@@ -1060,6 +1189,7 @@ static void run_with_outage(const char *on_failure, enum outage how)
     char store[128];
     pid_t pids[NCLIENTS];
     struct support_http_conn slow;
+    long long spent;
 
     budget_micro = 4 * BUDGET_MICRO;
     snprintf(store, sizeof(store), ", on_failure: %s, command_timeout_ms: 200", on_failure);
@@ -1074,25 +1204,23 @@ static void run_with_outage(const char *on_failure, enum outage how)
     read_clients(0);
     hold_across_answered(&slow);
     cr_assert_gt(journaled(), 0, "Redis was away, yet no charge was journaled");
-    finish_and_check();
+    spent = finish_and_check();
+    budget_held_beside(spent, strcmp(on_failure, "fail_open") == 0 ? reconnect_skew() : 0);
 }
 
 Test(multi, a_frozen_redis_under_fail_open_still_agrees_with_the_cost_logs)
 {
     run_with_outage("fail_open", FREEZE);
-    budget_held(redis_day_spend());
 }
 
 Test(multi, a_restarted_redis_under_fail_open_still_agrees_with_the_cost_logs)
 {
     run_with_outage("fail_open", RESTART);
-    budget_held(redis_day_spend());
 }
 
 Test(multi, a_frozen_redis_under_fail_closed_still_agrees_with_the_cost_logs)
 {
     run_with_outage("fail_closed", FREEZE);
-    budget_held(redis_day_spend());
 }
 
 /*
