@@ -534,15 +534,24 @@ Test(costs, a_settled_hold_does_not_downgrade_the_next_request)
     }
 }
 
-Test(costs, exhausted_budget_downgrades_below_the_quality_floor)
+/* A good backend at $0.019 a request and a cheap one at $0.00019 below
+ * the tenant's quality floor, with `budget` for the tenant (downgrade). */
+static void start_good_and_cheap(const char *budget)
 {
+    char tenant[128];
+
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
-    add_backend("good", mock_a.port, 3, 1000, 1000); /* $0.019 a request */
-    add_backend("cheap", mock_b.port, 1, 10, 10);    /* $0.00019 a request */
-    start_routers(1, "good, cheap",
-                  "    budget: {daily_usd: 0.03, on_exhausted: downgrade}\n"
-                  "    slo: {min_quality: 2}\n");
+    add_backend("good", mock_a.port, 3, 1000, 1000);
+    add_backend("cheap", mock_b.port, 1, 10, 10);
+    snprintf(tenant, sizeof(tenant),
+             "    budget: {%s, on_exhausted: downgrade}\n    slo: {min_quality: 2}\n", budget);
+    start_routers(1, "good, cheap", tenant);
+}
+
+Test(costs, exhausted_budget_downgrades_below_the_quality_floor)
+{
+    start_good_and_cheap("daily_usd: 0.03");
     const char body[] = "{\"model\":\"chat\",\"max_tokens\":10," MSG "}";
     cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", body), 0);
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "good");
@@ -1198,17 +1207,18 @@ Test(costs, admin_spend_finds_an_id_raw_or_percent_encoded)
     }
 }
 
-/* Children hammer the routers; each counts its 200s into a pipe. */
-static void hammer(int port, int n, int fd)
+/* Children hammer the routers with `auth`; each counts its 200s into a pipe. */
+static void hammer(int port, const char *auth, int n, int fd)
 {
     int ok = 0;
     const char body[] = "{\"model\":\"chat\",\"max_tokens\":10," MSG "}";
+    char headers[128];
 
+    snprintf(headers, sizeof(headers), "%sx-mock-tokens: 10\r\n", auth);
     for (int i = 0; i < n; i++) {
         struct support_http_response r = {0};
         struct buf q = {0};
-        if (support_http_format(&q, "POST", "/v1/chat/completions", AUTH "x-mock-tokens: 10\r\n",
-                                body) == 0 &&
+        if (support_http_format(&q, "POST", "/v1/chat/completions", headers, body) == 0 &&
             support_http_request(port, q.data, q.len, TIMEOUT_MS, &r) == 0 && r.status == 200)
             ok++;
         support_http_response_free(&r);
@@ -1219,23 +1229,20 @@ static void hammer(int port, int n, int fd)
     _exit(0);
 }
 
-Test(costs, routers_sharing_redis_never_overspend_a_budget)
+/* `workers` children send `each` requests with `auth` to the first
+ * `nrouters` routers, round robin; the 200s they got. */
+static int hammer_all(int nrouters, const char *auth, int workers, int each)
 {
     int fds[2], granted = 0;
-    const int workers = 6, each = 15;
-    pid_t pids[6];
+    pid_t pids[8];
 
-    cr_assert_eq(test_redis_start(&redis, 0), 0);
-    cr_assert_eq(support_mockllm_start(&mock_a, "--token-delay-ms", "1", NULL), 0);
-    add_backend("a", mock_a.port, 1, 100, 100);
-    /* $0.0019 a request; $0.05 covers 26 of the 90 attempted. */
-    start_routers(NROUTERS, "a", "    budget: {daily_usd: 0.05, on_exhausted: reject}\n");
+    cr_assert_leq(workers, 8);
     cr_assert_eq(pipe(fds), 0);
     for (int w = 0; w < workers; w++) {
         pid_t pid = fork();
         cr_assert_geq(pid, 0);
         if (pid == 0)
-            hammer(routers[w % NROUTERS].port, each, fds[1]);
+            hammer(routers[w % nrouters].port, auth, each, fds[1]);
         pids[w] = pid;
     }
     for (int w = 0; w < workers; w++) {
@@ -1247,15 +1254,16 @@ Test(costs, routers_sharing_redis_never_overspend_a_budget)
         waitpid(pids[w], NULL, 0); /* only the workers: servers are children too */
     close(fds[0]);
     close(fds[1]);
-    cr_assert_eq(call_port(routers[1].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
-    double spent = cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble;
-    cr_assert_float_eq(spent, granted * 0.0019, 1e-9, "spend %f for %d answers", spent, granted);
+    return granted;
+}
 
-    /* The bound of issue 5: spend may pass the budget only by what the
-     * requests in flight (at most `workers`) cost beyond their
-     * reservation. The largest such excess comes from the cost log. */
+/* Stop the routers (flushing the cost log) and read it: one line per
+ * request, `lines` of them; the largest amount a 200 was charged beyond
+ * its estimate. */
+static double largest_excess(int lines_wanted)
+{
     for (int i = 0; i < NROUTERS; i++)
-        support_proc_stop(&routers[i]); /* flushes the cost log */
+        support_proc_stop(&routers[i]);
     FILE *f = fopen(log_path, "r");
     char line[4096];
     double excess = 0;
@@ -1274,7 +1282,29 @@ Test(costs, routers_sharing_redis_never_overspend_a_budget)
         cJSON_Delete(rec);
     }
     fclose(f);
-    cr_assert_eq(lines, workers * each, "one cost log line per request");
+    cr_assert_eq(lines, lines_wanted, "one cost log line per request");
+    return excess;
+}
+
+Test(costs, routers_sharing_redis_never_overspend_a_budget)
+{
+    const int workers = 6, each = 15;
+    int granted;
+
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    cr_assert_eq(support_mockllm_start(&mock_a, "--token-delay-ms", "1", NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 100);
+    /* $0.0019 a request; $0.05 covers 26 of the 90 attempted. */
+    start_routers(NROUTERS, "a", "    budget: {daily_usd: 0.05, on_exhausted: reject}\n");
+    granted = hammer_all(NROUTERS, AUTH, workers, each);
+    cr_assert_eq(call_port(routers[1].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    double spent = cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble;
+    cr_assert_float_eq(spent, granted * 0.0019, 1e-9, "spend %f for %d answers", spent, granted);
+
+    /* The bound of issue 5: spend may pass the budget only by what the
+     * requests in flight (at most `workers`) cost beyond their
+     * reservation. The largest such excess comes from the cost log. */
+    double excess = largest_excess(workers * each);
     cr_assert_leq(spent, 0.05 + workers * excess + 1e-9, "overspent: $%f (excess %f)", spent,
                   excess);
     /* And the budget was used, not refused early: less than one more
@@ -3493,4 +3523,222 @@ Test(costs, a_request_tags_its_cost_log_line)
     cr_assert_str_eq(cJSON_GetObjectItem(tags, "app")->valuestring, "web");
     cr_assert_str_eq(cJSON_GetObjectItem(tags, "release")->valuestring, "2026.12");
     cJSON_Delete(rec);
+}
+
+/* ---- budgets per key ---- */
+
+#define KEY_CI "sk-cost-ci"
+#define KEY_WEB "sk-cost-web"
+
+/* The tenant gets two named keys beside KEY: ci, with `ci_budget` (the
+ * inside of its budget: mapping), and web, with none. */
+static void key_ci_budget(const char *ci_budget)
+{
+    static char keys[512];
+    char ci[65], web[65];
+
+    support_key_sha256_hex(KEY_CI, ci);
+    support_key_sha256_hex(KEY_WEB, web);
+    snprintf(keys, sizeof(keys),
+             ", {name: ci, hash: \"sha256:%s\", budget: {%s}}, {name: web, hash: \"sha256:%s\"}",
+             ci, ci_budget, web);
+    more_keys = keys;
+}
+
+/* Send `body` with `key` (NULL: KEY), the mock making 10 tokens; the status. */
+static int key_chat(const char *key, const char *body)
+{
+    char headers[128];
+
+    snprintf(headers, sizeof(headers), "Authorization: Bearer %s\r\nx-mock-tokens: 10\r\n",
+             key ? key : KEY);
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/chat/completions", headers, body), 0);
+    return resp.status;
+}
+
+/* The 429's error message. */
+static const char *error_message(void)
+{
+    return cJSON_GetStringValue(
+        cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "message"));
+}
+
+#define KEY_BODY "{\"model\":\"chat\",\"max_tokens\":10," MSG "}"
+
+/* $0.0019 a request at $100/Mtok both ways (9 + 10 tokens, held and
+ * settled alike), with budgets ($0.005: two of them) `ci_budget` for the
+ * key ci and `tenant_budget` for its tenant (reject): ci, then `second`,
+ * pass, and ci's next is refused. */
+static void refused_third(const char *ci_budget, const char *tenant_budget, const char *second)
+{
+    char budget[96];
+
+    key_ci_budget(ci_budget);
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 100);
+    snprintf(budget, sizeof(budget), "    budget: {%s, on_exhausted: reject}\n", tenant_budget);
+    start_routers(1, "a", budget);
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 200);
+    cr_assert_eq(key_chat(second, KEY_BODY), 200);
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 429, "ci's third");
+}
+
+/* The key ci may spend $0.005, two of them, in a tenant
+ * that may spend $1: its third is refused by its own budget, named by the
+ * key's name (never its secret), while the tenant's other keys go on. */
+Test(costs, a_keys_budget_refuses_that_key_and_not_its_tenants_others)
+{
+    const char *msg;
+
+    refused_third("daily_usd: 0.005", "daily_usd: 1", KEY_CI);
+    msg = error_message();
+    cr_assert_not_null(strstr(msg, "budget exhausted: key \"ci\" of acme (the key's own budget)"),
+                       "%s", msg);
+    cr_assert_null(strstr(msg, KEY_CI), "the key itself in: %s", msg);
+    cr_assert_float_eq(header_usd("x-costrouter-budget-remaining-usd"), 0.005 - 2 * 0.0019, 1e-9);
+    cr_assert_str_eq(support_http_header(&resp, "x-should-retry"), "false");
+    cr_assert_eq(key_chat(KEY_WEB, KEY_BODY), 200, "another key of the tenant");
+    cr_assert_eq(key_chat(NULL, KEY_BODY), 200, "the tenant's unnamed key");
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 429, "still refused");
+    /* The refusals left nothing held: the tenant's hold went back. */
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_float_eq(cJSON_GetObjectItem(body_json(), "reserved_usd")->valuedouble, 0, 1e-12);
+    cr_assert_float_eq(cJSON_GetObjectItem(json, "day_usd")->valuedouble, 4 * 0.0019, 1e-9);
+    more_keys = "";
+}
+
+/* A key's budget larger than its tenant's: the tenant's still binds, and
+ * the 429 says it is the tenant's. */
+Test(costs, the_tenants_budget_binds_a_key_whose_own_is_larger)
+{
+    const char *msg;
+
+    refused_third("daily_usd: 1", "daily_usd: 0.005", KEY_WEB);
+    msg = error_message();
+    cr_assert_str_eq(msg, "budget exhausted: acme");
+    cr_assert_float_eq(header_usd("x-costrouter-budget-remaining-usd"), 0.005 - 2 * 0.0019, 1e-9);
+}
+
+/* The cost log's lines of key `name` (the routers stopped): their count,
+ * and the sum of their costs into *sum. */
+static int key_cost_lines(const char *name, double *sum)
+{
+    FILE *f = fopen(log_path, "r");
+    char line[8192];
+    int n = 0;
+
+    cr_assert_not_null(f);
+    *sum = 0;
+    while (fgets(line, sizeof(line), f)) {
+        cJSON *rec = cJSON_Parse(line);
+        const cJSON *key = cJSON_GetObjectItem(rec, "key");
+
+        cr_assert_not_null(rec, "%s", line);
+        cr_assert_null(strstr(line, "sk-cost"), "a key in the cost log: %s", line);
+        if (cJSON_IsString(key) && strcmp(key->valuestring, name) == 0) {
+            *sum += cJSON_GetObjectItem(rec, "cost_usd")->valuedouble;
+            n++;
+        }
+        cJSON_Delete(rec);
+    }
+    fclose(f);
+    return n;
+}
+
+/* The key's spend in the admin API is the sum of its cost log lines,
+ * within the half micro-dollar its own carry keeps (costs of fractions of
+ * a micro-dollar each, the tenant's other key's among them, would drift
+ * apart on the tenant's carry). */
+Test(costs, a_keys_spend_in_the_admin_api_is_the_sum_of_its_cost_log_lines)
+{
+    const cJSON *keys, *ci;
+    double day, month, sum;
+
+    key_ci_budget("daily_usd: 1, monthly_usd: 20");
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 0.037, 0.053); /* fractions of a micro-USD */
+    start_routers(1, "a", "    budget: {daily_usd: 5}\n");
+    for (int i = 0; i < 12; i++) {
+        char headers[128];
+
+        snprintf(headers, sizeof(headers), "Authorization: Bearer %s\r\nx-mock-tokens: %d\r\n",
+                 i % 3 ? KEY_CI : KEY_WEB, 1 + i * 7);
+        cr_assert_eq(call_port(routers[0].port, "POST", "/v1/chat/completions", headers,
+                               "{\"model\":\"chat\",\"max_tokens\":200," MSG "}"),
+                     0);
+        cr_assert_eq(resp.status, 200);
+    }
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    keys = cJSON_GetObjectItem(body_json(), "keys");
+    cr_assert_eq(cJSON_GetArraySize(keys), 1, "only the key with a budget: %.*s",
+                 (int)resp.body.len, resp.body.data);
+    ci = cJSON_GetArrayItem(keys, 0);
+    cr_assert_str_eq(cJSON_GetObjectItem(ci, "name")->valuestring, "ci");
+    cr_assert_float_eq(cJSON_GetObjectItem(ci, "day_budget_usd")->valuedouble, 1, 1e-12);
+    cr_assert_float_eq(cJSON_GetObjectItem(ci, "month_budget_usd")->valuedouble, 20, 1e-12);
+    cr_assert_float_eq(cJSON_GetObjectItem(ci, "reserved_usd")->valuedouble, 0, 1e-12);
+    day = cJSON_GetObjectItem(ci, "day_usd")->valuedouble;
+    month = cJSON_GetObjectItem(ci, "month_usd")->valuedouble;
+    /* The list of every tenant says the same. */
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants", ADMIN, NULL), 0);
+    ci = cJSON_GetArrayItem(cJSON_GetObjectItem(cJSON_GetArrayItem(body_json(), 0), "keys"), 0);
+    cr_assert_float_eq(cJSON_GetObjectItem(ci, "day_usd")->valuedouble, day, 1e-12);
+    support_proc_stop(&routers[0]);
+    cr_assert_eq(key_cost_lines("ci", &sum), 8);
+    cr_assert_gt(sum, 0);
+    cr_assert_leq(fabs(day - sum), 0.5e-6 + 1e-12, "spend %.9f, cost log %.9f", day, sum);
+    cr_assert_float_eq(month, day, 1e-12);
+}
+
+/* A key's exhausted budget downgrades when its tenant says downgrade: the
+ * key's requests go to the cheap backend, the tenant's others do not. */
+Test(costs, a_keys_exhausted_budget_downgrades_when_its_tenant_says_so)
+{
+    const char *body = KEY_BODY;
+
+    key_ci_budget("daily_usd: 0.03");
+    start_good_and_cheap("daily_usd: 10");
+    cr_assert_eq(key_chat(KEY_CI, body), 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "good");
+    /* $0.011 left to the key: "good" no longer fits it, "cheap" does. */
+    cr_assert_eq(key_chat(KEY_CI, body), 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap");
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "downgraded-budget");
+    cr_assert_eq(key_chat(KEY_WEB, body), 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "good", "another key");
+}
+
+/* The same promise for a key's own budget: two routers sharing Redis, six
+ * clients on the key ci ($0.05 a day, in a tenant with $10), another on
+ * the tenant's key web. The key's spend in Redis is its answers' and
+ * passes its budget by no more than the requests in flight are charged
+ * beyond their holds (nothing here: max_tokens, counted as the mock
+ * counts), while web's requests all pass. */
+Test(costs, routers_sharing_redis_never_overspend_a_keys_budget)
+{
+    const int workers = 6, each = 15;
+    int granted;
+    const cJSON *tenant, *ci;
+    double spent;
+
+    key_ci_budget("daily_usd: 0.05");
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    cr_assert_eq(support_mockllm_start(&mock_a, "--token-delay-ms", "1", NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 100);
+    start_routers(2, "a", "    budget: {daily_usd: 10, on_exhausted: reject}\n");
+    granted = hammer_all(2, "Authorization: Bearer " KEY_CI "\r\n", workers, each);
+    cr_assert_eq(hammer_all(2, "Authorization: Bearer " KEY_WEB "\r\n", 1, 5), 5, "web refused");
+    cr_assert_eq(call_port(routers[1].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    tenant = body_json();
+    ci = cJSON_GetArrayItem(cJSON_GetObjectItem(tenant, "keys"), 0);
+    spent = cJSON_GetObjectItem(ci, "day_usd")->valuedouble;
+    cr_assert_float_eq(spent, granted * 0.0019, 1e-9, "spend %f for %d answers", spent, granted);
+    cr_assert_float_eq(cJSON_GetObjectItem(tenant, "day_usd")->valuedouble, (granted + 5) * 0.0019,
+                       1e-9, "the tenant is charged the key's requests too");
+    cr_assert_float_eq(cJSON_GetObjectItem(ci, "reserved_usd")->valuedouble, 0, 1e-12);
+    double excess = largest_excess(workers * each + 5);
+    cr_assert_leq(spent, 0.05 + workers * excess + 1e-9, "overspent: $%f (excess %f)", spent,
+                  excess);
+    cr_assert_gt(spent, 0.05 - 0.0019 - workers * excess, "spent only $%f", spent);
 }
