@@ -1829,9 +1829,29 @@ Test(costs, a_backend_shut_out_by_a_stale_ttft_average_is_re_checked)
     buf_free(&probe_req);
 }
 
-/* Stream 1000 tokens from router 0 with `headers` (after AUTH, each line
- * ending in CRLF): the events before a budget_exhausted error event, which
- * must come. */
+#define KEY_CI "sk-cost-ci"
+#define KEY_WEB "sk-cost-web"
+
+/* The tenant gets two named keys beside KEY: ci, with `ci_budget` (the
+ * inside of its budget: mapping), and web, with none. */
+static void key_ci_budget(const char *ci_budget)
+{
+    static char keys[512];
+    char ci[65], web[65];
+
+    support_key_sha256_hex(KEY_CI, ci);
+    support_key_sha256_hex(KEY_WEB, web);
+    snprintf(keys, sizeof(keys),
+             ", {name: ci, hash: \"sha256:%s\", budget: {%s}}, {name: web, hash: \"sha256:%s\"}",
+             ci, ci_budget, web);
+    more_keys = keys;
+}
+
+static const char *cut_auth = AUTH; /* the key tokens_before_the_cut_cost streams with */
+
+/* Stream 1000 tokens from router 0 with `headers` (after cut_auth, each
+ * line ending in CRLF): the events before a budget_exhausted error event,
+ * which must come. */
 static int tokens_before_the_cut_cost(const char *headers, double *cost)
 {
     struct support_sse s = {0};
@@ -1840,7 +1860,7 @@ static int tokens_before_the_cut_cost(const char *headers, double *cost)
     const char *trailer;
     int n = 0, saw_error = 0;
 
-    snprintf(all, sizeof(all), AUTH "x-mock-tokens: 1000\r\n%s", headers);
+    snprintf(all, sizeof(all), "%sx-mock-tokens: 1000\r\n%s", cut_auth, headers);
     open_chat_stream(&s, all, "{\"model\":\"chat\",\"stream\":true," MSG "}");
     while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1) {
         if (strstr(ev.data, "budget_exhausted"))
@@ -1864,27 +1884,50 @@ static int tokens_before_the_cut(const char *headers)
     return tokens_before_the_cut_cost(headers, &cost);
 }
 
-Test(costs, on_overrun_cut_ends_a_stream_when_the_budget_is_gone)
+/* A stream without max_tokens at $0.01 a completion token, with `budget`
+ * for the tenant (on_overrun: cut), is cut at about 300 tokens: its hold
+ * assumes 256 ($2.56 + prompt) and $3 is what binds. What was streamed is
+ * charged, not the event the cut held back: the tokens the client got,
+ * and the prompt's (under $0.0001 here). Returns the admin API's spend
+ * object of the tenant. */
+static cJSON *cut_at_three_dollars(const char *budget)
 {
+    char tenant[128];
+    double cost;
     int n;
 
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    add_backend("a", mock_a.port, 1, 1, 10000); /* $0.01 per completion token */
-    /* No max_tokens: the reservation assumes 256 tokens ($2.56 + prompt);
-     * the budget is $3, so about 44 tokens past the reservation remain. */
-    start_routers(1, "a", "    budget: {daily_usd: 3, on_exhausted: reject, on_overrun: cut}\n");
-    double cost;
-
+    add_backend("a", mock_a.port, 1, 1, 10000);
+    snprintf(tenant, sizeof(tenant),
+             "    budget: {%s, on_exhausted: reject, on_overrun: cut}\n", budget);
+    start_routers(1, "a", tenant);
     n = tokens_before_the_cut_cost("", &cost);
     cr_assert(n >= 290 && n <= 310, "%d tokens streamed before the cut", n);
-    /* What was streamed is charged, not the event the cut held back: the
-     * tokens the client got, and the prompt's (under $0.0001 here). */
     cr_assert(cost - n * 0.01 >= 0 && cost - n * 0.01 < 0.0001, "charged $%f for %d tokens",
               cost, n);
     cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
-    double spent = cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble;
-    cr_assert_float_eq(spent, cost, 1e-9);
+    cr_assert_float_eq(cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble, cost, 1e-9);
+    return json;
+}
+
+Test(costs, on_overrun_cut_ends_a_stream_when_the_budget_is_gone)
+{
+    double spent = cJSON_GetObjectItem(cut_at_three_dollars("daily_usd: 3"), "day_usd")->valuedouble;
+
     cr_assert(spent <= 3, "spent $%f, over the budget", spent);
+}
+
+/* The same when it is the key's own budget that is $3, in a tenant's $100. */
+Test(costs, on_overrun_cut_ends_a_stream_when_its_keys_budget_is_gone)
+{
+    const cJSON *ci;
+
+    key_ci_budget("daily_usd: 3");
+    cut_auth = "Authorization: Bearer " KEY_CI "\r\n";
+    ci = cJSON_GetArrayItem(cJSON_GetObjectItem(cut_at_three_dollars("daily_usd: 100"), "keys"), 0);
+    cr_assert_float_eq(cJSON_GetObjectItem(ci, "day_usd")->valuedouble,
+                       cJSON_GetObjectItem(json, "day_usd")->valuedouble, 1e-9);
+    cr_assert(cJSON_GetObjectItem(ci, "day_usd")->valuedouble <= 3, "over the key's budget");
 }
 
 /* The stream's own reservation answer counted another request's hold,
@@ -3527,24 +3570,6 @@ Test(costs, a_request_tags_its_cost_log_line)
 
 /* ---- budgets per key ---- */
 
-#define KEY_CI "sk-cost-ci"
-#define KEY_WEB "sk-cost-web"
-
-/* The tenant gets two named keys beside KEY: ci, with `ci_budget` (the
- * inside of its budget: mapping), and web, with none. */
-static void key_ci_budget(const char *ci_budget)
-{
-    static char keys[512];
-    char ci[65], web[65];
-
-    support_key_sha256_hex(KEY_CI, ci);
-    support_key_sha256_hex(KEY_WEB, web);
-    snprintf(keys, sizeof(keys),
-             ", {name: ci, hash: \"sha256:%s\", budget: {%s}}, {name: web, hash: \"sha256:%s\"}",
-             ci, ci_budget, web);
-    more_keys = keys;
-}
-
 /* Send `body` with `key` (NULL: KEY), the mock making 10 tokens; the status. */
 static int key_chat(const char *key, const char *body)
 {
@@ -3737,6 +3762,8 @@ Test(costs, routers_sharing_redis_never_overspend_a_keys_budget)
     cr_assert_float_eq(cJSON_GetObjectItem(tenant, "day_usd")->valuedouble, (granted + 5) * 0.0019,
                        1e-9, "the tenant is charged the key's requests too");
     cr_assert_float_eq(cJSON_GetObjectItem(ci, "reserved_usd")->valuedouble, 0, 1e-12);
+    cr_assert_float_eq(cJSON_GetObjectItem(tenant, "reserved_usd")->valuedouble, 0, 1e-12,
+                       "a hold the key refused went back to the tenant");
     double excess = largest_excess(workers * each + 5);
     cr_assert_leq(spent, 0.05 + workers * excess + 1e-9, "overspent: $%f (excess %f)", spent,
                   excess);
