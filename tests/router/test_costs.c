@@ -444,6 +444,24 @@ Test(costs, a_budget_under_half_a_micro_dollar_is_not_unlimited)
                      "budget_exhausted");
 }
 
+#define KEY_CI "sk-cost-ci"
+#define KEY_WEB "sk-cost-web"
+
+/* The tenant gets two named keys beside KEY: ci, with `ci_budget` (the
+ * inside of its budget: mapping), and web, with none. */
+static void key_ci_budget(const char *ci_budget)
+{
+    static char keys[512];
+    char ci[65], web[65];
+
+    support_key_sha256_hex(KEY_CI, ci);
+    support_key_sha256_hex(KEY_WEB, web);
+    snprintf(keys, sizeof(keys),
+             ", {name: ci, hash: \"sha256:%s\", budget: {%s}}, {name: web, hash: \"sha256:%s\"}",
+             ci, ci_budget, web);
+    more_keys = keys;
+}
+
 /* Wait until Redis holds nothing for the tenant: the answer reaches the
  * client before the settle that follows it reaches Redis. */
 static void wait_settled_in_redis(void)
@@ -461,25 +479,33 @@ static void wait_settled_in_redis(void)
  * `other`, under the budget: 429 with Retry-After, no x-should-retry:
  * false. Once the first has settled below what it held, the retry passes,
  * though `other` refused it from the store's numbers of an instant ago.
- * `period` is the budget's: "daily" or "monthly". */
-static void budget_held_then_freed(int other, const char *period)
+ * `period` is the budget's: "daily" or "monthly"; `key_ci` (when not
+ * NULL: the key ci, see key_ci_budget) has it, and its tenant $10. */
+static void budget_held_then_freed(int other, const char *period, const char *key_ci)
 {
     struct support_http_conn slow = {.fd = -1};
     struct support_http_response slow_resp = {0};
     struct buf slow_req = {0};
-    char budget[128];
+    char budget[128], headers[160];
+    const char *auth = key_ci ? "Authorization: Bearer " KEY_CI "\r\n" : AUTH;
 
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     add_backend("a", mock_a.port, 1, 100, 100);
     /* Reserving 9 + 10 tokens at $100/Mtok = $0.0019: one fits $0.003, two
      * do not. The first request settles at 9 + 1 tokens ($0.001). */
-    snprintf(budget, sizeof(budget), "    budget: {%s_usd: 0.003, on_exhausted: reject}\n", period);
+    snprintf(budget, sizeof(budget), "%s_usd: 0.003", period);
+    if (key_ci)
+        key_ci_budget(budget);
+    snprintf(budget, sizeof(budget), "    budget: {%s_usd: %s, on_exhausted: reject}\n", period,
+             key_ci ? "10" : "0.003");
     start_routers(other + 1, "a", budget);
     const char body[] = "{\"model\":\"chat\",\"max_tokens\":10," MSG "}";
-    send_unanswered(&slow, &slow_req, AUTH "x-mock-tokens: 1\r\nx-mock-ttft-ms: 1000\r\n", body);
+    snprintf(headers, sizeof(headers), "%sx-mock-tokens: 1\r\nx-mock-ttft-ms: 1000\r\n", auth);
+    send_unanswered(&slow, &slow_req, headers, body);
     usleep(300 * 1000); /* reserved and sent upstream by now */
 
-    cr_assert_eq(chat(other, "x-mock-tokens: 1\r\n", body), 0);
+    snprintf(headers, sizeof(headers), "%sx-mock-tokens: 1\r\n", auth);
+    cr_assert_eq(call_port(routers[other].port, "POST", "/v1/chat/completions", headers, body), 0);
     cr_assert_eq(resp.status, 429, "while the first is in flight: %d", resp.status);
     cr_assert_str_eq(support_http_header(&resp, "retry-after"), "1");
     cr_assert_null(support_http_header(&resp, "x-should-retry"));
@@ -488,8 +514,9 @@ static void budget_held_then_freed(int other, const char *period)
     cr_assert_eq(slow_resp.status, 200);
     if (redis.pid)
         wait_settled_in_redis();
-    cr_assert_eq(chat(other, "x-mock-tokens: 1\r\n", body), 0);
-    cr_assert_eq(resp.status, 200, "the retry after the first settled: %d", resp.status);
+    cr_assert_eq(call_port(routers[other].port, "POST", "/v1/chat/completions", headers, body), 0);
+    cr_assert_eq(resp.status, 200, "the retry after the first settled: %d %.*s", resp.status,
+                 (int)resp.body.len, resp.body.data);
     support_http_close(&slow);
     support_http_response_free(&slow_resp);
     buf_free(&slow_req);
@@ -497,20 +524,28 @@ static void budget_held_then_freed(int other, const char *period)
 
 Test(costs, budget_held_by_a_request_in_flight_answers_429_worth_a_retry)
 {
-    budget_held_then_freed(0, "daily");
+    budget_held_then_freed(0, "daily", NULL);
 }
 
 Test(costs, budget_held_on_another_instance_is_checked_in_redis_before_a_429)
 {
     cr_assert_eq(test_redis_start(&redis, 0), 0);
-    budget_held_then_freed(1, "daily");
+    budget_held_then_freed(1, "daily", NULL);
 }
 
 /* The same with a monthly budget alone: the store checks the month's. */
 Test(costs, a_monthly_budget_held_on_another_instance_is_checked_in_redis)
 {
     cr_assert_eq(test_redis_start(&redis, 0), 0);
-    budget_held_then_freed(1, "monthly");
+    budget_held_then_freed(1, "monthly", NULL);
+}
+
+/* The same with the key's own budget: its numbers too are read again
+ * before a 429. */
+Test(costs, a_keys_budget_held_on_another_instance_is_checked_in_redis)
+{
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    budget_held_then_freed(1, "daily", "ci");
 }
 
 /* The first request holds $0.10 and settles at a hundredth of a cent: the
@@ -535,8 +570,9 @@ Test(costs, a_settled_hold_does_not_downgrade_the_next_request)
 }
 
 /* A good backend at $0.019 a request and a cheap one at $0.00019 below
- * the tenant's quality floor, with `budget` for the tenant (downgrade). */
-static void start_good_and_cheap(const char *budget)
+ * the tenant's quality floor, with `budget` for the tenant (downgrade),
+ * and `n` routers. */
+static void start_good_and_cheap(int n, const char *budget)
 {
     char tenant[128];
 
@@ -546,12 +582,12 @@ static void start_good_and_cheap(const char *budget)
     add_backend("cheap", mock_b.port, 1, 10, 10);
     snprintf(tenant, sizeof(tenant),
              "    budget: {%s, on_exhausted: downgrade}\n    slo: {min_quality: 2}\n", budget);
-    start_routers(1, "good, cheap", tenant);
+    start_routers(n, "good, cheap", tenant);
 }
 
 Test(costs, exhausted_budget_downgrades_below_the_quality_floor)
 {
-    start_good_and_cheap("daily_usd: 0.03");
+    start_good_and_cheap(1, "daily_usd: 0.03");
     const char body[] = "{\"model\":\"chat\",\"max_tokens\":10," MSG "}";
     cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", body), 0);
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "good");
@@ -1827,24 +1863,6 @@ Test(costs, a_backend_shut_out_by_a_stale_ttft_average_is_re_checked)
     cr_assert_str_eq(served_by(NULL), "cheap", "fast again: chosen again");
     support_http_response_free(&probe_resp);
     buf_free(&probe_req);
-}
-
-#define KEY_CI "sk-cost-ci"
-#define KEY_WEB "sk-cost-web"
-
-/* The tenant gets two named keys beside KEY: ci, with `ci_budget` (the
- * inside of its budget: mapping), and web, with none. */
-static void key_ci_budget(const char *ci_budget)
-{
-    static char keys[512];
-    char ci[65], web[65];
-
-    support_key_sha256_hex(KEY_CI, ci);
-    support_key_sha256_hex(KEY_WEB, web);
-    snprintf(keys, sizeof(keys),
-             ", {name: ci, hash: \"sha256:%s\", budget: {%s}}, {name: web, hash: \"sha256:%s\"}",
-             ci, ci_budget, web);
-    more_keys = keys;
 }
 
 static const char *cut_auth = AUTH; /* the key tokens_before_the_cut_cost streams with */
@@ -3723,7 +3741,7 @@ Test(costs, a_keys_exhausted_budget_downgrades_when_its_tenant_says_so)
     const char *body = KEY_BODY;
 
     key_ci_budget("daily_usd: 0.03");
-    start_good_and_cheap("daily_usd: 10");
+    start_good_and_cheap(1, "daily_usd: 10");
     cr_assert_eq(key_chat(KEY_CI, body), 200);
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "good");
     /* $0.011 left to the key: "good" no longer fits it, "cheap" does. */
@@ -3738,8 +3756,8 @@ Test(costs, a_keys_exhausted_budget_downgrades_when_its_tenant_says_so)
  * clients on the key ci ($0.05 a day, in a tenant with $10), another on
  * the tenant's key web. The key's spend in Redis is its answers' and
  * passes its budget by no more than the requests in flight are charged
- * beyond their holds (nothing here: max_tokens, counted as the mock
- * counts), while web's requests all pass. */
+ * beyond their holds (nothing here: max_tokens, and the prompt counted
+ * as the mock counts), while web's requests all pass. */
 Test(costs, routers_sharing_redis_never_overspend_a_keys_budget)
 {
     const int workers = 6, each = 15;
@@ -3750,7 +3768,7 @@ Test(costs, routers_sharing_redis_never_overspend_a_keys_budget)
     key_ci_budget("daily_usd: 0.05");
     cr_assert_eq(test_redis_start(&redis, 0), 0);
     cr_assert_eq(support_mockllm_start(&mock_a, "--token-delay-ms", "1", NULL), 0);
-    add_backend("a", mock_a.port, 1, 100, 100);
+    add_backend_counted("a", mock_a.port, 1, 100, 100, "cl100k_base"); /* held as charged */
     start_routers(2, "a", "    budget: {daily_usd: 10, on_exhausted: reject}\n");
     granted = hammer_all(2, "Authorization: Bearer " KEY_CI "\r\n", workers, each);
     cr_assert_eq(hammer_all(2, "Authorization: Bearer " KEY_WEB "\r\n", 1, 5), 5, "web refused");
@@ -3768,4 +3786,35 @@ Test(costs, routers_sharing_redis_never_overspend_a_keys_budget)
     cr_assert_leq(spent, 0.05 + workers * excess + 1e-9, "overspent: $%f (excess %f)", spent,
                   excess);
     cr_assert_gt(spent, 0.05 - 0.0019 - workers * excess, "spent only $%f", spent);
+}
+
+/* Router 1 has not heard of the key's spend on router 0: it chooses the
+ * good backend, which the tenant's budget grants and the key's, in Redis,
+ * refuses. The tenant's hold goes back, and the request, choosing again
+ * by the key's numbers, is downgraded: nothing is left held, and each
+ * budget is charged each request once. */
+Test(costs, a_hold_the_keys_budget_refuses_in_redis_goes_back_to_its_tenant)
+{
+    const cJSON *ci;
+
+    key_ci_budget("daily_usd: 0.03");
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    start_good_and_cheap(2, "daily_usd: 10");
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "good");
+    wait_settled_in_redis();
+    cr_assert_eq(call_port(routers[1].port, "POST", "/v1/chat/completions",
+                           "Authorization: Bearer " KEY_CI "\r\nx-mock-tokens: 10\r\n", KEY_BODY),
+                 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap");
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "downgraded-budget");
+    wait_settled_in_redis();
+    cr_assert_eq(call_port(routers[1].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_float_eq(cJSON_GetObjectItem(body_json(), "reserved_usd")->valuedouble, 0, 1e-12,
+                       "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_float_eq(cJSON_GetObjectItem(json, "day_usd")->valuedouble, 0.019 + 0.00019, 1e-9);
+    ci = cJSON_GetArrayItem(cJSON_GetObjectItem(json, "keys"), 0);
+    cr_assert_float_eq(cJSON_GetObjectItem(ci, "day_usd")->valuedouble, 0.019 + 0.00019, 1e-9);
+    cr_assert_float_eq(cJSON_GetObjectItem(ci, "reserved_usd")->valuedouble, 0, 1e-12);
 }
