@@ -3818,3 +3818,44 @@ Test(costs, a_hold_the_keys_budget_refuses_in_redis_goes_back_to_its_tenant)
     cr_assert_float_eq(cJSON_GetObjectItem(ci, "day_usd")->valuedouble, 0.019 + 0.00019, 1e-9);
     cr_assert_float_eq(cJSON_GetObjectItem(ci, "reserved_usd")->valuedouble, 0, 1e-12);
 }
+
+/* Whether /metrics of router 0 has the line `series`. */
+static int metrics_have(const char *series)
+{
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    return memmem(resp.body.data, resp.body.len, series, strlen(series)) != NULL;
+}
+
+/* A reload raises the key's budget (the spend so far still counts, and
+ * the gauges keep it), takes it away (the key is limited by its tenant
+ * alone, and its spend meanwhile is not counted) and gives it back. */
+Test(costs, a_reload_changes_removes_and_gives_back_a_keys_budget)
+{
+    const char tenant[] = "    budget: {daily_usd: 1, on_exhausted: reject}\n";
+    const char spent_2[] =
+        "costrouter_key_budget_spent_usd{tenant=\"acme\",key=\"ci\",period=\"day\"} 0.0038";
+
+    refused_third("daily_usd: 0.005", "daily_usd: 1", KEY_CI);
+    key_ci_budget("daily_usd: 0.008");
+    write_conf("a", tenant);
+    reload_router();
+    cr_assert(metrics_have(spent_2), "the key's spend gauge after a reload: %.*s",
+              (int)resp.body.len, resp.body.data);
+    cr_assert(metrics_have("costrouter_key_budget_remaining_usd{tenant=\"acme\",key=\"ci\","
+                           "period=\"day\"} 0.0042"));
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 200);
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 200, "$0.0057 + $0.0019 fits $0.008");
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 429);
+    key_ci_budget("daily_usd: 0");
+    write_conf("a", tenant);
+    reload_router();
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 200, "no budget of its own");
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_eq(cJSON_GetArraySize(cJSON_GetObjectItem(body_json(), "keys")), 0);
+    cr_assert_not(metrics_have("key=\"ci\""), "a gauge of a budget there is no more");
+    key_ci_budget("daily_usd: 0.008");
+    write_conf("a", tenant);
+    reload_router();
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 429, "its $0.0076 counted before still is");
+    cr_assert_eq(key_chat(KEY_WEB, KEY_BODY), 200);
+}
