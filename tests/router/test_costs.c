@@ -462,6 +462,19 @@ static void key_ci_budget(const char *ci_budget)
     more_keys = keys;
 }
 
+/* Send `body` with `key` (NULL: KEY), the mock making 10 tokens; the status. */
+static int key_chat(const char *key, const char *body)
+{
+    char headers[128];
+
+    snprintf(headers, sizeof(headers), "Authorization: Bearer %s\r\nx-mock-tokens: 10\r\n",
+             key ? key : KEY);
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/chat/completions", headers, body), 0);
+    return resp.status;
+}
+
+#define KEY_BODY "{\"model\":\"chat\",\"max_tokens\":10," MSG "}"
+
 /* Wait until Redis holds nothing for the tenant: the answer reaches the
  * client before the settle that follows it reaches Redis. */
 static void wait_settled_in_redis(void)
@@ -1454,10 +1467,14 @@ Test(costs, a_store_outage_is_logged_once_a_second_not_per_request)
 /* Redis answers but refuses writes (too few replicas; MISCONF and OOM
  * under noeviction alike): fail_open keeps serving, costrouter_store_up
  * says 0 although the connection stays, and once Redis takes writes again
- * every charge reaches it without a reconnect. The refusal is logged once,
- * not again at each renewal of the router's live mark (every second). */
+ * every charge reaches it without a reconnect, the tenant's and those of
+ * the key ci, with a budget of its own, that made the requests. The
+ * refusal is logged once, not again at each renewal of the router's live
+ * mark (every second). */
 Test(costs, a_redis_refusing_writes_is_reported_down_and_charged_after)
 {
+    const char *ci = "Authorization: Bearer " KEY_CI "\r\nx-mock-tokens: 7\r\n";
+    const char *body = "{\"model\":\"chat\"," MSG "}";
     static const char down[] = "\ncostrouter_store_up{store=\"redis\"} 0\n";
     char path[256], day[16], log[64] = "/tmp/costrouter-stderr-XXXXXX";
     time_t now = time(NULL);
@@ -1467,14 +1484,15 @@ Test(costs, a_redis_refusing_writes_is_reported_down_and_charged_after)
 
     close(mkstemp(log));
     stderr_path = log;
+    key_ci_budget("daily_usd: 10");
     cr_assert_eq(test_redis_start(&redis, 0), 0);
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     add_backend("a", mock_a.port, 1, 100, 300);
     start_routers(1, "a", NULL);
-    cr_assert_eq(chat(0, "x-mock-tokens: 7\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/chat/completions", ci, body), 0);
     test_redis_int(&redis, "CONFIG SET min-replicas-to-write 1");
     for (int i = 0; i < 3; i++) {
-        cr_assert_eq(chat(0, "x-mock-tokens: 7\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+        cr_assert_eq(call_port(routers[0].port, "POST", "/v1/chat/completions", ci, body), 0);
         cr_assert_eq(resp.status, 200, "fail_open serves while Redis refuses writes");
     }
     cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
@@ -1489,6 +1507,10 @@ Test(costs, a_redis_refusing_writes_is_reported_down_and_charged_after)
     for (int tries = 0; tries < 100 && test_redis_int(&redis, "GET %s", path) != want; tries++)
         usleep(20000);
     cr_assert_eq(test_redis_int(&redis, "GET %s", path), want, "charges missing in Redis");
+    snprintf(path, sizeof(path), "costrouter:{%s#ci}:d:%s", tenant_id, day);
+    for (int tries = 0; tries < 100 && test_redis_int(&redis, "GET %s", path) != want; tries++)
+        usleep(20000);
+    cr_assert_eq(test_redis_int(&redis, "GET %s", path), want, "the key's charges missing");
     support_proc_stop(&routers[0]);
     refusals = count_log_lines(log, "NOREPLICAS");
     unlink(log);
@@ -1496,14 +1518,22 @@ Test(costs, a_redis_refusing_writes_is_reported_down_and_charged_after)
 }
 
 /* The longest tenant id and key prefix the config takes (conf.h) reach
- * Redis whole: the day's spend is under the full key. Longer ones are
- * config errors (tests/conf). */
+ * Redis whole: the day's spend is under the full key; so does the spend
+ * of a key with the longest name and a budget of its own, counted under
+ * both (TENANT#NAME). Longer ones are config errors (tests/conf). */
 Test(costs, longest_tenant_id_and_key_prefix_are_charged_in_redis)
 {
-    char id[CONF_NAME_MAX + 1], prefix[CONF_KEY_PREFIX_MAX + 1], path[512], day[16];
+    char id[CONF_NAME_MAX + 1], prefix[CONF_KEY_PREFIX_MAX + 1], path[1024], day[16];
+    char name[CONF_NAME_MAX + 1], keys[512], hex[65];
     time_t now = time(NULL);
     struct tm tm;
 
+    memset(name, 'k', CONF_NAME_MAX);
+    name[CONF_NAME_MAX] = '\0';
+    support_key_sha256_hex(KEY_CI, hex);
+    snprintf(keys, sizeof(keys), ", {name: %s, hash: \"sha256:%s\", budget: {daily_usd: 10}}",
+             name, hex);
+    more_keys = keys;
     memset(id, 't', CONF_NAME_MAX);
     id[CONF_NAME_MAX] = '\0';
     memset(prefix, 'p', CONF_KEY_PREFIX_MAX);
@@ -1515,19 +1545,21 @@ Test(costs, longest_tenant_id_and_key_prefix_are_charged_in_redis)
     add_backend("a", mock_a.port, 1, 100, 300);
     start_routers(1, "a", "    budget: {daily_usd: 10, on_exhausted: reject}\n");
     for (int i = 0; i < 3; i++) {
-        cr_assert_eq(chat(0, "x-mock-tokens: 7\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
-        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_eq(key_chat(i ? KEY_CI : NULL, KEY_BODY), 200, "%.*s", (int)resp.body.len,
+                     resp.body.data);
     }
     /* A spend read goes to Redis after the settlements before it. */
     snprintf(path, sizeof(path), "/admin/tenants/%s/spend", id);
     cr_assert_eq(call_port(routers[0].port, "GET", path, ADMIN, NULL), 0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     cr_assert_float_eq(cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble,
-                       3 * usd(PROMPT_TOKENS, 7, 100, 300), 1e-9);
+                       3 * usd(PROMPT_TOKENS, 10, 100, 300), 1e-9);
     gmtime_r(&now, &tm);
     strftime(day, sizeof(day), "%Y%m%d", &tm);
     cr_assert_eq(test_redis_int(&redis, "GET %s{%s}:d:%s", prefix, id, day),
-                 3 * llround(usd(PROMPT_TOKENS, 7, 100, 300) * 1e6));
+                 3 * llround(usd(PROMPT_TOKENS, 10, 100, 300) * 1e6));
+    cr_assert_eq(test_redis_int(&redis, "GET %s{%s#%s}:d:%s", prefix, id, name, day),
+                 2 * llround(usd(PROMPT_TOKENS, 10, 100, 300) * 1e6));
 }
 
 Test(costs, rate_limits_answer_429_with_retry_after)
@@ -3588,17 +3620,6 @@ Test(costs, a_request_tags_its_cost_log_line)
 
 /* ---- budgets per key ---- */
 
-/* Send `body` with `key` (NULL: KEY), the mock making 10 tokens; the status. */
-static int key_chat(const char *key, const char *body)
-{
-    char headers[128];
-
-    snprintf(headers, sizeof(headers), "Authorization: Bearer %s\r\nx-mock-tokens: 10\r\n",
-             key ? key : KEY);
-    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/chat/completions", headers, body), 0);
-    return resp.status;
-}
-
 /* The 429's error message. */
 static const char *error_message(void)
 {
@@ -3606,7 +3627,6 @@ static const char *error_message(void)
         cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "message"));
 }
 
-#define KEY_BODY "{\"model\":\"chat\",\"max_tokens\":10," MSG "}"
 
 /* $0.0019 a request at $100/Mtok both ways (9 + 10 tokens, held and
  * settled alike), with budgets ($0.005: two of them) `ci_budget` for the
