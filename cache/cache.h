@@ -59,8 +59,10 @@ enum cache_state {
 };
 
 /* Longest tenant id an operation takes (longer: EINVAL), and longest key
- * prefix cache_create() takes: together they bound every Redis key. */
-#define CACHE_TENANT_MAX 200
+ * prefix cache_create() takes: together they bound every Redis key. A
+ * "tenant" here is any budget subject: a tenant's id, or a key's name
+ * joined to its tenant's (the config's conf_key.subject, up to 401). */
+#define CACHE_TENANT_MAX 401
 #define CACHE_KEY_PREFIX_MAX 128
 
 /* Filled by the caller; zero fields get the defaults shown. Strings are

@@ -19,7 +19,7 @@
 
 #include "cache/cache.h"
 
-#define CACHE__NAME_MAX 512   /* longest key name built */
+#define CACHE__NAME_MAX 640   /* longest key name built */
 
 /* ---- hash map (map.c): byte-string keys, chained buckets ---- */
 

@@ -152,6 +152,8 @@ static void gmap_free(struct gmap *m)
 
 struct line {
     const char *tenant, *backend, *route, *arm, *experiment; /* "-" when absent */
+    const char *key;          /* the name of the key it used, "-" when absent (none, or
+                               * a key without a name) */
     const char *service_tier; /* the tier whose rates priced it; "default" when absent */
     const cJSON *tags;       /* object or NULL */
     int status;              /* HTTP status, 0 when absent */
@@ -274,7 +276,7 @@ static int read_line(const cJSON *o, struct line *l)
     *l = (struct line){
         .tenant = str_or_dash(o, "tenant"), .backend = str_or_dash(o, "backend"),
         .route = str_or_dash(o, "route"), .arm = str_or_dash(o, "arm"),
-        .experiment = str_or_dash(o, "experiment"),
+        .experiment = str_or_dash(o, "experiment"), .key = str_or_dash(o, "key"),
         .service_tier = str_or_dash(o, "service_tier"),
         .tags = cJSON_GetObjectItemCaseSensitive(o, "tags"),
         .status = cJSON_IsNumber(status) ? status->valueint : 0, /* cJSON saturates valueint */
@@ -308,10 +310,18 @@ static int add_line(struct report *r, const cJSON *o)
         l.cost_pico > COST_TOTAL_MAX - r->total.cost_pico ||
         l.saved_pico > COST_TOTAL_MAX - r->total.saved_pico)
         return -1;
+    /* A key's name is unique within its tenant only: grouped as the store
+     * counts it, TENANT#NAME. */
+    char key[2 * 256 + 2];
     const char *plain[][2] = {{"tenant", l.tenant}, {"backend", l.backend}, {"route", l.route},
-                              {"arm", l.arm}, {"service_tier", l.service_tier}};
+                              {"arm", l.arm}, {"service_tier", l.service_tier}, {"key", key}};
     const cJSON *tag;
     char dim[256];
+
+    if (strcmp(l.key, "-") == 0)
+        snprintf(key, sizeof(key), "-");
+    else
+        snprintf(key, sizeof(key), "%s#%s", l.tenant, l.key);
 
     stats_add(&r->total, &l);
     for (size_t i = 0; i < sizeof(plain) / sizeof(plain[0]); i++)
@@ -962,7 +972,7 @@ static int print_json(const struct report *r, FILE *out, const struct group **g,
 static void usage(FILE *f)
 {
     fputs("usage: costrouter report [--format table|csv|json]\n"
-          "                         [--by tenant,tag,backend,route,arm,service_tier]\n"
+          "                         [--by tenant,tag,backend,route,arm,service_tier,key]\n"
           "                         [--since TIME] [--until TIME] [--progress] [-o FILE]\n"
           "                         [FILE|-]...\n"
           "TIME is UTC: YYYY-MM-DD[THH:MM[:SS[.fff]]][Z]; --since is in the period, --until not\n",
@@ -976,7 +986,7 @@ static int parse_by(struct report *r, char *list)
 
     for (char *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
         if (strcmp(t, "tenant") && strcmp(t, "backend") && strcmp(t, "route") && strcmp(t, "arm") &&
-            strcmp(t, "service_tier") && strcmp(t, "tag") &&
+            strcmp(t, "service_tier") && strcmp(t, "key") && strcmp(t, "tag") &&
             (strncmp(t, "tag.", 4) || t[4] == '\0')) {
             fprintf(stderr, "report: --by: unknown dimension \"%s\"\n", t);
             return -1;

@@ -457,6 +457,22 @@ out:
     free(v);
 }
 
+/* The name the store counts a budgeted key's spend under, made once here
+ * so that a request only reads it. */
+static void key_subject(struct conf__ctx *ctx, const struct conf_tenant *t, struct conf_key *k)
+{
+    size_t n;
+
+    if (t->id == NULL || k->name == NULL || (k->daily_usd <= 0 && k->monthly_usd <= 0))
+        return;
+    n = strlen(t->id) + strlen(k->name) + 2;
+    if ((k->subject = malloc(n)) == NULL) {
+        ctx->oom = 1;
+        return;
+    }
+    snprintf(k->subject, n, "%s%c%s", t->id, CONF_KEY_SUBJECT_SEP, k->name);
+}
+
 /* Key names label metrics and log lines: unique within their tenant. */
 static void check_key_names(struct conf__ctx *ctx, size_t i)
 {
@@ -469,9 +485,11 @@ static void check_key_names(struct conf__ctx *ctx, size_t i)
         ctx->oom = 1;
         return;
     }
-    for (size_t j = 0; j < t->nkeys; j++)
+    for (size_t j = 0; j < t->nkeys; j++) {
+        key_subject(ctx, t, &t->keys[j]);
         if (t->keys[j].name)
             v[n++] = (struct named){t->keys[j].name, j, &t->keys[j], t->keys[j].line};
+    }
     snprintf(list, sizeof(list), "tenants[%zu].api_keys", i);
     sort_and_find_duplicates(ctx, v, n, list, "name", "key name", NULL);
     free(v);

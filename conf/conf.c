@@ -693,6 +693,7 @@ void conf_free(struct conf *conf)
         free(t->key_hashes);
         for (size_t j = 0; t->keys && j < t->nkeys; j++) {
             free(t->keys[j].name);
+            free(t->keys[j].subject);
             free_models(&t->keys[j].models);
         }
         free(t->keys);

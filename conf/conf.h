@@ -178,7 +178,17 @@ struct conf_key {
     int64_t tpm;                      /* tokens per minute through this key, 0 = no limit */
     const struct conf_tenant *tenant; /* owner */
     struct conf_models models;        /* `models:`, within its tenant's */
+    double daily_usd;                 /* budget.daily_usd, 0 = none (the tenant's binds too) */
+    double monthly_usd;               /* budget.monthly_usd, 0 = none */
+    char *subject;                    /* what the store counts its spend under ("TENANT#NAME",
+                                         see CONF_KEY_SUBJECT_SEP), or NULL: no budget */
 };
+
+/* Between a tenant's id and a key's name in conf_key.subject. Names never
+ * hold it, so no subject is a tenant id, nor two keys' the same; nor do
+ * they hold '{' or '}', so the store's hash tag stays whole. */
+#define CONF_KEY_SUBJECT_SEP '#'
+#define CONF_SUBJECT_MAX (2 * CONF_NAME_MAX + 1)
 
 struct conf_tenant {
     char *id;

@@ -141,7 +141,8 @@ enum conf__experiment_key {
 enum conf__arm_key { CONF__A_NAME, CONF__A_WEIGHT, CONF__A_BACKENDS, CONF__A_COUNT };
 
 enum conf__key_key {
-    CONF__K_HASH, CONF__K_NAME, CONF__K_RPM, CONF__K_TPM, CONF__K_MODELS, CONF__K_COUNT
+    CONF__K_HASH, CONF__K_NAME, CONF__K_RPM, CONF__K_TPM, CONF__K_MODELS, CONF__K_BUDGET,
+    CONF__K_DAILY_USD, CONF__K_MONTHLY_USD, CONF__K_COUNT
 };
 
 enum conf__price_key {

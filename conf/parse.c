@@ -654,6 +654,20 @@ struct key_arg {
     struct conf__meta *meta;  /* the tenant's meta, for item_lines */
 };
 
+/* A key's budget is counted under its name (conf_key.subject): a key
+ * without one has nothing to count it under. */
+static void need_key_name(struct conf__ctx *ctx, const struct conf_key *k,
+                          const struct conf__meta *m, const char *path)
+{
+    char bpath[300];
+
+    if (!(m->set & (1ull << CONF__K_BUDGET)) || k->name != NULL)
+        return;
+    join_path(bpath, sizeof(bpath), path, "budget");
+    conf__error(ctx, m->lines[CONF__K_BUDGET], bpath,
+                "needs the key's \"name\" (its spend is counted and shown under it)");
+}
+
 /* A key is a string (the hash) or a mapping {hash, name, rpm, tpm}, whose
  * few defaults are applied right away: nothing else depends on them. A
  * key reported malformed gets item line 0, which keeps it out of the key
@@ -671,6 +685,7 @@ static void each_key(struct conf__ctx *ctx, void *arg, struct fy_node *item, cha
 
         parse_mapping(ctx, &key_table, NULL, k, &m, item, line, path);
         apply_defaults(ctx, &key_table, k, &m, path);
+        need_key_name(ctx, k, &m, path);
     } else if (text) {
         fn_key_hash(ctx, k, text, line, path);
     }
@@ -1315,6 +1330,11 @@ static const struct directive key_directives[CONF__K_COUNT] = {
     [CONF__K_RPM] = {"rpm", NULL, T_I64, K(rpm), 0, BIG, "0"},
     [CONF__K_TPM] = {"tpm", NULL, T_I64, K(tpm), 0, BIG, "0"},
     [CONF__K_MODELS] = {"models", NULL, T_NODE, .node = node_key_models},
+    /* The tenant's rules: same range and rounding as its daily_usd and
+     * monthly_usd; its on_exhausted, soft_limit_pct and on_overrun apply. */
+    [CONF__K_BUDGET] = {"budget", NULL, T_SECTION},
+    [CONF__K_DAILY_USD] = {"daily_usd", "budget", T_DOUBLE, K(daily_usd), 0, BIG, "0"},
+    [CONF__K_MONTHLY_USD] = {"monthly_usd", "budget", T_DOUBLE, K(monthly_usd), 0, BIG, "0"},
 };
 #undef K
 

@@ -233,6 +233,8 @@ int metrics_cost_record_json(const struct metrics_cost_record *r, struct buf *ou
     rc |= buf_append_lit(out, "{\"ts\":") | put_ts(out, r->ts_ms);
     rc |= buf_append_lit(out, ",\"request_id\":") | put_string(out, r->request_id);
     rc |= buf_append_lit(out, ",\"tenant\":") | put_string(out, r->tenant);
+    if (r->key != NULL) /* only named keys: a line has it when its key has a name */
+        rc |= buf_append_lit(out, ",\"key\":") | put_string(out, r->key);
     rc |= buf_append_lit(out, ",\"tags\":{");
     for (size_t i = 0; i < r->ntags + r->nrequest_tags; i++) {
         const struct conf_tag *t = i < r->ntags ? &r->tags[i] : &r->request_tags[i - r->ntags];

@@ -48,6 +48,10 @@ enum metrics_type { METRICS_COUNTER, METRICS_GAUGE, METRICS_HISTOGRAM };
       "Spend in the current budget period (day or month).", "tenant,period")                 \
     X(BUDGET_REMAINING_USD, "costrouter_budget_remaining_usd", GAUGE,                        \
       "Budget left in the current period (day or month).", "tenant,period")                  \
+    X(KEY_BUDGET_SPENT_USD, "costrouter_key_budget_spent_usd", GAUGE,                        \
+      "Spend in the current period of a key with a budget of its own.", "tenant,key,period") \
+    X(KEY_BUDGET_REMAINING_USD, "costrouter_key_budget_remaining_usd", GAUGE,                \
+      "Own budget left to a key in the current period.", "tenant,key,period")                \
     X(CACHE_HITS_TOTAL, "costrouter_cache_hits_total", COUNTER,                              \
       "Requests answered from the response cache.", "tenant")                                \
     X(CACHE_SAVED_USD_TOTAL, "costrouter_cache_saved_usd_total", COUNTER,                    \
@@ -192,6 +196,8 @@ struct metrics_cost_record {
     int64_t ts_ms;                 /* request start, ms since the Unix epoch (UTC) */
     const char *request_id;        /* the id the router gave the request */
     const char *tenant;            /* tenant id (never a key) */
+    const char *key;               /* the name of the key it used (never the key), or NULL:
+                                    * none, or a key without a name (left out of the line) */
     const struct conf_tag *tags;   /* the tenant's tags: cost_center, team, ... */
     size_t ntags;                  /* entries in tags */
     const struct conf_tag *request_tags; /* the request's own (x-costrouter-tags), written

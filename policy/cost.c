@@ -133,6 +133,8 @@ static struct policy_choice choose_pass(const struct policy_request *req, uint64
 
     read_budget(&req->day, req->limits.soft_limit_pct, &left, &soft);
     read_budget(&req->month, req->limits.soft_limit_pct, &left, &soft);
+    read_budget(&req->key_day, req->limits.soft_limit_pct, &left, &soft);
+    read_budget(&req->key_month, req->limits.soft_limit_pct, &left, &soft);
     for (size_t i = 0; i < n; i++) {
         struct policy_verdict *c = &v[i];
         int quality_ok = req->route->candidates[i]->quality >= req->limits.min_quality;

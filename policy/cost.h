@@ -60,6 +60,8 @@ struct policy_request {
     int service_tier;               /* enum conf_service_tier the request asks for */
     struct policy_budget day;       /* today's budget (UTC) */
     struct policy_budget month;     /* this month's budget (UTC) */
+    struct policy_budget key_day;   /* the request's key's own, within the tenant's */
+    struct policy_budget key_month; /* (limit 0 when the key has none) */
     uint64_t tried;                 /* candidates already tried (bit i = candidates[i]) */
     uint64_t allowed;               /* candidates the A/B arm allows; 0 = all */
     uint64_t speaks;                /* candidates that speak the request's API (the

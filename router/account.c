@@ -149,6 +149,7 @@ void router__account(struct router__client *c)
     rec.ts_ms = wall_ms() - (int64_t)(now - req->start_ms);
     rec.request_id = req->id_str;
     rec.tenant = req->tenant ? req->tenant->id : NULL;
+    rec.key = req->tenant && req->key ? req->key->name : NULL;
     rec.tags = req->tenant ? req->tenant->tags : NULL;
     rec.ntags = req->tenant ? req->tenant->ntags : 0;
     rec.request_tags = req->tags;
@@ -208,10 +209,27 @@ void router__account_idle(struct router *r)
 void router__forget_gauges(struct router *r)
 {
     static const enum metrics_id set_afresh[] = {
-        METRICS_BUDGET_SPENT_USD, METRICS_BUDGET_REMAINING_USD, METRICS_GPU_POOL_UTILIZATION_RATIO};
+        METRICS_BUDGET_SPENT_USD,     METRICS_BUDGET_REMAINING_USD,
+        METRICS_KEY_BUDGET_SPENT_USD, METRICS_KEY_BUDGET_REMAINING_USD,
+        METRICS_GPU_POOL_UTILIZATION_RATIO};
 
     for (size_t i = 0; i < sizeof(set_afresh) / sizeof(set_afresh[0]); i++)
         metrics_clear(r->metrics, set_afresh[i]);
+}
+
+/* One subject's spend and remaining gauges, day and month (`day` and
+ * `month`: its labels). */
+static void spend_gauges(struct router *r, enum metrics_id spent, enum metrics_id remaining,
+                         struct router__spend *s, double daily_usd, double monthly_usd,
+                         const char **day, const char **month)
+{
+    router__spend_roll(s);
+    metrics_set(r->metrics, spent, day, (double)s->day_spent / 1e6);
+    metrics_set(r->metrics, spent, month, (double)s->month_spent / 1e6);
+    if (daily_usd > 0)
+        metrics_set(r->metrics, remaining, day, daily_usd - (double)s->day_spent / 1e6);
+    if (monthly_usd > 0)
+        metrics_set(r->metrics, remaining, month, monthly_usd - (double)s->month_spent / 1e6);
 }
 
 void router__refresh_gauges(struct router *r)
@@ -225,15 +243,16 @@ void router__refresh_gauges(struct router *r)
         struct router__tenant *ts = &r->tenants[i];
         const char *day[] = {t->id, "day"}, *month[] = {t->id, "month"};
 
-        router__tenant_roll(ts);
-        metrics_set(r->metrics, METRICS_BUDGET_SPENT_USD, day, (double)ts->day_spent / 1e6);
-        metrics_set(r->metrics, METRICS_BUDGET_SPENT_USD, month, (double)ts->month_spent / 1e6);
-        if (t->daily_usd > 0)
-            metrics_set(r->metrics, METRICS_BUDGET_REMAINING_USD, day,
-                        t->daily_usd - (double)ts->day_spent / 1e6);
-        if (t->monthly_usd > 0)
-            metrics_set(r->metrics, METRICS_BUDGET_REMAINING_USD, month,
-                        t->monthly_usd - (double)ts->month_spent / 1e6);
+        spend_gauges(r, METRICS_BUDGET_SPENT_USD, METRICS_BUDGET_REMAINING_USD, &ts->spend,
+                     t->daily_usd, t->monthly_usd, day, month);
+        for (size_t k = 0; k < t->nkeys; k++) {
+            const struct conf_key *key = &t->keys[k];
+            const char *kday[] = {t->id, key->name, "day"}, *kmonth[] = {t->id, key->name, "month"};
+
+            if (key->subject != NULL)
+                spend_gauges(r, METRICS_KEY_BUDGET_SPENT_USD, METRICS_KEY_BUDGET_REMAINING_USD,
+                             &ts->key_spend[k], key->daily_usd, key->monthly_usd, kday, kmonth);
+        }
     }
     for (size_t i = 0; i < conf->nbackends; i++) {
         const struct backend *b = backend_set_get(r->backends, i);

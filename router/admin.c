@@ -3,7 +3,8 @@
  *
  *   GET /metrics                      Prometheus text (admin key when one is set)
  *   GET /dashboard                    the self-contained page (its data calls need the key)
- *   GET /admin/tenants                spend vs budget of every tenant
+ *   GET /admin/tenants                spend vs budget of every tenant (and of its keys
+ *                                     with budgets of their own)
  *   GET /admin/tenants/{id}/spend     one tenant's spend (across instances with Redis);
  *                                     the id as it is or percent-encoded
  *   GET /admin/backends               live backend state
@@ -29,23 +30,24 @@
 
 struct router__admin;
 
-/* One spend_get of an admin request. */
+/* One spend_get of an admin request: a tenant's, or one of its keys'
+ * with a budget of its own (then right after its tenant's). */
 struct spend_slot {
     struct router__admin *admin;   /* the request */
     const struct conf_tenant *t;   /* tenant asked about */
+    const struct conf_key *k;      /* its key asked about, or NULL: the tenant */
     struct cache_op *op;           /* in flight, or NULL once answered */
-    size_t index;                  /* position in the output array */
+    struct cache_spend s;          /* the answer */
 };
 
-/* One admin request waiting for the store: one spend_get per tenant. */
+/* One admin request waiting for the store: one spend_get per subject. */
 struct router__admin {
     struct router__client *client; /* who asked */
-    cJSON *out;                    /* array (list) or object (one tenant) */
     size_t n;                      /* slots */
     size_t pending;                /* spend_get answers still to come */
     int single;                    /* answer one object, not an array */
     const char *error;             /* first store error */
-    struct spend_slot slots[];     /* one per tenant queried */
+    struct spend_slot slots[];     /* one per subject queried */
 };
 
 /* A POST /admin/reload waiting for its reload, which runs off the loop.
@@ -84,24 +86,54 @@ static void send_json(struct router__client *c, int status, cJSON *j)
     free(body);
 }
 
-static cJSON *tenant_json(const struct conf_tenant *t, const struct cache_spend *s)
+/* The numbers of one subject, as both a tenant and a key show them. */
+static void add_spend(cJSON *o, double daily_usd, double monthly_usd, const struct cache_spend *s)
 {
-    cJSON *o = cJSON_CreateObject();
-
-    cJSON_AddStringToObject(o, "tenant", t->id);
     cJSON_AddNumberToObject(o, "day_usd", (double)s->day_spent / 1e6);
     cJSON_AddNumberToObject(o, "month_usd", (double)s->month_spent / 1e6);
-    cJSON_AddNumberToObject(o, "day_budget_usd", t->daily_usd);
-    cJSON_AddNumberToObject(o, "month_budget_usd", t->monthly_usd);
+    cJSON_AddNumberToObject(o, "day_budget_usd", daily_usd);
+    cJSON_AddNumberToObject(o, "month_budget_usd", monthly_usd);
     cJSON_AddNumberToObject(o, "reserved_usd", (double)s->reserved / 1e6);
     cJSON_AddBoolToObject(o, "degraded", s->degraded);
+}
+
+/* The tenant of `slot` with its keys' own budgets, the slots after it
+ * (`*used`: how many slots it took). */
+static cJSON *tenant_json(const struct spend_slot *slot, size_t left, size_t *used)
+{
+    cJSON *o = cJSON_CreateObject(), *keys;
+    size_t i = 1;
+
+    cJSON_AddStringToObject(o, "tenant", slot->t->id);
+    add_spend(o, slot->t->daily_usd, slot->t->monthly_usd, &slot->s);
+    keys = cJSON_AddArrayToObject(o, "keys");
+    for (; i < left && slot[i].k != NULL; i++) {
+        cJSON *ko = cJSON_CreateObject();
+
+        cJSON_AddStringToObject(ko, "name", slot[i].k->name);
+        add_spend(ko, slot[i].k->daily_usd, slot[i].k->monthly_usd, &slot[i].s);
+        cJSON_AddItemToArray(keys, ko);
+    }
+    *used = i;
     return o;
 }
 
-static void admin_free(struct router__admin *a)
+static void send_spend(struct router__client *c, struct router__admin *a)
 {
-    cJSON_Delete(a->out);
-    free(a);
+    cJSON *out = a->single ? NULL : cJSON_CreateArray();
+    size_t used;
+
+    for (size_t i = 0; i < a->n; i += used) {
+        cJSON *o = tenant_json(&a->slots[i], a->n - i, &used);
+
+        if (a->single) {
+            out = o;
+            break;
+        }
+        cJSON_AddItemToArray(out, o);
+    }
+    send_json(c, 200, out);
+    cJSON_Delete(out);
 }
 
 static void on_spend(void *arg, const char *errstr, const struct cache_spend *s)
@@ -113,30 +145,57 @@ static void on_spend(void *arg, const char *errstr, const struct cache_spend *s)
     sa->op = NULL;
     if (errstr != NULL && a->error == NULL)
         a->error = errstr;
-    if (errstr == NULL) {
-        if (a->single)
-            cJSON_AddItemToObject(a->out, "spend", tenant_json(sa->t, s));
-        else
-            cJSON_ReplaceItemInArray(a->out, (int)sa->index, tenant_json(sa->t, s));
-    }
+    if (errstr == NULL)
+        sa->s = *s;
     if (--a->pending > 0)
         return;
     c->req.admin = NULL;
-    if (a->error) {
+    if (a->error)
         router__send_error(c, error_store_unavailable, NULL);
-    } else if (a->single) {
-        send_json(c, 200, cJSON_GetObjectItem(a->out, "spend"));
-    } else {
-        send_json(c, 200, a->out);
-    }
-    admin_free(a);
+    else
+        send_spend(c, a);
+    free(a);
+}
+
+/* Slots for `n` tenants from `first`: one each, and one per key of
+ * theirs with a budget of its own. */
+static size_t count_slots(const struct conf_tenant *first, size_t n)
+{
+    size_t slots = n;
+
+    for (size_t i = 0; i < n; i++)
+        for (size_t k = 0; k < first[i].nkeys; k++)
+            slots += first[i].keys[k].subject != NULL;
+    return slots;
+}
+
+/* Cancel the slots' spend_gets still out and free the request. */
+static void cancel_all(struct router__admin *a)
+{
+    for (size_t i = 0; i < a->n; i++)
+        if (a->slots[i].op)
+            cache_cancel(a->slots[i].op);
+    free(a);
+}
+
+/* Ask the store about slot `sa` (its tenant's or key's subject). */
+static void ask(struct router__client *c, struct router__admin *a, const struct conf_tenant *t,
+                const struct conf_key *k)
+{
+    struct spend_slot *sa = &a->slots[a->n++];
+
+    *sa = (struct spend_slot){a, t, k, NULL, {0}};
+    sa->op = cache_spend_get(c->router->store, k ? k->subject : t->id, on_spend, sa);
+    if (sa->op != NULL)
+        a->pending++;
 }
 
 /* Query the store for `n` tenants starting at `first`. */
 static void query_spend(struct router__client *c, const struct conf_tenant *first, size_t n,
                         int single)
 {
-    struct router__admin *a = calloc(1, sizeof(*a) + n * sizeof(a->slots[0]));
+    size_t slots = count_slots(first, n);
+    struct router__admin *a = calloc(1, sizeof(*a) + slots * sizeof(a->slots[0]));
 
     if (a == NULL) {
         router__send_error(c, error_no_memory, NULL);
@@ -144,27 +203,22 @@ static void query_spend(struct router__client *c, const struct conf_tenant *firs
     }
     a->client = c;
     a->single = single;
-    a->out = single ? cJSON_CreateObject() : cJSON_CreateArray();
     if (n == 0) {
-        send_json(c, 200, a->out);
-        admin_free(a);
+        send_spend(c, a);
+        free(a);
         return;
     }
     c->req.admin = a;
-    a->n = n;
     for (size_t i = 0; i < n; i++) {
-        struct spend_slot *sa = &a->slots[i];
-
-        if (!single)
-            cJSON_AddItemToArray(a->out, cJSON_CreateNull());
-        *sa = (struct spend_slot){a, &first[i], NULL, i};
-        sa->op = cache_spend_get(c->router->store, first[i].id, on_spend, sa);
-        if (sa->op != NULL)
-            a->pending++;
+        ask(c, a, &first[i], NULL);
+        for (size_t k = 0; k < first[i].nkeys; k++)
+            if (first[i].keys[k].subject != NULL)
+                ask(c, a, &first[i], &first[i].keys[k]);
     }
-    if (a->pending == 0) {
+    if (a->pending < a->n) {
+        /* One could not be asked (no memory): answer nothing. */
         c->req.admin = NULL;
-        admin_free(a);
+        cancel_all(a);
         router__send_error(c, error_no_memory, NULL);
     }
 }
@@ -185,10 +239,7 @@ void router__admin_abandon(struct router__client *c)
     if (a == NULL)
         return;
     c->req.admin = NULL;
-    for (size_t i = 0; i < a->n; i++)
-        if (a->slots[i].op)
-            cache_cancel(a->slots[i].op);
-    admin_free(a);
+    cancel_all(a);
 }
 
 static void send_backends(struct router__client *c)

@@ -45,6 +45,7 @@
 
 struct conf;
 struct conf_backend;
+struct conf_key;
 struct conf_route;
 struct conf_tenant;
 struct backend;
@@ -161,16 +162,25 @@ struct router__carry {
     unsigned refs;                  /* generations pointing at it */
 };
 
-/* What the router keeps per tenant between requests. */
-struct router__tenant {
-    struct policy_ratelimit rl;     /* tenant rpm/tpm */
-    struct policy_ratelimit *key_rl; /* per key of the tenant (conf order) */
+/* One budget's subject as the router knows it between requests: a
+ * tenant, or a key with a budget of its own (conf_key.subject). */
+struct router__spend {
     int64_t day_spent;              /* micro-USD, from the store's last answer */
     int64_t month_spent;            /* micro-USD, same */
     int64_t reserved;               /* micro-USD held by open reservations */
     struct cache_period period;     /* day and month of day_spent and month_spent */
+    struct router__carry *carry;    /* sub-micro-USD remainder of its charges; NULL for
+                                       a key without a budget (nothing is counted) */
+};
+
+/* What the router keeps per tenant between requests. */
+struct router__tenant {
+    struct policy_ratelimit rl;     /* tenant rpm/tpm */
+    struct policy_ratelimit *key_rl; /* per key of the tenant (conf order) */
+    struct router__spend spend;     /* the tenant's budget */
+    struct router__spend *key_spend; /* per key of the tenant (conf order): the budgets
+                                        of those with a subject */
     struct policy_outpred *outpred; /* per route: recent completion lengths */
-    struct router__carry *carry;    /* sub-micro-USD remainder of its charges */
 };
 
 /* Which endpoint a request is for. */
@@ -284,6 +294,7 @@ struct router__request {
     struct policy_choice choice;         /* the current decision */
     struct cache_op *store_op;           /* cache_begin or spend check in flight, or NULL */
     struct cache_reservation res;        /* budget held for the current attempt */
+    struct cache_reservation key_res;    /* the same held from its key's own budget */
     struct cache_key cache_key;          /* response cache key (when cacheable) */
     struct cache_flight_waiter waiter;   /* as a single-flight follower */
     struct backend_ticket ticket;        /* the current attempt's accounting */
@@ -294,6 +305,8 @@ struct router__request {
     struct buf verdict_mem;              /* room for verdicts, kept like the other buffers */
     struct router__jsonmem_block *json_more; /* its overflow blocks */
     unsigned has_res:1;                  /* res must be settled or released */
+    unsigned has_key_res:1;              /* key_res too */
+    unsigned lookup:2;                   /* enum cache_lookup of the current begin */
     unsigned attempt_open:1;             /* ticket must be finished */
     unsigned cacheable:1;                /* deterministic request, cache enabled */
     unsigned flight_leader:1;            /* we must finish the single flight */
@@ -483,14 +496,16 @@ void router__maybe_finish(struct router *r);
  * router's checks and the store's reservations agree, except that a
  * positive budget is at least 1 (0 means no budget to both). */
 int64_t router__budget_micro(double usd);
-/* Reserve the choice's cost (and look the cache up) for the request; on
- * the answer, router__proxy_reserved() continues. */
+/* Reserve the choice's cost (and look the cache up) for the request, from
+ * its tenant's budget and then its key's own, if any; on the answers,
+ * router__proxy_reserved() continues. */
 void router__spend_begin(struct router__client *c);
-/* Read the tenant's spend and holds from the store into its snapshot;
+/* Read the tenant's (and its key's own) spend and holds from the store
+ * into their snapshots;
  * then router__proxy_budget_checked() continues. Returns 0, or -1 (no
  * memory: no callback). */
 int router__spend_check(struct router__client *c);
-/* Release the current reservation (failure before any cost). */
+/* Release the current reservations (failure before any cost). */
 void router__spend_release(struct router__client *c);
 /* Settle the current reservation with `usd`, the real cost: the store is
  * charged whole micro-USD, the tenant's remainder carried to its next
@@ -501,11 +516,14 @@ void router__spend_cache_store(struct router__client *c);
 /* Request teardown: cancel store callbacks, end flights, release holds. */
 void router__spend_abandon(struct router__client *c);
 struct router__tenant *router__tenant_state(struct router *r, const struct conf_tenant *t);
-/* Bring the tenant's numbers to the current day and month: those of a
+/* The numbers of key `k`'s own budget (of its generation `r`), or NULL
+ * when it has none (no subject). */
+struct router__spend *router__key_spend(struct router *r, const struct conf_key *k);
+/* Bring a subject's numbers to the current day and month: those of a
  * period that has ended since the store's answer become 0, as the store
  * counts the new period from 0. Else a tenant idle since midnight showed
  * yesterday's spend as today's in the spend gauges. */
-void router__tenant_roll(struct router__tenant *ts);
+void router__spend_roll(struct router__spend *s);
 
 /* admin.c: /metrics, /dashboard, /admin/... */
 void router__admin_handle(struct router__client *c, struct slice path);
@@ -556,9 +574,11 @@ char *router__json_quote(const char *s);
 /* The upstream request headers that are the same for every request to
  * backend `b` (holds its API key: never logged). */
 int router__fixed_headers(const struct conf_backend *b, struct buf *out);
-/* The store answered cache_begin: continue with the reservation granted,
- * or re-choose / reject when it was denied. */
-void router__proxy_reserved(struct router__client *c, const struct cache_begin_result *res);
+/* The store answered cache_begin (the key's too, when it has a budget):
+ * continue with the reservations granted, or re-choose / reject when one
+ * was denied (then none is held). req->lookup says what the cache lookup
+ * found. */
+void router__proxy_reserved(struct router__client *c, int granted);
 /* The store answered router__spend_check: choose again (or, mid-stream,
  * let the next event decide on a cut). */
 void router__proxy_budget_checked(struct router__client *c);

@@ -452,20 +452,61 @@ static struct policy_budget budget_of(double limit_usd, int64_t spent, int64_t r
 
 #define BUDGET_NONE INT64_MAX
 
-/* What the tenant has left today or this month, whichever is less (may
- * be negative: overspent), minus the reservations of requests in flight
- * when `count_holds`. BUDGET_NONE when it has no budget. */
-static int64_t budget_left(struct router__client *c, int count_holds)
+/* What a subject with budgets `daily` and `monthly` has left today or
+ * this month, whichever is less (may be negative: overspent), minus the
+ * reservations of requests in flight when `count_holds`. BUDGET_NONE when
+ * it has no budget. */
+static int64_t left_of(const struct router__spend *s, double daily, double monthly,
+                       int count_holds)
+{
+    int64_t held = count_holds ? s->reserved : 0, left = BUDGET_NONE;
+
+    if (daily > 0)
+        left = router__budget_micro(daily) - s->day_spent - held;
+    if (monthly > 0)
+        left = MIN(left, router__budget_micro(monthly) - s->month_spent - held);
+    return left;
+}
+
+static int64_t tenant_left(struct router__client *c, int count_holds)
 {
     const struct conf_tenant *t = c->req.tenant;
-    struct router__tenant *ts = router__tenant_state(c->router, t);
-    int64_t held = count_holds ? ts->reserved : 0, left = BUDGET_NONE;
 
-    if (t->daily_usd > 0)
-        left = router__budget_micro(t->daily_usd) - ts->day_spent - held;
-    if (t->monthly_usd > 0)
-        left = MIN(left, router__budget_micro(t->monthly_usd) - ts->month_spent - held);
-    return left;
+    return left_of(&router__tenant_state(c->router, t)->spend, t->daily_usd, t->monthly_usd,
+                   count_holds);
+}
+
+/* The key's own budget's (BUDGET_NONE when it has none). */
+static int64_t key_left(struct router__client *c, int count_holds)
+{
+    const struct conf_key *k = c->req.key;
+    const struct router__spend *ks = router__key_spend(c->router, k);
+
+    return ks ? left_of(ks, k->daily_usd, k->monthly_usd, count_holds) : BUDGET_NONE;
+}
+
+/* What the request may still spend: the smaller of its tenant's and its
+ * key's remainders. */
+static int64_t budget_left(struct router__client *c, int count_holds)
+{
+    return MIN(tenant_left(c, count_holds), key_left(c, count_holds));
+}
+
+/* Whether the key's own budget is the one that binds (less left than its
+ * tenant's), for the 429 and the log to say so. */
+static int key_binds(struct router__client *c)
+{
+    return key_left(c, 1) < tenant_left(c, 1);
+}
+
+/* Whose budget refused: the tenant's id, or its key's name (never the key). */
+static void budget_owner(struct router__client *c, char *out, size_t size)
+{
+    if (key_binds(c))
+        snprintf(out, size, "key \"%s\" of %s (the key's own budget)", c->req.key->name,
+                 c->req.tenant->id);
+    else
+        snprintf(out, size, "%s", c->req.tenant->id);
 }
 
 /*
@@ -480,11 +521,14 @@ static int64_t budget_left(struct router__client *c, int count_holds)
 static void reject_budget(struct router__client *c)
 {
     const struct router__request *req = &c->req;
-    char extra[160], remaining[80] = "", usd[32], detail[CONF_NAME_MAX + 160];
+    char extra[160], remaining[80] = "", usd[32], owner[2 * CONF_NAME_MAX + 64];
+    char detail[sizeof(owner) + 160];
     int status;
     char *body;
     int64_t left = budget_left(c, 1);
     int spent = req->choice.reject_budget && req->choice.cost_micro > budget_left(c, 0);
+
+    budget_owner(c, owner, sizeof(owner));
 
     /* Without max_tokens the hold is for a guess (the P95 of recent
      * completions), which the client cannot see and can replace. */
@@ -492,9 +536,9 @@ static void reject_budget(struct router__client *c)
         snprintf(detail, sizeof(detail),
                  "%s (the completion, without max_tokens, was estimated at %" PRId64
                  " tokens; a request with a smaller max_tokens may fit)",
-                 req->tenant->id, req->completion_pred);
+                 owner, req->completion_pred);
     else
-        snprintf(detail, sizeof(detail), "%s", req->tenant->id);
+        snprintf(detail, sizeof(detail), "%s", owner);
     body = router__error_json(req->endpoint, error_budget_exhausted, detail, &status);
 
     if (left != BUDGET_NONE) {
@@ -576,6 +620,7 @@ static int choose(struct router__client *c, const char *last_error)
     struct router *r = c->router;
     const struct conf_tenant *t = req->tenant;
     struct router__tenant *ts = router__tenant_state(r, t);
+    const struct router__spend *ks = router__key_spend(r, req->key);
     struct policy_request preq = {0};
 
     if (req->attempts > (unsigned)r->conf->max_retries) {
@@ -607,8 +652,12 @@ static int choose(struct router__client *c, const char *last_error)
     preq.completion_tokens = req->completion_pred;
     preq.completion_predicted = !req->completion_limited;
     preq.service_tier = req->asked_tier;
-    preq.day = budget_of(t->daily_usd, ts->day_spent, ts->reserved);
-    preq.month = budget_of(t->monthly_usd, ts->month_spent, ts->reserved);
+    preq.day = budget_of(t->daily_usd, ts->spend.day_spent, ts->spend.reserved);
+    preq.month = budget_of(t->monthly_usd, ts->spend.month_spent, ts->spend.reserved);
+    if (ks != NULL) {
+        preq.key_day = budget_of(req->key->daily_usd, ks->day_spent, ks->reserved);
+        preq.key_month = budget_of(req->key->monthly_usd, ks->month_spent, ks->reserved);
+    }
     preq.tried = req->tried;
     preq.now_ms = router__now(r);
     req->choice = policy_cost_aware.choose(&preq, req->verdicts);
@@ -738,12 +787,12 @@ static void on_flight_answer(void *arg, const char *value, size_t len)
     send_attempt(c); /* the leader failed: go ourselves */
 }
 
-void router__proxy_reserved(struct router__client *c, const struct cache_begin_result *res)
+void router__proxy_reserved(struct router__client *c, int granted)
 {
     struct router__request *req = &c->req;
     int role;
 
-    if (!res->granted) {
+    if (!granted) {
         /* Another request or instance spent the budget since our
          * snapshot: choose again with the store's numbers. */
         choose_and_reserve(c, NULL);
@@ -759,7 +808,7 @@ void router__proxy_reserved(struct router__client *c, const struct cache_begin_r
         choose_and_reserve(c, NULL);
         return;
     }
-    if (req->cacheable && res->lookup == CACHE_LOOKUP_MISS && !req->flight_leader) {
+    if (req->cacheable && req->lookup == CACHE_LOOKUP_MISS && !req->flight_leader) {
         role = cache_flight_join(c->router->flights, &req->cache_key, &req->waiter,
                                  on_flight_answer, c);
         if (role == CACHE_FLIGHT_FOLLOWER) {
@@ -1279,7 +1328,7 @@ static int overrun_cut(struct router__client *c)
                                     .tier = billed_tier(req)};
     int64_t running, left;
     int status;
-    char *err;
+    char *err, owner[2 * CONF_NAME_MAX + 64];
     struct buf ev = {0};
 
     if (req->tenant->on_overrun != CONF_OVERRUN_CUT || req->completion_limited ||
@@ -1300,9 +1349,11 @@ static int overrun_cut(struct router__client *c)
     }
     if (running <= req->res.amount + left)
         return 0;
-    log_info("request %s: tenant %s over budget mid-stream, cutting it", req->id_str,
-             req->tenant->id);
-    err = router__error_json(req->endpoint, error_budget_exhausted, "budget exhausted mid-stream",
+    budget_owner(c, owner, sizeof(owner));
+    log_info("request %s: %s over budget mid-stream, cutting it", req->id_str, owner);
+    err = router__error_json(req->endpoint, error_budget_exhausted,
+                             key_binds(c) ? "budget exhausted mid-stream (the key's own budget)"
+                                          : "budget exhausted mid-stream",
                              &status);
     if (err && buf_printf(&ev, "event: error\ndata: %s\n\n", err) == 0)
         forward(c, ev.data, ev.len);

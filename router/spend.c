@@ -28,7 +28,7 @@
 #include "router/internal.h"
 
 /* What the config accepts, the store takes. */
-_Static_assert(CONF_NAME_MAX <= CACHE_TENANT_MAX, "every tenant id fits the store's keys");
+_Static_assert(CONF_SUBJECT_MAX <= CACHE_TENANT_MAX, "every tenant id and key subject fits the store's keys");
 _Static_assert(CONF_KEY_PREFIX_MAX <= CACHE_KEY_PREFIX_MAX, "every key prefix fits the store");
 
 static void on_store_state(void *arg, enum cache_state state, const char *errstr)
@@ -105,19 +105,45 @@ static const struct router__tenant *previous_state(struct router *r, const struc
 }
 
 /*
- * The carry of tenant `t` in generation `r`: the one of the generation
- * being replaced (shared->current while a reload builds `r`) when it
- * knows the tenant too, else a new one. Requests of both generations
- * then settle into the same remainder.
+ * The generation being replaced's numbers of key `k`, when it had a budget
+ * there under the same subject (same tenant, same name), found by the
+ * key's hash; NULL otherwise (a key the reload adds, renames, or gives
+ * its first budget).
  */
-static struct router__carry *carry_for(struct router *r, const struct conf_tenant *t)
+static const struct router__spend *previous_key_spend(struct router *r, const struct conf_key *k)
 {
-    const struct router__tenant *old = previous_state(r, t);
-    struct router__carry *carry = old ? old->carry : calloc(1, sizeof(*carry));
+    const struct router *prev = r->shared->current;
+    const struct conf_key *old = prev && k->subject ? conf_find_key(prev->conf, k->hash) : NULL;
 
-    if (carry != NULL)
-        carry->refs++;
-    return carry;
+    if (old == NULL || old->subject == NULL || strcmp(old->subject, k->subject) != 0)
+        return NULL;
+    return &prev->tenants[old->tenant - prev->conf->tenants].key_spend[old->index];
+}
+
+/*
+ * A subject's numbers in generation `r`: the store's last ones and the
+ * carry of the generation being replaced (shared->current while a reload
+ * builds `r`) when it knows the subject too (`old`), else new ones.
+ * Requests of both generations then settle into the same remainder, and a
+ * reload that started the numbers at 0 had the spend gauges show nothing
+ * spent and the whole budget left until the subject's next request.
+ */
+static int spend_init(struct router__spend *s, const struct router__spend *old)
+{
+    if (old != NULL)
+        *s = *old;
+    s->carry = old != NULL ? old->carry : calloc(1, sizeof(*s->carry));
+    if (s->carry == NULL)
+        return -ENOMEM;
+    s->carry->refs++;
+    return 0;
+}
+
+static void spend_free(struct router__spend *s)
+{
+    if (s->carry != NULL && --s->carry->refs == 0)
+        free(s->carry);
+    s->carry = NULL;
 }
 
 static void copy_buckets(struct policy_ratelimit *to, const struct policy_ratelimit *from)
@@ -146,18 +172,17 @@ static void carry_limits(struct router *r, const struct conf_tenant *t, struct r
     }
 }
 
-/* The store's last numbers for the tenant, from the generation being
- * replaced: a reload that started them at 0 had the spend gauges show
- * nothing spent and the whole budget left until each tenant's next
- * request. */
-static void inherit_spend(struct router__tenant *ts, const struct router__tenant *old)
+/* Each key with a budget gets its numbers, as its tenant does. */
+static int key_spend_init(struct router *r, const struct conf_tenant *t, struct router__tenant *ts)
 {
-    if (old == NULL)
-        return;
-    ts->day_spent = old->day_spent;
-    ts->month_spent = old->month_spent;
-    ts->reserved = old->reserved;
-    ts->period = old->period;
+    ts->key_spend = calloc(t->nkeys ? t->nkeys : 1, sizeof(*ts->key_spend));
+    if (ts->key_spend == NULL)
+        return -ENOMEM;
+    for (size_t k = 0; k < t->nkeys; k++)
+        if (t->keys[k].subject != NULL &&
+            spend_init(&ts->key_spend[k], previous_key_spend(r, &t->keys[k])) != 0)
+            return -ENOMEM;
+    return 0;
 }
 
 int router__spend_init(struct router *r)
@@ -172,12 +197,13 @@ int router__spend_init(struct router *r)
     for (size_t i = 0; i < conf->ntenants; i++) {
         const struct conf_tenant *t = &conf->tenants[i];
         struct router__tenant *ts = &r->tenants[i];
+        const struct router__tenant *old = previous_state(r, t);
 
         ts->outpred = calloc(conf->nroutes ? conf->nroutes : 1, sizeof(struct policy_outpred));
         ts->key_rl = calloc(t->nkeys ? t->nkeys : 1, sizeof(*ts->key_rl));
-        ts->carry = carry_for(r, t);
-        inherit_spend(ts, previous_state(r, t));
-        if (ts->outpred == NULL || ts->key_rl == NULL || ts->carry == NULL)
+        if (ts->outpred == NULL || ts->key_rl == NULL ||
+            spend_init(&ts->spend, old ? &old->spend : NULL) != 0 ||
+            key_spend_init(r, t, ts) != 0)
             return -ENOMEM;
         ts->rl.rpm = t->rpm;
         ts->rl.tpm = t->tpm;
@@ -198,12 +224,14 @@ void router__spend_free(struct router *r)
 {
     if (r->tenants)
         for (size_t i = 0; i < r->conf->ntenants; i++) {
-            struct router__carry *carry = r->tenants[i].carry;
+            struct router__tenant *ts = &r->tenants[i];
 
-            free(r->tenants[i].outpred);
-            free(r->tenants[i].key_rl);
-            if (carry != NULL && --carry->refs == 0)
-                free(carry);
+            free(ts->outpred);
+            free(ts->key_rl);
+            spend_free(&ts->spend);
+            for (size_t k = 0; ts->key_spend && k < r->conf->tenants[i].nkeys; k++)
+                spend_free(&ts->key_spend[k]);
+            free(ts->key_spend);
         }
     if (r->experiments)
         for (size_t i = 0; i < r->conf->nexperiments; i++) {
@@ -223,6 +251,13 @@ void router__spend_free(struct router *r)
 struct router__tenant *router__tenant_state(struct router *r, const struct conf_tenant *t)
 {
     return &r->tenants[t - r->conf->tenants];
+}
+
+struct router__spend *router__key_spend(struct router *r, const struct conf_key *k)
+{
+    if (k == NULL || k->subject == NULL)
+        return NULL;
+    return &router__tenant_state(r, k->tenant)->key_spend[k->index];
 }
 
 /* A failed write, logged once a second at most: while the store is down
@@ -264,25 +299,71 @@ int64_t router__budget_micro(double usd)
     return usd > 0 && micro == 0 ? 1 : micro;
 }
 
-/* The store's answer for the tenant, as of the periods it was read in. */
-static void store_said(struct router__tenant *ts, int64_t day, int64_t month, int64_t reserved)
+/* The store's answer for a subject, as of the periods it was read in. */
+static void store_said(struct router__spend *s, int64_t day, int64_t month, int64_t reserved)
 {
-    ts->day_spent = day;
-    ts->month_spent = month;
-    ts->reserved = reserved;
-    cache_period_now(&ts->period);
+    s->day_spent = day;
+    s->month_spent = month;
+    s->reserved = reserved;
+    cache_period_now(&s->period);
 }
 
-void router__tenant_roll(struct router__tenant *ts)
+void router__spend_roll(struct router__spend *s)
 {
     struct cache_period now;
 
     cache_period_now(&now);
-    if (now.day != ts->period.day)
-        ts->day_spent = 0;
-    if (now.month != ts->period.month)
-        ts->month_spent = 0;
-    ts->period = now;
+    if (now.day != s->period.day)
+        s->day_spent = 0;
+    if (now.month != s->period.month)
+        s->month_spent = 0;
+    s->period = now;
+}
+
+/* The key's answer: with its hold too the request goes on; refused, the
+ * tenant's hold goes back and the request chooses again by the key's
+ * fresh numbers (downgrade, or 429 naming the key's budget). */
+static void on_key_begin(void *arg, const char *errstr, const struct cache_begin_result *res)
+{
+    struct router__client *c = arg;
+    struct router__request *req = &c->req;
+
+    req->store_op = NULL;
+    if (errstr != NULL) {
+        router__spend_release(c);
+        router__send_error(c, error_store_unavailable, NULL);
+        return;
+    }
+    store_said(router__key_spend(c->router, req->key), res->day_spent, res->month_spent,
+               res->reserved);
+    if (res->granted) {
+        req->key_res = res->reservation;
+        req->has_key_res = 1;
+    } else {
+        router__spend_release(c);
+    }
+    router__proxy_reserved(c, res->granted);
+}
+
+/* Hold the tenant's hold again from the budget of the request's key, when
+ * it has one: a second store call, made only once the tenant's was
+ * granted (a refused or cached request asks the key nothing). Returns 1
+ * when on_key_begin will continue, 0 when the key has no budget. */
+static int key_begin(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    const struct conf_key *k = req->key;
+
+    if (k == NULL || k->subject == NULL)
+        return 0;
+    req->store_op = cache_begin(c->router->store, k->subject, NULL, req->res.amount,
+                                router__budget_micro(k->daily_usd),
+                                router__budget_micro(k->monthly_usd), on_key_begin, c);
+    if (req->store_op == NULL) {
+        router__spend_release(c);
+        router__send_error(c, error_no_memory, NULL);
+    }
+    return 1;
 }
 
 static void on_begin(void *arg, const char *errstr, const struct cache_begin_result *res)
@@ -296,7 +377,7 @@ static void on_begin(void *arg, const char *errstr, const struct cache_begin_res
         router__send_error(c, error_store_unavailable, NULL);
         return;
     }
-    store_said(ts, res->day_spent, res->month_spent, res->reserved);
+    store_said(&ts->spend, res->day_spent, res->month_spent, res->reserved);
     if (res->granted) {
         req->res = res->reservation;
         req->has_res = 1;
@@ -305,7 +386,10 @@ static void on_begin(void *arg, const char *errstr, const struct cache_begin_res
         router__proxy_replay(c, res->value, res->value_len);
         return;
     }
-    router__proxy_reserved(c, res);
+    req->lookup = res->lookup;
+    if (res->granted && key_begin(c))
+        return;
+    router__proxy_reserved(c, res->granted);
 }
 
 void router__spend_begin(struct router__client *c)
@@ -322,14 +406,30 @@ void router__spend_begin(struct router__client *c)
         router__send_error(c, error_no_memory, NULL);
 }
 
+static void on_key_check(void *arg, const char *errstr, const struct cache_spend *s)
+{
+    struct router__client *c = arg;
+
+    c->req.store_op = NULL;
+    if (errstr == NULL) /* else the old numbers stand: refuse as they say */
+        store_said(router__key_spend(c->router, c->req.key), s->day_spent, s->month_spent,
+                   s->reserved);
+    router__proxy_budget_checked(c);
+}
+
+/* The tenant's numbers are in; the key's too, when it has a budget. */
 static void on_check(void *arg, const char *errstr, const struct cache_spend *s)
 {
     struct router__client *c = arg;
     struct router__tenant *ts = router__tenant_state(c->router, c->req.tenant);
+    const struct conf_key *k = c->req.key;
 
     c->req.store_op = NULL;
     if (errstr == NULL) /* else the old numbers stand: refuse as they say */
-        store_said(ts, s->day_spent, s->month_spent, s->reserved);
+        store_said(&ts->spend, s->day_spent, s->month_spent, s->reserved);
+    if (k != NULL && k->subject != NULL &&
+        (c->req.store_op = cache_spend_get(c->router->store, k->subject, on_key_check, c)))
+        return;
     router__proxy_budget_checked(c);
 }
 
@@ -349,21 +449,24 @@ int router__spend_check(struct router__client *c)
  * (an idle tenant's last requests never), and the next choice counted a
  * hold that was gone.
  */
-static void forget_hold(struct router__client *c)
+static void forget_hold(struct router__spend *s, int64_t amount)
 {
-    struct router__tenant *ts = router__tenant_state(c->router, c->req.tenant);
-
-    ts->reserved = ts->reserved > c->req.res.amount ? ts->reserved - c->req.res.amount : 0;
+    s->reserved = s->reserved > amount ? s->reserved - amount : 0;
 }
 
 void router__spend_release(struct router__client *c)
 {
     struct router__request *req = &c->req;
 
+    if (req->has_key_res) {
+        req->has_key_res = 0;
+        forget_hold(router__key_spend(c->router, req->key), req->key_res.amount);
+        track(c->router, cache_release(c->router->store, &req->key_res, on_write_done, c->router));
+    }
     if (!req->has_res)
         return;
     req->has_res = 0;
-    forget_hold(c);
+    forget_hold(&router__tenant_state(c->router, req->tenant)->spend, req->res.amount);
     track(c->router, cache_release(c->router->store, &req->res, on_write_done, c->router));
 }
 
@@ -389,27 +492,42 @@ static int64_t carry_charge(struct router__carry *carry, double usd)
     return micro;
 }
 
+/* Charge `usd` to one subject, with its own carry: a key's charges add up
+ * to its requests' costs as its tenant's do, whichever of the tenant's
+ * other keys took the tenant's remainders. `has` says whether `res`
+ * holds for it. */
+static void settle_subject(struct router *r, struct router__spend *s, const char *subject,
+                           const struct cache_reservation *res, int has, double usd)
+{
+    int64_t micro = carry_charge(s->carry, usd);
+
+    router__spend_roll(s);
+    s->day_spent += micro;
+    s->month_spent += micro;
+    if (!has) {
+        /* No hold (e.g. a free backend): charge anyway, nothing is lost. */
+        struct cache_reservation none = {.tenant = subject};
+        track(r, cache_settle(r->store, &none, micro, on_write_done, r));
+        return;
+    }
+    forget_hold(s, res->amount);
+    track(r, cache_settle(r->store, res, micro, on_write_done, r));
+}
+
 void router__spend_settle(struct router__client *c, double usd)
 {
     struct router__request *req = &c->req;
-    struct router__tenant *ts = router__tenant_state(c->router, req->tenant);
-    int64_t micro = carry_charge(ts->carry, usd);
+    struct router__spend *ks = router__key_spend(c->router, req->key);
+    int has = req->has_res, has_key = req->has_key_res;
 
     req->cost_usd = usd > 0 ? usd : 0;
     req->cost_micro = backend_usd_to_micro(req->cost_usd);
     req->settled = 1;
-    router__tenant_roll(ts);
-    ts->day_spent += micro;
-    ts->month_spent += micro;
-    if (!req->has_res) {
-        /* No hold (e.g. a free backend): charge anyway, nothing is lost. */
-        struct cache_reservation none = {.tenant = req->tenant->id};
-        track(c->router, cache_settle(c->router->store, &none, micro, on_write_done, c->router));
-        return;
-    }
-    req->has_res = 0;
-    forget_hold(c);
-    track(c->router, cache_settle(c->router->store, &req->res, micro, on_write_done, c->router));
+    req->has_res = req->has_key_res = 0;
+    settle_subject(c->router, &router__tenant_state(c->router, req->tenant)->spend, req->tenant->id,
+                   &req->res, has, usd);
+    if (ks != NULL)
+        settle_subject(c->router, ks, req->key->subject, &req->key_res, has_key, usd);
 }
 
 void router__spend_cache_store(struct router__client *c)

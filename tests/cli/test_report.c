@@ -375,6 +375,28 @@ Test(report, tokens_are_what_was_billed, .timeout = 10)
     free(text);
 }
 
+/* By key: the lines of each named key, TENANT#NAME (names are unique
+ * within a tenant only), "-" for the others; not among the groups unless
+ * asked. */
+Test(report, by_key, .timeout = 10)
+{
+    static const char *const lines[] = {
+        "{\"tenant\":\"a\",\"key\":\"ci\",\"cost_usd\":0.25}",
+        "{\"tenant\":\"a\",\"key\":\"ci\",\"cost_usd\":0.5}",
+        "{\"tenant\":\"b\",\"key\":\"ci\",\"cost_usd\":2}",
+        "{\"tenant\":\"a\",\"cost_usd\":1}",
+    };
+    char *text;
+    cJSON *root = json_report_of(lines, sizeof(lines) / sizeof(lines[0]), "key", &text);
+
+    cr_assert_eq(field(group(root, "key", "a#ci"), "cost_usd"), 0.75);
+    cr_assert_eq(field(group(root, "key", "a#ci"), "requests"), 2);
+    cr_assert_eq(field(group(root, "key", "b#ci"), "cost_usd"), 2);
+    cr_assert_eq(field(group(root, "key", "-"), "requests"), 1);
+    cJSON_Delete(root);
+    free(text);
+}
+
 /* By service tier: the tier whose rates priced a line, "default" for a
  * line that names none (billed at the standard rates, as every line
  * written before tiers were priced); not among the groups unless asked. */

@@ -288,7 +288,12 @@ static struct error_case error_cases[] = {
       "20: tenants[1].models[2]: model \"chat\" is listed twice",
       "23: tenants[2].models: must not be empty",
       "27: tenants[3].api_keys[0].models[0]: unknown model \"nope\" (no route has it)",
-      "27: tenants[3].api_keys[0].models[2]: model \"chat\" is listed twice"},
+      "27: tenants[3].api_keys[0].models[2]: model \"chat\" is listed twice",
+      "30: tenants[4].api_keys[0].budget: needs the key's \"name\" (its spend is counted and "
+      "shown under it)",
+      "32: tenants[4].api_keys[1].budget.daily_usd: -1 is out of range 0..1e+12",
+      "32: tenants[4].api_keys[1].budget.monthly_usd: expected a number, got \"lots\"",
+      "32: tenants[4].api_keys[1].budget.on_exhausted: unknown key"},
      .absent = {"sk-raw-secret-in-hash"}},
     {.file = DATA "experiments_bad.yaml", .lines =
      {"13: experiments[0].tenants[1]: unknown tenant \"t9\"",
@@ -766,6 +771,10 @@ Test(conf, prices_keys_experiments_store_cache, .timeout = 10)
     cr_expect_eq(k->tpm, 5000);
     cr_expect_eq(k->index, 1);
     cr_expect_eq(k->line, 65);
+    /* its own budget, counted under a subject no tenant id can be */
+    cr_expect_float_eq(k->daily_usd, 5, 1e-12);
+    cr_expect_float_eq(k->monthly_usd, 50, 1e-12);
+    cr_expect_str_eq(k->subject, "t1#ci-bot");
     cr_expect_eq(conf_find_tenant_by_key(c, h), t);
     cr_expect_eq(memcmp(t->key_hashes[1], h, 32), 0, "key_hashes stays parallel");
     h[31] = 0xf3;
@@ -776,6 +785,8 @@ Test(conf, prices_keys_experiments_store_cache, .timeout = 10)
     cr_expect_eq(t->keys[0].rpm, 0);
     h[31] = 4;
     cr_expect_str_eq(conf_find_key(c, h)->name, "ci-bot", "names are unique per tenant only");
+    cr_expect_null(conf_find_key(c, h)->subject, "no budget: nothing to count");
+    cr_expect_null(t->keys[0].subject);
     cr_expect_eq(conf_find_key(c, h)->tenant, &c->tenants[1]);
     h[31] = 5;
     cr_expect_null(conf_find_key(c, h));

@@ -67,6 +67,7 @@
 #define ADMIN_KEY "adm-fuzz-93d2"
 #define KEY_RICH "sk-fuzz-rich-a7e0"
 #define KEY_POOR "sk-fuzz-poor-5b38"
+#define KEY_CI "sk-fuzz-ci-91d2" /* rich's key "ci", with a budget of its own */
 #define SURE_TIMEOUT_MS 15000  /* framing intact: an answer must come */
 #define UNSURE_TIMEOUT_MS 2500 /* head mutated: the router may wait for more */
 #define HISTORY 16             /* requests kept for the failure report */
@@ -163,13 +164,14 @@ static void __attribute__((noreturn, format(printf, 1, 2))) fail(const char *fmt
 
 static void write_conf(void)
 {
-    char rich[65], poor[65], store[128] = "", tls[700] = "";
+    char rich[65], poor[65], ci[65], store[128] = "", tls[700] = "";
     FILE *f = fopen(conf_path, "w");
 
     if (f == NULL)
         fail("cannot write %s: %s", conf_path, strerror(errno));
     support_key_sha256_hex(KEY_RICH, rich);
     support_key_sha256_hex(KEY_POOR, poor);
+    support_key_sha256_hex(KEY_CI, ci);
     if (use_redis)
         snprintf(store, sizeof(store), "store: { redis: \"%s/0\", on_failure: fail_open }\n",
                  redis.url);
@@ -209,7 +211,8 @@ static void write_conf(void)
             "  - { model: text-embedding-3-small, candidates: [embed] }\n"
             "tenants:\n"
             "  - id: rich\n"
-            "    api_keys: [\"sha256:%s\"]\n"
+            "    api_keys: [\"sha256:%s\", { name: ci, hash: \"sha256:%s\",\n"
+            "                budget: { daily_usd: 0.001 } }]\n"
             "    budget: { daily_usd: 1000, monthly_usd: 10000 }\n"
             "    slo: { min_quality: 2 }\n"
             "    tags: { team: fuzz }\n"
@@ -227,7 +230,7 @@ static void write_conf(void)
             "      - { name: a, weight: 50, backends: [pool] }\n"
             "      - { name: b, weight: 50, backends: [api] }\n",
             ADMIN_KEY, log_path, store, tls, mock_pool.port, mock_api.port, UPSTREAM_KEY,
-            mock_api.port, UPSTREAM_KEY, mock_api.port, UPSTREAM_KEY, rich, poor, getenv("PWD") ? getenv("PWD") : ".");
+            mock_api.port, UPSTREAM_KEY, mock_api.port, UPSTREAM_KEY, rich, ci, poor, getenv("PWD") ? getenv("PWD") : ".");
     fclose(f);
 }
 
@@ -526,7 +529,10 @@ static void add_auth(struct buf *h, struct request *r, int admin_path)
     unsigned k = below(20);
 
     if (k < 17) {
-        r->key = admin_path && k >= 5 ? ADMIN_KEY : k % 3 == 0 ? KEY_POOR : KEY_RICH;
+        r->key = admin_path && k >= 5 ? ADMIN_KEY
+                 : k % 3 == 0          ? KEY_POOR
+                 : k % 4 == 1          ? KEY_CI
+                                       : KEY_RICH;
         /* as Anthropic's SDKs send it, now and then */
         puts_(h, percent(25) ? "x-api-key: " : "Authorization: Bearer ");
         puts_(h, r->key);
@@ -907,16 +913,37 @@ static cJSON *admin_get(const char *path)
 
 static int64_t micro(double usd) { return llround(usd * 1e6); }
 
+/* What the store counts: a tenant's spend, or (key not NULL) that of
+ * its key with a budget of its own. */
+struct subject {
+    const char *tenant; /* its id */
+    const char *key;    /* the key's name, or NULL: the tenant */
+};
+
+/* The object of `s` in a tenant's spend `j` (the admin API's). */
+static cJSON *subject_of(cJSON *j, const struct subject *s)
+{
+    cJSON *k;
+
+    if (s->key == NULL)
+        return j;
+    cJSON_ArrayForEach(k, cJSON_GetObjectItemCaseSensitive(j, "keys"))
+        if (cJSON_IsString(cJSON_GetObjectItemCaseSensitive(k, "name")) &&
+            strcmp(cJSON_GetObjectItemCaseSensitive(k, "name")->valuestring, s->key) == 0)
+            return k;
+    return NULL;
+}
+
 /* Month spend and what is still reserved, from the admin API. Waits for
  * requests the fuzzer gave up on (mutated heads) to settle. */
-static void read_spend(const char *tenant, int64_t *month)
+static void read_spend(const struct subject *s, int64_t *month)
 {
     char path[128];
-    snprintf(path, sizeof(path), "/admin/tenants/%s/spend", tenant);
+    snprintf(path, sizeof(path), "/admin/tenants/%s/spend", s->tenant);
     for (int tries = 0;; tries++) {
         cJSON *j = admin_get(path);
-        cJSON *m = cJSON_GetObjectItemCaseSensitive(j, "month_usd");
-        cJSON *res = cJSON_GetObjectItemCaseSensitive(j, "reserved_usd");
+        cJSON *m = cJSON_GetObjectItemCaseSensitive(subject_of(j, s), "month_usd");
+        cJSON *res = cJSON_GetObjectItemCaseSensitive(subject_of(j, s), "reserved_usd");
         if (!cJSON_IsNumber(m) || !cJSON_IsNumber(res))
             fail("GET %s did not answer its JSON", path);
         *month = micro(m->valuedouble);
@@ -925,16 +952,17 @@ static void read_spend(const char *tenant, int64_t *month)
             return;
         }
         if (tries == 50)
-            fail("%s still has %.6f USD reserved", tenant, res->valuedouble);
+            fail("%s %s still has %.6f USD reserved", s->tenant, s->key ? s->key : "",
+                 res->valuedouble);
         cJSON_Delete(j);
         usleep(100000);
     }
 }
 
-/* Sum of cost_usd in the cost log for one tenant, in micro-USD: the
+/* Sum of cost_usd in the cost log for one subject, in micro-USD: the
  * exact costs, which the store charges in whole micro-USD, carrying the
  * remainder. */
-static double logged_spend(const char *tenant, unsigned long *lines)
+static double logged_spend(const struct subject *s, unsigned long *lines)
 {
     FILE *f = fopen(log_path, "r");
     char *line = NULL;
@@ -944,12 +972,14 @@ static double logged_spend(const char *tenant, unsigned long *lines)
     if (f == NULL)
         fail("no cost log at %s", log_path);
     while (getline(&line, &cap, f) > 0) {
-        cJSON *j = cJSON_Parse(line), *t, *cost;
+        cJSON *j = cJSON_Parse(line), *t, *k, *cost;
         if (j == NULL)
             fail("a cost log line is not JSON: %.200s", line);
         t = cJSON_GetObjectItemCaseSensitive(j, "tenant");
+        k = cJSON_GetObjectItemCaseSensitive(j, "key");
         cost = cJSON_GetObjectItemCaseSensitive(j, "cost_usd");
-        if (cJSON_IsString(t) && strcmp(t->valuestring, tenant) == 0) {
+        if (cJSON_IsString(t) && strcmp(t->valuestring, s->tenant) == 0 &&
+            (s->key == NULL || (cJSON_IsString(k) && strcmp(k->valuestring, s->key) == 0))) {
             (*lines)++;
             if (cJSON_IsNumber(cost))
                 sum += cost->valuedouble * 1e6;
@@ -975,7 +1005,7 @@ static void check_log_file(void)
         if (strstr(line, "Sanitizer") || strstr(line, "runtime error:"))
             fail("sanitizer report in the router's log: %s", line);
         if (strstr(line, UPSTREAM_KEY) || strstr(line, KEY_RICH) || strstr(line, KEY_POOR) ||
-            strstr(line, ADMIN_KEY))
+            strstr(line, KEY_CI) || strstr(line, ADMIN_KEY))
             fail("a key in the router's log: %s", line);
     }
     free(line);
@@ -987,29 +1017,32 @@ static void check_log_file(void)
 
 static void finish(void)
 {
-    static const char *const tenants[] = {"rich", "poor"};
+    static const struct subject subjects[] = {{"rich", NULL}, {"poor", NULL}, {"rich", "ci"}};
+    enum { N = sizeof(subjects) / sizeof(subjects[0]) };
     struct support_http_response a = {0};
-    int64_t month[2];
-    unsigned long lines[2] = {0, 0};
+    int64_t month[N];
+    unsigned long lines[N] = {0};
     static const char health[] = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
 
     if (request_once(health, sizeof(health) - 1, &a) != 0 || a.status != 200)
         fail("GET /healthz after the run: status %d", a.status);
     support_http_response_free(&a);
-    for (int i = 0; i < 2; i++)
-        read_spend(tenants[i], &month[i]);
+    for (int i = 0; i < N; i++)
+        read_spend(&subjects[i], &month[i]);
     support_proc_stop(&router);
     if (!support_proc_exited_cleanly(&router))
         fail("the router did not exit 0 on SIGTERM (wait status %d)", router.status);
     check_log_file();
-    for (int i = 0; i < 2; i++) {
-        double logged = logged_spend(tenants[i], &lines[i]);
-        printf("fuzz-http: %s: spent %.6f USD, cost log %.9f USD over %lu lines\n", tenants[i],
-               month[i] / 1e6, logged / 1e6, lines[i]);
-        /* One router: what the tenant carries is at most half a micro-USD. */
+    for (int i = 0; i < N; i++) {
+        const char *key = subjects[i].key ? subjects[i].key : "";
+        double logged = logged_spend(&subjects[i], &lines[i]);
+        printf("fuzz-http: %s%s%s: spent %.6f USD, cost log %.9f USD over %lu lines\n",
+               subjects[i].tenant, *key ? " key " : "", key, month[i] / 1e6, logged / 1e6,
+               lines[i]);
+        /* One router: what a subject carries is at most half a micro-USD. */
         if (fabs(logged - (double)month[i]) > 0.5 + 1e-6)
-            fail("%s: the store holds %.6f USD, the cost log sums to %.9f USD", tenants[i],
-                 month[i] / 1e6, logged / 1e6);
+            fail("%s%s%s: the store holds %.6f USD, the cost log sums to %.9f USD",
+                 subjects[i].tenant, *key ? " key " : "", key, month[i] / 1e6, logged / 1e6);
     }
 }
 

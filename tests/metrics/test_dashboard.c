@@ -34,7 +34,8 @@ extern char **environ;
 #define ADMIN_KEY "test-admin-key-5c1f"
 
 static const char tenants_json[] =
-    "[{\"tenant\":\"acme\",\"day_usd\":12.5,\"month_usd\":250,\"day_budget_usd\":100,\"month_budget_usd\":2000},"
+    "[{\"tenant\":\"acme\",\"day_usd\":12.5,\"month_usd\":250,\"day_budget_usd\":100,\"month_budget_usd\":2000,"
+    "\"keys\":[{\"name\":\"ci\",\"day_usd\":4,\"month_usd\":40,\"day_budget_usd\":5,\"month_budget_usd\":0}]},"
     "{\"tenant\":\"globex\",\"day_usd\":7.25,\"month_usd\":99,\"day_budget_usd\":5,\"month_budget_usd\":0}]";
 static const char backends_json[] =
     "[{\"backend\":\"gpt-4o\",\"kind\":\"api\",\"state\":\"healthy\",\"inflight\":3},"
@@ -206,6 +207,8 @@ Test(dashboard, chromium_renders_the_numbers, .timeout = 90)
     expect_text(dom, "<td></td><td>month</td><td class=\"num\">$250.00</td><td class=\"num\">$2000.00</td>");
     expect_text(dom, "<td>globex</td><td>day</td><td class=\"num\">$7.25</td><td class=\"num\">$5.00</td>");
     expect_text(dom, "<td class=\"num\">none</td>"); /* globex has no monthly budget */
+    /* a key with a budget of its own, under its tenant */
+    expect_text(dom, "<td>\u2514 key ci</td><td>day</td><td class=\"num\">$4.00</td><td class=\"num\">$5.00</td>");
     expect_text(dom, "style=\"width: 12.5%;\""); /* acme day bar */
     expect_text(dom, "class=\"over\""); /* globex is over its daily budget */
     /* cost per request by backend: 1.25 / 100 and 0.5 / 50 */

@@ -383,3 +383,34 @@ Test(cost_select, reason_and_verdict_names, .timeout = 5)
     cr_assert_str_eq(policy_verdict_name(POLICY_VERDICT_TRIED), "tried");
     cr_assert_str_eq(policy_verdict_name(POLICY_VERDICT_RATE_LIMITED), "rate-limited");
 }
+
+/* A key's own budget (within its tenant's, which has none here) binds as
+ * the tenant's does: what is left to it decides what fits, and its soft
+ * limit downgrades early. Floor 75: only 4o and sonnet are at it. */
+Test(cost_select, a_keys_own_budget_binds_as_its_tenants, .timeout = 5)
+{
+    struct fx f;
+    struct policy_verdict v[FX_N];
+    struct policy_choice ch;
+    struct policy_request req;
+
+    fx_init(&f);
+    req = (struct policy_request){.route = &f.route, .backends = f.set, .prompt_tokens = 1000,
+                                  .completion_tokens = 500, .now_ms = 1000,
+                                  .limits = {.min_quality = 75, .downgrade = 1}};
+    req.key_day = (struct policy_budget){10000, 400}; /* 4o (7500) does not fit */
+    ch = policy_cost_aware.choose(&req, v);
+    cr_expect_eq(ch.candidate, FX_GPU);
+    cr_expect_str_eq(ch.reason_text, "downgraded-budget");
+    req.key_day = (struct policy_budget){0, 0};
+    req.key_month = (struct policy_budget){100000, 10000}; /* 90% spent */
+    req.limits.soft_limit_pct = 80;
+    ch = policy_cost_aware.choose(&req, v);
+    cr_expect_str_eq(ch.reason_text, "downgraded-soft-limit");
+    req.limits.downgrade = 0;
+    req.limits.soft_limit_pct = 0;
+    req.key_month = (struct policy_budget){100000, 100};
+    ch = policy_cost_aware.choose(&req, v);
+    cr_expect(ch.reject_budget, "nothing fits the key's $0.0001");
+    fx_fini(&f);
+}

@@ -444,6 +444,37 @@ Test(costs, a_budget_under_half_a_micro_dollar_is_not_unlimited)
                      "budget_exhausted");
 }
 
+#define KEY_CI "sk-cost-ci"
+#define KEY_WEB "sk-cost-web"
+
+/* The tenant gets two named keys beside KEY: ci, with `ci_budget` (the
+ * inside of its budget: mapping), and web, with none. */
+static void key_ci_budget(const char *ci_budget)
+{
+    static char keys[512];
+    char ci[65], web[65];
+
+    support_key_sha256_hex(KEY_CI, ci);
+    support_key_sha256_hex(KEY_WEB, web);
+    snprintf(keys, sizeof(keys),
+             ", {name: ci, hash: \"sha256:%s\", budget: {%s}}, {name: web, hash: \"sha256:%s\"}",
+             ci, ci_budget, web);
+    more_keys = keys;
+}
+
+/* Send `body` with `key` (NULL: KEY), the mock making 10 tokens; the status. */
+static int key_chat(const char *key, const char *body)
+{
+    char headers[128];
+
+    snprintf(headers, sizeof(headers), "Authorization: Bearer %s\r\nx-mock-tokens: 10\r\n",
+             key ? key : KEY);
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/chat/completions", headers, body), 0);
+    return resp.status;
+}
+
+#define KEY_BODY "{\"model\":\"chat\",\"max_tokens\":10," MSG "}"
+
 /* Wait until Redis holds nothing for the tenant: the answer reaches the
  * client before the settle that follows it reaches Redis. */
 static void wait_settled_in_redis(void)
@@ -461,25 +492,33 @@ static void wait_settled_in_redis(void)
  * `other`, under the budget: 429 with Retry-After, no x-should-retry:
  * false. Once the first has settled below what it held, the retry passes,
  * though `other` refused it from the store's numbers of an instant ago.
- * `period` is the budget's: "daily" or "monthly". */
-static void budget_held_then_freed(int other, const char *period)
+ * `period` is the budget's: "daily" or "monthly"; `key_ci` (when not
+ * NULL: the key ci, see key_ci_budget) has it, and its tenant $10. */
+static void budget_held_then_freed(int other, const char *period, const char *key_ci)
 {
     struct support_http_conn slow = {.fd = -1};
     struct support_http_response slow_resp = {0};
     struct buf slow_req = {0};
-    char budget[128];
+    char budget[128], headers[160];
+    const char *auth = key_ci ? "Authorization: Bearer " KEY_CI "\r\n" : AUTH;
 
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     add_backend("a", mock_a.port, 1, 100, 100);
     /* Reserving 9 + 10 tokens at $100/Mtok = $0.0019: one fits $0.003, two
      * do not. The first request settles at 9 + 1 tokens ($0.001). */
-    snprintf(budget, sizeof(budget), "    budget: {%s_usd: 0.003, on_exhausted: reject}\n", period);
+    snprintf(budget, sizeof(budget), "%s_usd: 0.003", period);
+    if (key_ci)
+        key_ci_budget(budget);
+    snprintf(budget, sizeof(budget), "    budget: {%s_usd: %s, on_exhausted: reject}\n", period,
+             key_ci ? "10" : "0.003");
     start_routers(other + 1, "a", budget);
     const char body[] = "{\"model\":\"chat\",\"max_tokens\":10," MSG "}";
-    send_unanswered(&slow, &slow_req, AUTH "x-mock-tokens: 1\r\nx-mock-ttft-ms: 1000\r\n", body);
+    snprintf(headers, sizeof(headers), "%sx-mock-tokens: 1\r\nx-mock-ttft-ms: 1000\r\n", auth);
+    send_unanswered(&slow, &slow_req, headers, body);
     usleep(300 * 1000); /* reserved and sent upstream by now */
 
-    cr_assert_eq(chat(other, "x-mock-tokens: 1\r\n", body), 0);
+    snprintf(headers, sizeof(headers), "%sx-mock-tokens: 1\r\n", auth);
+    cr_assert_eq(call_port(routers[other].port, "POST", "/v1/chat/completions", headers, body), 0);
     cr_assert_eq(resp.status, 429, "while the first is in flight: %d", resp.status);
     cr_assert_str_eq(support_http_header(&resp, "retry-after"), "1");
     cr_assert_null(support_http_header(&resp, "x-should-retry"));
@@ -488,8 +527,9 @@ static void budget_held_then_freed(int other, const char *period)
     cr_assert_eq(slow_resp.status, 200);
     if (redis.pid)
         wait_settled_in_redis();
-    cr_assert_eq(chat(other, "x-mock-tokens: 1\r\n", body), 0);
-    cr_assert_eq(resp.status, 200, "the retry after the first settled: %d", resp.status);
+    cr_assert_eq(call_port(routers[other].port, "POST", "/v1/chat/completions", headers, body), 0);
+    cr_assert_eq(resp.status, 200, "the retry after the first settled: %d %.*s", resp.status,
+                 (int)resp.body.len, resp.body.data);
     support_http_close(&slow);
     support_http_response_free(&slow_resp);
     buf_free(&slow_req);
@@ -497,20 +537,28 @@ static void budget_held_then_freed(int other, const char *period)
 
 Test(costs, budget_held_by_a_request_in_flight_answers_429_worth_a_retry)
 {
-    budget_held_then_freed(0, "daily");
+    budget_held_then_freed(0, "daily", NULL);
 }
 
 Test(costs, budget_held_on_another_instance_is_checked_in_redis_before_a_429)
 {
     cr_assert_eq(test_redis_start(&redis, 0), 0);
-    budget_held_then_freed(1, "daily");
+    budget_held_then_freed(1, "daily", NULL);
 }
 
 /* The same with a monthly budget alone: the store checks the month's. */
 Test(costs, a_monthly_budget_held_on_another_instance_is_checked_in_redis)
 {
     cr_assert_eq(test_redis_start(&redis, 0), 0);
-    budget_held_then_freed(1, "monthly");
+    budget_held_then_freed(1, "monthly", NULL);
+}
+
+/* The same with the key's own budget: its numbers too are read again
+ * before a 429. */
+Test(costs, a_keys_budget_held_on_another_instance_is_checked_in_redis)
+{
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    budget_held_then_freed(1, "daily", "ci");
 }
 
 /* The first request holds $0.10 and settles at a hundredth of a cent: the
@@ -534,15 +582,25 @@ Test(costs, a_settled_hold_does_not_downgrade_the_next_request)
     }
 }
 
-Test(costs, exhausted_budget_downgrades_below_the_quality_floor)
+/* A good backend at $0.019 a request and a cheap one at $0.00019 below
+ * the tenant's quality floor, with `budget` for the tenant (downgrade),
+ * and `n` routers. */
+static void start_good_and_cheap(int n, const char *budget)
 {
+    char tenant[128];
+
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
-    add_backend("good", mock_a.port, 3, 1000, 1000); /* $0.019 a request */
-    add_backend("cheap", mock_b.port, 1, 10, 10);    /* $0.00019 a request */
-    start_routers(1, "good, cheap",
-                  "    budget: {daily_usd: 0.03, on_exhausted: downgrade}\n"
-                  "    slo: {min_quality: 2}\n");
+    add_backend("good", mock_a.port, 3, 1000, 1000);
+    add_backend("cheap", mock_b.port, 1, 10, 10);
+    snprintf(tenant, sizeof(tenant),
+             "    budget: {%s, on_exhausted: downgrade}\n    slo: {min_quality: 2}\n", budget);
+    start_routers(n, "good, cheap", tenant);
+}
+
+Test(costs, exhausted_budget_downgrades_below_the_quality_floor)
+{
+    start_good_and_cheap(1, "daily_usd: 0.03");
     const char body[] = "{\"model\":\"chat\",\"max_tokens\":10," MSG "}";
     cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", body), 0);
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "good");
@@ -1198,17 +1256,18 @@ Test(costs, admin_spend_finds_an_id_raw_or_percent_encoded)
     }
 }
 
-/* Children hammer the routers; each counts its 200s into a pipe. */
-static void hammer(int port, int n, int fd)
+/* Children hammer the routers with `auth`; each counts its 200s into a pipe. */
+static void hammer(int port, const char *auth, int n, int fd)
 {
     int ok = 0;
     const char body[] = "{\"model\":\"chat\",\"max_tokens\":10," MSG "}";
+    char headers[128];
 
+    snprintf(headers, sizeof(headers), "%sx-mock-tokens: 10\r\n", auth);
     for (int i = 0; i < n; i++) {
         struct support_http_response r = {0};
         struct buf q = {0};
-        if (support_http_format(&q, "POST", "/v1/chat/completions", AUTH "x-mock-tokens: 10\r\n",
-                                body) == 0 &&
+        if (support_http_format(&q, "POST", "/v1/chat/completions", headers, body) == 0 &&
             support_http_request(port, q.data, q.len, TIMEOUT_MS, &r) == 0 && r.status == 200)
             ok++;
         support_http_response_free(&r);
@@ -1219,23 +1278,20 @@ static void hammer(int port, int n, int fd)
     _exit(0);
 }
 
-Test(costs, routers_sharing_redis_never_overspend_a_budget)
+/* `workers` children send `each` requests with `auth` to the first
+ * `nrouters` routers, round robin; the 200s they got. */
+static int hammer_all(int nrouters, const char *auth, int workers, int each)
 {
     int fds[2], granted = 0;
-    const int workers = 6, each = 15;
-    pid_t pids[6];
+    pid_t pids[8];
 
-    cr_assert_eq(test_redis_start(&redis, 0), 0);
-    cr_assert_eq(support_mockllm_start(&mock_a, "--token-delay-ms", "1", NULL), 0);
-    add_backend("a", mock_a.port, 1, 100, 100);
-    /* $0.0019 a request; $0.05 covers 26 of the 90 attempted. */
-    start_routers(NROUTERS, "a", "    budget: {daily_usd: 0.05, on_exhausted: reject}\n");
+    cr_assert_leq(workers, 8);
     cr_assert_eq(pipe(fds), 0);
     for (int w = 0; w < workers; w++) {
         pid_t pid = fork();
         cr_assert_geq(pid, 0);
         if (pid == 0)
-            hammer(routers[w % NROUTERS].port, each, fds[1]);
+            hammer(routers[w % nrouters].port, auth, each, fds[1]);
         pids[w] = pid;
     }
     for (int w = 0; w < workers; w++) {
@@ -1247,15 +1303,16 @@ Test(costs, routers_sharing_redis_never_overspend_a_budget)
         waitpid(pids[w], NULL, 0); /* only the workers: servers are children too */
     close(fds[0]);
     close(fds[1]);
-    cr_assert_eq(call_port(routers[1].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
-    double spent = cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble;
-    cr_assert_float_eq(spent, granted * 0.0019, 1e-9, "spend %f for %d answers", spent, granted);
+    return granted;
+}
 
-    /* The bound of issue 5: spend may pass the budget only by what the
-     * requests in flight (at most `workers`) cost beyond their
-     * reservation. The largest such excess comes from the cost log. */
+/* Stop the routers (flushing the cost log) and read it: one line per
+ * request, `lines` of them; the largest amount a 200 was charged beyond
+ * its estimate. */
+static double largest_excess(int lines_wanted)
+{
     for (int i = 0; i < NROUTERS; i++)
-        support_proc_stop(&routers[i]); /* flushes the cost log */
+        support_proc_stop(&routers[i]);
     FILE *f = fopen(log_path, "r");
     char line[4096];
     double excess = 0;
@@ -1274,7 +1331,29 @@ Test(costs, routers_sharing_redis_never_overspend_a_budget)
         cJSON_Delete(rec);
     }
     fclose(f);
-    cr_assert_eq(lines, workers * each, "one cost log line per request");
+    cr_assert_eq(lines, lines_wanted, "one cost log line per request");
+    return excess;
+}
+
+Test(costs, routers_sharing_redis_never_overspend_a_budget)
+{
+    const int workers = 6, each = 15;
+    int granted;
+
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    cr_assert_eq(support_mockllm_start(&mock_a, "--token-delay-ms", "1", NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 100);
+    /* $0.0019 a request; $0.05 covers 26 of the 90 attempted. */
+    start_routers(NROUTERS, "a", "    budget: {daily_usd: 0.05, on_exhausted: reject}\n");
+    granted = hammer_all(NROUTERS, AUTH, workers, each);
+    cr_assert_eq(call_port(routers[1].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    double spent = cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble;
+    cr_assert_float_eq(spent, granted * 0.0019, 1e-9, "spend %f for %d answers", spent, granted);
+
+    /* The bound of issue 5: spend may pass the budget only by what the
+     * requests in flight (at most `workers`) cost beyond their
+     * reservation. The largest such excess comes from the cost log. */
+    double excess = largest_excess(workers * each);
     cr_assert_leq(spent, 0.05 + workers * excess + 1e-9, "overspent: $%f (excess %f)", spent,
                   excess);
     /* And the budget was used, not refused early: less than one more
@@ -1388,10 +1467,14 @@ Test(costs, a_store_outage_is_logged_once_a_second_not_per_request)
 /* Redis answers but refuses writes (too few replicas; MISCONF and OOM
  * under noeviction alike): fail_open keeps serving, costrouter_store_up
  * says 0 although the connection stays, and once Redis takes writes again
- * every charge reaches it without a reconnect. The refusal is logged once,
- * not again at each renewal of the router's live mark (every second). */
+ * every charge reaches it without a reconnect, the tenant's and those of
+ * the key ci, with a budget of its own, that made the requests. The
+ * refusal is logged once, not again at each renewal of the router's live
+ * mark (every second). */
 Test(costs, a_redis_refusing_writes_is_reported_down_and_charged_after)
 {
+    const char *ci = "Authorization: Bearer " KEY_CI "\r\nx-mock-tokens: 7\r\n";
+    const char *body = "{\"model\":\"chat\"," MSG "}";
     static const char down[] = "\ncostrouter_store_up{store=\"redis\"} 0\n";
     char path[256], day[16], log[64] = "/tmp/costrouter-stderr-XXXXXX";
     time_t now = time(NULL);
@@ -1401,14 +1484,15 @@ Test(costs, a_redis_refusing_writes_is_reported_down_and_charged_after)
 
     close(mkstemp(log));
     stderr_path = log;
+    key_ci_budget("daily_usd: 10");
     cr_assert_eq(test_redis_start(&redis, 0), 0);
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     add_backend("a", mock_a.port, 1, 100, 300);
     start_routers(1, "a", NULL);
-    cr_assert_eq(chat(0, "x-mock-tokens: 7\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/chat/completions", ci, body), 0);
     test_redis_int(&redis, "CONFIG SET min-replicas-to-write 1");
     for (int i = 0; i < 3; i++) {
-        cr_assert_eq(chat(0, "x-mock-tokens: 7\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+        cr_assert_eq(call_port(routers[0].port, "POST", "/v1/chat/completions", ci, body), 0);
         cr_assert_eq(resp.status, 200, "fail_open serves while Redis refuses writes");
     }
     cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
@@ -1423,6 +1507,10 @@ Test(costs, a_redis_refusing_writes_is_reported_down_and_charged_after)
     for (int tries = 0; tries < 100 && test_redis_int(&redis, "GET %s", path) != want; tries++)
         usleep(20000);
     cr_assert_eq(test_redis_int(&redis, "GET %s", path), want, "charges missing in Redis");
+    snprintf(path, sizeof(path), "costrouter:{%s#ci}:d:%s", tenant_id, day);
+    for (int tries = 0; tries < 100 && test_redis_int(&redis, "GET %s", path) != want; tries++)
+        usleep(20000);
+    cr_assert_eq(test_redis_int(&redis, "GET %s", path), want, "the key's charges missing");
     support_proc_stop(&routers[0]);
     refusals = count_log_lines(log, "NOREPLICAS");
     unlink(log);
@@ -1430,14 +1518,22 @@ Test(costs, a_redis_refusing_writes_is_reported_down_and_charged_after)
 }
 
 /* The longest tenant id and key prefix the config takes (conf.h) reach
- * Redis whole: the day's spend is under the full key. Longer ones are
- * config errors (tests/conf). */
+ * Redis whole: the day's spend is under the full key; so does the spend
+ * of a key with the longest name and a budget of its own, counted under
+ * both (TENANT#NAME). Longer ones are config errors (tests/conf). */
 Test(costs, longest_tenant_id_and_key_prefix_are_charged_in_redis)
 {
-    char id[CONF_NAME_MAX + 1], prefix[CONF_KEY_PREFIX_MAX + 1], path[512], day[16];
+    char id[CONF_NAME_MAX + 1], prefix[CONF_KEY_PREFIX_MAX + 1], path[1024], day[16];
+    char name[CONF_NAME_MAX + 1], keys[512], hex[65];
     time_t now = time(NULL);
     struct tm tm;
 
+    memset(name, 'k', CONF_NAME_MAX);
+    name[CONF_NAME_MAX] = '\0';
+    support_key_sha256_hex(KEY_CI, hex);
+    snprintf(keys, sizeof(keys), ", {name: %s, hash: \"sha256:%s\", budget: {daily_usd: 10}}",
+             name, hex);
+    more_keys = keys;
     memset(id, 't', CONF_NAME_MAX);
     id[CONF_NAME_MAX] = '\0';
     memset(prefix, 'p', CONF_KEY_PREFIX_MAX);
@@ -1449,19 +1545,21 @@ Test(costs, longest_tenant_id_and_key_prefix_are_charged_in_redis)
     add_backend("a", mock_a.port, 1, 100, 300);
     start_routers(1, "a", "    budget: {daily_usd: 10, on_exhausted: reject}\n");
     for (int i = 0; i < 3; i++) {
-        cr_assert_eq(chat(0, "x-mock-tokens: 7\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
-        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_eq(key_chat(i ? KEY_CI : NULL, KEY_BODY), 200, "%.*s", (int)resp.body.len,
+                     resp.body.data);
     }
     /* A spend read goes to Redis after the settlements before it. */
     snprintf(path, sizeof(path), "/admin/tenants/%s/spend", id);
     cr_assert_eq(call_port(routers[0].port, "GET", path, ADMIN, NULL), 0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     cr_assert_float_eq(cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble,
-                       3 * usd(PROMPT_TOKENS, 7, 100, 300), 1e-9);
+                       3 * usd(PROMPT_TOKENS, 10, 100, 300), 1e-9);
     gmtime_r(&now, &tm);
     strftime(day, sizeof(day), "%Y%m%d", &tm);
     cr_assert_eq(test_redis_int(&redis, "GET %s{%s}:d:%s", prefix, id, day),
-                 3 * llround(usd(PROMPT_TOKENS, 7, 100, 300) * 1e6));
+                 3 * llround(usd(PROMPT_TOKENS, 10, 100, 300) * 1e6));
+    cr_assert_eq(test_redis_int(&redis, "GET %s{%s#%s}:d:%s", prefix, id, name, day),
+                 2 * llround(usd(PROMPT_TOKENS, 10, 100, 300) * 1e6));
 }
 
 Test(costs, rate_limits_answer_429_with_retry_after)
@@ -1799,9 +1897,11 @@ Test(costs, a_backend_shut_out_by_a_stale_ttft_average_is_re_checked)
     buf_free(&probe_req);
 }
 
-/* Stream 1000 tokens from router 0 with `headers` (after AUTH, each line
- * ending in CRLF): the events before a budget_exhausted error event, which
- * must come. */
+static const char *cut_auth = AUTH; /* the key tokens_before_the_cut_cost streams with */
+
+/* Stream 1000 tokens from router 0 with `headers` (after cut_auth, each
+ * line ending in CRLF): the events before a budget_exhausted error event,
+ * which must come. */
 static int tokens_before_the_cut_cost(const char *headers, double *cost)
 {
     struct support_sse s = {0};
@@ -1810,7 +1910,7 @@ static int tokens_before_the_cut_cost(const char *headers, double *cost)
     const char *trailer;
     int n = 0, saw_error = 0;
 
-    snprintf(all, sizeof(all), AUTH "x-mock-tokens: 1000\r\n%s", headers);
+    snprintf(all, sizeof(all), "%sx-mock-tokens: 1000\r\n%s", cut_auth, headers);
     open_chat_stream(&s, all, "{\"model\":\"chat\",\"stream\":true," MSG "}");
     while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1) {
         if (strstr(ev.data, "budget_exhausted"))
@@ -1834,27 +1934,50 @@ static int tokens_before_the_cut(const char *headers)
     return tokens_before_the_cut_cost(headers, &cost);
 }
 
-Test(costs, on_overrun_cut_ends_a_stream_when_the_budget_is_gone)
+/* A stream without max_tokens at $0.01 a completion token, with `budget`
+ * for the tenant (on_overrun: cut), is cut at about 300 tokens: its hold
+ * assumes 256 ($2.56 + prompt) and $3 is what binds. What was streamed is
+ * charged, not the event the cut held back: the tokens the client got,
+ * and the prompt's (under $0.0001 here). Returns the admin API's spend
+ * object of the tenant. */
+static cJSON *cut_at_three_dollars(const char *budget)
 {
+    char tenant[128];
+    double cost;
     int n;
 
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    add_backend("a", mock_a.port, 1, 1, 10000); /* $0.01 per completion token */
-    /* No max_tokens: the reservation assumes 256 tokens ($2.56 + prompt);
-     * the budget is $3, so about 44 tokens past the reservation remain. */
-    start_routers(1, "a", "    budget: {daily_usd: 3, on_exhausted: reject, on_overrun: cut}\n");
-    double cost;
-
+    add_backend("a", mock_a.port, 1, 1, 10000);
+    snprintf(tenant, sizeof(tenant),
+             "    budget: {%s, on_exhausted: reject, on_overrun: cut}\n", budget);
+    start_routers(1, "a", tenant);
     n = tokens_before_the_cut_cost("", &cost);
     cr_assert(n >= 290 && n <= 310, "%d tokens streamed before the cut", n);
-    /* What was streamed is charged, not the event the cut held back: the
-     * tokens the client got, and the prompt's (under $0.0001 here). */
     cr_assert(cost - n * 0.01 >= 0 && cost - n * 0.01 < 0.0001, "charged $%f for %d tokens",
               cost, n);
     cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
-    double spent = cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble;
-    cr_assert_float_eq(spent, cost, 1e-9);
+    cr_assert_float_eq(cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble, cost, 1e-9);
+    return json;
+}
+
+Test(costs, on_overrun_cut_ends_a_stream_when_the_budget_is_gone)
+{
+    double spent = cJSON_GetObjectItem(cut_at_three_dollars("daily_usd: 3"), "day_usd")->valuedouble;
+
     cr_assert(spent <= 3, "spent $%f, over the budget", spent);
+}
+
+/* The same when it is the key's own budget that is $3, in a tenant's $100. */
+Test(costs, on_overrun_cut_ends_a_stream_when_its_keys_budget_is_gone)
+{
+    const cJSON *ci;
+
+    key_ci_budget("daily_usd: 3");
+    cut_auth = "Authorization: Bearer " KEY_CI "\r\n";
+    ci = cJSON_GetArrayItem(cJSON_GetObjectItem(cut_at_three_dollars("daily_usd: 100"), "keys"), 0);
+    cr_assert_float_eq(cJSON_GetObjectItem(ci, "day_usd")->valuedouble,
+                       cJSON_GetObjectItem(json, "day_usd")->valuedouble, 1e-9);
+    cr_assert(cJSON_GetObjectItem(ci, "day_usd")->valuedouble <= 3, "over the key's budget");
 }
 
 /* The stream's own reservation answer counted another request's hold,
@@ -3493,4 +3616,266 @@ Test(costs, a_request_tags_its_cost_log_line)
     cr_assert_str_eq(cJSON_GetObjectItem(tags, "app")->valuestring, "web");
     cr_assert_str_eq(cJSON_GetObjectItem(tags, "release")->valuestring, "2026.12");
     cJSON_Delete(rec);
+}
+
+/* ---- budgets per key ---- */
+
+/* The 429's error message. */
+static const char *error_message(void)
+{
+    return cJSON_GetStringValue(
+        cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "message"));
+}
+
+
+/* $0.0019 a request at $100/Mtok both ways (9 + 10 tokens, held and
+ * settled alike), with budgets ($0.005: two of them) `ci_budget` for the
+ * key ci and `tenant_budget` for its tenant (reject): ci, then `second`,
+ * pass, and ci's next is refused. */
+static void refused_third(const char *ci_budget, const char *tenant_budget, const char *second)
+{
+    char budget[96];
+
+    key_ci_budget(ci_budget);
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 100);
+    snprintf(budget, sizeof(budget), "    budget: {%s, on_exhausted: reject}\n", tenant_budget);
+    start_routers(1, "a", budget);
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 200);
+    cr_assert_eq(key_chat(second, KEY_BODY), 200);
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 429, "ci's third");
+}
+
+/* The key ci may spend $0.005, two of them, in a tenant
+ * that may spend $1: its third is refused by its own budget, named by the
+ * key's name (never its secret), while the tenant's other keys go on. */
+Test(costs, a_keys_budget_refuses_that_key_and_not_its_tenants_others)
+{
+    const char *msg;
+
+    refused_third("daily_usd: 0.005", "daily_usd: 1", KEY_CI);
+    msg = error_message();
+    cr_assert_not_null(strstr(msg, "budget exhausted: key \"ci\" of acme (the key's own budget)"),
+                       "%s", msg);
+    cr_assert_null(strstr(msg, KEY_CI), "the key itself in: %s", msg);
+    cr_assert_float_eq(header_usd("x-costrouter-budget-remaining-usd"), 0.005 - 2 * 0.0019, 1e-9);
+    cr_assert_str_eq(support_http_header(&resp, "x-should-retry"), "false");
+    cr_assert_eq(key_chat(KEY_WEB, KEY_BODY), 200, "another key of the tenant");
+    cr_assert_eq(key_chat(NULL, KEY_BODY), 200, "the tenant's unnamed key");
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 429, "still refused");
+    /* The refusals left nothing held: the tenant's hold went back. */
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_float_eq(cJSON_GetObjectItem(body_json(), "reserved_usd")->valuedouble, 0, 1e-12);
+    cr_assert_float_eq(cJSON_GetObjectItem(json, "day_usd")->valuedouble, 4 * 0.0019, 1e-9);
+    more_keys = "";
+}
+
+/* A key's budget larger than its tenant's: the tenant's still binds, and
+ * the 429 says it is the tenant's. */
+Test(costs, the_tenants_budget_binds_a_key_whose_own_is_larger)
+{
+    const char *msg;
+
+    refused_third("daily_usd: 1", "daily_usd: 0.005", KEY_WEB);
+    msg = error_message();
+    cr_assert_str_eq(msg, "budget exhausted: acme");
+    cr_assert_float_eq(header_usd("x-costrouter-budget-remaining-usd"), 0.005 - 2 * 0.0019, 1e-9);
+}
+
+/* The cost log's lines of key `name` (the routers stopped): their count,
+ * and the sum of their costs into *sum. */
+static int key_cost_lines(const char *name, double *sum)
+{
+    FILE *f = fopen(log_path, "r");
+    char line[8192];
+    int n = 0;
+
+    cr_assert_not_null(f);
+    *sum = 0;
+    while (fgets(line, sizeof(line), f)) {
+        cJSON *rec = cJSON_Parse(line);
+        const cJSON *key = cJSON_GetObjectItem(rec, "key");
+
+        cr_assert_not_null(rec, "%s", line);
+        cr_assert_null(strstr(line, "sk-cost"), "a key in the cost log: %s", line);
+        if (cJSON_IsString(key) && strcmp(key->valuestring, name) == 0) {
+            *sum += cJSON_GetObjectItem(rec, "cost_usd")->valuedouble;
+            n++;
+        }
+        cJSON_Delete(rec);
+    }
+    fclose(f);
+    return n;
+}
+
+/* The key's spend in the admin API is the sum of its cost log lines,
+ * within the half micro-dollar its own carry keeps (costs of fractions of
+ * a micro-dollar each, the tenant's other key's among them, would drift
+ * apart on the tenant's carry). */
+Test(costs, a_keys_spend_in_the_admin_api_is_the_sum_of_its_cost_log_lines)
+{
+    const cJSON *keys, *ci;
+    double day, month, sum;
+
+    key_ci_budget("daily_usd: 1, monthly_usd: 20");
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 0.037, 0.053); /* fractions of a micro-USD */
+    start_routers(1, "a", "    budget: {daily_usd: 5}\n");
+    for (int i = 0; i < 12; i++) {
+        char headers[128];
+
+        snprintf(headers, sizeof(headers), "Authorization: Bearer %s\r\nx-mock-tokens: %d\r\n",
+                 i % 3 ? KEY_CI : KEY_WEB, 1 + i * 7);
+        cr_assert_eq(call_port(routers[0].port, "POST", "/v1/chat/completions", headers,
+                               "{\"model\":\"chat\",\"max_tokens\":200," MSG "}"),
+                     0);
+        cr_assert_eq(resp.status, 200);
+    }
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    keys = cJSON_GetObjectItem(body_json(), "keys");
+    cr_assert_eq(cJSON_GetArraySize(keys), 1, "only the key with a budget: %.*s",
+                 (int)resp.body.len, resp.body.data);
+    ci = cJSON_GetArrayItem(keys, 0);
+    cr_assert_str_eq(cJSON_GetObjectItem(ci, "name")->valuestring, "ci");
+    cr_assert_float_eq(cJSON_GetObjectItem(ci, "day_budget_usd")->valuedouble, 1, 1e-12);
+    cr_assert_float_eq(cJSON_GetObjectItem(ci, "month_budget_usd")->valuedouble, 20, 1e-12);
+    cr_assert_float_eq(cJSON_GetObjectItem(ci, "reserved_usd")->valuedouble, 0, 1e-12);
+    day = cJSON_GetObjectItem(ci, "day_usd")->valuedouble;
+    month = cJSON_GetObjectItem(ci, "month_usd")->valuedouble;
+    /* The list of every tenant says the same. */
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants", ADMIN, NULL), 0);
+    ci = cJSON_GetArrayItem(cJSON_GetObjectItem(cJSON_GetArrayItem(body_json(), 0), "keys"), 0);
+    cr_assert_float_eq(cJSON_GetObjectItem(ci, "day_usd")->valuedouble, day, 1e-12);
+    support_proc_stop(&routers[0]);
+    cr_assert_eq(key_cost_lines("ci", &sum), 8);
+    cr_assert_gt(sum, 0);
+    cr_assert_leq(fabs(day - sum), 0.5e-6 + 1e-12, "spend %.9f, cost log %.9f", day, sum);
+    cr_assert_float_eq(month, day, 1e-12);
+}
+
+/* A key's exhausted budget downgrades when its tenant says downgrade: the
+ * key's requests go to the cheap backend, the tenant's others do not. */
+Test(costs, a_keys_exhausted_budget_downgrades_when_its_tenant_says_so)
+{
+    const char *body = KEY_BODY;
+
+    key_ci_budget("daily_usd: 0.03");
+    start_good_and_cheap(1, "daily_usd: 10");
+    cr_assert_eq(key_chat(KEY_CI, body), 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "good");
+    /* $0.011 left to the key: "good" no longer fits it, "cheap" does. */
+    cr_assert_eq(key_chat(KEY_CI, body), 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap");
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "downgraded-budget");
+    cr_assert_eq(key_chat(KEY_WEB, body), 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "good", "another key");
+}
+
+/* The same promise for a key's own budget: two routers sharing Redis, six
+ * clients on the key ci ($0.05 a day, in a tenant with $10), another on
+ * the tenant's key web. The key's spend in Redis is its answers' and
+ * passes its budget by no more than the requests in flight are charged
+ * beyond their holds (nothing here: max_tokens, and the prompt counted
+ * as the mock counts), while web's requests all pass. */
+Test(costs, routers_sharing_redis_never_overspend_a_keys_budget)
+{
+    const int workers = 6, each = 15;
+    int granted;
+    const cJSON *tenant, *ci;
+    double spent;
+
+    key_ci_budget("daily_usd: 0.05");
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    cr_assert_eq(support_mockllm_start(&mock_a, "--token-delay-ms", "1", NULL), 0);
+    add_backend_counted("a", mock_a.port, 1, 100, 100, "cl100k_base"); /* held as charged */
+    start_routers(2, "a", "    budget: {daily_usd: 10, on_exhausted: reject}\n");
+    granted = hammer_all(2, "Authorization: Bearer " KEY_CI "\r\n", workers, each);
+    cr_assert_eq(hammer_all(2, "Authorization: Bearer " KEY_WEB "\r\n", 1, 5), 5, "web refused");
+    cr_assert_eq(call_port(routers[1].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    tenant = body_json();
+    ci = cJSON_GetArrayItem(cJSON_GetObjectItem(tenant, "keys"), 0);
+    spent = cJSON_GetObjectItem(ci, "day_usd")->valuedouble;
+    cr_assert_float_eq(spent, granted * 0.0019, 1e-9, "spend %f for %d answers", spent, granted);
+    cr_assert_float_eq(cJSON_GetObjectItem(tenant, "day_usd")->valuedouble, (granted + 5) * 0.0019,
+                       1e-9, "the tenant is charged the key's requests too");
+    cr_assert_float_eq(cJSON_GetObjectItem(ci, "reserved_usd")->valuedouble, 0, 1e-12);
+    cr_assert_float_eq(cJSON_GetObjectItem(tenant, "reserved_usd")->valuedouble, 0, 1e-12,
+                       "a hold the key refused went back to the tenant");
+    double excess = largest_excess(workers * each + 5);
+    cr_assert_leq(spent, 0.05 + workers * excess + 1e-9, "overspent: $%f (excess %f)", spent,
+                  excess);
+    cr_assert_gt(spent, 0.05 - 0.0019 - workers * excess, "spent only $%f", spent);
+}
+
+/* Router 1 has not heard of the key's spend on router 0: it chooses the
+ * good backend, which the tenant's budget grants and the key's, in Redis,
+ * refuses. The tenant's hold goes back, and the request, choosing again
+ * by the key's numbers, is downgraded: nothing is left held, and each
+ * budget is charged each request once. */
+Test(costs, a_hold_the_keys_budget_refuses_in_redis_goes_back_to_its_tenant)
+{
+    const cJSON *ci;
+
+    key_ci_budget("daily_usd: 0.03");
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    start_good_and_cheap(2, "daily_usd: 10");
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "good");
+    wait_settled_in_redis();
+    cr_assert_eq(call_port(routers[1].port, "POST", "/v1/chat/completions",
+                           "Authorization: Bearer " KEY_CI "\r\nx-mock-tokens: 10\r\n", KEY_BODY),
+                 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap");
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "downgraded-budget");
+    wait_settled_in_redis();
+    cr_assert_eq(call_port(routers[1].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_float_eq(cJSON_GetObjectItem(body_json(), "reserved_usd")->valuedouble, 0, 1e-12,
+                       "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_float_eq(cJSON_GetObjectItem(json, "day_usd")->valuedouble, 0.019 + 0.00019, 1e-9);
+    ci = cJSON_GetArrayItem(cJSON_GetObjectItem(json, "keys"), 0);
+    cr_assert_float_eq(cJSON_GetObjectItem(ci, "day_usd")->valuedouble, 0.019 + 0.00019, 1e-9);
+    cr_assert_float_eq(cJSON_GetObjectItem(ci, "reserved_usd")->valuedouble, 0, 1e-12);
+}
+
+/* Whether /metrics of router 0 has the line `series`. */
+static int metrics_have(const char *series)
+{
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    return memmem(resp.body.data, resp.body.len, series, strlen(series)) != NULL;
+}
+
+/* A reload raises the key's budget (the spend so far still counts, and
+ * the gauges keep it), takes it away (the key is limited by its tenant
+ * alone, and its spend meanwhile is not counted) and gives it back. */
+Test(costs, a_reload_changes_removes_and_gives_back_a_keys_budget)
+{
+    const char tenant[] = "    budget: {daily_usd: 1, on_exhausted: reject}\n";
+    const char spent_2[] =
+        "costrouter_key_budget_spent_usd{tenant=\"acme\",key=\"ci\",period=\"day\"} 0.0038";
+
+    refused_third("daily_usd: 0.005", "daily_usd: 1", KEY_CI);
+    key_ci_budget("daily_usd: 0.008");
+    write_conf("a", tenant);
+    reload_router();
+    cr_assert(metrics_have(spent_2), "the key's spend gauge after a reload: %.*s",
+              (int)resp.body.len, resp.body.data);
+    cr_assert(metrics_have("costrouter_key_budget_remaining_usd{tenant=\"acme\",key=\"ci\","
+                           "period=\"day\"} 0.0042"));
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 200);
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 200, "$0.0057 + $0.0019 fits $0.008");
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 429);
+    key_ci_budget("daily_usd: 0");
+    write_conf("a", tenant);
+    reload_router();
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 200, "no budget of its own");
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_eq(cJSON_GetArraySize(cJSON_GetObjectItem(body_json(), "keys")), 0);
+    cr_assert_not(metrics_have("key=\"ci\""), "a gauge of a budget there is no more");
+    key_ci_budget("daily_usd: 0.008");
+    write_conf("a", tenant);
+    reload_router();
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 429, "its $0.0076 counted before still is");
+    cr_assert_eq(key_chat(KEY_WEB, KEY_BODY), 200);
 }
