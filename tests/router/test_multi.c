@@ -1144,9 +1144,11 @@ static long long charged_between(int router, long long from_ms, long long to_ms)
  * it reconnects, before it admits anything there, so router d's journal
  * is missed only by what the routers back before it admitted meanwhile:
  * the requests they started from their reconnect to d's (20 ms more, for
- * d's write-back to reach Redis on a loaded machine). On an idle machine
- * the three reconnect within a few ms and this is a few requests; on a
- * loaded one a router's reconnect can lag by a second.
+ * d's write-back to reach Redis on a loaded machine). Each router retries
+ * on its own backoff (100 ms doubling, with jitter): when their last
+ * failed attempts fell alike, they reconnect within a few ms and this is
+ * a few requests; when one's fell just before Redis came back, its next
+ * comes up to a second after the others'.
  */
 static long long reconnect_skew(void)
 {
