@@ -402,7 +402,11 @@ void router__spend_settle(struct router__client *c, double usd)
     ts->day_spent += micro;
     ts->month_spent += micro;
     if (!req->has_res) {
-        /* No hold (e.g. a free backend): charge anyway, nothing is lost. */
+        /* No hold (a token count, which holds none, or a free backend):
+         * nothing to write when there is nothing to charge, so a count
+         * makes no store call at all; else charge anyway, nothing is lost. */
+        if (micro == 0)
+            return;
         struct cache_reservation none = {.tenant = req->tenant->id};
         track(c->router, cache_settle(c->router->store, &none, micro, on_write_done, c->router));
         return;
