@@ -655,9 +655,7 @@ static const char *parse_body(struct router__client *c, const char **detail)
         (*detail = messages_shape_error(req->json, req->endpoint == ROUTER_EP_COUNT_TOKENS)))
         return error_invalid_type;
     stream = cJSON_GetObjectItemCaseSensitive(req->json, "stream");
-    /* A count is one small JSON answer, whatever the body says. */
-    req->stream = cJSON_IsTrue(stream) && req->endpoint != ROUTER_EP_EMBEDDINGS &&
-                  req->endpoint != ROUTER_EP_COUNT_TOKENS;
+    req->stream = cJSON_IsTrue(stream) && req->endpoint != ROUTER_EP_EMBEDDINGS;
     return NULL;
 }
 

@@ -679,7 +679,10 @@ static void send_attempt(struct router__client *c);
 /* Choose, then reserve (the store answers in router__proxy_reserved). A
  * token count goes at once: it costs nothing, so there is nothing to
  * hold, and without a hold there is no store call to make (a store that
- * is down or refuses writes does not refuse it either). */
+ * is down or refuses writes does not refuse it either). Nor is it looked
+ * up in the cache: a hit would save nothing, and its answer depends on
+ * anthropic-beta (beta tools count differently), which the key does not
+ * hold. */
 static void choose_and_reserve(struct router__client *c, const char *last_error)
 {
     struct router__request *req = &c->req;
@@ -944,11 +947,7 @@ void router__proxy_start(struct router__client *c)
     if (rate_limit(c) != 0)
         return;
     assign_arm(c);
-    /* A count is not cached: it costs nothing, so a hit would save
-     * nothing, and its answer depends on anthropic-beta (tools of a beta
-     * count differently), which the key does not hold. */
     req->cacheable = conf->cache_enabled && req->endpoint != ROUTER_EP_EMBEDDINGS &&
-                     !counting(req) &&
                      (req->endpoint != ROUTER_EP_RESPONSES || responses_cacheable(req->json)) &&
                      cache_cacheable(req->json, conf->cache_tools);
     choose_and_reserve(c, NULL);
@@ -1429,7 +1428,7 @@ static int on_sse_event(void *arg, const char *p, size_t len)
  * completion. */
 static int answer_counted(const struct router__request *req)
 {
-    return req->status / 100 == 2 && req->endpoint != ROUTER_EP_EMBEDDINGS && !counting(req);
+    return req->status / 100 == 2 && req->endpoint != ROUTER_EP_EMBEDDINGS;
 }
 
 /* A piece of the text of an answer too big to hold, as it passes (text

@@ -767,18 +767,58 @@ Test(count_tokens, a_backend_down_falls_back_to_the_next_and_none_left_is_an_err
     cJSON_Delete(rec);
 }
 
-/* A budget too small for any message does not refuse a count: it costs
- * nothing, and a client counts to decide whether to send. */
-Test(count_tokens, a_budget_that_refuses_every_message_does_not_refuse_a_count)
+/* A budget that is spent does not refuse a count: it costs nothing, and
+ * a client counts to decide whether to send. A chat answer of 1000
+ * tokens, held for the 256 predicted, spends the $0.0005 and more. */
+Test(count_tokens, a_spent_budget_does_not_refuse_a_count)
 {
-    start("    budget: {daily_usd: 0.000001, on_exhausted: reject}\n");
+    double spent;
+
+    start_with("", "    budget: {daily_usd: 0.0005, on_exhausted: reject}\n", 1, 1);
+    cr_assert_eq(call(router.port, "POST", "/v1/chat/completions", XKEY "x-mock-tokens: 1000\r\n",
+                      "{\"model\":\"gpt\"," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    spent = day_spend();
+    cr_assert_gt(spent, 0.0005);
     cr_assert_eq(messages(NULL, "{\"model\":\"claude\",\"max_tokens\":5," CMSGS "}"), 0);
     assert_anthropic_error(429, "rate_limit_error");
     cr_assert_not_null(strstr(get(get(json, "error"), "message")->valuestring, "budget"));
     cr_assert_eq(count(NULL, COUNT), 0);
     assert_count(UPSTREAM_COUNT);
     cr_assert_eq(requests_of(&mock), 1);
+    cr_assert_eq(day_spend(), spent);
+}
+
+/* A count makes no store call: with the store unreachable under
+ * fail_closed, a message is refused 503 and a count is served. */
+Test(count_tokens, a_store_that_is_down_does_not_refuse_a_count)
+{
+    start_with("store: {redis: \"redis://127.0.0.1:1\", on_failure: fail_closed}\n", "", 1000,
+               1000);
+    cr_assert_eq(messages(NULL, "{\"model\":\"claude\",\"max_tokens\":5," CMSGS "}"), 0);
+    assert_anthropic_error(503, "overloaded_error");
+    cr_assert_eq(count(NULL, COUNT), 0);
+    assert_count(UPSTREAM_COUNT);
+}
+
+/* A client that leaves once its count went whole to an API backend is
+ * charged nothing (a message's prompt would be, as the provider bills
+ * it): logged 499 at $0. */
+Test(count_tokens, a_client_that_leaves_is_charged_nothing)
+{
+    start("");
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/messages/count_tokens",
+                                     XKEY "x-mock-ttft-ms: 2000\r\n", COUNT),
+                 0);
+    cr_assert_eq(support_http_send_and_leave(router.port, req.data, req.len, 300), 0);
+    usleep(200 * 1000);
     cr_assert_eq(day_spend(), 0);
+    cJSON *rec = last_cost_record();
+    cr_assert_eq(num(rec, "status"), 499);
+    cr_assert_eq(num(rec, "cost_usd"), 0);
+    cr_assert_eq(num(rec, "billed_prompt_tokens"), 0);
+    cJSON_Delete(rec);
 }
 
 /* rpm counts a count; tpm does not (it generates no token), even with the
