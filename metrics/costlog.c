@@ -243,6 +243,7 @@ int metrics_cost_record_json(const struct metrics_cost_record *r, struct buf *ou
         rc |= buf_append_lit(out, ":") | put_string(out, t->value);
     }
     rc |= buf_append_lit(out, "},\"route\":") | put_string(out, r->route);
+    rc |= buf_append_lit(out, ",\"endpoint\":") | put_string(out, r->endpoint);
     rc |= buf_append_lit(out, ",\"backend\":") | put_string(out, r->backend);
     rc |= buf_append_lit(out, ",\"arm\":") | put_string(out, r->arm);
     rc |= buf_append_lit(out, ",\"reason\":") | put_string(out, r->reason);

@@ -204,6 +204,7 @@ struct metrics_cost_record {
                                             after the tenant's in the same "tags" */
     size_t nrequest_tags;          /* entries in request_tags */
     const char *route;             /* model the client asked for */
+    const char *endpoint;          /* the path it was sent to ("/v1/messages"), or NULL */
     const char *backend;           /* backend that answered (last tried) */
     const char *arm;               /* A/B arm name, or NULL */
     const char *reason;            /* why the policy chose the backend */

@@ -60,7 +60,9 @@ enum policy_rate_result policy_ratelimit_admit(struct policy_ratelimit *const *r
             w = wait_for(&r->requests, r->rpm, 1);
             wait = w > wait ? w : wait;
         }
-        if (r->tpm > 0) {
+        /* A request that takes no token (a token count) does not wait
+         * for the tokens bucket either, even one in debt: it adds none. */
+        if (r->tpm > 0 && tokens > 0) {
             refill(&r->tokens, r->tpm, now_ms);
             w = wait_for(&r->tokens, r->tpm, tokens);
             wait = w > wait ? w : wait;

@@ -155,6 +155,7 @@ void router__account(struct router__client *c)
     rec.request_tags = req->tags;
     rec.nrequest_tags = req->ntags;
     rec.route = req->route ? req->route->model : NULL;
+    rec.endpoint = router__endpoint_path(req->endpoint);
     rec.backend = req->pool ? req->pool->conf->name : NULL;
     rec.reason = req->reason;
     rec.arm = req->arm ? req->arm->name : NULL;

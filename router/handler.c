@@ -155,13 +155,13 @@ static const char *anthropic_error_type(int status)
 
 /* The error object for `errstr` in the language of endpoint `ep` (detail
  * may add context; it must never contain a secret): Anthropic's
- * {"type":"error","error":{"type","message"}} on /v1/messages, whose SDKs
- * read no other, else OpenAI's. Caller frees. */
+ * {"type":"error","error":{"type","message"}} on /v1/messages and its
+ * count_tokens, whose SDKs read no other, else OpenAI's. Caller frees. */
 char *router__error_json(enum router__endpoint ep, const char *errstr, const char *detail,
                          int *status)
 {
     const struct error_map *m = error_lookup(errstr);
-    int anthropic = ep == ROUTER_EP_MESSAGES;
+    int anthropic = ROUTER_EP_ANTHROPIC(ep);
     cJSON *root = cJSON_CreateObject(), *err;
     char raw[512], msg[512];
     char *out;
@@ -386,11 +386,20 @@ static const struct endpoint_def endpoints[] = {
     {"/v1/embeddings", HTTP_POST, ROUTER_EP_EMBEDDINGS},
     {"/v1/responses", HTTP_POST, ROUTER_EP_RESPONSES},
     {"/v1/messages", HTTP_POST, ROUTER_EP_MESSAGES},
+    {"/v1/messages/count_tokens", HTTP_POST, ROUTER_EP_COUNT_TOKENS},
     {"/v1/models", HTTP_GET, ROUTER_EP_MODELS},
     {"/healthz", HTTP_GET, ROUTER_EP_HEALTHZ},
     {"/metrics", HTTP_GET, ROUTER_EP_METRICS},
     {"/dashboard", HTTP_GET, ROUTER_EP_DASHBOARD},
 };
+
+const char *router__endpoint_path(enum router__endpoint ep)
+{
+    for (size_t i = 0; i < ARRAY_SIZE(endpoints) && ROUTER_EP_PROXIED(ep); i++)
+        if (endpoints[i].endpoint == ep)
+            return endpoints[i].path;
+    return NULL;
+}
 
 /* Find the endpoint; sets *errstr to error_not_found or error_method. */
 static enum router__endpoint endpoint_find(struct slice path, int method, const char **errstr)
@@ -578,15 +587,16 @@ static const char *responses_shape_error(const cJSON *body)
 }
 
 /* A /v1/messages body whose members the estimate reads have types
- * Anthropic's API refuses too (or without the max_tokens it requires):
- * answered 400 here, as the API would, rather than priced as something
- * else and sent. NULL when fine, else what is wrong. */
-static const char *messages_shape_error(const cJSON *body)
+ * Anthropic's API refuses too (or without the max_tokens it requires, which
+ * a count_tokens body, `counting`, has not): answered 400 here, as the API
+ * would, rather than priced as something else and sent. NULL when fine,
+ * else what is wrong. */
+static const char *messages_shape_error(const cJSON *body, int counting)
 {
     const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(body, "messages"), *m, *block;
     const cJSON *system = cJSON_GetObjectItemCaseSensitive(body, "system"), *tool;
 
-    if (!cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(body, "max_tokens")))
+    if (!counting && !cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(body, "max_tokens")))
         return "max_tokens: Field required (an integer)";
     if (!cJSON_IsArray(msgs))
         return "messages: Field required (an array of messages)";
@@ -641,7 +651,8 @@ static const char *parse_body(struct router__client *c, const char **detail)
         return error_model_not_allowed;
     if (req->endpoint == ROUTER_EP_RESPONSES && (*detail = responses_shape_error(req->json)))
         return error_invalid_type;
-    if (req->endpoint == ROUTER_EP_MESSAGES && (*detail = messages_shape_error(req->json)))
+    if (ROUTER_EP_ANTHROPIC(req->endpoint) &&
+        (*detail = messages_shape_error(req->json, req->endpoint == ROUTER_EP_COUNT_TOKENS)))
         return error_invalid_type;
     stream = cJSON_GetObjectItemCaseSensitive(req->json, "stream");
     req->stream = cJSON_IsTrue(stream) && req->endpoint != ROUTER_EP_EMBEDDINGS;

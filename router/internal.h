@@ -191,6 +191,8 @@ enum router__endpoint {
     ROUTER_EP_EMBEDDINGS,  /* POST /v1/embeddings */
     ROUTER_EP_RESPONSES,   /* POST /v1/responses (OpenAI's Responses API) */
     ROUTER_EP_MESSAGES,    /* POST /v1/messages (Anthropic's Messages API) */
+    ROUTER_EP_COUNT_TOKENS, /* POST /v1/messages/count_tokens (Anthropic's Token Counting):
+                               routed as a message, answered by the backend, free */
     ROUTER_EP_MODELS,      /* GET /v1/models */
     ROUTER_EP_HEALTHZ,     /* GET /healthz */
     ROUTER_EP_METRICS,     /* GET /metrics (admin key when one is set) */
@@ -200,14 +202,17 @@ enum router__endpoint {
 
 /* Is `ep` one of the proxied /v1 endpoints (routed by model, priced,
  * in the cost log)? They are the enum's first run. */
-#define ROUTER_EP_PROXIED(ep) ((ep) >= ROUTER_EP_CHAT && (ep) <= ROUTER_EP_MESSAGES)
+#define ROUTER_EP_PROXIED(ep) ((ep) >= ROUTER_EP_CHAT && (ep) <= ROUTER_EP_COUNT_TOKENS)
+
+/* Is `ep` one of Anthropic's endpoints (its errors, its headers)? */
+#define ROUTER_EP_ANTHROPIC(ep) ((ep) == ROUTER_EP_MESSAGES || (ep) == ROUTER_EP_COUNT_TOKENS)
 
 /* anthropic-version sent to an Anthropic backend when the client sent none:
  * the Messages API's first, whose shape every later one keeps. */
 #define ROUTER_ANTHROPIC_VERSION "2023-06-01"
 
 /* The API an endpoint speaks, which the backends serving it must speak. */
-#define router__endpoint_api(ep) ((ep) == ROUTER_EP_MESSAGES ? CONF_API_ANTHROPIC : CONF_API_OPENAI)
+#define router__endpoint_api(ep) (ROUTER_EP_ANTHROPIC(ep) ? CONF_API_ANTHROPIC : CONF_API_OPENAI)
 
 /* Client connection phases, which decide the timer and what reads mean. */
 enum router__client_phase {
@@ -436,6 +441,9 @@ void router__refuse(struct router__client *c, const char *errstr, const char *de
 const char *router__bearer(const struct router__client *c, size_t *len);
 /* Whether the request carries the admin key (admin.c). */
 int router__admin_authorized(struct router__client *c);
+/* The path of a proxied endpoint ("/v1/messages"), for the cost log;
+ * NULL for any other. */
+const char *router__endpoint_path(enum router__endpoint ep);
 /* Send a complete OpenAI-style error response for `errstr`. */
 void router__send_error(struct router__client *c, const char *errstr, const char *detail);
 /* The same with more header lines (each ending in CRLF), or NULL. */

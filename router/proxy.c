@@ -73,6 +73,8 @@ static const char *endpoint_suffix(enum router__endpoint ep)
         return "/responses";
     case ROUTER_EP_MESSAGES:
         return "/messages";
+    case ROUTER_EP_COUNT_TOKENS:
+        return "/messages/count_tokens";
     default:
         return "";
     }
@@ -80,6 +82,15 @@ static const char *endpoint_suffix(enum router__endpoint ep)
 
 static const char *request_header(const struct router__request *req, const char *name,
                                   size_t *len);
+
+/* Is the request a token count (POST /v1/messages/count_tokens)? Anthropic
+ * bills nothing for one and it generates nothing: it holds no budget, is
+ * charged nothing, takes no tokens from the tpm limits and is not cached
+ * (see choose_and_reserve). */
+static int counting(const struct router__request *req)
+{
+    return req->endpoint == ROUTER_EP_COUNT_TOKENS;
+}
 
 /* Does the stream to `b` need stream_options.include_usage added? Chat
  * and completions streams carry their usage only when asked. The
@@ -313,7 +324,7 @@ static int build_request(struct router__client *c, const struct router__pool *po
     rc = rc ?: append_client_headers(out, &req->fwd, b);
     /* Anthropic's API refuses a request without its version; a client's
      * own (and its anthropic-beta) went on with its headers. */
-    if (rc == 0 && req->endpoint == ROUTER_EP_MESSAGES &&
+    if (rc == 0 && ROUTER_EP_ANTHROPIC(req->endpoint) &&
         request_header(req, "anthropic-version", &(size_t){0}) == NULL)
         rc = buf_append_lit(out, "anthropic-version: " ROUTER_ANTHROPIC_VERSION "\r\n");
     rc = rc ?: buf_append(out, "\r\n", 2);
@@ -395,7 +406,7 @@ static int64_t count_prompt(struct router__client *c, enum conf_tokenizer enc)
         n = count_texts(t, enc, cJSON_GetObjectItemCaseSensitive(req->json, "input"));
     else if (req->endpoint == ROUTER_EP_RESPONSES && t != NULL)
         n = policy_tokens_responses(t, enc, req->json);
-    else if (req->endpoint == ROUTER_EP_MESSAGES && t != NULL)
+    else if (ROUTER_EP_ANTHROPIC(req->endpoint) && t != NULL)
         n = policy_tokens_messages(t, enc, req->json);
     if (n < 0)
         n = policy_tokens_estimate(req->body.data, req->body.len);
@@ -430,7 +441,7 @@ static void estimate(struct router__client *c)
         cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_completion_tokens")) ||
         cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_output_tokens"));
     req->asked_tier = (int8_t)asked_tier(req->json);
-    if (req->endpoint == ROUTER_EP_EMBEDDINGS)
+    if (req->endpoint == ROUTER_EP_EMBEDDINGS || req->endpoint == ROUTER_EP_COUNT_TOKENS)
         req->completion_pred = 0;
     else
         req->completion_pred = policy_outpred_predict(&ts->outpred[req->route - r->conf->routes],
@@ -660,6 +671,14 @@ static int choose(struct router__client *c, const char *last_error)
     }
     preq.tried = req->tried;
     preq.now_ms = router__now(r);
+    if (counting(req)) {
+        /* Free on every candidate: no budget refuses or downgrades it, and
+         * no window is too small for it (its size is what the client asks;
+         * the estimate is not Claude's count). All cost $0, so the one
+         * predicted to answer first is taken, then route order. */
+        preq.prompt_tokens = preq.completion_tokens = 0;
+        preq.day = preq.month = (struct policy_budget){0, 0};
+    }
     req->choice = policy_cost_aware.choose(&preq, req->verdicts);
     if (budget_bound(&req->choice) && req->begins == 0 && !req->budget_checked) {
         /* The numbers are the store's answer to an earlier request. Since
@@ -704,16 +723,28 @@ static int client_wants_usage(const struct router__request *req)
     return cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(opts, "include_usage"));
 }
 
-/* Choose, then reserve (the store answers in router__proxy_reserved). */
+static void send_attempt(struct router__client *c);
+
+/* Choose, then reserve (the store answers in router__proxy_reserved). A
+ * token count goes at once: it costs nothing, so there is nothing to
+ * hold, and without a hold there is no store call to make (a store that
+ * is down or refuses writes does not refuse it either). Nor is it looked
+ * up in the cache: a hit would save nothing, and its answer depends on
+ * anthropic-beta (beta tools count differently), which the key does not
+ * hold. */
 static void choose_and_reserve(struct router__client *c, const char *last_error)
 {
     struct router__request *req = &c->req;
     const struct conf_backend *b;
-    char route_key[2 * CONF_NAME_MAX + sizeof("/chat/completions#stream+usage tenant=:") + 20];
+    char route_key[2 * CONF_NAME_MAX + sizeof("/messages/count_tokens#stream+usage tenant=:") + 20];
     const char *kind, *api;
 
     if (choose(c, last_error) != 0)
         return;
+    if (counting(req)) {
+        send_attempt(c);
+        return;
+    }
     b = req->route->candidates[req->candidate];
     if (req->cacheable && req->begins == 0) {
         /* Streams and plain answers are cached apart: each replays as sent.
@@ -850,8 +881,13 @@ static int rate_limit(struct router__client *c)
     char *body;
 
     limiters_of(c, rl);
-    req->rate_tokens = policy_ratelimit_fit(rl, 2, req->prompt_est + (req->completion_limited ? pred : 0),
-                                            req->completion_limited ? 0 : pred);
+    /* A count takes a request from rpm and no token from tpm: it
+     * generates none and is billed none (Anthropic limits it by requests
+     * per minute alone). */
+    req->rate_tokens = counting(req) ? 0
+                       : policy_ratelimit_fit(rl, 2,
+                                              req->prompt_est + (req->completion_limited ? pred : 0),
+                                              req->completion_limited ? 0 : pred);
     res = policy_ratelimit_admit(rl, 2, router__now(c->router), req->rate_tokens, &retry_ms);
     if (res == POLICY_RATE_OK) {
         req->rate_held = 1;
@@ -1571,6 +1607,8 @@ static struct backend_tokens tokens_used(const struct router__request *req)
 {
     struct backend_tokens t = {.tier = billed_tier(req)};
 
+    if (counting(req))
+        return (struct backend_tokens){0}; /* the count is its answer, billed nothing */
     if (req->upstream_status >= 400 && req->prompt_tokens < 0 && req->completion_tokens < 0)
         return (struct backend_tokens){0};
     t.prompt = req->prompt_tokens >= 0 ? req->prompt_tokens : req->prompt_est;
@@ -1713,6 +1751,24 @@ static void count_completion(struct router__client *c)
     cJSON_Delete(body);
 }
 
+/* A count's answer, {"input_tokens": N}: the prompt's size by the
+ * backend's own tokenizer, which the router only estimates. Kept as the
+ * request's prompt tokens (the cost log's, billed none), and so, like a
+ * settled usage, it calibrates a `tokenizer: estimate` backend. */
+static void note_count(struct router__request *req)
+{
+    cJSON *body;
+    const cJSON *n;
+
+    if (req->status / 100 != 2)
+        return;
+    body = cJSON_ParseWithLength(req->up_body.data, req->up_body.len);
+    n = cJSON_GetObjectItemCaseSensitive(body, "input_tokens");
+    if (cJSON_IsNumber(n) && n->valuedouble >= 0 && n->valuedouble < 1e15)
+        req->prompt_tokens = (int64_t)n->valuedouble;
+    cJSON_Delete(body);
+}
+
 void router__proxy_on_complete(struct router__client *c)
 {
     struct router__request *req = &c->req;
@@ -1734,6 +1790,8 @@ void router__proxy_on_complete(struct router__client *c)
         req->answered_tier = (int8_t)router__service_tier(req->up_body.data, req->up_body.len);
     if (!req->is_sse && req->completion_tokens < 0 && req->up_body.len > 0)
         count_completion(c);
+    if (counting(req) && req->up_body.len > 0)
+        note_count(req);
     if (req->big_usage != NULL)
         big_usage_stop(req, "ended without usage");
     settle(c);
@@ -1842,7 +1900,8 @@ void router__proxy_abort(struct router__client *c)
     if (req->attempt_open) {
         if (req->response_started)
             settle(c); /* the client left mid-response: charge what was sent */
-        else if (req->request_sent && req->pool->conf->kind == CONF_BACKEND_API)
+        else if (req->request_sent && req->pool->conf->kind == CONF_BACKEND_API &&
+                 !counting(req))
             settle_prompt(c);
         else
             finish_attempt(c, NULL); /* a pool's time for it is idle, as for any failure */

@@ -505,7 +505,11 @@ static void settle_subject(struct router *r, struct router__spend *s, const char
     s->day_spent += micro;
     s->month_spent += micro;
     if (!has) {
-        /* No hold (e.g. a free backend): charge anyway, nothing is lost. */
+        /* No hold (a token count, which holds none, or a free backend):
+         * nothing to write when there is nothing to charge, so a count
+         * makes no store call at all; else charge anyway, nothing is lost. */
+        if (micro == 0)
+            return;
         struct cache_reservation none = {.tenant = subject};
         track(r, cache_settle(r->store, &none, micro, on_write_done, r));
         return;

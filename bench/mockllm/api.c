@@ -3,7 +3,7 @@
  *
  * Endpoints: POST /v1/chat/completions, POST /v1/completions,
  * POST /v1/embeddings, POST /v1/responses, POST /v1/messages (Anthropic),
- * GET /v1/models, and for tests
+ * POST /v1/messages/count_tokens (Anthropic), GET /v1/models, and for tests
  * GET /mock/stats and GET /mock/last-request. Bodies are parsed with cJSON; answers are built
  * with printf into reusable buffers.
  *
@@ -33,6 +33,9 @@
  *                Requires x-api-key (the --require-key value when given;
  *                401 authentication_error without) and anthropic-version
  *                (400 without), as Anthropic's API does.
+ *   count_tokens: (Anthropic's) the messages rule, answered as
+ *                {"input_tokens": N} after ttft, with the same
+ *                requirements; faults and x-mock-status apply.
  * completion_tokens = the token count (--tokens / x-mock-tokens, default 16),
  * capped by max_completion_tokens or max_tokens (messages: max_tokens,
  * stop_reason "max_tokens" when capped, else "end_turn"), or for responses
@@ -60,7 +63,15 @@
 #include "common/http_status.h"
 #include "common/log.h"
 
-enum endpoint { EP_CHAT, EP_COMPLETIONS, EP_EMBEDDINGS, EP_RESPONSES, EP_MESSAGES, EP_MODELS };
+enum endpoint {
+    EP_CHAT,
+    EP_COMPLETIONS,
+    EP_EMBEDDINGS,
+    EP_RESPONSES,
+    EP_MESSAGES,
+    EP_COUNT_TOKENS,
+    EP_MODELS
+};
 
 #define EMBEDDING_DIM 8
 #define MAX_DELAY_MS 600000
@@ -993,6 +1004,10 @@ static int plan_from_body(struct mockllm_conn *c, const cJSON *body, const struc
                                                                : p->prompt_tokens;
         return 0;
     }
+    if (p->endpoint == EP_COUNT_TOKENS) {
+        p->prompt_tokens = messages_prompt_tokens(body);
+        return 0;
+    }
     if (p->endpoint == EP_MESSAGES) {
         p->prompt_tokens = messages_prompt_tokens(body);
         p->cached_tokens = o->cached_tokens < p->prompt_tokens ? o->cached_tokens
@@ -1052,6 +1067,7 @@ static int route(const char *path, size_t len, int *post)
         {"/v1/embeddings", EP_EMBEDDINGS, 1},
         {"/v1/responses", EP_RESPONSES, 1},
         {"/v1/messages", EP_MESSAGES, 1},
+        {"/v1/messages/count_tokens", EP_COUNT_TOKENS, 1},
         {"/v1/models", EP_MODELS, 0},
     };
     for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++) {
@@ -1106,7 +1122,8 @@ static void answer_v1(struct mockllm_conn *c, const char *path, size_t path_len)
     cJSON *body = NULL;
     int post = 0, delay;
 
-    if (route(path, path_len, &post) == EP_MESSAGES) {
+    p->endpoint = route(path, path_len, &post);
+    if (p->endpoint == EP_MESSAGES || p->endpoint == EP_COUNT_TOKENS) {
         if (messages_auth(c))
             return;
     } else if (srv->opts.require_key != NULL &&
@@ -1122,7 +1139,6 @@ static void answer_v1(struct mockllm_conn *c, const char *path, size_t path_len)
         answer_error(c, 400, "invalid_request_error", NULL, msg);
         return;
     }
-    p->endpoint = route(path, path_len, &post);
     if (p->endpoint < 0) {
         answer_error(c, 404, "invalid_request_error", "unknown_url", "Unknown request URL.");
         return;
@@ -1183,6 +1199,13 @@ static void answer_v1(struct mockllm_conn *c, const char *path, size_t path_len)
     }
     if (p->endpoint == EP_MODELS) {
         answer_models(c, o.ttft_ms);
+        return;
+    }
+    if (p->endpoint == EP_COUNT_TOKENS) {
+        buf_reset(&scratch);
+        putf(&scratch, "{\"input_tokens\":%d}", p->prompt_tokens);
+        put_response(c, &p->deferred, 200);
+        send_deferred(c, o.ttft_ms);
         return;
     }
     if (p->endpoint == EP_EMBEDDINGS) {

@@ -912,3 +912,25 @@ Test(mockllm, messages_require_x_api_key_and_anthropic_version)
     cr_assert_eq(resp.status, 200);
     stop_clean();
 }
+
+/* count_tokens: the same requirements; the Messages prompt's count as
+ * {"input_tokens": N} (3 + 4 + 2 words of system + 4 + 3 + 4 + 1 = 21). */
+Test(mockllm, count_tokens_counts_a_messages_prompt)
+{
+    char body[1024];
+
+    cr_assert_eq(support_mockllm_start(&mock, "--require-key", "sk-ant", NULL), 0);
+    snprintf(body, sizeof(body), messages_body, 5, "");
+    cr_assert_eq(call("POST", "/v1/messages/count_tokens", "anthropic-version: 2023-06-01\r\n",
+                      body),
+                 0);
+    cr_assert_eq(resp.status, 401);
+    cr_assert_str_eq(anthropic_error_type(), "authentication_error");
+    cr_assert_eq(call("POST", "/v1/messages/count_tokens", "x-api-key: sk-ant\r\n", body), 0);
+    cr_assert_eq(resp.status, 400);
+    cr_assert_eq(call("POST", "/v1/messages/count_tokens", ANTHROPIC, body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(resp.body.len, strlen("{\"input_tokens\":21}"));
+    cr_assert_eq(memcmp(resp.body.data, "{\"input_tokens\":21}", resp.body.len), 0);
+    stop_clean();
+}

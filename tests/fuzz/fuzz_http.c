@@ -300,12 +300,15 @@ static const char *const seed_bodies[] = {
     "\"tool_use_id\":\"t1\",\"content\":[{\"type\":\"text\",\"text\":\"found\"}]}]}],"
     "\"tools\":[{\"name\":\"lookup\",\"description\":\"Look up\",\"input_schema\":"
     "{\"type\":\"object\",\"properties\":{\"q\":{\"type\":\"string\"}}}}]}",
+    "{\"model\":\"claude\",\"system\":\"Be terse.\",\"messages\":[{\"role\":\"user\","
+    "\"content\":[{\"type\":\"text\",\"text\":\"Count me\"}]}],\"tools\":[{\"name\":"
+    "\"lookup\",\"input_schema\":{\"type\":\"object\"}}]}",
 };
 
 static const char *const seed_paths[] = {
     "/v1/chat/completions", "/v1/chat/completions", "/v1/chat/completions",
     "/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses",
-    "/v1/responses", "/v1/messages", "/v1/messages",
+    "/v1/responses", "/v1/messages", "/v1/messages", "/v1/messages/count_tokens",
 };
 
 /* Paths without a body: GET, some needing the admin key. */

@@ -63,7 +63,7 @@ static void make_record(struct metrics_cost_record *r, char *id, size_t idlen, i
     cands[1] = (struct metrics_cost_candidate){"gpt-4o", NAN, "over budget"};
     *r = (struct metrics_cost_record){
         .ts_ms = 1795000000123LL + i, .request_id = id, .tenant = "acme", .tags = tags, .ntags = 2,
-        .route = "chat", .backend = "gpu-a", .arm = i % 2 ? "b" : "a", .reason = "cheapest",
+        .route = "chat", .endpoint = "/v1/chat/completions", .backend = "gpu-a", .arm = i % 2 ? "b" : "a", .reason = "cheapest",
         .candidates = cands, .ncandidates = 2, .prompt_tokens_est = 100, .prompt_tokens = 98,
         .completion_tokens_est = 50, .completion_tokens = -1, .billed_prompt_tokens = 98,
         .billed_completion_tokens = 40, .billed_cached_tokens = 20,
@@ -124,7 +124,8 @@ static size_t check_lines(const char *p, char *seen, size_t nseen)
 
 Test(costlog, lines_are_valid_json_with_every_key, .timeout = 10)
 {
-    static const char *keys[] = {"ts", "request_id", "tenant", "tags", "route", "backend", "arm",
+    static const char *keys[] = {"ts", "request_id", "tenant", "tags", "route", "endpoint",
+                                 "backend", "arm",
                                  "reason", "candidates", "prompt_tokens_est", "prompt_tokens",
                                  "completion_tokens_est", "completion_tokens",
                                  "billed_prompt_tokens", "billed_completion_tokens",
@@ -162,6 +163,7 @@ Test(costlog, lines_are_valid_json_with_every_key, .timeout = 10)
     cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(a, "tags"), "team")->valuestring,
                      "search \"core\"");
     cr_assert_str_eq(cJSON_GetObjectItem(a, "arm")->valuestring, "a");
+    cr_assert_str_eq(cJSON_GetObjectItem(a, "endpoint")->valuestring, "/v1/chat/completions");
     cr_assert(cJSON_IsNull(cJSON_GetObjectItem(a, "completion_tokens")));
     cr_assert_eq(cJSON_GetObjectItem(a, "prompt_tokens")->valuedouble, 98);
     cr_assert_eq(cJSON_GetObjectItem(a, "billed_completion_tokens")->valuedouble, 40);

@@ -2,7 +2,8 @@
 // client against the router's /v1/messages. Prints one JSON line of what
 // it saw; test_anthropic_sdk.c asserts on it.
 // Usage: node anthropic_client.mjs BASE_URL KEY MODE
-// MODE: plain | stream | badkey | midstream (the upstream breaks mid-way)
+// MODE: plain | stream | badkey | midstream (the upstream breaks mid-way) |
+//       count (messages.countTokens)
 import { createRequire } from 'node:module';
 
 // The package lives in build/npm-anthropic (installed by make deps), not
@@ -44,6 +45,10 @@ try {
             out.final_text = final.content.map((b) => b.text ?? '').join('');
             out.final_usage = final.usage;
         }
+    } else if (mode === 'count') {
+        const r = await client.messages.countTokens({
+            model: 'claude', system: 'be brief', messages });
+        out.count = r;
     } else if (mode === 'badkey') {
         await client.messages.create({ model: 'claude', max_tokens: 5, messages });
     }

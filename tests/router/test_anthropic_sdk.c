@@ -1,8 +1,8 @@
 /*
  * tests/router/test_anthropic_sdk.c: the official @anthropic-ai/sdk npm
- * client (Node) calls messages.create through the router in front of an
- * Anthropic-speaking mockllm, plain and streamed, with only its base URL
- * changed: its x-api-key is the tenant's key, the router sends the
+ * client (Node) calls messages.create (and messages.countTokens) through
+ * the router in front of an Anthropic-speaking mockllm, plain and
+ * streamed, with only its base URL changed: its x-api-key is the tenant's key, the router sends the
  * backend's own. The stream carries the router's cost as an SSE comment
  * after message_stop, which the SDK's parser must skip (and does). The
  * client script is tests/router/anthropic_client.mjs; the package is
@@ -102,6 +102,16 @@ Test(anthropic_sdk, messages_create_plain)
     cr_assert_str_eq(get(r, "text")->valuestring, "The quick brown fox jumps");
     cr_assert_eq(get(get(r, "usage"), "input_tokens")->valuedouble, 3 + 6 + 8);
     cr_assert_eq(get(get(r, "usage"), "output_tokens")->valuedouble, 5);
+}
+
+/* messages.countTokens goes to /v1/messages/count_tokens and gets the
+ * upstream's count as it came: mockllm's prompt rule, as above. */
+Test(anthropic_sdk, messages_count_tokens)
+{
+    start();
+    cJSON *r = run_client("count", TENANT_KEY);
+    cr_assert(cJSON_IsTrue(get(r, "ok")), "%s", cJSON_PrintUnformatted(r));
+    cr_assert_eq(get(get(r, "count"), "input_tokens")->valuedouble, 3 + 6 + 8);
 }
 
 /* Streamed: every event comes through in order and the SDK's own stream

@@ -9,6 +9,9 @@
  * sending each API only to its kind; the hold of max_tokens against a
  * budget; a broken stream, and one without final usage, charged for the
  * deltas that passed; the response cache keyed by endpoint.
+ * The count_tokens suite: POST /v1/messages/count_tokens, the upstream's
+ * count passed through, free, never cached, past budgets and tpm (not
+ * rpm), with fallback and the refusals of /v1/messages.
  *
  * mockllm counts a Messages prompt by its chat rule: 3, plus 4 + the
  * words of "system" when given, plus 4 + the words of each message's
@@ -36,6 +39,7 @@
 #define KEY "sk-messages-tenant"
 #define XKEY "x-api-key: " KEY "\r\n"
 #define UPSTREAM_KEY "sk-ant-upstream-key"
+#define ADMIN_KEY "adm-messages"
 /* Prices of the Anthropic backend, USD per million tokens. */
 #define IN_USD 100
 #define CACHED_USD 10
@@ -72,9 +76,11 @@ TestSuite(messages, .fini = teardown, .timeout = 60);
 /* An Anthropic mockllm (`mock`, wanting UPSTREAM_KEY) and an OpenAI one
  * (`oai`), and the router: backend `a` (Anthropic) and `o` (OpenAI,
  * priced at `o_in` and `o_out`), both serving model claude-x (an
- * OpenAI-compatible gateway in front of the same model); routes "claude" [a], "mix" [o, a] and
- * "gpt" [o]; tenant acme with `tenant_extra` (config lines, or ""), and
- * `root_extra` at the top level. */
+ * OpenAI-compatible gateway in front of the same model), and `down`
+ * (Anthropic, on a port nobody listens on); routes "claude" [a], "mix"
+ * [o, a], "gpt" [o] and "two" [down, a]; tenant acme with `tenant_extra`
+ * (config lines, or ""), and `root_extra` at the top level (with the
+ * admin key ADMIN_KEY). */
 static void start_with(const char *root_extra, const char *tenant_extra, int o_in, int o_out)
 {
     char hex[65];
@@ -89,7 +95,7 @@ static void start_with(const char *root_extra, const char *tenant_extra, int o_i
     f = fdopen(mkstemp(conf_path), "w");
     cr_assert_not_null(f);
     fprintf(f,
-            "listen: 127.0.0.1:0\ncost_log: %s\n%s"
+            "listen: 127.0.0.1:0\nadmin_key: " ADMIN_KEY "\ncost_log: %s\n%s"
             "backends:\n"
             "  - {name: a, kind: api, api: anthropic, url: \"http://127.0.0.1:%d/v1\",\n"
             "     api_key: %s, model: claude-x, quality: 1, context_window: 100000,\n"
@@ -99,12 +105,16 @@ static void start_with(const char *root_extra, const char *tenant_extra, int o_i
             "  - {name: o, kind: api, url: \"http://127.0.0.1:%d/v1\", model: claude-x, quality: 1,\n"
             "     context_window: 100000, input_usd_per_mtok: %d, output_usd_per_mtok: %d,\n"
             "     tokenizer: o200k_base}\n"
+            "  - {name: down, kind: api, api: anthropic, url: \"http://127.0.0.1:1/v1\",\n"
+            "     api_key: %s, model: claude-x, quality: 1, context_window: 100000,\n"
+            "     input_usd_per_mtok: 1, output_usd_per_mtok: 1, tokenizer: o200k_base}\n"
             "routes:\n  - {model: claude, candidates: [a]}\n"
             "  - {model: mix, candidates: [o, a]}\n"
             "  - {model: gpt, candidates: [o]}\n"
+            "  - {model: two, candidates: [down, a]}\n"
             "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n%s",
             log_path, root_extra, mock.port, UPSTREAM_KEY, IN_USD, CACHED_USD, WRITE_USD,
-            WRITE_1H_USD, OUT_USD, oai.port, o_in, o_out, hex, tenant_extra);
+            WRITE_1H_USD, OUT_USD, oai.port, o_in, o_out, UPSTREAM_KEY, hex, tenant_extra);
     fclose(f);
     char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
     cr_assert_eq(support_proc_start(&router, argv), 0);
@@ -429,15 +439,36 @@ Test(messages, the_tenant_key_comes_from_x_api_key_or_bearer)
     cr_assert_eq(requests_of(&mock), 3);
 }
 
+/* A body the router refuses itself, and how. */
+struct refusal {
+    const char *body;
+    int status;       /* the router's status */
+    const char *type; /* Anthropic's error.type */
+};
+
+/* POST each of `cases` to `path` with the tenant's key, then a body over
+ * the 4096 bytes of max_body_bytes: each is refused in Anthropic's shape. */
+static void refuse_each(const char *path, const struct refusal *cases, size_t n)
+{
+    char big[6000];
+
+    for (size_t i = 0; i < n; i++) {
+        cr_assert_eq(call(router.port, "POST", path, XKEY, cases[i].body), 0);
+        assert_anthropic_error(cases[i].status, cases[i].type);
+    }
+    memset(big, ' ', sizeof(big) - 1);
+    big[sizeof(big) - 1] = '\0';
+    memcpy(big, "{\"model\":\"claude\"", 17);
+    big[sizeof(big) - 2] = '}';
+    cr_assert_eq(call(router.port, "POST", path, XKEY, big), 0);
+    assert_anthropic_error(413, "request_too_large");
+}
+
 /* Every error the router makes itself on /v1/messages is Anthropic's
  * shape, with the status the router gives it elsewhere. */
 Test(messages, router_errors_are_anthropic_shaped_with_their_status)
 {
-    static const struct {
-        const char *body;
-        int status;
-        const char *type;
-    } cases[] = {
+    static const struct refusal cases[] = {
         {"{\"model\":", 400, "invalid_request_error"},
         {"{\"max_tokens\":5," MSGS "}", 400, "invalid_request_error"},
         {"{\"model\":\"nope\",\"max_tokens\":5," MSGS "}", 404, "not_found_error"},
@@ -463,18 +494,7 @@ Test(messages, router_errors_are_anthropic_shaped_with_their_status)
 
     start_with("limits: {max_body_bytes: 4096}\n",
                "    budget: {daily_usd: 0.01, on_exhausted: reject}\n", 1000, 1000);
-    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
-        cr_assert_eq(messages(NULL, cases[i].body), 0);
-        assert_anthropic_error(cases[i].status, cases[i].type);
-    }
-    /* 413: a body over max_body_bytes */
-    char big[6000];
-    memset(big, ' ', sizeof(big) - 1);
-    big[sizeof(big) - 1] = '\0';
-    memcpy(big, "{\"model\":\"claude\"", 17);
-    big[sizeof(big) - 2] = '}';
-    cr_assert_eq(messages(NULL, big), 0);
-    assert_anthropic_error(413, "request_too_large");
+    refuse_each("/v1/messages", cases, sizeof(cases) / sizeof(cases[0]));
     cr_assert_eq(requests_of(&mock), 0);
     /* The same router's OpenAI endpoints keep OpenAI's shape. */
     cr_assert_eq(call(router.port, "POST", "/v1/chat/completions", XKEY, "{\"model\":\"nope\"}"),
@@ -601,4 +621,220 @@ Test(messages, one_hour_cache_writes_are_priced_at_their_own_rate)
     cr_assert_eq(num(rec, "billed_cache_write_1h_tokens"), 4);
     cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
     cJSON_Delete(rec);
+}
+
+/* ---- POST /v1/messages/count_tokens ---- */
+
+TestSuite(count_tokens, .fini = teardown, .timeout = 60);
+
+/* mockllm counts a count_tokens body as a Messages prompt, by words:
+ * "hello, there!!!" is 2 of them (9 in all), which o200k_base, the
+ * router's estimate, makes more tokens of; so a 9 is the upstream's
+ * number, not the router's. */
+#define CMSGS "\"messages\":[{\"role\":\"user\",\"content\":\"hello, there!!!\"}]"
+#define COUNT "{\"model\":\"claude\"," CMSGS "}"
+#define UPSTREAM_COUNT 9
+
+/* POST /v1/messages/count_tokens with the tenant's x-api-key and `extra`
+ * header lines. */
+static int count(const char *extra, const char *body)
+{
+    char headers[512];
+
+    snprintf(headers, sizeof(headers), XKEY "%s", extra ? extra : "");
+    return call(router.port, "POST", "/v1/messages/count_tokens", headers, body);
+}
+
+/* The answer is a count of `n`, {"input_tokens": n} and nothing else. */
+static void assert_count(int n)
+{
+    cr_assert_eq(resp.status, 200, "%d: %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_eq(num(body_json(), "input_tokens"), n);
+    cr_assert_eq(cJSON_GetArraySize(json), 1, "%.*s", (int)resp.body.len, resp.body.data);
+}
+
+/* The tenant's spend today, as the admin API reads it from the store. */
+static double day_spend(void)
+{
+    cr_assert_eq(call(router.port, "GET", "/admin/tenants/acme/spend",
+                      "Authorization: Bearer " ADMIN_KEY "\r\n", NULL),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    return num(body_json(), "day_usd");
+}
+
+/* The upstream's count goes to the client as it came; the backend got the
+ * request at its count_tokens path with its own key and the model's
+ * upstream name; nothing is charged, the cost log has a line at $0 that
+ * names the endpoint and the upstream's count. */
+Test(count_tokens, the_upstreams_count_passes_through_and_costs_nothing)
+{
+    start("");
+    cr_assert_eq(count(NULL, COUNT), 0);
+    assert_count(UPSTREAM_COUNT);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-cost-usd"), "0.000000");
+    const cJSON *r = last_request(&mock), *h = get(r, "headers");
+    cr_assert_str_eq(get(r, "path")->valuestring, "/v1/messages/count_tokens");
+    cr_assert_str_eq(get(h, "x-api-key")->valuestring, UPSTREAM_KEY);
+    cr_assert_str_eq(get(h, "anthropic-version")->valuestring, "2023-06-01");
+    cr_assert_null(get(h, "authorization"));
+    cr_assert_not_null(strstr(get(r, "body")->valuestring, "\"model\":\"claude-x\""), "%s",
+                       get(r, "body")->valuestring);
+    char *seen = cJSON_PrintUnformatted(r);
+    cr_assert_null(strstr(seen, KEY), "the tenant key went upstream");
+    cJSON_free(seen);
+    cr_assert_eq(day_spend(), 0);
+    cJSON *rec = last_cost_record();
+    cr_assert_str_eq(get(rec, "endpoint")->valuestring, "/v1/messages/count_tokens");
+    cr_assert_str_eq(get(rec, "backend")->valuestring, "a");
+    cr_assert_eq(num(rec, "status"), 200);
+    cr_assert_eq(num(rec, "cost_usd"), 0);
+    cr_assert_eq(num(rec, "cost_usd_est"), 0);
+    cr_assert_eq(num(rec, "prompt_tokens"), UPSTREAM_COUNT);
+    cr_assert_neq(num(rec, "prompt_tokens_est"), UPSTREAM_COUNT, "the router's estimate differs");
+    cr_assert_eq(num(rec, "billed_prompt_tokens"), 0);
+    cr_assert_eq(num(rec, "billed_completion_tokens"), 0);
+    cJSON_Delete(rec);
+}
+
+/* The client's anthropic-version and anthropic-beta go on as sent, as on
+ * /v1/messages; a count is never cached, even a deterministic body's. */
+Test(count_tokens, client_headers_go_on_and_counts_are_not_cached)
+{
+    static const char body[] = "{\"model\":\"claude\",\"temperature\":0," CMSGS "}";
+
+    start("");
+    cr_assert_eq(count("anthropic-version: 2099-01-01\r\nanthropic-beta: some-beta\r\n", body),
+                 0);
+    assert_count(UPSTREAM_COUNT);
+    const cJSON *h = get(last_request(&mock), "headers");
+    cr_assert_str_eq(get(h, "anthropic-version")->valuestring, "2099-01-01");
+    cr_assert_str_eq(get(h, "anthropic-beta")->valuestring, "some-beta");
+    cr_assert_eq(count(NULL, body), 0);
+    assert_count(UPSTREAM_COUNT);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    cr_assert_eq(requests_of(&mock), 2);
+}
+
+/* Refusals are Anthropic's shape with the router's statuses, and none
+ * reaches the backend. No max_tokens is needed (the API has none here). */
+Test(count_tokens, router_errors_are_anthropic_shaped)
+{
+    static const struct refusal cases[] = {
+        {"{\"model\":", 400, "invalid_request_error"},
+        {"{" CMSGS "}", 400, "invalid_request_error"},
+        {"{\"model\":\"claude\",\"messages\":{}}", 400, "invalid_request_error"},
+        {"{\"model\":\"claude\",\"system\":5," CMSGS "}", 400, "invalid_request_error"},
+        {"{\"model\":\"nope\"," CMSGS "}", 404, "not_found_error"},
+        {"{\"model\":\"gpt\"," CMSGS "}", 404, "not_found_error"}, /* no Anthropic backend */
+        {"{\"model\":\"two\"," CMSGS "}", 403, "permission_error"}, /* not in models: */
+    };
+
+    start_with("limits: {max_body_bytes: 4096}\n", "    models: [claude, gpt]\n", 1000, 1000);
+    refuse_each("/v1/messages/count_tokens", cases, sizeof(cases) / sizeof(cases[0]));
+    cr_assert_eq(call(router.port, "POST", "/v1/messages/count_tokens", NULL, COUNT), 0);
+    assert_anthropic_error(401, "authentication_error");
+    cr_assert_eq(call(router.port, "GET", "/v1/messages/count_tokens", XKEY, NULL), 0);
+    cr_assert_eq(resp.status, 405);
+    cr_assert_eq(requests_of(&mock), 0);
+    /* Batches are not served. */
+    cr_assert_eq(call(router.port, "POST", "/v1/messages/batches", XKEY, COUNT), 0);
+    cr_assert_eq(resp.status, 404);
+    /* and the count itself is served without max_tokens */
+    cr_assert_eq(count(NULL, COUNT), 0);
+    assert_count(UPSTREAM_COUNT);
+}
+
+/* A backend that is down is passed for the next, as for a message; with
+ * none left the answer is the router's error, not an estimate. */
+Test(count_tokens, a_backend_down_falls_back_to_the_next_and_none_left_is_an_error)
+{
+    static const char two[] = "{\"model\":\"two\"," CMSGS "}";
+
+    start("");
+    cr_assert_eq(count(NULL, two), 0);
+    assert_count(UPSTREAM_COUNT);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    support_proc_stop(&mock);
+    cr_assert_eq(count(NULL, two), 0);
+    cr_assert(resp.status == 502 || resp.status == 503, "%d", resp.status);
+    assert_anthropic_error(resp.status, resp.status == 502 ? "api_error" : "overloaded_error");
+    cJSON *rec = last_cost_record();
+    cr_assert_eq(num(rec, "fallbacks"), 1);
+    cr_assert_str_eq(get(rec, "endpoint")->valuestring, "/v1/messages/count_tokens");
+    cr_assert_eq(num(rec, "cost_usd"), 0);
+    cJSON_Delete(rec);
+}
+
+/* A budget that is spent does not refuse a count: it costs nothing, and
+ * a client counts to decide whether to send. A chat answer of 1000
+ * tokens, held for the 256 predicted, spends the $0.0005 and more. */
+Test(count_tokens, a_spent_budget_does_not_refuse_a_count)
+{
+    double spent;
+
+    start_with("", "    budget: {daily_usd: 0.0005, on_exhausted: reject}\n", 1, 1);
+    cr_assert_eq(call(router.port, "POST", "/v1/chat/completions", XKEY "x-mock-tokens: 1000\r\n",
+                      "{\"model\":\"gpt\"," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    spent = day_spend();
+    cr_assert_gt(spent, 0.0005);
+    cr_assert_eq(messages(NULL, "{\"model\":\"claude\",\"max_tokens\":5," CMSGS "}"), 0);
+    assert_anthropic_error(429, "rate_limit_error");
+    cr_assert_not_null(strstr(get(get(json, "error"), "message")->valuestring, "budget"));
+    cr_assert_eq(count(NULL, COUNT), 0);
+    assert_count(UPSTREAM_COUNT);
+    cr_assert_eq(requests_of(&mock), 1);
+    cr_assert_eq(day_spend(), spent);
+}
+
+/* A count makes no store call: with the store unreachable under
+ * fail_closed, a message is refused 503 and a count is served. */
+Test(count_tokens, a_store_that_is_down_does_not_refuse_a_count)
+{
+    start_with("store: {redis: \"redis://127.0.0.1:1\", on_failure: fail_closed}\n", "", 1000,
+               1000);
+    cr_assert_eq(messages(NULL, "{\"model\":\"claude\",\"max_tokens\":5," CMSGS "}"), 0);
+    assert_anthropic_error(503, "overloaded_error");
+    cr_assert_eq(count(NULL, COUNT), 0);
+    assert_count(UPSTREAM_COUNT);
+}
+
+/* A client that leaves once its count went whole to an API backend is
+ * charged nothing (a message's prompt would be, as the provider bills
+ * it): logged 499 at $0. */
+Test(count_tokens, a_client_that_leaves_is_charged_nothing)
+{
+    start("");
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/messages/count_tokens",
+                                     XKEY "x-mock-ttft-ms: 2000\r\n", COUNT),
+                 0);
+    cr_assert_eq(support_http_send_and_leave(router.port, req.data, req.len, 300), 0);
+    usleep(200 * 1000);
+    cr_assert_eq(day_spend(), 0);
+    cJSON *rec = last_cost_record();
+    cr_assert_eq(num(rec, "status"), 499);
+    cr_assert_eq(num(rec, "cost_usd"), 0);
+    cr_assert_eq(num(rec, "billed_prompt_tokens"), 0);
+    cJSON_Delete(rec);
+}
+
+/* rpm counts a count; tpm does not (it generates no token), even with the
+ * tokens bucket in debt: a chat answer of 9 + 16 tokens, admitted at the
+ * 20 of the limit, left it 5 short. */
+Test(count_tokens, rpm_counts_a_count_and_tpm_does_not)
+{
+    start("    rate_limits: {rpm: 2, tpm: 20}\n");
+    cr_assert_eq(call(router.port, "POST", "/v1/chat/completions", XKEY,
+                      "{\"model\":\"gpt\"," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(count(NULL, COUNT), 0);
+    assert_count(UPSTREAM_COUNT);
+    cr_assert_eq(count(NULL, COUNT), 0);
+    assert_anthropic_error(429, "rate_limit_error");
+    cr_assert_not_null(support_http_header(&resp, "retry-after"));
+    cr_assert_eq(requests_of(&mock), 1);
 }

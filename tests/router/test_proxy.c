@@ -1139,8 +1139,6 @@ static void open_the_circuit_of_a(void)
  * again. The backend must not stay shut out until a reload. */
 Test(proxy, a_probe_whose_client_left_lets_the_next_request_probe)
 {
-    struct support_http_conn probe = {.fd = -1};
-
     open_the_circuit_of_a();
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
     assert_error(503, "no_backend_available"); /* open for 5 s */
@@ -1150,10 +1148,8 @@ Test(proxy, a_probe_whose_client_left_lets_the_next_request_probe)
     cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
                                      AUTH "x-mock-ttft-ms: 3000\r\n", CHAT),
                  0);
-    cr_assert_eq(support_http_connect(&probe, router.port), 0);
-    cr_assert_eq(support_http_send(&probe, req.data, req.len), 0);
-    usleep(300 * 1000);
-    support_http_close(&probe); /* the probe's client gives up */
+    /* the probe's client gives up */
+    cr_assert_eq(support_http_send_and_leave(router.port, req.data, req.len, 300), 0);
     usleep(200 * 1000);
 
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);

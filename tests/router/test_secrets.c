@@ -480,6 +480,9 @@ static void drive_anthropic(void)
                  200);
     cr_assert_eq(call("POST", "/v1/messages", XKEY(KEY_WRONG), ABODY("anth")), 401);
     cr_assert_eq(call("POST", "/v1/messages", XKEY(KEY_ACME), "{\"model\":"), 400);
+    cr_assert_eq(call("POST", "/v1/messages/count_tokens", XKEY(KEY_ACME) AUTH(KEY_ACME),
+                      "{\"model\":\"anth\"," MSG "}"),
+                 200);
     cr_assert_eq(call("POST", "/v1/messages", XKEY(KEY_ACME), ABODY("chat")), 404);
     cr_assert_eq(call("POST", "/v1/messages", XKEY(KEY_POOR), ABODY("anth")), 429);
     cr_assert_eq(call("POST", "/v1/messages", XKEY(KEY_ACME) "x-mock-fault: close-before-response\r\n",
@@ -499,6 +502,13 @@ static void drive_anthropic(void)
     echo_ok(0);
     cr_assert_eq(call("POST", "/v1/messages", XKEY(KEY_ACME), ABODY("echoa")), 200);
     cr_assert_not_null(support_http_header(&resp, "x-echo"));
+    /* count_tokens: the same keys, the same echoes (and a refusal) */
+    cr_assert_eq(call("POST", "/v1/messages/count_tokens", XKEY(KEY_ACME), ABODY("echoa")), 200);
+    cr_assert_not_null(support_http_header(&resp, "x-echo"));
+    cr_assert_eq(call("POST", "/v1/messages/count_tokens", XKEY(KEY_WRONG), ABODY("anth")), 401);
+    echo_status("400 Bad Request");
+    cr_assert_eq(call("POST", "/v1/messages/count_tokens", XKEY(KEY_ACME), ABODY("echoa")), 400);
+    echo_ok(0);
     /* x-api-key on an OpenAI endpoint, to a backend keyed by Authorization:
      * the client's x-api-key is not that backend's key header, and must
      * not go on either. */

@@ -360,6 +360,18 @@ int support_http_read_head(struct support_http_conn *c, struct support_http_resp
     return rc;
 }
 
+int support_http_send_and_leave(int port, const void *req, size_t len, int wait_ms)
+{
+    struct support_http_conn c = {.fd = -1};
+    int rc = support_http_connect(&c, port);
+
+    rc = rc ?: support_http_send(&c, req, len);
+    if (rc == 0)
+        usleep((useconds_t)wait_ms * 1000);
+    support_http_close(&c);
+    return rc;
+}
+
 void support_http_close(struct support_http_conn *c)
 {
     SSL_free(c->ssl);

@@ -95,6 +95,11 @@ int support_http_read_head(struct support_http_conn *c, struct support_http_resp
 /* Close the socket and free the buffers. Safe to call twice. */
 void support_http_close(struct support_http_conn *c);
 
+/* A client that leaves before its answer: connect, send, wait `wait_ms`,
+ * close. Returns 0 or the connect/send error. */
+int support_http_send_and_leave(int port, const void *req, size_t len, int wait_ms)
+    __attribute__((warn_unused_result));
+
 /* Connect, send, read one response, close. Returns as support_http_read(),
  * or the connect/send error. */
 int support_http_request(int port, const void *req, size_t len, int timeout_ms,
