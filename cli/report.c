@@ -155,6 +155,8 @@ struct line {
     const char *key;          /* the name of the key it used, "-" when absent (none, or
                                * a key without a name) */
     const char *service_tier; /* the tier whose rates priced it; "default" when absent */
+    const char *endpoint;     /* the path it was sent to, "-" in lines written before
+                               * the router named it */
     const cJSON *tags;       /* object or NULL */
     int status;              /* HTTP status, 0 when absent */
     double cost;             /* cost_usd or 0 */
@@ -278,6 +280,7 @@ static int read_line(const cJSON *o, struct line *l)
         .route = str_or_dash(o, "route"), .arm = str_or_dash(o, "arm"),
         .experiment = str_or_dash(o, "experiment"), .key = str_or_dash(o, "key"),
         .service_tier = str_or_dash(o, "service_tier"),
+        .endpoint = str_or_dash(o, "endpoint"),
         .tags = cJSON_GetObjectItemCaseSensitive(o, "tags"),
         .status = cJSON_IsNumber(status) ? status->valueint : 0, /* cJSON saturates valueint */
         .cache_hit = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "cache_hit")),
@@ -314,7 +317,8 @@ static int add_line(struct report *r, const cJSON *o)
      * counts it, TENANT#NAME. */
     char key[2 * 256 + 2];
     const char *plain[][2] = {{"tenant", l.tenant}, {"backend", l.backend}, {"route", l.route},
-                              {"arm", l.arm}, {"service_tier", l.service_tier}, {"key", key}};
+                              {"arm", l.arm}, {"service_tier", l.service_tier}, {"key", key},
+                              {"endpoint", l.endpoint}};
     const cJSON *tag;
     char dim[256];
 
@@ -972,7 +976,8 @@ static int print_json(const struct report *r, FILE *out, const struct group **g,
 static void usage(FILE *f)
 {
     fputs("usage: costrouter report [--format table|csv|json]\n"
-          "                         [--by tenant,tag,backend,route,arm,service_tier,key]\n"
+          "                         [--by tenant,tag,backend,route,arm,service_tier,key,\n"
+          "                               endpoint]\n"
           "                         [--since TIME] [--until TIME] [--progress] [-o FILE]\n"
           "                         [FILE|-]...\n"
           "TIME is UTC: YYYY-MM-DD[THH:MM[:SS[.fff]]][Z]; --since is in the period, --until not\n",
@@ -986,7 +991,8 @@ static int parse_by(struct report *r, char *list)
 
     for (char *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
         if (strcmp(t, "tenant") && strcmp(t, "backend") && strcmp(t, "route") && strcmp(t, "arm") &&
-            strcmp(t, "service_tier") && strcmp(t, "key") && strcmp(t, "tag") &&
+            strcmp(t, "service_tier") && strcmp(t, "key") && strcmp(t, "endpoint") &&
+            strcmp(t, "tag") &&
             (strncmp(t, "tag.", 4) || t[4] == '\0')) {
             fprintf(stderr, "report: --by: unknown dimension \"%s\"\n", t);
             return -1;

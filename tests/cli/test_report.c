@@ -427,6 +427,30 @@ Test(report, by_service_tier, .timeout = 10)
     free(text);
 }
 
+/* By endpoint: a route serving /v1/messages and its free token counts
+ * shows each apart (the counts, at $0, lower the route's cost per 1K
+ * requests); lines written before the router named endpoints are "-". */
+Test(report, by_endpoint, .timeout = 10)
+{
+    static const char *const lines[] = {
+        "{\"route\":\"claude\",\"endpoint\":\"/v1/messages\",\"cost_usd\":0.5}",
+        "{\"route\":\"claude\",\"endpoint\":\"/v1/messages\",\"cost_usd\":0.25}",
+        "{\"route\":\"claude\",\"endpoint\":\"/v1/messages/count_tokens\",\"cost_usd\":0}",
+        "{\"route\":\"claude\",\"cost_usd\":1}",
+    };
+    char *text;
+    cJSON *root = json_report_of(lines, sizeof(lines) / sizeof(lines[0]), "endpoint,route", &text);
+
+    cr_assert_eq(field(group(root, "endpoint", "/v1/messages"), "cost_usd"), 0.75);
+    cr_assert_eq(field(group(root, "endpoint", "/v1/messages"), "requests"), 2);
+    cr_assert_eq(field(group(root, "endpoint", "/v1/messages/count_tokens"), "requests"), 1);
+    cr_assert_eq(field(group(root, "endpoint", "/v1/messages/count_tokens"), "cost_usd"), 0);
+    cr_assert_eq(field(group(root, "endpoint", "-"), "requests"), 1);
+    cr_assert_eq(field(group(root, "route", "claude"), "requests"), 4);
+    cJSON_Delete(root);
+    free(text);
+}
+
 /* Two arms whose costs never vary have no interval (Welch's df is 0/0;
  * a zero-width one claimed certainty from two requests an arm); one
  * constant arm beside a varying one has the interval of the other's
