@@ -212,11 +212,13 @@ void router__send_error(struct router__client *c, const char *errstr, const char
     router__send_error_with(c, errstr, detail, error_lookup(errstr)->headers);
 }
 
+static enum router__endpoint error_endpoint(const struct router__request *req);
+
 void router__send_error_with(struct router__client *c, const char *errstr, const char *detail,
                              const char *extra_headers)
 {
     int status;
-    char *body = router__error_json(c->req.endpoint, errstr, detail, &status);
+    char *body = router__error_json(error_endpoint(&c->req), errstr, detail, &status);
 
     if (body == NULL) {
         router__client_close(c);
@@ -399,6 +401,21 @@ const char *router__endpoint_path(enum router__endpoint ep)
         if (endpoints[i].endpoint == ep)
             return endpoints[i].path;
     return NULL;
+}
+
+/* The language of the router's errors to `req`: its endpoint's, or, for a
+ * request refused before it had one (a wrong method: GET /v1/messages),
+ * its path's, so that an Anthropic SDK gets an error it reads. */
+static enum router__endpoint error_endpoint(const struct router__request *req)
+{
+    struct slice path = request_path(req);
+
+    if (req->endpoint != ROUTER_EP_NONE || path.len == 0)
+        return req->endpoint;
+    for (size_t i = 0; i < ARRAY_SIZE(endpoints); i++)
+        if (slice_eq(path, endpoints[i].path))
+            return endpoints[i].endpoint;
+    return ROUTER_EP_NONE;
 }
 
 /* Find the endpoint; sets *errstr to error_not_found or error_method. */

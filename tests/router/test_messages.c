@@ -736,7 +736,9 @@ Test(count_tokens, router_errors_are_anthropic_shaped)
     cr_assert_eq(call(router.port, "POST", "/v1/messages/count_tokens", NULL, COUNT), 0);
     assert_anthropic_error(401, "authentication_error");
     cr_assert_eq(call(router.port, "GET", "/v1/messages/count_tokens", XKEY, NULL), 0);
-    cr_assert_eq(resp.status, 405);
+    assert_anthropic_error(405, "invalid_request_error");
+    cr_assert_eq(call(router.port, "GET", "/v1/messages", XKEY, NULL), 0);
+    assert_anthropic_error(405, "invalid_request_error");
     cr_assert_eq(requests_of(&mock), 0);
     /* Batches are not served. */
     cr_assert_eq(call(router.port, "POST", "/v1/messages/batches", XKEY, COUNT), 0);
