@@ -82,6 +82,9 @@ struct cache_options {
     size_t local_cache_bytes;     /* in-process cache budget, oldest evicted; default 64 MiB */
     const char *journal_file;     /* Redis store: the journal is saved there at close and
                                    * loaded by cache_create (see below); NULL: none */
+    const char *spend_file;       /* in-process store: the day's and month's spend is saved
+                                   * there every second and at close, and loaded by
+                                   * cache_create (see below); NULL: none */
     unsigned shared_cache:1;      /* one response cache for all tenants (default per tenant) */
     unsigned cache_tools:1;       /* cache requests that carry tools (default no) */
     /* Called on every state change (for metrics/logs); may be NULL. */
@@ -162,15 +165,19 @@ typedef void cache_done_cb(void *arg, const char *errstr);
  * once (never blocking). With opts->journal_file too, it locks that file
  * (JOURNAL_FILE.lock: one store per file) and loads the charges a previous
  * close saved there, to be written back like any journal entry; this reads
- * and writes the disk (start-up only). Returns NULL on bad options, no
- * memory, or a journal file it cannot lock or read (logged). */
+ * and writes the disk (start-up only). Without opts->redis_url, with
+ * opts->spend_file, it locks that file likewise and loads the spend it
+ * holds (start-up only), then saves the spend there off the loop. Returns
+ * NULL on bad options, no memory, or a journal or spend file it cannot
+ * lock or read (logged). */
 struct cache *cache_create(struct uv_loop_s *loop, const struct cache_options *opts);
 
 /* Fail pending operations with cache_error_closed (their callbacks run
  * inside this call unless cancelled), drop the connection and close all
  * handles; `closed` (may be NULL) runs from the loop once every handle is
  * closed and the memory freed. Journal entries still pending are saved to
- * the journal file (writing to disk), or without one logged and lost. */
+ * the journal file (writing to disk), or without one logged and lost; the
+ * spend, to the spend file (a save out on the thread pool is waited for). */
 void cache_close(struct cache *c, void (*closed)(void *arg), void *arg);
 
 /*

@@ -99,6 +99,16 @@ int cache__local_hold_remote(struct cache__local *l, const char *tenant, int64_t
  * note what the other instances hold. */
 int cache__local_sync(struct cache__local *l, const char *tenant, int64_t day_spent,
                       int64_t month_spent, int64_t reserved);
+/* Set a subject's spend as saved on day `p` (sfile.c): its day's counter
+ * if `p` is today, its month's if `p` is in this month; older is nothing.
+ * 0 or -ENOMEM. */
+int cache__local_restore(struct cache__local *l, const char *subject,
+                         const struct cache__period *p, int64_t day_spent, int64_t month_spent);
+/* Call `fn` for each subject that has spent this month (so today too),
+ * with the current period; stops at, and returns, fn's first non-zero. */
+typedef int cache__local_each_fn(void *arg, const char *subject, const struct cache__period *p,
+                                 int64_t day_spent, int64_t month_spent);
+int cache__local_each(struct cache__local *l, cache__local_each_fn *fn, void *arg);
 
 /* ---- journal (journal.c): charges waiting for Redis ---- */
 
@@ -145,6 +155,35 @@ void cache__journal_readd(struct cache__journal *j, struct cache__jentry *e, int
 void cache__journal_mark_conditional(struct cache__jentry *e);
 /* Free every entry; those left are logged at error level as lost to Redis. */
 void cache__journal_free(struct cache__journal *j);
+
+/* ---- files (file.c): what jfile.c and sfile.c share ---- */
+
+struct cJSON;
+/* Write `data` to `path` atomically: PATH.tmp, fsync, rename, fsync of the
+ * folder. 0 or -1 with errno set. Safe off the loop (no shared state). */
+int cache__file_replace(const char *path, const char *data, size_t len);
+/* flock PATH.lock (created if need be) without waiting: the fd to keep
+ * open for as long as the file is ours, or -1 (logged, `what` naming the
+ * setting) when it cannot be had, another router holding it among others. */
+int cache__file_lock(const char *path, const char *what);
+/* "YYYY-MM-DD" of a period's day, and back (-1: not such a date). */
+void cache__file_day_text(const struct cache__period *p, char out[16]);
+int cache__file_parse_day(const char *s, struct cache__period *p);
+/* A whole number in [0, 2^53] under `name` of `o`; -1 if absent or not. */
+int cache__file_get_int(const struct cJSON *o, const char *name, int64_t *out);
+
+/* ---- spend file (sfile.c): the in-process store's spend kept across a restart ---- */
+
+/* Lock c->opts.spend_file, load the day's and month's spend a previous
+ * run saved there and start saving it every second. 0, or -1 (logged):
+ * the store must not start. */
+int cache__sfile_open(struct cache *c);
+/* cache_close(): stop the timer (a save in flight is waited for through
+ * c->handles_open). */
+void cache__sfile_stop(struct cache *c);
+/* At the end (every handle closed): save what changed since the last
+ * save, on the loop's thread, and release the lock. */
+void cache__sfile_close(struct cache *c);
 
 /* ---- journal file (jfile.c): the journal kept across a stop ---- */
 
@@ -252,6 +291,12 @@ struct cache {
     char *jfile;                       /* owned opts.journal_file, or NULL */
     int jfile_lock;                    /* fd holding the flock on JFILE.lock, -1: none */
     unsigned jfile_held:1;             /* the file holds entries not yet confirmed by Redis */
+    char *sfile;                       /* owned opts.spend_file, or NULL */
+    int sfile_lock;                    /* fd holding the flock on SFILE.lock, -1: none */
+    uv_timer_t sfile_timer;            /* saves the spend every second while it changes */
+    struct sfile_save *sfile_work;     /* a save out on the thread pool, or NULL */
+    unsigned sfile_dirty:1;            /* spend changed since the last save was built */
+    unsigned sfile_failing:1;          /* the last save failed (logged once) */
 };
 
 /* A zeroed op of `kind` for `tenant` (NULL: none), from the pool of

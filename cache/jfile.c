@@ -46,15 +46,9 @@
  */
 #include <cjson/cJSON.h>
 #include <errno.h>
-#include <fcntl.h>
-#include <libgen.h>
-#include <limits.h>
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/file.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "cache/internal.h"
@@ -63,19 +57,8 @@
 
 #define JFILE_VERSION 1
 #define JFILE_LINE_MAX 4096    /* longer: not a line we wrote */
-#define JFILE_INT_MAX 9007199254740992.0 /* 2^53: integers a JSON number holds exactly */
 
 /* ---- saving ---- */
-
-/* "YYYY-MM-DD" of a period's day. */
-static void day_text(const struct cache__period *p, char out[16])
-{
-    time_t t = (time_t)p->day * 86400;
-    struct tm tm;
-
-    gmtime_r(&t, &tm);
-    strftime(out, 16, "%Y-%m-%d", &tm);
-}
 
 /* One entry as a JSON line appended to `out`; -1 on no memory. */
 static int entry_line(struct buf *out, const struct cache__jentry *e, int all_conditional)
@@ -87,7 +70,7 @@ static int entry_line(struct buf *out, const struct cache__jentry *e, int all_co
     /* Not conditional until now: nothing of it was applied before this. */
     double since = e->conditional ? (double)e->since_ms : (double)cache__wall_ms();
 
-    day_text(&e->period, day);
+    cache__file_day_text(&e->period, day);
     if (o == NULL || !cJSON_AddStringToObject(o, "tenant", e->tenant) ||
         !cJSON_AddStringToObject(o, "day", day) ||
         !cJSON_AddNumberToObject(o, "micro_usd", (double)e->real) ||
@@ -124,62 +107,6 @@ static int file_text(struct buf *out, const struct cache__journal *j, int all_co
     return 0;
 }
 
-static int write_all(int fd, const char *p, size_t n)
-{
-    while (n > 0) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w < 0)
-            return -1;
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
-/* fsync the folder holding `path`, so that a rename or unlink in it
- * survives a power cut. */
-static int sync_folder(const char *path)
-{
-    char copy[PATH_MAX];
-    int fd, rc;
-
-    snprintf(copy, sizeof(copy), "%s", path);
-    fd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    rc = fsync(fd);
-    close(fd);
-    return rc;
-}
-
-/* Write `data` to `path` atomically: PATH.tmp, fsync, rename. 0 or -1
- * with errno set. */
-static int replace_file(const char *path, const struct buf *data)
-{
-    char tmp[PATH_MAX];
-    int fd, err;
-
-    if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp))
-        return errno = ENAMETOOLONG, -1;
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (fd < 0)
-        return -1;
-    if (write_all(fd, data->data, data->len) < 0 || fsync(fd) < 0) {
-        err = errno;
-        close(fd);
-        unlink(tmp);
-        return errno = err, -1;
-    }
-    if (close(fd) < 0 || rename(tmp, path) < 0) {
-        err = errno;
-        unlink(tmp);
-        return errno = err, -1;
-    }
-    return sync_folder(path);
-}
-
 /* Save the journal to the file; `all_conditional`: mark every entry as
  * possibly applied (the load's copy, see the top). 0 or -1 (logged). */
 static int save(struct cache *c, int all_conditional)
@@ -196,7 +123,7 @@ static int save(struct cache *c, int all_conditional)
     if (rc < 0)
         errno = ENOMEM;
     else
-        rc = replace_file(c->jfile, &text);
+        rc = cache__file_replace(c->jfile, text.data, text.len);
     if (rc < 0)
         log_error("store.journal_file %s: cannot write it: %s", c->jfile, strerror(errno));
     buf_free(&text);
@@ -204,39 +131,6 @@ static int save(struct cache *c, int all_conditional)
 }
 
 /* ---- loading ---- */
-
-/* A whole number in [0, 2^53] under `name` of `o`; -1 if absent or not. */
-static int get_int(const cJSON *o, const char *name, int64_t *out)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
-
-    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0) || v->valuedouble > JFILE_INT_MAX ||
-        v->valuedouble != floor(v->valuedouble))
-        return -1;
-    *out = (int64_t)v->valuedouble;
-    return 0;
-}
-
-/* "YYYY-MM-DD" to the day and month it belongs to; -1 if not a date. */
-static int parse_day(const char *s, struct cache__period *p)
-{
-    struct tm tm = {0};
-    int y, m, d, n = 0;
-    time_t t;
-
-    if (sscanf(s, "%4d-%2d-%2d%n", &y, &m, &d, &n) != 3 || s[n] != '\0' || y < 1970 ||
-        m < 1 || m > 12 || d < 1 || d > 31)
-        return -1;
-    tm.tm_year = y - 1900;
-    tm.tm_mon = m - 1;
-    tm.tm_mday = d;
-    t = timegm(&tm);
-    if (t < 0 || tm.tm_mday != d) /* 31 February rolled over */
-        return -1;
-    p->day = (uint32_t)(t / 86400);
-    p->month = (uint32_t)(y * 12 + m - 1);
-    return 0;
-}
 
 static int is_origin(const char *s)
 {
@@ -259,20 +153,20 @@ static struct cache__jentry *parse_entry(const cJSON *o, const char **why)
 
     *why = "not a journal entry";
     if (!cJSON_IsString(tenant) || !cJSON_IsString(day) || !cJSON_IsString(origin) ||
-        !cJSON_IsBool(cond) || get_int(o, "micro_usd", &real) < 0)
+        !cJSON_IsBool(cond) || cache__file_get_int(o, "micro_usd", &real) < 0)
         return NULL;
     n = strlen(tenant->valuestring);
     if (n == 0 || n > CACHE_TENANT_MAX)
         return *why = "bad tenant", NULL;
-    if (parse_day(day->valuestring, &p) < 0)
+    if (cache__file_parse_day(day->valuestring, &p) < 0)
         return *why = "bad day (YYYY-MM-DD)", NULL;
     if (!is_origin(origin->valuestring))
         return *why = "bad origin (16 hex digits)", NULL;
     if (cJSON_HasObjectItem(o, "seq")
-            ? get_int(o, "seq", &seq) < 0 || seq == 0 || get_int(o, "reserved_micro_usd", &res) < 0
-            : get_int(o, "id", &id) < 0 || id == 0)
+            ? cache__file_get_int(o, "seq", &seq) < 0 || seq == 0 || cache__file_get_int(o, "reserved_micro_usd", &res) < 0
+            : cache__file_get_int(o, "id", &id) < 0 || id == 0)
         return *why = "needs a seq and reserved_micro_usd, or an id (each > 0)", NULL;
-    if (cJSON_IsTrue(cond) && get_int(o, "since_ms", &since) < 0)
+    if (cJSON_IsTrue(cond) && cache__file_get_int(o, "since_ms", &since) < 0)
         return *why = "a conditional entry needs since_ms", NULL;
     e = calloc(1, sizeof(*e) + n + 1);
     if (e == NULL)
@@ -297,8 +191,8 @@ static int parse_header(const cJSON *o, int64_t *count, int64_t *sum)
 {
     int64_t version;
 
-    if (get_int(o, "costrouter_journal", &version) < 0 || version != JFILE_VERSION ||
-        get_int(o, "entries", count) < 0 || get_int(o, "micro_usd", sum) < 0)
+    if (cache__file_get_int(o, "costrouter_journal", &version) < 0 || version != JFILE_VERSION ||
+        cache__file_get_int(o, "entries", count) < 0 || cache__file_get_int(o, "micro_usd", sum) < 0)
         return -1;
     return 0;
 }
@@ -355,32 +249,6 @@ static int load(struct cache *c, FILE *f)
     return -1;
 }
 
-/* ---- the lock ---- */
-
-/* flock JFILE.lock for as long as the store lives: two routers writing
- * one file would each replace the other's charges. */
-static int lock(struct cache *c)
-{
-    char path[PATH_MAX];
-
-    if (snprintf(path, sizeof(path), "%s.lock", c->jfile) >= (int)sizeof(path)) {
-        log_error("store.journal_file %s: path too long", c->jfile);
-        return -1;
-    }
-    c->jfile_lock = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (c->jfile_lock < 0) {
-        log_error("store.journal_file %s: cannot open %s: %s", c->jfile, path, strerror(errno));
-        return -1;
-    }
-    if (flock(c->jfile_lock, LOCK_EX | LOCK_NB) < 0) {
-        log_error("store.journal_file %s: %s", c->jfile,
-                  errno == EWOULDBLOCK ? "in use by another router (each needs a file of its own)"
-                                       : strerror(errno));
-        return -1;
-    }
-    return 0;
-}
-
 /* ---- the store's side ---- */
 
 /* Drop the journal's entries without a word: the file has them. */
@@ -410,7 +278,9 @@ int cache__jfile_open(struct cache *c)
     FILE *f;
     int rc;
 
-    if (lock(c) < 0)
+    /* Two routers writing one file would each replace the other's charges. */
+    c->jfile_lock = cache__file_lock(c->jfile, "store.journal_file");
+    if (c->jfile_lock < 0)
         return open_failed(c);
     f = fopen(c->jfile, "re");
     if (f == NULL && errno == ENOENT)

@@ -323,6 +323,38 @@ int cache__local_sync(struct cache__local *l, const char *tenant, int64_t day_sp
     return 0;
 }
 
+int cache__local_restore(struct cache__local *l, const char *subject,
+                         const struct cache__period *p, int64_t day_spent, int64_t month_spent)
+{
+    struct local_tenant *t = tenant_get(l, subject);
+
+    if (t == NULL)
+        return -ENOMEM;
+    if (p->day == t->period.day)
+        t->day_spent = day_spent;
+    if (p->month == t->period.month)
+        t->month_spent = month_spent;
+    return 0;
+}
+
+int cache__local_each(struct cache__local *l, cache__local_each_fn *fn, void *arg)
+{
+    for (size_t i = 0; i < l->tenants.nbuckets; i++) {
+        for (struct cache__map_entry *e = l->tenants.buckets[i]; e; e = e->next) {
+            struct local_tenant *t = e->value;
+            int rc;
+
+            tenant_refresh(t); /* a new day or month starts from 0 */
+            if (t->day_spent == 0 && t->month_spent == 0)
+                continue;
+            rc = fn(arg, e->key, &t->period, t->day_spent, t->month_spent);
+            if (rc != 0)
+                return rc;
+        }
+    }
+    return 0;
+}
+
 int cache__local_put(struct cache__local *l, const char *name, const void *value, size_t len,
                      int ttl_s)
 {
@@ -374,6 +406,8 @@ static void local_settle(struct cache_op *op)
 {
     if (cache__local_settle(&op->cache->local, op->tenant, op->res.seq, op->amount) < 0)
         op->errstr = error_no_memory;
+    else if (op->amount != 0)
+        op->cache->sfile_dirty = 1; /* the spend file's next tick saves it */
     cache__defer(op);
 }
 

@@ -413,6 +413,13 @@ struct cache *cache_create(uv_loop_t *loop, const struct cache_options *opts)
             goto fail;
     }
     c->opts.journal_file = c->jfile;
+    c->sfile_lock = -1;
+    if (!c->url && opts->spend_file) {
+        c->sfile = strdup(opts->spend_file);
+        if (c->sfile == NULL)
+            goto fail;
+    }
+    c->opts.spend_file = c->sfile;
     if (RAND_bytes(id, sizeof(id)) != 1)
         goto fail;
     for (size_t i = 0; i < sizeof(id); i++)
@@ -433,6 +440,10 @@ struct cache *cache_create(uv_loop_t *loop, const struct cache_options *opts)
             cache_close(c, NULL, NULL);
             return NULL;
         }
+    } else if (c->sfile && cache__sfile_open(c) < 0) {
+        c->closing = 1;
+        cache_close(c, NULL, NULL);
+        return NULL;
     }
     return c;
 
@@ -440,6 +451,7 @@ fail:
     free(c->prefix);
     free(c->url);
     free(c->jfile);
+    free(c->sfile);
     free(c);
     return NULL;
 }
@@ -458,11 +470,14 @@ static void cache_free(struct cache *c)
     cache__redis_free(c);
     if (c->jfile)
         cache__jfile_close(c);
+    if (c->sfile)
+        cache__sfile_close(c);
     cache__journal_free(&c->journal);
     cache__local_free(&c->local);
     free(c->prefix);
     free(c->url);
     free(c->jfile);
+    free(c->sfile);
     free(c);
     if (closed)
         closed(arg);
@@ -515,6 +530,8 @@ static void close_now(struct cache *c)
     c->draining = 0;
     c->closing = 1;
     c->type->close(c);
+    if (c->sfile && c->sfile_lock >= 0)
+        cache__sfile_stop(c);
     /* Answers already known are delivered as they are. */
     while (c->ready_head) {
         struct cache_op *op = c->ready_head;

@@ -878,15 +878,21 @@ static void check_tls(struct conf__ctx *ctx)
         conf__error(ctx, m->lines[CONF__R_TLS], "tls", "needs cert_file and key_file");
 }
 
-/* The journal exists only with Redis: a file named without it would
- * promise a safety that is not there. */
+/* The journal exists only with Redis, the spend file only without: a
+ * file named with the other store would promise a safety that is not
+ * there (with Redis, Redis keeps the spend). */
 static void check_store(struct conf__ctx *ctx)
 {
     const struct conf__meta *m = &ctx->root;
 
     if (HAS(m, CONF__R_JOURNAL_FILE) && ctx->conf->redis_url == NULL)
         conf__error(ctx, m->lines[CONF__R_JOURNAL_FILE], "store.journal_file",
-                    "needs store.redis (the in-process store has no journal)");
+                    "needs store.redis (the in-process store has no journal; its spend is kept "
+                    "across a restart by store.spend_file)");
+    if (HAS(m, CONF__R_SPEND_FILE) && ctx->conf->redis_url != NULL)
+        conf__error(ctx, m->lines[CONF__R_SPEND_FILE], "store.spend_file",
+                    "is for the in-process store (with store.redis, Redis keeps the spend; "
+                    "store.journal_file keeps what it has not taken yet across a stop)");
 }
 
 void conf__check(struct conf__ctx *ctx)

@@ -734,6 +734,7 @@ void conf_free(struct conf *conf)
     free(conf->tokenizer_data);
     free(conf->store_key_prefix);
     free(conf->store_journal_file);
+    free(conf->store_spend_file);
     free(conf->listen_host);
     free(conf->tls_cert_file);
     free(conf->tls_key_file);

@@ -269,6 +269,7 @@ struct conf {
     int store_command_timeout_ms;  /* per Redis command, default 500 */
     int store_reservation_ttl_ms;  /* unsettled reservations expire, default 600000 */
     char *store_journal_file;    /* where the Redis journal is saved at a stop, or NULL */
+    char *store_spend_file;      /* where the in-process store keeps its spend, or NULL */
     /* response cache (section `cache:`), all with defaults */
     unsigned cache_enabled:1;    /* default on */
     unsigned cache_shared:1;     /* one cache for all tenants (default: one per tenant) */

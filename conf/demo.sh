@@ -25,7 +25,7 @@ try, in another terminal:
   curl -s http://127.0.0.1:8080/v1/chat/completions -H 'Authorization: Bearer sk-demo-tenant' \
        -H 'Content-Type: application/json' \
        -d '{"model":"chat","messages":[{"role":"user","content":"Hello there"}]}' -i
-cost log: build/demo-cost.jsonl     stop: Ctrl-C
+cost log: build/demo-cost.jsonl     spend kept in: build/demo-spend.jsonl     stop: Ctrl-C
 MSG
 ./costrouter -c conf/demo.yaml &
 pids+=($!)

@@ -1073,7 +1073,7 @@ static int check_folder(struct conf__ctx *ctx, void *obj, const char *text, int 
 /* A file the router replaces at stop (FILE.tmp renamed over it) and locks
  * (FILE.lock): its folder must exist and take new files, and the name
  * must not be a folder. */
-static int check_journal_file(struct conf__ctx *ctx, void *obj, const char *text, int line,
+static int check_store_file(struct conf__ctx *ctx, void *obj, const char *text, int line,
                               const char *path)
 {
     char q[CONF__QUOTE_SIZE], folder[PATH_MAX];
@@ -1178,7 +1178,9 @@ static const struct directive root_directives[CONF__R_COUNT] = {
     [CONF__R_RESERVATION_TTL] = {"reservation_ttl_ms", "store", T_INT,
                                  R(store_reservation_ttl_ms), 1000, 7 * DAY_MS, "600000"},
     [CONF__R_JOURNAL_FILE] = {"journal_file", "store", T_STR, R(store_journal_file),
-                              .fn = check_journal_file},
+                              .fn = check_store_file},
+    [CONF__R_SPEND_FILE] = {"spend_file", "store", T_STR, R(store_spend_file),
+                            .fn = check_store_file},
     [CONF__R_CACHE] = {"cache", NULL, T_SECTION},
     [CONF__R_CACHE_ENABLED] = {"enabled", "cache", T_BOOL, .set_flag = set_cache_enabled,
                                .def = "true"},

@@ -1171,6 +1171,8 @@ static const char *restart_only_change(const struct conf *now, const struct conf
         return "store.reservation_ttl_ms";
     if (differ(now->store_journal_file, next->store_journal_file))
         return "store.journal_file";
+    if (differ(now->store_spend_file, next->store_spend_file))
+        return "store.spend_file";
     if (now->cache_ttl_s != next->cache_ttl_s)
         return "cache.ttl_s";
     if (now->cache_max_entry_bytes != next->cache_max_entry_bytes)

@@ -84,6 +84,7 @@ struct cache *router__store_create(uv_loop_t *loop, const struct conf *conf)
     opts.command_timeout_ms = conf->store_command_timeout_ms;
     opts.reservation_ttl_ms = conf->store_reservation_ttl_ms;
     opts.journal_file = conf->store_journal_file;
+    opts.spend_file = conf->store_spend_file;
     opts.cache_ttl_s = conf->cache_ttl_s;
     opts.max_entry_bytes = conf->cache_max_entry_bytes;
     opts.local_cache_bytes = conf->cache_local_bytes;

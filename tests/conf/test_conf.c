@@ -231,8 +231,8 @@ static struct error_case error_cases[] = {
     {.file = "conf/example.yaml",
      .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"},
      .lines = {"15: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
-      "101: backends[1].api_key: environment variable OPENAI_API_KEY is not set",
-      "143: backends[3].api_key: environment variable ANTHROPIC_API_KEY is not set"}},
+      "105: backends[1].api_key: environment variable OPENAI_API_KEY is not set",
+      "147: backends[3].api_key: environment variable ANTHROPIC_API_KEY is not set"}},
     {.file = DATA "prices_bad.yaml", .lines =
      {"5: include[2]: \"inc/prices_bad.yaml\" is already included",
       "8: prices.custom-x: duplicate price \"custom-x\" (first at {DIR}/inc/prices_bad.yaml:3)",
@@ -333,7 +333,14 @@ static struct error_case error_cases[] = {
       "18: cost_log_buffer_max: 1024 is out of range 4096..1073741824",
       "19: cost_log_wait_ms: 0 is out of range 1..86400000"}},
     {.file = DATA "journal_file_no_redis.yaml", .lines =
-     {"3: store.journal_file: needs store.redis (the in-process store has no journal)"}},
+     {"3: store.journal_file: needs store.redis (the in-process store has no journal; its "
+      "spend is kept across a restart by store.spend_file)"}},
+    {.file = DATA "spend_file_redis.yaml", .lines =
+     {"4: store.spend_file: is for the in-process store (with store.redis, Redis keeps the "
+      "spend; store.journal_file keeps what it has not taken yet across a stop)"}},
+    {.file = DATA "spend_file_bad.yaml", .lines =
+     {"3: store.spend_file: cannot write files in the folder of \"/nonexistent/spend.jsonl\": "
+      "No such file or directory"}},
     {.file = DATA "journal_file_bad.yaml", .lines =
      {"4: store.journal_file: cannot write files in the folder of \"/nonexistent/journal.jsonl\": "
       "No such file or directory"}},

@@ -183,25 +183,18 @@ static long long header_field(const char *name)
     return n;
 }
 
+/* The file at `path`, which must be readable. */
 static char *slurp(const char *path)
 {
-    FILE *f = fopen(path, "r");
-    char *data = calloc(1, 1 << 16);
+    char *data = support_file_read(path);
 
-    cr_assert_not_null(f);
-    cr_assert_not_null(data);
-    cr_assert_lt(fread(data, 1, (1 << 16) - 1, f), (size_t)(1 << 16) - 1);
-    fclose(f);
+    cr_assert_not_null(data, "%s: %s", path, strerror(errno));
     return data;
 }
 
 static void spill(const char *path, const char *data)
 {
-    FILE *f = fopen(path, "w");
-
-    cr_assert_not_null(f);
-    fputs(data, f);
-    fclose(f);
+    cr_assert_eq(support_file_write(path, data), 0, "%s", path);
 }
 
 /* Wait until the router wrote the file back (it is gone) and Redis holds

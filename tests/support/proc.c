@@ -278,6 +278,40 @@ int support_log_count(const char *path, const char *text)
     return n;
 }
 
+char *support_file_read(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    struct buf b = {0};
+    char chunk[4096];
+    size_t n;
+
+    if (f == NULL)
+        return NULL;
+    while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0)
+        if (buf_append(&b, chunk, n) < 0)
+            break;
+    if (ferror(f) || !feof(f) || buf_append(&b, "", 1) < 0) {
+        buf_free(&b);
+        fclose(f);
+        return NULL;
+    }
+    fclose(f);
+    return b.data;
+}
+
+int support_file_write(const char *path, const char *data)
+{
+    FILE *f = fopen(path, "w");
+    int rc;
+
+    if (f == NULL)
+        return -errno;
+    rc = fputs(data, f) < 0 ? -EIO : 0;
+    if (fclose(f) != 0 && rc == 0)
+        rc = -errno;
+    return rc;
+}
+
 void support_log_show(const char *path, const char *who)
 {
     FILE *f = fopen(path, "r");

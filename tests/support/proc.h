@@ -71,6 +71,13 @@ int support_run(char *const argv[], struct buf *out, int timeout_ms);
  * when it cannot be read. */
 int support_log_count(const char *path, const char *text);
 
+/* The whole file at `path` (a child's log, a file it saved), NUL-terminated
+ * and malloc'd, or NULL when it cannot be read. */
+char *support_file_read(const char *path);
+
+/* Replace the file at `path` with the string `data`; 0 or -errno. */
+int support_file_write(const char *path, const char *data);
+
 /* Copy the file at `path` (a child's log) to stderr, each line after
  * "WHO: ": where a failed test is read, and where tests/run.sh looks for
  * sanitizer reports (make asan). Nothing if it cannot be read. */

@@ -1,0 +1,140 @@
+/*
+ * cache/file.c: what the store's two files share (jfile.c: the Redis
+ * journal kept across a stop; sfile.c: the in-process store's spend kept
+ * across a restart): replacing a file whole, the lock that keeps each file
+ * to one router, and the numbers and days their JSON lines hold.
+ */
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/file.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cache/internal.h"
+#include "common/log.h"
+
+#define FILE_INT_MAX 9007199254740992.0 /* 2^53: integers a JSON number holds exactly */
+
+static int write_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0)
+            return -1;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* fsync the folder holding `path`, so that a rename or unlink in it
+ * survives a power cut. */
+static int sync_folder(const char *path)
+{
+    char copy[PATH_MAX];
+    int fd, rc;
+
+    snprintf(copy, sizeof(copy), "%s", path);
+    fd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    rc = fsync(fd);
+    close(fd);
+    return rc;
+}
+
+int cache__file_replace(const char *path, const char *data, size_t len)
+{
+    char tmp[PATH_MAX];
+    int fd, err;
+
+    if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp))
+        return errno = ENAMETOOLONG, -1;
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return -1;
+    if (write_all(fd, data, len) < 0 || fsync(fd) < 0) {
+        err = errno;
+        close(fd);
+        unlink(tmp);
+        return errno = err, -1;
+    }
+    if (close(fd) < 0 || rename(tmp, path) < 0) {
+        err = errno;
+        unlink(tmp);
+        return errno = err, -1;
+    }
+    return sync_folder(path);
+}
+
+int cache__file_lock(const char *path, const char *what)
+{
+    char lock[PATH_MAX];
+    int fd;
+
+    if (snprintf(lock, sizeof(lock), "%s.lock", path) >= (int)sizeof(lock)) {
+        log_error("%s %s: path too long", what, path);
+        return -1;
+    }
+    fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        log_error("%s %s: cannot open %s: %s", what, path, lock, strerror(errno));
+        return -1;
+    }
+    if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+        log_error("%s %s: %s", what, path,
+                  errno == EWOULDBLOCK ? "in use by another router (each needs a file of its own)"
+                                       : strerror(errno));
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+void cache__file_day_text(const struct cache__period *p, char out[16])
+{
+    time_t t = (time_t)p->day * 86400;
+    struct tm tm;
+
+    gmtime_r(&t, &tm);
+    strftime(out, 16, "%Y-%m-%d", &tm);
+}
+
+int cache__file_parse_day(const char *s, struct cache__period *p)
+{
+    struct tm tm = {0};
+    int y, m, d, n = 0;
+    time_t t;
+
+    if (sscanf(s, "%4d-%2d-%2d%n", &y, &m, &d, &n) != 3 || s[n] != '\0' || y < 1970 ||
+        m < 1 || m > 12 || d < 1 || d > 31)
+        return -1;
+    tm.tm_year = y - 1900;
+    tm.tm_mon = m - 1;
+    tm.tm_mday = d;
+    t = timegm(&tm);
+    if (t < 0 || tm.tm_mday != d) /* 31 February rolled over */
+        return -1;
+    p->day = (uint32_t)(t / 86400);
+    p->month = (uint32_t)(y * 12 + m - 1);
+    return 0;
+}
+
+int cache__file_get_int(const cJSON *o, const char *name, int64_t *out)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
+
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0) || v->valuedouble > FILE_INT_MAX ||
+        v->valuedouble != floor(v->valuedouble))
+        return -1;
+    *out = (int64_t)v->valuedouble;
+    return 0;
+}
