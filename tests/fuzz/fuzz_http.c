@@ -30,7 +30,8 @@
  *   month spend per tenant differs from the sum of its cost log by more
  *   than the half micro-dollar a tenant may carry (the store is charged
  *   whole ones), it does not exit 0 on SIGTERM, or its log has a
- *   sanitizer report.
+ *   sanitizer report; with the in-process store, the spend file it saved
+ *   at the stop does not hold that month spend for each subject.
  *
  * With --redis the store is a redis-server of its own (on_failure:
  * fail_open), frozen with SIGSTOP for FREEZE_S every FREEZE_EVERY_S, so
@@ -96,7 +97,7 @@ static int percent(unsigned p) { return below(100) < p; }
 
 static struct support_proc router, mock_pool, mock_api;
 static char workdir[] = "/tmp/costrouter-fuzz-http-XXXXXX";
-static char conf_path[256], log_path[256], stderr_path[256];
+static char conf_path[256], log_path[256], stderr_path[256], spend_path[256];
 static char fail_path[256];
 static struct buf history[HISTORY];
 static unsigned long nsent;
@@ -164,7 +165,7 @@ static void __attribute__((noreturn, format(printf, 1, 2))) fail(const char *fmt
 
 static void write_conf(void)
 {
-    char rich[65], poor[65], ci[65], store[128] = "", tls[700] = "";
+    char rich[65], poor[65], ci[65], store[384] = "", tls[700] = "";
     FILE *f = fopen(conf_path, "w");
 
     if (f == NULL)
@@ -175,6 +176,8 @@ static void write_conf(void)
     if (use_redis)
         snprintf(store, sizeof(store), "store: { redis: \"%s/0\", on_failure: fail_open }\n",
                  redis.url);
+    else
+        snprintf(store, sizeof(store), "store: { spend_file: %s }\n", spend_path);
     if (use_tls)
         snprintf(tls, sizeof(tls), "tls: { cert_file: %s/server.crt, key_file: %s/server.key }\n",
                  ca_dir, ca_dir);
@@ -242,6 +245,7 @@ static void start_all(const char *router_bin)
         fail("mkdtemp: %s", strerror(errno));
     snprintf(conf_path, sizeof(conf_path), "%s/costrouter.yaml", workdir);
     snprintf(log_path, sizeof(log_path), "%s/cost.jsonl", workdir);
+    snprintf(spend_path, sizeof(spend_path), "%s/spend.jsonl", workdir);
     snprintf(stderr_path, sizeof(stderr_path), "%s/router.log", workdir);
     snprintf(fail_path, sizeof(fail_path), "%s/requests.txt", workdir);
     if (support_mockllm_start(&mock_pool, "--tokens", "12", NULL) != 0 ||
@@ -1018,6 +1022,33 @@ static void check_log_file(void)
         fail("Redis was frozen %lu times, yet no charge was journaled", nfreezes);
 }
 
+/* The month spend the spend file holds for `subject` ("TENANT" or
+ * "TENANT#KEY"), 0 when it names none. */
+static int64_t saved_spend(const char *subject)
+{
+    FILE *f = fopen(spend_path, "r");
+    char *line = NULL;
+    size_t cap = 0;
+    int64_t month = 0;
+
+    if (f == NULL)
+        fail("no spend file at %s", spend_path);
+    while (getline(&line, &cap, f) > 0) {
+        cJSON *j = cJSON_Parse(line);
+        cJSON *s = cJSON_GetObjectItemCaseSensitive(j, "subject");
+        cJSON *m = cJSON_GetObjectItemCaseSensitive(j, "month_micro_usd");
+
+        if (j == NULL)
+            fail("a spend file line is not JSON: %.200s", line);
+        if (cJSON_IsString(s) && strcmp(s->valuestring, subject) == 0 && cJSON_IsNumber(m))
+            month = (int64_t)m->valuedouble;
+        cJSON_Delete(j);
+    }
+    free(line);
+    fclose(f);
+    return month;
+}
+
 static void finish(void)
 {
     static const struct subject subjects[] = {{"rich", NULL}, {"poor", NULL}, {"rich", "ci"}};
@@ -1046,6 +1077,17 @@ static void finish(void)
         if (fabs(logged - (double)month[i]) > 0.5 + 1e-6)
             fail("%s%s%s: the store holds %.6f USD, the cost log sums to %.9f USD",
                  subjects[i].tenant, *key ? " key " : "", key, month[i] / 1e6, logged / 1e6);
+        if (!use_redis) {
+            char subject[64];
+            int64_t saved;
+
+            snprintf(subject, sizeof(subject), "%s%s%s", subjects[i].tenant, *key ? "#" : "",
+                     key);
+            saved = saved_spend(subject);
+            if (saved != month[i])
+                fail("%s: the spend file saved at the stop holds %lld micro-USD, the store %lld",
+                     subject, (long long)saved, (long long)month[i]);
+        }
     }
 }
 
