@@ -394,3 +394,29 @@ Test(sfile, a_file_in_use_by_another_router_stops_the_start)
     cr_assert_not_null(strstr(log, "in use by another router"), "%s", log);
     free(log);
 }
+
+/* The file cannot move on a reload (the store was made with it): the
+ * reload is refused, naming the key, and the running file keeps being
+ * saved. */
+Test(sfile, a_reload_cannot_move_the_file)
+{
+    char moved[4096], *conf, *at;
+
+    cr_assert_eq(support_mockllm_start(&mock, NULL), 0);
+    write_conf(0);
+    cr_assert_eq(start(&router), 0);
+    conf = slurp(conf_path);
+    at = strstr(conf, "spend.jsonl");
+    cr_assert_not_null(at);
+    cr_assert_lt(snprintf(moved, sizeof(moved), "%.*smoved.jsonl%s", (int)(at - conf), conf,
+                          at + strlen("spend.jsonl")),
+                 (int)sizeof(moved));
+    spill(conf_path, moved);
+    free(conf);
+    cr_assert_eq(call("POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 400, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_not_null(memmem(resp.body.data, resp.body.len, "store.spend_file", 16), "%.*s",
+                       (int)resp.body.len, resp.body.data);
+    cr_assert_eq(chat(KEY), 200);
+    wait_saved(COST);
+}
