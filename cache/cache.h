@@ -152,6 +152,9 @@ struct cache_stats {
                               * last listed them (1 until it does; 1 in process) */
     unsigned writes_refused:1; /* connected, but Redis refused the last write (OOM, MISCONF,
                                 * NOREPLICAS, READONLY): charges are being journaled */
+    unsigned spend_file_failing:1; /* the last save of opts.spend_file failed (retried each
+                                    * second): a restart now would forget the spend since
+                                    * the last save that worked */
 };
 
 typedef void cache_begin_cb(void *arg, const char *errstr, const struct cache_begin_result *r);

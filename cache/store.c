@@ -361,6 +361,7 @@ void cache_stats(const struct cache *c, struct cache_stats *out)
     c->type->stats(c, out);
     out->journal_entries = c->journal.count;
     out->journal_amount = c->journal.amount;
+    out->spend_file_failing = c->sfile_failing;
 }
 
 static void apply_defaults(struct cache_options *o)

@@ -66,6 +66,9 @@ enum metrics_type { METRICS_COUNTER, METRICS_GAUGE, METRICS_HISTOGRAM };
     X(STORE_INSTANCES, "costrouter_store_instances", GAUGE,                                  \
       "Routers sharing the spend store, this one included, as Redis last listed them "       \
       "(fail_open splits what is left of a budget by it while Redis is away).", "store")     \
+    X(STORE_SPEND_FILE_FAILING, "costrouter_store_spend_file_failing", GAUGE,                \
+      "1 while the in-process store cannot write store.spend_file (a restart then forgets "  \
+      "the spend since its last save), else 0.", "store")                                    \
     X(TOKEN_ESTIMATE_RATIO, "costrouter_token_estimate_ratio", GAUGE,                        \
       "Actual over estimated prompt tokens (calibration, 1 is exact).", "backend")           \
     X(BACKEND_RATE_LIMITED_TOTAL, "costrouter_backend_rate_limited_total", COUNTER,          \

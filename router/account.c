@@ -277,5 +277,8 @@ void router__refresh_gauges(struct router *r)
         metrics_set(r->metrics, METRICS_STORE_UP, labels,
                     st.state == CACHE_STATE_CONNECTED && !st.writes_refused);
         metrics_set(r->metrics, METRICS_STORE_INSTANCES, labels, st.instances);
+        if (conf->store_spend_file)
+            metrics_set(r->metrics, METRICS_STORE_SPEND_FILE_FAILING, labels,
+                        st.spend_file_failing);
     }
 }

@@ -303,6 +303,23 @@ Test(sfile, an_earlier_day_counts_for_its_month_only)
     assert_spend(COST, (same_month ? 2000 : 0) + COST, 0);
 }
 
+/* costrouter_store_spend_file_failing from /metrics, -1 if absent. */
+static int failing_gauge(void)
+{
+    static const char name[] = "\ncostrouter_store_spend_file_failing{store=\"memory\"} ";
+    char *text, *at;
+    int v = -1;
+
+    cr_assert_eq(call("GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    text = strndup(resp.body.data, resp.body.len);
+    at = strstr(text, name);
+    if (at != NULL)
+        v = atoi(at + strlen(name));
+    free(text);
+    return v;
+}
+
 /* A save that fails (the name is taken by a folder) is logged once and
  * retried every second; once it can be written, it is. */
 Test(sfile, a_failed_save_is_retried)
@@ -314,6 +331,7 @@ Test(sfile, a_failed_save_is_retried)
     cr_assert_eq(start(&router), 0);
     cr_assert_eq(chat(KEY), 200);
     wait_saved(COST);
+    cr_assert_eq(failing_gauge(), 0);
     cr_assert_eq(unlink(sfile), 0);
     cr_assert_eq(mkdir(sfile, 0700), 0);
     snprintf(inside, sizeof(inside), "%s/x", sfile);
@@ -326,10 +344,12 @@ Test(sfile, a_failed_save_is_retried)
     usleep(2500000); /* two more ticks fail */
     cr_assert_eq(support_log_count(err_path, "store.spend_file"), 1,
                  "the failure was not logged once");
+    cr_assert_eq(failing_gauge(), 1, "/metrics does not say the saves fail");
     cr_assert_eq(unlink(inside), 0);
     cr_assert_eq(rmdir(sfile), 0);
     wait_saved(3 * COST);
     cr_assert_eq(support_log_count(err_path, "written again"), 1);
+    cr_assert_eq(failing_gauge(), 0, "/metrics still says the saves fail");
 }
 
 /* A file the router cannot read whole stops the start, says where, and is
