@@ -1305,7 +1305,8 @@ static void forward(struct router__client *c, const char *p, size_t len)
     send_bufs(c, bufs, 3);
 }
 
-/* Keep the counts `u` has, the last seen of each. Anthropic's
+/* Keep the counts `u` has, the last seen of each (a stream's web
+ * searches too: message_delta's count is the answer's). Anthropic's
  * input_tokens counts neither the tokens read from the cache nor those
  * written to it: its prompt, as the router counts prompts (cached ones
  * included), is the sum of the three, of which the read ones are cached. */
@@ -1315,6 +1316,8 @@ static void note_usage(struct router__request *req, const struct router__usage *
         req->completion_tokens = u->completion_tokens;
     if (u->cached_tokens >= 0)
         req->cached_tokens = u->cached_tokens;
+    if (u->web_searches >= 0)
+        req->web_searches = u->web_searches;
     if (req->endpoint != ROUTER_EP_MESSAGES) {
         if (u->prompt_tokens >= 0)
             req->prompt_tokens = u->prompt_tokens;
@@ -1618,6 +1621,7 @@ static struct backend_tokens tokens_used(const struct router__request *req)
     t.cached = req->cached_tokens > 0 ? req->cached_tokens : 0;
     t.cache_write = req->cache_write_tokens > 0 ? req->cache_write_tokens : 0;
     t.cache_write_1h = req->cache_write_1h_tokens > 0 ? req->cache_write_1h_tokens : 0;
+    t.web_searches = req->web_searches > 0 ? req->web_searches : 0;
     return t;
 }
 
