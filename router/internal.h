@@ -288,6 +288,8 @@ struct router__request {
                                             last count seen), -1 none reported: billed 0 */
     int64_t input_tokens;                /* Anthropic's input_tokens (neither read from nor
                                             written to the cache), -1 unknown */
+    int64_t web_searches_held;           /* web searches its hold counts: its web search
+                                            tools' max_uses (/v1/messages), else 0 */
     int8_t asked_tier;                   /* enum conf_service_tier of its "service_tier" */
     int8_t answered_tier;                /* the answer's (tiered backends), -1 unknown */
     uint64_t start_ms;                   /* loop time the request was complete */

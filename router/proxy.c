@@ -424,6 +424,36 @@ static enum conf_service_tier asked_tier(const cJSON *json)
                              : CONF_TIER_STANDARD;
 }
 
+/* Most web searches a tool allows: max_uses, the API's own cap of each
+ * request's searches, when it is a count the API would take. */
+#define PROXY_WEB_SEARCHES_MAX 1000000
+
+/* The web searches a /v1/messages request may make: the sum of its web
+ * search tools' (type "web_search_...", e.g. web_search_20250305)
+ * max_uses. A tool without max_uses adds nothing: how many searches
+ * Claude makes is not known before, and its charge (the usage's count) is
+ * exact anyway. Read once per request, as the estimate is. */
+static int64_t web_searches_held(const cJSON *json)
+{
+    const cJSON *tools = cJSON_GetObjectItemCaseSensitive(json, "tools"), *tool;
+    int64_t held = 0;
+
+    if (!cJSON_IsArray(tools))
+        return 0;
+    cJSON_ArrayForEach(tool, tools) {
+        const cJSON *type = cJSON_GetObjectItemCaseSensitive(tool, "type");
+        const cJSON *max = cJSON_GetObjectItemCaseSensitive(tool, "max_uses");
+
+        if (!cJSON_IsString(type) || strncmp(type->valuestring, "web_search_", 11) != 0 ||
+            !cJSON_IsNumber(max) || !(max->valuedouble >= 1) ||
+            max->valuedouble > PROXY_WEB_SEARCHES_MAX ||
+            max->valuedouble != (double)(int64_t)max->valuedouble)
+            continue;
+        held += (int64_t)max->valuedouble;
+    }
+    return held;
+}
+
 static void estimate(struct router__client *c)
 {
     struct router__request *req = &c->req;
@@ -441,6 +471,8 @@ static void estimate(struct router__client *c)
         cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_completion_tokens")) ||
         cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_output_tokens"));
     req->asked_tier = (int8_t)asked_tier(req->json);
+    if (req->endpoint == ROUTER_EP_MESSAGES)
+        req->web_searches_held = web_searches_held(req->json);
     if (req->endpoint == ROUTER_EP_EMBEDDINGS || req->endpoint == ROUTER_EP_COUNT_TOKENS)
         req->completion_pred = 0;
     else
@@ -663,6 +695,7 @@ static int choose(struct router__client *c, const char *last_error)
     preq.completion_tokens = req->completion_pred;
     preq.completion_predicted = !req->completion_limited;
     preq.service_tier = req->asked_tier;
+    preq.web_searches = req->web_searches_held;
     preq.day = budget_of(t->daily_usd, ts->spend.day_spent, ts->spend.reserved);
     preq.month = budget_of(t->monthly_usd, ts->spend.month_spent, ts->spend.reserved);
     if (ks != NULL) {
