@@ -915,7 +915,7 @@ Test(web_search, a_stream_is_charged_the_searches_of_its_message_delta)
 /* The hold counts the web search tool's max_uses: with $0.04 a day, 10
  * output tokens and the prompt (about $0.006) fit, and so does one
  * search, but not five ($0.05); a tool without max_uses holds for none
- * (the charge is exact). */
+ * (the charge is exact), nor does another tool's max_uses. */
 Test(web_search, the_hold_counts_the_tools_max_uses)
 {
     a_extra = SEARCH_PRICE;
@@ -932,6 +932,11 @@ Test(web_search, the_hold_counts_the_tools_max_uses)
     cr_assert_eq(messages(NULL, SEARCH_BODY("")), 0);
     cr_assert_eq(resp.status, 200, "no max_uses: no search held, %.*s", (int)resp.body.len,
                  resp.body.data);
+    cr_assert_eq(messages(NULL, "{\"model\":\"claude\",\"max_tokens\":10,\"tools\":[{\"type\":"
+                                "\"bash_20250124\",\"name\":\"bash\",\"max_uses\":5}]," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "another tool's max_uses: no search held, %.*s",
+                 (int)resp.body.len, resp.body.data);
     cJSON *rec = last_cost_record();
     /* its estimate is the tokens' alone, below one search's price; it made none */
     cr_assert_lt(num(rec, "cost_usd_est"), SEARCH_USD);
