@@ -424,15 +424,17 @@ static enum conf_service_tier asked_tier(const cJSON *json)
                              : CONF_TIER_STANDARD;
 }
 
-/* Most web searches a tool allows: max_uses, the API's own cap of each
- * request's searches, when it is a count the API would take. */
+/* A web search tool's type, versioned: web_search_20250305, ... */
+#define PROXY_WEB_SEARCH_TYPE "web_search_"
+/* max_uses past this counts as this: still a hold no budget fits ($10,000
+ * at $10 per 1,000), and a count a double holds exactly. */
 #define PROXY_WEB_SEARCHES_MAX 1000000
 
 /* The web searches a /v1/messages request may make: the sum of its web
- * search tools' (type "web_search_...", e.g. web_search_20250305)
- * max_uses. A tool without max_uses adds nothing: how many searches
- * Claude makes is not known before, and its charge (the usage's count) is
- * exact anyway. Read once per request, as the estimate is. */
+ * search tools' max_uses, which the API does not exceed. A tool without
+ * max_uses adds nothing: how many searches Claude makes is not known
+ * before, and the charge (the usage's count) is exact anyway. Read once
+ * per request, as the estimate is. */
 static int64_t web_searches_held(const cJSON *json)
 {
     const cJSON *tools = cJSON_GetObjectItemCaseSensitive(json, "tools"), *tool;
@@ -444,12 +446,15 @@ static int64_t web_searches_held(const cJSON *json)
         const cJSON *type = cJSON_GetObjectItemCaseSensitive(tool, "type");
         const cJSON *max = cJSON_GetObjectItemCaseSensitive(tool, "max_uses");
 
-        if (!cJSON_IsString(type) || strncmp(type->valuestring, "web_search_", 11) != 0 ||
-            !cJSON_IsNumber(max) || !(max->valuedouble >= 1) ||
-            max->valuedouble > PROXY_WEB_SEARCHES_MAX ||
-            max->valuedouble != (double)(int64_t)max->valuedouble)
+        if (!cJSON_IsString(type) ||
+            strncmp(type->valuestring, PROXY_WEB_SEARCH_TYPE, sizeof(PROXY_WEB_SEARCH_TYPE) - 1) !=
+                0 ||
+            !cJSON_IsNumber(max) || !(max->valuedouble >= 1))
             continue;
-        held += (int64_t)max->valuedouble;
+        if (max->valuedouble > PROXY_WEB_SEARCHES_MAX)
+            held += PROXY_WEB_SEARCHES_MAX;
+        else if (max->valuedouble == (double)(int64_t)max->valuedouble)
+            held += (int64_t)max->valuedouble; /* not a fraction, which the API refuses */
     }
     return held;
 }
