@@ -93,6 +93,8 @@ struct backend_tokens {
                             cache_creation_input_tokens), priced at the cache write rate */
     int64_t cache_write_1h; /* of those, written to its 1-hour cache, at that rate */
     int tier;           /* enum conf_service_tier whose rates bill them (API backends) */
+    int64_t web_searches; /* server-side web searches (Anthropic's server_tool_use.
+                             web_search_requests), at web_search_usd_per_1k each 1,000 */
 };
 
 /* A request's cost estimate on one backend. */

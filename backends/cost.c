@@ -88,6 +88,13 @@ void backend_attempt_begin(struct backend *b, uint64_t now_ms, struct backend_ti
     }
 }
 
+/* The fee of `searches` server-side web searches: a price per search on
+ * top of the tokens, whatever the prompt's size or the service tier. */
+static double web_search_usd(const struct conf_backend *c, int64_t searches)
+{
+    return searches > 0 ? (double)searches * c->web_search_usd_per_1k / 1000.0 : 0;
+}
+
 double backend_api_price_usd(const struct conf_backend *c, const struct backend_tokens *tok)
 {
     int64_t prompt = tok->prompt > 0 ? tok->prompt : 0;
@@ -127,7 +134,8 @@ double backend_api_price_usd(const struct conf_backend *c, const struct backend_
     return ((double)(prompt - cached - written) * input + (double)cached * cached_price +
             (double)(written - hour) * write_price + (double)hour * write_1h_price +
             (double)completion * output) /
-           1e6;
+               1e6 +
+           web_search_usd(c, tok->web_searches);
 }
 
 double backend_attribute_cost_usd(const struct backend *b, double gpu_seconds)

@@ -85,6 +85,8 @@ struct conf_price {
                                          provider's cache (default: 1.25 x input) */
     double cache_write_1h_usd_per_mtok; /* of those, written to its 1-hour cache
                                            (default: 2 x input) */
+    double web_search_usd_per_1k; /* USD per 1,000 server-side web searches (Anthropic's
+                                     usage.server_tool_use.web_search_requests); default 0 */
     struct conf_long_context long_context; /* complete when its above_prompt_tokens > 0 */
     struct conf_tier_rates tiers[CONF_TIER_COUNT]; /* flex and priority; [STANDARD] unused */
 };
@@ -128,6 +130,7 @@ struct conf_backend {
     double cached_input_usd_per_mtok; /* defaults to input_usd_per_mtok */
     double cache_write_usd_per_mtok;  /* defaults to 1.25 x input_usd_per_mtok */
     double cache_write_1h_usd_per_mtok; /* defaults to 2 x input_usd_per_mtok */
+    double web_search_usd_per_1k;      /* per 1,000 web searches; the entry's, else 0 */
     struct conf_long_context long_context; /* each key the backend's own, else the entry's */
     struct conf_tier_rates tiers[CONF_TIER_COUNT]; /* likewise; [STANDARD] unused */
     unsigned tiered:1;          /* a tier is priced: the answer's service_tier is read */

@@ -1145,6 +1145,7 @@ static const char *const on_overrun_names[] = {"charge", "cut", NULL};
 #define DAY_MS 86400000.0
 #define BIG 1e12
 #define PRICE_MAX 1e6 /* USD per million tokens */
+#define SEARCH_PRICE_MAX 1e6 /* USD per 1,000 web searches */
 
 #define R(field) .offset = offsetof(struct conf, field)
 static const struct directive root_directives[CONF__R_COUNT] = {
@@ -1291,6 +1292,9 @@ static const struct directive backend_directives[CONF__B_COUNT] = {
     [CONF__B_LONG_CACHE_WRITE_1H_USD] = {"cache_write_1h_usd_per_mtok", "long_context", T_DOUBLE,
                                          B(long_context.cache_write_1h_usd_per_mtok), 0,
                                          PRICE_MAX},
+    /* default (the entry's, else 0) set by check.c */
+    [CONF__B_WEB_SEARCH_USD] = {"web_search_usd_per_1k", NULL, T_DOUBLE, B(web_search_usd_per_1k),
+                                0, SEARCH_PRICE_MAX},
 };
 #undef B
 
@@ -1391,6 +1395,9 @@ static const struct directive price_directives[CONF__P_COUNT] = {
     [CONF__P_LONG_CACHE_WRITE_1H_USD] = {"cache_write_1h_usd_per_mtok", "long_context", T_DOUBLE,
                                          P(long_context.cache_write_1h_usd_per_mtok), 0,
                                          PRICE_MAX},
+    /* a fee per search, whatever the prompt's size: no long_context rate */
+    [CONF__P_WEB_SEARCH_USD] = {"web_search_usd_per_1k", NULL, T_DOUBLE, P(web_search_usd_per_1k),
+                                0, SEARCH_PRICE_MAX, "0"},
 };
 #undef P
 

@@ -230,6 +230,8 @@ struct metrics_cost_record {
     int64_t billed_cache_write_tokens; /* of the prompt tokens, those written to the
                                           provider's cache (at the cache write rate) */
     int64_t billed_cache_write_1h_tokens; /* of those, the ones written to its 1-hour cache */
+    int64_t billed_web_searches;   /* server-side web searches charged (Anthropic's
+                                      server_tool_use.web_search_requests), 0 when none */
     double cost_usd_est;           /* estimate at routing time */
     double cost_usd;               /* settled cost */
     unsigned cache_hit:1;          /* answered from the response cache */

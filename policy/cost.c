@@ -72,7 +72,8 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
     struct backend_tokens tok = {.prompt = req->prompt_tokens,
                                  .completion = completion_on(req, cb),
                                  .cached = req->cached_tokens,
-                                 .tier = req->service_tier};
+                                 .tier = req->service_tier,
+                                 .web_searches = req->web_searches};
     struct backend_cost est;
     uint64_t bit = UINT64_C(1) << i;
 

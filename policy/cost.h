@@ -58,6 +58,8 @@ struct policy_request {
     int completion_predicted;       /* 1: completion_tokens is a guess (no max_tokens) */
     int64_t cached_tokens;          /* prompt tokens expected from the upstream cache */
     int service_tier;               /* enum conf_service_tier the request asks for */
+    int64_t web_searches;           /* server-side web searches to hold for (the web
+                                       search tool's max_uses), priced per backend */
     struct policy_budget day;       /* today's budget (UTC) */
     struct policy_budget month;     /* this month's budget (UTC) */
     struct policy_budget key_day;   /* the request's key's own, within the tenant's */

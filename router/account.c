@@ -174,6 +174,7 @@ void router__account(struct router__client *c)
     rec.billed_cache_write_tokens = req->settled || req->route ? req->billed.cache_write : -1;
     rec.billed_cache_write_1h_tokens =
         req->settled || req->route ? req->billed.cache_write_1h : -1;
+    rec.billed_web_searches = req->settled || req->route ? req->billed.web_searches : -1;
     rec.cost_usd_est = req->choice.candidate >= 0 ? (double)req->choice.cost_micro / 1e6 : NAN;
     rec.cost_usd = req->settled ? req->cost_usd : (req->route ? 0.0 : NAN);
     rec.cache_hit = req->cache_hit;

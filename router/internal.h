@@ -284,8 +284,12 @@ struct router__request {
                                             (Anthropic: cache_read_input_tokens) */
     int64_t cache_write_tokens;          /* Anthropic's cache_creation_input_tokens, -1 unknown */
     int64_t cache_write_1h_tokens;       /* of those, written to the 1-hour cache, -1 unknown */
+    int64_t web_searches;                /* server-side web searches its usage reported (the
+                                            last count seen), -1 none reported: billed 0 */
     int64_t input_tokens;                /* Anthropic's input_tokens (neither read from nor
                                             written to the cache), -1 unknown */
+    int64_t web_searches_held;           /* web searches its hold counts: its web search
+                                            tools' max_uses (/v1/messages), else 0 */
     int8_t asked_tier;                   /* enum conf_service_tier of its "service_tier" */
     int8_t answered_tier;                /* the answer's (tiered backends), -1 unknown */
     uint64_t start_ms;                   /* loop time the request was complete */
@@ -662,6 +666,8 @@ struct router__usage {
     int64_t cache_write_tokens; /* Anthropic's cache_creation_input_tokens, -1 when absent */
     int64_t cache_write_1h_tokens; /* of those, its cache_creation.ephemeral_1h_input_tokens,
                                       -1 when absent */
+    int64_t web_searches;      /* Anthropic's server_tool_use.web_search_requests, -1 when
+                                  this usage does not say (billed as none) */
 };
 /* Find complete events in `sse` (appended bytes), call `on_event` for
  * each with the event bytes including its terminating blank line, and

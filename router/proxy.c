@@ -424,6 +424,41 @@ static enum conf_service_tier asked_tier(const cJSON *json)
                              : CONF_TIER_STANDARD;
 }
 
+/* A web search tool's type, versioned: web_search_20250305, ... */
+#define PROXY_WEB_SEARCH_TYPE "web_search_"
+/* max_uses past this counts as this: still a hold no budget fits ($10,000
+ * at $10 per 1,000), and a count a double holds exactly. */
+#define PROXY_WEB_SEARCHES_MAX 1000000
+
+/* The web searches a /v1/messages request may make: the sum of its web
+ * search tools' max_uses, which the API does not exceed. A tool without
+ * max_uses adds nothing: how many searches Claude makes is not known
+ * before, and the charge (the usage's count) is exact anyway. Read once
+ * per request, as the estimate is. */
+static int64_t web_searches_held(const cJSON *json)
+{
+    const cJSON *tools = cJSON_GetObjectItemCaseSensitive(json, "tools"), *tool;
+    int64_t held = 0;
+
+    if (!cJSON_IsArray(tools))
+        return 0;
+    cJSON_ArrayForEach(tool, tools) {
+        const cJSON *type = cJSON_GetObjectItemCaseSensitive(tool, "type");
+        const cJSON *max = cJSON_GetObjectItemCaseSensitive(tool, "max_uses");
+
+        if (!cJSON_IsString(type) ||
+            strncmp(type->valuestring, PROXY_WEB_SEARCH_TYPE, sizeof(PROXY_WEB_SEARCH_TYPE) - 1) !=
+                0 ||
+            !cJSON_IsNumber(max) || !(max->valuedouble >= 1))
+            continue;
+        if (max->valuedouble > PROXY_WEB_SEARCHES_MAX)
+            held += PROXY_WEB_SEARCHES_MAX;
+        else if (max->valuedouble == (double)(int64_t)max->valuedouble)
+            held += (int64_t)max->valuedouble; /* not a fraction, which the API refuses */
+    }
+    return held;
+}
+
 static void estimate(struct router__client *c)
 {
     struct router__request *req = &c->req;
@@ -441,6 +476,8 @@ static void estimate(struct router__client *c)
         cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_completion_tokens")) ||
         cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_output_tokens"));
     req->asked_tier = (int8_t)asked_tier(req->json);
+    if (req->endpoint == ROUTER_EP_MESSAGES)
+        req->web_searches_held = web_searches_held(req->json);
     if (req->endpoint == ROUTER_EP_EMBEDDINGS || req->endpoint == ROUTER_EP_COUNT_TOKENS)
         req->completion_pred = 0;
     else
@@ -663,6 +700,7 @@ static int choose(struct router__client *c, const char *last_error)
     preq.completion_tokens = req->completion_pred;
     preq.completion_predicted = !req->completion_limited;
     preq.service_tier = req->asked_tier;
+    preq.web_searches = req->web_searches_held;
     preq.day = budget_of(t->daily_usd, ts->spend.day_spent, ts->spend.reserved);
     preq.month = budget_of(t->monthly_usd, ts->spend.month_spent, ts->spend.reserved);
     if (ks != NULL) {
@@ -1305,7 +1343,8 @@ static void forward(struct router__client *c, const char *p, size_t len)
     send_bufs(c, bufs, 3);
 }
 
-/* Keep the counts `u` has, the last seen of each. Anthropic's
+/* Keep the counts `u` has, the last seen of each (a stream's web
+ * searches too: message_delta's count is the answer's). Anthropic's
  * input_tokens counts neither the tokens read from the cache nor those
  * written to it: its prompt, as the router counts prompts (cached ones
  * included), is the sum of the three, of which the read ones are cached. */
@@ -1315,6 +1354,8 @@ static void note_usage(struct router__request *req, const struct router__usage *
         req->completion_tokens = u->completion_tokens;
     if (u->cached_tokens >= 0)
         req->cached_tokens = u->cached_tokens;
+    if (u->web_searches >= 0)
+        req->web_searches = u->web_searches;
     if (req->endpoint != ROUTER_EP_MESSAGES) {
         if (u->prompt_tokens >= 0)
             req->prompt_tokens = u->prompt_tokens;
@@ -1618,6 +1659,7 @@ static struct backend_tokens tokens_used(const struct router__request *req)
     t.cached = req->cached_tokens > 0 ? req->cached_tokens : 0;
     t.cache_write = req->cache_write_tokens > 0 ? req->cache_write_tokens : 0;
     t.cache_write_1h = req->cache_write_1h_tokens > 0 ? req->cache_write_1h_tokens : 0;
+    t.web_searches = req->web_searches > 0 ? req->web_searches : 0;
     return t;
 }
 

@@ -14,7 +14,8 @@
  * Messages API says input_tokens and output_tokens too, with
  * cache_read_input_tokens and cache_creation_input_tokens beside them
  * (read as they are: its input_tokens counts neither, and proxy.c adds
- * them up); a stream has them in message_start's "message" and in
+ * them up) and server_tool_use.web_search_requests, the web searches
+ * billed per use; a stream has them in message_start's "message" and in
  * message_delta (router__messages_event).
  */
 #define _GNU_SOURCE
@@ -264,7 +265,7 @@ static int choices_empty_array(const char *json, size_t len)
 static void usage_unknown(struct router__usage *out)
 {
     out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
-    out->cache_write_tokens = out->cache_write_1h_tokens = -1;
+    out->cache_write_tokens = out->cache_write_1h_tokens = out->web_searches = -1;
 }
 
 int router__usage_parse(const char *json, size_t len, struct router__usage *out,
@@ -301,6 +302,10 @@ int router__usage_parse(const char *json, size_t len, struct router__usage *out,
     details = cJSON_GetObjectItemCaseSensitive(usage, "cache_creation");
     if (cJSON_IsObject(details))
         out->cache_write_1h_tokens = json_count(details, "ephemeral_1h_input_tokens");
+    /* Server tools bill per use on top of the tokens: web searches. */
+    details = cJSON_GetObjectItemCaseSensitive(usage, "server_tool_use");
+    if (cJSON_IsObject(details))
+        out->web_searches = json_count(details, "web_search_requests");
     found = out->prompt_tokens >= 0 || out->completion_tokens >= 0;
     cJSON_Delete(usage);
     if (choices_empty != NULL)

@@ -30,6 +30,8 @@
  *                x-mock-cache-write-tokens (cache_creation_input_tokens), of which
  *                x-mock-cache-write-1h-tokens are for an hour (cache_creation's
  *                ephemeral_1h_input_tokens, the rest ephemeral_5m_input_tokens).
+ *                x-mock-web-searches: N adds "server_tool_use":
+ *                {"web_search_requests": N} to the usage (message_start's: 0).
  *                Requires x-api-key (the --require-key value when given;
  *                401 authentication_error without) and anthropic-version
  *                (400 without), as Anthropic's API does.
@@ -419,6 +421,7 @@ void mockllm__plan_reset(struct mockllm_plan *p)
     p->prompt_tokens = 0;
     p->cached_tokens = 0;
     p->cache_write_tokens = p->cache_write_1h_tokens = 0;
+    p->web_searches = -1;
     p->finish = "stop";
     p->service_tier = NULL;
     p->id = 0;
@@ -528,15 +531,21 @@ static void put_response_object(struct buf *b, const struct mockllm_plan *p, int
 static void put_event(struct mockllm_conn *c);
 
 /* Anthropic's usage object: input_tokens counts neither the cached nor
- * the cache-written tokens. */
-static void put_messages_usage(struct buf *b, const struct mockllm_plan *p, int output_tokens)
+ * the cache-written tokens. With x-mock-web-searches, server_tool_use
+ * says how many web searches the answer made (`searches`: message_start
+ * says 0, as Anthropic's does, the whole answer and message_delta all). */
+static void put_messages_usage(struct buf *b, const struct mockllm_plan *p, int output_tokens,
+                               int searches)
 {
     putf(b, "{\"input_tokens\":%d,\"cache_creation_input_tokens\":%d,"
             "\"cache_read_input_tokens\":%d,\"cache_creation\":{\"ephemeral_5m_input_tokens\":%d,"
-            "\"ephemeral_1h_input_tokens\":%d},\"output_tokens\":%d}",
+            "\"ephemeral_1h_input_tokens\":%d},\"output_tokens\":%d",
          p->prompt_tokens - p->cached_tokens - p->cache_write_tokens, p->cache_write_tokens,
          p->cached_tokens, p->cache_write_tokens - p->cache_write_1h_tokens,
          p->cache_write_1h_tokens, output_tokens);
+    if (p->web_searches >= 0)
+        putf(b, ",\"server_tool_use\":{\"web_search_requests\":%d}", searches);
+    puts_(b, "}");
 }
 
 /* Append an Anthropic message object to b: whole (`done`: its text and
@@ -562,7 +571,7 @@ static void put_message_object(struct buf *b, const struct mockllm_plan *p, int 
     puts_(b, ",\"stop_sequence\":null");
     if (!done || !p->omit_usage) {
         puts_(b, ",\"usage\":");
-        put_messages_usage(b, p, done ? p->tokens : 1);
+        put_messages_usage(b, p, done ? p->tokens : 1, done ? p->web_searches : 0);
     }
     puts_(b, "}");
 }
@@ -629,7 +638,7 @@ static void put_messages_end(struct mockllm_conn *c)
          p->finish[0] == 'l' ? "max_tokens" : "end_turn");
     if (!p->omit_usage) {
         puts_(&scratch, ",\"usage\":");
-        put_messages_usage(&scratch, p, p->tokens);
+        put_messages_usage(&scratch, p, p->tokens, p->web_searches);
     }
     puts_(&scratch, "}\n\n");
     put_event(c);
@@ -884,6 +893,7 @@ struct overrides {
     int cached_tokens;  /* x-mock-cached-tokens (responses, messages) */
     int cache_write_tokens; /* x-mock-cache-write-tokens (messages) */
     int cache_write_1h_tokens; /* x-mock-cache-write-1h-tokens (messages) */
+    int web_searches;   /* x-mock-web-searches (messages), -1 if absent */
     const char *service_tier; /* x-mock-service-tier, or NULL */
 };
 
@@ -928,6 +938,7 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
     o->event_pad = 0;
     o->done_delay_ms = 0;
     o->cached_tokens = o->cache_write_tokens = o->cache_write_1h_tokens = 0;
+    o->web_searches = -1;
     o->service_tier = NULL;
     if (tier != NULL && (o->service_tier = tier_named(tier)) == NULL)
         return "x-mock-service-tier";
@@ -938,6 +949,8 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
     if (header_int(&c->req, "x-mock-cache-write-1h-tokens", MAX_TOKENS,
                    &o->cache_write_1h_tokens) < 0)
         return "x-mock-cache-write-1h-tokens";
+    if (header_int(&c->req, "x-mock-web-searches", MAX_TOKENS, &o->web_searches) < 0)
+        return "x-mock-web-searches";
     if (header_int(&c->req, "x-mock-ttft-ms", MAX_DELAY_MS, &o->ttft_ms) < 0)
         return "x-mock-ttft-ms";
     if (header_int(&c->req, "x-mock-token-delay-ms", MAX_DELAY_MS, &o->token_delay_ms) < 0)
@@ -1018,6 +1031,7 @@ static int plan_from_body(struct mockllm_conn *c, const cJSON *body, const struc
         p->cache_write_1h_tokens = o->cache_write_1h_tokens < p->cache_write_tokens
                                        ? o->cache_write_1h_tokens
                                        : p->cache_write_tokens;
+        p->web_searches = o->web_searches;
         return 0;
     }
     if (p->endpoint == EP_COMPLETIONS)

@@ -65,7 +65,7 @@ Test(cost, api_prices_by_hand, .timeout = 5)
 Test(cost, cached_price_unset_bills_input_price_and_free_is_zero, .timeout = 5)
 {
     struct fx f;
-    struct backend_tokens tok = {1000, 0, 1000, 0, 0, CONF_TIER_STANDARD};
+    struct backend_tokens tok = {1000, 0, 1000, 0, 0, CONF_TIER_STANDARD, 0};
 
     fx_init(&f);
     /* No cached price: never bill cached tokens below the input price.
@@ -120,7 +120,7 @@ Test(cost, long_context_rates_bill_the_whole_request_past_the_size, .timeout = 5
 
 Test(cost, long_context_without_a_size_or_cached_rate, .timeout = 5)
 {
-    struct backend_tokens tok = {300000, 0, 300000, 0, 0, CONF_TIER_STANDARD};
+    struct backend_tokens tok = {300000, 0, 300000, 0, 0, CONF_TIER_STANDARD, 0};
     struct fx f;
 
     fx_init(&f);
@@ -174,7 +174,7 @@ Test(cost, api_finish_settles_real_usage, .timeout = 5)
     struct fx f;
     struct backend *b;
     struct backend_ticket t;
-    struct backend_tokens used = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD};
+    struct backend_tokens used = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0};
     struct backend_charge ch;
 
     fx_init(&f);
@@ -223,7 +223,7 @@ static const struct gpu_case gpu_cases[] = {
 
 Test(cost, gpu_marginal_rises_to_list_at_the_slo_knee, .timeout = 5)
 {
-    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD};
+    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0};
 
     for (size_t i = 0; i < sizeof(gpu_cases) / sizeof(gpu_cases[0]); i++) {
         const struct gpu_case *c = &gpu_cases[i];
@@ -256,7 +256,7 @@ Test(cost, gpu_without_slo_knees_at_capacity, .timeout = 5)
 {
     struct fx f;
     struct backend *b;
-    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD};
+    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0};
     struct backend_cost est;
 
     fx_init(&f);
@@ -277,7 +277,7 @@ Test(cost, tokens_per_second_window_drives_utilization, .timeout = 5)
 {
     struct fx f;
     struct backend *b;
-    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD};
+    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0};
     struct backend_cost est;
 
     fx_init(&f);
@@ -318,8 +318,8 @@ Test(cost, tokens_per_second_window_drives_utilization, .timeout = 5)
 
 /* Tokens an attempt ends with: an answer billed for them, an error answer
  * without usage (nothing billed), or a failure (NULL). */
-static const struct backend_tokens served = {100, 200, 0, 0, 0, CONF_TIER_STANDARD},
-                                   unbilled = {0, 0, 0, 0, 0, CONF_TIER_STANDARD};
+static const struct backend_tokens served = {100, 200, 0, 0, 0, CONF_TIER_STANDARD, 0},
+                                   unbilled = {0, 0, 0, 0, 0, CONF_TIER_STANDARD, 0};
 
 struct span {
     uint64_t start_ms, end_ms;
@@ -483,7 +483,7 @@ Test(cost, attributed_plus_idle_is_pool_cost_over_an_hour, .timeout = 5)
  * $0.002; the other replica's 3.6 s are idle. */
 Test(cost, a_prompt_without_completion_is_billed_on_a_pool, .timeout = 5)
 {
-    static const struct backend_tokens embedded = {100, 0, 0, 0, 0, CONF_TIER_STANDARD};
+    static const struct backend_tokens embedded = {100, 0, 0, 0, 0, CONF_TIER_STANDARD, 0};
     struct fx f;
     struct backend *b;
     struct backend_ticket t;
@@ -505,7 +505,7 @@ Test(cost, a_prompt_without_completion_is_billed_on_a_pool, .timeout = 5)
  * not: no hold, no marginal cost, no charge for what it served. */
 Test(cost, a_free_pool_reserves_and_charges_nothing, .timeout = 5)
 {
-    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD};
+    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0};
     struct fx f;
     struct backend *b;
     struct backend_ticket t;
@@ -717,9 +717,9 @@ Test(cost, cache_writes_are_billed_at_the_cache_write_rate, .timeout = 5)
     struct fx f;
     /* 2000 prompt tokens: 500 read from the cache, 1000 written to it,
      * 500 plain; 100 out. */
-    struct backend_tokens tok = {2000, 100, 500, 1000, 0, CONF_TIER_STANDARD};
+    struct backend_tokens tok = {2000, 100, 500, 1000, 0, CONF_TIER_STANDARD, 0};
     /* writes past what is left: clamped to 6 */
-    struct backend_tokens over = {10, 0, 4, 50, 0, CONF_TIER_STANDARD};
+    struct backend_tokens over = {10, 0, 4, 50, 0, CONF_TIER_STANDARD, 0};
 
     fx_init(&f);
     f.backends[FX_SONNET].cache_write_usd_per_mtok = 3.75;
@@ -743,5 +743,36 @@ Test(cost, cache_writes_are_billed_at_the_cache_write_rate, .timeout = 5)
     tok.prompt = 300000; /* past 200k: 298500 x 6 + 500 x 0.6 + 1000 x 7.5 + 100 x 22.5 */
     cr_assert(fabs(backend_api_price_usd(&f.backends[FX_SONNET], &tok) - 1.80105) < USD_EPS,
               "%.12f", backend_api_price_usd(&f.backends[FX_SONNET], &tok));
+    fx_fini(&f);
+}
+
+/* Anthropic's web searches: a fee per search on top of the tokens, the
+ * same in the long-prompt tier; the hold counts them as the charge does;
+ * a backend without the price and a free one charge none. */
+Test(cost, web_searches_are_billed_per_thousand, .timeout = 5)
+{
+    struct fx f;
+    /* 2000 x 3 + 100 x 15 = 7500 micro, then 3 searches at $10 per 1,000 */
+    struct backend_tokens tok = {.prompt = 2000, .completion = 100, .web_searches = 3};
+    struct conf_backend *b;
+
+    fx_init(&f);
+    b = &f.backends[FX_SONNET];
+    cr_assert(fabs(backend_api_price_usd(b, &tok) - 0.0075) < USD_EPS, "no price: no fee, %.12f",
+              backend_api_price_usd(b, &tok));
+    b->web_search_usd_per_1k = 10;
+    cr_assert(fabs(backend_api_price_usd(b, &tok) - 0.0375) < USD_EPS, "%.12f",
+              backend_api_price_usd(b, &tok));
+    cr_assert_eq(backend_estimate_cost(fx_backend(&f, FX_SONNET), 0, &tok, 0).reserve_micro,
+                 37500, "held for them");
+    tok.web_searches = -1; /* unknown counts none */
+    cr_assert(fabs(backend_api_price_usd(b, &tok) - 0.0075) < USD_EPS);
+    tok.web_searches = 3;
+    fx_sonnet_long(&f);
+    tok.prompt = 300000; /* 300000 x 6 + 100 x 22.5, and the same fee */
+    cr_assert(fabs(backend_api_price_usd(b, &tok) - (1.80225 + 0.03)) < USD_EPS, "%.12f",
+              backend_api_price_usd(b, &tok));
+    b->is_free = 1;
+    cr_assert_eq(backend_api_price_usd(b, &tok), 0);
     fx_fini(&f);
 }

@@ -886,6 +886,47 @@ Test(mockllm, messages_stream_is_anthropic_shaped)
     stop_clean();
 }
 
+/* x-mock-web-searches: N puts Anthropic's server_tool_use count in the
+ * usage: a whole answer's, and in a stream message_delta's (message_start
+ * says 0); without it there is no server_tool_use; a bad count is a 400. */
+Test(mockllm, messages_report_web_searches)
+{
+    const cJSON *usage;
+    struct buf events = {0};
+    char *parts[8], body[1024];
+    cJSON *e;
+
+    cr_assert_eq(support_mockllm_start(&mock, "--tokens", "2", NULL), 0);
+    snprintf(body, sizeof(body), messages_body, 100, "");
+    cr_assert_eq(call("POST", "/v1/messages", ANTHROPIC "x-mock-web-searches: 3\r\n", body), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    usage = cJSON_GetObjectItemCaseSensitive(body_json(), "usage");
+    cr_assert_eq(num(usage, "server_tool_use", "web_search_requests"), 3);
+    cr_assert_eq(num(usage, "output_tokens", NULL), 2);
+    cr_assert_eq(call("POST", "/v1/messages", ANTHROPIC, body), 0);
+    usage = cJSON_GetObjectItemCaseSensitive(body_json(), "usage");
+    cr_assert_null(cJSON_GetObjectItemCaseSensitive(usage, "server_tool_use"));
+    cr_assert_eq(call("POST", "/v1/messages", ANTHROPIC "x-mock-web-searches: x\r\n", body), 0);
+    cr_assert_eq(resp.status, 400);
+    stream_path = "/v1/messages";
+    snprintf(body, sizeof(body), messages_body, 100, "\"stream\":true,");
+    cr_assert_eq(stream_events(ANTHROPIC "x-mock-web-searches: 5\r\n", body, &events), 8);
+    cr_assert_eq(split_events(events.data, parts), 8);
+    e = cJSON_Parse(parts[0]);
+    cr_assert_not_null(e);
+    usage = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(e, "message"), "usage");
+    cr_assert_eq(num(usage, "server_tool_use", "web_search_requests"), 0);
+    cJSON_Delete(e);
+    e = cJSON_Parse(parts[6]);
+    cr_assert_not_null(e);
+    cr_assert_str_eq(str(e, "type"), "message_delta");
+    usage = cJSON_GetObjectItemCaseSensitive(e, "usage");
+    cr_assert_eq(num(usage, "server_tool_use", "web_search_requests"), 5);
+    cJSON_Delete(e);
+    buf_free(&events);
+    stop_clean();
+}
+
 /* Without x-api-key (or with another than --require-key) a 401
  * authentication_error; without anthropic-version a 400. */
 Test(mockllm, messages_require_x_api_key_and_anthropic_version)

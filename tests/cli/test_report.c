@@ -358,11 +358,18 @@ Test(report, tokens_are_what_was_billed, .timeout = 10)
         "\"completion_tokens_est\":50,\"completion_tokens\":3,\"billed_prompt_tokens\":18,"
         "\"billed_completion_tokens\":3,\"billed_cached_tokens\":4,"
         "\"billed_cache_write_tokens\":6,\"cost_usd\":0.00249}",
+        /* and its web searches (2026-12-07): a count, no tokens */
+        "{\"route\":\"web\",\"prompt_tokens_est\":17,\"prompt_tokens\":18,"
+        "\"completion_tokens_est\":50,\"completion_tokens\":3,\"billed_prompt_tokens\":18,"
+        "\"billed_completion_tokens\":3,\"billed_cached_tokens\":0,"
+        "\"billed_cache_write_tokens\":0,\"billed_cache_write_1h_tokens\":0,"
+        "\"billed_web_searches\":3,\"cost_usd\":0.030099}",
     };
     static const struct {
         const char *route;
         double prompt, completion;
-    } want[] = {{"nu", 9, 16}, {"api", 0, 0}, {"old", 10 + 12, 5 + 7}, {"anth", 18, 3}};
+    } want[] = {{"nu", 9, 16}, {"api", 0, 0}, {"old", 10 + 12, 5 + 7}, {"anth", 18, 3},
+                {"web", 18, 3}};
     char *text;
     cJSON *root = json_report_of(lines, sizeof(lines) / sizeof(lines[0]), "route", &text);
 
@@ -371,6 +378,7 @@ Test(report, tokens_are_what_was_billed, .timeout = 10)
         cr_assert_eq(field(g, "prompt_tokens"), want[i].prompt, "%s", want[i].route);
         cr_assert_eq(field(g, "completion_tokens"), want[i].completion, "%s", want[i].route);
     }
+    cr_assert_eq(field(group(root, "route", "web"), "cost_usd"), 0.030099, "the searches' fee in");
     cJSON_Delete(root);
     free(text);
 }

@@ -91,8 +91,11 @@ static struct error_case error_cases[] = {
     {.file = DATA "anthropic_bad.yaml", .lines =
      {"4: backends[0].api: unknown value \"antropic\" (expected one of: openai, anthropic)",
       "8: backends[0].cache_write_usd_per_mtok: -1 is out of range 0..1e+06",
-      "16: backends[1].cache_write_usd_per_mtok: only applies to kind: api",
-      "18: prices.p.cache_write_usd_per_mtok: expected a number, got \"lots\""}},
+      "9: backends[0].web_search_usd_per_1k: -10 is out of range 0..1e+06",
+      "17: backends[1].cache_write_usd_per_mtok: only applies to kind: api",
+      "18: backends[1].web_search_usd_per_1k: only applies to kind: api",
+      "20: prices.p.cache_write_usd_per_mtok: expected a number, got \"lots\"",
+      "21: prices.q.web_search_usd_per_1k: 2e+06 is out of range 0..1e+06"}},
     {.file = DATA "unknown_keys.yaml", .lines =
      {"3: cost_logg: unknown key (did you mean \"cost_log\"?)",
       "5: store.redsi: unknown key (did you mean \"redis\"?)",
@@ -231,8 +234,8 @@ static struct error_case error_cases[] = {
     {.file = "conf/example.yaml",
      .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"},
      .lines = {"15: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
-      "105: backends[1].api_key: environment variable OPENAI_API_KEY is not set",
-      "147: backends[3].api_key: environment variable ANTHROPIC_API_KEY is not set"}},
+      "108: backends[1].api_key: environment variable OPENAI_API_KEY is not set",
+      "152: backends[3].api_key: environment variable ANTHROPIC_API_KEY is not set"}},
     {.file = DATA "prices_bad.yaml", .lines =
      {"5: include[2]: \"inc/prices_bad.yaml\" is already included",
       "8: prices.custom-x: duplicate price \"custom-x\" (first at {DIR}/inc/prices_bad.yaml:3)",
@@ -824,7 +827,8 @@ Test(conf, prices_keys_experiments_store_cache, .timeout = 10)
 
 /* api: anthropic sends the key as x-api-key unless auth_header says
  * otherwise; cache writes cost 1.25x the input price unless an entry or
- * the backend says otherwise, in the long-prompt tier too; a route knows
+ * the backend says otherwise, in the long-prompt tier too; web searches
+ * cost the backend's price, else the entry's, else nothing; a route knows
  * which of its candidates speak which API. */
 Test(conf, anthropic_backends_and_cache_write_prices, .timeout = 10)
 {
@@ -841,7 +845,9 @@ Test(conf, anthropic_backends_and_cache_write_prices, .timeout = 10)
     cr_expect_float_eq(b->long_context.cache_write_usd_per_mtok, 7.5, 1e-12, "1.25x the tier's");
     cr_expect_float_eq(b->cache_write_1h_usd_per_mtok, 6, 1e-12, "the entry's, 2x input");
     cr_expect_float_eq(b->long_context.cache_write_1h_usd_per_mtok, 12, 1e-12);
+    cr_expect_float_eq(b->web_search_usd_per_1k, 10, 1e-12, "the entry's");
     b = conf_find_backend(c, "sonnet-own");
+    cr_expect_float_eq(b->web_search_usd_per_1k, 7.5, 1e-12, "its own, over the entry's");
     cr_expect_str_eq(b->auth_header, "authorization");
     cr_expect_float_eq(b->cache_write_usd_per_mtok, 4, 1e-12);
     cr_expect_float_eq(b->long_context.cache_write_usd_per_mtok, 9, 1e-12);
@@ -853,7 +859,9 @@ Test(conf, anthropic_backends_and_cache_write_prices, .timeout = 10)
     cr_expect_float_eq(b->long_context.cache_write_usd_per_mtok, 5, 1e-12);
     cr_expect_float_eq(b->cache_write_1h_usd_per_mtok, 4, 1e-12, "2x its own input");
     cr_expect_float_eq(b->long_context.cache_write_1h_usd_per_mtok, 8, 1e-12);
+    cr_expect_float_eq(b->web_search_usd_per_1k, 0, 1e-12, "no entry: none");
     b = conf_find_backend(c, "housed");
+    cr_expect_float_eq(b->web_search_usd_per_1k, 0, 1e-12, "an entry without one: none");
     cr_expect_float_eq(b->cache_write_usd_per_mtok, 2.5, 1e-12, "1.25x the entry's input");
     cr_expect_float_eq(b->long_context.cache_write_usd_per_mtok, 5, 1e-12, "1.25x the tier's");
     cr_expect_float_eq(b->cache_write_1h_usd_per_mtok, 4, 1e-12, "2x the entry's input");
@@ -863,6 +871,9 @@ Test(conf, anthropic_backends_and_cache_write_prices, .timeout = 10)
     cr_expect_eq(r->speaks[CONF_API_ANTHROPIC], 6);
     cr_expect_float_eq(conf_find_price(c, "claude-haiku-4-5")->cache_write_usd_per_mtok, 1.25,
                        1e-12);
+    cr_expect_float_eq(conf_find_price(c, "claude-haiku-4-5")->web_search_usd_per_1k, 10, 1e-12);
+    cr_expect_float_eq(conf_find_price(c, "claude-3-haiku")->web_search_usd_per_1k, 0, 1e-12,
+                       "no web search tool");
     conf_free(c);
 }
 

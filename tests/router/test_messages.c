@@ -12,6 +12,11 @@
  * The count_tokens suite: POST /v1/messages/count_tokens, the upstream's
  * count passed through, free, never cached, past budgets and tpm (not
  * rpm), with fallback and the refusals of /v1/messages.
+ * The web_search suite: the web searches an answer reports
+ * (usage.server_tool_use.web_search_requests, x-mock-web-searches for
+ * mockllm) charged at the backend's web_search_usd_per_1k in the head,
+ * the stream's comment and trailer, the cost log and the spend; the hold
+ * of a web search tool's max_uses; none without the price.
  *
  * mockllm counts a Messages prompt by its chat rule: 3, plus 4 + the
  * words of "system" when given, plus 4 + the words of each message's
@@ -51,6 +56,9 @@
 #define PROMPT_TOKENS 9
 
 static struct support_proc router, mock, oai;
+/* More keys of backend `a` (", KEY: VALUE"), for a test to set before it
+ * starts the router. */
+static const char *a_extra = "";
 static struct support_http_response resp;
 static struct buf req;
 static cJSON *json;
@@ -80,7 +88,7 @@ TestSuite(messages, .fini = teardown, .timeout = 60);
  * (Anthropic, on a port nobody listens on); routes "claude" [a], "mix"
  * [o, a], "gpt" [o] and "two" [down, a]; tenant acme with `tenant_extra`
  * (config lines, or ""), and `root_extra` at the top level (with the
- * admin key ADMIN_KEY). */
+ * admin key ADMIN_KEY); `a` has the keys of a_extra too. */
 static void start_with(const char *root_extra, const char *tenant_extra, int o_in, int o_out)
 {
     char hex[65];
@@ -101,7 +109,7 @@ static void start_with(const char *root_extra, const char *tenant_extra, int o_i
             "     api_key: %s, model: claude-x, quality: 1, context_window: 100000,\n"
             "     input_usd_per_mtok: %d, cached_input_usd_per_mtok: %d,\n"
             "     cache_write_usd_per_mtok: %d, cache_write_1h_usd_per_mtok: %d,\n"
-            "     output_usd_per_mtok: %d, tokenizer: o200k_base}\n"
+            "     output_usd_per_mtok: %d, tokenizer: o200k_base%s}\n"
             "  - {name: o, kind: api, url: \"http://127.0.0.1:%d/v1\", model: claude-x, quality: 1,\n"
             "     context_window: 100000, input_usd_per_mtok: %d, output_usd_per_mtok: %d,\n"
             "     tokenizer: o200k_base}\n"
@@ -114,7 +122,7 @@ static void start_with(const char *root_extra, const char *tenant_extra, int o_i
             "  - {model: two, candidates: [down, a]}\n"
             "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n%s",
             log_path, root_extra, mock.port, UPSTREAM_KEY, IN_USD, CACHED_USD, WRITE_USD,
-            WRITE_1H_USD, OUT_USD, oai.port, o_in, o_out, UPSTREAM_KEY, hex, tenant_extra);
+            WRITE_1H_USD, OUT_USD, a_extra, oai.port, o_in, o_out, UPSTREAM_KEY, hex, tenant_extra);
     fclose(f);
     char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
     cr_assert_eq(support_proc_start(&router, argv), 0);
@@ -839,4 +847,136 @@ Test(count_tokens, rpm_counts_a_count_and_tpm_does_not)
     assert_anthropic_error(429, "rate_limit_error");
     cr_assert_not_null(support_http_header(&resp, "retry-after"));
     cr_assert_eq(requests_of(&mock), 1);
+}
+
+/* ---- web searches ---- */
+
+TestSuite(web_search, .fini = teardown, .timeout = 60);
+
+/* Backend a's price of web searches: $10 per 1,000, 10000 micro-USD each. */
+#define SEARCH_PRICE ", web_search_usd_per_1k: 10"
+#define SEARCH_USD 0.01
+/* A Messages request with Anthropic's web search tool allowed `max_uses`
+ * (a JSON fragment, or "" for none) and max_tokens 10. */
+#define SEARCH_BODY(max_uses)                                                                  \
+    "{\"model\":\"claude\",\"max_tokens\":10,\"tools\":[{\"type\":\"web_search_20250305\","    \
+    "\"name\":\"web_search\"" max_uses "}]," MSGS "}"
+
+/* A whole answer of 7 tokens that made 3 searches costs `want`: its head
+ * and the tenant's spend say so. */
+static void assert_three_searches_cost(double want)
+{
+    cr_assert_eq(messages("x-mock-tokens: 7\r\nx-mock-web-searches: 3\r\n",
+                          "{\"model\":\"claude\",\"max_tokens\":10," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_float_eq(header_usd(), want, 1e-9);
+    cr_assert_float_eq(day_spend(), want, 1e-9);
+}
+
+/* A whole answer that made 3 searches is charged its tokens and 3 x
+ * $0.01: in its head, its cost log line (which counts them) and the
+ * tenant's spend. */
+Test(web_search, a_whole_answer_is_charged_its_searches)
+{
+    double want = usd(PROMPT_TOKENS, 0, 0, 7) + 3 * SEARCH_USD;
+
+    a_extra = SEARCH_PRICE;
+    start("");
+    assert_three_searches_cost(want);
+    cJSON *rec = last_cost_record();
+    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
+    cr_assert_eq(num(rec, "billed_web_searches"), 3);
+    cr_assert_eq(num(rec, "billed_completion_tokens"), 7);
+    cJSON_Delete(rec);
+}
+
+/* A stream's count is message_delta's (message_start says 0): charged in
+ * the SSE comment and trailer, the cost log and the spend. */
+Test(web_search, a_stream_is_charged_the_searches_of_its_message_delta)
+{
+    struct support_sse s = {0};
+    double want = usd(PROMPT_TOKENS, 0, 0, 5) + 4 * SEARCH_USD;
+    int clean;
+
+    a_extra = SEARCH_PRICE;
+    start("");
+    cr_assert_eq(read_stream(&s, "x-mock-tokens: 5\r\nx-mock-web-searches: 4\r\n", &clean), 11);
+    cr_assert(clean, "the stream did not end cleanly");
+    cr_assert_float_eq(stream_usd(&s), want, 1e-9);
+    support_sse_close(&s);
+    cr_assert_float_eq(day_spend(), want, 1e-9);
+    cJSON *rec = last_cost_record();
+    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
+    cr_assert_eq(num(rec, "billed_web_searches"), 4);
+    cJSON_Delete(rec);
+}
+
+/* The hold counts the web search tool's max_uses: with $0.04 a day, 10
+ * output tokens and the prompt (about $0.006) fit, and so does one
+ * search, but not five ($0.05); a tool without max_uses holds for none
+ * (the charge is exact), nor does another tool's max_uses. */
+Test(web_search, the_hold_counts_the_tools_max_uses)
+{
+    a_extra = SEARCH_PRICE;
+    start("    budget: {daily_usd: 0.04, on_exhausted: reject}\n");
+    cr_assert_eq(messages(NULL, SEARCH_BODY(",\"max_uses\":5")), 0);
+    assert_anthropic_error(429, "rate_limit_error");
+    cr_assert_not_null(strstr(get(get(json, "error"), "message")->valuestring, "budget"), "%s",
+                       get(get(json, "error"), "message")->valuestring);
+    cr_assert_eq(requests_of(&mock), 0);
+    cr_assert_eq(messages("x-mock-web-searches: 1\r\n", SEARCH_BODY(",\"max_uses\":1")), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    double first = header_usd();
+    cr_assert_gt(first, SEARCH_USD, "the search is charged");
+    cr_assert_eq(messages(NULL, SEARCH_BODY("")), 0);
+    cr_assert_eq(resp.status, 200, "no max_uses: no search held, %.*s", (int)resp.body.len,
+                 resp.body.data);
+    cr_assert_eq(messages(NULL, "{\"model\":\"claude\",\"max_tokens\":10,\"tools\":[{\"type\":"
+                                "\"bash_20250124\",\"name\":\"bash\",\"max_uses\":5}]," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "another tool's max_uses: no search held, %.*s",
+                 (int)resp.body.len, resp.body.data);
+    cJSON *rec = last_cost_record();
+    /* its estimate is the tokens' alone, below one search's price; it made none */
+    cr_assert_lt(num(rec, "cost_usd_est"), SEARCH_USD);
+    cr_assert_eq(num(rec, "billed_web_searches"), 0);
+    cJSON_Delete(rec);
+}
+
+/* The estimate of a request with max_uses 5 is its tokens' and 5
+ * searches'; a budget that fits both admits it. */
+Test(web_search, the_estimate_is_tokens_and_max_uses_searches)
+{
+    a_extra = SEARCH_PRICE;
+    start("    budget: {daily_usd: 0.06, on_exhausted: reject}\n");
+    cr_assert_eq(messages("x-mock-web-searches: 2\r\n", SEARCH_BODY(",\"max_uses\":5")), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    double charged = header_usd();
+    cJSON *rec = last_cost_record();
+    double est = num(rec, "cost_usd_est");
+    /* held for 10 output tokens and 5 searches, charged 2 and the usage */
+    cr_assert_gt(est, 5 * SEARCH_USD + 10 * OUT_USD / 1e6, "estimate %.6f", est);
+    cr_assert_lt(est, 5 * SEARCH_USD + 0.01, "estimate %.6f", est);
+    cr_assert_float_eq(charged, usd(num(rec, "prompt_tokens"), 0, 0, 10) + 2 * SEARCH_USD, 1e-9);
+    cr_assert_eq(num(rec, "billed_web_searches"), 2);
+    cJSON_Delete(rec);
+}
+
+/* A backend without the price charges nor holds anything for searches:
+ * its line counts them, at $0. */
+Test(web_search, a_backend_without_the_price_charges_none)
+{
+    double want = usd(PROMPT_TOKENS, 0, 0, 7);
+
+    start("    budget: {daily_usd: 0.02, on_exhausted: reject}\n");
+    assert_three_searches_cost(want);
+    cr_assert_eq(messages("x-mock-web-searches: 3\r\n", SEARCH_BODY(",\"max_uses\":5")), 0);
+    cr_assert_eq(resp.status, 200, "nothing held for the searches: %.*s", (int)resp.body.len,
+                 resp.body.data);
+    cJSON *rec = last_cost_record();
+    cr_assert_float_eq(num(rec, "cost_usd"), usd(num(rec, "prompt_tokens"), 0, 0, 10), 1e-9);
+    cr_assert_lt(num(rec, "cost_usd_est"), SEARCH_USD);
+    cr_assert_eq(num(rec, "billed_web_searches"), 3);
+    cJSON_Delete(rec);
 }

@@ -596,6 +596,61 @@ Test(usage, an_anthropic_stream_has_its_usage_in_message_start_and_message_delta
     }
 }
 
+/* Anthropic's web searches are in usage.server_tool_use, a count beside
+ * the tokens: read from a whole body, from both events of a stream
+ * (message_start says 0, message_delta the answer's count), and from an
+ * answer too big to hold. A usage that does not say, or says something
+ * that is no count, gives -1: billed as no search, and a later event
+ * without it keeps the count an earlier one gave. */
+Test(usage, an_anthropic_usage_has_its_web_searches, .timeout = 5)
+{
+    static const struct {
+        const char *json; /* a whole body, or an event's data (event = 1) */
+        int event;
+        int64_t searches; /* read */
+    } cases[] = {
+        {"{\"type\":\"message\",\"content\":[{\"type\":\"server_tool_use\",\"name\":"
+         "\"web_search\"}],\"usage\":{\"input_tokens\":12,\"output_tokens\":34,"
+         "\"server_tool_use\":{\"web_search_requests\":3}}}", 0, 3},
+        {"{\"usage\":{\"input_tokens\":12,\"output_tokens\":34}}", 0, -1},
+        {"{\"usage\":{\"input_tokens\":1,\"output_tokens\":1,\"server_tool_use\":{}}}", 0,
+         -1},
+        {"{\"usage\":{\"input_tokens\":1,\"output_tokens\":1,\"server_tool_use\":"
+         "{\"web_search_requests\":-2}}}", 0, -1},
+        {"{\"usage\":{\"input_tokens\":1,\"output_tokens\":1,\"server_tool_use\":"
+         "{\"web_search_requests\":\"3\"}}}", 0, -1},
+        {"{\"usage\":{\"input_tokens\":1,\"output_tokens\":1,\"server_tool_use\":"
+         "{\"web_search_requests\":0}}}", 0, 0},
+        {"{\"usage\":{\"input_tokens\":1,\"output_tokens\":1,"
+         "\"web_search_requests\":5}}", 0, -1}, /* not where Anthropic puts it */
+        {"{\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"content\":[],\"usage\":"
+         "{\"input_tokens\":5,\"output_tokens\":1,\"server_tool_use\":"
+         "{\"web_search_requests\":0}}}}", 1, 0},
+        {"{\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":"
+         "{\"output_tokens\":15,\"server_tool_use\":{\"web_search_requests\":4}}}", 1, 4},
+        {"{\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":"
+         "{\"output_tokens\":15}}", 1, -1},
+    };
+    struct router__usage u;
+    int delta;
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const char *js = cases[i].json;
+        int found = cases[i].event ? router__messages_event(js, strlen(js), &u, &delta)
+                                   : router__usage_parse(js, strlen(js), &u, NULL);
+
+        cr_assert(found, "case %zu", i);
+        cr_assert_eq(u.web_searches, cases[i].searches, "case %zu: %lld", i,
+                     (long long)u.web_searches);
+        if (cases[i].event)
+            continue;
+        for (size_t step = 1; step <= strlen(js); step += 5) {
+            cr_assert_eq(big_usage_of(js, step, &u), 1, "case %zu step %zu", i, step);
+            cr_assert_eq(u.web_searches, cases[i].searches, "case %zu step %zu (big)", i, step);
+        }
+    }
+}
+
 /* An answer too big to hold without usage is counted from the output's
  * message text parts and function call arguments, as a held one is. */
 Test(bigusage, a_responses_answer_hands_over_its_output_texts, .timeout = 5)
