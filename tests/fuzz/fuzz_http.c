@@ -293,7 +293,8 @@ static const char *const seed_bodies[] = {
     "\"output\":\"found\"}],\"tools\":[{\"type\":\"function\",\"name\":\"lookup\","
     "\"parameters\":{\"type\":\"object\",\"properties\":{\"q\":{\"type\":\"string\"}}}}]}",
     "{\"model\":\"claude\",\"max_tokens\":64,\"system\":\"Be terse.\",\"temperature\":0,"
-    "\"messages\":[{\"role\":\"user\",\"content\":\"Hello there\"}]}",
+    "\"messages\":[{\"role\":\"user\",\"content\":\"Hello there\"}],\"tools\":[{\"type\":"
+    "\"web_search_20250305\",\"name\":\"web_search\",\"max_uses\":3}]}",
     "{\"model\":\"chat\",\"max_tokens\":32,\"stream\":true,\"system\":[{\"type\":\"text\","
     "\"text\":\"Be terse.\",\"cache_control\":{\"type\":\"ephemeral\"}}],\"messages\":["
     "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"What is this?\"},"
@@ -561,7 +562,7 @@ static void add_headers(struct buf *h, struct request *r)
         "x-mock-retry-after: 0\r\n", "x-mock-token-delay-ms: 1\r\n",
         "x-mock-service-tier: flex\r\n", "x-mock-service-tier: default\r\n",
         "x-mock-cached-tokens: 3\r\n", "x-mock-cache-write-tokens: 5\r\n",
-        "x-mock-cache-write-1h-tokens: 2\r\n",
+        "x-mock-cache-write-1h-tokens: 2\r\n", "x-mock-web-searches: 2\r\n",
         "anthropic-version: 2023-06-01\r\n", "anthropic-beta: fuzz-1\r\n",
     };
     static const char *const other[] = {
