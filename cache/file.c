@@ -11,6 +11,7 @@
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
 #include <time.h>
@@ -20,6 +21,7 @@
 #include "common/log.h"
 
 #define FILE_INT_MAX 9007199254740992.0 /* 2^53: integers a JSON number holds exactly */
+#define FILE_LINE_MAX 4096                /* longer: not a line the router wrote */
 
 static int write_all(int fd, const char *p, size_t n)
 {
@@ -126,6 +128,33 @@ int cache__file_parse_day(const char *s, struct cache__period *p)
     p->day = (uint32_t)(t / 86400);
     p->month = (uint32_t)(y * 12 + m - 1);
     return 0;
+}
+
+const char *cache__file_each_object(FILE *f, cache__file_object_fn *fn, void *arg,
+                                    size_t *lineno)
+{
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t len;
+    const char *why = NULL;
+
+    *lineno = 0;
+    while (why == NULL && (len = getline(&line, &cap, f)) >= 0) {
+        cJSON *o;
+
+        ++*lineno;
+        if (len > FILE_LINE_MAX || (size_t)len != strlen(line)) {
+            why = "line too long or holds a NUL";
+            break;
+        }
+        o = cJSON_Parse(line);
+        why = cJSON_IsObject(o) ? fn(arg, o, *lineno) : "not a JSON object";
+        cJSON_Delete(o);
+    }
+    free(line);
+    if (why == NULL && ferror(f))
+        why = strerror(errno);
+    return why;
 }
 
 int cache__file_get_int(const cJSON *o, const char *name, int64_t *out)

@@ -14,6 +14,7 @@
 #define CACHE_INTERNAL_H
 
 #include <stddef.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <uv.h>
 
@@ -169,6 +170,15 @@ int cache__file_lock(const char *path, const char *what);
 /* "YYYY-MM-DD" of a period's day, and back (-1: not such a date). */
 void cache__file_day_text(const struct cache__period *p, char out[16]);
 int cache__file_parse_day(const char *s, struct cache__period *p);
+/* Read `f` a line at a time, each a JSON object handed to `fn` with its
+ * line number (1 first), until fn says what is wrong with one (its
+ * answer, not NULL) or the file ends. NULL when every line was read and
+ * taken, else what is wrong: fn's answer, a line that is not a JSON
+ * object, too long or holding a NUL, or a read error. *lineno: the lines
+ * read, the wrong one last. */
+typedef const char *cache__file_object_fn(void *arg, const struct cJSON *o, size_t lineno);
+const char *cache__file_each_object(FILE *f, cache__file_object_fn *fn, void *arg,
+                                    size_t *lineno);
 /* A whole number in [0, 2^53] under `name` of `o`; -1 if absent or not. */
 int cache__file_get_int(const struct cJSON *o, const char *name, int64_t *out);
 

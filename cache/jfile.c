@@ -56,7 +56,6 @@
 #include "common/log.h"
 
 #define JFILE_VERSION 1
-#define JFILE_LINE_MAX 4096    /* longer: not a line we wrote */
 
 /* ---- saving ---- */
 
@@ -197,47 +196,39 @@ static int parse_header(const cJSON *o, int64_t *count, int64_t *sum)
     return 0;
 }
 
+/* What the header says, as the load reads it. */
+struct jfile_load {
+    struct cache *c;
+    int64_t count; /* the header's entries */
+    int64_t sum;   /* the header's micro_usd */
+};
+
 /* Line `lineno` (1 is the header) into the journal. NULL or what is wrong. */
-static const char *load_line(struct cache *c, const char *line, size_t lineno, int64_t *count,
-                             int64_t *sum)
+static const char *load_object(void *arg, const cJSON *o, size_t lineno)
 {
-    cJSON *o = cJSON_Parse(line);
+    struct jfile_load *l = arg;
+    struct cache__jentry *e;
     const char *why = NULL;
 
-    if (!cJSON_IsObject(o))
-        why = "not a JSON object";
-    else if (lineno == 1 && parse_header(o, count, sum) < 0)
-        why = "not a costrouter journal header (version 1)";
-    else if (lineno > 1) {
-        struct cache__jentry *e = parse_entry(o, &why);
-        if (e)
-            cache__journal_readd(&c->journal, e, 0);
-    }
-    cJSON_Delete(o);
+    if (lineno == 1)
+        return parse_header(o, &l->count, &l->sum) < 0
+                   ? "not a costrouter journal header (version 1)"
+                   : NULL;
+    e = parse_entry(o, &why);
+    if (e)
+        cache__journal_readd(&l->c->journal, e, 0);
     return why;
 }
 
 /* Load `f` (the file) into the journal; 0 or -1 (logged). */
 static int load(struct cache *c, FILE *f)
 {
-    char *line = NULL;
-    size_t cap = 0, lineno = 0;
-    ssize_t len;
-    int64_t count = -1, sum = 0;
-    const char *why = NULL;
+    struct jfile_load l = {.c = c, .count = -1};
+    size_t lineno;
+    const char *why = cache__file_each_object(f, load_object, &l, &lineno);
 
-    while (why == NULL && (len = getline(&line, &cap, f)) >= 0) {
-        lineno++;
-        if (len > JFILE_LINE_MAX || (size_t)len != strlen(line))
-            why = "line too long or holds a NUL";
-        else
-            why = load_line(c, line, lineno, &count, &sum);
-    }
-    free(line);
-    if (why == NULL && ferror(f))
-        why = strerror(errno);
-    if (why == NULL && (lineno == 0 || (int64_t)c->journal.count != count ||
-                        c->journal.amount != sum)) {
+    if (why == NULL && (lineno == 0 || (int64_t)c->journal.count != l.count ||
+                        c->journal.amount != l.sum)) {
         why = "entries or micro_usd differ from the header's (cut short?)";
         lineno = lineno ? 1 : 0;
     }

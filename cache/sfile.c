@@ -43,7 +43,6 @@
 
 #define SFILE_VERSION 1
 #define SFILE_SAVE_MS 1000  /* a crash loses at most this much of the spend */
-#define SFILE_LINE_MAX 4096 /* longer: not a line we wrote */
 
 /* ---- saving ---- */
 
@@ -182,7 +181,6 @@ static void tick(uv_timer_t *t)
 
 struct sfile_load {
     struct cache *c;
-    struct cache__map seen; /* subjects read so far */
     int64_t subjects;       /* the header's */
     int64_t day_sum;        /* the header's */
     int64_t month_sum;      /* the header's */
@@ -224,10 +222,10 @@ static const char *parse_subject(struct sfile_load *l, const cJSON *o)
         return "bad day (YYYY-MM-DD)";
     if (day_spent > month_spent)
         return "day_micro_usd above month_micro_usd (a day's spend is in its month's)";
-    if (cache__map_find(&l->seen, subject->valuestring, n) != NULL)
+    /* The store is empty before the load: a subject it has came earlier. */
+    if (cache__map_find(&l->c->local.tenants, subject->valuestring, n) != NULL)
         return "subject named twice";
-    if (cache__map_add(&l->seen, subject->valuestring, n) == NULL ||
-        cache__local_restore(&l->c->local, subject->valuestring, &saved, day_spent,
+    if (cache__local_restore(&l->c->local, subject->valuestring, &saved, day_spent,
                              month_spent) < 0)
         return strerror(ENOMEM);
     l->n++;
@@ -240,36 +238,16 @@ static const char *parse_subject(struct sfile_load *l, const cJSON *o)
 }
 
 /* Line `lineno` (1 is the header): NULL, or what is wrong with it. */
-static const char *load_line(struct sfile_load *l, const char *line, size_t lineno)
+static const char *load_object(void *arg, const cJSON *o, size_t lineno)
 {
-    cJSON *o = cJSON_Parse(line);
-    const char *why;
-
-    if (!cJSON_IsObject(o))
-        why = "not a JSON object";
-    else
-        why = lineno == 1 ? parse_header(l, o) : parse_subject(l, o);
-    cJSON_Delete(o);
-    return why;
+    return lineno == 1 ? parse_header(arg, o) : parse_subject(arg, o);
 }
 
 static int load(struct sfile_load *l, FILE *f)
 {
-    char *line = NULL;
-    size_t cap = 0, lineno = 0;
-    ssize_t len;
-    const char *why = NULL;
+    size_t lineno;
+    const char *why = cache__file_each_object(f, load_object, l, &lineno);
 
-    while (why == NULL && (len = getline(&line, &cap, f)) >= 0) {
-        lineno++;
-        if (len > SFILE_LINE_MAX || (size_t)len != strlen(line))
-            why = "line too long or holds a NUL";
-        else
-            why = load_line(l, line, lineno);
-    }
-    free(line);
-    if (why == NULL && ferror(f))
-        why = strerror(errno);
     if (why == NULL && (lineno == 0 || l->n != l->subjects || l->day_total != l->day_sum ||
                         l->month_total != l->month_sum)) {
         why = "subjects or sums differ from the header's (cut short?)";
@@ -311,7 +289,6 @@ int cache__sfile_open(struct cache *c)
     if (f != NULL) {
         rc = load(&l, f);
         fclose(f);
-        cache__map_free(&l.seen, NULL);
         if (rc < 0) {
             open_failed(c);
             return -1;
