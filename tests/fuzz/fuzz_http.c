@@ -239,8 +239,6 @@ static void write_conf(void)
 
 static void start_all(const char *router_bin)
 {
-    char cmd[1024], *argv[] = {"/bin/sh", "-c", cmd, NULL};
-
     if (mkdtemp(workdir) == NULL)
         fail("mkdtemp: %s", strerror(errno));
     snprintf(conf_path, sizeof(conf_path), "%s/costrouter.yaml", workdir);
@@ -258,8 +256,7 @@ static void start_all(const char *router_bin)
     snprintf(ca_file, sizeof(ca_file), "%s/ca.crt", ca_dir);
     write_conf();
     /* ASan's and UBSan's reports go to the log, which is scanned at the end. */
-    snprintf(cmd, sizeof(cmd), "exec '%s' -c '%s' 2>>'%s'", router_bin, conf_path, stderr_path);
-    if (support_proc_start(&router, argv) != 0)
+    if (support_router_start(&router, router_bin, conf_path, stderr_path) != 0)
         fail("the router did not start (config %s)", conf_path);
 }
 

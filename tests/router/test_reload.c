@@ -87,7 +87,6 @@ static void conf_text(struct buf *out, const char *top, const char *routes)
 static void start_with(const char *top, const char *routes)
 {
     struct buf text = {0};
-    char cmd[512], *argv[] = {"/bin/sh", "-c", cmd, NULL};
     FILE *f;
 
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
@@ -102,9 +101,8 @@ static void start_with(const char *top, const char *routes)
     fwrite(text.data, 1, text.len, f);
     fclose(f);
     buf_free(&text);
-    snprintf(cmd, sizeof(cmd), "exec '%s' -c '%s' 2>>'%s'", getenv("COSTROUTER_BIN"), conf_path,
-             log_path);
-    cr_assert_eq(support_proc_start(&router, argv), 0, "the router did not start");
+    cr_assert_eq(support_router_start(&router, NULL, conf_path, log_path), 0,
+                 "the router did not start");
     cr_assert_eq(unlink(conf_path), 0);
     cr_assert_eq(mkfifo(conf_path, 0600), 0);
 }

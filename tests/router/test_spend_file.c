@@ -95,11 +95,7 @@ static void write_conf(long long daily)
  * as support_proc_start(). */
 static int start(struct support_proc *p)
 {
-    char cmd[512], *argv[] = {"/bin/sh", "-c", cmd, NULL};
-
-    snprintf(cmd, sizeof(cmd), "exec '%s' -c '%s' 2>>'%s'", getenv("COSTROUTER_BIN"), conf_path,
-             err_path);
-    return support_proc_start(p, argv);
+    return support_router_start(p, NULL, conf_path, err_path);
 }
 
 static int call(const char *method, const char *path, const char *headers, const char *body)

@@ -278,6 +278,20 @@ int support_log_count(const char *path, const char *text)
     return n;
 }
 
+int support_router_start(struct support_proc *p, const char *bin, const char *conf_path,
+                         const char *log_path)
+{
+    char cmd[1024], *argv[] = {"/bin/sh", "-c", cmd, NULL};
+
+    if (bin == NULL)
+        bin = getenv("COSTROUTER_BIN");
+    if (bin == NULL ||
+        snprintf(cmd, sizeof(cmd), "exec '%s' -c '%s' 2>>'%s'", bin, conf_path, log_path) >=
+            (int)sizeof(cmd))
+        return -EINVAL;
+    return support_proc_start(p, argv);
+}
+
 char *support_file_read(const char *path)
 {
     FILE *f = fopen(path, "r");

@@ -67,6 +67,13 @@ void support_key_sha256_hex(const char *key, char hex[65]);
  * code (0-255), 128+signal if killed, or a negative errno (-ETIMEDOUT). */
 int support_run(char *const argv[], struct buf *out, int timeout_ms);
 
+/* Start the router `bin` (NULL: $COSTROUTER_BIN) on the config at
+ * `conf_path`, its stderr appended to `log_path` (where its log, and under
+ * the sanitizers their reports, can be read). Returns as
+ * support_proc_start(). */
+int support_router_start(struct support_proc *p, const char *bin, const char *conf_path,
+                         const char *log_path) __attribute__((warn_unused_result));
+
 /* Lines of the file at `path` (a child's log) that hold `text`, or -1
  * when it cannot be read. */
 int support_log_count(const char *path, const char *text);
