@@ -15,6 +15,8 @@
  * proxy.c: choices[].text, choices[].message.content and its tool calls'
  * function.arguments; of a Responses answer, output[].content[].text and
  * output[].arguments) are handed to `on_text` as they pass, for counting.
+ * A Responses answer's web search calls (output[] items of type
+ * web_search_call) are counted as they pass too: OpenAI bills each.
  *
  * Bounded: the answer itself is never kept. yajl keeps a token that is
  * cut between two reads (a long string) until it ends, so a token longer
@@ -70,6 +72,7 @@ enum bigusage_role {
     BIGUSAGE_PARTS,    /* a message item's "content" */
     BIGUSAGE_PART,     /* one of them */
     BIGUSAGE_TEXT,     /* counted: a string, or an array of strings and token ids */
+    BIGUSAGE_TYPE,     /* an output item's "type": a web search call is billed */
 };
 
 /* Which key of which object leads where. */
@@ -89,6 +92,7 @@ static const struct {
     {BIGUSAGE_ITEM, "content", BIGUSAGE_PARTS},
     {BIGUSAGE_ITEM, "arguments", BIGUSAGE_TEXT},
     {BIGUSAGE_PART, "text", BIGUSAGE_TEXT},
+    {BIGUSAGE_ITEM, "type", BIGUSAGE_TYPE},
 };
 
 /* A map or an array open at some depth. */
@@ -107,6 +111,7 @@ struct router__bigusage {
     enum bigusage_state state;  /* where the reading is */
     unsigned depth;             /* open maps and arrays, the root's included */
     unsigned capture_depth;     /* depth when the usage value began */
+    int64_t searches;           /* output items of type web_search_call read */
     uint64_t fed;               /* bytes given to the parser before this slice */
     uint64_t token_end;         /* offset just past the last token yajl reported */
     size_t len;                 /* bytes in text */
@@ -238,6 +243,9 @@ static int bigusage_string(void *ctx, const unsigned char *s, size_t len)
 
     bigusage_token(b);
     bigusage_text(b, (const char *)s, len);
+    if (bigusage_value_role(b) == BIGUSAGE_TYPE && len == 15 &&
+        memcmp(s, "web_search_call", 15) == 0)
+        b->searches++;
     return bigusage_event(b, BIGUSAGE_GEN(b, yajl_gen_string(b->gen, s, len)));
 }
 
@@ -392,6 +400,11 @@ const char *router__bigusage_text(const struct router__bigusage *b, size_t *len)
 {
     *len = b->len;
     return b->text;
+}
+
+int64_t router__bigusage_searches(const struct router__bigusage *b)
+{
+    return b->searches;
 }
 
 void router__bigusage_free(struct router__bigusage *b)

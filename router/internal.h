@@ -285,11 +285,19 @@ struct router__request {
     int64_t cache_write_tokens;          /* Anthropic's cache_creation_input_tokens, -1 unknown */
     int64_t cache_write_1h_tokens;       /* of those, written to the 1-hour cache, -1 unknown */
     int64_t web_searches;                /* server-side web searches its usage reported (the
-                                            last count seen), -1 none reported: billed 0 */
+                                            last count seen; /v1/responses: the web search
+                                            calls of its whole output), -1 none reported */
     int64_t input_tokens;                /* Anthropic's input_tokens (neither read from nor
                                             written to the cache), -1 unknown */
     int64_t web_searches_held;           /* web searches its hold counts: its web search
-                                            tools' max_uses (/v1/messages), else 0 */
+                                            tools' max_uses (/v1/messages), its
+                                            max_tool_calls with a web search tool
+                                            (/v1/responses), else 0 */
+    int64_t web_search_calls;            /* web search calls of a Responses answer seen as
+                                            they passed (a stream's output_item.done events,
+                                            the items read of an answer too big to hold):
+                                            billed when its whole output says fewer or
+                                            never came */
     int8_t asked_tier;                   /* enum conf_service_tier of its "service_tier" */
     int8_t answered_tier;                /* the answer's (tiered backends), -1 unknown */
     uint64_t start_ms;                   /* loop time the request was complete */
@@ -666,8 +674,9 @@ struct router__usage {
     int64_t cache_write_tokens; /* Anthropic's cache_creation_input_tokens, -1 when absent */
     int64_t cache_write_1h_tokens; /* of those, its cache_creation.ephemeral_1h_input_tokens,
                                       -1 when absent */
-    int64_t web_searches;      /* Anthropic's server_tool_use.web_search_requests, -1 when
-                                  this usage does not say (billed as none) */
+    int64_t web_searches;      /* Anthropic's server_tool_use.web_search_requests (a
+                                  Responses terminal event: its web_search_call items),
+                                  -1 when this usage does not say (billed as none) */
 };
 /* Find complete events in `sse` (appended bytes), call `on_event` for
  * each with the event bytes including its terminating blank line, and
@@ -684,11 +693,17 @@ int router__usage_parse(const char *json, size_t len, struct router__usage *out,
                         int *choices_empty);
 /* One event of a /v1/responses stream (its data payload): *text_delta is
  * set when its type is response.output_text.delta (the events an answer
- * without usage is charged by); returns 1 with the usage of a terminal
- * event (response.completed, .incomplete or .failed), read from its
- * "response" object as router__usage_parse reads a body's, else 0. */
+ * without usage is charged by), *search_done when it is
+ * response.output_item.done with a web_search_call item; returns 1 with
+ * the usage of a terminal event (response.completed, .incomplete or
+ * .failed), read from its "response" object as router__usage_parse reads
+ * a body's, else 0. A terminal event's out->web_searches is the count of
+ * its response's web search calls (router__responses_searches). */
 int router__responses_event(const char *json, size_t len, struct router__usage *out,
-                            int *text_delta);
+                            int *text_delta, int *search_done);
+/* The web search calls (items of type web_search_call) in the root's
+ * "output" of a Responses answer, -1 when it has no output array. */
+int64_t router__responses_searches(const char *json, size_t len);
 /* The service tier an answer says it was billed at: the root object's
  * "service_tier" (a whole answer, or a stream's chunk) as an enum
  * conf_service_tier, any name but flex and priority being the standard
@@ -727,6 +742,8 @@ struct router__bigusage *router__bigusage_new(void (*on_text)(void *arg, const c
 int router__bigusage_feed(struct router__bigusage *b, const char *p, size_t len);
 /* After a 1: {"usage":<its value>} for router__usage_parse. */
 const char *router__bigusage_text(const struct router__bigusage *b, size_t *len);
+/* The web search calls (output items of type web_search_call) read so far. */
+int64_t router__bigusage_searches(const struct router__bigusage *b);
 void router__bigusage_free(struct router__bigusage *b);
 
 #endif

@@ -424,18 +424,43 @@ static enum conf_service_tier asked_tier(const cJSON *json)
                              : CONF_TIER_STANDARD;
 }
 
-/* A web search tool's type, versioned: web_search_20250305, ... */
-#define PROXY_WEB_SEARCH_TYPE "web_search_"
-/* max_uses past this counts as this: still a hold no budget fits ($10,000
- * at $10 per 1,000), and a count a double holds exactly. */
+/* A web search tool's type: Anthropic's is versioned (web_search_20250305),
+ * OpenAI's Responses API has web_search, web_search_preview and dated
+ * versions of both. */
+#define PROXY_ANTHROPIC_SEARCH_TYPE "web_search_"
+#define PROXY_OPENAI_SEARCH_TYPE "web_search"
+/* A cap past this counts as this: still a hold no budget fits ($10,000 at
+ * $10 per 1,000), and a count a double holds exactly. */
 #define PROXY_WEB_SEARCHES_MAX 1000000
 
-/* The web searches a /v1/messages request may make: the sum of its web
- * search tools' max_uses, which the API does not exceed. A tool without
- * max_uses adds nothing: how many searches Claude makes is not known
- * before, and the charge (the usage's count) is exact anyway. Read once
- * per request, as the estimate is. */
-static int64_t web_searches_held(const cJSON *json)
+/* Is `tool` (an item of a request's "tools") of a type that starts with
+ * `prefix`? */
+static int tool_type_is(const cJSON *tool, const char *prefix)
+{
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(tool, "type");
+
+    return cJSON_IsString(type) && strncmp(type->valuestring, prefix, strlen(prefix)) == 0;
+}
+
+/* A cap on calls (max_uses, max_tool_calls) as a count of searches: 0
+ * when absent, not a whole number or below 1 (the API refuses those). */
+static int64_t searches_capped(const cJSON *max)
+{
+    if (!cJSON_IsNumber(max) || !(max->valuedouble >= 1))
+        return 0;
+    if (max->valuedouble > PROXY_WEB_SEARCHES_MAX)
+        return PROXY_WEB_SEARCHES_MAX;
+    return max->valuedouble == (double)(int64_t)max->valuedouble ? (int64_t)max->valuedouble : 0;
+}
+
+/* The web searches a request may make, by its own caps, which the APIs do
+ * not exceed: on /v1/messages the sum of its web search tools' max_uses;
+ * on /v1/responses, with a web search tool, its max_tool_calls (a cap on
+ * all its built-in tool calls). A request without a cap holds for none:
+ * how many searches the model makes is not known before, and the charge
+ * (the answer's count) is exact anyway. Read once per request, as the
+ * estimate is. */
+static int64_t web_searches_held(const cJSON *json, int endpoint)
 {
     const cJSON *tools = cJSON_GetObjectItemCaseSensitive(json, "tools"), *tool;
     int64_t held = 0;
@@ -443,18 +468,10 @@ static int64_t web_searches_held(const cJSON *json)
     if (!cJSON_IsArray(tools))
         return 0;
     cJSON_ArrayForEach(tool, tools) {
-        const cJSON *type = cJSON_GetObjectItemCaseSensitive(tool, "type");
-        const cJSON *max = cJSON_GetObjectItemCaseSensitive(tool, "max_uses");
-
-        if (!cJSON_IsString(type) ||
-            strncmp(type->valuestring, PROXY_WEB_SEARCH_TYPE, sizeof(PROXY_WEB_SEARCH_TYPE) - 1) !=
-                0 ||
-            !cJSON_IsNumber(max) || !(max->valuedouble >= 1))
-            continue;
-        if (max->valuedouble > PROXY_WEB_SEARCHES_MAX)
-            held += PROXY_WEB_SEARCHES_MAX;
-        else if (max->valuedouble == (double)(int64_t)max->valuedouble)
-            held += (int64_t)max->valuedouble; /* not a fraction, which the API refuses */
+        if (endpoint == ROUTER_EP_RESPONSES && tool_type_is(tool, PROXY_OPENAI_SEARCH_TYPE))
+            return searches_capped(cJSON_GetObjectItemCaseSensitive(json, "max_tool_calls"));
+        if (endpoint == ROUTER_EP_MESSAGES && tool_type_is(tool, PROXY_ANTHROPIC_SEARCH_TYPE))
+            held += searches_capped(cJSON_GetObjectItemCaseSensitive(tool, "max_uses"));
     }
     return held;
 }
@@ -476,8 +493,7 @@ static void estimate(struct router__client *c)
         cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_completion_tokens")) ||
         cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_output_tokens"));
     req->asked_tier = (int8_t)asked_tier(req->json);
-    if (req->endpoint == ROUTER_EP_MESSAGES)
-        req->web_searches_held = web_searches_held(req->json);
+    req->web_searches_held = web_searches_held(req->json, req->endpoint);
     if (req->endpoint == ROUTER_EP_EMBEDDINGS || req->endpoint == ROUTER_EP_COUNT_TOKENS)
         req->completion_pred = 0;
     else
@@ -1481,10 +1497,13 @@ static int on_sse_event(void *arg, const char *p, size_t len)
         if (req->endpoint == ROUTER_EP_RESPONSES || req->endpoint == ROUTER_EP_MESSAGES) {
             int found, messages = req->endpoint == ROUTER_EP_MESSAGES;
 
+            int search_done = 0;
+
             router__json_enter(req); /* usage's few cJSON nodes in the request's arena */
             found = messages ? router__messages_event(data, dlen, &u, &counted)
-                             : router__responses_event(data, dlen, &u, &counted);
+                             : router__responses_event(data, dlen, &u, &counted, &search_done);
             router__json_leave();
+            req->web_search_calls += search_done;
             if (found)
                 note_usage(req, &u);
             if (found && !messages && req->pool->conf->tiered)
@@ -1543,6 +1562,8 @@ static void big_usage_stop(struct router__request *req, const char *why)
     if (why != NULL)
         log_info("request %s: backend %s's answer over %u bytes %s; charged as one without usage",
                  req->id_str, req->pool->conf->name, PROXY_HOLD_BODY_MAX, why);
+    /* The web search calls it read before it stopped were made. */
+    req->web_search_calls = router__bigusage_searches(req->big_usage);
     router__bigusage_free(req->big_usage);
     req->big_usage = NULL;
 }
@@ -1659,7 +1680,7 @@ static struct backend_tokens tokens_used(const struct router__request *req)
     t.cached = req->cached_tokens > 0 ? req->cached_tokens : 0;
     t.cache_write = req->cache_write_tokens > 0 ? req->cache_write_tokens : 0;
     t.cache_write_1h = req->cache_write_1h_tokens > 0 ? req->cache_write_1h_tokens : 0;
-    t.web_searches = req->web_searches > 0 ? req->web_searches : 0;
+    t.web_searches = MAX(MAX(req->web_searches, req->web_search_calls), 0);
     return t;
 }
 
@@ -1828,6 +1849,8 @@ void router__proxy_on_complete(struct router__client *c)
     if (!req->is_sse && req->up_body.len > 0 &&
         usage_of(req, req->up_body.data, req->up_body.len, &u, NULL))
         note_usage(req, &u);
+    if (!req->is_sse && req->up_body.len > 0 && req->endpoint == ROUTER_EP_RESPONSES)
+        req->web_searches = router__responses_searches(req->up_body.data, req->up_body.len);
     if (!req->is_sse && req->up_body.len > 0 && req->pool->conf->tiered)
         req->answered_tier = (int8_t)router__service_tier(req->up_body.data, req->up_body.len);
     if (!req->is_sse && req->completion_tokens < 0 && req->up_body.len > 0)

@@ -16,7 +16,10 @@
  * (read as they are: its input_tokens counts neither, and proxy.c adds
  * them up) and server_tool_use.web_search_requests, the web searches
  * billed per use; a stream has them in message_start's "message" and in
- * message_delta (router__messages_event).
+ * message_delta (router__messages_event). OpenAI's Responses API bills its
+ * web searches per call too, but says so in no usage: its answer's output
+ * has a web_search_call item for each (router__responses_searches), and a
+ * stream sends each in a response.output_item.done event.
  */
 #define _GNU_SOURCE
 #include <cjson/cJSON.h>
@@ -359,19 +362,76 @@ static int terminal_response(const char *json, const char *end, const char *type
     return (*resp = member_object(json, end, LIT("\"response\""), resp_end)) != NULL;
 }
 
+/* Is the object in [item, end) a web search call of a Responses answer? */
+static int search_item(const char *item, const char *end)
+{
+    return value_is(member_value(item, end, LIT("\"type\"")), end, LIT("\"web_search_call\""));
+}
+
+/* Just past the JSON value that starts at p, or NULL when it does not end
+ * before `end`. A number or literal ends where a delimiter or space does. */
+static const char *element_end(const char *p, const char *end)
+{
+    if (*p == '"')
+        return string_end(p, end);
+    if (*p == '{' || *p == '[')
+        return value_end(p, end);
+    while (p < end && *p != ',' && *p != ']' && *p != '}' && !json_space(*p))
+        p++;
+    return p < end ? p : NULL;
+}
+
+/* The web search calls among the items of the root's "output" array, or
+ * -1 when there is no such array. The items are walked, not parsed: an
+ * answer's output can be large, and only their types count. */
+static int64_t output_searches(const char *json, const char *end)
+{
+    const char *p = member_value(json, end, LIT("\"output\"")), *item_end;
+    int64_t n = 0;
+
+    if (p == NULL || p >= end || *p != '[')
+        return -1;
+    for (p = skip_space(p + 1, end); p < end && *p != ']'; p = skip_space(p + 1, end)) {
+        if ((item_end = element_end(p, end)) == NULL)
+            break;
+        if (*p == '{')
+            n += search_item(p, item_end);
+        p = skip_space(item_end, end);
+        if (p >= end || *p != ',')
+            break;
+    }
+    return n;
+}
+
+int64_t router__responses_searches(const char *json, size_t len)
+{
+    return output_searches(json, json + len);
+}
+
 int router__responses_event(const char *json, size_t len, struct router__usage *out,
-                            int *text_delta)
+                            int *text_delta, int *search_done)
 {
     const char *end = json + len, *type = member_value(json, end, LIT("\"type\""));
-    const char *resp, *resp_end;
+    const char *resp, *resp_end, *item, *item_end;
+    int found;
 
     usage_unknown(out);
+    *search_done = 0;
     *text_delta = value_is(type, end, LIT("\"response.output_text.delta\""));
-    if (*text_delta || !terminal_response(json, end, type, &resp, &resp_end))
+    if (*text_delta)
+        return 0;
+    if (value_is(type, end, LIT("\"response.output_item.done\""))) {
+        item = member_object(json, end, LIT("\"item\""), &item_end);
+        *search_done = item != NULL && search_item(item, item_end);
+        return 0;
+    }
+    if (!terminal_response(json, end, type, &resp, &resp_end))
         return 0;
     /* The response object alone is a root of its own: its usage is found
      * as a body's is, and no "usage" of the event's own can stand in. */
-    return router__usage_parse(resp, (size_t)(resp_end - resp), out, NULL);
+    found = router__usage_parse(resp, (size_t)(resp_end - resp), out, NULL);
+    out->web_searches = output_searches(resp, resp_end);
+    return found;
 }
 
 int router__service_tier(const char *json, size_t len)

@@ -43,8 +43,11 @@
  * stop_reason "max_tokens" when capped, else "end_turn"), or for responses
  * max_output_tokens (finish_reason "length", or status "incomplete", when
  * capped, else "stop"). Responses report x-mock-cached-tokens (capped by
- * the prompt) as input_tokens_details.cached_tokens. Token i is the word WORDS[i % 16]; the text is the
- * tokens joined by single spaces, so a stream's deltas are "The", " quick".
+ * the prompt) as input_tokens_details.cached_tokens; with x-mock-web-searches: N
+ * their output has N web_search_call items before the message (a stream: an
+ * output_item.added and .done event for each, after response.created).
+ * Token i is the word WORDS[i % 16]; the text is the tokens joined by single
+ * spaces, so a stream's deltas are "The", " quick".
  *
  * Timing: a streamed token i goes out at ttft + i * token_delay; the SSE
  * headers go with token 0, the end (usage chunk, [DONE]) with the last
@@ -493,6 +496,17 @@ static void put_pad(struct buf *b, int n)
     puts_(b, "\",");
 }
 
+/* Append web search call i of a Responses answer to b: in progress (as
+ * output_item.added shows it) or done (as .done and the whole answer do). */
+static void put_search_item(struct buf *b, const struct mockllm_plan *p, int i, int done)
+{
+    putf(b, "{\"type\":\"web_search_call\",\"id\":\"ws_mock-%llu-%d\",\"status\":\"%s\"",
+         (unsigned long long)p->id, i, done ? "completed" : "in_progress");
+    if (done)
+        puts_(b, ",\"action\":{\"type\":\"search\",\"query\":\"the quick brown fox\"}");
+    puts_(b, "}");
+}
+
 /* Append a Responses API response object to b: in progress (no output
  * yet, usage null), or done: "completed", or "incomplete" when
  * max_output_tokens cut it, with its one message and its usage (left
@@ -508,6 +522,10 @@ static void put_response_object(struct buf *b, const struct mockllm_plan *p, int
     put(b, p->model.data, p->model.len);
     puts_(b, "\",\"output\":[");
     if (done) {
+        for (int i = 0; i < p->web_searches; i++) {
+            put_search_item(b, p, i, 1);
+            put(b, ",", 1);
+        }
         putf(b, "{\"type\":\"message\",\"id\":\"msg_mock-%llu\",\"status\":\"%s\","
                 "\"role\":\"assistant\",\"content\":[{\"type\":\"output_text\",\"text\":\"",
              (unsigned long long)p->id, cut ? "incomplete" : "completed");
@@ -661,6 +679,31 @@ static void put_event(struct mockllm_conn *c)
     put(&c->out, "\r\n", 2);
 }
 
+/* Web search calls before a Responses answer's message: its output index. */
+static int searches_before(const struct mockllm_plan *p)
+{
+    return p->web_searches > 0 ? p->web_searches : 0;
+}
+
+/* A Responses stream's web search calls, after response.created: each
+ * added, then done (sequence numbers 1 to 2N). */
+static void put_responses_searches(struct mockllm_conn *c)
+{
+    struct mockllm_plan *p = &c->plan;
+
+    for (int i = 0; i < searches_before(p); i++) {
+        for (int done = 0; done <= 1; done++) {
+            const char *type = done ? "response.output_item.done" : "response.output_item.added";
+
+            start_responses_event(type, 2 * i + 1 + done);
+            putf(&scratch, "\"output_index\":%d,\"item\":", i);
+            put_search_item(&scratch, p, i, done);
+            puts_(&scratch, "}\n\n");
+            put_event(c);
+        }
+    }
+}
+
 /* The lifecycle event a Responses stream begins or ends with (`done`):
  * response.created, then response.completed (or .incomplete) with the
  * whole response and its usage. */
@@ -670,11 +713,13 @@ static void put_responses_edge(struct mockllm_conn *c, int done)
     const char *type = !done ? "response.created"
                        : p->finish[0] == 'l' ? "response.incomplete" : "response.completed";
 
-    start_responses_event(type, done ? p->tokens + 1 : 0);
+    start_responses_event(type, done ? 2 * searches_before(p) + p->tokens + 1 : 0);
     puts_(&scratch, "\"response\":");
     put_response_object(&scratch, p, done);
     puts_(&scratch, "}\n\n");
     put_event(c);
+    if (!done)
+        put_responses_searches(c);
 }
 
 /* Token p->sent as a response.output_text.delta event. */
@@ -682,11 +727,11 @@ static void put_responses_delta(struct mockllm_conn *c)
 {
     struct mockllm_plan *p = &c->plan;
 
-    start_responses_event("response.output_text.delta", p->sent + 1);
+    start_responses_event("response.output_text.delta", 2 * searches_before(p) + p->sent + 1);
     if (p->event_pad > 0)
         put_pad(&scratch, p->event_pad);
-    putf(&scratch, "\"item_id\":\"msg_mock-%llu\",\"output_index\":0,\"content_index\":0,"
-                   "\"delta\":\"", (unsigned long long)p->id);
+    putf(&scratch, "\"item_id\":\"msg_mock-%llu\",\"output_index\":%d,\"content_index\":0,"
+                   "\"delta\":\"", (unsigned long long)p->id, searches_before(p));
     put_token(&scratch, p->sent);
     puts_(&scratch, "\"}\n\n");
     put_event(c);
@@ -1015,6 +1060,7 @@ static int plan_from_body(struct mockllm_conn *c, const cJSON *body, const struc
         p->prompt_tokens = responses_prompt_tokens(body);
         p->cached_tokens = o->cached_tokens < p->prompt_tokens ? o->cached_tokens
                                                                : p->prompt_tokens;
+        p->web_searches = o->web_searches;
         return 0;
     }
     if (p->endpoint == EP_COUNT_TOKENS) {

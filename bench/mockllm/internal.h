@@ -79,8 +79,9 @@ struct mockllm_plan {
     int cache_write_tokens;  /* x-mock-cache-write-tokens (messages), at most what
                                 prompt_tokens leaves after cached_tokens */
     int cache_write_1h_tokens; /* x-mock-cache-write-1h-tokens: of those, the 1-hour ones */
-    int web_searches;        /* x-mock-web-searches (messages): the usage's
-                                server_tool_use.web_search_requests, -1 for none */
+    int web_searches;        /* x-mock-web-searches: (messages) the usage's
+                                server_tool_use.web_search_requests, (responses) that
+                                many web_search_call items before the message; -1 for none */
     const char *finish;      /* "stop" or "length" */
     const char *service_tier; /* the "service_tier" the answer names, or NULL for none */
     uint64_t id;             /* number in the response id */

@@ -728,6 +728,56 @@ Test(mockllm, responses_stream_created_deltas_then_completed_without_done)
     stop_clean();
 }
 
+/* x-mock-web-searches: N puts N web_search_call items before the message
+ * of a Responses answer (its usage says nothing of them, as OpenAI's
+ * does not); a stream has an output_item.added and .done event for each
+ * after response.created, and its terminal response lists them too. */
+Test(mockllm, responses_report_web_search_calls)
+{
+    const cJSON *output, *item;
+    struct buf events = {0};
+    char *parts[12];
+    cJSON *e;
+
+    cr_assert_eq(support_mockllm_start(&mock, "--tokens", "2", NULL), 0);
+    cr_assert_eq(call("POST", "/v1/responses", "x-mock-web-searches: 2\r\n",
+                      "{\"model\":\"m\",\"input\":\"a b\"}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    output = cJSON_GetObjectItemCaseSensitive(body_json(), "output");
+    cr_assert_eq(cJSON_GetArraySize(output), 3);
+    for (int i = 0; i < 2; i++) {
+        item = cJSON_GetArrayItem(output, i);
+        cr_assert_str_eq(str(item, "type"), "web_search_call");
+        cr_assert_str_eq(str(item, "status"), "completed");
+    }
+    cr_assert_str_eq(str(cJSON_GetArrayItem(output, 2), "type"), "message");
+    cr_assert_null(cJSON_GetObjectItemCaseSensitive(
+        cJSON_GetObjectItemCaseSensitive(json, "usage"), "server_tool_use"));
+    stream_path = "/v1/responses";
+    cr_assert_eq(stream_events("x-mock-web-searches: 1\r\n",
+                               "{\"model\":\"m\",\"stream\":true,\"input\":\"a b\"}", &events),
+                 6);
+    cr_assert_eq(split_events(events.data, parts), 6);
+    cr_assert(strstr(parts[1], "\"type\":\"response.output_item.added\"") != NULL, "%s",
+              parts[1]);
+    e = cJSON_Parse(parts[2]);
+    cr_assert_not_null(e);
+    cr_assert_str_eq(str(e, "type"), "response.output_item.done");
+    cr_assert_str_eq(str(cJSON_GetObjectItemCaseSensitive(e, "item"), "type"), "web_search_call");
+    cJSON_Delete(e);
+    cr_assert(strstr(parts[3], "\"output_index\":1") != NULL, "%s", parts[3]);
+    e = cJSON_Parse(parts[5]);
+    cr_assert_not_null(e);
+    output = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(e, "response"),
+                                              "output");
+    cr_assert_eq(cJSON_GetArraySize(output), 2);
+    cr_assert_str_eq(str(cJSON_GetArrayItem(output, 0), "type"), "web_search_call");
+    cJSON_Delete(e);
+    buf_free(&events);
+    stop_clean();
+}
+
 /* The Responses API has no stream_options.include_usage: a body that has
  * it is refused, so a router adding it is seen at once. */
 Test(mockllm, responses_refuse_stream_options_include_usage)

@@ -281,7 +281,8 @@ static const char *const seed_bodies[] = {
     "{\"model\":\"text-embedding-3-small\",\"input\":[\"first text\",\"second, longer text\"]}",
     "{\"model\":\"chat\",\"prompt\":\"Once upon a time\",\"max_tokens\":16,\"stream\":false}",
     "{\"model\":\"chat\",\"instructions\":\"Be terse.\",\"input\":\"Hello there\","
-    "\"max_output_tokens\":32,\"temperature\":0,\"service_tier\":\"flex\",\"store\":false}",
+    "\"max_output_tokens\":32,\"temperature\":0,\"service_tier\":\"flex\",\"store\":false,"
+    "\"tools\":[{\"type\":\"web_search\"}],\"max_tool_calls\":2}",
     "{\"model\":\"gpt-4o-mini\",\"stream\":true,\"previous_response_id\":\"resp_1\",\"input\":["
     "{\"role\":\"user\",\"content\":[{\"type\":\"input_text\",\"text\":\"What is this?\"},"
     "{\"type\":\"input_image\",\"image_url\":\"data:image/png;base64,iVBORw0KGgo=\","
@@ -327,7 +328,7 @@ static const char *const names[] = {
     "seed", "stop", "temperature", "detail", "url", "parameters", "tool_choice",
     "instructions", "max_output_tokens", "previous_response_id", "arguments", "output",
     "call_id", "service_tier", "flex", "priority", "store", "conversation", "system", "source",
-    "data", "media_type", "tool_use_id", "input_schema", "cache_control",
+    "data", "media_type", "tool_use_id", "input_schema", "cache_control", "max_tool_calls",
 };
 
 static const char *const models[] = {

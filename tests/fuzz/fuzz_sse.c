@@ -165,6 +165,68 @@ static void check_usage_against_cjson(const char *text, size_t len)
     check_big_usage(text, len, found, &got);
 }
 
+/* Web search calls in cJSON's reading of the root's "output": items whose
+ * first "type" is "web_search_call" (the scan's rule), or whose "type"
+ * members of that value are counted each (`every`: the big reader's,
+ * which sees every member); -1 without an output array. */
+static int64_t reference_searches(const cJSON *root, int every)
+{
+    const cJSON *output = cJSON_GetObjectItemCaseSensitive(root, "output"), *item, *m;
+    int64_t n = 0;
+
+    if (!cJSON_IsArray(output))
+        return -1;
+    cJSON_ArrayForEach(item, output) {
+        if (!cJSON_IsObject(item))
+            continue;
+        for (m = item->child; m != NULL; m = m->next) {
+            if (strcmp(m->string, "type") != 0)
+                continue;
+            n += cJSON_IsString(m) && strcmp(m->valuestring, "web_search_call") == 0;
+            if (!every)
+                break;
+        }
+    }
+    return n;
+}
+
+/* The scan counts a Responses answer's web search calls as cJSON reads
+ * them; the big reader too, when it read the whole text (it stops at the
+ * usage, and gives up on what yajl refuses). */
+static void check_searches_against_cjson(const char *text, size_t len)
+{
+    int64_t got = router__responses_searches(text, len), want, big;
+    cJSON *root = comparable_object(text, len);
+    struct router__bigusage *b;
+    int rc;
+
+    if (root == NULL)
+        return;
+    if (members_named(root, "output") > 1) {
+        cJSON_Delete(root);
+        return;
+    }
+    want = reference_searches(root, 0);
+    if (got != want) {
+        fprintf(stderr, "web searches: got %lld, cJSON %lld\n", (long long)got, (long long)want);
+        abort();
+    }
+    if ((b = router__bigusage_new(NULL, NULL)) == NULL)
+        abort();
+    rc = router__bigusage_feed(b, text, len / 2);
+    if (rc == 0)
+        rc = router__bigusage_feed(b, text + len / 2, len - len / 2);
+    big = router__bigusage_searches(b);
+    router__bigusage_free(b);
+    want = reference_searches(root, 1);
+    cJSON_Delete(root);
+    if (rc == 0 && big != (want < 0 ? 0 : want)) {
+        fprintf(stderr, "web searches (big): got %lld, cJSON %lld\n", (long long)big,
+                (long long)want);
+        abort();
+    }
+}
+
 /* The scan's service tier is the root's "service_tier" as cJSON reads
  * it: flex or priority by name, any other string the standard tier, no
  * string -1. */
@@ -222,13 +284,13 @@ static void gen_space(struct gen *g)
 static const char *const gen_names[] = {
     "\"usage\"", "\"choices\"", "\"prompt_tokens\"", "\"completion_tokens\"",
     "\"prompt_tokens_details\"", "\"cached_tokens\"", "\"say \\\"usage\"", "\"usage\\\\\"", "\"x\"",
-    "\"service_tier\"",
+    "\"service_tier\"", "\"output\"", "\"type\"",
 };
 
 static const char *const gen_scalars[] = {
     "0", "7", "12", "-3", "1e300", "2.5", "null", "true", "\"usage\"", "\"\\\"usage\\\":{\"",
     "\"\\\\\"", "\"usage\\\":null}\"", "\"}\"", "\"[\"", "\"flex\"", "\"priority\"",
-    "\"\\\"service_tier\\\":\\\"flex\"",
+    "\"\\\"service_tier\\\":\\\"flex\"", "\"web_search_call\"", "\"web_search_call_\"",
 };
 
 static void gen_value(struct gen *g, int depth);
@@ -278,6 +340,7 @@ static void check_built_answer(const uint8_t *data, size_t size)
     gen_space(&g);
     check_usage_against_cjson(g.out.data, g.out.len);
     check_tier_against_cjson(g.out.data, g.out.len);
+    check_searches_against_cjson(g.out.data, g.out.len);
     buf_reset(&g.out);
     gen_put(&g, "data: ");
     g.p = data;

@@ -49,6 +49,8 @@ static struct support_http_response resp;
 static struct buf req;
 static cJSON *json;
 static char conf_path[64], log_path[64];
+/* More keys of backend a (", key: value" fragments), "" for none. */
+static const char *a_extra = "";
 
 static void teardown(void)
 {
@@ -62,6 +64,7 @@ static void teardown(void)
         unlink(conf_path);
     if (log_path[0])
         unlink(log_path);
+    a_extra = "";
 }
 
 TestSuite(responses, .fini = teardown, .timeout = 60);
@@ -85,10 +88,10 @@ static void start(const char *tenant_extra)
             "backends:\n"
             "  - {name: a, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-a, quality: 1,\n"
             "     context_window: 100000, input_usd_per_mtok: %d, cached_input_usd_per_mtok: %d,\n"
-            "     output_usd_per_mtok: %d, tokenizer: o200k_base}\n"
+            "     output_usd_per_mtok: %d, tokenizer: o200k_base%s}\n"
             "routes:\n  - {model: chat, candidates: [a]}\n"
             "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n%s",
-            log_path, mock.port, IN_USD, CACHED_USD, OUT_USD, hex, tenant_extra);
+            log_path, mock.port, IN_USD, CACHED_USD, OUT_USD, a_extra, hex, tenant_extra);
     fclose(f);
     char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
     cr_assert_eq(support_proc_start(&router, argv), 0);
@@ -242,8 +245,8 @@ Test(responses, cached_input_tokens_are_priced_at_the_cached_rate)
 }
 
 /* Read the stream of "hello there" with x-mock-tokens: 5 and the header
- * lines `extra` whole: response.created, 5 deltas, response.completed. */
-static void read_stream(struct support_sse *s, const char *extra)
+ * lines `extra` whole: `events` events in all. */
+static void read_stream_of(struct support_sse *s, const char *extra, int events)
 {
     static const char body[] = "{\"model\":\"chat\",\"stream\":true," INPUT "}";
     struct support_sse_event ev;
@@ -258,7 +261,14 @@ static void read_stream(struct support_sse *s, const char *extra)
     while ((rc = support_sse_next(s, &ev, TIMEOUT_MS)) == 1)
         n++;
     cr_assert_eq(rc, 0, "the stream did not end cleanly: %d", rc);
-    cr_assert_eq(n, 7, "%d events", n);
+    cr_assert_eq(n, events, "%d events", n);
+}
+
+/* The same without web searches: response.created, 5 deltas,
+ * response.completed. */
+static void read_stream(struct support_sse *s, const char *extra)
+{
+    read_stream_of(s, extra, 7);
 }
 
 /* The stream's cost, from its SSE comment, which its trailer repeats. */
@@ -452,4 +462,160 @@ Test(responses, the_cache_keeps_endpoints_apart)
                              round ? "cache" : "a", "%s, round %d", paths[i], round);
         }
     cr_assert_eq(mock_requests(), 2);
+}
+
+/* ---- web searches ---- */
+
+TestSuite(web_search, .fini = teardown, .timeout = 60);
+
+/* Backend a's price of web search calls: $10 per 1,000, 10000 micro-USD
+ * each (OpenAI's web_search tool). */
+#define SEARCH_PRICE ", web_search_usd_per_1k: 10"
+#define SEARCH_USD 0.01
+/* A request with the web search tool, at most 10 output tokens, and
+ * `cap` (a JSON fragment, or "") beside them. */
+#define SEARCH_BODY(cap)                                                                       \
+    "{\"model\":\"chat\",\"max_output_tokens\":10,\"tools\":[{\"type\":\"web_search\"}]" cap   \
+    "," INPUT "}"
+
+/* A whole answer whose output has 3 web search calls is charged its
+ * tokens and 3 x $0.01: in its head, its cost log line (which counts
+ * them) and the tenant's spend. OpenAI's usage says nothing of them. */
+Test(web_search, a_whole_answer_is_charged_its_web_search_calls)
+{
+    double want = usd(PROMPT_TOKENS, 0, 7) + 3 * SEARCH_USD;
+
+    a_extra = SEARCH_PRICE;
+    start("");
+    cr_assert_eq(responses("x-mock-tokens: 7\r\nx-mock-web-searches: 3\r\n", SEARCH_BODY("")), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_float_eq(header_usd(), want, 1e-9);
+    cJSON *rec = last_cost_record();
+    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
+    cr_assert_eq(num(rec, "billed_web_searches"), 3);
+    cr_assert_eq(num(rec, "billed_completion_tokens"), 7);
+    cJSON_Delete(rec);
+}
+
+/* A stream shows each call in an output_item.done event and all of them
+ * in response.completed: charged once each, in the SSE comment and
+ * trailer and the cost log. */
+Test(web_search, a_stream_is_charged_its_web_search_calls_once)
+{
+    struct support_sse s = {0};
+    double want = usd(PROMPT_TOKENS, 0, 5) + 2 * SEARCH_USD;
+
+    a_extra = SEARCH_PRICE;
+    start("");
+    /* created, 2 x (added, done), 5 deltas, completed */
+    read_stream_of(&s, "x-mock-web-searches: 2\r\n", 11);
+    cr_assert_float_eq(stream_usd(&s), want, 1e-9);
+    support_sse_close(&s);
+    cJSON *rec = last_cost_record();
+    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
+    cr_assert_eq(num(rec, "billed_web_searches"), 2);
+    cJSON_Delete(rec);
+}
+
+/* A stream that breaks after its searches, before response.completed:
+ * the calls that were done are charged with the deltas that passed. */
+Test(web_search, a_broken_stream_is_charged_the_calls_done_before_it_broke)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    char headers[256];
+    int rc;
+
+    a_extra = SEARCH_PRICE;
+    start("");
+    snprintf(headers, sizeof(headers),
+             AUTH "x-mock-tokens: 8\r\nx-mock-fault: close-midstream\r\nx-mock-web-searches: 2\r\n");
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/responses", headers,
+                                     "{\"model\":\"chat\",\"stream\":true," INPUT "}"),
+                 0);
+    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1)
+        ;
+    cr_assert_eq(rc, -ECONNRESET, "a broken stream ended cleanly");
+    support_sse_close(&s);
+    cJSON *rec = last_cost_record();
+    double prompt = num(rec, "billed_prompt_tokens");
+    cr_assert_eq(num(rec, "billed_completion_tokens"), 3);
+    cr_assert_eq(num(rec, "billed_web_searches"), 2);
+    cr_assert_float_eq(num(rec, "cost_usd"), usd(prompt, 0, 3) + 2 * SEARCH_USD, 1e-9);
+    cJSON_Delete(rec);
+}
+
+/* The hold counts max_tool_calls searches when the request has a web
+ * search tool: with $0.04 a day, 10 output tokens and the prompt (about
+ * $0.004) fit, and so does one search, but not five ($0.05). Without
+ * max_tool_calls it holds for none (the charge is exact), nor does
+ * max_tool_calls without a web search tool. */
+Test(web_search, the_hold_counts_max_tool_calls_with_a_web_search_tool)
+{
+    a_extra = SEARCH_PRICE;
+    start("    budget: {daily_usd: 0.04, on_exhausted: reject}\n");
+    cr_assert_eq(responses(NULL, SEARCH_BODY(",\"max_tool_calls\":5")), 0);
+    cr_assert_eq(resp.status, 429, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(
+                         cJSON_GetObjectItemCaseSensitive(body_json(), "error"), "code")
+                         ->valuestring,
+                     "budget_exhausted");
+    cr_assert_eq(mock_requests(), 0);
+    cr_assert_eq(responses("x-mock-web-searches: 1\r\n", SEARCH_BODY(",\"max_tool_calls\":1")),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_gt(header_usd(), SEARCH_USD, "the search is charged");
+    cr_assert_eq(responses(NULL, SEARCH_BODY("")), 0);
+    cr_assert_eq(resp.status, 200, "no max_tool_calls: no search held, %.*s", (int)resp.body.len,
+                 resp.body.data);
+    cr_assert_eq(responses(NULL, "{\"model\":\"chat\",\"max_output_tokens\":10,\"tools\":[{\"type\":"
+                                 "\"function\",\"name\":\"f\",\"parameters\":{}}],"
+                                 "\"max_tool_calls\":5," INPUT "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "no web search tool: no search held, %.*s",
+                 (int)resp.body.len, resp.body.data);
+    cJSON *rec = last_cost_record();
+    cr_assert_lt(num(rec, "cost_usd_est"), SEARCH_USD);
+    cr_assert_eq(num(rec, "billed_web_searches"), 0);
+    cJSON_Delete(rec);
+}
+
+/* The estimate of a request with max_tool_calls 4 is its tokens' and 4
+ * searches'; it is charged the 2 its answer made. web_search_preview is a
+ * web search tool too. */
+Test(web_search, the_estimate_is_tokens_and_max_tool_calls_searches)
+{
+    a_extra = SEARCH_PRICE;
+    start("");
+    cr_assert_eq(responses("x-mock-web-searches: 2\r\n",
+                           "{\"model\":\"chat\",\"max_output_tokens\":10,\"tools\":[{\"type\":"
+                           "\"web_search_preview\"}],\"max_tool_calls\":4," INPUT "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    double charged = header_usd();
+    cJSON *rec = last_cost_record();
+    double est = num(rec, "cost_usd_est");
+    cr_assert_gt(est, 4 * SEARCH_USD + 10 * OUT_USD / 1e6, "estimate %.6f", est);
+    cr_assert_lt(est, 4 * SEARCH_USD + 0.01, "estimate %.6f", est);
+    cr_assert_float_eq(charged, usd(PROMPT_TOKENS, 0, 10) + 2 * SEARCH_USD, 1e-9);
+    cr_assert_eq(num(rec, "billed_web_searches"), 2);
+    cJSON_Delete(rec);
+}
+
+/* A backend without the price charges nothing for the calls: its line
+ * counts them, at $0. */
+Test(web_search, a_backend_without_the_price_charges_none)
+{
+    double want = usd(PROMPT_TOKENS, 0, 7);
+
+    start("");
+    cr_assert_eq(responses("x-mock-tokens: 7\r\nx-mock-web-searches: 3\r\n", SEARCH_BODY("")), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_float_eq(header_usd(), want, 1e-9);
+    cJSON *rec = last_cost_record();
+    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
+    cr_assert_eq(num(rec, "billed_web_searches"), 3);
+    cJSON_Delete(rec);
 }

@@ -459,13 +459,15 @@ Test(usage, a_responses_stream_has_its_usage_in_the_terminal_event, .timeout = 5
         {"{\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":5", 0, 0},
     };
     struct router__usage u;
-    int delta;
+    int delta, search;
 
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
-        int found = router__responses_event(cases[i].data, strlen(cases[i].data), &u, &delta);
+        int found = router__responses_event(cases[i].data, strlen(cases[i].data), &u, &delta,
+                                            &search);
 
         cr_assert_eq(found, cases[i].found, "case %zu", i);
         cr_assert_eq(delta, cases[i].delta, "case %zu", i);
+        cr_assert_eq(search, 0, "case %zu", i);
         if (found) {
             cr_assert_eq(u.prompt_tokens, 5, "case %zu", i);
             cr_assert_eq(u.completion_tokens, 7, "case %zu", i);
@@ -648,6 +650,106 @@ Test(usage, an_anthropic_usage_has_its_web_searches, .timeout = 5)
             cr_assert_eq(big_usage_of(js, step, &u), 1, "case %zu step %zu", i, step);
             cr_assert_eq(u.web_searches, cases[i].searches, "case %zu step %zu (big)", i, step);
         }
+    }
+}
+
+/* The web search calls of an answer too big to hold, read at every split. */
+static int64_t big_searches_of(const char *json, size_t step)
+{
+    struct router__bigusage *b = router__bigusage_new(NULL, NULL);
+    size_t len = strlen(json);
+    int64_t n;
+
+    cr_assert_not_null(b);
+    for (size_t off = 0; off < len; off += step)
+        router__bigusage_feed(b, json + off, len - off < step ? len - off : step);
+    n = router__bigusage_searches(b);
+    router__bigusage_free(b);
+    return n;
+}
+
+/* OpenAI bills a Responses answer's web searches per call, and no usage
+ * says how many: the answer's root "output" has an item of type
+ * web_search_call for each, found wherever "type" stands in the item and
+ * whatever white space and whatever items that are no objects stand
+ * before it, but not in a nested "output" or array, an item of another
+ * type, a content part, or inside a string. The same count from a held
+ * body and from an answer too big to hold, whatever the split (that
+ * reader counts no more than it has read: -1 is 0 there). */
+Test(usage, a_responses_answer_counts_its_web_search_calls, .timeout = 5)
+{
+    static const struct {
+        const char *json;
+        int64_t searches;
+    } cases[] = {
+        {"{\"object\":\"response\",\"output\":[{\"type\":\"web_search_call\",\"id\":\"ws_1\","
+         "\"status\":\"completed\",\"action\":{\"type\":\"search\",\"query\":\"q\"}},"
+         "{\"id\":\"ws_2\",\"status\":\"completed\",\"type\":\"web_search_call\"},"
+         "{\"type\":\"message\",\"content\":[{\"type\":\"output_text\",\"text\":\"hi\"}]}],"
+         "\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}", 2},
+        {"{\"output\" : [ {\"type\" : \"web_search_call\"} ,\n {\"type\":\"web_search_call\"}\t],"
+         "\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}", 2},
+        {"{\"object\":\"response\",\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}", -1},
+        {"{\"output\":[],\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}", 0},
+        {"{\"output\":null}", -1},
+        {"{\"meta\":{\"output\":[{\"type\":\"web_search_call\"}]},\"output\":[{\"type\":"
+         "\"message\",\"content\":[{\"type\":\"web_search_call\"}]},{\"type\":"
+         "\"web_search_call_x\"},{\"type\":\"file_search_call\"},{\"type\":\"message\","
+         "\"text\":\"\\\"type\\\":\\\"web_search_call\\\"\"}]}", 0},
+        {"{\"output\":[{\"type\":\"web_search_call\"},{\"type\":\"web_search_call\"},"
+         "{\"type\":\"message\"},{\"type\":\"web_search_call\"}]}", 3},
+        {"{\"output\":[1, \"]\", null,[{\"type\":\"web_search_call\"}],-2.5e3 ,"
+         "{\"type\":\"web_search_call\"}]}", 1},
+    };
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const char *js = cases[i].json;
+        int64_t big = cases[i].searches < 0 ? 0 : cases[i].searches;
+
+        cr_assert_eq(router__responses_searches(js, strlen(js)), cases[i].searches, "case %zu",
+                     i);
+        for (size_t step = 1; step <= strlen(js); step += 3)
+            cr_assert_eq(big_searches_of(js, step), big, "case %zu step %zu (big)", i, step);
+    }
+}
+
+/* A stream shows each web search call when it is done
+ * (response.output_item.done; added is not done) and all of them in its
+ * terminal event's response, whose count comes with the usage. */
+Test(usage, a_responses_stream_shows_its_web_search_calls, .timeout = 5)
+{
+    static const struct {
+        const char *data;
+        int done;         /* a web search call done */
+        int found;        /* usage read */
+        int64_t searches; /* the terminal event's count */
+    } cases[] = {
+        {"{\"type\":\"response.output_item.added\",\"output_index\":0,\"item\":{\"type\":"
+         "\"web_search_call\",\"status\":\"in_progress\"}}", 0, 0, -1},
+        {"{\"type\":\"response.output_item.done\",\"sequence_number\":2,\"output_index\":0,"
+         "\"item\":{\"id\":\"ws_1\",\"type\":\"web_search_call\",\"status\":\"completed\"}}",
+         1, 0, -1},
+        {"{\"type\":\"response.output_item.done\",\"item\":{\"type\":\"message\",\"content\":"
+         "[{\"type\":\"web_search_call\"}]}}", 0, 0, -1},
+        {"{\"type\":\"response.web_search_call.completed\",\"item_id\":\"ws_1\"}", 0, 0, -1},
+        {"{\"type\":\"response.completed\",\"response\":{\"output\":[{\"type\":"
+         "\"web_search_call\"},{\"type\":\"web_search_call\"},{\"type\":\"message\"}],"
+         "\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}}", 0, 1, 2},
+        {"{\"type\":\"response.completed\",\"output\":[{\"type\":\"web_search_call\"}],"
+         "\"response\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}}", 0, 1, -1},
+    };
+    struct router__usage u;
+    int delta, done;
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const char *js = cases[i].data;
+        int found = router__responses_event(js, strlen(js), &u, &delta, &done);
+
+        cr_assert_eq(found, cases[i].found, "case %zu", i);
+        cr_assert_eq(done, cases[i].done, "case %zu", i);
+        cr_assert_eq(u.web_searches, cases[i].searches, "case %zu: %lld", i,
+                     (long long)u.web_searches);
+        cr_assert_eq(delta, 0, "case %zu", i);
     }
 }
 
