@@ -193,6 +193,8 @@ struct backend_charge backend_attempt_finish(struct backend *b, uint64_t now_ms,
     }
     if (backend__replicas(b) > 0)
         ch.usd = backend_attribute_cost_usd(b, ch.gpu_seconds);
+    else if (b->conf->cost_from_usage && used->reported && !b->conf->is_free)
+        ch.usd = used->reported_usd; /* what the host bills, whatever its prices */
     else
         ch.usd = backend_api_price_usd(b->conf, used);
     ch.micro_usd = backend_usd_to_micro(ch.usd);

@@ -96,6 +96,7 @@ static const struct {
     {CONF__B_CACHE_WRITE_USD, "cache_write_usd_per_mtok", CONF_BACKEND_API, 0},
     {CONF__B_CACHE_WRITE_1H_USD, "cache_write_1h_usd_per_mtok", CONF_BACKEND_API, 0},
     {CONF__B_WEB_SEARCH_USD, "web_search_usd_per_1k", CONF_BACKEND_API, 0},
+    {CONF__B_COST_FROM_USAGE, "cost_from_usage", CONF_BACKEND_API, 0},
     {CONF__B_LONG_CONTEXT, "long_context", CONF_BACKEND_API, 0},
     {CONF__B_FLEX, "flex", CONF_BACKEND_API, 0},
     {CONF__B_PRIORITY, "priority", CONF_BACKEND_API, 0},

@@ -86,7 +86,8 @@ struct conf_price {
     double cache_write_1h_usd_per_mtok; /* of those, written to its 1-hour cache
                                            (default: 2 x input) */
     double web_search_usd_per_1k; /* USD per 1,000 server-side web searches (Anthropic's
-                                     usage.server_tool_use.web_search_requests); default 0 */
+                                     usage.server_tool_use.web_search_requests, a Responses
+                                     answer's web_search_call items); default 0 */
     struct conf_long_context long_context; /* complete when its above_prompt_tokens > 0 */
     struct conf_tier_rates tiers[CONF_TIER_COUNT]; /* flex and priority; [STANDARD] unused */
 };
@@ -102,6 +103,9 @@ struct conf_backend {
     unsigned tls_verify:1;      /* verify the certificate (default on) */
     unsigned is_free:1;         /* `free: true`: allowed to have no price */
     unsigned stream_usage:1;    /* ask streams for usage at the end (default on) */
+    unsigned cost_from_usage:1; /* `cost_from_usage: true` (api): charge the cost the
+                                   answer's usage reports (OpenRouter's usage.cost,
+                                   Perplexity's usage.cost.total_cost) when it has one */
     char *host;                 /* host part of url (for connect, SNI, Host:); an IPv6
                                    literal is stored without its brackets */
     unsigned host_is_ipv6:1;    /* host is an IPv6 literal: bracket it in Host: */

@@ -1127,6 +1127,10 @@ static int fn_redis(struct conf__ctx *ctx, void *obj, const char *text, int line
 
 static void set_tls_verify(void *obj, int on) { ((struct conf_backend *)obj)->tls_verify = on; }
 static void set_stream_usage(void *obj, int on) { ((struct conf_backend *)obj)->stream_usage = on; }
+static void set_cost_from_usage(void *obj, int on)
+{
+    ((struct conf_backend *)obj)->cost_from_usage = on;
+}
 static void set_free(void *obj, int on) { ((struct conf_backend *)obj)->is_free = on; }
 static void set_cache_enabled(void *obj, int on) { ((struct conf *)obj)->cache_enabled = on; }
 static void set_cache_shared(void *obj, int on) { ((struct conf *)obj)->cache_shared = on; }
@@ -1295,6 +1299,8 @@ static const struct directive backend_directives[CONF__B_COUNT] = {
     /* default (the entry's, else 0) set by check.c */
     [CONF__B_WEB_SEARCH_USD] = {"web_search_usd_per_1k", NULL, T_DOUBLE, B(web_search_usd_per_1k),
                                 0, SEARCH_PRICE_MAX},
+    [CONF__B_COST_FROM_USAGE] = {"cost_from_usage", NULL, T_BOOL, .set_flag = set_cost_from_usage,
+                                 .def = "false"},
 };
 #undef B
 

@@ -273,6 +273,8 @@ int metrics_cost_record_json(const struct metrics_cost_record *r, struct buf *ou
     rc |= buf_append_lit(out, ",\"billed_web_searches\":") | put_int(out, r->billed_web_searches);
     rc |= buf_append_lit(out, ",\"cost_usd_est\":") | put_fixed(out, r->cost_usd_est, USD_DECIMALS);
     rc |= buf_append_lit(out, ",\"cost_usd\":") | put_fixed(out, r->cost_usd, USD_DECIMALS);
+    rc |= buf_append_lit(out, ",\"reported_cost_usd\":") |
+          put_fixed(out, r->reported_cost_usd, USD_DECIMALS);
     rc |= r->cache_hit ? buf_append_lit(out, ",\"cache_hit\":true")
                        : buf_append_lit(out, ",\"cache_hit\":false");
     rc |= buf_append_lit(out, ",\"saved_usd\":") | put_fixed(out, r->saved_usd, USD_DECIMALS);

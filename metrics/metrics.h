@@ -234,6 +234,9 @@ struct metrics_cost_record {
                                       server_tool_use.web_search_requests), 0 when none */
     double cost_usd_est;           /* estimate at routing time */
     double cost_usd;               /* settled cost */
+    double reported_cost_usd;      /* the cost the backend's usage reported (OpenRouter,
+                                      Perplexity), NAN when none: cost_usd on a
+                                      cost_from_usage backend */
     unsigned cache_hit:1;          /* answered from the response cache */
     double saved_usd;              /* cost avoided by the cache hit, 0 otherwise */
     double ttft_ms;                /* time to first token */

@@ -177,6 +177,7 @@ void router__account(struct router__client *c)
     rec.billed_web_searches = req->settled || req->route ? req->billed.web_searches : -1;
     rec.cost_usd_est = req->choice.candidate >= 0 ? (double)req->choice.cost_micro / 1e6 : NAN;
     rec.cost_usd = req->settled ? req->cost_usd : (req->route ? 0.0 : NAN);
+    rec.reported_cost_usd = req->reported_usd >= 0 ? req->reported_usd : NAN;
     rec.cache_hit = req->cache_hit;
     rec.saved_usd = (double)req->saved_micro / 1e6;
     rec.ttft_ms = req->response_started ? (double)req->ttft_ms : NAN;

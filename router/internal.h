@@ -293,6 +293,9 @@ struct router__request {
                                             tools' max_uses (/v1/messages), its
                                             max_tool_calls with a web search tool
                                             (/v1/responses), else 0 */
+    double reported_usd;                 /* the cost its usage reported (OpenRouter,
+                                            Perplexity), -1 none: billed instead of the
+                                            tokens' price on a cost_from_usage backend */
     int64_t web_search_calls;            /* web search calls of a Responses answer seen as
                                             they passed (a stream's output_item.done events,
                                             the items read of an answer too big to hold):
@@ -666,6 +669,9 @@ void router__tls_wbio_clear(SSL *ssl);
 void router__tls_client_shutdown(struct router__client *c);
 
 /* sse.c: split SSE bytes into events; usage extraction */
+/* A reported cost above this is taken for none: no request costs $10,000,
+ * and a backend that says so is wrong (its tokens are billed instead). */
+#define ROUTER_REPORTED_USD_MAX 10000.0
 struct router__usage {
     int64_t prompt_tokens;     /* -1 when absent (Anthropic: input_tokens, which counts
                                   no cached or cache-written token) */
@@ -677,6 +683,8 @@ struct router__usage {
     int64_t web_searches;      /* Anthropic's server_tool_use.web_search_requests (a
                                   Responses terminal event: its web_search_call items),
                                   -1 when this usage does not say (billed as none) */
+    double cost_usd;           /* the cost the backend reports: usage.cost (OpenRouter) or
+                                  usage.cost.total_cost (Perplexity), USD; -1 when none */
 };
 /* Find complete events in `sse` (appended bytes), call `on_event` for
  * each with the event bytes including its terminating blank line, and

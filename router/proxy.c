@@ -1372,6 +1372,8 @@ static void note_usage(struct router__request *req, const struct router__usage *
         req->cached_tokens = u->cached_tokens;
     if (u->web_searches >= 0)
         req->web_searches = u->web_searches;
+    if (u->cost_usd >= 0)
+        req->reported_usd = u->cost_usd;
     if (req->endpoint != ROUTER_EP_MESSAGES) {
         if (u->prompt_tokens >= 0)
             req->prompt_tokens = u->prompt_tokens;
@@ -1681,6 +1683,8 @@ static struct backend_tokens tokens_used(const struct router__request *req)
     t.cache_write = req->cache_write_tokens > 0 ? req->cache_write_tokens : 0;
     t.cache_write_1h = req->cache_write_1h_tokens > 0 ? req->cache_write_1h_tokens : 0;
     t.web_searches = MAX(MAX(req->web_searches, req->web_search_calls), 0);
+    t.reported = req->reported_usd >= 0;
+    t.reported_usd = t.reported ? req->reported_usd : 0;
     return t;
 }
 

@@ -19,7 +19,9 @@
  * message_delta (router__messages_event). OpenAI's Responses API bills its
  * web searches per call too, but says so in no usage: its answer's output
  * has a web_search_call item for each (router__responses_searches), and a
- * stream sends each in a response.output_item.done event.
+ * stream sends each in a response.output_item.done event. Some hosts put
+ * what the request cost them in the usage (OpenRouter's "cost", Perplexity's
+ * "cost"."total_cost"), which a cost_from_usage backend charges.
  */
 #define _GNU_SOURCE
 #include <cjson/cJSON.h>
@@ -269,6 +271,23 @@ static void usage_unknown(struct router__usage *out)
 {
     out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
     out->cache_write_tokens = out->cache_write_1h_tokens = out->web_searches = -1;
+    out->cost_usd = -1;
+}
+
+/* The cost a usage reports, in USD: OpenRouter's "cost" (its credits are
+ * dollars), or the "total_cost" of Perplexity's "cost" object; -1 when
+ * there is none, or it is no amount a request can cost (negative, past
+ * ROUTER_REPORTED_USD_MAX, not a number). */
+static double reported_cost(const cJSON *usage)
+{
+    const cJSON *cost = cJSON_GetObjectItemCaseSensitive(usage, "cost");
+
+    if (cJSON_IsObject(cost))
+        cost = cJSON_GetObjectItemCaseSensitive(cost, "total_cost");
+    if (!cJSON_IsNumber(cost) || !(cost->valuedouble >= 0 &&
+                                   cost->valuedouble <= ROUTER_REPORTED_USD_MAX))
+        return -1;
+    return cost->valuedouble;
 }
 
 int router__usage_parse(const char *json, size_t len, struct router__usage *out,
@@ -309,6 +328,8 @@ int router__usage_parse(const char *json, size_t len, struct router__usage *out,
     details = cJSON_GetObjectItemCaseSensitive(usage, "server_tool_use");
     if (cJSON_IsObject(details))
         out->web_searches = json_count(details, "web_search_requests");
+    /* Some hosts say what the request cost them (cost_from_usage bills it). */
+    out->cost_usd = reported_cost(usage);
     found = out->prompt_tokens >= 0 || out->completion_tokens >= 0;
     cJSON_Delete(usage);
     if (choices_empty != NULL)

@@ -46,6 +46,10 @@
  * the prompt) as input_tokens_details.cached_tokens; with x-mock-web-searches: N
  * their output has N web_search_call items before the message (a stream: an
  * output_item.added and .done event for each, after response.created).
+ * x-mock-cost-micro: N adds what a host that reports its cost says to the
+ * usage of chat, completions and responses: "cost": N / 1e6 (OpenRouter's),
+ * or with x-mock-cost-shape: object "cost": {..., "total_cost": N / 1e6}
+ * (Perplexity's).
  * Token i is the word WORDS[i % 16]; the text is the tokens joined by single
  * spaces, so a stream's deltas are "The", " quick".
  *
@@ -81,6 +85,8 @@ enum endpoint {
 #define EMBEDDING_DIM 8
 #define MAX_DELAY_MS 600000
 #define MAX_TOKENS 1000000
+/* x-mock-cost-micro: up to $1,000. */
+#define MAX_COST_MICRO 1000000000
 #define MAX_EVENT_PAD (64 << 20)
 
 static const char *const WORDS[16] = {"The",   "quick",  "brown",  "fox",  "jumps", "over",
@@ -425,6 +431,8 @@ void mockllm__plan_reset(struct mockllm_plan *p)
     p->cached_tokens = 0;
     p->cache_write_tokens = p->cache_write_1h_tokens = 0;
     p->web_searches = -1;
+    p->cost_micro = -1;
+    p->cost_object = 0;
     p->finish = "stop";
     p->service_tier = NULL;
     p->id = 0;
@@ -452,10 +460,28 @@ static void put_head(struct buf *b, const struct mockllm_plan *p, const char *ob
     puts_(b, "\",");
 }
 
+/* Append `,"cost":...` when the request asked for a reported cost: a
+ * number in USD (OpenRouter's usage.cost), or an object whose total_cost
+ * it is (Perplexity's). */
+static void put_cost(struct buf *b, const struct mockllm_plan *p)
+{
+    int whole = p->cost_micro / 1000000, frac = p->cost_micro % 1000000;
+
+    if (p->cost_micro < 0)
+        return;
+    if (p->cost_object)
+        putf(b, ",\"cost\":{\"input_tokens_cost\":0,\"output_tokens_cost\":0,"
+                "\"request_cost\":0,\"total_cost\":%d.%06d}", whole, frac);
+    else
+        putf(b, ",\"cost\":%d.%06d", whole, frac);
+}
+
 static void put_usage(struct buf *b, const struct mockllm_plan *p)
 {
-    putf(b, "\"usage\":{\"prompt_tokens\":%d,\"completion_tokens\":%d,\"total_tokens\":%d}",
+    putf(b, "\"usage\":{\"prompt_tokens\":%d,\"completion_tokens\":%d,\"total_tokens\":%d",
          p->prompt_tokens, p->tokens, p->prompt_tokens + p->tokens);
+    put_cost(b, p);
+    puts_(b, "}");
 }
 
 /* Append `"service_tier":"...",` when the answer names one: OpenAI puts
@@ -538,11 +564,14 @@ static void put_response_object(struct buf *b, const struct mockllm_plan *p, int
     put_tier_last(b, p);
     if (!done)
         puts_(b, ",\"usage\":null");
-    else if (!p->omit_usage)
+    else if (!p->omit_usage) {
         putf(b, ",\"usage\":{\"input_tokens\":%d,\"input_tokens_details\":{\"cached_tokens\":%d},"
                 "\"output_tokens\":%d,\"output_tokens_details\":{\"reasoning_tokens\":0},"
-                "\"total_tokens\":%d}",
+                "\"total_tokens\":%d",
              p->prompt_tokens, p->cached_tokens, p->tokens, p->prompt_tokens + p->tokens);
+        put_cost(b, p);
+        puts_(b, "}");
+    }
     puts_(b, "}");
 }
 
@@ -938,7 +967,9 @@ struct overrides {
     int cached_tokens;  /* x-mock-cached-tokens (responses, messages) */
     int cache_write_tokens; /* x-mock-cache-write-tokens (messages) */
     int cache_write_1h_tokens; /* x-mock-cache-write-1h-tokens (messages) */
-    int web_searches;   /* x-mock-web-searches (messages), -1 if absent */
+    int web_searches;   /* x-mock-web-searches (messages, responses), -1 if absent */
+    int cost_micro;     /* x-mock-cost-micro, -1 if absent */
+    int cost_object;    /* x-mock-cost-shape: object */
     const char *service_tier; /* x-mock-service-tier, or NULL */
 };
 
@@ -974,6 +1005,7 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
     const char *fault = mockllm__header(&c->req, "x-mock-fault");
     const char *usage = mockllm__header(&c->req, "x-mock-usage");
     const char *tier = mockllm__header(&c->req, "x-mock-service-tier");
+    const char *cost_shape = mockllm__header(&c->req, "x-mock-cost-shape");
 
     o->ttft_ms = opts->ttft_ms;
     o->token_delay_ms = opts->token_delay_ms;
@@ -1014,6 +1046,12 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
     o->omit_usage = usage != NULL && strcmp(usage, "omit") == 0;
     if (usage != NULL && !o->omit_usage)
         return "x-mock-usage";
+    o->cost_micro = -1;
+    if (header_int(&c->req, "x-mock-cost-micro", MAX_COST_MICRO, &o->cost_micro) < 0)
+        return "x-mock-cost-micro";
+    o->cost_object = cost_shape != NULL && strcmp(cost_shape, "object") == 0;
+    if (cost_shape != NULL && !o->cost_object)
+        return "x-mock-cost-shape";
     return NULL;
 }
 
@@ -1033,6 +1071,8 @@ static int plan_from_body(struct mockllm_conn *c, const cJSON *body, const struc
         puts_(&p->model, "mock-model");
     p->stream = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(body, "stream"));
     p->omit_usage = o->omit_usage ? 1 : 0;
+    p->cost_micro = o->cost_micro;
+    p->cost_object = o->cost_object ? 1 : 0;
     p->include_usage = p->stream && !p->omit_usage &&
                        cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(stream_options,
                                                                      "include_usage"));

@@ -44,7 +44,9 @@ static const char usage_text[] =
           "cache_read_input_tokens), x-mock-cache-write-tokens (messages:\n"
           "cache_creation_input_tokens), x-mock-cache-write-1h-tokens (messages: of those,\n"
           "cache_creation.ephemeral_1h_input_tokens), x-mock-web-searches (messages:\n"
-          "server_tool_use.web_search_requests; responses: web_search_call items).\n";
+          "server_tool_use.web_search_requests; responses: web_search_call items),\n"
+          "x-mock-cost-micro (usage.cost in micro-USD: chat, completions, responses) and\n"
+          "x-mock-cost-shape: object (usage.cost.total_cost).\n";
 
 /* Parse a whole decimal integer in [0, max]. Returns 0 or -EINVAL. */
 static int parse_int(const char *s, long max, int *out)

@@ -65,7 +65,7 @@ Test(cost, api_prices_by_hand, .timeout = 5)
 Test(cost, cached_price_unset_bills_input_price_and_free_is_zero, .timeout = 5)
 {
     struct fx f;
-    struct backend_tokens tok = {1000, 0, 1000, 0, 0, CONF_TIER_STANDARD, 0};
+    struct backend_tokens tok = {1000, 0, 1000, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
 
     fx_init(&f);
     /* No cached price: never bill cached tokens below the input price.
@@ -120,7 +120,7 @@ Test(cost, long_context_rates_bill_the_whole_request_past_the_size, .timeout = 5
 
 Test(cost, long_context_without_a_size_or_cached_rate, .timeout = 5)
 {
-    struct backend_tokens tok = {300000, 0, 300000, 0, 0, CONF_TIER_STANDARD, 0};
+    struct backend_tokens tok = {300000, 0, 300000, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
     struct fx f;
 
     fx_init(&f);
@@ -174,7 +174,7 @@ Test(cost, api_finish_settles_real_usage, .timeout = 5)
     struct fx f;
     struct backend *b;
     struct backend_ticket t;
-    struct backend_tokens used = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0};
+    struct backend_tokens used = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
     struct backend_charge ch;
 
     fx_init(&f);
@@ -189,6 +189,39 @@ Test(cost, api_finish_settles_real_usage, .timeout = 5)
     /* API backends have no pool: no idle cost, no pool cost. */
     cr_assert_eq(backend_idle_cost_usd(b, 10000), 0);
     cr_assert_eq(backend_pool_cost_usd(b, 10000), 0);
+    fx_fini(&f);
+}
+
+/* An answer whose usage says what it cost: a backend with cost_from_usage
+ * settles that amount, whatever its token prices; one without settles its
+ * tokens (the figure is only logged); a free backend settles nothing. */
+Test(cost, a_reported_cost_is_settled_only_by_a_cost_from_usage_backend, .timeout = 5)
+{
+    struct fx f;
+    struct backend *b;
+    struct backend_ticket t;
+    struct backend_tokens used = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0, 1, 0.012345};
+    struct backend_charge ch;
+
+    fx_init(&f);
+    b = fx_backend(&f, FX_MINI);
+    backend_attempt_begin(b, 100, &t);
+    ch = backend_attempt_finish(b, 200, &t, &used);
+    cr_assert_eq(ch.micro_usd, 450, "tokens at the backend's prices");
+    f.backends[FX_MINI].cost_from_usage = 1;
+    backend_attempt_begin(b, 300, &t);
+    ch = backend_attempt_finish(b, 400, &t, &used);
+    cr_assert_eq(ch.micro_usd, 12345, "the reported cost");
+    cr_assert(fabs(ch.usd - 0.012345) < USD_EPS);
+    used.reported = 0;
+    backend_attempt_begin(b, 500, &t);
+    ch = backend_attempt_finish(b, 600, &t, &used);
+    cr_assert_eq(ch.micro_usd, 450, "no report: the tokens");
+    used.reported = 1;
+    f.backends[FX_MINI].is_free = 1;
+    backend_attempt_begin(b, 700, &t);
+    ch = backend_attempt_finish(b, 800, &t, &used);
+    cr_assert_eq(ch.micro_usd, 0, "free");
     fx_fini(&f);
 }
 
@@ -223,7 +256,7 @@ static const struct gpu_case gpu_cases[] = {
 
 Test(cost, gpu_marginal_rises_to_list_at_the_slo_knee, .timeout = 5)
 {
-    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0};
+    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
 
     for (size_t i = 0; i < sizeof(gpu_cases) / sizeof(gpu_cases[0]); i++) {
         const struct gpu_case *c = &gpu_cases[i];
@@ -256,7 +289,7 @@ Test(cost, gpu_without_slo_knees_at_capacity, .timeout = 5)
 {
     struct fx f;
     struct backend *b;
-    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0};
+    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
     struct backend_cost est;
 
     fx_init(&f);
@@ -277,7 +310,7 @@ Test(cost, tokens_per_second_window_drives_utilization, .timeout = 5)
 {
     struct fx f;
     struct backend *b;
-    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0};
+    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
     struct backend_cost est;
 
     fx_init(&f);
@@ -318,8 +351,8 @@ Test(cost, tokens_per_second_window_drives_utilization, .timeout = 5)
 
 /* Tokens an attempt ends with: an answer billed for them, an error answer
  * without usage (nothing billed), or a failure (NULL). */
-static const struct backend_tokens served = {100, 200, 0, 0, 0, CONF_TIER_STANDARD, 0},
-                                   unbilled = {0, 0, 0, 0, 0, CONF_TIER_STANDARD, 0};
+static const struct backend_tokens served = {100, 200, 0, 0, 0, CONF_TIER_STANDARD, 0, 0, 0},
+                                   unbilled = {0, 0, 0, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
 
 struct span {
     uint64_t start_ms, end_ms;
@@ -483,7 +516,7 @@ Test(cost, attributed_plus_idle_is_pool_cost_over_an_hour, .timeout = 5)
  * $0.002; the other replica's 3.6 s are idle. */
 Test(cost, a_prompt_without_completion_is_billed_on_a_pool, .timeout = 5)
 {
-    static const struct backend_tokens embedded = {100, 0, 0, 0, 0, CONF_TIER_STANDARD, 0};
+    static const struct backend_tokens embedded = {100, 0, 0, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
     struct fx f;
     struct backend *b;
     struct backend_ticket t;
@@ -505,7 +538,7 @@ Test(cost, a_prompt_without_completion_is_billed_on_a_pool, .timeout = 5)
  * not: no hold, no marginal cost, no charge for what it served. */
 Test(cost, a_free_pool_reserves_and_charges_nothing, .timeout = 5)
 {
-    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0};
+    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
     struct fx f;
     struct backend *b;
     struct backend_ticket t;
@@ -717,9 +750,9 @@ Test(cost, cache_writes_are_billed_at_the_cache_write_rate, .timeout = 5)
     struct fx f;
     /* 2000 prompt tokens: 500 read from the cache, 1000 written to it,
      * 500 plain; 100 out. */
-    struct backend_tokens tok = {2000, 100, 500, 1000, 0, CONF_TIER_STANDARD, 0};
+    struct backend_tokens tok = {2000, 100, 500, 1000, 0, CONF_TIER_STANDARD, 0, 0, 0};
     /* writes past what is left: clamped to 6 */
-    struct backend_tokens over = {10, 0, 4, 50, 0, CONF_TIER_STANDARD, 0};
+    struct backend_tokens over = {10, 0, 4, 50, 0, CONF_TIER_STANDARD, 0, 0, 0};
 
     fx_init(&f);
     f.backends[FX_SONNET].cache_write_usd_per_mtok = 3.75;

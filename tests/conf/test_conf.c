@@ -94,8 +94,9 @@ static struct error_case error_cases[] = {
       "9: backends[0].web_search_usd_per_1k: -10 is out of range 0..1e+06",
       "17: backends[1].cache_write_usd_per_mtok: only applies to kind: api",
       "18: backends[1].web_search_usd_per_1k: only applies to kind: api",
-      "20: prices.p.cache_write_usd_per_mtok: expected a number, got \"lots\"",
-      "21: prices.q.web_search_usd_per_1k: 2e+06 is out of range 0..1e+06"}},
+      "19: backends[1].cost_from_usage: only applies to kind: api",
+      "21: prices.p.cache_write_usd_per_mtok: expected a number, got \"lots\"",
+      "22: prices.q.web_search_usd_per_1k: 2e+06 is out of range 0..1e+06"}},
     {.file = DATA "unknown_keys.yaml", .lines =
      {"3: cost_logg: unknown key (did you mean \"cost_log\"?)",
       "5: store.redsi: unknown key (did you mean \"redis\"?)",
@@ -860,6 +861,8 @@ Test(conf, anthropic_backends_and_cache_write_prices, .timeout = 10)
     cr_expect_float_eq(b->cache_write_1h_usd_per_mtok, 4, 1e-12, "2x its own input");
     cr_expect_float_eq(b->long_context.cache_write_1h_usd_per_mtok, 8, 1e-12);
     cr_expect_float_eq(b->web_search_usd_per_1k, 0, 1e-12, "no entry: none");
+    cr_expect(b->cost_from_usage, "cost_from_usage: true");
+    cr_expect_not(conf_find_backend(c, "sonnet")->cost_from_usage, "off by default");
     b = conf_find_backend(c, "housed");
     cr_expect_float_eq(b->web_search_usd_per_1k, 0, 1e-12, "an entry without one: none");
     cr_expect_float_eq(b->cache_write_usd_per_mtok, 2.5, 1e-12, "1.25x the entry's input");

@@ -68,7 +68,7 @@ static void make_record(struct metrics_cost_record *r, char *id, size_t idlen, i
         .completion_tokens_est = 50, .completion_tokens = -1, .billed_prompt_tokens = 98,
         .billed_completion_tokens = 40, .billed_cached_tokens = 20,
         .billed_cache_write_tokens = 30, .billed_web_searches = 3, .cost_usd_est = 0.0005,
-        .cost_usd = 0.00049, .cache_hit = 0, .saved_usd = 0, .ttft_ms = 12.5, .latency_ms = 80,
+        .cost_usd = 0.00049, .reported_cost_usd = i % 2 ? NAN : 0.0006, .cache_hit = 0, .saved_usd = 0, .ttft_ms = 12.5, .latency_ms = 80,
         .status = 200, .fallbacks = i % 3,
     };
 }
@@ -132,8 +132,8 @@ Test(costlog, lines_are_valid_json_with_every_key, .timeout = 10)
                                  "billed_cached_tokens", "billed_cache_write_tokens",
                                  "billed_cache_write_1h_tokens", "billed_web_searches",
                                  "cost_usd_est",
-                                 "cost_usd", "cache_hit", "saved_usd", "ttft_ms", "latency_ms",
-                                 "status", "fallbacks"};
+                                 "cost_usd", "reported_cost_usd", "cache_hit", "saved_usd",
+                                 "ttft_ms", "latency_ms", "status", "fallbacks"};
     struct metrics_cost_candidate cands[2];
     struct metrics_cost_record r;
     char id[32];
@@ -172,6 +172,8 @@ Test(costlog, lines_are_valid_json_with_every_key, .timeout = 10)
     cr_assert_eq(cJSON_GetObjectItem(a, "billed_cache_write_tokens")->valuedouble, 30);
     cr_assert_eq(cJSON_GetObjectItem(a, "billed_web_searches")->valuedouble, 3);
     cr_assert_eq(cJSON_GetObjectItem(a, "cost_usd")->valuedouble, 0.00049);
+    cr_assert_eq(cJSON_GetObjectItem(a, "reported_cost_usd")->valuedouble, 0.0006);
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(b, "reported_cost_usd")), "none reported: null");
     cr_assert(cJSON_IsFalse(cJSON_GetObjectItem(a, "cache_hit")));
     cJSON *c = cJSON_GetObjectItem(a, "candidates");
     cr_assert_eq(cJSON_GetArraySize(c), 2);

@@ -653,6 +653,44 @@ Test(usage, an_anthropic_usage_has_its_web_searches, .timeout = 5)
     }
 }
 
+/* A usage may say what the request cost: OpenRouter's "cost" (a number
+ * of USD), Perplexity's "cost" object by its "total_cost"; not a number,
+ * negative or past ROUTER_REPORTED_USD_MAX is none (-1). Read from a held
+ * body and from an answer too big to hold alike. */
+Test(usage, a_reported_cost_is_read_from_the_usage, .timeout = 5)
+{
+    static const struct {
+        const char *json;
+        double cost;
+    } cases[] = {
+        {"{\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"cost\":0.012345}}", 0.012345},
+        {"{\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"cost\":0}}", 0},
+        {"{\"usage\":{\"input_tokens\":5,\"output_tokens\":7,\"cost\":{\"input_tokens_cost\":1,"
+         "\"request_cost\":0.005,\"total_cost\":0.0075}}}", 0.0075},
+        {"{\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"cost\":{\"request_cost\":1}}}",
+         -1},
+        {"{\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7}}", -1},
+        {"{\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"cost\":-0.5}}", -1},
+        {"{\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"cost\":\"0.5\"}}", -1},
+        {"{\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"cost\":10000.5}}", -1},
+        {"{\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"cost\":10000}}", 10000},
+        {"{\"cost\":3,\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7}}", -1},
+    };
+    struct router__usage u;
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const char *js = cases[i].json;
+
+        cr_assert(router__usage_parse(js, strlen(js), &u, NULL), "case %zu", i);
+        cr_assert_float_eq(u.cost_usd, cases[i].cost, 1e-15, "case %zu: %g", i, u.cost_usd);
+        for (size_t step = 1; step <= strlen(js); step += 7) {
+            cr_assert_eq(big_usage_of(js, step, &u), 1, "case %zu step %zu", i, step);
+            cr_assert_float_eq(u.cost_usd, cases[i].cost, 1e-15, "case %zu step %zu (big)", i,
+                               step);
+        }
+    }
+}
+
 /* The web search calls of an answer too big to hold, read at every split. */
 static int64_t big_searches_of(const char *json, size_t step)
 {
