@@ -231,3 +231,25 @@ Test(reported_cost, an_answer_without_a_reported_cost_is_charged_its_tokens)
     cr_assert_float_eq(header_usd(), TOKENS_USD, 1e-9);
     assert_logged(TOKENS_USD, NAN);
 }
+
+/* A cache hit is charged nothing, whatever the cached answer's usage
+ * said it cost: its line has cost 0 and no reported cost. */
+Test(reported_cost, a_cache_hit_is_charged_nothing)
+{
+    static const char body[] = "{\"model\":\"chat\",\"temperature\":0,\"max_tokens\":10,"
+                               "\"messages\":[{\"role\":\"user\",\"content\":\"hello there\"}]}";
+
+    start(", cost_from_usage: true", "");
+    cr_assert_eq(post("/v1/chat/completions", "x-mock-cost-micro: 12345\r\n", body), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_float_eq(header_usd(), 0.012345, 1e-9);
+    cr_assert_eq(post("/v1/chat/completions", "x-mock-cost-micro: 12345\r\n", body), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
+    cr_assert_float_eq(header_usd(), 0, 1e-12);
+    cJSON *rec = last_cost_record();
+    cr_assert_float_eq(num(rec, "cost_usd"), 0, 1e-12);
+    cr_assert(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(rec, "cache_hit")));
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(rec, "reported_cost_usd")));
+    cJSON_Delete(rec);
+}
