@@ -215,8 +215,12 @@ static const char *load_object(void *arg, const cJSON *o, size_t lineno)
                    ? "not a costrouter journal header (version 1)"
                    : NULL;
     e = parse_entry(o, &why);
-    if (e)
+    if (e) {
+        /* Not in Redis yet, as far as this router knows (see redis.c's
+         * local counters while Redis is away). */
+        cache__local_unconfirmed(&l->c->local, e->tenant, &e->period, e->real);
         cache__journal_readd(&l->c->journal, e, 0);
+    }
     return why;
 }
 

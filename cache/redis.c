@@ -1667,9 +1667,10 @@ static void settle_ended(struct cache_op *op, int in_call)
         /* A command that was sent may have been applied (unless Redis
          * refused it): its write-back then only charges if Redis still
          * holds the reservation, or has not seen the charge's id. */
-        cache__journal_add(&c->journal, op->tenant, &op->period, op->amount,
-                           r->remote ? r->seq : 0, r->amount, op->charge_id,
-                           !in_call && !op->refused);
+        if (cache__journal_add(&c->journal, op->tenant, &op->period, op->amount,
+                               r->remote ? r->seq : 0, r->amount, op->charge_id,
+                               !in_call && !op->refused) == 0)
+            cache__local_unconfirmed(&c->local, op->tenant, &op->period, op->amount);
         op->errstr = error_store_unavailable;
     }
     complete(op, in_call);
@@ -1701,6 +1702,8 @@ static void flush_ended(struct cache_op *op)
     c->redis->nflushing--;
     if (op->errstr == NULL) {
         c->redis->retry_ms = RETRY_MIN_MS;
+        cache__local_unconfirmed(&c->local, op->jentry->tenant, &op->jentry->period,
+                                 -op->jentry->real); /* Redis's answers count it now */
     } else {
         /* Closing too: the journal file saves it, or the close counts it
          * among the charges lost to Redis. */
@@ -1850,6 +1853,7 @@ static void flush_journal(struct cache__redis *s)
         struct cache__jentry *e = cache__journal_pop(&c->journal);
         struct cache_op *op;
         if (too_late_to_check(c, e)) {
+            cache__local_unconfirmed(&c->local, e->tenant, &e->period, -e->real);
             free(e);
             continue;
         }

@@ -466,6 +466,49 @@ Test(faults, refused_writes_are_written_back_without_a_reconnect, .timeout = 30)
     spent_then_close(&loop, c, &r, 90, "the refused settle's reservation is still held");
 }
 
+/* While Redis refuses writes, reads still go through (the router reads a
+ * tenant's spend before it picks a backend). What such a read answers
+ * lacks the charges journaled meanwhile: the local counters that then
+ * serve must keep counting them, or each read would hand the tenant its
+ * budget again. */
+Test(faults, a_read_while_writes_are_refused_keeps_the_journaled_spend, .timeout = 30)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache *c;
+    struct wait w, s;
+
+    w = held_in_redis(&loop, &r, &c, prefix, sizeof(prefix), "refused-read");
+    cr_assert_null(wait_settle(&loop, c, &w.begin.reservation, 0));
+    test_redis_int(&r, "CONFIG SET min-replicas-to-write 1");
+    w = wait_begin(&loop, c, "acme", NULL, 10, 100, 0);
+    cr_assert_null(w.err);
+    cr_assert(w.begin.granted && w.begin.degraded, "served from local counters");
+    cr_assert_eq(wait_settle(&loop, c, &w.begin.reservation, 90), error_store_unavailable,
+                 "journaled: Redis refused the write");
+    s = wait_spend(&loop, c, "acme"); /* a read: Redis answers it */
+    cr_assert_null(s.err);
+    w = wait_begin(&loop, c, "acme", NULL, 50, 100, 0);
+    cr_assert_null(w.err);
+    cr_assert_not(w.begin.granted,
+                  "90 of a day's 100 spent (journaled), yet a hold of 50 was granted after a "
+                  "read of the spend (the read said %lld spent)",
+                  (long long)s.spend.day_spent);
+    test_redis_int(&r, "CONFIG SET min-replicas-to-write 0");
+    cr_assert(drained_within(&loop, c, 10000), "the journal was not written back");
+    /* Written back, the 90 are in Redis's answers: counted once, not
+     * again as journaled. */
+    cr_assert_eq(wait_spend(&loop, c, "acme").spend.day_spent, 90);
+    test_redis_int(&r, "CONFIG SET min-replicas-to-write 1");
+    w = wait_begin(&loop, c, "acme", NULL, 10, 100, 0);
+    cr_assert(w.begin.granted && w.begin.degraded, "90 + 10 fit 100");
+    cr_assert_eq(w.begin.day_spent, 90);
+    cr_assert_null(wait_release(&loop, c, &w.begin.reservation));
+    test_redis_int(&r, "CONFIG SET min-replicas-to-write 0");
+    spent_then_close(&loop, c, &r, 90, "a hold stays after the write-back");
+}
+
 /* READONLY (the server became a replica: after a failover, the old
  * primary) is the one refusal a reconnect can cure, as the name may lead
  * to the new primary now: the store drops the connection, and once a
