@@ -1196,6 +1196,7 @@ static void op_unsent(struct cache_op *op)
         cache__finish(op);
         journal_retry(c->redis);
     } else if (op->pending == 0) { /* else a begin's GET is out: its reply ends the op */
+        inflight_del(c->redis, op); /* a begin whose GET was answered is still listed */
         op_ended(op, 1);
     }
 }

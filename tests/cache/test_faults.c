@@ -509,6 +509,63 @@ Test(faults, a_read_while_writes_are_refused_keeps_the_journaled_spend, .timeout
     spent_then_close(&loop, c, &r, 90, "a hold stays after the write-back");
 }
 
+/* With a shared response cache a begin sends its GET at once and waits in
+ * the queue for its script call (group commit holds it while an earlier
+ * call is out). When the connection drops meanwhile, the begin is never
+ * sent and ends from the queue: it must leave the list of commands in
+ * flight, or its stale deadline drops each new connection as timed out
+ * and a close waits for an answer that never comes. */
+Test(faults, a_queued_begin_whose_get_went_out_leaves_nothing_in_flight, .timeout = 20)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache_options o = {
+        .on_failure = CACHE_FAIL_OPEN,
+        .command_timeout_ms = 300,
+        .connect_timeout_ms = 5000,
+        .reconnect_min_ms = 50,
+        .reconnect_max_ms = 200,
+        .shared_cache = 1,
+    };
+    struct cache_key k = {{1, 2, 3}};
+    struct cache *c;
+    struct wait a = {0}, b = {0}, w;
+    struct cache_stats st;
+
+    cr_assert_eq(test_redis_start(&r, 0), 0);
+    uv_loop_init(&loop);
+    wait_prefix(prefix, sizeof(prefix), "queued-get");
+    o.redis_url = r.url;
+    o.key_prefix = prefix;
+    c = cache_create(&loop, &o);
+    cr_assert_not_null(c);
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    test_redis_kill(&r, SIGSTOP);
+    cr_assert_not_null(cache_begin(c, "acme", NULL, 10, 0, 0, wait_begin_cb, &a));
+    uv_run(&loop, UV_RUN_NOWAIT); /* its script call goes out */
+    cr_assert_not_null(cache_begin(c, "acme", &k, 10, 0, 0, wait_begin_cb, &b));
+    uv_run(&loop, UV_RUN_NOWAIT); /* the GET goes out, the begin waits for a's call */
+    wait_run(&loop, &a);
+    wait_run(&loop, &b);
+    cr_assert(a.begin.degraded && b.begin.degraded, "both timed out: local counters");
+    test_redis_kill(&r, SIGCONT);
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    wait_ms(&loop, 1000); /* past a command timeout on the new connection */
+    cache_stats(c, &st);
+    cr_assert_eq(st.reconnects, 2, "the new connection was dropped too (%llu connections)",
+                 (unsigned long long)st.reconnects);
+    /* (the live mark's renewal may be out for a moment) */
+    for (int tries = 0; tries < 50 && (cache_stats(c, &st), st.inflight > 0); tries++)
+        wait_ms(&loop, 20);
+    cr_assert_eq(st.inflight, 0, "%zu commands in flight on an idle store", st.inflight);
+    w = wait_begin(&loop, c, "acme", NULL, 10, 0, 0);
+    cr_assert(w.begin.granted && !w.begin.degraded);
+    cr_assert_null(wait_release(&loop, c, &w.begin.reservation));
+    wait_close(&loop, c);
+    test_redis_stop(&r);
+}
+
 /* READONLY (the server became a replica: after a failover, the old
  * primary) is the one refusal a reconnect can cure, as the name may lead
  * to the new primary now: the store drops the connection, and once a
