@@ -1175,9 +1175,11 @@ static int batch_send(struct batch *b, int eval)
         return -1;
     s->nbatches++;
     for (size_t i = 0; i < b->n; i++) {
+        /* A begin listed since its GET (a shared cache) may have waited
+         * in the queue: its deadline is the call's, from now. */
+        inflight_del(s, b->ops[i]);
         b->ops[i]->pending++;
-        if (!b->ops[i]->inflight)
-            inflight_add(s, b->ops[i]);
+        inflight_add(s, b->ops[i]);
     }
     return 0;
 }

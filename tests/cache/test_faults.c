@@ -566,6 +566,57 @@ Test(faults, a_queued_begin_whose_get_went_out_leaves_nothing_in_flight, .timeou
     test_redis_stop(&r);
 }
 
+/* A begin's script call gets the whole command timeout, counted from when
+ * it goes out. With a shared response cache its GET goes out first and
+ * the begin may then wait in the queue while an earlier call is out
+ * (group commit): the GET's deadline is not the call's. CLIENT PAUSE
+ * WRITE holds script calls and lets the GET through. */
+Test(faults, a_held_begin_gets_its_own_command_timeout, .timeout = 20)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache_options o = {
+        .on_failure = CACHE_FAIL_OPEN,
+        .command_timeout_ms = 500,
+        .connect_timeout_ms = 5000,
+        .shared_cache = 1,
+    };
+    struct cache_key k = {{4, 5, 6}};
+    struct cache *c;
+    struct wait a = {0}, b = {0};
+    struct cache_stats st;
+
+    cr_assert_eq(test_redis_start(&r, 0), 0);
+    uv_loop_init(&loop);
+    wait_prefix(prefix, sizeof(prefix), "held-deadline");
+    o.redis_url = r.url;
+    o.key_prefix = prefix;
+    c = cache_create(&loop, &o);
+    cr_assert_not_null(c);
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    test_redis_int(&r, "CLIENT PAUSE 350 WRITE");
+    cr_assert_not_null(cache_begin(c, "acme", NULL, 10, 0, 0, wait_begin_cb, &a));
+    uv_run(&loop, UV_RUN_NOWAIT); /* a's call goes out, held by the pause */
+    cr_assert_not_null(cache_begin(c, "acme", &k, 10, 0, 0, wait_begin_cb, &b));
+    uv_run(&loop, UV_RUN_NOWAIT); /* b's GET goes out; b waits for a's call */
+    wait_run(&loop, &a);
+    cr_assert(a.begin.granted && !a.begin.degraded);
+    cr_assert_not(b.done);
+    test_redis_int(&r, "CLIENT PAUSE 350 WRITE"); /* b's call, sent now, waits 350 ms */
+    wait_run(&loop, &b);
+    cache_stats(c, &st);
+    cr_assert(b.begin.granted && !b.begin.degraded,
+              "b's call timed out ~150 ms after it went out, on its GET's deadline "
+              "(command timeout 500 ms; %llu connections)",
+              (unsigned long long)st.reconnects);
+    cr_assert_eq(st.reconnects, 1);
+    cr_assert_null(wait_release(&loop, c, &a.begin.reservation));
+    cr_assert_null(wait_release(&loop, c, &b.begin.reservation));
+    wait_close(&loop, c);
+    test_redis_stop(&r);
+}
+
 /* READONLY (the server became a replica: after a failover, the old
  * primary) is the one refusal a reconnect can cure, as the name may lead
  * to the new primary now: the store drops the connection, and once a
