@@ -131,6 +131,8 @@ struct cache__jentry {
                                    * was not applied (Redis forgets ids after the grace) */
     unsigned conditional:1;       /* may have been applied: charge only if the reservation is
                                    * still known (seq), or if Redis has not seen the id */
+    unsigned apart:1;             /* seq 0: never merged with others, its amount staying the
+                                   * one a copy in the journal file has under its id (jfile.c) */
     char origin[17];              /* instance id in its reservation member or id: this
                                    * instance's, or the one that saved it (jfile.c) */
     char tenant[];                /* tenant id */
