@@ -101,8 +101,9 @@ int cache__local_hold_remote(struct cache__local *l, const char *tenant, int64_t
 int cache__local_sync(struct cache__local *l, const char *tenant, int64_t day_spent,
                       int64_t month_spent, int64_t reserved);
 /* Count (amount > 0) or drop (amount < 0) a charge of period `p` that
- * Redis does not have yet: journaled, or being written back. What Redis
- * answers (cache__local_sync) lacks it, and these counters must not. */
+ * Redis does not have yet: sent and not answered, journaled, or being
+ * written back. What Redis answers (cache__local_sync) lacks it, and these
+ * counters must not. */
 int cache__local_unconfirmed(struct cache__local *l, const char *tenant,
                              const struct cache__period *p, int64_t amount);
 /* Set a subject's spend as saved on day `p` (sfile.c): its day's counter

@@ -34,8 +34,9 @@ struct local_tenant {
     int64_t base_day;            /* day_spent as Redis last answered it (cache__local_sync) */
     int64_t base_month;          /* month_spent likewise */
     int64_t others;              /* what other instances held in Redis then */
-    int64_t unconfirmed_day;     /* our charges of this day journaled or being written back:
-                                  * not in what Redis answers (cache__local_unconfirmed) */
+    int64_t unconfirmed_day;     /* our charges of this day sent and not answered, journaled
+                                  * or being written back: not in what Redis answers
+                                  * (cache__local_unconfirmed) */
     int64_t unconfirmed_month;   /* of this month likewise */
     struct local_res *ring;      /* open reservations by seq */
     size_t cap;                  /* ring slots (power of two) */
@@ -317,8 +318,9 @@ int cache__local_sync(struct cache__local *l, const char *tenant, int64_t day_sp
 
     if (t == NULL)
         return -ENOMEM;
-    /* Redis's figures lack our charges still in the journal: they are
-     * ours since its word, as if made after it. */
+    /* Redis's figures lack our charges it has not confirmed (sent and not
+     * answered, journaled): they are ours since its word, as if made
+     * after it. */
     t->base_day = day_spent;
     t->base_month = month_spent;
     t->day_spent = day_spent + t->unconfirmed_day;

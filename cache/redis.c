@@ -1663,17 +1663,21 @@ static void settle_ended(struct cache_op *op, int in_call)
     const struct cache_reservation *r = &op->res;
 
     if (op->errstr == NULL) {
+        /* Redis has it: in its figures from this reply on (it answers in
+         * order), and no longer ours to add. */
+        cache__local_unconfirmed(&c->local, op->tenant, &op->period, -op->amount);
         cache__local_sync(&c->local, op->tenant, op->spend.day_spent, op->spend.month_spent, -1);
     } else if (c->closing) {
         op->errstr = cache_error_closed;
     } else {
         /* A command that was sent may have been applied (unless Redis
          * refused it): its write-back then only charges if Redis still
-         * holds the reservation, or has not seen the charge's id. */
+         * holds the reservation, or has not seen the charge's id. Still
+         * unconfirmed in the local counters, journaled; lost, not. */
         if (cache__journal_add(&c->journal, op->tenant, &op->period, op->amount,
                                r->remote ? r->seq : 0, r->amount, op->charge_id,
-                               !in_call && !op->refused) == 0)
-            cache__local_unconfirmed(&c->local, op->tenant, &op->period, op->amount);
+                               !in_call && !op->refused) < 0)
+            cache__local_unconfirmed(&c->local, op->tenant, &op->period, -op->amount);
         op->errstr = error_store_unavailable;
     }
     complete(op, in_call);
@@ -1777,6 +1781,9 @@ static void redis_settle(struct cache_op *op)
     /* The local counters follow every charge and hold, so that serving
      * from them after a failure starts from the right place. */
     cache__local_settle(&c->local, op->tenant, r->remote ? 0 : r->seq, op->amount);
+    /* Until Redis answers it, a reply from a call sent before it (which
+     * lacks it) must not take it out of the local counters. */
+    cache__local_unconfirmed(&c->local, op->tenant, &op->period, op->amount);
     if (r->remote)
         cache__local_hold_remote(&c->local, op->tenant, -r->amount);
     if (!r->remote && op->amount == 0) {

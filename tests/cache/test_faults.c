@@ -744,6 +744,55 @@ Test(faults, an_unreserved_settle_whose_reply_is_lost_is_charged_once, .timeout 
     relayed_check_close(&x, 40);
 }
 
+/* A settle made while an earlier call of its tenant is out waits for that
+ * call's reply (group commit), whose numbers then replace the local
+ * counters: they do not have the settle's charge yet. When the settle's
+ * own reply is then lost and Redis stays away, the local counters that
+ * serve must still count it. */
+Test(faults, a_settle_lost_behind_an_answered_call_still_counts_locally, .timeout = 20)
+{
+    struct relayed x;
+    struct wait a, d = {0}, e;
+    char url[64];
+
+    cr_assert_eq(test_redis_start(&x.r, 0), 0);
+    x.relay = test_relay_start(x.r.port);
+    cr_assert_not_null(x.relay);
+    uv_loop_init(&x.loop);
+    snprintf(url, sizeof(url), "redis://127.0.0.1:%d", test_relay_port(x.relay));
+    x.c = open_store(&x.loop, url, CACHE_FAIL_OPEN, x.prefix, sizeof(x.prefix), "lost-behind");
+    wait_state(&x.loop, x.c, CACHE_STATE_CONNECTED);
+    a = wait_begin(&x.loop, x.c, "acme", NULL, 10, 100, 0);
+    cr_assert(a.begin.granted && !a.begin.degraded);
+    cr_assert_not_null(cache_begin(x.c, "acme", NULL, 1, 100, 0, wait_begin_cb, &d));
+    uv_run(&x.loop, UV_RUN_NOWAIT); /* d's call goes out */
+    for (int tries = 0; tries < 250; tries++, usleep(10000)) /* and reached Redis */
+        if (test_redis_int(&x.r, "HGET %s{acme}:open #", x.prefix) == 11)
+            break;
+    test_relay_lose_next(x.relay); /* the settle's call, sent once d's is answered */
+    cr_assert_eq(wait_settle(&x.loop, x.c, &a.begin.reservation, 90), error_store_unavailable,
+                 "the reply was lost: journaled");
+    test_relay_down(x.relay, 1); /* and Redis stays away */
+    cr_assert(d.done && d.begin.granted && !d.begin.degraded);
+    cr_assert_eq(d.begin.day_spent, 0, "d's answer came before the settle's");
+    e = wait_begin(&x.loop, x.c, "acme", NULL, 50, 100, 0);
+    cr_assert_null(e.err);
+    cr_assert(e.begin.degraded);
+    cr_assert_not(e.begin.granted, "90 of 100 charged (reply lost), yet 50 more held locally "
+                                   "(local spend %lld)", (long long)e.begin.day_spent);
+    cr_assert_not_null(cache_settle(x.c, &d.begin.reservation, 0, NULL, NULL));
+    test_relay_down(x.relay, 0);
+    wait_state(&x.loop, x.c, CACHE_STATE_CONNECTED);
+    wait_drained(&x.loop, x.c);
+    cr_assert_eq(test_relay_lost(x.relay), 1, "no reply was lost");
+    e = wait_spend(&x.loop, x.c, "acme");
+    cr_assert_eq(e.spend.day_spent, 90, "charged %lld for 90", (long long)e.spend.day_spent);
+    cr_assert_eq(e.spend.reserved, 0);
+    wait_close(&x.loop, x.c);
+    test_relay_stop(x.relay);
+    test_redis_stop(&x.r);
+}
+
 /* Worker process: its own loop and connection, begin+settle at full
  * amount against one tenant. Writes how many were granted. */
 static void worker(const char *url, const char *prefix, int out)
