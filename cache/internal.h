@@ -100,6 +100,12 @@ int cache__local_hold_remote(struct cache__local *l, const char *tenant, int64_t
  * note what the other instances hold. */
 int cache__local_sync(struct cache__local *l, const char *tenant, int64_t day_spent,
                       int64_t month_spent, int64_t reserved);
+/* Count (amount > 0) or drop (amount < 0) a charge of period `p` that
+ * Redis does not have yet: sent and not answered, journaled, or being
+ * written back. What Redis answers (cache__local_sync) lacks it, and these
+ * counters must not. */
+int cache__local_unconfirmed(struct cache__local *l, const char *tenant,
+                             const struct cache__period *p, int64_t amount);
 /* Set a subject's spend as saved on day `p` (sfile.c): its day's counter
  * if `p` is today, its month's if `p` is in this month; older is nothing.
  * 0 or -ENOMEM. */
@@ -126,6 +132,8 @@ struct cache__jentry {
                                    * was not applied (Redis forgets ids after the grace) */
     unsigned conditional:1;       /* may have been applied: charge only if the reservation is
                                    * still known (seq), or if Redis has not seen the id */
+    unsigned apart:1;             /* seq 0: never merged with others, its amount staying the
+                                   * one a copy in the journal file has under its id (jfile.c) */
     char origin[17];              /* instance id in its reservation member or id: this
                                    * instance's, or the one that saved it (jfile.c) */
     char tenant[];                /* tenant id */

@@ -37,9 +37,10 @@
  * A crash after the load and before the file is removed loads it again,
  * after some entries may have been written back. So the load saves the
  * file again with every entry conditional (charged only if Redis does not
- * know it yet), and in memory the id entries are conditional from the load
+ * know it yet), and in memory the id entries are kept apart from the load
  * on (never merged with others, which would send their money under another
- * id); reservation entries keep their flag in memory, where it is exact.
+ * id), conditional once this router sent them, or if they were so in the
+ * file; reservation entries keep their flag in memory, where it is exact.
  *
  * File access blocks the loop: it happens at start (cache_create) and at
  * the end (cache_close), never per request.
@@ -179,8 +180,12 @@ static struct cache__jentry *parse_entry(const cJSON *o, const char **why)
     e->id = (uint64_t)id;
     e->conditional = cJSON_IsTrue(cond);
     e->since_ms = since;
-    if (e->seq == 0) /* see the top: its id may be applied from now on */
-        cache__journal_mark_conditional(e);
+    /* See the top: its id may be applied from now on, so it keeps its
+     * amount; but not before this router sends it (a file marks what a
+     * router sent, and the load's copy all of it), so Redis's grace
+     * period counts from that send, not from now. */
+    if (e->seq == 0)
+        e->apart = 1;
     *why = NULL;
     return e;
 }
@@ -215,8 +220,12 @@ static const char *load_object(void *arg, const cJSON *o, size_t lineno)
                    ? "not a costrouter journal header (version 1)"
                    : NULL;
     e = parse_entry(o, &why);
-    if (e)
+    if (e) {
+        /* Not in Redis yet, as far as this router knows (see redis.c's
+         * local counters while Redis is away). */
+        cache__local_unconfirmed(&l->c->local, e->tenant, &e->period, e->real);
         cache__journal_readd(&l->c->journal, e, 0);
+    }
     return why;
 }
 

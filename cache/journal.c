@@ -54,7 +54,7 @@ static void append(struct cache__journal *j, struct cache__jentry *e)
 
 static int mergeable(const struct cache__jentry *e)
 {
-    return e->seq == 0 && !e->conditional;
+    return e->seq == 0 && !e->conditional && !e->apart;
 }
 
 /* Merge `real` into the tenant+period slot if there is one; 1 if merged. */
@@ -104,6 +104,7 @@ int cache__journal_add(struct cache__journal *j, const char *tenant,
     e->res_amount = res_amount;
     e->id = seq == 0 ? id : 0;
     e->conditional = 0;
+    e->apart = 0;
     e->since_ms = 0;
     if (conditional)
         cache__journal_mark_conditional(e);

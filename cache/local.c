@@ -34,6 +34,10 @@ struct local_tenant {
     int64_t base_day;            /* day_spent as Redis last answered it (cache__local_sync) */
     int64_t base_month;          /* month_spent likewise */
     int64_t others;              /* what other instances held in Redis then */
+    int64_t unconfirmed_day;     /* our charges of this day sent and not answered, journaled
+                                  * or being written back: not in what Redis answers
+                                  * (cache__local_unconfirmed) */
+    int64_t unconfirmed_month;   /* of this month likewise */
     struct local_res *ring;      /* open reservations by seq */
     size_t cap;                  /* ring slots (power of two) */
     size_t head;                 /* index of the oldest */
@@ -95,9 +99,9 @@ static void tenant_refresh(struct local_tenant *t)
     }
     cache__period_now(&now);
     if (now.day != t->period.day)
-        t->day_spent = t->base_day = 0;
+        t->day_spent = t->base_day = t->unconfirmed_day = 0;
     if (now.month != t->period.month)
-        t->month_spent = t->base_month = 0;
+        t->month_spent = t->base_month = t->unconfirmed_month = 0;
     t->period = now;
 }
 
@@ -314,12 +318,32 @@ int cache__local_sync(struct cache__local *l, const char *tenant, int64_t day_sp
 
     if (t == NULL)
         return -ENOMEM;
-    t->day_spent = t->base_day = day_spent;
-    t->month_spent = t->base_month = month_spent;
+    /* Redis's figures lack our charges it has not confirmed (sent and not
+     * answered, journaled): they are ours since its word, as if made
+     * after it. */
+    t->base_day = day_spent;
+    t->base_month = month_spent;
+    t->day_spent = day_spent + t->unconfirmed_day;
+    t->month_spent = month_spent + t->unconfirmed_month;
     /* Never below 0: our settles already sent are no longer in t->remote
      * but may still be in `reserved`, which then only makes us careful. */
     if (reserved >= 0)
         t->others = MAX(reserved - t->remote, 0);
+    return 0;
+}
+
+int cache__local_unconfirmed(struct cache__local *l, const char *tenant,
+                             const struct cache__period *p, int64_t amount)
+{
+    struct local_tenant *t = tenant_get(l, tenant);
+
+    if (t == NULL)
+        return -ENOMEM;
+    /* Of an earlier day or month: no longer in these counters. */
+    if (p->day == t->period.day)
+        t->unconfirmed_day = MAX(t->unconfirmed_day + amount, 0);
+    if (p->month == t->period.month)
+        t->unconfirmed_month = MAX(t->unconfirmed_month + amount, 0);
     return 0;
 }
 

@@ -274,7 +274,9 @@ static const char lua_spend[] =
     "local h = redis.call('HMGET', KEYS[3], '', '#')\n"
     "local due, was = tonumber(h[1] or NEVER), tonumber(h[2] or '0')\n"
     "local reserved, now_due = prune(now_ms(), tonumber(ARGV[1]), was, due)\n"
-    "if now_due ~= due then\n"
+    /* A sweep cut short at 256 may leave the earliest expiry as it was:
+     * the sum must still lose what it moved. */
+    "if now_due ~= due or reserved ~= was then\n"
     "  redis.call('HSET', KEYS[3], '', due_value(now_due), '#', reserved)\n"
     "end\n"
     "local day, month = counters()\n"
@@ -1173,9 +1175,11 @@ static int batch_send(struct batch *b, int eval)
         return -1;
     s->nbatches++;
     for (size_t i = 0; i < b->n; i++) {
+        /* A begin listed since its GET (a shared cache) may have waited
+         * in the queue: its deadline is the call's, from now. */
+        inflight_del(s, b->ops[i]);
         b->ops[i]->pending++;
-        if (!b->ops[i]->inflight)
-            inflight_add(s, b->ops[i]);
+        inflight_add(s, b->ops[i]);
     }
     return 0;
 }
@@ -1194,6 +1198,7 @@ static void op_unsent(struct cache_op *op)
         cache__finish(op);
         journal_retry(c->redis);
     } else if (op->pending == 0) { /* else a begin's GET is out: its reply ends the op */
+        inflight_del(c->redis, op); /* a begin whose GET was answered is still listed */
         op_ended(op, 1);
     }
 }
@@ -1658,16 +1663,21 @@ static void settle_ended(struct cache_op *op, int in_call)
     const struct cache_reservation *r = &op->res;
 
     if (op->errstr == NULL) {
+        /* Redis has it: in its figures from this reply on (it answers in
+         * order), and no longer ours to add. */
+        cache__local_unconfirmed(&c->local, op->tenant, &op->period, -op->amount);
         cache__local_sync(&c->local, op->tenant, op->spend.day_spent, op->spend.month_spent, -1);
     } else if (c->closing) {
         op->errstr = cache_error_closed;
     } else {
         /* A command that was sent may have been applied (unless Redis
          * refused it): its write-back then only charges if Redis still
-         * holds the reservation, or has not seen the charge's id. */
-        cache__journal_add(&c->journal, op->tenant, &op->period, op->amount,
-                           r->remote ? r->seq : 0, r->amount, op->charge_id,
-                           !in_call && !op->refused);
+         * holds the reservation, or has not seen the charge's id. Still
+         * unconfirmed in the local counters, journaled; lost, not. */
+        if (cache__journal_add(&c->journal, op->tenant, &op->period, op->amount,
+                               r->remote ? r->seq : 0, r->amount, op->charge_id,
+                               !in_call && !op->refused) < 0)
+            cache__local_unconfirmed(&c->local, op->tenant, &op->period, -op->amount);
         op->errstr = error_store_unavailable;
     }
     complete(op, in_call);
@@ -1699,6 +1709,8 @@ static void flush_ended(struct cache_op *op)
     c->redis->nflushing--;
     if (op->errstr == NULL) {
         c->redis->retry_ms = RETRY_MIN_MS;
+        cache__local_unconfirmed(&c->local, op->jentry->tenant, &op->jentry->period,
+                                 -op->jentry->real); /* Redis's answers count it now */
     } else {
         /* Closing too: the journal file saves it, or the close counts it
          * among the charges lost to Redis. */
@@ -1769,6 +1781,9 @@ static void redis_settle(struct cache_op *op)
     /* The local counters follow every charge and hold, so that serving
      * from them after a failure starts from the right place. */
     cache__local_settle(&c->local, op->tenant, r->remote ? 0 : r->seq, op->amount);
+    /* Until Redis answers it, a reply from a call sent before it (which
+     * lacks it) must not take it out of the local counters. */
+    cache__local_unconfirmed(&c->local, op->tenant, &op->period, op->amount);
     if (r->remote)
         cache__local_hold_remote(&c->local, op->tenant, -r->amount);
     if (!r->remote && op->amount == 0) {
@@ -1848,6 +1863,7 @@ static void flush_journal(struct cache__redis *s)
         struct cache__jentry *e = cache__journal_pop(&c->journal);
         struct cache_op *op;
         if (too_late_to_check(c, e)) {
+            cache__local_unconfirmed(&c->local, e->tenant, &e->period, -e->real);
             free(e);
             continue;
         }

@@ -268,8 +268,9 @@ static struct cache_op *settle_common(struct cache *c, const struct cache_reserv
         if (real > 0 && !c->closing && strlen(r->tenant) <= CACHE_TENANT_MAX) {
             struct cache__period p;
             cache__period_now(&p);
-            cache__journal_add(&c->journal, r->tenant, &p, real, r->remote ? r->seq : 0,
-                               r->amount, 0, 0);
+            if (cache__journal_add(&c->journal, r->tenant, &p, real, r->remote ? r->seq : 0,
+                                   r->amount, 0, 0) == 0)
+                cache__local_unconfirmed(&c->local, r->tenant, &p, real);
         }
         return NULL;
     }

@@ -466,6 +466,157 @@ Test(faults, refused_writes_are_written_back_without_a_reconnect, .timeout = 30)
     spent_then_close(&loop, c, &r, 90, "the refused settle's reservation is still held");
 }
 
+/* While Redis refuses writes, reads still go through (the router reads a
+ * tenant's spend before it picks a backend). What such a read answers
+ * lacks the charges journaled meanwhile: the local counters that then
+ * serve must keep counting them, or each read would hand the tenant its
+ * budget again. */
+Test(faults, a_read_while_writes_are_refused_keeps_the_journaled_spend, .timeout = 30)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache *c;
+    struct wait w, s;
+
+    w = held_in_redis(&loop, &r, &c, prefix, sizeof(prefix), "refused-read");
+    cr_assert_null(wait_settle(&loop, c, &w.begin.reservation, 0));
+    test_redis_int(&r, "CONFIG SET min-replicas-to-write 1");
+    w = wait_begin(&loop, c, "acme", NULL, 10, 100, 0);
+    cr_assert_null(w.err);
+    cr_assert(w.begin.granted && w.begin.degraded, "served from local counters");
+    cr_assert_eq(wait_settle(&loop, c, &w.begin.reservation, 90), error_store_unavailable,
+                 "journaled: Redis refused the write");
+    s = wait_spend(&loop, c, "acme"); /* a read: Redis answers it */
+    cr_assert_null(s.err);
+    w = wait_begin(&loop, c, "acme", NULL, 50, 100, 0);
+    cr_assert_null(w.err);
+    cr_assert_not(w.begin.granted,
+                  "90 of a day's 100 spent (journaled), yet a hold of 50 was granted after a "
+                  "read of the spend (the read said %lld spent)",
+                  (long long)s.spend.day_spent);
+    test_redis_int(&r, "CONFIG SET min-replicas-to-write 0");
+    cr_assert(drained_within(&loop, c, 10000), "the journal was not written back");
+    /* Written back, the 90 are in Redis's answers: counted once, not
+     * again as journaled. */
+    cr_assert_eq(wait_spend(&loop, c, "acme").spend.day_spent, 90);
+    test_redis_int(&r, "CONFIG SET min-replicas-to-write 1");
+    w = wait_begin(&loop, c, "acme", NULL, 10, 100, 0);
+    cr_assert(w.begin.granted && w.begin.degraded, "90 + 10 fit 100");
+    cr_assert_eq(w.begin.day_spent, 90);
+    cr_assert_null(wait_release(&loop, c, &w.begin.reservation));
+    test_redis_int(&r, "CONFIG SET min-replicas-to-write 0");
+    spent_then_close(&loop, c, &r, 90, "a hold stays after the write-back");
+}
+
+/* With a shared response cache a begin sends its GET at once and waits in
+ * the queue for its script call (group commit holds it while an earlier
+ * call is out). When the connection drops meanwhile, the begin is never
+ * sent and ends from the queue: it must leave the list of commands in
+ * flight, or its stale deadline drops each new connection as timed out
+ * and a close waits for an answer that never comes. */
+Test(faults, a_queued_begin_whose_get_went_out_leaves_nothing_in_flight, .timeout = 20)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache_options o = {
+        .on_failure = CACHE_FAIL_OPEN,
+        .command_timeout_ms = 300,
+        .connect_timeout_ms = 5000,
+        .reconnect_min_ms = 50,
+        .reconnect_max_ms = 200,
+        .shared_cache = 1,
+    };
+    struct cache_key k = {{1, 2, 3}};
+    struct cache *c;
+    struct wait a = {0}, b = {0}, w;
+    struct cache_stats st;
+
+    cr_assert_eq(test_redis_start(&r, 0), 0);
+    uv_loop_init(&loop);
+    wait_prefix(prefix, sizeof(prefix), "queued-get");
+    o.redis_url = r.url;
+    o.key_prefix = prefix;
+    c = cache_create(&loop, &o);
+    cr_assert_not_null(c);
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    test_redis_kill(&r, SIGSTOP);
+    cr_assert_not_null(cache_begin(c, "acme", NULL, 10, 0, 0, wait_begin_cb, &a));
+    uv_run(&loop, UV_RUN_NOWAIT); /* its script call goes out */
+    cr_assert_not_null(cache_begin(c, "acme", &k, 10, 0, 0, wait_begin_cb, &b));
+    uv_run(&loop, UV_RUN_NOWAIT); /* the GET goes out, the begin waits for a's call */
+    wait_run(&loop, &a);
+    wait_run(&loop, &b);
+    cr_assert(a.begin.degraded && b.begin.degraded, "both timed out: local counters");
+    test_redis_kill(&r, SIGCONT);
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    wait_ms(&loop, 1000); /* past a command timeout on the new connection */
+    cache_stats(c, &st);
+    cr_assert_eq(st.reconnects, 2, "the new connection was dropped too (%llu connections)",
+                 (unsigned long long)st.reconnects);
+    /* (the live mark's renewal may be out for a moment) */
+    for (int tries = 0; tries < 50 && (cache_stats(c, &st), st.inflight > 0); tries++)
+        wait_ms(&loop, 20);
+    cr_assert_eq(st.inflight, 0, "%zu commands in flight on an idle store", st.inflight);
+    w = wait_begin(&loop, c, "acme", NULL, 10, 0, 0);
+    cr_assert(w.begin.granted && !w.begin.degraded);
+    cr_assert_null(wait_release(&loop, c, &w.begin.reservation));
+    wait_close(&loop, c);
+    test_redis_stop(&r);
+}
+
+/* A begin's script call gets the whole command timeout, counted from when
+ * it goes out. With a shared response cache its GET goes out first and
+ * the begin may then wait in the queue while an earlier call is out
+ * (group commit): the GET's deadline is not the call's. CLIENT PAUSE
+ * WRITE holds script calls and lets the GET through. */
+Test(faults, a_held_begin_gets_its_own_command_timeout, .timeout = 20)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache_options o = {
+        .on_failure = CACHE_FAIL_OPEN,
+        .command_timeout_ms = 500,
+        .connect_timeout_ms = 5000,
+        .shared_cache = 1,
+    };
+    struct cache_key k = {{4, 5, 6}};
+    struct cache *c;
+    struct wait a = {0}, b = {0};
+    struct cache_stats st;
+
+    cr_assert_eq(test_redis_start(&r, 0), 0);
+    uv_loop_init(&loop);
+    wait_prefix(prefix, sizeof(prefix), "held-deadline");
+    o.redis_url = r.url;
+    o.key_prefix = prefix;
+    c = cache_create(&loop, &o);
+    cr_assert_not_null(c);
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    test_redis_int(&r, "CLIENT PAUSE 350 WRITE");
+    cr_assert_not_null(cache_begin(c, "acme", NULL, 10, 0, 0, wait_begin_cb, &a));
+    uv_run(&loop, UV_RUN_NOWAIT); /* a's call goes out, held by the pause */
+    cr_assert_not_null(cache_begin(c, "acme", &k, 10, 0, 0, wait_begin_cb, &b));
+    uv_run(&loop, UV_RUN_NOWAIT); /* b's GET goes out; b waits for a's call */
+    wait_run(&loop, &a);
+    cr_assert(a.begin.granted && !a.begin.degraded);
+    cr_assert_not(b.done);
+    test_redis_int(&r, "CLIENT PAUSE 350 WRITE"); /* b's call, sent now, waits 350 ms */
+    wait_run(&loop, &b);
+    cache_stats(c, &st);
+    cr_assert(b.begin.granted && !b.begin.degraded,
+              "b's call timed out ~150 ms after it went out, on its GET's deadline "
+              "(command timeout 500 ms; %llu connections)",
+              (unsigned long long)st.reconnects);
+    cr_assert_eq(st.reconnects, 1);
+    cr_assert_null(wait_release(&loop, c, &a.begin.reservation));
+    cr_assert_null(wait_release(&loop, c, &b.begin.reservation));
+    wait_close(&loop, c);
+    test_redis_stop(&r);
+}
+
 /* READONLY (the server became a replica: after a failover, the old
  * primary) is the one refusal a reconnect can cure, as the name may lead
  * to the new primary now: the store drops the connection, and once a
@@ -591,6 +742,55 @@ Test(faults, an_unreserved_settle_whose_reply_is_lost_is_charged_once, .timeout 
     cr_assert_eq(wait_settle(&x.loop, x.c, &res, 40), error_store_unavailable,
                  "the reply was lost: journaled");
     relayed_check_close(&x, 40);
+}
+
+/* A settle made while an earlier call of its tenant is out waits for that
+ * call's reply (group commit), whose numbers then replace the local
+ * counters: they do not have the settle's charge yet. When the settle's
+ * own reply is then lost and Redis stays away, the local counters that
+ * serve must still count it. */
+Test(faults, a_settle_lost_behind_an_answered_call_still_counts_locally, .timeout = 20)
+{
+    struct relayed x;
+    struct wait a, d = {0}, e;
+    char url[64];
+
+    cr_assert_eq(test_redis_start(&x.r, 0), 0);
+    x.relay = test_relay_start(x.r.port);
+    cr_assert_not_null(x.relay);
+    uv_loop_init(&x.loop);
+    snprintf(url, sizeof(url), "redis://127.0.0.1:%d", test_relay_port(x.relay));
+    x.c = open_store(&x.loop, url, CACHE_FAIL_OPEN, x.prefix, sizeof(x.prefix), "lost-behind");
+    wait_state(&x.loop, x.c, CACHE_STATE_CONNECTED);
+    a = wait_begin(&x.loop, x.c, "acme", NULL, 10, 100, 0);
+    cr_assert(a.begin.granted && !a.begin.degraded);
+    cr_assert_not_null(cache_begin(x.c, "acme", NULL, 1, 100, 0, wait_begin_cb, &d));
+    uv_run(&x.loop, UV_RUN_NOWAIT); /* d's call goes out */
+    for (int tries = 0; tries < 250; tries++, usleep(10000)) /* and reached Redis */
+        if (test_redis_int(&x.r, "HGET %s{acme}:open #", x.prefix) == 11)
+            break;
+    test_relay_lose_next(x.relay); /* the settle's call, sent once d's is answered */
+    cr_assert_eq(wait_settle(&x.loop, x.c, &a.begin.reservation, 90), error_store_unavailable,
+                 "the reply was lost: journaled");
+    test_relay_down(x.relay, 1); /* and Redis stays away */
+    cr_assert(d.done && d.begin.granted && !d.begin.degraded);
+    cr_assert_eq(d.begin.day_spent, 0, "d's answer came before the settle's");
+    e = wait_begin(&x.loop, x.c, "acme", NULL, 50, 100, 0);
+    cr_assert_null(e.err);
+    cr_assert(e.begin.degraded);
+    cr_assert_not(e.begin.granted, "90 of 100 charged (reply lost), yet 50 more held locally "
+                                   "(local spend %lld)", (long long)e.begin.day_spent);
+    cr_assert_not_null(cache_settle(x.c, &d.begin.reservation, 0, NULL, NULL));
+    test_relay_down(x.relay, 0);
+    wait_state(&x.loop, x.c, CACHE_STATE_CONNECTED);
+    wait_drained(&x.loop, x.c);
+    cr_assert_eq(test_relay_lost(x.relay), 1, "no reply was lost");
+    e = wait_spend(&x.loop, x.c, "acme");
+    cr_assert_eq(e.spend.day_spent, 90, "charged %lld for 90", (long long)e.spend.day_spent);
+    cr_assert_eq(e.spend.reserved, 0);
+    wait_close(&x.loop, x.c);
+    test_relay_stop(x.relay);
+    test_redis_stop(&x.r);
 }
 
 /* Worker process: its own loop and connection, begin+settle at full

@@ -599,3 +599,33 @@ Test(store_memory, bad_arguments, .timeout = 5)
     cr_assert_null(cache_begin(c, "acme", NULL, -1, 0, 0, NULL, NULL));
     wait_close(&loop, c);
 }
+
+/* A sweep moves at most 256 expired reservations per call. When the spend
+ * script's sweep leaves expired ones behind with the same expiry as the
+ * earliest (the begins of one call share theirs), the sum it keeps must
+ * still lose those it moved: else the next sweep starts from the old sum
+ * and the moved ones hold budget for as long as the tenant is active. */
+Test(store_redis, a_partial_sweep_by_a_spend_read_keeps_the_sum, .timeout = 20)
+{
+    struct cache_options o = {.reservation_ttl_ms = 300};
+    enum { N = 320 };
+    static struct wait w[N];
+    struct fx f;
+    struct wait s;
+
+    memset(w, 0, sizeof(w));
+    fx_open(&f, 1, &o, "sweep");
+    for (int i = 0; i < N; i++)
+        cr_assert_not_null(cache_begin(f.c, "acme", NULL, 10, 0, 0, wait_begin_cb, &w[i]));
+    wait_all(&f.loop, w, N);
+    for (int i = 0; i < N; i++)
+        cr_assert(w[i].begin.granted);
+    wait_ms(&f.loop, 500); /* all of them expired, none settled */
+    s = wait_spend(&f.loop, f.c, "acme"); /* sweeps 256 */
+    cr_assert_null(s.err);
+    s = wait_spend(&f.loop, f.c, "acme"); /* sweeps the rest */
+    cr_assert_null(s.err);
+    cr_assert_eq(s.spend.reserved, 0, "%lld micro-USD still held by expired reservations",
+                 (long long)s.spend.reserved);
+    fx_close(&f);
+}

@@ -330,6 +330,63 @@ Test(jfile, a_maybe_applied_charge_past_the_grace_is_not_sent)
     free(log);
 }
 
+/* A charge loaded from the file that was never sent (not conditional
+ * there) is written back however long Redis stays away after the start:
+ * only a send can have applied it, so Redis's grace period counts from
+ * that, not from the load. The router's wall clock is moved 70 minutes on
+ * after its start (libfaketime, its monotonic clock left alone). */
+#define FAKETIME_LIB "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+Test(jfile, a_loaded_charge_never_sent_is_written_back_after_a_long_outage)
+{
+    char day[16], text[1024], clock_file[160], *log;
+    time_t now = time(NULL);
+    struct tm tm;
+
+    if (access(FAKETIME_LIB, R_OK) != 0)
+        cr_skip_test("no libfaketime");
+    gmtime_r(&now, &tm);
+    if (tm.tm_hour == 23) /* 70 minutes on would be another day */
+        cr_skip_test("too close to midnight UTC");
+    strftime(day, sizeof(day), "%Y-%m-%d", &tm);
+    snprintf(text, sizeof(text),
+             "{\"costrouter_journal\":1,\"saved_ms\":1,\"entries\":1,\"micro_usd\":25}\n"
+             "{\"tenant\":\"acme\",\"day\":\"%s\",\"micro_usd\":25,\"origin\":\"0123456789abcdef\","
+             "\"id\":8,\"conditional\":false}\n",
+             day);
+    snprintf(clock_file, sizeof(clock_file), "%s/faketime", dir);
+    spill(clock_file, "+0\n");
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    cr_assert_eq(support_mockllm_start(&mock, NULL), 0);
+    write_conf(redis.url);
+    spill(jfile, text);
+    test_redis_kill(&redis, SIGKILL); /* down at the start */
+    setenv("LD_PRELOAD", FAKETIME_LIB, 1);
+    setenv("FAKETIME_TIMESTAMP_FILE", clock_file, 1);
+    setenv("FAKETIME_NO_CACHE", "1", 1);
+    setenv("FAKETIME_DONT_FAKE_MONOTONIC", "1", 1);
+    cr_assert_eq(start(&router), 0);
+    unsetenv("LD_PRELOAD");
+    for (int tries = 0; tries < 250; tries++, usleep(20000)) { /* loaded */
+        log = slurp(err_path);
+        int loaded = strstr(log, "loaded from") != NULL;
+        free(log);
+        if (loaded)
+            break;
+    }
+    spill(clock_file, "+4200\n");
+    usleep(200000);
+    cr_assert_eq(test_redis_restart(&redis), 0);
+    wait_store_up();
+    for (int tries = 0; tries < 250 && redis_day() != 25; tries++, usleep(20000)) {
+        log = slurp(err_path);
+        char *dropped = strstr(log, "store: a journaled charge");
+        if (dropped)
+            cr_assert_fail("dropped, never sent: %.*s", (int)strcspn(dropped, "\n"), dropped);
+        free(log);
+    }
+    wait_written_back(25);
+}
+
 /* A file the router cannot read whole stops the start, says where, and
  * is left as it was: its charges are not in Redis yet. */
 Test(jfile, a_corrupt_file_stops_the_start_and_stays)
