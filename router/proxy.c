@@ -1498,8 +1498,7 @@ static int on_sse_event(void *arg, const char *p, size_t len)
 
         if (req->endpoint == ROUTER_EP_RESPONSES || req->endpoint == ROUTER_EP_MESSAGES) {
             int found, messages = req->endpoint == ROUTER_EP_MESSAGES;
-
-            int search_done = 0;
+            int search_done = 0; /* a Responses web search call's end */
 
             router__json_enter(req); /* usage's few cJSON nodes in the request's arena */
             found = messages ? router__messages_event(data, dlen, &u, &counted)
