@@ -181,8 +181,10 @@ static struct policy_choice choose_pass(const struct policy_request *req, uint64
     }
 
     if (best < 0 && over_budget) {
-        /* A soft limit is a request to downgrade: it implies downgrade. */
-        if ((req->limits.downgrade || soft) && floorless >= 0) {
+        /* A soft limit is a request to downgrade: it implies downgrade,
+         * crossed or not (else a request too dear for what is left was
+         * refused below the soft limit and downgraded past it). */
+        if ((req->limits.downgrade || req->limits.soft_limit_pct > 0 || soft) && floorless >= 0) {
             ch.candidate = floorless;
             ch.reason = POLICY_REASON_DOWNGRADED_BUDGET;
         } else {

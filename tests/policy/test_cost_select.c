@@ -115,6 +115,13 @@ static const struct select_case cases[] = {
      * budget: the soft limit still downgrades. */
     {"soft limit implies downgrade", 0, 75, 0, 0, 80, 1000, 500, 100000, 5000, 0, 0, 0, 0, NULL,
      FX_GPU, "downgraded-budget", 0, 278, "quality,budget,budget,chosen", 0},
+    /* The same with 70% spent, below the soft limit: 10000 + 5000 tokens,
+     * 4o (75000) and sonnet (105000) do not fit the 30000 left. A soft
+     * limit set is a request to downgrade (docs/cost-model.md, rule 2): the
+     * pool (2778), as at 95% spent, not a 429 at 70% that 95% would not get. */
+    {"soft limit set, not crossed, implies downgrade", 0, 75, 0, 0, 80, 10000, 5000, 100000,
+     30000, 0, 0, 0, 0, NULL, FX_GPU, "downgraded-budget", 0, 2778, "quality,budget,budget,chosen",
+     0},
     /* 4o and sonnet both 7500; sonnet's predicted TTFT 300 < 4o's 800. */
     {"tie by predicted latency", SET_SAME_PRICE, 75, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
      FX_SONNET, "cheapest-qualifying", 0, 7500, "quality,costlier,chosen,quality", 0},
