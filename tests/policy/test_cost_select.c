@@ -190,6 +190,13 @@ static const struct select_case cases[] = {
     {"429: no downgrade that the cooling one avoids", SET_4O_429, 75, 0, 1, 0, 1000, 500, 10000,
      8000, 0, 0, 0, 0, NULL, FX_4O, "cheapest-qualifying", 0, 7500, "quality,chosen,budget,quality",
      0},
+    /* As above, with sonnet cooling too, and back sooner (90 ms) than 4o
+     * (1990 ms). With sonnet counted, sonnet does not fit 8000 and the
+     * tenant is downgraded below its floor; with all counted, 4o serves at
+     * the floor: that is taken, not the downgrade the sooner pass found. */
+    {"429: no downgrade that a later cooling one avoids", SET_4O_429 | SET_SONNET_429, 75, 0, 1,
+     0, 1000, 500, 10000, 8000, 0, 0, 0, 0, NULL, FX_4O, "cheapest-qualifying", 0, 7500,
+     "quality,chosen,budget,quality", 0},
     /* All cooling: the one whose cooldown ends first (sonnet, 90 ms left)
      * is the likeliest to be served, dear as it is. */
     {"429: all cooling, the soonest back is asked", SET_ALL_429, 0, 0, 0, 0, 1000, 500, 0, 0, 0,
