@@ -181,8 +181,10 @@ static struct policy_choice choose_pass(const struct policy_request *req, uint64
     }
 
     if (best < 0 && over_budget) {
-        /* A soft limit is a request to downgrade: it implies downgrade. */
-        if ((req->limits.downgrade || soft) && floorless >= 0) {
+        /* A soft limit is a request to downgrade: it implies downgrade,
+         * crossed or not (else a request too dear for what is left was
+         * refused below the soft limit and downgraded past it). */
+        if ((req->limits.downgrade || req->limits.soft_limit_pct > 0 || soft) && floorless >= 0) {
             ch.candidate = floorless;
             ch.reason = POLICY_REASON_DOWNGRADED_BUDGET;
         } else {
@@ -229,19 +231,25 @@ static struct policy_choice choose_cheapest(const struct policy_request *req,
 {
     struct cooling cooling = {0, UINT64_MAX, 0}, again = cooling;
     struct policy_choice ch = choose_pass(req, 0, v, &cooling), with_cooling = ch;
-    uint64_t limits[2];
+    uint64_t limits[2], downgrade_at = UINT64_MAX;
+    size_t k;
 
     if (cooling.count == 0 || (ch.candidate >= 0 && ch.reason != POLICY_REASON_DOWNGRADED_BUDGET))
         return ch;
     limits[0] = cooling.soonest_ms;
     limits[1] = cooling.latest_ms;
-    for (size_t k = 0; k < 2 && (k == 0 || limits[1] > limits[0]); k++) {
+    for (k = 0; k < 2 && (k == 0 || limits[1] > limits[0]); k++) {
         with_cooling = choose_pass(req, limits[k], v, &again);
         if (with_cooling.candidate >= 0 && with_cooling.reason != POLICY_REASON_DOWNGRADED_BUDGET)
             return with_cooling;
-        if (ch.candidate < 0 && with_cooling.candidate >= 0)
-            return with_cooling; /* a downgrade beats no answer */
+        /* A downgrade beats no answer, but only once no pass avoids it:
+         * one with more of the cooling ones may serve at the floor. */
+        if (ch.candidate < 0 && with_cooling.candidate >= 0 && downgrade_at == UINT64_MAX)
+            downgrade_at = limits[k];
     }
+    if (downgrade_at != UINT64_MAX)
+        return limits[k - 1] == downgrade_at ? with_cooling
+                                             : choose_pass(req, downgrade_at, v, &again);
     if (ch.candidate < 0)
         return with_cooling;
     return choose_pass(req, 0, v, &again); /* the downgrade stands: its verdicts again */

@@ -18,6 +18,9 @@
 #define CALIB_MIN 0.05
 #define CALIB_MAX 20.0
 #define OUTPRED_MIN_SAMPLES 8
+/* The largest prediction: far past any window or budget, and a prompt
+ * (up to POLICY_TOKENS_COUNT_MAX) added to it stays in 64 bits. */
+#define OUTPRED_MAX (INT64_C(1) << 62)
 
 void policy_calib_init(struct policy_calib *c)
 {
@@ -132,5 +135,10 @@ int64_t policy_outpred_predict(struct policy_outpred *o, const cJSON *req, int64
         per = positive_int(req, "max_output_tokens");
     if (!per)
         per = o && o->n >= OUTPRED_MIN_SAMPLES ? (int64_t)outpred_quantile(o) : fallback;
+    /* Each may be up to 1e12: their product can pass 64 bits, and wrapped
+     * negative it held the request for its prompt alone. Saturated, it
+     * still leaves room to add a prompt to it. */
+    if (n > 1 && per > OUTPRED_MAX / n)
+        return OUTPRED_MAX;
     return n > 1 ? per * n : per;
 }

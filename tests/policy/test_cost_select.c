@@ -115,6 +115,13 @@ static const struct select_case cases[] = {
      * budget: the soft limit still downgrades. */
     {"soft limit implies downgrade", 0, 75, 0, 0, 80, 1000, 500, 100000, 5000, 0, 0, 0, 0, NULL,
      FX_GPU, "downgraded-budget", 0, 278, "quality,budget,budget,chosen", 0},
+    /* The same with 70% spent, below the soft limit: 10000 + 5000 tokens,
+     * 4o (75000) and sonnet (105000) do not fit the 30000 left. A soft
+     * limit set is a request to downgrade (docs/cost-model.md, rule 2): the
+     * pool (2778), as at 95% spent, not a 429 at 70% that 95% would not get. */
+    {"soft limit set, not crossed, implies downgrade", 0, 75, 0, 0, 80, 10000, 5000, 100000,
+     30000, 0, 0, 0, 0, NULL, FX_GPU, "downgraded-budget", 0, 2778, "quality,budget,budget,chosen",
+     0},
     /* 4o and sonnet both 7500; sonnet's predicted TTFT 300 < 4o's 800. */
     {"tie by predicted latency", SET_SAME_PRICE, 75, 0, 0, 0, 1000, 500, 0, 0, 0, 0, 0, 0, NULL,
      FX_SONNET, "cheapest-qualifying", 0, 7500, "quality,costlier,chosen,quality", 0},
@@ -183,6 +190,13 @@ static const struct select_case cases[] = {
     {"429: no downgrade that the cooling one avoids", SET_4O_429, 75, 0, 1, 0, 1000, 500, 10000,
      8000, 0, 0, 0, 0, NULL, FX_4O, "cheapest-qualifying", 0, 7500, "quality,chosen,budget,quality",
      0},
+    /* As above, with sonnet cooling too, and back sooner (90 ms) than 4o
+     * (1990 ms). With sonnet counted, sonnet does not fit 8000 and the
+     * tenant is downgraded below its floor; with all counted, 4o serves at
+     * the floor: that is taken, not the downgrade the sooner pass found. */
+    {"429: no downgrade that a later cooling one avoids", SET_4O_429 | SET_SONNET_429, 75, 0, 1,
+     0, 1000, 500, 10000, 8000, 0, 0, 0, 0, NULL, FX_4O, "cheapest-qualifying", 0, 7500,
+     "quality,chosen,budget,quality", 0},
     /* All cooling: the one whose cooldown ends first (sonnet, 90 ms left)
      * is the likeliest to be served, dear as it is. */
     {"429: all cooling, the soonest back is asked", SET_ALL_429, 0, 0, 0, 0, 1000, 500, 0, 0, 0,

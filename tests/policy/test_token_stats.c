@@ -106,3 +106,18 @@ Test(token_stats, answers_with_n_choices_are_learnt_per_choice, .timeout = 10)
     cJSON_Delete(four);
     cJSON_Delete(one);
 }
+
+/* max_tokens and n may each be up to POLICY_TOKENS_COUNT_MAX (1e12): their
+ * product passed 64 bits (1e12 x 1e7 = 1e19) and wrapped negative, which
+ * held the request for its prompt alone and passed every context window,
+ * where 1e12 tokens alone are refused as too long. */
+Test(token_stats, a_huge_max_tokens_times_n_does_not_wrap, .timeout = 10)
+{
+    cJSON *req = cJSON_Parse("{\"max_tokens\":1000000000000,\"n\":10000000}");
+    int64_t pred = policy_outpred_predict(NULL, req, 256);
+
+    cr_expect_geq(pred, INT64_C(1000000000000), "predicted %lld", (long long)pred);
+    /* room left to add a prompt of up to 1e12 tokens without overflow */
+    cr_expect_leq(pred, INT64_MAX - INT64_C(1000000000000), "predicted %lld", (long long)pred);
+    cJSON_Delete(req);
+}

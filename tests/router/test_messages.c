@@ -59,6 +59,9 @@ static struct support_proc router, mock, oai;
 /* More keys of backend `a` (", KEY: VALUE"), for a test to set before it
  * starts the router. */
 static const char *a_extra = "";
+/* The tenant's key as a mapping with these keys (", name: ci, ..."), for a
+ * test to set before it starts the router; "" keeps it a plain hash. */
+static const char *key_extra = "";
 static struct support_http_response resp;
 static struct buf req;
 static cJSON *json;
@@ -120,9 +123,10 @@ static void start_with(const char *root_extra, const char *tenant_extra, int o_i
             "  - {model: mix, candidates: [o, a]}\n"
             "  - {model: gpt, candidates: [o]}\n"
             "  - {model: two, candidates: [down, a]}\n"
-            "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n%s",
+            "tenants:\n  - id: acme\n    api_keys: [{hash: \"sha256:%s\"%s}]\n%s",
             log_path, root_extra, mock.port, UPSTREAM_KEY, IN_USD, CACHED_USD, WRITE_USD,
-            WRITE_1H_USD, OUT_USD, a_extra, oai.port, o_in, o_out, UPSTREAM_KEY, hex, tenant_extra);
+            WRITE_1H_USD, OUT_USD, a_extra, oai.port, o_in, o_out, UPSTREAM_KEY, hex, key_extra,
+            tenant_extra);
     fclose(f);
     char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
     cr_assert_eq(support_proc_start(&router, argv), 0);
@@ -798,6 +802,25 @@ Test(count_tokens, a_spent_budget_does_not_refuse_a_count)
     assert_count(UPSTREAM_COUNT);
     cr_assert_eq(requests_of(&mock), 1);
     cr_assert_eq(day_spend(), spent);
+}
+
+/* The same with the key's own budget spent, the tenant having none: the
+ * policy routes by the smaller of the two, and a count must be free of
+ * both. A key overdrawn by a long answer refused every count 429. */
+Test(count_tokens, a_keys_spent_budget_does_not_refuse_a_count)
+{
+    key_extra = ", name: ci, budget: {daily_usd: 0.0005}";
+    start_with("", "", 1, 1);
+    key_extra = "";
+    cr_assert_eq(call(router.port, "POST", "/v1/chat/completions", XKEY "x-mock-tokens: 1000\r\n",
+                      "{\"model\":\"gpt\"," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(messages(NULL, "{\"model\":\"claude\",\"max_tokens\":5," CMSGS "}"), 0);
+    assert_anthropic_error(429, "rate_limit_error");
+    cr_assert_eq(count(NULL, COUNT), 0);
+    assert_count(UPSTREAM_COUNT);
+    cr_assert_eq(requests_of(&mock), 1);
 }
 
 /* A count makes no store call: with the store unreachable under
