@@ -732,6 +732,8 @@ static int choose(struct router__client *c, const char *last_error)
          * predicted to answer first is taken, then route order. */
         preq.prompt_tokens = preq.completion_tokens = 0;
         preq.day = preq.month = (struct policy_budget){0, 0};
+        /* the key's own budget neither (spent, it refused counts 429) */
+        preq.key_day = preq.key_month = (struct policy_budget){0, 0};
     }
     req->choice = policy_cost_aware.choose(&preq, req->verdicts);
     if (budget_bound(&req->choice) && req->begins == 0 && !req->budget_checked) {

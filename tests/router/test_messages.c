@@ -59,6 +59,9 @@ static struct support_proc router, mock, oai;
 /* More keys of backend `a` (", KEY: VALUE"), for a test to set before it
  * starts the router. */
 static const char *a_extra = "";
+/* The tenant key's own budget (the inside of "budget: {...}"), or NULL for
+ * a key without one; for a test to set before it starts the router. */
+static const char *key_budget = NULL;
 static struct support_http_response resp;
 static struct buf req;
 static cJSON *json;
@@ -91,12 +94,17 @@ TestSuite(messages, .fini = teardown, .timeout = 60);
  * admin key ADMIN_KEY); `a` has the keys of a_extra too. */
 static void start_with(const char *root_extra, const char *tenant_extra, int o_in, int o_out)
 {
-    char hex[65];
+    char hex[65], keys[256];
     FILE *f;
 
     cr_assert_eq(support_mockllm_start(&mock, "--require-key", UPSTREAM_KEY, NULL), 0);
     cr_assert_eq(support_mockllm_start(&oai, NULL), 0);
     support_key_sha256_hex(KEY, hex);
+    if (key_budget != NULL)
+        snprintf(keys, sizeof(keys), "{name: main, hash: \"sha256:%s\", budget: {%s}}", hex,
+                 key_budget);
+    else
+        snprintf(keys, sizeof(keys), "\"sha256:%s\"", hex);
     strcpy(log_path, "/tmp/costrouter-msg-log-XXXXXX");
     close(mkstemp(log_path));
     strcpy(conf_path, "/tmp/costrouter-msg-XXXXXX");
@@ -120,9 +128,9 @@ static void start_with(const char *root_extra, const char *tenant_extra, int o_i
             "  - {model: mix, candidates: [o, a]}\n"
             "  - {model: gpt, candidates: [o]}\n"
             "  - {model: two, candidates: [down, a]}\n"
-            "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n%s",
+            "tenants:\n  - id: acme\n    api_keys: [%s]\n%s",
             log_path, root_extra, mock.port, UPSTREAM_KEY, IN_USD, CACHED_USD, WRITE_USD,
-            WRITE_1H_USD, OUT_USD, a_extra, oai.port, o_in, o_out, UPSTREAM_KEY, hex, tenant_extra);
+            WRITE_1H_USD, OUT_USD, a_extra, oai.port, o_in, o_out, UPSTREAM_KEY, keys, tenant_extra);
     fclose(f);
     char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
     cr_assert_eq(support_proc_start(&router, argv), 0);
@@ -798,6 +806,25 @@ Test(count_tokens, a_spent_budget_does_not_refuse_a_count)
     assert_count(UPSTREAM_COUNT);
     cr_assert_eq(requests_of(&mock), 1);
     cr_assert_eq(day_spend(), spent);
+}
+
+/* Nor does the key's own budget, spent: the count is free whoever's
+ * budget binds. A chat answer of 1000 tokens, held for the 256 predicted,
+ * spends the key's $0.0005 and more. */
+Test(count_tokens, a_spent_key_budget_does_not_refuse_a_count)
+{
+    key_budget = "daily_usd: 0.0005";
+    start_with("", "", 1, 1);
+    cr_assert_eq(call(router.port, "POST", "/v1/chat/completions", XKEY "x-mock-tokens: 1000\r\n",
+                      "{\"model\":\"gpt\"," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(messages(NULL, "{\"model\":\"claude\",\"max_tokens\":5," CMSGS "}"), 0);
+    assert_anthropic_error(429, "rate_limit_error");
+    cr_assert_not_null(strstr(get(get(json, "error"), "message")->valuestring, "key"));
+    cr_assert_eq(count(NULL, COUNT), 0);
+    assert_count(UPSTREAM_COUNT);
+    cr_assert_eq(requests_of(&mock), 1);
 }
 
 /* A count makes no store call: with the store unreachable under
