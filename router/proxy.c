@@ -1707,6 +1707,11 @@ static void settle(struct router__client *c)
      * records) and fed the statistics twice. */
     if (req->settled)
         return;
+    /* An answer too big to hold that broke off, or whose client left,
+     * before its end: the web search calls that had passed were made
+     * (big_usage_stop, which notes them, runs only at its end). */
+    if (req->big_usage != NULL)
+        req->web_search_calls = router__bigusage_searches(req->big_usage);
     used = req->billed = tokens_used(req);
     charge = finish_attempt(c, &used);
     router__spend_settle(c, charge.usd);

@@ -2520,6 +2520,42 @@ Test(costs, a_client_leaving_an_answer_over_8_mib_pays_for_the_text_that_passed)
     cJSON_Delete(rec);
 }
 
+/* A Responses answer over 8 MiB that breaks off before its usage: the web
+ * search calls that had passed (two web_search_call items) were made, and
+ * are charged at the backend's price, as a stream's that breaks are. */
+Test(costs, an_answer_over_8_mib_cut_pays_for_the_web_searches_that_passed)
+{
+    struct buf body = {0};
+    size_t len;
+    char *answer;
+    cJSON *rec;
+
+    cr_assert_eq(buf_append_lit(&body,
+                                "{\"id\":\"resp_big\",\"object\":\"response\",\"output\":["
+                                "{\"type\":\"web_search_call\",\"id\":\"ws_1\",\"status\":\"completed\"},"
+                                "{\"type\":\"web_search_call\",\"id\":\"ws_2\",\"status\":\"completed\"},"
+                                "{\"type\":\"message\",\"role\":\"assistant\",\"content\":[{\"type\":"
+                                "\"output_text\",\"text\":\"hello\",\"logprobs\":["),
+                 0);
+    logprobs_until(&body, 9u << 20);
+    answer = answer_with_body(&body, 1u << 20, &len);
+    canned = support_canned_start(answer, len);
+    free(answer);
+    cr_assert_not_null(canned);
+    add_backend_with("a", support_canned_port(canned), 1, 100, 300, NULL,
+                     ", web_search_usd_per_1k: 10");
+    start_routers(1, "a", NULL);
+    call_port(routers[0].port, "POST", "/v1/responses", AUTH,
+              "{\"model\":\"chat\",\"input\":\"hello there\","
+              "\"tools\":[{\"type\":\"web_search\"}]}"); /* broken off: not whole */
+    cr_assert_eq(resp.status, 200);
+    support_proc_stop(&routers[0]);
+    rec = last_cost_record();
+    cr_assert_eq(cJSON_GetObjectItem(rec, "billed_web_searches")->valuedouble, 2);
+    cr_assert_geq(cJSON_GetObjectItem(rec, "cost_usd")->valuedouble, 0.02);
+    cJSON_Delete(rec);
+}
+
 /* The read that takes an answer past 8 MiB is read for its usage too,
  * not only forwarded: a usage across the 8 MiB mark is the bill. The
  * answer is spaced out so that byte 8 MiB is inside the usage, in the
