@@ -2556,6 +2556,42 @@ Test(costs, an_answer_over_8_mib_cut_pays_for_the_web_searches_that_passed)
     cJSON_Delete(rec);
 }
 
+/* A charge past what a micro-dollar int64 holds (an upstream reporting
+ * 1e12 web searches, at $10 a search a config allows) is charged at the
+ * ceiling the cost header gives, as every other conversion of money is:
+ * not rounded out of range into a negative charge the store refuses
+ * (nothing charged, the hold left) while the header says $4.6e12. */
+Test(costs, a_charge_past_the_micro_dollar_range_is_charged_its_ceiling)
+{
+    static const char body[] =
+        "{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":"
+        "[{\"type\":\"text\",\"text\":\"hi\"}],\"stop_reason\":\"end_turn\",\"usage\":"
+        "{\"input_tokens\":10,\"output_tokens\":1,\"server_tool_use\":"
+        "{\"web_search_requests\":1000000000000}}}";
+    struct buf b = {0};
+    size_t len;
+    char *answer;
+    double paid;
+
+    cr_assert_eq(buf_append(&b, body, sizeof(body) - 1), 0);
+    answer = answer_with_body(&b, 0, &len);
+    canned = support_canned_start(answer, len);
+    free(answer);
+    cr_assert_not_null(canned);
+    add_backend_with("a", support_canned_port(canned), 1, 100, 300, NULL,
+                     ", api: anthropic, web_search_usd_per_1k: 10000");
+    start_routers(1, "a", NULL);
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/messages", AUTH,
+                           "{\"model\":\"chat\",\"max_tokens\":5," MSG "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    paid = header_usd("x-costrouter-cost-usd");
+    cr_assert_gt(paid, 4e12);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_float_eq(cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble, paid, 1,
+                       "%.*s", (int)resp.body.len, resp.body.data);
+}
+
 /* The read that takes an answer past 8 MiB is read for its usage too,
  * not only forwarded: a usage across the 8 MiB mark is the bill. The
  * answer is spaced out so that byte 8 MiB is inside the usage, in the
