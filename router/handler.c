@@ -362,6 +362,7 @@ void router__request_reset(struct router__request *req)
     req->sse_scanned = 0;
     req->probe_chosen = 0;
     req->last_error = NULL;
+    req->cache_model = NULL;
     req->events = 0;
     req->cost_micro = req->saved_micro = 0;
     req->cost_usd = 0;

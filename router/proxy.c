@@ -818,8 +818,8 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
         else
             snprintf(route_key, sizeof(route_key), "%s%s%s tenant=%zu:%s", req->route->model, api,
                      kind, strlen(req->tenant->id), req->tenant->id);
-        if (cache_key_make(route_key, b->model ? b->model : req->route->model, req->json,
-                           &req->cache_key) != 0)
+        req->cache_model = b->model ? b->model : req->route->model;
+        if (cache_key_make(route_key, req->cache_model, req->json, &req->cache_key) != 0)
             req->cacheable = 0;
     }
     if (req->begins >= PROXY_MAX_BEGINS) {
@@ -846,6 +846,18 @@ static void send_attempt(struct router__client *c)
     req->tried |= UINT64_C(1) << req->candidate;
     if (req->attempts++ > 0)
         req->fallbacks++;
+    if (req->cacheable && req->cache_model != NULL &&
+        strcmp(req->pool->conf->model ? req->pool->conf->model : req->route->model,
+               req->cache_model) != 0) {
+        /* Gone to a backend of another upstream model than the key names
+         * (a fallback, another choice): its answer is no answer for that
+         * key, nor for the requests waiting on it, which go themselves. */
+        req->cacheable = 0;
+        if (req->flight_leader) {
+            req->flight_leader = 0;
+            cache_flight_finish(r->flights, &req->cache_key, NULL, 0);
+        }
+    }
     req->attempt_start_ms = now;
     buf_reset(out);
     if (build_request(c, req->pool, out) != 0) {

@@ -2592,6 +2592,26 @@ Test(costs, a_charge_past_the_micro_dollar_range_is_charged_its_ceiling)
                        "%.*s", (int)resp.body.len, resp.body.data);
 }
 
+/* The cache key names the upstream model (README): an answer that a
+ * fallback got from a backend of another model is not kept under the key
+ * of the model first chosen, where the next identical request, choosing
+ * that model again, would be answered with it (and told it saved that
+ * backend's price). */
+Test(costs, a_fallbacks_answer_is_not_cached_under_the_first_choices_model)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("down", 1, 1, 1, 1); /* cheapest, nobody listens */
+    add_backend("b", mock_a.port, 1, 100, 300);
+    start_routers(1, "down, b", NULL);
+    const char body[] = "{\"model\":\"chat\",\"temperature\":0," MSG "}";
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(chat(0, NULL, body), 0);
+        cr_assert_eq(resp.status, 200);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b",
+                         "request %d: %.*s", i, (int)resp.body.len, resp.body.data);
+    }
+}
+
 /* The read that takes an answer past 8 MiB is read for its usage too,
  * not only forwarded: a usage across the 8 MiB mark is the bill. The
  * answer is spaced out so that byte 8 MiB is inside the usage, in the
