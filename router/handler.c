@@ -324,6 +324,7 @@ void router__request_reset(struct router__request *req)
     req->route = NULL;
     req->error = NULL;
     req->stream = req->injected_usage = req->keep_alive = req->response_started = 0;
+    req->json_rewritten = 0;
     req->expect_continue = 0;
     req->auth_seen = req->xkey_seen = req->head_method = 0;
     req->accounted = 0;

@@ -248,6 +248,7 @@ struct router__request {
     struct cJSON *json;                  /* parsed body (owned) */
     unsigned stream:1;                   /* "stream": true */
     unsigned injected_usage:1;           /* we added stream_options.include_usage */
+    unsigned json_rewritten:1;           /* rewrite_body changed req->json (not the client's now) */
     unsigned keep_alive:1;               /* client wants the connection kept */
     unsigned expect_continue:1;          /* Expect: 100-continue was sent */
     unsigned auth_seen:1;                /* an Authorization header was read */

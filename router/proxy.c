@@ -230,6 +230,12 @@ static int body_for(struct router__request *req, const struct router__pool *pool
     int inject = 0, rc;
 
     memset(bp, 0, sizeof(*bp));
+    /* Once rewrite_body changed the parsed body (an attempt before), it
+     * no longer says what the client sent (its include_usage: false read
+     * as true), and the splice below, of the client's bytes, would go by
+     * it: that path again. */
+    if (req->json_rewritten)
+        goto print;
     if (asks_stream_usage(req, b)) {
         const cJSON *opts = cJSON_GetObjectItemCaseSensitive(req->json, "stream_options");
 
@@ -254,6 +260,7 @@ static int body_for(struct router__request *req, const struct router__pool *pool
     req->injected_usage = inject;
     return 0;
 print:
+    req->json_rewritten = 1;
     router__json_enter(req);
     rc = rewrite_body(req, b);
     router__json_leave();
