@@ -324,6 +324,7 @@ void router__request_reset(struct router__request *req)
     req->route = NULL;
     req->error = NULL;
     req->stream = req->injected_usage = req->keep_alive = req->response_started = 0;
+    req->json_rewritten = 0;
     req->expect_continue = 0;
     req->auth_seen = req->xkey_seen = req->head_method = 0;
     req->accounted = 0;
@@ -362,6 +363,7 @@ void router__request_reset(struct router__request *req)
     req->sse_scanned = 0;
     req->probe_chosen = 0;
     req->last_error = NULL;
+    req->cache_model = NULL;
     req->events = 0;
     req->cost_micro = req->saved_micro = 0;
     req->cost_usd = 0;

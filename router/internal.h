@@ -248,6 +248,7 @@ struct router__request {
     struct cJSON *json;                  /* parsed body (owned) */
     unsigned stream:1;                   /* "stream": true */
     unsigned injected_usage:1;           /* we added stream_options.include_usage */
+    unsigned json_rewritten:1;           /* rewrite_body changed req->json (not the client's now) */
     unsigned keep_alive:1;               /* client wants the connection kept */
     unsigned expect_continue:1;          /* Expect: 100-continue was sent */
     unsigned auth_seen:1;                /* an Authorization header was read */
@@ -316,6 +317,7 @@ struct router__request {
     struct cache_reservation res;        /* budget held for the current attempt */
     struct cache_reservation key_res;    /* the same held from its key's own budget */
     struct cache_key cache_key;          /* response cache key (when cacheable) */
+    const char *cache_model;             /* the upstream model cache_key names */
     struct cache_flight_waiter waiter;   /* as a single-flight follower */
     struct backend_ticket ticket;        /* the current attempt's accounting */
     struct buf head;                     /* response head held until the cost is known */

@@ -230,6 +230,12 @@ static int body_for(struct router__request *req, const struct router__pool *pool
     int inject = 0, rc;
 
     memset(bp, 0, sizeof(*bp));
+    /* Once rewrite_body changed the parsed body (an attempt before), it
+     * no longer says what the client sent (its include_usage: false read
+     * as true), and the splice below, of the client's bytes, would go by
+     * it: that path again. */
+    if (req->json_rewritten)
+        goto print;
     if (asks_stream_usage(req, b)) {
         const cJSON *opts = cJSON_GetObjectItemCaseSensitive(req->json, "stream_options");
 
@@ -254,6 +260,7 @@ static int body_for(struct router__request *req, const struct router__pool *pool
     req->injected_usage = inject;
     return 0;
 print:
+    req->json_rewritten = 1;
     router__json_enter(req);
     rc = rewrite_body(req, b);
     router__json_leave();
@@ -817,8 +824,8 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
         else
             snprintf(route_key, sizeof(route_key), "%s%s%s tenant=%zu:%s", req->route->model, api,
                      kind, strlen(req->tenant->id), req->tenant->id);
-        if (cache_key_make(route_key, b->model ? b->model : req->route->model, req->json,
-                           &req->cache_key) != 0)
+        req->cache_model = b->model ? b->model : req->route->model;
+        if (cache_key_make(route_key, req->cache_model, req->json, &req->cache_key) != 0)
             req->cacheable = 0;
     }
     if (req->begins >= PROXY_MAX_BEGINS) {
@@ -845,6 +852,18 @@ static void send_attempt(struct router__client *c)
     req->tried |= UINT64_C(1) << req->candidate;
     if (req->attempts++ > 0)
         req->fallbacks++;
+    if (req->cacheable && req->cache_model != NULL &&
+        strcmp(req->pool->conf->model ? req->pool->conf->model : req->route->model,
+               req->cache_model) != 0) {
+        /* Gone to a backend of another upstream model than the key names
+         * (a fallback, another choice): its answer is no answer for that
+         * key, nor for the requests waiting on it, which go themselves. */
+        req->cacheable = 0;
+        if (req->flight_leader) {
+            req->flight_leader = 0;
+            cache_flight_finish(r->flights, &req->cache_key, NULL, 0);
+        }
+    }
     req->attempt_start_ms = now;
     buf_reset(out);
     if (build_request(c, req->pool, out) != 0) {
@@ -1705,6 +1724,11 @@ static void settle(struct router__client *c)
      * records) and fed the statistics twice. */
     if (req->settled)
         return;
+    /* An answer too big to hold that broke off, or whose client left,
+     * before its end: the web search calls that had passed were made
+     * (big_usage_stop, which notes them, runs only at its end). */
+    if (req->big_usage != NULL)
+        req->web_search_calls = router__bigusage_searches(req->big_usage);
     used = req->billed = tokens_used(req);
     charge = finish_attempt(c, &used);
     router__spend_settle(c, charge.usd);

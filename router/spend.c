@@ -488,6 +488,13 @@ static int64_t carry_charge(struct router__carry *carry, double usd)
     if (!(usd > 0))
         return 0;
     exact = usd * 1e6 + carry->micro;
+    if (!(exact < (double)BACKEND_MICRO_MAX)) {
+        /* Past the range, as backend_usd_to_micro clamps (the cost
+         * header's): llround would be undefined (LLONG_MIN here), a
+         * negative charge the store refuses, leaving the hold. */
+        carry->micro = 0;
+        return BACKEND_MICRO_MAX;
+    }
     micro = llround(exact);
     carry->micro = exact - (double)micro;
     return micro;

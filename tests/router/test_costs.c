@@ -2520,6 +2520,98 @@ Test(costs, a_client_leaving_an_answer_over_8_mib_pays_for_the_text_that_passed)
     cJSON_Delete(rec);
 }
 
+/* A Responses answer over 8 MiB that breaks off before its usage: the web
+ * search calls that had passed (two web_search_call items) were made, and
+ * are charged at the backend's price, as a stream's that breaks are. */
+Test(costs, an_answer_over_8_mib_cut_pays_for_the_web_searches_that_passed)
+{
+    struct buf body = {0};
+    size_t len;
+    char *answer;
+    cJSON *rec;
+
+    cr_assert_eq(buf_append_lit(&body,
+                                "{\"id\":\"resp_big\",\"object\":\"response\",\"output\":["
+                                "{\"type\":\"web_search_call\",\"id\":\"ws_1\",\"status\":\"completed\"},"
+                                "{\"type\":\"web_search_call\",\"id\":\"ws_2\",\"status\":\"completed\"},"
+                                "{\"type\":\"message\",\"role\":\"assistant\",\"content\":[{\"type\":"
+                                "\"output_text\",\"text\":\"hello\",\"logprobs\":["),
+                 0);
+    logprobs_until(&body, 9u << 20);
+    answer = answer_with_body(&body, 1u << 20, &len);
+    canned = support_canned_start(answer, len);
+    free(answer);
+    cr_assert_not_null(canned);
+    add_backend_with("a", support_canned_port(canned), 1, 100, 300, NULL,
+                     ", web_search_usd_per_1k: 10");
+    start_routers(1, "a", NULL);
+    call_port(routers[0].port, "POST", "/v1/responses", AUTH,
+              "{\"model\":\"chat\",\"input\":\"hello there\","
+              "\"tools\":[{\"type\":\"web_search\"}]}"); /* broken off: not whole */
+    cr_assert_eq(resp.status, 200);
+    support_proc_stop(&routers[0]);
+    rec = last_cost_record();
+    cr_assert_eq(cJSON_GetObjectItem(rec, "billed_web_searches")->valuedouble, 2);
+    cr_assert_geq(cJSON_GetObjectItem(rec, "cost_usd")->valuedouble, 0.02);
+    cJSON_Delete(rec);
+}
+
+/* A charge past what a micro-dollar int64 holds (an upstream reporting
+ * 1e12 web searches, at $10 a search a config allows) is charged at the
+ * ceiling the cost header gives, as every other conversion of money is:
+ * not rounded out of range into a negative charge the store refuses
+ * (nothing charged, the hold left) while the header says $4.6e12. */
+Test(costs, a_charge_past_the_micro_dollar_range_is_charged_its_ceiling)
+{
+    static const char body[] =
+        "{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":"
+        "[{\"type\":\"text\",\"text\":\"hi\"}],\"stop_reason\":\"end_turn\",\"usage\":"
+        "{\"input_tokens\":10,\"output_tokens\":1,\"server_tool_use\":"
+        "{\"web_search_requests\":1000000000000}}}";
+    struct buf b = {0};
+    size_t len;
+    char *answer;
+    double paid;
+
+    cr_assert_eq(buf_append(&b, body, sizeof(body) - 1), 0);
+    answer = answer_with_body(&b, 0, &len);
+    canned = support_canned_start(answer, len);
+    free(answer);
+    cr_assert_not_null(canned);
+    add_backend_with("a", support_canned_port(canned), 1, 100, 300, NULL,
+                     ", api: anthropic, web_search_usd_per_1k: 10000");
+    start_routers(1, "a", NULL);
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/messages", AUTH,
+                           "{\"model\":\"chat\",\"max_tokens\":5," MSG "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    paid = header_usd("x-costrouter-cost-usd");
+    cr_assert_gt(paid, 4e12);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_float_eq(cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble, paid, 1,
+                       "%.*s", (int)resp.body.len, resp.body.data);
+}
+
+/* The cache key names the upstream model (README): an answer that a
+ * fallback got from a backend of another model is not kept under the key
+ * of the model first chosen, where the next identical request, choosing
+ * that model again, would be answered with it (and told it saved that
+ * backend's price). */
+Test(costs, a_fallbacks_answer_is_not_cached_under_the_first_choices_model)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("down", 1, 1, 1, 1); /* cheapest, nobody listens */
+    add_backend("b", mock_a.port, 1, 100, 300);
+    start_routers(1, "down, b", NULL);
+    const char body[] = "{\"model\":\"chat\",\"temperature\":0," MSG "}";
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(chat(0, NULL, body), 0);
+        cr_assert_eq(resp.status, 200);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b",
+                         "request %d: %.*s", i, (int)resp.body.len, resp.body.data);
+    }
+}
+
 /* The read that takes an answer past 8 MiB is read for its usage too,
  * not only forwarded: a usage across the 8 MiB mark is the bill. The
  * answer is spaced out so that byte 8 MiB is inside the usage, in the

@@ -1713,3 +1713,35 @@ Test(proxy, a_tenant_uses_only_its_models)
                  0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
 }
+
+/* A stream whose client said stream_options.include_usage: false asks the
+ * backend for the usage all the same (the charge is the usage), on the
+ * backend a fallback goes to too: the first attempt's rewrite of the
+ * parsed body must not pass for the client's own include_usage: true,
+ * after which the second backend was sent the client's false and the
+ * stream was charged by its events. */
+Test(proxy, a_fallback_stream_asks_for_the_usage_the_client_turned_off)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    int saw_usage = 0;
+
+    start_canned_then_b("HTTP/1.1 500 Internal Server Error\r\nContent-Length: 2\r\n"
+                        "Connection: close\r\n\r\n{}");
+    open_stream(&s, AUTH,
+                "{\"model\":\"chat\",\"stream\":true,\"messages\":[],"
+                "\"stream_options\":{\"include_usage\":false}}");
+    cr_assert_str_eq(support_http_header(&s.resp, "x-costrouter-backend"), "b");
+    while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1)
+        if (strstr(ev.data, "\"completion_tokens\""))
+            saw_usage = 1;
+    support_sse_close(&s);
+    cr_assert(!saw_usage, "the client did not ask for the usage event");
+    cr_assert_eq(call_port(mock_b.port, "GET", "/mock/last-request", NULL, NULL), 0);
+    cJSON *sent = cJSON_Parse(json_str(body_json(), "body"));
+    cr_assert_not_null(sent);
+    cJSON *opts = cJSON_GetObjectItem(sent, "stream_options");
+    cr_assert(cJSON_IsTrue(cJSON_GetObjectItem(opts, "include_usage")),
+              "backend b was not asked for the usage: %s", json_str(body_json(), "body"));
+    cJSON_Delete(sent);
+}
