@@ -968,11 +968,18 @@ static int rate_limit(struct router__client *c)
         return 0;
     }
     body = router__error_json(req->endpoint, error_rate_limited,
-                              res == POLICY_RATE_TOO_LARGE ? "request larger than the tokens-per-minute limit"
-                                                           : NULL,
+                              res == POLICY_RATE_TOO_LARGE
+                                  ? "request larger than the tokens-per-minute limit (its prompt "
+                                    "and max_tokens); a smaller max_tokens may fit"
+                                  : NULL,
                               &status);
-    snprintf(extra, sizeof(extra), "Retry-After: %llu\r\n",
-             (unsigned long long)(res == POLICY_RATE_TOO_LARGE ? 60 : (retry_ms + 999) / 1000));
+    /* One larger than a whole minute never passes as it is: a retry
+     * cannot help, and the SDKs retry every 429 unless told not to. */
+    if (res == POLICY_RATE_TOO_LARGE)
+        snprintf(extra, sizeof(extra), "x-should-retry: false\r\n");
+    else
+        snprintf(extra, sizeof(extra), "Retry-After: %llu\r\n",
+                 (unsigned long long)((retry_ms + 999) / 1000));
     req->reason = "rate-limited";
     router__send_response(c, status, "application/json", extra, body ? body : "",
                           body ? strlen(body) : 0);

@@ -1696,6 +1696,33 @@ Test(costs, one_long_answer_does_not_shut_out_requests_without_max_tokens)
     more_keys = "";
 }
 
+/* A request whose prompt and max_tokens pass a whole minute of a
+ * tokens-per-minute limit never passes as it is: its 429 says so and
+ * tells the client not to retry (x-should-retry: false, no Retry-After),
+ * where a request over what is left of the minute gets Retry-After. */
+Test(costs, a_request_larger_than_a_minutes_tokens_is_told_not_to_retry)
+{
+    const char *msg;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    start_routers(1, "a", "    rate_limits: {tpm: 800}\n");
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"max_tokens\":900," MSG "}"), 0);
+    cr_assert_eq(resp.status, 429, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    msg = cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "message"));
+    cr_assert_not_null(strstr(msg, "larger than the tokens-per-minute limit"), "%s", msg);
+    cr_assert_str_eq(support_http_header(&resp, "x-should-retry"), "false");
+    cr_assert_null(support_http_header(&resp, "retry-after"));
+    /* 9 + 700 fits a minute; then 9 + 700 again is over what is left. */
+    cr_assert_eq(chat(0, "x-mock-tokens: 700\r\n", "{\"model\":\"chat\",\"max_tokens\":700," MSG "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"max_tokens\":700," MSG "}"), 0);
+    cr_assert_eq(resp.status, 429, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_not_null(support_http_header(&resp, "retry-after"));
+    cr_assert_null(support_http_header(&resp, "x-should-retry"));
+}
+
 /* Tokens a request took from the tokens-per-minute limit at admission go
  * back when it is refused after (here: too long for the window). */
 Test(costs, a_refused_request_gives_its_tokens_back_to_the_tpm_limit)
