@@ -17,6 +17,7 @@
 #include "backends/backend.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 #include "backends/internal.h"
 #include "common/log.h"
@@ -36,21 +37,67 @@ struct backend_set {
     struct backend items[];   /* one per conf.backends entry, same order */
 };
 
-struct backend_set *backend_set_create(const struct conf *conf)
+/* Is `b` of `prev` the same pool as `c` will be: a self-hosted backend of
+ * the same name, replicas and price (what its clock's sums mean)? */
+static int same_pool(const struct backend *b, const struct conf_backend *c)
+{
+    const struct conf_backend *o = b->conf;
+
+    return c->kind == CONF_BACKEND_SELF_HOSTED && o->kind == CONF_BACKEND_SELF_HOSTED &&
+           strcmp(o->name, c->name) == 0 && backend__replicas(b) == (c->replicas > 0 ? c->replicas : 1) &&
+           o->gpu_hourly_usd == c->gpu_hourly_usd && o->is_free == c->is_free;
+}
+
+/* The clock of `c`'s backend: the one its pool had in `prev`, else new. */
+static struct backend_clock *clock_for(struct backend_set *prev, const struct conf_backend *c)
+{
+    struct backend_clock *k;
+
+    for (size_t i = 0; prev != NULL && i < prev->count; i++)
+        if (same_pool(&prev->items[i], c)) {
+            prev->items[i].clock->refs++;
+            return prev->items[i].clock;
+        }
+    if ((k = calloc(1, sizeof(*k))) != NULL)
+        k->refs = 1;
+    return k;
+}
+
+struct backend_set *backend_set_create_after(const struct conf *conf, struct backend_set *prev)
 {
     struct backend_set *set = calloc(1, sizeof(*set) + conf->nbackends * sizeof(struct backend));
 
     if (set == NULL)
         return NULL;
     set->count = conf->nbackends;
-    for (size_t i = 0; i < conf->nbackends; i++)
+    for (size_t i = 0; i < conf->nbackends; i++) {
         set->items[i].conf = &conf->backends[i];
+        if ((set->items[i].clock = clock_for(prev, &conf->backends[i])) == NULL) {
+            backend_set_destroy(set);
+            return NULL;
+        }
+    }
     return set;
+}
+
+struct backend_set *backend_set_create(const struct conf *conf)
+{
+    return backend_set_create_after(conf, NULL);
 }
 
 void backend_set_destroy(struct backend_set *set)
 {
+    if (set == NULL)
+        return;
+    for (size_t i = 0; i < set->count; i++)
+        if (set->items[i].clock != NULL && --set->items[i].clock->refs == 0)
+            free(set->items[i].clock);
     free(set);
+}
+
+int backend_same_clock(const struct backend *a, const struct backend *b)
+{
+    return a->clock == b->clock;
 }
 
 void backend_set_start(struct backend_set *set, uint64_t now_ms)
@@ -131,6 +178,7 @@ void backend_attempt_start(struct backend *b, uint64_t now_ms)
 {
     backend__advance(b, now_ms);
     b->inflight++;
+    b->clock->inflight++;
     if (circuit_half_open(b, now_ms))
         b->probing = 1;
     if (backend_latency_probe_due(b, now_ms))
@@ -198,6 +246,8 @@ void backend_attempt_end(struct backend *b)
 {
     if (b->inflight > 0)
         b->inflight--;
+    if (b->clock->inflight > 0)
+        b->clock->inflight--;
 }
 
 unsigned backend_inflight(const struct backend *b)

@@ -44,6 +44,14 @@ struct backend;
 /* Build live state for every backend of `conf` (borrowed; must outlive
  * the set). Returns NULL on allocation failure. */
 struct backend_set *backend_set_create(const struct conf *conf);
+/* The same for a reloaded config: a self-hosted pool that `prev` (the
+ * config before, still serving its requests) has with the same name,
+ * replicas and price keeps its accounting clock, shared, so that the
+ * replica time of requests in flight across the reload is neither idle
+ * for the new config nor counted twice, and the pool's load counts them. */
+struct backend_set *backend_set_create_after(const struct conf *conf, struct backend_set *prev);
+/* Do `a` and `b` (of two configs) keep one pool's accounting? */
+int backend_same_clock(const struct backend *a, const struct backend *b);
 void backend_set_destroy(struct backend_set *set);
 size_t backend_set_count(const struct backend_set *set);
 /* The backend configured at conf.backends[index]. */

@@ -55,24 +55,25 @@ static unsigned pool_slots(const struct backend *b)
 
 void backend__advance(struct backend *b, uint64_t now_ms)
 {
+    struct backend_clock *k = b->clock;
     int r = backend__replicas(b);
     double dt, busy;
 
-    if (!b->clock_started) {
-        b->clock_started = 1;
-        b->clock_start_ms = b->clock_ms = now_ms;
+    if (!k->started) {
+        k->started = 1;
+        k->start_ms = k->at_ms = now_ms;
         return;
     }
-    if (now_ms <= b->clock_ms)
+    if (now_ms <= k->at_ms)
         return;
-    dt = (double)(now_ms - b->clock_ms);
-    b->clock_ms = now_ms;
+    dt = (double)(now_ms - k->at_ms);
+    k->at_ms = now_ms;
     if (r == 0)
         return;
-    busy = b->inflight < (unsigned)r ? b->inflight : (unsigned)r;
-    if (b->inflight > 0)
-        b->share_ms += dt * busy / b->inflight;
-    b->idle_ms += dt * (r - busy);
+    busy = k->inflight < (unsigned)r ? k->inflight : (unsigned)r;
+    if (k->inflight > 0)
+        k->share_ms += dt * busy / k->inflight;
+    k->idle_ms += dt * (r - busy);
 }
 
 void backend_attempt_begin(struct backend *b, uint64_t now_ms, struct backend_ticket *t)
@@ -82,7 +83,7 @@ void backend_attempt_begin(struct backend *b, uint64_t now_ms, struct backend_ti
     backend_attempt_start(b, now_ms);
     if (t != NULL) {
         t->start_ms = now_ms;
-        t->share_mark_ms = b->share_ms;
+        t->share_mark_ms = b->clock->share_ms;
         t->probe = b->probing && !was_probing ? ++b->probes : 0;
         t->ttft_probe = b->ttft_probing && !was_ttft_probing ? ++b->ttft_probes : 0;
     }
@@ -176,7 +177,7 @@ struct backend_charge backend_attempt_finish(struct backend *b, uint64_t now_ms,
     if (t != NULL) {
         ch.duration_ms = now_ms > t->start_ms ? now_ms - t->start_ms : 0;
         if (backend__replicas(b) > 0)
-            ch.gpu_seconds = (b->share_ms - t->share_mark_ms) / 1000.0;
+            ch.gpu_seconds = (b->clock->share_ms - t->share_mark_ms) / 1000.0;
     }
     backend_attempt_end(b);
     if (used->completion > 0) {
@@ -188,7 +189,7 @@ struct backend_charge backend_attempt_finish(struct backend *b, uint64_t now_ms,
         /* Nobody is charged for it, as an API does not bill what it
          * refuses; the pool's time still passed, so it is unattributed
          * (idle) and attributed + idle stays R x elapsed. */
-        b->idle_ms += ch.gpu_seconds * 1000.0;
+        b->clock->idle_ms += ch.gpu_seconds * 1000.0;
         ch.gpu_seconds = 0;
     }
     if (backend__replicas(b) > 0)
@@ -228,8 +229,8 @@ double backend_tokens_per_second(const struct backend *b, uint64_t now_ms)
      * longer than the clock has run; at least 1 s so a first burst does not
      * read as an enormous rate. */
     span_s = (BACKEND_WINDOW_S - 1) + (double)(now_ms % 1000) / 1000.0;
-    elapsed_s = b->clock_started && now_ms > b->clock_start_ms
-                    ? (double)(now_ms - b->clock_start_ms) / 1000.0
+    elapsed_s = b->clock->started && now_ms > b->clock->start_ms
+                    ? (double)(now_ms - b->clock->start_ms) / 1000.0
                     : 0;
     if (elapsed_s < span_s)
         span_s = elapsed_s;
@@ -245,11 +246,11 @@ double backend_duration_ewma_ms(const struct backend *b)
 
 double backend_predicted_ttft_ms(const struct backend *b, uint64_t now_ms)
 {
-    unsigned slots = pool_slots(b);
+    unsigned slots = pool_slots(b), inflight = b->clock->inflight; /* every config's */
     double ttft = backend__ttft_ms(b, now_ms);
 
-    if (slots > 0 && b->inflight >= slots)
-        ttft += (double)(b->inflight - slots + 1) * b->duration_ewma_ms / slots;
+    if (slots > 0 && inflight >= slots)
+        ttft += (double)(inflight - slots + 1) * b->duration_ewma_ms / slots;
     return ttft;
 }
 
@@ -266,7 +267,7 @@ static double throughput_utilization(const struct backend *b, uint64_t now_ms)
 double backend_pool_utilization(const struct backend *b, uint64_t now_ms)
 {
     unsigned slots = pool_slots(b);
-    double conc = slots > 0 ? (double)b->inflight / slots : 0;
+    double conc = slots > 0 ? (double)b->clock->inflight / slots : 0;
     double tput = throughput_utilization(b, now_ms);
 
     return conc > tput ? conc : tput;
@@ -311,7 +312,7 @@ struct backend_cost backend_estimate_cost(const struct backend *b, uint64_t now_
                          cf->tokens_per_second;
         if (pool_slots(b) > 0) {
             knee = knee_requests(b, now_ms, slo_ms);
-            x = knee > 0 ? (b->inflight + 1.0) / knee : BACKEND_MARGINAL_X_MAX;
+            x = knee > 0 ? (b->clock->inflight + 1.0) / knee : BACKEND_MARGINAL_X_MAX;
         }
         tput = throughput_utilization(b, now_ms);
         if (tput > x)
@@ -326,16 +327,17 @@ struct backend_cost backend_estimate_cost(const struct backend *b, uint64_t now_
 
 double backend_idle_gpu_seconds(const struct backend *b, uint64_t now_ms)
 {
+    const struct backend_clock *k = b->clock;
     int r = backend__replicas(b);
-    double idle = b->idle_ms;
+    double idle = k->idle_ms;
     unsigned busy;
 
-    if (r == 0 || !b->clock_started)
+    if (r == 0 || !k->started)
         return 0;
     /* The stretch since the last event, not yet folded in. */
-    if (now_ms > b->clock_ms) {
-        busy = b->inflight < (unsigned)r ? b->inflight : (unsigned)r;
-        idle += (double)(now_ms - b->clock_ms) * (r - busy);
+    if (now_ms > k->at_ms) {
+        busy = k->inflight < (unsigned)r ? k->inflight : (unsigned)r;
+        idle += (double)(now_ms - k->at_ms) * (r - busy);
     }
     return idle / 1000.0;
 }
@@ -349,9 +351,9 @@ double backend_pool_cost_usd(const struct backend *b, uint64_t now_ms)
 {
     int r = backend__replicas(b);
 
-    if (r == 0 || !b->clock_started || now_ms <= b->clock_start_ms)
+    if (r == 0 || !b->clock->started || now_ms <= b->clock->start_ms)
         return 0;
-    return backend_attribute_cost_usd(b, r * (double)(now_ms - b->clock_start_ms) / 1000.0);
+    return backend_attribute_cost_usd(b, r * (double)(now_ms - b->clock->start_ms) / 1000.0);
 }
 
 /* Float noise below a millionth of a micro-USD is not a micro-USD. */

@@ -9,28 +9,38 @@
 
 #include "backends/backend.h"
 
+/* A self-hosted pool's accounting clock. The pool is a thing of the
+ * world, not of a config: a reload that keeps a pool (same name, replicas
+ * and price) shares its clock with the config before, whose requests may
+ * still run on it, so the replica time they use is neither idle for the
+ * new config nor theirs alone. */
+struct backend_clock {
+    unsigned refs;                   /* backends (of every live config) on it */
+    unsigned inflight;               /* attempts in flight on the pool, of every config */
+    unsigned started:1;              /* running */
+    uint64_t start_ms;               /* loop time the pool's cost period began */
+    uint64_t at_ms;                  /* loop time the sums below run to */
+    double share_ms;                 /* integral of min(1, replicas/inflight) dt while busy:
+                                        GPU-ms one request in flight was attributed */
+    double idle_ms;                  /* integral of replicas - min(inflight, replicas) dt,
+                                        plus the share of attempts that billed nothing */
+};
+
 struct backend {
     const struct conf_backend *conf; /* borrowed from the config */
-    unsigned inflight;               /* attempts started, not ended */
+    struct backend_clock *clock;     /* accounting clock, maybe shared (see above) */
+    unsigned inflight;               /* this config's attempts started, not ended */
     unsigned failures;               /* consecutive failures */
     uint64_t ejected_until_ms;       /* circuit open until this loop time */
     uint64_t cooldown_until_ms;      /* rate limited (429) until this loop time */
     unsigned probing:1;              /* half-open probe in flight */
     uint64_t probes;                 /* half-open probes started: the current one's number */
-    unsigned clock_started:1;        /* accounting clock running */
     double ttft_ewma_ms;             /* smoothed time to first byte */
     uint64_t ttft_at_ms;             /* loop time of the last TTFT sample (0: none yet) */
     unsigned ttft_probing:1;         /* latency probe in flight: one request re-measuring
                                         a stale TTFT average */
     uint64_t ttft_probes;            /* latency probes started: the current one's number */
     double duration_ewma_ms;         /* smoothed duration of attempts that made tokens */
-    /* accounting clock (self-hosted pools), advanced at every event */
-    uint64_t clock_start_ms;         /* loop time the pool's cost period began */
-    uint64_t clock_ms;               /* loop time the sums below run to */
-    double share_ms;                 /* integral of min(1, replicas/inflight) dt while busy:
-                                        GPU-ms one request in flight was attributed */
-    double idle_ms;                  /* integral of replicas - min(inflight, replicas) dt,
-                                        plus the share of attempts that billed nothing */
     /* tokens/s window: slot i holds the tokens of second window_sec[i] */
     uint64_t window_sec[BACKEND_WINDOW_S]; /* which second the slot counts */
     int64_t window_tokens[BACKEND_WINDOW_S]; /* generated tokens in that second */

@@ -209,6 +209,19 @@ void router__account_idle(struct router *r)
     }
 }
 
+void router__account_carry_idle(struct router *r, const struct router *old)
+{
+    const struct conf *conf = r->conf;
+
+    for (size_t i = 0; i < conf->nbackends; i++) {
+        const struct conf_backend *was = conf_find_backend(old->conf, conf->backends[i].name);
+
+        if (was != NULL && backend_same_clock(backend_set_get(r->backends, i),
+                                              backend_set_get(old->backends, was->index)))
+            r->idle_reported[i] = old->idle_reported[was->index];
+    }
+}
+
 void router__forget_gauges(struct router *r)
 {
     static const enum metrics_id set_afresh[] = {

@@ -565,8 +565,13 @@ void router__refresh_gauges(struct router *r);
 void router__forget_gauges(struct router *r);
 /* Add the GPU pools' idle cost accrued since it was last added to its
  * counter (at each scrape, and for the generation a reload replaces:
- * its pools' accrual ends there, the new generation's starts at 0). */
+ * its pools' accrual ends there; the new generation's goes on from it
+ * for a pool it keeps, router__account_carry_idle, else from 0). */
 void router__account_idle(struct router *r);
+/* After a reload: a pool whose clock `r` shares with `old` goes on from
+ * what `old` reported of its idle cost (router__account_idle(old) first),
+ * so that the counter does not get it twice. */
+void router__account_carry_idle(struct router *r, const struct router *old);
 
 /* jsonmem.c: cJSON allocates a request's tree from the request's arena */
 struct router__jsonmem_block;

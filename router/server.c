@@ -1033,7 +1033,8 @@ static struct router *generation_create(struct router__shared *sh, struct conf *
         }
     }
     r->max_clients = router__fd_budget(conf);
-    r->backends = backend_set_create(conf);
+    /* A pool kept from the config before keeps its accounting clock. */
+    r->backends = backend_set_create_after(conf, sh->current ? sh->current->backends : NULL);
     if (r->backends == NULL || router__spend_init(r) != 0 || router__pools_init(r) != 0) {
         generation_free(r);
         return NULL;
@@ -1225,6 +1226,7 @@ struct router *router_reload(struct router *old, struct conf *conf, char **error
         return NULL;
     sh->current = r;
     router__account_idle(old);
+    router__account_carry_idle(r, old);
     router__forget_gauges(r);
     log_info("config reloaded: %s", conf_summary(conf, summary, sizeof(summary)));
     generation_drain(old, 1);

@@ -5,6 +5,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "backends/backend.h"
 #include "conf/conf.h"
@@ -222,6 +223,57 @@ Test(cost, a_reported_cost_is_settled_only_by_a_cost_from_usage_backend, .timeou
     backend_attempt_begin(b, 700, &t);
     ch = backend_attempt_finish(b, 800, &t, &used);
     cr_assert_eq(ch.micro_usd, 0, "free");
+    fx_fini(&f);
+}
+
+/* A reloaded config keeps a pool's accounting clock when the pool is the
+ * same (name, replicas, price): an attempt begun under the old config and
+ * one under the new share the replicas, the pool's in-flight count (its
+ * load) has both, and attributed + idle stays R x elapsed across them. A
+ * pool with other replicas or price starts a clock of its own; an API
+ * backend's clock is never shared. */
+Test(cost, a_reload_keeps_a_same_pools_clock, .timeout = 5)
+{
+    struct fx f;
+    struct conf_backend again[FX_N];
+    struct conf conf2;
+    struct backend_set *next;
+    struct backend *old_gpu, *new_gpu;
+    struct backend_ticket t_old, t_new;
+    struct backend_charge a, b;
+    static const struct backend_tokens served = {100, 200, 0, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
+
+    fx_init(&f);
+    memcpy(again, f.backends, sizeof(again));
+    conf2 = f.conf;
+    conf2.backends = again;
+    next = backend_set_create_after(&conf2, f.set);
+    cr_assert_not_null(next);
+    old_gpu = fx_backend(&f, FX_GPU);
+    new_gpu = backend_set_get(next, FX_GPU);
+    cr_assert(backend_same_clock(old_gpu, new_gpu));
+    cr_assert_not(backend_same_clock(fx_backend(&f, FX_MINI), backend_set_get(next, FX_MINI)));
+    /* 2 replicas: one attempt on each config from 0 to 1000 ms, a third
+     * (new config) from 500 ms: 3 in flight on 2 replicas then. */
+    backend_attempt_begin(old_gpu, 0, &t_old);
+    backend_attempt_begin(new_gpu, 0, &t_new);
+    cr_assert_eq(backend_pool_utilization(new_gpu, 0), 2.0 / 8, "the pool's load has both");
+    backend_attempt_begin(new_gpu, 500, NULL);
+    a = backend_attempt_finish(old_gpu, 1000, &t_old, &served);
+    b = backend_attempt_finish(new_gpu, 1000, &t_new, &served);
+    /* each: 0.5 s alone on a replica + 0.5 s x 2/3 */
+    cr_assert(fabs(a.gpu_seconds - (0.5 + 1.0 / 3)) < 1e-9, "%f", a.gpu_seconds);
+    cr_assert(fabs(b.gpu_seconds - (0.5 + 1.0 / 3)) < 1e-9, "%f", b.gpu_seconds);
+    /* the third's share so far (1/3 s) and no idle: 2 x 1 s in all */
+    cr_assert(fabs(backend_idle_gpu_seconds(new_gpu, 1000)) < 1e-9, "%f",
+              backend_idle_gpu_seconds(new_gpu, 1000));
+    backend_set_destroy(next);
+    /* Other replicas: a clock of its own. */
+    again[FX_GPU].replicas = 3;
+    next = backend_set_create_after(&conf2, f.set);
+    cr_assert_not_null(next);
+    cr_assert_not(backend_same_clock(old_gpu, backend_set_get(next, FX_GPU)));
+    backend_set_destroy(next);
     fx_fini(&f);
 }
 

@@ -2893,13 +2893,12 @@ Test(costs, a_reload_keeps_the_idle_cost_of_a_gpu_pool)
  * the pool's one replica, the reload 300 ms into it. Over the scrapes the
  * pool's idle gain plus what the request was charged must be the pool's
  * cost over the router's clock between them (attributed + idle = R x h x
- * period). The new generation's pool starts with nothing in flight and
- * counts the replica idle while the old one's request still runs on it
- * and is charged for it: the replica is paid twice for ~700 ms.
- * Disabled: it fails on the current code (idle 0.007020 + charged 0.010020
- * USD for 1006.8 ms, 0.010068 USD); the fix (pool state carried across a
- * reload, like the rate limits) is not made here. */
-Test(costs, a_reload_with_a_pool_request_in_flight_pays_the_replica_once, .disabled = true)
+ * period). A new generation's pool that started with nothing in flight
+ * counted the replica idle while the old one's request still ran on it
+ * and was charged for it: the replica was paid twice for ~700 ms (idle
+ * 0.007020 + charged 0.010020 USD for 1006.8 ms, 0.010068 USD). The pool
+ * now keeps its accounting clock across the reload. */
+Test(costs, a_reload_with_a_pool_request_in_flight_pays_the_replica_once)
 {
     static const char idle[] = "costrouter_gpu_pool_idle_cost_usd_total{backend=\"gpu\"}";
     static const char cost[] =
