@@ -754,8 +754,15 @@ static int open_file(struct metrics_cost_log *log, const char *path)
     if (rc < 0)
         return rc;
     log->fd = rc;
-    if (ends_inside_a_line(path) && buf_append(&log->pending, "\n", 1) != 0)
-        return -ENOMEM;
+    /* The newline goes in inflight, alone, as write_failed puts one: in
+     * pending, before the first records, lines_in would count it as one
+     * of them, and a first write cut short would drop one record more
+     * than it counts. */
+    if (ends_inside_a_line(path)) {
+        if (buf_append(&log->inflight, "\n", 1) != 0)
+            return -ENOMEM;
+        log->line_cut = 1;
+    }
     return 0;
 }
 
@@ -825,6 +832,7 @@ fail:
     }
     if (log != NULL) {
         buf_free(&log->pending);
+        buf_free(&log->inflight);
         free(log->path);
     }
     free(log);

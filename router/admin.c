@@ -281,7 +281,10 @@ static void send_metrics(struct router__client *c)
 {
     struct buf out = {0};
 
-    router__refresh_gauges(c->router);
+    /* The current config's gauges, also for a connection a reload left
+     * on the old one: its tenants and pools would be set again after
+     * router__forget_gauges dropped them, and stay for good. */
+    router__refresh_gauges(c->router->shared->current);
     if (metrics_render(c->router->metrics, &out) != 0) {
         buf_free(&out);
         router__send_error(c, error_no_memory, NULL);

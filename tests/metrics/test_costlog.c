@@ -1055,6 +1055,51 @@ Test(costlog, a_write_cut_short_keeps_the_next_record_whole, .timeout = 10)
     free(data);
 }
 
+static void on_cut_after_cut_step(uv_timer_t *t)
+{
+    struct rotate_ctx *ctx = (struct rotate_ctx *)t;
+    struct rlimit unlimited = {RLIM_INFINITY, RLIM_INFINITY};
+
+    /* The file held 18 bytes; 982 more went in: the newline that ends the
+     * cut line, req-0 whole and part of req-1. req-1 and req-2 are lost:
+     * the newline written first is no record. */
+    cr_assert_eq(metrics_cost_log_dropped(ctx->log), 2,
+                 "dropped %llu: the newline ending the old cut line counted as a record",
+                 (unsigned long long)metrics_cost_log_dropped(ctx->log));
+    cr_assert_eq(setrlimit(RLIMIT_FSIZE, &unlimited), 0);
+    metrics_cost_log_close(ctx->log);
+    uv_close((uv_handle_t *)t, NULL);
+}
+
+/* A file that ends inside a line gets a newline before the first record;
+ * when the first write is then cut short, the records lost are counted
+ * right: the newline is not one of them. */
+Test(costlog, a_cut_first_write_after_a_cut_file_counts_its_drops, .timeout = 10)
+{
+    struct rotate_ctx ctx = {0};
+    struct rlimit small = {1000, RLIM_INFINITY};
+    FILE *f = fopen(path, "w");
+    char *lines[8], *data;
+    size_t n;
+    int err;
+
+    cr_assert_not_null(f);
+    fputs("{\"request_id\":\"cut", f); /* 18 bytes */
+    fclose(f);
+    signal(SIGXFSZ, SIG_IGN);
+    ctx.log = metrics_cost_log_open(&loop, path, 10, 0, 0, NULL, &err);
+    cr_assert_not_null(ctx.log);
+    cr_assert_eq(setrlimit(RLIMIT_FSIZE, &small), 0);
+    write_some(&ctx, 3); /* some 560 bytes each */
+    uv_timer_init(&loop, &ctx.timer);
+    uv_timer_start(&ctx.timer, on_cut_after_cut_step, 300, 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    data = lines_of(path, lines, 8, &n);
+    cr_assert_eq(n, 3);
+    assert_record(lines[1], "req-0");
+    free(data);
+}
+
 Test(costlog, open_failure_reports_errno, .timeout = 5)
 {
     int err = 0;

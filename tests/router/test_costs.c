@@ -1078,6 +1078,37 @@ Test(costs, a_reload_drops_the_gauges_of_what_it_removed)
     cr_assert_not_null(memmem(resp.body.data, resp.body.len, acme, sizeof(acme) - 1));
 }
 
+/* A /metrics asked on a connection accepted before a reload is answered
+ * by the config it came in on; the gauges it sets must still be the
+ * current config's: one that drops a tenant drops its gauges for good,
+ * not until the first scrape that an old connection answers. */
+Test(costs, a_scrape_on_a_connection_from_before_a_reload_brings_no_dropped_gauge_back)
+{
+    static const char acme_spent[] = "budget_spent_usd{tenant=\"acme\"";
+    struct support_http_conn old = {0};
+    struct support_http_response old_resp = {0};
+    struct buf scrape = {0};
+
+    one_paid_chat("    budget: {daily_usd: 10}\n");
+    cr_assert_eq(support_http_connect(&old, routers[0].port), 0);
+    usleep(200000); /* accepted by the router on the config of now */
+    tenant_id = "other";
+    write_conf("a", NULL);
+    cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(support_http_format(&scrape, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_eq(support_http_send(&old, scrape.data, scrape.len), 0);
+    cr_assert_eq(support_http_read(&old, &old_resp, TIMEOUT_MS), 0);
+    cr_assert_eq(old_resp.status, 200);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_null(memmem(resp.body.data, resp.body.len, acme_spent, sizeof(acme_spent) - 1),
+                   "the dropped tenant's gauges are back: %.*s", (int)resp.body.len,
+                   resp.body.data);
+    support_http_close(&old);
+    support_http_response_free(&old_resp);
+    buf_free(&scrape);
+}
+
 /* Have the routers run with their wall clock started at `when` (UTC),
  * their loop's monotonic clock left alone. libfaketime is preloaded, not
  * run through the faketime command, which forks: its child would outlive
