@@ -1745,3 +1745,55 @@ Test(proxy, a_fallback_stream_asks_for_the_usage_the_client_turned_off)
               "backend b was not asked for the usage: %s", json_str(body_json(), "body"));
     cJSON_Delete(sent);
 }
+
+/* The unlabelled series `name` of /metrics. */
+static double metric_value(const char *name)
+{
+    double v;
+
+    cr_assert_eq(call("GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    v = support_metrics_value(&resp, name);
+    cr_assert(v == v, "%s not in /metrics", name);
+    return v;
+}
+
+/* A client that asked for Connection: close and reads none of a large
+ * answer: once the answer is done the router closes after its writes
+ * (client_close_after_writes), which wait for a client that never reads.
+ * That wait must end (as an idle keep-alive connection's does, at
+ * idle_timeout_ms), not hold the connection, its descriptor and the
+ * queued answer for ever. */
+Test(proxy, a_close_after_an_answer_the_client_never_reads_ends)
+{
+    static const char body[] = "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}";
+    struct support_http_conn c;
+    char a[1024], headers[256];
+    int pad = pad_past_send_buffers();
+    double open = -1;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
+    start_router("admin_key: " ADMIN_KEY "\n"
+                 "limits: {header_timeout_ms: 300, body_timeout_ms: 300, idle_timeout_ms: 500}",
+                 a, "a");
+    snprintf(headers, sizeof(headers),
+             AUTH "Connection: close\r\nx-mock-tokens: 1\r\nx-mock-event-pad: %d\r\n"
+                  "x-mock-done-delay-ms: 300\r\n",
+             pad);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", headers, body), 0);
+    cr_assert_eq(support_http_connect_rcvbuf(&c, router.port, 4096), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    wait_pool_idle(1); /* the router has read the whole answer */
+    /* Well past every client timeout (idle 500 ms): the connection of
+     * /metrics itself is the only one left. */
+    for (int i = 0; i < 40; i++) {
+        usleep(100 * 1000);
+        open = metric_value("costrouter_client_connections");
+        if (open <= 1)
+            break;
+    }
+    cr_assert_leq(open, 1, "%.0f client connections still open 4 s after the answer", open);
+    support_http_close(&c);
+}
