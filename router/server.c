@@ -1106,8 +1106,11 @@ static void generation_drain(struct router *r, int spare_fresh)
         next = c->next;
         /* A lingering one has its answer: at a reload it may finish
          * reading what its client still sends. */
-        if ((c->phase == ROUTER_CLIENT_IDLE && (c->served || !spare_fresh)) ||
-            (c->phase == ROUTER_CLIENT_LINGER && !spare_fresh))
+        if (c->phase == ROUTER_CLIENT_IDLE && (c->served || !spare_fresh) &&
+            router__client_write_queue(c) > 0)
+            client_close_after_writes(c); /* its last answer, done but not yet read */
+        else if ((c->phase == ROUTER_CLIENT_IDLE && (c->served || !spare_fresh)) ||
+                 (c->phase == ROUTER_CLIENT_LINGER && !spare_fresh))
             router__client_close(c);
     }
     router__pools_close(r);

@@ -1969,3 +1969,36 @@ Test(proxy, bytes_after_a_tls_answer_are_not_the_next_requests_answer)
     close(t.lfd);
     SSL_CTX_free(t.ctx);
 }
+
+/* A reload closes the old config's idle keep-alive connections at once.
+ * One whose last answer is complete but not yet read by its client
+ * (still queued in the router) is not idle: closing it cut that answer,
+ * which was served and billed. It is closed once the answer is written. */
+Test(proxy, a_reload_does_not_cut_an_answer_its_client_has_not_read)
+{
+    static const char body[] = "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}";
+    struct support_http_conn c;
+    struct support_http_response r = {0};
+    char a[1024], headers[256];
+    int pad = pad_past_send_buffers();
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
+    start_router("admin_key: " ADMIN_KEY, a, "a");
+    snprintf(headers, sizeof(headers),
+             AUTH "x-mock-tokens: 1\r\nx-mock-event-pad: %d\r\nx-mock-done-delay-ms: 300\r\n", pad);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", headers, body), 0);
+    cr_assert_eq(support_http_connect_rcvbuf(&c, router.port, 4096), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    wait_pool_idle(1); /* the router has the whole answer, the client little of it */
+    cr_assert_eq(call("POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    usleep(200 * 1000);
+    cr_assert_eq(support_http_read(&c, &r, TIMEOUT_MS), 0, "the answer was cut after %zu bytes",
+                 r.raw.len);
+    cr_assert_eq(r.status, 200);
+    cr_assert_not_null(memmem(r.body.data, r.body.len, "data: [DONE]", 12));
+    support_http_response_free(&r);
+    support_http_close(&c);
+}
