@@ -154,10 +154,17 @@ static void client_close_after_writes(struct router__client *c)
     if (c->closing)
         return;
     c->backed_up = 0; /* no more requests: nothing to resume */
-    if (c->cut_short)
+    if (c->cut_short) {
         client_linger(c);
-    else
+    } else {
         client_stop_reading(c);
+        /* A client that never reads its answer would hold the shutdown
+         * (and the connection, and at a stop or reload the whole
+         * generation) for ever: it gets idle_timeout_ms without reading,
+         * as an idle keep-alive connection does. */
+        c->flushing = 1;
+        router__deadline_set(&c->timeout, c->router->conf->idle_timeout_ms);
+    }
     /* close_notify says the data ended where it should. An answer cut
      * short (the upstream broke, or the budget ran out mid-stream) goes
      * without it, so that a TLS client sees the truncation even where
@@ -209,6 +216,8 @@ static void client_write_done(uv_write_t *req, int status)
             router__client_close(c);
         return;
     }
+    if (c->flushing && !c->closing) /* it reads: more time for the rest */
+        router__deadline_set(&c->timeout, c->router->conf->idle_timeout_ms);
     if (c->closing || router__client_write_queue(c) != 0)
         return;
     router__proxy_on_client_drain(c);
@@ -294,6 +303,10 @@ static void client_timeout(void *arg)
 {
     struct router__client *c = arg;
 
+    if (c->flushing) { /* its answer still unread (client_close_after_writes) */
+        router__client_close(c);
+        return;
+    }
     switch (c->phase) {
     case ROUTER_CLIENT_IDLE:
         router__client_close(c);
@@ -1094,8 +1107,11 @@ static void generation_drain(struct router *r, int spare_fresh)
         next = c->next;
         /* A lingering one has its answer: at a reload it may finish
          * reading what its client still sends. */
-        if ((c->phase == ROUTER_CLIENT_IDLE && (c->served || !spare_fresh)) ||
-            (c->phase == ROUTER_CLIENT_LINGER && !spare_fresh))
+        if (c->phase == ROUTER_CLIENT_IDLE && (c->served || !spare_fresh) &&
+            router__client_write_queue(c) > 0)
+            client_close_after_writes(c); /* its last answer, done but not yet read */
+        else if ((c->phase == ROUTER_CLIENT_IDLE && (c->served || !spare_fresh)) ||
+                 (c->phase == ROUTER_CLIENT_LINGER && !spare_fresh))
             router__client_close(c);
     }
     router__pools_close(r);

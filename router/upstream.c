@@ -446,9 +446,15 @@ static int parse_response(struct router__upstream *u, const char *p, size_t len)
     if (u->closing)
         return -1; /* abandoned by proxy.c */
     if (err == HPE_PAUSED && u->complete) {
-        /* Bytes after a complete response are a protocol error: no reuse. */
+        /* Bytes after a complete response are a protocol error: no reuse.
+         * Over TLS they may be in a record SSL_read has not given yet
+         * (still in the read BIO, or decrypted and buffered): pooled with
+         * them, the connection would hand them to its next request as
+         * that request's answer. */
         const char *pos = llhttp_get_error_pos(&u->parser);
-        finish_response(u, pos == p + len);
+        int more = u->ssl != NULL &&
+                   (SSL_has_pending(u->ssl) || BIO_ctrl_pending(SSL_get_rbio(u->ssl)) > 0);
+        finish_response(u, pos == p + len && !more);
         return -1;
     }
     log_warn("backend %s: bad HTTP response: %s", u->pool->conf->name,

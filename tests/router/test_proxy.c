@@ -11,7 +11,9 @@
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <openssl/ssl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -1744,4 +1746,259 @@ Test(proxy, a_fallback_stream_asks_for_the_usage_the_client_turned_off)
     cr_assert(cJSON_IsTrue(cJSON_GetObjectItem(opts, "include_usage")),
               "backend b was not asked for the usage: %s", json_str(body_json(), "body"));
     cJSON_Delete(sent);
+}
+
+/* The unlabelled series `name` of /metrics. */
+static double metric_value(const char *name)
+{
+    double v;
+
+    cr_assert_eq(call("GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    v = support_metrics_value(&resp, name);
+    cr_assert(v == v, "%s not in /metrics", name);
+    return v;
+}
+
+/* A client that asked for Connection: close and reads none of a large
+ * answer: once the answer is done the router closes after its writes
+ * (client_close_after_writes), which wait for a client that never reads.
+ * That wait must end (as an idle keep-alive connection's does, at
+ * idle_timeout_ms), not hold the connection, its descriptor and the
+ * queued answer for ever. */
+Test(proxy, a_close_after_an_answer_the_client_never_reads_ends)
+{
+    static const char body[] = "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}";
+    struct support_http_conn c;
+    char a[1024], headers[256];
+    int pad = pad_past_send_buffers();
+    double open = -1;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
+    start_router("admin_key: " ADMIN_KEY "\n"
+                 "limits: {header_timeout_ms: 300, body_timeout_ms: 300, idle_timeout_ms: 500}",
+                 a, "a");
+    snprintf(headers, sizeof(headers),
+             AUTH "Connection: close\r\nx-mock-tokens: 1\r\nx-mock-event-pad: %d\r\n"
+                  "x-mock-done-delay-ms: 300\r\n",
+             pad);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", headers, body), 0);
+    cr_assert_eq(support_http_connect_rcvbuf(&c, router.port, 4096), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    wait_pool_idle(1); /* the router has read the whole answer */
+    /* Well past every client timeout (idle 500 ms): the connection of
+     * /metrics itself is the only one left. */
+    for (int i = 0; i < 40; i++) {
+        usleep(100 * 1000);
+        open = metric_value("costrouter_client_connections");
+        if (open <= 1)
+            break;
+    }
+    cr_assert_leq(open, 1, "%.0f client connections still open 4 s after the answer", open);
+    support_http_close(&c);
+}
+
+/* limits.max_header_bytes is about the head's bytes as sent: blanks
+ * before a header's value (which llhttp skips without reporting them)
+ * count as well as the value does. */
+/* Disabled: fails on the current code (200, not 431: llhttp skips the
+ * blanks without a callback, and only the spans it reports are counted).
+ * Counting the head as sent needs its end's position (a pause in
+ * on_headers_complete), a change left to a decision. */
+Test(proxy, blanks_before_a_header_value_count_against_the_header_limit, .disabled = true)
+{
+    struct buf big = {0};
+    size_t n = 16384;
+
+    start_two("limits: {max_header_bytes: 2048}", NULL);
+    cr_assert_eq(buf_append_lit(&big, "x-pad:"), 0);
+    for (size_t i = 0; i < n; i++)
+        cr_assert_eq(buf_append(&big, " ", 1), 0);
+    cr_assert_eq(buf_append_lit(&big, "v\r\n" AUTH), 0);
+    cr_assert_eq(call("POST", "/v1/chat/completions", big.data, CHAT), 0);
+    assert_error(431, "headers_too_large");
+    buf_free(&big);
+}
+
+/* ---- a TLS upstream that sends a record after its answer ---- */
+
+struct tls_extra {
+    int lfd;           /* listening socket */
+    SSL_CTX *ctx;      /* server context (the test CA's server.crt) */
+    int served;        /* answers written */
+    int connections;   /* connections accepted */
+};
+
+/* Read one request (head and Content-Length body) over `ssl`: 0, or -1
+ * at the end of the connection. */
+static int tls_extra_read_request(SSL *ssl)
+{
+    char in[65536];
+    size_t have = 0;
+    const char *end = NULL;
+
+    while (end == NULL) {
+        int n = SSL_read(ssl, in + have, (int)(sizeof(in) - 1 - have));
+
+        if (n <= 0)
+            return -1;
+        have += (size_t)n;
+        in[have] = '\0';
+        end = strstr(in, "\r\n\r\n");
+    }
+    const char *cl = strcasestr(in, "\r\ncontent-length:");
+    size_t want = (size_t)(end + 4 - in) + (cl ? strtoul(cl + 17, NULL, 10) : 0);
+    while (have < want) {
+        int n = SSL_read(ssl, in + have, (int)(sizeof(in) - 1 - have));
+
+        if (n <= 0)
+            return -1;
+        have += (size_t)n;
+    }
+    return 0;
+}
+
+/* A whole chat answer whose content is `text`. */
+static void tls_extra_answer(struct buf *out, const char *text)
+{
+    char body[512];
+
+    snprintf(body, sizeof(body),
+             "{\"id\":\"x\",\"object\":\"chat.completion\",\"model\":\"m\",\"choices\":[{\"index\":0,"
+             "\"message\":{\"role\":\"assistant\",\"content\":\"%s\"},\"finish_reason\":\"stop\"}],"
+             "\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1,\"total_tokens\":2}}",
+             text);
+    buf_printf(out, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n\r\n%s",
+               strlen(body), body);
+}
+
+/* Serve connections one after the other; answer request k with
+ * "answer-k". The first answer is followed, in the same TCP write but in
+ * a TLS record of its own, by a whole second answer nobody asked for. */
+static void *tls_extra_main(void *arg)
+{
+    struct tls_extra *t = arg;
+    struct timeval tv = {.tv_sec = 5};
+
+    while (t->served < 2 && t->connections < 3) {
+        struct pollfd pfd = {.fd = t->lfd, .events = POLLIN};
+        int fd;
+        SSL *ssl;
+
+        if (poll(&pfd, 1, 5000) != 1 || (fd = accept(t->lfd, NULL, NULL)) < 0)
+            break;
+        t->connections++;
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+        ssl = SSL_new(t->ctx);
+        SSL_set_fd(ssl, fd);
+        if (SSL_accept(ssl) == 1) {
+            BIO *mem = BIO_new(BIO_s_mem());
+
+            SSL_set0_wbio(ssl, mem);
+            while (t->served < 2 && tls_extra_read_request(ssl) == 0) {
+                struct buf a = {0}, b = {0};
+                char text[32];
+                char *p;
+                long n;
+
+                snprintf(text, sizeof(text), "answer-%d", ++t->served);
+                tls_extra_answer(&a, text);
+                SSL_write(ssl, a.data, (int)a.len);
+                if (t->served == 1) {
+                    tls_extra_answer(&b, "INJECTED");
+                    SSL_write(ssl, b.data, (int)b.len);
+                }
+                n = BIO_get_mem_data(mem, &p);
+                if (n > 0 && write(fd, p, (size_t)n) != n)
+                    break;
+                (void)BIO_reset(mem);
+                buf_free(&a);
+                buf_free(&b);
+            }
+        }
+        SSL_free(ssl);
+        close(fd);
+    }
+    return NULL;
+}
+
+/* Bytes after a complete answer make its connection unfit for reuse: on
+ * a plain connection parse_response sees them in the same read and closes
+ * it. Over TLS they may come as a record of their own in that read, which
+ * SSL_read gives only after the answer was handed back: the connection
+ * was pooled with them waiting, and the next request on it got them as
+ * its answer. */
+Test(proxy, bytes_after_a_tls_answer_are_not_the_next_requests_answer)
+{
+    struct tls_extra t = {0};
+    pthread_t th;
+    char a[2048], path[300];
+    int port;
+
+    cr_assert_eq(support_make_test_ca(ca_dir, sizeof(ca_dir)), 0);
+    t.ctx = SSL_CTX_new(TLS_server_method());
+    snprintf(path, sizeof(path), "%s/server.crt", ca_dir);
+    cr_assert_eq(SSL_CTX_use_certificate_chain_file(t.ctx, path), 1);
+    snprintf(path, sizeof(path), "%s/server.key", ca_dir);
+    cr_assert_eq(SSL_CTX_use_PrivateKey_file(t.ctx, path, SSL_FILETYPE_PEM), 1);
+    t.lfd = support_http_listen(&port);
+    cr_assert_geq(t.lfd, 0);
+    cr_assert_eq(pthread_create(&th, NULL, tls_extra_main, &t), 0);
+    snprintf(a, sizeof(a),
+             "  - name: tls\n    kind: api\n    url: https://127.0.0.1:%d/v1\n"
+             "    model: m\n    api_key: sk-up\n    quality: 1\n    context_window: 1000\n"
+             "    input_usd_per_mtok: 1\n    output_usd_per_mtok: 1\n    ca_file: %s/ca.crt\n",
+             port, ca_dir);
+    start_router("limits: {max_retries: 0}", a, "tls");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(json_str(cJSON_GetArrayItem(cJSON_GetObjectItem(body_json(), "choices"), 0),
+                              "message.content"),
+                     "answer-1");
+    usleep(200 * 1000);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(json_str(cJSON_GetArrayItem(cJSON_GetObjectItem(body_json(), "choices"), 0),
+                              "message.content"),
+                     "answer-2", "the second request got another answer: %.*s",
+                     (int)resp.body.len, resp.body.data);
+    support_proc_stop(&router);
+    pthread_join(th, NULL);
+    close(t.lfd);
+    SSL_CTX_free(t.ctx);
+}
+
+/* A reload closes the old config's idle keep-alive connections at once.
+ * One whose last answer is complete but not yet read by its client
+ * (still queued in the router) is not idle: closing it cut that answer,
+ * which was served and billed. It is closed once the answer is written. */
+Test(proxy, a_reload_does_not_cut_an_answer_its_client_has_not_read)
+{
+    static const char body[] = "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}";
+    struct support_http_conn c;
+    struct support_http_response r = {0};
+    char a[1024], headers[256];
+    int pad = pad_past_send_buffers();
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
+    start_router("admin_key: " ADMIN_KEY, a, "a");
+    snprintf(headers, sizeof(headers),
+             AUTH "x-mock-tokens: 1\r\nx-mock-event-pad: %d\r\nx-mock-done-delay-ms: 300\r\n", pad);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", headers, body), 0);
+    cr_assert_eq(support_http_connect_rcvbuf(&c, router.port, 4096), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    wait_pool_idle(1); /* the router has the whole answer, the client little of it */
+    cr_assert_eq(call("POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    usleep(200 * 1000);
+    cr_assert_eq(support_http_read(&c, &r, TIMEOUT_MS), 0, "the answer was cut after %zu bytes",
+                 r.raw.len);
+    cr_assert_eq(r.status, 200);
+    cr_assert_not_null(memmem(r.body.data, r.body.len, "data: [DONE]", 12));
+    support_http_response_free(&r);
+    support_http_close(&c);
 }
