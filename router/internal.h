@@ -389,6 +389,8 @@ struct router__client {
     unsigned backed_up:1;                /* reading held: answers queued past the high-water mark */
     unsigned parked:1;                   /* its request waits for the cost log (park.c) */
     unsigned flushing:1;                 /* closing once its answers are written: idle_timeout_ms bounds the wait */
+    const char *head_mark;               /* in the bytes being parsed, the end of what
+                                            max_header_bytes has counted (server.c) */
     struct router__client *park_next, *park_prev; /* shared->parked list */
     uint64_t linger_end;                 /* LINGER: close by then (loop ms) */
     SSL *ssl;                            /* TLS session (memory BIOs), NULL for plain */

@@ -362,9 +362,20 @@ static struct router__client *parser_client(llhttp_t *p)
 }
 
 /* Count head bytes against the limit; -1 stops the parser with 431. */
-static int head_bytes_add(struct router__client *c, size_t len)
+/* Count a piece of the head (`len` bytes at `at`) against
+ * max_header_bytes. While the head is read, the bytes llhttp passes
+ * without a callback count too (the method, separators, the blanks before
+ * a value, which it skips however many): all from the last byte counted
+ * in this read (head_mark) to the piece's end. A trailer's pieces count
+ * alone: body bytes come between them. */
+static int head_bytes_add(struct router__client *c, const char *at, size_t len)
 {
-    c->req.head_bytes += len;
+    size_t n = len;
+
+    if (c->phase == ROUTER_CLIENT_HEADERS && at >= c->head_mark)
+        n = (size_t)(at + len - c->head_mark);
+    c->head_mark = at + len;
+    c->req.head_bytes += n;
     if (c->req.head_bytes > c->router->conf->max_header_bytes) {
         c->req.error = error_headers_too_large;
         return -1;
@@ -390,7 +401,7 @@ static int on_url(llhttp_t *p, const char *at, size_t len)
     /* Read here, not from the parser when answering: a request refused
      * before its method was parsed must not take the one before's. */
     c->req.head_method = llhttp_get_method(p) == HTTP_HEAD;
-    if (head_bytes_add(c, len) != 0 || buf_append(&c->req.url, at, len) != 0)
+    if (head_bytes_add(c, at, len) != 0 || buf_append(&c->req.url, at, len) != 0)
         return -1;
     return 0;
 }
@@ -409,7 +420,7 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len)
 {
     struct router__client *c = parser_client(p);
 
-    if (head_bytes_add(c, len) != 0)
+    if (head_bytes_add(c, at, len) != 0)
         return -1;
     if (!in_trailer(c) && buf_append(&c->req.hname, at, len) != 0)
         return -1;
@@ -420,7 +431,7 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
 {
     struct router__client *c = parser_client(p);
 
-    if (head_bytes_add(c, len) != 0)
+    if (head_bytes_add(c, at, len) != 0)
         return -1;
     if (!in_trailer(c) && buf_append(&c->req.hvalue, at, len) != 0)
         return -1;
@@ -614,6 +625,7 @@ static int on_body(llhttp_t *p, const char *at, size_t len)
 {
     struct router__client *c = parser_client(p);
 
+    c->head_mark = at + len; /* a pipelined head after it counts from here */
     if (c->req.body.len + len > c->router->conf->max_body_bytes) {
         c->req.error = error_body_too_large;
         return -1;
@@ -643,7 +655,12 @@ static size_t client_execute(struct router__client *c, const char *data, size_t 
 
     *complete = 0;
     llhttp_resume(&c->parser);
+    c->head_mark = data;
     err = llhttp_execute(&c->parser, data, len);
+    /* A head not done yet: the bytes after its last piece are head too
+     * (a run of blanks before a value may never reach a callback). */
+    if (err == HPE_OK && c->phase == ROUTER_CLIENT_HEADERS && head_bytes_add(c, data + len, 0) != 0)
+        err = HPE_USER;
     if (err == HPE_OK)
         return len;
     if (err == HPE_PAUSED) {
