@@ -808,6 +808,14 @@ static void node_prices(struct conf__ctx *ctx, void *obj, struct conf__meta *met
         }
         k = fy_node_get_scalar(key, &klen);
         join_key(ppath, sizeof(ppath), path, k, klen);
+        if (klen == 0) {
+            conf__error(ctx, kline, path, "price names must not be empty");
+            continue;
+        }
+        if (memchr(k, '\0', klen)) { /* a "\0" escape: strndup would cut the name there */
+            conf__error(ctx, kline, ppath, "contains a NUL byte");
+            continue;
+        }
         memset(p, 0, sizeof(*p));
         if ((p->name = strndup(k, klen)) == NULL) {
             ctx->oom = 1;
@@ -977,6 +985,10 @@ static void node_tags(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
         }
         k = fy_node_get_scalar(key, &klen);
         join_key(tpath, sizeof(tpath), path, k, klen);
+        if (memchr(k, '\0', klen)) { /* a "\0" escape: strndup would cut the name there */
+            conf__error(ctx, kline, tpath, "contains a NUL byte");
+            continue;
+        }
         if (node_is_null(value)) {
             conf__error(ctx, kline, tpath, "needs a value");
             continue;

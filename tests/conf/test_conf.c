@@ -375,6 +375,12 @@ static struct error_case error_cases[] = {
     {.file = DATA "utf8_bad.yaml", .lines =
      {"7: (yaml): not UTF-8 text: byte 0xe9 at column 6"}},
     {.file = DATA "nul_byte.yaml", .lines = {"6: (yaml): a NUL byte at column 11"}},
+    {.file = DATA "keys_nul.yaml", .lines =
+     {"4: backends[0].price: unknown price \"p\" (no prices are defined: include a price "
+      "file)",
+      "8: prices.p\\x00x: contains a NUL byte",
+      "9: prices: price names must not be empty",
+      "13: tenants[0].tags.a\\x00b: contains a NUL byte"}},
     {.file = DATA "directive_utf8.yaml", .lines =
      {"2: (yaml): not UTF-8 text: byte 0xff at column 3"}},
 };
