@@ -30,6 +30,7 @@
 #include "conf/conf.h"
 #include "tests/support/http.h"
 #include "tests/support/proc.h"
+#include "tests/support/record.h"
 #include "tests/support/browser.h"
 #include "tests/support/canned.h"
 #include "tests/support/redis.h"
@@ -677,7 +678,6 @@ Test(costs, a_long_prompt_goes_where_it_costs_least_at_its_size)
 #define TIER_BODY(tier, more) \
     "{\"model\":\"chat\",\"max_tokens\":10,\"service_tier\":\"" tier "\"" more "," MSG "}"
 
-static cJSON *last_cost_record(void);
 static double trailer_usd(void);
 
 /* The cost log's "service_tier" of its last line ("-" when absent); the
@@ -685,7 +685,7 @@ static double trailer_usd(void);
 static const char *logged_tier(void)
 {
     static char tier[16];
-    cJSON *rec = last_cost_record();
+    cJSON *rec = record_last(NULL, log_path);
     const cJSON *t = cJSON_GetObjectItem(rec, "service_tier");
 
     snprintf(tier, sizeof(tier), "%s", cJSON_IsString(t) ? t->valuestring : "-");
@@ -2202,14 +2202,6 @@ Test(costs, a_reload_answers_a_connection_that_had_no_request_yet)
     cr_assert(support_proc_exited_cleanly(&routers[0]), "exit status %d", routers[0].status);
 }
 
-/* The last line of the cost log, parsed (the routers must have stopped). */
-static cJSON *last_cost_record(void)
-{
-    cJSON *rec = support_last_json_line(log_path);
-
-    cr_assert_not_null(rec, "no record in the cost log %s", log_path);
-    return rec;
-}
 
 /* A tenant whose quality floor no backend of the route reaches is never
  * served there however long it waits: a 403 naming the model and the
@@ -2244,7 +2236,7 @@ Test(costs, a_route_below_the_tenants_quality_floor_is_a_403)
     cr_assert_eq(call_port(mock_b.port, "GET", "/mock/stats", NULL, NULL), 0);
     cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 0);
     support_proc_stop(&routers[0]);
-    rec = last_cost_record();
+    rec = record_last(NULL, log_path);
     cr_assert_str_eq(cJSON_GetObjectItem(rec, "reason")->valuestring, "below-quality-floor");
     cr_assert_eq(cJSON_GetObjectItem(rec, "status")->valuedouble, 403);
     cJSON_Delete(rec);
@@ -2280,7 +2272,7 @@ Test(costs, an_answer_without_usage_is_charged_for_its_text)
     cr_assert_gt(completion, 0);
     double paid = header_usd("x-costrouter-cost-usd");
     support_proc_stop(&routers[0]);
-    rec = last_cost_record();
+    rec = record_last(NULL, log_path);
     double prompt = cJSON_GetObjectItem(rec, "prompt_tokens_est")->valuedouble;
     cr_assert(cJSON_IsNull(cJSON_GetObjectItem(rec, "completion_tokens")), "none was reported");
     cr_assert_float_eq(paid, usd(prompt, (double)completion, 100, 300), 1e-9,
@@ -2405,7 +2397,7 @@ static void assert_big_answer_charged_its_usage(char *answer, size_t len)
     cr_assert_eq(resp.status, 200);
     cr_assert_float_eq(trailer_usd(), BIG_USD, 1e-9);
     support_proc_stop(&routers[0]);
-    rec = last_cost_record();
+    rec = record_last(NULL, log_path);
     assert_big_usage_billed(rec);
     cJSON_Delete(rec);
 }
@@ -2439,7 +2431,7 @@ Test(costs, an_answer_over_8_mib_is_charged_its_usage)
                               sizeof(completion_series) - 1),
                        "%.*s", (int)resp.body.len, resp.body.data);
     support_proc_stop(&routers[0]);
-    rec = last_cost_record();
+    rec = record_last(NULL, log_path);
     assert_big_usage_billed(rec);
     cr_assert_eq(cJSON_GetObjectItem(rec, "status")->valuedouble, 200);
     cJSON_Delete(rec);
@@ -2504,7 +2496,7 @@ Test(costs, an_answer_over_8_mib_without_usage_is_charged_for_its_text)
     cr_assert_eq(resp.status, 200);
     double paid = trailer_usd();
     support_proc_stop(&routers[0]);
-    rec = last_cost_record();
+    rec = record_last(NULL, log_path);
     assert_counted_billed(rec, completion);
     cr_assert_float_eq(paid, cJSON_GetObjectItem(rec, "cost_usd")->valuedouble, 1e-9);
     cJSON_Delete(rec);
@@ -2525,7 +2517,7 @@ Test(costs, an_answer_over_8_mib_cut_after_its_usage_is_charged_its_usage)
                    "a cut answer ended cleanly");
     support_proc_stop(&routers[0]);
     cr_assert(support_proc_exited_cleanly(&routers[0]), "exit status %d", routers[0].status);
-    rec = last_cost_record();
+    rec = record_last(NULL, log_path);
     assert_big_usage_billed(rec);
     cJSON_Delete(rec);
 }
@@ -2543,7 +2535,7 @@ Test(costs, an_answer_over_8_mib_cut_without_usage_is_charged_for_its_text)
     cr_assert_eq(resp.status, 200);
     support_proc_stop(&routers[0]);
     cr_assert(support_proc_exited_cleanly(&routers[0]), "exit status %d", routers[0].status);
-    rec = last_cost_record();
+    rec = record_last(NULL, log_path);
     assert_counted_billed(rec, completion);
     cJSON_Delete(rec);
 }
@@ -2572,7 +2564,7 @@ Test(costs, a_client_leaving_an_answer_over_8_mib_pays_for_the_text_that_passed)
     support_http_close(&conn);
     usleep(300 * 1000);
     support_proc_stop(&routers[0]);
-    rec = last_cost_record();
+    rec = record_last(NULL, log_path);
     cr_assert_eq(cJSON_GetObjectItem(rec, "status")->valuedouble, 499);
     assert_counted_billed(rec, big_text_tokens());
     cJSON_Delete(rec);
@@ -2608,7 +2600,7 @@ Test(costs, an_answer_over_8_mib_cut_pays_for_the_web_searches_that_passed)
               "\"tools\":[{\"type\":\"web_search\"}]}"); /* broken off: not whole */
     cr_assert_eq(resp.status, 200);
     support_proc_stop(&routers[0]);
-    rec = last_cost_record();
+    rec = record_last(NULL, log_path);
     cr_assert_eq(cJSON_GetObjectItem(rec, "billed_web_searches")->valuedouble, 2);
     cr_assert_geq(cJSON_GetObjectItem(rec, "cost_usd")->valuedouble, 0.02);
     cJSON_Delete(rec);
@@ -2711,7 +2703,7 @@ Test(costs, an_answer_over_8_mib_whose_usage_has_no_token_counts_is_charged_for_
     cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\"," MSG "}"), 0);
     cr_assert_eq(resp.status, 200);
     support_proc_stop(&routers[0]);
-    rec = last_cost_record();
+    rec = record_last(NULL, log_path);
     assert_counted_billed(rec, big_text_tokens());
     cJSON_Delete(rec);
 }
@@ -2749,7 +2741,7 @@ Test(costs, a_completion_over_8_mib_without_usage_is_charged_for_its_text)
     cr_assert_eq(resp.status, 200);
     cr_assert_gt(resp.body.len, 9u << 20);
     support_proc_stop(&routers[0]);
-    rec = last_cost_record();
+    rec = record_last(NULL, log_path);
     assert_counted_billed(rec, completion);
     cJSON_Delete(rec);
 }
@@ -3226,7 +3218,7 @@ Test(costs, reload_loads_a_newly_named_token_table)
     cr_assert_eq(resp.status, 200);
     support_proc_stop(&routers[0]);
 
-    rec = last_cost_record();
+    rec = record_last(NULL, log_path);
     cr_assert_eq(cJSON_GetObjectItem(rec, "prompt_tokens_est")->valuedouble, (double)exact,
                  "counted with the llama3 table loaded at the reload");
     cJSON_Delete(rec);
@@ -3322,7 +3314,7 @@ static double leave_once_the_backend_has_it(void)
     start_routers(1, "a", "    budget: {daily_usd: 10}\n");
     chat_and_leave(mock_a_has_it);
     double counted, spent = spent_then_stop(&counted);
-    rec = last_cost_record();
+    rec = record_last(NULL, log_path);
     double prompt = cJSON_GetObjectItem(rec, "billed_prompt_tokens")->valuedouble;
     double want = usd(prompt, 0, 100, 300);
     cr_assert_eq(cJSON_GetObjectItem(rec, "status")->valuedouble, 499);
@@ -3380,7 +3372,7 @@ Test(costs, a_client_leaving_before_its_request_reached_the_backend_pays_nothing
     support_proc_stop(&routers[0]);
     support_http_close(&filler);
     close(fd);
-    rec = last_cost_record();
+    rec = record_last(NULL, log_path);
     cr_assert_eq(cJSON_GetObjectItem(rec, "status")->valuedouble, 499);
     cr_assert_eq(cJSON_GetObjectItem(rec, "billed_prompt_tokens")->valuedouble, 0);
     cr_assert_float_eq(cJSON_GetObjectItem(rec, "cost_usd")->valuedouble, 0, 1e-12);
@@ -3798,7 +3790,7 @@ Test(costs, a_request_tags_its_cost_log_line)
     headers = cJSON_GetObjectItem(body_json(), "headers");
     cr_assert_null(cJSON_GetObjectItem(headers, "x-costrouter-tags"), "sent upstream");
     support_proc_stop(&routers[0]);
-    rec = last_cost_record();
+    rec = record_last(NULL, log_path);
     tags = cJSON_GetObjectItem(rec, "tags");
     cr_assert_eq(cJSON_GetArraySize(tags), 5);
     cr_assert_str_eq(cJSON_GetObjectItem(tags, "team")->valuestring, "search");

@@ -39,6 +39,7 @@
 
 #include "tests/support/http.h"
 #include "tests/support/proc.h"
+#include "tests/support/record.h"
 
 #define TIMEOUT_MS 5000
 #define KEY "sk-messages-tenant"
@@ -185,26 +186,6 @@ static double usd(double input, double read, double written, double output)
            1e6;
 }
 
-/* The last line of the cost log, once the router has stopped (caller
- * frees). */
-static cJSON *last_cost_record(void)
-{
-    cJSON *rec;
-
-    support_proc_stop(&router);
-    rec = support_last_json_line(log_path);
-    cr_assert_not_null(rec, "no record in the cost log %s", log_path);
-    return rec;
-}
-
-static double num(const cJSON *o, const char *name)
-{
-    const cJSON *v = get(o, name);
-
-    cr_assert(cJSON_IsNumber(v), "no number %s", name);
-    return v->valuedouble;
-}
-
 /* The request `m` last received (in `json`): {method, path, headers, body}. */
 static const cJSON *last_request(struct support_proc *m)
 {
@@ -215,7 +196,7 @@ static const cJSON *last_request(struct support_proc *m)
 static double requests_of(struct support_proc *m)
 {
     cr_assert_eq(call(m->port, "GET", "/mock/stats", NULL, NULL), 0);
-    return num(body_json(), "requests");
+    return record_num(body_json(), "requests");
 }
 
 /* The Anthropic error in the last answer: its status, and its
@@ -244,7 +225,7 @@ Test(messages, plain_cost_is_usage_times_price_and_the_backend_gets_its_own_head
                  0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     cr_assert_str_eq(get(body_json(), "type")->valuestring, "message");
-    cr_assert_eq(num(get(json, "usage"), "input_tokens"), PROMPT_TOKENS);
+    cr_assert_eq(record_num(get(json, "usage"), "input_tokens"), PROMPT_TOKENS);
     double want = usd(PROMPT_TOKENS, 0, 0, 7);
     cr_assert_float_eq(header_usd(), want, 1e-9);
     /* mockllm answered (it wants UPSTREAM_KEY as x-api-key and an
@@ -257,11 +238,11 @@ Test(messages, plain_cost_is_usage_times_price_and_the_backend_gets_its_own_head
     char *seen = cJSON_PrintUnformatted(r);
     cr_assert_null(strstr(seen, KEY), "the tenant key went upstream");
     cJSON_free(seen);
-    cJSON *rec = last_cost_record();
-    cr_assert_eq(num(rec, "prompt_tokens"), PROMPT_TOKENS);
-    cr_assert_eq(num(rec, "completion_tokens"), 7);
-    cr_assert_eq(num(rec, "billed_cache_write_tokens"), 0);
-    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_eq(record_num(rec, "prompt_tokens"), PROMPT_TOKENS);
+    cr_assert_eq(record_num(rec, "completion_tokens"), 7);
+    cr_assert_eq(record_num(rec, "billed_cache_write_tokens"), 0);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), want, 1e-9);
     cr_assert_str_eq(get(rec, "backend")->valuestring, "a");
     cJSON_Delete(rec);
 }
@@ -294,17 +275,17 @@ Test(messages, cache_reads_and_writes_are_priced_at_their_rates)
                  0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     const cJSON *u = get(body_json(), "usage");
-    cr_assert_eq(num(u, "input_tokens"), 8);
-    cr_assert_eq(num(u, "cache_read_input_tokens"), 4);
-    cr_assert_eq(num(u, "cache_creation_input_tokens"), 6);
+    cr_assert_eq(record_num(u, "input_tokens"), 8);
+    cr_assert_eq(record_num(u, "cache_read_input_tokens"), 4);
+    cr_assert_eq(record_num(u, "cache_creation_input_tokens"), 6);
     double want = usd(8, 4, 6, 3); /* 800 + 40 + 750 + 900 micro */
     cr_assert_float_eq(header_usd(), want, 1e-9);
-    cJSON *rec = last_cost_record();
-    cr_assert_eq(num(rec, "prompt_tokens"), 18);
-    cr_assert_eq(num(rec, "billed_prompt_tokens"), 18);
-    cr_assert_eq(num(rec, "billed_cached_tokens"), 4);
-    cr_assert_eq(num(rec, "billed_cache_write_tokens"), 6);
-    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_eq(record_num(rec, "prompt_tokens"), 18);
+    cr_assert_eq(record_num(rec, "billed_prompt_tokens"), 18);
+    cr_assert_eq(record_num(rec, "billed_cached_tokens"), 4);
+    cr_assert_eq(record_num(rec, "billed_cache_write_tokens"), 6);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), want, 1e-9);
     cJSON_Delete(rec);
 }
 
@@ -362,11 +343,11 @@ Test(messages, streamed_cost_comes_from_message_start_and_message_delta)
     cJSON *up = cJSON_Parse(get(last_request(&mock), "body")->valuestring);
     cr_assert_null(get(up, "stream_options"));
     cJSON_Delete(up);
-    cJSON *rec = last_cost_record();
-    cr_assert_eq(num(rec, "prompt_tokens"), PROMPT_TOKENS);
-    cr_assert_eq(num(rec, "completion_tokens"), 5);
-    cr_assert_eq(num(rec, "billed_cache_write_tokens"), 2);
-    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_eq(record_num(rec, "prompt_tokens"), PROMPT_TOKENS);
+    cr_assert_eq(record_num(rec, "completion_tokens"), 5);
+    cr_assert_eq(record_num(rec, "billed_cache_write_tokens"), 2);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), want, 1e-9);
     cJSON_Delete(rec);
 }
 
@@ -383,9 +364,9 @@ Test(messages, a_stream_without_final_usage_is_charged_for_its_text_deltas)
     cr_assert(clean);
     cr_assert_float_eq(stream_usd(&s), usd(PROMPT_TOKENS, 0, 0, 5), 1e-9);
     support_sse_close(&s);
-    cJSON *rec = last_cost_record();
-    cr_assert_eq(num(rec, "billed_prompt_tokens"), PROMPT_TOKENS);
-    cr_assert_eq(num(rec, "billed_completion_tokens"), 5);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_eq(record_num(rec, "billed_prompt_tokens"), PROMPT_TOKENS);
+    cr_assert_eq(record_num(rec, "billed_completion_tokens"), 5);
     cr_assert(cJSON_IsNull(get(rec, "completion_tokens")));
     cJSON_Delete(rec);
 }
@@ -413,10 +394,10 @@ Test(messages, a_broken_stream_is_charged_for_the_deltas_that_passed)
     cr_assert_eq(rc, -ECONNRESET, "a broken stream ended cleanly");
     cr_assert(error_event, "no Anthropic error event");
     support_sse_close(&s);
-    cJSON *rec = last_cost_record();
-    cr_assert_eq(num(rec, "billed_prompt_tokens"), PROMPT_TOKENS);
-    cr_assert_eq(num(rec, "billed_completion_tokens"), 3);
-    cr_assert_float_eq(num(rec, "cost_usd"), usd(PROMPT_TOKENS, 0, 0, 3), 1e-9);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_eq(record_num(rec, "billed_prompt_tokens"), PROMPT_TOKENS);
+    cr_assert_eq(record_num(rec, "billed_completion_tokens"), 3);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), usd(PROMPT_TOKENS, 0, 0, 3), 1e-9);
     cJSON_Delete(rec);
 }
 
@@ -605,9 +586,9 @@ Test(messages, a_plain_answer_without_usage_is_charged_for_its_content_text)
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     cr_assert_null(get(body_json(), "usage"));
     cr_assert_float_eq(header_usd(), usd(9, 0, 0, 4), 1e-9);
-    cJSON *rec = last_cost_record();
-    cr_assert_eq(num(rec, "billed_prompt_tokens"), 9);
-    cr_assert_eq(num(rec, "billed_completion_tokens"), 4);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_eq(record_num(rec, "billed_prompt_tokens"), 9);
+    cr_assert_eq(record_num(rec, "billed_completion_tokens"), 4);
     cJSON_Delete(rec);
 }
 
@@ -627,11 +608,11 @@ Test(messages, one_hour_cache_writes_are_priced_at_their_own_rate)
     /* 6 x 100 + 2 x 125 + 4 x 200 + 2 x 300 micro */
     double want = round(6 * IN_USD + 2 * WRITE_USD + 4 * WRITE_1H_USD + 2 * OUT_USD) / 1e6;
     cr_assert_float_eq(header_usd(), want, 1e-9);
-    cJSON *rec = last_cost_record();
-    cr_assert_eq(num(rec, "billed_prompt_tokens"), 12);
-    cr_assert_eq(num(rec, "billed_cache_write_tokens"), 6);
-    cr_assert_eq(num(rec, "billed_cache_write_1h_tokens"), 4);
-    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_eq(record_num(rec, "billed_prompt_tokens"), 12);
+    cr_assert_eq(record_num(rec, "billed_cache_write_tokens"), 6);
+    cr_assert_eq(record_num(rec, "billed_cache_write_1h_tokens"), 4);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), want, 1e-9);
     cJSON_Delete(rec);
 }
 
@@ -661,7 +642,7 @@ static int count(const char *extra, const char *body)
 static void assert_count(int n)
 {
     cr_assert_eq(resp.status, 200, "%d: %.*s", resp.status, (int)resp.body.len, resp.body.data);
-    cr_assert_eq(num(body_json(), "input_tokens"), n);
+    cr_assert_eq(record_num(body_json(), "input_tokens"), n);
     cr_assert_eq(cJSON_GetArraySize(json), 1, "%.*s", (int)resp.body.len, resp.body.data);
 }
 
@@ -672,7 +653,7 @@ static double day_spend(void)
                       "Authorization: Bearer " ADMIN_KEY "\r\n", NULL),
                  0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
-    return num(body_json(), "day_usd");
+    return record_num(body_json(), "day_usd");
 }
 
 /* The upstream's count goes to the client as it came; the backend got the
@@ -697,16 +678,16 @@ Test(count_tokens, the_upstreams_count_passes_through_and_costs_nothing)
     cr_assert_null(strstr(seen, KEY), "the tenant key went upstream");
     cJSON_free(seen);
     cr_assert_eq(day_spend(), 0);
-    cJSON *rec = last_cost_record();
+    cJSON *rec = record_last(&router, log_path);
     cr_assert_str_eq(get(rec, "endpoint")->valuestring, "/v1/messages/count_tokens");
     cr_assert_str_eq(get(rec, "backend")->valuestring, "a");
-    cr_assert_eq(num(rec, "status"), 200);
-    cr_assert_eq(num(rec, "cost_usd"), 0);
-    cr_assert_eq(num(rec, "cost_usd_est"), 0);
-    cr_assert_eq(num(rec, "prompt_tokens"), UPSTREAM_COUNT);
-    cr_assert_neq(num(rec, "prompt_tokens_est"), UPSTREAM_COUNT, "the router's estimate differs");
-    cr_assert_eq(num(rec, "billed_prompt_tokens"), 0);
-    cr_assert_eq(num(rec, "billed_completion_tokens"), 0);
+    cr_assert_eq(record_num(rec, "status"), 200);
+    cr_assert_eq(record_num(rec, "cost_usd"), 0);
+    cr_assert_eq(record_num(rec, "cost_usd_est"), 0);
+    cr_assert_eq(record_num(rec, "prompt_tokens"), UPSTREAM_COUNT);
+    cr_assert_neq(record_num(rec, "prompt_tokens_est"), UPSTREAM_COUNT, "the router's estimate differs");
+    cr_assert_eq(record_num(rec, "billed_prompt_tokens"), 0);
+    cr_assert_eq(record_num(rec, "billed_completion_tokens"), 0);
     cJSON_Delete(rec);
 }
 
@@ -774,10 +755,10 @@ Test(count_tokens, a_backend_down_falls_back_to_the_next_and_none_left_is_an_err
     cr_assert_eq(count(NULL, two), 0);
     cr_assert(resp.status == 502 || resp.status == 503, "%d", resp.status);
     assert_anthropic_error(resp.status, resp.status == 502 ? "api_error" : "overloaded_error");
-    cJSON *rec = last_cost_record();
-    cr_assert_eq(num(rec, "fallbacks"), 1);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_eq(record_num(rec, "fallbacks"), 1);
     cr_assert_str_eq(get(rec, "endpoint")->valuestring, "/v1/messages/count_tokens");
-    cr_assert_eq(num(rec, "cost_usd"), 0);
+    cr_assert_eq(record_num(rec, "cost_usd"), 0);
     cJSON_Delete(rec);
 }
 
@@ -847,10 +828,10 @@ Test(count_tokens, a_client_that_leaves_is_charged_nothing)
     cr_assert_eq(support_http_send_and_leave(router.port, req.data, req.len, 300), 0);
     usleep(200 * 1000);
     cr_assert_eq(day_spend(), 0);
-    cJSON *rec = last_cost_record();
-    cr_assert_eq(num(rec, "status"), 499);
-    cr_assert_eq(num(rec, "cost_usd"), 0);
-    cr_assert_eq(num(rec, "billed_prompt_tokens"), 0);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_eq(record_num(rec, "status"), 499);
+    cr_assert_eq(record_num(rec, "cost_usd"), 0);
+    cr_assert_eq(record_num(rec, "billed_prompt_tokens"), 0);
     cJSON_Delete(rec);
 }
 
@@ -907,10 +888,10 @@ Test(web_search, a_whole_answer_is_charged_its_searches)
     a_extra = SEARCH_PRICE;
     start("");
     assert_three_searches_cost(want);
-    cJSON *rec = last_cost_record();
-    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
-    cr_assert_eq(num(rec, "billed_web_searches"), 3);
-    cr_assert_eq(num(rec, "billed_completion_tokens"), 7);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), want, 1e-9);
+    cr_assert_eq(record_num(rec, "billed_web_searches"), 3);
+    cr_assert_eq(record_num(rec, "billed_completion_tokens"), 7);
     cJSON_Delete(rec);
 }
 
@@ -929,9 +910,9 @@ Test(web_search, a_stream_is_charged_the_searches_of_its_message_delta)
     cr_assert_float_eq(stream_usd(&s), want, 1e-9);
     support_sse_close(&s);
     cr_assert_float_eq(day_spend(), want, 1e-9);
-    cJSON *rec = last_cost_record();
-    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
-    cr_assert_eq(num(rec, "billed_web_searches"), 4);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), want, 1e-9);
+    cr_assert_eq(record_num(rec, "billed_web_searches"), 4);
     cJSON_Delete(rec);
 }
 
@@ -960,10 +941,10 @@ Test(web_search, the_hold_counts_the_tools_max_uses)
                  0);
     cr_assert_eq(resp.status, 200, "another tool's max_uses: no search held, %.*s",
                  (int)resp.body.len, resp.body.data);
-    cJSON *rec = last_cost_record();
+    cJSON *rec = record_last(&router, log_path);
     /* its estimate is the tokens' alone, below one search's price; it made none */
-    cr_assert_lt(num(rec, "cost_usd_est"), SEARCH_USD);
-    cr_assert_eq(num(rec, "billed_web_searches"), 0);
+    cr_assert_lt(record_num(rec, "cost_usd_est"), SEARCH_USD);
+    cr_assert_eq(record_num(rec, "billed_web_searches"), 0);
     cJSON_Delete(rec);
 }
 
@@ -976,13 +957,13 @@ Test(web_search, the_estimate_is_tokens_and_max_uses_searches)
     cr_assert_eq(messages("x-mock-web-searches: 2\r\n", SEARCH_BODY(",\"max_uses\":5")), 0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     double charged = header_usd();
-    cJSON *rec = last_cost_record();
-    double est = num(rec, "cost_usd_est");
+    cJSON *rec = record_last(&router, log_path);
+    double est = record_num(rec, "cost_usd_est");
     /* held for 10 output tokens and 5 searches, charged 2 and the usage */
     cr_assert_gt(est, 5 * SEARCH_USD + 10 * OUT_USD / 1e6, "estimate %.6f", est);
     cr_assert_lt(est, 5 * SEARCH_USD + 0.01, "estimate %.6f", est);
-    cr_assert_float_eq(charged, usd(num(rec, "prompt_tokens"), 0, 0, 10) + 2 * SEARCH_USD, 1e-9);
-    cr_assert_eq(num(rec, "billed_web_searches"), 2);
+    cr_assert_float_eq(charged, usd(record_num(rec, "prompt_tokens"), 0, 0, 10) + 2 * SEARCH_USD, 1e-9);
+    cr_assert_eq(record_num(rec, "billed_web_searches"), 2);
     cJSON_Delete(rec);
 }
 
@@ -997,9 +978,9 @@ Test(web_search, a_backend_without_the_price_charges_none)
     cr_assert_eq(messages("x-mock-web-searches: 3\r\n", SEARCH_BODY(",\"max_uses\":5")), 0);
     cr_assert_eq(resp.status, 200, "nothing held for the searches: %.*s", (int)resp.body.len,
                  resp.body.data);
-    cJSON *rec = last_cost_record();
-    cr_assert_float_eq(num(rec, "cost_usd"), usd(num(rec, "prompt_tokens"), 0, 0, 10), 1e-9);
-    cr_assert_lt(num(rec, "cost_usd_est"), SEARCH_USD);
-    cr_assert_eq(num(rec, "billed_web_searches"), 3);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), usd(record_num(rec, "prompt_tokens"), 0, 0, 10), 1e-9);
+    cr_assert_lt(record_num(rec, "cost_usd_est"), SEARCH_USD);
+    cr_assert_eq(record_num(rec, "billed_web_searches"), 3);
     cJSON_Delete(rec);
 }

@@ -24,6 +24,7 @@
 
 #include "tests/support/http.h"
 #include "tests/support/proc.h"
+#include "tests/support/record.h"
 
 #define TIMEOUT_MS 5000
 #define KEY "sk-reported-tenant"
@@ -105,40 +106,20 @@ static double header_usd(void)
     return strtod(v, NULL);
 }
 
-/* The last line of the cost log, once the router has stopped (caller
- * frees). */
-static cJSON *last_cost_record(void)
-{
-    cJSON *rec;
-
-    support_proc_stop(&router);
-    rec = support_last_json_line(log_path);
-    cr_assert_not_null(rec, "no record in the cost log %s", log_path);
-    return rec;
-}
-
-static double num(const cJSON *o, const char *name)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
-
-    cr_assert(cJSON_IsNumber(v), "no number %s", name);
-    return v->valuedouble;
-}
-
 /* The last line charged `cost` for the 7 tokens answered, and logged
  * `reported` (NAN: null) as the backend's own figure. */
 static void assert_logged(double cost, double reported)
 {
-    cJSON *rec = last_cost_record();
+    cJSON *rec = record_last(&router, log_path);
     const cJSON *r = cJSON_GetObjectItemCaseSensitive(rec, "reported_cost_usd");
 
-    cr_assert_float_eq(num(rec, "cost_usd"), cost, 1e-9);
-    cr_assert_eq(num(rec, "billed_prompt_tokens"), PROMPT_TOKENS);
-    cr_assert_eq(num(rec, "billed_completion_tokens"), 7);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), cost, 1e-9);
+    cr_assert_eq(record_num(rec, "billed_prompt_tokens"), PROMPT_TOKENS);
+    cr_assert_eq(record_num(rec, "billed_completion_tokens"), 7);
     if (isnan(reported))
         cr_assert(cJSON_IsNull(r), "reported_cost_usd is not null");
     else
-        cr_assert_float_eq(num(rec, "reported_cost_usd"), reported, 1e-12);
+        cr_assert_float_eq(record_num(rec, "reported_cost_usd"), reported, 1e-12);
     cJSON_Delete(rec);
 }
 
@@ -247,8 +228,8 @@ Test(reported_cost, a_cache_hit_is_charged_nothing)
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
     cr_assert_float_eq(header_usd(), 0, 1e-12);
-    cJSON *rec = last_cost_record();
-    cr_assert_float_eq(num(rec, "cost_usd"), 0, 1e-12);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), 0, 1e-12);
     cr_assert(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(rec, "cache_hit")));
     cr_assert(cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(rec, "reported_cost_usd")));
     cJSON_Delete(rec);

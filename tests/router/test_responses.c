@@ -32,6 +32,7 @@
 
 #include "tests/support/http.h"
 #include "tests/support/proc.h"
+#include "tests/support/record.h"
 
 #define TIMEOUT_MS 5000
 #define KEY "sk-responses-tenant"
@@ -138,34 +139,14 @@ static double usd(double prompt, double cached, double output)
     return round((prompt - cached) * IN_USD + cached * CACHED_USD + output * OUT_USD) / 1e6;
 }
 
-/* The last line of the cost log, once the router has stopped (caller
- * frees). */
-static cJSON *last_cost_record(void)
-{
-    cJSON *rec;
-
-    support_proc_stop(&router);
-    rec = support_last_json_line(log_path);
-    cr_assert_not_null(rec, "no record in the cost log %s", log_path);
-    return rec;
-}
-
-static double num(const cJSON *o, const char *name)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
-
-    cr_assert(cJSON_IsNumber(v), "no number %s", name);
-    return v->valuedouble;
-}
-
 /* The cost log's line has these tokens and this cost. */
 static void assert_logged(double prompt, double completion, double cost)
 {
-    cJSON *rec = last_cost_record();
+    cJSON *rec = record_last(&router, log_path);
 
-    cr_assert_eq(num(rec, "prompt_tokens"), prompt);
-    cr_assert_eq(num(rec, "completion_tokens"), completion);
-    cr_assert_float_eq(num(rec, "cost_usd"), cost, 1e-9);
+    cr_assert_eq(record_num(rec, "prompt_tokens"), prompt);
+    cr_assert_eq(record_num(rec, "completion_tokens"), completion);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), cost, 1e-9);
     cr_assert_str_eq(cJSON_GetObjectItemCaseSensitive(rec, "route")->valuestring, "chat");
     cJSON_Delete(rec);
 }
@@ -191,7 +172,7 @@ static cJSON *upstream_body(void)
 static double mock_requests(void)
 {
     cr_assert_eq(call(mock.port, "GET", "/mock/stats", NULL, NULL), 0);
-    return num(body_json(), "requests");
+    return record_num(body_json(), "requests");
 }
 
 Test(responses, plain_cost_is_usage_times_price_in_header_and_log)
@@ -222,9 +203,9 @@ Test(responses, a_plain_answer_without_usage_is_charged_for_its_output_text)
     cr_assert_null(cJSON_GetObjectItemCaseSensitive(body_json(), "usage"));
     /* "hello there" as a user message, by the chat framing: 3 + 1 + 2 + 3. */
     cr_assert_float_eq(header_usd(), usd(9, 0, 4), 1e-9);
-    cJSON *rec = last_cost_record();
-    cr_assert_eq(num(rec, "billed_prompt_tokens"), 9);
-    cr_assert_eq(num(rec, "billed_completion_tokens"), 4);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_eq(record_num(rec, "billed_prompt_tokens"), 9);
+    cr_assert_eq(record_num(rec, "billed_completion_tokens"), 4);
     cJSON_Delete(rec);
 }
 
@@ -306,11 +287,11 @@ Test(responses, a_stream_without_usage_is_charged_for_its_text_deltas_alone)
     read_stream(&s, "x-mock-usage: omit\r\n");
     /* The prompt as the router estimated it, and one token per delta:
      * not the created and completed events. */
-    cJSON *rec = last_cost_record();
-    double prompt = num(rec, "billed_prompt_tokens");
-    cr_assert_eq(num(rec, "billed_completion_tokens"), 5);
+    cJSON *rec = record_last(&router, log_path);
+    double prompt = record_num(rec, "billed_prompt_tokens");
+    cr_assert_eq(record_num(rec, "billed_completion_tokens"), 5);
     cr_assert(cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(rec, "completion_tokens")));
-    cr_assert_float_eq(num(rec, "cost_usd"), usd(prompt, 0, 5), 1e-9);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), usd(prompt, 0, 5), 1e-9);
     cJSON_Delete(rec);
     cr_assert_float_eq(stream_usd(&s), usd(prompt, 0, 5), 1e-9);
     support_sse_close(&s);
@@ -338,11 +319,11 @@ Test(responses, a_broken_stream_is_charged_for_the_deltas_that_passed)
     cr_assert_eq(rc, -ECONNRESET, "a broken stream ended cleanly");
     cr_assert(error_event, "no error event");
     support_sse_close(&s);
-    cJSON *rec = last_cost_record();
-    double prompt = num(rec, "billed_prompt_tokens");
+    cJSON *rec = record_last(&router, log_path);
+    double prompt = record_num(rec, "billed_prompt_tokens");
     cr_assert_gt(prompt, 0);
-    cr_assert_eq(num(rec, "billed_completion_tokens"), 3);
-    cr_assert_float_eq(num(rec, "cost_usd"), usd(prompt, 0, 3), 1e-9);
+    cr_assert_eq(record_num(rec, "billed_completion_tokens"), 3);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), usd(prompt, 0, 3), 1e-9);
     cJSON_Delete(rec);
 }
 
@@ -490,10 +471,10 @@ Test(web_search, a_whole_answer_is_charged_its_web_search_calls)
     cr_assert_eq(responses("x-mock-tokens: 7\r\nx-mock-web-searches: 3\r\n", SEARCH_BODY("")), 0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     cr_assert_float_eq(header_usd(), want, 1e-9);
-    cJSON *rec = last_cost_record();
-    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
-    cr_assert_eq(num(rec, "billed_web_searches"), 3);
-    cr_assert_eq(num(rec, "billed_completion_tokens"), 7);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), want, 1e-9);
+    cr_assert_eq(record_num(rec, "billed_web_searches"), 3);
+    cr_assert_eq(record_num(rec, "billed_completion_tokens"), 7);
     cJSON_Delete(rec);
 }
 
@@ -511,9 +492,9 @@ Test(web_search, a_stream_is_charged_its_web_search_calls_once)
     read_stream_of(&s, "x-mock-web-searches: 2\r\n", 11);
     cr_assert_float_eq(stream_usd(&s), want, 1e-9);
     support_sse_close(&s);
-    cJSON *rec = last_cost_record();
-    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
-    cr_assert_eq(num(rec, "billed_web_searches"), 2);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), want, 1e-9);
+    cr_assert_eq(record_num(rec, "billed_web_searches"), 2);
     cJSON_Delete(rec);
 }
 
@@ -539,11 +520,11 @@ Test(web_search, a_broken_stream_is_charged_the_calls_done_before_it_broke)
         ;
     cr_assert_eq(rc, -ECONNRESET, "a broken stream ended cleanly");
     support_sse_close(&s);
-    cJSON *rec = last_cost_record();
-    double prompt = num(rec, "billed_prompt_tokens");
-    cr_assert_eq(num(rec, "billed_completion_tokens"), 3);
-    cr_assert_eq(num(rec, "billed_web_searches"), 2);
-    cr_assert_float_eq(num(rec, "cost_usd"), usd(prompt, 0, 3) + 2 * SEARCH_USD, 1e-9);
+    cJSON *rec = record_last(&router, log_path);
+    double prompt = record_num(rec, "billed_prompt_tokens");
+    cr_assert_eq(record_num(rec, "billed_completion_tokens"), 3);
+    cr_assert_eq(record_num(rec, "billed_web_searches"), 2);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), usd(prompt, 0, 3) + 2 * SEARCH_USD, 1e-9);
     cJSON_Delete(rec);
 }
 
@@ -576,9 +557,9 @@ Test(web_search, the_hold_counts_max_tool_calls_with_a_web_search_tool)
                  0);
     cr_assert_eq(resp.status, 200, "no web search tool: no search held, %.*s",
                  (int)resp.body.len, resp.body.data);
-    cJSON *rec = last_cost_record();
-    cr_assert_lt(num(rec, "cost_usd_est"), SEARCH_USD);
-    cr_assert_eq(num(rec, "billed_web_searches"), 0);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_lt(record_num(rec, "cost_usd_est"), SEARCH_USD);
+    cr_assert_eq(record_num(rec, "billed_web_searches"), 0);
     cJSON_Delete(rec);
 }
 
@@ -595,12 +576,12 @@ Test(web_search, the_estimate_is_tokens_and_max_tool_calls_searches)
                  0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     double charged = header_usd();
-    cJSON *rec = last_cost_record();
-    double est = num(rec, "cost_usd_est");
+    cJSON *rec = record_last(&router, log_path);
+    double est = record_num(rec, "cost_usd_est");
     cr_assert_gt(est, 4 * SEARCH_USD + 10 * OUT_USD / 1e6, "estimate %.6f", est);
     cr_assert_lt(est, 4 * SEARCH_USD + 0.01, "estimate %.6f", est);
     cr_assert_float_eq(charged, usd(PROMPT_TOKENS, 0, 10) + 2 * SEARCH_USD, 1e-9);
-    cr_assert_eq(num(rec, "billed_web_searches"), 2);
+    cr_assert_eq(record_num(rec, "billed_web_searches"), 2);
     cJSON_Delete(rec);
 }
 
@@ -614,8 +595,8 @@ Test(web_search, a_backend_without_the_price_charges_none)
     cr_assert_eq(responses("x-mock-tokens: 7\r\nx-mock-web-searches: 3\r\n", SEARCH_BODY("")), 0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     cr_assert_float_eq(header_usd(), want, 1e-9);
-    cJSON *rec = last_cost_record();
-    cr_assert_float_eq(num(rec, "cost_usd"), want, 1e-9);
-    cr_assert_eq(num(rec, "billed_web_searches"), 3);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), want, 1e-9);
+    cr_assert_eq(record_num(rec, "billed_web_searches"), 3);
     cJSON_Delete(rec);
 }
