@@ -103,6 +103,9 @@ struct backend_tokens {
     int tier;           /* enum conf_service_tier whose rates bill them (API backends) */
     int64_t web_searches; /* server-side web searches (Anthropic's server_tool_use.
                              web_search_requests), at web_search_usd_per_1k each 1,000 */
+    int64_t file_searches; /* file search calls (Responses), at file_search_usd_per_1k */
+    unsigned searches_one_cap:1; /* the two counts are one cap on calls of either kind
+                                    (an estimate's): priced as the dearer kind */
     unsigned reported:1;  /* the answer's usage said what it cost: reported_usd */
     double reported_usd;  /* that cost, billed in place of the tokens' price by a
                              backend with cost_from_usage (an estimate has none) */

@@ -89,11 +89,24 @@ void backend_attempt_begin(struct backend *b, uint64_t now_ms, struct backend_ti
     }
 }
 
-/* The fee of `searches` server-side web searches: a price per search on
- * top of the tokens, whatever the prompt's size or the service tier. */
-static double web_search_usd(const struct conf_backend *c, int64_t searches)
+/* The fee of `calls` hosted tool calls at `usd_per_1k`: a price per call
+ * on top of the tokens, whatever the prompt's size or the service tier. */
+static double calls_usd(int64_t calls, double usd_per_1k)
 {
-    return searches > 0 ? (double)searches * c->web_search_usd_per_1k / 1000.0 : 0;
+    return calls > 0 ? (double)calls * usd_per_1k / 1000.0 : 0;
+}
+
+/* The web searches' and file search calls' fees. Counts that share one
+ * cap (a hold for a Responses request's max_tool_calls, with both tools)
+ * stand for that many calls of either kind: the dearer is held. */
+static double tool_calls_usd(const struct conf_backend *c, const struct backend_tokens *tok)
+{
+    double web = calls_usd(tok->web_searches, c->web_search_usd_per_1k);
+    double file = calls_usd(tok->file_searches, c->file_search_usd_per_1k);
+
+    if (tok->searches_one_cap)
+        return web > file ? web : file;
+    return web + file;
 }
 
 double backend_api_price_usd(const struct conf_backend *c, const struct backend_tokens *tok)
@@ -136,7 +149,7 @@ double backend_api_price_usd(const struct conf_backend *c, const struct backend_
             (double)(written - hour) * write_price + (double)hour * write_1h_price +
             (double)completion * output) /
                1e6 +
-           web_search_usd(c, tok->web_searches);
+           tool_calls_usd(c, tok);
 }
 
 double backend_attribute_cost_usd(const struct backend *b, double gpu_seconds)

@@ -96,6 +96,7 @@ static const struct {
     {CONF__B_CACHE_WRITE_USD, "cache_write_usd_per_mtok", CONF_BACKEND_API, 0},
     {CONF__B_CACHE_WRITE_1H_USD, "cache_write_1h_usd_per_mtok", CONF_BACKEND_API, 0},
     {CONF__B_WEB_SEARCH_USD, "web_search_usd_per_1k", CONF_BACKEND_API, 0},
+    {CONF__B_FILE_SEARCH_USD, "file_search_usd_per_1k", CONF_BACKEND_API, 0},
     {CONF__B_COST_FROM_USAGE, "cost_from_usage", CONF_BACKEND_API, 0},
     {CONF__B_LONG_CONTEXT, "long_context", CONF_BACKEND_API, 0},
     {CONF__B_FLEX, "flex", CONF_BACKEND_API, 0},
@@ -226,6 +227,8 @@ static void resolve_price(struct conf__ctx *ctx, size_t i)
             p ? p->cache_write_1h_usd_per_mtok : CONF_CACHE_WRITE_1H_FACTOR * b->input_usd_per_mtok;
     if (!HAS(m, CONF__B_WEB_SEARCH_USD))
         b->web_search_usd_per_1k = p ? p->web_search_usd_per_1k : 0;
+    if (!HAS(m, CONF__B_FILE_SEARCH_USD))
+        b->file_search_usd_per_1k = p ? p->file_search_usd_per_1k : 0;
     resolve_long_context(ctx, i, p);
     resolve_tiers(ctx, i, p);
 }

@@ -88,6 +88,8 @@ struct conf_price {
     double web_search_usd_per_1k; /* USD per 1,000 server-side web searches (Anthropic's
                                      usage.server_tool_use.web_search_requests, a Responses
                                      answer's web_search_call items); default 0 */
+    double file_search_usd_per_1k; /* USD per 1,000 file search calls (a Responses answer's
+                                      file_search_call items); default 0 */
     struct conf_long_context long_context; /* complete when its above_prompt_tokens > 0 */
     struct conf_tier_rates tiers[CONF_TIER_COUNT]; /* flex and priority; [STANDARD] unused */
 };
@@ -135,6 +137,7 @@ struct conf_backend {
     double cache_write_usd_per_mtok;  /* defaults to 1.25 x input_usd_per_mtok */
     double cache_write_1h_usd_per_mtok; /* defaults to 2 x input_usd_per_mtok */
     double web_search_usd_per_1k;      /* per 1,000 web searches; the entry's, else 0 */
+    double file_search_usd_per_1k;     /* per 1,000 file search calls; likewise */
     struct conf_long_context long_context; /* each key the backend's own, else the entry's */
     struct conf_tier_rates tiers[CONF_TIER_COUNT]; /* likewise; [STANDARD] unused */
     unsigned tiered:1;          /* a tier is priced: the answer's service_tier is read */

@@ -1161,7 +1161,7 @@ static const char *const on_overrun_names[] = {"charge", "cut", NULL};
 #define DAY_MS 86400000.0
 #define BIG 1e12
 #define PRICE_MAX 1e6 /* USD per million tokens */
-#define SEARCH_PRICE_MAX 1e6 /* USD per 1,000 web searches */
+#define SEARCH_PRICE_MAX 1e6 /* USD per 1,000 web or file searches */
 
 #define R(field) .offset = offsetof(struct conf, field)
 static const struct directive root_directives[CONF__R_COUNT] = {
@@ -1313,6 +1313,9 @@ static const struct directive backend_directives[CONF__B_COUNT] = {
                                 0, SEARCH_PRICE_MAX},
     [CONF__B_COST_FROM_USAGE] = {"cost_from_usage", NULL, T_BOOL, .set_flag = set_cost_from_usage,
                                  .def = "false"},
+    /* default (the entry's, else 0) set by check.c */
+    [CONF__B_FILE_SEARCH_USD] = {"file_search_usd_per_1k", NULL, T_DOUBLE,
+                                 B(file_search_usd_per_1k), 0, SEARCH_PRICE_MAX},
 };
 #undef B
 
@@ -1416,6 +1419,8 @@ static const struct directive price_directives[CONF__P_COUNT] = {
     /* a fee per search, whatever the prompt's size: no long_context rate */
     [CONF__P_WEB_SEARCH_USD] = {"web_search_usd_per_1k", NULL, T_DOUBLE, P(web_search_usd_per_1k),
                                 0, SEARCH_PRICE_MAX, "0"},
+    [CONF__P_FILE_SEARCH_USD] = {"file_search_usd_per_1k", NULL, T_DOUBLE,
+                                 P(file_search_usd_per_1k), 0, SEARCH_PRICE_MAX, "0"},
 };
 #undef P
 

@@ -271,6 +271,8 @@ int metrics_cost_record_json(const struct metrics_cost_record *r, struct buf *ou
     rc |= buf_append_lit(out, ",\"billed_cache_write_1h_tokens\":") |
           put_int(out, r->billed_cache_write_1h_tokens);
     rc |= buf_append_lit(out, ",\"billed_web_searches\":") | put_int(out, r->billed_web_searches);
+    rc |= buf_append_lit(out, ",\"billed_file_searches\":") |
+          put_int(out, r->billed_file_searches);
     rc |= buf_append_lit(out, ",\"cost_usd_est\":") | put_fixed(out, r->cost_usd_est, USD_DECIMALS);
     rc |= buf_append_lit(out, ",\"cost_usd\":") | put_fixed(out, r->cost_usd, USD_DECIMALS);
     rc |= buf_append_lit(out, ",\"reported_cost_usd\":") |

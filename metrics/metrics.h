@@ -232,6 +232,8 @@ struct metrics_cost_record {
     int64_t billed_cache_write_1h_tokens; /* of those, the ones written to its 1-hour cache */
     int64_t billed_web_searches;   /* server-side web searches charged (Anthropic's
                                       server_tool_use.web_search_requests), 0 when none */
+    int64_t billed_file_searches;  /* file search calls charged (a Responses answer's
+                                      file_search_call items), 0 when none */
     double cost_usd_est;           /* estimate at routing time */
     double cost_usd;               /* settled cost */
     double reported_cost_usd;      /* the cost the backend's usage reported (OpenRouter,

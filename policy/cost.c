@@ -73,7 +73,9 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
                                  .completion = completion_on(req, cb),
                                  .cached = req->cached_tokens,
                                  .tier = req->service_tier,
-                                 .web_searches = req->web_searches};
+                                 .web_searches = req->web_searches,
+                                 .file_searches = req->file_searches,
+                                 .searches_one_cap = req->searches_one_cap != 0};
     struct backend_cost est;
     uint64_t bit = UINT64_C(1) << i;
 

@@ -60,6 +60,8 @@ struct policy_request {
     int service_tier;               /* enum conf_service_tier the request asks for */
     int64_t web_searches;           /* server-side web searches to hold for (the web
                                        search tool's max_uses), priced per backend */
+    int64_t file_searches;          /* file search calls to hold for (Responses) */
+    int searches_one_cap;           /* 1: the two are one cap on calls of either kind */
     struct policy_budget day;       /* today's budget (UTC) */
     struct policy_budget month;     /* this month's budget (UTC) */
     struct policy_budget key_day;   /* the request's key's own, within the tenant's */

@@ -175,6 +175,7 @@ void router__account(struct router__client *c)
     rec.billed_cache_write_1h_tokens =
         req->settled || req->route ? req->billed.cache_write_1h : -1;
     rec.billed_web_searches = req->settled || req->route ? req->billed.web_searches : -1;
+    rec.billed_file_searches = req->settled || req->route ? req->billed.file_searches : -1;
     rec.cost_usd_est = req->choice.candidate >= 0 ? (double)req->choice.cost_micro / 1e6 : NAN;
     rec.cost_usd = req->settled ? req->cost_usd : (req->route ? 0.0 : NAN);
     rec.reported_cost_usd = req->reported_usd >= 0 ? req->reported_usd : NAN;

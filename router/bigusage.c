@@ -15,8 +15,9 @@
  * proxy.c: choices[].text, choices[].message.content and its tool calls'
  * function.arguments; of a Responses answer, output[].content[].text and
  * output[].arguments) are handed to `on_text` as they pass, for counting.
- * A Responses answer's web search calls (output[] items of type
- * web_search_call) are counted as they pass too: OpenAI bills each.
+ * A Responses answer's web and file search calls (output[] items of type
+ * web_search_call, file_search_call) are counted as they pass too: OpenAI
+ * bills each.
  *
  * Bounded: the answer itself is never kept. yajl keeps a token that is
  * cut between two reads (a long string) until it ends, so a token longer
@@ -111,7 +112,8 @@ struct router__bigusage {
     enum bigusage_state state;  /* where the reading is */
     unsigned depth;             /* open maps and arrays, the root's included */
     unsigned capture_depth;     /* depth when the usage value began */
-    int64_t searches;           /* output items of type web_search_call read */
+    struct router__calls calls; /* output items of type web_search_call and
+                                   file_search_call read */
     uint64_t fed;               /* bytes given to the parser before this slice */
     uint64_t token_end;         /* offset just past the last token yajl reported */
     size_t len;                 /* bytes in text */
@@ -243,9 +245,10 @@ static int bigusage_string(void *ctx, const unsigned char *s, size_t len)
 
     bigusage_token(b);
     bigusage_text(b, (const char *)s, len);
-    if (bigusage_value_role(b) == BIGUSAGE_TYPE && len == 15 &&
-        memcmp(s, "web_search_call", 15) == 0)
-        b->searches++;
+    if (bigusage_value_role(b) == BIGUSAGE_TYPE) {
+        b->calls.web += len == 15 && memcmp(s, "web_search_call", 15) == 0;
+        b->calls.file += len == 16 && memcmp(s, "file_search_call", 16) == 0;
+    }
     return bigusage_event(b, BIGUSAGE_GEN(b, yajl_gen_string(b->gen, s, len)));
 }
 
@@ -402,9 +405,9 @@ const char *router__bigusage_text(const struct router__bigusage *b, size_t *len)
     return b->text;
 }
 
-int64_t router__bigusage_searches(const struct router__bigusage *b)
+struct router__calls router__bigusage_calls(const struct router__bigusage *b)
 {
-    return b->searches;
+    return b->calls;
 }
 
 void router__bigusage_free(struct router__bigusage *b)

@@ -344,6 +344,9 @@ void router__request_reset(struct router__request *req)
     req->web_searches = -1;
     req->web_searches_held = 0;
     req->web_search_calls = 0;
+    req->file_searches = -1;
+    req->file_searches_held = req->file_search_calls = 0;
+    req->searches_one_cap = 0;
     req->reported_usd = -1;
     req->start_ms = req->attempt_start_ms = req->ttft_ms = 0;
     req->prompt_est = req->prompt_raw = req->completion_pred = -1;

@@ -302,6 +302,14 @@ struct router__request {
                                             the items read of an answer too big to hold):
                                             billed when its whole output says fewer or
                                             never came */
+    int64_t file_searches;               /* file search calls of a Responses answer's whole
+                                            output, -1 none seen */
+    int64_t file_searches_held;          /* file search calls its hold counts: its
+                                            max_tool_calls with a file search tool, else 0 */
+    int64_t file_search_calls;           /* file search calls seen as they passed (as
+                                            web_search_calls) */
+    unsigned searches_one_cap:1;         /* the two held counts are one max_tool_calls: its
+                                            hold is for that many of the dearer kind */
     int8_t asked_tier;                   /* enum conf_service_tier of its "service_tier" */
     int8_t answered_tier;                /* the answer's (tiered backends), -1 unknown */
     uint64_t start_ms;                   /* loop time the request was complete */
@@ -693,6 +701,8 @@ struct router__usage {
     int64_t web_searches;      /* Anthropic's server_tool_use.web_search_requests (a
                                   Responses terminal event: its web_search_call items),
                                   -1 when this usage does not say (billed as none) */
+    int64_t file_searches;     /* a Responses terminal event's file_search_call items,
+                                  -1 when it does not say */
     double cost_usd;           /* the cost the backend reports: usage.cost (OpenRouter) or
                                   usage.cost.total_cost (Perplexity), USD; -1 when none */
 };
@@ -709,19 +719,26 @@ int router__sse_split(struct buf *sse, size_t *scanned,
  * an empty array (the usage-only event of a stream). */
 int router__usage_parse(const char *json, size_t len, struct router__usage *out,
                         int *choices_empty);
+/* The hosted tool calls of a Responses answer billed per call. */
+enum { ROUTER_CALL_WEB_SEARCH = 1, ROUTER_CALL_FILE_SEARCH };
+struct router__calls {
+    int64_t web;  /* items of type web_search_call */
+    int64_t file; /* items of type file_search_call */
+};
 /* One event of a /v1/responses stream (its data payload): *text_delta is
  * set when its type is response.output_text.delta (the events an answer
- * without usage is charged by), *search_done when it is
- * response.output_item.done with a web_search_call item; returns 1 with
- * the usage of a terminal event (response.completed, .incomplete or
- * .failed), read from its "response" object as router__usage_parse reads
- * a body's, else 0. A terminal event's out->web_searches is the count of
- * its response's web search calls (router__responses_searches). */
+ * without usage is charged by), *call_done to ROUTER_CALL_WEB_SEARCH or
+ * ROUTER_CALL_FILE_SEARCH when it is response.output_item.done with such
+ * a call's item (else 0); returns 1 with the usage of a terminal event
+ * (response.completed, .incomplete or .failed), read from its "response"
+ * object as router__usage_parse reads a body's, else 0. A terminal
+ * event's out->web_searches and out->file_searches count its response's
+ * calls (router__responses_searches). */
 int router__responses_event(const char *json, size_t len, struct router__usage *out,
-                            int *text_delta, int *search_done);
-/* The web search calls (items of type web_search_call) in the root's
- * "output" of a Responses answer, -1 when it has no output array. */
-int64_t router__responses_searches(const char *json, size_t len);
+                            int *text_delta, int *call_done);
+/* The web and file search calls in the root's "output" of a Responses
+ * answer, both -1 when it has no output array. */
+void router__responses_searches(const char *json, size_t len, struct router__calls *out);
 /* The service tier an answer says it was billed at: the root object's
  * "service_tier" (a whole answer, or a stream's chunk) as an enum
  * conf_service_tier, any name but flex and priority being the standard
@@ -760,8 +777,8 @@ struct router__bigusage *router__bigusage_new(void (*on_text)(void *arg, const c
 int router__bigusage_feed(struct router__bigusage *b, const char *p, size_t len);
 /* After a 1: {"usage":<its value>} for router__usage_parse. */
 const char *router__bigusage_text(const struct router__bigusage *b, size_t *len);
-/* The web search calls (output items of type web_search_call) read so far. */
-int64_t router__bigusage_searches(const struct router__bigusage *b);
+/* The web and file search calls (output items of those types) read so far. */
+struct router__calls router__bigusage_calls(const struct router__bigusage *b);
 void router__bigusage_free(struct router__bigusage *b);
 
 #endif

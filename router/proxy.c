@@ -433,9 +433,10 @@ static enum conf_service_tier asked_tier(const cJSON *json)
 
 /* A web search tool's type: Anthropic's is versioned (web_search_20250305),
  * OpenAI's Responses API has web_search, web_search_preview and dated
- * versions of both. */
+ * versions of both; its file search tool's is file_search. */
 #define PROXY_ANTHROPIC_SEARCH_TYPE "web_search_"
 #define PROXY_OPENAI_SEARCH_TYPE "web_search"
+#define PROXY_OPENAI_FILE_SEARCH_TYPE "file_search"
 /* A cap past this counts as this: still a hold no budget fits ($10,000 at
  * $10 per 1,000), and a count a double holds exactly. */
 #define PROXY_WEB_SEARCHES_MAX 1000000
@@ -460,27 +461,36 @@ static int64_t searches_capped(const cJSON *max)
     return max->valuedouble == (double)(int64_t)max->valuedouble ? (int64_t)max->valuedouble : 0;
 }
 
-/* The web searches a request may make, by its own caps, which the APIs do
- * not exceed: on /v1/messages the sum of its web search tools' max_uses;
- * on /v1/responses, with a web search tool, its max_tool_calls (a cap on
- * all its built-in tool calls). A request without a cap holds for none:
- * how many searches the model makes is not known before, and the charge
- * (the answer's count) is exact anyway. Read once per request, as the
- * estimate is. */
-static int64_t web_searches_held(const cJSON *json, int endpoint)
+/* The web and file searches a request may make, by its own caps, which
+ * the APIs do not exceed: on /v1/messages the sum of its web search
+ * tools' max_uses; on /v1/responses its max_tool_calls (a cap on all its
+ * built-in tool calls) for each of the two tools it has, as one cap when
+ * it has both. A request without a cap holds for none: how many searches
+ * the model makes is not known before, and the charge (the answer's
+ * count) is exact anyway. Read once per request, as the estimate is. */
+static void searches_held(struct router__request *req)
 {
-    const cJSON *tools = cJSON_GetObjectItemCaseSensitive(json, "tools"), *tool;
-    int64_t held = 0;
+    const cJSON *tools = cJSON_GetObjectItemCaseSensitive(req->json, "tools"), *tool;
+    int web = 0, file = 0;
+    int64_t cap;
 
+    req->web_searches_held = req->file_searches_held = 0;
+    req->searches_one_cap = 0;
     if (!cJSON_IsArray(tools))
-        return 0;
+        return;
     cJSON_ArrayForEach(tool, tools) {
-        if (endpoint == ROUTER_EP_RESPONSES && tool_type_is(tool, PROXY_OPENAI_SEARCH_TYPE))
-            return searches_capped(cJSON_GetObjectItemCaseSensitive(json, "max_tool_calls"));
-        if (endpoint == ROUTER_EP_MESSAGES && tool_type_is(tool, PROXY_ANTHROPIC_SEARCH_TYPE))
-            held += searches_capped(cJSON_GetObjectItemCaseSensitive(tool, "max_uses"));
+        web |= tool_type_is(tool, PROXY_OPENAI_SEARCH_TYPE);
+        file |= tool_type_is(tool, PROXY_OPENAI_FILE_SEARCH_TYPE);
+        if (req->endpoint == ROUTER_EP_MESSAGES && tool_type_is(tool, PROXY_ANTHROPIC_SEARCH_TYPE))
+            req->web_searches_held +=
+                searches_capped(cJSON_GetObjectItemCaseSensitive(tool, "max_uses"));
     }
-    return held;
+    if (req->endpoint != ROUTER_EP_RESPONSES)
+        return;
+    cap = searches_capped(cJSON_GetObjectItemCaseSensitive(req->json, "max_tool_calls"));
+    req->web_searches_held = web ? cap : 0;
+    req->file_searches_held = file ? cap : 0;
+    req->searches_one_cap = web && file;
 }
 
 static void estimate(struct router__client *c)
@@ -500,7 +510,7 @@ static void estimate(struct router__client *c)
         cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_completion_tokens")) ||
         cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_output_tokens"));
     req->asked_tier = (int8_t)asked_tier(req->json);
-    req->web_searches_held = web_searches_held(req->json, req->endpoint);
+    searches_held(req);
     if (req->endpoint == ROUTER_EP_EMBEDDINGS || req->endpoint == ROUTER_EP_COUNT_TOKENS)
         req->completion_pred = 0;
     else
@@ -724,6 +734,8 @@ static int choose(struct router__client *c, const char *last_error)
     preq.completion_predicted = !req->completion_limited;
     preq.service_tier = req->asked_tier;
     preq.web_searches = req->web_searches_held;
+    preq.file_searches = req->file_searches_held;
+    preq.searches_one_cap = req->searches_one_cap;
     preq.day = budget_of(t->daily_usd, ts->spend.day_spent, ts->spend.reserved);
     preq.month = budget_of(t->monthly_usd, ts->spend.month_spent, ts->spend.reserved);
     if (ks != NULL) {
@@ -1399,6 +1411,8 @@ static void note_usage(struct router__request *req, const struct router__usage *
         req->cached_tokens = u->cached_tokens;
     if (u->web_searches >= 0)
         req->web_searches = u->web_searches;
+    if (u->file_searches >= 0)
+        req->file_searches = u->file_searches;
     if (u->cost_usd >= 0)
         req->reported_usd = u->cost_usd;
     if (req->endpoint != ROUTER_EP_MESSAGES) {
@@ -1525,13 +1539,14 @@ static int on_sse_event(void *arg, const char *p, size_t len)
 
         if (req->endpoint == ROUTER_EP_RESPONSES || req->endpoint == ROUTER_EP_MESSAGES) {
             int found, messages = req->endpoint == ROUTER_EP_MESSAGES;
-            int search_done = 0; /* a Responses web search call's end */
+            int call_done = 0; /* a Responses web or file search call's end */
 
             router__json_enter(req); /* usage's few cJSON nodes in the request's arena */
             found = messages ? router__messages_event(data, dlen, &u, &counted)
-                             : router__responses_event(data, dlen, &u, &counted, &search_done);
+                             : router__responses_event(data, dlen, &u, &counted, &call_done);
             router__json_leave();
-            req->web_search_calls += search_done;
+            req->web_search_calls += call_done == ROUTER_CALL_WEB_SEARCH;
+            req->file_search_calls += call_done == ROUTER_CALL_FILE_SEARCH;
             if (found)
                 note_usage(req, &u);
             if (found && !messages && req->pool->conf->tiered)
@@ -1583,6 +1598,26 @@ static void count_big_text(void *arg, const char *text, size_t len)
     req->completion_counted += MAX(n, 0);
 }
 
+/* The web and file search calls an answer too big to hold showed as it
+ * passed: they were made, so they are billed even if it breaks off. */
+static void note_passed_calls(struct router__request *req)
+{
+    struct router__calls calls = router__bigusage_calls(req->big_usage);
+
+    req->web_search_calls = calls.web;
+    req->file_search_calls = calls.file;
+}
+
+/* The web and file search calls of a whole Responses answer's output. */
+static void whole_output_calls(struct router__request *req)
+{
+    struct router__calls calls;
+
+    router__responses_searches(req->up_body.data, req->up_body.len, &calls);
+    req->web_searches = calls.web;
+    req->file_searches = calls.file;
+}
+
 /* The answer passing has no usage to read, or no more: say why (its
  * charge is then that of an answer without usage) and let the reader go. */
 static void big_usage_stop(struct router__request *req, const char *why)
@@ -1590,8 +1625,7 @@ static void big_usage_stop(struct router__request *req, const char *why)
     if (why != NULL)
         log_info("request %s: backend %s's answer over %u bytes %s; charged as one without usage",
                  req->id_str, req->pool->conf->name, PROXY_HOLD_BODY_MAX, why);
-    /* The web search calls it read before it stopped were made. */
-    req->web_search_calls = router__bigusage_searches(req->big_usage);
+    note_passed_calls(req);
     router__bigusage_free(req->big_usage);
     req->big_usage = NULL;
 }
@@ -1709,6 +1743,7 @@ static struct backend_tokens tokens_used(const struct router__request *req)
     t.cache_write = req->cache_write_tokens > 0 ? req->cache_write_tokens : 0;
     t.cache_write_1h = req->cache_write_1h_tokens > 0 ? req->cache_write_1h_tokens : 0;
     t.web_searches = MAX(MAX(req->web_searches, req->web_search_calls), 0);
+    t.file_searches = MAX(MAX(req->file_searches, req->file_search_calls), 0);
     t.reported = req->reported_usd >= 0;
     t.reported_usd = t.reported ? req->reported_usd : 0;
     return t;
@@ -1732,10 +1767,10 @@ static void settle(struct router__client *c)
     if (req->settled)
         return;
     /* An answer too big to hold that broke off, or whose client left,
-     * before its end: the web search calls that had passed were made
+     * before its end: the search calls that had passed were made
      * (big_usage_stop, which notes them, runs only at its end). */
     if (req->big_usage != NULL)
-        req->web_search_calls = router__bigusage_searches(req->big_usage);
+        note_passed_calls(req);
     used = req->billed = tokens_used(req);
     charge = finish_attempt(c, &used);
     router__spend_settle(c, charge.usd);
@@ -1885,7 +1920,7 @@ void router__proxy_on_complete(struct router__client *c)
         usage_of(req, req->up_body.data, req->up_body.len, &u, NULL))
         note_usage(req, &u);
     if (!req->is_sse && req->up_body.len > 0 && req->endpoint == ROUTER_EP_RESPONSES)
-        req->web_searches = router__responses_searches(req->up_body.data, req->up_body.len);
+        whole_output_calls(req);
     if (!req->is_sse && req->up_body.len > 0 && req->pool->conf->tiered)
         req->answered_tier = (int8_t)router__service_tier(req->up_body.data, req->up_body.len);
     if (!req->is_sse && req->completion_tokens < 0 && req->up_body.len > 0)

@@ -17,9 +17,10 @@
  * them up) and server_tool_use.web_search_requests, the web searches
  * billed per use; a stream has them in message_start's "message" and in
  * message_delta (router__messages_event). OpenAI's Responses API bills its
- * web searches per call too, but says so in no usage: its answer's output
- * has a web_search_call item for each (router__responses_searches), and a
- * stream sends each in a response.output_item.done event. Some hosts put
+ * web searches and file searches per call too, but says so in no usage:
+ * its answer's output has a web_search_call or file_search_call item for
+ * each (router__responses_searches), and a stream sends each in a
+ * response.output_item.done event. Some hosts put
  * what the request cost them in the usage (OpenRouter's "cost", Perplexity's
  * "cost"."total_cost"), which a cost_from_usage backend charges.
  */
@@ -271,6 +272,7 @@ static void usage_unknown(struct router__usage *out)
 {
     out->prompt_tokens = out->completion_tokens = out->cached_tokens = -1;
     out->cache_write_tokens = out->cache_write_1h_tokens = out->web_searches = -1;
+    out->file_searches = -1;
     out->cost_usd = -1;
 }
 
@@ -383,10 +385,18 @@ static int terminal_response(const char *json, const char *end, const char *type
     return (*resp = member_object(json, end, LIT("\"response\""), resp_end)) != NULL;
 }
 
-/* Is the object in [item, end) a web search call of a Responses answer? */
-static int search_item(const char *item, const char *end)
+/* The hosted tool call billed per call that the object in [item, end) of
+ * a Responses answer's output is: ROUTER_CALL_WEB_SEARCH,
+ * ROUTER_CALL_FILE_SEARCH, or 0 for any other item. */
+static int call_item(const char *item, const char *end)
 {
-    return value_is(member_value(item, end, LIT("\"type\"")), end, LIT("\"web_search_call\""));
+    const char *type = member_value(item, end, LIT("\"type\""));
+
+    if (value_is(type, end, LIT("\"web_search_call\"")))
+        return ROUTER_CALL_WEB_SEARCH;
+    if (value_is(type, end, LIT("\"file_search_call\"")))
+        return ROUTER_CALL_FILE_SEARCH;
+    return 0;
 }
 
 /* Just past the JSON value that starts at p, or NULL when it does not end
@@ -402,48 +412,51 @@ static const char *element_end(const char *p, const char *end)
     return p < end ? p : NULL;
 }
 
-/* The web search calls among the items of the root's "output" array, or
- * -1 when there is no such array. The items are walked, not parsed: an
- * answer's output can be large, and only their types count. */
-static int64_t output_searches(const char *json, const char *end)
+/* The web and file search calls among the items of the root's "output"
+ * array, both -1 when there is no such array. The items are walked, not
+ * parsed: an answer's output can be large, and only their types count. */
+static void output_searches(const char *json, const char *end, struct router__calls *out)
 {
     const char *p = member_value(json, end, LIT("\"output\"")), *item_end;
-    int64_t n = 0;
+    int kind;
 
+    out->web = out->file = -1;
     if (p == NULL || p >= end || *p != '[')
-        return -1;
+        return;
+    out->web = out->file = 0;
     for (p = skip_space(p + 1, end); p < end && *p != ']'; p = skip_space(p + 1, end)) {
         if ((item_end = element_end(p, end)) == NULL)
             break;
-        if (*p == '{')
-            n += search_item(p, item_end);
+        kind = *p == '{' ? call_item(p, item_end) : 0;
+        out->web += kind == ROUTER_CALL_WEB_SEARCH;
+        out->file += kind == ROUTER_CALL_FILE_SEARCH;
         p = skip_space(item_end, end);
         if (p >= end || *p != ',')
             break;
     }
-    return n;
 }
 
-int64_t router__responses_searches(const char *json, size_t len)
+void router__responses_searches(const char *json, size_t len, struct router__calls *out)
 {
-    return output_searches(json, json + len);
+    output_searches(json, json + len, out);
 }
 
 int router__responses_event(const char *json, size_t len, struct router__usage *out,
-                            int *text_delta, int *search_done)
+                            int *text_delta, int *call_done)
 {
     const char *end = json + len, *type = member_value(json, end, LIT("\"type\""));
     const char *resp, *resp_end, *item, *item_end;
+    struct router__calls calls;
     int found;
 
     usage_unknown(out);
-    *search_done = 0;
+    *call_done = 0;
     *text_delta = value_is(type, end, LIT("\"response.output_text.delta\""));
     if (*text_delta)
         return 0;
     if (value_is(type, end, LIT("\"response.output_item.done\""))) {
         item = member_object(json, end, LIT("\"item\""), &item_end);
-        *search_done = item != NULL && search_item(item, item_end);
+        *call_done = item != NULL ? call_item(item, item_end) : 0;
         return 0;
     }
     if (!terminal_response(json, end, type, &resp, &resp_end))
@@ -451,7 +464,9 @@ int router__responses_event(const char *json, size_t len, struct router__usage *
     /* The response object alone is a root of its own: its usage is found
      * as a body's is, and no "usage" of the event's own can stand in. */
     found = router__usage_parse(resp, (size_t)(resp_end - resp), out, NULL);
-    out->web_searches = output_searches(resp, resp_end);
+    output_searches(resp, resp_end, &calls);
+    out->web_searches = calls.web;
+    out->file_searches = calls.file;
     return found;
 }
 

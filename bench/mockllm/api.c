@@ -45,7 +45,8 @@
  * capped, else "stop"). Responses report x-mock-cached-tokens (capped by
  * the prompt) as input_tokens_details.cached_tokens; with x-mock-web-searches: N
  * their output has N web_search_call items before the message (a stream: an
- * output_item.added and .done event for each, after response.created).
+ * output_item.added and .done event for each, after response.created), and
+ * with x-mock-file-searches: M, M file_search_call items after those.
  * x-mock-cost-micro: N adds what a host that reports its cost says to the
  * usage of chat, completions and responses: "cost": N / 1e6 (OpenRouter's),
  * or with x-mock-cost-shape: object "cost": {..., "total_cost": N / 1e6}
@@ -431,6 +432,7 @@ void mockllm__plan_reset(struct mockllm_plan *p)
     p->cached_tokens = 0;
     p->cache_write_tokens = p->cache_write_1h_tokens = 0;
     p->web_searches = -1;
+    p->file_searches = 0;
     p->cost_micro = -1;
     p->cost_object = 0;
     p->finish = "stop";
@@ -522,15 +524,36 @@ static void put_pad(struct buf *b, int n)
     puts_(b, "\",");
 }
 
-/* Append web search call i of a Responses answer to b: in progress (as
- * output_item.added shows it) or done (as .done and the whole answer do). */
+/* Web search calls before a Responses answer's message. */
+static int web_searches_of(const struct mockllm_plan *p)
+{
+    return p->web_searches > 0 ? p->web_searches : 0;
+}
+
+/* Append hosted tool call i of a Responses answer to b (its web searches,
+ * then its file searches): in progress (as output_item.added shows it)
+ * or done (as .done and the whole answer do). */
 static void put_search_item(struct buf *b, const struct mockllm_plan *p, int i, int done)
 {
+    const char *status = done ? "completed" : "in_progress";
+
+    if (i >= web_searches_of(p)) {
+        putf(b, "{\"type\":\"file_search_call\",\"id\":\"fs_mock-%llu-%d\",\"status\":\"%s\","
+                "\"queries\":[\"the quick brown fox\"],\"results\":null}",
+             (unsigned long long)p->id, i, status);
+        return;
+    }
     putf(b, "{\"type\":\"web_search_call\",\"id\":\"ws_mock-%llu-%d\",\"status\":\"%s\"",
-         (unsigned long long)p->id, i, done ? "completed" : "in_progress");
+         (unsigned long long)p->id, i, status);
     if (done)
         puts_(b, ",\"action\":{\"type\":\"search\",\"query\":\"the quick brown fox\"}");
     puts_(b, "}");
+}
+
+/* Hosted tool calls before a Responses answer's message: its output index. */
+static int searches_before(const struct mockllm_plan *p)
+{
+    return web_searches_of(p) + p->file_searches;
 }
 
 /* Append a Responses API response object to b: in progress (no output
@@ -548,7 +571,7 @@ static void put_response_object(struct buf *b, const struct mockllm_plan *p, int
     put(b, p->model.data, p->model.len);
     puts_(b, "\",\"output\":[");
     if (done) {
-        for (int i = 0; i < p->web_searches; i++) {
+        for (int i = 0; i < searches_before(p); i++) {
             put_search_item(b, p, i, 1);
             put(b, ",", 1);
         }
@@ -708,13 +731,7 @@ static void put_event(struct mockllm_conn *c)
     put(&c->out, "\r\n", 2);
 }
 
-/* Web search calls before a Responses answer's message: its output index. */
-static int searches_before(const struct mockllm_plan *p)
-{
-    return p->web_searches > 0 ? p->web_searches : 0;
-}
-
-/* A Responses stream's web search calls, after response.created: each
+/* A Responses stream's hosted tool calls, after response.created: each
  * added, then done (sequence numbers 1 to 2N). */
 static void put_responses_searches(struct mockllm_conn *c)
 {
@@ -968,6 +985,7 @@ struct overrides {
     int cache_write_tokens; /* x-mock-cache-write-tokens (messages) */
     int cache_write_1h_tokens; /* x-mock-cache-write-1h-tokens (messages) */
     int web_searches;   /* x-mock-web-searches (messages, responses), -1 if absent */
+    int file_searches;  /* x-mock-file-searches (responses), 0 if absent */
     int cost_micro;     /* x-mock-cost-micro, -1 if absent */
     int cost_object;    /* x-mock-cost-shape: object */
     const char *service_tier; /* x-mock-service-tier, or NULL */
@@ -1016,6 +1034,7 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
     o->done_delay_ms = 0;
     o->cached_tokens = o->cache_write_tokens = o->cache_write_1h_tokens = 0;
     o->web_searches = -1;
+    o->file_searches = 0;
     o->service_tier = NULL;
     if (tier != NULL && (o->service_tier = tier_named(tier)) == NULL)
         return "x-mock-service-tier";
@@ -1028,6 +1047,8 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
         return "x-mock-cache-write-1h-tokens";
     if (header_int(&c->req, "x-mock-web-searches", MAX_TOKENS, &o->web_searches) < 0)
         return "x-mock-web-searches";
+    if (header_int(&c->req, "x-mock-file-searches", MAX_TOKENS, &o->file_searches) < 0)
+        return "x-mock-file-searches";
     if (header_int(&c->req, "x-mock-ttft-ms", MAX_DELAY_MS, &o->ttft_ms) < 0)
         return "x-mock-ttft-ms";
     if (header_int(&c->req, "x-mock-token-delay-ms", MAX_DELAY_MS, &o->token_delay_ms) < 0)
@@ -1101,6 +1122,7 @@ static int plan_from_body(struct mockllm_conn *c, const cJSON *body, const struc
         p->cached_tokens = o->cached_tokens < p->prompt_tokens ? o->cached_tokens
                                                                : p->prompt_tokens;
         p->web_searches = o->web_searches;
+        p->file_searches = o->file_searches;
         return 0;
     }
     if (p->endpoint == EP_COUNT_TOKENS) {

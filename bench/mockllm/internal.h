@@ -82,6 +82,8 @@ struct mockllm_plan {
     int web_searches;        /* x-mock-web-searches: (messages) the usage's
                                 server_tool_use.web_search_requests, (responses) that
                                 many web_search_call items before the message; -1 for none */
+    int file_searches;       /* x-mock-file-searches: (responses) that many file_search_call
+                                items after the web search calls */
     int cost_micro;          /* x-mock-cost-micro: usage.cost in micro-USD, -1 for none */
     unsigned cost_object:1;  /* x-mock-cost-shape: object (usage.cost.total_cost) */
     const char *finish;      /* "stop" or "length" */

@@ -45,6 +45,7 @@ static const char usage_text[] =
           "cache_creation_input_tokens), x-mock-cache-write-1h-tokens (messages: of those,\n"
           "cache_creation.ephemeral_1h_input_tokens), x-mock-web-searches (messages:\n"
           "server_tool_use.web_search_requests; responses: web_search_call items),\n"
+          "x-mock-file-searches (responses: file_search_call items after those),\n"
           "x-mock-cost-micro (usage.cost in micro-USD: chat, completions, responses) and\n"
           "x-mock-cost-shape: object (usage.cost.total_cost).\n";
 

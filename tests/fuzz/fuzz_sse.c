@@ -165,11 +165,12 @@ static void check_usage_against_cjson(const char *text, size_t len)
     check_big_usage(text, len, found, &got);
 }
 
-/* Web search calls in cJSON's reading of the root's "output": items whose
- * first "type" is "web_search_call" (the scan's rule), or whose "type"
- * members of that value are counted each (`every`: the big reader's,
- * which sees every member); -1 without an output array. */
-static int64_t reference_searches(const cJSON *root, int every)
+/* Calls of type `kind` (web_search_call, file_search_call) in cJSON's
+ * reading of the root's "output": items whose first "type" is `kind` (the
+ * scan's rule), or whose "type" members of that value are counted each
+ * (`every`: the big reader's, which sees every member); -1 without an
+ * output array. */
+static int64_t reference_searches(const cJSON *root, const char *kind, int every)
 {
     const cJSON *output = cJSON_GetObjectItemCaseSensitive(root, "output"), *item, *m;
     int64_t n = 0;
@@ -182,7 +183,7 @@ static int64_t reference_searches(const cJSON *root, int every)
         for (m = item->child; m != NULL; m = m->next) {
             if (strcmp(m->string, "type") != 0)
                 continue;
-            n += cJSON_IsString(m) && strcmp(m->valuestring, "web_search_call") == 0;
+            n += cJSON_IsString(m) && strcmp(m->valuestring, kind) == 0;
             if (!every)
                 break;
         }
@@ -190,13 +191,22 @@ static int64_t reference_searches(const cJSON *root, int every)
     return n;
 }
 
-/* The scan counts a Responses answer's web search calls as cJSON reads
- * them; the big reader too, when it read the whole text (it stops at the
- * usage, and gives up on what yajl refuses). */
+/* A count of `what` found against cJSON's; abort when they differ. */
+static void check_count(const char *what, int64_t got, int64_t want)
+{
+    if (got != want) {
+        fprintf(stderr, "%s: got %lld, cJSON %lld\n", what, (long long)got, (long long)want);
+        abort();
+    }
+}
+
+/* The scan counts a Responses answer's web and file search calls as cJSON
+ * reads them; the big reader too, when it read the whole text (it stops
+ * at the usage, and gives up on what yajl refuses). */
 static void check_searches_against_cjson(const char *text, size_t len)
 {
-    int64_t got = router__responses_searches(text, len), want, big;
     cJSON *root = comparable_object(text, len);
+    struct router__calls got, big;
     struct router__bigusage *b;
     int rc;
 
@@ -206,25 +216,23 @@ static void check_searches_against_cjson(const char *text, size_t len)
         cJSON_Delete(root);
         return;
     }
-    want = reference_searches(root, 0);
-    if (got != want) {
-        fprintf(stderr, "web searches: got %lld, cJSON %lld\n", (long long)got, (long long)want);
-        abort();
-    }
+    router__responses_searches(text, len, &got);
+    check_count("web searches", got.web, reference_searches(root, "web_search_call", 0));
+    check_count("file searches", got.file, reference_searches(root, "file_search_call", 0));
     if ((b = router__bigusage_new(NULL, NULL)) == NULL)
         abort();
     rc = router__bigusage_feed(b, text, len / 2);
     if (rc == 0)
         rc = router__bigusage_feed(b, text + len / 2, len - len / 2);
-    big = router__bigusage_searches(b);
+    big = router__bigusage_calls(b);
     router__bigusage_free(b);
-    want = reference_searches(root, 1);
-    cJSON_Delete(root);
-    if (rc == 0 && big != (want < 0 ? 0 : want)) {
-        fprintf(stderr, "web searches (big): got %lld, cJSON %lld\n", (long long)big,
-                (long long)want);
-        abort();
+    if (rc == 0) {
+        check_count("web searches (big)", big.web,
+                    MAX(reference_searches(root, "web_search_call", 1), 0));
+        check_count("file searches (big)", big.file,
+                    MAX(reference_searches(root, "file_search_call", 1), 0));
     }
+    cJSON_Delete(root);
 }
 
 /* The scan's service tier is the root's "service_tier" as cJSON reads
@@ -291,6 +299,7 @@ static const char *const gen_scalars[] = {
     "0", "7", "12", "-3", "1e300", "2.5", "null", "true", "\"usage\"", "\"\\\"usage\\\":{\"",
     "\"\\\\\"", "\"usage\\\":null}\"", "\"}\"", "\"[\"", "\"flex\"", "\"priority\"",
     "\"\\\"service_tier\\\":\\\"flex\"", "\"web_search_call\"", "\"web_search_call_\"",
+    "\"file_search_call\"",
 };
 
 static void gen_value(struct gen *g, int depth);

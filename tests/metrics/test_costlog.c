@@ -67,7 +67,8 @@ static void make_record(struct metrics_cost_record *r, char *id, size_t idlen, i
         .candidates = cands, .ncandidates = 2, .prompt_tokens_est = 100, .prompt_tokens = 98,
         .completion_tokens_est = 50, .completion_tokens = -1, .billed_prompt_tokens = 98,
         .billed_completion_tokens = 40, .billed_cached_tokens = 20,
-        .billed_cache_write_tokens = 30, .billed_web_searches = 3, .cost_usd_est = 0.0005,
+        .billed_cache_write_tokens = 30, .billed_web_searches = 3, .billed_file_searches = 4,
+        .cost_usd_est = 0.0005,
         .cost_usd = 0.00049, .reported_cost_usd = i % 2 ? NAN : 0.0006, .cache_hit = 0, .saved_usd = 0, .ttft_ms = 12.5, .latency_ms = 80,
         .status = 200, .fallbacks = i % 3,
     };
@@ -131,6 +132,7 @@ Test(costlog, lines_are_valid_json_with_every_key, .timeout = 10)
                                  "billed_prompt_tokens", "billed_completion_tokens",
                                  "billed_cached_tokens", "billed_cache_write_tokens",
                                  "billed_cache_write_1h_tokens", "billed_web_searches",
+                                 "billed_file_searches",
                                  "cost_usd_est",
                                  "cost_usd", "reported_cost_usd", "cache_hit", "saved_usd",
                                  "ttft_ms", "latency_ms", "status", "fallbacks"};
@@ -171,6 +173,7 @@ Test(costlog, lines_are_valid_json_with_every_key, .timeout = 10)
     cr_assert_eq(cJSON_GetObjectItem(a, "billed_cached_tokens")->valuedouble, 20);
     cr_assert_eq(cJSON_GetObjectItem(a, "billed_cache_write_tokens")->valuedouble, 30);
     cr_assert_eq(cJSON_GetObjectItem(a, "billed_web_searches")->valuedouble, 3);
+    cr_assert_eq(cJSON_GetObjectItem(a, "billed_file_searches")->valuedouble, 4);
     cr_assert_eq(cJSON_GetObjectItem(a, "cost_usd")->valuedouble, 0.00049);
     cr_assert_eq(cJSON_GetObjectItem(a, "reported_cost_usd")->valuedouble, 0.0006);
     cr_assert(cJSON_IsNull(cJSON_GetObjectItem(b, "reported_cost_usd")), "none reported: null");

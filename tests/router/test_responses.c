@@ -600,3 +600,149 @@ Test(web_search, a_backend_without_the_price_charges_none)
     cr_assert_eq(record_num(rec, "billed_web_searches"), 3);
     cJSON_Delete(rec);
 }
+
+/* ---- file searches ---- */
+
+TestSuite(file_search, .fini = teardown, .timeout = 60);
+
+/* Backend a's prices of hosted tool calls: file search calls at $2.50 per
+ * 1,000 (OpenAI's file_search tool), web search calls at $10. */
+#define FILE_PRICE ", file_search_usd_per_1k: 2.5" SEARCH_PRICE
+#define FILE_USD 0.0025
+#define FILE_TOOL "{\"type\":\"file_search\",\"vector_store_ids\":[\"vs_1\"]}"
+#define WEB_TOOL "{\"type\":\"web_search\"}"
+/* A request with `tools` (JSON objects), at most 10 output tokens, and
+ * `cap` (a JSON fragment, or "") beside them. */
+#define TOOLS_BODY(tools, cap)                                                                 \
+    "{\"model\":\"chat\",\"max_output_tokens\":10,\"tools\":[" tools "]" cap "," INPUT "}"
+
+/* The cost_usd_est of the cost log's first `n` lines (the router must
+ * have stopped). */
+static void logged_estimates(double *est, size_t n)
+{
+    FILE *f = fopen(log_path, "r");
+    char *line = NULL;
+    size_t cap = 0, i = 0;
+
+    cr_assert_not_null(f);
+    while (i < n && getline(&line, &cap, f) > 0) {
+        cJSON *rec = cJSON_Parse(line);
+
+        cr_assert_not_null(rec, "not JSON: %s", line);
+        est[i++] = record_num(rec, "cost_usd_est");
+        cJSON_Delete(rec);
+    }
+    free(line);
+    fclose(f);
+    cr_assert_eq(i, n, "%zu lines in the cost log, want %zu", i, n);
+}
+
+/* A whole answer whose output has 3 file search calls and a web search
+ * call is charged its tokens, 3 x $0.0025 and $0.01: in its head and its
+ * cost log line, which counts each kind. */
+Test(file_search, a_whole_answer_is_charged_its_file_search_calls_beside_its_web_searches)
+{
+    double want = usd(PROMPT_TOKENS, 0, 7) + 3 * FILE_USD + SEARCH_USD;
+
+    a_extra = FILE_PRICE;
+    start("");
+    cr_assert_eq(responses("x-mock-tokens: 7\r\nx-mock-web-searches: 1\r\n"
+                           "x-mock-file-searches: 3\r\n",
+                           TOOLS_BODY(FILE_TOOL "," WEB_TOOL, "")),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_float_eq(header_usd(), want, 1e-9);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), want, 1e-9);
+    cr_assert_eq(record_num(rec, "billed_file_searches"), 3);
+    cr_assert_eq(record_num(rec, "billed_web_searches"), 1);
+    cJSON_Delete(rec);
+}
+
+/* A stream shows each file search call in an output_item.done event and
+ * all of them in response.completed: charged once each. */
+Test(file_search, a_stream_is_charged_its_file_search_calls_once)
+{
+    struct support_sse s = {0};
+    double want = usd(PROMPT_TOKENS, 0, 5) + 2 * FILE_USD;
+
+    a_extra = FILE_PRICE;
+    start("");
+    /* created, 2 x (added, done), 5 deltas, completed */
+    read_stream_of(&s, "x-mock-file-searches: 2\r\n", 11);
+    cr_assert_float_eq(stream_usd(&s), want, 1e-9);
+    support_sse_close(&s);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), want, 1e-9);
+    cr_assert_eq(record_num(rec, "billed_file_searches"), 2);
+    cr_assert_eq(record_num(rec, "billed_web_searches"), 0);
+    cJSON_Delete(rec);
+}
+
+/* A stream that breaks after its file searches, before
+ * response.completed: the calls that were done are charged. */
+Test(file_search, a_broken_stream_is_charged_the_calls_done_before_it_broke)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    int rc;
+
+    a_extra = FILE_PRICE;
+    start("");
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/responses",
+                                     AUTH "x-mock-tokens: 8\r\nx-mock-fault: close-midstream\r\n"
+                                          "x-mock-file-searches: 2\r\n",
+                                     "{\"model\":\"chat\",\"stream\":true," INPUT "}"),
+                 0);
+    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1)
+        ;
+    cr_assert_eq(rc, -ECONNRESET, "a broken stream ended cleanly");
+    support_sse_close(&s);
+    cJSON *rec = record_last(&router, log_path);
+    double prompt = record_num(rec, "billed_prompt_tokens");
+    cr_assert_eq(record_num(rec, "billed_file_searches"), 2);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), usd(prompt, 0, 3) + 2 * FILE_USD, 1e-9);
+    cJSON_Delete(rec);
+}
+
+/* max_tool_calls caps a request's built-in tool calls, whatever their
+ * kind: with a file search tool alone, 4 calls add 4 x $0.0025 to the
+ * estimate (and the hold); with both tools they are 4 calls of either
+ * kind, held as the dearer (4 x $0.01), not as 4 of each. */
+Test(file_search, max_tool_calls_holds_once_at_the_dearer_fee)
+{
+    double est[4];
+
+    a_extra = FILE_PRICE;
+    start("");
+    const char *bodies[] = {
+        TOOLS_BODY(FILE_TOOL, ""),
+        TOOLS_BODY(FILE_TOOL, ",\"max_tool_calls\":4"),
+        TOOLS_BODY(FILE_TOOL "," WEB_TOOL, ""),
+        TOOLS_BODY(FILE_TOOL "," WEB_TOOL, ",\"max_tool_calls\":4"),
+    };
+    for (size_t i = 0; i < 4; i++) {
+        cr_assert_eq(responses(NULL, bodies[i]), 0);
+        cr_assert_eq(resp.status, 200, "%zu: %.*s", i, (int)resp.body.len, resp.body.data);
+    }
+    support_proc_stop(&router);
+    logged_estimates(est, 4);
+    cr_assert_float_eq(est[1] - est[0], 4 * FILE_USD, 2e-6, "%.6f %.6f", est[1], est[0]);
+    cr_assert_float_eq(est[3] - est[2], 4 * SEARCH_USD, 2e-6, "%.6f %.6f", est[3], est[2]);
+}
+
+/* The hold refuses what the file searches' cap would pass the budget by:
+ * with $0.02 a day, the prompt and 10 output tokens (about $0.004) and 4
+ * calls ($0.01) fit, 8 ($0.02) do not. */
+Test(file_search, a_budget_refuses_a_hold_of_max_tool_calls_file_searches)
+{
+    a_extra = FILE_PRICE;
+    start("    budget: {daily_usd: 0.02, on_exhausted: reject}\n");
+    cr_assert_eq(responses(NULL, TOOLS_BODY(FILE_TOOL, ",\"max_tool_calls\":8")), 0);
+    cr_assert_eq(resp.status, 429, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(mock_requests(), 0);
+    cr_assert_eq(responses(NULL, TOOLS_BODY(FILE_TOOL, ",\"max_tool_calls\":4")), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+}

@@ -691,90 +691,107 @@ Test(usage, a_reported_cost_is_read_from_the_usage, .timeout = 5)
     }
 }
 
-/* The web search calls of an answer too big to hold, read at every split. */
-static int64_t big_searches_of(const char *json, size_t step)
+/* The web and file search calls of an answer too big to hold, read at
+ * every split. */
+static struct router__calls big_calls_of(const char *json, size_t step)
 {
     struct router__bigusage *b = router__bigusage_new(NULL, NULL);
     size_t len = strlen(json);
-    int64_t n;
+    struct router__calls n;
 
     cr_assert_not_null(b);
     for (size_t off = 0; off < len; off += step)
         router__bigusage_feed(b, json + off, len - off < step ? len - off : step);
-    n = router__bigusage_searches(b);
+    n = router__bigusage_calls(b);
     router__bigusage_free(b);
     return n;
 }
 
-/* OpenAI bills a Responses answer's web searches per call, and no usage
- * says how many: the answer's root "output" has an item of type
- * web_search_call for each, found wherever "type" stands in the item and
- * whatever white space and whatever items that are no objects stand
- * before it, but not in a nested "output" or array, an item of another
- * type, a content part, or inside a string. The same count from a held
- * body and from an answer too big to hold, whatever the split (that
- * reader counts no more than it has read: -1 is 0 there). */
-Test(usage, a_responses_answer_counts_its_web_search_calls, .timeout = 5)
+/* OpenAI bills a Responses answer's web searches and file searches per
+ * call, and no usage says how many: the answer's root "output" has an
+ * item of type web_search_call or file_search_call for each, found
+ * wherever "type" stands in the item and whatever white space and
+ * whatever items that are no objects stand before it, but not in a nested
+ * "output" or array, an item of another type, a content part, or inside a
+ * string. The same counts from a held body and from an answer too big to
+ * hold, whatever the split (that reader counts no more than it has read:
+ * -1 is 0 there). */
+Test(usage, a_responses_answer_counts_its_web_and_file_search_calls, .timeout = 5)
 {
     static const struct {
         const char *json;
-        int64_t searches;
+        int64_t web, file;
     } cases[] = {
         {"{\"object\":\"response\",\"output\":[{\"type\":\"web_search_call\",\"id\":\"ws_1\","
          "\"status\":\"completed\",\"action\":{\"type\":\"search\",\"query\":\"q\"}},"
          "{\"id\":\"ws_2\",\"status\":\"completed\",\"type\":\"web_search_call\"},"
          "{\"type\":\"message\",\"content\":[{\"type\":\"output_text\",\"text\":\"hi\"}]}],"
-         "\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}", 2},
+         "\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}", 2, 0},
         {"{\"output\" : [ {\"type\" : \"web_search_call\"} ,\n {\"type\":\"web_search_call\"}\t],"
-         "\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}", 2},
-        {"{\"object\":\"response\",\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}", -1},
-        {"{\"output\":[],\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}", 0},
-        {"{\"output\":null}", -1},
+         "\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}", 2, 0},
+        {"{\"object\":\"response\",\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}", -1, -1},
+        {"{\"output\":[],\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}", 0, 0},
+        {"{\"output\":null}", -1, -1},
         {"{\"meta\":{\"output\":[{\"type\":\"web_search_call\"}]},\"output\":[{\"type\":"
          "\"message\",\"content\":[{\"type\":\"web_search_call\"}]},{\"type\":"
-         "\"web_search_call_x\"},{\"type\":\"file_search_call\"},{\"type\":\"message\","
-         "\"text\":\"\\\"type\\\":\\\"web_search_call\\\"\"}]}", 0},
+         "\"web_search_call_x\"},{\"type\":\"file_search_callx\"},{\"type\":\"message\","
+         "\"text\":\"\\\"type\\\":\\\"web_search_call\\\"\"}]}", 0, 0},
         {"{\"output\":[{\"type\":\"web_search_call\"},{\"type\":\"web_search_call\"},"
-         "{\"type\":\"message\"},{\"type\":\"web_search_call\"}]}", 3},
+         "{\"type\":\"message\"},{\"type\":\"web_search_call\"}]}", 3, 0},
         {"{\"output\":[1, \"]\", null,[{\"type\":\"web_search_call\"}],-2.5e3 ,"
-         "{\"type\":\"web_search_call\"}]}", 1},
+         "{\"type\":\"web_search_call\"}]}", 1, 0},
+        {"{\"output\":[{\"id\":\"fs_1\",\"type\":\"file_search_call\",\"queries\":[\"q\"],"
+         "\"results\":null},{\"type\":\"web_search_call\"},{\"type\":\"file_search_call\"},"
+         "{\"type\":\"message\",\"content\":[{\"type\":\"file_search_call\"}]}],"
+         "\"meta\":{\"type\":\"file_search_call\"}}", 1, 2},
     };
 
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         const char *js = cases[i].json;
-        int64_t big = cases[i].searches < 0 ? 0 : cases[i].searches;
+        struct router__calls got;
 
-        cr_assert_eq(router__responses_searches(js, strlen(js)), cases[i].searches, "case %zu",
-                     i);
-        for (size_t step = 1; step <= strlen(js); step += 3)
-            cr_assert_eq(big_searches_of(js, step), big, "case %zu step %zu (big)", i, step);
+        router__responses_searches(js, strlen(js), &got);
+        cr_assert_eq(got.web, cases[i].web, "case %zu", i);
+        cr_assert_eq(got.file, cases[i].file, "case %zu", i);
+        for (size_t step = 1; step <= strlen(js); step += 3) {
+            got = big_calls_of(js, step);
+            cr_assert_eq(got.web, MAX(cases[i].web, 0), "case %zu step %zu (big)", i, step);
+            cr_assert_eq(got.file, MAX(cases[i].file, 0), "case %zu step %zu (big)", i, step);
+        }
     }
 }
 
-/* A stream shows each web search call when it is done
+/* A stream shows each web or file search call when it is done
  * (response.output_item.done; added is not done) and all of them in its
- * terminal event's response, whose count comes with the usage. */
-Test(usage, a_responses_stream_shows_its_web_search_calls, .timeout = 5)
+ * terminal event's response, whose counts come with the usage. */
+Test(usage, a_responses_stream_shows_its_search_calls, .timeout = 5)
 {
     static const struct {
         const char *data;
-        int done;         /* a web search call done */
+        int done;         /* a call done: ROUTER_CALL_WEB_SEARCH or _FILE_SEARCH */
         int found;        /* usage read */
-        int64_t searches; /* the terminal event's count */
+        int64_t searches; /* the terminal event's counts */
+        int64_t file_searches;
     } cases[] = {
         {"{\"type\":\"response.output_item.added\",\"output_index\":0,\"item\":{\"type\":"
-         "\"web_search_call\",\"status\":\"in_progress\"}}", 0, 0, -1},
+         "\"web_search_call\",\"status\":\"in_progress\"}}", 0, 0, -1, -1},
         {"{\"type\":\"response.output_item.done\",\"sequence_number\":2,\"output_index\":0,"
          "\"item\":{\"id\":\"ws_1\",\"type\":\"web_search_call\",\"status\":\"completed\"}}",
-         1, 0, -1},
+         ROUTER_CALL_WEB_SEARCH, 0, -1, -1},
+        {"{\"type\":\"response.output_item.done\",\"output_index\":1,\"item\":{\"id\":"
+         "\"fs_1\",\"type\":\"file_search_call\",\"status\":\"completed\",\"queries\":[]}}",
+         ROUTER_CALL_FILE_SEARCH, 0, -1, -1},
         {"{\"type\":\"response.output_item.done\",\"item\":{\"type\":\"message\",\"content\":"
-         "[{\"type\":\"web_search_call\"}]}}", 0, 0, -1},
-        {"{\"type\":\"response.web_search_call.completed\",\"item_id\":\"ws_1\"}", 0, 0, -1},
+         "[{\"type\":\"web_search_call\"}]}}", 0, 0, -1, -1},
+        {"{\"type\":\"response.web_search_call.completed\",\"item_id\":\"ws_1\"}", 0, 0, -1, -1},
+        {"{\"type\":\"response.file_search_call.completed\",\"item_id\":\"fs_1\"}", 0, 0, -1,
+         -1},
         {"{\"type\":\"response.completed\",\"response\":{\"output\":[{\"type\":"
-         "\"web_search_call\"},{\"type\":\"web_search_call\"},{\"type\":\"message\"}],"
-         "\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}}", 0, 1, 2},
+         "\"web_search_call\"},{\"type\":\"file_search_call\"},{\"type\":\"web_search_call\"},"
+         "{\"type\":\"message\"}],\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}}",
+         0, 1, 2, 1},
         {"{\"type\":\"response.completed\",\"output\":[{\"type\":\"web_search_call\"}],"
-         "\"response\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}}", 0, 1, -1},
+         "\"response\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}}", 0, 1, -1, -1},
     };
     struct router__usage u;
     int delta, done;
@@ -787,6 +804,8 @@ Test(usage, a_responses_stream_shows_its_web_search_calls, .timeout = 5)
         cr_assert_eq(done, cases[i].done, "case %zu", i);
         cr_assert_eq(u.web_searches, cases[i].searches, "case %zu: %lld", i,
                      (long long)u.web_searches);
+        cr_assert_eq(u.file_searches, cases[i].file_searches, "case %zu: %lld", i,
+                     (long long)u.file_searches);
         cr_assert_eq(delta, 0, "case %zu", i);
     }
 }
