@@ -778,6 +778,45 @@ Test(mockllm, responses_report_web_search_calls)
     stop_clean();
 }
 
+/* x-mock-file-searches: M puts M file_search_call items after the web
+ * search calls, before the message; a stream shows them as it shows
+ * those. */
+Test(mockllm, responses_report_file_search_calls)
+{
+    const cJSON *output;
+    struct buf events = {0};
+    char *parts[12];
+    cJSON *e;
+
+    cr_assert_eq(support_mockllm_start(&mock, "--tokens", "2", NULL), 0);
+    cr_assert_eq(call("POST", "/v1/responses",
+                      "x-mock-web-searches: 1\r\nx-mock-file-searches: 2\r\n",
+                      "{\"model\":\"m\",\"input\":\"a b\"}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    output = cJSON_GetObjectItemCaseSensitive(body_json(), "output");
+    cr_assert_eq(cJSON_GetArraySize(output), 4);
+    cr_assert_str_eq(str(cJSON_GetArrayItem(output, 0), "type"), "web_search_call");
+    for (int i = 1; i < 3; i++) {
+        cr_assert_str_eq(str(cJSON_GetArrayItem(output, i), "type"), "file_search_call");
+        cr_assert_str_eq(str(cJSON_GetArrayItem(output, i), "status"), "completed");
+    }
+    cr_assert_str_eq(str(cJSON_GetArrayItem(output, 3), "type"), "message");
+    stream_path = "/v1/responses";
+    cr_assert_eq(stream_events("x-mock-file-searches: 1\r\n",
+                               "{\"model\":\"m\",\"stream\":true,\"input\":\"a b\"}", &events),
+                 6);
+    cr_assert_eq(split_events(events.data, parts), 6);
+    e = cJSON_Parse(parts[2]);
+    cr_assert_not_null(e);
+    cr_assert_str_eq(str(e, "type"), "response.output_item.done");
+    cr_assert_str_eq(str(cJSON_GetObjectItemCaseSensitive(e, "item"), "type"),
+                     "file_search_call");
+    cJSON_Delete(e);
+    buf_free(&events);
+    stop_clean();
+}
+
 /* The Responses API has no stream_options.include_usage: a body that has
  * it is refused, so a router adding it is seen at once. */
 Test(mockllm, responses_refuse_stream_options_include_usage)

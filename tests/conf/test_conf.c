@@ -95,8 +95,10 @@ static struct error_case error_cases[] = {
       "17: backends[1].cache_write_usd_per_mtok: only applies to kind: api",
       "18: backends[1].web_search_usd_per_1k: only applies to kind: api",
       "19: backends[1].cost_from_usage: only applies to kind: api",
-      "21: prices.p.cache_write_usd_per_mtok: expected a number, got \"lots\"",
-      "22: prices.q.web_search_usd_per_1k: 2e+06 is out of range 0..1e+06"}},
+      "20: backends[1].file_search_usd_per_1k: only applies to kind: api",
+      "22: prices.p.cache_write_usd_per_mtok: expected a number, got \"lots\"",
+      "23: prices.q.web_search_usd_per_1k: 2e+06 is out of range 0..1e+06",
+      "24: prices.q.file_search_usd_per_1k: -1 is out of range 0..1e+06"}},
     {.file = DATA "unknown_keys.yaml", .lines =
      {"3: cost_logg: unknown key (did you mean \"cost_log\"?)",
       "5: store.redsi: unknown key (did you mean \"redis\"?)",
@@ -235,8 +237,8 @@ static struct error_case error_cases[] = {
     {.file = "conf/example.yaml",
      .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"},
      .lines = {"15: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
-      "109: backends[1].api_key: environment variable OPENAI_API_KEY is not set",
-      "157: backends[3].api_key: environment variable ANTHROPIC_API_KEY is not set"}},
+      "111: backends[1].api_key: environment variable OPENAI_API_KEY is not set",
+      "160: backends[3].api_key: environment variable ANTHROPIC_API_KEY is not set"}},
     {.file = DATA "prices_bad.yaml", .lines =
      {"5: include[2]: \"inc/prices_bad.yaml\" is already included",
       "8: prices.custom-x: duplicate price \"custom-x\" (first at {DIR}/inc/prices_bad.yaml:3)",
@@ -883,6 +885,14 @@ Test(conf, anthropic_backends_and_cache_write_prices, .timeout = 10)
     cr_expect_float_eq(conf_find_price(c, "claude-haiku-4-5")->web_search_usd_per_1k, 10, 1e-12);
     cr_expect_float_eq(conf_find_price(c, "claude-3-haiku")->web_search_usd_per_1k, 0, 1e-12,
                        "no web search tool");
+    cr_expect_float_eq(conf_find_backend(c, "oai")->file_search_usd_per_1k, 2.5, 1e-12,
+                       "the entry's");
+    cr_expect_float_eq(conf_find_backend(c, "oai-own")->file_search_usd_per_1k, 3, 1e-12,
+                       "its own, over the entry's");
+    cr_expect_float_eq(conf_find_backend(c, "housed")->file_search_usd_per_1k, 0, 1e-12,
+                       "an entry without one: none");
+    cr_expect_float_eq(conf_find_backend(c, "sonnet")->file_search_usd_per_1k, 0, 1e-12,
+                       "Anthropic's entries have none");
     conf_free(c);
 }
 
