@@ -37,6 +37,10 @@ struct stats {
     uint64_t cache_hits;        /* cache_hit true */
     __int128 cost_pico;         /* cost_usd, pico-USD */
     __int128 saved_pico;        /* saved_usd, pico-USD */
+    uint64_t web_searches;      /* billed_web_searches */
+    __int128 reported_pico;     /* reported_cost_usd of the lines that have one, pico-USD */
+    uint64_t reported;          /* lines that have one */
+    __int128 cost_reported_pico; /* cost_usd of those lines, pico-USD */
     double mean;                /* running mean of cost per request, USD */
     double m2;                  /* running sum of squared deviations */
 };
@@ -164,6 +168,9 @@ struct line {
     __int128 saved_pico;     /* saved_usd or 0, pico-USD */
     uint64_t prompt, completion; /* tokens */
     int cache_hit;           /* cache_hit true */
+    uint64_t web_searches;   /* billed_web_searches or 0 */
+    int reported;            /* it has a reported_cost_usd (not null) */
+    __int128 reported_pico;  /* that, pico-USD; 0 without */
 };
 
 static const char *str_or_dash(const cJSON *o, const char *key)
@@ -244,6 +251,17 @@ static uint64_t line_tokens(const cJSON *o, const char *billed, const char *usag
     return (uint64_t)n;
 }
 
+/* A line's count at `key` (billed_web_searches): a whole number in
+ * [0, TOKENS_MAX], else *bad; 0 when absent or null (older lines). */
+static uint64_t line_count(const cJSON *o, const char *key, int *bad)
+{
+    double n = num2(o, key, NULL, (double)TOKENS_MAX, bad);
+
+    if (n != floor(n))
+        *bad = 1;
+    return (uint64_t)n;
+}
+
 static void stats_add(struct stats *s, const struct line *l)
 {
     double d;
@@ -255,6 +273,10 @@ static void stats_add(struct stats *s, const struct line *l)
     s->cache_hits += l->cache_hit != 0;
     s->cost_pico += l->cost_pico;
     s->saved_pico += l->saved_pico;
+    s->web_searches += l->web_searches;
+    s->reported += l->reported != 0;
+    s->reported_pico += l->reported_pico;
+    s->cost_reported_pico += l->reported ? l->cost_pico : 0;
     d = l->cost - s->mean;
     s->mean += d / (double)s->requests;
     s->m2 += d * (l->cost - s->mean);
@@ -297,6 +319,12 @@ static int read_line(const cJSON *o, struct line *l)
     l->prompt = line_tokens(o, "billed_prompt_tokens", "prompt_tokens", "prompt_tokens_est", &bad);
     l->completion = line_tokens(o, "billed_completion_tokens", "completion_tokens",
                                 "completion_tokens_est", &bad);
+    l->web_searches = line_count(o, "billed_web_searches", &bad);
+    /* The host's own figure: null (or absent, in older lines) when it
+     * reported none, which is not $0. */
+    l->reported = cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(o, "reported_cost_usd"));
+    if (l->reported)
+        l->reported_pico = pico_of(num2(o, "reported_cost_usd", NULL, COST_MAX, &bad));
     return bad ? -1 : 0;
 }
 
@@ -311,7 +339,9 @@ static int add_line(struct report *r, const cJSON *o)
     if (read_line(o, &l) != 0 || l.prompt > TOKENS_MAX - r->total.prompt_tokens ||
         l.completion > TOKENS_MAX - r->total.completion_tokens ||
         l.cost_pico > COST_TOTAL_MAX - r->total.cost_pico ||
-        l.saved_pico > COST_TOTAL_MAX - r->total.saved_pico)
+        l.saved_pico > COST_TOTAL_MAX - r->total.saved_pico ||
+        l.web_searches > TOKENS_MAX - r->total.web_searches ||
+        l.reported_pico > COST_TOTAL_MAX - r->total.reported_pico)
         return -1;
     /* A key's name is unique within its tenant only: grouped as the store
      * counts it, TENANT#NAME. */
@@ -591,9 +621,10 @@ static void welch(struct arm_diff *d)
 
 /* ---- output ---------------------------------------------------------------- */
 
-static const char *const columns[] = {"requests",     "errors",  "prompt_tokens",
-                                      "completion_tokens", "cost_usd", "usd_per_1k_requests",
-                                      "cache_hits",   "saved_usd"};
+static const char *const columns[] = {
+    "requests",     "errors",       "prompt_tokens",     "completion_tokens",
+    "cost_usd",     "usd_per_1k_requests", "cache_hits", "saved_usd",
+    "web_searches", "reported_cost_usd",   "reported_requests", "cost_usd_of_reported"};
 #define NCOLUMNS (sizeof(columns) / sizeof(columns[0]))
 #define TABLE_DECIMALS 6  /* the table's amounts: to the micro-dollar */
 #define EXACT_DECIMALS 12 /* CSV's and JSON's: to the pico-dollar, exact */
@@ -608,6 +639,8 @@ static __int128 column_pico(const struct stats *s, size_t i)
     case 4: return s->cost_pico;
     case 5: return n ? (s->cost_pico * 1000 + n / 2) / n : 0;
     case 7: return s->saved_pico;
+    case 9: return s->reported_pico;
+    case 11: return s->cost_reported_pico;
     default: return -1;
     }
 }
@@ -619,7 +652,9 @@ static uint64_t column_count(const struct stats *s, size_t i)
     case 1: return s->errors;
     case 2: return s->prompt_tokens;
     case 3: return s->completion_tokens;
-    default: return s->cache_hits;
+    case 6: return s->cache_hits;
+    case 8: return s->web_searches;
+    default: return s->reported;
     }
 }
 
@@ -763,7 +798,7 @@ static void json_add_time(cJSON *o, const char *key, int64_t ms)
 static void print_table(const struct report *r, FILE *out, const struct group **g,
                         const struct arm_diff *d, size_t nd)
 {
-    char cell[64], cost[48], per_1k[48], saved[48];
+    char cell[64], cost[48], per_1k[48], saved[48], reported[48], cost_reported[48];
 
     char since[32], until[32];
 
@@ -778,9 +813,14 @@ static void print_table(const struct report *r, FILE *out, const struct group **
     column_text(cost, sizeof(cost), &r->total, 4, TABLE_DECIMALS);
     column_text(per_1k, sizeof(per_1k), &r->total, 5, TABLE_DECIMALS);
     column_text(saved, sizeof(saved), &r->total, 7, TABLE_DECIMALS);
+    column_text(reported, sizeof(reported), &r->total, 9, TABLE_DECIMALS);
+    column_text(cost_reported, sizeof(cost_reported), &r->total, 11, TABLE_DECIMALS);
     fprintf(out, "total: %llu requests, $%s, $%s per 1K requests, %llu cache hits saved $%s\n",
             (unsigned long long)r->total.requests, cost, per_1k,
             (unsigned long long)r->total.cache_hits, saved);
+    fprintf(out, "web searches: %llu; costs reported by hosts: $%s on %llu requests, charged $%s\n",
+            (unsigned long long)r->total.web_searches, reported,
+            (unsigned long long)r->total.reported, cost_reported);
     for (size_t s = 0; s < r->groups.n;) {
         size_t e = s, width[NCOLUMNS + 1];
         const char *dim = dim_name(r, g[s]->dim);
@@ -873,7 +913,7 @@ static void csv_stats_row(FILE *out, const char *kind, const char *dim, const ch
         column_text(cell, sizeof(cell), s, c, EXACT_DECIMALS);
         fprintf(out, ",%s", cell);
     }
-    fputs(",,,,,,,,,\n", out);
+    fputs(",,,,,,,,,\n", out); /* the arm columns */
 }
 
 static void print_csv(const struct report *r, FILE *out, const struct group **g,
@@ -889,7 +929,9 @@ static void print_csv(const struct report *r, FILE *out, const struct group **g,
     for (size_t i = 0; i < nd; i++) {
         fprintf(out, "arm_diff,%s,", d[i].kind);
         csv_field(out, d[i].group);
-        fputs(",,,,,,,,,", out);
+        for (size_t c = 0; c < NCOLUMNS; c++) /* the stats columns */
+            fputc(',', out);
+        fputc(',', out);
         csv_field(out, d[i].a->value);
         fputc(',', out);
         csv_field(out, d[i].b->value);

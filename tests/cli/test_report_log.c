@@ -1,0 +1,326 @@
+/*
+ * tests/cli/test_report_log.c: `costrouter report` (the binary) over cost
+ * logs the real router wrote, in front of a real mockllm: whole answers,
+ * streams, the Responses and Messages APIs with web searches, a host that
+ * reports its costs (x-mock-cost-micro), a cache hit and a refusal by a
+ * rate limit, under two tenants, one with a named key.
+ *
+ * mockllm counts a chat prompt of "hello there" as 9 tokens (a Responses
+ * input of it too) and answers x-mock-tokens: 7; at $100 and $300 per
+ * million tokens that is $0.003, and a web search at $10 per 1,000 is
+ * $0.01.
+ */
+#define _GNU_SOURCE
+#include <cjson/cJSON.h>
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/buf.h"
+#include "tests/support/http.h"
+#include "tests/support/proc.h"
+
+#define TIMEOUT_MS 5000
+#define CHAT_BODY(route, extra)                                                                  \
+    "{\"model\":\"" route "\",\"max_tokens\":10" extra ",\"messages\":[{\"role\":\"user\","     \
+    "\"content\":\"hello there\"}]}"
+
+static struct support_proc router, mock;
+static char dir[64], conf_path[128], log_path[128];
+static struct support_http_response resp;
+static struct buf req, out;
+
+static void setup(void)
+{
+    strcpy(dir, "/tmp/report-log-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(conf_path, sizeof(conf_path), "%s/costrouter.yaml", dir);
+    snprintf(log_path, sizeof(log_path), "%s/cost.jsonl", dir);
+}
+
+static void teardown(void)
+{
+    support_proc_stop(&router);
+    support_proc_stop(&mock);
+    support_http_response_free(&resp);
+    buf_free(&req);
+    buf_free(&out);
+    support_remove_tree(dir);
+}
+
+TestSuite(report_log, .init = setup, .fini = teardown, .timeout = 60);
+
+/* mockllm, and the router in front of it with the three backends, their
+ * routes, the tenants acme (key sk-acme) and globex (key sk-globex, named
+ * ci, 3 requests a minute), the response cache, and `more` (config
+ * lines: experiments). */
+static void start(const char *more)
+{
+    char acme[65], globex[65];
+    FILE *f;
+
+    cr_assert_eq(support_mockllm_start(&mock, "--tokens", "7", NULL), 0);
+    support_key_sha256_hex("sk-acme", acme);
+    support_key_sha256_hex("sk-globex", globex);
+    f = fopen(conf_path, "w");
+    cr_assert_not_null(f);
+    fprintf(f,
+            "listen: 127.0.0.1:0\ncost_log: %s\n"
+            "backends:\n"
+            "  - {name: oa, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-oa, quality: 1,\n"
+            "     context_window: 100000, input_usd_per_mtok: 100, output_usd_per_mtok: 300,\n"
+            "     tokenizer: o200k_base, web_search_usd_per_1k: 10}\n"
+            "  - {name: ob, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-ob, quality: 1,\n"
+            "     context_window: 100000, input_usd_per_mtok: 200, output_usd_per_mtok: 300,\n"
+            "     tokenizer: o200k_base}\n"
+            "  - {name: host, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-h, quality: 1,\n"
+            "     context_window: 100000, input_usd_per_mtok: 100, output_usd_per_mtok: 300,\n"
+            "     tokenizer: o200k_base, cost_from_usage: true}\n"
+            "  - {name: an, kind: api, api: anthropic, url: \"http://127.0.0.1:%d/v1\", api_key: k-an,\n"
+            "     model: m-an, quality: 1, context_window: 100000, input_usd_per_mtok: 100,\n"
+            "     output_usd_per_mtok: 300, tokenizer: o200k_base, web_search_usd_per_1k: 10}\n"
+            "routes:\n"
+            "  - {model: chat, candidates: [oa]}\n"
+            "  - {model: ab, candidates: [oa, ob]}\n"
+            "  - {model: hosted, candidates: [host]}\n"
+            "  - {model: claude, candidates: [an]}\n"
+            "tenants:\n"
+            "  - {id: acme, api_keys: [\"sha256:%s\"], tags: {team: search}}\n"
+            "  - {id: globex, api_keys: [{hash: \"sha256:%s\", name: ci}], tags: {team: ads},\n"
+            "     rate_limits: {rpm: 3}}\n"
+            "cache: {enabled: true, ttl_s: 3600}\n%s",
+            log_path, mock.port, mock.port, mock.port, mock.port, acme, globex, more);
+    fclose(f);
+    cr_assert_eq(support_router_start(&router, NULL, conf_path, "/dev/null"), 0);
+}
+
+/* POST `body` to `path` as the tenant of `key` with `extra` header lines;
+ * the answer's status. */
+static int post(const char *key, const char *path, const char *extra, const char *body)
+{
+    char headers[512];
+
+    snprintf(headers, sizeof(headers),
+             "Authorization: Bearer %s\r\nx-api-key: %s\r\nanthropic-version: 2023-06-01\r\n"
+             "x-mock-tokens: 7\r\n%s",
+             key, key, extra ? extra : "");
+    buf_reset(&req);
+    support_http_response_free(&resp);
+    cr_assert_eq(support_http_format(&req, "POST", path, headers, body), 0);
+    cr_assert_eq(support_http_request(router.port, req.data, req.len, TIMEOUT_MS, &resp), 0);
+    return resp.status;
+}
+
+#define ASSERT_POST(status, ...)                                                                 \
+    do {                                                                                         \
+        int got_ = post(__VA_ARGS__);                                                            \
+        cr_assert_eq(got_, status, "%d: %.*s", got_, (int)resp.body.len, resp.body.data);       \
+    } while (0)
+
+/* The requests of the scenario, then the router stopped (its log
+ * flushed). Lines: 8. */
+static void run_scenario(void)
+{
+    start("");
+    /* acme: a whole answer and a stream whose host says what they cost
+     * (only logged: oa prices them), one from a host that is paid its
+     * figure, and a Responses answer with two web search calls */
+    ASSERT_POST(200, "sk-acme", "/v1/chat/completions", "x-mock-cost-micro: 1234\r\n",
+                CHAT_BODY("chat", ""));
+    ASSERT_POST(200, "sk-acme", "/v1/chat/completions", "x-mock-cost-micro: 777\r\n",
+                CHAT_BODY("chat", ",\"stream\":true"));
+    ASSERT_POST(200, "sk-acme", "/v1/chat/completions",
+                "x-mock-cost-micro: 12345\r\nx-costrouter-tags: feature=summary\r\n",
+                CHAT_BODY("hosted", ""));
+    ASSERT_POST(200, "sk-acme", "/v1/responses",
+                "x-mock-web-searches: 2\r\nx-costrouter-tags: feature=research\r\n",
+                "{\"model\":\"chat\",\"max_output_tokens\":10,\"input\":\"hello there\","
+                "\"tools\":[{\"type\":\"web_search\"}]}");
+    /* globex (3 a minute): Claude with 3 web searches, the same again
+     * from the cache, a stream with 2, and a fourth refused */
+    ASSERT_POST(200, "sk-globex", "/v1/messages", "x-mock-web-searches: 3\r\n",
+                CHAT_BODY("claude", ",\"temperature\":0"));
+    ASSERT_POST(200, "sk-globex", "/v1/messages", "x-mock-web-searches: 3\r\n",
+                CHAT_BODY("claude", ",\"temperature\":0"));
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
+    ASSERT_POST(200, "sk-globex", "/v1/messages", "x-mock-web-searches: 2\r\n",
+                CHAT_BODY("claude", ",\"stream\":true"));
+    ASSERT_POST(429, "sk-globex", "/v1/messages", NULL, CHAT_BODY("claude", ""));
+    support_proc_stop(&router);
+    cr_assert(support_proc_exited_cleanly(&router));
+}
+
+/* `costrouter report --format FORMAT --by BY [more] FILE`; its stdout
+ * in `out`, NUL-terminated; the exit status. */
+static int report(const char *format, const char *by, const char *more, const char *file)
+{
+    const char *bin = getenv("COSTROUTER_BIN") ? getenv("COSTROUTER_BIN") : "./costrouter";
+    char *argv[8] = {(char *)bin, "report", "--format", (char *)format, "--by", (char *)by};
+    int argc = 6, rc;
+
+    if (more != NULL)
+        argv[argc++] = (char *)more;
+    argv[argc++] = (char *)file;
+    argv[argc] = NULL;
+    buf_reset(&out);
+    rc = support_run(argv, &out, 10000);
+    cr_assert_eq(buf_append(&out, "", 1), 0);
+    return rc;
+}
+
+static cJSON *json_report(const char *by, const char *file)
+{
+    cJSON *root;
+
+    cr_assert_eq(report("json", by, NULL, file), 0, "%s", out.data);
+    root = cJSON_Parse(out.data);
+    cr_assert_not_null(root, "not JSON: %s", out.data);
+    return root;
+}
+
+static const cJSON *group(const cJSON *root, const char *dim, const char *value)
+{
+    const cJSON *g;
+
+    cJSON_ArrayForEach(g, cJSON_GetObjectItem(root, "groups")) {
+        if (strcmp(cJSON_GetObjectItem(g, "dimension")->valuestring, dim) == 0 &&
+            strcmp(cJSON_GetObjectItem(g, "value")->valuestring, value) == 0)
+            return g;
+    }
+    cr_assert_fail("no group %s=%s in %s", dim, value, out.data);
+    return NULL;
+}
+
+static double num(const cJSON *o, const char *key)
+{
+    const cJSON *v = cJSON_GetObjectItem(o, key);
+
+    cr_assert(cJSON_IsNumber(v), "%s is not a number: %s", key, out.data);
+    return v->valuedouble;
+}
+
+/* The sum of `key` over the lines of the log at `path` whose `dim` is
+ * `value` (NULL: every line), read with cJSON: what the report must say. */
+static double log_sum(const char *path, const char *key, const char *dim, const char *value)
+{
+    char *text = support_file_read(path), *save = NULL;
+    double sum = 0;
+
+    cr_assert_not_null(text);
+    for (char *l = strtok_r(text, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
+        cJSON *o = cJSON_Parse(l);
+        const cJSON *d = dim ? cJSON_GetObjectItem(o, dim) : NULL, *v = cJSON_GetObjectItem(o, key);
+
+        cr_assert_not_null(o, "the router wrote a line that is no JSON: %s", l);
+        if ((dim == NULL || (cJSON_IsString(d) && strcmp(d->valuestring, value) == 0)) &&
+            cJSON_IsNumber(v))
+            sum += v->valuedouble;
+        cJSON_Delete(o);
+    }
+    free(text);
+    return sum;
+}
+
+/* Web searches and the costs hosts reported have their columns: the
+ * searches counted per group, and the reported costs summed over the
+ * lines that have one, with how many had one and what those were charged,
+ * so a backend's prices can be set beside its host's figures. A cache hit
+ * and a refusal are requests with neither. */
+Test(report_log, web_searches_and_reported_costs_per_group)
+{
+    const cJSON *tot, *g;
+    cJSON *root;
+
+    run_scenario();
+    root = json_report("tenant,key,backend,route,tag.feature", log_path);
+    cr_assert_eq(num(root, "lines"), 8);
+    cr_assert_eq(num(root, "bad_lines"), 0);
+    tot = cJSON_GetObjectItem(root, "total");
+    cr_assert_eq(num(tot, "requests"), 8);
+    cr_assert_eq(num(tot, "errors"), 1, "the 429: %s", out.data);
+    cr_assert_eq(num(tot, "cache_hits"), 1);
+    cr_assert_eq(num(tot, "web_searches"), 7, "%s", out.data);
+    cr_assert_eq(num(tot, "reported_requests"), 3);
+    cr_assert_float_eq(num(tot, "reported_cost_usd"), 0.001234 + 0.000777 + 0.012345, 1e-15);
+    cr_assert_float_eq(num(tot, "cost_usd_of_reported"), 0.003 + 0.003 + 0.012345, 1e-15);
+    cr_assert_float_eq(num(tot, "cost_usd"), log_sum(log_path, "cost_usd", NULL, NULL), 1e-15);
+
+    /* oa priced its two by its own rates; the host was paid its figure */
+    g = group(root, "backend", "oa");
+    cr_assert_eq(num(g, "reported_requests"), 2);
+    cr_assert_float_eq(num(g, "reported_cost_usd"), 0.002011, 1e-15);
+    cr_assert_float_eq(num(g, "cost_usd_of_reported"), 0.006, 1e-15);
+    cr_assert_eq(num(g, "web_searches"), 2);
+    cr_assert_float_eq(num(g, "cost_usd"), 0.003 + 0.003 + 0.003 + 0.02, 1e-15);
+    g = group(root, "backend", "host");
+    cr_assert_float_eq(num(g, "reported_cost_usd"), 0.012345, 1e-15);
+    cr_assert_float_eq(num(g, "cost_usd_of_reported"), 0.012345, 1e-15);
+    g = group(root, "backend", "an");
+    cr_assert_eq(num(g, "requests"), 2);
+    cr_assert_eq(num(g, "web_searches"), 5);
+    cr_assert_eq(num(g, "reported_requests"), 0);
+    cr_assert_eq(num(g, "reported_cost_usd"), 0);
+    cr_assert_float_eq(num(g, "cost_usd"), log_sum(log_path, "cost_usd", "backend", "an"), 1e-15);
+    g = group(root, "backend", "cache");
+    cr_assert_eq(num(g, "cache_hits"), 1);
+    cr_assert_eq(num(g, "web_searches"), 0, "a cache hit searched nothing");
+    cr_assert_eq(num(g, "cost_usd"), 0);
+    cr_assert_gt(num(g, "saved_usd"), 0.03);
+
+    g = group(root, "tenant", "globex");
+    cr_assert_eq(num(g, "requests"), 4);
+    cr_assert_eq(num(g, "errors"), 1);
+    cr_assert_eq(num(g, "web_searches"), 5);
+    cr_assert_eq(num(group(root, "key", "globex#ci"), "web_searches"), 5);
+    cr_assert_eq(num(group(root, "tag.feature", "research"), "web_searches"), 2);
+    cr_assert_eq(num(group(root, "tag.feature", "summary"), "reported_requests"), 1);
+    cr_assert_eq(num(group(root, "route", "claude"), "requests"), 4);
+    cJSON_Delete(root);
+
+    /* CSV: the same columns, by name */
+    cr_assert_eq(report("csv", "backend", NULL, log_path), 0);
+    cr_assert_not_null(strstr(out.data, ",saved_usd,web_searches,reported_cost_usd,"
+                                        "reported_requests,cost_usd_of_reported,arm_a,"),
+                       "%s", out.data);
+    cr_assert_not_null(strstr(out.data, "\ngroup,backend,oa,3,0,"), "%s", out.data);
+    cr_assert_not_null(strstr(out.data, ",0,0,2,0.002011,2,0.006,,,,,,,,,\n"), "%s", out.data);
+    /* the table: the totals, and the columns of each group */
+    cr_assert_eq(report("table", "backend", NULL, log_path), 0);
+    cr_assert_not_null(strstr(out.data, "web searches: 7; costs reported by hosts: $0.014356 on 3 "
+                                        "requests, charged $0.018345\n"),
+                       "%s", out.data);
+    cr_assert_not_null(strstr(out.data, "  web_searches  reported_cost_usd  reported_requests"),
+                       "%s", out.data);
+}
+
+/* A log written before the keys (no billed_web_searches nor
+ * reported_cost_usd) counts none of either; a count with a fraction or an
+ * amount below 0 is no router's, and its line a bad one. */
+Test(report_log, older_lines_and_numbers_no_router_writes)
+{
+    char path[160];
+    FILE *f;
+    cJSON *root;
+
+    snprintf(path, sizeof(path), "%s/old.jsonl", dir);
+    f = fopen(path, "w");
+    cr_assert_not_null(f);
+    fputs("{\"tenant\":\"a\",\"cost_usd\":0.5}\n"
+          "{\"tenant\":\"a\",\"cost_usd\":0.25,\"billed_web_searches\":null,"
+          "\"reported_cost_usd\":null}\n"
+          "{\"tenant\":\"a\",\"cost_usd\":0.25,\"billed_web_searches\":1.5}\n"
+          "{\"tenant\":\"a\",\"cost_usd\":0.25,\"reported_cost_usd\":-0.1}\n"
+          "{\"tenant\":\"a\",\"cost_usd\":0.25,\"reported_cost_usd\":0}\n",
+          f);
+    fclose(f);
+    root = json_report("tenant", path);
+    cr_assert_eq(num(root, "bad_lines"), 2, "%s", out.data);
+    cr_assert_eq(num(group(root, "tenant", "a"), "requests"), 3);
+    cr_assert_eq(num(group(root, "tenant", "a"), "web_searches"), 0);
+    cr_assert_eq(num(group(root, "tenant", "a"), "reported_requests"), 1, "$0 is a figure");
+    cr_assert_eq(num(group(root, "tenant", "a"), "cost_usd_of_reported"), 0.25);
+    cJSON_Delete(root);
+}
