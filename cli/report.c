@@ -474,6 +474,25 @@ static void progress(const char *name, uint64_t lines, off_t done, off_t size, i
     fflush(stderr);
 }
 
+/* The line `p` (n bytes) as JSON, or NULL when it is none. Nothing but
+ * blanks may follow the value: cJSON alone stops after the first one, and
+ * took `{...}{...}` (a record whose newline was lost, run into the next
+ * one) for the first record, the second lost without a bad line. */
+static cJSON *parse_line(const char *p, size_t n)
+{
+    const char *end = NULL;
+    cJSON *o = cJSON_ParseWithLengthOpts(p, n, &end, 0);
+
+    if (o == NULL)
+        return NULL;
+    while (end < p + n && (*end == ' ' || *end == '\t'))
+        end++;
+    if (end == p + n)
+        return o;
+    cJSON_Delete(o);
+    return NULL;
+}
+
 /* Add every line of `path` ("-" = stdin). Returns 0 or -1 (message printed). */
 static int read_log(struct report *r, const char *path, int show)
 {
@@ -500,7 +519,7 @@ static int read_log(struct report *r, const char *path, int show)
         if (n == 0)
             continue;
         r->lines++;
-        cJSON *o = cJSON_ParseWithLength(line, (size_t)n);
+        cJSON *o = parse_line(line, (size_t)n);
         if (!cJSON_IsObject(o) || (in_period(r, o) && add_line(r, o) != 0))
             r->bad++;
         cJSON_Delete(o);

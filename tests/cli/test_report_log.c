@@ -324,3 +324,34 @@ Test(report_log, older_lines_and_numbers_no_router_writes)
     cr_assert_eq(num(group(root, "tenant", "a"), "cost_usd_of_reported"), 0.25);
     cJSON_Delete(root);
 }
+
+/* A record whose newline was lost (a copy cut right after its `}`, then
+ * `cat` with the next file) runs into the next one: `{...}{...}` is no
+ * JSON object, and the line is a bad one. It was read as the first
+ * object alone: the second record left out of every sum without a word,
+ * nor a bad line to say so. Bytes after an object are a bad line too. */
+Test(report_log, two_records_on_one_line_make_a_bad_line)
+{
+    char glued[160], *text, *nl;
+    cJSON *root;
+    const cJSON *tot;
+
+    run_scenario();
+    text = support_file_read(log_path);
+    cr_assert_not_null(text);
+    nl = strchr(text, '\n');
+    memmove(nl, nl + 1, strlen(nl + 1) + 1); /* lines 1 and 2 as one */
+    nl = strrchr(text, '}');
+    memmove(nl + 1 + 4, nl + 1, strlen(nl + 1) + 1);
+    memcpy(nl + 1, " \"x\"", 4); /* and junk after the last record */
+    snprintf(glued, sizeof(glued), "%s/glued.jsonl", dir);
+    cr_assert_eq(support_file_write(glued, text), 0);
+    free(text);
+
+    root = json_report("tenant", glued);
+    tot = cJSON_GetObjectItem(root, "total");
+    cr_assert_eq(num(root, "lines"), 7);
+    cr_assert_eq(num(root, "bad_lines"), 2, "%s", out.data);
+    cr_assert_eq(num(tot, "requests"), 5, "%s", out.data);
+    cJSON_Delete(root);
+}
