@@ -321,6 +321,7 @@ void router__request_reset(struct router__request *req)
     req->tenant = NULL;
     req->key = NULL;
     req->arm = NULL;
+    req->experiment = NULL;
     req->route = NULL;
     req->error = NULL;
     req->stream = req->injected_usage = req->keep_alive = req->response_started = 0;

@@ -355,3 +355,45 @@ Test(report_log, two_records_on_one_line_make_a_bad_line)
     cr_assert_eq(num(tot, "requests"), 5, "%s", out.data);
     cJSON_Delete(root);
 }
+
+/* Two experiments on one route, for two tenants, with arms of the same
+ * names: each compares its own arms. The log did not say which
+ * experiment a line's arm was of, so the report compared them by route:
+ * acme's control and globex's control taken as one arm, the difference
+ * between arms a mix of two experiments' users, backends and prices. */
+Test(report_log, arms_are_compared_within_their_experiment)
+{
+    static const char *const users[] = {"u0", "u1", "u2", "u3", "u4", "u5", "u6", "u7"};
+    char headers[64];
+    const cJSON *d;
+    cJSON *root;
+    int seen = 0;
+
+    start("experiments:\n"
+          "  - {name: e-acme, route: ab, tenants: [acme], arms: [{name: control, backends: [oa]},\n"
+          "     {name: treatment, backends: [ob]}]}\n"
+          "  - {name: e-globex, route: ab, tenants: [globex], arms: [{name: control,\n"
+          "     backends: [ob]}, {name: treatment, backends: [oa]}]}\n");
+    for (size_t i = 0; i < 8; i++) {
+        snprintf(headers, sizeof(headers), "x-user-id: %s\r\n", users[i]);
+        ASSERT_POST(200, "sk-acme", "/v1/chat/completions", headers, CHAT_BODY("ab", ""));
+    }
+    for (size_t i = 0; i < 3; i++) { /* globex: 3 a minute */
+        snprintf(headers, sizeof(headers), "x-user-id: %s\r\n", users[i]);
+        ASSERT_POST(200, "sk-globex", "/v1/chat/completions", headers, CHAT_BODY("ab", ""));
+    }
+    support_proc_stop(&router);
+
+    root = json_report("tenant", log_path);
+    cJSON_ArrayForEach(d, cJSON_GetObjectItem(root, "arm_diffs")) {
+        const cJSON *e = cJSON_GetObjectItem(d, "experiment");
+
+        cr_assert(cJSON_IsString(e), "an arm comparison by route, not experiment: %s", out.data);
+        /* each experiment's arms hold its tenant's requests, no other's */
+        cr_assert_eq(num(d, "n_a") + num(d, "n_b"), strcmp(e->valuestring, "e-acme") ? 3 : 8,
+                     "%s", out.data);
+        seen += strcmp(e->valuestring, "e-acme") == 0;
+    }
+    cr_assert_eq(seen, 1, "acme's 8 users fell in both arms: %s", out.data);
+    cJSON_Delete(root);
+}
