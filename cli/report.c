@@ -69,6 +69,7 @@ struct report {
     struct stats total;   /* every counted line */
     uint64_t lines;       /* non-empty lines read */
     uint64_t bad;         /* lines skipped: not a JSON object, or out of range */
+    char first_bad[512];  /* "FILE:LINE" of the first of them */
     int64_t since_ms;     /* --since: lines before it are left out; -1 = none */
     int64_t until_ms;     /* --until: lines at or after it are left out; -1 = none */
     uint64_t outside;     /* lines left out by --since or --until */
@@ -504,7 +505,7 @@ static int read_log(struct report *r, const char *path, int show)
     size_t cap = 0;
     ssize_t n;
     double last = now_s();
-    uint64_t before = r->lines;
+    uint64_t before = r->lines, lineno = 0;
 
     if (f == NULL) {
         fprintf(stderr, "report: %s: %s\n", path, strerror(errno));
@@ -514,14 +515,19 @@ static int read_log(struct report *r, const char *path, int show)
         size = st.st_size;
     while ((n = getline(&line, &cap, f)) > 0) {
         done += n;
+        lineno++;
         while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
             line[--n] = '\0';
         if (n == 0)
             continue;
         r->lines++;
         cJSON *o = parse_line(line, (size_t)n);
-        if (!cJSON_IsObject(o) || (in_period(r, o) && add_line(r, o) != 0))
-            r->bad++;
+        if (!cJSON_IsObject(o) || (in_period(r, o) && add_line(r, o) != 0)) {
+            /* where a user can look: the file's line, blank lines counted */
+            if (r->bad++ == 0)
+                snprintf(r->first_bad, sizeof(r->first_bad), "%s:%llu", name,
+                         (unsigned long long)lineno);
+        }
         cJSON_Delete(o);
         if (show && (r->lines & 0x3fff) == 0 && now_s() - last >= 0.25) {
             last = now_s();
@@ -1129,7 +1135,8 @@ int cli_report_main(int argc, char **argv)
     if (optind == argc && read_log(&r, "-", show) != 0)
         goto done;
     if (r.bad > 0)
-        fprintf(stderr, "report: skipped %llu bad lines\n", (unsigned long long)r.bad);
+        fprintf(stderr, "report: skipped %llu bad lines (the first at %s)\n",
+                (unsigned long long)r.bad, r.first_bad);
     if (r.outside > 0)
         fprintf(stderr, "report: left out %llu lines outside the period\n",
                 (unsigned long long)r.outside);

@@ -354,6 +354,17 @@ Test(report_log, two_records_on_one_line_make_a_bad_line)
     cr_assert_eq(num(root, "bad_lines"), 2, "%s", out.data);
     cr_assert_eq(num(tot, "requests"), 5, "%s", out.data);
     cJSON_Delete(root);
+
+    /* stderr says where the first bad line is, for a user to look */
+    char cmd[512], want[256];
+    char *argv[] = {"/bin/sh", "-c", cmd, NULL};
+    snprintf(cmd, sizeof(cmd), "'%s' report --format csv '%s' 2>&1 >/dev/null",
+             getenv("COSTROUTER_BIN") ? getenv("COSTROUTER_BIN") : "./costrouter", glued);
+    buf_reset(&out);
+    cr_assert_eq(support_run(argv, &out, 10000), 0);
+    cr_assert_eq(buf_append(&out, "", 1), 0);
+    snprintf(want, sizeof(want), "report: skipped 2 bad lines (the first at %s:1)\n", glued);
+    cr_assert_not_null(strstr(out.data, want), "%s", out.data);
 }
 
 /* Two experiments on one route, for two tenants, with arms of the same
