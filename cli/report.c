@@ -494,6 +494,24 @@ static cJSON *parse_line(const char *p, size_t n)
     return NULL;
 }
 
+/* The compression whose magic number starts `p` (n bytes), or NULL: a
+ * rotated log compressed by logrotate is no cost log until decompressed,
+ * and read as text each of its "lines" was a bad line, its records
+ * missing from every sum. */
+static const char *compressed(const char *p, size_t n)
+{
+    static const struct {
+        const char *cat, *magic; /* the tool that decompresses it to stdout */
+        size_t len;
+    } kinds[] = {{"zcat", "\x1f\x8b", 2}, {"zstdcat", "\x28\xb5\x2f\xfd", 4},
+                 {"xzcat", "\xfd" "7zXZ", 5}};
+
+    for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++)
+        if (n >= kinds[i].len && memcmp(p, kinds[i].magic, kinds[i].len) == 0)
+            return kinds[i].cat;
+    return NULL;
+}
+
 /* Add every line of `path` ("-" = stdin). Returns 0 or -1 (message printed). */
 static int read_log(struct report *r, const char *path, int show)
 {
@@ -515,7 +533,15 @@ static int read_log(struct report *r, const char *path, int show)
         size = st.st_size;
     while ((n = getline(&line, &cap, f)) > 0) {
         done += n;
-        lineno++;
+        if (lineno++ == 0 && compressed(line, (size_t)n) != NULL) {
+            fprintf(stderr, "report: %s: compressed: decompress it first (%s FILE | "
+                            "costrouter report - ...)\n",
+                    name, compressed(line, (size_t)n));
+            free(line);
+            if (f != stdin)
+                fclose(f);
+            return -1;
+        }
         while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
             line[--n] = '\0';
         if (n == 0)
