@@ -59,6 +59,12 @@ struct gmap {
     size_t mask;         /* slots - 1 (power of two) */
 };
 
+struct read_file {
+    dev_t dev;        /* st_dev */
+    ino_t ino;        /* st_ino */
+    const char *name; /* as given (an argv string) */
+};
+
 struct report {
     char **dims;          /* interned dimension names ("tenant", "tag.team", route names) */
     size_t ndims;         /* entries in dims */
@@ -70,6 +76,8 @@ struct report {
     uint64_t lines;       /* non-empty lines read */
     uint64_t bad;         /* lines skipped: not a JSON object, or out of range */
     char first_bad[512];  /* "FILE:LINE" of the first of them */
+    struct read_file *files; /* the regular files read, to read each once */
+    size_t nfiles;        /* entries in files */
     int64_t since_ms;     /* --since: lines before it are left out; -1 = none */
     int64_t until_ms;     /* --until: lines at or after it are left out; -1 = none */
     uint64_t outside;     /* lines left out by --since or --until */
@@ -529,8 +537,26 @@ static int read_log(struct report *r, const char *path, int show)
         fprintf(stderr, "report: %s: %s\n", path, strerror(errno));
         return -1;
     }
-    if (fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode))
+    if (fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode)) {
+        /* One file under two names (a "current" symlink beside its
+         * target, globs that overlap) is read once: twice, every record
+         * of it was billed twice. */
+        for (size_t i = 0; i < r->nfiles; i++)
+            if (r->files[i].dev == st.st_dev && r->files[i].ino == st.st_ino) {
+                fprintf(stderr, "report: %s: the same file as %s: read once\n", name,
+                        r->files[i].name);
+                fclose(f);
+                return 0;
+            }
+        struct read_file *files = realloc(r->files, (r->nfiles + 1) * sizeof(*files));
+        if (files == NULL) {
+            perror("report");
+            exit(1);
+        }
+        r->files = files;
+        r->files[r->nfiles++] = (struct read_file){st.st_dev, st.st_ino, name};
         size = st.st_size;
+    }
     while ((n = getline(&line, &cap, f)) > 0) {
         done += n;
         if (lineno++ == 0 && compressed(line, (size_t)n) != NULL) {
@@ -1198,6 +1224,7 @@ done:
         free(r.dims[i]);
     free(r.dims);
     free(r.want);
+    free(r.files);
     free(by_copy);
     return rc;
 }

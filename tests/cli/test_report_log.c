@@ -440,3 +440,28 @@ Test(report_log, a_compressed_rotated_log_is_refused_not_read_as_bad_lines)
              gz, getenv("COSTROUTER_BIN") ? getenv("COSTROUTER_BIN") : "./costrouter");
     cr_assert_eq(support_run(sh, NULL, 10000), 0);
 }
+
+/* One file under two names, as `report logs/STAR.jsonl` gives it when a
+ * "current" symlink sits beside its target (or globs overlap), is read
+ * once, with a word on stderr; it was read twice and every record in it
+ * billed twice. */
+Test(report_log, one_file_under_two_names_is_read_once)
+{
+    char current[160];
+    cJSON *root;
+
+    run_scenario();
+    snprintf(current, sizeof(current), "%s/current.jsonl", dir);
+    cr_assert_eq(symlink(log_path, current), 0);
+    root = json_report("tenant", current);
+    double once = num(cJSON_GetObjectItem(root, "total"), "cost_usd");
+    cJSON_Delete(root);
+
+    cr_assert_eq(report("json", "tenant", log_path, current), 0);
+    root = cJSON_Parse(out.data);
+    cr_assert_not_null(root, "%s", out.data);
+    cr_assert_eq(num(root, "lines"), 8, "%s", out.data);
+    cr_assert_eq(num(cJSON_GetObjectItem(root, "total"), "requests"), 8);
+    cr_assert_eq(num(cJSON_GetObjectItem(root, "total"), "cost_usd"), once);
+    cJSON_Delete(root);
+}
