@@ -465,3 +465,33 @@ Test(report_log, one_file_under_two_names_is_read_once)
     cr_assert_eq(num(cJSON_GetObjectItem(root, "total"), "cost_usd"), once);
     cJSON_Delete(root);
 }
+
+/* A request refused for its tags (400 invalid_tags) carries none of
+ * them: its line had those read before the bad one ("feature=a, b" gave
+ * feature a, "b, feature=a" nothing), and the report counted the refusal
+ * under tag.feature a, which the request never got. */
+Test(report_log, a_request_refused_for_its_tags_carries_none)
+{
+    cJSON *root;
+    const cJSON *g;
+
+    start("");
+    ASSERT_POST(200, "sk-acme", "/v1/chat/completions", "x-costrouter-tags: feature=a\r\n",
+                CHAT_BODY("chat", ""));
+    ASSERT_POST(400, "sk-acme", "/v1/chat/completions", "x-costrouter-tags: feature=a, b\r\n",
+                CHAT_BODY("chat", ""));
+    ASSERT_POST(400, "sk-acme", "/v1/chat/completions", "x-costrouter-tags: b, feature=a\r\n",
+                CHAT_BODY("chat", ""));
+    ASSERT_POST(400, "sk-acme", "/v1/chat/completions",
+                "x-costrouter-tags: feature=a, team=other\r\n", CHAT_BODY("chat", ""));
+    support_proc_stop(&router);
+
+    root = json_report("tag", log_path);
+    cr_assert_eq(num(cJSON_GetObjectItem(root, "total"), "requests"), 4);
+    cr_assert_eq(num(group(root, "tag.feature", "a"), "requests"), 1, "%s", out.data);
+    cr_assert_eq(num(group(root, "tag.feature", "a"), "errors"), 0, "%s", out.data);
+    cr_assert_eq(num(group(root, "tag.team", "search"), "requests"), 4, "the tenant's own");
+    cJSON_ArrayForEach(g, cJSON_GetObjectItem(root, "groups"))
+        cr_assert_str_neq(cJSON_GetObjectItem(g, "value")->valuestring, "other");
+    cJSON_Delete(root);
+}
