@@ -337,6 +337,8 @@ static int read_line(const cJSON *o, struct line *l)
     return bad ? -1 : 0;
 }
 
+static int64_t utc_ms(const char *s);
+
 /* Add the line `o` to the total and its groups. Returns -1, adding
  * nothing, for a line out of range, or one whose tokens or amounts would
  * take the total past TOKENS_MAX or COST_TOTAL_MAX: every group's sum is
@@ -354,12 +356,20 @@ static int add_line(struct report *r, const cJSON *o)
         return -1;
     /* A key's name is unique within its tenant only: grouped as the store
      * counts it, TENANT#NAME. */
-    char key[2 * 256 + 2];
+    char key[2 * 256 + 2], day[11] = "-", month[8] = "-";
     const char *plain[][2] = {{"tenant", l.tenant}, {"backend", l.backend}, {"route", l.route},
                               {"arm", l.arm}, {"service_tier", l.service_tier}, {"key", key},
-                              {"endpoint", l.endpoint}};
-    const cJSON *tag;
+                              {"endpoint", l.endpoint}, {"day", day}, {"month", month}};
+    const cJSON *tag, *ts = cJSON_GetObjectItemCaseSensitive(o, "ts");
     char dim[256];
+
+    /* The UTC day and month the request started (its `ts`), "-" without
+     * one to place it. */
+    if ((wanted(r, "day") || wanted(r, "month")) && cJSON_IsString(ts) &&
+        utc_ms(ts->valuestring) >= 0) {
+        memcpy(day, ts->valuestring, 10);
+        memcpy(month, ts->valuestring, 7);
+    }
 
     if (strcmp(l.key, "-") == 0)
         snprintf(key, sizeof(key), "-");
@@ -774,7 +784,8 @@ static const char *dim_name(const struct report *r, size_t dim)
     return r->dims[dim];
 }
 
-/* Groups in output order: --by order (tag keys sorted), cost descending. */
+/* Groups in output order: --by order (tag keys sorted), cost descending
+ * (days and months: in order of time). */
 static const struct report *sort_ctx;
 static int cmp_group(const void *pa, const void *pb)
 {
@@ -793,6 +804,8 @@ static int cmp_group(const void *pa, const void *pb)
         return ra < rb ? -1 : 1;
     if (strcmp(da, db) != 0)
         return strcmp(da, db);
+    if (strcmp(da, "day") == 0 || strcmp(da, "month") == 0) /* in order of time */
+        return strcmp(a->value, b->value);
     if (a->st.cost_pico != b->st.cost_pico)
         return a->st.cost_pico > b->st.cost_pico ? -1 : 1;
     return strcmp(a->value, b->value);
@@ -1096,7 +1109,7 @@ static void usage(FILE *f)
 {
     fputs("usage: costrouter report [--format table|csv|json]\n"
           "                         [--by tenant,tag,backend,route,arm,service_tier,key,\n"
-          "                               endpoint]\n"
+          "                               endpoint,day,month]\n"
           "                         [--since TIME] [--until TIME] [--progress] [-o FILE]\n"
           "                         [FILE|-]...\n"
           "TIME is UTC: YYYY-MM-DD[THH:MM[:SS[.fff]]][Z]; --since is in the period, --until not\n",
@@ -1111,6 +1124,7 @@ static int parse_by(struct report *r, char *list)
     for (char *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
         if (strcmp(t, "tenant") && strcmp(t, "backend") && strcmp(t, "route") && strcmp(t, "arm") &&
             strcmp(t, "service_tier") && strcmp(t, "key") && strcmp(t, "endpoint") &&
+            strcmp(t, "day") && strcmp(t, "month") &&
             strcmp(t, "tag") &&
             (strncmp(t, "tag.", 4) || t[4] == '\0')) {
             fprintf(stderr, "report: --by: unknown dimension \"%s\"\n", t);

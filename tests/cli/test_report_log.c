@@ -495,3 +495,50 @@ Test(report_log, a_request_refused_for_its_tags_carries_none)
         cr_assert_str_neq(cJSON_GetObjectItem(g, "value")->valuestring, "other");
     cJSON_Delete(root);
 }
+
+/* --by day and --by month: the UTC day and month each request started
+ * (its ts), in order of time, "-" for a line without a ts; the last
+ * millisecond of November and the first of December fall apart. */
+Test(report_log, by_day_and_month)
+{
+    char older[160], today[11], month[8];
+    cJSON *root, *first;
+    const cJSON *g;
+    const char *prev = "";
+
+    run_scenario();
+    char *text = support_file_read(log_path);
+    cr_assert_not_null(text);
+    *strchr(text, '\n') = '\0';
+    first = cJSON_Parse(text);
+    free(text);
+    cr_assert_not_null(first);
+    snprintf(today, sizeof(today), "%.10s", cJSON_GetObjectItem(first, "ts")->valuestring);
+    snprintf(month, sizeof(month), "%.7s", today);
+    cJSON_Delete(first);
+    snprintf(older, sizeof(older), "%s/older.jsonl", dir);
+    cr_assert_eq(support_file_write(older,
+                                    "{\"ts\":\"2025-11-30T23:59:59.999Z\",\"tenant\":\"acme\","
+                                    "\"cost_usd\":1}\n"
+                                    "{\"ts\":\"2025-12-01T00:00:00.000Z\",\"tenant\":\"acme\","
+                                    "\"cost_usd\":2}\n"
+                                    "{\"ts\":null,\"tenant\":\"acme\",\"cost_usd\":4}\n"),
+                 0);
+    cr_assert_eq(report("json", "day,month", log_path, older), 0);
+    root = cJSON_Parse(out.data);
+    cr_assert_not_null(root, "%s", out.data);
+    cr_assert_eq(num(group(root, "day", today), "requests"), 8);
+    cr_assert_eq(num(group(root, "day", "2025-11-30"), "cost_usd"), 1);
+    cr_assert_eq(num(group(root, "day", "2025-12-01"), "cost_usd"), 2);
+    cr_assert_eq(num(group(root, "day", "-"), "cost_usd"), 4);
+    cr_assert_eq(num(group(root, "month", "2025-11"), "cost_usd"), 1);
+    cr_assert_eq(num(group(root, "month", month), "requests"), 8);
+    cJSON_ArrayForEach(g, cJSON_GetObjectItem(root, "groups")) {
+        const char *v = cJSON_GetObjectItem(g, "value")->valuestring;
+        if (strcmp(cJSON_GetObjectItem(g, "dimension")->valuestring, "day") == 0) {
+            cr_assert_lt(strcmp(prev, v), 0, "days out of order: %s", out.data);
+            prev = v;
+        }
+    }
+    cJSON_Delete(root);
+}
