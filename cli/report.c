@@ -37,6 +37,11 @@ struct stats {
     uint64_t cache_hits;        /* cache_hit true */
     __int128 cost_pico;         /* cost_usd, pico-USD */
     __int128 saved_pico;        /* saved_usd, pico-USD */
+    uint64_t web_searches;      /* billed_web_searches */
+    uint64_t file_searches;     /* billed_file_searches */
+    __int128 reported_pico;     /* reported_cost_usd of the lines that have one, pico-USD */
+    uint64_t reported;          /* lines that have one */
+    __int128 cost_reported_pico; /* cost_usd of those lines, pico-USD */
     double mean;                /* running mean of cost per request, USD */
     double m2;                  /* running sum of squared deviations */
 };
@@ -55,6 +60,12 @@ struct gmap {
     size_t mask;         /* slots - 1 (power of two) */
 };
 
+struct read_file {
+    dev_t dev;        /* st_dev */
+    ino_t ino;        /* st_ino */
+    const char *name; /* as given (an argv string) */
+};
+
 struct report {
     char **dims;          /* interned dimension names ("tenant", "tag.team", route names) */
     size_t ndims;         /* entries in dims */
@@ -65,6 +76,9 @@ struct report {
     struct stats total;   /* every counted line */
     uint64_t lines;       /* non-empty lines read */
     uint64_t bad;         /* lines skipped: not a JSON object, or out of range */
+    char first_bad[512];  /* "FILE:LINE" of the first of them */
+    struct read_file *files; /* the regular files read, to read each once */
+    size_t nfiles;        /* entries in files */
     int64_t since_ms;     /* --since: lines before it are left out; -1 = none */
     int64_t until_ms;     /* --until: lines at or after it are left out; -1 = none */
     uint64_t outside;     /* lines left out by --since or --until */
@@ -164,6 +178,10 @@ struct line {
     __int128 saved_pico;     /* saved_usd or 0, pico-USD */
     uint64_t prompt, completion; /* tokens */
     int cache_hit;           /* cache_hit true */
+    uint64_t web_searches;   /* billed_web_searches or 0 */
+    uint64_t file_searches;  /* billed_file_searches or 0 */
+    int reported;            /* it has a reported_cost_usd (not null) */
+    __int128 reported_pico;  /* that, pico-USD; 0 without */
 };
 
 static const char *str_or_dash(const cJSON *o, const char *key)
@@ -244,6 +262,17 @@ static uint64_t line_tokens(const cJSON *o, const char *billed, const char *usag
     return (uint64_t)n;
 }
 
+/* A line's count at `key` (billed_web_searches, ...): a whole number in
+ * [0, TOKENS_MAX], else *bad; 0 when absent or null (older lines). */
+static uint64_t line_count(const cJSON *o, const char *key, int *bad)
+{
+    double n = num2(o, key, NULL, (double)TOKENS_MAX, bad);
+
+    if (n != floor(n))
+        *bad = 1;
+    return (uint64_t)n;
+}
+
 static void stats_add(struct stats *s, const struct line *l)
 {
     double d;
@@ -255,6 +284,11 @@ static void stats_add(struct stats *s, const struct line *l)
     s->cache_hits += l->cache_hit != 0;
     s->cost_pico += l->cost_pico;
     s->saved_pico += l->saved_pico;
+    s->web_searches += l->web_searches;
+    s->file_searches += l->file_searches;
+    s->reported += l->reported != 0;
+    s->reported_pico += l->reported_pico;
+    s->cost_reported_pico += l->reported ? l->cost_pico : 0;
     d = l->cost - s->mean;
     s->mean += d / (double)s->requests;
     s->m2 += d * (l->cost - s->mean);
@@ -297,8 +331,17 @@ static int read_line(const cJSON *o, struct line *l)
     l->prompt = line_tokens(o, "billed_prompt_tokens", "prompt_tokens", "prompt_tokens_est", &bad);
     l->completion = line_tokens(o, "billed_completion_tokens", "completion_tokens",
                                 "completion_tokens_est", &bad);
+    l->web_searches = line_count(o, "billed_web_searches", &bad);
+    l->file_searches = line_count(o, "billed_file_searches", &bad);
+    /* The host's own figure: null (or absent, in older lines) when it
+     * reported none, which is not $0. */
+    l->reported = cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(o, "reported_cost_usd"));
+    if (l->reported)
+        l->reported_pico = pico_of(num2(o, "reported_cost_usd", NULL, COST_MAX, &bad));
     return bad ? -1 : 0;
 }
+
+static int64_t utc_ms(const char *s);
 
 /* Add the line `o` to the total and its groups. Returns -1, adding
  * nothing, for a line out of range, or one whose tokens or amounts would
@@ -311,16 +354,27 @@ static int add_line(struct report *r, const cJSON *o)
     if (read_line(o, &l) != 0 || l.prompt > TOKENS_MAX - r->total.prompt_tokens ||
         l.completion > TOKENS_MAX - r->total.completion_tokens ||
         l.cost_pico > COST_TOTAL_MAX - r->total.cost_pico ||
-        l.saved_pico > COST_TOTAL_MAX - r->total.saved_pico)
+        l.saved_pico > COST_TOTAL_MAX - r->total.saved_pico ||
+        l.web_searches > TOKENS_MAX - r->total.web_searches ||
+        l.file_searches > TOKENS_MAX - r->total.file_searches ||
+        l.reported_pico > COST_TOTAL_MAX - r->total.reported_pico)
         return -1;
     /* A key's name is unique within its tenant only: grouped as the store
      * counts it, TENANT#NAME. */
-    char key[2 * 256 + 2];
+    char key[2 * 256 + 2], day[11] = "-", month[8] = "-";
     const char *plain[][2] = {{"tenant", l.tenant}, {"backend", l.backend}, {"route", l.route},
                               {"arm", l.arm}, {"service_tier", l.service_tier}, {"key", key},
-                              {"endpoint", l.endpoint}};
-    const cJSON *tag;
+                              {"endpoint", l.endpoint}, {"day", day}, {"month", month}};
+    const cJSON *tag, *ts = cJSON_GetObjectItemCaseSensitive(o, "ts");
     char dim[256];
+
+    /* The UTC day and month the request started (its `ts`), "-" without
+     * one to place it. */
+    if ((wanted(r, "day") || wanted(r, "month")) && cJSON_IsString(ts) &&
+        utc_ms(ts->valuestring) >= 0) {
+        memcpy(day, ts->valuestring, 10);
+        memcpy(month, ts->valuestring, 7);
+    }
 
     if (strcmp(l.key, "-") == 0)
         snprintf(key, sizeof(key), "-");
@@ -444,6 +498,43 @@ static void progress(const char *name, uint64_t lines, off_t done, off_t size, i
     fflush(stderr);
 }
 
+/* The line `p` (n bytes) as JSON, or NULL when it is none. Nothing but
+ * blanks may follow the value: cJSON alone stops after the first one, and
+ * took `{...}{...}` (a record whose newline was lost, run into the next
+ * one) for the first record, the second lost without a bad line. */
+static cJSON *parse_line(const char *p, size_t n)
+{
+    const char *end = NULL;
+    cJSON *o = cJSON_ParseWithLengthOpts(p, n, &end, 0);
+
+    if (o == NULL)
+        return NULL;
+    while (end < p + n && (*end == ' ' || *end == '\t'))
+        end++;
+    if (end == p + n)
+        return o;
+    cJSON_Delete(o);
+    return NULL;
+}
+
+/* The compression whose magic number starts `p` (n bytes), or NULL: a
+ * rotated log compressed by logrotate is no cost log until decompressed,
+ * and read as text each of its "lines" was a bad line, its records
+ * missing from every sum. */
+static const char *compressed(const char *p, size_t n)
+{
+    static const struct {
+        const char *cat, *magic; /* the tool that decompresses it to stdout */
+        size_t len;
+    } kinds[] = {{"zcat", "\x1f\x8b", 2}, {"zstdcat", "\x28\xb5\x2f\xfd", 4},
+                 {"xzcat", "\xfd" "7zXZ", 5}};
+
+    for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++)
+        if (n >= kinds[i].len && memcmp(p, kinds[i].magic, kinds[i].len) == 0)
+            return kinds[i].cat;
+    return NULL;
+}
+
 /* Add every line of `path` ("-" = stdin). Returns 0 or -1 (message printed). */
 static int read_log(struct report *r, const char *path, int show)
 {
@@ -455,24 +546,55 @@ static int read_log(struct report *r, const char *path, int show)
     size_t cap = 0;
     ssize_t n;
     double last = now_s();
-    uint64_t before = r->lines;
+    uint64_t before = r->lines, lineno = 0;
 
     if (f == NULL) {
         fprintf(stderr, "report: %s: %s\n", path, strerror(errno));
         return -1;
     }
-    if (fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode))
+    if (fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode)) {
+        /* One file under two names (a "current" symlink beside its
+         * target, globs that overlap) is read once: twice, every record
+         * of it was billed twice. */
+        for (size_t i = 0; i < r->nfiles; i++)
+            if (r->files[i].dev == st.st_dev && r->files[i].ino == st.st_ino) {
+                fprintf(stderr, "report: %s: the same file as %s: read once\n", name,
+                        r->files[i].name);
+                fclose(f);
+                return 0;
+            }
+        struct read_file *files = realloc(r->files, (r->nfiles + 1) * sizeof(*files));
+        if (files == NULL) {
+            perror("report");
+            exit(1);
+        }
+        r->files = files;
+        r->files[r->nfiles++] = (struct read_file){st.st_dev, st.st_ino, name};
         size = st.st_size;
+    }
     while ((n = getline(&line, &cap, f)) > 0) {
         done += n;
+        if (lineno++ == 0 && compressed(line, (size_t)n) != NULL) {
+            fprintf(stderr, "report: %s: compressed: decompress it first (%s FILE | "
+                            "costrouter report - ...)\n",
+                    name, compressed(line, (size_t)n));
+            free(line);
+            if (f != stdin)
+                fclose(f);
+            return -1;
+        }
         while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
             line[--n] = '\0';
         if (n == 0)
             continue;
         r->lines++;
-        cJSON *o = cJSON_ParseWithLength(line, (size_t)n);
-        if (!cJSON_IsObject(o) || (in_period(r, o) && add_line(r, o) != 0))
-            r->bad++;
+        cJSON *o = parse_line(line, (size_t)n);
+        if (!cJSON_IsObject(o) || (in_period(r, o) && add_line(r, o) != 0)) {
+            /* where a user can look: the file's line, blank lines counted */
+            if (r->bad++ == 0)
+                snprintf(r->first_bad, sizeof(r->first_bad), "%s:%llu", name,
+                         (unsigned long long)lineno);
+        }
         cJSON_Delete(o);
         if (show && (r->lines & 0x3fff) == 0 && now_s() - last >= 0.25) {
             last = now_s();
@@ -591,9 +713,11 @@ static void welch(struct arm_diff *d)
 
 /* ---- output ---------------------------------------------------------------- */
 
-static const char *const columns[] = {"requests",     "errors",  "prompt_tokens",
-                                      "completion_tokens", "cost_usd", "usd_per_1k_requests",
-                                      "cache_hits",   "saved_usd"};
+static const char *const columns[] = {
+    "requests",     "errors",       "prompt_tokens",     "completion_tokens",
+    "cost_usd",     "usd_per_1k_requests", "cache_hits", "saved_usd",
+    "web_searches", "file_searches",       "reported_cost_usd", "reported_requests",
+    "cost_usd_of_reported"};
 #define NCOLUMNS (sizeof(columns) / sizeof(columns[0]))
 #define TABLE_DECIMALS 6  /* the table's amounts: to the micro-dollar */
 #define EXACT_DECIMALS 12 /* CSV's and JSON's: to the pico-dollar, exact */
@@ -608,6 +732,8 @@ static __int128 column_pico(const struct stats *s, size_t i)
     case 4: return s->cost_pico;
     case 5: return n ? (s->cost_pico * 1000 + n / 2) / n : 0;
     case 7: return s->saved_pico;
+    case 10: return s->reported_pico;
+    case 12: return s->cost_reported_pico;
     default: return -1;
     }
 }
@@ -619,7 +745,10 @@ static uint64_t column_count(const struct stats *s, size_t i)
     case 1: return s->errors;
     case 2: return s->prompt_tokens;
     case 3: return s->completion_tokens;
-    default: return s->cache_hits;
+    case 6: return s->cache_hits;
+    case 8: return s->web_searches;
+    case 9: return s->file_searches;
+    default: return s->reported;
     }
 }
 
@@ -662,7 +791,8 @@ static const char *dim_name(const struct report *r, size_t dim)
     return r->dims[dim];
 }
 
-/* Groups in output order: --by order (tag keys sorted), cost descending. */
+/* Groups in output order: --by order (tag keys sorted), cost descending
+ * (days and months: in order of time). */
 static const struct report *sort_ctx;
 static int cmp_group(const void *pa, const void *pb)
 {
@@ -681,6 +811,8 @@ static int cmp_group(const void *pa, const void *pb)
         return ra < rb ? -1 : 1;
     if (strcmp(da, db) != 0)
         return strcmp(da, db);
+    if (strcmp(da, "day") == 0 || strcmp(da, "month") == 0) /* in order of time */
+        return strcmp(a->value, b->value);
     if (a->st.cost_pico != b->st.cost_pico)
         return a->st.cost_pico > b->st.cost_pico ? -1 : 1;
     return strcmp(a->value, b->value);
@@ -763,7 +895,7 @@ static void json_add_time(cJSON *o, const char *key, int64_t ms)
 static void print_table(const struct report *r, FILE *out, const struct group **g,
                         const struct arm_diff *d, size_t nd)
 {
-    char cell[64], cost[48], per_1k[48], saved[48];
+    char cell[64], cost[48], per_1k[48], saved[48], reported[48], cost_reported[48];
 
     char since[32], until[32];
 
@@ -778,9 +910,16 @@ static void print_table(const struct report *r, FILE *out, const struct group **
     column_text(cost, sizeof(cost), &r->total, 4, TABLE_DECIMALS);
     column_text(per_1k, sizeof(per_1k), &r->total, 5, TABLE_DECIMALS);
     column_text(saved, sizeof(saved), &r->total, 7, TABLE_DECIMALS);
+    column_text(reported, sizeof(reported), &r->total, 10, TABLE_DECIMALS);
+    column_text(cost_reported, sizeof(cost_reported), &r->total, 12, TABLE_DECIMALS);
     fprintf(out, "total: %llu requests, $%s, $%s per 1K requests, %llu cache hits saved $%s\n",
             (unsigned long long)r->total.requests, cost, per_1k,
             (unsigned long long)r->total.cache_hits, saved);
+    fprintf(out, "web searches: %llu, file searches: %llu; costs reported by hosts: $%s on %llu "
+                 "requests, charged $%s\n",
+            (unsigned long long)r->total.web_searches,
+            (unsigned long long)r->total.file_searches, reported,
+            (unsigned long long)r->total.reported, cost_reported);
     for (size_t s = 0; s < r->groups.n;) {
         size_t e = s, width[NCOLUMNS + 1];
         const char *dim = dim_name(r, g[s]->dim);
@@ -873,7 +1012,7 @@ static void csv_stats_row(FILE *out, const char *kind, const char *dim, const ch
         column_text(cell, sizeof(cell), s, c, EXACT_DECIMALS);
         fprintf(out, ",%s", cell);
     }
-    fputs(",,,,,,,,,\n", out);
+    fputs(",,,,,,,,,\n", out); /* the arm columns */
 }
 
 static void print_csv(const struct report *r, FILE *out, const struct group **g,
@@ -889,7 +1028,9 @@ static void print_csv(const struct report *r, FILE *out, const struct group **g,
     for (size_t i = 0; i < nd; i++) {
         fprintf(out, "arm_diff,%s,", d[i].kind);
         csv_field(out, d[i].group);
-        fputs(",,,,,,,,,", out);
+        for (size_t c = 0; c < NCOLUMNS; c++) /* the stats columns */
+            fputc(',', out);
+        fputc(',', out);
         csv_field(out, d[i].a->value);
         fputc(',', out);
         csv_field(out, d[i].b->value);
@@ -977,7 +1118,7 @@ static void usage(FILE *f)
 {
     fputs("usage: costrouter report [--format table|csv|json]\n"
           "                         [--by tenant,tag,backend,route,arm,service_tier,key,\n"
-          "                               endpoint]\n"
+          "                               endpoint,day,month]\n"
           "                         [--since TIME] [--until TIME] [--progress] [-o FILE]\n"
           "                         [FILE|-]...\n"
           "TIME is UTC: YYYY-MM-DD[THH:MM[:SS[.fff]]][Z]; --since is in the period, --until not\n",
@@ -992,6 +1133,7 @@ static int parse_by(struct report *r, char *list)
     for (char *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
         if (strcmp(t, "tenant") && strcmp(t, "backend") && strcmp(t, "route") && strcmp(t, "arm") &&
             strcmp(t, "service_tier") && strcmp(t, "key") && strcmp(t, "endpoint") &&
+            strcmp(t, "day") && strcmp(t, "month") &&
             strcmp(t, "tag") &&
             (strncmp(t, "tag.", 4) || t[4] == '\0')) {
             fprintf(stderr, "report: --by: unknown dimension \"%s\"\n", t);
@@ -1068,7 +1210,8 @@ int cli_report_main(int argc, char **argv)
     if (optind == argc && read_log(&r, "-", show) != 0)
         goto done;
     if (r.bad > 0)
-        fprintf(stderr, "report: skipped %llu bad lines\n", (unsigned long long)r.bad);
+        fprintf(stderr, "report: skipped %llu bad lines (the first at %s)\n",
+                (unsigned long long)r.bad, r.first_bad);
     if (r.outside > 0)
         fprintf(stderr, "report: left out %llu lines outside the period\n",
                 (unsigned long long)r.outside);
@@ -1104,6 +1247,7 @@ done:
         free(r.dims[i]);
     free(r.dims);
     free(r.want);
+    free(r.files);
     free(by_copy);
     return rc;
 }

@@ -246,6 +246,7 @@ int metrics_cost_record_json(const struct metrics_cost_record *r, struct buf *ou
     rc |= buf_append_lit(out, ",\"endpoint\":") | put_string(out, r->endpoint);
     rc |= buf_append_lit(out, ",\"backend\":") | put_string(out, r->backend);
     rc |= buf_append_lit(out, ",\"arm\":") | put_string(out, r->arm);
+    rc |= buf_append_lit(out, ",\"experiment\":") | put_string(out, r->experiment);
     rc |= buf_append_lit(out, ",\"reason\":") | put_string(out, r->reason);
     rc |= buf_append_lit(out, ",\"candidates\":[");
     for (size_t i = 0; i < r->ncandidates; i++) {

@@ -210,6 +210,8 @@ struct metrics_cost_record {
     const char *endpoint;          /* the path it was sent to ("/v1/messages"), or NULL */
     const char *backend;           /* backend that answered (last tried) */
     const char *arm;               /* A/B arm name, or NULL */
+    const char *experiment;        /* the experiment of arm (arm names are unique only
+                                      within one), or NULL */
     const char *reason;            /* why the policy chose the backend */
     const struct metrics_cost_candidate *candidates; /* in policy order */
     size_t ncandidates;            /* entries in candidates */

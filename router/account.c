@@ -159,6 +159,7 @@ void router__account(struct router__client *c)
     rec.backend = req->pool ? req->pool->conf->name : NULL;
     rec.reason = req->reason;
     rec.arm = req->arm ? req->arm->name : NULL;
+    rec.experiment = req->arm ? req->experiment : NULL;
     rec.candidates = cands;
     rec.ncandidates = fill_candidates(req, cands, sizeof(cands) / sizeof(cands[0]));
     rec.backend = req->cache_hit ? "cache" : rec.backend;

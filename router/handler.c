@@ -321,6 +321,7 @@ void router__request_reset(struct router__request *req)
     req->tenant = NULL;
     req->key = NULL;
     req->arm = NULL;
+    req->experiment = NULL;
     req->route = NULL;
     req->error = NULL;
     req->stream = req->injected_usage = req->keep_alive = req->response_started = 0;
@@ -753,8 +754,10 @@ static const char *parse_tags(struct router__request *req, const char **detail)
         p = stop + 1;
         if (whole.len == 0)
             continue; /* an empty element of the list ("a=b, ,c=d"), as RFC 9110 5.6.1 allows */
-        if ((*detail = tag_problem(req, key, value, eq != NULL)) != NULL)
+        if ((*detail = tag_problem(req, key, value, eq != NULL)) != NULL) {
+            req->ntags = 0; /* refused: its line carries none of them, not those before */
             return error_invalid_tags;
+        }
         ((char *)key.p)[key.len] = '\0';
         ((char *)value.p)[value.len] = '\0';
         req->tags[req->ntags++] = (struct conf_tag){(char *)key.p, (char *)value.p};

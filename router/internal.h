@@ -243,6 +243,7 @@ struct router__request {
     const struct conf_tenant *tenant;    /* authenticated tenant */
     const struct conf_key *key;          /* the key it used */
     const struct policy_arm *arm;        /* A/B arm, or NULL */
+    const char *experiment;              /* the experiment of arm (its name), or NULL */
     uint64_t arm_allowed;                /* candidates the arm allows */
     const struct conf_route *route;      /* route named by "model" */
     struct cJSON *json;                  /* parsed body (owned) */

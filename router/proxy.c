@@ -1057,6 +1057,7 @@ static void assign_arm(struct router__client *c)
         return;
     user = request_header(req, r->conf->experiments[e - r->experiments].user_header, &len);
     req->arm = policy_experiment_arm(e, req->route, req->tenant->id, user, len, &req->arm_allowed);
+    req->experiment = req->arm ? e->name : NULL;
 }
 
 /* May a /v1/responses request be answered from the cache? The API stores

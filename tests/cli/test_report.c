@@ -275,8 +275,8 @@ Test(report, csv_is_valid_and_matches, .timeout = 20)
         if (strcmp(f[0], "arm_diff") == 0) {
             seen_diff = 1;
             cr_assert_str_eq(f[2], "exp");
-            cr_assert_float_eq(strtod(f[17], NULL), 2.0 / 1024, 1e-15);
-            cr_assert_lt(strtod(f[18], NULL), strtod(f[19], NULL));
+            cr_assert_float_eq(strtod(f[22], NULL), 2.0 / 1024, 1e-15);
+            cr_assert_lt(strtod(f[23], NULL), strtod(f[24], NULL));
         }
     }
     cr_assert(seen_tenant, "quoted tenant value must round-trip");

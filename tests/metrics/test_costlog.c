@@ -63,7 +63,8 @@ static void make_record(struct metrics_cost_record *r, char *id, size_t idlen, i
     cands[1] = (struct metrics_cost_candidate){"gpt-4o", NAN, "over budget"};
     *r = (struct metrics_cost_record){
         .ts_ms = 1795000000123LL + i, .request_id = id, .tenant = "acme", .tags = tags, .ntags = 2,
-        .route = "chat", .endpoint = "/v1/chat/completions", .backend = "gpu-a", .arm = i % 2 ? "b" : "a", .reason = "cheapest",
+        .route = "chat", .endpoint = "/v1/chat/completions", .backend = "gpu-a", .arm = i % 2 ? "b" : "a",
+        .experiment = "exp", .reason = "cheapest",
         .candidates = cands, .ncandidates = 2, .prompt_tokens_est = 100, .prompt_tokens = 98,
         .completion_tokens_est = 50, .completion_tokens = -1, .billed_prompt_tokens = 98,
         .billed_completion_tokens = 40, .billed_cached_tokens = 20,
@@ -126,7 +127,7 @@ static size_t check_lines(const char *p, char *seen, size_t nseen)
 Test(costlog, lines_are_valid_json_with_every_key, .timeout = 10)
 {
     static const char *keys[] = {"ts", "request_id", "tenant", "tags", "route", "endpoint",
-                                 "backend", "arm",
+                                 "backend", "arm", "experiment",
                                  "reason", "candidates", "prompt_tokens_est", "prompt_tokens",
                                  "completion_tokens_est", "completion_tokens",
                                  "billed_prompt_tokens", "billed_completion_tokens",
@@ -149,6 +150,7 @@ Test(costlog, lines_are_valid_json_with_every_key, .timeout = 10)
     make_record(&r, id, sizeof(id), 1, cands);
     r.tenant = "t\"x\\y\n\tz\x01\xff\xc3\xa9";
     r.arm = NULL;
+    r.experiment = NULL;
     cr_assert_eq(metrics_cost_log_write(log, &r), 0);
     metrics_cost_log_close(log);
     uv_run(&loop, UV_RUN_DEFAULT);
@@ -166,6 +168,7 @@ Test(costlog, lines_are_valid_json_with_every_key, .timeout = 10)
     cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(a, "tags"), "team")->valuestring,
                      "search \"core\"");
     cr_assert_str_eq(cJSON_GetObjectItem(a, "arm")->valuestring, "a");
+    cr_assert_str_eq(cJSON_GetObjectItem(a, "experiment")->valuestring, "exp");
     cr_assert_str_eq(cJSON_GetObjectItem(a, "endpoint")->valuestring, "/v1/chat/completions");
     cr_assert(cJSON_IsNull(cJSON_GetObjectItem(a, "completion_tokens")));
     cr_assert_eq(cJSON_GetObjectItem(a, "prompt_tokens")->valuedouble, 98);
@@ -186,6 +189,7 @@ Test(costlog, lines_are_valid_json_with_every_key, .timeout = 10)
                      "over budget");
     cr_assert_str_eq(cJSON_GetObjectItem(b, "tenant")->valuestring, "t\"x\\y\n\tz\x01\xef\xbf\xbd\xc3\xa9");
     cr_assert(cJSON_IsNull(cJSON_GetObjectItem(b, "arm")));
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(b, "experiment")));
     cJSON_Delete(a);
     cJSON_Delete(b);
     free(data);

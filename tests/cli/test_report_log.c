@@ -1,0 +1,552 @@
+/*
+ * tests/cli/test_report_log.c: `costrouter report` (the binary) over cost
+ * logs the real router wrote, in front of a real mockllm: whole answers,
+ * streams, the Responses and Messages APIs with web searches, a host that
+ * reports its costs (x-mock-cost-micro), a cache hit and a refusal by a
+ * rate limit, under two tenants, one with a named key.
+ *
+ * mockllm counts a chat prompt of "hello there" as 9 tokens (a Responses
+ * input of it too) and answers x-mock-tokens: 7; at $100 and $300 per
+ * million tokens that is $0.003, a web search at $10 per 1,000 is $0.01,
+ * and a file search at $2.50 per 1,000 is $0.0025.
+ */
+#define _GNU_SOURCE
+#include <cjson/cJSON.h>
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/buf.h"
+#include "tests/support/http.h"
+#include "tests/support/proc.h"
+
+#define TIMEOUT_MS 5000
+#define CHAT_BODY(route, extra)                                                                  \
+    "{\"model\":\"" route "\",\"max_tokens\":10" extra ",\"messages\":[{\"role\":\"user\","     \
+    "\"content\":\"hello there\"}]}"
+
+static struct support_proc router, mock;
+static char dir[64], conf_path[128], log_path[128];
+static struct support_http_response resp;
+static struct buf req, out;
+
+static void setup(void)
+{
+    strcpy(dir, "/tmp/report-log-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(conf_path, sizeof(conf_path), "%s/costrouter.yaml", dir);
+    snprintf(log_path, sizeof(log_path), "%s/cost.jsonl", dir);
+}
+
+static void teardown(void)
+{
+    support_proc_stop(&router);
+    support_proc_stop(&mock);
+    support_http_response_free(&resp);
+    buf_free(&req);
+    buf_free(&out);
+    support_remove_tree(dir);
+}
+
+TestSuite(report_log, .init = setup, .fini = teardown, .timeout = 60);
+
+/* mockllm, and the router in front of it with the three backends, their
+ * routes, the tenants acme (key sk-acme) and globex (key sk-globex, named
+ * ci, 3 requests a minute), the response cache, and `more` (config
+ * lines: experiments). */
+static void start(const char *more)
+{
+    char acme[65], globex[65];
+    FILE *f;
+
+    cr_assert_eq(support_mockllm_start(&mock, "--tokens", "7", NULL), 0);
+    support_key_sha256_hex("sk-acme", acme);
+    support_key_sha256_hex("sk-globex", globex);
+    f = fopen(conf_path, "w");
+    cr_assert_not_null(f);
+    fprintf(f,
+            "listen: 127.0.0.1:0\ncost_log: %s\n"
+            "backends:\n"
+            "  - {name: oa, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-oa, quality: 1,\n"
+            "     context_window: 100000, input_usd_per_mtok: 100, output_usd_per_mtok: 300,\n"
+            "     tokenizer: o200k_base, web_search_usd_per_1k: 10, file_search_usd_per_1k: 2.5}\n"
+            "  - {name: ob, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-ob, quality: 1,\n"
+            "     context_window: 100000, input_usd_per_mtok: 200, output_usd_per_mtok: 300,\n"
+            "     tokenizer: o200k_base}\n"
+            "  - {name: host, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-h, quality: 1,\n"
+            "     context_window: 100000, input_usd_per_mtok: 100, output_usd_per_mtok: 300,\n"
+            "     tokenizer: o200k_base, cost_from_usage: true}\n"
+            "  - {name: an, kind: api, api: anthropic, url: \"http://127.0.0.1:%d/v1\", api_key: k-an,\n"
+            "     model: m-an, quality: 1, context_window: 100000, input_usd_per_mtok: 100,\n"
+            "     output_usd_per_mtok: 300, tokenizer: o200k_base, web_search_usd_per_1k: 10}\n"
+            "routes:\n"
+            "  - {model: chat, candidates: [oa]}\n"
+            "  - {model: ab, candidates: [oa, ob]}\n"
+            "  - {model: hosted, candidates: [host]}\n"
+            "  - {model: claude, candidates: [an]}\n"
+            "tenants:\n"
+            "  - {id: acme, api_keys: [\"sha256:%s\"], tags: {team: search}}\n"
+            "  - {id: globex, api_keys: [{hash: \"sha256:%s\", name: ci}], tags: {team: ads},\n"
+            "     rate_limits: {rpm: 3}}\n"
+            "cache: {enabled: true, ttl_s: 3600}\n%s",
+            log_path, mock.port, mock.port, mock.port, mock.port, acme, globex, more);
+    fclose(f);
+    cr_assert_eq(support_router_start(&router, NULL, conf_path, "/dev/null"), 0);
+}
+
+/* POST `body` to `path` as the tenant of `key` with `extra` header lines;
+ * the answer's status. */
+static int post(const char *key, const char *path, const char *extra, const char *body)
+{
+    char headers[512];
+
+    snprintf(headers, sizeof(headers),
+             "Authorization: Bearer %s\r\nx-api-key: %s\r\nanthropic-version: 2023-06-01\r\n"
+             "x-mock-tokens: 7\r\n%s",
+             key, key, extra ? extra : "");
+    buf_reset(&req);
+    support_http_response_free(&resp);
+    cr_assert_eq(support_http_format(&req, "POST", path, headers, body), 0);
+    cr_assert_eq(support_http_request(router.port, req.data, req.len, TIMEOUT_MS, &resp), 0);
+    return resp.status;
+}
+
+#define ASSERT_POST(status, ...)                                                                 \
+    do {                                                                                         \
+        int got_ = post(__VA_ARGS__);                                                            \
+        cr_assert_eq(got_, status, "%d: %.*s", got_, (int)resp.body.len, resp.body.data);       \
+    } while (0)
+
+/* The requests of the scenario, then the router stopped (its log
+ * flushed). Lines: 8. */
+static void run_scenario(void)
+{
+    start("");
+    /* acme: a whole answer and a stream whose host says what they cost
+     * (only logged: oa prices them), one from a host that is paid its
+     * figure, and a Responses answer with two web search calls and
+     * three file search calls */
+    ASSERT_POST(200, "sk-acme", "/v1/chat/completions", "x-mock-cost-micro: 1234\r\n",
+                CHAT_BODY("chat", ""));
+    ASSERT_POST(200, "sk-acme", "/v1/chat/completions", "x-mock-cost-micro: 777\r\n",
+                CHAT_BODY("chat", ",\"stream\":true"));
+    ASSERT_POST(200, "sk-acme", "/v1/chat/completions",
+                "x-mock-cost-micro: 12345\r\nx-costrouter-tags: feature=summary\r\n",
+                CHAT_BODY("hosted", ""));
+    ASSERT_POST(200, "sk-acme", "/v1/responses",
+                "x-mock-web-searches: 2\r\nx-mock-file-searches: 3\r\n"
+                "x-costrouter-tags: feature=research\r\n",
+                "{\"model\":\"chat\",\"max_output_tokens\":10,\"input\":\"hello there\","
+                "\"tools\":[{\"type\":\"web_search\"},{\"type\":\"file_search\"}]}");
+    /* globex (3 a minute): Claude with 3 web searches, the same again
+     * from the cache, a stream with 2, and a fourth refused */
+    ASSERT_POST(200, "sk-globex", "/v1/messages", "x-mock-web-searches: 3\r\n",
+                CHAT_BODY("claude", ",\"temperature\":0"));
+    ASSERT_POST(200, "sk-globex", "/v1/messages", "x-mock-web-searches: 3\r\n",
+                CHAT_BODY("claude", ",\"temperature\":0"));
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
+    ASSERT_POST(200, "sk-globex", "/v1/messages", "x-mock-web-searches: 2\r\n",
+                CHAT_BODY("claude", ",\"stream\":true"));
+    ASSERT_POST(429, "sk-globex", "/v1/messages", NULL, CHAT_BODY("claude", ""));
+    support_proc_stop(&router);
+    cr_assert(support_proc_exited_cleanly(&router));
+}
+
+/* `costrouter report --format FORMAT --by BY [more] FILE`; its stdout
+ * in `out`, NUL-terminated; the exit status. */
+static int report(const char *format, const char *by, const char *more, const char *file)
+{
+    const char *bin = getenv("COSTROUTER_BIN") ? getenv("COSTROUTER_BIN") : "./costrouter";
+    char *argv[8] = {(char *)bin, "report", "--format", (char *)format, "--by", (char *)by};
+    int argc = 6, rc;
+
+    if (more != NULL)
+        argv[argc++] = (char *)more;
+    argv[argc++] = (char *)file;
+    argv[argc] = NULL;
+    buf_reset(&out);
+    rc = support_run(argv, &out, 10000);
+    cr_assert_eq(buf_append(&out, "", 1), 0);
+    return rc;
+}
+
+static cJSON *json_report(const char *by, const char *file)
+{
+    cJSON *root;
+
+    cr_assert_eq(report("json", by, NULL, file), 0, "%s", out.data);
+    root = cJSON_Parse(out.data);
+    cr_assert_not_null(root, "not JSON: %s", out.data);
+    return root;
+}
+
+static const cJSON *group(const cJSON *root, const char *dim, const char *value)
+{
+    const cJSON *g;
+
+    cJSON_ArrayForEach(g, cJSON_GetObjectItem(root, "groups")) {
+        if (strcmp(cJSON_GetObjectItem(g, "dimension")->valuestring, dim) == 0 &&
+            strcmp(cJSON_GetObjectItem(g, "value")->valuestring, value) == 0)
+            return g;
+    }
+    cr_assert_fail("no group %s=%s in %s", dim, value, out.data);
+    return NULL;
+}
+
+static double num(const cJSON *o, const char *key)
+{
+    const cJSON *v = cJSON_GetObjectItem(o, key);
+
+    cr_assert(cJSON_IsNumber(v), "%s is not a number: %s", key, out.data);
+    return v->valuedouble;
+}
+
+/* The sum of `key` over the lines of the log at `path` whose `dim` is
+ * `value` (NULL: every line), read with cJSON: what the report must say. */
+static double log_sum(const char *path, const char *key, const char *dim, const char *value)
+{
+    char *text = support_file_read(path), *save = NULL;
+    double sum = 0;
+
+    cr_assert_not_null(text);
+    for (char *l = strtok_r(text, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
+        cJSON *o = cJSON_Parse(l);
+        const cJSON *d = dim ? cJSON_GetObjectItem(o, dim) : NULL, *v = cJSON_GetObjectItem(o, key);
+
+        cr_assert_not_null(o, "the router wrote a line that is no JSON: %s", l);
+        if ((dim == NULL || (cJSON_IsString(d) && strcmp(d->valuestring, value) == 0)) &&
+            cJSON_IsNumber(v))
+            sum += v->valuedouble;
+        cJSON_Delete(o);
+    }
+    free(text);
+    return sum;
+}
+
+/* Web searches and the costs hosts reported have their columns: the
+ * searches counted per group, and the reported costs summed over the
+ * lines that have one, with how many had one and what those were charged,
+ * so a backend's prices can be set beside its host's figures. A cache hit
+ * and a refusal are requests with neither. */
+Test(report_log, web_searches_and_reported_costs_per_group)
+{
+    const cJSON *tot, *g;
+    cJSON *root;
+
+    run_scenario();
+    root = json_report("tenant,key,backend,route,tag.feature", log_path);
+    cr_assert_eq(num(root, "lines"), 8);
+    cr_assert_eq(num(root, "bad_lines"), 0);
+    tot = cJSON_GetObjectItem(root, "total");
+    cr_assert_eq(num(tot, "requests"), 8);
+    cr_assert_eq(num(tot, "errors"), 1, "the 429: %s", out.data);
+    cr_assert_eq(num(tot, "cache_hits"), 1);
+    cr_assert_eq(num(tot, "web_searches"), 7, "%s", out.data);
+    cr_assert_eq(num(tot, "file_searches"), 3, "%s", out.data);
+    cr_assert_eq(num(tot, "reported_requests"), 3);
+    cr_assert_float_eq(num(tot, "reported_cost_usd"), 0.001234 + 0.000777 + 0.012345, 1e-15);
+    cr_assert_float_eq(num(tot, "cost_usd_of_reported"), 0.003 + 0.003 + 0.012345, 1e-15);
+    cr_assert_float_eq(num(tot, "cost_usd"), log_sum(log_path, "cost_usd", NULL, NULL), 1e-15);
+
+    /* oa priced its two by its own rates; the host was paid its figure */
+    g = group(root, "backend", "oa");
+    cr_assert_eq(num(g, "reported_requests"), 2);
+    cr_assert_float_eq(num(g, "reported_cost_usd"), 0.002011, 1e-15);
+    cr_assert_float_eq(num(g, "cost_usd_of_reported"), 0.006, 1e-15);
+    cr_assert_eq(num(g, "web_searches"), 2);
+    cr_assert_eq(num(g, "file_searches"), 3);
+    cr_assert_float_eq(num(g, "cost_usd"), 0.003 + 0.003 + 0.003 + 0.02 + 0.0075, 1e-15);
+    g = group(root, "backend", "host");
+    cr_assert_float_eq(num(g, "reported_cost_usd"), 0.012345, 1e-15);
+    cr_assert_float_eq(num(g, "cost_usd_of_reported"), 0.012345, 1e-15);
+    g = group(root, "backend", "an");
+    cr_assert_eq(num(g, "requests"), 2);
+    cr_assert_eq(num(g, "web_searches"), 5);
+    cr_assert_eq(num(g, "file_searches"), 0);
+    cr_assert_eq(num(g, "reported_requests"), 0);
+    cr_assert_eq(num(g, "reported_cost_usd"), 0);
+    cr_assert_float_eq(num(g, "cost_usd"), log_sum(log_path, "cost_usd", "backend", "an"), 1e-15);
+    g = group(root, "backend", "cache");
+    cr_assert_eq(num(g, "cache_hits"), 1);
+    cr_assert_eq(num(g, "web_searches"), 0, "a cache hit searched nothing");
+    cr_assert_eq(num(g, "cost_usd"), 0);
+    cr_assert_gt(num(g, "saved_usd"), 0.03);
+
+    g = group(root, "tenant", "globex");
+    cr_assert_eq(num(g, "requests"), 4);
+    cr_assert_eq(num(g, "errors"), 1);
+    cr_assert_eq(num(g, "web_searches"), 5);
+    cr_assert_eq(num(group(root, "key", "globex#ci"), "web_searches"), 5);
+    cr_assert_eq(num(group(root, "tag.feature", "research"), "web_searches"), 2);
+    cr_assert_eq(num(group(root, "tag.feature", "research"), "file_searches"), 3);
+    cr_assert_eq(num(group(root, "tag.feature", "summary"), "reported_requests"), 1);
+    cr_assert_eq(num(group(root, "route", "claude"), "requests"), 4);
+    cJSON_Delete(root);
+
+    /* CSV: the same columns, by name */
+    cr_assert_eq(report("csv", "backend", NULL, log_path), 0);
+    cr_assert_not_null(strstr(out.data, ",saved_usd,web_searches,file_searches,reported_cost_usd,"
+                                        "reported_requests,cost_usd_of_reported,arm_a,"),
+                       "%s", out.data);
+    cr_assert_not_null(strstr(out.data, "\ngroup,backend,oa,3,0,"), "%s", out.data);
+    cr_assert_not_null(strstr(out.data, ",0,0,2,3,0.002011,2,0.006,,,,,,,,,\n"), "%s", out.data);
+    /* the table: the totals, and the columns of each group */
+    cr_assert_eq(report("table", "backend", NULL, log_path), 0);
+    cr_assert_not_null(strstr(out.data, "web searches: 7, file searches: 3; costs reported by "
+                                        "hosts: $0.014356 on 3 requests, charged $0.018345\n"),
+                       "%s", out.data);
+    cr_assert_not_null(strstr(out.data, "  web_searches  file_searches  reported_cost_usd"),
+                       "%s", out.data);
+}
+
+/* A log written before the keys (no billed_web_searches nor
+ * reported_cost_usd) counts none of either; a count with a fraction or an
+ * amount below 0 is no router's, and its line a bad one. */
+Test(report_log, older_lines_and_numbers_no_router_writes)
+{
+    char path[160];
+    FILE *f;
+    cJSON *root;
+
+    snprintf(path, sizeof(path), "%s/old.jsonl", dir);
+    f = fopen(path, "w");
+    cr_assert_not_null(f);
+    fputs("{\"tenant\":\"a\",\"cost_usd\":0.5}\n"
+          "{\"tenant\":\"a\",\"cost_usd\":0.25,\"billed_web_searches\":null,"
+          "\"reported_cost_usd\":null}\n"
+          "{\"tenant\":\"a\",\"cost_usd\":0.25,\"billed_web_searches\":1.5}\n"
+          "{\"tenant\":\"a\",\"cost_usd\":0.25,\"billed_file_searches\":-1}\n"
+          "{\"tenant\":\"a\",\"cost_usd\":0.25,\"reported_cost_usd\":-0.1}\n"
+          "{\"tenant\":\"a\",\"cost_usd\":0.25,\"reported_cost_usd\":0}\n",
+          f);
+    fclose(f);
+    root = json_report("tenant", path);
+    cr_assert_eq(num(root, "bad_lines"), 3, "%s", out.data);
+    cr_assert_eq(num(group(root, "tenant", "a"), "requests"), 3);
+    cr_assert_eq(num(group(root, "tenant", "a"), "web_searches"), 0);
+    cr_assert_eq(num(group(root, "tenant", "a"), "file_searches"), 0);
+    cr_assert_eq(num(group(root, "tenant", "a"), "reported_requests"), 1, "$0 is a figure");
+    cr_assert_eq(num(group(root, "tenant", "a"), "cost_usd_of_reported"), 0.25);
+    cJSON_Delete(root);
+}
+
+/* A record whose newline was lost (a copy cut right after its `}`, then
+ * `cat` with the next file) runs into the next one: `{...}{...}` is no
+ * JSON object, and the line is a bad one. It was read as the first
+ * object alone: the second record left out of every sum without a word,
+ * nor a bad line to say so. Bytes after an object are a bad line too. */
+Test(report_log, two_records_on_one_line_make_a_bad_line)
+{
+    char glued[160], *text, *nl;
+    cJSON *root;
+    const cJSON *tot;
+
+    run_scenario();
+    text = support_file_read(log_path);
+    cr_assert_not_null(text);
+    nl = strchr(text, '\n');
+    memmove(nl, nl + 1, strlen(nl + 1) + 1); /* lines 1 and 2 as one */
+    nl = strrchr(text, '}');
+    memmove(nl + 1 + 4, nl + 1, strlen(nl + 1) + 1);
+    memcpy(nl + 1, " \"x\"", 4); /* and junk after the last record */
+    snprintf(glued, sizeof(glued), "%s/glued.jsonl", dir);
+    cr_assert_eq(support_file_write(glued, text), 0);
+    free(text);
+
+    root = json_report("tenant", glued);
+    tot = cJSON_GetObjectItem(root, "total");
+    cr_assert_eq(num(root, "lines"), 7);
+    cr_assert_eq(num(root, "bad_lines"), 2, "%s", out.data);
+    cr_assert_eq(num(tot, "requests"), 5, "%s", out.data);
+    cJSON_Delete(root);
+
+    /* stderr says where the first bad line is, for a user to look */
+    char cmd[512], want[256];
+    char *argv[] = {"/bin/sh", "-c", cmd, NULL};
+    snprintf(cmd, sizeof(cmd), "'%s' report --format csv '%s' 2>&1 >/dev/null",
+             getenv("COSTROUTER_BIN") ? getenv("COSTROUTER_BIN") : "./costrouter", glued);
+    buf_reset(&out);
+    cr_assert_eq(support_run(argv, &out, 10000), 0);
+    cr_assert_eq(buf_append(&out, "", 1), 0);
+    snprintf(want, sizeof(want), "report: skipped 2 bad lines (the first at %s:1)\n", glued);
+    cr_assert_not_null(strstr(out.data, want), "%s", out.data);
+}
+
+/* Two experiments on one route, for two tenants, with arms of the same
+ * names: each compares its own arms. The log did not say which
+ * experiment a line's arm was of, so the report compared them by route:
+ * acme's control and globex's control taken as one arm, the difference
+ * between arms a mix of two experiments' users, backends and prices. */
+Test(report_log, arms_are_compared_within_their_experiment)
+{
+    static const char *const users[] = {"u0", "u1", "u2", "u3", "u4", "u5", "u6", "u7"};
+    char headers[64];
+    const cJSON *d;
+    cJSON *root;
+    int seen = 0;
+
+    start("experiments:\n"
+          "  - {name: e-acme, route: ab, tenants: [acme], arms: [{name: control, backends: [oa]},\n"
+          "     {name: treatment, backends: [ob]}]}\n"
+          "  - {name: e-globex, route: ab, tenants: [globex], arms: [{name: control,\n"
+          "     backends: [ob]}, {name: treatment, backends: [oa]}]}\n");
+    for (size_t i = 0; i < 8; i++) {
+        snprintf(headers, sizeof(headers), "x-user-id: %s\r\n", users[i]);
+        ASSERT_POST(200, "sk-acme", "/v1/chat/completions", headers, CHAT_BODY("ab", ""));
+    }
+    for (size_t i = 0; i < 3; i++) { /* globex: 3 a minute */
+        snprintf(headers, sizeof(headers), "x-user-id: %s\r\n", users[i]);
+        ASSERT_POST(200, "sk-globex", "/v1/chat/completions", headers, CHAT_BODY("ab", ""));
+    }
+    support_proc_stop(&router);
+
+    root = json_report("tenant", log_path);
+    cJSON_ArrayForEach(d, cJSON_GetObjectItem(root, "arm_diffs")) {
+        const cJSON *e = cJSON_GetObjectItem(d, "experiment");
+
+        cr_assert(cJSON_IsString(e), "an arm comparison by route, not experiment: %s", out.data);
+        /* each experiment's arms hold its tenant's requests, no other's */
+        cr_assert_eq(num(d, "n_a") + num(d, "n_b"), strcmp(e->valuestring, "e-acme") ? 3 : 8,
+                     "%s", out.data);
+        seen += strcmp(e->valuestring, "e-acme") == 0;
+    }
+    cr_assert_eq(seen, 1, "acme's 8 users fell in both arms: %s", out.data);
+    cJSON_Delete(root);
+}
+
+/* `report cost.jsonl*` over a log rotated by logrotate takes in its
+ * compressed files too. Read as text, each of their "lines" was a bad
+ * line and their records were missing from every sum, under a report
+ * that exited 0: a month billed short. The report refuses such a file
+ * and says how to read it. */
+Test(report_log, a_compressed_rotated_log_is_refused_not_read_as_bad_lines)
+{
+    char gz[160], cmd[512];
+    char *sh[] = {"/bin/sh", "-c", cmd, NULL};
+
+    if (access("/usr/bin/gzip", X_OK) != 0 && access("/bin/gzip", X_OK) != 0)
+        cr_skip_test("no gzip");
+    run_scenario();
+    snprintf(gz, sizeof(gz), "%s/cost.jsonl.1.gz", dir);
+    snprintf(cmd, sizeof(cmd), "gzip -c '%s' > '%s'", log_path, gz);
+    cr_assert_eq(support_run(sh, NULL, 10000), 0);
+
+    cr_assert_eq(report("json", "tenant", log_path, gz), 1, "%s", out.data);
+    cr_assert_eq(strlen(out.data), 0, "a report without the file's records: %s", out.data);
+    snprintf(cmd, sizeof(cmd), "'%s' report '%s' 2>&1 >/dev/null",
+             getenv("COSTROUTER_BIN") ? getenv("COSTROUTER_BIN") : "./costrouter", gz);
+    buf_reset(&out);
+    cr_assert_eq(support_run(sh, &out, 10000), 1);
+    cr_assert_eq(buf_append(&out, "", 1), 0);
+    cr_assert_not_null(strstr(out.data, "cost.jsonl.1.gz: compressed: decompress it first (zcat "),
+                       "%s", out.data);
+    /* decompressed, it is read as any log */
+    snprintf(cmd, sizeof(cmd), "zcat '%s' | '%s' report --format csv - | grep -c '^total,,,8,'",
+             gz, getenv("COSTROUTER_BIN") ? getenv("COSTROUTER_BIN") : "./costrouter");
+    cr_assert_eq(support_run(sh, NULL, 10000), 0);
+}
+
+/* One file under two names, as `report logs/STAR.jsonl` gives it when a
+ * "current" symlink sits beside its target (or globs overlap), is read
+ * once, with a word on stderr; it was read twice and every record in it
+ * billed twice. */
+Test(report_log, one_file_under_two_names_is_read_once)
+{
+    char current[160];
+    cJSON *root;
+
+    run_scenario();
+    snprintf(current, sizeof(current), "%s/current.jsonl", dir);
+    cr_assert_eq(symlink(log_path, current), 0);
+    root = json_report("tenant", current);
+    double once = num(cJSON_GetObjectItem(root, "total"), "cost_usd");
+    cJSON_Delete(root);
+
+    cr_assert_eq(report("json", "tenant", log_path, current), 0);
+    root = cJSON_Parse(out.data);
+    cr_assert_not_null(root, "%s", out.data);
+    cr_assert_eq(num(root, "lines"), 8, "%s", out.data);
+    cr_assert_eq(num(cJSON_GetObjectItem(root, "total"), "requests"), 8);
+    cr_assert_eq(num(cJSON_GetObjectItem(root, "total"), "cost_usd"), once);
+    cJSON_Delete(root);
+}
+
+/* A request refused for its tags (400 invalid_tags) carries none of
+ * them: its line had those read before the bad one ("feature=a, b" gave
+ * feature a, "b, feature=a" nothing), and the report counted the refusal
+ * under tag.feature a, which the request never got. */
+Test(report_log, a_request_refused_for_its_tags_carries_none)
+{
+    cJSON *root;
+    const cJSON *g;
+
+    start("");
+    ASSERT_POST(200, "sk-acme", "/v1/chat/completions", "x-costrouter-tags: feature=a\r\n",
+                CHAT_BODY("chat", ""));
+    ASSERT_POST(400, "sk-acme", "/v1/chat/completions", "x-costrouter-tags: feature=a, b\r\n",
+                CHAT_BODY("chat", ""));
+    ASSERT_POST(400, "sk-acme", "/v1/chat/completions", "x-costrouter-tags: b, feature=a\r\n",
+                CHAT_BODY("chat", ""));
+    ASSERT_POST(400, "sk-acme", "/v1/chat/completions",
+                "x-costrouter-tags: feature=a, team=other\r\n", CHAT_BODY("chat", ""));
+    support_proc_stop(&router);
+
+    root = json_report("tag", log_path);
+    cr_assert_eq(num(cJSON_GetObjectItem(root, "total"), "requests"), 4);
+    cr_assert_eq(num(group(root, "tag.feature", "a"), "requests"), 1, "%s", out.data);
+    cr_assert_eq(num(group(root, "tag.feature", "a"), "errors"), 0, "%s", out.data);
+    cr_assert_eq(num(group(root, "tag.team", "search"), "requests"), 4, "the tenant's own");
+    cJSON_ArrayForEach(g, cJSON_GetObjectItem(root, "groups"))
+        cr_assert_str_neq(cJSON_GetObjectItem(g, "value")->valuestring, "other");
+    cJSON_Delete(root);
+}
+
+/* --by day and --by month: the UTC day and month each request started
+ * (its ts), in order of time, "-" for a line without a ts; the last
+ * millisecond of November and the first of December fall apart. */
+Test(report_log, by_day_and_month)
+{
+    char older[160], today[11], month[8];
+    cJSON *root, *first;
+    const cJSON *g;
+    const char *prev = "";
+
+    run_scenario();
+    char *text = support_file_read(log_path);
+    cr_assert_not_null(text);
+    *strchr(text, '\n') = '\0';
+    first = cJSON_Parse(text);
+    free(text);
+    cr_assert_not_null(first);
+    snprintf(today, sizeof(today), "%.10s", cJSON_GetObjectItem(first, "ts")->valuestring);
+    snprintf(month, sizeof(month), "%.7s", today);
+    cJSON_Delete(first);
+    snprintf(older, sizeof(older), "%s/older.jsonl", dir);
+    cr_assert_eq(support_file_write(older,
+                                    "{\"ts\":\"2025-11-30T23:59:59.999Z\",\"tenant\":\"acme\","
+                                    "\"cost_usd\":1}\n"
+                                    "{\"ts\":\"2025-12-01T00:00:00.000Z\",\"tenant\":\"acme\","
+                                    "\"cost_usd\":2}\n"
+                                    "{\"ts\":null,\"tenant\":\"acme\",\"cost_usd\":4}\n"),
+                 0);
+    cr_assert_eq(report("json", "day,month", log_path, older), 0);
+    root = cJSON_Parse(out.data);
+    cr_assert_not_null(root, "%s", out.data);
+    cr_assert_eq(num(group(root, "day", today), "requests"), 8);
+    cr_assert_eq(num(group(root, "day", "2025-11-30"), "cost_usd"), 1);
+    cr_assert_eq(num(group(root, "day", "2025-12-01"), "cost_usd"), 2);
+    cr_assert_eq(num(group(root, "day", "-"), "cost_usd"), 4);
+    cr_assert_eq(num(group(root, "month", "2025-11"), "cost_usd"), 1);
+    cr_assert_eq(num(group(root, "month", month), "requests"), 8);
+    cJSON_ArrayForEach(g, cJSON_GetObjectItem(root, "groups")) {
+        const char *v = cJSON_GetObjectItem(g, "value")->valuestring;
+        if (strcmp(cJSON_GetObjectItem(g, "dimension")->valuestring, "day") == 0) {
+            cr_assert_lt(strcmp(prev, v), 0, "days out of order: %s", out.data);
+            prev = v;
+        }
+    }
+    cJSON_Delete(root);
+}
