@@ -207,12 +207,17 @@ static void log_error_answer(struct router__client *c, int status, const char *e
                  detail ? detail : "", note);
 }
 
+static enum router__endpoint error_endpoint(const struct router__request *req);
+static const char *allowed_methods(const struct router__request *req);
+
 void router__send_error(struct router__client *c, const char *errstr, const char *detail)
 {
-    router__send_error_with(c, errstr, detail, error_lookup(errstr)->headers);
-}
+    /* A 405 MUST say what the path does take (RFC 9110 15.5.6). */
+    const char *extra =
+        errstr == error_method ? allowed_methods(&c->req) : error_lookup(errstr)->headers;
 
-static enum router__endpoint error_endpoint(const struct router__request *req);
+    router__send_error_with(c, errstr, detail, extra);
+}
 
 void router__send_error_with(struct router__client *c, const char *errstr, const char *detail,
                              const char *extra_headers)
@@ -422,6 +427,24 @@ static enum router__endpoint error_endpoint(const struct router__request *req)
         if (slice_eq(path, endpoints[i].path))
             return endpoints[i].endpoint;
     return ROUTER_EP_NONE;
+}
+
+/* The Allow header of a 405 to `req`: the methods its path takes, or
+ * NULL for no path of the router's (a CONNECT's authority). The admin
+ * paths take GET (and so HEAD), but for the reload, a POST. */
+static const char *allowed_methods(const struct router__request *req)
+{
+    static const char post[] = "Allow: POST\r\n", get[] = "Allow: GET, HEAD\r\n";
+    struct slice path = request_path(req);
+
+    if (slice_eq(path, "/admin/reload"))
+        return post;
+    if (path.len > 7 && memcmp(path.p, "/admin/", 7) == 0)
+        return get;
+    for (size_t i = 0; i < ARRAY_SIZE(endpoints); i++)
+        if (slice_eq(path, endpoints[i].path))
+            return endpoints[i].method == HTTP_POST ? post : get;
+    return NULL;
 }
 
 /* Find the endpoint; sets *errstr to error_not_found or error_method. */
