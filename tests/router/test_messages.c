@@ -451,6 +451,41 @@ Test(messages, the_tenant_key_comes_from_x_api_key_or_bearer)
     cr_assert_eq(requests_of(&mock), 3);
 }
 
+/* Anthropic's Python SDK sends "X-Api-Key:" empty beside its Bearer token
+ * when ANTHROPIC_API_KEY is set to "" (as gateways tell Claude Code users
+ * to do) and ANTHROPIC_AUTH_TOKEN holds the key; and "Authorization:
+ * Bearer " when the token is the empty one. A header that names no key
+ * is no second key: the other one authenticates. */
+Test(messages, an_empty_key_header_beside_the_key_is_no_second_key)
+{
+    static const char body[] = "{\"model\":\"claude\",\"max_tokens\":5," MSGS "}";
+    static const char *const ok[] = {
+        "X-Api-Key: \r\nAuthorization: Bearer " KEY "\r\n",
+        "Authorization: Bearer " KEY "\r\nx-api-key:\r\n",
+        "Authorization: Bearer \r\n" XKEY,
+        XKEY "Authorization: Bearer\r\n",
+    };
+    static const char *const refused[] = {
+        "X-Api-Key: \r\n",
+        "X-Api-Key: \r\nAuthorization: Bearer \r\n",
+    };
+
+    start("");
+    for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+        cr_assert_eq(call(router.port, "POST", "/v1/messages", ok[i], body), 0);
+        cr_assert_eq(resp.status, 200, "%s: %d %.*s", ok[i], resp.status, (int)resp.body.len,
+                     resp.body.data);
+    }
+    for (size_t i = 0; i < sizeof(refused) / sizeof(refused[0]); i++) {
+        cr_assert_eq(call(router.port, "POST", "/v1/messages", refused[i], body), 0);
+        assert_anthropic_error(401, "authentication_error");
+    }
+    /* A scheme other than Bearer is still a key, and another one. */
+    cr_assert_eq(messages("Authorization: Basic xyz\r\n", body), 0);
+    assert_anthropic_error(400, "invalid_request_error");
+    cr_assert_eq(requests_of(&mock), 4);
+}
+
 /* A body the router refuses itself, and how. */
 struct refusal {
     const char *body;
