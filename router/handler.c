@@ -496,26 +496,54 @@ static const struct conf_key *authenticate(struct router__client *c)
     return conf_find_key(c->router->conf, digest);
 }
 
-/* The routes the tenant may use, as OpenAI lists models. */
+/* The routes the tenant may use that the client's API can serve (a route
+ * none of whose candidates speaks it would answer its requests 404), as
+ * that API lists models. A client that sends anthropic-version, as
+ * Anthropic's API requires and its SDKs do on every request, speaks
+ * Anthropic's: its list is one page of {type, id, display_name,
+ * created_at} with has_more, first_id and last_id; any other OpenAI's. */
 static void send_models(struct router__client *c)
 {
     const struct conf *conf = c->router->conf;
+    int anthropic = router__request_header(&c->req, "anthropic-version", &(size_t){0}) != NULL;
+    enum conf_api api = anthropic ? CONF_API_ANTHROPIC : CONF_API_OPENAI;
     cJSON *root = cJSON_CreateObject(), *data = cJSON_AddArrayToObject(root, "data");
+    const char *first = NULL, *last = NULL;
     char *body;
 
-    cJSON_AddStringToObject(root, "object", "list");
+    if (!anthropic)
+        cJSON_AddStringToObject(root, "object", "list");
     for (size_t i = 0; i < conf->nroutes; i++) {
+        const char *id = conf->routes[i].model;
         cJSON *m;
 
-        if (!conf_key_allows(c->req.key, &conf->routes[i]))
+        if (conf->routes[i].speaks[api] == 0 || !conf_key_allows(c->req.key, &conf->routes[i]))
             continue;
         m = cJSON_CreateObject();
-
-        cJSON_AddStringToObject(m, "id", conf->routes[i].model);
-        cJSON_AddStringToObject(m, "object", "model");
-        cJSON_AddNumberToObject(m, "created", 0);
-        cJSON_AddStringToObject(m, "owned_by", "costrouter");
+        if (anthropic) {
+            cJSON_AddStringToObject(m, "type", "model");
+            cJSON_AddStringToObject(m, "id", id);
+            cJSON_AddStringToObject(m, "display_name", id);
+            cJSON_AddStringToObject(m, "created_at", "1970-01-01T00:00:00Z");
+        } else {
+            cJSON_AddStringToObject(m, "id", id);
+            cJSON_AddStringToObject(m, "object", "model");
+            cJSON_AddNumberToObject(m, "created", 0);
+            cJSON_AddStringToObject(m, "owned_by", "costrouter");
+        }
         cJSON_AddItemToArray(data, m);
+        first = first ? first : id;
+        last = id;
+    }
+    if (anthropic) {
+        cJSON_AddBoolToObject(root, "has_more", 0);
+        if (first) {
+            cJSON_AddStringToObject(root, "first_id", first);
+            cJSON_AddStringToObject(root, "last_id", last);
+        } else {
+            cJSON_AddNullToObject(root, "first_id");
+            cJSON_AddNullToObject(root, "last_id");
+        }
     }
     body = cJSON_PrintUnformatted(root);
     cJSON_Delete(root);

@@ -80,8 +80,6 @@ static const char *endpoint_suffix(enum router__endpoint ep)
     }
 }
 
-static const char *request_header(const struct router__request *req, const char *name,
-                                  size_t *len);
 
 /* Is the request a token count (POST /v1/messages/count_tokens)? Anthropic
  * bills nothing for one and it generates nothing: it holds no budget, is
@@ -332,7 +330,7 @@ static int build_request(struct router__client *c, const struct router__pool *po
     /* Anthropic's API refuses a request without its version; a client's
      * own (and its anthropic-beta) went on with its headers. */
     if (rc == 0 && ROUTER_EP_ANTHROPIC(req->endpoint) &&
-        request_header(req, "anthropic-version", &(size_t){0}) == NULL)
+        router__request_header(req, "anthropic-version", &(size_t){0}) == NULL)
         rc = buf_append_lit(out, "anthropic-version: " ROUTER_ANTHROPIC_VERSION "\r\n");
     rc = rc ?: buf_append(out, "\r\n", 2);
     rc = rc ?: buf_reserve(out, body.len);
@@ -1006,8 +1004,8 @@ void router__proxy_rate_release(struct router__client *c)
     rate_settle(c, 0);
 }
 
-/* Value of forwarded request header `name`, or NULL (len set). */
-static const char *request_header(const struct router__request *req, const char *name, size_t *len)
+const char *router__request_header(const struct router__request *req, const char *name,
+                                   size_t *len)
 {
     size_t n = strlen(name);
     const char *p = req->fwd.data, *end = p ? p + req->fwd.len : NULL;
@@ -1043,7 +1041,7 @@ static void assign_arm(struct router__client *c)
     e = policy_experiment_find(r->experiments, r->conf->nexperiments, req->route, req->tenant->id);
     if (e == NULL)
         return;
-    user = request_header(req, r->conf->experiments[e - r->experiments].user_header, &len);
+    user = router__request_header(req, r->conf->experiments[e - r->experiments].user_header, &len);
     req->arm = policy_experiment_arm(e, req->route, req->tenant->id, user, len, &req->arm_allowed);
 }
 

@@ -590,6 +590,46 @@ Test(messages, a_mixed_route_sends_each_api_only_to_its_kind)
     cr_assert_str_eq(get(last_request(&oai), "path")->valuestring, "/v1/chat/completions");
 }
 
+/* The ids of GET /v1/models with `headers`, comma-joined in order. */
+static const char *model_ids(const char *headers, char *out, size_t size)
+{
+    const cJSON *m;
+    size_t n = 0;
+
+    cr_assert_eq(call(router.port, "GET", "/v1/models", headers, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    out[0] = '\0';
+    cJSON_ArrayForEach(m, get(body_json(), "data"))
+        n += (size_t)snprintf(out + n, size - n, "%s%s", n ? "," : "",
+                              get(m, "id")->valuestring);
+    return out;
+}
+
+/* GET /v1/models lists the routes the client's API can use: an OpenAI
+ * client (no anthropic-version) is not offered "claude" or "two", which
+ * its chat requests would get 404 for, nor an Anthropic client (whose
+ * SDKs send anthropic-version on every request) "gpt". */
+Test(messages, the_models_list_holds_the_routes_of_the_clients_api)
+{
+    char ids[256];
+
+    start("");
+    cr_assert_str_eq(model_ids(XKEY, ids, sizeof(ids)), "mix,gpt");
+    cr_assert_str_eq(model_ids("Authorization: Bearer " KEY "\r\n", ids, sizeof(ids)), "mix,gpt");
+    cr_assert_str_eq(model_ids(XKEY "anthropic-version: 2023-06-01\r\n", ids, sizeof(ids)),
+                     "claude,mix,two");
+    /* Anthropic's page fields, which its SDKs read to page on. */
+    cr_assert(cJSON_IsFalse(get(json, "has_more")));
+    cr_assert_str_eq(get(json, "first_id")->valuestring, "claude");
+    cr_assert_str_eq(get(json, "last_id")->valuestring, "two");
+    cr_assert_str_eq(get(cJSON_GetArrayItem(get(json, "data"), 0), "type")->valuestring, "model");
+    /* What the list offers is served. */
+    cr_assert_eq(call(router.port, "POST", "/v1/chat/completions", XKEY,
+                      "{\"model\":\"claude\"," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 404);
+}
+
 Test(messages, a_budget_refuses_a_hold_of_max_tokens_that_does_not_fit)
 {
     /* $0.01 a day: 1000 output tokens at $300/M hold $0.30, 10 hold
