@@ -493,10 +493,10 @@ static void estimate(struct router__client *c)
     req->prompt_est = first->tokenizer == CONF_TOK_ESTIMATE
                           ? policy_calib_apply(&r->calib[first->index], req->prompt_raw)
                           : req->prompt_raw;
-    req->completion_limited =
-        cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_tokens")) ||
-        cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_completion_tokens")) ||
-        cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_output_tokens"));
+    /* Only a cap the prediction takes: with max_tokens -1 or 0 (which
+     * caps nothing) it is a guess, as without one, and a guess must
+     * neither refuse a request as too large nor escape on_overrun. */
+    req->completion_limited = policy_outpred_cap(req->json) > 0;
     req->asked_tier = (int8_t)asked_tier(req->json);
     req->web_searches_held = web_searches_held(req->json, req->endpoint);
     if (req->endpoint == ROUTER_EP_EMBEDDINGS || req->endpoint == ROUTER_EP_COUNT_TOKENS)
