@@ -416,17 +416,22 @@ const char *router__endpoint_path(enum router__endpoint ep)
 
 /* The language of the router's errors to `req`: its endpoint's, or, for a
  * request refused before it had one (a wrong method: GET /v1/messages),
- * its path's, so that an Anthropic SDK gets an error it reads. */
+ * its path's, so that an Anthropic SDK gets an error it reads. Off the
+ * endpoints of one API (an unknown path such as /v1/messages/batches,
+ * /v1/models), a client that sends anthropic-version, as Anthropic's API
+ * requires and its SDKs do on every request, gets Anthropic's. */
 static enum router__endpoint error_endpoint(const struct router__request *req)
 {
     struct slice path = request_path(req);
+    enum router__endpoint ep = req->endpoint;
 
-    if (req->endpoint != ROUTER_EP_NONE || path.len == 0)
-        return req->endpoint;
-    for (size_t i = 0; i < ARRAY_SIZE(endpoints); i++)
+    for (size_t i = 0; ep == ROUTER_EP_NONE && path.len > 0 && i < ARRAY_SIZE(endpoints); i++)
         if (slice_eq(path, endpoints[i].path))
-            return endpoints[i].endpoint;
-    return ROUTER_EP_NONE;
+            ep = endpoints[i].endpoint;
+    if (!ROUTER_EP_PROXIED(ep) &&
+        router__request_header(req, "anthropic-version", &(size_t){0}) != NULL)
+        return ROUTER_EP_MESSAGES;
+    return ep;
 }
 
 /* The Allow header of a 405 to `req`: the methods its path takes, or

@@ -168,6 +168,24 @@ Test(anthropic_sdk, models_list_holds_the_routes_it_can_use)
     cr_assert_str_eq(get(r, "display_name")->valuestring, "claude");
 }
 
+/* The router's errors outside /v1/messages are Anthropic's too, to the
+ * SDK (it sends anthropic-version): an API the router does not serve is
+ * a not_found_error, a bad key on models.list an authentication_error. */
+Test(anthropic_sdk, errors_off_the_messages_paths_are_anthropic_shaped)
+{
+    start();
+    cJSON *r = run_client("batches", TENANT_KEY);
+    cr_assert(cJSON_IsFalse(get(r, "ok")), "%s", cJSON_PrintUnformatted(r));
+    cr_assert_str_eq(get(r, "error_class")->valuestring, "NotFoundError");
+    cr_assert_str_eq(get(r, "error_type")->valuestring, "not_found_error", "%s",
+                     cJSON_PrintUnformatted(r));
+    r = run_client("badkey-models", "sk-not-a-tenant");
+    cr_assert(cJSON_IsFalse(get(r, "ok")), "%s", cJSON_PrintUnformatted(r));
+    cr_assert_str_eq(get(r, "error_class")->valuestring, "AuthenticationError");
+    cr_assert_str_eq(get(r, "error_type")->valuestring, "authentication_error", "%s",
+                     cJSON_PrintUnformatted(r));
+}
+
 Test(anthropic_sdk, a_bad_key_is_an_authentication_error)
 {
     start();

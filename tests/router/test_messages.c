@@ -630,6 +630,33 @@ Test(messages, the_models_list_holds_the_routes_of_the_clients_api)
     cr_assert_eq(resp.status, 404);
 }
 
+/* Off the endpoints of one API, the router's errors speak the client's:
+ * Anthropic's to one that sends anthropic-version (its SDKs always do),
+ * OpenAI's to any other. */
+Test(messages, errors_off_the_api_paths_speak_the_clients_api)
+{
+    static const char av[] = "anthropic-version: 2023-06-01\r\n";
+
+    start("");
+    cr_assert_eq(call(router.port, "POST", "/v1/messages/batches", XKEY "anthropic-version: x\r\n",
+                      "{}"),
+                 0);
+    assert_anthropic_error(404, "not_found_error");
+    cr_assert_eq(call(router.port, "GET", "/v1/models", "x-api-key: sk-wrong\r\n"
+                      "anthropic-version: 2023-06-01\r\n", NULL),
+                 0);
+    assert_anthropic_error(401, "authentication_error");
+    cr_assert_eq(call(router.port, "DELETE", "/v1/models", av, NULL), 0);
+    assert_anthropic_error(405, "invalid_request_error");
+    /* Without it, OpenAI's; and an OpenAI endpoint keeps its own. */
+    cr_assert_eq(call(router.port, "POST", "/v1/messages/batches", XKEY, "{}"), 0);
+    cr_assert_eq(resp.status, 404);
+    cr_assert_str_eq(get(get(body_json(), "error"), "code")->valuestring, "unknown_url");
+    cr_assert_eq(call(router.port, "POST", "/v1/chat/completions", av, "{}"), 0);
+    cr_assert_eq(resp.status, 401);
+    cr_assert_str_eq(get(get(body_json(), "error"), "code")->valuestring, "invalid_api_key");
+}
+
 Test(messages, a_budget_refuses_a_hold_of_max_tokens_that_does_not_fit)
 {
     /* $0.01 a day: 1000 output tokens at $300/M hold $0.30, 10 hold
