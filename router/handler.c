@@ -734,6 +734,13 @@ static const char *parse_body(struct router__client *c, const char **detail)
         (*detail = messages_shape_error(req->json, req->endpoint == ROUTER_EP_COUNT_TOKENS)))
         return error_invalid_type;
     stream = cJSON_GetObjectItemCaseSensitive(req->json, "stream");
+    /* As the APIs refuse it: else the router would take "true" or 1 for
+     * false while a server that coerces it (vLLM) streams. */
+    if (req->endpoint != ROUTER_EP_EMBEDDINGS && req->endpoint != ROUTER_EP_COUNT_TOKENS &&
+        !absent_or(stream, cJSON_True | cJSON_False)) {
+        *detail = "'stream' must be a boolean";
+        return error_invalid_type;
+    }
     req->stream = cJSON_IsTrue(stream) && req->endpoint != ROUTER_EP_EMBEDDINGS;
     return NULL;
 }

@@ -535,6 +535,8 @@ Test(messages, router_errors_are_anthropic_shaped_with_their_status)
          "invalid_request_error"},
         {"{\"model\":\"claude\",\"max_tokens\":5,\"tools\":{}," MSGS "}", 400,
          "invalid_request_error"},
+        {"{\"model\":\"claude\",\"max_tokens\":5,\"stream\":\"true\"," MSGS "}", 400,
+         "invalid_request_error"},
         /* past the 0.01 budget */
         {"{\"model\":\"claude\",\"max_tokens\":50000," MSGS "}", 429, "rate_limit_error"},
     };
