@@ -1106,10 +1106,25 @@ void router__proxy_replay(struct router__client *c, const char *value, size_t le
              "x-costrouter-backend: cache\r\nx-costrouter-reason: cache-hit\r\n"
              "x-costrouter-cost-usd: 0.000000\r\nx-costrouter-saved-usd: %s\r\n%s",
              saved, req->stream ? "Cache-Control: no-cache\r\n" : "");
+    if (!req->stream) {
+        router__send_response(c, 200, "application/json", extra, value, len);
+        return;
+    }
     /* A cached stream is whole: it goes out with its length, like a body
-     * (which HTTP/1.0 clients can read too). */
-    router__send_response(c, 200, req->stream ? "text/event-stream" : "application/json", extra,
-                          value, len);
+     * (which HTTP/1.0 clients can read too), and ends with its cost as
+     * every stream does (the comment its first client got was the cost
+     * of that one, not kept). */
+    static const char cost[] = ": x-costrouter-cost-usd=0.000000\n\n";
+    struct buf out = {0};
+
+    if (buf_reserve(&out, len + sizeof(cost)) != 0 || buf_append(&out, value, len) != 0 ||
+        buf_append(&out, cost, sizeof(cost) - 1) != 0) {
+        buf_free(&out);
+        router__send_error(c, error_no_memory, NULL);
+        return;
+    }
+    router__send_response(c, 200, "text/event-stream", extra, out.data, out.len);
+    buf_free(&out);
 }
 
 /* ---- the response ---- */
