@@ -125,14 +125,19 @@ static uint32_t outpred_quantile(struct policy_outpred *o)
 }
 
 
-int64_t policy_outpred_predict(struct policy_outpred *o, const cJSON *req, int64_t fallback)
+int64_t policy_outpred_cap(const cJSON *req)
 {
     int64_t a = positive_int(req, "max_completion_tokens"), b = positive_int(req, "max_tokens");
-    int64_t n = positive_int(req, "n");
     int64_t per = a && b ? (a < b ? a : b) : a ? a : b;
 
-    if (!per) /* the Responses API's name for the cap */
-        per = positive_int(req, "max_output_tokens");
+    return per ? per : positive_int(req, "max_output_tokens"); /* the Responses API's name */
+}
+
+int64_t policy_outpred_predict(struct policy_outpred *o, const cJSON *req, int64_t fallback)
+{
+    int64_t n = positive_int(req, "n");
+    int64_t per = policy_outpred_cap(req);
+
     if (!per)
         per = o && o->n >= OUTPRED_MIN_SAMPLES ? (int64_t)outpred_quantile(o) : fallback;
     /* Each may be up to 1e12: their product can pass 64 bits, and wrapped

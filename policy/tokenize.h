@@ -215,6 +215,13 @@ void policy_outpred_init(struct policy_outpred *o);
 void policy_outpred_observe(struct policy_outpred *o, int64_t completion_tokens,
                             const struct cJSON *req);
 
+/* The completion tokens `req` caps each choice at: its
+ * "max_completion_tokens" or "max_tokens" (the smaller if both), else a
+ * Responses request's "max_output_tokens", each counted only when a
+ * number of at least 1 (-1, 0 or 0.5 cap nothing: LM Studio and llama.cpp
+ * read -1 as no limit); 0 when none does. `req` may be NULL. */
+int64_t policy_outpred_cap(const struct cJSON *req);
+
 /*
  * Completion tokens to reserve for `req`: its "max_completion_tokens" or
  * "max_tokens" (the smaller if both) when given and > 0, or a Responses

@@ -207,12 +207,17 @@ static void log_error_answer(struct router__client *c, int status, const char *e
                  detail ? detail : "", note);
 }
 
+static enum router__endpoint error_endpoint(const struct router__request *req);
+static const char *allowed_methods(const struct router__request *req);
+
 void router__send_error(struct router__client *c, const char *errstr, const char *detail)
 {
-    router__send_error_with(c, errstr, detail, error_lookup(errstr)->headers);
-}
+    /* A 405 MUST say what the path does take (RFC 9110 15.5.6). */
+    const char *extra =
+        errstr == error_method ? allowed_methods(&c->req) : error_lookup(errstr)->headers;
 
-static enum router__endpoint error_endpoint(const struct router__request *req);
+    router__send_error_with(c, errstr, detail, extra);
+}
 
 void router__send_error_with(struct router__client *c, const char *errstr, const char *detail,
                              const char *extra_headers)
@@ -415,17 +420,40 @@ const char *router__endpoint_path(enum router__endpoint ep)
 
 /* The language of the router's errors to `req`: its endpoint's, or, for a
  * request refused before it had one (a wrong method: GET /v1/messages),
- * its path's, so that an Anthropic SDK gets an error it reads. */
+ * its path's, so that an Anthropic SDK gets an error it reads. Off the
+ * endpoints of one API (an unknown path such as /v1/messages/batches,
+ * /v1/models), a client that sends anthropic-version, as Anthropic's API
+ * requires and its SDKs do on every request, gets Anthropic's. */
 static enum router__endpoint error_endpoint(const struct router__request *req)
 {
     struct slice path = request_path(req);
+    enum router__endpoint ep = req->endpoint;
 
-    if (req->endpoint != ROUTER_EP_NONE || path.len == 0)
-        return req->endpoint;
+    for (size_t i = 0; ep == ROUTER_EP_NONE && path.len > 0 && i < ARRAY_SIZE(endpoints); i++)
+        if (slice_eq(path, endpoints[i].path))
+            ep = endpoints[i].endpoint;
+    if (!ROUTER_EP_PROXIED(ep) &&
+        router__request_header(req, "anthropic-version", &(size_t){0}) != NULL)
+        return ROUTER_EP_MESSAGES;
+    return ep;
+}
+
+/* The Allow header of a 405 to `req`: the methods its path takes, or
+ * NULL for no path of the router's (a CONNECT's authority). The admin
+ * paths take GET (and so HEAD), but for the reload, a POST. */
+static const char *allowed_methods(const struct router__request *req)
+{
+    static const char post[] = "Allow: POST\r\n", get[] = "Allow: GET, HEAD\r\n";
+    struct slice path = request_path(req);
+
+    if (slice_eq(path, "/admin/reload"))
+        return post;
+    if (path.len > 7 && memcmp(path.p, "/admin/", 7) == 0)
+        return get;
     for (size_t i = 0; i < ARRAY_SIZE(endpoints); i++)
         if (slice_eq(path, endpoints[i].path))
-            return endpoints[i].endpoint;
-    return ROUTER_EP_NONE;
+            return endpoints[i].method == HTTP_POST ? post : get;
+    return NULL;
 }
 
 /* Find the endpoint; sets *errstr to error_not_found or error_method. */
@@ -477,26 +505,54 @@ static const struct conf_key *authenticate(struct router__client *c)
     return conf_find_key(c->router->conf, digest);
 }
 
-/* The routes the tenant may use, as OpenAI lists models. */
+/* The routes the tenant may use that the client's API can serve (a route
+ * none of whose candidates speaks it would answer its requests 404), as
+ * that API lists models. A client that sends anthropic-version, as
+ * Anthropic's API requires and its SDKs do on every request, speaks
+ * Anthropic's: its list is one page of {type, id, display_name,
+ * created_at} with has_more, first_id and last_id; any other OpenAI's. */
 static void send_models(struct router__client *c)
 {
     const struct conf *conf = c->router->conf;
+    int anthropic = router__request_header(&c->req, "anthropic-version", &(size_t){0}) != NULL;
+    enum conf_api api = anthropic ? CONF_API_ANTHROPIC : CONF_API_OPENAI;
     cJSON *root = cJSON_CreateObject(), *data = cJSON_AddArrayToObject(root, "data");
+    const char *first = NULL, *last = NULL;
     char *body;
 
-    cJSON_AddStringToObject(root, "object", "list");
+    if (!anthropic)
+        cJSON_AddStringToObject(root, "object", "list");
     for (size_t i = 0; i < conf->nroutes; i++) {
+        const char *id = conf->routes[i].model;
         cJSON *m;
 
-        if (!conf_key_allows(c->req.key, &conf->routes[i]))
+        if (conf->routes[i].speaks[api] == 0 || !conf_key_allows(c->req.key, &conf->routes[i]))
             continue;
         m = cJSON_CreateObject();
-
-        cJSON_AddStringToObject(m, "id", conf->routes[i].model);
-        cJSON_AddStringToObject(m, "object", "model");
-        cJSON_AddNumberToObject(m, "created", 0);
-        cJSON_AddStringToObject(m, "owned_by", "costrouter");
+        if (anthropic) {
+            cJSON_AddStringToObject(m, "type", "model");
+            cJSON_AddStringToObject(m, "id", id);
+            cJSON_AddStringToObject(m, "display_name", id);
+            cJSON_AddStringToObject(m, "created_at", "1970-01-01T00:00:00Z");
+        } else {
+            cJSON_AddStringToObject(m, "id", id);
+            cJSON_AddStringToObject(m, "object", "model");
+            cJSON_AddNumberToObject(m, "created", 0);
+            cJSON_AddStringToObject(m, "owned_by", "costrouter");
+        }
         cJSON_AddItemToArray(data, m);
+        first = first ? first : id;
+        last = id;
+    }
+    if (anthropic) {
+        cJSON_AddBoolToObject(root, "has_more", 0);
+        if (first) {
+            cJSON_AddStringToObject(root, "first_id", first);
+            cJSON_AddStringToObject(root, "last_id", last);
+        } else {
+            cJSON_AddNullToObject(root, "first_id");
+            cJSON_AddNullToObject(root, "last_id");
+        }
     }
     body = cJSON_PrintUnformatted(root);
     cJSON_Delete(root);
@@ -682,6 +738,13 @@ static const char *parse_body(struct router__client *c, const char **detail)
         (*detail = messages_shape_error(req->json, req->endpoint == ROUTER_EP_COUNT_TOKENS)))
         return error_invalid_type;
     stream = cJSON_GetObjectItemCaseSensitive(req->json, "stream");
+    /* As the APIs refuse it: else the router would take "true" or 1 for
+     * false while a server that coerces it (vLLM) streams. */
+    if (req->endpoint != ROUTER_EP_EMBEDDINGS && req->endpoint != ROUTER_EP_COUNT_TOKENS &&
+        !absent_or(stream, cJSON_True | cJSON_False)) {
+        *detail = "'stream' must be a boolean";
+        return error_invalid_type;
+    }
     req->stream = cJSON_IsTrue(stream) && req->endpoint != ROUTER_EP_EMBEDDINGS;
     return NULL;
 }

@@ -468,6 +468,10 @@ void router__refuse(struct router__client *c, const char *errstr, const char *de
  * scheme in any case, the blanks after it skipped) and its length, or
  * NULL: the one reading of a key for tenants and for the admin API. */
 const char *router__bearer(const struct router__client *c, size_t *len);
+/* The value of the client's header `name` among those forwarded (`fwd`)
+ * and its length in *len, or NULL when it sent none (proxy.c). */
+const char *router__request_header(const struct router__request *req, const char *name,
+                                   size_t *len);
 /* Whether the request carries the admin key (admin.c). */
 int router__admin_authorized(struct router__client *c);
 /* The path of a proxied endpoint ("/v1/messages"), for the cost log;

@@ -80,8 +80,6 @@ static const char *endpoint_suffix(enum router__endpoint ep)
     }
 }
 
-static const char *request_header(const struct router__request *req, const char *name,
-                                  size_t *len);
 
 /* Is the request a token count (POST /v1/messages/count_tokens)? Anthropic
  * bills nothing for one and it generates nothing: it holds no budget, is
@@ -332,7 +330,7 @@ static int build_request(struct router__client *c, const struct router__pool *po
     /* Anthropic's API refuses a request without its version; a client's
      * own (and its anthropic-beta) went on with its headers. */
     if (rc == 0 && ROUTER_EP_ANTHROPIC(req->endpoint) &&
-        request_header(req, "anthropic-version", &(size_t){0}) == NULL)
+        router__request_header(req, "anthropic-version", &(size_t){0}) == NULL)
         rc = buf_append_lit(out, "anthropic-version: " ROUTER_ANTHROPIC_VERSION "\r\n");
     rc = rc ?: buf_append(out, "\r\n", 2);
     rc = rc ?: buf_reserve(out, body.len);
@@ -505,10 +503,10 @@ static void estimate(struct router__client *c)
     req->prompt_est = first->tokenizer == CONF_TOK_ESTIMATE
                           ? policy_calib_apply(&r->calib[first->index], req->prompt_raw)
                           : req->prompt_raw;
-    req->completion_limited =
-        cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_tokens")) ||
-        cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_completion_tokens")) ||
-        cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_output_tokens"));
+    /* Only a cap the prediction takes: with max_tokens -1 or 0 (which
+     * caps nothing) it is a guess, as without one, and a guess must
+     * neither refuse a request as too large nor escape on_overrun. */
+    req->completion_limited = policy_outpred_cap(req->json) > 0;
     req->asked_tier = (int8_t)asked_tier(req->json);
     searches_held(req);
     if (req->endpoint == ROUTER_EP_EMBEDDINGS || req->endpoint == ROUTER_EP_COUNT_TOKENS)
@@ -1018,8 +1016,8 @@ void router__proxy_rate_release(struct router__client *c)
     rate_settle(c, 0);
 }
 
-/* Value of forwarded request header `name`, or NULL (len set). */
-static const char *request_header(const struct router__request *req, const char *name, size_t *len)
+const char *router__request_header(const struct router__request *req, const char *name,
+                                   size_t *len)
 {
     size_t n = strlen(name);
     const char *p = req->fwd.data, *end = p ? p + req->fwd.len : NULL;
@@ -1055,7 +1053,7 @@ static void assign_arm(struct router__client *c)
     e = policy_experiment_find(r->experiments, r->conf->nexperiments, req->route, req->tenant->id);
     if (e == NULL)
         return;
-    user = request_header(req, r->conf->experiments[e - r->experiments].user_header, &len);
+    user = router__request_header(req, r->conf->experiments[e - r->experiments].user_header, &len);
     req->arm = policy_experiment_arm(e, req->route, req->tenant->id, user, len, &req->arm_allowed);
     req->experiment = req->arm ? e->name : NULL;
 }
@@ -1121,10 +1119,25 @@ void router__proxy_replay(struct router__client *c, const char *value, size_t le
              "x-costrouter-backend: cache\r\nx-costrouter-reason: cache-hit\r\n"
              "x-costrouter-cost-usd: 0.000000\r\nx-costrouter-saved-usd: %s\r\n%s",
              saved, req->stream ? "Cache-Control: no-cache\r\n" : "");
+    if (!req->stream) {
+        router__send_response(c, 200, "application/json", extra, value, len);
+        return;
+    }
     /* A cached stream is whole: it goes out with its length, like a body
-     * (which HTTP/1.0 clients can read too). */
-    router__send_response(c, 200, req->stream ? "text/event-stream" : "application/json", extra,
-                          value, len);
+     * (which HTTP/1.0 clients can read too), and ends with its cost as
+     * every stream does (the comment its first client got was the cost
+     * of that one, not kept). */
+    static const char cost[] = ": x-costrouter-cost-usd=0.000000\n\n";
+    struct buf out = {0};
+
+    if (buf_reserve(&out, len + sizeof(cost)) != 0 || buf_append(&out, value, len) != 0 ||
+        buf_append(&out, cost, sizeof(cost) - 1) != 0) {
+        buf_free(&out);
+        router__send_error(c, error_no_memory, NULL);
+        return;
+    }
+    router__send_response(c, 200, "text/event-stream", extra, out.data, out.len);
+    buf_free(&out);
 }
 
 /* ---- the response ---- */

@@ -517,6 +517,20 @@ static int auth_take(struct router__request *req, struct slice value)
     return 0;
 }
 
+/* Does a key header's value (trailing blanks cut) name no key at all: an
+ * empty one, or of Authorization (`bearer`) the scheme alone? Anthropic's
+ * Python SDK sends "X-Api-Key:" empty beside its token when
+ * ANTHROPIC_API_KEY is "" (as gateways tell Claude Code users to set it),
+ * and "Bearer " for an empty token. Such a header is skipped: it is not a
+ * second key that contradicts the other one, and alone it leaves the
+ * request without a key (401), as before. */
+static int names_no_key(struct slice value, int bearer)
+{
+    if (value.len == 0)
+        return 1;
+    return bearer && value.len == 6 && strncasecmp(value.p, "Bearer", 6) == 0;
+}
+
 /* Anthropic's SDKs send the key as x-api-key: KEY. It authenticates as
  * Authorization: Bearer KEY does (held in `auth` in that form when it
  * comes alone). Both may be sent (an SDK given a key and a token), but
@@ -579,9 +593,9 @@ static int on_header_value_complete(llhttp_t *p)
     while (value.len > 0 && (value.p[value.len - 1] == ' ' || value.p[value.len - 1] == '\t'))
         value.len--;
     if (slice_caseeq(name, "authorization"))
-        rc = auth_take(req, value);
+        rc = names_no_key(value, 1) ? 0 : auth_take(req, value);
     else if (slice_caseeq(name, "x-api-key"))
-        rc = xkey_take(req, value);
+        rc = names_no_key(value, 0) ? 0 : xkey_take(req, value);
     else if (slice_caseeq(name, "expect"))
         req->expect_continue = slice_caseeq(value, "100-continue");
     else if (slice_caseeq(name, "x-costrouter-tags"))

@@ -3,7 +3,9 @@
 // it saw; test_anthropic_sdk.c asserts on it.
 // Usage: node anthropic_client.mjs BASE_URL KEY MODE
 // MODE: plain | stream | badkey | midstream (the upstream breaks mid-way) |
-//       count (messages.countTokens)
+//       count (messages.countTokens) | models (models.list, every page) |
+//       batches (messages.batches.create, which the router does not serve) |
+//       badkey-models (models.list with KEY)
 import { createRequire } from 'node:module';
 
 // The package lives in build/npm-anthropic (installed by make deps), not
@@ -49,6 +51,15 @@ try {
         const r = await client.messages.countTokens({
             model: 'claude', system: 'be brief', messages });
         out.count = r;
+    } else if (mode === 'models') {
+        out.ids = [];
+        for await (const m of client.models.list()) out.ids.push(m.id);
+        out.display_name = (await client.models.list()).data[0]?.display_name;
+    } else if (mode === 'batches') {
+        await client.messages.batches.create({ requests: [{ custom_id: 'a', params: {
+            model: 'claude', max_tokens: 5, messages } }] });
+    } else if (mode === 'badkey-models') {
+        await client.models.list();
     } else if (mode === 'badkey') {
         await client.messages.create({ model: 'claude', max_tokens: 5, messages });
     }

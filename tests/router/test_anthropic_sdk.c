@@ -56,9 +56,11 @@ static void start(void)
             "  - {name: m, kind: api, api: anthropic, url: \"http://127.0.0.1:%d/v1\",\n"
             "     api_key: %s, model: claude-mock, quality: 1, context_window: 8192,\n"
             "     input_usd_per_mtok: 3, output_usd_per_mtok: 15}\n"
-            "routes:\n  - {model: claude, candidates: [m]}\n"
+            "  - {name: o, kind: api, url: \"http://127.0.0.1:%d/v1\", model: gpt-mock,\n"
+            "     quality: 1, context_window: 8192, input_usd_per_mtok: 1, output_usd_per_mtok: 2}\n"
+            "routes:\n  - {model: claude, candidates: [m]}\n  - {model: gpt, candidates: [o]}\n"
             "tenants:\n  - {id: sdk, api_keys: [\"sha256:%s\"]}\n",
-            mock.port, UPSTREAM_KEY, hex);
+            mock.port, UPSTREAM_KEY, mock.port, hex);
     fclose(f);
     char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
     cr_assert_eq(support_proc_start(&router, argv), 0);
@@ -152,6 +154,36 @@ Test(anthropic_sdk, messages_create_streamed_with_the_cost_comment)
     cr_assert_not_null(memmem(s.resp.raw.data, s.resp.raw.len, ": x-costrouter-cost-usd=", 24));
     support_sse_close(&s);
     buf_free(&req);
+}
+
+/* models.list pages through the routes it can use: "claude", not the
+ * OpenAI-only "gpt", whose /v1/messages requests would get a 404. */
+Test(anthropic_sdk, models_list_holds_the_routes_it_can_use)
+{
+    start();
+    cJSON *r = run_client("models", TENANT_KEY);
+    cr_assert(cJSON_IsTrue(get(r, "ok")), "%s", cJSON_PrintUnformatted(r));
+    cr_assert_eq(cJSON_GetArraySize(get(r, "ids")), 1, "%s", cJSON_PrintUnformatted(r));
+    cr_assert_str_eq(cJSON_GetArrayItem(get(r, "ids"), 0)->valuestring, "claude");
+    cr_assert_str_eq(get(r, "display_name")->valuestring, "claude");
+}
+
+/* The router's errors outside /v1/messages are Anthropic's too, to the
+ * SDK (it sends anthropic-version): an API the router does not serve is
+ * a not_found_error, a bad key on models.list an authentication_error. */
+Test(anthropic_sdk, errors_off_the_messages_paths_are_anthropic_shaped)
+{
+    start();
+    cJSON *r = run_client("batches", TENANT_KEY);
+    cr_assert(cJSON_IsFalse(get(r, "ok")), "%s", cJSON_PrintUnformatted(r));
+    cr_assert_str_eq(get(r, "error_class")->valuestring, "NotFoundError");
+    cr_assert_str_eq(get(r, "error_type")->valuestring, "not_found_error", "%s",
+                     cJSON_PrintUnformatted(r));
+    r = run_client("badkey-models", "sk-not-a-tenant");
+    cr_assert(cJSON_IsFalse(get(r, "ok")), "%s", cJSON_PrintUnformatted(r));
+    cr_assert_str_eq(get(r, "error_class")->valuestring, "AuthenticationError");
+    cr_assert_str_eq(get(r, "error_type")->valuestring, "authentication_error", "%s",
+                     cJSON_PrintUnformatted(r));
 }
 
 Test(anthropic_sdk, a_bad_key_is_an_authentication_error)

@@ -936,6 +936,13 @@ Test(costs, deterministic_requests_are_served_from_the_cache)
         }
         while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1)
             events[round]++;
+        /* Its cost at its end, as every stream's: the client that reads
+         * it there reads the hit's (nothing) too. */
+        if (round == 1)
+            cr_assert_not_null(memmem(s.resp.raw.data, s.resp.raw.len,
+                                      "\n: x-costrouter-cost-usd=0.000000\n\n", 35),
+                               "no cost comment in the replay: %.*s", (int)s.resp.raw.len,
+                               s.resp.raw.data);
         support_sse_close(&s);
     }
     cr_assert_eq(events[0], events[1]);
@@ -1754,6 +1761,41 @@ Test(costs, a_request_larger_than_a_minutes_tokens_is_told_not_to_retry)
     cr_assert_null(support_http_header(&resp, "x-should-retry"));
 }
 
+/* A max_tokens that caps nothing (-1, LM Studio's and llama.cpp's "no
+ * limit", which their clients send; 0; a fraction) leaves the completion
+ * a guess, as no max_tokens does: a guess is no size the request asked
+ * for, so it is neither refused for ever as larger than a minute's tokens
+ * ("a smaller max_tokens may fit", x-should-retry: false) nor as too long
+ * for the window. Each case has a key of its own with a tpm of 100, and
+ * the guess (256 until 8 answers were seen) is over that and the window. */
+Test(costs, a_max_tokens_that_caps_nothing_is_no_max_tokens)
+{
+    static const char *const caps[] = {"", "\"max_tokens\":-1,", "\"max_tokens\":0,",
+                                       "\"max_completion_tokens\":0.5,"};
+    enum { NCAPS = sizeof(caps) / sizeof(caps[0]) };
+    char keys[NCAPS * 160], hex[65], body[256], auth[96];
+    size_t n = 0;
+
+    for (size_t i = 0; i < NCAPS; i++) {
+        snprintf(auth, sizeof(auth), "sk-cost-cap-%zu", i);
+        support_key_sha256_hex(auth, hex);
+        n += (size_t)snprintf(keys + n, sizeof(keys) - n,
+                              ", {name: cap%zu, tpm: 100, hash: \"sha256:%s\"}", i, hex);
+    }
+    more_keys = keys;
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_with_window(200);
+    start_routers(1, "a", NULL);
+    for (size_t i = 0; i < NCAPS; i++) {
+        snprintf(body, sizeof(body), "{\"model\":\"chat\",%s" MSG "}", caps[i]);
+        snprintf(auth, sizeof(auth), "Authorization: Bearer sk-cost-cap-%zu\r\n", i);
+        cr_assert_eq(call_port(routers[0].port, "POST", "/v1/chat/completions", auth, body), 0);
+        cr_assert_eq(resp.status, 200, "%s: %d %.*s", caps[i], resp.status, (int)resp.body.len,
+                     resp.body.data);
+    }
+    more_keys = "";
+}
+
 /* Tokens a request took from the tokens-per-minute limit at admission go
  * back when it is refused after (here: too long for the window). */
 Test(costs, a_refused_request_gives_its_tokens_back_to_the_tpm_limit)
@@ -1956,6 +1998,7 @@ Test(costs, a_backend_shut_out_by_a_stale_ttft_average_is_re_checked)
 }
 
 static const char *cut_auth = AUTH; /* the key tokens_before_the_cut_cost streams with */
+static const char *cut_cap = "";     /* members before its body's messages (a max_tokens) */
 
 /* Stream 1000 tokens from router 0 with `headers` (after cut_auth, each
  * line ending in CRLF): the events before a budget_exhausted error event,
@@ -1964,12 +2007,13 @@ static int tokens_before_the_cut_cost(const char *headers, double *cost)
 {
     struct support_sse s = {0};
     struct support_sse_event ev;
-    char all[256];
+    char all[256], body[256];
     const char *trailer;
     int n = 0, saw_error = 0;
 
     snprintf(all, sizeof(all), "%sx-mock-tokens: 1000\r\n%s", cut_auth, headers);
-    open_chat_stream(&s, all, "{\"model\":\"chat\",\"stream\":true," MSG "}");
+    snprintf(body, sizeof(body), "{\"model\":\"chat\",\"stream\":true,%s" MSG "}", cut_cap);
+    open_chat_stream(&s, all, body);
     while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1) {
         if (strstr(ev.data, "budget_exhausted"))
             saw_error = 1;
@@ -2022,6 +2066,19 @@ Test(costs, on_overrun_cut_ends_a_stream_when_the_budget_is_gone)
 {
     double spent = cJSON_GetObjectItem(cut_at_three_dollars("daily_usd: 3"), "day_usd")->valuedouble;
 
+    cr_assert(spent <= 3, "spent $%f, over the budget", spent);
+}
+
+/* The same for a stream whose max_tokens caps nothing: -1, which LM
+ * Studio and llama.cpp (and mockllm) read as no limit. It was taken for a
+ * cap, so the stream was never cut and spent what it liked. */
+Test(costs, on_overrun_cut_ends_a_stream_whose_max_tokens_caps_nothing)
+{
+    double spent;
+
+    cut_cap = "\"max_tokens\":-1,";
+    spent = cJSON_GetObjectItem(cut_at_three_dollars("daily_usd: 3"), "day_usd")->valuedouble;
+    cut_cap = "";
     cr_assert(spent <= 3, "spent $%f, over the budget", spent);
 }
 

@@ -432,6 +432,41 @@ Test(messages, the_tenant_key_comes_from_x_api_key_or_bearer)
     cr_assert_eq(requests_of(&mock), 3);
 }
 
+/* Anthropic's Python SDK sends "X-Api-Key:" empty beside its Bearer token
+ * when ANTHROPIC_API_KEY is set to "" (as gateways tell Claude Code users
+ * to do) and ANTHROPIC_AUTH_TOKEN holds the key; and "Authorization:
+ * Bearer " when the token is the empty one. A header that names no key
+ * is no second key: the other one authenticates. */
+Test(messages, an_empty_key_header_beside_the_key_is_no_second_key)
+{
+    static const char body[] = "{\"model\":\"claude\",\"max_tokens\":5," MSGS "}";
+    static const char *const ok[] = {
+        "X-Api-Key: \r\nAuthorization: Bearer " KEY "\r\n",
+        "Authorization: Bearer " KEY "\r\nx-api-key:\r\n",
+        "Authorization: Bearer \r\n" XKEY,
+        XKEY "Authorization: Bearer\r\n",
+    };
+    static const char *const refused[] = {
+        "X-Api-Key: \r\n",
+        "X-Api-Key: \r\nAuthorization: Bearer \r\n",
+    };
+
+    start("");
+    for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+        cr_assert_eq(call(router.port, "POST", "/v1/messages", ok[i], body), 0);
+        cr_assert_eq(resp.status, 200, "%s: %d %.*s", ok[i], resp.status, (int)resp.body.len,
+                     resp.body.data);
+    }
+    for (size_t i = 0; i < sizeof(refused) / sizeof(refused[0]); i++) {
+        cr_assert_eq(call(router.port, "POST", "/v1/messages", refused[i], body), 0);
+        assert_anthropic_error(401, "authentication_error");
+    }
+    /* A scheme other than Bearer is still a key, and another one. */
+    cr_assert_eq(messages("Authorization: Basic xyz\r\n", body), 0);
+    assert_anthropic_error(400, "invalid_request_error");
+    cr_assert_eq(requests_of(&mock), 4);
+}
+
 /* A body the router refuses itself, and how. */
 struct refusal {
     const char *body;
@@ -480,6 +515,8 @@ Test(messages, router_errors_are_anthropic_shaped_with_their_status)
         {"{\"model\":\"claude\",\"max_tokens\":5,\"system\":5," MSGS "}", 400,
          "invalid_request_error"},
         {"{\"model\":\"claude\",\"max_tokens\":5,\"tools\":{}," MSGS "}", 400,
+         "invalid_request_error"},
+        {"{\"model\":\"claude\",\"max_tokens\":5,\"stream\":\"true\"," MSGS "}", 400,
          "invalid_request_error"},
         /* past the 0.01 budget */
         {"{\"model\":\"claude\",\"max_tokens\":50000," MSGS "}", 429, "rate_limit_error"},
@@ -534,6 +571,73 @@ Test(messages, a_mixed_route_sends_each_api_only_to_its_kind)
     cr_assert_eq(requests_of(&mock), 0);
     cr_assert_eq(requests_of(&oai), 3);
     cr_assert_str_eq(get(last_request(&oai), "path")->valuestring, "/v1/chat/completions");
+}
+
+/* The ids of GET /v1/models with `headers`, comma-joined in order. */
+static const char *model_ids(const char *headers, char *out, size_t size)
+{
+    const cJSON *m;
+    size_t n = 0;
+
+    cr_assert_eq(call(router.port, "GET", "/v1/models", headers, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    out[0] = '\0';
+    cJSON_ArrayForEach(m, get(body_json(), "data"))
+        n += (size_t)snprintf(out + n, size - n, "%s%s", n ? "," : "",
+                              get(m, "id")->valuestring);
+    return out;
+}
+
+/* GET /v1/models lists the routes the client's API can use: an OpenAI
+ * client (no anthropic-version) is not offered "claude" or "two", which
+ * its chat requests would get 404 for, nor an Anthropic client (whose
+ * SDKs send anthropic-version on every request) "gpt". */
+Test(messages, the_models_list_holds_the_routes_of_the_clients_api)
+{
+    char ids[256];
+
+    start("");
+    cr_assert_str_eq(model_ids(XKEY, ids, sizeof(ids)), "mix,gpt");
+    cr_assert_str_eq(model_ids("Authorization: Bearer " KEY "\r\n", ids, sizeof(ids)), "mix,gpt");
+    cr_assert_str_eq(model_ids(XKEY "anthropic-version: 2023-06-01\r\n", ids, sizeof(ids)),
+                     "claude,mix,two");
+    /* Anthropic's page fields, which its SDKs read to page on. */
+    cr_assert(cJSON_IsFalse(get(json, "has_more")));
+    cr_assert_str_eq(get(json, "first_id")->valuestring, "claude");
+    cr_assert_str_eq(get(json, "last_id")->valuestring, "two");
+    cr_assert_str_eq(get(cJSON_GetArrayItem(get(json, "data"), 0), "type")->valuestring, "model");
+    /* What the list offers is served. */
+    cr_assert_eq(call(router.port, "POST", "/v1/chat/completions", XKEY,
+                      "{\"model\":\"claude\"," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 404);
+}
+
+/* Off the endpoints of one API, the router's errors speak the client's:
+ * Anthropic's to one that sends anthropic-version (its SDKs always do),
+ * OpenAI's to any other. */
+Test(messages, errors_off_the_api_paths_speak_the_clients_api)
+{
+    static const char av[] = "anthropic-version: 2023-06-01\r\n";
+
+    start("");
+    cr_assert_eq(call(router.port, "POST", "/v1/messages/batches", XKEY "anthropic-version: x\r\n",
+                      "{}"),
+                 0);
+    assert_anthropic_error(404, "not_found_error");
+    cr_assert_eq(call(router.port, "GET", "/v1/models", "x-api-key: sk-wrong\r\n"
+                      "anthropic-version: 2023-06-01\r\n", NULL),
+                 0);
+    assert_anthropic_error(401, "authentication_error");
+    cr_assert_eq(call(router.port, "DELETE", "/v1/models", av, NULL), 0);
+    assert_anthropic_error(405, "invalid_request_error");
+    /* Without it, OpenAI's; and an OpenAI endpoint keeps its own. */
+    cr_assert_eq(call(router.port, "POST", "/v1/messages/batches", XKEY, "{}"), 0);
+    cr_assert_eq(resp.status, 404);
+    cr_assert_str_eq(get(get(body_json(), "error"), "code")->valuestring, "unknown_url");
+    cr_assert_eq(call(router.port, "POST", "/v1/chat/completions", av, "{}"), 0);
+    cr_assert_eq(resp.status, 401);
+    cr_assert_str_eq(get(get(body_json(), "error"), "code")->valuestring, "invalid_api_key");
 }
 
 Test(messages, a_budget_refuses_a_hold_of_max_tokens_that_does_not_fit)

@@ -876,6 +876,85 @@ Test(proxy, client_errors_are_openai_json)
     cr_assert_eq(json_num(body_json(), "requests"), 0, "it went upstream");
 }
 
+/* A "stream" that is not a boolean is refused (400 invalid_type), as
+ * OpenAI's API refuses it, not sent: the router read it as false (no
+ * stream_options asked, the answer held and cached as a plain one) while
+ * a server that coerces it as pydantic's lax mode does (vLLM: "true", 1)
+ * streams. */
+Test(proxy, a_stream_that_is_not_a_boolean_is_refused)
+{
+    static const struct {
+        const char *path, *body;
+    } cases[] = {
+        {"/v1/chat/completions", "{\"model\":\"chat\",\"stream\":\"true\",\"messages\":[]}"},
+        {"/v1/chat/completions", "{\"model\":\"chat\",\"stream\":1,\"messages\":[]}"},
+        {"/v1/completions", "{\"model\":\"chat\",\"stream\":{},\"prompt\":\"hi\"}"},
+        {"/v1/responses", "{\"model\":\"chat\",\"stream\":\"false\",\"input\":\"hi\"}"},
+    };
+
+    start_two(NULL, NULL);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        cr_assert_eq(call("POST", cases[i].path, AUTH, cases[i].body), 0);
+        assert_error(400, "invalid_type");
+        cr_assert_not_null(strstr(json_str(json, "error.message"), "stream"), "%s",
+                           json_str(json, "error.message"));
+    }
+    /* true, false and null are fine. */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH,
+                      "{\"model\":\"chat\",\"stream\":null,\"messages\":[]}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH,
+                      "{\"model\":\"chat\",\"stream\":false,\"messages\":[]}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    double sent = 0;
+    for (int m = 0; m < 2; m++) {
+        cr_assert_eq(call_port(m ? mock_b.port : mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+        sent += json_num(body_json(), "requests");
+    }
+    cr_assert_eq(sent, 2, "only the good ones went upstream");
+}
+
+/* A 405 says which methods the path takes (RFC 9110 15.5.6: the server
+ * MUST send Allow): the API's paths, the admin API's (with its key, as
+ * without it a path is not told apart from another), in the language of
+ * the endpoint (Anthropic's on /v1/messages). */
+Test(proxy, a_405_names_the_methods_its_path_allows)
+{
+    static const struct {
+        const char *method, *path, *headers, *allow;
+    } cases[] = {
+        {"GET", "/v1/chat/completions", AUTH, "POST"},
+        {"PUT", "/v1/responses", AUTH, "POST"},
+        {"GET", "/v1/messages", "x-api-key: " TENANT_KEY "\r\n", "POST"},
+        {"DELETE", "/v1/messages/count_tokens", AUTH, "POST"},
+        {"POST", "/v1/models", AUTH, "GET, HEAD"},
+        {"POST", "/healthz", NULL, "GET, HEAD"},
+        {"POST", "/metrics", ADMIN, "GET, HEAD"},
+        {"OPTIONS", "/v1/embeddings", NULL, "POST"},
+        {"GET", "/admin/reload", ADMIN, "POST"},
+        {"POST", "/admin/backends", ADMIN, "GET, HEAD"},
+        {"DELETE", "/admin/tenants/t1/spend", ADMIN, "GET, HEAD"},
+    };
+
+    start_two("admin_key: " ADMIN_KEY, NULL);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        cr_assert_eq(call(cases[i].method, cases[i].path, cases[i].headers, NULL), 0);
+        cr_assert_eq(resp.status, 405, "%s %s: %d", cases[i].method, cases[i].path, resp.status);
+        cr_assert_not_null(support_http_header(&resp, "allow"), "%s %s: no Allow",
+                           cases[i].method, cases[i].path);
+        cr_assert_str_eq(support_http_header(&resp, "allow"), cases[i].allow, "%s %s",
+                         cases[i].method, cases[i].path);
+        body_json();
+        if (strncmp(cases[i].path, "/v1/messages", 12) == 0)
+            cr_assert_str_eq(json_str(json, "type"), "error", "%s", cases[i].path);
+        else
+            cr_assert_str_eq(json_str(json, "error.code"), "method_not_allowed", "%s",
+                             cases[i].path);
+    }
+}
+
 /* The scheme in any case, spaces and tabs around the key: the same key. */
 Test(proxy, the_tenant_key_is_read_as_rfc_9110_allows)
 {
