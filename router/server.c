@@ -1259,7 +1259,7 @@ struct router *router_reload(struct router *old, struct conf *conf, char **error
         return NULL;
     sh->current = r;
     router__account_idle(old);
-    router__account_carry_idle(r, old);
+    router__account_carry(r, old);
     router__forget_gauges(r);
     log_info("config reloaded: %s", conf_summary(conf, summary, sizeof(summary)));
     generation_drain(old, 1);
