@@ -313,7 +313,10 @@ static void client_timeout(void *arg)
         break;
     case ROUTER_CLIENT_HEADERS:
     case ROUTER_CLIENT_BODY:
+        /* A slow client may still be sending: lingering close, as for a
+         * 413, else its next bytes reset the connection. */
         c->req.keep_alive = 0;
+        c->cut_short = 1;
         c->phase = ROUTER_CLIENT_BUSY;
         router__refuse(c, error_timeout_client, NULL);
         break;

@@ -1003,6 +1003,35 @@ Test(proxy, slow_client_gets_408)
     support_http_close(&c);
 }
 
+/* A client that goes on sending its body slowly past body_timeout_ms
+ * can read its 408: the router reads and drops what it still sends
+ * (lingering close, as after a 413) rather than close with bytes unread,
+ * whose reset would throw the 408 away before the client reads it. */
+Test(proxy, a_slow_client_still_sending_can_read_its_408)
+{
+    struct support_http_conn c;
+    const char head[] = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" AUTH
+                        "Content-Length: 1000000\r\n\r\n{";
+    char chunk[512];
+    int rc = 0;
+
+    memset(chunk, 'x', sizeof(chunk));
+    start_two("limits: {header_timeout_ms: 300, body_timeout_ms: 300}", NULL);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    cr_assert_eq(support_http_send(&c, head, sizeof(head) - 1), 0);
+    /* 1.5 s of sending, the last 1.2 s past the timeout. */
+    for (int i = 0; i < 30 && rc == 0; i++) {
+        usleep(50 * 1000);
+        rc = support_http_send(&c, chunk, sizeof(chunk));
+    }
+    cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0, "no 408 to read (the send: %s)",
+                 rc ? strerror(-rc) : "ok");
+    assert_error(408, "request_timeout");
+    cr_assert_eq(rc, 0, "the router reset the connection: %s", strerror(-rc));
+    cr_assert_str_eq(support_http_header(&resp, "connection"), "close");
+    support_http_close(&c);
+}
+
 /* Timeouts move with the connection's phase (router/deadline.c): a
  * keep-alive connection outlives the header timeout it had while its
  * first request came in, and is closed once idle_timeout_ms has passed. */
