@@ -404,6 +404,9 @@ struct router__client {
                                             max_header_bytes has counted (server.c) */
     struct router__client *park_next, *park_prev; /* shared->parked list */
     uint64_t linger_end;                 /* LINGER: close by then (loop ms) */
+    size_t unsent_mark;                  /* IDLE or flushing: answer bytes unwritten when
+                                            idle_timeout_ms was last set; fewer at the
+                                            timeout is progress, not idleness (server.c) */
     SSL *ssl;                            /* TLS session (memory BIOs), NULL for plain */
 };
 

@@ -1065,6 +1065,59 @@ Test(proxy, idle_connection_closes_at_its_own_timeout)
     buf_free(&req);
 }
 
+/* A keep-alive client reading a large answer slowly is not closed as
+ * idle while it reads: the idle clock starts once the answer is all
+ * written (nginx's keepalive_timeout), and until then the connection is
+ * closed only if no byte of it went out for idle_timeout_ms (nginx's
+ * send_timeout). Here one SSE event past the socket buffers is queued
+ * whole, the answer ends, and the client takes ~8 KiB every 8 ms:
+ * seconds of reading, never idle_timeout_ms (1 s) without progress.
+ * Before, it was closed 1 s after the answer ended, ~2.8 of 5 MiB read. */
+Test(proxy, a_slow_reader_of_a_large_answer_is_not_closed_as_idle)
+{
+    static const char body[] = "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}";
+    struct support_http_conn c;
+    struct support_http_response r = {0};
+    char a[1024], headers[256];
+    int pad = pad_past_send_buffers();
+    struct timespec tick = {0, 8 * 1000 * 1000};
+    size_t got = 0;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
+    start_router("admin_key: " ADMIN_KEY "\nlimits: {idle_timeout_ms: 1000}", a, "a");
+    snprintf(headers, sizeof(headers),
+             AUTH "x-mock-tokens: 1\r\nx-mock-event-pad: %d\r\nx-mock-done-delay-ms: 300\r\n", pad);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", headers, body), 0);
+    cr_assert_eq(support_http_connect_rcvbuf(&c, router.port, 4096), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    wait_pool_idle(1); /* the answer has ended: the router holds most of it */
+    for (;;) {
+        ssize_t n;
+
+        cr_assert_eq(buf_reserve(&c.in, 8192), 0);
+        n = recv(c.fd, c.in.data + c.in.len, 8192, MSG_DONTWAIT);
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
+            break;
+        if (n > 0) {
+            c.in.len += (size_t)n;
+            got += (size_t)n;
+            if (memmem(c.in.data + (c.in.len > 1024 ? c.in.len - 1024 : 0),
+                       c.in.len > 1024 ? 1024 : c.in.len, "data: [DONE]", 12) != NULL)
+                break;
+        }
+        nanosleep(&tick, NULL);
+    }
+    int rc = support_http_read(&c, &r, TIMEOUT_MS);
+    cr_assert_eq(rc, 0, "the answer was cut after %zu of its %d bytes", got, pad);
+    cr_assert_eq(r.status, 200);
+    cr_assert_gt(r.body.len, (size_t)pad);
+    cr_assert_not_null(memmem(r.body.data, r.body.len, "data: [DONE]", 12));
+    support_http_response_free(&r);
+    support_http_close(&c);
+}
+
 /* ---- upstream failures ---- */
 
 Test(proxy, down_backend_falls_back_to_the_next_candidate)
