@@ -1118,6 +1118,35 @@ Test(proxy, a_slow_reader_of_a_large_answer_is_not_closed_as_idle)
     support_http_close(&c);
 }
 
+/* The other side of it: a client that takes nothing of a large answer
+ * is still closed idle_timeout_ms after its last progress, not held open
+ * for ever by the answer it does not read. */
+Test(proxy, a_client_that_reads_nothing_of_a_large_answer_is_closed)
+{
+    static const char body[] = "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}";
+    struct support_http_conn c;
+    struct support_http_response r = {0};
+    char a[1024], headers[256];
+    int pad = pad_past_send_buffers();
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
+    start_router("admin_key: " ADMIN_KEY "\nlimits: {idle_timeout_ms: 500}", a, "a");
+    snprintf(headers, sizeof(headers),
+             AUTH "x-mock-tokens: 1\r\nx-mock-event-pad: %d\r\nx-mock-done-delay-ms: 300\r\n", pad);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", headers, body), 0);
+    cr_assert_eq(support_http_connect_rcvbuf(&c, router.port, 4096), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    wait_pool_idle(1);
+    usleep(2000 * 1000);
+    cr_assert_neq(support_http_read(&c, &r, TIMEOUT_MS), 0, "the whole answer waited %zu bytes",
+                  r.raw.len);
+    cr_assert_lt(r.body.len, (size_t)pad);
+    support_http_response_free(&r);
+    support_http_close(&c);
+}
+
 /* ---- upstream failures ---- */
 
 Test(proxy, down_backend_falls_back_to_the_next_candidate)
