@@ -201,7 +201,8 @@ Test(cost, a_reported_cost_is_settled_only_by_a_cost_from_usage_backend, .timeou
     struct fx f;
     struct backend *b;
     struct backend_ticket t;
-    struct backend_tokens used = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0, 1, 0.012345};
+    struct backend_tokens used = {.prompt = 1000, .completion = 500, .tier = CONF_TIER_STANDARD,
+                                  .reported = 1, .reported_usd = 0.012345};
     struct backend_charge ch;
 
     fx_init(&f);
