@@ -44,7 +44,7 @@ static int same_pool(const struct backend *b, const struct conf_backend *c)
     const struct conf_backend *o = b->conf;
 
     return c->kind == CONF_BACKEND_SELF_HOSTED && o->kind == CONF_BACKEND_SELF_HOSTED &&
-           strcmp(o->name, c->name) == 0 && backend__replicas(b) == (c->replicas > 0 ? c->replicas : 1) &&
+           strcmp(o->name, c->name) == 0 && backend__replicas(b) == backend__conf_replicas(c) &&
            o->gpu_hourly_usd == c->gpu_hourly_usd && o->is_free == c->is_free;
 }
 

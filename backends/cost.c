@@ -36,11 +36,16 @@
 /* x is capped here so a pool far past its knee has a finite cost. */
 #define BACKEND_MARGINAL_X_MAX 4.0
 
+int backend__conf_replicas(const struct conf_backend *c)
+{
+    if (c->kind != CONF_BACKEND_SELF_HOSTED)
+        return 0;
+    return c->replicas > 0 ? c->replicas : 1;
+}
+
 int backend__replicas(const struct backend *b)
 {
-    if (b->conf->kind != CONF_BACKEND_SELF_HOSTED)
-        return 0;
-    return b->conf->replicas > 0 ? b->conf->replicas : 1;
+    return backend__conf_replicas(b->conf);
 }
 
 /* Concurrent request slots of a pool (replicas x max_concurrency), 0 when

@@ -59,7 +59,9 @@ void backend__ewma(double *avg, double sample);
  * while a latency probe is due (see backend.c), else the average. */
 double backend__ttft_ms(const struct backend *b, uint64_t now_ms);
 
-/* Replicas of a self-hosted pool (at least 1), 0 for an API backend. */
+/* Replicas of a self-hosted pool (at least 1), 0 for an API backend:
+ * of a backend, or of the config entry it is (or will be) made from. */
 int backend__replicas(const struct backend *b);
+int backend__conf_replicas(const struct conf_backend *c);
 
 #endif

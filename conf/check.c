@@ -757,14 +757,18 @@ static size_t shadow_run(const struct shadow_key *v, size_t n, size_t i)
 
 /* Fill `v` with one key per experiment that has a route (tenant NULL)
  * and one per tenant it lists; returns how many. */
-static size_t shadow_keys(const struct conf *c, struct shadow_key *v)
+static size_t shadow_keys(const struct conf__ctx *ctx, struct shadow_key *v)
 {
+    const struct conf *c = ctx->conf;
     size_t n = 0;
 
     for (size_t i = 0; i < c->nexperiments; i++) {
         const struct conf_experiment *e = &c->experiments[i];
 
-        if (e->route == NULL)
+        /* Tenants given but not a list of names (reported as such) are
+         * not "every tenant": it neither shadows nor is shadowed. */
+        if (e->route == NULL ||
+            (e->ntenants == 0 && HAS(&ctx->experiment_meta[i], CONF__E_TENANTS)))
             continue;
         v[n++] = (struct shadow_key){e->route, NULL, i, 0};
         for (size_t j = 0; j < e->ntenants; j++)
@@ -798,7 +802,7 @@ static void check_shadowed(struct conf__ctx *ctx)
         ctx->oom = 1;
         goto out;
     }
-    n = shadow_keys(c, v);
+    n = shadow_keys(ctx, v);
     qsort(v, n, sizeof(*v), cmp_shadow_key);
     for (size_t i = 0; i < n; i = end) { /* the experiments of one route */
         size_t all = SIZE_MAX;

@@ -364,6 +364,11 @@ static void parse_mapping(struct conf__ctx *ctx, const struct table *t, const ch
         }
         if (node_is_null(value))
             continue; /* `key:` or `key: ~` leaves it unset */
+        if (d->type == T_SECTION && fy_node_get_type(value) != FYNT_MAPPING) {
+            /* Left unset too: its keys are not missing, the mapping is. */
+            conf__error(ctx, kline, kpath, "expected a mapping, got %s", node_kind(value));
+            continue;
+        }
         meta->set |= 1ull << i;
         meta->lines[i] = kline;
         switch (d->type) {
@@ -927,6 +932,10 @@ static void include_one(struct conf__ctx *ctx, void *arg, struct fy_node *item, 
 {
     if (text == NULL)
         return;
+    if (node_is_null(item)) { /* `include: [~]`: not a file named "~" */
+        conf__error(ctx, line, path, "expected a file name, got nothing");
+        return;
+    }
     if (*text == '\0') {
         conf__error(ctx, line, path, "must not be empty");
         return;

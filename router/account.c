@@ -211,16 +211,19 @@ void router__account_idle(struct router *r)
     }
 }
 
-void router__account_carry_idle(struct router *r, const struct router *old)
+void router__account_carry(struct router *r, const struct router *old)
 {
     const struct conf *conf = r->conf;
 
     for (size_t i = 0; i < conf->nbackends; i++) {
         const struct conf_backend *was = conf_find_backend(old->conf, conf->backends[i].name);
 
-        if (was != NULL && backend_same_clock(backend_set_get(r->backends, i),
-                                              backend_set_get(old->backends, was->index)))
+        if (was == NULL)
+            continue;
+        if (backend_same_clock(backend_set_get(r->backends, i),
+                               backend_set_get(old->backends, was->index)))
             r->idle_reported[i] = old->idle_reported[was->index];
+        r->pools[i].est_ratio = old->pools[was->index].est_ratio;
     }
 }
 
@@ -229,7 +232,7 @@ void router__forget_gauges(struct router *r)
     static const enum metrics_id set_afresh[] = {
         METRICS_BUDGET_SPENT_USD,     METRICS_BUDGET_REMAINING_USD,
         METRICS_KEY_BUDGET_SPENT_USD, METRICS_KEY_BUDGET_REMAINING_USD,
-        METRICS_GPU_POOL_UTILIZATION_RATIO};
+        METRICS_GPU_POOL_UTILIZATION_RATIO, METRICS_TOKEN_ESTIMATE_RATIO};
 
     for (size_t i = 0; i < sizeof(set_afresh) / sizeof(set_afresh[0]); i++)
         metrics_clear(r->metrics, set_afresh[i]);
@@ -248,6 +251,23 @@ static void spend_gauges(struct router *r, enum metrics_id spent, enum metrics_i
         metrics_set(r->metrics, remaining, day, daily_usd - (double)s->day_spent / 1e6);
     if (monthly_usd > 0)
         metrics_set(r->metrics, remaining, month, monthly_usd - (double)s->month_spent / 1e6);
+}
+
+/* Open connections to each backend, of every generation: those of the
+ * current config's backends (0 too), and those of a backend a reload
+ * removed while an older generation still has some open. Made afresh
+ * (cleared first), so a removed backend's series goes with its last
+ * connection; the table refill costs about what the scrape's text does. */
+static void upstream_gauges(struct router *r)
+{
+    metrics_clear(r->metrics, METRICS_UPSTREAM_CONNECTIONS);
+    for (struct router *g = r->shared->generations; g != NULL; g = g->next_gen)
+        for (size_t i = 0; g->pools != NULL && i < g->conf->nbackends; i++) {
+            const char *labels[] = {g->conf->backends[i].name};
+
+            if (g == r || g->pools[i].nopen > 0)
+                metrics_add(r->metrics, METRICS_UPSTREAM_CONNECTIONS, labels, g->pools[i].nopen);
+        }
 }
 
 void router__refresh_gauges(struct router *r)
@@ -276,11 +296,14 @@ void router__refresh_gauges(struct router *r)
         const struct backend *b = backend_set_get(r->backends, i);
         const char *labels[] = {conf->backends[i].name};
 
+        if (!isnan(r->pools[i].est_ratio))
+            metrics_set(r->metrics, METRICS_TOKEN_ESTIMATE_RATIO, labels, r->pools[i].est_ratio);
         if (conf->backends[i].kind != CONF_BACKEND_SELF_HOSTED)
             continue;
         metrics_set(r->metrics, METRICS_GPU_POOL_UTILIZATION_RATIO, labels,
                     backend_pool_utilization(b, now));
     }
+    upstream_gauges(r);
     router__account_idle(r);
     if (r->cost_log)
         metrics_set(r->metrics, METRICS_COST_LOG_WAITING_BYTES, NULL,

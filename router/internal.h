@@ -64,6 +64,8 @@ struct router__pool {
     struct router__upstream *idle_head;    /* idle connections, most recent first */
     unsigned nidle;                        /* length of the idle list */
     unsigned nopen;                        /* all open connections of this pool */
+    double est_ratio;                      /* last actual over estimated prompt tokens, NAN:
+                                              none yet (the gauge, set at each scrape) */
     char *model_json;                      /* the backend's model name as a JSON string, or NULL */
     struct buf fixed_headers;              /* Host, Content-Type, the key: the same every request */
     struct log_every retry_log;            /* "answered 5xx/429, trying the next" lines */
@@ -402,6 +404,9 @@ struct router__client {
                                             max_header_bytes has counted (server.c) */
     struct router__client *park_next, *park_prev; /* shared->parked list */
     uint64_t linger_end;                 /* LINGER: close by then (loop ms) */
+    size_t unsent_mark;                  /* IDLE or flushing: answer bytes unwritten when
+                                            idle_timeout_ms was last set; fewer at the
+                                            timeout is progress, not idleness (server.c) */
     SSL *ssl;                            /* TLS session (memory BIOs), NULL for plain */
 };
 
@@ -582,12 +587,13 @@ void router__forget_gauges(struct router *r);
 /* Add the GPU pools' idle cost accrued since it was last added to its
  * counter (at each scrape, and for the generation a reload replaces:
  * its pools' accrual ends there; the new generation's goes on from it
- * for a pool it keeps, router__account_carry_idle, else from 0). */
+ * for a pool it keeps, router__account_carry, else from 0). */
 void router__account_idle(struct router *r);
 /* After a reload: a pool whose clock `r` shares with `old` goes on from
  * what `old` reported of its idle cost (router__account_idle(old) first),
- * so that the counter does not get it twice. */
-void router__account_carry_idle(struct router *r, const struct router *old);
+ * so that the counter does not get it twice; a backend `r` keeps keeps
+ * its last estimate ratio (the gauge is not gone until its next request). */
+void router__account_carry(struct router *r, const struct router *old);
 
 /* jsonmem.c: cJSON allocates a request's tree from the request's arena */
 struct router__jsonmem_block;

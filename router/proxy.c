@@ -1797,10 +1797,15 @@ static void settle(struct router__client *c)
         policy_outpred_observe(&ts->outpred[req->route - r->conf->routes], req->completion_tokens,
                                req->json);
     if (req->prompt_tokens > 0 && req->prompt_est > 0) {
-        const char *labels[] = {b->name};
-        metrics_set(r->metrics, METRICS_TOKEN_ESTIMATE_RATIO, labels,
-                    b->tokenizer == CONF_TOK_ESTIMATE ? r->calib[b->index].ratio
-                                                      : (double)req->prompt_tokens / req->prompt_est);
+        /* Kept by the current generation's pool, which the scrape shows
+         * (router__refresh_gauges): none for a backend a reload removed. */
+        struct router *now = r->shared->current;
+        const struct conf_backend *kept = now == r ? b : conf_find_backend(now->conf, b->name);
+
+        if (kept != NULL)
+            now->pools[kept->index].est_ratio = b->tokenizer == CONF_TOK_ESTIMATE
+                                                    ? r->calib[b->index].ratio
+                                                    : (double)req->prompt_tokens / req->prompt_est;
     }
 }
 

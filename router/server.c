@@ -9,6 +9,7 @@
  * client that hangs up is noticed and its upstream dropped.
  */
 #include <errno.h>
+#include <linux/sockios.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +25,7 @@
 
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 /* Size of the loop-wide read buffer; everything read is consumed or
@@ -146,6 +148,37 @@ static void client_linger(struct router__client *c)
         client_start_reading(c);
 }
 
+/* Bytes of its answers the client has not taken yet: those waiting in
+ * the write queue and, while there are some (the answer is not all
+ * written: rare, no system call else), those still in the socket's send
+ * buffer too. The kernel says the socket is writable again only after
+ * about a third of that buffer (up to megabytes) went out, so the queue
+ * alone can stand still for seconds under a client that reads. */
+static size_t client_unsent(struct router__client *c)
+{
+    size_t n = router__client_write_queue(c);
+    uv_os_fd_t fd;
+    int out = 0;
+
+    if (n != 0 && uv_fileno((const uv_handle_t *)&c->tcp, &fd) == 0 &&
+        ioctl(fd, SIOCOUTQ, &out) == 0 && out > 0)
+        n += (size_t)out;
+    return n;
+}
+
+/* Give an idle connection, or one closing once its answers are written
+ * (flushing), idle_timeout_ms. While an answer is still being written,
+ * that is the longest the client may take no byte of it (nginx's
+ * send_timeout: client_timeout sees the progress); once it is all
+ * written, the time it may stay idle (keepalive_timeout). A slow reader
+ * of a large answer was closed idle_timeout_ms after the answer ended,
+ * with the rest of it unwritten. */
+static void client_wait_idle(struct router__client *c)
+{
+    c->unsent_mark = client_unsent(c);
+    router__deadline_set(&c->timeout, c->router->conf->idle_timeout_ms);
+}
+
 /* Close after queued writes have gone out (Connection: close). */
 static void client_close_after_writes(struct router__client *c)
 {
@@ -163,7 +196,7 @@ static void client_close_after_writes(struct router__client *c)
          * generation) for ever: it gets idle_timeout_ms without reading,
          * as an idle keep-alive connection does. */
         c->flushing = 1;
-        router__deadline_set(&c->timeout, c->router->conf->idle_timeout_ms);
+        client_wait_idle(c);
     }
     /* close_notify says the data ended where it should. An answer cut
      * short (the upstream broke, or the budget ran out mid-stream) goes
@@ -216,8 +249,9 @@ static void client_write_done(uv_write_t *req, int status)
             router__client_close(c);
         return;
     }
-    if (c->flushing && !c->closing) /* it reads: more time for the rest */
-        router__deadline_set(&c->timeout, c->router->conf->idle_timeout_ms);
+    /* It reads: more time for the rest; all written, the idle time starts. */
+    if ((c->flushing || c->phase == ROUTER_CLIENT_IDLE) && !c->closing)
+        client_wait_idle(c);
     if (c->closing || router__client_write_queue(c) != 0)
         return;
     router__proxy_on_client_drain(c);
@@ -303,6 +337,12 @@ static void client_timeout(void *arg)
 {
     struct router__client *c = arg;
 
+    /* Some of its answer went out since: not idle (client_wait_idle). */
+    if ((c->flushing || c->phase == ROUTER_CLIENT_IDLE) && router__client_write_queue(c) != 0 &&
+        client_unsent(c) < c->unsent_mark) {
+        client_wait_idle(c);
+        return;
+    }
     if (c->flushing) { /* its answer still unread (client_close_after_writes) */
         router__client_close(c);
         return;
@@ -313,7 +353,10 @@ static void client_timeout(void *arg)
         break;
     case ROUTER_CLIENT_HEADERS:
     case ROUTER_CLIENT_BODY:
+        /* A slow client may still be sending: lingering close, as for a
+         * 413, else its next bytes reset the connection. */
         c->req.keep_alive = 0;
+        c->cut_short = 1;
         c->phase = ROUTER_CLIENT_BUSY;
         router__refuse(c, error_timeout_client, NULL);
         break;
@@ -337,8 +380,8 @@ static void client_set_phase(struct router__client *c, enum router__client_phase
     c->phase = phase;
     switch (phase) {
     case ROUTER_CLIENT_IDLE:
-        ms = conf->idle_timeout_ms;
-        break;
+        client_wait_idle(c);
+        return;
     case ROUTER_CLIENT_HEADERS:
         ms = conf->header_timeout_ms;
         break;
@@ -1273,7 +1316,7 @@ struct router *router_reload(struct router *old, struct conf *conf, char **error
         return NULL;
     sh->current = r;
     router__account_idle(old);
-    router__account_carry_idle(r, old);
+    router__account_carry(r, old);
     router__forget_gauges(r);
     log_info("config reloaded: %s", conf_summary(conf, summary, sizeof(summary)));
     generation_drain(old, 1);

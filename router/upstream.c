@@ -16,6 +16,7 @@
  * again once on a fresh connection to the same backend, which is not a
  * backend failure.
  */
+#include <math.h>
 #include <netdb.h>
 #include <openssl/err.h>
 #include <openssl/x509v3.h>
@@ -31,7 +32,6 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "conf/conf.h"
-#include "metrics/metrics.h"
 #include "router/internal.h"
 
 /* Close pooled connections idle for this long (servers close theirs too). */
@@ -112,6 +112,7 @@ int router__pools_init(struct router *r)
         pool->router = r;
         pool->conf = &conf->backends[i];
         pool->backend = backend_set_get(r->backends, i);
+        pool->est_ratio = NAN;
         if (pool->conf->model &&
             (pool->model_json = router__json_quote(pool->conf->model)) == NULL)
             return -1;
@@ -152,11 +153,8 @@ void router__pools_free(struct router *r)
 
 static void upstream_free(struct router__upstream *u)
 {
-    const char *labels[] = {u->pool->conf->name};
-
     struct router *r = u->pool->router;
 
-    metrics_add(r->metrics, METRICS_UPSTREAM_CONNECTIONS, labels, -1);
     u->pool->nopen--;
     r->nupstreams--;
     if (u->ssl)
@@ -852,8 +850,6 @@ static struct router__upstream *upstream_new(struct router__pool *pool)
     llhttp_init(&u->parser, HTTP_RESPONSE, &upstream_settings);
     pool->nopen++;
     pool->router->nupstreams++;
-    const char *labels[] = {pool->conf->name};
-    metrics_add(pool->router->metrics, METRICS_UPSTREAM_CONNECTIONS, labels, 1);
     return u;
 }
 

@@ -66,7 +66,7 @@ Test(cost, api_prices_by_hand, .timeout = 5)
 Test(cost, cached_price_unset_bills_input_price_and_free_is_zero, .timeout = 5)
 {
     struct fx f;
-    struct backend_tokens tok = {1000, 0, 1000, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
+    struct backend_tokens tok = {.prompt = 1000, .cached = 1000, .tier = CONF_TIER_STANDARD};
 
     fx_init(&f);
     /* No cached price: never bill cached tokens below the input price.
@@ -121,7 +121,7 @@ Test(cost, long_context_rates_bill_the_whole_request_past_the_size, .timeout = 5
 
 Test(cost, long_context_without_a_size_or_cached_rate, .timeout = 5)
 {
-    struct backend_tokens tok = {300000, 0, 300000, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
+    struct backend_tokens tok = {.prompt = 300000, .cached = 300000, .tier = CONF_TIER_STANDARD};
     struct fx f;
 
     fx_init(&f);
@@ -175,7 +175,7 @@ Test(cost, api_finish_settles_real_usage, .timeout = 5)
     struct fx f;
     struct backend *b;
     struct backend_ticket t;
-    struct backend_tokens used = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
+    struct backend_tokens used = {.prompt = 1000, .completion = 500, .tier = CONF_TIER_STANDARD};
     struct backend_charge ch;
 
     fx_init(&f);
@@ -201,7 +201,8 @@ Test(cost, a_reported_cost_is_settled_only_by_a_cost_from_usage_backend, .timeou
     struct fx f;
     struct backend *b;
     struct backend_ticket t;
-    struct backend_tokens used = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0, 1, 0.012345};
+    struct backend_tokens used = {.prompt = 1000, .completion = 500, .tier = CONF_TIER_STANDARD,
+                                  .reported = 1, .reported_usd = 0.012345};
     struct backend_charge ch;
 
     fx_init(&f);
@@ -241,7 +242,8 @@ Test(cost, a_reload_keeps_a_same_pools_clock, .timeout = 5)
     struct backend *old_gpu, *new_gpu;
     struct backend_ticket t_old, t_new;
     struct backend_charge a, b;
-    static const struct backend_tokens served = {100, 200, 0, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
+    static const struct backend_tokens served = {.prompt = 100, .completion = 200,
+                                                 .tier = CONF_TIER_STANDARD};
 
     fx_init(&f);
     memcpy(again, f.backends, sizeof(again));
@@ -308,7 +310,7 @@ static const struct gpu_case gpu_cases[] = {
 
 Test(cost, gpu_marginal_rises_to_list_at_the_slo_knee, .timeout = 5)
 {
-    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
+    struct backend_tokens tok = {.prompt = 1000, .completion = 500, .tier = CONF_TIER_STANDARD};
 
     for (size_t i = 0; i < sizeof(gpu_cases) / sizeof(gpu_cases[0]); i++) {
         const struct gpu_case *c = &gpu_cases[i];
@@ -341,7 +343,7 @@ Test(cost, gpu_without_slo_knees_at_capacity, .timeout = 5)
 {
     struct fx f;
     struct backend *b;
-    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
+    struct backend_tokens tok = {.prompt = 1000, .completion = 500, .tier = CONF_TIER_STANDARD};
     struct backend_cost est;
 
     fx_init(&f);
@@ -362,7 +364,7 @@ Test(cost, tokens_per_second_window_drives_utilization, .timeout = 5)
 {
     struct fx f;
     struct backend *b;
-    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
+    struct backend_tokens tok = {.prompt = 1000, .completion = 500, .tier = CONF_TIER_STANDARD};
     struct backend_cost est;
 
     fx_init(&f);
@@ -403,8 +405,9 @@ Test(cost, tokens_per_second_window_drives_utilization, .timeout = 5)
 
 /* Tokens an attempt ends with: an answer billed for them, an error answer
  * without usage (nothing billed), or a failure (NULL). */
-static const struct backend_tokens served = {100, 200, 0, 0, 0, CONF_TIER_STANDARD, 0, 0, 0},
-                                   unbilled = {0, 0, 0, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
+static const struct backend_tokens served = {.prompt = 100, .completion = 200,
+                                              .tier = CONF_TIER_STANDARD},
+                                   unbilled = {.tier = CONF_TIER_STANDARD};
 
 struct span {
     uint64_t start_ms, end_ms;
@@ -568,7 +571,7 @@ Test(cost, attributed_plus_idle_is_pool_cost_over_an_hour, .timeout = 5)
  * $0.002; the other replica's 3.6 s are idle. */
 Test(cost, a_prompt_without_completion_is_billed_on_a_pool, .timeout = 5)
 {
-    static const struct backend_tokens embedded = {100, 0, 0, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
+    static const struct backend_tokens embedded = {.prompt = 100, .tier = CONF_TIER_STANDARD};
     struct fx f;
     struct backend *b;
     struct backend_ticket t;
@@ -590,7 +593,7 @@ Test(cost, a_prompt_without_completion_is_billed_on_a_pool, .timeout = 5)
  * not: no hold, no marginal cost, no charge for what it served. */
 Test(cost, a_free_pool_reserves_and_charges_nothing, .timeout = 5)
 {
-    struct backend_tokens tok = {1000, 500, 0, 0, 0, CONF_TIER_STANDARD, 0, 0, 0};
+    struct backend_tokens tok = {.prompt = 1000, .completion = 500, .tier = CONF_TIER_STANDARD};
     struct fx f;
     struct backend *b;
     struct backend_ticket t;
@@ -802,9 +805,11 @@ Test(cost, cache_writes_are_billed_at_the_cache_write_rate, .timeout = 5)
     struct fx f;
     /* 2000 prompt tokens: 500 read from the cache, 1000 written to it,
      * 500 plain; 100 out. */
-    struct backend_tokens tok = {2000, 100, 500, 1000, 0, CONF_TIER_STANDARD, 0, 0, 0};
+    struct backend_tokens tok = {.prompt = 2000, .completion = 100, .cached = 500,
+                                 .cache_write = 1000, .tier = CONF_TIER_STANDARD};
     /* writes past what is left: clamped to 6 */
-    struct backend_tokens over = {10, 0, 4, 50, 0, CONF_TIER_STANDARD, 0, 0, 0};
+    struct backend_tokens over = {.prompt = 10, .cached = 4, .cache_write = 50,
+                                  .tier = CONF_TIER_STANDARD};
 
     fx_init(&f);
     f.backends[FX_SONNET].cache_write_usd_per_mtok = 3.75;

@@ -321,6 +321,19 @@ static struct error_case error_cases[] = {
       "30: experiments[4].arms[0].backends: must not be empty",
       "30: experiments[4].arms[0].name: experiment and arm names together must be at most 91 "
       "characters (they make the reason \"ab:EXPERIMENT/ARM\")"}},
+    /* A section, an include or an experiment's tenants of the wrong shape:
+     * one error each, not also "missing required key"s for the keys of a
+     * mapping that is not there, a file named "~", or a later experiment
+     * of the route reported shadowed by one whose tenants are unreadable. */
+    {.file = DATA "malformed_sections.yaml", .lines =
+     {"2: include[0]: expected a file name, got nothing",
+      "4: prices.p.long_context: expected a mapping, got a scalar",
+      "5: prices.q.flex: expected a mapping, got a list",
+      "9: backends[1].long_context: expected a mapping, got a scalar",
+      "11: backends[2].flex: expected a mapping, got a scalar",
+      "19: experiments[0].tenants: expected a list, got a scalar",
+      "21: experiments[2].tenants: expected a list, got a mapping",
+      "23: experiments[4].tenants: must not be empty"}},
     {.file = DATA "tls_bad.yaml", .lines =
      {"4: tls.cert_file: cannot read \"/nonexistent/server.crt\": No such file or directory",
       "4: tls.key_file: is required with tls.cert_file",

@@ -1116,6 +1116,62 @@ Test(costs, a_scrape_on_a_connection_from_before_a_reload_brings_no_dropped_gaug
     buf_free(&scrape);
 }
 
+static void reload_router(void);
+
+/* Scrape router 0 until `series` is gone from /metrics, for up to 2 s (a
+ * reload's old generation closes its idle backend connections on the
+ * loop, a little after the reload's answer). Returns 1 if it went. */
+static int metric_goes(const char *series)
+{
+    for (int i = 0; i < 40; i++) {
+        cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+        if (memmem(resp.body.data, resp.body.len, series, strlen(series)) == NULL)
+            return 1;
+        usleep(50000);
+    }
+    return 0;
+}
+
+/* A reload that removes a backend drops its open-connections and
+ * estimate-ratio gauges once its connections are closed (they stayed at
+ * their last value for ever); a backend the reload keeps keeps its
+ * estimate ratio, not gone until its next request. */
+Test(costs, a_reload_drops_the_gauges_of_a_removed_backend)
+{
+    static const char b_conns[] = "costrouter_upstream_connections{backend=\"b\"}";
+    static const char b_ratio[] = "costrouter_token_estimate_ratio{backend=\"b\"}";
+    static const char a_conns[] = "costrouter_upstream_connections{backend=\"a\"}";
+    static const char a_ratio[] = "costrouter_token_estimate_ratio{backend=\"a\"}";
+    static const char b_counted[] = "{tenant=\"acme\",backend=\"b\"";
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    add_backend("b", mock_a.port, 1, 100, 300);
+    start_routers(1, "b", NULL);
+    cr_assert_eq(chat(0, "x-mock-tokens: 7\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    write_conf("a", NULL);
+    reload_router();
+    cr_assert_eq(chat(0, "x-mock-tokens: 7\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_neq(metric_value(b_ratio), -1, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(metric_value(a_conns), 1);
+    double ratio = metric_value(a_ratio);
+    cr_assert_gt(ratio, 0);
+
+    buf_reset(&yaml);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    write_conf("a", NULL);
+    reload_router();
+    cr_assert(metric_goes(b_conns), "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_null(memmem(resp.body.data, resp.body.len, b_ratio, sizeof(b_ratio) - 1));
+    cr_assert_eq(metric_value(a_ratio), ratio, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_neq(metric_value(a_conns), -1);
+    /* Its counters stay: they are what it did. */
+    cr_assert_not_null(memmem(resp.body.data, resp.body.len, b_counted, sizeof(b_counted) - 1));
+}
+
 /* Have the routers run with their wall clock started at `when` (UTC),
  * their loop's monotonic clock left alone. libfaketime is preloaded, not
  * run through the faketime command, which forks: its child would outlive

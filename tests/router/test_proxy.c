@@ -1082,6 +1082,35 @@ Test(proxy, slow_client_gets_408)
     support_http_close(&c);
 }
 
+/* A client that goes on sending its body slowly past body_timeout_ms
+ * can read its 408: the router reads and drops what it still sends
+ * (lingering close, as after a 413) rather than close with bytes unread,
+ * whose reset would throw the 408 away before the client reads it. */
+Test(proxy, a_slow_client_still_sending_can_read_its_408)
+{
+    struct support_http_conn c;
+    const char head[] = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" AUTH
+                        "Content-Length: 1000000\r\n\r\n{";
+    char chunk[512];
+    int rc = 0;
+
+    memset(chunk, 'x', sizeof(chunk));
+    start_two("limits: {header_timeout_ms: 300, body_timeout_ms: 300}", NULL);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    cr_assert_eq(support_http_send(&c, head, sizeof(head) - 1), 0);
+    /* 1.5 s of sending, the last 1.2 s past the timeout. */
+    for (int i = 0; i < 30 && rc == 0; i++) {
+        usleep(50 * 1000);
+        rc = support_http_send(&c, chunk, sizeof(chunk));
+    }
+    cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0, "no 408 to read (the send: %s)",
+                 rc ? strerror(-rc) : "ok");
+    assert_error(408, "request_timeout");
+    cr_assert_eq(rc, 0, "the router reset the connection: %s", strerror(-rc));
+    cr_assert_str_eq(support_http_header(&resp, "connection"), "close");
+    support_http_close(&c);
+}
+
 /* Timeouts move with the connection's phase (router/deadline.c): a
  * keep-alive connection outlives the header timeout it had while its
  * first request came in, and is closed once idle_timeout_ms has passed. */
@@ -1113,6 +1142,88 @@ Test(proxy, idle_connection_closes_at_its_own_timeout)
     support_http_response_free(&r);
     support_http_close(&c);
     buf_free(&req);
+}
+
+/* A keep-alive client reading a large answer slowly is not closed as
+ * idle while it reads: the idle clock starts once the answer is all
+ * written (nginx's keepalive_timeout), and until then the connection is
+ * closed only if no byte of it went out for idle_timeout_ms (nginx's
+ * send_timeout). Here one SSE event past the socket buffers is queued
+ * whole, the answer ends, and the client takes ~8 KiB every 8 ms:
+ * seconds of reading, never idle_timeout_ms (1 s) without progress.
+ * Before, it was closed 1 s after the answer ended, ~2.8 of 5 MiB read. */
+Test(proxy, a_slow_reader_of_a_large_answer_is_not_closed_as_idle)
+{
+    static const char body[] = "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}";
+    struct support_http_conn c;
+    struct support_http_response r = {0};
+    char a[1024], headers[256];
+    int pad = pad_past_send_buffers();
+    struct timespec tick = {0, 8 * 1000 * 1000};
+    size_t got = 0;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
+    start_router("admin_key: " ADMIN_KEY "\nlimits: {idle_timeout_ms: 1000}", a, "a");
+    snprintf(headers, sizeof(headers),
+             AUTH "x-mock-tokens: 1\r\nx-mock-event-pad: %d\r\nx-mock-done-delay-ms: 300\r\n", pad);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", headers, body), 0);
+    cr_assert_eq(support_http_connect_rcvbuf(&c, router.port, 4096), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    wait_pool_idle(1); /* the answer has ended: the router holds most of it */
+    for (;;) {
+        ssize_t n;
+
+        cr_assert_eq(buf_reserve(&c.in, 8192), 0);
+        n = recv(c.fd, c.in.data + c.in.len, 8192, MSG_DONTWAIT);
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
+            break;
+        if (n > 0) {
+            c.in.len += (size_t)n;
+            got += (size_t)n;
+            if (memmem(c.in.data + (c.in.len > 1024 ? c.in.len - 1024 : 0),
+                       c.in.len > 1024 ? 1024 : c.in.len, "data: [DONE]", 12) != NULL)
+                break;
+        }
+        nanosleep(&tick, NULL);
+    }
+    int rc = support_http_read(&c, &r, TIMEOUT_MS);
+    cr_assert_eq(rc, 0, "the answer was cut after %zu of its %d bytes", got, pad);
+    cr_assert_eq(r.status, 200);
+    cr_assert_gt(r.body.len, (size_t)pad);
+    cr_assert_not_null(memmem(r.body.data, r.body.len, "data: [DONE]", 12));
+    support_http_response_free(&r);
+    support_http_close(&c);
+}
+
+/* The other side of it: a client that takes nothing of a large answer
+ * is still closed idle_timeout_ms after its last progress, not held open
+ * for ever by the answer it does not read. */
+Test(proxy, a_client_that_reads_nothing_of_a_large_answer_is_closed)
+{
+    static const char body[] = "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}";
+    struct support_http_conn c;
+    struct support_http_response r = {0};
+    char a[1024], headers[256];
+    int pad = pad_past_send_buffers();
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
+    start_router("admin_key: " ADMIN_KEY "\nlimits: {idle_timeout_ms: 500}", a, "a");
+    snprintf(headers, sizeof(headers),
+             AUTH "x-mock-tokens: 1\r\nx-mock-event-pad: %d\r\nx-mock-done-delay-ms: 300\r\n", pad);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", headers, body), 0);
+    cr_assert_eq(support_http_connect_rcvbuf(&c, router.port, 4096), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    wait_pool_idle(1);
+    usleep(2000 * 1000);
+    cr_assert_neq(support_http_read(&c, &r, TIMEOUT_MS), 0, "the whole answer waited %zu bytes",
+                  r.raw.len);
+    cr_assert_lt(r.body.len, (size_t)pad);
+    support_http_response_free(&r);
+    support_http_close(&c);
 }
 
 /* ---- upstream failures ---- */
