@@ -100,6 +100,11 @@ int cache__local_hold_remote(struct cache__local *l, const char *tenant, int64_t
  * note what the other instances hold. */
 int cache__local_sync(struct cache__local *l, const char *tenant, int64_t day_spent,
                       int64_t month_spent, int64_t reserved);
+/* What these counters enforce for `tenant`, from `s`, Redis's answer just
+ * synced (cache__local_sync): its spend with our charges Redis has not
+ * confirmed, and its holds with the ones kept here (made while Redis was
+ * away or refused writes, not in Redis). */
+void cache__local_enforced(struct cache__local *l, const char *tenant, struct cache_spend *s);
 /* Count (amount > 0) or drop (amount < 0) a charge of period `p` that
  * Redis does not have yet: sent and not answered, journaled, or being
  * written back. What Redis answers (cache__local_sync) lacks it, and these

@@ -332,6 +332,19 @@ int cache__local_sync(struct cache__local *l, const char *tenant, int64_t day_sp
     return 0;
 }
 
+void cache__local_enforced(struct cache__local *l, const char *tenant, struct cache_spend *s)
+{
+    struct cache__map_entry *e = cache__map_find(&l->tenants, tenant, strlen(tenant));
+    struct local_tenant *t = e ? e->value : NULL;
+
+    if (t == NULL)
+        return;
+    tenant_refresh(t);
+    s->day_spent = t->day_spent;
+    s->month_spent = t->month_spent;
+    s->reserved += t->reserved;
+}
+
 int cache__local_unconfirmed(struct cache__local *l, const char *tenant,
                              const struct cache__period *p, int64_t amount)
 {

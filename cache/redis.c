@@ -1688,8 +1688,12 @@ static void spend_ended(struct cache_op *op, int in_call)
     struct cache *c = op->cache;
 
     if (op->errstr == NULL) {
+        /* Shown as enforced: Redis's figures lack our charges it has not
+         * confirmed (journaled while it refuses writes) and our local
+         * holds, which the local counters that serve then count. */
         cache__local_sync(&c->local, op->tenant, op->spend.day_spent, op->spend.month_spent,
                           op->spend.reserved);
+        cache__local_enforced(&c->local, op->tenant, &op->spend);
     } else if (c->closing) {
         op->errstr = cache_error_closed;
     } else if (fail_open(c)) {

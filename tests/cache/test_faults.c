@@ -489,6 +489,10 @@ Test(faults, a_read_while_writes_are_refused_keeps_the_journaled_spend, .timeout
                  "journaled: Redis refused the write");
     s = wait_spend(&loop, c, "acme"); /* a read: Redis answers it */
     cr_assert_null(s.err);
+    cr_assert_eq(s.spend.day_spent, 90,
+                 "the read says %lld spent, Redis's figure without the 90 journaled that "
+                 "these counters enforce",
+                 (long long)s.spend.day_spent);
     w = wait_begin(&loop, c, "acme", NULL, 50, 100, 0);
     cr_assert_null(w.err);
     cr_assert_not(w.begin.granted,
