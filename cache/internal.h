@@ -62,6 +62,17 @@ uint64_t cache__mono_ms(void);
 /* Wall-clock milliseconds since 1970 (what Redis's TIME counts in). */
 int64_t cache__wall_ms(void);
 
+/* a + b, held at INT64_MAX / INT64_MIN instead of overflowing: amounts
+ * reach 2^62 (BACKEND_MICRO_MAX), and two of them would pass INT64_MAX. */
+static inline int64_t cache__sat_add(int64_t a, int64_t b)
+{
+    int64_t r;
+
+    if (__builtin_add_overflow(a, b, &r))
+        return b > 0 ? INT64_MAX : INT64_MIN;
+    return r;
+}
+
 /* ---- in-process store (local.c) ---- */
 
 struct cache__local_entry;

@@ -28,6 +28,7 @@
 
 #include "cache/internal.h"
 #include "common/log.h"
+#include "common/util.h"
 
 /* Aggregation key: tenant, NUL, day, month. */
 static size_t agg_key(char *out, const char *tenant, const struct cache__period *p)
@@ -49,7 +50,7 @@ static void append(struct cache__journal *j, struct cache__jentry *e)
         j->head = e;
     j->tail = e;
     j->count++;
-    j->amount += e->real;
+    j->amount = cache__sat_add(j->amount, e->real);
 }
 
 static int mergeable(const struct cache__jentry *e)
@@ -66,8 +67,9 @@ static int merge(struct cache__journal *j, const char *tenant, const struct cach
 
     if (s == NULL)
         return 0;
-    ((struct cache__jentry *)s->value)->real += real;
-    j->amount += real;
+    ((struct cache__jentry *)s->value)->real =
+        cache__sat_add(((struct cache__jentry *)s->value)->real, real);
+    j->amount = cache__sat_add(j->amount, real);
     return 1;
 }
 
@@ -130,7 +132,7 @@ struct cache__jentry *cache__journal_pop(struct cache__journal *j)
         e->agg = NULL;
     }
     j->count--;
-    j->amount -= e->real;
+    j->amount = MAX(j->amount - e->real, 0); /* a sum held at INT64_MAX lost some */
     e->next = NULL;
     return e;
 }

@@ -573,6 +573,37 @@ Test(store_redis, the_live_mark_is_renewed_after_a_script_flush, .timeout = 20)
     fx_close(&f);
 }
 
+/* Amounts at the ceiling the router clamps money to (BACKEND_MICRO_MAX,
+ * 2^62 micro-USD): two holds or two charges of it would pass INT64_MAX.
+ * The counters saturate there instead of wrapping to a negative spend
+ * (which would hand the tenant a budget back). */
+Test(store_memory, counters_saturate_at_the_ceiling, .timeout = 5)
+{
+    const long long ceiling = (long long)1 << 62;
+    struct cache_options o = {0};
+    struct fx f;
+    struct wait w[2], s;
+
+    fx_open(&f, 0, &o, "ceiling");
+    for (int i = 0; i < 2; i++) {
+        w[i] = wait_begin(&f.loop, f.c, "acme", NULL, ceiling, 0, 0);
+        cr_assert(w[i].begin.granted);
+        cr_assert_geq(w[i].begin.reserved, ceiling, "hold %d: %lld reserved", i,
+                      (long long)w[i].begin.reserved);
+    }
+    s = wait_spend(&f.loop, f.c, "acme");
+    cr_assert_eq(s.spend.reserved, INT64_MAX, "%lld reserved", (long long)s.spend.reserved);
+    for (int i = 0; i < 2; i++)
+        cr_assert_null(wait_settle(&f.loop, f.c, &w[i].begin.reservation, ceiling));
+    s = wait_spend(&f.loop, f.c, "acme");
+    cr_assert_eq(s.spend.day_spent, INT64_MAX, "%lld spent today", (long long)s.spend.day_spent);
+    cr_assert_eq(s.spend.month_spent, INT64_MAX);
+    cr_assert_geq(s.spend.reserved, 0);
+    /* Any limit is passed. */
+    cr_assert_not(wait_begin(&f.loop, f.c, "acme", NULL, 1, ceiling, 0).begin.granted);
+    fx_close(&f);
+}
+
 Test(store_memory, bad_arguments, .timeout = 5)
 {
     uv_loop_t loop;
