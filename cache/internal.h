@@ -162,12 +162,20 @@ struct cache__journal {
     size_t count;                 /* entries */
     int64_t amount;               /* sum of real */
     const char *instance;         /* this instance's id: the origin of the entries it adds */
+    size_t max;                   /* most entries cache__journal_add makes (opts.journal_max) */
+    uint64_t dropped;             /* adds refused at max */
+    int64_t dropped_amount;       /* micro-dollars in them */
+    unsigned full_logged:1;       /* a refusal was logged: quiet until the journal empties */
 };
 
 /* Journal a charge. seq != 0 names a Redis reservation to drop; else `id`
  * (0: none) is the charge's id if it was sent. `conditional`: it was sent
- * and may have been applied. Returns 0 or -ENOMEM (the charge is then lost
- * and logged). */
+ * and may have been applied. Returns 0, -ENOMEM (the charge is then lost
+ * and logged) or -ENOSPC: the journal holds j->max entries and the charge
+ * merges into none of them (counted in j->dropped, logged once until the
+ * journal empties). That bounds the journal when Redis keeps answering one
+ * tenant's calls with an error (a key of the wrong type): each request
+ * adds entries that never merge, and their write-backs keep failing. */
 int cache__journal_add(struct cache__journal *j, const char *tenant,
                        const struct cache__period *p, int64_t real, uint64_t seq,
                        int64_t res_amount, uint64_t id, int conditional);

@@ -339,6 +339,7 @@ struct cache__redis {
     unsigned live_out:1;          /* a renewal is out */
     unsigned live_noscript:1;     /* Redis lost the script: load it before the next renewal */
     unsigned live_warned:1;       /* a renewal's error was logged; quiet until one succeeds */
+    struct log_every error_log;   /* Redis's error replies, logged once a second at most */
 };
 
 /* The adapter's per-connection state: freed in the poll handle's close
@@ -1424,9 +1425,14 @@ static void parse_turn(struct batch *b, const redisReply *r)
 
 static const char *reply_error(struct cache__redis *s, const redisReply *reply)
 {
+    char note[LOG_EVERY_NOTE_MAX];
+
     if (reply == NULL)
         return s->drop_reason ? s->drop_reason : error_store_unavailable;
-    log_warn("store: Redis error: %s", reply->str);
+    /* Once a second at most: an error that stays (a tenant's key of the
+     * wrong type) comes back with each of its requests. */
+    if (log_every_due(&s->error_log, uv_now(s->c->loop), note))
+        log_warn("store: Redis error: %s%s", reply->str, note);
     return cache_error_protocol;
 }
 
@@ -1673,10 +1679,12 @@ static void settle_ended(struct cache_op *op, int in_call)
         /* A command that was sent may have been applied (unless Redis
          * refused it): its write-back then only charges if Redis still
          * holds the reservation, or has not seen the charge's id. Still
-         * unconfirmed in the local counters, journaled; lost, not. */
+         * unconfirmed in the local counters, journaled or not journaled
+         * for a full journal (this instance keeps counting it); lost for
+         * lack of memory, not. */
         if (cache__journal_add(&c->journal, op->tenant, &op->period, op->amount,
                                r->remote ? r->seq : 0, r->amount, op->charge_id,
-                               !in_call && !op->refused) < 0)
+                               !in_call && !op->refused) == -ENOMEM)
             cache__local_unconfirmed(&c->local, op->tenant, &op->period, -op->amount);
         op->errstr = error_store_unavailable;
     }

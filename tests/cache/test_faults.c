@@ -513,6 +513,81 @@ Test(faults, a_read_while_writes_are_refused_keeps_the_journaled_spend, .timeout
     spent_then_close(&loop, c, &r, 90, "a hold stays after the write-back");
 }
 
+/* A tenant whose keys Redis answers with an error that is no refusal
+ * (here WRONGTYPE: its hash of open holds is a string, set by someone
+ * else) fails every call of that tenant, for as long as the key stays:
+ * each begin journals a release and each settle a charge with its own id,
+ * which never merge, and each write-back fails again. The journal stops at
+ * opts.journal_max entries (it grew by two a request), counts what it
+ * drops, and the dropped charges stay in this instance's counters: the
+ * spend it answers keeps them. Once the key is mended, what was journaled
+ * reaches Redis. */
+Test(faults, a_tenant_redis_answers_with_errors_does_not_grow_the_journal, .timeout = 30)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache *c;
+    struct cache_options o = {
+        .on_failure = CACHE_FAIL_OPEN,
+        .command_timeout_ms = 300,
+        .connect_timeout_ms = 5000,
+        .reconnect_min_ms = 50,
+        .reconnect_max_ms = 200,
+        .journal_max = 8,
+    };
+    struct cache_stats st;
+    struct wait w;
+    long long in_redis;
+
+    cr_assert_eq(test_redis_start(&r, 0), 0);
+    uv_loop_init(&loop);
+    wait_prefix(prefix, sizeof(prefix), "wrongtype");
+    o.redis_url = r.url;
+    o.key_prefix = prefix;
+    c = cache_create(&loop, &o);
+    cr_assert_not_null(c);
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    cr_assert_eq(test_redis_int(&r, "SET %s{acme}:open not-a-hash", prefix), -1);
+    for (int i = 0; i < 30; i++) {
+        w = wait_begin(&loop, c, "acme", NULL, 10, 0, 0);
+        cr_assert_null(w.err);
+        cr_assert(w.begin.granted && w.begin.degraded, "request %d: served locally", i);
+        wait_settle(&loop, c, &w.begin.reservation, 10);
+    }
+    cache_stats(c, &st);
+    cr_assert_leq(st.journal_entries, 8, "%zu journal entries after 30 requests",
+                  st.journal_entries);
+    cr_assert_gt(st.journal_dropped, 0);
+    cr_assert_gt(st.journal_dropped_amount, 0);
+    cr_assert_eq(st.state, CACHE_STATE_CONNECTED);
+    w = wait_spend(&loop, c, "acme");
+    cr_assert_null(w.err);
+    cr_assert_eq(w.spend.day_spent, 300, "this instance spent 300, its counters say %lld",
+                 (long long)w.spend.day_spent);
+    /* Another tenant is charged in Redis as usual. */
+    w = wait_begin(&loop, c, "other", NULL, 10, 0, 0);
+    cr_assert(w.begin.granted && !w.begin.degraded);
+    cr_assert_null(wait_settle(&loop, c, &w.begin.reservation, 7));
+    cr_assert_eq(test_redis_day_spend(&r, prefix, "other"), 7);
+    /* Mended: the journal is written back (a reconnect does it at once). */
+    test_redis_int(&r, "DEL %s{acme}:open", prefix);
+    test_redis_int(&r, "CLIENT KILL TYPE normal");
+    cr_assert(drained_within(&loop, c, 10000), "the journal was not written back");
+    in_redis = test_redis_day_spend(&r, prefix, "acme");
+    cr_assert_gt(in_redis, 0, "nothing of the journal reached Redis");
+    cr_assert_lt(in_redis, 300, "the dropped charges are in Redis too?");
+    cache_stats(c, &st);
+    cr_assert_eq(in_redis + st.journal_dropped_amount, 300, "%lld in Redis, %lld dropped",
+                 in_redis, (long long)st.journal_dropped_amount);
+    w = wait_spend(&loop, c, "acme");
+    cr_assert_null(w.err);
+    cr_assert_not(w.spend.degraded);
+    cr_assert_eq(w.spend.day_spent, 300, "what Redis has and what it never got");
+    wait_close(&loop, c);
+    test_redis_stop(&r);
+}
+
 /* With a shared response cache a begin sends its GET at once and waits in
  * the queue for its script call (group commit holds it while an earlier
  * call is out). When the connection drops meanwhile, the begin is never

@@ -1573,6 +1573,9 @@ Test(costs, spend_shown_while_redis_refuses_writes_counts_the_journaled_charges)
                        "%.*s", (int)resp.body.len, resp.body.data);
     cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
     cr_assert_float_eq(metric_value(gauge), paid, 1e-9, "the spend gauge");
+    cr_assert_eq(metric_value("costrouter_store_journal_entries{store=\"redis\"}"), 1,
+                 "the journaled charge");
+    cr_assert_eq(metric_value("costrouter_store_journal_dropped_total{store=\"redis\"}"), 0);
     /* $0.011 left: "good" no longer fits, "cheap" does. */
     cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", body), 0);
     cr_assert_eq(resp.status, 200);
