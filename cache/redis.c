@@ -55,6 +55,8 @@
  *   PREFIX{tenant}:c:SHA256    cached response (PREFIXc:{SHA256} when shared across tenants)
  *   PREFIXlive                 the instances alive (sorted set, instance id -> when its mark
  *                              lapses): how many share the budgets, for fail_open
+ *   PREFIXepoch                set by the first connection, read by each: gone or changed,
+ *                              Redis lost its data (see epoch_read)
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -340,6 +342,7 @@ struct cache__redis {
     unsigned live_noscript:1;     /* Redis lost the script: load it before the next renewal */
     unsigned live_warned:1;       /* a renewal's error was logged; quiet until one succeeds */
     struct log_every error_log;   /* Redis's error replies, logged once a second at most */
+    char epoch[40];               /* PREFIXepoch as the last setup read it, "" unknown */
 };
 
 /* The adapter's per-connection state: freed in the poll handle's close
@@ -547,17 +550,71 @@ static void redis_up(struct cache__redis *s)
     uv_timer_start(&s->live_timer, live_timer_cb, LIVE_EVERY_MS, LIVE_EVERY_MS);
 }
 
-/* Replies to AUTH, SELECT and SCRIPT LOAD; privdata is the script index + 1
- * for SCRIPT LOAD, NULL otherwise. */
+/* What a setup reply answers (its privdata): AUTH or SELECT, SCRIPT LOAD
+ * of script i (SETUP_SCRIPT + i), or the two commands of the epoch. */
+enum {
+    SETUP_PLAIN,
+    SETUP_EPOCH_SET,
+    SETUP_EPOCH_GET,
+    SETUP_SCRIPT,
+};
+
+/*
+ * PREFIXepoch: a mark the first connection sets (its instance's id and
+ * attempt number: none other sets the same, no expiry), and that every
+ * setup reads. A Redis that lost its data (a
+ * restart without persistence, a FLUSHALL) lost the mark with it. Then a
+ * charge journaled as "may have been applied" (sent, no reply) that drops
+ * a Redis hold cannot be told from its hold: the new Redis knows neither
+ * the hold nor the spend the charge added, and the write-back, finding no
+ * hold, would charge nothing. Such entries become plain charges (the
+ * journal's "how" 1): they were not in the Redis that is there now. Those
+ * without a hold carry an id, which an empty Redis has never seen: they
+ * are charged anyway. A mark evicted (a maxmemory policy that evicts
+ * keys, which budgets should not run under) reads as lost data too.
+ */
+static void epoch_read(struct cache__redis *s, const redisReply *reply)
+{
+    struct cache *c = s->c;
+    char now[sizeof(s->epoch)] = "";
+    size_t n = 0;
+    int64_t amount = 0;
+
+    if (reply->type == REDIS_REPLY_STRING)
+        snprintf(now, sizeof(now), "%.*s", (int)MIN(reply->len, sizeof(now) - 1), reply->str);
+    else if (reply->type != REDIS_REPLY_NIL)
+        return; /* not ours to read: leave what we knew */
+    if (s->epoch[0] != '\0' && strcmp(now, s->epoch) != 0) {
+        for (struct cache__jentry *e = c->journal.head; e; e = e->next) {
+            if (e->seq == 0 || !e->conditional)
+                continue;
+            e->conditional = 0;
+            n++;
+            amount = cache__sat_add(amount, e->real);
+        }
+        log_warn("store: Redis %s:%d lost its data (restarted without persistence?): %zu "
+                 "journaled charges (%lld micro-dollars) sent to it before, perhaps applied, "
+                 "are written back as charges",
+                 s->host, s->port, n, (long long)amount);
+    }
+    memcpy(s->epoch, now, sizeof(now)); /* nil: unknown, whatever the next one reads */
+}
+
+/* Replies to the setup commands; privdata says which (SETUP_*). */
 static void setup_cb(redisAsyncContext *ac, void *r, void *priv)
 {
     struct cache__redis *s = ac->data;
     redisReply *reply = r;
-    intptr_t script = (intptr_t)priv - 1;
+    intptr_t what = (intptr_t)priv;
+    intptr_t script = what >= SETUP_SCRIPT ? what - SETUP_SCRIPT : -1;
 
     if (reply == NULL || ac != s->ac)
         return; /* connection gone; its end is handled elsewhere */
-    if (reply->type == REDIS_REPLY_ERROR ||
+    if (what == SETUP_EPOCH_SET) {
+        /* An error here is a refusal of writes (OOM, ...): the GET tells. */
+    } else if (what == SETUP_EPOCH_GET) {
+        epoch_read(s, reply);
+    } else if (reply->type == REDIS_REPLY_ERROR ||
         (script >= 0 && (reply->type != REDIS_REPLY_STRING || reply->len != 40))) {
         log_error("store: Redis refused setup: %s",
                   reply->type == REDIS_REPLY_ERROR ? reply->str : "bad SCRIPT LOAD reply");
@@ -573,7 +630,8 @@ static void setup_cb(redisAsyncContext *ac, void *r, void *priv)
 static void start_session(struct cache__redis *s, const char *ip)
 {
     redisAsyncContext *ac = redisAsyncConnect(ip, s->port);
-    char db[16];
+    char db[16], key[CACHE_KEY_PREFIX_MAX + sizeof("epoch")], mark[sizeof(s->epoch)];
+    const char *set[] = {"SET", key, mark, "NX"}, *get[] = {"GET", key};
 
     if (ac == NULL || ac->err) {
         log_warn("store: cannot connect to Redis %s:%d: %s", s->host, s->port,
@@ -595,19 +653,25 @@ static void start_session(struct cache__redis *s, const char *ip)
     s->setup_pending = 0;
     if (s->password) {
         const char *argv[] = {"AUTH", s->password};
-        redisAsyncCommandArgv(ac, setup_cb, NULL, 2, argv, NULL);
+        redisAsyncCommandArgv(ac, setup_cb, (void *)SETUP_PLAIN, 2, argv, NULL);
         s->setup_pending++;
     }
     if (s->db > 0) {
         snprintf(db, sizeof(db), "%d", s->db);
-        redisAsyncCommand(ac, setup_cb, NULL, "SELECT %s", db);
+        redisAsyncCommand(ac, setup_cb, (void *)SETUP_PLAIN, "SELECT %s", db);
         s->setup_pending++;
     }
     for (intptr_t i = 0; i < NSCRIPTS; i++) {
         const char *argv[] = {"SCRIPT", "LOAD", scripts[i]};
-        redisAsyncCommandArgv(ac, setup_cb, (void *)(i + 1), 3, argv, NULL);
+        redisAsyncCommandArgv(ac, setup_cb, (void *)(SETUP_SCRIPT + i), 3, argv, NULL);
         s->setup_pending++;
     }
+    /* Last: its reply, before redis_up writes the journal back. */
+    snprintf(key, sizeof(key), "%sepoch", s->c->prefix);
+    snprintf(mark, sizeof(mark), "%s-%llu", s->c->instance, (unsigned long long)s->attempt);
+    redisAsyncCommandArgv(ac, setup_cb, (void *)SETUP_EPOCH_SET, 4, set, NULL);
+    redisAsyncCommandArgv(ac, setup_cb, (void *)SETUP_EPOCH_GET, 2, get, NULL);
+    s->setup_pending += 2;
 }
 
 static void gai_cb(uv_getaddrinfo_t *req, int status, struct addrinfo *res)

@@ -466,6 +466,34 @@ Test(faults, refused_writes_are_written_back_without_a_reconnect, .timeout = 30)
     spent_then_close(&loop, c, &r, 90, "the refused settle's reservation is still held");
 }
 
+/* A settle of a Redis hold sent to a Redis that stops answering (its
+ * reply never comes: it may have been applied) is journaled as "charge if
+ * the hold is still known". Redis then restarts without persistence: the
+ * new one knows neither the hold nor the spend, and the write-back found
+ * no hold and charged nothing, without a word. The store sees the data
+ * is gone (its mark PREFIXepoch is) and writes such a settle back as a
+ * plain charge. */
+Test(faults, a_maybe_applied_settle_is_charged_by_a_redis_restarted_empty, .timeout = 20)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache *c;
+    struct wait w;
+
+    w = held_in_redis(&loop, &r, &c, prefix, sizeof(prefix), "restart-empty");
+    test_redis_kill(&r, SIGSTOP);
+    cr_assert_eq(wait_settle(&loop, c, &w.begin.reservation, 40), error_store_unavailable,
+                 "journaled: no answer before the command timeout");
+    test_redis_kill(&r, SIGKILL);
+    cr_assert_eq(test_redis_restart(&r), 0);
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    cr_assert(drained_within(&loop, c, 10000), "the journal was not written back");
+    cr_assert_eq(test_redis_day_spend(&r, prefix, "acme"), 40,
+                 "the settle's 40 are not in the restarted Redis");
+    spent_then_close(&loop, c, &r, 40, "a hold in a Redis restarted empty");
+}
+
 /* While Redis refuses writes, reads still go through (the router reads a
  * tenant's spend before it picks a backend). What such a read answers
  * lacks the charges journaled meanwhile: the local counters that then
