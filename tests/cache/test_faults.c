@@ -616,6 +616,44 @@ Test(faults, a_tenant_redis_answers_with_errors_does_not_grow_the_journal, .time
     test_redis_stop(&r);
 }
 
+/* A tenant's day counter of the wrong type (a list, set by something
+ * else) makes the charge's INCRBY fail after the script has already
+ * dropped the hold it settles. The settle is journaled as "charge if the
+ * hold is still known", and its write-back, finding no hold, charged
+ * nothing and counted as done: the charge was lost from Redis and from
+ * the local counters alike. A failing script must leave nothing behind:
+ * the charge stays journaled (and counted here) until the key is mended,
+ * then reaches Redis once. */
+Test(faults, a_charge_redis_fails_to_count_is_not_lost, .timeout = 30)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64], day[16];
+    struct cache *c;
+    struct wait w;
+    struct cache_stats st;
+    time_t now = time(NULL);
+    struct tm tm;
+
+    w = held_in_redis(&loop, &r, &c, prefix, sizeof(prefix), "wrongtype-day");
+    gmtime_r(&now, &tm);
+    strftime(day, sizeof(day), "%Y%m%d", &tm);
+    cr_assert_eq(test_redis_int(&r, "RPUSH %s{acme}:d:%s x", prefix, day), 1);
+    cr_assert_eq(wait_settle(&loop, c, &w.begin.reservation, 40), error_store_unavailable,
+                 "Redis answered the charge with an error: journaled");
+    wait_ms(&loop, 1500); /* the write-back is retried after 1 s */
+    cache_stats(c, &st);
+    cr_assert_eq(st.journal_amount, 40, "the charge left the journal (%lld journaled)",
+                 (long long)st.journal_amount);
+    w = wait_spend(&loop, c, "acme");
+    cr_assert_eq(w.spend.month_spent, 40, "this instance forgot the charge (month %lld)",
+                 (long long)w.spend.month_spent);
+    test_redis_int(&r, "DEL %s{acme}:d:%s", prefix, day);
+    test_redis_int(&r, "CLIENT KILL TYPE normal"); /* a reconnect writes back at once */
+    cr_assert(drained_within(&loop, c, 10000), "the journal was not written back");
+    spent_then_close(&loop, c, &r, 40, "the settle's hold is still held");
+}
+
 /* With a shared response cache a begin sends its GET at once and waits in
  * the queue for its script call (group commit holds it while an earlier
  * call is out). When the connection drops meanwhile, the begin is never
