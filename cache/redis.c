@@ -217,12 +217,15 @@ static const char lua_turn[] =
      * its charge, so the journal's write-back charges it again. */
     "local day, month\n"
     "if charged ~= 0 then\n"
-    "  day = redis.pcall('INCRBY', KEYS[1], charged)\n"
+    /* In digits: Redis writes a Lua number from 1e17 on as "1e+17", which
+     * INCRBY refuses. */
+    "  local by = string.format('%.0f', charged)\n"
+    "  day = redis.pcall('INCRBY', KEYS[1], by)\n"
     "  if type(day) == 'table' then return day end\n"
-    "  month = redis.pcall('INCRBY', KEYS[2], charged)\n"
+    "  month = redis.pcall('INCRBY', KEYS[2], by)\n"
     "  if type(month) == 'table' then\n"
     "    if day == charged then redis.call('DEL', KEYS[1])\n"
-    "    else redis.call('DECRBY', KEYS[1], charged) end\n"
+    "    else redis.call('DECRBY', KEYS[1], by) end\n"
     "    return month\n"
     "  end\n"
     "  if day == charged then redis.call('EXPIRE', KEYS[1], ARGV[3]) end\n"

@@ -604,6 +604,26 @@ Test(store_memory, counters_saturate_at_the_ceiling, .timeout = 5)
     fx_close(&f);
 }
 
+/* A charge of 10^17 micro-dollars (within BACKEND_MICRO_MAX, 2^62: a
+ * price of $1 a token and a window of 10^11 tokens make it) reaches
+ * Redis's counters: the script's numbers are Lua floats, which Redis
+ * wrote into the INCRBY as "1e+17", an error ("not an integer"), and the
+ * charge stayed journaled for good. */
+Test(store_redis, a_charge_of_10_to_the_17_reaches_the_counters, .timeout = 20)
+{
+    const long long big = 100000000000000000LL;
+    struct cache_options o = {0};
+    struct fx f;
+    struct wait w;
+
+    fx_open(&f, 1, &o, "big-charge");
+    w = wait_begin(&f.loop, f.c, "acme", NULL, big, 0, 0);
+    cr_assert(w.begin.granted && !w.begin.degraded);
+    cr_assert_null(wait_settle(&f.loop, f.c, &w.begin.reservation, big));
+    cr_assert_eq(test_redis_day_spend(&f.redis, f.prefix, "acme"), big);
+    fx_close(&f);
+}
+
 Test(store_memory, bad_arguments, .timeout = 5)
 {
     uv_loop_t loop;
