@@ -360,7 +360,6 @@ struct cache__redis {
     unsigned live_noscript:1;     /* Redis lost the script: load it before the next renewal */
     unsigned live_warned:1;       /* a renewal's error was logged; quiet until one succeeds */
     struct log_every error_log;   /* Redis's error replies, logged once a second at most */
-    char epoch[40];               /* PREFIXepoch as the last setup read it, "" unknown */
 };
 
 /* The adapter's per-connection state: freed in the poll handle's close
@@ -588,21 +587,27 @@ enum {
  * hold, would charge nothing. Such entries become plain charges (the
  * journal's "how" 1): they were not in the Redis that is there now. Those
  * without a hold carry an id, which an empty Redis has never seen: they
- * are charged anyway. A mark evicted (a maxmemory policy that evicts
+ * are charged anyway. The journal file keeps the mark with its entries, so
+ * a start that loads them compares too. A mark evicted (a maxmemory policy that evicts
  * keys, which budgets should not run under) reads as lost data too.
  */
 static void epoch_read(struct cache__redis *s, const redisReply *reply)
 {
     struct cache *c = s->c;
-    char now[sizeof(s->epoch)] = "";
+    char now[sizeof(c->redis_epoch)] = "";
     size_t n = 0;
     int64_t amount = 0;
 
-    if (reply->type == REDIS_REPLY_STRING)
-        snprintf(now, sizeof(now), "%.*s", (int)MIN(reply->len, sizeof(now) - 1), reply->str);
-    else if (reply->type != REDIS_REPLY_NIL)
-        return; /* not ours to read: leave what we knew */
-    if (s->epoch[0] != '\0' && strcmp(now, s->epoch) != 0) {
+    if (reply->type == REDIS_REPLY_STRING) {
+        /* Ours are "INSTANCE-ATTEMPT"; anything else is not ours to
+         * read (the journal file keeps it in JSON): leave what we knew. */
+        if (reply->len >= sizeof(now) || strspn(reply->str, "0123456789abcdef-") != reply->len)
+            return;
+        memcpy(now, reply->str, reply->len + 1);
+    } else if (reply->type != REDIS_REPLY_NIL) {
+        return;
+    }
+    if (c->redis_epoch[0] != '\0' && strcmp(now, c->redis_epoch) != 0) {
         for (struct cache__jentry *e = c->journal.head; e; e = e->next) {
             if (e->seq == 0 || !e->conditional)
                 continue;
@@ -615,7 +620,7 @@ static void epoch_read(struct cache__redis *s, const redisReply *reply)
                  "are written back as charges",
                  s->host, s->port, n, (long long)amount);
     }
-    memcpy(s->epoch, now, sizeof(now)); /* nil: unknown, whatever the next one reads */
+    memcpy(c->redis_epoch, now, sizeof(now)); /* nil: unknown, whatever the next one reads */
 }
 
 /* Replies to the setup commands; privdata says which (SETUP_*). */
@@ -648,7 +653,7 @@ static void setup_cb(redisAsyncContext *ac, void *r, void *priv)
 static void start_session(struct cache__redis *s, const char *ip)
 {
     redisAsyncContext *ac = redisAsyncConnect(ip, s->port);
-    char db[16], key[CACHE_KEY_PREFIX_MAX + sizeof("epoch")], mark[sizeof(s->epoch)];
+    char db[16], key[CACHE_KEY_PREFIX_MAX + sizeof("epoch")], mark[sizeof(s->c->redis_epoch)];
     const char *set[] = {"SET", key, mark, "NX"}, *get[] = {"GET", key};
 
     if (ac == NULL || ac->err) {

@@ -494,6 +494,58 @@ Test(faults, a_maybe_applied_settle_is_charged_by_a_redis_restarted_empty, .time
     spent_then_close(&loop, c, &r, 40, "a hold in a Redis restarted empty");
 }
 
+/* The same settle saved in the journal file by a stop, and loaded by the
+ * next start, after Redis restarted without persistence: the file keeps
+ * the mark of the Redis its entries were sent to, and the new start's
+ * write-back charges the settle. */
+Test(faults, a_maybe_applied_settle_in_the_journal_file_is_charged_by_a_redis_restarted_empty,
+     .timeout = 30)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64], path[64] = "/tmp/costrouter-jfile-XXXXXX", lock[80];
+    struct cache *c;
+    struct cache_options o = {
+        .on_failure = CACHE_FAIL_OPEN,
+        .command_timeout_ms = 300,
+        .connect_timeout_ms = 5000,
+        .reconnect_min_ms = 50,
+        .reconnect_max_ms = 200,
+    };
+    struct wait w;
+
+    close(mkstemp(path));
+    unlink(path);
+    snprintf(lock, sizeof(lock), "%s.lock", path);
+    cr_assert_eq(test_redis_start(&r, 0), 0);
+    uv_loop_init(&loop);
+    wait_prefix(prefix, sizeof(prefix), "jfile-empty");
+    o.redis_url = r.url;
+    o.key_prefix = prefix;
+    o.journal_file = path;
+    c = cache_create(&loop, &o);
+    cr_assert_not_null(c);
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    w = wait_begin(&loop, c, "acme", NULL, 100, 0, 0);
+    cr_assert(w.begin.granted && w.begin.reservation.remote);
+    test_redis_kill(&r, SIGSTOP);
+    cr_assert_eq(wait_settle(&loop, c, &w.begin.reservation, 40), error_store_unavailable);
+    wait_close(&loop, c); /* saved to the file */
+    cr_assert_eq(access(path, F_OK), 0, "the journal file was not saved");
+    test_redis_kill(&r, SIGKILL);
+    cr_assert_eq(test_redis_restart(&r), 0);
+    uv_loop_init(&loop);
+    c = cache_create(&loop, &o);
+    cr_assert_not_null(c);
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    cr_assert(drained_within(&loop, c, 10000), "the journal was not written back");
+    cr_assert_eq(test_redis_day_spend(&r, prefix, "acme"), 40,
+                 "the saved settle's 40 are not in the restarted Redis");
+    spent_then_close(&loop, c, &r, 40, "a hold in a Redis restarted empty");
+    unlink(path);
+    unlink(lock);
+}
+
 /* While Redis refuses writes, reads still go through (the router reads a
  * tenant's spend before it picks a backend). What such a read answers
  * lacks the charges journaled meanwhile: the local counters that then
