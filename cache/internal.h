@@ -116,6 +116,13 @@ int cache__local_sync(struct cache__local *l, const char *tenant, int64_t day_sp
  * confirmed, and its holds with the ones kept here (made while Redis was
  * away or refused writes, not in Redis). */
 void cache__local_enforced(struct cache__local *l, const char *tenant, struct cache_spend *s);
+/* A begin Redis answered (`r`, just synced): when these counters know
+ * more than Redis (our charges it has not confirmed, journaled while it
+ * refused writes or was away; holds kept here), `r`'s figures become what
+ * they enforce, and 1 when Redis's grant does not fit `day_limit` /
+ * `month_limit` (0: none) by them: the caller releases it. Else 0. */
+int cache__local_recheck(struct cache__local *l, const char *tenant, int64_t day_limit,
+                         int64_t month_limit, struct cache_begin_result *r);
 /* Count (amount > 0) or drop (amount < 0) a charge of period `p` that
  * Redis does not have yet: sent and not answered, journaled, or being
  * written back. What Redis answers (cache__local_sync) lacks it, and these

@@ -345,6 +345,27 @@ void cache__local_enforced(struct cache__local *l, const char *tenant, struct ca
     s->reserved = cache__sat_add(s->reserved, t->reserved);
 }
 
+int cache__local_recheck(struct cache__local *l, const char *tenant, int64_t day_limit,
+                         int64_t month_limit, struct cache_begin_result *r)
+{
+    struct cache__map_entry *e = cache__map_find(&l->tenants, tenant, strlen(tenant));
+    struct local_tenant *t = e ? e->value : NULL;
+    int64_t need;
+
+    if (t == NULL)
+        return 0;
+    tenant_refresh(t);
+    if (t->unconfirmed_day == 0 && t->unconfirmed_month == 0 && t->reserved == 0)
+        return 0; /* Redis's figures are ours: its decision stands */
+    r->day_spent = t->day_spent;
+    r->month_spent = t->month_spent;
+    r->reserved = need = cache__sat_add(r->reserved, t->reserved);
+    if (!r->granted)
+        return 0;
+    return (day_limit > 0 && cache__sat_add(t->day_spent, need) > day_limit) ||
+           (month_limit > 0 && cache__sat_add(t->month_spent, need) > month_limit);
+}
+
 int cache__local_unconfirmed(struct cache__local *l, const char *tenant,
                              const struct cache__period *p, int64_t amount)
 {

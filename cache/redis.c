@@ -1730,6 +1730,19 @@ static void begin_ended(struct cache_op *op, int in_call)
             /* Shared cache: the reservation made beside the GET is not needed. */
             cache__release_orphan(c, op->tenant, &b->reservation);
             b->granted = 0;
+        } else if (b->lookup != CACHE_LOOKUP_HIT &&
+                   (c->journal.count > 0 || c->redis->nflushing > 0) &&
+                   cache__local_recheck(&c->local, op->tenant, op->day_limit, op->month_limit,
+                                        b)) {
+            /* Redis granted it on figures that lack our charges it has not
+             * confirmed (Redis takes writes again, the journal is still
+             * to be written back): by what this instance knows, the hold
+             * does not fit. Only with a journal: without one, the charges
+             * not confirmed yet are settles sent after this begin, whose
+             * holds Redis's answer still counts (checked, they would be
+             * counted twice). */
+            cache__release_orphan(c, op->tenant, &b->reservation);
+            b->granted = 0;
         }
     } else if (c->closing) {
         op->errstr = cache_error_closed;

@@ -706,6 +706,39 @@ Test(faults, a_charge_redis_fails_to_count_is_not_lost, .timeout = 30)
     spent_then_close(&loop, c, &r, 40, "the settle's hold is still held");
 }
 
+/* Redis takes writes again while charges journaled during its refusal
+ * wait for their write-back (retried on a timer, up to 30 s apart): a
+ * begin that Redis grants meanwhile is checked against Redis's figures,
+ * which lack them. 90 of a day's 100 were spent (journaled); a hold of 50
+ * was granted, the budget spent again. The store checks Redis's grant
+ * against what it knows (Redis's figures and its charges Redis has not
+ * confirmed) and releases one that does not fit. */
+Test(faults, a_grant_after_writes_resume_counts_the_journaled_spend, .timeout = 30)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache *c;
+    struct wait w;
+    struct cache_stats st;
+
+    w = held_in_redis(&loop, &r, &c, prefix, sizeof(prefix), "resume-grant");
+    cr_assert_null(wait_settle(&loop, c, &w.begin.reservation, 0));
+    test_redis_int(&r, "CONFIG SET min-replicas-to-write 1");
+    w = wait_begin(&loop, c, "acme", NULL, 10, 100, 0);
+    cr_assert(w.begin.granted && w.begin.degraded, "served from local counters");
+    cr_assert_eq(wait_settle(&loop, c, &w.begin.reservation, 90), error_store_unavailable);
+    test_redis_int(&r, "CONFIG SET min-replicas-to-write 0");
+    w = wait_begin(&loop, c, "acme", NULL, 50, 100, 0);
+    cache_stats(c, &st);
+    cr_assert_eq(st.journal_amount, 90, "written back already: the test proves nothing");
+    cr_assert_null(w.err);
+    cr_assert_not(w.begin.granted, "90 of 100 spent (journaled), yet Redis's grant of 50 stood");
+    cr_assert_eq(w.begin.day_spent, 90, "the answer's spend lacks the journaled 90");
+    cr_assert(drained_within(&loop, c, 10000), "the journal was not written back");
+    spent_then_close(&loop, c, &r, 90, "the refused grant's hold is still held");
+}
+
 /* With a shared response cache a begin sends its GET at once and waits in
  * the queue for its script call (group commit holds it while an earlier
  * call is out). When the connection drops meanwhile, the begin is never
