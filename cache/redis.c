@@ -165,7 +165,7 @@
  * answers a cache hit, or reserves `amount` unless a limit would be passed.
  *
  * Returns {day, month after the batch, then per begin: the reserved sum
- * after it times 4 plus 0 granted | 1 denied | 2 hit, then each hit's
+ * after it (at most 2^60) times 4 plus 0 granted | 1 denied | 2 hit, then each hit's
  * value}: flat, one integer per begin, because each element of a reply
  * costs Redis and hiredis (an allocation) more than the number in it. */
 static const char lua_turn[] =
@@ -270,7 +270,9 @@ static const char lua_turn[] =
     "    reserved = reserved + amount\n"
     "  end\n"
     "  no = no + 1\n"
-    "  out[no] = reserved * 4 + st\n"
+    /* At most 2^60 said: times 4, a hold at the 2^62 ceiling would pass
+     * what the reply's integer holds. */
+    "  out[no] = math.min(reserved, 2^60) * 4 + st\n"
     "end\n"
     "if nh > 0 and expires < due then due = expires end\n"
     "if due ~= old_due then\n"

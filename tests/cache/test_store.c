@@ -624,6 +624,29 @@ Test(store_redis, a_charge_of_10_to_the_17_reaches_the_counters, .timeout = 20)
     fx_close(&f);
 }
 
+/* A hold at the ceiling the router clamps money to (2^62 micro-USD) is
+ * made in Redis: the script answered the reserved sum times 4 (plus the
+ * begin's status), past what a reply's integer holds, and the begin failed
+ * as a protocol error, served from local counters. */
+Test(store_redis, a_hold_at_the_ceiling_is_made_in_redis, .timeout = 20)
+{
+    const long long ceiling = (long long)1 << 62;
+    struct cache_options o = {0};
+    struct fx f;
+    struct wait w;
+
+    fx_open(&f, 1, &o, "big-hold");
+    w = wait_begin(&f.loop, f.c, "acme", NULL, ceiling, 0, 0);
+    cr_assert_null(w.err);
+    cr_assert(w.begin.granted && !w.begin.degraded, "granted %d, degraded %d", w.begin.granted,
+              w.begin.degraded);
+    cr_assert_geq(w.begin.reserved, (long long)1 << 60, "%lld reserved",
+                  (long long)w.begin.reserved);
+    cr_assert_null(wait_release(&f.loop, f.c, &w.begin.reservation));
+    cr_assert_eq(wait_spend(&f.loop, f.c, "acme").spend.reserved, 0);
+    fx_close(&f);
+}
+
 Test(store_memory, bad_arguments, .timeout = 5)
 {
     uv_loop_t loop;
