@@ -123,6 +123,9 @@ void cache__local_enforced(struct cache__local *l, const char *tenant, struct ca
  * `month_limit` (0: none) by them: the caller releases it. Else 0. */
 int cache__local_recheck(struct cache__local *l, const char *tenant, int64_t day_limit,
                          int64_t month_limit, struct cache_begin_result *r);
+/* Count (amount > 0) or drop (amount < 0) a hold of ours in Redis whose
+ * settle is queued or sent (cache__local_recheck). 0 or -ENOMEM. */
+int cache__local_settling(struct cache__local *l, const char *tenant, int64_t amount);
 /* Count (amount > 0) or drop (amount < 0) a charge of period `p` that
  * Redis does not have yet: sent and not answered, journaled, or being
  * written back. What Redis answers (cache__local_sync) lacks it, and these

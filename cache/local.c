@@ -38,6 +38,9 @@ struct local_tenant {
                                   * or being written back: not in what Redis answers
                                   * (cache__local_unconfirmed) */
     int64_t unconfirmed_month;   /* of this month likewise */
+    int64_t settling;            /* our holds in Redis whose settle is queued or sent and not
+                                  * answered: Redis's answers to calls before it still count
+                                  * them, while their charges are unconfirmed already */
     struct local_res *ring;      /* open reservations by seq */
     size_t cap;                  /* ring slots (power of two) */
     size_t head;                 /* index of the oldest */
@@ -359,11 +362,22 @@ int cache__local_recheck(struct cache__local *l, const char *tenant, int64_t day
         return 0; /* Redis's figures are ours: its decision stands */
     r->day_spent = t->day_spent;
     r->month_spent = t->month_spent;
-    r->reserved = need = cache__sat_add(r->reserved, t->reserved);
+    /* Holds whose settle is still out are counted by their charge. */
+    r->reserved = need = cache__sat_add(MAX(r->reserved - t->settling, 0), t->reserved);
     if (!r->granted)
         return 0;
     return (day_limit > 0 && cache__sat_add(t->day_spent, need) > day_limit) ||
            (month_limit > 0 && cache__sat_add(t->month_spent, need) > month_limit);
+}
+
+int cache__local_settling(struct cache__local *l, const char *tenant, int64_t amount)
+{
+    struct local_tenant *t = tenant_get(l, tenant);
+
+    if (t == NULL)
+        return -ENOMEM;
+    t->settling = MAX(cache__sat_add(t->settling, amount), 0);
+    return 0;
 }
 
 int cache__local_unconfirmed(struct cache__local *l, const char *tenant,

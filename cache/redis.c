@@ -1770,6 +1770,9 @@ static void settle_ended(struct cache_op *op, int in_call)
     struct cache *c = op->cache;
     const struct cache_reservation *r = &op->res;
 
+    if (r->remote) /* answered, journaled or lost: no longer out */
+        cache__local_settling(&c->local, op->tenant, -r->amount);
+
     if (op->errstr == NULL) {
         /* Redis has it: in its figures from this reply on (it answers in
          * order), and no longer ours to add. */
@@ -1898,8 +1901,10 @@ static void redis_settle(struct cache_op *op)
     /* Until Redis answers it, a reply from a call sent before it (which
      * lacks it) must not take it out of the local counters. */
     cache__local_unconfirmed(&c->local, op->tenant, &op->period, op->amount);
-    if (r->remote)
+    if (r->remote) {
         cache__local_hold_remote(&c->local, op->tenant, -r->amount);
+        cache__local_settling(&c->local, op->tenant, r->amount); /* until settle_ended */
+    }
     if (!r->remote && op->amount == 0) {
         cache__defer(op); /* a local release: nothing to tell Redis */
         return;

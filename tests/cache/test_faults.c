@@ -739,6 +739,59 @@ Test(faults, a_grant_after_writes_resume_counts_the_journaled_spend, .timeout = 
     spent_then_close(&loop, c, &r, 90, "the refused grant's hold is still held");
 }
 
+/* The same check must not count a hold twice: a settle made while a
+ * begin's call is out waits in the queue (group commit), its charge not
+ * confirmed yet and its hold still in Redis's answer to the begin. Here
+ * A holds 50 of 100, B asks 50 more, A settles at 10 while B's call is
+ * out: 10 spent and 50 held fit, yet A's 50 counted as held and 10 as
+ * spent refused B (with a journal waiting for another tenant's charge,
+ * which turns the check on). */
+Test(faults, a_grant_is_not_refused_for_a_settle_queued_behind_it, .timeout = 30)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache *c;
+    struct wait a, b = {0}, x;
+    struct cache_stats st;
+    char day[16];
+    time_t now = time(NULL);
+    struct tm tm;
+
+    cr_assert_eq(test_redis_start(&r, 0), 0);
+    uv_loop_init(&loop);
+    c = open_store(&loop, r.url, CACHE_FAIL_OPEN, prefix, sizeof(prefix), "queued-settle");
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    /* Tenant x's charges fail for good (its day counter is a list). */
+    gmtime_r(&now, &tm);
+    strftime(day, sizeof(day), "%Y%m%d", &tm);
+    cr_assert_eq(test_redis_int(&r, "RPUSH %s{x}:d:%s v", prefix, day), 1);
+    x = wait_begin(&loop, c, "x", NULL, 5, 0, 0);
+    cr_assert(x.begin.granted);
+    cr_assert_eq(wait_settle(&loop, c, &x.begin.reservation, 5), error_store_unavailable);
+    cache_stats(c, &st);
+    cr_assert_gt(st.journal_entries, 0);
+    a = wait_begin(&loop, c, "acme", NULL, 50, 100, 0);
+    cr_assert(a.begin.granted && !a.begin.degraded);
+    cr_assert_not_null(cache_begin(c, "acme", NULL, 50, 100, 0, wait_begin_cb, &b));
+    test_redis_kill(&r, SIGSTOP); /* B's answer waits */
+    uv_run(&loop, UV_RUN_NOWAIT); /* B's call goes out */
+    cr_assert_not_null(cache_settle(c, &a.begin.reservation, 10, NULL, NULL)); /* queued */
+    uv_run(&loop, UV_RUN_NOWAIT);
+    test_redis_kill(&r, SIGCONT);
+    while (!b.done)
+        uv_run(&loop, UV_RUN_ONCE);
+    cr_assert_null(b.err);
+    cr_assert(b.begin.granted, "10 spent and 50 held of 100, yet B's 50 refused (%lld spent, "
+                               "%lld reserved)",
+              (long long)b.begin.day_spent, (long long)b.begin.reserved);
+    cr_assert_null(wait_release(&loop, c, &b.begin.reservation));
+    test_redis_int(&r, "DEL %s{x}:d:%s", prefix, day);
+    test_redis_int(&r, "CLIENT KILL TYPE normal");
+    cr_assert(drained_within(&loop, c, 10000), "the journal was not written back");
+    spent_then_close(&loop, c, &r, 10, "B's hold is still held");
+}
+
 /* With a shared response cache a begin sends its GET at once and waits in
  * the queue for its script call (group commit holds it while an earlier
  * call is out). When the connection drops meanwhile, the begin is never
