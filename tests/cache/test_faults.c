@@ -23,24 +23,40 @@
 #include "tests/support/redis.h"
 #include "tests/support/relay.h"
 
+/* A store with options `o` (url and mode set, its timeouts the tests'
+ * short ones) under a key prefix of its own, written to `prefix`. */
+static struct cache *open_store_with(uv_loop_t *loop, struct cache_options *o, char *prefix,
+                                     size_t n, const char *name)
+{
+    struct cache *c;
+
+    o->command_timeout_ms = 300;
+    o->connect_timeout_ms = 5000;
+    o->reconnect_min_ms = 50;
+    o->reconnect_max_ms = 200;
+    wait_prefix(prefix, n, name);
+    o->key_prefix = prefix;
+    c = cache_create(loop, o);
+    cr_assert_not_null(c);
+    return c;
+}
+
 static struct cache *open_store(uv_loop_t *loop, const char *url, enum cache_on_failure mode,
                                 char *prefix, size_t n, const char *name)
 {
-    struct cache_options o = {
-        .redis_url = url,
-        .on_failure = mode,
-        .command_timeout_ms = 300,
-        .connect_timeout_ms = 5000,
-        .reconnect_min_ms = 50,
-        .reconnect_max_ms = 200,
-    };
-    struct cache *c;
+    struct cache_options o = {.redis_url = url, .on_failure = mode};
 
-    wait_prefix(prefix, n, name);
-    o.key_prefix = prefix;
-    c = cache_create(loop, &o);
-    cr_assert_not_null(c);
-    return c;
+    return open_store_with(loop, &o, prefix, n, name);
+}
+
+/* Today's UTC day as the store's day keys name it: YYYYMMDD. */
+static void key_day(char day[16])
+{
+    time_t now = time(NULL);
+    struct tm tm;
+
+    gmtime_r(&now, &tm);
+    strftime(day, 16, "%Y%m%d", &tm);
 }
 
 /* Nothing listens: the refusal must reach hiredis at once (a hung adapter
@@ -505,13 +521,7 @@ Test(faults, a_maybe_applied_settle_in_the_journal_file_is_charged_by_a_redis_re
     struct test_redis r;
     char prefix[64], path[64] = "/tmp/costrouter-jfile-XXXXXX", lock[80];
     struct cache *c;
-    struct cache_options o = {
-        .on_failure = CACHE_FAIL_OPEN,
-        .command_timeout_ms = 300,
-        .connect_timeout_ms = 5000,
-        .reconnect_min_ms = 50,
-        .reconnect_max_ms = 200,
-    };
+    struct cache_options o = {.on_failure = CACHE_FAIL_OPEN, .journal_file = path};
     struct wait w;
 
     close(mkstemp(path));
@@ -519,12 +529,8 @@ Test(faults, a_maybe_applied_settle_in_the_journal_file_is_charged_by_a_redis_re
     snprintf(lock, sizeof(lock), "%s.lock", path);
     cr_assert_eq(test_redis_start(&r, 0), 0);
     uv_loop_init(&loop);
-    wait_prefix(prefix, sizeof(prefix), "jfile-empty");
     o.redis_url = r.url;
-    o.key_prefix = prefix;
-    o.journal_file = path;
-    c = cache_create(&loop, &o);
-    cr_assert_not_null(c);
+    c = open_store_with(&loop, &o, prefix, sizeof(prefix), "jfile-empty");
     wait_state(&loop, c, CACHE_STATE_CONNECTED);
     w = wait_begin(&loop, c, "acme", NULL, 100, 0, 0);
     cr_assert(w.begin.granted && w.begin.reservation.remote);
@@ -608,25 +614,15 @@ Test(faults, a_tenant_redis_answers_with_errors_does_not_grow_the_journal, .time
     struct test_redis r;
     char prefix[64];
     struct cache *c;
-    struct cache_options o = {
-        .on_failure = CACHE_FAIL_OPEN,
-        .command_timeout_ms = 300,
-        .connect_timeout_ms = 5000,
-        .reconnect_min_ms = 50,
-        .reconnect_max_ms = 200,
-        .journal_max = 8,
-    };
+    struct cache_options o = {.on_failure = CACHE_FAIL_OPEN, .journal_max = 8};
     struct cache_stats st;
     struct wait w;
     long long in_redis;
 
     cr_assert_eq(test_redis_start(&r, 0), 0);
     uv_loop_init(&loop);
-    wait_prefix(prefix, sizeof(prefix), "wrongtype");
     o.redis_url = r.url;
-    o.key_prefix = prefix;
-    c = cache_create(&loop, &o);
-    cr_assert_not_null(c);
+    c = open_store_with(&loop, &o, prefix, sizeof(prefix), "wrongtype");
     wait_state(&loop, c, CACHE_STATE_CONNECTED);
     cr_assert_eq(test_redis_int(&r, "SET %s{acme}:open not-a-hash", prefix), -1);
     for (int i = 0; i < 30; i++) {
@@ -684,12 +680,9 @@ Test(faults, a_charge_redis_fails_to_count_is_not_lost, .timeout = 30)
     struct cache *c;
     struct wait w;
     struct cache_stats st;
-    time_t now = time(NULL);
-    struct tm tm;
 
     w = held_in_redis(&loop, &r, &c, prefix, sizeof(prefix), "wrongtype-day");
-    gmtime_r(&now, &tm);
-    strftime(day, sizeof(day), "%Y%m%d", &tm);
+    key_day(day);
     cr_assert_eq(test_redis_int(&r, "RPUSH %s{acme}:d:%s x", prefix, day), 1);
     cr_assert_eq(wait_settle(&loop, c, &w.begin.reservation, 40), error_store_unavailable,
                  "Redis answered the charge with an error: journaled");
@@ -755,16 +748,13 @@ Test(faults, a_grant_is_not_refused_for_a_settle_queued_behind_it, .timeout = 30
     struct wait a, b = {0}, x;
     struct cache_stats st;
     char day[16];
-    time_t now = time(NULL);
-    struct tm tm;
 
     cr_assert_eq(test_redis_start(&r, 0), 0);
     uv_loop_init(&loop);
     c = open_store(&loop, r.url, CACHE_FAIL_OPEN, prefix, sizeof(prefix), "queued-settle");
     wait_state(&loop, c, CACHE_STATE_CONNECTED);
     /* Tenant x's charges fail for good (its day counter is a list). */
-    gmtime_r(&now, &tm);
-    strftime(day, sizeof(day), "%Y%m%d", &tm);
+    key_day(day);
     cr_assert_eq(test_redis_int(&r, "RPUSH %s{x}:d:%s v", prefix, day), 1);
     x = wait_begin(&loop, c, "x", NULL, 5, 0, 0);
     cr_assert(x.begin.granted);
