@@ -201,8 +201,9 @@ double backend_pool_cost_usd(const struct backend *b, uint64_t now_ms);
  * noise below a millionth of a micro-USD. Both give 0 for a negative
  * amount, -0 or NaN (no money converted is negative: costs, prices and
  * budgets are not), and BACKEND_MICRO_MAX for an amount at or past it,
- * +inf included: the integer conversion stays defined, and a few such
- * amounts still add up without overflow.
+ * +inf included: the integer conversion stays defined. Two such amounts
+ * already pass INT64_MAX: the store's in-process counters add them with
+ * saturation (cache__sat_add), holding at INT64_MAX.
  */
 #define BACKEND_MICRO_MAX ((int64_t)1 << 62) /* about $4.6e12 */
 int64_t backend_usd_to_micro_ceil(double usd);

@@ -80,6 +80,8 @@ struct cache_options {
     int cache_ttl_s;              /* default TTL of cache_put; default 3600 */
     size_t max_entry_bytes;       /* largest cached value; default 1 MiB */
     size_t local_cache_bytes;     /* in-process cache budget, oldest evicted; default 64 MiB */
+    size_t journal_max;           /* most journal entries kept (merged ones count once);
+                                   * default 100000, see cache_stats.journal_dropped */
     const char *journal_file;     /* Redis store: the journal is saved there at close and
                                    * loaded by cache_create (see below); NULL: none */
     const char *spend_file;       /* in-process store: the day's and month's spend is saved
@@ -146,6 +148,10 @@ struct cache_stats {
     enum cache_state state;  /* see enum cache_state */
     size_t journal_entries;  /* charges waiting to be written back */
     int64_t journal_amount;  /* micro-dollars in those entries */
+    uint64_t journal_dropped; /* charges and releases not journaled, the journal being full
+                               * (opts.journal_max): their spend stays in this instance's
+                               * counters, lost to Redis's */
+    int64_t journal_dropped_amount; /* micro-dollars in those */
     uint64_t reconnects;     /* successful (re)connections so far */
     size_t inflight;         /* operations sent to Redis or queued for it, not yet answered */
     unsigned instances;      /* instances sharing the store, this one included, as Redis

@@ -62,6 +62,17 @@ uint64_t cache__mono_ms(void);
 /* Wall-clock milliseconds since 1970 (what Redis's TIME counts in). */
 int64_t cache__wall_ms(void);
 
+/* a + b, held at INT64_MAX / INT64_MIN instead of overflowing: amounts
+ * reach 2^62 (BACKEND_MICRO_MAX), and two of them would pass INT64_MAX. */
+static inline int64_t cache__sat_add(int64_t a, int64_t b)
+{
+    int64_t r;
+
+    if (__builtin_add_overflow(a, b, &r))
+        return b > 0 ? INT64_MAX : INT64_MIN;
+    return r;
+}
+
 /* ---- in-process store (local.c) ---- */
 
 struct cache__local_entry;
@@ -100,6 +111,21 @@ int cache__local_hold_remote(struct cache__local *l, const char *tenant, int64_t
  * note what the other instances hold. */
 int cache__local_sync(struct cache__local *l, const char *tenant, int64_t day_spent,
                       int64_t month_spent, int64_t reserved);
+/* What these counters enforce for `tenant`, from `s`, Redis's answer just
+ * synced (cache__local_sync): its spend with our charges Redis has not
+ * confirmed, and its holds with the ones kept here (made while Redis was
+ * away or refused writes, not in Redis). */
+void cache__local_enforced(struct cache__local *l, const char *tenant, struct cache_spend *s);
+/* A begin Redis answered (`r`, just synced): when these counters know
+ * more than Redis (our charges it has not confirmed, journaled while it
+ * refused writes or was away; holds kept here), `r`'s figures become what
+ * they enforce, and 1 when Redis's grant does not fit `day_limit` /
+ * `month_limit` (0: none) by them: the caller releases it. Else 0. */
+int cache__local_recheck(struct cache__local *l, const char *tenant, int64_t day_limit,
+                         int64_t month_limit, struct cache_begin_result *r);
+/* Count (amount > 0) or drop (amount < 0) a hold of ours in Redis whose
+ * settle is queued or sent (cache__local_recheck). 0 or -ENOMEM. */
+int cache__local_settling(struct cache__local *l, const char *tenant, int64_t amount);
 /* Count (amount > 0) or drop (amount < 0) a charge of period `p` that
  * Redis does not have yet: sent and not answered, journaled, or being
  * written back. What Redis answers (cache__local_sync) lacks it, and these
@@ -146,12 +172,20 @@ struct cache__journal {
     size_t count;                 /* entries */
     int64_t amount;               /* sum of real */
     const char *instance;         /* this instance's id: the origin of the entries it adds */
+    size_t max;                   /* most entries cache__journal_add makes (opts.journal_max) */
+    uint64_t dropped;             /* adds refused at max */
+    int64_t dropped_amount;       /* micro-dollars in them */
+    unsigned full_logged:1;       /* a refusal was logged: quiet until the journal empties */
 };
 
 /* Journal a charge. seq != 0 names a Redis reservation to drop; else `id`
  * (0: none) is the charge's id if it was sent. `conditional`: it was sent
- * and may have been applied. Returns 0 or -ENOMEM (the charge is then lost
- * and logged). */
+ * and may have been applied. Returns 0, -ENOMEM (the charge is then lost
+ * and logged) or -ENOSPC: the journal holds j->max entries and the charge
+ * merges into none of them (counted in j->dropped, logged once until the
+ * journal empties). That bounds the journal when Redis keeps answering one
+ * tenant's calls with an error (a key of the wrong type): each request
+ * adds entries that never merge, and their write-backs keep failing. */
 int cache__journal_add(struct cache__journal *j, const char *tenant,
                        const struct cache__period *p, int64_t real, uint64_t seq,
                        int64_t res_amount, uint64_t id, int conditional);
@@ -306,6 +340,9 @@ struct cache {
     void *closed_arg;                  /* its argument */
     unsigned closing:1;                /* cache_close() closed the store */
     unsigned draining:1;               /* cache_close() waits for commands in flight first */
+    char redis_epoch[40];              /* Redis's PREFIXepoch as the last setup read it
+                                        * (redis.c), or as the journal file kept it from the
+                                        * Redis its entries went to; "" unknown */
     char *jfile;                       /* owned opts.journal_file, or NULL */
     int jfile_lock;                    /* fd holding the flock on JFILE.lock, -1: none */
     unsigned jfile_held:1;             /* the file holds entries not yet confirmed by Redis */

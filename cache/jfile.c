@@ -10,7 +10,9 @@
  * its memory held, as without a file: it never reaches the save.
  *
  * Format: one JSON object per line. The first is a header
- *   {"costrouter_journal":1,"saved_ms":T,"entries":N,"micro_usd":SUM}
+ *   {"costrouter_journal":1,"saved_ms":T,"entries":N,"micro_usd":SUM,"redis_epoch":"MARK"}
+ * (MARK: Redis's PREFIXepoch when the entries were sent, "" unknown; see
+ * redis.c's epoch_read; optional on load)
  * then N entries
  *   {"tenant":"acme","day":"2026-12-04","micro_usd":40,"origin":"<16 hex>",
  *    "id":7 | "seq":3,"reserved_micro_usd":100, "conditional":true,"since_ms":T}
@@ -95,11 +97,13 @@ out:
 }
 
 /* The whole file: header, then the entries. */
-static int file_text(struct buf *out, const struct cache__journal *j, int all_conditional)
+static int file_text(struct buf *out, const struct cache__journal *j, const char *epoch,
+                     int all_conditional)
 {
     if (buf_printf(out, "{\"costrouter_journal\":%d,\"saved_ms\":%lld,\"entries\":%zu,"
-                        "\"micro_usd\":%lld}\n",
-                   JFILE_VERSION, (long long)cache__wall_ms(), j->count, (long long)j->amount) < 0)
+                        "\"micro_usd\":%lld,\"redis_epoch\":\"%s\"}\n",
+                   JFILE_VERSION, (long long)cache__wall_ms(), j->count, (long long)j->amount,
+                   epoch) < 0)
         return -1;
     for (const struct cache__jentry *e = j->head; e; e = e->next)
         if (entry_line(out, e, all_conditional) < 0)
@@ -119,7 +123,7 @@ static int save(struct cache *c, int all_conditional)
     for (struct cache__jentry *e = c->journal.head; e; e = e->next)
         if (e->seq == 0 && e->id == 0)
             e->id = ++c->seq;
-    rc = file_text(&text, &c->journal, all_conditional);
+    rc = file_text(&text, &c->journal, c->redis_epoch, all_conditional);
     if (rc < 0)
         errno = ENOMEM;
     else
@@ -190,14 +194,19 @@ static struct cache__jentry *parse_entry(const cJSON *o, const char **why)
     return e;
 }
 
-/* The header's entry count and sum, or -1. */
-static int parse_header(const cJSON *o, int64_t *count, int64_t *sum)
+/* The header's entry count and sum, or -1; the mark of the Redis its
+ * entries went to ("redis_epoch", optional: "" unknown) into `epoch`. */
+static int parse_header(const cJSON *o, int64_t *count, int64_t *sum,
+                        char epoch[sizeof(((struct cache *)0)->redis_epoch)])
 {
+    const cJSON *e = cJSON_GetObjectItemCaseSensitive(o, "redis_epoch");
     int64_t version;
 
     if (cache__file_get_int(o, "costrouter_journal", &version) < 0 || version != JFILE_VERSION ||
         cache__file_get_int(o, "entries", count) < 0 || cache__file_get_int(o, "micro_usd", sum) < 0)
         return -1;
+    if (cJSON_IsString(e) && strlen(e->valuestring) < sizeof(((struct cache *)0)->redis_epoch))
+        strcpy(epoch, e->valuestring);
     return 0;
 }
 
@@ -216,7 +225,7 @@ static const char *load_object(void *arg, const cJSON *o, size_t lineno)
     const char *why = NULL;
 
     if (lineno == 1)
-        return parse_header(o, &l->count, &l->sum) < 0
+        return parse_header(o, &l->count, &l->sum, l->c->redis_epoch) < 0
                    ? "not a costrouter journal header (version 1)"
                    : NULL;
     e = parse_entry(o, &why);

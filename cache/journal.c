@@ -28,6 +28,7 @@
 
 #include "cache/internal.h"
 #include "common/log.h"
+#include "common/util.h"
 
 /* Aggregation key: tenant, NUL, day, month. */
 static size_t agg_key(char *out, const char *tenant, const struct cache__period *p)
@@ -49,7 +50,7 @@ static void append(struct cache__journal *j, struct cache__jentry *e)
         j->head = e;
     j->tail = e;
     j->count++;
-    j->amount += e->real;
+    j->amount = cache__sat_add(j->amount, e->real);
 }
 
 static int mergeable(const struct cache__jentry *e)
@@ -66,8 +67,9 @@ static int merge(struct cache__journal *j, const char *tenant, const struct cach
 
     if (s == NULL)
         return 0;
-    ((struct cache__jentry *)s->value)->real += real;
-    j->amount += real;
+    ((struct cache__jentry *)s->value)->real =
+        cache__sat_add(((struct cache__jentry *)s->value)->real, real);
+    j->amount = cache__sat_add(j->amount, real);
     return 1;
 }
 
@@ -92,6 +94,18 @@ int cache__journal_add(struct cache__journal *j, const char *tenant,
         conditional = 0; /* nothing to check against: charge at least once */
     if (seq == 0 && !conditional && merge(j, tenant, p, real))
         return 0;
+    if (j->max > 0 && j->count >= j->max) {
+        j->dropped++;
+        j->dropped_amount = cache__sat_add(j->dropped_amount, real);
+        if (!j->full_logged)
+            log_error("store journal: full (%zu entries): an entry of %lld micro-dollars of "
+                      "tenant %s is not journaled, nor those after it that merge into no entry "
+                      "(counted in costrouter_store_journal_dropped_total): kept in this "
+                      "instance's counters, lost to Redis's (the cost log has them)",
+                      j->count, (long long)real, tenant);
+        j->full_logged = 1;
+        return -ENOSPC;
+    }
     e = malloc(sizeof(*e) + n + 1);
     if (e == NULL) {
         log_error("store journal: out of memory, %lld micro-dollars lost", (long long)real);
@@ -129,8 +143,9 @@ struct cache__jentry *cache__journal_pop(struct cache__journal *j)
         cache__map_del(&j->agg, e->agg);
         e->agg = NULL;
     }
-    j->count--;
-    j->amount -= e->real;
+    if (--j->count == 0)
+        j->full_logged = 0;
+    j->amount = MAX(j->amount - e->real, 0); /* a sum held at INT64_MAX lost some */
     e->next = NULL;
     return e;
 }

@@ -38,6 +38,9 @@ struct local_tenant {
                                   * or being written back: not in what Redis answers
                                   * (cache__local_unconfirmed) */
     int64_t unconfirmed_month;   /* of this month likewise */
+    int64_t settling;            /* our holds in Redis whose settle is queued or sent and not
+                                  * answered: Redis's answers to calls before it still count
+                                  * them, while their charges are unconfirmed already */
     struct local_res *ring;      /* open reservations by seq */
     size_t cap;                  /* ring slots (power of two) */
     size_t head;                 /* index of the oldest */
@@ -92,8 +95,8 @@ static void tenant_refresh(struct local_tenant *t)
         struct local_res *r = ring_at(t, 0);
         if (r->amount >= 0 && r->expires > ms)
             break;
-        if (r->amount >= 0)
-            t->reserved -= r->amount;
+        if (r->amount >= 0) /* never below 0: a sum held at INT64_MAX lost some */
+            t->reserved = MAX(t->reserved - r->amount, 0);
         t->head = (t->head + 1) & (t->cap - 1);
         t->count--;
     }
@@ -131,7 +134,7 @@ static struct local_tenant *tenant_get(struct cache__local *l, const char *id)
 /* Money held by requests in flight: here, and ours in Redis. */
 static int64_t held(const struct local_tenant *t)
 {
-    return t->reserved + t->remote;
+    return cache__sat_add(t->reserved, t->remote);
 }
 
 static int ring_push(struct local_tenant *t, uint64_t seq, int64_t amount, uint64_t expires)
@@ -194,7 +197,7 @@ static struct cache__local_entry *entry_get(struct cache__local *l, const char *
  */
 static int64_t share_cap(int64_t limit, int64_t base, int64_t others, unsigned share)
 {
-    int64_t left = limit - base - others;
+    int64_t left = cache__sat_add(cache__sat_add(limit, -base), -others);
 
     return base + (left > 0 ? left / (int64_t)share : 0);
 }
@@ -208,13 +211,13 @@ static int passes(int64_t limit, int64_t spent, int64_t base, int64_t others, un
         return 0;
     if (share > 0)
         limit = share_cap(limit, base, others, share);
-    return spent + need > limit;
+    return cache__sat_add(spent, need) > limit;
 }
 
 static int over_limit(const struct local_tenant *t, int64_t amount, int64_t day_limit,
                       int64_t month_limit, unsigned share)
 {
-    int64_t need = held(t) + amount;
+    int64_t need = cache__sat_add(held(t), amount);
 
     return passes(day_limit, t->day_spent, t->base_day, t->others, share, need) ||
            passes(month_limit, t->month_spent, t->base_month, t->others, share, need);
@@ -249,7 +252,7 @@ int cache__local_begin(struct cache__local *l, const char *tenant, const char *n
     }
     if (ring_push(t, seq, amount, cache__mono_ms() + (uint64_t)l->ttl_ms) < 0)
         return -ENOMEM;
-    t->reserved += amount;
+    t->reserved = cache__sat_add(t->reserved, amount);
     r->reserved = held(t);
     r->granted = 1;
     r->reservation.amount = amount;
@@ -265,8 +268,8 @@ int cache__local_settle(struct cache__local *l, const char *tenant, uint64_t seq
 
     if (t == NULL)
         return -ENOMEM;
-    t->day_spent += real;
-    t->month_spent += real;
+    t->day_spent = cache__sat_add(t->day_spent, real);
+    t->month_spent = cache__sat_add(t->month_spent, real);
     if (seq == 0)
         return 0;
     hi = t->count;
@@ -278,7 +281,7 @@ int cache__local_settle(struct cache__local *l, const char *tenant, uint64_t seq
             hi = mid;
     }
     if (lo < t->count && ring_at(t, lo)->seq == seq && ring_at(t, lo)->amount >= 0) {
-        t->reserved -= ring_at(t, lo)->amount;
+        t->reserved = MAX(t->reserved - ring_at(t, lo)->amount, 0);
         ring_at(t, lo)->amount = -1;
         tenant_refresh(t);
     }
@@ -307,7 +310,7 @@ int cache__local_hold_remote(struct cache__local *l, const char *tenant, int64_t
         return -ENOMEM;
     /* Never below 0: a hold that could not be counted (no memory then)
      * is dropped all the same. */
-    t->remote = MAX(t->remote + amount, 0);
+    t->remote = MAX(cache__sat_add(t->remote, amount), 0);
     return 0;
 }
 
@@ -323,12 +326,57 @@ int cache__local_sync(struct cache__local *l, const char *tenant, int64_t day_sp
      * after it. */
     t->base_day = day_spent;
     t->base_month = month_spent;
-    t->day_spent = day_spent + t->unconfirmed_day;
-    t->month_spent = month_spent + t->unconfirmed_month;
+    t->day_spent = cache__sat_add(day_spent, t->unconfirmed_day);
+    t->month_spent = cache__sat_add(month_spent, t->unconfirmed_month);
     /* Never below 0: our settles already sent are no longer in t->remote
      * but may still be in `reserved`, which then only makes us careful. */
     if (reserved >= 0)
         t->others = MAX(reserved - t->remote, 0);
+    return 0;
+}
+
+void cache__local_enforced(struct cache__local *l, const char *tenant, struct cache_spend *s)
+{
+    struct cache__map_entry *e = cache__map_find(&l->tenants, tenant, strlen(tenant));
+    struct local_tenant *t = e ? e->value : NULL;
+
+    if (t == NULL)
+        return;
+    tenant_refresh(t);
+    s->day_spent = t->day_spent;
+    s->month_spent = t->month_spent;
+    s->reserved = cache__sat_add(s->reserved, t->reserved);
+}
+
+int cache__local_recheck(struct cache__local *l, const char *tenant, int64_t day_limit,
+                         int64_t month_limit, struct cache_begin_result *r)
+{
+    struct cache__map_entry *e = cache__map_find(&l->tenants, tenant, strlen(tenant));
+    struct local_tenant *t = e ? e->value : NULL;
+    int64_t need;
+
+    if (t == NULL)
+        return 0;
+    tenant_refresh(t);
+    if (t->unconfirmed_day == 0 && t->unconfirmed_month == 0 && t->reserved == 0)
+        return 0; /* Redis's figures are ours: its decision stands */
+    r->day_spent = t->day_spent;
+    r->month_spent = t->month_spent;
+    /* Holds whose settle is still out are counted by their charge. */
+    r->reserved = need = cache__sat_add(MAX(r->reserved - t->settling, 0), t->reserved);
+    if (!r->granted)
+        return 0;
+    return (day_limit > 0 && cache__sat_add(t->day_spent, need) > day_limit) ||
+           (month_limit > 0 && cache__sat_add(t->month_spent, need) > month_limit);
+}
+
+int cache__local_settling(struct cache__local *l, const char *tenant, int64_t amount)
+{
+    struct local_tenant *t = tenant_get(l, tenant);
+
+    if (t == NULL)
+        return -ENOMEM;
+    t->settling = MAX(cache__sat_add(t->settling, amount), 0);
     return 0;
 }
 
@@ -341,9 +389,9 @@ int cache__local_unconfirmed(struct cache__local *l, const char *tenant,
         return -ENOMEM;
     /* Of an earlier day or month: no longer in these counters. */
     if (p->day == t->period.day)
-        t->unconfirmed_day = MAX(t->unconfirmed_day + amount, 0);
+        t->unconfirmed_day = MAX(cache__sat_add(t->unconfirmed_day, amount), 0);
     if (p->month == t->period.month)
-        t->unconfirmed_month = MAX(t->unconfirmed_month + amount, 0);
+        t->unconfirmed_month = MAX(cache__sat_add(t->unconfirmed_month, amount), 0);
     return 0;
 }
 

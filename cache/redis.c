@@ -55,6 +55,8 @@
  *   PREFIX{tenant}:c:SHA256    cached response (PREFIXc:{SHA256} when shared across tenants)
  *   PREFIXlive                 the instances alive (sorted set, instance id -> when its mark
  *                              lapses): how many share the budgets, for fail_open
+ *   PREFIXepoch                set by the first connection, read by each: gone or changed,
+ *                              Redis lost its data (see epoch_read)
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -163,7 +165,7 @@
  * answers a cache hit, or reserves `amount` unless a limit would be passed.
  *
  * Returns {day, month after the batch, then per begin: the reserved sum
- * after it times 4 plus 0 granted | 1 denied | 2 hit, then each hit's
+ * after it (at most 2^60) times 4 plus 0 granted | 1 denied | 2 hit, then each hit's
  * value}: flat, one integer per begin, because each element of a reply
  * costs Redis and hiredis (an allocation) more than the number in it. */
 static const char lua_turn[] =
@@ -182,41 +184,59 @@ static const char lua_turn[] =
     "end\n"
     "local h = redis.call('HMGET', KEYS[3], unpack(ask))\n"
     "local due, reserved = tonumber(h[1] or NEVER), tonumber(h[2] or '0')\n"
-    "local was, open, nopen = reserved, {}, 0\n"
+    "local was, open, nopen, gone, ngone = reserved, {}, 0, {}, 0\n"
     "for j = 3, na do\n"
     "  if h[j] then\n"
     "    nopen = nopen + 1\n"
     "    open[nopen] = ask[j]\n"
     "    reserved = reserved - tonumber(ARGV[arg_of[j] + 1])\n"
     "    known[arg_of[j]] = true\n"
-    "  elseif redis.call('ZREM', KEYS[4], ask[j]) == 1 then\n"
+    "  elseif redis.call('ZSCORE', KEYS[4], ask[j]) then\n"
+    "    ngone = ngone + 1\n"
+    "    gone[ngone] = ask[j]\n"
     "    known[arg_of[j]] = true\n"
     "  end\n"
     "end\n"
-    "if nopen > 0 then redis.call('HDEL', KEYS[3], unpack(open)) end\n"
     "reserved = math.max(reserved, 0)\n"
-    "local charged, now = 0, nil\n"
+    "local charged, now, ids, nids, new_id = 0, nil, {}, 0, {}\n"
     "for i = 8, last, 4 do\n"
     "  local how = ARGV[i + 3]\n"
     "  if known[i] or how == '1' then\n"
     "    charged = charged + tonumber(ARGV[i + 2])\n"
-    "  elseif how ~= '0' then\n"
+    "  elseif how ~= '0' and not new_id[how] and not redis.call('ZSCORE', KEYS[5], how) then\n"
     "    now = now or now_ms()\n"
-    "    if redis.call('ZADD', KEYS[5], 'NX', now, how) == 1 then\n"
-    "      charged = charged + tonumber(ARGV[i + 2])\n"
-    "    end\n"
+    "    new_id[how] = true\n"
+    "    ids[nids + 1] = now\n"
+    "    ids[nids + 2] = how\n"
+    "    nids = nids + 2\n"
+    "    charged = charged + tonumber(ARGV[i + 2])\n"
     "  end\n"
     "end\n"
+    /* The counters first: a write that fails (a key of the wrong type)
+     * then leaves nothing behind, no hold dropped nor id recorded without
+     * its charge, so the journal's write-back charges it again. */
+    "local day, month\n"
+    "if charged ~= 0 then\n"
+    /* In digits: Redis writes a Lua number from 1e17 on as "1e+17", which
+     * INCRBY refuses. */
+    "  local by = string.format('%.0f', charged)\n"
+    "  day = redis.pcall('INCRBY', KEYS[1], by)\n"
+    "  if type(day) == 'table' then return day end\n"
+    "  month = redis.pcall('INCRBY', KEYS[2], by)\n"
+    "  if type(month) == 'table' then\n"
+    "    if day == charged then redis.call('DEL', KEYS[1])\n"
+    "    else redis.call('DECRBY', KEYS[1], by) end\n"
+    "    return month\n"
+    "  end\n"
+    "  if day == charged then redis.call('EXPIRE', KEYS[1], ARGV[3]) end\n"
+    "  if month == charged then redis.call('EXPIRE', KEYS[2], ARGV[4]) end\n"
+    "end\n"
+    "if nopen > 0 then redis.call('HDEL', KEYS[3], unpack(open)) end\n"
+    "if ngone > 0 then redis.call('ZREM', KEYS[4], unpack(gone)) end\n"
+    "if nids > 0 then redis.call('ZADD', KEYS[5], unpack(ids)) end\n"
     "if now then\n"
     "  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[2]))\n"
     "  redis.call('PEXPIRE', KEYS[5], ARGV[2])\n"
-    "end\n"
-    "local day, month\n"
-    "if charged ~= 0 then\n"
-    "  day = redis.call('INCRBY', KEYS[1], charged)\n"
-    "  month = redis.call('INCRBY', KEYS[2], charged)\n"
-    "  if day == charged then redis.call('EXPIRE', KEYS[1], ARGV[3]) end\n"
-    "  if month == charged then redis.call('EXPIRE', KEYS[2], ARGV[4]) end\n"
     "end\n"
     "if #ARGV == last then\n"
     "  if reserved ~= was then redis.call('HSET', KEYS[3], '#', reserved) end\n"
@@ -250,7 +270,9 @@ static const char lua_turn[] =
     "    reserved = reserved + amount\n"
     "  end\n"
     "  no = no + 1\n"
-    "  out[no] = reserved * 4 + st\n"
+    /* At most 2^60 said: times 4, a hold at the 2^62 ceiling would pass
+     * what the reply's integer holds. */
+    "  out[no] = math.min(reserved, 2^60) * 4 + st\n"
     "end\n"
     "if nh > 0 and expires < due then due = expires end\n"
     "if due ~= old_due then\n"
@@ -339,6 +361,7 @@ struct cache__redis {
     unsigned live_out:1;          /* a renewal is out */
     unsigned live_noscript:1;     /* Redis lost the script: load it before the next renewal */
     unsigned live_warned:1;       /* a renewal's error was logged; quiet until one succeeds */
+    struct log_every error_log;   /* Redis's error replies, logged once a second at most */
 };
 
 /* The adapter's per-connection state: freed in the poll handle's close
@@ -546,17 +569,77 @@ static void redis_up(struct cache__redis *s)
     uv_timer_start(&s->live_timer, live_timer_cb, LIVE_EVERY_MS, LIVE_EVERY_MS);
 }
 
-/* Replies to AUTH, SELECT and SCRIPT LOAD; privdata is the script index + 1
- * for SCRIPT LOAD, NULL otherwise. */
+/* What a setup reply answers (its privdata): AUTH or SELECT, SCRIPT LOAD
+ * of script i (SETUP_SCRIPT + i), or the two commands of the epoch. */
+enum {
+    SETUP_PLAIN,
+    SETUP_EPOCH_SET,
+    SETUP_EPOCH_GET,
+    SETUP_SCRIPT,
+};
+
+/*
+ * PREFIXepoch: a mark the first connection sets (its instance's id and
+ * attempt number: none other sets the same, no expiry), and that every
+ * setup reads. A Redis that lost its data (a
+ * restart without persistence, a FLUSHALL) lost the mark with it. Then a
+ * charge journaled as "may have been applied" (sent, no reply) that drops
+ * a Redis hold cannot be told from its hold: the new Redis knows neither
+ * the hold nor the spend the charge added, and the write-back, finding no
+ * hold, would charge nothing. Such entries become plain charges (the
+ * journal's "how" 1): they were not in the Redis that is there now. Those
+ * without a hold carry an id, which an empty Redis has never seen: they
+ * are charged anyway. The journal file keeps the mark with its entries, so
+ * a start that loads them compares too. A mark evicted (a maxmemory policy that evicts
+ * keys, which budgets should not run under) reads as lost data too.
+ */
+static void epoch_read(struct cache__redis *s, const redisReply *reply)
+{
+    struct cache *c = s->c;
+    char now[sizeof(c->redis_epoch)] = "";
+    size_t n = 0;
+    int64_t amount = 0;
+
+    if (reply->type == REDIS_REPLY_STRING) {
+        /* Ours are "INSTANCE-ATTEMPT"; anything else is not ours to
+         * read (the journal file keeps it in JSON): leave what we knew. */
+        if (reply->len >= sizeof(now) || strspn(reply->str, "0123456789abcdef-") != reply->len)
+            return;
+        memcpy(now, reply->str, reply->len + 1);
+    } else if (reply->type != REDIS_REPLY_NIL) {
+        return;
+    }
+    if (c->redis_epoch[0] != '\0' && strcmp(now, c->redis_epoch) != 0) {
+        for (struct cache__jentry *e = c->journal.head; e; e = e->next) {
+            if (e->seq == 0 || !e->conditional)
+                continue;
+            e->conditional = 0;
+            n++;
+            amount = cache__sat_add(amount, e->real);
+        }
+        log_warn("store: Redis %s:%d lost its data (restarted without persistence?): %zu "
+                 "journaled charges (%lld micro-dollars) sent to it before, perhaps applied, "
+                 "are written back as charges",
+                 s->host, s->port, n, (long long)amount);
+    }
+    memcpy(c->redis_epoch, now, sizeof(now)); /* nil: unknown, whatever the next one reads */
+}
+
+/* Replies to the setup commands; privdata says which (SETUP_*). */
 static void setup_cb(redisAsyncContext *ac, void *r, void *priv)
 {
     struct cache__redis *s = ac->data;
     redisReply *reply = r;
-    intptr_t script = (intptr_t)priv - 1;
+    intptr_t what = (intptr_t)priv;
+    intptr_t script = what >= SETUP_SCRIPT ? what - SETUP_SCRIPT : -1;
 
     if (reply == NULL || ac != s->ac)
         return; /* connection gone; its end is handled elsewhere */
-    if (reply->type == REDIS_REPLY_ERROR ||
+    if (what == SETUP_EPOCH_SET) {
+        /* An error here is a refusal of writes (OOM, ...): the GET tells. */
+    } else if (what == SETUP_EPOCH_GET) {
+        epoch_read(s, reply);
+    } else if (reply->type == REDIS_REPLY_ERROR ||
         (script >= 0 && (reply->type != REDIS_REPLY_STRING || reply->len != 40))) {
         log_error("store: Redis refused setup: %s",
                   reply->type == REDIS_REPLY_ERROR ? reply->str : "bad SCRIPT LOAD reply");
@@ -572,7 +655,8 @@ static void setup_cb(redisAsyncContext *ac, void *r, void *priv)
 static void start_session(struct cache__redis *s, const char *ip)
 {
     redisAsyncContext *ac = redisAsyncConnect(ip, s->port);
-    char db[16];
+    char db[16], key[CACHE_KEY_PREFIX_MAX + sizeof("epoch")], mark[sizeof(s->c->redis_epoch)];
+    const char *set[] = {"SET", key, mark, "NX"}, *get[] = {"GET", key};
 
     if (ac == NULL || ac->err) {
         log_warn("store: cannot connect to Redis %s:%d: %s", s->host, s->port,
@@ -594,19 +678,25 @@ static void start_session(struct cache__redis *s, const char *ip)
     s->setup_pending = 0;
     if (s->password) {
         const char *argv[] = {"AUTH", s->password};
-        redisAsyncCommandArgv(ac, setup_cb, NULL, 2, argv, NULL);
+        redisAsyncCommandArgv(ac, setup_cb, (void *)SETUP_PLAIN, 2, argv, NULL);
         s->setup_pending++;
     }
     if (s->db > 0) {
         snprintf(db, sizeof(db), "%d", s->db);
-        redisAsyncCommand(ac, setup_cb, NULL, "SELECT %s", db);
+        redisAsyncCommand(ac, setup_cb, (void *)SETUP_PLAIN, "SELECT %s", db);
         s->setup_pending++;
     }
     for (intptr_t i = 0; i < NSCRIPTS; i++) {
         const char *argv[] = {"SCRIPT", "LOAD", scripts[i]};
-        redisAsyncCommandArgv(ac, setup_cb, (void *)(i + 1), 3, argv, NULL);
+        redisAsyncCommandArgv(ac, setup_cb, (void *)(SETUP_SCRIPT + i), 3, argv, NULL);
         s->setup_pending++;
     }
+    /* Last: its reply, before redis_up writes the journal back. */
+    snprintf(key, sizeof(key), "%sepoch", s->c->prefix);
+    snprintf(mark, sizeof(mark), "%s-%llu", s->c->instance, (unsigned long long)s->attempt);
+    redisAsyncCommandArgv(ac, setup_cb, (void *)SETUP_EPOCH_SET, 4, set, NULL);
+    redisAsyncCommandArgv(ac, setup_cb, (void *)SETUP_EPOCH_GET, 2, get, NULL);
+    s->setup_pending += 2;
 }
 
 static void gai_cb(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
@@ -1424,9 +1514,14 @@ static void parse_turn(struct batch *b, const redisReply *r)
 
 static const char *reply_error(struct cache__redis *s, const redisReply *reply)
 {
+    char note[LOG_EVERY_NOTE_MAX];
+
     if (reply == NULL)
         return s->drop_reason ? s->drop_reason : error_store_unavailable;
-    log_warn("store: Redis error: %s", reply->str);
+    /* Once a second at most: an error that stays (a tenant's key of the
+     * wrong type) comes back with each of its requests. */
+    if (log_every_due(&s->error_log, uv_now(s->c->loop), note))
+        log_warn("store: Redis error: %s%s", reply->str, note);
     return cache_error_protocol;
 }
 
@@ -1637,6 +1732,19 @@ static void begin_ended(struct cache_op *op, int in_call)
             /* Shared cache: the reservation made beside the GET is not needed. */
             cache__release_orphan(c, op->tenant, &b->reservation);
             b->granted = 0;
+        } else if (b->lookup != CACHE_LOOKUP_HIT &&
+                   (c->journal.count > 0 || c->redis->nflushing > 0) &&
+                   cache__local_recheck(&c->local, op->tenant, op->day_limit, op->month_limit,
+                                        b)) {
+            /* Redis granted it on figures that lack our charges it has not
+             * confirmed (Redis takes writes again, the journal is still
+             * to be written back): by what this instance knows, the hold
+             * does not fit. Only with a journal: without one, the charges
+             * not confirmed yet are settles sent after this begin, whose
+             * holds Redis's answer still counts (checked, they would be
+             * counted twice). */
+            cache__release_orphan(c, op->tenant, &b->reservation);
+            b->granted = 0;
         }
     } else if (c->closing) {
         op->errstr = cache_error_closed;
@@ -1662,6 +1770,9 @@ static void settle_ended(struct cache_op *op, int in_call)
     struct cache *c = op->cache;
     const struct cache_reservation *r = &op->res;
 
+    if (r->remote) /* answered, journaled or lost: no longer out */
+        cache__local_settling(&c->local, op->tenant, -r->amount);
+
     if (op->errstr == NULL) {
         /* Redis has it: in its figures from this reply on (it answers in
          * order), and no longer ours to add. */
@@ -1673,10 +1784,12 @@ static void settle_ended(struct cache_op *op, int in_call)
         /* A command that was sent may have been applied (unless Redis
          * refused it): its write-back then only charges if Redis still
          * holds the reservation, or has not seen the charge's id. Still
-         * unconfirmed in the local counters, journaled; lost, not. */
+         * unconfirmed in the local counters, journaled or not journaled
+         * for a full journal (this instance keeps counting it); lost for
+         * lack of memory, not. */
         if (cache__journal_add(&c->journal, op->tenant, &op->period, op->amount,
                                r->remote ? r->seq : 0, r->amount, op->charge_id,
-                               !in_call && !op->refused) < 0)
+                               !in_call && !op->refused) == -ENOMEM)
             cache__local_unconfirmed(&c->local, op->tenant, &op->period, -op->amount);
         op->errstr = error_store_unavailable;
     }
@@ -1688,8 +1801,12 @@ static void spend_ended(struct cache_op *op, int in_call)
     struct cache *c = op->cache;
 
     if (op->errstr == NULL) {
+        /* Shown as enforced: Redis's figures lack our charges it has not
+         * confirmed (journaled while it refuses writes) and our local
+         * holds, which the local counters that serve then count. */
         cache__local_sync(&c->local, op->tenant, op->spend.day_spent, op->spend.month_spent,
                           op->spend.reserved);
+        cache__local_enforced(&c->local, op->tenant, &op->spend);
     } else if (c->closing) {
         op->errstr = cache_error_closed;
     } else if (fail_open(c)) {
@@ -1784,8 +1901,10 @@ static void redis_settle(struct cache_op *op)
     /* Until Redis answers it, a reply from a call sent before it (which
      * lacks it) must not take it out of the local counters. */
     cache__local_unconfirmed(&c->local, op->tenant, &op->period, op->amount);
-    if (r->remote)
+    if (r->remote) {
         cache__local_hold_remote(&c->local, op->tenant, -r->amount);
+        cache__local_settling(&c->local, op->tenant, r->amount); /* until settle_ended */
+    }
     if (!r->remote && op->amount == 0) {
         cache__defer(op); /* a local release: nothing to tell Redis */
         return;

@@ -269,7 +269,7 @@ static struct cache_op *settle_common(struct cache *c, const struct cache_reserv
             struct cache__period p;
             cache__period_now(&p);
             if (cache__journal_add(&c->journal, r->tenant, &p, real, r->remote ? r->seq : 0,
-                                   r->amount, 0, 0) == 0)
+                                   r->amount, 0, 0) != -ENOMEM) /* full: kept here all the same */
                 cache__local_unconfirmed(&c->local, r->tenant, &p, real);
         }
         return NULL;
@@ -362,6 +362,8 @@ void cache_stats(const struct cache *c, struct cache_stats *out)
     c->type->stats(c, out);
     out->journal_entries = c->journal.count;
     out->journal_amount = c->journal.amount;
+    out->journal_dropped = c->journal.dropped;
+    out->journal_dropped_amount = c->journal.dropped_amount;
     out->spend_file_failing = c->sfile_failing;
 }
 
@@ -385,6 +387,8 @@ static void apply_defaults(struct cache_options *o)
         o->max_entry_bytes = 1 << 20;
     if (o->local_cache_bytes == 0)
         o->local_cache_bytes = 64 << 20;
+    if (o->journal_max == 0)
+        o->journal_max = 100000;
 }
 
 struct cache *cache_create(uv_loop_t *loop, const struct cache_options *opts)
@@ -427,6 +431,7 @@ struct cache *cache_create(uv_loop_t *loop, const struct cache_options *opts)
     for (size_t i = 0; i < sizeof(id); i++)
         snprintf(c->instance + 2 * i, 3, "%02x", id[i]);
     c->journal.instance = c->instance;
+    c->journal.max = c->opts.journal_max;
     cache__local_init(&c->local, c->opts.local_cache_bytes, c->opts.reservation_ttl_ms);
     uv_idle_init(loop, &c->idle);
     c->handles_open = 1;

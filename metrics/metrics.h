@@ -66,6 +66,13 @@ enum metrics_type { METRICS_COUNTER, METRICS_GAUGE, METRICS_HISTOGRAM };
     X(STORE_INSTANCES, "costrouter_store_instances", GAUGE,                                  \
       "Routers sharing the spend store, this one included, as Redis last listed them "       \
       "(fail_open splits what is left of a budget by it while Redis is away).", "store")     \
+    X(STORE_JOURNAL_ENTRIES, "costrouter_store_journal_entries", GAUGE,                      \
+      "Charges (and releases) waiting in the journal to be written back to Redis.", "store") \
+    X(STORE_JOURNAL_DROPPED_TOTAL, "costrouter_store_journal_dropped_total", COUNTER,        \
+      "Journal entries not made, the journal being full (100000 entries): their spend is "   \
+      "kept in this router's counters only, lost to Redis's.", "store")                     \
+    X(STORE_JOURNAL_DROPPED_USD_TOTAL, "costrouter_store_journal_dropped_usd_total", COUNTER, \
+      "US dollars in those entries.", "store")                                               \
     X(STORE_SPEND_FILE_FAILING, "costrouter_store_spend_file_failing", GAUGE,                \
       "1 while the in-process store cannot write store.spend_file (a restart then forgets "  \
       "the spend since its last save), else 0.", "store")                                    \

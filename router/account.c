@@ -317,6 +317,23 @@ void router__refresh_gauges(struct router *r)
         metrics_set(r->metrics, METRICS_STORE_UP, labels,
                     st.state == CACHE_STATE_CONNECTED && !st.writes_refused);
         metrics_set(r->metrics, METRICS_STORE_INSTANCES, labels, st.instances);
+        if (conf->redis_url) {
+            metrics_set(r->metrics, METRICS_STORE_JOURNAL_ENTRIES, labels,
+                        (double)st.journal_entries);
+            /* Counters: what the store dropped since the last look (a
+             * reload that made a new store starts it from 0). */
+            if (st.journal_dropped < r->journal_dropped_seen) {
+                r->journal_dropped_seen = 0;
+                r->journal_dropped_amount_seen = 0;
+            }
+            metrics_add(r->metrics, METRICS_STORE_JOURNAL_DROPPED_TOTAL, labels,
+                        (double)(st.journal_dropped - r->journal_dropped_seen));
+            metrics_add(r->metrics, METRICS_STORE_JOURNAL_DROPPED_USD_TOTAL, labels,
+                        (double)MAX(st.journal_dropped_amount - r->journal_dropped_amount_seen,
+                                    0) / 1e6);
+            r->journal_dropped_seen = st.journal_dropped;
+            r->journal_dropped_amount_seen = st.journal_dropped_amount;
+        }
         if (conf->store_spend_file)
             metrics_set(r->metrics, METRICS_STORE_SPEND_FILE_FAILING, labels,
                         st.spend_file_failing);

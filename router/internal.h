@@ -147,6 +147,8 @@ struct router {
     struct policy_experiment *experiments; /* prepared from conf.experiments */
     unsigned store_pending;         /* settles/releases/puts not answered yet */
     struct log_every store_warn;    /* failed store writes, logged once a second */
+    uint64_t journal_dropped_seen;  /* the store's journal_dropped the counter has */
+    int64_t journal_dropped_amount_seen; /* its journal_dropped_amount likewise */
     struct metrics *metrics;        /* shared->metrics */
     struct metrics_cost_log *cost_log; /* shared->cost_log, or NULL */
     struct router__shelf shelf;     /* buffers of idle connections' requests */

@@ -23,24 +23,40 @@
 #include "tests/support/redis.h"
 #include "tests/support/relay.h"
 
+/* A store with options `o` (url and mode set, its timeouts the tests'
+ * short ones) under a key prefix of its own, written to `prefix`. */
+static struct cache *open_store_with(uv_loop_t *loop, struct cache_options *o, char *prefix,
+                                     size_t n, const char *name)
+{
+    struct cache *c;
+
+    o->command_timeout_ms = 300;
+    o->connect_timeout_ms = 5000;
+    o->reconnect_min_ms = 50;
+    o->reconnect_max_ms = 200;
+    wait_prefix(prefix, n, name);
+    o->key_prefix = prefix;
+    c = cache_create(loop, o);
+    cr_assert_not_null(c);
+    return c;
+}
+
 static struct cache *open_store(uv_loop_t *loop, const char *url, enum cache_on_failure mode,
                                 char *prefix, size_t n, const char *name)
 {
-    struct cache_options o = {
-        .redis_url = url,
-        .on_failure = mode,
-        .command_timeout_ms = 300,
-        .connect_timeout_ms = 5000,
-        .reconnect_min_ms = 50,
-        .reconnect_max_ms = 200,
-    };
-    struct cache *c;
+    struct cache_options o = {.redis_url = url, .on_failure = mode};
 
-    wait_prefix(prefix, n, name);
-    o.key_prefix = prefix;
-    c = cache_create(loop, &o);
-    cr_assert_not_null(c);
-    return c;
+    return open_store_with(loop, &o, prefix, n, name);
+}
+
+/* Today's UTC day as the store's day keys name it: YYYYMMDD. */
+static void key_day(char day[16])
+{
+    time_t now = time(NULL);
+    struct tm tm;
+
+    gmtime_r(&now, &tm);
+    strftime(day, 16, "%Y%m%d", &tm);
 }
 
 /* Nothing listens: the refusal must reach hiredis at once (a hung adapter
@@ -466,6 +482,76 @@ Test(faults, refused_writes_are_written_back_without_a_reconnect, .timeout = 30)
     spent_then_close(&loop, c, &r, 90, "the refused settle's reservation is still held");
 }
 
+/* A settle of a Redis hold sent to a Redis that stops answering (its
+ * reply never comes: it may have been applied) is journaled as "charge if
+ * the hold is still known". Redis then restarts without persistence: the
+ * new one knows neither the hold nor the spend, and the write-back found
+ * no hold and charged nothing, without a word. The store sees the data
+ * is gone (its mark PREFIXepoch is) and writes such a settle back as a
+ * plain charge. */
+Test(faults, a_maybe_applied_settle_is_charged_by_a_redis_restarted_empty, .timeout = 20)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache *c;
+    struct wait w;
+
+    w = held_in_redis(&loop, &r, &c, prefix, sizeof(prefix), "restart-empty");
+    test_redis_kill(&r, SIGSTOP);
+    cr_assert_eq(wait_settle(&loop, c, &w.begin.reservation, 40), error_store_unavailable,
+                 "journaled: no answer before the command timeout");
+    test_redis_kill(&r, SIGKILL);
+    cr_assert_eq(test_redis_restart(&r), 0);
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    cr_assert(drained_within(&loop, c, 10000), "the journal was not written back");
+    cr_assert_eq(test_redis_day_spend(&r, prefix, "acme"), 40,
+                 "the settle's 40 are not in the restarted Redis");
+    spent_then_close(&loop, c, &r, 40, "a hold in a Redis restarted empty");
+}
+
+/* The same settle saved in the journal file by a stop, and loaded by the
+ * next start, after Redis restarted without persistence: the file keeps
+ * the mark of the Redis its entries were sent to, and the new start's
+ * write-back charges the settle. */
+Test(faults, a_maybe_applied_settle_in_the_journal_file_is_charged_by_a_redis_restarted_empty,
+     .timeout = 30)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64], path[64] = "/tmp/costrouter-jfile-XXXXXX", lock[80];
+    struct cache *c;
+    struct cache_options o = {.on_failure = CACHE_FAIL_OPEN, .journal_file = path};
+    struct wait w;
+
+    close(mkstemp(path));
+    unlink(path);
+    snprintf(lock, sizeof(lock), "%s.lock", path);
+    cr_assert_eq(test_redis_start(&r, 0), 0);
+    uv_loop_init(&loop);
+    o.redis_url = r.url;
+    c = open_store_with(&loop, &o, prefix, sizeof(prefix), "jfile-empty");
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    w = wait_begin(&loop, c, "acme", NULL, 100, 0, 0);
+    cr_assert(w.begin.granted && w.begin.reservation.remote);
+    test_redis_kill(&r, SIGSTOP);
+    cr_assert_eq(wait_settle(&loop, c, &w.begin.reservation, 40), error_store_unavailable);
+    wait_close(&loop, c); /* saved to the file */
+    cr_assert_eq(access(path, F_OK), 0, "the journal file was not saved");
+    test_redis_kill(&r, SIGKILL);
+    cr_assert_eq(test_redis_restart(&r), 0);
+    uv_loop_init(&loop);
+    c = cache_create(&loop, &o);
+    cr_assert_not_null(c);
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    cr_assert(drained_within(&loop, c, 10000), "the journal was not written back");
+    cr_assert_eq(test_redis_day_spend(&r, prefix, "acme"), 40,
+                 "the saved settle's 40 are not in the restarted Redis");
+    spent_then_close(&loop, c, &r, 40, "a hold in a Redis restarted empty");
+    unlink(path);
+    unlink(lock);
+}
+
 /* While Redis refuses writes, reads still go through (the router reads a
  * tenant's spend before it picks a backend). What such a read answers
  * lacks the charges journaled meanwhile: the local counters that then
@@ -489,6 +575,10 @@ Test(faults, a_read_while_writes_are_refused_keeps_the_journaled_spend, .timeout
                  "journaled: Redis refused the write");
     s = wait_spend(&loop, c, "acme"); /* a read: Redis answers it */
     cr_assert_null(s.err);
+    cr_assert_eq(s.spend.day_spent, 90,
+                 "the read says %lld spent, Redis's figure without the 90 journaled that "
+                 "these counters enforce",
+                 (long long)s.spend.day_spent);
     w = wait_begin(&loop, c, "acme", NULL, 50, 100, 0);
     cr_assert_null(w.err);
     cr_assert_not(w.begin.granted,
@@ -507,6 +597,189 @@ Test(faults, a_read_while_writes_are_refused_keeps_the_journaled_spend, .timeout
     cr_assert_null(wait_release(&loop, c, &w.begin.reservation));
     test_redis_int(&r, "CONFIG SET min-replicas-to-write 0");
     spent_then_close(&loop, c, &r, 90, "a hold stays after the write-back");
+}
+
+/* A tenant whose keys Redis answers with an error that is no refusal
+ * (here WRONGTYPE: its hash of open holds is a string, set by someone
+ * else) fails every call of that tenant, for as long as the key stays:
+ * each begin journals a release and each settle a charge with its own id,
+ * which never merge, and each write-back fails again. The journal stops at
+ * opts.journal_max entries (it grew by two a request), counts what it
+ * drops, and the dropped charges stay in this instance's counters: the
+ * spend it answers keeps them. Once the key is mended, what was journaled
+ * reaches Redis. */
+Test(faults, a_tenant_redis_answers_with_errors_does_not_grow_the_journal, .timeout = 30)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache *c;
+    struct cache_options o = {.on_failure = CACHE_FAIL_OPEN, .journal_max = 8};
+    struct cache_stats st;
+    struct wait w;
+    long long in_redis;
+
+    cr_assert_eq(test_redis_start(&r, 0), 0);
+    uv_loop_init(&loop);
+    o.redis_url = r.url;
+    c = open_store_with(&loop, &o, prefix, sizeof(prefix), "wrongtype");
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    cr_assert_eq(test_redis_int(&r, "SET %s{acme}:open not-a-hash", prefix), -1);
+    for (int i = 0; i < 30; i++) {
+        w = wait_begin(&loop, c, "acme", NULL, 10, 0, 0);
+        cr_assert_null(w.err);
+        cr_assert(w.begin.granted && w.begin.degraded, "request %d: served locally", i);
+        wait_settle(&loop, c, &w.begin.reservation, 10);
+    }
+    cache_stats(c, &st);
+    cr_assert_leq(st.journal_entries, 8, "%zu journal entries after 30 requests",
+                  st.journal_entries);
+    cr_assert_gt(st.journal_dropped, 0);
+    cr_assert_gt(st.journal_dropped_amount, 0);
+    cr_assert_eq(st.state, CACHE_STATE_CONNECTED);
+    w = wait_spend(&loop, c, "acme");
+    cr_assert_null(w.err);
+    cr_assert_eq(w.spend.day_spent, 300, "this instance spent 300, its counters say %lld",
+                 (long long)w.spend.day_spent);
+    /* Another tenant is charged in Redis as usual. */
+    w = wait_begin(&loop, c, "other", NULL, 10, 0, 0);
+    cr_assert(w.begin.granted && !w.begin.degraded);
+    cr_assert_null(wait_settle(&loop, c, &w.begin.reservation, 7));
+    cr_assert_eq(test_redis_day_spend(&r, prefix, "other"), 7);
+    /* Mended: the journal is written back (a reconnect does it at once). */
+    test_redis_int(&r, "DEL %s{acme}:open", prefix);
+    test_redis_int(&r, "CLIENT KILL TYPE normal");
+    cr_assert(drained_within(&loop, c, 10000), "the journal was not written back");
+    in_redis = test_redis_day_spend(&r, prefix, "acme");
+    cr_assert_gt(in_redis, 0, "nothing of the journal reached Redis");
+    cr_assert_lt(in_redis, 300, "the dropped charges are in Redis too?");
+    cache_stats(c, &st);
+    cr_assert_eq(in_redis + st.journal_dropped_amount, 300, "%lld in Redis, %lld dropped",
+                 in_redis, (long long)st.journal_dropped_amount);
+    w = wait_spend(&loop, c, "acme");
+    cr_assert_null(w.err);
+    cr_assert_not(w.spend.degraded);
+    cr_assert_eq(w.spend.day_spent, 300, "what Redis has and what it never got");
+    wait_close(&loop, c);
+    test_redis_stop(&r);
+}
+
+/* A tenant's day counter of the wrong type (a list, set by something
+ * else) makes the charge's INCRBY fail after the script has already
+ * dropped the hold it settles. The settle is journaled as "charge if the
+ * hold is still known", and its write-back, finding no hold, charged
+ * nothing and counted as done: the charge was lost from Redis and from
+ * the local counters alike. A failing script must leave nothing behind:
+ * the charge stays journaled (and counted here) until the key is mended,
+ * then reaches Redis once. */
+Test(faults, a_charge_redis_fails_to_count_is_not_lost, .timeout = 30)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64], day[16];
+    struct cache *c;
+    struct wait w;
+    struct cache_stats st;
+
+    w = held_in_redis(&loop, &r, &c, prefix, sizeof(prefix), "wrongtype-day");
+    key_day(day);
+    cr_assert_eq(test_redis_int(&r, "RPUSH %s{acme}:d:%s x", prefix, day), 1);
+    cr_assert_eq(wait_settle(&loop, c, &w.begin.reservation, 40), error_store_unavailable,
+                 "Redis answered the charge with an error: journaled");
+    wait_ms(&loop, 1500); /* the write-back is retried after 1 s */
+    cache_stats(c, &st);
+    cr_assert_eq(st.journal_amount, 40, "the charge left the journal (%lld journaled)",
+                 (long long)st.journal_amount);
+    w = wait_spend(&loop, c, "acme");
+    cr_assert_eq(w.spend.month_spent, 40, "this instance forgot the charge (month %lld)",
+                 (long long)w.spend.month_spent);
+    test_redis_int(&r, "DEL %s{acme}:d:%s", prefix, day);
+    test_redis_int(&r, "CLIENT KILL TYPE normal"); /* a reconnect writes back at once */
+    cr_assert(drained_within(&loop, c, 10000), "the journal was not written back");
+    spent_then_close(&loop, c, &r, 40, "the settle's hold is still held");
+}
+
+/* Redis takes writes again while charges journaled during its refusal
+ * wait for their write-back (retried on a timer, up to 30 s apart): a
+ * begin that Redis grants meanwhile is checked against Redis's figures,
+ * which lack them. 90 of a day's 100 were spent (journaled); a hold of 50
+ * was granted, the budget spent again. The store checks Redis's grant
+ * against what it knows (Redis's figures and its charges Redis has not
+ * confirmed) and releases one that does not fit. */
+Test(faults, a_grant_after_writes_resume_counts_the_journaled_spend, .timeout = 30)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache *c;
+    struct wait w;
+    struct cache_stats st;
+
+    w = held_in_redis(&loop, &r, &c, prefix, sizeof(prefix), "resume-grant");
+    cr_assert_null(wait_settle(&loop, c, &w.begin.reservation, 0));
+    test_redis_int(&r, "CONFIG SET min-replicas-to-write 1");
+    w = wait_begin(&loop, c, "acme", NULL, 10, 100, 0);
+    cr_assert(w.begin.granted && w.begin.degraded, "served from local counters");
+    cr_assert_eq(wait_settle(&loop, c, &w.begin.reservation, 90), error_store_unavailable);
+    test_redis_int(&r, "CONFIG SET min-replicas-to-write 0");
+    w = wait_begin(&loop, c, "acme", NULL, 50, 100, 0);
+    cache_stats(c, &st);
+    cr_assert_eq(st.journal_amount, 90, "written back already: the test proves nothing");
+    cr_assert_null(w.err);
+    cr_assert_not(w.begin.granted, "90 of 100 spent (journaled), yet Redis's grant of 50 stood");
+    cr_assert_eq(w.begin.day_spent, 90, "the answer's spend lacks the journaled 90");
+    cr_assert(drained_within(&loop, c, 10000), "the journal was not written back");
+    spent_then_close(&loop, c, &r, 90, "the refused grant's hold is still held");
+}
+
+/* The same check must not count a hold twice: a settle made while a
+ * begin's call is out waits in the queue (group commit), its charge not
+ * confirmed yet and its hold still in Redis's answer to the begin. Here
+ * A holds 50 of 100, B asks 50 more, A settles at 10 while B's call is
+ * out: 10 spent and 50 held fit, yet A's 50 counted as held and 10 as
+ * spent refused B (with a journal waiting for another tenant's charge,
+ * which turns the check on). */
+Test(faults, a_grant_is_not_refused_for_a_settle_queued_behind_it, .timeout = 30)
+{
+    uv_loop_t loop;
+    struct test_redis r;
+    char prefix[64];
+    struct cache *c;
+    struct wait a, b = {0}, x;
+    struct cache_stats st;
+    char day[16];
+
+    cr_assert_eq(test_redis_start(&r, 0), 0);
+    uv_loop_init(&loop);
+    c = open_store(&loop, r.url, CACHE_FAIL_OPEN, prefix, sizeof(prefix), "queued-settle");
+    wait_state(&loop, c, CACHE_STATE_CONNECTED);
+    /* Tenant x's charges fail for good (its day counter is a list). */
+    key_day(day);
+    cr_assert_eq(test_redis_int(&r, "RPUSH %s{x}:d:%s v", prefix, day), 1);
+    x = wait_begin(&loop, c, "x", NULL, 5, 0, 0);
+    cr_assert(x.begin.granted);
+    cr_assert_eq(wait_settle(&loop, c, &x.begin.reservation, 5), error_store_unavailable);
+    cache_stats(c, &st);
+    cr_assert_gt(st.journal_entries, 0);
+    a = wait_begin(&loop, c, "acme", NULL, 50, 100, 0);
+    cr_assert(a.begin.granted && !a.begin.degraded);
+    cr_assert_not_null(cache_begin(c, "acme", NULL, 50, 100, 0, wait_begin_cb, &b));
+    test_redis_kill(&r, SIGSTOP); /* B's answer waits */
+    uv_run(&loop, UV_RUN_NOWAIT); /* B's call goes out */
+    cr_assert_not_null(cache_settle(c, &a.begin.reservation, 10, NULL, NULL)); /* queued */
+    uv_run(&loop, UV_RUN_NOWAIT);
+    test_redis_kill(&r, SIGCONT);
+    while (!b.done)
+        uv_run(&loop, UV_RUN_ONCE);
+    cr_assert_null(b.err);
+    cr_assert(b.begin.granted, "10 spent and 50 held of 100, yet B's 50 refused (%lld spent, "
+                               "%lld reserved)",
+              (long long)b.begin.day_spent, (long long)b.begin.reserved);
+    cr_assert_null(wait_release(&loop, c, &b.begin.reservation));
+    test_redis_int(&r, "DEL %s{x}:d:%s", prefix, day);
+    test_redis_int(&r, "CLIENT KILL TYPE normal");
+    cr_assert(drained_within(&loop, c, 10000), "the journal was not written back");
+    spent_then_close(&loop, c, &r, 10, "B's hold is still held");
 }
 
 /* With a shared response cache a begin sends its GET at once and waits in

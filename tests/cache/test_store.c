@@ -573,6 +573,80 @@ Test(store_redis, the_live_mark_is_renewed_after_a_script_flush, .timeout = 20)
     fx_close(&f);
 }
 
+/* Amounts at the ceiling the router clamps money to (BACKEND_MICRO_MAX,
+ * 2^62 micro-USD): two holds or two charges of it would pass INT64_MAX.
+ * The counters saturate there instead of wrapping to a negative spend
+ * (which would hand the tenant a budget back). */
+Test(store_memory, counters_saturate_at_the_ceiling, .timeout = 5)
+{
+    const long long ceiling = (long long)1 << 62;
+    struct cache_options o = {0};
+    struct fx f;
+    struct wait w[2], s;
+
+    fx_open(&f, 0, &o, "ceiling");
+    for (int i = 0; i < 2; i++) {
+        w[i] = wait_begin(&f.loop, f.c, "acme", NULL, ceiling, 0, 0);
+        cr_assert(w[i].begin.granted);
+        cr_assert_geq(w[i].begin.reserved, ceiling, "hold %d: %lld reserved", i,
+                      (long long)w[i].begin.reserved);
+    }
+    s = wait_spend(&f.loop, f.c, "acme");
+    cr_assert_eq(s.spend.reserved, INT64_MAX, "%lld reserved", (long long)s.spend.reserved);
+    for (int i = 0; i < 2; i++)
+        cr_assert_null(wait_settle(&f.loop, f.c, &w[i].begin.reservation, ceiling));
+    s = wait_spend(&f.loop, f.c, "acme");
+    cr_assert_eq(s.spend.day_spent, INT64_MAX, "%lld spent today", (long long)s.spend.day_spent);
+    cr_assert_eq(s.spend.month_spent, INT64_MAX);
+    cr_assert_geq(s.spend.reserved, 0);
+    /* Any limit is passed. */
+    cr_assert_not(wait_begin(&f.loop, f.c, "acme", NULL, 1, ceiling, 0).begin.granted);
+    fx_close(&f);
+}
+
+/* A charge of 10^17 micro-dollars (within BACKEND_MICRO_MAX, 2^62: a
+ * price of $1 a token and a window of 10^11 tokens make it) reaches
+ * Redis's counters: the script's numbers are Lua floats, which Redis
+ * wrote into the INCRBY as "1e+17", an error ("not an integer"), and the
+ * charge stayed journaled for good. */
+Test(store_redis, a_charge_of_10_to_the_17_reaches_the_counters, .timeout = 20)
+{
+    const long long big = 100000000000000000LL;
+    struct cache_options o = {0};
+    struct fx f;
+    struct wait w;
+
+    fx_open(&f, 1, &o, "big-charge");
+    w = wait_begin(&f.loop, f.c, "acme", NULL, big, 0, 0);
+    cr_assert(w.begin.granted && !w.begin.degraded);
+    cr_assert_null(wait_settle(&f.loop, f.c, &w.begin.reservation, big));
+    cr_assert_eq(test_redis_day_spend(&f.redis, f.prefix, "acme"), big);
+    fx_close(&f);
+}
+
+/* A hold at the ceiling the router clamps money to (2^62 micro-USD) is
+ * made in Redis: the script answered the reserved sum times 4 (plus the
+ * begin's status), past what a reply's integer holds, and the begin failed
+ * as a protocol error, served from local counters. */
+Test(store_redis, a_hold_at_the_ceiling_is_made_in_redis, .timeout = 20)
+{
+    const long long ceiling = (long long)1 << 62;
+    struct cache_options o = {0};
+    struct fx f;
+    struct wait w;
+
+    fx_open(&f, 1, &o, "big-hold");
+    w = wait_begin(&f.loop, f.c, "acme", NULL, ceiling, 0, 0);
+    cr_assert_null(w.err);
+    cr_assert(w.begin.granted && !w.begin.degraded, "granted %d, degraded %d", w.begin.granted,
+              w.begin.degraded);
+    cr_assert_geq(w.begin.reserved, (long long)1 << 60, "%lld reserved",
+                  (long long)w.begin.reserved);
+    cr_assert_null(wait_release(&f.loop, f.c, &w.begin.reservation));
+    cr_assert_eq(wait_spend(&f.loop, f.c, "acme").spend.reserved, 0);
+    fx_close(&f);
+}
+
 Test(store_memory, bad_arguments, .timeout = 5)
 {
     uv_loop_t loop;

@@ -1611,6 +1611,42 @@ Test(costs, a_redis_refusing_writes_is_reported_down_and_charged_after)
     cr_assert_eq(refusals, 1, "%d log lines for one refusal", refusals);
 }
 
+/* While Redis refuses writes but answers reads, what the admin API and
+ * the spend gauge show of a tenant is what this router enforces: Redis's
+ * figure and the charges it journaled, which Redis has not confirmed (it
+ * showed Redis's figure alone, $0 after a paid request). The next request
+ * then no longer fits "good" and is downgraded to "cheap". */
+Test(costs, spend_shown_while_redis_refuses_writes_counts_the_journaled_charges)
+{
+    const char body[] = "{\"model\":\"chat\",\"max_tokens\":10," MSG "}";
+    static const char gauge[] = "costrouter_budget_spent_usd{tenant=\"acme\",period=\"day\"}";
+    double paid;
+
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    start_good_and_cheap(1, "daily_usd: 0.03");
+    test_redis_int(&redis, "CONFIG SET min-replicas-to-write 1");
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "good");
+    paid = header_usd("x-costrouter-cost-usd");
+    cr_assert_float_eq(paid, 0.019, 1e-9);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_float_eq(cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble, paid, 1e-9,
+                       "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_float_eq(metric_value(gauge), paid, 1e-9, "the spend gauge");
+    cr_assert_eq(metric_value("costrouter_store_journal_entries{store=\"redis\"}"), 1,
+                 "the journaled charge");
+    cr_assert_eq(metric_value("costrouter_store_journal_dropped_total{store=\"redis\"}"), 0);
+    /* $0.011 left: "good" no longer fits, "cheap" does. */
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap");
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "downgraded-budget");
+    test_redis_int(&redis, "CONFIG SET min-replicas-to-write 0");
+}
+
 /* The longest tenant id and key prefix the config takes (conf.h) reach
  * Redis whole: the day's spend is under the full key; so does the spend
  * of a key with the longest name and a budget of its own, counted under
