@@ -209,8 +209,15 @@ struct policy_outpred {
 /* Empty predictor. */
 void policy_outpred_init(struct policy_outpred *o);
 
+/* The completions `req` (may be NULL) asks for, each up to its cap: "n"
+ * (chat, legacy completions), or "best_of" when larger (completions
+ * generated and billed, n of them returned), times the prompts of a
+ * legacy completion's "prompt" array (each is answered on its own). At
+ * least 1; saturates far past any budget. */
+int64_t policy_outpred_choices(const struct cJSON *req);
+
 /* Record the usage.completion_tokens of the answer to `req` (may be NULL;
- * negative ignored), per choice: divided by "n" when n > 1, since
+ * negative ignored), per choice: divided by policy_outpred_choices, since
  * policy_outpred_predict multiplies by it. O(1). */
 void policy_outpred_observe(struct policy_outpred *o, int64_t completion_tokens,
                             const struct cJSON *req);
@@ -220,7 +227,7 @@ void policy_outpred_observe(struct policy_outpred *o, int64_t completion_tokens,
  * "max_tokens" (the smaller if both) when given and > 0, or a Responses
  * request's "max_output_tokens"; else the P95 of
  * recent completions once at least 8 were observed; else `fallback`.
- * Multiplied by "n" when n > 1. `req` may be NULL. O(WINDOW) when the
+ * Multiplied by policy_outpred_choices. `req` may be NULL. O(WINDOW) when the
  * P95 is needed and new samples came since it was last computed, else O(1).
  */
 int64_t policy_outpred_predict(struct policy_outpred *o, const struct cJSON *req,

@@ -501,6 +501,7 @@ static void estimate(struct router__client *c)
         cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(req->json, "max_output_tokens"));
     req->asked_tier = (int8_t)asked_tier(req->json);
     req->web_searches_held = web_searches_held(req->json, req->endpoint);
+    req->completion_choices = policy_outpred_choices(req->json);
     if (req->endpoint == ROUTER_EP_EMBEDDINGS || req->endpoint == ROUTER_EP_COUNT_TOKENS)
         req->completion_pred = 0;
     else
@@ -634,7 +635,8 @@ static void reject_context(struct router__client *c)
         snprintf(detail, sizeof(detail),
                  "about %" PRId64 " prompt tokens + %" PRId64 " for the completion "
                  "(max_tokens), and the largest window is %" PRId64 " tokens",
-                 req->prompt_est, req->completion_pred, req->choice.context_window);
+                 req->prompt_est, req->completion_pred / MAX(req->completion_choices, 1),
+                 req->choice.context_window);
     else
         snprintf(detail, sizeof(detail),
                  "about %" PRId64 " prompt tokens, and the largest window is %" PRId64 " tokens",
@@ -721,6 +723,7 @@ static int choose(struct router__client *c, const char *last_error)
     }
     preq.prompt_tokens = req->prompt_est;
     preq.completion_tokens = req->completion_pred;
+    preq.completion_choices = req->completion_choices;
     preq.completion_predicted = !req->completion_limited;
     preq.service_tier = req->asked_tier;
     preq.web_searches = req->web_searches_held;

@@ -1770,6 +1770,54 @@ Test(costs, a_refused_request_gives_its_tokens_back_to_the_tpm_limit)
     cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
 }
 
+/* A context window bounds each choice: with n, every choice is its own
+ * completion of the same prompt, so 9 + 300 tokens fit a 500-token window
+ * at n = 2 as at n = 1 (the API takes it). The router added the choices
+ * up (9 + 600) and refused it as too long. */
+Test(costs, each_of_n_choices_must_fit_the_window_not_their_sum)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_with_window(500);
+    start_routers(1, "a", NULL);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"max_tokens\":300,\"n\":2," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    /* One choice past the window is still refused. */
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"max_tokens\":600,\"n\":2," MSG "}"), 0);
+    cr_assert_eq(resp.status, 400, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_not_null(strstr(resp.body.data, "600 for the completion"), "%.*s",
+                       (int)resp.body.len, resp.body.data);
+}
+
+/* A legacy completion answers each prompt of an array, and best_of
+ * completions of each (n of which are returned): up to prompts x
+ * max(n, best_of) x max_tokens completion tokens are billed. The router
+ * held max_tokens x n, so such a request passed limits and budgets that
+ * its cost breaks. Here three prompts of max_tokens 300 (900 tokens and
+ * more) and best_of 3 (the same) are larger than a tpm of 800. */
+Test(costs, a_completions_request_holds_for_every_prompt_and_best_of)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    start_routers(1, "a", "    rate_limits: {tpm: 800}\n");
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/completions", AUTH,
+                           "{\"model\":\"chat\",\"max_tokens\":300,"
+                           "\"prompt\":[\"one\",\"two\",\"three\"]}"),
+                 0);
+    cr_assert_eq(resp.status, 429, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-should-retry"), "false");
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/completions", AUTH,
+                           "{\"model\":\"chat\",\"max_tokens\":300,\"best_of\":3,\"n\":2,"
+                           "\"prompt\":\"one\"}"),
+                 0);
+    cr_assert_eq(resp.status, 429, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-should-retry"), "false");
+    /* One prompt given as token ids is one prompt: 300 fits. */
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/completions", AUTH,
+                           "{\"model\":\"chat\",\"max_tokens\":300,\"prompt\":[1,2,3]}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+}
+
 Test(costs, ab_split_follows_weights_and_sticks_to_a_user)
 {
     int on_a = 0;
