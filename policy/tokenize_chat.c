@@ -281,9 +281,42 @@ static void openai_message(struct policy_tokens *t, enum conf_tokenizer enc, con
     }
 }
 
-/* One property line "name:type:desc" plus its enum, per the cookbook. */
+/* Nested properties deeper than this are not counted (a bound on the
+ * recursion; cJSON allows 1000 levels). */
+#define TOOL_NESTING_MAX 16
+
 static void openai_property(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *prop,
-                            const struct tool_costs *c, struct tally *s)
+                            const struct tool_costs *c, int depth, struct tally *s);
+
+/* The properties of an object parameter, or of an array's object items:
+ * the model reads them as nested fields of the function's TypeScript
+ * type, by name and type, without their descriptions (as the
+ * openai-chat-tokens package renders them, which it checks against the
+ * API's counts). The cookbook counts top-level properties only, so a
+ * nested schema of any size counted as one property. */
+static void openai_nested(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *prop,
+                          const struct tool_costs *c, int depth, struct tally *s)
+{
+    const cJSON *items = cJSON_GetObjectItemCaseSensitive(prop, "items");
+    const cJSON *props = cJSON_GetObjectItemCaseSensitive(prop, "properties"), *p;
+
+    if (depth >= TOOL_NESTING_MAX)
+        return;
+    if (cJSON_IsObject(items))
+        openai_nested(t, enc, items, c, depth + 1, s);
+    if (!cJSON_IsObject(props))
+        return;
+    cJSON_ArrayForEach(p, props)
+    {
+        if (p->string)
+            openai_property(t, enc, p, c, depth + 1, s);
+    }
+}
+
+/* One property line "name:type:desc" plus its enum, per the cookbook
+ * (depth 0: a top-level property), then its nested properties. */
+static void openai_property(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *prop,
+                            const struct tool_costs *c, int depth, struct tally *s)
 {
     add_fixed(s, c->prop_key);
     const cJSON *en = cJSON_GetObjectItemCaseSensitive(prop, "enum");
@@ -303,8 +336,9 @@ static void openai_property(struct policy_tokens *t, enum conf_tokenizer enc, co
     err = err ? err : buf_append(b, ":", 1);
     err = err ? err : buf_append(b, type ? type : "", type ? strlen(type) : 0);
     err = err ? err : buf_append(b, ":", 1);
-    err = err ? err : append_desc(b, str_field(prop, "description"));
+    err = err ? err : append_desc(b, depth == 0 ? str_field(prop, "description") : NULL);
     add(s, count_buf(t, enc, b, err));
+    openai_nested(t, enc, prop, c, depth, s);
 }
 
 static void openai_tools(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *req,
@@ -337,7 +371,7 @@ static void openai_tools(struct policy_tokens *t, enum conf_tokenizer enc, const
             cJSON_ArrayForEach(prop, props)
             {
                 if (prop->string)
-                    openai_property(t, enc, prop, c, s);
+                    openai_property(t, enc, prop, c, 0, s);
             }
         }
     }

@@ -81,6 +81,53 @@ Test(tokenize_chat, cookbook_tools_example, .timeout = 20)
     policy_tokens_free(t);
 }
 
+/* A tool whose parameter "filter" is an object with two properties
+ * (nested = 1), or the same object without them (0); with `items`, the
+ * filter is an array of such objects. */
+static int64_t hotel_tool(struct policy_tokens *t, enum conf_tokenizer enc, int nested,
+                          int items)
+{
+    char json[2048];
+    const char *inner =
+        nested ? "\"type\":\"object\",\"properties\":{\"city\":{\"type\":\"string\","
+                 "\"description\":\"The exact name of the city to search in, spelled as the "
+                 "user wrote it, without the country or the state\"},\"max_price\":{\"type\":"
+                 "\"number\",\"description\":\"Highest nightly price in USD\"}},"
+                 "\"required\":[\"city\"]"
+               : "\"type\":\"object\"";
+
+    snprintf(json, sizeof(json),
+             "{\"messages\":[{\"role\":\"user\",\"content\":\"Find me a hotel\"}],"
+             "\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"search_hotels\","
+             "\"description\":\"Search hotels\",\"parameters\":{\"type\":\"object\","
+             "\"properties\":{\"filter\":{%s%s%s}}}}}]}",
+             items ? "\"type\":\"array\",\"items\":{" : "", inner, items ? "}" : "");
+    return chat(t, enc, json);
+}
+
+/* The model reads a function's nested properties too: the
+ * openai-chat-tokens package (which renders functions as the TypeScript
+ * the model sees and checks its counts against the API) counts this
+ * tool's two nested properties as 11 tokens more than the empty object
+ * (cl100k; names and types, not nested descriptions). The cookbook rule
+ * stops at the top level, and the router counted them as nothing, for
+ * schemas of any size. */
+Test(tokenize_chat, nested_tool_properties_count, .timeout = 20)
+{
+    struct policy_tokens *t = fixture_tokens();
+
+    for (int enc = CONF_TOK_CL100K; enc <= CONF_TOK_O200K; enc++)
+        for (int items = 0; items <= 1; items++) {
+            int64_t more = hotel_tool(t, enc, 1, items) - hotel_tool(t, enc, 0, items);
+
+            cr_expect(more >= 8 && more <= 16, "enc %d items %d: nested properties add %lld",
+                      enc, items, (long long)more);
+        }
+    /* The cookbook's flat example is unchanged. */
+    cr_expect_eq(chat(t, CONF_TOK_CL100K, cookbook_tools), 105);
+    policy_tokens_free(t);
+}
+
 Test(tokenize_chat, text_parts_count_like_a_string, .timeout = 20)
 {
     struct policy_tokens *t = fixture_tokens();
