@@ -603,12 +603,38 @@ static int64_t count_json(struct policy_tokens *t, enum conf_tokenizer enc, cons
     return n;
 }
 
+static void anthropic_content(struct policy_tokens *t, enum conf_tokenizer enc,
+                              const cJSON *content, int depth, struct tally *s);
+
+/* A document or search result block: its title and context, and the text
+ * it carries: a plain-text source's data, a content source's blocks, a
+ * search result's content. A PDF (base64, URL or file) is billed as its
+ * pages' text and images, which the request does not show: not counted. */
+static void anthropic_document(struct policy_tokens *t, enum conf_tokenizer enc,
+                               const cJSON *block, int depth, struct tally *s)
+{
+    const cJSON *source = cJSON_GetObjectItemCaseSensitive(block, "source");
+    const char *kind = str_field(source, "type"), *text;
+
+    if ((text = str_field(block, "title")) != NULL)
+        add(s, count_str(t, enc, text));
+    if ((text = str_field(block, "context")) != NULL)
+        add(s, count_str(t, enc, text));
+    if (kind && strcmp(kind, "text") == 0 && (text = str_field(source, "data")) != NULL)
+        add(s, count_str(t, enc, text));
+    else if (kind && strcmp(kind, "content") == 0)
+        anthropic_content(t, enc, cJSON_GetObjectItemCaseSensitive(source, "content"), depth + 1, s);
+    if (cJSON_IsString(source)) /* a search result's source: its URL or name */
+        add(s, count_str(t, enc, source->valuestring));
+    anthropic_content(t, enc, cJSON_GetObjectItemCaseSensitive(block, "content"), depth + 1, s);
+}
+
 /* A message's (or a system prompt's, or a tool result's) content: a
  * string, or blocks. Counted: text, image (anthropic_image_tokens),
- * tool_use (name and input), tool_result (its content, the same way).
- * Not counted: document (PDF pages are billed as text and images the
- * request does not show), thinking, redacted_thinking, server tool
- * blocks and any other type. */
+ * tool_use (name and input), tool_result (its content, the same way),
+ * document and search_result (anthropic_document). Not counted: a PDF
+ * document's pages, thinking, redacted_thinking, server tool blocks and
+ * any other type. `depth` bounds the nesting of blocks in blocks. */
 static void anthropic_content(struct policy_tokens *t, enum conf_tokenizer enc,
                               const cJSON *content, int depth, struct tally *s)
 {
@@ -637,6 +663,9 @@ static void anthropic_content(struct policy_tokens *t, enum conf_tokenizer enc,
             add(s, count_json(t, enc, cJSON_GetObjectItemCaseSensitive(block, "input")));
         } else if (strcmp(type, "tool_result") == 0 && depth == 0)
             anthropic_content(t, enc, cJSON_GetObjectItemCaseSensitive(block, "content"), 1, s);
+        else if ((strcmp(type, "document") == 0 || strcmp(type, "search_result") == 0) &&
+                 depth < 2)
+            anthropic_document(t, enc, block, depth, s);
     }
 }
 

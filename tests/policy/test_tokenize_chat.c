@@ -350,7 +350,7 @@ Test(tokenize_chat, messages_images_by_anthropics_rule, .timeout = 20)
 
 /* tool_use by its name and input as compact JSON; tool_result by its
  * content (string or blocks); tools by name, description and
- * input_schema; documents and thinking blocks not at all. */
+ * input_schema; PDF documents and thinking blocks not at all. */
 Test(tokenize_chat, messages_tools_results_and_what_is_not_counted, .timeout = 20)
 {
     struct policy_tokens *t = fixture_tokens();
@@ -369,8 +369,9 @@ Test(tokenize_chat, messages_tools_results_and_what_is_not_counted, .timeout = 2
                               "\"text\",\"text\":\"sunny\"}]}]}]}") - empty,
                  o200k(t, "sunny"));
     cr_expect_eq(anthropic(t, "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
-                              "\"document\",\"source\":{\"type\":\"text\",\"data\":\"a long "
-                              "text\"}},{\"type\":\"thinking\",\"thinking\":\"hmm\"}]}]}"),
+                              "\"document\",\"source\":{\"type\":\"base64\",\"media_type\":"
+                              "\"application/pdf\",\"data\":\"JVBERi0x\"}},{\"type\":"
+                              "\"thinking\",\"thinking\":\"hmm\"}]}]}"),
                  empty);
     cr_expect_eq(anthropic(t, "{\"messages\":[],\"tools\":[{\"name\":\"get_weather\","
                               "\"description\":\"Weather now\",\"input_schema\":{\"type\":"
@@ -382,5 +383,42 @@ Test(tokenize_chat, messages_tools_results_and_what_is_not_counted, .timeout = 2
                                "{\"content\":[{\"type\":\"image\"},{\"type\":\"tool_result\"}]}],"
                                "\"tools\":[{},5],\"system\":[1]}"),
                   0);
+    policy_tokens_free(t);
+}
+
+/* A plain-text document shows its text, and is billed for it (with its
+ * title and context); so are a document of content blocks and a search
+ * result, in a message or a tool result. They counted as nothing: a
+ * request carrying a whole book as a text document was held for its
+ * framing alone. */
+Test(tokenize_chat, messages_text_documents_and_search_results_count, .timeout = 20)
+{
+    struct policy_tokens *t = fixture_tokens();
+    static const char text[] = "Call me Ishmael. Some years ago, never mind how long precisely, "
+                               "having little or no money in my purse, I thought I would sail.";
+    int64_t empty = anthropic(t, "{\"messages\":[{\"role\":\"user\",\"content\":[]}]}");
+    char body[1024];
+
+    snprintf(body, sizeof(body),
+             "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"document\","
+             "\"title\":\"Moby Dick\",\"context\":\"chapter 1\",\"source\":{\"type\":"
+             "\"text\",\"media_type\":\"text/plain\",\"data\":\"%s\"}}]}]}",
+             text);
+    cr_expect_eq(anthropic(t, body) - empty,
+                 o200k(t, text) + o200k(t, "Moby Dick") + o200k(t, "chapter 1"));
+    snprintf(body, sizeof(body),
+             "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"document\","
+             "\"source\":{\"type\":\"content\",\"content\":[{\"type\":\"text\","
+             "\"text\":\"%s\"}]}}]}]}",
+             text);
+    cr_expect_eq(anthropic(t, body) - empty, o200k(t, text));
+    snprintf(body, sizeof(body),
+             "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"tool_result\","
+             "\"tool_use_id\":\"t1\",\"content\":[{\"type\":\"search_result\",\"source\":"
+             "\"https://x/moby\",\"title\":\"Moby Dick\",\"content\":[{\"type\":\"text\","
+             "\"text\":\"%s\"}]}]}]}]}",
+             text);
+    cr_expect_eq(anthropic(t, body) - empty,
+                 o200k(t, text) + o200k(t, "Moby Dick") + o200k(t, "https://x/moby"));
     policy_tokens_free(t);
 }
