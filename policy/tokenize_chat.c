@@ -669,10 +669,26 @@ static void anthropic_content(struct policy_tokens *t, enum conf_tokenizer enc,
     }
 }
 
+/* The system prompt Anthropic adds to a request with tools ("tool use
+ * system prompt token count", its pricing page for tool use): 346 tokens
+ * with tool_choice auto or none, 313 with any or tool, for the Claude 4
+ * and 3.7 models (older ones differ by up to 200). */
+#define ANTHROPIC_TOOL_PROMPT 346
+#define ANTHROPIC_TOOL_PROMPT_FORCED 313
+
+static int anthropic_tool_prompt(const cJSON *tool_choice)
+{
+    const char *type = str_field(tool_choice, "type");
+
+    return type && (strcmp(type, "any") == 0 || strcmp(type, "tool") == 0)
+               ? ANTHROPIC_TOOL_PROMPT_FORCED
+               : ANTHROPIC_TOOL_PROMPT;
+}
+
 int64_t policy_tokens_messages(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *req)
 {
     const cJSON *messages = cJSON_GetObjectItemCaseSensitive(req, "messages");
-    const cJSON *msg, *tool;
+    const cJSON *msg, *tool, *tools;
     struct tally s = {0, 0};
 
     if (!cJSON_IsArray(messages))
@@ -690,7 +706,10 @@ int64_t policy_tokens_messages(struct policy_tokens *t, enum conf_tokenizer enc,
         anthropic_content(t, enc, cJSON_GetObjectItemCaseSensitive(msg, "content"), 0, &s);
     }
     add_fixed(&s, OAI_REPLY);
-    cJSON_ArrayForEach(tool, cJSON_GetObjectItemCaseSensitive(req, "tools")) {
+    tools = cJSON_GetObjectItemCaseSensitive(req, "tools");
+    if (cJSON_GetArraySize(tools) > 0 && cJSON_IsArray(tools))
+        add_fixed(&s, anthropic_tool_prompt(cJSON_GetObjectItemCaseSensitive(req, "tool_choice")));
+    cJSON_ArrayForEach(tool, tools) {
         const char *name = str_field(tool, "name"), *desc = str_field(tool, "description");
 
         add_fixed(&s, OAI_PER_MESSAGE);

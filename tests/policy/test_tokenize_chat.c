@@ -376,7 +376,7 @@ Test(tokenize_chat, messages_tools_results_and_what_is_not_counted, .timeout = 2
     cr_expect_eq(anthropic(t, "{\"messages\":[],\"tools\":[{\"name\":\"get_weather\","
                               "\"description\":\"Weather now\",\"input_schema\":{\"type\":"
                               "\"object\"}}]}") - 3,
-                 3 + o200k(t, "get_weather") + o200k(t, "Weather now") +
+                 346 + 3 + o200k(t, "get_weather") + o200k(t, "Weather now") +
                      o200k(t, "{\"type\":\"object\"}"));
     /* odd shapes are not crashed on */
     cr_expect_geq(anthropic(t, "{\"messages\":[1,null,{\"content\":{}},{\"content\":[5,{}]},"
@@ -420,5 +420,29 @@ Test(tokenize_chat, messages_text_documents_and_search_results_count, .timeout =
              text);
     cr_expect_eq(anthropic(t, body) - empty,
                  o200k(t, text) + o200k(t, "Moby Dick") + o200k(t, "https://x/moby"));
+    policy_tokens_free(t);
+}
+
+/* Anthropic adds a system prompt of its own to a request with tools: 346
+ * tokens (tool_choice auto or none), 313 (any or tool) for the current
+ * models, by its pricing page for tool use. It was not held. */
+Test(tokenize_chat, messages_tools_add_anthropics_tool_prompt, .timeout = 20)
+{
+    struct policy_tokens *t = fixture_tokens();
+    static const char tool[] = "\"tools\":[{\"name\":\"f\",\"input_schema\":{}}]";
+    char body[256];
+    int64_t one_tool, plain = anthropic(t, "{\"messages\":[]}");
+
+    snprintf(body, sizeof(body), "{\"messages\":[],%s}", tool);
+    one_tool = 3 + o200k(t, "f") + o200k(t, "{}");
+    cr_expect_eq(anthropic(t, body) - plain, 346 + one_tool);
+    snprintf(body, sizeof(body), "{\"messages\":[],%s,\"tool_choice\":{\"type\":\"none\"}}", tool);
+    cr_expect_eq(anthropic(t, body) - plain, 346 + one_tool);
+    snprintf(body, sizeof(body), "{\"messages\":[],%s,\"tool_choice\":{\"type\":\"any\"}}", tool);
+    cr_expect_eq(anthropic(t, body) - plain, 313 + one_tool);
+    snprintf(body, sizeof(body),
+             "{\"messages\":[],%s,\"tool_choice\":{\"type\":\"tool\",\"name\":\"f\"}}", tool);
+    cr_expect_eq(anthropic(t, body) - plain, 313 + one_tool);
+    cr_expect_eq(anthropic(t, "{\"messages\":[],\"tools\":[]}"), plain, "no tools, no prompt");
     policy_tokens_free(t);
 }
