@@ -468,13 +468,39 @@ static int64_t llama_end(struct policy_tokens *t, const cJSON *req, struct tally
     return s->err ? s->err : s->n;
 }
 
+/* A tool call ({name, arguments}) as Meta's Llama 3.1 template writes it
+ * in an assistant message: {"name": NAME, "parameters": ARGUMENTS}. */
+static void llama_call(struct policy_tokens *t, const cJSON *fn, struct tally *s)
+{
+    const char *name = str_field(fn, "name"), *args = str_field(fn, "arguments");
+    struct buf *b = policy__tokens_line(t);
+    int err = buf_append(b, "{\"name\": \"", 10);
+
+    err = err ? err : buf_append(b, name ? name : "", name ? strlen(name) : 0);
+    err = err ? err : buf_append(b, "\", \"parameters\": ", 17);
+    err = err ? err : buf_append(b, args ? args : "{}", args ? strlen(args) : 2);
+    err = err ? err : buf_append(b, "}", 1);
+    add(s, count_buf(t, CONF_TOK_LLAMA3, b, err));
+}
+
+/* An assistant message's tool calls (chat's tool_calls). */
+static void llama_calls(struct policy_tokens *t, const cJSON *calls, struct tally *s)
+{
+    const cJSON *call;
+
+    cJSON_ArrayForEach(call, calls)
+        llama_call(t, cJSON_GetObjectItemCaseSensitive(call, "function"), s);
+}
+
 static int64_t llama_chat(struct policy_tokens *t, const cJSON *messages, const cJSON *req)
 {
     struct tally s = {1, 0}; /* <|begin_of_text|> */
     const cJSON *msg;
-    cJSON_ArrayForEach(msg, messages)
+    cJSON_ArrayForEach(msg, messages) {
         llama_message(t, str_field(msg, "role"), cJSON_GetObjectItemCaseSensitive(msg, "content"),
                       &s);
+        llama_calls(t, cJSON_GetObjectItemCaseSensitive(msg, "tool_calls"), &s);
+    }
     return llama_end(t, req, &s);
 }
 
@@ -526,9 +552,10 @@ static void responses_item(struct policy_tokens *t, enum conf_tokenizer enc, con
                           cJSON_GetObjectItemCaseSensitive(item, "content"), model, s);
     else if (strcmp(type, "function_call") == 0 && enc != CONF_TOK_LLAMA3)
         openai_call(t, enc, item, s);
-    else if (strcmp(type, "function_call") == 0)
-        responses_message(t, enc, "assistant", cJSON_GetObjectItemCaseSensitive(item, "arguments"),
-                          model, s);
+    else if (strcmp(type, "function_call") == 0) {
+        llama_message(t, "assistant", NULL, s);
+        llama_call(t, item, s);
+    }
     else if (strcmp(type, "function_call_output") == 0)
         responses_message(t, enc, "tool", cJSON_GetObjectItemCaseSensitive(item, "output"), model,
                           s);

@@ -182,6 +182,36 @@ Test(tokenize_chat, llama3_template, .timeout = 20)
     policy_tokens_free(t);
 }
 
+/* An assistant message that calls a tool: Meta's Llama 3.1 template
+ * writes the call as {"name": NAME, "parameters": ARGUMENTS}. Reference:
+ * llama3-tokenizer-js 1.2.0 on "<|begin_of_text|><|start_header_id|>user
+ * <|end_header_id|>\n\nWhat is the weather in Paris?<|eot_id|>
+ * <|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather",
+ * "parameters": {"city": "Paris", "unit": "celsius"}}<|eot_id|>
+ * <|start_header_id|>assistant<|end_header_id|>\n\n" gives 45 tokens. The
+ * call counted as nothing (its content is null), so a conversation of
+ * large tool calls was held for its framing alone. */
+Test(tokenize_chat, llama3_tool_calls_count, .timeout = 20)
+{
+    struct policy_tokens *t = fixture_tokens();
+
+    cr_expect_eq(messages_req(t, CONF_TOK_LLAMA3,
+                              "[{\"role\":\"user\",\"content\":\"What is the weather in Paris?\"},"
+                              "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":"
+                              "\"c1\",\"type\":\"function\",\"function\":{\"name\":\"get_weather\","
+                              "\"arguments\":\"{\\\"city\\\": \\\"Paris\\\", \\\"unit\\\": "
+                              "\\\"celsius\\\"}\"}}]}]"),
+                 45);
+    /* The same turn as Responses API items. */
+    cr_expect_eq(count_body(policy_tokens_responses, t, CONF_TOK_LLAMA3,
+                            "{\"input\":[{\"role\":\"user\",\"content\":\"What is the weather in "
+                            "Paris?\"},{\"type\":\"function_call\",\"call_id\":\"c1\",\"name\":"
+                            "\"get_weather\",\"arguments\":\"{\\\"city\\\": \\\"Paris\\\", "
+                            "\\\"unit\\\": \\\"celsius\\\"}\"}]}"),
+                 45);
+    policy_tokens_free(t);
+}
+
 Test(tokenize_chat, estimate_and_errors, .timeout = 20)
 {
     struct policy_tokens *t = fixture_tokens();
