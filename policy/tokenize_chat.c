@@ -245,12 +245,29 @@ static void openai_content(struct policy_tokens *t, enum conf_tokenizer enc, con
     }
 }
 
+/* The arguments of a call: a function's "arguments", a custom tool's
+ * free-form "input". */
+static const char *call_args(const cJSON *fn)
+{
+    const char *args = str_field(fn, "arguments");
+
+    return args ? args : str_field(fn, "input");
+}
+
+/* The called tool of one of chat's tool_calls: a function, or a custom tool. */
+static const cJSON *call_of(const cJSON *call)
+{
+    const cJSON *fn = cJSON_GetObjectItemCaseSensitive(call, "function");
+
+    return fn ? fn : cJSON_GetObjectItemCaseSensitive(call, "custom");
+}
+
 /* A function call an assistant made earlier: name and arguments (an estimate). */
 static void openai_call(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *fn,
                         struct tally *s)
 {
     const char *name = str_field(fn, "name");
-    const char *args = str_field(fn, "arguments");
+    const char *args = call_args(fn);
     add_fixed(s, OAI_PER_MESSAGE);
     if (name)
         add(s, count_str(t, enc, name));
@@ -274,7 +291,7 @@ static void openai_message(struct policy_tokens *t, enum conf_tokenizer enc, con
         } else if (field->string && strcmp(field->string, "tool_calls") == 0) {
             const cJSON *call;
             cJSON_ArrayForEach(call, field)
-                openai_call(t, enc, cJSON_GetObjectItemCaseSensitive(call, "function"), s);
+                openai_call(t, enc, call_of(call), s);
         } else if (field->string && strcmp(field->string, "function_call") == 0) {
             openai_call(t, enc, field, s);
         }
@@ -472,7 +489,7 @@ static int64_t llama_end(struct policy_tokens *t, const cJSON *req, struct tally
  * in an assistant message: {"name": NAME, "parameters": ARGUMENTS}. */
 static void llama_call(struct policy_tokens *t, const cJSON *fn, struct tally *s)
 {
-    const char *name = str_field(fn, "name"), *args = str_field(fn, "arguments");
+    const char *name = str_field(fn, "name"), *args = call_args(fn);
     struct buf *b = policy__tokens_line(t);
     int err = buf_append(b, "{\"name\": \"", 10);
 
@@ -489,7 +506,7 @@ static void llama_calls(struct policy_tokens *t, const cJSON *calls, struct tall
     const cJSON *call;
 
     cJSON_ArrayForEach(call, calls)
-        llama_call(t, cJSON_GetObjectItemCaseSensitive(call, "function"), s);
+        llama_call(t, call_of(call), s);
 }
 
 static int64_t llama_chat(struct policy_tokens *t, const cJSON *messages, const cJSON *req)
@@ -540,25 +557,28 @@ static void responses_message(struct policy_tokens *t, enum conf_tokenizer enc, 
         openai_content(t, enc, content, model, s); /* input_image, input_text, ...; no files */
 }
 
-/* One item of "input": a message (typed or not), a function call the
- * model made, or its output; other kinds are not counted. */
+/* One item of "input": a message (typed or not), a function or custom
+ * tool call the model made, or its output; other kinds are not counted. */
 static void responses_item(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *item,
                            const char *model, struct tally *s)
 {
     const char *type = str_field(item, "type");
 
-    if (type == NULL || strcmp(type, "message") == 0)
+    if (type == NULL || strcmp(type, "message") == 0) {
         responses_message(t, enc, str_field(item, "role"),
                           cJSON_GetObjectItemCaseSensitive(item, "content"), model, s);
-    else if (strcmp(type, "function_call") == 0 && enc != CONF_TOK_LLAMA3)
-        openai_call(t, enc, item, s);
-    else if (strcmp(type, "function_call") == 0) {
-        llama_message(t, "assistant", NULL, s);
-        llama_call(t, item, s);
-    }
-    else if (strcmp(type, "function_call_output") == 0)
+    } else if (strcmp(type, "function_call") == 0 || strcmp(type, "custom_tool_call") == 0) {
+        if (enc != CONF_TOK_LLAMA3) {
+            openai_call(t, enc, item, s);
+        } else {
+            llama_message(t, "assistant", NULL, s);
+            llama_call(t, item, s);
+        }
+    } else if (strcmp(type, "function_call_output") == 0 ||
+               strcmp(type, "custom_tool_call_output") == 0) {
         responses_message(t, enc, "tool", cJSON_GetObjectItemCaseSensitive(item, "output"), model,
                           s);
+    }
 }
 
 int64_t policy_tokens_responses(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *req)

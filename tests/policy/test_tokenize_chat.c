@@ -285,6 +285,45 @@ Test(tokenize_chat, responses_count_as_their_chat_twins, .timeout = 20)
 /* A function call is counted as chat counts an earlier tool call, an
  * input_image by the tile rule; other items are not counted, odd shapes
  * are not crashed on. */
+/* A call of a custom tool carries free-form "input" where a function
+ * call has "arguments" (chat: tool_calls[].custom; Responses: a
+ * custom_tool_call item, answered by a custom_tool_call_output). They
+ * counted as framing alone (chat, Responses) or nothing at all (their
+ * outputs), so code an agent sent through a custom tool was not held. */
+Test(tokenize_chat, custom_tool_calls_count_as_function_calls, .timeout = 20)
+{
+    struct policy_tokens *t = fixture_tokens();
+    static const char code[] = "import math\\nprint(sum(math.sqrt(i) for i in range(100)))";
+
+    for (int enc = CONF_TOK_CL100K; enc <= CONF_TOK_LLAMA3; enc++) {
+        char custom[512], function[512];
+
+        snprintf(custom, sizeof(custom),
+                 "{\"messages\":[{\"role\":\"assistant\",\"tool_calls\":[{\"id\":\"c1\","
+                 "\"type\":\"custom\",\"custom\":{\"name\":\"python\",\"input\":\"%s\"}}]}]}",
+                 code);
+        snprintf(function, sizeof(function),
+                 "{\"messages\":[{\"role\":\"assistant\",\"tool_calls\":[{\"id\":\"c1\","
+                 "\"type\":\"function\",\"function\":{\"name\":\"python\",\"arguments\":"
+                 "\"%s\"}}]}]}",
+                 code);
+        cr_expect_eq(chat(t, enc, custom), chat(t, enc, function), "chat, enc %d", enc);
+        snprintf(custom, sizeof(custom),
+                 "{\"input\":[{\"type\":\"custom_tool_call\",\"call_id\":\"c1\",\"name\":"
+                 "\"python\",\"input\":\"%s\"},{\"type\":\"custom_tool_call_output\","
+                 "\"call_id\":\"c1\",\"output\":\"661.46\"}]}",
+                 code);
+        snprintf(function, sizeof(function),
+                 "{\"input\":[{\"type\":\"function_call\",\"call_id\":\"c1\",\"name\":"
+                 "\"python\",\"arguments\":\"%s\"},{\"type\":\"function_call_output\","
+                 "\"call_id\":\"c1\",\"output\":\"661.46\"}]}",
+                 code);
+        cr_expect_eq(responses(t, enc, custom), responses(t, enc, function), "responses, enc %d",
+                     enc);
+    }
+    policy_tokens_free(t);
+}
+
 Test(tokenize_chat, responses_calls_images_and_odd_shapes, .timeout = 20)
 {
     struct policy_tokens *t = fixture_tokens();
