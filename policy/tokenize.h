@@ -128,6 +128,12 @@ int64_t policy_tokens_estimate(const char *p, size_t len);
 int64_t policy_tokens_chat(struct policy_tokens *t, enum conf_tokenizer enc,
                            const struct cJSON *req);
 
+/* policy_tokens_chat for the upstream `model` (NULL: the request's
+ * "model"), whose name picks the image rule: a router's client names a
+ * route, not the model it reaches. */
+int64_t policy_tokens_chat_for(struct policy_tokens *t, enum conf_tokenizer enc,
+                               const struct cJSON *req, const char *model);
+
 /*
  * Prompt tokens of a Responses API request (POST /v1/responses), by the
  * chat framing of `enc`: the API does not document its own, so each
@@ -148,6 +154,10 @@ int64_t policy_tokens_chat(struct policy_tokens *t, enum conf_tokenizer enc,
  */
 int64_t policy_tokens_responses(struct policy_tokens *t, enum conf_tokenizer enc,
                                 const struct cJSON *req);
+
+/* policy_tokens_responses for the upstream `model`, as policy_tokens_chat_for. */
+int64_t policy_tokens_responses_for(struct policy_tokens *t, enum conf_tokenizer enc,
+                                    const struct cJSON *req, const char *model);
 
 /*
  * Prompt tokens of an Anthropic Messages API request (POST /v1/messages),

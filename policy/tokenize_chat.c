@@ -523,12 +523,19 @@ static int64_t llama_chat(struct policy_tokens *t, const cJSON *messages, const 
 
 int64_t policy_tokens_chat(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *req)
 {
+    return policy_tokens_chat_for(t, enc, req, NULL);
+}
+
+int64_t policy_tokens_chat_for(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *req,
+                               const char *model)
+{
     const cJSON *messages = cJSON_GetObjectItemCaseSensitive(req, "messages");
     if (!cJSON_IsArray(messages))
         return -EINVAL;
     if (enc == CONF_TOK_LLAMA3)
         return llama_chat(t, messages, req);
-    const char *model = str_field(req, "model");
+    if (model == NULL)
+        model = str_field(req, "model");
     struct tally s = {0, 0};
     const cJSON *msg;
     cJSON_ArrayForEach(msg, messages)
@@ -583,11 +590,19 @@ static void responses_item(struct policy_tokens *t, enum conf_tokenizer enc, con
 
 int64_t policy_tokens_responses(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *req)
 {
+    return policy_tokens_responses_for(t, enc, req, NULL);
+}
+
+int64_t policy_tokens_responses_for(struct policy_tokens *t, enum conf_tokenizer enc,
+                                    const cJSON *req, const char *model)
+{
     const cJSON *input = cJSON_GetObjectItemCaseSensitive(req, "input");
     const cJSON *instructions = cJSON_GetObjectItemCaseSensitive(req, "instructions");
-    const char *model = str_field(req, "model");
     struct tally s = {enc == CONF_TOK_LLAMA3 ? 1 : 0, 0}; /* Llama: <|begin_of_text|> */
     const cJSON *item;
+
+    if (model == NULL)
+        model = str_field(req, "model");
 
     if (cJSON_IsString(instructions))
         responses_message(t, enc, "system", instructions, model, &s);

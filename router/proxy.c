@@ -398,21 +398,23 @@ static struct policy_tokens *tokens_for(const struct router__client *c, enum con
     return policy_tokens_has(c->router->tokens, enc) ? c->router->tokens : NULL;
 }
 
-/* Prompt tokens of the request for a backend with tokenizer `enc`. */
-static int64_t count_prompt(struct router__client *c, enum conf_tokenizer enc)
+/* Prompt tokens of the request for backend `b`: by its tokenizer, and
+ * images by its model's rule (the request's "model" names the route). */
+static int64_t count_prompt(struct router__client *c, const struct conf_backend *b)
 {
     struct router__request *req = &c->req;
+    enum conf_tokenizer enc = b->tokenizer;
     struct policy_tokens *t = tokens_for(c, enc);
     int64_t n = -1;
 
     if (req->endpoint == ROUTER_EP_CHAT && t != NULL)
-        n = policy_tokens_chat(t, enc, req->json);
+        n = policy_tokens_chat_for(t, enc, req->json, b->model);
     else if (req->endpoint == ROUTER_EP_COMPLETIONS)
         n = count_texts(t, enc, cJSON_GetObjectItemCaseSensitive(req->json, "prompt"));
     else if (req->endpoint == ROUTER_EP_EMBEDDINGS)
         n = count_texts(t, enc, cJSON_GetObjectItemCaseSensitive(req->json, "input"));
     else if (req->endpoint == ROUTER_EP_RESPONSES && t != NULL)
-        n = policy_tokens_responses(t, enc, req->json);
+        n = policy_tokens_responses_for(t, enc, req->json, b->model);
     else if (ROUTER_EP_ANTHROPIC(req->endpoint) && t != NULL)
         n = policy_tokens_messages(t, enc, req->json);
     if (n < 0)
@@ -490,8 +492,8 @@ static void estimate(struct router__client *c)
     const struct conf_backend *first = req->route->candidates[0];
     struct router__tenant *ts = router__tenant_state(r, req->tenant);
 
-    /* The route's first candidate's tokenizer stands for the route. */
-    req->prompt_raw = count_prompt(c, first->tokenizer);
+    /* The route's first candidate's tokenizer (and model) stands for the route. */
+    req->prompt_raw = count_prompt(c, first);
     req->prompt_est = first->tokenizer == CONF_TOK_ESTIMATE
                           ? policy_calib_apply(&r->calib[first->index], req->prompt_raw)
                           : req->prompt_raw;

@@ -1818,6 +1818,38 @@ Test(costs, a_completions_request_holds_for_every_prompt_and_best_of)
     cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
 }
 
+/* OpenAI prices an image by its model: gpt-4o-mini counts 2833 + 5667 per
+ * tile where gpt-4o counts 85 + 170 (the same price at its 33 times lower
+ * rate). The rule was chosen by the client's "model", the route's name,
+ * so a route "chat" to gpt-4o-mini held an image of unknown size (taken
+ * as 1024 x 1024: 4 tiles) for 765 tokens instead of 25,501. The route's
+ * first candidate's model decides, as its tokenizer does. */
+Test(costs, an_image_is_counted_by_the_rule_of_the_backends_model)
+{
+    cJSON *rec;
+    double est;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(buf_printf(&yaml,
+                            "  - {name: a, kind: api, url: \"http://127.0.0.1:%d/v1\", "
+                            "model: gpt-4o-mini,\n     quality: 1, context_window: 128000, "
+                            "input_usd_per_mtok: 1, output_usd_per_mtok: 1, tokenizer: o200k_base}\n",
+                            mock_a.port),
+                 0);
+    start_routers(1, "a", NULL);
+    cr_assert_eq(chat(0, NULL,
+                      "{\"model\":\"chat\",\"max_tokens\":5,\"messages\":[{\"role\":\"user\","
+                      "\"content\":[{\"type\":\"image_url\",\"image_url\":{\"url\":"
+                      "\"https://example.com/cat.jpg\"}}]}]}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    support_proc_stop(&routers[0]);
+    rec = last_cost_record();
+    est = cJSON_GetObjectItem(rec, "prompt_tokens_est")->valuedouble;
+    cJSON_Delete(rec);
+    cr_assert(est >= 2833 + 4 * 5667 && est < 2833 + 4 * 5667 + 20, "estimated %g", est);
+}
+
 Test(costs, ab_split_follows_weights_and_sticks_to_a_user)
 {
     int on_a = 0;
