@@ -111,15 +111,18 @@ int64_t policy_tokens_estimate(const char *p, size_t len);
  * them in usage.prompt_tokens:
  * - OpenAI encodings follow the OpenAI cookbook ("How to count tokens with
  *   tiktoken"): 3 tokens per message, +1 per "name", 3 to prime the reply;
- *   tool/function definitions by the cookbook's num_tokens_for_tools rule;
+ *   tool/function definitions by the cookbook's num_tokens_for_tools rule,
+ *   plus properties nested in objects and array items by name and type;
+ *   earlier tool calls (function or custom) by name and arguments/input;
  *   images by the tile rule (detail "low": 85; otherwise fit in 2048x2048,
  *   shortest side 768, 170 per 512px tile + 85; gpt-4o-mini models: 2833 +
  *   5667 per tile), dimensions read from a data: URL's PNG/GIF/JPEG/WebP
  *   header, else assumed 1024x1024.
  * - CONF_TOK_LLAMA3 follows Llama 3's chat template: <|begin_of_text|>, per
  *   message <|start_header_id|>role<|end_header_id|>"\n\n" trimmed content
- *   <|eot_id|>, then the assistant header; tools are counted as their JSON
- *   text.
+ *   <|eot_id|>, then the assistant header; an assistant's tool calls as
+ *   {"name": NAME, "parameters": ARGUMENTS}; tools are counted as their
+ *   JSON text.
  * - CONF_TOK_ESTIMATE uses the OpenAI framing with estimated text (raw,
  *   uncalibrated: apply policy_calib_apply).
  * Returns the count (>= 0), -EINVAL if req has no "messages" array, or
@@ -142,9 +145,10 @@ int64_t policy_tokens_chat_for(struct policy_tokens *t, enum conf_tokenizer enc,
  * message); "input" as a string (a user message) or as items: messages
  * {role, content} whose content is a string or parts (input_text and
  * output_text by their "text", input_image as the chat path prices an
- * image; input_file and other parts are not counted), function_call items
- * (name and arguments, as an earlier tool call in chat) and
- * function_call_output items ("output", as a tool message); other items
+ * image; input_file and other parts are not counted), function_call and
+ * custom_tool_call items (name and arguments or input, as an earlier tool
+ * call in chat) and function_call_output and custom_tool_call_output
+ * items ("output", as a tool message); other items
  * (reasoning, item references, built-in tool calls) are not counted; and
  * "tools" as the chat path counts them (the Responses API writes a
  * function's name, description and parameters at the tool's top level,
@@ -169,9 +173,12 @@ int64_t policy_tokens_responses_for(struct policy_tokens *t, enum conf_tokenizer
  * string or blocks: text, image (about width x height / 750, the long
  * edge scaled to 1568 px, at most 1600; an image of unknown size as
  * 1024 x 1024), tool_use (name and input as compact JSON), tool_result
- * (its content, a string or blocks, the same way); "tools" (name,
- * description and input_schema as compact JSON). Not counted: document
- * blocks, thinking blocks, server tool blocks and other types. Returns
+ * (its content, a string or blocks, the same way), document (title,
+ * context, a text source's data or a content source's blocks) and
+ * search_result (source, title, content); "tools" (name, description and
+ * input_schema as compact JSON, and once Anthropic's tool-use system
+ * prompt: 346 tokens, 313 with tool_choice any or tool). Not counted: PDF
+ * documents, thinking blocks, server tool blocks and other types. Returns
  * the count (>= 0), -EINVAL when "messages" is not an array, or -ENOMEM.
  */
 int64_t policy_tokens_messages(struct policy_tokens *t, enum conf_tokenizer enc,
