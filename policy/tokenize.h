@@ -114,6 +114,7 @@ int64_t policy_tokens_estimate(const char *p, size_t len);
  *   tool/function definitions by the cookbook's num_tokens_for_tools rule,
  *   plus properties nested in objects and array items by name and type;
  *   earlier tool calls (function or custom) by name and arguments/input;
+ *   a response_format JSON schema by its name and compact JSON;
  *   images by the tile rule (detail "low": 85; otherwise fit in 2048x2048,
  *   shortest side 768, 170 per 512px tile + 85; gpt-4o-mini models: 2833 +
  *   5667 per tile), dimensions read from a data: URL's PNG/GIF/JPEG/WebP
@@ -152,7 +153,8 @@ int64_t policy_tokens_chat_for(struct policy_tokens *t, enum conf_tokenizer enc,
  * (reasoning, item references, built-in tool calls) are not counted; and
  * "tools" as the chat path counts them (the Responses API writes a
  * function's name, description and parameters at the tool's top level,
- * which that count reads). What previous_response_id or conversation
+ * which that count reads), and a text.format JSON schema as chat's
+ * response_format. What previous_response_id or conversation
  * bring in is not in the request and not counted. Returns the count
  * (>= 0) or -ENOMEM.
  */

@@ -228,6 +228,23 @@ static int64_t image_tokens(const cJSON *image_url, const char *model)
 
 /* ---- OpenAI framing ---- */
 
+/* The compact JSON text of `v` (a tool call's input, a tool's
+ * input_schema, a response format's schema), counted as the model reads it. */
+static int64_t count_json(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *v)
+{
+    char *text;
+    int64_t n;
+
+    if (v == NULL)
+        return 0;
+    if ((text = cJSON_PrintUnformatted(v)) == NULL)
+        return -ENOMEM;
+    n = count_str(t, enc, text);
+    cJSON_free(text);
+    return n;
+}
+
+
 static void openai_content(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *content,
                            const char *model, struct tally *s)
 {
@@ -395,6 +412,24 @@ static void openai_tools(struct policy_tokens *t, enum conf_tokenizer enc, const
     add_fixed(s, c->func_end);
 }
 
+/* A structured output's JSON schema (chat's response_format.json_schema,
+ * the Responses API's text.format): the API puts it in the prompt, as it
+ * does tools, and bills it as input. Its exact rendering is not
+ * published: counted as its name, description and compact JSON schema. */
+static void openai_format(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *format,
+                          struct tally *s)
+{
+    const char *name = str_field(format, "name"), *desc = str_field(format, "description");
+
+    if (!cJSON_IsObject(format))
+        return;
+    if (name)
+        add(s, count_str(t, enc, name));
+    if (desc)
+        add(s, count_str(t, enc, desc));
+    add(s, count_json(t, enc, cJSON_GetObjectItemCaseSensitive(format, "schema")));
+}
+
 /* ---- Llama 3 template ---- */
 
 static int is_trim_space(unsigned char c)
@@ -542,6 +577,9 @@ int64_t policy_tokens_chat_for(struct policy_tokens *t, enum conf_tokenizer enc,
         openai_message(t, enc, msg, model, &s);
     add_fixed(&s, OAI_REPLY);
     openai_tools(t, enc, req, &s);
+    openai_format(t, enc, cJSON_GetObjectItemCaseSensitive(
+                              cJSON_GetObjectItemCaseSensitive(req, "response_format"), "json_schema"),
+                  &s);
     return s.err ? s.err : s.n;
 }
 
@@ -599,7 +637,7 @@ int64_t policy_tokens_responses_for(struct policy_tokens *t, enum conf_tokenizer
     const cJSON *input = cJSON_GetObjectItemCaseSensitive(req, "input");
     const cJSON *instructions = cJSON_GetObjectItemCaseSensitive(req, "instructions");
     struct tally s = {enc == CONF_TOK_LLAMA3 ? 1 : 0, 0}; /* Llama: <|begin_of_text|> */
-    const cJSON *item;
+    const cJSON *item, *format;
 
     if (model == NULL)
         model = str_field(req, "model");
@@ -615,6 +653,9 @@ int64_t policy_tokens_responses_for(struct policy_tokens *t, enum conf_tokenizer
         return llama_end(t, req, &s);
     add_fixed(&s, OAI_REPLY);
     openai_tools(t, enc, req, &s);
+    format = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(req, "text"), "format");
+    if (str_field(format, "type") && strcmp(str_field(format, "type"), "json_schema") == 0)
+        openai_format(t, enc, format, &s);
     return s.err ? s.err : s.n;
 }
 
@@ -649,21 +690,6 @@ static int64_t anthropic_image_tokens(const cJSON *block)
     return n > 1600 ? 1600 : (int64_t)n;
 }
 
-/* The compact JSON text of `v` (a tool call's input, a tool's
- * input_schema), counted as the model reads it. */
-static int64_t count_json(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *v)
-{
-    char *text;
-    int64_t n;
-
-    if (v == NULL)
-        return 0;
-    if ((text = cJSON_PrintUnformatted(v)) == NULL)
-        return -ENOMEM;
-    n = count_str(t, enc, text);
-    cJSON_free(text);
-    return n;
-}
 
 static void anthropic_content(struct policy_tokens *t, enum conf_tokenizer enc,
                               const cJSON *content, int depth, struct tally *s);

@@ -324,6 +324,41 @@ Test(tokenize_chat, custom_tool_calls_count_as_function_calls, .timeout = 20)
     policy_tokens_free(t);
 }
 
+/* A structured output's JSON schema is put in the prompt and billed as
+ * input, as tools are; it counted as nothing, so a request whose schema
+ * is most of its prompt was held for its messages alone. Counted as its
+ * name and compact JSON (the rendering is not published), in chat's
+ * response_format and the Responses API's text.format. */
+Test(tokenize_chat, a_response_formats_schema_counts, .timeout = 20)
+{
+    struct policy_tokens *t = fixture_tokens();
+    static const char schema[] = "{\"type\":\"object\",\"properties\":{\"city\":{\"type\":"
+                                 "\"string\"},\"population\":{\"type\":\"integer\"}},"
+                                 "\"required\":[\"city\",\"population\"]}";
+    char with[1024];
+
+    for (int enc = CONF_TOK_CL100K; enc <= CONF_TOK_O200K; enc++) {
+        int64_t more = policy_tokens_count(t, enc, "city_facts", 10) +
+                       policy_tokens_count(t, enc, schema, strlen(schema));
+
+        snprintf(with, sizeof(with),
+                 "{\"messages\":[{\"role\":\"user\",\"content\":\"Paris\"}],"
+                 "\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":"
+                 "\"city_facts\",\"strict\":true,\"schema\":%s}}}",
+                 schema);
+        cr_expect_eq(chat(t, enc, with) -
+                         chat(t, enc, "{\"messages\":[{\"role\":\"user\",\"content\":\"Paris\"}]}"),
+                     more, "chat, enc %d", enc);
+        snprintf(with, sizeof(with),
+                 "{\"input\":\"Paris\",\"text\":{\"format\":{\"type\":\"json_schema\","
+                 "\"name\":\"city_facts\",\"strict\":true,\"schema\":%s}}}",
+                 schema);
+        cr_expect_eq(responses(t, enc, with) - responses(t, enc, "{\"input\":\"Paris\"}"), more,
+                     "responses, enc %d", enc);
+    }
+    policy_tokens_free(t);
+}
+
 Test(tokenize_chat, responses_calls_images_and_odd_shapes, .timeout = 20)
 {
     struct policy_tokens *t = fixture_tokens();
