@@ -387,9 +387,9 @@ static void openai_tools(struct policy_tokens *t, enum conf_tokenizer enc, const
     const cJSON *tool;
     cJSON_ArrayForEach(tool, tools)
     {
-        const cJSON *fn = cJSON_GetObjectItemCaseSensitive(tool, "function");
+        const cJSON *fn = call_of(tool); /* a function, or a custom tool */
         if (!fn)
-            fn = tool; /* legacy "functions": the definition itself */
+            fn = tool; /* legacy "functions", Responses tools: the definition itself */
         add_fixed(s, c->func_init);
         const char *name = str_field(fn, "name");
         struct buf *b = policy__tokens_line(t);

@@ -321,6 +321,16 @@ Test(tokenize_chat, custom_tool_calls_count_as_function_calls, .timeout = 20)
         cr_expect_eq(responses(t, enc, custom), responses(t, enc, function), "responses, enc %d",
                      enc);
     }
+    /* A custom tool's definition (chat: tools[].custom) by its name and
+     * description, as a function's without parameters. */
+    for (int enc = CONF_TOK_CL100K; enc <= CONF_TOK_O200K; enc++)
+        cr_expect_eq(chat(t, enc, "{\"messages\":[],\"tools\":[{\"type\":\"custom\",\"custom\":"
+                                  "{\"name\":\"python\",\"description\":\"Runs Python code "
+                                  "and returns what it prints\"}}]}"),
+                     chat(t, enc, "{\"messages\":[],\"tools\":[{\"type\":\"function\",\"function\":"
+                                  "{\"name\":\"python\",\"description\":\"Runs Python code "
+                                  "and returns what it prints\"}}]}"),
+                     "custom tool definition, enc %d", enc);
     policy_tokens_free(t);
 }
 
