@@ -45,18 +45,22 @@ static void read_budget(const struct policy_budget *bu, int soft_pct, int64_t *l
         *soft = 1;
 }
 
-/* The completion to count on backend `cb`. A predicted one (the request
- * gave no max_tokens) cannot outgrow what the context window leaves after
- * the prompt: the backend stops there. Without this cap, one long answer
+/* The completion of one choice to count on backend `cb`: each choice (of
+ * n, best_of) completes the prompt in its own window, so the window bounds
+ * a choice, not their sum. A predicted one (the request gave no
+ * max_tokens) cannot outgrow what the context window leaves after the
+ * prompt: the backend stops there. Without this cap, one long answer
  * seen on a big-window backend made every later request without
  * max_tokens "too long" for the smaller windows, or for all of them, and
  * refused requests teach the prediction nothing, so it never came down. */
 static int64_t completion_on(const struct policy_request *req, const struct conf_backend *cb)
 {
+    int64_t per = req->completion_tokens / MAX(req->completion_choices, 1);
+
     if (req->completion_predicted && cb->context_window > 0 &&
         req->prompt_tokens < cb->context_window)
-        return MIN(req->completion_tokens, cb->context_window - req->prompt_tokens);
-    return req->completion_tokens;
+        return MIN(per, cb->context_window - req->prompt_tokens);
+    return per;
 }
 
 /* The verdict on candidate `i` up to (not including) quality and budget,
@@ -70,7 +74,8 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
     const struct conf_backend *cb = req->route->candidates[i];
     const struct backend *b = backend_set_get(req->backends, cb->index);
     struct backend_tokens tok = {.prompt = req->prompt_tokens,
-                                 .completion = completion_on(req, cb),
+                                 .completion = completion_on(req, cb) *
+                                               MAX(req->completion_choices, 1),
                                  .cached = req->cached_tokens,
                                  .tier = req->service_tier,
                                  .web_searches = req->web_searches,
@@ -95,7 +100,8 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
         return POLICY_VERDICT_HEALTH;
     if ((*cooldown_ms = backend_cooldown_ms(b, req->now_ms)) > take_cooling_ms)
         return POLICY_VERDICT_RATE_LIMITED;
-    if (cb->context_window > 0 && cb->context_window < req->prompt_tokens + tok.completion)
+    if (cb->context_window > 0 &&
+        cb->context_window < req->prompt_tokens + completion_on(req, cb))
         return POLICY_VERDICT_CONTEXT;
     if (req->limits.max_ttft_ms > 0 && v->predicted_ttft_ms > req->limits.max_ttft_ms)
         return POLICY_VERDICT_SLO;

@@ -54,7 +54,10 @@ struct policy_request {
     struct backend_set *backends;   /* live backend state */
     struct policy_limits limits;    /* the tenant's */
     int64_t prompt_tokens;          /* estimated prompt tokens */
-    int64_t completion_tokens;      /* predicted completion (max_tokens or a default) */
+    int64_t completion_tokens;      /* predicted completion (max_tokens or a default),
+                                       all choices together */
+    int64_t completion_choices;     /* of how many choices, each its own completion of
+                                       the prompt (n, best_of, prompts); 0 or 1: one */
     int completion_predicted;       /* 1: completion_tokens is a guess (no max_tokens) */
     int64_t cached_tokens;          /* prompt tokens expected from the upstream cache */
     int service_tier;               /* enum conf_service_tier the request asks for */

@@ -14,6 +14,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "common/util.h"
+
 #define CALIB_ALPHA 0.2
 #define CALIB_MIN 0.05
 #define CALIB_MAX 20.0
@@ -92,10 +94,38 @@ static int64_t positive_int(const cJSON *req, const char *key)
     return (int64_t)v->valuedouble;
 }
 
+/* The prompts of a legacy completion request: an array of strings or of
+ * token-id arrays is one prompt each; a string, or one array of token
+ * ids, is one. */
+static int64_t prompts_of(const cJSON *req)
+{
+    const cJSON *prompt = cJSON_GetObjectItemCaseSensitive(req, "prompt"), *item;
+    int64_t n = 0;
+
+    if (!cJSON_IsArray(prompt))
+        return 1;
+    cJSON_ArrayForEach(item, prompt)
+        if (cJSON_IsString(item) || cJSON_IsArray(item))
+            n++;
+    return n > 1 ? n : 1;
+}
+
+int64_t policy_outpred_choices(const cJSON *req)
+{
+    int64_t n = positive_int(req, "n"), best_of = positive_int(req, "best_of");
+    int64_t per_prompt = MAX(MAX(n, best_of), 1), prompts = prompts_of(req);
+
+    /* Each is at most POLICY_TOKENS_COUNT_MAX (or a body's length): the
+     * product may pass 64 bits. */
+    if (per_prompt > OUTPRED_MAX / prompts)
+        return OUTPRED_MAX;
+    return per_prompt * prompts;
+}
+
 void policy_outpred_observe(struct policy_outpred *o, int64_t completion_tokens,
                             const cJSON *req)
 {
-    int64_t n = positive_int(req, "n");
+    int64_t n = policy_outpred_choices(req);
 
     if (completion_tokens < 0)
         return;
@@ -135,7 +165,7 @@ int64_t policy_outpred_cap(const cJSON *req)
 
 int64_t policy_outpred_predict(struct policy_outpred *o, const cJSON *req, int64_t fallback)
 {
-    int64_t n = positive_int(req, "n");
+    int64_t n = policy_outpred_choices(req);
     int64_t per = policy_outpred_cap(req);
 
     if (!per)

@@ -111,15 +111,19 @@ int64_t policy_tokens_estimate(const char *p, size_t len);
  * them in usage.prompt_tokens:
  * - OpenAI encodings follow the OpenAI cookbook ("How to count tokens with
  *   tiktoken"): 3 tokens per message, +1 per "name", 3 to prime the reply;
- *   tool/function definitions by the cookbook's num_tokens_for_tools rule;
+ *   tool/function definitions by the cookbook's num_tokens_for_tools rule,
+ *   plus properties nested in objects and array items by name and type;
+ *   earlier tool calls (function or custom) by name and arguments/input;
+ *   a response_format JSON schema by its name and compact JSON;
  *   images by the tile rule (detail "low": 85; otherwise fit in 2048x2048,
  *   shortest side 768, 170 per 512px tile + 85; gpt-4o-mini models: 2833 +
  *   5667 per tile), dimensions read from a data: URL's PNG/GIF/JPEG/WebP
  *   header, else assumed 1024x1024.
  * - CONF_TOK_LLAMA3 follows Llama 3's chat template: <|begin_of_text|>, per
  *   message <|start_header_id|>role<|end_header_id|>"\n\n" trimmed content
- *   <|eot_id|>, then the assistant header; tools are counted as their JSON
- *   text.
+ *   <|eot_id|>, then the assistant header; an assistant's tool calls as
+ *   {"name": NAME, "parameters": ARGUMENTS}; tools are counted as their
+ *   JSON text.
  * - CONF_TOK_ESTIMATE uses the OpenAI framing with estimated text (raw,
  *   uncalibrated: apply policy_calib_apply).
  * Returns the count (>= 0), -EINVAL if req has no "messages" array, or
@@ -127,6 +131,12 @@ int64_t policy_tokens_estimate(const char *p, size_t len);
  */
 int64_t policy_tokens_chat(struct policy_tokens *t, enum conf_tokenizer enc,
                            const struct cJSON *req);
+
+/* policy_tokens_chat for the upstream `model` (NULL: the request's
+ * "model"), whose name picks the image rule: a router's client names a
+ * route, not the model it reaches. */
+int64_t policy_tokens_chat_for(struct policy_tokens *t, enum conf_tokenizer enc,
+                               const struct cJSON *req, const char *model);
 
 /*
  * Prompt tokens of a Responses API request (POST /v1/responses), by the
@@ -136,18 +146,24 @@ int64_t policy_tokens_chat(struct policy_tokens *t, enum conf_tokenizer enc,
  * message); "input" as a string (a user message) or as items: messages
  * {role, content} whose content is a string or parts (input_text and
  * output_text by their "text", input_image as the chat path prices an
- * image; input_file and other parts are not counted), function_call items
- * (name and arguments, as an earlier tool call in chat) and
- * function_call_output items ("output", as a tool message); other items
+ * image; input_file and other parts are not counted), function_call and
+ * custom_tool_call items (name and arguments or input, as an earlier tool
+ * call in chat) and function_call_output and custom_tool_call_output
+ * items ("output", as a tool message); other items
  * (reasoning, item references, built-in tool calls) are not counted; and
  * "tools" as the chat path counts them (the Responses API writes a
  * function's name, description and parameters at the tool's top level,
- * which that count reads). What previous_response_id or conversation
+ * which that count reads), and a text.format JSON schema as chat's
+ * response_format. What previous_response_id or conversation
  * bring in is not in the request and not counted. Returns the count
  * (>= 0) or -ENOMEM.
  */
 int64_t policy_tokens_responses(struct policy_tokens *t, enum conf_tokenizer enc,
                                 const struct cJSON *req);
+
+/* policy_tokens_responses for the upstream `model`, as policy_tokens_chat_for. */
+int64_t policy_tokens_responses_for(struct policy_tokens *t, enum conf_tokenizer enc,
+                                    const struct cJSON *req, const char *model);
 
 /*
  * Prompt tokens of an Anthropic Messages API request (POST /v1/messages),
@@ -159,9 +175,12 @@ int64_t policy_tokens_responses(struct policy_tokens *t, enum conf_tokenizer enc
  * string or blocks: text, image (about width x height / 750, the long
  * edge scaled to 1568 px, at most 1600; an image of unknown size as
  * 1024 x 1024), tool_use (name and input as compact JSON), tool_result
- * (its content, a string or blocks, the same way); "tools" (name,
- * description and input_schema as compact JSON). Not counted: document
- * blocks, thinking blocks, server tool blocks and other types. Returns
+ * (its content, a string or blocks, the same way), document (title,
+ * context, a text source's data or a content source's blocks) and
+ * search_result (source, title, content); "tools" (name, description and
+ * input_schema as compact JSON, and once Anthropic's tool-use system
+ * prompt: 346 tokens, 313 with tool_choice any or tool). Not counted: PDF
+ * documents, thinking blocks, server tool blocks and other types. Returns
  * the count (>= 0), -EINVAL when "messages" is not an array, or -ENOMEM.
  */
 int64_t policy_tokens_messages(struct policy_tokens *t, enum conf_tokenizer enc,
@@ -209,8 +228,15 @@ struct policy_outpred {
 /* Empty predictor. */
 void policy_outpred_init(struct policy_outpred *o);
 
+/* The completions `req` (may be NULL) asks for, each up to its cap: "n"
+ * (chat, legacy completions), or "best_of" when larger (completions
+ * generated and billed, n of them returned), times the prompts of a
+ * legacy completion's "prompt" array (each is answered on its own). At
+ * least 1; saturates far past any budget. */
+int64_t policy_outpred_choices(const struct cJSON *req);
+
 /* Record the usage.completion_tokens of the answer to `req` (may be NULL;
- * negative ignored), per choice: divided by "n" when n > 1, since
+ * negative ignored), per choice: divided by policy_outpred_choices, since
  * policy_outpred_predict multiplies by it. O(1). */
 void policy_outpred_observe(struct policy_outpred *o, int64_t completion_tokens,
                             const struct cJSON *req);
@@ -227,7 +253,7 @@ int64_t policy_outpred_cap(const struct cJSON *req);
  * "max_tokens" (the smaller if both) when given and > 0, or a Responses
  * request's "max_output_tokens"; else the P95 of
  * recent completions once at least 8 were observed; else `fallback`.
- * Multiplied by "n" when n > 1. `req` may be NULL. O(WINDOW) when the
+ * Multiplied by policy_outpred_choices. `req` may be NULL. O(WINDOW) when the
  * P95 is needed and new samples came since it was last computed, else O(1).
  */
 int64_t policy_outpred_predict(struct policy_outpred *o, const struct cJSON *req,

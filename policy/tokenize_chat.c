@@ -228,6 +228,23 @@ static int64_t image_tokens(const cJSON *image_url, const char *model)
 
 /* ---- OpenAI framing ---- */
 
+/* The compact JSON text of `v` (a tool call's input, a tool's
+ * input_schema, a response format's schema), counted as the model reads it. */
+static int64_t count_json(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *v)
+{
+    char *text;
+    int64_t n;
+
+    if (v == NULL)
+        return 0;
+    if ((text = cJSON_PrintUnformatted(v)) == NULL)
+        return -ENOMEM;
+    n = count_str(t, enc, text);
+    cJSON_free(text);
+    return n;
+}
+
+
 static void openai_content(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *content,
                            const char *model, struct tally *s)
 {
@@ -245,12 +262,29 @@ static void openai_content(struct policy_tokens *t, enum conf_tokenizer enc, con
     }
 }
 
+/* The arguments of a call: a function's "arguments", a custom tool's
+ * free-form "input". */
+static const char *call_args(const cJSON *fn)
+{
+    const char *args = str_field(fn, "arguments");
+
+    return args ? args : str_field(fn, "input");
+}
+
+/* The called tool of one of chat's tool_calls: a function, or a custom tool. */
+static const cJSON *call_of(const cJSON *call)
+{
+    const cJSON *fn = cJSON_GetObjectItemCaseSensitive(call, "function");
+
+    return fn ? fn : cJSON_GetObjectItemCaseSensitive(call, "custom");
+}
+
 /* A function call an assistant made earlier: name and arguments (an estimate). */
 static void openai_call(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *fn,
                         struct tally *s)
 {
     const char *name = str_field(fn, "name");
-    const char *args = str_field(fn, "arguments");
+    const char *args = call_args(fn);
     add_fixed(s, OAI_PER_MESSAGE);
     if (name)
         add(s, count_str(t, enc, name));
@@ -274,16 +308,49 @@ static void openai_message(struct policy_tokens *t, enum conf_tokenizer enc, con
         } else if (field->string && strcmp(field->string, "tool_calls") == 0) {
             const cJSON *call;
             cJSON_ArrayForEach(call, field)
-                openai_call(t, enc, cJSON_GetObjectItemCaseSensitive(call, "function"), s);
+                openai_call(t, enc, call_of(call), s);
         } else if (field->string && strcmp(field->string, "function_call") == 0) {
             openai_call(t, enc, field, s);
         }
     }
 }
 
-/* One property line "name:type:desc" plus its enum, per the cookbook. */
+/* Nested properties deeper than this are not counted (a bound on the
+ * recursion; cJSON allows 1000 levels). */
+#define TOOL_NESTING_MAX 16
+
 static void openai_property(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *prop,
-                            const struct tool_costs *c, struct tally *s)
+                            const struct tool_costs *c, int depth, struct tally *s);
+
+/* The properties of an object parameter, or of an array's object items:
+ * the model reads them as nested fields of the function's TypeScript
+ * type, by name and type, without their descriptions (as the
+ * openai-chat-tokens package renders them, which it checks against the
+ * API's counts). The cookbook counts top-level properties only, so a
+ * nested schema of any size counted as one property. */
+static void openai_nested(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *prop,
+                          const struct tool_costs *c, int depth, struct tally *s)
+{
+    const cJSON *items = cJSON_GetObjectItemCaseSensitive(prop, "items");
+    const cJSON *props = cJSON_GetObjectItemCaseSensitive(prop, "properties"), *p;
+
+    if (depth >= TOOL_NESTING_MAX)
+        return;
+    if (cJSON_IsObject(items))
+        openai_nested(t, enc, items, c, depth + 1, s);
+    if (!cJSON_IsObject(props))
+        return;
+    cJSON_ArrayForEach(p, props)
+    {
+        if (p->string)
+            openai_property(t, enc, p, c, depth + 1, s);
+    }
+}
+
+/* One property line "name:type:desc" plus its enum, per the cookbook
+ * (depth 0: a top-level property), then its nested properties. */
+static void openai_property(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *prop,
+                            const struct tool_costs *c, int depth, struct tally *s)
 {
     add_fixed(s, c->prop_key);
     const cJSON *en = cJSON_GetObjectItemCaseSensitive(prop, "enum");
@@ -303,8 +370,9 @@ static void openai_property(struct policy_tokens *t, enum conf_tokenizer enc, co
     err = err ? err : buf_append(b, ":", 1);
     err = err ? err : buf_append(b, type ? type : "", type ? strlen(type) : 0);
     err = err ? err : buf_append(b, ":", 1);
-    err = err ? err : append_desc(b, str_field(prop, "description"));
+    err = err ? err : append_desc(b, depth == 0 ? str_field(prop, "description") : NULL);
     add(s, count_buf(t, enc, b, err));
+    openai_nested(t, enc, prop, c, depth, s);
 }
 
 static void openai_tools(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *req,
@@ -319,9 +387,9 @@ static void openai_tools(struct policy_tokens *t, enum conf_tokenizer enc, const
     const cJSON *tool;
     cJSON_ArrayForEach(tool, tools)
     {
-        const cJSON *fn = cJSON_GetObjectItemCaseSensitive(tool, "function");
+        const cJSON *fn = call_of(tool); /* a function, or a custom tool */
         if (!fn)
-            fn = tool; /* legacy "functions": the definition itself */
+            fn = tool; /* legacy "functions", Responses tools: the definition itself */
         add_fixed(s, c->func_init);
         const char *name = str_field(fn, "name");
         struct buf *b = policy__tokens_line(t);
@@ -337,11 +405,29 @@ static void openai_tools(struct policy_tokens *t, enum conf_tokenizer enc, const
             cJSON_ArrayForEach(prop, props)
             {
                 if (prop->string)
-                    openai_property(t, enc, prop, c, s);
+                    openai_property(t, enc, prop, c, 0, s);
             }
         }
     }
     add_fixed(s, c->func_end);
+}
+
+/* A structured output's JSON schema (chat's response_format.json_schema,
+ * the Responses API's text.format): the API puts it in the prompt, as it
+ * does tools, and bills it as input. Its exact rendering is not
+ * published: counted as its name, description and compact JSON schema. */
+static void openai_format(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *format,
+                          struct tally *s)
+{
+    const char *name = str_field(format, "name"), *desc = str_field(format, "description");
+
+    if (!cJSON_IsObject(format))
+        return;
+    if (name)
+        add(s, count_str(t, enc, name));
+    if (desc)
+        add(s, count_str(t, enc, desc));
+    add(s, count_json(t, enc, cJSON_GetObjectItemCaseSensitive(format, "schema")));
 }
 
 /* ---- Llama 3 template ---- */
@@ -434,30 +520,66 @@ static int64_t llama_end(struct policy_tokens *t, const cJSON *req, struct tally
     return s->err ? s->err : s->n;
 }
 
+/* A tool call ({name, arguments}) as Meta's Llama 3.1 template writes it
+ * in an assistant message: {"name": NAME, "parameters": ARGUMENTS}. */
+static void llama_call(struct policy_tokens *t, const cJSON *fn, struct tally *s)
+{
+    const char *name = str_field(fn, "name"), *args = call_args(fn);
+    struct buf *b = policy__tokens_line(t);
+    int err = buf_append(b, "{\"name\": \"", 10);
+
+    err = err ? err : buf_append(b, name ? name : "", name ? strlen(name) : 0);
+    err = err ? err : buf_append(b, "\", \"parameters\": ", 17);
+    err = err ? err : buf_append(b, args ? args : "{}", args ? strlen(args) : 2);
+    err = err ? err : buf_append(b, "}", 1);
+    add(s, count_buf(t, CONF_TOK_LLAMA3, b, err));
+}
+
+/* An assistant message's tool calls (chat's tool_calls). */
+static void llama_calls(struct policy_tokens *t, const cJSON *calls, struct tally *s)
+{
+    const cJSON *call;
+
+    cJSON_ArrayForEach(call, calls)
+        llama_call(t, call_of(call), s);
+}
+
 static int64_t llama_chat(struct policy_tokens *t, const cJSON *messages, const cJSON *req)
 {
     struct tally s = {1, 0}; /* <|begin_of_text|> */
     const cJSON *msg;
-    cJSON_ArrayForEach(msg, messages)
+    cJSON_ArrayForEach(msg, messages) {
         llama_message(t, str_field(msg, "role"), cJSON_GetObjectItemCaseSensitive(msg, "content"),
                       &s);
+        llama_calls(t, cJSON_GetObjectItemCaseSensitive(msg, "tool_calls"), &s);
+    }
     return llama_end(t, req, &s);
 }
 
 int64_t policy_tokens_chat(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *req)
+{
+    return policy_tokens_chat_for(t, enc, req, NULL);
+}
+
+int64_t policy_tokens_chat_for(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *req,
+                               const char *model)
 {
     const cJSON *messages = cJSON_GetObjectItemCaseSensitive(req, "messages");
     if (!cJSON_IsArray(messages))
         return -EINVAL;
     if (enc == CONF_TOK_LLAMA3)
         return llama_chat(t, messages, req);
-    const char *model = str_field(req, "model");
+    if (model == NULL)
+        model = str_field(req, "model");
     struct tally s = {0, 0};
     const cJSON *msg;
     cJSON_ArrayForEach(msg, messages)
         openai_message(t, enc, msg, model, &s);
     add_fixed(&s, OAI_REPLY);
     openai_tools(t, enc, req, &s);
+    openai_format(t, enc, cJSON_GetObjectItemCaseSensitive(
+                              cJSON_GetObjectItemCaseSensitive(req, "response_format"), "json_schema"),
+                  &s);
     return s.err ? s.err : s.n;
 }
 
@@ -480,33 +602,45 @@ static void responses_message(struct policy_tokens *t, enum conf_tokenizer enc, 
         openai_content(t, enc, content, model, s); /* input_image, input_text, ...; no files */
 }
 
-/* One item of "input": a message (typed or not), a function call the
- * model made, or its output; other kinds are not counted. */
+/* One item of "input": a message (typed or not), a function or custom
+ * tool call the model made, or its output; other kinds are not counted. */
 static void responses_item(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *item,
                            const char *model, struct tally *s)
 {
     const char *type = str_field(item, "type");
 
-    if (type == NULL || strcmp(type, "message") == 0)
+    if (type == NULL || strcmp(type, "message") == 0) {
         responses_message(t, enc, str_field(item, "role"),
                           cJSON_GetObjectItemCaseSensitive(item, "content"), model, s);
-    else if (strcmp(type, "function_call") == 0 && enc != CONF_TOK_LLAMA3)
-        openai_call(t, enc, item, s);
-    else if (strcmp(type, "function_call") == 0)
-        responses_message(t, enc, "assistant", cJSON_GetObjectItemCaseSensitive(item, "arguments"),
-                          model, s);
-    else if (strcmp(type, "function_call_output") == 0)
+    } else if (strcmp(type, "function_call") == 0 || strcmp(type, "custom_tool_call") == 0) {
+        if (enc != CONF_TOK_LLAMA3) {
+            openai_call(t, enc, item, s);
+        } else {
+            llama_message(t, "assistant", NULL, s);
+            llama_call(t, item, s);
+        }
+    } else if (strcmp(type, "function_call_output") == 0 ||
+               strcmp(type, "custom_tool_call_output") == 0) {
         responses_message(t, enc, "tool", cJSON_GetObjectItemCaseSensitive(item, "output"), model,
                           s);
+    }
 }
 
 int64_t policy_tokens_responses(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *req)
 {
+    return policy_tokens_responses_for(t, enc, req, NULL);
+}
+
+int64_t policy_tokens_responses_for(struct policy_tokens *t, enum conf_tokenizer enc,
+                                    const cJSON *req, const char *model)
+{
     const cJSON *input = cJSON_GetObjectItemCaseSensitive(req, "input");
     const cJSON *instructions = cJSON_GetObjectItemCaseSensitive(req, "instructions");
-    const char *model = str_field(req, "model");
     struct tally s = {enc == CONF_TOK_LLAMA3 ? 1 : 0, 0}; /* Llama: <|begin_of_text|> */
-    const cJSON *item;
+    const cJSON *item, *format;
+
+    if (model == NULL)
+        model = str_field(req, "model");
 
     if (cJSON_IsString(instructions))
         responses_message(t, enc, "system", instructions, model, &s);
@@ -519,6 +653,9 @@ int64_t policy_tokens_responses(struct policy_tokens *t, enum conf_tokenizer enc
         return llama_end(t, req, &s);
     add_fixed(&s, OAI_REPLY);
     openai_tools(t, enc, req, &s);
+    format = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(req, "text"), "format");
+    if (str_field(format, "type") && strcmp(str_field(format, "type"), "json_schema") == 0)
+        openai_format(t, enc, format, &s);
     return s.err ? s.err : s.n;
 }
 
@@ -553,28 +690,39 @@ static int64_t anthropic_image_tokens(const cJSON *block)
     return n > 1600 ? 1600 : (int64_t)n;
 }
 
-/* The compact JSON text of `v` (a tool call's input, a tool's
- * input_schema), counted as the model reads it. */
-static int64_t count_json(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *v)
-{
-    char *text;
-    int64_t n;
 
-    if (v == NULL)
-        return 0;
-    if ((text = cJSON_PrintUnformatted(v)) == NULL)
-        return -ENOMEM;
-    n = count_str(t, enc, text);
-    cJSON_free(text);
-    return n;
+static void anthropic_content(struct policy_tokens *t, enum conf_tokenizer enc,
+                              const cJSON *content, int depth, struct tally *s);
+
+/* A document or search result block: its title and context, and the text
+ * it carries: a plain-text source's data, a content source's blocks, a
+ * search result's content. A PDF (base64, URL or file) is billed as its
+ * pages' text and images, which the request does not show: not counted. */
+static void anthropic_document(struct policy_tokens *t, enum conf_tokenizer enc,
+                               const cJSON *block, int depth, struct tally *s)
+{
+    const cJSON *source = cJSON_GetObjectItemCaseSensitive(block, "source");
+    const char *kind = str_field(source, "type"), *text;
+
+    if ((text = str_field(block, "title")) != NULL)
+        add(s, count_str(t, enc, text));
+    if ((text = str_field(block, "context")) != NULL)
+        add(s, count_str(t, enc, text));
+    if (kind && strcmp(kind, "text") == 0 && (text = str_field(source, "data")) != NULL)
+        add(s, count_str(t, enc, text));
+    else if (kind && strcmp(kind, "content") == 0)
+        anthropic_content(t, enc, cJSON_GetObjectItemCaseSensitive(source, "content"), depth + 1, s);
+    if (cJSON_IsString(source)) /* a search result's source: its URL or name */
+        add(s, count_str(t, enc, source->valuestring));
+    anthropic_content(t, enc, cJSON_GetObjectItemCaseSensitive(block, "content"), depth + 1, s);
 }
 
 /* A message's (or a system prompt's, or a tool result's) content: a
  * string, or blocks. Counted: text, image (anthropic_image_tokens),
- * tool_use (name and input), tool_result (its content, the same way).
- * Not counted: document (PDF pages are billed as text and images the
- * request does not show), thinking, redacted_thinking, server tool
- * blocks and any other type. */
+ * tool_use (name and input), tool_result (its content, the same way),
+ * document and search_result (anthropic_document). Not counted: a PDF
+ * document's pages, thinking, redacted_thinking, server tool blocks and
+ * any other type. `depth` bounds the nesting of blocks in blocks. */
 static void anthropic_content(struct policy_tokens *t, enum conf_tokenizer enc,
                               const cJSON *content, int depth, struct tally *s)
 {
@@ -603,13 +751,32 @@ static void anthropic_content(struct policy_tokens *t, enum conf_tokenizer enc,
             add(s, count_json(t, enc, cJSON_GetObjectItemCaseSensitive(block, "input")));
         } else if (strcmp(type, "tool_result") == 0 && depth == 0)
             anthropic_content(t, enc, cJSON_GetObjectItemCaseSensitive(block, "content"), 1, s);
+        else if ((strcmp(type, "document") == 0 || strcmp(type, "search_result") == 0) &&
+                 depth < 2)
+            anthropic_document(t, enc, block, depth, s);
     }
+}
+
+/* The system prompt Anthropic adds to a request with tools ("tool use
+ * system prompt token count", its pricing page for tool use): 346 tokens
+ * with tool_choice auto or none, 313 with any or tool, for the Claude 4
+ * and 3.7 models (older ones differ by up to 200). */
+#define ANTHROPIC_TOOL_PROMPT 346
+#define ANTHROPIC_TOOL_PROMPT_FORCED 313
+
+static int anthropic_tool_prompt(const cJSON *tool_choice)
+{
+    const char *type = str_field(tool_choice, "type");
+
+    return type && (strcmp(type, "any") == 0 || strcmp(type, "tool") == 0)
+               ? ANTHROPIC_TOOL_PROMPT_FORCED
+               : ANTHROPIC_TOOL_PROMPT;
 }
 
 int64_t policy_tokens_messages(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *req)
 {
     const cJSON *messages = cJSON_GetObjectItemCaseSensitive(req, "messages");
-    const cJSON *msg, *tool;
+    const cJSON *msg, *tool, *tools;
     struct tally s = {0, 0};
 
     if (!cJSON_IsArray(messages))
@@ -627,7 +794,10 @@ int64_t policy_tokens_messages(struct policy_tokens *t, enum conf_tokenizer enc,
         anthropic_content(t, enc, cJSON_GetObjectItemCaseSensitive(msg, "content"), 0, &s);
     }
     add_fixed(&s, OAI_REPLY);
-    cJSON_ArrayForEach(tool, cJSON_GetObjectItemCaseSensitive(req, "tools")) {
+    tools = cJSON_GetObjectItemCaseSensitive(req, "tools");
+    if (cJSON_GetArraySize(tools) > 0 && cJSON_IsArray(tools))
+        add_fixed(&s, anthropic_tool_prompt(cJSON_GetObjectItemCaseSensitive(req, "tool_choice")));
+    cJSON_ArrayForEach(tool, tools) {
         const char *name = str_field(tool, "name"), *desc = str_field(tool, "description");
 
         add_fixed(&s, OAI_PER_MESSAGE);

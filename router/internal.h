@@ -323,7 +323,8 @@ struct router__request {
     /* cost-aware routing and spend */
     int64_t prompt_est;                  /* prompt tokens estimated before sending */
     int64_t prompt_raw;                  /* uncalibrated estimate (tokenizer: estimate) */
-    int64_t completion_pred;             /* completion tokens predicted */
+    int64_t completion_pred;             /* completion tokens predicted, all choices */
+    int64_t completion_choices;          /* completions asked for (policy_outpred_choices) */
     struct policy_verdict *verdicts;     /* one per route candidate, in verdict_mem; or NULL */
     struct policy_choice choice;         /* the current decision */
     struct cache_op *store_op;           /* cache_begin or spend check in flight, or NULL */

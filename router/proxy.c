@@ -396,21 +396,23 @@ static struct policy_tokens *tokens_for(const struct router__client *c, enum con
     return policy_tokens_has(c->router->tokens, enc) ? c->router->tokens : NULL;
 }
 
-/* Prompt tokens of the request for a backend with tokenizer `enc`. */
-static int64_t count_prompt(struct router__client *c, enum conf_tokenizer enc)
+/* Prompt tokens of the request for backend `b`: by its tokenizer, and
+ * images by its model's rule (the request's "model" names the route). */
+static int64_t count_prompt(struct router__client *c, const struct conf_backend *b)
 {
     struct router__request *req = &c->req;
+    enum conf_tokenizer enc = b->tokenizer;
     struct policy_tokens *t = tokens_for(c, enc);
     int64_t n = -1;
 
     if (req->endpoint == ROUTER_EP_CHAT && t != NULL)
-        n = policy_tokens_chat(t, enc, req->json);
+        n = policy_tokens_chat_for(t, enc, req->json, b->model);
     else if (req->endpoint == ROUTER_EP_COMPLETIONS)
         n = count_texts(t, enc, cJSON_GetObjectItemCaseSensitive(req->json, "prompt"));
     else if (req->endpoint == ROUTER_EP_EMBEDDINGS)
         n = count_texts(t, enc, cJSON_GetObjectItemCaseSensitive(req->json, "input"));
     else if (req->endpoint == ROUTER_EP_RESPONSES && t != NULL)
-        n = policy_tokens_responses(t, enc, req->json);
+        n = policy_tokens_responses_for(t, enc, req->json, b->model);
     else if (ROUTER_EP_ANTHROPIC(req->endpoint) && t != NULL)
         n = policy_tokens_messages(t, enc, req->json);
     if (n < 0)
@@ -498,8 +500,8 @@ static void estimate(struct router__client *c)
     const struct conf_backend *first = req->route->candidates[0];
     struct router__tenant *ts = router__tenant_state(r, req->tenant);
 
-    /* The route's first candidate's tokenizer stands for the route. */
-    req->prompt_raw = count_prompt(c, first->tokenizer);
+    /* The route's first candidate's tokenizer (and model) stands for the route. */
+    req->prompt_raw = count_prompt(c, first);
     req->prompt_est = first->tokenizer == CONF_TOK_ESTIMATE
                           ? policy_calib_apply(&r->calib[first->index], req->prompt_raw)
                           : req->prompt_raw;
@@ -509,6 +511,7 @@ static void estimate(struct router__client *c)
     req->completion_limited = policy_outpred_cap(req->json) > 0;
     req->asked_tier = (int8_t)asked_tier(req->json);
     searches_held(req);
+    req->completion_choices = policy_outpred_choices(req->json);
     if (req->endpoint == ROUTER_EP_EMBEDDINGS || req->endpoint == ROUTER_EP_COUNT_TOKENS)
         req->completion_pred = 0;
     else
@@ -642,7 +645,8 @@ static void reject_context(struct router__client *c)
         snprintf(detail, sizeof(detail),
                  "about %" PRId64 " prompt tokens + %" PRId64 " for the completion "
                  "(max_tokens), and the largest window is %" PRId64 " tokens",
-                 req->prompt_est, req->completion_pred, req->choice.context_window);
+                 req->prompt_est, req->completion_pred / MAX(req->completion_choices, 1),
+                 req->choice.context_window);
     else
         snprintf(detail, sizeof(detail),
                  "about %" PRId64 " prompt tokens, and the largest window is %" PRId64 " tokens",
@@ -729,6 +733,7 @@ static int choose(struct router__client *c, const char *last_error)
     }
     preq.prompt_tokens = req->prompt_est;
     preq.completion_tokens = req->completion_pred;
+    preq.completion_choices = req->completion_choices;
     preq.completion_predicted = !req->completion_limited;
     preq.service_tier = req->asked_tier;
     preq.web_searches = req->web_searches_held;

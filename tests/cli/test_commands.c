@@ -192,3 +192,25 @@ Test(commands, tokens_counts_a_messages_request_as_the_router_estimates_it)
     cr_assert_gt(chat, 0);
     cr_assert_eq(messages, chat - 1);
 }
+
+/* --encoding estimate counts from bytes (a quarter token per ASCII byte,
+ * 0.4 per other byte, rounded up), which needs no token table: it worked
+ * only where the tables were, failing "cannot load token tables"
+ * elsewhere. */
+Test(commands, tokens_estimate_needs_no_token_tables)
+{
+    char path[] = "/tmp/costrouter-cli-text-XXXXXX";
+    int fd = mkstemp(path);
+    char *argv[] = {bin(), "tokens", "--encoding", "estimate", "--data", "/nonexistent", path, NULL};
+    int rc;
+
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(write(fd, "hello", 5), 5);
+    close(fd);
+    buf_reset(&out);
+    rc = support_run(argv, &out, RUN_TIMEOUT_MS);
+    unlink(path);
+    cr_assert_eq(buf_append(&out, "", 1), 0);
+    cr_assert_eq(rc, 0, "tokens --encoding estimate failed: %s", out.data);
+    cr_assert_str_eq(out.data, "2\n");
+}

@@ -107,6 +107,27 @@ Test(token_stats, answers_with_n_choices_are_learnt_per_choice, .timeout = 10)
     cJSON_Delete(one);
 }
 
+/* A legacy completion answers each prompt of an array on its own, with
+ * best_of completions generated (and billed) per prompt when it is more
+ * than n: held for all, learnt per one. */
+Test(token_stats, completions_hold_for_every_prompt_and_best_of, .timeout = 10)
+{
+    struct policy_outpred o;
+    cJSON *req = cJSON_Parse("{\"prompt\":[\"a\",[1,2]],\"best_of\":3,\"n\":2}");
+    cJSON *one = cJSON_Parse("{\"prompt\":[1,2,3]}");
+
+    cr_assert_eq(policy_outpred_choices(req), 6);
+    cr_assert_eq(policy_outpred_choices(one), 1, "an array of token ids is one prompt");
+    cr_assert_eq(predict(NULL, "{\"prompt\":[\"a\",\"b\"],\"best_of\":3,\"n\":2,\"max_tokens\":10}", 5),
+                 60);
+    policy_outpred_init(&o);
+    for (int i = 0; i < 10; i++)
+        policy_outpred_observe(&o, 600, req);
+    cr_assert_eq(policy_outpred_predict(&o, one, 256), 100);
+    cJSON_Delete(req);
+    cJSON_Delete(one);
+}
+
 /* max_tokens and n may each be up to POLICY_TOKENS_COUNT_MAX (1e12): their
  * product passed 64 bits (1e12 x 1e7 = 1e19) and wrapped negative, which
  * held the request for its prompt alone and passed every context window,

@@ -81,6 +81,53 @@ Test(tokenize_chat, cookbook_tools_example, .timeout = 20)
     policy_tokens_free(t);
 }
 
+/* A tool whose parameter "filter" is an object with two properties
+ * (nested = 1), or the same object without them (0); with `items`, the
+ * filter is an array of such objects. */
+static int64_t hotel_tool(struct policy_tokens *t, enum conf_tokenizer enc, int nested,
+                          int items)
+{
+    char json[2048];
+    const char *inner =
+        nested ? "\"type\":\"object\",\"properties\":{\"city\":{\"type\":\"string\","
+                 "\"description\":\"The exact name of the city to search in, spelled as the "
+                 "user wrote it, without the country or the state\"},\"max_price\":{\"type\":"
+                 "\"number\",\"description\":\"Highest nightly price in USD\"}},"
+                 "\"required\":[\"city\"]"
+               : "\"type\":\"object\"";
+
+    snprintf(json, sizeof(json),
+             "{\"messages\":[{\"role\":\"user\",\"content\":\"Find me a hotel\"}],"
+             "\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"search_hotels\","
+             "\"description\":\"Search hotels\",\"parameters\":{\"type\":\"object\","
+             "\"properties\":{\"filter\":{%s%s%s}}}}}]}",
+             items ? "\"type\":\"array\",\"items\":{" : "", inner, items ? "}" : "");
+    return chat(t, enc, json);
+}
+
+/* The model reads a function's nested properties too: the
+ * openai-chat-tokens package (which renders functions as the TypeScript
+ * the model sees and checks its counts against the API) counts this
+ * tool's two nested properties as 11 tokens more than the empty object
+ * (cl100k; names and types, not nested descriptions). The cookbook rule
+ * stops at the top level, and the router counted them as nothing, for
+ * schemas of any size. */
+Test(tokenize_chat, nested_tool_properties_count, .timeout = 20)
+{
+    struct policy_tokens *t = fixture_tokens();
+
+    for (int enc = CONF_TOK_CL100K; enc <= CONF_TOK_O200K; enc++)
+        for (int items = 0; items <= 1; items++) {
+            int64_t more = hotel_tool(t, enc, 1, items) - hotel_tool(t, enc, 0, items);
+
+            cr_expect(more >= 8 && more <= 16, "enc %d items %d: nested properties add %lld",
+                      enc, items, (long long)more);
+        }
+    /* The cookbook's flat example is unchanged. */
+    cr_expect_eq(chat(t, CONF_TOK_CL100K, cookbook_tools), 105);
+    policy_tokens_free(t);
+}
+
 Test(tokenize_chat, text_parts_count_like_a_string, .timeout = 20)
 {
     struct policy_tokens *t = fixture_tokens();
@@ -132,6 +179,36 @@ Test(tokenize_chat, llama3_template, .timeout = 20)
                               "[{\"role\":\"system\",\"content\":\"You are a helpful assistant.\"},"
                               "{\"role\":\"user\",\"content\":\"  What's the capital of France?\\n\"}]"),
                  28);
+    policy_tokens_free(t);
+}
+
+/* An assistant message that calls a tool: Meta's Llama 3.1 template
+ * writes the call as {"name": NAME, "parameters": ARGUMENTS}. Reference:
+ * llama3-tokenizer-js 1.2.0 on "<|begin_of_text|><|start_header_id|>user
+ * <|end_header_id|>\n\nWhat is the weather in Paris?<|eot_id|>
+ * <|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather",
+ * "parameters": {"city": "Paris", "unit": "celsius"}}<|eot_id|>
+ * <|start_header_id|>assistant<|end_header_id|>\n\n" gives 45 tokens. The
+ * call counted as nothing (its content is null), so a conversation of
+ * large tool calls was held for its framing alone. */
+Test(tokenize_chat, llama3_tool_calls_count, .timeout = 20)
+{
+    struct policy_tokens *t = fixture_tokens();
+
+    cr_expect_eq(messages_req(t, CONF_TOK_LLAMA3,
+                              "[{\"role\":\"user\",\"content\":\"What is the weather in Paris?\"},"
+                              "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":"
+                              "\"c1\",\"type\":\"function\",\"function\":{\"name\":\"get_weather\","
+                              "\"arguments\":\"{\\\"city\\\": \\\"Paris\\\", \\\"unit\\\": "
+                              "\\\"celsius\\\"}\"}}]}]"),
+                 45);
+    /* The same turn as Responses API items. */
+    cr_expect_eq(count_body(policy_tokens_responses, t, CONF_TOK_LLAMA3,
+                            "{\"input\":[{\"role\":\"user\",\"content\":\"What is the weather in "
+                            "Paris?\"},{\"type\":\"function_call\",\"call_id\":\"c1\",\"name\":"
+                            "\"get_weather\",\"arguments\":\"{\\\"city\\\": \\\"Paris\\\", "
+                            "\\\"unit\\\": \\\"celsius\\\"}\"}]}"),
+                 45);
     policy_tokens_free(t);
 }
 
@@ -208,6 +285,90 @@ Test(tokenize_chat, responses_count_as_their_chat_twins, .timeout = 20)
 /* A function call is counted as chat counts an earlier tool call, an
  * input_image by the tile rule; other items are not counted, odd shapes
  * are not crashed on. */
+/* A call of a custom tool carries free-form "input" where a function
+ * call has "arguments" (chat: tool_calls[].custom; Responses: a
+ * custom_tool_call item, answered by a custom_tool_call_output). They
+ * counted as framing alone (chat, Responses) or nothing at all (their
+ * outputs), so code an agent sent through a custom tool was not held. */
+Test(tokenize_chat, custom_tool_calls_count_as_function_calls, .timeout = 20)
+{
+    struct policy_tokens *t = fixture_tokens();
+    static const char code[] = "import math\\nprint(sum(math.sqrt(i) for i in range(100)))";
+
+    for (int enc = CONF_TOK_CL100K; enc <= CONF_TOK_LLAMA3; enc++) {
+        char custom[512], function[512];
+
+        snprintf(custom, sizeof(custom),
+                 "{\"messages\":[{\"role\":\"assistant\",\"tool_calls\":[{\"id\":\"c1\","
+                 "\"type\":\"custom\",\"custom\":{\"name\":\"python\",\"input\":\"%s\"}}]}]}",
+                 code);
+        snprintf(function, sizeof(function),
+                 "{\"messages\":[{\"role\":\"assistant\",\"tool_calls\":[{\"id\":\"c1\","
+                 "\"type\":\"function\",\"function\":{\"name\":\"python\",\"arguments\":"
+                 "\"%s\"}}]}]}",
+                 code);
+        cr_expect_eq(chat(t, enc, custom), chat(t, enc, function), "chat, enc %d", enc);
+        snprintf(custom, sizeof(custom),
+                 "{\"input\":[{\"type\":\"custom_tool_call\",\"call_id\":\"c1\",\"name\":"
+                 "\"python\",\"input\":\"%s\"},{\"type\":\"custom_tool_call_output\","
+                 "\"call_id\":\"c1\",\"output\":\"661.46\"}]}",
+                 code);
+        snprintf(function, sizeof(function),
+                 "{\"input\":[{\"type\":\"function_call\",\"call_id\":\"c1\",\"name\":"
+                 "\"python\",\"arguments\":\"%s\"},{\"type\":\"function_call_output\","
+                 "\"call_id\":\"c1\",\"output\":\"661.46\"}]}",
+                 code);
+        cr_expect_eq(responses(t, enc, custom), responses(t, enc, function), "responses, enc %d",
+                     enc);
+    }
+    /* A custom tool's definition (chat: tools[].custom) by its name and
+     * description, as a function's without parameters. */
+    for (int enc = CONF_TOK_CL100K; enc <= CONF_TOK_O200K; enc++)
+        cr_expect_eq(chat(t, enc, "{\"messages\":[],\"tools\":[{\"type\":\"custom\",\"custom\":"
+                                  "{\"name\":\"python\",\"description\":\"Runs Python code "
+                                  "and returns what it prints\"}}]}"),
+                     chat(t, enc, "{\"messages\":[],\"tools\":[{\"type\":\"function\",\"function\":"
+                                  "{\"name\":\"python\",\"description\":\"Runs Python code "
+                                  "and returns what it prints\"}}]}"),
+                     "custom tool definition, enc %d", enc);
+    policy_tokens_free(t);
+}
+
+/* A structured output's JSON schema is put in the prompt and billed as
+ * input, as tools are; it counted as nothing, so a request whose schema
+ * is most of its prompt was held for its messages alone. Counted as its
+ * name and compact JSON (the rendering is not published), in chat's
+ * response_format and the Responses API's text.format. */
+Test(tokenize_chat, a_response_formats_schema_counts, .timeout = 20)
+{
+    struct policy_tokens *t = fixture_tokens();
+    static const char schema[] = "{\"type\":\"object\",\"properties\":{\"city\":{\"type\":"
+                                 "\"string\"},\"population\":{\"type\":\"integer\"}},"
+                                 "\"required\":[\"city\",\"population\"]}";
+    char with[1024];
+
+    for (int enc = CONF_TOK_CL100K; enc <= CONF_TOK_O200K; enc++) {
+        int64_t more = policy_tokens_count(t, enc, "city_facts", 10) +
+                       policy_tokens_count(t, enc, schema, strlen(schema));
+
+        snprintf(with, sizeof(with),
+                 "{\"messages\":[{\"role\":\"user\",\"content\":\"Paris\"}],"
+                 "\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":"
+                 "\"city_facts\",\"strict\":true,\"schema\":%s}}}",
+                 schema);
+        cr_expect_eq(chat(t, enc, with) -
+                         chat(t, enc, "{\"messages\":[{\"role\":\"user\",\"content\":\"Paris\"}]}"),
+                     more, "chat, enc %d", enc);
+        snprintf(with, sizeof(with),
+                 "{\"input\":\"Paris\",\"text\":{\"format\":{\"type\":\"json_schema\","
+                 "\"name\":\"city_facts\",\"strict\":true,\"schema\":%s}}}",
+                 schema);
+        cr_expect_eq(responses(t, enc, with) - responses(t, enc, "{\"input\":\"Paris\"}"), more,
+                     "responses, enc %d", enc);
+    }
+    policy_tokens_free(t);
+}
+
 Test(tokenize_chat, responses_calls_images_and_odd_shapes, .timeout = 20)
 {
     struct policy_tokens *t = fixture_tokens();
@@ -303,7 +464,7 @@ Test(tokenize_chat, messages_images_by_anthropics_rule, .timeout = 20)
 
 /* tool_use by its name and input as compact JSON; tool_result by its
  * content (string or blocks); tools by name, description and
- * input_schema; documents and thinking blocks not at all. */
+ * input_schema; PDF documents and thinking blocks not at all. */
 Test(tokenize_chat, messages_tools_results_and_what_is_not_counted, .timeout = 20)
 {
     struct policy_tokens *t = fixture_tokens();
@@ -322,18 +483,80 @@ Test(tokenize_chat, messages_tools_results_and_what_is_not_counted, .timeout = 2
                               "\"text\",\"text\":\"sunny\"}]}]}]}") - empty,
                  o200k(t, "sunny"));
     cr_expect_eq(anthropic(t, "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
-                              "\"document\",\"source\":{\"type\":\"text\",\"data\":\"a long "
-                              "text\"}},{\"type\":\"thinking\",\"thinking\":\"hmm\"}]}]}"),
+                              "\"document\",\"source\":{\"type\":\"base64\",\"media_type\":"
+                              "\"application/pdf\",\"data\":\"JVBERi0x\"}},{\"type\":"
+                              "\"thinking\",\"thinking\":\"hmm\"}]}]}"),
                  empty);
     cr_expect_eq(anthropic(t, "{\"messages\":[],\"tools\":[{\"name\":\"get_weather\","
                               "\"description\":\"Weather now\",\"input_schema\":{\"type\":"
                               "\"object\"}}]}") - 3,
-                 3 + o200k(t, "get_weather") + o200k(t, "Weather now") +
+                 346 + 3 + o200k(t, "get_weather") + o200k(t, "Weather now") +
                      o200k(t, "{\"type\":\"object\"}"));
     /* odd shapes are not crashed on */
     cr_expect_geq(anthropic(t, "{\"messages\":[1,null,{\"content\":{}},{\"content\":[5,{}]},"
                                "{\"content\":[{\"type\":\"image\"},{\"type\":\"tool_result\"}]}],"
                                "\"tools\":[{},5],\"system\":[1]}"),
                   0);
+    policy_tokens_free(t);
+}
+
+/* A plain-text document shows its text, and is billed for it (with its
+ * title and context); so are a document of content blocks and a search
+ * result, in a message or a tool result. They counted as nothing: a
+ * request carrying a whole book as a text document was held for its
+ * framing alone. */
+Test(tokenize_chat, messages_text_documents_and_search_results_count, .timeout = 20)
+{
+    struct policy_tokens *t = fixture_tokens();
+    static const char text[] = "Call me Ishmael. Some years ago, never mind how long precisely, "
+                               "having little or no money in my purse, I thought I would sail.";
+    int64_t empty = anthropic(t, "{\"messages\":[{\"role\":\"user\",\"content\":[]}]}");
+    char body[1024];
+
+    snprintf(body, sizeof(body),
+             "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"document\","
+             "\"title\":\"Moby Dick\",\"context\":\"chapter 1\",\"source\":{\"type\":"
+             "\"text\",\"media_type\":\"text/plain\",\"data\":\"%s\"}}]}]}",
+             text);
+    cr_expect_eq(anthropic(t, body) - empty,
+                 o200k(t, text) + o200k(t, "Moby Dick") + o200k(t, "chapter 1"));
+    snprintf(body, sizeof(body),
+             "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"document\","
+             "\"source\":{\"type\":\"content\",\"content\":[{\"type\":\"text\","
+             "\"text\":\"%s\"}]}}]}]}",
+             text);
+    cr_expect_eq(anthropic(t, body) - empty, o200k(t, text));
+    snprintf(body, sizeof(body),
+             "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"tool_result\","
+             "\"tool_use_id\":\"t1\",\"content\":[{\"type\":\"search_result\",\"source\":"
+             "\"https://x/moby\",\"title\":\"Moby Dick\",\"content\":[{\"type\":\"text\","
+             "\"text\":\"%s\"}]}]}]}]}",
+             text);
+    cr_expect_eq(anthropic(t, body) - empty,
+                 o200k(t, text) + o200k(t, "Moby Dick") + o200k(t, "https://x/moby"));
+    policy_tokens_free(t);
+}
+
+/* Anthropic adds a system prompt of its own to a request with tools: 346
+ * tokens (tool_choice auto or none), 313 (any or tool) for the current
+ * models, by its pricing page for tool use. It was not held. */
+Test(tokenize_chat, messages_tools_add_anthropics_tool_prompt, .timeout = 20)
+{
+    struct policy_tokens *t = fixture_tokens();
+    static const char tool[] = "\"tools\":[{\"name\":\"f\",\"input_schema\":{}}]";
+    char body[256];
+    int64_t one_tool, plain = anthropic(t, "{\"messages\":[]}");
+
+    snprintf(body, sizeof(body), "{\"messages\":[],%s}", tool);
+    one_tool = 3 + o200k(t, "f") + o200k(t, "{}");
+    cr_expect_eq(anthropic(t, body) - plain, 346 + one_tool);
+    snprintf(body, sizeof(body), "{\"messages\":[],%s,\"tool_choice\":{\"type\":\"none\"}}", tool);
+    cr_expect_eq(anthropic(t, body) - plain, 346 + one_tool);
+    snprintf(body, sizeof(body), "{\"messages\":[],%s,\"tool_choice\":{\"type\":\"any\"}}", tool);
+    cr_expect_eq(anthropic(t, body) - plain, 313 + one_tool);
+    snprintf(body, sizeof(body),
+             "{\"messages\":[],%s,\"tool_choice\":{\"type\":\"tool\",\"name\":\"f\"}}", tool);
+    cr_expect_eq(anthropic(t, body) - plain, 313 + one_tool);
+    cr_expect_eq(anthropic(t, "{\"messages\":[],\"tools\":[]}"), plain, "no tools, no prompt");
     policy_tokens_free(t);
 }

@@ -1904,6 +1904,86 @@ Test(costs, a_refused_request_gives_its_tokens_back_to_the_tpm_limit)
     cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
 }
 
+/* A context window bounds each choice: with n, every choice is its own
+ * completion of the same prompt, so 9 + 300 tokens fit a 500-token window
+ * at n = 2 as at n = 1 (the API takes it). The router added the choices
+ * up (9 + 600) and refused it as too long. */
+Test(costs, each_of_n_choices_must_fit_the_window_not_their_sum)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_with_window(500);
+    start_routers(1, "a", NULL);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"max_tokens\":300,\"n\":2," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    /* One choice past the window is still refused. */
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"max_tokens\":600,\"n\":2," MSG "}"), 0);
+    cr_assert_eq(resp.status, 400, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_not_null(strstr(resp.body.data, "600 for the completion"), "%.*s",
+                       (int)resp.body.len, resp.body.data);
+}
+
+/* A legacy completion answers each prompt of an array, and best_of
+ * completions of each (n of which are returned): up to prompts x
+ * max(n, best_of) x max_tokens completion tokens are billed. The router
+ * held max_tokens x n, so such a request passed limits and budgets that
+ * its cost breaks. Here three prompts of max_tokens 300 (900 tokens and
+ * more) and best_of 3 (the same) are larger than a tpm of 800. */
+Test(costs, a_completions_request_holds_for_every_prompt_and_best_of)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    start_routers(1, "a", "    rate_limits: {tpm: 800}\n");
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/completions", AUTH,
+                           "{\"model\":\"chat\",\"max_tokens\":300,"
+                           "\"prompt\":[\"one\",\"two\",\"three\"]}"),
+                 0);
+    cr_assert_eq(resp.status, 429, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-should-retry"), "false");
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/completions", AUTH,
+                           "{\"model\":\"chat\",\"max_tokens\":300,\"best_of\":3,\"n\":2,"
+                           "\"prompt\":\"one\"}"),
+                 0);
+    cr_assert_eq(resp.status, 429, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-should-retry"), "false");
+    /* One prompt given as token ids is one prompt: 300 fits. */
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/completions", AUTH,
+                           "{\"model\":\"chat\",\"max_tokens\":300,\"prompt\":[1,2,3]}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+}
+
+/* OpenAI prices an image by its model: gpt-4o-mini counts 2833 + 5667 per
+ * tile where gpt-4o counts 85 + 170 (the same price at its 33 times lower
+ * rate). The rule was chosen by the client's "model", the route's name,
+ * so a route "chat" to gpt-4o-mini held an image of unknown size (taken
+ * as 1024 x 1024: 4 tiles) for 765 tokens instead of 25,501. The route's
+ * first candidate's model decides, as its tokenizer does. */
+Test(costs, an_image_is_counted_by_the_rule_of_the_backends_model)
+{
+    cJSON *rec;
+    double est;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(buf_printf(&yaml,
+                            "  - {name: a, kind: api, url: \"http://127.0.0.1:%d/v1\", "
+                            "model: gpt-4o-mini,\n     quality: 1, context_window: 128000, "
+                            "input_usd_per_mtok: 1, output_usd_per_mtok: 1, tokenizer: o200k_base}\n",
+                            mock_a.port),
+                 0);
+    start_routers(1, "a", NULL);
+    cr_assert_eq(chat(0, NULL,
+                      "{\"model\":\"chat\",\"max_tokens\":5,\"messages\":[{\"role\":\"user\","
+                      "\"content\":[{\"type\":\"image_url\",\"image_url\":{\"url\":"
+                      "\"https://example.com/cat.jpg\"}}]}]}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    support_proc_stop(&routers[0]);
+    rec = record_last(NULL, log_path);
+    est = cJSON_GetObjectItem(rec, "prompt_tokens_est")->valuedouble;
+    cJSON_Delete(rec);
+    cr_assert(est >= 2833 + 4 * 5667 && est < 2833 + 4 * 5667 + 20, "estimated %g", est);
+}
+
 Test(costs, ab_split_follows_weights_and_sticks_to_a_user)
 {
     int on_a = 0;

@@ -964,6 +964,9 @@ TestSuite(web_search, .fini = teardown, .timeout = 60);
 /* Backend a's price of web searches: $10 per 1,000, 10000 micro-USD each. */
 #define SEARCH_PRICE ", web_search_usd_per_1k: 10"
 #define SEARCH_USD 0.01
+/* The tool-use system prompt Anthropic adds to a request with tools (346
+ * tokens with tool_choice auto), held at backend a's input price. */
+#define TOOL_PROMPT_USD (346 * IN_USD / 1e6)
 /* A Messages request with Anthropic's web search tool allowed `max_uses`
  * (a JSON fragment, or "" for none) and max_tokens 10. */
 #define SEARCH_BODY(max_uses)                                                                  \
@@ -1020,14 +1023,19 @@ Test(web_search, a_stream_is_charged_the_searches_of_its_message_delta)
     cJSON_Delete(rec);
 }
 
-/* The hold counts the web search tool's max_uses: with $0.04 a day, 10
- * output tokens and the prompt (about $0.006) fit, and so does one
- * search, but not five ($0.05); a tool without max_uses holds for none
- * (the charge is exact), nor does another tool's max_uses. */
+/* The hold counts the web search tool's max_uses: with $0.04 a day (and
+ * the tool prompt's $0.0346), 10 output tokens and the prompt (about
+ * $0.006) fit, and so does one search, but not five ($0.05); a tool
+ * without max_uses holds for none (the charge is exact), nor does another
+ * tool's max_uses. */
 Test(web_search, the_hold_counts_the_tools_max_uses)
 {
+    char budget[96];
+
     a_extra = SEARCH_PRICE;
-    start("    budget: {daily_usd: 0.04, on_exhausted: reject}\n");
+    snprintf(budget, sizeof(budget), "    budget: {daily_usd: %g, on_exhausted: reject}\n",
+             0.04 + TOOL_PROMPT_USD);
+    start(budget);
     cr_assert_eq(messages(NULL, SEARCH_BODY(",\"max_uses\":5")), 0);
     assert_anthropic_error(429, "rate_limit_error");
     cr_assert_not_null(strstr(get(get(json, "error"), "message")->valuestring, "budget"), "%s",
@@ -1047,7 +1055,7 @@ Test(web_search, the_hold_counts_the_tools_max_uses)
                  (int)resp.body.len, resp.body.data);
     cJSON *rec = record_last(&router, log_path);
     /* its estimate is the tokens' alone, below one search's price; it made none */
-    cr_assert_lt(record_num(rec, "cost_usd_est"), SEARCH_USD);
+    cr_assert_lt(record_num(rec, "cost_usd_est"), TOOL_PROMPT_USD + SEARCH_USD);
     cr_assert_eq(record_num(rec, "billed_web_searches"), 0);
     cJSON_Delete(rec);
 }
@@ -1056,8 +1064,12 @@ Test(web_search, the_hold_counts_the_tools_max_uses)
  * searches'; a budget that fits both admits it. */
 Test(web_search, the_estimate_is_tokens_and_max_uses_searches)
 {
+    char budget[96];
+
     a_extra = SEARCH_PRICE;
-    start("    budget: {daily_usd: 0.06, on_exhausted: reject}\n");
+    snprintf(budget, sizeof(budget), "    budget: {daily_usd: %g, on_exhausted: reject}\n",
+             0.06 + TOOL_PROMPT_USD);
+    start(budget);
     cr_assert_eq(messages("x-mock-web-searches: 2\r\n", SEARCH_BODY(",\"max_uses\":5")), 0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     double charged = header_usd();
@@ -1065,8 +1077,9 @@ Test(web_search, the_estimate_is_tokens_and_max_uses_searches)
     double est = record_num(rec, "cost_usd_est");
     /* held for 10 output tokens and 5 searches, charged 2 and the usage */
     cr_assert_gt(est, 5 * SEARCH_USD + 10 * OUT_USD / 1e6, "estimate %.6f", est);
-    cr_assert_lt(est, 5 * SEARCH_USD + 0.01, "estimate %.6f", est);
-    cr_assert_float_eq(charged, usd(record_num(rec, "prompt_tokens"), 0, 0, 10) + 2 * SEARCH_USD, 1e-9);
+    cr_assert_lt(est, 5 * SEARCH_USD + TOOL_PROMPT_USD + 0.01, "estimate %.6f", est);
+    cr_assert_float_eq(charged, usd(record_num(rec, "prompt_tokens"), 0, 0, 10) + 2 * SEARCH_USD,
+                       1e-9);
     cr_assert_eq(record_num(rec, "billed_web_searches"), 2);
     cJSON_Delete(rec);
 }
@@ -1076,15 +1089,19 @@ Test(web_search, the_estimate_is_tokens_and_max_uses_searches)
 Test(web_search, a_backend_without_the_price_charges_none)
 {
     double want = usd(PROMPT_TOKENS, 0, 0, 7);
+    char budget[96];
 
-    start("    budget: {daily_usd: 0.02, on_exhausted: reject}\n");
+    snprintf(budget, sizeof(budget), "    budget: {daily_usd: %g, on_exhausted: reject}\n",
+             0.02 + TOOL_PROMPT_USD);
+    start(budget);
     assert_three_searches_cost(want);
     cr_assert_eq(messages("x-mock-web-searches: 3\r\n", SEARCH_BODY(",\"max_uses\":5")), 0);
     cr_assert_eq(resp.status, 200, "nothing held for the searches: %.*s", (int)resp.body.len,
                  resp.body.data);
     cJSON *rec = record_last(&router, log_path);
-    cr_assert_float_eq(record_num(rec, "cost_usd"), usd(record_num(rec, "prompt_tokens"), 0, 0, 10), 1e-9);
-    cr_assert_lt(record_num(rec, "cost_usd_est"), SEARCH_USD);
+    cr_assert_float_eq(record_num(rec, "cost_usd"), usd(record_num(rec, "prompt_tokens"), 0, 0, 10),
+                       1e-9);
+    cr_assert_lt(record_num(rec, "cost_usd_est"), TOOL_PROMPT_USD + SEARCH_USD);
     cr_assert_eq(record_num(rec, "billed_web_searches"), 3);
     cJSON_Delete(rec);
 }
