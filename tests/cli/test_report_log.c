@@ -160,7 +160,7 @@ static void run_scenario(void)
 static int report(const char *format, const char *by, const char *more, const char *file)
 {
     const char *bin = getenv("COSTROUTER_BIN") ? getenv("COSTROUTER_BIN") : "./costrouter";
-    char *argv[8] = {(char *)bin, "report", "--format", (char *)format, "--by", (char *)by};
+    char *argv[9] = {(char *)bin, "report", "--format", (char *)format, "--by", (char *)by};
     int argc = 6, rc;
 
     if (more != NULL)
