@@ -965,13 +965,27 @@ static void print_table(const struct report *r, FILE *out, const struct group **
     }
 }
 
+/* Would a spreadsheet opening the CSV run the text `s` as a formula? A
+ * tag's value is the client's (x-costrouter-tags), and one such as
+ * =HYPERLINK(...) would run in whoever opens the report. The lone "-"
+ * (no value) is plain text to them. */
+static int csv_formula(const char *s)
+{
+    return strchr("=+-@\t\r", s[0]) != NULL && s[0] != '\0' && strcmp(s, "-") != 0;
+}
+
+/* A CSV text field (RFC 4180); one a spreadsheet would take for a
+ * formula starts with a ' (OWASP's advice for CSV injection), which
+ * spreadsheets show as text and do not run. */
 static void csv_field(FILE *out, const char *s)
 {
+    const char *lead = csv_formula(s) ? "'" : "";
+
     if (strpbrk(s, ",\"\r\n") == NULL) {
-        fputs(s, out);
+        fprintf(out, "%s%s", lead, s);
         return;
     }
-    fputc('"', out);
+    fprintf(out, "\"%s", lead);
     for (; *s; s++) {
         if (*s == '"')
             fputc('"', out);

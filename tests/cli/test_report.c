@@ -890,3 +890,34 @@ Test(report, since_and_until_refuse_what_is_not_a_utc_time, .timeout = 10)
     cr_expect_eq(run_period("2026-12-01", "2026-12-01"), 2, "an empty period");
     cr_expect_eq(run_period("2024-02-29T23:59:59.5Z", "2026-12-01T00:00:00.001"), 0);
 }
+
+/* A group value a spreadsheet would run as a formula (a tag's value is
+ * the client's: x-costrouter-tags: team==HYPERLINK(...)) starts with a '
+ * in CSV, which spreadsheets show as text; the lone "-" (no value), plain
+ * values and the JSON output are as logged. */
+Test(report, csv_values_a_spreadsheet_would_run_start_with_a_quote, .timeout = 10)
+{
+    static const char *const lines[] = {
+        "{\"tenant\":\"a\",\"tags\":{\"team\":\"=HYPERLINK(\\\"http://x\\\",\\\"y\\\")\"},"
+        "\"cost_usd\":0.5}",
+        "{\"tenant\":\"a\",\"tags\":{\"team\":\"@SUM(A1)\"},\"cost_usd\":0.25}",
+        "{\"tenant\":\"a\",\"tags\":{\"team\":\"-2+3\"},\"cost_usd\":0.125}",
+        "{\"tenant\":\"a\",\"tags\":{\"team\":\"ads\"},\"cost_usd\":0.0625}",
+        "{\"tenant\":\"a\",\"tags\":{\"team\":\"-\"},\"cost_usd\":0.03125}",
+    };
+    char *text;
+
+    write_log(lines, sizeof(lines) / sizeof(lines[0]));
+    cr_assert_eq(run("--format", "csv", "--by", "tag.team"), 0);
+    text = slurp(outpath);
+    cr_assert_not_null(strstr(text, ",\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\","), "%s", text);
+    cr_assert_not_null(strstr(text, ",'@SUM(A1),"), "%s", text);
+    cr_assert_not_null(strstr(text, ",'-2+3,"), "%s", text);
+    cr_assert_not_null(strstr(text, ",tag.team,ads,"), "%s", text);
+    cr_assert_not_null(strstr(text, ",tag.team,-,"), "%s", text);
+    free(text);
+    cJSON *root = json_report_of(lines, sizeof(lines) / sizeof(lines[0]), "tag.team", &text);
+    cr_assert_eq(field(group(root, "tag.team", "@SUM(A1)"), "requests"), 1, "%s", text);
+    cJSON_Delete(root);
+    free(text);
+}
