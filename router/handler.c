@@ -710,6 +710,26 @@ static const char *messages_shape_error(const cJSON *body, int counting)
     return NULL;
 }
 
+/* The members a request's completion hold is sized by, which must be
+ * numbers when given: a string ("5000") is no cap to the router, which
+ * would hold for its guess, while a server that coerces it (vLLM) makes
+ * that many tokens. The APIs refuse them too. */
+static const char *held_number_error(const cJSON *body)
+{
+    static const char *const names[][2] = {
+        {"max_tokens", "'max_tokens' must be a number"},
+        {"max_completion_tokens", "'max_completion_tokens' must be a number"},
+        {"max_output_tokens", "'max_output_tokens' must be a number"},
+        {"n", "'n' must be a number"},
+        {"best_of", "'best_of' must be a number"},
+    };
+
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (!absent_or(cJSON_GetObjectItemCaseSensitive(body, names[i][0]), cJSON_Number))
+            return names[i][1];
+    return NULL;
+}
+
 static const char *parse_body(struct router__client *c, const char **detail)
 {
     struct router__request *req = &c->req;
@@ -746,6 +766,9 @@ static const char *parse_body(struct router__client *c, const char **detail)
         *detail = "'stream' must be a boolean";
         return error_invalid_type;
     }
+    if (req->endpoint != ROUTER_EP_EMBEDDINGS && req->endpoint != ROUTER_EP_COUNT_TOKENS &&
+        (*detail = held_number_error(req->json)) != NULL)
+        return error_invalid_type;
     req->stream = cJSON_IsTrue(stream) && req->endpoint != ROUTER_EP_EMBEDDINGS;
     return NULL;
 }

@@ -916,6 +916,46 @@ Test(proxy, a_stream_that_is_not_a_boolean_is_refused)
     cr_assert_eq(sent, 2, "only the good ones went upstream");
 }
 
+/* A cap the hold is sized by, given as a string, is refused as the APIs
+ * refuse it: the router would read "5000" as no cap and hold for its
+ * guess, while a server that coerces it (vLLM) makes 5000 tokens. */
+Test(proxy, a_cap_that_is_not_a_number_is_refused)
+{
+    static const struct {
+        const char *path, *body, *name;
+    } cases[] = {
+        {"/v1/chat/completions",
+         "{\"model\":\"chat\",\"max_tokens\":\"5000\",\"messages\":[]}", "max_tokens"},
+        {"/v1/chat/completions",
+         "{\"model\":\"chat\",\"max_completion_tokens\":[9],\"messages\":[]}",
+         "max_completion_tokens"},
+        {"/v1/chat/completions", "{\"model\":\"chat\",\"n\":\"4\",\"messages\":[]}", "'n'"},
+        {"/v1/completions", "{\"model\":\"chat\",\"best_of\":\"3\",\"prompt\":\"hi\"}",
+         "best_of"},
+        {"/v1/responses", "{\"model\":\"chat\",\"max_output_tokens\":\"64\",\"input\":\"hi\"}",
+         "max_output_tokens"},
+    };
+
+    start_two(NULL, NULL);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        cr_assert_eq(call("POST", cases[i].path, AUTH, cases[i].body), 0);
+        assert_error(400, "invalid_type");
+        cr_assert_not_null(strstr(json_str(json, "error.message"), cases[i].name), "%s",
+                           json_str(json, "error.message"));
+    }
+    /* numbers and null are fine */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH,
+                      "{\"model\":\"chat\",\"max_tokens\":null,\"n\":1,\"messages\":[]}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    double sent = 0;
+    for (int m = 0; m < 2; m++) {
+        cr_assert_eq(call_port(m ? mock_b.port : mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+        sent += json_num(body_json(), "requests");
+    }
+    cr_assert_eq(sent, 1, "only the good one went upstream");
+}
+
 /* A 405 says which methods the path takes (RFC 9110 15.5.6: the server
  * MUST send Allow): the API's paths, the admin API's (with its key, as
  * without it a path is not told apart from another), in the language of
