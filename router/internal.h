@@ -764,13 +764,15 @@ int router__service_tier(const char *json, size_t len);
 int router__responses_tier(const char *json, size_t len);
 /* One event of a /v1/messages stream (its data payload): *text_delta is
  * set for a content_block_delta whose delta is a text_delta or an
- * input_json_delta (the events an answer without usage is charged by);
+ * input_json_delta (the events an answer without usage is charged by),
+ * *call_done to ROUTER_CALL_WEB_SEARCH for the content_block_start of a
+ * web search (a server_tool_use block named web_search), else 0;
  * returns 1 with the usage of message_start (its "message"'s, without
  * its output_tokens, which count the answer so far) or message_delta
  * (its own), read as router__usage_parse reads a body's, else 0. Counts
  * an event leaves out stay -1: the caller keeps the last seen of each. */
 int router__messages_event(const char *json, size_t len, struct router__usage *out,
-                           int *text_delta);
+                           int *text_delta, int *call_done);
 /* Does an SSE event carry a data line? Sets data and data_len to its payload. */
 int router__sse_data(const char *event, size_t len, const char **data, size_t *data_len);
 

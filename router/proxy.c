@@ -1558,10 +1558,10 @@ static int on_sse_event(void *arg, const char *p, size_t len)
 
         if (req->endpoint == ROUTER_EP_RESPONSES || req->endpoint == ROUTER_EP_MESSAGES) {
             int found, messages = req->endpoint == ROUTER_EP_MESSAGES;
-            int call_done = 0; /* a Responses web or file search call's end */
+            int call_done = 0; /* a web or file search call done (or begun: Messages) */
 
             router__json_enter(req); /* usage's few cJSON nodes in the request's arena */
-            found = messages ? router__messages_event(data, dlen, &u, &counted)
+            found = messages ? router__messages_event(data, dlen, &u, &counted, &call_done)
                              : router__responses_event(data, dlen, &u, &counted, &call_done);
             router__json_leave();
             req->web_search_calls += call_done == ROUTER_CALL_WEB_SEARCH;

@@ -490,14 +490,28 @@ int router__responses_tier(const char *json, size_t len)
     return router__service_tier(resp, (size_t)(resp_end - resp));
 }
 
+/* Is the content block in [block, end) a web search Claude started (a
+ * server_tool_use block of the web_search tool)? Each is one search,
+ * billed; web_fetch and code execution blocks bill otherwise. */
+static int search_block(const char *block, const char *end)
+{
+    return value_is(member_value(block, end, LIT("\"type\"")), end, LIT("\"server_tool_use\"")) &&
+           value_is(member_value(block, end, LIT("\"name\"")), end, LIT("\"web_search\""));
+}
+
 int router__messages_event(const char *json, size_t len, struct router__usage *out,
-                           int *text_delta)
+                           int *text_delta, int *call_done)
 {
     const char *end = json + len, *type = member_value(json, end, LIT("\"type\""));
-    const char *msg, *msg_end, *delta, *dtype;
+    const char *msg, *msg_end, *delta, *dtype, *block, *block_end;
 
     usage_unknown(out);
-    *text_delta = 0;
+    *text_delta = *call_done = 0;
+    if (value_is(type, end, LIT("\"content_block_start\""))) {
+        block = member_object(json, end, LIT("\"content_block\""), &block_end);
+        *call_done = block != NULL && search_block(block, block_end) ? ROUTER_CALL_WEB_SEARCH : 0;
+        return 0;
+    }
     if (value_is(type, end, LIT("\"content_block_delta\""))) {
         /* Text and a tool call's input as it is written: the answer's
          * tokens. thinking_delta and signature_delta are not counted. */

@@ -663,17 +663,36 @@ static void put_messages_event(struct mockllm_conn *c, const char *type, const c
     put_event(c);
 }
 
+/* The index of an Anthropic stream's text block: after its web searches'
+ * blocks. */
+static int text_block_index(const struct mockllm_plan *p)
+{
+    return p->web_searches > 0 ? p->web_searches : 0;
+}
+
 /* The start of an Anthropic stream: message_start (with the input
- * counts), content_block_start, ping. */
+ * counts), a server_tool_use block (started and stopped) for each web
+ * search under x-mock-web-searches, the text's content_block_start,
+ * ping. */
 static void put_messages_start(struct mockllm_conn *c)
 {
+    struct mockllm_plan *p = &c->plan;
+
     buf_reset(&scratch);
     puts_(&scratch, "event: message_start\ndata: {\"type\":\"message_start\",\"message\":");
-    put_message_object(&scratch, &c->plan, 0);
+    put_message_object(&scratch, p, 0);
     puts_(&scratch, "}\n\n");
     put_event(c);
+    for (int i = 0; i < text_block_index(p); i++) {
+        put_messages_event(c, "content_block_start",
+                           ",\"index\":%d,\"content_block\":{\"type\":\"server_tool_use\","
+                           "\"id\":\"srvtoolu_mock-%llu-%d\",\"name\":\"web_search\",\"input\":{}}",
+                           i, (unsigned long long)p->id, i);
+        put_messages_event(c, "content_block_stop", ",\"index\":%d", i);
+    }
     put_messages_event(c, "content_block_start",
-                       ",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}");
+                       ",\"index\":%d,\"content_block\":{\"type\":\"text\",\"text\":\"\"}",
+                       text_block_index(p));
     put_messages_event(c, "ping", "%s", "");
 }
 
@@ -686,7 +705,8 @@ static void put_messages_delta(struct mockllm_conn *c)
     puts_(&scratch, "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",");
     if (p->event_pad > 0)
         put_pad(&scratch, p->event_pad);
-    puts_(&scratch, "\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"");
+    putf(&scratch, "\"index\":%d,\"delta\":{\"type\":\"text_delta\",\"text\":\"",
+         text_block_index(p));
     put_token(&scratch, p->sent);
     puts_(&scratch, "\"}}\n\n");
     put_event(c);
@@ -701,7 +721,7 @@ static void put_messages_end(struct mockllm_conn *c)
 {
     struct mockllm_plan *p = &c->plan;
 
-    put_messages_event(c, "content_block_stop", ",\"index\":0");
+    put_messages_event(c, "content_block_stop", ",\"index\":%d", text_block_index(p));
     buf_reset(&scratch);
     putf(&scratch, "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":"
                    "{\"stop_reason\":\"%s\",\"stop_sequence\":null}",

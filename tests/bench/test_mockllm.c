@@ -218,12 +218,14 @@ static int stream_events(const char *headers, const char *body, struct buf *out)
     return n;
 }
 
-/* Split stream_events' output into its events, 8 at most; how many. */
-static int split_events(char *joined, char *parts[8])
+/* Split stream_events' output into its events, as many as `parts` holds; how many. */
+#define split_events(joined, parts) split_events_in(joined, parts, sizeof(parts) / sizeof(*parts))
+
+static int split_events_in(char *joined, char **parts, int max)
 {
     int n = 0;
 
-    for (char *save = NULL, *t = strtok_r(joined, "|", &save); t && n < 8;
+    for (char *save = NULL, *t = strtok_r(joined, "|", &save); t && n < max;
          t = strtok_r(NULL, "|", &save))
         parts[n++] = t;
     return n;
@@ -977,12 +979,14 @@ Test(mockllm, messages_stream_is_anthropic_shaped)
 
 /* x-mock-web-searches: N puts Anthropic's server_tool_use count in the
  * usage: a whole answer's, and in a stream message_delta's (message_start
- * says 0); without it there is no server_tool_use; a bad count is a 400. */
+ * says 0); a stream also starts a server_tool_use block for each search
+ * (started and stopped) before its text block, whose index follows
+ * theirs; without it there is no server_tool_use; a bad count is a 400. */
 Test(mockllm, messages_report_web_searches)
 {
     const cJSON *usage;
     struct buf events = {0};
-    char *parts[8], body[1024];
+    char *parts[24], body[1024];
     cJSON *e;
 
     cr_assert_eq(support_mockllm_start(&mock, "--tokens", "2", NULL), 0);
@@ -999,14 +1003,32 @@ Test(mockllm, messages_report_web_searches)
     cr_assert_eq(resp.status, 400);
     stream_path = "/v1/messages";
     snprintf(body, sizeof(body), messages_body, 100, "\"stream\":true,");
-    cr_assert_eq(stream_events(ANTHROPIC "x-mock-web-searches: 5\r\n", body, &events), 8);
-    cr_assert_eq(split_events(events.data, parts), 8);
+    /* message_start, 5 x (block start, stop), text start, ping, 2 deltas,
+     * its stop, message_delta, message_stop */
+    cr_assert_eq(stream_events(ANTHROPIC "x-mock-web-searches: 5\r\n", body, &events), 18);
+    cr_assert_eq(split_events(events.data, parts), 18);
     e = cJSON_Parse(parts[0]);
     cr_assert_not_null(e);
     usage = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(e, "message"), "usage");
     cr_assert_eq(num(usage, "server_tool_use", "web_search_requests"), 0);
     cJSON_Delete(e);
-    e = cJSON_Parse(parts[6]);
+    for (int i = 0; i < 5; i++) {
+        e = cJSON_Parse(parts[1 + 2 * i]);
+        cr_assert_not_null(e);
+        cr_assert_str_eq(str(e, "type"), "content_block_start");
+        cr_assert_eq(num(e, "index", NULL), i);
+        cr_assert_str_eq(str(cJSON_GetObjectItemCaseSensitive(e, "content_block"), "type"),
+                         "server_tool_use");
+        cr_assert_str_eq(str(cJSON_GetObjectItemCaseSensitive(e, "content_block"), "name"),
+                         "web_search");
+        cJSON_Delete(e);
+    }
+    e = cJSON_Parse(parts[13]);
+    cr_assert_not_null(e);
+    cr_assert_str_eq(str(e, "type"), "content_block_delta");
+    cr_assert_eq(num(e, "index", NULL), 5, "the text block follows the searches'");
+    cJSON_Delete(e);
+    e = cJSON_Parse(parts[16]);
     cr_assert_not_null(e);
     cr_assert_str_eq(str(e, "type"), "message_delta");
     usage = cJSON_GetObjectItemCaseSensitive(e, "usage");

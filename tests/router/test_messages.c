@@ -1002,8 +1002,9 @@ Test(web_search, a_whole_answer_is_charged_its_searches)
     cJSON_Delete(rec);
 }
 
-/* A stream's count is message_delta's (message_start says 0): charged in
- * the SSE comment and trailer, the cost log and the spend. */
+/* A stream's count is message_delta's (message_start says 0), and each
+ * search shows as it starts (a server_tool_use block): charged once each,
+ * in the SSE comment and trailer, the cost log and the spend. */
 Test(web_search, a_stream_is_charged_the_searches_of_its_message_delta)
 {
     struct support_sse s = {0};
@@ -1012,7 +1013,9 @@ Test(web_search, a_stream_is_charged_the_searches_of_its_message_delta)
 
     a_extra = SEARCH_PRICE;
     start("");
-    cr_assert_eq(read_stream(&s, "x-mock-tokens: 5\r\nx-mock-web-searches: 4\r\n", &clean), 11);
+    /* message_start, 4 x (block start, stop), the text's start, ping, 5
+     * deltas, its stop, message_delta, message_stop */
+    cr_assert_eq(read_stream(&s, "x-mock-tokens: 5\r\nx-mock-web-searches: 4\r\n", &clean), 19);
     cr_assert(clean, "the stream did not end cleanly");
     cr_assert_float_eq(stream_usd(&s), want, 1e-9);
     support_sse_close(&s);
@@ -1020,6 +1023,38 @@ Test(web_search, a_stream_is_charged_the_searches_of_its_message_delta)
     cJSON *rec = record_last(&router, log_path);
     cr_assert_float_eq(record_num(rec, "cost_usd"), want, 1e-9);
     cr_assert_eq(record_num(rec, "billed_web_searches"), 4);
+    cJSON_Delete(rec);
+}
+
+/* A stream that breaks after its searches started, before the
+ * message_delta that counts them: the searches that started are charged
+ * with the deltas that passed (Claude ran them; the answer's count never
+ * came). */
+Test(web_search, a_broken_stream_is_charged_the_searches_that_started)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    int rc;
+
+    a_extra = SEARCH_PRICE;
+    start("");
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/messages",
+                                     XKEY "x-mock-tokens: 8\r\nx-mock-fault: close-midstream\r\n"
+                                          "x-mock-web-searches: 2\r\n",
+                                     "{\"model\":\"claude\",\"max_tokens\":64,\"stream\":true," MSGS
+                                     "}"),
+                 0);
+    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1)
+        ;
+    cr_assert_eq(rc, -ECONNRESET, "a broken stream ended cleanly");
+    support_sse_close(&s);
+    cJSON *rec = record_last(&router, log_path);
+    double completion = record_num(rec, "billed_completion_tokens");
+    cr_assert_eq(record_num(rec, "billed_web_searches"), 2);
+    cr_assert_float_eq(record_num(rec, "cost_usd"),
+                       usd(PROMPT_TOKENS, 0, 0, completion) + 2 * SEARCH_USD, 1e-9);
     cJSON_Delete(rec);
 }
 

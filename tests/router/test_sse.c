@@ -582,13 +582,15 @@ Test(usage, an_anthropic_stream_has_its_usage_in_message_start_and_message_delta
          0, 0},
     };
     struct router__usage u;
-    int delta;
+    int delta, done;
 
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
-        int found = router__messages_event(cases[i].data, strlen(cases[i].data), &u, &delta);
+        int found = router__messages_event(cases[i].data, strlen(cases[i].data), &u, &delta,
+                                           &done);
 
         cr_assert_eq(found, cases[i].found, "case %zu", i);
         cr_assert_eq(delta, cases[i].delta, "case %zu", i);
+        cr_assert_eq(done, 0, "case %zu", i);
         if (!found)
             continue;
         cr_assert_eq(u.prompt_tokens, cases[i].prompt, "case %zu", i);
@@ -634,11 +636,11 @@ Test(usage, an_anthropic_usage_has_its_web_searches, .timeout = 5)
          "{\"output_tokens\":15}}", 1, -1},
     };
     struct router__usage u;
-    int delta;
+    int delta, done;
 
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         const char *js = cases[i].json;
-        int found = cases[i].event ? router__messages_event(js, strlen(js), &u, &delta)
+        int found = cases[i].event ? router__messages_event(js, strlen(js), &u, &delta, &done)
                                    : router__usage_parse(js, strlen(js), &u, NULL);
 
         cr_assert(found, "case %zu", i);
@@ -650,6 +652,41 @@ Test(usage, an_anthropic_usage_has_its_web_searches, .timeout = 5)
             cr_assert_eq(big_usage_of(js, step, &u), 1, "case %zu step %zu", i, step);
             cr_assert_eq(u.web_searches, cases[i].searches, "case %zu step %zu (big)", i, step);
         }
+    }
+}
+
+/* A stream shows each web search Claude makes as it starts: the
+ * content_block_start of a server_tool_use block named web_search (not
+ * another server tool's, nor a text block or its deltas). */
+Test(usage, an_anthropic_stream_shows_its_web_searches_as_they_start, .timeout = 5)
+{
+    static const struct {
+        const char *data;
+        int done;
+    } cases[] = {
+        {"{\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":"
+         "\"server_tool_use\",\"id\":\"srvtoolu_1\",\"name\":\"web_search\",\"input\":{}}}",
+         ROUTER_CALL_WEB_SEARCH},
+        {"{\"index\":2,\"content_block\":{\"input\":{},\"name\":\"web_search\",\"type\":"
+         "\"server_tool_use\"},\"type\":\"content_block_start\"}", ROUTER_CALL_WEB_SEARCH},
+        {"{\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":"
+         "\"server_tool_use\",\"name\":\"web_fetch\",\"input\":{}}}", 0},
+        {"{\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":"
+         "\"web_search_tool_result\",\"tool_use_id\":\"srvtoolu_1\",\"content\":[]}}", 0},
+        {"{\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":"
+         "\"tool_use\",\"name\":\"web_search\",\"input\":{}}}", 0},
+        {"{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\","
+         "\"text\":\"\\\"server_tool_use\\\" web_search\"}}", 0},
+        {"{\"type\":\"content_block_stop\",\"index\":0}", 0},
+    };
+    struct router__usage u;
+    int delta, done;
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        cr_assert_eq(router__messages_event(cases[i].data, strlen(cases[i].data), &u, &delta,
+                                            &done),
+                     0, "case %zu", i);
+        cr_assert_eq(done, cases[i].done, "case %zu", i);
     }
 }
 
