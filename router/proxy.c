@@ -1551,6 +1551,13 @@ static int on_sse_event(void *arg, const char *p, size_t len)
     if (router__sse_data(p, len, &data, &dlen)) {
         int counted; /* an event that stands for a token, should no usage come */
 
+        if (req->flight_leader) { /* to be cached: only a stream that ended well */
+            int end = router__stream_end(req->endpoint, data, dlen);
+
+            req->sse_ended |= end == ROUTER_STREAM_END;
+            req->sse_failed |= end == ROUTER_STREAM_FAILED;
+        }
+
         if (req->endpoint == ROUTER_EP_RESPONSES || req->endpoint == ROUTER_EP_MESSAGES) {
             int found, messages = req->endpoint == ROUTER_EP_MESSAGES;
             int call_done = 0; /* a Responses web or file search call's end */

@@ -490,6 +490,30 @@ int router__responses_tier(const char *json, size_t len)
     return router__service_tier(resp, (size_t)(resp_end - resp));
 }
 
+int router__stream_end(int ep, const char *json, size_t len)
+{
+    const char *end = json + len, *type;
+
+    if (ep == ROUTER_EP_CHAT || ep == ROUTER_EP_COMPLETIONS) {
+        if (len == 6 && memcmp(json, "[DONE]", 6) == 0)
+            return ROUTER_STREAM_END;
+        /* OpenAI reports a failure once a stream has begun as a chunk
+         * that is an error object. */
+        return root_value(json, trim_end(json, end), LIT("\"error\"")) != NULL
+                   ? ROUTER_STREAM_FAILED
+                   : 0;
+    }
+    type = member_value(json, end, LIT("\"type\""));
+    if (value_is(type, end, LIT("\"error\"")) || value_is(type, end, LIT("\"response.failed\"")))
+        return ROUTER_STREAM_FAILED;
+    if (ep == ROUTER_EP_MESSAGES)
+        return value_is(type, end, LIT("\"message_stop\"")) ? ROUTER_STREAM_END : 0;
+    return value_is(type, end, LIT("\"response.completed\"")) ||
+                   value_is(type, end, LIT("\"response.incomplete\""))
+               ? ROUTER_STREAM_END
+               : 0;
+}
+
 int router__messages_event(const char *json, size_t len, struct router__usage *out,
                            int *text_delta)
 {

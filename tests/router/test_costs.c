@@ -4175,3 +4175,102 @@ Test(costs, a_reload_changes_removes_and_gives_back_a_keys_budget)
     cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 429, "its $0.0076 counted before still is");
     cr_assert_eq(key_chat(KEY_WEB, KEY_BODY), 200);
 }
+
+/* A canned upstream answering 200 with the SSE `events`, chunked and
+ * properly ended (the HTTP message is whole, whatever the stream says). */
+static void start_canned_stream(const char *events, const char *backend_more)
+{
+    struct buf out = {0};
+
+    cr_assert_eq(buf_printf(&out,
+                            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                            "%zx\r\n%s\r\n0\r\n\r\n",
+                            strlen(events), events),
+                 0);
+    canned = support_canned_start(out.data, out.len);
+    buf_free(&out);
+    cr_assert_not_null(canned);
+    add_backend_with("a", support_canned_port(canned), 1, 100, 300, NULL, backend_more);
+    start_routers(1, "a", NULL);
+}
+
+/* Send `body` to `path` twice: both must go upstream (the first answer,
+ * a failed or unfinished stream, is no answer to replay). */
+static void assert_stream_not_cached(const char *path, const char *body)
+{
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(call_port(routers[0].port, "POST", path, AUTH, body), 0);
+        cr_assert_eq(resp.status, 200);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a",
+                         "request %d replayed a stream that failed: %.*s", i,
+                         (int)resp.raw.len, resp.raw.data);
+    }
+    cr_assert_eq(support_canned_requests(canned), 2);
+}
+
+/* Anthropic reports an error that happens once a stream has begun as an
+ * `event: error` in the 200 stream (overloaded_error, api_error). That
+ * answer is a failure: replaying it from the cache for ttl_s served every
+ * identical request the same "Overloaded" for an hour. */
+Test(costs, a_stream_that_reports_an_error_is_not_cached)
+{
+    start_canned_stream(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\","
+        "\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"m-a\","
+        "\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}\n\n"
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,"
+        "\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n"
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,"
+        "\"delta\":{\"type\":\"text_delta\",\"text\":\"Hel\"}}\n\n"
+        "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\","
+        "\"message\":\"Overloaded\"}}\n\n",
+        ", api: anthropic");
+    assert_stream_not_cached("/v1/messages", "{\"model\":\"chat\",\"max_tokens\":5,"
+                                             "\"temperature\":0,\"stream\":true," MSG "}");
+}
+
+/* A chat stream that stops before its `data: [DONE]` (the upstream, or a
+ * proxy before it, ended the HTTP message cleanly mid-answer) is cut:
+ * replayed, it gave every later client the cut answer as a whole one. */
+Test(costs, a_stream_without_its_end_is_not_cached)
+{
+    start_canned_stream("data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"m-a\","
+                        "\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\","
+                        "\"content\":\"Hel\"},\"finish_reason\":null}]}\n\n",
+                        "");
+    assert_stream_not_cached("/v1/chat/completions",
+                             "{\"model\":\"chat\",\"temperature\":0,\"stream\":true," MSG "}");
+}
+
+/* A stream that ends as its API ends one is cached on every endpoint:
+ * chat's `[DONE]`, Anthropic's message_stop, the Responses API's
+ * response.completed. */
+Test(costs, a_stream_that_ends_well_is_cached_on_every_endpoint)
+{
+    static const char *const paths[] = {"/v1/chat/completions", "/v1/messages", "/v1/responses"};
+    static const char *const bodies[] = {
+        "{\"model\":\"chat\",\"temperature\":0,\"stream\":true," MSG "}",
+        "{\"model\":\"chat\",\"max_tokens\":5,\"temperature\":0,\"stream\":true," MSG "}",
+        "{\"model\":\"chat\",\"temperature\":0,\"store\":false,\"stream\":true,"
+        "\"input\":\"hello there\"}",
+    };
+    static const char *const ends[] = {"data: [DONE]", "message_stop", "response.completed"};
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    add_backend_with("c", mock_a.port, 1, 100, 300, NULL, ", api: anthropic, api_key: sk-up");
+    start_routers(1, "a, c", NULL);
+    for (int i = 0; i < 3; i++)
+        for (int round = 0; round < 2; round++) {
+            cr_assert_eq(call_port(routers[0].port, "POST", paths[i], AUTH, bodies[i]), 0);
+            cr_assert_eq(resp.status, 200, "%s: %.*s", paths[i], (int)resp.raw.len, resp.raw.data);
+            cr_assert_not_null(memmem(resp.body.data, resp.body.len, ends[i], strlen(ends[i])),
+                               "%s", paths[i]);
+            if (round == 1)
+                cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache",
+                                 "%s was not cached", paths[i]);
+        }
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 3);
+}
