@@ -53,8 +53,6 @@
  * are a few hundred bytes; a streamed image part a few MB) is an upstream
  * that does not frame its stream, whose bytes would pile up unbounded. */
 #define PROXY_SSE_EVENT_MAX (16u * 1024 * 1024)
-/* Largest response kept for the response cache. */
-#define PROXY_CACHE_VALUE_MAX (1u * 1024 * 1024)
 /* Completion tokens assumed when nothing better is known. */
 #define PROXY_COMPLETION_FALLBACK 256
 /* Store round trips allowed for one request's reservations. */
@@ -1445,11 +1443,16 @@ static void note_usage(struct router__request *req, const struct router__usage *
                              MAX(req->cached_tokens, 0);
 }
 
-static void keep_for_cache(struct router__request *req, const char *p, size_t len)
+/* Keep the answer for the cache, up to cache.max_entry_bytes (the store
+ * refuses more, and then so does the single flight). */
+static void keep_for_cache(struct router__client *c, const char *p, size_t len)
 {
+    struct router__request *req = &c->req;
+
     if (!req->flight_leader)
         return;
-    if (req->cached.len + len > PROXY_CACHE_VALUE_MAX || buf_append(&req->cached, p, len) != 0) {
+    if (req->cached.len + len > c->router->conf->cache_max_entry_bytes ||
+        buf_append(&req->cached, p, len) != 0) {
         /* Too big to cache: the flight finishes without a value. */
         buf_free(&req->cached);
         req->cacheable = 0;
@@ -1593,7 +1596,7 @@ static int on_sse_event(void *arg, const char *p, size_t len)
         }
     }
     if (req->cacheable)
-        keep_for_cache(req, p, len);
+        keep_for_cache(c, p, len);
     forward(c, p, len);
     return c->closing ? -1 : 0;
 }
@@ -1961,7 +1964,7 @@ void router__proxy_on_complete(struct router__client *c)
             scrub_key(req, &req->up_body, "body");
         send_held_head(c, (int64_t)req->up_body.len, 1, &req->up_body);
         if (req->cacheable)
-            keep_for_cache(req, req->up_body.data, req->up_body.len);
+            keep_for_cache(c, req->up_body.data, req->up_body.len);
     } else {
         end_with_cost(c);
     }

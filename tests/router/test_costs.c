@@ -4274,3 +4274,24 @@ Test(costs, a_stream_that_ends_well_is_cached_on_every_endpoint)
     cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
     cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 3);
 }
+
+/* cache.max_entry_bytes is the largest answer cached (README): one raised
+ * to 4 MiB caches a stream of 1.6 MiB, where the router kept at most
+ * 1 MiB of an answer whatever the config said, and never cached it. */
+Test(costs, the_largest_cached_answer_is_max_entry_bytes)
+{
+    const char body[] = "{\"model\":\"chat\",\"temperature\":0,\"stream\":true," MSG "}";
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    top_extra = "cache: {max_entry_bytes: 4194304}\n";
+    start_routers(1, "a", NULL);
+    for (int round = 0; round < 2; round++) {
+        cr_assert_eq(chat(0, "x-mock-event-pad: 100000\r\n", body), 0);
+        cr_assert_eq(resp.status, 200);
+        cr_assert_gt(resp.body.len, 1600000);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), round ? "cache" : "a",
+                         "round %d", round);
+    }
+    top_extra = "";
+}
