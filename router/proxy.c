@@ -795,18 +795,35 @@ static int client_wants_usage(const struct router__request *req)
 
 static void send_attempt(struct router__client *c);
 
+/* The headers of a /v1/messages request that change its answer, for its
+ * cache key: anthropic-beta (interleaved thinking, longer outputs, new
+ * tools) and anthropic-version (the answer's shape), each as sent or
+ * absent. */
+static int anthropic_key_headers(const struct router__request *req, struct buf *out)
+{
+    static const char *const names[] = {"anthropic-beta", "anthropic-version"};
+    const char *v;
+    size_t len = 0;
+    int rc = 0;
+
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]) && rc == 0; i++) {
+        v = router__request_header(req, names[i], &len);
+        rc = v ? buf_printf(out, " %s=%zu:%.*s", names[i], len, (int)len, v)
+               : buf_printf(out, " %s=-", names[i]);
+    }
+    return rc;
+}
+
 /* Choose, then reserve (the store answers in router__proxy_reserved). A
  * token count goes at once: it costs nothing, so there is nothing to
  * hold, and without a hold there is no store call to make (a store that
  * is down or refuses writes does not refuse it either). Nor is it looked
- * up in the cache: a hit would save nothing, and its answer depends on
- * anthropic-beta (beta tools count differently), which the key does not
- * hold. */
+ * up in the cache: a hit would save nothing. */
 static void choose_and_reserve(struct router__client *c, const char *last_error)
 {
     struct router__request *req = &c->req;
     const struct conf_backend *b;
-    char route_key[2 * CONF_NAME_MAX + sizeof("/messages/count_tokens#stream+usage tenant=:") + 20];
+    struct buf route_key = {0};
     const char *kind, *api;
 
     if (choose(c, last_error) != 0)
@@ -827,14 +844,15 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
         /* and so are the endpoints: one body may mean two requests, and an
          * Anthropic answer is no chat answer */
         api = endpoint_suffix(req->endpoint);
-        if (c->router->conf->cache_shared)
-            snprintf(route_key, sizeof(route_key), "%s%s%s", req->route->model, api, kind);
-        else
-            snprintf(route_key, sizeof(route_key), "%s%s%s tenant=%zu:%s", req->route->model, api,
-                     kind, strlen(req->tenant->id), req->tenant->id);
+        int rc = buf_printf(&route_key, "%s%s%s", req->route->model, api, kind);
+        if (rc == 0 && !c->router->conf->cache_shared)
+            rc = buf_printf(&route_key, " tenant=%zu:%s", strlen(req->tenant->id), req->tenant->id);
+        if (rc == 0 && req->endpoint == ROUTER_EP_MESSAGES)
+            rc = anthropic_key_headers(req, &route_key);
         req->cache_model = b->model ? b->model : req->route->model;
-        if (cache_key_make(route_key, req->cache_model, req->json, &req->cache_key) != 0)
+        if (rc != 0 || cache_key_make(route_key.data, req->cache_model, req->json, &req->cache_key) != 0)
             req->cacheable = 0;
+        buf_free(&route_key);
     }
     if (req->begins >= PROXY_MAX_BEGINS) {
         reject_budget(c);
