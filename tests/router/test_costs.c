@@ -4295,3 +4295,110 @@ Test(costs, the_largest_cached_answer_is_max_entry_bytes)
     }
     top_extra = "";
 }
+
+/* ---- single flight: a request identical to one upstream waits for it ---- */
+
+#define JOIN_BODY "{\"model\":\"chat\",\"temperature\":0," MSG "}"
+
+/* The tenant's spend today, from the admin API. */
+static double spend_today(void)
+{
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL),
+                 0);
+    return cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble;
+}
+
+/* A leader (sent with `leader_headers` after AUTH) upstream, then an
+ * identical request joined to it: its answer is returned in resp. */
+static void join_one(struct support_http_conn *leader, struct buf *out,
+                     const char *leader_headers, int leader_ms)
+{
+    char h[256];
+
+    snprintf(h, sizeof(h), AUTH "%s", leader_headers);
+    send_unanswered(leader, out, h, JOIN_BODY);
+    usleep((useconds_t)leader_ms * 1000); /* the first is upstream, the flight's leader */
+}
+
+/* The waiter gets the leader's answer, free, told what it saved: one
+ * upstream call, one charge. */
+Test(costs, a_request_joined_to_its_twin_gets_its_answer_free)
+{
+    struct support_http_conn lead = {.fd = -1};
+    struct support_http_response lead_resp = {0};
+    struct buf out = {0};
+    double paid;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    join_one(&lead, &out, "x-mock-ttft-ms: 800\r\n", 300);
+    cr_assert_eq(chat(0, NULL, JOIN_BODY), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
+    cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), 0, 1e-12);
+    cr_assert_eq(support_http_read(&lead, &lead_resp, TIMEOUT_MS), 0);
+    cr_assert_eq(lead_resp.status, 200);
+    paid = strtod(support_http_header(&lead_resp, "x-costrouter-cost-usd"), NULL);
+    cr_assert_gt(paid, 0);
+    cr_assert_float_eq(spend_today(), paid, 1e-9, "charged once");
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 1);
+    support_http_close(&lead);
+    support_http_response_free(&lead_resp);
+    buf_free(&out);
+}
+
+/* The leader's backend fails (a 500 after a while): the waiter goes
+ * itself, gets its own answer and pays for it alone. */
+Test(costs, a_request_joined_to_a_twin_that_fails_goes_itself)
+{
+    struct support_http_conn lead = {.fd = -1};
+    struct support_http_response lead_resp = {0};
+    struct buf out = {0};
+    double paid;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    join_one(&lead, &out, "x-mock-ttft-ms: 800\r\nx-mock-status: 500\r\n", 300);
+    cr_assert_eq(chat(0, NULL, JOIN_BODY), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.raw.len, resp.raw.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    paid = header_usd("x-costrouter-cost-usd");
+    cr_assert_eq(support_http_read(&lead, &lead_resp, TIMEOUT_MS), 0);
+    cr_assert_eq(lead_resp.status, 500);
+    cr_assert_float_eq(spend_today(), paid, 1e-9);
+    support_http_close(&lead);
+    support_http_response_free(&lead_resp);
+    buf_free(&out);
+}
+
+/* The leader's client leaves: the waiter is not left waiting on an
+ * answer nobody reads; it goes itself. */
+Test(costs, a_request_joined_to_a_twin_whose_client_left_goes_itself)
+{
+    struct support_http_conn lead = {.fd = -1}, wait = {.fd = -1};
+    struct support_http_response wait_resp = {0};
+    struct buf out = {0}, wait_out = {0};
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    join_one(&lead, &out, "x-mock-ttft-ms: 1500\r\n", 300);
+    send_unanswered(&wait, &wait_out, AUTH, JOIN_BODY);
+    usleep(300 * 1000); /* joined */
+    support_http_close(&lead);
+    cr_assert_eq(support_http_read(&wait, &wait_resp, TIMEOUT_MS), 0);
+    cr_assert_eq(wait_resp.status, 200);
+    cr_assert_str_eq(support_http_header(&wait_resp, "x-costrouter-backend"), "a");
+    /* The leader paid its prompt as estimated (its client left before
+     * the answer), the waiter its own answer. */
+    double left = spend_today() - strtod(support_http_header(&wait_resp, "x-costrouter-cost-usd"),
+                                         NULL);
+    cr_assert(left > 0 && left < usd(2 * PROMPT_TOKENS, 0, 100, 300), "%g", left);
+    support_http_close(&wait);
+    support_http_response_free(&wait_resp);
+    buf_free(&out);
+    buf_free(&wait_out);
+}
