@@ -798,7 +798,7 @@ static void send_attempt(struct router__client *c);
 /* The headers of a /v1/messages request that change its answer, for its
  * cache key: anthropic-beta (interleaved thinking, longer outputs, new
  * tools) and anthropic-version (the answer's shape), each as sent or
- * absent. */
+ * absent (the version: the one the router then sends). */
 static int anthropic_key_headers(const struct router__request *req, struct buf *out)
 {
     static const char *const names[] = {"anthropic-beta", "anthropic-version"};
@@ -808,6 +808,10 @@ static int anthropic_key_headers(const struct router__request *req, struct buf *
 
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]) && rc == 0; i++) {
         v = router__request_header(req, names[i], &len);
+        if (v == NULL && i == 1) {
+            v = ROUTER_ANTHROPIC_VERSION;
+            len = strlen(v);
+        }
         rc = v ? buf_printf(out, " %s=%zu:%.*s", names[i], len, (int)len, v)
                : buf_printf(out, " %s=-", names[i]);
     }

@@ -700,6 +700,10 @@ Test(messages, the_response_cache_keys_the_anthropic_headers)
                              round ? "cache" : "a", "%s, round %d", headers[i], round);
         }
     cr_assert_eq(requests_of(&mock), 3);
+    /* Without anthropic-version the router sends its own, 2023-06-01: the
+     * same request as the first. */
+    cr_assert_eq(messages(NULL, body), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
 }
 
 /* A whole answer without usage is charged the estimated prompt and its
