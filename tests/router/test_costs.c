@@ -4402,3 +4402,26 @@ Test(costs, a_request_joined_to_a_twin_whose_client_left_goes_itself)
     buf_free(&out);
     buf_free(&wait_out);
 }
+
+/* The response cache lives in Redis: a hit there; Redis gone, the same
+ * request is answered without a wait (fail_open), and its answer is
+ * served from memory while Redis stays away. */
+Test(costs, the_response_cache_serves_while_redis_is_down)
+{
+    const char body[] = "{\"model\":\"chat\",\"temperature\":0," MSG "}";
+    static const char *const want[] = {"a", "cache", "a", "cache"};
+
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    for (int i = 0; i < 4; i++) {
+        if (i == 2)
+            test_redis_kill(&redis, SIGKILL);
+        double t0 = mono_ms();
+        cr_assert_eq(chat(0, NULL, body), 0);
+        cr_assert_eq(resp.status, 200);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), want[i], "request %d", i);
+        cr_assert_lt(mono_ms() - t0, 1500, "request %d waited", i);
+    }
+}
