@@ -770,6 +770,10 @@ int router__responses_tier(const char *json, size_t len);
  * an event leaves out stay -1: the caller keeps the last seen of each. */
 int router__messages_event(const char *json, size_t len, struct router__usage *out,
                            int *text_delta);
+/* Is json[0..len) one whole JSON object or array (its brackets and
+ * strings closed, nothing but white space after it)? Walked, not parsed:
+ * a body that broke off is told apart, no allocation. */
+int router__json_whole(const char *json, size_t len);
 /* What one SSE event's data payload says of its stream's end, on
  * endpoint `ep`: ROUTER_STREAM_END for its own last event (chat's and
  * completions' `[DONE]`, message_stop, response.completed or

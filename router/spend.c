@@ -551,9 +551,12 @@ void router__spend_cache_store(struct router__client *c)
         return;
     req->flight_leader = 0;
     /* A stream is an answer once its own last event passed, after no
-     * error: one cut short or failing inside its 200 is none to replay. */
+     * error; a body once its JSON closed (one framed by the upstream's
+     * close may break off and still end well for HTTP): one cut short or
+     * failing inside its 200 is none to replay. */
     if (req->status == 200 && !req->broken && req->cached.len > 0 &&
-        (!req->is_sse || (req->sse_ended && !req->sse_failed)) &&
+        (req->is_sse ? req->sse_ended && !req->sse_failed
+                     : router__json_whole(req->cached.data, req->cached.len)) &&
         buf_printf(&value, "%" PRId64 "\n", req->cost_micro) == 0 &&
         buf_append(&value, req->cached.data, req->cached.len) == 0) {
         track(c->router, cache_put(c->router->store, req->tenant->id, &req->cache_key, value.data,

@@ -359,6 +359,16 @@ static const char *value_end(const char *p, const char *end)
     return p != NULL && depth == 0 ? p : NULL;
 }
 
+int router__json_whole(const char *json, size_t len)
+{
+    const char *end = json + len, *p = skip_space(json, end);
+
+    if (p == end || (*p != '{' && *p != '['))
+        return 0;
+    p = value_end(p, end);
+    return p != NULL && skip_space(p, end) == end;
+}
+
 /* The value of the root member `key` when it is an object: its start,
  * with *obj_end just past it; NULL otherwise. */
 static const char *member_object(const char *json, const char *end, const char *key,

@@ -4425,3 +4425,24 @@ Test(costs, the_response_cache_serves_while_redis_is_down)
         cr_assert_lt(mono_ms() - t0, 1500, "request %d waited", i);
     }
 }
+
+/* An answer framed by the upstream closing its connection (no length, not
+ * chunked) that breaks off mid-JSON looks whole to HTTP: it is no answer
+ * to replay for an hour. */
+Test(costs, a_plain_answer_cut_short_is_not_cached)
+{
+    static const char answer[] =
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+        "{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\",\"model\":\"m-a\",\"choices\":"
+        "[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"Hel";
+
+    canned = support_canned_start(answer, sizeof(answer) - 1);
+    cr_assert_not_null(canned);
+    add_backend("a", support_canned_port(canned), 1, 100, 300);
+    start_routers(1, "a", NULL);
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"temperature\":0," MSG "}"), 0);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a",
+                         "request %d: %.*s", i, (int)resp.raw.len, resp.raw.data);
+    }
+}
