@@ -4446,3 +4446,32 @@ Test(costs, a_plain_answer_cut_short_is_not_cached)
                          "request %d: %.*s", i, (int)resp.raw.len, resp.raw.data);
     }
 }
+
+/* An entry lives cache.ttl_s; cache.local_bytes bounds the in-process
+ * cache, the oldest entries going first. */
+Test(costs, cache_entries_expire_and_the_oldest_go_first)
+{
+    char body[128];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    top_extra = "cache: {ttl_s: 1, max_entry_bytes: 1024, local_bytes: 1600}\n";
+    start_routers(1, "a", NULL);
+    /* One answer is ~350 bytes: four fit, the fifth evicts the first. */
+    for (int i = 0; i < 5; i++) {
+        snprintf(body, sizeof(body), "{\"model\":\"chat\",\"temperature\":0,\"seed\":%d," MSG "}", i);
+        cr_assert_eq(chat(0, NULL, body), 0);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+        cr_assert(resp.body.len > 300 && resp.body.len < 380, "%zu", resp.body.len);
+    }
+    for (int i = 4; i >= 0; i--) {
+        snprintf(body, sizeof(body), "{\"model\":\"chat\",\"temperature\":0,\"seed\":%d," MSG "}", i);
+        cr_assert_eq(chat(0, NULL, body), 0);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), i ? "cache" : "a",
+                         "seed %d", i);
+    }
+    usleep(1100 * 1000);
+    cr_assert_eq(chat(0, NULL, body), 0); /* seed 0: cached again at its miss, now expired */
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a", "outlived ttl_s");
+    top_extra = "";
+}
