@@ -4475,3 +4475,38 @@ Test(costs, cache_entries_expire_and_the_oldest_go_first)
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a", "outlived ttl_s");
     top_extra = "";
 }
+
+/* cache.shared: true: one tenant's answer is another's hit, in memory
+ * and in Redis, free for the second. */
+Test(costs, a_shared_cache_serves_one_tenant_another_tenants_answer)
+{
+    char tenants[256], hex[65];
+    const char body[] = "{\"model\":\"chat\",\"temperature\":0," MSG "}";
+
+    for (int with_redis = 0; with_redis < 2; with_redis++) {
+        if (with_redis) {
+            for (int i = 0; i < NROUTERS; i++)
+                support_proc_stop(&routers[i]);
+            support_proc_stop(&mock_a);
+            unlink(log_path); /* start_routers makes another */
+            buf_reset(&yaml);
+            cr_assert_eq(test_redis_start(&redis, 0), 0);
+        }
+        cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+        add_backend("a", mock_a.port, 1, 100, 300);
+        support_key_sha256_hex("sk-other-tenant", hex);
+        snprintf(tenants, sizeof(tenants), "  - id: other\n    api_keys: [\"sha256:%s\"]\n", hex);
+        top_extra = "cache: {shared: true}\n";
+        start_routers(1, "a", tenants);
+        cr_assert_eq(chat(0, NULL, body), 0);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+        cr_assert_eq(call_port(routers[0].port, "POST", "/v1/chat/completions",
+                               "Authorization: Bearer sk-other-tenant\r\n", body),
+                     0);
+        cr_assert_eq(resp.status, 200);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache",
+                         "redis: %d", with_redis);
+        cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), 0, 1e-12);
+    }
+    top_extra = "";
+}
