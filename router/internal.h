@@ -782,7 +782,7 @@ int router__json_whole(const char *json, size_t len);
  * object), else 0. */
 #define ROUTER_STREAM_END 1
 #define ROUTER_STREAM_FAILED (-1)
-int router__stream_end(int ep, const char *data, size_t len);
+int router__stream_end(enum router__endpoint ep, const char *data, size_t len);
 /* Does an SSE event carry a data line? Sets data and data_len to its payload. */
 int router__sse_data(const char *event, size_t len, const char **data, size_t *data_len);
 

@@ -500,7 +500,7 @@ int router__responses_tier(const char *json, size_t len)
     return router__service_tier(resp, (size_t)(resp_end - resp));
 }
 
-int router__stream_end(int ep, const char *json, size_t len)
+int router__stream_end(enum router__endpoint ep, const char *json, size_t len)
 {
     const char *end = json + len, *type;
 
