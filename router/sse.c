@@ -502,16 +502,16 @@ int router__responses_tier(const char *json, size_t len)
 
 int router__stream_end(enum router__endpoint ep, const char *json, size_t len)
 {
-    const char *end = json + len, *type;
+    const char *end = json + len, *type, *err;
 
     if (ep == ROUTER_EP_CHAT || ep == ROUTER_EP_COMPLETIONS) {
         if (len == 6 && memcmp(json, "[DONE]", 6) == 0)
             return ROUTER_STREAM_END;
         /* OpenAI reports a failure once a stream has begun as a chunk
-         * that is an error object. */
-        return root_value(json, trim_end(json, end), LIT("\"error\"")) != NULL
-                   ? ROUTER_STREAM_FAILED
-                   : 0;
+         * that is an error object ("error": null in a chunk is none). */
+        end = trim_end(json, end);
+        err = root_value(json, end, LIT("\"error\""));
+        return err != NULL && err < end && *err != 'n' ? ROUTER_STREAM_FAILED : 0;
     }
     type = member_value(json, end, LIT("\"type\""));
     if (value_is(type, end, LIT("\"error\"")) || value_is(type, end, LIT("\"response.failed\"")))

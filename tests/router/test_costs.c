@@ -4510,3 +4510,34 @@ Test(costs, a_shared_cache_serves_one_tenant_another_tenants_answer)
     }
     top_extra = "";
 }
+
+/* OpenAI reports a failure inside a begun chat stream as a chunk that is
+ * an error object: a stream with one is not cached, even ended by
+ * `[DONE]`; a chunk with "error": null is no failure. */
+Test(costs, a_chat_stream_with_an_error_chunk_is_not_cached)
+{
+    start_canned_stream("data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"m-a\","
+                        "\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\n"
+                        "data: {\"error\":{\"message\":\"The server had an error\","
+                        "\"type\":\"server_error\"}}\n\n"
+                        "data: [DONE]\n\n",
+                        "");
+    assert_stream_not_cached("/v1/chat/completions",
+                             "{\"model\":\"chat\",\"temperature\":0,\"stream\":true," MSG "}");
+}
+
+Test(costs, a_chat_stream_whose_chunks_say_error_null_is_cached)
+{
+    const char body[] = "{\"model\":\"chat\",\"temperature\":0,\"stream\":true," MSG "}";
+
+    start_canned_stream("data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"m-a\","
+                        "\"error\":null,\"choices\":[{\"index\":0,\"delta\":{\"content\":"
+                        "\"\\\"error\\\": 1\"}}]}\n\n"
+                        "data: [DONE]\n\n",
+                        "");
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(call_port(routers[0].port, "POST", "/v1/chat/completions", AUTH, body), 0);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), i ? "cache" : "a",
+                         "request %d", i);
+    }
+}
