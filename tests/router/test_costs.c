@@ -4541,3 +4541,33 @@ Test(costs, a_chat_stream_whose_chunks_say_error_null_is_cached)
                          "request %d", i);
     }
 }
+
+/* A backend that answers a stream request with a whole JSON body (as
+ * some servers do for options they cannot stream): the client gets that
+ * body as JSON; a replay must not turn it into an event stream (it was
+ * cached under the stream's key and replayed as text/event-stream, with an
+ * SSE cost comment after the JSON). */
+Test(costs, a_json_answer_to_a_stream_request_is_not_replayed_as_a_stream)
+{
+    static const char body[] = "{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\",\"model\":\"m-a\","
+                               "\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\","
+                               "\"content\":\"Hello\"},\"finish_reason\":\"stop\"}],"
+                               "\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":1}}";
+    struct buf b = {0};
+    size_t len;
+    char *answer;
+
+    cr_assert_eq(buf_append(&b, body, sizeof(body) - 1), 0);
+    answer = answer_with_body(&b, 0, &len);
+    canned = support_canned_start(answer, len);
+    free(answer);
+    cr_assert_not_null(canned);
+    add_backend("a", support_canned_port(canned), 1, 100, 300);
+    start_routers(1, "a", NULL);
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"temperature\":0,\"stream\":true," MSG "}"), 0);
+        cr_assert_eq(resp.status, 200);
+        cr_assert_str_eq(support_http_header(&resp, "content-type"), "application/json",
+                         "request %d: %.*s", i, (int)resp.raw.len, resp.raw.data);
+    }
+}
