@@ -4571,3 +4571,34 @@ Test(costs, a_json_answer_to_a_stream_request_is_not_replayed_as_a_stream)
                          "request %d: %.*s", i, (int)resp.raw.len, resp.raw.data);
     }
 }
+
+/* cache.enabled and cache.cache_tools reload: turned off, identical
+ * requests go upstream; a request with tools is cached once cache_tools
+ * is turned on. */
+Test(costs, a_reload_turns_the_cache_off_and_tools_on)
+{
+    const char body[] = "{\"model\":\"chat\",\"temperature\":0," MSG "}";
+    const char tools[] = "{\"model\":\"chat\",\"temperature\":0,\"tools\":[{\"type\":\"function\","
+                         "\"function\":{\"name\":\"f\",\"parameters\":{}}}]," MSG "}";
+    static const char *const confs[] = {"cache: {enabled: false}\n", "cache: {cache_tools: true}\n"};
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    cr_assert_eq(chat(0, NULL, body), 0);
+    cr_assert_eq(chat(0, NULL, body), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
+    for (int i = 0; i < 2; i++) {
+        top_extra = confs[i];
+        write_conf("a", NULL);
+        cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        for (int round = 0; round < 2; round++) {
+            cr_assert_eq(chat(0, NULL, i ? tools : body), 0);
+            cr_assert_eq(resp.status, 200);
+            cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"),
+                             i && round ? "cache" : "a", "conf %d, round %d", i, round);
+        }
+    }
+    top_extra = "";
+}
