@@ -706,6 +706,24 @@ Test(messages, the_response_cache_keys_the_anthropic_headers)
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
 }
 
+/* Anthropic's MCP connector gives the model the tools of remote servers
+ * (`mcp_servers`, beside `tools`): its answers depend on what they return
+ * when called, so, as requests with tools, they are not cached unless
+ * cache.cache_tools says so. */
+Test(messages, a_request_with_mcp_servers_is_not_cached)
+{
+    static const char body[] =
+        "{\"model\":\"claude\",\"max_tokens\":5,\"temperature\":0,\"mcp_servers\":[{\"type\":"
+        "\"url\",\"url\":\"https://mcp.example.com/sse\",\"name\":\"ex\"}]," MSGS "}";
+
+    start("");
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(messages("anthropic-beta: mcp-client-2025-04-04\r\n", body), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a", "request %d", i);
+    }
+}
+
 /* A whole answer without usage is charged the estimated prompt and its
  * content's text counted with the backend's tokenizer: "The quick brown
  * fox" is 4 tokens in o200k_base; "hello there" as a user message, by the
