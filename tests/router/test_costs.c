@@ -4308,13 +4308,17 @@ static double spend_today(void)
     return cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble;
 }
 
-/* A leader (sent with `leader_headers` after AUTH) upstream, then an
- * identical request joined to it: its answer is returned in resp. */
+/* A router in front of mockllm (backend a) with a request (sent with
+ * `leader_headers` after AUTH) upstream, the flight's leader, after
+ * `leader_ms`: identical requests sent next join it. */
 static void join_one(struct support_http_conn *leader, struct buf *out,
                      const char *leader_headers, int leader_ms)
 {
     char h[256];
 
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
     snprintf(h, sizeof(h), AUTH "%s", leader_headers);
     send_unanswered(leader, out, h, JOIN_BODY);
     usleep((useconds_t)leader_ms * 1000); /* the first is upstream, the flight's leader */
@@ -4329,9 +4333,6 @@ Test(costs, a_request_joined_to_its_twin_gets_its_answer_free)
     struct buf out = {0};
     double paid;
 
-    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    add_backend("a", mock_a.port, 1, 100, 300);
-    start_routers(1, "a", NULL);
     join_one(&lead, &out, "x-mock-ttft-ms: 800\r\n", 300);
     cr_assert_eq(chat(0, NULL, JOIN_BODY), 0);
     cr_assert_eq(resp.status, 200);
@@ -4358,9 +4359,6 @@ Test(costs, a_request_joined_to_a_twin_that_fails_goes_itself)
     struct buf out = {0};
     double paid;
 
-    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    add_backend("a", mock_a.port, 1, 100, 300);
-    start_routers(1, "a", NULL);
     join_one(&lead, &out, "x-mock-ttft-ms: 800\r\nx-mock-status: 500\r\n", 300);
     cr_assert_eq(chat(0, NULL, JOIN_BODY), 0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.raw.len, resp.raw.data);
@@ -4382,9 +4380,6 @@ Test(costs, a_request_joined_to_a_twin_whose_client_left_goes_itself)
     struct support_http_response wait_resp = {0};
     struct buf out = {0}, wait_out = {0};
 
-    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    add_backend("a", mock_a.port, 1, 100, 300);
-    start_routers(1, "a", NULL);
     join_one(&lead, &out, "x-mock-ttft-ms: 1500\r\n", 300);
     send_unanswered(&wait, &wait_out, AUTH, JOIN_BODY);
     usleep(300 * 1000); /* joined */
