@@ -244,8 +244,8 @@ int cache_key_make(const char *route, const char *upstream_model, const struct c
                    struct cache_key *out) __attribute__((warn_unused_result));
 
 /* Whether a response to `request` may be cached: deterministic
- * ("temperature": 0 or a "seed") and no "tools"/"functions" unless
- * allow_tools. */
+ * ("temperature": 0 or a "seed") and no "tools"/"functions"/"mcp_servers"
+ * unless allow_tools. */
 int cache_cacheable(const struct cJSON *request, int allow_tools);
 
 /*

@@ -130,14 +130,15 @@ int cache_cacheable(const cJSON *request, int allow_tools)
 {
     const cJSON *t = cJSON_GetObjectItemCaseSensitive(request, "temperature");
     const cJSON *seed = cJSON_GetObjectItemCaseSensitive(request, "seed");
-    const char *tools[] = {"tools", "functions"};
+    /* mcp_servers: Anthropic's MCP connector, the tools of remote servers */
+    const char *tools[] = {"tools", "functions", "mcp_servers"};
 
     if (!cJSON_IsObject(request))
         return 0;
     if (!(cJSON_IsNumber(t) && t->valuedouble == 0) && !cJSON_IsNumber(seed))
         return 0;
     if (!allow_tools)
-        for (size_t i = 0; i < 2; i++) {
+        for (size_t i = 0; i < sizeof(tools) / sizeof(tools[0]); i++) {
             const cJSON *v = cJSON_GetObjectItemCaseSensitive(request, tools[i]);
             if (v != NULL && !cJSON_IsNull(v) && !(cJSON_IsArray(v) && v->child == NULL))
                 return 0;

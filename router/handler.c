@@ -365,6 +365,7 @@ void router__request_reset(struct router__request *req)
     memset(&req->res, 0, sizeof(req->res));
     req->has_res = req->attempt_open = req->cacheable = req->flight_leader = 0;
     req->flight_waiting = req->cache_hit = req->head_held = req->settled = 0;
+    req->sse_ended = req->sse_failed = 0;
     req->completion_limited = 0;
     req->arm_allowed = 0;
     req->begins = 0;

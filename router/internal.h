@@ -267,6 +267,8 @@ struct router__request {
     unsigned is_sse:1;                   /* upstream answers text/event-stream */
     unsigned upstream_done:1;            /* upstream response fully received */
     unsigned broken:1;                   /* upstream broke after the response started */
+    unsigned sse_ended:1;                /* the stream's own last event passed (router__stream_end) */
+    unsigned sse_failed:1;               /* the stream reported an error in it */
     unsigned accounted:1;                /* cost log line and metrics written */
     /* proxying */
     uint64_t tried;                      /* candidates tried (bit per index) */
@@ -773,6 +775,19 @@ int router__responses_tier(const char *json, size_t len);
  * an event leaves out stay -1: the caller keeps the last seen of each. */
 int router__messages_event(const char *json, size_t len, struct router__usage *out,
                            int *text_delta, int *call_done);
+/* Is json[0..len) one whole JSON object or array (its brackets and
+ * strings closed, nothing but white space after it)? Walked, not parsed:
+ * a body that broke off is told apart, no allocation. */
+int router__json_whole(const char *json, size_t len);
+/* What one SSE event's data payload says of its stream's end, on
+ * endpoint `ep`: ROUTER_STREAM_END for its own last event (chat's and
+ * completions' `[DONE]`, message_stop, response.completed or
+ * response.incomplete), ROUTER_STREAM_FAILED for an error reported in the
+ * stream (an "error" event, response.failed, a chunk that is an error
+ * object), else 0. */
+#define ROUTER_STREAM_END 1
+#define ROUTER_STREAM_FAILED (-1)
+int router__stream_end(enum router__endpoint ep, const char *data, size_t len);
 /* Does an SSE event carry a data line? Sets data and data_len to its payload. */
 int router__sse_data(const char *event, size_t len, const char **data, size_t *data_len);
 

@@ -53,8 +53,6 @@
  * are a few hundred bytes; a streamed image part a few MB) is an upstream
  * that does not frame its stream, whose bytes would pile up unbounded. */
 #define PROXY_SSE_EVENT_MAX (16u * 1024 * 1024)
-/* Largest response kept for the response cache. */
-#define PROXY_CACHE_VALUE_MAX (1u * 1024 * 1024)
 /* Completion tokens assumed when nothing better is known. */
 #define PROXY_COMPLETION_FALLBACK 256
 /* Store round trips allowed for one request's reservations. */
@@ -802,18 +800,39 @@ static int client_wants_usage(const struct router__request *req)
 
 static void send_attempt(struct router__client *c);
 
+/* The headers of a /v1/messages request that change its answer, for its
+ * cache key: anthropic-beta (interleaved thinking, longer outputs, new
+ * tools) and anthropic-version (the answer's shape), each as sent or
+ * absent (the version: the one the router then sends). */
+static int anthropic_key_headers(const struct router__request *req, struct buf *out)
+{
+    static const char *const names[] = {"anthropic-beta", "anthropic-version"};
+    const char *v;
+    size_t len = 0;
+    int rc = 0;
+
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]) && rc == 0; i++) {
+        v = router__request_header(req, names[i], &len);
+        if (v == NULL && i == 1) {
+            v = ROUTER_ANTHROPIC_VERSION;
+            len = strlen(v);
+        }
+        rc = v ? buf_printf(out, " %s=%zu:%.*s", names[i], len, (int)len, v)
+               : buf_printf(out, " %s=-", names[i]);
+    }
+    return rc;
+}
+
 /* Choose, then reserve (the store answers in router__proxy_reserved). A
  * token count goes at once: it costs nothing, so there is nothing to
  * hold, and without a hold there is no store call to make (a store that
  * is down or refuses writes does not refuse it either). Nor is it looked
- * up in the cache: a hit would save nothing, and its answer depends on
- * anthropic-beta (beta tools count differently), which the key does not
- * hold. */
+ * up in the cache: a hit would save nothing. */
 static void choose_and_reserve(struct router__client *c, const char *last_error)
 {
     struct router__request *req = &c->req;
     const struct conf_backend *b;
-    char route_key[2 * CONF_NAME_MAX + sizeof("/messages/count_tokens#stream+usage tenant=:") + 20];
+    struct buf route_key = {0};
     const char *kind, *api;
 
     if (choose(c, last_error) != 0)
@@ -834,14 +853,15 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
         /* and so are the endpoints: one body may mean two requests, and an
          * Anthropic answer is no chat answer */
         api = endpoint_suffix(req->endpoint);
-        if (c->router->conf->cache_shared)
-            snprintf(route_key, sizeof(route_key), "%s%s%s", req->route->model, api, kind);
-        else
-            snprintf(route_key, sizeof(route_key), "%s%s%s tenant=%zu:%s", req->route->model, api,
-                     kind, strlen(req->tenant->id), req->tenant->id);
+        int rc = buf_printf(&route_key, "%s%s%s", req->route->model, api, kind);
+        if (rc == 0 && !c->router->conf->cache_shared)
+            rc = buf_printf(&route_key, " tenant=%zu:%s", strlen(req->tenant->id), req->tenant->id);
+        if (rc == 0 && req->endpoint == ROUTER_EP_MESSAGES)
+            rc = anthropic_key_headers(req, &route_key);
         req->cache_model = b->model ? b->model : req->route->model;
-        if (cache_key_make(route_key, req->cache_model, req->json, &req->cache_key) != 0)
+        if (rc != 0 || cache_key_make(route_key.data, req->cache_model, req->json, &req->cache_key) != 0)
             req->cacheable = 0;
+        buf_free(&route_key);
     }
     if (req->begins >= PROXY_MAX_BEGINS) {
         reject_budget(c);
@@ -1450,11 +1470,16 @@ static void note_usage(struct router__request *req, const struct router__usage *
                              MAX(req->cached_tokens, 0);
 }
 
-static void keep_for_cache(struct router__request *req, const char *p, size_t len)
+/* Keep the answer for the cache, up to cache.max_entry_bytes (the store
+ * refuses more, and then so does the single flight). */
+static void keep_for_cache(struct router__client *c, const char *p, size_t len)
 {
+    struct router__request *req = &c->req;
+
     if (!req->flight_leader)
         return;
-    if (req->cached.len + len > PROXY_CACHE_VALUE_MAX || buf_append(&req->cached, p, len) != 0) {
+    if (req->cached.len + len > c->router->conf->cache_max_entry_bytes ||
+        buf_append(&req->cached, p, len) != 0) {
         /* Too big to cache: the flight finishes without a value. */
         buf_free(&req->cached);
         req->cacheable = 0;
@@ -1556,6 +1581,13 @@ static int on_sse_event(void *arg, const char *p, size_t len)
     if (router__sse_data(p, len, &data, &dlen)) {
         int counted; /* an event that stands for a token, should no usage come */
 
+        if (req->flight_leader) { /* to be cached: only a stream that ended well */
+            int end = router__stream_end(req->endpoint, data, dlen);
+
+            req->sse_ended |= end == ROUTER_STREAM_END;
+            req->sse_failed |= end == ROUTER_STREAM_FAILED;
+        }
+
         if (req->endpoint == ROUTER_EP_RESPONSES || req->endpoint == ROUTER_EP_MESSAGES) {
             int found, messages = req->endpoint == ROUTER_EP_MESSAGES;
             int call_done = 0; /* a web or file search call done (or begun: Messages) */
@@ -1591,7 +1623,7 @@ static int on_sse_event(void *arg, const char *p, size_t len)
         }
     }
     if (req->cacheable)
-        keep_for_cache(req, p, len);
+        keep_for_cache(c, p, len);
     forward(c, p, len);
     return c->closing ? -1 : 0;
 }
@@ -1959,7 +1991,7 @@ void router__proxy_on_complete(struct router__client *c)
             scrub_key(req, &req->up_body, "body");
         send_held_head(c, (int64_t)req->up_body.len, 1, &req->up_body);
         if (req->cacheable)
-            keep_for_cache(req, req->up_body.data, req->up_body.len);
+            keep_for_cache(c, req->up_body.data, req->up_body.len);
     } else {
         end_with_cost(c);
     }

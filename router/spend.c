@@ -550,7 +550,16 @@ void router__spend_cache_store(struct router__client *c)
     if (!req->flight_leader)
         return;
     req->flight_leader = 0;
+    /* A stream is an answer once its own last event passed, after no
+     * error; a body once its JSON closed (one framed by the upstream's
+     * close may break off and still end well for HTTP): one cut short or
+     * failing inside its 200 is none to replay. A replay has the form the
+     * request asked for (a stream, or a body): an answer of the other
+     * form (a server that would not stream) is none to replay either. */
     if (req->status == 200 && !req->broken && req->cached.len > 0 &&
+        req->is_sse == req->stream &&
+        (req->is_sse ? req->sse_ended && !req->sse_failed
+                     : router__json_whole(req->cached.data, req->cached.len)) &&
         buf_printf(&value, "%" PRId64 "\n", req->cost_micro) == 0 &&
         buf_append(&value, req->cached.data, req->cached.len) == 0) {
         track(c->router, cache_put(c->router->store, req->tenant->id, &req->cache_key, value.data,

@@ -359,6 +359,16 @@ static const char *value_end(const char *p, const char *end)
     return p != NULL && depth == 0 ? p : NULL;
 }
 
+int router__json_whole(const char *json, size_t len)
+{
+    const char *end = json + len, *p = skip_space(json, end);
+
+    if (p == end || (*p != '{' && *p != '['))
+        return 0;
+    p = value_end(p, end);
+    return p != NULL && skip_space(p, end) == end;
+}
+
 /* The value of the root member `key` when it is an object: its start,
  * with *obj_end just past it; NULL otherwise. */
 static const char *member_object(const char *json, const char *end, const char *key,
@@ -488,6 +498,30 @@ int router__responses_tier(const char *json, size_t len)
     if (!terminal_response(json, end, type, &resp, &resp_end))
         return -1;
     return router__service_tier(resp, (size_t)(resp_end - resp));
+}
+
+int router__stream_end(enum router__endpoint ep, const char *json, size_t len)
+{
+    const char *end = json + len, *type, *err;
+
+    if (ep == ROUTER_EP_CHAT || ep == ROUTER_EP_COMPLETIONS) {
+        if (len == 6 && memcmp(json, "[DONE]", 6) == 0)
+            return ROUTER_STREAM_END;
+        /* OpenAI reports a failure once a stream has begun as a chunk
+         * that is an error object ("error": null in a chunk is none). */
+        end = trim_end(json, end);
+        err = root_value(json, end, LIT("\"error\""));
+        return err != NULL && err < end && *err != 'n' ? ROUTER_STREAM_FAILED : 0;
+    }
+    type = member_value(json, end, LIT("\"type\""));
+    if (value_is(type, end, LIT("\"error\"")) || value_is(type, end, LIT("\"response.failed\"")))
+        return ROUTER_STREAM_FAILED;
+    if (ep == ROUTER_EP_MESSAGES)
+        return value_is(type, end, LIT("\"message_stop\"")) ? ROUTER_STREAM_END : 0;
+    return value_is(type, end, LIT("\"response.completed\"")) ||
+                   value_is(type, end, LIT("\"response.incomplete\""))
+               ? ROUTER_STREAM_END
+               : 0;
 }
 
 /* Is the content block in [block, end) a web search Claude started (a

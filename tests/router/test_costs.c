@@ -4291,3 +4291,425 @@ Test(costs, a_reload_changes_removes_and_gives_back_a_keys_budget)
     cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 429, "its $0.0076 counted before still is");
     cr_assert_eq(key_chat(KEY_WEB, KEY_BODY), 200);
 }
+
+/* A canned upstream answering 200 with the SSE `events`, chunked and
+ * properly ended (the HTTP message is whole, whatever the stream says). */
+static void start_canned_stream(const char *events, const char *backend_more)
+{
+    struct buf out = {0};
+
+    cr_assert_eq(buf_printf(&out,
+                            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                            "%zx\r\n%s\r\n0\r\n\r\n",
+                            strlen(events), events),
+                 0);
+    canned = support_canned_start(out.data, out.len);
+    buf_free(&out);
+    cr_assert_not_null(canned);
+    add_backend_with("a", support_canned_port(canned), 1, 100, 300, NULL, backend_more);
+    start_routers(1, "a", NULL);
+}
+
+/* Send `body` to `path` twice: both must go upstream (the first answer,
+ * a failed or unfinished stream, is no answer to replay). */
+static void assert_stream_not_cached(const char *path, const char *body)
+{
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(call_port(routers[0].port, "POST", path, AUTH, body), 0);
+        cr_assert_eq(resp.status, 200);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a",
+                         "request %d replayed a stream that failed: %.*s", i,
+                         (int)resp.raw.len, resp.raw.data);
+    }
+    cr_assert_eq(support_canned_requests(canned), 2);
+}
+
+/* Anthropic reports an error that happens once a stream has begun as an
+ * `event: error` in the 200 stream (overloaded_error, api_error). That
+ * answer is a failure: replaying it from the cache for ttl_s served every
+ * identical request the same "Overloaded" for an hour. */
+Test(costs, a_stream_that_reports_an_error_is_not_cached)
+{
+    start_canned_stream(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\","
+        "\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"m-a\","
+        "\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}\n\n"
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,"
+        "\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n"
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,"
+        "\"delta\":{\"type\":\"text_delta\",\"text\":\"Hel\"}}\n\n"
+        "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\","
+        "\"message\":\"Overloaded\"}}\n\n",
+        ", api: anthropic");
+    assert_stream_not_cached("/v1/messages", "{\"model\":\"chat\",\"max_tokens\":5,"
+                                             "\"temperature\":0,\"stream\":true," MSG "}");
+}
+
+/* A chat stream that stops before its `data: [DONE]` (the upstream, or a
+ * proxy before it, ended the HTTP message cleanly mid-answer) is cut:
+ * replayed, it gave every later client the cut answer as a whole one. */
+Test(costs, a_stream_without_its_end_is_not_cached)
+{
+    start_canned_stream("data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"m-a\","
+                        "\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\","
+                        "\"content\":\"Hel\"},\"finish_reason\":null}]}\n\n",
+                        "");
+    assert_stream_not_cached("/v1/chat/completions",
+                             "{\"model\":\"chat\",\"temperature\":0,\"stream\":true," MSG "}");
+}
+
+/* A stream that ends as its API ends one is cached on every endpoint:
+ * chat's `[DONE]`, Anthropic's message_stop, the Responses API's
+ * response.completed. */
+Test(costs, a_stream_that_ends_well_is_cached_on_every_endpoint)
+{
+    static const char *const paths[] = {"/v1/chat/completions", "/v1/messages", "/v1/responses"};
+    static const char *const bodies[] = {
+        "{\"model\":\"chat\",\"temperature\":0,\"stream\":true," MSG "}",
+        "{\"model\":\"chat\",\"max_tokens\":5,\"temperature\":0,\"stream\":true," MSG "}",
+        "{\"model\":\"chat\",\"temperature\":0,\"store\":false,\"stream\":true,"
+        "\"input\":\"hello there\"}",
+    };
+    static const char *const ends[] = {"data: [DONE]", "message_stop", "response.completed"};
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    add_backend_with("c", mock_a.port, 1, 100, 300, NULL, ", api: anthropic, api_key: sk-up");
+    start_routers(1, "a, c", NULL);
+    for (int i = 0; i < 3; i++)
+        for (int round = 0; round < 2; round++) {
+            cr_assert_eq(call_port(routers[0].port, "POST", paths[i], AUTH, bodies[i]), 0);
+            cr_assert_eq(resp.status, 200, "%s: %.*s", paths[i], (int)resp.raw.len, resp.raw.data);
+            cr_assert_not_null(memmem(resp.body.data, resp.body.len, ends[i], strlen(ends[i])),
+                               "%s", paths[i]);
+            if (round == 1)
+                cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache",
+                                 "%s was not cached", paths[i]);
+        }
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 3);
+}
+
+/* cache.max_entry_bytes is the largest answer cached (README): one raised
+ * to 4 MiB caches a stream of 1.6 MiB, where the router kept at most
+ * 1 MiB of an answer whatever the config said, and never cached it. */
+Test(costs, the_largest_cached_answer_is_max_entry_bytes)
+{
+    const char body[] = "{\"model\":\"chat\",\"temperature\":0,\"stream\":true," MSG "}";
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    top_extra = "cache: {max_entry_bytes: 4194304}\n";
+    start_routers(1, "a", NULL);
+    for (int round = 0; round < 2; round++) {
+        cr_assert_eq(chat(0, "x-mock-event-pad: 100000\r\n", body), 0);
+        cr_assert_eq(resp.status, 200);
+        cr_assert_gt(resp.body.len, 1600000);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), round ? "cache" : "a",
+                         "round %d", round);
+    }
+    top_extra = "";
+}
+
+/* ---- single flight: a request identical to one upstream waits for it ---- */
+
+#define JOIN_BODY "{\"model\":\"chat\",\"temperature\":0," MSG "}"
+
+/* The tenant's spend today, from the admin API. */
+static double spend_today(void)
+{
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL),
+                 0);
+    return cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble;
+}
+
+/* A router in front of mockllm (backend a) with a request (sent with
+ * `leader_headers` after AUTH) upstream, the flight's leader, after
+ * `leader_ms`: identical requests sent next join it. */
+static void join_one(struct support_http_conn *leader, struct buf *out,
+                     const char *leader_headers, int leader_ms)
+{
+    char h[256];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    snprintf(h, sizeof(h), AUTH "%s", leader_headers);
+    send_unanswered(leader, out, h, JOIN_BODY);
+    usleep((useconds_t)leader_ms * 1000); /* the first is upstream, the flight's leader */
+}
+
+/* The waiter gets the leader's answer, free, told what it saved: one
+ * upstream call, one charge. */
+Test(costs, a_request_joined_to_its_twin_gets_its_answer_free)
+{
+    struct support_http_conn lead = {.fd = -1};
+    struct support_http_response lead_resp = {0};
+    struct buf out = {0};
+    double paid;
+
+    join_one(&lead, &out, "x-mock-ttft-ms: 800\r\n", 300);
+    cr_assert_eq(chat(0, NULL, JOIN_BODY), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
+    cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), 0, 1e-12);
+    cr_assert_eq(support_http_read(&lead, &lead_resp, TIMEOUT_MS), 0);
+    cr_assert_eq(lead_resp.status, 200);
+    paid = strtod(support_http_header(&lead_resp, "x-costrouter-cost-usd"), NULL);
+    cr_assert_gt(paid, 0);
+    cr_assert_float_eq(spend_today(), paid, 1e-9, "charged once");
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 1);
+    support_http_close(&lead);
+    support_http_response_free(&lead_resp);
+    buf_free(&out);
+}
+
+/* The leader's backend fails (a 500 after a while): the waiter goes
+ * itself, gets its own answer and pays for it alone. */
+Test(costs, a_request_joined_to_a_twin_that_fails_goes_itself)
+{
+    struct support_http_conn lead = {.fd = -1};
+    struct support_http_response lead_resp = {0};
+    struct buf out = {0};
+    double paid;
+
+    join_one(&lead, &out, "x-mock-ttft-ms: 800\r\nx-mock-status: 500\r\n", 300);
+    cr_assert_eq(chat(0, NULL, JOIN_BODY), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.raw.len, resp.raw.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    paid = header_usd("x-costrouter-cost-usd");
+    cr_assert_eq(support_http_read(&lead, &lead_resp, TIMEOUT_MS), 0);
+    cr_assert_eq(lead_resp.status, 500);
+    cr_assert_float_eq(spend_today(), paid, 1e-9);
+    support_http_close(&lead);
+    support_http_response_free(&lead_resp);
+    buf_free(&out);
+}
+
+/* The leader's client leaves: the waiter is not left waiting on an
+ * answer nobody reads; it goes itself. */
+Test(costs, a_request_joined_to_a_twin_whose_client_left_goes_itself)
+{
+    struct support_http_conn lead = {.fd = -1}, wait = {.fd = -1};
+    struct support_http_response wait_resp = {0};
+    struct buf out = {0}, wait_out = {0};
+
+    join_one(&lead, &out, "x-mock-ttft-ms: 1500\r\n", 300);
+    send_unanswered(&wait, &wait_out, AUTH, JOIN_BODY);
+    usleep(300 * 1000); /* joined */
+    support_http_close(&lead);
+    cr_assert_eq(support_http_read(&wait, &wait_resp, TIMEOUT_MS), 0);
+    cr_assert_eq(wait_resp.status, 200);
+    cr_assert_str_eq(support_http_header(&wait_resp, "x-costrouter-backend"), "a");
+    /* The leader paid its prompt as estimated (its client left before
+     * the answer), the waiter its own answer. */
+    double left = spend_today() - strtod(support_http_header(&wait_resp, "x-costrouter-cost-usd"),
+                                         NULL);
+    cr_assert(left > 0 && left < usd(2 * PROMPT_TOKENS, 0, 100, 300), "%g", left);
+    support_http_close(&wait);
+    support_http_response_free(&wait_resp);
+    buf_free(&out);
+    buf_free(&wait_out);
+}
+
+/* The response cache lives in Redis: a hit there; Redis gone, the same
+ * request is answered without a wait (fail_open), and its answer is
+ * served from memory while Redis stays away. */
+Test(costs, the_response_cache_serves_while_redis_is_down)
+{
+    const char body[] = "{\"model\":\"chat\",\"temperature\":0," MSG "}";
+    static const char *const want[] = {"a", "cache", "a", "cache"};
+
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    for (int i = 0; i < 4; i++) {
+        if (i == 2)
+            test_redis_kill(&redis, SIGKILL);
+        double t0 = mono_ms();
+        cr_assert_eq(chat(0, NULL, body), 0);
+        cr_assert_eq(resp.status, 200);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), want[i], "request %d", i);
+        cr_assert_lt(mono_ms() - t0, 1500, "request %d waited", i);
+    }
+}
+
+/* An answer framed by the upstream closing its connection (no length, not
+ * chunked) that breaks off mid-JSON looks whole to HTTP: it is no answer
+ * to replay for an hour. */
+Test(costs, a_plain_answer_cut_short_is_not_cached)
+{
+    static const char answer[] =
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+        "{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\",\"model\":\"m-a\",\"choices\":"
+        "[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"Hel";
+
+    canned = support_canned_start(answer, sizeof(answer) - 1);
+    cr_assert_not_null(canned);
+    add_backend("a", support_canned_port(canned), 1, 100, 300);
+    start_routers(1, "a", NULL);
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"temperature\":0," MSG "}"), 0);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a",
+                         "request %d: %.*s", i, (int)resp.raw.len, resp.raw.data);
+    }
+}
+
+/* An entry lives cache.ttl_s; cache.local_bytes bounds the in-process
+ * cache, the oldest entries going first. */
+Test(costs, cache_entries_expire_and_the_oldest_go_first)
+{
+    char body[128];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    top_extra = "cache: {ttl_s: 1, max_entry_bytes: 1024, local_bytes: 1600}\n";
+    start_routers(1, "a", NULL);
+    /* One answer is ~350 bytes: four fit, the fifth evicts the first. */
+    for (int i = 0; i < 5; i++) {
+        snprintf(body, sizeof(body), "{\"model\":\"chat\",\"temperature\":0,\"seed\":%d," MSG "}", i);
+        cr_assert_eq(chat(0, NULL, body), 0);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+        cr_assert(resp.body.len > 300 && resp.body.len < 380, "%zu", resp.body.len);
+    }
+    for (int i = 4; i >= 0; i--) {
+        snprintf(body, sizeof(body), "{\"model\":\"chat\",\"temperature\":0,\"seed\":%d," MSG "}", i);
+        cr_assert_eq(chat(0, NULL, body), 0);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), i ? "cache" : "a",
+                         "seed %d", i);
+    }
+    usleep(1100 * 1000);
+    cr_assert_eq(chat(0, NULL, body), 0); /* seed 0: cached again at its miss, now expired */
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a", "outlived ttl_s");
+    top_extra = "";
+}
+
+/* cache.shared: true: one tenant's answer is another's hit, in memory
+ * and in Redis, free for the second. */
+Test(costs, a_shared_cache_serves_one_tenant_another_tenants_answer)
+{
+    char tenants[256], hex[65];
+    const char body[] = "{\"model\":\"chat\",\"temperature\":0," MSG "}";
+
+    for (int with_redis = 0; with_redis < 2; with_redis++) {
+        if (with_redis) {
+            for (int i = 0; i < NROUTERS; i++)
+                support_proc_stop(&routers[i]);
+            support_proc_stop(&mock_a);
+            unlink(log_path); /* start_routers makes another */
+            buf_reset(&yaml);
+            cr_assert_eq(test_redis_start(&redis, 0), 0);
+        }
+        cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+        add_backend("a", mock_a.port, 1, 100, 300);
+        support_key_sha256_hex("sk-other-tenant", hex);
+        snprintf(tenants, sizeof(tenants), "  - id: other\n    api_keys: [\"sha256:%s\"]\n", hex);
+        top_extra = "cache: {shared: true}\n";
+        start_routers(1, "a", tenants);
+        cr_assert_eq(chat(0, NULL, body), 0);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+        cr_assert_eq(call_port(routers[0].port, "POST", "/v1/chat/completions",
+                               "Authorization: Bearer sk-other-tenant\r\n", body),
+                     0);
+        cr_assert_eq(resp.status, 200);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache",
+                         "redis: %d", with_redis);
+        cr_assert_float_eq(header_usd("x-costrouter-cost-usd"), 0, 1e-12);
+    }
+    top_extra = "";
+}
+
+/* OpenAI reports a failure inside a begun chat stream as a chunk that is
+ * an error object: a stream with one is not cached, even ended by
+ * `[DONE]`; a chunk with "error": null is no failure. */
+Test(costs, a_chat_stream_with_an_error_chunk_is_not_cached)
+{
+    start_canned_stream("data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"m-a\","
+                        "\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\n"
+                        "data: {\"error\":{\"message\":\"The server had an error\","
+                        "\"type\":\"server_error\"}}\n\n"
+                        "data: [DONE]\n\n",
+                        "");
+    assert_stream_not_cached("/v1/chat/completions",
+                             "{\"model\":\"chat\",\"temperature\":0,\"stream\":true," MSG "}");
+}
+
+Test(costs, a_chat_stream_whose_chunks_say_error_null_is_cached)
+{
+    const char body[] = "{\"model\":\"chat\",\"temperature\":0,\"stream\":true," MSG "}";
+
+    start_canned_stream("data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"m-a\","
+                        "\"error\":null,\"choices\":[{\"index\":0,\"delta\":{\"content\":"
+                        "\"\\\"error\\\": 1\"}}]}\n\n"
+                        "data: [DONE]\n\n",
+                        "");
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(call_port(routers[0].port, "POST", "/v1/chat/completions", AUTH, body), 0);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), i ? "cache" : "a",
+                         "request %d", i);
+    }
+}
+
+/* A backend that answers a stream request with a whole JSON body (as
+ * some servers do for options they cannot stream): the client gets that
+ * body as JSON; a replay must not turn it into an event stream (it was
+ * cached under the stream's key and replayed as text/event-stream, with an
+ * SSE cost comment after the JSON). */
+Test(costs, a_json_answer_to_a_stream_request_is_not_replayed_as_a_stream)
+{
+    static const char body[] = "{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\",\"model\":\"m-a\","
+                               "\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\","
+                               "\"content\":\"Hello\"},\"finish_reason\":\"stop\"}],"
+                               "\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":1}}";
+    struct buf b = {0};
+    size_t len;
+    char *answer;
+
+    cr_assert_eq(buf_append(&b, body, sizeof(body) - 1), 0);
+    answer = answer_with_body(&b, 0, &len);
+    canned = support_canned_start(answer, len);
+    free(answer);
+    cr_assert_not_null(canned);
+    add_backend("a", support_canned_port(canned), 1, 100, 300);
+    start_routers(1, "a", NULL);
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"temperature\":0,\"stream\":true," MSG "}"), 0);
+        cr_assert_eq(resp.status, 200);
+        cr_assert_str_eq(support_http_header(&resp, "content-type"), "application/json",
+                         "request %d: %.*s", i, (int)resp.raw.len, resp.raw.data);
+    }
+}
+
+/* cache.enabled and cache.cache_tools reload: turned off, identical
+ * requests go upstream; a request with tools is cached once cache_tools
+ * is turned on. */
+Test(costs, a_reload_turns_the_cache_off_and_tools_on)
+{
+    const char body[] = "{\"model\":\"chat\",\"temperature\":0," MSG "}";
+    const char tools[] = "{\"model\":\"chat\",\"temperature\":0,\"tools\":[{\"type\":\"function\","
+                         "\"function\":{\"name\":\"f\",\"parameters\":{}}}]," MSG "}";
+    static const char *const confs[] = {"cache: {enabled: false}\n", "cache: {cache_tools: true}\n"};
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    cr_assert_eq(chat(0, NULL, body), 0);
+    cr_assert_eq(chat(0, NULL, body), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
+    for (int i = 0; i < 2; i++) {
+        top_extra = confs[i];
+        write_conf("a", NULL);
+        cr_assert_eq(call_port(routers[0].port, "POST", "/admin/reload", ADMIN, NULL), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        for (int round = 0; round < 2; round++) {
+            cr_assert_eq(chat(0, NULL, i ? tools : body), 0);
+            cr_assert_eq(resp.status, 200);
+            cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"),
+                             i && round ? "cache" : "a", "conf %d, round %d", i, round);
+        }
+    }
+    top_extra = "";
+}

@@ -677,6 +677,53 @@ Test(messages, the_response_cache_keys_the_endpoint)
     cr_assert_str_eq(get(body_json(), "object")->valuestring, "chat.completion");
 }
 
+/* anthropic-beta and anthropic-version change the answer (a beta turns
+ * on interleaved thinking, longer outputs, a new tool; a version changes
+ * the answer's shape): a request with other values is no hit on an
+ * answer made for the first ones, which replayed it. The same values
+ * again are. */
+Test(messages, the_response_cache_keys_the_anthropic_headers)
+{
+    static const char body[] = "{\"model\":\"claude\",\"max_tokens\":5,\"temperature\":0," MSGS "}";
+    static const char *const headers[] = {
+        "anthropic-version: 2023-06-01\r\n",
+        "anthropic-version: 2023-06-01\r\nanthropic-beta: interleaved-thinking-2025-05-14\r\n",
+        "anthropic-version: 2023-01-01\r\n",
+    };
+
+    start("");
+    for (int round = 0; round < 2; round++)
+        for (int i = 0; i < 3; i++) {
+            cr_assert_eq(messages(headers[i], body), 0);
+            cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+            cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"),
+                             round ? "cache" : "a", "%s, round %d", headers[i], round);
+        }
+    cr_assert_eq(requests_of(&mock), 3);
+    /* Without anthropic-version the router sends its own, 2023-06-01: the
+     * same request as the first. */
+    cr_assert_eq(messages(NULL, body), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
+}
+
+/* Anthropic's MCP connector gives the model the tools of remote servers
+ * (`mcp_servers`, beside `tools`): its answers depend on what they return
+ * when called, so, as requests with tools, they are not cached unless
+ * cache.cache_tools says so. */
+Test(messages, a_request_with_mcp_servers_is_not_cached)
+{
+    static const char body[] =
+        "{\"model\":\"claude\",\"max_tokens\":5,\"temperature\":0,\"mcp_servers\":[{\"type\":"
+        "\"url\",\"url\":\"https://mcp.example.com/sse\",\"name\":\"ex\"}]," MSGS "}";
+
+    start("");
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(messages("anthropic-beta: mcp-client-2025-04-04\r\n", body), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a", "request %d", i);
+    }
+}
+
 /* A whole answer without usage is charged the estimated prompt and its
  * content's text counted with the backend's tokenizer: "The quick brown
  * fox" is 4 tokens in o200k_base; "hello there" as a user message, by the
