@@ -393,6 +393,19 @@ static struct slice request_path(const struct router__request *req)
     return s;
 }
 
+/* GET /v1/models/{id}: one model, as both APIs serve it. */
+#define MODELS_PREFIX "/v1/models/"
+#define MODELS_PREFIX_LEN (sizeof(MODELS_PREFIX) - 1)
+
+/* The {id} of a path /v1/models/{id}, still percent-encoded (a route's
+ * name may hold a '/', which a client encodes), or an empty slice. */
+static struct slice model_id_of(struct slice path)
+{
+    if (path.len <= MODELS_PREFIX_LEN || memcmp(path.p, MODELS_PREFIX, MODELS_PREFIX_LEN) != 0)
+        return (struct slice){NULL, 0};
+    return (struct slice){path.p + MODELS_PREFIX_LEN, path.len - MODELS_PREFIX_LEN};
+}
+
 struct endpoint_def {
     const char *path;
     int method; /* llhttp method */
@@ -450,7 +463,7 @@ static const char *allowed_methods(const struct router__request *req)
 
     if (slice_eq(path, "/admin/reload"))
         return post;
-    if (path.len > 7 && memcmp(path.p, "/admin/", 7) == 0)
+    if ((path.len > 7 && memcmp(path.p, "/admin/", 7) == 0) || model_id_of(path).len > 0)
         return get;
     for (size_t i = 0; i < ARRAY_SIZE(endpoints); i++)
         if (slice_eq(path, endpoints[i].path))
@@ -463,6 +476,12 @@ static enum router__endpoint endpoint_find(struct slice path, int method, const 
 {
     if (path.len > 7 && memcmp(path.p, "/admin/", 7) == 0)
         return ROUTER_EP_ADMIN; /* methods checked per admin path */
+    if (model_id_of(path).len > 0) {
+        if (method == HTTP_GET || method == HTTP_HEAD)
+            return ROUTER_EP_MODELS;
+        *errstr = error_method;
+        return ROUTER_EP_NONE;
+    }
     for (size_t i = 0; i < ARRAY_SIZE(endpoints); i++) {
         if (!slice_eq(path, endpoints[i].path))
             continue;
@@ -507,42 +526,126 @@ static const struct conf_key *authenticate(struct router__client *c)
     return conf_find_key(c->router->conf, digest);
 }
 
+/* Does the client speak Anthropic's API? It sends anthropic-version, as
+ * Anthropic's API requires and its SDKs do on every request. */
+static int speaks_anthropic(const struct router__client *c)
+{
+    return router__request_header(&c->req, "anthropic-version", &(size_t){0}) != NULL;
+}
+
+/* May the client list or use `route`: its key allows it, and one of its
+ * candidates speaks the client's API (else its requests are a 404)? */
+static int model_listed(const struct router__client *c, const struct conf_route *route)
+{
+    return route->speaks[speaks_anthropic(c) ? CONF_API_ANTHROPIC : CONF_API_OPENAI] != 0 &&
+           conf_key_allows(c->req.key, route);
+}
+
+/* A route as the client's API describes a model: Anthropic's {type, id,
+ * display_name, created_at}, OpenAI's {id, object, created, owned_by}. */
+static cJSON *model_object(const struct router__client *c, const char *id)
+{
+    cJSON *m = cJSON_CreateObject();
+
+    if (speaks_anthropic(c)) {
+        cJSON_AddStringToObject(m, "type", "model");
+        cJSON_AddStringToObject(m, "id", id);
+        cJSON_AddStringToObject(m, "display_name", id);
+        cJSON_AddStringToObject(m, "created_at", "1970-01-01T00:00:00Z");
+    } else {
+        cJSON_AddStringToObject(m, "id", id);
+        cJSON_AddStringToObject(m, "object", "model");
+        cJSON_AddNumberToObject(m, "created", 0);
+        cJSON_AddStringToObject(m, "owned_by", "costrouter");
+    }
+    return m;
+}
+
+/* Answer `root` (freed) as a 200 JSON body. */
+static void send_json(struct router__client *c, cJSON *root)
+{
+    char *body = cJSON_PrintUnformatted(root);
+
+    cJSON_Delete(root);
+    if (body == NULL) {
+        router__send_error(c, error_no_memory, NULL);
+        return;
+    }
+    router__send_response(c, 200, "application/json", NULL, body, strlen(body));
+    free(body);
+}
+
+/* The value of hex digit `ch`, -1 for none. */
+static int hex_value(char ch)
+{
+    return ch >= '0' && ch <= '9'   ? ch - '0'
+           : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
+           : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10
+                                    : -1;
+}
+
+/* `enc` percent-decoded into out[cap] (NUL-terminated); -1 when it does
+ * not fit, has a bad escape or decodes to a NUL byte. */
+static int percent_decode(struct slice enc, char *out, size_t cap)
+{
+    size_t n = 0;
+
+    for (size_t i = 0; i < enc.len; i++) {
+        int ch = (unsigned char)enc.p[i];
+
+        if (ch == '%') {
+            int hi = i + 2 < enc.len ? hex_value(enc.p[i + 1]) : -1;
+            int lo = i + 2 < enc.len ? hex_value(enc.p[i + 2]) : -1;
+
+            if (hi < 0 || lo < 0)
+                return -1;
+            ch = hi * 16 + lo;
+            i += 2;
+        }
+        if (ch == 0 || n + 1 >= cap)
+            return -1;
+        out[n++] = (char)ch;
+    }
+    out[n] = '\0';
+    return 0;
+}
+
+/* GET /v1/models/{id}: the route of that name as a model, if the client
+ * may list it (see send_models); else the 404 a request naming it gets. */
+static void send_model(struct router__client *c, struct slice enc)
+{
+    const struct conf_route *route;
+    char id[CONF_NAME_MAX + 1];
+
+    if (percent_decode(enc, id, sizeof(id)) != 0 ||
+        (route = conf_find_route(c->router->conf, id, strlen(id))) == NULL ||
+        !model_listed(c, route)) {
+        router__send_error(c, error_unknown_model, NULL);
+        return;
+    }
+    send_json(c, model_object(c, route->model));
+}
+
 /* The routes the tenant may use that the client's API can serve (a route
  * none of whose candidates speaks it would answer its requests 404), as
- * that API lists models. A client that sends anthropic-version, as
- * Anthropic's API requires and its SDKs do on every request, speaks
- * Anthropic's: its list is one page of {type, id, display_name,
- * created_at} with has_more, first_id and last_id; any other OpenAI's. */
+ * that API lists models. A client that speaks Anthropic's gets one page
+ * of its model objects with has_more, first_id and last_id; any other
+ * OpenAI's list. */
 static void send_models(struct router__client *c)
 {
     const struct conf *conf = c->router->conf;
-    int anthropic = router__request_header(&c->req, "anthropic-version", &(size_t){0}) != NULL;
-    enum conf_api api = anthropic ? CONF_API_ANTHROPIC : CONF_API_OPENAI;
+    int anthropic = speaks_anthropic(c);
     cJSON *root = cJSON_CreateObject(), *data = cJSON_AddArrayToObject(root, "data");
     const char *first = NULL, *last = NULL;
-    char *body;
 
     if (!anthropic)
         cJSON_AddStringToObject(root, "object", "list");
     for (size_t i = 0; i < conf->nroutes; i++) {
         const char *id = conf->routes[i].model;
-        cJSON *m;
 
-        if (conf->routes[i].speaks[api] == 0 || !conf_key_allows(c->req.key, &conf->routes[i]))
+        if (!model_listed(c, &conf->routes[i]))
             continue;
-        m = cJSON_CreateObject();
-        if (anthropic) {
-            cJSON_AddStringToObject(m, "type", "model");
-            cJSON_AddStringToObject(m, "id", id);
-            cJSON_AddStringToObject(m, "display_name", id);
-            cJSON_AddStringToObject(m, "created_at", "1970-01-01T00:00:00Z");
-        } else {
-            cJSON_AddStringToObject(m, "id", id);
-            cJSON_AddStringToObject(m, "object", "model");
-            cJSON_AddNumberToObject(m, "created", 0);
-            cJSON_AddStringToObject(m, "owned_by", "costrouter");
-        }
-        cJSON_AddItemToArray(data, m);
+        cJSON_AddItemToArray(data, model_object(c, id));
         first = first ? first : id;
         last = id;
     }
@@ -556,14 +659,7 @@ static void send_models(struct router__client *c)
             cJSON_AddNullToObject(root, "last_id");
         }
     }
-    body = cJSON_PrintUnformatted(root);
-    cJSON_Delete(root);
-    if (body == NULL) {
-        router__send_error(c, error_no_memory, NULL);
-        return;
-    }
-    router__send_response(c, 200, "application/json", NULL, body, strlen(body));
-    free(body);
+    send_json(c, root);
 }
 
 static int key_cmp(const void *a, const void *b)
@@ -919,7 +1015,12 @@ void router__handle_resume(struct router__client *c)
         goto fail;
     }
     if (req->endpoint == ROUTER_EP_MODELS) {
-        send_models(c);
+        struct slice id = model_id_of(request_path(req));
+
+        if (id.len > 0)
+            send_model(c, id);
+        else
+            send_models(c);
         return;
     }
     errstr = parse_body(c, &detail);

@@ -3,7 +3,7 @@
 // it saw; test_anthropic_sdk.c asserts on it.
 // Usage: node anthropic_client.mjs BASE_URL KEY MODE
 // MODE: plain | stream | badkey | midstream (the upstream breaks mid-way) |
-//       count (messages.countTokens) | models (models.list, every page) |
+//       count (messages.countTokens) | models (models.list, every page; retrieve) |
 //       batches (messages.batches.create, which the router does not serve) |
 //       badkey-models (models.list with KEY)
 import { createRequire } from 'node:module';
@@ -55,6 +55,7 @@ try {
         out.ids = [];
         for await (const m of client.models.list()) out.ids.push(m.id);
         out.display_name = (await client.models.list()).data[0]?.display_name;
+        out.retrieved = (await client.models.retrieve('claude')).id;
     } else if (mode === 'batches') {
         await client.messages.batches.create({ requests: [{ custom_id: 'a', params: {
             model: 'claude', max_tokens: 5, messages } }] });

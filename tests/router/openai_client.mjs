@@ -22,6 +22,7 @@ try {
         out.usage = r.usage;
         const models = await client.models.list();
         out.models = models.data.map((m) => m.id);
+        out.retrieved = (await client.models.retrieve('chat')).id;
         const e = await client.embeddings.create({ model: 'chat', input: 'hi' });
         out.embedding_len = e.data[0].embedding.length;
     } else if (mode === 'stream' || mode === 'midstream') {

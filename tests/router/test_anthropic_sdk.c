@@ -166,6 +166,7 @@ Test(anthropic_sdk, models_list_holds_the_routes_it_can_use)
     cr_assert_eq(cJSON_GetArraySize(get(r, "ids")), 1, "%s", cJSON_PrintUnformatted(r));
     cr_assert_str_eq(cJSON_GetArrayItem(get(r, "ids"), 0)->valuestring, "claude");
     cr_assert_str_eq(get(r, "display_name")->valuestring, "claude");
+    cr_assert_str_eq(get(r, "retrieved")->valuestring, "claude", "models.retrieve");
 }
 
 /* The router's errors outside /v1/messages are Anthropic's too, to the

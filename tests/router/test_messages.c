@@ -613,6 +613,47 @@ Test(messages, the_models_list_holds_the_routes_of_the_clients_api)
     cr_assert_eq(resp.status, 404);
 }
 
+/* GET /v1/models/{id} (the SDKs' models.retrieve) answers one model as
+ * the list does, for a route the list holds: in the client's API's
+ * shape; a route it does not hold, or none, is a 404 in its language; the
+ * id may be percent-encoded; any other method is a 405. */
+Test(messages, a_model_is_retrieved_as_the_list_shows_it)
+{
+    static const char av[] = "anthropic-version: 2023-06-01\r\n";
+
+    start("");
+    cr_assert_eq(call(router.port, "GET", "/v1/models/claude", XKEY "anthropic-version: 1\r\n", NULL),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(get(body_json(), "type")->valuestring, "model");
+    cr_assert_str_eq(get(json, "id")->valuestring, "claude");
+    cr_assert_eq(call(router.port, "GET", "/v1/models/gpt", XKEY, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(get(body_json(), "object")->valuestring, "model");
+    cr_assert_str_eq(get(json, "id")->valuestring, "gpt");
+    cr_assert_eq(call(router.port, "GET", "/v1/models/%6dix", XKEY, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(get(body_json(), "id")->valuestring, "mix");
+    /* not in the client's list: OpenAI's client has no Anthropic-only route */
+    cr_assert_eq(call(router.port, "GET", "/v1/models/claude", XKEY, NULL), 0);
+    cr_assert_eq(resp.status, 404);
+    cr_assert_str_eq(get(get(body_json(), "error"), "code")->valuestring, "model_not_found");
+    cr_assert_eq(call(router.port, "GET", "/v1/models/gpt", XKEY "anthropic-version: 1\r\n", NULL),
+                 0);
+    assert_anthropic_error(404, "not_found_error");
+    cr_assert_eq(call(router.port, "GET", "/v1/models/nope", XKEY, NULL), 0);
+    cr_assert_eq(resp.status, 404);
+    cr_assert_eq(call(router.port, "GET", "/v1/models/%zzmix", XKEY, NULL), 0);
+    cr_assert_eq(resp.status, 404);
+    cr_assert_eq(call(router.port, "GET", "/v1/models/gp%00t", XKEY, NULL), 0);
+    cr_assert_eq(resp.status, 404);
+    cr_assert_eq(call(router.port, "GET", "/v1/models/gpt", "x-api-key: sk-wrong\r\n", NULL), 0);
+    cr_assert_eq(resp.status, 401);
+    cr_assert_eq(call(router.port, "DELETE", "/v1/models/claude", av, NULL), 0);
+    assert_anthropic_error(405, "invalid_request_error");
+    cr_assert_str_eq(support_http_header(&resp, "allow"), "GET, HEAD");
+}
+
 /* Off the endpoints of one API, the router's errors speak the client's:
  * Anthropic's to one that sends anthropic-version (its SDKs always do),
  * OpenAI's to any other. */

@@ -115,6 +115,7 @@ Test(openai_sdk, plain_chat_models_and_embeddings)
     cr_assert(cJSON_IsString(get(r, "content")));
     cr_assert_gt(get(get(r, "usage"), "completion_tokens")->valuedouble, 0);
     cr_assert_str_eq(cJSON_GetArrayItem(get(r, "models"), 0)->valuestring, "chat");
+    cr_assert_str_eq(get(r, "retrieved")->valuestring, "chat", "models.retrieve");
     cr_assert_gt(get(r, "embedding_len")->valuedouble, 0);
 }
 
