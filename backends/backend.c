@@ -250,6 +250,17 @@ void backend_attempt_end(struct backend *b)
         b->clock->inflight--;
 }
 
+void backend_chosen(struct backend *b)
+{
+    b->clock->chosen++;
+}
+
+void backend_unchosen(struct backend *b)
+{
+    if (b->clock->chosen > 0)
+        b->clock->chosen--;
+}
+
 unsigned backend_inflight(const struct backend *b)
 {
     return b->inflight;

@@ -79,6 +79,13 @@ void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_m
 void backend_attempt_failure(struct backend *b, uint64_t now_ms);
 /* The attempt ended (success or failure): in-flight count goes down. */
 void backend_attempt_end(struct backend *b);
+/* A request was chosen for `b` (backend_chosen) and its attempt has not
+ * begun yet; backend_unchosen when it begins or is dropped, once. Until
+ * then it is load for routing (the predicted TTFT and a pool's marginal
+ * cost count it as in flight): a burst chosen at once, before the first
+ * of its holds is made, saw an idle pool for every request. */
+void backend_chosen(struct backend *b);
+void backend_unchosen(struct backend *b);
 
 /* Cooldown after a 429 without a usable Retry-After, and the longest one
  * a Retry-After may ask for (a bogus "86400" must not take a backend out

@@ -693,6 +693,16 @@ static void reject_none(struct router__client *c, const char *errstr)
     router__send_error_with(c, errstr, NULL, extra);
 }
 
+/* The request's backend no longer counts it as chosen and not begun:
+ * its attempt begins, it chooses again, or it ends. Once per choice. */
+void router__proxy_unchoose(struct router__client *c)
+{
+    if (!c->req.chosen_held)
+        return;
+    c->req.chosen_held = 0;
+    backend_unchosen(c->req.pool->backend);
+}
+
 /* Ask policy/ for a candidate. Returns 0 with req->choice set, or -1
  * after answering the client (429 budget, 400 too long, 503 none, or
  * last error) or asking the store for fresh spend first (the answer
@@ -706,6 +716,7 @@ static int choose(struct router__client *c, const char *last_error)
     const struct router__spend *ks = router__key_spend(r, req->key);
     struct policy_request preq = {0};
 
+    router__proxy_unchoose(c);
     if (req->attempts > (unsigned)r->conf->max_retries) {
         router__send_error(c, last_error, NULL);
         return -1;
@@ -787,6 +798,10 @@ static int choose(struct router__client *c, const char *last_error)
     req->reason = req->choice.reason_text;
     req->pool = &r->pools[req->route->candidates[req->candidate]->index];
     req->probe_chosen = backend_probe_due(req->pool->backend, preq.now_ms);
+    /* Load from now on: the hold is made before the attempt begins, and
+     * the requests of a burst all choose meanwhile. */
+    backend_chosen(req->pool->backend);
+    req->chosen_held = 1;
     return 0;
 }
 
@@ -886,6 +901,7 @@ static void send_attempt(struct router__client *c)
         router__send_error(c, error_no_memory, NULL);
         return;
     }
+    router__proxy_unchoose(c);
     backend_attempt_begin(req->pool->backend, now, &req->ticket);
     req->attempt_open = 1;
     rc = router__upstream_send(req->pool, c, out->data, out->len);
@@ -932,6 +948,7 @@ void router__proxy_reserved(struct router__client *c, int granted)
         role = cache_flight_join(c->router->flights, &req->cache_key, &req->waiter,
                                  on_flight_answer, c);
         if (role == CACHE_FLIGHT_FOLLOWER) {
+            router__proxy_unchoose(c); /* it waits for the leader's answer */
             req->flight_waiting = 1;
             return;
         }
@@ -2066,5 +2083,6 @@ void router__proxy_abort(struct router__client *c)
             finish_attempt(c, NULL); /* a pool's time for it is idle, as for any failure */
     }
     rate_settle(c, 0);
+    router__proxy_unchoose(c);
     router__spend_abandon(c);
 }

@@ -2106,6 +2106,56 @@ Test(costs, gpu_pool_spills_to_the_api_tier_only_when_the_slo_would_break)
         cr_assert_str_eq(got[i], i < 3 ? "gpu" : "api", "stream %d went to %s", i, got[i]);
 }
 
+/* A burst: six requests reach the router together, so each is chosen
+ * before any of the others has begun on the pool (the reservation comes
+ * first). Those chosen and not begun yet are the pool's load as much as
+ * those begun: without them, the prediction saw an idle pool for all six,
+ * and all six queued there past the SLO. As one by one, three go to the
+ * pool and the rest spill. */
+Test(costs, a_burst_spills_from_the_gpu_pool_as_requests_one_by_one_do)
+{
+    struct support_http_conn conns[6];
+    struct support_http_response got[6];
+    int on_gpu = 0;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, "--tokens", "8", "--token-delay-ms", "100", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    cr_assert_eq(buf_printf(&yaml,
+                            "  - {name: gpu, kind: self_hosted, url: \"http://127.0.0.1:%d/v1\",\n"
+                            "     quality: 1, context_window: 100000, gpu_hourly_usd: 1, replicas: 1,\n"
+                            "     max_concurrency: 2, tokens_per_second: 1000}\n",
+                            mock_a.port),
+                 0);
+    add_backend("api", mock_b.port, 1, 1000, 1000);
+    start_routers(1, "gpu, api", "    slo: {max_ttft_ms: 600}\n");
+    const char body[] = "{\"model\":\"chat\",\"stream\":true,\"max_tokens\":8," MSG "}";
+    for (int i = 0; i < 3; i++) { /* teaches the router the pool's 800 ms */
+        cr_assert_eq(chat(0, NULL, body), 0);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "gpu");
+    }
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH, body), 0);
+    for (int i = 0; i < 6; i++)
+        cr_assert_eq(support_http_connect(&conns[i], routers[0].port), 0);
+    usleep(100 * 1000); /* all accepted: the requests below arrive together */
+    for (int i = 0; i < 6; i++)
+        cr_assert_eq(support_http_send(&conns[i], req.data, req.len), 0);
+    for (int i = 0; i < 6; i++) {
+        memset(&got[i], 0, sizeof(got[i]));
+        cr_assert_eq(support_http_read(&conns[i], &got[i], TIMEOUT_MS), 0);
+        cr_assert_eq(got[i].status, 200);
+        on_gpu += strcmp(support_http_header(&got[i], "x-costrouter-backend"), "gpu") == 0;
+        support_http_close(&conns[i]);
+        support_http_response_free(&got[i]);
+    }
+    cr_assert_eq(on_gpu, 3, "%d of the 6 went to the pool", on_gpu);
+    /* All answered: none still counts as load (two would add 400 ms). */
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/backends", ADMIN, NULL), 0);
+    double predicted = cJSON_GetObjectItem(cJSON_GetArrayItem(body_json(), 0),
+                                           "predicted_ttft_ms")->valuedouble;
+    cr_assert(predicted < 400, "predicted TTFT %g ms on an idle pool", predicted);
+}
+
 /* A chat on router 0 with `headers` (after AUTH): the backend that served. */
 static const char *served_by(const char *headers)
 {
