@@ -2156,6 +2156,39 @@ Test(costs, a_burst_spills_from_the_gpu_pool_as_requests_one_by_one_do)
     cr_assert(predicted < 400, "predicted TTFT %g ms on an idle pool", predicted);
 }
 
+/* A route may have 64 candidates, and the cost log gives each its
+ * verdict: it stopped at the 16th, so a request served by a later one was
+ * logged without the backend it went to among its candidates, nor why
+ * the others were passed over. */
+Test(costs, the_cost_log_gives_every_candidate_of_a_long_route)
+{
+    char names[20 * 8] = "", name[8];
+    cJSON *rec, *cands, *last;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    for (int i = 0; i < 20; i++) {
+        snprintf(name, sizeof(name), "b%d", i);
+        add_backend(name, mock_a.port, 1, i == 19 ? 1 : 100, 100); /* the last is cheapest */
+        strcat(names, i ? ", " : "");
+        strcat(names, name);
+    }
+    start_routers(1, names, NULL);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"max_tokens\":5," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b19");
+    support_proc_stop(&routers[0]);
+    rec = support_last_json_line(log_path);
+    cr_assert_not_null(rec);
+    cands = cJSON_GetObjectItem(rec, "candidates");
+    cr_assert_eq(cJSON_GetArraySize(cands), 20, "%d candidates logged", cJSON_GetArraySize(cands));
+    last = cJSON_GetArrayItem(cands, 19);
+    cr_assert_str_eq(cJSON_GetObjectItem(last, "backend")->valuestring, "b19");
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(last, "rejected")));
+    cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetArrayItem(cands, 0), "rejected")->valuestring,
+                     "costlier");
+    cJSON_Delete(rec);
+}
+
 /* A chat on router 0 with `headers` (after AUTH): the backend that served. */
 static const char *served_by(const char *headers)
 {
