@@ -76,6 +76,10 @@ uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms);
  * before the response started; a 429 is neither (backend_rate_limited). */
 void backend_attempt_start(struct backend *b, uint64_t now_ms);
 void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_ms);
+/* `b` answered with a refusal (a 4xx other than 429): it is up, as for a
+ * success, but its answer was no first token, and so no latency sample
+ * (a refusal is fast however slow the backend serves). */
+void backend_attempt_refused(struct backend *b);
 void backend_attempt_failure(struct backend *b, uint64_t now_ms);
 /* The attempt ended (success or failure): in-flight count goes down. */
 void backend_attempt_end(struct backend *b);

@@ -1361,10 +1361,15 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     /* As when another candidate follows: a 5xx is a failure (else a
      * route's last or only backend answering 500s never had its circuit
      * opened), a 429 neither a failure nor a latency sample (a fast
-     * refusal says nothing of how fast it serves). */
+     * refusal says nothing of how fast it serves), and another refusal
+     * (4xx) no latency sample either: the backend is up, but a stale
+     * average replaced by a 400's few ms sent SLO traffic back to a
+     * backend still too slow. */
     if (status >= 500)
         backend_attempt_failure(req->pool->backend, now);
-    else if (status != 429)
+    else if (status >= 400 && status != 429)
+        backend_attempt_refused(req->pool->backend);
+    else if (status < 400)
         backend_attempt_success(req->pool->backend, now, now - req->attempt_start_ms);
     req->status = status;
     /* An error answer is held whole even when it says it is a stream, so

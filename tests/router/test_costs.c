@@ -2252,6 +2252,31 @@ Test(costs, a_backend_shut_out_by_a_stale_ttft_average_is_re_checked)
     buf_free(&probe_req);
 }
 
+/* A refusal (here a 400) answers fast whatever the backend's speed: it
+ * is no time to a first token. Taken as one, a latency probe refused so
+ * replaced a slow backend's stale average with a few ms, and SLO traffic
+ * went back to a backend still four times too slow until the average
+ * climbed back (four requests). The refused probe tells nothing, as one
+ * whose client left: the next request probes, and its sample counts. */
+Test(costs, a_refusal_is_no_latency_sample)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, "--ttft-ms", "600", NULL), 0); /* always slow */
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend_with("cheap", mock_a.port, 1, 1, 1, NULL, ", ttft_stale_ms: 1000");
+    add_backend("dear", mock_b.port, 1, 100, 100);
+    start_routers(1, "cheap, dear", "    slo: {max_ttft_ms: 300}\n");
+    cr_assert_str_eq(served_by(NULL), "cheap"); /* unknown yet: measured at 600 ms */
+    cr_assert_str_eq(served_by(NULL), "dear");
+    usleep(1100 * 1000);
+    cr_assert_eq(chat(0, "x-mock-status: 400\r\nx-mock-ttft-ms: 20\r\n",
+                      "{\"model\":\"chat\"," MSG "}"),
+                 0);
+    cr_assert_eq(resp.status, 400);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap", "the probe");
+    cr_assert_str_eq(served_by(NULL), "cheap", "the refused probe told nothing: probe again");
+    cr_assert_str_eq(served_by(NULL), "dear", "600 ms, fresh from the probe");
+}
+
 static const char *cut_auth = AUTH; /* the key tokens_before_the_cut_cost streams with */
 static const char *cut_cap = "";     /* members before its body's messages (a max_tokens) */
 
