@@ -2065,6 +2065,45 @@ Test(costs, ab_split_keys_by_the_user_header_of_the_experiment_that_applies)
     }
 }
 
+/* An arm whose backends are all down: its users get 503 with when the
+ * soonest circuit opens again, not another arm's backend, and the cost
+ * log names their arm. */
+Test(costs, an_arm_whose_backends_are_all_down_answers_503_with_retry_after)
+{
+    const char body[] = "{\"model\":\"chat\",\"max_tokens\":5," MSG "}";
+    cJSON *rec;
+    int port_b;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    port_b = mock_b.port;
+    support_proc_stop(&mock_b);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    add_backend("b", port_b, 1, 1, 1);
+    cr_assert_eq(buf_printf(&yaml, "experiments:\n  - name: exp\n    route: chat\n    arms:\n"
+                                   "      - {name: down, weight: 1, backends: [b]}\n"),
+                 0);
+    start_routers(1, "a, b", NULL);
+    for (int i = 0; i < 3; i++) { /* three failures open b's circuit */
+        cr_assert_eq(chat(0, NULL, body), 0);
+        cr_assert_geq(resp.status, 500, "attempt %d: %d", i, resp.status);
+    }
+    cr_assert_eq(chat(0, NULL, body), 0);
+    cr_assert_eq(resp.status, 503);
+    cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "code")->valuestring,
+                     "no_backend_available");
+    cr_assert_not_null(support_http_header(&resp, "retry-after"));
+    support_proc_stop(&routers[0]);
+    rec = support_last_json_line(log_path);
+    cr_assert_not_null(rec);
+    cr_assert_str_eq(cJSON_GetObjectItem(rec, "arm")->valuestring, "down");
+    cr_assert_str_eq(cJSON_GetObjectItem(rec, "reason")->valuestring, "no-qualifying-candidate");
+    cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(rec, "candidates"), 0),
+                                         "rejected")->valuestring,
+                     "arm");
+    cJSON_Delete(rec);
+}
+
 Test(costs, gpu_pool_spills_to_the_api_tier_only_when_the_slo_would_break)
 {
     struct support_sse s[6];
