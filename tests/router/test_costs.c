@@ -612,6 +612,33 @@ Test(costs, exhausted_budget_downgrades_below_the_quality_floor)
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "downgraded-budget");
 }
 
+/* A key past its tenant's soft limit of its own budget is downgraded
+ * below the floor (README: "one at its soft limit earlier"), while the
+ * tenant's other keys, far from the tenant's, are not. */
+Test(costs, a_key_at_the_soft_limit_of_its_own_budget_is_downgraded)
+{
+    key_ci_budget("daily_usd: 0.1");
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend("good", mock_a.port, 3, 1000, 1000);
+    add_backend("cheap", mock_b.port, 1, 10, 10);
+    start_routers(1, "good, cheap",
+                  "    budget: {daily_usd: 100, soft_limit_pct: 50}\n    slo: {min_quality: 2}\n");
+    /* 9 + 10 tokens at $1000/Mtok: $0.019 each, $0.057 of the key's $0.1
+     * after three (57%), and $0.043 left: good still fits. */
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 200);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "good");
+    }
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap");
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "downgraded-soft-limit");
+    cr_assert_eq(key_chat(KEY_WEB, KEY_BODY), 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "good");
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "cheapest-qualifying");
+    more_keys = "";
+}
+
 /* 1 message of 30 words: 3 + 4 + 30 = 37 prompt tokens, past the long
  * tiers of 20 below. */
 #define LONG_MSG                                                                             \
