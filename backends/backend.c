@@ -185,12 +185,17 @@ void backend_attempt_start(struct backend *b, uint64_t now_ms)
         b->ttft_probing = 1;
 }
 
-void backend_attempt_refused(struct backend *b)
+void backend_attempt_up(struct backend *b)
 {
     if (b->failures >= BACKEND_FAILURE_LIMIT)
         log_info("backend %s: circuit closed after a successful probe", b->conf->name);
     b->failures = 0;
     b->probing = 0;
+}
+
+void backend_attempt_refused(struct backend *b)
+{
+    backend_attempt_up(b);
     b->ttft_probing = 0; /* no sample: the next request may measure */
 }
 

@@ -80,6 +80,11 @@ void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_m
  * success, but its answer was no first token, and so no latency sample
  * (a refusal is fast however slow the backend serves). */
 void backend_attempt_refused(struct backend *b);
+/* `b` answered a stream's head: it is up (its circuit closes), but a
+ * head is no token (vLLM and TGI send it before the first): the TTFT
+ * sample, and the end of a latency probe, wait for
+ * backend_attempt_success at the first event. */
+void backend_attempt_up(struct backend *b);
 void backend_attempt_failure(struct backend *b, uint64_t now_ms);
 /* The attempt ended (success or failure): in-flight count goes down. */
 void backend_attempt_end(struct backend *b);

@@ -359,6 +359,8 @@ struct router__request {
     unsigned rate_held:1;                /* rate_tokens taken from the tpm limits, not settled */
     unsigned inflight:1;                 /* counted in costrouter_inflight_requests */
     unsigned probe_chosen:1;             /* its backend was due a probe when chosen */
+    unsigned ttft_due:1;                 /* a stream's head came: its first event's time is
+                                            the TTFT (cost log, backend's average) */
     unsigned chosen_held:1;              /* counted in its backend's chosen load until its
                                             attempt begins (router__proxy_unchoose) */
     int64_t rate_tokens;                 /* tokens taken at admission (rate_limit) */

@@ -1369,7 +1369,12 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
         backend_attempt_failure(req->pool->backend, now);
     else if (status >= 400 && status != 429)
         backend_attempt_refused(req->pool->backend);
-    else if (status < 400)
+    else if (status < 400 && is_sse) {
+        /* A stream's head may come before its first token (vLLM and TGI
+         * send it at once): the time to first token is its first event's. */
+        backend_attempt_up(req->pool->backend);
+        req->ttft_due = 1;
+    } else if (status < 400)
         backend_attempt_success(req->pool->backend, now, now - req->attempt_start_ms);
     req->status = status;
     /* An error answer is held whole even when it says it is a stream, so
@@ -1724,6 +1729,13 @@ void router__proxy_on_body(struct router__client *c, const char *p, size_t len)
 {
     struct router__request *req = &c->req;
 
+    if (req->ttft_due && len > 0) {
+        uint64_t now = router__now(c->router);
+
+        req->ttft_due = 0;
+        req->ttft_ms = now - req->start_ms;
+        backend_attempt_success(req->pool->backend, now, now - req->attempt_start_ms);
+    }
     if (req->is_sse) {
         int rc;
 
@@ -2029,6 +2041,7 @@ static void forget_response(struct router__request *req)
     req->head_held = 0;
     req->status = req->upstream_status = 0;
     req->ttft_ms = 0;
+    req->ttft_due = 0;
     buf_reset(&req->head);
     buf_reset(&req->up_body);
 }

@@ -2343,6 +2343,41 @@ Test(costs, a_refusal_is_no_latency_sample)
     cr_assert_str_eq(served_by(NULL), "dear", "600 ms, fresh from the probe");
 }
 
+/* vLLM and TGI send a stream's head at once and its first token when
+ * it comes: the head is no first token. Timed at the head, a backend 600
+ * ms from its first token measured ~0 ms and kept SLO traffic whose SLO
+ * it broke; timed at its first event, it is 600 ms and passed over. */
+Test(costs, a_streams_ttft_is_its_first_events_not_its_heads)
+{
+    const char body[] = "{\"model\":\"chat\",\"stream\":true," MSG "}";
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend("cheap", mock_a.port, 1, 1, 1);
+    add_backend("dear", mock_b.port, 1, 100, 100);
+    start_routers(1, "cheap, dear", "    slo: {max_ttft_ms: 300}\n");
+    cr_assert_eq(chat(0, "x-mock-head-first: 1\r\nx-mock-ttft-ms: 600\r\n", body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap");
+    cr_assert_eq(chat(0, NULL, body), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "dear",
+                     "600 ms to the first token, 300 ms SLO");
+    support_proc_stop(&routers[0]);
+    cJSON *rec = support_last_json_line(log_path);
+    cr_assert_not_null(rec);
+    cr_assert_str_eq(cJSON_GetObjectItem(rec, "backend")->valuestring, "dear");
+    cJSON_Delete(rec);
+    FILE *f = fopen(log_path, "r");
+    char line[4096];
+    cr_assert_not_null(f);
+    cr_assert_not_null(fgets(line, sizeof(line), f));
+    fclose(f);
+    rec = cJSON_Parse(line);
+    cr_assert_not_null(rec);
+    cr_assert_geq(cJSON_GetObjectItem(rec, "ttft_ms")->valuedouble, 600, "the cost log's ttft_ms");
+    cJSON_Delete(rec);
+}
+
 static const char *cut_auth = AUTH; /* the key tokens_before_the_cut_cost streams with */
 static const char *cut_cap = "";     /* members before its body's messages (a max_tokens) */
 
