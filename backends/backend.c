@@ -185,13 +185,23 @@ void backend_attempt_start(struct backend *b, uint64_t now_ms)
         b->ttft_probing = 1;
 }
 
-void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_ms)
+void backend_attempt_up(struct backend *b)
 {
     if (b->failures >= BACKEND_FAILURE_LIMIT)
         log_info("backend %s: circuit closed after a successful probe", b->conf->name);
     b->failures = 0;
     b->probing = 0;
-    b->ttft_probing = 0;
+}
+
+void backend_attempt_refused(struct backend *b)
+{
+    backend_attempt_up(b);
+    b->ttft_probing = 0; /* no sample: the next request may measure */
+}
+
+void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_ms)
+{
+    backend_attempt_refused(b);
     if (ttft_stale(b, now_ms))
         b->ttft_ewma_ms = 0; /* the fresh sample replaces the stale average */
     backend__ewma(&b->ttft_ewma_ms, (double)ttft_ms);
@@ -248,6 +258,17 @@ void backend_attempt_end(struct backend *b)
         b->inflight--;
     if (b->clock->inflight > 0)
         b->clock->inflight--;
+}
+
+void backend_chosen(struct backend *b)
+{
+    b->clock->chosen++;
+}
+
+void backend_unchosen(struct backend *b)
+{
+    if (b->clock->chosen > 0)
+        b->clock->chosen--;
 }
 
 unsigned backend_inflight(const struct backend *b)

@@ -76,9 +76,25 @@ uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms);
  * before the response started; a 429 is neither (backend_rate_limited). */
 void backend_attempt_start(struct backend *b, uint64_t now_ms);
 void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_ms);
+/* `b` answered with a refusal (a 4xx other than 429): it is up, as for a
+ * success, but its answer was no first token, and so no latency sample
+ * (a refusal is fast however slow the backend serves). */
+void backend_attempt_refused(struct backend *b);
+/* `b` answered a stream's head: it is up (its circuit closes), but a
+ * head is no token (vLLM and TGI send it before the first): the TTFT
+ * sample, and the end of a latency probe, wait for
+ * backend_attempt_success at the first event. */
+void backend_attempt_up(struct backend *b);
 void backend_attempt_failure(struct backend *b, uint64_t now_ms);
 /* The attempt ended (success or failure): in-flight count goes down. */
 void backend_attempt_end(struct backend *b);
+/* A request was chosen for `b` (backend_chosen) and its attempt has not
+ * begun yet; backend_unchosen when it begins or is dropped, once. Until
+ * then it is load for routing (the predicted TTFT and a pool's marginal
+ * cost count it as in flight): a burst chosen at once, before the first
+ * of its holds is made, saw an idle pool for every request. */
+void backend_chosen(struct backend *b);
+void backend_unchosen(struct backend *b);
 
 /* Cooldown after a 429 without a usable Retry-After, and the longest one
  * a Retry-After may ask for (a bogus "86400" must not take a backend out

@@ -58,6 +58,13 @@ static unsigned pool_slots(const struct backend *b)
                                                    : 0;
 }
 
+/* Requests on the pool as routing sees them (of every config): attempts
+ * in flight, and those chosen for it whose attempt has not begun yet. */
+static unsigned routing_load(const struct backend *b)
+{
+    return b->clock->inflight + b->clock->chosen;
+}
+
 void backend__advance(struct backend *b, uint64_t now_ms)
 {
     struct backend_clock *k = b->clock;
@@ -264,7 +271,7 @@ double backend_duration_ewma_ms(const struct backend *b)
 
 double backend_predicted_ttft_ms(const struct backend *b, uint64_t now_ms)
 {
-    unsigned slots = pool_slots(b), inflight = b->clock->inflight; /* every config's */
+    unsigned slots = pool_slots(b), inflight = routing_load(b); /* every config's */
     double ttft = backend__ttft_ms(b, now_ms);
 
     if (slots > 0 && inflight >= slots)
@@ -330,7 +337,7 @@ struct backend_cost backend_estimate_cost(const struct backend *b, uint64_t now_
                          cf->tokens_per_second;
         if (pool_slots(b) > 0) {
             knee = knee_requests(b, now_ms, slo_ms);
-            x = knee > 0 ? (b->clock->inflight + 1.0) / knee : BACKEND_MARGINAL_X_MAX;
+            x = knee > 0 ? (routing_load(b) + 1.0) / knee : BACKEND_MARGINAL_X_MAX;
         }
         tput = throughput_utilization(b, now_ms);
         if (tput > x)

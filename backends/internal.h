@@ -17,6 +17,9 @@
 struct backend_clock {
     unsigned refs;                   /* backends (of every live config) on it */
     unsigned inflight;               /* attempts in flight on the pool, of every config */
+    unsigned chosen;                 /* requests chosen for the pool whose attempt has not
+                                        begun yet (their hold is being made): load for
+                                        routing, not for accounting */
     unsigned started:1;              /* running */
     uint64_t start_ms;               /* loop time the pool's cost period began */
     uint64_t at_ms;                  /* loop time the sums below run to */

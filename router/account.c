@@ -97,7 +97,7 @@ void router__account(struct router__client *c)
 {
     struct router *r = c->router;
     struct router__request *req = &c->req;
-    struct metrics_cost_candidate cands[16];
+    struct metrics_cost_candidate cands[CONF_CANDIDATES_MAX]; /* one per candidate */
     struct metrics_cost_record rec = {0};
     uint64_t now = router__now(r);
     char status[8];

@@ -361,6 +361,10 @@ struct router__request {
     unsigned rate_held:1;                /* rate_tokens taken from the tpm limits, not settled */
     unsigned inflight:1;                 /* counted in costrouter_inflight_requests */
     unsigned probe_chosen:1;             /* its backend was due a probe when chosen */
+    unsigned ttft_due:1;                 /* a stream's head came: its first event's time is
+                                            the TTFT (cost log, backend's average) */
+    unsigned chosen_held:1;              /* counted in its backend's chosen load until its
+                                            attempt begins (router__proxy_unchoose) */
     int64_t rate_tokens;                 /* tokens taken at admission (rate_limit) */
     const char *last_error;              /* the failed attempt's error, kept across a check */
     uint64_t events;                     /* SSE data events forwarded (token fallback) */
@@ -656,6 +660,9 @@ void router__proxy_abort(struct router__client *c);
 /* Give back the tokens a request took from its tpm limits at admission
  * and did not use: it ends without an upstream answer. */
 void router__proxy_rate_release(struct router__client *c);
+/* The request's chosen backend stops counting it as load (chosen, not
+ * begun): its attempt begins, it chooses again, or it ends. */
+void router__proxy_unchoose(struct router__client *c);
 /* around parsing one upstream read: collect SSE events, then one write */
 void router__proxy_batch(struct router__client *c);
 void router__proxy_flush(struct router__client *c);

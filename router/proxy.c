@@ -691,6 +691,16 @@ static void reject_none(struct router__client *c, const char *errstr)
     router__send_error_with(c, errstr, NULL, extra);
 }
 
+/* The request's backend no longer counts it as chosen and not begun:
+ * its attempt begins, it chooses again, or it ends. Once per choice. */
+void router__proxy_unchoose(struct router__client *c)
+{
+    if (!c->req.chosen_held)
+        return;
+    c->req.chosen_held = 0;
+    backend_unchosen(c->req.pool->backend);
+}
+
 /* Ask policy/ for a candidate. Returns 0 with req->choice set, or -1
  * after answering the client (429 budget, 400 too long, 503 none, or
  * last error) or asking the store for fresh spend first (the answer
@@ -704,6 +714,7 @@ static int choose(struct router__client *c, const char *last_error)
     const struct router__spend *ks = router__key_spend(r, req->key);
     struct policy_request preq = {0};
 
+    router__proxy_unchoose(c);
     if (req->attempts > (unsigned)r->conf->max_retries) {
         router__send_error(c, last_error, NULL);
         return -1;
@@ -785,6 +796,10 @@ static int choose(struct router__client *c, const char *last_error)
     req->reason = req->choice.reason_text;
     req->pool = &r->pools[req->route->candidates[req->candidate]->index];
     req->probe_chosen = backend_probe_due(req->pool->backend, preq.now_ms);
+    /* Load from now on: the hold is made before the attempt begins, and
+     * the requests of a burst all choose meanwhile. */
+    backend_chosen(req->pool->backend);
+    req->chosen_held = 1;
     return 0;
 }
 
@@ -906,6 +921,7 @@ static void send_attempt(struct router__client *c)
         router__send_error(c, error_no_memory, NULL);
         return;
     }
+    router__proxy_unchoose(c);
     backend_attempt_begin(req->pool->backend, now, &req->ticket);
     req->attempt_open = 1;
     rc = router__upstream_send(req->pool, c, out->data, out->len);
@@ -952,6 +968,7 @@ void router__proxy_reserved(struct router__client *c, int granted)
         role = cache_flight_join(c->router->flights, &req->cache_key, &req->waiter,
                                  on_flight_answer, c);
         if (role == CACHE_FLIGHT_FOLLOWER) {
+            router__proxy_unchoose(c); /* it waits for the leader's answer */
             req->flight_waiting = 1;
             return;
         }
@@ -1364,10 +1381,20 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     /* As when another candidate follows: a 5xx is a failure (else a
      * route's last or only backend answering 500s never had its circuit
      * opened), a 429 neither a failure nor a latency sample (a fast
-     * refusal says nothing of how fast it serves). */
+     * refusal says nothing of how fast it serves), and another refusal
+     * (4xx) no latency sample either: the backend is up, but a stale
+     * average replaced by a 400's few ms sent SLO traffic back to a
+     * backend still too slow. */
     if (status >= 500)
         backend_attempt_failure(req->pool->backend, now);
-    else if (status != 429)
+    else if (status >= 400 && status != 429)
+        backend_attempt_refused(req->pool->backend);
+    else if (status < 400 && is_sse) {
+        /* A stream's head may come before its first token (vLLM and TGI
+         * send it at once): the time to first token is its first event's. */
+        backend_attempt_up(req->pool->backend);
+        req->ttft_due = 1;
+    } else if (status < 400)
         backend_attempt_success(req->pool->backend, now, now - req->attempt_start_ms);
     req->status = status;
     /* An error answer is held whole even when it says it is a stream, so
@@ -1734,6 +1761,13 @@ void router__proxy_on_body(struct router__client *c, const char *p, size_t len)
 {
     struct router__request *req = &c->req;
 
+    if (req->ttft_due && len > 0) {
+        uint64_t now = router__now(c->router);
+
+        req->ttft_due = 0;
+        req->ttft_ms = now - req->start_ms;
+        backend_attempt_success(req->pool->backend, now, now - req->attempt_start_ms);
+    }
     if (req->is_sse) {
         int rc;
 
@@ -2039,6 +2073,7 @@ static void forget_response(struct router__request *req)
     req->head_held = 0;
     req->status = req->upstream_status = 0;
     req->ttft_ms = 0;
+    req->ttft_due = 0;
     buf_reset(&req->head);
     buf_reset(&req->up_body);
 }
@@ -2098,5 +2133,6 @@ void router__proxy_abort(struct router__client *c)
             finish_attempt(c, NULL); /* a pool's time for it is idle, as for any failure */
     }
     rate_settle(c, 0);
+    router__proxy_unchoose(c);
     router__spend_abandon(c);
 }

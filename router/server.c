@@ -770,6 +770,7 @@ void router__client_response_done(struct router__client *c)
     if (c->closing)
         return;
     router__proxy_rate_release(c);
+    router__proxy_unchoose(c);
     router__spend_abandon(c); /* nothing may stay held past the response */
     router__account(c);
     if (!c->req.keep_alive || c->router->stopping) {

@@ -55,8 +55,9 @@
  * spaces, so a stream's deltas are "The", " quick".
  *
  * Timing: a streamed token i goes out at ttft + i * token_delay; the SSE
- * headers go with token 0, the end (usage chunk, [DONE]) with the last
- * token, or done_delay after it. A non-streamed completion goes out whole
+ * headers go with token 0 (at once with x-mock-head-first: 1, as vLLM and
+ * TGI send them), the end (usage chunk, [DONE]) with the last token, or
+ * done_delay after it. A non-streamed completion goes out whole
  * when its last token would have: ttft + (completion_tokens - 1) *
  * token_delay. Embeddings and models wait ttft only. Errors and faults are
  * immediate.
@@ -848,10 +849,10 @@ static void put_token_event(struct mockllm_conn *c)
 
 /* Send what is due now of a streamed answer, then arm the timer for the
  * next token or finish. */
-static void stream_tick(struct mockllm_conn *c)
+/* The stream's status and headers (and its opening events), once. */
+static void stream_head(struct mockllm_conn *c)
 {
     struct mockllm_plan *p = &c->plan;
-    int cut = p->tokens < 3 ? p->tokens : 3;
 
     if (!p->started) {
         putf(&c->out,
@@ -865,6 +866,14 @@ static void stream_tick(struct mockllm_conn *c)
         if (p->endpoint == EP_MESSAGES)
             put_messages_start(c);
     }
+}
+
+static void stream_tick(struct mockllm_conn *c)
+{
+    struct mockllm_plan *p = &c->plan;
+    int cut = p->tokens < 3 ? p->tokens : 3;
+
+    stream_head(c);
     for (;;) {
         if (p->fault == MOCKLLM_FAULT_CLOSE_MIDSTREAM && p->sent >= cut) {
             mockllm__conn_end(c, 1);
@@ -1001,6 +1010,8 @@ struct overrides {
     int omit_usage;     /* x-mock-usage: omit */
     int event_pad;      /* x-mock-event-pad */
     int done_delay_ms;  /* x-mock-done-delay-ms */
+    int head_first;     /* x-mock-head-first: 1 sends a stream's headers at once, its
+                           first token after ttft (as vLLM and TGI do) */
     int cached_tokens;  /* x-mock-cached-tokens (responses, messages) */
     int cache_write_tokens; /* x-mock-cache-write-tokens (messages) */
     int cache_write_1h_tokens; /* x-mock-cache-write-1h-tokens (messages) */
@@ -1052,6 +1063,7 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
     o->fault = opts->fault;
     o->event_pad = 0;
     o->done_delay_ms = 0;
+    o->head_first = 0;
     o->cached_tokens = o->cache_write_tokens = o->cache_write_1h_tokens = 0;
     o->web_searches = -1;
     o->file_searches = 0;
@@ -1071,6 +1083,8 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
         return "x-mock-file-searches";
     if (header_int(&c->req, "x-mock-ttft-ms", MAX_DELAY_MS, &o->ttft_ms) < 0)
         return "x-mock-ttft-ms";
+    if (header_int(&c->req, "x-mock-head-first", 1, &o->head_first) < 0)
+        return "x-mock-head-first";
     if (header_int(&c->req, "x-mock-token-delay-ms", MAX_DELAY_MS, &o->token_delay_ms) < 0)
         return "x-mock-token-delay-ms";
     if (header_int(&c->req, "x-mock-tokens", MAX_TOKENS, &o->tokens) < 0)
@@ -1356,6 +1370,10 @@ static void answer_v1(struct mockllm_conn *c, const char *path, size_t path_len)
         return;
     }
     if (p->stream) {
+        if (o.head_first && o.ttft_ms > 0) {
+            stream_head(c);
+            mockllm__conn_flush(c);
+        }
         if (o.ttft_ms > 0)
             uv_timer_start(&c->timer, mockllm__on_timer, (uint64_t)o.ttft_ms, 0);
         else

@@ -339,6 +339,33 @@ Test(cost, gpu_marginal_rises_to_list_at_the_slo_knee, .timeout = 5)
     }
 }
 
+/* Requests chosen for the pool and not begun yet (their holds being
+ * made) are its load for routing as those in flight are, and stop being
+ * so when they begin or are dropped; accounting counts only attempts. */
+Test(cost, chosen_requests_are_load_until_they_begin, .timeout = 5)
+{
+    struct fx f;
+    struct backend *b;
+    struct backend_tokens tok = {.prompt = 1000, .completion = 500, .tier = CONF_TIER_STANDARD};
+    struct backend_cost est;
+
+    fx_init(&f);
+    fx_gpu_history(&f, 0, 200, 2000);
+    b = fx_backend(&f, FX_GPU);
+    load_pool(b, 7, 60000);
+    for (int i = 0; i < 4; i++)
+        backend_chosen(b);
+    /* 11 counted: as the table's n = 11, 200 + 4 x 250 ms, (12/11)^4. */
+    cr_assert(fabs(backend_predicted_ttft_ms(b, 60000) - 1200) < 1e-9);
+    est = backend_estimate_cost(b, 60000, &tok, 1000);
+    cr_assert(fabs(est.marginal_usd - est.list_usd * 20736.0 / 14641) < USD_EPS);
+    cr_assert(fabs(backend_pool_utilization(b, 60000) - 7 / 8.0) < 1e-12);
+    for (int i = 0; i < 5; i++) /* one more than chosen: stays at 0 */
+        backend_unchosen(b);
+    cr_assert(fabs(backend_predicted_ttft_ms(b, 60000) - 200) < 1e-9);
+    fx_fini(&f);
+}
+
 Test(cost, gpu_without_slo_knees_at_capacity, .timeout = 5)
 {
     struct fx f;

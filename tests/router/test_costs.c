@@ -612,6 +612,33 @@ Test(costs, exhausted_budget_downgrades_below_the_quality_floor)
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "downgraded-budget");
 }
 
+/* A key past its tenant's soft limit of its own budget is downgraded
+ * below the floor (README: "one at its soft limit earlier"), while the
+ * tenant's other keys, far from the tenant's, are not. */
+Test(costs, a_key_at_the_soft_limit_of_its_own_budget_is_downgraded)
+{
+    key_ci_budget("daily_usd: 0.1");
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend("good", mock_a.port, 3, 1000, 1000);
+    add_backend("cheap", mock_b.port, 1, 10, 10);
+    start_routers(1, "good, cheap",
+                  "    budget: {daily_usd: 100, soft_limit_pct: 50}\n    slo: {min_quality: 2}\n");
+    /* 9 + 10 tokens at $1000/Mtok: $0.019 each, $0.057 of the key's $0.1
+     * after three (57%), and $0.043 left: good still fits. */
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 200);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "good");
+    }
+    cr_assert_eq(key_chat(KEY_CI, KEY_BODY), 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap");
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "downgraded-soft-limit");
+    cr_assert_eq(key_chat(KEY_WEB, KEY_BODY), 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "good");
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "cheapest-qualifying");
+    more_keys = "";
+}
+
 /* 1 message of 30 words: 3 + 4 + 30 = 37 prompt tokens, past the long
  * tiers of 20 below. */
 #define LONG_MSG                                                                             \
@@ -2065,6 +2092,45 @@ Test(costs, ab_split_keys_by_the_user_header_of_the_experiment_that_applies)
     }
 }
 
+/* An arm whose backends are all down: its users get 503 with when the
+ * soonest circuit opens again, not another arm's backend, and the cost
+ * log names their arm. */
+Test(costs, an_arm_whose_backends_are_all_down_answers_503_with_retry_after)
+{
+    const char body[] = "{\"model\":\"chat\",\"max_tokens\":5," MSG "}";
+    cJSON *rec;
+    int port_b;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    port_b = mock_b.port;
+    support_proc_stop(&mock_b);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    add_backend("b", port_b, 1, 1, 1);
+    cr_assert_eq(buf_printf(&yaml, "experiments:\n  - name: exp\n    route: chat\n    arms:\n"
+                                   "      - {name: down, weight: 1, backends: [b]}\n"),
+                 0);
+    start_routers(1, "a, b", NULL);
+    for (int i = 0; i < 3; i++) { /* three failures open b's circuit */
+        cr_assert_eq(chat(0, NULL, body), 0);
+        cr_assert_geq(resp.status, 500, "attempt %d: %d", i, resp.status);
+    }
+    cr_assert_eq(chat(0, NULL, body), 0);
+    cr_assert_eq(resp.status, 503);
+    cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "code")->valuestring,
+                     "no_backend_available");
+    cr_assert_not_null(support_http_header(&resp, "retry-after"));
+    support_proc_stop(&routers[0]);
+    rec = support_last_json_line(log_path);
+    cr_assert_not_null(rec);
+    cr_assert_str_eq(cJSON_GetObjectItem(rec, "arm")->valuestring, "down");
+    cr_assert_str_eq(cJSON_GetObjectItem(rec, "reason")->valuestring, "no-qualifying-candidate");
+    cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(rec, "candidates"), 0),
+                                         "rejected")->valuestring,
+                     "arm");
+    cJSON_Delete(rec);
+}
+
 Test(costs, gpu_pool_spills_to_the_api_tier_only_when_the_slo_would_break)
 {
     struct support_sse s[6];
@@ -2104,6 +2170,89 @@ Test(costs, gpu_pool_spills_to_the_api_tier_only_when_the_slo_would_break)
         support_sse_close(&s[i]);
     for (int i = 0; i < 6; i++)
         cr_assert_str_eq(got[i], i < 3 ? "gpu" : "api", "stream %d went to %s", i, got[i]);
+}
+
+/* A burst: six requests reach the router together, so each is chosen
+ * before any of the others has begun on the pool (the reservation comes
+ * first). Those chosen and not begun yet are the pool's load as much as
+ * those begun: without them, the prediction saw an idle pool for all six,
+ * and all six queued there past the SLO. As one by one, three go to the
+ * pool and the rest spill. */
+Test(costs, a_burst_spills_from_the_gpu_pool_as_requests_one_by_one_do)
+{
+    struct support_http_conn conns[6];
+    struct support_http_response got[6];
+    int on_gpu = 0;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, "--tokens", "8", "--token-delay-ms", "100", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    cr_assert_eq(buf_printf(&yaml,
+                            "  - {name: gpu, kind: self_hosted, url: \"http://127.0.0.1:%d/v1\",\n"
+                            "     quality: 1, context_window: 100000, gpu_hourly_usd: 1, replicas: 1,\n"
+                            "     max_concurrency: 2, tokens_per_second: 1000}\n",
+                            mock_a.port),
+                 0);
+    add_backend("api", mock_b.port, 1, 1000, 1000);
+    start_routers(1, "gpu, api", "    slo: {max_ttft_ms: 600}\n");
+    const char body[] = "{\"model\":\"chat\",\"stream\":true,\"max_tokens\":8," MSG "}";
+    for (int i = 0; i < 3; i++) { /* teaches the router the pool's 800 ms */
+        cr_assert_eq(chat(0, NULL, body), 0);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "gpu");
+    }
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH, body), 0);
+    for (int i = 0; i < 6; i++)
+        cr_assert_eq(support_http_connect(&conns[i], routers[0].port), 0);
+    usleep(100 * 1000); /* all accepted: the requests below arrive together */
+    for (int i = 0; i < 6; i++)
+        cr_assert_eq(support_http_send(&conns[i], req.data, req.len), 0);
+    for (int i = 0; i < 6; i++) {
+        memset(&got[i], 0, sizeof(got[i]));
+        cr_assert_eq(support_http_read(&conns[i], &got[i], TIMEOUT_MS), 0);
+        cr_assert_eq(got[i].status, 200);
+        on_gpu += strcmp(support_http_header(&got[i], "x-costrouter-backend"), "gpu") == 0;
+        support_http_close(&conns[i]);
+        support_http_response_free(&got[i]);
+    }
+    cr_assert_eq(on_gpu, 3, "%d of the 6 went to the pool", on_gpu);
+    /* All answered: none still counts as load (two would add 400 ms). */
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/backends", ADMIN, NULL), 0);
+    double predicted = cJSON_GetObjectItem(cJSON_GetArrayItem(body_json(), 0),
+                                           "predicted_ttft_ms")->valuedouble;
+    cr_assert(predicted < 400, "predicted TTFT %g ms on an idle pool", predicted);
+}
+
+/* A route may have 64 candidates, and the cost log gives each its
+ * verdict: it stopped at the 16th, so a request served by a later one was
+ * logged without the backend it went to among its candidates, nor why
+ * the others were passed over. */
+Test(costs, the_cost_log_gives_every_candidate_of_a_long_route)
+{
+    char names[20 * 8] = "", name[8];
+    cJSON *rec, *cands, *last;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    for (int i = 0; i < 20; i++) {
+        snprintf(name, sizeof(name), "b%d", i);
+        add_backend(name, mock_a.port, 1, i == 19 ? 1 : 100, 100); /* the last is cheapest */
+        strcat(names, i ? ", " : "");
+        strcat(names, name);
+    }
+    start_routers(1, names, NULL);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"max_tokens\":5," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b19");
+    support_proc_stop(&routers[0]);
+    rec = support_last_json_line(log_path);
+    cr_assert_not_null(rec);
+    cands = cJSON_GetObjectItem(rec, "candidates");
+    cr_assert_eq(cJSON_GetArraySize(cands), 20, "%d candidates logged", cJSON_GetArraySize(cands));
+    last = cJSON_GetArrayItem(cands, 19);
+    cr_assert_str_eq(cJSON_GetObjectItem(last, "backend")->valuestring, "b19");
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(last, "rejected")));
+    cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetArrayItem(cands, 0), "rejected")->valuestring,
+                     "costlier");
+    cJSON_Delete(rec);
 }
 
 /* A chat on router 0 with `headers` (after AUTH): the backend that served. */
@@ -2167,6 +2316,66 @@ Test(costs, a_backend_shut_out_by_a_stale_ttft_average_is_re_checked)
     cr_assert_str_eq(served_by(NULL), "cheap", "fast again: chosen again");
     support_http_response_free(&probe_resp);
     buf_free(&probe_req);
+}
+
+/* A refusal (here a 400) answers fast whatever the backend's speed: it
+ * is no time to a first token. Taken as one, a latency probe refused so
+ * replaced a slow backend's stale average with a few ms, and SLO traffic
+ * went back to a backend still four times too slow until the average
+ * climbed back (four requests). The refused probe tells nothing, as one
+ * whose client left: the next request probes, and its sample counts. */
+Test(costs, a_refusal_is_no_latency_sample)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, "--ttft-ms", "600", NULL), 0); /* always slow */
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend_with("cheap", mock_a.port, 1, 1, 1, NULL, ", ttft_stale_ms: 1000");
+    add_backend("dear", mock_b.port, 1, 100, 100);
+    start_routers(1, "cheap, dear", "    slo: {max_ttft_ms: 300}\n");
+    cr_assert_str_eq(served_by(NULL), "cheap"); /* unknown yet: measured at 600 ms */
+    cr_assert_str_eq(served_by(NULL), "dear");
+    usleep(1100 * 1000);
+    cr_assert_eq(chat(0, "x-mock-status: 400\r\nx-mock-ttft-ms: 20\r\n",
+                      "{\"model\":\"chat\"," MSG "}"),
+                 0);
+    cr_assert_eq(resp.status, 400);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap", "the probe");
+    cr_assert_str_eq(served_by(NULL), "cheap", "the refused probe told nothing: probe again");
+    cr_assert_str_eq(served_by(NULL), "dear", "600 ms, fresh from the probe");
+}
+
+/* vLLM and TGI send a stream's head at once and its first token when
+ * it comes: the head is no first token. Timed at the head, a backend 600
+ * ms from its first token measured ~0 ms and kept SLO traffic whose SLO
+ * it broke; timed at its first event, it is 600 ms and passed over. */
+Test(costs, a_streams_ttft_is_its_first_events_not_its_heads)
+{
+    const char body[] = "{\"model\":\"chat\",\"stream\":true," MSG "}";
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend("cheap", mock_a.port, 1, 1, 1);
+    add_backend("dear", mock_b.port, 1, 100, 100);
+    start_routers(1, "cheap, dear", "    slo: {max_ttft_ms: 300}\n");
+    cr_assert_eq(chat(0, "x-mock-head-first: 1\r\nx-mock-ttft-ms: 600\r\n", body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap");
+    cr_assert_eq(chat(0, NULL, body), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "dear",
+                     "600 ms to the first token, 300 ms SLO");
+    support_proc_stop(&routers[0]);
+    cJSON *rec = support_last_json_line(log_path);
+    cr_assert_not_null(rec);
+    cr_assert_str_eq(cJSON_GetObjectItem(rec, "backend")->valuestring, "dear");
+    cJSON_Delete(rec);
+    FILE *f = fopen(log_path, "r");
+    char line[4096];
+    cr_assert_not_null(f);
+    cr_assert_not_null(fgets(line, sizeof(line), f));
+    fclose(f);
+    rec = cJSON_Parse(line);
+    cr_assert_not_null(rec);
+    cr_assert_geq(cJSON_GetObjectItem(rec, "ttft_ms")->valuedouble, 600, "the cost log's ttft_ms");
+    cJSON_Delete(rec);
 }
 
 static const char *cut_auth = AUTH; /* the key tokens_before_the_cut_cost streams with */
