@@ -1301,6 +1301,18 @@ static void send_held_head(struct router__client *c, int64_t length, int with_co
     send_bufs(c, bufs, body && body->len ? 2 : 1);
 }
 
+/* The answer whose head came reaches the client: a success for its
+ * backend, with the TTFT its head had. */
+static void note_success(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+
+    if (!req->success_due)
+        return;
+    req->success_due = 0;
+    backend_attempt_success(req->pool->backend, router__now(c->router), req->head_ttft_ms);
+}
+
 int router__proxy_on_head(struct router__client *c, int status, const struct buf *headers,
                           int64_t content_length, int is_sse, int64_t retry_after_ms)
 {
@@ -1340,10 +1352,18 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
      * route's last or only backend answering 500s never had its circuit
      * opened), a 429 neither a failure nor a latency sample (a fast
      * refusal says nothing of how fast it serves). */
-    if (status >= 500)
+    if (status >= 500) {
         backend_attempt_failure(req->pool->backend, now);
-    else if (status != 429)
-        backend_attempt_success(req->pool->backend, now, now - req->attempt_start_ms);
+    } else if (status != 429) {
+        /* A held answer (all but a 2xx-3xx stream) that breaks before its
+         * end is a failure (router__proxy_on_error): its head alone is no
+         * success, or a backend that cuts every answer would clear its
+         * failures each time and never have its circuit opened. */
+        req->head_ttft_ms = now - req->attempt_start_ms;
+        req->success_due = 1;
+        if (is_sse && status < 400)
+            note_success(c);
+    }
     req->status = status;
     /* An error answer is held whole even when it says it is a stream, so
      * that scrub_key sees all of its body before the client does. */
@@ -1675,6 +1695,7 @@ static void pass_big_body(struct router__client *c, const char *p, size_t len)
 {
     struct router__request *req = &c->req;
 
+    note_success(c); /* the client has bytes: a break now is mid-stream */
     send_held_head(c, -1, 0, NULL);
     forward(c, req->up_body.data, req->up_body.len);
     forward(c, p, len);
@@ -1948,6 +1969,7 @@ void router__proxy_on_complete(struct router__client *c)
         note_count(req);
     if (req->big_usage != NULL)
         big_usage_stop(req, "ended without usage");
+    note_success(c);
     settle(c);
     if (req->head_held) {
         if (req->status >= 400)
@@ -2000,6 +2022,7 @@ static void forget_response(struct router__request *req)
 {
     req->response_started = 0;
     req->head_held = 0;
+    req->success_due = 0;
     req->status = req->upstream_status = 0;
     req->ttft_ms = 0;
     buf_reset(&req->head);

@@ -1433,6 +1433,49 @@ Test(proxy, a_plain_answer_cut_after_its_head_falls_back)
     cr_assert_eq(json_num(body_json(), "usage.completion_tokens"), 16);
 }
 
+/* The router in front of mocks A and B, B ten times dearer: A is the
+ * choice whenever it qualifies, whatever their latencies. */
+static void start_router_a_cheaper(const char *limits)
+{
+    char a[1024], both[2100];
+
+    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
+    snprintf(both, sizeof(both),
+             "%s"
+             "  - name: b\n"
+             "    kind: api\n"
+             "    url: http://127.0.0.1:%d/v1\n"
+             "    model: upstream-b\n"
+             "    api_key: sk-upstream-b\n"
+             "    quality: 2\n"
+             "    context_window: 8192\n"
+             "    input_usd_per_mtok: 10\n"
+             "    output_usd_per_mtok: 20\n",
+             a, mock_b.port);
+    start_router(limits, both, "a, b");
+}
+
+/* Such a cut is a failure of the backend's like a reset before the head:
+ * three in a row open its circuit, and the next request goes straight to
+ * the next candidate. Its head's arrival is no success: counted as one,
+ * it cleared the failures each time, and a backend that cuts every
+ * answer got (and delayed) every request, its circuit never open. */
+Test(proxy, plain_answers_cut_after_their_head_open_the_circuit)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "close-midstream", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    start_router_a_cheaper(NULL);
+    for (int i = 0; i < 4; i++) {
+        cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    }
+    /* The fourth was not sent to a: its circuit was open. */
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(json_num(body_json(), "requests"), 3, "%.*s", (int)resp.body.len,
+                 resp.body.data);
+}
+
 /* Bodies the router would read differently from the backend: a string
  * with U+0000 (its C string ends there, so the prompt would be counted
  * and priced cut short) and text after the JSON value. Both 400; an
