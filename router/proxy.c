@@ -689,11 +689,9 @@ static void reject_none(struct router__client *c, const char *errstr)
     router__send_error_with(c, errstr, NULL, extra);
 }
 
-/* Ask policy/ for a candidate. Returns 0 with req->choice set, or -1
- * after answering the client (429 budget, 400 too long, 503 none, or
- * last error) or asking the store for fresh spend first (the answer
- * comes back to router__proxy_budget_checked). */
-static int choose(struct router__client *c, const char *last_error)
+/* What policy/ is asked for `c`'s request, with the spend as this
+ * instance has it now. */
+static void policy_request_of(struct router__client *c, struct policy_request *out)
 {
     struct router__request *req = &c->req;
     struct router *r = c->router;
@@ -702,20 +700,6 @@ static int choose(struct router__client *c, const char *last_error)
     const struct router__spend *ks = router__key_spend(r, req->key);
     struct policy_request preq = {0};
 
-    if (req->attempts > (unsigned)r->conf->max_retries) {
-        router__send_error(c, last_error, NULL);
-        return -1;
-    }
-    if (req->verdicts == NULL) { /* a buffer kept from request to request: no malloc */
-        size_t size = MIN(req->route->ncandidates, 64) * sizeof(*req->verdicts);
-
-        if (buf_reserve(&req->verdict_mem, size) < 0) {
-            router__send_error(c, error_no_memory, NULL);
-            return -1;
-        }
-        req->verdicts = (struct policy_verdict *)(void *)req->verdict_mem.data;
-        memset(req->verdicts, 0, size);
-    }
     preq.route = req->route;
     preq.backends = r->backends;
     preq.limits.min_quality = t->min_quality;
@@ -751,6 +735,34 @@ static int choose(struct router__client *c, const char *last_error)
         preq.day = preq.month = (struct policy_budget){0, 0};
         preq.key_day = preq.key_month = (struct policy_budget){0, 0}; /* the key's too */
     }
+    *out = preq;
+}
+
+/* Ask policy/ for a candidate. Returns 0 with req->choice set, or -1
+ * after answering the client (429 budget, 400 too long, 503 none, or
+ * last error) or asking the store for fresh spend first (the answer
+ * comes back to router__proxy_budget_checked). */
+static int choose(struct router__client *c, const char *last_error)
+{
+    struct router__request *req = &c->req;
+    struct router *r = c->router;
+    struct policy_request preq;
+
+    if (req->attempts > (unsigned)r->conf->max_retries) {
+        router__send_error(c, last_error, NULL);
+        return -1;
+    }
+    if (req->verdicts == NULL) { /* a buffer kept from request to request: no malloc */
+        size_t size = MIN(req->route->ncandidates, 64) * sizeof(*req->verdicts);
+
+        if (buf_reserve(&req->verdict_mem, size) < 0) {
+            router__send_error(c, error_no_memory, NULL);
+            return -1;
+        }
+        req->verdicts = (struct policy_verdict *)(void *)req->verdict_mem.data;
+        memset(req->verdicts, 0, size);
+    }
+    policy_request_of(c, &preq);
     req->choice = policy_cost_aware.choose(&preq, req->verdicts);
     if (budget_bound(&req->choice) && req->begins == 0 && !req->budget_checked) {
         /* The numbers are the store's answer to an earlier request. Since
@@ -1165,6 +1177,34 @@ static int more_candidates(const struct router__client *c)
     return (req->tried & all) != all && req->attempts <= (unsigned)c->router->conf->max_retries;
 }
 
+/* Would another candidate take the request now, were this attempt given
+ * up? The choice the next attempt would make (this attempt's hold given
+ * back), made before a backend's 5xx or 429 is dropped for it: when none
+ * would (the others tried, shut by their circuit, too small, too dear,
+ * of another API), the client gets the backend's own answer, as from a
+ * route's only backend, and not the router's 502 with the answer lost
+ * (a 429's Retry-After among it). */
+static int fallback_left(struct router__client *c)
+{
+    const struct router__request *req = &c->req;
+    struct policy_verdict scratch[64]; /* req->verdicts stay the cost log's */
+    struct policy_request preq;
+
+    if (!more_candidates(c))
+        return 0;
+    policy_request_of(c, &preq);
+    if (req->has_res) {
+        preq.day.remaining_micro += preq.day.limit_micro > 0 ? req->res.amount : 0;
+        preq.month.remaining_micro += preq.month.limit_micro > 0 ? req->res.amount : 0;
+    }
+    if (req->has_key_res) {
+        preq.key_day.remaining_micro += preq.key_day.limit_micro > 0 ? req->key_res.amount : 0;
+        preq.key_month.remaining_micro +=
+            preq.key_month.limit_micro > 0 ? req->key_res.amount : 0;
+    }
+    return policy_cost_aware.choose(&preq, scratch).candidate >= 0;
+}
+
 /* End the current attempt's accounting; `used` NULL for a failure. */
 static struct backend_charge finish_attempt(struct router__client *c, const struct backend_tokens *used)
 {
@@ -1333,7 +1373,7 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
         key_refused(c, status, now);
         return 1;
     }
-    if (status_retryable(status) && more_candidates(c)) {
+    if (status_retryable(status) && fallback_left(c)) {
         char note[LOG_EVERY_NOTE_MAX];
 
         if (log_every_due(&req->pool->retry_log, now, note))

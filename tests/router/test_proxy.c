@@ -105,8 +105,9 @@ static void start_router(const char *limits, const char *backends, const char *c
                       limits ? limits : "", backends, candidates, hex);
 }
 
-/* A backend entry for a mock on `port`. */
-static const char *backend_yaml(char *out, size_t n, const char *name, int port, const char *extra)
+/* A backend entry for a mock on `port`, at `x` times the usual prices. */
+static const char *backend_yaml_priced(char *out, size_t n, const char *name, int port, int x,
+                                       const char *extra)
 {
     snprintf(out, n,
              "  - name: %s\n"
@@ -116,11 +117,17 @@ static const char *backend_yaml(char *out, size_t n, const char *name, int port,
              "    api_key: sk-upstream-%s\n"
              "    quality: 2\n"
              "    context_window: 8192\n"
-             "    input_usd_per_mtok: 1\n"
-             "    output_usd_per_mtok: 2\n"
+             "    input_usd_per_mtok: %d\n"
+             "    output_usd_per_mtok: %d\n"
              "%s",
-             name, port, name, name, extra ? extra : "");
+             name, port, name, name, x, 2 * x, extra ? extra : "");
     return out;
+}
+
+/* A backend entry for a mock on `port`. */
+static const char *backend_yaml(char *out, size_t n, const char *name, int port, const char *extra)
+{
+    return backend_yaml_priced(out, n, name, port, 1, extra);
 }
 
 /* The router in front of the running mocks A and B, in that order. */
@@ -1433,25 +1440,24 @@ Test(proxy, a_plain_answer_cut_after_its_head_falls_back)
     cr_assert_eq(json_num(body_json(), "usage.completion_tokens"), 16);
 }
 
-/* The router in front of mocks A and B, B ten times dearer: A is the
- * choice whenever it qualifies, whatever their latencies. */
-static void start_router_a_cheaper(const char *limits)
+/* Backends a and b for mocks A and B, the one named `dearer` ten times
+ * dearer: the other is the choice whenever it qualifies, whatever their
+ * latencies. */
+static void dearer_yaml(char *both, size_t size, const char *dearer)
 {
-    char a[1024], both[2100];
+    char a[1024], b[1024];
 
-    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
-    snprintf(both, sizeof(both),
-             "%s"
-             "  - name: b\n"
-             "    kind: api\n"
-             "    url: http://127.0.0.1:%d/v1\n"
-             "    model: upstream-b\n"
-             "    api_key: sk-upstream-b\n"
-             "    quality: 2\n"
-             "    context_window: 8192\n"
-             "    input_usd_per_mtok: 10\n"
-             "    output_usd_per_mtok: 20\n",
-             a, mock_b.port);
+    backend_yaml_priced(a, sizeof(a), "a", mock_a.port, strcmp(dearer, "a") == 0 ? 10 : 1, NULL);
+    backend_yaml_priced(b, sizeof(b), "b", mock_b.port, strcmp(dearer, "b") == 0 ? 10 : 1, NULL);
+    snprintf(both, size, "%s%s", a, b);
+}
+
+/* The router in front of them, candidates "a, b". */
+static void start_router_dearer(const char *limits, const char *dearer)
+{
+    char both[2100];
+
+    dearer_yaml(both, sizeof(both), dearer);
     start_router(limits, both, "a, b");
 }
 
@@ -1464,7 +1470,7 @@ Test(proxy, plain_answers_cut_after_their_head_open_the_circuit)
 {
     cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "close-midstream", NULL), 0);
     cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
-    start_router_a_cheaper(NULL);
+    start_router_dearer(NULL, "b");
     for (int i = 0; i < 4; i++) {
         cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
         cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
@@ -1474,6 +1480,66 @@ Test(proxy, plain_answers_cut_after_their_head_open_the_circuit)
     cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
     cr_assert_eq(json_num(body_json(), "requests"), 3, "%.*s", (int)resp.body.len,
                  resp.body.data);
+}
+
+/* A 5xx or 429 goes to the next candidate only when there is one that
+ * could take the request: with the others shut (here b, whose circuit
+ * three connect failures opened), the client gets the backend's own
+ * answer, as from a route's only backend, and not a 502 the router made
+ * up: a 429 keeps its Retry-After, which the client's SDK waits for. */
+Test(proxy, a_429_with_no_candidate_left_to_try_is_the_backends_own)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    start_router_dearer(NULL, "a");
+    support_proc_stop(&mock_b); /* b, the cheaper, refuses connections */
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    }
+    cr_assert_eq(call("POST", "/v1/chat/completions",
+                      AUTH "x-mock-status: 429\r\nx-mock-retry-after: 7\r\n", CHAT),
+                 0);
+    cr_assert_eq(resp.status, 429, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    cr_assert_str_eq(support_http_header(&resp, "retry-after"), "7");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-mock-status: 503\r\n", CHAT), 0);
+    cr_assert_eq(resp.status, 503, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+}
+
+/* Nor when the one left is too dear for the budget: the cheap backend's
+ * 500 is the answer, not a 429 budget_exhausted that tells the client's
+ * SDK not to retry (x-should-retry: false) while its budget covers the
+ * backend it would go to. */
+Test(proxy, a_5xx_with_only_a_fallback_beyond_the_budget_is_the_backends_own)
+{
+    char both[2100], hex[65];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    dearer_yaml(both, sizeof(both), "b");
+    support_key_sha256_hex(TENANT_KEY, hex);
+    /* About $0.0005 on a (10 prompt tokens, 256 predicted), $0.005 on b */
+    start_router_with("listen: 127.0.0.1:0\n"
+                      "backends:\n%s\n"
+                      "routes:\n"
+                      "  - model: chat\n"
+                      "    candidates: [a, b]\n"
+                      "tenants:\n"
+                      "  - id: t1\n"
+                      "    api_keys: [\"sha256:%s\"]\n"
+                      "    budget: { daily_usd: 0.002 }\n",
+                      both, hex);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-mock-status: 500\r\n", CHAT), 0);
+    cr_assert_eq(resp.status, 500, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    cr_assert_eq(call_port(mock_b.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(json_num(body_json(), "requests"), 0);
+    /* and the budget is what it was: the next request is served */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
 }
 
 /* Bodies the router would read differently from the backend: a string
