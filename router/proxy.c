@@ -57,7 +57,9 @@
 #define PROXY_CACHE_VALUE_MAX (1u * 1024 * 1024)
 /* Completion tokens assumed when nothing better is known. */
 #define PROXY_COMPLETION_FALLBACK 256
-/* Store round trips allowed for one request's reservations. */
+/* Store round trips allowed for one request's reservations, beside the
+ * one of each attempt sent (each fallback holds anew): those that held
+ * nothing to send with (refused under contention, a probe taken). */
 #define PROXY_MAX_BEGINS 4
 
 static const char *endpoint_suffix(enum router__endpoint ep)
@@ -850,7 +852,7 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
         if (cache_key_make(route_key, req->cache_model, req->json, &req->cache_key) != 0)
             req->cacheable = 0;
     }
-    if (req->begins >= PROXY_MAX_BEGINS) {
+    if (req->begins >= req->attempts + PROXY_MAX_BEGINS) {
         reject_budget(c);
         return;
     }

@@ -1542,6 +1542,33 @@ Test(proxy, a_5xx_with_only_a_fallback_beyond_the_budget_is_the_backends_own)
     cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
 }
 
+/* Each attempt holds its own reservation, one store call each: a
+ * request that falls back max_retries times makes max_retries + 1 of
+ * them. The bound on store calls is for those that hold nothing (refused
+ * under contention, a probe taken meanwhile); counted with them, the
+ * fifth attempt of a route whose first four backends are down was
+ * answered 429 budget_exhausted (insufficient_quota), to a tenant
+ * without any budget. */
+Test(proxy, a_fifth_attempt_is_not_refused_for_the_reservations_before_it)
+{
+    char yaml[5][1024], all[5200];
+    const char *names[5] = {"a", "b", "c", "d", "e"};
+    int down;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    down = mock_b.port;
+    support_proc_stop(&mock_b); /* its port now refuses */
+    for (int i = 0; i < 5; i++) /* dearer down the route: e, the one up, is last */
+        backend_yaml_priced(yaml[i], sizeof(yaml[i]), names[i], i < 4 ? down : mock_a.port,
+                            i + 1, NULL);
+    snprintf(all, sizeof(all), "%s%s%s%s%s", yaml[0], yaml[1], yaml[2], yaml[3], yaml[4]);
+    start_router("limits: {max_retries: 4}", all, "a, b, c, d, e");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "e");
+}
+
 /* Bodies the router would read differently from the backend: a string
  * with U+0000 (its C string ends there, so the prompt would be counted
  * and priced cut short) and text after the JSON value. Both 400; an
