@@ -185,13 +185,18 @@ void backend_attempt_start(struct backend *b, uint64_t now_ms)
         b->ttft_probing = 1;
 }
 
-void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_ms)
+void backend_attempt_answered(struct backend *b)
 {
     if (b->failures >= BACKEND_FAILURE_LIMIT)
         log_info("backend %s: circuit closed after a successful probe", b->conf->name);
     b->failures = 0;
     b->probing = 0;
-    b->ttft_probing = 0;
+    b->ttft_probing = 0; /* no sample (yet): the next request may measure */
+}
+
+void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_ms)
+{
+    backend_attempt_answered(b);
     if (ttft_stale(b, now_ms))
         b->ttft_ewma_ms = 0; /* the fresh sample replaces the stale average */
     backend__ewma(&b->ttft_ewma_ms, (double)ttft_ms);

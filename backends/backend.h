@@ -76,6 +76,9 @@ uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms);
  * before the response started; a 429 is neither (backend_rate_limited). */
 void backend_attempt_start(struct backend *b, uint64_t now_ms);
 void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_ms);
+/* A success that is no latency sample: the backend answered, but with a
+ * refusal (a 4xx) that comes as fast as it validates, whatever its TTFT. */
+void backend_attempt_answered(struct backend *b);
 void backend_attempt_failure(struct backend *b, uint64_t now_ms);
 /* The attempt ended (success or failure): in-flight count goes down. */
 void backend_attempt_end(struct backend *b);

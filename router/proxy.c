@@ -1344,7 +1344,9 @@ static void send_held_head(struct router__client *c, int64_t length, int with_co
 }
 
 /* The answer whose head came reaches the client: a success for its
- * backend, with the TTFT its head had. */
+ * backend, with the TTFT its head had; a refusal (4xx) is none, as a
+ * 429 is not: it comes as fast as the backend validates, and would pull
+ * a slow backend's average down to a few ms. */
 static void note_success(struct router__client *c)
 {
     struct router__request *req = &c->req;
@@ -1352,7 +1354,10 @@ static void note_success(struct router__client *c)
     if (!req->success_due)
         return;
     req->success_due = 0;
-    backend_attempt_success(req->pool->backend, router__now(c->router), req->head_ttft_ms);
+    if (req->status >= 400)
+        backend_attempt_answered(req->pool->backend);
+    else
+        backend_attempt_success(req->pool->backend, router__now(c->router), req->head_ttft_ms);
 }
 
 int router__proxy_on_head(struct router__client *c, int status, const struct buf *headers,
@@ -1393,7 +1398,8 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     /* As when another candidate follows: a 5xx is a failure (else a
      * route's last or only backend answering 500s never had its circuit
      * opened), a 429 neither a failure nor a latency sample (a fast
-     * refusal says nothing of how fast it serves). */
+     * refusal says nothing of how fast it serves; nor does a 4xx, a
+     * success without one: note_success). */
     if (status >= 500) {
         backend_attempt_failure(req->pool->backend, now);
     } else if (status != 429) {
@@ -1403,10 +1409,10 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
          * failures each time and never have its circuit opened. */
         req->head_ttft_ms = now - req->attempt_start_ms;
         req->success_due = 1;
-        if (is_sse && status < 400)
-            note_success(c);
     }
     req->status = status;
+    if (is_sse && status < 400)
+        note_success(c);
     /* An error answer is held whole even when it says it is a stream, so
      * that scrub_key sees all of its body before the client does. */
     req->is_sse = is_sse && status < 400;

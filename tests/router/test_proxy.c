@@ -1569,6 +1569,45 @@ Test(proxy, a_fifth_attempt_is_not_refused_for_the_reservations_before_it)
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "e");
 }
 
+/* A backend's 4xx refusal (a request it finds invalid, too long, ...)
+ * comes as fast as it validates, whatever its time to first token: no
+ * latency sample, as a 429 is none. Taken as one, a few refused requests
+ * pulled the average of a slow backend down to a few ms, and requests of
+ * a tenant whose SLO it breaks went on to it, one slow answer after
+ * another, while the average crept back up. */
+Test(proxy, a_fast_4xx_refusal_is_no_ttft_sample)
+{
+    char both[2100], hex[65];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    dearer_yaml(both, sizeof(both), "b");
+    support_key_sha256_hex(TENANT_KEY, hex);
+    start_router_with("listen: 127.0.0.1:0\n"
+                      "backends:\n%s\n"
+                      "routes:\n"
+                      "  - model: chat\n"
+                      "    candidates: [a, b]\n"
+                      "tenants:\n"
+                      "  - id: t1\n"
+                      "    api_keys: [\"sha256:%s\"]\n"
+                      "    slo: { max_ttft_ms: 200 }\n",
+                      both, hex);
+    for (int i = 0; i < 5; i++) {
+        cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-mock-status: 400\r\n", CHAT), 0);
+        cr_assert_eq(resp.status, 400);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    }
+    /* a's real time to first token: 400 ms, twice the SLO */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-mock-ttft-ms: 400\r\n", CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-mock-ttft-ms: 400\r\n", CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b",
+                     "a's average said it meets the SLO");
+}
+
 /* Bodies the router would read differently from the backend: a string
  * with U+0000 (its C string ends there, so the prompt would be counted
  * and priced cut short) and text after the JSON value. Both 400; an
