@@ -1452,6 +1452,25 @@ static void dearer_yaml(char *both, size_t size, const char *dearer)
     snprintf(both, size, "%s%s", a, b);
 }
 
+/* The router in front of `backends`, candidates "a, b", its tenant's
+ * entry ending with `tenant` (YAML lines). */
+static void start_router_tenant(const char *backends, const char *tenant)
+{
+    char hex[65];
+
+    support_key_sha256_hex(TENANT_KEY, hex);
+    start_router_with("listen: 127.0.0.1:0\n"
+                      "backends:\n%s\n"
+                      "routes:\n"
+                      "  - model: chat\n"
+                      "    candidates: [a, b]\n"
+                      "tenants:\n"
+                      "  - id: t1\n"
+                      "    api_keys: [\"sha256:%s\"]\n"
+                      "%s",
+                      backends, hex, tenant);
+}
+
 /* The router in front of them, candidates "a, b". */
 static void start_router_dearer(const char *limits, const char *dearer)
 {
@@ -1515,23 +1534,13 @@ Test(proxy, a_429_with_no_candidate_left_to_try_is_the_backends_own)
  * backend it would go to. */
 Test(proxy, a_5xx_with_only_a_fallback_beyond_the_budget_is_the_backends_own)
 {
-    char both[2100], hex[65];
+    char both[2100];
 
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
     dearer_yaml(both, sizeof(both), "b");
-    support_key_sha256_hex(TENANT_KEY, hex);
     /* About $0.0005 on a (10 prompt tokens, 256 predicted), $0.005 on b */
-    start_router_with("listen: 127.0.0.1:0\n"
-                      "backends:\n%s\n"
-                      "routes:\n"
-                      "  - model: chat\n"
-                      "    candidates: [a, b]\n"
-                      "tenants:\n"
-                      "  - id: t1\n"
-                      "    api_keys: [\"sha256:%s\"]\n"
-                      "    budget: { daily_usd: 0.002 }\n",
-                      both, hex);
+    start_router_tenant(both, "    budget: { daily_usd: 0.002 }\n");
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-mock-status: 500\r\n", CHAT), 0);
     cr_assert_eq(resp.status, 500, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
@@ -1577,22 +1586,12 @@ Test(proxy, a_fifth_attempt_is_not_refused_for_the_reservations_before_it)
  * another, while the average crept back up. */
 Test(proxy, a_fast_4xx_refusal_is_no_ttft_sample)
 {
-    char both[2100], hex[65];
+    char both[2100];
 
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
     dearer_yaml(both, sizeof(both), "b");
-    support_key_sha256_hex(TENANT_KEY, hex);
-    start_router_with("listen: 127.0.0.1:0\n"
-                      "backends:\n%s\n"
-                      "routes:\n"
-                      "  - model: chat\n"
-                      "    candidates: [a, b]\n"
-                      "tenants:\n"
-                      "  - id: t1\n"
-                      "    api_keys: [\"sha256:%s\"]\n"
-                      "    slo: { max_ttft_ms: 200 }\n",
-                      both, hex);
+    start_router_tenant(both, "    slo: { max_ttft_ms: 200 }\n");
     for (int i = 0; i < 5; i++) {
         cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-mock-status: 400\r\n", CHAT), 0);
         cr_assert_eq(resp.status, 400);
