@@ -191,12 +191,17 @@ void backend_attempt_answered(struct backend *b)
         log_info("backend %s: circuit closed after a successful probe", b->conf->name);
     b->failures = 0;
     b->probing = 0;
-    b->ttft_probing = 0; /* no sample (yet): the next request may measure */
 }
 
 void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_ms)
 {
     backend_attempt_answered(b);
+    backend_ttft_sample(b, now_ms, ttft_ms);
+}
+
+void backend_ttft_sample(struct backend *b, uint64_t now_ms, uint64_t ttft_ms)
+{
+    b->ttft_probing = 0;
     if (ttft_stale(b, now_ms))
         b->ttft_ewma_ms = 0; /* the fresh sample replaces the stale average */
     backend__ewma(&b->ttft_ewma_ms, (double)ttft_ms);

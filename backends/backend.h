@@ -76,9 +76,13 @@ uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms);
  * before the response started; a 429 is neither (backend_rate_limited). */
 void backend_attempt_start(struct backend *b, uint64_t now_ms);
 void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_ms);
-/* A success that is no latency sample: the backend answered, but with a
- * refusal (a 4xx) that comes as fast as it validates, whatever its TTFT. */
+/* A success without a latency sample: the backend answered, with a
+ * refusal (a 4xx) that comes as fast as it validates, whatever its TTFT,
+ * or with a stream's head, which servers (vLLM's) send before the first
+ * token. A latency probe stays out until its sample or its end. */
 void backend_attempt_answered(struct backend *b);
+/* The attempt's first token came `ttft_ms` after it began. */
+void backend_ttft_sample(struct backend *b, uint64_t now_ms, uint64_t ttft_ms);
 void backend_attempt_failure(struct backend *b, uint64_t now_ms);
 /* The attempt ended (success or failure): in-flight count goes down. */
 void backend_attempt_end(struct backend *b);

@@ -359,6 +359,7 @@ struct router__request {
     unsigned probe_chosen:1;             /* its backend was due a probe when chosen */
     unsigned success_due:1;              /* a held answer's head came: a success for its
                                             backend once it reaches the client */
+    unsigned ttft_due:1;                 /* a stream's TTFT sample, at its first token */
     int64_t rate_tokens;                 /* tokens taken at admission (rate_limit) */
     const char *last_error;              /* the failed attempt's error, kept across a check */
     uint64_t events;                     /* SSE data events forwarded (token fallback) */

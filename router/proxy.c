@@ -1411,8 +1411,13 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
         req->success_due = 1;
     }
     req->status = status;
-    if (is_sse && status < 400)
-        note_success(c);
+    if (is_sse && status < 400 && req->success_due) {
+        /* A stream's head is no token: vLLM's server sends it at once,
+         * however long its queue. Sampled at its first token. */
+        req->success_due = 0;
+        req->ttft_due = 1;
+        backend_attempt_answered(req->pool->backend);
+    }
     /* An error answer is held whole even when it says it is a stream, so
      * that scrub_key sees all of its body before the client does. */
     req->is_sse = is_sse && status < 400;
@@ -1648,6 +1653,12 @@ static int on_sse_event(void *arg, const char *p, size_t len)
             counted = !(dlen == 6 && memcmp(data, "[DONE]", 6) == 0);
         }
         if (counted) {
+            if (req->ttft_due) {
+                uint64_t now = router__now(c->router);
+
+                req->ttft_due = 0;
+                backend_ttft_sample(req->pool->backend, now, now - req->attempt_start_ms);
+            }
             if (overrun_cut(c))
                 return -1; /* before this event went: not charged */
             req->events++;

@@ -828,23 +828,32 @@ static void put_token_event(struct mockllm_conn *c)
 
 /* Send what is due now of a streamed answer, then arm the timer for the
  * next token or finish. */
+/* A stream's head and opening events (response.created, message_start),
+ * once. */
+static void stream_head(struct mockllm_conn *c)
+{
+    struct mockllm_plan *p = &c->plan;
+
+    if (p->started)
+        return;
+    putf(&c->out,
+         "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+         "Transfer-Encoding: chunked\r\n");
+    puts_(&c->out, c->srv->pad_header);
+    putf(&c->out, "%s\r\n", connection_header(c));
+    p->started = 1;
+    if (p->endpoint == EP_RESPONSES)
+        put_responses_edge(c, 0);
+    if (p->endpoint == EP_MESSAGES)
+        put_messages_start(c);
+}
+
 static void stream_tick(struct mockllm_conn *c)
 {
     struct mockllm_plan *p = &c->plan;
     int cut = p->tokens < 3 ? p->tokens : 3;
 
-    if (!p->started) {
-        putf(&c->out,
-             "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-             "Transfer-Encoding: chunked\r\n");
-        puts_(&c->out, c->srv->pad_header);
-        putf(&c->out, "%s\r\n", connection_header(c));
-        p->started = 1;
-        if (p->endpoint == EP_RESPONSES)
-            put_responses_edge(c, 0);
-        if (p->endpoint == EP_MESSAGES)
-            put_messages_start(c);
-    }
+    stream_head(c);
     for (;;) {
         if (p->fault == MOCKLLM_FAULT_CLOSE_MIDSTREAM && p->sent >= cut) {
             mockllm__conn_end(c, 1);
@@ -981,6 +990,7 @@ struct overrides {
     int omit_usage;     /* x-mock-usage: omit */
     int event_pad;      /* x-mock-event-pad */
     int done_delay_ms;  /* x-mock-done-delay-ms */
+    int head_first;     /* x-mock-head-first: 1 */
     int cached_tokens;  /* x-mock-cached-tokens (responses, messages) */
     int cache_write_tokens; /* x-mock-cache-write-tokens (messages) */
     int cache_write_1h_tokens; /* x-mock-cache-write-1h-tokens (messages) */
@@ -1032,6 +1042,7 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
     o->fault = opts->fault;
     o->event_pad = 0;
     o->done_delay_ms = 0;
+    o->head_first = 0;
     o->cached_tokens = o->cache_write_tokens = o->cache_write_1h_tokens = 0;
     o->web_searches = -1;
     o->file_searches = 0;
@@ -1059,6 +1070,8 @@ static const char *read_overrides(struct mockllm_conn *c, struct overrides *o)
         return "x-mock-event-pad";
     if (header_int(&c->req, "x-mock-done-delay-ms", MAX_DELAY_MS, &o->done_delay_ms) < 0)
         return "x-mock-done-delay-ms";
+    if (header_int(&c->req, "x-mock-head-first", 1, &o->head_first) < 0)
+        return "x-mock-head-first";
     if (header_int(&c->req, "x-mock-status", 599, &o->status) < 0 ||
         (o->status != 0 && o->status < 400 && o->status != 204 && o->status != 304))
         return "x-mock-status";
@@ -1336,6 +1349,8 @@ static void answer_v1(struct mockllm_conn *c, const char *path, size_t path_len)
         return;
     }
     if (p->stream) {
+        if (o.head_first) /* as vLLM's server does: the head at once, tokens after the TTFT */
+            stream_head(c);
         if (o.ttft_ms > 0)
             uv_timer_start(&c->timer, mockllm__on_timer, (uint64_t)o.ttft_ms, 0);
         else

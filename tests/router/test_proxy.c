@@ -1607,6 +1607,41 @@ Test(proxy, a_fast_4xx_refusal_is_no_ttft_sample)
                      "a's average said it meets the SLO");
 }
 
+/* A stream whose head comes at once and whose first token 400 ms later
+ * (as vLLM's server sends them), read to its end; returns the backend
+ * that served it. */
+static const char *stream_served_by(struct support_sse *s)
+{
+    struct support_sse_event ev;
+    static char name[16];
+
+    open_stream(s, AUTH "x-mock-head-first: 1\r\nx-mock-ttft-ms: 400\r\n",
+                "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}");
+    cr_assert_eq(s->resp.status, 200);
+    snprintf(name, sizeof(name), "%s", support_http_header(&s->resp, "x-costrouter-backend"));
+    while (support_sse_next(s, &ev, TIMEOUT_MS) == 1)
+        ;
+    support_sse_close(s);
+    return name;
+}
+
+/* Nor is a stream's head: a server may send it before its first token
+ * (vLLM's does, however long its queue). A backend 400 ms to its first
+ * token was taken, by its heads, for one of a few ms, and got every
+ * stream of a tenant whose 200 ms SLO it breaks. */
+Test(proxy, a_streams_ttft_is_its_first_tokens_not_its_heads)
+{
+    struct support_sse s = {0};
+    char both[2100];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    dearer_yaml(both, sizeof(both), "b");
+    start_router_tenant(both, "    slo: { max_ttft_ms: 200 }\n");
+    cr_assert_str_eq(stream_served_by(&s), "a"); /* no average yet */
+    cr_assert_str_eq(stream_served_by(&s), "b", "a's average said it meets the SLO");
+}
+
 /* Bodies the router would read differently from the backend: a string
  * with U+0000 (its C string ends there, so the prompt would be counted
  * and priced cut short) and text after the JSON value. Both 400; an
