@@ -1734,6 +1734,48 @@ static void answer_through_router(const char *answer)
     cr_assert_eq(buf_append(&resp.raw, "", 1), 0);
 }
 
+/* An answer without Content-Length or chunks ends when its connection
+ * does: with a close, not with a reset, which is a backend that broke.
+ * Taken for its end, a stream cut so looked complete (its cost comment,
+ * its last chunk) and a plain answer cut so went out, truncated, as a
+ * 200: the stream must end with an error event and no last chunk, and
+ * the plain answer, which nobody has seen, goes to the next candidate. */
+Test(proxy, an_answer_ended_by_its_connection_is_broken_by_a_reset)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    int rc, saw_error = 0, events = 0;
+
+    start_canned_then_b("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n"
+                        "{\"choices\":[{\"message\":{\"content\":\"the start of");
+    support_canned_reset(canned, 1);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b", "%.*s",
+                     (int)resp.body.len, resp.body.data);
+    cr_assert_eq(json_num(body_json(), "usage.completion_tokens"), 16);
+
+    support_canned_set(canned,
+                       "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+                       "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n"
+                       "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n",
+                       strlen("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+                              "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n"
+                              "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n"));
+    support_canned_reset(canned, 1);
+    open_stream(&s, AUTH, "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}");
+    cr_assert_eq(s.resp.status, 200);
+    cr_assert_str_eq(support_http_header(&s.resp, "x-costrouter-backend"), "a");
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1) {
+        events += strstr(ev.data, "delta") != NULL;
+        saw_error |= strstr(ev.data, "\"error\"") != NULL;
+    }
+    support_sse_close(&s);
+    cr_assert_eq(events, 2);
+    cr_assert(saw_error, "no SSE error event");
+    cr_assert_neq(rc, 0, "the stream ended as if it were complete");
+}
+
 /* A 1xx carrying a body (150, 199, and 099, which is no status at all)
  * is a bad response: the client gets the next candidate's answer, never
  * the bytes the backend passed off as that body, on a connection that
