@@ -72,8 +72,9 @@ int backend_probe_due(const struct backend *b, uint64_t now_ms);
  * circuit's time left; a second while a half-open probe is out). Else 0. */
 uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms);
 
-/* Outcome of one attempt. A failure is a connect error, a reset or a 5xx
- * before the response started; a 429 is neither (backend_rate_limited). */
+/* Outcome of one attempt. A failure is a connect error, a reset or a 5xx,
+ * or an answer its backend cut before its end (a stream's too); a 429 is
+ * neither (backend_rate_limited). */
 void backend_attempt_start(struct backend *b, uint64_t now_ms);
 void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_ms);
 /* A success without a latency sample: the backend answered, with a

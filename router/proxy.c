@@ -1343,10 +1343,12 @@ static void send_held_head(struct router__client *c, int64_t length, int with_co
     send_bufs(c, bufs, body && body->len ? 2 : 1);
 }
 
-/* The answer whose head came reaches the client: a success for its
- * backend, with the TTFT its head had; a refusal (4xx) is none, as a
- * 429 is not: it comes as fast as the backend validates, and would pull
- * a slow backend's average down to a few ms. */
+/* The answer whose head came ended whole: a success for its backend,
+ * with the TTFT its head had; a refusal (4xx) is no sample, as a 429 is
+ * not: it comes as fast as the backend validates, and would pull a slow
+ * backend's average down to a few ms; nor is a stream's head, as vLLM's
+ * server sends it at once however long its queue: its first token is
+ * (ttft_due). */
 static void note_success(struct router__client *c)
 {
     struct router__request *req = &c->req;
@@ -1354,7 +1356,7 @@ static void note_success(struct router__client *c)
     if (!req->success_due)
         return;
     req->success_due = 0;
-    if (req->status >= 400)
+    if (req->status >= 400 || req->is_sse)
         backend_attempt_answered(req->pool->backend);
     else
         backend_attempt_success(req->pool->backend, router__now(c->router), req->head_ttft_ms);
@@ -1403,21 +1405,15 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     if (status >= 500) {
         backend_attempt_failure(req->pool->backend, now);
     } else if (status != 429) {
-        /* A held answer (all but a 2xx-3xx stream) that breaks before its
-         * end is a failure (router__proxy_on_error): its head alone is no
-         * success, or a backend that cuts every answer would clear its
-         * failures each time and never have its circuit opened. */
+        /* An answer that its backend breaks before its end is a failure
+         * (router__proxy_on_error): its head alone is no success, or a
+         * backend that cuts every answer would clear its failures each
+         * time and never have its circuit opened. */
         req->head_ttft_ms = now - req->attempt_start_ms;
         req->success_due = 1;
+        req->ttft_due = is_sse && status < 400;
     }
     req->status = status;
-    if (is_sse && status < 400 && req->success_due) {
-        /* A stream's head is no token: vLLM's server sends it at once,
-         * however long its queue. Sampled at its first token. */
-        req->success_due = 0;
-        req->ttft_due = 1;
-        backend_attempt_answered(req->pool->backend);
-    }
     /* An error answer is held whole even when it says it is a stream, so
      * that scrub_key sees all of its body before the client does. */
     req->is_sse = is_sse && status < 400;
@@ -1754,7 +1750,6 @@ static void pass_big_body(struct router__client *c, const char *p, size_t len)
 {
     struct router__request *req = &c->req;
 
-    note_success(c); /* the client has bytes: a break now is mid-stream */
     send_held_head(c, -1, 0, NULL);
     forward(c, req->up_body.data, req->up_body.len);
     forward(c, p, len);
@@ -2105,6 +2100,13 @@ void router__proxy_on_error(struct router__client *c, const char *errstr)
     if (req->response_started) {
         log_warn("request %s: backend %s failed mid-response: %s", req->id_str,
                  req->pool->conf->name, errstr);
+        /* Cut by its backend (reset, close, bad framing): a failure, though
+         * too late for another candidate. A timeout is not counted: a
+         * client that reads slowly holds the backend back (paused) too. */
+        if (req->success_due && errstr == error_upstream_io) {
+            req->success_due = 0;
+            backend_attempt_failure(req->pool->backend, now);
+        }
         fail_midstream(c, errstr, "the upstream connection broke mid-response");
         return;
     }

@@ -1642,6 +1642,32 @@ Test(proxy, a_streams_ttft_is_its_first_tokens_not_its_heads)
     cr_assert_str_eq(stream_served_by(&s), "b", "a's average said it meets the SLO");
 }
 
+/* A stream that its backend breaks (here: closes after three tokens)
+ * cannot go to another candidate, its client has part of it; but it is
+ * the backend's failure all the same: three in a row open its circuit,
+ * and the next stream goes to the next candidate. Its head, which came,
+ * is no success: counted as one, it cleared the failures each time. */
+Test(proxy, streams_their_backend_breaks_open_its_circuit)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    int rc;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "close-midstream", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    start_router_dearer(NULL, "b");
+    for (int i = 0; i < 4; i++) {
+        open_stream(&s, AUTH, "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}");
+        cr_assert_eq(s.resp.status, 200);
+        cr_assert_str_eq(support_http_header(&s.resp, "x-costrouter-backend"), i < 3 ? "a" : "b",
+                         "stream %d", i);
+        while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1)
+            ;
+        support_sse_close(&s);
+        cr_assert(i < 3 ? rc != 0 : rc == 0, "stream %d: rc %d", i, rc);
+    }
+}
+
 /* Bodies the router would read differently from the backend: a string
  * with U+0000 (its C string ends there, so the prompt would be counted
  * and priced cut short) and text after the JSON value. Both 400; an
