@@ -778,6 +778,15 @@ static int choose(struct router__client *c, const char *last_error)
             router__send_error(c, error_no_memory, NULL);
         return -1;
     }
+    if (req->choice.reject_budget && last_error != NULL && req->attempts > 0) {
+        /* A fallback whose candidates left are too dear: the budget
+         * covered the one that failed, and a retry may go there again.
+         * The failure is the answer, not budget_exhausted, which tells
+         * the client's SDK not to retry (insufficient_quota). */
+        req->reason = policy_reason_name(req->choice.reason);
+        reject_none(c, last_error);
+        return -1;
+    }
     if (req->choice.reject_budget) {
         reject_budget(c);
         return -1;

@@ -1668,6 +1668,22 @@ Test(proxy, streams_their_backend_breaks_open_its_circuit)
     }
 }
 
+/* The same when the cheap backend is down: the client learns that it is
+ * (502, which its SDK retries), not that its budget is spent. */
+Test(proxy, a_connect_failure_with_only_a_fallback_beyond_the_budget_is_a_502)
+{
+    char both[2100];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    dearer_yaml(both, sizeof(both), "b");
+    start_router_tenant(both, "    budget: { daily_usd: 0.002 }\n");
+    support_proc_stop(&mock_a); /* a refuses connections */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    assert_error(502, "upstream_connect_failed");
+    cr_assert_null(support_http_header(&resp, "x-should-retry"));
+}
+
 /* Bodies the router would read differently from the backend: a string
  * with U+0000 (its C string ends there, so the prompt would be counted
  * and priced cut short) and text after the JSON value. Both 400; an
