@@ -1471,6 +1471,18 @@ static void start_router_tenant(const char *backends, const char *tenant)
                       backends, hex, tenant);
 }
 
+/* Mocks A and B, B ten times dearer, and the router in front of them,
+ * its tenant's entry ending with `tenant` (YAML lines). */
+static void start_two_b_dearer(const char *tenant)
+{
+    char both[2100];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    dearer_yaml(both, sizeof(both), "b");
+    start_router_tenant(both, tenant);
+}
+
 /* The router in front of them, candidates "a, b". */
 static void start_router_dearer(const char *limits, const char *dearer)
 {
@@ -1534,13 +1546,8 @@ Test(proxy, a_429_with_no_candidate_left_to_try_is_the_backends_own)
  * backend it would go to. */
 Test(proxy, a_5xx_with_only_a_fallback_beyond_the_budget_is_the_backends_own)
 {
-    char both[2100];
-
-    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
-    dearer_yaml(both, sizeof(both), "b");
     /* About $0.0005 on a (10 prompt tokens, 256 predicted), $0.005 on b */
-    start_router_tenant(both, "    budget: { daily_usd: 0.002 }\n");
+    start_two_b_dearer("    budget: { daily_usd: 0.002 }\n");
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-mock-status: 500\r\n", CHAT), 0);
     cr_assert_eq(resp.status, 500, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
@@ -1586,12 +1593,7 @@ Test(proxy, a_fifth_attempt_is_not_refused_for_the_reservations_before_it)
  * another, while the average crept back up. */
 Test(proxy, a_fast_4xx_refusal_is_no_ttft_sample)
 {
-    char both[2100];
-
-    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
-    dearer_yaml(both, sizeof(both), "b");
-    start_router_tenant(both, "    slo: { max_ttft_ms: 200 }\n");
+    start_two_b_dearer("    slo: { max_ttft_ms: 200 }\n");
     for (int i = 0; i < 5; i++) {
         cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-mock-status: 400\r\n", CHAT), 0);
         cr_assert_eq(resp.status, 400);
@@ -1632,12 +1634,8 @@ static const char *stream_served_by(struct support_sse *s)
 Test(proxy, a_streams_ttft_is_its_first_tokens_not_its_heads)
 {
     struct support_sse s = {0};
-    char both[2100];
 
-    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
-    dearer_yaml(both, sizeof(both), "b");
-    start_router_tenant(both, "    slo: { max_ttft_ms: 200 }\n");
+    start_two_b_dearer("    slo: { max_ttft_ms: 200 }\n");
     cr_assert_str_eq(stream_served_by(&s), "a"); /* no average yet */
     cr_assert_str_eq(stream_served_by(&s), "b", "a's average said it meets the SLO");
 }
@@ -1672,12 +1670,7 @@ Test(proxy, streams_their_backend_breaks_open_its_circuit)
  * (502, which its SDK retries), not that its budget is spent. */
 Test(proxy, a_connect_failure_with_only_a_fallback_beyond_the_budget_is_a_502)
 {
-    char both[2100];
-
-    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
-    dearer_yaml(both, sizeof(both), "b");
-    start_router_tenant(both, "    budget: { daily_usd: 0.002 }\n");
+    start_two_b_dearer("    budget: { daily_usd: 0.002 }\n");
     support_proc_stop(&mock_a); /* a refuses connections */
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
     assert_error(502, "upstream_connect_failed");
