@@ -115,6 +115,8 @@ struct backend_tokens {
     unsigned searches_one_cap:1; /* the two counts are one cap on calls of either kind
                                     (an estimate's): priced as the dearer kind */
     unsigned reported:1;  /* the answer's usage said what it cost: reported_usd */
+    unsigned partial:1;   /* cut short (broken, or its client left): its duration says
+                             nothing of the backend's, and is no sample */
     double reported_usd;  /* that cost, billed in place of the tokens' price by a
                              backend with cost_from_usage (an estimate has none) */
 };

@@ -1870,6 +1870,7 @@ static void settle(struct router__client *c)
     if (req->big_usage != NULL)
         note_passed_calls(req);
     used = req->billed = tokens_used(req);
+    used.partial = !req->upstream_done; /* broken, or its client left */
     charge = finish_attempt(c, &used);
     router__spend_settle(c, charge.usd);
     rate_settle(c, used.prompt + used.completion);
