@@ -185,7 +185,7 @@ void backend_attempt_start(struct backend *b, uint64_t now_ms)
         b->ttft_probing = 1;
 }
 
-void backend_attempt_up(struct backend *b)
+void backend_attempt_answered(struct backend *b)
 {
     if (b->failures >= BACKEND_FAILURE_LIMIT)
         log_info("backend %s: circuit closed after a successful probe", b->conf->name);
@@ -193,15 +193,15 @@ void backend_attempt_up(struct backend *b)
     b->probing = 0;
 }
 
-void backend_attempt_refused(struct backend *b)
-{
-    backend_attempt_up(b);
-    b->ttft_probing = 0; /* no sample: the next request may measure */
-}
-
 void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_ms)
 {
-    backend_attempt_refused(b);
+    backend_attempt_answered(b);
+    backend_ttft_sample(b, now_ms, ttft_ms);
+}
+
+void backend_ttft_sample(struct backend *b, uint64_t now_ms, uint64_t ttft_ms)
+{
+    b->ttft_probing = 0;
     if (ttft_stale(b, now_ms))
         b->ttft_ewma_ms = 0; /* the fresh sample replaces the stale average */
     backend__ewma(&b->ttft_ewma_ms, (double)ttft_ms);

@@ -72,19 +72,18 @@ int backend_probe_due(const struct backend *b, uint64_t now_ms);
  * circuit's time left; a second while a half-open probe is out). Else 0. */
 uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms);
 
-/* Outcome of one attempt. A failure is a connect error, a reset or a 5xx
- * before the response started; a 429 is neither (backend_rate_limited). */
+/* Outcome of one attempt. A failure is a connect error, a reset or a 5xx,
+ * or an answer its backend cut before its end (a stream's too); a 429 is
+ * neither (backend_rate_limited). */
 void backend_attempt_start(struct backend *b, uint64_t now_ms);
 void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_ms);
-/* `b` answered with a refusal (a 4xx other than 429): it is up, as for a
- * success, but its answer was no first token, and so no latency sample
- * (a refusal is fast however slow the backend serves). */
-void backend_attempt_refused(struct backend *b);
-/* `b` answered a stream's head: it is up (its circuit closes), but a
- * head is no token (vLLM and TGI send it before the first): the TTFT
- * sample, and the end of a latency probe, wait for
- * backend_attempt_success at the first event. */
-void backend_attempt_up(struct backend *b);
+/* A success without a latency sample: the backend answered, with a
+ * refusal (a 4xx) that comes as fast as it validates, whatever its TTFT,
+ * or with a stream's head, which servers (vLLM's) send before the first
+ * token. A latency probe stays out until its sample or its end. */
+void backend_attempt_answered(struct backend *b);
+/* The attempt's first token came `ttft_ms` after it began. */
+void backend_ttft_sample(struct backend *b, uint64_t now_ms, uint64_t ttft_ms);
 void backend_attempt_failure(struct backend *b, uint64_t now_ms);
 /* The attempt ended (success or failure): in-flight count goes down. */
 void backend_attempt_end(struct backend *b);
@@ -123,6 +122,8 @@ struct backend_tokens {
     unsigned searches_one_cap:1; /* the two counts are one cap on calls of either kind
                                     (an estimate's): priced as the dearer kind */
     unsigned reported:1;  /* the answer's usage said what it cost: reported_usd */
+    unsigned partial:1;   /* cut short (broken, or its client left): its duration says
+                             nothing of the backend's, and is no sample */
     double reported_usd;  /* that cost, billed in place of the tokens' price by a
                              backend with cost_from_usage (an estimate has none) */
 };

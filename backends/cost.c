@@ -207,7 +207,7 @@ struct backend_charge backend_attempt_finish(struct backend *b, uint64_t now_ms,
     backend_attempt_end(b);
     if (used->completion > 0) {
         backend_tokens_served(b, now_ms, used->completion);
-        if (t != NULL)
+        if (t != NULL && !used->partial)
             backend__ewma(&b->duration_ewma_ms, (double)ch.duration_ms);
     }
     if (!billable(used)) {

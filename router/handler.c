@@ -372,9 +372,8 @@ void router__request_reset(struct router__request *req)
     req->budget_checked = req->overrun_checked = req->rate_held = 0;
     req->rate_tokens = 0;
     req->sse_scanned = 0;
-    req->probe_chosen = 0;
+    req->probe_chosen = req->success_due = req->ttft_due = 0;
     req->chosen_held = 0; /* released where the request ended */
-    req->ttft_due = 0;
     req->last_error = NULL;
     req->cache_model = NULL;
     req->events = 0;

@@ -322,6 +322,7 @@ struct router__request {
     uint64_t start_ms;                   /* loop time the request was complete */
     uint64_t attempt_start_ms;           /* loop time of the current attempt */
     uint64_t ttft_ms;                    /* first response byte, from start */
+    uint64_t head_ttft_ms;               /* the attempt's own TTFT, while success_due */
     /* cost-aware routing and spend */
     int64_t prompt_est;                  /* prompt tokens estimated before sending */
     int64_t prompt_raw;                  /* uncalibrated estimate (tokenizer: estimate) */
@@ -361,10 +362,12 @@ struct router__request {
     unsigned rate_held:1;                /* rate_tokens taken from the tpm limits, not settled */
     unsigned inflight:1;                 /* counted in costrouter_inflight_requests */
     unsigned probe_chosen:1;             /* its backend was due a probe when chosen */
-    unsigned ttft_due:1;                 /* a stream's head came: its first event's time is
-                                            the TTFT (cost log, backend's average) */
     unsigned chosen_held:1;              /* counted in its backend's chosen load until its
                                             attempt begins (router__proxy_unchoose) */
+    unsigned success_due:1;              /* a held answer's head came: a success for its
+                                            backend once it reaches the client */
+    unsigned ttft_due:1;                 /* a stream's head came: its first token's time is
+                                            the TTFT (cost log, backend's average) */
     int64_t rate_tokens;                 /* tokens taken at admission (rate_limit) */
     const char *last_error;              /* the failed attempt's error, kept across a check */
     uint64_t events;                     /* SSE data events forwarded (token fallback) */

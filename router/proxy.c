@@ -55,7 +55,9 @@
 #define PROXY_SSE_EVENT_MAX (16u * 1024 * 1024)
 /* Completion tokens assumed when nothing better is known. */
 #define PROXY_COMPLETION_FALLBACK 256
-/* Store round trips allowed for one request's reservations. */
+/* Store round trips allowed for one request's reservations, beside the
+ * one of each attempt sent (each fallback holds anew): those that held
+ * nothing to send with (refused under contention, a probe taken). */
 #define PROXY_MAX_BEGINS 4
 
 static const char *endpoint_suffix(enum router__endpoint ep)
@@ -701,11 +703,9 @@ void router__proxy_unchoose(struct router__client *c)
     backend_unchosen(c->req.pool->backend);
 }
 
-/* Ask policy/ for a candidate. Returns 0 with req->choice set, or -1
- * after answering the client (429 budget, 400 too long, 503 none, or
- * last error) or asking the store for fresh spend first (the answer
- * comes back to router__proxy_budget_checked). */
-static int choose(struct router__client *c, const char *last_error)
+/* What policy/ is asked for `c`'s request, with the spend as this
+ * instance has it now. */
+static void policy_request_of(struct router__client *c, struct policy_request *out)
 {
     struct router__request *req = &c->req;
     struct router *r = c->router;
@@ -714,21 +714,6 @@ static int choose(struct router__client *c, const char *last_error)
     const struct router__spend *ks = router__key_spend(r, req->key);
     struct policy_request preq = {0};
 
-    router__proxy_unchoose(c);
-    if (req->attempts > (unsigned)r->conf->max_retries) {
-        router__send_error(c, last_error, NULL);
-        return -1;
-    }
-    if (req->verdicts == NULL) { /* a buffer kept from request to request: no malloc */
-        size_t size = MIN(req->route->ncandidates, 64) * sizeof(*req->verdicts);
-
-        if (buf_reserve(&req->verdict_mem, size) < 0) {
-            router__send_error(c, error_no_memory, NULL);
-            return -1;
-        }
-        req->verdicts = (struct policy_verdict *)(void *)req->verdict_mem.data;
-        memset(req->verdicts, 0, size);
-    }
     preq.route = req->route;
     preq.backends = r->backends;
     preq.limits.min_quality = t->min_quality;
@@ -765,6 +750,35 @@ static int choose(struct router__client *c, const char *last_error)
         preq.day = preq.month = (struct policy_budget){0, 0};
         preq.key_day = preq.key_month = (struct policy_budget){0, 0}; /* the key's too */
     }
+    *out = preq;
+}
+
+/* Ask policy/ for a candidate. Returns 0 with req->choice set, or -1
+ * after answering the client (429 budget, 400 too long, 503 none, or
+ * last error) or asking the store for fresh spend first (the answer
+ * comes back to router__proxy_budget_checked). */
+static int choose(struct router__client *c, const char *last_error)
+{
+    struct router__request *req = &c->req;
+    struct router *r = c->router;
+    struct policy_request preq;
+
+    router__proxy_unchoose(c);
+    if (req->attempts > (unsigned)r->conf->max_retries) {
+        router__send_error(c, last_error, NULL);
+        return -1;
+    }
+    if (req->verdicts == NULL) { /* a buffer kept from request to request: no malloc */
+        size_t size = MIN(req->route->ncandidates, 64) * sizeof(*req->verdicts);
+
+        if (buf_reserve(&req->verdict_mem, size) < 0) {
+            router__send_error(c, error_no_memory, NULL);
+            return -1;
+        }
+        req->verdicts = (struct policy_verdict *)(void *)req->verdict_mem.data;
+        memset(req->verdicts, 0, size);
+    }
+    policy_request_of(c, &preq);
     req->choice = policy_cost_aware.choose(&preq, req->verdicts);
     if (budget_bound(&req->choice) && req->begins == 0 && !req->budget_checked) {
         /* The numbers are the store's answer to an earlier request. Since
@@ -776,6 +790,15 @@ static int choose(struct router__client *c, const char *last_error)
         req->last_error = last_error;
         if (router__spend_check(c) != 0)
             router__send_error(c, error_no_memory, NULL);
+        return -1;
+    }
+    if (req->choice.reject_budget && last_error != NULL && req->attempts > 0) {
+        /* A fallback whose candidates left are too dear: the budget
+         * covered the one that failed, and a retry may go there again.
+         * The failure is the answer, not budget_exhausted, which tells
+         * the client's SDK not to retry (insufficient_quota). */
+        req->reason = policy_reason_name(req->choice.reason);
+        reject_none(c, last_error);
         return -1;
     }
     if (req->choice.reject_budget) {
@@ -878,7 +901,7 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
             req->cacheable = 0;
         buf_free(&route_key);
     }
-    if (req->begins >= PROXY_MAX_BEGINS) {
+    if (req->begins >= req->attempts + PROXY_MAX_BEGINS) {
         reject_budget(c);
         return;
     }
@@ -1207,6 +1230,34 @@ static int more_candidates(const struct router__client *c)
     return (req->tried & all) != all && req->attempts <= (unsigned)c->router->conf->max_retries;
 }
 
+/* Would another candidate take the request now, were this attempt given
+ * up? The choice the next attempt would make (this attempt's hold given
+ * back), made before a backend's 5xx or 429 is dropped for it: when none
+ * would (the others tried, shut by their circuit, too small, too dear,
+ * of another API), the client gets the backend's own answer, as from a
+ * route's only backend, and not the router's 502 with the answer lost
+ * (a 429's Retry-After among it). */
+static int fallback_left(struct router__client *c)
+{
+    const struct router__request *req = &c->req;
+    struct policy_verdict scratch[64]; /* req->verdicts stay the cost log's */
+    struct policy_request preq;
+
+    if (!more_candidates(c))
+        return 0;
+    policy_request_of(c, &preq);
+    if (req->has_res) {
+        preq.day.remaining_micro += preq.day.limit_micro > 0 ? req->res.amount : 0;
+        preq.month.remaining_micro += preq.month.limit_micro > 0 ? req->res.amount : 0;
+    }
+    if (req->has_key_res) {
+        preq.key_day.remaining_micro += preq.key_day.limit_micro > 0 ? req->key_res.amount : 0;
+        preq.key_month.remaining_micro +=
+            preq.key_month.limit_micro > 0 ? req->key_res.amount : 0;
+    }
+    return policy_cost_aware.choose(&preq, scratch).candidate >= 0;
+}
+
 /* End the current attempt's accounting; `used` NULL for a failure. */
 static struct backend_charge finish_attempt(struct router__client *c, const struct backend_tokens *used)
 {
@@ -1343,6 +1394,25 @@ static void send_held_head(struct router__client *c, int64_t length, int with_co
     send_bufs(c, bufs, body && body->len ? 2 : 1);
 }
 
+/* The answer whose head came ended whole: a success for its backend,
+ * with the TTFT its head had; a refusal (4xx) is no sample, as a 429 is
+ * not: it comes as fast as the backend validates, and would pull a slow
+ * backend's average down to a few ms; nor is a stream's head, as vLLM's
+ * server sends it at once however long its queue: its first token is
+ * (ttft_due). */
+static void note_success(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+
+    if (!req->success_due)
+        return;
+    req->success_due = 0;
+    if (req->status >= 400 || req->is_sse)
+        backend_attempt_answered(req->pool->backend);
+    else
+        backend_attempt_success(req->pool->backend, router__now(c->router), req->head_ttft_ms);
+}
+
 int router__proxy_on_head(struct router__client *c, int status, const struct buf *headers,
                           int64_t content_length, int is_sse, int64_t retry_after_ms)
 {
@@ -1363,7 +1433,7 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
         key_refused(c, status, now);
         return 1;
     }
-    if (status_retryable(status) && more_candidates(c)) {
+    if (status_retryable(status) && fallback_left(c)) {
         char note[LOG_EVERY_NOTE_MAX];
 
         if (log_every_due(&req->pool->retry_log, now, note))
@@ -1381,21 +1451,19 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     /* As when another candidate follows: a 5xx is a failure (else a
      * route's last or only backend answering 500s never had its circuit
      * opened), a 429 neither a failure nor a latency sample (a fast
-     * refusal says nothing of how fast it serves), and another refusal
-     * (4xx) no latency sample either: the backend is up, but a stale
-     * average replaced by a 400's few ms sent SLO traffic back to a
-     * backend still too slow. */
-    if (status >= 500)
+     * refusal says nothing of how fast it serves; nor does a 4xx, a
+     * success without one: note_success). */
+    if (status >= 500) {
         backend_attempt_failure(req->pool->backend, now);
-    else if (status >= 400 && status != 429)
-        backend_attempt_refused(req->pool->backend);
-    else if (status < 400 && is_sse) {
-        /* A stream's head may come before its first token (vLLM and TGI
-         * send it at once): the time to first token is its first event's. */
-        backend_attempt_up(req->pool->backend);
-        req->ttft_due = 1;
-    } else if (status < 400)
-        backend_attempt_success(req->pool->backend, now, now - req->attempt_start_ms);
+    } else if (status != 429) {
+        /* An answer that its backend breaks before its end is a failure
+         * (router__proxy_on_error): its head alone is no success, or a
+         * backend that cuts every answer would clear its failures each
+         * time and never have its circuit opened. */
+        req->head_ttft_ms = now - req->attempt_start_ms;
+        req->success_due = 1;
+        req->ttft_due = is_sse && status < 400;
+    }
     req->status = status;
     /* An error answer is held whole even when it says it is a stream, so
      * that scrub_key sees all of its body before the client does. */
@@ -1644,6 +1712,13 @@ static int on_sse_event(void *arg, const char *p, size_t len)
             counted = !(dlen == 6 && memcmp(data, "[DONE]", 6) == 0);
         }
         if (counted) {
+            if (req->ttft_due) {
+                uint64_t now = router__now(c->router);
+
+                req->ttft_due = 0;
+                req->ttft_ms = now - req->start_ms;
+                backend_ttft_sample(req->pool->backend, now, now - req->attempt_start_ms);
+            }
             if (overrun_cut(c))
                 return -1; /* before this event went: not charged */
             req->events++;
@@ -1761,13 +1836,6 @@ void router__proxy_on_body(struct router__client *c, const char *p, size_t len)
 {
     struct router__request *req = &c->req;
 
-    if (req->ttft_due && len > 0) {
-        uint64_t now = router__now(c->router);
-
-        req->ttft_due = 0;
-        req->ttft_ms = now - req->start_ms;
-        backend_attempt_success(req->pool->backend, now, now - req->attempt_start_ms);
-    }
     if (req->is_sse) {
         int rc;
 
@@ -1857,6 +1925,7 @@ static void settle(struct router__client *c)
     if (req->big_usage != NULL)
         note_passed_calls(req);
     used = req->billed = tokens_used(req);
+    used.partial = !req->upstream_done; /* broken, or its client left */
     charge = finish_attempt(c, &used);
     router__spend_settle(c, charge.usd);
     rate_settle(c, used.prompt + used.completion);
@@ -2019,6 +2088,7 @@ void router__proxy_on_complete(struct router__client *c)
         note_count(req);
     if (req->big_usage != NULL)
         big_usage_stop(req, "ended without usage");
+    note_success(c);
     settle(c);
     if (req->head_held) {
         if (req->status >= 400)
@@ -2071,6 +2141,7 @@ static void forget_response(struct router__request *req)
 {
     req->response_started = 0;
     req->head_held = 0;
+    req->success_due = 0;
     req->status = req->upstream_status = 0;
     req->ttft_ms = 0;
     req->ttft_due = 0;
@@ -2095,6 +2166,13 @@ void router__proxy_on_error(struct router__client *c, const char *errstr)
     if (req->response_started) {
         log_warn("request %s: backend %s failed mid-response: %s", req->id_str,
                  req->pool->conf->name, errstr);
+        /* Cut by its backend (reset, close, bad framing): a failure, though
+         * too late for another candidate. A timeout is not counted: a
+         * client that reads slowly holds the backend back (paused) too. */
+        if (req->success_due && errstr == error_upstream_io) {
+            req->success_due = 0;
+            backend_attempt_failure(req->pool->backend, now);
+        }
         fail_midstream(c, errstr, "the upstream connection broke mid-response");
         return;
     }

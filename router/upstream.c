@@ -461,10 +461,14 @@ static int parse_response(struct router__upstream *u, const char *p, size_t len)
     return -1;
 }
 
-static void on_eof(struct router__upstream *u)
+/* The connection ended: `clean` for a close (EOF, TLS close_notify),
+ * not for a reset or another error, which breaks a response delimited by
+ * the connection's end as it breaks any other. */
+static void on_eof(struct router__upstream *u, int clean)
 {
     /* A response delimited by connection close ends here. */
-    if (u->state == ROUTER_UP_RECEIVING && llhttp_finish(&u->parser) == HPE_PAUSED && u->complete) {
+    if (clean && u->state == ROUTER_UP_RECEIVING && llhttp_finish(&u->parser) == HPE_PAUSED &&
+        u->complete) {
         finish_response(u, 0);
         return;
     }
@@ -485,7 +489,7 @@ static void upstream_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     if (nread == 0 || u->closing)
         return;
     if (nread < 0) {
-        on_eof(u);
+        on_eof(u, nread == UV_EOF);
         return;
     }
     if (u->ssl == NULL) {
@@ -510,7 +514,7 @@ static void upstream_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
             upstream_fail(u, error_upstream_io);
         break;
     case SSL_ERROR_ZERO_RETURN:
-        on_eof(u);
+        on_eof(u, 1);
         break;
     default:
         tls_log_error(u, "read");

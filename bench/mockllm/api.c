@@ -847,8 +847,6 @@ static void put_token_event(struct mockllm_conn *c)
     p->sent++;
 }
 
-/* Send what is due now of a streamed answer, then arm the timer for the
- * next token or finish. */
 /* The stream's status and headers (and its opening events), once. */
 static void stream_head(struct mockllm_conn *c)
 {
@@ -868,6 +866,8 @@ static void stream_head(struct mockllm_conn *c)
     }
 }
 
+/* Send what is due now of a streamed answer, then arm the timer for the
+ * next token or finish. */
 static void stream_tick(struct mockllm_conn *c)
 {
     struct mockllm_plan *p = &c->plan;

@@ -2131,13 +2131,14 @@ Test(costs, an_arm_whose_backends_are_all_down_answers_503_with_retry_after)
     cJSON_Delete(rec);
 }
 
-Test(costs, gpu_pool_spills_to_the_api_tier_only_when_the_slo_would_break)
-{
-    struct support_sse s[6];
-    char got[6][16];
+#define SLO_STREAM "{\"model\":\"chat\",\"stream\":true,\"max_tokens\":8," MSG "}"
 
-    /* The pool: one replica, 2 concurrent, 800 ms a request (8 tokens x
-     * 100 ms). Cheap while it has headroom; the API tier is dear. */
+/* The pool: one replica, 2 concurrent, 800 ms a request (8 tokens x
+ * 100 ms). Cheap while it has headroom; the API tier is dear. A tenant
+ * with a 600 ms SLO. Then three streams one at a time, to their end:
+ * always the pool (they teach the router its 800 ms). */
+static void start_pool_and_api_tier(void)
+{
     cr_assert_eq(support_mockllm_start(&mock_a, "--tokens", "8", "--token-delay-ms", "100", NULL), 0);
     cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
     cr_assert_eq(buf_printf(&yaml,
@@ -2148,18 +2149,23 @@ Test(costs, gpu_pool_spills_to_the_api_tier_only_when_the_slo_would_break)
                  0);
     add_backend("api", mock_b.port, 1, 1000, 1000);
     start_routers(1, "gpu, api", "    slo: {max_ttft_ms: 600}\n");
-    const char body[] = "{\"model\":\"chat\",\"stream\":true,\"max_tokens\":8," MSG "}";
-    /* One at a time: always the pool (it teaches the router its 800 ms). */
     for (int i = 0; i < 3; i++) {
-        cr_assert_eq(chat(0, NULL, body), 0);
+        cr_assert_eq(chat(0, NULL, SLO_STREAM), 0);
         cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "gpu");
     }
-    /* Six at once. Predicted TTFT with n in flight is
-     * ttft + max(0, n - 2 + 1) x 800 / 2: n = 0, 1, 2 give ttft + <= 400 ms,
-     * within the 600 ms SLO (ttft is a few ms, more under sanitizers); from
-     * n = 3 it is >= 800 ms, so those go to the API. */
     buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH, body), 0);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH, SLO_STREAM), 0);
+}
+
+/* Six streams at once. Predicted TTFT with n in flight is
+ * ttft + max(0, n - 2 + 1) x 800 / 2: n = 0, 1, 2 give ttft + <= 400 ms,
+ * within the 600 ms SLO (ttft is a few ms, more under sanitizers); from
+ * n = 3 it is >= 800 ms, so those go to the API. */
+static void six_streams_three_on_the_pool(void)
+{
+    struct support_sse s[6];
+    char got[6][16];
+
     for (int i = 0; i < 6; i++) {
         memset(&s[i], 0, sizeof(s[i]));
         int rc = support_sse_open(&s[i], routers[0].port, req.data, req.len, TIMEOUT_MS);
@@ -2253,6 +2259,34 @@ Test(costs, the_cost_log_gives_every_candidate_of_a_long_route)
     cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetArrayItem(cands, 0), "rejected")->valuestring,
                      "costlier");
     cJSON_Delete(rec);
+}
+
+Test(costs, gpu_pool_spills_to_the_api_tier_only_when_the_slo_would_break)
+{
+    start_pool_and_api_tier();
+    six_streams_three_on_the_pool();
+}
+
+/* A request's duration teaches the pool's queue only when it ran to its
+ * end: one whose client left after its first token says nothing of how
+ * long the pool takes. Taken as samples, five such brought the 800 ms
+ * average to about 330 ms, and streams that the SLO should have sent to
+ * the API tier queued on the pool. */
+Test(costs, a_stream_cut_short_is_no_duration_sample)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+
+    start_pool_and_api_tier();
+    for (int i = 0; i < 5; i++) { /* one at a time, each client leaving after a token */
+        memset(&s, 0, sizeof(s));
+        cr_assert_eq(support_sse_open(&s, routers[0].port, req.data, req.len, TIMEOUT_MS), 0);
+        cr_assert_str_eq(support_http_header(&s.resp, "x-costrouter-backend"), "gpu");
+        cr_assert_eq(support_sse_next(&s, &ev, TIMEOUT_MS), 1);
+        support_sse_close(&s);
+        usleep(50 * 1000); /* the router sees it leave */
+    }
+    six_streams_three_on_the_pool();
 }
 
 /* A chat on router 0 with `headers` (after AUTH): the backend that served. */

@@ -105,8 +105,9 @@ static void start_router(const char *limits, const char *backends, const char *c
                       limits ? limits : "", backends, candidates, hex);
 }
 
-/* A backend entry for a mock on `port`. */
-static const char *backend_yaml(char *out, size_t n, const char *name, int port, const char *extra)
+/* A backend entry for a mock on `port`, at `x` times the usual prices. */
+static const char *backend_yaml_priced(char *out, size_t n, const char *name, int port, int x,
+                                       const char *extra)
 {
     snprintf(out, n,
              "  - name: %s\n"
@@ -116,11 +117,17 @@ static const char *backend_yaml(char *out, size_t n, const char *name, int port,
              "    api_key: sk-upstream-%s\n"
              "    quality: 2\n"
              "    context_window: 8192\n"
-             "    input_usd_per_mtok: 1\n"
-             "    output_usd_per_mtok: 2\n"
+             "    input_usd_per_mtok: %d\n"
+             "    output_usd_per_mtok: %d\n"
              "%s",
-             name, port, name, name, extra ? extra : "");
+             name, port, name, name, x, 2 * x, extra ? extra : "");
     return out;
+}
+
+/* A backend entry for a mock on `port`. */
+static const char *backend_yaml(char *out, size_t n, const char *name, int port, const char *extra)
+{
+    return backend_yaml_priced(out, n, name, port, 1, extra);
 }
 
 /* The router in front of the running mocks A and B, in that order. */
@@ -1473,6 +1480,243 @@ Test(proxy, a_plain_answer_cut_after_its_head_falls_back)
     cr_assert_eq(json_num(body_json(), "usage.completion_tokens"), 16);
 }
 
+/* Backends a and b for mocks A and B, the one named `dearer` ten times
+ * dearer: the other is the choice whenever it qualifies, whatever their
+ * latencies. */
+static void dearer_yaml(char *both, size_t size, const char *dearer)
+{
+    char a[1024], b[1024];
+
+    backend_yaml_priced(a, sizeof(a), "a", mock_a.port, strcmp(dearer, "a") == 0 ? 10 : 1, NULL);
+    backend_yaml_priced(b, sizeof(b), "b", mock_b.port, strcmp(dearer, "b") == 0 ? 10 : 1, NULL);
+    snprintf(both, size, "%s%s", a, b);
+}
+
+/* The router in front of `backends`, candidates "a, b", its tenant's
+ * entry ending with `tenant` (YAML lines). */
+static void start_router_tenant(const char *backends, const char *tenant)
+{
+    char hex[65];
+
+    support_key_sha256_hex(TENANT_KEY, hex);
+    start_router_with("listen: 127.0.0.1:0\n"
+                      "backends:\n%s\n"
+                      "routes:\n"
+                      "  - model: chat\n"
+                      "    candidates: [a, b]\n"
+                      "tenants:\n"
+                      "  - id: t1\n"
+                      "    api_keys: [\"sha256:%s\"]\n"
+                      "%s",
+                      backends, hex, tenant);
+}
+
+/* Mocks A and B, B ten times dearer, and the router in front of them,
+ * its tenant's entry ending with `tenant` (YAML lines). */
+static void start_two_b_dearer(const char *tenant)
+{
+    char both[2100];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    dearer_yaml(both, sizeof(both), "b");
+    start_router_tenant(both, tenant);
+}
+
+/* The router in front of them, candidates "a, b". */
+static void start_router_dearer(const char *limits, const char *dearer)
+{
+    char both[2100];
+
+    dearer_yaml(both, sizeof(both), dearer);
+    start_router(limits, both, "a, b");
+}
+
+/* Such a cut is a failure of the backend's like a reset before the head:
+ * three in a row open its circuit, and the next request goes straight to
+ * the next candidate. Its head's arrival is no success: counted as one,
+ * it cleared the failures each time, and a backend that cuts every
+ * answer got (and delayed) every request, its circuit never open. */
+Test(proxy, plain_answers_cut_after_their_head_open_the_circuit)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "close-midstream", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    start_router_dearer(NULL, "b");
+    for (int i = 0; i < 4; i++) {
+        cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    }
+    /* The fourth was not sent to a: its circuit was open. */
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(json_num(body_json(), "requests"), 3, "%.*s", (int)resp.body.len,
+                 resp.body.data);
+}
+
+/* A 5xx or 429 goes to the next candidate only when there is one that
+ * could take the request: with the others shut (here b, whose circuit
+ * three connect failures opened), the client gets the backend's own
+ * answer, as from a route's only backend, and not a 502 the router made
+ * up: a 429 keeps its Retry-After, which the client's SDK waits for. */
+Test(proxy, a_429_with_no_candidate_left_to_try_is_the_backends_own)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    start_router_dearer(NULL, "a");
+    support_proc_stop(&mock_b); /* b, the cheaper, refuses connections */
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    }
+    cr_assert_eq(call("POST", "/v1/chat/completions",
+                      AUTH "x-mock-status: 429\r\nx-mock-retry-after: 7\r\n", CHAT),
+                 0);
+    cr_assert_eq(resp.status, 429, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    cr_assert_str_eq(support_http_header(&resp, "retry-after"), "7");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-mock-status: 503\r\n", CHAT), 0);
+    cr_assert_eq(resp.status, 503, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+}
+
+/* Nor when the one left is too dear for the budget: the cheap backend's
+ * 500 is the answer, not a 429 budget_exhausted that tells the client's
+ * SDK not to retry (x-should-retry: false) while its budget covers the
+ * backend it would go to. */
+Test(proxy, a_5xx_with_only_a_fallback_beyond_the_budget_is_the_backends_own)
+{
+    /* About $0.0005 on a (10 prompt tokens, 256 predicted), $0.005 on b */
+    start_two_b_dearer("    budget: { daily_usd: 0.002 }\n");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-mock-status: 500\r\n", CHAT), 0);
+    cr_assert_eq(resp.status, 500, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    cr_assert_eq(call_port(mock_b.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(json_num(body_json(), "requests"), 0);
+    /* and the budget is what it was: the next request is served */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+}
+
+/* Each attempt holds its own reservation, one store call each: a
+ * request that falls back max_retries times makes max_retries + 1 of
+ * them. The bound on store calls is for those that hold nothing (refused
+ * under contention, a probe taken meanwhile); counted with them, the
+ * fifth attempt of a route whose first four backends are down was
+ * answered 429 budget_exhausted (insufficient_quota), to a tenant
+ * without any budget. */
+Test(proxy, a_fifth_attempt_is_not_refused_for_the_reservations_before_it)
+{
+    char yaml[5][1024], all[5200];
+    const char *names[5] = {"a", "b", "c", "d", "e"};
+    int down;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    down = mock_b.port;
+    support_proc_stop(&mock_b); /* its port now refuses */
+    for (int i = 0; i < 5; i++) /* dearer down the route: e, the one up, is last */
+        backend_yaml_priced(yaml[i], sizeof(yaml[i]), names[i], i < 4 ? down : mock_a.port,
+                            i + 1, NULL);
+    snprintf(all, sizeof(all), "%s%s%s%s%s", yaml[0], yaml[1], yaml[2], yaml[3], yaml[4]);
+    start_router("limits: {max_retries: 4}", all, "a, b, c, d, e");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "e");
+}
+
+/* A backend's 4xx refusal (a request it finds invalid, too long, ...)
+ * comes as fast as it validates, whatever its time to first token: no
+ * latency sample, as a 429 is none. Taken as one, a few refused requests
+ * pulled the average of a slow backend down to a few ms, and requests of
+ * a tenant whose SLO it breaks went on to it, one slow answer after
+ * another, while the average crept back up. */
+Test(proxy, a_fast_4xx_refusal_is_no_ttft_sample)
+{
+    start_two_b_dearer("    slo: { max_ttft_ms: 200 }\n");
+    for (int i = 0; i < 5; i++) {
+        cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-mock-status: 400\r\n", CHAT), 0);
+        cr_assert_eq(resp.status, 400);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    }
+    /* a's real time to first token: 400 ms, twice the SLO */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-mock-ttft-ms: 400\r\n", CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH "x-mock-ttft-ms: 400\r\n", CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b",
+                     "a's average said it meets the SLO");
+}
+
+/* A stream whose head comes at once and whose first token 400 ms later
+ * (as vLLM's server sends them), read to its end; returns the backend
+ * that served it. */
+static const char *stream_served_by(struct support_sse *s)
+{
+    struct support_sse_event ev;
+    static char name[16];
+
+    open_stream(s, AUTH "x-mock-head-first: 1\r\nx-mock-ttft-ms: 400\r\n",
+                "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}");
+    cr_assert_eq(s->resp.status, 200);
+    snprintf(name, sizeof(name), "%s", support_http_header(&s->resp, "x-costrouter-backend"));
+    while (support_sse_next(s, &ev, TIMEOUT_MS) == 1)
+        ;
+    support_sse_close(s);
+    return name;
+}
+
+/* Nor is a stream's head: a server may send it before its first token
+ * (vLLM's does, however long its queue). A backend 400 ms to its first
+ * token was taken, by its heads, for one of a few ms, and got every
+ * stream of a tenant whose 200 ms SLO it breaks. */
+Test(proxy, a_streams_ttft_is_its_first_tokens_not_its_heads)
+{
+    struct support_sse s = {0};
+
+    start_two_b_dearer("    slo: { max_ttft_ms: 200 }\n");
+    cr_assert_str_eq(stream_served_by(&s), "a"); /* no average yet */
+    cr_assert_str_eq(stream_served_by(&s), "b", "a's average said it meets the SLO");
+}
+
+/* A stream that its backend breaks (here: closes after three tokens)
+ * cannot go to another candidate, its client has part of it; but it is
+ * the backend's failure all the same: three in a row open its circuit,
+ * and the next stream goes to the next candidate. Its head, which came,
+ * is no success: counted as one, it cleared the failures each time. */
+Test(proxy, streams_their_backend_breaks_open_its_circuit)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    int rc;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "close-midstream", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    start_router_dearer(NULL, "b");
+    for (int i = 0; i < 4; i++) {
+        open_stream(&s, AUTH, "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}");
+        cr_assert_eq(s.resp.status, 200);
+        cr_assert_str_eq(support_http_header(&s.resp, "x-costrouter-backend"), i < 3 ? "a" : "b",
+                         "stream %d", i);
+        while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1)
+            ;
+        support_sse_close(&s);
+        cr_assert(i < 3 ? rc != 0 : rc == 0, "stream %d: rc %d", i, rc);
+    }
+}
+
+/* The same when the cheap backend is down: the client learns that it is
+ * (502, which its SDK retries), not that its budget is spent. */
+Test(proxy, a_connect_failure_with_only_a_fallback_beyond_the_budget_is_a_502)
+{
+    start_two_b_dearer("    budget: { daily_usd: 0.002 }\n");
+    support_proc_stop(&mock_a); /* a refuses connections */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    assert_error(502, "upstream_connect_failed");
+    cr_assert_null(support_http_header(&resp, "x-should-retry"));
+}
+
 /* Bodies the router would read differently from the backend: a string
  * with U+0000 (its C string ends there, so the prompt would be counted
  * and priced cut short) and text after the JSON value. Both 400; an
@@ -1563,6 +1807,48 @@ static void answer_through_router(const char *answer)
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
     cr_assert_eq(resp.status, 200);
     cr_assert_eq(buf_append(&resp.raw, "", 1), 0);
+}
+
+/* An answer without Content-Length or chunks ends when its connection
+ * does: with a close, not with a reset, which is a backend that broke.
+ * Taken for its end, a stream cut so looked complete (its cost comment,
+ * its last chunk) and a plain answer cut so went out, truncated, as a
+ * 200: the stream must end with an error event and no last chunk, and
+ * the plain answer, which nobody has seen, goes to the next candidate. */
+Test(proxy, an_answer_ended_by_its_connection_is_broken_by_a_reset)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    int rc, saw_error = 0, events = 0;
+
+    start_canned_then_b("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n"
+                        "{\"choices\":[{\"message\":{\"content\":\"the start of");
+    support_canned_reset(canned, 1);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b", "%.*s",
+                     (int)resp.body.len, resp.body.data);
+    cr_assert_eq(json_num(body_json(), "usage.completion_tokens"), 16);
+
+    support_canned_set(canned,
+                       "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+                       "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n"
+                       "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n",
+                       strlen("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+                              "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n"
+                              "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n"));
+    support_canned_reset(canned, 1);
+    open_stream(&s, AUTH, "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}");
+    cr_assert_eq(s.resp.status, 200);
+    cr_assert_str_eq(support_http_header(&s.resp, "x-costrouter-backend"), "a");
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1) {
+        events += strstr(ev.data, "delta") != NULL;
+        saw_error |= strstr(ev.data, "\"error\"") != NULL;
+    }
+    support_sse_close(&s);
+    cr_assert_eq(events, 2);
+    cr_assert(saw_error, "no SSE error event");
+    cr_assert_neq(rc, 0, "the stream ended as if it were complete");
 }
 
 /* A 1xx carrying a body (150, 199, and 099, which is no status at all)

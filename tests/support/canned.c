@@ -32,6 +32,7 @@ struct support_canned {
     struct buf copy;      /* heads as last returned, NUL-terminated */
     char *echo_head;      /* support_canned_echo's head, or NULL: answer is sent */
     char *echo_body;      /* its body template */
+    int reset;            /* end connections with a reset (support_canned_reset) */
 };
 
 #define ECHO_MARK "$REQUEST"
@@ -121,6 +122,7 @@ static void serve(struct support_canned *u, int fd)
     const char *end = NULL;
     size_t want = 0;
     ssize_t n;
+    int reset;
 
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     while ((n = read(fd, chunk, sizeof(chunk))) > 0) {
@@ -140,7 +142,14 @@ static void serve(struct support_canned *u, int fd)
             echo_answer(u, in.data, (size_t)(end + 4 - in.data), &echo);
         write_all(fd, u->echo_head ? echo.data : u->answer,
                   u->echo_head ? echo.len : u->answer_len);
+        reset = u->reset;
         pthread_mutex_unlock(&u->lock);
+        if (reset) {
+            struct linger abort_close = {1, 0}; /* close sends RST */
+
+            usleep(200 * 1000); /* the answer is read first */
+            setsockopt(fd, SOL_SOCKET, SO_LINGER, &abort_close, sizeof(abort_close));
+        }
     }
     buf_free(&echo);
     buf_free(&in);
@@ -217,6 +226,13 @@ void support_canned_echo(struct support_canned *u, const char *head, const char 
     free(u->echo_body);
     u->echo_head = h;
     u->echo_body = b;
+    pthread_mutex_unlock(&u->lock);
+}
+
+void support_canned_reset(struct support_canned *u, int on)
+{
+    pthread_mutex_lock(&u->lock);
+    u->reset = on;
     pthread_mutex_unlock(&u->lock);
 }
 

@@ -25,6 +25,9 @@ void support_canned_set(struct support_canned *u, const char *answer, size_t len
  * back what it was sent (the key in its Authorization too).
  * support_canned_set ends it. */
 void support_canned_echo(struct support_canned *u, const char *head, const char *body);
+/* `on`: end each connection with a reset (RST) 200 ms after the answer,
+ * instead of closing it: a backend that breaks, not one that is done. */
+void support_canned_reset(struct support_canned *u, int on);
 /* How many requests it read. */
 int support_canned_requests(struct support_canned *u);
 /* The port it listens on. */
