@@ -821,10 +821,17 @@ static const char *held_number_error(const cJSON *body)
         {"n", "'n' must be a number"},
         {"best_of", "'best_of' must be a number"},
     };
+    const cJSON *m;
 
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
-        if (!absent_or(cJSON_GetObjectItemCaseSensitive(body, names[i][0]), cJSON_Number))
-            return names[i][1];
+    /* One walk of the body's members (not a lookup per name, each of
+     * which walks them all when the name is absent, as most are). */
+    cJSON_ArrayForEach(m, body) {
+        if (absent_or(m, cJSON_Number))
+            continue;
+        for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+            if (strcmp(m->string, names[i][0]) == 0)
+                return names[i][1];
+    }
     return NULL;
 }
 
