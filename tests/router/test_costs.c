@@ -2190,23 +2190,7 @@ Test(costs, a_burst_spills_from_the_gpu_pool_as_requests_one_by_one_do)
     struct support_http_response got[6];
     int on_gpu = 0;
 
-    cr_assert_eq(support_mockllm_start(&mock_a, "--tokens", "8", "--token-delay-ms", "100", NULL), 0);
-    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
-    cr_assert_eq(buf_printf(&yaml,
-                            "  - {name: gpu, kind: self_hosted, url: \"http://127.0.0.1:%d/v1\",\n"
-                            "     quality: 1, context_window: 100000, gpu_hourly_usd: 1, replicas: 1,\n"
-                            "     max_concurrency: 2, tokens_per_second: 1000}\n",
-                            mock_a.port),
-                 0);
-    add_backend("api", mock_b.port, 1, 1000, 1000);
-    start_routers(1, "gpu, api", "    slo: {max_ttft_ms: 600}\n");
-    const char body[] = "{\"model\":\"chat\",\"stream\":true,\"max_tokens\":8," MSG "}";
-    for (int i = 0; i < 3; i++) { /* teaches the router the pool's 800 ms */
-        cr_assert_eq(chat(0, NULL, body), 0);
-        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "gpu");
-    }
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH, body), 0);
+    start_pool_and_api_tier();
     for (int i = 0; i < 6; i++)
         cr_assert_eq(support_http_connect(&conns[i], routers[0].port), 0);
     usleep(100 * 1000); /* all accepted: the requests below arrive together */
