@@ -1038,23 +1038,34 @@ static void on_cut_step(uv_timer_t *t)
 /* A write cut short by an error (here the file size limit, as a full disk
  * would) leaves part of a line in the file. The next record is not glued
  * to it: it would make one line that is no JSON, losing both. */
-Test(costlog, a_write_cut_short_keeps_the_next_record_whole, .timeout = 10)
+/* Open the log, write three records (some 560 bytes each) under a file
+ * size limit of 1000 bytes, run `step` 300 ms later and the loop to its
+ * end; the file's lines in lines[8], their count in *n (the text
+ * returned, to free). */
+static char *write_three_past_a_limit(struct rotate_ctx *ctx, uv_timer_cb step, char **lines,
+                                      size_t *n)
 {
-    struct rotate_ctx ctx = {0};
     struct rlimit small = {1000, RLIM_INFINITY};
-    char *lines[8], *data;
-    size_t n;
     int err;
 
     signal(SIGXFSZ, SIG_IGN);
-    ctx.log = metrics_cost_log_open(&loop, path, 10, 0, 0, NULL, &err);
-    cr_assert_not_null(ctx.log);
+    ctx->log = metrics_cost_log_open(&loop, path, 10, 0, 0, NULL, &err);
+    cr_assert_not_null(ctx->log);
     cr_assert_eq(setrlimit(RLIMIT_FSIZE, &small), 0);
-    write_some(&ctx, 3); /* some 560 bytes each */
-    uv_timer_init(&loop, &ctx.timer);
-    uv_timer_start(&ctx.timer, on_cut_step, 300, 0);
+    write_some(ctx, 3);
+    uv_timer_init(&loop, &ctx->timer);
+    uv_timer_start(&ctx->timer, step, 300, 0);
     uv_run(&loop, UV_RUN_DEFAULT);
-    data = lines_of(path, lines, 8, &n);
+    return lines_of(path, lines, 8, n);
+}
+
+Test(costlog, a_write_cut_short_keeps_the_next_record_whole, .timeout = 10)
+{
+    struct rotate_ctx ctx = {0};
+    char *lines[8], *data;
+    size_t n;
+
+    data = write_three_past_a_limit(&ctx, on_cut_step, lines, &n);
     cr_assert_eq(n, 3);
     assert_record(lines[0], "req-0");
     cr_assert_null(cJSON_Parse(lines[1]), "the cut line: %s", lines[1]);
@@ -1084,24 +1095,14 @@ static void on_cut_after_cut_step(uv_timer_t *t)
 Test(costlog, a_cut_first_write_after_a_cut_file_counts_its_drops, .timeout = 10)
 {
     struct rotate_ctx ctx = {0};
-    struct rlimit small = {1000, RLIM_INFINITY};
     FILE *f = fopen(path, "w");
     char *lines[8], *data;
     size_t n;
-    int err;
 
     cr_assert_not_null(f);
     fputs("{\"request_id\":\"cut", f); /* 18 bytes */
     fclose(f);
-    signal(SIGXFSZ, SIG_IGN);
-    ctx.log = metrics_cost_log_open(&loop, path, 10, 0, 0, NULL, &err);
-    cr_assert_not_null(ctx.log);
-    cr_assert_eq(setrlimit(RLIMIT_FSIZE, &small), 0);
-    write_some(&ctx, 3); /* some 560 bytes each */
-    uv_timer_init(&loop, &ctx.timer);
-    uv_timer_start(&ctx.timer, on_cut_after_cut_step, 300, 0);
-    uv_run(&loop, UV_RUN_DEFAULT);
-    data = lines_of(path, lines, 8, &n);
+    data = write_three_past_a_limit(&ctx, on_cut_after_cut_step, lines, &n);
     cr_assert_eq(n, 3);
     assert_record(lines[1], "req-0");
     free(data);

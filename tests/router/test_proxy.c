@@ -1171,26 +1171,37 @@ Test(proxy, idle_connection_closes_at_its_own_timeout)
  * whole, the answer ends, and the client takes ~8 KiB every 8 ms:
  * seconds of reading, never idle_timeout_ms (1 s) without progress.
  * Before, it was closed 1 s after the answer ended, ~2.8 of 5 MiB read. */
-Test(proxy, a_slow_reader_of_a_large_answer_is_not_closed_as_idle)
+/* A router with `limits` (a flow mapping's inside) in front of one mock,
+ * asked on `c` (a small receive buffer) for a stream of one event of `pad`
+ * bytes, past the socket buffers; returns once the answer has ended
+ * upstream and the router holds most of it. */
+static void ask_for_a_large_stream(struct support_http_conn *c, const char *limits, int pad)
 {
     static const char body[] = "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}";
-    struct support_http_conn c;
-    struct support_http_response r = {0};
-    char a[1024], headers[256];
-    int pad = pad_past_send_buffers();
-    struct timespec tick = {0, 8 * 1000 * 1000};
-    size_t got = 0;
+    char a[1024], headers[256], conf[256];
 
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
-    start_router("admin_key: " ADMIN_KEY "\nlimits: {idle_timeout_ms: 1000}", a, "a");
+    snprintf(conf, sizeof(conf), "admin_key: " ADMIN_KEY "\nlimits: {%s}", limits);
+    start_router(conf, a, "a");
     snprintf(headers, sizeof(headers),
              AUTH "x-mock-tokens: 1\r\nx-mock-event-pad: %d\r\nx-mock-done-delay-ms: 300\r\n", pad);
     buf_reset(&req);
     cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", headers, body), 0);
-    cr_assert_eq(support_http_connect_rcvbuf(&c, router.port, 4096), 0);
-    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
-    wait_pool_idle(1); /* the answer has ended: the router holds most of it */
+    cr_assert_eq(support_http_connect_rcvbuf(c, router.port, 4096), 0);
+    cr_assert_eq(support_http_send(c, req.data, req.len), 0);
+    wait_pool_idle(1);
+}
+
+Test(proxy, a_slow_reader_of_a_large_answer_is_not_closed_as_idle)
+{
+    struct support_http_conn c;
+    struct support_http_response r = {0};
+    int pad = pad_past_send_buffers();
+    struct timespec tick = {0, 8 * 1000 * 1000};
+    size_t got = 0;
+
+    ask_for_a_large_stream(&c, "idle_timeout_ms: 1000", pad);
     for (;;) {
         ssize_t n;
 
@@ -1221,22 +1232,11 @@ Test(proxy, a_slow_reader_of_a_large_answer_is_not_closed_as_idle)
  * for ever by the answer it does not read. */
 Test(proxy, a_client_that_reads_nothing_of_a_large_answer_is_closed)
 {
-    static const char body[] = "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}";
     struct support_http_conn c;
     struct support_http_response r = {0};
-    char a[1024], headers[256];
     int pad = pad_past_send_buffers();
 
-    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    backend_yaml(a, sizeof(a), "a", mock_a.port, NULL);
-    start_router("admin_key: " ADMIN_KEY "\nlimits: {idle_timeout_ms: 500}", a, "a");
-    snprintf(headers, sizeof(headers),
-             AUTH "x-mock-tokens: 1\r\nx-mock-event-pad: %d\r\nx-mock-done-delay-ms: 300\r\n", pad);
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", headers, body), 0);
-    cr_assert_eq(support_http_connect_rcvbuf(&c, router.port, 4096), 0);
-    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
-    wait_pool_idle(1);
+    ask_for_a_large_stream(&c, "idle_timeout_ms: 500", pad);
     usleep(2000 * 1000);
     cr_assert_neq(support_http_read(&c, &r, TIMEOUT_MS), 0, "the whole answer waited %zu bytes",
                   r.raw.len);
