@@ -122,11 +122,8 @@ int64_t policy_outpred_choices(const cJSON *req)
     return per_prompt * prompts;
 }
 
-void policy_outpred_observe(struct policy_outpred *o, int64_t completion_tokens,
-                            const cJSON *req)
+void policy_outpred_observe(struct policy_outpred *o, int64_t completion_tokens, int64_t n)
 {
-    int64_t n = policy_outpred_choices(req);
-
     if (completion_tokens < 0)
         return;
     if (n > 1)
@@ -163,11 +160,8 @@ int64_t policy_outpred_cap(const cJSON *req)
     return per ? per : positive_int(req, "max_output_tokens"); /* the Responses API's name */
 }
 
-int64_t policy_outpred_predict(struct policy_outpred *o, const cJSON *req, int64_t fallback)
+int64_t policy_outpred_predict(struct policy_outpred *o, int64_t n, int64_t per, int64_t fallback)
 {
-    int64_t n = policy_outpred_choices(req);
-    int64_t per = policy_outpred_cap(req);
-
     if (!per)
         per = o && o->n >= OUTPRED_MIN_SAMPLES ? (int64_t)outpred_quantile(o) : fallback;
     /* Each may be up to 1e12: their product can pass 64 bits, and wrapped

@@ -235,11 +235,12 @@ void policy_outpred_init(struct policy_outpred *o);
  * least 1; saturates far past any budget. */
 int64_t policy_outpred_choices(const struct cJSON *req);
 
-/* Record the usage.completion_tokens of the answer to `req` (may be NULL;
- * negative ignored), per choice: divided by policy_outpred_choices, since
- * policy_outpred_predict multiplies by it. O(1). */
+/* Record the usage.completion_tokens (negative ignored) of an answer of
+ * `choices` completions (policy_outpred_choices of its request), per
+ * choice: divided by `choices`, since policy_outpred_predict multiplies by
+ * it. O(1). */
 void policy_outpred_observe(struct policy_outpred *o, int64_t completion_tokens,
-                            const struct cJSON *req);
+                            int64_t choices);
 
 /* The completion tokens `req` caps each choice at: its
  * "max_completion_tokens" or "max_tokens" (the smaller if both), else a
@@ -249,14 +250,15 @@ void policy_outpred_observe(struct policy_outpred *o, int64_t completion_tokens,
 int64_t policy_outpred_cap(const struct cJSON *req);
 
 /*
- * Completion tokens to reserve for `req`: its "max_completion_tokens" or
- * "max_tokens" (the smaller if both) when given and > 0, or a Responses
- * request's "max_output_tokens"; else the P95 of
- * recent completions once at least 8 were observed; else `fallback`.
- * Multiplied by policy_outpred_choices. `req` may be NULL. O(WINDOW) when the
- * P95 is needed and new samples came since it was last computed, else O(1).
+ * Completion tokens to reserve for a request of `choices` completions
+ * (policy_outpred_choices) capped at `cap` each (policy_outpred_cap): the
+ * cap when > 0; else the P95 of recent completions once at least 8 were
+ * observed; else `fallback`; times `choices`. The caller reads the two
+ * from the request once, as it needs them elsewhere too. `o` may be NULL.
+ * O(WINDOW) when the P95 is needed and new samples came since it was last
+ * computed, else O(1).
  */
-int64_t policy_outpred_predict(struct policy_outpred *o, const struct cJSON *req,
+int64_t policy_outpred_predict(struct policy_outpred *o, int64_t choices, int64_t cap,
                                int64_t fallback);
 
 #endif

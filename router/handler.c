@@ -721,18 +721,20 @@ static const char *duplicate_key(const cJSON *node)
  * and limit a prompt cut short at it while the backend got all of it. */
 static int holds_nul(const char *p, size_t len)
 {
-    const char *end = p + len, *q = p, *b;
+    const char *end = p + len, *q = p, *run;
 
     if (len == 0)
         return 0;
     if (memchr(p, '\0', len) != NULL)
         return 1;
-    while ((q = memmem(q, (size_t)(end - q), "u0000", 5)) != NULL) {
-        for (b = q; b > p && b[-1] == '\\'; b--)
+    /* From backslash run to backslash run (memchr, not a search for
+     * "u0000" at every byte: 3.5k instructions for a 1 KB chat): after an
+     * odd run the next character is escaped. */
+    while ((q = memchr(q, '\\', (size_t)(end - q))) != NULL) {
+        for (run = q; q < end && *q == '\\'; q++)
             ;
-        if ((q - b) % 2 == 1)
+        if ((q - run) % 2 == 1 && end - q >= 5 && memcmp(q, "u0000", 5) == 0)
             return 1;
-        q += 5;
     }
     return 0;
 }

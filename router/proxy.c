@@ -508,7 +508,9 @@ static void estimate(struct router__client *c)
     /* Only a cap the prediction takes: with max_tokens -1 or 0 (which
      * caps nothing) it is a guess, as without one, and a guess must
      * neither refuse a request as too large nor escape on_overrun. */
-    req->completion_limited = policy_outpred_cap(req->json) > 0;
+    int64_t cap = policy_outpred_cap(req->json);
+
+    req->completion_limited = cap > 0;
     req->asked_tier = (int8_t)asked_tier(req->json);
     searches_held(req);
     req->completion_choices = policy_outpred_choices(req->json);
@@ -516,7 +518,8 @@ static void estimate(struct router__client *c)
         req->completion_pred = 0;
     else
         req->completion_pred = policy_outpred_predict(&ts->outpred[req->route - r->conf->routes],
-                                                      req->json, PROXY_COMPLETION_FALLBACK);
+                                                      req->completion_choices, cap,
+                                                      PROXY_COMPLETION_FALLBACK);
 }
 
 /* ---- choose ---- */
@@ -1935,7 +1938,7 @@ static void settle(struct router__client *c)
                              req->prompt_tokens);
     if (req->completion_tokens >= 0 && req->endpoint != ROUTER_EP_EMBEDDINGS)
         policy_outpred_observe(&ts->outpred[req->route - r->conf->routes], req->completion_tokens,
-                               req->json);
+                               req->completion_choices);
     if (req->prompt_tokens > 0 && req->prompt_est > 0) {
         /* Kept by the current generation's pool, which the scrape shows
          * (router__refresh_gauges): none for a backend a reload removed. */

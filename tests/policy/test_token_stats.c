@@ -48,10 +48,18 @@ Test(token_stats, calibration_ignores_bad_reports, .timeout = 10)
     cr_expect_eq(c.ratio, 20.0);
 }
 
+/* As the router asks: the request's choices and cap read once, then the
+ * prediction. */
+static int64_t predict_for(struct policy_outpred *o, const cJSON *req, int64_t fallback)
+{
+    return policy_outpred_predict(o, policy_outpred_choices(req), policy_outpred_cap(req),
+                                  fallback);
+}
+
 static int64_t predict(struct policy_outpred *o, const char *json, int64_t fallback)
 {
     cJSON *req = json ? cJSON_Parse(json) : NULL;
-    int64_t n = policy_outpred_predict(o, req, fallback);
+    int64_t n = predict_for(o, req, fallback);
     cJSON_Delete(req);
     return n;
 }
@@ -73,21 +81,21 @@ Test(token_stats, prediction_uses_p95_of_recent, .timeout = 10)
     struct policy_outpred o;
     policy_outpred_init(&o);
     for (int i = 1; i <= 7; i++)
-        policy_outpred_observe(&o, 1000, NULL);
+        policy_outpred_observe(&o, 1000, 1);
     cr_expect_eq(predict(&o, "{}", 50), 50, "fewer than 8 samples: fallback");
     policy_outpred_init(&o);
     /* 1..100 in a scrambled order: nearest-rank P95 is 95. */
     for (int i = 0; i < 100; i++)
-        policy_outpred_observe(&o, 1 + (i * 37) % 100, NULL);
+        policy_outpred_observe(&o, 1 + (i * 37) % 100, 1);
     cr_expect_eq(predict(&o, "{}", 50), 95);
     /* The window forgets: after a full window of 1000s, P95 is 1000. */
     for (int i = 0; i < POLICY_OUTPRED_WINDOW; i++)
-        policy_outpred_observe(&o, 1000, NULL);
+        policy_outpred_observe(&o, 1000, 1);
     cr_expect_eq(predict(&o, "{}", 50), 1000);
     /* A 10% tail of long answers pushes P95 to the tail. */
     policy_outpred_init(&o);
     for (int i = 0; i < 100; i++)
-        policy_outpred_observe(&o, i % 10 == 0 ? 2000 : 100, NULL);
+        policy_outpred_observe(&o, i % 10 == 0 ? 2000 : 100, 1);
     cr_expect_eq(predict(&o, "{}", 50), 2000);
 }
 
@@ -100,9 +108,9 @@ Test(token_stats, answers_with_n_choices_are_learnt_per_choice, .timeout = 10)
 
     policy_outpred_init(&o);
     for (int i = 0; i < 10; i++)
-        policy_outpred_observe(&o, 400, four);
-    cr_assert_eq(policy_outpred_predict(&o, one, 256), 100);
-    cr_assert_eq(policy_outpred_predict(&o, four, 256), 400);
+        policy_outpred_observe(&o, 400, policy_outpred_choices(four));
+    cr_assert_eq(predict_for(&o, one, 256), 100);
+    cr_assert_eq(predict_for(&o, four, 256), 400);
     cJSON_Delete(four);
     cJSON_Delete(one);
 }
@@ -122,8 +130,8 @@ Test(token_stats, completions_hold_for_every_prompt_and_best_of, .timeout = 10)
                  60);
     policy_outpred_init(&o);
     for (int i = 0; i < 10; i++)
-        policy_outpred_observe(&o, 600, req);
-    cr_assert_eq(policy_outpred_predict(&o, one, 256), 100);
+        policy_outpred_observe(&o, 600, policy_outpred_choices(req));
+    cr_assert_eq(predict_for(&o, one, 256), 100);
     cJSON_Delete(req);
     cJSON_Delete(one);
 }
@@ -135,7 +143,7 @@ Test(token_stats, completions_hold_for_every_prompt_and_best_of, .timeout = 10)
 Test(token_stats, a_huge_max_tokens_times_n_does_not_wrap, .timeout = 10)
 {
     cJSON *req = cJSON_Parse("{\"max_tokens\":1000000000000,\"n\":10000000}");
-    int64_t pred = policy_outpred_predict(NULL, req, 256);
+    int64_t pred = predict_for(NULL, req, 256);
 
     cr_expect_geq(pred, INT64_C(1000000000000), "predicted %lld", (long long)pred);
     /* room left to add a prompt of up to 1e12 tokens without overflow */

@@ -1702,6 +1702,12 @@ Test(proxy, bodies_read_two_ways_are_refused)
                  0);
     assert_error(400, "invalid_json");
     cr_assert_not_null(strstr(json_str(json, "error.message"), "U+0000"));
+    /* an escaped backslash, then an escaped U+0000 */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH,
+                      "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\","
+                      "\"content\":\"C:\\\\\\u0000\"}]}"),
+                 0);
+    assert_error(400, "invalid_json");
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH,
                       "{\"model\":\"chat\",\"messages\":[]} {\"model\":\"other\"}"),
                  0);
