@@ -826,16 +826,6 @@ static int choose(struct router__client *c, const char *last_error)
     return 0;
 }
 
-/* Did the client ask for the usage event at the end of its stream? A
- * cached stream replays the events its first client got, so those with
- * and those without it are cached apart. */
-static int client_wants_usage(const struct router__request *req)
-{
-    const cJSON *opts = cJSON_GetObjectItemCaseSensitive(req->json, "stream_options");
-
-    return cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(opts, "include_usage"));
-}
-
 static void send_attempt(struct router__client *c);
 
 /* The headers of a /v1/messages request that change its answer, for its
@@ -881,13 +871,14 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
     }
     b = req->route->candidates[req->candidate];
     if (req->cacheable && req->begins == 0) {
-        /* Streams and plain answers are cached apart: each replays as sent.
-         * Unless the cache is shared, so are tenants: the store names
+        /* Streams and plain answers are cached apart: each replays as sent
+         * (so are streams that asked for other stream_options, such as the
+         * usage event: the key holds them, see cache/key.c). Unless the cache is shared, so are tenants: the store names
          * entries per tenant, but the single flight goes by this key
          * alone, and joined one tenant's request to another's answer
          * (billed to the first, telling the second that someone sends
          * the same prompt). */
-        kind = !req->stream ? "" : client_wants_usage(req) ? "#stream+usage" : "#stream";
+        kind = req->stream ? "#stream" : "";
         /* and so are the endpoints: one body may mean two requests, and an
          * Anthropic answer is no chat answer */
         api = endpoint_suffix(req->endpoint);

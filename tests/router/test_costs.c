@@ -993,6 +993,48 @@ Test(costs, deterministic_requests_are_served_from_the_cache)
     cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 3);
 }
 
+/* The other members of stream_options change the events too: OpenAI's
+ * include_obfuscation: false drops the `obfuscation` padding of every
+ * chunk (a client that did not say it wants the padding that hides its
+ * tokens' lengths), vLLM's continuous_usage_stats puts the usage in each
+ * chunk. A stream that asked for one is no replay for one that did not.
+ * Members at their default (include_usage: false, include_obfuscation:
+ * true) ask nothing: the same entry as none. */
+Test(costs, stream_options_are_in_the_cache_key)
+{
+    static const struct {
+        const char *opts; /* the stream_options member, or "" */
+        const char *backend; /* who answers */
+    } rounds[] = {
+        {"\"stream_options\":{\"include_obfuscation\":false},", "a"},
+        {"", "a"},
+        {"\"stream_options\":{\"continuous_usage_stats\":true},", "a"},
+        {"\"stream_options\":{\"include_obfuscation\":false},", "cache"},
+        {"\"stream_options\":{\"include_usage\":false,\"include_obfuscation\":true},", "cache"},
+        {"\"stream_options\":{},", "cache"},
+        {"\"stream_options\":null,", "cache"},
+    };
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    char body[512];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    for (size_t i = 0; i < sizeof(rounds) / sizeof(rounds[0]); i++) {
+        snprintf(body, sizeof(body), "{\"model\":\"chat\",\"temperature\":0,\"stream\":true,%s" MSG "}",
+                 rounds[i].opts);
+        open_chat_stream(&s, AUTH, body);
+        cr_assert_str_eq(support_http_header(&s.resp, "x-costrouter-backend"), rounds[i].backend,
+                         "round %zu: %s", i, rounds[i].opts);
+        while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1)
+            ;
+        support_sse_close(&s);
+    }
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 3);
+}
+
 /* Value of the unlabelled metric `name` in resp's /metrics body, or -1. */
 static double metric_value(const char *name)
 {
