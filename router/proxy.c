@@ -828,10 +828,37 @@ static int choose(struct router__client *c, const char *last_error)
 
 static void send_attempt(struct router__client *c);
 
+static const char *header_from(const struct router__request *req, const char *p,
+                               const char *name, size_t *len);
+
+/* Append " name=LEN:item" for each item of the comma-separated list
+ * v[0..len), blanks around items dropped, empty ones skipped. */
+static int key_list_items(struct buf *out, const char *name, const char *v, size_t len)
+{
+    const char *end = v + len, *comma;
+    int rc = 0;
+
+    while (v < end && rc == 0) {
+        comma = memchr(v, ',', (size_t)(end - v));
+        const char *b = v, *e = comma ? comma : end;
+
+        while (b < e && (*b == ' ' || *b == '\t'))
+            b++;
+        while (e > b && (e[-1] == ' ' || e[-1] == '\t'))
+            e--;
+        if (e > b)
+            rc = buf_printf(out, " %s=%zu:%.*s", name, (size_t)(e - b), (int)(e - b), b);
+        v = comma ? comma + 1 : end;
+    }
+    return rc;
+}
+
 /* The headers of a /v1/messages request that change its answer, for its
  * cache key: anthropic-beta (interleaved thinking, longer outputs, new
  * tools) and anthropic-version (the answer's shape), each as sent or
- * absent (the version: the one the router then sends). */
+ * absent (the version: the one the router then sends). Every header of
+ * the name counts, item by item: betas come as one comma-separated
+ * header or as several, and all of them go upstream. */
 static int anthropic_key_headers(const struct router__request *req, struct buf *out)
 {
     static const char *const names[] = {"anthropic-beta", "anthropic-version"};
@@ -840,13 +867,13 @@ static int anthropic_key_headers(const struct router__request *req, struct buf *
     int rc = 0;
 
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]) && rc == 0; i++) {
-        v = router__request_header(req, names[i], &len);
-        if (v == NULL && i == 1) {
-            v = ROUTER_ANTHROPIC_VERSION;
-            len = strlen(v);
-        }
-        rc = v ? buf_printf(out, " %s=%zu:%.*s", names[i], len, (int)len, v)
-               : buf_printf(out, " %s=-", names[i]);
+        v = header_from(req, NULL, names[i], &len);
+        if (v == NULL)
+            rc = i == 1 ? key_list_items(out, names[i], ROUTER_ANTHROPIC_VERSION,
+                                         strlen(ROUTER_ANTHROPIC_VERSION))
+                        : buf_printf(out, " %s=-", names[i]);
+        for (; v != NULL && rc == 0; v = header_from(req, v + len, names[i], &len))
+            rc = key_list_items(out, names[i], v, len);
     }
     return rc;
 }
@@ -1072,12 +1099,16 @@ void router__proxy_rate_release(struct router__client *c)
     rate_settle(c, 0);
 }
 
-const char *router__request_header(const struct router__request *req, const char *name,
-                                   size_t *len)
+/* The value of the first header `name` in the forwarded headers at or
+ * after `p` (a line start; NULL: the first line), as router__request_header. */
+static const char *header_from(const struct router__request *req, const char *p,
+                               const char *name, size_t *len)
 {
     size_t n = strlen(name);
-    const char *p = req->fwd.data, *end = p ? p + req->fwd.len : NULL;
+    const char *end = req->fwd.data ? req->fwd.data + req->fwd.len : NULL;
 
+    if (p == NULL)
+        p = req->fwd.data;
     while (p && p < end) {
         const char *eol = memmem(p, (size_t)(end - p), "\r\n", 2);
         if (eol == NULL)
@@ -1092,6 +1123,12 @@ const char *router__request_header(const struct router__request *req, const char
         p = eol + 2;
     }
     return NULL;
+}
+
+const char *router__request_header(const struct router__request *req, const char *name,
+                                   size_t *len)
+{
+    return header_from(req, NULL, name, len);
 }
 
 /* The A/B arm of this request, sticky per end user (the user header of
