@@ -950,10 +950,8 @@ static void send_attempt(struct router__client *c)
          * (a fallback, another choice): its answer is no answer for that
          * key, nor for the requests waiting on it, which go themselves. */
         req->cacheable = 0;
-        if (req->flight_leader) {
-            req->flight_leader = 0;
-            cache_flight_finish(r->flights, &req->cache_key, NULL, 0);
-        }
+        if (req->flight_leader)
+            router__spend_flight_fail(c);
     }
     req->attempt_start_ms = now;
     buf_reset(out);
@@ -971,17 +969,36 @@ static void send_attempt(struct router__client *c)
         router__proxy_on_error(c, error_upstream_connect);
 }
 
-static void on_flight_answer(void *arg, const char *value, size_t len)
+/* The leader's answer, or NULL: go ourselves. Then `why` is the leader's
+ * request (router__spend_flight_fail), which tells the candidates it left
+ * after a failure: all it tried but the one it is on. The same request
+ * failed there a moment ago, so they are passed over as if this request
+ * had tried them: a follower went first to the backend that had just
+ * failed the leader (a timeout waited out twice, slower than had it not
+ * waited at all). Only within one generation: a reload may have
+ * reordered the route's candidates. */
+static void on_flight_answer(void *arg, const char *value, size_t len, const void *why)
 {
     struct router__client *c = arg;
+    struct router__request *req = &c->req;
+    const struct router__request *leader = why;
+    uint64_t failed = 0;
 
-    c->req.flight_waiting = 0;
+    req->flight_waiting = 0;
     if (value != NULL) {
         router__spend_release(c);
         router__proxy_replay(c, value, len);
         return;
     }
-    send_attempt(c); /* the leader failed: go ourselves */
+    if (leader != NULL && leader->route == req->route)
+        failed = leader->tried & ~(UINT64_C(1) << leader->candidate);
+    req->tried |= failed;
+    if (failed & (UINT64_C(1) << req->candidate)) {
+        router__spend_release(c); /* held for the failed backend: choose again */
+        choose_and_reserve(c, NULL);
+        return;
+    }
+    send_attempt(c);
 }
 
 void router__proxy_reserved(struct router__client *c, int granted)

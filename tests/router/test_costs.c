@@ -4757,6 +4757,58 @@ Test(costs, a_request_joined_to_a_twin_that_fails_goes_itself)
     buf_free(&out);
 }
 
+/* The leader's backend stalls past its first_byte_timeout_ms and the
+ * leader falls back to a backend of another model, whose answer is no
+ * entry of the key: the waiters go themselves. They must not go first to
+ * the backend that just failed the same request: each waited out the
+ * leader's timeout and then sat through one of its own, slower than had
+ * it never joined. They go where the leader found its answer. */
+Test(costs, waiters_of_a_failed_leader_skip_the_backend_that_failed_it)
+{
+    enum { NWAIT = 2 };
+    struct support_http_conn lead = {.fd = -1}, wait[NWAIT];
+    struct support_http_response lead_resp = {0}, wait_resp[NWAIT];
+    struct buf out = {0}, wait_out[NWAIT];
+    double t0;
+
+    memset(wait_resp, 0, sizeof(wait_resp));
+    memset(wait_out, 0, sizeof(wait_out));
+    cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "stall", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend_with("a", mock_a.port, 1, 100, 300, NULL, ", first_byte_timeout_ms: 800");
+    add_backend("b", mock_b.port, 1, 200, 600);
+    start_routers(1, "a, b", NULL);
+    send_unanswered(&lead, &out, AUTH, JOIN_BODY);
+    usleep(300 * 1000); /* the leader waits on a */
+    t0 = mono_ms();
+    for (int i = 0; i < NWAIT; i++) {
+        wait[i].fd = -1;
+        send_unanswered(&wait[i], &wait_out[i], AUTH, JOIN_BODY);
+    }
+    cr_assert_eq(support_http_read(&lead, &lead_resp, TIMEOUT_MS), 0);
+    cr_assert_eq(lead_resp.status, 200);
+    cr_assert_str_eq(support_http_header(&lead_resp, "x-costrouter-backend"), "b");
+    for (int i = 0; i < NWAIT; i++) {
+        cr_assert_eq(support_http_read(&wait[i], &wait_resp[i], TIMEOUT_MS), 0);
+        cr_assert_eq(wait_resp[i].status, 200);
+        cr_assert_str_eq(support_http_header(&wait_resp[i], "x-costrouter-backend"), "b");
+    }
+    /* The leader's timeout ends about 500 ms after they came; one more
+     * on a would make it 1300. */
+    double took = mono_ms() - t0;
+    cr_assert_lt(took, 1100, "the waiters tried the stalled backend again: %.0f ms", took);
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 1);
+    support_http_close(&lead);
+    support_http_response_free(&lead_resp);
+    buf_free(&out);
+    for (int i = 0; i < NWAIT; i++) {
+        support_http_close(&wait[i]);
+        support_http_response_free(&wait_resp[i]);
+        buf_free(&wait_out[i]);
+    }
+}
+
 /* The leader's client leaves: the waiter is not left waiting on an
  * answer nobody reads; it goes itself. */
 Test(costs, a_request_joined_to_a_twin_whose_client_left_goes_itself)
