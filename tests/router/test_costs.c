@@ -1035,6 +1035,38 @@ Test(costs, stream_options_are_in_the_cache_key)
     cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 3);
 }
 
+/* A tenant past its budget is refused every request, one whose answer
+ * is in the cache too (it would cost nothing): the budget is checked
+ * before the lookup, as LiteLLM and Portkey refuse an exhausted key's
+ * requests, and the budget_exhausted answer (x-should-retry: false) is
+ * the same whatever the cache holds. Before that, hits are served. */
+Test(costs, a_tenant_past_its_budget_is_refused_a_cached_answer_too)
+{
+    /* Each request: 9 + 10 tokens at $100/Mtok = $0.0019: two fit. */
+    static const char cached[] = "{\"model\":\"chat\",\"max_tokens\":10,\"temperature\":0," MSG "}";
+    static const char other[] = "{\"model\":\"chat\",\"max_tokens\":10,\"seed\":1," MSG "}";
+    static const struct {
+        const char *body;
+        int status;
+        const char *backend;
+    } rounds[] = {
+        {cached, 200, "a"}, {cached, 200, "cache"}, {other, 200, "a"}, {cached, 429, NULL},
+    };
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 100);
+    start_routers(1, "a", "    budget: {daily_usd: 0.005, on_exhausted: reject}\n");
+    for (size_t i = 0; i < sizeof(rounds) / sizeof(rounds[0]); i++) {
+        cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", rounds[i].body), 0);
+        cr_assert_eq(resp.status, rounds[i].status, "round %zu: %d", i, resp.status);
+        if (rounds[i].backend)
+            cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"),
+                             rounds[i].backend, "round %zu", i);
+    }
+    cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "code")->valuestring,
+                     "budget_exhausted");
+}
+
 /* Value of the unlabelled metric `name` in resp's /metrics body, or -1. */
 static double metric_value(const char *name)
 {
