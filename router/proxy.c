@@ -899,12 +899,12 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
     b = req->route->candidates[req->candidate];
     if (req->cacheable && req->begins == 0) {
         /* Streams and plain answers are cached apart: each replays as sent
-         * (so are streams that asked for other stream_options, such as the
-         * usage event: the key holds them, see cache/key.c). Unless the cache is shared, so are tenants: the store names
-         * entries per tenant, but the single flight goes by this key
-         * alone, and joined one tenant's request to another's answer
-         * (billed to the first, telling the second that someone sends
-         * the same prompt). */
+         * (so are streams that asked for other stream_options, such as
+         * the usage event: the key holds them, see cache/key.c). Unless
+         * the cache is shared, so are tenants: the store names entries
+         * per tenant, but the single flight goes by this key alone, and
+         * joined one tenant's request to another's answer (billed to the
+         * first, telling the second that someone sends the same prompt). */
         kind = req->stream ? "#stream" : "";
         /* and so are the endpoints: one body may mean two requests, and an
          * Anthropic answer is no chat answer */

@@ -1022,7 +1022,8 @@ Test(costs, stream_options_are_in_the_cache_key)
     add_backend("a", mock_a.port, 1, 100, 300);
     start_routers(1, "a", NULL);
     for (size_t i = 0; i < sizeof(rounds) / sizeof(rounds[0]); i++) {
-        snprintf(body, sizeof(body), "{\"model\":\"chat\",\"temperature\":0,\"stream\":true,%s" MSG "}",
+        snprintf(body, sizeof(body),
+                 "{\"model\":\"chat\",\"temperature\":0,\"stream\":true,%s" MSG "}",
                  rounds[i].opts);
         open_chat_stream(&s, AUTH, body);
         cr_assert_str_eq(support_http_header(&s.resp, "x-costrouter-backend"), rounds[i].backend,
@@ -1063,8 +1064,9 @@ Test(costs, a_tenant_past_its_budget_is_refused_a_cached_answer_too)
             cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"),
                              rounds[i].backend, "round %zu", i);
     }
-    cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "code")->valuestring,
-                     "budget_exhausted");
+    cr_assert_str_eq(
+        cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "code")->valuestring,
+        "budget_exhausted");
 }
 
 /* Value of the unlabelled metric `name` in resp's /metrics body, or -1. */
