@@ -260,8 +260,10 @@ int cache_cacheable(const struct cJSON *request, int allow_tools);
 struct cache_flight;
 
 /* `value` is the leader's response (valid during the call only), or NULL:
- * the leader failed, go upstream yourself. */
-typedef void cache_flight_cb(void *arg, const char *value, size_t len);
+ * the leader failed, go upstream yourself. `why` is what the leader
+ * passed to cache_flight_finish (with NULL: what it learnt failing, such
+ * as the backends that failed it), valid during the call only. */
+typedef void cache_flight_cb(void *arg, const char *value, size_t len, const void *why);
 
 struct cache_flight_waiter {
     struct cache_flight_waiter *_next; /* private: list of the key's followers */
@@ -285,9 +287,10 @@ void cache_flight_free(struct cache_flight *f);
  * cache_flight_leave(). */
 int cache_flight_join(struct cache_flight *f, const struct cache_key *key,
                       struct cache_flight_waiter *w, cache_flight_cb *cb, void *arg);
-/* End the flight for `key`: each follower's cb runs before this returns. */
+/* End the flight for `key`: each follower's cb runs before this returns,
+ * given value, len and why. */
 void cache_flight_finish(struct cache_flight *f, const struct cache_key *key, const char *value,
-                         size_t len);
+                         size_t len, const void *why);
 /* A follower gives up (its client went away); its cb will not run. */
 void cache_flight_leave(struct cache_flight *f, struct cache_flight_waiter *w);
 /* Number of keys in flight. */

@@ -71,7 +71,7 @@ int cache_flight_join(struct cache_flight *f, const struct cache_key *key,
 }
 
 void cache_flight_finish(struct cache_flight *f, const struct cache_key *key, const char *value,
-                         size_t len)
+                         size_t len, const void *why)
 {
     struct cache__map_entry *s = cache__map_find(&f->keys, key->sha256, sizeof(key->sha256));
     struct flight_entry *e;
@@ -89,7 +89,7 @@ void cache_flight_finish(struct cache_flight *f, const struct cache_key *key, co
         struct cache_flight_waiter *next = w->_next;
         w->_entry = NULL;
         w->_next = w->_prev = NULL;
-        w->_cb(w->_arg, value, len); /* may free w */
+        w->_cb(w->_arg, value, len, why); /* may free w */
         w = next;
     }
 }

@@ -7,6 +7,13 @@
  * only in key order, streaming or the end-user id share one entry. The
  * encoding is length-prefixed (not JSON), so no two different inputs
  * encode alike. Numbers go through their double value, so 1 and 1.0 agree.
+ *
+ * stream_options stays in: its members change the stream (include_usage
+ * adds the usage event, OpenAI's include_obfuscation: false drops every
+ * chunk's padding, vLLM's continuous_usage_stats puts usage in each
+ * chunk), and a replay gives the events its first client got. A member at
+ * its default asks nothing and is left out, as are a null and an object
+ * left empty, so {"include_usage": false} is the entry of no options.
  */
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -19,8 +26,20 @@
 
 /* Top-level fields that do not change the answer. "model" is replaced by
  * the route and upstream model given by the caller. */
-static const char *const ignored[] = {"stream", "stream_options", "user", "store", "metadata",
-                                      "model"};
+static const char *const ignored[] = {"stream", "user", "store", "metadata", "model"};
+
+/* Where an object being encoded is: members to leave out depend on it. */
+enum where { W_NESTED, W_TOP, W_STREAM_OPTIONS };
+
+/* The stream_options members whose default is known, and that default. */
+static const struct {
+    const char *name;
+    int value;
+} option_defaults[] = {
+    {"include_usage", 0},
+    {"include_obfuscation", 1},
+    {"continuous_usage_stats", 0},
+};
 
 static int is_ignored(const char *name)
 {
@@ -28,6 +47,39 @@ static int is_ignored(const char *name)
         if (strcmp(name, ignored[i]) == 0)
             return 1;
     return 0;
+}
+
+/* A stream_options member that asks what it would without it. */
+static int is_default_option(const cJSON *m)
+{
+    for (size_t i = 0; i < sizeof(option_defaults) / sizeof(option_defaults[0]); i++)
+        if (strcmp(m->string, option_defaults[i].name) == 0)
+            return option_defaults[i].value ? cJSON_IsTrue(m) : cJSON_IsFalse(m);
+    return 0;
+}
+
+/* stream_options that ask nothing: null, or every member at its default. */
+static int options_ask_nothing(const cJSON *v)
+{
+    if (cJSON_IsNull(v))
+        return 1;
+    if (!cJSON_IsObject(v))
+        return 0;
+    for (const cJSON *m = v->child; m; m = m->next)
+        if (!is_default_option(m))
+            return 0;
+    return 1;
+}
+
+/* Is member `m` of an object at `where` left out of the key? */
+static int left_out(const cJSON *m, enum where where)
+{
+    if (m->string == NULL || where == W_NESTED)
+        return 0;
+    if (where == W_STREAM_OPTIONS)
+        return is_default_option(m);
+    return is_ignored(m->string) ||
+           (strcmp(m->string, "stream_options") == 0 && options_ask_nothing(m));
 }
 
 /* Hash "TAG LEN:" then `len` bytes of p, or, with p NULL, only the header
@@ -49,7 +101,7 @@ static int by_name(const void *a, const void *b)
     return strcmp(x->string ? x->string : "", y->string ? y->string : "");
 }
 
-static int encode(EVP_MD_CTX *md, const cJSON *v, int top)
+static int encode(EVP_MD_CTX *md, const cJSON *v, enum where where)
 {
     char num[40];
     const cJSON *ch;
@@ -73,7 +125,7 @@ static int encode(EVP_MD_CTX *md, const cJSON *v, int top)
         if ((rc = feed(md, 'a', NULL, n)) < 0)
             return rc;
         for (ch = v->child; ch && rc == 0; ch = ch->next)
-            rc = encode(md, ch, 0);
+            rc = encode(md, ch, W_NESTED);
         return rc;
     }
     if (!cJSON_IsObject(v))
@@ -85,7 +137,7 @@ static int encode(EVP_MD_CTX *md, const cJSON *v, int top)
         return -ENOMEM;
     n = 0;
     for (ch = v->child; ch; ch = ch->next)
-        if (!(top && ch->string && is_ignored(ch->string)))
+        if (!left_out(ch, where))
             kids[n++] = ch;
     qsort(kids, n, sizeof(*kids), by_name);
     rc = feed(md, 'o', NULL, n);
@@ -93,7 +145,9 @@ static int encode(EVP_MD_CTX *md, const cJSON *v, int top)
         const char *name = kids[i]->string ? kids[i]->string : "";
         rc = feed(md, 'k', name, strlen(name));
         if (rc == 0)
-            rc = encode(md, kids[i], 0);
+            rc = encode(md, kids[i],
+                        where == W_TOP && strcmp(name, "stream_options") == 0 ? W_STREAM_OPTIONS
+                                                                               : W_NESTED);
     }
     free(kids);
     return rc;
@@ -118,7 +172,7 @@ int cache_key_make(const char *route, const char *upstream_model, const cJSON *r
         feed(md, 'r', route, strlen(route)) < 0 ||
         feed(md, 'm', upstream_model, strlen(upstream_model)) < 0)
         goto done;
-    if ((rc = encode(md, request, 1)) < 0)
+    if ((rc = encode(md, request, W_TOP)) < 0)
         goto done;
     rc = EVP_DigestFinal_ex(md, out->sha256, &len) == 1 && len == 32 ? 0 : -ENOMEM;
 done:

@@ -573,6 +573,9 @@ void router__spend_settle(struct router__client *c, double usd);
 void router__spend_cache_store(struct router__client *c);
 /* Request teardown: cancel store callbacks, end flights, release holds. */
 void router__spend_abandon(struct router__client *c);
+/* End the single flight `c` leads with no answer: its followers go
+ * upstream themselves, passing over the candidates that failed it. */
+void router__spend_flight_fail(struct router__client *c);
 struct router__tenant *router__tenant_state(struct router *r, const struct conf_tenant *t);
 /* The numbers of key `k`'s own budget (of its generation `r`), or NULL
  * when it has none (no subject). */

@@ -829,22 +829,39 @@ static int choose(struct router__client *c, const char *last_error)
     return 0;
 }
 
-/* Did the client ask for the usage event at the end of its stream? A
- * cached stream replays the events its first client got, so those with
- * and those without it are cached apart. */
-static int client_wants_usage(const struct router__request *req)
-{
-    const cJSON *opts = cJSON_GetObjectItemCaseSensitive(req->json, "stream_options");
-
-    return cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(opts, "include_usage"));
-}
-
 static void send_attempt(struct router__client *c);
+
+static const char *header_from(const struct router__request *req, const char *p,
+                               const char *name, size_t *len);
+
+/* Append " name=LEN:item" for each item of the comma-separated list
+ * v[0..len), blanks around items dropped, empty ones skipped. */
+static int key_list_items(struct buf *out, const char *name, const char *v, size_t len)
+{
+    const char *end = v + len, *comma;
+    int rc = 0;
+
+    while (v < end && rc == 0) {
+        comma = memchr(v, ',', (size_t)(end - v));
+        const char *b = v, *e = comma ? comma : end;
+
+        while (b < e && (*b == ' ' || *b == '\t'))
+            b++;
+        while (e > b && (e[-1] == ' ' || e[-1] == '\t'))
+            e--;
+        if (e > b)
+            rc = buf_printf(out, " %s=%zu:%.*s", name, (size_t)(e - b), (int)(e - b), b);
+        v = comma ? comma + 1 : end;
+    }
+    return rc;
+}
 
 /* The headers of a /v1/messages request that change its answer, for its
  * cache key: anthropic-beta (interleaved thinking, longer outputs, new
  * tools) and anthropic-version (the answer's shape), each as sent or
- * absent (the version: the one the router then sends). */
+ * absent (the version: the one the router then sends). Every header of
+ * the name counts, item by item: betas come as one comma-separated
+ * header or as several, and all of them go upstream. */
 static int anthropic_key_headers(const struct router__request *req, struct buf *out)
 {
     static const char *const names[] = {"anthropic-beta", "anthropic-version"};
@@ -853,13 +870,13 @@ static int anthropic_key_headers(const struct router__request *req, struct buf *
     int rc = 0;
 
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]) && rc == 0; i++) {
-        v = router__request_header(req, names[i], &len);
-        if (v == NULL && i == 1) {
-            v = ROUTER_ANTHROPIC_VERSION;
-            len = strlen(v);
-        }
-        rc = v ? buf_printf(out, " %s=%zu:%.*s", names[i], len, (int)len, v)
-               : buf_printf(out, " %s=-", names[i]);
+        v = header_from(req, NULL, names[i], &len);
+        if (v == NULL)
+            rc = i == 1 ? key_list_items(out, names[i], ROUTER_ANTHROPIC_VERSION,
+                                         strlen(ROUTER_ANTHROPIC_VERSION))
+                        : buf_printf(out, " %s=-", names[i]);
+        for (; v != NULL && rc == 0; v = header_from(req, v + len, names[i], &len))
+            rc = key_list_items(out, names[i], v, len);
     }
     return rc;
 }
@@ -884,13 +901,14 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
     }
     b = req->route->candidates[req->candidate];
     if (req->cacheable && req->begins == 0) {
-        /* Streams and plain answers are cached apart: each replays as sent.
-         * Unless the cache is shared, so are tenants: the store names
-         * entries per tenant, but the single flight goes by this key
-         * alone, and joined one tenant's request to another's answer
-         * (billed to the first, telling the second that someone sends
-         * the same prompt). */
-        kind = !req->stream ? "" : client_wants_usage(req) ? "#stream+usage" : "#stream";
+        /* Streams and plain answers are cached apart: each replays as sent
+         * (so are streams that asked for other stream_options, such as
+         * the usage event: the key holds them, see cache/key.c). Unless
+         * the cache is shared, so are tenants: the store names entries
+         * per tenant, but the single flight goes by this key alone, and
+         * joined one tenant's request to another's answer (billed to the
+         * first, telling the second that someone sends the same prompt). */
+        kind = req->stream ? "#stream" : "";
         /* and so are the endpoints: one body may mean two requests, and an
          * Anthropic answer is no chat answer */
         api = endpoint_suffix(req->endpoint);
@@ -935,10 +953,8 @@ static void send_attempt(struct router__client *c)
          * (a fallback, another choice): its answer is no answer for that
          * key, nor for the requests waiting on it, which go themselves. */
         req->cacheable = 0;
-        if (req->flight_leader) {
-            req->flight_leader = 0;
-            cache_flight_finish(r->flights, &req->cache_key, NULL, 0);
-        }
+        if (req->flight_leader)
+            router__spend_flight_fail(c);
     }
     req->attempt_start_ms = now;
     buf_reset(out);
@@ -956,17 +972,36 @@ static void send_attempt(struct router__client *c)
         router__proxy_on_error(c, error_upstream_connect);
 }
 
-static void on_flight_answer(void *arg, const char *value, size_t len)
+/* The leader's answer, or NULL: go ourselves. Then `why` is the leader's
+ * request (router__spend_flight_fail), which tells the candidates it left
+ * after a failure: all it tried but the one it is on. The same request
+ * failed there a moment ago, so they are passed over as if this request
+ * had tried them: a follower went first to the backend that had just
+ * failed the leader (a timeout waited out twice, slower than had it not
+ * waited at all). Only within one generation: a reload may have
+ * reordered the route's candidates. */
+static void on_flight_answer(void *arg, const char *value, size_t len, const void *why)
 {
     struct router__client *c = arg;
+    struct router__request *req = &c->req;
+    const struct router__request *leader = why;
+    uint64_t failed = 0;
 
-    c->req.flight_waiting = 0;
+    req->flight_waiting = 0;
     if (value != NULL) {
         router__spend_release(c);
         router__proxy_replay(c, value, len);
         return;
     }
-    send_attempt(c); /* the leader failed: go ourselves */
+    if (leader != NULL && leader->route == req->route)
+        failed = leader->tried & ~(UINT64_C(1) << leader->candidate);
+    req->tried |= failed;
+    if (failed & (UINT64_C(1) << req->candidate)) {
+        router__spend_release(c); /* held for the failed backend: choose again */
+        choose_and_reserve(c, NULL);
+        return;
+    }
+    send_attempt(c);
 }
 
 void router__proxy_reserved(struct router__client *c, int granted)
@@ -1084,12 +1119,16 @@ void router__proxy_rate_release(struct router__client *c)
     rate_settle(c, 0);
 }
 
-const char *router__request_header(const struct router__request *req, const char *name,
-                                   size_t *len)
+/* The value of the first header `name` in the forwarded headers at or
+ * after `p` (a line start; NULL: the first line), as router__request_header. */
+static const char *header_from(const struct router__request *req, const char *p,
+                               const char *name, size_t *len)
 {
     size_t n = strlen(name);
-    const char *p = req->fwd.data, *end = p ? p + req->fwd.len : NULL;
+    const char *end = req->fwd.data ? req->fwd.data + req->fwd.len : NULL;
 
+    if (p == NULL)
+        p = req->fwd.data;
     while (p && p < end) {
         const char *eol = memmem(p, (size_t)(end - p), "\r\n", 2);
         if (eol == NULL)
@@ -1104,6 +1143,12 @@ const char *router__request_header(const struct router__request *req, const char
         p = eol + 2;
     }
     return NULL;
+}
+
+const char *router__request_header(const struct router__request *req, const char *name,
+                                   size_t *len)
+{
+    return header_from(req, NULL, name, len);
 }
 
 /* The A/B arm of this request, sticky per end user (the user header of

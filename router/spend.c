@@ -549,7 +549,6 @@ void router__spend_cache_store(struct router__client *c)
 
     if (!req->flight_leader)
         return;
-    req->flight_leader = 0;
     /* A stream is an answer once its own last event passed, after no
      * error; a body once its JSON closed (one framed by the upstream's
      * close may break off and still end well for HTTP): one cut short or
@@ -564,9 +563,10 @@ void router__spend_cache_store(struct router__client *c)
         buf_append(&value, req->cached.data, req->cached.len) == 0) {
         track(c->router, cache_put(c->router->store, req->tenant->id, &req->cache_key, value.data,
                                    value.len, 0, on_write_done, c->router));
-        cache_flight_finish(c->router->flights, &req->cache_key, value.data, value.len);
+        req->flight_leader = 0;
+        cache_flight_finish(c->router->flights, &req->cache_key, value.data, value.len, NULL);
     } else {
-        cache_flight_finish(c->router->flights, &req->cache_key, NULL, 0);
+        router__spend_flight_fail(c);
     }
     buf_free(&value);
 }
@@ -584,9 +584,17 @@ void router__spend_abandon(struct router__client *c)
         cache_flight_leave(c->router->flights, &req->waiter);
         req->flight_waiting = 0;
     }
-    if (req->flight_leader) {
-        req->flight_leader = 0;
-        cache_flight_finish(c->router->flights, &req->cache_key, NULL, 0);
-    }
+    if (req->flight_leader)
+        router__spend_flight_fail(c);
     router__spend_release(c);
+}
+
+void router__spend_flight_fail(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+
+    /* The followers read the leader's request (tried, candidate, route)
+     * during the call: see on_flight_answer in proxy.c. */
+    req->flight_leader = 0;
+    cache_flight_finish(c->router->flights, &req->cache_key, NULL, 0, req);
 }

@@ -12,13 +12,15 @@ struct follower {
     int calls;                    /* callback runs */
     char got[32];                 /* value seen, "" for NULL */
     int null;                     /* told to go upstream */
+    const void *why;              /* what the leader passed */
 };
 
-static void follower_cb(void *arg, const char *value, size_t len)
+static void follower_cb(void *arg, const char *value, size_t len, const void *why)
 {
     struct follower *f = arg;
 
     f->calls++;
+    f->why = why;
     f->null = value == NULL;
     if (value)
         memcpy(f->got, value, len < sizeof(f->got) ? len : sizeof(f->got) - 1);
@@ -43,7 +45,7 @@ Test(flight, followers_get_the_leaders_answer, .timeout = 5)
     cr_assert_eq(cache_flight_join(fl, &k, &f[2].w, follower_cb, &f[2]), CACHE_FLIGHT_FOLLOWER);
     cr_assert_eq(cache_flight_join(fl, &other, &o.w, follower_cb, &o), CACHE_FLIGHT_LEADER);
     cr_assert_eq(cache_flight_count(fl), 2);
-    cache_flight_finish(fl, &k, "answer", 6);
+    cache_flight_finish(fl, &k, "answer", 6, NULL);
     cr_assert_eq(f[0].calls, 0, "the leader is not called back");
     for (int i = 1; i < 3; i++) {
         cr_assert_eq(f[i].calls, 1);
@@ -52,8 +54,13 @@ Test(flight, followers_get_the_leaders_answer, .timeout = 5)
     cr_assert_eq(cache_flight_count(fl), 1);
     /* The key is free again: the next miss leads. */
     cr_assert_eq(cache_flight_join(fl, &k, &f[0].w, follower_cb, &f[0]), CACHE_FLIGHT_LEADER);
-    cache_flight_finish(fl, &k, NULL, 0);
-    cache_flight_finish(fl, &other, NULL, 0);
+    cr_assert_eq(cache_flight_join(fl, &k, &f[1].w, follower_cb, &f[1]), CACHE_FLIGHT_FOLLOWER);
+    /* A leader that failed tells its followers why. */
+    cache_flight_finish(fl, &k, NULL, 0, &f[0]);
+    cr_assert_eq(f[1].calls, 2);
+    cr_assert(f[1].null);
+    cr_assert_eq(f[1].why, &f[0]);
+    cache_flight_finish(fl, &other, NULL, 0, NULL);
     cr_assert_eq(cache_flight_count(fl), 0);
     cache_flight_free(fl);
 }
@@ -65,7 +72,7 @@ static int rejoin_n;
 static struct follower rejoin_next[3];
 
 /* A follower told to go upstream joins again, as the router would. */
-static void rejoin_cb(void *arg, const char *value, size_t len)
+static void rejoin_cb(void *arg, const char *value, size_t len, const void *why)
 {
     int i = rejoin_n++;
 
@@ -85,12 +92,12 @@ Test(flight, leader_failure_sends_followers_upstream, .timeout = 5)
     for (int i = 1; i < 4; i++)
         cr_assert_eq(cache_flight_join(rejoin_table, &rejoin_key, &w[i], rejoin_cb, NULL),
                      CACHE_FLIGHT_FOLLOWER);
-    cache_flight_finish(rejoin_table, &rejoin_key, NULL, 0);
+    cache_flight_finish(rejoin_table, &rejoin_key, NULL, 0, NULL);
     cr_assert_eq(rejoin_n, 3);
     cr_assert_eq(rejoin_roles[0], CACHE_FLIGHT_LEADER, "first retry leads a new flight");
     cr_assert_eq(rejoin_roles[1], CACHE_FLIGHT_FOLLOWER);
     cr_assert_eq(rejoin_roles[2], CACHE_FLIGHT_FOLLOWER);
-    cache_flight_finish(rejoin_table, &rejoin_key, "late", 4);
+    cache_flight_finish(rejoin_table, &rejoin_key, "late", 4, NULL);
     cr_assert_str_eq(rejoin_next[1].got, "late");
     cr_assert_str_eq(rejoin_next[2].got, "late");
     cache_flight_free(rejoin_table);
@@ -108,7 +115,7 @@ Test(flight, a_follower_can_leave, .timeout = 5)
     cache_flight_join(fl, &k, &c.w, follower_cb, &c);
     cache_flight_leave(fl, &b.w);
     cache_flight_leave(fl, &b.w); /* twice is harmless */
-    cache_flight_finish(fl, &k, "x", 1);
+    cache_flight_finish(fl, &k, "x", 1, NULL);
     cr_assert_eq(a.calls, 1);
     cr_assert_eq(b.calls, 0);
     cr_assert_eq(c.calls, 1);
@@ -133,7 +140,7 @@ Test(flight, many_keys, .timeout = 5)
         struct cache_key k;
         memset(&k, 0, sizeof(k));
         memcpy(k.sha256, &i, sizeof(i));
-        cache_flight_finish(fl, &k, NULL, 0);
+        cache_flight_finish(fl, &k, NULL, 0, NULL);
     }
     cr_assert_eq(cache_flight_count(fl), 0);
     cache_flight_free(fl);

@@ -34,8 +34,23 @@ struct pair {
 static struct pair pairs[] = {
     {BASE, BASE, 1},
     /* ignored fields */
-    {BASE, "{\"model\":\"gpt\",\"temperature\":0,\"stream\":true,\"stream_options\":{\"include_usage\":true},"
+    {BASE, "{\"model\":\"gpt\",\"temperature\":0,\"stream\":true,"
            "\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 1},
+    /* stream_options change the stream, unless they ask what no options do */
+    {BASE, "{\"model\":\"gpt\",\"temperature\":0,\"stream\":true,\"stream_options\":{\"include_usage\":true},"
+           "\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 0},
+    {BASE, "{\"model\":\"gpt\",\"temperature\":0,\"stream_options\":{\"include_obfuscation\":false},"
+           "\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 0},
+    {BASE, "{\"model\":\"gpt\",\"temperature\":0,\"stream_options\":{\"some_new_option\":false},"
+           "\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 0},
+    {BASE, "{\"model\":\"gpt\",\"temperature\":0,\"stream_options\":{\"include_usage\":false,"
+           "\"include_obfuscation\":true,\"continuous_usage_stats\":false},"
+           "\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 1},
+    {BASE, "{\"model\":\"gpt\",\"temperature\":0,\"stream_options\":null,"
+           "\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 1},
+    {"{\"stream_options\":{\"include_usage\":true,\"include_obfuscation\":true}}",
+     "{\"stream_options\":{\"include_usage\":true}}", 1},
+    {"{\"x\":{\"include_usage\":false}}", "{\"x\":{}}", 0}, /* only in stream_options */
     {BASE, "{\"user\":\"u-123\",\"model\":\"gpt\",\"temperature\":0,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 1},
     /* key order, at every level; 0 and 0.0 */
     {BASE, "{\"messages\":[{\"content\":\"hi\",\"role\":\"user\"}],\"temperature\":0.0,\"model\":\"gpt\"}", 1},

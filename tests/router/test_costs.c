@@ -993,6 +993,82 @@ Test(costs, deterministic_requests_are_served_from_the_cache)
     cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 3);
 }
 
+/* The other members of stream_options change the events too: OpenAI's
+ * include_obfuscation: false drops the `obfuscation` padding of every
+ * chunk (a client that did not say it wants the padding that hides its
+ * tokens' lengths), vLLM's continuous_usage_stats puts the usage in each
+ * chunk. A stream that asked for one is no replay for one that did not.
+ * Members at their default (include_usage: false, include_obfuscation:
+ * true) ask nothing: the same entry as none. */
+Test(costs, stream_options_are_in_the_cache_key)
+{
+    static const struct {
+        const char *opts; /* the stream_options member, or "" */
+        const char *backend; /* who answers */
+    } rounds[] = {
+        {"\"stream_options\":{\"include_obfuscation\":false},", "a"},
+        {"", "a"},
+        {"\"stream_options\":{\"continuous_usage_stats\":true},", "a"},
+        {"\"stream_options\":{\"include_obfuscation\":false},", "cache"},
+        {"\"stream_options\":{\"include_usage\":false,\"include_obfuscation\":true},", "cache"},
+        {"\"stream_options\":{},", "cache"},
+        {"\"stream_options\":null,", "cache"},
+    };
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    char body[512];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    for (size_t i = 0; i < sizeof(rounds) / sizeof(rounds[0]); i++) {
+        snprintf(body, sizeof(body),
+                 "{\"model\":\"chat\",\"temperature\":0,\"stream\":true,%s" MSG "}",
+                 rounds[i].opts);
+        open_chat_stream(&s, AUTH, body);
+        cr_assert_str_eq(support_http_header(&s.resp, "x-costrouter-backend"), rounds[i].backend,
+                         "round %zu: %s", i, rounds[i].opts);
+        while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1)
+            ;
+        support_sse_close(&s);
+    }
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 3);
+}
+
+/* A tenant past its budget is refused every request, one whose answer
+ * is in the cache too (it would cost nothing): the budget is checked
+ * before the lookup, as LiteLLM and Portkey refuse an exhausted key's
+ * requests, and the budget_exhausted answer (x-should-retry: false) is
+ * the same whatever the cache holds. Before that, hits are served. */
+Test(costs, a_tenant_past_its_budget_is_refused_a_cached_answer_too)
+{
+    /* Each request: 9 + 10 tokens at $100/Mtok = $0.0019: two fit. */
+    static const char cached[] = "{\"model\":\"chat\",\"max_tokens\":10,\"temperature\":0," MSG "}";
+    static const char other[] = "{\"model\":\"chat\",\"max_tokens\":10,\"seed\":1," MSG "}";
+    static const struct {
+        const char *body;
+        int status;
+        const char *backend;
+    } rounds[] = {
+        {cached, 200, "a"}, {cached, 200, "cache"}, {other, 200, "a"}, {cached, 429, NULL},
+    };
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 100);
+    start_routers(1, "a", "    budget: {daily_usd: 0.005, on_exhausted: reject}\n");
+    for (size_t i = 0; i < sizeof(rounds) / sizeof(rounds[0]); i++) {
+        cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", rounds[i].body), 0);
+        cr_assert_eq(resp.status, rounds[i].status, "round %zu: %d", i, resp.status);
+        if (rounds[i].backend)
+            cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"),
+                             rounds[i].backend, "round %zu", i);
+    }
+    cr_assert_str_eq(
+        cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "code")->valuestring,
+        "budget_exhausted");
+}
+
 /* Value of the unlabelled metric `name` in resp's /metrics body, or -1. */
 static double metric_value(const char *name)
 {
@@ -4713,6 +4789,58 @@ Test(costs, a_request_joined_to_a_twin_that_fails_goes_itself)
     support_http_close(&lead);
     support_http_response_free(&lead_resp);
     buf_free(&out);
+}
+
+/* The leader's backend stalls past its first_byte_timeout_ms and the
+ * leader falls back to a backend of another model, whose answer is no
+ * entry of the key: the waiters go themselves. They must not go first to
+ * the backend that just failed the same request: each waited out the
+ * leader's timeout and then sat through one of its own, slower than had
+ * it never joined. They go where the leader found its answer. */
+Test(costs, waiters_of_a_failed_leader_skip_the_backend_that_failed_it)
+{
+    enum { NWAIT = 2 };
+    struct support_http_conn lead = {.fd = -1}, wait[NWAIT];
+    struct support_http_response lead_resp = {0}, wait_resp[NWAIT];
+    struct buf out = {0}, wait_out[NWAIT];
+    double t0;
+
+    memset(wait_resp, 0, sizeof(wait_resp));
+    memset(wait_out, 0, sizeof(wait_out));
+    cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "stall", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend_with("a", mock_a.port, 1, 100, 300, NULL, ", first_byte_timeout_ms: 800");
+    add_backend("b", mock_b.port, 1, 200, 600);
+    start_routers(1, "a, b", NULL);
+    send_unanswered(&lead, &out, AUTH, JOIN_BODY);
+    usleep(300 * 1000); /* the leader waits on a */
+    t0 = mono_ms();
+    for (int i = 0; i < NWAIT; i++) {
+        wait[i].fd = -1;
+        send_unanswered(&wait[i], &wait_out[i], AUTH, JOIN_BODY);
+    }
+    cr_assert_eq(support_http_read(&lead, &lead_resp, TIMEOUT_MS), 0);
+    cr_assert_eq(lead_resp.status, 200);
+    cr_assert_str_eq(support_http_header(&lead_resp, "x-costrouter-backend"), "b");
+    for (int i = 0; i < NWAIT; i++) {
+        cr_assert_eq(support_http_read(&wait[i], &wait_resp[i], TIMEOUT_MS), 0);
+        cr_assert_eq(wait_resp[i].status, 200);
+        cr_assert_str_eq(support_http_header(&wait_resp[i], "x-costrouter-backend"), "b");
+    }
+    /* The leader's timeout ends about 500 ms after they came; one more
+     * on a would make it 1300. */
+    double took = mono_ms() - t0;
+    cr_assert_lt(took, 1100, "the waiters tried the stalled backend again: %.0f ms", took);
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 1);
+    support_http_close(&lead);
+    support_http_response_free(&lead_resp);
+    buf_free(&out);
+    for (int i = 0; i < NWAIT; i++) {
+        support_http_close(&wait[i]);
+        support_http_response_free(&wait_resp[i]);
+        buf_free(&wait_out[i]);
+    }
 }
 
 /* The leader's client leaves: the waiter is not left waiting on an

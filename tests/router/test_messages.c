@@ -747,6 +747,36 @@ Test(messages, the_response_cache_keys_the_anthropic_headers)
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
 }
 
+/* A client may send several betas, as one comma-separated anthropic-beta
+ * or as several headers (the SDKs' betas: [...] send one, a proxy may add
+ * its own): every one is in the key, not only the first header's. One
+ * header "a,b", two headers "a" and "b" and "a, b" ask the same. */
+Test(messages, the_response_cache_keys_every_anthropic_beta)
+{
+    static const char body[] = "{\"model\":\"claude\",\"max_tokens\":5,\"temperature\":0," MSGS "}";
+    static const struct {
+        const char *headers;
+        const char *backend;
+    } rounds[] = {
+        {"anthropic-beta: interleaved-thinking-2025-05-14\r\n", "a"},
+        {"anthropic-beta: interleaved-thinking-2025-05-14\r\n"
+         "anthropic-beta: context-1m-2025-08-07\r\n", "a"},
+        {"anthropic-beta: interleaved-thinking-2025-05-14\r\n", "cache"},
+        {"anthropic-beta: interleaved-thinking-2025-05-14,context-1m-2025-08-07\r\n", "cache"},
+        {"anthropic-beta: interleaved-thinking-2025-05-14 , context-1m-2025-08-07\r\n", "cache"},
+        {"anthropic-beta: interleaved-thinking-2025-05-14,output-128k-2025-02-19\r\n", "a"},
+    };
+
+    start("");
+    for (size_t i = 0; i < sizeof(rounds) / sizeof(rounds[0]); i++) {
+        cr_assert_eq(messages(rounds[i].headers, body), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), rounds[i].backend,
+                         "round %zu: %s", i, rounds[i].headers);
+    }
+    cr_assert_eq(requests_of(&mock), 3);
+}
+
 /* Anthropic's MCP connector gives the model the tools of remote servers
  * (`mcp_servers`, beside `tools`): its answers depend on what they return
  * when called, so, as requests with tools, they are not cached unless
