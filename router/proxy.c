@@ -1028,7 +1028,14 @@ void router__proxy_reserved(struct router__client *c, int granted)
     if (req->cacheable && req->lookup == CACHE_LOOKUP_MISS && !req->flight_leader) {
         role = cache_flight_join(c->router->flights, &req->cache_key, &req->waiter,
                                  on_flight_answer, c);
-        if (role == CACHE_FLIGHT_FOLLOWER) {
+        if (role == CACHE_FLIGHT_FOLLOWER && req->stream) {
+            /* A follower gets the leader's answer once it has all of it:
+             * for a stream, its first token would come at the leader's
+             * last (the tenant's max_ttft_ms broken by the whole length
+             * of an answer). A stream goes itself, uncached: the leader's
+             * answer will be. */
+            cache_flight_leave(c->router->flights, &req->waiter);
+        } else if (role == CACHE_FLIGHT_FOLLOWER) {
             router__proxy_unchoose(c); /* it waits for the leader's answer */
             req->flight_waiting = 1;
             return;

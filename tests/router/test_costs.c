@@ -4843,6 +4843,43 @@ Test(costs, waiters_of_a_failed_leader_skip_the_backend_that_failed_it)
     }
 }
 
+/* A stream identical to one upstream does not wait for it: a follower
+ * gets the leader's answer once the leader has all of it, so a stream's
+ * first token would come at the leader's last. It goes itself (billed as
+ * any request); the leader's answer is cached for the next. */
+Test(costs, a_stream_identical_to_one_upstream_does_not_wait_for_its_end)
+{
+    struct support_sse lead = {0}, twin = {0}, again = {0};
+    struct support_sse_event ev;
+    const char body[] = "{\"model\":\"chat\",\"temperature\":0,\"stream\":true," MSG "}";
+    const char slow[] = AUTH "x-mock-tokens: 30\r\nx-mock-token-delay-ms: 40\r\n";
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    open_chat_stream(&lead, slow, body); /* about 1.2 s of tokens */
+    cr_assert_eq(support_sse_next(&lead, &ev, TIMEOUT_MS), 1);
+    double t0 = mono_ms();
+    open_chat_stream(&twin, slow, body);
+    cr_assert_eq(support_sse_next(&twin, &ev, TIMEOUT_MS), 1);
+    double first = mono_ms() - t0;
+    cr_assert_lt(first, 700, "the twin's first event came at %.0f ms, after the leader's end",
+                 first);
+    cr_assert_str_eq(support_http_header(&twin.resp, "x-costrouter-backend"), "a");
+    while (support_sse_next(&lead, &ev, TIMEOUT_MS) == 1)
+        ;
+    while (support_sse_next(&twin, &ev, TIMEOUT_MS) == 1)
+        ;
+    support_sse_close(&lead);
+    support_sse_close(&twin);
+    open_chat_stream(&again, AUTH, body);
+    cr_assert_str_eq(support_http_header(&again.resp, "x-costrouter-backend"), "cache",
+                     "the leader's stream was not cached");
+    support_sse_close(&again);
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 2);
+}
+
 /* The leader's client leaves: the waiter is not left waiting on an
  * answer nobody reads; it goes itself. */
 Test(costs, a_request_joined_to_a_twin_whose_client_left_goes_itself)
