@@ -1207,11 +1207,20 @@ void router__proxy_replay(struct router__client *c, const char *value, size_t le
 
 /* ---- the response ---- */
 
-/* Is `status` worth another candidate? 5xx and 429 say "this backend,
- * not this request"; other 4xx would fail anywhere. */
+/* Did the backend fail with `status`? A 5xx, or a 408 (upstream.c sends
+ * one that closes a reused connection again on a fresh one; one on a
+ * fresh connection refuses a request the router sent whole at once: the
+ * backend did not read it, RFC 9110 15.5.9, so another may serve it). */
+static int status_failure(int status)
+{
+    return status >= 500 || status == 408;
+}
+
+/* Is `status` worth another candidate? 5xx, 408 and 429 say "this
+ * backend, not this request"; other 4xx would fail anywhere. */
 static int status_retryable(int status)
 {
-    return status >= 500 || status == 429;
+    return status_failure(status) || status == 429;
 }
 
 /* A 401 or 403 from a backend refuses the router's key for it, not the
@@ -1439,7 +1448,7 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
         if (log_every_due(&req->pool->retry_log, now, note))
             log_info("request %s: backend %s answered %d, trying the next candidate%s",
                      req->id_str, b->name, status, note);
-        if (status >= 500)
+        if (status_failure(status))
             backend_attempt_failure(req->pool->backend, now);
         router__upstream_abort(req->up);
         req->up = NULL;
@@ -1448,12 +1457,12 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     }
     req->ttft_ms = now - req->start_ms;
     req->upstream_status = status;
-    /* As when another candidate follows: a 5xx is a failure (else a
+    /* As when another candidate follows: a 5xx or 408 is a failure (else a
      * route's last or only backend answering 500s never had its circuit
      * opened), a 429 neither a failure nor a latency sample (a fast
      * refusal says nothing of how fast it serves; nor does a 4xx, a
      * success without one: note_success). */
-    if (status >= 500) {
+    if (status_failure(status)) {
         backend_attempt_failure(req->pool->backend, now);
     } else if (status != 429) {
         /* An answer that its backend breaks before its end is a failure

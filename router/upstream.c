@@ -236,13 +236,14 @@ static int upstream_retry_fresh(struct router__upstream *u, struct router__clien
 /* A reused connection that is reset or closed before any answer byte was
  * most likely closed by the backend as it sat idle: the request goes again
  * on a fresh one. A timeout is not that: the backend has the request and
- * is slow, and sending it again would have it served (and billed) twice. */
-static void upstream_fail(struct router__upstream *u, const char *errstr)
+ * is slow, and sending it again would have it served (and billed) twice.
+ * `resend` also for an answer that says the request was not handled (a
+ * 408 on a reused connection: on_headers_complete). */
+static void upstream_fail_resend(struct router__upstream *u, const char *errstr, int resend)
 {
     struct router__client *c = u->client;
-    int retry_fresh = u->reused && !u->got_bytes && c != NULL && errstr == error_upstream_io;
 
-    if (retry_fresh) {
+    if (resend && u->reused && c != NULL) {
         log_debug("backend %s: reused connection failed (%s), retrying on a new one",
                   u->pool->conf->name, errstr);
         u->client = NULL;
@@ -255,6 +256,11 @@ static void upstream_fail(struct router__upstream *u, const char *errstr)
     upstream_close(u);
     if (c)
         router__proxy_on_error(c, errstr);
+}
+
+static void upstream_fail(struct router__upstream *u, const char *errstr)
+{
+    upstream_fail_resend(u, errstr, !u->got_bytes && errstr == error_upstream_io);
 }
 
 /* ---- writing ---- */
@@ -703,6 +709,16 @@ static int on_headers_complete(llhttp_t *p)
     }
     if (p->status_code < 200)
         return interim_head(p);
+    if (p->status_code == 408 && u->reused) {
+        /* RFC 9110 15.5.9: the server did not get the request, and the
+         * client may send it again. Node's server sends one as it closes
+         * a keep-alive connection it timed out, which the router may
+         * have reused that very moment: as for a reset there, the
+         * request goes again on a fresh connection (Chromium and Firefox
+         * do so). A 408 on that one is the backend's answer (proxy.c). */
+        upstream_fail_resend(u, error_upstream_io, 1);
+        return -1;
+    }
     drop_named_hop_headers(u);
     /* The request bytes are no longer needed for a resend; the buffer
      * serves the next request on this connection. */

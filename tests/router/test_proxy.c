@@ -1823,6 +1823,70 @@ Test(proxy, an_answer_ended_by_its_connection_is_broken_by_a_reset)
     cr_assert_neq(rc, 0, "the stream ended as if it were complete");
 }
 
+/* A keep-alive answer: the router pools its connection. */
+#define KEEP_ANSWER                                                                            \
+    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 92\r\n\r\n" OK_BODY
+
+/* A canned backend (a, the route's only one, max_retries 0) keeps its
+ * first connection for a second request and answers that with `closing`
+ * (len bytes) as it closes it: the keep-alive race, a server closing an
+ * idle connection just as the router reuses it. The request was never
+ * handled: it goes again, once, on a fresh connection to the same
+ * backend, which answers it; that is no failure of the backend, and the
+ * request is charged once. */
+static void assert_reused_connection_closing_is_resent(const char *closing, size_t len)
+{
+    char a[1024], cost[32];
+
+    start_canned(KEEP_ANSWER);
+    support_canned_reuse(canned, closing, len);
+    start_router("admin_key: " ADMIN_KEY "\nlimits: {max_retries: 0}",
+                 backend_yaml(a, sizeof(a), "a", support_canned_port(canned), NULL), "a");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    snprintf(cost, sizeof(cost), "%s", support_http_header(&resp, "x-costrouter-cost-usd"));
+    wait_pool_idle(1);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "the client got the closing connection's answer: %.*s",
+                 (int)resp.raw.len, resp.raw.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-cost-usd"), cost);
+    cr_assert_eq(support_canned_requests(canned), 3, "sent %d times, not once again",
+                 support_canned_requests(canned) - 1);
+    cr_assert_eq(call("GET", "/admin/backends", ADMIN, NULL), 0);
+    cr_assert_eq(json_num(cJSON_GetArrayItem(body_json(), 0), "consecutive_failures"), 0);
+}
+
+/* RFC 9110 15.5.9: a 408 says the server did not get the request (Node's
+ * server sends one, with Connection: close, on a keep-alive connection
+ * it times out); the client may send it again. Passed on, the client got
+ * a 408 for a request no backend had seen. */
+Test(proxy, a_408_closing_a_reused_connection_is_sent_again_on_a_fresh_one)
+{
+    static const char closing[] = "HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n";
+
+    assert_reused_connection_closing_is_resent(closing, sizeof(closing) - 1);
+}
+
+/* The same race without a word: the server closes as the request comes. */
+Test(proxy, a_reused_connection_closed_unanswered_is_sent_again_on_a_fresh_one)
+{
+    assert_reused_connection_closing_is_resent("", 0);
+}
+
+/* A 408 on a fresh connection: the backend did not take a request the
+ * router sent whole, at once. It did not handle it, so another candidate
+ * may, as after a 5xx; passed on, the client got a 408 for its request
+ * while backend b was there to serve it. */
+Test(proxy, a_408_on_a_fresh_connection_goes_to_the_next_candidate)
+{
+    start_canned_then_b("HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.raw.len, resp.raw.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    cr_assert_eq(support_canned_requests(canned), 1);
+}
+
 /* A 1xx carrying a body (150, 199, and 099, which is no status at all)
  * is a bad response: the client gets the next candidate's answer, never
  * the bytes the backend passed off as that body, on a connection that
