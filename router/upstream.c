@@ -467,9 +467,11 @@ static int parse_response(struct router__upstream *u, const char *p, size_t len)
     return -1;
 }
 
-/* The connection ended: `clean` for a close (EOF, TLS close_notify),
- * not for a reset or another error, which breaks a response delimited by
- * the connection's end as it breaks any other. */
+/* The connection ended: `clean` for a close (EOF; over TLS only
+ * close_notify, RFC 8446 6.1: a TCP close without it is a truncation, a
+ * crashed server or an attacker), not for a reset or another error,
+ * which breaks a response delimited by the connection's end as it breaks
+ * any other. */
 static void on_eof(struct router__upstream *u, int clean)
 {
     /* A response delimited by connection close ends here. */
@@ -495,7 +497,7 @@ static void upstream_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     if (nread == 0 || u->closing)
         return;
     if (nread < 0) {
-        on_eof(u, nread == UV_EOF);
+        on_eof(u, nread == UV_EOF && u->ssl == NULL);
         return;
     }
     if (u->ssl == NULL) {

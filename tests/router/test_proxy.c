@@ -2455,6 +2455,31 @@ static void tls_extra_answer(struct buf *out, const char *text)
                strlen(body), body);
 }
 
+/* A server context with the test CA's server.crt (made in ca_dir). */
+static SSL_CTX *tls_server_ctx(void)
+{
+    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    char path[300];
+
+    cr_assert_eq(support_make_test_ca(ca_dir, sizeof(ca_dir)), 0);
+    snprintf(path, sizeof(path), "%s/server.crt", ca_dir);
+    cr_assert_eq(SSL_CTX_use_certificate_chain_file(ctx, path), 1);
+    snprintf(path, sizeof(path), "%s/server.key", ca_dir);
+    cr_assert_eq(SSL_CTX_use_PrivateKey_file(ctx, path, SSL_FILETYPE_PEM), 1);
+    return ctx;
+}
+
+/* Backend "tls" at https://127.0.0.1:port, trusting the test CA. */
+static const char *tls_backend_yaml(char *out, size_t n, int port)
+{
+    snprintf(out, n,
+             "  - name: tls\n    kind: api\n    url: https://127.0.0.1:%d/v1\n"
+             "    model: m\n    api_key: sk-up\n    quality: 1\n    context_window: 1000\n"
+             "    input_usd_per_mtok: 1\n    output_usd_per_mtok: 1\n    ca_file: %s/ca.crt\n",
+             port, ca_dir);
+    return out;
+}
+
 /* Serve connections one after the other; answer request k with
  * "answer-k". The first answer is followed, in the same TCP write but in
  * a TLS record of its own, by a whole second answer nobody asked for. */
@@ -2515,24 +2540,14 @@ Test(proxy, bytes_after_a_tls_answer_are_not_the_next_requests_answer)
 {
     struct tls_extra t = {0};
     pthread_t th;
-    char a[2048], path[300];
+    char a[2048];
     int port;
 
-    cr_assert_eq(support_make_test_ca(ca_dir, sizeof(ca_dir)), 0);
-    t.ctx = SSL_CTX_new(TLS_server_method());
-    snprintf(path, sizeof(path), "%s/server.crt", ca_dir);
-    cr_assert_eq(SSL_CTX_use_certificate_chain_file(t.ctx, path), 1);
-    snprintf(path, sizeof(path), "%s/server.key", ca_dir);
-    cr_assert_eq(SSL_CTX_use_PrivateKey_file(t.ctx, path, SSL_FILETYPE_PEM), 1);
+    t.ctx = tls_server_ctx();
     t.lfd = support_http_listen(&port);
     cr_assert_geq(t.lfd, 0);
     cr_assert_eq(pthread_create(&th, NULL, tls_extra_main, &t), 0);
-    snprintf(a, sizeof(a),
-             "  - name: tls\n    kind: api\n    url: https://127.0.0.1:%d/v1\n"
-             "    model: m\n    api_key: sk-up\n    quality: 1\n    context_window: 1000\n"
-             "    input_usd_per_mtok: 1\n    output_usd_per_mtok: 1\n    ca_file: %s/ca.crt\n",
-             port, ca_dir);
-    start_router("limits: {max_retries: 0}", a, "tls");
+    start_router("limits: {max_retries: 0}", tls_backend_yaml(a, sizeof(a), port), "tls");
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     cr_assert_str_eq(json_str(cJSON_GetArrayItem(cJSON_GetObjectItem(body_json(), "choices"), 0),
@@ -2549,6 +2564,96 @@ Test(proxy, bytes_after_a_tls_answer_are_not_the_next_requests_answer)
     pthread_join(th, NULL);
     close(t.lfd);
     SSL_CTX_free(t.ctx);
+}
+
+/* ---- a TLS upstream that ends its connections without close_notify ---- */
+
+struct tls_cut {
+    int lfd;            /* listening socket */
+    SSL_CTX *ctx;       /* server context */
+    const char *answer; /* every request's answer */
+    int stop;           /* set by the test: return */
+};
+
+/* Each connection: one request, `answer`, then the TCP connection closed
+ * with no TLS close_notify (a server that crashed, or an attacker cutting
+ * the connection). */
+static void *tls_cut_main(void *arg)
+{
+    struct tls_cut *t = arg;
+    struct timeval tv = {.tv_sec = 5};
+
+    while (!__atomic_load_n(&t->stop, __ATOMIC_ACQUIRE)) {
+        struct pollfd pfd = {.fd = t->lfd, .events = POLLIN};
+        int fd;
+        SSL *ssl;
+
+        if (poll(&pfd, 1, 100) != 1 || (fd = accept(t->lfd, NULL, NULL)) < 0)
+            continue;
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+        ssl = SSL_new(t->ctx);
+        SSL_set_fd(ssl, fd);
+        if (SSL_accept(ssl) == 1 && tls_extra_read_request(ssl) == 0) {
+            const char *answer = __atomic_load_n(&t->answer, __ATOMIC_ACQUIRE);
+
+            SSL_write(ssl, answer, (int)strlen(answer));
+        }
+        SSL_free(ssl); /* no SSL_shutdown: no close_notify */
+        close(fd);
+    }
+    return NULL;
+}
+
+/* Over TLS an answer delimited by its connection ends with the server's
+ * close_notify; a TCP close without one (RFC 8446 6.1: a truncation) is
+ * a cut answer, as a reset is on plain TCP. Taken for its end, a plain
+ * answer cut so went out, truncated, as a 200 from the TLS backend, and a
+ * stream cut so ended as if complete: now the plain answer goes to the
+ * next candidate and the stream ends with an error event. */
+Test(proxy, a_tls_answer_ended_by_its_connection_needs_close_notify)
+{
+    static const char stream[] = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+                                 "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n"
+                                 "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n";
+    struct tls_cut t = {0};
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    pthread_t th;
+    char a[2048], b[1024], both[3100];
+    int port, rc, saw_error = 0, events = 0;
+
+    t.ctx = tls_server_ctx();
+    t.answer = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n"
+               "{\"choices\":[{\"message\":{\"content\":\"the start of";
+    t.lfd = support_http_listen(&port);
+    cr_assert_geq(t.lfd, 0);
+    cr_assert_eq(pthread_create(&th, NULL, tls_cut_main, &t), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    tls_backend_yaml(a, sizeof(a), port);
+    backend_yaml_priced(b, sizeof(b), "b", mock_b.port, 10, NULL);
+    snprintf(both, sizeof(both), "%s%s", a, b);
+    start_router(NULL, both, "tls, b");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_expect_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b", "%.*s",
+                     (int)resp.body.len, resp.body.data);
+
+    __atomic_store_n(&t.answer, stream, __ATOMIC_RELEASE); /* tls is still the choice */
+    open_stream(&s, AUTH, "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}");
+    cr_assert_eq(s.resp.status, 200);
+    cr_expect_str_eq(support_http_header(&s.resp, "x-costrouter-backend"), "tls");
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1) {
+        events += strstr(ev.data, "delta") != NULL;
+        saw_error |= strstr(ev.data, "\"error\"") != NULL;
+    }
+    support_sse_close(&s);
+    __atomic_store_n(&t.stop, 1, __ATOMIC_RELEASE);
+    pthread_join(th, NULL);
+    close(t.lfd);
+    SSL_CTX_free(t.ctx);
+    cr_assert_eq(events, 2);
+    cr_assert(saw_error, "no SSE error event");
+    cr_assert_neq(rc, 0, "the stream ended as if it were complete");
 }
 
 /* A reload closes the old config's idle keep-alive connections at once.
