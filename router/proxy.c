@@ -1494,12 +1494,12 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
         return 1;
     }
     req->head_held = 1;
-    if (req->is_sse) {
-        /* Streams go out at once; the cost follows at the end. The head
-         * and the events in the rest of this read: one write. */
-        req->batching = 1;
-        send_held_head(c, -1, 0, NULL);
-    }
+    /* A stream's head waits for its first body byte (router__proxy_on_body):
+     * vLLM's and TGI's servers send it at once, before the first token,
+     * and a stream stuck before that token has shown the client nothing,
+     * so another candidate may still serve it. The cost follows at the
+     * end. The head and the events of that read: one write. */
+    req->batching = req->is_sse;
     return 0;
 }
 
@@ -1848,6 +1848,7 @@ void router__proxy_on_body(struct router__client *c, const char *p, size_t len)
     if (req->is_sse) {
         int rc;
 
+        send_held_head(c, -1, 0, NULL); /* the stream's first bytes: it goes out */
         if (buf_append(&req->sse, p, len) != 0) {
             router__client_close(c);
             return;
@@ -2165,11 +2166,12 @@ void router__proxy_on_error(struct router__client *c, const char *errstr)
     char note[LOG_EVERY_NOTE_MAX];
 
     req->up = NULL;
-    if (req->response_started && req->head_held && !req->is_sse) {
+    if (req->response_started && req->head_held) {
         /* A plain answer is held whole until it ends (for its length and
-         * cost): cut before that, the client has seen nothing, so this is
-         * a failure before the response like any other. Not charged, and
-         * the next candidate may serve. */
+         * cost), a stream's head until its first body byte: cut before
+         * that, the client has seen nothing, so this is a failure before
+         * the response like any other (a stream's first-byte timeout too).
+         * Not charged, and the next candidate may serve. */
         forget_response(req);
     }
     if (req->response_started) {

@@ -9,7 +9,8 @@
  * keep-alive, the connection goes back to the idle list of its pool.
  *
  * One timer per connection follows its phase: connect (incl. TLS
- * handshake), first byte, total, and idle time in the pool.
+ * handshake), first byte (of a stream: of its body, as its head may come
+ * before its first token), total, and idle time in the pool.
  *
  * A reused connection can have been closed by the server just as we
  * picked it; if it fails before any response byte, the request is sent
@@ -211,7 +212,8 @@ static void phase_timeout(void *arg)
         upstream_fail(u, error_upstream_first_byte_timeout);
         break;
     case ROUTER_UP_RECEIVING:
-        upstream_fail(u, error_upstream_total_timeout);
+        upstream_fail(u, u->await_body ? error_upstream_first_byte_timeout
+                                       : error_upstream_total_timeout);
         break;
     case ROUTER_UP_IDLE:
         upstream_close(u);
@@ -559,6 +561,7 @@ static int on_message_begin(llhttp_t *p)
 
     u->got_bytes = 1;
     u->is_sse = 0;
+    u->await_body = 0;
     u->head_bytes = 0;
     u->retry_after_ms = -1;
     u->retry_after_in_ms = 0;
@@ -688,14 +691,23 @@ static void drop_named_hop_headers(struct router__upstream *u)
                                      (struct slice){NULL, 0});
 }
 
+/* What total_timeout_ms leaves of the attempt at `now` (at least 1 ms). */
+static int total_left(const struct router__upstream *u, uint64_t now)
+{
+    uint64_t elapsed = now - u->client->req.attempt_start_ms;
+    int total = u->pool->conf->total_timeout_ms;
+
+    return total > (int)elapsed ? total - (int)elapsed : 1;
+}
+
 static int on_headers_complete(llhttp_t *p)
 {
     struct router__upstream *u = parser_upstream(p);
     struct router__client *c = u->client;
     int bodyless = http_status_bodyless(p->status_code);
     int64_t length = -1; /* chunked, or until the connection closes */
-    const struct conf_backend *b = u->pool->conf;
-    uint64_t elapsed;
+    uint64_t now;
+    int total;
 
     if (c == NULL)
         return -1;
@@ -726,9 +738,15 @@ static int on_headers_complete(llhttp_t *p)
      * serves the next request on this connection. */
     buf_recycle(&u->out, UPSTREAM_OUT_KEEP);
     u->state = ROUTER_UP_RECEIVING;
-    elapsed = uv_now(u->pool->router->loop) - c->req.attempt_start_ms;
-    router__deadline_set(&u->timeout,
-                         b->total_timeout_ms > (int)elapsed ? b->total_timeout_ms - (int)elapsed : 1);
+    now = uv_now(u->pool->router->loop);
+    total = total_left(u, now);
+    /* A stream's head is no answer yet: vLLM's and TGI's servers send it
+     * at once, and their first event with the first token. Until that
+     * first body byte the first-byte timeout still runs (proxy.c holds
+     * the head until then, so that another candidate may serve). */
+    u->await_body = u->is_sse && p->status_code < 400;
+    if (!u->await_body || u->timeout.at <= now || (int)(u->timeout.at - now) > total)
+        router__deadline_set(&u->timeout, total);
     if (router__proxy_on_head(c, p->status_code, &u->headers, length, u->is_sse,
                               u->retry_after_ms) != 0)
         return -1;
@@ -747,6 +765,10 @@ static int on_body(llhttp_t *p, const char *at, size_t len)
      * refuses a 1xx body; this keeps it so). */
     if (p->status_code < 200)
         return -1;
+    if (u->await_body) { /* a stream's first event: total_timeout_ms from here on */
+        u->await_body = 0;
+        router__deadline_set(&u->timeout, total_left(u, uv_now(u->pool->router->loop)));
+    }
     router__proxy_on_body(u->client, at, len);
     return u->client && !u->closing ? 0 : -1;
 }

@@ -1504,6 +1504,45 @@ static void start_router_dearer(const char *limits, const char *dearer)
     start_router(limits, both, "a, b");
 }
 
+/* vLLM's and TGI's servers send a stream's head at once, its first event
+ * with its first token. A backend stuck before that (a=mock A, its first
+ * token 3 s away, first_byte_timeout_ms 300) sent its head, which went to
+ * the client at once: first_byte_timeout_ms was over, the stream waited
+ * for total_timeout_ms, and no other candidate could serve it. The head
+ * of a stream is now held until its first event, and first_byte_timeout_ms
+ * runs until then: b serves the stream, in well under 3 s. */
+Test(proxy, a_stream_whose_head_comes_first_falls_back_when_its_first_event_is_late)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    struct timespec t0, t1;
+    char a[1024], b[1024], both[2100];
+    int rc, deltas = 0, done = 0;
+    double ms;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, "--ttft-ms", "3000", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    backend_yaml_priced(a, sizeof(a), "a", mock_a.port, 1, "    first_byte_timeout_ms: 300\n");
+    backend_yaml_priced(b, sizeof(b), "b", mock_b.port, 10, NULL);
+    snprintf(both, sizeof(both), "%s%s", a, b);
+    start_router(NULL, both, "a, b");
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    open_stream(&s, AUTH "x-mock-head-first: 1\r\n",
+                "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}");
+    cr_assert_eq(s.resp.status, 200);
+    cr_expect_str_eq(support_http_header(&s.resp, "x-costrouter-backend"), "b");
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1) {
+        deltas += strstr(ev.data, "delta") != NULL;
+        done |= strcmp(ev.data, "[DONE]") == 0;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    support_sse_close(&s);
+    ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6;
+    cr_assert_eq(rc, 0, "the stream did not end cleanly");
+    cr_assert(done && deltas == 16, "%d deltas", deltas);
+    cr_assert_lt(ms, 2500.0, "the stream took %.0f ms", ms);
+}
+
 /* Such a cut is a failure of the backend's like a reset before the head:
  * three in a row open its circuit, and the next request goes straight to
  * the next candidate. Its head's arrival is no success: counted as one,
