@@ -2159,6 +2159,20 @@ static void forget_response(struct router__request *req)
     buf_reset(&req->up_body);
 }
 
+/* An attempt given up without an answer after its whole request went to
+ * an API backend (a timeout, an answer cut before it reached the client):
+ * the provider may have served it, and bill it, while no request is
+ * charged it (the next candidate serves, or the client gets the error).
+ * Counted per backend, for the operator to set against the invoice. */
+static void note_abandoned(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    const char *labels[] = {req->pool->conf->name};
+
+    if (req->request_sent && req->pool->conf->kind == CONF_BACKEND_API && !counting(req))
+        metrics_add(c->router->metrics, METRICS_BACKEND_ABANDONED_TOTAL, labels, 1);
+}
+
 void router__proxy_on_error(struct router__client *c, const char *errstr)
 {
     struct router__request *req = &c->req;
@@ -2194,6 +2208,7 @@ void router__proxy_on_error(struct router__client *c, const char *errstr)
         return;
     }
     backend_attempt_failure(req->pool->backend, now);
+    note_abandoned(c);
     if (log_every_due(&req->pool->fail_log, now, note))
         log_info("request %s: backend %s failed: %s%s", req->id_str, req->pool->conf->name, errstr,
                  note);

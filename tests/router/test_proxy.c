@@ -11,6 +11,7 @@
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <openssl/ssl.h>
 #include <poll.h>
 #include <pthread.h>
@@ -162,6 +163,8 @@ static int call(const char *method, const char *path, const char *headers, const
 {
     return call_port(router.port, method, path, headers, body);
 }
+
+static double metric_value(const char *name);
 
 static cJSON *body_json(void)
 {
@@ -1436,6 +1439,27 @@ Test(proxy, a_pooled_connection_that_times_out_is_not_sent_again)
     cr_assert_eq(json_num(body_json(), "requests"), 2, "%.*s", (int)resp.body.len,
                  resp.body.data);
     cr_assert_eq(json_num(json, "connections"), 2, "%.*s", (int)resp.body.len, resp.body.data);
+}
+
+/* An API backend that has the whole request and times out may still serve
+ * and bill it, though b serves the client and no request is charged it:
+ * counted in costrouter_backend_abandoned_total, per backend, so that an
+ * operator can set the invoice against the charges. */
+Test(proxy, an_api_attempt_that_times_out_after_its_request_is_counted_abandoned)
+{
+    char a[1024], b[1024], both[2100];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "stall", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    backend_yaml_priced(a, sizeof(a), "a", mock_a.port, 1, "    first_byte_timeout_ms: 300\n");
+    backend_yaml_priced(b, sizeof(b), "b", mock_b.port, 10, NULL);
+    snprintf(both, sizeof(both), "%s%s", a, b);
+    start_router("admin_key: " ADMIN_KEY, both, "a, b");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    cr_assert_eq(metric_value("costrouter_backend_abandoned_total{backend=\"a\"}"), 1);
+    cr_assert(isnan(support_metrics_value(&resp, "costrouter_backend_abandoned_total{backend=\"b\"}")));
 }
 
 /* A plain answer is held until it ends: one cut after its head has shown
