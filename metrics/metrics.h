@@ -80,6 +80,10 @@ enum metrics_type { METRICS_COUNTER, METRICS_GAUGE, METRICS_HISTOGRAM };
       "Actual over estimated prompt tokens (calibration, 1 is exact).", "backend")           \
     X(BACKEND_RATE_LIMITED_TOTAL, "costrouter_backend_rate_limited_total", COUNTER,          \
       "429 answers from a backend (each starts or extends its cooldown).", "backend")        \
+    X(BACKEND_ABANDONED_TOTAL, "costrouter_backend_abandoned_total", COUNTER,                \
+      "Attempts given up without an answer after their whole request went to an API "       \
+      "backend (a timeout, a cut answer): it may bill them; no request is charged them.",   \
+      "backend")                                                                             \
     X(UPSTREAM_CONNECTIONS, "costrouter_upstream_connections", GAUGE,                        \
       "Open connections to a backend.", "backend")                                           \
     X(CLIENT_CONNECTIONS, "costrouter_client_connections", GAUGE,                            \

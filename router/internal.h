@@ -462,6 +462,8 @@ struct router__upstream {
     unsigned resolving:1;                 /* uv_getaddrinfo in flight (holds memory) */
     unsigned complete:1;                  /* llhttp saw the end of the response */
     unsigned keep_alive:1;                /* that response allows reuse */
+    unsigned await_body:1;                /* a stream's head came, no body byte yet: the
+                                             first-byte timeout still runs */
 };
 
 /* server.c: client side */

@@ -1262,11 +1262,20 @@ void router__proxy_replay(struct router__client *c, const char *value, size_t le
 
 /* ---- the response ---- */
 
-/* Is `status` worth another candidate? 5xx and 429 say "this backend,
- * not this request"; other 4xx would fail anywhere. */
+/* Did the backend fail with `status`? A 5xx, or a 408 (upstream.c sends
+ * one that closes a reused connection again on a fresh one; one on a
+ * fresh connection refuses a request the router sent whole at once: the
+ * backend did not read it, RFC 9110 15.5.9, so another may serve it). */
+static int status_failure(int status)
+{
+    return status >= 500 || status == 408;
+}
+
+/* Is `status` worth another candidate? 5xx, 408 and 429 say "this
+ * backend, not this request"; other 4xx would fail anywhere. */
 static int status_retryable(int status)
 {
-    return status >= 500 || status == 429;
+    return status_failure(status) || status == 429;
 }
 
 /* A 401 or 403 from a backend refuses the router's key for it, not the
@@ -1494,7 +1503,7 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
         if (log_every_due(&req->pool->retry_log, now, note))
             log_info("request %s: backend %s answered %d, trying the next candidate%s",
                      req->id_str, b->name, status, note);
-        if (status >= 500)
+        if (status_failure(status))
             backend_attempt_failure(req->pool->backend, now);
         router__upstream_abort(req->up);
         req->up = NULL;
@@ -1503,12 +1512,12 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     }
     req->ttft_ms = now - req->start_ms;
     req->upstream_status = status;
-    /* As when another candidate follows: a 5xx is a failure (else a
+    /* As when another candidate follows: a 5xx or 408 is a failure (else a
      * route's last or only backend answering 500s never had its circuit
      * opened), a 429 neither a failure nor a latency sample (a fast
      * refusal says nothing of how fast it serves; nor does a 4xx, a
      * success without one: note_success). */
-    if (status >= 500) {
+    if (status_failure(status)) {
         backend_attempt_failure(req->pool->backend, now);
     } else if (status != 429) {
         /* An answer that its backend breaks before its end is a failure
@@ -1540,12 +1549,12 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
         return 1;
     }
     req->head_held = 1;
-    if (req->is_sse) {
-        /* Streams go out at once; the cost follows at the end. The head
-         * and the events in the rest of this read: one write. */
-        req->batching = 1;
-        send_held_head(c, -1, 0, NULL);
-    }
+    /* A stream's head waits for its first body byte (router__proxy_on_body):
+     * vLLM's and TGI's servers send it at once, before the first token,
+     * and a stream stuck before that token has shown the client nothing,
+     * so another candidate may still serve it. The cost follows at the
+     * end. The head and the events of that read: one write. */
+    req->batching = req->is_sse;
     return 0;
 }
 
@@ -1894,6 +1903,7 @@ void router__proxy_on_body(struct router__client *c, const char *p, size_t len)
     if (req->is_sse) {
         int rc;
 
+        send_held_head(c, -1, 0, NULL); /* the stream's first bytes: it goes out */
         if (buf_append(&req->sse, p, len) != 0) {
             router__client_close(c);
             return;
@@ -2204,6 +2214,20 @@ static void forget_response(struct router__request *req)
     buf_reset(&req->up_body);
 }
 
+/* An attempt given up without an answer after its whole request went to
+ * an API backend (a timeout, an answer cut before it reached the client):
+ * the provider may have served it, and bill it, while no request is
+ * charged it (the next candidate serves, or the client gets the error).
+ * Counted per backend, for the operator to set against the invoice. */
+static void note_abandoned(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    const char *labels[] = {req->pool->conf->name};
+
+    if (req->request_sent && req->pool->conf->kind == CONF_BACKEND_API && !counting(req))
+        metrics_add(c->router->metrics, METRICS_BACKEND_ABANDONED_TOTAL, labels, 1);
+}
+
 void router__proxy_on_error(struct router__client *c, const char *errstr)
 {
     struct router__request *req = &c->req;
@@ -2211,11 +2235,12 @@ void router__proxy_on_error(struct router__client *c, const char *errstr)
     char note[LOG_EVERY_NOTE_MAX];
 
     req->up = NULL;
-    if (req->response_started && req->head_held && !req->is_sse) {
+    if (req->response_started && req->head_held) {
         /* A plain answer is held whole until it ends (for its length and
-         * cost): cut before that, the client has seen nothing, so this is
-         * a failure before the response like any other. Not charged, and
-         * the next candidate may serve. */
+         * cost), a stream's head until its first body byte: cut before
+         * that, the client has seen nothing, so this is a failure before
+         * the response like any other (a stream's first-byte timeout too).
+         * Not charged, and the next candidate may serve. */
         forget_response(req);
     }
     if (req->response_started) {
@@ -2238,6 +2263,7 @@ void router__proxy_on_error(struct router__client *c, const char *errstr)
         return;
     }
     backend_attempt_failure(req->pool->backend, now);
+    note_abandoned(c);
     if (log_every_due(&req->pool->fail_log, now, note))
         log_info("request %s: backend %s failed: %s%s", req->id_str, req->pool->conf->name, errstr,
                  note);

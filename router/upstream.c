@@ -9,7 +9,8 @@
  * keep-alive, the connection goes back to the idle list of its pool.
  *
  * One timer per connection follows its phase: connect (incl. TLS
- * handshake), first byte, total, and idle time in the pool.
+ * handshake), first byte (of a stream: of its body, as its head may come
+ * before its first token), total, and idle time in the pool.
  *
  * A reused connection can have been closed by the server just as we
  * picked it; if it fails before any response byte, the request is sent
@@ -211,7 +212,8 @@ static void phase_timeout(void *arg)
         upstream_fail(u, error_upstream_first_byte_timeout);
         break;
     case ROUTER_UP_RECEIVING:
-        upstream_fail(u, error_upstream_total_timeout);
+        upstream_fail(u, u->await_body ? error_upstream_first_byte_timeout
+                                       : error_upstream_total_timeout);
         break;
     case ROUTER_UP_IDLE:
         upstream_close(u);
@@ -236,13 +238,14 @@ static int upstream_retry_fresh(struct router__upstream *u, struct router__clien
 /* A reused connection that is reset or closed before any answer byte was
  * most likely closed by the backend as it sat idle: the request goes again
  * on a fresh one. A timeout is not that: the backend has the request and
- * is slow, and sending it again would have it served (and billed) twice. */
-static void upstream_fail(struct router__upstream *u, const char *errstr)
+ * is slow, and sending it again would have it served (and billed) twice.
+ * `resend` also for an answer that says the request was not handled (a
+ * 408 on a reused connection: on_headers_complete). */
+static void upstream_fail_resend(struct router__upstream *u, const char *errstr, int resend)
 {
     struct router__client *c = u->client;
-    int retry_fresh = u->reused && !u->got_bytes && c != NULL && errstr == error_upstream_io;
 
-    if (retry_fresh) {
+    if (resend && u->reused && c != NULL) {
         log_debug("backend %s: reused connection failed (%s), retrying on a new one",
                   u->pool->conf->name, errstr);
         u->client = NULL;
@@ -255,6 +258,11 @@ static void upstream_fail(struct router__upstream *u, const char *errstr)
     upstream_close(u);
     if (c)
         router__proxy_on_error(c, errstr);
+}
+
+static void upstream_fail(struct router__upstream *u, const char *errstr)
+{
+    upstream_fail_resend(u, errstr, !u->got_bytes && errstr == error_upstream_io);
 }
 
 /* ---- writing ---- */
@@ -461,9 +469,11 @@ static int parse_response(struct router__upstream *u, const char *p, size_t len)
     return -1;
 }
 
-/* The connection ended: `clean` for a close (EOF, TLS close_notify),
- * not for a reset or another error, which breaks a response delimited by
- * the connection's end as it breaks any other. */
+/* The connection ended: `clean` for a close (EOF; over TLS only
+ * close_notify, RFC 8446 6.1: a TCP close without it is a truncation, a
+ * crashed server or an attacker), not for a reset or another error,
+ * which breaks a response delimited by the connection's end as it breaks
+ * any other. */
 static void on_eof(struct router__upstream *u, int clean)
 {
     /* A response delimited by connection close ends here. */
@@ -489,7 +499,7 @@ static void upstream_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     if (nread == 0 || u->closing)
         return;
     if (nread < 0) {
-        on_eof(u, nread == UV_EOF);
+        on_eof(u, nread == UV_EOF && u->ssl == NULL);
         return;
     }
     if (u->ssl == NULL) {
@@ -551,6 +561,7 @@ static int on_message_begin(llhttp_t *p)
 
     u->got_bytes = 1;
     u->is_sse = 0;
+    u->await_body = 0;
     u->head_bytes = 0;
     u->retry_after_ms = -1;
     u->retry_after_in_ms = 0;
@@ -680,14 +691,23 @@ static void drop_named_hop_headers(struct router__upstream *u)
                                      (struct slice){NULL, 0});
 }
 
+/* What total_timeout_ms leaves of the attempt at `now` (at least 1 ms). */
+static int total_left(const struct router__upstream *u, uint64_t now)
+{
+    uint64_t elapsed = now - u->client->req.attempt_start_ms;
+    int total = u->pool->conf->total_timeout_ms;
+
+    return total > (int)elapsed ? total - (int)elapsed : 1;
+}
+
 static int on_headers_complete(llhttp_t *p)
 {
     struct router__upstream *u = parser_upstream(p);
     struct router__client *c = u->client;
     int bodyless = http_status_bodyless(p->status_code);
     int64_t length = -1; /* chunked, or until the connection closes */
-    const struct conf_backend *b = u->pool->conf;
-    uint64_t elapsed;
+    uint64_t now;
+    int total;
 
     if (c == NULL)
         return -1;
@@ -703,14 +723,30 @@ static int on_headers_complete(llhttp_t *p)
     }
     if (p->status_code < 200)
         return interim_head(p);
+    if (p->status_code == 408 && u->reused) {
+        /* RFC 9110 15.5.9: the server did not get the request, and the
+         * client may send it again. Node's server sends one as it closes
+         * a keep-alive connection it timed out, which the router may
+         * have reused that very moment: as for a reset there, the
+         * request goes again on a fresh connection (Chromium and Firefox
+         * do so). A 408 on that one is the backend's answer (proxy.c). */
+        upstream_fail_resend(u, error_upstream_io, 1);
+        return -1;
+    }
     drop_named_hop_headers(u);
     /* The request bytes are no longer needed for a resend; the buffer
      * serves the next request on this connection. */
     buf_recycle(&u->out, UPSTREAM_OUT_KEEP);
     u->state = ROUTER_UP_RECEIVING;
-    elapsed = uv_now(u->pool->router->loop) - c->req.attempt_start_ms;
-    router__deadline_set(&u->timeout,
-                         b->total_timeout_ms > (int)elapsed ? b->total_timeout_ms - (int)elapsed : 1);
+    now = uv_now(u->pool->router->loop);
+    total = total_left(u, now);
+    /* A stream's head is no answer yet: vLLM's and TGI's servers send it
+     * at once, and their first event with the first token. Until that
+     * first body byte the first-byte timeout still runs (proxy.c holds
+     * the head until then, so that another candidate may serve). */
+    u->await_body = u->is_sse && p->status_code < 400;
+    if (!u->await_body || u->timeout.at <= now || (int)(u->timeout.at - now) > total)
+        router__deadline_set(&u->timeout, total);
     if (router__proxy_on_head(c, p->status_code, &u->headers, length, u->is_sse,
                               u->retry_after_ms) != 0)
         return -1;
@@ -729,6 +765,10 @@ static int on_body(llhttp_t *p, const char *at, size_t len)
      * refuses a 1xx body; this keeps it so). */
     if (p->status_code < 200)
         return -1;
+    if (u->await_body) { /* a stream's first event: total_timeout_ms from here on */
+        u->await_body = 0;
+        router__deadline_set(&u->timeout, total_left(u, uv_now(u->pool->router->loop)));
+    }
     router__proxy_on_body(u->client, at, len);
     return u->client && !u->closing ? 0 : -1;
 }

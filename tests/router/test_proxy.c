@@ -11,6 +11,7 @@
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <openssl/ssl.h>
 #include <poll.h>
 #include <pthread.h>
@@ -162,6 +163,8 @@ static int call(const char *method, const char *path, const char *headers, const
 {
     return call_port(router.port, method, path, headers, body);
 }
+
+static double metric_value(const char *name);
 
 static cJSON *body_json(void)
 {
@@ -1438,6 +1441,27 @@ Test(proxy, a_pooled_connection_that_times_out_is_not_sent_again)
     cr_assert_eq(json_num(json, "connections"), 2, "%.*s", (int)resp.body.len, resp.body.data);
 }
 
+/* An API backend that has the whole request and times out may still serve
+ * and bill it, though b serves the client and no request is charged it:
+ * counted in costrouter_backend_abandoned_total, per backend, so that an
+ * operator can set the invoice against the charges. */
+Test(proxy, an_api_attempt_that_times_out_after_its_request_is_counted_abandoned)
+{
+    char a[1024], b[1024], both[2100];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "stall", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    backend_yaml_priced(a, sizeof(a), "a", mock_a.port, 1, "    first_byte_timeout_ms: 300\n");
+    backend_yaml_priced(b, sizeof(b), "b", mock_b.port, 10, NULL);
+    snprintf(both, sizeof(both), "%s%s", a, b);
+    start_router("admin_key: " ADMIN_KEY, both, "a, b");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    cr_assert_eq(metric_value("costrouter_backend_abandoned_total{backend=\"a\"}"), 1);
+    cr_assert(isnan(support_metrics_value(&resp, "costrouter_backend_abandoned_total{backend=\"b\"}")));
+}
+
 /* A plain answer is held until it ends: one cut after its head has shown
  * the client nothing, so the next candidate serves it, and the cut
  * attempt is not charged. */
@@ -1502,6 +1526,45 @@ static void start_router_dearer(const char *limits, const char *dearer)
 
     dearer_yaml(both, sizeof(both), dearer);
     start_router(limits, both, "a, b");
+}
+
+/* vLLM's and TGI's servers send a stream's head at once, its first event
+ * with its first token. A backend stuck before that (a=mock A, its first
+ * token 3 s away, first_byte_timeout_ms 300) sent its head, which went to
+ * the client at once: first_byte_timeout_ms was over, the stream waited
+ * for total_timeout_ms, and no other candidate could serve it. The head
+ * of a stream is now held until its first event, and first_byte_timeout_ms
+ * runs until then: b serves the stream, in well under 3 s. */
+Test(proxy, a_stream_whose_head_comes_first_falls_back_when_its_first_event_is_late)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    struct timespec t0, t1;
+    char a[1024], b[1024], both[2100];
+    int rc, deltas = 0, done = 0;
+    double ms;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, "--ttft-ms", "3000", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    backend_yaml_priced(a, sizeof(a), "a", mock_a.port, 1, "    first_byte_timeout_ms: 300\n");
+    backend_yaml_priced(b, sizeof(b), "b", mock_b.port, 10, NULL);
+    snprintf(both, sizeof(both), "%s%s", a, b);
+    start_router(NULL, both, "a, b");
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    open_stream(&s, AUTH "x-mock-head-first: 1\r\n",
+                "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}");
+    cr_assert_eq(s.resp.status, 200);
+    cr_expect_str_eq(support_http_header(&s.resp, "x-costrouter-backend"), "b");
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1) {
+        deltas += strstr(ev.data, "delta") != NULL;
+        done |= strcmp(ev.data, "[DONE]") == 0;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    support_sse_close(&s);
+    ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6;
+    cr_assert_eq(rc, 0, "the stream did not end cleanly");
+    cr_assert(done && deltas == 16, "%d deltas", deltas);
+    cr_assert_lt(ms, 2500.0, "the stream took %.0f ms", ms);
 }
 
 /* Such a cut is a failure of the backend's like a reset before the head:
@@ -1827,6 +1890,70 @@ Test(proxy, an_answer_ended_by_its_connection_is_broken_by_a_reset)
     cr_assert_eq(events, 2);
     cr_assert(saw_error, "no SSE error event");
     cr_assert_neq(rc, 0, "the stream ended as if it were complete");
+}
+
+/* A keep-alive answer: the router pools its connection. */
+#define KEEP_ANSWER                                                                            \
+    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 92\r\n\r\n" OK_BODY
+
+/* A canned backend (a, the route's only one, max_retries 0) keeps its
+ * first connection for a second request and answers that with `closing`
+ * (len bytes) as it closes it: the keep-alive race, a server closing an
+ * idle connection just as the router reuses it. The request was never
+ * handled: it goes again, once, on a fresh connection to the same
+ * backend, which answers it; that is no failure of the backend, and the
+ * request is charged once. */
+static void assert_reused_connection_closing_is_resent(const char *closing, size_t len)
+{
+    char a[1024], cost[32];
+
+    start_canned(KEEP_ANSWER);
+    support_canned_reuse(canned, closing, len);
+    start_router("admin_key: " ADMIN_KEY "\nlimits: {max_retries: 0}",
+                 backend_yaml(a, sizeof(a), "a", support_canned_port(canned), NULL), "a");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    snprintf(cost, sizeof(cost), "%s", support_http_header(&resp, "x-costrouter-cost-usd"));
+    wait_pool_idle(1);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "the client got the closing connection's answer: %.*s",
+                 (int)resp.raw.len, resp.raw.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-cost-usd"), cost);
+    cr_assert_eq(support_canned_requests(canned), 3, "sent %d times, not once again",
+                 support_canned_requests(canned) - 1);
+    cr_assert_eq(call("GET", "/admin/backends", ADMIN, NULL), 0);
+    cr_assert_eq(json_num(cJSON_GetArrayItem(body_json(), 0), "consecutive_failures"), 0);
+}
+
+/* RFC 9110 15.5.9: a 408 says the server did not get the request (Node's
+ * server sends one, with Connection: close, on a keep-alive connection
+ * it times out); the client may send it again. Passed on, the client got
+ * a 408 for a request no backend had seen. */
+Test(proxy, a_408_closing_a_reused_connection_is_sent_again_on_a_fresh_one)
+{
+    static const char closing[] = "HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n";
+
+    assert_reused_connection_closing_is_resent(closing, sizeof(closing) - 1);
+}
+
+/* The same race without a word: the server closes as the request comes. */
+Test(proxy, a_reused_connection_closed_unanswered_is_sent_again_on_a_fresh_one)
+{
+    assert_reused_connection_closing_is_resent("", 0);
+}
+
+/* A 408 on a fresh connection: the backend did not take a request the
+ * router sent whole, at once. It did not handle it, so another candidate
+ * may, as after a 5xx; passed on, the client got a 408 for its request
+ * while backend b was there to serve it. */
+Test(proxy, a_408_on_a_fresh_connection_goes_to_the_next_candidate)
+{
+    start_canned_then_b("HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.raw.len, resp.raw.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    cr_assert_eq(support_canned_requests(canned), 1);
 }
 
 /* A 1xx carrying a body (150, 199, and 099, which is no status at all)
@@ -2397,6 +2524,31 @@ static void tls_extra_answer(struct buf *out, const char *text)
                strlen(body), body);
 }
 
+/* A server context with the test CA's server.crt (made in ca_dir). */
+static SSL_CTX *tls_server_ctx(void)
+{
+    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    char path[300];
+
+    cr_assert_eq(support_make_test_ca(ca_dir, sizeof(ca_dir)), 0);
+    snprintf(path, sizeof(path), "%s/server.crt", ca_dir);
+    cr_assert_eq(SSL_CTX_use_certificate_chain_file(ctx, path), 1);
+    snprintf(path, sizeof(path), "%s/server.key", ca_dir);
+    cr_assert_eq(SSL_CTX_use_PrivateKey_file(ctx, path, SSL_FILETYPE_PEM), 1);
+    return ctx;
+}
+
+/* Backend "tls" at https://127.0.0.1:port, trusting the test CA. */
+static const char *tls_backend_yaml(char *out, size_t n, int port)
+{
+    snprintf(out, n,
+             "  - name: tls\n    kind: api\n    url: https://127.0.0.1:%d/v1\n"
+             "    model: m\n    api_key: sk-up\n    quality: 1\n    context_window: 1000\n"
+             "    input_usd_per_mtok: 1\n    output_usd_per_mtok: 1\n    ca_file: %s/ca.crt\n",
+             port, ca_dir);
+    return out;
+}
+
 /* Serve connections one after the other; answer request k with
  * "answer-k". The first answer is followed, in the same TCP write but in
  * a TLS record of its own, by a whole second answer nobody asked for. */
@@ -2457,24 +2609,14 @@ Test(proxy, bytes_after_a_tls_answer_are_not_the_next_requests_answer)
 {
     struct tls_extra t = {0};
     pthread_t th;
-    char a[2048], path[300];
+    char a[2048];
     int port;
 
-    cr_assert_eq(support_make_test_ca(ca_dir, sizeof(ca_dir)), 0);
-    t.ctx = SSL_CTX_new(TLS_server_method());
-    snprintf(path, sizeof(path), "%s/server.crt", ca_dir);
-    cr_assert_eq(SSL_CTX_use_certificate_chain_file(t.ctx, path), 1);
-    snprintf(path, sizeof(path), "%s/server.key", ca_dir);
-    cr_assert_eq(SSL_CTX_use_PrivateKey_file(t.ctx, path, SSL_FILETYPE_PEM), 1);
+    t.ctx = tls_server_ctx();
     t.lfd = support_http_listen(&port);
     cr_assert_geq(t.lfd, 0);
     cr_assert_eq(pthread_create(&th, NULL, tls_extra_main, &t), 0);
-    snprintf(a, sizeof(a),
-             "  - name: tls\n    kind: api\n    url: https://127.0.0.1:%d/v1\n"
-             "    model: m\n    api_key: sk-up\n    quality: 1\n    context_window: 1000\n"
-             "    input_usd_per_mtok: 1\n    output_usd_per_mtok: 1\n    ca_file: %s/ca.crt\n",
-             port, ca_dir);
-    start_router("limits: {max_retries: 0}", a, "tls");
+    start_router("limits: {max_retries: 0}", tls_backend_yaml(a, sizeof(a), port), "tls");
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     cr_assert_str_eq(json_str(cJSON_GetArrayItem(cJSON_GetObjectItem(body_json(), "choices"), 0),
@@ -2491,6 +2633,96 @@ Test(proxy, bytes_after_a_tls_answer_are_not_the_next_requests_answer)
     pthread_join(th, NULL);
     close(t.lfd);
     SSL_CTX_free(t.ctx);
+}
+
+/* ---- a TLS upstream that ends its connections without close_notify ---- */
+
+struct tls_cut {
+    int lfd;            /* listening socket */
+    SSL_CTX *ctx;       /* server context */
+    const char *answer; /* every request's answer */
+    int stop;           /* set by the test: return */
+};
+
+/* Each connection: one request, `answer`, then the TCP connection closed
+ * with no TLS close_notify (a server that crashed, or an attacker cutting
+ * the connection). */
+static void *tls_cut_main(void *arg)
+{
+    struct tls_cut *t = arg;
+    struct timeval tv = {.tv_sec = 5};
+
+    while (!__atomic_load_n(&t->stop, __ATOMIC_ACQUIRE)) {
+        struct pollfd pfd = {.fd = t->lfd, .events = POLLIN};
+        int fd;
+        SSL *ssl;
+
+        if (poll(&pfd, 1, 100) != 1 || (fd = accept(t->lfd, NULL, NULL)) < 0)
+            continue;
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+        ssl = SSL_new(t->ctx);
+        SSL_set_fd(ssl, fd);
+        if (SSL_accept(ssl) == 1 && tls_extra_read_request(ssl) == 0) {
+            const char *answer = __atomic_load_n(&t->answer, __ATOMIC_ACQUIRE);
+
+            SSL_write(ssl, answer, (int)strlen(answer));
+        }
+        SSL_free(ssl); /* no SSL_shutdown: no close_notify */
+        close(fd);
+    }
+    return NULL;
+}
+
+/* Over TLS an answer delimited by its connection ends with the server's
+ * close_notify; a TCP close without one (RFC 8446 6.1: a truncation) is
+ * a cut answer, as a reset is on plain TCP. Taken for its end, a plain
+ * answer cut so went out, truncated, as a 200 from the TLS backend, and a
+ * stream cut so ended as if complete: now the plain answer goes to the
+ * next candidate and the stream ends with an error event. */
+Test(proxy, a_tls_answer_ended_by_its_connection_needs_close_notify)
+{
+    static const char stream[] = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+                                 "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n"
+                                 "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n";
+    struct tls_cut t = {0};
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    pthread_t th;
+    char a[2048], b[1024], both[3100];
+    int port, rc, saw_error = 0, events = 0;
+
+    t.ctx = tls_server_ctx();
+    t.answer = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n"
+               "{\"choices\":[{\"message\":{\"content\":\"the start of";
+    t.lfd = support_http_listen(&port);
+    cr_assert_geq(t.lfd, 0);
+    cr_assert_eq(pthread_create(&th, NULL, tls_cut_main, &t), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    tls_backend_yaml(a, sizeof(a), port);
+    backend_yaml_priced(b, sizeof(b), "b", mock_b.port, 10, NULL);
+    snprintf(both, sizeof(both), "%s%s", a, b);
+    start_router(NULL, both, "tls, b");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_expect_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b", "%.*s",
+                     (int)resp.body.len, resp.body.data);
+
+    __atomic_store_n(&t.answer, stream, __ATOMIC_RELEASE); /* tls is still the choice */
+    open_stream(&s, AUTH, "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}");
+    cr_assert_eq(s.resp.status, 200);
+    cr_expect_str_eq(support_http_header(&s.resp, "x-costrouter-backend"), "tls");
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1) {
+        events += strstr(ev.data, "delta") != NULL;
+        saw_error |= strstr(ev.data, "\"error\"") != NULL;
+    }
+    support_sse_close(&s);
+    __atomic_store_n(&t.stop, 1, __ATOMIC_RELEASE);
+    pthread_join(th, NULL);
+    close(t.lfd);
+    SSL_CTX_free(t.ctx);
+    cr_assert_eq(events, 2);
+    cr_assert(saw_error, "no SSE error event");
+    cr_assert_neq(rc, 0, "the stream ended as if it were complete");
 }
 
 /* A reload closes the old config's idle keep-alive connections at once.

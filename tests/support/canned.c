@@ -33,6 +33,9 @@ struct support_canned {
     char *echo_head;      /* support_canned_echo's head, or NULL: answer is sent */
     char *echo_body;      /* its body template */
     int reset;            /* end connections with a reset (support_canned_reset) */
+    int reuse;            /* keep connections for a second request (support_canned_reuse) */
+    char *reuse_answer;   /* what that second request gets */
+    size_t reuse_len;     /* its bytes */
 };
 
 #define ECHO_MARK "$REQUEST"
@@ -114,43 +117,64 @@ static void write_all(int fd, const char *p, size_t len)
             break;
 }
 
-static void serve(struct support_canned *u, int fd)
+/* Read one request (head and Content-Length body) into `in` (emptied
+ * first); record its head. 0, or -1 when the connection ended first. */
+static int read_request(struct support_canned *u, int fd, struct buf *in, size_t *head_len)
 {
-    struct timeval tv = {5, 0};
-    struct buf in = {0}, echo = {0};
     char chunk[4096];
     const char *end = NULL;
     size_t want = 0;
     ssize_t n;
-    int reset;
 
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    buf_reset(in);
     while ((n = read(fd, chunk, sizeof(chunk))) > 0) {
-        if (buf_append(&in, chunk, (size_t)n) != 0)
+        if (buf_append(in, chunk, (size_t)n) != 0)
             break;
-        if (end == NULL && (end = memmem(in.data, in.len, "\r\n\r\n", 4)) != NULL)
-            want = (size_t)(end + 4 - in.data) + head_content_length(in.data, in.len);
-        if (end != NULL && in.len >= want)
+        if (end == NULL && (end = memmem(in->data, in->len, "\r\n\r\n", 4)) != NULL)
+            want = (size_t)(end + 4 - in->data) + head_content_length(in->data, in->len);
+        if (end != NULL && in->len >= want)
             break;
     }
-    if (end != NULL) {
+    if (end == NULL)
+        return -1;
+    *head_len = (size_t)(end + 4 - in->data);
+    pthread_mutex_lock(&u->lock);
+    if (buf_append(&u->heads, in->data, *head_len) != 0)
+        abort();
+    u->requests++;
+    pthread_mutex_unlock(&u->lock);
+    return 0;
+}
+
+static void serve(struct support_canned *u, int fd)
+{
+    struct timeval tv = {5, 0};
+    struct buf in = {0}, echo = {0}, again = {0};
+    size_t head_len;
+    int reset, reuse;
+
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    if (read_request(u, fd, &in, &head_len) == 0) {
         pthread_mutex_lock(&u->lock);
-        if (buf_append(&u->heads, in.data, (size_t)(end + 4 - in.data)) != 0)
-            abort();
-        u->requests++;
         if (u->echo_head)
-            echo_answer(u, in.data, (size_t)(end + 4 - in.data), &echo);
+            echo_answer(u, in.data, head_len, &echo);
         write_all(fd, u->echo_head ? echo.data : u->answer,
                   u->echo_head ? echo.len : u->answer_len);
         reset = u->reset;
+        reuse = u->reuse;
+        if (reuse && buf_append(&again, u->reuse_answer, u->reuse_len) != 0)
+            abort();
         pthread_mutex_unlock(&u->lock);
         if (reset) {
             struct linger abort_close = {1, 0}; /* close sends RST */
 
             usleep(200 * 1000); /* the answer is read first */
             setsockopt(fd, SOL_SOCKET, SO_LINGER, &abort_close, sizeof(abort_close));
+        } else if (reuse && read_request(u, fd, &in, &head_len) == 0) {
+            write_all(fd, again.data, again.len);
         }
     }
+    buf_free(&again);
     buf_free(&echo);
     buf_free(&in);
     close(fd);
@@ -198,13 +222,21 @@ fail:
     return NULL;
 }
 
-void support_canned_set(struct support_canned *u, const char *answer, size_t len)
+/* A copy of `len` bytes (aborts when out of memory). */
+static char *bytes_dup(const char *p, size_t len)
 {
     char *copy = malloc(len ? len : 1);
 
     if (copy == NULL)
         abort();
-    memcpy(copy, answer, len);
+    memcpy(copy, p, len);
+    return copy;
+}
+
+void support_canned_set(struct support_canned *u, const char *answer, size_t len)
+{
+    char *copy = bytes_dup(answer, len);
+
     pthread_mutex_lock(&u->lock);
     free(u->answer);
     u->answer = copy;
@@ -233,6 +265,18 @@ void support_canned_reset(struct support_canned *u, int on)
 {
     pthread_mutex_lock(&u->lock);
     u->reset = on;
+    pthread_mutex_unlock(&u->lock);
+}
+
+void support_canned_reuse(struct support_canned *u, const char *answer, size_t len)
+{
+    char *copy = bytes_dup(answer, len);
+
+    pthread_mutex_lock(&u->lock);
+    free(u->reuse_answer);
+    u->reuse_answer = copy;
+    u->reuse_len = len;
+    u->reuse = 1;
     pthread_mutex_unlock(&u->lock);
 }
 
@@ -277,5 +321,6 @@ void support_canned_stop(struct support_canned *u)
     free(u->answer);
     free(u->echo_head);
     free(u->echo_body);
+    free(u->reuse_answer);
     free(u);
 }

@@ -28,6 +28,12 @@ void support_canned_echo(struct support_canned *u, const char *head, const char 
 /* `on`: end each connection with a reset (RST) 200 ms after the answer,
  * instead of closing it: a backend that breaks, not one that is done. */
 void support_canned_reset(struct support_canned *u, int on);
+/* Keep each connection for a second request (the first answer must then
+ * be one a client may reuse its connection after: with Content-Length,
+ * without Connection: close), answer it with these bytes and close: a
+ * server that closes a keep-alive connection just as the router reuses
+ * it, with a 408 (as Node's does) or, len 0, without a word. */
+void support_canned_reuse(struct support_canned *u, const char *answer, size_t len);
 /* How many requests it read. */
 int support_canned_requests(struct support_canned *u);
 /* The port it listens on. */
