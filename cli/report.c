@@ -18,6 +18,8 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <math.h>
+#include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -48,7 +50,10 @@ struct stats {
 
 struct group {
     size_t dim;       /* index into report.dims */
-    char *value;      /* group value (tenant id, backend, ...) */
+    char *value;      /* group value (tenant id, backend, ...); for an arm, its
+                       * experiment's or route's name and the arm's, see arm_key */
+    char *shown;      /* what the outputs print for an arm (EXPERIMENT/ARM), else NULL */
+    size_t arm;       /* an arm's: where its name starts in value */
     struct stats st;  /* what was added */
 };
 
@@ -154,10 +159,38 @@ nomem:
     exit(1);
 }
 
+/* printf into a new string. Exits on ENOMEM. */
+static char *text_of(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static char *text_of(const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+    char *text;
+
+    va_start(ap, fmt);
+    n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (text = malloc((size_t)n + 1)) == NULL) {
+        perror("report");
+        exit(1);
+    }
+    va_start(ap, fmt);
+    vsnprintf(text, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    return text;
+}
+
+static struct group *group_of(struct stats *st)
+{
+    return (struct group *)((char *)st - offsetof(struct group, st));
+}
+
 static void gmap_free(struct gmap *m)
 {
-    for (size_t i = 0; i < m->n; i++)
+    for (size_t i = 0; i < m->n; i++) {
         free(m->items[i].value);
+        free(m->items[i].shown);
+    }
     free(m->items);
     free(m->slots);
 }
@@ -343,6 +376,34 @@ static int read_line(const cJSON *o, struct line *l)
 
 static int64_t utc_ms(const char *s);
 
+/* Add the line `l` to its --by arm group: the arm of its experiment (by
+ * route for a line written before the log named the experiment), as the
+ * A/B comparison takes them. Arm names are unique only within an
+ * experiment: two experiments with arms control and treatment have four
+ * arms. Keyed by value "e" (experiment) or "r" (route), the name, a 0x1f
+ * and the arm's name; shown EXPERIMENT/ARM, or (route) ROUTE/ARM. */
+static void add_arm_group(struct report *r, const struct line *l)
+{
+    int by_route = strcmp(l->experiment, "-") == 0 && strcmp(l->arm, "-") != 0;
+    const char *name = by_route ? l->route : l->experiment;
+    size_t dim = intern_dim(r, "arm"), split = 1 + strlen(name) + 1;
+    char *key;
+    struct group *g;
+
+    if (strcmp(l->arm, "-") == 0) {
+        stats_add(gmap_get(&r->groups, dim, "-"), l);
+        return;
+    }
+    key = text_of("%c%s\x1f%s", by_route ? 'r' : 'e', name, l->arm);
+    g = group_of(gmap_get(&r->groups, dim, key));
+    free(key);
+    if (g->shown == NULL) {
+        g->arm = split;
+        g->shown = text_of("%s%s/%s", by_route ? "(route) " : "", name, l->arm);
+    }
+    stats_add(&g->st, l);
+}
+
 /* Add the line `o` to the total and its groups. Returns -1, adding
  * nothing, for a line out of range, or one whose tokens or amounts would
  * take the total past TOKENS_MAX or COST_TOTAL_MAX: every group's sum is
@@ -363,7 +424,7 @@ static int add_line(struct report *r, const cJSON *o)
      * counts it, TENANT#NAME. */
     char key[2 * 256 + 2], day[11] = "-", month[8] = "-";
     const char *plain[][2] = {{"tenant", l.tenant}, {"backend", l.backend}, {"route", l.route},
-                              {"arm", l.arm}, {"service_tier", l.service_tier}, {"key", key},
+                              {"service_tier", l.service_tier}, {"key", key},
                               {"endpoint", l.endpoint}, {"day", day}, {"month", month}};
     const cJSON *tag, *ts = cJSON_GetObjectItemCaseSensitive(o, "ts");
     char dim[256];
@@ -385,6 +446,8 @@ static int add_line(struct report *r, const cJSON *o)
     for (size_t i = 0; i < sizeof(plain) / sizeof(plain[0]); i++)
         if (wanted(r, plain[i][0]))
             stats_add(gmap_get(&r->groups, intern_dim(r, plain[i][0]), plain[i][1]), &l);
+    if (wanted(r, "arm"))
+        add_arm_group(r, &l);
     if (cJSON_IsObject(l.tags)) {
         cJSON_ArrayForEach(tag, l.tags) {
             snprintf(dim, sizeof(dim), "tag.%s", tag->string);
@@ -791,6 +854,12 @@ static const char *dim_name(const struct report *r, size_t dim)
     return r->dims[dim];
 }
 
+/* What the outputs print for the value of `g` (an arm: EXPERIMENT/ARM). */
+static const char *group_text(const struct group *g)
+{
+    return g->shown ? g->shown : g->value;
+}
+
 /* Groups in output order: --by order (tag keys sorted), cost descending
  * (days and months: in order of time). */
 static const struct report *sort_ctx;
@@ -926,22 +995,24 @@ static void print_table(const struct report *r, FILE *out, const struct group **
 
         while (e < r->groups.n && g[e]->dim == g[s]->dim)
             e++;
-        width[0] = strlen(dim);
+        const char *head = strcmp(dim, "arm") == 0 ? "experiment/arm" : dim;
+
+        width[0] = strlen(head);
         for (size_t c = 0; c < NCOLUMNS; c++)
             width[c + 1] = strlen(columns[c]);
         for (size_t i = s; i < e; i++) {
-            width[0] = strlen(g[i]->value) > width[0] ? strlen(g[i]->value) : width[0];
+            width[0] = strlen(group_text(g[i])) > width[0] ? strlen(group_text(g[i])) : width[0];
             for (size_t c = 0; c < NCOLUMNS; c++) {
                 column_text(cell, sizeof(cell), &g[i]->st, c, TABLE_DECIMALS);
                 width[c + 1] = strlen(cell) > width[c + 1] ? strlen(cell) : width[c + 1];
             }
         }
-        fprintf(out, "\nby %s\n%-*s", dim, (int)width[0], dim);
+        fprintf(out, "\nby %s\n%-*s", dim, (int)width[0], head);
         for (size_t c = 0; c < NCOLUMNS; c++)
             fprintf(out, "  %*s", (int)width[c + 1], columns[c]);
         fputc('\n', out);
         for (size_t i = s; i < e; i++) {
-            fprintf(out, "%-*s", (int)width[0], g[i]->value);
+            fprintf(out, "%-*s", (int)width[0], group_text(g[i]));
             for (size_t c = 0; c < NCOLUMNS; c++) {
                 column_text(cell, sizeof(cell), &g[i]->st, c, TABLE_DECIMALS);
                 fprintf(out, "  %*s", (int)width[c + 1], cell);
@@ -1038,7 +1109,7 @@ static void print_csv(const struct report *r, FILE *out, const struct group **g,
     fputs(",arm_a,arm_b,n_a,n_b,mean_a_usd,mean_b_usd,diff_usd,ci95_low_usd,ci95_high_usd\n", out);
     csv_stats_row(out, "total", "", "", &r->total);
     for (size_t i = 0; i < r->groups.n; i++)
-        csv_stats_row(out, "group", dim_name(r, g[i]->dim), g[i]->value, &g[i]->st);
+        csv_stats_row(out, "group", dim_name(r, g[i]->dim), group_text(g[i]), &g[i]->st);
     for (size_t i = 0; i < nd; i++) {
         fprintf(out, "arm_diff,%s,", d[i].kind);
         csv_field(out, d[i].group);
@@ -1098,7 +1169,16 @@ static int print_json(const struct report *r, FILE *out, const struct group **g,
     for (size_t i = 0; i < r->groups.n; i++) {
         cJSON *o = json_stats(&g[i]->st);
         cJSON_AddStringToObject(o, "dimension", dim_name(r, g[i]->dim));
-        cJSON_AddStringToObject(o, "value", g[i]->value);
+        cJSON_AddStringToObject(o, "value", group_text(g[i]));
+        if (g[i]->shown != NULL) { /* an arm: its experiment (or route) and name apart */
+            char *name = strndup(g[i]->value + 1, g[i]->arm - 2);
+
+            if (name == NULL)
+                return -1;
+            cJSON_AddStringToObject(o, g[i]->value[0] == 'e' ? "experiment" : "route", name);
+            cJSON_AddStringToObject(o, "arm", g[i]->value + g[i]->arm);
+            free(name);
+        }
         cJSON_AddItemToArray(groups, o);
     }
     diffs = cJSON_AddArrayToObject(root, "arm_diffs");

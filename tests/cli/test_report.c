@@ -191,8 +191,8 @@ Test(report, json_totals_are_exact, .timeout = 20)
         cr_assert_eq(field(group(root, "tag.team", teams[b]), "requests"), e.n_team[b]);
     }
     cr_assert_eq(field(group(root, "tag.cost_center", "cc1"), "requests"), 1000);
-    cr_assert_eq(field(group(root, "arm", "a"), "cost_usd"), 6.0 / 1024);
-    cr_assert_eq(field(group(root, "arm", "b"), "cost_usd"), 12.0 / 1024);
+    cr_assert_eq(field(group(root, "arm", "(route) exp/a"), "cost_usd"), 6.0 / 1024);
+    cr_assert_eq(field(group(root, "arm", "(route) exp/b"), "cost_usd"), 12.0 / 1024);
     cr_assert_eq(field(group(root, "arm", "-"), "requests"), 1000);
     /* route was not asked for */
     const cJSON *g;
