@@ -106,9 +106,17 @@ static size_t intern_dim(struct report *r, const char *name)
     return r->ndims++;
 }
 
+/* value NULL: the group of the lines without one */
 static uint64_t gkey(size_t dim, const char *value)
 {
-    return XXH3_64bits_withSeed(value, strlen(value), dim);
+    return value ? XXH3_64bits_withSeed(value, strlen(value), dim)
+                 : XXH3_64bits_withSeed("", 0, ~(uint64_t)dim);
+}
+
+/* strcmp, NULL (none) equal to itself and first */
+static int value_cmp(const char *a, const char *b)
+{
+    return a && b ? strcmp(a, b) : (a != NULL) - (b != NULL);
 }
 
 static void gmap_rehash(struct gmap *m, size_t size)
@@ -128,7 +136,8 @@ static void gmap_rehash(struct gmap *m, size_t size)
     }
 }
 
-/* The stats of (dim, value), created zeroed when new. Exits on ENOMEM. */
+/* The stats of (dim, value), created zeroed when new; value NULL: the
+ * group of the lines without one. Exits on ENOMEM. */
 static struct stats *gmap_get(struct gmap *m, size_t dim, const char *value)
 {
     size_t j;
@@ -137,7 +146,7 @@ static struct stats *gmap_get(struct gmap *m, size_t dim, const char *value)
         gmap_rehash(m, m->slots ? (m->mask + 1) * 2 : 64);
     for (j = gkey(dim, value) & m->mask; m->slots[j] != 0; j = (j + 1) & m->mask) {
         struct group *g = &m->items[m->slots[j] - 1];
-        if (g->dim == dim && strcmp(g->value, value) == 0)
+        if (g->dim == dim && value_cmp(g->value, value) == 0)
             return &g->st;
     }
     if (m->n == m->cap) {
@@ -148,8 +157,8 @@ static struct stats *gmap_get(struct gmap *m, size_t dim, const char *value)
         m->items = items;
         m->cap = cap;
     }
-    m->items[m->n] = (struct group){.dim = dim, .value = strdup(value)};
-    if (m->items[m->n].value == NULL)
+    m->items[m->n] = (struct group){.dim = dim, .value = value ? strdup(value) : NULL};
+    if (value != NULL && m->items[m->n].value == NULL)
         goto nomem;
     m->slots[j] = (uint32_t)++m->n;
     return &m->items[m->n - 1].st;
@@ -198,11 +207,11 @@ static void gmap_free(struct gmap *m)
 /* ---- reading ----------------------------------------------------------- */
 
 struct line {
-    const char *tenant, *backend, *route, *arm, *experiment; /* "-" when absent */
-    const char *key;          /* the name of the key it used, "-" when absent (none, or
+    const char *tenant, *backend, *route, *arm, *experiment; /* NULL when absent */
+    const char *key;          /* the name of the key it used, NULL when absent (none, or
                                * a key without a name) */
     const char *service_tier; /* the tier whose rates priced it; "default" when absent */
-    const char *endpoint;     /* the path it was sent to, "-" in lines written before
+    const char *endpoint;     /* the path it was sent to, NULL in lines written before
                                * the router named it */
     const cJSON *tags;       /* object or NULL */
     int status;              /* HTTP status, 0 when absent */
@@ -217,10 +226,13 @@ struct line {
     __int128 reported_pico;  /* that, pico-USD; 0 without */
 };
 
-static const char *str_or_dash(const cJSON *o, const char *key)
+/* The text at `key`, or NULL when the line has none (absent, null, ""):
+ * the group of lines without one, which "-" (a name a tenant, an arm or a
+ * tag's value may have) is not. */
+static const char *str_or_null(const cJSON *o, const char *key)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    return cJSON_IsString(v) && v->valuestring[0] ? v->valuestring : "-";
+    return cJSON_IsString(v) && v->valuestring[0] ? v->valuestring : NULL;
 }
 
 /*
@@ -343,18 +355,18 @@ static int read_line(const cJSON *o, struct line *l)
     int bad = 0;
 
     *l = (struct line){
-        .tenant = str_or_dash(o, "tenant"), .backend = str_or_dash(o, "backend"),
-        .route = str_or_dash(o, "route"), .arm = str_or_dash(o, "arm"),
-        .experiment = str_or_dash(o, "experiment"), .key = str_or_dash(o, "key"),
-        .service_tier = str_or_dash(o, "service_tier"),
-        .endpoint = str_or_dash(o, "endpoint"),
+        .tenant = str_or_null(o, "tenant"), .backend = str_or_null(o, "backend"),
+        .route = str_or_null(o, "route"), .arm = str_or_null(o, "arm"),
+        .experiment = str_or_null(o, "experiment"), .key = str_or_null(o, "key"),
+        .service_tier = str_or_null(o, "service_tier"),
+        .endpoint = str_or_null(o, "endpoint"),
         .tags = cJSON_GetObjectItemCaseSensitive(o, "tags"),
         .status = cJSON_IsNumber(status) ? status->valueint : 0, /* cJSON saturates valueint */
         .cache_hit = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "cache_hit")),
     };
     /* The router names a tier only when its rates priced the request
      * (flex, priority): the others were billed at the standard rates. */
-    if (strcmp(l->service_tier, "-") == 0)
+    if (l->service_tier == NULL)
         l->service_tier = "default";
     /* cost_usd alone: the router writes it (0 when nothing was settled)
      * wherever it writes an estimate, and an estimate is no spend. */
@@ -384,14 +396,14 @@ static int64_t utc_ms(const char *s);
  * and the arm's name; shown EXPERIMENT/ARM, or (route) ROUTE/ARM. */
 static void add_arm_group(struct report *r, const struct line *l)
 {
-    int by_route = strcmp(l->experiment, "-") == 0 && strcmp(l->arm, "-") != 0;
-    const char *name = by_route ? l->route : l->experiment;
+    int by_route = l->experiment == NULL;
+    const char *name = by_route ? (l->route ? l->route : "") : l->experiment;
     size_t dim = intern_dim(r, "arm"), split = 1 + strlen(name) + 1;
     char *key;
     struct group *g;
 
-    if (strcmp(l->arm, "-") == 0) {
-        stats_add(gmap_get(&r->groups, dim, "-"), l);
+    if (l->arm == NULL) {
+        stats_add(gmap_get(&r->groups, dim, NULL), l);
         return;
     }
     key = text_of("%c%s\x1f%s", by_route ? 'r' : 'e', name, l->arm);
@@ -422,25 +434,24 @@ static int add_line(struct report *r, const cJSON *o)
         return -1;
     /* A key's name is unique within its tenant only: grouped as the store
      * counts it, TENANT#NAME. */
-    char key[2 * 256 + 2], day[11] = "-", month[8] = "-";
+    char key[2 * 256 + 2], day[11], month[8];
     const char *plain[][2] = {{"tenant", l.tenant}, {"backend", l.backend}, {"route", l.route},
-                              {"service_tier", l.service_tier}, {"key", key},
-                              {"endpoint", l.endpoint}, {"day", day}, {"month", month}};
+                              {"service_tier", l.service_tier}, {"key", l.key ? key : NULL},
+                              {"endpoint", l.endpoint}, {"day", NULL}, {"month", NULL}};
     const cJSON *tag, *ts = cJSON_GetObjectItemCaseSensitive(o, "ts");
     char dim[256];
 
-    /* The UTC day and month the request started (its `ts`), "-" without
+    /* The UTC day and month the request started (its `ts`), none without
      * one to place it. */
     if ((wanted(r, "day") || wanted(r, "month")) && cJSON_IsString(ts) &&
         utc_ms(ts->valuestring) >= 0) {
-        memcpy(day, ts->valuestring, 10);
-        memcpy(month, ts->valuestring, 7);
+        snprintf(day, sizeof(day), "%.10s", ts->valuestring);
+        snprintf(month, sizeof(month), "%.7s", ts->valuestring);
+        plain[6][1] = day;
+        plain[7][1] = month;
     }
-
-    if (strcmp(l.key, "-") == 0)
-        snprintf(key, sizeof(key), "-");
-    else
-        snprintf(key, sizeof(key), "%s#%s", l.tenant, l.key);
+    if (l.key != NULL)
+        snprintf(key, sizeof(key), "%s#%s", l.tenant ? l.tenant : "-", l.key);
 
     stats_add(&r->total, &l);
     for (size_t i = 0; i < sizeof(plain) / sizeof(plain[0]); i++)
@@ -455,9 +466,9 @@ static int add_line(struct report *r, const cJSON *o)
                 stats_add(gmap_get(&r->groups, intern_dim(r, dim), tag->valuestring), &l);
         }
     }
-    if (strcmp(l.arm, "-") != 0) {
-        snprintf(dim, sizeof(dim), "%s\x1f%s", strcmp(l.experiment, "-") ? "experiment" : "route",
-                 strcmp(l.experiment, "-") ? l.experiment : l.route);
+    if (l.arm != NULL) {
+        snprintf(dim, sizeof(dim), "%s\x1f%s", l.experiment ? "experiment" : "route",
+                 l.experiment ? l.experiment : l.route ? l.route : "");
         stats_add(gmap_get(&r->arms, intern_dim(r, dim), l.arm), &l);
     }
     return 0;
@@ -854,10 +865,18 @@ static const char *dim_name(const struct report *r, size_t dim)
     return r->dims[dim];
 }
 
-/* What the outputs print for the value of `g` (an arm: EXPERIMENT/ARM). */
+/* What the outputs print for the value of `g` (an arm: EXPERIMENT/ARM);
+ * NULL for the group of the lines without one. */
 static const char *group_text(const struct group *g)
 {
     return g->shown ? g->shown : g->value;
+}
+
+/* A value as the table prints it: "-" for none (NULL), so a value that
+ * is "-" is written \-. */
+static const char *table_value(const char *v)
+{
+    return v == NULL ? "-" : strcmp(v, "-") == 0 ? "\\-" : v;
 }
 
 /* Groups in output order: --by order (tag keys sorted), cost descending
@@ -881,10 +900,10 @@ static int cmp_group(const void *pa, const void *pb)
     if (strcmp(da, db) != 0)
         return strcmp(da, db);
     if (strcmp(da, "day") == 0 || strcmp(da, "month") == 0) /* in order of time */
-        return strcmp(a->value, b->value);
+        return value_cmp(a->value, b->value);
     if (a->st.cost_pico != b->st.cost_pico)
         return a->st.cost_pico > b->st.cost_pico ? -1 : 1;
-    return strcmp(a->value, b->value);
+    return value_cmp(a->value, b->value);
 }
 
 static int cmp_arm(const void *pa, const void *pb)
@@ -1001,7 +1020,9 @@ static void print_table(const struct report *r, FILE *out, const struct group **
         for (size_t c = 0; c < NCOLUMNS; c++)
             width[c + 1] = strlen(columns[c]);
         for (size_t i = s; i < e; i++) {
-            width[0] = strlen(group_text(g[i])) > width[0] ? strlen(group_text(g[i])) : width[0];
+            size_t n = strlen(table_value(group_text(g[i])));
+
+            width[0] = n > width[0] ? n : width[0];
             for (size_t c = 0; c < NCOLUMNS; c++) {
                 column_text(cell, sizeof(cell), &g[i]->st, c, TABLE_DECIMALS);
                 width[c + 1] = strlen(cell) > width[c + 1] ? strlen(cell) : width[c + 1];
@@ -1012,7 +1033,7 @@ static void print_table(const struct report *r, FILE *out, const struct group **
             fprintf(out, "  %*s", (int)width[c + 1], columns[c]);
         fputc('\n', out);
         for (size_t i = s; i < e; i++) {
-            fprintf(out, "%-*s", (int)width[0], group_text(g[i]));
+            fprintf(out, "%-*s", (int)width[0], table_value(group_text(g[i])));
             for (size_t c = 0; c < NCOLUMNS; c++) {
                 column_text(cell, sizeof(cell), &g[i]->st, c, TABLE_DECIMALS);
                 fprintf(out, "  %*s", (int)width[c + 1], cell);
@@ -1025,7 +1046,8 @@ static void print_table(const struct report *r, FILE *out, const struct group **
         fprintf(out, "\nA/B arms: difference in mean cost per request (b - a), 95%% CI (Welch)\n");
     for (size_t i = 0; i < nd; i++) {
         fprintf(out, "%s %s: %s (n=%llu, $%.6f) vs %s (n=%llu, $%.6f): %+.6f", d[i].kind, d[i].group,
-                d[i].a->value, (unsigned long long)d[i].a->st.requests, d[i].a->st.mean, d[i].b->value,
+                table_value(d[i].a->value), (unsigned long long)d[i].a->st.requests, d[i].a->st.mean,
+                table_value(d[i].b->value),
                 (unsigned long long)d[i].b->st.requests, d[i].b->st.mean, d[i].diff);
         if (isnan(d[i].lo) && (d[i].a->st.requests < 2 || d[i].b->st.requests < 2))
             fprintf(out, " [CI needs 2+ requests per arm]\n");
@@ -1039,7 +1061,7 @@ static void print_table(const struct report *r, FILE *out, const struct group **
 /* Would a spreadsheet opening the CSV run the text `s` as a formula? A
  * tag's value is the client's (x-costrouter-tags), and one such as
  * =HYPERLINK(...) would run in whoever opens the report. The lone "-"
- * (no value) is plain text to them. */
+ * is plain text to them. */
 static int csv_formula(const char *s)
 {
     return strchr("=+-@\t\r", s[0]) != NULL && s[0] != '\0' && strcmp(s, "-") != 0;
@@ -1109,7 +1131,8 @@ static void print_csv(const struct report *r, FILE *out, const struct group **g,
     fputs(",arm_a,arm_b,n_a,n_b,mean_a_usd,mean_b_usd,diff_usd,ci95_low_usd,ci95_high_usd\n", out);
     csv_stats_row(out, "total", "", "", &r->total);
     for (size_t i = 0; i < r->groups.n; i++)
-        csv_stats_row(out, "group", dim_name(r, g[i]->dim), group_text(g[i]), &g[i]->st);
+        csv_stats_row(out, "group", dim_name(r, g[i]->dim), group_text(g[i]) ? group_text(g[i]) : "",
+                      &g[i]->st);
     for (size_t i = 0; i < nd; i++) {
         fprintf(out, "arm_diff,%s,", d[i].kind);
         csv_field(out, d[i].group);
@@ -1169,7 +1192,10 @@ static int print_json(const struct report *r, FILE *out, const struct group **g,
     for (size_t i = 0; i < r->groups.n; i++) {
         cJSON *o = json_stats(&g[i]->st);
         cJSON_AddStringToObject(o, "dimension", dim_name(r, g[i]->dim));
-        cJSON_AddStringToObject(o, "value", group_text(g[i]));
+        if (group_text(g[i]) != NULL)
+            cJSON_AddStringToObject(o, "value", group_text(g[i]));
+        else
+            cJSON_AddNullToObject(o, "value");
         if (g[i]->shown != NULL) { /* an arm: its experiment (or route) and name apart */
             char *name = strndup(g[i]->value + 1, g[i]->arm - 2);
 
