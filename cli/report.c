@@ -13,6 +13,8 @@
  */
 #include "cli/report.h"
 
+#include "common/utf8.h"
+
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <getopt.h>
@@ -872,11 +874,47 @@ static const char *group_text(const struct group *g)
     return g->shown ? g->shown : g->value;
 }
 
-/* A value as the table prints it: "-" for none (NULL), so a value that
- * is "-" is written \-. */
-static const char *table_value(const char *v)
+/* A value as the table prints it, in a new string (exits on ENOMEM).
+ * Values are the log's (a tag's is the client's, x-costrouter-tags):
+ * their control characters would break the table's rows (a newline) or
+ * run in the reader's terminal (ESC [ ...), so they are escaped as \n,
+ * \t, \r, \xHH (the other C0 ones, DEL and bytes that are no UTF-8),
+ * \u00HH (C1: U+0080 to U+009F, CSI among them), and \ as \\. None
+ * (NULL) is "-", so a value that is "-" is \-. */
+static char *table_text(const char *v)
 {
-    return v == NULL ? "-" : strcmp(v, "-") == 0 ? "\\-" : v;
+    const char *s = v ? v : "-";
+    const unsigned char *p = (const unsigned char *)s, *end = p + strlen(s);
+    char *out = malloc(4 * (size_t)(end - p) + 3), *o = out;
+    size_t k;
+
+    if (out == NULL) {
+        perror("report");
+        exit(1);
+    }
+    if (v != NULL && strcmp(v, "-") == 0)
+        *o++ = '\\';
+    for (; p < end; p += k) {
+        k = utf8_seq_len(p, (size_t)(end - p));
+        if (k == 2 && p[0] == 0xc2 && p[1] < 0xa0) {
+            o += sprintf(o, "\\u00%02x", p[1]);
+        } else if (k > 1) {
+            memcpy(o, p, k);
+            o += k;
+        } else {
+            k = 1;
+            if (*p == '\\' || *p == '\n' || *p == '\t' || *p == '\r') {
+                *o++ = '\\';
+                *o++ = *p == '\n' ? 'n' : *p == '\t' ? 't' : *p == '\r' ? 'r' : '\\';
+            } else if (*p < 0x20 || *p >= 0x7f) {
+                o += sprintf(o, "\\x%02x", *p);
+            } else {
+                *o++ = (char)*p;
+            }
+        }
+    }
+    *o = '\0';
+    return out;
 }
 
 /* Groups in output order: --by order (tag keys sorted), cost descending
@@ -1014,26 +1052,32 @@ static void print_table(const struct report *r, FILE *out, const struct group **
 
         while (e < r->groups.n && g[e]->dim == g[s]->dim)
             e++;
-        const char *head = strcmp(dim, "arm") == 0 ? "experiment/arm" : dim;
+        char *name = table_text(dim), *head = table_text(strcmp(dim, "arm") ? dim : "experiment/arm");
 
         width[0] = strlen(head);
         for (size_t c = 0; c < NCOLUMNS; c++)
             width[c + 1] = strlen(columns[c]);
         for (size_t i = s; i < e; i++) {
-            size_t n = strlen(table_value(group_text(g[i])));
+            char *text = table_text(group_text(g[i]));
 
-            width[0] = n > width[0] ? n : width[0];
+            width[0] = strlen(text) > width[0] ? strlen(text) : width[0];
+            free(text);
             for (size_t c = 0; c < NCOLUMNS; c++) {
                 column_text(cell, sizeof(cell), &g[i]->st, c, TABLE_DECIMALS);
                 width[c + 1] = strlen(cell) > width[c + 1] ? strlen(cell) : width[c + 1];
             }
         }
-        fprintf(out, "\nby %s\n%-*s", dim, (int)width[0], head);
+        fprintf(out, "\nby %s\n%-*s", name, (int)width[0], head);
+        free(name);
+        free(head);
         for (size_t c = 0; c < NCOLUMNS; c++)
             fprintf(out, "  %*s", (int)width[c + 1], columns[c]);
         fputc('\n', out);
         for (size_t i = s; i < e; i++) {
-            fprintf(out, "%-*s", (int)width[0], table_value(group_text(g[i])));
+            char *text = table_text(group_text(g[i]));
+
+            fprintf(out, "%-*s", (int)width[0], text);
+            free(text);
             for (size_t c = 0; c < NCOLUMNS; c++) {
                 column_text(cell, sizeof(cell), &g[i]->st, c, TABLE_DECIMALS);
                 fprintf(out, "  %*s", (int)width[c + 1], cell);
@@ -1045,9 +1089,11 @@ static void print_table(const struct report *r, FILE *out, const struct group **
     if (nd > 0)
         fprintf(out, "\nA/B arms: difference in mean cost per request (b - a), 95%% CI (Welch)\n");
     for (size_t i = 0; i < nd; i++) {
-        fprintf(out, "%s %s: %s (n=%llu, $%.6f) vs %s (n=%llu, $%.6f): %+.6f", d[i].kind, d[i].group,
-                table_value(d[i].a->value), (unsigned long long)d[i].a->st.requests, d[i].a->st.mean,
-                table_value(d[i].b->value),
+        char *group = table_text(d[i].group), *a = table_text(d[i].a->value),
+             *b = table_text(d[i].b->value);
+
+        fprintf(out, "%s %s: %s (n=%llu, $%.6f) vs %s (n=%llu, $%.6f): %+.6f", d[i].kind, group,
+                a, (unsigned long long)d[i].a->st.requests, d[i].a->st.mean, b,
                 (unsigned long long)d[i].b->st.requests, d[i].b->st.mean, d[i].diff);
         if (isnan(d[i].lo) && (d[i].a->st.requests < 2 || d[i].b->st.requests < 2))
             fprintf(out, " [CI needs 2+ requests per arm]\n");
@@ -1055,6 +1101,9 @@ static void print_table(const struct report *r, FILE *out, const struct group **
             fprintf(out, " [no CI: neither arm's cost varies]\n");
         else
             fprintf(out, " [%+.6f, %+.6f]\n", d[i].lo, d[i].hi);
+        free(group);
+        free(a);
+        free(b);
     }
 }
 
