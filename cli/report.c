@@ -46,8 +46,10 @@ struct stats {
     __int128 reported_pico;     /* reported_cost_usd of the lines that have one, pico-USD */
     uint64_t reported;          /* lines that have one */
     __int128 cost_reported_pico; /* cost_usd of those lines, pico-USD */
-    double mean;                /* running mean of cost per request, USD */
-    double m2;                  /* running sum of squared deviations */
+    uint64_t answered;          /* lines answered: status below 400, not from the cache */
+    __int128 answered_pico;     /* cost_usd of those lines, pico-USD */
+    double mean;                /* running mean of cost per answered request, USD */
+    double m2;                  /* running sum of squared deviations (answered) */
 };
 
 struct group {
@@ -320,6 +322,16 @@ static uint64_t line_count(const cJSON *o, const char *key, int *bad)
     return (uint64_t)n;
 }
 
+/* Was the line answered by a model: not refused nor failed (status 400
+ * and above: its cost 0 or a part), not from the cache (0, no model ran)?
+ * The A/B means are over these: a mean cost per request mixing refusals
+ * and hits at $0 compares the arms' refusals and hits as much as their
+ * models' prices. */
+static int answered(const struct line *l)
+{
+    return l->status < 400 && !l->cache_hit;
+}
+
 static void stats_add(struct stats *s, const struct line *l)
 {
     double d;
@@ -336,8 +348,12 @@ static void stats_add(struct stats *s, const struct line *l)
     s->reported += l->reported != 0;
     s->reported_pico += l->reported_pico;
     s->cost_reported_pico += l->reported ? l->cost_pico : 0;
+    if (!answered(l))
+        return;
+    s->answered++;
+    s->answered_pico += l->cost_pico;
     d = l->cost - s->mean;
-    s->mean += d / (double)s->requests;
+    s->mean += d / (double)s->answered;
     s->m2 += d * (l->cost - s->mean);
 }
 
@@ -767,7 +783,7 @@ struct arm_diff {
 
 static void welch(struct arm_diff *d)
 {
-    double na = (double)d->a->st.requests, nb = (double)d->b->st.requests, va, vb, se2, half;
+    double na = (double)d->a->st.answered, nb = (double)d->b->st.answered, va, vb, se2, half;
 
     d->diff = d->b->st.mean - d->a->st.mean;
     d->lo = d->hi = d->df = NAN;
@@ -793,7 +809,7 @@ static const char *const columns[] = {
     "requests",     "errors",       "prompt_tokens",     "completion_tokens",
     "cost_usd",     "usd_per_1k_requests", "cache_hits", "saved_usd",
     "web_searches", "file_searches",       "reported_cost_usd", "reported_requests",
-    "cost_usd_of_reported"};
+    "cost_usd_of_reported", "answered",    "usd_per_1k_answered"};
 #define NCOLUMNS (sizeof(columns) / sizeof(columns[0]))
 #define TABLE_DECIMALS 6  /* the table's amounts: to the micro-dollar */
 #define EXACT_DECIMALS 12 /* CSV's and JSON's: to the pico-dollar, exact */
@@ -802,11 +818,12 @@ static const char *const columns[] = {
  * for a count column. */
 static __int128 column_pico(const struct stats *s, size_t i)
 {
-    __int128 n = (__int128)s->requests;
+    __int128 n = (__int128)s->requests, a = (__int128)s->answered;
 
     switch (i) {
     case 4: return s->cost_pico;
     case 5: return n ? (s->cost_pico * 1000 + n / 2) / n : 0;
+    case 14: return a ? (s->answered_pico * 1000 + a / 2) / a : 0;
     case 7: return s->saved_pico;
     case 10: return s->reported_pico;
     case 12: return s->cost_reported_pico;
@@ -824,6 +841,7 @@ static uint64_t column_count(const struct stats *s, size_t i)
     case 6: return s->cache_hits;
     case 8: return s->web_searches;
     case 9: return s->file_searches;
+    case 13: return s->answered;
     default: return s->reported;
     }
 }
@@ -1018,6 +1036,15 @@ static void json_add_time(cJSON *o, const char *key, int64_t ms)
         cJSON_AddStringToObject(o, key, text);
 }
 
+/* An arm in the A/B lines: its name, answered requests and their mean
+ * cost, and the requests not in that mean. */
+static void table_arm(FILE *out, const char *name, const struct stats *s)
+{
+    fprintf(out, "%s (n=%llu, $%.6f; %llu errors, %llu cache hits)", name,
+            (unsigned long long)s->answered, s->mean, (unsigned long long)s->errors,
+            (unsigned long long)s->cache_hits);
+}
+
 static void print_table(const struct report *r, FILE *out, const struct group **g,
                         const struct arm_diff *d, size_t nd)
 {
@@ -1087,15 +1114,18 @@ static void print_table(const struct report *r, FILE *out, const struct group **
         s = e;
     }
     if (nd > 0)
-        fprintf(out, "\nA/B arms: difference in mean cost per request (b - a), 95%% CI (Welch)\n");
+        fprintf(out, "\nA/B arms: difference in mean cost per answered request (b - a), 95%% CI "
+                     "(Welch)\n");
     for (size_t i = 0; i < nd; i++) {
         char *group = table_text(d[i].group), *a = table_text(d[i].a->value),
              *b = table_text(d[i].b->value);
 
-        fprintf(out, "%s %s: %s (n=%llu, $%.6f) vs %s (n=%llu, $%.6f): %+.6f", d[i].kind, group,
-                a, (unsigned long long)d[i].a->st.requests, d[i].a->st.mean, b,
-                (unsigned long long)d[i].b->st.requests, d[i].b->st.mean, d[i].diff);
-        if (isnan(d[i].lo) && (d[i].a->st.requests < 2 || d[i].b->st.requests < 2))
+        fprintf(out, "%s %s: ", d[i].kind, group);
+        table_arm(out, a, &d[i].a->st);
+        fputs(" vs ", out);
+        table_arm(out, b, &d[i].b->st);
+        fprintf(out, ": %+.6f", d[i].diff);
+        if (isnan(d[i].lo) && (d[i].a->st.answered < 2 || d[i].b->st.answered < 2))
             fprintf(out, " [CI needs 2+ requests per arm]\n");
         else if (isnan(d[i].lo))
             fprintf(out, " [no CI: neither arm's cost varies]\n");
@@ -1168,7 +1198,7 @@ static void csv_stats_row(FILE *out, const char *kind, const char *dim, const ch
         column_text(cell, sizeof(cell), s, c, EXACT_DECIMALS);
         fprintf(out, ",%s", cell);
     }
-    fputs(",,,,,,,,,\n", out); /* the arm columns */
+    fputs(",,,,,,,,,,,,,\n", out); /* the 13 arm columns */
 }
 
 static void print_csv(const struct report *r, FILE *out, const struct group **g,
@@ -1177,7 +1207,9 @@ static void print_csv(const struct report *r, FILE *out, const struct group **g,
     fputs("kind,dimension,value", out);
     for (size_t c = 0; c < NCOLUMNS; c++)
         fprintf(out, ",%s", columns[c]);
-    fputs(",arm_a,arm_b,n_a,n_b,mean_a_usd,mean_b_usd,diff_usd,ci95_low_usd,ci95_high_usd\n", out);
+    fputs(",arm_a,arm_b,n_a,n_b,mean_a_usd,mean_b_usd,diff_usd,ci95_low_usd,ci95_high_usd,"
+          "errors_a,errors_b,cache_hits_a,cache_hits_b\n",
+          out);
     csv_stats_row(out, "total", "", "", &r->total);
     for (size_t i = 0; i < r->groups.n; i++)
         csv_stats_row(out, "group", dim_name(r, g[i]->dim), group_text(g[i]) ? group_text(g[i]) : "",
@@ -1191,14 +1223,16 @@ static void print_csv(const struct report *r, FILE *out, const struct group **g,
         csv_field(out, d[i].a->value);
         fputc(',', out);
         csv_field(out, d[i].b->value);
-        fprintf(out, ",%llu,%llu", (unsigned long long)d[i].a->st.requests,
-                (unsigned long long)d[i].b->st.requests);
+        fprintf(out, ",%llu,%llu", (unsigned long long)d[i].a->st.answered,
+                (unsigned long long)d[i].b->st.answered);
         csv_num(out, d[i].a->st.mean);
         csv_num(out, d[i].b->st.mean);
         csv_num(out, d[i].diff);
         csv_num(out, d[i].lo);
         csv_num(out, d[i].hi);
-        fputc('\n', out);
+        fprintf(out, ",%llu,%llu,%llu,%llu\n", (unsigned long long)d[i].a->st.errors,
+                (unsigned long long)d[i].b->st.errors, (unsigned long long)d[i].a->st.cache_hits,
+                (unsigned long long)d[i].b->st.cache_hits);
     }
 }
 
@@ -1262,8 +1296,12 @@ static int print_json(const struct report *r, FILE *out, const struct group **g,
         cJSON_AddStringToObject(o, d[i].kind, d[i].group);
         cJSON_AddStringToObject(o, "arm_a", d[i].a->value);
         cJSON_AddStringToObject(o, "arm_b", d[i].b->value);
-        cJSON_AddNumberToObject(o, "n_a", (double)d[i].a->st.requests);
-        cJSON_AddNumberToObject(o, "n_b", (double)d[i].b->st.requests);
+        cJSON_AddNumberToObject(o, "n_a", (double)d[i].a->st.answered);
+        cJSON_AddNumberToObject(o, "n_b", (double)d[i].b->st.answered);
+        cJSON_AddNumberToObject(o, "errors_a", (double)d[i].a->st.errors);
+        cJSON_AddNumberToObject(o, "errors_b", (double)d[i].b->st.errors);
+        cJSON_AddNumberToObject(o, "cache_hits_a", (double)d[i].a->st.cache_hits);
+        cJSON_AddNumberToObject(o, "cache_hits_b", (double)d[i].b->st.cache_hits);
         cJSON_AddNumberToObject(o, "mean_a_usd", d[i].a->st.mean);
         cJSON_AddNumberToObject(o, "mean_b_usd", d[i].b->st.mean);
         cJSON_AddNumberToObject(o, "diff_usd", d[i].diff);

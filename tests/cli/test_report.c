@@ -277,8 +277,8 @@ Test(report, csv_is_valid_and_matches, .timeout = 20)
         if (strcmp(f[0], "arm_diff") == 0) {
             seen_diff = 1;
             cr_assert_str_eq(f[2], "exp");
-            cr_assert_float_eq(strtod(f[22], NULL), 2.0 / 1024, 1e-15);
-            cr_assert_lt(strtod(f[23], NULL), strtod(f[24], NULL));
+            cr_assert_float_eq(strtod(f[24], NULL), 2.0 / 1024, 1e-15);
+            cr_assert_lt(strtod(f[25], NULL), strtod(f[26], NULL));
         }
     }
     cr_assert(seen_tenant, "quoted tenant value must round-trip");
@@ -498,7 +498,8 @@ Test(report, constant_arms_have_no_confidence_interval, .timeout = 10)
     free(text);
     cr_assert_eq(run("--format", "table", "--by", "arm"), 0);
     text = slurp(outpath);
-    cr_assert_not_null(strstr(text, "route c: a (n=2, $0.000977) vs b (n=2, $0.001953): +0.000977 "
+    cr_assert_not_null(strstr(text, "route c: a (n=2, $0.000977; 0 errors, 0 cache hits) vs b (n=2, "
+                                    "$0.001953; 0 errors, 0 cache hits): +0.000977 "
                                     "[no CI: neither arm's cost varies]"),
                        "%s", text);
     free(text);

@@ -282,6 +282,7 @@ Test(report_log, web_searches_and_reported_costs_per_group)
     g = group(root, "tenant", "globex");
     cr_assert_eq(num(g, "requests"), 4);
     cr_assert_eq(num(g, "errors"), 1);
+    cr_assert_eq(num(g, "answered"), 2, "neither the 429 nor the cache hit");
     cr_assert_eq(num(g, "web_searches"), 5);
     cr_assert_eq(num(group(root, "key", "globex#ci"), "web_searches"), 5);
     cr_assert_eq(num(group(root, "tag.feature", "research"), "web_searches"), 2);
@@ -293,10 +294,12 @@ Test(report_log, web_searches_and_reported_costs_per_group)
     /* CSV: the same columns, by name */
     cr_assert_eq(report("csv", "backend", NULL, log_path), 0);
     cr_assert_not_null(strstr(out.data, ",saved_usd,web_searches,file_searches,reported_cost_usd,"
-                                        "reported_requests,cost_usd_of_reported,arm_a,"),
+                                        "reported_requests,cost_usd_of_reported,answered,"
+                                        "usd_per_1k_answered,arm_a,"),
                        "%s", out.data);
     cr_assert_not_null(strstr(out.data, "\ngroup,backend,oa,3,0,"), "%s", out.data);
-    cr_assert_not_null(strstr(out.data, ",0,0,2,3,0.002011,2,0.006,,,,,,,,,\n"), "%s", out.data);
+    cr_assert_not_null(strstr(out.data, ",0,0,2,3,0.002011,2,0.006,3,12.166666666667,,,,,,,,,,,,,\n"),
+                       "%s", out.data);
     /* the table: the totals, and the columns of each group */
     cr_assert_eq(report("table", "backend", NULL, log_path), 0);
     cr_assert_not_null(strstr(out.data, "web searches: 7, file searches: 3; costs reported by "
