@@ -70,21 +70,22 @@ static int entry_line(struct buf *out, const struct cache__jentry *e, int all_co
     int rc = -1;
     int conditional = e->conditional || all_conditional;
     /* Not conditional until now: nothing of it was applied before this. */
-    double since = e->conditional ? (double)e->since_ms : (double)cache__wall_ms();
+    int64_t since = e->conditional ? e->since_ms : cache__wall_ms();
 
     cache__file_day_text(&e->period, day);
     if (o == NULL || !cJSON_AddStringToObject(o, "tenant", e->tenant) ||
         !cJSON_AddStringToObject(o, "day", day) ||
-        !cJSON_AddNumberToObject(o, "micro_usd", (double)e->real) ||
+        cache__file_add_int(o, "micro_usd", e->real) < 0 ||
         !cJSON_AddStringToObject(o, "origin", e->origin))
         goto out;
-    if (e->seq != 0 ? !cJSON_AddNumberToObject(o, "seq", (double)e->seq) ||
-                          !cJSON_AddNumberToObject(o, "reserved_micro_usd", (double)e->res_amount)
-                    : !cJSON_AddNumberToObject(o, "id", (double)e->id))
+    /* Integers in full: through a double, one past 2^53 was rounded */
+    if (e->seq != 0 ? cache__file_add_int(o, "seq", (int64_t)e->seq) < 0 ||
+                          cache__file_add_int(o, "reserved_micro_usd", e->res_amount) < 0
+                    : cache__file_add_int(o, "id", (int64_t)e->id) < 0)
         goto out;
     if (!cJSON_AddBoolToObject(o, "conditional", conditional))
         goto out;
-    if (conditional && !cJSON_AddNumberToObject(o, "since_ms", since))
+    if (conditional && cache__file_add_int(o, "since_ms", since) < 0)
         goto out;
     text = cJSON_PrintUnformatted(o);
     if (text != NULL) {
