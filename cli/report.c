@@ -55,7 +55,7 @@ struct stats {
 struct group {
     size_t dim;       /* index into report.dims */
     char *value;      /* group value (tenant id, backend, ...); for an arm, its
-                       * experiment's or route's name and the arm's, see arm_key */
+                       * experiment's or route's name and the arm's, see add_arm_group */
     char *shown;      /* what the outputs print for an arm (EXPERIMENT/ARM), else NULL */
     size_t arm;       /* an arm's: where its name starts in value */
     struct stats st;  /* what was added */
@@ -452,24 +452,24 @@ static int add_line(struct report *r, const cJSON *o)
         return -1;
     /* A key's name is unique within its tenant only: grouped as the store
      * counts it, TENANT#NAME. */
-    char key[2 * 256 + 2], day[11], month[8];
-    const char *plain[][2] = {{"tenant", l.tenant}, {"backend", l.backend}, {"route", l.route},
-                              {"service_tier", l.service_tier}, {"key", l.key ? key : NULL},
-                              {"endpoint", l.endpoint}, {"day", NULL}, {"month", NULL}};
+    char key[2 * 256 + 2], day[11], month[8], dim[256];
     const cJSON *tag, *ts = cJSON_GetObjectItemCaseSensitive(o, "ts");
-    char dim[256];
-
     /* The UTC day and month the request started (its `ts`), none without
      * one to place it. */
-    if ((wanted(r, "day") || wanted(r, "month")) && cJSON_IsString(ts) &&
-        utc_ms(ts->valuestring) >= 0) {
+    int timed = (wanted(r, "day") || wanted(r, "month")) && cJSON_IsString(ts) &&
+                utc_ms(ts->valuestring) >= 0;
+
+    if (timed) {
         snprintf(day, sizeof(day), "%.10s", ts->valuestring);
         snprintf(month, sizeof(month), "%.7s", ts->valuestring);
-        plain[6][1] = day;
-        plain[7][1] = month;
     }
     if (l.key != NULL)
         snprintf(key, sizeof(key), "%s#%s", l.tenant ? l.tenant : "-", l.key);
+
+    const char *plain[][2] = {{"tenant", l.tenant}, {"backend", l.backend}, {"route", l.route},
+                              {"service_tier", l.service_tier}, {"key", l.key ? key : NULL},
+                              {"endpoint", l.endpoint}, {"day", timed ? day : NULL},
+                              {"month", timed ? month : NULL}};
 
     stats_add(&r->total, &l);
     for (size_t i = 0; i < sizeof(plain) / sizeof(plain[0]); i++)
