@@ -20,7 +20,7 @@
 #include "cache/internal.h"
 #include "common/log.h"
 
-#define FILE_INT_MAX 9007199254740992.0 /* 2^53: integers a JSON number holds exactly */
+#define FILE_INT_MAX 9007199254740992.0 /* 2^53: integers a double holds exactly */
 #define FILE_LINE_MAX 4096                /* longer: not a line the router wrote */
 
 static int write_all(int fd, const char *p, size_t n)
@@ -148,7 +148,7 @@ const char *cache__file_each_object(FILE *f, cache__file_object_fn *fn, void *ar
             break;
         }
         o = cJSON_Parse(line);
-        why = cJSON_IsObject(o) ? fn(arg, o, *lineno) : "not a JSON object";
+        why = cJSON_IsObject(o) ? fn(arg, o, line, *lineno) : "not a JSON object";
         cJSON_Delete(o);
     }
     free(line);
@@ -157,13 +157,67 @@ const char *cache__file_each_object(FILE *f, cache__file_object_fn *fn, void *ar
     return why;
 }
 
-int cache__file_get_int(const cJSON *o, const char *name, int64_t *out)
+/* Where the value of the member `name` of the JSON object text `p` starts
+ * (its first, as cJSON_GetObjectItemCaseSensitive finds it), or NULL. The
+ * text is one cJSON read whole: this only finds its way through it. */
+static const char *member_text(const char *p, const char *name)
+{
+    size_t n = strlen(name);
+    int depth = 0, key = 0;
+
+    for (; *p; p++) {
+        if (*p == '"') {
+            const char *s = ++p;
+
+            while (*p && *p != '"')
+                p += *p == '\\' && p[1] ? 2 : 1;
+            if (*p == '\0')
+                return NULL;
+            if (depth == 1 && key && (size_t)(p - s) == n && memcmp(s, name, n) == 0) {
+                p += 1 + strspn(p + 1, " \t\r\n");
+                return *p == ':' ? p + 1 + strspn(p + 1, " \t\r\n") : NULL;
+            }
+            key = 0;
+        } else if (*p == '{' || *p == '[') {
+            key = ++depth == 1;
+        } else if (*p == '}' || *p == ']') {
+            depth--;
+        } else if (*p == ',') {
+            key = depth == 1;
+        }
+    }
+    return NULL;
+}
+
+int cache__file_get_int(const cJSON *o, const char *line, const char *name, int64_t *out)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
+    const char *t = member_text(line, name);
+    size_t digits = t ? strspn(t, "0123456789") : 0;
+    int64_t n = 0;
 
-    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0) || v->valuedouble > FILE_INT_MAX ||
-        v->valuedouble != floor(v->valuedouble))
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0) || v->valuedouble != floor(v->valuedouble))
+        return -1;
+    /* Written as an integer (as the router writes them): read exactly, to
+     * INT64_MAX, where cJSON's double rounds past 2^53. */
+    if (digits > 0 && t[digits] != '.' && t[digits] != 'e' && t[digits] != 'E') {
+        for (size_t i = 0; i < digits; i++)
+            if (__builtin_mul_overflow(n, 10, &n) || __builtin_add_overflow(n, t[i] - '0', &n))
+                return -1;
+        *out = n;
+        return 0;
+    }
+    /* Else (1e+15, as cJSON wrote some before): exact up to 2^53 */
+    if (v->valuedouble > FILE_INT_MAX)
         return -1;
     *out = (int64_t)v->valuedouble;
     return 0;
+}
+
+int cache__file_add_int(cJSON *o, const char *name, int64_t v)
+{
+    char text[24];
+
+    snprintf(text, sizeof(text), "%lld", (long long)v);
+    return cJSON_AddRawToObject(o, name, text) != NULL ? 0 : -1;
 }

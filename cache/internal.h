@@ -218,11 +218,18 @@ int cache__file_parse_day(const char *s, struct cache__period *p);
  * taken, else what is wrong: fn's answer, a line that is not a JSON
  * object, too long or holding a NUL, or a read error. *lineno: the lines
  * read, the wrong one last. */
-typedef const char *cache__file_object_fn(void *arg, const struct cJSON *o, size_t lineno);
+typedef const char *cache__file_object_fn(void *arg, const struct cJSON *o, const char *line,
+                                          size_t lineno);
 const char *cache__file_each_object(FILE *f, cache__file_object_fn *fn, void *arg,
                                     size_t *lineno);
-/* A whole number in [0, 2^53] under `name` of `o`; -1 if absent or not. */
-int cache__file_get_int(const struct cJSON *o, const char *name, int64_t *out);
+/* A whole number in [0, INT64_MAX] under `name` of `o`, read from `line`
+ * (the text `o` was parsed from) to the unit when written as an integer,
+ * as cache__file_add_int writes them (a double would round it past 2^53);
+ * in another form (1e+15), up to 2^53. -1 if absent or not. */
+int cache__file_get_int(const struct cJSON *o, const char *line, const char *name, int64_t *out);
+/* Add `v` (>= 0) to `o` as `name`, an integer written in full (not through
+ * a double). 0 or -1 on no memory. */
+int cache__file_add_int(struct cJSON *o, const char *name, int64_t v);
 
 /* ---- spend file (sfile.c): the in-process store's spend kept across a restart ---- */
 

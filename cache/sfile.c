@@ -64,14 +64,14 @@ static int subject_line(void *arg, const char *subject, const struct cache__peri
     cache__file_day_text(p, day);
     if (o != NULL && cJSON_AddStringToObject(o, "subject", subject) &&
         cJSON_AddStringToObject(o, "day", day) &&
-        cJSON_AddNumberToObject(o, "day_micro_usd", (double)day_spent) &&
-        cJSON_AddNumberToObject(o, "month_micro_usd", (double)month_spent))
+        cache__file_add_int(o, "day_micro_usd", day_spent) == 0 &&
+        cache__file_add_int(o, "month_micro_usd", month_spent) == 0)
         text = cJSON_PrintUnformatted(o);
     if (text != NULL && buf_append(&t->body, text, strlen(text)) == 0 &&
         buf_append_lit(&t->body, "\n") == 0) {
         t->subjects++;
-        t->day_sum += day_spent;
-        t->month_sum += month_spent;
+        t->day_sum = cache__sat_add(t->day_sum, day_spent);
+        t->month_sum = cache__sat_add(t->month_sum, month_spent);
         rc = 0;
     }
     free(text);
@@ -191,19 +191,19 @@ struct sfile_load {
     int64_t month_loaded;   /* this month's */
 };
 
-static const char *parse_header(struct sfile_load *l, const cJSON *o)
+static const char *parse_header(struct sfile_load *l, const cJSON *o, const char *line)
 {
     int64_t version;
 
-    if (cache__file_get_int(o, "costrouter_spend", &version) < 0 || version != SFILE_VERSION ||
-        cache__file_get_int(o, "subjects", &l->subjects) < 0 ||
-        cache__file_get_int(o, "day_micro_usd", &l->day_sum) < 0 ||
-        cache__file_get_int(o, "month_micro_usd", &l->month_sum) < 0)
+    if (cache__file_get_int(o, line, "costrouter_spend", &version) < 0 ||
+        version != SFILE_VERSION || cache__file_get_int(o, line, "subjects", &l->subjects) < 0 ||
+        cache__file_get_int(o, line, "day_micro_usd", &l->day_sum) < 0 ||
+        cache__file_get_int(o, line, "month_micro_usd", &l->month_sum) < 0)
         return "not a costrouter spend file header (version 1)";
     return NULL;
 }
 
-static const char *parse_subject(struct sfile_load *l, const cJSON *o)
+static const char *parse_subject(struct sfile_load *l, const cJSON *o, const char *line)
 {
     const cJSON *subject = cJSON_GetObjectItemCaseSensitive(o, "subject");
     const cJSON *day = cJSON_GetObjectItemCaseSensitive(o, "day");
@@ -212,8 +212,8 @@ static const char *parse_subject(struct sfile_load *l, const cJSON *o)
     size_t n;
 
     if (!cJSON_IsString(subject) || !cJSON_IsString(day) ||
-        cache__file_get_int(o, "day_micro_usd", &day_spent) < 0 ||
-        cache__file_get_int(o, "month_micro_usd", &month_spent) < 0)
+        cache__file_get_int(o, line, "day_micro_usd", &day_spent) < 0 ||
+        cache__file_get_int(o, line, "month_micro_usd", &month_spent) < 0)
         return "not a spend line (subject, day, day_micro_usd, month_micro_usd)";
     n = strlen(subject->valuestring);
     if (n == 0 || n > CACHE_TENANT_MAX)
@@ -229,8 +229,8 @@ static const char *parse_subject(struct sfile_load *l, const cJSON *o)
                              month_spent) < 0)
         return strerror(ENOMEM);
     l->n++;
-    l->day_total += day_spent;
-    l->month_total += month_spent;
+    l->day_total = cache__sat_add(l->day_total, day_spent);
+    l->month_total = cache__sat_add(l->month_total, month_spent);
     cache__period_now(&now);
     l->day_loaded += saved.day == now.day ? day_spent : 0;
     l->month_loaded += saved.month == now.month ? month_spent : 0;
@@ -238,9 +238,9 @@ static const char *parse_subject(struct sfile_load *l, const cJSON *o)
 }
 
 /* Line `lineno` (1 is the header): NULL, or what is wrong with it. */
-static const char *load_object(void *arg, const cJSON *o, size_t lineno)
+static const char *load_object(void *arg, const cJSON *o, const char *line, size_t lineno)
 {
-    return lineno == 1 ? parse_header(arg, o) : parse_subject(arg, o);
+    return lineno == 1 ? parse_header(arg, o, line) : parse_subject(arg, o, line);
 }
 
 static int load(struct sfile_load *l, FILE *f)

@@ -13,11 +13,15 @@
  */
 #include "cli/report.h"
 
+#include "common/utf8.h"
+
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <math.h>
+#include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,13 +46,18 @@ struct stats {
     __int128 reported_pico;     /* reported_cost_usd of the lines that have one, pico-USD */
     uint64_t reported;          /* lines that have one */
     __int128 cost_reported_pico; /* cost_usd of those lines, pico-USD */
-    double mean;                /* running mean of cost per request, USD */
-    double m2;                  /* running sum of squared deviations */
+    uint64_t answered;          /* lines answered: status below 400, not from the cache */
+    __int128 answered_pico;     /* cost_usd of those lines, pico-USD */
+    double mean;                /* running mean of cost per answered request, USD */
+    double m2;                  /* running sum of squared deviations (answered) */
 };
 
 struct group {
     size_t dim;       /* index into report.dims */
-    char *value;      /* group value (tenant id, backend, ...) */
+    char *value;      /* group value (tenant id, backend, ...); for an arm, its
+                       * experiment's or route's name and the arm's, see add_arm_group */
+    char *shown;      /* what the outputs print for an arm (EXPERIMENT/ARM), else NULL */
+    size_t arm;       /* an arm's: where its name starts in value */
     struct stats st;  /* what was added */
 };
 
@@ -101,9 +110,17 @@ static size_t intern_dim(struct report *r, const char *name)
     return r->ndims++;
 }
 
+/* value NULL: the group of the lines without one */
 static uint64_t gkey(size_t dim, const char *value)
 {
-    return XXH3_64bits_withSeed(value, strlen(value), dim);
+    return value ? XXH3_64bits_withSeed(value, strlen(value), dim)
+                 : XXH3_64bits_withSeed("", 0, ~(uint64_t)dim);
+}
+
+/* strcmp, NULL (none) equal to itself and first */
+static int value_cmp(const char *a, const char *b)
+{
+    return a && b ? strcmp(a, b) : (a != NULL) - (b != NULL);
 }
 
 static void gmap_rehash(struct gmap *m, size_t size)
@@ -123,7 +140,8 @@ static void gmap_rehash(struct gmap *m, size_t size)
     }
 }
 
-/* The stats of (dim, value), created zeroed when new. Exits on ENOMEM. */
+/* The stats of (dim, value), created zeroed when new; value NULL: the
+ * group of the lines without one. Exits on ENOMEM. */
 static struct stats *gmap_get(struct gmap *m, size_t dim, const char *value)
 {
     size_t j;
@@ -132,7 +150,7 @@ static struct stats *gmap_get(struct gmap *m, size_t dim, const char *value)
         gmap_rehash(m, m->slots ? (m->mask + 1) * 2 : 64);
     for (j = gkey(dim, value) & m->mask; m->slots[j] != 0; j = (j + 1) & m->mask) {
         struct group *g = &m->items[m->slots[j] - 1];
-        if (g->dim == dim && strcmp(g->value, value) == 0)
+        if (g->dim == dim && value_cmp(g->value, value) == 0)
             return &g->st;
     }
     if (m->n == m->cap) {
@@ -143,8 +161,8 @@ static struct stats *gmap_get(struct gmap *m, size_t dim, const char *value)
         m->items = items;
         m->cap = cap;
     }
-    m->items[m->n] = (struct group){.dim = dim, .value = strdup(value)};
-    if (m->items[m->n].value == NULL)
+    m->items[m->n] = (struct group){.dim = dim, .value = value ? strdup(value) : NULL};
+    if (value != NULL && m->items[m->n].value == NULL)
         goto nomem;
     m->slots[j] = (uint32_t)++m->n;
     return &m->items[m->n - 1].st;
@@ -154,10 +172,38 @@ nomem:
     exit(1);
 }
 
+/* printf into a new string. Exits on ENOMEM. */
+static char *text_of(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static char *text_of(const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+    char *text;
+
+    va_start(ap, fmt);
+    n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (text = malloc((size_t)n + 1)) == NULL) {
+        perror("report");
+        exit(1);
+    }
+    va_start(ap, fmt);
+    vsnprintf(text, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    return text;
+}
+
+static struct group *group_of(struct stats *st)
+{
+    return (struct group *)((char *)st - offsetof(struct group, st));
+}
+
 static void gmap_free(struct gmap *m)
 {
-    for (size_t i = 0; i < m->n; i++)
+    for (size_t i = 0; i < m->n; i++) {
         free(m->items[i].value);
+        free(m->items[i].shown);
+    }
     free(m->items);
     free(m->slots);
 }
@@ -165,11 +211,11 @@ static void gmap_free(struct gmap *m)
 /* ---- reading ----------------------------------------------------------- */
 
 struct line {
-    const char *tenant, *backend, *route, *arm, *experiment; /* "-" when absent */
-    const char *key;          /* the name of the key it used, "-" when absent (none, or
+    const char *tenant, *backend, *route, *arm, *experiment; /* NULL when absent */
+    const char *key;          /* the name of the key it used, NULL when absent (none, or
                                * a key without a name) */
     const char *service_tier; /* the tier whose rates priced it; "default" when absent */
-    const char *endpoint;     /* the path it was sent to, "-" in lines written before
+    const char *endpoint;     /* the path it was sent to, NULL in lines written before
                                * the router named it */
     const cJSON *tags;       /* object or NULL */
     int status;              /* HTTP status, 0 when absent */
@@ -184,10 +230,13 @@ struct line {
     __int128 reported_pico;  /* that, pico-USD; 0 without */
 };
 
-static const char *str_or_dash(const cJSON *o, const char *key)
+/* The text at `key`, or NULL when the line has none (absent, null, ""):
+ * the group of lines without one, which "-" (a name a tenant, an arm or a
+ * tag's value may have) is not. */
+static const char *str_or_null(const cJSON *o, const char *key)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    return cJSON_IsString(v) && v->valuestring[0] ? v->valuestring : "-";
+    return cJSON_IsString(v) && v->valuestring[0] ? v->valuestring : NULL;
 }
 
 /*
@@ -273,6 +322,16 @@ static uint64_t line_count(const cJSON *o, const char *key, int *bad)
     return (uint64_t)n;
 }
 
+/* Was the line answered by a model: not refused nor failed (status 400
+ * and above: its cost 0 or a part), not from the cache (0, no model ran)?
+ * The A/B means are over these: a mean cost per request mixing refusals
+ * and hits at $0 compares the arms' refusals and hits as much as their
+ * models' prices. */
+static int answered(const struct line *l)
+{
+    return l->status < 400 && !l->cache_hit;
+}
+
 static void stats_add(struct stats *s, const struct line *l)
 {
     double d;
@@ -289,8 +348,12 @@ static void stats_add(struct stats *s, const struct line *l)
     s->reported += l->reported != 0;
     s->reported_pico += l->reported_pico;
     s->cost_reported_pico += l->reported ? l->cost_pico : 0;
+    if (!answered(l))
+        return;
+    s->answered++;
+    s->answered_pico += l->cost_pico;
     d = l->cost - s->mean;
-    s->mean += d / (double)s->requests;
+    s->mean += d / (double)s->answered;
     s->m2 += d * (l->cost - s->mean);
 }
 
@@ -310,18 +373,18 @@ static int read_line(const cJSON *o, struct line *l)
     int bad = 0;
 
     *l = (struct line){
-        .tenant = str_or_dash(o, "tenant"), .backend = str_or_dash(o, "backend"),
-        .route = str_or_dash(o, "route"), .arm = str_or_dash(o, "arm"),
-        .experiment = str_or_dash(o, "experiment"), .key = str_or_dash(o, "key"),
-        .service_tier = str_or_dash(o, "service_tier"),
-        .endpoint = str_or_dash(o, "endpoint"),
+        .tenant = str_or_null(o, "tenant"), .backend = str_or_null(o, "backend"),
+        .route = str_or_null(o, "route"), .arm = str_or_null(o, "arm"),
+        .experiment = str_or_null(o, "experiment"), .key = str_or_null(o, "key"),
+        .service_tier = str_or_null(o, "service_tier"),
+        .endpoint = str_or_null(o, "endpoint"),
         .tags = cJSON_GetObjectItemCaseSensitive(o, "tags"),
         .status = cJSON_IsNumber(status) ? status->valueint : 0, /* cJSON saturates valueint */
         .cache_hit = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "cache_hit")),
     };
     /* The router names a tier only when its rates priced the request
      * (flex, priority): the others were billed at the standard rates. */
-    if (strcmp(l->service_tier, "-") == 0)
+    if (l->service_tier == NULL)
         l->service_tier = "default";
     /* cost_usd alone: the router writes it (0 when nothing was settled)
      * wherever it writes an estimate, and an estimate is no spend. */
@@ -343,6 +406,34 @@ static int read_line(const cJSON *o, struct line *l)
 
 static int64_t utc_ms(const char *s);
 
+/* Add the line `l` to its --by arm group: the arm of its experiment (by
+ * route for a line written before the log named the experiment), as the
+ * A/B comparison takes them. Arm names are unique only within an
+ * experiment: two experiments with arms control and treatment have four
+ * arms. Keyed by value "e" (experiment) or "r" (route), the name, a 0x1f
+ * and the arm's name; shown EXPERIMENT/ARM, or (route) ROUTE/ARM. */
+static void add_arm_group(struct report *r, const struct line *l)
+{
+    int by_route = l->experiment == NULL;
+    const char *name = by_route ? (l->route ? l->route : "") : l->experiment;
+    size_t dim = intern_dim(r, "arm"), split = 1 + strlen(name) + 1;
+    char *key;
+    struct group *g;
+
+    if (l->arm == NULL) {
+        stats_add(gmap_get(&r->groups, dim, NULL), l);
+        return;
+    }
+    key = text_of("%c%s\x1f%s", by_route ? 'r' : 'e', name, l->arm);
+    g = group_of(gmap_get(&r->groups, dim, key));
+    free(key);
+    if (g->shown == NULL) {
+        g->arm = split;
+        g->shown = text_of("%s%s/%s", by_route ? "(route) " : "", name, l->arm);
+    }
+    stats_add(&g->st, l);
+}
+
 /* Add the line `o` to the total and its groups. Returns -1, adding
  * nothing, for a line out of range, or one whose tokens or amounts would
  * take the total past TOKENS_MAX or COST_TOTAL_MAX: every group's sum is
@@ -361,30 +452,31 @@ static int add_line(struct report *r, const cJSON *o)
         return -1;
     /* A key's name is unique within its tenant only: grouped as the store
      * counts it, TENANT#NAME. */
-    char key[2 * 256 + 2], day[11] = "-", month[8] = "-";
-    const char *plain[][2] = {{"tenant", l.tenant}, {"backend", l.backend}, {"route", l.route},
-                              {"arm", l.arm}, {"service_tier", l.service_tier}, {"key", key},
-                              {"endpoint", l.endpoint}, {"day", day}, {"month", month}};
+    char key[2 * 256 + 2], day[11], month[8], dim[256];
     const cJSON *tag, *ts = cJSON_GetObjectItemCaseSensitive(o, "ts");
-    char dim[256];
-
-    /* The UTC day and month the request started (its `ts`), "-" without
+    /* The UTC day and month the request started (its `ts`), none without
      * one to place it. */
-    if ((wanted(r, "day") || wanted(r, "month")) && cJSON_IsString(ts) &&
-        utc_ms(ts->valuestring) >= 0) {
-        memcpy(day, ts->valuestring, 10);
-        memcpy(month, ts->valuestring, 7);
-    }
+    int timed = (wanted(r, "day") || wanted(r, "month")) && cJSON_IsString(ts) &&
+                utc_ms(ts->valuestring) >= 0;
 
-    if (strcmp(l.key, "-") == 0)
-        snprintf(key, sizeof(key), "-");
-    else
-        snprintf(key, sizeof(key), "%s#%s", l.tenant, l.key);
+    if (timed) {
+        snprintf(day, sizeof(day), "%.10s", ts->valuestring);
+        snprintf(month, sizeof(month), "%.7s", ts->valuestring);
+    }
+    if (l.key != NULL)
+        snprintf(key, sizeof(key), "%s#%s", l.tenant ? l.tenant : "-", l.key);
+
+    const char *plain[][2] = {{"tenant", l.tenant}, {"backend", l.backend}, {"route", l.route},
+                              {"service_tier", l.service_tier}, {"key", l.key ? key : NULL},
+                              {"endpoint", l.endpoint}, {"day", timed ? day : NULL},
+                              {"month", timed ? month : NULL}};
 
     stats_add(&r->total, &l);
     for (size_t i = 0; i < sizeof(plain) / sizeof(plain[0]); i++)
         if (wanted(r, plain[i][0]))
             stats_add(gmap_get(&r->groups, intern_dim(r, plain[i][0]), plain[i][1]), &l);
+    if (wanted(r, "arm"))
+        add_arm_group(r, &l);
     if (cJSON_IsObject(l.tags)) {
         cJSON_ArrayForEach(tag, l.tags) {
             snprintf(dim, sizeof(dim), "tag.%s", tag->string);
@@ -392,9 +484,9 @@ static int add_line(struct report *r, const cJSON *o)
                 stats_add(gmap_get(&r->groups, intern_dim(r, dim), tag->valuestring), &l);
         }
     }
-    if (strcmp(l.arm, "-") != 0) {
-        snprintf(dim, sizeof(dim), "%s\x1f%s", strcmp(l.experiment, "-") ? "experiment" : "route",
-                 strcmp(l.experiment, "-") ? l.experiment : l.route);
+    if (l.arm != NULL) {
+        snprintf(dim, sizeof(dim), "%s\x1f%s", l.experiment ? "experiment" : "route",
+                 l.experiment ? l.experiment : l.route ? l.route : "");
         stats_add(gmap_get(&r->arms, intern_dim(r, dim), l.arm), &l);
     }
     return 0;
@@ -691,7 +783,7 @@ struct arm_diff {
 
 static void welch(struct arm_diff *d)
 {
-    double na = (double)d->a->st.requests, nb = (double)d->b->st.requests, va, vb, se2, half;
+    double na = (double)d->a->st.answered, nb = (double)d->b->st.answered, va, vb, se2, half;
 
     d->diff = d->b->st.mean - d->a->st.mean;
     d->lo = d->hi = d->df = NAN;
@@ -717,7 +809,7 @@ static const char *const columns[] = {
     "requests",     "errors",       "prompt_tokens",     "completion_tokens",
     "cost_usd",     "usd_per_1k_requests", "cache_hits", "saved_usd",
     "web_searches", "file_searches",       "reported_cost_usd", "reported_requests",
-    "cost_usd_of_reported"};
+    "cost_usd_of_reported", "answered",    "usd_per_1k_answered"};
 #define NCOLUMNS (sizeof(columns) / sizeof(columns[0]))
 #define TABLE_DECIMALS 6  /* the table's amounts: to the micro-dollar */
 #define EXACT_DECIMALS 12 /* CSV's and JSON's: to the pico-dollar, exact */
@@ -726,11 +818,12 @@ static const char *const columns[] = {
  * for a count column. */
 static __int128 column_pico(const struct stats *s, size_t i)
 {
-    __int128 n = (__int128)s->requests;
+    __int128 n = (__int128)s->requests, a = (__int128)s->answered;
 
     switch (i) {
     case 4: return s->cost_pico;
     case 5: return n ? (s->cost_pico * 1000 + n / 2) / n : 0;
+    case 14: return a ? (s->answered_pico * 1000 + a / 2) / a : 0;
     case 7: return s->saved_pico;
     case 10: return s->reported_pico;
     case 12: return s->cost_reported_pico;
@@ -748,6 +841,7 @@ static uint64_t column_count(const struct stats *s, size_t i)
     case 6: return s->cache_hits;
     case 8: return s->web_searches;
     case 9: return s->file_searches;
+    case 13: return s->answered;
     default: return s->reported;
     }
 }
@@ -791,6 +885,56 @@ static const char *dim_name(const struct report *r, size_t dim)
     return r->dims[dim];
 }
 
+/* What the outputs print for the value of `g` (an arm: EXPERIMENT/ARM);
+ * NULL for the group of the lines without one. */
+static const char *group_text(const struct group *g)
+{
+    return g->shown ? g->shown : g->value;
+}
+
+/* A value as the table prints it, in a new string (exits on ENOMEM).
+ * Values are the log's (a tag's is the client's, x-costrouter-tags):
+ * their control characters would break the table's rows (a newline) or
+ * run in the reader's terminal (ESC [ ...), so they are escaped as \n,
+ * \t, \r, \xHH (the other C0 ones, DEL and bytes that are no UTF-8),
+ * \u00HH (C1: U+0080 to U+009F, CSI among them), and \ as \\. None
+ * (NULL) is "-", so a value that is "-" is \-. */
+static char *table_text(const char *v)
+{
+    const char *s = v ? v : "-";
+    const unsigned char *p = (const unsigned char *)s, *end = p + strlen(s);
+    char *out = malloc(4 * (size_t)(end - p) + 3), *o = out;
+    size_t k;
+
+    if (out == NULL) {
+        perror("report");
+        exit(1);
+    }
+    if (v != NULL && strcmp(v, "-") == 0)
+        *o++ = '\\';
+    for (; p < end; p += k) {
+        k = utf8_seq_len(p, (size_t)(end - p));
+        if (k == 2 && p[0] == 0xc2 && p[1] < 0xa0) {
+            o += sprintf(o, "\\u00%02x", p[1]);
+        } else if (k > 1) {
+            memcpy(o, p, k);
+            o += k;
+        } else {
+            k = 1;
+            if (*p == '\\' || *p == '\n' || *p == '\t' || *p == '\r') {
+                *o++ = '\\';
+                *o++ = *p == '\n' ? 'n' : *p == '\t' ? 't' : *p == '\r' ? 'r' : '\\';
+            } else if (*p < 0x20 || *p >= 0x7f) {
+                o += sprintf(o, "\\x%02x", *p);
+            } else {
+                *o++ = (char)*p;
+            }
+        }
+    }
+    *o = '\0';
+    return out;
+}
+
 /* Groups in output order: --by order (tag keys sorted), cost descending
  * (days and months: in order of time). */
 static const struct report *sort_ctx;
@@ -812,10 +956,10 @@ static int cmp_group(const void *pa, const void *pb)
     if (strcmp(da, db) != 0)
         return strcmp(da, db);
     if (strcmp(da, "day") == 0 || strcmp(da, "month") == 0) /* in order of time */
-        return strcmp(a->value, b->value);
+        return value_cmp(a->value, b->value);
     if (a->st.cost_pico != b->st.cost_pico)
         return a->st.cost_pico > b->st.cost_pico ? -1 : 1;
-    return strcmp(a->value, b->value);
+    return value_cmp(a->value, b->value);
 }
 
 static int cmp_arm(const void *pa, const void *pb)
@@ -892,6 +1036,15 @@ static void json_add_time(cJSON *o, const char *key, int64_t ms)
         cJSON_AddStringToObject(o, key, text);
 }
 
+/* An arm in the A/B lines: its name, answered requests and their mean
+ * cost, and the requests not in that mean. */
+static void table_arm(FILE *out, const char *name, const struct stats *s)
+{
+    fprintf(out, "%s (n=%llu, $%.6f; %llu errors, %llu cache hits)", name,
+            (unsigned long long)s->answered, s->mean, (unsigned long long)s->errors,
+            (unsigned long long)s->cache_hits);
+}
+
 static void print_table(const struct report *r, FILE *out, const struct group **g,
                         const struct arm_diff *d, size_t nd)
 {
@@ -926,22 +1079,32 @@ static void print_table(const struct report *r, FILE *out, const struct group **
 
         while (e < r->groups.n && g[e]->dim == g[s]->dim)
             e++;
-        width[0] = strlen(dim);
+        char *name = table_text(dim), *head = table_text(strcmp(dim, "arm") ? dim : "experiment/arm");
+
+        width[0] = strlen(head);
         for (size_t c = 0; c < NCOLUMNS; c++)
             width[c + 1] = strlen(columns[c]);
         for (size_t i = s; i < e; i++) {
-            width[0] = strlen(g[i]->value) > width[0] ? strlen(g[i]->value) : width[0];
+            char *text = table_text(group_text(g[i]));
+
+            width[0] = strlen(text) > width[0] ? strlen(text) : width[0];
+            free(text);
             for (size_t c = 0; c < NCOLUMNS; c++) {
                 column_text(cell, sizeof(cell), &g[i]->st, c, TABLE_DECIMALS);
                 width[c + 1] = strlen(cell) > width[c + 1] ? strlen(cell) : width[c + 1];
             }
         }
-        fprintf(out, "\nby %s\n%-*s", dim, (int)width[0], dim);
+        fprintf(out, "\nby %s\n%-*s", name, (int)width[0], head);
+        free(name);
+        free(head);
         for (size_t c = 0; c < NCOLUMNS; c++)
             fprintf(out, "  %*s", (int)width[c + 1], columns[c]);
         fputc('\n', out);
         for (size_t i = s; i < e; i++) {
-            fprintf(out, "%-*s", (int)width[0], g[i]->value);
+            char *text = table_text(group_text(g[i]));
+
+            fprintf(out, "%-*s", (int)width[0], text);
+            free(text);
             for (size_t c = 0; c < NCOLUMNS; c++) {
                 column_text(cell, sizeof(cell), &g[i]->st, c, TABLE_DECIMALS);
                 fprintf(out, "  %*s", (int)width[c + 1], cell);
@@ -951,24 +1114,33 @@ static void print_table(const struct report *r, FILE *out, const struct group **
         s = e;
     }
     if (nd > 0)
-        fprintf(out, "\nA/B arms: difference in mean cost per request (b - a), 95%% CI (Welch)\n");
+        fprintf(out, "\nA/B arms: difference in mean cost per answered request (b - a), 95%% CI "
+                     "(Welch)\n");
     for (size_t i = 0; i < nd; i++) {
-        fprintf(out, "%s %s: %s (n=%llu, $%.6f) vs %s (n=%llu, $%.6f): %+.6f", d[i].kind, d[i].group,
-                d[i].a->value, (unsigned long long)d[i].a->st.requests, d[i].a->st.mean, d[i].b->value,
-                (unsigned long long)d[i].b->st.requests, d[i].b->st.mean, d[i].diff);
-        if (isnan(d[i].lo) && (d[i].a->st.requests < 2 || d[i].b->st.requests < 2))
+        char *group = table_text(d[i].group), *a = table_text(d[i].a->value),
+             *b = table_text(d[i].b->value);
+
+        fprintf(out, "%s %s: ", d[i].kind, group);
+        table_arm(out, a, &d[i].a->st);
+        fputs(" vs ", out);
+        table_arm(out, b, &d[i].b->st);
+        fprintf(out, ": %+.6f", d[i].diff);
+        if (isnan(d[i].lo) && (d[i].a->st.answered < 2 || d[i].b->st.answered < 2))
             fprintf(out, " [CI needs 2+ requests per arm]\n");
         else if (isnan(d[i].lo))
             fprintf(out, " [no CI: neither arm's cost varies]\n");
         else
             fprintf(out, " [%+.6f, %+.6f]\n", d[i].lo, d[i].hi);
+        free(group);
+        free(a);
+        free(b);
     }
 }
 
 /* Would a spreadsheet opening the CSV run the text `s` as a formula? A
  * tag's value is the client's (x-costrouter-tags), and one such as
  * =HYPERLINK(...) would run in whoever opens the report. The lone "-"
- * (no value) is plain text to them. */
+ * is plain text to them. */
 static int csv_formula(const char *s)
 {
     return strchr("=+-@\t\r", s[0]) != NULL && s[0] != '\0' && strcmp(s, "-") != 0;
@@ -1026,7 +1198,7 @@ static void csv_stats_row(FILE *out, const char *kind, const char *dim, const ch
         column_text(cell, sizeof(cell), s, c, EXACT_DECIMALS);
         fprintf(out, ",%s", cell);
     }
-    fputs(",,,,,,,,,\n", out); /* the arm columns */
+    fputs(",,,,,,,,,,,,,\n", out); /* the 13 arm columns */
 }
 
 static void print_csv(const struct report *r, FILE *out, const struct group **g,
@@ -1035,10 +1207,13 @@ static void print_csv(const struct report *r, FILE *out, const struct group **g,
     fputs("kind,dimension,value", out);
     for (size_t c = 0; c < NCOLUMNS; c++)
         fprintf(out, ",%s", columns[c]);
-    fputs(",arm_a,arm_b,n_a,n_b,mean_a_usd,mean_b_usd,diff_usd,ci95_low_usd,ci95_high_usd\n", out);
+    fputs(",arm_a,arm_b,n_a,n_b,mean_a_usd,mean_b_usd,diff_usd,ci95_low_usd,ci95_high_usd,"
+          "errors_a,errors_b,cache_hits_a,cache_hits_b\n",
+          out);
     csv_stats_row(out, "total", "", "", &r->total);
     for (size_t i = 0; i < r->groups.n; i++)
-        csv_stats_row(out, "group", dim_name(r, g[i]->dim), g[i]->value, &g[i]->st);
+        csv_stats_row(out, "group", dim_name(r, g[i]->dim), group_text(g[i]) ? group_text(g[i]) : "",
+                      &g[i]->st);
     for (size_t i = 0; i < nd; i++) {
         fprintf(out, "arm_diff,%s,", d[i].kind);
         csv_field(out, d[i].group);
@@ -1048,14 +1223,16 @@ static void print_csv(const struct report *r, FILE *out, const struct group **g,
         csv_field(out, d[i].a->value);
         fputc(',', out);
         csv_field(out, d[i].b->value);
-        fprintf(out, ",%llu,%llu", (unsigned long long)d[i].a->st.requests,
-                (unsigned long long)d[i].b->st.requests);
+        fprintf(out, ",%llu,%llu", (unsigned long long)d[i].a->st.answered,
+                (unsigned long long)d[i].b->st.answered);
         csv_num(out, d[i].a->st.mean);
         csv_num(out, d[i].b->st.mean);
         csv_num(out, d[i].diff);
         csv_num(out, d[i].lo);
         csv_num(out, d[i].hi);
-        fputc('\n', out);
+        fprintf(out, ",%llu,%llu,%llu,%llu\n", (unsigned long long)d[i].a->st.errors,
+                (unsigned long long)d[i].b->st.errors, (unsigned long long)d[i].a->st.cache_hits,
+                (unsigned long long)d[i].b->st.cache_hits);
     }
 }
 
@@ -1098,7 +1275,19 @@ static int print_json(const struct report *r, FILE *out, const struct group **g,
     for (size_t i = 0; i < r->groups.n; i++) {
         cJSON *o = json_stats(&g[i]->st);
         cJSON_AddStringToObject(o, "dimension", dim_name(r, g[i]->dim));
-        cJSON_AddStringToObject(o, "value", g[i]->value);
+        if (group_text(g[i]) != NULL)
+            cJSON_AddStringToObject(o, "value", group_text(g[i]));
+        else
+            cJSON_AddNullToObject(o, "value");
+        if (g[i]->shown != NULL) { /* an arm: its experiment (or route) and name apart */
+            char *name = strndup(g[i]->value + 1, g[i]->arm - 2);
+
+            if (name == NULL)
+                return -1;
+            cJSON_AddStringToObject(o, g[i]->value[0] == 'e' ? "experiment" : "route", name);
+            cJSON_AddStringToObject(o, "arm", g[i]->value + g[i]->arm);
+            free(name);
+        }
         cJSON_AddItemToArray(groups, o);
     }
     diffs = cJSON_AddArrayToObject(root, "arm_diffs");
@@ -1107,8 +1296,12 @@ static int print_json(const struct report *r, FILE *out, const struct group **g,
         cJSON_AddStringToObject(o, d[i].kind, d[i].group);
         cJSON_AddStringToObject(o, "arm_a", d[i].a->value);
         cJSON_AddStringToObject(o, "arm_b", d[i].b->value);
-        cJSON_AddNumberToObject(o, "n_a", (double)d[i].a->st.requests);
-        cJSON_AddNumberToObject(o, "n_b", (double)d[i].b->st.requests);
+        cJSON_AddNumberToObject(o, "n_a", (double)d[i].a->st.answered);
+        cJSON_AddNumberToObject(o, "n_b", (double)d[i].b->st.answered);
+        cJSON_AddNumberToObject(o, "errors_a", (double)d[i].a->st.errors);
+        cJSON_AddNumberToObject(o, "errors_b", (double)d[i].b->st.errors);
+        cJSON_AddNumberToObject(o, "cache_hits_a", (double)d[i].a->st.cache_hits);
+        cJSON_AddNumberToObject(o, "cache_hits_b", (double)d[i].b->st.cache_hits);
         cJSON_AddNumberToObject(o, "mean_a_usd", d[i].a->st.mean);
         cJSON_AddNumberToObject(o, "mean_b_usd", d[i].b->st.mean);
         cJSON_AddNumberToObject(o, "diff_usd", d[i].diff);

@@ -147,11 +147,13 @@ static const cJSON *group(const cJSON *root, const char *dim, const char *value)
     const cJSON *g;
 
     cJSON_ArrayForEach(g, cJSON_GetObjectItem(root, "groups")) {
+        const cJSON *v = cJSON_GetObjectItem(g, "value");
+
         if (strcmp(cJSON_GetObjectItem(g, "dimension")->valuestring, dim) == 0 &&
-            strcmp(cJSON_GetObjectItem(g, "value")->valuestring, value) == 0)
+            (value ? cJSON_IsString(v) && strcmp(v->valuestring, value) == 0 : cJSON_IsNull(v)))
             return g;
     }
-    cr_assert_fail("no group %s=%s", dim, value);
+    cr_assert_fail("no group %s=%s", dim, value ? value : "null");
     return NULL;
 }
 
@@ -191,9 +193,9 @@ Test(report, json_totals_are_exact, .timeout = 20)
         cr_assert_eq(field(group(root, "tag.team", teams[b]), "requests"), e.n_team[b]);
     }
     cr_assert_eq(field(group(root, "tag.cost_center", "cc1"), "requests"), 1000);
-    cr_assert_eq(field(group(root, "arm", "a"), "cost_usd"), 6.0 / 1024);
-    cr_assert_eq(field(group(root, "arm", "b"), "cost_usd"), 12.0 / 1024);
-    cr_assert_eq(field(group(root, "arm", "-"), "requests"), 1000);
+    cr_assert_eq(field(group(root, "arm", "(route) exp/a"), "cost_usd"), 6.0 / 1024);
+    cr_assert_eq(field(group(root, "arm", "(route) exp/b"), "cost_usd"), 12.0 / 1024);
+    cr_assert_eq(field(group(root, "arm", NULL), "requests"), 1000);
     /* route was not asked for */
     const cJSON *g;
     cJSON_ArrayForEach(g, cJSON_GetObjectItem(root, "groups"))
@@ -275,8 +277,8 @@ Test(report, csv_is_valid_and_matches, .timeout = 20)
         if (strcmp(f[0], "arm_diff") == 0) {
             seen_diff = 1;
             cr_assert_str_eq(f[2], "exp");
-            cr_assert_float_eq(strtod(f[22], NULL), 2.0 / 1024, 1e-15);
-            cr_assert_lt(strtod(f[23], NULL), strtod(f[24], NULL));
+            cr_assert_float_eq(strtod(f[24], NULL), 2.0 / 1024, 1e-15);
+            cr_assert_lt(strtod(f[25], NULL), strtod(f[26], NULL));
         }
     }
     cr_assert(seen_tenant, "quoted tenant value must round-trip");
@@ -384,7 +386,7 @@ Test(report, tokens_are_what_was_billed, .timeout = 10)
 }
 
 /* By key: the lines of each named key, TENANT#NAME (names are unique
- * within a tenant only), "-" for the others; not among the groups unless
+ * within a tenant only), none (null) for the others; not among the groups unless
  * asked. */
 Test(report, by_key, .timeout = 10)
 {
@@ -400,7 +402,7 @@ Test(report, by_key, .timeout = 10)
     cr_assert_eq(field(group(root, "key", "a#ci"), "cost_usd"), 0.75);
     cr_assert_eq(field(group(root, "key", "a#ci"), "requests"), 2);
     cr_assert_eq(field(group(root, "key", "b#ci"), "cost_usd"), 2);
-    cr_assert_eq(field(group(root, "key", "-"), "requests"), 1);
+    cr_assert_eq(field(group(root, "key", NULL), "requests"), 1);
     cJSON_Delete(root);
     free(text);
 }
@@ -437,7 +439,7 @@ Test(report, by_service_tier, .timeout = 10)
 
 /* By endpoint: a route serving /v1/messages and its free token counts
  * shows each apart (the counts, at $0, lower the route's cost per 1K
- * requests); lines written before the router named endpoints are "-". */
+ * requests); lines written before the router named endpoints are none (null). */
 Test(report, by_endpoint, .timeout = 10)
 {
     static const char *const lines[] = {
@@ -453,7 +455,7 @@ Test(report, by_endpoint, .timeout = 10)
     cr_assert_eq(field(group(root, "endpoint", "/v1/messages"), "requests"), 2);
     cr_assert_eq(field(group(root, "endpoint", "/v1/messages/count_tokens"), "requests"), 1);
     cr_assert_eq(field(group(root, "endpoint", "/v1/messages/count_tokens"), "cost_usd"), 0);
-    cr_assert_eq(field(group(root, "endpoint", "-"), "requests"), 1);
+    cr_assert_eq(field(group(root, "endpoint", NULL), "requests"), 1);
     cr_assert_eq(field(group(root, "route", "claude"), "requests"), 4);
     cJSON_Delete(root);
     free(text);
@@ -496,7 +498,8 @@ Test(report, constant_arms_have_no_confidence_interval, .timeout = 10)
     free(text);
     cr_assert_eq(run("--format", "table", "--by", "arm"), 0);
     text = slurp(outpath);
-    cr_assert_not_null(strstr(text, "route c: a (n=2, $0.000977) vs b (n=2, $0.001953): +0.000977 "
+    cr_assert_not_null(strstr(text, "route c: a (n=2, $0.000977; 0 errors, 0 cache hits) vs b (n=2, "
+                                    "$0.001953; 0 errors, 0 cache hits): +0.000977 "
                                     "[no CI: neither arm's cost varies]"),
                        "%s", text);
     free(text);

@@ -183,16 +183,20 @@ static cJSON *json_report(const char *by, const char *file)
     return root;
 }
 
+/* The group of `dim` whose value is `value`; NULL: the group of the
+ * records without one (null in JSON). */
 static const cJSON *group(const cJSON *root, const char *dim, const char *value)
 {
     const cJSON *g;
 
     cJSON_ArrayForEach(g, cJSON_GetObjectItem(root, "groups")) {
+        const cJSON *v = cJSON_GetObjectItem(g, "value");
+
         if (strcmp(cJSON_GetObjectItem(g, "dimension")->valuestring, dim) == 0 &&
-            strcmp(cJSON_GetObjectItem(g, "value")->valuestring, value) == 0)
+            (value ? cJSON_IsString(v) && strcmp(v->valuestring, value) == 0 : cJSON_IsNull(v)))
             return g;
     }
-    cr_assert_fail("no group %s=%s in %s", dim, value, out.data);
+    cr_assert_fail("no group %s=%s in %s", dim, value ? value : "null", out.data);
     return NULL;
 }
 
@@ -278,6 +282,7 @@ Test(report_log, web_searches_and_reported_costs_per_group)
     g = group(root, "tenant", "globex");
     cr_assert_eq(num(g, "requests"), 4);
     cr_assert_eq(num(g, "errors"), 1);
+    cr_assert_eq(num(g, "answered"), 2, "neither the 429 nor the cache hit");
     cr_assert_eq(num(g, "web_searches"), 5);
     cr_assert_eq(num(group(root, "key", "globex#ci"), "web_searches"), 5);
     cr_assert_eq(num(group(root, "tag.feature", "research"), "web_searches"), 2);
@@ -289,10 +294,12 @@ Test(report_log, web_searches_and_reported_costs_per_group)
     /* CSV: the same columns, by name */
     cr_assert_eq(report("csv", "backend", NULL, log_path), 0);
     cr_assert_not_null(strstr(out.data, ",saved_usd,web_searches,file_searches,reported_cost_usd,"
-                                        "reported_requests,cost_usd_of_reported,arm_a,"),
+                                        "reported_requests,cost_usd_of_reported,answered,"
+                                        "usd_per_1k_answered,arm_a,"),
                        "%s", out.data);
     cr_assert_not_null(strstr(out.data, "\ngroup,backend,oa,3,0,"), "%s", out.data);
-    cr_assert_not_null(strstr(out.data, ",0,0,2,3,0.002011,2,0.006,,,,,,,,,\n"), "%s", out.data);
+    cr_assert_not_null(strstr(out.data, ",0,0,2,3,0.002011,2,0.006,3,12.166666666667,,,,,,,,,,,,,\n"),
+                       "%s", out.data);
     /* the table: the totals, and the columns of each group */
     cr_assert_eq(report("table", "backend", NULL, log_path), 0);
     cr_assert_not_null(strstr(out.data, "web searches: 7, file searches: 3; costs reported by "
@@ -375,18 +382,13 @@ Test(report_log, two_records_on_one_line_make_a_bad_line)
     cr_assert_not_null(strstr(out.data, want), "%s", out.data);
 }
 
-/* Two experiments on one route, for two tenants, with arms of the same
- * names: each compares its own arms. The log did not say which
- * experiment a line's arm was of, so the report compared them by route:
- * acme's control and globex's control taken as one arm, the difference
- * between arms a mix of two experiments' users, backends and prices. */
-Test(report_log, arms_are_compared_within_their_experiment)
+/* Two experiments on one route, e-acme for acme and e-globex for globex,
+ * with arms of the same names (control and treatment); 8 acme users and 3
+ * globex users ask once each, then the router is stopped. */
+static void run_two_experiments(void)
 {
     static const char *const users[] = {"u0", "u1", "u2", "u3", "u4", "u5", "u6", "u7"};
     char headers[64];
-    const cJSON *d;
-    cJSON *root;
-    int seen = 0;
 
     start("experiments:\n"
           "  - {name: e-acme, route: ab, tenants: [acme], arms: [{name: control, backends: [oa]},\n"
@@ -402,7 +404,20 @@ Test(report_log, arms_are_compared_within_their_experiment)
         ASSERT_POST(200, "sk-globex", "/v1/chat/completions", headers, CHAT_BODY("ab", ""));
     }
     support_proc_stop(&router);
+}
 
+/* Two experiments on one route, for two tenants, with arms of the same
+ * names: each compares its own arms. The log did not say which
+ * experiment a line's arm was of, so the report compared them by route:
+ * acme's control and globex's control taken as one arm, the difference
+ * between arms a mix of two experiments' users, backends and prices. */
+Test(report_log, arms_are_compared_within_their_experiment)
+{
+    const cJSON *d;
+    cJSON *root;
+    int seen = 0;
+
+    run_two_experiments();
     root = json_report("tenant", log_path);
     cJSON_ArrayForEach(d, cJSON_GetObjectItem(root, "arm_diffs")) {
         const cJSON *e = cJSON_GetObjectItem(d, "experiment");
@@ -415,6 +430,213 @@ Test(report_log, arms_are_compared_within_their_experiment)
     }
     cr_assert_eq(seen, 1, "acme's 8 users fell in both arms: %s", out.data);
     cJSON_Delete(root);
+}
+
+/* The lines of the log at `path` whose `experiment` and `arm` are those. */
+static int log_count_arm(const char *path, const char *experiment, const char *arm)
+{
+    char *text = support_file_read(path), *save = NULL;
+    int n = 0;
+
+    cr_assert_not_null(text);
+    for (char *l = strtok_r(text, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
+        cJSON *o = cJSON_Parse(l);
+        const cJSON *e = cJSON_GetObjectItem(o, "experiment"), *a = cJSON_GetObjectItem(o, "arm");
+
+        n += cJSON_IsString(e) && cJSON_IsString(a) && strcmp(e->valuestring, experiment) == 0 &&
+             strcmp(a->valuestring, arm) == 0;
+        cJSON_Delete(o);
+    }
+    free(text);
+    return n;
+}
+
+/* `--by arm` groups by experiment and arm: two experiments whose arms
+ * share names (control, treatment) were pooled into one "control" and one
+ * "treatment", each a mix of both experiments' tenants, backends and
+ * prices. Each arm is EXPERIMENT/ARM, in JSON with its experiment and arm
+ * apart too. */
+Test(report_log, by_arm_keeps_each_experiment_apart)
+{
+    static const char *const exps[] = {"e-acme", "e-globex"}, *const arms[] = {"control",
+                                                                               "treatment"};
+    const cJSON *g;
+    cJSON *root;
+    int total[2] = {0, 0};
+
+    run_two_experiments();
+    root = json_report("arm", log_path);
+    cJSON_ArrayForEach(g, cJSON_GetObjectItem(root, "groups")) {
+        const cJSON *v = cJSON_GetObjectItem(g, "value");
+
+        cr_assert(cJSON_IsString(v), "%s", out.data);
+        cr_assert(strcmp(v->valuestring, "control") && strcmp(v->valuestring, "treatment"),
+                  "experiments pooled under one arm name: %s", out.data);
+    }
+    for (size_t e = 0; e < 2; e++)
+        for (size_t a = 0; a < 2; a++) {
+            char value[64];
+            int n = log_count_arm(log_path, exps[e], arms[a]);
+
+            snprintf(value, sizeof(value), "%s/%s", exps[e], arms[a]);
+            total[e] += n;
+            if (n == 0)
+                continue;
+            g = group(root, "arm", value);
+            cr_assert_eq(num(g, "requests"), n, "%s: %s", value, out.data);
+            cr_assert_str_eq(cJSON_GetObjectItem(g, "experiment")->valuestring, exps[e]);
+            cr_assert_str_eq(cJSON_GetObjectItem(g, "arm")->valuestring, arms[a]);
+        }
+    cr_assert_eq(total[0], 8);
+    cr_assert_eq(total[1], 3);
+    cJSON_Delete(root);
+    cr_assert_eq(report("table", "arm", NULL, log_path), 0);
+    cr_assert_not_null(strstr(out.data, "\nby arm\nexperiment/arm "), "%s", out.data);
+    cr_assert_not_null(strstr(out.data, "\ne-acme/"), "%s", out.data);
+    cr_assert_eq(report("csv", "arm", NULL, log_path), 0);
+    cr_assert_not_null(strstr(out.data, "\ngroup,arm,e-acme/"), "%s", out.data);
+}
+
+/* An arm's mean cost per request is over the requests it answered: a
+ * refusal (cost 0, no answer: here a prompt past every context window)
+ * and a cache hit (cost 0, no model ran) pulled it toward 0, by as much
+ * as an arm had of them, so that the arms compared their refusals and
+ * hits as much as their models' prices. Those are counted apart
+ * (errors_a, cache_hits_a, ...), and each group has its cost per 1K
+ * answered requests beside its cost per 1K requests. acme's 8 users each
+ * ask once (control: oa, $0.003; treatment: ob, $0.0039), again (a cache
+ * hit), and once with max_tokens past the context window (400). */
+Test(report_log, arm_means_are_over_answered_requests)
+{
+    static const char *const users[] = {"u0", "u1", "u2", "u3", "u4", "u5", "u6", "u7"};
+    char headers[64], body[256];
+    const cJSON *d, *g;
+    cJSON *root;
+
+    start("experiments:\n"
+          "  - {name: e-acme, route: ab, tenants: [acme], arms: [{name: control, backends: [oa]},\n"
+          "     {name: treatment, backends: [ob]}]}\n");
+    for (size_t i = 0; i < 8; i++) {
+        snprintf(headers, sizeof(headers), "x-user-id: %s\r\n", users[i]);
+        snprintf(body, sizeof(body),
+                 "{\"model\":\"ab\",\"max_tokens\":%zu,\"temperature\":0,\"messages\":[{\"role\":"
+                 "\"user\",\"content\":\"hello there\"}]}",
+                 10 + i);
+        ASSERT_POST(200, "sk-acme", "/v1/chat/completions", headers, body);
+        ASSERT_POST(200, "sk-acme", "/v1/chat/completions", headers, body);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
+        ASSERT_POST(400, "sk-acme", "/v1/chat/completions", headers,
+                    "{\"model\":\"ab\",\"max_tokens\":99995,\"messages\":[{\"role\":"
+                    "\"user\",\"content\":\"hello there\"}]}");
+        cr_assert_not_null(strstr(resp.body.data, "context_length_exceeded"), "%s",
+                           resp.body.data);
+    }
+    support_proc_stop(&router);
+    cr_assert_eq(log_count_arm(log_path, "e-acme", "control") +
+                     log_count_arm(log_path, "e-acme", "treatment"),
+                 24, "hits and refusals are of their arm: %s", support_file_read(log_path));
+
+    root = json_report("arm", log_path);
+    d = cJSON_GetArrayItem(cJSON_GetObjectItem(root, "arm_diffs"), 0);
+    cr_assert_not_null(d, "%s", out.data);
+    cr_assert_float_eq(num(d, "mean_a_usd"), 0.003, 1e-15, "control: %s", out.data);
+    cr_assert_float_eq(num(d, "mean_b_usd"), 0.0039, 1e-15, "treatment: %s", out.data);
+    cr_assert_eq(num(d, "n_a") + num(d, "n_b"), 8, "%s", out.data);
+    cr_assert_eq(num(d, "n_a"), log_count_arm(log_path, "e-acme", "control") / 3);
+    cr_assert_eq(num(d, "errors_a") + num(d, "errors_b"), 8, "%s", out.data);
+    cr_assert_eq(num(d, "cache_hits_a") + num(d, "cache_hits_b"), 8, "%s", out.data);
+    cr_assert_eq(num(d, "errors_a"), num(d, "n_a"));
+    g = group(root, "arm", "e-acme/control");
+    cr_assert_eq(num(g, "requests"), 3 * num(d, "n_a"));
+    cr_assert_eq(num(g, "answered"), num(d, "n_a"));
+    cr_assert_float_eq(num(g, "usd_per_1k_answered"), 3, 1e-12, "%s", out.data);
+    cr_assert_float_eq(num(g, "usd_per_1k_requests"), 1, 1e-12, "%s", out.data);
+    cJSON_Delete(root);
+    cr_assert_eq(report("table", "arm", NULL, log_path), 0);
+    cr_assert_not_null(strstr(out.data, ", $0.003000; "), "%s", out.data);
+}
+
+/* A tenant or arm named "-" (names may be) is not the group of records
+ * without one: they were one group, "-", summing a tenant's spend with
+ * the unauthenticated refusals, and an arm "-" was no arm at all, left out
+ * of its experiment's comparison. The records without one are null in
+ * JSON, an empty field in CSV and - in the table, where a value that is
+ * "-" prints as \-. */
+Test(report_log, a_tenant_or_arm_named_dash_is_not_the_none_group)
+{
+    char path[160];
+    cJSON *root;
+    const cJSON *d;
+
+    snprintf(path, sizeof(path), "%s/dash.jsonl", dir);
+    cr_assert_eq(support_file_write(
+                     path, "{\"tenant\":\"-\",\"route\":\"r\",\"experiment\":\"e\",\"arm\":\"-\","
+                           "\"status\":200,\"cost_usd\":1}\n"
+                           "{\"tenant\":\"-\",\"route\":\"r\",\"experiment\":\"e\",\"arm\":\"-\","
+                           "\"status\":200,\"cost_usd\":1}\n"
+                           "{\"tenant\":\"-\",\"route\":\"r\",\"experiment\":\"e\",\"arm\":\"x\","
+                           "\"status\":200,\"cost_usd\":4}\n"
+                           "{\"tenant\":\"-\",\"route\":\"r\",\"experiment\":\"e\",\"arm\":\"x\","
+                           "\"status\":200,\"cost_usd\":4}\n"
+                           "{\"tenant\":null,\"arm\":null,\"status\":401,\"cost_usd\":0}\n"
+                           "{\"tenant\":\"a\",\"route\":\"r\",\"status\":200,\"cost_usd\":2}\n"),
+                 0);
+    root = json_report("tenant,arm", path);
+    cr_assert_eq(num(group(root, "tenant", "-"), "requests"), 4, "%s", out.data);
+    cr_assert_eq(num(group(root, "tenant", "-"), "cost_usd"), 10, "%s", out.data);
+    cr_assert_eq(num(group(root, "tenant", NULL), "requests"), 1, "%s", out.data);
+    cr_assert_eq(num(group(root, "arm", "e/-"), "requests"), 2, "%s", out.data);
+    cr_assert_eq(num(group(root, "arm", NULL), "requests"), 2, "%s", out.data);
+    cr_assert_eq(num(group(root, "arm", NULL), "cost_usd"), 2, "%s", out.data);
+    d = cJSON_GetArrayItem(cJSON_GetObjectItem(root, "arm_diffs"), 0);
+    cr_assert_not_null(d, "arm - left out of experiment e's comparison: %s", out.data);
+    cr_assert_str_eq(cJSON_GetObjectItem(d, "arm_a")->valuestring, "-");
+    cr_assert_eq(num(d, "diff_usd"), 3);
+    cJSON_Delete(root);
+
+    cr_assert_eq(report("csv", "tenant", NULL, path), 0);
+    cr_assert_not_null(strstr(out.data, "\ngroup,tenant,-,4,"), "%s", out.data);
+    cr_assert_not_null(strstr(out.data, "\ngroup,tenant,,1,"), "%s", out.data);
+    cr_assert_eq(report("table", "tenant", NULL, path), 0);
+    cr_assert_not_null(strstr(out.data, "\n\\-             4       0 "), "%s", out.data);
+    cr_assert_not_null(strstr(out.data, "\n-              1       1 "), "%s", out.data);
+}
+
+/* Values from the log (a tag's is the client's, x-costrouter-tags) went
+ * into the table raw: a newline broke its rows, and an escape sequence
+ * (ESC [ ...) ran in the terminal of whoever read the report (colours,
+ * a cleared screen, a title). The table writes control characters (and
+ * \) escaped, \n, \t, \r, \\ and \xHH (C1 ones as \u00HH); CSV and JSON
+ * quote them as their formats do. */
+Test(report_log, control_characters_are_escaped_in_the_table)
+{
+    char path[160];
+
+    snprintf(path, sizeof(path), "%s/ctl.jsonl", dir);
+    cr_assert_eq(support_file_write(
+                     path,
+                     "{\"tenant\":\"a\\nb\",\"route\":\"r\",\"experiment\":\"e\\u001b[2J\","
+                     "\"arm\":\"x\\ty\",\"cost_usd\":1,\"tags\":{\"te\\u001bam\":\"\\u001b]0;"
+                     "pwned\\u0007\"}}\n"
+                     "{\"tenant\":\"c\\\\d\\u009b1m\",\"route\":\"r\",\"experiment\":"
+                     "\"e\\u001b[2J\",\"arm\":\"z\\r\",\"cost_usd\":2}\n"),
+                 0);
+    cr_assert_eq(report("table", "tenant,arm,tag", NULL, path), 0);
+    for (const unsigned char *p = (const unsigned char *)out.data; *p; p++) {
+        cr_assert(*p >= 0x20 || *p == '\n', "a control byte %#x in the table: %s", *p, out.data);
+        cr_assert(*p != 0x7f && !(p[0] == 0xc2 && p[1] >= 0x80 && p[1] < 0xa0),
+                  "a control character in the table: %s", out.data);
+    }
+    cr_assert_not_null(strstr(out.data, "\na\\nb "), "%s", out.data);
+    cr_assert_not_null(strstr(out.data, "\nc\\\\d\\u009b1m "), "%s", out.data);
+    cr_assert_not_null(strstr(out.data, "\ne\\x1b[2J/x\\ty "), "%s", out.data);
+    cr_assert_not_null(strstr(out.data, "\nby tag.te\\x1bam\n"), "%s", out.data);
+    cr_assert_not_null(strstr(out.data, "\n\\x1b]0;pwned\\x07 "), "%s", out.data);
+    cr_assert_not_null(strstr(out.data, "experiment e\\x1b[2J: x\\ty (n=1"), "%s", out.data);
+    cr_assert_not_null(strstr(out.data, "vs z\\r (n=1"), "%s", out.data);
+    /* CSV keeps the bytes, quoted where they need it; JSON escapes them */
+    cr_assert_eq(report("csv", "tenant", NULL, path), 0);
+    cr_assert_not_null(strstr(out.data, "\ngroup,tenant,\"a\nb\","), "%s", out.data);
 }
 
 /* `report cost.jsonl*` over a log rotated by logrotate takes in its
@@ -505,7 +727,7 @@ Test(report_log, a_request_refused_for_its_tags_carries_none)
 }
 
 /* --by day and --by month: the UTC day and month each request started
- * (its ts), in order of time, "-" for a line without a ts; the last
+ * (its ts), in order of time, none (null) for a line without a ts; the last
  * millisecond of November and the first of December fall apart. */
 Test(report_log, by_day_and_month)
 {
@@ -538,12 +760,12 @@ Test(report_log, by_day_and_month)
     cr_assert_eq(num(group(root, "day", today), "requests"), 8);
     cr_assert_eq(num(group(root, "day", "2025-11-30"), "cost_usd"), 1);
     cr_assert_eq(num(group(root, "day", "2025-12-01"), "cost_usd"), 2);
-    cr_assert_eq(num(group(root, "day", "-"), "cost_usd"), 4);
+    cr_assert_eq(num(group(root, "day", NULL), "cost_usd"), 4);
     cr_assert_eq(num(group(root, "month", "2025-11"), "cost_usd"), 1);
     cr_assert_eq(num(group(root, "month", month), "requests"), 8);
     cJSON_ArrayForEach(g, cJSON_GetObjectItem(root, "groups")) {
         const char *v = cJSON_GetObjectItem(g, "value")->valuestring;
-        if (strcmp(cJSON_GetObjectItem(g, "dimension")->valuestring, "day") == 0) {
+        if (strcmp(cJSON_GetObjectItem(g, "dimension")->valuestring, "day") == 0 && v != NULL) {
             cr_assert_lt(strcmp(prev, v), 0, "days out of order: %s", out.data);
             prev = v;
         }

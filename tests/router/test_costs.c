@@ -3562,7 +3562,8 @@ static const cJSON *report_chat_route(void)
     cr_assert_not_null(json, "not JSON: %.*s", (int)out.len, out.data);
     buf_free(&out);
     cJSON_ArrayForEach(g, cJSON_GetObjectItem(json, "groups"))
-        if (strcmp(cJSON_GetObjectItem(g, "value")->valuestring, "chat") == 0)
+        if (cJSON_IsString(cJSON_GetObjectItem(g, "value")) &&
+            strcmp(cJSON_GetObjectItem(g, "value")->valuestring, "chat") == 0)
             return g;
     cr_assert_fail("no route group in the report");
     return NULL;

@@ -440,3 +440,62 @@ Test(sfile, a_reload_cannot_move_the_file)
     cr_assert_eq(chat(KEY), 200);
     wait_saved(COST);
 }
+
+/* The line of the spend file at `path` naming `subject` ("\"subject\":
+ * \"NAME\"" in it), copied to out; 0 if found. */
+static int subject_line_of(const char *subject, char *out, size_t cap)
+{
+    char *text = slurp(sfile), *save = NULL, want[64];
+    int rc = -1;
+
+    snprintf(want, sizeof(want), "\"subject\":\"%s\"", subject);
+    for (char *l = strtok_r(text, "\n", &save); l; l = strtok_r(NULL, "\n", &save))
+        if (strstr(l, want) != NULL && rc != 0) {
+            snprintf(out, cap, "%s", l);
+            rc = 0;
+        }
+    free(text);
+    return rc;
+}
+
+/* The store counts up to 2^63 - 1 micro-dollars a subject (one request
+ * may cost 2^62), but the file's numbers went through doubles: one above
+ * 2^53 was refused at the load (the router did not start on the file it
+ * had written), and was written rounded (2^53 + 1 as 2^53), its header
+ * sum exact, so the next start refused the file as cut short. Loaded and
+ * written as integers, to the micro-dollar, they survive a restart. */
+Test(sfile, amounts_above_2_53_micro_dollars_are_kept_exactly)
+{
+    char today[16], text[1024], line[512], *log;
+
+    day_ago(0, today);
+    snprintf(text, sizeof(text),
+             "{\"costrouter_spend\":1,\"saved_ms\":1,\"subjects\":1,"
+             "\"day_micro_usd\":9007199254740993,\"month_micro_usd\":4611686018427387907}\n"
+             "{\"subject\":\"globex\",\"day\":\"%s\",\"day_micro_usd\":9007199254740993,"
+             "\"month_micro_usd\":4611686018427387907}\n",
+             today);
+    cr_assert_eq(support_mockllm_start(&mock, NULL), 0);
+    write_conf(0);
+    spill(sfile, text);
+    if (start(&router) != 0) {
+        log = slurp(err_path);
+        cr_assert_fail("the router did not start on the file: %s", log);
+    }
+    cr_assert_eq(chat(KEY), 200); /* acme spends: the file is saved at the stop */
+    support_proc_stop(&router);
+    cr_assert(support_proc_exited_cleanly(&router), "exit status %d", router.status);
+    cr_assert_eq(subject_line_of("globex", line, sizeof(line)), 0, "%s", slurp(sfile));
+    cr_assert_not_null(strstr(line, "\"day_micro_usd\":9007199254740993,"), "written: %s", line);
+    cr_assert_not_null(strstr(line, "\"month_micro_usd\":4611686018427387907}"), "written: %s",
+                       line);
+    log = slurp(sfile);
+    cr_assert_not_null(strstr(log, "\"month_micro_usd\":4611686018427390907}\n"),
+                       "the header's sum (globex's and acme's 3000): %s", log);
+    free(log);
+    if (start(&router) != 0) {
+        log = slurp(err_path);
+        cr_assert_fail("the router did not start again on the file it wrote: %s", log);
+    }
+    assert_spend(COST, COST, 0);
+}
