@@ -12,7 +12,9 @@
  * land on a backend that may still be slow, and the probe's sample
  * replaces the stale average instead of being blended into it (one fast
  * sample would barely move an old slow average, and the backend would
- * wait another interval per step down).
+ * wait another interval per step down). A backend never measured is
+ * treated the same way: its 0 ms is no prediction, and one request at a
+ * time measures it.
  */
 #include "backends/backend.h"
 
@@ -140,9 +142,10 @@ int backend_available(const struct backend *b, uint64_t now_ms)
     return 1;
 }
 
-int backend_probe_due(const struct backend *b, uint64_t now_ms)
+int backend_probe_due(const struct backend *b, uint64_t now_ms, int for_latency)
 {
-    return (circuit_half_open(b, now_ms) && !b->probing) || backend_latency_probe_due(b, now_ms);
+    return (circuit_half_open(b, now_ms) && !b->probing) ||
+           (for_latency && backend_latency_probe_due(b, now_ms));
 }
 
 uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms)
@@ -155,18 +158,26 @@ uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms)
 }
 
 /* Is the TTFT average older than the backend's ttft_stale_ms (0: never)?
- * A backend without an average has nothing to re-check: it is predicted
- * at 0 anyway. */
+ * A backend never measured has no average to re-check (see below). */
 static int ttft_stale(const struct backend *b, uint64_t now_ms)
 {
     int stale_ms = b->conf->ttft_stale_ms;
 
-    return stale_ms > 0 && b->ttft_ewma_ms > 0 && now_ms >= b->ttft_at_ms + (uint64_t)stale_ms;
+    return stale_ms > 0 && b->ttft_measured && now_ms >= b->ttft_at_ms + (uint64_t)stale_ms;
 }
 
+/* A backend never measured (new, or new to this config) is predicted at
+ * 0 ms, which nothing backs: it is measured the way a stale average is,
+ * by one request at a time, so that a burst of SLO traffic does not all
+ * go to a backend that may be slow (backend_ttft_unknown). */
 int backend_latency_probe_due(const struct backend *b, uint64_t now_ms)
 {
-    return ttft_stale(b, now_ms) && !b->ttft_probing;
+    return (!b->ttft_measured || ttft_stale(b, now_ms)) && !b->ttft_probing;
+}
+
+int backend_ttft_unknown(const struct backend *b)
+{
+    return !b->ttft_measured && b->ttft_probing;
 }
 
 double backend__ttft_ms(const struct backend *b, uint64_t now_ms)
@@ -206,6 +217,7 @@ void backend_ttft_sample(struct backend *b, uint64_t now_ms, uint64_t ttft_ms)
         b->ttft_ewma_ms = 0; /* the fresh sample replaces the stale average */
     backend__ewma(&b->ttft_ewma_ms, (double)ttft_ms);
     b->ttft_at_ms = now_ms;
+    b->ttft_measured = 1;
 }
 
 void backend__ewma(double *avg, double sample)

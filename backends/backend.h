@@ -65,9 +65,11 @@ const struct conf_backend *backend_conf(const struct backend *b);
  * policy/ weighs, not a ban. */
 int backend_available(const struct backend *b, uint64_t now_ms);
 /* Would an attempt begun on `b` now be a probe: of a half-open circuit
- * with none out, or of a stale TTFT average (backend_latency_probe_due)?
- * Such a choice holds only for the first request to begin there. */
-int backend_probe_due(const struct backend *b, uint64_t now_ms);
+ * with none out, or, when `for_latency`, of a TTFT average stale or not
+ * yet measured (backend_latency_probe_due)? Such a choice holds only for
+ * the first request to begin there. A request without an SLO asks
+ * without `for_latency`: the prediction means nothing to it. */
+int backend_probe_due(const struct backend *b, uint64_t now_ms, int for_latency);
 /* When backend_available() is 0: in how many ms it may say 1 (the open
  * circuit's time left; a second while a half-open probe is out). Else 0. */
 uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms);
@@ -230,10 +232,15 @@ int64_t backend_usd_to_micro(double usd);
 unsigned backend_inflight(const struct backend *b);
 /* Smoothed time to first byte, ms; 0 until the first success. */
 double backend_ttft_ewma_ms(const struct backend *b);
-/* Is the TTFT average older than the backend's ttft_stale_ms with no
- * request re-measuring it? Then the next attempt begun there is a latency
- * probe, and backend_predicted_ttft_ms() leaves the average out. */
+/* Has `b` no TTFT sample yet (a backend new to this config), or is its
+ * average older than its ttft_stale_ms, with no request measuring it?
+ * Then the next attempt begun there is a latency probe, and
+ * backend_predicted_ttft_ms() leaves the average out. */
 int backend_latency_probe_due(const struct backend *b, uint64_t now_ms);
+/* Is `b` never measured, with its latency probe out? Its prediction (0)
+ * is then no more than a guess, which the first probe is testing: policy/
+ * passes it over for SLO traffic while another candidate meets the SLO. */
+int backend_ttft_unknown(const struct backend *b);
 unsigned backend_consecutive_failures(const struct backend *b);
 /* "closed", "open" or "half-open". */
 const char *backend_circuit_name(const struct backend *b, uint64_t now_ms);

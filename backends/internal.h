@@ -39,7 +39,8 @@ struct backend {
     unsigned probing:1;              /* half-open probe in flight */
     uint64_t probes;                 /* half-open probes started: the current one's number */
     double ttft_ewma_ms;             /* smoothed time to first byte */
-    uint64_t ttft_at_ms;             /* loop time of the last TTFT sample (0: none yet) */
+    uint64_t ttft_at_ms;             /* loop time of the last TTFT sample */
+    unsigned ttft_measured:1;        /* a TTFT sample came: the average means something */
     unsigned ttft_probing:1;         /* latency probe in flight: one request re-measuring
                                         a stale TTFT average */
     uint64_t ttft_probes;            /* latency probes started: the current one's number */

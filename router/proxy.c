@@ -818,7 +818,8 @@ static int choose(struct router__client *c, const char *last_error)
     req->candidate = req->choice.candidate;
     req->reason = req->choice.reason_text;
     req->pool = &r->pools[req->route->candidates[req->candidate]->index];
-    req->probe_chosen = backend_probe_due(req->pool->backend, preq.now_ms);
+    req->probe_chosen =
+        backend_probe_due(req->pool->backend, preq.now_ms, req->tenant->max_ttft_ms > 0);
     /* Load from now on: the hold is made before the attempt begins, and
      * the requests of a burst all choose meanwhile. */
     backend_chosen(req->pool->backend);
@@ -977,11 +978,13 @@ void router__proxy_reserved(struct router__client *c, int granted)
         choose_and_reserve(c, NULL);
         return;
     }
-    if (req->probe_chosen && !backend_probe_due(req->pool->backend, router__now(c->router))) {
-        /* Chosen as a backend's one probe (half-open circuit, stale TTFT),
-         * but a request that chose it too began there while this one's
-         * hold was being made: a burst at the moment a backend may come
-         * back went to it whole. Choose again, with that probe out. */
+    if (req->probe_chosen && !backend_probe_due(req->pool->backend, router__now(c->router),
+                                                req->tenant->max_ttft_ms > 0)) {
+        /* Chosen as a backend's one probe (half-open circuit, stale TTFT
+         * or none yet), but a request that chose it too began there while
+         * this one's hold was being made: a burst at the moment a backend
+         * may come back, or is new, went to it whole. Choose again, with
+         * that probe out. */
         req->probe_chosen = 0;
         router__spend_release(c);
         choose_and_reserve(c, NULL);

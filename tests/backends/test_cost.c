@@ -685,9 +685,13 @@ Test(cost, a_stale_ttft_average_is_re_measured_by_one_request_at_a_time, .timeou
     fx_init(&f);
     f.backends[FX_MINI].ttft_stale_ms = 1000;
     b = fx_backend(&f, FX_MINI);
+    cr_assert(backend_latency_probe_due(b, 0), "never measured: the first is a probe");
     backend_attempt_begin(b, 0, &t0);
-    cr_assert_eq(t0.ttft_probe, 0, "no average yet: nothing to re-measure");
+    cr_assert_neq(t0.ttft_probe, 0);
+    cr_assert(backend_ttft_unknown(b));
+    cr_assert_not(backend_latency_probe_due(b, 0), "one at a time");
     backend_attempt_success(b, 900, 900);
+    cr_assert_not(backend_ttft_unknown(b));
     (void)backend_attempt_finish(b, 1000, &t0, NULL);
     cr_assert_float_eq(backend_predicted_ttft_ms(b, 1899), 900, 1e-9);
     cr_assert_not(backend_latency_probe_due(b, 1899));

@@ -2178,19 +2178,14 @@ static void six_streams_three_on_the_pool(void)
         cr_assert_str_eq(got[i], i < 3 ? "gpu" : "api", "stream %d went to %s", i, got[i]);
 }
 
-/* A burst: six requests reach the router together, so each is chosen
- * before any of the others has begun on the pool (the reservation comes
- * first). Those chosen and not begun yet are the pool's load as much as
- * those begun: without them, the prediction saw an idle pool for all six,
- * and all six queued there past the SLO. As one by one, three go to the
- * pool and the rest spill. */
-Test(costs, a_burst_spills_from_the_gpu_pool_as_requests_one_by_one_do)
+/* Six copies of the request in `req` that reach router 0 together: how
+ * many the backend `name` served. */
+static int burst_served_by(const char *name)
 {
     struct support_http_conn conns[6];
     struct support_http_response got[6];
-    int on_gpu = 0;
+    int on = 0;
 
-    start_pool_and_api_tier();
     for (int i = 0; i < 6; i++)
         cr_assert_eq(support_http_connect(&conns[i], routers[0].port), 0);
     usleep(100 * 1000); /* all accepted: the requests below arrive together */
@@ -2200,10 +2195,23 @@ Test(costs, a_burst_spills_from_the_gpu_pool_as_requests_one_by_one_do)
         memset(&got[i], 0, sizeof(got[i]));
         cr_assert_eq(support_http_read(&conns[i], &got[i], TIMEOUT_MS), 0);
         cr_assert_eq(got[i].status, 200);
-        on_gpu += strcmp(support_http_header(&got[i], "x-costrouter-backend"), "gpu") == 0;
+        on += strcmp(support_http_header(&got[i], "x-costrouter-backend"), name) == 0;
         support_http_close(&conns[i]);
         support_http_response_free(&got[i]);
     }
+    return on;
+}
+
+/* A burst: six requests reach the router together, so each is chosen
+ * before any of the others has begun on the pool (the reservation comes
+ * first). Those chosen and not begun yet are the pool's load as much as
+ * those begun: without them, the prediction saw an idle pool for all six,
+ * and all six queued there past the SLO. As one by one, three go to the
+ * pool and the rest spill. */
+Test(costs, a_burst_spills_from_the_gpu_pool_as_requests_one_by_one_do)
+{
+    start_pool_and_api_tier();
+    int on_gpu = burst_served_by("gpu");
     cr_assert_eq(on_gpu, 3, "%d of the 6 went to the pool", on_gpu);
     /* All answered: none still counts as load (two would add 400 ms). */
     cr_assert_eq(call_port(routers[0].port, "GET", "/admin/backends", ADMIN, NULL), 0);
@@ -2394,6 +2402,51 @@ Test(costs, a_streams_ttft_is_its_first_events_not_its_heads)
     cr_assert_not_null(rec);
     cr_assert_geq(cJSON_GetObjectItem(rec, "ttft_ms")->valuedouble, 600, "the cost log's ttft_ms");
     cJSON_Delete(rec);
+}
+
+/* A tenant "warm" (key KEY_WARM) whose quality floor keeps it off the
+ * cheap backend: its requests teach the router the dear one's TTFT
+ * without touching the cheap one's. */
+#define KEY_WARM "sk-cost-warm"
+
+static const char *warm_tenant(const char *slo)
+{
+    static char extra[512];
+    char hex[65];
+
+    support_key_sha256_hex(KEY_WARM, hex);
+    snprintf(extra, sizeof(extra),
+             "    slo: {%s}\n  - id: warm\n    api_keys: [\"sha256:%s\"]\n"
+             "    slo: {min_quality: 2}\n",
+             slo, hex);
+    return extra;
+}
+
+/* A backend with no TTFT sample yet (new, or new to this config) was
+ * predicted at 0 ms: a burst of SLO traffic all went to the cheap one,
+ * 600 ms from its first token against a 300 ms SLO, though the dear one
+ * was measured fast. Unmeasured, it is measured by one request (a latency
+ * probe, as a stale average is); while that one is out, the others keep
+ * to candidates known to meet the SLO. */
+Test(costs, a_burst_does_not_all_go_to_a_backend_never_measured)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, "--ttft-ms", "600", NULL), 0); /* slow */
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend("cheap", mock_a.port, 1, 1, 1);
+    add_backend("dear", mock_b.port, 2, 100, 100);
+    start_routers(1, "cheap, dear", warm_tenant("max_ttft_ms: 300"));
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(key_chat(KEY_WARM, "{\"model\":\"chat\"," MSG "}"), 200);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "dear");
+    }
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH,
+                                     "{\"model\":\"chat\"," MSG "}"),
+                 0);
+    int on_cheap = burst_served_by("cheap");
+    cr_assert_eq(on_cheap, 1, "%d of the 6 went to the backend never measured", on_cheap);
+    /* Measured now at 600 ms: none of the next. */
+    cr_assert_eq(burst_served_by("cheap"), 0);
 }
 
 static const char *cut_auth = AUTH; /* the key tokens_before_the_cut_cost streams with */
