@@ -142,10 +142,10 @@ int backend_available(const struct backend *b, uint64_t now_ms)
     return 1;
 }
 
-int backend_probe_due(const struct backend *b, uint64_t now_ms, int for_latency)
+int backend_probe_due(const struct backend *b, uint64_t now_ms, int latency)
 {
     return (circuit_half_open(b, now_ms) && !b->probing) ||
-           (for_latency && backend_latency_probe_due(b, now_ms));
+           (latency >= 0 && backend_latency_probe_due(b, now_ms, (enum backend_answer)latency));
 }
 
 uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms)
@@ -157,43 +157,54 @@ uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms)
     return 0;
 }
 
-/* Is the TTFT average older than the backend's ttft_stale_ms (0: never)?
- * A backend never measured has no average to re-check (see below). */
-static int ttft_stale(const struct backend *b, uint64_t now_ms)
+/* The latency state of `kind`'s answers. */
+static const struct backend_latency *latency_of(const struct backend *b, enum backend_answer kind)
+{
+    return &b->ttft[kind == BACKEND_STREAM];
+}
+
+/* Is the average older than the backend's ttft_stale_ms (0: never)? One
+ * never measured has no average to re-check (see below). */
+static int ttft_stale(const struct backend *b, const struct backend_latency *l, uint64_t now_ms)
 {
     int stale_ms = b->conf->ttft_stale_ms;
 
-    return stale_ms > 0 && b->ttft_measured && now_ms >= b->ttft_at_ms + (uint64_t)stale_ms;
+    return stale_ms > 0 && l->measured && now_ms >= l->at_ms + (uint64_t)stale_ms;
 }
 
 /* A backend never measured (new, or new to this config) is predicted at
  * 0 ms, which nothing backs: it is measured the way a stale average is,
  * by one request at a time, so that a burst of SLO traffic does not all
- * go to a backend that may be slow (backend_ttft_unknown). */
-int backend_latency_probe_due(const struct backend *b, uint64_t now_ms)
+ * go to a backend that may be slow (backend_ttft_unknown). Each kind of
+ * answer apart: a plain answer's first byte comes with its last token. */
+int backend_latency_probe_due(const struct backend *b, uint64_t now_ms, enum backend_answer kind)
 {
-    return (!b->ttft_measured || ttft_stale(b, now_ms)) && !b->ttft_probing;
+    const struct backend_latency *l = latency_of(b, kind);
+
+    return (!l->measured || ttft_stale(b, l, now_ms)) && !l->probing;
 }
 
-int backend_ttft_unknown(const struct backend *b)
+int backend_ttft_unknown(const struct backend *b, enum backend_answer kind)
 {
-    return !b->ttft_measured && b->ttft_probing;
+    const struct backend_latency *l = latency_of(b, kind);
+
+    return !l->measured && l->probing;
 }
 
-double backend__ttft_ms(const struct backend *b, uint64_t now_ms)
+double backend__ttft_ms(const struct backend *b, uint64_t now_ms, enum backend_answer kind)
 {
-    return backend_latency_probe_due(b, now_ms) ? 0 : b->ttft_ewma_ms;
+    return backend_latency_probe_due(b, now_ms, kind) ? 0 : latency_of(b, kind)->ewma_ms;
 }
 
-void backend_attempt_start(struct backend *b, uint64_t now_ms)
+void backend_attempt_start(struct backend *b, uint64_t now_ms, enum backend_answer kind)
 {
     backend__advance(b, now_ms);
     b->inflight++;
     b->clock->inflight++;
     if (circuit_half_open(b, now_ms))
         b->probing = 1;
-    if (backend_latency_probe_due(b, now_ms))
-        b->ttft_probing = 1;
+    if (backend_latency_probe_due(b, now_ms, kind))
+        b->ttft[kind == BACKEND_STREAM].probing = 1;
 }
 
 void backend_attempt_answered(struct backend *b)
@@ -207,17 +218,20 @@ void backend_attempt_answered(struct backend *b)
 void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_ms)
 {
     backend_attempt_answered(b);
-    backend_ttft_sample(b, now_ms, ttft_ms);
+    backend_ttft_sample(b, now_ms, BACKEND_PLAIN, ttft_ms);
 }
 
-void backend_ttft_sample(struct backend *b, uint64_t now_ms, uint64_t ttft_ms)
+void backend_ttft_sample(struct backend *b, uint64_t now_ms, enum backend_answer kind,
+                         uint64_t ttft_ms)
 {
-    b->ttft_probing = 0;
-    if (ttft_stale(b, now_ms))
-        b->ttft_ewma_ms = 0; /* the fresh sample replaces the stale average */
-    backend__ewma(&b->ttft_ewma_ms, (double)ttft_ms);
-    b->ttft_at_ms = now_ms;
-    b->ttft_measured = 1;
+    struct backend_latency *l = &b->ttft[kind == BACKEND_STREAM];
+
+    l->probing = 0;
+    if (ttft_stale(b, l, now_ms))
+        l->ewma_ms = 0; /* the fresh sample replaces the stale average */
+    backend__ewma(&l->ewma_ms, (double)ttft_ms);
+    l->at_ms = now_ms;
+    l->measured = 1;
 }
 
 void backend__ewma(double *avg, double sample)
@@ -232,7 +246,8 @@ void backend_attempt_failure(struct backend *b, uint64_t now_ms)
 {
     b->failures++;
     b->probing = 0;
-    b->ttft_probing = 0; /* no sample: the next request may measure */
+    b->ttft[BACKEND_PLAIN].probing = 0; /* no sample: the next request may measure */
+    b->ttft[BACKEND_STREAM].probing = 0;
     if (b->failures >= BACKEND_FAILURE_LIMIT) {
         if (b->failures == BACKEND_FAILURE_LIMIT)
             log_warn("backend %s: %u consecutive failures, ejected for %d ms", b->conf->name,
@@ -288,9 +303,9 @@ unsigned backend_inflight(const struct backend *b)
     return b->inflight;
 }
 
-double backend_ttft_ewma_ms(const struct backend *b)
+double backend_ttft_ewma_ms(const struct backend *b, enum backend_answer kind)
 {
-    return b->ttft_ewma_ms;
+    return latency_of(b, kind)->ewma_ms;
 }
 
 unsigned backend_consecutive_failures(const struct backend *b)

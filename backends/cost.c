@@ -88,16 +88,19 @@ void backend__advance(struct backend *b, uint64_t now_ms)
     k->idle_ms += dt * (r - busy);
 }
 
-void backend_attempt_begin(struct backend *b, uint64_t now_ms, struct backend_ticket *t)
+void backend_attempt_begin(struct backend *b, uint64_t now_ms, enum backend_answer kind,
+                           struct backend_ticket *t)
 {
-    int was_probing = b->probing, was_ttft_probing = b->ttft_probing;
+    struct backend_latency *l = &b->ttft[kind == BACKEND_STREAM];
+    int was_probing = b->probing, was_ttft_probing = l->probing;
 
-    backend_attempt_start(b, now_ms);
+    backend_attempt_start(b, now_ms, kind);
     if (t != NULL) {
         t->start_ms = now_ms;
         t->share_mark_ms = b->clock->share_ms;
         t->probe = b->probing && !was_probing ? ++b->probes : 0;
-        t->ttft_probe = b->ttft_probing && !was_ttft_probing ? ++b->ttft_probes : 0;
+        t->ttft_probe = l->probing && !was_ttft_probing ? ++l->probes : 0;
+        t->answer = kind == BACKEND_STREAM;
     }
 }
 
@@ -194,10 +197,10 @@ struct backend_charge backend_attempt_finish(struct backend *b, uint64_t now_ms,
          * the next request probes, or the circuit would never close. */
         b->probing = 0;
     }
-    if (t != NULL && t->ttft_probe != 0 && t->ttft_probe == b->ttft_probes) {
+    if (t != NULL && t->ttft_probe != 0 && t->ttft_probe == b->ttft[t->answer].probes) {
         /* Likewise a latency probe without a first byte: the average is
          * still stale, and nobody else would re-measure it. */
-        b->ttft_probing = 0;
+        b->ttft[t->answer].probing = 0;
     }
     if (t != NULL) {
         ch.duration_ms = now_ms > t->start_ms ? now_ms - t->start_ms : 0;
@@ -269,10 +272,11 @@ double backend_duration_ewma_ms(const struct backend *b)
     return b->duration_ewma_ms;
 }
 
-double backend_predicted_ttft_ms(const struct backend *b, uint64_t now_ms)
+double backend_predicted_ttft_ms(const struct backend *b, uint64_t now_ms,
+                                 enum backend_answer kind)
 {
     unsigned slots = pool_slots(b), inflight = routing_load(b); /* every config's */
-    double ttft = backend__ttft_ms(b, now_ms);
+    double ttft = backend__ttft_ms(b, now_ms, kind);
 
     if (slots > 0 && inflight >= slots)
         ttft += (double)(inflight - slots + 1) * b->duration_ewma_ms / slots;
@@ -308,10 +312,11 @@ double backend_pool_utilization(const struct backend *b, uint64_t now_ms)
  * most its list price whatever the average says: it cannot shut a
  * backend out. Whatever the backend serves, probes included, refreshes
  * it. */
-static double knee_requests(const struct backend *b, uint64_t now_ms, int slo_ms)
+static double knee_requests(const struct backend *b, uint64_t now_ms, int slo_ms,
+                            enum backend_answer kind)
 {
     unsigned slots = pool_slots(b);
-    double slack = slo_ms - backend__ttft_ms(b, now_ms);
+    double slack = slo_ms - backend__ttft_ms(b, now_ms, kind);
 
     if (slo_ms <= 0 || b->duration_ewma_ms <= 0)
         return slots;
@@ -321,7 +326,8 @@ static double knee_requests(const struct backend *b, uint64_t now_ms, int slo_ms
 }
 
 struct backend_cost backend_estimate_cost(const struct backend *b, uint64_t now_ms,
-                                          const struct backend_tokens *tok, int slo_ms)
+                                          const struct backend_tokens *tok, int slo_ms,
+                                          enum backend_answer kind)
 {
     struct backend_cost c = {0};
     const struct conf_backend *cf = b->conf;
@@ -336,7 +342,7 @@ struct backend_cost backend_estimate_cost(const struct backend *b, uint64_t now_
             c.list_usd = cf->gpu_hourly_usd / 3600.0 * (double)tok->completion /
                          cf->tokens_per_second;
         if (pool_slots(b) > 0) {
-            knee = knee_requests(b, now_ms, slo_ms);
+            knee = knee_requests(b, now_ms, slo_ms, kind);
             x = knee > 0 ? (routing_load(b) + 1.0) / knee : BACKEND_MARGINAL_X_MAX;
         }
         tput = throughput_utilization(b, now_ms);

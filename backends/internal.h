@@ -29,6 +29,16 @@ struct backend_clock {
                                         plus the share of attempts that billed nothing */
 };
 
+/* Time to first token of one kind of answer (enum backend_answer). */
+struct backend_latency {
+    double ewma_ms;                  /* smoothed */
+    uint64_t at_ms;                  /* loop time of the last sample */
+    unsigned measured:1;             /* a sample came: the average means something */
+    unsigned probing:1;              /* latency probe in flight: one request measuring an
+                                        average stale or never measured */
+    uint64_t probes;                 /* latency probes started: the current one's number */
+};
+
 struct backend {
     const struct conf_backend *conf; /* borrowed from the config */
     struct backend_clock *clock;     /* accounting clock, maybe shared (see above) */
@@ -38,12 +48,7 @@ struct backend {
     uint64_t cooldown_until_ms;      /* rate limited (429) until this loop time */
     unsigned probing:1;              /* half-open probe in flight */
     uint64_t probes;                 /* half-open probes started: the current one's number */
-    double ttft_ewma_ms;             /* smoothed time to first byte */
-    uint64_t ttft_at_ms;             /* loop time of the last TTFT sample */
-    unsigned ttft_measured:1;        /* a TTFT sample came: the average means something */
-    unsigned ttft_probing:1;         /* latency probe in flight: one request re-measuring
-                                        a stale TTFT average */
-    uint64_t ttft_probes;            /* latency probes started: the current one's number */
+    struct backend_latency ttft[BACKEND_ANSWER_KINDS]; /* of plain answers, of streams */
     double duration_ewma_ms;         /* smoothed duration of attempts that made tokens */
     /* tokens/s window: slot i holds the tokens of second window_sec[i] */
     uint64_t window_sec[BACKEND_WINDOW_S]; /* which second the slot counts */
@@ -59,9 +64,10 @@ void backend__advance(struct backend *b, uint64_t now_ms);
 /* Fold `sample` into the moving average *avg (0 = no sample yet). */
 void backend__ewma(double *avg, double sample);
 
-/* The TTFT average routing should count on at `now_ms`: 0 ("unknown")
- * while a latency probe is due (see backend.c), else the average. */
-double backend__ttft_ms(const struct backend *b, uint64_t now_ms);
+/* The TTFT average of `kind` routing should count on at `now_ms`: 0
+ * ("unknown") while a latency probe is due (see backend.c), else the
+ * average. */
+double backend__ttft_ms(const struct backend *b, uint64_t now_ms, enum backend_answer kind);
 
 /* Replicas of a self-hosted pool (at least 1), 0 for an API backend:
  * of a backend, or of the config entry it is (or will be) made from. */

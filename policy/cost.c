@@ -94,13 +94,14 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
                                  .searches_one_cap = req->searches_one_cap != 0};
     struct backend_cost est;
     uint64_t bit = UINT64_C(1) << i;
+    enum backend_answer answer = req->answer == BACKEND_STREAM ? BACKEND_STREAM : BACKEND_PLAIN;
 
     if (b == NULL)
         return POLICY_VERDICT_HEALTH;
-    est = backend_estimate_cost(b, req->now_ms, &tok, req->limits.max_ttft_ms);
+    est = backend_estimate_cost(b, req->now_ms, &tok, req->limits.max_ttft_ms, answer);
     v->cost_micro = est.reserve_micro;
     v->marginal_usd = est.marginal_usd;
-    v->predicted_ttft_ms = backend_predicted_ttft_ms(b, req->now_ms);
+    v->predicted_ttft_ms = backend_predicted_ttft_ms(b, req->now_ms, answer);
     if (req->tried & bit)
         return POLICY_VERDICT_TRIED;
     if (req->speaks && !(req->speaks & bit))
@@ -116,7 +117,7 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
         return POLICY_VERDICT_CONTEXT;
     if (req->limits.max_ttft_ms > 0 && v->predicted_ttft_ms > req->limits.max_ttft_ms)
         return POLICY_VERDICT_SLO;
-    if (req->limits.max_ttft_ms > 0 && backend_ttft_unknown(b)) {
+    if (req->limits.max_ttft_ms > 0 && backend_ttft_unknown(b, answer)) {
         *unknown = 1;
         if (!take->unmeasured)
             return POLICY_VERDICT_SLO;

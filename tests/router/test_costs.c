@@ -2216,7 +2216,7 @@ Test(costs, a_burst_spills_from_the_gpu_pool_as_requests_one_by_one_do)
     /* All answered: none still counts as load (two would add 400 ms). */
     cr_assert_eq(call_port(routers[0].port, "GET", "/admin/backends", ADMIN, NULL), 0);
     double predicted = cJSON_GetObjectItem(cJSON_GetArrayItem(body_json(), 0),
-                                           "predicted_ttft_ms")->valuedouble;
+                                           "stream_predicted_ttft_ms")->valuedouble;
     cr_assert(predicted < 400, "predicted TTFT %g ms on an idle pool", predicted);
 }
 
@@ -2447,6 +2447,62 @@ Test(costs, a_burst_does_not_all_go_to_a_backend_never_measured)
     cr_assert_eq(on_cheap, 1, "%d of the 6 went to the backend never measured", on_cheap);
     /* Measured now at 600 ms: none of the next. */
     cr_assert_eq(burst_served_by("cheap"), 0);
+}
+
+#define PLAIN_CHAT "{\"model\":\"chat\"," MSG "}"
+#define STREAM_CHAT "{\"model\":\"chat\",\"stream\":true," MSG "}"
+
+/* "cheap" sends a stream's first token at once and a plain answer whole
+ * when its 8th token is made, 1050 ms later (as servers do); "dear" is
+ * fast and dear. The tenant's SLO: 300 ms. The first stream measures
+ * cheap's first token. */
+static void start_fast_first_token_slow_answer(void)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, "--tokens", "8", "--token-delay-ms", "150", NULL),
+                 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend("cheap", mock_a.port, 2, 1, 1);
+    add_backend("dear", mock_b.port, 2, 100, 100);
+    start_routers(1, "cheap, dear", warm_tenant("max_ttft_ms: 300"));
+    cr_assert_eq(chat(0, NULL, STREAM_CHAT), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap");
+}
+
+/* A plain answer's sample is its head, which comes with its last token;
+ * a stream's is its first token. In one average, another tenant's long
+ * plain answers (three of 1050 ms) took cheap's TTFT past the SLO, and
+ * streams, whose first token it sends at once, went to the dear one.
+ * Each kind is predicted from its own samples. */
+Test(costs, long_plain_answers_do_not_keep_streams_from_a_fast_first_token)
+{
+    start_fast_first_token_slow_answer();
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(key_chat(KEY_WARM, PLAIN_CHAT), 200);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap");
+    }
+    cr_assert_eq(chat(0, NULL, STREAM_CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap",
+                     "its first token comes at once");
+    cr_assert_eq(chat(0, NULL, PLAIN_CHAT), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "dear",
+                     "a plain answer there comes after 1050 ms");
+}
+
+/* The other way: fast first tokens of streams predicted a plain answer,
+ * which its client gets only whole, at a few ms, and the tenant's plain
+ * requests kept going to a backend that answers them in 1050 ms. */
+Test(costs, fast_first_tokens_do_not_send_plain_requests_to_slow_answers)
+{
+    start_fast_first_token_slow_answer();
+    cr_assert_eq(chat(0, NULL, PLAIN_CHAT), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap",
+                     "no plain answer measured yet");
+    cr_assert_eq(chat(0, NULL, PLAIN_CHAT), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "dear",
+                     "a plain answer there comes after 1050 ms");
+    cr_assert_eq(chat(0, NULL, STREAM_CHAT), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap");
 }
 
 static const char *cut_auth = AUTH; /* the key tokens_before_the_cut_cost streams with */
