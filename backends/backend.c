@@ -40,14 +40,14 @@ struct backend_set {
 };
 
 /* Is `b` of `prev` the same pool as `c` will be: a self-hosted backend of
- * the same name, replicas and price (what its clock's sums mean)? */
+ * the same name? Its replicas or price may change: the clock's sums price
+ * each stretch of time as it passed. */
 static int same_pool(const struct backend *b, const struct conf_backend *c)
 {
     const struct conf_backend *o = b->conf;
 
     return c->kind == CONF_BACKEND_SELF_HOSTED && o->kind == CONF_BACKEND_SELF_HOSTED &&
-           strcmp(o->name, c->name) == 0 && backend__replicas(b) == backend__conf_replicas(c) &&
-           o->gpu_hourly_usd == c->gpu_hourly_usd && o->is_free == c->is_free;
+           strcmp(o->name, c->name) == 0;
 }
 
 /* The clock of `c`'s backend: the one its pool had in `prev`, else new. */
@@ -78,6 +78,8 @@ struct backend_set *backend_set_create_after(const struct conf *conf, struct bac
             backend_set_destroy(set);
             return NULL;
         }
+        if (set->items[i].clock->refs == 1)
+            set->items[i].clock->params = &set->items[i]; /* its own */
     }
     return set;
 }
@@ -91,9 +93,16 @@ void backend_set_destroy(struct backend_set *set)
 {
     if (set == NULL)
         return;
-    for (size_t i = 0; i < set->count; i++)
-        if (set->items[i].clock != NULL && --set->items[i].clock->refs == 0)
-            free(set->items[i].clock);
+    for (size_t i = 0; i < set->count; i++) {
+        struct backend_clock *k = set->items[i].clock;
+
+        if (k == NULL)
+            continue;
+        if (k->params == &set->items[i])
+            k->params = NULL;
+        if (--k->refs == 0)
+            free(k);
+    }
     free(set);
 }
 
@@ -104,8 +113,10 @@ int backend_same_clock(const struct backend *a, const struct backend *b)
 
 void backend_set_start(struct backend_set *set, uint64_t now_ms)
 {
-    for (size_t i = 0; i < set->count; i++)
-        backend__advance(&set->items[i], now_ms);
+    for (size_t i = 0; i < set->count; i++) {
+        backend__advance(&set->items[i], now_ms); /* at the params it had until now */
+        set->items[i].clock->params = &set->items[i];
+    }
 }
 
 size_t backend_set_count(const struct backend_set *set)

@@ -56,10 +56,12 @@ enum backend_answer {
  * the set). Returns NULL on allocation failure. */
 struct backend_set *backend_set_create(const struct conf *conf);
 /* The same for a reloaded config: a self-hosted pool that `prev` (the
- * config before, still serving its requests) has with the same name,
- * replicas and price keeps its accounting clock, shared, so that the
- * replica time of requests in flight across the reload is neither idle
- * for the new config nor counted twice, and the pool's load counts them. */
+ * config before, still serving its requests) has with the same name
+ * keeps its accounting clock, shared, so that the replica time of
+ * requests in flight across the reload is neither idle for the new config
+ * nor counted twice, and the pool's load counts them. Its new replicas
+ * and price apply from backend_set_start() on, to every config's
+ * requests. */
 struct backend_set *backend_set_create_after(const struct conf *conf, struct backend_set *prev);
 /* Do `a` and `b` (of two configs) keep one pool's accounting? */
 int backend_same_clock(const struct backend *a, const struct backend *b);
@@ -157,6 +159,7 @@ struct backend_cost {
 struct backend_ticket {
     uint64_t start_ms;    /* loop time the attempt started */
     double share_mark_ms; /* the pool's share clock at start (GPU-ms) */
+    double share_mark_usd; /* and its price so far (USD) */
     uint64_t probe;       /* the half-open probe's number if it is one, else 0 */
     uint64_t ttft_probe;  /* the latency probe's number if it is one, else 0 */
     unsigned answer:1;    /* enum backend_answer the attempt asks for */
@@ -171,8 +174,9 @@ struct backend_charge {
 };
 
 /* Start the accounting clock of every backend of `set` at `now_ms` (the
- * pool's cost period starts here). Without it a backend's clock starts at
- * its first event. */
+ * pool's cost period starts here); a clock kept from the config before
+ * runs to `now_ms` at its old replicas and price, then at the new ones.
+ * Without it a backend's clock starts at its first event. */
 void backend_set_start(struct backend_set *set, uint64_t now_ms);
 
 /* backend_attempt_start() that also fills `t` (may be NULL) for
@@ -207,8 +211,6 @@ struct backend_cost backend_estimate_cost(const struct backend *b, uint64_t now_
  * at the rates of its service tier when `b` prices that tier, else at the
  * standard rates (the long-prompt ones past long_context's size). */
 double backend_api_price_usd(const struct conf_backend *c, const struct backend_tokens *tok);
-/* Chargeback of `gpu_seconds` on the pool of `b`, USD. */
-double backend_attribute_cost_usd(const struct backend *b, double gpu_seconds);
 
 /* Predicted time to first token of a request for an answer of `kind`
  * sent now: that kind's TTFT average (0 while a latency probe is due: the

@@ -65,11 +65,18 @@ static unsigned routing_load(const struct backend *b)
     return b->clock->inflight + b->clock->chosen;
 }
 
+/* USD per GPU-ms of the pool `c` configures (0 if free). */
+static double usd_per_gpu_ms(const struct conf_backend *c)
+{
+    return c->is_free ? 0 : c->gpu_hourly_usd / 3600e3;
+}
+
 void backend__advance(struct backend *b, uint64_t now_ms)
 {
     struct backend_clock *k = b->clock;
-    int r = backend__replicas(b);
-    double dt, busy;
+    const struct backend *p = k->params ? k->params : b;
+    int r = backend__replicas(p);
+    double dt, busy, price = usd_per_gpu_ms(p->conf);
 
     if (!k->started) {
         k->started = 1;
@@ -83,9 +90,13 @@ void backend__advance(struct backend *b, uint64_t now_ms)
     if (r == 0)
         return;
     busy = k->inflight < (unsigned)r ? k->inflight : (unsigned)r;
-    if (k->inflight > 0)
+    if (k->inflight > 0) {
         k->share_ms += dt * busy / k->inflight;
+        k->share_usd += dt * busy / k->inflight * price;
+    }
     k->idle_ms += dt * (r - busy);
+    k->idle_usd += dt * (r - busy) * price;
+    k->pool_usd += dt * r * price;
 }
 
 void backend_attempt_begin(struct backend *b, uint64_t now_ms, enum backend_answer kind,
@@ -98,6 +109,7 @@ void backend_attempt_begin(struct backend *b, uint64_t now_ms, enum backend_answ
     if (t != NULL) {
         t->start_ms = now_ms;
         t->share_mark_ms = b->clock->share_ms;
+        t->share_mark_usd = b->clock->share_usd;
         t->probe = b->probing && !was_probing ? ++b->probes : 0;
         t->ttft_probe = l->probing && !was_ttft_probing ? ++l->probes : 0;
         t->answer = kind == BACKEND_STREAM;
@@ -167,13 +179,6 @@ double backend_api_price_usd(const struct conf_backend *c, const struct backend_
            tool_calls_usd(c, tok);
 }
 
-double backend_attribute_cost_usd(const struct backend *b, double gpu_seconds)
-{
-    if (b->conf->is_free)
-        return 0;
-    return b->conf->gpu_hourly_usd / 3600.0 * gpu_seconds;
-}
-
 /* Did an attempt that ended with `used` produce something to bill? A
  * failure (no `used`) and an error answer without usage bill no tokens. */
 static int billable(const struct backend_tokens *used)
@@ -204,8 +209,10 @@ struct backend_charge backend_attempt_finish(struct backend *b, uint64_t now_ms,
     }
     if (t != NULL) {
         ch.duration_ms = now_ms > t->start_ms ? now_ms - t->start_ms : 0;
-        if (backend__replicas(b) > 0)
+        if (backend__replicas(b) > 0) {
             ch.gpu_seconds = (b->clock->share_ms - t->share_mark_ms) / 1000.0;
+            ch.usd = b->clock->share_usd - t->share_mark_usd; /* priced as it passed */
+        }
     }
     backend_attempt_end(b);
     if (used->completion > 0) {
@@ -218,14 +225,14 @@ struct backend_charge backend_attempt_finish(struct backend *b, uint64_t now_ms,
          * refuses; the pool's time still passed, so it is unattributed
          * (idle) and attributed + idle stays R x elapsed. */
         b->clock->idle_ms += ch.gpu_seconds * 1000.0;
+        b->clock->idle_usd += ch.usd;
         ch.gpu_seconds = 0;
+        ch.usd = 0;
     }
-    if (backend__replicas(b) > 0)
-        ch.usd = backend_attribute_cost_usd(b, ch.gpu_seconds);
-    else if (b->conf->cost_from_usage && used->reported && !b->conf->is_free)
-        ch.usd = used->reported_usd; /* what the host bills, whatever its prices */
-    else
-        ch.usd = backend_api_price_usd(b->conf, used);
+    if (backend__replicas(b) == 0)
+        ch.usd = b->conf->cost_from_usage && used->reported && !b->conf->is_free
+                     ? used->reported_usd /* what the host bills, whatever its prices */
+                     : backend_api_price_usd(b->conf, used);
     ch.micro_usd = backend_usd_to_micro(ch.usd);
     return ch;
 }
@@ -356,35 +363,42 @@ struct backend_cost backend_estimate_cost(const struct backend *b, uint64_t now_
     return c;
 }
 
-double backend_idle_gpu_seconds(const struct backend *b, uint64_t now_ms)
+/* One of the pool's sums at `now_ms`, the stretch since its last event
+ * (not yet folded in) included: idle GPU-ms, idle USD, or the pool's whole
+ * cost in USD. 0 for an API backend or a clock not started. */
+enum { SUM_IDLE_MS, SUM_IDLE_USD, SUM_POOL_USD, SUMS };
+
+static double pool_sum_at(const struct backend *b, uint64_t now_ms, int which)
 {
     const struct backend_clock *k = b->clock;
-    int r = backend__replicas(b);
-    double idle = k->idle_ms;
+    const struct backend *p = k->params ? k->params : b;
+    int r = backend__replicas(p);
+    double dt, price = usd_per_gpu_ms(p->conf), out[SUMS];
     unsigned busy;
 
-    if (r == 0 || !k->started)
+    if (backend__replicas(b) == 0 || !k->started)
         return 0;
-    /* The stretch since the last event, not yet folded in. */
-    if (now_ms > k->at_ms) {
-        busy = k->inflight < (unsigned)r ? k->inflight : (unsigned)r;
-        idle += (double)(now_ms - k->at_ms) * (r - busy);
-    }
-    return idle / 1000.0;
+    busy = k->inflight < (unsigned)r ? k->inflight : (unsigned)r;
+    dt = now_ms > k->at_ms ? (double)(now_ms - k->at_ms) : 0;
+    out[SUM_IDLE_MS] = k->idle_ms + dt * (r - busy);
+    out[SUM_IDLE_USD] = k->idle_usd + dt * (r - busy) * price;
+    out[SUM_POOL_USD] = k->pool_usd + dt * r * price;
+    return out[which];
+}
+
+double backend_idle_gpu_seconds(const struct backend *b, uint64_t now_ms)
+{
+    return pool_sum_at(b, now_ms, SUM_IDLE_MS) / 1000.0;
 }
 
 double backend_idle_cost_usd(const struct backend *b, uint64_t now_ms)
 {
-    return backend_attribute_cost_usd(b, backend_idle_gpu_seconds(b, now_ms));
+    return pool_sum_at(b, now_ms, SUM_IDLE_USD);
 }
 
 double backend_pool_cost_usd(const struct backend *b, uint64_t now_ms)
 {
-    int r = backend__replicas(b);
-
-    if (r == 0 || !b->clock->started || now_ms <= b->clock->start_ms)
-        return 0;
-    return backend_attribute_cost_usd(b, r * (double)(now_ms - b->clock->start_ms) / 1000.0);
+    return pool_sum_at(b, now_ms, SUM_POOL_USD);
 }
 
 /* Float noise below a millionth of a micro-USD is not a micro-USD. */

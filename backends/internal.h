@@ -10,12 +10,18 @@
 #include "backends/backend.h"
 
 /* A self-hosted pool's accounting clock. The pool is a thing of the
- * world, not of a config: a reload that keeps a pool (same name, replicas
- * and price) shares its clock with the config before, whose requests may
- * still run on it, so the replica time they use is neither idle for the
- * new config nor theirs alone. */
+ * world, not of a config: a reload that keeps a pool (by its name) shares
+ * its clock with the config before, whose requests may still run on it,
+ * so the replica time they use is neither idle for the new config nor
+ * theirs alone. Its replicas and price are the newest config's from the
+ * reload on, for the old config's requests too; the sums in USD price
+ * each stretch of time as it passes, so a new price bills from the reload
+ * on and not before. */
 struct backend_clock {
     unsigned refs;                   /* backends (of every live config) on it */
+    const struct backend *params;    /* the newest config's backend on it, whose replicas
+                                        and price run the clock; NULL once that config is
+                                        gone: each caller's own */
     unsigned inflight;               /* attempts in flight on the pool, of every config */
     unsigned chosen;                 /* requests chosen for the pool whose attempt has not
                                         begun yet (their hold is being made): load for
@@ -27,6 +33,10 @@ struct backend_clock {
                                         GPU-ms one request in flight was attributed */
     double idle_ms;                  /* integral of replicas - min(inflight, replicas) dt,
                                         plus the share of attempts that billed nothing */
+    double share_usd;                /* share_ms priced as it passed: USD one request in
+                                        flight was attributed */
+    double idle_usd;                 /* idle_ms priced as it passed */
+    double pool_usd;                 /* replicas x price dt: the pool's whole cost */
 };
 
 /* Time to first token of one kind of answer (enum backend_answer). */

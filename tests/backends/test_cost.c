@@ -231,12 +231,12 @@ Test(cost, a_reported_cost_is_settled_only_by_a_cost_from_usage_backend, .timeou
     fx_fini(&f);
 }
 
-/* A reloaded config keeps a pool's accounting clock when the pool is the
- * same (name, replicas, price): an attempt begun under the old config and
- * one under the new share the replicas, the pool's in-flight count (its
- * load) has both, and attributed + idle stays R x elapsed across them. A
- * pool with other replicas or price starts a clock of its own; an API
- * backend's clock is never shared. */
+/* A reloaded config keeps a pool's accounting clock (by the pool's
+ * name): an attempt begun under the old config and one under the new
+ * share the replicas, the pool's in-flight count (its load) has both, and
+ * attributed + idle stays R x elapsed across them. So does a pool with
+ * other replicas or price (see below); an API backend's clock is never
+ * shared. */
 Test(cost, a_reload_keeps_a_same_pools_clock, .timeout = 5)
 {
     struct fx f;
@@ -274,11 +274,59 @@ Test(cost, a_reload_keeps_a_same_pools_clock, .timeout = 5)
     cr_assert(fabs(backend_idle_gpu_seconds(new_gpu, 1000)) < 1e-9, "%f",
               backend_idle_gpu_seconds(new_gpu, 1000));
     backend_set_destroy(next);
-    /* Other replicas: a clock of its own. */
+    /* Other replicas: the same pool. */
     again[FX_GPU].replicas = 3;
     next = backend_set_create_after(&conf2, f.set);
     cr_assert_not_null(next);
-    cr_assert_not(backend_same_clock(old_gpu, backend_set_get(next, FX_GPU)));
+    cr_assert(backend_same_clock(old_gpu, backend_set_get(next, FX_GPU)));
+    backend_set_destroy(next);
+    fx_fini(&f);
+}
+
+/* A reload that changes a pool's replicas and price (1 replica at $3.60/h,
+ * 1 micro-USD per GPU-ms, to 2 at $7.20/h, 2) keeps its clock: up to the
+ * new config's start the old ones run it, then the new ones, for the old
+ * config's attempt too. Its own clock for the new config booked the
+ * replica idle while the old attempt ran on it and was charged for it:
+ * attributed + idle passed the pool's cost by that time. */
+Test(cost, a_reload_that_changes_a_pool_prices_each_stretch_at_its_time, .timeout = 5)
+{
+    struct fx f;
+    struct conf_backend again[FX_N];
+    struct conf conf2;
+    struct backend_set *next;
+    struct backend *old_gpu, *new_gpu;
+    struct backend_ticket t;
+    struct backend_charge a;
+    static const struct backend_tokens served = {.prompt = 100, .completion = 200,
+                                                 .tier = CONF_TIER_STANDARD};
+
+    fx_init(&f);
+    f.backends[FX_GPU].replicas = 1;
+    f.backends[FX_GPU].gpu_hourly_usd = 3.60;
+    old_gpu = fx_backend(&f, FX_GPU);
+    backend_attempt_begin(old_gpu, 0, BACKEND_PLAIN, &t);
+    memcpy(again, f.backends, sizeof(again));
+    again[FX_GPU].replicas = 2;
+    again[FX_GPU].gpu_hourly_usd = 7.20;
+    conf2 = f.conf;
+    conf2.backends = again;
+    next = backend_set_create_after(&conf2, f.set);
+    cr_assert_not_null(next);
+    new_gpu = backend_set_get(next, FX_GPU);
+    cr_assert(backend_same_clock(old_gpu, new_gpu));
+    backend_set_start(next, 1000);
+    /* 0-1000 ms: 1 replica, busy, at 1 micro-USD a GPU-ms; 1000-2000 ms: 2
+     * replicas, one busy, one idle, at 2. */
+    a = backend_attempt_finish(old_gpu, 2000, &t, &served);
+    cr_assert(fabs(a.gpu_seconds - 2.0) < 1e-9, "%f", a.gpu_seconds);
+    cr_assert_eq(a.micro_usd, 1000 + 2000);
+    cr_assert(fabs(backend_idle_gpu_seconds(new_gpu, 2000) - 1.0) < 1e-9);
+    cr_assert(fabs(backend_idle_cost_usd(new_gpu, 2000) - 0.002) < 1e-12);
+    cr_assert(fabs(backend_pool_cost_usd(new_gpu, 2000) - 0.005) < 1e-12);
+    cr_assert(fabs(backend_pool_cost_usd(old_gpu, 2000) - 0.005) < 1e-12, "one pool, one cost");
+    /* and on, at the new ones: 2 idle replicas at 2 */
+    cr_assert(fabs(backend_idle_cost_usd(new_gpu, 3000) - 0.006) < 1e-12);
     backend_set_destroy(next);
     fx_fini(&f);
 }

@@ -3477,6 +3477,56 @@ Test(costs, a_reload_keeps_the_idle_cost_of_a_gpu_pool)
                   most_ms);
 }
 
+/* Times (mono_ms) around the scrapes and the reload of
+ * pool_request_across_a_reload, and what it read. */
+struct across {
+    double sent0, answered0;           /* the first scrape */
+    double reload_sent, reload_answered;
+    double sent1, answered1;           /* the second scrape */
+    double idle_gain;                  /* the pool's idle cost between the scrapes, USD */
+    double charged;                    /* the request's charge, USD */
+};
+
+/* A pool of one replica at $36/h (add_pool) serves a request for 1 s; a
+ * reload 300 ms into it, to a config whose pool costs `hourly_after` USD
+ * an hour. Scraped before the request and after its answer. */
+static void pool_request_across_a_reload(int hourly_after, struct across *a)
+{
+    static const char idle[] = "costrouter_gpu_pool_idle_cost_usd_total{backend=\"gpu\"}";
+    static const char cost[] =
+        "costrouter_cost_usd_total{tenant=\"acme\",backend=\"gpu\",route=\"chat\"}";
+    struct support_http_conn slow = {.fd = -1};
+    struct support_http_response slow_resp = {0};
+    struct buf slow_req = {0};
+    double before;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_pool("gpu", mock_a.port, "");
+    start_routers(1, "gpu", NULL);
+    before = timed_metric(idle, &a->sent0, &a->answered0);
+    cr_assert_geq(before, 0, "%.*s", (int)resp.body.len, resp.body.data);
+    send_unanswered(&slow, &slow_req, AUTH "x-mock-ttft-ms: 1000\r\n", "{\"model\":\"chat\"," MSG "}");
+    usleep(300 * 1000);
+    buf_reset(&yaml);
+    cr_assert_eq(buf_printf(&yaml,
+                            "  - {name: gpu, kind: self_hosted, url: \"http://127.0.0.1:%d/v1\",\n"
+                            "     quality: 1, context_window: 100000, gpu_hourly_usd: %d,\n"
+                            "     replicas: 1, max_concurrency: 4, tokens_per_second: 1000}\n",
+                            mock_a.port, hourly_after),
+                 0);
+    write_conf("gpu", NULL);
+    a->reload_sent = mono_ms();
+    reload_router();
+    a->reload_answered = mono_ms();
+    cr_assert_eq(support_http_read(&slow, &slow_resp, TIMEOUT_MS), 0);
+    cr_assert_eq(slow_resp.status, 200);
+    a->idle_gain = timed_metric(idle, &a->sent1, &a->answered1) - before;
+    a->charged = metric_value(cost);
+    support_http_close(&slow);
+    support_http_response_free(&slow_resp);
+    buf_free(&slow_req);
+}
+
 /* The same with a request in flight across the reload: it runs 1 s on
  * the pool's one replica, the reload 300 ms into it. Over the scrapes the
  * pool's idle gain plus what the request was charged must be the pool's
@@ -3488,34 +3538,41 @@ Test(costs, a_reload_keeps_the_idle_cost_of_a_gpu_pool)
  * now keeps its accounting clock across the reload. */
 Test(costs, a_reload_with_a_pool_request_in_flight_pays_the_replica_once)
 {
-    static const char idle[] = "costrouter_gpu_pool_idle_cost_usd_total{backend=\"gpu\"}";
-    static const char cost[] =
-        "costrouter_cost_usd_total{tenant=\"acme\",backend=\"gpu\",route=\"chat\"}";
-    struct support_http_conn slow = {.fd = -1};
-    struct support_http_response slow_resp = {0};
-    struct buf slow_req = {0};
-    double sent0, answered0, sent1, answered1, before, after, charged, most_ms;
+    struct across a;
+    double most_ms;
 
-    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    add_pool("gpu", mock_a.port, "");
-    start_routers(1, "gpu", NULL);
-    before = timed_metric(idle, &sent0, &answered0);
-    cr_assert_geq(before, 0, "%.*s", (int)resp.body.len, resp.body.data);
-    send_unanswered(&slow, &slow_req, AUTH "x-mock-ttft-ms: 1000\r\n", "{\"model\":\"chat\"," MSG "}");
-    usleep(300 * 1000);
-    reload_router();
-    cr_assert_eq(support_http_read(&slow, &slow_resp, TIMEOUT_MS), 0);
-    cr_assert_eq(slow_resp.status, 200);
-    after = timed_metric(idle, &sent1, &answered1);
-    charged = metric_value(cost);
-    cr_assert_gt(charged, 900 * 10e-6, "the request ran about 1 s: %f USD", charged);
-    most_ms = answered1 - sent0 + LOOP_CLOCK_LAG_MS;
-    cr_assert_leq(after - before + charged, most_ms * 10e-6,
-                  "idle %f + charged %f USD, for %.1f ms at most (%f USD)", after - before, charged,
+    pool_request_across_a_reload(36, &a);
+    cr_assert_gt(a.charged, 900 * 10e-6, "the request ran about 1 s: %f USD", a.charged);
+    most_ms = a.answered1 - a.sent0 + LOOP_CLOCK_LAG_MS;
+    cr_assert_leq(a.idle_gain + a.charged, most_ms * 10e-6,
+                  "idle %f + charged %f USD, for %.1f ms at most (%f USD)", a.idle_gain, a.charged,
                   most_ms, most_ms * 10e-6);
-    support_http_close(&slow);
-    support_http_response_free(&slow_resp);
-    buf_free(&slow_req);
+}
+
+/* The same with a reload that doubles the pool's price ($36/h, 10
+ * micro-USD per ms, to $72/h, 20) while the request runs. The pool was
+ * the old config's until the reload and the new one's after: the new one
+ * started an accounting of its own, which booked the replica idle while
+ * the old config's request ran on it and was charged for it, so the
+ * replica was paid twice for ~700 ms (idle 0.014000 + charged 0.010030
+ * USD, at most 0.017189). The pool keeps its accounting across the reload
+ * by its name, each stretch at the price of its time: idle + charged is
+ * the pool's cost between the scrapes, 10 micro-USD a ms before the
+ * reload and 20 after. */
+Test(costs, a_reload_that_changes_a_pools_price_pays_the_replica_once)
+{
+    struct across a;
+    double least, most;
+
+    pool_request_across_a_reload(72, &a);
+    least = (a.reload_sent - a.answered0) * 10e-6 + (a.sent1 - a.reload_answered) * 20e-6 -
+            LOOP_CLOCK_LAG_MS * 20e-6;
+    most = (a.reload_answered - a.sent0) * 10e-6 + (a.answered1 - a.reload_sent) * 20e-6 +
+           LOOP_CLOCK_LAG_MS * 20e-6;
+    cr_assert_leq(a.idle_gain + a.charged, most, "idle %f + charged %f USD, at most %f",
+                  a.idle_gain, a.charged, most);
+    cr_assert_geq(a.idle_gain + a.charged, least, "idle %f + charged %f USD, at least %f",
+                  a.idle_gain, a.charged, least);
 }
 
 /* A pool that works 300 ms and then refuses (the error goes to the
