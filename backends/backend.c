@@ -65,6 +65,37 @@ static struct backend_clock *clock_for(struct backend_set *prev, const struct co
     return k;
 }
 
+static int same_text(const char *a, const char *b)
+{
+    return a == b || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
+/* What `b` of the config before measured of its upstream's latency, when
+ * `c` names the same upstream (name, url and model): the TTFT averages of
+ * both kinds and the duration average. Forgotten, every backend was new
+ * after any reload, and SLO traffic went by guesses until each was
+ * measured again. Probes in flight stay the old config's. */
+static void carry_latency(struct backend *to, const struct backend_set *prev)
+{
+    const struct conf_backend *c = to->conf;
+
+    for (size_t i = 0; prev != NULL && i < prev->count; i++) {
+        const struct backend *b = &prev->items[i];
+
+        if (strcmp(b->conf->name, c->name) != 0)
+            continue;
+        if (same_text(b->conf->url, c->url) && same_text(b->conf->model, c->model)) {
+            for (int k = 0; k < BACKEND_ANSWER_KINDS; k++) {
+                to->ttft[k] = b->ttft[k];
+                to->ttft[k].probing = 0;
+                to->ttft[k].probes = 0;
+            }
+            to->duration_ewma_ms = b->duration_ewma_ms;
+        }
+        return;
+    }
+}
+
 struct backend_set *backend_set_create_after(const struct conf *conf, struct backend_set *prev)
 {
     struct backend_set *set = calloc(1, sizeof(*set) + conf->nbackends * sizeof(struct backend));
@@ -80,6 +111,7 @@ struct backend_set *backend_set_create_after(const struct conf *conf, struct bac
         }
         if (set->items[i].clock->refs == 1)
             set->items[i].clock->params = &set->items[i]; /* its own */
+        carry_latency(&set->items[i], prev);
     }
     return set;
 }

@@ -55,8 +55,10 @@ enum backend_answer {
 /* Build live state for every backend of `conf` (borrowed; must outlive
  * the set). Returns NULL on allocation failure. */
 struct backend_set *backend_set_create(const struct conf *conf);
-/* The same for a reloaded config: a self-hosted pool that `prev` (the
- * config before, still serving its requests) has with the same name
+/* The same for a reloaded config. A backend that `prev` (the config
+ * before, still serving its requests) has with the same name, url and
+ * model keeps what was measured of its latency (not its circuit, nor a
+ * 429's cooldown). A self-hosted pool that `prev` has with the same name
  * keeps its accounting clock, shared, so that the replica time of
  * requests in flight across the reload is neither idle for the new config
  * nor counted twice, and the pool's load counts them. Its new replicas

@@ -980,3 +980,39 @@ Test(cost, streams_and_plain_answers_are_timed_apart, .timeout = 5)
     cr_assert_float_eq(backend_predicted_ttft_ms(b, 2000, BACKEND_PLAIN), 2000, 1e-9);
     fx_fini(&f);
 }
+
+/* A reload keeps what was measured of a backend's latency when the new
+ * config names the same upstream (name, url, model); another url is
+ * another upstream, measured afresh. */
+Test(cost, a_reload_keeps_what_was_measured_of_the_same_upstream, .timeout = 5)
+{
+    struct fx f;
+    struct conf_backend again[FX_N];
+    struct conf conf2;
+    struct backend_set *next;
+    struct backend *b;
+
+    fx_init(&f);
+    backend_attempt_success(fx_backend(&f, FX_MINI), 100, 300);
+    backend_ttft_sample(fx_backend(&f, FX_MINI), 100, BACKEND_STREAM, 40);
+    memcpy(again, f.backends, sizeof(again));
+    conf2 = f.conf;
+    conf2.backends = again;
+    next = backend_set_create_after(&conf2, f.set);
+    cr_assert_not_null(next);
+    b = backend_set_get(next, FX_MINI);
+    cr_assert_float_eq(backend_predicted_ttft_ms(b, 200, BACKEND_PLAIN), 300, 1e-9);
+    cr_assert_float_eq(backend_predicted_ttft_ms(b, 200, BACKEND_STREAM), 40, 1e-9);
+    cr_assert_not(backend_latency_probe_due(b, 200, BACKEND_PLAIN));
+    cr_assert(backend_latency_probe_due(backend_set_get(next, FX_4O), 200, BACKEND_PLAIN),
+              "never measured before either");
+    backend_set_destroy(next);
+    again[FX_MINI].url = "http://127.0.0.1:9/v1";
+    next = backend_set_create_after(&conf2, f.set);
+    cr_assert_not_null(next);
+    b = backend_set_get(next, FX_MINI);
+    cr_assert(backend_latency_probe_due(b, 200, BACKEND_PLAIN), "another upstream");
+    cr_assert_float_eq(backend_ttft_ewma_ms(b, BACKEND_PLAIN), 0, 1e-9);
+    backend_set_destroy(next);
+    fx_fini(&f);
+}

@@ -2133,6 +2133,13 @@ Test(costs, an_arm_whose_backends_are_all_down_answers_503_with_retry_after)
 
 #define SLO_STREAM "{\"model\":\"chat\",\"stream\":true,\"max_tokens\":8," MSG "}"
 
+/* Put a chat with `body` and KEY in `req`, for burst_served_by. */
+static void chat_in_req(const char *body)
+{
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH, body), 0);
+}
+
 /* The pool: one replica, 2 concurrent, 800 ms a request (8 tokens x
  * 100 ms). Cheap while it has headroom; the API tier is dear. A tenant
  * with a 600 ms SLO. Then three streams one at a time, to their end:
@@ -2153,8 +2160,7 @@ static void start_pool_and_api_tier(void)
         cr_assert_eq(chat(0, NULL, SLO_STREAM), 0);
         cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "gpu");
     }
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH, SLO_STREAM), 0);
+    chat_in_req(SLO_STREAM);
 }
 
 /* Six streams at once. Predicted TTFT with n in flight is
@@ -2439,14 +2445,18 @@ Test(costs, a_burst_does_not_all_go_to_a_backend_never_measured)
         cr_assert_eq(key_chat(KEY_WARM, "{\"model\":\"chat\"," MSG "}"), 200);
         cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "dear");
     }
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH,
-                                     "{\"model\":\"chat\"," MSG "}"),
-                 0);
+    chat_in_req("{\"model\":\"chat\"," MSG "}");
     int on_cheap = burst_served_by("cheap");
     cr_assert_eq(on_cheap, 1, "%d of the 6 went to the backend never measured", on_cheap);
     /* Measured now at 600 ms: none of the next. */
     cr_assert_eq(burst_served_by("cheap"), 0);
+    /* A reload that keeps both as they were keeps what was measured:
+     * started afresh, both were never measured again, and after a probe
+     * on each the burst went to the slow one, the cheapest. */
+    reload_router();
+    chat_in_req("{\"model\":\"chat\"," MSG "}");
+    on_cheap = burst_served_by("cheap");
+    cr_assert_eq(on_cheap, 0, "%d of the 6 went to the slow one after a reload", on_cheap);
 }
 
 #define PLAIN_CHAT "{\"model\":\"chat\"," MSG "}"
