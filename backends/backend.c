@@ -12,7 +12,9 @@
  * land on a backend that may still be slow, and the probe's sample
  * replaces the stale average instead of being blended into it (one fast
  * sample would barely move an old slow average, and the backend would
- * wait another interval per step down).
+ * wait another interval per step down). A backend never measured is
+ * treated the same way: its 0 ms is no prediction, and one request at a
+ * time measures it.
  */
 #include "backends/backend.h"
 
@@ -38,14 +40,14 @@ struct backend_set {
 };
 
 /* Is `b` of `prev` the same pool as `c` will be: a self-hosted backend of
- * the same name, replicas and price (what its clock's sums mean)? */
+ * the same name? Its replicas or price may change: the clock's sums price
+ * each stretch of time as it passed. */
 static int same_pool(const struct backend *b, const struct conf_backend *c)
 {
     const struct conf_backend *o = b->conf;
 
     return c->kind == CONF_BACKEND_SELF_HOSTED && o->kind == CONF_BACKEND_SELF_HOSTED &&
-           strcmp(o->name, c->name) == 0 && backend__replicas(b) == backend__conf_replicas(c) &&
-           o->gpu_hourly_usd == c->gpu_hourly_usd && o->is_free == c->is_free;
+           strcmp(o->name, c->name) == 0;
 }
 
 /* The clock of `c`'s backend: the one its pool had in `prev`, else new. */
@@ -63,6 +65,37 @@ static struct backend_clock *clock_for(struct backend_set *prev, const struct co
     return k;
 }
 
+static int same_text(const char *a, const char *b)
+{
+    return a == b || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
+/* What `b` of the config before measured of its upstream's latency, when
+ * `c` names the same upstream (name, url and model): the TTFT averages of
+ * both kinds and the duration average. Forgotten, every backend was new
+ * after any reload, and SLO traffic went by guesses until each was
+ * measured again. Probes in flight stay the old config's. */
+static void carry_latency(struct backend *to, const struct backend_set *prev)
+{
+    const struct conf_backend *c = to->conf;
+
+    for (size_t i = 0; prev != NULL && i < prev->count; i++) {
+        const struct backend *b = &prev->items[i];
+
+        if (strcmp(b->conf->name, c->name) != 0)
+            continue;
+        if (same_text(b->conf->url, c->url) && same_text(b->conf->model, c->model)) {
+            for (int k = 0; k < BACKEND_ANSWER_KINDS; k++) {
+                to->ttft[k] = b->ttft[k];
+                to->ttft[k].probing = 0;
+                to->ttft[k].probes = 0;
+            }
+            to->duration_ewma_ms = b->duration_ewma_ms;
+        }
+        return;
+    }
+}
+
 struct backend_set *backend_set_create_after(const struct conf *conf, struct backend_set *prev)
 {
     struct backend_set *set = calloc(1, sizeof(*set) + conf->nbackends * sizeof(struct backend));
@@ -76,6 +109,9 @@ struct backend_set *backend_set_create_after(const struct conf *conf, struct bac
             backend_set_destroy(set);
             return NULL;
         }
+        if (set->items[i].clock->refs == 1)
+            set->items[i].clock->params = &set->items[i]; /* its own */
+        carry_latency(&set->items[i], prev);
     }
     return set;
 }
@@ -89,9 +125,16 @@ void backend_set_destroy(struct backend_set *set)
 {
     if (set == NULL)
         return;
-    for (size_t i = 0; i < set->count; i++)
-        if (set->items[i].clock != NULL && --set->items[i].clock->refs == 0)
-            free(set->items[i].clock);
+    for (size_t i = 0; i < set->count; i++) {
+        struct backend_clock *k = set->items[i].clock;
+
+        if (k == NULL)
+            continue;
+        if (k->params == &set->items[i])
+            k->params = NULL;
+        if (--k->refs == 0)
+            free(k);
+    }
     free(set);
 }
 
@@ -102,8 +145,10 @@ int backend_same_clock(const struct backend *a, const struct backend *b)
 
 void backend_set_start(struct backend_set *set, uint64_t now_ms)
 {
-    for (size_t i = 0; i < set->count; i++)
-        backend__advance(&set->items[i], now_ms);
+    for (size_t i = 0; i < set->count; i++) {
+        backend__advance(&set->items[i], now_ms); /* at the params it had until now */
+        set->items[i].clock->params = &set->items[i];
+    }
 }
 
 size_t backend_set_count(const struct backend_set *set)
@@ -140,9 +185,10 @@ int backend_available(const struct backend *b, uint64_t now_ms)
     return 1;
 }
 
-int backend_probe_due(const struct backend *b, uint64_t now_ms)
+int backend_probe_due(const struct backend *b, uint64_t now_ms, int latency)
 {
-    return (circuit_half_open(b, now_ms) && !b->probing) || backend_latency_probe_due(b, now_ms);
+    return (circuit_half_open(b, now_ms) && !b->probing) ||
+           (latency >= 0 && backend_latency_probe_due(b, now_ms, (enum backend_answer)latency));
 }
 
 uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms)
@@ -154,35 +200,54 @@ uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms)
     return 0;
 }
 
-/* Is the TTFT average older than the backend's ttft_stale_ms (0: never)?
- * A backend without an average has nothing to re-check: it is predicted
- * at 0 anyway. */
-static int ttft_stale(const struct backend *b, uint64_t now_ms)
+/* The latency state of `kind`'s answers. */
+static const struct backend_latency *latency_of(const struct backend *b, enum backend_answer kind)
+{
+    return &b->ttft[kind == BACKEND_STREAM];
+}
+
+/* Is the average older than the backend's ttft_stale_ms (0: never)? One
+ * never measured has no average to re-check (see below). */
+static int ttft_stale(const struct backend *b, const struct backend_latency *l, uint64_t now_ms)
 {
     int stale_ms = b->conf->ttft_stale_ms;
 
-    return stale_ms > 0 && b->ttft_ewma_ms > 0 && now_ms >= b->ttft_at_ms + (uint64_t)stale_ms;
+    return stale_ms > 0 && l->measured && now_ms >= l->at_ms + (uint64_t)stale_ms;
 }
 
-int backend_latency_probe_due(const struct backend *b, uint64_t now_ms)
+/* A backend never measured (new, or new to this config) is predicted at
+ * 0 ms, which nothing backs: it is measured the way a stale average is,
+ * by one request at a time, so that a burst of SLO traffic does not all
+ * go to a backend that may be slow (backend_ttft_unknown). Each kind of
+ * answer apart: a plain answer's first byte comes with its last token. */
+int backend_latency_probe_due(const struct backend *b, uint64_t now_ms, enum backend_answer kind)
 {
-    return ttft_stale(b, now_ms) && !b->ttft_probing;
+    const struct backend_latency *l = latency_of(b, kind);
+
+    return (!l->measured || ttft_stale(b, l, now_ms)) && !l->probing;
 }
 
-double backend__ttft_ms(const struct backend *b, uint64_t now_ms)
+int backend_ttft_unknown(const struct backend *b, enum backend_answer kind)
 {
-    return backend_latency_probe_due(b, now_ms) ? 0 : b->ttft_ewma_ms;
+    const struct backend_latency *l = latency_of(b, kind);
+
+    return !l->measured && l->probing;
 }
 
-void backend_attempt_start(struct backend *b, uint64_t now_ms)
+double backend__ttft_ms(const struct backend *b, uint64_t now_ms, enum backend_answer kind)
+{
+    return backend_latency_probe_due(b, now_ms, kind) ? 0 : latency_of(b, kind)->ewma_ms;
+}
+
+void backend_attempt_start(struct backend *b, uint64_t now_ms, enum backend_answer kind)
 {
     backend__advance(b, now_ms);
     b->inflight++;
     b->clock->inflight++;
     if (circuit_half_open(b, now_ms))
         b->probing = 1;
-    if (backend_latency_probe_due(b, now_ms))
-        b->ttft_probing = 1;
+    if (backend_latency_probe_due(b, now_ms, kind))
+        b->ttft[kind == BACKEND_STREAM].probing = 1;
 }
 
 void backend_attempt_answered(struct backend *b)
@@ -196,16 +261,20 @@ void backend_attempt_answered(struct backend *b)
 void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_ms)
 {
     backend_attempt_answered(b);
-    backend_ttft_sample(b, now_ms, ttft_ms);
+    backend_ttft_sample(b, now_ms, BACKEND_PLAIN, ttft_ms);
 }
 
-void backend_ttft_sample(struct backend *b, uint64_t now_ms, uint64_t ttft_ms)
+void backend_ttft_sample(struct backend *b, uint64_t now_ms, enum backend_answer kind,
+                         uint64_t ttft_ms)
 {
-    b->ttft_probing = 0;
-    if (ttft_stale(b, now_ms))
-        b->ttft_ewma_ms = 0; /* the fresh sample replaces the stale average */
-    backend__ewma(&b->ttft_ewma_ms, (double)ttft_ms);
-    b->ttft_at_ms = now_ms;
+    struct backend_latency *l = &b->ttft[kind == BACKEND_STREAM];
+
+    l->probing = 0;
+    if (ttft_stale(b, l, now_ms))
+        l->ewma_ms = 0; /* the fresh sample replaces the stale average */
+    backend__ewma(&l->ewma_ms, (double)ttft_ms);
+    l->at_ms = now_ms;
+    l->measured = 1;
 }
 
 void backend__ewma(double *avg, double sample)
@@ -220,7 +289,8 @@ void backend_attempt_failure(struct backend *b, uint64_t now_ms)
 {
     b->failures++;
     b->probing = 0;
-    b->ttft_probing = 0; /* no sample: the next request may measure */
+    b->ttft[BACKEND_PLAIN].probing = 0; /* no sample: the next request may measure */
+    b->ttft[BACKEND_STREAM].probing = 0;
     if (b->failures >= BACKEND_FAILURE_LIMIT) {
         if (b->failures == BACKEND_FAILURE_LIMIT)
             log_warn("backend %s: %u consecutive failures, ejected for %d ms", b->conf->name,
@@ -276,9 +346,9 @@ unsigned backend_inflight(const struct backend *b)
     return b->inflight;
 }
 
-double backend_ttft_ewma_ms(const struct backend *b)
+double backend_ttft_ewma_ms(const struct backend *b, enum backend_answer kind)
 {
-    return b->ttft_ewma_ms;
+    return latency_of(b, kind)->ewma_ms;
 }
 
 unsigned backend_consecutive_failures(const struct backend *b)

@@ -41,14 +41,29 @@ struct conf_backend;
 struct backend_set;
 struct backend;
 
+/* The kinds of answer whose time to first token is averaged apart: a
+ * plain answer's first byte is its head, which servers send with its last
+ * token (the client waits for all of it), a stream's its first event. */
+enum backend_answer {
+    BACKEND_PLAIN,
+    BACKEND_STREAM,
+    BACKEND_ANSWER_KINDS
+};
+/* For backend_probe_due: no kind of answer's latency matters. */
+#define BACKEND_LATENCY_NONE (-1)
+
 /* Build live state for every backend of `conf` (borrowed; must outlive
  * the set). Returns NULL on allocation failure. */
 struct backend_set *backend_set_create(const struct conf *conf);
-/* The same for a reloaded config: a self-hosted pool that `prev` (the
- * config before, still serving its requests) has with the same name,
- * replicas and price keeps its accounting clock, shared, so that the
- * replica time of requests in flight across the reload is neither idle
- * for the new config nor counted twice, and the pool's load counts them. */
+/* The same for a reloaded config. A backend that `prev` (the config
+ * before, still serving its requests) has with the same name, url and
+ * model keeps what was measured of its latency (not its circuit, nor a
+ * 429's cooldown). A self-hosted pool that `prev` has with the same name
+ * keeps its accounting clock, shared, so that the replica time of
+ * requests in flight across the reload is neither idle for the new config
+ * nor counted twice, and the pool's load counts them. Its new replicas
+ * and price apply from backend_set_start() on, to every config's
+ * requests. */
 struct backend_set *backend_set_create_after(const struct conf *conf, struct backend_set *prev);
 /* Do `a` and `b` (of two configs) keep one pool's accounting? */
 int backend_same_clock(const struct backend *a, const struct backend *b);
@@ -65,9 +80,12 @@ const struct conf_backend *backend_conf(const struct backend *b);
  * policy/ weighs, not a ban. */
 int backend_available(const struct backend *b, uint64_t now_ms);
 /* Would an attempt begun on `b` now be a probe: of a half-open circuit
- * with none out, or of a stale TTFT average (backend_latency_probe_due)?
- * Such a choice holds only for the first request to begin there. */
-int backend_probe_due(const struct backend *b, uint64_t now_ms);
+ * with none out, or of the TTFT average of `latency` (an enum
+ * backend_answer) stale or not yet measured (backend_latency_probe_due)?
+ * Such a choice holds only for the first request to begin there. A
+ * request without an SLO passes BACKEND_LATENCY_NONE: the prediction
+ * means nothing to it. */
+int backend_probe_due(const struct backend *b, uint64_t now_ms, int latency);
 /* When backend_available() is 0: in how many ms it may say 1 (the open
  * circuit's time left; a second while a half-open probe is out). Else 0. */
 uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms);
@@ -75,15 +93,19 @@ uint64_t backend_unavailable_ms(const struct backend *b, uint64_t now_ms);
 /* Outcome of one attempt. A failure is a connect error, a reset or a 5xx,
  * or an answer its backend cut before its end (a stream's too); a 429 is
  * neither (backend_rate_limited). */
-void backend_attempt_start(struct backend *b, uint64_t now_ms);
+void backend_attempt_start(struct backend *b, uint64_t now_ms, enum backend_answer kind);
+/* A plain answer came whole, its head `ttft_ms` after the attempt began
+ * (its TTFT sample, of kind BACKEND_PLAIN). */
 void backend_attempt_success(struct backend *b, uint64_t now_ms, uint64_t ttft_ms);
 /* A success without a latency sample: the backend answered, with a
  * refusal (a 4xx) that comes as fast as it validates, whatever its TTFT,
  * or with a stream's head, which servers (vLLM's) send before the first
  * token. A latency probe stays out until its sample or its end. */
 void backend_attempt_answered(struct backend *b);
-/* The attempt's first token came `ttft_ms` after it began. */
-void backend_ttft_sample(struct backend *b, uint64_t now_ms, uint64_t ttft_ms);
+/* The first token of an answer of `kind` came `ttft_ms` after its attempt
+ * began. */
+void backend_ttft_sample(struct backend *b, uint64_t now_ms, enum backend_answer kind,
+                         uint64_t ttft_ms);
 void backend_attempt_failure(struct backend *b, uint64_t now_ms);
 /* The attempt ended (success or failure): in-flight count goes down. */
 void backend_attempt_end(struct backend *b);
@@ -139,8 +161,10 @@ struct backend_cost {
 struct backend_ticket {
     uint64_t start_ms;    /* loop time the attempt started */
     double share_mark_ms; /* the pool's share clock at start (GPU-ms) */
+    double share_mark_usd; /* and its price so far (USD) */
     uint64_t probe;       /* the half-open probe's number if it is one, else 0 */
     uint64_t ttft_probe;  /* the latency probe's number if it is one, else 0 */
+    unsigned answer:1;    /* enum backend_answer the attempt asks for */
 };
 
 /* A finished attempt's settled cost. */
@@ -152,13 +176,16 @@ struct backend_charge {
 };
 
 /* Start the accounting clock of every backend of `set` at `now_ms` (the
- * pool's cost period starts here). Without it a backend's clock starts at
- * its first event. */
+ * pool's cost period starts here); a clock kept from the config before
+ * runs to `now_ms` at its old replicas and price, then at the new ones.
+ * Without it a backend's clock starts at its first event. */
 void backend_set_start(struct backend_set *set, uint64_t now_ms);
 
 /* backend_attempt_start() that also fills `t` (may be NULL) for
- * backend_attempt_finish(). */
-void backend_attempt_begin(struct backend *b, uint64_t now_ms, struct backend_ticket *t);
+ * backend_attempt_finish(). `kind` is the answer asked for: a stream's
+ * or a plain one's (the latency it may probe). */
+void backend_attempt_begin(struct backend *b, uint64_t now_ms, enum backend_answer kind,
+                           struct backend_ticket *t);
 /* The attempt begun with `t` ended at `now_ms` (success or failure; in
  * place of backend_attempt_end). `used` are the tokens it is billed for:
  * NULL for a failure, zeros for an answer nobody bills (an error without
@@ -177,23 +204,23 @@ void backend_tokens_served(struct backend *b, uint64_t now_ms, int64_t tokens);
 
 /* Cost of a request of `tok` tokens on `b` at `now_ms`. `slo_ms` is the
  * tenant's max time to first token (0 = none): a pool's marginal cost
- * reaches its list cost where its predicted TTFT would break it. A backend
- * marked free costs 0. */
+ * reaches its list cost where its predicted TTFT for an answer of `kind`
+ * would break it. A backend marked free costs 0. */
 struct backend_cost backend_estimate_cost(const struct backend *b, uint64_t now_ms,
-                                          const struct backend_tokens *tok, int slo_ms);
+                                          const struct backend_tokens *tok, int slo_ms,
+                                          enum backend_answer kind);
 /* API price of `tok` on `b` in USD (0 for self-hosted or free backends):
  * at the rates of its service tier when `b` prices that tier, else at the
  * standard rates (the long-prompt ones past long_context's size). */
 double backend_api_price_usd(const struct conf_backend *c, const struct backend_tokens *tok);
-/* Chargeback of `gpu_seconds` on the pool of `b`, USD. */
-double backend_attribute_cost_usd(const struct backend *b, double gpu_seconds);
 
-/* Predicted time to first token of a request sent now: the TTFT average
- * (0 while a latency probe is due: the average is stale and nobody is
- * re-measuring it), plus, on a pool whose slots (replicas x
- * max_concurrency) are all busy, the wait for a slot (queue position x
- * average duration / slots). */
-double backend_predicted_ttft_ms(const struct backend *b, uint64_t now_ms);
+/* Predicted time to first token of a request for an answer of `kind`
+ * sent now: that kind's TTFT average (0 while a latency probe is due: the
+ * average is stale or none, and nobody is measuring it), plus, on a pool
+ * whose slots (replicas x max_concurrency) are all busy, the wait for a
+ * slot (queue position x average duration / slots). */
+double backend_predicted_ttft_ms(const struct backend *b, uint64_t now_ms,
+                                 enum backend_answer kind);
 /* A pool's utilization: the larger of in-flight / slots and tokens/s over
  * the window / (replicas x tokens_per_second). 0 for API backends; may
  * exceed 1 when requests queue. */
@@ -228,12 +255,19 @@ int64_t backend_usd_to_micro(double usd);
 
 /* Readings for policy/ and metrics/. */
 unsigned backend_inflight(const struct backend *b);
-/* Smoothed time to first byte, ms; 0 until the first success. */
-double backend_ttft_ewma_ms(const struct backend *b);
-/* Is the TTFT average older than the backend's ttft_stale_ms with no
- * request re-measuring it? Then the next attempt begun there is a latency
- * probe, and backend_predicted_ttft_ms() leaves the average out. */
-int backend_latency_probe_due(const struct backend *b, uint64_t now_ms);
+/* Smoothed time to first token of answers of `kind`, ms; 0 until the
+ * first sample. */
+double backend_ttft_ewma_ms(const struct backend *b, enum backend_answer kind);
+/* Has `b` no TTFT sample of answers of `kind` yet (a backend new to this
+ * config), or is their average older than its ttft_stale_ms, with no
+ * request measuring it? Then the next attempt of that kind begun there is
+ * a latency probe, and backend_predicted_ttft_ms() leaves the average out. */
+int backend_latency_probe_due(const struct backend *b, uint64_t now_ms, enum backend_answer kind);
+/* Is `b` never measured for answers of `kind`, with its latency probe
+ * out? Its prediction (0) is then no more than a guess, which the probe is
+ * testing: policy/ passes it over for SLO traffic while another candidate
+ * meets the SLO. */
+int backend_ttft_unknown(const struct backend *b, enum backend_answer kind);
 unsigned backend_consecutive_failures(const struct backend *b);
 /* "closed", "open" or "half-open". */
 const char *backend_circuit_name(const struct backend *b, uint64_t now_ms);

@@ -65,11 +65,18 @@ static unsigned routing_load(const struct backend *b)
     return b->clock->inflight + b->clock->chosen;
 }
 
+/* USD per GPU-ms of the pool `c` configures (0 if free). */
+static double usd_per_gpu_ms(const struct conf_backend *c)
+{
+    return c->is_free ? 0 : c->gpu_hourly_usd / 3600e3;
+}
+
 void backend__advance(struct backend *b, uint64_t now_ms)
 {
     struct backend_clock *k = b->clock;
-    int r = backend__replicas(b);
-    double dt, busy;
+    const struct backend *p = k->params ? k->params : b;
+    int r = backend__replicas(p);
+    double dt, busy, price = usd_per_gpu_ms(p->conf);
 
     if (!k->started) {
         k->started = 1;
@@ -83,21 +90,29 @@ void backend__advance(struct backend *b, uint64_t now_ms)
     if (r == 0)
         return;
     busy = k->inflight < (unsigned)r ? k->inflight : (unsigned)r;
-    if (k->inflight > 0)
+    if (k->inflight > 0) {
         k->share_ms += dt * busy / k->inflight;
+        k->share_usd += dt * busy / k->inflight * price;
+    }
     k->idle_ms += dt * (r - busy);
+    k->idle_usd += dt * (r - busy) * price;
+    k->pool_usd += dt * r * price;
 }
 
-void backend_attempt_begin(struct backend *b, uint64_t now_ms, struct backend_ticket *t)
+void backend_attempt_begin(struct backend *b, uint64_t now_ms, enum backend_answer kind,
+                           struct backend_ticket *t)
 {
-    int was_probing = b->probing, was_ttft_probing = b->ttft_probing;
+    struct backend_latency *l = &b->ttft[kind == BACKEND_STREAM];
+    int was_probing = b->probing, was_ttft_probing = l->probing;
 
-    backend_attempt_start(b, now_ms);
+    backend_attempt_start(b, now_ms, kind);
     if (t != NULL) {
         t->start_ms = now_ms;
         t->share_mark_ms = b->clock->share_ms;
+        t->share_mark_usd = b->clock->share_usd;
         t->probe = b->probing && !was_probing ? ++b->probes : 0;
-        t->ttft_probe = b->ttft_probing && !was_ttft_probing ? ++b->ttft_probes : 0;
+        t->ttft_probe = l->probing && !was_ttft_probing ? ++l->probes : 0;
+        t->answer = kind == BACKEND_STREAM;
     }
 }
 
@@ -164,13 +179,6 @@ double backend_api_price_usd(const struct conf_backend *c, const struct backend_
            tool_calls_usd(c, tok);
 }
 
-double backend_attribute_cost_usd(const struct backend *b, double gpu_seconds)
-{
-    if (b->conf->is_free)
-        return 0;
-    return b->conf->gpu_hourly_usd / 3600.0 * gpu_seconds;
-}
-
 /* Did an attempt that ended with `used` produce something to bill? A
  * failure (no `used`) and an error answer without usage bill no tokens. */
 static int billable(const struct backend_tokens *used)
@@ -194,15 +202,17 @@ struct backend_charge backend_attempt_finish(struct backend *b, uint64_t now_ms,
          * the next request probes, or the circuit would never close. */
         b->probing = 0;
     }
-    if (t != NULL && t->ttft_probe != 0 && t->ttft_probe == b->ttft_probes) {
+    if (t != NULL && t->ttft_probe != 0 && t->ttft_probe == b->ttft[t->answer].probes) {
         /* Likewise a latency probe without a first byte: the average is
          * still stale, and nobody else would re-measure it. */
-        b->ttft_probing = 0;
+        b->ttft[t->answer].probing = 0;
     }
     if (t != NULL) {
         ch.duration_ms = now_ms > t->start_ms ? now_ms - t->start_ms : 0;
-        if (backend__replicas(b) > 0)
+        if (backend__replicas(b) > 0) {
             ch.gpu_seconds = (b->clock->share_ms - t->share_mark_ms) / 1000.0;
+            ch.usd = b->clock->share_usd - t->share_mark_usd; /* priced as it passed */
+        }
     }
     backend_attempt_end(b);
     if (used->completion > 0) {
@@ -215,14 +225,14 @@ struct backend_charge backend_attempt_finish(struct backend *b, uint64_t now_ms,
          * refuses; the pool's time still passed, so it is unattributed
          * (idle) and attributed + idle stays R x elapsed. */
         b->clock->idle_ms += ch.gpu_seconds * 1000.0;
+        b->clock->idle_usd += ch.usd;
         ch.gpu_seconds = 0;
+        ch.usd = 0;
     }
-    if (backend__replicas(b) > 0)
-        ch.usd = backend_attribute_cost_usd(b, ch.gpu_seconds);
-    else if (b->conf->cost_from_usage && used->reported && !b->conf->is_free)
-        ch.usd = used->reported_usd; /* what the host bills, whatever its prices */
-    else
-        ch.usd = backend_api_price_usd(b->conf, used);
+    if (backend__replicas(b) == 0)
+        ch.usd = b->conf->cost_from_usage && used->reported && !b->conf->is_free
+                     ? used->reported_usd /* what the host bills, whatever its prices */
+                     : backend_api_price_usd(b->conf, used);
     ch.micro_usd = backend_usd_to_micro(ch.usd);
     return ch;
 }
@@ -269,10 +279,11 @@ double backend_duration_ewma_ms(const struct backend *b)
     return b->duration_ewma_ms;
 }
 
-double backend_predicted_ttft_ms(const struct backend *b, uint64_t now_ms)
+double backend_predicted_ttft_ms(const struct backend *b, uint64_t now_ms,
+                                 enum backend_answer kind)
 {
     unsigned slots = pool_slots(b), inflight = routing_load(b); /* every config's */
-    double ttft = backend__ttft_ms(b, now_ms);
+    double ttft = backend__ttft_ms(b, now_ms, kind);
 
     if (slots > 0 && inflight >= slots)
         ttft += (double)(inflight - slots + 1) * b->duration_ewma_ms / slots;
@@ -308,10 +319,11 @@ double backend_pool_utilization(const struct backend *b, uint64_t now_ms)
  * most its list price whatever the average says: it cannot shut a
  * backend out. Whatever the backend serves, probes included, refreshes
  * it. */
-static double knee_requests(const struct backend *b, uint64_t now_ms, int slo_ms)
+static double knee_requests(const struct backend *b, uint64_t now_ms, int slo_ms,
+                            enum backend_answer kind)
 {
     unsigned slots = pool_slots(b);
-    double slack = slo_ms - backend__ttft_ms(b, now_ms);
+    double slack = slo_ms - backend__ttft_ms(b, now_ms, kind);
 
     if (slo_ms <= 0 || b->duration_ewma_ms <= 0)
         return slots;
@@ -321,7 +333,8 @@ static double knee_requests(const struct backend *b, uint64_t now_ms, int slo_ms
 }
 
 struct backend_cost backend_estimate_cost(const struct backend *b, uint64_t now_ms,
-                                          const struct backend_tokens *tok, int slo_ms)
+                                          const struct backend_tokens *tok, int slo_ms,
+                                          enum backend_answer kind)
 {
     struct backend_cost c = {0};
     const struct conf_backend *cf = b->conf;
@@ -336,7 +349,7 @@ struct backend_cost backend_estimate_cost(const struct backend *b, uint64_t now_
             c.list_usd = cf->gpu_hourly_usd / 3600.0 * (double)tok->completion /
                          cf->tokens_per_second;
         if (pool_slots(b) > 0) {
-            knee = knee_requests(b, now_ms, slo_ms);
+            knee = knee_requests(b, now_ms, slo_ms, kind);
             x = knee > 0 ? (routing_load(b) + 1.0) / knee : BACKEND_MARGINAL_X_MAX;
         }
         tput = throughput_utilization(b, now_ms);
@@ -350,35 +363,42 @@ struct backend_cost backend_estimate_cost(const struct backend *b, uint64_t now_
     return c;
 }
 
-double backend_idle_gpu_seconds(const struct backend *b, uint64_t now_ms)
+/* One of the pool's sums at `now_ms`, the stretch since its last event
+ * (not yet folded in) included: idle GPU-ms, idle USD, or the pool's whole
+ * cost in USD. 0 for an API backend or a clock not started. */
+enum { SUM_IDLE_MS, SUM_IDLE_USD, SUM_POOL_USD, SUMS };
+
+static double pool_sum_at(const struct backend *b, uint64_t now_ms, int which)
 {
     const struct backend_clock *k = b->clock;
-    int r = backend__replicas(b);
-    double idle = k->idle_ms;
+    const struct backend *p = k->params ? k->params : b;
+    int r = backend__replicas(p);
+    double dt, price = usd_per_gpu_ms(p->conf), out[SUMS];
     unsigned busy;
 
-    if (r == 0 || !k->started)
+    if (backend__replicas(b) == 0 || !k->started)
         return 0;
-    /* The stretch since the last event, not yet folded in. */
-    if (now_ms > k->at_ms) {
-        busy = k->inflight < (unsigned)r ? k->inflight : (unsigned)r;
-        idle += (double)(now_ms - k->at_ms) * (r - busy);
-    }
-    return idle / 1000.0;
+    busy = k->inflight < (unsigned)r ? k->inflight : (unsigned)r;
+    dt = now_ms > k->at_ms ? (double)(now_ms - k->at_ms) : 0;
+    out[SUM_IDLE_MS] = k->idle_ms + dt * (r - busy);
+    out[SUM_IDLE_USD] = k->idle_usd + dt * (r - busy) * price;
+    out[SUM_POOL_USD] = k->pool_usd + dt * r * price;
+    return out[which];
+}
+
+double backend_idle_gpu_seconds(const struct backend *b, uint64_t now_ms)
+{
+    return pool_sum_at(b, now_ms, SUM_IDLE_MS) / 1000.0;
 }
 
 double backend_idle_cost_usd(const struct backend *b, uint64_t now_ms)
 {
-    return backend_attribute_cost_usd(b, backend_idle_gpu_seconds(b, now_ms));
+    return pool_sum_at(b, now_ms, SUM_IDLE_USD);
 }
 
 double backend_pool_cost_usd(const struct backend *b, uint64_t now_ms)
 {
-    int r = backend__replicas(b);
-
-    if (r == 0 || !b->clock->started || now_ms <= b->clock->start_ms)
-        return 0;
-    return backend_attribute_cost_usd(b, r * (double)(now_ms - b->clock->start_ms) / 1000.0);
+    return pool_sum_at(b, now_ms, SUM_POOL_USD);
 }
 
 /* Float noise below a millionth of a micro-USD is not a micro-USD. */

@@ -10,12 +10,18 @@
 #include "backends/backend.h"
 
 /* A self-hosted pool's accounting clock. The pool is a thing of the
- * world, not of a config: a reload that keeps a pool (same name, replicas
- * and price) shares its clock with the config before, whose requests may
- * still run on it, so the replica time they use is neither idle for the
- * new config nor theirs alone. */
+ * world, not of a config: a reload that keeps a pool (by its name) shares
+ * its clock with the config before, whose requests may still run on it,
+ * so the replica time they use is neither idle for the new config nor
+ * theirs alone. Its replicas and price are the newest config's from the
+ * reload on, for the old config's requests too; the sums in USD price
+ * each stretch of time as it passes, so a new price bills from the reload
+ * on and not before. */
 struct backend_clock {
     unsigned refs;                   /* backends (of every live config) on it */
+    const struct backend *params;    /* the newest config's backend on it, whose replicas
+                                        and price run the clock; NULL once that config is
+                                        gone: each caller's own */
     unsigned inflight;               /* attempts in flight on the pool, of every config */
     unsigned chosen;                 /* requests chosen for the pool whose attempt has not
                                         begun yet (their hold is being made): load for
@@ -27,6 +33,20 @@ struct backend_clock {
                                         GPU-ms one request in flight was attributed */
     double idle_ms;                  /* integral of replicas - min(inflight, replicas) dt,
                                         plus the share of attempts that billed nothing */
+    double share_usd;                /* share_ms priced as it passed: USD one request in
+                                        flight was attributed */
+    double idle_usd;                 /* idle_ms priced as it passed */
+    double pool_usd;                 /* replicas x price dt: the pool's whole cost */
+};
+
+/* Time to first token of one kind of answer (enum backend_answer). */
+struct backend_latency {
+    double ewma_ms;                  /* smoothed */
+    uint64_t at_ms;                  /* loop time of the last sample */
+    unsigned measured:1;             /* a sample came: the average means something */
+    unsigned probing:1;              /* latency probe in flight: one request measuring an
+                                        average stale or never measured */
+    uint64_t probes;                 /* latency probes started: the current one's number */
 };
 
 struct backend {
@@ -38,11 +58,7 @@ struct backend {
     uint64_t cooldown_until_ms;      /* rate limited (429) until this loop time */
     unsigned probing:1;              /* half-open probe in flight */
     uint64_t probes;                 /* half-open probes started: the current one's number */
-    double ttft_ewma_ms;             /* smoothed time to first byte */
-    uint64_t ttft_at_ms;             /* loop time of the last TTFT sample (0: none yet) */
-    unsigned ttft_probing:1;         /* latency probe in flight: one request re-measuring
-                                        a stale TTFT average */
-    uint64_t ttft_probes;            /* latency probes started: the current one's number */
+    struct backend_latency ttft[BACKEND_ANSWER_KINDS]; /* of plain answers, of streams */
     double duration_ewma_ms;         /* smoothed duration of attempts that made tokens */
     /* tokens/s window: slot i holds the tokens of second window_sec[i] */
     uint64_t window_sec[BACKEND_WINDOW_S]; /* which second the slot counts */
@@ -58,9 +74,10 @@ void backend__advance(struct backend *b, uint64_t now_ms);
 /* Fold `sample` into the moving average *avg (0 = no sample yet). */
 void backend__ewma(double *avg, double sample);
 
-/* The TTFT average routing should count on at `now_ms`: 0 ("unknown")
- * while a latency probe is due (see backend.c), else the average. */
-double backend__ttft_ms(const struct backend *b, uint64_t now_ms);
+/* The TTFT average of `kind` routing should count on at `now_ms`: 0
+ * ("unknown") while a latency probe is due (see backend.c), else the
+ * average. */
+double backend__ttft_ms(const struct backend *b, uint64_t now_ms, enum backend_answer kind);
 
 /* Replicas of a self-hosted pool (at least 1), 0 for an API backend:
  * of a backend, or of the config entry it is (or will be) made from. */

@@ -63,13 +63,24 @@ static int64_t completion_on(const struct policy_request *req, const struct conf
     return per;
 }
 
+/* What one pass looks at: backends cooling down after a 429 for at most
+ * `cooling_ms` more count as any other (0: none do); backends never
+ * measured whose first latency probe is out count for SLO traffic only
+ * with `unmeasured`. */
+struct take {
+    uint64_t cooling_ms;
+    int unmeasured;
+};
+
 /* The verdict on candidate `i` up to (not including) quality and budget,
  * with its estimates filled in. POLICY_VERDICT_COSTLIER means "passed".
- * A backend with more than `take_cooling_ms` of a 429 cooldown left is
- * "rate-limited", with that time in *cooldown_ms. */
+ * A backend with more than `take->cooling_ms` of a 429 cooldown left is
+ * "rate-limited", with that time in *cooldown_ms. A backend never measured
+ * with its probe out is "slo" to a request with an SLO (its 0 ms is no
+ * prediction) unless `take->unmeasured`; *unknown says it was that. */
 static enum policy_verdict_kind qualify(const struct policy_request *req, size_t i,
-                                        uint64_t take_cooling_ms, struct policy_verdict *v,
-                                        uint64_t *cooldown_ms)
+                                        const struct take *take, struct policy_verdict *v,
+                                        uint64_t *cooldown_ms, int *unknown)
 {
     const struct conf_backend *cb = req->route->candidates[i];
     const struct backend *b = backend_set_get(req->backends, cb->index);
@@ -83,13 +94,14 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
                                  .searches_one_cap = req->searches_one_cap != 0};
     struct backend_cost est;
     uint64_t bit = UINT64_C(1) << i;
+    enum backend_answer answer = req->answer == BACKEND_STREAM ? BACKEND_STREAM : BACKEND_PLAIN;
 
     if (b == NULL)
         return POLICY_VERDICT_HEALTH;
-    est = backend_estimate_cost(b, req->now_ms, &tok, req->limits.max_ttft_ms);
+    est = backend_estimate_cost(b, req->now_ms, &tok, req->limits.max_ttft_ms, answer);
     v->cost_micro = est.reserve_micro;
     v->marginal_usd = est.marginal_usd;
-    v->predicted_ttft_ms = backend_predicted_ttft_ms(b, req->now_ms);
+    v->predicted_ttft_ms = backend_predicted_ttft_ms(b, req->now_ms, answer);
     if (req->tried & bit)
         return POLICY_VERDICT_TRIED;
     if (req->speaks && !(req->speaks & bit))
@@ -98,13 +110,18 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
         return POLICY_VERDICT_ARM;
     if (!backend_available(b, req->now_ms))
         return POLICY_VERDICT_HEALTH;
-    if ((*cooldown_ms = backend_cooldown_ms(b, req->now_ms)) > take_cooling_ms)
+    if ((*cooldown_ms = backend_cooldown_ms(b, req->now_ms)) > take->cooling_ms)
         return POLICY_VERDICT_RATE_LIMITED;
     if (cb->context_window > 0 &&
         cb->context_window < req->prompt_tokens + completion_on(req, cb))
         return POLICY_VERDICT_CONTEXT;
     if (req->limits.max_ttft_ms > 0 && v->predicted_ttft_ms > req->limits.max_ttft_ms)
         return POLICY_VERDICT_SLO;
+    if (req->limits.max_ttft_ms > 0 && backend_ttft_unknown(b, answer)) {
+        *unknown = 1;
+        if (!take->unmeasured)
+            return POLICY_VERDICT_SLO;
+    }
     return POLICY_VERDICT_COSTLIER;
 }
 
@@ -116,10 +133,12 @@ static int out_of_reach(enum policy_verdict_kind kind)
 }
 
 /* Candidates passed over for a cooldown in one pass: how many, and the
- * shortest and longest cooldown left among them. */
+ * shortest and longest cooldown left among them; and how many were never
+ * measured with their probe out. */
 struct cooling {
     unsigned count;
     uint64_t soonest_ms, latest_ms;
+    unsigned unmeasured;
 };
 
 static void note_cooling(struct cooling *c, uint64_t left_ms)
@@ -129,9 +148,8 @@ static void note_cooling(struct cooling *c, uint64_t left_ms)
     c->latest_ms = MAX(c->latest_ms, left_ms);
 }
 
-/* One look at every candidate. Backends cooling down after a 429 for at
- * most `take_cooling_ms` more count as any other (0: none do). */
-static struct policy_choice choose_pass(const struct policy_request *req, uint64_t take_cooling_ms,
+/* One look at every candidate, those `take` says counting. */
+static struct policy_choice choose_pass(const struct policy_request *req, const struct take *take,
                                         struct policy_verdict *v, struct cooling *cooling)
 {
     struct policy_choice ch = {.candidate = -1, .reason = POLICY_REASON_NONE_QUALIFIED};
@@ -148,11 +166,13 @@ static struct policy_choice choose_pass(const struct policy_request *req, uint64
         struct policy_verdict *c = &v[i];
         int quality_ok = req->route->candidates[i]->quality >= req->limits.min_quality;
         uint64_t cooldown_ms = 0;
+        int unknown = 0;
 
         *c = (struct policy_verdict){0};
-        c->kind = qualify(req, i, take_cooling_ms, c, &cooldown_ms);
+        c->kind = qualify(req, i, take, c, &cooldown_ms, &unknown);
         if (c->kind == POLICY_VERDICT_RATE_LIMITED)
             note_cooling(cooling, cooldown_ms);
+        cooling->unmeasured += unknown;
         if (c->kind != POLICY_VERDICT_TRIED && !out_of_reach(c->kind))
             eligible++;
         if (out_of_reach(c->kind))
@@ -226,6 +246,13 @@ static struct policy_choice choose_pass(const struct policy_request *req, uint64
     return ch;
 }
 
+/* Does `ch` serve the request as asked: a candidate, not a downgrade
+ * below the quality floor for the budget? */
+static int serves(const struct policy_choice *ch)
+{
+    return ch->candidate >= 0 && ch->reason != POLICY_REASON_DOWNGRADED_BUDGET;
+}
+
 /* Backends cooling down after a 429 are passed over while another
  * candidate can take the request as well. They are looked at again when
  * without them the answer would be none (a 503, or a 429 for the budget)
@@ -233,34 +260,43 @@ static struct policy_choice choose_pass(const struct policy_request *req, uint64
  * avoid: first those whose cooldown ends soonest (the likeliest to be
  * served), then all. The upstream knows best whether its limit has reset,
  * and its own 429 with its Retry-After is a truer answer than one made up
- * here. */
+ * here. Backends never measured count as `unmeasured` says; *unknown
+ * (may be NULL) gets how many of them the passes met. */
 static struct policy_choice choose_cheapest(const struct policy_request *req,
-                                            struct policy_verdict *v)
+                                            struct policy_verdict *v, int unmeasured,
+                                            unsigned *unknown)
 {
-    struct cooling cooling = {0, UINT64_MAX, 0}, again = cooling;
-    struct policy_choice ch = choose_pass(req, 0, v, &cooling), with_cooling = ch;
+    struct cooling cooling = {0, UINT64_MAX, 0, 0}, again = cooling;
+    struct take take = {0, unmeasured};
+    struct policy_choice ch = choose_pass(req, &take, v, &cooling), with_cooling = ch;
     uint64_t limits[2], downgrade_at = UINT64_MAX;
     size_t k;
 
-    if (cooling.count == 0 || (ch.candidate >= 0 && ch.reason != POLICY_REASON_DOWNGRADED_BUDGET))
+    if (unknown != NULL)
+        *unknown = cooling.unmeasured;
+    if (cooling.count == 0 || serves(&ch))
         return ch;
     limits[0] = cooling.soonest_ms;
     limits[1] = cooling.latest_ms;
     for (k = 0; k < 2 && (k == 0 || limits[1] > limits[0]); k++) {
-        with_cooling = choose_pass(req, limits[k], v, &again);
-        if (with_cooling.candidate >= 0 && with_cooling.reason != POLICY_REASON_DOWNGRADED_BUDGET)
+        take.cooling_ms = limits[k];
+        with_cooling = choose_pass(req, &take, v, &again);
+        if (unknown != NULL)
+            *unknown += again.unmeasured;
+        if (serves(&with_cooling))
             return with_cooling;
         /* A downgrade beats no answer, but only once no pass avoids it:
          * one with more of the cooling ones may serve at the floor. */
         if (ch.candidate < 0 && with_cooling.candidate >= 0 && downgrade_at == UINT64_MAX)
             downgrade_at = limits[k];
     }
+    take.cooling_ms = downgrade_at;
     if (downgrade_at != UINT64_MAX)
-        return limits[k - 1] == downgrade_at ? with_cooling
-                                             : choose_pass(req, downgrade_at, v, &again);
+        return limits[k - 1] == downgrade_at ? with_cooling : choose_pass(req, &take, v, &again);
     if (ch.candidate < 0)
         return with_cooling;
-    return choose_pass(req, 0, v, &again); /* the downgrade stands: its verdicts again */
+    take.cooling_ms = 0;
+    return choose_pass(req, &take, v, &again); /* the downgrade stands: its verdicts again */
 }
 
 /* No candidate: when the soonest of those shut by their circuit opens. */
@@ -280,10 +316,24 @@ static uint64_t soonest_reopening(const struct policy_request *req, const struct
     return soonest;
 }
 
+/* A backend never measured is predicted at 0 ms, a guess: while its
+ * first latency probe is out, SLO traffic goes to candidates measured
+ * within the SLO, and to it only when none of them serves the request
+ * (none qualifies, or only by a downgrade): the same preference as for a
+ * backend cooling down, so a route of new backends still serves. */
 static struct policy_choice choose_cost_aware(const struct policy_request *req,
                                               struct policy_verdict *v)
 {
-    struct policy_choice ch = choose_cheapest(req, v);
+    unsigned unknown = 0;
+    struct policy_choice ch = choose_cheapest(req, v, 0, &unknown), with_unknown;
+
+    if (unknown > 0 && !serves(&ch)) {
+        with_unknown = choose_cheapest(req, v, 1, NULL);
+        if (serves(&with_unknown) || (ch.candidate < 0 && with_unknown.candidate >= 0))
+            ch = with_unknown;
+        else
+            ch = choose_cheapest(req, v, 0, NULL); /* it stands: its verdicts again */
+    }
 
     if (ch.candidate < 0 && !ch.reject_budget)
         ch.retry_after_ms = soonest_reopening(req, v);

@@ -65,6 +65,8 @@ struct policy_request {
                                        search tool's max_uses), priced per backend */
     int64_t file_searches;          /* file search calls to hold for (Responses) */
     int searches_one_cap;           /* 1: the two are one cap on calls of either kind */
+    int answer;                     /* enum backend_answer asked for: a stream's TTFT and a
+                                       plain answer's (its whole answer) are apart */
     struct policy_budget day;       /* today's budget (UTC) */
     struct policy_budget month;     /* this month's budget (UTC) */
     struct policy_budget key_day;   /* the request's key's own, within the tenant's */

@@ -259,10 +259,19 @@ static void send_backends(struct router__client *c)
         cJSON_AddNumberToObject(o, "inflight", backend_inflight(b));
         cJSON_AddNumberToObject(o, "consecutive_failures", backend_consecutive_failures(b));
         cJSON_AddNumberToObject(o, "rate_limited_ms", (double)backend_cooldown_ms(b, now));
-        cJSON_AddNumberToObject(o, "ttft_ewma_ms", backend_ttft_ewma_ms(b));
-        cJSON_AddNumberToObject(o, "predicted_ttft_ms", backend_predicted_ttft_ms(b, now));
+        /* Plain answers', then streams' (their first byte comes with
+         * the last token, and with the first). */
+        cJSON_AddNumberToObject(o, "ttft_ewma_ms", backend_ttft_ewma_ms(b, BACKEND_PLAIN));
+        cJSON_AddNumberToObject(o, "predicted_ttft_ms",
+                                backend_predicted_ttft_ms(b, now, BACKEND_PLAIN));
         /* Why predicted_ttft_ms may say less than the average. */
-        cJSON_AddBoolToObject(o, "ttft_probe_due", backend_latency_probe_due(b, now));
+        cJSON_AddBoolToObject(o, "ttft_probe_due",
+                              backend_latency_probe_due(b, now, BACKEND_PLAIN));
+        cJSON_AddNumberToObject(o, "stream_ttft_ewma_ms", backend_ttft_ewma_ms(b, BACKEND_STREAM));
+        cJSON_AddNumberToObject(o, "stream_predicted_ttft_ms",
+                                backend_predicted_ttft_ms(b, now, BACKEND_STREAM));
+        cJSON_AddBoolToObject(o, "stream_ttft_probe_due",
+                              backend_latency_probe_due(b, now, BACKEND_STREAM));
         cJSON_AddNumberToObject(o, "open_connections", r->pools[i].nopen);
         cJSON_AddNumberToObject(o, "idle_connections", r->pools[i].nidle);
         if (cb->kind == CONF_BACKEND_SELF_HOSTED) {

@@ -706,6 +706,19 @@ void router__proxy_unchoose(struct router__client *c)
     backend_unchosen(c->req.pool->backend);
 }
 
+/* The kind of answer `req` asks for, whose TTFT it is predicted by. */
+static enum backend_answer answer_asked(const struct router__request *req)
+{
+    return req->stream ? BACKEND_STREAM : BACKEND_PLAIN;
+}
+
+/* The latency whose probe `req` may be (backend_probe_due): its kind's,
+ * when its tenant has an SLO. */
+static int latency_asked(const struct router__request *req)
+{
+    return req->tenant->max_ttft_ms > 0 ? (int)answer_asked(req) : BACKEND_LATENCY_NONE;
+}
+
 /* What policy/ is asked for `c`'s request, with the spend as this
  * instance has it now. */
 static void policy_request_of(struct router__client *c, struct policy_request *out)
@@ -736,6 +749,7 @@ static void policy_request_of(struct router__client *c, struct policy_request *o
     preq.web_searches = req->web_searches_held;
     preq.file_searches = req->file_searches_held;
     preq.searches_one_cap = req->searches_one_cap;
+    preq.answer = answer_asked(req);
     preq.day = budget_of(t->daily_usd, ts->spend.day_spent, ts->spend.reserved);
     preq.month = budget_of(t->monthly_usd, ts->spend.month_spent, ts->spend.reserved);
     if (ks != NULL) {
@@ -821,7 +835,7 @@ static int choose(struct router__client *c, const char *last_error)
     req->candidate = req->choice.candidate;
     req->reason = req->choice.reason_text;
     req->pool = &r->pools[req->route->candidates[req->candidate]->index];
-    req->probe_chosen = backend_probe_due(req->pool->backend, preq.now_ms);
+    req->probe_chosen = backend_probe_due(req->pool->backend, preq.now_ms, latency_asked(req));
     /* Load from now on: the hold is made before the attempt begins, and
      * the requests of a burst all choose meanwhile. */
     backend_chosen(req->pool->backend);
@@ -964,7 +978,7 @@ static void send_attempt(struct router__client *c)
         return;
     }
     router__proxy_unchoose(c);
-    backend_attempt_begin(req->pool->backend, now, &req->ticket);
+    backend_attempt_begin(req->pool->backend, now, answer_asked(req), &req->ticket);
     req->attempt_open = 1;
     rc = router__upstream_send(req->pool, c, out->data, out->len);
     buf_recycle(out, ROUTER_REQUEST_OUT_KEEP);
@@ -1015,11 +1029,13 @@ void router__proxy_reserved(struct router__client *c, int granted)
         choose_and_reserve(c, NULL);
         return;
     }
-    if (req->probe_chosen && !backend_probe_due(req->pool->backend, router__now(c->router))) {
-        /* Chosen as a backend's one probe (half-open circuit, stale TTFT),
-         * but a request that chose it too began there while this one's
-         * hold was being made: a burst at the moment a backend may come
-         * back went to it whole. Choose again, with that probe out. */
+    if (req->probe_chosen &&
+        !backend_probe_due(req->pool->backend, router__now(c->router), latency_asked(req))) {
+        /* Chosen as a backend's one probe (half-open circuit, stale TTFT
+         * or none yet), but a request that chose it too began there while
+         * this one's hold was being made: a burst at the moment a backend
+         * may come back, or is new, went to it whole. Choose again, with
+         * that probe out. */
         req->probe_chosen = 0;
         router__spend_release(c);
         choose_and_reserve(c, NULL);
@@ -1781,7 +1797,8 @@ static int on_sse_event(void *arg, const char *p, size_t len)
 
                 req->ttft_due = 0;
                 req->ttft_ms = now - req->start_ms;
-                backend_ttft_sample(req->pool->backend, now, now - req->attempt_start_ms);
+                backend_ttft_sample(req->pool->backend, now, BACKEND_STREAM,
+                                    now - req->attempt_start_ms);
             }
             if (overrun_cut(c))
                 return -1; /* before this event went: not charged */

@@ -49,7 +49,8 @@ Test(cost, api_prices_by_hand, .timeout = 5)
         const struct price_case *c = &price_cases[i];
         struct backend_tokens tok = {.prompt = c->prompt, .completion = c->completion,
                                      .cached = c->cached};
-        struct backend_cost est = backend_estimate_cost(fx_backend(&f, c->backend), 0, &tok, 0);
+        struct backend_cost est = backend_estimate_cost(fx_backend(&f, c->backend), 0, &tok, 0,
+                                                        BACKEND_PLAIN);
 
         cr_assert(fabs(backend_api_price_usd(&f.backends[c->backend], &tok) - c->usd) < USD_EPS,
                   "%s: price %.12f, want %.12f", c->name,
@@ -75,7 +76,8 @@ Test(cost, cached_price_unset_bills_input_price_and_free_is_zero, .timeout = 5)
     cr_assert(fabs(backend_api_price_usd(&f.backends[FX_MINI], &tok) - 0.00015) < USD_EPS);
     f.backends[FX_MINI].is_free = 1;
     cr_assert_eq(backend_api_price_usd(&f.backends[FX_MINI], &tok), 0);
-    cr_assert_eq(backend_estimate_cost(fx_backend(&f, FX_MINI), 0, &tok, 0).reserve_micro, 0);
+    cr_assert_eq(backend_estimate_cost(fx_backend(&f, FX_MINI), 0, &tok, 0,
+                 BACKEND_PLAIN).reserve_micro, 0);
     fx_fini(&f);
 }
 
@@ -107,7 +109,8 @@ Test(cost, long_context_rates_bill_the_whole_request_past_the_size, .timeout = 5
         const struct price_case *c = &cases[i];
         struct backend_tokens tok = {.prompt = c->prompt, .completion = c->completion,
                                      .cached = c->cached};
-        struct backend_cost est = backend_estimate_cost(fx_backend(&f, c->backend), 0, &tok, 0);
+        struct backend_cost est = backend_estimate_cost(fx_backend(&f, c->backend), 0, &tok, 0,
+                                                        BACKEND_PLAIN);
         double got = backend_api_price_usd(&f.backends[c->backend], &tok);
 
         cr_assert(fabs(got - c->usd) < USD_EPS, "%s: price %.12f, want %.12f", c->name, got,
@@ -158,7 +161,8 @@ Test(cost, a_service_tier_bills_at_its_rates, .timeout = 5)
     tok.tier = CONF_TIER_FLEX; /* 600 x 1 + 400 x 0.5 + 500 x 4 */
     cr_assert(fabs(backend_api_price_usd(b, &tok) - 0.0028) < USD_EPS, "%.9f",
               backend_api_price_usd(b, &tok));
-    cr_assert_eq(backend_estimate_cost(fx_backend(&f, FX_4O), 0, &tok, 0).reserve_micro, 2800,
+    cr_assert_eq(backend_estimate_cost(fx_backend(&f, FX_4O), 0, &tok, 0,
+                 BACKEND_PLAIN).reserve_micro, 2800,
                  "held at them");
     tok.tier = CONF_TIER_PRIORITY; /* not priced: standard, long past 10 tokens */
     cr_assert(fabs(backend_api_price_usd(b, &tok) - 0.15) < USD_EPS);
@@ -180,7 +184,7 @@ Test(cost, api_finish_settles_real_usage, .timeout = 5)
 
     fx_init(&f);
     b = fx_backend(&f, FX_MINI);
-    backend_attempt_begin(b, 100, &t);
+    backend_attempt_begin(b, 100, BACKEND_PLAIN, &t);
     cr_assert_eq(backend_inflight(b), 1);
     ch = backend_attempt_finish(b, 1600, &t, &used);
     cr_assert_eq(backend_inflight(b), 0);
@@ -207,32 +211,32 @@ Test(cost, a_reported_cost_is_settled_only_by_a_cost_from_usage_backend, .timeou
 
     fx_init(&f);
     b = fx_backend(&f, FX_MINI);
-    backend_attempt_begin(b, 100, &t);
+    backend_attempt_begin(b, 100, BACKEND_PLAIN, &t);
     ch = backend_attempt_finish(b, 200, &t, &used);
     cr_assert_eq(ch.micro_usd, 450, "tokens at the backend's prices");
     f.backends[FX_MINI].cost_from_usage = 1;
-    backend_attempt_begin(b, 300, &t);
+    backend_attempt_begin(b, 300, BACKEND_PLAIN, &t);
     ch = backend_attempt_finish(b, 400, &t, &used);
     cr_assert_eq(ch.micro_usd, 12345, "the reported cost");
     cr_assert(fabs(ch.usd - 0.012345) < USD_EPS);
     used.reported = 0;
-    backend_attempt_begin(b, 500, &t);
+    backend_attempt_begin(b, 500, BACKEND_PLAIN, &t);
     ch = backend_attempt_finish(b, 600, &t, &used);
     cr_assert_eq(ch.micro_usd, 450, "no report: the tokens");
     used.reported = 1;
     f.backends[FX_MINI].is_free = 1;
-    backend_attempt_begin(b, 700, &t);
+    backend_attempt_begin(b, 700, BACKEND_PLAIN, &t);
     ch = backend_attempt_finish(b, 800, &t, &used);
     cr_assert_eq(ch.micro_usd, 0, "free");
     fx_fini(&f);
 }
 
-/* A reloaded config keeps a pool's accounting clock when the pool is the
- * same (name, replicas, price): an attempt begun under the old config and
- * one under the new share the replicas, the pool's in-flight count (its
- * load) has both, and attributed + idle stays R x elapsed across them. A
- * pool with other replicas or price starts a clock of its own; an API
- * backend's clock is never shared. */
+/* A reloaded config keeps a pool's accounting clock (by the pool's
+ * name): an attempt begun under the old config and one under the new
+ * share the replicas, the pool's in-flight count (its load) has both, and
+ * attributed + idle stays R x elapsed across them. So does a pool with
+ * other replicas or price (see below); an API backend's clock is never
+ * shared. */
 Test(cost, a_reload_keeps_a_same_pools_clock, .timeout = 5)
 {
     struct fx f;
@@ -257,10 +261,10 @@ Test(cost, a_reload_keeps_a_same_pools_clock, .timeout = 5)
     cr_assert_not(backend_same_clock(fx_backend(&f, FX_MINI), backend_set_get(next, FX_MINI)));
     /* 2 replicas: one attempt on each config from 0 to 1000 ms, a third
      * (new config) from 500 ms: 3 in flight on 2 replicas then. */
-    backend_attempt_begin(old_gpu, 0, &t_old);
-    backend_attempt_begin(new_gpu, 0, &t_new);
+    backend_attempt_begin(old_gpu, 0, BACKEND_PLAIN, &t_old);
+    backend_attempt_begin(new_gpu, 0, BACKEND_PLAIN, &t_new);
     cr_assert_eq(backend_pool_utilization(new_gpu, 0), 2.0 / 8, "the pool's load has both");
-    backend_attempt_begin(new_gpu, 500, NULL);
+    backend_attempt_begin(new_gpu, 500, BACKEND_PLAIN, NULL);
     a = backend_attempt_finish(old_gpu, 1000, &t_old, &served);
     b = backend_attempt_finish(new_gpu, 1000, &t_new, &served);
     /* each: 0.5 s alone on a replica + 0.5 s x 2/3 */
@@ -270,11 +274,59 @@ Test(cost, a_reload_keeps_a_same_pools_clock, .timeout = 5)
     cr_assert(fabs(backend_idle_gpu_seconds(new_gpu, 1000)) < 1e-9, "%f",
               backend_idle_gpu_seconds(new_gpu, 1000));
     backend_set_destroy(next);
-    /* Other replicas: a clock of its own. */
+    /* Other replicas: the same pool. */
     again[FX_GPU].replicas = 3;
     next = backend_set_create_after(&conf2, f.set);
     cr_assert_not_null(next);
-    cr_assert_not(backend_same_clock(old_gpu, backend_set_get(next, FX_GPU)));
+    cr_assert(backend_same_clock(old_gpu, backend_set_get(next, FX_GPU)));
+    backend_set_destroy(next);
+    fx_fini(&f);
+}
+
+/* A reload that changes a pool's replicas and price (1 replica at $3.60/h,
+ * 1 micro-USD per GPU-ms, to 2 at $7.20/h, 2) keeps its clock: up to the
+ * new config's start the old ones run it, then the new ones, for the old
+ * config's attempt too. Its own clock for the new config booked the
+ * replica idle while the old attempt ran on it and was charged for it:
+ * attributed + idle passed the pool's cost by that time. */
+Test(cost, a_reload_that_changes_a_pool_prices_each_stretch_at_its_time, .timeout = 5)
+{
+    struct fx f;
+    struct conf_backend again[FX_N];
+    struct conf conf2;
+    struct backend_set *next;
+    struct backend *old_gpu, *new_gpu;
+    struct backend_ticket t;
+    struct backend_charge a;
+    static const struct backend_tokens served = {.prompt = 100, .completion = 200,
+                                                 .tier = CONF_TIER_STANDARD};
+
+    fx_init(&f);
+    f.backends[FX_GPU].replicas = 1;
+    f.backends[FX_GPU].gpu_hourly_usd = 3.60;
+    old_gpu = fx_backend(&f, FX_GPU);
+    backend_attempt_begin(old_gpu, 0, BACKEND_PLAIN, &t);
+    memcpy(again, f.backends, sizeof(again));
+    again[FX_GPU].replicas = 2;
+    again[FX_GPU].gpu_hourly_usd = 7.20;
+    conf2 = f.conf;
+    conf2.backends = again;
+    next = backend_set_create_after(&conf2, f.set);
+    cr_assert_not_null(next);
+    new_gpu = backend_set_get(next, FX_GPU);
+    cr_assert(backend_same_clock(old_gpu, new_gpu));
+    backend_set_start(next, 1000);
+    /* 0-1000 ms: 1 replica, busy, at 1 micro-USD a GPU-ms; 1000-2000 ms: 2
+     * replicas, one busy, one idle, at 2. */
+    a = backend_attempt_finish(old_gpu, 2000, &t, &served);
+    cr_assert(fabs(a.gpu_seconds - 2.0) < 1e-9, "%f", a.gpu_seconds);
+    cr_assert_eq(a.micro_usd, 1000 + 2000);
+    cr_assert(fabs(backend_idle_gpu_seconds(new_gpu, 2000) - 1.0) < 1e-9);
+    cr_assert(fabs(backend_idle_cost_usd(new_gpu, 2000) - 0.002) < 1e-12);
+    cr_assert(fabs(backend_pool_cost_usd(new_gpu, 2000) - 0.005) < 1e-12);
+    cr_assert(fabs(backend_pool_cost_usd(old_gpu, 2000) - 0.005) < 1e-12, "one pool, one cost");
+    /* and on, at the new ones: 2 idle replicas at 2 */
+    cr_assert(fabs(backend_idle_cost_usd(new_gpu, 3000) - 0.006) < 1e-12);
     backend_set_destroy(next);
     fx_fini(&f);
 }
@@ -283,7 +335,7 @@ Test(cost, a_reload_keeps_a_same_pools_clock, .timeout = 5)
 static void load_pool(struct backend *b, unsigned n, uint64_t now)
 {
     for (unsigned i = 0; i < n; i++)
-        backend_attempt_begin(b, now, NULL);
+        backend_attempt_begin(b, now, BACKEND_PLAIN, NULL);
 }
 
 struct gpu_case {
@@ -324,13 +376,13 @@ Test(cost, gpu_marginal_rises_to_list_at_the_slo_knee, .timeout = 5)
         fx_gpu_history(&g, 0, 200, 2000);
         b = fx_backend(&g, FX_GPU);
         load_pool(b, c->inflight, now);
-        est = backend_estimate_cost(b, now, &tok, 1000);
+        est = backend_estimate_cost(b, now, &tok, 1000, BACKEND_PLAIN);
         /* list: $2.00/h / 3600 x 500 tokens / 1000 tokens/s = 0.000277... */
         cr_assert(fabs(est.list_usd - 2.0 / 3600 * 0.5) < USD_EPS, "n=%u list", c->inflight);
         cr_assert_eq(est.reserve_micro, 278, "n=%u reserve", c->inflight);
-        cr_assert(fabs(backend_predicted_ttft_ms(b, now) - c->ttft_ms) < 1e-9,
-                  "n=%u: predicted %.3f, want %.3f", c->inflight, backend_predicted_ttft_ms(b, now),
-                  c->ttft_ms);
+        cr_assert(fabs(backend_predicted_ttft_ms(b, now, BACKEND_PLAIN) - c->ttft_ms) < 1e-9,
+                  "n=%u: predicted %.3f, want %.3f", c->inflight,
+                  backend_predicted_ttft_ms(b, now, BACKEND_PLAIN), c->ttft_ms);
         cr_assert(fabs(est.marginal_usd - est.list_usd * c->marginal_share) < USD_EPS,
                   "n=%u: marginal %.12f, want %.12f", c->inflight, est.marginal_usd,
                   est.list_usd * c->marginal_share);
@@ -356,13 +408,13 @@ Test(cost, chosen_requests_are_load_until_they_begin, .timeout = 5)
     for (int i = 0; i < 4; i++)
         backend_chosen(b);
     /* 11 counted: as the table's n = 11, 200 + 4 x 250 ms, (12/11)^4. */
-    cr_assert(fabs(backend_predicted_ttft_ms(b, 60000) - 1200) < 1e-9);
-    est = backend_estimate_cost(b, 60000, &tok, 1000);
+    cr_assert(fabs(backend_predicted_ttft_ms(b, 60000, BACKEND_PLAIN) - 1200) < 1e-9);
+    est = backend_estimate_cost(b, 60000, &tok, 1000, BACKEND_PLAIN);
     cr_assert(fabs(est.marginal_usd - est.list_usd * 20736.0 / 14641) < USD_EPS);
     cr_assert(fabs(backend_pool_utilization(b, 60000) - 7 / 8.0) < 1e-12);
     for (int i = 0; i < 5; i++) /* one more than chosen: stays at 0 */
         backend_unchosen(b);
-    cr_assert(fabs(backend_predicted_ttft_ms(b, 60000) - 200) < 1e-9);
+    cr_assert(fabs(backend_predicted_ttft_ms(b, 60000, BACKEND_PLAIN) - 200) < 1e-9);
     fx_fini(&f);
 }
 
@@ -378,11 +430,11 @@ Test(cost, gpu_without_slo_knees_at_capacity, .timeout = 5)
     b = fx_backend(&f, FX_GPU);
     /* 7 in flight + this one = the 8 slots: x = 1, marginal = list. */
     load_pool(b, 7, 60000);
-    est = backend_estimate_cost(b, 60000, &tok, 0);
+    est = backend_estimate_cost(b, 60000, &tok, 0, BACKEND_PLAIN);
     cr_assert(fabs(est.marginal_usd - est.list_usd) < USD_EPS);
     /* An SLO below the pool's TTFT average is broken even when idle: the
      * marginal cost is at its cap, 4^4 = 256 x list. */
-    est = backend_estimate_cost(b, 60000, &tok, 150);
+    est = backend_estimate_cost(b, 60000, &tok, 150, BACKEND_PLAIN);
     cr_assert(fabs(est.marginal_usd - 256 * est.list_usd) < USD_EPS);
     fx_fini(&f);
 }
@@ -405,7 +457,7 @@ Test(cost, tokens_per_second_window_drives_utilization, .timeout = 5)
     cr_assert(fabs(backend_pool_utilization(b, 10000) - 0.75) < 1e-12);
     /* No request in flight, so the throughput sets the marginal cost:
      * list x 0.75^4 = list x 0.31640625. */
-    est = backend_estimate_cost(b, 10000, &tok, 0);
+    est = backend_estimate_cost(b, 10000, &tok, 0, BACKEND_PLAIN);
     cr_assert(fabs(est.marginal_usd - est.list_usd * 0.31640625) < USD_EPS);
     /* Ten seconds later it has all left the window. */
     cr_assert_eq(backend_tokens_per_second(b, 20000), 0);
@@ -423,7 +475,7 @@ Test(cost, tokens_per_second_window_drives_utilization, .timeout = 5)
      * 2000 rated, a utilization of 10.75, is taken as 4. */
     backend_tokens_served(b, 1900, 40000);
     cr_assert(fabs(backend_pool_utilization(b, 2000) - 10.75) < 1e-9);
-    est = backend_estimate_cost(b, 2000, &tok, 0);
+    est = backend_estimate_cost(b, 2000, &tok, 0, BACKEND_PLAIN);
     cr_assert(est.list_usd > 0);
     cr_assert(fabs(est.marginal_usd - est.list_usd * 256) < USD_EPS, "marginal %.9f, list %.9f",
               est.marginal_usd, est.list_usd);
@@ -482,8 +534,8 @@ Test(cost, attribution_by_hand, .timeout = 5)
         f.backends[FX_GPU].replicas = c->replicas;
         f.backends[FX_GPU].gpu_hourly_usd = 3.60;
         b = fx_backend(&f, FX_GPU);
-        backend_attempt_begin(b, c->spans[0].start_ms, &ta);
-        backend_attempt_begin(b, c->spans[1].start_ms, &tb);
+        backend_attempt_begin(b, c->spans[0].start_ms, BACKEND_PLAIN, &ta);
+        backend_attempt_begin(b, c->spans[1].start_ms, BACKEND_PLAIN, &tb);
         ca = backend_attempt_finish(b, c->spans[0].end_ms, &ta, c->spans[0].used);
         cb = backend_attempt_finish(b, c->spans[1].end_ms, &tb, c->spans[1].used);
         cr_assert(fabs(ca.gpu_seconds - charged(&c->spans[0])) < 1e-9, "case %zu A %.6f", i,
@@ -512,7 +564,7 @@ Test(cost, three_requests_on_two_replicas_share_two_thirds_each, .timeout = 5)
     fx_init(&f);
     b = fx_backend(&f, FX_GPU);
     for (int i = 0; i < 3; i++)
-        backend_attempt_begin(b, 0, &t[i]);
+        backend_attempt_begin(b, 0, BACKEND_PLAIN, &t[i]);
     /* 3 s with 3 in flight on 2 replicas: 2/3 x 3 = 2 GPU-s each. */
     ch = backend_attempt_finish(b, 3000, &t[0], &served);
     cr_assert(fabs(ch.gpu_seconds - 2) < 1e-9);
@@ -571,7 +623,7 @@ Test(cost, attributed_plus_idle_is_pool_cost_over_an_hour, .timeout = 5)
             }
         }
         if (now < hour - 60000 && nlive < MAXQ && lcg(&seed) % 20 == 0) {
-            backend_attempt_begin(b, now, &live[nlive]);
+            backend_attempt_begin(b, now, BACKEND_PLAIN, &live[nlive]);
             ends[nlive++] = now + 500 + lcg(&seed) % 29500;
         }
     }
@@ -606,7 +658,7 @@ Test(cost, a_prompt_without_completion_is_billed_on_a_pool, .timeout = 5)
 
     fx_init(&f);
     b = fx_backend(&f, FX_GPU);
-    backend_attempt_begin(b, 0, &t);
+    backend_attempt_begin(b, 0, BACKEND_PLAIN, &t);
     /* Half way, with no event since the start: one replica idle 1.8 s. */
     cr_assert(fabs(backend_idle_gpu_seconds(b, 1800) - 1.8) < 1e-9);
     ch = backend_attempt_finish(b, 3600, &t, &embedded);
@@ -630,11 +682,11 @@ Test(cost, a_free_pool_reserves_and_charges_nothing, .timeout = 5)
     fx_init(&f);
     f.backends[FX_GPU].is_free = 1;
     b = fx_backend(&f, FX_GPU);
-    est = backend_estimate_cost(b, 0, &tok, 0);
+    est = backend_estimate_cost(b, 0, &tok, 0, BACKEND_PLAIN);
     cr_assert_eq(est.reserve_micro, 0);
     cr_assert_eq(est.list_usd, 0);
     cr_assert_eq(est.marginal_usd, 0);
-    backend_attempt_begin(b, 0, &t);
+    backend_attempt_begin(b, 0, BACKEND_PLAIN, &t);
     ch = backend_attempt_finish(b, 3600, &t, &served);
     cr_assert(fabs(ch.gpu_seconds - 3.6) < 1e-9, "its time is still accounted");
     cr_assert_eq(ch.usd, 0);
@@ -650,23 +702,23 @@ Test(cost, health_api_still_works_with_accounting, .timeout = 5)
 
     fx_init(&f);
     b = fx_backend(&f, FX_GPU);
-    backend_attempt_start(b, 1000);
+    backend_attempt_start(b, 1000, BACKEND_PLAIN);
     cr_assert_eq(backend_inflight(b), 1);
     backend_attempt_failure(b, 1000);
     backend_attempt_end(b);
     cr_assert_eq(backend_inflight(b), 0);
-    backend_attempt_start(b, 1100);
+    backend_attempt_start(b, 1100, BACKEND_PLAIN);
     backend_attempt_failure(b, 1100);
     backend_attempt_end(b);
-    backend_attempt_start(b, 1200);
+    backend_attempt_start(b, 1200, BACKEND_PLAIN);
     backend_attempt_failure(b, 1200);
     backend_attempt_end(b);
     cr_assert_str_eq(backend_circuit_name(b, 1300), "open");
     cr_assert_not(backend_available(b, 1300));
     cr_assert_str_eq(backend_circuit_name(b, 6200), "half-open");
     /* Loop time passed in out of order does not run the clock backwards. */
-    backend_attempt_begin(b, 6200, NULL);
-    backend_attempt_begin(b, 6100, NULL);
+    backend_attempt_begin(b, 6200, BACKEND_PLAIN, NULL);
+    backend_attempt_begin(b, 6100, BACKEND_PLAIN, NULL);
     cr_assert_eq(backend_inflight(b), 2);
     cr_assert(backend_idle_gpu_seconds(b, 6200) >= 0);
     fx_fini(&f);
@@ -685,43 +737,50 @@ Test(cost, a_stale_ttft_average_is_re_measured_by_one_request_at_a_time, .timeou
     fx_init(&f);
     f.backends[FX_MINI].ttft_stale_ms = 1000;
     b = fx_backend(&f, FX_MINI);
-    backend_attempt_begin(b, 0, &t0);
-    cr_assert_eq(t0.ttft_probe, 0, "no average yet: nothing to re-measure");
+    cr_assert(backend_latency_probe_due(b, 0, BACKEND_PLAIN),
+              "never measured: the first is a probe");
+    backend_attempt_begin(b, 0, BACKEND_PLAIN, &t0);
+    cr_assert_neq(t0.ttft_probe, 0);
+    cr_assert(backend_ttft_unknown(b, BACKEND_PLAIN));
+    cr_assert_not(backend_latency_probe_due(b, 0, BACKEND_PLAIN), "one at a time");
     backend_attempt_success(b, 900, 900);
+    cr_assert_not(backend_ttft_unknown(b, BACKEND_PLAIN));
     (void)backend_attempt_finish(b, 1000, &t0, NULL);
-    cr_assert_float_eq(backend_predicted_ttft_ms(b, 1899), 900, 1e-9);
-    cr_assert_not(backend_latency_probe_due(b, 1899));
+    cr_assert_float_eq(backend_predicted_ttft_ms(b, 1899, BACKEND_PLAIN), 900, 1e-9);
+    cr_assert_not(backend_latency_probe_due(b, 1899, BACKEND_PLAIN));
 
     /* 1000 ms after the sample: stale. */
-    cr_assert(backend_latency_probe_due(b, 1900));
-    cr_assert_float_eq(backend_predicted_ttft_ms(b, 1900), 0, 1e-9);
-    backend_attempt_begin(b, 1900, &t1);
+    cr_assert(backend_latency_probe_due(b, 1900, BACKEND_PLAIN));
+    cr_assert_float_eq(backend_predicted_ttft_ms(b, 1900, BACKEND_PLAIN), 0, 1e-9);
+    backend_attempt_begin(b, 1900, BACKEND_PLAIN, &t1);
     cr_assert_neq(t1.ttft_probe, 0);
-    cr_assert_not(backend_latency_probe_due(b, 1900));
-    cr_assert_float_eq(backend_predicted_ttft_ms(b, 1900), 900, 1e-9, "one probe at a time");
-    backend_attempt_begin(b, 1950, &t2);
+    cr_assert_not(backend_latency_probe_due(b, 1900, BACKEND_PLAIN));
+    cr_assert_float_eq(backend_predicted_ttft_ms(b, 1900, BACKEND_PLAIN), 900, 1e-9,
+                       "one probe at a time");
+    backend_attempt_begin(b, 1950, BACKEND_PLAIN, &t2);
     cr_assert_eq(t2.ttft_probe, 0);
     (void)backend_attempt_finish(b, 2000, &t2, NULL); /* not the probe: it stays out */
-    cr_assert_not(backend_latency_probe_due(b, 2000));
+    cr_assert_not(backend_latency_probe_due(b, 2000, BACKEND_PLAIN));
     (void)backend_attempt_finish(b, 2100, &t1, NULL); /* the probe's client left */
-    cr_assert(backend_latency_probe_due(b, 2100), "the probe's slot was not released");
+    cr_assert(backend_latency_probe_due(b, 2100, BACKEND_PLAIN),
+              "the probe's slot was not released");
 
-    backend_attempt_begin(b, 2200, &t3);
+    backend_attempt_begin(b, 2200, BACKEND_PLAIN, &t3);
     cr_assert_gt(t3.ttft_probe, t1.ttft_probe);
     backend_attempt_success(b, 2250, 50);
     (void)backend_attempt_finish(b, 2300, &t3, NULL);
     /* Replaced: blended, 900 + 0.2 x (50 - 900) = 730 would still break
      * a 500 ms SLO and wait another interval. */
-    cr_assert_float_eq(backend_ttft_ewma_ms(b), 50, 1e-9);
-    cr_assert_not(backend_latency_probe_due(b, 2300));
-    backend_attempt_begin(b, 2300, NULL);
+    cr_assert_float_eq(backend_ttft_ewma_ms(b, BACKEND_PLAIN), 50, 1e-9);
+    cr_assert_not(backend_latency_probe_due(b, 2300, BACKEND_PLAIN));
+    backend_attempt_begin(b, 2300, BACKEND_PLAIN, NULL);
     backend_attempt_success(b, 2400, 150);
     backend_attempt_end(b);
-    cr_assert_float_eq(backend_ttft_ewma_ms(b), 70, 1e-9, "fresh samples blend");
+    cr_assert_float_eq(backend_ttft_ewma_ms(b, BACKEND_PLAIN), 70, 1e-9, "fresh samples blend");
 
     f.backends[FX_MINI].ttft_stale_ms = 0; /* never re-checked */
-    cr_assert_not(backend_latency_probe_due(b, 1000000));
-    cr_assert_float_eq(backend_predicted_ttft_ms(b, 1000000), 70, 1e-9);
+    cr_assert_not(backend_latency_probe_due(b, 1000000, BACKEND_PLAIN));
+    cr_assert_float_eq(backend_predicted_ttft_ms(b, 1000000, BACKEND_PLAIN), 70, 1e-9);
     fx_fini(&f);
 }
 
@@ -880,7 +939,8 @@ Test(cost, web_searches_are_billed_per_thousand, .timeout = 5)
     b->web_search_usd_per_1k = 10;
     cr_assert(fabs(backend_api_price_usd(b, &tok) - 0.0375) < USD_EPS, "%.12f",
               backend_api_price_usd(b, &tok));
-    cr_assert_eq(backend_estimate_cost(fx_backend(&f, FX_SONNET), 0, &tok, 0).reserve_micro,
+    cr_assert_eq(backend_estimate_cost(fx_backend(&f, FX_SONNET), 0, &tok, 0,
+                 BACKEND_PLAIN).reserve_micro,
                  37500, "held for them");
     tok.web_searches = -1; /* unknown counts none */
     cr_assert(fabs(backend_api_price_usd(b, &tok) - 0.0075) < USD_EPS);
@@ -891,5 +951,68 @@ Test(cost, web_searches_are_billed_per_thousand, .timeout = 5)
               backend_api_price_usd(b, &tok));
     b->is_free = 1;
     cr_assert_eq(backend_api_price_usd(b, &tok), 0);
+    fx_fini(&f);
+}
+
+/* A plain answer's first byte is its head, which comes with its last
+ * token; a stream's is its first event. Each kind is averaged, probed
+ * and predicted apart: one kind's samples say nothing of the other's. */
+Test(cost, streams_and_plain_answers_are_timed_apart, .timeout = 5)
+{
+    struct fx f;
+    struct backend *b;
+    struct backend_ticket ts, tp;
+
+    fx_init(&f);
+    b = fx_backend(&f, FX_MINI);
+    backend_attempt_begin(b, 0, BACKEND_STREAM, &ts);
+    cr_assert_neq(ts.ttft_probe, 0, "the streams' first");
+    backend_attempt_begin(b, 0, BACKEND_PLAIN, &tp);
+    cr_assert_neq(tp.ttft_probe, 0, "the plain answers' first: a probe of their own");
+    backend_ttft_sample(b, 50, BACKEND_STREAM, 50);
+    (void)backend_attempt_finish(b, 60, &ts, NULL);
+    cr_assert(backend_ttft_unknown(b, BACKEND_PLAIN), "a stream's sample is none of a plain's");
+    backend_attempt_success(b, 2000, 2000);
+    (void)backend_attempt_finish(b, 2000, &tp, NULL);
+    cr_assert_float_eq(backend_ttft_ewma_ms(b, BACKEND_STREAM), 50, 1e-9);
+    cr_assert_float_eq(backend_ttft_ewma_ms(b, BACKEND_PLAIN), 2000, 1e-9);
+    cr_assert_float_eq(backend_predicted_ttft_ms(b, 2000, BACKEND_STREAM), 50, 1e-9);
+    cr_assert_float_eq(backend_predicted_ttft_ms(b, 2000, BACKEND_PLAIN), 2000, 1e-9);
+    fx_fini(&f);
+}
+
+/* A reload keeps what was measured of a backend's latency when the new
+ * config names the same upstream (name, url, model); another url is
+ * another upstream, measured afresh. */
+Test(cost, a_reload_keeps_what_was_measured_of_the_same_upstream, .timeout = 5)
+{
+    struct fx f;
+    struct conf_backend again[FX_N];
+    struct conf conf2;
+    struct backend_set *next;
+    struct backend *b;
+
+    fx_init(&f);
+    backend_attempt_success(fx_backend(&f, FX_MINI), 100, 300);
+    backend_ttft_sample(fx_backend(&f, FX_MINI), 100, BACKEND_STREAM, 40);
+    memcpy(again, f.backends, sizeof(again));
+    conf2 = f.conf;
+    conf2.backends = again;
+    next = backend_set_create_after(&conf2, f.set);
+    cr_assert_not_null(next);
+    b = backend_set_get(next, FX_MINI);
+    cr_assert_float_eq(backend_predicted_ttft_ms(b, 200, BACKEND_PLAIN), 300, 1e-9);
+    cr_assert_float_eq(backend_predicted_ttft_ms(b, 200, BACKEND_STREAM), 40, 1e-9);
+    cr_assert_not(backend_latency_probe_due(b, 200, BACKEND_PLAIN));
+    cr_assert(backend_latency_probe_due(backend_set_get(next, FX_4O), 200, BACKEND_PLAIN),
+              "never measured before either");
+    backend_set_destroy(next);
+    again[FX_MINI].url = "http://127.0.0.1:9/v1";
+    next = backend_set_create_after(&conf2, f.set);
+    cr_assert_not_null(next);
+    b = backend_set_get(next, FX_MINI);
+    cr_assert(backend_latency_probe_due(b, 200, BACKEND_PLAIN), "another upstream");
+    cr_assert_float_eq(backend_ttft_ewma_ms(b, BACKEND_PLAIN), 0, 1e-9);
+    backend_set_destroy(next);
     fx_fini(&f);
 }

@@ -214,7 +214,7 @@ static void setup(struct fx *f, unsigned flags)
     if (flags & SET_GPU_DOWN) {
         b = fx_backend(f, FX_GPU);
         for (int i = 0; i < 3; i++) {
-            backend_attempt_start(b, 10);
+            backend_attempt_start(b, 10, BACKEND_PLAIN);
             backend_attempt_failure(b, 10);
             backend_attempt_end(b);
         }
@@ -337,7 +337,7 @@ static struct policy_choice choose_at_load(struct fx *f, unsigned inflight,
     };
 
     while (backend_inflight(gpu) < inflight)
-        backend_attempt_begin(gpu, 60000, NULL);
+        backend_attempt_begin(gpu, 60000, BACKEND_PLAIN, NULL);
     return policy_cost_aware.choose(&req, v);
 }
 
@@ -351,7 +351,7 @@ Test(cost_select, pool_spills_to_api_exactly_when_the_slo_breaks, .timeout = 5)
     backend_attempt_success(fx_backend(&f, FX_MINI), 10, 300);
     for (unsigned n = 0; n <= 16; n++) {
         struct policy_choice ch = choose_at_load(&f, n, v);
-        double ttft = backend_predicted_ttft_ms(fx_backend(&f, FX_GPU), 60000);
+        double ttft = backend_predicted_ttft_ms(fx_backend(&f, FX_GPU), 60000, BACKEND_PLAIN);
 
         /* n = 10: 950 ms, still within; n = 11: 1200 ms breaks it. */
         if (n <= 10) {
@@ -426,5 +426,54 @@ Test(cost_select, a_keys_own_budget_binds_as_its_tenants, .timeout = 5)
     req.key_month = (struct policy_budget){100000, 100};
     ch = policy_cost_aware.choose(&req, v);
     cr_expect(ch.reject_budget, "nothing fits the key's $0.0001");
+    fx_fini(&f);
+}
+
+/* A backend never measured is predicted at 0 ms, a guess. While its
+ * first latency probe is out, SLO traffic keeps to candidates measured
+ * within the SLO, and goes to it only when none of those serves the
+ * request: none within the SLO, or none within the budget. */
+Test(cost_select, a_backend_never_measured_waits_for_its_probe, .timeout = 5)
+{
+    struct fx f;
+    struct policy_verdict v[FX_N];
+    struct policy_choice ch;
+    struct policy_request req;
+    struct backend *gpu, *mini;
+
+    fx_init(&f);
+    gpu = fx_backend(&f, FX_GPU);
+    mini = fx_backend(&f, FX_MINI);
+    backend_attempt_success(mini, 10, 300);
+    backend_attempt_success(fx_backend(&f, FX_4O), 10, 1500);
+    backend_attempt_success(fx_backend(&f, FX_SONNET), 10, 1500);
+    req = (struct policy_request){.route = &f.route, .backends = f.set, .prompt_tokens = 1000,
+                                  .completion_tokens = 500, .now_ms = 1000,
+                                  .limits = {.max_ttft_ms = 1000}};
+    cr_assert(backend_latency_probe_due(gpu, 1000, BACKEND_PLAIN),
+              "never measured: the next is its probe");
+    ch = policy_cost_aware.choose(&req, v);
+    cr_assert_eq(ch.candidate, FX_GPU, "the cheapest goes first, as the probe");
+    backend_attempt_begin(gpu, 1000, BACKEND_PLAIN, NULL);
+    cr_assert(backend_ttft_unknown(gpu, BACKEND_PLAIN));
+    ch = policy_cost_aware.choose(&req, v);
+    cr_assert_eq(ch.candidate, FX_MINI, "measured within the SLO while the probe is out");
+    cr_assert_eq(v[FX_GPU].kind, POLICY_VERDICT_SLO);
+    req.limits.max_ttft_ms = 0;
+    ch = policy_cost_aware.choose(&req, v);
+    cr_assert_eq(ch.candidate, FX_GPU, "without an SLO, the prediction does not count");
+    req.limits.max_ttft_ms = 1000;
+    req.day = (struct policy_budget){10000, 400}; /* mini's 450 does not fit, the pool's 278 does */
+    ch = policy_cost_aware.choose(&req, v);
+    cr_assert_eq(ch.candidate, FX_GPU, "rather than a 429");
+    cr_assert_str_eq(ch.reason_text, "cheapest-qualifying");
+    req.day = (struct policy_budget){0, 0};
+    backend_attempt_success(mini, 1000, 1500); /* 300 + 0.2 x 1200 = 540 */
+    backend_attempt_success(mini, 1000, 5000); /* 540 + 0.2 x 4460 = 1432 */
+    ch = policy_cost_aware.choose(&req, v);
+    cr_assert_eq(ch.candidate, FX_GPU, "none measured within the SLO: rather than a 503");
+    backend_ttft_sample(gpu, 1200, BACKEND_PLAIN, 200);
+    cr_assert_not(backend_ttft_unknown(gpu, BACKEND_PLAIN));
+    cr_assert_not(backend_latency_probe_due(gpu, 1200, BACKEND_PLAIN));
     fx_fini(&f);
 }

@@ -2209,6 +2209,13 @@ Test(costs, an_arm_whose_backends_are_all_down_answers_503_with_retry_after)
 
 #define SLO_STREAM "{\"model\":\"chat\",\"stream\":true,\"max_tokens\":8," MSG "}"
 
+/* Put a chat with `body` and KEY in `req`, for burst_served_by. */
+static void chat_in_req(const char *body)
+{
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH, body), 0);
+}
+
 /* The pool: one replica, 2 concurrent, 800 ms a request (8 tokens x
  * 100 ms). Cheap while it has headroom; the API tier is dear. A tenant
  * with a 600 ms SLO. Then three streams one at a time, to their end:
@@ -2229,8 +2236,7 @@ static void start_pool_and_api_tier(void)
         cr_assert_eq(chat(0, NULL, SLO_STREAM), 0);
         cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "gpu");
     }
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", AUTH, SLO_STREAM), 0);
+    chat_in_req(SLO_STREAM);
 }
 
 /* Six streams at once. Predicted TTFT with n in flight is
@@ -2254,19 +2260,14 @@ static void six_streams_three_on_the_pool(void)
         cr_assert_str_eq(got[i], i < 3 ? "gpu" : "api", "stream %d went to %s", i, got[i]);
 }
 
-/* A burst: six requests reach the router together, so each is chosen
- * before any of the others has begun on the pool (the reservation comes
- * first). Those chosen and not begun yet are the pool's load as much as
- * those begun: without them, the prediction saw an idle pool for all six,
- * and all six queued there past the SLO. As one by one, three go to the
- * pool and the rest spill. */
-Test(costs, a_burst_spills_from_the_gpu_pool_as_requests_one_by_one_do)
+/* Six copies of the request in `req` that reach router 0 together: how
+ * many the backend `name` served. */
+static int burst_served_by(const char *name)
 {
     struct support_http_conn conns[6];
     struct support_http_response got[6];
-    int on_gpu = 0;
+    int on = 0;
 
-    start_pool_and_api_tier();
     for (int i = 0; i < 6; i++)
         cr_assert_eq(support_http_connect(&conns[i], routers[0].port), 0);
     usleep(100 * 1000); /* all accepted: the requests below arrive together */
@@ -2276,15 +2277,28 @@ Test(costs, a_burst_spills_from_the_gpu_pool_as_requests_one_by_one_do)
         memset(&got[i], 0, sizeof(got[i]));
         cr_assert_eq(support_http_read(&conns[i], &got[i], TIMEOUT_MS), 0);
         cr_assert_eq(got[i].status, 200);
-        on_gpu += strcmp(support_http_header(&got[i], "x-costrouter-backend"), "gpu") == 0;
+        on += strcmp(support_http_header(&got[i], "x-costrouter-backend"), name) == 0;
         support_http_close(&conns[i]);
         support_http_response_free(&got[i]);
     }
+    return on;
+}
+
+/* A burst: six requests reach the router together, so each is chosen
+ * before any of the others has begun on the pool (the reservation comes
+ * first). Those chosen and not begun yet are the pool's load as much as
+ * those begun: without them, the prediction saw an idle pool for all six,
+ * and all six queued there past the SLO. As one by one, three go to the
+ * pool and the rest spill. */
+Test(costs, a_burst_spills_from_the_gpu_pool_as_requests_one_by_one_do)
+{
+    start_pool_and_api_tier();
+    int on_gpu = burst_served_by("gpu");
     cr_assert_eq(on_gpu, 3, "%d of the 6 went to the pool", on_gpu);
     /* All answered: none still counts as load (two would add 400 ms). */
     cr_assert_eq(call_port(routers[0].port, "GET", "/admin/backends", ADMIN, NULL), 0);
     double predicted = cJSON_GetObjectItem(cJSON_GetArrayItem(body_json(), 0),
-                                           "predicted_ttft_ms")->valuedouble;
+                                           "stream_predicted_ttft_ms")->valuedouble;
     cr_assert(predicted < 400, "predicted TTFT %g ms on an idle pool", predicted);
 }
 
@@ -2470,6 +2484,111 @@ Test(costs, a_streams_ttft_is_its_first_events_not_its_heads)
     cr_assert_not_null(rec);
     cr_assert_geq(cJSON_GetObjectItem(rec, "ttft_ms")->valuedouble, 600, "the cost log's ttft_ms");
     cJSON_Delete(rec);
+}
+
+/* A tenant "warm" (key KEY_WARM) whose quality floor keeps it off the
+ * cheap backend: its requests teach the router the dear one's TTFT
+ * without touching the cheap one's. */
+#define KEY_WARM "sk-cost-warm"
+
+static const char *warm_tenant(const char *slo)
+{
+    static char extra[512];
+    char hex[65];
+
+    support_key_sha256_hex(KEY_WARM, hex);
+    snprintf(extra, sizeof(extra),
+             "    slo: {%s}\n  - id: warm\n    api_keys: [\"sha256:%s\"]\n"
+             "    slo: {min_quality: 2}\n",
+             slo, hex);
+    return extra;
+}
+
+/* A backend with no TTFT sample yet (new, or new to this config) was
+ * predicted at 0 ms: a burst of SLO traffic all went to the cheap one,
+ * 600 ms from its first token against a 300 ms SLO, though the dear one
+ * was measured fast. Unmeasured, it is measured by one request (a latency
+ * probe, as a stale average is); while that one is out, the others keep
+ * to candidates known to meet the SLO. */
+Test(costs, a_burst_does_not_all_go_to_a_backend_never_measured)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, "--ttft-ms", "600", NULL), 0); /* slow */
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend("cheap", mock_a.port, 1, 1, 1);
+    add_backend("dear", mock_b.port, 2, 100, 100);
+    start_routers(1, "cheap, dear", warm_tenant("max_ttft_ms: 300"));
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(key_chat(KEY_WARM, "{\"model\":\"chat\"," MSG "}"), 200);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "dear");
+    }
+    chat_in_req("{\"model\":\"chat\"," MSG "}");
+    int on_cheap = burst_served_by("cheap");
+    cr_assert_eq(on_cheap, 1, "%d of the 6 went to the backend never measured", on_cheap);
+    /* Measured now at 600 ms: none of the next. */
+    cr_assert_eq(burst_served_by("cheap"), 0);
+    /* A reload that keeps both as they were keeps what was measured:
+     * started afresh, both were never measured again, and after a probe
+     * on each the burst went to the slow one, the cheapest. */
+    reload_router();
+    chat_in_req("{\"model\":\"chat\"," MSG "}");
+    on_cheap = burst_served_by("cheap");
+    cr_assert_eq(on_cheap, 0, "%d of the 6 went to the slow one after a reload", on_cheap);
+}
+
+#define PLAIN_CHAT "{\"model\":\"chat\"," MSG "}"
+#define STREAM_CHAT "{\"model\":\"chat\",\"stream\":true," MSG "}"
+
+/* "cheap" sends a stream's first token at once and a plain answer whole
+ * when its 8th token is made, 1050 ms later (as servers do); "dear" is
+ * fast and dear. The tenant's SLO: 300 ms. The first stream measures
+ * cheap's first token. */
+static void start_fast_first_token_slow_answer(void)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, "--tokens", "8", "--token-delay-ms", "150", NULL),
+                 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend("cheap", mock_a.port, 2, 1, 1);
+    add_backend("dear", mock_b.port, 2, 100, 100);
+    start_routers(1, "cheap, dear", warm_tenant("max_ttft_ms: 300"));
+    cr_assert_eq(chat(0, NULL, STREAM_CHAT), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap");
+}
+
+/* A plain answer's sample is its head, which comes with its last token;
+ * a stream's is its first token. In one average, another tenant's long
+ * plain answers (three of 1050 ms) took cheap's TTFT past the SLO, and
+ * streams, whose first token it sends at once, went to the dear one.
+ * Each kind is predicted from its own samples. */
+Test(costs, long_plain_answers_do_not_keep_streams_from_a_fast_first_token)
+{
+    start_fast_first_token_slow_answer();
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(key_chat(KEY_WARM, PLAIN_CHAT), 200);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap");
+    }
+    cr_assert_eq(chat(0, NULL, STREAM_CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap",
+                     "its first token comes at once");
+    cr_assert_eq(chat(0, NULL, PLAIN_CHAT), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "dear",
+                     "a plain answer there comes after 1050 ms");
+}
+
+/* The other way: fast first tokens of streams predicted a plain answer,
+ * which its client gets only whole, at a few ms, and the tenant's plain
+ * requests kept going to a backend that answers them in 1050 ms. */
+Test(costs, fast_first_tokens_do_not_send_plain_requests_to_slow_answers)
+{
+    start_fast_first_token_slow_answer();
+    cr_assert_eq(chat(0, NULL, PLAIN_CHAT), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap",
+                     "no plain answer measured yet");
+    cr_assert_eq(chat(0, NULL, PLAIN_CHAT), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "dear",
+                     "a plain answer there comes after 1050 ms");
+    cr_assert_eq(chat(0, NULL, STREAM_CHAT), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap");
 }
 
 static const char *cut_auth = AUTH; /* the key tokens_before_the_cut_cost streams with */
@@ -3444,6 +3563,56 @@ Test(costs, a_reload_keeps_the_idle_cost_of_a_gpu_pool)
                   most_ms);
 }
 
+/* Times (mono_ms) around the scrapes and the reload of
+ * pool_request_across_a_reload, and what it read. */
+struct across {
+    double sent0, answered0;           /* the first scrape */
+    double reload_sent, reload_answered;
+    double sent1, answered1;           /* the second scrape */
+    double idle_gain;                  /* the pool's idle cost between the scrapes, USD */
+    double charged;                    /* the request's charge, USD */
+};
+
+/* A pool of one replica at $36/h (add_pool) serves a request for 1 s; a
+ * reload 300 ms into it, to a config whose pool costs `hourly_after` USD
+ * an hour. Scraped before the request and after its answer. */
+static void pool_request_across_a_reload(int hourly_after, struct across *a)
+{
+    static const char idle[] = "costrouter_gpu_pool_idle_cost_usd_total{backend=\"gpu\"}";
+    static const char cost[] =
+        "costrouter_cost_usd_total{tenant=\"acme\",backend=\"gpu\",route=\"chat\"}";
+    struct support_http_conn slow = {.fd = -1};
+    struct support_http_response slow_resp = {0};
+    struct buf slow_req = {0};
+    double before;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_pool("gpu", mock_a.port, "");
+    start_routers(1, "gpu", NULL);
+    before = timed_metric(idle, &a->sent0, &a->answered0);
+    cr_assert_geq(before, 0, "%.*s", (int)resp.body.len, resp.body.data);
+    send_unanswered(&slow, &slow_req, AUTH "x-mock-ttft-ms: 1000\r\n", "{\"model\":\"chat\"," MSG "}");
+    usleep(300 * 1000);
+    buf_reset(&yaml);
+    cr_assert_eq(buf_printf(&yaml,
+                            "  - {name: gpu, kind: self_hosted, url: \"http://127.0.0.1:%d/v1\",\n"
+                            "     quality: 1, context_window: 100000, gpu_hourly_usd: %d,\n"
+                            "     replicas: 1, max_concurrency: 4, tokens_per_second: 1000}\n",
+                            mock_a.port, hourly_after),
+                 0);
+    write_conf("gpu", NULL);
+    a->reload_sent = mono_ms();
+    reload_router();
+    a->reload_answered = mono_ms();
+    cr_assert_eq(support_http_read(&slow, &slow_resp, TIMEOUT_MS), 0);
+    cr_assert_eq(slow_resp.status, 200);
+    a->idle_gain = timed_metric(idle, &a->sent1, &a->answered1) - before;
+    a->charged = metric_value(cost);
+    support_http_close(&slow);
+    support_http_response_free(&slow_resp);
+    buf_free(&slow_req);
+}
+
 /* The same with a request in flight across the reload: it runs 1 s on
  * the pool's one replica, the reload 300 ms into it. Over the scrapes the
  * pool's idle gain plus what the request was charged must be the pool's
@@ -3455,34 +3624,41 @@ Test(costs, a_reload_keeps_the_idle_cost_of_a_gpu_pool)
  * now keeps its accounting clock across the reload. */
 Test(costs, a_reload_with_a_pool_request_in_flight_pays_the_replica_once)
 {
-    static const char idle[] = "costrouter_gpu_pool_idle_cost_usd_total{backend=\"gpu\"}";
-    static const char cost[] =
-        "costrouter_cost_usd_total{tenant=\"acme\",backend=\"gpu\",route=\"chat\"}";
-    struct support_http_conn slow = {.fd = -1};
-    struct support_http_response slow_resp = {0};
-    struct buf slow_req = {0};
-    double sent0, answered0, sent1, answered1, before, after, charged, most_ms;
+    struct across a;
+    double most_ms;
 
-    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    add_pool("gpu", mock_a.port, "");
-    start_routers(1, "gpu", NULL);
-    before = timed_metric(idle, &sent0, &answered0);
-    cr_assert_geq(before, 0, "%.*s", (int)resp.body.len, resp.body.data);
-    send_unanswered(&slow, &slow_req, AUTH "x-mock-ttft-ms: 1000\r\n", "{\"model\":\"chat\"," MSG "}");
-    usleep(300 * 1000);
-    reload_router();
-    cr_assert_eq(support_http_read(&slow, &slow_resp, TIMEOUT_MS), 0);
-    cr_assert_eq(slow_resp.status, 200);
-    after = timed_metric(idle, &sent1, &answered1);
-    charged = metric_value(cost);
-    cr_assert_gt(charged, 900 * 10e-6, "the request ran about 1 s: %f USD", charged);
-    most_ms = answered1 - sent0 + LOOP_CLOCK_LAG_MS;
-    cr_assert_leq(after - before + charged, most_ms * 10e-6,
-                  "idle %f + charged %f USD, for %.1f ms at most (%f USD)", after - before, charged,
+    pool_request_across_a_reload(36, &a);
+    cr_assert_gt(a.charged, 900 * 10e-6, "the request ran about 1 s: %f USD", a.charged);
+    most_ms = a.answered1 - a.sent0 + LOOP_CLOCK_LAG_MS;
+    cr_assert_leq(a.idle_gain + a.charged, most_ms * 10e-6,
+                  "idle %f + charged %f USD, for %.1f ms at most (%f USD)", a.idle_gain, a.charged,
                   most_ms, most_ms * 10e-6);
-    support_http_close(&slow);
-    support_http_response_free(&slow_resp);
-    buf_free(&slow_req);
+}
+
+/* The same with a reload that doubles the pool's price ($36/h, 10
+ * micro-USD per ms, to $72/h, 20) while the request runs. The pool was
+ * the old config's until the reload and the new one's after: the new one
+ * started an accounting of its own, which booked the replica idle while
+ * the old config's request ran on it and was charged for it, so the
+ * replica was paid twice for ~700 ms (idle 0.014000 + charged 0.010030
+ * USD, at most 0.017189). The pool keeps its accounting across the reload
+ * by its name, each stretch at the price of its time: idle + charged is
+ * the pool's cost between the scrapes, 10 micro-USD a ms before the
+ * reload and 20 after. */
+Test(costs, a_reload_that_changes_a_pools_price_pays_the_replica_once)
+{
+    struct across a;
+    double least, most;
+
+    pool_request_across_a_reload(72, &a);
+    least = (a.reload_sent - a.answered0) * 10e-6 + (a.sent1 - a.reload_answered) * 20e-6 -
+            LOOP_CLOCK_LAG_MS * 20e-6;
+    most = (a.reload_answered - a.sent0) * 10e-6 + (a.answered1 - a.reload_sent) * 20e-6 +
+           LOOP_CLOCK_LAG_MS * 20e-6;
+    cr_assert_leq(a.idle_gain + a.charged, most, "idle %f + charged %f USD, at most %f",
+                  a.idle_gain, a.charged, most);
+    cr_assert_geq(a.idle_gain + a.charged, least, "idle %f + charged %f USD, at least %f",
+                  a.idle_gain, a.charged, least);
 }
 
 /* A pool that works 300 ms and then refuses (the error goes to the

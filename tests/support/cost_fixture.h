@@ -89,7 +89,7 @@ static inline void fx_gpu_history(struct fx *f, uint64_t at, uint64_t ttft_ms, u
     struct backend_ticket t;
     struct backend_tokens used = {.prompt = 1000, .completion = 500};
 
-    backend_attempt_begin(b, at, &t);
+    backend_attempt_begin(b, at, BACKEND_PLAIN, &t);
     backend_attempt_success(b, at + ttft_ms, ttft_ms);
     (void)backend_attempt_finish(b, at + duration_ms, &t, &used);
 }
