@@ -299,6 +299,16 @@ Test(jfile, a_file_loaded_again_after_its_write_back_charges_nothing_twice)
     wait_written_back(total);
 }
 
+/* Today's UTC date as the journal file writes it (YYYY-MM-DD). */
+static void utc_today(char day[16])
+{
+    time_t now = time(NULL);
+    struct tm tm;
+
+    gmtime_r(&now, &tm);
+    strftime(day, 16, "%Y-%m-%d", &tm);
+}
+
 /* A charge above 2^53 micro-dollars (the store counts to 2^63 - 1; one
  * request may cost 2^62): the file's numbers went through doubles, so
  * the load refused one (the router did not start), and a save wrote it
@@ -309,11 +319,8 @@ Test(jfile, a_file_loaded_again_after_its_write_back_charges_nothing_twice)
 Test(jfile, a_charge_above_2_53_micro_dollars_is_saved_exactly)
 {
     char day[16], text[1024], *log;
-    time_t now = time(NULL);
-    struct tm tm;
 
-    gmtime_r(&now, &tm);
-    strftime(day, sizeof(day), "%Y-%m-%d", &tm);
+    utc_today(day);
     snprintf(text, sizeof(text),
              "{\"costrouter_journal\":1,\"saved_ms\":1,\"entries\":1,"
              "\"micro_usd\":9007199254740993}\n"
@@ -356,11 +363,8 @@ Test(jfile, a_charge_above_2_53_micro_dollars_is_saved_exactly)
 Test(jfile, a_maybe_applied_charge_past_the_grace_is_not_sent)
 {
     char day[16], text[1024], *log;
-    time_t now = time(NULL);
-    struct tm tm;
 
-    gmtime_r(&now, &tm);
-    strftime(day, sizeof(day), "%Y-%m-%d", &tm);
+    utc_today(day);
     snprintf(text, sizeof(text),
              "{\"costrouter_journal\":1,\"saved_ms\":1,\"entries\":2,\"micro_usd\":65}\n"
              "{\"tenant\":\"acme\",\"day\":\"%s\",\"micro_usd\":40,\"origin\":\"0123456789abcdef\","
