@@ -394,6 +394,15 @@ static struct slice request_path(const struct router__request *req)
     return s;
 }
 
+struct slice router__request_query(const struct router__request *req)
+{
+    struct slice path = request_path(req);
+
+    if (path.len == req->url.len)
+        return (struct slice){NULL, 0};
+    return (struct slice){req->url.data + path.len, req->url.len - path.len};
+}
+
 /* GET /v1/models/{id}: one model, as both APIs serve it. */
 #define MODELS_PREFIX "/v1/models/"
 #define MODELS_PREFIX_LEN (sizeof(MODELS_PREFIX) - 1)

@@ -489,6 +489,10 @@ const char *router__bearer(const struct router__client *c, size_t *len);
  * and its length in *len, or NULL when it sent none (proxy.c). */
 const char *router__request_header(const struct router__request *req, const char *name,
                                    size_t *len);
+/* The request target's query with its '?' ("?beta=true"), as the client
+ * sent it, or an empty slice when it has none: passed on to the backend
+ * and part of the cache key; endpoints are found by the path alone. */
+struct slice router__request_query(const struct router__request *req);
 /* Whether the request carries the admin key (admin.c). */
 int router__admin_authorized(struct router__client *c);
 /* The path of a proxied endpoint ("/v1/messages"), for the cost log;

@@ -316,10 +316,14 @@ static int build_request(struct router__client *c, const struct router__pool *po
         return -1;
     }
     const char *suffix = endpoint_suffix(req->endpoint);
+    /* The client's query goes on as sent (Azure OpenAI's api-version,
+     * Anthropic's beta=true): a backend's url has none (conf/addr.c). */
+    struct slice query = router__request_query(req);
 
     rc = buf_append_lit(out, "POST ");
     rc = rc ?: buf_append(out, b->base_path, strlen(b->base_path));
     rc = rc ?: buf_append(out, suffix, strlen(suffix));
+    rc = rc ?: buf_append(out, query.p, query.len);
     rc = rc ?: buf_append_lit(out, " HTTP/1.1\r\n");
     rc = rc ?: buf_append(out, pool->fixed_headers.data, pool->fixed_headers.len);
     rc = rc ?: buf_append_lit(out, "Content-Length: ");
@@ -896,6 +900,11 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
             rc = buf_printf(&route_key, " tenant=%zu:%s", strlen(req->tenant->id), req->tenant->id);
         if (rc == 0 && req->endpoint == ROUTER_EP_MESSAGES)
             rc = anthropic_key_headers(req, &route_key);
+        /* and so are queries, which the backend gets (an api-version);
+         * none adds nothing, so entries made before queries went on hit */
+        struct slice query = router__request_query(req);
+        if (rc == 0 && query.len > 0)
+            rc = buf_printf(&route_key, " query=%zu:%.*s", query.len, (int)query.len, query.p);
         req->cache_model = b->model ? b->model : req->route->model;
         if (rc != 0 || cache_key_make(route_key.data, req->cache_model, req->json, &req->cache_key) != 0)
             req->cacheable = 0;

@@ -247,6 +247,24 @@ Test(messages, plain_cost_is_usage_times_price_and_the_backend_gets_its_own_head
     cJSON_Delete(rec);
 }
 
+/* Anthropic's SDK's beta client calls /v1/messages?beta=true (and its
+ * count_tokens so): the query goes on to the backend as sent. */
+Test(messages, the_query_string_goes_on_to_the_backend)
+{
+    start("");
+    cr_assert_eq(call(router.port, "POST", "/v1/messages?beta=true", XKEY,
+                      "{\"model\":\"claude\",\"max_tokens\":5," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(get(last_request(&mock), "path")->valuestring, "/v1/messages?beta=true");
+    cr_assert_eq(call(router.port, "POST", "/v1/messages/count_tokens?beta=true", XKEY,
+                      "{\"model\":\"claude\"," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(get(last_request(&mock), "path")->valuestring,
+                     "/v1/messages/count_tokens?beta=true");
+}
+
 /* The client's own anthropic-version and anthropic-beta go on as sent. */
 Test(messages, a_clients_anthropic_version_and_beta_are_forwarded)
 {

@@ -256,6 +256,65 @@ Test(proxy, chat_is_rewritten_for_the_backend_and_usage_passes_through)
     cJSON_Delete(sent);
 }
 
+/* A client's query string (Azure OpenAI's api-version) goes on to the
+ * backend after the backend's path, as sent; the endpoint, /v1/models and
+ * the admin API are found by the path alone. */
+/* One mock (A) and the router in front of it alone. */
+static void start_one(void)
+{
+    char a[1024];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    start_router(NULL, backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), "a");
+}
+
+Test(proxy, the_query_string_goes_on_to_the_backend)
+{
+    start_one();
+    cr_assert_eq(call("POST", "/v1/chat/completions?api-version=2024-10-21&x=a%2Fb", AUTH, CHAT),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/last-request", NULL, NULL), 0);
+    cr_assert_str_eq(json_str(body_json(), "path"),
+                     "/v1/chat/completions?api-version=2024-10-21&x=a%2Fb");
+    /* Without one, none: not even a '?'. */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/last-request", NULL, NULL), 0);
+    cr_assert_str_eq(json_str(body_json(), "path"), "/v1/chat/completions");
+    cr_assert_eq(call("GET", "/v1/models?api-version=2024-10-21", AUTH, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(json_str(cJSON_GetArrayItem(cJSON_GetObjectItem(body_json(), "data"), 0),
+                              "id"),
+                     "chat");
+    cr_assert_eq(call("GET", "/healthz?probe=1", NULL, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+}
+
+/* Two requests that differ only in their query may be answered
+ * differently by the backend (another api-version, another beta): the
+ * second is no cache hit on the first's answer; the same query again is. */
+Test(proxy, the_response_cache_keys_the_query_string)
+{
+    static const char body[] =
+        "{\"model\":\"chat\",\"temperature\":0,\"messages\":[{\"role\":\"user\","
+        "\"content\":\"hello there\"}]}";
+    static const char *const paths[] = {
+        "/v1/chat/completions",
+        "/v1/chat/completions?api-version=2024-10-21",
+        "/v1/chat/completions?api-version=2025-01-01",
+    };
+
+    start_one();
+    for (int round = 0; round < 2; round++)
+        for (int i = 0; i < 3; i++) {
+            cr_assert_eq(call("POST", paths[i], AUTH, body), 0);
+            cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+            cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"),
+                             round ? "cache" : "a", "%s, round %d", paths[i], round);
+        }
+}
+
 Test(proxy, completions_embeddings_models_and_healthz)
 {
     start_two(NULL, NULL);
