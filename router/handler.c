@@ -109,24 +109,31 @@ static void request_number(struct router__client *c)
     request_id_format(req->id_str, c->router->start_id, req->id);
 }
 
+static enum router__endpoint error_endpoint(const struct router__request *req);
+
 /* Send a whole response the router made itself. The answer to HEAD is
  * the head alone, with the Content-Length the body would have had (RFC
- * 9110 9.3.2): a body after it would be read as the next answer's start. */
+ * 9110 9.3.2): a body after it would be read as the next answer's start.
+ * To a client of Anthropic's API the request id goes in request-id too,
+ * where Anthropic's API puts its own on every answer and its SDKs read
+ * it (error.request_id); a backend's answer carries the backend's. */
 void router__send_response(struct router__client *c, int status, const char *content_type,
                            const char *extra_headers, const char *body, size_t len)
 {
     struct router__request *req = &c->req;
     char head[768];
-    int n;
+    int n, anthropic;
 
     request_number(c);
     req->status = status;
     req->response_started = 1;
+    anthropic = ROUTER_EP_ANTHROPIC(error_endpoint(req));
     n = snprintf(head, sizeof(head),
                  "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-                 "x-request-id: %s\r\n%s%s\r\n",
+                 "x-request-id: %s\r\n%s%s%s%s%s\r\n",
                  status, http_status_text(status), content_type, len, req->id_str,
-                 extra_headers ? extra_headers : "",
+                 anthropic ? "request-id: " : "", anthropic ? req->id_str : "",
+                 anthropic ? "\r\n" : "", extra_headers ? extra_headers : "",
                  req->keep_alive ? "" : "Connection: close\r\n");
     if (n < 0 || (size_t)n >= sizeof(head)) {
         router__client_close(c);
@@ -207,7 +214,6 @@ static void log_error_answer(struct router__client *c, int status, const char *e
                  detail ? detail : "", note);
 }
 
-static enum router__endpoint error_endpoint(const struct router__request *req);
 static const char *allowed_methods(const struct router__request *req);
 
 void router__send_error(struct router__client *c, const char *errstr, const char *detail)
