@@ -783,6 +783,37 @@ static const char *responses_shape_error(const cJSON *body)
     return NULL;
 }
 
+/* A chat body whose messages have types the API refuses too: answered
+ * 400 here, as OpenAI would, rather than priced as something else and
+ * sent. The estimate counts a message's string members and the parts of
+ * its content array: a message that is no object, or a content or role
+ * of another type, was a few tokens whatever it held, under tpm limits
+ * and budget holds. NULL when fine, else what is wrong. */
+static const char *chat_shape_error(const cJSON *body)
+{
+    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(body, "messages"), *m, *part;
+
+    if (!absent_or(msgs, cJSON_Array))
+        return "'messages' must be an array of messages";
+    if (!cJSON_IsArray(msgs))
+        return NULL;
+    cJSON_ArrayForEach(m, msgs) {
+        const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
+
+        if (!cJSON_IsObject(m))
+            return "each message of 'messages' must be an object";
+        if (!absent_or(cJSON_GetObjectItemCaseSensitive(m, "role"), cJSON_String))
+            return "a message's 'role' must be a string";
+        if (!absent_or(content, cJSON_String | cJSON_Array))
+            return "a message's 'content' must be a string or an array of content parts";
+        if (cJSON_IsArray(content))
+            cJSON_ArrayForEach(part, content)
+                if (!cJSON_IsObject(part))
+                    return "each content part of a message must be an object";
+    }
+    return NULL;
+}
+
 /* A /v1/messages body whose members the estimate reads have types
  * Anthropic's API refuses too (or without the max_tokens it requires, which
  * a count_tokens body, `counting`, has not): answered 400 here, as the API
@@ -873,6 +904,8 @@ static const char *parse_body(struct router__client *c, const char **detail)
         return error_unknown_model;
     if (!conf_key_allows(req->key, req->route))
         return error_model_not_allowed;
+    if (req->endpoint == ROUTER_EP_CHAT && (*detail = chat_shape_error(req->json)))
+        return error_invalid_type;
     if (req->endpoint == ROUTER_EP_RESPONSES && (*detail = responses_shape_error(req->json)))
         return error_invalid_type;
     if (ROUTER_EP_ANTHROPIC(req->endpoint) &&

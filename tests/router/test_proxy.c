@@ -994,6 +994,73 @@ Test(proxy, members_of_a_type_the_apis_refuse_are_refused)
     cr_assert_eq(sent, 3, "only the good ones went upstream");
 }
 
+/* A chat body whose messages the estimate cannot read (an item that is
+ * no object, a content or role of another type) was counted as a few
+ * tokens whatever text it held: under a tpm of 2000 a 3000-token text in
+ * `"messages":["..."]` passed where the same text in a message is refused
+ * as larger than the limit, and a budget's hold was as small. The API
+ * refuses such bodies: so does the router, 400 invalid_type, with nothing
+ * sent upstream. */
+Test(proxy, chat_messages_of_a_shape_the_api_refuses_are_refused)
+{
+    static const struct {
+        const char *fmt, *what; /* body, %s the long text; words of the message */
+    } cases[] = {
+        {"{\"model\":\"chat\",\"messages\":[\"%s\"]}", "each message"},
+        {"{\"model\":\"chat\",\"messages\":[[{\"role\":\"user\",\"content\":\"%s\"}]]}",
+         "each message"},
+        {"{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":{\"text\":\"%s\"}}]}",
+         "content"},
+        {"{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":[\"%s\"]}]}",
+         "content part"},
+        {"{\"model\":\"chat\",\"messages\":[{\"role\":{\"r\":\"%s\"},\"content\":\"hi\"}]}",
+         "role"},
+        {"{\"model\":\"chat\",\"messages\":\"%s\"}", "'messages'"},
+    };
+    static const char *const fine[] = {
+        "{\"model\":\"chat\",\"messages\":[]}",
+        "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\","
+        "\"text\":\"hi\"}]},{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":"
+        "\"c1\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"{}\"}}]}]}",
+    };
+    char a[1024], hex[65];
+    struct buf words = {0}, body = {0};
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    support_key_sha256_hex(TENANT_KEY, hex);
+    start_router_with("listen: 127.0.0.1:0\nbackends:\n%s"
+                      "routes:\n  - {model: chat, candidates: [a]}\n"
+                      "tenants:\n  - id: t1\n    api_keys: [\"sha256:%s\"]\n"
+                      "    rate_limits: {tpm: 2000}\n",
+                      backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), hex);
+    for (int i = 0; i < 3000; i++)
+        cr_assert_eq(buf_append_lit(&words, "word "), 0);
+    cr_assert_eq(buf_append(&words, "", 1), 0);
+    /* The text in a message is larger than the limit. */
+    cr_assert_eq(buf_printf(&body, "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\","
+                                   "\"content\":\"%s\"}]}", words.data), 0);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body.data), 0);
+    cr_assert_eq(resp.status, 429, "%.*s", (int)resp.body.len, resp.body.data);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        buf_reset(&body);
+        cr_assert_eq(buf_printf(&body, cases[i].fmt, words.data), 0);
+        cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body.data), 0);
+        cr_assert_eq(resp.status, 400, "case %zu: %d %.*s", i, resp.status, (int)resp.body.len,
+                     resp.body.data);
+        assert_error(400, "invalid_type");
+        cr_assert_not_null(strstr(json_str(json, "error.message"), cases[i].what), "%s",
+                           json_str(json, "error.message"));
+    }
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(json_num(body_json(), "requests"), 0, "a refused body went upstream");
+    for (size_t i = 0; i < sizeof(fine) / sizeof(fine[0]); i++) {
+        cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, fine[i]), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    }
+    buf_free(&words);
+    buf_free(&body);
+}
+
 /* A 405 says which methods the path takes (RFC 9110 15.5.6: the server
  * MUST send Allow): the API's paths, the admin API's (with its key, as
  * without it a path is not told apart from another), in the language of
