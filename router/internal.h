@@ -453,6 +453,7 @@ struct router__upstream {
     int64_t retry_after_ms;               /* a 429's Retry-After in ms, -1 if none */
     unsigned retry_after_in_ms:1;         /* that came from retry-after-ms (preferred) */
     unsigned is_sse:1;                    /* content-type text/event-stream */
+    unsigned request_id_seen:1;           /* it has a request-id (Anthropic's API's id) */
     unsigned reused:1;                    /* came from the idle pool */
     unsigned got_bytes:1;                 /* any response byte received */
     unsigned closing:1;

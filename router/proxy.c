@@ -1487,6 +1487,12 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     rc = rc ?: buf_append(&req->head, headers->data, headers->len);
     scrub_key(req, &req->head, "head");
     rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-request-id"), slice_from(req->id_str));
+    /* Anthropic's SDKs read request-id: the backend's own (Anthropic's)
+     * went on with its headers; one that sends none gets the router's,
+     * as the router's own answers do (router__send_response). */
+    if (rc == 0 && ROUTER_EP_ANTHROPIC(req->endpoint) &&
+        !(req->up && req->up->request_id_seen))
+        rc = buf_append_header(&req->head, SLICE_LIT("request-id"), slice_from(req->id_str));
     rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-costrouter-backend"), slice_from(b->name));
     rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-costrouter-reason"), slice_from(req->reason));
     if (rc != 0) {

@@ -1907,6 +1907,52 @@ static void answer_through_router(const char *answer)
     cr_assert_eq(buf_append(&resp.raw, "", 1), 0);
 }
 
+/* An Anthropic client's SDK reads request-id (error.request_id). A
+ * backend's own (Anthropic's, which its support knows) goes on as it
+ * came; an Anthropic-compatible backend that sends none (mockllm, like
+ * many servers) gets the router's, the id of the request's cost log line,
+ * as the router's own answers carry it. */
+Test(proxy, an_anthropic_answer_carries_the_backends_request_id_or_the_routers)
+{
+    static const char body[] = "{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\","
+                               "\"content\":[],\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}";
+    static const char msg[] =
+        "{\"model\":\"chat\",\"max_tokens\":5,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}";
+    char a[1024], answer[512];
+
+    snprintf(answer, sizeof(answer),
+             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nrequest-id: req_011abc\r\n"
+             "Content-Length: %zu\r\nConnection: close\r\n\r\n%s",
+             strlen(body), body);
+    start_canned(answer);
+    start_router(NULL,
+                 backend_yaml(a, sizeof(a), "a", support_canned_port(canned),
+                              "    api: anthropic\n"),
+                 "a");
+    cr_assert_eq(call("POST", "/v1/messages", AUTH, msg), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "request-id"), "req_011abc");
+    cr_assert_eq(strncmp(support_http_header(&resp, "x-request-id"), "cr-", 3), 0);
+    support_proc_stop(&router);
+    unlink(conf_path);
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    start_router(NULL, backend_yaml(a, sizeof(a), "a", mock_a.port, "    api: anthropic\n"),
+                 "a");
+    cr_assert_eq(call("POST", "/v1/messages", AUTH, msg), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_not_null(support_http_header(&resp, "request-id"), "no request-id");
+    cr_assert_str_eq(support_http_header(&resp, "request-id"),
+                     support_http_header(&resp, "x-request-id"));
+    /* Nor is a chat answer given one: OpenAI's API has x-request-id alone. */
+    support_proc_stop(&router);
+    unlink(conf_path);
+    start_router(NULL, backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), "a");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_null(support_http_header(&resp, "request-id"));
+}
+
 /* An answer without Content-Length or chunks ends when its connection
  * does: with a close, not with a reset, which is a backend that broke.
  * Taken for its end, a stream cut so looked complete (its cost comment,
