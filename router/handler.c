@@ -361,7 +361,7 @@ void router__request_reset(struct router__request *req)
     req->searches_one_cap = 0;
     req->reported_usd = -1;
     req->start_ms = req->attempt_start_ms = req->ttft_ms = 0;
-    req->prompt_est = req->prompt_raw = req->completion_pred = -1;
+    req->prompt_est = req->prompt_raw = req->prompt_window = req->completion_pred = -1;
     req->completion_choices = 1;
     req->completion_counted = -1;
     memset(&req->billed, 0, sizeof(req->billed));

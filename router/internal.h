@@ -326,6 +326,9 @@ struct router__request {
     /* cost-aware routing and spend */
     int64_t prompt_est;                  /* prompt tokens estimated before sending */
     int64_t prompt_raw;                  /* uncalibrated estimate (tokenizer: estimate) */
+    int64_t prompt_window;               /* of prompt_est, what one choice reads in its
+                                            window: the longest text of a completions or
+                                            embeddings array, else all of it */
     int64_t completion_pred;             /* completion tokens predicted, all choices */
     int64_t completion_choices;          /* completions asked for (policy_outpred_choices) */
     struct policy_verdict *verdicts;     /* one per route candidate, in verdict_mem; or NULL */
