@@ -45,6 +45,13 @@ static void read_budget(const struct policy_budget *bu, int soft_pct, int64_t *l
         *soft = 1;
 }
 
+/* The prompt tokens one choice reads in its context window: one of the
+ * texts of an array, each answered on its own, or the whole prompt. */
+static int64_t window_prompt(const struct policy_request *req)
+{
+    return req->window_prompt_tokens > 0 ? req->window_prompt_tokens : req->prompt_tokens;
+}
+
 /* The completion of one choice to count on backend `cb`: each choice (of
  * n, best_of) completes the prompt in its own window, so the window bounds
  * a choice, not their sum. A predicted one (the request gave no
@@ -56,10 +63,10 @@ static void read_budget(const struct policy_budget *bu, int soft_pct, int64_t *l
 static int64_t completion_on(const struct policy_request *req, const struct conf_backend *cb)
 {
     int64_t per = req->completion_tokens / MAX(req->completion_choices, 1);
+    int64_t prompt = window_prompt(req);
 
-    if (req->completion_predicted && cb->context_window > 0 &&
-        req->prompt_tokens < cb->context_window)
-        return MIN(per, cb->context_window - req->prompt_tokens);
+    if (req->completion_predicted && cb->context_window > 0 && prompt < cb->context_window)
+        return MIN(per, cb->context_window - prompt);
     return per;
 }
 
@@ -113,7 +120,7 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
     if ((*cooldown_ms = backend_cooldown_ms(b, req->now_ms)) > take->cooling_ms)
         return POLICY_VERDICT_RATE_LIMITED;
     if (cb->context_window > 0 &&
-        cb->context_window < req->prompt_tokens + completion_on(req, cb))
+        cb->context_window < window_prompt(req) + completion_on(req, cb))
         return POLICY_VERDICT_CONTEXT;
     if (req->limits.max_ttft_ms > 0 && v->predicted_ttft_ms > req->limits.max_ttft_ms)
         return POLICY_VERDICT_SLO;

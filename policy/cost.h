@@ -54,6 +54,9 @@ struct policy_request {
     struct backend_set *backends;   /* live backend state */
     struct policy_limits limits;    /* the tenant's */
     int64_t prompt_tokens;          /* estimated prompt tokens */
+    int64_t window_prompt_tokens;   /* of those, the ones one choice reads in its window
+                                       (the longest text of a completions or embeddings
+                                       array, each read on its own); 0: all of them */
     int64_t completion_tokens;      /* predicted completion (max_tokens or a default),
                                        all choices together */
     int64_t completion_choices;     /* of how many choices, each its own completion of

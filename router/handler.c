@@ -109,24 +109,31 @@ static void request_number(struct router__client *c)
     request_id_format(req->id_str, c->router->start_id, req->id);
 }
 
+static enum router__endpoint error_endpoint(const struct router__request *req);
+
 /* Send a whole response the router made itself. The answer to HEAD is
  * the head alone, with the Content-Length the body would have had (RFC
- * 9110 9.3.2): a body after it would be read as the next answer's start. */
+ * 9110 9.3.2): a body after it would be read as the next answer's start.
+ * To a client of Anthropic's API the request id goes in request-id too,
+ * where Anthropic's API puts its own on every answer and its SDKs read
+ * it (error.request_id); a backend's answer carries the backend's. */
 void router__send_response(struct router__client *c, int status, const char *content_type,
                            const char *extra_headers, const char *body, size_t len)
 {
     struct router__request *req = &c->req;
     char head[768];
-    int n;
+    int n, anthropic;
 
     request_number(c);
     req->status = status;
     req->response_started = 1;
+    anthropic = ROUTER_EP_ANTHROPIC(error_endpoint(req));
     n = snprintf(head, sizeof(head),
                  "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-                 "x-request-id: %s\r\n%s%s\r\n",
+                 "x-request-id: %s\r\n%s%s%s%s%s\r\n",
                  status, http_status_text(status), content_type, len, req->id_str,
-                 extra_headers ? extra_headers : "",
+                 anthropic ? "request-id: " : "", anthropic ? req->id_str : "",
+                 anthropic ? "\r\n" : "", extra_headers ? extra_headers : "",
                  req->keep_alive ? "" : "Connection: close\r\n");
     if (n < 0 || (size_t)n >= sizeof(head)) {
         router__client_close(c);
@@ -207,7 +214,6 @@ static void log_error_answer(struct router__client *c, int status, const char *e
                  detail ? detail : "", note);
 }
 
-static enum router__endpoint error_endpoint(const struct router__request *req);
 static const char *allowed_methods(const struct router__request *req);
 
 void router__send_error(struct router__client *c, const char *errstr, const char *detail)
@@ -355,7 +361,7 @@ void router__request_reset(struct router__request *req)
     req->searches_one_cap = 0;
     req->reported_usd = -1;
     req->start_ms = req->attempt_start_ms = req->ttft_ms = 0;
-    req->prompt_est = req->prompt_raw = req->completion_pred = -1;
+    req->prompt_est = req->prompt_raw = req->prompt_window = req->completion_pred = -1;
     req->completion_choices = 1;
     req->completion_counted = -1;
     memset(&req->billed, 0, sizeof(req->billed));
@@ -392,6 +398,15 @@ static struct slice request_path(const struct router__request *req)
     if (q)
         s.len = (size_t)(q - s.p);
     return s;
+}
+
+struct slice router__request_query(const struct router__request *req)
+{
+    struct slice path = request_path(req);
+
+    if (path.len == req->url.len)
+        return (struct slice){NULL, 0};
+    return (struct slice){req->url.data + path.len, req->url.len - path.len};
 }
 
 /* GET /v1/models/{id}: one model, as both APIs serve it. */
@@ -770,6 +785,37 @@ static const char *responses_shape_error(const cJSON *body)
     return NULL;
 }
 
+/* A chat body whose messages have types the API refuses too: answered
+ * 400 here, as OpenAI would, rather than priced as something else and
+ * sent. The estimate counts a message's string members and the parts of
+ * its content array: a message that is no object, or a content or role
+ * of another type, was a few tokens whatever it held, under tpm limits
+ * and budget holds. NULL when fine, else what is wrong. */
+static const char *chat_shape_error(const cJSON *body)
+{
+    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(body, "messages"), *m, *part;
+
+    if (!absent_or(msgs, cJSON_Array))
+        return "'messages' must be an array of messages";
+    if (!cJSON_IsArray(msgs))
+        return NULL;
+    cJSON_ArrayForEach(m, msgs) {
+        const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
+
+        if (!cJSON_IsObject(m))
+            return "each message of 'messages' must be an object";
+        if (!absent_or(cJSON_GetObjectItemCaseSensitive(m, "role"), cJSON_String))
+            return "a message's 'role' must be a string";
+        if (!absent_or(content, cJSON_String | cJSON_Array))
+            return "a message's 'content' must be a string or an array of content parts";
+        if (cJSON_IsArray(content))
+            cJSON_ArrayForEach(part, content)
+                if (!cJSON_IsObject(part))
+                    return "each content part of a message must be an object";
+    }
+    return NULL;
+}
+
 /* A /v1/messages body whose members the estimate reads have types
  * Anthropic's API refuses too (or without the max_tokens it requires, which
  * a count_tokens body, `counting`, has not): answered 400 here, as the API
@@ -860,6 +906,8 @@ static const char *parse_body(struct router__client *c, const char **detail)
         return error_unknown_model;
     if (!conf_key_allows(req->key, req->route))
         return error_model_not_allowed;
+    if (req->endpoint == ROUTER_EP_CHAT && (*detail = chat_shape_error(req->json)))
+        return error_invalid_type;
     if (req->endpoint == ROUTER_EP_RESPONSES && (*detail = responses_shape_error(req->json)))
         return error_invalid_type;
     if (ROUTER_EP_ANTHROPIC(req->endpoint) &&

@@ -326,6 +326,9 @@ struct router__request {
     /* cost-aware routing and spend */
     int64_t prompt_est;                  /* prompt tokens estimated before sending */
     int64_t prompt_raw;                  /* uncalibrated estimate (tokenizer: estimate) */
+    int64_t prompt_window;               /* of prompt_est, what one choice reads in its
+                                            window: the longest text of a completions or
+                                            embeddings array, else all of it */
     int64_t completion_pred;             /* completion tokens predicted, all choices */
     int64_t completion_choices;          /* completions asked for (policy_outpred_choices) */
     struct policy_verdict *verdicts;     /* one per route candidate, in verdict_mem; or NULL */
@@ -453,6 +456,7 @@ struct router__upstream {
     int64_t retry_after_ms;               /* a 429's Retry-After in ms, -1 if none */
     unsigned retry_after_in_ms:1;         /* that came from retry-after-ms (preferred) */
     unsigned is_sse:1;                    /* content-type text/event-stream */
+    unsigned request_id_seen:1;           /* it has a request-id (Anthropic's API's id) */
     unsigned reused:1;                    /* came from the idle pool */
     unsigned got_bytes:1;                 /* any response byte received */
     unsigned closing:1;
@@ -491,6 +495,10 @@ const char *router__bearer(const struct router__client *c, size_t *len);
  * and its length in *len, or NULL when it sent none (proxy.c). */
 const char *router__request_header(const struct router__request *req, const char *name,
                                    size_t *len);
+/* The request target's query with its '?' ("?beta=true"), as the client
+ * sent it, or an empty slice when it has none: passed on to the backend
+ * and part of the cache key; endpoints are found by the path alone. */
+struct slice router__request_query(const struct router__request *req);
 /* Whether the request carries the admin key (admin.c). */
 int router__admin_authorized(struct router__client *c);
 /* The path of a proxied endpoint ("/v1/messages"), for the cost log;

@@ -316,10 +316,14 @@ static int build_request(struct router__client *c, const struct router__pool *po
         return -1;
     }
     const char *suffix = endpoint_suffix(req->endpoint);
+    /* The client's query goes on as sent (Azure OpenAI's api-version,
+     * Anthropic's beta=true): a backend's url has none (conf/addr.c). */
+    struct slice query = router__request_query(req);
 
     rc = buf_append_lit(out, "POST ");
     rc = rc ?: buf_append(out, b->base_path, strlen(b->base_path));
     rc = rc ?: buf_append(out, suffix, strlen(suffix));
+    rc = rc ?: buf_append(out, query.p, query.len);
     rc = rc ?: buf_append_lit(out, " HTTP/1.1\r\n");
     rc = rc ?: buf_append(out, pool->fixed_headers.data, pool->fixed_headers.len);
     rc = rc ?: buf_append_lit(out, "Content-Length: ");
@@ -370,23 +374,36 @@ static int64_t count_text(struct policy_tokens *t, enum conf_tokenizer enc, cons
     return t ? policy_tokens_count_cached(t, enc, s, len) : policy_tokens_estimate(s, len);
 }
 
-/* Text of a completions "prompt" or embeddings "input": a string or an
- * array of strings. Counted piece by piece. */
-static int64_t count_texts(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *v)
+/* Text of a completions "prompt" or embeddings "input": a string, an
+ * array of token ids, or an array of those. Counted piece by piece. With
+ * `longest`, it is raised to the tokens of the longest text (a string, or
+ * one array's token ids): each is answered in a context window of its
+ * own. */
+static int64_t count_texts(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *v,
+                           int64_t *longest)
 {
-    int64_t n = 0;
+    int64_t n = 0, ids = 0;
     const cJSON *item;
 
     if (cJSON_IsString(v))
-        return count_text(t, enc, v->valuestring, strlen(v->valuestring));
-    if (cJSON_IsArray(v))
+        n = count_text(t, enc, v->valuestring, strlen(v->valuestring));
+    else if (cJSON_IsArray(v))
         cJSON_ArrayForEach(item, v) {
             if (cJSON_IsNumber(item))
-                n++; /* a token id */
+                ids++; /* a token id */
             else
-                n += count_texts(t, enc, item);
+                n += count_texts(t, enc, item, longest);
         }
-    return n;
+    if (longest)
+        *longest = MAX(*longest, cJSON_IsString(v) ? n : ids);
+    return n + ids;
+}
+
+/* The texts of member `name` of `obj` (count_texts). */
+static int64_t count_member(struct policy_tokens *t, enum conf_tokenizer enc, const cJSON *obj,
+                           const char *name)
+{
+    return count_texts(t, enc, cJSON_GetObjectItemCaseSensitive(obj, name), NULL);
 }
 
 /* The token tables to count `enc` with, or NULL to estimate from bytes
@@ -397,20 +414,24 @@ static struct policy_tokens *tokens_for(const struct router__client *c, enum con
 }
 
 /* Prompt tokens of the request for backend `b`: by its tokenizer, and
- * images by its model's rule (the request's "model" names the route). */
-static int64_t count_prompt(struct router__client *c, const struct conf_backend *b)
+ * images by its model's rule (the request's "model" names the route).
+ * *longest: those of its longest text, for a completions or embeddings
+ * array, else -1 (the prompt is one). */
+static int64_t count_prompt(struct router__client *c, const struct conf_backend *b,
+                            int64_t *longest)
 {
     struct router__request *req = &c->req;
     enum conf_tokenizer enc = b->tokenizer;
     struct policy_tokens *t = tokens_for(c, enc);
     int64_t n = -1;
 
+    *longest = -1;
     if (req->endpoint == ROUTER_EP_CHAT && t != NULL)
         n = policy_tokens_chat_for(t, enc, req->json, b->model);
     else if (req->endpoint == ROUTER_EP_COMPLETIONS)
-        n = count_texts(t, enc, cJSON_GetObjectItemCaseSensitive(req->json, "prompt"));
+        n = count_texts(t, enc, cJSON_GetObjectItemCaseSensitive(req->json, "prompt"), longest);
     else if (req->endpoint == ROUTER_EP_EMBEDDINGS)
-        n = count_texts(t, enc, cJSON_GetObjectItemCaseSensitive(req->json, "input"));
+        n = count_texts(t, enc, cJSON_GetObjectItemCaseSensitive(req->json, "input"), longest);
     else if (req->endpoint == ROUTER_EP_RESPONSES && t != NULL)
         n = policy_tokens_responses_for(t, enc, req->json, b->model);
     else if (ROUTER_EP_ANTHROPIC(req->endpoint) && t != NULL)
@@ -500,11 +521,17 @@ static void estimate(struct router__client *c)
     const struct conf_backend *first = req->route->candidates[0];
     struct router__tenant *ts = router__tenant_state(r, req->tenant);
 
+    int64_t longest;
+
     /* The route's first candidate's tokenizer (and model) stands for the route. */
-    req->prompt_raw = count_prompt(c, first);
+    req->prompt_raw = count_prompt(c, first, &longest);
     req->prompt_est = first->tokenizer == CONF_TOK_ESTIMATE
                           ? policy_calib_apply(&r->calib[first->index], req->prompt_raw)
                           : req->prompt_raw;
+    /* The longest text's share of the estimate, calibrated alike. */
+    req->prompt_window = longest >= 0 && longest < req->prompt_raw
+                             ? (int64_t)((double)req->prompt_est * longest / req->prompt_raw)
+                             : req->prompt_est;
     /* Only a cap the prediction takes: with max_tokens -1 or 0 (which
      * caps nothing) it is a guess, as without one, and a guess must
      * neither refuse a request as too large nor escape on_overrun. */
@@ -638,22 +665,25 @@ static void reject_budget(struct router__client *c)
     free(body);
 }
 
-/* A 400 that says by how much the request is too long. */
+/* A 400 that says by how much the request is too long: what one choice
+ * reads in its window (of an array of texts, the longest). */
 static void reject_context(struct router__client *c)
 {
     const struct router__request *req = &c->req;
-    char detail[160];
+    const char *of = req->prompt_window < req->prompt_est ? " (its longest text)" : "";
+    char detail[200];
 
     if (req->completion_limited)
         snprintf(detail, sizeof(detail),
-                 "about %" PRId64 " prompt tokens + %" PRId64 " for the completion "
+                 "about %" PRId64 " prompt tokens%s + %" PRId64 " for the completion "
                  "(max_tokens), and the largest window is %" PRId64 " tokens",
-                 req->prompt_est, req->completion_pred / MAX(req->completion_choices, 1),
+                 req->prompt_window, of, req->completion_pred / MAX(req->completion_choices, 1),
                  req->choice.context_window);
     else
         snprintf(detail, sizeof(detail),
-                 "about %" PRId64 " prompt tokens, and the largest window is %" PRId64 " tokens",
-                 req->prompt_est, req->choice.context_window);
+                 "about %" PRId64 " prompt tokens%s, and the largest window is %" PRId64
+                 " tokens",
+                 req->prompt_window, of, req->choice.context_window);
     router__send_error(c, error_context_length, detail);
 }
 
@@ -742,6 +772,7 @@ static void policy_request_of(struct router__client *c, struct policy_request *o
         preq.ab_reason = policy_arm_reason(req->arm);
     }
     preq.prompt_tokens = req->prompt_est;
+    preq.window_prompt_tokens = req->prompt_window;
     preq.completion_tokens = req->completion_pred;
     preq.completion_choices = req->completion_choices;
     preq.completion_predicted = !req->completion_limited;
@@ -763,7 +794,7 @@ static void policy_request_of(struct router__client *c, struct policy_request *o
          * no window is too small for it (its size is what the client asks;
          * the estimate is not Claude's count). All cost $0, so the one
          * predicted to answer first is taken, then route order. */
-        preq.prompt_tokens = preq.completion_tokens = 0;
+        preq.prompt_tokens = preq.window_prompt_tokens = preq.completion_tokens = 0;
         preq.day = preq.month = (struct policy_budget){0, 0};
         preq.key_day = preq.key_month = (struct policy_budget){0, 0}; /* the key's too */
     }
@@ -931,6 +962,11 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
             rc = buf_printf(&route_key, " tenant=%zu:%s", strlen(req->tenant->id), req->tenant->id);
         if (rc == 0 && req->endpoint == ROUTER_EP_MESSAGES)
             rc = anthropic_key_headers(req, &route_key);
+        /* and so are queries, which the backend gets (an api-version);
+         * none adds nothing, so entries made before queries went on hit */
+        struct slice query = router__request_query(req);
+        if (rc == 0 && query.len > 0)
+            rc = buf_printf(&route_key, " query=%zu:%.*s", query.len, (int)query.len, query.p);
         req->cache_model = b->model ? b->model : req->route->model;
         if (rc != 0 || cache_key_make(route_key.data, req->cache_model, req->json, &req->cache_key) != 0)
             req->cacheable = 0;
@@ -1558,6 +1594,12 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     rc = rc ?: buf_append(&req->head, headers->data, headers->len);
     scrub_key(req, &req->head, "head");
     rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-request-id"), slice_from(req->id_str));
+    /* Anthropic's SDKs read request-id: the backend's own (Anthropic's)
+     * went on with its headers; one that sends none gets the router's,
+     * as the router's own answers do (router__send_response). */
+    if (rc == 0 && ROUTER_EP_ANTHROPIC(req->endpoint) &&
+        !(req->up && req->up->request_id_seen))
+        rc = buf_append_header(&req->head, SLICE_LIT("request-id"), slice_from(req->id_str));
     rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-costrouter-backend"), slice_from(b->name));
     rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-costrouter-reason"), slice_from(req->reason));
     if (rc != 0) {
@@ -2094,20 +2136,20 @@ static void count_completion(struct router__client *c)
     cJSON_ArrayForEach(choice, cJSON_GetObjectItemCaseSensitive(body, "choices")) {
         const cJSON *msg = cJSON_GetObjectItemCaseSensitive(choice, "message");
 
-        n += count_texts(t, b->tokenizer, cJSON_GetObjectItemCaseSensitive(choice, "text"));
-        n += count_texts(t, b->tokenizer, cJSON_GetObjectItemCaseSensitive(msg, "content"));
+        n += count_member(t, b->tokenizer, choice, "text");
+        n += count_member(t, b->tokenizer, msg, "content");
         calls = cJSON_GetObjectItemCaseSensitive(msg, "tool_calls");
         cJSON_ArrayForEach(call, calls) {
             const cJSON *fn = cJSON_GetObjectItemCaseSensitive(call, "function");
-            n += count_texts(t, b->tokenizer, cJSON_GetObjectItemCaseSensitive(fn, "arguments"));
+            n += count_member(t, b->tokenizer, fn, "arguments");
         }
     }
     cJSON_ArrayForEach(choice, cJSON_GetObjectItemCaseSensitive(body, "output")) {
         const cJSON *part;
 
-        n += count_texts(t, b->tokenizer, cJSON_GetObjectItemCaseSensitive(choice, "arguments"));
+        n += count_member(t, b->tokenizer, choice, "arguments");
         cJSON_ArrayForEach(part, cJSON_GetObjectItemCaseSensitive(choice, "content"))
-            n += count_texts(t, b->tokenizer, cJSON_GetObjectItemCaseSensitive(part, "text"));
+            n += count_member(t, b->tokenizer, part, "text");
     }
     /* An Anthropic answer: its content blocks' text and its tool calls'
      * input (as compact JSON, as it was streamed). */
@@ -2115,7 +2157,7 @@ static void count_completion(struct router__client *c)
         const cJSON *input = cJSON_GetObjectItemCaseSensitive(choice, "input");
         char *json = input ? cJSON_PrintUnformatted(input) : NULL;
 
-        n += count_texts(t, b->tokenizer, cJSON_GetObjectItemCaseSensitive(choice, "text"));
+        n += count_member(t, b->tokenizer, choice, "text");
         if (json)
             n += count_text(t, b->tokenizer, json, strlen(json));
         cJSON_free(json);

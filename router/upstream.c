@@ -565,6 +565,7 @@ static int on_message_begin(llhttp_t *p)
     u->head_bytes = 0;
     u->retry_after_ms = -1;
     u->retry_after_in_ms = 0;
+    u->request_id_seen = 0;
     buf_reset(&u->headers);
     buf_reset(&u->conn);
     return 0;
@@ -652,6 +653,8 @@ static int on_header_value_complete(llhttp_t *p)
         strncasecmp(value.p, "text/event-stream", 17) == 0)
         u->is_sse = 1;
     note_retry_after(u, p->status_code, name, value);
+    if (slice_caseeq(name, "request-id"))
+        u->request_id_seen = 1;
     if (slice_caseeq(name, "connection"))
         rc = (u->conn.len > 0 ? buf_append_lit(&u->conn, ",") : 0) ?:
              buf_append(&u->conn, value.p, value.len);

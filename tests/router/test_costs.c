@@ -2025,6 +2025,65 @@ Test(costs, each_of_n_choices_must_fit_the_window_not_their_sum)
                        (int)resp.body.len, resp.body.data);
 }
 
+/* A body for `path` ("/v1/embeddings": input, else prompt) of `k` texts
+ * of `words` words each, as an array (a string when k is 0). */
+static const char *texts_of_words(struct buf *out, const char *path, int k, int words)
+{
+    int embed = strcmp(path, "/v1/embeddings") == 0;
+
+    buf_reset(out);
+    cr_assert_eq(buf_printf(out, "{\"model\":\"chat\",%s\"%s\":%s", embed ? "" : "\"max_tokens\":10,",
+                            embed ? "input" : "prompt", k ? "[" : ""),
+                 0);
+    for (int i = 0; i < (k ? k : 1); i++) {
+        cr_assert_eq(buf_printf(out, "%s\"", i ? "," : ""), 0);
+        for (int w = 0; w < words; w++)
+            cr_assert_eq(buf_append(out, "w ", 2), 0);
+        cr_assert_eq(buf_append(out, "\"", 1), 0);
+    }
+    cr_assert_eq(buf_printf(out, "%s}%c", k ? "]" : "", '\0'), 0);
+    return out->data;
+}
+
+/* Each input of an embeddings batch, and each prompt of a legacy
+ * completions array, is read in a window of its own (OpenAI: 8192 tokens
+ * an input, a batch up to 300,000): the window bounds the largest, not
+ * their sum. Three inputs of some 600 tokens each were refused 400
+ * context_length_exceeded by a 1000-token window (a batch of document
+ * chunks, as LangChain embeds them, could not pass); one input of 1800
+ * tokens is rightly refused. */
+Test(costs, each_text_of_a_batch_must_fit_the_window_not_their_sum)
+{
+    static const char *const paths[] = {"/v1/embeddings", "/v1/completions"};
+    struct buf body = {0};
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    /* Counted with o200k_base ("w" a token each): no calibration moves
+     * the estimate between requests. */
+    cr_assert_eq(buf_printf(&yaml,
+                            "  - {name: a, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-a,\n"
+                            "     quality: 1, context_window: 1000, input_usd_per_mtok: 1,\n"
+                            "     output_usd_per_mtok: 1, tokenizer: o200k_base}\n",
+                            mock_a.port),
+                 0);
+    start_routers(1, "a", NULL);
+    for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++) {
+        cr_assert_eq(call_port(routers[0].port, "POST", paths[i], AUTH,
+                               texts_of_words(&body, paths[i], 3, 600)),
+                     0);
+        cr_assert_eq(resp.status, 200, "%s: %d %.*s", paths[i], resp.status, (int)resp.body.len,
+                     resp.body.data);
+        cr_assert_eq(call_port(routers[0].port, "POST", paths[i], AUTH,
+                               texts_of_words(&body, paths[i], 0, 1800)),
+                     0);
+        cr_assert_eq(resp.status, 400, "%s: %d %.*s", paths[i], resp.status, (int)resp.body.len,
+                     resp.body.data);
+        cr_assert_not_null(strstr(resp.body.data, "context_length_exceeded"), "%.*s",
+                           (int)resp.body.len, resp.body.data);
+    }
+    buf_free(&body);
+}
+
 /* A legacy completion answers each prompt of an array, and best_of
  * completions of each (n of which are returned): up to prompts x
  * max(n, best_of) x max_tokens completion tokens are billed. The router

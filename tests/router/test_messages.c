@@ -215,6 +215,12 @@ static void assert_anthropic_error(int status, const char *type)
                      resp.body.data);
     cr_assert(cJSON_IsString(get(err, "message")));
     cr_assert_null(get(err, "code"), "an OpenAI member in an Anthropic error");
+    /* Anthropic's API sends its request-id on every answer (its SDKs show
+     * it as error.request_id); the router's errors carry the router's id
+     * there, as in x-request-id. */
+    cr_assert_not_null(support_http_header(&resp, "request-id"), "no request-id");
+    cr_assert_str_eq(support_http_header(&resp, "request-id"),
+                     support_http_header(&resp, "x-request-id"));
 }
 
 Test(messages, plain_cost_is_usage_times_price_and_the_backend_gets_its_own_headers)
@@ -245,6 +251,24 @@ Test(messages, plain_cost_is_usage_times_price_and_the_backend_gets_its_own_head
     cr_assert_float_eq(record_num(rec, "cost_usd"), want, 1e-9);
     cr_assert_str_eq(get(rec, "backend")->valuestring, "a");
     cJSON_Delete(rec);
+}
+
+/* Anthropic's SDK's beta client calls /v1/messages?beta=true (and its
+ * count_tokens so): the query goes on to the backend as sent. */
+Test(messages, the_query_string_goes_on_to_the_backend)
+{
+    start("");
+    cr_assert_eq(call(router.port, "POST", "/v1/messages?beta=true", XKEY,
+                      "{\"model\":\"claude\",\"max_tokens\":5," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(get(last_request(&mock), "path")->valuestring, "/v1/messages?beta=true");
+    cr_assert_eq(call(router.port, "POST", "/v1/messages/count_tokens?beta=true", XKEY,
+                      "{\"model\":\"claude\"," MSGS "}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(get(last_request(&mock), "path")->valuestring,
+                     "/v1/messages/count_tokens?beta=true");
 }
 
 /* The client's own anthropic-version and anthropic-beta go on as sent. */
@@ -693,6 +717,30 @@ Test(messages, a_budget_refuses_a_hold_of_max_tokens_that_does_not_fit)
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     cr_assert_str_eq(get(body_json(), "stop_reason")->valuestring, "max_tokens");
     cr_assert_float_eq(header_usd(), usd(PROMPT_TOKENS, 0, 0, 10), 1e-9);
+}
+
+/* An answer the router makes itself (a cache hit, an error) carries the
+ * request's id in request-id, as Anthropic's API does on every answer,
+ * and the id a client quotes from it is the one its cost log line holds. */
+Test(messages, the_routers_own_answers_carry_a_request_id)
+{
+    static const char body[] = "{\"model\":\"claude\",\"max_tokens\":5,\"temperature\":0," MSGS "}";
+    char id[64];
+
+    start("    budget: {daily_usd: 0.01, on_exhausted: reject}\n");
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(messages(NULL, body), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
+    cr_assert_not_null(support_http_header(&resp, "request-id"), "no request-id on a cache hit");
+    cr_assert_str_eq(support_http_header(&resp, "request-id"),
+                     support_http_header(&resp, "x-request-id"));
+    cr_assert_eq(messages(NULL, "{\"model\":\"claude\",\"max_tokens\":1000," MSGS "}"), 0);
+    assert_anthropic_error(429, "rate_limit_error"); /* request-id == x-request-id */
+    snprintf(id, sizeof(id), "%s", support_http_header(&resp, "request-id"));
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_str_eq(get(rec, "request_id")->valuestring, id);
+    cJSON_Delete(rec);
 }
 
 /* Deterministic requests are cached on chat's rules, keyed by endpoint

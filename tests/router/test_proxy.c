@@ -259,6 +259,65 @@ Test(proxy, chat_is_rewritten_for_the_backend_and_usage_passes_through)
     cJSON_Delete(sent);
 }
 
+/* A client's query string (Azure OpenAI's api-version) goes on to the
+ * backend after the backend's path, as sent; the endpoint, /v1/models and
+ * the admin API are found by the path alone. */
+/* One mock (A) and the router in front of it alone. */
+static void start_one(void)
+{
+    char a[1024];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    start_router(NULL, backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), "a");
+}
+
+Test(proxy, the_query_string_goes_on_to_the_backend)
+{
+    start_one();
+    cr_assert_eq(call("POST", "/v1/chat/completions?api-version=2024-10-21&x=a%2Fb", AUTH, CHAT),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/last-request", NULL, NULL), 0);
+    cr_assert_str_eq(json_str(body_json(), "path"),
+                     "/v1/chat/completions?api-version=2024-10-21&x=a%2Fb");
+    /* Without one, none: not even a '?'. */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/last-request", NULL, NULL), 0);
+    cr_assert_str_eq(json_str(body_json(), "path"), "/v1/chat/completions");
+    cr_assert_eq(call("GET", "/v1/models?api-version=2024-10-21", AUTH, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(json_str(cJSON_GetArrayItem(cJSON_GetObjectItem(body_json(), "data"), 0),
+                              "id"),
+                     "chat");
+    cr_assert_eq(call("GET", "/healthz?probe=1", NULL, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+}
+
+/* Two requests that differ only in their query may be answered
+ * differently by the backend (another api-version, another beta): the
+ * second is no cache hit on the first's answer; the same query again is. */
+Test(proxy, the_response_cache_keys_the_query_string)
+{
+    static const char body[] =
+        "{\"model\":\"chat\",\"temperature\":0,\"messages\":[{\"role\":\"user\","
+        "\"content\":\"hello there\"}]}";
+    static const char *const paths[] = {
+        "/v1/chat/completions",
+        "/v1/chat/completions?api-version=2024-10-21",
+        "/v1/chat/completions?api-version=2025-01-01",
+    };
+
+    start_one();
+    for (int round = 0; round < 2; round++)
+        for (int i = 0; i < 3; i++) {
+            cr_assert_eq(call("POST", paths[i], AUTH, body), 0);
+            cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+            cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"),
+                             round ? "cache" : "a", "%s, round %d", paths[i], round);
+        }
+}
+
 Test(proxy, completions_embeddings_models_and_healthz)
 {
     start_two(NULL, NULL);
@@ -936,6 +995,73 @@ Test(proxy, members_of_a_type_the_apis_refuse_are_refused)
         sent += json_num(body_json(), "requests");
     }
     cr_assert_eq(sent, 3, "only the good ones went upstream");
+}
+
+/* A chat body whose messages the estimate cannot read (an item that is
+ * no object, a content or role of another type) was counted as a few
+ * tokens whatever text it held: under a tpm of 2000 a 3000-token text in
+ * `"messages":["..."]` passed where the same text in a message is refused
+ * as larger than the limit, and a budget's hold was as small. The API
+ * refuses such bodies: so does the router, 400 invalid_type, with nothing
+ * sent upstream. */
+Test(proxy, chat_messages_of_a_shape_the_api_refuses_are_refused)
+{
+    static const struct {
+        const char *fmt, *what; /* body, %s the long text; words of the message */
+    } cases[] = {
+        {"{\"model\":\"chat\",\"messages\":[\"%s\"]}", "each message"},
+        {"{\"model\":\"chat\",\"messages\":[[{\"role\":\"user\",\"content\":\"%s\"}]]}",
+         "each message"},
+        {"{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":{\"text\":\"%s\"}}]}",
+         "content"},
+        {"{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":[\"%s\"]}]}",
+         "content part"},
+        {"{\"model\":\"chat\",\"messages\":[{\"role\":{\"r\":\"%s\"},\"content\":\"hi\"}]}",
+         "role"},
+        {"{\"model\":\"chat\",\"messages\":\"%s\"}", "'messages'"},
+    };
+    static const char *const fine[] = {
+        "{\"model\":\"chat\",\"messages\":[]}",
+        "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\","
+        "\"text\":\"hi\"}]},{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":"
+        "\"c1\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"{}\"}}]}]}",
+    };
+    char a[1024], hex[65];
+    struct buf words = {0}, body = {0};
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    support_key_sha256_hex(TENANT_KEY, hex);
+    start_router_with("listen: 127.0.0.1:0\nbackends:\n%s"
+                      "routes:\n  - {model: chat, candidates: [a]}\n"
+                      "tenants:\n  - id: t1\n    api_keys: [\"sha256:%s\"]\n"
+                      "    rate_limits: {tpm: 2000}\n",
+                      backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), hex);
+    for (int i = 0; i < 3000; i++)
+        cr_assert_eq(buf_append_lit(&words, "word "), 0);
+    cr_assert_eq(buf_append(&words, "", 1), 0);
+    /* The text in a message is larger than the limit. */
+    cr_assert_eq(buf_printf(&body, "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\","
+                                   "\"content\":\"%s\"}]}", words.data), 0);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body.data), 0);
+    cr_assert_eq(resp.status, 429, "%.*s", (int)resp.body.len, resp.body.data);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        buf_reset(&body);
+        cr_assert_eq(buf_printf(&body, cases[i].fmt, words.data), 0);
+        cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body.data), 0);
+        cr_assert_eq(resp.status, 400, "case %zu: %d %.*s", i, resp.status, (int)resp.body.len,
+                     resp.body.data);
+        assert_error(400, "invalid_type");
+        cr_assert_not_null(strstr(json_str(json, "error.message"), cases[i].what), "%s",
+                           json_str(json, "error.message"));
+    }
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(json_num(body_json(), "requests"), 0, "a refused body went upstream");
+    for (size_t i = 0; i < sizeof(fine) / sizeof(fine[0]); i++) {
+        cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, fine[i]), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    }
+    buf_free(&words);
+    buf_free(&body);
 }
 
 /* A 405 says which methods the path takes (RFC 9110 15.5.6: the server
@@ -1848,6 +1974,52 @@ static void answer_through_router(const char *answer)
     cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
     cr_assert_eq(resp.status, 200);
     cr_assert_eq(buf_append(&resp.raw, "", 1), 0);
+}
+
+/* An Anthropic client's SDK reads request-id (error.request_id). A
+ * backend's own (Anthropic's, which its support knows) goes on as it
+ * came; an Anthropic-compatible backend that sends none (mockllm, like
+ * many servers) gets the router's, the id of the request's cost log line,
+ * as the router's own answers carry it. */
+Test(proxy, an_anthropic_answer_carries_the_backends_request_id_or_the_routers)
+{
+    static const char body[] = "{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\","
+                               "\"content\":[],\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}";
+    static const char msg[] =
+        "{\"model\":\"chat\",\"max_tokens\":5,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}";
+    char a[1024], answer[512];
+
+    snprintf(answer, sizeof(answer),
+             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nrequest-id: req_011abc\r\n"
+             "Content-Length: %zu\r\nConnection: close\r\n\r\n%s",
+             strlen(body), body);
+    start_canned(answer);
+    start_router(NULL,
+                 backend_yaml(a, sizeof(a), "a", support_canned_port(canned),
+                              "    api: anthropic\n"),
+                 "a");
+    cr_assert_eq(call("POST", "/v1/messages", AUTH, msg), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "request-id"), "req_011abc");
+    cr_assert_eq(strncmp(support_http_header(&resp, "x-request-id"), "cr-", 3), 0);
+    support_proc_stop(&router);
+    unlink(conf_path);
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    start_router(NULL, backend_yaml(a, sizeof(a), "a", mock_a.port, "    api: anthropic\n"),
+                 "a");
+    cr_assert_eq(call("POST", "/v1/messages", AUTH, msg), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_not_null(support_http_header(&resp, "request-id"), "no request-id");
+    cr_assert_str_eq(support_http_header(&resp, "request-id"),
+                     support_http_header(&resp, "x-request-id"));
+    /* Nor is a chat answer given one: OpenAI's API has x-request-id alone. */
+    support_proc_stop(&router);
+    unlink(conf_path);
+    start_router(NULL, backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), "a");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_null(support_http_header(&resp, "request-id"));
 }
 
 /* An answer without Content-Length or chunks ends when its connection
