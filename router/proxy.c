@@ -665,19 +665,36 @@ static void reject_budget(struct router__client *c)
     free(body);
 }
 
+/* The member of `body` that caps each choice at `cap` tokens (the one
+ * policy_outpred_cap took), for a message that names what the client set. */
+static const char *cap_member(const cJSON *body, int64_t cap)
+{
+    static const char *const names[] = {"max_completion_tokens", "max_tokens",
+                                        "max_output_tokens"};
+
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(body, names[i]);
+
+        if (cJSON_IsNumber(v) && (int64_t)v->valuedouble == cap)
+            return names[i];
+    }
+    return "max_tokens";
+}
+
 /* A 400 that says by how much the request is too long: what one choice
  * reads in its window (of an array of texts, the longest). */
 static void reject_context(struct router__client *c)
 {
     const struct router__request *req = &c->req;
     const char *of = req->prompt_window < req->prompt_est ? " (its longest text)" : "";
+    int64_t per_choice = req->completion_pred / MAX(req->completion_choices, 1);
     char detail[200];
 
     if (req->completion_limited)
         snprintf(detail, sizeof(detail),
                  "about %" PRId64 " prompt tokens%s + %" PRId64 " for the completion "
-                 "(max_tokens), and the largest window is %" PRId64 " tokens",
-                 req->prompt_window, of, req->completion_pred / MAX(req->completion_choices, 1),
+                 "(%s), and the largest window is %" PRId64 " tokens",
+                 req->prompt_window, of, per_choice, cap_member(req->json, per_choice),
                  req->choice.context_window);
     else
         snprintf(detail, sizeof(detail),

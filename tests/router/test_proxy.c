@@ -926,9 +926,17 @@ Test(proxy, client_errors_are_openai_json)
                       "{\"model\":\"chat\",\"max_tokens\":9000,\"messages\":"
                       "[{\"role\":\"user\",\"content\":\"hi\"}]}"), 0);
     assert_error(400, "context_length_exceeded");
-    cr_assert_not_null(strstr(json_str(json, "error.message"), "9000 for the completion"),
+    cr_assert_not_null(strstr(json_str(json, "error.message"), "9000 for the completion (max_tokens)"),
                        "%s", json_str(json, "error.message"));
     cr_assert_not_null(strstr(json_str(json, "error.message"), "largest window is 8192 tokens"));
+    /* It names the member the client set, the smaller when both are. */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH,
+                      "{\"model\":\"chat\",\"max_tokens\":12000,\"max_completion_tokens\":9500,"
+                      "\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}"), 0);
+    assert_error(400, "context_length_exceeded");
+    cr_assert_not_null(strstr(json_str(json, "error.message"),
+                              "9500 for the completion (max_completion_tokens)"),
+                       "%s", json_str(json, "error.message"));
     cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
     cr_assert_eq(json_num(body_json(), "requests"), 0, "nothing went upstream");
     cr_assert_eq(call("GET", "/v2/whatever", AUTH, NULL), 0);
