@@ -556,6 +556,70 @@ Test(report_log, arm_means_are_over_answered_requests)
     cr_assert_not_null(strstr(out.data, ", $0.003000; "), "%s", out.data);
 }
 
+/* An arm whose every request failed (here its backend answers 500, then
+ * its circuit opens: 503) answered none: it has no mean. Its mean was
+ * written $0 and the difference between the arms was the other arm's
+ * whole mean, +$0.0039 "cheaper" for an arm that served nobody. The mean
+ * and the difference are null in JSON, empty in CSV, and said so in the
+ * table. Each user's first request fails, wherever it goes; the
+ * treatment's users then ask once more and are answered. */
+Test(report_log, an_arm_that_answered_none_has_no_mean)
+{
+    static const char *const users[] = {"u0", "u1", "u2", "u3", "u4", "u5"};
+    char headers[96], body[256];
+    int control = 0, treatment = 0;
+    const cJSON *d;
+    cJSON *root;
+
+    start("experiments:\n"
+          "  - {name: e-acme, route: ab, tenants: [acme], arms: [{name: control, backends: [oa]},\n"
+          "     {name: treatment, backends: [ob]}]}\n");
+    for (size_t i = 0; i < sizeof(users) / sizeof(users[0]); i++) {
+        const char *backend;
+
+        snprintf(headers, sizeof(headers), "x-user-id: %s\r\nx-mock-status: 500\r\n", users[i]);
+        cr_assert_geq(post("sk-acme", "/v1/chat/completions", headers, CHAT_BODY("ab", "")), 500);
+        backend = support_http_header(&resp, "x-costrouter-backend");
+        if (backend == NULL || strcmp(backend, "ob") != 0) { /* oa, or its circuit open */
+            control++;
+            continue;
+        }
+        treatment++;
+        snprintf(headers, sizeof(headers), "x-user-id: %s\r\n", users[i]);
+        snprintf(body, sizeof(body),
+                 "{\"model\":\"ab\",\"max_tokens\":%zu,\"messages\":[{\"role\":\"user\","
+                 "\"content\":\"hello there\"}]}",
+                 10 + i);
+        ASSERT_POST(200, "sk-acme", "/v1/chat/completions", headers, body);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "ob");
+    }
+    support_proc_stop(&router);
+    cr_assert(control > 0 && treatment > 0, "control %d, treatment %d users", control, treatment);
+    cr_assert_eq(log_count_arm(log_path, "e-acme", "control"), control, "%s",
+                 support_file_read(log_path));
+
+    root = json_report("arm", log_path);
+    d = cJSON_GetArrayItem(cJSON_GetObjectItem(root, "arm_diffs"), 0);
+    cr_assert_not_null(d, "%s", out.data);
+    cr_assert_str_eq(cJSON_GetObjectItem(d, "arm_a")->valuestring, "control");
+    cr_assert_eq(num(d, "n_a"), 0, "%s", out.data);
+    cr_assert_eq(num(d, "errors_a"), control, "%s", out.data);
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(d, "mean_a_usd")), "a mean of none: %s", out.data);
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(d, "diff_usd")), "%s", out.data);
+    cr_assert_float_eq(num(d, "mean_b_usd"), 0.0039, 1e-15, "%s", out.data);
+    cJSON_Delete(root);
+    cr_assert_eq(report("csv", "arm", NULL, log_path), 0);
+    /* n_a, n_b, mean_a_usd (empty), mean_b_usd, diff_usd (empty) */
+    snprintf(body, sizeof(body), ",control,treatment,0,%d,,0.0039,,", treatment);
+    cr_assert_not_null(strstr(out.data, body), "%s in %s", body, out.data);
+    cr_assert_eq(report("table", "arm", NULL, log_path), 0);
+    snprintf(body, sizeof(body), "control (n=0, no mean; %d errors, 0 cache hits) vs", control);
+    cr_assert_not_null(strstr(out.data, body), "%s", out.data);
+    cr_assert_not_null(strstr(out.data, "0 cache hits): no difference [an arm answered no "
+                                        "request]\n"),
+                       "%s", out.data);
+}
+
 /* A tenant or arm named "-" (names may be) is not the group of records
  * without one: they were one group, "-", summing a tenant's spend with
  * the unauthenticated refusals, and an arm "-" was no arm at all, left out
