@@ -323,13 +323,15 @@ static uint64_t line_count(const cJSON *o, const char *key, int *bad)
 }
 
 /* Was the line answered by a model: not refused nor failed (status 400
- * and above: its cost 0 or a part), not from the cache (0, no model ran)?
- * The A/B means are over these: a mean cost per request mixing refusals
- * and hits at $0 compares the arms' refusals and hits as much as their
+ * and above: its cost 0 or a part), not from the cache (0, no model ran),
+ * not a token count (free: /v1/messages/count_tokens)? The A/B means are
+ * over these: a mean cost per request mixing refusals, hits and counts at
+ * $0 compares the arms' refusals, hits and counts as much as their
  * models' prices. */
 static int answered(const struct line *l)
 {
-    return l->status < 400 && !l->cache_hit;
+    return l->status < 400 && !l->cache_hit &&
+           !(l->endpoint != NULL && strcmp(l->endpoint, "/v1/messages/count_tokens") == 0);
 }
 
 static void stats_add(struct stats *s, const struct line *l)

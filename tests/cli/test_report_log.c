@@ -620,6 +620,58 @@ Test(report_log, an_arm_that_answered_none_has_no_mean)
                        "%s", out.data);
 }
 
+/* A token count (/v1/messages/count_tokens) is free and no model
+ * answers it: it is no answered request. Counted as one, at $0, it pulled
+ * an arm's mean and a group's usd_per_1k_answered toward 0 by as much as
+ * its clients counted before they sent (here half: $0.0015 for messages
+ * of $0.003 each), as cache hits did before they were left out. 4 users
+ * of the experiment on claude each count, then send their message. */
+Test(report_log, token_counts_are_not_answered_requests)
+{
+    static const char *const users[] = {"u0", "u1", "u2", "u3"};
+    char headers[64], body[256];
+    const cJSON *d, *g;
+    cJSON *root;
+    double mean;
+
+    start("experiments:\n"
+          "  - {name: e-claude, route: claude, tenants: [acme], arms: [{name: control, backends: "
+          "[an]},\n     {name: treatment, backends: [an]}]}\n");
+    for (size_t i = 0; i < sizeof(users) / sizeof(users[0]); i++) {
+        snprintf(headers, sizeof(headers), "x-user-id: %s\r\n", users[i]);
+        snprintf(body, sizeof(body),
+                 "{\"model\":\"claude\",\"max_tokens\":%zu,\"messages\":[{\"role\":\"user\","
+                 "\"content\":\"hello there\"}]}",
+                 10 + i);
+        ASSERT_POST(200, "sk-acme", "/v1/messages/count_tokens", headers,
+                    "{\"model\":\"claude\",\"messages\":[{\"role\":\"user\",\"content\":"
+                    "\"hello there\"}]}");
+        ASSERT_POST(200, "sk-acme", "/v1/messages", headers, body);
+    }
+    support_proc_stop(&router);
+    cr_assert_eq(log_count_arm(log_path, "e-claude", "control") +
+                     log_count_arm(log_path, "e-claude", "treatment"),
+                 8, "the counts are of their arm: %s", support_file_read(log_path));
+
+    /* every message costs the same: 7 tokens each, whatever its max_tokens */
+    mean = log_sum(log_path, "cost_usd", "endpoint", "/v1/messages") / 4;
+    cr_assert_gt(mean, 0.001, "%s", support_file_read(log_path));
+    root = json_report("backend,arm", log_path);
+    g = group(root, "backend", "an");
+    cr_assert_eq(num(g, "requests"), 8, "%s", out.data);
+    cr_assert_eq(num(g, "answered"), 4, "%s", out.data);
+    cr_assert_float_eq(num(g, "usd_per_1k_answered"), mean * 1000, 1e-9, "%s", out.data);
+    cJSON_ArrayForEach(d, cJSON_GetObjectItem(root, "arm_diffs")) {
+        cr_assert_eq(num(d, "n_a") + num(d, "n_b"), 4, "%s", out.data);
+        if (num(d, "n_a") > 0)
+            cr_assert_float_eq(num(d, "mean_a_usd"), mean, 1e-12, "%s", out.data);
+        if (num(d, "n_b") > 0)
+            cr_assert_float_eq(num(d, "mean_b_usd"), mean, 1e-12, "%s", out.data);
+    }
+    cr_assert_eq(cJSON_GetArraySize(cJSON_GetObjectItem(root, "arm_diffs")), 1, "%s", out.data);
+    cJSON_Delete(root);
+}
+
 /* A tenant or arm named "-" (names may be) is not the group of records
  * without one: they were one group, "-", summing a tenant's spend with
  * the unauthenticated refusals, and an arm "-" was no arm at all, left out
