@@ -323,13 +323,15 @@ static uint64_t line_count(const cJSON *o, const char *key, int *bad)
 }
 
 /* Was the line answered by a model: not refused nor failed (status 400
- * and above: its cost 0 or a part), not from the cache (0, no model ran)?
- * The A/B means are over these: a mean cost per request mixing refusals
- * and hits at $0 compares the arms' refusals and hits as much as their
+ * and above: its cost 0 or a part), not from the cache (0, no model ran),
+ * not a token count (free: /v1/messages/count_tokens)? The A/B means are
+ * over these: a mean cost per request mixing refusals, hits and counts at
+ * $0 compares the arms' refusals, hits and counts as much as their
  * models' prices. */
 static int answered(const struct line *l)
 {
-    return l->status < 400 && !l->cache_hit;
+    return l->status < 400 && !l->cache_hit &&
+           !(l->endpoint != NULL && strcmp(l->endpoint, "/v1/messages/count_tokens") == 0);
 }
 
 static void stats_add(struct stats *s, const struct line *l)
@@ -775,17 +777,26 @@ struct arm_diff {
     const char *kind;               /* "route" or "experiment" */
     const char *group;              /* route or experiment name */
     const struct group *a, *b;      /* arms, a's name sorts first */
-    double diff;                    /* mean(b) - mean(a), USD per request */
+    double diff;                    /* mean(b) - mean(a), USD per request; NAN when
+                                       either arm answered none (arm_mean) */
     double lo, hi;                  /* 95% CI; NAN when either arm has n < 2 or
                                        neither arm's cost varies */
     double df;                      /* Welch-Satterthwaite degrees of freedom */
 };
 
+/* The mean cost of an arm's answered requests; NAN when it answered
+ * none: its refusals and cache hits are no mean of $0, and a difference
+ * with such an arm was the other arm's whole mean. */
+static double arm_mean(const struct stats *s)
+{
+    return s->answered > 0 ? s->mean : NAN;
+}
+
 static void welch(struct arm_diff *d)
 {
     double na = (double)d->a->st.answered, nb = (double)d->b->st.answered, va, vb, se2, half;
 
-    d->diff = d->b->st.mean - d->a->st.mean;
+    d->diff = arm_mean(&d->b->st) - arm_mean(&d->a->st);
     d->lo = d->hi = d->df = NAN;
     if (na < 2 || nb < 2)
         return;
@@ -1040,8 +1051,12 @@ static void json_add_time(cJSON *o, const char *key, int64_t ms)
  * cost, and the requests not in that mean. */
 static void table_arm(FILE *out, const char *name, const struct stats *s)
 {
-    fprintf(out, "%s (n=%llu, $%.6f; %llu errors, %llu cache hits)", name,
-            (unsigned long long)s->answered, s->mean, (unsigned long long)s->errors,
+    fprintf(out, "%s (n=%llu, ", name, (unsigned long long)s->answered);
+    if (s->answered > 0)
+        fprintf(out, "$%.6f", s->mean);
+    else
+        fputs("no mean", out);
+    fprintf(out, "; %llu errors, %llu cache hits)", (unsigned long long)s->errors,
             (unsigned long long)s->cache_hits);
 }
 
@@ -1124,8 +1139,11 @@ static void print_table(const struct report *r, FILE *out, const struct group **
         table_arm(out, a, &d[i].a->st);
         fputs(" vs ", out);
         table_arm(out, b, &d[i].b->st);
-        fprintf(out, ": %+.6f", d[i].diff);
-        if (isnan(d[i].lo) && (d[i].a->st.answered < 2 || d[i].b->st.answered < 2))
+        if (!isnan(d[i].diff))
+            fprintf(out, ": %+.6f", d[i].diff);
+        if (isnan(d[i].diff))
+            fprintf(out, ": no difference [an arm answered no request]\n");
+        else if (isnan(d[i].lo) && (d[i].a->st.answered < 2 || d[i].b->st.answered < 2))
             fprintf(out, " [CI needs 2+ requests per arm]\n");
         else if (isnan(d[i].lo))
             fprintf(out, " [no CI: neither arm's cost varies]\n");
@@ -1225,8 +1243,8 @@ static void print_csv(const struct report *r, FILE *out, const struct group **g,
         csv_field(out, d[i].b->value);
         fprintf(out, ",%llu,%llu", (unsigned long long)d[i].a->st.answered,
                 (unsigned long long)d[i].b->st.answered);
-        csv_num(out, d[i].a->st.mean);
-        csv_num(out, d[i].b->st.mean);
+        csv_num(out, arm_mean(&d[i].a->st));
+        csv_num(out, arm_mean(&d[i].b->st));
         csv_num(out, d[i].diff);
         csv_num(out, d[i].lo);
         csv_num(out, d[i].hi);
@@ -1302,9 +1320,9 @@ static int print_json(const struct report *r, FILE *out, const struct group **g,
         cJSON_AddNumberToObject(o, "errors_b", (double)d[i].b->st.errors);
         cJSON_AddNumberToObject(o, "cache_hits_a", (double)d[i].a->st.cache_hits);
         cJSON_AddNumberToObject(o, "cache_hits_b", (double)d[i].b->st.cache_hits);
-        cJSON_AddNumberToObject(o, "mean_a_usd", d[i].a->st.mean);
-        cJSON_AddNumberToObject(o, "mean_b_usd", d[i].b->st.mean);
-        cJSON_AddNumberToObject(o, "diff_usd", d[i].diff);
+        json_add_finite(o, "mean_a_usd", arm_mean(&d[i].a->st));
+        json_add_finite(o, "mean_b_usd", arm_mean(&d[i].b->st));
+        json_add_finite(o, "diff_usd", d[i].diff);
         json_add_finite(o, "ci95_low_usd", d[i].lo);
         json_add_finite(o, "ci95_high_usd", d[i].hi);
         json_add_finite(o, "df", d[i].df);

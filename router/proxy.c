@@ -1532,7 +1532,9 @@ static void send_held_head(struct router__client *c, int64_t length, int with_co
  * not: it comes as fast as the backend validates, and would pull a slow
  * backend's average down to a few ms; nor is a stream's head, as vLLM's
  * server sends it at once however long its queue: its first token is
- * (ttft_due). */
+ * (ttft_due). Nor is a token count's answer, which comes once the
+ * backend has counted, however long its messages take: a count that
+ * probed a backend never measured had it predicted at a few ms. */
 static void note_success(struct router__client *c)
 {
     struct router__request *req = &c->req;
@@ -1540,7 +1542,7 @@ static void note_success(struct router__client *c)
     if (!req->success_due)
         return;
     req->success_due = 0;
-    if (req->status >= 400 || req->is_sse)
+    if (req->status >= 400 || req->is_sse || counting(req))
         backend_attempt_answered(req->pool->backend);
     else
         backend_attempt_success(req->pool->backend, router__now(c->router), req->head_ttft_ms);

@@ -556,6 +556,122 @@ Test(report_log, arm_means_are_over_answered_requests)
     cr_assert_not_null(strstr(out.data, ", $0.003000; "), "%s", out.data);
 }
 
+/* An arm whose every request failed (here its backend answers 500, then
+ * its circuit opens: 503) answered none: it has no mean. Its mean was
+ * written $0 and the difference between the arms was the other arm's
+ * whole mean, +$0.0039 "cheaper" for an arm that served nobody. The mean
+ * and the difference are null in JSON, empty in CSV, and said so in the
+ * table. Each user's first request fails, wherever it goes; the
+ * treatment's users then ask once more and are answered. */
+Test(report_log, an_arm_that_answered_none_has_no_mean)
+{
+    static const char *const users[] = {"u0", "u1", "u2", "u3", "u4", "u5"};
+    char headers[96], body[256];
+    int control = 0, treatment = 0;
+    const cJSON *d;
+    cJSON *root;
+
+    start("experiments:\n"
+          "  - {name: e-acme, route: ab, tenants: [acme], arms: [{name: control, backends: [oa]},\n"
+          "     {name: treatment, backends: [ob]}]}\n");
+    for (size_t i = 0; i < sizeof(users) / sizeof(users[0]); i++) {
+        const char *backend;
+
+        snprintf(headers, sizeof(headers), "x-user-id: %s\r\nx-mock-status: 500\r\n", users[i]);
+        cr_assert_geq(post("sk-acme", "/v1/chat/completions", headers, CHAT_BODY("ab", "")), 500);
+        backend = support_http_header(&resp, "x-costrouter-backend");
+        if (backend == NULL || strcmp(backend, "ob") != 0) { /* oa, or its circuit open */
+            control++;
+            continue;
+        }
+        treatment++;
+        snprintf(headers, sizeof(headers), "x-user-id: %s\r\n", users[i]);
+        snprintf(body, sizeof(body),
+                 "{\"model\":\"ab\",\"max_tokens\":%zu,\"messages\":[{\"role\":\"user\","
+                 "\"content\":\"hello there\"}]}",
+                 10 + i);
+        ASSERT_POST(200, "sk-acme", "/v1/chat/completions", headers, body);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "ob");
+    }
+    support_proc_stop(&router);
+    cr_assert(control > 0 && treatment > 0, "control %d, treatment %d users", control, treatment);
+    cr_assert_eq(log_count_arm(log_path, "e-acme", "control"), control, "%s",
+                 support_file_read(log_path));
+
+    root = json_report("arm", log_path);
+    d = cJSON_GetArrayItem(cJSON_GetObjectItem(root, "arm_diffs"), 0);
+    cr_assert_not_null(d, "%s", out.data);
+    cr_assert_str_eq(cJSON_GetObjectItem(d, "arm_a")->valuestring, "control");
+    cr_assert_eq(num(d, "n_a"), 0, "%s", out.data);
+    cr_assert_eq(num(d, "errors_a"), control, "%s", out.data);
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(d, "mean_a_usd")), "a mean of none: %s", out.data);
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(d, "diff_usd")), "%s", out.data);
+    cr_assert_float_eq(num(d, "mean_b_usd"), 0.0039, 1e-15, "%s", out.data);
+    cJSON_Delete(root);
+    cr_assert_eq(report("csv", "arm", NULL, log_path), 0);
+    /* n_a, n_b, mean_a_usd (empty), mean_b_usd, diff_usd (empty) */
+    snprintf(body, sizeof(body), ",control,treatment,0,%d,,0.0039,,", treatment);
+    cr_assert_not_null(strstr(out.data, body), "%s in %s", body, out.data);
+    cr_assert_eq(report("table", "arm", NULL, log_path), 0);
+    snprintf(body, sizeof(body), "control (n=0, no mean; %d errors, 0 cache hits) vs", control);
+    cr_assert_not_null(strstr(out.data, body), "%s", out.data);
+    cr_assert_not_null(strstr(out.data, "0 cache hits): no difference [an arm answered no "
+                                        "request]\n"),
+                       "%s", out.data);
+}
+
+/* A token count (/v1/messages/count_tokens) is free and no model
+ * answers it: it is no answered request. Counted as one, at $0, it pulled
+ * an arm's mean and a group's usd_per_1k_answered toward 0 by as much as
+ * its clients counted before they sent (here half: $0.0015 for messages
+ * of $0.003 each), as cache hits did before they were left out. 4 users
+ * of the experiment on claude each count, then send their message. */
+Test(report_log, token_counts_are_not_answered_requests)
+{
+    static const char *const users[] = {"u0", "u1", "u2", "u3"};
+    char headers[64], body[256];
+    const cJSON *d, *g;
+    cJSON *root;
+    double mean;
+
+    start("experiments:\n"
+          "  - {name: e-claude, route: claude, tenants: [acme], arms: [{name: control, backends: "
+          "[an]},\n     {name: treatment, backends: [an]}]}\n");
+    for (size_t i = 0; i < sizeof(users) / sizeof(users[0]); i++) {
+        snprintf(headers, sizeof(headers), "x-user-id: %s\r\n", users[i]);
+        snprintf(body, sizeof(body),
+                 "{\"model\":\"claude\",\"max_tokens\":%zu,\"messages\":[{\"role\":\"user\","
+                 "\"content\":\"hello there\"}]}",
+                 10 + i);
+        ASSERT_POST(200, "sk-acme", "/v1/messages/count_tokens", headers,
+                    "{\"model\":\"claude\",\"messages\":[{\"role\":\"user\",\"content\":"
+                    "\"hello there\"}]}");
+        ASSERT_POST(200, "sk-acme", "/v1/messages", headers, body);
+    }
+    support_proc_stop(&router);
+    cr_assert_eq(log_count_arm(log_path, "e-claude", "control") +
+                     log_count_arm(log_path, "e-claude", "treatment"),
+                 8, "the counts are of their arm: %s", support_file_read(log_path));
+
+    /* every message costs the same: 7 tokens each, whatever its max_tokens */
+    mean = log_sum(log_path, "cost_usd", "endpoint", "/v1/messages") / 4;
+    cr_assert_gt(mean, 0.001, "%s", support_file_read(log_path));
+    root = json_report("backend,arm", log_path);
+    g = group(root, "backend", "an");
+    cr_assert_eq(num(g, "requests"), 8, "%s", out.data);
+    cr_assert_eq(num(g, "answered"), 4, "%s", out.data);
+    cr_assert_float_eq(num(g, "usd_per_1k_answered"), mean * 1000, 1e-9, "%s", out.data);
+    cJSON_ArrayForEach(d, cJSON_GetObjectItem(root, "arm_diffs")) {
+        cr_assert_eq(num(d, "n_a") + num(d, "n_b"), 4, "%s", out.data);
+        if (num(d, "n_a") > 0)
+            cr_assert_float_eq(num(d, "mean_a_usd"), mean, 1e-12, "%s", out.data);
+        if (num(d, "n_b") > 0)
+            cr_assert_float_eq(num(d, "mean_b_usd"), mean, 1e-12, "%s", out.data);
+    }
+    cr_assert_eq(cJSON_GetArraySize(cJSON_GetObjectItem(root, "arm_diffs")), 1, "%s", out.data);
+    cJSON_Delete(root);
+}
+
 /* A tenant or arm named "-" (names may be) is not the group of records
  * without one: they were one group, "-", summing a tenant's spend with
  * the unauthenticated refusals, and an arm "-" was no arm at all, left out

@@ -2650,6 +2650,59 @@ Test(costs, fast_first_tokens_do_not_send_plain_requests_to_slow_answers)
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap");
 }
 
+/* POST `path` (a Messages endpoint) to router 0 with KEY as x-api-key
+ * and `body`; the status. */
+static int messages_call(const char *path, const char *body)
+{
+    cr_assert_eq(call_port(routers[0].port, "POST", path,
+                           "x-api-key: " KEY "\r\nanthropic-version: 2023-06-01\r\n", body),
+                 0);
+    return resp.status;
+}
+
+#define MESSAGES_BODY "{\"model\":\"chat\",\"max_tokens\":10," MSG "}"
+
+/* A count (/v1/messages/count_tokens) is answered as soon as the
+ * backend has counted, however long its messages take: its answer is no
+ * time to a message's first token. Taken as one, the count sent to
+ * "cheap" (never measured: its latency probe) measured it at a few ms,
+ * though its plain messages come whole after 1050 ms, and the burst of
+ * SLO messages that followed all went there, each past the 300 ms SLO.
+ * The count tells nothing: cheap is still to be measured, by one of the
+ * burst, and the rest go to "dear", measured within the SLO. */
+Test(costs, a_token_count_is_no_latency_sample)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, "--tokens", "8", "--token-delay-ms", "150", NULL),
+                 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend_with("cheap", mock_a.port, 1, 1, 1, NULL, ", api: anthropic, api_key: k-a");
+    add_backend_with("dear", mock_b.port, 2, 100, 100, NULL, ", api: anthropic, api_key: k-b");
+    start_routers(1, "cheap, dear", warm_tenant("max_ttft_ms: 300"));
+    for (int i = 0; i < 2; i++) { /* warm: dear is fast */
+        cr_assert_eq(call_port(routers[0].port, "POST", "/v1/messages",
+                               "x-api-key: " KEY_WARM "\r\nanthropic-version: 2023-06-01\r\n",
+                               MESSAGES_BODY),
+                     0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "dear");
+    }
+    cr_assert_eq(messages_call("/v1/messages/count_tokens", "{\"model\":\"chat\"," MSG "}"), 200,
+                 "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cheap",
+                     "predicted first (0 ms, never measured)");
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/backends", ADMIN, NULL), 0);
+    cr_assert(cJSON_IsTrue(cJSON_GetObjectItem(cJSON_GetArrayItem(body_json(), 0),
+                                               "ttft_probe_due")),
+              "cheap measured by a count: %.*s", (int)resp.body.len, resp.body.data);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/messages",
+                                     "x-api-key: " KEY "\r\nanthropic-version: 2023-06-01\r\n",
+                                     MESSAGES_BODY),
+                 0);
+    int on_cheap = burst_served_by("cheap");
+    cr_assert_eq(on_cheap, 1, "%d of the 6 went to cheap, 1050 ms a message", on_cheap);
+}
+
 static const char *cut_auth = AUTH; /* the key tokens_before_the_cut_cost streams with */
 static const char *cut_cap = "";     /* members before its body's messages (a max_tokens) */
 
