@@ -232,8 +232,8 @@ static const char *parse_subject(struct sfile_load *l, const cJSON *o, const cha
     l->day_total = cache__sat_add(l->day_total, day_spent);
     l->month_total = cache__sat_add(l->month_total, month_spent);
     cache__period_now(&now);
-    l->day_loaded += saved.day == now.day ? day_spent : 0;
-    l->month_loaded += saved.month == now.month ? month_spent : 0;
+    l->day_loaded = cache__sat_add(l->day_loaded, saved.day == now.day ? day_spent : 0);
+    l->month_loaded = cache__sat_add(l->month_loaded, saved.month == now.month ? month_spent : 0);
     return NULL;
 }
 
