@@ -34,6 +34,7 @@
 #include "backends/backend.h"
 #include "common/error.h"
 #include "common/http_hop.h"
+#include "common/http_query.h"
 #include "common/http_status.h"
 #include "common/log.h"
 #include "common/util.h"
@@ -316,14 +317,15 @@ static int build_request(struct router__client *c, const struct router__pool *po
         return -1;
     }
     const char *suffix = endpoint_suffix(req->endpoint);
-    /* The client's query goes on as sent (Azure OpenAI's api-version,
-     * Anthropic's beta=true): a backend's url has none (conf/addr.c). */
+    /* The backend url's own query (Azure OpenAI's api-version), then the
+     * client's (Anthropic's beta=true) but for the names the backend's
+     * sets; the client's as sent when the url has none. */
     struct slice query = router__request_query(req);
 
     rc = buf_append_lit(out, "POST ");
     rc = rc ?: buf_append(out, b->base_path, strlen(b->base_path));
     rc = rc ?: buf_append(out, suffix, strlen(suffix));
-    rc = rc ?: buf_append(out, query.p, query.len);
+    rc = rc ?: http_query_merge(out, b->query, query);
     rc = rc ?: buf_append_lit(out, " HTTP/1.1\r\n");
     rc = rc ?: buf_append(out, pool->fixed_headers.data, pool->fixed_headers.len);
     rc = rc ?: buf_append_lit(out, "Content-Length: ");
