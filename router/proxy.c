@@ -1425,18 +1425,28 @@ static void key_refused(struct router__client *c, int status, uint64_t now)
 /* A backend's answer may quote the key the router sent it (a self-hosted
  * server echoing the request it refused, a debugging proxy copying a
  * header): blank each copy out of `b`, the answer's head or the held body
- * of an error, before it goes to the client. A few hundred bytes of head,
- * and error bodies, which are small and read once; a 2xx body is not
- * scanned. */
+ * of an error, before it goes to the client. So are the values of the
+ * backend url's query, which may be a key too (`?key=`, as some hosts
+ * take it), but for `api-version`'s: a date, no secret, and what an error
+ * about it names. A few hundred bytes of head, and error bodies, which
+ * are small and read once; a 2xx body is not scanned. */
 static void scrub_key(struct router__request *req, struct buf *b, const char *what)
 {
-    const char *key = req->pool->conf->api_key;
-    size_t n = key ? strlen(key) : 0;
+    const struct conf_backend *cb = req->pool->conf;
+    size_t n = cb->api_key ? strlen(cb->api_key) : 0, found = 0;
+    struct slice rest = slice_from(cb->query);
+    struct http_query_param p;
 
-    if (n >= PROXY_SCRUB_KEY_MIN && buf_mask(b, key, n, '*') > 0)
-        log_info("request %s: backend %s quoted the router's key in its %d answer's %s; "
-                 "blanked out",
-                 req->id_str, req->pool->conf->name, req->status, what);
+    if (n >= PROXY_SCRUB_KEY_MIN)
+        found += buf_mask(b, cb->api_key, n, '*');
+    while (http_query_next(&rest, &p))
+        if (p.value.len >= PROXY_SCRUB_KEY_MIN &&
+            !http_query_name_eq(p.name, SLICE_LIT("api-version")))
+            found += buf_mask(b, p.value.p, p.value.len, '*');
+    if (found > 0)
+        log_info("request %s: backend %s quoted the router's key (or its url's query) in its %d "
+                 "answer's %s; blanked out",
+                 req->id_str, cb->name, req->status, what);
 }
 
 /* Send bytes to the client: into the batch while one is being collected
