@@ -969,6 +969,13 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
         struct slice query = router__request_query(req);
         if (rc == 0 && query.len > 0)
             rc = buf_printf(&route_key, " query=%zu:%.*s", query.len, (int)query.len, query.p);
+        /* and so is the backend url's own (another api-version may answer
+         * otherwise), held beside the model: a fallback to a backend of
+         * another query is one to another upstream (send_attempt). The
+         * key is a hash: a `key=` in it shows nowhere. */
+        req->cache_query = b->query;
+        if (rc == 0 && b->query != NULL)
+            rc = buf_printf(&route_key, " backend_query=%zu:%s", strlen(b->query), b->query);
         req->cache_model = b->model ? b->model : req->route->model;
         if (rc != 0 || cache_key_make(route_key.data, req->cache_model, req->json, &req->cache_key) != 0)
             req->cacheable = 0;
@@ -987,6 +994,12 @@ static void forward(struct router__client *c, const char *p, size_t len);
 
 /* ---- send ---- */
 
+/* Are two backend url queries (NULL: none) the same? */
+static int same_query(const char *a, const char *b)
+{
+    return a == b || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
 static void send_attempt(struct router__client *c)
 {
     struct router__request *req = &c->req;
@@ -999,11 +1012,13 @@ static void send_attempt(struct router__client *c)
     if (req->attempts++ > 0)
         req->fallbacks++;
     if (req->cacheable && req->cache_model != NULL &&
-        strcmp(req->pool->conf->model ? req->pool->conf->model : req->route->model,
-               req->cache_model) != 0) {
-        /* Gone to a backend of another upstream model than the key names
-         * (a fallback, another choice): its answer is no answer for that
-         * key, nor for the requests waiting on it, which go themselves. */
+        (strcmp(req->pool->conf->model ? req->pool->conf->model : req->route->model,
+                req->cache_model) != 0 ||
+         !same_query(req->pool->conf->query, req->cache_query))) {
+        /* Gone to a backend of another upstream model or url query than
+         * the key names (a fallback, another choice): its answer is no
+         * answer for that key, nor for the requests waiting on it, which
+         * go themselves. */
         req->cacheable = 0;
         if (req->flight_leader)
             router__spend_flight_fail(c);

@@ -475,6 +475,44 @@ Test(proxy, a_route_of_an_azure_and_an_openai_backend_sends_each_its_own_query)
     cr_assert_null(json_str(json, "headers.api-key"));
 }
 
+/* Two backends of one upstream model whose urls ask for other api-versions
+ * may answer otherwise (another version adds or drops fields): an answer
+ * the second gave after the first failed is not cached as the first's;
+ * with the same query it is (the same upstream either way). */
+static void cache_across_queries(const char *query_b, const char *want_second)
+{
+    static const char body[] =
+        "{\"model\":\"chat\",\"temperature\":0,\"messages\":[{\"role\":\"user\","
+        "\"content\":\"hello there\"}]}";
+    char a[512], b[512], url_b[128], both[1100];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, "--error-rate", "1", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    azure_yaml(a, sizeof(a), "a",
+               "http://127.0.0.1:%d/openai/deployments/gpt-4o?api-version=2024-10-21",
+               mock_a.port, "gpt-4o");
+    snprintf(url_b, sizeof(url_b), "http://127.0.0.1:%%d/openai/deployments/gpt-4o?%s", query_b);
+    azure_yaml_priced(b, sizeof(b), "b", url_b, mock_b.port, "gpt-4o", 3);
+    snprintf(both, sizeof(both), "%s%s", a, b);
+    start_router("cache: {enabled: true}\n", both, "a, b");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), want_second);
+}
+
+Test(proxy, an_answer_at_another_api_version_is_not_cached_for_the_first)
+{
+    cache_across_queries("api-version=2025-01-01", "b");
+}
+
+Test(proxy, an_answer_at_the_same_api_version_is_cached_for_the_first)
+{
+    cache_across_queries("api-version=2024-10-21", "cache");
+}
+
 Test(proxy, completions_embeddings_models_and_healthz)
 {
     start_two(NULL, NULL);
