@@ -513,6 +513,54 @@ Test(proxy, an_answer_at_the_same_api_version_is_cached_for_the_first)
     cache_across_queries("api-version=2024-10-21", "cache");
 }
 
+/* The same, when no fallback is involved: an A/B experiment sends one
+ * user to a (api-version 2024-10-21) and another to b (2025-01-01), both
+ * of one upstream model. The answer b gave the one is no cache hit for
+ * the other, whose request goes to a. */
+Test(proxy, the_cache_key_names_the_backend_urls_query)
+{
+    static const char body[] =
+        "{\"model\":\"chat\",\"temperature\":0,\"messages\":[{\"role\":\"user\","
+        "\"content\":\"hello there\"}]}";
+    char a[512], b[512], both[1100], header[64], user_a[16] = "", user_b[16] = "";
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    azure_yaml(a, sizeof(a), "a",
+               "http://127.0.0.1:%d/openai/deployments/gpt-4o?api-version=2024-10-21",
+               mock_a.port, "gpt-4o");
+    azure_yaml(b, sizeof(b), "b",
+               "http://127.0.0.1:%d/openai/deployments/gpt-4o?api-version=2025-01-01",
+               mock_b.port, "gpt-4o");
+    snprintf(both, sizeof(both), "%s%s", a, b);
+    start_router("experiments:\n"
+                 "  - name: versions\n"
+                 "    route: chat\n"
+                 "    user_header: x-user-id\n"
+                 "    arms:\n"
+                 "      - {name: old, weight: 50, backends: [a]}\n"
+                 "      - {name: new, weight: 50, backends: [b]}\n",
+                 both, "a, b");
+    /* A user of each arm, found with requests the cache does not keep. */
+    for (int i = 0; i < 64 && (user_a[0] == '\0' || user_b[0] == '\0'); i++) {
+        snprintf(header, sizeof(header), AUTH "x-user-id: u%d\r\n", i);
+        cr_assert_eq(call("POST", "/v1/chat/completions", header, CHAT), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        const char *served = support_http_header(&resp, "x-costrouter-backend");
+        snprintf(strcmp(served, "a") == 0 ? user_a : user_b, 16, "u%d", i);
+    }
+    cr_assert(user_a[0] && user_b[0], "no user of each arm in 64");
+    snprintf(header, sizeof(header), AUTH "x-user-id: %s\r\n", user_b);
+    cr_assert_eq(call("POST", "/v1/chat/completions", header, body), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    cr_assert_eq(call("POST", "/v1/chat/completions", header, body), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
+    snprintf(header, sizeof(header), AUTH "x-user-id: %s\r\n", user_a);
+    cr_assert_eq(call("POST", "/v1/chat/completions", header, body), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+}
+
 Test(proxy, completions_embeddings_models_and_healthz)
 {
     start_two(NULL, NULL);
