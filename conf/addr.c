@@ -2,13 +2,14 @@
  * conf/addr.c: the addresses in a config: backend urls, the listen
  * address and the Redis url.
  *
- * Only the pieces the router needs are kept (scheme, host, port, path,
- * Redis db and password); anything else (queries, fragments, credentials
- * in an http url) is refused. Error messages never repeat the text, since
- * urls can carry passwords.
+ * Only the pieces the router needs are kept (scheme, host, port, path, a
+ * backend's query, Redis db and password); anything else (fragments,
+ * credentials in an http url) is refused. Error messages never repeat the
+ * text, since urls can carry passwords (and a backend's query a key).
  */
 #include "conf/conf.h"
 #include "conf/internal.h"
+#include "common/http_query.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -80,9 +81,9 @@ static void replace(char **field, char *value)
 int conf__parse_url(struct conf__ctx *ctx, struct conf_backend *b, const char *url, int line,
                     const char *path)
 {
-    const char *rest, *msg;
+    const char *rest, *msg, *q;
     size_t alen, plen;
-    char *host = NULL, *base = NULL;
+    char *host = NULL, *base = NULL, *query = NULL;
     long port;
     int tls, v6;
 
@@ -108,14 +109,20 @@ int conf__parse_url(struct conf__ctx *ctx, struct conf_backend *b, const char *u
         msg = "has a port outside 1..65535";
         goto fail;
     }
-    if (strpbrk(rest + alen, "?#")) {
-        msg = "must not have a query or fragment";
+    if (strchr(rest + alen, '#')) {
+        msg = "must not have a fragment";
         goto fail;
     }
-    plen = strlen(rest + alen);
+    /* The query goes with every request (Azure's api-version): checked
+     * here, so that the router can send it as written. */
+    q = strchr(rest + alen, '?');
+    if (q && (msg = http_query_check(q + 1)) != NULL)
+        goto fail;
+    plen = q ? (size_t)(q - (rest + alen)) : strlen(rest + alen);
     while (plen > 0 && rest[alen + plen - 1] == '/')
         plen--;
-    if ((base = strndup(rest + alen, plen)) == NULL) {
+    if ((base = strndup(rest + alen, plen)) == NULL || (q && (query = strdup(q + 1)) == NULL)) {
+        free(base);
         msg = "out of memory";
         goto fail;
     }
@@ -124,6 +131,7 @@ int conf__parse_url(struct conf__ctx *ctx, struct conf_backend *b, const char *u
     b->port = (uint16_t)(port > 0 ? port : tls ? 443 : 80);
     replace(&b->host, host);
     replace(&b->base_path, base);
+    replace(&b->query, query);
     return 0;
 fail:
     free(host);

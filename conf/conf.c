@@ -673,9 +673,10 @@ void conf_free(struct conf *conf)
         struct conf_backend *b = &conf->backends[i];
 
         free(b->name);
-        free(b->url);
+        free_secret(b->url);
         free(b->host);
         free(b->base_path);
+        free_secret(b->query);
         free(b->ca_file);
         free(b->model);
         free_secret(b->api_key);

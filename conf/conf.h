@@ -100,7 +100,8 @@ struct conf_backend {
     size_t index;               /* position in conf.backends */
     enum conf_backend_kind kind;
     enum conf_api api;          /* `api:`, default openai */
-    char *url;                  /* as written, e.g. https://api.openai.com/v1 */
+    char *url;                  /* as written, e.g. https://api.openai.com/v1; its query
+                                   may hold a key: never print it */
     unsigned tls:1;             /* url scheme is https */
     unsigned tls_verify:1;      /* verify the certificate (default on) */
     unsigned is_free:1;         /* `free: true`: allowed to have no price */
@@ -113,6 +114,9 @@ struct conf_backend {
     unsigned host_is_ipv6:1;    /* host is an IPv6 literal: bracket it in Host: */
     uint16_t port;              /* port, default 80/443 */
     char *base_path;            /* path part of url without trailing '/', e.g. "/v1" */
+    char *query;                /* url's query without its '?' (api-version=2024-10-21),
+                                   sent with every request (common/http_query.h), or
+                                   NULL; may hold a key: never logged */
     char *ca_file;              /* pinned CA bundle, or NULL for the system store */
     char *model;                /* upstream's own model name, replaces "model" */
     char *api_key;              /* secret sent upstream, or NULL; never logged */

@@ -201,10 +201,11 @@ void conf__parse_included(struct conf__ctx *ctx, struct fy_node *root);
  * libfyaml names neither the key nor the first, and stops at one. */
 size_t conf__duplicate_keys(struct conf__ctx *ctx, struct fy_node *root);
 
-/* Split "http[s]://HOST[:PORT][/PATH]" into the backend's tls, host,
- * host_is_ipv6, port and base_path (trailing '/' dropped). Returns 0, or -1
- * after reporting the problem at (line, path). Never echoes the url back,
- * since a url may carry credentials. */
+/* Split "http[s]://HOST[:PORT][/PATH][?QUERY]" into the backend's tls,
+ * host, host_is_ipv6, port, base_path (trailing '/' dropped) and query
+ * (http_query_check; NULL without a '?'). Returns 0, or -1 after reporting
+ * the problem at (line, path). Never echoes the url back, since a url may
+ * carry credentials. */
 int conf__parse_url(struct conf__ctx *ctx, struct conf_backend *b, const char *url, int line,
                     const char *path);
 /* Split "HOST:PORT", "[V6]:PORT" or ":PORT" (any address) into listen_host

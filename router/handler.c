@@ -381,7 +381,7 @@ void router__request_reset(struct router__request *req)
     req->probe_chosen = req->success_due = req->ttft_due = 0;
     req->chosen_held = 0; /* released where the request ended */
     req->last_error = NULL;
-    req->cache_model = NULL;
+    req->cache_model = req->cache_query = NULL;
     req->events = 0;
     req->cost_micro = req->saved_micro = 0;
     req->cost_usd = 0;

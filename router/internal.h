@@ -338,6 +338,7 @@ struct router__request {
     struct cache_reservation key_res;    /* the same held from its key's own budget */
     struct cache_key cache_key;          /* response cache key (when cacheable) */
     const char *cache_model;             /* the upstream model cache_key names */
+    const char *cache_query;             /* and the backend url's query, or NULL */
     struct cache_flight_waiter waiter;   /* as a single-flight follower */
     struct backend_ticket ticket;        /* the current attempt's accounting */
     struct buf head;                     /* response head held until the cost is known */

@@ -34,6 +34,7 @@
 #include "backends/backend.h"
 #include "common/error.h"
 #include "common/http_hop.h"
+#include "common/http_query.h"
 #include "common/http_status.h"
 #include "common/log.h"
 #include "common/util.h"
@@ -316,14 +317,15 @@ static int build_request(struct router__client *c, const struct router__pool *po
         return -1;
     }
     const char *suffix = endpoint_suffix(req->endpoint);
-    /* The client's query goes on as sent (Azure OpenAI's api-version,
-     * Anthropic's beta=true): a backend's url has none (conf/addr.c). */
+    /* The backend url's own query (Azure OpenAI's api-version), then the
+     * client's (Anthropic's beta=true) but for the names the backend's
+     * sets; the client's as sent when the url has none. */
     struct slice query = router__request_query(req);
 
     rc = buf_append_lit(out, "POST ");
     rc = rc ?: buf_append(out, b->base_path, strlen(b->base_path));
     rc = rc ?: buf_append(out, suffix, strlen(suffix));
-    rc = rc ?: buf_append(out, query.p, query.len);
+    rc = rc ?: http_query_merge(out, b->query, query);
     rc = rc ?: buf_append_lit(out, " HTTP/1.1\r\n");
     rc = rc ?: buf_append(out, pool->fixed_headers.data, pool->fixed_headers.len);
     rc = rc ?: buf_append_lit(out, "Content-Length: ");
@@ -984,6 +986,13 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
         struct slice query = router__request_query(req);
         if (rc == 0 && query.len > 0)
             rc = buf_printf(&route_key, " query=%zu:%.*s", query.len, (int)query.len, query.p);
+        /* and so is the backend url's own (another api-version may answer
+         * otherwise), held beside the model: a fallback to a backend of
+         * another query is one to another upstream (send_attempt). The
+         * key is a hash: a `key=` in it shows nowhere. */
+        req->cache_query = b->query;
+        if (rc == 0 && b->query != NULL)
+            rc = buf_printf(&route_key, " backend_query=%zu:%s", strlen(b->query), b->query);
         req->cache_model = b->model ? b->model : req->route->model;
         if (rc != 0 || cache_key_make(route_key.data, req->cache_model, req->json, &req->cache_key) != 0)
             req->cacheable = 0;
@@ -1002,6 +1011,12 @@ static void forward(struct router__client *c, const char *p, size_t len);
 
 /* ---- send ---- */
 
+/* Are two backend url queries (NULL: none) the same? */
+static int same_query(const char *a, const char *b)
+{
+    return a == b || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
 static void send_attempt(struct router__client *c)
 {
     struct router__request *req = &c->req;
@@ -1014,11 +1029,13 @@ static void send_attempt(struct router__client *c)
     if (req->attempts++ > 0)
         req->fallbacks++;
     if (req->cacheable && req->cache_model != NULL &&
-        strcmp(req->pool->conf->model ? req->pool->conf->model : req->route->model,
-               req->cache_model) != 0) {
-        /* Gone to a backend of another upstream model than the key names
-         * (a fallback, another choice): its answer is no answer for that
-         * key, nor for the requests waiting on it, which go themselves. */
+        (strcmp(req->pool->conf->model ? req->pool->conf->model : req->route->model,
+                req->cache_model) != 0 ||
+         !same_query(req->pool->conf->query, req->cache_query))) {
+        /* Gone to a backend of another upstream model or url query than
+         * the key names (a fallback, another choice): its answer is no
+         * answer for that key, nor for the requests waiting on it, which
+         * go themselves. */
         req->cacheable = 0;
         if (req->flight_leader)
             router__spend_flight_fail(c);
@@ -1440,18 +1457,28 @@ static void key_refused(struct router__client *c, int status, uint64_t now)
 /* A backend's answer may quote the key the router sent it (a self-hosted
  * server echoing the request it refused, a debugging proxy copying a
  * header): blank each copy out of `b`, the answer's head or the held body
- * of an error, before it goes to the client. A few hundred bytes of head,
- * and error bodies, which are small and read once; a 2xx body is not
- * scanned. */
+ * of an error, before it goes to the client. So are the values of the
+ * backend url's query, which may be a key too (`?key=`, as some hosts
+ * take it), but for `api-version`'s: a date, no secret, and what an error
+ * about it names. A few hundred bytes of head, and error bodies, which
+ * are small and read once; a 2xx body is not scanned. */
 static void scrub_key(struct router__request *req, struct buf *b, const char *what)
 {
-    const char *key = req->pool->conf->api_key;
-    size_t n = key ? strlen(key) : 0;
+    const struct conf_backend *cb = req->pool->conf;
+    size_t n = cb->api_key ? strlen(cb->api_key) : 0, found = 0;
+    struct slice rest = slice_from(cb->query);
+    struct http_query_param p;
 
-    if (n >= PROXY_SCRUB_KEY_MIN && buf_mask(b, key, n, '*') > 0)
-        log_info("request %s: backend %s quoted the router's key in its %d answer's %s; "
-                 "blanked out",
-                 req->id_str, req->pool->conf->name, req->status, what);
+    if (n >= PROXY_SCRUB_KEY_MIN)
+        found += buf_mask(b, cb->api_key, n, '*');
+    while (http_query_next(&rest, &p))
+        if (p.value.len >= PROXY_SCRUB_KEY_MIN &&
+            !http_query_name_eq(p.name, SLICE_LIT("api-version")))
+            found += buf_mask(b, p.value.p, p.value.len, '*');
+    if (found > 0)
+        log_info("request %s: backend %s quoted the router's key (or its url's query) in its %d "
+                 "answer's %s; blanked out",
+                 req->id_str, cb->name, req->status, what);
 }
 
 /* Send bytes to the client: into the batch while one is being collected

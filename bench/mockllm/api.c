@@ -1448,12 +1448,61 @@ static void remember(struct mockllm_conn *c)
     c->req = tmp;
 }
 
+/* Does the query ("?a=1&b", or NULL) hold an api-version=...? */
+static int has_api_version(const char *q, size_t len)
+{
+    static const char name[] = "api-version=";
+    const size_t n = sizeof(name) - 1;
+
+    for (size_t i = 0; q != NULL && i < len; i++)
+        if ((q[i] == '?' || q[i] == '&') && len - i - 1 >= n && memcmp(q + i + 1, name, n) == 0)
+            return 1;
+    return 0;
+}
+
+/* Azure OpenAI's paths as the /v1 path they serve: /openai/v1/X (its v1
+ * API) and /openai/deployments/NAME/X (the classic one) are /v1/X, into
+ * out[cap] with *len set. The classic API wants an api-version: without
+ * one it is answered 404, as Azure does (returns NULL then). `path` itself
+ * when it is no Azure path. */
+static const char *azure_path(struct mockllm_conn *c, const char *path, size_t *len,
+                              const char *query, size_t query_len, char *out, size_t cap)
+{
+    static const char v1[] = "/openai/v1/", deployments[] = "/openai/deployments/";
+    const char *rest;
+    size_t n;
+
+    if (*len > sizeof(v1) - 1 && memcmp(path, v1, sizeof(v1) - 1) == 0) {
+        rest = path + sizeof(v1) - 2;
+    } else if (*len > sizeof(deployments) - 1 &&
+               memcmp(path, deployments, sizeof(deployments) - 1) == 0) {
+        const char *name = path + sizeof(deployments) - 1;
+        rest = memchr(name, '/', *len - (size_t)(name - path));
+        if (rest == NULL || rest == name)
+            return path;
+        if (!has_api_version(query, query_len)) {
+            answer_error(c, 404, "invalid_request_error", "404", "Resource not found");
+            return NULL;
+        }
+    } else {
+        return path;
+    }
+    n = *len - (size_t)(rest - path);
+    if (n + 3 >= cap)
+        return path;
+    memcpy(out, "/v1", 3);
+    memcpy(out + 3, rest, n);
+    *len = n + 3;
+    return out;
+}
+
 void mockllm__dispatch(struct mockllm_conn *c)
 {
     const char *url = c->req.url.data ? c->req.url.data : "";
     const char *q = memchr(url, '?', c->req.url.len);
     size_t len = q ? (size_t)(q - url) : c->req.url.len;
     int get = c->req.method && strcmp(c->req.method, "GET") == 0;
+    char mapped[256];
 
     mockllm__plan_reset(&c->plan);
     if (len == 11 && memcmp(url, "/mock/stats", 11) == 0 && get) {
@@ -1462,6 +1511,12 @@ void mockllm__dispatch(struct mockllm_conn *c)
     }
     if (len == 18 && memcmp(url, "/mock/last-request", 18) == 0 && get) {
         answer_last_request(c);
+        return;
+    }
+    url = azure_path(c, url, &len, q, q ? c->req.url.len - (size_t)(q - url) : 0, mapped,
+                     sizeof(mapped));
+    if (url == NULL) {
+        remember(c); /* what an Azure path got without its api-version */
         return;
     }
     if (len < 4 || memcmp(url, "/v1/", 4) != 0) {

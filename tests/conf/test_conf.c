@@ -187,10 +187,22 @@ static struct error_case error_cases[] = {
      {"2: listen: has an invalid port",
       "4: backends[0].url: must start with http:// or https://",
       "5: backends[1].url: has no host",
-      "6: backends[2].url: must not have a query or fragment",
+      "6: backends[2].url: must not have a fragment",
       "7: backends[3].url: has a port outside 1..65535",
       "8: backends[4].url: has an invalid IPv6 address",
-      "9: backends[5].url: must not contain spaces or control characters"}},
+      "9: backends[5].url: must not contain spaces or control characters",
+      "10: backends[6].url: must not have a fragment",
+      "11: backends[7].url: has an empty query after its '?'",
+      "12: backends[8].url: has an empty parameter in its query ('&&', or a '&' at an end)",
+      "13: backends[9].url: has an empty parameter in its query ('&&', or a '&' at an end)",
+      "14: backends[10].url: has an empty parameter in its query ('&&', or a '&' at an end)",
+      "15: backends[11].url: has a parameter without a name in its query",
+      "16: backends[12].url: has a '%' in its query without two hex digits after it",
+      "17: backends[13].url: has a '%' in its query without two hex digits after it",
+      "18: backends[14].url: has a character its query may not hold as it is: percent-encode it",
+      "19: backends[15].url: has a character its query may not hold as it is: percent-encode it"},
+     /* a query may hold a key (?key=): no error quotes it */
+     .absent = {"sk-query-secret"}},
     {.file = DATA "syntax.yaml",
      .lines = {"5: (yaml): flow sequence without a closing bracket"}},
     {.file = DATA "candidates_too_many.yaml",
@@ -992,10 +1004,23 @@ Test(conf, url_forms, .timeout = 10)
     cr_expect_eq(b->port, 80);
     cr_expect_str_eq(b->base_path, "");
     cr_expect_eq(b->host_is_ipv6, 0);
+    cr_expect_null(b->query, "no '?': no query");
     b = conf_find_backend(c, "tls");
     cr_expect_eq(b->port, 443);
     cr_expect_eq(b->tls_verify, 0);
     cr_expect_str_eq(b->base_path, "/openai/v1");
+    cr_expect_null(b->query);
+    /* A query is kept as written, without its '?'; the path before it
+     * loses its trailing '/' as any path does. */
+    b = conf_find_backend(c, "azure");
+    cr_expect_str_eq(b->host, "res.openai.azure.com");
+    cr_expect_str_eq(b->base_path, "/openai/deployments/gpt-4o");
+    cr_expect_str_eq(b->query, "api-version=2024-10-21");
+    b = conf_find_backend(c, "bare");
+    cr_expect_str_eq(b->host, "example.com");
+    cr_expect_eq(b->port, 80);
+    cr_expect_str_eq(b->base_path, "");
+    cr_expect_str_eq(b->query, "key=a%2Fb/c?d=:@!$'()*+,;&flag");
     conf_free(c);
 }
 

@@ -318,6 +318,249 @@ Test(proxy, the_response_cache_keys_the_query_string)
         }
 }
 
+/* ---- a backend url's own query (Azure OpenAI) ---- */
+
+/* An api backend entry named `name` at `url` (printf'd with `port`),
+ * upstream model `model`, its key sent as `api-key:` as Azure wants it,
+ * at `x` times the usual prices. */
+static const char *azure_yaml_priced(char *out, size_t n, const char *name, const char *url,
+                                     int port, const char *model, int x)
+{
+    char full[256];
+
+    snprintf(full, sizeof(full), url, port);
+    snprintf(out, n,
+             "  - name: %s\n"
+             "    kind: api\n"
+             "    url: \"%s\"\n"
+             "    model: %s\n"
+             "    api_key: sk-azure-%s\n"
+             "    auth_header: api-key\n"
+             "    quality: 2\n"
+             "    context_window: 8192\n"
+             "    input_usd_per_mtok: %d\n"
+             "    output_usd_per_mtok: %d\n",
+             name, full, model, name, x, 2 * x);
+    return out;
+}
+
+static const char *azure_yaml(char *out, size_t n, const char *name, const char *url, int port,
+                              const char *model)
+{
+    return azure_yaml_priced(out, n, name, url, port, model, 1);
+}
+
+/* The request target the mock on `port` got last. */
+static const char *last_target(int port)
+{
+    cr_assert_eq(call_port(port, "GET", "/mock/last-request", NULL, NULL), 0);
+    return json_str(body_json(), "path");
+}
+
+/* The router in front of mock A alone, as routes "classic" (an Azure
+ * deployment url with its api-version), "v1" (Azure's v1 API: no
+ * api-version, the deployment in the body's model) and "bare" (the
+ * deployment url without a query, as a config had to say before a url
+ * could hold one). */
+static void start_azure(void)
+{
+    char classic[512], v1[512], bare[512], hex[65];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    azure_yaml(classic, sizeof(classic), "classic",
+               "http://127.0.0.1:%d/openai/deployments/gpt-4o?api-version=2024-10-21",
+               mock_a.port, "gpt-4o");
+    azure_yaml(v1, sizeof(v1), "v1", "http://127.0.0.1:%d/openai/v1", mock_a.port,
+               "my-gpt-4o-deployment");
+    azure_yaml(bare, sizeof(bare), "bare", "http://127.0.0.1:%d/openai/deployments/gpt-4o",
+               mock_a.port, "gpt-4o");
+    support_key_sha256_hex(TENANT_KEY, hex);
+    start_router_with("listen: 127.0.0.1:0\n"
+                      "backends:\n%s%s%s"
+                      "routes:\n"
+                      "  - {model: classic, candidates: [classic]}\n"
+                      "  - {model: v1, candidates: [v1]}\n"
+                      "  - {model: bare, candidates: [bare]}\n"
+                      "tenants:\n"
+                      "  - {id: t1, api_keys: [\"sha256:%s\"]}\n",
+                      classic, v1, bare, hex);
+}
+
+#define AZ_CHAT(route)                                                                         \
+    "{\"model\":\"" route "\",\"messages\":[{\"role\":\"user\",\"content\":\"hello there\"}]}"
+
+/* Azure OpenAI's classic API: the deployment is the url's path, the
+ * endpoint's own path follows it (/v1/chat/completions gives
+ * .../deployments/NAME/chat/completions: no /v1 is kept), the url's
+ * api-version goes with every request, before the client's query, whose
+ * own api-version gives way; the key goes as api-key, not Authorization. */
+Test(proxy, an_azure_deployment_url_sends_its_api_version_with_every_request)
+{
+    static const char *const stream =
+        "{\"model\":\"classic\",\"stream\":true,\"messages\":[{\"role\":\"user\","
+        "\"content\":\"hi\"}]}";
+
+    start_azure();
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, AZ_CHAT("classic")), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(last_target(mock_a.port),
+                     "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21");
+    cr_assert_str_eq(json_str(json, "headers.api-key"), "sk-azure-classic");
+    cr_assert_null(json_str(json, "headers.authorization"), "the tenant's key went on");
+
+    cr_assert_eq(call("POST", "/v1/chat/completions?api-version=2025-01-01&x=a%2Fb", AUTH,
+                      AZ_CHAT("classic")), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(last_target(mock_a.port),
+                     "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21&x=a%2Fb");
+
+    cr_assert_eq(call("POST", "/v1/embeddings", AUTH, "{\"model\":\"classic\",\"input\":\"hi\"}"),
+                 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(last_target(mock_a.port),
+                     "/openai/deployments/gpt-4o/embeddings?api-version=2024-10-21");
+
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, stream), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_not_null(memmem(resp.body.data, resp.body.len, "data: [DONE]", 12));
+    cr_assert_str_eq(last_target(mock_a.port),
+                     "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21");
+}
+
+/* Azure's v1 API: url .../openai/v1, no api-version; the deployment is
+ * the body's model, so the backend's model is the deployment's name. A
+ * deployment url without a query (all a config could say before) leaves
+ * the api-version to the client: without one, Azure answers 404. */
+Test(proxy, azure_v1_takes_the_deployment_as_model_and_a_bare_deployment_url_wants_the_clients_query)
+{
+    start_azure();
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, AZ_CHAT("v1")), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(last_target(mock_a.port), "/openai/v1/chat/completions");
+    cr_assert_str_eq(json_str(json, "headers.api-key"), "sk-azure-v1");
+    cJSON *sent = cJSON_Parse(json_str(json, "body"));
+    cr_assert_str_eq(json_str(sent, "model"), "my-gpt-4o-deployment");
+    cJSON_Delete(sent);
+
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, AZ_CHAT("bare")), 0);
+    cr_assert_eq(resp.status, 404, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(last_target(mock_a.port), "/openai/deployments/gpt-4o/chat/completions");
+    cr_assert_eq(call("POST", "/v1/chat/completions?api-version=2024-10-21", AUTH,
+                      AZ_CHAT("bare")), 0);
+    cr_assert_eq(resp.status, 200);
+}
+
+/* One route, an Azure backend first and an OpenAI-style one after it: the
+ * Azure one gets its api-version and the client's query, the other only
+ * the client's, so neither needs the client to know which serves. */
+Test(proxy, a_route_of_an_azure_and_an_openai_backend_sends_each_its_own_query)
+{
+    char az[512], oa[1024], both[1600];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, "--error-rate", "1", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    azure_yaml(az, sizeof(az), "a",
+               "http://127.0.0.1:%d/openai/deployments/gpt-4o?api-version=2024-10-21",
+               mock_a.port, "gpt-4o");
+    backend_yaml_priced(oa, sizeof(oa), "b", mock_b.port, 3, NULL);
+    snprintf(both, sizeof(both), "%s%s", az, oa);
+    start_router(NULL, both, "a, b");
+    cr_assert_eq(call("POST", "/v1/chat/completions?beta=true", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    cr_assert_str_eq(last_target(mock_a.port),
+                     "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21&beta=true");
+    cr_assert_str_eq(last_target(mock_b.port), "/v1/chat/completions?beta=true");
+    cr_assert_str_eq(json_str(json, "headers.authorization"), "Bearer sk-upstream-b");
+    cr_assert_null(json_str(json, "headers.api-key"));
+}
+
+/* Two backends of one upstream model whose urls ask for other api-versions
+ * may answer otherwise (another version adds or drops fields): an answer
+ * the second gave after the first failed is not cached as the first's;
+ * with the same query it is (the same upstream either way). */
+static void cache_across_queries(const char *query_b, const char *want_second)
+{
+    static const char body[] =
+        "{\"model\":\"chat\",\"temperature\":0,\"messages\":[{\"role\":\"user\","
+        "\"content\":\"hello there\"}]}";
+    char a[512], b[512], url_b[128], both[1100];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, "--error-rate", "1", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    azure_yaml(a, sizeof(a), "a",
+               "http://127.0.0.1:%d/openai/deployments/gpt-4o?api-version=2024-10-21",
+               mock_a.port, "gpt-4o");
+    snprintf(url_b, sizeof(url_b), "http://127.0.0.1:%%d/openai/deployments/gpt-4o?%s", query_b);
+    azure_yaml_priced(b, sizeof(b), "b", url_b, mock_b.port, "gpt-4o", 3);
+    snprintf(both, sizeof(both), "%s%s", a, b);
+    start_router("cache: {enabled: true}\n", both, "a, b");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), want_second);
+}
+
+Test(proxy, an_answer_at_another_api_version_is_not_cached_for_the_first)
+{
+    cache_across_queries("api-version=2025-01-01", "b");
+}
+
+Test(proxy, an_answer_at_the_same_api_version_is_cached_for_the_first)
+{
+    cache_across_queries("api-version=2024-10-21", "cache");
+}
+
+/* The same, when no fallback is involved: an A/B experiment sends one
+ * user to a (api-version 2024-10-21) and another to b (2025-01-01), both
+ * of one upstream model. The answer b gave the one is no cache hit for
+ * the other, whose request goes to a. */
+Test(proxy, the_cache_key_names_the_backend_urls_query)
+{
+    static const char body[] =
+        "{\"model\":\"chat\",\"temperature\":0,\"messages\":[{\"role\":\"user\","
+        "\"content\":\"hello there\"}]}";
+    char a[512], b[512], both[1100], header[64], user_a[16] = "", user_b[16] = "";
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    azure_yaml(a, sizeof(a), "a",
+               "http://127.0.0.1:%d/openai/deployments/gpt-4o?api-version=2024-10-21",
+               mock_a.port, "gpt-4o");
+    azure_yaml(b, sizeof(b), "b",
+               "http://127.0.0.1:%d/openai/deployments/gpt-4o?api-version=2025-01-01",
+               mock_b.port, "gpt-4o");
+    snprintf(both, sizeof(both), "%s%s", a, b);
+    start_router("experiments:\n"
+                 "  - name: versions\n"
+                 "    route: chat\n"
+                 "    user_header: x-user-id\n"
+                 "    arms:\n"
+                 "      - {name: old, weight: 50, backends: [a]}\n"
+                 "      - {name: new, weight: 50, backends: [b]}\n",
+                 both, "a, b");
+    /* A user of each arm, found with requests the cache does not keep. */
+    for (int i = 0; i < 64 && (user_a[0] == '\0' || user_b[0] == '\0'); i++) {
+        snprintf(header, sizeof(header), AUTH "x-user-id: u%d\r\n", i);
+        cr_assert_eq(call("POST", "/v1/chat/completions", header, CHAT), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        const char *served = support_http_header(&resp, "x-costrouter-backend");
+        snprintf(strcmp(served, "a") == 0 ? user_a : user_b, 16, "u%d", i);
+    }
+    cr_assert(user_a[0] && user_b[0], "no user of each arm in 64");
+    snprintf(header, sizeof(header), AUTH "x-user-id: %s\r\n", user_b);
+    cr_assert_eq(call("POST", "/v1/chat/completions", header, body), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    cr_assert_eq(call("POST", "/v1/chat/completions", header, body), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
+    snprintf(header, sizeof(header), AUTH "x-user-id: %s\r\n", user_a);
+    cr_assert_eq(call("POST", "/v1/chat/completions", header, body), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+}
+
 Test(proxy, completions_embeddings_models_and_healthz)
 {
     start_two(NULL, NULL);

@@ -5,7 +5,7 @@
  * The real router (log level debug, cost log, admin API, metrics, the
  * response cache) runs with a distinctive string for each kind of secret:
  * tenant keys, backend api_keys (one literal, one from ${ENV}, one sent in
- * x-api-key), the admin key and the password of a real redis-server with
+ * x-api-key), keys in two backend urls' queries (?key=), the admin key and the password of a real redis-server with
  * requirepass. In front of it: a real mockllm that wants its key, and two
  * raw upstreams that quote back the request head they got (the key in
  * it) in whatever error they are set to give. The sweep drives every path
@@ -46,6 +46,9 @@
 #define UP_LITERAL "sk-up-lit-5Dn8Gx2Kp7Wq4Rm0Ab" /* backend mock, in the file */
 #define UP_ENV "sk-up-env-1Ty6Hb3Zs9Fc2Vn8Cd"     /* backend echo, from ${SECRETS_TEST_UP_KEY} */
 #define UP_XKEY "sk-up-xky-4Jr7Mw2Qe5Ua8Lp3Ef"    /* backend echox, sent as x-api-key */
+/* Keys in backend urls' queries (?key=, as some hosts take one). */
+#define UPQ_MOCK "upq-mck-7Gs2Lw9Dn4Rx1Kb6Vz"     /* backend mock's url */
+#define UPQ_ECHO "upq-ech-3Fy8Pc5Mt0Hq7Ju2Wa"     /* backend echo's url, after an api-version */
 #define ADMIN_KEY "adm-Z8dW3nQ6rT1yU5cV9bXe"
 #define ADMIN_WRONG "adm-Z8dW3nQ6rT1yU5cV9b00"
 #define REDIS_PW "rpw-Bm6Tf1Jy4Hk7Qz3Xa2Ls"
@@ -70,7 +73,8 @@ static const struct {
     {"tenant key acme", KEY_ACME},        {"tenant key poor", KEY_POOR},
     {"tenant key slow", KEY_RATE},        {"a wrong tenant key", KEY_WRONG},
     {"upstream api_key", UP_LITERAL},     {"upstream api_key from ${ENV}", UP_ENV},
-    {"upstream x-api-key", UP_XKEY},      {"admin key", ADMIN_KEY},
+    {"upstream x-api-key", UP_XKEY},      {"a key in mock's url", UPQ_MOCK},
+    {"a key in echo's url", UPQ_ECHO},    {"admin key", ADMIN_KEY},
     {"a wrong admin key", ADMIN_WRONG},   {"Redis password", REDIS_PW},
     {"a wrong Redis password", REDIS_WRONG},
 };
@@ -158,10 +162,13 @@ static void write_conf(void)
             "store: {redis: \"redis://:%s@127.0.0.1:%d/0\"}\n"
             "cache: {enabled: true}\n"
             "backends:\n"
-            "  - {name: mock, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-mock,\n"
+            "  - {name: mock, kind: api, url: \"http://127.0.0.1:%d/v1?key=" UPQ_MOCK "\",\n"
+            "     model: m-mock,\n"
             "     api_key: %s, quality: 1, context_window: 100000, input_usd_per_mtok: 1,\n"
             "     output_usd_per_mtok: 2, tokenizer: estimate, first_byte_timeout_ms: 400}\n"
-            "  - {name: echo, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-echo,\n"
+            "  - {name: echo, kind: api,\n"
+            "     url: \"http://127.0.0.1:%d/v1?api-version=2024-10-21&key=" UPQ_ECHO "\",\n"
+            "     model: m-echo,\n"
             "     api_key: \"${" ENV_NAME "}\", quality: 1, context_window: 100000,\n"
             "     input_usd_per_mtok: 1, output_usd_per_mtok: 2, tokenizer: estimate}\n"
             "  - {name: echox, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-echox,\n"
@@ -207,7 +214,8 @@ static void write_bad_conf(void)
             "     quality: high, input_usd_per_mtok: 1, output_usd_per_mtok: 2}\n"
             "  - {name: echox, kind: api, url: \"http://127.0.0.1:%d/v1\", api_key: [%s],\n"
             "     auth_header: x-api-key, input_usd_per_mtok: 1, output_usd_per_mtok: 2}\n"
-            "  - {name: echo, kind: api, url: \"http://127.0.0.1:%d/v1\", api_key: \"%s\\u0001\",\n"
+            "  - {name: echo, kind: api, url: \"http://127.0.0.1:%d/v1?key=" UPQ_ECHO "#x\",\n"
+            "     api_key: \"%s\\u0001\",\n"
             "     input_usd_per_mtok: 1, output_usd_per_mtok: 2}\n"
             "routes:\n  - {model: chat, candidates: [mock]}\n"
             "tenants:\n  - {id: acme, api_keys: [\"%s\"]}\n",
@@ -584,6 +592,8 @@ static void drive_reloads(void)
     cr_assert_not_null(memmem(resp.body.data, resp.body.len, "admin_key", 9), "%.*s",
                        (int)resp.body.len, resp.body.data);
     cr_assert_not_null(memmem(resp.body.data, resp.body.len, "backends[1].api_key", 19), "%.*s",
+                       (int)resp.body.len, resp.body.data);
+    cr_assert_not_null(memmem(resp.body.data, resp.body.len, "backends[2].url", 15), "%.*s",
                        (int)resp.body.len, resp.body.data);
     sighup();
     redis_pw = REDIS_WRONG;

@@ -1,0 +1,133 @@
+/*
+ * common/http_query.c: see http_query.h.
+ */
+#include "common/http_query.h"
+
+#include <string.h>
+
+#include "common/buf.h"
+
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if ((c | 32) >= 'a' && (c | 32) <= 'f')
+        return (c | 32) - 'a' + 10;
+    return -1;
+}
+
+/* The byte of `s` at *i, percent-decoded and ASCII-lowercased; *i moves
+ * past what it took (3 bytes for an escape, else 1). */
+static unsigned char decoded_at(struct slice s, size_t *i)
+{
+    unsigned char c = (unsigned char)s.p[*i];
+    int hi, lo;
+
+    if (c == '%' && s.len - *i >= 3 && (hi = hexval(s.p[*i + 1])) >= 0 &&
+        (lo = hexval(s.p[*i + 2])) >= 0) {
+        c = (unsigned char)(hi << 4 | lo);
+        *i += 3;
+    } else {
+        *i += 1;
+    }
+    return c >= 'A' && c <= 'Z' ? (unsigned char)(c + 32) : c;
+}
+
+int http_query_name_eq(struct slice a, struct slice b)
+{
+    size_t i = 0, j = 0;
+
+    while (i < a.len && j < b.len)
+        if (decoded_at(a, &i) != decoded_at(b, &j))
+            return 0;
+    return i == a.len && j == b.len;
+}
+
+int http_query_next(struct slice *rest, struct http_query_param *p)
+{
+    while (rest->len > 0) {
+        const char *amp = memchr(rest->p, '&', rest->len);
+        size_t n = amp ? (size_t)(amp - rest->p) : rest->len;
+        struct slice all = {rest->p, n};
+        const char *eq;
+
+        rest->p += amp ? n + 1 : n;
+        rest->len -= amp ? n + 1 : n;
+        if (n == 0)
+            continue;
+        eq = memchr(all.p, '=', n);
+        p->all = all;
+        p->name = (struct slice){all.p, eq ? (size_t)(eq - all.p) : n};
+        p->value = eq ? (struct slice){eq + 1, n - p->name.len - 1} : (struct slice){NULL, 0};
+        return 1;
+    }
+    return 0;
+}
+
+/* May `c` stand unescaped in a query (RFC 3986 3.4: pchar, '/' and '?';
+ * '%' is checked apart)? */
+static int query_byte(unsigned char c)
+{
+    return (c >= '0' && c <= '9') || ((c | 32) >= 'a' && (c | 32) <= 'z') ||
+           (c != '\0' && strchr("-._~!$&'()*+,;=:@/?", c) != NULL);
+}
+
+const char *http_query_check(const char *q)
+{
+    size_t len = strlen(q);
+    struct slice rest = {q, len};
+    struct http_query_param p;
+
+    if (len == 0)
+        return "has an empty query after its '?'";
+    if (q[0] == '&' || q[len - 1] == '&' || strstr(q, "&&") != NULL)
+        return "has an empty parameter in its query ('&&', or a '&' at an end)";
+    for (size_t i = 0; i < len; i++) {
+        if (q[i] == '%') {
+            if (len - i < 3 || hexval(q[i + 1]) < 0 || hexval(q[i + 2]) < 0)
+                return "has a '%' in its query without two hex digits after it";
+            i += 2;
+        } else if (!query_byte((unsigned char)q[i])) {
+            return "has a character its query may not hold as it is: percent-encode it";
+        }
+    }
+    while (http_query_next(&rest, &p))
+        if (p.name.len == 0)
+            return "has a parameter without a name in its query";
+    return NULL;
+}
+
+/* Does query `own` hold a parameter named `name` (http_query_name_eq)? */
+static int names(const char *own, struct slice name)
+{
+    struct slice rest = slice_from(own);
+    struct http_query_param p;
+
+    while (http_query_next(&rest, &p))
+        if (http_query_name_eq(p.name, name))
+            return 1;
+    return 0;
+}
+
+int http_query_merge(struct buf *out, const char *own, struct slice client)
+{
+    struct slice rest = client;
+    struct http_query_param p;
+    int rc;
+
+    if (own == NULL)
+        return client.len > 0 ? buf_append(out, client.p, client.len) : 0;
+    rc = buf_append_lit(out, "?");
+    rc = rc ?: buf_append(out, own, strlen(own));
+    if (rest.len > 0 && rest.p[0] == '?') {
+        rest.p++;
+        rest.len--;
+    }
+    while (rc == 0 && http_query_next(&rest, &p)) {
+        if (names(own, p.name))
+            continue;
+        rc = buf_append_lit(out, "&");
+        rc = rc ?: buf_append(out, p.all.p, p.all.len);
+    }
+    return rc;
+}
