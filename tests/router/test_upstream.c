@@ -364,22 +364,38 @@ Test(upstream, a_client_slow_to_read_is_not_cut_by_the_read_timeout)
 /* ---- reload ---- */
 
 /* read_timeout_ms is read per request from the config it started under:
- * a reload that lowers it applies to the next stream. */
+ * a reload that lowers it applies to the next stream; a stream in flight
+ * keeps the one it began with, as it keeps the rest of its config. */
 Test(upstream, a_reload_changes_the_read_timeout_of_the_next_request)
 {
+    struct support_sse s = {0};
+    struct support_sse_event ev;
     struct stream_end e;
+    double t0;
+    int rc, error = 0;
 
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    start_router(", read_timeout_ms: 60000");
-    /* stalled: nothing ends it within 1.5 s */
-    e = read_stream("/v1/chat/completions", "x-mock-fault: stall-midstream\r\n", CHAT_STREAM,
-                    1500);
-    cr_assert_eq(e.rc, -ETIMEDOUT, "rc %d after %.0f ms", e.rc, e.ms);
+    start_router(", read_timeout_ms: 2000");
+    /* a stream that stalls after three tokens, in flight over the reload */
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-fault: stall-midstream\r\n", CHAT_STREAM),
+                 0);
+    t0 = now_ms();
+    cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(support_sse_next(&s, &ev, TIMEOUT_MS), 1);
     write_config(", read_timeout_ms: 200");
     cr_assert_eq(call("/admin/reload", ADMIN, ""), 0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     e = read_stream("/v1/chat/completions", "x-mock-fault: stall-midstream\r\n", CHAT_STREAM,
                     5000);
     cr_assert(e.error && e.rc == -ECONNRESET, "rc %d", e.rc);
-    cr_assert_lt(e.ms, 1500.0);
+    cr_assert_lt(e.ms, 1200.0, "the new config's 200 ms took %.0f ms", e.ms);
+    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1)
+        error |= strstr(ev.data, "\"error\"") != NULL;
+    cr_assert(error && rc == -ECONNRESET, "rc %d", rc);
+    cr_assert_geq(now_ms() - t0, 1900.0, "the stream in flight was cut after %.0f ms",
+                  now_ms() - t0);
+    support_sse_close(&s);
 }
