@@ -22,6 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "tests/support/canned.h"
 #include "tests/support/http.h"
 #include "tests/support/proc.h"
 #include "tests/support/record.h"
@@ -37,6 +38,7 @@
     "there\"}]}"
 
 static struct support_proc router, mock_a, mock_b;
+static struct support_canned *canned; /* a raw upstream, for answers mockllm will not give */
 static struct support_http_response resp;
 static struct buf req;
 static char conf_path[64], log_path[64];
@@ -46,6 +48,8 @@ static void teardown(void)
     support_proc_stop(&router);
     support_proc_stop(&mock_a);
     support_proc_stop(&mock_b);
+    support_canned_stop(canned);
+    canned = NULL;
     support_http_response_free(&resp);
     buf_free(&req);
     if (conf_path[0])
@@ -278,6 +282,52 @@ Test(upstream, a_plain_answer_stalled_after_its_head_with_no_fallback_is_a_504)
                        "%.*s", (int)resp.body.len, resp.body.data);
     cr_assert_lt(now_ms() - t0, 2000.0, "a's stalled answer was waited for %.0f ms",
                  now_ms() - t0);
+}
+
+/* A plain answer over 8 MiB is not held: it goes out as it comes. One
+ * whose backend stops sending after 9 MiB, its connection open, had
+ * reached the client: it ends there, unfinished (no last chunk, so the
+ * client sees it cut), after read_timeout_ms, and is charged the prompt
+ * and the text that passed (its content, 1000 times "and so on "). */
+Test(upstream, a_big_plain_answer_stalled_after_it_went_out_ends_unfinished)
+{
+    struct buf body = {0}, answer = {0};
+    double t0;
+
+    cr_assert_eq(buf_append_lit(&body, "{\"id\":\"chatcmpl-big\",\"object\":\"chat.completion\","
+                                       "\"choices\":[{\"index\":0,\"message\":{\"role\":"
+                                       "\"assistant\",\"content\":\""),
+                 0);
+    for (int i = 0; i < 1000; i++)
+        cr_assert_eq(buf_append_lit(&body, "and so on "), 0);
+    /* then logprobs (small tokens, as a real answer's) past 9 MiB */
+    cr_assert_eq(buf_append_lit(&body, "\"},\"logprobs\":{\"content\":["), 0);
+    while (body.len < 9u << 20)
+        cr_assert_eq(buf_append_lit(&body, "{\"token\":\"ab\",\"logprob\":-0.1,\"bytes\":[97,98],"
+                                           "\"top_logprobs\":[]},"),
+                     0);
+    cr_assert_eq(buf_printf(&answer,
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                            "Content-Length: %zu\r\n\r\n",
+                            body.len + 1000),
+                 0);
+    cr_assert_eq(buf_append(&answer, body.data, body.len), 0);
+    canned = support_canned_start(answer.data, answer.len);
+    cr_assert_not_null(canned);
+    support_canned_hold(canned, 1);
+    buf_free(&body);
+    buf_free(&answer);
+    mock_a.port = support_canned_port(canned); /* backend a: the canned upstream */
+    start_router(", first_byte_timeout_ms: 300, total_timeout_ms: 5000");
+    t0 = now_ms();
+    cr_assert_eq(call("/v1/chat/completions", AUTH, CHAT), -ECONNRESET);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_geq(resp.body.len, 9u << 20);
+    cr_assert_lt(now_ms() - t0, 3000.0, "the stalled answer was held %.0f ms", now_ms() - t0);
+    cJSON *rec = record_last(&router, log_path);
+    cr_assert_gt(record_num(rec, "billed_prompt_tokens"), 0);
+    cr_assert_geq(record_num(rec, "billed_completion_tokens"), 1000); /* 3000 words */
+    cJSON_Delete(rec);
 }
 
 /* ---- what the read timeout must not cut ---- */
