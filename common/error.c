@@ -30,6 +30,7 @@ const char error_no_backend[] = "no healthy backend for this model";
 const char error_upstream_connect_timeout[] = "upstream connect timed out";
 const char error_upstream_first_byte_timeout[] = "upstream did not answer in time";
 const char error_upstream_total_timeout[] = "upstream response took too long";
+const char error_upstream_read_timeout[] = "upstream stopped sending in the middle of its answer";
 const char error_store_unavailable[] = "spend store unavailable";
 const char error_no_descriptors[] = "the router is at its open-file limit and could not open a "
                                     "connection to the backend; retry shortly";

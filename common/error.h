@@ -38,6 +38,7 @@ extern const char error_no_backend[];           /* 503: no healthy candidate */
 extern const char error_upstream_connect_timeout[]; /* 504 */
 extern const char error_upstream_first_byte_timeout[]; /* 504 */
 extern const char error_upstream_total_timeout[]; /* 504 */
+extern const char error_upstream_read_timeout[]; /* 504: silent past read_timeout_ms mid-answer */
 /* Ours. */
 extern const char error_store_unavailable[]; /* 503: store down, fail_closed */
 extern const char error_no_descriptors[];    /* 503: open-file limit reached */

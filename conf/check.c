@@ -250,6 +250,13 @@ static void check_backend(struct conf__ctx *ctx, size_t i)
         if ((b->auth_header = strdup("x-api-key")) == NULL)
             ctx->oom = 1;
     }
+    /* A backend's first byte may take as long as it thinks before it
+     * answers; a stream may think as long again after its first events (a
+     * Responses stream sends response.created at once, then nothing while
+     * a reasoning model reasons), so the silence allowed between two
+     * reads is by default that same time. */
+    if (!HAS(m, CONF__B_READ_TIMEOUT))
+        b->read_timeout_ms = b->first_byte_timeout_ms;
     resolve_price(ctx, i);
     /* an unknown `price:` is reported already: its prices are not missing */
     priced = b->price != NULL || (b->kind == CONF_BACKEND_API && b->price_name != NULL);

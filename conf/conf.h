@@ -149,6 +149,9 @@ struct conf_backend {
     int connect_timeout_ms;
     int first_byte_timeout_ms;
     int total_timeout_ms;
+    int read_timeout_ms;        /* longest silence between two reads of an answer
+                                   that has begun (a stream's first event, a plain
+                                   answer's head); default first_byte_timeout_ms */
     int max_idle_connections;   /* kept-alive idle upstream connections */
     int ttft_stale_ms;          /* a TTFT average this old is re-measured by one
                                    request (a latency probe); 0 = never */

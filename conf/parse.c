@@ -1284,6 +1284,8 @@ static const struct directive backend_directives[CONF__B_COUNT] = {
                                     B(first_byte_timeout_ms), 1, DAY_MS, "60000"},
     [CONF__B_TOTAL_TIMEOUT] = {"total_timeout_ms", NULL, T_INT, B(total_timeout_ms), 1, DAY_MS,
                                "600000"},
+    /* default (the backend's first_byte_timeout_ms) set by check.c */
+    [CONF__B_READ_TIMEOUT] = {"read_timeout_ms", NULL, T_INT, B(read_timeout_ms), 1, DAY_MS},
     [CONF__B_MAX_IDLE] = {"max_idle_connections", NULL, T_INT, B(max_idle_connections), 0,
                           1000000, "64"},
     [CONF__B_TTFT_STALE] = {"ttft_stale_ms", NULL, T_INT, B(ttft_stale_ms), 0, DAY_MS,

@@ -68,6 +68,7 @@ static const struct error_map error_maps[] = {
     {error_upstream_connect_timeout, 504, "api_error", "upstream_connect_timeout", NULL},
     {error_upstream_first_byte_timeout, 504, "api_error", "upstream_timeout", NULL},
     {error_upstream_total_timeout, 504, "api_error", "upstream_timeout", NULL},
+    {error_upstream_read_timeout, 504, "api_error", "upstream_timeout", NULL},
     {error_store_unavailable, 503, "api_error", "store_unavailable", NULL},
     /* Descriptors free up as connections close: worth a retry soon. */
     {error_no_descriptors, 503, "api_error", "router_overloaded", "Retry-After: 1\r\n"},

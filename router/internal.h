@@ -454,6 +454,10 @@ struct router__upstream {
     struct buf headers;                   /* response headers to forward, "Name: value\r\n" each */
     struct buf conn;                      /* its Connection values, comma-joined: names to drop */
     size_t head_bytes;                    /* header bytes of the response so far */
+    uint64_t last_read_ms;                /* loop ms of the last read from the socket,
+                                             or of the resume after a pause */
+    uint64_t total_at;                    /* loop ms total_timeout_ms ends the answer
+                                             being received */
     int64_t retry_after_ms;               /* a 429's Retry-After in ms, -1 if none */
     unsigned retry_after_in_ms:1;         /* that came from retry-after-ms (preferred) */
     unsigned is_sse:1;                    /* content-type text/event-stream */

@@ -2351,14 +2351,20 @@ void router__proxy_on_error(struct router__client *c, const char *errstr)
     if (req->response_started) {
         log_warn("request %s: backend %s failed mid-response: %s", req->id_str,
                  req->pool->conf->name, errstr);
-        /* Cut by its backend (reset, close, bad framing): a failure, though
-         * too late for another candidate. A timeout is not counted: a
-         * client that reads slowly holds the backend back (paused) too. */
-        if (req->success_due && errstr == error_upstream_io) {
+        /* Cut by its backend (reset, close, bad framing) or silent past
+         * read_timeout_ms (which does not run while a slow client holds
+         * it back): a failure, though too late for another candidate.
+         * The total timeout is not counted: a client that reads slowly
+         * holds the backend back (paused) too. */
+        if (req->success_due &&
+            (errstr == error_upstream_io || errstr == error_upstream_read_timeout)) {
             req->success_due = 0;
             backend_attempt_failure(req->pool->backend, now);
         }
-        fail_midstream(c, errstr, "the upstream connection broke mid-response");
+        fail_midstream(c, errstr,
+                       errstr == error_upstream_read_timeout
+                           ? NULL
+                           : "the upstream connection broke mid-response");
         return;
     }
     if (errstr == error_no_descriptors) { /* ours: no other backend fares better */

@@ -10,7 +10,12 @@
  *
  * One timer per connection follows its phase: connect (incl. TLS
  * handshake), first byte (of a stream: of its body, as its head may come
- * before its first token), total, and idle time in the pool.
+ * before its first token), then, once the answer has begun, the earlier
+ * of total and read (the silence since the last read), and idle time in
+ * the pool. A read only notes the loop's time: the timer, set for the
+ * read deadline as it stood, finds a later read when it fires and waits
+ * again from there (as nginx and libuv's docs do), so a steady answer
+ * costs one timer start per read_timeout_ms, not one per read.
  *
  * A reused connection can have been closed by the server just as we
  * picked it; if it fails before any response byte, the request is sent
@@ -198,6 +203,35 @@ void router__upstream_abort(struct router__upstream *u)
 
 /* ---- timers ---- */
 
+/* Arm the deadline of an answer being received, its first event come (or
+ * a plain answer's head): total_timeout_ms from the attempt's start, or
+ * read_timeout_ms from the last read when that is sooner. Not the read
+ * timeout while reading is paused for a slow client: that silence is the
+ * client's, and the resume counts as a read. */
+static void receive_deadline(struct router__upstream *u, uint64_t now)
+{
+    uint64_t at = u->total_at;
+    uint64_t read_at = u->last_read_ms + (uint64_t)u->pool->conf->read_timeout_ms;
+
+    if (!u->paused && read_at < at)
+        at = read_at;
+    router__deadline_set(&u->timeout, at > now ? (int)(at - now) : 1);
+}
+
+/* The receive deadline passed: the total or the read timeout, or neither
+ * when a read came since it was set (then armed again from that read). */
+static void receive_timeout(struct router__upstream *u)
+{
+    uint64_t now = uv_now(u->pool->router->loop);
+
+    if (now >= u->total_at)
+        upstream_fail(u, error_upstream_total_timeout);
+    else if (!u->paused && now - u->last_read_ms >= (uint64_t)u->pool->conf->read_timeout_ms)
+        upstream_fail(u, error_upstream_read_timeout);
+    else
+        receive_deadline(u, now);
+}
+
 static void phase_timeout(void *arg)
 {
     struct router__upstream *u = arg;
@@ -212,8 +246,10 @@ static void phase_timeout(void *arg)
         upstream_fail(u, error_upstream_first_byte_timeout);
         break;
     case ROUTER_UP_RECEIVING:
-        upstream_fail(u, u->await_body ? error_upstream_first_byte_timeout
-                                       : error_upstream_total_timeout);
+        if (u->await_body)
+            upstream_fail(u, error_upstream_first_byte_timeout);
+        else
+            receive_timeout(u);
         break;
     case ROUTER_UP_IDLE:
         upstream_close(u);
@@ -502,6 +538,7 @@ static void upstream_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         on_eof(u, nread == UV_EOF && u->ssl == NULL);
         return;
     }
+    u->last_read_ms = uv_now(s->loop); /* for the read timeout: see receive_timeout */
     if (u->ssl == NULL) {
         parse_response(u, buf->base, (size_t)nread);
         return;
@@ -546,6 +583,10 @@ void router__upstream_resume(struct router__upstream *u)
         return;
     u->paused = 0;
     uv_read_start((uv_stream_t *)&u->tcp, read_alloc, upstream_read);
+    /* The pause was the client's: read_timeout_ms starts again now. */
+    u->last_read_ms = uv_now(u->pool->router->loop);
+    if (u->state == ROUTER_UP_RECEIVING && !u->await_body)
+        receive_deadline(u, u->last_read_ms);
 }
 
 /* ---- llhttp response callbacks ---- */
@@ -743,12 +784,15 @@ static int on_headers_complete(llhttp_t *p)
     u->state = ROUTER_UP_RECEIVING;
     now = uv_now(u->pool->router->loop);
     total = total_left(u, now);
+    u->total_at = now + (uint64_t)total;
     /* A stream's head is no answer yet: vLLM's and TGI's servers send it
      * at once, and their first event with the first token. Until that
      * first body byte the first-byte timeout still runs (proxy.c holds
      * the head until then, so that another candidate may serve). */
     u->await_body = u->is_sse && p->status_code < 400;
-    if (!u->await_body || u->timeout.at <= now || (int)(u->timeout.at - now) > total)
+    if (!u->await_body)
+        receive_deadline(u, now);
+    else if (u->timeout.at <= now || u->timeout.at > u->total_at)
         router__deadline_set(&u->timeout, total);
     if (router__proxy_on_head(c, p->status_code, &u->headers, length, u->is_sse,
                               u->retry_after_ms) != 0)
@@ -768,9 +812,9 @@ static int on_body(llhttp_t *p, const char *at, size_t len)
      * refuses a 1xx body; this keeps it so). */
     if (p->status_code < 200)
         return -1;
-    if (u->await_body) { /* a stream's first event: total_timeout_ms from here on */
+    if (u->await_body) { /* a stream's first event: total and read timeouts from here on */
         u->await_body = 0;
-        router__deadline_set(&u->timeout, total_left(u, uv_now(u->pool->router->loop)));
+        receive_deadline(u, uv_now(u->pool->router->loop));
     }
     router__proxy_on_body(u->client, at, len);
     return u->client && !u->closing ? 0 : -1;

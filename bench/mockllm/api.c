@@ -238,6 +238,8 @@ int mockllm__fault_parse(const char *s)
         return MOCKLLM_FAULT_STALL;
     if (strcmp(s, "close-midstream") == 0)
         return MOCKLLM_FAULT_CLOSE_MIDSTREAM;
+    if (strcmp(s, "stall-midstream") == 0)
+        return MOCKLLM_FAULT_STALL_MIDSTREAM;
     if (strcmp(s, "close-before-response") == 0)
         return MOCKLLM_FAULT_CLOSE_BEFORE;
     if (strcmp(s, "500") == 0)
@@ -444,9 +446,12 @@ void mockllm__plan_reset(struct mockllm_plan *p)
     buf_reset(&p->deferred);
 }
 
-/* The answer is out: end abruptly for close-midstream, else go on. */
+/* The answer is out: end abruptly for close-midstream, send nothing
+ * more for stall-midstream (busy until the client leaves), else go on. */
 static void finish(struct mockllm_conn *c)
 {
+    if (c->plan.fault == MOCKLLM_FAULT_STALL_MIDSTREAM)
+        return;
     if (c->plan.fault == MOCKLLM_FAULT_CLOSE_MIDSTREAM)
         mockllm__conn_end(c, 1);
     else
@@ -879,6 +884,8 @@ static void stream_tick(struct mockllm_conn *c)
             mockllm__conn_end(c, 1);
             return;
         }
+        if (p->fault == MOCKLLM_FAULT_STALL_MIDSTREAM && p->sent >= cut)
+            return; /* no timer: nothing more until the client leaves */
         if (p->sent >= p->tokens)
             break;
         put_token_event(c);
@@ -965,12 +972,13 @@ static void build_completion(struct mockllm_plan *p)
 }
 
 /* Send the response in plan.deferred after delay_ms (now if 0). For
- * close-midstream only the headers and half the body go out. */
+ * close-midstream and stall-midstream only the headers and half the body
+ * go out. */
 static void send_deferred(struct mockllm_conn *c, int delay_ms)
 {
     struct mockllm_plan *p = &c->plan;
 
-    if (p->fault == MOCKLLM_FAULT_CLOSE_MIDSTREAM)
+    if (p->fault == MOCKLLM_FAULT_CLOSE_MIDSTREAM || p->fault == MOCKLLM_FAULT_STALL_MIDSTREAM)
         p->deferred.len -= scratch.len - scratch.len / 2;
     if (delay_ms > 0) {
         uv_timer_start(&c->timer, mockllm__on_timer, (uint64_t)delay_ms, 0);

@@ -305,7 +305,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
         c->peer_eof = 1;
         /* A stalled or idle connection just goes; an answer in progress
          * finishes (half-closed clients such as `nc -N` still read it). */
-        if (nread != UV_EOF || !c->busy || c->plan.fault == MOCKLLM_FAULT_STALL)
+        if (nread != UV_EOF || !c->busy || c->plan.fault == MOCKLLM_FAULT_STALL ||
+            c->plan.fault == MOCKLLM_FAULT_STALL_MIDSTREAM)
             mockllm__conn_close(c);
         return;
     }

@@ -29,6 +29,8 @@ enum mockllm_fault {
     MOCKLLM_FAULT_NONE,
     MOCKLLM_FAULT_STALL,          /* read the request, never answer */
     MOCKLLM_FAULT_CLOSE_MIDSTREAM, /* headers and part of the body, then FIN */
+    MOCKLLM_FAULT_STALL_MIDSTREAM, /* headers and part of the body, then nothing, the
+                                      connection open until the client leaves */
     MOCKLLM_FAULT_CLOSE_BEFORE,   /* close without sending a byte */
     MOCKLLM_FAULT_500,            /* 500 with an OpenAI-style error JSON */
     MOCKLLM_FAULT_429,            /* 429 rate_limit_exceeded (with --retry-after) */

@@ -439,6 +439,41 @@ Test(mockllm, close_midstream_ends_without_terminating_chunk)
     stop_clean();
 }
 
+/* stall-midstream: what close-midstream sends, then nothing, the
+ * connection open (a server hung mid-answer); other connections are
+ * served meanwhile. */
+Test(mockllm, stall_midstream_sends_part_then_nothing)
+{
+    struct support_sse s;
+    struct support_sse_event ev;
+    int n = 0, rc;
+
+    cr_assert_eq(support_mockllm_start(&mock, "--fault", "stall-midstream", NULL), 0);
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", NULL,
+                                     "{\"stream\":true}"), 0);
+    cr_assert_eq(support_sse_open(&s, mock.port, req.data, req.len, TIMEOUT_MS), 0);
+    cr_assert_eq(s.resp.status, 200);
+    while ((rc = support_sse_next(&s, &ev, 500)) == 1) {
+        cr_assert_str_neq(ev.data, "[DONE]");
+        n++;
+    }
+    cr_assert_eq(rc, -ETIMEDOUT, "rc %d", rc);
+    cr_assert_eq(n, 3, "%d events before the stall", n);
+    support_sse_close(&s);
+
+    /* Non-streamed: headers and half the body, then nothing. */
+    buf_reset(&req);
+    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", NULL, chat_body), 0);
+    cr_assert_eq(support_http_request(mock.port, req.data, req.len, 500, &resp), -ETIMEDOUT);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_gt(resp.body.len, 0);
+    cr_assert_lt(resp.body.len, (size_t)atoi(support_http_header(&resp, "content-length")));
+    cr_assert_eq(call("GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    stop_clean();
+}
+
 Test(mockllm, close_before_response_and_stall)
 {
     cr_assert_eq(support_mockllm_start(&mock, NULL), 0);

@@ -105,6 +105,10 @@ static struct error_case error_cases[] = {
       "10: backends[0].qualty: unknown key (did you mean \"quality\"?)",
       "13: backends[0].colour: unknown key",
       "20: tenants[0].budget.monthy_usd: unknown key (did you mean \"monthly_usd\"?)"}},
+    {.file = DATA "read_timeout_bad.yaml", .lines =
+     {"4: backends[0].read_timeout_ms: 0 is out of range 1..86400000",
+      "6: backends[1].read_timeout_ms: 86400001 is out of range 1..86400000",
+      "8: backends[2].read_timeout_ms: expected an integer, got \"soon\""}},
     {.file = DATA "types.yaml", .lines =
      {"2: listen: needs HOST:PORT with a port in 0..65535",
       "4: limits.max_body_bytes: expected an integer, got \"lots\"",
@@ -249,8 +253,8 @@ static struct error_case error_cases[] = {
     {.file = "conf/example.yaml",
      .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"},
      .lines = {"15: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
-      "111: backends[1].api_key: environment variable OPENAI_API_KEY is not set",
-      "160: backends[3].api_key: environment variable ANTHROPIC_API_KEY is not set"}},
+      "112: backends[1].api_key: environment variable OPENAI_API_KEY is not set",
+      "161: backends[3].api_key: environment variable ANTHROPIC_API_KEY is not set"}},
     {.file = DATA "prices_bad.yaml", .lines =
      {"5: include[2]: \"inc/prices_bad.yaml\" is already included",
       "8: prices.custom-x: duplicate price \"custom-x\" (first at {DIR}/inc/prices_bad.yaml:3)",
@@ -520,6 +524,7 @@ Test(conf, demo_loads_with_its_values_and_defaults, .timeout = 10)
     cr_expect_eq(gpu->connect_timeout_ms, 5000);
     cr_expect_eq(gpu->first_byte_timeout_ms, 60000);
     cr_expect_eq(gpu->total_timeout_ms, 600000);
+    cr_expect_eq(gpu->read_timeout_ms, 60000);
     cr_expect_eq(gpu->max_idle_connections, 64);
     cr_expect_eq(gpu->ttft_stale_ms, 30000);
     cr_expect_eq(gpu->tls_verify, 1);
@@ -864,6 +869,21 @@ Test(conf, prices_keys_experiments_store_cache, .timeout = 10)
  * the backend says otherwise, in the long-prompt tier too; web searches
  * cost the backend's price, else the entry's, else nothing; a route knows
  * which of its candidates speak which API. */
+/* The silence allowed between two reads of an answer that has begun is,
+ * unless given, as long as the backend may take to its first byte: a
+ * backend given longer to think before it answers (a reasoning model) may
+ * think as long after its first events. */
+Test(conf, read_timeout_defaults_to_the_first_byte_timeout, .timeout = 10)
+{
+    struct conf *c = load_ok(DATA "read_timeout.yaml");
+
+    cr_expect_eq(conf_find_backend(c, "plain")->read_timeout_ms, 60000);
+    cr_expect_eq(conf_find_backend(c, "thinker")->read_timeout_ms, 300000);
+    cr_expect_eq(conf_find_backend(c, "own")->first_byte_timeout_ms, 300000);
+    cr_expect_eq(conf_find_backend(c, "own")->read_timeout_ms, 5000);
+    conf_free(c);
+}
+
 Test(conf, anthropic_backends_and_cache_write_prices, .timeout = 10)
 {
     struct conf *c = load_ok(DATA "anthropic_ok.yaml");

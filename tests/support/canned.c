@@ -6,6 +6,7 @@
 #define _GNU_SOURCE /* memmem */
 #include "tests/support/canned.h"
 
+#include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
@@ -33,6 +34,7 @@ struct support_canned {
     char *echo_head;      /* support_canned_echo's head, or NULL: answer is sent */
     char *echo_body;      /* its body template */
     int reset;            /* end connections with a reset (support_canned_reset) */
+    int hold;             /* keep connections open after the answer (support_canned_hold) */
     int reuse;            /* keep connections for a second request (support_canned_reuse) */
     char *reuse_answer;   /* what that second request gets */
     size_t reuse_len;     /* its bytes */
@@ -151,7 +153,7 @@ static void serve(struct support_canned *u, int fd)
     struct timeval tv = {5, 0};
     struct buf in = {0}, echo = {0}, again = {0};
     size_t head_len;
-    int reset, reuse;
+    int reset, reuse, hold;
 
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     if (read_request(u, fd, &in, &head_len) == 0) {
@@ -162,6 +164,7 @@ static void serve(struct support_canned *u, int fd)
                   u->echo_head ? echo.len : u->answer_len);
         reset = u->reset;
         reuse = u->reuse;
+        hold = u->hold;
         if (reuse && buf_append(&again, u->reuse_answer, u->reuse_len) != 0)
             abort();
         pthread_mutex_unlock(&u->lock);
@@ -172,6 +175,17 @@ static void serve(struct support_canned *u, int fd)
             setsockopt(fd, SOL_SOCKET, SO_LINGER, &abort_close, sizeof(abort_close));
         } else if (reuse && read_request(u, fd, &in, &head_len) == 0) {
             write_all(fd, again.data, again.len);
+        } else if (hold) {
+            char sink[4096];
+            int waits = 0;
+            ssize_t n;
+
+            /* until the peer closes (each read waits 5 s at most), 30 s at most */
+            while ((n = read(fd, sink, sizeof(sink))) != 0 && waits < 6)
+                if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+                    waits++;
+                else if (n < 0 && errno != EINTR)
+                    break;
         }
     }
     buf_free(&again);
@@ -265,6 +279,13 @@ void support_canned_reset(struct support_canned *u, int on)
 {
     pthread_mutex_lock(&u->lock);
     u->reset = on;
+    pthread_mutex_unlock(&u->lock);
+}
+
+void support_canned_hold(struct support_canned *u, int on)
+{
+    pthread_mutex_lock(&u->lock);
+    u->hold = on;
     pthread_mutex_unlock(&u->lock);
 }
 

@@ -28,6 +28,10 @@ void support_canned_echo(struct support_canned *u, const char *head, const char 
 /* `on`: end each connection with a reset (RST) 200 ms after the answer,
  * instead of closing it: a backend that breaks, not one that is done. */
 void support_canned_reset(struct support_canned *u, int on);
+/* `on`: after the answer, keep each connection open, sending nothing,
+ * until the peer closes it (30 s at most): a backend that hangs with its
+ * answer unfinished (one that declares more bytes than it sends). */
+void support_canned_hold(struct support_canned *u, int on);
 /* Keep each connection for a second request (the first answer must then
  * be one a client may reuse its connection after: with Content-Length,
  * without Connection: close), answer it with these bytes and close: a
