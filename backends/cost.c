@@ -170,8 +170,6 @@ double backend_api_price_usd(const struct conf_backend *c, const struct backend_
         output = t->output_usd_per_mtok;
         cached_price = t->cached_input_usd_per_mtok;
     }
-    if (cached_price <= 0)
-        cached_price = input;
     return ((double)(prompt - cached - written) * input + (double)cached * cached_price +
             (double)(written - hour) * write_price + (double)hour * write_1h_price +
             (double)completion * output) /

@@ -481,8 +481,13 @@ static int add_line(struct report *r, const cJSON *o)
         add_arm_group(r, &l);
     if (cJSON_IsObject(l.tags)) {
         cJSON_ArrayForEach(tag, l.tags) {
-            snprintf(dim, sizeof(dim), "tag.%s", tag->string);
-            if (cJSON_IsString(tag) && wanted(r, dim))
+            /* A key named twice counts once, its first value, and one too
+             * long for a name is none (no router writes either): a line is
+             * in one group of a tag at most, which add_tag_none_groups
+             * relies on. */
+            if ((size_t)snprintf(dim, sizeof(dim), "tag.%s", tag->string) < sizeof(dim) &&
+                cJSON_IsString(tag) && wanted(r, dim) &&
+                cJSON_GetObjectItemCaseSensitive(l.tags, tag->string) == tag)
                 stats_add(gmap_get(&r->groups, intern_dim(r, dim), tag->valuestring), &l);
         }
     }
@@ -492,6 +497,83 @@ static int add_line(struct report *r, const cJSON *o)
         stats_add(gmap_get(&r->arms, intern_dim(r, dim), l.arm), &l);
     }
     return 0;
+}
+
+/* `part` added to `s`, field by field (not the running mean and m2). */
+static void stats_add_stats(struct stats *s, const struct stats *part)
+{
+    s->requests += part->requests;
+    s->errors += part->errors;
+    s->prompt_tokens += part->prompt_tokens;
+    s->completion_tokens += part->completion_tokens;
+    s->cache_hits += part->cache_hits;
+    s->cost_pico += part->cost_pico;
+    s->saved_pico += part->saved_pico;
+    s->web_searches += part->web_searches;
+    s->file_searches += part->file_searches;
+    s->reported_pico += part->reported_pico;
+    s->reported += part->reported;
+    s->cost_reported_pico += part->cost_reported_pico;
+    s->answered += part->answered;
+    s->answered_pico += part->answered_pico;
+}
+
+/* `part` taken out of `s`: every field a sum over lines (the running
+ * mean and m2 of arms are not: left at 0, groups do not use them). */
+static void stats_sub(struct stats *s, const struct stats *part)
+{
+    s->requests -= part->requests;
+    s->errors -= part->errors;
+    s->prompt_tokens -= part->prompt_tokens;
+    s->completion_tokens -= part->completion_tokens;
+    s->cache_hits -= part->cache_hits;
+    s->cost_pico -= part->cost_pico;
+    s->saved_pico -= part->saved_pico;
+    s->web_searches -= part->web_searches;
+    s->file_searches -= part->file_searches;
+    s->reported_pico -= part->reported_pico;
+    s->reported -= part->reported;
+    s->cost_reported_pico -= part->cost_reported_pico;
+    s->answered -= part->answered;
+    s->answered_pico -= part->answered_pico;
+    s->mean = s->m2 = 0;
+}
+
+/*
+ * Each tag's group of the lines without it (no such tag, or no tags), as
+ * every other dimension has one: the total less the tag's groups, each
+ * line being in at most one of them. A tag named in --by that no line
+ * carries gets the whole total. Done once the lines are read: a tag
+ * first seen late in the log (--by tag) had lines without it before.
+ */
+static void add_tag_none_groups(struct report *r)
+{
+    struct stats *taken;
+
+    for (size_t i = 0; i < r->nwant; i++)
+        if (strncmp(r->want[i], "tag.", 4) == 0)
+            intern_dim(r, r->want[i]);
+    taken = calloc(r->ndims ? r->ndims : 1, sizeof(*taken)); /* per dim, its groups' sum */
+    if (taken == NULL) {
+        perror("report");
+        exit(1);
+    }
+    for (size_t i = 0; i < r->groups.n; i++) {
+        const struct group *g = &r->groups.items[i];
+
+        if (g->value != NULL)
+            stats_add_stats(&taken[g->dim], &g->st);
+    }
+    for (size_t d = 0; d < r->ndims; d++) {
+        struct stats none = r->total;
+
+        if (strncmp(r->dims[d], "tag.", 4) != 0)
+            continue;
+        stats_sub(&none, &taken[d]);
+        if (none.requests > 0)
+            *gmap_get(&r->groups, d, NULL) = none;
+    }
+    free(taken);
 }
 
 /* The `k` digits at `s` as a number, or -1 if they are not all digits. */
@@ -1447,6 +1529,7 @@ int cli_report_main(int argc, char **argv)
         fprintf(stderr, "report: %s: %s\n", output, strerror(errno));
         goto done;
     }
+    add_tag_none_groups(&r);
     g = sorted(&r, &r.groups, cmp_group);
     d = arm_diffs(&r, &nd);
     if (format == FORMAT_TABLE)

@@ -296,10 +296,11 @@ out:
     free(v);
 }
 
-/* A name the router writes itself where a backend or tenant would be:
- * the metrics' and cost log's backend "cache" (a cache hit) and "none"
- * (no backend chosen), the metrics' tenant "unauthenticated". One of the
- * config's so named would be counted together with them. */
+/* A name the router writes itself where a backend, tenant or route would
+ * be: the metrics' and cost log's backend "cache" (a cache hit) and "none"
+ * (no backend chosen), the metrics' tenant "unauthenticated" and route
+ * "unknown" (none found). One of the config's so named would be counted
+ * together with them. */
 static void refuse_reserved(struct conf__ctx *ctx, const char *name, const char *const *reserved,
                             int line, const char *path)
 {
@@ -357,7 +358,10 @@ static int check_routes(struct conf__ctx *ctx)
     for (size_t i = 0; i < c->nroutes; i++) {
         struct conf_route *r = &c->routes[i];
         struct conf__meta *m = &ctx->route_meta[i];
+        static const char *const reserved[] = {"unknown", NULL};
 
+        snprintf(path, sizeof(path), "routes[%zu].model", i);
+        refuse_reserved(ctx, r->model, reserved, m->lines[CONF__RT_MODEL], path);
         if (r->model)
             v[n++] = (struct named){r->model, i, r, m->lines[CONF__RT_MODEL]};
         if ((r->candidates = calloc(m->nitems + 1, sizeof(*r->candidates))) == NULL) {

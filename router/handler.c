@@ -347,7 +347,7 @@ void router__request_reset(struct router__request *req)
     req->attempts = req->fallbacks = 0;
     req->candidate = -1;
     req->reason = NULL;
-    req->pool = NULL;
+    req->pool = req->sent_pool = NULL;
     req->up = NULL;
     req->status = req->upstream_status = 0;
     req->prompt_tokens = req->completion_tokens = req->cached_tokens = -1;

@@ -278,6 +278,9 @@ struct router__request {
     int candidate;                       /* current candidate index, -1 none */
     const char *reason;                  /* x-costrouter-reason of the decision */
     struct router__pool *pool;           /* pool of the current attempt */
+    struct router__pool *sent_pool;      /* pool of the last attempt sent, NULL before one:
+                                            the request's backend when a choice after it
+                                            takes none (refused, no candidate left) */
     struct router__upstream *up;         /* upstream connection in use */
     int status;                          /* status sent to the client */
     int upstream_status;                 /* status of the backend's answer, 0 before one */

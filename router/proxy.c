@@ -831,6 +831,11 @@ static int choose(struct router__client *c, const char *last_error)
     struct policy_request preq;
 
     router__proxy_unchoose(c);
+    /* Until a candidate is chosen, the request's backend is the last one
+     * it was sent to, if any: a choice that a hold refused in the store,
+     * or a probe taken meanwhile, sent nothing there, and a refusal now
+     * counted under it (metrics, cost log) what no backend answered. */
+    req->pool = req->sent_pool;
     if (req->attempts > (unsigned)r->conf->max_retries) {
         router__send_error(c, last_error, NULL);
         return -1;
@@ -1026,6 +1031,7 @@ static void send_attempt(struct router__client *c)
     int rc;
 
     req->tried |= UINT64_C(1) << req->candidate;
+    req->sent_pool = req->pool;
     if (req->attempts++ > 0)
         req->fallbacks++;
     if (req->cacheable && req->cache_model != NULL &&

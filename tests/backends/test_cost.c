@@ -64,16 +64,18 @@ Test(cost, api_prices_by_hand, .timeout = 5)
     fx_fini(&f);
 }
 
-Test(cost, cached_price_unset_bills_input_price_and_free_is_zero, .timeout = 5)
+Test(cost, a_cached_price_of_0_bills_cached_tokens_nothing_and_free_is_zero, .timeout = 5)
 {
     struct fx f;
     struct backend_tokens tok = {.prompt = 1000, .cached = 1000, .tier = CONF_TIER_STANDARD};
 
     fx_init(&f);
-    /* No cached price: never bill cached tokens below the input price.
-     * 1000 x 0.15/1M = 0.00015. */
+    /* A cached price of 0 is a price (a host that does not bill cache
+     * reads), not none: conf/ gives one unset the input price. */
     f.backends[FX_MINI].cached_input_usd_per_mtok = 0;
-    cr_assert(fabs(backend_api_price_usd(&f.backends[FX_MINI], &tok) - 0.00015) < USD_EPS);
+    cr_assert_eq(backend_api_price_usd(&f.backends[FX_MINI], &tok), 0);
+    tok.prompt = 1500; /* the 500 not cached at 0.15/1M */
+    cr_assert(fabs(backend_api_price_usd(&f.backends[FX_MINI], &tok) - 0.000075) < USD_EPS);
     f.backends[FX_MINI].is_free = 1;
     cr_assert_eq(backend_api_price_usd(&f.backends[FX_MINI], &tok), 0);
     cr_assert_eq(backend_estimate_cost(fx_backend(&f, FX_MINI), 0, &tok, 0,
@@ -129,9 +131,10 @@ Test(cost, long_context_without_a_size_or_cached_rate, .timeout = 5)
 
     fx_init(&f);
     fx_sonnet_long(&f);
-    /* No cached rate in the tier: its input rate, 300000 x 6/1M, as the
-     * base rates fall back to theirs. */
-    f.backends[FX_SONNET].long_context.cached_input_usd_per_mtok = 0;
+    /* No cached rate in the tier: conf/ gives it the tier's input rate,
+     * 300000 x 6/1M, as the base rates fall back to theirs. */
+    f.backends[FX_SONNET].long_context.cached_input_usd_per_mtok =
+        f.backends[FX_SONNET].long_context.input_usd_per_mtok;
     cr_assert(fabs(backend_api_price_usd(&f.backends[FX_SONNET], &tok) - 1.8) < USD_EPS);
     /* Size 0: no tier, whatever the rates say: 300000 x 0.30/1M. */
     f.backends[FX_SONNET].long_context.above_prompt_tokens = 0;

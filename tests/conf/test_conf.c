@@ -386,7 +386,8 @@ static struct error_case error_cases[] = {
     {.file = DATA "names_reserved.yaml", .lines =
      {"5: backends[0].name: \"cache\" is reserved: the router's metrics use it for their own",
       "6: backends[1].name: \"none\" is reserved: the router's metrics use it for their own",
-      "11: tenants[0].id: \"unauthenticated\" is reserved: the router's metrics use it for "
+      "10: routes[1].model: \"unknown\" is reserved: the router's metrics use it for their own",
+      "13: tenants[0].id: \"unauthenticated\" is reserved: the router's metrics use it for "
       "their own"}},
     {.file = DATA "cache_flags.yaml", .lines =
      {"2: tokenizer_data: \"/dev/null\" is not a folder",

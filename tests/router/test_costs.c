@@ -523,6 +523,16 @@ static void budget_held_then_freed(int other, const char *period, const char *ke
     cr_assert_eq(resp.status, 429, "while the first is in flight: %d", resp.status);
     cr_assert_str_eq(support_http_header(&resp, "retry-after"), "1");
     cr_assert_null(support_http_header(&resp, "x-should-retry"));
+    /* No backend took it: refused in Redis after its choice, it was
+     * counted (and timed) as backend a's 429, in the cost log too. */
+    cr_assert_eq(call_port(routers[other].port, "GET", "/metrics", ADMIN, NULL), 0);
+    static const char refused[] = "costrouter_requests_total{tenant=\"acme\",backend=\"none\","
+                                  "route=\"chat\",status=\"429\"} 1";
+    cr_assert_not_null(memmem(resp.body.data, resp.body.len, refused, sizeof(refused) - 1), "%.*s",
+                       (int)resp.body.len, resp.body.data);
+    static const char as_a[] = "backend=\"a\",route=\"chat\",status=\"429\"";
+    cr_assert_null(memmem(resp.body.data, resp.body.len, as_a, sizeof(as_a) - 1), "%.*s",
+                   (int)resp.body.len, resp.body.data);
 
     cr_assert_eq(support_http_read(&slow, &slow_resp, TIMEOUT_MS), 0);
     cr_assert_eq(slow_resp.status, 200);

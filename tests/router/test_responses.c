@@ -40,6 +40,8 @@
 /* Prices of the backend, USD per million tokens. */
 #define IN_USD 100
 #define CACHED_USD 10
+/* Backend a's cached rate (CACHED_USD unless a test says otherwise). */
+static int cached_usd = CACHED_USD;
 #define OUT_USD 300
 /* "hello there" as the input string: 3 + 4 + 2 = 9 prompt tokens. */
 #define INPUT "\"input\":\"hello there\""
@@ -66,6 +68,7 @@ static void teardown(void)
     if (log_path[0])
         unlink(log_path);
     a_extra = "";
+    cached_usd = CACHED_USD;
 }
 
 TestSuite(responses, .fini = teardown, .timeout = 60);
@@ -92,7 +95,7 @@ static void start(const char *tenant_extra)
             "     output_usd_per_mtok: %d, tokenizer: o200k_base%s}\n"
             "routes:\n  - {model: chat, candidates: [a]}\n"
             "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n%s",
-            log_path, mock.port, IN_USD, CACHED_USD, OUT_USD, a_extra, hex, tenant_extra);
+            log_path, mock.port, IN_USD, cached_usd, OUT_USD, a_extra, hex, tenant_extra);
     fclose(f);
     char *argv[] = {getenv("COSTROUTER_BIN"), "-q", "-c", conf_path, NULL};
     cr_assert_eq(support_proc_start(&router, argv), 0);
@@ -209,7 +212,10 @@ Test(responses, a_plain_answer_without_usage_is_charged_for_its_output_text)
     cJSON_Delete(rec);
 }
 
-Test(responses, cached_input_tokens_are_priced_at_the_cached_rate)
+/* Start the router (backend a's cached rate: cached_usd), ask for 17
+ * prompt tokens of which mockllm says 5 were cached and 4 output tokens,
+ * and check that the head and the cost log charge them at those rates. */
+static void ask_with_5_cached(void)
 {
     start("");
     /* instructions (2 words) and an input item with two text parts:
@@ -220,9 +226,24 @@ Test(responses, cached_input_tokens_are_priced_at_the_cached_rate)
                            "three\"},{\"type\":\"input_text\",\"text\":\"four\"}]}]}"),
                  0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
-    double want = usd(17, 5, 4); /* 1200 + 50 + 1200 micro */
+    double want = (12.0 * IN_USD + 5.0 * cached_usd + 4.0 * OUT_USD) / 1e6;
     cr_assert_float_eq(header_usd(), want, 1e-9);
     assert_logged(17, 4, want);
+}
+
+Test(responses, cached_input_tokens_are_priced_at_the_cached_rate)
+{
+    ask_with_5_cached(); /* 1200 + 50 + 1200 micro */
+}
+
+/* A cached rate of 0 (cache reads the host does not bill) bills them
+ * nothing, as the cost formula says (C x cached_input): the cost
+ * function took a rate of 0 for none and billed them at the input rate,
+ * so the head, the cost log and the budget said more than was spent. */
+Test(responses, a_cached_rate_of_0_bills_cached_tokens_nothing)
+{
+    cached_usd = 0;
+    ask_with_5_cached(); /* 1200 + 0 + 1200 micro */
 }
 
 /* Read the stream of "hello there" with x-mock-tokens: 5 and the header
