@@ -303,6 +303,32 @@ static int append_client_headers(struct buf *out, const struct buf *fwd,
     return 0;
 }
 
+/* Append the client's query `q` to the request line being built: as
+ * sent, but for the bytes llhttp lets into a request target that RFC 9112
+ * 3.2 does not (a TAB, a form feed, raw UTF-8), percent-encoded as a
+ * browser sends them: a backend's parser (h11, Go's) refuses them, or
+ * splits the line at the TAB. */
+static int append_query(struct buf *out, struct slice q)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    const char *p = q.p, *end, *run = p;
+    int rc = 0;
+
+    if (q.len == 0)
+        return 0; /* q.p may be NULL */
+    for (end = q.p + q.len; p < end && rc == 0; p++) {
+        unsigned char ch = (unsigned char)*p;
+
+        if (ch > 0x20 && ch < 0x7f)
+            continue;
+        char enc[3] = {'%', hex[ch >> 4], hex[ch & 15]};
+
+        rc = buf_append(out, run, (size_t)(p - run)) ?: buf_append(out, enc, 3);
+        run = p + 1;
+    }
+    return rc ?: buf_append(out, run, (size_t)(end - run));
+}
+
 static int build_request(struct router__client *c, const struct router__pool *pool,
                          struct buf *out)
 {
@@ -316,14 +342,14 @@ static int build_request(struct router__client *c, const struct router__pool *po
         return -1;
     }
     const char *suffix = endpoint_suffix(req->endpoint);
-    /* The client's query goes on as sent (Azure OpenAI's api-version,
+    /* The client's query goes on (Azure OpenAI's api-version,
      * Anthropic's beta=true): a backend's url has none (conf/addr.c). */
     struct slice query = router__request_query(req);
 
     rc = buf_append_lit(out, "POST ");
     rc = rc ?: buf_append(out, b->base_path, strlen(b->base_path));
     rc = rc ?: buf_append(out, suffix, strlen(suffix));
-    rc = rc ?: buf_append(out, query.p, query.len);
+    rc = rc ?: append_query(out, query);
     rc = rc ?: buf_append_lit(out, " HTTP/1.1\r\n");
     rc = rc ?: buf_append(out, pool->fixed_headers.data, pool->fixed_headers.len);
     rc = rc ?: buf_append_lit(out, "Content-Length: ");
