@@ -109,6 +109,31 @@ static int names(const char *own, struct slice name)
     return 0;
 }
 
+/* Append the client's bytes p[0..len): as sent, but for the bytes llhttp
+ * lets into a request target that RFC 9112 3.2 does not (a TAB, a form
+ * feed, raw UTF-8), percent-encoded as a browser sends them: a backend's
+ * parser (h11, Go's) refuses them, or splits the line at the TAB. */
+static int append_encoded(struct buf *out, const char *p, size_t len)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    const char *end = p + len, *run = p;
+    int rc = 0;
+
+    if (len == 0)
+        return 0; /* p may be NULL */
+    for (; p < end && rc == 0; p++) {
+        unsigned char ch = (unsigned char)*p;
+
+        if (ch > 0x20 && ch < 0x7f)
+            continue;
+        char enc[3] = {'%', hex[ch >> 4], hex[ch & 15]};
+
+        rc = buf_append(out, run, (size_t)(p - run)) ?: buf_append(out, enc, 3);
+        run = p + 1;
+    }
+    return rc ?: buf_append(out, run, (size_t)(end - run));
+}
+
 int http_query_merge(struct buf *out, const char *own, struct slice client)
 {
     struct slice rest = client;
@@ -116,7 +141,7 @@ int http_query_merge(struct buf *out, const char *own, struct slice client)
     int rc;
 
     if (own == NULL)
-        return client.len > 0 ? buf_append(out, client.p, client.len) : 0;
+        return append_encoded(out, client.p, client.len);
     rc = buf_append_lit(out, "?");
     rc = rc ?: buf_append(out, own, strlen(own));
     if (rest.len > 0 && rest.p[0] == '?') {
@@ -127,7 +152,7 @@ int http_query_merge(struct buf *out, const char *own, struct slice client)
         if (names(own, p.name))
             continue;
         rc = buf_append_lit(out, "&");
-        rc = rc ?: buf_append(out, p.all.p, p.all.len);
+        rc = rc ?: append_encoded(out, p.all.p, p.all.len);
     }
     return rc;
 }

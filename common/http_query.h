@@ -48,7 +48,9 @@ const char *http_query_check(const char *q);
 /* Append what goes after the path upstream: with no `own` (NULL) the
  * client's query byte for byte (its '?' included; empty: nothing); else
  * '?', `own`, then '&' and each non-empty parameter of the client's whose
- * name `own` does not hold. Returns 0 or -ENOMEM. */
+ * name `own` does not hold. The client's bytes that no request line may
+ * hold (a TAB, a form feed, non-ASCII: llhttp lets them in) go
+ * percent-encoded. Returns 0 or -ENOMEM. */
 int http_query_merge(struct buf *out, const char *own, struct slice client);
 
 #endif

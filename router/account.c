@@ -93,6 +93,15 @@ static const char *billed_tier_name(const struct router__request *req)
     return conf_tier_name((enum conf_service_tier)tier);
 }
 
+/* Whether the request has a time to its first token: a plain answer's
+ * head, a stream's first token (proxy.c's ttft_due). A stream that had
+ * none, its client gone or the stream ended or broken before it, has no
+ * TTFT: the time its head came (held, unseen by the client) is not one. */
+static int has_ttft(const struct router__request *req)
+{
+    return req->response_started && !req->ttft_due;
+}
+
 void router__account(struct router__client *c)
 {
     struct router *r = c->router;
@@ -141,7 +150,7 @@ void router__account(struct router__client *c)
         const char *b_labels[] = {backend};
         metrics_observe(r->metrics, METRICS_REQUEST_DURATION_SECONDS, b_labels,
                         (double)(now - req->start_ms) / 1000.0);
-        if (req->response_started && req->ttft_ms > 0)
+        if (has_ttft(req) && req->ttft_ms > 0)
             metrics_observe(r->metrics, METRICS_TTFT_SECONDS, b_labels, (double)req->ttft_ms / 1000.0);
     }
     if (r->cost_log == NULL)
@@ -182,7 +191,7 @@ void router__account(struct router__client *c)
     rec.reported_cost_usd = req->reported_usd >= 0 ? req->reported_usd : NAN;
     rec.cache_hit = req->cache_hit;
     rec.saved_usd = (double)req->saved_micro / 1e6;
-    rec.ttft_ms = req->response_started ? (double)req->ttft_ms : NAN;
+    rec.ttft_ms = has_ttft(req) ? (double)req->ttft_ms : NAN;
     rec.latency_ms = (double)(now - req->start_ms);
     rec.status = req->status ? req->status : 499;
     rec.fallbacks = (int)req->fallbacks;

@@ -1090,6 +1090,41 @@ static double metric_value(const char *name)
     return p ? strtod(p + strlen(want), NULL) : -1;
 }
 
+/* A stream's ttft_ms is to its first token (README): a stream whose head
+ * came at once (vLLM's) and whose client left before any token, having
+ * seen nothing (the head is held until the first event), has none. It
+ * was logged with the head's arrival (~2 ms) and observed so in
+ * costrouter_ttft_seconds: a backend stuck before its first token looked
+ * the fastest there. Unknown, as the README says such values are: null,
+ * and no sample. */
+Test(costs, a_stream_left_before_its_first_token_has_no_ttft)
+{
+    struct support_http_conn conn = {.fd = -1};
+    struct buf out = {0};
+    cJSON *rec;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 100, 300);
+    start_routers(1, "a", NULL);
+    send_unanswered(&conn, &out, AUTH "x-mock-head-first: 1\r\nx-mock-ttft-ms: 3000\r\n",
+                    "{\"model\":\"chat\",\"stream\":true," MSG "}");
+    usleep(400 * 1000); /* the head came; the first token is 2.6 s away */
+    support_http_close(&conn);
+    usleep(300 * 1000);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    double samples = metric_value("costrouter_ttft_seconds_count{backend=\"a\"}");
+    cr_assert(samples <= 0, "a TTFT sample of a stream without a token: %.*s", (int)resp.body.len,
+              resp.body.data);
+    support_proc_stop(&routers[0]);
+    rec = support_last_json_line(log_path);
+    cr_assert_not_null(rec);
+    cr_assert_eq(cJSON_GetObjectItem(rec, "status")->valuedouble, 499);
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(rec, "ttft_ms")), "ttft_ms %g",
+              cJSON_GetObjectItem(rec, "ttft_ms")->valuedouble);
+    cJSON_Delete(rec);
+    buf_free(&out);
+}
+
 Test(costs, inflight_gauge_counts_requests_until_answered)
 {
     struct support_http_conn slow = {.fd = -1};

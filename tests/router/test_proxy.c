@@ -2482,6 +2482,30 @@ static const char *head_sent_for(const char *headers, const char *extra)
     return support_canned_heads(canned);
 }
 
+/* llhttp takes a TAB, a form feed and raw UTF-8 in a request target
+ * (its lenient URL characters), which RFC 9112 3.2 does not: forwarded
+ * as they came, the backend got a request line that h11 (uvicorn's
+ * servers), Go and others refuse, or split at the TAB, and the client
+ * its 400 for a query that went through before queries were passed on.
+ * They go on percent-encoded, as a browser sends them. */
+Test(proxy, a_query_with_bytes_no_request_line_may_hold_goes_on_percent_encoded)
+{
+    char a[1024];
+    char line[256];
+    const char *head, *eol;
+
+    start_canned(OK_ANSWER(""));
+    start_router(NULL, backend_yaml(a, sizeof(a), "a", support_canned_port(canned), NULL), "a");
+    cr_assert_eq(call("POST", "/v1/chat/completions?q=caf\xc3\xa9&t=a\tb&f=\x0c&p=%41", AUTH, CHAT),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.raw.len, resp.raw.data);
+    head = support_canned_heads(canned);
+    eol = strstr(head, "\r\n");
+    cr_assert_not_null(eol);
+    snprintf(line, sizeof(line), "%.*s", (int)(eol - head), head);
+    cr_assert_str_eq(line, "POST /v1/chat/completions?q=caf%C3%A9&t=a%09b&f=%0C&p=%41 HTTP/1.1");
+}
+
 /* Connection names headers of the client's hop only (RFC 9110 7.6.1):
  * they stay behind, before or after it, and so does HTTP2-Settings. */
 Test(proxy, headers_the_clients_connection_names_are_not_forwarded)
