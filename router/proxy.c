@@ -2243,6 +2243,14 @@ void router__proxy_on_complete(struct router__client *c)
     struct router__request *req = &c->req;
     struct router__usage u;
 
+    if (req->is_sse && req->head_held && req->status / 100 == 2) {
+        /* A stream that ended before its first byte (a body of 0 bytes):
+         * no event, no end of stream, no answer. Its head was held, the
+         * client saw nothing: a failure as a cut before that byte is, and
+         * the next candidate may serve. */
+        router__proxy_on_error(c, error_upstream_io);
+        return;
+    }
     req->up = NULL;
     req->upstream_done = 1;
     /* A stream's last events, its cost and its end join the batch of the

@@ -2379,6 +2379,34 @@ Test(proxy, a_408_on_a_fresh_connection_goes_to_the_next_candidate)
     cr_assert_eq(support_canned_requests(canned), 1);
 }
 
+/* A 200 stream that ends before its first byte (its head, then the end
+ * of a body of 0 bytes, or the connection closed) is no answer: no event,
+ * no end of stream. Its head is held until a first byte, so the client
+ * has seen nothing: a failure, served by the next candidate, as a cut
+ * before the first byte is. It went to the client as an empty 200 whose
+ * cost rode in a Content-Length head, and was charged its prompt. */
+Test(proxy, a_stream_that_ends_before_its_first_byte_goes_to_the_next_candidate)
+{
+    static const char *const empty[] = {
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 0\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n",
+    };
+
+    start_canned_then_b("");
+    for (int i = 0; i < 2; i++) {
+        support_canned_set(canned, empty[i], strlen(empty[i]));
+        cr_assert_eq(call("POST", "/v1/chat/completions", AUTH,
+                          "{\"model\":\"chat\",\"stream\":true,\"messages\":[]}"),
+                     0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.raw.len, resp.raw.data);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b", "case %d: %.*s",
+                         i, (int)resp.raw.len, resp.raw.data);
+        cr_assert_not_null(memmem(resp.body.data, resp.body.len, "data: [DONE]", 12),
+                           "case %d: %.*s", i, (int)resp.body.len, resp.body.data);
+        cr_assert_eq(support_canned_requests(canned), i + 1);
+    }
+}
+
 /* A 1xx carrying a body (150, 199, and 099, which is no status at all)
  * is a bad response: the client gets the next candidate's answer, never
  * the bytes the backend passed off as that body, on a connection that
