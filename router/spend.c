@@ -584,9 +584,11 @@ void router__spend_abandon(struct router__client *c)
         cache_flight_leave(c->router->flights, &req->waiter);
         req->flight_waiting = 0;
     }
+    /* The hold goes back before the flight ends: its waiters choose
+     * again at once, and would count it. */
+    router__spend_release(c);
     if (req->flight_leader)
         router__spend_flight_fail(c);
-    router__spend_release(c);
 }
 
 void router__spend_flight_fail(struct router__client *c)
