@@ -3663,28 +3663,20 @@ static double pool_attributed_usd(int index)
            cJSON_GetObjectItem(b, "idle_cost_usd")->valuedouble;
 }
 
-static double mono_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
-
-/* How far the router's loop clock (uv_now) may read behind mono_ms() at
+/* How far the router's loop clock (uv_now) may read behind support_mono_ms() at
  * one instant: it is whole ms (up to 1 lost), of libuv's fast clock,
  * which is CLOCK_MONOTONIC_COARSE (up to 1 ms behind) where that ticks at
  * least every ms. It never reads ahead. */
 #define LOOP_CLOCK_LAG_MS 2
 
-/* `name` on /metrics, with mono_ms() when the scrape was sent and when
+/* `name` on /metrics, with support_mono_ms() when the scrape was sent and when
  * its answer came: the router read its clock for it in between, however
  * late either side ran on a loaded machine. */
 static double timed_metric(const char *name, double *sent, double *answered)
 {
-    *sent = mono_ms();
+    *sent = support_mono_ms();
     cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
-    *answered = mono_ms();
+    *answered = support_mono_ms();
     return metric_value(name);
 }
 
@@ -3720,7 +3712,7 @@ Test(costs, a_reload_keeps_the_idle_cost_of_a_gpu_pool)
                   most_ms);
 }
 
-/* Times (mono_ms) around the scrapes and the reload of
+/* Times (support_mono_ms) around the scrapes and the reload of
  * pool_request_across_a_reload, and what it read. */
 struct across {
     double sent0, answered0;           /* the first scrape */
@@ -3758,9 +3750,9 @@ static void pool_request_across_a_reload(int hourly_after, struct across *a)
                             mock_a.port, hourly_after),
                  0);
     write_conf("gpu", NULL);
-    a->reload_sent = mono_ms();
+    a->reload_sent = support_mono_ms();
     reload_router();
-    a->reload_answered = mono_ms();
+    a->reload_answered = support_mono_ms();
     cr_assert_eq(support_http_read(&slow, &slow_resp, TIMEOUT_MS), 0);
     cr_assert_eq(slow_resp.status, 200);
     a->idle_gain = timed_metric(idle, &a->sent1, &a->answered1) - before;
@@ -4484,10 +4476,10 @@ Test(costs, a_request_parked_for_cost_log_wait_ms_gets_503)
     double sent, waited_ms;
     cJSON *body;
 
-    sent = mono_ms();
+    sent = support_mono_ms();
     send_held_chat(&held);
     cr_assert_eq(support_http_read(&held.conn, &held.resp, 3000), 0, "parked past 10 x the wait");
-    waited_ms = mono_ms() - sent;
+    waited_ms = support_mono_ms() - sent;
     cr_assert_eq(held.resp.status, 503);
     cr_assert_geq(waited_ms, 300 - LOOP_CLOCK_LAG_MS, "answered %.1f ms after it was sent",
                   waited_ms);
@@ -5148,7 +5140,7 @@ Test(costs, waiters_of_a_failed_leader_skip_the_backend_that_failed_it)
     start_routers(1, "a, b", NULL);
     send_unanswered(&lead, &out, AUTH, JOIN_BODY);
     usleep(300 * 1000); /* the leader waits on a */
-    t0 = mono_ms();
+    t0 = support_mono_ms();
     for (int i = 0; i < NWAIT; i++) {
         wait[i].fd = -1;
         send_unanswered(&wait[i], &wait_out[i], AUTH, JOIN_BODY);
@@ -5163,7 +5155,7 @@ Test(costs, waiters_of_a_failed_leader_skip_the_backend_that_failed_it)
     }
     /* The leader's timeout ends about 500 ms after they came; one more
      * on a would make it 1300. */
-    double took = mono_ms() - t0;
+    double took = support_mono_ms() - t0;
     cr_assert_lt(took, 1100, "the waiters tried the stalled backend again: %.0f ms", took);
     cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
     cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 1);
@@ -5193,10 +5185,10 @@ Test(costs, a_stream_identical_to_one_upstream_does_not_wait_for_its_end)
     start_routers(1, "a", NULL);
     open_chat_stream(&lead, slow, body); /* about 1.2 s of tokens */
     cr_assert_eq(support_sse_next(&lead, &ev, TIMEOUT_MS), 1);
-    double t0 = mono_ms();
+    double t0 = support_mono_ms();
     open_chat_stream(&twin, slow, body);
     cr_assert_eq(support_sse_next(&twin, &ev, TIMEOUT_MS), 1);
-    double first = mono_ms() - t0;
+    double first = support_mono_ms() - t0;
     cr_assert_lt(first, 700, "the twin's first event came at %.0f ms, after the leader's end",
                  first);
     cr_assert_str_eq(support_http_header(&twin.resp, "x-costrouter-backend"), "a");
@@ -5255,11 +5247,11 @@ Test(costs, the_response_cache_serves_while_redis_is_down)
     for (int i = 0; i < 4; i++) {
         if (i == 2)
             test_redis_kill(&redis, SIGKILL);
-        double t0 = mono_ms();
+        double t0 = support_mono_ms();
         cr_assert_eq(chat(0, NULL, body), 0);
         cr_assert_eq(resp.status, 200);
         cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), want[i], "request %d", i);
-        cr_assert_lt(mono_ms() - t0, 1500, "request %d waited", i);
+        cr_assert_lt(support_mono_ms() - t0, 1500, "request %d waited", i);
     }
 }
 

@@ -61,14 +61,6 @@ static void teardown(void)
 
 TestSuite(upstream, .fini = teardown, .timeout = 60);
 
-static double now_ms(void)
-{
-    struct timespec t;
-
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
-}
-
 /* Write the config: backend a on mock A with the extra keys `extra_a`
  * (a YAML flow fragment starting with ", " or ""), and, when mock B
  * runs, backend b on it, ten times dearer, after a in the route. */
@@ -154,7 +146,7 @@ static struct stream_end read_stream(const char *path, const char *headers, cons
     snprintf(head, sizeof(head), AUTH "%s", headers);
     buf_reset(&req);
     cr_assert_eq(support_http_format(&req, "POST", path, head, body), 0);
-    t0 = now_ms();
+    t0 = support_mono_ms();
     cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
     cr_assert_eq(s.resp.status, 200, "status %d", s.resp.status);
     snprintf(e.backend, sizeof(e.backend), "%s",
@@ -167,7 +159,7 @@ static struct stream_end read_stream(const char *path, const char *headers, cons
         e.error |= strstr(ev.data, "\"error\"") != NULL;
         e.done |= strcmp(ev.data, "[DONE]") == 0 || strstr(ev.data, "response.completed");
     }
-    e.ms = now_ms() - t0;
+    e.ms = support_mono_ms() - t0;
     support_sse_close(&s);
     return e;
 }
@@ -256,12 +248,12 @@ Test(upstream, a_plain_answer_stalled_after_its_head_falls_back)
     cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "stall-midstream", NULL), 0);
     cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
     start_router(", first_byte_timeout_ms: 300, total_timeout_ms: 4000");
-    t0 = now_ms();
+    t0 = support_mono_ms();
     cr_assert_eq(call("/v1/chat/completions", AUTH, CHAT), 0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
-    cr_assert_lt(now_ms() - t0, 2000.0, "a's stalled answer was waited for %.0f ms",
-                 now_ms() - t0);
+    cr_assert_lt(support_mono_ms() - t0, 2000.0, "a's stalled answer was waited for %.0f ms",
+                 support_mono_ms() - t0);
     cJSON *rec = record_last(&router, log_path);
     cr_assert_eq(record_num(rec, "fallbacks"), 1);
     cr_assert_eq(record_num(rec, "billed_completion_tokens"), 16);
@@ -275,13 +267,13 @@ Test(upstream, a_plain_answer_stalled_after_its_head_with_no_fallback_is_a_504)
 
     cr_assert_eq(support_mockllm_start(&mock_a, "--fault", "stall-midstream", NULL), 0);
     start_router(", first_byte_timeout_ms: 300, total_timeout_ms: 4000");
-    t0 = now_ms();
+    t0 = support_mono_ms();
     cr_assert_eq(call("/v1/chat/completions", AUTH, CHAT), 0);
     cr_assert_eq(resp.status, 504, "%.*s", (int)resp.body.len, resp.body.data);
     cr_assert_not_null(memmem(resp.body.data, resp.body.len, "\"upstream_timeout\"", 18),
                        "%.*s", (int)resp.body.len, resp.body.data);
-    cr_assert_lt(now_ms() - t0, 2000.0, "a's stalled answer was waited for %.0f ms",
-                 now_ms() - t0);
+    cr_assert_lt(support_mono_ms() - t0, 2000.0, "a's stalled answer was waited for %.0f ms",
+                 support_mono_ms() - t0);
 }
 
 /* A plain answer over 8 MiB is not held: it goes out as it comes. One
@@ -319,11 +311,11 @@ Test(upstream, a_big_plain_answer_stalled_after_it_went_out_ends_unfinished)
     buf_free(&answer);
     mock_a.port = support_canned_port(canned); /* backend a: the canned upstream */
     start_router(", first_byte_timeout_ms: 300, total_timeout_ms: 5000");
-    t0 = now_ms();
+    t0 = support_mono_ms();
     cr_assert_eq(call("/v1/chat/completions", AUTH, CHAT), -ECONNRESET);
     cr_assert_eq(resp.status, 200);
     cr_assert_geq(resp.body.len, 9u << 20);
-    cr_assert_lt(now_ms() - t0, 3000.0, "the stalled answer was held %.0f ms", now_ms() - t0);
+    cr_assert_lt(support_mono_ms() - t0, 3000.0, "the stalled answer was held %.0f ms", support_mono_ms() - t0);
     cJSON *rec = record_last(&router, log_path);
     cr_assert_gt(record_num(rec, "billed_prompt_tokens"), 0);
     cr_assert_geq(record_num(rec, "billed_completion_tokens"), 1000); /* 3000 words */
@@ -366,10 +358,10 @@ Test(upstream, until_the_first_event_the_first_byte_timeout_runs)
     cr_assert_eq(e.rc, 0, "the stream was cut after %.0f ms", e.ms);
     cr_assert(e.done && e.deltas == 16, "%d deltas", e.deltas);
     cr_assert_geq(e.ms, 750.0);
-    t0 = now_ms();
+    t0 = support_mono_ms();
     cr_assert_eq(call("/v1/chat/completions", AUTH "x-mock-fault: stall\r\n", CHAT), 0);
     cr_assert_eq(resp.status, 504, "%.*s", (int)resp.body.len, resp.body.data);
-    cr_assert_geq(now_ms() - t0, 2900.0, "a silent backend got %.0f ms", now_ms() - t0);
+    cr_assert_geq(support_mono_ms() - t0, 2900.0, "a silent backend got %.0f ms", support_mono_ms() - t0);
 }
 
 /* A client that reads nothing for a while holds the stream back: the
@@ -431,7 +423,7 @@ Test(upstream, a_reload_changes_the_read_timeout_of_the_next_request)
     cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions",
                                      AUTH "x-mock-fault: stall-midstream\r\n", CHAT_STREAM),
                  0);
-    t0 = now_ms();
+    t0 = support_mono_ms();
     cr_assert_eq(support_sse_open(&s, router.port, req.data, req.len, TIMEOUT_MS), 0);
     for (int i = 0; i < 3; i++)
         cr_assert_eq(support_sse_next(&s, &ev, TIMEOUT_MS), 1);
@@ -445,7 +437,7 @@ Test(upstream, a_reload_changes_the_read_timeout_of_the_next_request)
     while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1)
         error |= strstr(ev.data, "\"error\"") != NULL;
     cr_assert(error && rc == -ECONNRESET, "rc %d", rc);
-    cr_assert_geq(now_ms() - t0, 1900.0, "the stream in flight was cut after %.0f ms",
-                  now_ms() - t0);
+    cr_assert_geq(support_mono_ms() - t0, 1900.0, "the stream in flight was cut after %.0f ms",
+                  support_mono_ms() - t0);
     support_sse_close(&s);
 }

@@ -22,7 +22,7 @@
 
 #define READ_CHUNK 16384
 
-static double now_ms(void)
+double support_mono_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -154,7 +154,7 @@ int support_http_connect_rcvbuf(struct support_http_conn *c, int port, int rcvbu
 static int wait_fd(int fd, short events, double deadline)
 {
     struct pollfd pfd = {.fd = fd, .events = events};
-    double left = deadline - now_ms();
+    double left = deadline - support_mono_ms();
 
     if (left <= 0 || poll(&pfd, 1, (int)left + 1) == 0)
         return -ETIMEDOUT;
@@ -180,7 +180,7 @@ int support_https_connect(struct support_http_conn *c, int port, const char *ca_
                           int timeout_ms)
 {
     static const unsigned char alpn[] = "\x02h2\x08http/1.1";
-    double deadline = now_ms() + timeout_ms;
+    double deadline = support_mono_ms() + timeout_ms;
     int rc = support_http_connect(c, port), n;
 
     if (rc != 0)
@@ -215,7 +215,7 @@ const char *support_https_alpn(const struct support_http_conn *c, char *out, siz
 
 static int tls_send(struct support_http_conn *c, const char *p, size_t len)
 {
-    double deadline = now_ms() + 10000;
+    double deadline = support_mono_ms() + 10000;
     int n, rc;
 
     while (len > 0) {
@@ -227,7 +227,7 @@ static int tls_send(struct support_http_conn *c, const char *p, size_t len)
             return rc;
         }
     }
-    c->sent_at = now_ms();
+    c->sent_at = support_mono_ms();
     return 0;
 }
 
@@ -246,7 +246,7 @@ int support_http_send(struct support_http_conn *c, const void *data, size_t len)
         p += n;
         len -= (size_t)n;
     }
-    c->sent_at = now_ms();
+    c->sent_at = support_mono_ms();
     return 0;
 }
 
@@ -256,7 +256,7 @@ static int tls_recv(struct support_http_conn *c)
 {
     int n = SSL_read(c->ssl, c->in.data + c->in.len, (int)(c->in.cap - c->in.len));
 
-    c->read_at = now_ms();
+    c->read_at = support_mono_ms();
     if (n > 0) {
         c->in.len += (size_t)n;
         return 0;
@@ -315,7 +315,7 @@ static int pump(struct support_http_conn *c, double deadline)
     if (c->ssl)
         return tls_recv(c);
     n = recv(c->fd, c->in.data + c->in.len, c->in.cap - c->in.len, 0);
-    c->read_at = now_ms();
+    c->read_at = support_mono_ms();
     if (n < 0 && errno == EINTR)
         return 0;
     if (n <= 0)
@@ -340,7 +340,7 @@ static void begin(struct support_http_conn *c, struct support_http_response *r)
 int support_http_read(struct support_http_conn *c, struct support_http_response *r,
                       int timeout_ms)
 {
-    double deadline = now_ms() + timeout_ms;
+    double deadline = support_mono_ms() + timeout_ms;
     int rc;
 
     begin(c, r);
@@ -491,7 +491,7 @@ int support_sse_open(struct support_sse *s, int port, const void *req, size_t le
 
 int support_sse_begin(struct support_sse *s, const void *req, size_t len, int timeout_ms)
 {
-    double deadline = now_ms() + timeout_ms;
+    double deadline = support_mono_ms() + timeout_ms;
     int rc = support_http_send(&s->conn, req, len);
 
     if (rc != 0)
@@ -537,7 +537,7 @@ static int take_event(struct support_sse *s)
 
 int support_sse_next(struct support_sse *s, struct support_sse_event *ev, int timeout_ms)
 {
-    double deadline = now_ms() + timeout_ms;
+    double deadline = support_mono_ms() + timeout_ms;
 
     for (;;) {
         int rc;

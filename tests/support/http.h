@@ -29,6 +29,10 @@ struct support_http_response {
     unsigned complete:1;     /* message complete (length reached / last chunk) */
 };
 
+/* CLOCK_MONOTONIC in ms: the clock of sent_at and read_at, for timing
+ * a test's requests. */
+double support_mono_ms(void);
+
 /* A client connection. */
 struct support_http_conn {
     int fd;                 /* socket, -1 when closed */
