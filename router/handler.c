@@ -761,6 +761,20 @@ static int absent_or(const cJSON *v, int types)
     return v == NULL || cJSON_IsNull(v) || (v->type & 0xff & types) != 0;
 }
 
+/* Does the array `v` hold objects only? 1 when `v` is no array (its own
+ * type is checked apart). */
+static int objects_only(const cJSON *v)
+{
+    const cJSON *item;
+
+    if (!cJSON_IsArray(v))
+        return 1;
+    cJSON_ArrayForEach(item, v)
+        if (!cJSON_IsObject(item))
+            return 0;
+    return 1;
+}
+
 /* A /v1/responses body whose members the estimate reads have types the
  * API refuses too: answered 400 here, as OpenAI would, rather than priced
  * as something else and sent. NULL when fine, else what is wrong. */
@@ -794,7 +808,7 @@ static const char *responses_shape_error(const cJSON *body)
  * and budget holds. NULL when fine, else what is wrong. */
 static const char *chat_shape_error(const cJSON *body)
 {
-    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(body, "messages"), *m, *part;
+    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(body, "messages"), *m;
 
     if (!absent_or(msgs, cJSON_Array))
         return "'messages' must be an array of messages";
@@ -809,10 +823,8 @@ static const char *chat_shape_error(const cJSON *body)
             return "a message's 'role' must be a string";
         if (!absent_or(content, cJSON_String | cJSON_Array))
             return "a message's 'content' must be a string or an array of content parts";
-        if (cJSON_IsArray(content))
-            cJSON_ArrayForEach(part, content)
-                if (!cJSON_IsObject(part))
-                    return "each content part of a message must be an object";
+        if (!objects_only(content))
+            return "each content part of a message must be an object";
     }
     return NULL;
 }
@@ -824,8 +836,9 @@ static const char *chat_shape_error(const cJSON *body)
  * else what is wrong. */
 static const char *messages_shape_error(const cJSON *body, int counting)
 {
-    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(body, "messages"), *m, *block;
-    const cJSON *system = cJSON_GetObjectItemCaseSensitive(body, "system"), *tool;
+    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(body, "messages"), *m;
+    const cJSON *system = cJSON_GetObjectItemCaseSensitive(body, "system");
+    const cJSON *tools = cJSON_GetObjectItemCaseSensitive(body, "tools");
 
     if (!counting && !cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(body, "max_tokens")))
         return "max_tokens: Field required (an integer)";
@@ -833,15 +846,12 @@ static const char *messages_shape_error(const cJSON *body, int counting)
         return "messages: Field required (an array of messages)";
     if (!absent_or(system, cJSON_String | cJSON_Array))
         return "system: must be a string or an array of text blocks";
-    if (cJSON_IsArray(system))
-        cJSON_ArrayForEach(block, system)
-            if (!cJSON_IsObject(block))
-                return "system: each block must be an object";
-    if (!absent_or(cJSON_GetObjectItemCaseSensitive(body, "tools"), cJSON_Array))
+    if (!objects_only(system))
+        return "system: each block must be an object";
+    if (!absent_or(tools, cJSON_Array))
         return "tools: must be an array";
-    cJSON_ArrayForEach(tool, cJSON_GetObjectItemCaseSensitive(body, "tools"))
-        if (!cJSON_IsObject(tool))
-            return "tools: each tool must be an object";
+    if (!objects_only(tools))
+        return "tools: each tool must be an object";
     cJSON_ArrayForEach(m, msgs) {
         const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
 
@@ -849,10 +859,8 @@ static const char *messages_shape_error(const cJSON *body, int counting)
             return "messages: each message must be an object";
         if (!cJSON_IsString(content) && !cJSON_IsArray(content))
             return "messages: a message's content must be a string or an array of blocks";
-        if (cJSON_IsArray(content))
-            cJSON_ArrayForEach(block, content)
-                if (!cJSON_IsObject(block))
-                    return "messages: each content block must be an object";
+        if (!objects_only(content))
+            return "messages: each content block must be an object";
     }
     return NULL;
 }
