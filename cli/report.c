@@ -499,25 +499,6 @@ static int add_line(struct report *r, const cJSON *o)
     return 0;
 }
 
-/* `part` added to `s`, field by field (not the running mean and m2). */
-static void stats_add_stats(struct stats *s, const struct stats *part)
-{
-    s->requests += part->requests;
-    s->errors += part->errors;
-    s->prompt_tokens += part->prompt_tokens;
-    s->completion_tokens += part->completion_tokens;
-    s->cache_hits += part->cache_hits;
-    s->cost_pico += part->cost_pico;
-    s->saved_pico += part->saved_pico;
-    s->web_searches += part->web_searches;
-    s->file_searches += part->file_searches;
-    s->reported_pico += part->reported_pico;
-    s->reported += part->reported;
-    s->cost_reported_pico += part->cost_reported_pico;
-    s->answered += part->answered;
-    s->answered_pico += part->answered_pico;
-}
-
 /* `part` taken out of `s`: every field a sum over lines (the running
  * mean and m2 of arms are not: left at 0, groups do not use them). */
 static void stats_sub(struct stats *s, const struct stats *part)
@@ -548,32 +529,30 @@ static void stats_sub(struct stats *s, const struct stats *part)
  */
 static void add_tag_none_groups(struct report *r)
 {
-    struct stats *taken;
+    struct stats *none;
 
     for (size_t i = 0; i < r->nwant; i++)
         if (strncmp(r->want[i], "tag.", 4) == 0)
             intern_dim(r, r->want[i]);
-    taken = calloc(r->ndims ? r->ndims : 1, sizeof(*taken)); /* per dim, its groups' sum */
-    if (taken == NULL) {
+    none = malloc((r->ndims ? r->ndims : 1) * sizeof(*none)); /* per dim: total less its groups */
+    if (none == NULL) {
         perror("report");
         exit(1);
+    }
+    for (size_t d = 0; d < r->ndims; d++) {
+        none[d] = r->total;
+        none[d].mean = none[d].m2 = 0;
     }
     for (size_t i = 0; i < r->groups.n; i++) {
         const struct group *g = &r->groups.items[i];
 
         if (g->value != NULL)
-            stats_add_stats(&taken[g->dim], &g->st);
+            stats_sub(&none[g->dim], &g->st);
     }
-    for (size_t d = 0; d < r->ndims; d++) {
-        struct stats none = r->total;
-
-        if (strncmp(r->dims[d], "tag.", 4) != 0)
-            continue;
-        stats_sub(&none, &taken[d]);
-        if (none.requests > 0)
-            *gmap_get(&r->groups, d, NULL) = none;
-    }
-    free(taken);
+    for (size_t d = 0; d < r->ndims; d++)
+        if (strncmp(r->dims[d], "tag.", 4) == 0 && none[d].requests > 0)
+            *gmap_get(&r->groups, d, NULL) = none[d];
+    free(none);
 }
 
 /* The `k` digits at `s` as a number, or -1 if they are not all digits. */
