@@ -17,6 +17,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <yajl/yajl_tree.h>
+
 #include "cache/internal.h"
 #include "common/log.h"
 
@@ -141,6 +143,7 @@ const char *cache__file_each_object(FILE *f, cache__file_object_fn *fn, void *ar
     *lineno = 0;
     while (why == NULL && (len = getline(&line, &cap, f)) >= 0) {
         cJSON *o;
+        yajl_val exact;
 
         ++*lineno;
         if (len > FILE_LINE_MAX || (size_t)len != strlen(line)) {
@@ -148,8 +151,10 @@ const char *cache__file_each_object(FILE *f, cache__file_object_fn *fn, void *ar
             break;
         }
         o = cJSON_Parse(line);
-        why = cJSON_IsObject(o) ? fn(arg, o, line, *lineno) : "not a JSON object";
+        exact = cJSON_IsObject(o) ? yajl_tree_parse(line, NULL, 0) : NULL;
+        why = cJSON_IsObject(o) ? fn(arg, o, exact, *lineno) : "not a JSON object";
         cJSON_Delete(o);
+        yajl_tree_free(exact);
     }
     free(line);
     if (why == NULL && ferror(f))
@@ -157,54 +162,19 @@ const char *cache__file_each_object(FILE *f, cache__file_object_fn *fn, void *ar
     return why;
 }
 
-/* Where the value of the member `name` of the JSON object text `p` starts
- * (its first, as cJSON_GetObjectItemCaseSensitive finds it), or NULL. The
- * text is one cJSON read whole: this only finds its way through it. */
-static const char *member_text(const char *p, const char *name)
-{
-    size_t n = strlen(name);
-    int depth = 0, key = 0;
-
-    for (; *p; p++) {
-        if (*p == '"') {
-            const char *s = ++p;
-
-            while (*p && *p != '"')
-                p += *p == '\\' && p[1] ? 2 : 1;
-            if (*p == '\0')
-                return NULL;
-            if (depth == 1 && key && (size_t)(p - s) == n && memcmp(s, name, n) == 0) {
-                p += 1 + strspn(p + 1, " \t\r\n");
-                return *p == ':' ? p + 1 + strspn(p + 1, " \t\r\n") : NULL;
-            }
-            key = 0;
-        } else if (*p == '{' || *p == '[') {
-            key = ++depth == 1;
-        } else if (*p == '}' || *p == ']') {
-            depth--;
-        } else if (*p == ',') {
-            key = depth == 1;
-        }
-    }
-    return NULL;
-}
-
-int cache__file_get_int(const cJSON *o, const char *line, const char *name, int64_t *out)
+int cache__file_get_int(const cJSON *o, const struct yajl_val_s *exact, const char *name,
+                        int64_t *out)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
-    const char *t = member_text(line, name);
-    size_t digits = t ? strspn(t, "0123456789") : 0;
-    int64_t n = 0;
+    const char *path[] = {name, NULL};
+    yajl_val x = exact ? yajl_tree_get((yajl_val)exact, path, yajl_t_number) : NULL;
 
     if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0) || v->valuedouble != floor(v->valuedouble))
         return -1;
-    /* Written as an integer (as the router writes them): read exactly, to
+    /* Written as an integer (as the router writes them): yajl's, exact to
      * INT64_MAX, where cJSON's double rounds past 2^53. */
-    if (digits > 0 && t[digits] != '.' && t[digits] != 'e' && t[digits] != 'E') {
-        for (size_t i = 0; i < digits; i++)
-            if (__builtin_mul_overflow(n, 10, &n) || __builtin_add_overflow(n, t[i] - '0', &n))
-                return -1;
-        *out = n;
+    if (x != NULL && YAJL_IS_INTEGER(x)) {
+        *out = x->u.number.i;
         return 0;
     }
     /* Else (1e+15, as cJSON wrote some before): exact up to 2^53 */

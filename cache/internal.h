@@ -202,6 +202,7 @@ void cache__journal_free(struct cache__journal *j);
 /* ---- files (file.c): what jfile.c and sfile.c share ---- */
 
 struct cJSON;
+struct yajl_val_s;
 /* Write `data` to `path` atomically: PATH.tmp, fsync, rename, fsync of the
  * folder. 0 or -1 with errno set. Safe off the loop (no shared state). */
 int cache__file_replace(const char *path, const char *data, size_t len);
@@ -212,21 +213,24 @@ int cache__file_lock(const char *path, const char *what);
 /* "YYYY-MM-DD" of a period's day, and back (-1: not such a date). */
 void cache__file_day_text(const struct cache__period *p, char out[16]);
 int cache__file_parse_day(const char *s, struct cache__period *p);
-/* Read `f` a line at a time, each a JSON object handed to `fn` with its
- * line number (1 first), until fn says what is wrong with one (its
+/* Read `f` a line at a time, each a JSON object handed to `fn` parsed by
+ * cJSON and by yajl (`exact`, for cache__file_get_int), with its line
+ * number (1 first), until fn says what is wrong with one (its
  * answer, not NULL) or the file ends. NULL when every line was read and
  * taken, else what is wrong: fn's answer, a line that is not a JSON
  * object, too long or holding a NUL, or a read error. *lineno: the lines
  * read, the wrong one last. */
-typedef const char *cache__file_object_fn(void *arg, const struct cJSON *o, const char *line,
-                                          size_t lineno);
+typedef const char *cache__file_object_fn(void *arg, const struct cJSON *o,
+                                          const struct yajl_val_s *exact, size_t lineno);
 const char *cache__file_each_object(FILE *f, cache__file_object_fn *fn, void *arg,
                                     size_t *lineno);
-/* A whole number in [0, INT64_MAX] under `name` of `o`, read from `line`
- * (the text `o` was parsed from) to the unit when written as an integer,
- * as cache__file_add_int writes them (a double would round it past 2^53);
- * in another form (1e+15), up to 2^53. -1 if absent or not. */
-int cache__file_get_int(const struct cJSON *o, const char *line, const char *name, int64_t *out);
+/* A whole number in [0, INT64_MAX] under `name` of `o`: to the unit when
+ * written as an integer (as cache__file_add_int writes them; a double
+ * would round it past 2^53), read from `exact`, the same line parsed by
+ * yajl, whose integers are int64 (NULL: none); in another form (1e+15),
+ * up to 2^53. -1 if absent or not. */
+int cache__file_get_int(const struct cJSON *o, const struct yajl_val_s *exact, const char *name,
+                        int64_t *out);
 /* Add `v` (>= 0) to `o` as `name`, an integer written in full (not through
  * a double). 0 or -1 on no memory. */
 int cache__file_add_int(struct cJSON *o, const char *name, int64_t v);

@@ -145,7 +145,7 @@ static int is_origin(const char *s)
 }
 
 /* The entry a line describes, or NULL with *why saying what is wrong. */
-static struct cache__jentry *parse_entry(const cJSON *o, const char *line, const char **why)
+static struct cache__jentry *parse_entry(const cJSON *o, const struct yajl_val_s *exact, const char **why)
 {
     const cJSON *tenant = cJSON_GetObjectItemCaseSensitive(o, "tenant");
     const cJSON *day = cJSON_GetObjectItemCaseSensitive(o, "day");
@@ -158,7 +158,7 @@ static struct cache__jentry *parse_entry(const cJSON *o, const char *line, const
 
     *why = "not a journal entry";
     if (!cJSON_IsString(tenant) || !cJSON_IsString(day) || !cJSON_IsString(origin) ||
-        !cJSON_IsBool(cond) || cache__file_get_int(o, line, "micro_usd", &real) < 0)
+        !cJSON_IsBool(cond) || cache__file_get_int(o, exact, "micro_usd", &real) < 0)
         return NULL;
     n = strlen(tenant->valuestring);
     if (n == 0 || n > CACHE_TENANT_MAX)
@@ -168,11 +168,11 @@ static struct cache__jentry *parse_entry(const cJSON *o, const char *line, const
     if (!is_origin(origin->valuestring))
         return *why = "bad origin (16 hex digits)", NULL;
     if (cJSON_HasObjectItem(o, "seq")
-            ? cache__file_get_int(o, line, "seq", &seq) < 0 || seq == 0 ||
-                  cache__file_get_int(o, line, "reserved_micro_usd", &res) < 0
-            : cache__file_get_int(o, line, "id", &id) < 0 || id == 0)
+            ? cache__file_get_int(o, exact, "seq", &seq) < 0 || seq == 0 ||
+                  cache__file_get_int(o, exact, "reserved_micro_usd", &res) < 0
+            : cache__file_get_int(o, exact, "id", &id) < 0 || id == 0)
         return *why = "needs a seq and reserved_micro_usd, or an id (each > 0)", NULL;
-    if (cJSON_IsTrue(cond) && cache__file_get_int(o, line, "since_ms", &since) < 0)
+    if (cJSON_IsTrue(cond) && cache__file_get_int(o, exact, "since_ms", &since) < 0)
         return *why = "a conditional entry needs since_ms", NULL;
     e = calloc(1, sizeof(*e) + n + 1);
     if (e == NULL)
@@ -198,15 +198,15 @@ static struct cache__jentry *parse_entry(const cJSON *o, const char *line, const
 
 /* The header's entry count and sum, or -1; the mark of the Redis its
  * entries went to ("redis_epoch", optional: "" unknown) into `epoch`. */
-static int parse_header(const cJSON *o, const char *line, int64_t *count, int64_t *sum,
+static int parse_header(const cJSON *o, const struct yajl_val_s *exact, int64_t *count, int64_t *sum,
                         char epoch[sizeof(((struct cache *)0)->redis_epoch)])
 {
     const cJSON *e = cJSON_GetObjectItemCaseSensitive(o, "redis_epoch");
     int64_t version;
 
-    if (cache__file_get_int(o, line, "costrouter_journal", &version) < 0 ||
-        version != JFILE_VERSION || cache__file_get_int(o, line, "entries", count) < 0 ||
-        cache__file_get_int(o, line, "micro_usd", sum) < 0)
+    if (cache__file_get_int(o, exact, "costrouter_journal", &version) < 0 ||
+        version != JFILE_VERSION || cache__file_get_int(o, exact, "entries", count) < 0 ||
+        cache__file_get_int(o, exact, "micro_usd", sum) < 0)
         return -1;
     if (cJSON_IsString(e) && strlen(e->valuestring) < sizeof(((struct cache *)0)->redis_epoch))
         strcpy(epoch, e->valuestring);
@@ -221,17 +221,17 @@ struct jfile_load {
 };
 
 /* Line `lineno` (1 is the header) into the journal. NULL or what is wrong. */
-static const char *load_object(void *arg, const cJSON *o, const char *line, size_t lineno)
+static const char *load_object(void *arg, const cJSON *o, const struct yajl_val_s *exact, size_t lineno)
 {
     struct jfile_load *l = arg;
     struct cache__jentry *e;
     const char *why = NULL;
 
     if (lineno == 1)
-        return parse_header(o, line, &l->count, &l->sum, l->c->redis_epoch) < 0
+        return parse_header(o, exact, &l->count, &l->sum, l->c->redis_epoch) < 0
                    ? "not a costrouter journal header (version 1)"
                    : NULL;
-    e = parse_entry(o, line, &why);
+    e = parse_entry(o, exact, &why);
     if (e) {
         /* Not in Redis yet, as far as this router knows (see redis.c's
          * local counters while Redis is away). */

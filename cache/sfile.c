@@ -191,19 +191,19 @@ struct sfile_load {
     int64_t month_loaded;   /* this month's */
 };
 
-static const char *parse_header(struct sfile_load *l, const cJSON *o, const char *line)
+static const char *parse_header(struct sfile_load *l, const cJSON *o, const struct yajl_val_s *exact)
 {
     int64_t version;
 
-    if (cache__file_get_int(o, line, "costrouter_spend", &version) < 0 ||
-        version != SFILE_VERSION || cache__file_get_int(o, line, "subjects", &l->subjects) < 0 ||
-        cache__file_get_int(o, line, "day_micro_usd", &l->day_sum) < 0 ||
-        cache__file_get_int(o, line, "month_micro_usd", &l->month_sum) < 0)
+    if (cache__file_get_int(o, exact, "costrouter_spend", &version) < 0 ||
+        version != SFILE_VERSION || cache__file_get_int(o, exact, "subjects", &l->subjects) < 0 ||
+        cache__file_get_int(o, exact, "day_micro_usd", &l->day_sum) < 0 ||
+        cache__file_get_int(o, exact, "month_micro_usd", &l->month_sum) < 0)
         return "not a costrouter spend file header (version 1)";
     return NULL;
 }
 
-static const char *parse_subject(struct sfile_load *l, const cJSON *o, const char *line)
+static const char *parse_subject(struct sfile_load *l, const cJSON *o, const struct yajl_val_s *exact)
 {
     const cJSON *subject = cJSON_GetObjectItemCaseSensitive(o, "subject");
     const cJSON *day = cJSON_GetObjectItemCaseSensitive(o, "day");
@@ -212,8 +212,8 @@ static const char *parse_subject(struct sfile_load *l, const cJSON *o, const cha
     size_t n;
 
     if (!cJSON_IsString(subject) || !cJSON_IsString(day) ||
-        cache__file_get_int(o, line, "day_micro_usd", &day_spent) < 0 ||
-        cache__file_get_int(o, line, "month_micro_usd", &month_spent) < 0)
+        cache__file_get_int(o, exact, "day_micro_usd", &day_spent) < 0 ||
+        cache__file_get_int(o, exact, "month_micro_usd", &month_spent) < 0)
         return "not a spend line (subject, day, day_micro_usd, month_micro_usd)";
     n = strlen(subject->valuestring);
     if (n == 0 || n > CACHE_TENANT_MAX)
@@ -238,9 +238,9 @@ static const char *parse_subject(struct sfile_load *l, const cJSON *o, const cha
 }
 
 /* Line `lineno` (1 is the header): NULL, or what is wrong with it. */
-static const char *load_object(void *arg, const cJSON *o, const char *line, size_t lineno)
+static const char *load_object(void *arg, const cJSON *o, const struct yajl_val_s *exact, size_t lineno)
 {
-    return lineno == 1 ? parse_header(arg, o, line) : parse_subject(arg, o, line);
+    return lineno == 1 ? parse_header(arg, o, exact) : parse_subject(arg, o, exact);
 }
 
 static int load(struct sfile_load *l, FILE *f)
