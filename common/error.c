@@ -15,6 +15,7 @@ const char error_not_found[] = "unknown path";
 const char error_unknown_model[] = "no route for this model";
 const char error_model_not_allowed[] = "this key may not use this model";
 const char error_method[] = "method not allowed for this path";
+const char error_origin_not_allowed[] = "this Origin is not in the router's cors.allow_origins";
 const char error_timeout_client[] = "timed out waiting for the request";
 const char error_body_too_large[] = "request body too large";
 const char error_headers_too_large[] = "request headers too large";

@@ -23,6 +23,7 @@ extern const char error_not_found[];         /* 404: unknown path */
 extern const char error_unknown_model[];     /* 404: no route for "model" */
 extern const char error_model_not_allowed[]; /* 403: not among the tenant's or key's models */
 extern const char error_method[];            /* 405: wrong method for path */
+extern const char error_origin_not_allowed[]; /* 403: a CORS preflight from an origin not allowed */
 extern const char error_timeout_client[];    /* 408: header/body timeout */
 extern const char error_body_too_large[];    /* 413 */
 extern const char error_headers_too_large[]; /* 431 */

@@ -721,6 +721,7 @@ void conf_free(struct conf *conf)
     for (size_t i = 0; i < conf->nprices; i++)
         free(conf->prices[i].name);
     free_names(conf->includes, conf->nincludes);
+    free_names(conf->cors_origins, conf->ncors_origins);
     free(conf->backends);
     free(conf->routes);
     free(conf->tenants);

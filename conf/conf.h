@@ -27,6 +27,8 @@ struct conf__key;
 #define CONF_CANDIDATES_MAX 64
 /* Longest store.key_prefix, in bytes. */
 #define CONF_KEY_PREFIX_MAX 128
+/* Longest origin `cors.allow_origins` takes (scheme://host:port). */
+#define CONF_ORIGIN_MAX 512
 
 enum conf_backend_kind { CONF_BACKEND_API, CONF_BACKEND_SELF_HOSTED };
 enum conf_tokenizer { CONF_TOK_ESTIMATE, CONF_TOK_CL100K, CONF_TOK_O200K, CONF_TOK_LLAMA3 };
@@ -302,6 +304,11 @@ struct conf {
     int idle_timeout_ms;         /* keep-alive idle, default 60000: close */
     int max_retries;             /* extra candidates tried on failure, default 2 */
     size_t max_connections;      /* accepted client connections, default 20000 */
+    /* browsers on other origins (section `cors:`): none = no CORS answers */
+    char **cors_origins;         /* `allow_origins`, lowercase and sorted (binary search),
+                                    or the one entry "*": any origin */
+    size_t ncors_origins;
+    int cors_max_age_s;          /* how long a browser keeps a preflight's answer, default 600 */
     struct conf_backend *backends;
     size_t nbackends;
     struct conf_route *routes;

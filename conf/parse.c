@@ -632,6 +632,94 @@ static void node_arm_backends(struct conf__ctx *ctx, void *obj, struct conf__met
  * `hash` of a key mapping; stored into the struct conf_key `obj`. The
  * text is never echoed: a malformed entry may well be a raw key pasted by
  * mistake. */
+/* Why `text` (lowercased in place) is no origin a browser sends in its
+ * Origin header, scheme://host[:port] (RFC 6454 6.1), or NULL. */
+static const char *origin_problem(char *text)
+{
+    static const char *const no_path = "an origin has no path, query or trailing '/' "
+                                       "(write scheme://host[:port])";
+    char *p = text, *host;
+
+    if (strlen(text) > CONF_ORIGIN_MAX)
+        return "too long";
+    for (char *q = text; *q; q++)
+        *q = (char)tolower((unsigned char)*q);
+    if (strcmp(text, "null") == 0)
+        return "\"null\" is sent by sandboxed frames and file: pages, which any site can "
+               "make: it cannot be allowed";
+    if (!isalpha((unsigned char)*p))
+        return "expected scheme://host[:port], such as https://app.example.com";
+    while (isalnum((unsigned char)*p) || *p == '+' || *p == '-' || *p == '.')
+        p++;
+    if (strncmp(p, "://", 3) != 0)
+        return "expected scheme://host[:port], such as https://app.example.com";
+    host = p += 3;
+    if (*p == '[') { /* an IPv6 literal */
+        while (isxdigit((unsigned char)*++p) || *p == ':' || *p == '.')
+            ;
+        if (*p++ != ']' || p == host + 2)
+            return "the host is no [IPv6 address]";
+    } else {
+        while (isalnum((unsigned char)*p) || *p == '-' || *p == '.' || *p == '_')
+            p++;
+    }
+    if (p == host)
+        return "the host is missing";
+    if (*p == ':') {
+        char *digits = ++p;
+        unsigned long port = strtoul(digits, &p, 10);
+
+        if (p == digits || !isdigit((unsigned char)*digits) || port == 0 || port > 65535)
+            return "the port is not a number from 1 to 65535";
+    }
+    if (*p == '/' || *p == '?' || *p == '#')
+        return no_path;
+    return *p == '\0' ? NULL : "the host holds a character no origin has";
+}
+
+static int cmp_origin(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* `cors.allow_origins`: the origins whose pages may call the router, as
+ * browsers send them, or "*" alone. Sorted: a request's Origin is found
+ * by a binary search. */
+static void node_cors_origins(struct conf__ctx *ctx, void *obj, struct conf__meta *meta,
+                              struct fy_node *n, int line, const char *path)
+{
+    struct conf *c = obj;
+    struct conf__meta lm = {.line = line};
+    const char *why;
+    size_t i;
+
+    (void)meta;
+    if (c->cors_origins != NULL)
+        return; /* a duplicate key, reported as such */
+    parse_names(ctx, n, line, path, &c->cors_origins, &c->ncors_origins, &lm);
+    for (i = 0; i < c->ncors_origins; i++) {
+        char *o = c->cors_origins[i];
+
+        if (o == NULL || strcmp(o, "*") == 0)
+            continue;
+        if ((why = origin_problem(o)) != NULL)
+            conf__error(ctx, lm.item_lines[i], path, "%s", why);
+    }
+    for (i = 0; i < c->ncors_origins; i++)
+        if (c->cors_origins[i] == NULL) {
+            free(lm.item_lines);
+            return; /* reported by parse_names */
+        }
+    qsort(c->cors_origins, c->ncors_origins, sizeof(*c->cors_origins), cmp_origin);
+    for (i = 0; i < c->ncors_origins; i++) {
+        if (strcmp(c->cors_origins[i], "*") == 0 && c->ncors_origins > 1)
+            conf__error(ctx, line, path, "\"*\" allows every origin: list it alone");
+        else if (i > 0 && strcmp(c->cors_origins[i], c->cors_origins[i - 1]) == 0)
+            conf__error(ctx, line, path, "%s is listed twice", c->cors_origins[i]);
+    }
+    free(lm.item_lines);
+}
+
 static int fn_key_hash(struct conf__ctx *ctx, void *obj, const char *text, int line,
                        const char *path)
 {
@@ -1233,6 +1321,9 @@ static const struct directive root_directives[CONF__R_COUNT] = {
     [CONF__R_MAX_RETRIES] = {"max_retries", "limits", T_INT, R(max_retries), 0, 100, "2"},
     [CONF__R_MAX_CONNECTIONS] = {"max_connections", "limits", T_SIZE, R(max_connections), 1,
                                  10000000, "20000"},
+    [CONF__R_CORS] = {"cors", NULL, T_SECTION},
+    [CONF__R_CORS_ORIGINS] = {"allow_origins", "cors", T_NODE, .node = node_cors_origins},
+    [CONF__R_CORS_MAX_AGE] = {"max_age_s", "cors", T_INT, R(cors_max_age_s), 0, 86400, "600"},
     [CONF__R_BACKENDS] = {"backends", NULL, T_NODE, .node = node_backends, .required = 1},
     [CONF__R_ROUTES] = {"routes", NULL, T_NODE, .node = node_routes, .required = 1},
     [CONF__R_TENANTS] = {"tenants", NULL, T_NODE, .node = node_tenants},

@@ -51,6 +51,7 @@ static const struct error_map error_maps[] = {
     /* OpenAI's answer to a project without access to a model */
     {error_model_not_allowed, 403, "invalid_request_error", "model_not_found", NULL},
     {error_method, 405, "invalid_request_error", "method_not_allowed", NULL},
+    {error_origin_not_allowed, 403, "invalid_request_error", "origin_not_allowed", NULL},
     {error_timeout_client, 408, "invalid_request_error", "request_timeout", NULL},
     {error_body_too_large, 413, "invalid_request_error", "request_too_large", NULL},
     {error_headers_too_large, 431, "invalid_request_error", "headers_too_large", NULL},
@@ -122,19 +123,22 @@ void router__send_response(struct router__client *c, int status, const char *con
                            const char *extra_headers, const char *body, size_t len)
 {
     struct router__request *req = &c->req;
-    char head[768];
+    char head[2048 + ROUTER_CORS_HEADERS_MAX], cors[ROUTER_CORS_HEADERS_MAX], framing[96] = "";
     int n, anthropic;
 
     request_number(c);
     req->status = status;
     req->response_started = 1;
     anthropic = ROUTER_EP_ANTHROPIC(error_endpoint(req));
-    n = snprintf(head, sizeof(head),
-                 "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-                 "x-request-id: %s\r\n%s%s%s%s%s\r\n",
-                 status, http_status_text(status), content_type, len, req->id_str,
+    cors[router__cors_headers(c, cors)] = '\0';
+    /* A 204 (a CORS preflight's) has neither (RFC 9110 8.6). */
+    if (status != 204)
+        snprintf(framing, sizeof(framing), "Content-Type: %s\r\nContent-Length: %zu\r\n",
+                 content_type, len);
+    n = snprintf(head, sizeof(head), "HTTP/1.1 %d %s\r\n%sx-request-id: %s\r\n%s%s%s%s%s%s\r\n",
+                 status, http_status_text(status), framing, req->id_str,
                  anthropic ? "request-id: " : "", anthropic ? req->id_str : "",
-                 anthropic ? "\r\n" : "", extra_headers ? extra_headers : "",
+                 anthropic ? "\r\n" : "", extra_headers ? extra_headers : "", cors,
                  req->keep_alive ? "" : "Connection: close\r\n");
     if (n < 0 || (size_t)n >= sizeof(head)) {
         router__client_close(c);
@@ -215,14 +219,17 @@ static void log_error_answer(struct router__client *c, int status, const char *e
                  detail ? detail : "", note);
 }
 
-static const char *allowed_methods(const struct router__request *req);
-
 void router__send_error(struct router__client *c, const char *errstr, const char *detail)
 {
-    /* A 405 MUST say what the path does take (RFC 9110 15.5.6). */
-    const char *extra =
-        errstr == error_method ? allowed_methods(&c->req) : error_lookup(errstr)->headers;
+    const char *extra = error_lookup(errstr)->headers, *methods;
+    char allow[32];
 
+    /* A 405 MUST say what the path does take (RFC 9110 15.5.6). */
+    if (errstr == error_method) {
+        methods = router__allowed_methods(&c->req);
+        snprintf(allow, sizeof(allow), "Allow: %s\r\n", methods ? methods : "");
+        extra = methods ? allow : NULL;
+    }
     router__send_error_with(c, errstr, detail, extra);
 }
 
@@ -249,7 +256,7 @@ static void request_bufs(struct router__request *req, struct buf *out[ROUTER_REQ
     struct buf *all[ROUTER_REQ_NBUFS] = {
         &req->url,     &req->auth, &req->body, &req->hname, &req->hvalue,   &req->fwd,
         &req->tag_text, &req->up_body, &req->sse, &req->head, &req->batch, &req->json_mem,
-        &req->verdict_mem,
+        &req->verdict_mem, &req->origin,
     };
 
     memcpy(out, all, sizeof(all));
@@ -339,7 +346,7 @@ void router__request_reset(struct router__request *req)
     req->stream = req->injected_usage = req->keep_alive = req->response_started = 0;
     req->json_rewritten = 0;
     req->expect_continue = 0;
-    req->auth_seen = req->xkey_seen = req->head_method = 0;
+    req->auth_seen = req->xkey_seen = req->origin_seen = req->head_method = 0;
     req->accounted = 0;
     req->chunked = req->is_sse = req->upstream_done = req->broken = 0;
     req->request_sent = 0;
@@ -470,12 +477,12 @@ static enum router__endpoint error_endpoint(const struct router__request *req)
     return ep;
 }
 
-/* The Allow header of a 405 to `req`: the methods its path takes, or
+/* The methods the path of `req` takes, as an Allow header lists them, or
  * NULL for no path of the router's (a CONNECT's authority). The admin
  * paths take GET (and so HEAD), but for the reload, a POST. */
-static const char *allowed_methods(const struct router__request *req)
+const char *router__allowed_methods(const struct router__request *req)
 {
-    static const char post[] = "Allow: POST\r\n", get[] = "Allow: GET, HEAD\r\n";
+    static const char post[] = "POST", get[] = "GET, HEAD";
     struct slice path = request_path(req);
 
     if (slice_eq(path, "/admin/reload"))
@@ -1044,6 +1051,8 @@ void router__handle(struct router__client *c)
 
     request_number(c);
     req->start_ms = router__now(c->router);
+    if (llhttp_get_method(&c->parser) == HTTP_OPTIONS && router__cors_preflight(c))
+        return;
     req->endpoint = endpoint_find(request_path(req), llhttp_get_method(&c->parser), &errstr);
     if (req->endpoint == ROUTER_EP_NONE)
         goto fail;

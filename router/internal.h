@@ -111,7 +111,7 @@ struct router__shared {
  * ~4 KB each); the next request on any connection takes a set back, so a
  * busy connection does not allocate per request.
  */
-#define ROUTER_REQ_NBUFS 13
+#define ROUTER_REQ_NBUFS 14
 /* Tags a request may carry in x-costrouter-tags (its own, beside the
  * tenant's), and their longest key and value. */
 #define ROUTER_REQUEST_TAGS_MAX 8
@@ -239,6 +239,8 @@ struct router__request {
     struct buf fwd;                      /* client headers to forward upstream */
     struct buf tag_text;                 /* x-costrouter-tags (lines joined by ','); its
                                             tags point into it once parsed */
+    struct buf origin;                   /* Origin (browsers): read for CORS, not forwarded;
+                                            emptied when sent twice */
     struct conf_tag tags[ROUTER_REQUEST_TAGS_MAX]; /* the request's own tags */
     unsigned ntags;                      /* entries in tags */
     const char *error;                   /* errstr set by a parser callback */
@@ -257,6 +259,7 @@ struct router__request {
     unsigned keep_alive:1;               /* client wants the connection kept */
     unsigned expect_continue:1;          /* Expect: 100-continue was sent */
     unsigned auth_seen:1;                /* an Authorization header was read */
+    unsigned origin_seen:1;              /* an Origin header was read */
     unsigned xkey_seen:1;                /* an x-api-key header was read (kept in `auth`
                                             as "Bearer KEY" when no Authorization came) */
     unsigned head_method:1;              /* HEAD: answers carry no body */
@@ -518,6 +521,18 @@ void router__send_error(struct router__client *c, const char *errstr, const char
 void router__send_error_with(struct router__client *c, const char *errstr, const char *detail,
                              const char *extra_headers);
 /* Send a complete response the router made itself. */
+/* CORS (router/cors.c), for browsers calling from other origins
+ * (`cors:`). The headers an answer to `c`'s request carries for its
+ * Origin, written to `out` (at least ROUTER_CORS_HEADERS_MAX bytes):
+ * their length, 0 when it has none to carry. */
+#define ROUTER_CORS_HEADERS_MAX (CONF_ORIGIN_MAX + 128)
+size_t router__cors_headers(const struct router__client *c, char *out);
+/* The methods the path of `req` takes ("POST", "GET, HEAD"), or NULL
+ * for no path of the router's. */
+const char *router__allowed_methods(const struct router__request *req);
+/* Answer `c`'s OPTIONS request if it is a CORS preflight (1), else 0. */
+int router__cors_preflight(struct router__client *c);
+
 void router__send_response(struct router__client *c, int status, const char *content_type,
                            const char *extra_headers, const char *body, size_t len);
 /* The error body for errstr in the language of endpoint `ep`: Anthropic's

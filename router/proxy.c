@@ -1655,6 +1655,11 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
         rc = buf_append_header(&req->head, SLICE_LIT("request-id"), slice_from(req->id_str));
     rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-costrouter-backend"), slice_from(b->name));
     rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-costrouter-reason"), slice_from(req->reason));
+    if (rc == 0) {
+        char cors[ROUTER_CORS_HEADERS_MAX];
+
+        rc = buf_append(&req->head, cors, router__cors_headers(c, cors));
+    }
     if (rc != 0) {
         router__client_close(c);
         return 1;

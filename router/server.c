@@ -499,10 +499,25 @@ static int request_header_is_ours(struct slice name)
         "authorization", "host", "content-length", "transfer-encoding", "keep-alive", "te",
         "trailer", "upgrade", "proxy-authorization", "proxy-connection", "http2-settings",
         "accept-encoding", "expect", "x-api-key", "api-key", "cookie", "content-type",
-        "x-request-id", "openai-organization", "openai-project",
+        "x-request-id", "openai-organization", "openai-project", "origin",
     };
 
     return slice_caseeq_any(name, names, ARRAY_SIZE(names));
+}
+
+/* Keep the Origin a browser sends, for the CORS headers (router/cors.c).
+ * It is not forwarded: to the backend the router is the client, and a
+ * browser's origin would make a provider apply its own browser rules
+ * (Anthropic's API refuses requests with one unless told they are meant).
+ * Sent twice, it is no origin: the answer then allows none. */
+static int origin_take(struct router__request *req, struct slice value)
+{
+    if (req->origin_seen) {
+        buf_reset(&req->origin);
+        return 0;
+    }
+    req->origin_seen = 1;
+    return buf_append(&req->origin, value.p, value.len);
 }
 
 /* Keep the request's own tags for handler.c to read: several lines are
@@ -643,6 +658,8 @@ static int on_header_value_complete(llhttp_t *p)
         req->expect_continue = slice_caseeq(value, "100-continue");
     else if (slice_caseeq(name, "x-costrouter-tags"))
         rc = tags_take(req, value);
+    else if (slice_caseeq(name, "origin"))
+        rc = origin_take(req, value);
     else if (!request_header_is_ours(name) && name.len > 0)
         rc = buf_append_header(&req->fwd, name, value);
     buf_reset(&req->hname);

@@ -647,7 +647,10 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
  * would pass for the router's own word to the client. Nor is Set-Cookie:
  * the router never sends a client's cookies on, so a backend's (a CDN's
  * in front of an API) would be kept by clients of the router's site for
- * nothing, one tenant's next to another's. */
+ * nothing, one tenant's next to another's. Nor the backend's CORS
+ * headers (Access-Control-*): which pages may read an answer is the
+ * router's word (`cors:`), and a second Access-Control-Allow-Origin
+ * beside the router's makes browsers refuse the answer. */
 static int response_header_is_ours(struct slice name)
 {
     static const char *const names[] = {
@@ -656,6 +659,8 @@ static int response_header_is_ours(struct slice name)
     };
 
     if (name.len >= 13 && strncasecmp(name.p, "x-costrouter-", 13) == 0)
+        return 1;
+    if (name.len >= 15 && strncasecmp(name.p, "access-control-", 15) == 0)
         return 1;
     return slice_caseeq_any(name, names, ARRAY_SIZE(names));
 }

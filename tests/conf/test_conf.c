@@ -253,8 +253,8 @@ static struct error_case error_cases[] = {
     {.file = "conf/example.yaml",
      .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"},
      .lines = {"15: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
-      "112: backends[1].api_key: environment variable OPENAI_API_KEY is not set",
-      "161: backends[3].api_key: environment variable ANTHROPIC_API_KEY is not set"}},
+      "116: backends[1].api_key: environment variable OPENAI_API_KEY is not set",
+      "165: backends[3].api_key: environment variable ANTHROPIC_API_KEY is not set"}},
     {.file = DATA "prices_bad.yaml", .lines =
      {"5: include[2]: \"inc/prices_bad.yaml\" is already included",
       "8: prices.custom-x: duplicate price \"custom-x\" (first at {DIR}/inc/prices_bad.yaml:3)",
@@ -415,6 +415,19 @@ static struct error_case error_cases[] = {
       "13: tenants[0].tags.a\\x00b: contains a NUL byte"}},
     {.file = DATA "directive_utf8.yaml", .lines =
      {"2: (yaml): not UTF-8 text: byte 0xff at column 3"}},
+    {.file = DATA "cors_bad.yaml", .lines =
+     {"3: cors.allow_origins: http://localhost:3000 is listed twice",
+      "4: cors.allow_origins: an origin has no path, query or trailing '/' (write "
+      "scheme://host[:port])",
+      "5: cors.allow_origins: expected scheme://host[:port], such as https://app.example.com",
+      "6: cors.allow_origins: \"null\" is sent by sandboxed frames and file: pages, which any "
+      "site can make: it cannot be allowed",
+      "7: cors.allow_origins: the port is not a number from 1 to 65535",
+      "8: cors.allow_origins: the host holds a character no origin has",
+      "11: cors.allow_origins: the host is no [IPv6 address]",
+      "12: cors.max_age_s: 90000 is out of range 0..86400"}},
+    {.file = DATA "cors_star.yaml", .lines =
+     {"2: cors.allow_origins: \"*\" allows every origin: list it alone"}},
 };
 
 /* The expected form of report line `want`: "FILE:" + want, where FILE is
@@ -484,6 +497,18 @@ ParameterizedTest(size_t *case_index, conf, errors, .timeout = 10)
 
 /* ---- valid files ---- */
 
+Test(conf, cors_origins_kept_lowercase_and_sorted, .timeout = 10)
+{
+    struct conf *c = load_ok(DATA "cors_ok.yaml");
+
+    cr_assert_eq(c->ncors_origins, 3);
+    cr_expect_str_eq(c->cors_origins[0], "http://localhost:3000");
+    cr_expect_str_eq(c->cors_origins[1], "https://[::1]:8443");
+    cr_expect_str_eq(c->cors_origins[2], "https://app.example.com");
+    cr_expect_eq(c->cors_max_age_s, 0);
+    conf_free(c);
+}
+
 Test(conf, demo_loads_with_its_values_and_defaults, .timeout = 10)
 {
     struct conf *c = load_ok("conf/demo.yaml");
@@ -507,6 +532,8 @@ Test(conf, demo_loads_with_its_values_and_defaults, .timeout = 10)
     cr_expect_eq(c->idle_timeout_ms, 60000);
     cr_expect_eq(c->max_retries, 2);
     cr_expect_eq(c->max_connections, 20000);
+    cr_expect_eq(c->ncors_origins, 0, "no cors: no CORS answers");
+    cr_expect_eq(c->cors_max_age_s, 600);
 
     gpu = conf_find_backend(c, "gpu-llama-8b");
     cr_assert_not_null(gpu);
