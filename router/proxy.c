@@ -1451,7 +1451,7 @@ static void key_refused(struct router__client *c, int status, uint64_t now)
     if (log_every_due(&req->pool->auth_log, now, note))
         log_warn("request %s: backend %s answered %d to the router's key: check its api_key%s",
                  req->id_str, req->pool->conf->name, status, note);
-    backend_attempt_failure(req->pool->backend, now);
+    backend_attempt_failure(req->pool->backend, now, &req->ticket);
     router__upstream_abort(req->up);
     req->up = NULL;
     retry_elsewhere(c, error_upstream_auth);
@@ -1609,7 +1609,7 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
             log_info("request %s: backend %s answered %d, trying the next candidate%s",
                      req->id_str, b->name, status, note);
         if (status_failure(status))
-            backend_attempt_failure(req->pool->backend, now);
+            backend_attempt_failure(req->pool->backend, now, &req->ticket);
         router__upstream_abort(req->up);
         req->up = NULL;
         retry_elsewhere(c, error_upstream_io);
@@ -1623,7 +1623,7 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
      * refusal says nothing of how fast it serves; nor does a 4xx, a
      * success without one: note_success). */
     if (status_failure(status)) {
-        backend_attempt_failure(req->pool->backend, now);
+        backend_attempt_failure(req->pool->backend, now, &req->ticket);
     } else if (status != 429) {
         /* An answer that its backend breaks before its end is a failure
          * (router__proxy_on_error): its head alone is no success, or a
@@ -2374,7 +2374,7 @@ void router__proxy_on_error(struct router__client *c, const char *errstr)
         if (req->success_due &&
             (errstr == error_upstream_io || errstr == error_upstream_read_timeout)) {
             req->success_due = 0;
-            backend_attempt_failure(req->pool->backend, now);
+            backend_attempt_failure(req->pool->backend, now, &req->ticket);
         }
         fail_midstream(c, errstr,
                        errstr == error_upstream_read_timeout
@@ -2388,7 +2388,7 @@ void router__proxy_on_error(struct router__client *c, const char *errstr)
         router__send_error(c, errstr, NULL);
         return;
     }
-    backend_attempt_failure(req->pool->backend, now);
+    backend_attempt_failure(req->pool->backend, now, &req->ticket);
     note_abandoned(c);
     if (log_every_due(&req->pool->fail_log, now, note))
         log_info("request %s: backend %s failed: %s%s", req->id_str, req->pool->conf->name, errstr,

@@ -215,7 +215,7 @@ static void setup(struct fx *f, unsigned flags)
         b = fx_backend(f, FX_GPU);
         for (int i = 0; i < 3; i++) {
             backend_attempt_start(b, 10, BACKEND_PLAIN);
-            backend_attempt_failure(b, 10);
+            backend_attempt_failure(b, 10, NULL);
             backend_attempt_end(b);
         }
     }
