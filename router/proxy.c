@@ -1887,16 +1887,19 @@ static int on_sse_event(void *arg, const char *p, size_t len)
             counted = !(dlen == 6 && memcmp(data, "[DONE]", 6) == 0);
         }
         if (counted) {
-            if (req->ttft_due) {
-                uint64_t now = router__now(c->router);
+            uint64_t now = router__now(c->router);
 
-                req->ttft_due = 0;
-                req->ttft_ms = now - req->start_ms;
+            /* The backend's first token came, sent on or not: its time is
+             * the backend's, a sample even when the budget cuts it. */
+            if (req->ttft_due)
                 backend_ttft_sample(req->pool->backend, now, BACKEND_STREAM,
                                     now - req->attempt_start_ms);
-            }
             if (overrun_cut(c))
-                return -1; /* before this event went: not charged */
+                return -1; /* before this event went: not charged, nor the client's TTFT */
+            if (req->ttft_due) { /* the client's first token (has_ttft in account.c) */
+                req->ttft_due = 0;
+                req->ttft_ms = now - req->start_ms;
+            }
             req->events++;
         }
     }

@@ -2986,10 +2986,12 @@ Test(costs, a_stream_cut_at_its_first_token_has_no_ttft)
     }
     cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
     samples = metric_value(TTFT_SAMPLES_A);
-    cr_assert_eq(tokens_before_the_cut_cost("", &cost), 0, "cut at its first token");
+    cr_assert_eq(tokens_before_the_cut_cost("x-mock-ttft-ms: 100\r\n", &cost), 0,
+                 "cut at its first token");
     cr_assert_float_eq(cost, 0.09, 1e-9, "its prompt alone");
-    cr_assert_gt(first_backend_admin("stream_ttft_ewma_ms")->valuedouble, 0,
-                 "the backend's first token is its sample");
+    cr_assert_geq(first_backend_admin("stream_ttft_ewma_ms")->valuedouble, 100,
+                  "the backend's first token is its sample");
+    cr_assert(cJSON_IsFalse(first_backend_admin("stream_ttft_probe_due")));
     cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
     cr_assert_eq(metric_value(TTFT_SAMPLES_A), samples,
                  "a TTFT sample of a stream whose client got no token");
