@@ -1086,6 +1086,7 @@ static void on_flight_answer(void *arg, const char *value, size_t len, const voi
     }
     if (leader != NULL && leader->route == req->route)
         failed = leader->tried & ~(UINT64_C(1) << leader->candidate);
+    req->leader_failed |= failed & ~req->tried; /* not called by this request */
     req->tried |= failed;
     if (failed & (UINT64_C(1) << req->candidate)) {
         router__spend_release(c); /* held for the failed backend: choose again */
