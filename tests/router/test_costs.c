@@ -2654,9 +2654,11 @@ static cJSON *record_of(const char *id)
 
     cr_assert_not_null(f);
     while (rec == NULL && fgets(line, sizeof(line), f) != NULL) {
+        const char *its;
+
         rec = cJSON_Parse(line);
-        if (rec != NULL && !(cJSON_IsString(cJSON_GetObjectItem(rec, "request_id")) &&
-                             strcmp(cJSON_GetObjectItem(rec, "request_id")->valuestring, id) == 0)) {
+        its = cJSON_GetStringValue(cJSON_GetObjectItem(rec, "request_id"));
+        if (its == NULL || strcmp(its, id) != 0) {
             cJSON_Delete(rec);
             rec = NULL;
         }
@@ -2669,8 +2671,9 @@ static cJSON *record_of(const char *id)
 /* The verdict logged for candidate `i` of `rec`, NULL when none (chosen). */
 static const char *verdict_of(const cJSON *rec, int i)
 {
-    return cJSON_GetStringValue(
-        cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(rec, "candidates"), i), "rejected"));
+    const cJSON *c = cJSON_GetArrayItem(cJSON_GetObjectItem(rec, "candidates"), i);
+
+    return cJSON_GetStringValue(cJSON_GetObjectItem(c, "rejected"));
 }
 
 /* "cheap" never measured, "dear" measured (plain and stream) by the warm
@@ -2712,7 +2715,8 @@ Test(costs, a_failed_plain_probe_leaves_the_stream_probe_out)
     cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
     cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 2,
                  "the plain probe did not go to cheap");
-    cr_assert(cJSON_IsTrue(first_backend_admin("ttft_probe_due")), "the failed plain probe is over");
+    cr_assert(cJSON_IsTrue(first_backend_admin("ttft_probe_due")),
+              "the failed plain probe is over");
     cr_assert(cJSON_IsFalse(first_backend_admin("stream_ttft_probe_due")),
               "the stream probe is still out: %.*s", (int)resp.body.len, resp.body.data);
     cr_assert_eq(chat(0, NULL, STREAM_CHAT), 0);
