@@ -285,12 +285,14 @@ void backend__ewma(double *avg, double sample)
         *avg += BACKEND_TTFT_ALPHA * (sample - *avg);
 }
 
-void backend_attempt_failure(struct backend *b, uint64_t now_ms)
+void backend_attempt_failure(struct backend *b, uint64_t now_ms, const struct backend_ticket *t)
 {
     b->failures++;
     b->probing = 0;
-    b->ttft[BACKEND_PLAIN].probing = 0; /* no sample: the next request may measure */
-    b->ttft[BACKEND_STREAM].probing = 0;
+    /* No sample: the next request of its kind may measure. Only its own
+     * probe: the other kind's, or a later one of its kind, is still out,
+     * and a second one would send a burst where nothing is measured. */
+    backend__ttft_probe_over(b, t);
     if (b->failures >= BACKEND_FAILURE_LIMIT) {
         if (b->failures == BACKEND_FAILURE_LIMIT)
             log_warn("backend %s: %u consecutive failures, ejected for %d ms", b->conf->name,

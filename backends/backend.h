@@ -40,6 +40,7 @@ struct conf_backend;
 
 struct backend_set;
 struct backend;
+struct backend_ticket;
 
 /* The kinds of answer whose time to first token is averaged apart: a
  * plain answer's first byte is its head, which servers send with its last
@@ -106,7 +107,11 @@ void backend_attempt_answered(struct backend *b);
  * began. */
 void backend_ttft_sample(struct backend *b, uint64_t now_ms, enum backend_answer kind,
                          uint64_t ttft_ms);
-void backend_attempt_failure(struct backend *b, uint64_t now_ms);
+/* The attempt begun with `t` (backend_attempt_begin; may be NULL) failed.
+ * It ends that attempt's own latency probe, if it is one (the next
+ * request of its kind may measure), not another kind's, nor a probe
+ * another request has out. */
+void backend_attempt_failure(struct backend *b, uint64_t now_ms, const struct backend_ticket *t);
 /* The attempt ended (success or failure): in-flight count goes down. */
 void backend_attempt_end(struct backend *b);
 /* A request was chosen for `b` (backend_chosen) and its attempt has not

@@ -99,6 +99,12 @@ void backend__advance(struct backend *b, uint64_t now_ms)
     k->pool_usd += dt * r * price;
 }
 
+void backend__ttft_probe_over(struct backend *b, const struct backend_ticket *t)
+{
+    if (t != NULL && t->ttft_probe != 0 && t->ttft_probe == b->ttft[t->answer].probes)
+        b->ttft[t->answer].probing = 0;
+}
+
 void backend_attempt_begin(struct backend *b, uint64_t now_ms, enum backend_answer kind,
                            struct backend_ticket *t)
 {
@@ -200,11 +206,9 @@ struct backend_charge backend_attempt_finish(struct backend *b, uint64_t now_ms,
          * the next request probes, or the circuit would never close. */
         b->probing = 0;
     }
-    if (t != NULL && t->ttft_probe != 0 && t->ttft_probe == b->ttft[t->answer].probes) {
-        /* Likewise a latency probe without a first byte: the average is
-         * still stale, and nobody else would re-measure it. */
-        b->ttft[t->answer].probing = 0;
-    }
+    /* Likewise a latency probe without a first byte: the average is still
+     * stale, and nobody else would re-measure it. */
+    backend__ttft_probe_over(b, t);
     if (t != NULL) {
         ch.duration_ms = now_ms > t->start_ms ? now_ms - t->start_ms : 0;
         if (backend__replicas(b) > 0) {

@@ -71,6 +71,11 @@ struct backend {
  * value. */
 void backend__advance(struct backend *b, uint64_t now_ms);
 
+/* The attempt begun with `t` (may be NULL: none) is over without a
+ * latency sample: if it is its kind's latency probe, still the current
+ * one, the next attempt of that kind may measure. */
+void backend__ttft_probe_over(struct backend *b, const struct backend_ticket *t);
+
 /* Fold `sample` into the moving average *avg (0 = no sample yet). */
 void backend__ewma(double *avg, double sample);
 

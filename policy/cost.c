@@ -83,8 +83,9 @@ struct take {
  * with its estimates filled in. POLICY_VERDICT_COSTLIER means "passed".
  * A backend with more than `take->cooling_ms` of a 429 cooldown left is
  * "rate-limited", with that time in *cooldown_ms. A backend never measured
- * with its probe out is "slo" to a request with an SLO (its 0 ms is no
- * prediction) unless `take->unmeasured`; *unknown says it was that. */
+ * with its probe out is "unmeasured" to a request with an SLO (its 0 ms
+ * is no prediction; nor is it "slo": nothing predicts it past the SLO)
+ * unless `take->unmeasured`; *unknown says it was that. */
 static enum policy_verdict_kind qualify(const struct policy_request *req, size_t i,
                                         const struct take *take, struct policy_verdict *v,
                                         uint64_t *cooldown_ms, int *unknown)
@@ -127,7 +128,7 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
     if (req->limits.max_ttft_ms > 0 && backend_ttft_unknown(b, answer)) {
         *unknown = 1;
         if (!take->unmeasured)
-            return POLICY_VERDICT_SLO;
+            return POLICY_VERDICT_UNMEASURED;
     }
     return POLICY_VERDICT_COSTLIER;
 }
@@ -373,6 +374,8 @@ const char *policy_verdict_name(enum policy_verdict_kind kind)
         return "context";
     case POLICY_VERDICT_SLO:
         return "slo";
+    case POLICY_VERDICT_UNMEASURED:
+        return "unmeasured";
     case POLICY_VERDICT_BUDGET:
         return "budget";
     case POLICY_VERDICT_QUALITY:

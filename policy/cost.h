@@ -93,6 +93,8 @@ enum policy_verdict_kind {
     POLICY_VERDICT_RATE_LIMITED, /* cooling down after a 429, and another could serve */
     POLICY_VERDICT_CONTEXT,   /* prompt + completion exceed its context window */
     POLICY_VERDICT_SLO,       /* predicted TTFT above max_ttft_ms */
+    POLICY_VERDICT_UNMEASURED, /* no TTFT measured yet and its first latency probe out:
+                                  passed over for SLO traffic (see choose_cost_aware) */
     POLICY_VERDICT_BUDGET,    /* its estimated cost exceeds the budget left */
     POLICY_VERDICT_QUALITY,   /* below the quality floor */
 };
@@ -131,8 +133,8 @@ struct policy_cost_selector {
 
 extern const struct policy_cost_selector policy_cost_aware;
 
-/* "chosen", "costlier", "tried", "arm", "health", "rate-limited",
- * "context", "slo", "budget", "quality". */
+/* "chosen", "costlier", "tried", "arm", "api", "health", "rate-limited",
+ * "context", "slo", "unmeasured", "budget", "quality". */
 const char *policy_verdict_name(enum policy_verdict_kind kind);
 
 #endif

@@ -38,7 +38,10 @@ static const char *backend_name(const struct router__request *req)
 /* One entry per route candidate, in route order, from the policy's last
  * verdicts: the chosen one has no rejection; a candidate tried earlier
  * in this request says "rate-limited" if it answered 429 (as one passed
- * over while cooling down from a 429 does), else "failed". */
+ * over while cooling down from a 429 does), else "failed"; one this
+ * request never called, passed over because the single-flight leader it
+ * waited on had just left it, "leader-failed": the request's own log
+ * says what happened to it, not to its twin. */
 static size_t fill_candidates(const struct router__request *req, struct metrics_cost_candidate *out,
                               size_t max)
 {
@@ -54,7 +57,9 @@ static size_t fill_candidates(const struct router__request *req, struct metrics_
         out[n].backend = req->route->candidates[i]->name;
         out[n].est_cost_usd = (double)v->cost_micro / 1e6;
         if (failed)
-            out[n].rejected = req->answered_429 & bit ? "rate-limited" : "failed";
+            out[n].rejected = req->leader_failed & bit  ? "leader-failed"
+                              : req->answered_429 & bit ? "rate-limited"
+                                                        : "failed";
         else if (v->kind == POLICY_VERDICT_CHOSEN && (int)i == req->candidate)
             out[n].rejected = NULL;
         else

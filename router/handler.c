@@ -350,7 +350,7 @@ void router__request_reset(struct router__request *req)
     req->accounted = 0;
     req->chunked = req->is_sse = req->upstream_done = req->broken = 0;
     req->request_sent = 0;
-    req->tried = req->answered_429 = 0;
+    req->tried = req->answered_429 = req->leader_failed = 0;
     req->attempts = req->fallbacks = 0;
     req->candidate = -1;
     req->reason = NULL;

@@ -276,6 +276,9 @@ struct router__request {
     /* proxying */
     uint64_t tried;                      /* candidates tried (bit per index) */
     uint64_t answered_429;               /* of those, the ones that answered 429 */
+    uint64_t leader_failed;              /* of those, the ones never called: the flight
+                                            leader this request waited on left them
+                                            (on_flight_answer), "leader-failed" in the log */
     unsigned attempts;                   /* attempts made, first included */
     unsigned fallbacks;                  /* attempts after the first */
     int candidate;                       /* current candidate index, -1 none */

@@ -1086,6 +1086,7 @@ static void on_flight_answer(void *arg, const char *value, size_t len, const voi
     }
     if (leader != NULL && leader->route == req->route)
         failed = leader->tried & ~(UINT64_C(1) << leader->candidate);
+    req->leader_failed |= failed & ~req->tried; /* not called by this request */
     req->tried |= failed;
     if (failed & (UINT64_C(1) << req->candidate)) {
         router__spend_release(c); /* held for the failed backend: choose again */
@@ -1451,7 +1452,7 @@ static void key_refused(struct router__client *c, int status, uint64_t now)
     if (log_every_due(&req->pool->auth_log, now, note))
         log_warn("request %s: backend %s answered %d to the router's key: check its api_key%s",
                  req->id_str, req->pool->conf->name, status, note);
-    backend_attempt_failure(req->pool->backend, now);
+    backend_attempt_failure(req->pool->backend, now, &req->ticket);
     router__upstream_abort(req->up);
     req->up = NULL;
     retry_elsewhere(c, error_upstream_auth);
@@ -1609,7 +1610,7 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
             log_info("request %s: backend %s answered %d, trying the next candidate%s",
                      req->id_str, b->name, status, note);
         if (status_failure(status))
-            backend_attempt_failure(req->pool->backend, now);
+            backend_attempt_failure(req->pool->backend, now, &req->ticket);
         router__upstream_abort(req->up);
         req->up = NULL;
         retry_elsewhere(c, error_upstream_io);
@@ -1623,7 +1624,7 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
      * refusal says nothing of how fast it serves; nor does a 4xx, a
      * success without one: note_success). */
     if (status_failure(status)) {
-        backend_attempt_failure(req->pool->backend, now);
+        backend_attempt_failure(req->pool->backend, now, &req->ticket);
     } else if (status != 429) {
         /* An answer that its backend breaks before its end is a failure
          * (router__proxy_on_error): its head alone is no success, or a
@@ -1892,16 +1893,19 @@ static int on_sse_event(void *arg, const char *p, size_t len)
             counted = !(dlen == 6 && memcmp(data, "[DONE]", 6) == 0);
         }
         if (counted) {
-            if (req->ttft_due) {
-                uint64_t now = router__now(c->router);
+            uint64_t now = router__now(c->router);
 
-                req->ttft_due = 0;
-                req->ttft_ms = now - req->start_ms;
+            /* The backend's first token came, sent on or not: its time is
+             * the backend's, a sample even when the budget cuts it. */
+            if (req->ttft_due)
                 backend_ttft_sample(req->pool->backend, now, BACKEND_STREAM,
                                     now - req->attempt_start_ms);
-            }
             if (overrun_cut(c))
-                return -1; /* before this event went: not charged */
+                return -1; /* before this event went: not charged, nor the client's TTFT */
+            if (req->ttft_due) { /* the client's first token (has_ttft in account.c) */
+                req->ttft_due = 0;
+                req->ttft_ms = now - req->start_ms;
+            }
             req->events++;
         }
     }
@@ -2379,7 +2383,7 @@ void router__proxy_on_error(struct router__client *c, const char *errstr)
         if (req->success_due &&
             (errstr == error_upstream_io || errstr == error_upstream_read_timeout)) {
             req->success_due = 0;
-            backend_attempt_failure(req->pool->backend, now);
+            backend_attempt_failure(req->pool->backend, now, &req->ticket);
         }
         fail_midstream(c, errstr,
                        errstr == error_upstream_read_timeout
@@ -2393,7 +2397,7 @@ void router__proxy_on_error(struct router__client *c, const char *errstr)
         router__send_error(c, errstr, NULL);
         return;
     }
-    backend_attempt_failure(req->pool->backend, now);
+    backend_attempt_failure(req->pool->backend, now, &req->ticket);
     note_abandoned(c);
     if (log_every_due(&req->pool->fail_log, now, note))
         log_info("request %s: backend %s failed: %s%s", req->id_str, req->pool->conf->name, errstr,

@@ -707,14 +707,14 @@ Test(cost, health_api_still_works_with_accounting, .timeout = 5)
     b = fx_backend(&f, FX_GPU);
     backend_attempt_start(b, 1000, BACKEND_PLAIN);
     cr_assert_eq(backend_inflight(b), 1);
-    backend_attempt_failure(b, 1000);
+    backend_attempt_failure(b, 1000, NULL);
     backend_attempt_end(b);
     cr_assert_eq(backend_inflight(b), 0);
     backend_attempt_start(b, 1100, BACKEND_PLAIN);
-    backend_attempt_failure(b, 1100);
+    backend_attempt_failure(b, 1100, NULL);
     backend_attempt_end(b);
     backend_attempt_start(b, 1200, BACKEND_PLAIN);
-    backend_attempt_failure(b, 1200);
+    backend_attempt_failure(b, 1200, NULL);
     backend_attempt_end(b);
     cr_assert_str_eq(backend_circuit_name(b, 1300), "open");
     cr_assert_not(backend_available(b, 1300));
@@ -784,6 +784,37 @@ Test(cost, a_stale_ttft_average_is_re_measured_by_one_request_at_a_time, .timeou
     f.backends[FX_MINI].ttft_stale_ms = 0; /* never re-checked */
     cr_assert_not(backend_latency_probe_due(b, 1000000, BACKEND_PLAIN));
     cr_assert_float_eq(backend_predicted_ttft_ms(b, 1000000, BACKEND_PLAIN), 70, 1e-9);
+    fx_fini(&f);
+}
+
+/* A failure ends the failed attempt's own latency probe and no other:
+ * not the other kind's (each kind is measured apart), nor the probe of
+ * its kind that another attempt has out (a failed request sent by the
+ * old prediction made a second probe due while the first was out). */
+Test(cost, a_failure_ends_only_its_own_latency_probe, .timeout = 5)
+{
+    struct fx f;
+    struct backend *b;
+    struct backend_ticket plain, stream, other;
+
+    fx_init(&f);
+    b = fx_backend(&f, FX_MINI);
+    backend_attempt_begin(b, 0, BACKEND_STREAM, &stream);
+    backend_attempt_begin(b, 0, BACKEND_PLAIN, &plain);
+    backend_attempt_begin(b, 0, BACKEND_PLAIN, &other);
+    cr_assert(stream.ttft_probe != 0 && plain.ttft_probe != 0 && other.ttft_probe == 0);
+    backend_attempt_failure(b, 10, &other);
+    (void)backend_attempt_finish(b, 10, &other, NULL);
+    cr_assert_not(backend_latency_probe_due(b, 10, BACKEND_PLAIN), "the plain probe is out");
+    backend_attempt_failure(b, 20, &plain);
+    cr_assert(backend_latency_probe_due(b, 20, BACKEND_PLAIN), "the failed probe is over");
+    cr_assert_not(backend_latency_probe_due(b, 20, BACKEND_STREAM), "the stream probe is out");
+    cr_assert(backend_ttft_unknown(b, BACKEND_STREAM));
+    (void)backend_attempt_finish(b, 20, &plain, NULL);
+    cr_assert_not(backend_latency_probe_due(b, 20, BACKEND_STREAM));
+    backend_ttft_sample(b, 30, BACKEND_STREAM, 30);
+    (void)backend_attempt_finish(b, 40, &stream, NULL);
+    cr_assert_float_eq(backend_ttft_ewma_ms(b, BACKEND_STREAM), 30, 1e-9);
     fx_fini(&f);
 }
 

@@ -215,7 +215,7 @@ static void setup(struct fx *f, unsigned flags)
         b = fx_backend(f, FX_GPU);
         for (int i = 0; i < 3; i++) {
             backend_attempt_start(b, 10, BACKEND_PLAIN);
-            backend_attempt_failure(b, 10);
+            backend_attempt_failure(b, 10, NULL);
             backend_attempt_end(b);
         }
     }
@@ -394,6 +394,7 @@ Test(cost_select, reason_and_verdict_names, .timeout = 5)
     cr_assert_str_eq(policy_reason_name(POLICY_REASON_DOWNGRADED_SOFT), "downgraded-soft-limit");
     cr_assert_str_eq(policy_reason_name(POLICY_REASON_FALLBACK), "fallback");
     cr_assert_str_eq(policy_verdict_name(POLICY_VERDICT_SLO), "slo");
+    cr_assert_str_eq(policy_verdict_name(POLICY_VERDICT_UNMEASURED), "unmeasured");
     cr_assert_str_eq(policy_verdict_name(POLICY_VERDICT_TRIED), "tried");
     cr_assert_str_eq(policy_verdict_name(POLICY_VERDICT_RATE_LIMITED), "rate-limited");
 }
@@ -458,7 +459,7 @@ Test(cost_select, a_backend_never_measured_waits_for_its_probe, .timeout = 5)
     cr_assert(backend_ttft_unknown(gpu, BACKEND_PLAIN));
     ch = policy_cost_aware.choose(&req, v);
     cr_assert_eq(ch.candidate, FX_MINI, "measured within the SLO while the probe is out");
-    cr_assert_eq(v[FX_GPU].kind, POLICY_VERDICT_SLO);
+    cr_assert_eq(v[FX_GPU].kind, POLICY_VERDICT_UNMEASURED, "not slo: 0 ms is no prediction");
     req.limits.max_ttft_ms = 0;
     ch = policy_cost_aware.choose(&req, v);
     cr_assert_eq(ch.candidate, FX_GPU, "without an SLO, the prediction does not count");

@@ -2642,6 +2642,125 @@ Test(costs, a_burst_does_not_all_go_to_a_backend_never_measured)
 #define PLAIN_CHAT "{\"model\":\"chat\"," MSG "}"
 #define STREAM_CHAT "{\"model\":\"chat\",\"stream\":true," MSG "}"
 
+static const cJSON *report_chat_route(void);
+
+/* The record of request `id` in the cost log (the routers stopped;
+ * caller frees), or a failed test. */
+static cJSON *record_of(const char *id)
+{
+    FILE *f = fopen(log_path, "r");
+    char line[16384];
+    cJSON *rec = NULL;
+
+    cr_assert_not_null(f);
+    while (rec == NULL && fgets(line, sizeof(line), f) != NULL) {
+        const char *its;
+
+        rec = cJSON_Parse(line);
+        its = cJSON_GetStringValue(cJSON_GetObjectItem(rec, "request_id"));
+        if (its == NULL || strcmp(its, id) != 0) {
+            cJSON_Delete(rec);
+            rec = NULL;
+        }
+    }
+    fclose(f);
+    cr_assert_not_null(rec, "no record of request %s", id);
+    return rec;
+}
+
+/* The verdict logged for candidate `i` of `rec`, NULL when none (chosen). */
+static const char *verdict_of(const cJSON *rec, int i)
+{
+    const cJSON *c = cJSON_GetArrayItem(cJSON_GetObjectItem(rec, "candidates"), i);
+
+    return cJSON_GetStringValue(cJSON_GetObjectItem(c, "rejected"));
+}
+
+/* "cheap" never measured, "dear" measured (plain and stream) by the warm
+ * tenant; the tenant's SLO: 300 ms. */
+static void start_cheap_unmeasured(void)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend("cheap", mock_a.port, 1, 1, 1);
+    add_backend("dear", mock_b.port, 2, 100, 100);
+    start_routers(1, "cheap, dear", warm_tenant("max_ttft_ms: 300"));
+    cr_assert_eq(key_chat(KEY_WARM, PLAIN_CHAT), 200);
+    cr_assert_eq(key_chat(KEY_WARM, STREAM_CHAT), 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "dear");
+}
+
+/* The field `name` of the route's first backend (cheap) in the admin API. */
+static const cJSON *first_backend_admin(const char *name)
+{
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/backends", ADMIN, NULL), 0);
+    return cJSON_GetObjectItem(cJSON_GetArrayItem(body_json(), 0), name);
+}
+
+/* A backend has a latency probe for each kind of answer. cheap's stream
+ * probe is out (its first token 3 s away) when its plain probe fails (a
+ * 500): that failure ended both probes, and the next SLO stream went to
+ * cheap as a second stream probe, on a prediction of 0 ms nobody had
+ * measured. A failure ends only the failed attempt's own probe. */
+Test(costs, a_failed_plain_probe_leaves_the_stream_probe_out)
+{
+    struct support_http_conn probe = {.fd = -1};
+    struct buf probe_req = {0};
+
+    start_cheap_unmeasured();
+    send_unanswered(&probe, &probe_req, AUTH "x-mock-ttft-ms: 3000\r\n", STREAM_CHAT);
+    usleep(200 * 1000); /* the stream probe is out on cheap */
+    cr_assert(cJSON_IsFalse(first_backend_admin("stream_ttft_probe_due")));
+    cr_assert_eq(chat(0, "x-mock-status: 500\r\n", PLAIN_CHAT), 0); /* the plain probe fails */
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 2,
+                 "the plain probe did not go to cheap");
+    cr_assert(cJSON_IsTrue(first_backend_admin("ttft_probe_due")),
+              "the failed plain probe is over");
+    cr_assert(cJSON_IsFalse(first_backend_admin("stream_ttft_probe_due")),
+              "the stream probe is still out: %.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(chat(0, NULL, STREAM_CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "dear",
+                     "a second stream probe on cheap");
+    support_http_close(&probe);
+    buf_free(&probe_req);
+}
+
+/* While cheap's first latency probe is out, SLO traffic passes it over:
+ * its prediction, 0 ms, is a guess. The cost log said "slo", which reads
+ * as a predicted TTFT above the SLO, while the admin API showed 0 ms
+ * below it. It says "unmeasured", and `costrouter report` reads it. */
+Test(costs, a_backend_being_measured_is_logged_unmeasured)
+{
+    struct support_http_conn probe = {.fd = -1};
+    struct support_http_response probe_resp = {0};
+    struct buf probe_req = {0};
+    char id[64];
+    cJSON *rec;
+
+    start_cheap_unmeasured();
+    send_unanswered(&probe, &probe_req, AUTH "x-mock-ttft-ms: 1000\r\n", PLAIN_CHAT);
+    usleep(200 * 1000); /* the plain probe is out on cheap */
+    cr_assert_eq(chat(0, NULL, PLAIN_CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "dear");
+    snprintf(id, sizeof(id), "%s", support_http_header(&resp, "x-request-id"));
+    cr_assert_eq(support_http_read(&probe, &probe_resp, TIMEOUT_MS), 0);
+    cr_assert_str_eq(support_http_header(&probe_resp, "x-costrouter-backend"), "cheap");
+    support_proc_stop(&routers[0]);
+    rec = record_of(id);
+    cr_assert_str_eq(verdict_of(rec, 0), "unmeasured");
+    cr_assert_null(verdict_of(rec, 1));
+    cJSON_Delete(rec);
+    report_chat_route();
+    cr_assert_eq(cJSON_GetObjectItem(json, "lines")->valuedouble, 4);
+    cr_assert_eq(cJSON_GetObjectItem(json, "bad_lines")->valuedouble, 0);
+    support_http_close(&probe);
+    support_http_response_free(&probe_resp);
+    buf_free(&probe_req);
+}
+
 /* "cheap" sends a stream's first token at once and a plain answer whole
  * when its 8th token is made, 1050 ms later (as servers do); "dear" is
  * fast and dear. The tenant's SLO: 300 ms. The first stream measures
@@ -2844,6 +2963,47 @@ Test(costs, on_overrun_cut_ends_a_stream_when_its_keys_budget_is_gone)
     cr_assert_float_eq(cJSON_GetObjectItem(ci, "day_usd")->valuedouble,
                        cJSON_GetObjectItem(json, "day_usd")->valuedouble, 1e-9);
     cr_assert(cJSON_GetObjectItem(ci, "day_usd")->valuedouble <= 3, "over the key's budget");
+}
+
+/* A stream cut by on_overrun at its first token: at $0.01 a token, each
+ * way, eight answers of no token have the next hold the prompt alone
+ * ($0.09), and $0.095 is left, less than its first token would bring it
+ * to. The client got no token (the event that would pass the budget is
+ * neither sent nor charged): no ttft_ms in the cost log, no
+ * costrouter_ttft_seconds sample. It was logged with the cut token's
+ * time. The backend did send that token, its real time to it: that stays
+ * its latency sample. */
+#define TTFT_SAMPLES_A "costrouter_ttft_seconds_count{backend=\"a\"}"
+
+Test(costs, a_stream_cut_at_its_first_token_has_no_ttft)
+{
+    double cost, samples;
+    cJSON *rec;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_counted("a", mock_a.port, 1, 10000, 10000, "cl100k_base");
+    start_routers(1, "a", "    budget: {daily_usd: 0.815, on_exhausted: reject, on_overrun: cut}\n");
+    for (int i = 0; i < 8; i++) { /* $0.09 each */
+        cr_assert_eq(chat(0, "x-mock-tokens: 0\r\n", "{\"model\":\"chat\",\"max_tokens\":1," MSG "}"),
+                     0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    }
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    samples = metric_value(TTFT_SAMPLES_A);
+    cr_assert_eq(tokens_before_the_cut_cost("x-mock-ttft-ms: 100\r\n", &cost), 0,
+                 "cut at its first token");
+    cr_assert_float_eq(cost, 0.09, 1e-9, "its prompt alone");
+    cr_assert_geq(first_backend_admin("stream_ttft_ewma_ms")->valuedouble, 100,
+                  "the backend's first token is its sample");
+    cr_assert(cJSON_IsFalse(first_backend_admin("stream_ttft_probe_due")));
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_eq(metric_value(TTFT_SAMPLES_A), samples,
+                 "a TTFT sample of a stream whose client got no token");
+    rec = record_last(&routers[0], log_path);
+    cr_assert_str_eq(cJSON_GetObjectItem(rec, "reason")->valuestring, "budget-cut");
+    cr_assert(cJSON_IsNull(cJSON_GetObjectItem(rec, "ttft_ms")), "ttft_ms %g",
+              cJSON_GetObjectItem(rec, "ttft_ms")->valuedouble);
+    cJSON_Delete(rec);
 }
 
 /* The stream's own reservation answer counted another request's hold,
@@ -5130,6 +5290,7 @@ Test(costs, waiters_of_a_failed_leader_skip_the_backend_that_failed_it)
     struct support_http_response lead_resp = {0}, wait_resp[NWAIT];
     struct buf out = {0}, wait_out[NWAIT];
     double t0;
+    cJSON *rec;
 
     memset(wait_resp, 0, sizeof(wait_resp));
     memset(wait_out, 0, sizeof(wait_out));
@@ -5159,6 +5320,19 @@ Test(costs, waiters_of_a_failed_leader_skip_the_backend_that_failed_it)
     cr_assert_lt(took, 1100, "the waiters tried the stalled backend again: %.0f ms", took);
     cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
     cr_assert_eq(cJSON_GetObjectItem(body_json(), "requests")->valuedouble, 1);
+    /* The cost log says what happened to each: the leader failed on a;
+     * the waiters never called it (they said "failed" as the leader). */
+    support_proc_stop(&routers[0]);
+    rec = record_of(support_http_header(&lead_resp, "x-request-id"));
+    cr_assert_str_eq(verdict_of(rec, 0), "failed");
+    cJSON_Delete(rec);
+    for (int i = 0; i < NWAIT; i++) {
+        rec = record_of(support_http_header(&wait_resp[i], "x-request-id"));
+        cr_assert_str_eq(verdict_of(rec, 0), "leader-failed", "waiter %d", i);
+        cr_assert_null(verdict_of(rec, 1));
+        cr_assert_eq(cJSON_GetObjectItem(rec, "fallbacks")->valuedouble, 0);
+        cJSON_Delete(rec);
+    }
     support_http_close(&lead);
     support_http_response_free(&lead_resp);
     buf_free(&out);
