@@ -926,6 +926,24 @@ static int key_list_items(struct buf *out, const char *name, const char *v, size
     return rc;
 }
 
+/* Append " query=LEN:" and the client's query in its normal form
+ * (http_query_normal): queries that differ only in how they escape one
+ * character ask the backend the same and share an entry, while the
+ * backend still gets the query as sent. Written in place, in one pass to
+ * count and one to write. */
+static int key_query(struct buf *out, struct slice query)
+{
+    size_t n = http_query_normal(NULL, query);
+    int rc = buf_printf(out, " query=%zu:", n);
+
+    rc = rc ?: buf_reserve(out, n);
+    if (rc == 0) {
+        http_query_normal(out->data + out->len, query);
+        out->len += n;
+    }
+    return rc;
+}
+
 /* The headers of a /v1/messages request that change its answer, for its
  * cache key: anthropic-beta (interleaved thinking, longer outputs, new
  * tools) and anthropic-version (the answer's shape), each as sent or
@@ -991,7 +1009,7 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
          * none adds nothing, so entries made before queries went on hit */
         struct slice query = router__request_query(req);
         if (rc == 0 && query.len > 0)
-            rc = buf_printf(&route_key, " query=%zu:%.*s", query.len, (int)query.len, query.p);
+            rc = key_query(&route_key, query);
         /* and so is the backend url's own (another api-version may answer
          * otherwise), held beside the model: a fallback to a backend of
          * another query is one to another upstream (send_attempt). The

@@ -367,6 +367,39 @@ Test(proxy, a_bare_question_mark_is_no_query)
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
 }
 
+/* Queries that differ only in escapes RFC 3986 6.2.2 calls equivalent
+ * (an unreserved character escaped or not, an escape's hex in either
+ * case) are one cache entry; the backend still gets each as written.
+ * Other differences still key apart. */
+Test(proxy, equivalent_percent_escapes_in_the_query_are_one_cache_entry)
+{
+    static const char body[] =
+        "{\"model\":\"chat\",\"temperature\":0,\"messages\":[{\"role\":\"user\","
+        "\"content\":\"hello there\"}]}";
+    static const struct {
+        const char *target;
+        const char *backend;
+    } rounds[] = {
+        {"/v1/chat/completions?v=A-1.x_~&p=a%2fb", "a"},
+        {"/v1/chat/completions?v=%41%2D%31%2e%78%5f%7E&p=a%2Fb", "cache"},
+        {"/v1/chat/completions?%76=%41-1.x_~&p=a%2f%62", "cache"},
+        {"/v1/chat/completions?v=A-1.x_~&p=a/b", "a"},     /* %2F is no '/' */
+        {"/v1/chat/completions?v=a-1.x_~&p=a%2fb", "a"},   /* nor 'a' an 'A' */
+    };
+
+    start_one();
+    for (size_t i = 0; i < sizeof(rounds) / sizeof(rounds[0]); i++) {
+        cr_assert_eq(call("POST", rounds[i].target, AUTH, body), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), rounds[i].backend,
+                         "round %zu: %s", i, rounds[i].target);
+    }
+    /* upstream, as the client wrote it */
+    cr_assert_eq(call("POST", "/v1/chat/completions?%76=%41&x=1", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(last_target(mock_a.port), "/v1/chat/completions?%76=%41&x=1");
+}
+
 /* ---- a backend url's own query (Azure OpenAI) ---- */
 
 /* An api backend entry named `name` at `url` (printf'd with `port`),
