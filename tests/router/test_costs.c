@@ -445,6 +445,28 @@ Test(costs, a_budget_under_half_a_micro_dollar_is_not_unlimited)
                      "budget_exhausted");
 }
 
+/* The admin API shows a budget as the router enforces it, in micro-USD
+ * like the spend beside it: one under half a micro-dollar as the least
+ * budget there is (1 micro-dollar, see the test above), one with digits
+ * past the micro-dollar rounded to it. */
+Test(costs, the_admin_api_shows_budgets_to_the_micro_dollar)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    start_routers(1, "a", "    budget: {daily_usd: 0.0000004, monthly_usd: 2.0000017}\n");
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cJSON *j = body_json();
+    cr_assert_eq(cJSON_GetObjectItem(j, "day_budget_usd")->valuedouble, 1e-6, "%.*s",
+                 (int)resp.body.len, resp.body.data);
+    cr_assert_eq(cJSON_GetObjectItem(j, "month_budget_usd")->valuedouble, 2.000002, "%.*s",
+                 (int)resp.body.len, resp.body.data);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants", ADMIN, NULL), 0);
+    j = cJSON_GetArrayItem(body_json(), 0);
+    cr_assert_eq(cJSON_GetObjectItem(j, "day_budget_usd")->valuedouble, 1e-6);
+    cr_assert_eq(cJSON_GetObjectItem(j, "month_budget_usd")->valuedouble, 2.000002);
+}
+
 #define KEY_CI "sk-cost-ci"
 #define KEY_WEB "sk-cost-web"
 
