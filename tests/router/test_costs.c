@@ -1175,6 +1175,22 @@ Test(costs, inflight_gauge_counts_requests_until_answered)
     buf_free(&slow_req);
 }
 
+/* The remaining-budget gauges count from the budget as enforced, as the
+ * admin API shows it (see the_admin_api_shows_budgets_to_the_micro_dollar). */
+Test(costs, the_budget_gauges_count_from_the_budget_to_the_micro_dollar)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    start_routers(1, "a", "    budget: {daily_usd: 0.0000004, monthly_usd: 2.0000017}\n");
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_eq(
+        metric_value("costrouter_budget_remaining_usd{tenant=\"acme\",period=\"day\"}"), 1e-6,
+        "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(
+        metric_value("costrouter_budget_remaining_usd{tenant=\"acme\",period=\"month\"}"),
+        2.000002, "%.*s", (int)resp.body.len, resp.body.data);
+}
+
 /* The spend gauges count every settled request, the last one too. */
 Test(costs, spend_gauges_count_the_last_request)
 {
