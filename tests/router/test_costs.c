@@ -338,6 +338,37 @@ Test(costs, settled_cost_is_usage_times_price_in_header_and_log)
     cJSON_Delete(rec);
 }
 
+/* A backend that sets its own input price (a negotiated discount) over a
+ * price entry pays its cached tokens at the entry's cached-to-input
+ * ratio of that price: half off the input is half off the cached tokens,
+ * not the entry's list price for them. */
+Test(costs, an_own_input_price_scales_the_entrys_cached_price)
+{
+    top_extra = "prices:\n  listed: {input_usd_per_mtok: 400, output_usd_per_mtok: 800,\n"
+                "           cached_input_usd_per_mtok: 100}\n";
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_with("a", mock_a.port, 1, 200, 800, NULL, ", price: listed");
+    start_routers(1, "a", NULL);
+    /* mockllm reports cached tokens in a Responses answer (not chat's) */
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/responses",
+                           AUTH "x-mock-tokens: 10\r\nx-mock-cached-tokens: 5\r\n",
+                           "{\"model\":\"chat\",\"store\":false,\"input\":\"hello there, "
+                           "how are you doing today\"}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    double cost = header_usd("x-costrouter-cost-usd");
+    cJSON *usage = cJSON_GetObjectItem(body_json(), "usage");
+    double prompt = cJSON_GetObjectItem(usage, "input_tokens")->valuedouble;
+    double cached =
+        cJSON_GetObjectItem(cJSON_GetObjectItem(usage, "input_tokens_details"), "cached_tokens")
+            ->valuedouble;
+    cr_assert_eq(cached, 5, "%.*s", (int)resp.body.len, resp.body.data);
+    /* fresh at $200, cached at $50 (not the entry's $100), output at $800 */
+    double want = ((prompt - 5) * 200 + 5 * 50 + 10 * 800) / 1e6;
+    cr_assert_float_eq(cost, want, 1e-9, "cost %.6f want %.6f (%g prompt tokens)", cost, want,
+                       prompt);
+}
+
 Test(costs, streamed_cost_arrives_as_sse_comment_and_trailer)
 {
     struct support_sse s = {0};
