@@ -413,8 +413,11 @@ static struct slice request_path(const struct router__request *req)
 struct slice router__request_query(const struct router__request *req)
 {
     struct slice path = request_path(req);
-    struct slice q = {req->url.data + path.len, req->url.len - path.len};
+    struct slice q;
 
+    if (path.len == req->url.len)
+        return (struct slice){NULL, 0};
+    q = (struct slice){req->url.data + path.len, req->url.len - path.len};
     q.len = span_to(q, '#', '#');
     /* A bare '?' is an empty query: no query, upstream and in the cache
      * key alike (`/v1/chat/completions?` is `/v1/chat/completions`). */
