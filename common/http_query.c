@@ -109,13 +109,65 @@ static int names(const char *own, struct slice name)
     return 0;
 }
 
+/* Is c one of RFC 3986's unreserved characters (2.3)? */
+static int unreserved(unsigned char c)
+{
+    return (c >= '0' && c <= '9') || ((c | 32) >= 'a' && (c | 32) <= 'z') || c == '-' ||
+           c == '.' || c == '_' || c == '~';
+}
+
+/* Does http_query_merge send c escaped (append_encoded)? */
+static int escaped_upstream(unsigned char c)
+{
+    return c <= 0x20 || c >= 0x7f;
+}
+
+static const char hex_upper[] = "0123456789ABCDEF";
+
+/* Write byte c at out + n (out NULL: nowhere), as "%XX" when `escape`;
+ * the new length. */
+static size_t put(char *out, size_t n, unsigned char c, int escape)
+{
+    if (out && escape) {
+        out[n] = '%';
+        out[n + 1] = hex_upper[c >> 4];
+        out[n + 2] = hex_upper[c & 15];
+    } else if (out) {
+        out[n] = (char)c;
+    }
+    return n + (escape ? 3 : 1);
+}
+
+size_t http_query_normal(char *out, struct slice q)
+{
+    size_t n = 0;
+    int hi, lo;
+
+    for (size_t i = 0; i < q.len; i++) {
+        unsigned char c = (unsigned char)q.p[i];
+
+        if (c == '%' && q.len - i >= 3 && (hi = hexval(q.p[i + 1])) >= 0 &&
+            (lo = hexval(q.p[i + 2])) >= 0) {
+            c = (unsigned char)(hi << 4 | lo);
+            i += 2;
+            n = put(out, n, c, !unreserved(c));
+        } else if (c == '%') {
+            /* one that starts no escape: "%%", which no escape writes, so
+             * "%%41" and "%A" (both sent as they are) key apart */
+            n = put(out, put(out, n, '%', 0), '%', 0);
+        } else {
+            n = put(out, n, c, escaped_upstream(c));
+        }
+    }
+    return n;
+}
+
 /* Append the client's bytes p[0..len): as sent, but for the bytes llhttp
  * lets into a request target that RFC 9112 3.2 does not (a TAB, a form
  * feed, raw UTF-8), percent-encoded as a browser sends them: a backend's
  * parser (h11, Go's) refuses them, or splits the line at the TAB. */
 static int append_encoded(struct buf *out, const char *p, size_t len)
 {
-    static const char hex[] = "0123456789ABCDEF";
     const char *end = p + len, *run = p;
     int rc = 0;
 
@@ -124,9 +176,9 @@ static int append_encoded(struct buf *out, const char *p, size_t len)
     for (; p < end && rc == 0; p++) {
         unsigned char ch = (unsigned char)*p;
 
-        if (ch > 0x20 && ch < 0x7f)
+        if (!escaped_upstream(ch))
             continue;
-        char enc[3] = {'%', hex[ch >> 4], hex[ch & 15]};
+        char enc[3] = {'%', hex_upper[ch >> 4], hex_upper[ch & 15]};
 
         rc = buf_append(out, run, (size_t)(p - run)) ?: buf_append(out, enc, 3);
         run = p + 1;

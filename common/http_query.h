@@ -53,4 +53,14 @@ const char *http_query_check(const char *q);
  * percent-encoded. Returns 0 or -ENOMEM. */
 int http_query_merge(struct buf *out, const char *own, struct slice client);
 
+/* Write the client's query `q` (its '?' included, as sent) to `out` in
+ * the normal form of RFC 3986 6.2.2, for a cache key: an escape of an
+ * unreserved character (ALPHA, DIGIT, '-', '.', '_', '~') decoded, the
+ * hex of every other escape in capitals, the bytes http_query_merge
+ * escapes escaped as it does, a '%' that starts no escape as "%%"; all
+ * else as it is. So two queries a backend must read alike (`%41`, `A`;
+ * `%2f`, `%2F`) are written alike, and no others. With `out` NULL only
+ * count. Returns the length written, at most 3 x q.len. */
+size_t http_query_normal(char *out, struct slice q);
+
 #endif

@@ -103,6 +103,24 @@ static const struct {
     {CONF__B_PRIORITY, "priority", CONF_BACKEND_API, 0},
 };
 
+/* A rate a backend leaves to its price entry (cached input, cache
+ * writes), beside its input rate `input` (its own when `own_input`):
+ * the entry's `*entry` (NULL: no entry) while the input is the entry's
+ * too; with an input of its own, the entry's rate in the same ratio to
+ * it as to the entry's input (`entry_input`), so a discount the backend
+ * states carries to its cached tokens and a lower list rate is not paid
+ * above it; with no entry, or an entry whose input is free (no ratio),
+ * `factor` x its input, the default without an entry. */
+static double derived_rate(const double *entry, double entry_input, double input, int own_input,
+                           double factor)
+{
+    if (entry != NULL && !own_input)
+        return *entry;
+    if (entry != NULL && entry_input > 0)
+        return *entry / entry_input * input;
+    return factor * input;
+}
+
 /* An api backend's long-prompt tier, key by key like its other prices:
  * its own, else its entry's (complete whenever the entry has a tier, see
  * complete_long_context). A size with no rate to bill at, its own or its
@@ -121,6 +139,8 @@ static void resolve_long_context(struct conf__ctx *ctx, size_t i, const struct c
     } rates[] = {{CONF__B_LONG_INPUT_USD, "input_usd_per_mtok"},
                  {CONF__B_LONG_OUTPUT_USD, "output_usd_per_mtok"}};
     char path[96];
+    double in;
+    int own;
 
     if (b->kind != CONF_BACKEND_API || (!HAS(m, CONF__B_LONG_CONTEXT) && pl == NULL))
         return;
@@ -130,14 +150,19 @@ static void resolve_long_context(struct conf__ctx *ctx, size_t i, const struct c
         l->input_usd_per_mtok = pl->input_usd_per_mtok;
     if (pl && !HAS(m, CONF__B_LONG_OUTPUT_USD))
         l->output_usd_per_mtok = pl->output_usd_per_mtok;
+    own = HAS(m, CONF__B_LONG_INPUT_USD);
+    in = pl ? pl->input_usd_per_mtok : 0;
     if (!HAS(m, CONF__B_LONG_CACHED_INPUT_USD))
-        l->cached_input_usd_per_mtok = pl ? pl->cached_input_usd_per_mtok : l->input_usd_per_mtok;
+        l->cached_input_usd_per_mtok = derived_rate(pl ? &pl->cached_input_usd_per_mtok : NULL, in,
+                                                    l->input_usd_per_mtok, own, 1);
     if (!HAS(m, CONF__B_LONG_CACHE_WRITE_USD))
-        l->cache_write_usd_per_mtok = pl ? pl->cache_write_usd_per_mtok
-                                         : CONF_CACHE_WRITE_FACTOR * l->input_usd_per_mtok;
+        l->cache_write_usd_per_mtok = derived_rate(pl ? &pl->cache_write_usd_per_mtok : NULL, in,
+                                                   l->input_usd_per_mtok, own,
+                                                   CONF_CACHE_WRITE_FACTOR);
     if (!HAS(m, CONF__B_LONG_CACHE_WRITE_1H_USD))
-        l->cache_write_1h_usd_per_mtok = pl ? pl->cache_write_1h_usd_per_mtok
-                                            : CONF_CACHE_WRITE_1H_FACTOR * l->input_usd_per_mtok;
+        l->cache_write_1h_usd_per_mtok =
+            derived_rate(pl ? &pl->cache_write_1h_usd_per_mtok : NULL, in, l->input_usd_per_mtok,
+                         own, CONF_CACHE_WRITE_1H_FACTOR);
     if (HAS(m, CONF__B_LONG_ABOVE) && l->above_prompt_tokens == 0)
         return; /* the entry's tier turned off */
     if (l->above_prompt_tokens == 0) {
@@ -177,8 +202,10 @@ static void resolve_tiers(struct conf__ctx *ctx, size_t i, const struct conf_pri
         if (pr && !HAS(m, key + CONF__TIER_OUTPUT))
             r->output_usd_per_mtok = pr->output_usd_per_mtok;
         if (!HAS(m, key + CONF__TIER_CACHED))
-            r->cached_input_usd_per_mtok = pr ? pr->cached_input_usd_per_mtok
-                                              : r->input_usd_per_mtok;
+            r->cached_input_usd_per_mtok =
+                derived_rate(pr ? &pr->cached_input_usd_per_mtok : NULL,
+                             pr ? pr->input_usd_per_mtok : 0, r->input_usd_per_mtok,
+                             HAS(m, key + CONF__TIER_INPUT), 1);
         for (int k = CONF__TIER_INPUT; pr == NULL && k <= CONF__TIER_OUTPUT; k++) {
             if (HAS(m, key + k))
                 continue;
@@ -194,8 +221,9 @@ static void resolve_tiers(struct conf__ctx *ctx, size_t i, const struct conf_pri
 
 /* An api backend's price entry: the one `price:` names, else the one
  * named like its `model`, if any. Each price the backend does not give
- * itself comes from the entry; cached input falls back to the input
- * price. */
+ * itself comes from the entry, its cached input and cache write rates
+ * scaled to an input rate of its own (derived_rate); without an entry,
+ * cached input falls back to the input price. */
 static void resolve_price(struct conf__ctx *ctx, size_t i)
 {
     struct conf_backend *b = &ctx->conf->backends[i];
@@ -203,6 +231,8 @@ static void resolve_price(struct conf__ctx *ctx, size_t i)
     const char *name = b->price_name ? b->price_name : b->model;
     const struct conf_price *p = name ? conf_find_price(ctx->conf, name) : NULL;
     char path[96], q[CONF__QUOTE_SIZE];
+    double in;
+    int own;
 
     if (b->kind == CONF_BACKEND_API && b->price_name && p == NULL) {
         snprintf(path, sizeof(path), "backends[%zu].price", i);
@@ -217,14 +247,19 @@ static void resolve_price(struct conf__ctx *ctx, size_t i)
         b->input_usd_per_mtok = p->input_usd_per_mtok;
     if (p && !HAS(m, CONF__B_OUTPUT_USD))
         b->output_usd_per_mtok = p->output_usd_per_mtok;
+    own = HAS(m, CONF__B_INPUT_USD);
+    in = p ? p->input_usd_per_mtok : 0;
     if (!HAS(m, CONF__B_CACHED_INPUT_USD))
-        b->cached_input_usd_per_mtok = p ? p->cached_input_usd_per_mtok : b->input_usd_per_mtok;
+        b->cached_input_usd_per_mtok = derived_rate(p ? &p->cached_input_usd_per_mtok : NULL, in,
+                                                    b->input_usd_per_mtok, own, 1);
     if (!HAS(m, CONF__B_CACHE_WRITE_USD))
-        b->cache_write_usd_per_mtok =
-            p ? p->cache_write_usd_per_mtok : CONF_CACHE_WRITE_FACTOR * b->input_usd_per_mtok;
+        b->cache_write_usd_per_mtok = derived_rate(p ? &p->cache_write_usd_per_mtok : NULL, in,
+                                                   b->input_usd_per_mtok, own,
+                                                   CONF_CACHE_WRITE_FACTOR);
     if (!HAS(m, CONF__B_CACHE_WRITE_1H_USD))
-        b->cache_write_1h_usd_per_mtok =
-            p ? p->cache_write_1h_usd_per_mtok : CONF_CACHE_WRITE_1H_FACTOR * b->input_usd_per_mtok;
+        b->cache_write_1h_usd_per_mtok = derived_rate(p ? &p->cache_write_1h_usd_per_mtok : NULL,
+                                                      in, b->input_usd_per_mtok, own,
+                                                      CONF_CACHE_WRITE_1H_FACTOR);
     if (!HAS(m, CONF__B_WEB_SEARCH_USD))
         b->web_search_usd_per_1k = p ? p->web_search_usd_per_1k : 0;
     if (!HAS(m, CONF__B_FILE_SEARCH_USD))

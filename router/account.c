@@ -253,7 +253,8 @@ void router__forget_gauges(struct router *r)
 }
 
 /* One subject's spend and remaining gauges, day and month (`day` and
- * `month`: its labels). */
+ * `month`: its labels), remaining from the budget as enforced
+ * (router__budget_micro), in micro-USD as the spend is. */
 static void spend_gauges(struct router *r, enum metrics_id spent, enum metrics_id remaining,
                          struct router__spend *s, double daily_usd, double monthly_usd,
                          const char **day, const char **month)
@@ -262,9 +263,11 @@ static void spend_gauges(struct router *r, enum metrics_id spent, enum metrics_i
     metrics_set(r->metrics, spent, day, (double)s->day_spent / 1e6);
     metrics_set(r->metrics, spent, month, (double)s->month_spent / 1e6);
     if (daily_usd > 0)
-        metrics_set(r->metrics, remaining, day, daily_usd - (double)s->day_spent / 1e6);
+        metrics_set(r->metrics, remaining, day,
+                    (double)(router__budget_micro(daily_usd) - s->day_spent) / 1e6);
     if (monthly_usd > 0)
-        metrics_set(r->metrics, remaining, month, monthly_usd - (double)s->month_spent / 1e6);
+        metrics_set(r->metrics, remaining, month,
+                    (double)(router__budget_micro(monthly_usd) - s->month_spent) / 1e6);
 }
 
 /* Open connections to each backend, of every generation: those of the

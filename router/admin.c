@@ -86,13 +86,16 @@ static void send_json(struct router__client *c, int status, cJSON *j)
     free(body);
 }
 
-/* The numbers of one subject, as both a tenant and a key show them. */
+/* The numbers of one subject, as both a tenant and a key show them. Its
+ * budgets as enforced (router__budget_micro: to the micro-dollar, one
+ * under half of it as 1), in micro-USD like the spend beside them. */
 static void add_spend(cJSON *o, double daily_usd, double monthly_usd, const struct cache_spend *s)
 {
     cJSON_AddNumberToObject(o, "day_usd", (double)s->day_spent / 1e6);
     cJSON_AddNumberToObject(o, "month_usd", (double)s->month_spent / 1e6);
-    cJSON_AddNumberToObject(o, "day_budget_usd", daily_usd);
-    cJSON_AddNumberToObject(o, "month_budget_usd", monthly_usd);
+    cJSON_AddNumberToObject(o, "day_budget_usd", (double)router__budget_micro(daily_usd) / 1e6);
+    cJSON_AddNumberToObject(o, "month_budget_usd",
+                            (double)router__budget_micro(monthly_usd) / 1e6);
     cJSON_AddNumberToObject(o, "reserved_usd", (double)s->reserved / 1e6);
     cJSON_AddBoolToObject(o, "degraded", s->degraded);
 }

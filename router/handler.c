@@ -397,24 +397,40 @@ void router__request_reset(struct router__request *req)
     req->id_str[0] = '\0';
 }
 
-/* Path without the query string. */
+/* How many bytes of s come before its first `a` or `b` (all: none). */
+static size_t span_to(struct slice s, char a, char b)
+{
+    size_t i = 0;
+
+    while (i < s.len && s.p[i] != a && s.p[i] != b)
+        i++;
+    return i;
+}
+
+/* Path without the query string (nor a fragment, which router__handle
+ * refuses: a refusal still goes by the path, for its shape). */
 static struct slice request_path(const struct router__request *req)
 {
     struct slice s = {req->url.data, req->url.len};
-    const char *q = s.p ? memchr(s.p, '?', s.len) : NULL;
 
-    if (q)
-        s.len = (size_t)(q - s.p);
+    s.len = span_to(s, '?', '#');
     return s;
 }
 
 struct slice router__request_query(const struct router__request *req)
 {
     struct slice path = request_path(req);
+    struct slice q;
 
     if (path.len == req->url.len)
         return (struct slice){NULL, 0};
-    return (struct slice){req->url.data + path.len, req->url.len - path.len};
+    q = (struct slice){req->url.data + path.len, req->url.len - path.len};
+    q.len = span_to(q, '#', '#');
+    /* A bare '?' is an empty query: no query, upstream and in the cache
+     * key alike (`/v1/chat/completions?` is `/v1/chat/completions`). */
+    if (q.len <= 1)
+        return (struct slice){NULL, 0};
+    return q;
 }
 
 /* GET /v1/models/{id}: one model, as both APIs serve it. */
@@ -1051,6 +1067,14 @@ void router__handle(struct router__client *c)
 
     request_number(c);
     req->start_ms = router__now(c->router);
+    if (req->url.len > 0 && memchr(req->url.data, '#', req->url.len) != NULL) {
+        /* A fragment is the client's own, never sent (RFC 9112 3.2: a
+         * request target has none; llhttp lets it in). Passed on, it
+         * would reach the backend as part of the query; Envoy refuses it
+         * too. Refused as any malformed request, in the path's shape. */
+        router__refuse(c, error_bad_request, "the request target has a fragment ('#')");
+        return;
+    }
     if (llhttp_get_method(&c->parser) == HTTP_OPTIONS && router__cors_preflight(c))
         return;
     req->endpoint = endpoint_find(request_path(req), llhttp_get_method(&c->parser), &errstr);

@@ -510,7 +510,8 @@ const char *router__bearer(const struct router__client *c, size_t *len);
 const char *router__request_header(const struct router__request *req, const char *name,
                                    size_t *len);
 /* The request target's query with its '?' ("?beta=true"), as the client
- * sent it, or an empty slice when it has none: passed on to the backend
+ * sent it, or an empty slice when it has none or only the '?' (an empty
+ * query is none, RFC 3986 6.2.3): passed on to the backend
  * and part of the cache key; endpoints are found by the path alone. */
 struct slice router__request_query(const struct router__request *req);
 /* Whether the request carries the admin key (admin.c). */

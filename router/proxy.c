@@ -905,8 +905,10 @@ static const char *header_from(const struct router__request *req, const char *p,
                                const char *name, size_t *len);
 
 /* Append " name=LEN:item" for each item of the comma-separated list
- * v[0..len), blanks around items dropped, empty ones skipped. */
-static int key_list_items(struct buf *out, const char *name, const char *v, size_t len)
+ * v[0..len), blanks around items dropped, empty ones skipped; *items
+ * counts those appended. */
+static int key_list_items(struct buf *out, const char *name, const char *v, size_t len,
+                          size_t *items)
 {
     const char *end = v + len, *comma;
     int rc = 0;
@@ -919,9 +921,29 @@ static int key_list_items(struct buf *out, const char *name, const char *v, size
             b++;
         while (e > b && (e[-1] == ' ' || e[-1] == '\t'))
             e--;
-        if (e > b)
+        if (e > b) {
             rc = buf_printf(out, " %s=%zu:%.*s", name, (size_t)(e - b), (int)(e - b), b);
+            ++*items;
+        }
         v = comma ? comma + 1 : end;
+    }
+    return rc;
+}
+
+/* Append " query=LEN:" and the client's query in its normal form
+ * (http_query_normal): queries that differ only in how they escape one
+ * character ask the backend the same and share an entry, while the
+ * backend still gets the query as sent. Written in place, in one pass to
+ * count and one to write. */
+static int key_query(struct buf *out, struct slice query)
+{
+    size_t n = http_query_normal(NULL, query);
+    int rc = buf_printf(out, " query=%zu:", n);
+
+    rc = rc ?: buf_reserve(out, n);
+    if (rc == 0) {
+        http_query_normal(out->data + out->len, query);
+        out->len += n;
     }
     return rc;
 }
@@ -931,22 +953,26 @@ static int key_list_items(struct buf *out, const char *name, const char *v, size
  * tools) and anthropic-version (the answer's shape), each as sent or
  * absent (the version: the one the router then sends). Every header of
  * the name counts, item by item: betas come as one comma-separated
- * header or as several, and all of them go upstream. */
+ * header or as several, and all of them go upstream. Betas that name
+ * none (an empty header, only commas and blanks) ask for none: the key
+ * of no header. */
 static int anthropic_key_headers(const struct router__request *req, struct buf *out)
 {
     static const char *const names[] = {"anthropic-beta", "anthropic-version"};
     const char *v;
-    size_t len = 0;
+    size_t len = 0, items;
     int rc = 0;
 
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]) && rc == 0; i++) {
         v = header_from(req, NULL, names[i], &len);
-        if (v == NULL)
-            rc = i == 1 ? key_list_items(out, names[i], ROUTER_ANTHROPIC_VERSION,
-                                         strlen(ROUTER_ANTHROPIC_VERSION))
-                        : buf_printf(out, " %s=-", names[i]);
+        items = 0;
+        if (v == NULL && i == 1)
+            rc = key_list_items(out, names[i], ROUTER_ANTHROPIC_VERSION,
+                                strlen(ROUTER_ANTHROPIC_VERSION), &items);
         for (; v != NULL && rc == 0; v = header_from(req, v + len, names[i], &len))
-            rc = key_list_items(out, names[i], v, len);
+            rc = key_list_items(out, names[i], v, len, &items);
+        if (rc == 0 && i == 0 && items == 0)
+            rc = buf_printf(out, " %s=-", names[i]);
     }
     return rc;
 }
@@ -991,7 +1017,7 @@ static void choose_and_reserve(struct router__client *c, const char *last_error)
          * none adds nothing, so entries made before queries went on hit */
         struct slice query = router__request_query(req);
         if (rc == 0 && query.len > 0)
-            rc = buf_printf(&route_key, " query=%zu:%.*s", query.len, (int)query.len, query.p);
+            rc = key_query(&route_key, query);
         /* and so is the backend url's own (another api-version may answer
          * otherwise), held beside the model: a fallback to a backend of
          * another query is one to another upstream (send_attempt). The

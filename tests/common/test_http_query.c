@@ -112,3 +112,34 @@ Test(http_query, the_check_refuses_what_cannot_go_as_written, .timeout = 5)
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
         cr_expect_not_null(http_query_check(bad[i]), "%s passed", bad[i]);
 }
+
+/* The cache key's normal form of a client's query (RFC 3986 6.2.2): the
+ * escapes of unreserved characters decoded, other escapes' hex in
+ * capitals, bytes sent escaped written escaped, a stray '%' as "%%"; the
+ * count (out NULL) is what is written. */
+Test(http_query, the_normal_form_decodes_unreserved_escapes_only, .timeout = 5)
+{
+    static const struct {
+        const char *q, *want;
+    } cases[] = {
+        {"?v=A-1.x_~&p=a%2Fb", "?v=A-1.x_~&p=a%2Fb"},
+        {"?%76=%41%2D%31%2e%78%5f%7E&p=a%2fb", "?v=A-1.x_~&p=a%2Fb"},
+        {"?a=%20+%3d%26%25", "?a=%20+%3D%26%25"},
+        {"?q=caf\xc3\xa9&t=a\tb", "?q=caf%C3%A9&t=a%09b"},
+        {"?q=caf%c3%a9&t=a%09b", "?q=caf%C3%A9&t=a%09b"},
+        {"?a=%%41&b=%A&c=%4g&d=%", "?a=%%A&b=%%A&c=%%4g&d=%%"},
+    };
+    char out[128];
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct slice q = slice_from(cases[i].q);
+        size_t n = http_query_normal(NULL, q);
+
+        cr_assert_leq(n, 3 * q.len);
+        cr_assert_lt(n, sizeof(out));
+        cr_expect_eq(http_query_normal(out, q), n);
+        cr_expect_eq(n, strlen(cases[i].want), "%s: got %.*s", cases[i].q, (int)n, out);
+        cr_expect_eq(memcmp(out, cases[i].want, strlen(cases[i].want)), 0,
+                     "%s: got %.*s want %s", cases[i].q, (int)n, out, cases[i].want);
+    }
+}

@@ -713,6 +713,47 @@ Test(conf, example_loads_with_its_env, .timeout = 10)
     conf_free(c);
 }
 
+/* A backend that sets its own input price but not its cached or cache
+ * write prices pays them at its entry's ratio to the input price: a
+ * discount it states carries to its cached tokens, and cached tokens never
+ * cost more than fresh ones because the entry's list price was higher.
+ * So for a long-prompt tier's and a service tier's input; an entry whose
+ * input is free gives no ratio (as with no entry: the input price). */
+Test(conf, a_backends_own_input_price_scales_its_entrys_cached_prices, .timeout = 10)
+{
+    struct conf *c = load_ok(DATA "price_override.yaml");
+    const struct conf_backend *b;
+
+    b = conf_find_backend(c, "entry");
+    cr_expect_float_eq(b->cached_input_usd_per_mtok, 1, 1e-12, "the entry's");
+    b = conf_find_backend(c, "own-input");
+    cr_expect_float_eq(b->input_usd_per_mtok, 2, 1e-12);
+    cr_expect_float_eq(b->output_usd_per_mtok, 8, 1e-12, "the entry's");
+    cr_expect_float_eq(b->cached_input_usd_per_mtok, 0.5, 1e-12, "1/4 of its input");
+    cr_expect_float_eq(b->cache_write_usd_per_mtok, 3, 1e-12, "1.5 x its input");
+    cr_expect_float_eq(b->cache_write_1h_usd_per_mtok, 5, 1e-12, "2.5 x its input");
+    cr_expect_float_eq(b->long_context.input_usd_per_mtok, 8, 1e-12, "the entry's tier");
+    cr_expect_float_eq(b->long_context.cached_input_usd_per_mtok, 2, 1e-12);
+    cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].cached_input_usd_per_mtok, 0.5, 1e-12);
+    b = conf_find_backend(c, "own-both");
+    cr_expect_float_eq(b->cached_input_usd_per_mtok, 1.5, 1e-12, "its own");
+    cr_expect_float_eq(b->cache_write_usd_per_mtok, 2, 1e-12, "its own");
+    cr_expect_float_eq(b->cache_write_1h_usd_per_mtok, 5, 1e-12, "2.5 x its input");
+    b = conf_find_backend(c, "own-long");
+    cr_expect_float_eq(b->cached_input_usd_per_mtok, 1, 1e-12, "the entry's");
+    cr_expect_float_eq(b->long_context.input_usd_per_mtok, 4, 1e-12);
+    cr_expect_float_eq(b->long_context.output_usd_per_mtok, 16, 1e-12);
+    cr_expect_float_eq(b->long_context.cached_input_usd_per_mtok, 1, 1e-12, "1/4 of its input");
+    b = conf_find_backend(c, "own-flex");
+    cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].input_usd_per_mtok, 1, 1e-12);
+    cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].output_usd_per_mtok, 4, 1e-12);
+    cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].cached_input_usd_per_mtok, 0.25, 1e-12);
+    b = conf_find_backend(c, "own-zero");
+    cr_expect_float_eq(b->cached_input_usd_per_mtok, 2, 1e-12, "no ratio: the input price");
+    cr_expect_float_eq(b->cache_write_usd_per_mtok, 2.5, 1e-12, "no ratio: 1.25 x");
+    conf_free(c);
+}
+
 /* Everything full_ok.yaml sets, read back. */
 Test(conf, prices_keys_experiments_store_cache, .timeout = 10)
 {

@@ -338,6 +338,37 @@ Test(costs, settled_cost_is_usage_times_price_in_header_and_log)
     cJSON_Delete(rec);
 }
 
+/* A backend that sets its own input price (a negotiated discount) over a
+ * price entry pays its cached tokens at the entry's cached-to-input
+ * ratio of that price: half off the input is half off the cached tokens,
+ * not the entry's list price for them. */
+Test(costs, an_own_input_price_scales_the_entrys_cached_price)
+{
+    top_extra = "prices:\n  listed: {input_usd_per_mtok: 400, output_usd_per_mtok: 800,\n"
+                "           cached_input_usd_per_mtok: 100}\n";
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_with("a", mock_a.port, 1, 200, 800, NULL, ", price: listed");
+    start_routers(1, "a", NULL);
+    /* mockllm reports cached tokens in a Responses answer (not chat's) */
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/responses",
+                           AUTH "x-mock-tokens: 10\r\nx-mock-cached-tokens: 5\r\n",
+                           "{\"model\":\"chat\",\"store\":false,\"input\":\"hello there, "
+                           "how are you doing today\"}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    double cost = header_usd("x-costrouter-cost-usd");
+    cJSON *usage = cJSON_GetObjectItem(body_json(), "usage");
+    double prompt = cJSON_GetObjectItem(usage, "input_tokens")->valuedouble;
+    double cached =
+        cJSON_GetObjectItem(cJSON_GetObjectItem(usage, "input_tokens_details"), "cached_tokens")
+            ->valuedouble;
+    cr_assert_eq(cached, 5, "%.*s", (int)resp.body.len, resp.body.data);
+    /* fresh at $200, cached at $50 (not the entry's $100), output at $800 */
+    double want = ((prompt - 5) * 200 + 5 * 50 + 10 * 800) / 1e6;
+    cr_assert_float_eq(cost, want, 1e-9, "cost %.6f want %.6f (%g prompt tokens)", cost, want,
+                       prompt);
+}
+
 Test(costs, streamed_cost_arrives_as_sse_comment_and_trailer)
 {
     struct support_sse s = {0};
@@ -443,6 +474,28 @@ Test(costs, a_budget_under_half_a_micro_dollar_is_not_unlimited)
     cr_assert_str_eq(cJSON_GetStringValue(cJSON_GetObjectItem(
                          cJSON_GetObjectItem(body_json(), "error"), "code")),
                      "budget_exhausted");
+}
+
+/* The admin API shows a budget as the router enforces it, in micro-USD
+ * like the spend beside it: one under half a micro-dollar as the least
+ * budget there is (1 micro-dollar, see the test above), one with digits
+ * past the micro-dollar rounded to it. */
+Test(costs, the_admin_api_shows_budgets_to_the_micro_dollar)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    start_routers(1, "a", "    budget: {daily_usd: 0.0000004, monthly_usd: 2.0000017}\n");
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cJSON *j = body_json();
+    cr_assert_eq(cJSON_GetObjectItem(j, "day_budget_usd")->valuedouble, 1e-6, "%.*s",
+                 (int)resp.body.len, resp.body.data);
+    cr_assert_eq(cJSON_GetObjectItem(j, "month_budget_usd")->valuedouble, 2.000002, "%.*s",
+                 (int)resp.body.len, resp.body.data);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants", ADMIN, NULL), 0);
+    j = cJSON_GetArrayItem(body_json(), 0);
+    cr_assert_eq(cJSON_GetObjectItem(j, "day_budget_usd")->valuedouble, 1e-6);
+    cr_assert_eq(cJSON_GetObjectItem(j, "month_budget_usd")->valuedouble, 2.000002);
 }
 
 #define KEY_CI "sk-cost-ci"
@@ -1151,6 +1204,22 @@ Test(costs, inflight_gauge_counts_requests_until_answered)
     support_http_close(&slow);
     support_http_response_free(&slow_resp);
     buf_free(&slow_req);
+}
+
+/* The remaining-budget gauges count from the budget as enforced, as the
+ * admin API shows it (see the_admin_api_shows_budgets_to_the_micro_dollar). */
+Test(costs, the_budget_gauges_count_from_the_budget_to_the_micro_dollar)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    start_routers(1, "a", "    budget: {daily_usd: 0.0000004, monthly_usd: 2.0000017}\n");
+    cr_assert_eq(call_port(routers[0].port, "GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_eq(
+        metric_value("costrouter_budget_remaining_usd{tenant=\"acme\",period=\"day\"}"), 1e-6,
+        "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(
+        metric_value("costrouter_budget_remaining_usd{tenant=\"acme\",period=\"month\"}"),
+        2.000002, "%.*s", (int)resp.body.len, resp.body.data);
 }
 
 /* The spend gauges count every settled request, the last one too. */

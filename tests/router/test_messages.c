@@ -825,6 +825,29 @@ Test(messages, the_response_cache_keys_every_anthropic_beta)
     cr_assert_eq(requests_of(&mock), 3);
 }
 
+/* An anthropic-beta that names no beta (empty, or only commas and
+ * blanks) asks for none: the same entry as no header at all. */
+Test(messages, an_empty_anthropic_beta_is_the_entry_of_none)
+{
+    static const char body[] = "{\"model\":\"claude\",\"max_tokens\":5,\"temperature\":0," MSGS "}";
+    static const char *const headers[] = {
+        "anthropic-beta:\r\n",
+        "anthropic-beta: , ,\r\n",
+        "anthropic-beta: ,\r\nanthropic-beta:\r\n",
+    };
+
+    start("");
+    cr_assert_eq(messages(NULL, body), 0);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    for (size_t i = 0; i < sizeof(headers) / sizeof(headers[0]); i++) {
+        cr_assert_eq(messages(headers[i], body), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache", "%s",
+                         headers[i]);
+    }
+    cr_assert_eq(requests_of(&mock), 1);
+}
+
 /* Anthropic's MCP connector gives the model the tools of remote servers
  * (`mcp_servers`, beside `tools`): its answers depend on what they return
  * when called, so, as requests with tools, they are not cached unless

@@ -165,6 +165,7 @@ static int call(const char *method, const char *path, const char *headers, const
 }
 
 static double metric_value(const char *name);
+static const char *last_target(int port);
 
 static cJSON *body_json(void)
 {
@@ -316,6 +317,87 @@ Test(proxy, the_response_cache_keys_the_query_string)
             cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"),
                              round ? "cache" : "a", "%s, round %d", paths[i], round);
         }
+}
+
+/* A request target never holds a fragment (RFC 9112 3.2: no client sends
+ * one): a '#' is refused with 400 before anything goes upstream, whether
+ * it follows the path or the query, on a proxied path or another; a
+ * /v1/messages client gets it in Anthropic's shape. */
+Test(proxy, a_request_target_with_a_fragment_is_refused)
+{
+    static const char *const targets[] = {
+        "/v1/chat/completions#frag",
+        "/v1/chat/completions?api-version=2024-10-21#frag",
+        "/v1/chat/completions?#",
+        "/healthz#x",
+    };
+
+    start_one();
+    for (size_t i = 0; i < sizeof(targets) / sizeof(targets[0]); i++) {
+        cr_assert_eq(call("POST", targets[i], AUTH, CHAT), 0);
+        assert_error(400, "bad_request");
+        cr_assert_str_eq(json_str(json, "error.type"), "invalid_request_error", "%s", targets[i]);
+    }
+    cr_assert_eq(call("POST", "/v1/messages?beta=true#frag", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 400);
+    cr_assert_str_eq(json_str(body_json(), "type"), "error");
+    cr_assert_str_eq(json_str(json, "error.type"), "invalid_request_error");
+    cr_assert_eq(call_port(mock_a.port, "GET", "/mock/stats", NULL, NULL), 0);
+    cr_assert_eq(json_num(body_json(), "requests"), 0, "%.*s", (int)resp.body.len,
+                 resp.body.data);
+}
+
+/* A bare '?' is an empty query (RFC 3986 6.2.3 calls the two forms
+ * equivalent only by scheme; for what the backend and the cache see they
+ * are one): the backend gets the path alone, and the request is the same
+ * cache entry as one without it. */
+Test(proxy, a_bare_question_mark_is_no_query)
+{
+    static const char body[] =
+        "{\"model\":\"chat\",\"temperature\":0,\"messages\":[{\"role\":\"user\","
+        "\"content\":\"hello there\"}]}";
+
+    start_one();
+    cr_assert_eq(call("POST", "/v1/chat/completions?", AUTH, body), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    cr_assert_str_eq(last_target(mock_a.port), "/v1/chat/completions");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
+}
+
+/* Queries that differ only in escapes RFC 3986 6.2.2 calls equivalent
+ * (an unreserved character escaped or not, an escape's hex in either
+ * case) are one cache entry; the backend still gets each as written.
+ * Other differences still key apart. */
+Test(proxy, equivalent_percent_escapes_in_the_query_are_one_cache_entry)
+{
+    static const char body[] =
+        "{\"model\":\"chat\",\"temperature\":0,\"messages\":[{\"role\":\"user\","
+        "\"content\":\"hello there\"}]}";
+    static const struct {
+        const char *target;
+        const char *backend;
+    } rounds[] = {
+        {"/v1/chat/completions?v=A-1.x_~&p=a%2fb", "a"},
+        {"/v1/chat/completions?v=%41%2D%31%2e%78%5f%7E&p=a%2Fb", "cache"},
+        {"/v1/chat/completions?%76=%41-1.x_~&p=a%2f%62", "cache"},
+        {"/v1/chat/completions?v=A-1.x_~&p=a/b", "a"},     /* %2F is no '/' */
+        {"/v1/chat/completions?v=a-1.x_~&p=a%2fb", "a"},   /* nor 'a' an 'A' */
+    };
+
+    start_one();
+    for (size_t i = 0; i < sizeof(rounds) / sizeof(rounds[0]); i++) {
+        cr_assert_eq(call("POST", rounds[i].target, AUTH, body), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), rounds[i].backend,
+                         "round %zu: %s", i, rounds[i].target);
+    }
+    /* upstream, as the client wrote it */
+    cr_assert_eq(call("POST", "/v1/chat/completions?%76=%41&x=1", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(last_target(mock_a.port), "/v1/chat/completions?%76=%41&x=1");
 }
 
 /* ---- a backend url's own query (Azure OpenAI) ---- */
