@@ -3810,6 +3810,108 @@ Test(costs, a_reload_that_changes_a_pools_price_pays_the_replica_once)
                   a.idle_gain, a.charged, least);
 }
 
+/* A metric's value, 0 when the series is not there (yet) or `name` is
+ * NULL. */
+static double metric_or_0(const char *name)
+{
+    double v = name != NULL ? metric_value(name) : -1;
+
+    return v < 0 ? 0 : v;
+}
+
+/* The pool section of a config: a pool named `name` at `port` (add_pool),
+ * or an API backend "a" there in its place when `name` is NULL. */
+static void write_pool_conf(const char *name, int port)
+{
+    buf_reset(&yaml);
+    if (name != NULL)
+        add_pool(name, port, "");
+    else
+        add_backend("a", port, 1, 100, 300);
+    write_conf(name != NULL ? name : "a", NULL);
+}
+
+/* The pool "gpu" (one replica at $36/h, add_pool) serves a request for
+ * 1 s; 200 ms into it, the config is reloaded to each of `after` in turn
+ * (a pool of that name at the same url, or none for NULL). Scraped before
+ * the request and after its answer: `a` has the idle gain of the series of
+ * "gpu" and of `other` (the pool's new name, or NULL), and what the
+ * request was charged. */
+static void pool_request_across_reloads(const char *const *after, size_t n, const char *other,
+                                        struct across *a)
+{
+    static const char idle[] = "costrouter_gpu_pool_idle_cost_usd_total{backend=\"%s\"}";
+    static const char cost[] =
+        "costrouter_cost_usd_total{tenant=\"acme\",backend=\"gpu\",route=\"chat\"}";
+    struct support_http_conn slow = {.fd = -1};
+    struct support_http_response slow_resp = {0};
+    struct buf slow_req = {0};
+    char idle_gpu[128], idle_other[128];
+    double before;
+
+    snprintf(idle_gpu, sizeof(idle_gpu), idle, "gpu");
+    if (other != NULL)
+        snprintf(idle_other, sizeof(idle_other), idle, other);
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_pool("gpu", mock_a.port, "");
+    start_routers(1, "gpu", NULL);
+    before = timed_metric(idle_gpu, &a->sent0, &a->answered0);
+    cr_assert_geq(before, 0, "%.*s", (int)resp.body.len, resp.body.data);
+    before += metric_or_0(other != NULL ? idle_other : NULL);
+    send_unanswered(&slow, &slow_req, AUTH "x-mock-ttft-ms: 1000\r\n", "{\"model\":\"chat\"," MSG "}");
+    usleep(200 * 1000);
+    a->reload_sent = support_mono_ms();
+    for (size_t i = 0; i < n; i++) {
+        write_pool_conf(after[i], mock_a.port);
+        reload_router();
+    }
+    a->reload_answered = support_mono_ms();
+    cr_assert_eq(support_http_read(&slow, &slow_resp, TIMEOUT_MS), 0);
+    cr_assert_eq(slow_resp.status, 200, "%.*s", (int)slow_resp.body.len, slow_resp.body.data);
+    a->idle_gain = timed_metric(idle_gpu, &a->sent1, &a->answered1);
+    a->idle_gain += metric_or_0(other != NULL ? idle_other : NULL) - before;
+    a->charged = metric_value(cost);
+    support_http_close(&slow);
+    support_http_response_free(&slow_resp);
+    buf_free(&slow_req);
+}
+
+/* attributed + idle of pool_request_across_reloads is the pool's cost
+ * over the router's clock between the scrapes, the replica paid once. */
+static void assert_paid_once(const struct across *a)
+{
+    double most_ms = a->answered1 - a->sent0 + LOOP_CLOCK_LAG_MS;
+
+    cr_assert_gt(a->charged, 900 * 10e-6, "the request ran about 1 s: %f USD", a->charged);
+    cr_assert_leq(a->idle_gain + a->charged, most_ms * 10e-6,
+                  "idle %f + charged %f USD, for %.1f ms at most (%f USD)", a->idle_gain,
+                  a->charged, most_ms, most_ms * 10e-6);
+}
+
+/* A pool removed by a reload and added again by the next one, while a
+ * request of the first config still runs on it: the config that added it
+ * again started an accounting of its own, which booked the replica idle
+ * while that request ran on it and was charged for it. */
+Test(costs, a_pool_removed_and_added_again_pays_the_replica_once)
+{
+    static const char *const after[] = {NULL, "gpu"};
+    struct across a;
+
+    pool_request_across_reloads(after, 2, NULL, &a);
+    assert_paid_once(&a);
+}
+
+/* A pool renamed by a reload (same url, the same hardware: see README),
+ * while a request of the old config runs on it. */
+Test(costs, a_pool_renamed_at_the_same_url_pays_the_replica_once)
+{
+    static const char *const after[] = {"gpu2"};
+    struct across a;
+
+    pool_request_across_reloads(after, 1, "gpu2", &a);
+    assert_paid_once(&a);
+}
+
 /* A pool that works 300 ms and then refuses (the error goes to the
  * client) is not charged for it, as an API would not be; that time is
  * the pool's idle cost, so the pool's cost is still what its one served
