@@ -3245,6 +3245,57 @@ Test(costs, an_answer_over_8_mib_is_charged_its_usage)
     cJSON_Delete(rec);
 }
 
+static double day_spend(void);
+
+/* An answer too big to hold, to an HTTP/1.0 client: it has neither
+ * chunks nor trailers, so the answer goes out unframed, ended by the
+ * close, and carries its cost nowhere the client sees (README, step 7).
+ * The charge is what matters, and it is the same as for an HTTP/1.1
+ * client: the usage at the answer's end, in the tenant's spend and the
+ * cost log (status 200, not a client that left). */
+Test(costs, an_answer_over_8_mib_to_an_http10_client_is_charged_its_usage)
+{
+    static const char body[] = "{\"model\":\"chat\"," MSG "}";
+    struct support_http_conn c;
+    struct timeval tv = {.tv_sec = TIMEOUT_MS / 1000};
+    struct buf out = {0};
+    char chunk[65536];
+    const char *head_end;
+    ssize_t n;
+    size_t len;
+    char *answer = big_answer("", "," BIG_USAGE, 0, &len);
+    cJSON *rec;
+
+    start_big(answer, len);
+    buf_reset(&req);
+    cr_assert_eq(buf_printf(&req,
+                            "POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\n" AUTH
+                            "Content-Length: %zu\r\n\r\n%s",
+                            sizeof(body) - 1, body),
+                 0);
+    cr_assert_eq(support_http_connect(&c, routers[0].port), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    cr_assert_eq(setsockopt(c.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)), 0);
+    while ((n = recv(c.fd, chunk, sizeof(chunk), 0)) > 0)
+        cr_assert_eq(buf_append(&out, chunk, (size_t)n), 0);
+    cr_assert_eq(n, 0, "the router did not close the connection: %s", strerror(errno));
+    support_http_close(&c);
+    head_end = memmem(out.data, out.len, "\r\n\r\n", 4);
+    cr_assert_not_null(head_end);
+    cr_assert_eq(strncmp(out.data, "HTTP/1.1 200 ", 13), 0, "%.64s", out.data);
+    cr_assert_null(memmem(out.data, (size_t)(head_end - out.data), "chunked", 7), "%.*s",
+                   (int)(head_end - out.data), out.data);
+    cr_assert_gt(out.len - (size_t)(head_end + 4 - out.data), 9u << 20);
+    cr_assert_eq(memcmp(out.data + out.len - 3, "}}}", 3), 0, "the body ends whole");
+    cr_assert_float_eq(day_spend(), BIG_USD, 1e-9, "the tenant's spend");
+    buf_free(&out);
+    support_proc_stop(&routers[0]);
+    rec = record_last(NULL, log_path);
+    assert_big_usage_billed(rec);
+    cr_assert_eq(cJSON_GetObjectItem(rec, "status")->valuedouble, 200);
+    cJSON_Delete(rec);
+}
+
 /* Only the root object's own usage is the bill: a "usage" in a choice's
  * message, in another object, and written inside a string, all before
  * it and all smaller, are passed over. */
