@@ -34,40 +34,110 @@
 /* Weight of a new sample in the moving averages (TTFT, duration). */
 #define BACKEND_TTFT_ALPHA 0.2
 
-struct backend_set {
-    size_t count;             /* number of backends */
-    struct backend items[];   /* one per conf.backends entry, same order */
+/* Every live config's backend set, newest first, one list that each set
+ * shares with the one it was made after: a pool that a config removed
+ * and the next one has again (or one renamed) is found there while a
+ * config that had it still runs requests on it, even when the config
+ * just before does not have it. Walked at a reload, never per request. */
+struct backend_sets {
+    unsigned refs;            /* sets on it */
+    struct backend_set *head; /* the newest */
 };
 
-/* Is `b` of `prev` the same pool as `c` will be: a self-hosted backend of
- * the same name? Its replicas or price may change: the clock's sums price
- * each stretch of time as it passed. */
-static int same_pool(const struct backend *b, const struct conf_backend *c)
-{
-    const struct conf_backend *o = b->conf;
-
-    return c->kind == CONF_BACKEND_SELF_HOSTED && o->kind == CONF_BACKEND_SELF_HOSTED &&
-           strcmp(o->name, c->name) == 0;
-}
-
-/* The clock of `c`'s backend: the one its pool had in `prev`, else new. */
-static struct backend_clock *clock_for(struct backend_set *prev, const struct conf_backend *c)
-{
-    struct backend_clock *k;
-
-    for (size_t i = 0; prev != NULL && i < prev->count; i++)
-        if (same_pool(&prev->items[i], c)) {
-            prev->items[i].clock->refs++;
-            return prev->items[i].clock;
-        }
-    if ((k = calloc(1, sizeof(*k))) != NULL)
-        k->refs = 1;
-    return k;
-}
+struct backend_set {
+    struct backend_sets *live; /* every live set (shared) */
+    struct backend_set *older; /* the next one on that list */
+    size_t count;              /* number of backends */
+    struct backend items[];    /* one per conf.backends entry, same order */
+};
 
 static int same_text(const char *a, const char *b)
 {
     return a == b || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
+/* Does `conf` have a self-hosted pool named `name`, or (`name` NULL)
+ * another than `c` at `c`'s url? A scan: at a reload only. */
+static int has_pool(const struct conf *conf, const char *name, const struct conf_backend *c)
+{
+    for (size_t i = 0; i < conf->nbackends; i++) {
+        const struct conf_backend *o = &conf->backends[i];
+
+        if (o->kind == CONF_BACKEND_SELF_HOSTED &&
+            (name != NULL ? strcmp(o->name, name) == 0 : o != c && same_text(o->url, c->url)))
+            return 1;
+    }
+    return 0;
+}
+
+/* Has a backend of `set` before its n-th got `k`? */
+static int claimed(const struct backend_set *set, size_t n, const struct backend_clock *k)
+{
+    for (size_t i = 0; i < n; i++)
+        if (set->items[i].clock == k)
+            return 1;
+    return 0;
+}
+
+/* Is `o` (of a live set) the pool `c` (the n-th of `set`, of `conf`) by
+ * its name (`by_name`), or by its url, renamed: at `c`'s url, under a
+ * name `conf` no longer has? Not if an earlier backend of `set` has its
+ * clock. The scans last, for the few that match. */
+static int may_be(const struct backend *o, const struct backend_set *set, size_t n,
+                  const struct conf *conf, const struct conf_backend *c, int by_name)
+{
+    if (o->conf->kind != CONF_BACKEND_SELF_HOSTED)
+        return 0;
+    if (by_name ? strcmp(o->conf->name, c->name) != 0
+                : !same_text(o->conf->url, c->url) || has_pool(conf, o->conf->name, NULL))
+        return 0;
+    return !claimed(set, n, o->clock);
+}
+
+/* The clock of a live config's pool that the n-th backend of `set` (of
+ * `conf`), a pool, is: the one of that name, newest config first (its
+ * replicas, price and url may change: the clock's sums price each stretch
+ * of time as it passed), else that of a pool renamed: the one clock at
+ * its url under a name `conf` no longer has, when it is the only pool of
+ * `conf` there. The same url is the same servers, so the same replicas
+ * paid for (README, Signals); with two clocks that could be it, or two
+ * pools of `conf` at that url, which is which would be a guess: none.
+ * NULL: a pool new to the process. */
+static struct backend_clock *pool_clock(const struct backend_set *set, size_t n,
+                                        const struct conf *conf)
+{
+    const struct conf_backend *c = &conf->backends[n];
+    struct backend_clock *renamed = NULL;
+
+    for (const struct backend_set *s = set->live->head; s != NULL; s = s->older)
+        for (size_t i = 0; s != set && i < s->count; i++)
+            if (may_be(&s->items[i], set, n, conf, c, 1))
+                return s->items[i].clock;
+    if (c->url == NULL || has_pool(conf, NULL, c))
+        return NULL;
+    for (const struct backend_set *s = set->live->head; s != NULL; s = s->older)
+        for (size_t i = 0; s != set && i < s->count; i++)
+            if (may_be(&s->items[i], set, n, conf, c, 0)) {
+                if (renamed != NULL && renamed != s->items[i].clock)
+                    return NULL;
+                renamed = s->items[i].clock;
+            }
+    return renamed;
+}
+
+/* The clock of the n-th backend of `set` (of `conf`): a pool's of a live
+ * config (pool_clock), else new. NULL when out of memory. */
+static struct backend_clock *clock_for(const struct backend_set *set, size_t n,
+                                       const struct conf *conf)
+{
+    struct backend_clock *k = NULL;
+
+    if (conf->backends[n].kind == CONF_BACKEND_SELF_HOSTED)
+        k = pool_clock(set, n, conf);
+    if (k == NULL && (k = calloc(1, sizeof(*k))) == NULL)
+        return NULL;
+    k->refs++;
+    return k;
 }
 
 /* What `b` of the config before measured of its upstream's latency, when
@@ -102,10 +172,18 @@ struct backend_set *backend_set_create_after(const struct conf *conf, struct bac
 
     if (set == NULL)
         return NULL;
+    set->live = prev != NULL ? prev->live : calloc(1, sizeof(*set->live));
+    if (set->live == NULL) {
+        free(set);
+        return NULL;
+    }
+    set->live->refs++;
+    set->older = set->live->head;
+    set->live->head = set;
     set->count = conf->nbackends;
     for (size_t i = 0; i < conf->nbackends; i++) {
         set->items[i].conf = &conf->backends[i];
-        if ((set->items[i].clock = clock_for(prev, &conf->backends[i])) == NULL) {
+        if ((set->items[i].clock = clock_for(set, i, conf)) == NULL) {
             backend_set_destroy(set);
             return NULL;
         }
@@ -123,6 +201,8 @@ struct backend_set *backend_set_create(const struct conf *conf)
 
 void backend_set_destroy(struct backend_set *set)
 {
+    struct backend_set **pp;
+
     if (set == NULL)
         return;
     for (size_t i = 0; i < set->count; i++) {
@@ -135,6 +215,12 @@ void backend_set_destroy(struct backend_set *set)
         if (--k->refs == 0)
             free(k);
     }
+    for (pp = &set->live->head; *pp != NULL && *pp != set; pp = &(*pp)->older)
+        ;
+    if (*pp != NULL)
+        *pp = set->older;
+    if (--set->live->refs == 0)
+        free(set->live);
     free(set);
 }
 

@@ -59,12 +59,13 @@ struct backend_set *backend_set_create(const struct conf *conf);
 /* The same for a reloaded config. A backend that `prev` (the config
  * before, still serving its requests) has with the same name, url and
  * model keeps what was measured of its latency (not its circuit, nor a
- * 429's cooldown). A self-hosted pool that `prev` has with the same name
- * keeps its accounting clock, shared, so that the replica time of
- * requests in flight across the reload is neither idle for the new config
- * nor counted twice, and the pool's load counts them. Its new replicas
- * and price apply from backend_set_start() on, to every config's
- * requests. */
+ * 429's cooldown). A self-hosted pool that a live set (`prev` or one
+ * before it, not yet destroyed) has keeps its accounting clock, shared,
+ * so that the replica time of requests in flight across the reload is
+ * neither idle for the new config nor counted twice, and the pool's load
+ * counts them: the pool of the same name, or one renamed at the same url
+ * (backend.c, pool_clock). Its new replicas and price apply from
+ * backend_set_start() on, to every config's requests. */
 struct backend_set *backend_set_create_after(const struct conf *conf, struct backend_set *prev);
 /* Do `a` and `b` (of two configs) keep one pool's accounting? */
 int backend_same_clock(const struct backend *a, const struct backend *b);

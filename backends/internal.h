@@ -10,10 +10,11 @@
 #include "backends/backend.h"
 
 /* A self-hosted pool's accounting clock. The pool is a thing of the
- * world, not of a config: a reload that keeps a pool (by its name) shares
- * its clock with the config before, whose requests may still run on it,
- * so the replica time they use is neither idle for the new config nor
- * theirs alone. Its replicas and price are the newest config's from the
+ * world, not of a config: a reload that has a pool a live config has (by
+ * its name, or renamed at the same url: see backend_set_create_after)
+ * shares its clock with the configs before, whose requests may still run
+ * on it, so the replica time they use is neither idle for the new config
+ * nor theirs alone. Its replicas and price are the newest config's from the
  * reload on, for the old config's requests too; the sums in USD price
  * each stretch of time as it passes, so a new price bills from the reload
  * on and not before. */

@@ -351,9 +351,10 @@ struct cache {
     void *closed_arg;                  /* its argument */
     unsigned closing:1;                /* cache_close() closed the store */
     unsigned draining:1;               /* cache_close() waits for commands in flight first */
-    char redis_epoch[40];              /* Redis's PREFIXepoch as the last setup read it
-                                        * (redis.c), or as the journal file kept it from the
-                                        * Redis its entries went to; "" unknown */
+    char redis_epoch[40];              /* Redis's PREFIXepoch as the last setup or write-back
+                                        * retry read it (redis.c), or as the journal file
+                                        * kept it from the Redis its entries went to; ""
+                                        * unknown */
     char *jfile;                       /* owned opts.journal_file, or NULL */
     int jfile_lock;                    /* fd holding the flock on JFILE.lock, -1: none */
     unsigned jfile_held:1;             /* the file holds entries not yet confirmed by Redis */

@@ -337,6 +337,9 @@ struct cache__redis {
     unsigned resolve_counted:1;   /* gai counted in handles_open (closing) */
     uint64_t attempt;             /* connect attempts, to spot stale resolutions */
     uint64_t gai_attempt;         /* attempt the running resolution belongs to */
+    uint64_t marks;               /* PREFIXepoch marks this store offered: the last one's
+                                     number, so that none is offered twice (epoch_offer) */
+    unsigned epoch_out:1;         /* a write-back retry's epoch check is out (retry_cb) */
     int backoff_ms;               /* next reconnect delay */
     int setup_pending;            /* AUTH/SELECT/SCRIPT LOAD replies awaited */
     char sha[NSCRIPTS][41];       /* SHA1 of each script, from SCRIPT LOAD */
@@ -617,7 +620,7 @@ static void epoch_read(struct cache__redis *s, const redisReply *reply)
             n++;
             amount = cache__sat_add(amount, e->real);
         }
-        log_warn("store: Redis %s:%d lost its data (restarted without persistence?): %zu "
+        log_warn("store: Redis %s:%d lost its data (restarted without persistence, flushed?): %zu "
                  "journaled charges (%lld micro-dollars) sent to it before, perhaps applied, "
                  "are written back as charges",
                  s->host, s->port, n, (long long)amount);
@@ -652,11 +655,27 @@ static void setup_cb(redisAsyncContext *ac, void *r, void *priv)
         redis_up(s);
 }
 
+/* Send SET PREFIXepoch MARK NX and GET PREFIXepoch on the connection,
+ * with `cb` and `set_priv`, `get_priv` for their replies. MARK is this
+ * instance's id and a number it never offered before: a mark gone (a
+ * FLUSHALL) and set again by this same store then reads as another one,
+ * not as the mark it had. */
+static void epoch_offer(struct cache__redis *s, redisCallbackFn *cb, void *set_priv,
+                        void *get_priv)
+{
+    char key[CACHE_KEY_PREFIX_MAX + sizeof("epoch")], mark[sizeof(s->c->redis_epoch)];
+    const char *set[] = {"SET", key, mark, "NX"}, *get[] = {"GET", key};
+
+    snprintf(key, sizeof(key), "%sepoch", s->c->prefix);
+    snprintf(mark, sizeof(mark), "%s-%llu", s->c->instance, (unsigned long long)++s->marks);
+    redisAsyncCommandArgv(s->ac, cb, set_priv, 4, set, NULL);
+    redisAsyncCommandArgv(s->ac, cb, get_priv, 2, get, NULL);
+}
+
 static void start_session(struct cache__redis *s, const char *ip)
 {
     redisAsyncContext *ac = redisAsyncConnect(ip, s->port);
-    char db[16], key[CACHE_KEY_PREFIX_MAX + sizeof("epoch")], mark[sizeof(s->c->redis_epoch)];
-    const char *set[] = {"SET", key, mark, "NX"}, *get[] = {"GET", key};
+    char db[16];
 
     if (ac == NULL || ac->err) {
         log_warn("store: cannot connect to Redis %s:%d: %s", s->host, s->port,
@@ -692,10 +711,7 @@ static void start_session(struct cache__redis *s, const char *ip)
         s->setup_pending++;
     }
     /* Last: its reply, before redis_up writes the journal back. */
-    snprintf(key, sizeof(key), "%sepoch", s->c->prefix);
-    snprintf(mark, sizeof(mark), "%s-%llu", s->c->instance, (unsigned long long)s->attempt);
-    redisAsyncCommandArgv(ac, setup_cb, (void *)SETUP_EPOCH_SET, 4, set, NULL);
-    redisAsyncCommandArgv(ac, setup_cb, (void *)SETUP_EPOCH_GET, 2, get, NULL);
+    epoch_offer(s, setup_cb, (void *)SETUP_EPOCH_SET, (void *)SETUP_EPOCH_GET);
     s->setup_pending += 2;
 }
 
@@ -2005,9 +2021,39 @@ static void flush_journal(struct cache__redis *s)
     journal_retry(s);
 }
 
+/* Replies to a write-back retry's epoch check: the GET's (priv
+ * SETUP_EPOCH_GET) reads the mark, then the journal is written back. */
+static void retry_epoch_cb(redisAsyncContext *ac, void *r, void *priv)
+{
+    struct cache__redis *s = ac->data;
+
+    if ((intptr_t)priv != SETUP_EPOCH_GET)
+        return; /* the SET's: an error is a refusal of writes, the GET tells */
+    s->epoch_out = 0;
+    if (r == NULL || ac != s->ac || s->c->closing)
+        return; /* connection gone: redis_up writes the journal back */
+    epoch_read(s, r);
+    flush_journal(s);
+}
+
+/* A write-back retry, on a connection whose setup read PREFIXepoch a
+ * while ago: a FLUSHALL since then, on this live connection, took the
+ * holds with it, and a charge journaled as "only if Redis still holds
+ * its reservation" would be charged nothing. So the mark is read again
+ * first (epoch_read turns such charges into plain ones if it changed):
+ * two commands and one round trip per retry, at most one a second, none
+ * per request. The scripts that requests call cannot read it: it is not
+ * in their tenant's hash slot. */
 static void retry_cb(uv_timer_t *t)
 {
-    flush_journal(t->data);
+    struct cache__redis *s = t->data;
+
+    if (s->state != CACHE_STATE_CONNECTED || s->ac == NULL || s->c->journal.count == 0) {
+        flush_journal(s);
+        return;
+    }
+    s->epoch_out = 1;
+    epoch_offer(s, retry_epoch_cb, (void *)SETUP_EPOCH_SET, (void *)SETUP_EPOCH_GET);
 }
 
 /* Charges journaled while connected (Redis refused them, or answered with
@@ -2023,7 +2069,7 @@ static void journal_retry(struct cache__redis *s)
     if (c->jfile_held && c->journal.count == 0 && s->nflushing == 0 && !c->closing)
         cache__jfile_written_back(c); /* every entry it held is in Redis */
     if (c->journal.count == 0 || c->closing || s->state != CACHE_STATE_CONNECTED ||
-        s->nflushing > 0 || uv_is_active((uv_handle_t *)&s->retry))
+        s->nflushing > 0 || s->epoch_out || uv_is_active((uv_handle_t *)&s->retry))
         return;
     uv_timer_start(&s->retry, retry_cb, (uint64_t)s->retry_ms, 0);
     s->retry_ms = MIN(s->retry_ms * 2, RETRY_MAX_MS);

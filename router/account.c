@@ -225,6 +225,29 @@ void router__account_idle(struct router *r)
     }
 }
 
+/* What the idle cost counter already has of the idle cost of `r`'s
+ * backend `i`: as much as a live generation on the same pool's clock
+ * reported (the clock's idle only grows, so the most). A pool that the
+ * generation just before did not have (removed, then added again while
+ * an older one still runs on it), or had under another name, keeps one
+ * accounting (backend_set_create_after): starting from 0, the counter got
+ * the pool's idle cost since the oldest of them began, again. */
+static double idle_already_reported(const struct router *r, size_t i)
+{
+    const struct backend *b = backend_set_get(r->backends, i);
+    double most = 0;
+
+    for (const struct router *g = r->shared->generations; g != NULL; g = g->next_gen) {
+        if (g == r)
+            continue;
+        for (size_t j = 0; j < g->conf->nbackends; j++)
+            if (g->idle_reported[j] > most &&
+                backend_same_clock(b, backend_set_get(g->backends, j)))
+                most = g->idle_reported[j];
+    }
+    return most;
+}
+
 void router__account_carry(struct router *r, const struct router *old)
 {
     const struct conf *conf = r->conf;
@@ -232,12 +255,10 @@ void router__account_carry(struct router *r, const struct router *old)
     for (size_t i = 0; i < conf->nbackends; i++) {
         const struct conf_backend *was = conf_find_backend(old->conf, conf->backends[i].name);
 
-        if (was == NULL)
-            continue;
-        if (backend_same_clock(backend_set_get(r->backends, i),
-                               backend_set_get(old->backends, was->index)))
-            r->idle_reported[i] = old->idle_reported[was->index];
-        r->pools[i].est_ratio = old->pools[was->index].est_ratio;
+        if (conf->backends[i].kind == CONF_BACKEND_SELF_HOSTED)
+            r->idle_reported[i] = idle_already_reported(r, i);
+        if (was != NULL)
+            r->pools[i].est_ratio = old->pools[was->index].est_ratio;
     }
 }
 

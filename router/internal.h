@@ -641,10 +641,12 @@ void router__forget_gauges(struct router *r);
  * its pools' accrual ends there; the new generation's goes on from it
  * for a pool it keeps, router__account_carry, else from 0). */
 void router__account_idle(struct router *r);
-/* After a reload: a pool whose clock `r` shares with `old` goes on from
- * what `old` reported of its idle cost (router__account_idle(old) first),
- * so that the counter does not get it twice; a backend `r` keeps keeps
- * its last estimate ratio (the gauge is not gone until its next request). */
+/* After a reload: a pool whose clock `r` shares with a live generation
+ * (`old`, or an older one still running requests on it) goes on from what
+ * they reported of its idle cost (router__account_idle(old) first), so
+ * that the counter does not get it twice; a backend `r` keeps (by name)
+ * keeps its last estimate ratio (the gauge is not gone until its next
+ * request). */
 void router__account_carry(struct router *r, const struct router *old);
 
 /* jsonmem.c: cJSON allocates a request's tree from the request's arena */

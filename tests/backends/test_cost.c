@@ -334,6 +334,56 @@ Test(cost, a_reload_that_changes_a_pool_prices_each_stretch_at_its_time, .timeou
     fx_fini(&f);
 }
 
+/* A pool is found among the clocks of every live config, not only the
+ * config just before: one that a config removed and the next one has
+ * again, while the first still runs on it, keeps one clock. So does one
+ * renamed at the same url (the same servers); not one at another url,
+ * nor one of two pools at that url (which one it is would be a guess). */
+Test(cost, a_pool_back_or_renamed_at_its_url_keeps_its_clock, .timeout = 5)
+{
+    struct fx f;
+    struct conf_backend again[FX_N + 1];
+    struct conf without, back;
+    struct backend_set *next, *third;
+    struct backend *old_gpu;
+
+    fx_init(&f);
+    backend_set_destroy(f.set);
+    f.backends[FX_GPU].url = "http://gpu.internal:8000/v1";
+    f.set = backend_set_create(&f.conf);
+    old_gpu = fx_backend(&f, FX_GPU);
+    without = f.conf;
+    without.nbackends = FX_GPU; /* the API backends alone */
+    next = backend_set_create_after(&without, f.set);
+    cr_assert_not_null(next);
+    memcpy(again, f.backends, sizeof(f.backends));
+    back = f.conf;
+    back.backends = again;
+    third = backend_set_create_after(&back, next);
+    cr_assert_not_null(third);
+    cr_assert(backend_same_clock(old_gpu, backend_set_get(third, FX_GPU)), "back by its name");
+    backend_set_destroy(third);
+    again[FX_GPU].name = "llama-gpu-b";
+    third = backend_set_create_after(&back, next);
+    cr_assert(backend_same_clock(old_gpu, backend_set_get(third, FX_GPU)), "renamed, same url");
+    backend_set_destroy(third);
+    again[FX_GPU].url = "http://gpu2.internal:8000/v1";
+    third = backend_set_create_after(&back, next);
+    cr_assert_not(backend_same_clock(old_gpu, backend_set_get(third, FX_GPU)), "another url");
+    backend_set_destroy(third);
+    again[FX_GPU].url = f.backends[FX_GPU].url;
+    again[FX_N] = again[FX_GPU];
+    again[FX_N].name = "llama-gpu-c";
+    again[FX_N].index = FX_N;
+    back.nbackends = FX_N + 1;
+    third = backend_set_create_after(&back, next);
+    cr_assert_not(backend_same_clock(old_gpu, backend_set_get(third, FX_GPU)), "two there");
+    cr_assert_not(backend_same_clock(old_gpu, backend_set_get(third, FX_N)), "two there");
+    backend_set_destroy(third);
+    backend_set_destroy(next);
+    fx_fini(&f);
+}
+
 /* Start `n` attempts on the GPU pool at `now` (their tickets discarded). */
 static void load_pool(struct backend *b, unsigned n, uint64_t now)
 {

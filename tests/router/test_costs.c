@@ -3474,6 +3474,57 @@ Test(costs, an_answer_over_8_mib_is_charged_its_usage)
     cJSON_Delete(rec);
 }
 
+static double day_spend(void);
+
+/* An answer too big to hold, to an HTTP/1.0 client: it has neither
+ * chunks nor trailers, so the answer goes out unframed, ended by the
+ * close, and carries its cost nowhere the client sees (README, step 7).
+ * The charge is what matters, and it is the same as for an HTTP/1.1
+ * client: the usage at the answer's end, in the tenant's spend and the
+ * cost log (status 200, not a client that left). */
+Test(costs, an_answer_over_8_mib_to_an_http10_client_is_charged_its_usage)
+{
+    static const char body[] = "{\"model\":\"chat\"," MSG "}";
+    struct support_http_conn c;
+    struct timeval tv = {.tv_sec = TIMEOUT_MS / 1000};
+    struct buf out = {0};
+    char chunk[65536];
+    const char *head_end;
+    ssize_t n;
+    size_t len;
+    char *answer = big_answer("", "," BIG_USAGE, 0, &len);
+    cJSON *rec;
+
+    start_big(answer, len);
+    buf_reset(&req);
+    cr_assert_eq(buf_printf(&req,
+                            "POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\n" AUTH
+                            "Content-Length: %zu\r\n\r\n%s",
+                            sizeof(body) - 1, body),
+                 0);
+    cr_assert_eq(support_http_connect(&c, routers[0].port), 0);
+    cr_assert_eq(support_http_send(&c, req.data, req.len), 0);
+    cr_assert_eq(setsockopt(c.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)), 0);
+    while ((n = recv(c.fd, chunk, sizeof(chunk), 0)) > 0)
+        cr_assert_eq(buf_append(&out, chunk, (size_t)n), 0);
+    cr_assert_eq(n, 0, "the router did not close the connection: %s", strerror(errno));
+    support_http_close(&c);
+    head_end = memmem(out.data, out.len, "\r\n\r\n", 4);
+    cr_assert_not_null(head_end);
+    cr_assert_eq(strncmp(out.data, "HTTP/1.1 200 ", 13), 0, "%.64s", out.data);
+    cr_assert_null(memmem(out.data, (size_t)(head_end - out.data), "chunked", 7), "%.*s",
+                   (int)(head_end - out.data), out.data);
+    cr_assert_gt(out.len - (size_t)(head_end + 4 - out.data), 9u << 20);
+    cr_assert_eq(memcmp(out.data + out.len - 3, "}}}", 3), 0, "the body ends whole");
+    cr_assert_float_eq(day_spend(), BIG_USD, 1e-9, "the tenant's spend");
+    buf_free(&out);
+    support_proc_stop(&routers[0]);
+    rec = record_last(NULL, log_path);
+    assert_big_usage_billed(rec);
+    cr_assert_eq(cJSON_GetObjectItem(rec, "status")->valuedouble, 200);
+    cJSON_Delete(rec);
+}
+
 /* Only the root object's own usage is the bill: a "usage" in a choice's
  * message, in another object, and written inside a string, all before
  * it and all smaller, are passed over. */
@@ -3941,8 +3992,8 @@ Test(costs, a_reload_keeps_the_idle_cost_of_a_gpu_pool)
                   most_ms);
 }
 
-/* Times (support_mono_ms) around the scrapes and the reload of
- * pool_request_across_a_reload, and what it read. */
+/* Times (support_mono_ms) around the scrapes and the reloads of
+ * pool_request_across_reloads, and what it read. */
 struct across {
     double sent0, answered0;           /* the first scrape */
     double reload_sent, reload_answered;
@@ -3951,44 +4002,90 @@ struct across {
     double charged;                    /* the request's charge, USD */
 };
 
-/* A pool of one replica at $36/h (add_pool) serves a request for 1 s; a
- * reload 300 ms into it, to a config whose pool costs `hourly_after` USD
- * an hour. Scraped before the request and after its answer. */
-static void pool_request_across_a_reload(int hourly_after, struct across *a)
+/* A metric's value, 0 when the series is not there (yet) or `name` is
+ * NULL. */
+static double metric_or_0(const char *name)
 {
-    static const char idle[] = "costrouter_gpu_pool_idle_cost_usd_total{backend=\"gpu\"}";
+    double v = name != NULL ? metric_value(name) : -1;
+
+    return v < 0 ? 0 : v;
+}
+
+/* One config a reload goes to: the pool named `name` at mockllm's url, one
+ * replica at `hourly` USD an hour, or (`name` NULL) an API backend "a"
+ * there in its place. */
+struct pool_step {
+    const char *name;
+    int hourly;
+};
+
+static void write_pool_conf(const struct pool_step *st, int port)
+{
+    buf_reset(&yaml);
+    if (st->name == NULL)
+        add_backend("a", port, 1, 100, 300);
+    else
+        cr_assert_eq(buf_printf(&yaml,
+                                "  - {name: %s, kind: self_hosted, url: \"http://127.0.0.1:%d/v1\",\n"
+                                "     quality: 1, context_window: 100000, gpu_hourly_usd: %d,\n"
+                                "     replicas: 1, max_concurrency: 4, tokens_per_second: 1000}\n",
+                                st->name, port, st->hourly),
+                     0);
+    write_conf(st->name != NULL ? st->name : "a", NULL);
+}
+
+/* The pool "gpu" (one replica at $36/h, add_pool) serves a request for
+ * 1 s; `delay_ms` into it, the config is reloaded to each of `steps` in
+ * turn. Scraped before the request and after its answer: `a` has the
+ * idle gain of the series of "gpu" and of `other` (the pool's new name,
+ * or NULL), and what the request was charged. */
+static void pool_request_across_reloads(const struct pool_step *steps, size_t n, int delay_ms,
+                                        const char *other, struct across *a)
+{
+    static const char idle[] = "costrouter_gpu_pool_idle_cost_usd_total{backend=\"%s\"}";
     static const char cost[] =
         "costrouter_cost_usd_total{tenant=\"acme\",backend=\"gpu\",route=\"chat\"}";
     struct support_http_conn slow = {.fd = -1};
     struct support_http_response slow_resp = {0};
     struct buf slow_req = {0};
+    char idle_gpu[128], idle_other[128];
     double before;
 
+    snprintf(idle_gpu, sizeof(idle_gpu), idle, "gpu");
+    if (other != NULL)
+        snprintf(idle_other, sizeof(idle_other), idle, other);
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     add_pool("gpu", mock_a.port, "");
     start_routers(1, "gpu", NULL);
-    before = timed_metric(idle, &a->sent0, &a->answered0);
+    before = timed_metric(idle_gpu, &a->sent0, &a->answered0);
     cr_assert_geq(before, 0, "%.*s", (int)resp.body.len, resp.body.data);
+    before += metric_or_0(other != NULL ? idle_other : NULL);
     send_unanswered(&slow, &slow_req, AUTH "x-mock-ttft-ms: 1000\r\n", "{\"model\":\"chat\"," MSG "}");
-    usleep(300 * 1000);
-    buf_reset(&yaml);
-    cr_assert_eq(buf_printf(&yaml,
-                            "  - {name: gpu, kind: self_hosted, url: \"http://127.0.0.1:%d/v1\",\n"
-                            "     quality: 1, context_window: 100000, gpu_hourly_usd: %d,\n"
-                            "     replicas: 1, max_concurrency: 4, tokens_per_second: 1000}\n",
-                            mock_a.port, hourly_after),
-                 0);
-    write_conf("gpu", NULL);
+    usleep((useconds_t)delay_ms * 1000);
     a->reload_sent = support_mono_ms();
-    reload_router();
+    for (size_t i = 0; i < n; i++) {
+        write_pool_conf(&steps[i], mock_a.port);
+        reload_router();
+    }
     a->reload_answered = support_mono_ms();
     cr_assert_eq(support_http_read(&slow, &slow_resp, TIMEOUT_MS), 0);
-    cr_assert_eq(slow_resp.status, 200);
-    a->idle_gain = timed_metric(idle, &a->sent1, &a->answered1) - before;
+    cr_assert_eq(slow_resp.status, 200, "%.*s", (int)slow_resp.body.len, slow_resp.body.data);
+    a->idle_gain = timed_metric(idle_gpu, &a->sent1, &a->answered1);
+    a->idle_gain += metric_or_0(other != NULL ? idle_other : NULL) - before;
     a->charged = metric_value(cost);
     support_http_close(&slow);
     support_http_response_free(&slow_resp);
     buf_free(&slow_req);
+}
+
+/* A pool of one replica at $36/h (add_pool) serves a request for 1 s; a
+ * reload 300 ms into it, to a config whose pool costs `hourly_after` USD
+ * an hour. Scraped before the request and after its answer. */
+static void pool_request_across_a_reload(int hourly_after, struct across *a)
+{
+    const struct pool_step step = {"gpu", hourly_after};
+
+    pool_request_across_reloads(&step, 1, 300, NULL, a);
 }
 
 /* The same with a request in flight across the reload: it runs 1 s on
@@ -4037,6 +4134,42 @@ Test(costs, a_reload_that_changes_a_pools_price_pays_the_replica_once)
                   a.idle_gain, a.charged, most);
     cr_assert_geq(a.idle_gain + a.charged, least, "idle %f + charged %f USD, at least %f",
                   a.idle_gain, a.charged, least);
+}
+
+/* attributed + idle of pool_request_across_reloads is the pool's cost
+ * over the router's clock between the scrapes, the replica paid once. */
+static void assert_paid_once(const struct across *a)
+{
+    double most_ms = a->answered1 - a->sent0 + LOOP_CLOCK_LAG_MS;
+
+    cr_assert_gt(a->charged, 900 * 10e-6, "the request ran about 1 s: %f USD", a->charged);
+    cr_assert_leq(a->idle_gain + a->charged, most_ms * 10e-6,
+                  "idle %f + charged %f USD, for %.1f ms at most (%f USD)", a->idle_gain,
+                  a->charged, most_ms, most_ms * 10e-6);
+}
+
+/* A pool removed by a reload and added again by the next one, while a
+ * request of the first config still runs on it: the config that added it
+ * again started an accounting of its own, which booked the replica idle
+ * while that request ran on it and was charged for it. */
+Test(costs, a_pool_removed_and_added_again_pays_the_replica_once)
+{
+    static const struct pool_step steps[] = {{NULL, 0}, {"gpu", 36}};
+    struct across a;
+
+    pool_request_across_reloads(steps, 2, 200, NULL, &a);
+    assert_paid_once(&a);
+}
+
+/* A pool renamed by a reload (same url, the same hardware: see README),
+ * while a request of the old config runs on it. */
+Test(costs, a_pool_renamed_at_the_same_url_pays_the_replica_once)
+{
+    static const struct pool_step steps[] = {{"gpu2", 36}};
+    struct across a;
+
+    pool_request_across_reloads(steps, 1, 200, "gpu2", &a);
+    assert_paid_once(&a);
 }
 
 /* A pool that works 300 ms and then refuses (the error goes to the

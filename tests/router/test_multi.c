@@ -1382,6 +1382,54 @@ Test(multi, serving_from_local_counters_counts_the_holds_made_in_redis)
 }
 
 /*
+ * A settle whose reply was lost (Redis frozen past the command timeout)
+ * is journaled as "charge it if Redis still holds its hold" (it may have
+ * been applied). Its write-back fails on the connection made when Redis
+ * came back (the tenant's day key is a hash: WRONGTYPE), so it is retried
+ * on that live connection; meanwhile Redis is flushed (FLUSHALL), which
+ * takes the hold, the bad key and the mark PREFIXepoch. The retry found no
+ * hold and charged nothing: the mark was read only by the connection's
+ * setup, before the flush. It is read again before each retry, and the
+ * flushed Redis is charged the settle.
+ */
+Test(multi, a_maybe_applied_settle_is_charged_after_a_flushall_on_a_live_connection)
+{
+    static const char empty[] = "\ncostrouter_store_journal_entries{store=\"redis\"} 0\n";
+    struct support_http_conn slow;
+    struct support_http_response r = {0};
+    char day[16];
+    time_t now = time(NULL);
+    struct tm tm;
+
+    gmtime_r(&now, &tm);
+    strftime(day, sizeof(day), "%Y%m%d", &tm);
+    start_all(", on_failure: fail_open, command_timeout_ms: 200", API_BACKEND, 0);
+    support_proc_stop(&routers[1]);
+    support_proc_stop(&routers[2]);
+    send_chat(&slow, 10, 600);
+    for (int tries = 0; tries < 250 && redis_reserved(S_TENANT) == 0; tries++)
+        usleep(10000);
+    cr_assert_gt(redis_reserved(S_TENANT), 0, "the request's hold is not in Redis");
+    cr_assert_eq(test_redis_int(&redis, "HSET " PREFIX "{" TENANT "}:d:%s x 1", day), 1);
+    test_redis_kill(&redis, SIGSTOP);
+    cr_assert_eq(support_http_read(&slow, &r, TIMEOUT_MS), 0);
+    cr_assert_eq(r.status, 200);
+    support_http_close(&slow);
+    support_http_response_free(&r);
+    usleep(400 * 1000); /* the settle's reply is past its timeout */
+    test_redis_kill(&redis, SIGCONT);
+    wait_store_up(0);
+    usleep(300 * 1000); /* the first write-back was refused: WRONGTYPE */
+    cr_assert_eq(test_redis_day_spend(&redis, PREFIX, TENANT), -1, "the day key is a hash");
+    cr_assert_gt(redis_reserved(S_TENANT), 0, "the hold is still in Redis");
+    cr_assert_not(metrics_have(0, empty), "the settle is not journaled");
+    cr_assert_eq(test_redis_int(&redis, "FLUSHALL"), -1); /* +OK, not a number */
+    cr_assert(metrics_have_within(0, empty, 400), "the journal was not written back");
+    cr_assert_eq(redis_day_spend(S_TENANT), PLAIN_HOLD - 1,
+                 "the flushed Redis was not charged the settle (390.4 micro-USD)");
+}
+
+/*
  * A router told to stop while Redis has yet to answer a reservation whose
  * client has left waits for that answer and releases the reservation,
  * rather than leave it held in Redis until it expires: once no request is
