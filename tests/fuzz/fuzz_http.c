@@ -11,7 +11,8 @@
  * requests from valid seeds: JSON bodies mutated as trees (values swapped
  * for edge cases, members dropped, repeated or renamed) and sometimes as
  * bytes; header sets drawn from a list (keys, the mock's fault headers,
- * chunked bodies, Expect, Connection: close, oversized heads); now and then
+ * chunked bodies, Expect, Connection: close, oversized heads, browsers'
+ * Origin, CORS preflights); now and then
  * a head mutated as bytes, or two requests pipelined.
  *
  * It fails (exit 1), keeping its work folder in /tmp (config, router log,
@@ -20,6 +21,8 @@
  *   no answer within 15 s (a hang), or the router stops answering;
  * - an error status (>= 400) comes without an OpenAI-style JSON body
  *   ({"error":{"message":"...","type":"..."}}) in valid UTF-8;
+ * - an answer carries an Access-Control-Allow-Origin other than the one
+ *   origin allowed, or two;
  * - an upstream, tenant or admin key shows in an answer (a tenant or admin
  *   key only counts when the request held it in its Authorization header
  *   and nowhere else), or in the router's log;
@@ -69,6 +72,7 @@
 #define KEY_RICH "sk-fuzz-rich-a7e0"
 #define KEY_POOR "sk-fuzz-poor-5b38"
 #define KEY_CI "sk-fuzz-ci-91d2" /* rich's key "ci", with a budget of its own */
+#define CORS_ORIGIN "https://app.example.com" /* cors.allow_origins */
 #define SURE_TIMEOUT_MS 15000  /* framing intact: an answer must come */
 #define UNSURE_TIMEOUT_MS 2500 /* head mutated: the router may wait for more */
 #define HISTORY 16             /* requests kept for the failure report */
@@ -187,6 +191,7 @@ static void write_conf(void)
             "cost_log: %s\n"
             "%s%s"
             "cache: { enabled: true, ttl_s: 60 }\n"
+            "cors: { allow_origins: [\"" CORS_ORIGIN "\"] }\n"
             "limits: { max_header_bytes: 8192, max_body_bytes: 262144, header_timeout_ms: 1000,\n"
             "          body_timeout_ms: 1000, max_retries: 1 }\n"
             "backends:\n"
@@ -570,6 +575,8 @@ static void add_headers(struct buf *h, struct request *r)
         "X-User-Id: user-7\r\n", "X-User-Id: \r\n", "Content-Type: text/plain\r\n",
         "Cookie: a=b\r\n", "X-Request-Id: r-\"1\"\r\n", "Upgrade: websocket\r\n",
         "Transfer-Encoding: gzip\r\n", "Host: other.example\r\n",
+        "Origin: " CORS_ORIGIN "\r\n", "Origin: https://evil.example\r\n", "Origin: null\r\n",
+        "Access-Control-Request-Method: POST\r\n",
     };
 
     if (percent(15))
@@ -631,7 +638,7 @@ static void make_body(struct buf *body, unsigned seed)
 static void make_request(struct request *r)
 {
     struct buf head = {0}, body = {0}, chunked = {0}, *after_head = &body;
-    int post = percent(85), admin = 0;
+    int post = percent(85), admin = 0, preflight;
     const char *path;
 
     buf_reset(&r->bytes);
@@ -646,9 +653,14 @@ static void make_request(struct request *r)
         path = PICK(get_paths);
         admin = strncmp(path, "/admin", 6) == 0 || strcmp(path, "/metrics") == 0;
     }
-    puts_(&head, post ? (below(50) == 0 ? "PUT " : "POST ") : "GET ");
+    preflight = !post && below(10) == 0;
+    puts_(&head, post ? (below(50) == 0 ? "PUT " : "POST ") : preflight ? "OPTIONS " : "GET ");
     puts_(&head, path);
     puts_(&head, " HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    if (preflight && percent(70)) /* a browser's, from the allowed origin or not */
+        buf_printf(&head, "Origin: %s\r\nAccess-Control-Request-Method: POST\r\n"
+                          "Access-Control-Request-Headers: authorization, content-type\r\n",
+                   percent(70) ? CORS_ORIGIN : "https://evil.example");
     add_auth(&head, r, admin);
     add_headers(&head, r);
     if (post && percent(15)) {
@@ -720,6 +732,12 @@ static void check_answer(const struct request *r, const struct support_http_resp
         fail("the client's key is in the answer");
     if (a->status >= 400)
         check_error_body(a);
+    /* The one origin allowed, once: never a backend's, nor an echo of
+     * another origin (the mock sends none; a request's "evil" one). */
+    if (count(&a->raw, "\r\nAccess-Control-Allow-Origin: ") > 1 ||
+        (contains(&a->raw, "Access-Control-Allow-Origin: ") &&
+         !contains(&a->raw, "Access-Control-Allow-Origin: " CORS_ORIGIN "\r\n")))
+        fail("an answer's Access-Control-Allow-Origin is not the allowed origin, once");
 }
 
 /* ---- the loop ---- */
