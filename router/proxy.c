@@ -951,7 +951,8 @@ static int key_query(struct buf *out, struct slice query)
 /* The headers of a /v1/messages request that change its answer, for its
  * cache key: anthropic-beta (interleaved thinking, longer outputs, new
  * tools) and anthropic-version (the answer's shape), each as sent or
- * absent (the version: the one the router then sends). Every header of
+ * absent (the version: the one the router then sends; an empty one was
+ * dropped when parsed, so it is absent too). Every header of
  * the name counts, item by item: betas come as one comma-separated
  * header or as several, and all of them go upstream. Betas that name
  * none (an empty header, only commas and blanks) ask for none: the key

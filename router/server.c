@@ -660,6 +660,9 @@ static int on_header_value_complete(llhttp_t *p)
         rc = tags_take(req, value);
     else if (slice_caseeq(name, "origin"))
         rc = origin_take(req, value);
+    else if (slice_caseeq(name, "anthropic-version") && value.len == 0)
+        rc = 0; /* names no version, which Anthropic's API answers 400: the
+                   router sends its own, as when none came (proxy.c) */
     else if (!request_header_is_ours(name) && name.len > 0)
         rc = buf_append_header(&req->fwd, name, value);
     buf_reset(&req->hname);

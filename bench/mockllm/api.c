@@ -34,7 +34,7 @@
  *                {"web_search_requests": N} to the usage (message_start's: 0).
  *                Requires x-api-key (the --require-key value when given;
  *                401 authentication_error without) and anthropic-version
- *                (400 without), as Anthropic's API does.
+ *                (400 without, or empty), as Anthropic's API does.
  *   count_tokens: (Anthropic's) the messages rule, answered as
  *                {"input_tokens": N} after ttft, with the same
  *                requirements; faults and x-mock-status apply.
@@ -1267,7 +1267,9 @@ static int messages_auth(struct mockllm_conn *c)
         answer_anthropic_error(c, 401, "authentication_error", "invalid x-api-key");
         return 1;
     }
-    if (mockllm__header(&c->req, "anthropic-version") == NULL) {
+    const char *version = mockllm__header(&c->req, "anthropic-version");
+
+    if (version == NULL || *version == '\0') { /* an empty one is none to Anthropic */
         answer_anthropic_error(c, 400, "invalid_request_error",
                                "anthropic-version: header is required");
         return 1;

@@ -1095,6 +1095,9 @@ Test(mockllm, messages_require_x_api_key_and_anthropic_version)
     cr_assert_eq(call("POST", "/v1/messages", "x-api-key: sk-ant\r\n", body), 0);
     cr_assert_eq(resp.status, 400);
     cr_assert_str_eq(anthropic_error_type(), "invalid_request_error");
+    cr_assert_eq(call("POST", "/v1/messages", "x-api-key: sk-ant\r\nanthropic-version:\r\n", body),
+                 0);
+    cr_assert_eq(resp.status, 400, "an empty version is none");
     cr_assert_eq(call("POST", "/v1/messages", ANTHROPIC, body), 0);
     cr_assert_eq(resp.status, 200);
     stop_clean();

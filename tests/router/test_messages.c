@@ -284,6 +284,33 @@ Test(messages, a_clients_anthropic_version_and_beta_are_forwarded)
     cr_assert_str_eq(get(h, "anthropic-beta")->valuestring, "some-beta");
 }
 
+/* An empty (or blank) anthropic-version names no version: Anthropic's API
+ * answers it 400 as it does none. The router sends its own in its place,
+ * and the request is the cache entry of one without the header. */
+Test(messages, an_empty_anthropic_version_is_none)
+{
+    static const char body[] = "{\"model\":\"claude\",\"max_tokens\":5,\"temperature\":0," MSGS "}";
+    static const char *const rounds[] = {
+        NULL,
+        "anthropic-version: 2023-06-01\r\n",
+        "anthropic-version:  \t \r\n",
+    };
+
+    start("");
+    cr_assert_eq(messages("anthropic-version:\r\n", body), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
+    const cJSON *h = get(last_request(&mock), "headers");
+    cr_assert_str_eq(get(h, "anthropic-version")->valuestring, "2023-06-01");
+    for (size_t i = 0; i < sizeof(rounds) / sizeof(rounds[0]); i++) {
+        cr_assert_eq(messages(rounds[i], body), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache", "%s",
+                         rounds[i] ? rounds[i] : "none");
+    }
+    cr_assert_eq(requests_of(&mock), 1);
+}
+
 /* input_tokens excludes both cache counts: the prompt is their sum, the
  * reads at the cached rate, the writes at the cache write rate. */
 Test(messages, cache_reads_and_writes_are_priced_at_their_rates)
