@@ -138,16 +138,17 @@ static size_t put(char *out, size_t n, unsigned char c, int escape)
     return n + (escape ? 3 : 1);
 }
 
-size_t http_query_normal(char *out, struct slice q)
+/* Write the normal form of one parameter `s` at out + n (out NULL:
+ * nowhere), as http_query_normal; the new length. */
+static size_t normal_param(char *out, size_t n, struct slice s)
 {
-    size_t n = 0;
     int hi, lo;
 
-    for (size_t i = 0; i < q.len; i++) {
-        unsigned char c = (unsigned char)q.p[i];
+    for (size_t i = 0; i < s.len; i++) {
+        unsigned char c = (unsigned char)s.p[i];
 
-        if (c == '%' && q.len - i >= 3 && (hi = hexval(q.p[i + 1])) >= 0 &&
-            (lo = hexval(q.p[i + 2])) >= 0) {
+        if (c == '%' && s.len - i >= 3 && (hi = hexval(s.p[i + 1])) >= 0 &&
+            (lo = hexval(s.p[i + 2])) >= 0) {
             c = (unsigned char)(hi << 4 | lo);
             i += 2;
             n = put(out, n, c, !unreserved(c));
@@ -159,6 +160,27 @@ size_t http_query_normal(char *out, struct slice q)
             n = put(out, n, c, escaped_upstream(c));
         }
     }
+    return n;
+}
+
+/* Skip the '?' that starts a client's query, if it does. */
+static struct slice after_mark(struct slice q)
+{
+    if (q.len > 0 && q.p[0] == '?') {
+        q.p++;
+        q.len--;
+    }
+    return q;
+}
+
+size_t http_query_normal(char *out, struct slice q)
+{
+    struct slice rest = after_mark(q);
+    struct http_query_param p;
+    size_t n = rest.len < q.len ? put(out, 0, '?', 0) : 0;
+
+    for (int first = 1; http_query_next(&rest, &p); first = 0)
+        n = normal_param(out, first ? n : put(out, n, '&', 0), p.all);
     return n;
 }
 
@@ -188,23 +210,22 @@ static int append_encoded(struct buf *out, const char *p, size_t len)
 
 int http_query_merge(struct buf *out, const char *own, struct slice client)
 {
-    struct slice rest = client;
+    struct slice rest = after_mark(client);
     struct http_query_param p;
-    int rc;
+    char sep = '?';
+    int rc = 0;
 
-    if (own == NULL)
-        return append_encoded(out, client.p, client.len);
-    rc = buf_append_lit(out, "?");
-    rc = rc ?: buf_append(out, own, strlen(own));
-    if (rest.len > 0 && rest.p[0] == '?') {
-        rest.p++;
-        rest.len--;
+    if (own != NULL) {
+        rc = buf_append_lit(out, "?");
+        rc = rc ?: buf_append(out, own, strlen(own));
+        sep = '&';
     }
     while (rc == 0 && http_query_next(&rest, &p)) {
-        if (names(own, p.name))
+        if (own != NULL && names(own, p.name))
             continue;
-        rc = buf_append_lit(out, "&");
+        rc = buf_append(out, &sep, 1);
         rc = rc ?: append_encoded(out, p.all.p, p.all.len);
+        sep = '&';
     }
     return rc;
 }

@@ -46,11 +46,12 @@ int http_query_name_eq(struct slice a, struct slice b);
 const char *http_query_check(const char *q);
 
 /* Append what goes after the path upstream: with no `own` (NULL) the
- * client's query byte for byte (its '?' included; empty: nothing); else
- * '?', `own`, then '&' and each non-empty parameter of the client's whose
- * name `own` does not hold. The client's bytes that no request line may
- * hold (a TAB, a form feed, non-ASCII: llhttp lets them in) go
- * percent-encoded. Returns 0 or -ENOMEM. */
+ * client's query (its '?' included) but for its empty parameters ("&&",
+ * a '&' at an end: every form decoder skips them), nothing when it has
+ * no other; else '?', `own`, then '&' and each non-empty parameter of the
+ * client's whose name `own` does not hold. The client's bytes that no
+ * request line may hold (a TAB, a form feed, non-ASCII: llhttp lets them
+ * in) go percent-encoded. Returns 0 or -ENOMEM. */
 int http_query_merge(struct buf *out, const char *own, struct slice client);
 
 /* Write the client's query `q` (its '?' included, as sent) to `out` in
@@ -59,8 +60,9 @@ int http_query_merge(struct buf *out, const char *own, struct slice client);
  * hex of every other escape in capitals, the bytes http_query_merge
  * escapes escaped as it does, a '%' that starts no escape as "%%"; all
  * else as it is. So two queries a backend must read alike (`%41`, `A`;
- * `%2f`, `%2F`) are written alike, and no others. With `out` NULL only
- * count. Returns the length written, at most 3 x q.len. */
+ * `%2f`, `%2F`) are written alike, and no others; its empty parameters are
+ * left out, as http_query_merge leaves them. With `out` NULL only count.
+ * Returns the length written, at most 3 x q.len. */
 size_t http_query_normal(char *out, struct slice q);
 
 #endif

@@ -427,8 +427,13 @@ struct slice router__request_query(const struct router__request *req)
     q = (struct slice){req->url.data + path.len, req->url.len - path.len};
     q.len = span_to(q, '#', '#');
     /* A bare '?' is an empty query: no query, upstream and in the cache
-     * key alike (`/v1/chat/completions?` is `/v1/chat/completions`). */
-    if (q.len <= 1)
+     * key alike (`/v1/chat/completions?` is `/v1/chat/completions`). So
+     * is one of separators alone ("?&&"): empty parameters go nowhere
+     * (http_query_merge), and it has no other. */
+    size_t i = 1;
+    while (i < q.len && q.p[i] == '&')
+        i++;
+    if (i >= q.len)
         return (struct slice){NULL, 0};
     return q;
 }

@@ -319,8 +319,9 @@ static int build_request(struct router__client *c, const struct router__pool *po
     const char *suffix = endpoint_suffix(req->endpoint);
     /* The backend url's own query (Azure OpenAI's api-version), then the
      * client's (Anthropic's beta=true) but for the names the backend's
-     * sets; the client's as sent when the url has none (but for bytes no
-     * request line may hold, percent-encoded: see http_query_merge). */
+     * sets; the client's as sent when the url has none (but for empty
+     * parameters, dropped, and bytes no request line may hold,
+     * percent-encoded: see http_query_merge). */
     struct slice query = router__request_query(req);
 
     rc = buf_append_lit(out, "POST ");

@@ -16,10 +16,13 @@ struct merge_case {
 };
 
 static const struct merge_case merges[] = {
-    /* no query of the backend's: the client's byte for byte, '?' alone too */
+    /* no query of the backend's: the client's byte for byte, but for its
+     * empty parameters; nothing when it has no other */
     {NULL, "", ""},
-    {NULL, "?", "?"},
-    {NULL, "?api-version=2024-10-21&x=a%2Fb&&y", "?api-version=2024-10-21&x=a%2Fb&&y"},
+    {NULL, "?", ""},
+    {NULL, "?&&", ""},
+    {NULL, "?api-version=2024-10-21&x=a%2Fb&y", "?api-version=2024-10-21&x=a%2Fb&y"},
+    {NULL, "?&api-version=2024-10-21&x=a%2Fb&&y&", "?api-version=2024-10-21&x=a%2Fb&y"},
     /* the backend's alone */
     {"api-version=2024-10-21", "", "?api-version=2024-10-21"},
     {"api-version=2024-10-21", "?", "?api-version=2024-10-21"},
@@ -128,6 +131,10 @@ Test(http_query, the_normal_form_decodes_unreserved_escapes_only, .timeout = 5)
         {"?q=caf\xc3\xa9&t=a\tb", "?q=caf%C3%A9&t=a%09b"},
         {"?q=caf%c3%a9&t=a%09b", "?q=caf%C3%A9&t=a%09b"},
         {"?a=%%41&b=%A&c=%4g&d=%", "?a=%%A&b=%%A&c=%%4g&d=%%"},
+        /* empty parameters left out, as upstream */
+        {"?&a=1&&b&", "?a=1&b"},
+        {"?&&", "?"},
+        {"?a=%26&&b", "?a=%26&b"},
     };
     char out[128];
 

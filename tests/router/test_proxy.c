@@ -367,6 +367,39 @@ Test(proxy, a_bare_question_mark_is_no_query)
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "cache");
 }
 
+/* An empty parameter ("&&", a '&' at an end) is none, as every form
+ * decoder (WHATWG URLSearchParams, Python's parse_qs, Go's ParseQuery)
+ * reads it: dropped on the way upstream and from the cache key alike, so
+ * a query of separators alone is no query, as a bare '?' is. */
+Test(proxy, empty_query_parameters_are_dropped)
+{
+    static const char body[] =
+        "{\"model\":\"chat\",\"temperature\":0,\"messages\":[{\"role\":\"user\","
+        "\"content\":\"hello there\"}]}";
+    static const struct {
+        const char *target;
+        const char *backend;
+        const char *upstream;
+    } rounds[] = {
+        {"/v1/chat/completions?&&", "a", "/v1/chat/completions"},
+        {"/v1/chat/completions", "cache", NULL},
+        {"/v1/chat/completions?&", "cache", NULL},
+        {"/v1/chat/completions?&a=1&&b=2&", "a", "/v1/chat/completions?a=1&b=2"},
+        {"/v1/chat/completions?a=1&b=2", "cache", NULL},
+        {"/v1/chat/completions?a=1&&&b=2", "cache", NULL},
+    };
+
+    start_one();
+    for (size_t i = 0; i < sizeof(rounds) / sizeof(rounds[0]); i++) {
+        cr_assert_eq(call("POST", rounds[i].target, AUTH, body), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), rounds[i].backend,
+                         "round %zu: %s", i, rounds[i].target);
+        if (rounds[i].upstream != NULL)
+            cr_assert_str_eq(last_target(mock_a.port), rounds[i].upstream, "round %zu", i);
+    }
+}
+
 /* Queries that differ only in escapes RFC 3986 6.2.2 calls equivalent
  * (an unreserved character escaped or not, an escape's hex in either
  * case) are one cache entry; the backend still gets each as written.
