@@ -116,7 +116,7 @@ static enum policy_verdict_kind qualify(const struct policy_request *req, size_t
         return POLICY_VERDICT_API;
     if (req->allowed && !(req->allowed & bit))
         return POLICY_VERDICT_ARM;
-    if (!backend_available(b, req->now_ms))
+    if ((req->passed_over & bit) || !backend_available(b, req->now_ms))
         return POLICY_VERDICT_HEALTH;
     if ((*cooldown_ms = backend_cooldown_ms(b, req->now_ms)) > take->cooling_ms)
         return POLICY_VERDICT_RATE_LIMITED;

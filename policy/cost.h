@@ -4,7 +4,7 @@
  * For one request it looks at every candidate of the route once and
  * returns the choice plus a verdict per candidate for the cost log:
  *   1. qualify: not tried, inside the A/B arm, available (circuit
- *      breaker), not cooling down after a 429 (unless no other candidate
+ *      breaker, not passed over), not cooling down after a 429 (unless no other candidate
  *      would serve: then it is looked at again as if it were not),
  *      context window >= prompt + predicted completion,
  *      predicted TTFT <= max_ttft_ms, quality >= min_quality, estimated
@@ -75,6 +75,9 @@ struct policy_request {
     struct policy_budget key_day;   /* the request's key's own, within the tenant's */
     struct policy_budget key_month; /* (limit 0 when the key has none) */
     uint64_t tried;                 /* candidates already tried (bit i = candidates[i]) */
+    uint64_t passed_over;           /* candidates to pass over as if down, not tried by
+                                       this request: no fallback of its own (a single-
+                                       flight leader failed on them a moment ago) */
     uint64_t allowed;               /* candidates the A/B arm allows; 0 = all */
     uint64_t speaks;                /* candidates that speak the request's API (the
                                        route's conf_route.speaks); 0 = all */

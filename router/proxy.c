@@ -808,7 +808,10 @@ static void policy_request_of(struct router__client *c, struct policy_request *o
         preq.key_day = budget_of(req->key->daily_usd, ks->day_spent, ks->reserved);
         preq.key_month = budget_of(req->key->monthly_usd, ks->month_spent, ks->reserved);
     }
-    preq.tried = req->tried;
+    /* The backends a flight leader failed on are down to this request,
+     * not tried by it: its reason is its own choice's, not "fallback". */
+    preq.tried = req->tried & ~req->leader_failed;
+    preq.passed_over = req->leader_failed;
     preq.now_ms = router__now(r);
     if (counting(req)) {
         /* Free on every candidate: no budget refuses or downgrades it, and

@@ -5515,7 +5515,14 @@ Test(costs, waiters_of_a_failed_leader_skip_the_backend_that_failed_it)
         cr_assert_eq(support_http_read(&wait[i], &wait_resp[i], TIMEOUT_MS), 0);
         cr_assert_eq(wait_resp[i].status, 200);
         cr_assert_str_eq(support_http_header(&wait_resp[i], "x-costrouter-backend"), "b");
+        /* Its own choice: b, the cheapest with a passed over, no fallback
+         * of its own (it called nothing before b). */
+        cr_assert_str_eq(support_http_header(&wait_resp[i], "x-costrouter-reason"),
+                         "cheapest-qualifying",
+                         "waiter %d: %s", i,
+                         support_http_header(&wait_resp[i], "x-costrouter-reason"));
     }
+    cr_assert_str_eq(support_http_header(&lead_resp, "x-costrouter-reason"), "fallback");
     /* The leader's timeout ends about 500 ms after they came; one more
      * on a would make it 1300. */
     double took = support_mono_ms() - t0;
@@ -5533,6 +5540,7 @@ Test(costs, waiters_of_a_failed_leader_skip_the_backend_that_failed_it)
         cr_assert_str_eq(verdict_of(rec, 0), "leader-failed", "waiter %d", i);
         cr_assert_null(verdict_of(rec, 1));
         cr_assert_eq(cJSON_GetObjectItem(rec, "fallbacks")->valuedouble, 0);
+        cr_assert_str_eq(cJSON_GetObjectItem(rec, "reason")->valuestring, "cheapest-qualifying");
         cJSON_Delete(rec);
     }
     support_http_close(&lead);
