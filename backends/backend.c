@@ -140,30 +140,40 @@ static struct backend_clock *clock_for(const struct backend_set *set, size_t n,
     return k;
 }
 
-/* What `b` of the config before measured of its upstream's latency, when
- * `c` names the same upstream (name, url and model): the TTFT averages of
- * both kinds and the duration average. Forgotten, every backend was new
- * after any reload, and SLO traffic went by guesses until each was
- * measured again. Probes in flight stay the old config's. */
+/* The backend of the config before that `to` is: the one of its name,
+ * else, for a pool renamed at its url, the one whose clock it took
+ * (pool_clock: the same url is the same servers). NULL: none. */
+static const struct backend *previous_self(const struct backend *to,
+                                           const struct backend_set *prev)
+{
+    for (size_t i = 0; prev != NULL && i < prev->count; i++)
+        if (strcmp(prev->items[i].conf->name, to->conf->name) == 0)
+            return &prev->items[i];
+    for (size_t i = 0; prev != NULL && to->conf->kind == CONF_BACKEND_SELF_HOSTED &&
+                       i < prev->count; i++)
+        if (prev->items[i].clock == to->clock)
+            return &prev->items[i];
+    return NULL;
+}
+
+/* What `to` was of the config before (previous_self) measured of its
+ * upstream's latency, when it is the same upstream (url and model): the
+ * TTFT averages of both kinds and the duration average. Forgotten, every
+ * backend was new after any reload, and SLO traffic went by guesses until
+ * each was measured again. Probes in flight stay the old config's. */
 static void carry_latency(struct backend *to, const struct backend_set *prev)
 {
     const struct conf_backend *c = to->conf;
+    const struct backend *b = previous_self(to, prev);
 
-    for (size_t i = 0; prev != NULL && i < prev->count; i++) {
-        const struct backend *b = &prev->items[i];
-
-        if (strcmp(b->conf->name, c->name) != 0)
-            continue;
-        if (same_text(b->conf->url, c->url) && same_text(b->conf->model, c->model)) {
-            for (int k = 0; k < BACKEND_ANSWER_KINDS; k++) {
-                to->ttft[k] = b->ttft[k];
-                to->ttft[k].probing = 0;
-                to->ttft[k].probes = 0;
-            }
-            to->duration_ewma_ms = b->duration_ewma_ms;
-        }
+    if (b == NULL || !same_text(b->conf->url, c->url) || !same_text(b->conf->model, c->model))
         return;
+    for (int k = 0; k < BACKEND_ANSWER_KINDS; k++) {
+        to->ttft[k] = b->ttft[k];
+        to->ttft[k].probing = 0;
+        to->ttft[k].probes = 0;
     }
+    to->duration_ewma_ms = b->duration_ewma_ms;
 }
 
 struct backend_set *backend_set_create_after(const struct conf *conf, struct backend_set *prev)

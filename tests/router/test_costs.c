@@ -4172,6 +4172,35 @@ Test(costs, a_pool_renamed_at_the_same_url_pays_the_replica_once)
     assert_paid_once(&a);
 }
 
+/* A pool renamed by a reload at its url (the same servers, as its clock
+ * says) keeps what was measured of its latency, as one reloaded under its
+ * own name does: else SLO traffic went by guesses until it was measured
+ * again. One at another url starts afresh. */
+Test(costs, a_pool_renamed_at_the_same_url_keeps_its_latency)
+{
+    static const struct pool_step renamed = {"gpu2", 36}, moved = {"gpu3", 36};
+    double ttft;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_pool("gpu", mock_a.port, "");
+    start_routers(1, "gpu", NULL);
+    cr_assert_eq(chat(0, "x-mock-ttft-ms: 200\r\n", "{\"model\":\"chat\"," MSG "}"), 0);
+    cr_assert_eq(resp.status, 200);
+    ttft = first_backend_admin("ttft_ewma_ms")->valuedouble;
+    cr_assert_geq(ttft, 200);
+    write_pool_conf(&renamed, mock_a.port);
+    reload_router();
+    cr_assert_float_eq(first_backend_admin("ttft_ewma_ms")->valuedouble, ttft, 1e-9,
+                       "renamed at its url");
+    cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetArrayItem(json, 0), "backend")->valuestring,
+                     "gpu2");
+    /* another port is other servers */
+    write_pool_conf(&moved, mock_a.port + 1);
+    reload_router();
+    cr_assert_float_eq(first_backend_admin("ttft_ewma_ms")->valuedouble, 0, 1e-9,
+                       "renamed at another url");
+}
+
 /* A pool that works 300 ms and then refuses (the error goes to the
  * client) is not charged for it, as an API would not be; that time is
  * the pool's idle cost, so the pool's cost is still what its one served
