@@ -121,10 +121,27 @@ static double derived_rate(const double *entry, double entry_input, double input
     return factor * input;
 }
 
+/* A long-prompt rate a backend leaves to its entry's tier (`entry`),
+ * beside the backend's standard rate of that kind `rate` (its own when
+ * `own_rate`) and the entry's `entry_rate`: the entry's, in the entry's
+ * long-to-standard ratio to a standard rate of the backend's own, so a
+ * discount it states reaches long prompts as it reaches cached tokens
+ * (derived_rate); as listed when the entry's standard rate is free (no
+ * ratio). Sets *scaled (may be NULL) when it scaled. */
+static double long_rate(double entry, double entry_rate, double rate, int own_rate, int *scaled)
+{
+    if (!own_rate || entry_rate <= 0)
+        return entry;
+    if (scaled != NULL)
+        *scaled = 1;
+    return entry / entry_rate * rate;
+}
+
 /* An api backend's long-prompt tier, key by key like its other prices:
  * its own, else its entry's (complete whenever the entry has a tier, see
- * complete_long_context). A size with no rate to bill at, its own or its
- * entry's, is an error, and so are rates with no size. */
+ * complete_long_context), scaled to a standard rate of its own
+ * (long_rate). A size with no rate to bill at, its own or its entry's, is
+ * an error, and so are rates with no size. */
 static void resolve_long_context(struct conf__ctx *ctx, size_t i, const struct conf_price *p)
 {
     struct conf_backend *b = &ctx->conf->backends[i];
@@ -140,17 +157,21 @@ static void resolve_long_context(struct conf__ctx *ctx, size_t i, const struct c
                  {CONF__B_LONG_OUTPUT_USD, "output_usd_per_mtok"}};
     char path[96];
     double in;
-    int own;
+    /* its long input is not the entry's (its own, or scaled): the cached
+     * and cache write rates follow it */
+    int own = HAS(m, CONF__B_LONG_INPUT_USD);
 
     if (b->kind != CONF_BACKEND_API || (!HAS(m, CONF__B_LONG_CONTEXT) && pl == NULL))
         return;
     if (!HAS(m, CONF__B_LONG_ABOVE))
         l->above_prompt_tokens = pl ? pl->above_prompt_tokens : 0;
-    if (pl && !HAS(m, CONF__B_LONG_INPUT_USD))
-        l->input_usd_per_mtok = pl->input_usd_per_mtok;
+    if (pl && !own)
+        l->input_usd_per_mtok = long_rate(pl->input_usd_per_mtok, p->input_usd_per_mtok,
+                                          b->input_usd_per_mtok, HAS(m, CONF__B_INPUT_USD), &own);
     if (pl && !HAS(m, CONF__B_LONG_OUTPUT_USD))
-        l->output_usd_per_mtok = pl->output_usd_per_mtok;
-    own = HAS(m, CONF__B_LONG_INPUT_USD);
+        l->output_usd_per_mtok = long_rate(pl->output_usd_per_mtok, p->output_usd_per_mtok,
+                                           b->output_usd_per_mtok, HAS(m, CONF__B_OUTPUT_USD),
+                                           NULL);
     in = pl ? pl->input_usd_per_mtok : 0;
     if (!HAS(m, CONF__B_LONG_CACHED_INPUT_USD))
         l->cached_input_usd_per_mtok = derived_rate(pl ? &pl->cached_input_usd_per_mtok : NULL, in,

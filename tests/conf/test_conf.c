@@ -719,6 +719,7 @@ Test(conf, example_loads_with_its_env, .timeout = 10)
  * cost more than fresh ones because the entry's list price was higher.
  * So for a long-prompt tier's and a service tier's input; an entry whose
  * input is free gives no ratio (as with no entry: the input price). */
+/* and its own input or output rate scales its entry's long-prompt ones */
 Test(conf, a_backends_own_input_price_scales_its_entrys_cached_prices, .timeout = 10)
 {
     struct conf *c = load_ok(DATA "price_override.yaml");
@@ -732,8 +733,10 @@ Test(conf, a_backends_own_input_price_scales_its_entrys_cached_prices, .timeout 
     cr_expect_float_eq(b->cached_input_usd_per_mtok, 0.5, 1e-12, "1/4 of its input");
     cr_expect_float_eq(b->cache_write_usd_per_mtok, 3, 1e-12, "1.5 x its input");
     cr_expect_float_eq(b->cache_write_1h_usd_per_mtok, 5, 1e-12, "2.5 x its input");
-    cr_expect_float_eq(b->long_context.input_usd_per_mtok, 8, 1e-12, "the entry's tier");
-    cr_expect_float_eq(b->long_context.cached_input_usd_per_mtok, 2, 1e-12);
+    cr_expect_float_eq(b->long_context.input_usd_per_mtok, 4, 1e-12, "the entry's tier, 2 x");
+    cr_expect_float_eq(b->long_context.output_usd_per_mtok, 16, 1e-12, "the entry's output");
+    cr_expect_float_eq(b->long_context.cached_input_usd_per_mtok, 1, 1e-12, "1/4 of 4");
+    cr_expect_float_eq(b->long_context.cache_write_usd_per_mtok, 5, 1e-12, "1.25 x 4");
     cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].cached_input_usd_per_mtok, 0.5, 1e-12);
     b = conf_find_backend(c, "own-both");
     cr_expect_float_eq(b->cached_input_usd_per_mtok, 1.5, 1e-12, "its own");
@@ -748,6 +751,13 @@ Test(conf, a_backends_own_input_price_scales_its_entrys_cached_prices, .timeout 
     cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].input_usd_per_mtok, 1, 1e-12);
     cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].output_usd_per_mtok, 4, 1e-12);
     cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].cached_input_usd_per_mtok, 0.25, 1e-12);
+    b = conf_find_backend(c, "own-output");
+    cr_expect_float_eq(b->long_context.input_usd_per_mtok, 8, 1e-12, "the entry's");
+    cr_expect_float_eq(b->long_context.output_usd_per_mtok, 4, 1e-12, "2 x its output");
+    cr_expect_float_eq(b->long_context.cached_input_usd_per_mtok, 2, 1e-12, "the entry's");
+    b = conf_find_backend(c, "own-input-and-long");
+    cr_expect_float_eq(b->long_context.input_usd_per_mtok, 5, 1e-12, "its own");
+    cr_expect_float_eq(b->long_context.cached_input_usd_per_mtok, 1.25, 1e-12, "1/4 of 5");
     b = conf_find_backend(c, "own-zero");
     cr_expect_float_eq(b->cached_input_usd_per_mtok, 2, 1e-12, "no ratio: the input price");
     cr_expect_float_eq(b->cache_write_usd_per_mtok, 2.5, 1e-12, "no ratio: 1.25 x");

@@ -369,6 +369,35 @@ Test(costs, an_own_input_price_scales_the_entrys_cached_price)
                        prompt);
 }
 
+/* So do its own input and output prices scale its entry's long-prompt
+ * rates, in the entry's long-to-standard ratio: half off the standard
+ * rates is half off a long prompt's too, cached tokens included, not the
+ * entry's list price for them. */
+Test(costs, own_prices_scale_the_entrys_long_context_rates)
+{
+    top_extra = "prices:\n  listed: {input_usd_per_mtok: 400, output_usd_per_mtok: 800,\n"
+                "           cached_input_usd_per_mtok: 100,\n"
+                "           long_context: {above_prompt_tokens: 5, input_usd_per_mtok: 800,\n"
+                "                          output_usd_per_mtok: 1200, cached_input_usd_per_mtok: 400}}\n";
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_with("a", mock_a.port, 1, 200, 400, NULL, ", price: listed");
+    start_routers(1, "a", NULL);
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/responses",
+                           AUTH "x-mock-tokens: 10\r\nx-mock-cached-tokens: 5\r\n",
+                           "{\"model\":\"chat\",\"store\":false,\"input\":\"hello there, "
+                           "how are you doing today\"}"),
+                 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    double cost = header_usd("x-costrouter-cost-usd");
+    cJSON *usage = cJSON_GetObjectItem(body_json(), "usage");
+    double prompt = cJSON_GetObjectItem(usage, "input_tokens")->valuedouble;
+    cr_assert_gt(prompt, 5, "a long prompt");
+    /* fresh at $400 (not the entry's $800), cached at $200, output at $600 */
+    double want = ((prompt - 5) * 400 + 5 * 200 + 10 * 600) / 1e6;
+    cr_assert_float_eq(cost, want, 1e-9, "cost %.6f want %.6f (%g prompt tokens)", cost, want,
+                       prompt);
+}
+
 Test(costs, streamed_cost_arrives_as_sse_comment_and_trailer)
 {
     struct support_sse s = {0};
