@@ -338,33 +338,47 @@ Test(costs, settled_cost_is_usage_times_price_in_header_and_log)
     cJSON_Delete(rec);
 }
 
-/* A backend that sets its own input price (a negotiated discount) over a
- * price entry pays its cached tokens at the entry's cached-to-input
- * ratio of that price: half off the input is half off the cached tokens,
- * not the entry's list price for them. */
-Test(costs, an_own_input_price_scales_the_entrys_cached_price)
+/* Backend "a" at its own `in` and `out` USD per million over the price
+ * entry "listed" (`entry`, its YAML mapping): the cost of a Responses
+ * answer of 10 tokens with 5 of its prompt cached (mockllm reports them
+ * there, not in chat's); *prompt gets its prompt tokens. */
+static double cost_over_entry(const char *entry, int in, int out, double *prompt)
 {
-    top_extra = "prices:\n  listed: {input_usd_per_mtok: 400, output_usd_per_mtok: 800,\n"
-                "           cached_input_usd_per_mtok: 100}\n";
+    char prices[512];
+
+    snprintf(prices, sizeof(prices), "prices:\n  listed: %s\n", entry);
+    top_extra = prices;
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    add_backend_with("a", mock_a.port, 1, 200, 800, NULL, ", price: listed");
+    add_backend_with("a", mock_a.port, 1, in, out, NULL, ", price: listed");
     start_routers(1, "a", NULL);
-    /* mockllm reports cached tokens in a Responses answer (not chat's) */
+    top_extra = "";
     cr_assert_eq(call_port(routers[0].port, "POST", "/v1/responses",
                            AUTH "x-mock-tokens: 10\r\nx-mock-cached-tokens: 5\r\n",
                            "{\"model\":\"chat\",\"store\":false,\"input\":\"hello there, "
                            "how are you doing today\"}"),
                  0);
     cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
-    double cost = header_usd("x-costrouter-cost-usd");
     cJSON *usage = cJSON_GetObjectItem(body_json(), "usage");
-    double prompt = cJSON_GetObjectItem(usage, "input_tokens")->valuedouble;
-    double cached =
-        cJSON_GetObjectItem(cJSON_GetObjectItem(usage, "input_tokens_details"), "cached_tokens")
-            ->valuedouble;
-    cr_assert_eq(cached, 5, "%.*s", (int)resp.body.len, resp.body.data);
+    *prompt = cJSON_GetObjectItem(usage, "input_tokens")->valuedouble;
+    cr_assert_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(usage, "input_tokens_details"),
+                                     "cached_tokens")
+                     ->valuedouble,
+                 5, "%.*s", (int)resp.body.len, resp.body.data);
+    return header_usd("x-costrouter-cost-usd");
+}
+
+/* A backend that sets its own input price (a negotiated discount) over a
+ * price entry pays its cached tokens at the entry's cached-to-input
+ * ratio of that price: half off the input is half off the cached tokens,
+ * not the entry's list price for them. */
+Test(costs, an_own_input_price_scales_the_entrys_cached_price)
+{
+    double prompt, cost = cost_over_entry("{input_usd_per_mtok: 400, output_usd_per_mtok: 800, "
+                                          "cached_input_usd_per_mtok: 100}",
+                                          200, 800, &prompt);
     /* fresh at $200, cached at $50 (not the entry's $100), output at $800 */
     double want = ((prompt - 5) * 200 + 5 * 50 + 10 * 800) / 1e6;
+
     cr_assert_float_eq(cost, want, 1e-9, "cost %.6f want %.6f (%g prompt tokens)", cost, want,
                        prompt);
 }
@@ -375,25 +389,16 @@ Test(costs, an_own_input_price_scales_the_entrys_cached_price)
  * entry's list price for them. */
 Test(costs, own_prices_scale_the_entrys_long_context_rates)
 {
-    top_extra = "prices:\n  listed: {input_usd_per_mtok: 400, output_usd_per_mtok: 800,\n"
-                "           cached_input_usd_per_mtok: 100,\n"
-                "           long_context: {above_prompt_tokens: 5, input_usd_per_mtok: 800,\n"
-                "                          output_usd_per_mtok: 1200, cached_input_usd_per_mtok: 400}}\n";
-    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    add_backend_with("a", mock_a.port, 1, 200, 400, NULL, ", price: listed");
-    start_routers(1, "a", NULL);
-    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/responses",
-                           AUTH "x-mock-tokens: 10\r\nx-mock-cached-tokens: 5\r\n",
-                           "{\"model\":\"chat\",\"store\":false,\"input\":\"hello there, "
-                           "how are you doing today\"}"),
-                 0);
-    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
-    double cost = header_usd("x-costrouter-cost-usd");
-    cJSON *usage = cJSON_GetObjectItem(body_json(), "usage");
-    double prompt = cJSON_GetObjectItem(usage, "input_tokens")->valuedouble;
-    cr_assert_gt(prompt, 5, "a long prompt");
+    double prompt,
+        cost = cost_over_entry("{input_usd_per_mtok: 400, output_usd_per_mtok: 800, "
+                               "cached_input_usd_per_mtok: 100, long_context: "
+                               "{above_prompt_tokens: 5, input_usd_per_mtok: 800, "
+                               "output_usd_per_mtok: 1200, cached_input_usd_per_mtok: 400}}",
+                               200, 400, &prompt);
     /* fresh at $400 (not the entry's $800), cached at $200, output at $600 */
     double want = ((prompt - 5) * 400 + 5 * 200 + 10 * 600) / 1e6;
+
+    cr_assert_gt(prompt, 5, "a long prompt");
     cr_assert_float_eq(cost, want, 1e-9, "cost %.6f want %.6f (%g prompt tokens)", cost, want,
                        prompt);
 }
