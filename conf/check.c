@@ -121,14 +121,15 @@ static double derived_rate(const double *entry, double entry_input, double input
     return factor * input;
 }
 
-/* A long-prompt rate a backend leaves to its entry's tier (`entry`),
- * beside the backend's standard rate of that kind `rate` (its own when
- * `own_rate`) and the entry's `entry_rate`: the entry's, in the entry's
- * long-to-standard ratio to a standard rate of the backend's own, so a
- * discount it states reaches long prompts as it reaches cached tokens
- * (derived_rate); as listed when the entry's standard rate is free (no
- * ratio). Sets *scaled (may be NULL) when it scaled. */
-static double long_rate(double entry, double entry_rate, double rate, int own_rate, int *scaled)
+/* A rate a backend leaves to one of its entry's tiers (long prompts,
+ * flex, priority: `entry`), beside the backend's standard rate of that
+ * kind `rate` (its own when `own_rate`) and the entry's `entry_rate`: the
+ * entry's, in the entry's tier-to-standard ratio to a standard rate of
+ * the backend's own, so a discount it states reaches long prompts and
+ * service tiers as it reaches cached tokens (derived_rate); as listed
+ * when the entry's standard rate is free (no ratio). Sets *scaled (may
+ * be NULL) when it scaled. */
+static double tier_rate(double entry, double entry_rate, double rate, int own_rate, int *scaled)
 {
     if (!own_rate || entry_rate <= 0)
         return entry;
@@ -140,7 +141,7 @@ static double long_rate(double entry, double entry_rate, double rate, int own_ra
 /* An api backend's long-prompt tier, key by key like its other prices:
  * its own, else its entry's (complete whenever the entry has a tier, see
  * complete_long_context), scaled to a standard rate of its own
- * (long_rate). A size with no rate to bill at, its own or its entry's, is
+ * (tier_rate). A size with no rate to bill at, its own or its entry's, is
  * an error, and so are rates with no size. */
 static void resolve_long_context(struct conf__ctx *ctx, size_t i, const struct conf_price *p)
 {
@@ -166,10 +167,10 @@ static void resolve_long_context(struct conf__ctx *ctx, size_t i, const struct c
     if (!HAS(m, CONF__B_LONG_ABOVE))
         l->above_prompt_tokens = pl ? pl->above_prompt_tokens : 0;
     if (pl && !own)
-        l->input_usd_per_mtok = long_rate(pl->input_usd_per_mtok, p->input_usd_per_mtok,
+        l->input_usd_per_mtok = tier_rate(pl->input_usd_per_mtok, p->input_usd_per_mtok,
                                           b->input_usd_per_mtok, HAS(m, CONF__B_INPUT_USD), &own);
     if (pl && !HAS(m, CONF__B_LONG_OUTPUT_USD))
-        l->output_usd_per_mtok = long_rate(pl->output_usd_per_mtok, p->output_usd_per_mtok,
+        l->output_usd_per_mtok = tier_rate(pl->output_usd_per_mtok, p->output_usd_per_mtok,
                                            b->output_usd_per_mtok, HAS(m, CONF__B_OUTPUT_USD),
                                            NULL);
     in = pl ? pl->input_usd_per_mtok : 0;
@@ -203,8 +204,9 @@ static void resolve_long_context(struct conf__ctx *ctx, size_t i, const struct c
 
 /* An api backend's service tiers, key by key like its other prices: its
  * own, else its entry's (complete whenever the entry prices the tier, see
- * complete_tiers). A tier of its own needs both rates unless its entry
- * gives them. */
+ * complete_tiers), scaled to a standard rate of its own (tier_rate), its
+ * cached input following the tier's input. A tier of its own needs both
+ * rates unless its entry gives them. */
 static void resolve_tiers(struct conf__ctx *ctx, size_t i, const struct conf_price *p)
 {
     struct conf_backend *b = &ctx->conf->backends[i];
@@ -216,17 +218,23 @@ static void resolve_tiers(struct conf__ctx *ctx, size_t i, const struct conf_pri
         struct conf_tier_rates *r = &b->tiers[tier];
         const struct conf_tier_rates *pr = p && p->tiers[tier].priced ? &p->tiers[tier] : NULL;
 
+        /* its tier input is not the entry's (its own, or scaled) */
+        int own = HAS(m, key + CONF__TIER_INPUT);
+
         if (!HAS(m, key) && pr == NULL)
             continue;
-        if (pr && !HAS(m, key + CONF__TIER_INPUT))
-            r->input_usd_per_mtok = pr->input_usd_per_mtok;
+        if (pr && !own)
+            r->input_usd_per_mtok = tier_rate(pr->input_usd_per_mtok, p->input_usd_per_mtok,
+                                              b->input_usd_per_mtok, HAS(m, CONF__B_INPUT_USD),
+                                              &own);
         if (pr && !HAS(m, key + CONF__TIER_OUTPUT))
-            r->output_usd_per_mtok = pr->output_usd_per_mtok;
+            r->output_usd_per_mtok = tier_rate(pr->output_usd_per_mtok, p->output_usd_per_mtok,
+                                               b->output_usd_per_mtok, HAS(m, CONF__B_OUTPUT_USD),
+                                               NULL);
         if (!HAS(m, key + CONF__TIER_CACHED))
             r->cached_input_usd_per_mtok =
                 derived_rate(pr ? &pr->cached_input_usd_per_mtok : NULL,
-                             pr ? pr->input_usd_per_mtok : 0, r->input_usd_per_mtok,
-                             HAS(m, key + CONF__TIER_INPUT), 1);
+                             pr ? pr->input_usd_per_mtok : 0, r->input_usd_per_mtok, own, 1);
         for (int k = CONF__TIER_INPUT; pr == NULL && k <= CONF__TIER_OUTPUT; k++) {
             if (HAS(m, key + k))
                 continue;

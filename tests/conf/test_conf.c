@@ -737,7 +737,11 @@ Test(conf, a_backends_own_input_price_scales_its_entrys_cached_prices, .timeout 
     cr_expect_float_eq(b->long_context.output_usd_per_mtok, 16, 1e-12, "the entry's output");
     cr_expect_float_eq(b->long_context.cached_input_usd_per_mtok, 1, 1e-12, "1/4 of 4");
     cr_expect_float_eq(b->long_context.cache_write_usd_per_mtok, 5, 1e-12, "1.25 x 4");
-    cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].cached_input_usd_per_mtok, 0.5, 1e-12);
+    cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].input_usd_per_mtok, 1, 1e-12,
+                       "the entry's tier, 1/2 x its input");
+    cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].output_usd_per_mtok, 4, 1e-12, "the entry's");
+    cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].cached_input_usd_per_mtok, 0.25, 1e-12,
+                       "1/4 of the tier's input");
     b = conf_find_backend(c, "own-both");
     cr_expect_float_eq(b->cached_input_usd_per_mtok, 1.5, 1e-12, "its own");
     cr_expect_float_eq(b->cache_write_usd_per_mtok, 2, 1e-12, "its own");
@@ -755,6 +759,8 @@ Test(conf, a_backends_own_input_price_scales_its_entrys_cached_prices, .timeout 
     cr_expect_float_eq(b->long_context.input_usd_per_mtok, 8, 1e-12, "the entry's");
     cr_expect_float_eq(b->long_context.output_usd_per_mtok, 4, 1e-12, "2 x its output");
     cr_expect_float_eq(b->long_context.cached_input_usd_per_mtok, 2, 1e-12, "the entry's");
+    cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].input_usd_per_mtok, 2, 1e-12, "the entry's");
+    cr_expect_float_eq(b->tiers[CONF_TIER_FLEX].output_usd_per_mtok, 1, 1e-12, "1/2 x its output");
     b = conf_find_backend(c, "own-input-and-long");
     cr_expect_float_eq(b->long_context.input_usd_per_mtok, 5, 1e-12, "its own");
     cr_expect_float_eq(b->long_context.cached_input_usd_per_mtok, 1.25, 1e-12, "1/4 of 5");
