@@ -139,7 +139,7 @@ void router__send_response(struct router__client *c, int status, const char *con
                  status, http_status_text(status), framing, req->id_str,
                  anthropic ? "request-id: " : "", anthropic ? req->id_str : "",
                  anthropic ? "\r\n" : "", extra_headers ? extra_headers : "", cors,
-                 req->keep_alive ? "" : "Connection: close\r\n");
+                 router__client_connection_header(c));
     if (n < 0 || (size_t)n >= sizeof(head)) {
         router__client_close(c);
         return;

@@ -492,6 +492,13 @@ void router__client_send_raw(struct router__client *c, const uv_buf_t *bufs, uns
 /* Plaintext bytes the client sent: parse them, or keep them for later. */
 void router__client_take(struct router__client *c, const char *p, size_t len);
 void router__client_response_done(struct router__client *c);
+/* Is the client's request HTTP/1.0 (no chunks, keep-alive only when both
+ * sides say so)? */
+int router__client_http10(const struct router__client *c);
+/* The Connection header line of an answer to the current request, with
+ * its CRLF: close when the connection closes after it, keep-alive when an
+ * HTTP/1.0 client keeps it, else "" (HTTP/1.1 keeps it by default). */
+const char *router__client_connection_header(const struct router__client *c);
 void router__client_close(struct router__client *c);
 size_t router__client_write_queue(const struct router__client *c);
 uint64_t router__now(const struct router *r);

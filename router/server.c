@@ -808,6 +808,22 @@ void router__client_response_done(struct router__client *c)
     }
 }
 
+int router__client_http10(const struct router__client *c)
+{
+    return c->parser.http_major == 1 && c->parser.http_minor == 0;
+}
+
+/* An HTTP/1.0 client takes a connection it asked to keep for one the
+ * server closes unless the answer says keep-alive (RFC 9112, appendix
+ * C.2.2): it then waits for a close that comes only idle_timeout_ms
+ * later (ab -k does, and proxies that speak 1.0). */
+const char *router__client_connection_header(const struct router__client *c)
+{
+    if (!c->req.keep_alive)
+        return "Connection: close\r\n";
+    return router__client_http10(c) ? "Connection: keep-alive\r\n" : "";
+}
+
 /* LINGER: drop what the client sends; wait for more at most
  * ROUTER_LINGER_IDLE_MS, and never past linger_end. */
 static void client_drop(struct router__client *c)

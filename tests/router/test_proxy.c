@@ -773,6 +773,41 @@ Test(proxy, stream_to_an_http10_client_is_not_chunked)
     buf_free(&out);
 }
 
+/* An HTTP/1.0 client keeps its connection only when the answer says
+ * Connection: keep-alive (RFC 9112 9.3 and its appendix on 1.0
+ * keep-alive): without it the client (ab -k, 1.0 proxies) reads a
+ * connection the router keeps open as one to be closed, and waits for
+ * the close until idle_timeout_ms. So each answer the router keeps the
+ * connection open after says so, its own (/healthz, an error) as well as
+ * a backend's, and the next request on that connection is served. */
+Test(proxy, an_http10_keep_alive_answer_says_keep_alive)
+{
+    static const char *const requests[] = {
+        "GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        "GET /nowhere HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n",
+        "POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\n" AUTH
+        "Connection: keep-alive\r\nContent-Length: 69\r\n\r\n" CHAT,
+    };
+    static const int statuses[] = {200, 404, 200};
+    struct support_http_conn c;
+
+    cr_assert_eq(strlen(CHAT), 69);
+    start_two(NULL, NULL);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    for (size_t i = 0; i < sizeof(requests) / sizeof(requests[0]); i++) {
+        const char *conn;
+
+        cr_assert_eq(support_http_send(&c, requests[i], strlen(requests[i])), 0);
+        cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0, "request %zu", i);
+        cr_assert_eq(resp.status, statuses[i], "request %zu", i);
+        conn = support_http_header(&resp, "connection");
+        cr_assert_not_null(conn, "request %zu: no Connection header to a 1.0 keep-alive client", i);
+        cr_assert_eq(strcasecmp(conn, "keep-alive"), 0, "request %zu: Connection: %s", i, conn);
+        support_http_response_free(&resp);
+    }
+    support_http_close(&c);
+}
+
 Test(proxy, stream_usage_is_forwarded_when_the_client_asks)
 {
     struct support_sse s = {0};
