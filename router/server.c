@@ -1366,6 +1366,35 @@ void router_set_reload_hook(struct router *r, router_reload_hook *reload, void *
     r->shared->reload_arg = arg;
 }
 
+/* The address `conf`'s listen names: an IP address as it is, else a host
+ * name resolved once, here at start (the loop is not running yet, so the
+ * lookup may block), its first address taken, as nginx does with
+ * `listen localhost:8080`. The config check takes any HOST, so a name
+ * must work too. */
+static int listen_address(uv_loop_t *loop, const struct conf *conf, struct sockaddr_storage *addr)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
+    uv_getaddrinfo_t req;
+    int rc;
+
+    if (uv_ip4_addr(conf->listen_host, conf->listen_port, (struct sockaddr_in *)addr) == 0 ||
+        uv_ip6_addr(conf->listen_host, conf->listen_port, (struct sockaddr_in6 *)addr) == 0)
+        return 0;
+    /* No callback: uv_getaddrinfo runs the lookup there and then. */
+    rc = uv_getaddrinfo(loop, &req, NULL, conf->listen_host, NULL, &hints);
+    if (rc != 0) {
+        log_error("listen: cannot resolve %s: %s", conf->listen_host, uv_strerror(rc));
+        return rc;
+    }
+    memcpy(addr, req.addrinfo->ai_addr, req.addrinfo->ai_addrlen);
+    if (addr->ss_family == AF_INET6)
+        ((struct sockaddr_in6 *)addr)->sin6_port = htons(conf->listen_port);
+    else
+        ((struct sockaddr_in *)addr)->sin_port = htons(conf->listen_port);
+    uv_freeaddrinfo(req.addrinfo);
+    return 0;
+}
+
 int router_start(struct router *r)
 {
     struct router__shared *sh = r->shared;
@@ -1374,13 +1403,8 @@ int router_start(struct router *r)
     char host[64];
     int namelen = sizeof(bound), rc;
 
-    rc = uv_ip4_addr(r->conf->listen_host, r->conf->listen_port, (struct sockaddr_in *)&addr);
-    if (rc != 0)
-        rc = uv_ip6_addr(r->conf->listen_host, r->conf->listen_port, (struct sockaddr_in6 *)&addr);
-    if (rc != 0) {
-        log_error("listen: bad address %s", r->conf->listen_host);
+    if ((rc = listen_address(sh->loop, r->conf, &addr)) != 0)
         return rc;
-    }
     uv_tcp_init(sh->loop, &sh->listener);
     sh->listener.data = sh;
     uv_timer_init(sh->loop, &sh->accept_retry); /* closed with the listener */

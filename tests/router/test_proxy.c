@@ -808,6 +808,28 @@ Test(proxy, an_http10_keep_alive_answer_says_keep_alive)
     support_http_close(&c);
 }
 
+/* listen: HOST:PORT with a host name, which --check-config takes: the
+ * router listens on what it resolves to. It used to exit at start with
+ * "listen: bad address localhost", after the check said the config was
+ * fine. */
+Test(proxy, listen_takes_a_host_name)
+{
+    char a[1024], hex[65];
+    char *check[] = {getenv("COSTROUTER_BIN") ? getenv("COSTROUTER_BIN") : "./costrouter",
+                     "--check-config", conf_path, NULL};
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    support_key_sha256_hex(TENANT_KEY, hex);
+    start_router_with("listen: localhost:0\n"
+                      "backends:\n%s\n"
+                      "routes: [{model: chat, candidates: [a]}]\n"
+                      "tenants: [{id: t1, api_keys: [\"sha256:%s\"]}]\n",
+                      backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), hex);
+    cr_assert_eq(support_run(check, NULL, TIMEOUT_MS), 0, "--check-config refused it");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+}
+
 Test(proxy, stream_usage_is_forwarded_when_the_client_asks)
 {
     struct support_sse s = {0};
