@@ -416,3 +416,68 @@ Test(reload, the_400_message_ends_without_a_newline)
     support_proc_stop(&router);
     cr_assert(support_proc_exited_cleanly(&router), "exit status %d", router.status);
 }
+
+/* Lines in the file at `path` once it has `want` (the cost log is written
+ * every 200 ms): -1 if it cannot be read. */
+static int wait_lines(const char *path, int want)
+{
+    int n = -1;
+
+    for (int i = 0; i < TIMEOUT_MS / 20; i++) {
+        char line[4096];
+        FILE *f = fopen(path, "r");
+
+        n = -1;
+        if (f != NULL) {
+            for (n = 0; fgets(line, sizeof(line), f) != NULL;)
+                n++;
+            fclose(f);
+        }
+        if (n >= want)
+            break;
+        usleep(20000);
+    }
+    return n;
+}
+
+/* POST /admin/reload does what SIGHUP does (README: "the same as
+ * SIGHUP"): it reopens the cost log too, so a rotation may be finished
+ * with either. It reloaded the config alone: the router went on writing
+ * to the file moved aside (or deleted, its lines lost with it), and the
+ * new file was never made. */
+Test(reload, the_admin_reload_reopens_the_cost_log)
+{
+    char log[64], moved[80], top[128];
+    struct support_http_conn conn;
+    struct support_http_response r = {0};
+    struct buf text = {0};
+    FILE *f;
+
+    strcpy(log, "/tmp/costrouter-reload-cost-XXXXXX");
+    close(mkstemp(log));
+    snprintf(moved, sizeof(moved), "%s.1", log);
+    snprintf(top, sizeof(top), "cost_log: %s\n", log);
+    start_with(top, "  - {model: chat, candidates: [a]}\n");
+    /* A plain file again, not the FIFO: this reload reads it at once. */
+    cr_assert_eq(unlink(conf_path), 0);
+    conf_text(&text, top, "  - {model: chat, candidates: [a]}\n");
+    f = fopen(conf_path, "w");
+    cr_assert_not_null(f);
+    fwrite(text.data, 1, text.len, f);
+    fclose(f);
+    buf_free(&text);
+
+    cr_assert_eq(chat("chat"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(wait_lines(log, 1), 1);
+    cr_assert_eq(rename(log, moved), 0); /* logrotate's move */
+    send_reload(&conn);
+    cr_assert_eq(reload_answer(&conn, &r), 200, "%.*s", (int)r.body.len, r.body.data);
+    support_http_response_free(&r);
+    cr_assert_eq(chat("chat"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(wait_lines(log, 1), 1, "the request after the reload is not in a new %s", log);
+    cr_assert_eq(wait_lines(moved, 1), 1, "only the line before the rotation in %s", moved);
+    unlink(log);
+    unlink(moved);
+}
