@@ -89,6 +89,11 @@ struct router__shared {
     char listen_host[64];           /* `listen` of the config at start: what a reload */
     uint16_t listen_port;           /* compares with, as the listener keeps it */
     char listen_at[80];             /* HOST:PORT the listener has, for the log */
+    /* The store's journal_dropped (and its amount) the counters have: the
+     * store's, as the store outlives reloads, so that a new generation
+     * adds only what is dropped from then on. */
+    uint64_t journal_dropped_seen;
+    int64_t journal_dropped_amount_seen;
     unsigned stopping:1;            /* router_stop called */
     struct router *current;         /* the generation new connections go to */
     struct router *generations;     /* every live generation (list by next_gen) */
@@ -147,8 +152,6 @@ struct router {
     struct policy_experiment *experiments; /* prepared from conf.experiments */
     unsigned store_pending;         /* settles/releases/puts not answered yet */
     struct log_every store_warn;    /* failed store writes, logged once a second */
-    uint64_t journal_dropped_seen;  /* the store's journal_dropped the counter has */
-    int64_t journal_dropped_amount_seen; /* its journal_dropped_amount likewise */
     struct metrics *metrics;        /* shared->metrics */
     struct metrics_cost_log *cost_log; /* shared->cost_log, or NULL */
     struct router__shelf shelf;     /* buffers of idle connections' requests */
