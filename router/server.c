@@ -691,8 +691,10 @@ static int on_headers_complete(llhttp_t *p)
         c->req.error = error_body_too_large;
         return -1;
     }
-    /* The client waits for this before sending a large body (curl does). */
-    if (c->req.expect_continue)
+    /* The client waits for this before sending a large body (curl does).
+     * Not to HTTP/1.0, which has no 1xx: its client would take the 100
+     * for the answer (RFC 9110 10.1.1: ignore the expectation). */
+    if (c->req.expect_continue && !router__client_http10(c))
         router__client_send(c, "HTTP/1.1 100 Continue\r\n\r\n", 25);
     client_set_phase(c, ROUTER_CLIENT_BODY);
     return 0;

@@ -2847,6 +2847,27 @@ Test(proxy, expect_100_continue_is_answered_before_the_body)
     support_http_close(&c);
 }
 
+/* An HTTP/1.0 client knows no 1xx answer: it would take a 100 Continue
+ * for the final answer and the real one for garbage after it. RFC 9110
+ * 10.1.1: a server ignores 100-continue in an HTTP/1.0 request. */
+Test(proxy, expect_100_continue_from_an_http10_client_is_ignored)
+{
+    struct support_http_conn c;
+    const char request[] = "POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\n" AUTH
+                           "Expect: 100-continue\r\nContent-Length: 69\r\n\r\n" CHAT;
+    struct buf out = {0};
+
+    cr_assert_eq(strlen(CHAT), 69);
+    start_two(NULL, NULL);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    cr_assert_eq(support_http_send(&c, request, sizeof(request) - 1), 0);
+    read_to_close(&c, &out);
+    support_http_close(&c);
+    cr_assert_eq(buf_append(&out, "", 1), 0);
+    cr_assert_eq(strncmp(out.data, "HTTP/1.1 200 ", 13), 0, "%s", out.data);
+    buf_free(&out);
+}
+
 Test(proxy, sigterm_lets_a_stream_in_flight_finish)
 {
     struct support_sse s = {0};
