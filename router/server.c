@@ -818,10 +818,13 @@ int router__client_http10(const struct router__client *c)
 /* An HTTP/1.0 client takes a connection it asked to keep for one the
  * server closes unless the answer says keep-alive (RFC 9112, appendix
  * C.2.2): it then waits for a close that comes only idle_timeout_ms
- * later (ab -k does, and proxies that speak 1.0). */
+ * later (ab -k does, and proxies that speak 1.0). A draining generation
+ * (a reload replaced its config, or a stop) closes after every answer
+ * (router__client_response_done), so the answer says so: else a client
+ * sends its next request on a connection being closed. */
 const char *router__client_connection_header(const struct router__client *c)
 {
-    if (!c->req.keep_alive)
+    if (!c->req.keep_alive || c->router->stopping)
         return "Connection: close\r\n";
     return router__client_http10(c) ? "Connection: keep-alive\r\n" : "";
 }

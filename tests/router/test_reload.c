@@ -440,6 +440,23 @@ static int wait_lines(const char *path, int want)
     return n;
 }
 
+/* start_with, but the config stays a plain file, which a reload reads
+ * at once. */
+static void start_plain(const char *top, const char *routes)
+{
+    struct buf text = {0};
+    FILE *f;
+
+    start_with(top, routes);
+    cr_assert_eq(unlink(conf_path), 0);
+    conf_text(&text, top, routes);
+    f = fopen(conf_path, "w");
+    cr_assert_not_null(f);
+    fwrite(text.data, 1, text.len, f);
+    fclose(f);
+    buf_free(&text);
+}
+
 /* POST /admin/reload does what SIGHUP does (README: "the same as
  * SIGHUP"): it reopens the cost log too, so a rotation may be finished
  * with either. It reloaded the config alone: the router went on writing
@@ -450,22 +467,12 @@ Test(reload, the_admin_reload_reopens_the_cost_log)
     char log[64], moved[80], top[128];
     struct support_http_conn conn;
     struct support_http_response r = {0};
-    struct buf text = {0};
-    FILE *f;
 
     strcpy(log, "/tmp/costrouter-reload-cost-XXXXXX");
     close(mkstemp(log));
     snprintf(moved, sizeof(moved), "%s.1", log);
     snprintf(top, sizeof(top), "cost_log: %s\n", log);
-    start_with(top, "  - {model: chat, candidates: [a]}\n");
-    /* A plain file again, not the FIFO: this reload reads it at once. */
-    cr_assert_eq(unlink(conf_path), 0);
-    conf_text(&text, top, "  - {model: chat, candidates: [a]}\n");
-    f = fopen(conf_path, "w");
-    cr_assert_not_null(f);
-    fwrite(text.data, 1, text.len, f);
-    fclose(f);
-    buf_free(&text);
+    start_plain(top, "  - {model: chat, candidates: [a]}\n");
 
     cr_assert_eq(chat("chat"), 0);
     cr_assert_eq(resp.status, 200);
@@ -480,4 +487,50 @@ Test(reload, the_admin_reload_reopens_the_cost_log)
     cr_assert_eq(wait_lines(moved, 1), 1, "only the line before the rotation in %s", moved);
     unlink(log);
     unlink(moved);
+}
+
+/* An answer after which the router closes its connection, as it does
+ * after every answer on the config a reload replaced, says Connection:
+ * close (README, Signals), so that a client does not send its next
+ * request on a connection being closed: the reload's own answer, and a
+ * request in flight during a SIGHUP reload. Both went without it, and
+ * the connection closed under a client that thought it kept. */
+Test(reload, answers_on_the_config_replaced_say_connection_close)
+{
+    struct support_http_conn conn;
+    struct support_http_response r = {0};
+    struct buf slow = {0};
+    const char *h;
+    int before;
+
+    start_plain("", "  - {model: chat, candidates: [a]}\n");
+    send_reload(&conn);
+    cr_assert_eq(support_http_read(&conn, &r, RELOAD_TIMEOUT_MS), 0);
+    cr_assert_eq(r.status, 200);
+    h = support_http_header(&r, "connection");
+    cr_assert(h != NULL && strcasecmp(h, "close") == 0, "the reload's answer: Connection: %s",
+              h ? h : "(none)");
+    support_http_close(&conn);
+    support_http_response_free(&r);
+
+    before = log_count("config reloaded");
+    cr_assert_eq(support_http_format(&slow, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-ttft-ms: 1500\r\n",
+                                     "{\"model\":\"chat\"," MSG "}"),
+                 0);
+    cr_assert_eq(support_http_connect(&conn, router.port), 0);
+    cr_assert_eq(support_http_send(&conn, slow.data, slow.len), 0);
+    buf_free(&slow);
+    usleep(300000); /* the request is upstream */
+    kill(router.pid, SIGHUP);
+    for (int i = 0; i < RELOAD_TIMEOUT_MS / 10 && log_count("config reloaded") == before; i++)
+        usleep(10000);
+    cr_assert_gt(log_count("config reloaded"), before, "the SIGHUP reload was not applied");
+    cr_assert_eq(support_http_read(&conn, &r, TIMEOUT_MS), 0);
+    cr_assert_eq(r.status, 200);
+    h = support_http_header(&r, "connection");
+    cr_assert(h != NULL && strcasecmp(h, "close") == 0,
+              "the answer in flight at the reload: Connection: %s", h ? h : "(none)");
+    support_http_close(&conn);
+    support_http_response_free(&r);
 }
