@@ -86,7 +86,7 @@ struct router__shared {
     uv_timer_t accept_retry;        /* accepts again after no memory for a client (server.c) */
     struct log_every accept_log;    /* "no memory to accept" lines, once a minute */
     unsigned listening:1;           /* listener is open */
-    char listen_host[64];           /* `listen` of the config at start: what a reload */
+    char listen_host[256];          /* `listen` of the config at start: what a reload */
     uint16_t listen_port;           /* compares with, as the listener keeps it */
     char listen_at[80];             /* HOST:PORT the listener has, for the log */
     /* The store's journal_dropped (and its amount) the counters have: the
