@@ -670,9 +670,41 @@ static int on_header_value_complete(llhttp_t *p)
     return rc == 0 ? 0 : -1;
 }
 
+/* A request target in absolute form, "http://HOST[:PORT]/PATH?QUERY"
+ * (what a client sends to a proxy), becomes its origin form "/PATH?QUERY"
+ * ("/" when it has no path): RFC 9112 3.2.2 has a server accept it, and
+ * every endpoint is found, and the upstream target built, from the path.
+ * The host is not checked: the router serves one origin on its port. */
+static void url_to_origin_form(struct buf *url)
+{
+    static const char *const schemes[] = {"http://", "https://"};
+    const char *slash, *query;
+    size_t skip;
+
+    for (size_t i = 0; i < ARRAY_SIZE(schemes); i++) {
+        size_t n = strlen(schemes[i]);
+
+        if (url->len < n || strncasecmp(url->data, schemes[i], n) != 0)
+            continue;
+        slash = memchr(url->data + n, '/', url->len - n);
+        query = memchr(url->data + n, '?', url->len - n);
+        if (slash == NULL || (query != NULL && query < slash)) {
+            /* No path: "/", before the query if there is one. */
+            skip = (size_t)((query ? query : url->data + url->len) - url->data) - 1;
+            buf_consume(url, skip);
+            url->data[0] = '/';
+        } else {
+            buf_consume(url, (size_t)(slash - url->data));
+        }
+        return;
+    }
+}
+
 static int on_headers_complete(llhttp_t *p)
 {
     struct router__client *c = parser_client(p);
+
+    url_to_origin_form(&c->req.url);
 
     /* CONNECT asks for a tunnel, which the router is not: what follows
      * its head is no HTTP, so it is answered 405 and the connection

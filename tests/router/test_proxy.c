@@ -2868,6 +2868,33 @@ Test(proxy, expect_100_continue_from_an_http10_client_is_ignored)
     buf_free(&out);
 }
 
+/* A request target in absolute form (http://HOST/PATH, as a client sends
+ * to a proxy: HTTP_PROXY pointing at the router) names the same resource
+ * as its path (RFC 9112 3.2.2: a server MUST accept it). It was a 404
+ * "unknown path": the router took the whole URL for the path. */
+Test(proxy, an_absolute_form_request_target_is_its_path)
+{
+    static const char *const requests[] = {
+        "GET http://127.0.0.1/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        "GET HTTPS://example.com:8443/healthz?x=1 HTTP/1.1\r\nHost: example.com\r\n\r\n",
+        "POST http://127.0.0.1/v1/chat/completions HTTP/1.1\r\nHost: x\r\n" AUTH
+        "Content-Length: 69\r\n\r\n" CHAT,
+    };
+    struct support_http_conn c;
+
+    cr_assert_eq(strlen(CHAT), 69);
+    start_two(NULL, NULL);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    for (size_t i = 0; i < sizeof(requests) / sizeof(requests[0]); i++) {
+        cr_assert_eq(support_http_send(&c, requests[i], strlen(requests[i])), 0);
+        cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0, "request %zu", i);
+        cr_assert_eq(resp.status, 200, "request %zu: %d %.*s", i, resp.status,
+                     (int)resp.body.len, resp.body.data);
+        support_http_response_free(&resp);
+    }
+    support_http_close(&c);
+}
+
 Test(proxy, sigterm_lets_a_stream_in_flight_finish)
 {
     struct support_sse s = {0};
