@@ -84,23 +84,29 @@ static void conf_text(struct buf *out, const char *top, const char *routes)
 /* Start the mocks and the router on a config with `top` and `routes`,
  * logging to log_path; then put a FIFO where its config file was, so
  * that the next reload waits for the test to write it. */
-static void start_with(const char *top, const char *routes)
+/* Write the config with `top` and `routes` as a plain file at conf_path. */
+static void write_conf(const char *top, const char *routes)
 {
     struct buf text = {0};
     FILE *f;
 
-    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
-    strcpy(conf_path, "/tmp/costrouter-reload-XXXXXX");
-    close(mkstemp(conf_path));
-    strcpy(log_path, "/tmp/costrouter-reload-log-XXXXXX");
-    close(mkstemp(log_path));
     conf_text(&text, top, routes);
     f = fopen(conf_path, "w");
     cr_assert_not_null(f);
     fwrite(text.data, 1, text.len, f);
     fclose(f);
     buf_free(&text);
+}
+
+static void start_with(const char *top, const char *routes)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    strcpy(conf_path, "/tmp/costrouter-reload-XXXXXX");
+    close(mkstemp(conf_path));
+    strcpy(log_path, "/tmp/costrouter-reload-log-XXXXXX");
+    close(mkstemp(log_path));
+    write_conf(top, routes);
     cr_assert_eq(support_router_start(&router, NULL, conf_path, log_path), 0,
                  "the router did not start");
     cr_assert_eq(unlink(conf_path), 0);
@@ -444,17 +450,9 @@ static int wait_lines(const char *path, int want)
  * at once. */
 static void start_plain(const char *top, const char *routes)
 {
-    struct buf text = {0};
-    FILE *f;
-
     start_with(top, routes);
     cr_assert_eq(unlink(conf_path), 0);
-    conf_text(&text, top, routes);
-    f = fopen(conf_path, "w");
-    cr_assert_not_null(f);
-    fwrite(text.data, 1, text.len, f);
-    fclose(f);
-    buf_free(&text);
+    write_conf(top, routes);
 }
 
 /* POST /admin/reload does what SIGHUP does (README: "the same as
