@@ -1315,7 +1315,7 @@ static int differ(const char *a, const char *b)
 }
 
 /* The first setting that the state made once at start (the store with its
- * connection and cache, the cost log file) was made from and that `next`
+ * connection and cache, the cost log file, the token tables) was made from and that `next`
  * changes, or NULL. A reload cannot apply such a change; run on the old
  * values while the file says otherwise, a router moved to Redis would
  * keep its budgets to itself. Names only: store.redis may hold a
@@ -1352,6 +1352,11 @@ static const char *restart_only_change(const struct conf *now, const struct conf
         return "cost_log_buffer_max";
     if (now->cost_log_wait_ms != next->cost_log_wait_ms)
         return "cost_log_wait_ms";
+    /* The token tables come from there: those loaded at start, and those
+     * a reload names first (policy_tokens_add reads the folder they were
+     * created with). Taken and ignored, it would look applied. */
+    if (differ(now->tokenizer_data, next->tokenizer_data))
+        return "tokenizer_data";
     return NULL;
 }
 

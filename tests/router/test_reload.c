@@ -532,3 +532,31 @@ Test(reload, answers_on_the_config_replaced_say_connection_close)
     support_http_close(&conn);
     support_http_response_free(&r);
 }
+
+/* tokenizer_data is where the token tables were loaded from at start,
+ * and where a reload loads one it names for the first time: a reload
+ * cannot move it, so one that changes it is refused, naming the key, as
+ * the other settings made once at start are (README, Signals). It was
+ * taken, and ignored: tables still came from the old folder (or none at
+ * all, when the start found none there), prompts estimated from bytes. */
+Test(reload, a_reload_that_moves_tokenizer_data_is_refused)
+{
+    char a[64], b[64], top[160];
+    struct buf text = {0};
+    const char *routes = "  - {model: chat, candidates: [a]}\n";
+
+    strcpy(a, "/tmp/costrouter-reload-tok-a-XXXXXX");
+    strcpy(b, "/tmp/costrouter-reload-tok-b-XXXXXX");
+    cr_assert_not_null(mkdtemp(a));
+    cr_assert_not_null(mkdtemp(b));
+    snprintf(top, sizeof(top), "tokenizer_data: %s\n", a);
+    start_with(top, routes);
+    snprintf(top, sizeof(top), "tokenizer_data: %s\n", b);
+    conf_text(&text, top, routes);
+    assert_refused_with(text.data, "tokenizer_data cannot change without a restart");
+    buf_free(&text);
+    cr_assert_eq(chat("chat"), 0);
+    cr_assert_eq(resp.status, 200, "the running config stays");
+    rmdir(a);
+    rmdir(b);
+}
