@@ -672,29 +672,28 @@ static int on_header_value_complete(llhttp_t *p)
 
 /* A request target in absolute form, "http://HOST[:PORT]/PATH?QUERY"
  * (what a client sends to a proxy), becomes its origin form "/PATH?QUERY"
- * ("/" when it has no path): RFC 9112 3.2.2 has a server accept it, and
- * every endpoint is found, and the upstream target built, from the path.
- * The host is not checked: the router serves one origin on its port. */
+ * ("/" before the query or fragment when it has no path): RFC 9112 3.2.2
+ * has a server accept it, and every endpoint is found, and the upstream
+ * target built, from the path. The host is not checked: the router serves
+ * one origin on its port. */
 static void url_to_origin_form(struct buf *url)
 {
     static const char *const schemes[] = {"http://", "https://"};
-    const char *slash, *query;
-    size_t skip;
+    size_t end;
 
     for (size_t i = 0; i < ARRAY_SIZE(schemes); i++) {
         size_t n = strlen(schemes[i]);
 
         if (url->len < n || strncasecmp(url->data, schemes[i], n) != 0)
             continue;
-        slash = memchr(url->data + n, '/', url->len - n);
-        query = memchr(url->data + n, '?', url->len - n);
-        if (slash == NULL || (query != NULL && query < slash)) {
-            /* No path: "/", before the query if there is one. */
-            skip = (size_t)((query ? query : url->data + url->len) - url->data) - 1;
-            buf_consume(url, skip);
-            url->data[0] = '/';
+        /* The authority ends at the path, the query or the fragment. */
+        for (end = n; end < url->len && memchr("/?#", url->data[end], 3) == NULL; end++)
+            ;
+        if (end < url->len && url->data[end] == '/') {
+            buf_consume(url, end);
         } else {
-            buf_consume(url, (size_t)(slash - url->data));
+            buf_consume(url, end - 1); /* its last byte becomes the "/" */
+            url->data[0] = '/';
         }
         return;
     }

@@ -2893,6 +2893,9 @@ Test(proxy, an_absolute_form_request_target_is_its_path)
         support_http_response_free(&resp);
     }
     support_http_close(&c);
+    /* A fragment after the authority is refused as after a path. */
+    cr_assert_eq(call("GET", "http://127.0.0.1#x", NULL, NULL), 0);
+    cr_assert_eq(resp.status, 400);
 }
 
 Test(proxy, sigterm_lets_a_stream_in_flight_finish)
