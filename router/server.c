@@ -1313,6 +1313,26 @@ static int differ(const char *a, const char *b)
     return a == NULL || b == NULL ? a != b : strcmp(a, b) != 0;
 }
 
+/* Load the token tables `conf` names that are not loaded yet (on the
+ * loop, see router_reload). None at all since the start (its folder had
+ * none: `make deps` not run yet) is tried afresh, so that a reload once
+ * they are there counts prompts exactly, as the start's warning means. */
+static void tokens_reload(struct router__shared *sh, const struct conf *conf)
+{
+    int rc;
+
+    if (sh->tokens != NULL) {
+        rc = policy_tokens_add(sh->tokens, conf_encodings(conf));
+    } else {
+        rc = policy_tokens_load_some(&sh->tokens, conf->tokenizer_data, conf_encodings(conf));
+        if (rc == 0)
+            log_info("reload: token tables loaded from %s", conf->tokenizer_data);
+    }
+    if (rc < 0)
+        log_warn("reload: a token table could not be loaded; prompts for its backends are "
+                 "estimated from bytes");
+}
+
 /* The first setting that the state made once at start (the store with its
  * connection and cache, the cost log file, the token tables) was made from and that `next`
  * changes, or NULL. A reload cannot apply such a change; run on the old
@@ -1386,9 +1406,7 @@ struct router *router_reload(struct router *old, struct conf *conf, char **error
      * one): the tables live in sh->tokens, which the loop counts with and
      * which is not thread-safe, so a load off the loop would need a way to
      * move a table loaded apart into it, which policy/ does not have yet. */
-    if (sh->tokens != NULL && policy_tokens_add(sh->tokens, conf_encodings(conf)) < 0)
-        log_warn("reload: a token table could not be loaded; prompts for its backends are "
-                 "estimated from bytes");
+    tokens_reload(sh, conf);
     r = generation_create(sh, conf, errors);
     if (r == NULL)
         return NULL;

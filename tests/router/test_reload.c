@@ -560,3 +560,99 @@ Test(reload, a_reload_that_moves_tokenizer_data_is_refused)
     rmdir(a);
     rmdir(b);
 }
+
+/* prompt_tokens_est of line `n` (1-based) of the cost log at `path`,
+ * waiting for it to be written; -1 if it never is. */
+static double logged_prompt_est(const char *path, int n)
+{
+    double v = -1;
+
+    if (wait_lines(path, n) < n)
+        return -1;
+    FILE *f = fopen(path, "r");
+    char line[8192];
+
+    for (int i = 0; f != NULL && i < n && fgets(line, sizeof(line), f) != NULL; i++) {
+        cJSON *j = cJSON_Parse(line);
+
+        if (i == n - 1)
+            v = cJSON_GetNumberValue(cJSON_GetObjectItem(j, "prompt_tokens_est"));
+        cJSON_Delete(j);
+    }
+    if (f)
+        fclose(f);
+    return v;
+}
+
+/* A router started where tokenizer_data has no tables (`make deps` not
+ * run yet) estimates prompts from bytes and says so; once the tables are
+ * there, a reload loads them (README: a reload loads a table it names
+ * for the first time), so prompts are counted exactly from then on. It
+ * never did: with none loaded at start, a reload tried no table. */
+Test(reload, a_reload_loads_the_token_tables_missing_at_start)
+{
+    static const char body[] =
+        "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":"
+        "\"hello there, hello there, hello there\"}]}";
+    char dir[64], table[128], data[512], src[600], log[64], body_path[64], hex[65], cmd[1024];
+    struct buf out = {0};
+    FILE *f;
+    long exact;
+
+    support_key_sha256_hex(KEY, hex);
+    strcpy(dir, "/tmp/costrouter-reload-tables-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    strcpy(log, "/tmp/costrouter-reload-cost-XXXXXX");
+    close(mkstemp(log));
+    strcpy(body_path, "/tmp/costrouter-reload-body-XXXXXX");
+    close(mkstemp(body_path));
+    cr_assert_eq(support_file_write(body_path, body), 0);
+    snprintf(data, sizeof(data), "%s/data/tokens",
+             getenv("COSTROUTER_SRC") ? getenv("COSTROUTER_SRC") : ".");
+    snprintf(src, sizeof(src), "%s/o200k_base.tok", data);
+    snprintf(table, sizeof(table), "%s/o200k_base.tok", dir);
+    /* The exact count, as `costrouter tokens` makes it from the table. */
+    char *argv[] = {getenv("COSTROUTER_BIN") ? getenv("COSTROUTER_BIN") : "./costrouter",
+                    "tokens", "--encoding", "o200k_base", "--chat", "--data", data,
+                    body_path, NULL};
+    cr_assert_eq(support_run(argv, &out, TIMEOUT_MS), 0);
+    cr_assert_eq(buf_append(&out, "", 1), 0);
+    exact = strtol(out.data, NULL, 10);
+    buf_free(&out);
+    cr_assert_gt(exact, 0);
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    strcpy(conf_path, "/tmp/costrouter-reload-XXXXXX");
+    close(mkstemp(conf_path));
+    strcpy(log_path, "/tmp/costrouter-reload-log-XXXXXX");
+    close(mkstemp(log_path));
+    f = fopen(conf_path, "w");
+    cr_assert_not_null(f);
+    fprintf(f,
+            "listen: 127.0.0.1:0\nadmin_key: adm-reload\ncost_log: %s\ntokenizer_data: %s\n"
+            "backends:\n"
+            "  - {name: a, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-a,\n"
+            "     quality: 1, context_window: 100000, input_usd_per_mtok: 1,\n"
+            "     output_usd_per_mtok: 1, tokenizer: o200k_base}\n"
+            "routes:\n  - {model: chat, candidates: [a]}\n"
+            "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n",
+            log, dir, mock_a.port, hex);
+    fclose(f);
+    cr_assert_eq(support_router_start(&router, NULL, conf_path, log_path), 0);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_neq(logged_prompt_est(log, 1), (double)exact, "counted exactly without tables");
+
+    snprintf(cmd, sizeof(cmd), "cp '%s' '%s'", src, table);
+    cr_assert_eq(system(cmd), 0, "%s", cmd);
+    cr_assert_eq(call("POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(logged_prompt_est(log, 2), (double)exact,
+                 "still estimated from bytes after the reload (exact: %ld)", exact);
+    unlink(table);
+    rmdir(dir);
+    unlink(log);
+    unlink(body_path);
+}
