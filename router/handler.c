@@ -1044,6 +1044,20 @@ static const char *parse_tags(struct router__request *req, const char **detail)
     return NULL;
 }
 
+const char *router__refusal_on_head(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    const char *errstr = NULL;
+    enum router__endpoint ep =
+        endpoint_find(request_path(req), llhttp_get_method(&c->parser), &errstr);
+
+    if (ep == ROUTER_EP_NONE)
+        return errstr; /* unknown path, wrong method */
+    if (ROUTER_EP_PROXIED(ep) && authenticate(c) == NULL)
+        return error_unauthorized;
+    return NULL;
+}
+
 void router__refuse(struct router__client *c, const char *errstr, const char *detail)
 {
     struct router__request *req = &c->req;

@@ -508,6 +508,10 @@ uint64_t router__now(const struct router *r);
 
 /* handler.c: what to do with a complete request */
 void router__handle(struct router__client *c);
+/* Before the body of a request whose head is read: the error it will be
+ * refused with whatever its body holds (an unknown path, a wrong method,
+ * a /v1 request without a tenant key the router knows), or NULL. */
+const char *router__refusal_on_head(struct router__client *c);
 /* Answer bytes refused before they made a whole request (malformed, over
  * a limit, too slow) with `errstr`; a /v1 one is accounted as a request. */
 void router__refuse(struct router__client *c, const char *errstr, const char *detail);

@@ -724,9 +724,15 @@ static int on_headers_complete(llhttp_t *p)
     }
     /* The client waits for this before sending a large body (curl does).
      * Not to HTTP/1.0, which has no 1xx: its client would take the 100
-     * for the answer (RFC 9110 10.1.1: ignore the expectation). */
-    if (c->req.expect_continue && !router__client_http10(c))
+     * for the answer (RFC 9110 10.1.1: ignore the expectation). A request
+     * refused whatever its body (no known key, no such path) is refused
+     * now instead, the body unsent: a final answer in place of the 100,
+     * as RFC 9110 10.1.1 allows, then the connection closes. */
+    if (c->req.expect_continue && !router__client_http10(c)) {
+        if ((c->req.error = router__refusal_on_head(c)) != NULL)
+            return -1;
         router__client_send(c, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+    }
     client_set_phase(c, ROUTER_CLIENT_BODY);
     return 0;
 }

@@ -2847,6 +2847,42 @@ Test(proxy, expect_100_continue_is_answered_before_the_body)
     support_http_close(&c);
 }
 
+/* A request the router will refuse whatever its body holds (no tenant
+ * key it knows, an unknown path, a wrong method) is refused on its head
+ * when it asks to wait for 100 Continue: the client (curl, for a body
+ * over 1 MB) learns at once instead of sending the whole body first. It
+ * got 100 Continue, then the refusal once the body was read. */
+Test(proxy, expect_100_continue_refused_on_its_head)
+{
+    static const char *const heads[] = {
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        "Authorization: Bearer sk-not-a-tenant\r\n",
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n",
+        "POST /v1/nowhere HTTP/1.1\r\nHost: x\r\n" AUTH,
+        "PUT /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" AUTH,
+    };
+    static const int statuses[] = {401, 401, 404, 405};
+    struct buf head = {0};
+
+    start_two(NULL, NULL);
+    for (size_t i = 0; i < sizeof(heads) / sizeof(heads[0]); i++) {
+        struct support_http_conn c;
+
+        buf_reset(&head);
+        cr_assert_eq(buf_printf(&head, "%sExpect: 100-continue\r\nContent-Length: 69\r\n\r\n",
+                                heads[i]),
+                     0);
+        cr_assert_eq(support_http_connect(&c, router.port), 0);
+        cr_assert_eq(support_http_send(&c, head.data, head.len), 0);
+        cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0, "request %zu", i);
+        cr_assert_eq(resp.status, statuses[i], "request %zu: %d", i, resp.status);
+        support_http_response_free(&resp);
+        support_http_close(&c);
+    }
+    buf_free(&head);
+    /* The tenant's own request still gets its 100 (expect_100_continue_...). */
+}
+
 /* An HTTP/1.0 client knows no 1xx answer: it would take a 100 Continue
  * for the final answer and the real one for garbage after it. RFC 9110
  * 10.1.1: a server ignores 100-continue in an HTTP/1.0 request. */
