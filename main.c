@@ -327,8 +327,10 @@ static void reload_start(struct app *app)
     }
 }
 
-/* Reload the config file: at once if no reload runs, else once more
- * after it. `done` (may be NULL: SIGHUP) gets the outcome. */
+/* Reopen the cost log (after a rotation) and reload the config file: at
+ * once if no reload runs, else once more after it. `done` (may be NULL:
+ * SIGHUP) gets the outcome. SIGHUP and POST /admin/reload both come here,
+ * so either finishes a rotation. */
 static void reload(void *arg, router_reload_done_cb *done, void *done_arg)
 {
     struct app *app = arg;
@@ -340,6 +342,7 @@ static void reload(void *arg, router_reload_done_cb *done, void *done_arg)
                  "the router is stopping; the config was not reloaded");
         return;
     }
+    router_reopen_logs(app->router);
     if (done != NULL) {
         struct reload_waiter **list = app->load ? &app->next_waiting : &app->waiting;
 
@@ -380,7 +383,6 @@ static void on_hup(uv_signal_t *s, int signum)
 {
     struct app *app = s->data;
 
-    router_reopen_logs(app->router);
     reload(app, NULL, NULL);
 }
 

@@ -163,6 +163,17 @@ static void join_key(char *out, size_t size, const char *path, const char *key, 
 
 /* ---- scalar conversion ---- */
 
+/* Does `s` (not empty) start or end with a blank? A key goes in an HTTP
+ * header, whose value loses its blanks at both ends (RFC 9110 5.5): the
+ * admin key a client sends, the backend key a backend reads, would lack
+ * them, and never match (an ${ENV} value copied with a space, say). */
+static int blank_ended(const char *s)
+{
+    size_t n = strlen(s);
+
+    return s[0] == ' ' || s[n - 1] == ' '; /* a tab is a control character, refused apart */
+}
+
 static int has_control(const char *s)
 {
     for (; *s; s++)
@@ -203,6 +214,10 @@ static int convert(struct conf__ctx *ctx, const struct directive *d, void *obj, 
             return conf__error(ctx, line, path, "must not be empty");
         if (has_control(text))
             return conf__error(ctx, line, path, "contains control characters");
+        if (d->type == T_SECRET && blank_ended(text))
+            return conf__error(ctx, line, path,
+                               "has a blank at its start or end, which an HTTP header does not "
+                               "carry: it could never match");
         if (d->fn && d->fn(ctx, obj, text, line, path) != 0)
             return -1;
         free(*(char **)field);

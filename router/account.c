@@ -310,6 +310,7 @@ static void upstream_gauges(struct router *r)
 
 void router__refresh_gauges(struct router *r)
 {
+    struct router__shared *sh = r->shared;
     const struct conf *conf = r->conf;
     uint64_t now = router__now(r);
     struct cache_stats st;
@@ -358,19 +359,15 @@ void router__refresh_gauges(struct router *r)
         if (conf->redis_url) {
             metrics_set(r->metrics, METRICS_STORE_JOURNAL_ENTRIES, labels,
                         (double)st.journal_entries);
-            /* Counters: what the store dropped since the last look (a
-             * reload that made a new store starts it from 0). */
-            if (st.journal_dropped < r->journal_dropped_seen) {
-                r->journal_dropped_seen = 0;
-                r->journal_dropped_amount_seen = 0;
-            }
+            /* Counters: what the store dropped since the last look, by
+             * any generation (the store is made once, at start). */
             metrics_add(r->metrics, METRICS_STORE_JOURNAL_DROPPED_TOTAL, labels,
-                        (double)(st.journal_dropped - r->journal_dropped_seen));
+                        (double)(st.journal_dropped - sh->journal_dropped_seen));
             metrics_add(r->metrics, METRICS_STORE_JOURNAL_DROPPED_USD_TOTAL, labels,
-                        (double)MAX(st.journal_dropped_amount - r->journal_dropped_amount_seen,
+                        (double)MAX(st.journal_dropped_amount - sh->journal_dropped_amount_seen,
                                     0) / 1e6);
-            r->journal_dropped_seen = st.journal_dropped;
-            r->journal_dropped_amount_seen = st.journal_dropped_amount;
+            sh->journal_dropped_seen = st.journal_dropped;
+            sh->journal_dropped_amount_seen = st.journal_dropped_amount;
         }
         if (conf->store_spend_file)
             metrics_set(r->metrics, METRICS_STORE_SPEND_FILE_FAILING, labels,

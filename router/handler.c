@@ -139,7 +139,7 @@ void router__send_response(struct router__client *c, int status, const char *con
                  status, http_status_text(status), framing, req->id_str,
                  anthropic ? "request-id: " : "", anthropic ? req->id_str : "",
                  anthropic ? "\r\n" : "", extra_headers ? extra_headers : "", cors,
-                 req->keep_alive ? "" : "Connection: close\r\n");
+                 router__client_connection_header(c));
     if (n < 0 || (size_t)n >= sizeof(head)) {
         router__client_close(c);
         return;
@@ -1041,6 +1041,20 @@ static const char *parse_tags(struct router__request *req, const char **detail)
         ((char *)value.p)[value.len] = '\0';
         req->tags[req->ntags++] = (struct conf_tag){(char *)key.p, (char *)value.p};
     }
+    return NULL;
+}
+
+const char *router__refusal_on_head(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    const char *errstr = NULL;
+    enum router__endpoint ep =
+        endpoint_find(request_path(req), llhttp_get_method(&c->parser), &errstr);
+
+    if (ep == ROUTER_EP_NONE)
+        return errstr; /* unknown path, wrong method */
+    if (ROUTER_EP_PROXIED(ep) && authenticate(c) == NULL)
+        return error_unauthorized;
     return NULL;
 }
 

@@ -86,9 +86,14 @@ struct router__shared {
     uv_timer_t accept_retry;        /* accepts again after no memory for a client (server.c) */
     struct log_every accept_log;    /* "no memory to accept" lines, once a minute */
     unsigned listening:1;           /* listener is open */
-    char listen_host[64];           /* `listen` of the config at start: what a reload */
+    char listen_host[256];          /* `listen` of the config at start: what a reload */
     uint16_t listen_port;           /* compares with, as the listener keeps it */
     char listen_at[80];             /* HOST:PORT the listener has, for the log */
+    /* The store's journal_dropped (and its amount) the counters have: the
+     * store's, as the store outlives reloads, so that a new generation
+     * adds only what is dropped from then on. */
+    uint64_t journal_dropped_seen;
+    int64_t journal_dropped_amount_seen;
     unsigned stopping:1;            /* router_stop called */
     struct router *current;         /* the generation new connections go to */
     struct router *generations;     /* every live generation (list by next_gen) */
@@ -147,8 +152,6 @@ struct router {
     struct policy_experiment *experiments; /* prepared from conf.experiments */
     unsigned store_pending;         /* settles/releases/puts not answered yet */
     struct log_every store_warn;    /* failed store writes, logged once a second */
-    uint64_t journal_dropped_seen;  /* the store's journal_dropped the counter has */
-    int64_t journal_dropped_amount_seen; /* its journal_dropped_amount likewise */
     struct metrics *metrics;        /* shared->metrics */
     struct metrics_cost_log *cost_log; /* shared->cost_log, or NULL */
     struct router__shelf shelf;     /* buffers of idle connections' requests */
@@ -492,12 +495,23 @@ void router__client_send_raw(struct router__client *c, const uv_buf_t *bufs, uns
 /* Plaintext bytes the client sent: parse them, or keep them for later. */
 void router__client_take(struct router__client *c, const char *p, size_t len);
 void router__client_response_done(struct router__client *c);
+/* Is the client's request HTTP/1.0 (no chunks, keep-alive only when both
+ * sides say so)? */
+int router__client_http10(const struct router__client *c);
+/* The Connection header line of an answer to the current request, with
+ * its CRLF: close when the connection closes after it, keep-alive when an
+ * HTTP/1.0 client keeps it, else "" (HTTP/1.1 keeps it by default). */
+const char *router__client_connection_header(const struct router__client *c);
 void router__client_close(struct router__client *c);
 size_t router__client_write_queue(const struct router__client *c);
 uint64_t router__now(const struct router *r);
 
 /* handler.c: what to do with a complete request */
 void router__handle(struct router__client *c);
+/* Before the body of a request whose head is read: the error it will be
+ * refused with whatever its body holds (an unknown path, a wrong method,
+ * a /v1 request without a tenant key the router knows), or NULL. */
+const char *router__refusal_on_head(struct router__client *c);
 /* Answer bytes refused before they made a whole request (malformed, over
  * a limit, too slow) with `errstr`; a /v1 one is accounted as a request. */
 void router__refuse(struct router__client *c, const char *errstr, const char *detail);

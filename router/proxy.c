@@ -1543,18 +1543,13 @@ static void send_raw(struct router__client *c, const char *p, size_t len)
     send_bufs(c, &b, 1);
 }
 
-/* An HTTP/1.0 client: no chunks, no trailers. */
-static int client_http10(const struct router__client *c)
-{
-    return c->parser.http_major == 1 && c->parser.http_minor == 0;
-}
-
 /* Write the held head with the length and, once known, the cost, and
  * `body` (may be NULL) in the same write. */
 static void send_held_head(struct router__client *c, int64_t length, int with_cost,
                            const struct buf *body)
 {
     struct router__request *req = &c->req;
+    const char *conn;
     char usd[32];
     int rc = 0;
 
@@ -1571,7 +1566,7 @@ static void send_held_head(struct router__client *c, int64_t length, int with_co
         rc = buf_append_lit(&req->head, "Content-Length: ");
         rc = rc ?: buf_append_u64(&req->head, (uint64_t)length);
         rc = rc ?: buf_append_lit(&req->head, "\r\n");
-    } else if (client_http10(c)) {
+    } else if (router__client_http10(c)) {
         /* HTTP/1.0 has no chunked coding: the body ends with the connection. */
         req->keep_alive = 0;
     } else if (rc == 0) {
@@ -1581,8 +1576,8 @@ static void send_held_head(struct router__client *c, int64_t length, int with_co
             rc = rc ?: buf_append_lit(&req->head, "Trailer: x-costrouter-cost-usd\r\n");
         req->chunked = 1;
     }
-    if (rc == 0 && !req->keep_alive)
-        rc = buf_append_lit(&req->head, "Connection: close\r\n");
+    conn = router__client_connection_header(c); /* after keep_alive is final */
+    rc = rc ?: buf_append(&req->head, conn, strlen(conn));
     rc = rc ?: buf_append(&req->head, "\r\n", 2);
     if (rc != 0) {
         router__client_close(c);

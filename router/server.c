@@ -670,9 +670,40 @@ static int on_header_value_complete(llhttp_t *p)
     return rc == 0 ? 0 : -1;
 }
 
+/* A request target in absolute form, "http://HOST[:PORT]/PATH?QUERY"
+ * (what a client sends to a proxy), becomes its origin form "/PATH?QUERY"
+ * ("/" before the query or fragment when it has no path): RFC 9112 3.2.2
+ * has a server accept it, and every endpoint is found, and the upstream
+ * target built, from the path. The host is not checked: the router serves
+ * one origin on its port. */
+static void url_to_origin_form(struct buf *url)
+{
+    static const char *const schemes[] = {"http://", "https://"};
+    size_t end;
+
+    for (size_t i = 0; i < ARRAY_SIZE(schemes); i++) {
+        size_t n = strlen(schemes[i]);
+
+        if (url->len < n || strncasecmp(url->data, schemes[i], n) != 0)
+            continue;
+        /* The authority ends at the path, the query or the fragment. */
+        for (end = n; end < url->len && memchr("/?#", url->data[end], 3) == NULL; end++)
+            ;
+        if (end < url->len && url->data[end] == '/') {
+            buf_consume(url, end);
+        } else {
+            buf_consume(url, end - 1); /* its last byte becomes the "/" */
+            url->data[0] = '/';
+        }
+        return;
+    }
+}
+
 static int on_headers_complete(llhttp_t *p)
 {
     struct router__client *c = parser_client(p);
+
+    url_to_origin_form(&c->req.url);
 
     /* CONNECT asks for a tunnel, which the router is not: what follows
      * its head is no HTTP, so it is answered 405 and the connection
@@ -691,9 +722,17 @@ static int on_headers_complete(llhttp_t *p)
         c->req.error = error_body_too_large;
         return -1;
     }
-    /* The client waits for this before sending a large body (curl does). */
-    if (c->req.expect_continue)
+    /* The client waits for this before sending a large body (curl does).
+     * Not to HTTP/1.0, which has no 1xx: its client would take the 100
+     * for the answer (RFC 9110 10.1.1: ignore the expectation). A request
+     * refused whatever its body (no known key, no such path) is refused
+     * now instead, the body unsent: a final answer in place of the 100,
+     * as RFC 9110 10.1.1 allows, then the connection closes. */
+    if (c->req.expect_continue && !router__client_http10(c)) {
+        if ((c->req.error = router__refusal_on_head(c)) != NULL)
+            return -1;
         router__client_send(c, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+    }
     client_set_phase(c, ROUTER_CLIENT_BODY);
     return 0;
 }
@@ -806,6 +845,25 @@ void router__client_response_done(struct router__client *c)
     } else {
         router__request_shelve(c->router, &c->req);
     }
+}
+
+int router__client_http10(const struct router__client *c)
+{
+    return c->parser.http_major == 1 && c->parser.http_minor == 0;
+}
+
+/* An HTTP/1.0 client takes a connection it asked to keep for one the
+ * server closes unless the answer says keep-alive (RFC 9112, appendix
+ * C.2.2): it then waits for a close that comes only idle_timeout_ms
+ * later (ab -k does, and proxies that speak 1.0). A draining generation
+ * (a reload replaced its config, or a stop) closes after every answer
+ * (router__client_response_done), so the answer says so: else a client
+ * sends its next request on a connection being closed. */
+const char *router__client_connection_header(const struct router__client *c)
+{
+    if (!c->req.keep_alive || c->router->stopping)
+        return "Connection: close\r\n";
+    return router__client_http10(c) ? "Connection: keep-alive\r\n" : "";
 }
 
 /* LINGER: drop what the client sends; wait for more at most
@@ -1261,8 +1319,28 @@ static int differ(const char *a, const char *b)
     return a == NULL || b == NULL ? a != b : strcmp(a, b) != 0;
 }
 
+/* Load the token tables `conf` names that are not loaded yet (on the
+ * loop, see router_reload). None at all since the start (its folder had
+ * none: `make deps` not run yet) is tried afresh, so that a reload once
+ * they are there counts prompts exactly, as the start's warning means. */
+static void tokens_reload(struct router__shared *sh, const struct conf *conf)
+{
+    int rc;
+
+    if (sh->tokens != NULL) {
+        rc = policy_tokens_add(sh->tokens, conf_encodings(conf));
+    } else {
+        rc = policy_tokens_load_some(&sh->tokens, conf->tokenizer_data, conf_encodings(conf));
+        if (rc == 0)
+            log_info("reload: token tables loaded from %s", conf->tokenizer_data);
+    }
+    if (rc < 0)
+        log_warn("reload: a token table could not be loaded; prompts for its backends are "
+                 "estimated from bytes");
+}
+
 /* The first setting that the state made once at start (the store with its
- * connection and cache, the cost log file) was made from and that `next`
+ * connection and cache, the cost log file, the token tables) was made from and that `next`
  * changes, or NULL. A reload cannot apply such a change; run on the old
  * values while the file says otherwise, a router moved to Redis would
  * keep its budgets to itself. Names only: store.redis may hold a
@@ -1299,6 +1377,11 @@ static const char *restart_only_change(const struct conf *now, const struct conf
         return "cost_log_buffer_max";
     if (now->cost_log_wait_ms != next->cost_log_wait_ms)
         return "cost_log_wait_ms";
+    /* The token tables come from there: those loaded at start, and those
+     * a reload names first (policy_tokens_add reads the folder they were
+     * created with). Taken and ignored, it would look applied. */
+    if (differ(now->tokenizer_data, next->tokenizer_data))
+        return "tokenizer_data";
     return NULL;
 }
 
@@ -1329,9 +1412,7 @@ struct router *router_reload(struct router *old, struct conf *conf, char **error
      * one): the tables live in sh->tokens, which the loop counts with and
      * which is not thread-safe, so a load off the loop would need a way to
      * move a table loaded apart into it, which policy/ does not have yet. */
-    if (sh->tokens != NULL && policy_tokens_add(sh->tokens, conf_encodings(conf)) < 0)
-        log_warn("reload: a token table could not be loaded; prompts for its backends are "
-                 "estimated from bytes");
+    tokens_reload(sh, conf);
     r = generation_create(sh, conf, errors);
     if (r == NULL)
         return NULL;
@@ -1350,6 +1431,35 @@ void router_set_reload_hook(struct router *r, router_reload_hook *reload, void *
     r->shared->reload_arg = arg;
 }
 
+/* The address `conf`'s listen names: an IP address as it is, else a host
+ * name resolved once, here at start (the loop is not running yet, so the
+ * lookup may block), its first address taken, as nginx does with
+ * `listen localhost:8080`. The config check takes any HOST, so a name
+ * must work too. */
+static int listen_address(uv_loop_t *loop, const struct conf *conf, struct sockaddr_storage *addr)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
+    uv_getaddrinfo_t req;
+    int rc;
+
+    if (uv_ip4_addr(conf->listen_host, conf->listen_port, (struct sockaddr_in *)addr) == 0 ||
+        uv_ip6_addr(conf->listen_host, conf->listen_port, (struct sockaddr_in6 *)addr) == 0)
+        return 0;
+    /* No callback: uv_getaddrinfo runs the lookup there and then. */
+    rc = uv_getaddrinfo(loop, &req, NULL, conf->listen_host, NULL, &hints);
+    if (rc != 0) {
+        log_error("listen: cannot resolve %s: %s", conf->listen_host, uv_strerror(rc));
+        return rc;
+    }
+    memcpy(addr, req.addrinfo->ai_addr, req.addrinfo->ai_addrlen);
+    if (addr->ss_family == AF_INET6)
+        ((struct sockaddr_in6 *)addr)->sin6_port = htons(conf->listen_port);
+    else
+        ((struct sockaddr_in *)addr)->sin_port = htons(conf->listen_port);
+    uv_freeaddrinfo(req.addrinfo);
+    return 0;
+}
+
 int router_start(struct router *r)
 {
     struct router__shared *sh = r->shared;
@@ -1358,13 +1468,8 @@ int router_start(struct router *r)
     char host[64];
     int namelen = sizeof(bound), rc;
 
-    rc = uv_ip4_addr(r->conf->listen_host, r->conf->listen_port, (struct sockaddr_in *)&addr);
-    if (rc != 0)
-        rc = uv_ip6_addr(r->conf->listen_host, r->conf->listen_port, (struct sockaddr_in6 *)&addr);
-    if (rc != 0) {
-        log_error("listen: bad address %s", r->conf->listen_host);
+    if ((rc = listen_address(sh->loop, r->conf, &addr)) != 0)
         return rc;
-    }
     uv_tcp_init(sh->loop, &sh->listener);
     sh->listener.data = sh;
     uv_timer_init(sh->loop, &sh->accept_retry); /* closed with the listener */

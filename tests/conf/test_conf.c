@@ -77,6 +77,8 @@ struct error_case {
     "never applies: experiments[2] on the same route takes every tenant first (the first "        \
     "experiment that applies wins)"
 #define SH "missing: a self_hosted backend needs it unless it says free: true"
+#define BLANK_END                                                                                  \
+    "has a blank at its start or end, which an HTTP header does not carry: it could never match"
 #define API                                                                                \
     "missing: an api backend needs it (or a price entry named by price: or model) unless it "   \
     "says free: true"
@@ -187,6 +189,9 @@ static struct error_case error_cases[] = {
       "16: tenants[0].api_keys[0]: expected \"sha256:\" and 64 hex digits (the SHA-256 of the "
       "key, never the key itself)"},
      .absent = {"admin-secret", "hunter2", "sk-in-url-secret", "sk-raw-tenant-secret"}},
+    {.file = DATA "secret_blanks.yaml", .env = {"CONF_TEST_BLANK_ADMIN=adm-blank-secret "},
+     .lines = {"4: admin_key: " BLANK_END, "9: backends[0].api_key: " BLANK_END},
+     .absent = {"adm-blank-secret", "sk-blank-upstream-secret"}},
     {.file = DATA "urls.yaml", .lines =
      {"2: listen: has an invalid port",
       "4: backends[0].url: must start with http:// or https://",

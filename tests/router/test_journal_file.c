@@ -505,3 +505,62 @@ Test(jfile, a_file_in_use_by_another_router_stops_the_start)
     cr_assert_not_null(strstr(log, "in use by another router"), "%s", log);
     free(log);
 }
+
+/* The value of the sample `name` (with its labels) in /metrics, -1 when
+ * it has none. */
+static double metric(const char *name)
+{
+    const char *p;
+
+    cr_assert_eq(call("GET", "/metrics", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200);
+    for (p = resp.body.data; p != NULL && p < resp.body.data + resp.body.len;
+         p = memchr(p, '\n', resp.body.len - (size_t)(p - resp.body.data)), p = p ? p + 1 : p)
+        if (strncmp(p, name, strlen(name)) == 0 && p[strlen(name)] == ' ')
+            return strtod(p + strlen(name) + 1, NULL);
+    return -1;
+}
+
+/* The journal dropped counters are the store's count, which a reload
+ * keeps (the store is made once): a reload must not add it again. It
+ * did: the counter's "seen" mark was the generation's, so the first
+ * scrape after each reload added everything dropped since the start
+ * once more (1 drop showed 2, then 3, ...). The journal is filled by a
+ * file of 100000 entries (its cap) kept apart from new charges, with
+ * Redis down, so the next request's charge is dropped. */
+Test(jfile, a_reload_does_not_count_the_journal_drops_again, .timeout = 120)
+{
+    static const char dropped[] = "costrouter_store_journal_dropped_total{store=\"redis\"}";
+    static const char dropped_usd[] =
+        "costrouter_store_journal_dropped_usd_total{store=\"redis\"}";
+    enum { N = 100000 };
+    char day[16];
+    double usd;
+    FILE *f;
+
+    utc_today(day);
+    f = fopen(jfile, "w");
+    cr_assert_not_null(f);
+    fprintf(f, "{\"costrouter_journal\":1,\"saved_ms\":1,\"entries\":%d,\"micro_usd\":%d}\n", N, N);
+    for (int i = 1; i <= N; i++)
+        fprintf(f,
+                "{\"tenant\":\"other\",\"day\":\"%s\",\"micro_usd\":1,"
+                "\"origin\":\"0123456789abcdef\",\"id\":%d,\"conditional\":false}\n",
+                day, i);
+    fclose(f);
+    cr_assert_eq(test_redis_start(&redis, 1), 0);
+    test_redis_kill(&redis, SIGKILL);
+    cr_assert_eq(support_mockllm_start(&mock, NULL), 0);
+    write_conf(redis.url);
+    cr_assert_eq(start(&router), 0, "%s", slurp(err_path));
+    chat();
+    cr_assert_eq(metric(dropped), 1, "the charge over the cap is counted");
+    usd = metric(dropped_usd);
+    cr_assert_float_eq(usd, COST / 1e6, 1e-12);
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(call("POST", "/admin/reload", ADMIN, NULL), 0);
+        cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+        cr_assert_eq(metric(dropped), 1, "reload %d counted the drop again", i + 1);
+        cr_assert_float_eq(metric(dropped_usd), usd, 1e-12, "reload %d", i + 1);
+    }
+}

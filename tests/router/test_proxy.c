@@ -773,6 +773,63 @@ Test(proxy, stream_to_an_http10_client_is_not_chunked)
     buf_free(&out);
 }
 
+/* An HTTP/1.0 client keeps its connection only when the answer says
+ * Connection: keep-alive (RFC 9112 9.3 and its appendix on 1.0
+ * keep-alive): without it the client (ab -k, 1.0 proxies) reads a
+ * connection the router keeps open as one to be closed, and waits for
+ * the close until idle_timeout_ms. So each answer the router keeps the
+ * connection open after says so, its own (/healthz, an error) as well as
+ * a backend's, and the next request on that connection is served. */
+Test(proxy, an_http10_keep_alive_answer_says_keep_alive)
+{
+    static const char *const requests[] = {
+        "GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        "GET /nowhere HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n",
+        "POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\n" AUTH
+        "Connection: keep-alive\r\nContent-Length: 69\r\n\r\n" CHAT,
+    };
+    static const int statuses[] = {200, 404, 200};
+    struct support_http_conn c;
+
+    cr_assert_eq(strlen(CHAT), 69);
+    start_two(NULL, NULL);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    for (size_t i = 0; i < sizeof(requests) / sizeof(requests[0]); i++) {
+        const char *conn;
+
+        cr_assert_eq(support_http_send(&c, requests[i], strlen(requests[i])), 0);
+        cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0, "request %zu", i);
+        cr_assert_eq(resp.status, statuses[i], "request %zu", i);
+        conn = support_http_header(&resp, "connection");
+        cr_assert_not_null(conn, "request %zu: no Connection header to a 1.0 keep-alive client", i);
+        cr_assert_eq(strcasecmp(conn, "keep-alive"), 0, "request %zu: Connection: %s", i, conn);
+        support_http_response_free(&resp);
+    }
+    support_http_close(&c);
+}
+
+/* listen: HOST:PORT with a host name, which --check-config takes: the
+ * router listens on what it resolves to. It used to exit at start with
+ * "listen: bad address localhost", after the check said the config was
+ * fine. */
+Test(proxy, listen_takes_a_host_name)
+{
+    char a[1024], hex[65];
+    char *check[] = {getenv("COSTROUTER_BIN") ? getenv("COSTROUTER_BIN") : "./costrouter",
+                     "--check-config", conf_path, NULL};
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    support_key_sha256_hex(TENANT_KEY, hex);
+    start_router_with("listen: localhost:0\n"
+                      "backends:\n%s\n"
+                      "routes: [{model: chat, candidates: [a]}]\n"
+                      "tenants: [{id: t1, api_keys: [\"sha256:%s\"]}]\n",
+                      backend_yaml(a, sizeof(a), "a", mock_a.port, NULL), hex);
+    cr_assert_eq(support_run(check, NULL, TIMEOUT_MS), 0, "--check-config refused it");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, CHAT), 0);
+    cr_assert_eq(resp.status, 200);
+}
+
 Test(proxy, stream_usage_is_forwarded_when_the_client_asks)
 {
     struct support_sse s = {0};
@@ -2788,6 +2845,93 @@ Test(proxy, expect_100_continue_is_answered_before_the_body)
     cr_assert_eq(resp.status, 200);
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "a");
     support_http_close(&c);
+}
+
+/* A request the router will refuse whatever its body holds (no tenant
+ * key it knows, an unknown path, a wrong method) is refused on its head
+ * when it asks to wait for 100 Continue: the client (curl, for a body
+ * over 1 MB) learns at once instead of sending the whole body first. It
+ * got 100 Continue, then the refusal once the body was read. */
+Test(proxy, expect_100_continue_refused_on_its_head)
+{
+    static const char *const heads[] = {
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        "Authorization: Bearer sk-not-a-tenant\r\n",
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n",
+        "POST /v1/nowhere HTTP/1.1\r\nHost: x\r\n" AUTH,
+        "PUT /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" AUTH,
+    };
+    static const int statuses[] = {401, 401, 404, 405};
+    struct buf head = {0};
+
+    start_two(NULL, NULL);
+    for (size_t i = 0; i < sizeof(heads) / sizeof(heads[0]); i++) {
+        struct support_http_conn c;
+
+        buf_reset(&head);
+        cr_assert_eq(buf_printf(&head, "%sExpect: 100-continue\r\nContent-Length: 69\r\n\r\n",
+                                heads[i]),
+                     0);
+        cr_assert_eq(support_http_connect(&c, router.port), 0);
+        cr_assert_eq(support_http_send(&c, head.data, head.len), 0);
+        cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0, "request %zu", i);
+        cr_assert_eq(resp.status, statuses[i], "request %zu: %d", i, resp.status);
+        support_http_response_free(&resp);
+        support_http_close(&c);
+    }
+    buf_free(&head);
+    /* The tenant's own request still gets its 100 (expect_100_continue_...). */
+}
+
+/* An HTTP/1.0 client knows no 1xx answer: it would take a 100 Continue
+ * for the final answer and the real one for garbage after it. RFC 9110
+ * 10.1.1: a server ignores 100-continue in an HTTP/1.0 request. */
+Test(proxy, expect_100_continue_from_an_http10_client_is_ignored)
+{
+    struct support_http_conn c;
+    const char request[] = "POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\n" AUTH
+                           "Expect: 100-continue\r\nContent-Length: 69\r\n\r\n" CHAT;
+    struct buf out = {0};
+
+    cr_assert_eq(strlen(CHAT), 69);
+    start_two(NULL, NULL);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    cr_assert_eq(support_http_send(&c, request, sizeof(request) - 1), 0);
+    read_to_close(&c, &out);
+    support_http_close(&c);
+    cr_assert_eq(buf_append(&out, "", 1), 0);
+    cr_assert_eq(strncmp(out.data, "HTTP/1.1 200 ", 13), 0, "%s", out.data);
+    buf_free(&out);
+}
+
+/* A request target in absolute form (http://HOST/PATH, as a client sends
+ * to a proxy: HTTP_PROXY pointing at the router) names the same resource
+ * as its path (RFC 9112 3.2.2: a server MUST accept it). It was a 404
+ * "unknown path": the router took the whole URL for the path. */
+Test(proxy, an_absolute_form_request_target_is_its_path)
+{
+    static const char *const requests[] = {
+        "GET http://127.0.0.1/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        "GET HTTPS://example.com:8443/healthz?x=1 HTTP/1.1\r\nHost: example.com\r\n\r\n",
+        "POST http://127.0.0.1/v1/chat/completions HTTP/1.1\r\nHost: x\r\n" AUTH
+        "Content-Length: 69\r\n\r\n" CHAT,
+    };
+    struct support_http_conn c;
+
+    cr_assert_eq(strlen(CHAT), 69);
+    start_two(NULL, NULL);
+    cr_assert_eq(support_http_connect(&c, router.port), 0);
+    for (size_t i = 0; i < sizeof(requests) / sizeof(requests[0]); i++) {
+        cr_assert_eq(support_http_send(&c, requests[i], strlen(requests[i])), 0);
+        cr_assert_eq(support_http_read(&c, &resp, TIMEOUT_MS), 0, "request %zu", i);
+        cr_assert_eq(resp.status, 200, "request %zu: %d %.*s", i, resp.status,
+                     (int)resp.body.len, resp.body.data);
+        support_http_response_free(&resp);
+    }
+    support_http_close(&c);
+    /* A fragment after the authority is refused as after a path. */
+    cr_assert_eq(call("GET", "http://127.0.0.1#x", NULL, NULL), 0);
+    cr_assert_eq(resp.status, 400);
 }
 
 Test(proxy, sigterm_lets_a_stream_in_flight_finish)

@@ -84,23 +84,29 @@ static void conf_text(struct buf *out, const char *top, const char *routes)
 /* Start the mocks and the router on a config with `top` and `routes`,
  * logging to log_path; then put a FIFO where its config file was, so
  * that the next reload waits for the test to write it. */
-static void start_with(const char *top, const char *routes)
+/* Write the config with `top` and `routes` as a plain file at conf_path. */
+static void write_conf(const char *top, const char *routes)
 {
     struct buf text = {0};
     FILE *f;
 
-    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
-    strcpy(conf_path, "/tmp/costrouter-reload-XXXXXX");
-    close(mkstemp(conf_path));
-    strcpy(log_path, "/tmp/costrouter-reload-log-XXXXXX");
-    close(mkstemp(log_path));
     conf_text(&text, top, routes);
     f = fopen(conf_path, "w");
     cr_assert_not_null(f);
     fwrite(text.data, 1, text.len, f);
     fclose(f);
     buf_free(&text);
+}
+
+static void start_with(const char *top, const char *routes)
+{
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    strcpy(conf_path, "/tmp/costrouter-reload-XXXXXX");
+    close(mkstemp(conf_path));
+    strcpy(log_path, "/tmp/costrouter-reload-log-XXXXXX");
+    close(mkstemp(log_path));
+    write_conf(top, routes);
     cr_assert_eq(support_router_start(&router, NULL, conf_path, log_path), 0,
                  "the router did not start");
     cr_assert_eq(unlink(conf_path), 0);
@@ -415,4 +421,238 @@ Test(reload, the_400_message_ends_without_a_newline)
     cr_assert_eq(resp.status, 200, "the running config stays");
     support_proc_stop(&router);
     cr_assert(support_proc_exited_cleanly(&router), "exit status %d", router.status);
+}
+
+/* Lines in the file at `path` once it has `want` (the cost log is written
+ * every 200 ms): -1 if it cannot be read. */
+static int wait_lines(const char *path, int want)
+{
+    int n = -1;
+
+    for (int i = 0; i < TIMEOUT_MS / 20; i++) {
+        char line[4096];
+        FILE *f = fopen(path, "r");
+
+        n = -1;
+        if (f != NULL) {
+            for (n = 0; fgets(line, sizeof(line), f) != NULL;)
+                n++;
+            fclose(f);
+        }
+        if (n >= want)
+            break;
+        usleep(20000);
+    }
+    return n;
+}
+
+/* start_with, but the config stays a plain file, which a reload reads
+ * at once. */
+static void start_plain(const char *top, const char *routes)
+{
+    start_with(top, routes);
+    cr_assert_eq(unlink(conf_path), 0);
+    write_conf(top, routes);
+}
+
+/* POST /admin/reload does what SIGHUP does (README: "the same as
+ * SIGHUP"): it reopens the cost log too, so a rotation may be finished
+ * with either. It reloaded the config alone: the router went on writing
+ * to the file moved aside (or deleted, its lines lost with it), and the
+ * new file was never made. */
+Test(reload, the_admin_reload_reopens_the_cost_log)
+{
+    char log[64], moved[80], top[128];
+    struct support_http_conn conn;
+    struct support_http_response r = {0};
+
+    strcpy(log, "/tmp/costrouter-reload-cost-XXXXXX");
+    close(mkstemp(log));
+    snprintf(moved, sizeof(moved), "%s.1", log);
+    snprintf(top, sizeof(top), "cost_log: %s\n", log);
+    start_plain(top, "  - {model: chat, candidates: [a]}\n");
+
+    cr_assert_eq(chat("chat"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(wait_lines(log, 1), 1);
+    cr_assert_eq(rename(log, moved), 0); /* logrotate's move */
+    send_reload(&conn);
+    cr_assert_eq(reload_answer(&conn, &r), 200, "%.*s", (int)r.body.len, r.body.data);
+    support_http_response_free(&r);
+    cr_assert_eq(chat("chat"), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(wait_lines(log, 1), 1, "the request after the reload is not in a new %s", log);
+    cr_assert_eq(wait_lines(moved, 1), 1, "only the line before the rotation in %s", moved);
+    unlink(log);
+    unlink(moved);
+}
+
+/* An answer after which the router closes its connection, as it does
+ * after every answer on the config a reload replaced, says Connection:
+ * close (README, Signals), so that a client does not send its next
+ * request on a connection being closed: the reload's own answer, and a
+ * request in flight during a SIGHUP reload. Both went without it, and
+ * the connection closed under a client that thought it kept. */
+Test(reload, answers_on_the_config_replaced_say_connection_close)
+{
+    struct support_http_conn conn;
+    struct support_http_response r = {0};
+    struct buf slow = {0};
+    const char *h;
+    int before;
+
+    start_plain("", "  - {model: chat, candidates: [a]}\n");
+    send_reload(&conn);
+    cr_assert_eq(support_http_read(&conn, &r, RELOAD_TIMEOUT_MS), 0);
+    cr_assert_eq(r.status, 200);
+    h = support_http_header(&r, "connection");
+    cr_assert(h != NULL && strcasecmp(h, "close") == 0, "the reload's answer: Connection: %s",
+              h ? h : "(none)");
+    support_http_close(&conn);
+    support_http_response_free(&r);
+
+    before = log_count("config reloaded");
+    cr_assert_eq(support_http_format(&slow, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-ttft-ms: 1500\r\n",
+                                     "{\"model\":\"chat\"," MSG "}"),
+                 0);
+    cr_assert_eq(support_http_connect(&conn, router.port), 0);
+    cr_assert_eq(support_http_send(&conn, slow.data, slow.len), 0);
+    buf_free(&slow);
+    usleep(300000); /* the request is upstream */
+    kill(router.pid, SIGHUP);
+    for (int i = 0; i < RELOAD_TIMEOUT_MS / 10 && log_count("config reloaded") == before; i++)
+        usleep(10000);
+    cr_assert_gt(log_count("config reloaded"), before, "the SIGHUP reload was not applied");
+    cr_assert_eq(support_http_read(&conn, &r, TIMEOUT_MS), 0);
+    cr_assert_eq(r.status, 200);
+    h = support_http_header(&r, "connection");
+    cr_assert(h != NULL && strcasecmp(h, "close") == 0,
+              "the answer in flight at the reload: Connection: %s", h ? h : "(none)");
+    support_http_close(&conn);
+    support_http_response_free(&r);
+}
+
+/* tokenizer_data is where the token tables were loaded from at start,
+ * and where a reload loads one it names for the first time: a reload
+ * cannot move it, so one that changes it is refused, naming the key, as
+ * the other settings made once at start are (README, Signals). It was
+ * taken, and ignored: tables still came from the old folder (or none at
+ * all, when the start found none there), prompts estimated from bytes. */
+Test(reload, a_reload_that_moves_tokenizer_data_is_refused)
+{
+    char a[64], b[64], top[160];
+    struct buf text = {0};
+    const char *routes = "  - {model: chat, candidates: [a]}\n";
+
+    strcpy(a, "/tmp/costrouter-reload-tok-a-XXXXXX");
+    strcpy(b, "/tmp/costrouter-reload-tok-b-XXXXXX");
+    cr_assert_not_null(mkdtemp(a));
+    cr_assert_not_null(mkdtemp(b));
+    snprintf(top, sizeof(top), "tokenizer_data: %s\n", a);
+    start_with(top, routes);
+    snprintf(top, sizeof(top), "tokenizer_data: %s\n", b);
+    conf_text(&text, top, routes);
+    assert_refused_with(text.data, "tokenizer_data cannot change without a restart");
+    buf_free(&text);
+    cr_assert_eq(chat("chat"), 0);
+    cr_assert_eq(resp.status, 200, "the running config stays");
+    rmdir(a);
+    rmdir(b);
+}
+
+/* prompt_tokens_est of line `n` (1-based) of the cost log at `path`,
+ * waiting for it to be written; -1 if it never is. */
+static double logged_prompt_est(const char *path, int n)
+{
+    double v = -1;
+
+    if (wait_lines(path, n) < n)
+        return -1;
+    FILE *f = fopen(path, "r");
+    char line[8192];
+
+    for (int i = 0; f != NULL && i < n && fgets(line, sizeof(line), f) != NULL; i++) {
+        cJSON *j = cJSON_Parse(line);
+
+        if (i == n - 1)
+            v = cJSON_GetNumberValue(cJSON_GetObjectItem(j, "prompt_tokens_est"));
+        cJSON_Delete(j);
+    }
+    if (f)
+        fclose(f);
+    return v;
+}
+
+/* A router started where tokenizer_data has no tables (`make deps` not
+ * run yet) estimates prompts from bytes and says so; once the tables are
+ * there, a reload loads them (README: a reload loads a table it names
+ * for the first time), so prompts are counted exactly from then on. It
+ * never did: with none loaded at start, a reload tried no table. */
+Test(reload, a_reload_loads_the_token_tables_missing_at_start)
+{
+    static const char body[] =
+        "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":"
+        "\"hello there, hello there, hello there\"}]}";
+    char dir[64], table[128], data[512], src[600], log[64], body_path[64], hex[65], cmd[1024];
+    struct buf out = {0};
+    FILE *f;
+    long exact;
+
+    support_key_sha256_hex(KEY, hex);
+    strcpy(dir, "/tmp/costrouter-reload-tables-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    strcpy(log, "/tmp/costrouter-reload-cost-XXXXXX");
+    close(mkstemp(log));
+    strcpy(body_path, "/tmp/costrouter-reload-body-XXXXXX");
+    close(mkstemp(body_path));
+    cr_assert_eq(support_file_write(body_path, body), 0);
+    snprintf(data, sizeof(data), "%s/data/tokens",
+             getenv("COSTROUTER_SRC") ? getenv("COSTROUTER_SRC") : ".");
+    snprintf(src, sizeof(src), "%s/o200k_base.tok", data);
+    snprintf(table, sizeof(table), "%s/o200k_base.tok", dir);
+    /* The exact count, as `costrouter tokens` makes it from the table. */
+    char *argv[] = {getenv("COSTROUTER_BIN") ? getenv("COSTROUTER_BIN") : "./costrouter",
+                    "tokens", "--encoding", "o200k_base", "--chat", "--data", data,
+                    body_path, NULL};
+    cr_assert_eq(support_run(argv, &out, TIMEOUT_MS), 0);
+    cr_assert_eq(buf_append(&out, "", 1), 0);
+    exact = strtol(out.data, NULL, 10);
+    buf_free(&out);
+    cr_assert_gt(exact, 0);
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    strcpy(conf_path, "/tmp/costrouter-reload-XXXXXX");
+    close(mkstemp(conf_path));
+    strcpy(log_path, "/tmp/costrouter-reload-log-XXXXXX");
+    close(mkstemp(log_path));
+    f = fopen(conf_path, "w");
+    cr_assert_not_null(f);
+    fprintf(f,
+            "listen: 127.0.0.1:0\nadmin_key: adm-reload\ncost_log: %s\ntokenizer_data: %s\n"
+            "backends:\n"
+            "  - {name: a, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-a,\n"
+            "     quality: 1, context_window: 100000, input_usd_per_mtok: 1,\n"
+            "     output_usd_per_mtok: 1, tokenizer: o200k_base}\n"
+            "routes:\n  - {model: chat, candidates: [a]}\n"
+            "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n",
+            log, dir, mock_a.port, hex);
+    fclose(f);
+    cr_assert_eq(support_router_start(&router, NULL, conf_path, log_path), 0);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_neq(logged_prompt_est(log, 1), (double)exact, "counted exactly without tables");
+
+    snprintf(cmd, sizeof(cmd), "cp '%s' '%s'", src, table);
+    cr_assert_eq(system(cmd), 0, "%s", cmd);
+    cr_assert_eq(call("POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(logged_prompt_est(log, 2), (double)exact,
+                 "still estimated from bytes after the reload (exact: %ld)", exact);
+    unlink(table);
+    rmdir(dir);
+    unlink(log);
+    unlink(body_path);
 }
