@@ -574,7 +574,7 @@ static struct policy_budget budget_of(double limit_usd, int64_t spent, int64_t r
 static int64_t left_of(const struct router__spend *s, double daily, double monthly,
                        int count_holds)
 {
-    int64_t held = count_holds ? s->reserved : 0, left = BUDGET_NONE;
+    int64_t held = count_holds ? router__spend_held(s) : 0, left = BUDGET_NONE;
 
     if (daily > 0)
         left = router__budget_micro(daily) - s->day_spent - held;
@@ -801,11 +801,13 @@ static void policy_request_of(struct router__client *c, struct policy_request *o
     preq.file_searches = req->file_searches_held;
     preq.searches_one_cap = req->searches_one_cap;
     preq.answer = answer_asked(req);
-    preq.day = budget_of(t->daily_usd, ts->spend.day_spent, ts->spend.reserved);
-    preq.month = budget_of(t->monthly_usd, ts->spend.month_spent, ts->spend.reserved);
+    /* Held: the open reservations and what streams in flight here ran
+     * past theirs (on_overrun: cut), which a new hold must not spend again. */
+    preq.day = budget_of(t->daily_usd, ts->spend.day_spent, router__spend_held(&ts->spend));
+    preq.month = budget_of(t->monthly_usd, ts->spend.month_spent, router__spend_held(&ts->spend));
     if (ks != NULL) {
-        preq.key_day = budget_of(req->key->daily_usd, ks->day_spent, ks->reserved);
-        preq.key_month = budget_of(req->key->monthly_usd, ks->month_spent, ks->reserved);
+        preq.key_day = budget_of(req->key->daily_usd, ks->day_spent, router__spend_held(ks));
+        preq.key_month = budget_of(req->key->monthly_usd, ks->month_spent, router__spend_held(ks));
     }
     preq.tried = req->tried;
     preq.now_ms = router__now(r);
@@ -1819,7 +1821,11 @@ static int overrun_cut(struct router__client *c)
     left = budget_left(c, 1);
     if (left == BUDGET_NONE)
         return 0;
-    left = MAX(left, 0); /* its own hold is its to spend */
+    /* Its own hold, and what it already ran past it, are its to spend;
+     * what the other streams here ran past theirs is not: each spent the
+     * same rest of the budget, and three streams at once overspent it by
+     * two rests. */
+    left = MAX(left + req->over_micro, 0);
     running = backend_usd_to_micro(backend_api_price_usd(b, &so_far));
     if (running > req->res.amount && !req->overrun_checked && req->store_op == NULL) {
         /* Past its own hold the stream spends what the tenant has left,
@@ -1829,8 +1835,10 @@ static int overrun_cut(struct router__client *c)
         req->overrun_checked = 1;
         router__spend_check(c);
     }
-    if (running <= req->res.amount + left)
+    if (running <= req->res.amount + left) {
+        router__spend_overrun(c, MAX(running - req->res.amount, 0));
         return 0;
+    }
     budget_owner(c, owner, sizeof(owner));
     log_info("request %s: %s over budget mid-stream, cutting it", req->id_str, owner);
     err = router__error_json(req->endpoint, error_budget_exhausted,

@@ -526,11 +526,32 @@ static void settle_subject(struct router *r, struct router__spend *s, const char
     track(r, cache_settle(r->store, res, micro, on_write_done, r));
 }
 
+int64_t router__spend_held(const struct router__spend *s)
+{
+    return s->reserved + (s->carry != NULL ? s->carry->over_micro : 0);
+}
+
+void router__spend_overrun(struct router__client *c, int64_t over)
+{
+    struct router__request *req = &c->req;
+    struct router__spend *ks = router__key_spend(c->router, req->key);
+    int64_t delta = over - req->over_micro;
+
+    if (delta == 0)
+        return;
+    router__tenant_state(c->router, req->tenant)->spend.carry->over_micro += delta;
+    if (ks != NULL)
+        ks->carry->over_micro += delta;
+    req->over_micro = over;
+}
+
 void router__spend_settle(struct router__client *c, double usd)
 {
     struct router__request *req = &c->req;
     struct router__spend *ks = router__key_spend(c->router, req->key);
     int has = req->has_res, has_key = req->has_key_res;
+
+    router__spend_overrun(c, 0); /* the charge below counts it now */
 
     req->cost_usd = usd > 0 ? usd : 0;
     req->cost_micro = backend_usd_to_micro(req->cost_usd);
@@ -586,6 +607,7 @@ void router__spend_abandon(struct router__client *c)
     }
     /* The hold goes back before the flight ends: its waiters choose
      * again at once, and would count it. */
+    router__spend_overrun(c, 0);
     router__spend_release(c);
     if (req->flight_leader)
         router__spend_flight_fail(c);

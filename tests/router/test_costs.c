@@ -3104,6 +3104,68 @@ Test(costs, on_overrun_cut_checks_the_store_before_cutting)
     buf_free(&hold_req);
 }
 
+/* Three streams at once: what is left past their holds is one budget's
+ * rest, not each stream's. With $9 at $0.01 a token, each holds 256
+ * tokens ($2.56) and $1.32 is left: each ran to $3.88 and the three
+ * spent $11.64 of the $9. */
+Test(costs, on_overrun_cut_shares_the_rest_among_streams)
+{
+    struct support_sse s[3] = {0};
+    struct support_sse_event ev;
+    char body[256];
+    double spent;
+    int cut = 0;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 10000);
+    start_routers(1, "a", "    budget: {daily_usd: 9, on_exhausted: reject, on_overrun: cut}\n");
+    snprintf(body, sizeof(body), "{\"model\":\"chat\",\"stream\":true," MSG "}");
+    for (int i = 0; i < 3; i++)
+        open_chat_stream(&s[i], AUTH "x-mock-tokens: 1000\r\nx-mock-token-delay-ms: 2\r\n",
+                         body);
+    for (int i = 0; i < 3; i++) {
+        while (support_sse_next(&s[i], &ev, TIMEOUT_MS) == 1)
+            cut += strstr(ev.data, "budget_exhausted") != NULL;
+        support_sse_close(&s[i]);
+    }
+    cr_assert_eq(cut, 3, "%d of the 3 streams cut", cut);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    spent = cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble;
+    cr_assert(spent <= 9 && spent > 8.9, "spent $%f of the $9", spent);
+}
+
+/* A stream that ran past its hold spent part of the rest: a request that
+ * comes meanwhile may not hold it again. Of $5, the stream holds $2.56;
+ * 400 tokens in it has run $1.44 past that, and $1 is left, too little
+ * for 150 tokens ($1.50). Admitted, it spent $1.50 the stream had, and the
+ * two came to $5.50. */
+Test(costs, a_hold_does_not_take_what_a_stream_ran_past_its_own)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    char body[256];
+    double spent;
+    int n = 0, r;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 10000);
+    start_routers(1, "a", "    budget: {daily_usd: 5, on_exhausted: reject, on_overrun: cut}\n");
+    snprintf(body, sizeof(body), "{\"model\":\"chat\",\"stream\":true," MSG "}");
+    open_chat_stream(&s, AUTH "x-mock-tokens: 1000\r\nx-mock-token-delay-ms: 10\r\n", body);
+    while (n < 400 && (r = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1)
+        n++;
+    cr_assert_eq(n, 400);
+    cr_assert_eq(chat(0, "x-mock-tokens: 150\r\n", "{\"model\":\"chat\",\"max_tokens\":150," MSG "}"),
+                 0);
+    cr_assert_eq(resp.status, 429, "%d: %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1)
+        ;
+    support_sse_close(&s);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    spent = cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble;
+    cr_assert(spent <= 5, "spent $%f of the $5", spent);
+}
+
 Test(costs, reload_applies_a_valid_config_and_keeps_the_old_on_errors)
 {
     struct support_sse s = {0};
