@@ -1812,7 +1812,7 @@ static int overrun_cut(struct router__client *c)
                                     .tier = billed_tier(req)};
     int64_t running, left;
     int status;
-    char *err, owner[2 * CONF_NAME_MAX + 64];
+    char *err, owner[2 * CONF_NAME_MAX + 64], detail[sizeof(owner) + 16];
     struct buf ev = {0};
 
     if (req->tenant->on_overrun != CONF_OVERRUN_CUT || req->completion_limited ||
@@ -1841,10 +1841,9 @@ static int overrun_cut(struct router__client *c)
     }
     budget_owner(c, owner, sizeof(owner));
     log_info("request %s: %s over budget mid-stream, cutting it", req->id_str, owner);
-    err = router__error_json(req->endpoint, error_budget_exhausted,
-                             key_binds(c) ? "budget exhausted mid-stream (the key's own budget)"
-                                          : "budget exhausted mid-stream",
-                             &status);
+    /* Named as the 429 names it: the tenant, or the key by its name. */
+    snprintf(detail, sizeof(detail), "%s, mid-stream", owner);
+    err = router__error_json(req->endpoint, error_budget_exhausted, detail, &status);
     if (err && buf_printf(&ev, "event: error\ndata: %s\n\n", err) == 0)
         forward(c, ev.data, ev.len);
     router__proxy_flush(c);

@@ -2938,6 +2938,7 @@ Test(costs, a_token_count_is_no_latency_sample)
 
 static const char *cut_auth = AUTH; /* the key tokens_before_the_cut_cost streams with */
 static const char *cut_cap = "";     /* members before its body's messages (a max_tokens) */
+static char cut_error[512];          /* the data of the last cut's error event */
 
 /* Stream 1000 tokens from router 0 with `headers` (after cut_auth, each
  * line ending in CRLF): the events before a budget_exhausted error event,
@@ -2954,10 +2955,12 @@ static int tokens_before_the_cut_cost(const char *headers, double *cost)
     snprintf(body, sizeof(body), "{\"model\":\"chat\",\"stream\":true,%s" MSG "}", cut_cap);
     open_chat_stream(&s, all, body);
     while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1) {
-        if (strstr(ev.data, "budget_exhausted"))
+        if (strstr(ev.data, "budget_exhausted")) {
             saw_error = 1;
-        else
+            snprintf(cut_error, sizeof(cut_error), "%s", ev.data);
+        } else {
             n++;
+        }
     }
     cr_assert(saw_error, "no budget error event");
     /* The cut stream ends as any other: with what it cost. */
@@ -3032,6 +3035,11 @@ Test(costs, on_overrun_cut_ends_a_stream_when_its_keys_budget_is_gone)
     cr_assert_float_eq(cJSON_GetObjectItem(ci, "day_usd")->valuedouble,
                        cJSON_GetObjectItem(json, "day_usd")->valuedouble, 1e-9);
     cr_assert(cJSON_GetObjectItem(ci, "day_usd")->valuedouble <= 3, "over the key's budget");
+    /* Named as a refusal by the key's budget is (it said "budget
+     * exhausted: budget exhausted mid-stream (the key's own budget)"). */
+    cr_assert(strstr(cut_error, "\"budget exhausted: key \\\"ci\\\" of acme (the key's own "
+                                "budget), mid-stream\"") != NULL,
+              "%s", cut_error);
 }
 
 /* A stream cut by on_overrun at its first token: at $0.01 a token, each
