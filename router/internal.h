@@ -167,6 +167,8 @@ struct router__carry {
     double micro;                   /* in [-0.5, 0.5]: charged ahead (< 0) or still owed */
     int64_t over_micro;             /* micro-USD that this instance's streams in flight
                                        have run past their holds, not settled yet */
+    int64_t asked_micro;            /* holds this instance asked the store for that it
+                                       has not answered yet */
     unsigned refs;                  /* generations pointing at it */
 };
 
@@ -351,6 +353,9 @@ struct router__request {
     struct cache_reservation key_res;    /* the same held from its key's own budget */
     int64_t over_micro;                  /* what its stream ran past its hold, counted in
                                             its subjects' carry->over_micro (on_overrun) */
+    int64_t asked_micro;                 /* its hold asked of the store, unanswered: in its
+                                            tenant's carry->asked_micro, or its key's */
+    unsigned asked_key:1;                /* asked_micro is the key's (key_begin) */
     struct cache_key cache_key;          /* response cache key (when cacheable) */
     const char *cache_model;             /* the upstream model cache_key names */
     const char *cache_query;             /* and the backend url's query, or NULL */
@@ -620,7 +625,8 @@ void router__spend_abandon(struct router__client *c);
  * tenant and key count that as held until it settles. */
 void router__spend_overrun(struct router__client *c, int64_t over);
 /* What subject `s` holds in this instance: the store's open reservations
- * as last read, and its streams' runs past theirs. */
+ * as last read, the holds asked since and not answered, and its streams'
+ * runs past theirs. */
 int64_t router__spend_held(const struct router__spend *s);
 /* End the single flight `c` leads with no answer: its followers go
  * upstream themselves, passing over the candidates that failed it. */

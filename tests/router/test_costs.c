@@ -702,6 +702,41 @@ Test(costs, a_key_at_the_soft_limit_of_its_own_budget_is_downgraded)
     more_keys = "";
 }
 
+/* A burst with Redis as the store: the holds asked and not answered yet
+ * count, so the soft limit holds as it does with the in-process store.
+ * Good costs $0.019 a request; past 20% of $1, after 11 of them, the rest
+ * go to cheap. Each request chose by the store's answer to the one before
+ * alone, and 40 at once sent as many to good as a round trip let through. */
+Test(costs, a_burst_keeps_to_the_soft_limit_with_redis)
+{
+    struct support_http_conn conn[40];
+    struct support_http_response r[40] = {0};
+    struct buf out[40] = {0};
+    int good = 0;
+
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend("good", mock_a.port, 3, 1000, 1000);
+    add_backend("cheap", mock_b.port, 1, 10, 10);
+    start_routers(1, "good, cheap",
+                  "    budget: {daily_usd: 1, soft_limit_pct: 20}\n    slo: {min_quality: 2}\n");
+    for (int i = 0; i < 40; i++) {
+        conn[i].fd = -1;
+        send_unanswered(&conn[i], &out[i], AUTH "x-mock-tokens: 10\r\n",
+                        "{\"model\":\"chat\",\"max_tokens\":10," MSG "}");
+    }
+    for (int i = 0; i < 40; i++) {
+        cr_assert_eq(support_http_read(&conn[i], &r[i], TIMEOUT_MS), 0);
+        cr_assert_eq(r[i].status, 200);
+        good += strcmp(support_http_header(&r[i], "x-costrouter-backend"), "good") == 0;
+        support_http_close(&conn[i]);
+        support_http_response_free(&r[i]);
+        buf_free(&out[i]);
+    }
+    cr_assert(good <= 11, "%d requests to good, past the soft limit", good);
+}
+
 /* 1 message of 30 words: 3 + 4 + 30 = 37 prompt tokens, past the long
  * tiers of 20 below. */
 #define LONG_MSG                                                                             \
