@@ -621,6 +621,16 @@ void router__spend_settle(struct router__client *c, double usd);
 void router__spend_cache_store(struct router__client *c);
 /* Request teardown: cancel store callbacks, end flights, release holds. */
 void router__spend_abandon(struct router__client *c);
+/* Room for router__rate_headers' six lines. */
+#define ROUTER_RATE_HEADERS_MAX 256
+/* Whether the request's tenant or key has an rpm or tpm limit: then the
+ * router's x-ratelimit-* headers answer it, not its backend's. */
+int router__rate_limited(const struct router__client *c);
+/* x-ratelimit-{limit,remaining,reset}-{requests,tokens}, OpenAI's names,
+ * for the limits of the request's tenant and key (of the two of one kind,
+ * the one with less left), as lines into `out` (ROUTER_RATE_HEADERS_MAX
+ * bytes). Returns their length, 0 when no limit applies. */
+size_t router__rate_headers(struct router__client *c, char *out);
 /* The request's stream has now run `over` micro-USD past its hold: its
  * tenant and key count that as held until it settles. */
 void router__spend_overrun(struct router__client *c, int64_t over);

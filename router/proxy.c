@@ -1183,6 +1183,74 @@ static void limiters_of(struct router__client *c, struct policy_ratelimit *rl[2]
     rl[1] = &ts->key_rl[c->req.key->index];
 }
 
+int router__rate_limited(const struct router__client *c)
+{
+    const struct conf_tenant *t = c->req.tenant;
+    const struct conf_key *k = c->req.key;
+
+    return t != NULL && (t->rpm > 0 || t->tpm > 0 || (k != NULL && (k->rpm > 0 || k->tpm > 0)));
+}
+
+/* A wait as OpenAI's x-ratelimit-reset-* write it: "20ms", "6s", "1m30s"
+ * (seconds rounded up). */
+static int format_reset(char *out, size_t size, uint64_t ms)
+{
+    unsigned long long s = (ms + 999) / 1000;
+
+    if (ms < 1000)
+        return snprintf(out, size, "%llums", (unsigned long long)ms);
+    if (s < 60)
+        return snprintf(out, size, "%llus", s);
+    return snprintf(out, size, "%llum%llus", s / 60, s % 60);
+}
+
+/* One kind's three lines, for the limiter of `rl` with the least left. */
+static size_t kind_headers(struct policy_ratelimit *const *rl, int tokens, uint64_t now,
+                           char *out, size_t size)
+{
+    const char *kind = tokens ? "tokens" : "requests";
+    int64_t limit = 0, left = INT64_MAX, per, avail;
+    uint64_t full = 0;
+    char reset[32];
+    int n;
+
+    for (size_t i = 0; i < 2; i++) {
+        struct policy_bucket *b = tokens ? &rl[i]->tokens : &rl[i]->requests;
+
+        per = tokens ? rl[i]->tpm : rl[i]->rpm;
+        if (per <= 0)
+            continue;
+        avail = policy_bucket_available(b, per, now);
+        if (avail < left || (avail == left && per < limit)) {
+            left = avail;
+            limit = per;
+            full = policy_bucket_full_ms(b, per);
+        }
+    }
+    if (limit == 0)
+        return 0;
+    format_reset(reset, sizeof(reset), full);
+    n = snprintf(out, size,
+                 "x-ratelimit-limit-%s: %" PRId64 "\r\nx-ratelimit-remaining-%s: %" PRId64
+                 "\r\nx-ratelimit-reset-%s: %s\r\n",
+                 kind, limit, kind, left, kind, reset);
+    return n > 0 && (size_t)n < size ? (size_t)n : 0;
+}
+
+size_t router__rate_headers(struct router__client *c, char *out)
+{
+    struct policy_ratelimit *rl[2];
+    uint64_t now = router__now(c->router);
+    size_t len;
+
+    out[0] = '\0';
+    if (!router__rate_limited(c))
+        return 0;
+    limiters_of(c, rl);
+    len = kind_headers(rl, 0, now, out, ROUTER_RATE_HEADERS_MAX);
+    return len + kind_headers(rl, 1, now, out + len, ROUTER_RATE_HEADERS_MAX - len);
+}
+
 /* Requests and tokens per minute, per tenant and per key: 429 with
  * Retry-After when over. Returns 0 when admitted. */
 static int rate_limit(struct router__client *c)
@@ -1192,8 +1260,8 @@ static int rate_limit(struct router__client *c)
     int64_t pred = MAX(req->completion_pred, 0);
     uint64_t retry_ms = 0;
     enum policy_rate_result res;
-    char extra[64];
-    int status;
+    char extra[64 + ROUTER_RATE_HEADERS_MAX];
+    int status, n;
     char *body;
 
     limiters_of(c, rl);
@@ -1218,10 +1286,11 @@ static int rate_limit(struct router__client *c)
     /* One larger than a whole minute never passes as it is: a retry
      * cannot help, and the SDKs retry every 429 unless told not to. */
     if (res == POLICY_RATE_TOO_LARGE)
-        snprintf(extra, sizeof(extra), "x-should-retry: false\r\n");
+        n = snprintf(extra, sizeof(extra), "x-should-retry: false\r\n");
     else
-        snprintf(extra, sizeof(extra), "Retry-After: %llu\r\n",
-                 (unsigned long long)((retry_ms + 999) / 1000));
+        n = snprintf(extra, sizeof(extra), "Retry-After: %llu\r\n",
+                     (unsigned long long)((retry_ms + 999) / 1000));
+    router__rate_headers(c, extra + n);
     req->reason = "rate-limited";
     router__send_response(c, status, "application/json", extra, body ? body : "",
                           body ? strlen(body) : 0);
@@ -1342,7 +1411,7 @@ void router__proxy_replay(struct router__client *c, const char *value, size_t le
 {
     struct router__request *req = &c->req;
     const char *nl = memchr(value, '\n', len);
-    char extra[256], saved[32];
+    char extra[256 + ROUTER_RATE_HEADERS_MAX], saved[32], rate[ROUTER_RATE_HEADERS_MAX];
 
     if (nl == NULL) {
         router__send_error(c, error_internal, "bad cache entry");
@@ -1357,10 +1426,11 @@ void router__proxy_replay(struct router__client *c, const char *value, size_t le
     len -= (size_t)(nl + 1 - value);
     value = nl + 1;
     format_usd(saved, sizeof(saved), req->saved_micro);
+    router__rate_headers(c, rate);
     snprintf(extra, sizeof(extra),
              "x-costrouter-backend: cache\r\nx-costrouter-reason: cache-hit\r\n"
-             "x-costrouter-cost-usd: 0.000000\r\nx-costrouter-saved-usd: %s\r\n%s",
-             saved, req->stream ? "Cache-Control: no-cache\r\n" : "");
+             "x-costrouter-cost-usd: 0.000000\r\nx-costrouter-saved-usd: %s\r\n%s%s",
+             saved, req->stream ? "Cache-Control: no-cache\r\n" : "", rate);
     if (!req->stream) {
         router__send_response(c, 200, "application/json", extra, value, len);
         return;
@@ -1685,9 +1755,10 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-costrouter-backend"), slice_from(b->name));
     rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-costrouter-reason"), slice_from(req->reason));
     if (rc == 0) {
-        char cors[ROUTER_CORS_HEADERS_MAX];
+        char cors[ROUTER_CORS_HEADERS_MAX], rate[ROUTER_RATE_HEADERS_MAX];
 
         rc = buf_append(&req->head, cors, router__cors_headers(c, cors));
+        rc = rc ?: buf_append(&req->head, rate, router__rate_headers(c, rate));
     }
     if (rc != 0) {
         router__client_close(c);

@@ -2007,6 +2007,69 @@ Test(costs, a_reload_keeps_what_the_rate_limits_have_used)
     more_keys = "";
 }
 
+/* The one value of header `name` in the last answer (it fails on two). */
+static const char *only_header(const char *name)
+{
+    const char *v = support_http_header(&resp, name), *at;
+    char line[96];
+
+    cr_assert_not_null(v, "no %s", name);
+    snprintf(line, sizeof(line), "\r\n%s:", name);
+    at = memmem(resp.raw.data, resp.raw.len, line, strlen(line));
+    cr_assert(at && !memmem(at + 1, resp.raw.len - (size_t)(at + 1 - resp.raw.data), line,
+                            strlen(line)),
+              "%s twice", name);
+    return v;
+}
+
+/* The router's x-ratelimit-* tell a client its own limits, as OpenAI's
+ * do: of the tenant's and the key's, the one with less left. The
+ * backend's, which speak of the router's account with it (shared by all
+ * tenants), went to the client as if they were its own: 9999 left of
+ * 10000 while its key allowed 2 a minute. */
+Test(costs, x_ratelimit_headers_tell_the_tenants_and_keys_limits)
+{
+    static const char body[] = "{\"id\":\"c\",\"object\":\"chat.completion\",\"choices\":[{"
+                               "\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":"
+                               "\"hi\"},\"finish_reason\":\"stop\"}],\"usage\":{"
+                               "\"prompt_tokens\":9,\"completion_tokens\":1,\"total_tokens\":10}}";
+    const char chat_body[] = "{\"model\":\"chat\",\"max_tokens\":5," MSG "}";
+    char hex[65], keys[160], answer[1024];
+    int len;
+
+    len = snprintf(answer, sizeof(answer),
+                   "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                   "x-ratelimit-limit-requests: 10000\r\nx-ratelimit-remaining-requests: 9999\r\n"
+                   "x-ratelimit-remaining-tokens: 29999990\r\nContent-Length: %zu\r\n\r\n%s",
+                   strlen(body), body);
+    canned = support_canned_start(answer, (size_t)len);
+    cr_assert_not_null(canned);
+    support_key_sha256_hex(KEY_ONE_RPM, hex);
+    snprintf(keys, sizeof(keys), ", {name: one, rpm: 2, hash: \"sha256:%s\"}", hex);
+    more_keys = keys;
+    add_backend("a", support_canned_port(canned), 1, 1, 1);
+    start_routers(1, "a", "    rate_limits: {rpm: 3, tpm: 1000}\n");
+    cr_assert_eq(chat_status_with(NULL, chat_body), 200);
+    cr_assert_str_eq(only_header("x-ratelimit-limit-requests"), "3");
+    cr_assert_str_eq(only_header("x-ratelimit-remaining-requests"), "2");
+    cr_assert_str_eq(only_header("x-ratelimit-reset-requests"), "20s");
+    cr_assert_str_eq(only_header("x-ratelimit-limit-tokens"), "1000");
+    cr_assert_lt(atoi(only_header("x-ratelimit-remaining-tokens")), 1000);
+    cr_assert_gt(atoi(only_header("x-ratelimit-remaining-tokens")), 900);
+    /* The key has 1 left of its 2, the tenant 1 of its 3: the key's, the
+     * smaller limit, is shown. */
+    cr_assert_eq(chat_status_with(KEY_ONE_RPM, chat_body), 200);
+    cr_assert_str_eq(only_header("x-ratelimit-limit-requests"), "2");
+    cr_assert_str_eq(only_header("x-ratelimit-remaining-requests"), "1");
+    /* The 429 says none is left and when the minute is whole again. */
+    cr_assert_eq(chat_status_with(NULL, chat_body), 200);
+    cr_assert_eq(chat_status_with(NULL, chat_body), 429);
+    cr_assert_str_eq(only_header("x-ratelimit-limit-requests"), "3");
+    cr_assert_str_eq(only_header("x-ratelimit-remaining-requests"), "0");
+    cr_assert_str_eq(only_header("x-ratelimit-reset-requests"), "1m0s");
+    more_keys = "";
+}
+
 /* A backend `a` on mock_a with a context window of `window` tokens. */
 static void add_backend_with_window(int window)
 {
