@@ -678,15 +678,24 @@ Test(costs, exhausted_budget_downgrades_below_the_quality_floor)
 /* A key past its tenant's soft limit of its own budget is downgraded
  * below the floor (README: "one at its soft limit earlier"), while the
  * tenant's other keys, far from the tenant's, are not. */
-Test(costs, a_key_at_the_soft_limit_of_its_own_budget_is_downgraded)
+/* Good at $1000/Mtok each way, cheap at $10 below the floor of 2, one
+ * router, the tenant's `budget` mapping. */
+static void start_good_and_cheap_floor(const char *budget)
 {
-    key_ci_budget("daily_usd: 0.1");
+    char tenant[128];
+
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
     add_backend("good", mock_a.port, 3, 1000, 1000);
     add_backend("cheap", mock_b.port, 1, 10, 10);
-    start_routers(1, "good, cheap",
-                  "    budget: {daily_usd: 100, soft_limit_pct: 50}\n    slo: {min_quality: 2}\n");
+    snprintf(tenant, sizeof(tenant), "    budget: {%s}\n    slo: {min_quality: 2}\n", budget);
+    start_routers(1, "good, cheap", tenant);
+}
+
+Test(costs, a_key_at_the_soft_limit_of_its_own_budget_is_downgraded)
+{
+    key_ci_budget("daily_usd: 0.1");
+    start_good_and_cheap_floor("daily_usd: 100, soft_limit_pct: 50");
     /* 9 + 10 tokens at $1000/Mtok: $0.019 each, $0.057 of the key's $0.1
      * after three (57%), and $0.043 left: good still fits. */
     for (int i = 0; i < 3; i++) {
@@ -715,12 +724,7 @@ Test(costs, a_burst_keeps_to_the_soft_limit_with_redis)
     int good = 0;
 
     cr_assert_eq(test_redis_start(&redis, 0), 0);
-    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
-    add_backend("good", mock_a.port, 3, 1000, 1000);
-    add_backend("cheap", mock_b.port, 1, 10, 10);
-    start_routers(1, "good, cheap",
-                  "    budget: {daily_usd: 1, soft_limit_pct: 20}\n    slo: {min_quality: 2}\n");
+    start_good_and_cheap_floor("daily_usd: 1, soft_limit_pct: 20");
     for (int i = 0; i < 40; i++) {
         conn[i].fd = -1;
         send_unanswered(&conn[i], &out[i], AUTH "x-mock-tokens: 10\r\n",
