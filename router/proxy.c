@@ -1174,13 +1174,33 @@ void router__proxy_budget_checked(struct router__client *c)
     choose_and_reserve(c, c->req.last_error);
 }
 
-/* The tenant's and the key's rate limiters, for policy_ratelimit_*. */
+/* The tenant's and the key's rate limiters, for policy_ratelimit_*: the
+ * current generation's when it still has both (the key found by its hash,
+ * in the same tenant), else the request's own. A request a reload left on
+ * the old generation (a stream in flight, a connection accepted before)
+ * takes from and settles into the buckets the new requests use, which a
+ * reload copied: a long stream's real count went to buckets no request
+ * read again, and the old and the new admitted from one minute twice. */
 static void limiters_of(struct router__client *c, struct policy_ratelimit *rl[2])
 {
-    struct router__tenant *ts = router__tenant_state(c->router, c->req.tenant);
+    struct router *r = c->router, *now = r->shared->current;
+    const struct conf_tenant *t = c->req.tenant;
+    const struct conf_key *k = c->req.key;
+    struct router__tenant *ts;
 
+    if (now != NULL && now != r) {
+        const struct conf_tenant *nt = conf_find_tenant(now->conf, t->id);
+        const struct conf_key *nk = conf_find_key(now->conf, k->hash);
+
+        if (nt != NULL && nk != NULL && nk->tenant == nt) {
+            r = now;
+            t = nt;
+            k = nk;
+        }
+    }
+    ts = router__tenant_state(r, t);
     rl[0] = &ts->rl;
-    rl[1] = &ts->key_rl[c->req.key->index];
+    rl[1] = &ts->key_rl[k->index];
 }
 
 int router__rate_limited(const struct router__client *c)

@@ -156,8 +156,8 @@ static void copy_buckets(struct policy_ratelimit *to, const struct policy_rateli
 /* A reload keeps what the tenant, and each key it still has (by hash),
  * used of its rate limits: fresh buckets gave every reload a new minute's
  * worth and forgave the debt of long answers. A lowered limit caps the
- * level at its next refill. The token corrections of requests still in
- * flight on the old generation land in its buckets, not these. */
+ * level at its next refill. Requests still on the old generation take
+ * from and settle into these from now on (limiters_of in proxy.c). */
 static void carry_limits(struct router *r, const struct conf_tenant *t, struct router__tenant *ts)
 {
     const struct router__tenant *old = previous_state(r, t);

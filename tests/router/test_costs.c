@@ -2011,6 +2011,33 @@ Test(costs, a_reload_keeps_what_the_rate_limits_have_used)
     more_keys = "";
 }
 
+/* A stream in flight across a reload settles its real token count into
+ * the buckets the new config uses: it was admitted for 265 tokens (9 and
+ * the first guess, 256) and made 900. Its correction went to the old
+ * generation's buckets, which no request reads again: the new one, copied
+ * at the reload, let a request of 509 tokens through a tpm of 1000 right
+ * after 1174 had gone. */
+Test(costs, a_stream_across_a_reload_settles_into_the_tpm_the_next_requests_use)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    char body[128];
+    int n = 0;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_counted("a", mock_a.port, 1, 1, 1, "cl100k_base");
+    start_routers(1, "a", "    rate_limits: {tpm: 1000}\n");
+    snprintf(body, sizeof(body), "{\"model\":\"chat\",\"stream\":true," MSG "}");
+    open_chat_stream(&s, AUTH "x-mock-tokens: 900\r\nx-mock-token-delay-ms: 2\r\n", body);
+    reload_router();
+    while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1)
+        n++;
+    support_sse_close(&s);
+    cr_assert_geq(n, 900);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"max_tokens\":500," MSG "}"), 0);
+    cr_assert_eq(resp.status, 429, "%d: the stream's 900 tokens were not counted", resp.status);
+}
+
 /* The one value of header `name` in the last answer (it fails on two). */
 static const char *only_header(const char *name)
 {
