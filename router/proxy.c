@@ -1271,6 +1271,37 @@ size_t router__rate_headers(struct router__client *c, char *out)
     return len + kind_headers(rl, 1, now, out + len, ROUTER_RATE_HEADERS_MAX - len);
 }
 
+/* Which limit of `rl` refused `tokens` (policy_ratelimit_admit refilled
+ * them), for the 429's message: the client learns what to slow down or
+ * cut, and under whose limit. */
+static void refused_by(struct router__client *c, struct policy_ratelimit *const *rl,
+                       int64_t tokens, int too_large, char *out, size_t size)
+{
+    const struct conf_key *k = c->req.key;
+    uint64_t now = router__now(c->router);
+    const char *kind = NULL;
+    int64_t limit = 0;
+    int at = -1; /* 0: the tenant's, 1: the key's */
+
+    for (int i = 0; i < 2 && at < 0; i++) {
+        struct policy_ratelimit *r = rl[i];
+        int64_t room = too_large ? r->tpm : policy_bucket_available(&r->tokens, r->tpm, now);
+
+        if (r->tpm > 0 && tokens > room)
+            kind = "tokens", limit = r->tpm, at = i;
+        if (!too_large && r->rpm > 0 && policy_bucket_available(&r->requests, r->rpm, now) < 1)
+            kind = "requests", limit = r->rpm, at = i;
+    }
+    out[0] = '\0';
+    if (at == 0)
+        snprintf(out, size, "%s per minute of tenant %s (%" PRId64 ")", kind, c->req.tenant->id, limit);
+    else if (at == 1 && k->name != NULL)
+        snprintf(out, size, "%s per minute of key \"%s\" of %s (%" PRId64 ")", kind, k->name,
+                 c->req.tenant->id, limit);
+    else if (at == 1)
+        snprintf(out, size, "%s per minute of this key (%" PRId64 ")", kind, limit);
+}
+
 /* Requests and tokens per minute, per tenant and per key: 429 with
  * Retry-After when over. Returns 0 when admitted. */
 static int rate_limit(struct router__client *c)
@@ -1280,7 +1311,8 @@ static int rate_limit(struct router__client *c)
     int64_t pred = MAX(req->completion_pred, 0);
     uint64_t retry_ms = 0;
     enum policy_rate_result res;
-    char extra[64 + ROUTER_RATE_HEADERS_MAX];
+    char extra[64 + ROUTER_RATE_HEADERS_MAX], which[CONF_NAME_MAX * 2 + 64];
+    char detail[sizeof(which) + 160];
     int status, n;
     char *body;
 
@@ -1297,11 +1329,15 @@ static int rate_limit(struct router__client *c)
         req->rate_held = 1;
         return 0;
     }
-    body = router__error_json(req->endpoint, error_rate_limited,
-                              res == POLICY_RATE_TOO_LARGE
-                                  ? "request larger than the tokens-per-minute limit (its prompt "
-                                    "and max_tokens); a smaller max_tokens may fit"
-                                  : NULL,
+    refused_by(c, rl, req->rate_tokens, res == POLICY_RATE_TOO_LARGE, which, sizeof(which));
+    if (res == POLICY_RATE_TOO_LARGE)
+        snprintf(detail, sizeof(detail),
+                 "request larger than the limit of %s: %" PRId64 " tokens with its prompt and "
+                 "max_tokens; a smaller max_tokens may fit",
+                 which, req->rate_tokens);
+    else
+        snprintf(detail, sizeof(detail), "%s", which);
+    body = router__error_json(req->endpoint, error_rate_limited, detail[0] ? detail : NULL,
                               &status);
     /* One larger than a whole minute never passes as it is: a retry
      * cannot help, and the SDKs retry every 429 unless told not to. */

@@ -1962,6 +1962,9 @@ Test(costs, rate_limits_answer_429_with_retry_after)
     cr_assert_eq(resp.status, 429);
     cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "code")->valuestring,
                      "rate_limit_exceeded");
+    /* It says which limit (it said "rate limit exceeded" alone). */
+    cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(json, "error"), "message")->valuestring,
+                     "rate limit exceeded: requests per minute of tenant acme (2)");
     long retry = strtol(support_http_header(&resp, "retry-after"), NULL, 10);
     cr_assert(retry >= 1 && retry <= 60, "retry-after %ld", retry);
 }
@@ -2000,6 +2003,8 @@ Test(costs, a_reload_keeps_what_the_rate_limits_have_used)
     start_routers(1, "a", "    rate_limits: {rpm: 3}\n");
     cr_assert_eq(chat_status_with(KEY_ONE_RPM, body), 200);
     cr_assert_eq(chat_status_with(KEY_ONE_RPM, body), 429);
+    cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "message")->valuestring,
+                     "rate limit exceeded: requests per minute of key \"one\" of acme (1)");
     reload_router();
     /* The tenant has two requests left: only the key's limit refuses. */
     cr_assert_eq(chat_status_with(KEY_ONE_RPM, body), 429, "the key's minute came back");
@@ -2186,7 +2191,12 @@ Test(costs, a_request_larger_than_a_minutes_tokens_is_told_not_to_retry)
     cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"max_tokens\":900," MSG "}"), 0);
     cr_assert_eq(resp.status, 429, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
     msg = cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "message"));
-    cr_assert_not_null(strstr(msg, "larger than the tokens-per-minute limit"), "%s", msg);
+    cr_assert_not_null(strstr(msg, "rate limit exceeded: request larger than the limit of tokens "
+                                   "per minute of tenant acme (800): "),
+                       "%s", msg);
+    cr_assert_not_null(strstr(msg, " tokens with its prompt and max_tokens; a smaller max_tokens "
+                                   "may fit"),
+                       "%s", msg);
     cr_assert_str_eq(support_http_header(&resp, "x-should-retry"), "false");
     cr_assert_null(support_http_header(&resp, "retry-after"));
     /* 9 + 700 fits a minute; then 9 + 700 again is over what is left. */
