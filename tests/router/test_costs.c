@@ -675,9 +675,6 @@ Test(costs, exhausted_budget_downgrades_below_the_quality_floor)
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "downgraded-budget");
 }
 
-/* A key past its tenant's soft limit of its own budget is downgraded
- * below the floor (README: "one at its soft limit earlier"), while the
- * tenant's other keys, far from the tenant's, are not. */
 /* Good at $1000/Mtok each way, cheap at $10 below the floor of 2, one
  * router, the tenant's `budget` mapping. */
 static void start_good_and_cheap_floor(const char *budget)
@@ -692,10 +689,10 @@ static void start_good_and_cheap_floor(const char *budget)
     start_routers(1, "good, cheap", tenant);
 }
 
-Test(costs, a_key_at_the_soft_limit_of_its_own_budget_is_downgraded)
+/* Three requests by ci at $0.019 to good, then, past half of its $0.1,
+ * the fourth goes to cheap; the key web, without a budget, to good. */
+static void soft_limit_of_key_ci(void)
 {
-    key_ci_budget("daily_usd: 0.1");
-    start_good_and_cheap_floor("daily_usd: 100, soft_limit_pct: 50");
     /* 9 + 10 tokens at $1000/Mtok: $0.019 each, $0.057 of the key's $0.1
      * after three (57%), and $0.043 left: good still fits. */
     for (int i = 0; i < 3; i++) {
@@ -709,6 +706,27 @@ Test(costs, a_key_at_the_soft_limit_of_its_own_budget_is_downgraded)
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "good");
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "cheapest-qualifying");
     more_keys = "";
+}
+
+/* A key past its tenant's soft limit of its own budget is downgraded
+ * below the floor (README: "one at its soft limit earlier"), while the
+ * tenant's other keys, far from the tenant's, are not. */
+Test(costs, a_key_at_the_soft_limit_of_its_own_budget_is_downgraded)
+{
+    key_ci_budget("daily_usd: 0.1");
+    start_good_and_cheap_floor("daily_usd: 100, soft_limit_pct: 50");
+    soft_limit_of_key_ci();
+}
+
+/* The same for a tenant with no budget of its own: its soft_limit_pct
+ * is for its keys' budgets (README: "Its tenant's on_exhausted,
+ * soft_limit_pct and on_overrun apply to it"). The config was refused:
+ * "soft_limit_pct: needs a budget". */
+Test(costs, a_tenant_without_a_budget_gives_its_keys_a_soft_limit)
+{
+    key_ci_budget("daily_usd: 0.1");
+    start_good_and_cheap_floor("soft_limit_pct: 50");
+    soft_limit_of_key_ci();
 }
 
 /* A burst with Redis as the store: the holds asked and not answered yet
