@@ -1294,7 +1294,8 @@ static void refused_by(struct router__client *c, struct policy_ratelimit *const 
     }
     out[0] = '\0';
     if (at == 0)
-        snprintf(out, size, "%s per minute of tenant %s (%" PRId64 ")", kind, c->req.tenant->id, limit);
+        snprintf(out, size, "%s per minute of tenant %s (%" PRId64 ")", kind, c->req.tenant->id,
+                 limit);
     else if (at == 1 && k->name != NULL)
         snprintf(out, size, "%s per minute of key \"%s\" of %s (%" PRId64 ")", kind, k->name,
                  c->req.tenant->id, limit);
