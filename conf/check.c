@@ -662,6 +662,19 @@ static void resolve_tenant_models(struct conf__ctx *ctx, size_t i)
     }
 }
 
+/* Has tenant `t`, or one of its keys, a budget for a soft limit to apply
+ * to? A key's budget takes its tenant's soft_limit_pct (it has none of
+ * its own), also when the tenant has no budget. */
+static int has_a_budget(const struct conf_tenant *t)
+{
+    if (t->daily_usd > 0 || t->monthly_usd > 0)
+        return 1;
+    for (size_t k = 0; k < t->nkeys; k++)
+        if (t->keys[k].daily_usd > 0 || t->keys[k].monthly_usd > 0)
+            return 1;
+    return 0;
+}
+
 static void check_tenants(struct conf__ctx *ctx, int best_quality)
 {
     struct conf *c = ctx->conf;
@@ -690,10 +703,11 @@ static void check_tenants(struct conf__ctx *ctx, int best_quality)
                         "%d is above the quality of every route candidate (best: %d)",
                         t->min_quality, best_quality);
         }
-        if (t->soft_limit_pct > 0 && t->daily_usd == 0 && t->monthly_usd == 0) {
+        if (t->soft_limit_pct > 0 && !has_a_budget(t)) {
             snprintf(path, sizeof(path), "tenants[%zu].budget.soft_limit_pct", i);
             conf__error(ctx, m->lines[CONF__T_SOFT_LIMIT], path,
-                        "needs a budget (daily_usd or monthly_usd) to apply to");
+                        "needs a budget (daily_usd or monthly_usd, the tenant's or a key's) "
+                        "to apply to");
         }
         check_key_names(ctx, i);
         resolve_tenant_models(ctx, i);

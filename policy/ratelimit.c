@@ -121,3 +121,8 @@ int64_t policy_bucket_available(struct policy_bucket *b, int64_t per_minute, uin
     refill(b, per_minute, now_ms);
     return b->level > 0 ? b->level / MINUTE_MS : 0;
 }
+
+uint64_t policy_bucket_full_ms(const struct policy_bucket *b, int64_t per_minute)
+{
+    return per_minute <= 0 ? 0 : wait_for(b, per_minute, per_minute);
+}

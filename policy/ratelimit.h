@@ -61,4 +61,8 @@ void policy_ratelimit_settle(struct policy_ratelimit *const *rl, size_t n, uint6
 /* Whole units in a bucket now, for headers like x-ratelimit-remaining. */
 int64_t policy_bucket_available(struct policy_bucket *b, int64_t per_minute, uint64_t now_ms);
 
+/* Milliseconds until `b`, as of its last refill (policy_bucket_available),
+ * is full again, for headers like x-ratelimit-reset. */
+uint64_t policy_bucket_full_ms(const struct policy_bucket *b, int64_t per_minute);
+
 #endif

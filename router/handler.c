@@ -377,6 +377,8 @@ void router__request_reset(struct router__request *req)
     req->choice.candidate = -1;
     req->store_op = NULL;
     memset(&req->res, 0, sizeof(req->res));
+    req->over_micro = req->asked_micro = 0; /* given back where it settled, or answered */
+    req->asked_key = 0;
     req->has_res = req->attempt_open = req->cacheable = req->flight_leader = 0;
     req->flight_waiting = req->cache_hit = req->head_held = req->settled = 0;
     req->sse_ended = req->sse_failed = 0;

@@ -161,11 +161,17 @@ struct router {
     unsigned freeing:1;             /* free_timer closing */
 };
 
-/* What a tenant's settled costs came to beyond the whole micro-USD the
- * store was charged (spend.c). Shared by the generations that know the
- * tenant, so that a reload neither drops it nor counts it twice. */
+/* What a subject's money came to in this instance beyond what the store
+ * counts (spend.c): the remainder of its settled costs, and what its
+ * streams in flight spent past their holds. Shared by the generations
+ * that know the subject, so that a reload neither drops it nor counts it
+ * twice (a stream of the old one settles into the new one's numbers). */
 struct router__carry {
     double micro;                   /* in [-0.5, 0.5]: charged ahead (< 0) or still owed */
+    int64_t over_micro;             /* micro-USD that this instance's streams in flight
+                                       have run past their holds, not settled yet */
+    int64_t asked_micro;            /* holds this instance asked the store for that it
+                                       has not answered yet */
     unsigned refs;                  /* generations pointing at it */
 };
 
@@ -348,6 +354,11 @@ struct router__request {
     struct cache_op *store_op;           /* cache_begin or spend check in flight, or NULL */
     struct cache_reservation res;        /* budget held for the current attempt */
     struct cache_reservation key_res;    /* the same held from its key's own budget */
+    int64_t over_micro;                  /* what its stream ran past its hold, counted in
+                                            its subjects' carry->over_micro (on_overrun) */
+    int64_t asked_micro;                 /* its hold asked of the store, unanswered: in its
+                                            tenant's carry->asked_micro, or its key's */
+    unsigned asked_key:1;                /* asked_micro is the key's (key_begin) */
     struct cache_key cache_key;          /* response cache key (when cacheable) */
     const char *cache_model;             /* the upstream model cache_key names */
     const char *cache_query;             /* and the backend url's query, or NULL */
@@ -624,6 +635,23 @@ void router__spend_settle(struct router__client *c, double usd);
 void router__spend_cache_store(struct router__client *c);
 /* Request teardown: cancel store callbacks, end flights, release holds. */
 void router__spend_abandon(struct router__client *c);
+/* Room for router__rate_headers' six lines. */
+#define ROUTER_RATE_HEADERS_MAX 256
+/* Whether the request's tenant or key has an rpm or tpm limit: then the
+ * router's x-ratelimit-* headers answer it, not its backend's. */
+int router__rate_limited(const struct router__client *c);
+/* x-ratelimit-{limit,remaining,reset}-{requests,tokens}, OpenAI's names,
+ * for the limits of the request's tenant and key (of the two of one kind,
+ * the one with less left), as lines into `out` (ROUTER_RATE_HEADERS_MAX
+ * bytes). Returns their length, 0 when no limit applies. */
+size_t router__rate_headers(struct router__client *c, char *out);
+/* The request's stream has now run `over` micro-USD past its hold: its
+ * tenant and key count that as held until it settles. */
+void router__spend_overrun(struct router__client *c, int64_t over);
+/* What subject `s` holds in this instance: the store's open reservations
+ * as last read, the holds asked since and not answered, and its streams'
+ * runs past theirs. */
+int64_t router__spend_held(const struct router__spend *s);
 /* End the single flight `c` leads with no answer: its followers go
  * upstream themselves, passing over the candidates that failed it. */
 void router__spend_flight_fail(struct router__client *c);

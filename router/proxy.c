@@ -575,7 +575,7 @@ static struct policy_budget budget_of(double limit_usd, int64_t spent, int64_t r
 static int64_t left_of(const struct router__spend *s, double daily, double monthly,
                        int count_holds)
 {
-    int64_t held = count_holds ? s->reserved : 0, left = BUDGET_NONE;
+    int64_t held = count_holds ? router__spend_held(s) : 0, left = BUDGET_NONE;
 
     if (daily > 0)
         left = router__budget_micro(daily) - s->day_spent - held;
@@ -802,11 +802,13 @@ static void policy_request_of(struct router__client *c, struct policy_request *o
     preq.file_searches = req->file_searches_held;
     preq.searches_one_cap = req->searches_one_cap;
     preq.answer = answer_asked(req);
-    preq.day = budget_of(t->daily_usd, ts->spend.day_spent, ts->spend.reserved);
-    preq.month = budget_of(t->monthly_usd, ts->spend.month_spent, ts->spend.reserved);
+    /* Held: the open reservations and what streams in flight here ran
+     * past theirs (on_overrun: cut), which a new hold must not spend again. */
+    preq.day = budget_of(t->daily_usd, ts->spend.day_spent, router__spend_held(&ts->spend));
+    preq.month = budget_of(t->monthly_usd, ts->spend.month_spent, router__spend_held(&ts->spend));
     if (ks != NULL) {
-        preq.key_day = budget_of(req->key->daily_usd, ks->day_spent, ks->reserved);
-        preq.key_month = budget_of(req->key->monthly_usd, ks->month_spent, ks->reserved);
+        preq.key_day = budget_of(req->key->daily_usd, ks->day_spent, router__spend_held(ks));
+        preq.key_month = budget_of(req->key->monthly_usd, ks->month_spent, router__spend_held(ks));
     }
     /* The backends a flight leader failed on are down to this request,
      * not tried by it: its reason is its own choice's, not "fallback". */
@@ -1177,13 +1179,133 @@ void router__proxy_budget_checked(struct router__client *c)
     choose_and_reserve(c, c->req.last_error);
 }
 
-/* The tenant's and the key's rate limiters, for policy_ratelimit_*. */
+/* The tenant's and the key's rate limiters, for policy_ratelimit_*: the
+ * current generation's when it still has both (the key found by its hash,
+ * in the same tenant), else the request's own. A request a reload left on
+ * the old generation (a stream in flight, a connection accepted before)
+ * takes from and settles into the buckets the new requests use, which a
+ * reload copied: a long stream's real count went to buckets no request
+ * read again, and the old and the new admitted from one minute twice. */
 static void limiters_of(struct router__client *c, struct policy_ratelimit *rl[2])
 {
-    struct router__tenant *ts = router__tenant_state(c->router, c->req.tenant);
+    struct router *r = c->router, *now = r->shared->current;
+    const struct conf_tenant *t = c->req.tenant;
+    const struct conf_key *k = c->req.key;
+    struct router__tenant *ts;
 
+    if (now != NULL && now != r) {
+        const struct conf_tenant *nt = conf_find_tenant(now->conf, t->id);
+        const struct conf_key *nk = conf_find_key(now->conf, k->hash);
+
+        if (nt != NULL && nk != NULL && nk->tenant == nt) {
+            r = now;
+            t = nt;
+            k = nk;
+        }
+    }
+    ts = router__tenant_state(r, t);
     rl[0] = &ts->rl;
-    rl[1] = &ts->key_rl[c->req.key->index];
+    rl[1] = &ts->key_rl[k->index];
+}
+
+int router__rate_limited(const struct router__client *c)
+{
+    const struct conf_tenant *t = c->req.tenant;
+    const struct conf_key *k = c->req.key;
+
+    return t != NULL && (t->rpm > 0 || t->tpm > 0 || (k != NULL && (k->rpm > 0 || k->tpm > 0)));
+}
+
+/* A wait as OpenAI's x-ratelimit-reset-* write it: "20ms", "6s", "1m30s"
+ * (seconds rounded up). */
+static int format_reset(char *out, size_t size, uint64_t ms)
+{
+    unsigned long long s = (ms + 999) / 1000;
+
+    if (ms < 1000)
+        return snprintf(out, size, "%llums", (unsigned long long)ms);
+    if (s < 60)
+        return snprintf(out, size, "%llus", s);
+    return snprintf(out, size, "%llum%llus", s / 60, s % 60);
+}
+
+/* One kind's three lines, for the limiter of `rl` with the least left. */
+static size_t kind_headers(struct policy_ratelimit *const *rl, int tokens, uint64_t now,
+                           char *out, size_t size)
+{
+    const char *kind = tokens ? "tokens" : "requests";
+    int64_t limit = 0, left = INT64_MAX, per, avail;
+    uint64_t full = 0;
+    char reset[32];
+    int n;
+
+    for (size_t i = 0; i < 2; i++) {
+        struct policy_bucket *b = tokens ? &rl[i]->tokens : &rl[i]->requests;
+
+        per = tokens ? rl[i]->tpm : rl[i]->rpm;
+        if (per <= 0)
+            continue;
+        avail = policy_bucket_available(b, per, now);
+        if (avail < left || (avail == left && per < limit)) {
+            left = avail;
+            limit = per;
+            full = policy_bucket_full_ms(b, per);
+        }
+    }
+    if (limit == 0)
+        return 0;
+    format_reset(reset, sizeof(reset), full);
+    n = snprintf(out, size,
+                 "x-ratelimit-limit-%s: %" PRId64 "\r\nx-ratelimit-remaining-%s: %" PRId64
+                 "\r\nx-ratelimit-reset-%s: %s\r\n",
+                 kind, limit, kind, left, kind, reset);
+    return n > 0 && (size_t)n < size ? (size_t)n : 0;
+}
+
+size_t router__rate_headers(struct router__client *c, char *out)
+{
+    struct policy_ratelimit *rl[2];
+    uint64_t now = router__now(c->router);
+    size_t len;
+
+    out[0] = '\0';
+    if (!router__rate_limited(c))
+        return 0;
+    limiters_of(c, rl);
+    len = kind_headers(rl, 0, now, out, ROUTER_RATE_HEADERS_MAX);
+    return len + kind_headers(rl, 1, now, out + len, ROUTER_RATE_HEADERS_MAX - len);
+}
+
+/* Which limit of `rl` refused `tokens` (policy_ratelimit_admit refilled
+ * them), for the 429's message: the client learns what to slow down or
+ * cut, and under whose limit. */
+static void refused_by(struct router__client *c, struct policy_ratelimit *const *rl,
+                       int64_t tokens, int too_large, char *out, size_t size)
+{
+    const struct conf_key *k = c->req.key;
+    uint64_t now = router__now(c->router);
+    const char *kind = NULL;
+    int64_t limit = 0;
+    int at = -1; /* 0: the tenant's, 1: the key's */
+
+    for (int i = 0; i < 2 && at < 0; i++) {
+        struct policy_ratelimit *r = rl[i];
+        int64_t room = too_large ? r->tpm : policy_bucket_available(&r->tokens, r->tpm, now);
+
+        if (r->tpm > 0 && tokens > room)
+            kind = "tokens", limit = r->tpm, at = i;
+        if (!too_large && r->rpm > 0 && policy_bucket_available(&r->requests, r->rpm, now) < 1)
+            kind = "requests", limit = r->rpm, at = i;
+    }
+    out[0] = '\0';
+    if (at == 0)
+        snprintf(out, size, "%s per minute of tenant %s (%" PRId64 ")", kind, c->req.tenant->id,
+                 limit);
+    else if (at == 1 && k->name != NULL)
+        snprintf(out, size, "%s per minute of key \"%s\" of %s (%" PRId64 ")", kind, k->name,
+                 c->req.tenant->id, limit);
+    else if (at == 1)
+        snprintf(out, size, "%s per minute of this key (%" PRId64 ")", kind, limit);
 }
 
 /* Requests and tokens per minute, per tenant and per key: 429 with
@@ -1195,8 +1317,9 @@ static int rate_limit(struct router__client *c)
     int64_t pred = MAX(req->completion_pred, 0);
     uint64_t retry_ms = 0;
     enum policy_rate_result res;
-    char extra[64];
-    int status;
+    char extra[64 + ROUTER_RATE_HEADERS_MAX], which[CONF_NAME_MAX * 2 + 64];
+    char detail[sizeof(which) + 160];
+    int status, n;
     char *body;
 
     limiters_of(c, rl);
@@ -1212,19 +1335,24 @@ static int rate_limit(struct router__client *c)
         req->rate_held = 1;
         return 0;
     }
-    body = router__error_json(req->endpoint, error_rate_limited,
-                              res == POLICY_RATE_TOO_LARGE
-                                  ? "request larger than the tokens-per-minute limit (its prompt "
-                                    "and max_tokens); a smaller max_tokens may fit"
-                                  : NULL,
+    refused_by(c, rl, req->rate_tokens, res == POLICY_RATE_TOO_LARGE, which, sizeof(which));
+    if (res == POLICY_RATE_TOO_LARGE)
+        snprintf(detail, sizeof(detail),
+                 "request larger than the limit of %s: %" PRId64 " tokens with its prompt and "
+                 "max_tokens; a smaller max_tokens may fit",
+                 which, req->rate_tokens);
+    else
+        snprintf(detail, sizeof(detail), "%s", which);
+    body = router__error_json(req->endpoint, error_rate_limited, detail[0] ? detail : NULL,
                               &status);
     /* One larger than a whole minute never passes as it is: a retry
      * cannot help, and the SDKs retry every 429 unless told not to. */
     if (res == POLICY_RATE_TOO_LARGE)
-        snprintf(extra, sizeof(extra), "x-should-retry: false\r\n");
+        n = snprintf(extra, sizeof(extra), "x-should-retry: false\r\n");
     else
-        snprintf(extra, sizeof(extra), "Retry-After: %llu\r\n",
-                 (unsigned long long)((retry_ms + 999) / 1000));
+        n = snprintf(extra, sizeof(extra), "Retry-After: %llu\r\n",
+                     (unsigned long long)((retry_ms + 999) / 1000));
+    router__rate_headers(c, extra + n);
     req->reason = "rate-limited";
     router__send_response(c, status, "application/json", extra, body ? body : "",
                           body ? strlen(body) : 0);
@@ -1345,7 +1473,7 @@ void router__proxy_replay(struct router__client *c, const char *value, size_t le
 {
     struct router__request *req = &c->req;
     const char *nl = memchr(value, '\n', len);
-    char extra[256], saved[32];
+    char extra[256 + ROUTER_RATE_HEADERS_MAX], saved[32], rate[ROUTER_RATE_HEADERS_MAX];
 
     if (nl == NULL) {
         router__send_error(c, error_internal, "bad cache entry");
@@ -1360,10 +1488,11 @@ void router__proxy_replay(struct router__client *c, const char *value, size_t le
     len -= (size_t)(nl + 1 - value);
     value = nl + 1;
     format_usd(saved, sizeof(saved), req->saved_micro);
+    router__rate_headers(c, rate);
     snprintf(extra, sizeof(extra),
              "x-costrouter-backend: cache\r\nx-costrouter-reason: cache-hit\r\n"
-             "x-costrouter-cost-usd: 0.000000\r\nx-costrouter-saved-usd: %s\r\n%s",
-             saved, req->stream ? "Cache-Control: no-cache\r\n" : "");
+             "x-costrouter-cost-usd: 0.000000\r\nx-costrouter-saved-usd: %s\r\n%s%s",
+             saved, req->stream ? "Cache-Control: no-cache\r\n" : "", rate);
     if (!req->stream) {
         router__send_response(c, 200, "application/json", extra, value, len);
         return;
@@ -1683,9 +1812,10 @@ int router__proxy_on_head(struct router__client *c, int status, const struct buf
     rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-costrouter-backend"), slice_from(b->name));
     rc = rc ?: buf_append_header(&req->head, SLICE_LIT("x-costrouter-reason"), slice_from(req->reason));
     if (rc == 0) {
-        char cors[ROUTER_CORS_HEADERS_MAX];
+        char cors[ROUTER_CORS_HEADERS_MAX], rate[ROUTER_RATE_HEADERS_MAX];
 
         rc = buf_append(&req->head, cors, router__cors_headers(c, cors));
+        rc = rc ?: buf_append(&req->head, rate, router__rate_headers(c, rate));
     }
     if (rc != 0) {
         router__client_close(c);
@@ -1810,7 +1940,7 @@ static int overrun_cut(struct router__client *c)
                                     .tier = billed_tier(req)};
     int64_t running, left;
     int status;
-    char *err, owner[2 * CONF_NAME_MAX + 64];
+    char *err, owner[2 * CONF_NAME_MAX + 64], detail[sizeof(owner) + 16];
     struct buf ev = {0};
 
     if (req->tenant->on_overrun != CONF_OVERRUN_CUT || req->completion_limited ||
@@ -1819,7 +1949,11 @@ static int overrun_cut(struct router__client *c)
     left = budget_left(c, 1);
     if (left == BUDGET_NONE)
         return 0;
-    left = MAX(left, 0); /* its own hold is its to spend */
+    /* Its own hold, and what it already ran past it, are its to spend;
+     * what the other streams here ran past theirs is not: each spent the
+     * same rest of the budget, and three streams at once overspent it by
+     * two rests. */
+    left = MAX(left + req->over_micro, 0);
     running = backend_usd_to_micro(backend_api_price_usd(b, &so_far));
     if (running > req->res.amount && !req->overrun_checked && req->store_op == NULL) {
         /* Past its own hold the stream spends what the tenant has left,
@@ -1829,14 +1963,15 @@ static int overrun_cut(struct router__client *c)
         req->overrun_checked = 1;
         router__spend_check(c);
     }
-    if (running <= req->res.amount + left)
+    if (running <= req->res.amount + left) {
+        router__spend_overrun(c, MAX(running - req->res.amount, 0));
         return 0;
+    }
     budget_owner(c, owner, sizeof(owner));
     log_info("request %s: %s over budget mid-stream, cutting it", req->id_str, owner);
-    err = router__error_json(req->endpoint, error_budget_exhausted,
-                             key_binds(c) ? "budget exhausted mid-stream (the key's own budget)"
-                                          : "budget exhausted mid-stream",
-                             &status);
+    /* Named as the 429 names it: the tenant, or the key by its name. */
+    snprintf(detail, sizeof(detail), "%s, mid-stream", owner);
+    err = router__error_json(req->endpoint, error_budget_exhausted, detail, &status);
     if (err && buf_printf(&ev, "event: error\ndata: %s\n\n", err) == 0)
         forward(c, ev.data, ev.len);
     router__proxy_flush(c);

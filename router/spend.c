@@ -156,8 +156,8 @@ static void copy_buckets(struct policy_ratelimit *to, const struct policy_rateli
 /* A reload keeps what the tenant, and each key it still has (by hash),
  * used of its rate limits: fresh buckets gave every reload a new minute's
  * worth and forgave the debt of long answers. A lowered limit caps the
- * level at its next refill. The token corrections of requests still in
- * flight on the old generation land in its buckets, not these. */
+ * level at its next refill. Requests still on the old generation take
+ * from and settle into these from now on (limiters_of in proxy.c). */
 static void carry_limits(struct router *r, const struct conf_tenant *t, struct router__tenant *ts)
 {
     const struct router__tenant *old = previous_state(r, t);
@@ -321,6 +321,33 @@ void router__spend_roll(struct router__spend *s)
     s->period = now;
 }
 
+/*
+ * A hold asked of the store counts as held until the store answers: the
+ * choices made meanwhile (a burst, while Redis answers the first) see it.
+ * Counted by an answer's reserved figure once given, so it stops counting
+ * here then. Without it, a burst of 100 requests chose the dear backend
+ * past a soft limit by as many as one Redis round trip let through.
+ */
+static void asked(struct router__client *c, struct router__spend *s, int64_t amount, int key)
+{
+    c->req.asked_micro = amount;
+    c->req.asked_key = key != 0;
+    s->carry->asked_micro += amount;
+}
+
+/* The store answered the hold asked (or it is cancelled): no longer counted. */
+static void answered(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    struct router__spend *s = req->asked_key ? router__key_spend(c->router, req->key)
+                                             : &router__tenant_state(c->router, req->tenant)->spend;
+
+    if (req->asked_micro == 0)
+        return;
+    s->carry->asked_micro -= req->asked_micro;
+    req->asked_micro = 0;
+}
+
 /* The key's answer: with its hold too the request goes on; refused, the
  * tenant's hold goes back and the request chooses again by the key's
  * fresh numbers (downgrade, or 429 naming the key's budget). */
@@ -330,6 +357,7 @@ static void on_key_begin(void *arg, const char *errstr, const struct cache_begin
     struct router__request *req = &c->req;
 
     req->store_op = NULL;
+    answered(c);
     if (errstr != NULL) {
         router__spend_release(c);
         router__send_error(c, error_store_unavailable, NULL);
@@ -357,10 +385,12 @@ static int key_begin(struct router__client *c)
 
     if (k == NULL || k->subject == NULL)
         return 0;
+    asked(c, router__key_spend(c->router, k), req->res.amount, 1);
     req->store_op = cache_begin(c->router->store, k->subject, NULL, req->res.amount,
                                 router__budget_micro(k->daily_usd),
                                 router__budget_micro(k->monthly_usd), on_key_begin, c);
     if (req->store_op == NULL) {
+        answered(c);
         router__spend_release(c);
         router__send_error(c, error_no_memory, NULL);
     }
@@ -374,6 +404,7 @@ static void on_begin(void *arg, const char *errstr, const struct cache_begin_res
     struct router__tenant *ts = router__tenant_state(c->router, req->tenant);
 
     req->store_op = NULL;
+    answered(c);
     if (errstr != NULL) {
         router__send_error(c, error_store_unavailable, NULL);
         return;
@@ -400,11 +431,14 @@ void router__spend_begin(struct router__client *c)
     int lookup = req->cacheable && req->begins == 0;
 
     req->begins++;
+    asked(c, &router__tenant_state(c->router, t)->spend, req->choice.cost_micro, 0);
     req->store_op = cache_begin(c->router->store, t->id, lookup ? &req->cache_key : NULL,
                                 req->choice.cost_micro, router__budget_micro(t->daily_usd),
                                 router__budget_micro(t->monthly_usd), on_begin, c);
-    if (req->store_op == NULL)
+    if (req->store_op == NULL) {
+        answered(c);
         router__send_error(c, error_no_memory, NULL);
+    }
 }
 
 static void on_key_check(void *arg, const char *errstr, const struct cache_spend *s)
@@ -526,11 +560,32 @@ static void settle_subject(struct router *r, struct router__spend *s, const char
     track(r, cache_settle(r->store, res, micro, on_write_done, r));
 }
 
+int64_t router__spend_held(const struct router__spend *s)
+{
+    return s->reserved + (s->carry != NULL ? s->carry->over_micro + s->carry->asked_micro : 0);
+}
+
+void router__spend_overrun(struct router__client *c, int64_t over)
+{
+    struct router__request *req = &c->req;
+    struct router__spend *ks = router__key_spend(c->router, req->key);
+    int64_t delta = over - req->over_micro;
+
+    if (delta == 0)
+        return;
+    router__tenant_state(c->router, req->tenant)->spend.carry->over_micro += delta;
+    if (ks != NULL)
+        ks->carry->over_micro += delta;
+    req->over_micro = over;
+}
+
 void router__spend_settle(struct router__client *c, double usd)
 {
     struct router__request *req = &c->req;
     struct router__spend *ks = router__key_spend(c->router, req->key);
     int has = req->has_res, has_key = req->has_key_res;
+
+    router__spend_overrun(c, 0); /* the charge below counts it now */
 
     req->cost_usd = usd > 0 ? usd : 0;
     req->cost_micro = backend_usd_to_micro(req->cost_usd);
@@ -580,12 +635,14 @@ void router__spend_abandon(struct router__client *c)
         cache_cancel(req->store_op);
         req->store_op = NULL;
     }
+    answered(c); /* a cancelled begin is answered to no one */
     if (req->flight_waiting) {
         cache_flight_leave(c->router->flights, &req->waiter);
         req->flight_waiting = 0;
     }
     /* The hold goes back before the flight ends: its waiters choose
      * again at once, and would count it. */
+    router__spend_overrun(c, 0);
     router__spend_release(c);
     if (req->flight_leader)
         router__spend_flight_fail(c);

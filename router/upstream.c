@@ -665,6 +665,16 @@ static int response_header_is_ours(struct slice name)
     return slice_caseeq_any(name, names, ARRAY_SIZE(names));
 }
 
+/* A backend's x-ratelimit-* speak of the router's account with it, shared
+ * by every tenant: to a client whose tenant or key has limits of the
+ * router's, they go in favour of the router's own (router__rate_headers),
+ * which speak of its limits; two values of one header would contradict. */
+static int rate_header_replaced(const struct router__upstream *u, struct slice name)
+{
+    return name.len >= 12 && strncasecmp(name.p, "x-ratelimit-", 12) == 0 && u->client != NULL &&
+           router__rate_limited(u->client);
+}
+
 /* A 429's wait: retry-after-ms (Azure OpenAI) over Retry-After, as
  * OpenAI's SDKs read them. Other statuses leave it unread. */
 static void note_retry_after(struct router__upstream *u, int status, struct slice name,
@@ -704,7 +714,7 @@ static int on_header_value_complete(llhttp_t *p)
     if (slice_caseeq(name, "connection"))
         rc = (u->conn.len > 0 ? buf_append_lit(&u->conn, ",") : 0) ?:
              buf_append(&u->conn, value.p, value.len);
-    else if (!response_header_is_ours(name) && name.len > 0)
+    else if (!response_header_is_ours(name) && name.len > 0 && !rate_header_replaced(u, name))
         rc = buf_append_header(&u->headers, name, value);
     buf_reset(&u->hname);
     buf_reset(&u->hvalue);

@@ -307,8 +307,8 @@ static struct error_case error_cases[] = {
       "16: tenants[0].rate_limits.tpm: expected an integer, got \"many\"",
       "16: tenants[0].rate_limits.rps: unknown key (did you mean \"rpm\"?)",
       "18: tenants[1].api_keys[0]: duplicate key (first at line 9)",
-      "19: tenants[1].budget.soft_limit_pct: needs a budget (daily_usd or monthly_usd) to apply "
-      "to",
+      "19: tenants[1].budget.soft_limit_pct: needs a budget (daily_usd or monthly_usd, the "
+      "tenant's or a key's) to apply to",
       "20: tenants[1].models[4]: expected a single value, got a list",
       "20: tenants[1].models[1]: unknown model \"nope\" (no route has it)",
       "20: tenants[1].models[3]: unknown model \"\" (no route has it)",

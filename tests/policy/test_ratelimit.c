@@ -100,6 +100,8 @@ Test(ratelimit, settle_charges_overrun_and_refunds, .timeout = 5)
     cr_assert_eq(policy_ratelimit_admit(list, 1, 0, 1000, NULL), POLICY_RATE_OK);
     policy_ratelimit_settle(list, 1, 0, 1000, 3000);
     cr_assert_eq(policy_bucket_available(&rl.tokens, rl.tpm, 0), 0);
+    /* Full again (x-ratelimit-reset-tokens) after 3000 x 60000 / 2000 ms. */
+    cr_assert_eq(policy_bucket_full_ms(&rl.tokens, rl.tpm), 90000);
     /* One token needs 1001 more: 1001 x 60000 / 2000 = 30030 ms. */
     cr_assert_eq(policy_ratelimit_admit(list, 1, 0, 1, &retry), POLICY_RATE_LIMITED);
     cr_assert_eq(retry, 30030);

@@ -709,18 +709,24 @@ Test(costs, exhausted_budget_downgrades_below_the_quality_floor)
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "downgraded-budget");
 }
 
-/* A key past its tenant's soft limit of its own budget is downgraded
- * below the floor (README: "one at its soft limit earlier"), while the
- * tenant's other keys, far from the tenant's, are not. */
-Test(costs, a_key_at_the_soft_limit_of_its_own_budget_is_downgraded)
+/* Good at $1000/Mtok each way, cheap at $10 below the floor of 2, one
+ * router, the tenant's `budget` mapping. */
+static void start_good_and_cheap_floor(const char *budget)
 {
-    key_ci_budget("daily_usd: 0.1");
+    char tenant[128];
+
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
     add_backend("good", mock_a.port, 3, 1000, 1000);
     add_backend("cheap", mock_b.port, 1, 10, 10);
-    start_routers(1, "good, cheap",
-                  "    budget: {daily_usd: 100, soft_limit_pct: 50}\n    slo: {min_quality: 2}\n");
+    snprintf(tenant, sizeof(tenant), "    budget: {%s}\n    slo: {min_quality: 2}\n", budget);
+    start_routers(1, "good, cheap", tenant);
+}
+
+/* Three requests by ci at $0.019 to good, then, past half of its $0.1,
+ * the fourth goes to cheap; the key web, without a budget, to good. */
+static void soft_limit_of_key_ci(void)
+{
     /* 9 + 10 tokens at $1000/Mtok: $0.019 each, $0.057 of the key's $0.1
      * after three (57%), and $0.043 left: good still fits. */
     for (int i = 0; i < 3; i++) {
@@ -734,6 +740,57 @@ Test(costs, a_key_at_the_soft_limit_of_its_own_budget_is_downgraded)
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "good");
     cr_assert_str_eq(support_http_header(&resp, "x-costrouter-reason"), "cheapest-qualifying");
     more_keys = "";
+}
+
+/* A key past its tenant's soft limit of its own budget is downgraded
+ * below the floor (README: "one at its soft limit earlier"), while the
+ * tenant's other keys, far from the tenant's, are not. */
+Test(costs, a_key_at_the_soft_limit_of_its_own_budget_is_downgraded)
+{
+    key_ci_budget("daily_usd: 0.1");
+    start_good_and_cheap_floor("daily_usd: 100, soft_limit_pct: 50");
+    soft_limit_of_key_ci();
+}
+
+/* The same for a tenant with no budget of its own: its soft_limit_pct
+ * is for its keys' budgets (README: "Its tenant's on_exhausted,
+ * soft_limit_pct and on_overrun apply to it"). The config was refused:
+ * "soft_limit_pct: needs a budget". */
+Test(costs, a_tenant_without_a_budget_gives_its_keys_a_soft_limit)
+{
+    key_ci_budget("daily_usd: 0.1");
+    start_good_and_cheap_floor("soft_limit_pct: 50");
+    soft_limit_of_key_ci();
+}
+
+/* A burst with Redis as the store: the holds asked and not answered yet
+ * count, so the soft limit holds as it does with the in-process store.
+ * Good costs $0.019 a request; past 20% of $1, after 11 of them, the rest
+ * go to cheap. Each request chose by the store's answer to the one before
+ * alone, and 40 at once sent as many to good as a round trip let through. */
+Test(costs, a_burst_keeps_to_the_soft_limit_with_redis)
+{
+    struct support_http_conn conn[40];
+    struct support_http_response r[40] = {0};
+    struct buf out[40] = {0};
+    int good = 0;
+
+    cr_assert_eq(test_redis_start(&redis, 0), 0);
+    start_good_and_cheap_floor("daily_usd: 1, soft_limit_pct: 20");
+    for (int i = 0; i < 40; i++) {
+        conn[i].fd = -1;
+        send_unanswered(&conn[i], &out[i], AUTH "x-mock-tokens: 10\r\n",
+                        "{\"model\":\"chat\",\"max_tokens\":10," MSG "}");
+    }
+    for (int i = 0; i < 40; i++) {
+        cr_assert_eq(support_http_read(&conn[i], &r[i], TIMEOUT_MS), 0);
+        cr_assert_eq(r[i].status, 200);
+        good += strcmp(support_http_header(&r[i], "x-costrouter-backend"), "good") == 0;
+        support_http_close(&conn[i]);
+        support_http_response_free(&r[i]);
+        buf_free(&out[i]);
+    }
+    cr_assert(good <= 11, "%d requests to good, past the soft limit", good);
 }
 
 /* 1 message of 30 words: 3 + 4 + 30 = 37 prompt tokens, past the long
@@ -1957,6 +2014,9 @@ Test(costs, rate_limits_answer_429_with_retry_after)
     cr_assert_eq(resp.status, 429);
     cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "code")->valuestring,
                      "rate_limit_exceeded");
+    /* It says which limit (it said "rate limit exceeded" alone). */
+    cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(json, "error"), "message")->valuestring,
+                     "rate limit exceeded: requests per minute of tenant acme (2)");
     long retry = strtol(support_http_header(&resp, "retry-after"), NULL, 10);
     cr_assert(retry >= 1 && retry <= 60, "retry-after %ld", retry);
 }
@@ -1995,6 +2055,8 @@ Test(costs, a_reload_keeps_what_the_rate_limits_have_used)
     start_routers(1, "a", "    rate_limits: {rpm: 3}\n");
     cr_assert_eq(chat_status_with(KEY_ONE_RPM, body), 200);
     cr_assert_eq(chat_status_with(KEY_ONE_RPM, body), 429);
+    cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "message")->valuestring,
+                     "rate limit exceeded: requests per minute of key \"one\" of acme (1)");
     reload_router();
     /* The tenant has two requests left: only the key's limit refuses. */
     cr_assert_eq(chat_status_with(KEY_ONE_RPM, body), 429, "the key's minute came back");
@@ -2003,6 +2065,96 @@ Test(costs, a_reload_keeps_what_the_rate_limits_have_used)
     cr_assert_eq(chat_status_with(NULL, body), 429);
     reload_router();
     cr_assert_eq(chat_status_with(NULL, body), 429, "the tenant's minute came back");
+    more_keys = "";
+}
+
+/* A stream in flight across a reload settles its real token count into
+ * the buckets the new config uses: it was admitted for 265 tokens (9 and
+ * the first guess, 256) and made 900. Its correction went to the old
+ * generation's buckets, which no request reads again: the new one, copied
+ * at the reload, let a request of 509 tokens through a tpm of 1000 right
+ * after 1174 had gone. */
+Test(costs, a_stream_across_a_reload_settles_into_the_tpm_the_next_requests_use)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    char body[128];
+    int n = 0;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend_counted("a", mock_a.port, 1, 1, 1, "cl100k_base");
+    start_routers(1, "a", "    rate_limits: {tpm: 1000}\n");
+    snprintf(body, sizeof(body), "{\"model\":\"chat\",\"stream\":true," MSG "}");
+    open_chat_stream(&s, AUTH "x-mock-tokens: 900\r\nx-mock-token-delay-ms: 2\r\n", body);
+    reload_router();
+    while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1)
+        n++;
+    support_sse_close(&s);
+    cr_assert_geq(n, 900);
+    cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"max_tokens\":500," MSG "}"), 0);
+    cr_assert_eq(resp.status, 429, "%d: the stream's 900 tokens were not counted", resp.status);
+}
+
+/* The one value of header `name` in the last answer (it fails on two). */
+static const char *only_header(const char *name)
+{
+    const char *v = support_http_header(&resp, name), *at;
+    char line[96];
+
+    cr_assert_not_null(v, "no %s", name);
+    snprintf(line, sizeof(line), "\r\n%s:", name);
+    at = memmem(resp.raw.data, resp.raw.len, line, strlen(line));
+    cr_assert(at && !memmem(at + 1, resp.raw.len - (size_t)(at + 1 - resp.raw.data), line,
+                            strlen(line)),
+              "%s twice", name);
+    return v;
+}
+
+/* The router's x-ratelimit-* tell a client its own limits, as OpenAI's
+ * do: of the tenant's and the key's, the one with less left. The
+ * backend's, which speak of the router's account with it (shared by all
+ * tenants), went to the client as if they were its own: 9999 left of
+ * 10000 while its key allowed 2 a minute. */
+Test(costs, x_ratelimit_headers_tell_the_tenants_and_keys_limits)
+{
+    static const char body[] = "{\"id\":\"c\",\"object\":\"chat.completion\",\"choices\":[{"
+                               "\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":"
+                               "\"hi\"},\"finish_reason\":\"stop\"}],\"usage\":{"
+                               "\"prompt_tokens\":9,\"completion_tokens\":1,\"total_tokens\":10}}";
+    const char chat_body[] = "{\"model\":\"chat\",\"max_tokens\":5," MSG "}";
+    char hex[65], keys[160], answer[1024];
+    int len;
+
+    len = snprintf(answer, sizeof(answer),
+                   "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                   "x-ratelimit-limit-requests: 10000\r\nx-ratelimit-remaining-requests: 9999\r\n"
+                   "x-ratelimit-remaining-tokens: 29999990\r\nContent-Length: %zu\r\n\r\n%s",
+                   strlen(body), body);
+    canned = support_canned_start(answer, (size_t)len);
+    cr_assert_not_null(canned);
+    support_key_sha256_hex(KEY_ONE_RPM, hex);
+    snprintf(keys, sizeof(keys), ", {name: one, rpm: 2, hash: \"sha256:%s\"}", hex);
+    more_keys = keys;
+    add_backend("a", support_canned_port(canned), 1, 1, 1);
+    start_routers(1, "a", "    rate_limits: {rpm: 3, tpm: 1000}\n");
+    cr_assert_eq(chat_status_with(NULL, chat_body), 200);
+    cr_assert_str_eq(only_header("x-ratelimit-limit-requests"), "3");
+    cr_assert_str_eq(only_header("x-ratelimit-remaining-requests"), "2");
+    cr_assert_str_eq(only_header("x-ratelimit-reset-requests"), "20s");
+    cr_assert_str_eq(only_header("x-ratelimit-limit-tokens"), "1000");
+    cr_assert_lt(atoi(only_header("x-ratelimit-remaining-tokens")), 1000);
+    cr_assert_gt(atoi(only_header("x-ratelimit-remaining-tokens")), 900);
+    /* The key has 1 left of its 2, the tenant 1 of its 3: the key's, the
+     * smaller limit, is shown. */
+    cr_assert_eq(chat_status_with(KEY_ONE_RPM, chat_body), 200);
+    cr_assert_str_eq(only_header("x-ratelimit-limit-requests"), "2");
+    cr_assert_str_eq(only_header("x-ratelimit-remaining-requests"), "1");
+    /* The 429 says none is left and when the minute is whole again. */
+    cr_assert_eq(chat_status_with(NULL, chat_body), 200);
+    cr_assert_eq(chat_status_with(NULL, chat_body), 429);
+    cr_assert_str_eq(only_header("x-ratelimit-limit-requests"), "3");
+    cr_assert_str_eq(only_header("x-ratelimit-remaining-requests"), "0");
+    cr_assert_str_eq(only_header("x-ratelimit-reset-requests"), "1m0s");
     more_keys = "";
 }
 
@@ -2091,7 +2243,12 @@ Test(costs, a_request_larger_than_a_minutes_tokens_is_told_not_to_retry)
     cr_assert_eq(chat(0, NULL, "{\"model\":\"chat\",\"max_tokens\":900," MSG "}"), 0);
     cr_assert_eq(resp.status, 429, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
     msg = cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "message"));
-    cr_assert_not_null(strstr(msg, "larger than the tokens-per-minute limit"), "%s", msg);
+    cr_assert_not_null(strstr(msg, "rate limit exceeded: request larger than the limit of tokens "
+                                   "per minute of tenant acme (800): "),
+                       "%s", msg);
+    cr_assert_not_null(strstr(msg, " tokens with its prompt and max_tokens; a smaller max_tokens "
+                                   "may fit"),
+                       "%s", msg);
     cr_assert_str_eq(support_http_header(&resp, "x-should-retry"), "false");
     cr_assert_null(support_http_header(&resp, "retry-after"));
     /* 9 + 700 fits a minute; then 9 + 700 again is over what is left. */
@@ -2972,6 +3129,7 @@ Test(costs, a_token_count_is_no_latency_sample)
 
 static const char *cut_auth = AUTH; /* the key tokens_before_the_cut_cost streams with */
 static const char *cut_cap = "";     /* members before its body's messages (a max_tokens) */
+static char cut_error[512];          /* the data of the last cut's error event */
 
 /* Stream 1000 tokens from router 0 with `headers` (after cut_auth, each
  * line ending in CRLF): the events before a budget_exhausted error event,
@@ -2988,10 +3146,12 @@ static int tokens_before_the_cut_cost(const char *headers, double *cost)
     snprintf(body, sizeof(body), "{\"model\":\"chat\",\"stream\":true,%s" MSG "}", cut_cap);
     open_chat_stream(&s, all, body);
     while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1) {
-        if (strstr(ev.data, "budget_exhausted"))
+        if (strstr(ev.data, "budget_exhausted")) {
             saw_error = 1;
-        else
+            snprintf(cut_error, sizeof(cut_error), "%s", ev.data);
+        } else {
             n++;
+        }
     }
     cr_assert(saw_error, "no budget error event");
     /* The cut stream ends as any other: with what it cost. */
@@ -3066,6 +3226,11 @@ Test(costs, on_overrun_cut_ends_a_stream_when_its_keys_budget_is_gone)
     cr_assert_float_eq(cJSON_GetObjectItem(ci, "day_usd")->valuedouble,
                        cJSON_GetObjectItem(json, "day_usd")->valuedouble, 1e-9);
     cr_assert(cJSON_GetObjectItem(ci, "day_usd")->valuedouble <= 3, "over the key's budget");
+    /* Named as a refusal by the key's budget is (it said "budget
+     * exhausted: budget exhausted mid-stream (the key's own budget)"). */
+    cr_assert(strstr(cut_error, "\"budget exhausted: key \\\"ci\\\" of acme (the key's own "
+                                "budget), mid-stream\"") != NULL,
+              "%s", cut_error);
 }
 
 /* A stream cut by on_overrun at its first token: at $0.01 a token, each
@@ -3136,6 +3301,68 @@ Test(costs, on_overrun_cut_checks_the_store_before_cutting)
     support_http_close(&hold);
     support_http_response_free(&hold_resp);
     buf_free(&hold_req);
+}
+
+/* Three streams at once: what is left past their holds is one budget's
+ * rest, not each stream's. With $9 at $0.01 a token, each holds 256
+ * tokens ($2.56) and $1.32 is left: each ran to $3.88 and the three
+ * spent $11.64 of the $9. */
+Test(costs, on_overrun_cut_shares_the_rest_among_streams)
+{
+    struct support_sse s[3] = {0};
+    struct support_sse_event ev;
+    char body[256];
+    double spent;
+    int cut = 0;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 10000);
+    start_routers(1, "a", "    budget: {daily_usd: 9, on_exhausted: reject, on_overrun: cut}\n");
+    snprintf(body, sizeof(body), "{\"model\":\"chat\",\"stream\":true," MSG "}");
+    for (int i = 0; i < 3; i++)
+        open_chat_stream(&s[i], AUTH "x-mock-tokens: 1000\r\nx-mock-token-delay-ms: 2\r\n",
+                         body);
+    for (int i = 0; i < 3; i++) {
+        while (support_sse_next(&s[i], &ev, TIMEOUT_MS) == 1)
+            cut += strstr(ev.data, "budget_exhausted") != NULL;
+        support_sse_close(&s[i]);
+    }
+    cr_assert_eq(cut, 3, "%d of the 3 streams cut", cut);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    spent = cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble;
+    cr_assert(spent <= 9 && spent > 8.9, "spent $%f of the $9", spent);
+}
+
+/* A stream that ran past its hold spent part of the rest: a request that
+ * comes meanwhile may not hold it again. Of $5, the stream holds $2.56;
+ * 400 tokens in it has run $1.44 past that, and $1 is left, too little
+ * for 150 tokens ($1.50). Admitted, it spent $1.50 the stream had, and the
+ * two came to $5.50. */
+Test(costs, a_hold_does_not_take_what_a_stream_ran_past_its_own)
+{
+    struct support_sse s = {0};
+    struct support_sse_event ev;
+    char body[256];
+    double spent;
+    int n = 0, r;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 10000);
+    start_routers(1, "a", "    budget: {daily_usd: 5, on_exhausted: reject, on_overrun: cut}\n");
+    snprintf(body, sizeof(body), "{\"model\":\"chat\",\"stream\":true," MSG "}");
+    open_chat_stream(&s, AUTH "x-mock-tokens: 1000\r\nx-mock-token-delay-ms: 10\r\n", body);
+    while (n < 400 && (r = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1)
+        n++;
+    cr_assert_eq(n, 400);
+    cr_assert_eq(chat(0, "x-mock-tokens: 150\r\n", "{\"model\":\"chat\",\"max_tokens\":150," MSG "}"),
+                 0);
+    cr_assert_eq(resp.status, 429, "%d: %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    while (support_sse_next(&s, &ev, TIMEOUT_MS) == 1)
+        ;
+    support_sse_close(&s);
+    cr_assert_eq(call_port(routers[0].port, "GET", "/admin/tenants/acme/spend", ADMIN, NULL), 0);
+    spent = cJSON_GetObjectItem(body_json(), "day_usd")->valuedouble;
+    cr_assert(spent <= 5, "spent $%f of the $5", spent);
 }
 
 Test(costs, reload_applies_a_valid_config_and_keeps_the_old_on_errors)
