@@ -946,10 +946,11 @@ static int key_query(struct buf *out, struct slice query)
     size_t n = http_query_normal(NULL, query);
     int rc = buf_printf(out, " query=%zu:", n);
 
-    rc = rc ?: buf_reserve(out, n);
+    rc = rc ?: buf_reserve(out, n + 1);
     if (rc == 0) {
         http_query_normal(out->data + out->len, query);
         out->len += n;
+        out->data[out->len] = '\0'; /* the key is read as a string, as buf_printf leaves it */
     }
     return rc;
 }
