@@ -339,11 +339,12 @@ static void asked(struct router__client *c, struct router__spend *s, int64_t amo
 static void answered(struct router__client *c)
 {
     struct router__request *req = &c->req;
-    struct router__spend *s = req->asked_key ? router__key_spend(c->router, req->key)
-                                             : &router__tenant_state(c->router, req->tenant)->spend;
+    struct router__spend *s;
 
     if (req->asked_micro == 0)
-        return;
+        return; /* none asked: perhaps no tenant either, so no state to look at */
+    s = req->asked_key ? router__key_spend(c->router, req->key)
+                       : &router__tenant_state(c->router, req->tenant)->spend;
     s->carry->asked_micro -= req->asked_micro;
     req->asked_micro = 0;
 }
