@@ -753,8 +753,8 @@ static int on_message_complete(llhttp_t *p)
 {
     struct router__client *c = parser_client(p);
 
-    /* A draining router answers with Connection: close, and closes. */
-    c->req.keep_alive = llhttp_should_keep_alive(p) && !c->router->stopping ? 1 : 0;
+    /* A draining router closes after it (client_last_answer). */
+    c->req.keep_alive = llhttp_should_keep_alive(p) ? 1 : 0;
     client_set_phase(c, ROUTER_CLIENT_BUSY);
     return HPE_PAUSED;
 }
@@ -807,12 +807,20 @@ static void client_process(struct router__client *c)
            !client_full(c)) {
         used = client_execute(c, c->pending.data, c->pending.len, &complete);
         buf_consume(&c->pending, used);
+        c->drain_left -= MIN(used, c->drain_left);
         if (complete)
             router__handle(c);
     }
     c->in_process = 0;
     if (c->closing)
         return;
+    /* Draining, and what was left before the drain parsed to nothing
+     * more (blank lines a client sent after a body): nothing to answer. */
+    if (c->phase == ROUTER_CLIENT_IDLE && c->served && c->router->stopping &&
+        c->drain_left == 0) {
+        client_close_after_writes(c);
+        return;
+    }
     /* A response in progress keeps reading, to notice a client that
      * leaves; its backend is paused instead (proxy.c). */
     if (c->phase == ROUTER_CLIENT_IDLE && client_full(c)) {
@@ -824,6 +832,21 @@ static void client_process(struct router__client *c)
         client_start_reading(c);
 }
 
+/* Whether the answer to the current request is the connection's last:
+ * the client asked for a close, or the generation drains and no byte of
+ * a request received before the drain began waits behind this one. The
+ * requests a client had pipelined and the router had in hand then are
+ * answered (on the old config at a reload; at a stop, as requests in
+ * flight are) and the last of them says Connection: close; what came
+ * after the drain began is dropped with the close, as an HTTP/1.1
+ * client expects of a connection it sees closed (RFC 9112 9.3.2: it
+ * sends those again). Fixed while a request is in progress: drain_left
+ * changes only when a request is taken from `pending`. */
+static int client_last_answer(const struct router__client *c)
+{
+    return !c->req.keep_alive || (c->router->stopping && c->drain_left == 0);
+}
+
 void router__client_response_done(struct router__client *c)
 {
     if (c->closing)
@@ -832,7 +855,7 @@ void router__client_response_done(struct router__client *c)
     router__proxy_unchoose(c);
     router__spend_abandon(c); /* nothing may stay held past the response */
     router__account(c);
-    if (!c->req.keep_alive || c->router->stopping) {
+    if (client_last_answer(c)) {
         client_close_after_writes(c);
         return;
     }
@@ -856,12 +879,12 @@ int router__client_http10(const struct router__client *c)
  * server closes unless the answer says keep-alive (RFC 9112, appendix
  * C.2.2): it then waits for a close that comes only idle_timeout_ms
  * later (ab -k does, and proxies that speak 1.0). A draining generation
- * (a reload replaced its config, or a stop) closes after every answer
- * (router__client_response_done), so the answer says so: else a client
- * sends its next request on a connection being closed. */
+ * (a reload replaced its config, or a stop) closes after its last answer
+ * (client_last_answer), so that answer says so: else a client sends its
+ * next request on a connection being closed. */
 const char *router__client_connection_header(const struct router__client *c)
 {
-    if (!c->req.keep_alive || c->router->stopping)
+    if (client_last_answer(c))
         return "Connection: close\r\n";
     return router__client_http10(c) ? "Connection: keep-alive\r\n" : "";
 }
@@ -1258,6 +1281,12 @@ static void generation_drain(struct router *r, int spare_fresh)
     r->stopping = 1;
     for (c = r->clients; c != NULL; c = next) {
         next = c->next;
+        /* Requests it had pipelined and we hold get their answers first
+         * (client_last_answer), however they wait: behind one in
+         * progress, or behind answers it has not read (backed_up). */
+        c->drain_left = c->phase == ROUTER_CLIENT_LINGER ? 0 : c->pending.len;
+        if (c->drain_left > 0)
+            continue;
         /* A lingering one has its answer: at a reload it may finish
          * reading what its client still sends. */
         if (c->phase == ROUTER_CLIENT_IDLE && (c->served || !spare_fresh) &&

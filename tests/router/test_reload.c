@@ -656,3 +656,87 @@ Test(reload, a_reload_loads_the_token_tables_missing_at_start)
     unlink(log);
     unlink(body_path);
 }
+
+/* Send three chat requests pipelined on `conn` (the first waits 1500 ms
+ * for its first token, upstream), then, once the router has them, the
+ * signal `sig`; a fourth request is sent after the signal took effect. */
+static void pipeline_through_signal(struct support_http_conn *conn, int sig)
+{
+    struct buf reqs = {0}, late = {0};
+    const char *body = "{\"model\":\"chat\"," MSG "}";
+    int before = log_count(sig == SIGHUP ? "config reloaded" : "stopping after requests");
+
+    cr_assert_eq(support_http_format(&reqs, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-ttft-ms: 1500\r\n", body),
+                 0);
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(support_http_format(&reqs, "POST", "/v1/chat/completions", AUTH, body), 0);
+    cr_assert_eq(support_http_connect(conn, router.port), 0);
+    cr_assert_eq(support_http_send(conn, reqs.data, reqs.len), 0);
+    buf_free(&reqs);
+    usleep(300000); /* the first is upstream, the other two buffered */
+    kill(router.pid, sig);
+    for (int i = 0; i < RELOAD_TIMEOUT_MS / 10 &&
+                    log_count(sig == SIGHUP ? "config reloaded" : "stopping after requests") ==
+                        before;
+         i++)
+        usleep(10000);
+    cr_assert_gt(log_count(sig == SIGHUP ? "config reloaded" : "stopping after requests"), before,
+                 "signal %d did not take effect", sig);
+    /* Sent after the drain began: not among those it answers. */
+    cr_assert_eq(support_http_format(&late, "POST", "/v1/chat/completions", AUTH, body), 0);
+    cr_assert_eq(support_http_send(conn, late.data, late.len), 0);
+    buf_free(&late);
+}
+
+/* Read the three pipelined answers on `conn`: 200 each, only the last
+ * saying Connection: close, and then the close, the late fourth request
+ * unanswered. */
+static void assert_pipeline_answered(struct support_http_conn *conn, const char *when)
+{
+    struct support_http_response r = {0};
+
+    for (int i = 0; i < 3; i++) {
+        int rc = support_http_read(conn, &r, TIMEOUT_MS);
+        const char *h;
+
+        cr_assert_eq(rc, 0, "%s: pipelined request %d of 3 unanswered (%d)", when, i + 1, rc);
+        cr_assert_eq(r.status, 200, "%s: request %d: %d", when, i + 1, r.status);
+        h = support_http_header(&r, "connection");
+        if (i < 2)
+            cr_assert(h == NULL || strcasecmp(h, "close") != 0,
+                      "%s: request %d says Connection: close, the next unanswered", when, i + 1);
+        else
+            cr_assert(h != NULL && strcasecmp(h, "close") == 0,
+                      "%s: the last request received before: Connection: %s", when,
+                      h ? h : "(none)");
+    }
+    cr_assert_eq(support_http_read(conn, &r, TIMEOUT_MS), -ECONNRESET,
+                 "%s: a request sent after the drain began was answered %d", when, r.status);
+    support_http_response_free(&r);
+    support_http_close(conn);
+}
+
+/* Requests a client pipelined before a reload, which the router had
+ * received and buffered behind the one in flight, are answered on the
+ * config replaced (README, Signals): the answer to the last of them says
+ * Connection: close. The first answer said close and the two behind it
+ * were dropped unanswered. */
+Test(reload, pipelined_requests_received_before_a_reload_are_answered)
+{
+    struct support_http_conn conn;
+
+    start_plain("", "  - {model: chat, candidates: [a]}\n");
+    pipeline_through_signal(&conn, SIGHUP);
+    assert_pipeline_answered(&conn, "reload");
+}
+
+/* The same at a stop: the requests received are in flight too. */
+Test(reload, pipelined_requests_received_before_a_stop_are_answered)
+{
+    struct support_http_conn conn;
+
+    start_plain("", "  - {model: chat, candidates: [a]}\n");
+    pipeline_through_signal(&conn, SIGTERM);
+    assert_pipeline_answered(&conn, "stop");
+}
