@@ -1126,11 +1126,71 @@ static unsigned conf_encodings(const struct conf *conf)
     return need;
 }
 
+/* A backend of `conf` that counts with `enc`, in `out`: the first one's
+ * name, and how many more there are. */
+static const char *tokens_users(const struct conf *conf, enum conf_tokenizer enc, char *out,
+                                size_t size)
+{
+    const char *first = NULL;
+    size_t more = 0;
+
+    for (size_t i = 0; i < conf->nbackends; i++) {
+        if (conf->backends[i].tokenizer != enc)
+            continue;
+        if (first == NULL)
+            first = conf->backends[i].name;
+        else
+            more++;
+    }
+    if (more > 0)
+        snprintf(out, size, "backend %s and %zu more", first, more);
+    else
+        snprintf(out, size, "backend %s", first);
+    return out;
+}
+
+/* Load the token tables `conf`'s backends count with that are not loaded
+ * yet: at start, and at a reload (on the loop, see router_reload), which
+ * so loads one the config names for the first time or one missing until
+ * then (`make deps` run since). Each table apart: one that cannot be read
+ * leaves only its own backends' prompts estimated from bytes, and a
+ * warning names it and them (vocab_load's error line says why). */
+static void tokens_load(struct router__shared *sh, const struct conf *conf, int reload)
+{
+    const char *when = reload ? "reload: " : "";
+    unsigned need = conf_encodings(conf);
+    char users[160];
+    int rc, had[CONF_TOK_LLAMA3 + 1];
+
+    if (sh->tokens == NULL) {
+        rc = policy_tokens_load_some(&sh->tokens, conf->tokenizer_data, 0);
+        if (rc != 0) {
+            log_warn("%stoken tables not loaded (%s): prompt tokens will be estimated from bytes",
+                     when, strerror(-rc));
+            sh->tokens = NULL;
+            return;
+        }
+    }
+    for (int e = CONF_TOK_CL100K; e <= CONF_TOK_LLAMA3; e++)
+        had[e] = policy_tokens_has(sh->tokens, e);
+    if (policy_tokens_add(sh->tokens, need) == 0 && !reload)
+        return;
+    for (int e = CONF_TOK_CL100K; e <= CONF_TOK_LLAMA3; e++) {
+        if (!(need & (1u << e)) || had[e])
+            continue;
+        if (policy_tokens_has(sh->tokens, e))
+            log_info("%stoken table %s loaded", when, policy_tokens_file(e));
+        else
+            log_warn("%stoken table %s not loaded: prompt tokens of %s will be estimated from "
+                     "bytes; run `make deps` to fetch it, then reload",
+                     when, policy_tokens_file(e), tokens_users(conf, e, users, sizeof(users)));
+    }
+}
+
 /* The state that outlives reloads, made once with the first config. */
 static struct router__shared *shared_create(uv_loop_t *loop, const struct conf *conf)
 {
     struct router__shared *sh = calloc(1, sizeof(*sh));
-    int rc;
 
     if (sh == NULL)
         return NULL;
@@ -1151,12 +1211,7 @@ static struct router__shared *shared_create(uv_loop_t *loop, const struct conf *
         }
         metrics_cost_log_on_caught_up(sh->cost_log, router__park_resume, sh);
     }
-    rc = policy_tokens_load_some(&sh->tokens, conf->tokenizer_data, conf_encodings(conf));
-    if (rc != 0) {
-        log_warn("token tables not loaded (%s): prompt tokens will be estimated from bytes; "
-                 "run `make deps` to fetch them", strerror(-rc));
-        sh->tokens = NULL;
-    }
+    tokens_load(sh, conf, 0);
     sh->store = router__store_create(loop, conf);
     sh->flights = cache_flight_create();
     if (sh->store == NULL || sh->flights == NULL)
@@ -1348,25 +1403,6 @@ static int differ(const char *a, const char *b)
     return a == NULL || b == NULL ? a != b : strcmp(a, b) != 0;
 }
 
-/* Load the token tables `conf` names that are not loaded yet (on the
- * loop, see router_reload). None at all since the start (its folder had
- * none: `make deps` not run yet) is tried afresh, so that a reload once
- * they are there counts prompts exactly, as the start's warning means. */
-static void tokens_reload(struct router__shared *sh, const struct conf *conf)
-{
-    int rc;
-
-    if (sh->tokens != NULL) {
-        rc = policy_tokens_add(sh->tokens, conf_encodings(conf));
-    } else {
-        rc = policy_tokens_load_some(&sh->tokens, conf->tokenizer_data, conf_encodings(conf));
-        if (rc == 0)
-            log_info("reload: token tables loaded from %s", conf->tokenizer_data);
-    }
-    if (rc < 0)
-        log_warn("reload: a token table could not be loaded; prompts for its backends are "
-                 "estimated from bytes");
-}
 
 /* The first setting that the state made once at start (the store with its
  * connection and cache, the cost log file, the token tables) was made from and that `next`
@@ -1441,7 +1477,7 @@ struct router *router_reload(struct router *old, struct conf *conf, char **error
      * one): the tables live in sh->tokens, which the loop counts with and
      * which is not thread-safe, so a load off the loop would need a way to
      * move a table loaded apart into it, which policy/ does not have yet. */
-    tokens_reload(sh, conf);
+    tokens_load(sh, conf, 1);
     r = generation_create(sh, conf, errors);
     if (r == NULL)
         return NULL;

@@ -740,3 +740,125 @@ Test(reload, pipelined_requests_received_before_a_stop_are_answered)
     pipeline_through_signal(&conn, SIGTERM);
     assert_pipeline_answered(&conn, "stop");
 }
+
+/* The exact prompt count of the chat body in `body_path` with encoding
+ * `enc`, as `costrouter tokens` makes it from the tables in data/tokens. */
+static long exact_count(const char *enc, const char *body_path)
+{
+    char data[512];
+    struct buf out = {0};
+    long n;
+
+    snprintf(data, sizeof(data), "%s/data/tokens",
+             getenv("COSTROUTER_SRC") ? getenv("COSTROUTER_SRC") : ".");
+    char *argv[] = {getenv("COSTROUTER_BIN") ? getenv("COSTROUTER_BIN") : "./costrouter",
+                    "tokens", "--encoding", (char *)enc, "--chat", "--data", data,
+                    (char *)body_path, NULL};
+    cr_assert_eq(support_run(argv, &out, TIMEOUT_MS), 0);
+    cr_assert_eq(buf_append(&out, "", 1), 0);
+    n = strtol(out.data, NULL, 10);
+    buf_free(&out);
+    cr_assert_gt(n, 0);
+    return n;
+}
+
+/* Put table `file` of data/tokens into `dir` (a link to it). */
+static void table_link(const char *dir, const char *file)
+{
+    char src[600], dst[600];
+
+    snprintf(src, sizeof(src), "%s/data/tokens/%s",
+             getenv("COSTROUTER_SRC") ? getenv("COSTROUTER_SRC") : ".", file);
+    if (src[0] != '/') { /* a link's target is read from its own folder */
+        char cwd[256];
+
+        cr_assert_not_null(getcwd(cwd, sizeof(cwd)));
+        snprintf(src, sizeof(src), "%s/data/tokens/%s", cwd, file);
+    }
+    snprintf(dst, sizeof(dst), "%s/%s", dir, file);
+    cr_assert_eq(symlink(src, dst), 0, "%s: %s", dst, strerror(errno));
+}
+
+/* A start where one of the tables the backends name is missing from
+ * tokenizer_data (llama3.tok here) loads the others, counts exactly with
+ * them, estimates from bytes for the backends of the missing one alone,
+ * and says which table it lacks, as a reload does (README, Configuration);
+ * a reload once it is there loads it. The start loaded all or none: every
+ * prompt was estimated from bytes, o200k's backend's too. */
+Test(reload, a_start_missing_one_token_table_loads_the_others)
+{
+    static const char body_a[] =
+        "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":"
+        "\"hello there, hello there, hello there\"}]}";
+    static const char body_b[] =
+        "{\"model\":\"llama\",\"messages\":[{\"role\":\"user\",\"content\":"
+        "\"hello there, hello there, hello there\"}]}";
+    char dir[64], log[64], path_a[64], path_b[64], hex[65], link[128];
+    long exact_a, exact_b;
+    FILE *f;
+
+    support_key_sha256_hex(KEY, hex);
+    strcpy(dir, "/tmp/costrouter-start-tables-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    table_link(dir, "o200k_base.tok");
+    table_link(dir, "cl100k_base.tok");
+    strcpy(log, "/tmp/costrouter-start-cost-XXXXXX");
+    close(mkstemp(log));
+    strcpy(path_a, "/tmp/costrouter-start-body-XXXXXX");
+    close(mkstemp(path_a));
+    cr_assert_eq(support_file_write(path_a, body_a), 0);
+    strcpy(path_b, "/tmp/costrouter-start-body-XXXXXX");
+    close(mkstemp(path_b));
+    cr_assert_eq(support_file_write(path_b, body_b), 0);
+    exact_a = exact_count("o200k_base", path_a);
+    exact_b = exact_count("llama3", path_b);
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    strcpy(conf_path, "/tmp/costrouter-reload-XXXXXX");
+    close(mkstemp(conf_path));
+    strcpy(log_path, "/tmp/costrouter-reload-log-XXXXXX");
+    close(mkstemp(log_path));
+    f = fopen(conf_path, "w");
+    cr_assert_not_null(f);
+    fprintf(f,
+            "listen: 127.0.0.1:0\nadmin_key: adm-reload\ncost_log: %s\ntokenizer_data: %s\n"
+            "backends:\n"
+            "  - {name: a, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-a,\n"
+            "     quality: 1, context_window: 100000, input_usd_per_mtok: 1,\n"
+            "     output_usd_per_mtok: 1, tokenizer: o200k_base}\n"
+            "  - {name: b, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-b,\n"
+            "     quality: 1, context_window: 100000, input_usd_per_mtok: 1,\n"
+            "     output_usd_per_mtok: 1, tokenizer: llama3}\n"
+            "routes:\n  - {model: chat, candidates: [a]}\n  - {model: llama, candidates: [b]}\n"
+            "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n",
+            log, dir, mock_a.port, mock_a.port, hex);
+    fclose(f);
+    cr_assert_eq(support_router_start(&router, NULL, conf_path, log_path), 0);
+    cr_assert_eq(log_count("token table llama3.tok not loaded"), 1,
+                 "no warning names the missing table");
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body_a), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(logged_prompt_est(log, 1), (double)exact_a,
+                 "o200k's backend estimated from bytes (exact: %ld)", exact_a);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body_b), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_neq(logged_prompt_est(log, 2), (double)exact_b, "counted exactly without llama3.tok");
+
+    table_link(dir, "llama3.tok");
+    cr_assert_eq(call("POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body_b), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(logged_prompt_est(log, 3), (double)exact_b,
+                 "llama3 still estimated after the reload (exact: %ld)", exact_b);
+    for (int i = 0; i < 3; i++) {
+        static const char *files[] = {"o200k_base.tok", "cl100k_base.tok", "llama3.tok"};
+
+        snprintf(link, sizeof(link), "%s/%s", dir, files[i]);
+        unlink(link);
+    }
+    rmdir(dir);
+    unlink(log);
+    unlink(path_a);
+    unlink(path_b);
+}
