@@ -144,6 +144,7 @@ static void client_linger(struct router__client *c)
     c->linger_end = router__now(c->router) + ROUTER_LINGER_MAX_MS;
     client_set_phase(c, ROUTER_CLIENT_LINGER);
     buf_free(&c->pending);
+    c->drain_left = 0; /* of `pending`, now dropped */
     if (!c->reading)
         client_start_reading(c);
 }
