@@ -508,14 +508,22 @@ fail:
 
 int policy_tokens_add(struct policy_tokens *t, unsigned need)
 {
+    int first = 0;
+
+    /* Each table apart: one missing keeps out its own encoding only. */
     for (int i = 0; i < NENC; i++) {
         if (!(need & (1u << (i + 1))) || t->v[i].file != NULL)
             continue;
         int rc = vocab_load(t, i);
-        if (rc < 0)
-            return rc;
+        if (rc < 0 && first == 0)
+            first = rc;
     }
-    return 0;
+    return first;
+}
+
+const char *policy_tokens_file(enum conf_tokenizer enc)
+{
+    return enc >= CONF_TOK_CL100K && enc <= CONF_TOK_LLAMA3 ? encodings[enc - 1].file : NULL;
 }
 
 int policy_tokens_has(const struct policy_tokens *t, enum conf_tokenizer enc)

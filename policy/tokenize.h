@@ -57,10 +57,15 @@ int policy_tokens_load_some(struct policy_tokens **out, const char *dir, unsigne
 /*
  * Load the encodings of `need` that `t` lacks, from the folder it was
  * loaded from (a reloaded config naming a new one). Blocks while it reads
- * and compiles, ~40 ms an encoding. Returns 0, or the first error as
- * policy_tokens_load does; the encodings loaded before it stay.
+ * and compiles, ~40 ms an encoding. Every one is tried: those that load
+ * stay, whatever failed (policy_tokens_has tells which). Returns 0, or
+ * the first error as policy_tokens_load does.
  */
 int policy_tokens_add(struct policy_tokens *t, unsigned need) __attribute__((warn_unused_result));
+
+/* The file name of `enc`'s table ("llama3.tok"), for messages; NULL for
+ * CONF_TOK_ESTIMATE. */
+const char *policy_tokens_file(enum conf_tokenizer enc);
 
 /* Whether `t` (NULL: none loaded) can count exactly with `enc`;
  * CONF_TOK_ESTIMATE always can. */

@@ -45,7 +45,10 @@ static const struct error_map error_maps[] = {
     {error_auth_twice, 400, "invalid_request_error", "bad_request", NULL},
     {error_xkey_twice, 400, "invalid_request_error", "bad_request", NULL},
     {error_auth_conflict, 400, "invalid_request_error", "bad_request", NULL},
-    {error_unauthorized, 401, "invalid_request_error", "invalid_api_key", NULL},
+    /* RFC 9110 11.6.1: a 401 names the scheme to answer it with (both
+     * the admin API and /v1 take a Bearer key; no browser prompts for it). */
+    {error_unauthorized, 401, "invalid_request_error", "invalid_api_key",
+     "WWW-Authenticate: Bearer\r\n"},
     {error_not_found, 404, "invalid_request_error", "unknown_url", NULL},
     {error_unknown_model, 404, "invalid_request_error", "model_not_found", NULL},
     /* OpenAI's answer to a project without access to a model */

@@ -428,6 +428,8 @@ struct router__client {
     struct router__client *next, *prev;  /* router's client list */
     llhttp_t parser;                     /* request parser */
     struct buf pending;                  /* unparsed bytes after a pause (pipelining) */
+    size_t drain_left;                   /* draining: of `pending`, the bytes received before
+                                            the drain began, still to answer (server.c) */
     enum router__client_phase phase;     /* what we wait for */
     struct router__request req;          /* current request */
     unsigned closing:1;                  /* close requested */

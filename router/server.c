@@ -144,6 +144,7 @@ static void client_linger(struct router__client *c)
     c->linger_end = router__now(c->router) + ROUTER_LINGER_MAX_MS;
     client_set_phase(c, ROUTER_CLIENT_LINGER);
     buf_free(&c->pending);
+    c->drain_left = 0; /* of `pending`, now dropped */
     if (!c->reading)
         client_start_reading(c);
 }
@@ -753,8 +754,8 @@ static int on_message_complete(llhttp_t *p)
 {
     struct router__client *c = parser_client(p);
 
-    /* A draining router answers with Connection: close, and closes. */
-    c->req.keep_alive = llhttp_should_keep_alive(p) && !c->router->stopping ? 1 : 0;
+    /* A draining router closes after it (client_last_answer). */
+    c->req.keep_alive = llhttp_should_keep_alive(p) ? 1 : 0;
     client_set_phase(c, ROUTER_CLIENT_BUSY);
     return HPE_PAUSED;
 }
@@ -807,12 +808,20 @@ static void client_process(struct router__client *c)
            !client_full(c)) {
         used = client_execute(c, c->pending.data, c->pending.len, &complete);
         buf_consume(&c->pending, used);
+        c->drain_left -= MIN(used, c->drain_left);
         if (complete)
             router__handle(c);
     }
     c->in_process = 0;
     if (c->closing)
         return;
+    /* Draining, and what was left before the drain parsed to nothing
+     * more (blank lines a client sent after a body): nothing to answer. */
+    if (c->phase == ROUTER_CLIENT_IDLE && c->served && c->router->stopping &&
+        c->drain_left == 0) {
+        client_close_after_writes(c);
+        return;
+    }
     /* A response in progress keeps reading, to notice a client that
      * leaves; its backend is paused instead (proxy.c). */
     if (c->phase == ROUTER_CLIENT_IDLE && client_full(c)) {
@@ -824,6 +833,21 @@ static void client_process(struct router__client *c)
         client_start_reading(c);
 }
 
+/* Whether the answer to the current request is the connection's last:
+ * the client asked for a close, or the generation drains and no byte of
+ * a request received before the drain began waits behind this one. The
+ * requests a client had pipelined and the router had in hand then are
+ * answered (on the old config at a reload; at a stop, as requests in
+ * flight are) and the last of them says Connection: close; what came
+ * after the drain began is dropped with the close, as an HTTP/1.1
+ * client expects of a connection it sees closed (RFC 9112 9.3.2: it
+ * sends those again). Fixed while a request is in progress: drain_left
+ * changes only when a request is taken from `pending`. */
+static int client_last_answer(const struct router__client *c)
+{
+    return !c->req.keep_alive || (c->router->stopping && c->drain_left == 0);
+}
+
 void router__client_response_done(struct router__client *c)
 {
     if (c->closing)
@@ -832,7 +856,7 @@ void router__client_response_done(struct router__client *c)
     router__proxy_unchoose(c);
     router__spend_abandon(c); /* nothing may stay held past the response */
     router__account(c);
-    if (!c->req.keep_alive || c->router->stopping) {
+    if (client_last_answer(c)) {
         client_close_after_writes(c);
         return;
     }
@@ -856,12 +880,12 @@ int router__client_http10(const struct router__client *c)
  * server closes unless the answer says keep-alive (RFC 9112, appendix
  * C.2.2): it then waits for a close that comes only idle_timeout_ms
  * later (ab -k does, and proxies that speak 1.0). A draining generation
- * (a reload replaced its config, or a stop) closes after every answer
- * (router__client_response_done), so the answer says so: else a client
- * sends its next request on a connection being closed. */
+ * (a reload replaced its config, or a stop) closes after its last answer
+ * (client_last_answer), so that answer says so: else a client sends its
+ * next request on a connection being closed. */
 const char *router__client_connection_header(const struct router__client *c)
 {
-    if (!c->req.keep_alive || c->router->stopping)
+    if (client_last_answer(c))
         return "Connection: close\r\n";
     return router__client_http10(c) ? "Connection: keep-alive\r\n" : "";
 }
@@ -1103,11 +1127,71 @@ static unsigned conf_encodings(const struct conf *conf)
     return need;
 }
 
+/* A backend of `conf` that counts with `enc`, in `out`: the first one's
+ * name, and how many more there are. */
+static const char *tokens_users(const struct conf *conf, enum conf_tokenizer enc, char *out,
+                                size_t size)
+{
+    const char *first = NULL;
+    size_t more = 0;
+
+    for (size_t i = 0; i < conf->nbackends; i++) {
+        if (conf->backends[i].tokenizer != enc)
+            continue;
+        if (first == NULL)
+            first = conf->backends[i].name;
+        else
+            more++;
+    }
+    if (more > 0)
+        snprintf(out, size, "backend %s and %zu more", first, more);
+    else
+        snprintf(out, size, "backend %s", first);
+    return out;
+}
+
+/* Load the token tables `conf`'s backends count with that are not loaded
+ * yet: at start, and at a reload (on the loop, see router_reload), which
+ * so loads one the config names for the first time or one missing until
+ * then (`make deps` run since). Each table apart: one that cannot be read
+ * leaves only its own backends' prompts estimated from bytes, and a
+ * warning names it and them (vocab_load's error line says why). */
+static void tokens_load(struct router__shared *sh, const struct conf *conf, int reload)
+{
+    const char *when = reload ? "reload: " : "";
+    unsigned need = conf_encodings(conf);
+    char users[160];
+    int rc, had[CONF_TOK_LLAMA3 + 1];
+
+    if (sh->tokens == NULL) {
+        rc = policy_tokens_load_some(&sh->tokens, conf->tokenizer_data, 0);
+        if (rc != 0) {
+            log_warn("%stoken tables not loaded (%s): prompt tokens will be estimated from bytes",
+                     when, strerror(-rc));
+            sh->tokens = NULL;
+            return;
+        }
+    }
+    for (int e = CONF_TOK_CL100K; e <= CONF_TOK_LLAMA3; e++)
+        had[e] = policy_tokens_has(sh->tokens, e);
+    if (policy_tokens_add(sh->tokens, need) == 0 && !reload)
+        return;
+    for (int e = CONF_TOK_CL100K; e <= CONF_TOK_LLAMA3; e++) {
+        if (!(need & (1u << e)) || had[e])
+            continue;
+        if (policy_tokens_has(sh->tokens, e))
+            log_info("%stoken table %s loaded", when, policy_tokens_file(e));
+        else
+            log_warn("%stoken table %s not loaded: prompt tokens of %s will be estimated from "
+                     "bytes; run `make deps` to fetch it, then reload",
+                     when, policy_tokens_file(e), tokens_users(conf, e, users, sizeof(users)));
+    }
+}
+
 /* The state that outlives reloads, made once with the first config. */
 static struct router__shared *shared_create(uv_loop_t *loop, const struct conf *conf)
 {
     struct router__shared *sh = calloc(1, sizeof(*sh));
-    int rc;
 
     if (sh == NULL)
         return NULL;
@@ -1128,12 +1212,7 @@ static struct router__shared *shared_create(uv_loop_t *loop, const struct conf *
         }
         metrics_cost_log_on_caught_up(sh->cost_log, router__park_resume, sh);
     }
-    rc = policy_tokens_load_some(&sh->tokens, conf->tokenizer_data, conf_encodings(conf));
-    if (rc != 0) {
-        log_warn("token tables not loaded (%s): prompt tokens will be estimated from bytes; "
-                 "run `make deps` to fetch them", strerror(-rc));
-        sh->tokens = NULL;
-    }
+    tokens_load(sh, conf, 0);
     sh->store = router__store_create(loop, conf);
     sh->flights = cache_flight_create();
     if (sh->store == NULL || sh->flights == NULL)
@@ -1258,6 +1337,12 @@ static void generation_drain(struct router *r, int spare_fresh)
     r->stopping = 1;
     for (c = r->clients; c != NULL; c = next) {
         next = c->next;
+        /* Requests it had pipelined and we hold get their answers first
+         * (client_last_answer), however they wait: behind one in
+         * progress, or behind answers it has not read (backed_up). */
+        c->drain_left = c->phase == ROUTER_CLIENT_LINGER ? 0 : c->pending.len;
+        if (c->drain_left > 0)
+            continue;
         /* A lingering one has its answer: at a reload it may finish
          * reading what its client still sends. */
         if (c->phase == ROUTER_CLIENT_IDLE && (c->served || !spare_fresh) &&
@@ -1319,25 +1404,6 @@ static int differ(const char *a, const char *b)
     return a == NULL || b == NULL ? a != b : strcmp(a, b) != 0;
 }
 
-/* Load the token tables `conf` names that are not loaded yet (on the
- * loop, see router_reload). None at all since the start (its folder had
- * none: `make deps` not run yet) is tried afresh, so that a reload once
- * they are there counts prompts exactly, as the start's warning means. */
-static void tokens_reload(struct router__shared *sh, const struct conf *conf)
-{
-    int rc;
-
-    if (sh->tokens != NULL) {
-        rc = policy_tokens_add(sh->tokens, conf_encodings(conf));
-    } else {
-        rc = policy_tokens_load_some(&sh->tokens, conf->tokenizer_data, conf_encodings(conf));
-        if (rc == 0)
-            log_info("reload: token tables loaded from %s", conf->tokenizer_data);
-    }
-    if (rc < 0)
-        log_warn("reload: a token table could not be loaded; prompts for its backends are "
-                 "estimated from bytes");
-}
 
 /* The first setting that the state made once at start (the store with its
  * connection and cache, the cost log file, the token tables) was made from and that `next`
@@ -1412,7 +1478,7 @@ struct router *router_reload(struct router *old, struct conf *conf, char **error
      * one): the tables live in sh->tokens, which the loop counts with and
      * which is not thread-safe, so a load off the loop would need a way to
      * move a table loaded apart into it, which policy/ does not have yet. */
-    tokens_reload(sh, conf);
+    tokens_load(sh, conf, 1);
     r = generation_create(sh, conf, errors);
     if (r == NULL)
         return NULL;

@@ -208,6 +208,32 @@ Test(tokenize, load_some_then_add, .timeout = 20)
     policy_tokens_free(all);
 }
 
+/* A table missing from the folder keeps out only its own encoding: the
+ * others asked for with it load (the first error is returned), so a
+ * router lacking one counts exactly with the rest. The first missing one
+ * stopped the load: cl100k_base.tok absent, o200k was never tried. */
+Test(tokenize, add_loads_the_tables_there_past_a_missing_one, .timeout = 20)
+{
+    struct policy_tokens *t = NULL;
+    char dir[] = "/tmp/costrouter-tok-XXXXXX", src[4096], dst[4096];
+
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(src, sizeof(src), "%s/data/tokens/o200k_base.tok", fixture_src());
+    snprintf(dst, sizeof(dst), "%s/o200k_base.tok", dir);
+    cr_assert_eq(symlink(src, dst), 0);
+    cr_assert_eq(policy_tokens_load_some(&t, dir, 0), 0);
+    cr_assert_eq(policy_tokens_add(t, (1u << CONF_TOK_CL100K) | (1u << CONF_TOK_O200K) |
+                                          (1u << CONF_TOK_LLAMA3)),
+                 -ENOENT);
+    cr_assert(policy_tokens_has(t, CONF_TOK_O200K), "o200k not loaded past cl100k's absence");
+    cr_assert_not(policy_tokens_has(t, CONF_TOK_CL100K));
+    cr_assert_not(policy_tokens_has(t, CONF_TOK_LLAMA3));
+    cr_assert_gt(policy_tokens_count(t, CONF_TOK_O200K, "hello there", 11), 0);
+    policy_tokens_free(t);
+    unlink(dst);
+    rmdir(dir);
+}
+
 Test(tokenize, load_errors, .timeout = 20)
 {
     struct policy_tokens *t = (void *)1;

@@ -1317,6 +1317,38 @@ Test(proxy, answers_to_head_have_no_body)
 
 /* ---- client errors ---- */
 
+/* A 401 says how to authenticate: WWW-Authenticate, which RFC 9110
+ * 11.6.1 requires on every 401, names the Bearer scheme both the admin
+ * API and /v1 take (RFC 6750 3). The admin API's and /v1's 401s came
+ * without it. */
+Test(proxy, a_401_says_www_authenticate_bearer)
+{
+    static const struct {
+        const char *method, *path, *headers, *body;
+    } cases[] = {
+        {"GET", "/metrics", NULL, NULL},
+        {"GET", "/admin/backends", "Authorization: Bearer adm-wrong\r\n", NULL},
+        {"POST", "/admin/reload", AUTH, NULL},
+        {"POST", "/v1/chat/completions", NULL, CHAT},
+        {"GET", "/v1/models", "Authorization: Bearer sk-wrong\r\n", NULL},
+        {"POST", "/v1/messages", "x-api-key: sk-wrong\r\n", CHAT},
+    };
+    const char *h;
+
+    start_two("admin_key: " ADMIN_KEY, NULL);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        cr_assert_eq(call(cases[i].method, cases[i].path, cases[i].headers, cases[i].body), 0);
+        cr_assert_eq(resp.status, 401, "%s %s: %d", cases[i].method, cases[i].path, resp.status);
+        h = support_http_header(&resp, "www-authenticate");
+        cr_assert(h != NULL && strcmp(h, "Bearer") == 0, "%s %s: WWW-Authenticate: %s",
+                  cases[i].method, cases[i].path, h ? h : "(none)");
+    }
+    /* Not on other errors. */
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, "{\"model\":"), 0);
+    cr_assert_eq(resp.status, 400);
+    cr_assert_null(support_http_header(&resp, "www-authenticate"));
+}
+
 Test(proxy, client_errors_are_openai_json)
 {
     start_two(NULL, NULL);

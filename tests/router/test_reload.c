@@ -584,43 +584,68 @@ static double logged_prompt_est(const char *path, int n)
     return v;
 }
 
-/* A router started where tokenizer_data has no tables (`make deps` not
- * run yet) estimates prompts from bytes and says so; once the tables are
- * there, a reload loads them (README: a reload loads a table it names
- * for the first time), so prompts are counted exactly from then on. It
- * never did: with none loaded at start, a reload tried no table. */
-Test(reload, a_reload_loads_the_token_tables_missing_at_start)
+/* The exact prompt count of the chat body in `body_path` with encoding
+ * `enc`, as `costrouter tokens` makes it from the tables in data/tokens. */
+static long exact_count(const char *enc, const char *body_path)
 {
-    static const char body[] =
-        "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":"
-        "\"hello there, hello there, hello there\"}]}";
-    char dir[64], table[128], data[512], src[600], log[64], body_path[64], hex[65], cmd[1024];
+    char data[512];
     struct buf out = {0};
-    FILE *f;
-    long exact;
+    long n;
 
-    support_key_sha256_hex(KEY, hex);
-    strcpy(dir, "/tmp/costrouter-reload-tables-XXXXXX");
-    cr_assert_not_null(mkdtemp(dir));
-    strcpy(log, "/tmp/costrouter-reload-cost-XXXXXX");
-    close(mkstemp(log));
-    strcpy(body_path, "/tmp/costrouter-reload-body-XXXXXX");
-    close(mkstemp(body_path));
-    cr_assert_eq(support_file_write(body_path, body), 0);
     snprintf(data, sizeof(data), "%s/data/tokens",
              getenv("COSTROUTER_SRC") ? getenv("COSTROUTER_SRC") : ".");
-    snprintf(src, sizeof(src), "%s/o200k_base.tok", data);
-    snprintf(table, sizeof(table), "%s/o200k_base.tok", dir);
-    /* The exact count, as `costrouter tokens` makes it from the table. */
     char *argv[] = {getenv("COSTROUTER_BIN") ? getenv("COSTROUTER_BIN") : "./costrouter",
-                    "tokens", "--encoding", "o200k_base", "--chat", "--data", data,
-                    body_path, NULL};
+                    "tokens", "--encoding", (char *)enc, "--chat", "--data", data,
+                    (char *)body_path, NULL};
     cr_assert_eq(support_run(argv, &out, TIMEOUT_MS), 0);
     cr_assert_eq(buf_append(&out, "", 1), 0);
-    exact = strtol(out.data, NULL, 10);
+    n = strtol(out.data, NULL, 10);
     buf_free(&out);
-    cr_assert_gt(exact, 0);
+    cr_assert_gt(n, 0);
+    return n;
+}
 
+/* Put table `file` of data/tokens into `dir` (a link to it). */
+static void table_link(const char *dir, const char *file)
+{
+    char src[600], dst[600];
+
+    snprintf(src, sizeof(src), "%s/data/tokens/%s",
+             getenv("COSTROUTER_SRC") ? getenv("COSTROUTER_SRC") : ".", file);
+    if (src[0] != '/') { /* a link's target is read from its own folder */
+        char cwd[256];
+
+        cr_assert_not_null(getcwd(cwd, sizeof(cwd)));
+        snprintf(src, sizeof(src), "%s/data/tokens/%s", cwd, file);
+    }
+    snprintf(dst, sizeof(dst), "%s/%s", dir, file);
+    cr_assert_eq(symlink(src, dst), 0, "%s: %s", dst, strerror(errno));
+}
+
+/* POST the chat `body`: its prompt_tokens_est, line `n` of cost log `log`. */
+static double chat_est(const char *body, const char *log, int n)
+{
+    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+    return logged_prompt_est(log, n);
+}
+
+/* POST /admin/reload, which must succeed. */
+static void reload_ok(void)
+{
+    cr_assert_eq(call("POST", "/admin/reload", ADMIN, NULL), 0);
+    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
+}
+
+/* Start mock A and the router on it, with cost log `log` and
+ * tokenizer_data `dir`: backend a counts with o200k_base (route "chat");
+ * with `llama`, backend b too, with llama3 (route "llama"). */
+static void start_counting(const char *log, const char *dir, int llama)
+{
+    char hex[65];
+    FILE *f;
+
+    support_key_sha256_hex(KEY, hex);
     cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
     strcpy(conf_path, "/tmp/costrouter-reload-XXXXXX");
     close(mkstemp(conf_path));
@@ -633,26 +658,189 @@ Test(reload, a_reload_loads_the_token_tables_missing_at_start)
             "backends:\n"
             "  - {name: a, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-a,\n"
             "     quality: 1, context_window: 100000, input_usd_per_mtok: 1,\n"
-            "     output_usd_per_mtok: 1, tokenizer: o200k_base}\n"
-            "routes:\n  - {model: chat, candidates: [a]}\n"
-            "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n",
-            log, dir, mock_a.port, hex);
+            "     output_usd_per_mtok: 1, tokenizer: o200k_base}\n",
+            log, dir, mock_a.port);
+    if (llama)
+        fprintf(f,
+                "  - {name: b, kind: api, url: \"http://127.0.0.1:%d/v1\", model: m-b,\n"
+                "     quality: 1, context_window: 100000, input_usd_per_mtok: 1,\n"
+                "     output_usd_per_mtok: 1, tokenizer: llama3}\n",
+                mock_a.port);
+    fprintf(f, "routes:\n  - {model: chat, candidates: [a]}\n%s"
+               "tenants:\n  - id: acme\n    api_keys: [\"sha256:%s\"]\n",
+            llama ? "  - {model: llama, candidates: [b]}\n" : "", hex);
     fclose(f);
     cr_assert_eq(support_router_start(&router, NULL, conf_path, log_path), 0);
-    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body), 0);
-    cr_assert_eq(resp.status, 200);
-    cr_assert_neq(logged_prompt_est(log, 1), (double)exact, "counted exactly without tables");
+}
 
-    snprintf(cmd, sizeof(cmd), "cp '%s' '%s'", src, table);
-    cr_assert_eq(system(cmd), 0, "%s", cmd);
-    cr_assert_eq(call("POST", "/admin/reload", ADMIN, NULL), 0);
-    cr_assert_eq(resp.status, 200, "%.*s", (int)resp.body.len, resp.body.data);
-    cr_assert_eq(call("POST", "/v1/chat/completions", AUTH, body), 0);
-    cr_assert_eq(resp.status, 200);
-    cr_assert_eq(logged_prompt_est(log, 2), (double)exact,
+/* A router started where tokenizer_data has no tables (`make deps` not
+ * run yet) estimates prompts from bytes and says so; once the tables are
+ * there, a reload loads them (README: a reload loads a table it names
+ * for the first time), so prompts are counted exactly from then on. It
+ * never did: with none loaded at start, a reload tried no table. */
+Test(reload, a_reload_loads_the_token_tables_missing_at_start)
+{
+    static const char body[] =
+        "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":"
+        "\"hello there, hello there, hello there\"}]}";
+    char dir[64], table[128], log[64], body_path[64];
+    long exact;
+
+    strcpy(dir, "/tmp/costrouter-reload-tables-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    strcpy(log, "/tmp/costrouter-reload-cost-XXXXXX");
+    close(mkstemp(log));
+    strcpy(body_path, "/tmp/costrouter-reload-body-XXXXXX");
+    close(mkstemp(body_path));
+    cr_assert_eq(support_file_write(body_path, body), 0);
+    exact = exact_count("o200k_base", body_path);
+    snprintf(table, sizeof(table), "%s/o200k_base.tok", dir);
+
+    start_counting(log, dir, 0);
+    cr_assert_neq(chat_est(body, log, 1), (double)exact, "counted exactly without tables");
+
+    table_link(dir, "o200k_base.tok");
+    reload_ok();
+    cr_assert_eq(chat_est(body, log, 2), (double)exact,
                  "still estimated from bytes after the reload (exact: %ld)", exact);
     unlink(table);
     rmdir(dir);
     unlink(log);
     unlink(body_path);
+}
+
+/* Send three chat requests pipelined on `conn` (the first waits 1500 ms
+ * for its first token, upstream), then, once the router has them, the
+ * signal `sig`; a fourth request is sent after the signal took effect. */
+static void pipeline_through_signal(struct support_http_conn *conn, int sig)
+{
+    struct buf reqs = {0}, late = {0};
+    const char *body = "{\"model\":\"chat\"," MSG "}";
+    const char *done = sig == SIGHUP ? "config reloaded" : "stopping after requests";
+    int before = log_count(done);
+
+    cr_assert_eq(support_http_format(&reqs, "POST", "/v1/chat/completions",
+                                     AUTH "x-mock-ttft-ms: 1500\r\n", body),
+                 0);
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(support_http_format(&reqs, "POST", "/v1/chat/completions", AUTH, body), 0);
+    cr_assert_eq(support_http_connect(conn, router.port), 0);
+    cr_assert_eq(support_http_send(conn, reqs.data, reqs.len), 0);
+    buf_free(&reqs);
+    usleep(300000); /* the first is upstream, the other two buffered */
+    kill(router.pid, sig);
+    for (int i = 0; i < RELOAD_TIMEOUT_MS / 10 && log_count(done) == before; i++)
+        usleep(10000);
+    cr_assert_gt(log_count(done), before, "signal %d did not take effect", sig);
+    /* Sent after the drain began: not among those it answers. */
+    cr_assert_eq(support_http_format(&late, "POST", "/v1/chat/completions", AUTH, body), 0);
+    cr_assert_eq(support_http_send(conn, late.data, late.len), 0);
+    buf_free(&late);
+}
+
+/* Read the three pipelined answers on `conn`: 200 each, only the last
+ * saying Connection: close, and then the close, the late fourth request
+ * unanswered. */
+static void assert_pipeline_answered(struct support_http_conn *conn, const char *when)
+{
+    struct support_http_response r = {0};
+
+    for (int i = 0; i < 3; i++) {
+        int rc = support_http_read(conn, &r, TIMEOUT_MS);
+        const char *h;
+
+        cr_assert_eq(rc, 0, "%s: pipelined request %d of 3 unanswered (%d)", when, i + 1, rc);
+        cr_assert_eq(r.status, 200, "%s: request %d: %d", when, i + 1, r.status);
+        h = support_http_header(&r, "connection");
+        if (i < 2)
+            cr_assert(h == NULL || strcasecmp(h, "close") != 0,
+                      "%s: request %d says Connection: close, the next unanswered", when, i + 1);
+        else
+            cr_assert(h != NULL && strcasecmp(h, "close") == 0,
+                      "%s: the last request received before: Connection: %s", when,
+                      h ? h : "(none)");
+    }
+    cr_assert_eq(support_http_read(conn, &r, TIMEOUT_MS), -ECONNRESET,
+                 "%s: a request sent after the drain began was answered %d", when, r.status);
+    support_http_response_free(&r);
+    support_http_close(conn);
+}
+
+/* Requests a client pipelined before a reload, which the router had
+ * received and buffered behind the one in flight, are answered on the
+ * config replaced (README, Signals): the answer to the last of them says
+ * Connection: close. The first answer said close and the two behind it
+ * were dropped unanswered. */
+Test(reload, pipelined_requests_received_before_a_reload_are_answered)
+{
+    struct support_http_conn conn;
+
+    start_plain("", "  - {model: chat, candidates: [a]}\n");
+    pipeline_through_signal(&conn, SIGHUP);
+    assert_pipeline_answered(&conn, "reload");
+}
+
+/* The same at a stop: the requests received are in flight too. */
+Test(reload, pipelined_requests_received_before_a_stop_are_answered)
+{
+    struct support_http_conn conn;
+
+    start_plain("", "  - {model: chat, candidates: [a]}\n");
+    pipeline_through_signal(&conn, SIGTERM);
+    assert_pipeline_answered(&conn, "stop");
+}
+
+/* A start where one of the tables the backends name is missing from
+ * tokenizer_data (llama3.tok here) loads the others, counts exactly with
+ * them, estimates from bytes for the backends of the missing one alone,
+ * and says which table it lacks, as a reload does (README, Configuration);
+ * a reload once it is there loads it. The start loaded all or none: every
+ * prompt was estimated from bytes, o200k's backend's too. */
+Test(reload, a_start_missing_one_token_table_loads_the_others)
+{
+    static const char body_a[] =
+        "{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":"
+        "\"hello there, hello there, hello there\"}]}";
+    static const char body_b[] =
+        "{\"model\":\"llama\",\"messages\":[{\"role\":\"user\",\"content\":"
+        "\"hello there, hello there, hello there\"}]}";
+    char dir[64], log[64], path_a[64], path_b[64], link[128];
+    long exact_a, exact_b;
+
+    strcpy(dir, "/tmp/costrouter-start-tables-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    table_link(dir, "o200k_base.tok");
+    table_link(dir, "cl100k_base.tok");
+    strcpy(log, "/tmp/costrouter-start-cost-XXXXXX");
+    close(mkstemp(log));
+    strcpy(path_a, "/tmp/costrouter-start-body-XXXXXX");
+    close(mkstemp(path_a));
+    cr_assert_eq(support_file_write(path_a, body_a), 0);
+    strcpy(path_b, "/tmp/costrouter-start-body-XXXXXX");
+    close(mkstemp(path_b));
+    cr_assert_eq(support_file_write(path_b, body_b), 0);
+    exact_a = exact_count("o200k_base", path_a);
+    exact_b = exact_count("llama3", path_b);
+
+    start_counting(log, dir, 1);
+    cr_assert_eq(log_count("token table llama3.tok not loaded"), 1,
+                 "no warning names the missing table");
+    cr_assert_eq(chat_est(body_a, log, 1), (double)exact_a,
+                 "o200k's backend estimated from bytes (exact: %ld)", exact_a);
+    cr_assert_neq(chat_est(body_b, log, 2), (double)exact_b, "counted exactly without llama3.tok");
+
+    table_link(dir, "llama3.tok");
+    reload_ok();
+    cr_assert_eq(chat_est(body_b, log, 3), (double)exact_b,
+                 "llama3 still estimated after the reload (exact: %ld)", exact_b);
+    for (int i = 0; i < 3; i++) {
+        static const char *files[] = {"o200k_base.tok", "cl100k_base.tok", "llama3.tok"};
+
+        snprintf(link, sizeof(link), "%s/%s", dir, files[i]);
+        unlink(link);
+    }
+    rmdir(dir);
+    unlink(log);
+    unlink(path_a);
+    unlink(path_b);
 }
