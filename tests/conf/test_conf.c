@@ -257,9 +257,9 @@ static struct error_case error_cases[] = {
      {"1: (file): cannot open: No such file or directory"}},
     {.file = "conf/example.yaml",
      .env = {"COSTROUTER_ADMIN_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"},
-     .lines = {"15: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
-      "116: backends[1].api_key: environment variable OPENAI_API_KEY is not set",
-      "165: backends[3].api_key: environment variable ANTHROPIC_API_KEY is not set"}},
+     .lines = {"17: admin_key: environment variable COSTROUTER_ADMIN_KEY is not set",
+      "120: backends[1].api_key: environment variable OPENAI_API_KEY is not set",
+      "174: backends[3].api_key: environment variable ANTHROPIC_API_KEY is not set"}},
     {.file = DATA "prices_bad.yaml", .lines =
      {"5: include[2]: \"inc/prices_bad.yaml\" is already included",
       "8: prices.custom-x: duplicate price \"custom-x\" (first at {DIR}/inc/prices_bad.yaml:3)",
