@@ -643,10 +643,6 @@ static void node_arm_backends(struct conf__ctx *ctx, void *obj, struct conf__met
     parse_names(ctx, n, line, path, &a->backends, &a->nbackends, meta);
 }
 
-/* Tenant keys are written "sha256:<64 hex>", as a plain string or as the
- * `hash` of a key mapping; stored into the struct conf_key `obj`. The
- * text is never echoed: a malformed entry may well be a raw key pasted by
- * mistake. */
 /* Why `text` (lowercased in place) is no origin a browser sends in its
  * Origin header, scheme://host[:port] (RFC 6454 6.1), or NULL. */
 static const char *origin_problem(char *text)
@@ -686,6 +682,11 @@ static const char *origin_problem(char *text)
 
         if (p == digits || !isdigit((unsigned char)*digits) || port == 0 || port > 65535)
             return "the port is not a number from 1 to 65535";
+        /* Browsers leave a scheme's default port out of Origin (RFC 6454
+         * 6.2): written here, the entry would never match. */
+        if ((port == 80 && strncmp(text, "http://", 7) == 0) ||
+            (port == 443 && strncmp(text, "https://", 8) == 0))
+            return "browsers send an origin without its scheme's default port: leave it out";
     }
     if (*p == '/' || *p == '?' || *p == '#')
         return no_path;
@@ -735,6 +736,10 @@ static void node_cors_origins(struct conf__ctx *ctx, void *obj, struct conf__met
     free(lm.item_lines);
 }
 
+/* Tenant keys are written "sha256:<64 hex>", as a plain string or as the
+ * `hash` of a key mapping; stored into the struct conf_key `obj`. The
+ * text is never echoed: a malformed entry may well be a raw key pasted by
+ * mistake. */
 static int fn_key_hash(struct conf__ctx *ctx, void *obj, const char *text, int line,
                        const char *path)
 {

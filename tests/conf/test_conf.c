@@ -430,7 +430,9 @@ static struct error_case error_cases[] = {
       "7: cors.allow_origins: the port is not a number from 1 to 65535",
       "8: cors.allow_origins: the host holds a character no origin has",
       "11: cors.allow_origins: the host is no [IPv6 address]",
-      "12: cors.max_age_s: 90000 is out of range 0..86400"}},
+      "12: cors.allow_origins: browsers send an origin without its scheme's default port: "
+      "leave it out",
+      "13: cors.max_age_s: 90000 is out of range 0..86400"}},
     {.file = DATA "cors_star.yaml", .lines =
      {"2: cors.allow_origins: \"*\" allows every origin: list it alone"}},
 };
