@@ -111,6 +111,21 @@ const struct policy_experiment *policy_experiment_find(const struct policy_exper
     return NULL;
 }
 
+/* The user's id without the blanks around it; NULL when nothing is left.
+ * An empty header (`x-user-id:`) names no user: hashed as the user "",
+ * every such request of every tenant would fall in one arm. */
+static const char *trim_blanks(const char *user, size_t *len)
+{
+    size_t n = user ? *len : 0;
+
+    while (n > 0 && (*user == ' ' || *user == '\t'))
+        user++, n--;
+    while (n > 0 && (user[n - 1] == ' ' || user[n - 1] == '\t'))
+        n--;
+    *len = n;
+    return n > 0 ? user : NULL;
+}
+
 const struct policy_arm *policy_experiment_arm(const struct policy_experiment *e,
                                                const struct conf_route *route, const char *tenant,
                                                const char *user, size_t len, uint64_t *allowed)
@@ -118,6 +133,7 @@ const struct policy_arm *policy_experiment_arm(const struct policy_experiment *e
     const struct policy_arm *arm;
 
     *allowed = 0;
+    user = trim_blanks(user, &len);
     if (user == NULL) {
         if (tenant == NULL)
             return NULL;

@@ -63,15 +63,16 @@ const struct policy_arm *policy_experiment_assign(const struct policy_experiment
 const struct policy_experiment *policy_experiment_find(const struct policy_experiment *list,
                                                       size_t n, const struct conf_route *route,
                                                       const char *tenant);
-/* The arm of `e` for `user` (len bytes; NULL: the tenant id is the key),
+/* The arm of `e` for `user` (len bytes; NULL, empty or blank: the tenant
+ * id is the key, as an empty user header names no user),
  * with *allowed as policy_experiment_pick() sets it. */
 const struct policy_arm *policy_experiment_arm(const struct policy_experiment *e,
                                                const struct conf_route *route, const char *tenant,
                                                const char *user, size_t len, uint64_t *allowed);
 /* policy_experiment_find() then policy_experiment_arm(): the first of `n`
  * prepared experiments that applies to `route` and
- * `tenant`, with the arm for `user` (len bytes; NULL: the tenant id is
- * the key). Sets *allowed to the route's candidates the arm may use (bit i
+ * `tenant`, with the arm for `user` (len bytes; NULL, empty or blank:
+ * the tenant id is the key). Sets *allowed to the route's candidates the arm may use (bit i
  * = candidates[i]) for policy_request.allowed. Returns NULL, *allowed = 0,
  * when no experiment applies or the arm names none of the route's
  * candidates (config validation should prevent that). */

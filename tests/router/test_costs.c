@@ -2571,6 +2571,44 @@ Test(costs, an_arm_whose_backends_are_all_down_answers_503_with_retry_after)
     cJSON_Delete(rec);
 }
 
+/* The A/B reason header names the arm: "ab:EXP/ARM". */
+static const char *arm_of_answer(void)
+{
+    const char *reason = support_http_header(&resp, "x-costrouter-reason");
+
+    cr_assert_not_null(reason);
+    return reason;
+}
+
+/* An empty or blank user header is no user: keyed as the tenant, as when
+ * the header is missing. It was hashed as the user "", so every such
+ * request of every tenant fell in one arm. (Ten arms: the tenant's arm
+ * and the arm of "" differ for this experiment, as the test needs.) */
+Test(costs, an_empty_user_header_is_keyed_by_the_tenant_as_a_missing_one)
+{
+    const char body[] = "{\"model\":\"chat\",\"max_tokens\":5," MSG "}";
+    static const char *const blank[] = {"x-user-id:\r\n", "x-user-id:    \r\n",
+                                        "x-user-id: \t \r\n"};
+    char missing[64];
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    cr_assert_eq(buf_printf(&yaml, "experiments:\n  - name: exp\n    route: chat\n    arms:\n"),
+                 0);
+    for (int i = 0; i < 10; i++)
+        cr_assert_eq(buf_printf(&yaml, "      - {name: arm%d}\n", i), 0);
+    start_routers(1, "a", NULL);
+    cr_assert_eq(chat(0, NULL, body), 0);
+    cr_assert_eq(resp.status, 200);
+    snprintf(missing, sizeof(missing), "%s", arm_of_answer());
+    for (size_t i = 0; i < sizeof(blank) / sizeof(blank[0]); i++) {
+        cr_assert_eq(chat(0, blank[i], body), 0);
+        cr_assert_eq(resp.status, 200);
+        cr_assert_str_eq(arm_of_answer(), missing, "header %zu: %s, not %s as without it", i,
+                         arm_of_answer(), missing);
+    }
+}
+
 #define SLO_STREAM "{\"model\":\"chat\",\"stream\":true,\"max_tokens\":8," MSG "}"
 
 /* Put a chat with `body` and KEY in `req`, for burst_served_by. */
