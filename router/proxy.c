@@ -1459,9 +1459,11 @@ void router__proxy_start(struct router__client *c)
     const struct conf *conf = c->router->conf;
 
     estimate(c);
+    /* The arm first: pure and sticky, it takes nothing, and a request a
+     * limit refuses is of its arm too (in the cost log, `report --by arm`). */
+    assign_arm(c);
     if (rate_limit(c) != 0)
         return;
-    assign_arm(c);
     req->cacheable = conf->cache_enabled && req->endpoint != ROUTER_EP_EMBEDDINGS &&
                      (req->endpoint != ROUTER_EP_RESPONSES || responses_cacheable(req->json)) &&
                      cache_cacheable(req->json, conf->cache_tools);

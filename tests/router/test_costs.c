@@ -2609,6 +2609,35 @@ Test(costs, an_empty_user_header_is_keyed_by_the_tenant_as_a_missing_one)
     }
 }
 
+/* A request a rate limit refuses is of its arm too: the cost log named
+ * none (the limit came before the arm), and `report --by arm` counted
+ * the arm's refusals nowhere. */
+Test(costs, a_rate_limited_request_names_its_arm_in_the_cost_log)
+{
+    const char body[] = "{\"model\":\"chat\",\"max_tokens\":5," MSG "}";
+    cJSON *rec;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    cr_assert_eq(buf_printf(&yaml, "experiments:\n  - name: exp\n    route: chat\n    arms:\n"
+                                   "      - {name: only, backends: [a]}\n"),
+                 0);
+    start_routers(1, "a", "    rate_limits: {rpm: 1}\n");
+    cr_assert_eq(chat(0, "x-user-id: u1\r\n", body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_eq(chat(0, "x-user-id: u1\r\n", body), 0);
+    cr_assert_eq(resp.status, 429);
+    support_proc_stop(&routers[0]);
+    rec = support_last_json_line(log_path);
+    cr_assert_not_null(rec);
+    cr_assert_eq(cJSON_GetObjectItem(rec, "status")->valueint, 429);
+    cr_assert(cJSON_IsString(cJSON_GetObjectItem(rec, "arm")), "no arm");
+    cr_assert_str_eq(cJSON_GetObjectItem(rec, "arm")->valuestring, "only");
+    cr_assert(cJSON_IsString(cJSON_GetObjectItem(rec, "experiment")), "no experiment");
+    cr_assert_str_eq(cJSON_GetObjectItem(rec, "experiment")->valuestring, "exp");
+    cJSON_Delete(rec);
+}
+
 #define SLO_STREAM "{\"model\":\"chat\",\"stream\":true,\"max_tokens\":8," MSG "}"
 
 /* Put a chat with `body` and KEY in `req`, for burst_served_by. */
