@@ -1432,6 +1432,25 @@ static void assign_arm(struct router__client *c)
     req->experiment = req->arm ? e->name : NULL;
 }
 
+/* An arm none of whose backends speaks the request's API is, to its
+ * users of that API, what a route with none such is (handler.c): no model,
+ * 404, before any limit is taken. A 503 said a retry could help, and the
+ * SDKs retried what never could pass while the user stays in the arm.
+ * Returns 1 after answering. */
+static int arm_speaks_none(struct router__client *c)
+{
+    struct router__request *req = &c->req;
+    enum conf_api api = router__endpoint_api(req->endpoint);
+    char detail[CONF_NAME_MAX * 3 + 64];
+
+    if (req->arm == NULL || (req->arm_allowed & req->route->speaks[api]))
+        return 0;
+    snprintf(detail, sizeof(detail), "%s (its A/B arm %s/%s has no backend for this API)",
+             req->route->model, req->experiment, req->arm->name);
+    router__send_error(c, error_unknown_model, detail);
+    return 1;
+}
+
 /* May a /v1/responses request be answered from the cache? The API stores
  * each response by default under an id a client may chain
  * (previous_response_id): a replay would hand two clients one id, one of
@@ -1462,6 +1481,8 @@ void router__proxy_start(struct router__client *c)
     /* The arm first: pure and sticky, it takes nothing, and a request a
      * limit refuses is of its arm too (in the cost log, `report --by arm`). */
     assign_arm(c);
+    if (arm_speaks_none(c))
+        return;
     if (rate_limit(c) != 0)
         return;
     req->cacheable = conf->cache_enabled && req->endpoint != ROUTER_EP_EMBEDDINGS &&

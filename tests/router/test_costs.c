@@ -2638,6 +2638,41 @@ Test(costs, a_rate_limited_request_names_its_arm_in_the_cost_log)
     cJSON_Delete(rec);
 }
 
+/* An arm with no backend for the request's API is, to that API's
+ * clients in the arm, what a route with none is: 404 model_not_found,
+ * not a 503 their SDKs retry forever. */
+Test(costs, an_arm_with_no_backend_for_the_api_answers_as_a_route_with_none)
+{
+    const char body[] = "{\"model\":\"chat\",\"max_tokens\":5," MSG "}";
+    const char *code;
+    cJSON *rec;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    add_backend("a", mock_a.port, 1, 1, 1);
+    add_backend_with("b", mock_b.port, 1, 1, 1, NULL, ", api: anthropic, api_key: k-b");
+    cr_assert_eq(buf_printf(&yaml, "experiments:\n  - name: exp\n    route: chat\n    arms:\n"
+                                   "      - {name: claude, backends: [b]}\n"),
+                 0);
+    start_routers(1, "a, b", NULL);
+    cr_assert_eq(chat(0, NULL, body), 0);
+    cr_assert_eq(resp.status, 404, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    code = cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "code")->valuestring;
+    cr_assert_str_eq(code, "model_not_found");
+    cr_assert_null(support_http_header(&resp, "retry-after"));
+    /* Its clients of the Messages API are served in the arm. */
+    cr_assert_eq(call_port(routers[0].port, "POST", "/v1/messages",
+                           "x-api-key: " KEY "\r\nanthropic-version: 2023-06-01\r\n", body),
+                 0);
+    cr_assert_eq(resp.status, 200, "%d %.*s", resp.status, (int)resp.body.len, resp.body.data);
+    cr_assert_str_eq(support_http_header(&resp, "x-costrouter-backend"), "b");
+    support_proc_stop(&routers[0]);
+    rec = support_last_json_line(log_path);
+    cr_assert_not_null(rec);
+    cr_assert_str_eq(cJSON_GetObjectItem(rec, "arm")->valuestring, "claude");
+    cJSON_Delete(rec);
+}
+
 #define SLO_STREAM "{\"model\":\"chat\",\"stream\":true,\"max_tokens\":8," MSG "}"
 
 /* Put a chat with `body` and KEY in `req`, for burst_served_by. */
