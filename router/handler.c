@@ -126,7 +126,8 @@ void router__send_response(struct router__client *c, int status, const char *con
                            const char *extra_headers, const char *body, size_t len)
 {
     struct router__request *req = &c->req;
-    char head[2048 + ROUTER_CORS_HEADERS_MAX], cors[ROUTER_CORS_HEADERS_MAX], framing[96] = "";
+    char head[2048 + ROUTER_CORS_HEADERS_MAX + ROUTER_RATE_HEADERS_MAX];
+    char cors[ROUTER_CORS_HEADERS_MAX], rate[ROUTER_RATE_HEADERS_MAX], framing[96] = "";
     int n, anthropic;
 
     request_number(c);
@@ -134,14 +135,17 @@ void router__send_response(struct router__client *c, int status, const char *con
     req->response_started = 1;
     anthropic = ROUTER_EP_ANTHROPIC(error_endpoint(req));
     cors[router__cors_headers(c, cors)] = '\0';
+    /* Where the tenant's and key's rpm/tpm stand, on every answer to
+     * their requests: clients read them from any (a refusal's too). */
+    router__rate_headers(c, rate);
     /* A 204 (a CORS preflight's) has neither (RFC 9110 8.6). */
     if (status != 204)
         snprintf(framing, sizeof(framing), "Content-Type: %s\r\nContent-Length: %zu\r\n",
                  content_type, len);
-    n = snprintf(head, sizeof(head), "HTTP/1.1 %d %s\r\n%sx-request-id: %s\r\n%s%s%s%s%s%s\r\n",
+    n = snprintf(head, sizeof(head), "HTTP/1.1 %d %s\r\n%sx-request-id: %s\r\n%s%s%s%s%s%s%s\r\n",
                  status, http_status_text(status), framing, req->id_str,
                  anthropic ? "request-id: " : "", anthropic ? req->id_str : "",
-                 anthropic ? "\r\n" : "", extra_headers ? extra_headers : "", cors,
+                 anthropic ? "\r\n" : "", extra_headers ? extra_headers : "", rate, cors,
                  router__client_connection_header(c));
     if (n < 0 || (size_t)n >= sizeof(head)) {
         router__client_close(c);

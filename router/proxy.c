@@ -1318,9 +1318,9 @@ static int rate_limit(struct router__client *c)
     int64_t pred = MAX(req->completion_pred, 0);
     uint64_t retry_ms = 0;
     enum policy_rate_result res;
-    char extra[64 + ROUTER_RATE_HEADERS_MAX], which[CONF_NAME_MAX * 2 + 64];
+    char extra[64], which[CONF_NAME_MAX * 2 + 64];
     char detail[sizeof(which) + 160];
-    int status, n;
+    int status;
     char *body;
 
     limiters_of(c, rl);
@@ -1349,11 +1349,10 @@ static int rate_limit(struct router__client *c)
     /* One larger than a whole minute never passes as it is: a retry
      * cannot help, and the SDKs retry every 429 unless told not to. */
     if (res == POLICY_RATE_TOO_LARGE)
-        n = snprintf(extra, sizeof(extra), "x-should-retry: false\r\n");
+        snprintf(extra, sizeof(extra), "x-should-retry: false\r\n");
     else
-        n = snprintf(extra, sizeof(extra), "Retry-After: %llu\r\n",
-                     (unsigned long long)((retry_ms + 999) / 1000));
-    router__rate_headers(c, extra + n);
+        snprintf(extra, sizeof(extra), "Retry-After: %llu\r\n",
+                 (unsigned long long)((retry_ms + 999) / 1000));
     req->reason = "rate-limited";
     router__send_response(c, status, "application/json", extra, body ? body : "",
                           body ? strlen(body) : 0);
@@ -1497,7 +1496,7 @@ void router__proxy_replay(struct router__client *c, const char *value, size_t le
 {
     struct router__request *req = &c->req;
     const char *nl = memchr(value, '\n', len);
-    char extra[256 + ROUTER_RATE_HEADERS_MAX], saved[32], rate[ROUTER_RATE_HEADERS_MAX];
+    char extra[256], saved[32];
 
     if (nl == NULL) {
         router__send_error(c, error_internal, "bad cache entry");
@@ -1512,11 +1511,10 @@ void router__proxy_replay(struct router__client *c, const char *value, size_t le
     len -= (size_t)(nl + 1 - value);
     value = nl + 1;
     format_usd(saved, sizeof(saved), req->saved_micro);
-    router__rate_headers(c, rate);
     snprintf(extra, sizeof(extra),
              "x-costrouter-backend: cache\r\nx-costrouter-reason: cache-hit\r\n"
-             "x-costrouter-cost-usd: 0.000000\r\nx-costrouter-saved-usd: %s\r\n%s%s",
-             saved, req->stream ? "Cache-Control: no-cache\r\n" : "", rate);
+             "x-costrouter-cost-usd: 0.000000\r\nx-costrouter-saved-usd: %s\r\n%s",
+             saved, req->stream ? "Cache-Control: no-cache\r\n" : "");
     if (!req->stream) {
         router__send_response(c, 200, "application/json", extra, value, len);
         return;

@@ -2673,6 +2673,43 @@ Test(costs, an_arm_with_no_backend_for_the_api_answers_as_a_route_with_none)
     cJSON_Delete(rec);
 }
 
+/* Every answer to a request of a tenant with rpm/tpm says where its
+ * limits stand, the router's own refusals too: the budget's 429 and the
+ * 503 of no backend had no x-ratelimit-* (a proxied answer and the rate
+ * limit's 429 had). */
+Test(costs, the_routers_own_refusals_carry_the_rate_limit_headers)
+{
+    const char body[] = "{\"model\":\"chat\",\"max_tokens\":10," MSG "}";
+    int port_b;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    port_b = mock_b.port;
+    support_proc_stop(&mock_b);
+    add_backend("a", mock_a.port, 1, 100, 100);
+    add_backend("b", port_b, 1, 1, 1);
+    /* $0.0019 a request on a: one fits in $0.003, not two. */
+    start_routers(1, "a", "    budget: {daily_usd: 0.003, on_exhausted: reject}\n"
+                          "    rate_limits: {rpm: 100, tpm: 100000}\n");
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", body), 0);
+    cr_assert_eq(resp.status, 200);
+    cr_assert_str_eq(only_header("x-ratelimit-limit-requests"), "100");
+    cr_assert_eq(chat(0, "x-mock-tokens: 10\r\n", body), 0);
+    cr_assert_eq(resp.status, 429);
+    cr_assert_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(body_json(), "error"), "code")->valuestring,
+                     "budget_exhausted");
+    cr_assert_str_eq(only_header("x-ratelimit-limit-requests"), "100");
+    cr_assert_str_eq(only_header("x-ratelimit-remaining-requests"), "98");
+    cr_assert_str_eq(only_header("x-ratelimit-limit-tokens"), "100000");
+    support_proc_stop(&routers[0]);
+    /* A 503: the one backend down. */
+    start_routers(1, "b", "    rate_limits: {rpm: 100}\n");
+    cr_assert_eq(chat(0, NULL, body), 0);
+    cr_assert_geq(resp.status, 500);
+    cr_assert_str_eq(only_header("x-ratelimit-limit-requests"), "100");
+    cr_assert_str_eq(only_header("x-ratelimit-remaining-requests"), "99");
+}
+
 #define SLO_STREAM "{\"model\":\"chat\",\"stream\":true,\"max_tokens\":8," MSG "}"
 
 /* Put a chat with `body` and KEY in `req`, for burst_served_by. */
