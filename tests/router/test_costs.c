@@ -2532,6 +2532,20 @@ Test(costs, ab_split_keys_by_the_user_header_of_the_experiment_that_applies)
     }
 }
 
+/* Backends a (on mock_a, at `a_usd` a Mtok in and out) and b, whose port
+ * was mockllm's and now has no one: every request sent there fails. */
+static void add_a_up_and_b_down(double a_usd)
+{
+    int port_b;
+
+    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
+    port_b = mock_b.port;
+    support_proc_stop(&mock_b);
+    add_backend("a", mock_a.port, 1, a_usd, a_usd);
+    add_backend("b", port_b, 1, 1, 1);
+}
+
 /* An arm whose backends are all down: its users get 503 with when the
  * soonest circuit opens again, not another arm's backend, and the cost
  * log names their arm. */
@@ -2539,14 +2553,8 @@ Test(costs, an_arm_whose_backends_are_all_down_answers_503_with_retry_after)
 {
     const char body[] = "{\"model\":\"chat\",\"max_tokens\":5," MSG "}";
     cJSON *rec;
-    int port_b;
 
-    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
-    port_b = mock_b.port;
-    support_proc_stop(&mock_b);
-    add_backend("a", mock_a.port, 1, 1, 1);
-    add_backend("b", port_b, 1, 1, 1);
+    add_a_up_and_b_down(1);
     cr_assert_eq(buf_printf(&yaml, "experiments:\n  - name: exp\n    route: chat\n    arms:\n"
                                    "      - {name: down, weight: 1, backends: [b]}\n"),
                  0);
@@ -2680,14 +2688,8 @@ Test(costs, an_arm_with_no_backend_for_the_api_answers_as_a_route_with_none)
 Test(costs, the_routers_own_refusals_carry_the_rate_limit_headers)
 {
     const char body[] = "{\"model\":\"chat\",\"max_tokens\":10," MSG "}";
-    int port_b;
 
-    cr_assert_eq(support_mockllm_start(&mock_a, NULL), 0);
-    cr_assert_eq(support_mockllm_start(&mock_b, NULL), 0);
-    port_b = mock_b.port;
-    support_proc_stop(&mock_b);
-    add_backend("a", mock_a.port, 1, 100, 100);
-    add_backend("b", port_b, 1, 1, 1);
+    add_a_up_and_b_down(100);
     /* $0.0019 a request on a: one fits in $0.003, not two. */
     start_routers(1, "a", "    budget: {daily_usd: 0.003, on_exhausted: reject}\n"
                           "    rate_limits: {rpm: 100, tpm: 100000}\n");
