@@ -16,20 +16,24 @@ static int hexval(char c)
     return -1;
 }
 
+int http_percent_at(struct slice s, size_t i, unsigned char *byte)
+{
+    int hi, lo;
+
+    if (s.p[i] != '%' || s.len - i < 3 || (hi = hexval(s.p[i + 1])) < 0 ||
+        (lo = hexval(s.p[i + 2])) < 0)
+        return 0;
+    *byte = (unsigned char)(hi << 4 | lo);
+    return 1;
+}
+
 /* The byte of `s` at *i, percent-decoded and ASCII-lowercased; *i moves
  * past what it took (3 bytes for an escape, else 1). */
 static unsigned char decoded_at(struct slice s, size_t *i)
 {
     unsigned char c = (unsigned char)s.p[*i];
-    int hi, lo;
 
-    if (c == '%' && s.len - *i >= 3 && (hi = hexval(s.p[*i + 1])) >= 0 &&
-        (lo = hexval(s.p[*i + 2])) >= 0) {
-        c = (unsigned char)(hi << 4 | lo);
-        *i += 3;
-    } else {
-        *i += 1;
-    }
+    *i += http_percent_at(s, *i, &c) ? 3 : 1;
     return c >= 'A' && c <= 'Z' ? (unsigned char)(c + 32) : c;
 }
 
@@ -83,8 +87,10 @@ const char *http_query_check(const char *q)
     if (q[0] == '&' || q[len - 1] == '&' || strstr(q, "&&") != NULL)
         return "has an empty parameter in its query ('&&', or a '&' at an end)";
     for (size_t i = 0; i < len; i++) {
+        unsigned char byte;
+
         if (q[i] == '%') {
-            if (len - i < 3 || hexval(q[i + 1]) < 0 || hexval(q[i + 2]) < 0)
+            if (!http_percent_at(rest, i, &byte))
                 return "has a '%' in its query without two hex digits after it";
             i += 2;
         } else if (!query_byte((unsigned char)q[i])) {
@@ -142,14 +148,10 @@ static size_t put(char *out, size_t n, unsigned char c, int escape)
  * nowhere), as http_query_normal; the new length. */
 static size_t normal_param(char *out, size_t n, struct slice s)
 {
-    int hi, lo;
-
     for (size_t i = 0; i < s.len; i++) {
         unsigned char c = (unsigned char)s.p[i];
 
-        if (c == '%' && s.len - i >= 3 && (hi = hexval(s.p[i + 1])) >= 0 &&
-            (lo = hexval(s.p[i + 2])) >= 0) {
-            c = (unsigned char)(hi << 4 | lo);
+        if (http_percent_at(s, i, &c)) {
             i += 2;
             n = put(out, n, c, !unreserved(c));
         } else if (c == '%') {

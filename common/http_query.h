@@ -23,6 +23,10 @@
 
 struct buf;
 
+/* Is there a percent-escape ("%" and two hex digits, either case) at
+ * s.p[i] (i < s.len)? 1 and its byte in *byte, else 0 (*byte untouched). */
+int http_percent_at(struct slice s, size_t i, unsigned char *byte);
+
 /* One parameter of a query, pointing into it. */
 struct http_query_param {
     struct slice all;   /* "name=value" (or "name") as written */

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "common/error.h"
+#include "common/http_query.h"
 #include "common/http_status.h"
 #include "common/log.h"
 #include "common/util.h"
@@ -629,15 +630,6 @@ static void send_json(struct router__client *c, cJSON *root)
     free(body);
 }
 
-/* The value of hex digit `ch`, -1 for none. */
-static int hex_value(char ch)
-{
-    return ch >= '0' && ch <= '9'   ? ch - '0'
-           : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
-           : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10
-                                    : -1;
-}
-
 /* `enc` percent-decoded into out[cap] (NUL-terminated); -1 when it does
  * not fit, has a bad escape or decodes to a NUL byte. */
 static int percent_decode(struct slice enc, char *out, size_t cap)
@@ -645,15 +637,11 @@ static int percent_decode(struct slice enc, char *out, size_t cap)
     size_t n = 0;
 
     for (size_t i = 0; i < enc.len; i++) {
-        int ch = (unsigned char)enc.p[i];
+        unsigned char ch = (unsigned char)enc.p[i];
 
         if (ch == '%') {
-            int hi = i + 2 < enc.len ? hex_value(enc.p[i + 1]) : -1;
-            int lo = i + 2 < enc.len ? hex_value(enc.p[i + 2]) : -1;
-
-            if (hi < 0 || lo < 0)
+            if (!http_percent_at(enc, i, &ch))
                 return -1;
-            ch = hi * 16 + lo;
             i += 2;
         }
         if (ch == 0 || n + 1 >= cap)
