@@ -1080,6 +1080,34 @@ const struct conf_price *conf_find_price(const struct conf *conf, const char *na
                           offsetof(struct conf_price, name), name, strlen(name));
 }
 
+int conf_cors_any(const struct conf *conf)
+{
+    return conf->ncors_origins == 1 && strcmp(conf->cors_origins[0], "*") == 0;
+}
+
+/* The list is sorted by strcmp at load (conf/parse.c, node_cors_origins):
+ * `origin` is compared in the same order, as a string of `len` bytes. */
+int conf_cors_allows(const struct conf *conf, const char *origin, size_t len)
+{
+    size_t lo = 0, hi = conf->ncors_origins;
+
+    if (conf_cors_any(conf))
+        return 1;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        const char *o = conf->cors_origins[mid];
+        int d = strncmp(o, origin, len);
+
+        if (d == 0 && o[len] == '\0')
+            return 1;
+        if (d < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return 0;
+}
+
 /* The search only narrows down to the one entry that could match (the
  * first hash >= the key); whether it does match is decided by
  * CRYPTO_memcmp, whose time does not depend on where the bytes differ. */

@@ -358,6 +358,11 @@ const struct conf_tenant *conf_find_tenant_by_key(const struct conf *conf, const
 /* The same search, returning the key entry itself (its name and limits;
  * ->tenant is its owner), or NULL. */
 const struct conf_key *conf_find_key(const struct conf *conf, const uint8_t sha256[32]);
+/* Does `cors.allow_origins` allow every origin ("*")? */
+int conf_cors_any(const struct conf *conf);
+/* Does it allow `origin` (`len` bytes, lowercase: the list is kept so),
+ * or every one? A binary search of the sorted list. */
+int conf_cors_allows(const struct conf *conf, const char *origin, size_t len);
 /* May tenant `t` send requests to route `r` (of the same conf)? A binary
  * search of its `models:`, if it has any. */
 int conf_tenant_allows(const struct conf_tenant *t, const struct conf_route *r);

@@ -11,7 +11,6 @@
  * no such header and a preflight gets the 405 any OPTIONS gets.
  */
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "common/buf.h"
@@ -24,31 +23,19 @@
  * so the browser stops). */
 #define CORS_REQUEST_HEADERS_MAX 1024
 
-static int cmp_origin(const void *a, const void *b)
-{
-    return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-/* Does `conf` allow every origin ("*")? */
-static int any_origin(const struct conf *conf)
-{
-    return conf->ncors_origins == 1 && strcmp(conf->cors_origins[0], "*") == 0;
-}
-
 /* The Access-Control-Allow-Origin value of the answer to `c`'s request,
  * and its length: "*" when every origin is allowed, the request's Origin
- * when it is listed (compared in lowercase, as the list is kept), else
- * NULL: no CORS header, and the browser keeps the answer from the page.
- * A binary search: the list is sorted at load. */
+ * when it is listed (looked up in lowercase, as the list is kept), else
+ * NULL: no CORS header, and the browser keeps the answer from the page. */
 static const char *allowed_origin(const struct router__client *c, size_t *len)
 {
     const struct conf *conf = c->router->conf;
     const struct buf *o = &c->req.origin;
-    char lower[CONF_ORIGIN_MAX + 1], *key = lower;
+    char lower[CONF_ORIGIN_MAX];
 
     if (conf->ncors_origins == 0 || o->len == 0 || o->len > CONF_ORIGIN_MAX)
         return NULL;
-    if (any_origin(conf)) {
+    if (conf_cors_any(conf)) {
         *len = 1;
         return "*";
     }
@@ -59,9 +46,7 @@ static const char *allowed_origin(const struct router__client *c, size_t *len)
             return NULL; /* no origin a browser sends; never echoed */
         lower[i] = (char)(ch >= 'A' && ch <= 'Z' ? ch + ('a' - 'A') : ch);
     }
-    lower[o->len] = '\0';
-    if (bsearch(&key, conf->cors_origins, conf->ncors_origins, sizeof(*conf->cors_origins),
-                cmp_origin) == NULL)
+    if (!conf_cors_allows(conf, lower, o->len))
         return NULL;
     *len = o->len;
     return o->data;
@@ -74,6 +59,7 @@ size_t router__cors_headers(const struct router__client *c, char *out)
     const char *origin;
     int n;
 
+    out[0] = '\0';
     if (conf->ncors_origins == 0)
         return 0;
     origin = allowed_origin(c, &len);
@@ -81,8 +67,12 @@ size_t router__cors_headers(const struct router__client *c, char *out)
     n = snprintf(out, ROUTER_CORS_HEADERS_MAX, "%s%.*s%s%s",
                  origin ? "Access-Control-Allow-Origin: " : "", (int)len, origin ? origin : "",
                  origin ? "\r\nAccess-Control-Expose-Headers: *\r\n" : "",
-                 any_origin(conf) ? "" : "Vary: Origin\r\n");
-    return n > 0 && n < ROUTER_CORS_HEADERS_MAX ? (size_t)n : 0;
+                 conf_cors_any(conf) ? "" : "Vary: Origin\r\n");
+    if (n <= 0 || n >= ROUTER_CORS_HEADERS_MAX) {
+        out[0] = '\0';
+        return 0;
+    }
+    return (size_t)n;
 }
 
 /* Is `v` a list of header names, as a browser sends in

@@ -135,7 +135,7 @@ void router__send_response(struct router__client *c, int status, const char *con
     req->status = status;
     req->response_started = 1;
     anthropic = ROUTER_EP_ANTHROPIC(error_endpoint(req));
-    cors[router__cors_headers(c, cors)] = '\0';
+    router__cors_headers(c, cors);
     /* Where the tenant's and key's rpm/tpm stand, on every answer to
      * their requests: clients read them from any (a refusal's too). */
     router__rate_headers(c, rate);

@@ -554,8 +554,8 @@ void router__send_error_with(struct router__client *c, const char *errstr, const
 /* Send a complete response the router made itself. */
 /* CORS (router/cors.c), for browsers calling from other origins
  * (`cors:`). The headers an answer to `c`'s request carries for its
- * Origin, written to `out` (at least ROUTER_CORS_HEADERS_MAX bytes):
- * their length, 0 when it has none to carry. */
+ * Origin, written to `out` (at least ROUTER_CORS_HEADERS_MAX bytes,
+ * NUL-terminated): their length, 0 when it has none to carry. */
 #define ROUTER_CORS_HEADERS_MAX (CONF_ORIGIN_MAX + 128)
 size_t router__cors_headers(const struct router__client *c, char *out);
 /* The methods the path of `req` takes ("POST", "GET, HEAD"), or NULL

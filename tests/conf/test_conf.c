@@ -513,6 +513,14 @@ Test(conf, cors_origins_kept_lowercase_and_sorted, .timeout = 10)
     cr_expect_str_eq(c->cors_origins[1], "https://[::1]:8443");
     cr_expect_str_eq(c->cors_origins[2], "https://app.example.com");
     cr_expect_eq(c->cors_max_age_s, 0);
+    cr_expect_not(conf_cors_any(c));
+    for (size_t i = 0; i < 3; i++)
+        cr_expect(conf_cors_allows(c, c->cors_origins[i], strlen(c->cors_origins[i])), "%zu", i);
+    /* a prefix of one, or one with more after it, is another origin */
+    cr_expect_not(conf_cors_allows(c, "http://localhost:30", 19));
+    cr_expect_not(conf_cors_allows(c, "http://localhost:30000", 22));
+    cr_expect_not(conf_cors_allows(c, "https://app.example.com.evil", 28));
+    cr_expect_not(conf_cors_allows(c, "http://a", 8));
     conf_free(c);
 }
 
