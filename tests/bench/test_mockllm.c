@@ -411,22 +411,30 @@ Test(mockllm, fault_429_with_retry_after)
     stop_clean();
 }
 
-Test(mockllm, close_midstream_ends_without_terminating_chunk)
+/* A mockllm started with `--fault FAULT`, asked for a stream: its events
+ * read into s until one does not come within `event_ms`, none of them
+ * [DONE]; their count in *n, and the last read's result returned. */
+static int fault_stream(const char *fault, int event_ms, struct support_sse *s, int *n)
 {
-    struct support_sse s;
     struct support_sse_event ev;
-    int n = 0, rc;
+    int rc;
 
-    cr_assert_eq(support_mockllm_start(&mock, "--fault", "close-midstream", NULL), 0);
+    cr_assert_eq(support_mockllm_start(&mock, "--fault", fault, NULL), 0);
     buf_reset(&req);
     cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", NULL,
                                      "{\"stream\":true}"), 0);
-    cr_assert_eq(support_sse_open(&s, mock.port, req.data, req.len, TIMEOUT_MS), 0);
-    cr_assert_eq(s.resp.status, 200);
-    while ((rc = support_sse_next(&s, &ev, TIMEOUT_MS)) == 1) {
+    cr_assert_eq(support_sse_open(s, mock.port, req.data, req.len, TIMEOUT_MS), 0);
+    cr_assert_eq(s->resp.status, 200);
+    for (*n = 0; (rc = support_sse_next(s, &ev, event_ms)) == 1; ++*n)
         cr_assert_str_neq(ev.data, "[DONE]");
-        n++;
-    }
+    return rc;
+}
+
+Test(mockllm, close_midstream_ends_without_terminating_chunk)
+{
+    struct support_sse s;
+    int n, rc = fault_stream("close-midstream", TIMEOUT_MS, &s, &n);
+
     cr_assert_eq(rc, -ECONNRESET);
     cr_assert(n >= 1 && n <= 3, "%d events before the close", n);
     cr_assert_not(s.resp.complete);
@@ -445,19 +453,8 @@ Test(mockllm, close_midstream_ends_without_terminating_chunk)
 Test(mockllm, stall_midstream_sends_part_then_nothing)
 {
     struct support_sse s;
-    struct support_sse_event ev;
-    int n = 0, rc;
+    int n, rc = fault_stream("stall-midstream", 500, &s, &n);
 
-    cr_assert_eq(support_mockllm_start(&mock, "--fault", "stall-midstream", NULL), 0);
-    buf_reset(&req);
-    cr_assert_eq(support_http_format(&req, "POST", "/v1/chat/completions", NULL,
-                                     "{\"stream\":true}"), 0);
-    cr_assert_eq(support_sse_open(&s, mock.port, req.data, req.len, TIMEOUT_MS), 0);
-    cr_assert_eq(s.resp.status, 200);
-    while ((rc = support_sse_next(&s, &ev, 500)) == 1) {
-        cr_assert_str_neq(ev.data, "[DONE]");
-        n++;
-    }
     cr_assert_eq(rc, -ETIMEDOUT, "rc %d", rc);
     cr_assert_eq(n, 3, "%d events before the stall", n);
     support_sse_close(&s);
